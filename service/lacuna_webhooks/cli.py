@@ -1,0 +1,5 @@
+"""Command line (placeholder until the composition root lands)."""
+
+
+def main() -> int:
+    return 0

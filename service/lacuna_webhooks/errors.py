@@ -1,0 +1,134 @@
+"""The exception tree of lacuna-webhooks.
+
+Every exception the package raises on purpose derives from ``LacunaError``;
+each class docstring is its default message::
+
+    LacunaError
+    ├── ConfigError                   a setting is missing or malformed (names the variable)
+    ├── WebhookError                  a request must be refused; carries status, code, type, param
+    │   ├── PayloadTooLarge           413 payload_too_large
+    │   ├── SignatureError            401, the request is not proven authentic
+    │   │   ├── MissingSignature      401 missing_signature
+    │   │   ├── InvalidSignatureHeader 401 invalid_signature_header
+    │   │   ├── TimestampOutOfTolerance 401 timestamp_out_of_tolerance
+    │   │   └── InvalidSignature      401 invalid_signature
+    │   ├── InvalidJSON               400 invalid_json
+    │   ├── InvalidPayload            400 invalid_payload (param names the field)
+    │   └── StoreUnavailable          503 store_unavailable (also raised by stores)
+    ├── EventNotFound                 an admin command named an event the store does not hold
+    └── HandlerError                  raised by a handler to steer the dispatcher
+        ├── PermanentError            do not retry: the delivery is dead at once
+        └── RetryLater                retry after ``delay_seconds`` (or the default schedule)
+
+Anything else a handler raises counts as a transient failure and is retried on
+the schedule.
+"""
+
+from __future__ import annotations
+
+
+class LacunaError(Exception):
+    """lacuna-webhooks failed."""
+
+    def __init__(self, message: str | None = None) -> None:
+        self.message = message if message is not None else (type(self).__doc__ or "").strip()
+        super().__init__(self.message)
+
+
+class ConfigError(LacunaError):
+    """The configuration is invalid."""
+
+    def __init__(self, problems: str | list[str]) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("; ".join(self.problems))
+
+
+class WebhookError(LacunaError):
+    """The webhook request was refused."""
+
+    status_code: int = 400
+    code: str = "invalid_request"
+    error_type: str = "invalid_request_error"
+
+    def __init__(self, message: str | None = None, *, param: str | None = None) -> None:
+        self.param = param
+        super().__init__(message)
+
+
+class PayloadTooLarge(WebhookError):
+    """The request body is larger than the configured limit."""
+
+    status_code = 413
+    code = "payload_too_large"
+
+
+class SignatureError(WebhookError):
+    """The request signature could not be verified."""
+
+    status_code = 401
+    code = "invalid_signature"
+    error_type = "authentication_error"
+
+
+class MissingSignature(SignatureError):
+    """The x-lacuna-signature header is missing."""
+
+    code = "missing_signature"
+
+
+class InvalidSignatureHeader(SignatureError):
+    """The x-lacuna-signature header is malformed."""
+
+    code = "invalid_signature_header"
+
+
+class TimestampOutOfTolerance(SignatureError):
+    """The signature timestamp is outside the tolerated window."""
+
+    code = "timestamp_out_of_tolerance"
+
+
+class InvalidSignature(SignatureError):
+    """No signature matches the body and the configured secrets."""
+
+    code = "invalid_signature"
+
+
+class InvalidJSON(WebhookError):
+    """The request body is not a JSON object."""
+
+    code = "invalid_json"
+
+
+class InvalidPayload(WebhookError):
+    """The event is missing a required field or has one of the wrong type."""
+
+    code = "invalid_payload"
+
+
+class StoreUnavailable(WebhookError):
+    """The event store is unavailable; retry later."""
+
+    status_code = 503
+    code = "store_unavailable"
+    error_type = "api_error"
+
+
+class EventNotFound(LacunaError):
+    """No such event in the store."""
+
+
+class HandlerError(LacunaError):
+    """A handler failed."""
+
+
+class PermanentError(HandlerError):
+    """The handler failed permanently; retrying cannot help."""
+
+
+class RetryLater(HandlerError):
+    """The handler asks to be retried later."""
+
+    def __init__(self, message: str | None = None, *, delay_seconds: float | None = None) -> None:
+        self.delay_seconds = delay_seconds
+        super().__init__(message)

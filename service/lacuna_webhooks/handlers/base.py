@@ -1,0 +1,118 @@
+"""The handler extension point: one protocol, one context, and a test double beside it.
+
+A handler is built once at start by a *factory* (usually its class) called
+with a ``HandlerContext``, and then receives every stored event whose type it
+subscribes to::
+
+    class DiscordHandler:
+        name = "discord"
+        events = frozenset({"job.completed"})      # None: every type
+
+        def __init__(self, ctx: HandlerContext) -> None:
+            self.url = ctx.require("WEBHOOK_URL")  # reads LACUNA_DISCORD_WEBHOOK_URL
+
+        async def handle(self, event: Event) -> None:
+            ...  # raise PermanentError / RetryLater; anything else is retried
+
+        async def aclose(self) -> None: ...
+
+It is registered under the entry-point group ``lacuna_webhooks.handlers`` (or
+named as ``package.module:attr`` in ``LACUNA_HANDLERS``). A factory raises
+``ConfigError`` naming the variable when its settings are wrong, which stops
+``serve`` at start. Delivery is at least once: ``handle`` may run again for
+the same event after a crash, so make it idempotent (the event id is a good key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from ..errors import ConfigError
+from ..models import Event
+
+
+@runtime_checkable
+class Handler(Protocol):
+    """What the dispatcher calls. ``events`` is the default subscription (``None``: all)."""
+
+    name: str
+    events: frozenset[str] | None
+
+    async def handle(self, event: Event) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class HandlerContext:
+    """What a handler factory gets: its name, its own settings and the shared safety switches."""
+
+    name: str
+    environ: Mapping[str, str] = field(default_factory=dict, repr=False)
+    allow_private_urls: bool = False
+    timeout_seconds: float = 60.0
+
+    @property
+    def prefix(self) -> str:
+        """``LACUNA_<NAME>_``: where this handler's settings live."""
+        return f"LACUNA_{self.name.upper()}_"
+
+    def env_name(self, key: str) -> str:
+        return f"{self.prefix}{key}"
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        """The value of ``LACUNA_<NAME>_<KEY>``, or ``default`` when unset or blank."""
+        value = self.environ.get(self.env_name(key))
+        if value is None or not value.strip():
+            return default
+        return value.strip()
+
+    def require(self, key: str) -> str:
+        """Like ``get`` but a missing value is a ``ConfigError`` naming the variable."""
+        value = self.get(key)
+        if value is None:
+            raise ConfigError(f"{self.env_name(key)} is required by the {self.name} handler")
+        return value
+
+
+HandlerFactory = Callable[[HandlerContext], Handler]
+
+
+class RecordingHandler:
+    """A handler for tests: records every event, and fails as scripted.
+
+    ``script`` is consumed one item per call: ``None`` succeeds, an exception
+    instance is raised. When empty, calls succeed. ``block`` (an asyncio.Event)
+    makes calls wait until it is set.
+    """
+
+    def __init__(
+        self,
+        name: str = "recorder",
+        events: frozenset[str] | None = None,
+        script: list[BaseException | None] | None = None,
+    ) -> None:
+        self.name = name
+        self.events = events
+        self.script = list(script or [])
+        self.calls: list[Event] = []
+        self.closed = False
+        self.block: asyncio.Event | None = None
+
+    async def handle(self, event: Event) -> None:
+        self.calls.append(event)
+        if self.block is not None:
+            await self.block.wait()
+        if self.script:
+            outcome = self.script.pop(0)
+            if outcome is not None:
+                raise outcome
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+__all__ = ["Handler", "HandlerContext", "HandlerFactory", "RecordingHandler"]

@@ -1,0 +1,150 @@
+"""Resolve ``LACUNA_HANDLERS`` into built handlers, each with its event filter.
+
+A name is looked up, in order, as an entry point of the group
+``lacuna_webhooks.handlers`` (the built-ins are registered there too) or, when
+it contains ``:``, imported as ``package.module:attr``. The object found is a
+factory called with a ``HandlerContext``. The event filter is
+``LACUNA_<NAME>_EVENTS`` (comma-separated types, ``*`` for all) when set,
+else the handler's own ``events`` attribute.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any
+
+from .config import HANDLER_NAME_RE, parse_list
+from .errors import ConfigError
+from .handlers.base import Handler, HandlerContext, HandlerFactory
+
+ENTRY_POINT_GROUP = "lacuna_webhooks.handlers"
+
+
+def available() -> dict[str, str]:
+    """Installed handler plugins: name -> ``module:attr``."""
+    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def load_factory(name: str) -> tuple[str, HandlerFactory]:
+    """Find the factory for one ``LACUNA_HANDLERS`` item; return (handler name, factory)."""
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            obj: Any = importlib.import_module(module_name)
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+        except (ImportError, AttributeError, ValueError) as exc:
+            raise ConfigError(
+                f"LACUNA_HANDLERS names {name!r}, which cannot be loaded: {exc}"
+            ) from None
+        handler_name = getattr(obj, "name", None)
+        if not isinstance(handler_name, str) or not HANDLER_NAME_RE.match(handler_name):
+            handler_name = attr.rsplit(".", 1)[-1].lower()
+        if not HANDLER_NAME_RE.match(handler_name):
+            raise ConfigError(
+                f"LACUNA_HANDLERS names {name!r}: give the handler a `name` attribute of "
+                "lowercase letters, digits and _"
+            )
+        return handler_name, obj
+    matches = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
+    if not matches:
+        known = ", ".join(sorted(available())) or "none installed"
+        raise ConfigError(
+            f"LACUNA_HANDLERS names unknown handler {name!r} (installed: {known}; "
+            "or give package.module:attr)"
+        )
+    try:
+        factory = matches[0].load()
+    except Exception as exc:  # a broken plugin must become one clear config line, not a traceback
+        raise ConfigError(f"LACUNA_HANDLERS: the {name!r} plugin failed to load: {exc}") from None
+    return name, factory
+
+
+def parse_events(value: str | None, default: frozenset[str] | None) -> frozenset[str] | None:
+    """``LACUNA_<NAME>_EVENTS``: unset keeps ``default``; ``*`` means every type."""
+    if value is None or not value.strip():
+        return default
+    types = parse_list(value)
+    if "*" in types:
+        return None
+    return frozenset(types)
+
+
+@dataclass(frozen=True)
+class HandlerSet:
+    """The configured handlers, by name, with the event types each subscribes to."""
+
+    handlers: Mapping[str, Handler]
+    filters: Mapping[str, frozenset[str] | None]
+
+    @classmethod
+    def of(cls, handlers: Iterable[Handler]) -> HandlerSet:
+        """Build from handler objects, using each one's own ``events`` as its filter."""
+        built = {h.name: h for h in handlers}
+        return cls(built, {n: getattr(h, "events", None) for n, h in built.items()})
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.handlers)
+
+    def subscribers(self, event_type: str) -> list[str]:
+        """Names of the handlers that want an event of this type."""
+        return [
+            name for name, types in self.filters.items() if types is None or event_type in types
+        ]
+
+    async def aclose(self) -> None:
+        for handler in self.handlers.values():
+            await handler.aclose()
+
+
+def build_handlers(
+    names: Sequence[str],
+    environ: Mapping[str, str],
+    *,
+    allow_private_urls: bool = False,
+    timeout_seconds: float = 60.0,
+) -> HandlerSet:
+    """Load and build every named handler; raise one ``ConfigError`` listing every problem."""
+    problems: list[str] = []
+    handlers: dict[str, Handler] = {}
+    filters: dict[str, frozenset[str] | None] = {}
+    for item in names:
+        try:
+            name, factory = load_factory(item)
+            if name in handlers:
+                raise ConfigError(f"LACUNA_HANDLERS names the handler {name!r} twice")
+            ctx = HandlerContext(
+                name=name,
+                environ=environ,
+                allow_private_urls=allow_private_urls,
+                timeout_seconds=_handler_timeout(name, environ, timeout_seconds),
+            )
+            handler = factory(ctx)
+            handler.name = name
+            handlers[name] = handler
+            filters[name] = parse_events(
+                environ.get(ctx.env_name("EVENTS")), getattr(handler, "events", None)
+            )
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise ConfigError(problems)
+    return HandlerSet(handlers, filters)
+
+
+def _handler_timeout(name: str, environ: Mapping[str, str], default: float) -> float:
+    var = f"LACUNA_{name.upper()}_TIMEOUT"
+    raw = environ.get(var)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{var} must be a number of seconds, got {raw!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise ConfigError(f"{var} must be a finite number of seconds greater than 0")
+    return value

@@ -1,0 +1,183 @@
+"""Sign and verify ``x-lacuna-signature`` headers (SPEC §1). Pure: no clock, no I/O.
+
+Header grammar: comma-separated ``key=value`` items, whitespace around items
+ignored, exactly one ``t`` (integer Unix seconds) and one or more ``v1``
+(hex HMAC-SHA256 of ``f"{t}.".encode() + body`` keyed with the secret's UTF-8
+bytes). Unknown schemes are ignored. The parser is total: whatever the header
+holds, it raises nothing but ``SignatureError`` subclasses.
+"""
+
+from __future__ import annotations
+
+import hmac as stdlib_hmac
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidSignature as _CryptoInvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.hmac import HMAC
+
+from .errors import (
+    ConfigError,
+    InvalidSignature,
+    InvalidSignatureHeader,
+    MissingSignature,
+    TimestampOutOfTolerance,
+)
+from .models import Event
+
+HEADER = "x-lacuna-signature"
+DEFAULT_TOLERANCE_SECONDS = 300
+# Bounds that keep a hostile header cheap to reject.
+MAX_HEADER_LENGTH = 4096
+MAX_SIGNATURES = 8
+MAX_TIMESTAMP_DIGITS = 12
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+_SIGNATURE_HEX_LENGTH = 64
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedHeader:
+    """A syntactically valid signature header."""
+
+    timestamp: int
+    signatures: tuple[bytes, ...]
+
+
+def _secret_bytes(secret: str | bytes) -> bytes:
+    return secret if isinstance(secret, bytes) else secret.encode("utf-8")
+
+
+def compute_signature(body: bytes, secret: str | bytes, timestamp: int) -> str:
+    """Return the lowercase hex ``v1`` signature of ``body`` at ``timestamp``."""
+    mac = HMAC(_secret_bytes(secret), hashes.SHA256())
+    mac.update(b"%d." % timestamp)
+    mac.update(body)
+    return mac.finalize().hex()
+
+
+def sign(body: bytes, secrets: str | Sequence[str], timestamp: int | None = None) -> str:
+    """Return a complete header value signing ``body`` with every secret given.
+
+    Several secrets produce several ``v1`` items, as the sender does while it
+    rotates its secret.
+    """
+    if isinstance(secrets, str):
+        secrets = [secrets]
+    if not secrets:
+        raise ConfigError("sign() needs at least one secret")
+    ts = int(time.time()) if timestamp is None else timestamp
+    items = [f"t={ts}"] + [f"v1={compute_signature(body, s, ts)}" for s in secrets]
+    return ",".join(items)
+
+
+def parse_header(header: str | None) -> ParsedHeader:
+    """Parse a header value; raise ``MissingSignature`` or ``InvalidSignatureHeader``."""
+    if header is None or not header.strip():
+        raise MissingSignature()
+    if len(header) > MAX_HEADER_LENGTH:
+        raise InvalidSignatureHeader("The x-lacuna-signature header is too long.")
+    if not header.isascii():
+        raise InvalidSignatureHeader("The x-lacuna-signature header must be ASCII.")
+    timestamp: int | None = None
+    signatures: list[bytes] = []
+    for raw_item in header.split(","):
+        item = raw_item.strip()
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key:
+            raise InvalidSignatureHeader(
+                "Each item of the x-lacuna-signature header must be key=value."
+            )
+        if key == "t":
+            if timestamp is not None:
+                raise InvalidSignatureHeader("The x-lacuna-signature header has more than one t.")
+            if not value.isdigit() or len(value) > MAX_TIMESTAMP_DIGITS:
+                raise InvalidSignatureHeader("t must be an integer number of Unix seconds.")
+            timestamp = int(value)
+        elif key == "v1":
+            if len(value) != _SIGNATURE_HEX_LENGTH or not _HEX_DIGITS.issuperset(value):
+                raise InvalidSignatureHeader("v1 must be 64 hexadecimal digits.")
+            if len(signatures) >= MAX_SIGNATURES:
+                raise InvalidSignatureHeader(
+                    f"The x-lacuna-signature header has more than {MAX_SIGNATURES} v1 items."
+                )
+            signatures.append(bytes.fromhex(value))
+        # Other schemes (v0, v2, ...) are ignored, as the contract says.
+    if timestamp is None:
+        raise InvalidSignatureHeader("The x-lacuna-signature header has no t item.")
+    if not signatures:
+        raise InvalidSignatureHeader("The x-lacuna-signature header has no v1 item.")
+    return ParsedHeader(timestamp=timestamp, signatures=tuple(signatures))
+
+
+def _matches(msg_parts: Iterable[bytes], secret: bytes, signatures: Sequence[bytes]) -> bool:
+    mac = HMAC(secret, hashes.SHA256())
+    for part in msg_parts:
+        mac.update(part)
+    if len(signatures) == 1:
+        try:
+            mac.verify(signatures[0])  # constant time
+        except _CryptoInvalidSignature:
+            return False
+        return True
+    digest = mac.finalize()
+    # Compare against every candidate (no early exit) so timing reveals nothing.
+    found = False
+    for candidate in signatures:
+        found |= stdlib_hmac.compare_digest(digest, candidate)
+    return found
+
+
+def verify(
+    body: bytes,
+    header: str | None,
+    secrets: Sequence[str | bytes],
+    *,
+    now: float,
+    tolerance: float = DEFAULT_TOLERANCE_SECONDS,
+) -> int:
+    """Check ``header`` against ``body``; return the signed timestamp.
+
+    Raises, in this order of checks: ``MissingSignature``,
+    ``InvalidSignatureHeader``, ``TimestampOutOfTolerance`` (the window is
+    both-sided: ``|now - t| > tolerance``), ``InvalidSignature`` (no ``v1``
+    matches any secret).
+    """
+    if not secrets:
+        raise ConfigError("verify() needs at least one secret")
+    parsed = parse_header(header)
+    if abs(now - parsed.timestamp) > tolerance:
+        raise TimestampOutOfTolerance()
+    prefix = b"%d." % parsed.timestamp
+    for secret in secrets:
+        if _matches((prefix, body), _secret_bytes(secret), parsed.signatures):
+            return parsed.timestamp
+    raise InvalidSignature()
+
+
+def construct_event(
+    body: bytes,
+    header: str | None,
+    secrets: str | Sequence[str],
+    *,
+    now: float | None = None,
+    tolerance: float = DEFAULT_TOLERANCE_SECONDS,
+) -> Event:
+    """Verify a request and return its ``Event``: the twin of the SDK's ``constructEvent``.
+
+    For users who verify inside their own application::
+
+        event = construct_event(await request.body(),
+                                request.headers.get("x-lacuna-signature"),
+                                os.environ["LACUNA_WEBHOOK_SECRET"].split(","))
+
+    Raises a ``SignatureError``, ``InvalidJSON`` or ``InvalidPayload``.
+    """
+    if isinstance(secrets, str):
+        secrets = [secrets]
+    verify(body, header, secrets, now=time.time() if now is None else now, tolerance=tolerance)
+    return Event.from_body(body)

@@ -1,0 +1,39 @@
+"""Event stores. ``open_store(url)`` picks the backend from the URL scheme."""
+
+from __future__ import annotations
+
+from .base import (
+    AttemptRecord,
+    DeliveryRecord,
+    EventRecord,
+    QueueStats,
+    Store,
+    TaskRecord,
+)
+
+
+def open_store(url: str, *, sqlite_synchronous: str = "full") -> Store:
+    """Build (not yet open) the store for ``url``: ``sqlite:///PATH`` or ``postgresql://...``.
+
+    The driver of each backend is imported only when that backend is chosen.
+    """
+    if url.startswith("sqlite:///"):
+        from .sqlite import SQLiteStore
+
+        return SQLiteStore(url.removeprefix("sqlite:///"), synchronous=sqlite_synchronous)
+    if url.startswith(("postgresql://", "postgres://")):
+        from .postgres import PostgresStore
+
+        return PostgresStore(url)
+    raise ValueError(f"unsupported database URL: {url.split(':', 1)[0]}://...")
+
+
+__all__ = [
+    "AttemptRecord",
+    "DeliveryRecord",
+    "EventRecord",
+    "QueueStats",
+    "Store",
+    "TaskRecord",
+    "open_store",
+]

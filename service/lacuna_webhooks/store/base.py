@@ -1,0 +1,195 @@
+"""The store contract: a durable inbox (events, deduplicated by id) and outbox (deliveries).
+
+Every backend implements ``Store``; one contract test-suite
+(``tests/integration/test_store_contract.py``) runs unchanged over each.
+
+Semantics every backend keeps:
+
+- ``accept`` is one transaction: insert the event (dedupe on its id by the
+  unique key, never check-then-insert) and one ``pending`` delivery per
+  handler name given, due at once; update the per-task state unless the event
+  is older than what the task already has. It returns ``True`` for a new
+  event, ``False`` for a duplicate (nothing else is written). It returns only
+  after the transaction is durably committed; on any failure it raises
+  ``StoreUnavailable``.
+- ``claim`` takes up to ``limit`` due ``pending`` deliveries of one handler
+  whose lease is free or expired, oldest due first, and leases them until
+  ``now + lease``; each claim increments ``attempts`` and ``lease_token``.
+  An expired lease is claimable again, so a crashed worker loses nothing.
+- ``complete`` / ``retry`` / ``dead`` / ``release`` record the outcome only if
+  the delivery still carries the claimed ``lease_token`` (else return
+  ``False`` and change nothing); all but ``release`` append the ``Attempt``.
+- ``wait_for_work`` returns early when new work may be due (an accept in this
+  process, or a NOTIFY from another replica), else after ``timeout_seconds``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Protocol
+
+from ..models import Attempt, AttemptOutcome, Delivery, DeliveryStatus, Event
+
+
+@dataclass(frozen=True, slots=True)
+class EventRecord:
+    """A stored event, for admin commands."""
+
+    id: str
+    type: str
+    created: int | None
+    received_at: datetime
+    task_id: str | None
+    superseded: bool
+    raw: bytes
+
+    def to_event(self) -> Event:
+        return Event.from_body(self.raw)
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryRecord:
+    """A delivery row, for admin commands and stats."""
+
+    id: int
+    event_id: str
+    event_type: str
+    handler: str
+    status: DeliveryStatus
+    attempts: int
+    next_attempt_at: datetime
+    lease_until: datetime | None
+    last_error: str | None
+    created_at: datetime
+    updated_at: datetime
+
+    def running(self, now: datetime) -> bool:
+        return (
+            self.status is DeliveryStatus.PENDING
+            and self.lease_until is not None
+            and self.lease_until > now
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """One recorded attempt of a delivery."""
+
+    delivery_id: int
+    attempt: int
+    started_at: datetime
+    finished_at: datetime
+    outcome: AttemptOutcome
+    error: str | None
+
+    @property
+    def duration_seconds(self) -> float:
+        return (self.finished_at - self.started_at).total_seconds()
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    """The latest known state of one generation task (``data.id``)."""
+
+    task_id: str
+    status: str | None
+    event_id: str
+    event_type: str
+    event_created: int | None
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """Outbox figures for ``/metrics``."""
+
+    pending: int  # pending deliveries, due or not, leased or not
+    due: int  # pending, due now, not leased
+    running: int  # pending with a live lease
+    dead: int
+    oldest_due_age_seconds: float  # 0 when nothing is due
+
+
+class Store(Protocol):
+    """See the module docstring for the semantics each method must keep."""
+
+    async def open(self) -> None:
+        """Connect and apply pending schema migrations."""
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Return when the store answers; raise ``StoreUnavailable`` otherwise."""
+
+    async def accept(self, event: Event, handlers: Sequence[str], *, now: datetime) -> bool: ...
+
+    async def claim(
+        self, *, handler: str, limit: int, lease: timedelta, now: datetime
+    ) -> list[Delivery]: ...
+
+    async def complete(self, delivery: Delivery, attempt: Attempt) -> bool: ...
+
+    async def retry(self, delivery: Delivery, attempt: Attempt, *, at: datetime) -> bool: ...
+
+    async def dead(self, delivery: Delivery, attempt: Attempt) -> bool: ...
+
+    async def release(self, delivery: Delivery) -> bool:
+        """Give an unfinished claim back (graceful stop): due at once, ``attempts`` undone."""
+
+    async def wait_for_work(self, timeout_seconds: float) -> None: ...
+
+    async def stats(self, *, now: datetime) -> QueueStats: ...
+
+    async def prune(self, *, received_before: datetime) -> int:
+        """Delete events received before the cutoff whose deliveries are all done or dead
+        (with their deliveries and attempts); return how many events were deleted."""
+
+    async def list_events(
+        self, *, limit: int = 50, event_type: str | None = None
+    ) -> list[EventRecord]:
+        """Newest first."""
+
+    async def get_event(self, event_id: str) -> EventRecord | None: ...
+
+    async def list_deliveries(
+        self,
+        *,
+        status: DeliveryStatus | None = None,
+        handler: str | None = None,
+        event_id: str | None = None,
+        limit: int = 50,
+    ) -> list[DeliveryRecord]:
+        """Newest first."""
+
+    async def list_attempts(self, delivery_id: int) -> list[AttemptRecord]:
+        """Oldest first."""
+
+    async def get_task(self, task_id: str) -> TaskRecord | None: ...
+
+    async def replay(self, event_id: str, handlers: Sequence[str] | None, *, now: datetime) -> int:
+        """Make the event's deliveries pending and due again with a fresh attempt budget:
+        those of ``handlers`` (created when missing) or, with ``None``, every existing one.
+        Raise ``EventNotFound``; return how many deliveries were reset or created."""
+
+    async def retry_dead(self, *, handler: str | None, now: datetime) -> int:
+        """Make every dead delivery (of ``handler``) pending, due now, with a fresh budget."""
+
+
+def attempt_error(attempt: Attempt) -> str | None:
+    """The error text stored for an attempt, bounded so a huge message cannot bloat rows."""
+    if attempt.error is None:
+        return None
+    return attempt.error[:2000]
+
+
+__all__ = [
+    "AttemptRecord",
+    "DeliveryRecord",
+    "EventRecord",
+    "QueueStats",
+    "Store",
+    "TaskRecord",
+    "attempt_error",
+]
