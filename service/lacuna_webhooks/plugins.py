@@ -79,12 +79,17 @@ class HandlerSet:
 
     handlers: Mapping[str, Handler]
     filters: Mapping[str, frozenset[str] | None]
+    timeouts: Mapping[str, float]
 
     @classmethod
-    def of(cls, handlers: Iterable[Handler]) -> HandlerSet:
+    def of(cls, handlers: Iterable[Handler], *, timeout_seconds: float = 60.0) -> HandlerSet:
         """Build from handler objects, using each one's own ``events`` as its filter."""
         built = {h.name: h for h in handlers}
-        return cls(built, {n: getattr(h, "events", None) for n, h in built.items()})
+        return cls(
+            built,
+            {n: getattr(h, "events", None) for n, h in built.items()},
+            dict.fromkeys(built, timeout_seconds),
+        )
 
     @property
     def names(self) -> list[str]:
@@ -112,6 +117,7 @@ def build_handlers(
     problems: list[str] = []
     handlers: dict[str, Handler] = {}
     filters: dict[str, frozenset[str] | None] = {}
+    timeouts: dict[str, float] = {}
     for item in names:
         try:
             name, factory = load_factory(item)
@@ -126,6 +132,7 @@ def build_handlers(
             handler = factory(ctx)
             handler.name = name
             handlers[name] = handler
+            timeouts[name] = ctx.timeout_seconds
             filters[name] = parse_events(
                 environ.get(ctx.env_name("EVENTS")), getattr(handler, "events", None)
             )
@@ -133,7 +140,7 @@ def build_handlers(
             problems.extend(exc.problems)
     if problems:
         raise ConfigError(problems)
-    return HandlerSet(handlers, filters)
+    return HandlerSet(handlers, filters, timeouts)
 
 
 def _handler_timeout(name: str, environ: Mapping[str, str], default: float) -> float:

@@ -1,0 +1,62 @@
+"""Prometheus metrics, on a registry of their own (one per app, so tests never collide)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
+
+PREFIX = "lacuna_webhooks"
+
+
+class Metrics:
+    """Every metric the service exports. Names are stable: dashboards depend on them."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.received = Counter(
+            f"{PREFIX}_received",
+            "Webhook requests answered, by outcome (accepted, duplicate, or the error code).",
+            ["outcome"],
+            registry=r,
+        )
+        self.request_latency = Histogram(
+            f"{PREFIX}_request_duration_seconds",
+            "Time to answer a webhook request.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=r,
+        )
+        self.deliveries = Counter(
+            f"{PREFIX}_deliveries",
+            "Handler attempts, by handler and outcome (ok, retry, dead).",
+            ["handler", "outcome"],
+            registry=r,
+        )
+        self.handler_latency = Histogram(
+            f"{PREFIX}_handler_duration_seconds",
+            "Time one handler attempt took.",
+            ["handler"],
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0),
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            f"{PREFIX}_queue_depth",
+            "Pending deliveries, by state (due, running, waiting for a retry) and dead ones.",
+            ["state"],
+            registry=r,
+        )
+        self.oldest_due_age = Gauge(
+            f"{PREFIX}_queue_oldest_due_age_seconds",
+            "How long the oldest due, unclaimed delivery has been waiting (0 when none).",
+            registry=r,
+        )
+
+    @property
+    def duplicates(self) -> float:
+        return self.received.labels("duplicate")._value.get()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+__all__ = ["CONTENT_TYPE", "Metrics"]

@@ -1,0 +1,147 @@
+"""Fixtures shared by every test layer: real stores, real PostgreSQL, signing helpers.
+
+PostgreSQL: ``LACUNA_TEST_POSTGRES_DSN`` (default
+``postgresql://postgres@127.0.0.1:5432/test``). When the server is unreachable
+the tests that need it skip with the reason, except under ``CI=true``, where
+they fail: a CI run must never go green by skipping its PostgreSQL tests.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from lacuna_webhooks.signature import sign
+from lacuna_webhooks.store import Store, open_store
+
+POSTGRES_DSN = os.environ.get(
+    "LACUNA_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test"
+)
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+TEST_SECRET = "whsec_test_5WbX5kEWLlfzsGNjH64I8lOOqUB6e8FH"
+
+
+def make_event(
+    event_id: str | None = None,
+    event_type: str = "job.completed",
+    *,
+    task_id: str = "cm123abc",
+    created: int | None = None,
+    **data: Any,
+) -> dict[str, Any]:
+    """A realistic event payload (SPEC §2)."""
+    event_id = event_id or f"evt_{uuid.uuid4().hex}"
+    body: dict[str, Any] = {
+        "id": task_id,
+        "object": "music.generation",
+        "status": "ready" if event_type == "job.completed" else "failed",
+        "title": "Late Night Study",
+        "style": "lofi hip hop, mellow piano, 70 bpm",
+        "instrumental": True,
+    }
+    if event_type == "job.completed":
+        body["tracks"] = [
+            {
+                "id": "trk_01",
+                "audio_url": "https://cdn.lacuna.example/tracks/trk_01.mp3",
+                "duration": 182.4,
+                "lyrics": None,
+            }
+        ]
+    elif event_type == "job.failed":
+        body["error"] = {
+            "type": "api_error",
+            "code": "provider_error",
+            "message": "Upstream failure.",
+            "param": None,
+        }
+        body["credits_refunded"] = 10
+    body.update(data)
+    return {
+        "id": event_id,
+        "object": "event",
+        "type": event_type,
+        "created": int(time.time()) if created is None else created,
+        "data": body,
+    }
+
+
+def signed(payload: dict[str, Any] | bytes, secret: str = TEST_SECRET, t: int | None = None):
+    """(body bytes, headers) for a validly signed request."""
+    body = payload if isinstance(payload, bytes) else orjson.dumps(payload)
+    header = sign(body, secret, int(time.time()) if t is None else t)
+    return body, {"x-lacuna-signature": header, "content-type": "application/json"}
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> str:
+    """The server DSN, or skip (fail under CI) when PostgreSQL is unreachable."""
+    import asyncio
+
+    import asyncpg
+
+    async def probe() -> None:
+        conn = await asyncpg.connect(POSTGRES_DSN, timeout=5)
+        await conn.close()
+
+    try:
+        asyncio.run(probe())
+    except Exception as exc:  # any failure to connect means "unreachable"
+        message = f"PostgreSQL unreachable at {POSTGRES_DSN}: {exc!r}"
+        if IN_CI:
+            pytest.fail(message + " (CI=true: PostgreSQL tests fail instead of skipping)")
+        pytest.skip(message)
+    return POSTGRES_DSN
+
+
+@pytest.fixture
+async def postgres_dsn(postgres_server: str) -> AsyncIterator[str]:
+    """A fresh, empty database for one test; dropped afterwards."""
+    import asyncpg
+
+    name = f"lw_test_{uuid.uuid4().hex[:16]}"
+    admin = await asyncpg.connect(postgres_server)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    base, _, _ = postgres_server.rpartition("/")
+    yield f"{base}/{name}"
+    admin = await asyncpg.connect(postgres_server)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'events.db'}"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The URL of an empty store, once per backend."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'events.db'}"
+    else:
+        yield request.getfixturevalue("postgres_dsn")
+
+
+@pytest.fixture
+async def store(store_url: str) -> AsyncIterator[Store]:
+    """An opened, migrated, empty store, once per backend."""
+    s = open_store(store_url)
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
