@@ -1,0 +1,262 @@
+"""The HTTP application: the webhook route, health, readiness and metrics.
+
+``create_app(settings, store=..., handlers=...)`` returns a Starlette app whose
+lifespan opens the store (when the app owns it) and runs the dispatcher. The
+webhook route does only verification, parsing and one durable ``accept``:
+handler work never happens in a request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+import structlog
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from .config import Settings
+from .dispatcher import Dispatcher
+from .errors import PayloadTooLarge, StoreUnavailable, WebhookError
+from .metrics import CONTENT_TYPE, Metrics
+from .models import Event
+from .plugins import HandlerSet
+from .retry import RetryPolicy
+from .signature import HEADER, verify
+from .store import Store, open_store
+
+logger = structlog.get_logger("lacuna_webhooks.app")
+
+WEBHOOK_PATH = "/webhooks/lacuna"
+RETRY_AFTER_SECONDS = 5
+# An accept that has not committed by then is answered 503 (the sender retries;
+# if the commit lands later the retry is answered as a duplicate).
+ACCEPT_TIMEOUT_SECONDS = 10.0
+PING_TIMEOUT_SECONDS = 2.0
+JSON = "application/json"
+
+
+def error_body(code: str, message: str, *, error_type: str, param: str | None = None) -> bytes:
+    """The quickstart's error envelope."""
+    return orjson.dumps(
+        {"error": {"type": error_type, "code": code, "message": message, "param": param}}
+    )
+
+
+def error_response(exc: WebhookError) -> Response:
+    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if exc.status_code == 503 else None
+    return Response(
+        error_body(exc.code, exc.message, error_type=exc.error_type, param=exc.param),
+        status_code=exc.status_code,
+        media_type=JSON,
+        headers=headers,
+    )
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """Read at most ``limit`` bytes; refuse larger bodies without holding them.
+
+    A declared ``Content-Length`` over the limit is refused before anything is
+    read; a body without one (chunked) is refused as soon as it passes the limit.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class WebhookEndpoint:
+    """``POST /webhooks/lacuna``: checks in SPEC §3's order, then one durable accept."""
+
+    def __init__(
+        self, settings: Settings, store: Store, handlers: HandlerSet, metrics: Metrics
+    ) -> None:
+        self.secrets = [s.encode("utf-8") for s in settings.secret_values]
+        self.tolerance = settings.tolerance_seconds
+        self.limit = settings.max_body_bytes
+        self.store = store
+        self.handlers = handlers
+        self.metrics = metrics
+
+    async def handle(self, request: Request) -> Response:
+        started = time.perf_counter()
+        event: Event | None = None
+        duplicate = False
+        try:
+            body = await read_body(request, self.limit)
+            # Several header lines are one comma-separated list (RFC 9110 §5.3).
+            header = ",".join(request.headers.getlist(HEADER)) or None
+            verify(body, header, self.secrets, now=time.time(), tolerance=self.tolerance)
+            event = Event.from_body(body)
+            try:
+                async with asyncio.timeout(ACCEPT_TIMEOUT_SECONDS):
+                    new = await self.store.accept(
+                        event, self.handlers.subscribers(event.type), now=_utcnow()
+                    )
+            except TimeoutError:
+                raise StoreUnavailable("The event store did not answer in time.") from None
+            duplicate = not new
+        except WebhookError as exc:
+            response = error_response(exc)
+            outcome = exc.code
+        except ClientDisconnect:
+            # The sender hung up mid-body: nothing was stored, nobody reads this answer.
+            response = Response(status_code=400)
+            outcome = "client_disconnected"
+        else:
+            response = Response(
+                orjson.dumps({"received": True, "id": event.id, "duplicate": duplicate}),
+                media_type=JSON,
+            )
+            outcome = "duplicate" if duplicate else "accepted"
+        elapsed = time.perf_counter() - started
+        self.metrics.received.labels(outcome).inc()
+        self.metrics.request_latency.observe(elapsed)
+        logger.info(
+            "webhook.received",
+            status=response.status_code,
+            outcome=outcome,
+            event_id=event.id if event else None,
+            event_type=event.type if event else None,
+            latency_ms=round(elapsed * 1000, 2),
+        )
+        return response
+
+
+def create_app(
+    settings: Settings,
+    *,
+    store: Store | None = None,
+    handlers: HandlerSet | None = None,
+    metrics: Metrics | None = None,
+    dispatch: bool = True,
+) -> Starlette:
+    """Build the application.
+
+    When ``store`` is not given the app builds one from ``settings`` and owns
+    it (opens it at startup, closes it at shutdown); a given store must be
+    opened by the caller. With ``dispatch`` the lifespan runs the dispatcher
+    and, at shutdown, drains it within ``settings.shutdown_timeout_seconds``.
+    """
+    owns_store = store is None
+    the_store = store or open_store(
+        settings.database_url, sqlite_synchronous=settings.sqlite_synchronous
+    )
+    the_handlers = handlers or HandlerSet({}, {}, {})
+    the_metrics = metrics or Metrics()
+    dispatcher = Dispatcher(
+        the_store,
+        the_handlers,
+        policy=RetryPolicy(
+            max_attempts=settings.retry_max_attempts,
+            base_delay_seconds=settings.retry_base_delay_seconds,
+            max_delay_seconds=settings.retry_max_delay_seconds,
+        ),
+        concurrency=settings.handler_concurrency,
+        poll_interval_seconds=settings.poll_interval_seconds,
+        metrics=the_metrics,
+        retention=timedelta(days=settings.retention_days),
+    )
+
+    async def healthz(request: Request) -> Response:
+        return Response(b'{"status":"ok"}', media_type=JSON)
+
+    async def readyz(request: Request) -> Response:
+        try:
+            async with asyncio.timeout(PING_TIMEOUT_SECONDS):
+                await the_store.ping()
+        except (StoreUnavailable, TimeoutError):
+            return error_response(StoreUnavailable())
+        return Response(b'{"status":"ready"}', media_type=JSON)
+
+    async def metrics_endpoint(request: Request) -> Response:
+        with contextlib.suppress(StoreUnavailable, TimeoutError):
+            async with asyncio.timeout(PING_TIMEOUT_SECONDS):
+                stats = await the_store.stats(now=_utcnow())
+            the_metrics.queue_depth.labels("due").set(stats.due)
+            the_metrics.queue_depth.labels("running").set(stats.running)
+            the_metrics.queue_depth.labels("waiting").set(
+                max(0, stats.pending - stats.due - stats.running)
+            )
+            the_metrics.queue_depth.labels("dead").set(stats.dead)
+            the_metrics.oldest_due_age.set(stats.oldest_due_age_seconds)
+        return Response(the_metrics.render(), media_type=CONTENT_TYPE)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        codes = {404: "not_found", 405: "method_not_allowed"}
+        return Response(
+            error_body(
+                codes.get(exc.status_code, "invalid_request"),
+                str(exc.detail),
+                error_type="invalid_request_error",
+            ),
+            status_code=exc.status_code,
+            media_type=JSON,
+            headers=exc.headers,
+        )
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        # Last resort: a bug must still answer with the envelope, never a bare 500 page.
+        logger.error("http.unhandled_error", path=request.url.path, exc_info=exc)
+        return Response(
+            error_body("internal_error", "Internal error.", error_type="api_error"),
+            status_code=500,
+            media_type=JSON,
+        )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        if owns_store:
+            await the_store.open()
+        task = asyncio.create_task(dispatcher.run(), name="dispatcher") if dispatch else None
+        logger.info("serve.started", handlers=the_handlers.names)
+        try:
+            yield {}
+        finally:
+            if task is not None:
+                await dispatcher.stop(settings.shutdown_timeout_seconds)
+                await task
+            await the_handlers.aclose()
+            if owns_store:
+                await the_store.close()
+            logger.info("serve.stopped")
+
+    app = Starlette(
+        routes=[
+            Route(
+                WEBHOOK_PATH,
+                WebhookEndpoint(settings, the_store, the_handlers, the_metrics).handle,
+                methods=["POST"],
+            ),
+            Route("/healthz", healthz, methods=["GET", "HEAD"]),
+            Route("/readyz", readyz, methods=["GET", "HEAD"]),
+            Route("/metrics", metrics_endpoint, methods=["GET"]),
+        ],
+        exception_handlers={HTTPException: http_error, Exception: server_error},
+        lifespan=lifespan,
+    )
+    app.state.store = the_store
+    app.state.dispatcher = dispatcher
+    app.state.metrics = the_metrics
+    app.state.handlers = the_handlers
+    return app
