@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -36,7 +38,7 @@ def test_vector_body_is_369_bytes() -> None:
 
 
 def test_spec_test_vector() -> None:
-    """HMAC-SHA256 over ``t.`` + raw body, keyed with the whole secret string, gives the SPEC value."""
+    """HMAC-SHA256 of ``t.`` + raw body, keyed with the whole secret, gives the SPEC value."""
     assert compute_signature(BODY, SECRET, T) == V1
     assert sign(BODY, SECRET, T) == f"t={T},v1={V1}"
 
@@ -147,10 +149,8 @@ def test_empty_items_are_ignored() -> None:
 @given(header=st.text(max_size=300))
 def test_parser_is_total_on_any_text(header: str) -> None:
     """No header value raises anything but our own SignatureError subclasses."""
-    try:
+    with contextlib.suppress(SignatureError):
         verify(BODY, header, [SECRET], now=T)
-    except SignatureError:
-        pass
 
 
 @settings(max_examples=300, deadline=None)
