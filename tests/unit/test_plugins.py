@@ -1,0 +1,130 @@
+"""plugins.py: resolving LACUNA_HANDLERS by entry point or package.module:attr, with filters."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lacuna_webhooks.errors import ConfigError
+from lacuna_webhooks.handlers.log import LogHandler
+from lacuna_webhooks.plugins import available, build_handlers, parse_events
+
+
+@pytest.fixture
+def plugin_module(tmp_path: Path) -> Iterator[str]:
+    """A throwaway importable module holding handler factories."""
+    name = f"lw_test_plugin_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text(
+        textwrap.dedent(
+            """
+            from lacuna_webhooks import ConfigError
+
+            class Hook:
+                name = "hook"
+                events = frozenset({"job.failed"})
+
+                def __init__(self, ctx):
+                    self.url = ctx.require("URL")
+                    self.ctx = ctx
+
+                async def handle(self, event):
+                    return None
+
+                async def aclose(self):
+                    return None
+
+            class Broken:
+                name = "broken"
+                events = None
+
+                def __init__(self, ctx):
+                    raise ConfigError(ctx.env_name("MODE") + " must be fast or slow")
+            """
+        )
+    )
+    sys.path.insert(0, str(tmp_path))
+    try:
+        yield name
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop(name, None)
+
+
+def test_builtin_log_is_an_entry_point() -> None:
+    """Built-ins are registered through the same entry-point group as third-party plugins."""
+    assert available()["log"] == "lacuna_webhooks.handlers.log:LogHandler"
+    handlers = build_handlers(["log"], {})
+    assert isinstance(handlers.handlers["log"], LogHandler)
+    assert handlers.subscribers("job.completed") == ["log"]
+    assert handlers.subscribers("anything.new") == ["log"]
+
+
+def test_module_attr_form_reads_its_own_settings(plugin_module: str) -> None:
+    """``pkg.mod:attr`` loads the factory; the handler reads LACUNA_<NAME>_* via its context."""
+    handlers = build_handlers([f"{plugin_module}:Hook"], {"LACUNA_HOOK_URL": "https://x"})
+    hook = handlers.handlers["hook"]
+    assert hook.url == "https://x"  # type: ignore[attr-defined]
+    assert handlers.subscribers("job.failed") == ["hook"]
+    assert handlers.subscribers("job.completed") == []
+
+
+def test_events_filter_overrides_the_default(plugin_module: str) -> None:
+    env = {"LACUNA_HOOK_URL": "u", "LACUNA_HOOK_EVENTS": "job.completed, job.other"}
+    handlers = build_handlers([f"{plugin_module}:Hook", "log"], env)
+    assert handlers.subscribers("job.completed") == ["hook", "log"]
+    assert handlers.subscribers("job.failed") == ["log"]
+    env["LACUNA_LOG_EVENTS"] = "*"
+    assert build_handlers(["log"], env).filters["log"] is None
+
+
+def test_per_handler_timeout(plugin_module: str) -> None:
+    env = {"LACUNA_HOOK_URL": "u", "LACUNA_HOOK_TIMEOUT": "2.5"}
+    handlers = build_handlers([f"{plugin_module}:Hook", "log"], env, timeout_seconds=9)
+    assert handlers.timeouts == {"hook": 2.5, "log": 9}
+
+
+def test_unknown_name_is_one_clear_line() -> None:
+    with pytest.raises(ConfigError) as info:
+        build_handlers(["nosuch"], {})
+    assert info.value.problems == [
+        "LACUNA_HANDLERS names unknown handler 'nosuch' "
+        f"(installed: {', '.join(sorted(available()))}; or give package.module:attr)"
+    ]
+
+
+def test_every_problem_is_reported(plugin_module: str) -> None:
+    """Missing settings, a failing factory, a missing module, a bad timeout: all at once."""
+    with pytest.raises(ConfigError) as info:
+        build_handlers(
+            [f"{plugin_module}:Hook", f"{plugin_module}:Broken", "no.such.module:X", "log"],
+            {"LACUNA_LOG_TIMEOUT": "soon"},
+        )
+    text = " | ".join(info.value.problems)
+    assert "LACUNA_HOOK_URL is required by the hook handler" in text
+    assert "LACUNA_BROKEN_MODE must be fast or slow" in text
+    assert "'no.such.module:X', which cannot be loaded" in text
+    assert "LACUNA_LOG_TIMEOUT must be a number of seconds" in text
+
+
+def test_same_handler_twice_is_refused(plugin_module: str) -> None:
+    with pytest.raises(ConfigError, match="twice"):
+        build_handlers(
+            ["log", f"{plugin_module}:Hook", f"{plugin_module}:Hook"], {"LACUNA_HOOK_URL": "u"}
+        )
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, frozenset({"a"})),
+        ("", frozenset({"a"})),
+        ("*", None),
+        ("b, c", frozenset({"b", "c"})),
+    ],
+)
+def test_parse_events(value: str | None, expected: frozenset[str] | None) -> None:
+    assert parse_events(value, frozenset({"a"})) == expected
