@@ -1,0 +1,261 @@
+"""A real `serve` process: crashes, graceful stops, bad settings, an installed plugin."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import TEST_SECRET, make_event, signed
+from tests.e2e.conftest import CLI, REPO, Serve, free_port, wait_until
+from tests.e2e.recorder_plugin import recorded
+
+pytestmark = pytest.mark.e2e
+RECORDER = "tests.e2e.recorder_plugin:FileRecorder"
+
+
+def send(serve: Serve, event_id: str) -> httpx.Response:
+    body, headers = signed(make_event(event_id))
+    return httpx.post(serve.webhook_url, content=body, headers=headers, timeout=10)
+
+
+def test_sigkill_with_pending_deliveries_loses_nothing(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """Every event answered 200 before a SIGKILL is delivered, exactly once, after a restart.
+
+    The handler is slow, so at the kill some deliveries are leased (in flight)
+    and the rest wait in the outbox; the restarted process takes the unclaimed
+    ones at once and the leased ones when their lease expires.
+    """
+    out = tmp_path / "delivered.txt"
+    env = {
+        "LACUNA_DATABASE_URL": f"sqlite:///{tmp_path / 'events.db'}",
+        "LACUNA_HANDLERS": RECORDER,
+        "LACUNA_RECORDER_PATH": str(out),
+        "LACUNA_RECORDER_DELAY": "30",
+        "LACUNA_RECORDER_TIMEOUT": "2",
+        "LACUNA_HANDLER_CONCURRENCY": "2",
+    }
+    first = serve_factory(env).start()
+    ids = [f"evt_kill_{i:02d}" for i in range(20)]
+    for event_id in ids:
+        response = send(first, event_id)
+        assert response.status_code == 200, response.text
+        assert response.json()["duplicate"] is False
+    first.signal(signal.SIGKILL)
+    assert first.wait() == -signal.SIGKILL
+    assert recorded(out) == []  # nothing finished before the crash
+
+    second = serve_factory({**env, "LACUNA_RECORDER_DELAY": "0"})
+    second.port = first.port
+    second.start()
+    wait_until(lambda: set(recorded(out)) == set(ids), timeout=90, what="every event delivered")
+    assert sorted(recorded(out)) == sorted(ids)  # and none twice
+
+
+def test_sigterm_drains_in_flight_deliveries(serve_factory: type[Serve], tmp_path: Path) -> None:
+    """SIGTERM lets running handlers finish (within LACUNA_SHUTDOWN_TIMEOUT) and exits 0."""
+    out = tmp_path / "delivered.txt"
+    serve = serve_factory(
+        {
+            "LACUNA_DATABASE_URL": f"sqlite:///{tmp_path / 'events.db'}",
+            "LACUNA_HANDLERS": RECORDER,
+            "LACUNA_RECORDER_PATH": str(out),
+            "LACUNA_RECORDER_DELAY": "1.5",
+            "LACUNA_SHUTDOWN_TIMEOUT": "20",
+        }
+    ).start()
+    ids = [f"evt_term_{i}" for i in range(3)]
+    for event_id in ids:
+        assert send(serve, event_id).status_code == 200
+    db_env = {"LACUNA_DATABASE_URL": serve.env["LACUNA_DATABASE_URL"]}
+
+    def all_running() -> bool:
+        listed = run_cli("deliveries", "list", "--json", env=db_env, cwd=tmp_path)
+        rows = json.loads(listed.stdout or "[]")
+        return len(rows) == 3 and all(r["status"] == "running" for r in rows)
+
+    wait_until(all_running, timeout=20, what="three deliveries in flight")
+    serve.signal(signal.SIGTERM)
+    assert serve.wait(timeout=40) == 0
+    assert sorted(recorded(out)) == sorted(ids)
+    assert "serve.stopped" in serve.log()
+
+
+def run_cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [CLI, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, "LACUNA_WEBHOOK_SECRET is not set"),
+        ({"LACUNA_WEBHOOK_SECRET": "s", "PORT": "eighty"}, "PORT must be a whole number"),
+        ({"LACUNA_WEBHOOK_SECRET": "s", "LACUNA_HANDLERS": "nosuch"}, "unknown handler 'nosuch'"),
+        (
+            {"LACUNA_WEBHOOK_SECRET": "s", "LACUNA_HANDLERS": RECORDER},
+            "LACUNA_RECORDER_PATH is required",
+        ),
+        ({"LACUNA_WEBHOOK_SECRET": "s", "LACUNA_DATABASE_URL": "mysql://x"}, "LACUNA_DATABASE_URL"),
+    ],
+)
+def test_serve_refuses_bad_settings_with_one_line(
+    tmp_path: Path, env: dict[str, str], expected: str
+) -> None:
+    result = run_cli(
+        "serve", env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), **env}, cwd=tmp_path
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("lacuna-webhooks: error: configuration: ")
+    assert expected in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_refuses_an_unopenable_store(tmp_path: Path) -> None:
+    """A database file that is not SQLite stops serve with one line, not a traceback."""
+    bogus = tmp_path / "not-a.db"
+    bogus.write_bytes(b"this is not a database" * 100)
+    result = run_cli(
+        "serve",
+        env={"LACUNA_WEBHOOK_SECRET": "s", "LACUNA_DATABASE_URL": f"sqlite:///{bogus}"},
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    assert "cannot open the store" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_example_plugin_installed_with_pip_is_picked_up(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """examples/lacuna-webhooks-jsonl, once pip-installed, is LACUNA_HANDLERS=jsonl."""
+    target = tmp_path / "site"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--target",
+            str(target),
+            str(REPO / "examples" / "lacuna-webhooks-jsonl"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    listed = run_cli("handlers", env={"PYTHONPATH": str(target)}, cwd=tmp_path)
+    assert "jsonl" in listed.stdout
+    out = tmp_path / "events.jsonl"
+    serve = serve_factory(
+        {
+            "PYTHONPATH": str(target),
+            "LACUNA_DATABASE_URL": f"sqlite:///{tmp_path / 'events.db'}",
+            "LACUNA_HANDLERS": "jsonl",
+            "LACUNA_JSONL_PATH": str(out),
+        }
+    ).start()
+    body, headers = signed(make_event("evt_plugin"))
+    assert httpx.post(serve.webhook_url, content=body, headers=headers).status_code == 200
+    wait_until(lambda: out.exists() and out.read_bytes() == body + b"\n", what="jsonl line")
+
+
+def test_dev_mode_generates_a_secret_once(tmp_path: Path) -> None:
+    """`make run`'s path: the secret is generated into .env once, printed with a send line."""
+    env_file = tmp_path / ".env"
+    port = str(free_port())
+    proc = subprocess.Popen(
+        [CLI, "dev"],
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "PORT": port, "LACUNA_LOG_FORMAT": "json"},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(
+            lambda: env_file.exists() and "LACUNA_WEBHOOK_SECRET" in env_file.read_text(),
+            what=".env",
+        )
+        secret = next(
+            line.split("=", 1)[1]
+            for line in env_file.read_text().splitlines()
+            if line.startswith("LACUNA_WEBHOOK_SECRET=")
+        )
+        wait_until(lambda: _ready(port), timeout=30, what="dev server ready")
+        result = run_cli(
+            "send",
+            "--url",
+            f"http://127.0.0.1:{port}/webhooks/lacuna",
+            "--secret",
+            secret,
+            env={"PATH": "/usr/bin:/bin"},
+            cwd=tmp_path,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.startswith("200 OK")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert f"--secret {secret}" in err
+    assert f"send --url http://127.0.0.1:{port}/webhooks/lacuna" in err
+    assert (env_file.stat().st_mode & 0o777) == 0o600
+    # A second start reuses the same secret instead of generating another.
+    before = env_file.read_text()
+    again = subprocess.run(
+        [CLI, "dev"],
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "PORT": "eighty"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert again.returncode == 2  # bad PORT stops it, after reading .env
+    assert env_file.read_text() == before
+
+
+def _ready(port: str) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_send_reports_a_refusal(serve_factory: type[Serve], tmp_path: Path) -> None:
+    """`send` with the wrong secret prints the 401 envelope and exits 1."""
+    serve = serve_factory({"LACUNA_DATABASE_URL": f"sqlite:///{tmp_path / 'e.db'}"}).start()
+    result = run_cli(
+        "send",
+        "--url",
+        serve.webhook_url,
+        "--secret",
+        "whsec_wrong",
+        env={"PATH": "/usr/bin:/bin"},
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    assert result.stdout.startswith("401")
+    assert '"code":"invalid_signature"' in result.stdout
+    ok = run_cli(
+        "send",
+        "--url",
+        serve.webhook_url,
+        "--type",
+        "job.failed",
+        env={"PATH": "/usr/bin:/bin", "LACUNA_WEBHOOK_SECRET": TEST_SECRET},
+        cwd=tmp_path,
+    )
+    assert ok.returncode == 0
+    assert '"duplicate":false' in ok.stdout
