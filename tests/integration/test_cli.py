@@ -1,0 +1,182 @@
+"""The store commands of the CLI, in-process against a real SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import orjson
+import pytest
+
+from lacuna_webhooks.cli import main
+from lacuna_webhooks.models import Attempt, AttemptOutcome, Event
+from lacuna_webhooks.store import open_store
+from tests.conftest import make_event
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> dict[str, str]:
+    """A store holding two events: one delivered, one whose slack delivery is dead."""
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+
+    async def fill() -> None:
+        store = open_store(url)
+        await store.open()
+        now = datetime.now(UTC)
+
+        ok = Event.from_body(orjson.dumps(make_event("evt_cli_ok")))
+        bad = Event.from_body(orjson.dumps(make_event("evt_cli_bad", "job.failed", task_id="cm9")))
+        await store.accept(ok, ["log"], now=now)
+        await store.accept(bad, ["log", "slack"], now=now)
+        for handler in ("log", "slack"):
+            for d in await store.claim(
+                handler=handler, limit=10, lease=timedelta(seconds=30), now=now
+            ):
+                if d.handler == "slack":
+                    await store.dead(
+                        d, Attempt(now, now, AttemptOutcome.DEAD, "PermanentError: no_service")
+                    )
+                else:
+                    await store.complete(d, Attempt(now, now, AttemptOutcome.OK))
+        await store.close()
+
+    asyncio.run(fill())
+    return {"LACUNA_DATABASE_URL": url}
+
+
+def test_events_list_table_and_json(db: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["events", "list"], db) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split()[:4] == ["ID", "TYPE", "TASK", "RECEIVED"]
+    assert "evt_cli_ok" in out
+    assert "evt_cli_bad" in out
+    assert main(["events", "list", "--json", "--type", "job.failed"], db) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["id"] for r in rows] == ["evt_cli_bad"]
+    assert rows[0]["task_id"] == "cm9"
+
+
+def test_events_show(db: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["events", "show", "evt_cli_bad"], db) == 0
+    out = capsys.readouterr().out
+    assert "slack attempt 1: dead" in out
+    assert "PermanentError: no_service" in out
+    assert main(["events", "show", "evt_cli_bad", "--json"], db) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["payload"]["data"]["error"]["code"] == "provider_error"
+    assert {d["handler"]: d["status"] for d in doc["deliveries"]} == {
+        "log": "done",
+        "slack": "dead",
+    }
+
+
+def test_events_show_unknown_is_one_line(
+    db: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["events", "show", "evt_nope"], db) == 1
+    assert capsys.readouterr().err == "lacuna-webhooks: error: no event 'evt_nope' in the store\n"
+
+
+def test_deliveries_list_by_status(db: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["deliveries", "list", "--status", "dead", "--json"], db) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["event_id"], r["handler"], r["status"]) for r in rows] == [
+        ("evt_cli_bad", "slack", "dead")
+    ]
+    assert main(["deliveries", "list"], db) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 4  # header + 3 deliveries
+
+
+def test_retry_dead_then_replay(db: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["retry-dead", "--handler", "slack"], db) == 0
+    assert capsys.readouterr().out.startswith("1 dead deliveries are due again")
+    assert main(["deliveries", "list", "--status", "dead", "--json"], db) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    assert main(["replay", "evt_cli_ok"], db) == 0
+    assert "1 deliveries due now" in capsys.readouterr().out
+    assert main(["replay", "evt_cli_ok", "--handler", "email"], db) == 0
+    capsys.readouterr()
+    assert main(["deliveries", "list", "--event", "evt_cli_ok", "--json"], db) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert sorted((r["handler"], r["status"], r["attempts"]) for r in rows) == [
+        ("email", "pending", 0),
+        ("log", "pending", 0),
+    ]
+
+
+def test_replay_unknown_event(db: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["replay", "evt_nope"], db) == 1
+    assert "no event 'evt_nope'" in capsys.readouterr().err
+
+
+def test_store_commands_without_a_database(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Listing never creates an empty database by accident; it says where it looked."""
+    env = {"LACUNA_DATABASE_URL": f"sqlite:///{tmp_path / 'missing.db'}"}
+    assert main(["events", "list"], env) == 1
+    assert "no database at" in capsys.readouterr().err
+    assert not (tmp_path / "missing.db").exists()
+
+
+def test_migrate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    env = {"LACUNA_DATABASE_URL": f"sqlite:///{tmp_path / 'm.db'}"}
+    assert main(["migrate"], env) == 0
+    assert main(["migrate"], env) == 0
+    assert "schema is up to date" in capsys.readouterr().out
+    assert (tmp_path / "m.db").exists()
+
+
+def test_handlers_lists_builtins(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["handlers"], {}) == 0
+    assert "log" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["events", "list", "--limit", "0"], "--limit: must be greater than 0"),
+        (["events"], "required"),
+        (["deliveries", "list", "--status", "weird"], "invalid choice"),
+        (["serve", "--port", "99999"], "must be a port"),
+        (["nosuch"], "invalid choice"),
+        (["send"], "--url"),
+    ],
+)
+def test_bad_arguments_are_one_line(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv, {})
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert message in err[0]
+
+
+def test_bad_database_url_is_a_config_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["events", "list"], {"LACUNA_DATABASE_URL": "redis://x"}) == 2
+    assert "LACUNA_DATABASE_URL must be sqlite:///PATH" in capsys.readouterr().err
+
+
+def test_send_with_unreadable_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [
+        "send",
+        "--url",
+        "http://127.0.0.1:9/x",
+        "--secret",
+        "s",
+        "--file",
+        str(tmp_path / "no.json"),
+    ]
+    assert main(argv, {}) == 2
+    assert "cannot read --file" in capsys.readouterr().err
+
+
+def test_send_to_nothing_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["send", "--url", "http://127.0.0.1:9/webhooks/lacuna", "--secret", "s"], {}) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("lacuna-webhooks: error: could not POST to http://127.0.0.1:9/")
+    assert len(err.strip().splitlines()) == 1
