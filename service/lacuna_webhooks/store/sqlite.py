@@ -1,0 +1,663 @@
+"""The embedded backend: one SQLite file in WAL mode, written by one thread with group commit.
+
+Every operation runs on the writer thread (``sqlite_writer.Writer``), each in a
+transaction of its own; ``accept`` calls are batched into one transaction and
+one fsync. With ``synchronous=full`` (the default) a 2xx is only ever sent for
+an event whose commit reached the disk; ``normal`` trades the last commits
+before a power loss (never corruption) for fewer fsyncs.
+
+Times are UTC-aware ``datetime`` at the API and epoch seconds (REAL) in the
+file. The schema is migrated on ``open()`` from the numbered ``.sql`` files in
+``store/sql/sqlite``, each applied once, in order, in a transaction, and
+recorded in ``schema_version``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from importlib import resources
+
+import orjson
+
+from ..errors import EventNotFound, StoreUnavailable
+from ..models import Attempt, AttemptOutcome, Delivery, DeliveryStatus, Event
+from .base import (
+    AttemptRecord,
+    DeliveryRecord,
+    EventRecord,
+    QueueStats,
+    TaskRecord,
+    attempt_error,
+)
+from .sqlite_writer import Writer, transaction
+
+BUSY_TIMEOUT_MS = 5000
+JOURNAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
+PRUNE_CHUNK = 500
+_MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+_SYNCHRONOUS = {"full": "FULL", "normal": "NORMAL"}
+
+
+@dataclass(frozen=True, slots=True)
+class WriterStats:
+    """Group-commit figures since ``open()``: committed batches, the accepts in them, and
+    the requests queued for the writer right now."""
+
+    batches: int
+    accepts: int
+    queued: int
+
+
+@dataclass(frozen=True, slots=True)
+class _AcceptRow:
+    """What the writer thread needs of one ``accept`` (computed on the loop, not in the thread)."""
+
+    event_id: str
+    event_type: str
+    created: int | None
+    received_at: float
+    task_id: str | None
+    task_status: str | None
+    raw: bytes
+    handlers: tuple[str, ...]
+
+
+def _epoch(value: datetime) -> float:
+    if value.tzinfo is None:
+        raise ValueError("store times must be timezone-aware (UTC)")
+    return value.timestamp()
+
+
+def _dt(value: float) -> datetime:
+    return datetime.fromtimestamp(value, UTC)
+
+
+def _dt_or_none(value: float | None) -> datetime | None:
+    return None if value is None else _dt(value)
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """(version, file name, SQL) of every packaged migration, in order."""
+    folder = resources.files("lacuna_webhooks.store").joinpath("sql", "sqlite")
+    found = []
+    for entry in folder.iterdir():
+        match = _MIGRATION_NAME.match(entry.name)
+        if match:
+            found.append((int(match.group(1)), entry.name, entry.read_text(encoding="utf-8")))
+    found.sort()
+    return found
+
+
+def _statements(script: str) -> list[str]:
+    """Split a script into statements (executescript would commit our transaction)."""
+    statements, pending = [], ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            statements.append(pending.strip())
+            pending = ""
+    if pending.strip() and not pending.strip().startswith("--"):
+        statements.append(pending.strip())
+    return statements
+
+
+def migrate(conn: sqlite3.Connection) -> list[int]:
+    """Apply the migrations ``conn`` lacks; return the versions applied now."""
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_version ("
+        " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
+    )
+    known = migrations()
+    newest_known = known[-1][0] if known else 0
+    (newest_applied,) = conn.execute(
+        "SELECT coalesce(max(version), 0) FROM schema_version"
+    ).fetchone()
+    if newest_applied > newest_known:
+        raise StoreUnavailable(
+            f"The database schema (version {newest_applied}) is newer than this release "
+            f"knows (version {newest_known}); upgrade lacuna-webhooks."
+        )
+    applied = []
+    for version, name, script in known:
+
+        def apply(
+            c: sqlite3.Connection, version: int = version, name: str = name, script: str = script
+        ) -> bool:
+            # Checked inside the write transaction: another process may have just applied it.
+            row = c.execute("SELECT 1 FROM schema_version WHERE version = ?", (version,))
+            if row.fetchone() is not None:
+                return False
+            for statement in _statements(script):
+                c.execute(statement)
+            c.execute(
+                "INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, ?)",
+                (version, name, time.time()),
+            )
+            return True
+
+        if transaction(conn, apply, write=True):
+            applied.append(version)
+    return applied
+
+
+# --- the hot path: one group-committed batch of accepts ----------------------------------------
+
+_INSERT_EVENT = (
+    "INSERT INTO events (id, type, created, received_at, task_id, raw)"
+    " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING"
+)
+_INSERT_DELIVERY = (
+    "INSERT INTO deliveries (event_id, handler, status, next_attempt_at, created_at, updated_at)"
+    " VALUES (?, ?, 'pending', ?, ?, ?) ON CONFLICT (event_id, handler) DO NOTHING"
+)
+# The WHERE keeps a newer state: an older event (late retry, out-of-order delivery) changes
+# nothing, and rowcount 0 tells the caller to mark it superseded. Ties go to the later arrival.
+_UPSERT_TASK = (
+    "INSERT INTO tasks (task_id, status, event_id, event_type, event_created, event_order,"
+    " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (task_id) DO UPDATE SET status = excluded.status,"
+    " event_id = excluded.event_id, event_type = excluded.event_type,"
+    " event_created = excluded.event_created, event_order = excluded.event_order,"
+    " updated_at = excluded.updated_at"
+    " WHERE tasks.event_order <= excluded.event_order"
+)
+
+
+def _accept_batch(conn: sqlite3.Connection, rows: list[_AcceptRow]) -> list[bool]:
+    """Write a batch inside the writer's transaction; the unique key on ``events.id`` decides
+    new versus duplicate, also between two copies inside the same batch."""
+    execute = conn.execute
+    stored = []
+    for row in rows:
+        now = row.received_at
+        if (
+            execute(
+                _INSERT_EVENT,
+                (row.event_id, row.event_type, row.created, now, row.task_id, row.raw),
+            ).rowcount
+            != 1
+        ):
+            stored.append(False)
+            continue
+        if row.handlers:
+            conn.executemany(
+                _INSERT_DELIVERY, [(row.event_id, name, now, now, now) for name in row.handlers]
+            )
+        if row.task_id is not None:
+            order = float(row.created) if row.created is not None else now
+            task = (
+                row.task_id,
+                row.task_status,
+                row.event_id,
+                row.event_type,
+                row.created,
+                order,
+                now,
+            )
+            if execute(_UPSERT_TASK, task).rowcount == 0:
+                execute("UPDATE events SET superseded = 1 WHERE id = ?", (row.event_id,))
+        stored.append(True)
+    return stored
+
+
+# --- the rest of the statements ------------------------------------------------------------------
+
+_CLAIM = (
+    "UPDATE deliveries SET lease_until = ?, attempts = attempts + 1,"
+    " lease_token = lease_token + 1, updated_at = ?"
+    " WHERE id IN (SELECT id FROM deliveries WHERE status = 'pending' AND handler = ?"
+    " AND next_attempt_at <= ? AND (lease_until IS NULL OR lease_until <= ?)"
+    " ORDER BY next_attempt_at, id LIMIT ?)"
+    " RETURNING id, event_id, handler, attempts, lease_token, next_attempt_at, created_at"
+)
+_FINISH = (
+    "UPDATE deliveries SET status = ?, lease_until = NULL, next_attempt_at = ?,"
+    " last_error = coalesce(?, last_error), updated_at = ?"
+    " WHERE id = ? AND lease_token = ? AND status = 'pending'"
+)
+_INSERT_ATTEMPT = (
+    "INSERT INTO attempts (delivery_id, attempt, started_at, finished_at, outcome, error,"
+    " duration_ms) VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+# Replay and retry_dead: pending, due now, a fresh attempt budget, and a new lease token so
+# that a worker still running an old claim cannot record its outcome over the reset.
+_REPLAY_ALL = (
+    "UPDATE deliveries SET status = 'pending', attempts = 0, lease_token = lease_token + 1,"
+    " lease_until = NULL, next_attempt_at = :now, updated_at = :now WHERE event_id = :event_id"
+)
+_REPLAY_ONE = (
+    "INSERT INTO deliveries (event_id, handler, status, next_attempt_at, created_at, updated_at)"
+    " VALUES (:event_id, :handler, 'pending', :now, :now, :now)"
+    " ON CONFLICT (event_id, handler) DO UPDATE SET status = 'pending', attempts = 0,"
+    " lease_token = lease_token + 1, lease_until = NULL, next_attempt_at = :now,"
+    " updated_at = :now"
+)
+_RETRY_DEAD = (
+    "UPDATE deliveries SET status = 'pending', attempts = 0, lease_token = lease_token + 1,"
+    " lease_until = NULL, next_attempt_at = :now, updated_at = :now"
+    " WHERE status = 'dead' AND (:handler IS NULL OR handler = :handler)"
+)
+_RAWS = "SELECT id, raw FROM events WHERE id IN (SELECT value FROM json_each(?))"
+_PRUNABLE = (
+    "SELECT id FROM events AS e WHERE received_at < ? AND NOT EXISTS"
+    " (SELECT 1 FROM deliveries AS d WHERE d.event_id = e.id AND d.status = 'pending') LIMIT ?"
+)
+_PRUNE = (
+    "DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM deliveries WHERE event_id IN"
+    " (SELECT value FROM json_each(:ids)))",
+    "DELETE FROM deliveries WHERE event_id IN (SELECT value FROM json_each(:ids))",
+    "DELETE FROM events WHERE id IN (SELECT value FROM json_each(:ids))",
+)
+_SELECT_EVENTS = "SELECT id, type, created, received_at, task_id, superseded, raw FROM events"
+_LIST_EVENTS = _SELECT_EVENTS + " ORDER BY received_at DESC, rowid DESC LIMIT ?"
+_LIST_EVENTS_OF_TYPE = (
+    _SELECT_EVENTS + " WHERE type = ? ORDER BY received_at DESC, rowid DESC LIMIT ?"
+)
+_GET_EVENT = _SELECT_EVENTS + " WHERE id = ?"
+_SELECT_DELIVERIES = (
+    "SELECT d.id, d.event_id, e.type, d.handler, d.status, d.attempts, d.next_attempt_at,"
+    " d.lease_until, d.last_error, d.created_at, d.updated_at"
+    " FROM deliveries AS d JOIN events AS e ON e.id = d.event_id"
+)
+_STATS = (
+    "SELECT count(*),"
+    " count(*) FILTER (WHERE next_attempt_at <= :now AND coalesce(lease_until, 0) <= :now),"
+    " count(*) FILTER (WHERE lease_until > :now),"
+    " min(next_attempt_at) FILTER"
+    " (WHERE next_attempt_at <= :now AND coalesce(lease_until, 0) <= :now)"
+    " FROM deliveries WHERE status = 'pending'"
+)
+
+_EventRow = tuple[str, str, int | None, float, str | None, int, bytes]
+_DeliveryRow = tuple[int, str, str, str, str, int, float, float | None, str | None, float, float]
+
+
+def _event_record(row: _EventRow) -> EventRecord:
+    event_id, event_type, created, received_at, task_id, superseded, raw = row
+    return EventRecord(
+        id=event_id,
+        type=event_type,
+        created=created,
+        received_at=_dt(received_at),
+        task_id=task_id,
+        superseded=bool(superseded),
+        raw=bytes(raw),
+    )
+
+
+def _delivery_record(row: _DeliveryRow) -> DeliveryRecord:
+    return DeliveryRecord(
+        id=row[0],
+        event_id=row[1],
+        event_type=row[2],
+        handler=row[3],
+        status=DeliveryStatus(row[4]),
+        attempts=row[5],
+        next_attempt_at=_dt(row[6]),
+        lease_until=_dt_or_none(row[7]),
+        last_error=row[8],
+        created_at=_dt(row[9]),
+        updated_at=_dt(row[10]),
+    )
+
+
+class SQLiteStore:
+    """The ``Store`` on one SQLite file; ``open()`` it on the event loop that will use it."""
+
+    def __init__(self, path: str, *, synchronous: str = "full") -> None:
+        if synchronous.lower() not in _SYNCHRONOUS:
+            raise ValueError(f"synchronous must be 'full' or 'normal', got {synchronous!r}")
+        self.path = path
+        self.synchronous = _SYNCHRONOUS[synchronous.lower()]
+        self._writer: Writer[_AcceptRow] = Writer(
+            name="lacuna-sqlite-writer", connect=self._connect, accept_batch=_accept_batch
+        )
+        self._work = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({self.path!r}, synchronous={self.synchronous.lower()!r})"
+
+    @property
+    def writer_stats(self) -> WriterStats:
+        w = self._writer
+        return WriterStats(batches=w.batches, accepts=w.batched, queued=w.queued)
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        """Runs on the writer thread: open, tune and migrate the file."""
+        where = os.path.abspath(self.path)
+        try:
+            os.makedirs(os.path.dirname(where), exist_ok=True)
+        except OSError as exc:
+            raise StoreUnavailable(
+                f"Cannot create the folder of the SQLite database {where}: {exc}"
+            ) from exc
+        try:
+            conn = sqlite3.connect(where, isolation_level=None, cached_statements=64)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"Cannot open the SQLite database {where}: {exc}") from exc
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+            if str(mode).lower() != "wal":
+                raise StoreUnavailable(
+                    f"The SQLite database {where} cannot use WAL journal mode (got {mode})."
+                )
+            conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+            conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT_BYTES}")
+            migrate(conn)
+        except sqlite3.Error as exc:
+            conn.close()
+            raise StoreUnavailable(f"Cannot use the SQLite database {where}: {exc}") from exc
+        except StoreUnavailable:
+            conn.close()
+            raise
+        return conn
+
+    async def open(self) -> None:
+        """Create the folder if needed, open the file, migrate; ``StoreUnavailable`` names the
+        path when it is not a usable database."""
+        await self._writer.start()
+
+    async def close(self) -> None:
+        """Finish what is queued, then close the file. Later calls raise ``StoreUnavailable``."""
+        await self._writer.stop()
+
+    async def ping(self) -> None:
+        await self._writer.run(
+            lambda c: c.execute("SELECT max(version) FROM schema_version").fetchone(), write=False
+        )
+
+    # --- intake ----------------------------------------------------------------------------------
+
+    async def accept(self, event: Event, handlers: Sequence[str], *, now: datetime) -> bool:
+        row = _AcceptRow(
+            event_id=event.id,
+            event_type=event.type,
+            created=event.created,
+            received_at=_epoch(now),
+            task_id=event.task_id,
+            task_status=event.task_status,
+            raw=event.raw,
+            handlers=tuple(dict.fromkeys(handlers)),
+        )
+        stored = await self._writer.accept(row)
+        if stored and row.handlers:
+            self._work.set()
+        return stored
+
+    async def wait_for_work(self, timeout_seconds: float) -> None:
+        """Return when an accept, replay or retry_dead of this process made work, or after the
+        timeout. Other processes writing the same file are only seen through the timeout."""
+        if not self._work.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._work.wait(), timeout_seconds)
+        self._work.clear()
+
+    # --- the dispatcher's side -------------------------------------------------------------
+
+    async def claim(
+        self, *, handler: str, limit: int, lease: timedelta, now: datetime
+    ) -> list[Delivery]:
+        if limit <= 0:
+            return []
+        at = _epoch(now)
+        until = _epoch(now + lease)
+
+        def claim(
+            c: sqlite3.Connection,
+        ) -> list[tuple[tuple[int, str, str, int, int, float, float], bytes]]:
+            rows = c.execute(_CLAIM, (until, at, handler, at, at, limit)).fetchall()
+            if not rows:
+                return []
+            ids = orjson.dumps(sorted({row[1] for row in rows})).decode()
+            raws: dict[str, bytes] = dict(c.execute(_RAWS, (ids,)))
+            return [(row, raws[row[1]]) for row in rows]
+
+        claimed = await self._writer.run(claim)
+        # RETURNING gives no order: restore "oldest due first".
+        claimed.sort(key=lambda item: (item[0][5], item[0][0]))
+        return [
+            Delivery(
+                id=row[0],
+                event=Event.from_body(bytes(raw)),
+                handler=row[2],
+                status=DeliveryStatus.PENDING,
+                attempts=row[3],
+                lease_token=row[4],
+                next_attempt_at=_dt(row[5]),
+                created_at=_dt(row[6]),
+            )
+            for row, raw in claimed
+        ]
+
+    async def _finish(
+        self,
+        delivery: Delivery,
+        attempt: Attempt,
+        *,
+        status: DeliveryStatus,
+        next_attempt_at: datetime,
+    ) -> bool:
+        started, finished = _epoch(attempt.started_at), _epoch(attempt.finished_at)
+        error = attempt_error(attempt)
+        update = (
+            status.value,
+            _epoch(next_attempt_at),
+            error,
+            finished,
+            delivery.id,
+            delivery.lease_token,
+        )
+        record = (
+            delivery.id,
+            delivery.attempts,
+            started,
+            finished,
+            attempt.outcome.value,
+            error,
+            (finished - started) * 1000.0,
+        )
+
+        def finish(c: sqlite3.Connection) -> bool:
+            if c.execute(_FINISH, update).rowcount != 1:
+                return False  # the lease was taken over (or the delivery reset): not ours
+            c.execute(_INSERT_ATTEMPT, record)
+            return True
+
+        return await self._writer.run(finish)
+
+    async def complete(self, delivery: Delivery, attempt: Attempt) -> bool:
+        return await self._finish(
+            delivery, attempt, status=DeliveryStatus.DONE, next_attempt_at=delivery.next_attempt_at
+        )
+
+    async def retry(self, delivery: Delivery, attempt: Attempt, *, at: datetime) -> bool:
+        return await self._finish(
+            delivery, attempt, status=DeliveryStatus.PENDING, next_attempt_at=at
+        )
+
+    async def dead(self, delivery: Delivery, attempt: Attempt) -> bool:
+        return await self._finish(
+            delivery, attempt, status=DeliveryStatus.DEAD, next_attempt_at=delivery.next_attempt_at
+        )
+
+    async def release(self, delivery: Delivery) -> bool:
+        """Lease cleared and the claim's attempt undone. ``next_attempt_at`` is left as it was:
+        it was due when claimed, so it is due at once and keeps its place in line."""
+        args = (time.time(), delivery.id, delivery.lease_token)
+
+        def release(c: sqlite3.Connection) -> bool:
+            cursor = c.execute(
+                "UPDATE deliveries SET lease_until = NULL, attempts = max(attempts - 1, 0),"
+                " updated_at = ? WHERE id = ? AND lease_token = ? AND status = 'pending'",
+                args,
+            )
+            return cursor.rowcount == 1
+
+        return await self._writer.run(release)
+
+    async def stats(self, *, now: datetime) -> QueueStats:
+        at = _epoch(now)
+
+        def stats(c: sqlite3.Connection) -> QueueStats:
+            pending, due, running, oldest = c.execute(_STATS, {"now": at}).fetchone()
+            (dead,) = c.execute("SELECT count(*) FROM deliveries WHERE status = 'dead'").fetchone()
+            return QueueStats(
+                pending=pending,
+                due=due,
+                running=running,
+                dead=dead,
+                oldest_due_age_seconds=max(0.0, at - oldest) if oldest is not None else 0.0,
+            )
+
+        return await self._writer.run(stats, write=False)
+
+    # --- maintenance and admin ---------------------------------------------------------------
+
+    async def prune(self, *, received_before: datetime) -> int:
+        """Deleted in chunks, each its own transaction, so accepts are never held up long."""
+        cutoff = _epoch(received_before)
+
+        def prune_chunk(c: sqlite3.Connection) -> int:
+            ids = [row[0] for row in c.execute(_PRUNABLE, (cutoff, PRUNE_CHUNK))]
+            if ids:
+                args = {"ids": orjson.dumps(ids).decode()}
+                for statement in _PRUNE:
+                    c.execute(statement, args)
+            return len(ids)
+
+        total = 0
+        while True:
+            deleted = await self._writer.run(prune_chunk)
+            total += deleted
+            if deleted < PRUNE_CHUNK:
+                return total
+
+    async def list_events(
+        self, *, limit: int = 50, event_type: str | None = None
+    ) -> list[EventRecord]:
+        sql, args = (
+            (_LIST_EVENTS, (limit,))
+            if event_type is None
+            else (_LIST_EVENTS_OF_TYPE, (event_type, limit))
+        )
+
+        def list_events(c: sqlite3.Connection) -> list[EventRecord]:
+            return [_event_record(row) for row in c.execute(sql, args)]
+
+        return await self._writer.run(list_events, write=False)
+
+    async def get_event(self, event_id: str) -> EventRecord | None:
+        def get_event(c: sqlite3.Connection) -> EventRecord | None:
+            row = c.execute(_GET_EVENT, (event_id,)).fetchone()
+            return None if row is None else _event_record(row)
+
+        return await self._writer.run(get_event, write=False)
+
+    async def list_deliveries(
+        self,
+        *,
+        status: DeliveryStatus | None = None,
+        handler: str | None = None,
+        event_id: str | None = None,
+        limit: int = 50,
+    ) -> list[DeliveryRecord]:
+        filters = (("d.status", status), ("d.handler", handler), ("d.event_id", event_id))
+        where = " AND ".join(f"{column} = ?" for column, value in filters if value is not None)
+        args = [str(value) for _, value in filters if value is not None]
+        # Only the fixed column names above are spliced in; every value is a parameter.
+        sql = (
+            _SELECT_DELIVERIES
+            + (f" WHERE {where}" if where else "")
+            + " ORDER BY d.id DESC LIMIT ?"
+        )
+
+        def list_deliveries(c: sqlite3.Connection) -> list[DeliveryRecord]:
+            return [_delivery_record(row) for row in c.execute(sql, (*args, limit))]
+
+        return await self._writer.run(list_deliveries, write=False)
+
+    async def list_attempts(self, delivery_id: int) -> list[AttemptRecord]:
+        def list_attempts(c: sqlite3.Connection) -> list[AttemptRecord]:
+            rows = c.execute(
+                "SELECT delivery_id, attempt, started_at, finished_at, outcome, error"
+                " FROM attempts WHERE delivery_id = ? ORDER BY id",
+                (delivery_id,),
+            )
+            return [
+                AttemptRecord(
+                    delivery_id=row[0],
+                    attempt=row[1],
+                    started_at=_dt(row[2]),
+                    finished_at=_dt(row[3]),
+                    outcome=AttemptOutcome(row[4]),
+                    error=row[5],
+                )
+                for row in rows
+            ]
+
+        return await self._writer.run(list_attempts, write=False)
+
+    async def get_task(self, task_id: str) -> TaskRecord | None:
+        def get_task(c: sqlite3.Connection) -> TaskRecord | None:
+            row = c.execute(
+                "SELECT task_id, status, event_id, event_type, event_created, updated_at"
+                " FROM tasks WHERE task_id = ?",
+                (task_id,),
+            ).fetchone()
+            if row is None:
+                return None
+            return TaskRecord(
+                task_id=row[0],
+                status=row[1],
+                event_id=row[2],
+                event_type=row[3],
+                event_created=row[4],
+                updated_at=_dt(row[5]),
+            )
+
+        return await self._writer.run(get_task, write=False)
+
+    async def replay(self, event_id: str, handlers: Sequence[str] | None, *, now: datetime) -> int:
+        at = _epoch(now)
+        names = None if handlers is None else tuple(dict.fromkeys(handlers))
+
+        def replay(c: sqlite3.Connection) -> int:
+            if c.execute("SELECT 1 FROM events WHERE id = ?", (event_id,)).fetchone() is None:
+                raise EventNotFound(f"No event {event_id!r} in the store.")
+            if names is None:
+                return c.execute(_REPLAY_ALL, {"now": at, "event_id": event_id}).rowcount
+            count = 0
+            for name in names:
+                args = {"now": at, "event_id": event_id, "handler": name}
+                count += c.execute(_REPLAY_ONE, args).rowcount
+            return count
+
+        count = await self._writer.run(replay)
+        if count:
+            self._work.set()
+        return count
+
+    async def retry_dead(self, *, handler: str | None, now: datetime) -> int:
+        args = {"now": _epoch(now), "handler": handler}
+
+        def retry_dead(c: sqlite3.Connection) -> int:
+            return c.execute(_RETRY_DEAD, args).rowcount
+
+        count = await self._writer.run(retry_dead)
+        if count:
+            self._work.set()
+        return count
+
+
+__all__ = ["SQLiteStore", "WriterStats", "migrate", "migrations"]

@@ -1,0 +1,286 @@
+"""The one thread that owns the SQLite connection, and group commit.
+
+SQLite has one writer at a time and each durable commit costs an fsync, so the
+store funnels every operation through one thread:
+
+- ``accept`` requests are *group-committed*: the thread takes everything
+  queued (up to ``MAX_BATCH``), writes it in one ``BEGIN IMMEDIATE`` ...
+  ``COMMIT`` (one fsync for the whole batch) and then settles all the waiting
+  futures with a single ``call_soon_threadsafe``. Under load the batch grows
+  with the number of concurrent requests, so the fsync cost per request falls.
+- any other operation is a callable run in a transaction of its own.
+
+A failed batch fails every waiter in it with ``StoreUnavailable``: no caller
+is ever told an event is stored when its transaction did not commit. Once the
+store is closed, or the thread has died, every call raises
+``StoreUnavailable`` at once instead of waiting forever.
+
+The writer belongs to the event loop that started it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from ..errors import StoreUnavailable
+
+logger = logging.getLogger(__name__)
+
+MAX_BATCH = 512
+
+RowT = TypeVar("RowT")
+T = TypeVar("T")
+
+#: (future, result, exception): how one request ended, settled on the event loop.
+_Outcome = tuple["asyncio.Future[Any]", Any, BaseException | None]
+
+
+@dataclass(slots=True, eq=False)
+class _Accept(Generic[RowT]):
+    row: RowT
+    future: asyncio.Future[bool]
+
+
+@dataclass(slots=True, eq=False)
+class _Job:
+    fn: Callable[[sqlite3.Connection], Any]
+    write: bool
+    future: asyncio.Future[Any]
+
+
+class _Stop:
+    """Queued by ``stop()``: everything queued before it is still served."""
+
+
+_STOP = _Stop()
+
+
+class _State(enum.Enum):
+    NEW = "new"
+    RUNNING = "running"
+    STOPPED = "stopped"
+
+
+def unavailable(exc: BaseException, what: str) -> StoreUnavailable:
+    """The ``StoreUnavailable`` a caller sees for a database failure (the cause is chained)."""
+    error = StoreUnavailable(f"The event store is unavailable ({what}: {exc}); retry later.")
+    error.__cause__ = exc
+    return error
+
+
+def _settle(outcomes: Sequence[_Outcome]) -> None:
+    """Resolve futures on their loop. A waiter that was cancelled meanwhile is skipped."""
+    for future, result, exc in outcomes:
+        if future.done():
+            continue
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)
+
+
+class Writer(Generic[RowT]):
+    """Runs ``connect`` once, then serves ``accept`` batches and jobs until ``stop()``.
+
+    ``accept_batch(conn, rows)`` is called inside an open write transaction and
+    returns one ``bool`` per row (``True``: stored, ``False``: duplicate).
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        connect: Callable[[], sqlite3.Connection],
+        accept_batch: Callable[[sqlite3.Connection, list[RowT]], list[bool]],
+    ) -> None:
+        self._name = name
+        self._connect = connect
+        self._accept_batch = accept_batch
+        self._queue: queue.SimpleQueue[_Accept[RowT] | _Job | _Stop] = queue.SimpleQueue()
+        # Guards _state and the queue together: nothing is queued after _STOP, and nothing
+        # is queued once the thread has drained the queue for the last time.
+        self._lock = threading.Lock()
+        self._state = _State.NEW
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped: asyncio.Future[None] | None = None
+        self.batches = 0  # committed accept batches, for measurements and tests
+        self.batched = 0  # accepts in them
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for the thread right now (approximate, as any queue size)."""
+        return self._queue.qsize()
+
+    async def start(self) -> None:
+        """Start the thread; return once ``connect`` succeeded, or raise what it raised."""
+        with self._lock:
+            if self._state is not _State.NEW:
+                raise StoreUnavailable("The event store was already opened once.")
+            self._state = _State.RUNNING
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._stopped = loop.create_future()
+        ready: asyncio.Future[None] = loop.create_future()
+        thread = threading.Thread(target=self._main, args=(ready,), name=self._name, daemon=True)
+        thread.start()
+        await ready
+
+    async def stop(self) -> None:
+        """Serve what is already queued, close the connection and end the thread."""
+        with self._lock:
+            if self._state is _State.RUNNING:
+                self._state = _State.STOPPED
+                self._queue.put(_STOP)
+        if self._stopped is not None:
+            await asyncio.shield(self._stopped)
+
+    async def accept(self, row: RowT) -> bool:
+        """Write ``row`` in the next group commit; ``True`` if it was new."""
+        future: asyncio.Future[bool] = self._future()
+        self._put(_Accept(row, future))
+        return await future
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T], *, write: bool = True) -> T:
+        """Run ``fn(conn)`` on the writer thread in a transaction of its own."""
+        future: asyncio.Future[T] = self._future()
+        self._put(_Job(fn, write, future))
+        return await future
+
+    # --- the event-loop side ---------------------------------------------------------------
+
+    def _future(self) -> asyncio.Future[Any]:
+        if self._loop is None:
+            raise StoreUnavailable("The event store is not open.")
+        return self._loop.create_future()
+
+    def _put(self, item: _Accept[RowT] | _Job) -> None:
+        with self._lock:
+            if self._state is not _State.RUNNING:
+                raise StoreUnavailable("The event store is closed.")
+            self._queue.put(item)
+
+    # --- the writer thread -----------------------------------------------------------------
+
+    def _post(self, outcomes: Sequence[_Outcome]) -> None:
+        """Hand outcomes to the loop in one wake-up."""
+        if not outcomes or self._loop is None:
+            return
+        # RuntimeError: the loop is closed, so nobody is left waiting.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(_settle, outcomes)
+
+    def _main(self, ready: asyncio.Future[None]) -> None:
+        conn: sqlite3.Connection | None = None
+        reported = False
+        try:
+            try:
+                conn = self._connect()
+            except StoreUnavailable as exc:
+                reported = True
+                self._post([(ready, None, exc)])
+                return
+            reported = True
+            self._post([(ready, None, None)])
+            self._serve(conn)
+        finally:
+            if not reported:
+                # connect() died of something unexpected: open() must not wait forever.
+                self._post([(ready, None, StoreUnavailable("The event store failed to open."))])
+            with self._lock:
+                self._state = _State.STOPPED
+                leftovers: list[_Outcome] = []
+                while True:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if not isinstance(item, _Stop):
+                        leftovers.append(
+                            (item.future, None, StoreUnavailable("The event store is closed."))
+                        )
+            self._post(leftovers)
+            if conn is not None:
+                try:
+                    conn.close()
+                except sqlite3.Error as exc:
+                    logger.warning("store.sqlite.close_failed: %s", exc)
+            if self._stopped is not None:
+                self._post([(self._stopped, None, None)])
+
+    def _serve(self, conn: sqlite3.Connection) -> None:
+        while True:
+            items = [self._queue.get()]
+            while len(items) < MAX_BATCH:
+                try:
+                    items.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            accepts = [item for item in items if isinstance(item, _Accept)]
+            if accepts:
+                self._post(self._commit_accepts(conn, accepts))
+            outcomes: list[_Outcome] = []
+            stop = False
+            for item in items:
+                if isinstance(item, _Job):
+                    outcomes.append(self._run_job(conn, item))
+                elif isinstance(item, _Stop):
+                    stop = True
+            self._post(outcomes)
+            if stop:
+                return
+
+    def _commit_accepts(
+        self, conn: sqlite3.Connection, accepts: list[_Accept[RowT]]
+    ) -> list[_Outcome]:
+        rows = [item.row for item in accepts]
+        try:
+            stored = transaction(conn, lambda c: self._accept_batch(c, rows), write=True)
+        # The batch failed as a whole. Every waiter gets StoreUnavailable, whatever the cause:
+        # the thread must survive, and nobody may hear "stored" for an uncommitted event.
+        except Exception as exc:
+            logger.error("store.sqlite.batch_failed: %d accepts: %s", len(accepts), exc)
+            return [(item.future, None, unavailable(exc, "SQLite")) for item in accepts]
+        self.batches += 1
+        self.batched += len(accepts)
+        return [(item.future, new, None) for item, new in zip(accepts, stored, strict=True)]
+
+    def _run_job(self, conn: sqlite3.Connection, job: _Job) -> _Outcome:
+        try:
+            return (job.future, transaction(conn, job.fn, write=job.write), None)
+        except sqlite3.Error as exc:
+            return (job.future, None, unavailable(exc, "SQLite"))
+        # Forwarded to the awaiting coroutine and raised there, as concurrent.futures does
+        # (EventNotFound from a job, or a bug): the thread itself must keep serving.
+        except Exception as exc:
+            return (job.future, None, exc)
+
+
+def transaction(
+    conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T], *, write: bool
+) -> T:
+    """Run ``fn(conn)`` between ``BEGIN`` and ``COMMIT``; roll back if anything fails.
+
+    Writes take the write lock up front (``IMMEDIATE``) so they never fail half-way on a
+    lock upgrade; another process holding it is waited for up to the busy timeout.
+    """
+    conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+    try:
+        result = fn(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                logger.warning("store.sqlite.rollback_failed: %s", exc)
+        raise
+    return result
