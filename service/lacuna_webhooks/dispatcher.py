@@ -1,0 +1,388 @@
+"""The dispatcher: claims due deliveries from the store and runs each handler on them.
+
+One loop (``run``) per process. Each handler has its own ``concurrency``
+slots, and the loop claims for a handler only as many deliveries as it has
+free slots, so a slow or failing handler never delays another one (and the
+webhook route never waits for any handler: it only stores). The loop sleeps
+on whichever comes first: the store's ``wait_for_work`` (an accept in this
+process, a NOTIFY from another replica, or the poll interval), a slot being
+freed, or ``stop``.
+
+Each attempt runs under the handler's timeout and ends in exactly one of:
+
+=========================  =========================================================
+handler returns            ``complete`` (outcome ``ok``)
+raises ``PermanentError``  ``dead`` at once
+raises ``RetryLater(d)``   ``retry`` after ``d`` seconds (capped), or ``dead`` when
+                           the attempt budget is spent
+times out / raises         ``retry`` on the policy's backoff, or ``dead`` when the
+anything else              budget is spent
+=========================  =========================================================
+
+Attempts are counted by the store when a delivery is claimed, so a handler
+that crashes the whole process is still retired after ``max_attempts``
+claims: a claim that finds the budget already spent records ``dead`` without
+running the handler again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import re
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import structlog
+
+from .errors import PermanentError, RetryLater, StoreUnavailable
+from .logs import redact_url
+from .metrics import Metrics
+from .models import Attempt, AttemptOutcome, Delivery
+from .plugins import HandlerSet
+from .retry import RetryPolicy
+from .store.base import Store
+
+LEASE_MARGIN = timedelta(seconds=30)
+"""Added to a handler's timeout for its lease: the timeout fires well before anyone else
+may take the delivery over, leaving time to record the outcome."""
+
+DEFAULT_TIMEOUT_SECONDS = 60.0
+MAX_STORE_BACKOFF_SECONDS = 30.0
+MAX_ERROR_CHARS = 2000
+_URL_RE = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def describe_error(exc: BaseException) -> str:
+    """``"ValueError: boom"``, with any URL cut to its host (a webhook URL's path is a secret)."""
+    message = str(exc).strip()
+    text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    return _URL_RE.sub(lambda m: redact_url(m.group(0)), text)[:MAX_ERROR_CHARS]
+
+
+class Dispatcher:
+    """Runs the configured handlers on the deliveries the store holds. See the module docstring.
+
+    ``clock`` and ``rand`` are injected so tests can control time and jitter.
+    With ``retention`` set, events received longer ago than that (and fully
+    delivered) are pruned every ``prune_interval_seconds``.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        handlers: HandlerSet,
+        *,
+        policy: RetryPolicy,
+        concurrency: int = 4,
+        poll_interval_seconds: float = 1.0,
+        metrics: Metrics | None = None,
+        clock: Callable[[], datetime] = utcnow,
+        rand: Callable[[], float] = random.random,
+        retention: timedelta | None = None,
+        prune_interval_seconds: float = 3600,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.store = store
+        self.handlers = handlers
+        self.policy = policy
+        self.concurrency = concurrency
+        self.poll_interval_seconds = poll_interval_seconds
+        self.metrics = metrics
+        self.clock = clock
+        self.rand = rand
+        self.retention = retention
+        self.prune_interval_seconds = prune_interval_seconds
+        self._log = structlog.get_logger("lacuna_webhooks.dispatcher")
+        self._free = dict.fromkeys(handlers.names, concurrency)
+        self._inflight: dict[asyncio.Task[None], Delivery] = {}
+        self._stopping = False
+        # Set when a slot frees or stop() is called: either means "look again now".
+        self._wake = asyncio.Event()
+        # Replaced (after being set) whenever a claim pass or an attempt finishes; drain()
+        # waits on it instead of sleeping.
+        self._progress = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._waiting = False
+        self._next_prune = 0.0
+
+    # -- public API ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Dispatch until ``stop()``; then return. Cancelling ``run`` abandons in-flight
+        attempts the same way ``stop(0)`` would."""
+        if self._loop_task is not None:
+            raise RuntimeError("Dispatcher.run() is already running")
+        self._loop_task = asyncio.create_task(self._loop(), name="dispatcher-loop")
+        self._loop_task.add_done_callback(self._loop_ended)
+        self._log.info("dispatcher.started", handlers=self.handlers.names)
+        try:
+            await self._loop_task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                self._loop_task.cancel()
+                await self._abandon()
+                raise
+            # stop() cut the loop short because a store call outlived its bound.
+        finally:
+            self._log.info("dispatcher.stopped")
+
+    async def stop(self, timeout_seconds: float) -> None:
+        """Stop claiming; let in-flight attempts finish for up to ``timeout_seconds``, then
+        cancel the rest and ``release`` them (due again at once, the attempt not counted)."""
+        self._stopping = True
+        self._wake.set()
+        deadline = time.monotonic() + max(0.0, timeout_seconds)
+        if self._loop_task is not None and not self._loop_task.done():
+            # The loop exits at its next wake-up; only a store call that hangs keeps it.
+            done, _ = await asyncio.wait({self._loop_task}, timeout=max(0.0, timeout_seconds))
+            if not done:
+                self._loop_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._loop_task
+        if self._inflight:
+            remaining = max(0.0, deadline - time.monotonic())
+            await asyncio.wait(set(self._inflight), timeout=remaining)
+        await self._abandon()
+
+    async def drain(self, timeout_seconds: float = 10.0) -> None:
+        """Return once nothing is due (``stats().due == 0``) and nothing is in flight.
+
+        Waits on the loop's progress rather than sleeping. Raises ``TimeoutError``
+        after ``timeout_seconds`` (e.g. when ``run`` is not running, or when due
+        deliveries belong to a handler this dispatcher does not have).
+        """
+        async with asyncio.timeout(timeout_seconds):
+            while True:
+                progress = self._progress  # taken first, so no progress between checks is missed
+                if not self._inflight:
+                    stats = await self.store.stats(now=self.clock())
+                    if stats.due == 0 and not self._inflight:
+                        return
+                await progress.wait()
+
+    @property
+    def in_flight(self) -> int:
+        """How many attempts are running now."""
+        return len(self._inflight)
+
+    @property
+    def idle(self) -> bool:
+        """The loop is waiting for work (or a poll) and no attempt is running."""
+        return self._waiting and not self._inflight
+
+    # -- the loop --------------------------------------------------------------------------
+
+    async def _loop(self) -> None:
+        backoff = 0.0
+        work: asyncio.Task[None] | None = None
+        try:
+            while not self._stopping:
+                self._wake.clear()
+                try:
+                    await self._prune_if_due()
+                    await self._claim_pass()
+                    if work is None or work.done():
+                        if work is not None:
+                            work.result()  # surfaces a StoreUnavailable from the last wait
+                        work = asyncio.create_task(
+                            self.store.wait_for_work(self.poll_interval_seconds)
+                        )
+                    backoff = 0.0
+                except StoreUnavailable as exc:
+                    if work is not None and work.done():
+                        work = None  # its failure was just surfaced; a fresh wait comes later
+                    backoff = min(
+                        max(backoff * 2, self.poll_interval_seconds, 0.05),
+                        MAX_STORE_BACKOFF_SECONDS,
+                    )
+                    self._log.warning(
+                        "dispatcher.store_unavailable",
+                        error=describe_error(exc),
+                        retry_in_seconds=backoff,
+                    )
+                    self._notify_progress()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(backoff):
+                            await self._wake.wait()
+                    continue
+                self._notify_progress()
+                if self._stopping:
+                    break
+                woken = asyncio.create_task(self._wake.wait())
+                self._waiting = True
+                try:
+                    await asyncio.wait({work, woken}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    self._waiting = False
+                    woken.cancel()
+        finally:
+            if work is not None:
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StoreUnavailable):
+                    await work
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # Only a broken store contract gets here (stores raise StoreUnavailable); say so
+            # loudly, since deliveries stop until the process restarts.
+            self._log.error("dispatcher.crashed", exc_info=exc)
+
+    async def _claim_pass(self) -> None:
+        """Claim for every handler with free slots and start an attempt per delivery."""
+        for name in self.handlers.names:
+            free = self._free[name]
+            if free <= 0 or self._stopping:
+                continue
+            lease = timedelta(seconds=self._timeout(name)) + LEASE_MARGIN
+            claimed = await self.store.claim(
+                handler=name, limit=free, lease=lease, now=self.clock()
+            )
+            for delivery in claimed:
+                if self._stopping:
+                    await self._release(delivery)
+                else:
+                    self._start(delivery)
+
+    async def _prune_if_due(self) -> None:
+        if self.retention is None or time.monotonic() < self._next_prune:
+            return
+        pruned = await self.store.prune(received_before=self.clock() - self.retention)
+        self._next_prune = time.monotonic() + self.prune_interval_seconds
+        self._log.info(
+            "store.pruned", events=pruned, retention_days=self.retention.total_seconds() / 86400
+        )
+
+    # -- one attempt -----------------------------------------------------------------------
+
+    def _start(self, delivery: Delivery) -> None:
+        self._free[delivery.handler] -= 1
+        task = asyncio.create_task(self._deliver(delivery), name=f"delivery-{delivery.id}")
+        self._inflight[task] = delivery
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        delivery = self._inflight.pop(task)
+        self._free[delivery.handler] += 1
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # _deliver records every handler failure itself; reaching this is a bug in the
+            # store or here. The lease runs out and the delivery is retried.
+            self._log.error("delivery.crashed", delivery_id=delivery.id, exc_info=exc)
+        self._wake.set()
+        self._notify_progress()
+
+    def _timeout(self, handler: str) -> float:
+        return self.handlers.timeouts.get(handler, DEFAULT_TIMEOUT_SECONDS)
+
+    async def _deliver(self, delivery: Delivery) -> None:
+        """Run one attempt and record its outcome. Never raises for a handler's failure."""
+        name = delivery.handler
+        timeout = self._timeout(name)
+        requested: float | None = None
+        error: str | None = None
+        permanent = False
+        started = self.clock()
+        t0 = time.perf_counter()
+        if delivery.attempts > self.policy.max_attempts:
+            # Earlier claims never recorded an outcome: the process died during them.
+            error = f"attempt budget of {self.policy.max_attempts} spent without an outcome"
+            permanent = True
+        else:
+            try:
+                async with asyncio.timeout(timeout):
+                    await self.handlers.handlers[name].handle(delivery.event)
+            except PermanentError as exc:
+                error, permanent = describe_error(exc), True
+            except RetryLater as exc:
+                error, requested = describe_error(exc), exc.delay_seconds
+            except TimeoutError:
+                error = f"TimeoutError: handler exceeded {timeout:g}s"
+            except Exception as exc:  # the plugin boundary: any handler failure is a retry
+                error = describe_error(exc)
+        finished = self.clock()
+        duration = time.perf_counter() - t0
+
+        delay: float | None = None
+        if error is None:
+            outcome = AttemptOutcome.OK
+        else:
+            if not permanent:
+                delay = self.policy.delay_seconds(
+                    delivery.attempts, requested_seconds=requested, rand=self.rand
+                )
+            outcome = AttemptOutcome.DEAD if delay is None else AttemptOutcome.RETRY
+        attempt = Attempt(started_at=started, finished_at=finished, outcome=outcome, error=error)
+        try:
+            if outcome is AttemptOutcome.OK:
+                recorded = await self.store.complete(delivery, attempt)
+            elif delay is not None:
+                at = finished + timedelta(seconds=delay)
+                recorded = await self.store.retry(delivery, attempt, at=at)
+            else:
+                recorded = await self.store.dead(delivery, attempt)
+        except StoreUnavailable as exc:
+            # The lease runs out and the delivery is claimed again: at least once, as promised.
+            self._log.warning(
+                "delivery.record_failed", delivery_id=delivery.id, error=describe_error(exc)
+            )
+            recorded = False
+        if self.metrics is not None:
+            self.metrics.deliveries.labels(name, outcome.value).inc()
+            self.metrics.handler_latency.labels(name).observe(duration)
+        log = self._log.info if outcome is AttemptOutcome.OK else self._log.warning
+        log(
+            "delivery.attempt",
+            event_id=delivery.event.id,
+            event_type=delivery.event.type,
+            handler=name,
+            delivery_id=delivery.id,
+            attempt=delivery.attempts,
+            outcome=outcome.value,
+            duration_ms=round(duration * 1000, 3),
+            error=error,
+            retry_in_seconds=None if delay is None else round(delay, 3),
+            recorded=recorded,
+        )
+
+    # -- shutdown --------------------------------------------------------------------------
+
+    async def _abandon(self) -> None:
+        """Cancel whatever is still in flight and give each claim back to the store."""
+        abandoned = list(self._inflight.items())
+        for task, _ in abandoned:
+            task.cancel()
+        if abandoned:
+            await asyncio.wait([task for task, _ in abandoned])
+        for _, delivery in abandoned:
+            await self._release(delivery)
+            self._log.warning(
+                "delivery.abandoned",
+                event_id=delivery.event.id,
+                handler=delivery.handler,
+                delivery_id=delivery.id,
+                attempt=delivery.attempts,
+            )
+
+    async def _release(self, delivery: Delivery) -> None:
+        try:
+            await self.store.release(delivery)
+        except StoreUnavailable as exc:
+            # Not fatal: the lease runs out and the delivery is claimed again later.
+            self._log.warning(
+                "delivery.release_failed", delivery_id=delivery.id, error=describe_error(exc)
+            )
+
+    def _notify_progress(self) -> None:
+        self._progress.set()
+        self._progress = asyncio.Event()
+
+
+__all__ = ["LEASE_MARGIN", "Dispatcher", "describe_error"]

@@ -1,0 +1,423 @@
+"""An in-memory ``Store``: the reference implementation of the contract, and a test double.
+
+Dicts guarded by one ``asyncio.Lock``; no I/O, nothing survives the process,
+so it is never used in production and ``open_store`` does not know it. It
+keeps every rule of ``store.base`` (read that docstring first); where the
+contract leaves a choice open, this module's choice is stated in the method.
+
+For tests it has one switch: set ``unavailable = True`` and every operation
+raises ``StoreUnavailable``, as a backend does when its database is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+from ..errors import EventNotFound, StoreUnavailable
+from ..models import Attempt, Delivery, DeliveryStatus, Event
+from .base import (
+    AttemptRecord,
+    DeliveryRecord,
+    EventRecord,
+    QueueStats,
+    TaskRecord,
+    attempt_error,
+)
+
+if TYPE_CHECKING:
+    from .base import Store
+
+
+@dataclass(slots=True)
+class _DeliveryRow:
+    """The mutable row behind a ``DeliveryRecord``; ``lease_token`` counts claims."""
+
+    id: int
+    event_id: str
+    handler: str
+    status: DeliveryStatus
+    attempts: int
+    next_attempt_at: datetime
+    created_at: datetime
+    updated_at: datetime
+    lease_until: datetime | None = None
+    lease_token: int = 0
+    last_error: str | None = None
+    history: list[AttemptRecord] = field(default_factory=list)
+
+    def due(self, now: datetime) -> bool:
+        """Pending, due, and not held by a live lease."""
+        return (
+            self.status is DeliveryStatus.PENDING
+            and self.next_attempt_at <= now
+            and (self.lease_until is None or self.lease_until <= now)
+        )
+
+
+def _older(created: int | None, than: int | None) -> bool:
+    """Whether an event's ``created`` is known to be before the task's (unknown is never older)."""
+    return created is not None and than is not None and created < than
+
+
+class MemoryStore:
+    """A ``Store`` kept in dicts. Operations raise ``StoreUnavailable`` when it is not open."""
+
+    def __init__(self) -> None:
+        self.unavailable = False
+        self._open = False
+        self._lock = asyncio.Lock()
+        # Set by anything that may make work due; stays set until ``wait_for_work`` consumes
+        # it, so a nudge that arrives while the dispatcher is busy claiming is not lost.
+        self._nudge = asyncio.Event()
+        self._ids = itertools.count(1)
+        self._events: dict[str, EventRecord] = {}
+        self._deliveries: dict[int, _DeliveryRow] = {}
+        self._tasks: dict[str, TaskRecord] = {}
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Nothing to connect to or migrate: mark the store usable."""
+        self._open = True
+
+    async def close(self) -> None:
+        """Mark the store closed; the data stays, for a test that reopens it."""
+        self._open = False
+
+    async def ping(self) -> None:
+        self._check()
+
+    def _check(self) -> None:
+        if self.unavailable:
+            raise StoreUnavailable("The memory store is marked unavailable.")
+        if not self._open:
+            raise StoreUnavailable("The memory store is not open.")
+
+    # -- inbox -----------------------------------------------------------------------------
+
+    async def accept(self, event: Event, handlers: Sequence[str], *, now: datetime) -> bool:
+        """Record a new event and one due delivery per handler; ``False`` for a duplicate id.
+
+        The event is recorded as ``superseded`` (and the task state left alone)
+        when its ``created`` is before that of the event the task state came
+        from; an event without ``created`` is never considered older.
+        """
+        async with self._lock:
+            self._check()
+            if event.id in self._events:
+                return False
+            superseded = False
+            task_id = event.task_id
+            if task_id is not None:
+                task = self._tasks.get(task_id)
+                if task is not None and _older(event.created, task.event_created):
+                    superseded = True
+                else:
+                    self._tasks[task_id] = TaskRecord(
+                        task_id=task_id,
+                        status=event.task_status,
+                        event_id=event.id,
+                        event_type=event.type,
+                        event_created=event.created,
+                        updated_at=now,
+                    )
+            self._events[event.id] = EventRecord(
+                id=event.id,
+                type=event.type,
+                created=event.created,
+                received_at=now,
+                task_id=task_id,
+                superseded=superseded,
+                raw=event.raw,
+            )
+            for name in dict.fromkeys(handlers):
+                self._new_delivery(event.id, name, now)
+            if handlers:
+                self._nudge.set()
+            return True
+
+    def _new_delivery(self, event_id: str, handler: str, now: datetime) -> _DeliveryRow:
+        row = _DeliveryRow(
+            id=next(self._ids),
+            event_id=event_id,
+            handler=handler,
+            status=DeliveryStatus.PENDING,
+            attempts=0,
+            next_attempt_at=now,
+            created_at=now,
+            updated_at=now,
+        )
+        self._deliveries[row.id] = row
+        return row
+
+    # -- outbox ----------------------------------------------------------------------------
+
+    async def claim(
+        self, *, handler: str, limit: int, lease: timedelta, now: datetime
+    ) -> list[Delivery]:
+        """Lease up to ``limit`` due deliveries of ``handler``, oldest due first (then by id)."""
+        async with self._lock:
+            self._check()
+            if limit <= 0:
+                return []
+            due = sorted(
+                (r for r in self._deliveries.values() if r.handler == handler and r.due(now)),
+                key=lambda r: (r.next_attempt_at, r.id),
+            )[:limit]
+            claimed = []
+            for row in due:
+                row.attempts += 1
+                row.lease_token += 1
+                row.lease_until = now + lease
+                row.updated_at = now
+                claimed.append(self._snapshot(row))
+            return claimed
+
+    def _snapshot(self, row: _DeliveryRow) -> Delivery:
+        return Delivery(
+            id=row.id,
+            event=self._events[row.event_id].to_event(),
+            handler=row.handler,
+            status=row.status,
+            attempts=row.attempts,
+            lease_token=row.lease_token,
+            next_attempt_at=row.next_attempt_at,
+            created_at=row.created_at,
+        )
+
+    def _held(self, delivery: Delivery) -> _DeliveryRow | None:
+        """The row, if this claim still holds it: same token, still pending and leased.
+
+        A released row has no lease, so a late outcome from a cancelled
+        attempt is refused even though no one has claimed it since.
+        """
+        row = self._deliveries.get(delivery.id)
+        if (
+            row is None
+            or row.lease_token != delivery.lease_token
+            or row.status is not DeliveryStatus.PENDING
+            or row.lease_until is None
+        ):
+            return None
+        return row
+
+    def _finish(
+        self, row: _DeliveryRow, attempt: Attempt, status: DeliveryStatus, at: datetime
+    ) -> None:
+        error = attempt_error(attempt)
+        row.history.append(
+            AttemptRecord(
+                delivery_id=row.id,
+                attempt=row.attempts,
+                started_at=attempt.started_at,
+                finished_at=attempt.finished_at,
+                outcome=attempt.outcome,
+                error=error,
+            )
+        )
+        row.status = status
+        row.next_attempt_at = at
+        row.lease_until = None
+        row.last_error = error
+        row.updated_at = attempt.finished_at
+
+    async def complete(self, delivery: Delivery, attempt: Attempt) -> bool:
+        async with self._lock:
+            self._check()
+            row = self._held(delivery)
+            if row is None:
+                return False
+            self._finish(row, attempt, DeliveryStatus.DONE, row.next_attempt_at)
+            return True
+
+    async def retry(self, delivery: Delivery, attempt: Attempt, *, at: datetime) -> bool:
+        async with self._lock:
+            self._check()
+            row = self._held(delivery)
+            if row is None:
+                return False
+            self._finish(row, attempt, DeliveryStatus.PENDING, at)
+            return True
+
+    async def dead(self, delivery: Delivery, attempt: Attempt) -> bool:
+        async with self._lock:
+            self._check()
+            row = self._held(delivery)
+            if row is None:
+                return False
+            self._finish(row, attempt, DeliveryStatus.DEAD, row.next_attempt_at)
+            return True
+
+    async def release(self, delivery: Delivery) -> bool:
+        """Drop the lease and undo the claim's attempt; ``next_attempt_at`` (already due) stays."""
+        async with self._lock:
+            self._check()
+            row = self._held(delivery)
+            if row is None:
+                return False
+            row.lease_until = None
+            row.attempts = max(0, row.attempts - 1)
+            self._nudge.set()
+            return True
+
+    async def wait_for_work(self, timeout_seconds: float) -> None:
+        """Return at once if work was nudged since the last call, else on a nudge or timeout."""
+        self._check()
+        try:
+            async with asyncio.timeout(timeout_seconds):
+                await self._nudge.wait()
+        except TimeoutError:
+            return
+        self._nudge.clear()
+
+    async def stats(self, *, now: datetime) -> QueueStats:
+        async with self._lock:
+            self._check()
+            rows = list(self._deliveries.values())
+        pending = [r for r in rows if r.status is DeliveryStatus.PENDING]
+        due = [r for r in pending if r.due(now)]
+        running = [r for r in pending if r.lease_until is not None and r.lease_until > now]
+        oldest = min((r.next_attempt_at for r in due), default=now)
+        return QueueStats(
+            pending=len(pending),
+            due=len(due),
+            running=len(running),
+            dead=sum(r.status is DeliveryStatus.DEAD for r in rows),
+            oldest_due_age_seconds=max(0.0, (now - oldest).total_seconds()),
+        )
+
+    async def prune(self, *, received_before: datetime) -> int:
+        """Delete old events whose deliveries are all finished; task states are kept."""
+        async with self._lock:
+            self._check()
+            by_event: dict[str, list[_DeliveryRow]] = {}
+            for row in self._deliveries.values():
+                by_event.setdefault(row.event_id, []).append(row)
+            doomed = [
+                event_id
+                for event_id, record in self._events.items()
+                if record.received_at < received_before
+                and all(r.status is not DeliveryStatus.PENDING for r in by_event.get(event_id, []))
+            ]
+            for event_id in doomed:
+                del self._events[event_id]
+                for row in by_event.get(event_id, []):
+                    del self._deliveries[row.id]
+            return len(doomed)
+
+    # -- admin -----------------------------------------------------------------------------
+
+    async def list_events(
+        self, *, limit: int = 50, event_type: str | None = None
+    ) -> list[EventRecord]:
+        """Newest first (by ``received_at``, then by arrival)."""
+        async with self._lock:
+            self._check()
+            ordered = list(enumerate(self._events.values()))
+        ordered.sort(key=lambda pair: (pair[1].received_at, pair[0]), reverse=True)
+        records = [r for _, r in ordered if event_type is None or r.type == event_type]
+        return records[: max(0, limit)]
+
+    async def get_event(self, event_id: str) -> EventRecord | None:
+        async with self._lock:
+            self._check()
+            return self._events.get(event_id)
+
+    async def list_deliveries(
+        self,
+        *,
+        status: DeliveryStatus | None = None,
+        handler: str | None = None,
+        event_id: str | None = None,
+        limit: int = 50,
+    ) -> list[DeliveryRecord]:
+        """Newest first (by id, which follows creation)."""
+        async with self._lock:
+            self._check()
+            rows = sorted(self._deliveries.values(), key=lambda r: r.id, reverse=True)
+            return [
+                self._record(r)
+                for r in rows
+                if (status is None or r.status is status)
+                and (handler is None or r.handler == handler)
+                and (event_id is None or r.event_id == event_id)
+            ][: max(0, limit)]
+
+    def _record(self, row: _DeliveryRow) -> DeliveryRecord:
+        return DeliveryRecord(
+            id=row.id,
+            event_id=row.event_id,
+            event_type=self._events[row.event_id].type,
+            handler=row.handler,
+            status=row.status,
+            attempts=row.attempts,
+            next_attempt_at=row.next_attempt_at,
+            lease_until=row.lease_until,
+            last_error=row.last_error,
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+        )
+
+    async def list_attempts(self, delivery_id: int) -> list[AttemptRecord]:
+        async with self._lock:
+            self._check()
+            row = self._deliveries.get(delivery_id)
+            return list(row.history) if row is not None else []
+
+    async def get_task(self, task_id: str) -> TaskRecord | None:
+        async with self._lock:
+            self._check()
+            return self._tasks.get(task_id)
+
+    def _reset(self, row: _DeliveryRow, now: datetime) -> None:
+        """Pending, due now, fresh attempt budget. A live lease is left to run out: the
+        attempt holding it can still record its outcome."""
+        row.status = DeliveryStatus.PENDING
+        row.attempts = 0
+        row.next_attempt_at = now
+        row.last_error = None
+        row.updated_at = now
+
+    async def replay(self, event_id: str, handlers: Sequence[str] | None, *, now: datetime) -> int:
+        async with self._lock:
+            self._check()
+            if event_id not in self._events:
+                raise EventNotFound(f"No event {event_id!r} in the store.")
+            existing = {r.handler: r for r in self._deliveries.values() if r.event_id == event_id}
+            names = list(existing) if handlers is None else list(dict.fromkeys(handlers))
+            for name in names:
+                row = existing.get(name)
+                if row is None:
+                    self._new_delivery(event_id, name, now)
+                else:
+                    self._reset(row, now)
+            if names:
+                self._nudge.set()
+            return len(names)
+
+    async def retry_dead(self, *, handler: str | None, now: datetime) -> int:
+        async with self._lock:
+            self._check()
+            rows = [
+                r
+                for r in self._deliveries.values()
+                if r.status is DeliveryStatus.DEAD and (handler is None or r.handler == handler)
+            ]
+            for row in rows:
+                self._reset(row, now)
+            if rows:
+                self._nudge.set()
+            return len(rows)
+
+
+def _conforms(store: MemoryStore) -> Store:
+    """Never called: makes mypy prove that ``MemoryStore`` satisfies the ``Store`` protocol."""
+    return store
+
+
+__all__ = ["MemoryStore"]

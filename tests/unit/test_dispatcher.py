@@ -1,0 +1,562 @@
+"""The dispatcher on the in-memory store: outcomes, retries, isolation, leases, stop and drain.
+
+Time that matters (retry due dates, lease expiry) runs on a fake clock; the
+only real waits are bounded (``drain``, ``wait_until``), never fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from datetime import UTC, datetime, timedelta
+
+import orjson
+import pytest
+from structlog.testing import capture_logs
+
+from lacuna_webhooks.dispatcher import LEASE_MARGIN, Dispatcher
+from lacuna_webhooks.errors import PermanentError, RetryLater
+from lacuna_webhooks.handlers.base import RecordingHandler
+from lacuna_webhooks.metrics import Metrics
+from lacuna_webhooks.models import Attempt, AttemptOutcome, DeliveryStatus, Event
+from lacuna_webhooks.plugins import HandlerSet
+from lacuna_webhooks.retry import RetryPolicy
+from lacuna_webhooks.store.base import DeliveryRecord
+from lacuna_webhooks.store.memory import MemoryStore
+from tests.conftest import make_event
+
+T0 = datetime(2025, 11, 21, 12, 0, tzinfo=UTC)
+POLICY = RetryPolicy(max_attempts=5, base_delay_seconds=5.0, max_delay_seconds=3600.0)
+
+
+class FakeClock:
+    """A clock that moves only when told to."""
+
+    def __init__(self, now: datetime = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+async def store() -> AsyncIterator[MemoryStore]:
+    s = MemoryStore()
+    await s.open()
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def new_event(**kwargs: object) -> Event:
+    return Event.from_body(orjson.dumps(make_event(**kwargs)))  # type: ignore[arg-type]
+
+
+def dispatcher(
+    store: MemoryStore,
+    handlers: Iterable[RecordingHandler] | HandlerSet,
+    clock: FakeClock,
+    **kwargs: object,
+) -> Dispatcher:
+    handler_set = handlers if isinstance(handlers, HandlerSet) else HandlerSet.of(handlers)
+    options: dict[str, object] = {
+        "policy": POLICY,
+        "poll_interval_seconds": 0.02,
+        "clock": clock,
+        "rand": lambda: 0.5,  # the jitter midpoint: delays equal their nominal value
+    }
+    options.update(kwargs)
+    return Dispatcher(store, handler_set, **options)  # type: ignore[arg-type]
+
+
+@contextlib.asynccontextmanager
+async def running(d: Dispatcher, stop_timeout: float = 1.0) -> AsyncIterator[asyncio.Task[None]]:
+    task = asyncio.create_task(d.run())
+    try:
+        yield task
+    finally:
+        await asyncio.wait_for(d.stop(stop_timeout), 10)
+        await asyncio.wait_for(task, 10)
+
+
+async def wait_until(
+    check: Callable[[], Awaitable[bool] | bool], within_seconds: float = 5.0
+) -> None:
+    """Poll ``check`` until it holds; fail the test after ``within_seconds``."""
+    async with asyncio.timeout(within_seconds):
+        while True:
+            result = check()
+            if isinstance(result, Awaitable):
+                result = await result
+            if result:
+                return
+            await asyncio.sleep(0.005)
+
+
+async def only_delivery(store: MemoryStore, **filters: object) -> DeliveryRecord:
+    rows = await store.list_deliveries(**filters)  # type: ignore[arg-type]
+    assert len(rows) == 1, rows
+    return rows[0]
+
+
+async def accept(store: MemoryStore, clock: FakeClock, *handlers: str, **kwargs: object) -> Event:
+    event = new_event(**kwargs)
+    assert await store.accept(event, list(handlers) or ["recorder"], now=clock())
+    return event
+
+
+# -- outcomes ----------------------------------------------------------------------------------
+
+
+async def test_success_completes_the_delivery(store: MemoryStore, clock: FakeClock) -> None:
+    """A handler that returns marks the delivery done after one attempt, recorded as ok."""
+    handler = RecordingHandler()
+    d = dispatcher(store, [handler], clock)
+    event = await accept(store, clock)
+    async with running(d):
+        await d.drain()
+    assert [e.id for e in handler.calls] == [event.id]
+    row = await only_delivery(store)
+    assert row.status is DeliveryStatus.DONE
+    assert row.attempts == 1
+    (attempt,) = await store.list_attempts(row.id)
+    assert attempt.outcome is AttemptOutcome.OK
+    assert attempt.error is None
+    assert attempt.attempt == 1
+    assert attempt.started_at == attempt.finished_at == T0
+
+
+async def test_failures_retry_on_a_doubling_schedule(store: MemoryStore, clock: FakeClock) -> None:
+    """After failure n the delivery is due base * 2**(n-1) seconds later (rand at midpoint)."""
+    handler = RecordingHandler(script=[ValueError("boom")] * 3)
+    d = dispatcher(store, [handler], clock)
+    await accept(store, clock)
+    async with running(d):
+        for n, expected in enumerate([5.0, 10.0, 20.0], start=1):
+            await d.drain()
+            row = await only_delivery(store)
+            assert row.status is DeliveryStatus.PENDING
+            assert row.attempts == n
+            assert row.next_attempt_at == clock() + timedelta(seconds=expected)
+            assert row.last_error == "ValueError: boom"
+            clock.advance(expected)
+        await d.drain()
+    row = await only_delivery(store)
+    assert row.status is DeliveryStatus.DONE
+    assert len(handler.calls) == 4
+
+
+async def test_retry_delays_are_jittered_within_bounds(
+    store: MemoryStore, clock: FakeClock
+) -> None:
+    """With real randomness each delay stays within [0.8, 1.2] x base * 2**(n-1)."""
+    handler = RecordingHandler(script=[ValueError("boom")] * 3)
+    d = dispatcher(store, [handler], clock, rand=random.random)
+    await accept(store, clock)
+    async with running(d):
+        for n in (1, 2, 3):
+            await d.drain()
+            row = await only_delivery(store)
+            assert row.attempts == n
+            delay = (row.next_attempt_at - clock()).total_seconds()
+            nominal = 5.0 * 2 ** (n - 1)
+            assert 0.8 * nominal <= delay <= 1.2 * nominal
+            clock.advance(delay)
+
+
+async def test_dead_after_max_attempts_with_every_attempt_recorded(
+    store: MemoryStore, clock: FakeClock
+) -> None:
+    """A handler that always fails is tried max_attempts times, then the delivery is dead."""
+    handler = RecordingHandler(script=[ValueError("boom")] * 10)
+    d = dispatcher(store, [handler], clock, policy=RetryPolicy(max_attempts=3))
+    await accept(store, clock)
+    async with running(d):
+        for _ in range(3):
+            await d.drain()
+            clock.advance(3600)
+        await d.drain()
+    row = await only_delivery(store)
+    assert row.status is DeliveryStatus.DEAD
+    assert row.attempts == 3
+    assert len(handler.calls) == 3
+    attempts = await store.list_attempts(row.id)
+    assert [a.attempt for a in attempts] == [1, 2, 3]
+    assert [a.outcome for a in attempts] == [
+        AttemptOutcome.RETRY,
+        AttemptOutcome.RETRY,
+        AttemptOutcome.DEAD,
+    ]
+    assert all(a.error == "ValueError: boom" for a in attempts)
+    assert all(a.finished_at >= a.started_at for a in attempts)
+
+
+async def test_permanent_error_is_dead_at_once(store: MemoryStore, clock: FakeClock) -> None:
+    """PermanentError skips the remaining budget; its message is the recorded reason."""
+    handler = RecordingHandler(script=[PermanentError("recipient rejected")])
+    d = dispatcher(store, [handler], clock)
+    await accept(store, clock)
+    async with running(d):
+        await d.drain()
+    row = await only_delivery(store)
+    assert row.status is DeliveryStatus.DEAD
+    assert row.attempts == 1
+    assert row.last_error == "PermanentError: recipient rejected"
+    (attempt,) = await store.list_attempts(row.id)
+    assert attempt.outcome is AttemptOutcome.DEAD
+
+
+async def test_retry_later_delay_is_honoured(store: MemoryStore, clock: FakeClock) -> None:
+    """RetryLater(delay_seconds=120) makes the next attempt due 120 s later, not on the schedule."""
+    handler = RecordingHandler(script=[RetryLater("rate limited", delay_seconds=120)])
+    d = dispatcher(store, [handler], clock)
+    await accept(store, clock)
+    async with running(d):
+        await d.drain()
+        row = await only_delivery(store)
+        assert row.status is DeliveryStatus.PENDING
+        assert row.next_attempt_at == T0 + timedelta(seconds=120)
+        assert row.last_error == "RetryLater: rate limited"
+        clock.advance(119)
+        await d.drain()
+        assert len(handler.calls) == 1
+        clock.advance(1)
+        await d.drain()
+    assert len(handler.calls) == 2
+    assert (await only_delivery(store)).status is DeliveryStatus.DONE
+
+
+async def test_retry_later_without_delay_uses_the_schedule(
+    store: MemoryStore, clock: FakeClock
+) -> None:
+    """RetryLater() with no delay waits the policy's delay for that attempt."""
+    handler = RecordingHandler(script=[RetryLater()])
+    d = dispatcher(store, [handler], clock)
+    await accept(store, clock)
+    async with running(d):
+        await d.drain()
+    assert (await only_delivery(store)).next_attempt_at == T0 + timedelta(seconds=5)
+
+
+async def test_retry_later_on_the_last_attempt_is_dead(
+    store: MemoryStore, clock: FakeClock
+) -> None:
+    """A handler cannot extend the budget: RetryLater on the last attempt ends dead."""
+    handler = RecordingHandler(script=[RetryLater(delay_seconds=1)])
+    d = dispatcher(store, [handler], clock, policy=RetryPolicy(max_attempts=1))
+    await accept(store, clock)
+    async with running(d):
+        await d.drain()
+    assert (await only_delivery(store)).status is DeliveryStatus.DEAD
+
+
+async def test_timeout_is_retried(store: MemoryStore, clock: FakeClock) -> None:
+    """A handler that outlives its timeout is cut off and the delivery retried on the schedule."""
+    handler = RecordingHandler()
+    handler.block = asyncio.Event()  # never set: the handler hangs
+    handlers = HandlerSet({"recorder": handler}, {"recorder": None}, {"recorder": 0.05})
+    d = dispatcher(store, handlers, clock)
+    await accept(store, clock)
+    async with running(d):
+        await d.drain()
+    row = await only_delivery(store)
+    assert row.status is DeliveryStatus.PENDING
+    assert row.attempts == 1
+    assert row.next_attempt_at == T0 + timedelta(seconds=5)
+    assert row.last_error == "TimeoutError: handler exceeded 0.05s"
+
+
+# -- isolation and wake-ups ----------------------------------------------------------------------
+
+
+async def test_slow_handler_does_not_block_another(store: MemoryStore, clock: FakeClock) -> None:
+    """While one handler's slots are all taken by hung calls, another handler keeps delivering."""
+    slow, fast = RecordingHandler("slow"), RecordingHandler("fast")
+    slow.block = asyncio.Event()
+    d = dispatcher(store, [slow, fast], clock, concurrency=2)
+    for _ in range(5):
+        await accept(store, clock, "slow", "fast")
+    async with running(d):
+
+        async def fast_all_done() -> bool:
+            done = await store.list_deliveries(handler="fast", status=DeliveryStatus.DONE)
+            return len(done) == 5
+
+        await wait_until(fast_all_done)
+        assert len(slow.calls) == 2  # its two slots, no more
+        assert d.in_flight == 2
+        slow.block.set()
+        await d.drain()
+    assert len(slow.calls) == 5
+    done = await store.list_deliveries(status=DeliveryStatus.DONE)
+    assert len(done) == 10
+
+
+async def test_concurrency_limits_in_flight_attempts_per_handler(
+    store: MemoryStore, clock: FakeClock
+) -> None:
+    """A handler never runs more than ``concurrency`` attempts at once."""
+    handler = RecordingHandler()
+    handler.block = asyncio.Event()
+    d = dispatcher(store, [handler], clock, concurrency=3)
+    for _ in range(7):
+        await accept(store, clock)
+    async with running(d):
+        await wait_until(lambda: len(handler.calls) == 3)
+        stats = await store.stats(now=clock())
+        assert (stats.running, stats.due) == (3, 4)
+        handler.block.set()
+        await d.drain()
+    assert len(handler.calls) == 7
+
+
+async def test_accepted_event_is_dispatched_at_once(store: MemoryStore, clock: FakeClock) -> None:
+    """With an hour-long poll interval, an accept still wakes the idle loop immediately."""
+    handler = RecordingHandler()
+    d = dispatcher(store, [handler], clock, poll_interval_seconds=3600)
+    async with running(d):
+        for n in (1, 2):
+            await wait_until(lambda: d.idle)  # parked until the next poll, an hour away
+            await accept(store, clock)
+            await d.drain(timeout_seconds=5)
+            assert len(handler.calls) == n
+
+
+# -- leases, crashes, stop, drain ---------------------------------------------------------------
+
+
+async def test_abandoned_claim_is_reclaimed_after_its_lease(
+    store: MemoryStore, clock: FakeClock
+) -> None:
+    """A delivery claimed by a worker that died is untouched until its lease expires, then
+    claimed again (its attempt counted)."""
+    handler = RecordingHandler()
+    await accept(store, clock)
+    lease = timedelta(seconds=60) + LEASE_MARGIN
+    (claimed,) = await store.claim(handler="recorder", limit=1, lease=lease, now=clock())
+    d = dispatcher(store, [handler], clock)
+    async with running(d):
+        await d.drain()
+        assert handler.calls == []
+        clock.advance(lease.total_seconds() - 1)
+        await d.drain()
+        assert handler.calls == []
+        clock.advance(1)
+        await d.drain()
+    assert len(handler.calls) == 1
+    row = await only_delivery(store)
+    assert row.status is DeliveryStatus.DONE
+    assert row.attempts == 2
+    (attempt,) = await store.list_attempts(row.id)
+    assert attempt.attempt == 2
+    assert not await store.complete(claimed, attempt_like(clock))  # the dead worker's late word
+
+
+def attempt_like(clock: FakeClock) -> Attempt:
+    return Attempt(started_at=clock(), finished_at=clock(), outcome=AttemptOutcome.OK)
+
+
+async def test_crashing_handler_ends_dead_after_max_attempts(
+    store: MemoryStore, clock: FakeClock
+) -> None:
+    """Claims that never recorded an outcome (the process died each time) still spend the
+    budget: the next claim past it records dead without calling the handler."""
+    handler = RecordingHandler()
+    await accept(store, clock)
+    lease = timedelta(seconds=90)
+    for _ in range(POLICY.max_attempts):
+        assert await store.claim(handler="recorder", limit=1, lease=lease, now=clock())
+        clock.advance(91)
+    d = dispatcher(store, [handler], clock)
+    async with running(d):
+        await d.drain()
+    assert handler.calls == []
+    row = await only_delivery(store)
+    assert row.status is DeliveryStatus.DEAD
+    assert "spent" in (row.last_error or "")
+
+
+async def test_stop_releases_a_blocked_delivery(store: MemoryStore, clock: FakeClock) -> None:
+    """stop() with a hung handler returns after its bound, and the delivery is given back:
+    due again at once, the interrupted attempt neither counted nor recorded."""
+    handler = RecordingHandler()
+    handler.block = asyncio.Event()
+    d = dispatcher(store, [handler], clock)
+    await accept(store, clock)
+    task = asyncio.create_task(d.run())
+    await wait_until(lambda: len(handler.calls) == 1)
+    await asyncio.wait_for(d.stop(0.05), 5)
+    await asyncio.wait_for(task, 5)
+    assert d.in_flight == 0
+    row = await only_delivery(store)
+    assert row.status is DeliveryStatus.PENDING
+    assert row.attempts == 0
+    assert row.lease_until is None
+    assert (await store.stats(now=clock())).due == 1
+    assert await store.list_attempts(row.id) == []
+
+
+async def test_stop_lets_in_flight_attempts_finish_within_the_bound(
+    store: MemoryStore, clock: FakeClock
+) -> None:
+    """An attempt that finishes before the stop bound is recorded normally, not released."""
+    handler = RecordingHandler()
+    handler.block = asyncio.Event()
+    d = dispatcher(store, [handler], clock)
+    await accept(store, clock)
+    task = asyncio.create_task(d.run())
+    await wait_until(lambda: len(handler.calls) == 1)
+    stopping = asyncio.create_task(d.stop(30))
+    await wait_until(task.done)  # the loop stops claiming at once...
+    assert not stopping.done()  # ...while stop() still waits for the attempt
+    handler.block.set()
+    await asyncio.wait_for(stopping, 5)
+    row = await only_delivery(store)
+    assert row.status is DeliveryStatus.DONE
+    assert row.attempts == 1
+
+
+async def test_drain_waits_for_in_flight_attempts(store: MemoryStore, clock: FakeClock) -> None:
+    """drain() does not return while an attempt runs, and returns once it is recorded."""
+    handler = RecordingHandler()
+    handler.block = asyncio.Event()
+    d = dispatcher(store, [handler], clock)
+    await accept(store, clock)
+    async with running(d):
+        draining = asyncio.create_task(d.drain())
+        await wait_until(lambda: len(handler.calls) == 1)
+        for _ in range(20):
+            await asyncio.sleep(0)  # let drain run as far as it can
+        assert not draining.done()
+        handler.block.set()
+        await asyncio.wait_for(draining, 5)
+        assert (await only_delivery(store)).status is DeliveryStatus.DONE
+
+
+async def test_drain_times_out_when_nothing_dispatches(
+    store: MemoryStore, clock: FakeClock
+) -> None:
+    """With work due and the loop not running, drain() raises TimeoutError at its bound."""
+    d = dispatcher(store, [RecordingHandler()], clock)
+    await accept(store, clock)
+    with pytest.raises(TimeoutError):
+        await d.drain(timeout_seconds=0.05)
+
+
+async def test_drain_returns_at_once_when_idle(store: MemoryStore, clock: FakeClock) -> None:
+    """Nothing due and nothing in flight: drain() returns without the loop running."""
+    d = dispatcher(store, [RecordingHandler()], clock)
+    await d.drain(timeout_seconds=1)
+    assert d.in_flight == 0
+
+
+# -- observability, store failures, retention ----------------------------------------------------
+
+
+async def test_attempt_log_line_has_the_documented_keys(
+    store: MemoryStore, clock: FakeClock
+) -> None:
+    """Each attempt logs "delivery.attempt" with event_id, event_type, handler, attempt, outcome,
+    duration_ms and error; a URL in an error keeps only its host."""
+    handler = RecordingHandler(
+        script=[ValueError("POST https://hooks.slack.com/services/T0/B0/SECRET failed"), None]
+    )
+    d = dispatcher(store, [handler], clock)
+    with capture_logs() as logs:
+        event = await accept(store, clock)
+        async with running(d):
+            await d.drain()
+            clock.advance(5)
+            await d.drain()
+    lines = [entry for entry in logs if entry["event"] == "delivery.attempt"]
+    assert [line["outcome"] for line in lines] == ["retry", "ok"]
+    for n, line in enumerate(lines, start=1):
+        assert line["event_id"] == event.id
+        assert line["event_type"] == "job.completed"
+        assert line["handler"] == "recorder"
+        assert line["attempt"] == n
+        assert isinstance(line["duration_ms"], float)
+        assert line["duration_ms"] >= 0
+    assert lines[0]["error"] == "ValueError: POST https://hooks.slack.com/… failed"
+    assert lines[0]["log_level"] == "warning"
+    assert lines[1]["error"] is None
+    assert lines[1]["log_level"] == "info"
+    assert "SECRET" not in repr(logs)
+    row = await only_delivery(store)
+    assert "SECRET" not in repr(await store.list_attempts(row.id))
+
+
+async def test_metrics_count_attempts_by_outcome(store: MemoryStore, clock: FakeClock) -> None:
+    """deliveries{handler,outcome} counts each attempt; handler_latency observes each one."""
+    metrics = Metrics()
+    handler = RecordingHandler(script=[ValueError("boom"), None])
+    d = dispatcher(store, [handler], clock, metrics=metrics)
+    await accept(store, clock)
+    async with running(d):
+        await d.drain()
+        clock.advance(5)
+        await d.drain()
+
+    def sample(name: str, **labels: str) -> float | None:
+        return metrics.registry.get_sample_value(name, labels)
+
+    assert sample("lacuna_webhooks_deliveries_total", handler="recorder", outcome="ok") == 1
+    assert sample("lacuna_webhooks_deliveries_total", handler="recorder", outcome="retry") == 1
+    assert sample("lacuna_webhooks_handler_duration_seconds_count", handler="recorder") == 2
+
+
+async def test_loop_survives_an_unavailable_store(store: MemoryStore, clock: FakeClock) -> None:
+    """While the store is down the loop logs and backs off; once it is back, work flows."""
+    handler = RecordingHandler()
+    d = dispatcher(store, [handler], clock)
+    with capture_logs() as logs:
+        async with running(d) as task:
+            store.unavailable = True
+            await wait_until(
+                lambda: any(e["event"] == "dispatcher.store_unavailable" for e in logs)
+            )
+            assert not task.done()
+            store.unavailable = False
+            await accept(store, clock)
+            await d.drain()
+    assert len(handler.calls) == 1
+
+
+async def test_retention_prunes_old_delivered_events(store: MemoryStore, clock: FakeClock) -> None:
+    """With retention set, events received longer ago than that are pruned once delivered."""
+    handler = RecordingHandler()
+    old = new_event()
+    assert await store.accept(old, ["recorder"], now=clock() - timedelta(days=3))
+    recent = await accept(store, clock)
+    d = dispatcher(store, [handler], clock, retention=timedelta(days=1), prune_interval_seconds=0)
+    with capture_logs() as logs:
+        async with running(d):
+            await d.drain()
+            await wait_until(lambda: store_lacks(store, old.id))
+    assert await store.get_event(recent.id) is not None
+    assert any(e["event"] == "store.pruned" and e["events"] == 1 for e in logs)
+
+
+async def store_lacks(store: MemoryStore, event_id: str) -> bool:
+    return await store.get_event(event_id) is None
+
+
+async def test_events_only_reach_their_handler(store: MemoryStore, clock: FakeClock) -> None:
+    """The dispatcher runs each delivery on the handler it names, and no other."""
+    a, b = RecordingHandler("a"), RecordingHandler("b")
+    d = dispatcher(store, [a, b], clock)
+    only_a = await accept(store, clock, "a")
+    both = await accept(store, clock, "a", "b")
+    async with running(d):
+        await d.drain()
+    assert sorted(e.id for e in a.calls) == sorted([only_a.id, both.id])
+    assert [e.id for e in b.calls] == [both.id]
