@@ -1,0 +1,271 @@
+"""The dispatcher on a real SQLite file: the unit tests' key scenarios, against durable state.
+
+Time that matters runs on a fake clock (starting at the real present, so the
+store sees ordinary timestamps); real waits are bounded, never fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from datetime import UTC, datetime, timedelta
+
+import orjson
+import pytest
+
+from lacuna_webhooks.dispatcher import LEASE_MARGIN, Dispatcher
+from lacuna_webhooks.errors import PermanentError, RetryLater
+from lacuna_webhooks.handlers.base import RecordingHandler
+from lacuna_webhooks.models import AttemptOutcome, DeliveryStatus, Event
+from lacuna_webhooks.plugins import HandlerSet
+from lacuna_webhooks.retry import RetryPolicy
+from lacuna_webhooks.store import Store, open_store
+from lacuna_webhooks.store.base import DeliveryRecord
+from tests.conftest import make_event
+
+POLICY = RetryPolicy(max_attempts=3, base_delay_seconds=5.0, max_delay_seconds=3600.0)
+
+
+class FakeClock:
+    """A clock that moves only when told to."""
+
+    def __init__(self) -> None:
+        self.now = datetime.now(UTC).replace(microsecond=0)
+        self.start = self.now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+async def store(sqlite_url: str) -> AsyncIterator[Store]:
+    s = open_store(sqlite_url)
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def same_time(a: datetime, b: datetime) -> bool:
+    """Equal to the millisecond (a backend may store coarser than microseconds)."""
+    return abs((a - b).total_seconds()) < 0.001
+
+
+def dispatcher(
+    store: Store,
+    handlers: Iterable[RecordingHandler] | HandlerSet,
+    clock: FakeClock,
+    **kwargs: object,
+) -> Dispatcher:
+    handler_set = handlers if isinstance(handlers, HandlerSet) else HandlerSet.of(handlers)
+    options: dict[str, object] = {
+        "policy": POLICY,
+        "poll_interval_seconds": 0.05,
+        "clock": clock,
+        "rand": lambda: 0.5,  # the jitter midpoint: delays equal their nominal value
+    }
+    options.update(kwargs)
+    return Dispatcher(store, handler_set, **options)  # type: ignore[arg-type]
+
+
+@contextlib.asynccontextmanager
+async def running(d: Dispatcher) -> AsyncIterator[asyncio.Task[None]]:
+    task = asyncio.create_task(d.run())
+    try:
+        yield task
+    finally:
+        await asyncio.wait_for(d.stop(1.0), 10)
+        await asyncio.wait_for(task, 10)
+
+
+async def wait_until(
+    check: Callable[[], Awaitable[bool] | bool], within_seconds: float = 10.0
+) -> None:
+    """Poll ``check`` until it holds; fail the test after ``within_seconds``."""
+    async with asyncio.timeout(within_seconds):
+        while True:
+            result = check()
+            if isinstance(result, Awaitable):
+                result = await result
+            if result:
+                return
+            await asyncio.sleep(0.01)
+
+
+async def only_delivery(store: Store, **filters: object) -> DeliveryRecord:
+    rows = await store.list_deliveries(**filters)  # type: ignore[arg-type]
+    assert len(rows) == 1, rows
+    return rows[0]
+
+
+async def accept(store: Store, clock: FakeClock, *handlers: str) -> Event:
+    event = Event.from_body(orjson.dumps(make_event()))
+    assert await store.accept(event, list(handlers) or ["recorder"], now=clock())
+    return event
+
+
+async def test_success_is_recorded(store: Store, clock: FakeClock) -> None:
+    """A handler that returns leaves the delivery done with one ok attempt on disk."""
+    handler = RecordingHandler()
+    event = await accept(store, clock)
+    d = dispatcher(store, [handler], clock)
+    async with running(d):
+        await d.drain()
+    assert [e.id for e in handler.calls] == [event.id]
+    assert handler.calls[0].raw == event.raw  # the exact bytes survive the round trip
+    row = await only_delivery(store)
+    assert (row.status, row.attempts) == (DeliveryStatus.DONE, 1)
+    (attempt,) = await store.list_attempts(row.id)
+    assert attempt.outcome is AttemptOutcome.OK
+    assert attempt.attempt == 1
+
+
+async def test_retries_then_dead_after_max_attempts(store: Store, clock: FakeClock) -> None:
+    """Failures are retried at base * 2**(n-1) s; after max_attempts the delivery is dead,
+    with every attempt recorded."""
+    handler = RecordingHandler(script=[ValueError("boom")] * 5)
+    await accept(store, clock)
+    d = dispatcher(store, [handler], clock)
+    async with running(d):
+        for n, delay in enumerate([5.0, 10.0], start=1):
+            await d.drain()
+            row = await only_delivery(store)
+            assert (row.status, row.attempts) == (DeliveryStatus.PENDING, n)
+            assert same_time(row.next_attempt_at, clock() + timedelta(seconds=delay))
+            clock.advance(delay)
+        await d.drain()
+    row = await only_delivery(store)
+    assert (row.status, row.attempts) == (DeliveryStatus.DEAD, 3)
+    assert row.last_error == "ValueError: boom"
+    attempts = await store.list_attempts(row.id)
+    assert [(a.attempt, a.outcome) for a in attempts] == [
+        (1, AttemptOutcome.RETRY),
+        (2, AttemptOutcome.RETRY),
+        (3, AttemptOutcome.DEAD),
+    ]
+
+
+async def test_permanent_error_and_retry_later(store: Store, clock: FakeClock) -> None:
+    """PermanentError is dead at once; RetryLater(delay) is due exactly that much later."""
+    dead_end = RecordingHandler("dead_end", script=[PermanentError("gone")])
+    later = RecordingHandler("later", script=[RetryLater(delay_seconds=120)])
+    await accept(store, clock, "dead_end", "later")
+    d = dispatcher(store, [dead_end, later], clock)
+    async with running(d):
+        await d.drain()
+    dead = await only_delivery(store, handler="dead_end")
+    assert (dead.status, dead.attempts, dead.last_error) == (
+        DeliveryStatus.DEAD,
+        1,
+        "PermanentError: gone",
+    )
+    pending = await only_delivery(store, handler="later")
+    assert pending.status is DeliveryStatus.PENDING
+    assert same_time(pending.next_attempt_at, clock() + timedelta(seconds=120))
+
+
+async def test_slow_handler_does_not_block_another(store: Store, clock: FakeClock) -> None:
+    """A handler whose every slot hangs does not hold up another handler's deliveries."""
+    slow, fast = RecordingHandler("slow"), RecordingHandler("fast")
+    slow.block = asyncio.Event()
+    for _ in range(3):
+        await accept(store, clock, "slow", "fast")
+    d = dispatcher(store, [slow, fast], clock, concurrency=1)
+    async with running(d):
+
+        async def fast_done() -> bool:
+            rows = await store.list_deliveries(handler="fast", status=DeliveryStatus.DONE)
+            return len(rows) == 3
+
+        await wait_until(fast_done)
+        assert len(slow.calls) == 1
+        slow.block.set()
+        await d.drain()
+    assert len(await store.list_deliveries(status=DeliveryStatus.DONE)) == 6
+
+
+async def test_accepted_event_is_dispatched_at_once(store: Store, clock: FakeClock) -> None:
+    """An accept in this process wakes the idle loop, long before its (hour-long) poll."""
+    handler = RecordingHandler()
+    d = dispatcher(store, [handler], clock, poll_interval_seconds=3600)
+    async with running(d):
+        await wait_until(lambda: d.idle)
+        await accept(store, clock)
+        await d.drain(timeout_seconds=10)
+    assert len(handler.calls) == 1
+
+
+async def test_abandoned_claim_is_reclaimed_after_its_lease(store: Store, clock: FakeClock) -> None:
+    """A claim whose worker died blocks the delivery only until its lease expires."""
+    handler = RecordingHandler()
+    await accept(store, clock)
+    lease = timedelta(seconds=60) + LEASE_MARGIN
+    assert await store.claim(handler="recorder", limit=1, lease=lease, now=clock())
+    d = dispatcher(store, [handler], clock)
+    async with running(d):
+        await d.drain()
+        assert handler.calls == []
+        clock.advance(lease.total_seconds())
+        await d.drain()
+    assert len(handler.calls) == 1
+    row = await only_delivery(store)
+    assert (row.status, row.attempts) == (DeliveryStatus.DONE, 2)
+
+
+async def test_crash_every_time_still_ends_dead(store: Store, clock: FakeClock) -> None:
+    """Attempts are counted at claim: after max_attempts claims without an outcome, the next
+    claim records dead and the handler is not called again."""
+    handler = RecordingHandler()
+    await accept(store, clock)
+    for _ in range(POLICY.max_attempts):
+        assert await store.claim(
+            handler="recorder", limit=1, lease=timedelta(seconds=90), now=clock()
+        )
+        clock.advance(91)
+    d = dispatcher(store, [handler], clock)
+    async with running(d):
+        await d.drain()
+    assert handler.calls == []
+    assert (await only_delivery(store)).status is DeliveryStatus.DEAD
+
+
+async def test_stop_releases_and_the_next_process_delivers(
+    store: Store, sqlite_url: str, clock: FakeClock
+) -> None:
+    """stop() with a hung handler gives the claim back (due, attempts undone); a dispatcher
+    on a fresh connection to the same file then delivers it."""
+    hung = RecordingHandler()
+    hung.block = asyncio.Event()
+    event = await accept(store, clock)
+    d = dispatcher(store, [hung], clock)
+    task = asyncio.create_task(d.run())
+    await wait_until(lambda: len(hung.calls) == 1)
+    await asyncio.wait_for(d.stop(0.05), 10)
+    await asyncio.wait_for(task, 10)
+    row = await only_delivery(store)
+    assert (row.status, row.attempts) == (DeliveryStatus.PENDING, 0)
+    assert (await store.stats(now=clock())).due == 1
+    assert await store.list_attempts(row.id) == []
+
+    reopened = open_store(sqlite_url)
+    await reopened.open()
+    try:
+        handler = RecordingHandler()
+        d2 = dispatcher(reopened, [handler], clock)
+        async with running(d2):
+            await d2.drain()
+        assert [e.id for e in handler.calls] == [event.id]
+        row = await only_delivery(reopened)
+        assert (row.status, row.attempts) == (DeliveryStatus.DONE, 1)
+    finally:
+        await reopened.close()
