@@ -1,0 +1,891 @@
+"""The PostgreSQL store: one database shared by any number of ``serve`` replicas.
+
+Driver: asyncpg (the only module of the package that imports it). How the
+replicas share the work:
+
+- ``accept`` inserts the event with ``INSERT ... ON CONFLICT DO NOTHING
+  RETURNING`` (the primary key is the dedupe, never check-then-insert), its
+  deliveries and the per-task state in one transaction, and NOTIFYs
+  ``channel`` in that transaction, so the nudge is sent only on commit.
+- ``claim`` leases due deliveries with ``UPDATE ... WHERE id IN (SELECT ...
+  FOR UPDATE SKIP LOCKED) RETURNING``: two replicas never get the same row,
+  and neither waits for the other. An expired lease is claimable by anyone.
+- Outcome writes (``complete``/``retry``/``dead``/``release``) are one
+  statement each, conditional on the claimed ``lease_token``.
+- ``wait_for_work`` wakes on a local accept or on a NOTIFY received by a
+  dedicated listening connection; if that connection drops it is re-made in
+  the background (with backoff) while callers keep polling on their timeout.
+- Migrations (``sql/postgres/NNNN_name.sql``) run at ``open()`` under
+  ``pg_advisory_lock``, each file in its own transaction, recorded in
+  ``schema_version``; ``prune`` runs on one replica at a time
+  (``pg_try_advisory_xact_lock``).
+
+Every database failure (refused or dropped connection, timeout, server error)
+surfaces as ``StoreUnavailable``. The pool replaces broken connections on the
+next acquire, so the store recovers by itself when the server comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import importlib.resources
+import logging
+import re
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+
+from ..errors import EventNotFound, StoreUnavailable
+from ..models import Attempt, AttemptOutcome, Delivery, DeliveryStatus, Event
+from .base import (
+    AttemptRecord,
+    DeliveryRecord,
+    EventRecord,
+    QueueStats,
+    TaskRecord,
+    attempt_error,
+)
+
+log = logging.getLogger(__name__)
+
+#: ``pg_advisory_lock`` key held while migrating (any fixed bigint unique to this service).
+MIGRATE_LOCK_KEY = 0x6C61_6375_6E61_0001
+#: ``pg_try_advisory_xact_lock`` key held by the replica that is pruning.
+PRUNE_LOCK_KEY = 0x6C61_6375_6E61_0002
+#: The NOTIFY channel replicas nudge each other on.
+DEFAULT_CHANNEL = "lacuna_webhooks"
+
+_MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+
+# What "the database is unavailable" looks like through asyncpg: OS-level connection errors,
+# timeouts (connect, acquire, command), server errors, client-side interface errors such as
+# "connection is closed" or "pool is closing", and the protocol-state error a pooled connection
+# raises when the server killed it while idle and asyncpg has not yet seen the socket close.
+_DB_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+)
+# The subset meaning "this connection is gone" (server restarted or killed it, network cut):
+# then every other idle connection in the pool is likely dead too.
+_CONNECTION_LOST: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.CannotConnectNowError,
+)
+
+_DELIVERY_COLUMNS = """
+    d.id, d.event_id, e.type AS event_type, d.handler, d.status, d.attempts,
+    d.next_attempt_at, d.lease_until, d.last_error, d.created_at, d.updated_at
+"""
+
+_EVENT_COLUMNS = "id, type, created, received_at, task_id, superseded, raw"
+
+
+def _utc(value: datetime) -> datetime:
+    """An aware datetime; a naive one is taken to be UTC (never the machine's local time)."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+def _unavailable(exc: BaseException) -> StoreUnavailable:
+    # The exception text names the failure (refused, timeout, terminated...), never the DSN.
+    detail = str(exc) or type(exc).__name__
+    return StoreUnavailable(f"The event store (PostgreSQL) is unavailable: {detail}")
+
+
+def _migrations() -> list[tuple[int, str, str]]:
+    """(version, file name, SQL) of every shipped migration, in version order."""
+    folder = importlib.resources.files(__package__ or "lacuna_webhooks.store") / "sql" / "postgres"
+    found: list[tuple[int, str, str]] = []
+    for entry in folder.iterdir():
+        match = _MIGRATION_NAME.match(entry.name)
+        if match:
+            found.append((int(match.group(1)), entry.name, entry.read_text(encoding="utf-8")))
+    found.sort()
+    versions = [version for version, _, _ in found]
+    if len(set(versions)) != len(versions):
+        raise RuntimeError(f"duplicate PostgreSQL migration versions: {versions}")
+    return found
+
+
+def _event_record(row: asyncpg.Record) -> EventRecord:
+    return EventRecord(
+        id=row["id"],
+        type=row["type"],
+        created=row["created"],
+        received_at=row["received_at"],
+        task_id=row["task_id"],
+        superseded=row["superseded"],
+        raw=bytes(row["raw"]),
+    )
+
+
+def _delivery_record(row: asyncpg.Record) -> DeliveryRecord:
+    return DeliveryRecord(
+        id=row["id"],
+        event_id=row["event_id"],
+        event_type=row["event_type"],
+        handler=row["handler"],
+        status=DeliveryStatus(row["status"]),
+        attempts=row["attempts"],
+        next_attempt_at=row["next_attempt_at"],
+        lease_until=row["lease_until"],
+        last_error=row["last_error"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+def _set_event(event: asyncio.Event, *_: object) -> None:
+    event.set()
+
+
+def _unique(names: Sequence[str]) -> list[str]:
+    """The names once each, in their first order (a handler listed twice gets one delivery)."""
+    return list(dict.fromkeys(names))
+
+
+class PostgresStore:
+    """The ``Store`` on PostgreSQL through an asyncpg connection pool.
+
+    ``dsn`` is a ``postgresql://`` or ``postgres://`` URL. ``connect_timeout_seconds``
+    bounds each new connection, ``command_timeout_seconds`` each statement and
+    ``acquire_timeout_seconds`` the wait for a pooled connection, so a dead
+    server turns into ``StoreUnavailable`` within seconds instead of a hang.
+    Migrations get their own, longer ``migrate_timeout_seconds`` (a replica may
+    wait for another one to finish migrating).
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        connect_timeout_seconds: float = 5.0,
+        command_timeout_seconds: float = 10.0,
+        acquire_timeout_seconds: float = 10.0,
+        migrate_timeout_seconds: float = 300.0,
+        max_idle_seconds: float = 300.0,
+        listener_check_seconds: float = 30.0,
+        channel: str = DEFAULT_CHANNEL,
+        application_name: str = "lacuna-webhooks",
+    ) -> None:
+        if not dsn.startswith(("postgresql://", "postgres://")):
+            raise ValueError("a PostgreSQL DSN starts with postgresql:// or postgres://")
+        if not 0 <= min_size <= max_size or max_size < 1:
+            raise ValueError("need 0 <= min_size <= max_size and max_size >= 1")
+        if not re.fullmatch(r"[a-z_][a-z0-9_]*", channel):
+            raise ValueError("channel must be a plain lowercase SQL identifier")
+        self._dsn = dsn
+        self._min_size = min_size
+        self._max_size = max_size
+        self._connect_timeout = connect_timeout_seconds
+        self._command_timeout = command_timeout_seconds
+        self._acquire_timeout = acquire_timeout_seconds
+        self._migrate_timeout = migrate_timeout_seconds
+        self._max_idle = max_idle_seconds
+        self._listener_check = listener_check_seconds
+        self._channel = channel
+        self._application_name = application_name
+        self._pool: asyncpg.Pool | None = None
+        self._wakeup = asyncio.Event()
+        self._listening = False
+        self._listener_task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    def __repr__(self) -> str:
+        # The DSN may carry a password: never show it.
+        return f"PostgresStore(channel={self._channel!r}, max_size={self._max_size})"
+
+    @property
+    def listening(self) -> bool:
+        """Whether the NOTIFY listener is connected (when not, ``wait_for_work`` only polls)."""
+        return self._listening
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Create the pool, apply pending migrations and start listening for nudges.
+
+        Raise ``StoreUnavailable`` when the server cannot be reached within the
+        connect timeout (nothing is left open then).
+        """
+        if self._pool is not None:
+            return
+        self._closing = False
+        try:
+            pool = await asyncpg.create_pool(
+                self._dsn,
+                min_size=self._min_size,
+                max_size=self._max_size,
+                timeout=self._connect_timeout,
+                command_timeout=self._command_timeout,
+                max_inactive_connection_lifetime=self._max_idle,
+                server_settings={"application_name": self._application_name},
+            )
+        except _DB_ERRORS as exc:
+            raise _unavailable(exc) from exc
+        self._pool = pool
+        try:
+            await self.migrate()
+            listener = await self._connect_listener()
+        except BaseException:
+            self._pool = None
+            pool.terminate()
+            raise
+        self._listener_task = asyncio.create_task(
+            self._supervise_listener(listener), name="lacuna-webhooks-pg-listener"
+        )
+
+    async def close(self) -> None:
+        """Stop listening and close the pool (connections still busy after a grace are cut)."""
+        self._closing = True
+        task, self._listener_task = self._listener_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), timeout=self._command_timeout)
+            except _DB_ERRORS:
+                pool.terminate()
+
+    async def migrate(self) -> int:
+        """Apply the shipped migrations not yet recorded in ``schema_version``; return how many.
+
+        Safe when several replicas start together: the whole run holds a
+        session-level ``pg_advisory_lock``, so one replica migrates and the others
+        wait, then find nothing left to do. Each file is applied in its own
+        transaction together with its ``schema_version`` row. Works on an
+        unopened store too (for a ``migrate`` command) through a one-off connection.
+        """
+        migrations = _migrations()
+        timeout = self._migrate_timeout
+        async with self._migration_connection() as conn:
+            await conn.execute("SELECT pg_advisory_lock($1)", MIGRATE_LOCK_KEY, timeout=timeout)
+            try:
+                await conn.execute(
+                    """
+                    CREATE TABLE IF NOT EXISTS schema_version (
+                        version    integer     PRIMARY KEY,
+                        name       text        NOT NULL,
+                        applied_at timestamptz NOT NULL DEFAULT now()
+                    )
+                    """,
+                    timeout=timeout,
+                )
+                rows = await conn.fetch("SELECT version FROM schema_version", timeout=timeout)
+                applied = {row["version"] for row in rows}
+                count = 0
+                for version, name, sql in migrations:
+                    if version in applied:
+                        continue
+                    async with conn.transaction():
+                        await conn.execute(sql, timeout=timeout)
+                        await conn.execute(
+                            "INSERT INTO schema_version (version, name) VALUES ($1, $2)",
+                            version,
+                            name,
+                            timeout=timeout,
+                        )
+                    log.info("store.migrated version=%d name=%s", version, name)
+                    count += 1
+                return count
+            finally:
+                # A dropped connection releases the lock by itself; do not mask the real error.
+                if not conn.is_closed():
+                    with contextlib.suppress(*_DB_ERRORS):
+                        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATE_LOCK_KEY)
+
+    async def ping(self) -> None:
+        """Return when the server answers a query; raise ``StoreUnavailable`` otherwise."""
+        async with self._connection() as conn:
+            await conn.fetchval("SELECT 1")
+
+    # -- inbox ---------------------------------------------------------------------------------
+
+    async def accept(self, event: Event, handlers: Sequence[str], *, now: datetime) -> bool:
+        """Store a new event with a pending delivery per handler; ``False`` for a duplicate.
+
+        One transaction: the event insert (dedupe on the primary key), the
+        per-task upsert (which only moves forward: an event older than the
+        task's current one is stored with ``superseded`` and still dispatched),
+        the deliveries and the NOTIFY. Returns after the commit.
+        """
+        now = _utc(now)
+        names = _unique(handlers)
+        async with self._connection() as conn, conn.transaction():
+            inserted = await conn.fetchval(
+                """
+                INSERT INTO events (id, type, created, received_at, task_id, raw)
+                VALUES ($1, $2, $3, $4, $5, $6)
+                ON CONFLICT (id) DO NOTHING
+                RETURNING true
+                """,
+                event.id,
+                event.type,
+                event.created,
+                now,
+                event.task_id,
+                event.raw,
+            )
+            if not inserted:
+                return False
+            if event.task_id is not None:
+                current = await conn.fetchval(
+                    """
+                    INSERT INTO tasks AS t
+                        (task_id, status, event_id, event_type, event_created, updated_at)
+                    VALUES ($1, $2, $3, $4, $5, $6)
+                    ON CONFLICT (task_id) DO UPDATE SET
+                        status = excluded.status,
+                        event_id = excluded.event_id,
+                        event_type = excluded.event_type,
+                        event_created = excluded.event_created,
+                        updated_at = excluded.updated_at
+                    WHERE excluded.event_created IS NULL
+                       OR t.event_created IS NULL
+                       OR excluded.event_created >= t.event_created
+                    RETURNING true
+                    """,
+                    event.task_id,
+                    event.task_status,
+                    event.id,
+                    event.type,
+                    event.created,
+                    now,
+                )
+                if not current:
+                    await conn.execute(
+                        "UPDATE events SET superseded = true WHERE id = $1", event.id
+                    )
+            if names:
+                await conn.execute(
+                    """
+                    INSERT INTO deliveries
+                        (event_id, handler, status, next_attempt_at, created_at, updated_at)
+                    SELECT $1, handler, 'pending', $3, $3, $3 FROM unnest($2::text[]) AS handler
+                    """,
+                    event.id,
+                    names,
+                    now,
+                )
+                await self._notify(conn)
+        if names:
+            self._nudge()
+        return True
+
+    # -- outbox --------------------------------------------------------------------------------
+
+    async def claim(
+        self, *, handler: str, limit: int, lease: timedelta, now: datetime
+    ) -> list[Delivery]:
+        """Lease up to ``limit`` due pending deliveries of ``handler``, oldest due first.
+
+        Rows locked by another replica's claim are skipped, never waited for.
+        Each claimed row gets ``lease_until = now + lease`` and one more
+        ``attempts`` and ``lease_token``.
+        """
+        if limit <= 0:
+            return []
+        now = _utc(now)
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                """
+                WITH claimed AS (
+                    UPDATE deliveries
+                    SET lease_until = $3,
+                        attempts = attempts + 1,
+                        lease_token = lease_token + 1,
+                        updated_at = $2
+                    WHERE id IN (
+                        SELECT id FROM deliveries
+                        WHERE handler = $1
+                          AND status = 'pending'
+                          AND next_attempt_at <= $2
+                          AND (lease_until IS NULL OR lease_until <= $2)
+                        ORDER BY next_attempt_at, id
+                        LIMIT $4
+                        FOR UPDATE SKIP LOCKED
+                    )
+                    RETURNING id, event_id, handler, status, attempts, lease_token,
+                              next_attempt_at, created_at
+                )
+                SELECT c.*, e.raw
+                FROM claimed c JOIN events e ON e.id = c.event_id
+                ORDER BY c.next_attempt_at, c.id
+                """,
+                handler,
+                now,
+                now + lease,
+                limit,
+            )
+        return [
+            Delivery(
+                id=row["id"],
+                event=Event.from_body(bytes(row["raw"])),
+                handler=row["handler"],
+                status=DeliveryStatus(row["status"]),
+                attempts=row["attempts"],
+                lease_token=row["lease_token"],
+                next_attempt_at=row["next_attempt_at"],
+                created_at=row["created_at"],
+            )
+            for row in rows
+        ]
+
+    async def complete(self, delivery: Delivery, attempt: Attempt) -> bool:
+        """Mark the claimed delivery done and log the attempt; ``False`` if the claim is stale."""
+        return await self._finish(
+            delivery,
+            attempt,
+            "status = 'done', lease_until = NULL, last_error = $6",
+        )
+
+    async def retry(self, delivery: Delivery, attempt: Attempt, *, at: datetime) -> bool:
+        """Make the claimed delivery due again at ``at`` and log the attempt."""
+        return await self._finish(
+            delivery,
+            attempt,
+            "next_attempt_at = $7, lease_until = NULL, last_error = $6",
+            _utc(at),
+        )
+
+    async def dead(self, delivery: Delivery, attempt: Attempt) -> bool:
+        """Give the claimed delivery up (``dead``) and log the attempt."""
+        return await self._finish(
+            delivery, attempt, "status = 'dead', lease_until = NULL, last_error = $6"
+        )
+
+    async def _finish(
+        self, delivery: Delivery, attempt: Attempt, assignments: str, *extra: Any
+    ) -> bool:
+        # One statement, so the outcome and its attempt row are written together or not at all.
+        # The claim must still be the live one: same token, still pending, not reset since.
+        query = f"""
+            WITH finished AS (
+                UPDATE deliveries
+                SET {assignments}, updated_at = $4
+                WHERE id = $1 AND lease_token = $2
+                  AND status = 'pending' AND lease_until IS NOT NULL
+                RETURNING id, attempts
+            )
+            INSERT INTO attempts (delivery_id, attempt, started_at, finished_at, outcome, error)
+            SELECT id, attempts, $3, $4, $5, $6::text FROM finished
+            RETURNING delivery_id
+            """  # noqa: S608 - `assignments` is one of three literals above, never input
+        async with self._connection() as conn:
+            row = await conn.fetchval(
+                query,
+                delivery.id,
+                delivery.lease_token,
+                _utc(attempt.started_at),
+                _utc(attempt.finished_at),
+                AttemptOutcome(attempt.outcome).value,
+                attempt_error(attempt),
+                *extra,
+            )
+        return row is not None
+
+    async def release(self, delivery: Delivery) -> bool:
+        """Give an unfinished claim back: lease cleared, ``attempts`` undone, due at once.
+
+        ``next_attempt_at`` is left as it was (it was due when claimed), so the
+        delivery keeps its place in the queue. ``False`` if the claim is stale.
+        """
+        async with self._connection() as conn:
+            row = await conn.fetchval(
+                """
+                UPDATE deliveries
+                SET lease_until = NULL, attempts = greatest(attempts - 1, 0)
+                WHERE id = $1 AND lease_token = $2
+                  AND status = 'pending' AND lease_until IS NOT NULL
+                RETURNING id
+                """,
+                delivery.id,
+                delivery.lease_token,
+            )
+        if row is None:
+            return False
+        self._nudge()
+        return True
+
+    async def wait_for_work(self, timeout_seconds: float) -> None:
+        """Return when nudged (local accept, or a NOTIFY from any replica), else on timeout.
+
+        A nudge that arrived while nobody was waiting is kept, so work accepted
+        between a claim and the next wait is not left for the poll interval.
+        """
+        if not self._wakeup.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout=max(timeout_seconds, 0.0))
+        self._wakeup.clear()
+
+    # -- admin and metrics ---------------------------------------------------------------------
+
+    async def stats(self, *, now: datetime) -> QueueStats:
+        now = _utc(now)
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                """
+                SELECT
+                    count(*) FILTER (WHERE status = 'pending') AS pending,
+                    count(*) FILTER (WHERE status = 'pending' AND next_attempt_at <= $1
+                                     AND (lease_until IS NULL OR lease_until <= $1)) AS due,
+                    count(*) FILTER (WHERE status = 'pending' AND lease_until > $1) AS running,
+                    count(*) FILTER (WHERE status = 'dead') AS dead,
+                    min(next_attempt_at) FILTER (
+                        WHERE status = 'pending' AND next_attempt_at <= $1
+                          AND (lease_until IS NULL OR lease_until <= $1)) AS oldest_due
+                FROM deliveries
+                WHERE status <> 'done'
+                """,
+                now,
+            )
+        assert row is not None  # an aggregate without GROUP BY always yields one row
+        oldest: datetime | None = row["oldest_due"]
+        age = max((now - oldest).total_seconds(), 0.0) if oldest is not None else 0.0
+        return QueueStats(
+            pending=row["pending"],
+            due=row["due"],
+            running=row["running"],
+            dead=row["dead"],
+            oldest_due_age_seconds=age,
+        )
+
+    async def prune(self, *, received_before: datetime) -> int:
+        """Delete events received before the cutoff whose deliveries are all done or dead.
+
+        Their deliveries and attempts go with them (``ON DELETE CASCADE``); task
+        state stays. Only one replica prunes at a time: when another holds the
+        prune lock this returns 0 at once. Candidate events are locked (skipping
+        any a replay is touching) and re-checked in a fresh statement, so a
+        delivery made pending by a concurrent replay is never deleted.
+        """
+        cutoff = _utc(received_before)
+        async with self._connection() as conn, conn.transaction():
+            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", PRUNE_LOCK_KEY):
+                return 0
+            locked = await conn.fetch(
+                """
+                SELECT e.id FROM events e
+                WHERE e.received_at < $1
+                  AND NOT EXISTS (SELECT 1 FROM deliveries d
+                                  WHERE d.event_id = e.id AND d.status = 'pending')
+                ORDER BY e.id
+                FOR UPDATE OF e SKIP LOCKED
+                """,
+                cutoff,
+            )
+            if not locked:
+                return 0
+            deleted = await conn.fetch(
+                """
+                DELETE FROM events e
+                WHERE e.id = ANY($1::text[])
+                  AND NOT EXISTS (SELECT 1 FROM deliveries d
+                                  WHERE d.event_id = e.id AND d.status = 'pending')
+                RETURNING e.id
+                """,
+                [row["id"] for row in locked],
+            )
+        return len(deleted)
+
+    async def list_events(
+        self, *, limit: int = 50, event_type: str | None = None
+    ) -> list[EventRecord]:
+        """Newest first (by ``received_at``, then by arrival order)."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                f"""
+                SELECT {_EVENT_COLUMNS} FROM events
+                WHERE $1::text IS NULL OR type = $1
+                ORDER BY received_at DESC, seq DESC
+                LIMIT $2
+                """,  # noqa: S608 - a constant column list
+                event_type,
+                max(limit, 0),
+            )
+        return [_event_record(row) for row in rows]
+
+    async def get_event(self, event_id: str) -> EventRecord | None:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                f"SELECT {_EVENT_COLUMNS} FROM events WHERE id = $1",  # noqa: S608 - constant
+                event_id,
+            )
+        return _event_record(row) if row is not None else None
+
+    async def list_deliveries(
+        self,
+        *,
+        status: DeliveryStatus | None = None,
+        handler: str | None = None,
+        event_id: str | None = None,
+        limit: int = 50,
+    ) -> list[DeliveryRecord]:
+        """Newest first (by id, which follows creation)."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                f"""
+                SELECT {_DELIVERY_COLUMNS}
+                FROM deliveries d JOIN events e ON e.id = d.event_id
+                WHERE ($1::text IS NULL OR d.status = $1)
+                  AND ($2::text IS NULL OR d.handler = $2)
+                  AND ($3::text IS NULL OR d.event_id = $3)
+                ORDER BY d.id DESC
+                LIMIT $4
+                """,  # noqa: S608 - a constant column list
+                status.value if status is not None else None,
+                handler,
+                event_id,
+                max(limit, 0),
+            )
+        return [_delivery_record(row) for row in rows]
+
+    async def list_attempts(self, delivery_id: int) -> list[AttemptRecord]:
+        """Oldest first."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                """
+                SELECT delivery_id, attempt, started_at, finished_at, outcome, error
+                FROM attempts WHERE delivery_id = $1 ORDER BY id
+                """,
+                delivery_id,
+            )
+        return [
+            AttemptRecord(
+                delivery_id=row["delivery_id"],
+                attempt=row["attempt"],
+                started_at=row["started_at"],
+                finished_at=row["finished_at"],
+                outcome=AttemptOutcome(row["outcome"]),
+                error=row["error"],
+            )
+            for row in rows
+        ]
+
+    async def get_task(self, task_id: str) -> TaskRecord | None:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                """
+                SELECT task_id, status, event_id, event_type, event_created, updated_at
+                FROM tasks WHERE task_id = $1
+                """,
+                task_id,
+            )
+        if row is None:
+            return None
+        return TaskRecord(
+            task_id=row["task_id"],
+            status=row["status"],
+            event_id=row["event_id"],
+            event_type=row["event_type"],
+            event_created=row["event_created"],
+            updated_at=row["updated_at"],
+        )
+
+    async def replay(self, event_id: str, handlers: Sequence[str] | None, *, now: datetime) -> int:
+        """Make the event's deliveries pending and due at ``now`` with a fresh attempt budget.
+
+        With ``handlers``: those (created when missing); with ``None``: every
+        existing one. A live lease is left to run out, so the attempt holding it
+        can still record its outcome (as in every backend). Raise ``EventNotFound``;
+        return how many were reset or created, and NOTIFY when any were.
+        """
+        now = _utc(now)
+        async with self._connection() as conn, conn.transaction():
+            # The row lock keeps a concurrent prune from deleting the event under the replay.
+            found = await conn.fetchval("SELECT true FROM events WHERE id = $1 FOR SHARE", event_id)
+            if not found:
+                raise EventNotFound(f"No event {event_id!r} in the store.")
+            if handlers is None:
+                rows = await conn.fetch(
+                    """
+                    UPDATE deliveries
+                    SET status = 'pending', attempts = 0, next_attempt_at = $2,
+                        last_error = NULL, updated_at = $2
+                    WHERE event_id = $1
+                    RETURNING id
+                    """,
+                    event_id,
+                    now,
+                )
+            else:
+                rows = await conn.fetch(
+                    """
+                    INSERT INTO deliveries AS d
+                        (event_id, handler, status, next_attempt_at, created_at, updated_at)
+                    SELECT $1, handler, 'pending', $3, $3, $3 FROM unnest($2::text[]) AS handler
+                    ON CONFLICT (event_id, handler) DO UPDATE SET
+                        status = 'pending', attempts = 0, next_attempt_at = $3,
+                        last_error = NULL, updated_at = $3
+                    RETURNING d.id
+                    """,
+                    event_id,
+                    _unique(handlers),
+                    now,
+                )
+            if rows:
+                await self._notify(conn)
+        if rows:
+            self._nudge()
+        return len(rows)
+
+    async def retry_dead(self, *, handler: str | None, now: datetime) -> int:
+        """Make every dead delivery (of ``handler``) pending, due at ``now``, with a fresh budget.
+
+        Return how many; NOTIFY when any.
+        """
+        now = _utc(now)
+        async with self._connection() as conn, conn.transaction():
+            # Lock the events first (in a fixed order), as replay does, so a concurrent prune
+            # either sees these deliveries pending or has already deleted them.
+            await conn.execute(
+                """
+                SELECT 1 FROM events e
+                WHERE EXISTS (SELECT 1 FROM deliveries d
+                              WHERE d.event_id = e.id AND d.status = 'dead'
+                                AND ($1::text IS NULL OR d.handler = $1))
+                ORDER BY e.id
+                FOR SHARE OF e
+                """,
+                handler,
+            )
+            rows = await conn.fetch(
+                """
+                UPDATE deliveries
+                SET status = 'pending', attempts = 0, next_attempt_at = $2,
+                    last_error = NULL, updated_at = $2
+                WHERE status = 'dead' AND ($1::text IS NULL OR handler = $1)
+                RETURNING id
+                """,
+                handler,
+                now,
+            )
+            if rows:
+                await self._notify(conn)
+        if rows:
+            self._nudge()
+        return len(rows)
+
+    # -- internals -----------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy]:
+        """A pooled connection; any database failure in the block becomes ``StoreUnavailable``."""
+        pool = self._pool
+        if pool is None:
+            raise StoreUnavailable("The event store (PostgreSQL) is not open.")
+        try:
+            async with pool.acquire(timeout=self._acquire_timeout) as conn:
+                yield conn
+        except _DB_ERRORS as exc:
+            if isinstance(exc, _CONNECTION_LOST):
+                # Replace every pooled connection on its next acquire, so that after a server
+                # restart one caller gets StoreUnavailable, not one per stale connection.
+                await pool.expire_connections()
+            raise _unavailable(exc) from exc
+
+    @contextlib.asynccontextmanager
+    async def _migration_connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """A connection of its own for migrating (the pool's when open, else a one-off one)."""
+        try:
+            if self._pool is not None:
+                async with self._pool.acquire(timeout=self._acquire_timeout) as pooled:
+                    yield pooled  # type: ignore[misc]  # a proxy behaves as its Connection
+                return
+            conn = await asyncpg.connect(
+                self._dsn,
+                timeout=self._connect_timeout,
+                command_timeout=self._command_timeout,
+                server_settings={"application_name": self._application_name},
+            )
+            try:
+                yield conn
+            finally:
+                await conn.close(timeout=self._command_timeout)
+        except _DB_ERRORS as exc:
+            raise _unavailable(exc) from exc
+
+    async def _notify(self, conn: asyncpg.pool.PoolConnectionProxy) -> None:
+        # Inside the caller's transaction: PostgreSQL delivers it only if the transaction commits.
+        await conn.execute("SELECT pg_notify($1, '')", self._channel)
+
+    def _nudge(self, *_: object) -> None:
+        self._wakeup.set()
+
+    async def _connect_listener(self) -> asyncpg.Connection:
+        try:
+            conn = await asyncpg.connect(
+                self._dsn,
+                timeout=self._connect_timeout,
+                command_timeout=self._command_timeout,
+                server_settings={"application_name": f"{self._application_name}-listener"},
+            )
+        except _DB_ERRORS as exc:
+            raise _unavailable(exc) from exc
+        try:
+            await conn.add_listener(self._channel, self._nudge)
+        except _DB_ERRORS as exc:
+            conn.terminate()
+            raise _unavailable(exc) from exc
+        self._listening = True
+        return conn
+
+    async def _supervise_listener(self, conn: asyncpg.Connection | None) -> None:
+        """Keep one LISTEN connection alive until ``close()``; reconnect with backoff.
+
+        A dropped connection is noticed at once (termination callback); a
+        silently dead one by the ``SELECT 1`` every ``listener_check_seconds``.
+        After each reconnect the store nudges itself, since NOTIFYs sent while
+        it was not listening are lost.
+        """
+        backoff = 0.2
+        try:
+            while not self._closing:
+                if conn is None:
+                    try:
+                        conn = await self._connect_listener()
+                    except StoreUnavailable:
+                        await asyncio.sleep(backoff)
+                        backoff = min(backoff * 2, 10.0)
+                        continue
+                    log.info("store.listener_reconnected channel=%s", self._channel)
+                    self._nudge()
+                    backoff = 0.2
+                lost = asyncio.Event()
+                conn.add_termination_listener(functools.partial(_set_event, lost))
+                try:
+                    while not lost.is_set():
+                        try:
+                            await asyncio.wait_for(lost.wait(), timeout=self._listener_check)
+                        except TimeoutError:
+                            await conn.fetchval("SELECT 1")
+                except _DB_ERRORS as exc:
+                    log.warning("store.listener_lost error=%s", type(exc).__name__)
+                else:
+                    log.warning("store.listener_lost error=ConnectionClosed")
+                self._listening = False
+                conn.terminate()
+                conn = None
+        finally:
+            self._listening = False
+            if conn is not None:
+                conn.terminate()
+
+
+__all__ = ["DEFAULT_CHANNEL", "MIGRATE_LOCK_KEY", "PRUNE_LOCK_KEY", "PostgresStore"]
