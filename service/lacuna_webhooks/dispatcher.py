@@ -257,9 +257,9 @@ class Dispatcher:
             return
         pruned = await self.store.prune(received_before=self.clock() - self.retention)
         self._next_prune = time.monotonic() + self.prune_interval_seconds
-        self._log.info(
-            "store.pruned", events=pruned, retention_days=self.retention.total_seconds() / 86400
-        )
+        # Quiet when there was nothing to do: this runs at every start and every interval.
+        log = self._log.info if pruned else self._log.debug
+        log("store.pruned", events=pruned, retention_days=self.retention.total_seconds() / 86400)
 
     # -- one attempt -----------------------------------------------------------------------
 
@@ -296,15 +296,20 @@ class Dispatcher:
             error = f"attempt budget of {self.policy.max_attempts} spent without an outcome"
             permanent = True
         else:
+            deadline = asyncio.timeout(timeout)
             try:
-                async with asyncio.timeout(timeout):
+                async with deadline:
                     await self.handlers.handlers[name].handle(delivery.event)
             except PermanentError as exc:
                 error, permanent = describe_error(exc), True
             except RetryLater as exc:
                 error, requested = describe_error(exc), exc.delay_seconds
-            except TimeoutError:
-                error = f"TimeoutError: handler exceeded {timeout:g}s"
+            except TimeoutError as exc:
+                # Ours, or one the handler raised itself (say, its own read timeout).
+                if deadline.expired():
+                    error = f"TimeoutError: handler exceeded {timeout:g}s"
+                else:
+                    error = describe_error(exc)
             except Exception as exc:  # the plugin boundary: any handler failure is a retry
                 error = describe_error(exc)
         finished = self.clock()

@@ -275,6 +275,21 @@ async def test_timeout_is_retried(store: MemoryStore, clock: FakeClock) -> None:
     assert row.last_error == "TimeoutError: handler exceeded 0.05s"
 
 
+async def test_handlers_own_timeout_error_is_reported_as_is(
+    store: MemoryStore, clock: FakeClock
+) -> None:
+    """A TimeoutError the handler raises itself is retried with its own message, not blamed
+    on the dispatcher's deadline."""
+    handler = RecordingHandler(script=[TimeoutError("upstream read timed out")])
+    d = dispatcher(store, [handler], clock)
+    await accept(store, clock)
+    async with running(d):
+        await d.drain()
+    row = await only_delivery(store)
+    assert row.status is DeliveryStatus.PENDING
+    assert row.last_error == "TimeoutError: upstream read timed out"
+
+
 # -- isolation and wake-ups ----------------------------------------------------------------------
 
 
@@ -403,6 +418,24 @@ async def test_stop_releases_a_blocked_delivery(store: MemoryStore, clock: FakeC
     assert row.lease_until is None
     assert (await store.stats(now=clock())).due == 1
     assert await store.list_attempts(row.id) == []
+
+
+async def test_cancelling_run_releases_in_flight_deliveries(
+    store: MemoryStore, clock: FakeClock
+) -> None:
+    """Cancelling run() (instead of stop()) still gives in-flight claims back to the store."""
+    handler = RecordingHandler()
+    handler.block = asyncio.Event()
+    d = dispatcher(store, [handler], clock)
+    await accept(store, clock)
+    task = asyncio.create_task(d.run())
+    await wait_until(lambda: len(handler.calls) == 1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5)
+    assert d.in_flight == 0
+    row = await only_delivery(store)
+    assert (row.status, row.attempts, row.lease_until) == (DeliveryStatus.PENDING, 0, None)
 
 
 async def test_stop_lets_in_flight_attempts_finish_within_the_bound(
