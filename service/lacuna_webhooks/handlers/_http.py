@@ -1,0 +1,290 @@
+"""Outbound HTTP for the built-in handlers: https only, public addresses only, bounded.
+
+Every request a handler makes to a URL it did not choose (an ``audio_url`` from
+an event, a Slack webhook URL from the environment) goes through
+``OutboundClient``:
+
+- the scheme must be ``https`` (``http`` too when ``allow_private`` is set);
+- the address actually connected to must be public: the host name is resolved
+  at connect time and the connection is refused when *any* address it resolves
+  to is loopback, private, link-local (cloud metadata ``169.254.169.254``),
+  carrier-grade NAT, multicast, reserved or unspecified. The check sits in the
+  network backend under the connection pool, so it covers every redirect hop
+  and a DNS answer cannot change between "checked" and "connected";
+- redirects are followed by hand, at most ``max_redirects``, each hop checked;
+- connect and read timeouts always apply; proxies from the environment are
+  ignored (a proxy would hide the real destination from the check).
+
+``allow_private=True`` (``LACUNA_ALLOW_PRIVATE_URLS``) lifts the address check
+and allows ``http``: for local testing only.
+
+Refusals raise ``UnsafeURL``, a ``PermanentError``: retrying cannot help.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+
+import httpcore
+import httpx
+
+from ..errors import PermanentError, RetryLater
+from ..logs import redact_url
+
+USER_AGENT = "lacuna-webhooks"
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class UnsafeURL(PermanentError):
+    """The URL is not allowed: not https, or it leads to a non-public address."""
+
+
+def is_public_address(ip: IPAddress) -> bool:
+    """True for a globally routable unicast address (IPv4-mapped IPv6 judged as IPv4)."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_global and not ip.is_multicast
+
+
+def check_url(
+    url: str | httpx.URL, *, allow_private: bool, what: str, allow_http: bool | None = None
+) -> httpx.URL:
+    """Parse ``url`` and check its scheme and host; raise ``UnsafeURL`` naming ``what``.
+
+    ``http`` is accepted when ``allow_http`` (default: ``allow_private``).
+    Addresses are checked later, at connect time (see the module docstring).
+    """
+    if allow_http is None:
+        allow_http = allow_private
+    try:
+        parsed = url if isinstance(url, httpx.URL) else httpx.URL(url)
+    except (httpx.InvalidURL, TypeError):
+        raise UnsafeURL(f"{what} is not a valid URL") from None
+    allowed = {"https", "http"} if allow_http else {"https"}
+    if parsed.scheme not in allowed:
+        hint = "" if allow_http else " (http and other schemes need LACUNA_ALLOW_PRIVATE_URLS)"
+        raise UnsafeURL(f"{what} must be an https URL, got {parsed.scheme or 'no'} scheme{hint}")
+    if not parsed.host:
+        raise UnsafeURL(f"{what} has no host")
+    return parsed
+
+
+class _PublicOnlyBackend(httpcore.AsyncNetworkBackend):
+    """Resolves host names itself and connects only when every address is public.
+
+    Addresses inside ``trusted_networks`` count as public (a seam for tests and
+    embedders; the built-in handlers pass none).
+    """
+
+    def __init__(self, trusted_networks: tuple[IPNetwork, ...] = ()) -> None:
+        self._inner = httpcore.AnyIOBackend()
+        self._trusted = trusted_networks
+
+    def allowed(self, ip: IPAddress) -> bool:
+        return is_public_address(ip) or any(ip in net for net in self._trusted)
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's backend interface
+        local_address: str | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await asyncio.wait_for(
+                loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout
+            )
+        except TimeoutError:
+            raise httpcore.ConnectTimeout(f"resolving {host} timed out") from None
+        except OSError as exc:
+            raise httpcore.ConnectError(f"cannot resolve {host}: {exc}") from None
+        addresses: list[IPAddress] = []
+        for *_, sockaddr in infos:
+            ip = ipaddress.ip_address(str(sockaddr[0]).split("%", 1)[0])
+            if not self.allowed(ip):
+                where = f"{host} resolves to {ip}" if host != str(ip) else host
+                raise UnsafeURL(
+                    f"{where}: a loopback, private, link-local or otherwise non-public "
+                    "address (allowed only with LACUNA_ALLOW_PRIVATE_URLS=true)"
+                )
+            if ip not in addresses:
+                addresses.append(ip)
+        error: httpcore.ConnectError | httpcore.ConnectTimeout | None = None
+        for ip in addresses:
+            # Connect to the address just checked, never to the name (which could re-resolve).
+            try:
+                return await self._inner.connect_tcp(
+                    str(ip),
+                    port,
+                    timeout=timeout,
+                    local_address=local_address,
+                    socket_options=socket_options,
+                )
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                error = exc
+        raise error or httpcore.ConnectError(f"{host} has no address")
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's backend interface
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        raise UnsafeURL("unix sockets are not used for outbound calls")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+class _PublicOnlyTransport(httpx.AsyncHTTPTransport):
+    """httpx's transport with the connection pool built on ``_PublicOnlyBackend``."""
+
+    def __init__(self, trusted_networks: tuple[IPNetwork, ...] = ()) -> None:
+        super().__init__(trust_env=False)
+        # httpx does not expose the network backend, so the pool is rebuilt with ours;
+        # the arguments mirror httpx's defaults (certificates verified with certifi).
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=httpx.create_ssl_context(trust_env=False),
+            max_connections=20,
+            max_keepalive_connections=10,
+            keepalive_expiry=5.0,
+            network_backend=_PublicOnlyBackend(trusted_networks),
+        )
+
+
+class OutboundClient:
+    """An httpx client with the safety rules of this module. One per handler.
+
+    ``allow_http`` and ``trusted_networks`` loosen the rules one at a time for
+    tests (e.g. reach a test server on 127.0.0.1 while still refusing
+    ``169.254.169.254``); the built-in handlers only pass ``allow_private``.
+    """
+
+    def __init__(
+        self,
+        *,
+        allow_private: bool,
+        connect_timeout_seconds: float,
+        read_timeout_seconds: float,
+        max_redirects: int = 5,
+        allow_http: bool | None = None,
+        trusted_networks: Iterable[str] = (),
+    ) -> None:
+        self.allow_private = allow_private
+        self.allow_http = allow_private if allow_http is None else allow_http
+        self.max_redirects = max_redirects
+        networks = tuple(ipaddress.ip_network(n) for n in trusted_networks)
+        transport = (
+            httpx.AsyncHTTPTransport(trust_env=False)
+            if allow_private
+            else _PublicOnlyTransport(networks)
+        )
+        self._client = httpx.AsyncClient(
+            transport=transport,
+            trust_env=False,
+            follow_redirects=False,
+            headers={"user-agent": USER_AGENT},
+            timeout=httpx.Timeout(
+                connect=connect_timeout_seconds,
+                read=read_timeout_seconds,
+                write=read_timeout_seconds,
+                pool=connect_timeout_seconds,
+            ),
+        )
+
+    def check(self, url: str | httpx.URL, *, what: str) -> httpx.URL:
+        return check_url(
+            url, allow_private=self.allow_private, allow_http=self.allow_http, what=what
+        )
+
+    @asynccontextmanager
+    async def stream_get(
+        self, url: str, *, what: str, headers: Mapping[str, str] | None = None
+    ) -> AsyncIterator[httpx.Response]:
+        """GET ``url`` as a stream, following redirects by hand; yield the final response.
+
+        Raises ``UnsafeURL`` for a refused hop and ``PermanentError`` after too
+        many redirects. httpx's own errors (timeouts, resets) propagate.
+        """
+        current = self.check(url, what=what)
+        for _ in range(self.max_redirects + 1):
+            request = self._client.build_request("GET", current, headers=headers)
+            response = await self._client.send(request, stream=True)
+            location = response.headers.get("location")
+            if response.status_code in REDIRECT_STATUSES and location:
+                await response.aclose()
+                try:
+                    target = current.join(location)
+                except httpx.InvalidURL:
+                    raise UnsafeURL(f"{what} redirects to an invalid URL") from None
+                current = self.check(target, what=f"{what} (redirect)")
+                continue
+            try:
+                yield response
+            finally:
+                await response.aclose()
+            return
+        raise PermanentError(f"{what} redirected more than {self.max_redirects} times")
+
+    async def post(
+        self, url: str, *, what: str, content: bytes, headers: Mapping[str, str]
+    ) -> tuple[httpx.Response, str]:
+        """POST without following redirects; return the response and up to 4 KiB of its body."""
+        target = self.check(url, what=what)
+        request = self._client.build_request("POST", target, content=content, headers=headers)
+        response = await self._client.send(request, stream=True)
+        try:
+            body = bytearray()
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) >= 4096:
+                    break
+        finally:
+            await response.aclose()
+        return response, bytes(body[:4096]).decode("utf-8", "replace")
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def retry_after_seconds(value: str | None, *, now: datetime | None = None) -> float | None:
+    """``Retry-After`` (delta seconds or an HTTP date) as seconds; ``None`` if absent or bad."""
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return float(text)
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+def transport_failure(exc: httpx.HTTPError, *, what: str, url: str) -> RetryLater:
+    """A transient network failure as ``RetryLater`` with a message free of the full URL."""
+    detail = str(exc).replace(url, redact_url(url)) or "no detail"
+    return RetryLater(f"{what} failed: {type(exc).__name__}: {detail}")
+
+
+__all__ = [
+    "OutboundClient",
+    "UnsafeURL",
+    "check_url",
+    "is_public_address",
+    "retry_after_seconds",
+    "transport_failure",
+]

@@ -1,0 +1,283 @@
+"""The ``email`` handler: one mail per event, over SMTP with aiosmtplib.
+
+``LACUNA_EMAIL_SMTP_URL`` says where and how:
+
+- ``smtp://host[:port]`` plain SMTP (port 25), for a local relay;
+- ``smtp://host[:port]?starttls=true`` upgrades with STARTTLS, which is then
+  required (port 587 by default);
+- ``smtps://host[:port]`` implicit TLS (port 465);
+- ``user:password@`` in the URL logs in (URL-encode special characters).
+
+Certificates are verified, against the system's CAs or the bundle in
+``LACUNA_EMAIL_CA_FILE``. The mail goes from ``LACUNA_EMAIL_FROM`` to the
+comma-separated ``LACUNA_EMAIL_TO``, with plain-text and HTML alternatives, a
+subject like "Late Night Study is ready" / "Late Night Study failed:
+provider_error", and a ``Message-ID`` derived from the event id, so a mail sent
+again for the same event is recognisably the same message.
+
+Outcomes: SMTP 4xx replies and connection problems are retried; 5xx replies
+(and a server lacking STARTTLS or AUTH that the URL asks for) are permanent. When
+only some recipients are refused the mail counts as sent (re-sending would
+duplicate it for the others) and the refusals are logged. The password is never
+logged.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+import ssl
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from email.utils import format_datetime, parseaddr
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import aiosmtplib
+import structlog
+
+from ..config import parse_bool
+from ..errors import ConfigError, PermanentError, RetryLater
+from ..models import Event
+from ._common import (
+    format_duration,
+    network_timeouts,
+    parse_completed,
+    parse_failed,
+    title_of,
+)
+from .base import HandlerContext
+
+logger = structlog.get_logger("lacuna_webhooks.handlers.email")
+
+_MESSAGE_ID_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+@dataclass(frozen=True)
+class SMTPTarget:
+    """What ``LACUNA_EMAIL_SMTP_URL`` says. ``repr`` never shows the password."""
+
+    host: str
+    port: int
+    use_tls: bool
+    start_tls: bool
+    username: str | None
+    password: str | None
+
+    def __repr__(self) -> str:
+        user = f"{self.username}:***@" if self.username else ""
+        scheme = "smtps" if self.use_tls else "smtp"
+        return f"SMTPTarget({scheme}://{user}{self.host}:{self.port}, starttls={self.start_tls})"
+
+    @property
+    def where(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def parse_smtp_url(value: str, var: str) -> SMTPTarget:
+    """Parse ``smtp(s)://``; raise ``ConfigError`` naming ``var`` (never the password)."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("smtp", "smtps"):
+        raise ConfigError(f"{var} must start with smtp:// or smtps://")
+    try:
+        host = parts.hostname
+        port = parts.port
+    except ValueError:
+        raise ConfigError(f"{var} has an invalid port") from None
+    if not host:
+        raise ConfigError(f"{var} has no host")
+    start_tls = False
+    for key, raw in parse_qsl(parts.query, keep_blank_values=True):
+        if key != "starttls":
+            raise ConfigError(f"{var}: unknown option {key!r} (known: starttls)")
+        try:
+            start_tls = parse_bool(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{var}: starttls {exc}") from None
+    use_tls = parts.scheme == "smtps"
+    if use_tls and start_tls:
+        raise ConfigError(f"{var}: smtps:// is already TLS; drop ?starttls=true")
+    if port is None:
+        port = 465 if use_tls else 587 if start_tls else 25
+    username = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password is not None else None
+    return SMTPTarget(host, port, use_tls, start_tls, username, password)
+
+
+def _address(value: str, var: str) -> str:
+    if "\r" in value or "\n" in value:
+        raise ConfigError(f"{var} must not contain line breaks")
+    _, addr = parseaddr(value)
+    if not addr or "@" not in addr or addr.startswith("@") or addr.endswith("@"):
+        raise ConfigError(f"{var}: {value!r} is not an email address")
+    return value.strip()
+
+
+def _header_text(text: str, limit: int = 200) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
+def message_id(event_id: str, sender: str) -> str:
+    """``<lacuna.{event id}@{sender's domain}>``: the same for every mail about one event."""
+    domain = parseaddr(sender)[1].rpartition("@")[2] or "lacuna-webhooks.invalid"
+    return f"<lacuna.{_MESSAGE_ID_UNSAFE.sub('_', event_id)}@{domain}>"
+
+
+def _link_html(url: str, label: str) -> str:
+    if url.startswith(("https://", "http://")):
+        return f'<a href="{html.escape(url, quote=True)}">{html.escape(label)}</a>'
+    return html.escape(label)
+
+
+def compose(event: Event, sender: str, recipients: list[str]) -> EmailMessage:
+    """The mail for ``event``; ``PermanentError`` when its tracks are malformed."""
+    text_lines: list[str] = []
+    html_parts: list[str] = []
+    if event.type == "job.completed":
+        done = parse_completed(event)
+        subject = f"{done.title} is ready"
+        text_lines.append(f"{done.title} is ready.")
+        html_parts.append(f"<h2>{html.escape(done.title)} is ready</h2>")
+        if done.style:
+            text_lines.append(f"Style: {done.style}")
+            html_parts.append(f"<p>Style: {html.escape(done.style)}</p>")
+        text_lines.append("")
+        items = []
+        for index, track in enumerate(done.tracks, start=1):
+            label = track.title or track.id
+            duration = format_duration(track.duration_seconds)
+            text_lines.append(f"{index}. {label} ({duration}): {track.audio_url}")
+            items.append(f"<li>{_link_html(track.audio_url, label)} ({duration})</li>")
+        html_parts.append(f"<ol>{''.join(items)}</ol>")
+    elif event.type == "job.failed":
+        failed = parse_failed(event)
+        subject = f"{failed.title} failed: {failed.code}"
+        text_lines.append(f"{failed.title} failed.")
+        text_lines.append(
+            f"Error: {failed.code}" + (f": {failed.message}" if failed.message else "")
+        )
+        html_parts.append(f"<h2>{html.escape(failed.title)} failed</h2>")
+        html_parts.append(
+            f"<p>Error: <code>{html.escape(failed.code)}</code>"
+            + (f" {html.escape(failed.message)}" if failed.message else "")
+            + "</p>"
+        )
+        if failed.credits_refunded is not None:
+            text_lines.append(f"Credits refunded: {failed.credits_refunded:g}")
+            html_parts.append(f"<p>Credits refunded: {failed.credits_refunded:g}</p>")
+    else:
+        subject = f"{title_of(event)}: {event.type}"
+        text_lines.append(subject)
+        html_parts.append(f"<h2>{html.escape(subject)}</h2>")
+    footer = f"Task {event.task_id or '-'} · event {event.id}"
+    text_lines += ["", f"-- {footer}"]
+    html_parts.append(f'<p style="color:#666;font-size:small">{html.escape(footer)}</p>')
+
+    msg = EmailMessage()
+    msg["Subject"] = _header_text(subject)
+    msg["From"] = sender
+    msg["To"] = ", ".join(recipients)
+    msg["Date"] = format_datetime(datetime.now(UTC))
+    msg["Message-ID"] = message_id(event.id, sender)
+    msg["X-Lacuna-Event-Id"] = _header_text(event.id, 255)
+    msg.set_content("\n".join(text_lines) + "\n")
+    msg.add_alternative(
+        "<!doctype html><html><body>" + "".join(html_parts) + "</body></html>\n", subtype="html"
+    )
+    return msg
+
+
+class EmailHandler:
+    """Mails each event to ``LACUNA_EMAIL_TO`` (see the module docstring)."""
+
+    name = "email"
+    events: frozenset[str] | None = frozenset({"job.completed", "job.failed"})
+
+    def __init__(self, ctx: HandlerContext) -> None:
+        self.name = ctx.name
+        self.target = parse_smtp_url(ctx.require("SMTP_URL"), ctx.env_name("SMTP_URL"))
+        self.sender = _address(ctx.require("FROM"), ctx.env_name("FROM"))
+        self.recipients = [
+            _address(item, ctx.env_name("TO"))
+            for item in ctx.require("TO").split(",")
+            if item.strip()
+        ]
+        if not self.recipients:
+            raise ConfigError(f"{ctx.env_name('TO')} names no recipient")
+        ca_file = ctx.get("CA_FILE")
+        self.tls_context: ssl.SSLContext | None = None
+        if ca_file is not None:
+            try:
+                self.tls_context = ssl.create_default_context(cafile=ca_file)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConfigError(
+                    f"{ctx.env_name('CA_FILE')}: cannot load {ca_file}: {exc}"
+                ) from None
+        self.connect_timeout_seconds, self.timeout_seconds = network_timeouts(ctx)
+
+    async def handle(self, event: Event) -> None:
+        msg = compose(event, self.sender, self.recipients)
+        where = self.target.where
+        try:
+            refused = await self._send(msg)
+        except aiosmtplib.SMTPRecipientsRefused as exc:
+            codes = [r.code for r in exc.recipients]
+            detail = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in exc.recipients)
+            if codes and all(code >= 500 for code in codes):
+                raise PermanentError(f"{where} refused every recipient: {detail}") from None
+            raise RetryLater(f"{where} refused the recipients for now: {detail}") from None
+        except aiosmtplib.SMTPResponseException as exc:
+            detail = f"{where} answered {exc.code} {exc.message}"
+            if exc.code >= 500:
+                raise PermanentError(detail) from None
+            raise RetryLater(detail) from None
+        except aiosmtplib.SMTPNotSupported as exc:
+            raise PermanentError(f"{where}: {exc}") from None
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            raise RetryLater(
+                f"sending mail through {where} failed: {type(exc).__name__}: {exc}"
+            ) from None
+        if refused:
+            logger.warning(
+                "handler.email.recipients_refused",
+                event_id=event.id,
+                refused={addr: f"{r.code} {r.message}" for addr, r in refused.items()},
+            )
+        logger.info(
+            "handler.email.sent",
+            event_id=event.id,
+            event_type=event.type,
+            smtp=where,
+            recipients=len(self.recipients) - len(refused),
+            message_id=msg["Message-ID"],
+        )
+
+    async def _send(self, msg: EmailMessage) -> dict[str, aiosmtplib.SMTPResponse]:
+        """Connect (within the connect timeout), log in if asked, send, quit."""
+        client = aiosmtplib.SMTP(
+            hostname=self.target.host,
+            port=self.target.port,
+            username=self.target.username,
+            password=self.target.password,
+            use_tls=self.target.use_tls,
+            start_tls=self.target.start_tls,
+            tls_context=self.tls_context,
+            timeout=self.timeout_seconds,
+        )
+        await client.connect(timeout=self.connect_timeout_seconds)
+        try:
+            refused, _ = await client.send_message(
+                msg,
+                sender=parseaddr(self.sender)[1],
+                recipients=[parseaddr(r)[1] for r in self.recipients],
+            )
+        finally:
+            try:
+                await client.quit()
+            except aiosmtplib.SMTPException:
+                client.close()  # the mail's fate is already decided; just drop the line
+        return refused
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,171 @@
+"""The ``slack`` handler: posts a Block Kit message to a Slack incoming webhook.
+
+``job.completed``: the title, the style, and one line per track with its
+duration and a link to the audio. ``job.failed``: the title, the error code
+and message, and the credits refunded. Any other type (when subscribed with
+``LACUNA_SLACK_EVENTS``): the title and the event type.
+
+The webhook URL is a secret (anyone holding it can post): it is never logged
+or put in an error message in full. Calls go through ``_http.OutboundClient``
+(https only, public addresses only, timeouts, no redirects followed).
+
+Slack's answers: 200 is done; 429 is retried after its ``Retry-After``; 408
+and 5xx are retried; a redirect or any other 4xx (``invalid_payload``,
+``no_service``, ``channel_is_archived``...) is permanent, with Slack's reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import orjson
+import structlog
+
+from ..errors import ConfigError, PermanentError, RetryLater
+from ..logs import redact_url
+from ..models import Event
+from ._common import (
+    format_duration,
+    network_timeouts,
+    parse_completed,
+    parse_failed,
+    title_of,
+)
+from ._http import OutboundClient, UnsafeURL, check_url, retry_after_seconds, transport_failure
+from .base import HandlerContext
+
+logger = structlog.get_logger("lacuna_webhooks.handlers.slack")
+
+MAX_TRACK_BLOCKS = 20  # Slack allows 50 blocks per message; the rest is summarised
+HEADER_LIMIT = 150  # Slack's limit for a header block's text
+SECTION_LIMIT = 3000  # ...and for a section's text
+
+
+def escape(text: str) -> str:
+    """Escape the three characters Slack's mrkdwn treats as control characters."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _link(url: str, label: str) -> str:
+    """``<url|label>`` for a plain http(s) URL; just the label when the URL is odd."""
+    safe = url.startswith(("https://", "http://")) and not any(c in url for c in "<>| \n\r\t")
+    return f"<{url}|{escape(label)}>" if safe else escape(label)
+
+
+def _context(event: Event) -> dict[str, Any]:
+    parts = [f"task `{escape(event.task_id)}`"] if event.task_id else []
+    parts.append(f"event `{escape(event.id)}`")
+    return {"type": "context", "elements": [{"type": "mrkdwn", "text": " · ".join(parts)}]}
+
+
+def _header(text: str) -> dict[str, Any]:
+    return {
+        "type": "header",
+        "text": {"type": "plain_text", "text": _clip(text, HEADER_LIMIT), "emoji": True},
+    }
+
+
+def _section(text: str) -> dict[str, Any]:
+    return {"type": "section", "text": {"type": "mrkdwn", "text": _clip(text, SECTION_LIMIT)}}
+
+
+def build_message(event: Event) -> dict[str, Any]:
+    """The JSON body to post for ``event``; ``PermanentError`` when its tracks are malformed."""
+    if event.type == "job.completed":
+        done = parse_completed(event)
+        count = len(done.tracks)
+        summary = f"{done.title} is ready ({count} track{'s' if count != 1 else ''})"
+        blocks = [_header(f"{done.title} is ready")]
+        if done.style:
+            blocks.append(_section(f"*Style:* {escape(done.style)}"))
+        for index, track in enumerate(done.tracks[:MAX_TRACK_BLOCKS], start=1):
+            label = track.title or track.id
+            blocks.append(
+                _section(
+                    f"*{index}.* {_link(track.audio_url, label)} · "
+                    f"{format_duration(track.duration_seconds)}"
+                )
+            )
+        if count > MAX_TRACK_BLOCKS:
+            blocks.append(_section(f"…and {count - MAX_TRACK_BLOCKS} more tracks"))
+    elif event.type == "job.failed":
+        failed = parse_failed(event)
+        summary = f"{failed.title} failed: {failed.code}"
+        blocks = [_header(f"{failed.title} failed")]
+        lines = [f"*Error:* `{escape(failed.code)}`"]
+        if failed.message:
+            lines.append(escape(failed.message))
+        blocks.append(_section("\n".join(lines)))
+        if failed.credits_refunded is not None:
+            blocks.append(_section(f"*Credits refunded:* {failed.credits_refunded:g}"))
+    else:
+        summary = f"{title_of(event)}: {event.type}"
+        blocks = [_header(summary)]
+        if event.task_status:
+            blocks.append(_section(f"*Status:* {escape(event.task_status)}"))
+    blocks.append(_context(event))
+    return {"text": summary, "blocks": blocks}
+
+
+class SlackHandler:
+    """Posts each event to ``LACUNA_SLACK_WEBHOOK_URL`` (see the module docstring)."""
+
+    name = "slack"
+    events: frozenset[str] | None = frozenset({"job.completed", "job.failed"})
+
+    def __init__(self, ctx: HandlerContext) -> None:
+        self.name = ctx.name
+        var = ctx.env_name("WEBHOOK_URL")
+        self.url = ctx.require("WEBHOOK_URL")
+        try:
+            check_url(self.url, allow_private=ctx.allow_private_urls, what=var)
+        except UnsafeURL as exc:
+            raise ConfigError(exc.message) from None
+        connect_seconds, read_seconds = network_timeouts(ctx)
+        self.http = OutboundClient(
+            allow_private=ctx.allow_private_urls,
+            connect_timeout_seconds=connect_seconds,
+            read_timeout_seconds=read_seconds,
+        )
+
+    def __repr__(self) -> str:
+        return f"SlackHandler(url={redact_url(self.url)!r})"
+
+    async def handle(self, event: Event) -> None:
+        body = orjson.dumps(build_message(event))
+        target = redact_url(self.url)
+        try:
+            response, text = await self.http.post(
+                self.url,
+                what="the Slack webhook",
+                content=body,
+                headers={"content-type": "application/json"},
+            )
+        except httpx.HTTPError as exc:
+            raise transport_failure(exc, what="posting to Slack", url=self.url) from None
+        status = response.status_code
+        reason = text.strip()[:200] or response.reason_phrase
+        if status == 200:
+            logger.info("handler.slack.posted", event_id=event.id, event_type=event.type)
+            return
+        logger.warning(
+            "handler.slack.refused", event_id=event.id, status=status, reason=reason, url=target
+        )
+        if status == 429 or status == 408 or status >= 500:
+            raise RetryLater(
+                f"Slack answered HTTP {status}: {reason}",
+                delay_seconds=retry_after_seconds(response.headers.get("retry-after")),
+            )
+        if 300 <= status < 400:
+            raise PermanentError(
+                f"Slack answered HTTP {status} (a redirect): check LACUNA_SLACK_WEBHOOK_URL"
+            )
+        raise PermanentError(f"Slack refused the message: HTTP {status}: {reason}")
+
+    async def aclose(self) -> None:
+        await self.http.aclose()

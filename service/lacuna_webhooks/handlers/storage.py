@@ -1,0 +1,570 @@
+"""The ``storage`` handler: copy every track of a finished job to a folder or an S3 bucket.
+
+On ``job.completed`` it downloads each track's ``audio_url`` (through
+``_http.OutboundClient``: https only, public addresses only, timeouts, bounded
+redirects) and streams it to ``LACUNA_STORAGE_URL`` without holding a whole
+file in memory. Layout under the folder or bucket prefix::
+
+    {task_id}/{track_id}.{ext}     the audio (ext from the track's format, the URL or
+                                   the Content-Type; ``bin`` when none is known)
+    {task_id}/event.json           the event, and per stored track: file, size, sha256
+
+Guarantees:
+
+- nothing partial ever appears under a final name: a folder write goes to a
+  hidden temporary file in the same directory, fsynced, then ``os.replace``d;
+  an S3 write is one PUT or one multipart upload, which S3 makes visible only
+  when complete;
+- ``event.json`` is rewritten (atomically) after every stored track, so a
+  retry skips the tracks already stored: a track listed there whose file is
+  present with the recorded size (and, in a folder, the recorded sha256) is not
+  fetched again;
+- a file larger than ``LACUNA_STORAGE_MAX_BYTES`` is refused while streaming.
+
+Outcomes: HTTP 404/410 from the audio host, a refused URL, a malformed event
+or an oversized file is permanent; 5xx, 408, 429, timeouts and resets are
+retried (``Retry-After`` honoured). S3 refusing the credentials, or a missing
+bucket, is permanent (the settings are read once at start, so retrying with
+them cannot succeed; retry dead deliveries after fixing them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import uuid
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path, PurePosixPath
+from typing import IO, TYPE_CHECKING, Any, Protocol
+from urllib.parse import unquote, urlsplit
+
+import httpx
+import obstore
+import orjson
+import structlog
+from obstore.exceptions import (
+    BaseError as ObjectStoreError,
+)
+from obstore.exceptions import (
+    NotFoundError,
+    PermissionDeniedError,
+    UnauthenticatedError,
+)
+from obstore.store import S3Store
+
+from ..errors import ConfigError, PermanentError, RetryLater
+from ..logs import redact_url
+from ..models import Event
+from ._common import Track, int_setting, network_timeouts, parse_completed
+from ._http import OutboundClient, retry_after_seconds, transport_failure
+from .base import HandlerContext
+
+if TYPE_CHECKING:
+    from obstore.store import ClientConfig, RetryConfig, S3Config
+
+logger = structlog.get_logger("lacuna_webhooks.handlers.storage")
+
+DEFAULT_MAX_BYTES = 500 * 1024 * 1024
+CHUNK_BYTES = 256 * 1024
+S3_PART_BYTES = 8 * 1024 * 1024
+MANIFEST = "event.json"
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+# Task and track ids become path segments: keep them to a safe, portable alphabet.
+SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SAFE_EXT = re.compile(r"^[a-z0-9]{1,5}$")
+AUDIO_EXTENSIONS = frozenset({"mp3", "wav", "flac", "ogg", "oga", "opus", "m4a", "aac", "webm"})
+CONTENT_TYPE_EXT = {
+    "audio/mpeg": "mp3",
+    "audio/mp3": "mp3",
+    "audio/wav": "wav",
+    "audio/wave": "wav",
+    "audio/x-wav": "wav",
+    "audio/vnd.wave": "wav",
+    "audio/flac": "flac",
+    "audio/x-flac": "flac",
+    "audio/ogg": "ogg",
+    "audio/opus": "opus",
+    "audio/mp4": "m4a",
+    "audio/x-m4a": "m4a",
+    "audio/aac": "aac",
+    "audio/webm": "webm",
+}
+EXT_CONTENT_TYPE = {ext: ctype for ctype, ext in reversed(CONTENT_TYPE_EXT.items())}
+RETRYABLE_STATUSES = frozenset({408, 425, 429})
+
+
+class Sink(Protocol):
+    """Where files go. Keys are ``task/file`` relative to the configured folder or prefix."""
+
+    def location(self, key: str) -> str: ...
+
+    async def read(self, key: str, *, limit: int) -> bytes | None: ...
+
+    async def holds(self, key: str, *, size: int, sha256: str) -> bool: ...
+
+    async def write_stream(
+        self, key: str, chunks: AsyncIterator[bytes], *, content_type: str
+    ) -> None: ...
+
+    async def write_bytes(self, key: str, data: bytes, *, content_type: str) -> None: ...
+
+
+class FolderSink:
+    """A local folder (``file:///abs/dir``). Writes: temporary name, fsync, ``os.replace``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _path(self, key: str) -> Path:
+        return self.root.joinpath(*key.split("/"))
+
+    def location(self, key: str) -> str:
+        return self._path(key).as_uri()
+
+    async def read(self, key: str, *, limit: int) -> bytes | None:
+        path = self._path(key)
+
+        def read() -> bytes | None:
+            try:
+                with path.open("rb") as f:
+                    return f.read(limit + 1)
+            except FileNotFoundError:
+                return None
+
+        data = await asyncio.to_thread(read)
+        if data is not None and len(data) > limit:
+            raise PermanentError(f"{self.location(key)} is larger than {limit} bytes")
+        return data
+
+    async def holds(self, key: str, *, size: int, sha256: str) -> bool:
+        """True when the file exists with this size and sha256 (hashed locally: cheap)."""
+        path = self._path(key)
+
+        def check() -> bool:
+            try:
+                if path.stat().st_size != size:
+                    return False
+                digest = hashlib.sha256()
+                with path.open("rb") as f:
+                    while block := f.read(1024 * 1024):
+                        digest.update(block)
+            except FileNotFoundError:
+                return False
+            return digest.hexdigest() == sha256
+
+        return await asyncio.to_thread(check)
+
+    async def write_stream(
+        self, key: str, chunks: AsyncIterator[bytes], *, content_type: str
+    ) -> None:
+        path = self._path(key)
+        await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
+        # Same directory as the target, so os.replace is an atomic rename; hidden and
+        # suffixed so no tool mistakes it for a finished file.
+        temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
+        f: IO[bytes] = await asyncio.to_thread(temp.open, "xb")
+        try:
+            async for chunk in chunks:
+                await asyncio.to_thread(f.write, chunk)
+            await asyncio.to_thread(_flush_and_close, f)
+            await asyncio.to_thread(os.replace, temp, path)
+            await asyncio.to_thread(_fsync_dir, path.parent)
+        except BaseException:
+            f.close()
+            temp.unlink(missing_ok=True)
+            raise
+
+    async def write_bytes(self, key: str, data: bytes, *, content_type: str) -> None:
+        async def one() -> AsyncIterator[bytes]:
+            yield data
+
+        await self.write_stream(key, one(), content_type=content_type)
+
+
+def _flush_and_close(f: IO[bytes]) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+    f.close()
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the rename itself durable; not every platform can open a directory.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class S3Sink:
+    """An S3 (or S3-compatible) bucket and prefix, through obstore."""
+
+    def __init__(self, store: S3Store, bucket: str, prefix: str) -> None:
+        self.store = store
+        self.bucket = bucket
+        self.prefix = prefix
+
+    def location(self, key: str) -> str:
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        return f"s3://{self.bucket}/{prefix}{key}"
+
+    async def read(self, key: str, *, limit: int) -> bytes | None:
+        with self._errors():
+            try:
+                meta = await obstore.head_async(self.store, key)
+                if meta["size"] > limit:
+                    raise PermanentError(f"{self.location(key)} is larger than {limit} bytes")
+                result = await obstore.get_async(self.store, key)
+                return bytes(await result.bytes_async())
+            except (NotFoundError, FileNotFoundError):
+                return None
+
+    async def holds(self, key: str, *, size: int, sha256: str) -> bool:
+        """True when the object exists with this size (its sha256 is the manifest's record)."""
+        with self._errors():
+            try:
+                meta = await obstore.head_async(self.store, key)
+            except (NotFoundError, FileNotFoundError):
+                return False
+        return meta["size"] == size
+
+    async def write_stream(
+        self, key: str, chunks: AsyncIterator[bytes], *, content_type: str
+    ) -> None:
+        # A multipart upload is invisible until completed, and aborted when the
+        # stream raises: the object appears whole or not at all.
+        with self._errors():
+            await obstore.put_async(
+                self.store,
+                key,
+                chunks,
+                attributes={"Content-Type": content_type},
+                chunk_size=S3_PART_BYTES,
+                max_concurrency=2,
+            )
+
+    async def write_bytes(self, key: str, data: bytes, *, content_type: str) -> None:
+        with self._errors():
+            await obstore.put_async(
+                self.store,
+                key,
+                data,
+                attributes={"Content-Type": content_type},
+                use_multipart=False,
+            )
+
+    @contextmanager
+    def _errors(self) -> Iterator[None]:
+        """obstore's errors as ours: refused credentials and a missing bucket are permanent."""
+        where = self.location("")
+        try:
+            yield
+        except (PermissionDeniedError, UnauthenticatedError) as exc:
+            raise PermanentError(
+                f"{where}: S3 refused the credentials (AWS_ACCESS_KEY_ID / "
+                f"AWS_SECRET_ACCESS_KEY): {_s3_reason(exc)}"
+            ) from None
+        except (NotFoundError, FileNotFoundError) as exc:
+            # Missing keys are handled by the callers; what is left is the bucket.
+            raise PermanentError(f"{where}: the bucket does not exist: {_s3_reason(exc)}") from None
+        except ObjectStoreError as exc:
+            raise RetryLater(f"{where}: S3 request failed: {_s3_reason(exc)}") from None
+
+
+def _s3_reason(exc: BaseException) -> str:
+    """The S3 error code when the reply carries one, else the first line, shortened."""
+    text = str(exc)
+    code = re.search(r"<Code>([A-Za-z0-9]+)</Code>", text)
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    first = first.split(" - Server returned", 1)[0]
+    reason = first if len(first) <= 300 else first[:299] + "…"
+    return f"{code.group(1)} ({reason})" if code else reason
+
+
+def open_sink(ctx: HandlerContext) -> Sink:
+    """Build the sink for ``LACUNA_STORAGE_URL``; raise ``ConfigError`` naming the variable."""
+    var = ctx.env_name("URL")
+    url = ctx.require("URL")
+    parts = urlsplit(url)
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise ConfigError(f"{var} must be file:///absolute/dir (no host), got {url!r}")
+        root = Path(unquote(parts.path))
+        if not root.is_absolute() or not parts.path.startswith("/"):
+            raise ConfigError(f"{var} must name an absolute folder: file:///abs/dir")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"{var}: cannot create {root}: {exc.strerror}") from None
+        if not os.access(root, os.W_OK | os.X_OK):
+            raise ConfigError(f"{var}: {root} is not writable")
+        return FolderSink(root)
+    if parts.scheme == "s3":
+        return _s3_sink(ctx, parts.netloc, parts.path.strip("/"))
+    raise ConfigError(f"{var} must be file:///abs/dir or s3://bucket/prefix, got {url!r}")
+
+
+def _s3_sink(ctx: HandlerContext, bucket: str, prefix: str) -> S3Sink:
+    env: Mapping[str, str] = ctx.environ
+
+    def first(*values: str | None) -> str | None:
+        for value in values:
+            if value is not None and value.strip():
+                return value.strip()
+        return None
+
+    if not bucket:
+        raise ConfigError(f"{ctx.env_name('URL')} must name a bucket: s3://bucket/prefix")
+    config: S3Config = {
+        "region": first(ctx.get("S3_REGION"), env.get("AWS_REGION"), env.get("AWS_DEFAULT_REGION"))
+        or "us-east-1"
+    }
+    client: ClientConfig = {}
+    endpoint = first(
+        ctx.get("S3_ENDPOINT"), env.get("AWS_ENDPOINT_URL_S3"), env.get("AWS_ENDPOINT_URL")
+    )
+    if endpoint:
+        scheme = urlsplit(endpoint).scheme
+        if scheme not in ("http", "https") or not urlsplit(endpoint).netloc:
+            raise ConfigError(
+                f"{ctx.env_name('S3_ENDPOINT')} (or AWS_ENDPOINT_URL) must be an http(s) URL"
+            )
+        config["endpoint"] = endpoint.rstrip("/")
+        # The endpoint is the operator's own choice (MinIO on a private network is normal),
+        # so plain http is allowed when it is spelled out.
+        client["allow_http"] = scheme == "http"
+    key_id = first(env.get("AWS_ACCESS_KEY_ID"))
+    secret = first(env.get("AWS_SECRET_ACCESS_KEY"))
+    if bool(key_id) != bool(secret):
+        raise ConfigError("AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY must be set together")
+    if key_id and secret:
+        config["access_key_id"] = key_id
+        config["secret_access_key"] = secret
+        token = first(env.get("AWS_SESSION_TOKEN"))
+        if token:
+            config["session_token"] = token
+    connect_seconds, read_seconds = network_timeouts(ctx)
+    client["connect_timeout"] = timedelta(seconds=connect_seconds)
+    client["timeout"] = timedelta(seconds=ctx.timeout_seconds)
+    # obstore retries on its own too; keep that short so our schedule stays in charge.
+    retry: RetryConfig = {
+        "max_retries": 2,
+        "retry_timeout": timedelta(seconds=read_seconds),
+    }
+    try:
+        store = S3Store(
+            bucket, prefix=prefix or None, config=config, client_options=client, retry_config=retry
+        )
+    except (ObjectStoreError, ValueError) as exc:
+        raise ConfigError(f"{ctx.env_name('URL')}: cannot configure S3: {exc}") from None
+    return S3Sink(store, bucket, prefix)
+
+
+def _segment(value: str | None, what: str, event: Event) -> str:
+    if value is None or not SAFE_SEGMENT.match(value) or ".." in value:
+        raise PermanentError(
+            f"event {event.id}: {what} {value!r} cannot be used as a file name "
+            "(letters, digits, '.', '_', '-'; at most 128)"
+        )
+    return value
+
+
+def _extension(track: Track, response: httpx.Response) -> str:
+    candidates = [
+        (track.format or "").lower(),
+        PurePosixPath(response.url.path).suffix.lstrip(".").lower(),
+    ]
+    for candidate in candidates:
+        if candidate in AUDIO_EXTENSIONS:
+            return candidate
+    content_type = response.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if content_type in CONTENT_TYPE_EXT:
+        return CONTENT_TYPE_EXT[content_type]
+    return "bin"
+
+
+def _manifest_entries(raw: bytes | None) -> dict[str, dict[str, Any]]:
+    """Track id -> entry from an existing ``event.json``; anything malformed is ignored."""
+    if raw is None:
+        return {}
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return {}
+    tracks = doc.get("tracks") if isinstance(doc, dict) else None
+    entries: dict[str, dict[str, Any]] = {}
+    for entry in tracks if isinstance(tracks, list) else []:
+        if (
+            isinstance(entry, dict)
+            and isinstance(entry.get("id"), str)
+            and isinstance(entry.get("file"), str)
+            and SAFE_SEGMENT.match(entry["file"])
+            and isinstance(entry.get("size"), int)
+            and isinstance(entry.get("sha256"), str)
+        ):
+            entries[entry["id"]] = entry
+    return entries
+
+
+class StorageHandler:
+    """Copies the audio of every ``job.completed`` event to a folder or S3 (see the module)."""
+
+    name = "storage"
+    events: frozenset[str] | None = frozenset({"job.completed"})
+
+    def __init__(self, ctx: HandlerContext) -> None:
+        self.name = ctx.name
+        self.sink = open_sink(ctx)
+        self.max_bytes = int_setting(ctx, "MAX_BYTES", DEFAULT_MAX_BYTES)
+        connect_seconds, read_seconds = network_timeouts(ctx)
+        self.http = OutboundClient(
+            allow_private=ctx.allow_private_urls,
+            connect_timeout_seconds=connect_seconds,
+            read_timeout_seconds=read_seconds,
+        )
+
+    async def handle(self, event: Event) -> None:
+        if event.type != "job.completed":
+            logger.info("handler.storage.skipped", event_id=event.id, event_type=event.type)
+            return
+        completed = parse_completed(event)
+        task_id = _segment(completed.task_id, "data.id (task id)", event)
+        seen: set[str] = set()
+        for track in completed.tracks:
+            _segment(track.id, "track id", event)
+            if track.id in seen:
+                raise PermanentError(f"event {event.id}: track id {track.id!r} appears twice")
+            seen.add(track.id)
+        manifest_key = f"{task_id}/{MANIFEST}"
+        try:
+            stored = _manifest_entries(await self.sink.read(manifest_key, limit=MAX_MANIFEST_BYTES))
+            done: dict[str, dict[str, Any]] = {}
+            for track in completed.tracks:
+                entry = stored.get(track.id)
+                if entry is not None and await self.sink.holds(
+                    f"{task_id}/{entry['file']}", size=entry["size"], sha256=entry["sha256"]
+                ):
+                    logger.info(
+                        "handler.storage.track_already_stored",
+                        event_id=event.id,
+                        task_id=task_id,
+                        track_id=track.id,
+                        location=self.sink.location(f"{task_id}/{entry['file']}"),
+                    )
+                else:
+                    entry = await self._store_track(event, task_id, track)
+                done[track.id] = entry
+                complete = len(done) == len(completed.tracks)
+                await self._write_manifest(event, task_id, completed.tracks, done, complete)
+        except OSError as exc:
+            raise RetryLater(f"writing under {self.sink.location('')} failed: {exc}") from None
+        logger.info(
+            "handler.storage.stored",
+            event_id=event.id,
+            task_id=task_id,
+            tracks=len(done),
+            location=self.sink.location(f"{task_id}/"),
+        )
+
+    async def _store_track(self, event: Event, task_id: str, track: Track) -> dict[str, Any]:
+        """Download one track and write it under its final name; return its manifest entry."""
+        what = f"audio for track {track.id}"
+        url = track.audio_url
+        try:
+            async with self.http.stream_get(
+                url, what=what, headers={"accept-encoding": "identity"}
+            ) as response:
+                self._check_response(response, what, url)
+                ext = _extension(track, response)
+                file_name = f"{track.id}.{ext}"
+                content_type = EXT_CONTENT_TYPE.get(ext, "application/octet-stream")
+                digest = hashlib.sha256()
+                size = 0
+
+                async def chunks() -> AsyncIterator[bytes]:
+                    nonlocal size
+                    async for chunk in response.aiter_bytes(CHUNK_BYTES):
+                        size += len(chunk)
+                        if size > self.max_bytes:
+                            raise PermanentError(
+                                f"{what} is larger than LACUNA_STORAGE_MAX_BYTES "
+                                f"({self.max_bytes} bytes)"
+                            )
+                        digest.update(chunk)
+                        yield chunk
+
+                key = f"{task_id}/{file_name}"
+                await self.sink.write_stream(key, chunks(), content_type=content_type)
+        except httpx.HTTPError as exc:
+            raise transport_failure(exc, what=f"downloading {what}", url=url) from None
+        entry = {
+            "id": track.id,
+            "file": file_name,
+            "size": size,
+            "sha256": digest.hexdigest(),
+            "content_type": content_type,
+            "stored_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        logger.info(
+            "handler.storage.track_stored",
+            event_id=event.id,
+            task_id=task_id,
+            track_id=track.id,
+            size=size,
+            sha256=entry["sha256"],
+            source=redact_url(url),
+            location=self.sink.location(key),
+        )
+        return entry
+
+    def _check_response(self, response: httpx.Response, what: str, url: str) -> None:
+        status = response.status_code
+        source = redact_url(url)
+        if status == 200:
+            length = response.headers.get("content-length", "")
+            if length.isdigit() and int(length) > self.max_bytes:
+                raise PermanentError(
+                    f"{what} is {length} bytes, more than LACUNA_STORAGE_MAX_BYTES "
+                    f"({self.max_bytes})"
+                )
+            return
+        if status in (404, 410):
+            raise PermanentError(f"{what} is gone: HTTP {status} from {source}")
+        if status >= 500 or status in RETRYABLE_STATUSES:
+            raise RetryLater(
+                f"{what}: HTTP {status} from {source}",
+                delay_seconds=retry_after_seconds(response.headers.get("retry-after")),
+            )
+        raise PermanentError(f"{what}: unexpected HTTP {status} from {source}")
+
+    async def _write_manifest(
+        self,
+        event: Event,
+        task_id: str,
+        tracks: tuple[Track, ...],
+        done: Mapping[str, dict[str, Any]],
+        complete: bool,
+    ) -> None:
+        doc = {
+            "task_id": task_id,
+            "event_id": event.id,
+            "complete": complete,
+            "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "tracks": [done[t.id] for t in tracks if t.id in done],
+            "event": event.payload,
+        }
+        await self.sink.write_bytes(
+            f"{task_id}/{MANIFEST}",
+            orjson.dumps(doc, option=orjson.OPT_INDENT_2),
+            content_type="application/json",
+        )
+
+    async def aclose(self) -> None:
+        await self.http.aclose()

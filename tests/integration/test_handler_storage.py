@@ -1,0 +1,459 @@
+"""The storage handler against real servers: an audio host, a folder, moto and SeaweedFS."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from pytest_httpserver import HTTPServer
+from werkzeug import Request, Response
+
+from lacuna_webhooks.errors import PermanentError, RetryLater
+from lacuna_webhooks.handlers._http import OutboundClient, UnsafeURL
+from lacuna_webhooks.handlers.base import HandlerContext
+from lacuna_webhooks.handlers.storage import StorageHandler
+from lacuna_webhooks.models import Event
+from tests.conftest import make_event
+from tests.integration.servers import (  # noqa: F401 - fixtures, used by name
+    S3Server,
+    moto_endpoint_fixture,
+    moto_s3_fixture,
+    seaweed_endpoint_fixture,
+    seaweed_s3_fixture,
+)
+
+AUDIO = bytes(range(256)) * 4096  # 1 MiB
+AUDIO_2 = b"second track " * 10_000
+MAX_BYTES = 2 * 1024 * 1024
+
+
+def as_event(payload: dict[str, Any]) -> Event:
+    return Event.from_body(orjson.dumps(payload))
+
+
+def completed(urls: list[str], *, task_id: str = "cm123abc", **data: Any) -> Event:
+    tracks = [
+        {"id": f"trk_{i:02d}", "audio_url": url, "duration": 182.4, "lyrics": None}
+        for i, url in enumerate(urls, start=1)
+    ]
+    return as_event(make_event(task_id=task_id, tracks=tracks, **data))
+
+
+def requests_to(server: HTTPServer, path: str) -> int:
+    return sum(1 for request, _ in server.log if request.path == path)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def files_under(root: Path) -> list[str]:
+    """Every file below ``root`` (hidden temporary files included), relative, sorted."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def make_handler(env: dict[str, str], *, allow_private: bool = True) -> StorageHandler:
+    defaults = {"LACUNA_STORAGE_READ_TIMEOUT": "1", "LACUNA_STORAGE_MAX_BYTES": str(MAX_BYTES)}
+    ctx = HandlerContext(
+        "storage", environ={**defaults, **env}, allow_private_urls=allow_private, timeout_seconds=20
+    )
+    return StorageHandler(ctx)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return tmp_path / "store"
+
+
+@pytest.fixture
+async def folder(root: Path) -> AsyncIterator[StorageHandler]:
+    handler = make_handler({"LACUNA_STORAGE_URL": root.as_uri()})
+    yield handler
+    await handler.aclose()
+
+
+def serve_audio(server: HTTPServer, path: str, data: bytes, **headers: str) -> str:
+    server.expect_request(path).respond_with_data(
+        data, content_type=headers.pop("content_type", "audio/mpeg"), headers=headers
+    )
+    return server.url_for(path)
+
+
+# --- folder ------------------------------------------------------------------------------
+
+
+async def test_folder_gets_each_track_and_an_event_json(
+    folder: StorageHandler, root: Path, httpserver: HTTPServer
+) -> None:
+    """Layout {task}/{track}.{ext} + {task}/event.json with the event, size and sha256."""
+    urls = [serve_audio(httpserver, "/a/one.mp3", AUDIO), serve_audio(httpserver, "/b", AUDIO_2)]
+    event = completed(urls)
+    await folder.handle(event)
+
+    assert files_under(root) == [
+        "cm123abc/event.json",
+        "cm123abc/trk_01.mp3",
+        "cm123abc/trk_02.mp3",
+    ]
+    assert (root / "cm123abc/trk_01.mp3").read_bytes() == AUDIO
+    assert (root / "cm123abc/trk_02.mp3").read_bytes() == AUDIO_2
+    manifest = orjson.loads((root / "cm123abc/event.json").read_bytes())
+    assert manifest["complete"] is True
+    assert manifest["event"] == event.payload
+    assert [(t["id"], t["file"], t["size"], t["sha256"]) for t in manifest["tracks"]] == [
+        ("trk_01", "trk_01.mp3", len(AUDIO), sha(AUDIO)),
+        ("trk_02", "trk_02.mp3", len(AUDIO_2), sha(AUDIO_2)),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "content_type", "ext"),
+    [("wav", "audio/mpeg", "wav"), (None, "audio/wav", "wav"), (None, "text/plain", "bin")],
+)
+async def test_extension_comes_from_format_then_url_then_content_type(
+    folder: StorageHandler,
+    root: Path,
+    httpserver: HTTPServer,
+    fmt: str | None,
+    content_type: str,
+    ext: str,
+) -> None:
+    """The track's ``format`` wins; a URL without a suffix falls back to the Content-Type."""
+    url = serve_audio(httpserver, "/audio", AUDIO_2, content_type=content_type)
+    payload = make_event(tracks=[{"id": "trk_01", "audio_url": url, "format": fmt}])
+    await folder.handle(as_event(payload))
+    assert (root / f"cm123abc/trk_01.{ext}").read_bytes() == AUDIO_2
+
+
+async def test_a_retry_does_not_fetch_stored_tracks_again(
+    folder: StorageHandler, root: Path, httpserver: HTTPServer
+) -> None:
+    """Handling the same event twice downloads each track once and changes nothing."""
+    event = completed([serve_audio(httpserver, "/one.mp3", AUDIO)])
+    await folder.handle(event)
+    await folder.handle(event)
+    assert requests_to(httpserver, "/one.mp3") == 1
+    assert (root / "cm123abc/trk_01.mp3").read_bytes() == AUDIO
+
+
+async def test_a_stored_file_that_no_longer_matches_its_sha256_is_fetched_again(
+    folder: StorageHandler, root: Path, httpserver: HTTPServer
+) -> None:
+    """Only a file whose sha256 matches event.json counts as already stored."""
+    event = completed([serve_audio(httpserver, "/one.mp3", AUDIO)])
+    await folder.handle(event)
+    damaged = bytearray(AUDIO)
+    damaged[0] ^= 0xFF
+    (root / "cm123abc/trk_01.mp3").write_bytes(bytes(damaged))
+    await folder.handle(event)
+    assert requests_to(httpserver, "/one.mp3") == 2
+    assert (root / "cm123abc/trk_01.mp3").read_bytes() == AUDIO
+
+
+async def test_a_failed_track_is_retried_without_refetching_the_others(
+    folder: StorageHandler, root: Path, httpserver: HTTPServer
+) -> None:
+    """event.json records finished tracks at once, so the retry fetches only what is missing."""
+    first = serve_audio(httpserver, "/one.mp3", AUDIO)
+    answers = [Response("busy", status=503), Response(AUDIO_2, content_type="audio/mpeg")]
+    httpserver.expect_request("/two.mp3").respond_with_handler(lambda _: answers.pop(0))
+    event = completed([first, httpserver.url_for("/two.mp3")])
+
+    with pytest.raises(RetryLater, match="HTTP 503"):
+        await folder.handle(event)
+    manifest = orjson.loads((root / "cm123abc/event.json").read_bytes())
+    assert manifest["complete"] is False
+    assert [t["id"] for t in manifest["tracks"]] == ["trk_01"]
+    assert files_under(root) == ["cm123abc/event.json", "cm123abc/trk_01.mp3"]
+
+    await folder.handle(event)
+    assert requests_to(httpserver, "/one.mp3") == 1
+    assert (root / "cm123abc/trk_02.mp3").read_bytes() == AUDIO_2
+    assert orjson.loads((root / "cm123abc/event.json").read_bytes())["complete"] is True
+
+
+@pytest.mark.parametrize("status", [404, 410])
+async def test_a_dead_audio_link_is_permanent(
+    folder: StorageHandler, root: Path, httpserver: HTTPServer, status: int
+) -> None:
+    """404 and 410 cannot get better: the delivery is dead, with the reason."""
+    httpserver.expect_request("/gone.mp3").respond_with_data("no", status=status)
+    with pytest.raises(PermanentError, match=f"gone: HTTP {status}"):
+        await folder.handle(completed([httpserver.url_for("/gone.mp3")]))
+    assert files_under(root) == []
+
+
+@pytest.mark.parametrize("status", [500, 502, 503])
+async def test_a_server_error_is_retried(
+    folder: StorageHandler, httpserver: HTTPServer, status: int
+) -> None:
+    """5xx from the audio host is transient."""
+    httpserver.expect_request("/x.mp3").respond_with_data("oops", status=status)
+    with pytest.raises(RetryLater, match=f"HTTP {status}") as caught:
+        await folder.handle(completed([httpserver.url_for("/x.mp3")]))
+    assert caught.value.delay_seconds is None
+
+
+async def test_429_is_retried_after_retry_after(
+    folder: StorageHandler, httpserver: HTTPServer
+) -> None:
+    """A rate-limited download asks to be retried after the host's Retry-After."""
+    httpserver.expect_request("/x.mp3").respond_with_data(
+        "slow down", status=429, headers={"Retry-After": "7"}
+    )
+    with pytest.raises(RetryLater) as caught:
+        await folder.handle(completed([httpserver.url_for("/x.mp3")]))
+    assert caught.value.delay_seconds == 7
+
+
+async def test_a_file_over_the_limit_is_refused_while_streaming(
+    folder: StorageHandler, root: Path, httpserver: HTTPServer
+) -> None:
+    """No Content-Length: the limit is enforced on the bytes, and no partial file is left."""
+
+    def endless(_: Request) -> Response:
+        def body() -> Iterator[bytes]:
+            for _ in range(4):
+                yield AUDIO
+
+        return Response(body(), content_type="audio/mpeg")  # chunked, no length
+
+    httpserver.expect_request("/huge.mp3").respond_with_handler(endless)
+    with pytest.raises(PermanentError, match="LACUNA_STORAGE_MAX_BYTES"):
+        await folder.handle(completed([httpserver.url_for("/huge.mp3")]))
+    assert files_under(root) == []
+
+
+async def test_a_declared_length_over_the_limit_is_refused_before_downloading(
+    folder: StorageHandler, root: Path, httpserver: HTTPServer
+) -> None:
+    """A Content-Length above the limit is refused from the headers alone."""
+    serve_audio(httpserver, "/big.mp3", AUDIO * 3)
+    with pytest.raises(PermanentError, match=f"{len(AUDIO) * 3} bytes"):
+        await folder.handle(completed([httpserver.url_for("/big.mp3")]))
+    assert files_under(root) == []
+
+
+async def test_a_stalled_download_times_out_and_leaves_no_partial_file(
+    folder: StorageHandler, root: Path, httpserver: HTTPServer
+) -> None:
+    """The read timeout ends a host that stops sending; the retry starts clean."""
+
+    served = threading.Event()
+
+    def stall(_: Request) -> Response:
+        def body() -> Iterator[bytes]:
+            try:
+                yield AUDIO[:1024]
+                time.sleep(2.5)  # longer than LACUNA_STORAGE_READ_TIMEOUT=1
+                yield AUDIO[1024:]
+            finally:
+                served.set()
+
+        return Response(body(), content_type="audio/mpeg")
+
+    httpserver.expect_request("/slow.mp3").respond_with_handler(stall)
+    with pytest.raises(RetryLater, match="ReadTimeout"):
+        await folder.handle(completed([httpserver.url_for("/slow.mp3")]))
+    assert files_under(root) == []
+    # The test server answers one request at a time: let it finish before the next test.
+    assert await asyncio.to_thread(served.wait, 10)
+
+
+async def test_redirects_are_followed(
+    folder: StorageHandler, root: Path, httpserver: HTTPServer
+) -> None:
+    """A CDN redirect is followed to the file."""
+    serve_audio(httpserver, "/real.mp3", AUDIO_2)
+    httpserver.expect_request("/short").respond_with_data(
+        "", status=302, headers={"Location": "/real.mp3"}
+    )
+    await folder.handle(completed([httpserver.url_for("/short")]))
+    assert (root / "cm123abc/trk_01.mp3").read_bytes() == AUDIO_2
+
+
+async def test_a_redirect_loop_is_permanent(folder: StorageHandler, httpserver: HTTPServer) -> None:
+    """Redirects are bounded."""
+    httpserver.expect_request("/loop").respond_with_data(
+        "", status=301, headers={"Location": "/loop"}
+    )
+    with pytest.raises(PermanentError, match="redirected more than 5 times"):
+        await folder.handle(completed([httpserver.url_for("/loop")]))
+    assert requests_to(httpserver, "/loop") == 6
+
+
+@pytest.mark.parametrize(
+    "target", ["http://169.254.169.254/latest/meta-data/", "http://10.0.0.1/x", "http://[::1]/x"]
+)
+async def test_a_redirect_to_a_private_address_is_refused(
+    httpserver: HTTPServer, target: str
+) -> None:
+    """Every hop is checked: a public-looking host cannot bounce us to metadata or the LAN.
+
+    The client trusts 127.0.0.1 only (to reach this test server), like any public
+    address; the hop it is redirected to is refused before any connection.
+    """
+    httpserver.expect_request("/bounce").respond_with_data(
+        "", status=302, headers={"Location": target}
+    )
+    client = OutboundClient(
+        allow_private=False,
+        allow_http=True,
+        trusted_networks=["127.0.0.1/32"],
+        connect_timeout_seconds=2,
+        read_timeout_seconds=2,
+    )
+    try:
+        with pytest.raises(UnsafeURL, match="non-public address"):
+            async with client.stream_get(
+                f"http://127.0.0.1:{httpserver.port}/bounce", what="audio"
+            ):
+                pass
+    finally:
+        await client.aclose()
+    assert requests_to(httpserver, "/bounce") == 1
+
+
+async def test_without_the_switch_only_https_to_public_addresses_is_used(
+    root: Path, httpserver: HTTPServer
+) -> None:
+    """LACUNA_ALLOW_PRIVATE_URLS=false: http is refused, and so is a name resolving to loopback."""
+    handler = make_handler({"LACUNA_STORAGE_URL": root.as_uri()}, allow_private=False)
+    try:
+        with pytest.raises(UnsafeURL, match="must be an https URL"):
+            await handler.handle(completed([serve_audio(httpserver, "/a.mp3", AUDIO)]))
+        with pytest.raises(UnsafeURL, match="localhost resolves to"):
+            await handler.handle(completed([f"https://localhost:{httpserver.port}/a.mp3"]))
+    finally:
+        await handler.aclose()
+    assert httpserver.log == []
+    assert files_under(root) == []
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        ({"tracks": None}, "data.tracks is missing"),
+        ({"tracks": "trk_01"}, "not a list"),
+        ({"tracks": []}, "is empty"),
+        ({"tracks": [{"id": "trk_01", "audio_url": 42}]}, "audio_url is missing or not a string"),
+        ({"tracks": [{"id": "../../etc", "audio_url": "https://x.example/a"}]}, "file name"),
+        ({"id": "a/b"}, "task id"),
+    ],
+)
+async def test_a_malformed_event_is_permanent(
+    folder: StorageHandler, root: Path, data: dict[str, Any], reason: str
+) -> None:
+    """Data the handler cannot use is a dead delivery with a clear reason, never a crash."""
+    payload = make_event()
+    payload["data"].update(data)
+    if payload["data"].get("tracks") is None:
+        payload["data"].pop("tracks")
+    with pytest.raises(PermanentError, match=reason):
+        await folder.handle(as_event(payload))
+    assert files_under(root) == []
+
+
+# --- S3 ------------------------------------------------------------------------------
+
+
+async def test_s3_gets_the_same_layout(moto_s3: S3Server, httpserver: HTTPServer) -> None:
+    """s3://bucket/prefix: objects under the prefix, with event.json and Content-Type."""
+    handler = make_handler(moto_s3.env("lacuna/audio"))
+    event = completed([serve_audio(httpserver, "/one.mp3", AUDIO)])
+    try:
+        await handler.handle(event)
+        await handler.handle(event)
+    finally:
+        await handler.aclose()
+    assert moto_s3.keys() == [
+        "lacuna/audio/cm123abc/event.json",
+        "lacuna/audio/cm123abc/trk_01.mp3",
+    ]
+    assert moto_s3.read("lacuna/audio/cm123abc/trk_01.mp3") == AUDIO
+    head = moto_s3.client().head_object(
+        Bucket=moto_s3.bucket, Key="lacuna/audio/cm123abc/trk_01.mp3"
+    )
+    assert head["ContentType"] == "audio/mpeg"
+    manifest = orjson.loads(moto_s3.read("lacuna/audio/cm123abc/event.json"))
+    assert manifest["tracks"][0]["sha256"] == sha(AUDIO)
+    assert requests_to(httpserver, "/one.mp3") == 1
+
+
+async def test_s3_streams_a_file_larger_than_one_part(
+    moto_s3: S3Server, httpserver: HTTPServer
+) -> None:
+    """A file above the 8 MiB part size goes up as a multipart upload, intact."""
+    big = AUDIO * 9
+    handler = make_handler(moto_s3.env(LACUNA_STORAGE_MAX_BYTES=str(len(big))))
+    try:
+        await handler.handle(completed([serve_audio(httpserver, "/big.wav", big)]))
+    finally:
+        await handler.aclose()
+    assert sha(moto_s3.read("cm123abc/trk_01.wav")) == sha(big)
+
+
+async def test_s3_never_shows_a_partial_object(moto_s3: S3Server, httpserver: HTTPServer) -> None:
+    """An upload stopped by the size limit leaves no object under the final name."""
+
+    def endless(_: Request) -> Response:
+        return Response((AUDIO for _ in range(4)), content_type="audio/mpeg")
+
+    httpserver.expect_request("/huge.mp3").respond_with_handler(endless)
+    handler = make_handler(moto_s3.env())
+    try:
+        with pytest.raises(PermanentError, match="LACUNA_STORAGE_MAX_BYTES"):
+            await handler.handle(completed([httpserver.url_for("/huge.mp3")]))
+    finally:
+        await handler.aclose()
+    assert moto_s3.keys() == []
+
+
+async def test_a_missing_bucket_is_permanent(moto_s3: S3Server, httpserver: HTTPServer) -> None:
+    """A bucket that does not exist is a settings problem, reported as such."""
+    env = moto_s3.env(LACUNA_STORAGE_URL="s3://no-such-bucket-here/x")
+    handler = make_handler(env)
+    try:
+        with pytest.raises(PermanentError, match="bucket does not exist"):
+            await handler.handle(completed([serve_audio(httpserver, "/a.mp3", AUDIO_2)]))
+    finally:
+        await handler.aclose()
+
+
+async def test_seaweedfs_accepts_the_right_keys(
+    seaweed_s3: S3Server, httpserver: HTTPServer
+) -> None:
+    """Signed requests (SigV4) against a server that checks them."""
+    prefix = f"t{time.monotonic_ns()}"
+    handler = make_handler(seaweed_s3.env(prefix))
+    try:
+        await handler.handle(completed([serve_audio(httpserver, "/a.mp3", AUDIO)]))
+    finally:
+        await handler.aclose()
+    assert seaweed_s3.keys(prefix) == [
+        f"{prefix}/cm123abc/event.json",
+        f"{prefix}/cm123abc/trk_01.mp3",
+    ]
+    assert seaweed_s3.read(f"{prefix}/cm123abc/trk_01.mp3") == AUDIO
+
+
+async def test_seaweedfs_refusing_the_keys_is_permanent(
+    seaweed_s3: S3Server, httpserver: HTTPServer
+) -> None:
+    """Wrong credentials: dead at once, the reason names the variables, nothing is stored."""
+    prefix = f"t{time.monotonic_ns()}"
+    handler = make_handler(seaweed_s3.env(prefix, AWS_SECRET_ACCESS_KEY="not-the-secret"))
+    try:
+        with pytest.raises(PermanentError, match="refused the credentials") as caught:
+            await handler.handle(completed([serve_audio(httpserver, "/a.mp3", AUDIO)]))
+    finally:
+        await handler.aclose()
+    assert "not-the-secret" not in str(caught.value)
+    assert seaweed_s3.keys(prefix) == []
