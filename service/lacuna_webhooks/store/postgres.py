@@ -526,12 +526,17 @@ class PostgresStore:
     async def wait_for_work(self, timeout_seconds: float) -> None:
         """Return when nudged (local accept, or a NOTIFY from any replica), else on timeout.
 
-        A nudge that arrived while nobody was waiting is kept, so work accepted
-        between a claim and the next wait is not left for the poll interval.
+        A nudge that arrived while nobody was waiting is kept until consumed here,
+        so work accepted between a claim and the next wait is not left for the
+        poll interval. Raise ``StoreUnavailable`` when the store is not open.
         """
+        if self._pool is None:
+            raise StoreUnavailable("The event store (PostgreSQL) is not open.")
         if not self._wakeup.is_set():
-            with contextlib.suppress(TimeoutError):
+            try:
                 await asyncio.wait_for(self._wakeup.wait(), timeout=max(timeout_seconds, 0.0))
+            except TimeoutError:
+                return  # only a consumed nudge is cleared: one arriving just now stays pending
         self._wakeup.clear()
 
     # -- admin and metrics ---------------------------------------------------------------------
