@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import os
 import secrets
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -93,6 +94,9 @@ def _serve(environ: Mapping[str, str], host: str | None, port: int | None) -> in
                 timeout_graceful_shutdown=int(settings.shutdown_timeout_seconds) or 1,
             )
             server = uvicorn.Server(config)
+            # uvicorn re-raises the signal that stopped it once it has shut down; after a
+            # graceful drain a SIGTERM should end the process with 0, not "killed by signal".
+            signal.signal(signal.SIGTERM, lambda signum, frame: None)
             await server.serve()
             if not server.started:
                 raise CommandError(f"could not listen on {config.host}:{config.port} (HOST, PORT)")

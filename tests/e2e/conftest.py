@@ -55,10 +55,10 @@ class Serve:
 
     def start(self, timeout: float = 30.0) -> Serve:
         self.starts += 1
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [CLI, "serve"], cwd=self.workdir, env=self.env, stdout=log, stderr=log
-        )
+        with self.log_path.open("ab") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [CLI, "serve"], cwd=self.workdir, env=self.env, stdout=log, stderr=log
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
