@@ -48,7 +48,7 @@ class Secret:
 
 
 def parse_bool(value: str) -> bool:
-    """``true/false``, ``1/0``, ``yes/no``, ``on/off`` (any case); raise ``ValueError`` otherwise."""
+    """``true/false``, ``1/0``, ``yes/no``, ``on/off``, any case; else ``ValueError``."""
     lowered = value.strip().lower()
     if lowered in _TRUE:
         return True

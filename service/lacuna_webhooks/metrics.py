@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 PREFIX = "lacuna_webhooks"
 
@@ -50,10 +50,6 @@ class Metrics:
             "How long the oldest due, unclaimed delivery has been waiting (0 when none).",
             registry=r,
         )
-
-    @property
-    def duplicates(self) -> float:
-        return self.received.labels("duplicate")._value.get()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
