@@ -439,17 +439,22 @@ def _closed_port() -> int:
 
 
 async def test_unreachable_server_raises_store_unavailable() -> None:
-    """A store pointed at a closed port raises StoreUnavailable from open() and ping(),
-    within its connect timeout (bounded here by wait_for), and holds nothing open."""
+    """A store pointed at a closed port raises StoreUnavailable from open(), ping() and
+    migrate(), within its connect timeout (bounded here by wait_for), holds nothing open,
+    and never puts the DSN's password in the error."""
     store = PostgresStore(
-        f"postgresql://postgres@127.0.0.1:{_closed_port()}/nothing", connect_timeout_seconds=2
+        f"postgresql://postgres:s3cret-pw@127.0.0.1:{_closed_port()}/nothing",
+        connect_timeout_seconds=2,
     )
-    with pytest.raises(StoreUnavailable):
+    with pytest.raises(StoreUnavailable) as raised:
         await asyncio.wait_for(store.open(), timeout=PROMPT)
+    assert "s3cret-pw" not in str(raised.value)
     with pytest.raises(StoreUnavailable):
         await asyncio.wait_for(store.ping(), timeout=PROMPT)
     with pytest.raises(StoreUnavailable):
         await asyncio.wait_for(store.migrate(), timeout=PROMPT)
+    with pytest.raises(StoreUnavailable):
+        await store.wait_for_work(0)
     await store.close()
 
 

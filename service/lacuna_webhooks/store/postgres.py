@@ -97,9 +97,12 @@ def _utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
+_CREDENTIALS = re.compile(r"://[^/@\s]+@")
+
+
 def _unavailable(exc: BaseException) -> StoreUnavailable:
-    # The exception text names the failure (refused, timeout, terminated...), never the DSN.
-    detail = str(exc) or type(exc).__name__
+    """The ``StoreUnavailable`` for a driver error, its text kept but any URL userinfo masked."""
+    detail = _CREDENTIALS.sub("://***@", str(exc) or type(exc).__name__)
     return StoreUnavailable(f"The event store (PostgreSQL) is unavailable: {detail}")
 
 
