@@ -234,7 +234,15 @@ class EmailHandler:
             raise RetryLater(detail) from None
         except aiosmtplib.SMTPNotSupported as exc:
             raise PermanentError(f"{where}: {exc}") from None
-        except (aiosmtplib.SMTPException, OSError) as exc:
+        except aiosmtplib.SMTPException as exc:
+            # aiosmtplib reports a missing STARTTLS/AUTH extension with the base class;
+            # the server will not grow one on retry, so that is permanent.
+            if type(exc) is aiosmtplib.SMTPException and "not supported" in str(exc):
+                raise PermanentError(f"{where}: {exc}") from None
+            raise RetryLater(
+                f"sending mail through {where} failed: {type(exc).__name__}: {exc}"
+            ) from None
+        except OSError as exc:
             raise RetryLater(
                 f"sending mail through {where} failed: {type(exc).__name__}: {exc}"
             ) from None

@@ -1,0 +1,208 @@
+"""The email handler against real aiosmtpd servers: plain, STARTTLS and implicit TLS."""
+
+from __future__ import annotations
+
+from email.message import Message
+from typing import Any
+
+import orjson
+import pytest
+from structlog.testing import capture_logs
+
+from lacuna_webhooks.errors import ConfigError, PermanentError, RetryLater
+from lacuna_webhooks.handlers.base import HandlerContext
+from lacuna_webhooks.handlers.email import EmailHandler
+from lacuna_webhooks.models import Event
+from tests.conftest import make_event
+from tests.integration.servers import (  # noqa: F401 - fixtures, used by name
+    SMTP_PASSWORD,
+    SMTPServer,
+    TLSAuthority,
+    free_port,
+    smtp_plain_fixture,
+    smtp_starttls_fixture,
+    smtp_tls_fixture,
+    tls_ca_fixture,
+)
+
+FROM = "Lacuna <lacuna@studio.example>"
+TO = "ana@example.com, bo@example.com"
+
+
+def as_event(payload: dict[str, Any]) -> Event:
+    return Event.from_body(orjson.dumps(payload))
+
+
+def make_handler(smtp_url: str, **env: str) -> EmailHandler:
+    environ = {
+        "LACUNA_EMAIL_SMTP_URL": smtp_url,
+        "LACUNA_EMAIL_FROM": FROM,
+        "LACUNA_EMAIL_TO": TO,
+        "LACUNA_EMAIL_READ_TIMEOUT": "5",
+        **env,
+    }
+    return EmailHandler(HandlerContext("email", environ=environ, timeout_seconds=20))
+
+
+def parts(message: Message) -> dict[str, str]:
+    """content type -> decoded text of each leaf part."""
+    found = {}
+    for part in message.walk():
+        if not part.is_multipart():
+            payload = part.get_payload(decode=True)
+            assert isinstance(payload, bytes)
+            found[part.get_content_type()] = payload.decode(part.get_content_charset() or "utf-8")
+    return found
+
+
+async def test_plain_smtp_delivers_text_and_html(smtp_plain: SMTPServer) -> None:
+    """job.completed: subject "<title> is ready", both alternatives, every recipient."""
+    handler = make_handler(smtp_plain.url())
+    await handler.handle(as_event(make_event("evt_mail_1")))
+
+    (message,) = smtp_plain.inbox.messages
+    assert message["Subject"] == "Late Night Study is ready"
+    assert message["From"] == FROM
+    assert message["To"] == TO
+    assert message["Message-ID"] == "<lacuna.evt_mail_1@studio.example>"
+    assert message.get_content_type() == "multipart/alternative"
+    bodies = parts(message)
+    assert "1. trk_01 (3:02): https://cdn.lacuna.example/tracks/trk_01.mp3" in bodies["text/plain"]
+    assert (
+        '<a href="https://cdn.lacuna.example/tracks/trk_01.mp3">trk_01</a>' in bodies["text/html"]
+    )
+    assert smtp_plain.inbox.envelopes == [
+        ("lacuna@studio.example", ["ana@example.com", "bo@example.com"])
+    ]
+
+
+async def test_job_failed_mail_names_the_error(smtp_plain: SMTPServer) -> None:
+    """Subject "<title> failed: <code>", body with message and refund."""
+    handler = make_handler(smtp_plain.url())
+    await handler.handle(as_event(make_event(event_type="job.failed")))
+    (message,) = smtp_plain.inbox.messages
+    assert message["Subject"] == "Late Night Study failed: provider_error"
+    text = parts(message)["text/plain"]
+    assert "Error: provider_error: Upstream failure." in text
+    assert "Credits refunded: 10" in text
+
+
+async def test_a_resent_mail_keeps_its_message_id(smtp_plain: SMTPServer) -> None:
+    """The Message-ID comes from the event id, so a retry's mail is recognisably the same."""
+    handler = make_handler(smtp_plain.url())
+    event = as_event(make_event("evt_again"))
+    await handler.handle(event)
+    await handler.handle(event)
+    ids = [m["Message-ID"] for m in smtp_plain.inbox.messages]
+    assert ids == ["<lacuna.evt_again@studio.example>"] * 2
+
+
+async def test_event_text_cannot_inject_html_or_headers(smtp_plain: SMTPServer) -> None:
+    """Titles are escaped in HTML and flattened in the subject."""
+    handler = make_handler(smtp_plain.url())
+    title = "<script>x</script>\r\nBcc: victim@example.com"
+    await handler.handle(as_event(make_event(title=title)))
+    (message,) = smtp_plain.inbox.messages
+    assert message["Bcc"] is None
+    assert "\n" not in message["Subject"]
+    assert "<script>" not in parts(message)["text/html"]
+    assert "&lt;script&gt;" in parts(message)["text/html"]
+
+
+async def test_starttls_with_login_and_a_private_ca(
+    smtp_starttls: SMTPServer, tls_ca: TLSAuthority
+) -> None:
+    """smtp://user:pass@host?starttls=true, the server's certificate checked against CA_FILE."""
+    handler = make_handler(smtp_starttls.url(), LACUNA_EMAIL_CA_FILE=tls_ca.ca_file)
+    await handler.handle(as_event(make_event()))
+    assert len(smtp_starttls.inbox.messages) == 1
+
+
+async def test_implicit_tls(smtp_tls: SMTPServer, tls_ca: TLSAuthority) -> None:
+    """smtps:// (TLS from the first byte), the certificate checked against CA_FILE."""
+    handler = make_handler(smtp_tls.url(), LACUNA_EMAIL_CA_FILE=tls_ca.ca_file)
+    await handler.handle(as_event(make_event()))
+    assert len(smtp_tls.inbox.messages) == 1
+
+
+async def test_an_untrusted_certificate_is_not_accepted(smtp_tls: SMTPServer) -> None:
+    """Without the CA bundle the test certificate fails verification: nothing is sent."""
+    handler = make_handler(smtp_tls.url())
+    with pytest.raises(RetryLater, match=r"CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
+        await handler.handle(as_event(make_event()))
+    assert smtp_tls.inbox.messages == []
+
+
+async def test_a_wrong_password_is_permanent_and_never_shown(
+    smtp_starttls: SMTPServer, tls_ca: TLSAuthority
+) -> None:
+    """535 from AUTH is a 5xx: dead at once; neither the error nor the logs show a password."""
+    handler = make_handler(
+        smtp_starttls.url(password="wrong-pass-123"), LACUNA_EMAIL_CA_FILE=tls_ca.ca_file
+    )
+    with capture_logs() as logs, pytest.raises(PermanentError, match="535") as caught:
+        await handler.handle(as_event(make_event()))
+    for text in (str(caught.value), repr(logs), repr(handler.target)):
+        assert "wrong-pass-123" not in text
+        assert SMTP_PASSWORD not in text
+
+
+async def test_starttls_required_by_the_url_but_not_offered_is_permanent(
+    smtp_plain: SMTPServer,
+) -> None:
+    """?starttls=true never falls back to plain text."""
+    handler = make_handler(smtp_plain.url() + "?starttls=true")
+    with pytest.raises(PermanentError, match="STARTTLS"):
+        await handler.handle(as_event(make_event()))
+    assert smtp_plain.inbox.messages == []
+
+
+@pytest.mark.parametrize(
+    ("where", "reply", "error"),
+    [
+        ("rcpt", "450 4.2.1 mailbox busy", RetryLater),
+        ("rcpt", "550 5.1.1 no such user", PermanentError),
+        ("data", "451 4.3.0 try again later", RetryLater),
+        ("data", "554 5.7.1 rejected as spam", PermanentError),
+    ],
+)
+async def test_smtp_4xx_is_retried_and_5xx_is_permanent(
+    smtp_plain: SMTPServer, where: str, reply: str, error: type[Exception]
+) -> None:
+    """The reply class decides: 4xx transient, 5xx permanent, with the server's words."""
+    setattr(smtp_plain.inbox, f"{where}_reply", reply)
+    handler = make_handler(smtp_plain.url())
+    with pytest.raises(error, match=reply.split(" ", 1)[0]) as caught:
+        await handler.handle(as_event(make_event()))
+    assert type(caught.value) is error
+    assert smtp_plain.inbox.messages == []
+
+
+async def test_an_unreachable_server_is_retried() -> None:
+    """Connection refused is transient."""
+    handler = make_handler(f"smtp://127.0.0.1:{free_port()}")
+    with pytest.raises(RetryLater, match=r"127\.0\.0\.1"):
+        await handler.handle(as_event(make_event()))
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"LACUNA_EMAIL_SMTP_URL": "http://mail.example"}, "must start with smtp:// or smtps://"),
+        ({"LACUNA_EMAIL_SMTP_URL": "smtp://mail.example?tls=1"}, "unknown option 'tls'"),
+        ({"LACUNA_EMAIL_SMTP_URL": "smtps://mail.example?starttls=true"}, "already TLS"),
+        ({"LACUNA_EMAIL_FROM": "not an address"}, "LACUNA_EMAIL_FROM"),
+        ({"LACUNA_EMAIL_TO": " , "}, "LACUNA_EMAIL_TO names no recipient"),
+        ({"LACUNA_EMAIL_CA_FILE": "/nonexistent/ca.pem"}, "LACUNA_EMAIL_CA_FILE"),
+    ],
+)
+def test_bad_settings_stop_start_naming_the_variable(env: dict[str, str], message: str) -> None:
+    """Each bad setting is one ConfigError line naming its variable."""
+    base = {
+        "LACUNA_EMAIL_SMTP_URL": "smtp://u:topsecret@mail.example",
+        "LACUNA_EMAIL_FROM": FROM,
+        "LACUNA_EMAIL_TO": TO,
+    }
+    with pytest.raises(ConfigError, match=message) as caught:
+        EmailHandler(HandlerContext("email", environ={**base, **env}))
+    assert "topsecret" not in str(caught.value)
