@@ -1,0 +1,122 @@
+"""``Event.from_body``: what a body must be to become an event, and what each rejection says."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from lacuna_webhooks.errors import InvalidJSON, InvalidPayload
+from lacuna_webhooks.models import MAX_ID_LENGTH, MAX_TYPE_LENGTH, Event
+from tests.conftest import make_event
+
+
+def test_valid_event_keeps_raw_bytes_and_fields() -> None:
+    """A valid body gives id, type, created, the task fields, and ``raw`` byte for byte."""
+    payload = make_event("evt_1", created=1763731200, task_id="cm42")
+    raw = orjson.dumps(payload)
+    event = Event.from_body(raw)
+    assert event.id == "evt_1"
+    assert event.type == "job.completed"
+    assert event.created == 1763731200
+    assert event.raw == raw
+    assert event.task_id == "cm42"
+    assert event.task_status == "ready"
+    assert event.payload == payload
+
+
+def test_unknown_fields_and_types_are_kept() -> None:
+    """New fields and an unknown event type pass through untouched."""
+    raw = b'{"id":"evt_2","type":"job.paused","future":{"x":[1,2]},"data":{"id":"cm1","new":1}}'
+    event = Event.from_body(raw)
+    assert event.type == "job.paused"
+    assert event.payload["future"] == {"x": [1, 2]}
+    assert event.data["new"] == 1
+    assert event.created is None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"", b"not json", b'{"id": "evt_1",', b"\xff\xfe{}", b'{"id":"\xc3\x28","type":"t"}'],
+    ids=["empty", "text", "truncated", "bom-like-bytes", "invalid-utf8-in-string"],
+)
+def test_non_json_or_non_utf8_is_invalid_json(raw: bytes) -> None:
+    """Bodies that are not UTF-8 JSON raise ``InvalidJSON``."""
+    with pytest.raises(InvalidJSON):
+        Event.from_body(raw)
+
+
+@pytest.mark.parametrize("raw", [b"[]", b'"evt_1"', b"42", b"null", b"true"])
+def test_json_that_is_not_an_object_is_invalid_json(raw: bytes) -> None:
+    """A JSON array, string, number, null or boolean is not an event."""
+    with pytest.raises(InvalidJSON, match="object"):
+        Event.from_body(raw)
+
+
+@pytest.mark.parametrize(
+    ("opener", "closer"), [(b"[", b"]"), (b'{"a":', b"}"), (b"[", b"")], ids=["list", "obj", "open"]
+)
+def test_deeply_nested_json_is_invalid_json_not_recursion_error(
+    opener: bytes, closer: bytes
+) -> None:
+    """100000 levels of nesting are refused as ``InvalidJSON`` (never ``RecursionError``)."""
+    raw = b'{"id":"evt_1","type":"t","data":' + opener * 100_000 + b"1" + closer * 100_000 + b"}"
+    with pytest.raises(InvalidJSON):
+        Event.from_body(raw)
+
+
+@pytest.mark.parametrize(
+    ("payload", "param"),
+    [
+        ({"type": "job.completed"}, "id"),
+        ({"id": None, "type": "job.completed"}, "id"),
+        ({"id": 12, "type": "job.completed"}, "id"),
+        ({"id": "", "type": "job.completed"}, "id"),
+        ({"id": "   ", "type": "job.completed"}, "id"),
+        ({"id": ["evt_1"], "type": "job.completed"}, "id"),
+        ({"id": "evt_1"}, "type"),
+        ({"id": "evt_1", "type": 3}, "type"),
+        ({"id": "evt_1", "type": ""}, "type"),
+        ({"id": "evt_1", "type": {"name": "x"}}, "type"),
+    ],
+)
+def test_missing_or_ill_typed_id_or_type_names_the_field(
+    payload: dict[str, object], param: str
+) -> None:
+    """A missing, empty or non-string ``id``/``type`` raises ``InvalidPayload`` naming it."""
+    with pytest.raises(InvalidPayload) as caught:
+        Event.from_body(orjson.dumps(payload))
+    assert caught.value.param == param
+    assert caught.value.status_code == 400
+
+
+def test_id_at_the_length_limit_is_accepted_and_beyond_refused() -> None:
+    """``id`` may be ``MAX_ID_LENGTH`` characters long, not one more."""
+    assert Event.from_body(orjson.dumps({"id": "e" * MAX_ID_LENGTH, "type": "t"})).id
+    with pytest.raises(InvalidPayload) as caught:
+        Event.from_body(orjson.dumps({"id": "e" * (MAX_ID_LENGTH + 1), "type": "t"}))
+    assert caught.value.param == "id"
+
+
+def test_overlong_type_is_refused() -> None:
+    """A ``type`` longer than ``MAX_TYPE_LENGTH`` raises ``InvalidPayload`` naming ``type``."""
+    with pytest.raises(InvalidPayload) as caught:
+        Event.from_body(orjson.dumps({"id": "evt_1", "type": "t" * (MAX_TYPE_LENGTH + 1)}))
+    assert caught.value.param == "type"
+
+
+@pytest.mark.parametrize("created", ["1763731200", 1.5, True, None, [1], {"t": 1}])
+def test_ill_typed_created_is_ignored(created: object) -> None:
+    """A ``created`` that is not an integer (booleans included) becomes ``None``."""
+    event = Event.from_body(orjson.dumps({"id": "evt_1", "type": "t", "created": created}))
+    assert event.created is None
+
+
+@pytest.mark.parametrize(
+    "data",
+    [None, "cm1", [], {"id": 5, "status": 3}, {"id": "", "status": ""}],
+)
+def test_task_fields_absent_when_data_is_unusable(data: object) -> None:
+    """``task_id``/``task_status`` are ``None`` unless ``data`` holds non-empty strings."""
+    event = Event.from_body(orjson.dumps({"id": "evt_1", "type": "t", "data": data}))
+    assert event.task_id is None
+    assert event.task_status is None
