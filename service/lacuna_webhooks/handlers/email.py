@@ -170,7 +170,7 @@ def compose(event: Event, sender: str, recipients: list[str]) -> EmailMessage:
         subject = f"{title_of(event)}: {event.type}"
         text_lines.append(subject)
         html_parts.append(f"<h2>{html.escape(subject)}</h2>")
-    footer = f"Task {event.task_id or '-'} · event {event.id}"
+    footer = f"Task {event.task_id or '-'}, event {event.id}"
     text_lines += ["", f"-- {footer}"]
     html_parts.append(f'<p style="color:#666;font-size:small">{html.escape(footer)}</p>')
 
