@@ -1,0 +1,500 @@
+"""The ``Store`` contract, run unchanged against every backend (the ``store`` fixture).
+
+Written only against the protocol in ``store/base.py``: what one backend does
+here, every backend does. Time is injected (``now=``), so due times and leases
+are tested without waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+import pytest
+
+from lacuna_webhooks.errors import EventNotFound, StoreUnavailable
+from lacuna_webhooks.models import Attempt, AttemptOutcome, Delivery, DeliveryStatus, Event
+from lacuna_webhooks.store import Store
+from tests.conftest import make_event
+
+NOW = datetime(2025, 11, 21, 12, 0, tzinfo=UTC)
+LEASE = timedelta(minutes=5)
+SECOND = timedelta(seconds=1)
+# A bound for something that should happen promptly; a failure if exceeded, never a measurement.
+PROMPT = 10.0
+
+
+def event(event_id: str | None = None, event_type: str = "job.completed", **kwargs: Any) -> Event:
+    return Event.from_body(orjson.dumps(make_event(event_id, event_type, **kwargs)))
+
+
+def attempt(outcome: AttemptOutcome, at: datetime = NOW, error: str | None = None) -> Attempt:
+    return Attempt(at, at + SECOND, outcome, error)
+
+
+async def claim_one(store: Store, handler: str = "a", now: datetime = NOW) -> Delivery:
+    claimed = await store.claim(handler=handler, limit=10, lease=LEASE, now=now)
+    assert len(claimed) == 1, claimed
+    return claimed[0]
+
+
+# --- accept ---------------------------------------------------------------------------------
+
+
+async def test_accept_new_then_duplicate(store: Store) -> None:
+    """A new id is stored (True) with one pending delivery per handler; the same id again is a
+    duplicate (False) that writes nothing, whatever handlers it names."""
+    first = event("evt_dup")
+    assert await store.accept(first, ["a", "b"], now=NOW) is True
+    assert await store.accept(event("evt_dup"), ["a", "b", "c"], now=NOW + SECOND) is False
+
+    deliveries = await store.list_deliveries(event_id="evt_dup")
+    assert sorted(d.handler for d in deliveries) == ["a", "b"]
+    assert {d.status for d in deliveries} == {DeliveryStatus.PENDING}
+    assert {d.attempts for d in deliveries} == {0}
+    assert {d.next_attempt_at for d in deliveries} == {NOW}
+    stored = await store.get_event("evt_dup")
+    assert stored is not None
+    assert stored.raw == first.raw
+    assert stored.received_at == NOW
+    assert stored.to_event() == first
+
+
+async def test_accept_names_each_handler_once(store: Store) -> None:
+    """A handler named twice still gets one delivery."""
+    assert await store.accept(event("evt_twice"), ["a", "a"], now=NOW)
+    assert len(await store.list_deliveries(event_id="evt_twice")) == 1
+
+
+async def test_concurrent_accepts_of_one_id(store: Store) -> None:
+    """50 concurrent accepts of one id: exactly one True, exactly one delivery per handler."""
+    results = await asyncio.gather(
+        *(store.accept(event("evt_race"), ["a", "b"], now=NOW) for _ in range(50))
+    )
+    assert results.count(True) == 1
+    assert results.count(False) == 49
+    deliveries = await store.list_deliveries(event_id="evt_race")
+    assert sorted(d.handler for d in deliveries) == ["a", "b"]
+
+
+async def test_accept_with_no_handlers_stores_the_event_only(store: Store) -> None:
+    """With no handlers the event is recorded (and deduplicated) with no delivery."""
+    assert await store.accept(event("evt_quiet"), [], now=NOW)
+    assert await store.get_event("evt_quiet") is not None
+    assert await store.list_deliveries(event_id="evt_quiet") == []
+    assert await store.claim(handler="a", limit=10, lease=LEASE, now=NOW) == []
+    assert await store.accept(event("evt_quiet"), ["a"], now=NOW) is False
+
+
+# --- claim ----------------------------------------------------------------------------------
+
+
+async def test_claim_returns_the_event_and_leases_it(store: Store) -> None:
+    """A claim gives the delivery with its event rebuilt, attempts 1, and a lease."""
+    original = event("evt_claim")
+    await store.accept(original, ["a"], now=NOW)
+    delivery = await claim_one(store)
+    assert delivery.event == original
+    assert delivery.event.raw == original.raw
+    assert delivery.event.payload == original.payload
+    assert delivery.handler == "a"
+    assert delivery.status is DeliveryStatus.PENDING
+    assert delivery.attempts == 1
+    assert delivery.next_attempt_at == NOW
+    assert delivery.created_at == NOW
+    (record,) = await store.list_deliveries(event_id="evt_claim")
+    assert record.lease_until == NOW + LEASE
+    assert record.running(NOW)
+    assert record.attempts == 1
+
+
+async def test_claim_respects_due_time(store: Store) -> None:
+    """A delivery is not claimable before it is due."""
+    await store.accept(event("evt_due"), ["a"], now=NOW)
+    assert await store.claim(handler="a", limit=10, lease=LEASE, now=NOW - SECOND) == []
+    assert len(await store.claim(handler="a", limit=10, lease=LEASE, now=NOW)) == 1
+
+
+async def test_claim_respects_the_lease_and_takes_over_an_expired_one(store: Store) -> None:
+    """A live lease hides the delivery; once expired it is claimable again with a new token."""
+    await store.accept(event("evt_lease"), ["a"], now=NOW)
+    first = await claim_one(store)
+    assert await store.claim(handler="a", limit=10, lease=LEASE, now=NOW + LEASE - SECOND) == []
+    second = await claim_one(store, now=NOW + LEASE)
+    assert second.id == first.id
+    assert second.lease_token != first.lease_token
+    assert second.attempts == 2
+
+
+async def test_claim_filters_by_handler(store: Store) -> None:
+    """A handler only ever claims its own deliveries."""
+    await store.accept(event("evt_h"), ["a", "b"], now=NOW)
+    got_a = await claim_one(store, "a")
+    assert got_a.handler == "a"
+    assert await store.claim(handler="a", limit=10, lease=LEASE, now=NOW) == []
+    assert await store.claim(handler="c", limit=10, lease=LEASE, now=NOW) == []
+    assert (await claim_one(store, "b")).handler == "b"
+
+
+async def test_claim_takes_oldest_due_first_up_to_the_limit(store: Store) -> None:
+    """``limit`` bounds a claim, and the oldest due delivery comes first."""
+    for i in (2, 0, 1, 3):
+        await store.accept(event(f"evt_order_{i}"), ["a"], now=NOW + i * SECOND)
+    later = NOW + timedelta(minutes=1)
+    first = await store.claim(handler="a", limit=2, lease=LEASE, now=later)
+    assert [d.event.id for d in first] == ["evt_order_0", "evt_order_1"]
+    rest = await store.claim(handler="a", limit=10, lease=LEASE, now=later)
+    assert [d.event.id for d in rest] == ["evt_order_2", "evt_order_3"]
+    assert await store.claim(handler="a", limit=0, lease=LEASE, now=later) == []
+
+
+# --- outcomes -------------------------------------------------------------------------------
+
+
+async def test_complete_records_the_outcome_and_the_attempt(store: Store) -> None:
+    """complete: status done, lease cleared, the attempt appended; no longer claimable."""
+    await store.accept(event("evt_ok"), ["a"], now=NOW)
+    delivery = await claim_one(store)
+    assert await store.complete(delivery, attempt(AttemptOutcome.OK)) is True
+    (record,) = await store.list_deliveries(event_id="evt_ok")
+    assert record.status is DeliveryStatus.DONE
+    assert record.lease_until is None
+    assert await store.claim(handler="a", limit=10, lease=LEASE, now=NOW + LEASE * 2) == []
+    (row,) = await store.list_attempts(delivery.id)
+    assert row.outcome is AttemptOutcome.OK
+    assert row.attempt == 1
+    assert row.started_at == NOW
+    assert row.duration_seconds == 1.0
+    assert row.error is None
+
+
+async def test_stale_token_cannot_record_an_outcome(store: Store) -> None:
+    """After a takeover, the old claim's complete/retry/dead/release return False and change
+    nothing; the new claim still can."""
+    await store.accept(event("evt_stale"), ["a"], now=NOW)
+    old = await claim_one(store)
+    new = await claim_one(store, now=NOW + LEASE)
+    assert await store.complete(old, attempt(AttemptOutcome.OK)) is False
+    assert await store.retry(old, attempt(AttemptOutcome.RETRY), at=NOW) is False
+    assert await store.dead(old, attempt(AttemptOutcome.DEAD, error="x")) is False
+    assert await store.release(old) is False
+    (record,) = await store.list_deliveries(event_id="evt_stale")
+    assert record.status is DeliveryStatus.PENDING
+    assert record.attempts == 2
+    assert record.running(NOW + LEASE)
+    assert await store.list_attempts(old.id) == []
+    assert await store.complete(new, attempt(AttemptOutcome.OK, at=NOW + LEASE)) is True
+
+
+async def test_retry_schedules_the_next_attempt(store: Store) -> None:
+    """retry: due at ``at``, lease cleared, error kept; claimable then, not before."""
+    await store.accept(event("evt_retry"), ["a"], now=NOW)
+    delivery = await claim_one(store)
+    at = NOW + timedelta(seconds=60)
+    assert await store.retry(delivery, attempt(AttemptOutcome.RETRY, error="HTTP 502"), at=at)
+    (record,) = await store.list_deliveries(event_id="evt_retry")
+    assert record.status is DeliveryStatus.PENDING
+    assert record.next_attempt_at == at
+    assert record.lease_until is None
+    assert record.last_error == "HTTP 502"
+    assert await store.claim(handler="a", limit=10, lease=LEASE, now=at - SECOND) == []
+    again = await claim_one(store, now=at)
+    assert again.attempts == 2
+    assert again.next_attempt_at == at
+
+
+async def test_dead_stops_the_delivery(store: Store) -> None:
+    """dead: status dead with its error, never claimed again, counted in stats."""
+    await store.accept(event("evt_dead"), ["a"], now=NOW)
+    delivery = await claim_one(store)
+    assert await store.dead(delivery, attempt(AttemptOutcome.DEAD, error="410 Gone"))
+    (record,) = await store.list_deliveries(status=DeliveryStatus.DEAD)
+    assert record.event_id == "evt_dead"
+    assert record.last_error == "410 Gone"
+    assert await store.claim(handler="a", limit=10, lease=LEASE, now=NOW + LEASE * 2) == []
+    assert (await store.stats(now=NOW)).dead == 1
+
+
+async def test_release_gives_the_claim_back_without_an_attempt(store: Store) -> None:
+    """release: lease cleared, the claim's attempt undone, due at once, no attempt row."""
+    await store.accept(event("evt_release"), ["a"], now=NOW)
+    delivery = await claim_one(store)
+    assert await store.release(delivery) is True
+    (record,) = await store.list_deliveries(event_id="evt_release")
+    assert record.attempts == 0
+    assert record.lease_until is None
+    assert await store.list_attempts(delivery.id) == []
+    again = await claim_one(store)
+    assert again.attempts == 1
+
+
+async def test_attempts_are_listed_oldest_first(store: Store) -> None:
+    """Every finished attempt is recorded with its number, outcome and error."""
+    await store.accept(event("evt_attempts"), ["a"], now=NOW)
+    first = await claim_one(store)
+    await store.retry(first, attempt(AttemptOutcome.RETRY, error="timeout"), at=NOW)
+    second = await claim_one(store)
+    await store.dead(second, attempt(AttemptOutcome.DEAD, at=NOW + SECOND, error="e" * 5000))
+    rows = await store.list_attempts(first.id)
+    assert [(r.attempt, r.outcome) for r in rows] == [
+        (1, AttemptOutcome.RETRY),
+        (2, AttemptOutcome.DEAD),
+    ]
+    assert rows[0].error == "timeout"
+    assert rows[1].error is not None
+    assert 0 < len(rows[1].error) <= 2000  # bounded, so a huge message cannot bloat rows
+    assert await store.list_attempts(9_999_999) == []
+
+
+# --- replay and retry_dead ------------------------------------------------------------------
+
+
+async def test_replay_all_resets_existing_deliveries(store: Store) -> None:
+    """replay(None): every delivery of the event pending, due now, attempts 0."""
+    await store.accept(event("evt_replay"), ["a", "b"], now=NOW)
+    await store.complete(await claim_one(store, "a"), attempt(AttemptOutcome.OK))
+    await store.dead(await claim_one(store, "b"), attempt(AttemptOutcome.DEAD, error="x"))
+    later = NOW + timedelta(hours=1)
+    assert await store.replay("evt_replay", None, now=later) == 2
+    records = await store.list_deliveries(event_id="evt_replay")
+    assert {r.status for r in records} == {DeliveryStatus.PENDING}
+    assert {r.attempts for r in records} == {0}
+    assert {r.next_attempt_at for r in records} == {later}
+    assert len(await store.claim(handler="a", limit=10, lease=LEASE, now=later)) == 1
+
+
+async def test_replay_named_handlers_resets_or_creates(store: Store) -> None:
+    """replay(handlers): resets those that exist, creates the missing, leaves the others."""
+    await store.accept(event("evt_replay2"), ["a", "b"], now=NOW)
+    done = await claim_one(store, "b")
+    await store.complete(done, attempt(AttemptOutcome.OK))
+    assert await store.replay("evt_replay2", ["b", "c"], now=NOW) == 2
+    by_handler = {r.handler: r for r in await store.list_deliveries(event_id="evt_replay2")}
+    assert set(by_handler) == {"a", "b", "c"}
+    assert by_handler["b"].status is DeliveryStatus.PENDING
+    assert by_handler["c"].status is DeliveryStatus.PENDING
+    assert (await claim_one(store, "c")).event.id == "evt_replay2"
+
+
+async def test_replay_of_an_event_without_deliveries(store: Store) -> None:
+    """An event stored with no handlers replays to zero with None, and to new deliveries."""
+    await store.accept(event("evt_replay3"), [], now=NOW)
+    assert await store.replay("evt_replay3", None, now=NOW) == 0
+    assert await store.replay("evt_replay3", ["a"], now=NOW) == 1
+
+
+async def test_replay_of_an_unknown_event_raises(store: Store) -> None:
+    """replay of an id the store does not hold raises EventNotFound."""
+    with pytest.raises(EventNotFound):
+        await store.replay("evt_missing", None, now=NOW)
+    with pytest.raises(EventNotFound):
+        await store.replay("evt_missing", ["a"], now=NOW)
+
+
+async def test_retry_dead_by_handler_then_all(store: Store) -> None:
+    """retry_dead(handler) revives only that handler's dead deliveries; None revives all."""
+    for i in range(2):
+        await store.accept(event(f"evt_rd_{i}"), ["a", "b"], now=NOW)
+    for handler in ("a", "b"):
+        for delivery in await store.claim(handler=handler, limit=10, lease=LEASE, now=NOW):
+            await store.dead(delivery, attempt(AttemptOutcome.DEAD, error="boom"))
+    later = NOW + timedelta(hours=1)
+    assert await store.retry_dead(handler="a", now=later) == 2
+    assert len(await store.list_deliveries(status=DeliveryStatus.DEAD)) == 2
+    revived = await store.claim(handler="a", limit=10, lease=LEASE, now=later)
+    assert [d.attempts for d in revived] == [1, 1]
+    assert await store.retry_dead(handler=None, now=later) == 2
+    assert await store.list_deliveries(status=DeliveryStatus.DEAD) == []
+    assert await store.retry_dead(handler=None, now=later) == 0
+
+
+# --- stats and prune ------------------------------------------------------------------------
+
+
+async def test_stats_counts_the_outbox(store: Store) -> None:
+    """pending (all), due (unleased and due), running (live lease), dead, oldest due age."""
+    assert await store.stats(now=NOW) == await store.stats(now=NOW)
+    empty = await store.stats(now=NOW)
+    assert (empty.pending, empty.due, empty.running, empty.dead) == (0, 0, 0, 0)
+    assert empty.oldest_due_age_seconds == 0.0
+
+    for i in range(4):
+        await store.accept(event(f"evt_stats_{i}"), ["a"], now=NOW + i * SECOND)
+    now = NOW + timedelta(seconds=30)
+    running = await store.claim(handler="a", limit=1, lease=LEASE, now=now)  # evt_stats_0
+    scheduled = (await store.claim(handler="a", limit=1, lease=LEASE, now=now))[0]
+    await store.retry(scheduled, attempt(AttemptOutcome.RETRY), at=now + timedelta(minutes=10))
+    dead = (await store.claim(handler="a", limit=1, lease=LEASE, now=now))[0]
+    await store.dead(dead, attempt(AttemptOutcome.DEAD, error="x"))
+
+    stats = await store.stats(now=now)
+    assert len(running) == 1
+    assert stats.pending == 3  # running + scheduled + due
+    assert stats.running == 1
+    assert stats.dead == 1
+    assert stats.due == 1  # evt_stats_3, accepted at NOW + 3s
+    assert stats.oldest_due_age_seconds == pytest.approx(27.0)
+
+
+async def test_prune_deletes_only_finished_old_events(store: Store) -> None:
+    """prune: old events whose deliveries are all done/dead (or none) go, with their
+    deliveries and attempts; old events with pending work and recent events stay."""
+    await store.accept(event("evt_done"), ["a"], now=NOW)
+    await store.accept(event("evt_pending"), ["a", "b"], now=NOW)
+    await store.accept(event("evt_bare"), [], now=NOW)
+    await store.accept(event("evt_recent"), [], now=NOW + timedelta(days=2))
+    done = next(
+        d
+        for d in await store.claim(handler="a", limit=10, lease=LEASE, now=NOW)
+        if d.event.id == "evt_done"
+    )
+    await store.complete(done, attempt(AttemptOutcome.OK))
+    for delivery in await store.claim(handler="b", limit=10, lease=LEASE, now=NOW):
+        await store.dead(delivery, attempt(AttemptOutcome.DEAD, error="x"))  # b of evt_pending
+
+    assert await store.prune(received_before=NOW + timedelta(days=1)) == 2
+    assert await store.get_event("evt_done") is None
+    assert await store.get_event("evt_bare") is None
+    assert await store.list_deliveries(event_id="evt_done") == []
+    assert await store.list_attempts(done.id) == []
+    assert await store.get_event("evt_pending") is not None
+    assert len(await store.list_deliveries(event_id="evt_pending")) == 2
+    assert await store.get_event("evt_recent") is not None
+    assert await store.prune(received_before=NOW + timedelta(days=1)) == 0
+    # A pruned id is forgotten: the same id is new again.
+    assert await store.accept(event("evt_done"), [], now=NOW + timedelta(days=3)) is True
+
+
+# --- per-task state -------------------------------------------------------------------------
+
+
+async def test_task_state_follows_the_newest_event(store: Store) -> None:
+    """A newer event updates the task; an older one does not, is marked superseded, and is
+    still dispatched."""
+    await store.accept(event("evt_t2", created=2000, task_id="cm_t"), ["a"], now=NOW)
+    task = await store.get_task("cm_t")
+    assert task is not None
+    assert (task.event_id, task.status, task.event_created) == ("evt_t2", "ready", 2000)
+
+    older = event("evt_t1", "job.failed", created=1000, task_id="cm_t")
+    assert await store.accept(older, ["a"], now=NOW + SECOND)
+    task = await store.get_task("cm_t")
+    assert task is not None
+    assert task.event_id == "evt_t2"
+    assert task.status == "ready"
+    superseded = await store.get_event("evt_t1")
+    assert superseded is not None
+    assert superseded.superseded is True
+    current = await store.get_event("evt_t2")
+    assert current is not None
+    assert current.superseded is False
+    assert len(await store.list_deliveries(event_id="evt_t1")) == 1
+
+    newer = event("evt_t3", "job.failed", created=3000, task_id="cm_t")
+    assert await store.accept(newer, [], now=NOW + 2 * SECOND)
+    task = await store.get_task("cm_t")
+    assert task is not None
+    assert (task.event_id, task.event_type, task.status, task.event_created) == (
+        "evt_t3",
+        "job.failed",
+        "failed",
+        3000,
+    )
+
+
+async def test_events_without_a_task_id_leave_tasks_alone(store: Store) -> None:
+    """No ``data.id``: no task row, not superseded."""
+    await store.accept(Event.from_body(b'{"id":"evt_nt","type":"ping"}'), [], now=NOW)
+    record = await store.get_event("evt_nt")
+    assert record is not None
+    assert record.task_id is None
+    assert record.superseded is False
+    assert await store.get_task("evt_nt") is None
+
+
+# --- admin queries --------------------------------------------------------------------------
+
+
+async def test_list_and_get_events(store: Store) -> None:
+    """list_events is newest first, filters by type and honours the limit; get_event misses
+    give None."""
+    await store.accept(event("evt_l1"), [], now=NOW)
+    await store.accept(event("evt_l2", "job.failed"), [], now=NOW + SECOND)
+    await store.accept(event("evt_l3"), [], now=NOW + 2 * SECOND)
+    assert [e.id for e in await store.list_events()] == ["evt_l3", "evt_l2", "evt_l1"]
+    assert [e.id for e in await store.list_events(limit=1)] == ["evt_l3"]
+    assert [e.id for e in await store.list_events(event_type="job.failed")] == ["evt_l2"]
+    assert await store.list_events(event_type="nope") == []
+    record = await store.get_event("evt_l2")
+    assert record is not None
+    assert (record.type, record.task_id, record.created) == (
+        "job.failed",
+        "cm123abc",
+        record.to_event().created,
+    )
+    assert await store.get_event("evt_nope") is None
+    assert await store.get_task("cm_nope") is None
+
+
+async def test_list_deliveries_filters(store: Store) -> None:
+    """list_deliveries is newest first and filters by status, handler and event."""
+    await store.accept(event("evt_d1"), ["a", "b"], now=NOW)
+    await store.accept(event("evt_d2", "job.failed"), ["a"], now=NOW + SECOND)
+    await store.dead(await claim_one(store, "b"), attempt(AttemptOutcome.DEAD, error="x"))
+    all_rows = await store.list_deliveries()
+    assert len(all_rows) == 3
+    assert [r.id for r in all_rows] == sorted((r.id for r in all_rows), reverse=True)
+    assert [r.event_id for r in await store.list_deliveries(handler="a")] == ["evt_d2", "evt_d1"]
+    (dead,) = await store.list_deliveries(status=DeliveryStatus.DEAD)
+    assert (dead.event_id, dead.handler) == ("evt_d1", "b")
+    assert await store.list_deliveries(status=DeliveryStatus.DONE) == []
+    (only,) = await store.list_deliveries(event_id="evt_d2")
+    assert only.event_type == "job.failed"
+    assert len(await store.list_deliveries(limit=1)) == 1
+    assert await store.list_deliveries(handler="a", status=DeliveryStatus.DEAD) == []
+
+
+# --- waking and lifecycle -------------------------------------------------------------------
+
+
+async def test_wait_for_work_wakes_on_accept(store: Store) -> None:
+    """An accept that creates deliveries wakes a waiting dispatcher before its timeout."""
+    waiter = asyncio.create_task(store.wait_for_work(3600))
+    await asyncio.sleep(0)
+    await store.accept(event("evt_wake"), ["a"], now=NOW)
+    await asyncio.wait_for(waiter, PROMPT)
+
+
+async def test_wait_for_work_wakes_on_replay_and_retry_dead(store: Store) -> None:
+    """replay and retry_dead make work too, and wake a waiter."""
+    await store.accept(event("evt_wake2"), ["a"], now=NOW)
+    await store.wait_for_work(0)  # consume the accept's wake-up
+    waiter = asyncio.create_task(store.wait_for_work(3600))
+    await asyncio.sleep(0)
+    await store.replay("evt_wake2", None, now=NOW)
+    await asyncio.wait_for(waiter, PROMPT)
+
+    await store.dead(await claim_one(store), attempt(AttemptOutcome.DEAD, error="x"))
+    await store.wait_for_work(0)
+    waiter = asyncio.create_task(store.wait_for_work(3600))
+    await asyncio.sleep(0)
+    await store.retry_dead(handler=None, now=NOW)
+    await asyncio.wait_for(waiter, PROMPT)
+
+
+async def test_wait_for_work_returns_after_its_timeout(store: Store) -> None:
+    """With nothing new, wait_for_work returns by itself after the timeout."""
+    await store.wait_for_work(0)
+    await asyncio.wait_for(store.wait_for_work(0.01), PROMPT)
+
+
+async def test_ping_answers_and_a_closed_store_refuses(store: Store) -> None:
+    """ping returns while open; once closed, calls raise StoreUnavailable (never hang)."""
+    await store.ping()
+    await store.close()
+    with pytest.raises(StoreUnavailable):
+        await asyncio.wait_for(store.accept(event(), [], now=NOW), PROMPT)
+    with pytest.raises(StoreUnavailable):
+        await asyncio.wait_for(store.ping(), PROMPT)
