@@ -36,5 +36,9 @@ fmt: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)
 
+# The container image, built with podman and no registry (deploy/build-image.sh says how).
+image: $(STAMP)
+	deploy/build-image.sh
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .bench dist build
