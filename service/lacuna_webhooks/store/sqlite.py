@@ -377,6 +377,23 @@ class SQLiteStore:
             lambda c: c.execute("SELECT max(version) FROM schema_version").fetchone(), write=False
         )
 
+    async def diagnostics(self) -> dict[str, object]:
+        """What the connection actually runs with (for ``doctor``-style output and tests):
+        journal mode, synchronous level (0 off, 1 normal, 2 full), busy timeout, page size and
+        the schema version."""
+
+        def read(c: sqlite3.Connection) -> dict[str, object]:
+            values: dict[str, object] = {
+                name: c.execute(f"PRAGMA {name}").fetchone()[0]
+                for name in ("journal_mode", "synchronous", "busy_timeout", "page_size")
+            }
+            (values["schema_version"],) = c.execute(
+                "SELECT max(version) FROM schema_version"
+            ).fetchone()
+            return values
+
+        return await self._writer.run(read, write=False)
+
     # --- intake ----------------------------------------------------------------------------------
 
     async def accept(self, event: Event, handlers: Sequence[str], *, now: datetime) -> bool:

@@ -1,0 +1,393 @@
+"""What the SQLite store adds to the contract: a real file, WAL, migrations, group commit.
+
+The shared behaviour is in ``test_store_contract.py``. Here a second, plain
+``sqlite3`` connection to the same file plays the other peer: it inspects the
+file, holds the write lock (so that a batch is known to form while the writer
+waits), or breaks the schema underneath the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sqlite3
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from lacuna_webhooks.errors import StoreUnavailable
+from lacuna_webhooks.models import Attempt, AttemptOutcome, Event
+from lacuna_webhooks.store import open_store
+from lacuna_webhooks.store.sqlite import SQLiteStore, migrate, migrations
+from tests.conftest import make_event
+
+NOW = datetime(2025, 11, 21, 12, 0, tzinfo=UTC)
+LEASE = timedelta(minutes=5)
+SECOND = timedelta(seconds=1)
+# A bound for something that should happen promptly; a failure if exceeded, never a measurement.
+PROMPT = 10.0
+
+
+def event(event_id: str | None = None, **kwargs: Any) -> Event:
+    return Event.from_body(orjson.dumps(make_event(event_id, **kwargs)))
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "data" / "events.db"
+
+
+@pytest.fixture
+async def store(db_path: Path) -> AsyncIterator[SQLiteStore]:
+    s = SQLiteStore(str(db_path))
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+@contextmanager
+def peer(path: Path) -> Iterator[sqlite3.Connection]:
+    """A plain connection to the store's file, outside the store."""
+    conn = sqlite3.connect(path, isolation_level=None, timeout=PROMPT)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Poll until ``condition()`` holds; fail after ``PROMPT`` seconds."""
+    async with asyncio.timeout(PROMPT):
+        # The writer thread's queue has no awaitable to wait on: polling is the honest way.
+        while not condition():  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+
+
+def stored_ids(path: Path) -> set[str]:
+    with peer(path) as conn:
+        return {row[0] for row in conn.execute("SELECT id FROM events")}
+
+
+# --- the file -------------------------------------------------------------------------------
+
+
+async def test_wal_synchronous_and_busy_timeout_are_set(store: SQLiteStore, db_path: Path) -> None:
+    """The store runs in WAL mode with synchronous=FULL by default and a busy timeout."""
+    settings = await store.diagnostics()
+    assert settings["journal_mode"] == "wal"
+    assert settings["synchronous"] == 2  # FULL
+    assert isinstance(settings["busy_timeout"], int)
+    assert settings["busy_timeout"] > 0
+    with peer(db_path) as conn:  # WAL is a property of the file, seen by any connection
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_synchronous_normal_on_request(tmp_path: Path) -> None:
+    """``open_store(..., sqlite_synchronous="normal")`` runs with synchronous=NORMAL."""
+    s = open_store(f"sqlite:///{tmp_path / 'n.db'}", sqlite_synchronous="normal")
+    assert isinstance(s, SQLiteStore)
+    await s.open()
+    try:
+        assert (await s.diagnostics())["synchronous"] == 1  # NORMAL
+    finally:
+        await s.close()
+
+
+def test_unknown_synchronous_level_is_refused() -> None:
+    """Only ``full`` and ``normal`` are accepted."""
+    with pytest.raises(ValueError, match="synchronous"):
+        SQLiteStore("x.db", synchronous="off")
+
+
+async def test_parent_folder_is_created(tmp_path: Path) -> None:
+    """``open()`` creates missing parent folders."""
+    path = tmp_path / "a" / "b" / "c" / "events.db"
+    s = SQLiteStore(str(path))
+    await s.open()
+    await s.close()
+    assert path.is_file()
+
+
+async def test_data_survives_close_and_reopen(store: SQLiteStore, db_path: Path) -> None:
+    """Events, deliveries, attempts and task state are in the file after a reopen."""
+    original = event("evt_keep", task_id="cm_keep")
+    assert await store.accept(original, ["a"], now=NOW)
+    (delivery,) = await store.claim(handler="a", limit=1, lease=LEASE, now=NOW)
+    await store.complete(delivery, Attempt(NOW, NOW + SECOND, AttemptOutcome.OK))
+    await store.close()
+
+    again = SQLiteStore(str(db_path))
+    await again.open()
+    try:
+        record = await again.get_event("evt_keep")
+        assert record is not None
+        assert record.raw == original.raw
+        assert record.received_at == NOW
+        (row,) = await again.list_deliveries(event_id="evt_keep")
+        assert row.status.value == "done"
+        assert len(await again.list_attempts(row.id)) == 1
+        task = await again.get_task("cm_keep")
+        assert task is not None
+        assert task.event_id == "evt_keep"
+        assert await again.accept(event("evt_keep"), ["a"], now=NOW) is False
+    finally:
+        await again.close()
+
+
+# --- migrations -----------------------------------------------------------------------------
+
+
+async def test_migrations_are_recorded_and_applied_once(store: SQLiteStore, db_path: Path) -> None:
+    """Each packaged migration is recorded once in schema_version; reopening applies nothing."""
+    known = migrations()
+    assert known[0][:2] == (1, "0001_init.sql")
+    await store.close()
+    reopened = SQLiteStore(str(db_path))
+    await reopened.open()
+    assert (await reopened.diagnostics())["schema_version"] == known[-1][0]
+    await reopened.close()
+    with peer(db_path) as conn:
+        rows = conn.execute("SELECT version, name FROM schema_version ORDER BY version").fetchall()
+        assert rows == [(version, name) for version, name, _ in known]
+        assert migrate(conn) == []
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"events", "deliveries", "attempts", "tasks", "schema_version"} <= tables
+
+
+async def test_a_newer_schema_is_refused(db_path: Path) -> None:
+    """A file migrated by a newer release is refused with a clear error, not altered."""
+    s = SQLiteStore(str(db_path))
+    await s.open()
+    await s.close()
+    with peer(db_path) as conn:
+        conn.execute("INSERT INTO schema_version VALUES (9999, '9999_future.sql', 0)")
+    newer = SQLiteStore(str(db_path))
+    with pytest.raises(StoreUnavailable, match="newer"):
+        await newer.open()
+    await newer.close()
+
+
+# --- group commit ---------------------------------------------------------------------------
+
+
+async def test_many_concurrent_accepts_are_group_committed(
+    store: SQLiteStore, db_path: Path
+) -> None:
+    """300 concurrent accepts all resolve True, all are stored, in fewer transactions."""
+    events = [event(f"evt_many_{i}") for i in range(300)]
+    before = store.writer_stats
+    results = await asyncio.gather(*(store.accept(e, ["a"], now=NOW) for e in events))
+    assert results == [True] * 300
+    after = store.writer_stats
+    assert after.accepts - before.accepts == 300
+    assert after.batches - before.batches < 300
+    assert stored_ids(db_path) == {e.id for e in events}
+
+
+async def _queue_one_batch(
+    store: SQLiteStore, lock: sqlite3.Connection, first: Event, rest: list[tuple[Event, list[str]]]
+) -> tuple[asyncio.Task[bool], list[asyncio.Task[bool]]]:
+    """With ``lock`` holding the write lock: get ``first`` taken by the writer (which then waits
+    for the lock), and queue ``rest`` behind it, so that ``rest`` is known to be one batch."""
+    head = asyncio.create_task(store.accept(first, [], now=NOW))
+    await asyncio.sleep(0)
+    await until(lambda: store.writer_stats.queued == 0)
+    tail = [asyncio.create_task(store.accept(e, h, now=NOW)) for e, h in rest]
+    await until(lambda: store.writer_stats.queued == len(rest))
+    return head, tail
+
+
+async def test_duplicates_inside_one_batch(store: SQLiteStore, db_path: Path) -> None:
+    """Two copies of an id in the same batch: exactly one True, one delivery."""
+    rest = [(event(f"evt_b_{i}"), ["a"]) for i in range(20)]
+    rest += [(event("evt_twin"), ["a"]), (event("evt_twin"), ["a"])]
+    before = store.writer_stats
+    with peer(db_path) as lock:
+        lock.execute("BEGIN IMMEDIATE")
+        head, tail = await _queue_one_batch(store, lock, event("evt_head"), rest)
+        lock.execute("COMMIT")
+    assert await head is True
+    results = await asyncio.gather(*tail)
+    assert store.writer_stats.batches - before.batches == 2  # the head, then all the rest
+    assert results[:20] == [True] * 20
+    assert sorted(results[20:]) == [False, True]
+    assert len(await store.list_deliveries(event_id="evt_twin")) == 1
+
+
+async def test_a_failed_batch_fails_every_waiter(store: SQLiteStore, db_path: Path) -> None:
+    """When a batch's transaction fails, every accept in it raises StoreUnavailable (even those
+    that alone would have succeeded) and none of its events is stored; the store goes on."""
+    doomed = [(event(f"evt_doomed_{i}"), ["a"] if i % 2 else []) for i in range(10)]
+    with peer(db_path) as lock:
+        lock.execute("BEGIN IMMEDIATE")
+        lock.execute("DROP TABLE deliveries")  # a schema broken underneath the store
+        head, tail = await _queue_one_batch(store, lock, event("evt_head"), doomed)
+        lock.execute("COMMIT")
+    assert await head is True  # no handlers: it never touches the dropped table
+    results = await asyncio.gather(*tail, return_exceptions=True)
+    assert all(isinstance(r, StoreUnavailable) for r in results), results
+    assert stored_ids(db_path) == {"evt_head"}
+    await store.ping()
+    assert await store.accept(event("evt_after"), [], now=NOW) is True
+
+
+async def test_corrupted_file_gives_store_unavailable(db_path: Path) -> None:
+    """A damaged page surfaces as StoreUnavailable on accept (never a hang or a crash)."""
+    s = SQLiteStore(str(db_path))
+    await s.open()
+    await s.accept(event("evt_before"), [], now=NOW)
+    await s.close()
+    with peer(db_path) as conn:
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        (root,) = conn.execute(
+            "SELECT rootpage FROM sqlite_master WHERE name = 'sqlite_autoindex_events_1'"
+        ).fetchone()
+    with db_path.open("r+b") as f:
+        f.seek((root - 1) * page_size)
+        f.write(b"\xa5" * page_size)
+
+    damaged = SQLiteStore(str(db_path))
+    try:
+        await damaged.open()
+        with pytest.raises(StoreUnavailable):
+            await asyncio.wait_for(damaged.accept(event("evt_new"), [], now=NOW), PROMPT)
+    finally:
+        await damaged.close()
+
+
+async def test_a_file_that_is_not_a_database_is_refused(tmp_path: Path) -> None:
+    """open() of a non-database file raises StoreUnavailable naming the path."""
+    path = tmp_path / "notes.db"
+    path.write_text("this is not a database\n" * 100)
+    s = SQLiteStore(str(path))
+    with pytest.raises(StoreUnavailable, match=re.escape(str(path))):
+        await asyncio.wait_for(s.open(), PROMPT)
+    with pytest.raises(StoreUnavailable):
+        await s.accept(event(), [], now=NOW)
+    await s.close()
+
+
+async def test_an_uncreatable_folder_is_refused(tmp_path: Path) -> None:
+    """open() below a regular file raises StoreUnavailable naming the path."""
+    (tmp_path / "file").write_text("x")
+    path = tmp_path / "file" / "events.db"
+    s = SQLiteStore(str(path))
+    with pytest.raises(StoreUnavailable, match=re.escape(str(path.parent))):
+        await asyncio.wait_for(s.open(), PROMPT)
+
+
+async def test_close_with_accepts_in_flight(db_path: Path) -> None:
+    """Accepts racing close() each end as True (and stored) or StoreUnavailable; none hangs."""
+    s = SQLiteStore(str(db_path))
+    await s.open()
+    events = [event(f"evt_close_{i}") for i in range(100)]
+    tasks = [asyncio.create_task(s.accept(e, ["a"], now=NOW)) for e in events[:50]]
+    await asyncio.sleep(0)
+    closing = asyncio.create_task(s.close())
+    tasks += [asyncio.create_task(s.accept(e, ["a"], now=NOW)) for e in events[50:]]
+    results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), PROMPT)
+    await asyncio.wait_for(closing, PROMPT)
+    confirmed = {e.id for e, r in zip(events, results, strict=True) if r is True}
+    assert all(r is True or isinstance(r, StoreUnavailable) for r in results), results
+    assert confirmed  # those queued before close() are still served
+    assert stored_ids(db_path) == confirmed
+
+
+# --- behaviour the SQLite store pins down beyond the shared contract ------------------------
+
+
+async def test_replay_cuts_off_a_running_claim(store: SQLiteStore) -> None:
+    """A claim running when its delivery is replayed can no longer record its outcome."""
+    await store.accept(event("evt_replay"), ["a"], now=NOW)
+    (running,) = await store.claim(handler="a", limit=1, lease=LEASE, now=NOW)
+    assert await store.replay("evt_replay", None, now=NOW) == 1
+    assert await store.complete(running, Attempt(NOW, NOW, AttemptOutcome.OK)) is False
+    (again,) = await store.claim(handler="a", limit=1, lease=LEASE, now=NOW)
+    assert again.attempts == 1
+
+
+async def test_task_state_without_created_compares_by_receipt_time(store: SQLiteStore) -> None:
+    """An event without ``created`` counts as created when received: an event created before
+    that does not overwrite the task."""
+    payload = make_event("evt_nc", task_id="cm_nc")
+    del payload["created"]
+    await store.accept(Event.from_body(orjson.dumps(payload)), [], now=NOW)
+    stale = event("evt_nc_old", created=int(NOW.timestamp()) - 60, task_id="cm_nc")
+    await store.accept(stale, [], now=NOW + SECOND)
+    task = await store.get_task("cm_nc")
+    assert task is not None
+    assert (task.event_id, task.event_created) == ("evt_nc", None)
+    record = await store.get_event("evt_nc_old")
+    assert record is not None
+    assert record.superseded is True
+
+
+# --- a crash --------------------------------------------------------------------------------
+
+_WRITER_SCRIPT = """
+import asyncio, sys
+from datetime import datetime, UTC
+from lacuna_webhooks.models import Event
+from lacuna_webhooks.store.sqlite import SQLiteStore
+
+async def main():
+    store = SQLiteStore(sys.argv[1])
+    await store.open()
+    counter = iter(range(10**9))
+
+    async def loop():
+        for i in counter:
+            event_id = f"evt_crash_{i}"
+            body = ('{"id":"%s","type":"job.completed","data":{"id":"cm%d"}}' % (event_id, i))
+            if await store.accept(Event.from_body(body.encode()), ["a"], now=datetime.now(UTC)):
+                sys.stdout.write(event_id + "\\n")
+                sys.stdout.flush()
+
+    await asyncio.gather(*(loop() for _ in range(32)))
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
+async def test_sigkill_mid_batch_loses_nothing_confirmed(db_path: Path) -> None:
+    """A process killed while accepts are being committed loses no accept it confirmed, and
+    the file opens cleanly afterwards."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _WRITER_SCRIPT,
+        str(db_path),
+        stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert process.stdout is not None
+    confirmed: set[str] = set()
+    try:
+        async with asyncio.timeout(60):
+            while len(confirmed) < 300:
+                line = await process.stdout.readline()
+                assert line, "the writer process ended early"
+                confirmed.add(line.decode().strip())
+    finally:
+        process.send_signal(signal.SIGKILL)
+    rest = await asyncio.wait_for(process.stdout.read(), PROMPT)
+    confirmed |= {line for line in rest.decode().splitlines() if line}
+    await asyncio.wait_for(process.wait(), PROMPT)
+
+    s = SQLiteStore(str(db_path))
+    await s.open()
+    await s.close()
+    with peer(db_path) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert confirmed <= stored_ids(db_path)
