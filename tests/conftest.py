@@ -85,6 +85,7 @@ def signed(payload: dict[str, Any] | bytes, secret: str = TEST_SECRET, t: int | 
 def postgres_server() -> str:
     """The server DSN, or skip (fail under CI) when PostgreSQL is unreachable."""
     import asyncio
+    import concurrent.futures
 
     import asyncpg
 
@@ -93,7 +94,10 @@ def postgres_server() -> str:
         await conn.close()
 
     try:
-        asyncio.run(probe())
+        # In a thread of its own: this fixture may be first requested while an event loop
+        # runs, where asyncio.run() would fail and be mistaken for "unreachable".
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, probe()).result()
     except Exception as exc:  # any failure to connect means "unreachable"
         message = f"PostgreSQL unreachable at {POSTGRES_DSN}: {exc!r}"
         if IN_CI:
@@ -127,10 +131,12 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'events.db'}"
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """The URL of an empty store, once per backend."""
-    if request.param == "sqlite":
+    """The URL of an empty store, once per backend (``memory:`` is the in-memory test double)."""
+    if request.param == "memory":
+        yield "memory:"
+    elif request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'events.db'}"
     else:
         yield request.getfixturevalue("postgres_dsn")
@@ -139,7 +145,12 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 @pytest.fixture
 async def store(store_url: str) -> AsyncIterator[Store]:
     """An opened, migrated, empty store, once per backend."""
-    s = open_store(store_url)
+    if store_url == "memory:":
+        from lacuna_webhooks.store.memory import MemoryStore
+
+        s: Store = MemoryStore()
+    else:
+        s = open_store(store_url)
     await s.open()
     try:
         yield s

@@ -303,35 +303,6 @@ async def test_close_with_accepts_in_flight(db_path: Path) -> None:
     assert stored_ids(db_path) == confirmed
 
 
-# --- behaviour the SQLite store pins down beyond the shared contract ------------------------
-
-
-async def test_replay_cuts_off_a_running_claim(store: SQLiteStore) -> None:
-    """A claim running when its delivery is replayed can no longer record its outcome."""
-    await store.accept(event("evt_replay"), ["a"], now=NOW)
-    (running,) = await store.claim(handler="a", limit=1, lease=LEASE, now=NOW)
-    assert await store.replay("evt_replay", None, now=NOW) == 1
-    assert await store.complete(running, Attempt(NOW, NOW, AttemptOutcome.OK)) is False
-    (again,) = await store.claim(handler="a", limit=1, lease=LEASE, now=NOW)
-    assert again.attempts == 1
-
-
-async def test_task_state_without_created_compares_by_receipt_time(store: SQLiteStore) -> None:
-    """An event without ``created`` counts as created when received: an event created before
-    that does not overwrite the task."""
-    payload = make_event("evt_nc", task_id="cm_nc")
-    del payload["created"]
-    await store.accept(Event.from_body(orjson.dumps(payload)), [], now=NOW)
-    stale = event("evt_nc_old", created=int(NOW.timestamp()) - 60, task_id="cm_nc")
-    await store.accept(stale, [], now=NOW + SECOND)
-    task = await store.get_task("cm_nc")
-    assert task is not None
-    assert (task.event_id, task.event_created) == ("evt_nc", None)
-    record = await store.get_event("evt_nc_old")
-    assert record is not None
-    assert record.superseded is True
-
-
 # --- a crash --------------------------------------------------------------------------------
 
 _WRITER_SCRIPT = """

@@ -498,3 +498,44 @@ async def test_ping_answers_and_a_closed_store_refuses(store: Store) -> None:
         await asyncio.wait_for(store.accept(event(), [], now=NOW), PROMPT)
     with pytest.raises(StoreUnavailable):
         await asyncio.wait_for(store.ping(), PROMPT)
+
+
+# --- operator actions win over running attempts; ordering without `created` ------------------
+
+
+async def test_replay_cuts_off_a_running_claim(store: Store) -> None:
+    """A claim running when its delivery is replayed can no longer record its outcome."""
+    await store.accept(event("evt_replay"), ["a"], now=NOW)
+    (running,) = await store.claim(handler="a", limit=1, lease=LEASE, now=NOW)
+    assert await store.replay("evt_replay", None, now=NOW) == 1
+    assert await store.complete(running, Attempt(NOW, NOW, AttemptOutcome.OK)) is False
+    (again,) = await store.claim(handler="a", limit=1, lease=LEASE, now=NOW)
+    assert again.attempts == 1
+
+
+async def test_task_state_without_created_compares_by_receipt_time(store: Store) -> None:
+    """An event without ``created`` counts as created when received: an event created before
+    that does not overwrite the task."""
+    payload = make_event("evt_nc", task_id="cm_nc")
+    del payload["created"]
+    await store.accept(Event.from_body(orjson.dumps(payload)), [], now=NOW)
+    stale = event("evt_nc_old", created=int(NOW.timestamp()) - 60, task_id="cm_nc")
+    await store.accept(stale, [], now=NOW + SECOND)
+    task = await store.get_task("cm_nc")
+    assert task is not None
+    assert (task.event_id, task.event_created) == ("evt_nc", None)
+    record = await store.get_event("evt_nc_old")
+    assert record is not None
+    assert record.superseded is True
+
+
+async def test_retry_dead_cuts_off_a_running_claim(store: Store) -> None:
+    """retry-dead, like replay, revokes a claim on the delivery it brings back."""
+    await store.accept(event("evt_rd_cut"), ["a"], now=NOW)
+    (first,) = await store.claim(handler="a", limit=1, lease=LEASE, now=NOW)
+    assert await store.dead(first, Attempt(NOW, NOW, AttemptOutcome.DEAD, "x")) is True
+    assert await store.retry_dead(handler="a", now=NOW) == 1
+    # the old claim's token is stale: a late "retry" from it must change nothing
+    assert await store.retry(first, Attempt(NOW, NOW, AttemptOutcome.RETRY), at=NOW) is False
+    (again,) = await store.claim(handler="a", limit=1, lease=LEASE, now=NOW)
+    assert again.attempts == 1

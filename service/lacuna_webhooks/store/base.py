@@ -8,7 +8,9 @@ Semantics every backend keeps:
 - ``accept`` is one transaction: insert the event (dedupe on its id by the
   unique key, never check-then-insert) and one ``pending`` delivery per
   handler name given, due at once; update the per-task state unless the event
-  is older than what the task already has. It returns ``True`` for a new
+  is older than what the task already has (events are ordered by ``created``,
+  or by their received time when they carry none; an older event is stored
+  with ``superseded`` set and still gets its deliveries). It returns ``True`` for a new
   event, ``False`` for a duplicate (nothing else is written). It returns only
   after the transaction is durably committed; on any failure it raises
   ``StoreUnavailable``.
@@ -19,6 +21,9 @@ Semantics every backend keeps:
 - ``complete`` / ``retry`` / ``dead`` / ``release`` record the outcome only if
   the delivery still carries the claimed ``lease_token`` (else return
   ``False`` and change nothing); all but ``release`` append the ``Attempt``.
+- ``replay`` and ``retry_dead`` revoke any live claim on the deliveries they
+  reset (lease cleared, ``lease_token`` moved on): the operator's new run wins
+  over an attempt still running.
 - ``wait_for_work`` returns early when new work may be due (an accept in this
   process, or a NOTIFY from another replica), else after ``timeout_seconds``.
 """

@@ -59,9 +59,9 @@ class _DeliveryRow:
         )
 
 
-def _older(created: int | None, than: int | None) -> bool:
-    """Whether an event's ``created`` is known to be before the task's (unknown is never older)."""
-    return created is not None and than is not None and created < than
+def _order(event: Event, received_at: datetime) -> float:
+    """What orders a task's events: ``created``, or the received time when it is absent."""
+    return float(event.created) if event.created is not None else received_at.timestamp()
 
 
 class MemoryStore:
@@ -78,6 +78,7 @@ class MemoryStore:
         self._events: dict[str, EventRecord] = {}
         self._deliveries: dict[int, _DeliveryRow] = {}
         self._tasks: dict[str, TaskRecord] = {}
+        self._task_order: dict[str, float] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -104,8 +105,8 @@ class MemoryStore:
         """Record a new event and one due delivery per handler; ``False`` for a duplicate id.
 
         The event is recorded as ``superseded`` (and the task state left alone)
-        when its ``created`` is before that of the event the task state came
-        from; an event without ``created`` is never considered older.
+        when it is older than the event the task state came from (ordered by
+        ``created``, or by the received time when it has none).
         """
         async with self._lock:
             self._check()
@@ -114,10 +115,11 @@ class MemoryStore:
             superseded = False
             task_id = event.task_id
             if task_id is not None:
-                task = self._tasks.get(task_id)
-                if task is not None and _older(event.created, task.event_created):
+                order = _order(event, now)
+                if task_id in self._tasks and order < self._task_order[task_id]:
                     superseded = True
                 else:
+                    self._task_order[task_id] = order
                     self._tasks[task_id] = TaskRecord(
                         task_id=task_id,
                         status=event.task_status,
@@ -375,8 +377,10 @@ class MemoryStore:
             return self._tasks.get(task_id)
 
     def _reset(self, row: _DeliveryRow, now: datetime) -> None:
-        """Pending, due now, fresh attempt budget. A live lease is left to run out: the
-        attempt holding it can still record its outcome."""
+        """Pending, due now, fresh attempt budget; a live claim is revoked (lease cleared,
+        token moved on) so an attempt still running cannot record over the reset."""
+        row.lease_token += 1
+        row.lease_until = None
         row.status = DeliveryStatus.PENDING
         row.attempts = 0
         row.next_attempt_at = now

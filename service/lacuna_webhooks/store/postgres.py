@@ -351,17 +351,17 @@ class PostgresStore:
                 current = await conn.fetchval(
                     """
                     INSERT INTO tasks AS t
-                        (task_id, status, event_id, event_type, event_created, updated_at)
-                    VALUES ($1, $2, $3, $4, $5, $6)
+                        (task_id, status, event_id, event_type, event_created, event_order,
+                         updated_at)
+                    VALUES ($1, $2, $3, $4, $5, $6, $7)
                     ON CONFLICT (task_id) DO UPDATE SET
                         status = excluded.status,
                         event_id = excluded.event_id,
                         event_type = excluded.event_type,
                         event_created = excluded.event_created,
+                        event_order = excluded.event_order,
                         updated_at = excluded.updated_at
-                    WHERE excluded.event_created IS NULL
-                       OR t.event_created IS NULL
-                       OR excluded.event_created >= t.event_created
+                    WHERE excluded.event_order >= t.event_order
                     RETURNING true
                     """,
                     event.task_id,
@@ -369,6 +369,8 @@ class PostgresStore:
                     event.id,
                     event.type,
                     event.created,
+                    # Same rule as SQLite: `created`, else the received time.
+                    float(event.created) if event.created is not None else now.timestamp(),
                     now,
                 )
                 if not current:
@@ -710,8 +712,8 @@ class PostgresStore:
         """Make the event's deliveries pending and due at ``now`` with a fresh attempt budget.
 
         With ``handlers``: those (created when missing); with ``None``: every
-        existing one. A live lease is left to run out, so the attempt holding it
-        can still record its outcome (as in every backend). Raise ``EventNotFound``;
+        existing one. A live claim is revoked (its lease is cleared and its token moves on),
+        so an attempt still running cannot mark the replayed delivery done. Raise ``EventNotFound``;
         return how many were reset or created, and NOTIFY when any were.
         """
         now = _utc(now)
@@ -725,6 +727,7 @@ class PostgresStore:
                     """
                     UPDATE deliveries
                     SET status = 'pending', attempts = 0, next_attempt_at = $2,
+                        lease_token = lease_token + 1, lease_until = NULL,
                         last_error = NULL, updated_at = $2
                     WHERE event_id = $1
                     RETURNING id
@@ -740,6 +743,7 @@ class PostgresStore:
                     SELECT $1, handler, 'pending', $3, $3, $3 FROM unnest($2::text[]) AS handler
                     ON CONFLICT (event_id, handler) DO UPDATE SET
                         status = 'pending', attempts = 0, next_attempt_at = $3,
+                        lease_token = d.lease_token + 1, lease_until = NULL,
                         last_error = NULL, updated_at = $3
                     RETURNING d.id
                     """,
@@ -777,6 +781,7 @@ class PostgresStore:
                 """
                 UPDATE deliveries
                 SET status = 'pending', attempts = 0, next_attempt_at = $2,
+                    lease_token = lease_token + 1, lease_until = NULL,
                     last_error = NULL, updated_at = $2
                 WHERE status = 'dead' AND ($1::text IS NULL OR handler = $1)
                 RETURNING id

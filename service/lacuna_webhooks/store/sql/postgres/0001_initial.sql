@@ -60,5 +60,7 @@ CREATE TABLE tasks (
     event_id      text        NOT NULL,
     event_type    text        NOT NULL,
     event_created bigint,
+    -- what orders the task's events: `created`, or the received time when it is absent
+    event_order   double precision NOT NULL,
     updated_at    timestamptz NOT NULL
 );
