@@ -104,9 +104,10 @@ else
     mkdir -p "$WHEELS"
     # The host's pip configuration may name extra local indexes that lack some projects; pip
     # says so once per project, which is noise here.
-    "$PYTHON" -m pip wheel --quiet --wheel-dir "$WHEELS" "$ROOT[postgres]" hatchling 2>&1 |
-        { grep -v -E "^WARNING: Location '.*' is ignored" || true; } >&2
-    [ "${PIPESTATUS[0]}" = 0 ] || die "pip wheel failed"
+    if ! "$PYTHON" -m pip wheel --quiet --wheel-dir "$WHEELS" "${ROOT}[postgres]" hatchling 2>&1 |
+        { grep -v -E "^WARNING: Location '.*' is ignored" || true; } >&2; then
+        die "pip wheel failed"
+    fi
     # Only its dependencies are needed: the project's wheel is built inside the image build.
     rm -f "$WHEELS"/lacuna_webhooks-*.whl
     printf '%s\n' "$WHEELS_KEY" > "$WHEELS/.key"
