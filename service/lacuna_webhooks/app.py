@@ -19,9 +19,10 @@ import orjson
 import structlog
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from .config import Settings
 from .dispatcher import Dispatcher
@@ -37,9 +38,6 @@ logger = structlog.get_logger("lacuna_webhooks.app")
 
 WEBHOOK_PATH = "/webhooks/lacuna"
 RETRY_AFTER_SECONDS = 5
-# An accept that has not committed by then is answered 503 (the sender retries;
-# if the commit lands later the retry is answered as a duplicate).
-ACCEPT_TIMEOUT_SECONDS = 10.0
 PING_TIMEOUT_SECONDS = 2.0
 JSON = "application/json"
 
@@ -61,31 +59,49 @@ def error_response(exc: WebhookError) -> Response:
     )
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+class ClientGone(Exception):
+    """The sender disconnected before the whole body arrived."""
+
+
+async def read_body(receive: Receive, limit: int, declared: int | None) -> bytes:
     """Read at most ``limit`` bytes; refuse larger bodies without holding them.
 
     A declared ``Content-Length`` over the limit is refused before anything is
     read; a body without one (chunked) is refused as soon as it passes the limit.
     """
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared > limit:
         raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone()
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+_RETRY_AFTER = (b"retry-after", str(RETRY_AFTER_SECONDS).encode())
+_HEADER_NAME = HEADER.encode()
+
+
 class WebhookEndpoint:
-    """``POST /webhooks/lacuna``: checks in SPEC §3's order, then one durable accept."""
+    """``POST /webhooks/lacuna``: checks in SPEC §3's order, then one durable accept.
+
+    A plain ASGI app rather than a Starlette request handler: this is the hot
+    path, and it needs nothing from a ``Request`` but the headers and the body.
+    """
 
     def __init__(
         self, settings: Settings, store: Store, handlers: HandlerSet, metrics: Metrics
@@ -96,50 +112,70 @@ class WebhookEndpoint:
         self.store = store
         self.handlers = handlers
         self.metrics = metrics
+        # outcome -> counter child, so the hot path skips the label lookup
+        self._received: dict[str, Any] = {}
 
-    async def handle(self, request: Request) -> Response:
+    def _count(self, outcome: str) -> None:
+        counter = self._received.get(outcome)
+        if counter is None:
+            counter = self._received[outcome] = self.metrics.received.labels(outcome)
+        counter.inc()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         event: Event | None = None
-        duplicate = False
+        status = 200
+        headers = _JSON_HEADERS
         try:
-            body = await read_body(request, self.limit)
+            declared: int | None = None
+            signatures: list[str] = []
+            for name, value in scope["headers"]:
+                if name == b"content-length":
+                    text = value.decode("latin-1")
+                    declared = int(text) if text.isascii() and text.isdigit() else None
+                elif name == _HEADER_NAME:
+                    signatures.append(value.decode("latin-1"))
+            body = await read_body(receive, self.limit, declared)
             # Several header lines are one comma-separated list (RFC 9110 §5.3).
-            header = ",".join(request.headers.getlist(HEADER)) or None
+            header = ",".join(signatures) if signatures else None
             verify(body, header, self.secrets, now=time.time(), tolerance=self.tolerance)
             event = Event.from_body(body)
-            try:
-                async with asyncio.timeout(ACCEPT_TIMEOUT_SECONDS):
-                    new = await self.store.accept(
-                        event, self.handlers.subscribers(event.type), now=_utcnow()
-                    )
-            except TimeoutError:
-                raise StoreUnavailable("The event store did not answer in time.") from None
-            duplicate = not new
-        except WebhookError as exc:
-            response = error_response(exc)
-            outcome = exc.code
-        except ClientDisconnect:
-            # The sender hung up mid-body: nothing was stored, nobody reads this answer.
-            response = Response(status_code=400)
-            outcome = "client_disconnected"
-        else:
-            response = Response(
-                orjson.dumps({"received": True, "id": event.id, "duplicate": duplicate}),
-                media_type=JSON,
+            # No timeout of our own here: each store bounds its operations (SQLite's busy
+            # timeout, asyncpg's command and acquire timeouts) and raises StoreUnavailable.
+            new = await self.store.accept(
+                event, self.handlers.subscribers(event.type), now=_utcnow()
             )
-            outcome = "duplicate" if duplicate else "accepted"
+        except WebhookError as exc:
+            status = exc.status_code
+            content = error_body(exc.code, exc.message, error_type=exc.error_type, param=exc.param)
+            outcome = exc.code
+            if status == 503:
+                headers = [*_JSON_HEADERS, _RETRY_AFTER]
+        except ClientGone:
+            # The sender hung up mid-body: nothing was stored, nobody reads this answer.
+            status, content, outcome = 400, b"", "client_disconnected"
+        else:
+            content = orjson.dumps({"received": True, "id": event.id, "duplicate": not new})
+            outcome = "accepted" if new else "duplicate"
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [*headers, (b"content-length", str(len(content)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": content})
         elapsed = time.perf_counter() - started
-        self.metrics.received.labels(outcome).inc()
+        self._count(outcome)
         self.metrics.request_latency.observe(elapsed)
         logger.info(
             "webhook.received",
-            status=response.status_code,
+            status=status,
             outcome=outcome,
             event_id=event.id if event else None,
             event_type=event.type if event else None,
             latency_ms=round(elapsed * 1000, 2),
         )
-        return response
 
 
 def create_app(
@@ -245,7 +281,7 @@ def create_app(
         routes=[
             Route(
                 WEBHOOK_PATH,
-                WebhookEndpoint(settings, the_store, the_handlers, the_metrics).handle,
+                WebhookEndpoint(settings, the_store, the_handlers, the_metrics),
                 methods=["POST"],
             ),
             Route("/healthz", healthz, methods=["GET", "HEAD"]),

@@ -103,7 +103,15 @@ def _serve(environ: Mapping[str, str], host: str | None, port: int | None) -> in
         finally:
             await store.close()
 
-    asyncio.run(run())
+    # uvloop when installed (uvicorn[standard] brings it), as `uvicorn.run` would choose.
+    try:
+        import uvloop
+
+        loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
+    except ImportError:
+        loop_factory = None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(run())
     return 0
 
 
