@@ -41,4 +41,4 @@ image: $(STAMP)
 	deploy/build-image.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .bench dist build
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .bench dist build deploy/.build

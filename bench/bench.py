@@ -32,7 +32,7 @@ from lacuna_webhooks.signature import sign
 
 HERE = Path(__file__).resolve().parent
 SECRET = "whsec_bench_0123456789abcdef0123456789"
-PADDING = "la " * 330  # lyrics that bring an event to about 1.5 KB
+PADDING = "la " * 365  # lyrics that bring an event to about 1.5 KB
 
 
 def free_port() -> int:

@@ -528,6 +528,9 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     except CommandError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except ConfigError as exc:
+        print(f"{PROG}: error: configuration: {exc}", file=sys.stderr)
+        return 2
     except LacunaError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1

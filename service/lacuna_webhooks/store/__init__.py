@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..errors import ConfigError
 from .base import (
     AttemptRecord,
     DeliveryRecord,
@@ -22,8 +23,13 @@ def open_store(url: str, *, sqlite_synchronous: str = "full") -> Store:
 
         return SQLiteStore(url.removeprefix("sqlite:///"), synchronous=sqlite_synchronous)
     if url.startswith(("postgresql://", "postgres://")):
-        from .postgres import PostgresStore
-
+        try:
+            from .postgres import PostgresStore
+        except ImportError:
+            raise ConfigError(
+                "LACUNA_DATABASE_URL names PostgreSQL but its driver is not installed: "
+                "pip install 'lacuna-webhooks[postgres]'"
+            ) from None
         return PostgresStore(url)
     raise ValueError(f"unsupported database URL: {url.split(':', 1)[0]}://...")
 
