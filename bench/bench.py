@@ -246,8 +246,7 @@ def main() -> None:
     )
     print(
         f"serve: {stored} unique events stored durably (synchronous={args.synchronous}) "
-        f"= {accepted_rate:.0f} accepted events/s; {served['requests'] - stored} duplicates "
-        f"or refusals"
+        f"= {accepted_rate:.0f} accepted events/s"
     )
     print(f"ratio: {accepted_rate / bare['rps']:.2f}")
     if not args.keep:
