@@ -7,38 +7,23 @@ store sees ordinary timestamps); real waits are bounded, never fixed sleeps.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from datetime import UTC, datetime, timedelta
+import functools
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
 
 import orjson
 import pytest
 
-from lacuna_webhooks.dispatcher import LEASE_MARGIN, Dispatcher
+from lacuna_webhooks.dispatcher import LEASE_MARGIN
 from lacuna_webhooks.errors import PermanentError, RetryLater
 from lacuna_webhooks.handlers.base import RecordingHandler
 from lacuna_webhooks.models import AttemptOutcome, DeliveryStatus, Event
-from lacuna_webhooks.plugins import HandlerSet
 from lacuna_webhooks.retry import RetryPolicy
 from lacuna_webhooks.store import Store, open_store
-from lacuna_webhooks.store.base import DeliveryRecord
 from tests.conftest import make_event
+from tests.dispatching import FakeClock, make_dispatcher, only_delivery, running, wait_until
 
 POLICY = RetryPolicy(max_attempts=3, base_delay_seconds=5.0, max_delay_seconds=3600.0)
-
-
-class FakeClock:
-    """A clock that moves only when told to."""
-
-    def __init__(self) -> None:
-        self.now = datetime.now(UTC).replace(microsecond=0)
-        self.start = self.now
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
 
 
 @pytest.fixture
@@ -56,56 +41,12 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
+dispatcher = functools.partial(make_dispatcher, policy=POLICY, poll_interval_seconds=0.05)
+
+
 def same_time(a: datetime, b: datetime) -> bool:
     """Equal to the millisecond (a backend may store coarser than microseconds)."""
     return abs((a - b).total_seconds()) < 0.001
-
-
-def dispatcher(
-    store: Store,
-    handlers: Iterable[RecordingHandler] | HandlerSet,
-    clock: FakeClock,
-    **kwargs: object,
-) -> Dispatcher:
-    handler_set = handlers if isinstance(handlers, HandlerSet) else HandlerSet.of(handlers)
-    options: dict[str, object] = {
-        "policy": POLICY,
-        "poll_interval_seconds": 0.05,
-        "clock": clock,
-        "rand": lambda: 0.5,  # the jitter midpoint: delays equal their nominal value
-    }
-    options.update(kwargs)
-    return Dispatcher(store, handler_set, **options)  # type: ignore[arg-type]
-
-
-@contextlib.asynccontextmanager
-async def running(d: Dispatcher) -> AsyncIterator[asyncio.Task[None]]:
-    task = asyncio.create_task(d.run())
-    try:
-        yield task
-    finally:
-        await asyncio.wait_for(d.stop(1.0), 10)
-        await asyncio.wait_for(task, 10)
-
-
-async def wait_until(
-    check: Callable[[], Awaitable[bool] | bool], within_seconds: float = 10.0
-) -> None:
-    """Poll ``check`` until it holds; fail the test after ``within_seconds``."""
-    async with asyncio.timeout(within_seconds):
-        while True:
-            result = check()
-            if isinstance(result, Awaitable):
-                result = await result
-            if result:
-                return
-            await asyncio.sleep(0.01)
-
-
-async def only_delivery(store: Store, **filters: object) -> DeliveryRecord:
-    rows = await store.list_deliveries(**filters)  # type: ignore[arg-type]
-    assert len(rows) == 1, rows
-    return rows[0]
 
 
 async def accept(store: Store, clock: FakeClock, *handlers: str) -> Event:

@@ -7,41 +7,28 @@ only real waits are bounded (``drain``, ``wait_until``), never fixed sleeps.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import orjson
 import pytest
 from structlog.testing import capture_logs
 
-from lacuna_webhooks.dispatcher import LEASE_MARGIN, Dispatcher
+from lacuna_webhooks.dispatcher import LEASE_MARGIN
 from lacuna_webhooks.errors import PermanentError, RetryLater
 from lacuna_webhooks.handlers.base import RecordingHandler
 from lacuna_webhooks.metrics import Metrics
 from lacuna_webhooks.models import Attempt, AttemptOutcome, DeliveryStatus, Event
 from lacuna_webhooks.plugins import HandlerSet
 from lacuna_webhooks.retry import RetryPolicy
-from lacuna_webhooks.store.base import DeliveryRecord
 from lacuna_webhooks.store.memory import MemoryStore
 from tests.conftest import make_event
+from tests.dispatching import FakeClock, make_dispatcher, only_delivery, running, wait_until
 
 T0 = datetime(2025, 11, 21, 12, 0, tzinfo=UTC)
 POLICY = RetryPolicy(max_attempts=5, base_delay_seconds=5.0, max_delay_seconds=3600.0)
-
-
-class FakeClock:
-    """A clock that moves only when told to."""
-
-    def __init__(self, now: datetime = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
 
 
 @pytest.fixture
@@ -54,58 +41,14 @@ async def store() -> AsyncIterator[MemoryStore]:
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(T0)
+
+
+dispatcher = functools.partial(make_dispatcher, policy=POLICY, poll_interval_seconds=0.02)
 
 
 def new_event(**kwargs: object) -> Event:
     return Event.from_body(orjson.dumps(make_event(**kwargs)))  # type: ignore[arg-type]
-
-
-def dispatcher(
-    store: MemoryStore,
-    handlers: Iterable[RecordingHandler] | HandlerSet,
-    clock: FakeClock,
-    **kwargs: object,
-) -> Dispatcher:
-    handler_set = handlers if isinstance(handlers, HandlerSet) else HandlerSet.of(handlers)
-    options: dict[str, object] = {
-        "policy": POLICY,
-        "poll_interval_seconds": 0.02,
-        "clock": clock,
-        "rand": lambda: 0.5,  # the jitter midpoint: delays equal their nominal value
-    }
-    options.update(kwargs)
-    return Dispatcher(store, handler_set, **options)  # type: ignore[arg-type]
-
-
-@contextlib.asynccontextmanager
-async def running(d: Dispatcher, stop_timeout: float = 1.0) -> AsyncIterator[asyncio.Task[None]]:
-    task = asyncio.create_task(d.run())
-    try:
-        yield task
-    finally:
-        await asyncio.wait_for(d.stop(stop_timeout), 10)
-        await asyncio.wait_for(task, 10)
-
-
-async def wait_until(
-    check: Callable[[], Awaitable[bool] | bool], within_seconds: float = 5.0
-) -> None:
-    """Poll ``check`` until it holds; fail the test after ``within_seconds``."""
-    async with asyncio.timeout(within_seconds):
-        while True:
-            result = check()
-            if isinstance(result, Awaitable):
-                result = await result
-            if result:
-                return
-            await asyncio.sleep(0.005)
-
-
-async def only_delivery(store: MemoryStore, **filters: object) -> DeliveryRecord:
-    rows = await store.list_deliveries(**filters)  # type: ignore[arg-type]
-    assert len(rows) == 1, rows
-    return rows[0]
 
 
 async def accept(store: MemoryStore, clock: FakeClock, *handlers: str, **kwargs: object) -> Event:
