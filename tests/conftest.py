@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 import pytest
 
+from lacuna_webhooks.samples import sample_event
 from lacuna_webhooks.signature import sign
 from lacuna_webhooks.store import Store, open_store
 
@@ -37,41 +38,10 @@ def make_event(
     created: int | None = None,
     **data: Any,
 ) -> dict[str, Any]:
-    """A realistic event payload (SPEC §2)."""
-    event_id = event_id or f"evt_{uuid.uuid4().hex}"
-    body: dict[str, Any] = {
-        "id": task_id,
-        "object": "music.generation",
-        "status": "ready" if event_type == "job.completed" else "failed",
-        "title": "Late Night Study",
-        "style": "lofi hip hop, mellow piano, 70 bpm",
-        "instrumental": True,
-    }
-    if event_type == "job.completed":
-        body["tracks"] = [
-            {
-                "id": "trk_01",
-                "audio_url": "https://cdn.lacuna.example/tracks/trk_01.mp3",
-                "duration": 182.4,
-                "lyrics": None,
-            }
-        ]
-    elif event_type == "job.failed":
-        body["error"] = {
-            "type": "api_error",
-            "code": "provider_error",
-            "message": "Upstream failure.",
-            "param": None,
-        }
-        body["credits_refunded"] = 10
-    body.update(data)
-    return {
-        "id": event_id,
-        "object": "event",
-        "type": event_type,
-        "created": int(time.time()) if created is None else created,
-        "data": body,
-    }
+    """A realistic event payload (SPEC §2); keyword arguments replace fields of ``data``."""
+    event = sample_event(event_type, event_id=event_id, task_id=task_id, created=created)
+    event["data"].update(data)
+    return event
 
 
 def signed(payload: dict[str, Any] | bytes, secret: str = TEST_SECRET, t: int | None = None):

@@ -28,7 +28,7 @@ def sample_event(
         data["error"] = {
             "type": "api_error",
             "code": "provider_error",
-            "message": "Upstream failure. Credits are refunded automatically.",
+            "message": "Upstream failure.",
             "param": None,
         }
         data["credits_refunded"] = 10
