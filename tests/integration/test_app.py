@@ -51,6 +51,14 @@ def client(tmp_path: Path, recorder: RecordingHandler) -> Iterator[TestClient]:
         yield c
 
 
+def wait_for_call(handler: RecordingHandler, timeout: float = 10.0) -> None:
+    """Block until the dispatcher (running in the TestClient's loop) has called ``handler``."""
+    deadline = time.monotonic() + timeout
+    while not handler.calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert handler.calls, "the handler was never called"
+
+
 def error_of(response: httpx.Response) -> dict[str, Any]:
     body = response.json()
     assert set(body) == {"error"}
@@ -71,9 +79,7 @@ def test_accepts_a_signed_event_and_dispatches_it(
     response = post(client, event)
     assert response.status_code == 200
     assert response.json() == {"received": True, "id": "evt_ok_1", "duplicate": False}
-    deadline = time.monotonic() + 10
-    while not recorder.calls and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for_call(recorder)
     assert [e.id for e in recorder.calls] == ["evt_ok_1"]
     assert recorder.calls[0].payload == event
 
@@ -86,9 +92,7 @@ def test_duplicate_is_200_and_not_dispatched_again(
     second = post(client, event)
     assert second.status_code == 200
     assert second.json() == {"received": True, "id": "evt_dup_1", "duplicate": True}
-    deadline = time.monotonic() + 10
-    while not recorder.calls and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for_call(recorder)
     time.sleep(0.2)
     assert [e.id for e in recorder.calls] == ["evt_dup_1"]
 
@@ -232,9 +236,7 @@ def test_unknown_type_and_fields_are_accepted(
     """New event types and fields pass through untouched to handlers that want them."""
     payload = {"id": "evt_new_type", "type": "job.progress", "future_field": {"x": [1]}}
     assert post(client, payload).status_code == 200
-    deadline = time.monotonic() + 10
-    while not recorder.calls and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for_call(recorder)
     assert recorder.calls[0].payload["future_field"] == {"x": [1]}
 
 
@@ -244,9 +246,7 @@ def test_filtered_handler_gets_no_delivery(tmp_path: Path) -> None:
     with TestClient(app) as c:
         assert post(c, make_event("evt_c", "job.completed")).status_code == 200
         assert post(c, make_event("evt_f", "job.failed")).status_code == 200
-        deadline = time.monotonic() + 10
-        while not failed_only.calls and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for_call(failed_only)
         time.sleep(0.2)
     assert [e.id for e in failed_only.calls] == ["evt_f"]
 
