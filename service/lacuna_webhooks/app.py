@@ -49,14 +49,21 @@ def error_body(code: str, message: str, *, error_type: str, param: str | None = 
     )
 
 
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+_RETRY_AFTER = (b"retry-after", str(RETRY_AFTER_SECONDS).encode())
+
+
+def error_parts(exc: WebhookError) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+    """Status, envelope and headers of a refusal; a 503 also says when to retry."""
+    headers = [*_JSON_HEADERS, _RETRY_AFTER] if exc.status_code == 503 else _JSON_HEADERS
+    body = error_body(exc.code, exc.message, error_type=exc.error_type, param=exc.param)
+    return exc.status_code, body, headers
+
+
 def error_response(exc: WebhookError) -> Response:
-    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if exc.status_code == 503 else None
-    return Response(
-        error_body(exc.code, exc.message, error_type=exc.error_type, param=exc.param),
-        status_code=exc.status_code,
-        media_type=JSON,
-        headers=headers,
-    )
+    """``error_parts`` as a Starlette response, for the routes that are not the hot path."""
+    status, body, headers = error_parts(exc)
+    return Response(body, status_code=status, headers={k.decode(): v.decode() for k, v in headers})
 
 
 class ClientGone(Exception):
@@ -91,8 +98,6 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-_JSON_HEADERS = [(b"content-type", b"application/json")]
-_RETRY_AFTER = (b"retry-after", str(RETRY_AFTER_SECONDS).encode())
 _HEADER_NAME = HEADER.encode()
 
 
@@ -146,11 +151,8 @@ class WebhookEndpoint:
                 event, self.handlers.subscribers(event.type), now=_utcnow()
             )
         except WebhookError as exc:
-            status = exc.status_code
-            content = error_body(exc.code, exc.message, error_type=exc.error_type, param=exc.param)
+            status, content, headers = error_parts(exc)
             outcome = exc.code
-            if status == 503:
-                headers = [*_JSON_HEADERS, _RETRY_AFTER]
         except ClientGone:
             # The sender hung up mid-body: nothing was stored, nobody reads this answer.
             status, content, outcome = 400, b"", "client_disconnected"
