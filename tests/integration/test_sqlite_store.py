@@ -227,18 +227,26 @@ async def test_duplicates_inside_one_batch(store: SQLiteStore, db_path: Path) ->
 async def test_a_failed_batch_fails_every_waiter(store: SQLiteStore, db_path: Path) -> None:
     """When a batch's transaction fails, every accept in it raises StoreUnavailable (even those
     that alone would have succeeded) and none of its events is stored; the store goes on."""
-    doomed = [(event(f"evt_doomed_{i}"), ["a"] if i % 2 else []) for i in range(10)]
+    good = [(event(f"evt_fine_{i}"), ["a"] if i % 2 else []) for i in range(9)]
+    batch = [*good[:5], (event("evt_doomed"), ["a"]), *good[5:]]
     with peer(db_path) as lock:
         lock.execute("BEGIN IMMEDIATE")
-        lock.execute("DROP TABLE deliveries")  # a schema broken underneath the store
-        head, tail = await _queue_one_batch(store, lock, event("evt_head"), doomed)
+        # a database that refuses one row, from underneath the store
+        lock.execute(
+            "CREATE TRIGGER doom BEFORE INSERT ON events WHEN NEW.id = 'evt_doomed'"
+            " BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        )
+        head, tail = await _queue_one_batch(store, lock, event("evt_head"), batch)
         lock.execute("COMMIT")
-    assert await head is True  # no handlers: it never touches the dropped table
+    assert await head is True
     results = await asyncio.gather(*tail, return_exceptions=True)
     assert all(isinstance(r, StoreUnavailable) for r in results), results
     assert stored_ids(db_path) == {"evt_head"}
+    with peer(db_path) as conn:
+        assert conn.execute("SELECT count(*) FROM deliveries").fetchone() == (0,)
     await store.ping()
-    assert await store.accept(event("evt_after"), [], now=NOW) is True
+    assert await store.accept(event("evt_after"), ["a"], now=NOW) is True
+    assert await store.accept(event("evt_fine_1"), ["a"], now=NOW) is True
 
 
 async def test_corrupted_file_gives_store_unavailable(db_path: Path) -> None:
@@ -364,18 +372,19 @@ async def test_sigkill_mid_batch_loses_nothing_confirmed(db_path: Path) -> None:
     assert confirmed <= stored_ids(db_path)
 
 
-# --- the multi-row batch writes exactly what row-by-row writes -----------------------------
+# --- the one-statement batch writes exactly what row-by-row writes --------------------------
 
 
-async def test_multirow_batch_matches_rowwise(tmp_path: Path) -> None:
+async def test_one_statement_batch_matches_rowwise(tmp_path: Path) -> None:
     """Random batches with in-batch duplicates, several events per task and stale ones give
     the same answers and the same tables through both batch writers."""
     import random
 
     from lacuna_webhooks.store.sqlite import (
-        _accept_batch_multirow,
-        _accept_batch_rowwise,
+        _accept_batch_in_transaction,
+        _accept_batch_one_statement,
         _AcceptRow,
+        _create_batch_schema,
     )
 
     paths = [tmp_path / "multi.db", tmp_path / "rows.db"]
@@ -384,6 +393,7 @@ async def test_multirow_batch_matches_rowwise(tmp_path: Path) -> None:
         await s.open()
         await s.close()
     conns = [sqlite3.connect(path, isolation_level=None) for path in paths]
+    _create_batch_schema(conns[0])
     rng = random.Random(7)
     try:
         for batch_no in range(60):
@@ -402,11 +412,10 @@ async def test_multirow_batch_matches_rowwise(tmp_path: Path) -> None:
             ]
             answers = []
             for conn, write in zip(
-                conns, (_accept_batch_multirow, _accept_batch_rowwise), strict=True
+                conns, (_accept_batch_one_statement, _accept_batch_in_transaction), strict=True
             ):
-                conn.execute("BEGIN IMMEDIATE")
                 answers.append(write(conn, rows))
-                conn.execute("COMMIT")
+                assert not conn.in_transaction  # each commits its batch itself
             assert answers[0] == answers[1]
         for table, order in (
             ("events", "id"),

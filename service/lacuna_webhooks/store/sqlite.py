@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from importlib import resources
+from typing import Any
 
 import orjson
 
@@ -209,82 +210,107 @@ def _accept_batch_rowwise(conn: sqlite3.Connection, rows: list[_AcceptRow]) -> l
     return stored
 
 
-# Rows per multi-row statement: 7 parameters each stays far below SQLite's variable limit.
-_CHUNK = 100
-_INSERT_EVENTS = "INSERT INTO events (id, type, created, received_at, task_id, raw) VALUES "
-_UPSERT_TASKS = (
-    "INSERT INTO tasks (task_id, status, event_id, event_type, event_created, event_order,"
-    " updated_at) VALUES "
+# The batch as one statement. Each SQLite call releases and retakes the GIL, and under load
+# the request path holds it: the writer then waits up to a switch interval at every retake.
+# So a whole batch is one multi-row INSERT into a TEMP view whose INSTEAD OF trigger does, for
+# each row in order, exactly what ``_accept_batch_rowwise`` does, and records whether the
+# event was new; in autocommit that one statement is its own transaction (commit and fsync
+# included). One more statement reads the outcomes back. Created per connection, on the
+# writer's connection only; nothing of it is stored in the database file.
+_BATCH_SCHEMA = (
+    "CREATE TEMP TABLE IF NOT EXISTS accept_outcome"
+    " (slot INTEGER PRIMARY KEY, stored INTEGER NOT NULL)",
+    "CREATE TEMP VIEW IF NOT EXISTS accept_batch AS SELECT NULL AS slot, NULL AS id,"
+    " NULL AS type, NULL AS created, NULL AS received_at, NULL AS task_id,"
+    " NULL AS task_status, NULL AS raw, NULL AS handlers",
+    """CREATE TEMP TRIGGER IF NOT EXISTS accept_batch_row INSTEAD OF INSERT ON accept_batch
+BEGIN
+    INSERT INTO events (id, type, created, received_at, task_id, raw)
+        VALUES (NEW.id, NEW.type, NEW.created, NEW.received_at, NEW.task_id, NEW.raw)
+        ON CONFLICT (id) DO NOTHING;
+    -- changes() is the count of the trigger's latest statement: 1 stored, 0 duplicate
+    INSERT OR REPLACE INTO accept_outcome (slot, stored) VALUES (NEW.slot, changes());
+    INSERT INTO deliveries (event_id, handler, status, next_attempt_at, created_at, updated_at)
+        SELECT NEW.id, value, 'pending', NEW.received_at, NEW.received_at, NEW.received_at
+        FROM json_each(NEW.handlers)
+        WHERE (SELECT stored FROM accept_outcome WHERE slot = NEW.slot)
+        ON CONFLICT (event_id, handler) DO NOTHING;
+    INSERT INTO tasks (task_id, status, event_id, event_type, event_created, event_order,
+                       updated_at)
+        SELECT NEW.task_id, NEW.task_status, NEW.id, NEW.type, NEW.created,
+               coalesce(NEW.created, NEW.received_at), NEW.received_at
+        WHERE NEW.task_id IS NOT NULL
+          AND (SELECT stored FROM accept_outcome WHERE slot = NEW.slot)
+        ON CONFLICT (task_id) DO UPDATE SET status = excluded.status,
+            event_id = excluded.event_id, event_type = excluded.event_type,
+            event_created = excluded.event_created, event_order = excluded.event_order,
+            updated_at = excluded.updated_at
+        WHERE tasks.event_order <= excluded.event_order;
+    -- the upsert changed nothing: a newer state of the task was already stored
+    UPDATE events SET superseded = 1
+        WHERE changes() = 0 AND id = NEW.id AND NEW.task_id IS NOT NULL
+          AND (SELECT stored FROM accept_outcome WHERE slot = NEW.slot);
+END""",
 )
-_UPSERT_TASKS_TAIL = _UPSERT_TASK[_UPSERT_TASK.index(" ON CONFLICT") :] + " RETURNING event_id"
+_BATCH_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_BATCH_INSERT = (
+    "INSERT INTO accept_batch"
+    " (slot, id, type, created, received_at, task_id, task_status, raw, handlers) VALUES "
+)
+_BATCH_OUTCOMES = "SELECT json_group_object(slot, stored) FROM accept_outcome WHERE slot < ?"
+# 9 parameters a row: the largest batch the writer forms stays under SQLite's variable limit.
+_BATCH_MAX_ROWS = 3000
 
 
-def _accept_batch_multirow(conn: sqlite3.Connection, rows: list[_AcceptRow]) -> list[bool]:
-    """Write a batch inside the writer's transaction in a few multi-row statements.
+def _create_batch_schema(conn: sqlite3.Connection) -> None:
+    for statement in _BATCH_SCHEMA:
+        conn.execute(statement)
 
-    Same result as writing the rows one by one, in order: the unique key on ``events.id``
-    decides new versus duplicate (the first copy of an id in the batch is the one stored),
-    and task upserts apply in batch order. Fewer statements means less time holding the
-    GIL on the writer thread, which the request path shares.
-    """
-    inserted: set[str] = set()
-    for start in range(0, len(rows), _CHUNK):
-        chunk = rows[start : start + _CHUNK]
-        sql = (
-            _INSERT_EVENTS
-            + ",".join(["(?, ?, ?, ?, ?, ?)"] * len(chunk))
-            + " ON CONFLICT (id) DO NOTHING RETURNING id"
+
+def _accept_batch_one_statement(conn: sqlite3.Connection, rows: list[_AcceptRow]) -> list[bool]:
+    """Write a batch as one statement; in autocommit it commits (and fsyncs) by itself."""
+    if len(rows) > _BATCH_MAX_ROWS:
+        raise ValueError(f"at most {_BATCH_MAX_ROWS} accepts per batch")
+    params: list[Any] = []
+    for slot, r in enumerate(rows):
+        params += (
+            slot,
+            r.event_id,
+            r.event_type,
+            r.created,
+            r.received_at,
+            r.task_id,
+            r.task_status,
+            r.raw,
+            _handlers_json(r.handlers),
         )
-        params = [
-            v
-            for r in chunk
-            for v in (r.event_id, r.event_type, r.created, r.received_at, r.task_id, r.raw)
-        ]
-        inserted.update(row[0] for row in conn.execute(sql, params))
-    stored: list[bool] = []
-    new_rows: list[_AcceptRow] = []
-    for row in rows:
-        is_new = row.event_id in inserted
-        if is_new:
-            inserted.discard(row.event_id)  # a later copy in this batch is a duplicate
-            new_rows.append(row)
-        stored.append(is_new)
-    deliveries = [
-        (r.event_id, name, r.received_at, r.received_at, r.received_at)
-        for r in new_rows
-        for name in r.handlers
-    ]
-    if deliveries:
-        conn.executemany(_INSERT_DELIVERY, deliveries)
-    with_task = [r for r in new_rows if r.task_id is not None]
-    applied: set[str] = set()
-    for start in range(0, len(with_task), _CHUNK):
-        chunk = with_task[start : start + _CHUNK]
-        sql = _UPSERT_TASKS + ",".join(["(?, ?, ?, ?, ?, ?, ?)"] * len(chunk)) + _UPSERT_TASKS_TAIL
-        params = [
-            v
-            for r in chunk
-            for v in (
-                r.task_id,
-                r.task_status,
-                r.event_id,
-                r.event_type,
-                r.created,
-                float(r.created) if r.created is not None else r.received_at,
-                r.received_at,
-            )
-        ]
-        applied.update(row[0] for row in conn.execute(sql, params))
-    superseded = [(r.event_id,) for r in with_task if r.event_id not in applied]
-    if superseded:
-        conn.executemany("UPDATE events SET superseded = 1 WHERE id = ?", superseded)
-    return stored
+    conn.execute(_BATCH_INSERT + ",".join([_BATCH_ROW] * len(rows)), params)
+    (outcomes,) = conn.execute(_BATCH_OUTCOMES, (len(rows),)).fetchone()
+    stored = orjson.loads(outcomes)
+    return [bool(stored[str(slot)]) for slot in range(len(rows))]
 
 
-# RETURNING arrived in SQLite 3.35; older libraries get the row-by-row twin.
-_accept_batch = (
-    _accept_batch_multirow if sqlite3.sqlite_version_info >= (3, 35) else _accept_batch_rowwise
-)
+_HANDLERS_JSON: dict[tuple[str, ...], str] = {}
+
+
+def _handlers_json(handlers: tuple[str, ...]) -> str:
+    """The JSON array of a handler list (there are only a few different lists: cached)."""
+    text = _HANDLERS_JSON.get(handlers)
+    if text is None:
+        text = orjson.dumps(list(handlers)).decode()
+        if len(_HANDLERS_JSON) < 1024:
+            _HANDLERS_JSON[handlers] = text
+    return text
+
+
+def _accept_batch_in_transaction(conn: sqlite3.Connection, rows: list[_AcceptRow]) -> list[bool]:
+    """The row-by-row twin, for SQLite builds without JSON functions (before 3.38)."""
+    return transaction(conn, lambda c: _accept_batch_rowwise(c, rows), write=True)
+
+
+#: ``accept_batch(conn, rows)``: commits the batch itself, returns stored/duplicate per row.
+_HAS_JSON = sqlite3.sqlite_version_info >= (3, 38)
+_accept_batch = _accept_batch_one_statement if _HAS_JSON else _accept_batch_in_transaction
 
 
 # --- the rest of the statements ------------------------------------------------------------------
@@ -421,7 +447,7 @@ class SQLiteStore:
                 f"Cannot create the folder of the SQLite database {where}: {exc}"
             ) from exc
         try:
-            conn = sqlite3.connect(where, isolation_level=None, cached_statements=64)
+            conn = sqlite3.connect(where, isolation_level=None, cached_statements=256)
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"Cannot open the SQLite database {where}: {exc}") from exc
         try:
@@ -433,7 +459,10 @@ class SQLiteStore:
                 )
             conn.execute(f"PRAGMA synchronous = {self.synchronous}")
             conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT_BYTES}")
+            conn.execute("PRAGMA temp_store = MEMORY")
             migrate(conn)
+            if _HAS_JSON:
+                _create_batch_schema(conn)
         except sqlite3.Error as exc:
             conn.close()
             raise StoreUnavailable(f"Cannot use the SQLite database {where}: {exc}") from exc

@@ -4,8 +4,8 @@ SQLite has one writer at a time and each durable commit costs an fsync, so the
 store funnels every operation through one thread:
 
 - ``accept`` requests are *group-committed*: the thread takes everything
-  queued (up to ``MAX_BATCH``), writes it in one ``BEGIN IMMEDIATE`` ...
-  ``COMMIT`` (one fsync for the whole batch) and then settles all the waiting
+  queued (up to ``MAX_BATCH``), writes it in one transaction (one fsync for
+  the whole batch) and then settles all the waiting
   futures with a single ``call_soon_threadsafe``. Under load the batch grows
   with the number of concurrent requests, so the fsync cost per request falls.
 - any other operation is a callable run in a transaction of its own.
@@ -91,8 +91,9 @@ def _settle(outcomes: Sequence[_Outcome]) -> None:
 class Writer(Generic[RowT]):
     """Runs ``connect`` once, then serves ``accept`` batches and jobs until ``stop()``.
 
-    ``accept_batch(conn, rows)`` is called inside an open write transaction and
-    returns one ``bool`` per row (``True``: stored, ``False``: duplicate).
+    ``accept_batch(conn, rows)`` writes the rows in one transaction of its own,
+    committed before it returns, and returns one ``bool`` per row (``True``:
+    stored, ``False``: duplicate). If it raises, nothing of the batch is stored.
     """
 
     def __init__(
@@ -243,10 +244,11 @@ class Writer(Generic[RowT]):
     ) -> list[_Outcome]:
         rows = [item.row for item in accepts]
         try:
-            stored = transaction(conn, lambda c: self._accept_batch(c, rows), write=True)
+            stored = self._accept_batch(conn, rows)
         # The batch failed as a whole. Every waiter gets StoreUnavailable, whatever the cause:
         # the thread must survive, and nobody may hear "stored" for an uncommitted event.
         except Exception as exc:
+            _rollback(conn)
             logger.error("store.sqlite.batch_failed: %d accepts: %s", len(accepts), exc)
             return [(item.future, None, unavailable(exc, "SQLite")) for item in accepts]
         self.batches += 1
@@ -277,10 +279,14 @@ def transaction(
         result = fn(conn)
         conn.execute("COMMIT")
     except BaseException:
-        if conn.in_transaction:
-            try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error as exc:
-                logger.warning("store.sqlite.rollback_failed: %s", exc)
+        _rollback(conn)
         raise
     return result
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            logger.warning("store.sqlite.rollback_failed: %s", exc)
