@@ -99,6 +99,7 @@ def _utcnow() -> datetime:
 
 
 _HEADER_NAME = HEADER.encode()
+_INTERNAL_ERROR = error_body("internal_error", "Internal error.", error_type="api_error")
 
 
 class WebhookEndpoint:
@@ -119,6 +120,47 @@ class WebhookEndpoint:
         self.metrics = metrics
         # outcome -> counter child, so the hot path skips the label lookup
         self._received: dict[str, Any] = {}
+        # Request lines waiting for the end of this loop turn (see _log_request).
+        self._log_lines: list[tuple[int, str, str | None, str | None, float]] = []
+        self._log_flush_on: asyncio.AbstractEventLoop | None = None
+
+    def _log_request(
+        self, status: int, outcome: str, event: Event | None, latency_ms: float
+    ) -> None:
+        """Queue the request's log line; the lines of one loop turn are logged together.
+
+        Under load a whole group commit of requests is answered in the same turn. Logging
+        their lines in one go, after the answers are sent, measured about a quarter of the
+        per-request CPU less than one ``logger.info`` in each request. A line waits at most
+        for the end of the turn; it is the same structlog line either way.
+        """
+        loop = asyncio.get_running_loop()
+        if self._log_flush_on is not loop:
+            self._log_flush_on = loop
+            loop.call_soon(self._flush_request_log)
+        self._log_lines.append(
+            (
+                status,
+                outcome,
+                event.id if event else None,
+                event.type if event else None,
+                latency_ms,
+            )
+        )
+
+    def _flush_request_log(self) -> None:
+        self._log_flush_on = None
+        lines, self._log_lines = self._log_lines, []
+        info = logger.info
+        for status, outcome, event_id, event_type, latency_ms in lines:
+            info(
+                "webhook.received",
+                status=status,
+                outcome=outcome,
+                event_id=event_id,
+                event_type=event_type,
+                latency_ms=latency_ms,
+            )
 
     def _count(self, outcome: str) -> None:
         counter = self._received.get(outcome)
@@ -156,6 +198,12 @@ class WebhookEndpoint:
         except ClientGone:
             # The sender hung up mid-body: nothing was stored, nobody reads this answer.
             status, content, outcome = 400, b"", "client_disconnected"
+        except Exception as exc:
+            # A bug: still the envelope, never a bare 500 page (this route bypasses
+            # Starlette's error middleware, see LacunaApp).
+            logger.error("webhook.unhandled_error", exc_info=exc)
+            status, content, headers = 500, _INTERNAL_ERROR, _JSON_HEADERS
+            outcome = "internal_error"
         else:
             content = orjson.dumps({"received": True, "id": event.id, "duplicate": not new})
             outcome = "accepted" if new else "duplicate"
@@ -170,14 +218,28 @@ class WebhookEndpoint:
         elapsed = time.perf_counter() - started
         self._count(outcome)
         self.metrics.request_latency.observe(elapsed)
-        logger.info(
-            "webhook.received",
-            status=status,
-            outcome=outcome,
-            event_id=event.id if event else None,
-            event_type=event.type if event else None,
-            latency_ms=round(elapsed * 1000, 2),
-        )
+        self._log_request(status, outcome, event, round(elapsed * 1000, 2))
+
+
+class LacunaApp(Starlette):
+    """Starlette, with ``POST /webhooks/lacuna`` served straight from the ASGI entry point.
+
+    Every other path (and every other method on this one, for the 405) goes through
+    Starlette's routing and middleware as usual. The webhook endpoint answers every
+    outcome itself, bugs included, so it needs neither; skipping them is a measurable
+    share of the per-request cost (``make bench``).
+    """
+
+    def __init__(self, *, webhook: WebhookEndpoint, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.webhook = webhook
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == WEBHOOK_PATH and scope["method"] == "POST":
+            scope["app"] = self
+            await self.webhook(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
 
 def create_app(
@@ -187,7 +249,7 @@ def create_app(
     handlers: HandlerSet | None = None,
     metrics: Metrics | None = None,
     dispatch: bool = True,
-) -> Starlette:
+) -> LacunaApp:
     """Build the application.
 
     When ``store`` is not given the app builds one from ``settings`` and owns
@@ -256,11 +318,7 @@ def create_app(
     async def server_error(request: Request, exc: Exception) -> Response:
         # Last resort: a bug must still answer with the envelope, never a bare 500 page.
         logger.error("http.unhandled_error", path=request.url.path, exc_info=exc)
-        return Response(
-            error_body("internal_error", "Internal error.", error_type="api_error"),
-            status_code=500,
-            media_type=JSON,
-        )
+        return Response(_INTERNAL_ERROR, status_code=500, media_type=JSON)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
@@ -279,13 +337,11 @@ def create_app(
                 await the_store.close()
             logger.info("serve.stopped")
 
-    app = Starlette(
+    webhook = WebhookEndpoint(settings, the_store, the_handlers, the_metrics)
+    app = LacunaApp(
+        webhook=webhook,
         routes=[
-            Route(
-                WEBHOOK_PATH,
-                WebhookEndpoint(settings, the_store, the_handlers, the_metrics),
-                methods=["POST"],
-            ),
+            Route(WEBHOOK_PATH, webhook, methods=["POST"]),
             Route("/healthz", healthz, methods=["GET", "HEAD"]),
             Route("/readyz", readyz, methods=["GET", "HEAD"]),
             Route("/metrics", metrics_endpoint, methods=["GET"]),

@@ -284,6 +284,8 @@ def test_request_log_line_has_context_but_no_secrets(client: TestClient) -> None
     body, headers = signed(make_event("evt_log"))
     with capture_logs() as logs:
         client.post(URL, content=body, headers=headers)
+        # request lines are logged at the end of the loop turn that answered them
+        client.get("/healthz")
     lines = [entry for entry in logs if entry["event"] == "webhook.received"]
     assert len(lines) == 1
     line = lines[0]
@@ -340,3 +342,49 @@ async def test_store_unavailable_is_503_with_retry_after(tmp_path: Path) -> None
     assert error_of(response)["code"] == "store_unavailable"
     assert error_of(response)["type"] == "api_error"
     assert ready.status_code == 503
+
+
+class _BrokenStore:
+    """A store with a bug: ``accept`` raises something that is not a ``StoreUnavailable``."""
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def accept(self, *args: Any, **kwargs: Any) -> bool:
+        raise RuntimeError("a bug in the store")
+
+
+async def test_a_bug_behind_the_webhook_route_is_the_500_envelope(tmp_path: Path) -> None:
+    """The webhook route skips Starlette's error middleware; a bug still gets the envelope
+    (and a log line with the traceback), not a bare 500 page or a dropped connection."""
+    store = open_store(f"sqlite:///{tmp_path / 'bug.db'}")
+    await store.open()
+    try:
+        app = create_app(
+            settings_for(tmp_path / "bug.db"), store=_BrokenStore(store), dispatch=False
+        )  # type: ignore[arg-type]
+        body, headers = signed(make_event("evt_bug"))
+        with capture_logs() as logs:
+            async with httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://t"
+            ) as c:
+                response = await c.post(URL, content=body, headers=headers)
+                get = await c.get(URL)
+            await asyncio.sleep(0)  # the request line is logged at the end of the loop turn
+    finally:
+        await store.close()
+    assert response.status_code == 500
+    assert error_of(response) == {
+        "type": "api_error",
+        "code": "internal_error",
+        "message": "Internal error.",
+        "param": None,
+    }
+    assert get.status_code == 405  # other methods still go through Starlette's routing
+    events = [entry["event"] for entry in logs]
+    assert "webhook.unhandled_error" in events
+    received = [entry for entry in logs if entry["event"] == "webhook.received"]
+    assert [(r["status"], r["outcome"]) for r in received] == [(500, "internal_error")]
