@@ -4,8 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
 
+import orjson
+import pytest
+import structlog
+
+from lacuna_webhooks import logs
 from lacuna_webhooks.logs import LoopBatchedFile, redact_url
+
+
+@pytest.fixture(autouse=True)
+def _restore_structlog() -> Any:
+    """Tests here configure logging globally: put the previous configuration back."""
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    structlog.configure(**saved)
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 class CountingRaw(io.BytesIO):
@@ -79,3 +100,57 @@ def test_redact_url_keeps_scheme_and_host_only() -> None:
         redact_url("https://user:pw@hooks.slack.com/services/T/B/X") == "https://hooks.slack.com/…"
     )
     assert redact_url("not a url") == "…"
+
+
+def _render_with(configure_output: str, log: Callable[[Any], None]) -> list[dict[str, Any]]:
+    """Configure JSON logging onto a fresh stderr, run ``log(logger)``, parse what came out."""
+    raw = CountingRaw()
+    stderr = io.TextIOWrapper(raw, encoding="utf-8")
+    old = sys.stderr
+    sys.stderr = stderr
+    try:
+        logs.configure(log_format=configure_output, level="info")
+        log(structlog.get_logger("test"))
+        logs._batched_stderr().drain()
+    finally:
+        sys.stderr = old
+    return [orjson.loads(line) for line in raw.getvalue().splitlines()]
+
+
+ENTRIES = [
+    {"status": 200, "outcome": "accepted", "event_id": f"evt_{i}", "latency_ms": 1.5}
+    for i in range(3)
+]
+
+
+def test_info_lines_renders_what_info_renders_one_line_each() -> None:
+    """``info_lines`` gives the same JSON lines as one ``info`` per entry (the timestamps
+    aside), through the same processors and output."""
+
+    def one_by_one(logger: Any) -> None:
+        for entry in ENTRIES:
+            logger.info("webhook.received", **entry)
+
+    def together(logger: Any) -> None:
+        logger.info_lines("webhook.received", ENTRIES)
+
+    singles = _render_with("json", one_by_one)
+    batched = _render_with("json", together)
+    assert len(batched) == 3
+    for line in (*singles, *batched):
+        assert line.pop("timestamp").endswith("Z")
+    assert batched == singles
+    assert batched[0] == {**ENTRIES[0], "event": "webhook.received", "level": "info"}
+
+
+def test_info_lines_respects_the_level() -> None:
+    raw = CountingRaw()
+    old = sys.stderr
+    sys.stderr = io.TextIOWrapper(raw, encoding="utf-8")
+    try:
+        logs.configure(log_format="json", level="warning")
+        structlog.get_logger("test").info_lines("webhook.received", ENTRIES)
+        logs._batched_stderr().drain()
+    finally:
+        sys.stderr = old
+    assert raw.getvalue() == b""
