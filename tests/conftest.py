@@ -101,13 +101,23 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'events.db'}"
 
 
-@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(
+    params=[
+        "memory",
+        "sqlite",
+        "sqlite-process",
+        pytest.param("postgres", marks=pytest.mark.postgres),
+    ]
+)
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """The URL of an empty store, once per backend (``memory:`` is the in-memory test double)."""
+    """The URL of an empty store, once per backend (``memory:`` is the in-memory test double;
+    ``sqlite+process:`` is SQLite with its writer in a child process, as ``serve`` runs it)."""
     if request.param == "memory":
         yield "memory:"
     elif request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'events.db'}"
+    elif request.param == "sqlite-process":
+        yield f"sqlite+process:///{tmp_path / 'events.db'}"
     else:
         yield request.getfixturevalue("postgres_dsn")
 
@@ -119,6 +129,8 @@ async def store(store_url: str) -> AsyncIterator[Store]:
         from lacuna_webhooks.store.memory import MemoryStore
 
         s: Store = MemoryStore()
+    elif store_url.startswith("sqlite+process:"):
+        s = open_store(store_url.replace("sqlite+process:", "sqlite:", 1), sqlite_process=True)
     else:
         s = open_store(store_url)
     await s.open()

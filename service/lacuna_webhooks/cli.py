@@ -74,7 +74,12 @@ def _serve(environ: Mapping[str, str], host: str | None, port: int | None) -> in
         raise CommandError(f"configuration: {exc}", exit_code=2) from None
 
     async def run() -> None:
-        store = open_store(settings.database_url, sqlite_synchronous=settings.sqlite_synchronous)
+        # SQLite's writer in a process of its own: the request path never waits for its GIL.
+        store = open_store(
+            settings.database_url,
+            sqlite_synchronous=settings.sqlite_synchronous,
+            sqlite_process=True,
+        )
         try:
             await store.open()
         except (StoreUnavailable, OSError) as exc:

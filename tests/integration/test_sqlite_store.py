@@ -45,14 +45,19 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "data" / "events.db"
 
 
-@pytest.fixture
-async def store(db_path: Path) -> AsyncIterator[SQLiteStore]:
-    s = SQLiteStore(str(db_path))
+@pytest.fixture(params=["thread", "process"])
+async def store(db_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[SQLiteStore]:
+    """The store, with its writer in a thread and, as ``serve`` runs it, in a child process."""
+    s = SQLiteStore(str(db_path), process=request.param == "process")
     await s.open()
     try:
         yield s
     finally:
         await s.close()
+
+
+# The writer in a thread (the library default) and in a child process (what ``serve`` runs).
+WRITERS = pytest.mark.parametrize("process", [False, True], ids=["thread", "process"])
 
 
 @contextmanager
@@ -92,9 +97,12 @@ async def test_wal_synchronous_and_busy_timeout_are_set(store: SQLiteStore, db_p
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-async def test_synchronous_normal_on_request(tmp_path: Path) -> None:
+@WRITERS
+async def test_synchronous_normal_on_request(tmp_path: Path, process: bool) -> None:
     """``open_store(..., sqlite_synchronous="normal")`` runs with synchronous=NORMAL."""
-    s = open_store(f"sqlite:///{tmp_path / 'n.db'}", sqlite_synchronous="normal")
+    s = open_store(
+        f"sqlite:///{tmp_path / 'n.db'}", sqlite_synchronous="normal", sqlite_process=process
+    )
     assert isinstance(s, SQLiteStore)
     await s.open()
     try:
@@ -109,10 +117,11 @@ def test_unknown_synchronous_level_is_refused() -> None:
         SQLiteStore("x.db", synchronous="off")
 
 
-async def test_parent_folder_is_created(tmp_path: Path) -> None:
+@WRITERS
+async def test_parent_folder_is_created(tmp_path: Path, process: bool) -> None:
     """``open()`` creates missing parent folders."""
     path = tmp_path / "a" / "b" / "c" / "events.db"
-    s = SQLiteStore(str(path))
+    s = SQLiteStore(str(path), process=process)
     await s.open()
     await s.close()
     assert path.is_file()
@@ -164,14 +173,15 @@ async def test_migrations_are_recorded_and_applied_once(store: SQLiteStore, db_p
     assert {"events", "deliveries", "attempts", "tasks", "schema_version"} <= tables
 
 
-async def test_a_newer_schema_is_refused(db_path: Path) -> None:
+@WRITERS
+async def test_a_newer_schema_is_refused(db_path: Path, process: bool) -> None:
     """A file migrated by a newer release is refused with a clear error, not altered."""
     s = SQLiteStore(str(db_path))
     await s.open()
     await s.close()
     with peer(db_path) as conn:
         conn.execute("INSERT INTO schema_version VALUES (9999, '9999_future.sql', 0)")
-    newer = SQLiteStore(str(db_path))
+    newer = SQLiteStore(str(db_path), process=process)
     with pytest.raises(StoreUnavailable, match="newer"):
         await newer.open()
     await newer.close()
@@ -249,9 +259,10 @@ async def test_a_failed_batch_fails_every_waiter(store: SQLiteStore, db_path: Pa
     assert await store.accept(event("evt_fine_1"), ["a"], now=NOW) is True
 
 
-async def test_corrupted_file_gives_store_unavailable(db_path: Path) -> None:
+@WRITERS
+async def test_corrupted_file_gives_store_unavailable(db_path: Path, process: bool) -> None:
     """A damaged page surfaces as StoreUnavailable on accept (never a hang or a crash)."""
-    s = SQLiteStore(str(db_path))
+    s = SQLiteStore(str(db_path), process=process)
     await s.open()
     await s.accept(event("evt_before"), [], now=NOW)
     await s.close()
@@ -264,7 +275,7 @@ async def test_corrupted_file_gives_store_unavailable(db_path: Path) -> None:
         f.seek((root - 1) * page_size)
         f.write(b"\xa5" * page_size)
 
-    damaged = SQLiteStore(str(db_path))
+    damaged = SQLiteStore(str(db_path), process=process)
     try:
         await damaged.open()
         with pytest.raises(StoreUnavailable):
@@ -273,11 +284,12 @@ async def test_corrupted_file_gives_store_unavailable(db_path: Path) -> None:
         await damaged.close()
 
 
-async def test_a_file_that_is_not_a_database_is_refused(tmp_path: Path) -> None:
+@WRITERS
+async def test_a_file_that_is_not_a_database_is_refused(tmp_path: Path, process: bool) -> None:
     """open() of a non-database file raises StoreUnavailable naming the path."""
     path = tmp_path / "notes.db"
     path.write_text("this is not a database\n" * 100)
-    s = SQLiteStore(str(path))
+    s = SQLiteStore(str(path), process=process)
     with pytest.raises(StoreUnavailable, match=re.escape(str(path))):
         await asyncio.wait_for(s.open(), PROMPT)
     with pytest.raises(StoreUnavailable):
@@ -285,18 +297,20 @@ async def test_a_file_that_is_not_a_database_is_refused(tmp_path: Path) -> None:
     await s.close()
 
 
-async def test_an_uncreatable_folder_is_refused(tmp_path: Path) -> None:
+@WRITERS
+async def test_an_uncreatable_folder_is_refused(tmp_path: Path, process: bool) -> None:
     """open() below a regular file raises StoreUnavailable naming the path."""
     (tmp_path / "file").write_text("x")
     path = tmp_path / "file" / "events.db"
-    s = SQLiteStore(str(path))
+    s = SQLiteStore(str(path), process=process)
     with pytest.raises(StoreUnavailable, match=re.escape(str(path.parent))):
         await asyncio.wait_for(s.open(), PROMPT)
 
 
-async def test_close_with_accepts_in_flight(db_path: Path) -> None:
+@WRITERS
+async def test_close_with_accepts_in_flight(db_path: Path, process: bool) -> None:
     """Accepts racing close() each end as True (and stored) or StoreUnavailable; none hangs."""
-    s = SQLiteStore(str(db_path))
+    s = SQLiteStore(str(db_path), process=process)
     await s.open()
     events = [event(f"evt_close_{i}") for i in range(100)]
     tasks = [asyncio.create_task(s.accept(e, ["a"], now=NOW)) for e in events[:50]]
@@ -320,8 +334,9 @@ from lacuna_webhooks.models import Event
 from lacuna_webhooks.store.sqlite import SQLiteStore
 
 async def main():
-    store = SQLiteStore(sys.argv[1])
+    store = SQLiteStore(sys.argv[1], process=sys.argv[2] == "process")
     await store.open()
+    sys.stdout.write(f"writer {store._writer.pid if store.process else 0}\\n")
     counter = iter(range(10**9))
 
     async def loop():
@@ -338,31 +353,47 @@ asyncio.run(main())
 """
 
 
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie waiting for a reaper counts as exited)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in status
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
-async def test_sigkill_mid_batch_loses_nothing_confirmed(db_path: Path) -> None:
+@WRITERS
+async def test_sigkill_mid_batch_loses_nothing_confirmed(db_path: Path, process: bool) -> None:
     """A process killed while accepts are being committed loses no accept it confirmed, and
-    the file opens cleanly afterwards."""
-    process = await asyncio.create_subprocess_exec(
+    the file opens cleanly afterwards; a writer process of its own exits with it."""
+    proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
         _WRITER_SCRIPT,
         str(db_path),
+        "process" if process else "thread",
         stdout=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    assert process.stdout is not None
+    assert proc.stdout is not None
+    head = await asyncio.wait_for(proc.stdout.readline(), 60)
+    writer_pid = int(head.split()[1])
+    assert (writer_pid != 0) is process
     confirmed: set[str] = set()
     try:
         async with asyncio.timeout(60):
             while len(confirmed) < 300:
-                line = await process.stdout.readline()
+                line = await proc.stdout.readline()
                 assert line, "the writer process ended early"
                 confirmed.add(line.decode().strip())
     finally:
-        process.send_signal(signal.SIGKILL)
-    rest = await asyncio.wait_for(process.stdout.read(), PROMPT)
+        proc.send_signal(signal.SIGKILL)
+    rest = await asyncio.wait_for(proc.stdout.read(), PROMPT)
     confirmed |= {line for line in rest.decode().splitlines() if line}
-    await asyncio.wait_for(process.wait(), PROMPT)
+    await asyncio.wait_for(proc.wait(), PROMPT)
+    if process:
+        await until(lambda: _gone(writer_pid))
 
     s = SQLiteStore(str(db_path))
     await s.open()
@@ -370,6 +401,59 @@ async def test_sigkill_mid_batch_loses_nothing_confirmed(db_path: Path) -> None:
     with peer(db_path) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert confirmed <= stored_ids(db_path)
+
+
+# --- the writer process --------------------------------------------------------------------
+
+
+async def test_a_killed_writer_process_fails_its_waiters_and_is_replaced(db_path: Path) -> None:
+    """SIGKILL of the writer child: each accept in flight ends True (and stored) or
+    StoreUnavailable, never hangs; a new child takes over and the store works again."""
+    s = SQLiteStore(str(db_path), process=True)
+    await s.open()
+    try:
+        first = s._writer.pid
+        assert isinstance(first, int)
+        events = [event(f"evt_kill_{i}") for i in range(400)]
+        tasks = [asyncio.create_task(s.accept(e, ["a"], now=NOW)) for e in events]
+        await asyncio.sleep(0)
+        os.kill(first, signal.SIGKILL)
+        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), PROMPT)
+        assert all(r is True or isinstance(r, StoreUnavailable) for r in results), results
+        assert any(isinstance(r, StoreUnavailable) for r in results)
+        confirmed = {e.id for e, r in zip(events, results, strict=True) if r is True}
+
+        async def works() -> bool:
+            try:
+                return await s.accept(event("evt_after_kill"), ["a"], now=NOW)
+            except StoreUnavailable:
+                await asyncio.sleep(0.05)
+                return False
+
+        async with asyncio.timeout(PROMPT):
+            while not await works():
+                pass
+        assert s._writer.pid not in (None, first)
+        assert confirmed | {"evt_after_kill"} <= stored_ids(db_path)
+        assert await s.accept(event("evt_after_kill"), ["a"], now=NOW) is False
+    finally:
+        await s.close()
+    assert _gone(first)
+
+
+async def test_the_writer_process_ignores_sigterm_and_sigint(db_path: Path) -> None:
+    """A service manager's SIGTERM or a terminal's Ctrl-C reach the whole process group: the
+    writer keeps serving (the parent still drains through it) and leaves when closed."""
+    s = SQLiteStore(str(db_path), process=True)
+    await s.open()
+    pid = s._writer.pid
+    assert isinstance(pid, int)
+    os.kill(pid, signal.SIGTERM)
+    os.kill(pid, signal.SIGINT)
+    assert await s.accept(event("evt_after_signals"), [], now=NOW) is True
+    assert s._writer.pid == pid
+    await s.close()
+    await until(lambda: _gone(pid))
 
 
 # --- the one-statement batch writes exactly what row-by-row writes --------------------------

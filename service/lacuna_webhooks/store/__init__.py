@@ -13,15 +13,21 @@ from .base import (
 )
 
 
-def open_store(url: str, *, sqlite_synchronous: str = "full") -> Store:
+def open_store(
+    url: str, *, sqlite_synchronous: str = "full", sqlite_process: bool = False
+) -> Store:
     """Build (not yet open) the store for ``url``: ``sqlite:///PATH`` or ``postgresql://...``.
 
-    The driver of each backend is imported only when that backend is chosen.
+    The driver of each backend is imported only when that backend is chosen. With
+    ``sqlite_process`` a SQLite store keeps its connection in a writer process of its own
+    (what ``serve`` does) rather than in a thread.
     """
     if url.startswith("sqlite:///"):
         from .sqlite import SQLiteStore
 
-        return SQLiteStore(url.removeprefix("sqlite:///"), synchronous=sqlite_synchronous)
+        return SQLiteStore(
+            url.removeprefix("sqlite:///"), synchronous=sqlite_synchronous, process=sqlite_process
+        )
     if url.startswith(("postgresql://", "postgres://")):
         try:
             from .postgres import PostgresStore

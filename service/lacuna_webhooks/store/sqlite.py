@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import re
 import sqlite3
@@ -24,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -38,6 +39,7 @@ from .base import (
     TaskRecord,
     attempt_error,
 )
+from .sqlite_process import ProcessWriter
 from .sqlite_writer import Writer, transaction
 
 BUSY_TIMEOUT_MS = 5000
@@ -57,9 +59,10 @@ class WriterStats:
     queued: int
 
 
-@dataclass(frozen=True, slots=True)
-class _AcceptRow:
-    """What the writer thread needs of one ``accept`` (computed on the loop, not in the thread)."""
+class _AcceptRow(NamedTuple):
+    """What the writer needs of one ``accept`` (computed on the loop, not by the writer).
+
+    A named tuple: built once per request, and cheap to send to a writer process."""
 
     event_id: str
     event_type: str
@@ -313,7 +316,7 @@ def _handlers_json(handlers: tuple[str, ...]) -> str:
 
 def _accept_batch_in_transaction(conn: sqlite3.Connection, rows: list[_AcceptRow]) -> list[bool]:
     """The row-by-row twin, for SQLite builds without JSON functions (before 3.38)."""
-    return transaction(conn, lambda c: _accept_batch_rowwise(c, rows), write=True)
+    return transaction(conn, _accept_batch_rowwise, rows, write=True)
 
 
 #: ``accept_batch(conn, rows)``: commits the batch itself, returns stored/duplicate per row.
@@ -422,17 +425,206 @@ def _delivery_record(row: _DeliveryRow) -> DeliveryRecord:
     )
 
 
-class SQLiteStore:
-    """The ``Store`` on one SQLite file; ``open()`` it on the event loop that will use it."""
+def connect(path: str, synchronous: str) -> sqlite3.Connection:
+    """Open, tune and migrate the file: run by the writer (thread or process), once."""
+    where = os.path.abspath(path)
+    try:
+        os.makedirs(os.path.dirname(where), exist_ok=True)
+    except OSError as exc:
+        raise StoreUnavailable(
+            f"Cannot create the folder of the SQLite database {where}: {exc}"
+        ) from exc
+    try:
+        conn = sqlite3.connect(where, isolation_level=None, cached_statements=256)
+    except sqlite3.Error as exc:
+        raise StoreUnavailable(f"Cannot open the SQLite database {where}: {exc}") from exc
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+        if str(mode).lower() != "wal":
+            raise StoreUnavailable(
+                f"The SQLite database {where} cannot use WAL journal mode (got {mode})."
+            )
+        conn.execute(f"PRAGMA synchronous = {synchronous}")
+        conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT_BYTES}")
+        conn.execute("PRAGMA temp_store = MEMORY")
+        migrate(conn)
+        if _HAS_JSON:
+            _create_batch_schema(conn)
+    except sqlite3.Error as exc:
+        conn.close()
+        raise StoreUnavailable(f"Cannot use the SQLite database {where}: {exc}") from exc
+    except StoreUnavailable:
+        conn.close()
+        raise
+    return conn
 
-    def __init__(self, path: str, *, synchronous: str = "full") -> None:
+
+# --- the operations, run by the writer ------------------------------------------------------
+# Module-level functions of plain arguments: a writer process receives them pickled.
+
+
+def _ping(c: sqlite3.Connection) -> None:
+    c.execute("SELECT max(version) FROM schema_version").fetchone()
+
+
+def _diagnostics(c: sqlite3.Connection) -> dict[str, object]:
+    values: dict[str, object] = {
+        name: c.execute(f"PRAGMA {name}").fetchone()[0]
+        for name in ("journal_mode", "synchronous", "busy_timeout", "page_size")
+    }
+    (values["schema_version"],) = c.execute("SELECT max(version) FROM schema_version").fetchone()
+    return values
+
+
+_ClaimedRow = tuple[tuple[int, str, str, int, int, float, float], bytes]
+
+
+def _claim(
+    c: sqlite3.Connection, handler: str, limit: int, at: float, until: float
+) -> list[_ClaimedRow]:
+    rows = c.execute(_CLAIM, (until, at, handler, at, at, limit)).fetchall()
+    if not rows:
+        return []
+    ids = orjson.dumps(sorted({row[1] for row in rows})).decode()
+    raws: dict[str, bytes] = dict(c.execute(_RAWS, (ids,)))
+    return [(row, raws[row[1]]) for row in rows]
+
+
+def _finish(c: sqlite3.Connection, update: tuple[Any, ...], record: tuple[Any, ...]) -> bool:
+    if c.execute(_FINISH, update).rowcount != 1:
+        return False  # the lease was taken over (or the delivery reset): not ours
+    c.execute(_INSERT_ATTEMPT, record)
+    return True
+
+
+def _release(c: sqlite3.Connection, at: float, delivery_id: int, lease_token: int) -> bool:
+    cursor = c.execute(
+        "UPDATE deliveries SET lease_until = NULL, attempts = max(attempts - 1, 0),"
+        " updated_at = ? WHERE id = ? AND lease_token = ? AND status = 'pending'",
+        (at, delivery_id, lease_token),
+    )
+    return cursor.rowcount == 1
+
+
+def _stats(c: sqlite3.Connection, at: float) -> QueueStats:
+    pending, due, running, oldest = c.execute(_STATS, {"now": at}).fetchone()
+    (dead,) = c.execute("SELECT count(*) FROM deliveries WHERE status = 'dead'").fetchone()
+    return QueueStats(
+        pending=pending,
+        due=due,
+        running=running,
+        dead=dead,
+        oldest_due_age_seconds=max(0.0, at - oldest) if oldest is not None else 0.0,
+    )
+
+
+def _prune_chunk(c: sqlite3.Connection, cutoff: float) -> int:
+    ids = [row[0] for row in c.execute(_PRUNABLE, (cutoff, PRUNE_CHUNK))]
+    if ids:
+        args = {"ids": orjson.dumps(ids).decode()}
+        for statement in _PRUNE:
+            c.execute(statement, args)
+    return len(ids)
+
+
+def _list_events(c: sqlite3.Connection, sql: str, args: tuple[Any, ...]) -> list[EventRecord]:
+    return [_event_record(row) for row in c.execute(sql, args)]
+
+
+def _get_event(c: sqlite3.Connection, event_id: str) -> EventRecord | None:
+    row = c.execute(_GET_EVENT, (event_id,)).fetchone()
+    return None if row is None else _event_record(row)
+
+
+def _list_deliveries(
+    c: sqlite3.Connection, sql: str, args: tuple[Any, ...]
+) -> list[DeliveryRecord]:
+    return [_delivery_record(row) for row in c.execute(sql, args)]
+
+
+def _list_attempts(c: sqlite3.Connection, delivery_id: int) -> list[AttemptRecord]:
+    rows = c.execute(
+        "SELECT delivery_id, attempt, started_at, finished_at, outcome, error"
+        " FROM attempts WHERE delivery_id = ? ORDER BY id",
+        (delivery_id,),
+    )
+    return [
+        AttemptRecord(
+            delivery_id=row[0],
+            attempt=row[1],
+            started_at=_dt(row[2]),
+            finished_at=_dt(row[3]),
+            outcome=AttemptOutcome(row[4]),
+            error=row[5],
+        )
+        for row in rows
+    ]
+
+
+def _get_task(c: sqlite3.Connection, task_id: str) -> TaskRecord | None:
+    row = c.execute(
+        "SELECT task_id, status, event_id, event_type, event_created, updated_at"
+        " FROM tasks WHERE task_id = ?",
+        (task_id,),
+    ).fetchone()
+    if row is None:
+        return None
+    return TaskRecord(
+        task_id=row[0],
+        status=row[1],
+        event_id=row[2],
+        event_type=row[3],
+        event_created=row[4],
+        updated_at=_dt(row[5]),
+    )
+
+
+def _replay(c: sqlite3.Connection, event_id: str, names: tuple[str, ...] | None, at: float) -> int:
+    if c.execute("SELECT 1 FROM events WHERE id = ?", (event_id,)).fetchone() is None:
+        raise EventNotFound(f"No event {event_id!r} in the store.")
+    if names is None:
+        return int(c.execute(_REPLAY_ALL, {"now": at, "event_id": event_id}).rowcount)
+    count = 0
+    for name in names:
+        args = {"now": at, "event_id": event_id, "handler": name}
+        count += c.execute(_REPLAY_ONE, args).rowcount
+    return count
+
+
+def _retry_dead(c: sqlite3.Connection, handler: str | None, at: float) -> int:
+    return int(c.execute(_RETRY_DEAD, {"now": at, "handler": handler}).rowcount)
+
+
+class SQLiteStore:
+    """The ``Store`` on one SQLite file; ``open()`` it on the event loop that will use it.
+
+    With ``process=True`` the connection lives in a writer process of its own (``serve``
+    uses it: the request path and the writer then never wait for each other's GIL);
+    otherwise in a thread of this process. Both behave the same.
+    """
+
+    def __init__(self, path: str, *, synchronous: str = "full", process: bool = False) -> None:
         if synchronous.lower() not in _SYNCHRONOUS:
             raise ValueError(f"synchronous must be 'full' or 'normal', got {synchronous!r}")
         self.path = path
         self.synchronous = _SYNCHRONOUS[synchronous.lower()]
-        self._writer: Writer[_AcceptRow] = Writer(
-            name="lacuna-sqlite-writer", connect=self._connect, accept_batch=_accept_batch
-        )
+        self.process = process
+        self._writer: Writer[_AcceptRow] | ProcessWriter[_AcceptRow]
+        if process:
+            self._writer = ProcessWriter(
+                name="lacuna-sqlite-writer",
+                connect=connect,
+                connect_args=(path, self.synchronous),
+                accept_batch=_accept_batch,
+                row_type=_AcceptRow._make,
+            )
+        else:
+            self._writer = Writer(
+                name="lacuna-sqlite-writer",
+                connect=functools.partial(connect, path, self.synchronous),
+                accept_batch=_accept_batch,
+            )
         self._work = asyncio.Event()
 
     def __repr__(self) -> str:
@@ -445,40 +637,6 @@ class SQLiteStore:
 
     # --- lifecycle -----------------------------------------------------------------------------
 
-    def _connect(self) -> sqlite3.Connection:
-        """Runs on the writer thread: open, tune and migrate the file."""
-        where = os.path.abspath(self.path)
-        try:
-            os.makedirs(os.path.dirname(where), exist_ok=True)
-        except OSError as exc:
-            raise StoreUnavailable(
-                f"Cannot create the folder of the SQLite database {where}: {exc}"
-            ) from exc
-        try:
-            conn = sqlite3.connect(where, isolation_level=None, cached_statements=256)
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"Cannot open the SQLite database {where}: {exc}") from exc
-        try:
-            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            (mode,) = conn.execute("PRAGMA journal_mode = WAL").fetchone()
-            if str(mode).lower() != "wal":
-                raise StoreUnavailable(
-                    f"The SQLite database {where} cannot use WAL journal mode (got {mode})."
-                )
-            conn.execute(f"PRAGMA synchronous = {self.synchronous}")
-            conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT_BYTES}")
-            conn.execute("PRAGMA temp_store = MEMORY")
-            migrate(conn)
-            if _HAS_JSON:
-                _create_batch_schema(conn)
-        except sqlite3.Error as exc:
-            conn.close()
-            raise StoreUnavailable(f"Cannot use the SQLite database {where}: {exc}") from exc
-        except StoreUnavailable:
-            conn.close()
-            raise
-        return conn
-
     async def open(self) -> None:
         """Create the folder if needed, open the file, migrate; ``StoreUnavailable`` names the
         path when it is not a usable database."""
@@ -489,39 +647,26 @@ class SQLiteStore:
         await self._writer.stop()
 
     async def ping(self) -> None:
-        await self._writer.run(
-            lambda c: c.execute("SELECT max(version) FROM schema_version").fetchone(), write=False
-        )
+        await self._writer.run(_ping, write=False)
 
     async def diagnostics(self) -> dict[str, object]:
         """What the connection actually runs with (for ``doctor``-style output and tests):
         journal mode, synchronous level (0 off, 1 normal, 2 full), busy timeout, page size and
         the schema version."""
-
-        def read(c: sqlite3.Connection) -> dict[str, object]:
-            values: dict[str, object] = {
-                name: c.execute(f"PRAGMA {name}").fetchone()[0]
-                for name in ("journal_mode", "synchronous", "busy_timeout", "page_size")
-            }
-            (values["schema_version"],) = c.execute(
-                "SELECT max(version) FROM schema_version"
-            ).fetchone()
-            return values
-
-        return await self._writer.run(read, write=False)
+        return await self._writer.run(_diagnostics, write=False)
 
     # --- intake ----------------------------------------------------------------------------------
 
     async def accept(self, event: Event, handlers: Sequence[str], *, now: datetime) -> bool:
         row = _AcceptRow(
-            event_id=event.id,
-            event_type=event.type,
-            created=event.created,
-            received_at=_epoch(now),
-            task_id=event.task_id,
-            task_status=event.task_status,
-            raw=event.raw,
-            handlers=tuple(dict.fromkeys(handlers)),
+            event.id,
+            event.type,
+            event.created,
+            _epoch(now),
+            event.task_id,
+            event.task_status,
+            event.raw,
+            tuple(dict.fromkeys(handlers)),
         )
         stored = await self._writer.accept(row)
         if stored and row.handlers:
@@ -543,20 +688,7 @@ class SQLiteStore:
     ) -> list[Delivery]:
         if limit <= 0:
             return []
-        at = _epoch(now)
-        until = _epoch(now + lease)
-
-        def claim(
-            c: sqlite3.Connection,
-        ) -> list[tuple[tuple[int, str, str, int, int, float, float], bytes]]:
-            rows = c.execute(_CLAIM, (until, at, handler, at, at, limit)).fetchall()
-            if not rows:
-                return []
-            ids = orjson.dumps(sorted({row[1] for row in rows})).decode()
-            raws: dict[str, bytes] = dict(c.execute(_RAWS, (ids,)))
-            return [(row, raws[row[1]]) for row in rows]
-
-        claimed = await self._writer.run(claim)
+        claimed = await self._writer.run(_claim, handler, limit, _epoch(now), _epoch(now + lease))
         # RETURNING gives no order: restore "oldest due first".
         claimed.sort(key=lambda item: (item[0][5], item[0][0]))
         return [
@@ -600,14 +732,7 @@ class SQLiteStore:
             error,
             (finished - started) * 1000.0,
         )
-
-        def finish(c: sqlite3.Connection) -> bool:
-            if c.execute(_FINISH, update).rowcount != 1:
-                return False  # the lease was taken over (or the delivery reset): not ours
-            c.execute(_INSERT_ATTEMPT, record)
-            return True
-
-        return await self._writer.run(finish)
+        return await self._writer.run(_finish, update, record)
 
     async def complete(self, delivery: Delivery, attempt: Attempt) -> bool:
         return await self._finish(
@@ -627,51 +752,19 @@ class SQLiteStore:
     async def release(self, delivery: Delivery) -> bool:
         """Lease cleared and the claim's attempt undone. ``next_attempt_at`` is left as it was:
         it was due when claimed, so it is due at once and keeps its place in line."""
-        args = (time.time(), delivery.id, delivery.lease_token)
-
-        def release(c: sqlite3.Connection) -> bool:
-            cursor = c.execute(
-                "UPDATE deliveries SET lease_until = NULL, attempts = max(attempts - 1, 0),"
-                " updated_at = ? WHERE id = ? AND lease_token = ? AND status = 'pending'",
-                args,
-            )
-            return cursor.rowcount == 1
-
-        return await self._writer.run(release)
+        return await self._writer.run(_release, time.time(), delivery.id, delivery.lease_token)
 
     async def stats(self, *, now: datetime) -> QueueStats:
-        at = _epoch(now)
-
-        def stats(c: sqlite3.Connection) -> QueueStats:
-            pending, due, running, oldest = c.execute(_STATS, {"now": at}).fetchone()
-            (dead,) = c.execute("SELECT count(*) FROM deliveries WHERE status = 'dead'").fetchone()
-            return QueueStats(
-                pending=pending,
-                due=due,
-                running=running,
-                dead=dead,
-                oldest_due_age_seconds=max(0.0, at - oldest) if oldest is not None else 0.0,
-            )
-
-        return await self._writer.run(stats, write=False)
+        return await self._writer.run(_stats, _epoch(now), write=False)
 
     # --- maintenance and admin ---------------------------------------------------------------
 
     async def prune(self, *, received_before: datetime) -> int:
         """Deleted in chunks, each its own transaction, so accepts are never held up long."""
         cutoff = _epoch(received_before)
-
-        def prune_chunk(c: sqlite3.Connection) -> int:
-            ids = [row[0] for row in c.execute(_PRUNABLE, (cutoff, PRUNE_CHUNK))]
-            if ids:
-                args = {"ids": orjson.dumps(ids).decode()}
-                for statement in _PRUNE:
-                    c.execute(statement, args)
-            return len(ids)
-
         total = 0
         while True:
-            deleted = await self._writer.run(prune_chunk)
+            deleted = await self._writer.run(_prune_chunk, cutoff)
             total += deleted
             if deleted < PRUNE_CHUNK:
                 return total
@@ -684,18 +777,10 @@ class SQLiteStore:
             if event_type is None
             else (_LIST_EVENTS_OF_TYPE, (event_type, limit))
         )
-
-        def list_events(c: sqlite3.Connection) -> list[EventRecord]:
-            return [_event_record(row) for row in c.execute(sql, args)]
-
-        return await self._writer.run(list_events, write=False)
+        return await self._writer.run(_list_events, sql, args, write=False)
 
     async def get_event(self, event_id: str) -> EventRecord | None:
-        def get_event(c: sqlite3.Connection) -> EventRecord | None:
-            row = c.execute(_GET_EVENT, (event_id,)).fetchone()
-            return None if row is None else _event_record(row)
-
-        return await self._writer.run(get_event, write=False)
+        return await self._writer.run(_get_event, event_id, write=False)
 
     async def list_deliveries(
         self,
@@ -714,83 +799,26 @@ class SQLiteStore:
             + (f" WHERE {where}" if where else "")
             + " ORDER BY d.id DESC LIMIT ?"
         )
-
-        def list_deliveries(c: sqlite3.Connection) -> list[DeliveryRecord]:
-            return [_delivery_record(row) for row in c.execute(sql, (*args, limit))]
-
-        return await self._writer.run(list_deliveries, write=False)
+        return await self._writer.run(_list_deliveries, sql, (*args, limit), write=False)
 
     async def list_attempts(self, delivery_id: int) -> list[AttemptRecord]:
-        def list_attempts(c: sqlite3.Connection) -> list[AttemptRecord]:
-            rows = c.execute(
-                "SELECT delivery_id, attempt, started_at, finished_at, outcome, error"
-                " FROM attempts WHERE delivery_id = ? ORDER BY id",
-                (delivery_id,),
-            )
-            return [
-                AttemptRecord(
-                    delivery_id=row[0],
-                    attempt=row[1],
-                    started_at=_dt(row[2]),
-                    finished_at=_dt(row[3]),
-                    outcome=AttemptOutcome(row[4]),
-                    error=row[5],
-                )
-                for row in rows
-            ]
-
-        return await self._writer.run(list_attempts, write=False)
+        return await self._writer.run(_list_attempts, delivery_id, write=False)
 
     async def get_task(self, task_id: str) -> TaskRecord | None:
-        def get_task(c: sqlite3.Connection) -> TaskRecord | None:
-            row = c.execute(
-                "SELECT task_id, status, event_id, event_type, event_created, updated_at"
-                " FROM tasks WHERE task_id = ?",
-                (task_id,),
-            ).fetchone()
-            if row is None:
-                return None
-            return TaskRecord(
-                task_id=row[0],
-                status=row[1],
-                event_id=row[2],
-                event_type=row[3],
-                event_created=row[4],
-                updated_at=_dt(row[5]),
-            )
-
-        return await self._writer.run(get_task, write=False)
+        return await self._writer.run(_get_task, task_id, write=False)
 
     async def replay(self, event_id: str, handlers: Sequence[str] | None, *, now: datetime) -> int:
-        at = _epoch(now)
         names = None if handlers is None else tuple(dict.fromkeys(handlers))
-
-        def replay(c: sqlite3.Connection) -> int:
-            if c.execute("SELECT 1 FROM events WHERE id = ?", (event_id,)).fetchone() is None:
-                raise EventNotFound(f"No event {event_id!r} in the store.")
-            if names is None:
-                return c.execute(_REPLAY_ALL, {"now": at, "event_id": event_id}).rowcount
-            count = 0
-            for name in names:
-                args = {"now": at, "event_id": event_id, "handler": name}
-                count += c.execute(_REPLAY_ONE, args).rowcount
-            return count
-
-        count = await self._writer.run(replay)
+        count = await self._writer.run(_replay, event_id, names, _epoch(now))
         if count:
             self._work.set()
         return count
 
     async def retry_dead(self, *, handler: str | None, now: datetime) -> int:
-        args = {"now": _epoch(now), "handler": handler}
-
-        def retry_dead(c: sqlite3.Connection) -> int:
-            return c.execute(_RETRY_DEAD, args).rowcount
-
-        count = await self._writer.run(retry_dead)
+        count = await self._writer.run(_retry_dead, handler, _epoch(now))
         if count:
             self._work.set()
         return count
 
 
-__all__ = ["SQLiteStore", "WriterStats", "migrate", "migrations"]
+__all__ = ["SQLiteStore", "WriterStats", "connect", "migrate", "migrations"]

@@ -52,7 +52,8 @@ class _Accept(Generic[RowT]):
 
 @dataclass(slots=True, eq=False)
 class _Job:
-    fn: Callable[[sqlite3.Connection], Any]
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
     write: bool
     future: asyncio.Future[Any]
 
@@ -150,10 +151,10 @@ class Writer(Generic[RowT]):
         self._put(_Accept(row, future))
         return await future
 
-    async def run(self, fn: Callable[[sqlite3.Connection], T], *, write: bool = True) -> T:
-        """Run ``fn(conn)`` on the writer thread in a transaction of its own."""
+    async def run(self, fn: Callable[..., T], *args: Any, write: bool = True) -> T:
+        """Run ``fn(conn, *args)`` on the writer thread in a transaction of its own."""
         future: asyncio.Future[T] = self._future()
-        self._put(_Job(fn, write, future))
+        self._put(_Job(fn, args, write, future))
         return await future
 
     # --- the event-loop side ---------------------------------------------------------------
@@ -248,7 +249,7 @@ class Writer(Generic[RowT]):
         # The batch failed as a whole. Every waiter gets StoreUnavailable, whatever the cause:
         # the thread must survive, and nobody may hear "stored" for an uncommitted event.
         except Exception as exc:
-            _rollback(conn)
+            rollback(conn)
             logger.error("store.sqlite.batch_failed: %d accepts: %s", len(accepts), exc)
             return [(item.future, None, unavailable(exc, "SQLite")) for item in accepts]
         self.batches += 1
@@ -257,7 +258,7 @@ class Writer(Generic[RowT]):
 
     def _run_job(self, conn: sqlite3.Connection, job: _Job) -> _Outcome:
         try:
-            return (job.future, transaction(conn, job.fn, write=job.write), None)
+            return (job.future, transaction(conn, job.fn, *job.args, write=job.write), None)
         except sqlite3.Error as exc:
             return (job.future, None, unavailable(exc, "SQLite"))
         # Forwarded to the awaiting coroutine and raised there, as concurrent.futures does
@@ -266,25 +267,23 @@ class Writer(Generic[RowT]):
             return (job.future, None, exc)
 
 
-def transaction(
-    conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T], *, write: bool
-) -> T:
-    """Run ``fn(conn)`` between ``BEGIN`` and ``COMMIT``; roll back if anything fails.
+def transaction(conn: sqlite3.Connection, fn: Callable[..., T], *args: Any, write: bool) -> T:
+    """Run ``fn(conn, *args)`` between ``BEGIN`` and ``COMMIT``; roll back if anything fails.
 
     Writes take the write lock up front (``IMMEDIATE``) so they never fail half-way on a
     lock upgrade; another process holding it is waited for up to the busy timeout.
     """
     conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
     try:
-        result = fn(conn)
+        result = fn(conn, *args)
         conn.execute("COMMIT")
     except BaseException:
-        _rollback(conn)
+        rollback(conn)
         raise
     return result
 
 
-def _rollback(conn: sqlite3.Connection) -> None:
+def rollback(conn: sqlite3.Connection) -> None:
     if conn.in_transaction:
         try:
             conn.execute("ROLLBACK")
