@@ -68,11 +68,19 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
     raise SystemExit("bench: server did not start")
 
 
-def peak_rss_mib(pid: int) -> float:
+def _vm_hwm_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+            return int(line.split()[1])
+    return 0
+
+
+def peak_rss_mib(pid: int) -> float:
+    """Peak RSS of the server and its child processes (serve's SQLite writer), summed."""
+    pids = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        pids += [int(child) for child in (task / "children").read_text().split()]
+    return sum(_vm_hwm_kib(p) for p in pids) / 1024
 
 
 def run_wrk(port: int, requests: Path, args: argparse.Namespace) -> dict[str, float]:
@@ -197,7 +205,9 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep server logs in the workdir")
     args = parser.parse_args()
     args.workdir = Path(tempfile.mkdtemp(prefix="lacuna-bench-"))
-    count = args.requests or 16_000 * args.duration
+    # Enough unique events for the whole run: wrk starts over from the first when it runs out,
+    # and a repeat is a duplicate, not an accepted event.
+    count = args.requests or 40_000 * args.duration
     requests = args.workdir / "requests.tsv"
     size = make_requests(requests, count)
     driver = (
