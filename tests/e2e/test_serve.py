@@ -19,6 +19,21 @@ pytestmark = pytest.mark.e2e
 RECORDER = "tests.e2e.recorder_plugin:FileRecorder"
 
 
+def writer_children(serve: Serve) -> list[int]:
+    """The process ids of ``serve``'s children: its SQLite writer process."""
+    assert serve.proc is not None
+    tasks = Path(f"/proc/{serve.proc.pid}/task")
+    return [int(pid) for task in tasks.iterdir() for pid in (task / "children").read_text().split()]
+
+
+def exited(pid: int) -> bool:
+    """Gone, or a zombie waiting for its reaper."""
+    try:
+        return "\nState:\tZ" in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+
+
 def send(serve: Serve, event_id: str) -> httpx.Response:
     body, headers = signed(make_event(event_id))
     return httpx.post(serve.webhook_url, content=body, headers=headers, timeout=10)
@@ -48,9 +63,11 @@ def test_sigkill_with_pending_deliveries_loses_nothing(
         response = send(first, event_id)
         assert response.status_code == 200, response.text
         assert response.json()["duplicate"] is False
+    (writer,) = writer_children(first)
     first.signal(signal.SIGKILL)
     assert first.wait() == -signal.SIGKILL
     assert recorded(out) == []  # nothing finished before the crash
+    wait_until(lambda: exited(writer), timeout=30, what="the writer process to follow serve")
 
     serve_factory({**env, "LACUNA_RECORDER_DELAY": "0"}).start()
     wait_until(lambda: set(recorded(out)) == set(ids), timeout=90, what="every event delivered")
@@ -80,8 +97,10 @@ def test_sigterm_drains_in_flight_deliveries(serve_factory: type[Serve], tmp_pat
         return len(rows) == 3 and all(r["status"] == "running" for r in rows)
 
     wait_until(all_running, timeout=20, what="three deliveries in flight")
+    (writer,) = writer_children(serve)
     serve.signal(signal.SIGTERM)
     assert serve.wait(timeout=40) == 0
+    assert exited(writer)
     assert sorted(recorded(out)) == sorted(ids)
     assert "serve.stopped" in serve.log()
 
