@@ -1,10 +1,13 @@
-"""The embedded backend: one SQLite file in WAL mode, written by one thread with group commit.
+"""The embedded backend: one SQLite file in WAL mode, written by one writer with group commit.
 
-Every operation runs on the writer thread (``sqlite_writer.Writer``), each in a
-transaction of its own; ``accept`` calls are batched into one transaction and
-one fsync. With ``synchronous=full`` (the default) a 2xx is only ever sent for
-an event whose commit reached the disk; ``normal`` trades the last commits
-before a power loss (never corruption) for fewer fsyncs.
+Every operation runs on the writer, each in a transaction of its own;
+``accept`` calls are batched into one transaction and one fsync. The writer is
+a thread of this process (``sqlite_writer.Writer``, the default) or, for
+``serve``, a child process (``sqlite_process.ProcessWriter``); the operations
+are module-level functions of plain values so that either can run them. With
+``synchronous=full`` (the default) a 2xx is only ever sent for an event whose
+commit reached the disk; ``normal`` trades the last commits before a power
+loss (never corruption) for fewer fsyncs.
 
 Times are UTC-aware ``datetime`` at the API and epoch seconds (REAL) in the
 file. The schema is migrated on ``open()`` from the numbered ``.sql`` files in

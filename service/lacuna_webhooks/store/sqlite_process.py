@@ -4,7 +4,7 @@ Same contract as the thread of ``sqlite_writer.Writer`` (group-committed
 accepts, any other operation in a transaction of its own, ``StoreUnavailable``
 for every waiter of a failed batch), with the connection in a child process.
 The request path and the writer then never wait for each other's GIL, which on
-the intake path measured about a tenth more accepted events per second
+the intake path measured about a fifth more accepted events per second
 (``make bench``, README).
 
 - Group commit: while the child commits one batch, accepts gather here; the
