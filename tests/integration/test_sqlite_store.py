@@ -25,7 +25,7 @@ import pytest
 
 from lacuna_webhooks.errors import StoreUnavailable
 from lacuna_webhooks.models import Attempt, AttemptOutcome, Event
-from lacuna_webhooks.store import open_store
+from lacuna_webhooks.store import open_store, sqlite_process
 from lacuna_webhooks.store.sqlite import SQLiteStore, migrate, migrations
 from tests.conftest import make_event
 
@@ -439,6 +439,30 @@ async def test_a_killed_writer_process_fails_its_waiters_and_is_replaced(db_path
     finally:
         await s.close()
     assert _gone(first)
+
+
+async def test_big_events_are_spread_over_several_batches(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer process sends at most MAX_BATCH_BYTES of rows per batch (at least one row):
+    queued big events become several commits, every one stored."""
+    monkeypatch.setattr(sqlite_process, "MAX_BATCH_BYTES", 10_000)
+    s = SQLiteStore(str(db_path), process=True)
+    await s.open()
+    try:
+        lyrics = "la " * 1400  # about 4.2 KB of body each: two fit in 10 KB, three do not
+        rest = [(event(f"evt_big_{i}", lyrics=lyrics), ["a"]) for i in range(10)]
+        before = s.writer_stats
+        with peer(db_path) as lock:
+            lock.execute("BEGIN IMMEDIATE")
+            head, tail = await _queue_one_batch(s, lock, event("evt_head"), rest)
+            lock.execute("COMMIT")
+        assert await head is True
+        assert await asyncio.gather(*tail) == [True] * 10
+        assert s.writer_stats.batches - before.batches == 1 + 5
+    finally:
+        await s.close()
+    assert stored_ids(db_path) == {"evt_head"} | {e.id for e, _ in rest}
 
 
 async def test_the_writer_process_ignores_sigterm_and_sigint(db_path: Path) -> None:

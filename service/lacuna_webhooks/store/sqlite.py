@@ -323,6 +323,10 @@ def _accept_batch_in_transaction(conn: sqlite3.Connection, rows: list[_AcceptRow
 
 
 #: ``accept_batch(conn, rows)``: commits the batch itself, returns stored/duplicate per row.
+def _row_size(row: _AcceptRow) -> int:
+    return len(row.raw)
+
+
 _HAS_JSON = sqlite3.sqlite_version_info >= (3, 38)
 _accept_batch = _accept_batch_one_statement if _HAS_JSON else _accept_batch_in_transaction
 
@@ -621,6 +625,7 @@ class SQLiteStore:
                 connect_args=(path, self.synchronous),
                 accept_batch=_accept_batch,
                 row_type=_AcceptRow._make,
+                row_size=_row_size,
             )
         else:
             self._writer = Writer(

@@ -52,6 +52,9 @@ RowT = TypeVar("RowT", bound=tuple[Any, ...])
 T = TypeVar("T")
 
 _LEN = struct.Struct("!I")
+#: A batch also stops growing at this many bytes of rows (large bodies are copied into the
+#: frame and again in the child): a burst of big events makes several commits, not one huge one.
+MAX_BATCH_BYTES = 16 * 1024 * 1024
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 RESTART_DELAYS_SECONDS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
@@ -102,7 +105,8 @@ class _Link:
 class ProcessWriter(Generic[RowT]):
     """``connect(*connect_args)`` runs once in the child; then accepts and jobs until
     ``stop()``. ``connect``, ``accept_batch`` and ``row_type`` (a named tuple's ``_make``)
-    must be module-level; rows travel as plain tuples, the cheapest thing to pickle."""
+    must be module-level; rows travel as plain tuples, the cheapest thing to pickle.
+    ``row_size(row)`` is a row's weight in bytes for ``MAX_BATCH_BYTES``."""
 
     def __init__(
         self,
@@ -112,9 +116,11 @@ class ProcessWriter(Generic[RowT]):
         connect_args: tuple[Any, ...],
         accept_batch: Callable[[sqlite3.Connection, list[RowT]], list[bool]],
         row_type: Callable[[tuple[Any, ...]], RowT],
+        row_size: Callable[[RowT], int],
     ) -> None:
         self._name = name
         self._hello = ("hello", connect, connect_args, accept_batch, row_type)
+        self._row_size = row_size
         self._state = _State.NEW
         self._open = False  # RUNNING with a child: the one check on the hot path
         self._link: _Link | None = None
@@ -199,6 +205,9 @@ class ProcessWriter(Generic[RowT]):
         writer.write(_frame(self._hello))
         try:
             kind, value = await link.read()
+        except asyncio.CancelledError:
+            link.writer.close()  # stopped while the child was opening: it exits on EOF
+            raise
         except (asyncio.IncompleteReadError, ConnectionError):
             code_ = await link.close()
             raise StoreUnavailable(
@@ -248,8 +257,14 @@ class ProcessWriter(Generic[RowT]):
         link = self._link
         if link is None or not self._pending:
             return
-        items = self._pending[:MAX_BATCH]
-        del self._pending[:MAX_BATCH]
+        count = size = 0
+        for row, _ in self._pending:
+            size += self._row_size(row)
+            if count == MAX_BATCH or (count and size > MAX_BATCH_BYTES):
+                break
+            count += 1
+        items = self._pending[:count]
+        del self._pending[:count]
         self._batch_in_flight = True
         self._send(
             link,
