@@ -99,6 +99,13 @@ def _utcnow() -> datetime:
 
 
 _HEADER_NAME = HEADER.encode()
+
+
+def _client_host(scope: Scope) -> str | None:
+    client = scope.get("client")
+    return str(client[0]) if client else None
+
+
 _INTERNAL_ERROR = error_body("internal_error", "Internal error.", error_type="api_error")
 
 
@@ -121,10 +128,12 @@ class WebhookEndpoint:
         # outcome -> counter child, so the hot path skips the label lookup
         self._received: dict[str, Any] = {}
         # Request lines waiting for the end of this loop turn (see _log_request).
-        self._log_lines: list[tuple[int, str, str | None, str | None, float]] = []
+        self._log_lines: list[tuple[int, str, str | None, str | None, float, str | None]] = []
         self._log_flush_on: asyncio.AbstractEventLoop | None = None
 
-    def _log_request(self, status: int, outcome: str, event: Event | None, elapsed: float) -> None:
+    def _log_request(
+        self, status: int, outcome: str, event: Event | None, elapsed: float, client: str | None
+    ) -> None:
         """Queue the request's log line and metrics; one loop turn's are recorded together.
 
         Under load a whole group commit of requests is answered in the same turn. Recording
@@ -143,6 +152,7 @@ class WebhookEndpoint:
                 event.id if event else None,
                 event.type if event else None,
                 elapsed,
+                client,
             )
         )
 
@@ -156,16 +166,18 @@ class WebhookEndpoint:
             observe(line[4])
         for outcome, count in counts.items():
             self._count(outcome, count)
-        entries = [
-            {
+        entries: list[dict[str, Any]] = []
+        for status, outcome, event_id, event_type, elapsed, client in lines:
+            entry: dict[str, Any] = {
                 "status": status,
                 "outcome": outcome,
                 "event_id": event_id,
                 "event_type": event_type,
                 "latency_ms": round(elapsed * 1000, 2),
             }
-            for status, outcome, event_id, event_type, elapsed in lines
-        ]
+            if client is not None:
+                entry["client"] = client
+            entries.append(entry)
         info_lines = getattr(logger, "info_lines", None)
         if info_lines is not None:
             info_lines("webhook.received", entries)
@@ -227,7 +239,10 @@ class WebhookEndpoint:
         )
         await send({"type": "http.response.body", "body": content})
         elapsed = time.perf_counter() - started
-        self._log_request(status, outcome, event, elapsed)
+        # Who sent a refused request (a forgery, a replay, a misconfigured sender): the peer
+        # address, or the X-Forwarded-For client when the peer is in LACUNA_TRUSTED_PROXIES.
+        client = _client_host(scope) if status != 200 else None
+        self._log_request(status, outcome, event, elapsed, client)
 
 
 class LacunaApp(Starlette):

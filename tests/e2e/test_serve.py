@@ -276,3 +276,34 @@ def test_send_reports_a_refusal(serve_factory: type[Serve], tmp_path: Path) -> N
     )
     assert ok.returncode == 0
     assert '"duplicate":false' in ok.stdout
+
+
+def received_lines(serve: Serve) -> list[dict[str, object]]:
+    lines = [json.loads(x) for x in serve.log().splitlines() if x.startswith("{")]
+    return [x for x in lines if x.get("event") == "webhook.received"]
+
+
+@pytest.mark.parametrize(
+    ("trusted", "expected"), [("127.0.0.1", "203.0.113.7"), ("10.9.8.7", "127.0.0.1")]
+)
+def test_a_refused_request_logs_its_client(
+    serve_factory: type[Serve], tmp_path: Path, trusted: str, expected: str
+) -> None:
+    """A refused request's line names who sent it: the X-Forwarded-For client when the peer
+    is a trusted proxy (LACUNA_TRUSTED_PROXIES), else the peer; accepted lines do not."""
+    serve = serve_factory(
+        {
+            "LACUNA_DATABASE_URL": f"sqlite:///{tmp_path / 'events.db'}",
+            "LACUNA_TRUSTED_PROXIES": trusted,
+        }
+    ).start()
+    body, headers = signed(make_event("evt_forged"), secret="whsec_not_ours")
+    forwarded = {**headers, "x-forwarded-for": "203.0.113.7"}
+    assert httpx.post(serve.webhook_url, content=body, headers=forwarded).status_code == 401
+    assert send(serve, "evt_fine").status_code == 200
+    wait_until(lambda: len(received_lines(serve)) == 2, what="two request lines")
+    refused, accepted = received_lines(serve)
+    assert (refused["status"], refused["outcome"]) == (401, "invalid_signature")
+    assert refused["client"] == expected
+    assert accepted["status"] == 200
+    assert "client" not in accepted
