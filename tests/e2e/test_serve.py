@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -307,3 +309,38 @@ def test_a_refused_request_logs_its_client(
     assert refused["client"] == expected
     assert accepted["status"] == 200
     assert "client" not in accepted
+
+
+def test_a_killed_writer_process_is_replaced_and_nothing_answered_is_lost(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """SIGKILL of serve's SQLite writer child: requests meanwhile get 503 (never a 2xx for an
+    unstored event), serve starts a new writer and accepts again; every 200 is stored."""
+    db = tmp_path / "events.db"
+    serve = serve_factory({"LACUNA_DATABASE_URL": f"sqlite:///{db}"}).start()
+    (writer,) = writer_children(serve)
+    answered = {}
+    for i in range(5):
+        answered[f"evt_before_{i}"] = send(serve, f"evt_before_{i}").status_code
+    os.kill(writer, signal.SIGKILL)
+    i = 0
+
+    def accepting_again() -> bool:
+        nonlocal i
+        i += 1
+        event_id = f"evt_during_{i}"
+        response = send(serve, event_id)
+        answered[event_id] = response.status_code
+        assert response.status_code in (200, 503), response.text
+        return response.status_code == 200
+
+    wait_until(accepting_again, timeout=30, what="serve accepting again")
+    (replacement,) = writer_children(serve)
+    assert replacement != writer
+    assert httpx.get(f"{serve.base_url}/readyz", timeout=5).status_code == 200
+    assert "store.sqlite.writer_exited" in serve.log()
+    with sqlite3.connect(db) as conn:
+        stored = {row[0] for row in conn.execute("SELECT id FROM events")}
+    assert {e for e, status in answered.items() if status == 200} <= stored
+    assert serve.proc is not None
+    assert serve.proc.poll() is None  # serve itself never stopped
