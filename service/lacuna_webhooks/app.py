@@ -161,13 +161,10 @@ class WebhookEndpoint:
         lines, self._log_lines = self._log_lines, []
         counts: dict[str, int] = {}
         observe = self.metrics.request_latency.observe
-        for line in lines:
-            counts[line[1]] = counts.get(line[1], 0) + 1
-            observe(line[4])
-        for outcome, count in counts.items():
-            self._count(outcome, count)
         entries: list[dict[str, Any]] = []
         for status, outcome, event_id, event_type, elapsed, client in lines:
+            counts[outcome] = counts.get(outcome, 0) + 1
+            observe(elapsed)
             entry: dict[str, Any] = {
                 "status": status,
                 "outcome": outcome,
@@ -178,6 +175,8 @@ class WebhookEndpoint:
             if client is not None:
                 entry["client"] = client
             entries.append(entry)
+        for outcome, count in counts.items():
+            self._count(outcome, count)
         info_lines = getattr(logger, "info_lines", None)
         if info_lines is not None:
             info_lines("webhook.received", entries)

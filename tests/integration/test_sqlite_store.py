@@ -205,15 +205,26 @@ async def test_many_concurrent_accepts_are_group_committed(
 
 
 async def _queue_one_batch(
-    store: SQLiteStore, lock: sqlite3.Connection, first: Event, rest: list[tuple[Event, list[str]]]
+    store: SQLiteStore,
+    db_path: Path,
+    rest: list[tuple[Event, list[str]]],
+    *,
+    underneath: str | None = None,
 ) -> tuple[asyncio.Task[bool], list[asyncio.Task[bool]]]:
-    """With ``lock`` holding the write lock: get ``first`` taken by the writer (which then waits
-    for the lock), and queue ``rest`` behind it, so that ``rest`` is known to be one batch."""
-    head = asyncio.create_task(store.accept(first, [], now=NOW))
-    await asyncio.sleep(0)
-    await until(lambda: store.writer_stats.queued == 0)
-    tail = [asyncio.create_task(store.accept(e, h, now=NOW)) for e, h in rest]
-    await until(lambda: store.writer_stats.queued == len(rest))
+    """Hold the file's write lock from a peer connection (first running ``underneath`` in
+    its transaction), get an ``evt_head`` accept taken by the writer, which then waits for
+    the lock, queue ``rest`` behind it, so that ``rest`` is known to be one batch, and let go.
+    """
+    with peer(db_path) as lock:
+        lock.execute("BEGIN IMMEDIATE")
+        if underneath is not None:
+            lock.execute(underneath)
+        head = asyncio.create_task(store.accept(event("evt_head"), [], now=NOW))
+        await asyncio.sleep(0)
+        await until(lambda: store.writer_stats.queued == 0)
+        tail = [asyncio.create_task(store.accept(e, h, now=NOW)) for e, h in rest]
+        await until(lambda: store.writer_stats.queued == len(rest))
+        lock.execute("COMMIT")
     return head, tail
 
 
@@ -222,10 +233,7 @@ async def test_duplicates_inside_one_batch(store: SQLiteStore, db_path: Path) ->
     rest = [(event(f"evt_b_{i}"), ["a"]) for i in range(20)]
     rest += [(event("evt_twin"), ["a"]), (event("evt_twin"), ["a"])]
     before = store.writer_stats
-    with peer(db_path) as lock:
-        lock.execute("BEGIN IMMEDIATE")
-        head, tail = await _queue_one_batch(store, lock, event("evt_head"), rest)
-        lock.execute("COMMIT")
+    head, tail = await _queue_one_batch(store, db_path, rest)
     assert await head is True
     results = await asyncio.gather(*tail)
     assert store.writer_stats.batches - before.batches == 2  # the head, then all the rest
@@ -239,15 +247,12 @@ async def test_a_failed_batch_fails_every_waiter(store: SQLiteStore, db_path: Pa
     that alone would have succeeded) and none of its events is stored; the store goes on."""
     good = [(event(f"evt_fine_{i}"), ["a"] if i % 2 else []) for i in range(9)]
     batch = [*good[:5], (event("evt_doomed"), ["a"]), *good[5:]]
-    with peer(db_path) as lock:
-        lock.execute("BEGIN IMMEDIATE")
-        # a database that refuses one row, from underneath the store
-        lock.execute(
-            "CREATE TRIGGER doom BEFORE INSERT ON events WHEN NEW.id = 'evt_doomed'"
-            " BEGIN SELECT RAISE(ABORT, 'refused'); END"
-        )
-        head, tail = await _queue_one_batch(store, lock, event("evt_head"), batch)
-        lock.execute("COMMIT")
+    # a database that refuses one row, from underneath the store
+    doom = (
+        "CREATE TRIGGER doom BEFORE INSERT ON events WHEN NEW.id = 'evt_doomed'"
+        " BEGIN SELECT RAISE(ABORT, 'refused'); END"
+    )
+    head, tail = await _queue_one_batch(store, db_path, batch, underneath=doom)
     assert await head is True
     results = await asyncio.gather(*tail, return_exceptions=True)
     assert all(isinstance(r, StoreUnavailable) for r in results), results
@@ -453,10 +458,7 @@ async def test_big_events_are_spread_over_several_batches(
         lyrics = "la " * 1400  # about 4.2 KB of body each: two fit in 10 KB, three do not
         rest = [(event(f"evt_big_{i}", lyrics=lyrics), ["a"]) for i in range(10)]
         before = s.writer_stats
-        with peer(db_path) as lock:
-            lock.execute("BEGIN IMMEDIATE")
-            head, tail = await _queue_one_batch(s, lock, event("evt_head"), rest)
-            lock.execute("COMMIT")
+        head, tail = await _queue_one_batch(s, db_path, rest)
         assert await head is True
         assert await asyncio.gather(*tail) == [True] * 10
         assert s.writer_stats.batches - before.batches == 1 + 5

@@ -122,7 +122,6 @@ class ProcessWriter(Generic[RowT]):
         self._hello = ("hello", connect, connect_args, accept_batch, row_type)
         self._row_size = row_size
         self._state = _State.NEW
-        self._open = False  # RUNNING with a child: the one check on the hot path
         self._link: _Link | None = None
         self._pending: list[tuple[RowT, asyncio.Future[bool]]] = []
         self._replies: collections.deque[Callable[[_Reply], None]] = collections.deque()
@@ -153,7 +152,6 @@ class ProcessWriter(Generic[RowT]):
         self._state = _State.RUNNING
         try:
             await self._spawn()
-            self._open = True
         except BaseException:
             self._state = _State.STOPPED
             self._stopped.set()
@@ -165,7 +163,6 @@ class ProcessWriter(Generic[RowT]):
             await self._stopped.wait()
             return
         self._state = _State.STOPPING
-        self._open = False
         if self._restarter is not None:
             self._restarter.cancel()
         self._check_idle()
@@ -222,7 +219,7 @@ class ProcessWriter(Generic[RowT]):
     # --- requests --------------------------------------------------------------------------
 
     def _check(self) -> _Link:
-        if self._open and self._link is not None:
+        if self._state is _State.RUNNING and self._link is not None:
             return self._link
         if self._state is _State.RESTARTING:
             raise StoreUnavailable("The SQLite writer is restarting; retry later.")
@@ -309,7 +306,6 @@ class ProcessWriter(Generic[RowT]):
 
     async def _lost(self, link: _Link) -> None:
         self._link = None
-        self._open = False
         gone: _Reply = (
             "unavailable",
             "The event store is unavailable (the SQLite writer process exited); retry later.",
@@ -346,7 +342,6 @@ class ProcessWriter(Generic[RowT]):
                     await link.close()
                 return
             self._state = _State.RUNNING
-            self._open = True
             logger.warning("store.sqlite.writer_restarted: pid %s", self.pid)
             return
 
