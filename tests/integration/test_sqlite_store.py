@@ -446,6 +446,34 @@ async def test_a_killed_writer_process_fails_its_waiters_and_is_replaced(db_path
     assert _gone(first)
 
 
+async def test_a_stuck_writer_process_is_killed_and_replaced(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A child that stops answering (here SIGSTOP) is killed after STALL_SECONDS: its waiters
+    get StoreUnavailable instead of hanging, and a new child serves the next accepts."""
+    monkeypatch.setattr(sqlite_process, "STALL_SECONDS", 0.5)
+    monkeypatch.setattr(sqlite_process, "WATCH_INTERVAL_SECONDS", 0.1)
+    s = SQLiteStore(str(db_path), process=True)
+    await s.open()
+    try:
+        stuck = s._writer.pid
+        assert isinstance(stuck, int)
+        os.kill(stuck, signal.SIGSTOP)
+        with pytest.raises(StoreUnavailable):
+            await asyncio.wait_for(s.accept(event("evt_stuck"), [], now=NOW), PROMPT)
+        await until(lambda: _gone(stuck))
+        async with asyncio.timeout(PROMPT):
+            while True:
+                try:
+                    assert await s.accept(event("evt_unstuck"), [], now=NOW) is True
+                    break
+                except StoreUnavailable:
+                    await asyncio.sleep(0.05)
+        assert s._writer.pid not in (None, stuck)
+    finally:
+        await s.close()
+
+
 async def test_big_events_are_spread_over_several_batches(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -21,7 +21,9 @@ the intake path measured about a fifth more accepted events per second
 - If the child dies, everything in flight fails with ``StoreUnavailable``
   (a 503, never a 2xx for an event whose commit was not confirmed), the parent
   logs it and starts a new child, retrying with backoff; calls made meanwhile
-  raise ``StoreUnavailable`` at once.
+  raise ``StoreUnavailable`` at once. A child that leaves a request unanswered
+  for ``STALL_SECONDS`` (stopped, or stuck on a hung disk) is killed, to the same
+  effect.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import sqlite3
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -57,6 +60,11 @@ _LEN = struct.Struct("!I")
 MAX_BATCH_BYTES = 16 * 1024 * 1024
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 RESTART_DELAYS_SECONDS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+#: A child that has left a request unanswered this long is stuck (a stopped process, a hung
+#: disk): it is killed, its waiters get StoreUnavailable and a new child starts. No store
+#: operation comes near it: a batch commits in milliseconds, SQLite's busy timeout is 5 s.
+STALL_SECONDS = 60.0
+WATCH_INTERVAL_SECONDS = 5.0
 
 #: A reply: ("ok", value) | ("unavailable", message) | ("error", exception)
 _Reply = tuple[str, Any]
@@ -124,11 +132,15 @@ class ProcessWriter(Generic[RowT]):
         self._state = _State.NEW
         self._link: _Link | None = None
         self._pending: list[tuple[RowT, asyncio.Future[bool]]] = []
-        self._replies: collections.deque[Callable[[_Reply], None]] = collections.deque()
+        # (what to do with the reply, when the request was sent), in the order sent
+        self._replies: collections.deque[tuple[Callable[[_Reply], None], float]] = (
+            collections.deque()
+        )
         self._batch_in_flight = False
         self._idle = asyncio.Event()
         self._stopped = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
         self._restarter: asyncio.Task[None] | None = None
         self.batches = 0  # committed accept batches, for measurements and tests
         self.batched = 0  # accepts in them
@@ -170,7 +182,9 @@ class ProcessWriter(Generic[RowT]):
         link, self._link = self._link, None
         if link is not None:
             await link.close()
-        tasks = [t for t in (self._reader, self._restarter) if t is not None]
+        if self._watcher is not None:
+            self._watcher.cancel()
+        tasks = [t for t in (self._reader, self._watcher, self._restarter) if t is not None]
         await asyncio.gather(*tasks, return_exceptions=True)
         self._state = _State.STOPPED
         self._stopped.set()
@@ -215,6 +229,7 @@ class ProcessWriter(Generic[RowT]):
             raise StoreUnavailable(str(value))
         self._link = link
         self._reader = asyncio.create_task(self._read_replies(link), name=f"{self._name}-reader")
+        self._watcher = asyncio.create_task(self._watch(link), name=f"{self._name}-watch")
 
     # --- requests --------------------------------------------------------------------------
 
@@ -247,7 +262,7 @@ class ProcessWriter(Generic[RowT]):
         self, link: _Link, request: tuple[Any, ...], on_reply: Callable[[_Reply], None]
     ) -> None:
         link.writer.write(_frame(request))
-        self._replies.append(on_reply)
+        self._replies.append((on_reply, time.monotonic()))
         self._idle.clear()
 
     def _send_batch(self) -> None:
@@ -294,15 +309,32 @@ class ProcessWriter(Generic[RowT]):
         try:
             while True:
                 reply = await link.read()
-                self._replies.popleft()(reply)
+                self._replies.popleft()[0](reply)
                 self._check_idle()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the child exited (or was stopped)
         except Exception as exc:  # a reply that makes no sense: treat the child as lost
             logger.error("store.sqlite.writer_protocol_error: %r", exc)
-            link.proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                link.proc.kill()
         if self._link is link:  # the child died under us (not a stop)
             await self._lost(link)
+
+    async def _watch(self, link: _Link) -> None:
+        while self._link is link:
+            await asyncio.sleep(WATCH_INTERVAL_SECONDS)
+            if self._link is link and self._replies:
+                waited = time.monotonic() - self._replies[0][1]
+                if waited > STALL_SECONDS:
+                    logger.error(
+                        "store.sqlite.writer_stalled: no answer for %.0f s; killing pid %s",
+                        waited,
+                        link.proc.pid,
+                    )
+                    # The reader then sees the socket close: _lost, then a restart.
+                    with contextlib.suppress(ProcessLookupError):
+                        link.proc.kill()
+                    return
 
     async def _lost(self, link: _Link) -> None:
         self._link = None
@@ -313,7 +345,7 @@ class ProcessWriter(Generic[RowT]):
         replies, self._replies = self._replies, collections.deque()
         pending, self._pending = self._pending, []
         self._batch_in_flight = False
-        for on_reply in replies:
+        for on_reply, _ in replies:
             on_reply(gone)
         for _, future in pending:
             if not future.done():
