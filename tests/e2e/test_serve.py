@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import TEST_SECRET, make_event, signed
+from tests.conftest import TEST_SECRET, make_event, process_exited, signed
 from tests.e2e.conftest import CLI, REPO, Serve, free_port, wait_until
 from tests.e2e.recorder_plugin import recorded
 
@@ -26,14 +26,6 @@ def writer_children(serve: Serve) -> list[int]:
     assert serve.proc is not None
     tasks = Path(f"/proc/{serve.proc.pid}/task")
     return [int(pid) for task in tasks.iterdir() for pid in (task / "children").read_text().split()]
-
-
-def exited(pid: int) -> bool:
-    """Gone, or a zombie waiting for its reaper."""
-    try:
-        return "\nState:\tZ" in Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return True
 
 
 def send(serve: Serve, event_id: str) -> httpx.Response:
@@ -69,7 +61,9 @@ def test_sigkill_with_pending_deliveries_loses_nothing(
     first.signal(signal.SIGKILL)
     assert first.wait() == -signal.SIGKILL
     assert recorded(out) == []  # nothing finished before the crash
-    wait_until(lambda: exited(writer), timeout=30, what="the writer process to follow serve")
+    wait_until(
+        lambda: process_exited(writer), timeout=30, what="the writer process to follow serve"
+    )
 
     serve_factory({**env, "LACUNA_RECORDER_DELAY": "0"}).start()
     wait_until(lambda: set(recorded(out)) == set(ids), timeout=90, what="every event delivered")
@@ -102,7 +96,7 @@ def test_sigterm_drains_in_flight_deliveries(serve_factory: type[Serve], tmp_pat
     (writer,) = writer_children(serve)
     serve.signal(signal.SIGTERM)
     assert serve.wait(timeout=40) == 0
-    assert exited(writer)
+    assert process_exited(writer)
     assert sorted(recorded(out)) == sorted(ids)
     assert "serve.stopped" in serve.log()
 

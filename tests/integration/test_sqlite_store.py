@@ -27,7 +27,7 @@ from lacuna_webhooks.errors import StoreUnavailable
 from lacuna_webhooks.models import Attempt, AttemptOutcome, Event
 from lacuna_webhooks.store import open_store, sqlite_process
 from lacuna_webhooks.store.sqlite import SQLiteStore, migrate, migrations
-from tests.conftest import make_event
+from tests.conftest import make_event, process_exited
 
 NOW = datetime(2025, 11, 21, 12, 0, tzinfo=UTC)
 LEASE = timedelta(minutes=5)
@@ -358,15 +358,6 @@ asyncio.run(main())
 """
 
 
-def _gone(pid: int) -> bool:
-    """The process has exited (a zombie waiting for a reaper counts as exited)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return True
-    return "\nState:\tZ" in status
-
-
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
 @WRITERS
 async def test_sigkill_mid_batch_loses_nothing_confirmed(db_path: Path, process: bool) -> None:
@@ -398,7 +389,7 @@ async def test_sigkill_mid_batch_loses_nothing_confirmed(db_path: Path, process:
     confirmed |= {line for line in rest.decode().splitlines() if line}
     await asyncio.wait_for(proc.wait(), PROMPT)
     if process:
-        await until(lambda: _gone(writer_pid))
+        await until(lambda: process_exited(writer_pid))
 
     s = SQLiteStore(str(db_path))
     await s.open()
@@ -443,7 +434,7 @@ async def test_a_killed_writer_process_fails_its_waiters_and_is_replaced(db_path
         assert await s.accept(event("evt_after_kill"), ["a"], now=NOW) is False
     finally:
         await s.close()
-    assert _gone(first)
+    assert process_exited(first)
 
 
 async def test_a_stuck_writer_process_is_killed_and_replaced(
@@ -461,7 +452,7 @@ async def test_a_stuck_writer_process_is_killed_and_replaced(
         os.kill(stuck, signal.SIGSTOP)
         with pytest.raises(StoreUnavailable):
             await asyncio.wait_for(s.accept(event("evt_stuck"), [], now=NOW), PROMPT)
-        await until(lambda: _gone(stuck))
+        await until(lambda: process_exited(stuck))
         async with asyncio.timeout(PROMPT):
             while True:
                 try:
@@ -507,7 +498,7 @@ async def test_the_writer_process_ignores_sigterm_and_sigint(db_path: Path) -> N
     assert await s.accept(event("evt_after_signals"), [], now=NOW) is True
     assert s._writer.pid == pid
     await s.close()
-    await until(lambda: _gone(pid))
+    await until(lambda: process_exited(pid))
 
 
 # --- the one-statement batch writes exactly what row-by-row writes --------------------------
