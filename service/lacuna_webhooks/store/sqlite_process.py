@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from ..errors import StoreUnavailable
-from .sqlite_writer import MAX_BATCH, rollback, transaction, unavailable
+from .sqlite_writer import MAX_BATCH, run_job, write_batch
 
 logger = logging.getLogger(__name__)
 
@@ -446,17 +446,12 @@ def child_main(fd: int) -> int:
 def _serve(
     conn: sqlite3.Connection, request: tuple[Any, ...], accept_batch: Any, row_type: Any
 ) -> _Reply:
-    if request[0] == "accept":
-        try:
-            return ("ok", accept_batch(conn, [row_type(row) for row in request[1]]))
-        except Exception as exc:
-            # The batch failed as a whole: nobody may hear "stored" for an uncommitted event.
-            rollback(conn)
-            return ("unavailable", unavailable(exc, "SQLite").message)
-    _, fn, args, write = request
     try:
-        return ("ok", transaction(conn, fn, *args, write=write))
-    except sqlite3.Error as exc:
-        return ("unavailable", unavailable(exc, "SQLite").message)
+        if request[0] == "accept":
+            return ("ok", write_batch(conn, accept_batch, [row_type(row) for row in request[1]]))
+        _, fn, args, write = request
+        return ("ok", run_job(conn, fn, args, write=write))
+    except StoreUnavailable as exc:
+        return ("unavailable", exc.message)
     except Exception as exc:  # EventNotFound, or a bug: raised in the awaiting coroutine
         return ("error", exc)

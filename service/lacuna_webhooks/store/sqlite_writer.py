@@ -243,28 +243,60 @@ class Writer(Generic[RowT]):
     def _commit_accepts(
         self, conn: sqlite3.Connection, accepts: list[_Accept[RowT]]
     ) -> list[_Outcome]:
-        rows = [item.row for item in accepts]
         try:
-            stored = self._accept_batch(conn, rows)
-        # The batch failed as a whole. Every waiter gets StoreUnavailable, whatever the cause:
-        # the thread must survive, and nobody may hear "stored" for an uncommitted event.
-        except Exception as exc:
-            rollback(conn)
-            logger.error("store.sqlite.batch_failed: %d accepts: %s", len(accepts), exc)
-            return [(item.future, None, unavailable(exc, "SQLite")) for item in accepts]
+            stored = write_batch(conn, self._accept_batch, [item.row for item in accepts])
+        except StoreUnavailable as error:
+            logger.error("store.sqlite.batch_failed: %d accepts: %s", len(accepts), error.__cause__)
+            return [(item.future, None, _copy(error)) for item in accepts]
         self.batches += 1
         self.batched += len(accepts)
         return [(item.future, new, None) for item, new in zip(accepts, stored, strict=True)]
 
     def _run_job(self, conn: sqlite3.Connection, job: _Job) -> _Outcome:
         try:
-            return (job.future, transaction(conn, job.fn, *job.args, write=job.write), None)
-        except sqlite3.Error as exc:
-            return (job.future, None, unavailable(exc, "SQLite"))
+            return (job.future, run_job(conn, job.fn, job.args, write=job.write), None)
         # Forwarded to the awaiting coroutine and raised there, as concurrent.futures does
-        # (EventNotFound from a job, or a bug): the thread itself must keep serving.
+        # (StoreUnavailable, EventNotFound from a job, or a bug): the thread keeps serving.
         except Exception as exc:
             return (job.future, None, exc)
+
+
+def _copy(error: StoreUnavailable) -> StoreUnavailable:
+    """One exception object per waiter (a shared one would collect every waiter's traceback)."""
+    copy = StoreUnavailable(error.message)
+    copy.__cause__ = error.__cause__
+    return copy
+
+
+# How one batch and one job end, for either writer (the thread here, or the child process).
+
+
+def write_batch(
+    conn: sqlite3.Connection,
+    accept_batch: Callable[[sqlite3.Connection, list[RowT]], list[bool]],
+    rows: list[RowT],
+) -> list[bool]:
+    """``accept_batch(conn, rows)``; if it fails, roll back and raise ``StoreUnavailable``.
+
+    The batch fails as a whole, whatever the cause: the writer must survive, and nobody may
+    hear "stored" for an uncommitted event.
+    """
+    try:
+        return accept_batch(conn, rows)
+    except Exception as exc:
+        rollback(conn)
+        raise unavailable(exc, "SQLite") from exc
+
+
+def run_job(
+    conn: sqlite3.Connection, fn: Callable[..., T], args: tuple[Any, ...], *, write: bool
+) -> T:
+    """``fn(conn, *args)`` in a transaction of its own; a database error is
+    ``StoreUnavailable``, anything else (``EventNotFound``, a bug) is raised as it is."""
+    try:
+        return transaction(conn, fn, *args, write=write)
+    except sqlite3.Error as exc:
+        raise unavailable(exc, "SQLite") from exc
 
 
 def transaction(conn: sqlite3.Connection, fn: Callable[..., T], *args: Any, write: bool) -> T:
