@@ -14,7 +14,7 @@ nor a new way of building its name goes unnoticed:
 - statically, from every ``.py`` file of the package: string literals that are whole
   ``LACUNA_*`` / ``AWS_*`` names, f-strings ``f"LACUNA_{...}_SUFFIX"`` (a setting of every
   handler, documented as ``LACUNA_<NAME>_SUFFIX``), and the keys a handler module passes to its
-  ``HandlerContext`` (``ctx.get("KEY")``, ``ctx.require("KEY")``, ``ctx.env_name("KEY")``,
+  ``HandlerContext`` (``ctx.get("KEY")``, ``ctx.require("KEY")``, any other ``ctx`` method,
   ``helper(ctx, "KEY", ...)``);
 - dynamically, by running ``Settings.from_env`` and building every built-in handler over an
   environment that records each name looked up in it.
@@ -51,7 +51,6 @@ HEADER = ("variable", "default", "meaning")
 ENV_NAME = re.compile(r"(?:LACUNA|AWS)_[A-Z0-9_]*[A-Z0-9]")
 KEY = re.compile(r"[A-Z][A-Z0-9_]*[A-Z0-9]")
 DOCUMENTED_NAME = re.compile(r"[A-Z](?:[A-Z0-9_]|<NAME>|<KEY>)*")
-CTX_METHODS = frozenset({"get", "require", "env_name"})
 # Modules whose HandlerContext reads apply to every handler (documented as LACUNA_<NAME>_KEY).
 GENERIC_MODULES = frozenset({"plugins.py", "handlers/base.py"})
 
@@ -200,7 +199,8 @@ def sample_settings(tmp_path: Path) -> dict[str, list[dict[str, str]]]:
 
 
 def _ctx_keys(tree: ast.AST) -> Iterator[str]:
-    """Keys passed to a HandlerContext: ``ctx.get("KEY")`` or ``helper(ctx, "KEY", ...)``."""
+    """Keys passed to a HandlerContext: ``ctx.<any method>("KEY")`` (``get``, ``require``,
+    ``env_name``...) or ``helper(ctx, "KEY", ...)``."""
     for node in ast.walk(tree):
         if not isinstance(node, ast.Call):
             continue
@@ -209,7 +209,7 @@ def _ctx_keys(tree: ast.AST) -> Iterator[str]:
         on_ctx = (isinstance(receiver, ast.Name) and receiver.id == "ctx") or (
             isinstance(receiver, ast.Attribute) and receiver.attr == "ctx"
         )
-        if isinstance(func, ast.Attribute) and on_ctx and func.attr in CTX_METHODS and args:
+        if isinstance(func, ast.Attribute) and on_ctx and args:
             key = args[0]
         elif len(args) >= 2 and isinstance(args[0], ast.Name) and args[0].id == "ctx":
             key = args[1]
