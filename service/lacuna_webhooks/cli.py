@@ -24,7 +24,7 @@ from . import __version__
 from .config import Settings
 from .errors import ConfigError, EventNotFound, LacunaError, StoreUnavailable
 from .models import DeliveryStatus
-from .redact import redact_text, redact_url, remember_secrets, secret_values
+from .redact import mask_secrets, redact_url, remember_secrets, secret_values
 from .store import DeliveryRecord, EventRecord, Store, open_store
 
 PROG = "lacuna-webhooks"
@@ -548,13 +548,13 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             case "handlers":
                 return _handlers()
     except CommandError as exc:
-        print(f"{PROG}: error: {redact_text(str(exc))}", file=sys.stderr)
+        print(f"{PROG}: error: {mask_secrets(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except ConfigError as exc:
-        print(f"{PROG}: error: configuration: {redact_text(str(exc))}", file=sys.stderr)
+        print(f"{PROG}: error: configuration: {mask_secrets(str(exc))}", file=sys.stderr)
         return 2
     except LacunaError as exc:
-        print(f"{PROG}: error: {redact_text(str(exc))}", file=sys.stderr)
+        print(f"{PROG}: error: {mask_secrets(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

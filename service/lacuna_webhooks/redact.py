@@ -76,6 +76,13 @@ def redact_text(text: str) -> str:
     secret value replaced by ``MASK``."""
     if "://" in text:
         text = _URL.sub(lambda m: redact_url(m.group(0)), text)
+    return mask_secrets(text)
+
+
+def mask_secrets(text: str) -> str:
+    """``text`` with every remembered secret value replaced by ``MASK`` (URLs left whole:
+    for messages of our own, which already show URLs redacted and may show a URL's form,
+    such as ``sqlite:///PATH``)."""
     for value in _known:
         if value in text:
             text = text.replace(value, MASK)
@@ -138,6 +145,7 @@ def _url_secrets(url: str, *, secret_path: bool) -> set[str]:
 __all__ = [
     "MASK",
     "MIN_SECRET_CHARS",
+    "mask_secrets",
     "redact_text",
     "redact_url",
     "remember_secrets",
