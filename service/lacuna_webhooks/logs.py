@@ -23,7 +23,7 @@ from typing import Any, BinaryIO, cast
 import orjson
 import structlog
 
-from .redact import redact_text, remember_secrets
+from .redact import needs_redaction, redact_text, remember_secrets
 from .redact import redact_url as redact_url  # re-exported: where the handlers used to find it
 
 _LEVELS = {
@@ -77,11 +77,14 @@ def _redact_value(value: Any) -> Any:
 def redact_event(logger: Any, method_name: str, event_dict: Any) -> Any:
     """structlog processor: every string value (nested ones too) through ``redact_text``.
 
-    Runs after exceptions are rendered to text, so a traceback is redacted too.
+    Runs after exceptions are rendered to text, so a traceback is redacted too. A value
+    is rewritten only when ``needs_redaction`` finds something in it: a line with
+    nothing to redact costs one search per value.
     """
     for key, value in event_dict.items():
         if isinstance(value, str):
-            event_dict[key] = redact_text(value)
+            if needs_redaction(value):
+                event_dict[key] = redact_text(value)
         elif isinstance(value, dict | list | tuple):
             event_dict[key] = _redact_value(value)
     return event_dict

@@ -44,6 +44,7 @@ _URL_NAME = re.compile(r"(URL|URI|DSN|ENDPOINT|ENDPOINTS|SERVERS?|BROKERS?)$", r
 _SECRET_PATH_NAME = re.compile(r"WEBHOOK_URL$", re.IGNORECASE)
 
 _known: tuple[str, ...] = ()
+_known_re: re.Pattern[str] | None = None
 
 
 def redact_url(url: str) -> str:
@@ -79,22 +80,26 @@ def redact_text(text: str) -> str:
     return mask_secrets(text)
 
 
+def needs_redaction(text: str) -> bool:
+    """Whether ``redact_text`` would change ``text`` (a quick test: a URL or a secret in it)."""
+    return "://" in text or (_known_re is not None and _known_re.search(text) is not None)
+
+
 def mask_secrets(text: str) -> str:
     """``text`` with every remembered secret value replaced by ``MASK`` (URLs left whole:
     for messages of our own, which already show URLs redacted and may show a URL's form,
     such as ``sqlite:///PATH``)."""
-    for value in _known:
-        if value in text:
-            text = text.replace(value, MASK)
-    return text
+    return text if _known_re is None else _known_re.sub(MASK, text)
 
 
 def remember_secrets(values: Iterable[str]) -> None:
     """Add ``values`` (those of at least ``MIN_SECRET_CHARS``) to what ``redact_text`` masks."""
-    global _known  # one process-wide list, filled at start
+    global _known, _known_re  # one process-wide list, filled at start
     fresh = {v for v in values if len(v) >= MIN_SECRET_CHARS}
     # Longest first, so a secret containing another is masked whole.
     _known = tuple(sorted(fresh.union(_known), key=len, reverse=True))
+    # One pattern for all of them: a line is searched once, not once per secret.
+    _known_re = re.compile("|".join(map(re.escape, _known))) if _known else None
 
 
 def secret_values(environ: Mapping[str, str]) -> set[str]:
@@ -146,6 +151,7 @@ __all__ = [
     "MASK",
     "MIN_SECRET_CHARS",
     "mask_secrets",
+    "needs_redaction",
     "redact_text",
     "redact_url",
     "remember_secrets",

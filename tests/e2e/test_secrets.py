@@ -173,9 +173,7 @@ def test_no_secret_in_any_log_line_or_stored_error(
     def settled() -> bool:
         listed = json.loads(cli(cli_env, "deliveries", "list", "--json", "--limit", "100"))
         # log, slack, email, mail2: every event; storage, archive: the three job.completed
-        return len(listed) == 4 * 4 + 3 * 2 and all(
-            d["status"] in {"done", "dead"} for d in listed
-        )
+        return len(listed) == 4 * 4 + 3 * 2 and all(d["status"] in {"done", "dead"} for d in listed)
 
     wait_until(settled, timeout=60, what="every delivery done or dead")
     deliveries = json.loads(cli(cli_env, "deliveries", "list", "--json", "--limit", "100"))

@@ -166,9 +166,9 @@ AUDIO_URL = "https://cdn.example/tracks/a.mp3?X-Amz-Signature=AudioTokenSecret"
 def _forget_secrets() -> Any:
     from lacuna_webhooks import redact
 
-    saved = redact._known
+    saved = redact._known, redact._known_re
     yield
-    redact._known = saved
+    redact._known, redact._known_re = saved
 
 
 def _lines(level: str, log: Callable[[], None], secrets: tuple[str, ...] = ()) -> str:

@@ -20,10 +20,10 @@ from lacuna_webhooks.redact import (
 @pytest.fixture(autouse=True)
 def _forget_secrets() -> Iterator[None]:
     """``remember_secrets`` is process-wide: each test starts and ends with none."""
-    saved = redact._known
-    redact._known = ()
+    saved = redact._known, redact._known_re
+    redact._known, redact._known_re = (), None
     yield
-    redact._known = saved
+    redact._known, redact._known_re = saved
 
 
 @pytest.mark.parametrize(

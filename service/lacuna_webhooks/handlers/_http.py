@@ -37,7 +37,7 @@ import httpcore
 import httpx
 
 from ..errors import PermanentError, RetryLater
-from ..redact import redact_url
+from ..redact import redact_text, redact_url
 
 USER_AGENT = "lacuna-webhooks"
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -324,7 +324,8 @@ def retry_after_seconds(value: str | None, *, now: datetime | None = None) -> fl
 
 def transport_failure(exc: httpx.HTTPError, *, what: str, url: str) -> RetryLater:
     """A transient network failure as ``RetryLater`` with a message free of the full URL."""
-    detail = str(exc).replace(url, redact_url(url)) or "no detail"
+    # Every URL in the text (a redirect's target too) is cut to its host.
+    detail = redact_text(str(exc).replace(url, redact_url(url))) or "no detail"
     return RetryLater(f"{what} failed: {type(exc).__name__}: {detail}")
 
 
