@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 MASK = "**********"
@@ -111,10 +112,11 @@ def secret_values(environ: Mapping[str, str]) -> set[str]:
     password of each URL in it and the query values whose key looks secret (``token``,
     ``sig``, ``password``, ``key``…); a ``…WEBHOOK_URL`` also gives
     its path (the credential of an incoming webhook) and the whole URL. Values are
-    given as written and URL-decoded.
+    given as written and URL-decoded. ``NAME_FILE`` variables count as ``NAME`` with the
+    content of the file they name.
     """
     found: set[str] = set()
-    for name, raw in environ.items():
+    for name, raw in _with_file_values(environ):
         if not name.upper().startswith(("LACUNA_", "AWS_")) or not raw.strip():
             continue
         if _SECRET_NAME.search(name):
@@ -124,6 +126,27 @@ def secret_values(environ: Mapping[str, str]) -> set[str]:
             for url in re.split(r"[\s,]+", raw.strip()):
                 found.update(_url_secrets(url, secret_path=bool(_SECRET_PATH_NAME.search(name))))
     return {v for v in found if v}
+
+
+def _with_file_values(environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    """``environ``'s items, plus ``(NAME, file content)`` for each ``NAME_FILE`` naming a
+    readable regular file of at most 64 KiB (the ``*_FILE`` convention for secrets kept in
+    files)."""
+    items = list(environ.items())
+    for name, path in environ.items():
+        if not name.upper().endswith("_FILE") or not path.strip():
+            continue
+        file = Path(path.strip())
+        try:
+            if not file.is_file():  # a FIFO or a device could block or never end
+                continue
+            with file.open("rb") as f:
+                content = f.read(65537)
+        except OSError:
+            continue  # the setting's own check reports it
+        if len(content) <= 65536:
+            items.append((name[: -len("_FILE")], content.decode("utf-8", "replace").strip()))
+    return items
 
 
 def _url_secrets(url: str, *, secret_path: bool) -> set[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -117,3 +118,18 @@ def test_secret_values_of_a_url_that_does_not_parse() -> None:
     """A URL ``urlsplit`` refuses (an unclosed IPv6 bracket) still gives its userinfo."""
     found = secret_values({"LACUNA_DATABASE_URL": "postgresql://u:pw-in-bad-url@[::1/db"})
     assert "pw-in-bad-url" in found
+
+
+def test_secret_values_read_from_files(tmp_path: Path) -> None:
+    """``LACUNA_WEBHOOK_SECRET_FILE`` and the like: the file's content is the secret."""
+    (tmp_path / "secret").write_text("whsec_from_a_file\n")
+    (tmp_path / "slack").write_text("https://hooks.slack.com/services/T/B/FromFileSecret\n")
+    found = secret_values(
+        {
+            "LACUNA_WEBHOOK_SECRET_FILE": str(tmp_path / "secret"),
+            "LACUNA_SLACK_WEBHOOK_URL_FILE": str(tmp_path / "slack"),
+            "LACUNA_EMAIL_CA_FILE": str(tmp_path / "missing.pem"),
+        }
+    )
+    assert "whsec_from_a_file" in found
+    assert "/services/T/B/FromFileSecret" in found
