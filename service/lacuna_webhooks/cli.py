@@ -24,6 +24,7 @@ from . import __version__
 from .config import Settings
 from .errors import ConfigError, EventNotFound, LacunaError, StoreUnavailable
 from .models import DeliveryStatus
+from .redact import mask_secrets, redact_url, remember_secrets, secret_values
 from .store import DeliveryRecord, EventRecord, Store, open_store
 
 PROG = "lacuna-webhooks"
@@ -62,7 +63,11 @@ def _serve(environ: Mapping[str, str], host: str | None, port: int | None) -> in
     from .plugins import build_handlers
 
     settings = _settings(environ, require_secret=True)
-    configure(log_format=settings.log_format, level=settings.log_level)
+    configure(
+        log_format=settings.log_format,
+        level=settings.log_level,
+        secrets=secret_values(settings.environ),
+    )
     try:
         handlers = build_handlers(
             settings.handlers,
@@ -82,9 +87,9 @@ def _serve(environ: Mapping[str, str], host: str | None, port: int | None) -> in
         )
         try:
             await store.open()
-        except (StoreUnavailable, OSError) as exc:
+        except (StoreUnavailable, OSError, ValueError) as exc:
             await handlers.aclose()
-            raise CommandError(f"cannot open the store (LACUNA_DATABASE_URL): {exc}") from None
+            raise _store_error(exc, settings.database_url, "cannot open the store") from None
         try:
             app = create_app(settings, store=store, handlers=handlers)
             config = uvicorn.Config(
@@ -118,6 +123,16 @@ def _serve(environ: Mapping[str, str], host: str | None, port: int | None) -> in
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         runner.run(run())
     return 0
+
+
+def _store_error(exc: BaseException, url: str, what: str) -> CommandError:
+    """One line for a store that cannot be opened; a driver's ``ValueError`` (a DSN it cannot
+    parse) is not quoted, since it may hold a piece of the password."""
+    if isinstance(exc, ValueError):
+        detail = f"the driver cannot use {redact_url(url)}: check its form"
+    else:
+        detail = str(exc) or type(exc).__name__
+    return CommandError(f"{what} (LACUNA_DATABASE_URL): {detail}")
 
 
 def _load_env_file(path: Path) -> dict[str, str]:
@@ -162,7 +177,7 @@ def _dev(environ: Mapping[str, str], env_file: Path) -> int:
         f"  settings from {env_file} ({'created now' if created else 'existing'})"
         " and the environment\n"
         f"  webhook secret: {secret}\n"
-        f"  database: {env.get('LACUNA_DATABASE_URL', 'sqlite:///./lacuna-webhooks.db')}\n"
+        f"  database: {redact_url(env.get('LACUNA_DATABASE_URL', 'sqlite:///./lacuna-webhooks.db'))}\n"
         f"  handlers: {env.get('LACUNA_HANDLERS') or '(none)'}\n\n"
         "  Send it a signed test event from another terminal:\n\n"
         f"    .venv/bin/lacuna-webhooks send --url http://{shown_host}:{port}/webhooks/lacuna"
@@ -204,7 +219,7 @@ def _send(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             timeout=args.timeout,
         )
     except httpx.HTTPError as exc:
-        raise CommandError(f"could not POST to {args.url}: {exc}") from None
+        raise CommandError(f"could not POST to {redact_url(args.url)}: {exc}") from None
     print(f"{response.status_code} {response.reason_phrase}")
     print(response.text)
     return 0 if response.is_success else 1
@@ -231,8 +246,8 @@ def _with_store(environ: Mapping[str, str], work: Callable[[Store], Awaitable[T]
 
     try:
         return asyncio.run(run())
-    except StoreUnavailable as exc:
-        raise CommandError(f"store unavailable (LACUNA_DATABASE_URL): {exc}") from None
+    except (StoreUnavailable, ValueError) as exc:
+        raise _store_error(exc, url, "store unavailable") from None
 
 
 def _iso(value: datetime | None) -> str:
@@ -419,8 +434,8 @@ def _migrate(environ: Mapping[str, str]) -> int:
 
     try:
         asyncio.run(run())
-    except StoreUnavailable as exc:
-        raise CommandError(f"store unavailable (LACUNA_DATABASE_URL): {exc}") from None
+    except (StoreUnavailable, ValueError) as exc:
+        raise _store_error(exc, settings.database_url, "store unavailable") from None
     print(f"schema is up to date ({settings.database_url.split('://', 1)[0]})")
     return 0
 
@@ -510,6 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     env = dict(os.environ if environ is None else environ)
+    # Error lines below (and every log line) mask the secret values the environment holds.
+    remember_secrets(secret_values(env))
     try:
         match args.command:
             case "serve":
@@ -531,13 +548,13 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             case "handlers":
                 return _handlers()
     except CommandError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {mask_secrets(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except ConfigError as exc:
-        print(f"{PROG}: error: configuration: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: configuration: {mask_secrets(str(exc))}", file=sys.stderr)
         return 2
     except LacunaError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {mask_secrets(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from .errors import ConfigError
+from .redact import redact_url
 
 T = TypeVar("T")
 
@@ -94,8 +95,34 @@ def _database_url(value: str) -> str:
     if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
         return url
     if url.startswith(("postgresql://", "postgres://")):
+        _check_postgres_url(url)
         return url
-    raise ValueError(f"must be sqlite:///PATH or postgresql://..., got {value!r}")
+    # Shown redacted: a mistyped scheme must not print the password that follows it.
+    raise ValueError(f"must be sqlite:///PATH or postgresql://..., got {redact_url(url)!r}")
+
+
+def _check_postgres_url(url: str) -> None:
+    """``ValueError`` (URL shown redacted) unless every ``host[:port]`` of the URL parses.
+
+    The driver would otherwise fail later with its own message, which can quote part of
+    a password containing an unescaped ``/`` or ``:``.
+    """
+    before_query = re.split(r"[?#]", url.partition("://")[2], maxsplit=1)[0]
+    userinfo, _, hosts_and_path = before_query.rpartition("@")
+    authority = hosts_and_path.split("/", 1)[0]
+    if "/" in userinfo:
+        raise ValueError(
+            f"has a '/' in its user or password (URL-encode it as %2F), got {redact_url(url)!r}"
+        )
+    for host in authority.split(","):
+        if not _HOST_PORT.fullmatch(host):
+            raise ValueError(f"has an invalid host or port, got {redact_url(url)!r}")
+
+
+_HOST_PORT = re.compile(
+    r"(?:[A-Za-z0-9._~%-]*|\[[0-9A-Fa-f:.]+(?:%[A-Za-z0-9._~-]+)?\])"
+    r"(?::(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5]?[0-9]{1,4}))?"
+)
 
 
 def _choice(*choices: str) -> Callable[[str], str]:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import re
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -38,10 +37,10 @@ from datetime import UTC, datetime, timedelta
 import structlog
 
 from .errors import PermanentError, RetryLater, StoreUnavailable
-from .logs import redact_url
 from .metrics import Metrics
 from .models import Attempt, AttemptOutcome, Delivery
 from .plugins import HandlerSet
+from .redact import redact_text
 from .retry import RetryPolicy
 from .store.base import Store
 
@@ -52,7 +51,6 @@ may take the delivery over, leaving time to record the outcome."""
 DEFAULT_TIMEOUT_SECONDS = 60.0
 MAX_STORE_BACKOFF_SECONDS = 30.0
 MAX_ERROR_CHARS = 2000
-_URL_RE = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
 
 
 def utcnow() -> datetime:
@@ -60,10 +58,11 @@ def utcnow() -> datetime:
 
 
 def describe_error(exc: BaseException) -> str:
-    """``"ValueError: boom"``, with any URL cut to its host (a webhook URL's path is a secret)."""
+    """``"ValueError: boom"``, with any URL cut to its host (a webhook URL's path is a secret)
+    and any known secret value masked (``redact.redact_text``)."""
     message = str(exc).strip()
     text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-    return _URL_RE.sub(lambda m: redact_url(m.group(0)), text)[:MAX_ERROR_CHARS]
+    return redact_text(text)[:MAX_ERROR_CHARS]
 
 
 class Dispatcher:

@@ -2,7 +2,12 @@
 
 Log events are named ``area.what`` (``webhook.received``, ``delivery.attempt``,
 ``serve.started``...) with key/value context. Secrets, signature values and
-full outbound URLs are never logged.
+full outbound URLs are never logged: every line, ours and the libraries' (routed
+through the standard ``logging`` module), passes ``redact_event``, which redacts
+each URL in it and masks each secret value the environment holds (see
+``redact``). The HTTP, database, broker and SMTP client libraries log requests
+with their full URLs (and, at DEBUG, headers), so their loggers are held at
+WARNING whatever ``LACUNA_LOG_LEVEL`` says (``QUIET_LIBRARIES``).
 """
 
 from __future__ import annotations
@@ -18,12 +23,71 @@ from typing import Any, BinaryIO, cast
 import orjson
 import structlog
 
+from .redact import needs_redaction, redact_text, remember_secrets
+from .redact import redact_url as redact_url  # re-exported: where the handlers used to find it
+
 _LEVELS = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
     "warning": logging.WARNING,
     "error": logging.ERROR,
 }
+
+
+QUIET_LIBRARIES = (
+    "aio_pika",
+    "aiobotocore",
+    "aiohttp",
+    "aiokafka",
+    "aiomqtt",
+    "aiormq",
+    "aiosmtplib",
+    "asyncpg",
+    "boto3",
+    "botocore",
+    "h11",
+    "h2",
+    "hpack",
+    "httpcore",
+    "httpx",
+    "kafka",
+    "nats",
+    "paho",
+    "pamqp",
+    "redis",
+    "s3transfer",
+    "urllib3",
+    "websockets",
+)
+"""Client libraries whose loggers are held at WARNING: at INFO and DEBUG they log every
+request with its full URL (a Slack webhook URL is a credential, an audio URL carries a
+signed token) and sometimes its headers."""
+
+
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, dict):
+        return {k: _redact_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redact_value(v) for v in value]
+    return value
+
+
+def redact_event(logger: Any, method_name: str, event_dict: Any) -> Any:
+    """structlog processor: every string value (nested ones too) through ``redact_text``.
+
+    Runs after exceptions are rendered to text, so a traceback is redacted too. A value
+    is rewritten only when ``needs_redaction`` finds something in it: a line with
+    nothing to redact costs one search per value.
+    """
+    for key, value in event_dict.items():
+        if isinstance(value, str):
+            if needs_redaction(value):
+                event_dict[key] = redact_text(value)
+        elif isinstance(value, dict | list | tuple):
+            event_dict[key] = _redact_value(value)
+    return event_dict
 
 
 def _orjson_dumps(obj: Any, default: Any = None) -> str:
@@ -108,21 +172,28 @@ def _batching(base: type[Any]) -> type[Any]:
     return BatchingBoundLogger
 
 
-def configure(*, log_format: str = "auto", level: str = "info") -> None:
-    """Configure structlog (and route stdlib logging, e.g. uvicorn's, through the same format)."""
+def configure(
+    *, log_format: str = "auto", level: str = "info", secrets: Iterable[str] = ()
+) -> None:
+    """Configure structlog (and route stdlib logging, e.g. uvicorn's, through the same format).
+
+    ``secrets`` (usually ``redact.secret_values(environ)``) are masked in every line.
+    """
+    remember_secrets(secrets)
     use_console = log_format == "console" or (log_format == "auto" and sys.stderr.isatty())
     shared: list[Any] = [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     renderer: Any = (
-        structlog.dev.ConsoleRenderer()
+        # Plain tracebacks: the default one (with rich) prints local variables.
+        structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
         if use_console
         else structlog.processors.JSONRenderer(serializer=_orjson_dumps)
     )
     if use_console:
         structlog.configure(
-            processors=[*shared, renderer],
+            processors=[*shared, structlog.processors.format_exc_info, redact_event, renderer],
             wrapper_class=_batching(structlog.make_filtering_bound_logger(_LEVELS[level])),
             logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
             cache_logger_on_first_use=True,
@@ -133,6 +204,7 @@ def configure(*, log_format: str = "auto", level: str = "info") -> None:
             processors=[
                 *shared,
                 structlog.processors.format_exc_info,
+                redact_event,
                 structlog.processors.JSONRenderer(serializer=_orjson_bytes),
             ],
             wrapper_class=_batching(structlog.make_filtering_bound_logger(_LEVELS[level])),
@@ -143,12 +215,19 @@ def configure(*, log_format: str = "auto", level: str = "info") -> None:
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
-            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+            foreign_pre_chain=[
+                *shared,
+                structlog.stdlib.add_logger_name,
+                structlog.processors.format_exc_info,
+                redact_event,
+            ],
         )
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(_LEVELS[level])
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(max(logging.WARNING, _LEVELS[level]))
 
 
 _BATCHED: dict[int, LoopBatchedFile] = {}
@@ -161,12 +240,3 @@ def _batched_stderr() -> LoopBatchedFile:
     if batched is None or batched._raw is not raw:
         batched = _BATCHED[id(raw)] = LoopBatchedFile(raw)
     return batched
-
-
-def redact_url(url: str) -> str:
-    """``scheme://host/…``: enough to tell which endpoint, never its secret path or credentials."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return "…"
-    host = rest.split("/", 1)[0].rsplit("@", 1)[-1]
-    return f"{scheme}://{host}/…"

@@ -19,6 +19,7 @@ from typing import Any
 from .config import HANDLER_NAME_RE, parse_list
 from .errors import ConfigError
 from .handlers.base import Handler, HandlerContext, HandlerFactory
+from .redact import redact_text
 
 ENTRY_POINT_GROUP = "lacuna_webhooks.handlers"
 
@@ -138,6 +139,11 @@ def build_handlers(
             )
         except ConfigError as exc:
             problems.extend(exc.problems)
+        except Exception as exc:  # the plugin boundary: a factory's bug becomes one clear line
+            problems.append(
+                f"LACUNA_HANDLERS: the {item!r} handler failed to start: "
+                + redact_text(f"{type(exc).__name__}: {exc}")
+            )
     if problems:
         raise ConfigError(problems)
     return HandlerSet(handlers, filters, timeouts)

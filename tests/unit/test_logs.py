@@ -154,3 +154,94 @@ def test_info_lines_respects_the_level() -> None:
     finally:
         sys.stderr = old
     assert raw.getvalue() == b""
+
+
+# --- nothing secret in a log line ----------------------------------------------------------
+
+SLACK_URL = "https://hooks.slack.com/services/T0001/B0001/SlackPathSecret"
+AUDIO_URL = "https://cdn.example/tracks/a.mp3?X-Amz-Signature=AudioTokenSecret"
+
+
+@pytest.fixture
+def _forget_secrets() -> Any:
+    from lacuna_webhooks import redact
+
+    saved = redact._known, redact._known_re
+    yield
+    redact._known, redact._known_re = saved
+
+
+def _lines(level: str, log: Callable[[], None], secrets: tuple[str, ...] = ()) -> str:
+    """Configure JSON logging at ``level`` onto a fresh stderr, run ``log()``, return the text."""
+    raw = CountingRaw()
+    stderr = io.TextIOWrapper(raw, encoding="utf-8", write_through=True)
+    old = sys.stderr
+    sys.stderr = stderr
+    try:
+        logs.configure(log_format="json", level=level, secrets=secrets)
+        log()
+        logs._batched_stderr().drain()
+    finally:
+        sys.stderr = old
+    return raw.getvalue().decode()
+
+
+@pytest.mark.usefixtures("_forget_secrets")
+@pytest.mark.parametrize("level", ["info", "debug"])
+def test_client_libraries_do_not_log_requests_at_info_or_debug(level: str) -> None:
+    """httpx logs every request with its full URL at INFO (httpcore, asyncpg, botocore...
+    alike at DEBUG): below WARNING they are silent whatever LACUNA_LOG_LEVEL says."""
+
+    def log() -> None:
+        for name in ("httpx", "httpcore.http11", "asyncpg", "botocore.endpoint", "aio_pika"):
+            logging.getLogger(name).info('HTTP Request: POST %s "HTTP/1.1 200 OK"', SLACK_URL)
+            logging.getLogger(name).debug("send_request_headers.started %s", AUDIO_URL)
+        logging.getLogger("lacuna_webhooks.x").info("ours is kept")
+
+    text = _lines(level, log)
+    assert "ours is kept" in text
+    assert "HTTP Request" not in text
+    assert "send_request_headers" not in text
+
+
+@pytest.mark.usefixtures("_forget_secrets")
+def test_library_warnings_still_show_with_urls_redacted() -> None:
+    def log() -> None:
+        logging.getLogger("httpx").warning("giving up on %s and %s", SLACK_URL, AUDIO_URL)
+
+    text = _lines("info", log)
+    line = orjson.loads(text.splitlines()[-1])
+    assert line["event"] == ("giving up on https://hooks.slack.com/… and https://cdn.example/…")
+    assert line["logger"] == "httpx"
+
+
+@pytest.mark.usefixtures("_forget_secrets")
+def test_every_value_of_our_lines_is_redacted_tracebacks_included() -> None:
+    """URLs lose path, query and userinfo, and remembered secret values are masked, in
+    plain values, nested ones and rendered exceptions alike."""
+
+    def log() -> None:
+        logger = structlog.get_logger("test")
+        logger.warning(
+            "handler.refused",
+            url=AUDIO_URL,
+            detail={"tried": [SLACK_URL], "password": "pw-Secret-42"},
+            note="smtp said no to pw-Secret-42",
+        )
+        try:
+            raise RuntimeError(f"cannot reach {SLACK_URL} with pw-Secret-42")
+        except RuntimeError:
+            logger.exception("delivery.crashed")
+        logging.getLogger("uvicorn.error").error("boom", exc_info=RuntimeError(SLACK_URL))
+
+    text = _lines("info", log, secrets=("pw-Secret-42",))
+    for secret in ("SlackPathSecret", "AudioTokenSecret", "pw-Secret-42", "/services/"):
+        assert secret not in text
+    first, crashed, stdlib = (orjson.loads(line) for line in text.splitlines())
+    assert first["url"] == "https://cdn.example/…"
+    assert first["detail"] == {"tried": ["https://hooks.slack.com/…"], "password": "**********"}
+    assert (
+        "RuntimeError: cannot reach https://hooks.slack.com/… with **********"
+        in crashed["exception"]
+    )
+    assert "https://hooks.slack.com/…" in stdlib["exception"]

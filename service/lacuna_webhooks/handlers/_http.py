@@ -8,7 +8,9 @@ an event, a Slack webhook URL from the environment) goes through
 - the address actually connected to must be public: the host name is resolved
   at connect time and the connection is refused when *any* address it resolves
   to is loopback, private, link-local (cloud metadata ``169.254.169.254``),
-  carrier-grade NAT, multicast, reserved or unspecified. The check sits in the
+  carrier-grade NAT, multicast, reserved or unspecified, including IPv6 forms
+  that embed such an IPv4 address (IPv4-mapped, -compatible and -translated,
+  NAT64, 6to4, Teredo; see ``is_public_address``). The check sits in the
   network backend under the connection pool, so it covers every redirect hop
   and a DNS answer cannot change between "checked" and "connected";
 - redirects are followed by hand, at most ``max_redirects``, each hop checked;
@@ -35,7 +37,7 @@ import httpcore
 import httpx
 
 from ..errors import PermanentError, RetryLater
-from ..logs import redact_url
+from ..redact import redact_text, redact_url
 
 USER_AGENT = "lacuna-webhooks"
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -48,11 +50,57 @@ class UnsafeURL(PermanentError):
     """The URL is not allowed: not https, or it leads to a non-public address."""
 
 
+# IPv6 prefixes that carry an IPv4 address in their last 32 bits; what they reach is that
+# IPv4 host (through a NAT64 gateway, a translator, or a dual-stack socket), so they are
+# judged by it. 6to4 (``2002::/16``) and Teredo (``2001::/32``) embed theirs elsewhere and
+# are read with ``ipaddress``'s ``sixtofour`` / ``teredo``.
+_LOW_32_EMBEDDING = (
+    ipaddress.IPv6Network("::ffff:0:0/96"),  # IPv4-mapped (RFC 4291)
+    ipaddress.IPv6Network("::ffff:0:0:0/96"),  # IPv4-translated (RFC 2765 SIIT)
+    ipaddress.IPv6Network("::/96"),  # IPv4-compatible (RFC 4291, deprecated)
+    ipaddress.IPv6Network("64:ff9b::/96"),  # NAT64 well-known prefix (RFC 6052)
+)
+NAT64_LOCAL_USE = ipaddress.IPv6Network("64:ff9b:1::/48")
+"""RFC 8215's NAT64 prefix for one network's own translator: local by definition, and its
+embedding position depends on the prefix length the operator chose, so always refused."""
+
+
+def embedded_ipv4(ip: IPAddress) -> tuple[ipaddress.IPv4Address, ...]:
+    """The IPv4 addresses an IPv6 address embeds (mapped, translated, compatible, NAT64
+    well-known prefix, 6to4, Teredo server and client); ``()`` for any other address.
+
+    ``::`` and ``::1`` are not IPv4-compatible addresses (RFC 4291 2.5.5.1): they stay
+    the IPv6 unspecified and loopback addresses.
+    """
+    if not isinstance(ip, ipaddress.IPv6Address) or int(ip) <= 1:
+        return ()
+    if any(ip in net for net in _LOW_32_EMBEDDING):
+        return (ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF),)
+    if ip.sixtofour is not None:
+        return (ip.sixtofour,)
+    if ip.teredo is not None:
+        return ip.teredo  # (server, client); the client's address is already un-XORed
+    return ()
+
+
 def is_public_address(ip: IPAddress) -> bool:
-    """True for a globally routable unicast address (IPv4-mapped IPv6 judged as IPv4)."""
+    """True for a globally routable unicast address.
+
+    An IPv6 address that embeds IPv4 addresses (see ``embedded_ipv4``) is public only
+    when each of them is; IPv4-mapped ones are judged by their IPv4 address alone (the
+    socket connects to that address). The NAT64 local-use prefix ``64:ff9b:1::/48`` is
+    never public.
+    """
+    embedded = embedded_ipv4(ip)
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    return ip.is_global and not ip.is_multicast
+    elif ip in NAT64_LOCAL_USE:
+        return False
+    return (
+        ip.is_global
+        and not ip.is_multicast
+        and all(v4.is_global and not v4.is_multicast for v4 in embedded)
+    )
 
 
 def check_url(
@@ -276,7 +324,8 @@ def retry_after_seconds(value: str | None, *, now: datetime | None = None) -> fl
 
 def transport_failure(exc: httpx.HTTPError, *, what: str, url: str) -> RetryLater:
     """A transient network failure as ``RetryLater`` with a message free of the full URL."""
-    detail = str(exc).replace(url, redact_url(url)) or "no detail"
+    # Every URL in the text (a redirect's target too) is cut to its host.
+    detail = redact_text(str(exc).replace(url, redact_url(url))) or "no detail"
     return RetryLater(f"{what} failed: {type(exc).__name__}: {detail}")
 
 
@@ -284,6 +333,7 @@ __all__ = [
     "OutboundClient",
     "UnsafeURL",
     "check_url",
+    "embedded_ipv4",
     "is_public_address",
     "retry_after_seconds",
     "transport_failure",

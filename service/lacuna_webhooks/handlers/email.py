@@ -76,7 +76,10 @@ class SMTPTarget:
 
 def parse_smtp_url(value: str, var: str) -> SMTPTarget:
     """Parse ``smtp(s)://``; raise ``ConfigError`` naming ``var`` (never the password)."""
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+    except ValueError:  # e.g. an unclosed "[" of an IPv6 host
+        raise ConfigError(f"{var} is not a valid URL") from None
     if parts.scheme not in ("smtp", "smtps"):
         raise ConfigError(f"{var} must start with smtp:// or smtps://")
     try:

@@ -23,8 +23,8 @@ import orjson
 import structlog
 
 from ..errors import ConfigError, PermanentError, RetryLater
-from ..logs import redact_url
 from ..models import Event
+from ..redact import redact_url
 from ._common import (
     format_duration,
     network_timeouts,

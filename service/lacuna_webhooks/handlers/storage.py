@@ -57,8 +57,8 @@ from obstore.exceptions import (
 from obstore.store import S3Store
 
 from ..errors import ConfigError, PermanentError, RetryLater
-from ..logs import redact_url
 from ..models import Event
+from ..redact import redact_url
 from ._common import Track, int_setting, network_timeouts, parse_completed
 from ._http import OutboundClient, retry_after_seconds, transport_failure
 from .base import HandlerContext
@@ -295,7 +295,9 @@ def open_sink(ctx: HandlerContext) -> Sink:
     parts = urlsplit(url)
     if parts.scheme == "file":
         if parts.netloc not in ("", "localhost"):
-            raise ConfigError(f"{var} must be file:///absolute/dir (no host), got {url!r}")
+            raise ConfigError(
+                f"{var} must be file:///absolute/dir (no host), got {redact_url(url)!r}"
+            )
         root = Path(unquote(parts.path))
         if not root.is_absolute() or not parts.path.startswith("/"):
             raise ConfigError(f"{var} must name an absolute folder: file:///abs/dir")
@@ -308,7 +310,9 @@ def open_sink(ctx: HandlerContext) -> Sink:
         return FolderSink(root)
     if parts.scheme == "s3":
         return _s3_sink(ctx, parts.netloc, parts.path.strip("/"))
-    raise ConfigError(f"{var} must be file:///abs/dir or s3://bucket/prefix, got {url!r}")
+    raise ConfigError(
+        f"{var} must be file:///abs/dir or s3://bucket/prefix, got {redact_url(url)!r}"
+    )
 
 
 def _s3_sink(ctx: HandlerContext, bucket: str, prefix: str) -> S3Sink:
@@ -327,15 +331,20 @@ def _s3_sink(ctx: HandlerContext, bucket: str, prefix: str) -> S3Sink:
         or "us-east-1"
     }
     client: ClientConfig = {}
-    endpoint = first(
-        ctx.get("S3_ENDPOINT"), env.get("AWS_ENDPOINT_URL_S3"), env.get("AWS_ENDPOINT_URL")
+    endpoint_var, endpoint = next(
+        (
+            (var, value.strip())
+            for var, value in (
+                (ctx.env_name("S3_ENDPOINT"), ctx.get("S3_ENDPOINT")),
+                ("AWS_ENDPOINT_URL_S3", env.get("AWS_ENDPOINT_URL_S3")),
+                ("AWS_ENDPOINT_URL", env.get("AWS_ENDPOINT_URL")),
+            )
+            if value is not None and value.strip()
+        ),
+        ("", None),
     )
     if endpoint:
-        scheme = urlsplit(endpoint).scheme
-        if scheme not in ("http", "https") or not urlsplit(endpoint).netloc:
-            raise ConfigError(
-                f"{ctx.env_name('S3_ENDPOINT')} (or AWS_ENDPOINT_URL) must be an http(s) URL"
-            )
+        scheme = _check_endpoint(endpoint, endpoint_var)
         config["endpoint"] = endpoint.rstrip("/")
         # The endpoint is the operator's own choice (MinIO on a private network is normal),
         # so plain http is allowed when it is spelled out.
@@ -365,6 +374,31 @@ def _s3_sink(ctx: HandlerContext, bucket: str, prefix: str) -> S3Sink:
     except (ObjectStoreError, ValueError) as exc:
         raise ConfigError(f"{ctx.env_name('URL')}: cannot configure S3: {exc}") from None
     return S3Sink(store, bucket, prefix)
+
+
+def _check_endpoint(endpoint: str, var: str) -> str:
+    """The scheme of an S3 endpoint URL; ``ConfigError`` naming ``var`` (URL shown redacted)
+    unless it is ``http(s)://host[:port][/path]`` with a valid port and nothing else."""
+    problem = None
+    try:
+        parts = urlsplit(endpoint)
+        port = parts.port
+    except ValueError:
+        problem, parts, port = "is not a valid URL", None, None
+    if parts is not None:
+        if parts.scheme not in ("http", "https"):
+            problem = "must be an http:// or https:// URL"
+        elif not parts.hostname or any(c.isspace() for c in endpoint):
+            problem = "has no valid host"
+        elif parts.username is not None or parts.password is not None:
+            problem = "must not hold credentials (use AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
+        elif parts.query or parts.fragment:
+            problem = "must not have a query or fragment"
+        elif port == 0:
+            problem = "has an invalid port"
+    if problem is not None or parts is None:
+        raise ConfigError(f"{var} {problem}: {redact_url(endpoint)}")
+    return parts.scheme
 
 
 def _segment(value: str | None, what: str, event: Event) -> str:

@@ -1,0 +1,182 @@
+"""Keeping secrets out of log lines and error messages.
+
+Two layers, both applied to every log line (``logs.configure``) and to every
+stored attempt error (``dispatcher.describe_error``) through ``redact_text``:
+
+- **URLs by shape.** ``redact_url`` cuts a URL to ``scheme://host[:port]``, with
+  ``/…`` standing for whatever followed: the userinfo (``user:password@``), the
+  path (a Slack incoming-webhook path *is* the credential; a presigned URL may
+  carry its token in the path), the query (``X-Amz-Signature=…``) and the
+  fragment never show. ``file:`` and ``s3:`` URLs name our own storage, not a
+  secret, and keep their path (without query or fragment).
+- **Known values.** ``secret_values(environ)`` lists the secret values the
+  environment holds (``LACUNA_WEBHOOK_SECRET``, every ``LACUNA_*``/``AWS_*``
+  variable named like a secret, the password and secret-looking query values
+  of every URL setting, the path of every ``*_WEBHOOK_URL``); ``remember_secrets`` makes
+  ``redact_text`` replace each of them, wherever it appears, with ``MASK``.
+  Values shorter than ``MIN_SECRET_CHARS`` are not remembered (masking every
+  ``guest`` or ``1234`` would garble unrelated text; such a value protects
+  nothing anyway).
+
+This module imports nothing of ours, so ``config``, ``logs`` and the handlers
+can all use it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+MASK = "**********"
+MIN_SECRET_CHARS = 6
+_KEEP_PATH_SCHEMES = frozenset({"file", "s3"})
+_URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>`]+")
+# host (a name, an IPv4 address or a bracketed IPv6 address) and an optional numeric port
+_HOST_PORT = re.compile(r"(?:[A-Za-z0-9._~%-]*|\[[0-9A-Fa-f:.%A-Za-z]+\])(?::[0-9]*)?")
+_SECRET_NAME = re.compile(
+    r"(SECRET|PASSWORD|PASSWD|TOKEN|SECRET_KEY|ACCESS_KEY|ACCESS_KEY_ID|API_KEY|PRIVATE_KEY"
+    r"|CREDENTIALS?)$",
+    re.IGNORECASE,
+)
+_SECRET_QUERY_KEY = re.compile(r"sig|token|secret|pass|key|cred|auth", re.IGNORECASE)
+_URL_NAME = re.compile(r"(URL|URI|DSN|ENDPOINT|ENDPOINTS|SERVERS?|BROKERS?)$", re.IGNORECASE)
+_SECRET_PATH_NAME = re.compile(r"WEBHOOK_URL$", re.IGNORECASE)
+
+_known: tuple[str, ...] = ()
+_known_re: re.Pattern[str] | None = None
+
+
+def redact_url(url: str) -> str:
+    """``https://u:p@hooks.example/T0/B0/xyz?t=1#f`` -> ``https://hooks.example/…``.
+
+    Enough to tell which endpoint, never its credentials, path, query or fragment
+    (``file:`` and ``s3:`` URLs keep their path). Something that is not a
+    ``scheme://…`` URL becomes ``…``; a host that does not look like one (as in a
+    mistyped ``user:pass/word@host``) becomes ``scheme://…``.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or not scheme:
+        return "…"
+    if scheme.lower() in _KEEP_PATH_SCHEMES:
+        return f"{scheme}://{re.split(r'[?#]', rest, maxsplit=1)[0]}"
+    authority = re.split(r"[/?#\\]", rest, maxsplit=1)[0]
+    tail = rest[len(authority) :]
+    if "@" in authority:
+        authority = authority.rsplit("@", 1)[1]
+    elif "@" in re.split(r"[?#]", tail, maxsplit=1)[0]:
+        # "user:pass/word@host": the "host" before the "/" may be part of a password.
+        return f"{scheme}://…"
+    if not _HOST_PORT.fullmatch(authority):
+        return f"{scheme}://…"
+    return f"{scheme}://{authority}" + ("/…" if tail.strip("/") else "")
+
+
+def redact_text(text: str) -> str:
+    """``text`` with every URL in it redacted (``redact_url``) and every remembered
+    secret value replaced by ``MASK``."""
+    if "://" in text:
+        text = _URL.sub(lambda m: redact_url(m.group(0)), text)
+    return mask_secrets(text)
+
+
+def needs_redaction(text: str) -> bool:
+    """Whether ``redact_text`` would change ``text`` (a quick test: a URL or a secret in it)."""
+    return "://" in text or (_known_re is not None and _known_re.search(text) is not None)
+
+
+def mask_secrets(text: str) -> str:
+    """``text`` with every remembered secret value replaced by ``MASK`` (URLs left whole:
+    for messages of our own, which already show URLs redacted and may show a URL's form,
+    such as ``sqlite:///PATH``)."""
+    return text if _known_re is None else _known_re.sub(MASK, text)
+
+
+def remember_secrets(values: Iterable[str]) -> None:
+    """Add ``values`` (those of at least ``MIN_SECRET_CHARS``) to what ``redact_text`` masks."""
+    global _known, _known_re  # one process-wide list, filled at start
+    fresh = {v for v in values if len(v) >= MIN_SECRET_CHARS}
+    # Longest first, so a secret containing another is masked whole.
+    _known = tuple(sorted(fresh.union(_known), key=len, reverse=True))
+    # One pattern for all of them: a line is searched once, not once per secret.
+    _known_re = re.compile("|".join(map(re.escape, _known))) if _known else None
+
+
+def secret_values(environ: Mapping[str, str]) -> set[str]:
+    """Every secret value in ``environ``'s ``LACUNA_*`` and ``AWS_*`` variables.
+
+    A variable named like a secret (``…SECRET``, ``…PASSWORD``, ``…TOKEN``, ``…KEY``,
+    ``…KEY_ID``…) gives its value and each of its comma-separated items; a URL
+    setting (``…URL``, ``…DSN``, ``…ENDPOINT``, ``…SERVERS``, ``…BROKERS``) gives the
+    password of each URL in it and the query values whose key looks secret (``token``,
+    ``sig``, ``password``, ``key``…); a ``…WEBHOOK_URL`` also gives
+    its path (the credential of an incoming webhook) and the whole URL. Values are
+    given as written and URL-decoded. ``NAME_FILE`` variables count as ``NAME`` with the
+    content of the file they name.
+    """
+    found: set[str] = set()
+    for name, raw in _with_file_values(environ):
+        if not name.upper().startswith(("LACUNA_", "AWS_")) or not raw.strip():
+            continue
+        if _SECRET_NAME.search(name):
+            found.add(raw.strip())
+            found.update(item.strip() for item in raw.split(","))
+        if _URL_NAME.search(name):
+            for url in re.split(r"[\s,]+", raw.strip()):
+                found.update(_url_secrets(url, secret_path=bool(_SECRET_PATH_NAME.search(name))))
+    return {v for v in found if v}
+
+
+def _with_file_values(environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    """``environ``'s items, plus ``(NAME, file content)`` for each ``NAME_FILE`` naming a
+    readable regular file of at most 64 KiB (the ``*_FILE`` convention for secrets kept in
+    files)."""
+    items = list(environ.items())
+    for name, path in environ.items():
+        if not name.upper().endswith("_FILE") or not path.strip():
+            continue
+        file = Path(path.strip())
+        try:
+            if not file.is_file():  # a FIFO or a device could block or never end
+                continue
+            with file.open("rb") as f:
+                content = f.read(65537)
+        except OSError:
+            continue  # the setting's own check reports it
+        if len(content) <= 65536:
+            items.append((name[: -len("_FILE")], content.decode("utf-8", "replace").strip()))
+    return items
+
+
+def _url_secrets(url: str, *, secret_path: bool) -> set[str]:
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        # Not even a URL: whatever sits between "://" and the last "@" may be credentials.
+        _, _, rest = url.partition("://")
+        userinfo = rest.rpartition("@")[0]
+        return {userinfo, userinfo.partition(":")[2]} if userinfo else set()
+    found = {
+        value
+        for key, value in parse_qsl(parts.query) + parse_qsl(parts.fragment)
+        if _SECRET_QUERY_KEY.search(key)
+    }
+    if password:
+        found.update({password, unquote(password)})
+    if secret_path and parts.path.strip("/"):
+        found.update({url, parts.path, unquote(parts.path)})
+    return found
+
+
+__all__ = [
+    "MASK",
+    "MIN_SECRET_CHARS",
+    "mask_secrets",
+    "needs_redaction",
+    "redact_text",
+    "redact_url",
+    "remember_secrets",
+    "secret_values",
+]
