@@ -343,7 +343,7 @@ async def test_without_the_switch_only_https_to_public_addresses_is_used(
         ({"tracks": None}, "data.tracks is missing"),
         ({"tracks": "trk_01"}, "not a list"),
         ({"tracks": []}, "is empty"),
-        ({"tracks": [{"id": "trk_01", "audio_url": 42}]}, "audio_url is missing or not a string"),
+        ({"tracks": [{"id": "trk_01", "audio_url": 42}]}, "audio_url is not a non-empty string"),
         ({"tracks": [{"id": "../../etc", "audio_url": "https://x.example/a"}]}, "file name"),
         ({"id": "a/b"}, "task id"),
     ],
