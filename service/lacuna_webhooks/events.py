@@ -48,9 +48,7 @@ from typing import Any, ClassVar, TypeAlias, TypeGuard
 from .errors import MalformedEvent
 from .models import Event
 
-JSONValue: TypeAlias = (
-    "None | bool | int | float | str | list[JSONValue] | dict[str, JSONValue]"
-)
+JSONValue: TypeAlias = "bool | int | float | str | list[JSONValue] | dict[str, JSONValue] | None"
 """A value as ``json.loads`` / ``orjson.loads`` produce it."""
 
 JOB_COMPLETED = "job.completed"
@@ -167,7 +165,9 @@ class Track:
     format: str | None = None
     extra: Mapping[str, JSONValue] = field(default_factory=lambda: _EMPTY, hash=False)
 
-    _FIELDS: ClassVar[frozenset[str]] = frozenset({"id", "audio_url", "duration", "lyrics", "title", "image_url", "format"})
+    _FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {"id", "audio_url", "duration", "lyrics", "title", "image_url", "format"}
+    )
 
     @classmethod
     def parse(cls, value: object, *, where: str, event_id: str | None = None) -> Track:

@@ -23,8 +23,8 @@ import orjson
 import structlog
 
 from ..errors import ConfigError, PermanentError, RetryLater
-from ..logs import redact_url
 from ..events import LacunaEvent, is_job_completed, is_job_failed, parse_event
+from ..logs import redact_url
 from ..models import Event
 from ._common import display_title, format_duration, network_timeouts
 from ._http import OutboundClient, UnsafeURL, check_url, retry_after_seconds, transport_failure

@@ -61,8 +61,8 @@ from obstore.exceptions import (
 from obstore.store import S3Store
 
 from ..errors import ConfigError, PermanentError, RetryLater
-from ..logs import redact_url
 from ..events import JobCompleted, Track, is_job_completed, parse_event
+from ..logs import redact_url
 from ..models import Event
 from ._common import int_setting, network_timeouts
 from ._http import OutboundClient, retry_after_seconds, transport_failure
