@@ -195,7 +195,7 @@ class EmailHandler:
 
     def __init__(self, ctx: HandlerContext) -> None:
         self.name = ctx.name
-        self.target = parse_smtp_url(ctx.require("SMTP_URL"), ctx.env_name("SMTP_URL"))
+        self.target = parse_smtp_url(ctx.require_secret("SMTP_URL"), ctx.env_name("SMTP_URL"))
         self.sender = _address(ctx.require("FROM"), ctx.env_name("FROM"))
         self.recipients = [
             _address(item, ctx.env_name("TO"))

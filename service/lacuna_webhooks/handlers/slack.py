@@ -119,7 +119,7 @@ class SlackHandler:
     def __init__(self, ctx: HandlerContext) -> None:
         self.name = ctx.name
         var = ctx.env_name("WEBHOOK_URL")
-        self.url = ctx.require("WEBHOOK_URL")
+        self.url = ctx.require_secret("WEBHOOK_URL")
         try:
             check_url(self.url, allow_private=ctx.allow_private_urls, what=var)
         except UnsafeURL as exc:

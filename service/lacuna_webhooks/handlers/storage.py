@@ -638,7 +638,7 @@ class StorageHandler:
         source = redact_url(url)
         if status == 200:
             length = response.headers.get("content-length", "")
-            if length.isdigit() and int(length) > self.max_bytes:
+            if length.isascii() and length.isdigit() and int(length) > self.max_bytes:
                 raise PermanentError(
                     f"{what} is {length} bytes, more than LACUNA_STORAGE_MAX_BYTES "
                     f"({self.max_bytes})"
