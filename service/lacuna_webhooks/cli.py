@@ -302,11 +302,6 @@ def _send(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         return 0 if summary.all_succeeded else 1
 
     signed = sign_body(first_body, secret)
-    print(
-        f"signed {signed.event_id or '(no id)'} ({signed.event_type or 'no type'}) with "
-        f"{secret_name}, t={signed.timestamp}",
-        file=sys.stderr,
-    )
     try:
         response = httpx.post(
             args.url,
@@ -316,6 +311,12 @@ def _send(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         )
     except httpx.HTTPError as exc:
         raise CommandError(f"could not POST to {args.url}: {exc}") from None
+    # On stderr, so stdout stays the answer alone (status line, then body).
+    print(
+        f"signed {signed.event_id or '(no id)'} ({signed.event_type or 'no type'}) with "
+        f"{secret_name}, t={signed.timestamp}",
+        file=sys.stderr,
+    )
     print(f"{response.status_code} {response.reason_phrase}")
     print(response.text)
     return 0 if response.is_success else 1
