@@ -70,6 +70,12 @@ def _text(value: object) -> str | None:
     return None
 
 
+def _ident(value: object) -> str | None:
+    """A non-blank string kept exactly as sent (ids are never trimmed: ``"ok\\n"`` stays
+    itself, for the reader's own checks to refuse); anything else is ``None``."""
+    return value if isinstance(value, str) and value.strip() else None
+
+
 def _number(value: object, *, minimum: float = 0.0) -> float | None:
     """A finite JSON number ``>= minimum`` (bools excluded); anything else is ``None``."""
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -103,10 +109,13 @@ def _view(obj: Mapping[Any, Any]) -> Mapping[str, JSONValue]:
     return MappingProxyType({k: v for k, v in obj.items() if isinstance(k, str)})
 
 
-def _required_text(obj: Mapping[Any, Any], key: str, where: str, event_id: str | None) -> str:
+def _required_text(
+    obj: Mapping[Any, Any], key: str, where: str, event_id: str | None, *, strip: bool = False
+) -> str:
+    """A required non-blank string, kept as sent (stripped only with ``strip``)."""
     value = obj.get(key)
     if isinstance(value, str) and value.strip():
-        return value.strip()
+        return value.strip() if strip else value
     prefix = f"event {event_id}: " if event_id else ""
     problem = "is missing" if value is None else "is not a non-empty string"
     raise MalformedEvent(f"{prefix}{where} {problem}", param=where)
@@ -179,7 +188,9 @@ class Track:
         lyrics = value.get("lyrics")
         return cls(
             id=_required_text(value, "id", f"{where}.id", event_id),
-            audio_url=_required_text(value, "audio_url", f"{where}.audio_url", event_id),
+            audio_url=_required_text(
+                value, "audio_url", f"{where}.audio_url", event_id, strip=True
+            ),
             duration_seconds=_number(value.get("duration")),
             # Lyrics keep their line breaks and spacing; only a blank string reads as None.
             lyrics=lyrics if isinstance(lyrics, str) and lyrics.strip() else None,
@@ -227,7 +238,7 @@ class GenerationTask:
     @classmethod
     def _parse(cls, data: Mapping[Any, Any], tracks: tuple[Track, ...]) -> GenerationTask:
         return cls(
-            id=_text(data.get("id")),
+            id=_ident(data.get("id")),
             object=_text(data.get("object")),
             status=_text(data.get("status")),
             title=_text(data.get("title")),
@@ -264,8 +275,8 @@ class LacunaEvent:
 
     @property
     def task_id(self) -> str | None:
-        """``data.id`` when it is a non-blank string."""
-        return _text(self._data.get("id"))
+        """``data.id`` when it is a non-blank string (as sent, never trimmed)."""
+        return _ident(self._data.get("id"))
 
     @property
     def task_status(self) -> str | None:

@@ -177,7 +177,7 @@ def test_an_unusable_file_is_one_line_without_its_content(
 
 
 def test_a_directory_is_unreadable(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="LACUNA_DATABASE_URL_FILE: .* Is a directory"):
+    with pytest.raises(ConfigError, match=r"LACUNA_DATABASE_URL_FILE: .* Is a directory"):
         Settings.from_env({**BASE, "LACUNA_DATABASE_URL_FILE": str(tmp_path)})
 
 

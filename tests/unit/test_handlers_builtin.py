@@ -7,10 +7,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 
-from lacuna_webhooks.errors import ConfigError, PermanentError
+from lacuna_webhooks.errors import ConfigError, PermanentError, RetryLater
 from lacuna_webhooks.events import JobCompleted, JobFailed, parse_event
 from lacuna_webhooks.handlers._common import display_title, format_duration, network_timeouts
 from lacuna_webhooks.handlers._http import (
@@ -19,6 +20,7 @@ from lacuna_webhooks.handlers._http import (
     check_url,
     is_public_address,
     retry_after_seconds,
+    transport_failure,
 )
 from lacuna_webhooks.handlers.base import HandlerContext
 from lacuna_webhooks.handlers.email import compose, message_id, parse_smtp_url
@@ -260,3 +262,15 @@ def test_retry_after_forms() -> None:
     assert retry_after_seconds("Thu, 01 Jan 2026 00:01:00 GMT", now=now) == 60
     assert retry_after_seconds("soon") is None
     assert retry_after_seconds(None) is None
+
+
+def test_input_shaped_http_errors_are_permanent() -> None:
+    """A request httpx or h11 refuses to build is the event's fault: not retried."""
+    url = "https://hooks.example/secret/path"
+    refused = transport_failure(httpx.LocalProtocolError("Illegal header value"), what="x", url=url)
+    assert isinstance(refused, PermanentError)
+    unsupported = transport_failure(httpx.UnsupportedProtocol("ftp"), what="x", url=url)
+    assert isinstance(unsupported, PermanentError)
+    network = transport_failure(httpx.ConnectError(f"reset {url}"), what="x", url=url)
+    assert isinstance(network, RetryLater)
+    assert "secret/path" not in str(network)
