@@ -19,13 +19,21 @@ Guarantees:
   retry skips the tracks already stored: a track listed there whose file is
   present with the recorded size (and, in a folder, the recorded sha256) is not
   fetched again;
-- a file larger than ``LACUNA_STORAGE_MAX_BYTES`` is refused while streaming.
+- a file larger than ``LACUNA_STORAGE_MAX_BYTES`` is refused while streaming;
+- in a folder, files are created with ``LACUNA_STORAGE_FILE_MODE`` (default
+  ``0600``) and the folders this handler creates with the matching directory mode
+  (``0700``), whatever the process umask: unreleased audio is not world-readable;
+- task and track ids must *fully* match ``SAFE_SEGMENT`` (a trailing newline does
+  not pass), so an id never becomes a surprising path or S3 key.
 
 Outcomes: HTTP 404/410 from the audio host, a refused URL, a malformed event
 or an oversized file is permanent; 5xx, 408, 429, timeouts and resets are
 retried (``Retry-After`` honoured). S3 refusing the credentials, or a missing
 bucket, is permanent (the settings are read once at start, so retrying with
-them cannot succeed; retry dead deliveries after fixing them).
+them cannot succeed; retry dead deliveries after fixing them). Errors the
+request itself causes are permanent too: a key obstore cannot parse, an S3
+``InvalidArgument``/``KeyTooLongError``-style refusal, a file name the OS
+refuses (``ENAMETOOLONG``, ``EINVAL``, ``EILSEQ``, ``EFBIG``).
 """
 
 from __future__ import annotations
