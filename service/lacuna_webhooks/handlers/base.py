@@ -83,10 +83,7 @@ class HandlerContext:
         Raises ``ConfigError`` naming the variable when both forms are set or the
         file cannot be read (see ``config.read_setting``).
         """
-        value = read_setting(self.environ, self.env_name(key))
-        if value is None or not value.strip():
-            return default
-        return value.strip()
+        return _stripped(read_setting(self.environ, self.env_name(key)), default)
 
     def require(self, key: str) -> str:
         """Like ``get`` but a missing value is a ``ConfigError`` naming the variable."""
@@ -102,12 +99,9 @@ class HandlerContext:
         """Like ``get``, for a secret: logs ``config.secret_suspicious`` (variable and
         problem, never the value) for a value that cannot be right."""
         raw = read_setting(self.environ, self.env_name(key))
-        if raw is not None:
-            for problem in secret_problems(raw):
-                logger.warning(
-                    "config.secret_suspicious", variable=self.env_name(key), problem=problem
-                )
-        return self.get(key, default)
+        for problem in secret_problems(raw) if raw is not None else []:
+            logger.warning("config.secret_suspicious", variable=self.env_name(key), problem=problem)
+        return _stripped(raw, default)
 
     def require_secret(self, key: str) -> str:
         """Like ``secret`` but a missing value is a ``ConfigError`` naming the variable."""
@@ -115,6 +109,12 @@ class HandlerContext:
         if value is None:
             return self.require(key)
         return value
+
+
+def _stripped(value: str | None, default: str | None) -> str | None:
+    if value is None or not value.strip():
+        return default
+    return value.strip()
 
 
 HandlerFactory = Callable[[HandlerContext], Handler]
