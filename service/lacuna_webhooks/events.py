@@ -116,9 +116,14 @@ def _required_text(
     value = obj.get(key)
     if isinstance(value, str) and value.strip():
         return value.strip() if strip else value
+    raise _malformed(
+        event_id, where, "is missing" if value is None else "is not a non-empty string"
+    )
+
+
+def _malformed(event_id: str | None, where: str, problem: str) -> MalformedEvent:
     prefix = f"event {event_id}: " if event_id else ""
-    problem = "is missing" if value is None else "is not a non-empty string"
-    raise MalformedEvent(f"{prefix}{where} {problem}", param=where)
+    return MalformedEvent(f"{prefix}{where} {problem}", param=where)
 
 
 # --- the models -------------------------------------------------------------------------
@@ -183,8 +188,7 @@ class Track:
         """Read one track; ``MalformedEvent`` when it is not an object with ``id`` and
         ``audio_url`` strings (``where`` is its path, e.g. ``data.tracks[0]``)."""
         if not isinstance(value, Mapping):
-            prefix = f"event {event_id}: " if event_id else ""
-            raise MalformedEvent(f"{prefix}{where} is not an object", param=where)
+            raise _malformed(event_id, where, "is not an object")
         lyrics = value.get("lyrics")
         return cls(
             id=_required_text(value, "id", f"{where}.id", event_id),
@@ -356,8 +360,7 @@ def parse_event(event: Event | Mapping[str, Any], *, strict: bool = True) -> Typ
 
 def _completed_task(raw_data: object, event_id: str) -> GenerationTask:
     if not isinstance(raw_data, Mapping):
-        problem = "is missing" if raw_data is None else "is not an object"
-        raise MalformedEvent(f"event {event_id}: data {problem}", param="data")
+        raise _malformed(event_id, "data", "is missing" if raw_data is None else "is not an object")
     value = raw_data.get("tracks")
     if not isinstance(value, list) or not value:
         problem = (
@@ -367,7 +370,7 @@ def _completed_task(raw_data: object, event_id: str) -> GenerationTask:
             if isinstance(value, list)
             else "is not a list"
         )
-        raise MalformedEvent(f"event {event_id}: data.tracks {problem}", param="data.tracks")
+        raise _malformed(event_id, "data.tracks", problem)
     tracks = tuple(
         Track.parse(item, where=f"data.tracks[{index}]", event_id=event_id)
         for index, item in enumerate(value)
