@@ -59,7 +59,7 @@ PRUNE_LOCK_KEY = 0x6C61_6375_6E61_0002
 #: The NOTIFY channel replicas nudge each other on.
 DEFAULT_CHANNEL = "lacuna_webhooks"
 
-_MIGRATION_NAME = re.compile(r"(\d{4})_[a-z0-9_]+\.sql")  # fullmatch: `$` allows "\n"
+_MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 
 # What "the database is unavailable" looks like through asyncpg: OS-level connection errors,
 # timeouts (connect, acquire, command), server errors, client-side interface errors such as
@@ -111,7 +111,7 @@ def _migrations() -> list[tuple[int, str, str]]:
     folder = importlib.resources.files(__package__ or "lacuna_webhooks.store") / "sql" / "postgres"
     found: list[tuple[int, str, str]] = []
     for entry in folder.iterdir():
-        match = _MIGRATION_NAME.fullmatch(entry.name)
+        match = _MIGRATION_NAME.match(entry.name)
         if match:
             found.append((int(match.group(1)), entry.name, entry.read_text(encoding="utf-8")))
     found.sort()

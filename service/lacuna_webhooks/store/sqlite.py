@@ -48,7 +48,7 @@ from .sqlite_writer import Writer, transaction
 BUSY_TIMEOUT_MS = 5000
 JOURNAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
 PRUNE_CHUNK = 500
-_MIGRATION_NAME = re.compile(r"(\d{4})_[a-z0-9_]+\.sql")  # fullmatch: `$` allows "\n"
+_MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 _SYNCHRONOUS = {"full": "FULL", "normal": "NORMAL"}
 
 
@@ -96,7 +96,7 @@ def migrations() -> list[tuple[int, str, str]]:
     folder = resources.files("lacuna_webhooks.store").joinpath("sql", "sqlite")
     found = []
     for entry in folder.iterdir():
-        match = _MIGRATION_NAME.fullmatch(entry.name)
+        match = _MIGRATION_NAME.match(entry.name)
         if match:
             found.append((int(match.group(1)), entry.name, entry.read_text(encoding="utf-8")))
     found.sort()
