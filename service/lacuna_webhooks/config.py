@@ -28,8 +28,9 @@ T = TypeVar("T")
 DEFAULT_DATABASE_URL = "sqlite:///./lacuna-webhooks.db"
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off", ""})
-# Full match only (``fullmatch``): ``$`` would also accept a trailing newline.
-HANDLER_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,39}")
+# Anchored with \A...\Z, never ^...$ (``$`` also matches before a trailing newline), so a
+# ``.match`` elsewhere is as whole as the ``fullmatch`` used here.
+HANDLER_NAME_RE = re.compile(r"\A[a-z][a-z0-9_]{0,39}\Z")
 FILE_SUFFIX = "_FILE"
 # A secret file holds one value; anything larger is the wrong file (or /dev/zero).
 MAX_SETTING_FILE_BYTES = 64 * 1024

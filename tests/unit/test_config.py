@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from lacuna_webhooks.config import Secret, Settings, read_setting, secret_problems
+from lacuna_webhooks.config import (
+    HANDLER_NAME_RE,
+    Secret,
+    Settings,
+    read_setting,
+    secret_problems,
+)
 from lacuna_webhooks.errors import ConfigError
 
 BASE = {"LACUNA_WEBHOOK_SECRET": "whsec_a"}
@@ -234,3 +240,11 @@ def test_rotating_secrets_are_checked_one_by_one() -> None:
         ),
     )
     assert secret_problems("whsec_5WbX5kEWLlfzsGNjH64I8lOOqUB6e8FH") == []
+
+
+@pytest.mark.parametrize("name", ["slack\n", "slack\nx", "Slack", "9lives", "a" * 41, "sl-ack"])
+def test_handler_names_are_matched_whole(name: str) -> None:
+    """No trailing newline slips through (``$`` would let ``slack\\n`` pass), with match too."""
+    assert HANDLER_NAME_RE.match(name) is None
+    assert HANDLER_NAME_RE.fullmatch(name) is None
+    assert HANDLER_NAME_RE.fullmatch("slack_2")

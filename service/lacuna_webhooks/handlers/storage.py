@@ -87,8 +87,8 @@ S3_PART_BYTES = 8 * 1024 * 1024
 MANIFEST = "event.json"
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 # Task and track ids become path segments: keep them to a safe, portable alphabet.
-# Full matches only: `$` would also match before a trailing newline ("ok\n").
-SAFE_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# Whole ids only: \A...\Z (`$` would also match before a trailing newline: "ok\n").
+SAFE_SEGMENT = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 AUDIO_EXTENSIONS = frozenset({"mp3", "wav", "flac", "ogg", "oga", "opus", "m4a", "aac", "webm"})
 CONTENT_TYPE_EXT = {
     "audio/mpeg": "mp3",
