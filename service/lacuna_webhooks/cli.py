@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import secrets
 import signal
@@ -21,9 +22,9 @@ from typing import Any, NoReturn, TypeVar
 import orjson
 
 from . import __version__
-from .config import Settings
+from .config import Settings, parse_list, read_setting
 from .errors import ConfigError, EventNotFound, LacunaError, StoreUnavailable
-from .models import DeliveryStatus
+from .models import MAX_ID_LENGTH, MAX_TYPE_LENGTH, DeliveryStatus
 from .redact import mask_secrets, redact_url, remember_secrets, secret_values
 from .store import DeliveryRecord, EventRecord, Store, open_store
 
@@ -55,6 +56,19 @@ def _settings(environ: Mapping[str, str], *, require_secret: bool) -> Settings:
         raise CommandError(f"configuration: {exc}", exit_code=2) from None
 
 
+def log_secret_warnings(settings: Settings) -> None:
+    """One ``config.secret_suspicious`` warning per secret that cannot be right.
+
+    Names the variable and what is wrong, never the value; call once at start,
+    after logging is configured.
+    """
+    import structlog
+
+    logger = structlog.get_logger("lacuna_webhooks.config")
+    for variable, problem in settings.secret_warnings:
+        logger.warning("config.secret_suspicious", variable=variable, problem=problem)
+
+
 def _serve(environ: Mapping[str, str], host: str | None, port: int | None) -> int:
     import uvicorn
 
@@ -68,6 +82,7 @@ def _serve(environ: Mapping[str, str], host: str | None, port: int | None) -> in
         level=settings.log_level,
         secrets=secret_values(settings.environ),
     )
+    log_secret_warnings(settings)
     try:
         handlers = build_handlers(
             settings.handlers,
@@ -157,7 +172,10 @@ def _dev(environ: Mapping[str, str], env_file: Path) -> int:
     """The ``make run`` path: a development secret kept in a git-ignored ``.env``."""
     env = {**_load_env_file(env_file), **environ}
     created: list[str] = []
-    if not env.get("LACUNA_WEBHOOK_SECRET", "").strip():
+    configured = any(
+        env.get(v, "").strip() for v in ("LACUNA_WEBHOOK_SECRET", "LACUNA_WEBHOOK_SECRET_FILE")
+    )
+    if not configured:
         env["LACUNA_WEBHOOK_SECRET"] = "whsec_dev_" + secrets.token_urlsafe(24)
         created.append(f"LACUNA_WEBHOOK_SECRET={env['LACUNA_WEBHOOK_SECRET']}")
         if "LACUNA_HANDLERS" not in env:
@@ -171,7 +189,10 @@ def _dev(environ: Mapping[str, str], env_file: Path) -> int:
     env.setdefault("HOST", "127.0.0.1")
     host, port = env["HOST"], env.get("PORT", "8000")
     shown_host = "127.0.0.1" if host in {"0.0.0.0", "::", ""} else host  # noqa: S104
-    secret = env["LACUNA_WEBHOOK_SECRET"].split(",")[0].strip()
+    try:
+        secret = (read_setting(env, "LACUNA_WEBHOOK_SECRET") or "").split(",")[0].strip()
+    except ConfigError as exc:
+        raise CommandError(f"configuration: {exc}", exit_code=2) from None
     print(
         f"\n  lacuna-webhooks {__version__}, development mode\n"
         f"  settings from {env_file} ({'created now' if created else 'existing'})"
@@ -192,34 +213,125 @@ def _dev(environ: Mapping[str, str], env_file: Path) -> int:
 # --- send ----------------------------------------------------------------------------------
 
 
-def _send(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    import httpx
+def _send_secret(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[str, str]:
+    """(the secret to sign with, how to name it: position and source, never the value)."""
+    if args.secret:
+        source, raw = "--secret", args.secret
+    else:
+        try:
+            raw = read_setting(environ, "LACUNA_WEBHOOK_SECRET") or ""
+        except ConfigError as exc:
+            raise CommandError(f"configuration: {exc}", 2) from None
+        has_file = environ.get("LACUNA_WEBHOOK_SECRET_FILE", "").strip()
+        source = "LACUNA_WEBHOOK_SECRET" + ("_FILE" if has_file else "")
+    secrets = parse_list(raw)
+    if not secrets:
+        raise CommandError(
+            "no secret: pass --secret or set LACUNA_WEBHOOK_SECRET (or LACUNA_WEBHOOK_SECRET_FILE)",
+            2,
+        )
+    if args.secret_index > len(secrets):
+        raise CommandError(
+            f"--secret-index {args.secret_index}: {source} holds {len(secrets)} secret(s)", 2
+        )
+    return secrets[
+        args.secret_index - 1
+    ], f"secret {args.secret_index} of {len(secrets)} ({source})"
 
-    from .samples import sample_event
-    from .signature import sign
 
-    secret = args.secret or environ.get("LACUNA_WEBHOOK_SECRET", "").split(",")[0].strip()
-    if not secret:
-        raise CommandError("no secret: pass --secret or set LACUNA_WEBHOOK_SECRET", 2)
+def _send_template(args: argparse.Namespace) -> tuple[bytes | None, dict[str, Any] | None]:
+    """(exact bytes to send, or None) and (a JSON object to copy and edit per request, or None)."""
+    edits = bool(args.set or args.id or args.type)
     if args.file:
         try:
             body = Path(args.file).read_bytes() if args.file != "-" else sys.stdin.buffer.read()
         except OSError as exc:
             raise CommandError(f"cannot read --file: {exc.strerror}: {args.file}", 2) from None
-    else:
-        body = orjson.dumps(sample_event(args.type))
+        if not edits:
+            return body, None
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise CommandError(
+                f"--file {args.file} is not JSON, so --set/--id/--type cannot edit it", 2
+            ) from None
+        if not isinstance(doc, dict):
+            raise CommandError(f"--file {args.file} is not a JSON object", 2)
+        return None, doc
+    return None, None
+
+
+def _send(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    import copy
+
+    import httpx
+
+    from .samples import sample_of_type
+    from .send import SendError, apply, parse_assignment, run_load, sign_body
+
     if not args.url.startswith(("http://", "https://")):
         raise CommandError(f"--url must start with http:// or https://, got {args.url!r}", 2)
-    header = sign(body, secret)
+    secret, secret_name = _send_secret(args, environ)
+    try:
+        assignments = [parse_assignment(text) for text in args.set or []]
+    except SendError as exc:
+        raise CommandError(str(exc), 2) from None
+    exact, template = _send_template(args)
+    event_type = args.type or "job.completed"
+
+    def make_body(index: int) -> bytes:
+        if exact is not None:
+            return exact
+        doc = copy.deepcopy(template) if template is not None else sample_of_type(event_type)
+        if template is not None and args.type:
+            doc["type"] = args.type
+        if args.id:
+            doc["id"] = args.id
+        for assignment in assignments:
+            apply(doc, assignment)
+        return orjson.dumps(doc)
+
+    try:
+        first_body = make_body(0)
+    except SendError as exc:
+        raise CommandError(str(exc), 2) from None
+    except TypeError as exc:  # orjson: a value it cannot write
+        raise CommandError(f"--set: {exc}", 2) from None
+
+    if args.count > 1:
+        summary = asyncio.run(
+            run_load(
+                args.url,
+                lambda i: first_body if i == 0 else make_body(i),
+                secret,
+                count=args.count,
+                concurrency=args.concurrency,
+                timeout_seconds=args.timeout,
+            )
+        )
+        print(
+            f"signed with {secret_name}, t={summary.first_timestamp}..{summary.last_timestamp}",
+            file=sys.stderr,
+        )
+        print("\n".join(summary.lines(args.url, args.concurrency)))
+        return 0 if summary.all_succeeded else 1
+
+    signed = sign_body(first_body, secret)
     try:
         response = httpx.post(
             args.url,
-            content=body,
-            headers={"x-lacuna-signature": header, "content-type": "application/json"},
+            content=signed.body,
+            headers={"x-lacuna-signature": signed.header, "content-type": "application/json"},
             timeout=args.timeout,
         )
     except httpx.HTTPError as exc:
         raise CommandError(f"could not POST to {redact_url(args.url)}: {exc}") from None
+    # On stderr, so stdout stays the answer alone (status line, then body).
+    print(
+        f"signed {signed.event_id or '(no id)'} ({signed.event_type or 'no type'}) with "
+        f"{secret_name}, t={signed.timestamp}",
+        file=sys.stderr,
+    )
     print(f"{response.status_code} {response.reason_phrase}")
     print(response.text)
     return 0 if response.is_success else 1
@@ -461,6 +573,43 @@ def _positive(value: str) -> int:
     return number
 
 
+def _bounded(limit: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        number = _positive(value)
+        if number > limit:
+            raise argparse.ArgumentTypeError(f"must be at most {limit}, got {value!r}")
+        return number
+
+    return parse
+
+
+def _seconds(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {value!r}") from None
+    if not math.isfinite(number) or number <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {value!r}")
+    return number
+
+
+def _event_type(value: str) -> str:
+    if not value.strip() or len(value) > MAX_TYPE_LENGTH or value != value.strip():
+        raise argparse.ArgumentTypeError(
+            f"must be a type such as job.completed (1 to {MAX_TYPE_LENGTH} characters, "
+            f"no surrounding spaces), got {value!r}"
+        )
+    return value
+
+
+def _event_id(value: str) -> str:
+    if not value.strip() or len(value) > MAX_ID_LENGTH:
+        raise argparse.ArgumentTypeError(
+            f"must be a non-empty id of at most {MAX_ID_LENGTH} characters, got {value!r}"
+        )
+    return value
+
+
 def _port(value: str) -> int:
     number = _positive(value)
     if number > 65535:
@@ -482,10 +631,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     send = sub.add_parser("send", help="sign and POST a sample or given event")
     send.add_argument("--url", required=True, help="e.g. http://127.0.0.1:8000/webhooks/lacuna")
-    send.add_argument("--type", default="job.completed", choices=["job.completed", "job.failed"])
+    send.add_argument(
+        "--type",
+        type=_event_type,
+        help="event type (default job.completed); job.completed and job.failed get a "
+        "realistic sample, any other type a minimal one",
+    )
     send.add_argument("--file", help="send this JSON file's exact bytes instead ('-': stdin)")
-    send.add_argument("--secret", help="signing secret (default: $LACUNA_WEBHOOK_SECRET)")
-    send.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    send.add_argument(
+        "--set",
+        action="append",
+        metavar="PATH=VALUE",
+        help="edit the event, e.g. data.title=Rainy Day or data.tracks[0].duration=61.5 "
+        "(VALUE is JSON when it parses, else text; repeatable)",
+    )
+    send.add_argument("--id", type=_event_id, help="event id (send it again to see a duplicate)")
+    send.add_argument(
+        "--secret", help="signing secret(s), comma-separated (default: $LACUNA_WEBHOOK_SECRET)"
+    )
+    send.add_argument(
+        "--secret-index",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="sign with the Nth of several secrets (default 1)",
+    )
+    send.add_argument(
+        "--count", type=_bounded(1_000_000), default=1, help="events to send (default 1)"
+    )
+    send.add_argument(
+        "--concurrency", type=_bounded(1000), default=1, help="requests in flight (default 1)"
+    )
+    send.add_argument("--timeout", type=_seconds, default=10.0, help="seconds (default 10)")
 
     events = sub.add_parser("events", help="list or show stored events")
     events_sub = events.add_subparsers(dest="events_command", required=True, parser_class=_Parser)

@@ -4,6 +4,13 @@
 ``ConfigError`` naming each bad one; nothing reads the environment later
 except handlers, which get their own ``LACUNA_<NAME>_*`` view through
 ``HandlerContext``.
+
+Secrets from files (SPEC §10): ``read_setting`` is the one reader of a setting
+that may instead come from a file named by ``<VAR>_FILE`` (Docker and Kubernetes
+mount secrets as files). It serves ``LACUNA_WEBHOOK_SECRET``,
+``LACUNA_ADMIN_TOKEN``, ``LACUNA_DATABASE_URL`` and every handler setting.
+``secret_problems`` names what makes a secret value impossible (quotes kept by
+an env-file loader, whitespace, control characters) so ``serve`` can warn.
 """
 
 from __future__ import annotations
@@ -22,7 +29,80 @@ T = TypeVar("T")
 DEFAULT_DATABASE_URL = "sqlite:///./lacuna-webhooks.db"
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off", ""})
-HANDLER_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+# Anchored with \A...\Z, never ^...$ (``$`` also matches before a trailing newline), so a
+# ``.match`` elsewhere is as whole as the ``fullmatch`` used here.
+HANDLER_NAME_RE = re.compile(r"\A[a-z][a-z0-9_]{0,39}\Z")
+FILE_SUFFIX = "_FILE"
+# A secret file holds one value; anything larger is the wrong file (or /dev/zero).
+MAX_SETTING_FILE_BYTES = 64 * 1024
+MIN_ADMIN_TOKEN_LENGTH = 32  # SPEC §9
+
+
+def read_setting(environ: Mapping[str, str], var: str) -> str | None:
+    """The value of ``var``, or the content of the file that ``<var>_FILE`` names.
+
+    A blank variable counts as unset. From a file, exactly one trailing newline
+    (``\\n`` or ``\\r\\n``) is removed and nothing else is changed. Returns
+    ``None`` when neither is set. Raises ``ConfigError`` with one line naming the
+    variable (never the content) when both are set, or when the file is missing,
+    unreadable, empty, larger than 64 KiB or not UTF-8.
+    """
+    file_var = var + FILE_SUFFIX
+    value = environ.get(var)
+    path = environ.get(file_var)
+    has_value = value is not None and value.strip() != ""
+    if path is None or not path.strip():
+        return value if has_value else None
+    if has_value:
+        raise ConfigError(f"{var} and {file_var} are both set: keep one of them")
+    return _read_setting_file(file_var, path.strip())
+
+
+def _read_setting_file(file_var: str, path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_SETTING_FILE_BYTES + 1)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(f"{file_var}: cannot read {path}: {reason}") from None
+    if len(data) > MAX_SETTING_FILE_BYTES:
+        raise ConfigError(
+            f"{file_var}: {path} is larger than {MAX_SETTING_FILE_BYTES // 1024} KiB; "
+            "it should hold just the value"
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{file_var}: {path} is not UTF-8 text") from None
+    text = text.removesuffix("\n").removesuffix("\r") if text.endswith("\n") else text
+    if not text.strip():
+        raise ConfigError(f"{file_var}: {path} is empty")
+    return text
+
+
+def secret_problems(value: str) -> list[str]:
+    """What makes ``value`` impossible as a secret, in words that never quote it.
+
+    Checked: surrounding quotes (``"whsec_…"`` as some env-file loaders leave
+    them), a quote at one end only, leading or trailing whitespace, whitespace
+    inside, control characters. ``[]`` when nothing is wrong.
+    """
+    problems: list[str] = []
+    inner = value.strip()
+    if inner != value:
+        problems.append("has leading or trailing whitespace (ignored, but it hints at a copy slip)")
+    if len(inner) >= 2 and inner[0] == inner[-1] and inner[0] in "\"'":
+        problems.append(
+            "is wrapped in quotes, which are used as part of the secret "
+            "(an env-file loader may have kept them)"
+        )
+    elif inner[:1] in ("'", '"') or inner[-1:] in ("'", '"'):
+        problems.append("starts or ends with a quote character")
+    if any(c.isspace() for c in inner):
+        problems.append("contains whitespace")
+    if any(not c.isprintable() and not c.isspace() for c in inner):
+        problems.append("contains control characters")
+    return problems
 
 
 class Secret:
@@ -135,6 +215,18 @@ def _choice(*choices: str) -> Callable[[str], str]:
     return parse
 
 
+def _admin_tokens(value: str) -> tuple[Secret, ...]:
+    tokens = parse_list(value)
+    short = [i for i, token in enumerate(tokens, start=1) if len(token) < MIN_ADMIN_TOKEN_LENGTH]
+    if short:
+        which = ", ".join(f"#{i}" for i in short)
+        raise ValueError(
+            f"must hold tokens of at least {MIN_ADMIN_TOKEN_LENGTH} characters each "
+            f"(too short: {which})"
+        )
+    return tuple(Secret(token) for token in tokens)
+
+
 def _handler_names(value: str) -> tuple[str, ...]:
     names = parse_list(value)
     seen: set[str] = set()
@@ -150,6 +242,8 @@ class Settings:
     """Everything the service reads from its environment (see the README's table)."""
 
     webhook_secrets: tuple[Secret, ...] = ()
+    # LACUNA_ADMIN_TOKEN(_FILE): read and validated now for the admin API (SPEC §9).
+    admin_tokens: tuple[Secret, ...] = ()
     tolerance_seconds: int = 300
     max_body_bytes: int = 1_048_576
     database_url: str = DEFAULT_DATABASE_URL
@@ -169,6 +263,8 @@ class Settings:
     trusted_proxies: str = "127.0.0.1"
     log_format: str = "auto"
     log_level: str = "info"
+    # (variable, problem) for secrets that cannot be right; `serve` logs each once at start.
+    secret_warnings: tuple[tuple[str, str], ...] = field(default=(), compare=False)
     environ: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -181,8 +277,16 @@ class Settings:
         problems: list[str] = []
         values: dict[str, object] = {}
 
-        def read(attr: str, var: str, parse: Callable[[str], object]) -> None:
-            raw = environ.get(var)
+        warnings: list[tuple[str, str]] = []
+
+        def read(
+            attr: str, var: str, parse: Callable[[str], object], *, from_file: bool = False
+        ) -> None:
+            try:
+                raw = read_setting(environ, var) if from_file else environ.get(var)
+            except ConfigError as exc:
+                problems.extend(exc.problems)
+                return
             if raw is None or (raw.strip() == "" and attr != "handlers"):
                 return
             try:
@@ -190,18 +294,49 @@ class Settings:
             except ValueError as exc:
                 problems.append(f"{var} {exc}")
 
-        raw_secrets = environ.get("LACUNA_WEBHOOK_SECRET", "")
-        secrets = tuple(Secret(s) for s in parse_list(raw_secrets))
+        def secrets_of(var: str) -> tuple[Secret, ...]:
+            """Comma-separated secrets from ``var`` or ``<var>_FILE``; warnings noted."""
+            try:
+                raw = read_setting(environ, var) or ""
+            except ConfigError as exc:
+                problems.extend(exc.problems)
+                return ()
+            items = parse_list(raw)
+            for problem in secret_problems(raw) if len(items) <= 1 else []:
+                warnings.append((var, problem))
+            for index, item in enumerate(items if len(items) > 1 else [], start=1):
+                warnings.extend(
+                    (var, f"secret {index} of {len(items)} {problem}")
+                    for problem in secret_problems(item)
+                )
+            return tuple(Secret(item) for item in items)
+
+        secrets = secrets_of("LACUNA_WEBHOOK_SECRET")
         if secrets:
             values["webhook_secrets"] = secrets
-        elif require_secret:
+        elif require_secret and not any(p.startswith("LACUNA_WEBHOOK_SECRET") for p in problems):
             problems.append(
                 "LACUNA_WEBHOOK_SECRET is not set: copy the signing secret from the Lacuna "
-                "dashboard (several, comma-separated, while rotating)"
+                "dashboard (several, comma-separated, while rotating), or name a file "
+                "holding it in LACUNA_WEBHOOK_SECRET_FILE"
             )
+        admin_var = "LACUNA_ADMIN_TOKEN"
+        try:
+            raw_tokens = read_setting(environ, admin_var)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            raw_tokens = None
+        if raw_tokens is not None:
+            try:
+                values["admin_tokens"] = _admin_tokens(raw_tokens)
+            except ValueError as exc:
+                source = admin_var + (FILE_SUFFIX if environ.get(admin_var + FILE_SUFFIX) else "")
+                problems.append(f"{source} {exc}")
+            else:
+                warnings.extend((admin_var, p) for p in secret_problems(raw_tokens))
         read("tolerance_seconds", "LACUNA_WEBHOOK_TOLERANCE", _positive_int)
         read("max_body_bytes", "LACUNA_MAX_BODY_BYTES", _positive_int)
-        read("database_url", "LACUNA_DATABASE_URL", _database_url)
+        read("database_url", "LACUNA_DATABASE_URL", _database_url, from_file=True)
         read("handlers", "LACUNA_HANDLERS", _handler_names)
         read("host", "HOST", str.strip)
         read("port", "PORT", _port)
@@ -227,11 +362,15 @@ class Settings:
                 f"LACUNA_RETRY_BASE_DELAY ({base:g})"
             )
         for name in values.get("handlers", ()):  # type: ignore[attr-defined]
-            if ":" not in name and not HANDLER_NAME_RE.match(name):
+            if ":" not in name and not HANDLER_NAME_RE.fullmatch(name):
                 problems.append(
                     f"LACUNA_HANDLERS names {name!r}: a handler name is lowercase letters, "
                     "digits and _ (or package.module:attr for a handler not installed as a plugin)"
                 )
         if problems:
             raise ConfigError(problems)
-        return cls(environ=dict(environ), **values)  # type: ignore[arg-type]
+        return cls(
+            environ=dict(environ),
+            secret_warnings=tuple(warnings),
+            **values,  # type: ignore[arg-type]
+        )

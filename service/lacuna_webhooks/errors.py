@@ -18,6 +18,7 @@ each class docstring is its default message::
     ├── EventNotFound                 an admin command named an event the store does not hold
     └── HandlerError                  raised by a handler to steer the dispatcher
         ├── PermanentError            do not retry: the delivery is dead at once
+        │   └── MalformedEvent        an event lacks a field a reader depends on (``param``)
         └── RetryLater                retry after ``delay_seconds`` (or the default schedule)
 
 Anything else a handler raises counts as a transient failure and is retried on
@@ -124,6 +125,19 @@ class HandlerError(LacunaError):
 
 class PermanentError(HandlerError):
     """The handler failed permanently; retrying cannot help."""
+
+
+class MalformedEvent(PermanentError):
+    """The event lacks a field its reader depends on, or has it with the wrong type.
+
+    Raised by ``lacuna_webhooks.events.parse_event``; ``param`` is the field's path
+    (``data.tracks[0].audio_url``). A ``PermanentError``: the same event cannot
+    become well-formed on retry.
+    """
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        self.param = param
+        super().__init__(message)
 
 
 class RetryLater(HandlerError):

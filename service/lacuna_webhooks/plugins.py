@@ -5,7 +5,8 @@ A name is looked up, in order, as an entry point of the group
 it contains ``:``, imported as ``package.module:attr``. The object found is a
 factory called with a ``HandlerContext``. The event filter is
 ``LACUNA_<NAME>_EVENTS`` (comma-separated types, ``*`` for all) when set,
-else the handler's own ``events`` attribute.
+else the handler's own ``events`` attribute. Like every handler setting, each
+may also come from a file named by ``LACUNA_<NAME>_<KEY>_FILE``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
 
-from .config import HANDLER_NAME_RE, parse_list
+from .config import HANDLER_NAME_RE, parse_list, read_setting
 from .errors import ConfigError
 from .handlers.base import Handler, HandlerContext, HandlerFactory
 from .redact import redact_text
@@ -42,9 +43,9 @@ def load_factory(name: str) -> tuple[str, HandlerFactory]:
                 f"LACUNA_HANDLERS names {name!r}, which cannot be loaded: {exc}"
             ) from None
         handler_name = getattr(obj, "name", None)
-        if not isinstance(handler_name, str) or not HANDLER_NAME_RE.match(handler_name):
+        if not isinstance(handler_name, str) or not HANDLER_NAME_RE.fullmatch(handler_name):
             handler_name = attr.rsplit(".", 1)[-1].lower()
-        if not HANDLER_NAME_RE.match(handler_name):
+        if not HANDLER_NAME_RE.fullmatch(handler_name):
             raise ConfigError(
                 f"LACUNA_HANDLERS names {name!r}: give the handler a `name` attribute of "
                 "lowercase letters, digits and _"
@@ -134,9 +135,7 @@ def build_handlers(
             handler.name = name
             handlers[name] = handler
             timeouts[name] = ctx.timeout_seconds
-            filters[name] = parse_events(
-                environ.get(ctx.env_name("EVENTS")), getattr(handler, "events", None)
-            )
+            filters[name] = parse_events(ctx.get("EVENTS"), getattr(handler, "events", None))
         except ConfigError as exc:
             problems.extend(exc.problems)
         except Exception as exc:  # the plugin boundary: a factory's bug becomes one clear line
@@ -151,7 +150,7 @@ def build_handlers(
 
 def _handler_timeout(name: str, environ: Mapping[str, str], default: float) -> float:
     var = f"LACUNA_{name.upper()}_TIMEOUT"
-    raw = environ.get(var)
+    raw = read_setting(environ, var)
     if raw is None or not raw.strip():
         return default
     try:

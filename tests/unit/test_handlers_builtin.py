@@ -7,22 +7,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 
-from lacuna_webhooks.errors import ConfigError, PermanentError
-from lacuna_webhooks.handlers._common import (
-    format_duration,
-    network_timeouts,
-    parse_completed,
-    parse_failed,
-)
+from lacuna_webhooks.errors import ConfigError, PermanentError, RetryLater
+from lacuna_webhooks.events import JobCompleted, JobFailed, parse_event
+from lacuna_webhooks.handlers._common import display_title, format_duration, network_timeouts
 from lacuna_webhooks.handlers._http import (
     OutboundClient,
     UnsafeURL,
     check_url,
     is_public_address,
     retry_after_seconds,
+    transport_failure,
 )
 from lacuna_webhooks.handlers.base import HandlerContext
 from lacuna_webhooks.handlers.email import compose, message_id, parse_smtp_url
@@ -125,11 +123,12 @@ def test_smtp_url_parsing() -> None:
 # --- reading events ------------------------------------------------------------------
 
 
-def test_parse_completed_reads_tracks() -> None:
-    event = as_event(make_event())
-    done = parse_completed(event)
-    assert done.title == "Late Night Study"
-    assert [(t.id, t.duration_seconds) for t in done.tracks] == [("trk_01", 182.4)]
+def test_a_completed_event_reads_as_typed_tracks() -> None:
+    """The handlers read job.completed through the public models: title and tracks."""
+    typed = parse_event(as_event(make_event()))
+    assert isinstance(typed, JobCompleted)
+    assert display_title(typed) == "Late Night Study"
+    assert [(t.id, t.duration_seconds) for t in typed.data.tracks] == [("trk_01", 182.4)]
 
 
 @pytest.mark.parametrize(
@@ -142,15 +141,23 @@ def test_parse_completed_reads_tracks() -> None:
         ([{"id": "t", "audio_url": ["https://a"]}], r"tracks\[0\]\.audio_url"),
     ],
 )
-def test_parse_completed_refuses_malformed_tracks(tracks: Any, reason: str) -> None:
+def test_slack_and_email_refuse_malformed_tracks_permanently(tracks: Any, reason: str) -> None:
+    """A job.completed whose tracks cannot be read is a PermanentError naming the field."""
+    event = as_event(make_event(tracks=tracks))
     with pytest.raises(PermanentError, match=reason):
-        parse_completed(as_event(make_event(tracks=tracks)))
+        build_message(event)
+    with pytest.raises(PermanentError, match=reason):
+        compose(event, "a@example.com", ["b@example.com"])
 
 
-def test_parse_failed_is_lenient() -> None:
-    """A failure without details is still reported, as unknown_error."""
-    failed = parse_failed(as_event(make_event(event_type="job.failed", error=None, title=None)))
-    assert (failed.code, failed.message, failed.title) == ("unknown_error", None, "Task cm123abc")
+def test_a_failure_without_details_is_still_told() -> None:
+    """A job.failed without error or title is still reported, as unknown_error."""
+    event = as_event(make_event(event_type="job.failed", error=None, title=None))
+    typed = parse_event(event)
+    assert isinstance(typed, JobFailed)
+    assert typed.data.error is None
+    assert display_title(typed) == "Task cm123abc"
+    assert build_message(event)["text"] == "Task cm123abc failed: unknown_error"
 
 
 @pytest.mark.parametrize(
@@ -255,3 +262,15 @@ def test_retry_after_forms() -> None:
     assert retry_after_seconds("Thu, 01 Jan 2026 00:01:00 GMT", now=now) == 60
     assert retry_after_seconds("soon") is None
     assert retry_after_seconds(None) is None
+
+
+def test_input_shaped_http_errors_are_permanent() -> None:
+    """A request httpx or h11 refuses to build is the event's fault: not retried."""
+    url = "https://hooks.example/secret/path"
+    refused = transport_failure(httpx.LocalProtocolError("Illegal header value"), what="x", url=url)
+    assert isinstance(refused, PermanentError)
+    unsupported = transport_failure(httpx.UnsupportedProtocol("ftp"), what="x", url=url)
+    assert isinstance(unsupported, PermanentError)
+    network = transport_failure(httpx.ConnectError(f"reset {url}"), what="x", url=url)
+    assert isinstance(network, RetryLater)
+    assert "secret/path" not in str(network)

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from lacuna_webhooks.errors import ConfigError
 from lacuna_webhooks.handlers.log import LogHandler
@@ -128,3 +129,63 @@ def test_same_handler_twice_is_refused(plugin_module: str) -> None:
 )
 def test_parse_events(value: str | None, expected: frozenset[str] | None) -> None:
     assert parse_events(value, frozenset({"a"})) == expected
+
+
+# --- every handler setting may come from a file (SPEC §10) --------------------------------
+
+
+def test_a_plugin_setting_comes_from_its_file(plugin_module: str, tmp_path: Path) -> None:
+    """LACUNA_<NAME>_<KEY>_FILE works for any handler, through HandlerContext; so do the
+    dispatcher's per-handler settings (_EVENTS, _TIMEOUT) read for it."""
+    (tmp_path / "url").write_text("https://hooks.example/abc\n")
+    (tmp_path / "events").write_text("job.completed,job.started\n")
+    built = build_handlers(
+        [f"{plugin_module}:Hook"],
+        {
+            "LACUNA_HOOK_URL_FILE": str(tmp_path / "url"),
+            "LACUNA_HOOK_EVENTS_FILE": str(tmp_path / "events"),
+        },
+    )
+    assert built.handlers["hook"].url == "https://hooks.example/abc"  # type: ignore[attr-defined]
+    assert built.filters["hook"] == frozenset({"job.completed", "job.started"})
+
+
+def test_handler_setting_in_both_forms_or_unreadable(plugin_module: str, tmp_path: Path) -> None:
+    """Both forms set, or a file that cannot be read: one line each, naming the variable."""
+    (tmp_path / "url").write_text("https://hooks.example/secret-part\n")
+    with pytest.raises(ConfigError) as info:
+        build_handlers(
+            [f"{plugin_module}:Hook", "log"],
+            {
+                "LACUNA_HOOK_URL": "https://hooks.example/x",
+                "LACUNA_HOOK_URL_FILE": str(tmp_path / "url"),
+                "LACUNA_LOG_TIMEOUT_FILE": str(tmp_path / "nope"),
+            },
+        )
+    assert info.value.problems[0] == (
+        "LACUNA_HOOK_URL and LACUNA_HOOK_URL_FILE are both set: keep one of them"
+    )
+    assert info.value.problems[1].startswith("LACUNA_LOG_TIMEOUT_FILE: cannot read ")
+    assert "secret-part" not in str(info.value)
+
+
+def test_a_handler_secret_that_cannot_be_right_is_warned_once(tmp_path: Path) -> None:
+    """ctx.require_secret logs config.secret_suspicious once per problem, without the value;
+    the slack handler reads its URL (the secret) from LACUNA_SLACK_WEBHOOK_URL_FILE."""
+    url = "https://hooks.slack.com/services/T0/B0/sekrit value"
+    (tmp_path / "slack").write_text(url + "\n")
+    with capture_logs() as logs:
+        built = build_handlers(
+            ["slack"], {"LACUNA_SLACK_WEBHOOK_URL_FILE": str(tmp_path / "slack")}
+        )
+    assert built.names == ["slack"]
+    warnings = [e for e in logs if e["event"] == "config.secret_suspicious"]
+    assert warnings == [
+        {
+            "event": "config.secret_suspicious",
+            "log_level": "warning",
+            "variable": "LACUNA_SLACK_WEBHOOK_URL",
+            "problem": "contains whitespace",
+        }
+    ]
+    assert "sekrit" not in repr(logs)

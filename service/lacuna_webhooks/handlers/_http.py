@@ -322,11 +322,20 @@ def retry_after_seconds(value: str | None, *, now: datetime | None = None) -> fl
     return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
-def transport_failure(exc: httpx.HTTPError, *, what: str, url: str) -> RetryLater:
-    """A transient network failure as ``RetryLater`` with a message free of the full URL."""
+# httpx errors that the request itself causes (a scheme no transport speaks, a header value
+# h11 refuses to send): the same event builds the same request on every retry.
+INPUT_ERRORS = (httpx.UnsupportedProtocol, httpx.LocalProtocolError)
+
+
+def transport_failure(exc: httpx.HTTPError, *, what: str, url: str) -> RetryLater | PermanentError:
+    """An httpx failure, with a message free of the full URL: ``PermanentError`` when the
+    request itself is at fault (``INPUT_ERRORS``), else ``RetryLater`` (network trouble)."""
     # Every URL in the text (a redirect's target too) is cut to its host.
     detail = redact_text(str(exc).replace(url, redact_url(url))) or "no detail"
-    return RetryLater(f"{what} failed: {type(exc).__name__}: {detail}")
+    message = f"{what} failed: {type(exc).__name__}: {detail}"
+    if isinstance(exc, INPUT_ERRORS):
+        return PermanentError(message)
+    return RetryLater(message)
 
 
 __all__ = [

@@ -16,6 +16,14 @@ subscribes to::
 
         async def aclose(self) -> None: ...
 
+Every setting a handler reads through its context may come from a file instead:
+``LACUNA_DISCORD_WEBHOOK_URL_FILE=/run/secrets/discord-url`` (one trailing newline
+removed; both forms set, or an unreadable file, is a ``ConfigError`` naming the
+variable). Read secrets with ``ctx.secret`` / ``ctx.require_secret``: a value
+that cannot be right (quotes kept by an env-file loader, inner whitespace) is
+then warned about once, at start, without showing it. Read settings in
+``__init__``, so that every problem stops ``serve`` at start.
+
 It is registered under the entry-point group ``lacuna_webhooks.handlers`` (or
 named as ``package.module:attr`` in ``LACUNA_HANDLERS``). A factory raises
 ``ConfigError`` naming the variable when its settings are wrong, which stops
@@ -30,8 +38,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+import structlog
+
+from ..config import read_setting, secret_problems
 from ..errors import ConfigError
 from ..models import Event
+
+logger = structlog.get_logger("lacuna_webhooks.config")
 
 
 @runtime_checkable
@@ -64,18 +77,44 @@ class HandlerContext:
         return f"{self.prefix}{key}"
 
     def get(self, key: str, default: str | None = None) -> str | None:
-        """The value of ``LACUNA_<NAME>_<KEY>``, or ``default`` when unset or blank."""
-        value = self.environ.get(self.env_name(key))
-        if value is None or not value.strip():
-            return default
-        return value.strip()
+        """``LACUNA_<NAME>_<KEY>`` (or the file ``LACUNA_<NAME>_<KEY>_FILE`` names),
+        stripped; ``default`` when unset or blank.
+
+        Raises ``ConfigError`` naming the variable when both forms are set or the
+        file cannot be read (see ``config.read_setting``).
+        """
+        return _stripped(read_setting(self.environ, self.env_name(key)), default)
 
     def require(self, key: str) -> str:
         """Like ``get`` but a missing value is a ``ConfigError`` naming the variable."""
         value = self.get(key)
         if value is None:
-            raise ConfigError(f"{self.env_name(key)} is required by the {self.name} handler")
+            var = self.env_name(key)
+            raise ConfigError(
+                f"{var} is required by the {self.name} handler (or {var}_FILE naming a file)"
+            )
         return value
+
+    def secret(self, key: str, default: str | None = None) -> str | None:
+        """Like ``get``, for a secret: logs ``config.secret_suspicious`` (variable and
+        problem, never the value) for a value that cannot be right."""
+        raw = read_setting(self.environ, self.env_name(key))
+        for problem in secret_problems(raw) if raw is not None else []:
+            logger.warning("config.secret_suspicious", variable=self.env_name(key), problem=problem)
+        return _stripped(raw, default)
+
+    def require_secret(self, key: str) -> str:
+        """Like ``secret`` but a missing value is a ``ConfigError`` naming the variable."""
+        value = self.secret(key)
+        if value is None:
+            return self.require(key)
+        return value
+
+
+def _stripped(value: str | None, default: str | None) -> str | None:
+    if value is None or not value.strip():
+        return default
+    return value.strip()
 
 
 HandlerFactory = Callable[[HandlerContext], Handler]

@@ -16,7 +16,8 @@ provider_error", and a ``Message-ID`` derived from the event id, so a mail sent
 again for the same event is recognisably the same message.
 
 Outcomes: SMTP 4xx replies and connection problems are retried; 5xx replies
-(and a server lacking STARTTLS or AUTH that the URL asks for) are permanent. When
+(and a server lacking STARTTLS or AUTH that the URL asks for, a malformed event,
+or a mail the email libraries refuse to encode) are permanent. When
 only some recipients are refused the mail counts as sent (re-sending would
 duplicate it for the others) and the refusals are logged. The password is never
 logged.
@@ -38,14 +39,9 @@ import structlog
 
 from ..config import parse_bool
 from ..errors import ConfigError, PermanentError, RetryLater
+from ..events import is_job_completed, is_job_failed, parse_event
 from ..models import Event
-from ._common import (
-    format_duration,
-    network_timeouts,
-    parse_completed,
-    parse_failed,
-    title_of,
-)
+from ._common import display_title, format_duration, network_timeouts
 from .base import HandlerContext
 
 logger = structlog.get_logger("lacuna_webhooks.handlers.email")
@@ -134,46 +130,49 @@ def _link_html(url: str, label: str) -> str:
 
 
 def compose(event: Event, sender: str, recipients: list[str]) -> EmailMessage:
-    """The mail for ``event``; ``PermanentError`` when its tracks are malformed."""
+    """The mail for ``event``; ``MalformedEvent`` when its tracks are malformed."""
     text_lines: list[str] = []
     html_parts: list[str] = []
-    if event.type == "job.completed":
-        done = parse_completed(event)
-        subject = f"{done.title} is ready"
-        text_lines.append(f"{done.title} is ready.")
-        html_parts.append(f"<h2>{html.escape(done.title)} is ready</h2>")
-        if done.style:
-            text_lines.append(f"Style: {done.style}")
-            html_parts.append(f"<p>Style: {html.escape(done.style)}</p>")
+    typed = parse_event(event)
+    title = display_title(typed)
+    if is_job_completed(typed):
+        subject = f"{title} is ready"
+        text_lines.append(f"{title} is ready.")
+        html_parts.append(f"<h2>{html.escape(title)} is ready</h2>")
+        style = typed.data.style
+        if style:
+            text_lines.append(f"Style: {style}")
+            html_parts.append(f"<p>Style: {html.escape(style)}</p>")
         text_lines.append("")
         items = []
-        for index, track in enumerate(done.tracks, start=1):
+        for index, track in enumerate(typed.data.tracks, start=1):
             label = track.title or track.id
             duration = format_duration(track.duration_seconds)
             text_lines.append(f"{index}. {label} ({duration}): {track.audio_url}")
             items.append(f"<li>{_link_html(track.audio_url, label)} ({duration})</li>")
         html_parts.append(f"<ol>{''.join(items)}</ol>")
-    elif event.type == "job.failed":
-        failed = parse_failed(event)
-        subject = f"{failed.title} failed: {failed.code}"
-        text_lines.append(f"{failed.title} failed.")
-        text_lines.append(
-            f"Error: {failed.code}" + (f": {failed.message}" if failed.message else "")
-        )
-        html_parts.append(f"<h2>{html.escape(failed.title)} failed</h2>")
+    elif is_job_failed(typed):
+        error = typed.data.error
+        code = (error.code if error else None) or "unknown_error"
+        message = error.message if error else None
+        subject = f"{title} failed: {code}"
+        text_lines.append(f"{title} failed.")
+        text_lines.append(f"Error: {code}" + (f": {message}" if message else ""))
+        html_parts.append(f"<h2>{html.escape(title)} failed</h2>")
         html_parts.append(
-            f"<p>Error: <code>{html.escape(failed.code)}</code>"
-            + (f" {html.escape(failed.message)}" if failed.message else "")
+            f"<p>Error: <code>{html.escape(code)}</code>"
+            + (f" {html.escape(message)}" if message else "")
             + "</p>"
         )
-        if failed.credits_refunded is not None:
-            text_lines.append(f"Credits refunded: {failed.credits_refunded:g}")
-            html_parts.append(f"<p>Credits refunded: {failed.credits_refunded:g}</p>")
+        refunded = typed.data.credits_refunded
+        if refunded is not None:
+            text_lines.append(f"Credits refunded: {refunded:g}")
+            html_parts.append(f"<p>Credits refunded: {refunded:g}</p>")
     else:
-        subject = f"{title_of(event)}: {event.type}"
+        subject = f"{title}: {typed.type}"
         text_lines.append(subject)
         html_parts.append(f"<h2>{html.escape(subject)}</h2>")
-    footer = f"Task {event.task_id or '-'}, event {event.id}"
+    footer = f"Task {typed.task_id or '-'}, event {typed.id}"
     text_lines += ["", f"-- {footer}"]
     html_parts.append(f'<p style="color:#666;font-size:small">{html.escape(footer)}</p>')
 
@@ -199,7 +198,7 @@ class EmailHandler:
 
     def __init__(self, ctx: HandlerContext) -> None:
         self.name = ctx.name
-        self.target = parse_smtp_url(ctx.require("SMTP_URL"), ctx.env_name("SMTP_URL"))
+        self.target = parse_smtp_url(ctx.require_secret("SMTP_URL"), ctx.env_name("SMTP_URL"))
         self.sender = _address(ctx.require("FROM"), ctx.env_name("FROM"))
         self.recipients = [
             _address(item, ctx.env_name("TO"))
@@ -220,10 +219,18 @@ class EmailHandler:
         self.connect_timeout_seconds, self.timeout_seconds = network_timeouts(ctx)
 
     async def handle(self, event: Event) -> None:
-        msg = compose(event, self.sender, self.recipients)
+        try:
+            msg = compose(event, self.sender, self.recipients)
+        except ValueError as exc:
+            # The email package refuses what it cannot put in a header; the same event
+            # would be refused on every retry.
+            raise PermanentError(f"event {event.id}: cannot build the mail: {exc}") from None
         where = self.target.where
         try:
             refused = await self._send(msg)
+        except ValueError as exc:
+            # Input-shaped (an address or header the SMTP library cannot encode): permanent.
+            raise PermanentError(f"{where}: the mail cannot be sent: {exc}") from None
         except aiosmtplib.SMTPRecipientsRefused as exc:
             codes = [r.code for r in exc.recipients]
             detail = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in exc.recipients)

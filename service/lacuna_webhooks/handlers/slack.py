@@ -23,15 +23,10 @@ import orjson
 import structlog
 
 from ..errors import ConfigError, PermanentError, RetryLater
+from ..events import LacunaEvent, is_job_completed, is_job_failed, parse_event
 from ..models import Event
 from ..redact import redact_url
-from ._common import (
-    format_duration,
-    network_timeouts,
-    parse_completed,
-    parse_failed,
-    title_of,
-)
+from ._common import display_title, format_duration, network_timeouts
 from ._http import OutboundClient, UnsafeURL, check_url, retry_after_seconds, transport_failure
 from .base import HandlerContext
 
@@ -57,7 +52,7 @@ def _link(url: str, label: str) -> str:
     return f"<{url}|{escape(label)}>" if safe else escape(label)
 
 
-def _context(event: Event) -> dict[str, Any]:
+def _context(event: LacunaEvent) -> dict[str, Any]:
     parts = [f"task `{escape(event.task_id)}`"] if event.task_id else []
     parts.append(f"event `{escape(event.id)}`")
     return {"type": "context", "elements": [{"type": "mrkdwn", "text": " · ".join(parts)}]}
@@ -75,15 +70,17 @@ def _section(text: str) -> dict[str, Any]:
 
 
 def build_message(event: Event) -> dict[str, Any]:
-    """The JSON body to post for ``event``; ``PermanentError`` when its tracks are malformed."""
-    if event.type == "job.completed":
-        done = parse_completed(event)
-        count = len(done.tracks)
-        summary = f"{done.title} is ready ({count} track{'s' if count != 1 else ''})"
-        blocks = [_header(f"{done.title} is ready")]
-        if done.style:
-            blocks.append(_section(f"*Style:* {escape(done.style)}"))
-        for index, track in enumerate(done.tracks[:MAX_TRACK_BLOCKS], start=1):
+    """The JSON body to post for ``event``; ``MalformedEvent`` when its tracks are malformed."""
+    typed = parse_event(event)
+    title = display_title(typed)
+    if is_job_completed(typed):
+        tracks = typed.data.tracks
+        count = len(tracks)
+        summary = f"{title} is ready ({count} track{'s' if count != 1 else ''})"
+        blocks = [_header(f"{title} is ready")]
+        if typed.data.style:
+            blocks.append(_section(f"*Style:* {escape(typed.data.style)}"))
+        for index, track in enumerate(tracks[:MAX_TRACK_BLOCKS], start=1):
             label = track.title or track.id
             blocks.append(
                 _section(
@@ -93,22 +90,23 @@ def build_message(event: Event) -> dict[str, Any]:
             )
         if count > MAX_TRACK_BLOCKS:
             blocks.append(_section(f"…and {count - MAX_TRACK_BLOCKS} more tracks"))
-    elif event.type == "job.failed":
-        failed = parse_failed(event)
-        summary = f"{failed.title} failed: {failed.code}"
-        blocks = [_header(f"{failed.title} failed")]
-        lines = [f"*Error:* `{escape(failed.code)}`"]
-        if failed.message:
-            lines.append(escape(failed.message))
+    elif is_job_failed(typed):
+        error = typed.data.error
+        code = (error.code if error else None) or "unknown_error"
+        summary = f"{title} failed: {code}"
+        blocks = [_header(f"{title} failed")]
+        lines = [f"*Error:* `{escape(code)}`"]
+        if error and error.message:
+            lines.append(escape(error.message))
         blocks.append(_section("\n".join(lines)))
-        if failed.credits_refunded is not None:
-            blocks.append(_section(f"*Credits refunded:* {failed.credits_refunded:g}"))
+        if typed.data.credits_refunded is not None:
+            blocks.append(_section(f"*Credits refunded:* {typed.data.credits_refunded:g}"))
     else:
-        summary = f"{title_of(event)}: {event.type}"
+        summary = f"{title}: {typed.type}"
         blocks = [_header(summary)]
-        if event.task_status:
-            blocks.append(_section(f"*Status:* {escape(event.task_status)}"))
-    blocks.append(_context(event))
+        if typed.task_status:
+            blocks.append(_section(f"*Status:* {escape(typed.task_status)}"))
+    blocks.append(_context(typed))
     return {"text": summary, "blocks": blocks}
 
 
@@ -121,7 +119,7 @@ class SlackHandler:
     def __init__(self, ctx: HandlerContext) -> None:
         self.name = ctx.name
         var = ctx.env_name("WEBHOOK_URL")
-        self.url = ctx.require("WEBHOOK_URL")
+        self.url = ctx.require_secret("WEBHOOK_URL")
         try:
             check_url(self.url, allow_private=ctx.allow_private_urls, what=var)
         except UnsafeURL as exc:

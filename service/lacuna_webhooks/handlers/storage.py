@@ -19,18 +19,27 @@ Guarantees:
   retry skips the tracks already stored: a track listed there whose file is
   present with the recorded size (and, in a folder, the recorded sha256) is not
   fetched again;
-- a file larger than ``LACUNA_STORAGE_MAX_BYTES`` is refused while streaming.
+- a file larger than ``LACUNA_STORAGE_MAX_BYTES`` is refused while streaming;
+- in a folder, files are created with ``LACUNA_STORAGE_FILE_MODE`` (default
+  ``0600``) and the folders this handler creates with the matching directory mode
+  (``0700``), whatever the process umask: unreleased audio is not world-readable;
+- task and track ids must *fully* match ``SAFE_SEGMENT`` (a trailing newline does
+  not pass), so an id never becomes a surprising path or S3 key.
 
 Outcomes: HTTP 404/410 from the audio host, a refused URL, a malformed event
 or an oversized file is permanent; 5xx, 408, 429, timeouts and resets are
 retried (``Retry-After`` honoured). S3 refusing the credentials, or a missing
 bucket, is permanent (the settings are read once at start, so retrying with
-them cannot succeed; retry dead deliveries after fixing them).
+them cannot succeed; retry dead deliveries after fixing them). Errors the
+request itself causes are permanent too: a key obstore cannot parse, an S3
+``InvalidArgument``/``KeyTooLongError``-style refusal, a file name the OS
+refuses (``ENAMETOOLONG``, ``EINVAL``, ``EILSEQ``, ``EFBIG``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 import re
@@ -50,16 +59,20 @@ from obstore.exceptions import (
     BaseError as ObjectStoreError,
 )
 from obstore.exceptions import (
+    InvalidPathError,
     NotFoundError,
+    NotSupportedError,
     PermissionDeniedError,
     UnauthenticatedError,
+    UnknownConfigurationKeyError,
 )
 from obstore.store import S3Store
 
 from ..errors import ConfigError, PermanentError, RetryLater
+from ..events import JobCompleted, Track, is_job_completed, parse_event
 from ..models import Event
 from ..redact import redact_url
-from ._common import Track, int_setting, network_timeouts, parse_completed
+from ._common import int_setting, network_timeouts
 from ._http import OutboundClient, retry_after_seconds, transport_failure
 from .base import HandlerContext
 
@@ -74,8 +87,8 @@ S3_PART_BYTES = 8 * 1024 * 1024
 MANIFEST = "event.json"
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 # Task and track ids become path segments: keep them to a safe, portable alphabet.
-SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-SAFE_EXT = re.compile(r"^[a-z0-9]{1,5}$")
+# Whole ids only: \A...\Z (`$` would also match before a trailing newline: "ok\n").
+SAFE_SEGMENT = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 AUDIO_EXTENSIONS = frozenset({"mp3", "wav", "flac", "ogg", "oga", "opus", "m4a", "aac", "webm"})
 CONTENT_TYPE_EXT = {
     "audio/mpeg": "mp3",
@@ -95,6 +108,28 @@ CONTENT_TYPE_EXT = {
 }
 EXT_CONTENT_TYPE = {ext: ctype for ctype, ext in reversed(CONTENT_TYPE_EXT.items())}
 RETRYABLE_STATUSES = frozenset({408, 425, 429})
+DEFAULT_FILE_MODE = 0o600
+# OS errors that the name or content of what is written causes: retrying the same event
+# cannot fix them (a full disk or a missing permission can be fixed meanwhile, so those retry).
+INPUT_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.EINVAL, errno.EILSEQ, errno.EFBIG})
+# S3 error codes that the request itself causes (a key, a header, a size): permanent.
+S3_INPUT_CODES = frozenset(
+    {
+        "InvalidArgument",
+        "InvalidRequest",
+        "InvalidObjectName",
+        "InvalidURI",
+        "KeyTooLongError",
+        "MalformedXML",
+        "MetadataTooLarge",
+        "EntityTooLarge",
+        "InvalidBucketName",
+        "InvalidDigest",
+        "BadDigest",
+        "InvalidStorageClass",
+        "UnexpectedContent",
+    }
+)
 
 
 class Sink(Protocol):
@@ -114,10 +149,16 @@ class Sink(Protocol):
 
 
 class FolderSink:
-    """A local folder (``file:///abs/dir``). Writes: temporary name, fsync, ``os.replace``."""
+    """A local folder (``file:///abs/dir``). Writes: temporary name, fsync, ``os.replace``.
 
-    def __init__(self, root: Path) -> None:
+    Files are created with ``file_mode`` and the folders above them with the matching
+    directory mode (each read bit gains its execute bit), whatever the process umask.
+    """
+
+    def __init__(self, root: Path, file_mode: int = DEFAULT_FILE_MODE) -> None:
         self.root = root
+        self.file_mode = file_mode
+        self.dir_mode = directory_mode(file_mode)
 
     def _path(self, key: str) -> Path:
         return self.root.joinpath(*key.split("/"))
@@ -162,11 +203,11 @@ class FolderSink:
         self, key: str, chunks: AsyncIterator[bytes], *, content_type: str
     ) -> None:
         path = self._path(key)
-        await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(make_dirs, self.root, path.parent, self.dir_mode)
         # Same directory as the target, so os.replace is an atomic rename; hidden and
         # suffixed so no tool mistakes it for a finished file.
         temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
-        f: IO[bytes] = await asyncio.to_thread(temp.open, "xb")
+        f: IO[bytes] = await asyncio.to_thread(create_file, temp, self.file_mode)
         try:
             async for chunk in chunks:
                 await asyncio.to_thread(f.write, chunk)
@@ -183,6 +224,55 @@ class FolderSink:
             yield data
 
         await self.write_stream(key, one(), content_type=content_type)
+
+
+def directory_mode(file_mode: int) -> int:
+    """The folder mode matching a file mode: ``0o600`` -> ``0o700``, ``0o640`` -> ``0o750``."""
+    return file_mode | ((file_mode & 0o444) >> 2)
+
+
+def create_file(path: Path, mode: int) -> IO[bytes]:
+    """A new file (never an existing one) with exactly ``mode``, whatever the umask."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
+    try:
+        os.fchmod(fd, mode)  # the umask may have cleared bits the mode asks for
+        return os.fdopen(fd, "wb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def make_dirs(root: Path, folder: Path, mode: int) -> None:
+    """Create ``folder`` and its missing parents below ``root``, each with exactly ``mode``."""
+    missing: list[Path] = []
+    current = folder
+    while current != root and not current.is_dir():
+        missing.append(current)
+        current = current.parent
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode)
+        except FileExistsError:
+            continue  # created meanwhile by a concurrent write: keep its mode
+        os.chmod(directory, mode)
+
+
+def file_mode_setting(ctx: HandlerContext) -> int:
+    """``LACUNA_<NAME>_FILE_MODE``: octal, owner read+write, no write for others; ``0600``."""
+    var = ctx.env_name("FILE_MODE")
+    raw = ctx.get("FILE_MODE")
+    if raw is None:
+        return DEFAULT_FILE_MODE
+    try:
+        mode = int(raw, 8)
+    except ValueError:
+        raise ConfigError(f"{var} must be an octal file mode such as 0600, got {raw!r}") from None
+    if mode & ~0o666 or mode & 0o600 != 0o600 or mode & 0o002:
+        raise ConfigError(
+            f"{var} must give the owner read and write, nobody execute, and others no write "
+            f"(0600, 0640, 0644, 0660), got {raw!r}"
+        )
+    return mode
 
 
 def _flush_and_close(f: IO[bytes]) -> None:
@@ -274,18 +364,37 @@ class S3Sink:
         except (NotFoundError, FileNotFoundError) as exc:
             # Missing keys are handled by the callers; what is left is the bucket.
             raise PermanentError(f"{where}: the bucket does not exist: {_s3_reason(exc)}") from None
+        except (
+            InvalidPathError,
+            NotSupportedError,
+            UnknownConfigurationKeyError,
+            ValueError,
+            TypeError,
+        ) as exc:
+            # Input-shaped: the key, a header value or an option is refused before or by
+            # S3; the same event gives the same request on every retry.
+            raise PermanentError(f"{where}: S3 refused the request: {_s3_reason(exc)}") from None
         except ObjectStoreError as exc:
-            raise RetryLater(f"{where}: S3 request failed: {_s3_reason(exc)}") from None
+            reason = _s3_reason(exc)
+            if _s3_code(exc) in S3_INPUT_CODES:
+                raise PermanentError(f"{where}: S3 refused the request: {reason}") from None
+            raise RetryLater(f"{where}: S3 request failed: {reason}") from None
+
+
+def _s3_code(exc: BaseException) -> str | None:
+    """The ``<Code>`` of S3's error reply quoted in ``exc``, if any."""
+    code = re.search(r"<Code>([A-Za-z0-9]+)</Code>", str(exc))
+    return code.group(1) if code else None
 
 
 def _s3_reason(exc: BaseException) -> str:
     """The S3 error code when the reply carries one, else the first line, shortened."""
     text = str(exc)
-    code = re.search(r"<Code>([A-Za-z0-9]+)</Code>", text)
+    code = _s3_code(exc)
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     first = first.split(" - Server returned", 1)[0]
     reason = first if len(first) <= 300 else first[:299] + "…"
-    return f"{code.group(1)} ({reason})" if code else reason
+    return f"{code} ({reason})" if code else reason
 
 
 def open_sink(ctx: HandlerContext) -> Sink:
@@ -301,13 +410,17 @@ def open_sink(ctx: HandlerContext) -> Sink:
         root = Path(unquote(parts.path))
         if not root.is_absolute() or not parts.path.startswith("/"):
             raise ConfigError(f"{var} must name an absolute folder: file:///abs/dir")
+        file_mode = file_mode_setting(ctx)
         try:
-            root.mkdir(parents=True, exist_ok=True)
+            if not root.is_dir():
+                # Only the folder itself gets our mode; parents above it are the operator's.
+                root.parent.mkdir(parents=True, exist_ok=True)
+                make_dirs(root.parent, root, directory_mode(file_mode))
         except OSError as exc:
             raise ConfigError(f"{var}: cannot create {root}: {exc.strerror}") from None
         if not os.access(root, os.W_OK | os.X_OK):
             raise ConfigError(f"{var}: {root} is not writable")
-        return FolderSink(root)
+        return FolderSink(root, file_mode)
     if parts.scheme == "s3":
         return _s3_sink(ctx, parts.netloc, parts.path.strip("/"))
     raise ConfigError(
@@ -402,7 +515,7 @@ def _check_endpoint(endpoint: str, var: str) -> str:
 
 
 def _segment(value: str | None, what: str, event: Event) -> str:
-    if value is None or not SAFE_SEGMENT.match(value) or ".." in value:
+    if value is None or not SAFE_SEGMENT.fullmatch(value) or ".." in value:
         raise PermanentError(
             f"event {event.id}: {what} {value!r} cannot be used as a file name "
             "(letters, digits, '.', '_', '-'; at most 128)"
@@ -439,7 +552,7 @@ def _manifest_entries(raw: bytes | None) -> dict[str, dict[str, Any]]:
             isinstance(entry, dict)
             and isinstance(entry.get("id"), str)
             and isinstance(entry.get("file"), str)
-            and SAFE_SEGMENT.match(entry["file"])
+            and SAFE_SEGMENT.fullmatch(entry["file"])
             and isinstance(entry.get("size"), int)
             and isinstance(entry.get("sha256"), str)
         ):
@@ -465,13 +578,14 @@ class StorageHandler:
         )
 
     async def handle(self, event: Event) -> None:
-        if event.type != "job.completed":
+        typed = parse_event(event)
+        if not is_job_completed(typed):
             logger.info("handler.storage.skipped", event_id=event.id, event_type=event.type)
             return
-        completed = parse_completed(event)
-        task_id = _segment(completed.task_id, "data.id (task id)", event)
+        completed: JobCompleted = typed
+        task_id = _segment(completed.data.id, "data.id (task id)", event)
         seen: set[str] = set()
-        for track in completed.tracks:
+        for track in completed.data.tracks:
             _segment(track.id, "track id", event)
             if track.id in seen:
                 raise PermanentError(f"event {event.id}: track id {track.id!r} appears twice")
@@ -480,7 +594,7 @@ class StorageHandler:
         try:
             stored = _manifest_entries(await self.sink.read(manifest_key, limit=MAX_MANIFEST_BYTES))
             done: dict[str, dict[str, Any]] = {}
-            for track in completed.tracks:
+            for track in completed.data.tracks:
                 entry = stored.get(track.id)
                 if entry is not None and await self.sink.holds(
                     f"{task_id}/{entry['file']}", size=entry["size"], sha256=entry["sha256"]
@@ -495,10 +609,13 @@ class StorageHandler:
                 else:
                     entry = await self._store_track(event, task_id, track)
                 done[track.id] = entry
-                complete = len(done) == len(completed.tracks)
-                await self._write_manifest(event, task_id, completed.tracks, done, complete)
+                complete = len(done) == len(completed.data.tracks)
+                await self._write_manifest(event, task_id, completed.data.tracks, done, complete)
         except OSError as exc:
-            raise RetryLater(f"writing under {self.sink.location('')} failed: {exc}") from None
+            message = f"writing under {self.sink.location('')} failed: {exc}"
+            if exc.errno in INPUT_ERRNOS:
+                raise PermanentError(message) from None
+            raise RetryLater(message) from None
         logger.info(
             "handler.storage.stored",
             event_id=event.id,
@@ -563,7 +680,7 @@ class StorageHandler:
         source = redact_url(url)
         if status == 200:
             length = response.headers.get("content-length", "")
-            if length.isdigit() and int(length) > self.max_bytes:
+            if length.isascii() and length.isdigit() and int(length) > self.max_bytes:
                 raise PermanentError(
                     f"{what} is {length} bytes, more than LACUNA_STORAGE_MAX_BYTES "
                     f"({self.max_bytes})"
