@@ -152,11 +152,13 @@ class _Child:
         self.writer = writer
         self.attempts: dict[int, _Attempt] = {}
         self.overrun: set[int] = set()  # attempts it was killed for
+        self.killed = False
 
     def send(self, message: tuple[Any, ...]) -> None:
         self.writer.write(frame(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)))
 
     def kill(self) -> None:
+        self.killed = True
         with contextlib.suppress(ProcessLookupError):
             self.proc.kill()
 
@@ -344,8 +346,8 @@ class HandlerWorker:
     def _overrun(self, child: _Child, attempt_id: int) -> None:
         """An attempt is still unanswered ``KILL_GRACE_SECONDS`` past its timeout: the handler
         blocks its worker's loop. Kill the worker; the reader then sees its socket close."""
-        if attempt_id not in child.attempts or child.proc.returncode is not None:
-            return
+        if attempt_id not in child.attempts or child.killed:
+            return  # answered meanwhile, or the worker is already on its way out
         child.overrun.add(attempt_id)
         self._log.warning(
             "handler_worker.killed",
