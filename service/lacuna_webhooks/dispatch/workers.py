@@ -63,6 +63,9 @@ RESTART_DELAYS_SECONDS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 KILL_GRACE_SECONDS = 2.0
 #: How long ``close()`` waits for a child to end its attempts and close its handler.
 STOP_GRACE_SECONDS = 5.0
+#: No message comes near this (an event is at most LACUNA_MAX_BODY_BYTES, twice over when
+#: parsed): a larger length prefix means the stream is corrupt.
+MAX_FRAME_BYTES = 256 * 1024 * 1024
 #: How long a new child may take to import and build its handler before it counts as failed.
 START_TIMEOUT_SECONDS = 60.0
 
@@ -111,8 +114,11 @@ def frame(data: bytes) -> bytes:
 
 
 async def read_frame(reader: asyncio.StreamReader) -> bytes:
-    """One frame's payload; raises ``asyncio.IncompleteReadError`` at EOF."""
+    """One frame's payload; raises ``asyncio.IncompleteReadError`` at EOF and ``ValueError``
+    for a frame larger than ``MAX_FRAME_BYTES``."""
     (size,) = _LEN.unpack(await reader.readexactly(_LEN.size))
+    if size > MAX_FRAME_BYTES:
+        raise ValueError(f"a frame of {size} bytes")
     return await reader.readexactly(size)
 
 
@@ -315,7 +321,13 @@ class HandlerWorker:
             if reply[0] == "ready":
                 return child
             self._log.error("handler_worker.start_failed", error=str(reply[1]))
-        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError, orjson.JSONDecodeError):
+        except (
+            asyncio.IncompleteReadError,
+            ConnectionError,
+            TimeoutError,
+            ValueError,  # a corrupt frame, or JSON that is not (orjson's error is one)
+            IndexError,
+        ):
             self._log.error("handler_worker.start_failed", error="no answer from the new worker")
         except BaseException:
             child.kill()  # cancelled while starting (a stop): leave no child behind
