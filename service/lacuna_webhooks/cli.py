@@ -76,6 +76,22 @@ def _handlers_of(settings: Settings) -> HandlerSet:
         raise CommandError(f"configuration: {exc}", exit_code=2) from None
 
 
+async def _open_service_store(settings: Settings, handlers: HandlerSet) -> Store:
+    """The opened store of ``serve`` or ``worker``; a failure is one line (handlers closed)."""
+    # SQLite's writer in a process of its own: the request path never waits for its GIL.
+    store = open_store(
+        settings.database_url,
+        sqlite_synchronous=settings.sqlite_synchronous,
+        sqlite_process=True,
+    )
+    try:
+        await store.open()
+    except (StoreUnavailable, OSError) as exc:
+        await handlers.aclose()
+        raise CommandError(f"cannot open the store (LACUNA_DATABASE_URL): {exc}") from None
+    return store
+
+
 def _serve(environ: Mapping[str, str], host: str | None, port: int | None) -> int:
     import uvicorn
 
@@ -87,17 +103,7 @@ def _serve(environ: Mapping[str, str], host: str | None, port: int | None) -> in
     handlers = _handlers_of(settings)
 
     async def run() -> None:
-        # SQLite's writer in a process of its own: the request path never waits for its GIL.
-        store = open_store(
-            settings.database_url,
-            sqlite_synchronous=settings.sqlite_synchronous,
-            sqlite_process=True,
-        )
-        try:
-            await store.open()
-        except (StoreUnavailable, OSError) as exc:
-            await handlers.aclose()
-            raise CommandError(f"cannot open the store (LACUNA_DATABASE_URL): {exc}") from None
+        store = await _open_service_store(settings, handlers)
         try:
             metrics = Metrics()
             # Handler code runs in worker processes of its own (docs/workers.md): nothing it
@@ -170,12 +176,7 @@ def _worker(environ: Mapping[str, str]) -> int:
     log = structlog.get_logger("lacuna_webhooks.cli")
 
     async def run() -> None:
-        store = open_store(settings.database_url)
-        try:
-            await store.open()
-        except (StoreUnavailable, OSError) as exc:
-            await handlers.aclose()
-            raise CommandError(f"cannot open the store (LACUNA_DATABASE_URL): {exc}") from None
+        store = await _open_service_store(settings, handlers)
         try:
             metrics = Metrics()
             pool = WorkerPool(worker_specs(settings, handlers), metrics=metrics)
