@@ -127,7 +127,8 @@ class Dispatcher:
 
     async def stop(self, timeout_seconds: float) -> None:
         """Stop claiming; let in-flight attempts finish for up to ``timeout_seconds``, then
-        cancel the rest and ``release`` them (due again at once, the attempt not counted)."""
+        cancel the rest, close the runner (a worker process gets ``STOP_GRACE_SECONDS`` to
+        exit before it is killed) and ``release`` them (due again at once, not counted)."""
         self._stopping = True
         self._wake.set()
         deadline = time.monotonic() + max(0.0, timeout_seconds)
