@@ -1,11 +1,13 @@
 """Intake latency while a handler blocks, against the same `serve` with an idle handler.
 
-Runs `serve` (SQLite, one handler) under the same wrk load as `make bench`,
-twice: once with a handler that returns at once ("idle") and once with a
-handler whose every attempt calls `time.sleep(30)` ("blocked": its worker
-process is stuck for the whole run). With `--compare DIR` (another checkout's
-`service/` directory, e.g. the previous code) both runs are repeated with
-that code, side by side. Prints p50/p99 and accepted events/s per run.
+Runs `serve` (SQLite) under the same wrk load as `make bench`, three times:
+without a handler ("none": intake alone), with a handler that returns at once
+("idle": every event is also claimed, run and recorded), and with a handler
+whose every attempt calls `time.sleep(30)` ("blocked": its worker process is
+stuck for the whole run, so after the first claims nothing is dispatched).
+With `--compare DIR` (another checkout's `service/` directory, e.g. the
+previous code) the runs are repeated with that code, side by side. Prints
+p50/p99 and accepted events/s per run.
 
     .venv/bin/python bench/blocking.py [--duration 10] [--connections 64] [--compare DIR]
 """
@@ -54,7 +56,7 @@ def run(
         "PYTHONPATH": os.pathsep.join([str(code), str(workdir)]),
         "LACUNA_WEBHOOK_SECRET": SECRET,
         "LACUNA_DATABASE_URL": f"sqlite:///{workdir / f'{phase}-{port}.db'}",
-        "LACUNA_HANDLERS": "blocker_plugin:Blocker",
+        "LACUNA_HANDLERS": "" if phase == "none" else "blocker_plugin:Blocker",
         "LACUNA_BLOCKER_SLEEP": "30" if phase == "blocked" else "0",
         "LACUNA_BLOCKER_TIMEOUT": "60",
         "LACUNA_LOG_LEVEL": "warning",
@@ -97,7 +99,7 @@ def main() -> None:
         requests = workdir / "requests.txt"
         make_requests(requests, 40_000 * args.duration)
         for label, code in codes.items():
-            for phase in ("idle", "blocked"):
+            for phase in ("none", "idle", "blocked"):
                 r = run(code, phase, workdir, requests, args)
                 print(
                     f"{label:8} {phase:8} p50 {r['p50_ms']:8.2f} ms  p99 {r['p99_ms']:8.2f} ms  "
