@@ -170,9 +170,9 @@ def _worker(environ: Mapping[str, str]) -> int:
             "handler workers itself, so the database keeps one writer",
             exit_code=2,
         )
-    handlers = _handlers_of(settings)
-    if not handlers.names:
+    if not settings.handlers:
         raise CommandError("configuration: LACUNA_HANDLERS names no handler to run", 2)
+    handlers = _handlers_of(settings)
     log = structlog.get_logger("lacuna_webhooks.cli")
 
     async def run() -> None:
