@@ -218,6 +218,30 @@ async def test_timeout_is_retried(store: MemoryStore, clock: FakeClock) -> None:
     assert row.last_error == "TimeoutError: handler exceeded 0.05s"
 
 
+@pytest.mark.parametrize(
+    "exc", [SystemExit(0), KeyboardInterrupt(), GeneratorExit(), asyncio.CancelledError()]
+)
+async def test_base_exceptions_are_recorded_and_retried(
+    store: MemoryStore, clock: FakeClock, exc: BaseException
+) -> None:
+    """A handler raising any BaseException gets an attempt recorded (retry) and the loop
+    goes on: the next event is delivered."""
+    handler = RecordingHandler(script=[exc])
+    d = dispatcher(store, [handler], clock)
+    first = await accept(store, clock)
+    async with running(d) as task:
+        await d.drain()
+        second = await accept(store, clock)
+        await d.drain()
+        assert not task.done()
+    row = await only_delivery(store, event_id=first.id)
+    assert (row.status, row.attempts) == (DeliveryStatus.PENDING, 1)
+    (attempt,) = await store.list_attempts(row.id)
+    assert attempt.outcome is AttemptOutcome.RETRY
+    assert (attempt.error or "").startswith(type(exc).__name__)
+    assert (await only_delivery(store, event_id=second.id)).status is DeliveryStatus.DONE
+
+
 async def test_handlers_own_timeout_error_is_reported_as_is(
     store: MemoryStore, clock: FakeClock
 ) -> None:
