@@ -7,7 +7,7 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import UTC, datetime, timedelta
 
-from lacuna_webhooks.dispatcher import Dispatcher
+from lacuna_webhooks.dispatch import Dispatcher
 from lacuna_webhooks.handlers.base import RecordingHandler
 from lacuna_webhooks.plugins import HandlerSet
 from lacuna_webhooks.retry import RetryPolicy

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -25,12 +25,12 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from .config import Settings
-from .dispatcher import Dispatcher
+from .dispatch.runner import AttemptRunner
+from .dispatch.service import build_dispatch
 from .errors import PayloadTooLarge, StoreUnavailable, WebhookError
 from .metrics import CONTENT_TYPE, Metrics
 from .models import Event
 from .plugins import HandlerSet
-from .retry import RetryPolicy
 from .signature import HEADER, verify
 from .store import Store, open_store
 
@@ -272,13 +272,16 @@ def create_app(
     handlers: HandlerSet | None = None,
     metrics: Metrics | None = None,
     dispatch: bool = True,
+    runner: AttemptRunner | None = None,
 ) -> LacunaApp:
     """Build the application.
 
     When ``store`` is not given the app builds one from ``settings`` and owns
     it (opens it at startup, closes it at shutdown); a given store must be
-    opened by the caller. With ``dispatch`` the lifespan runs the dispatcher
-    and, at shutdown, drains it within ``settings.shutdown_timeout_seconds``.
+    opened by the caller. With ``dispatch`` the lifespan runs the dispatcher (and retention)
+    and, at shutdown, drains it within ``settings.shutdown_timeout_seconds``. ``runner`` runs
+    the handlers' attempts: ``serve`` passes a ``WorkerPool`` (a worker process per handler);
+    without one they run on the app's own loop, which is for tests only.
     """
     owns_store = store is None
     the_store = store or open_store(
@@ -286,19 +289,10 @@ def create_app(
     )
     the_handlers = handlers or HandlerSet({}, {}, {})
     the_metrics = metrics or Metrics()
-    dispatcher = Dispatcher(
-        the_store,
-        the_handlers,
-        policy=RetryPolicy(
-            max_attempts=settings.retry_max_attempts,
-            base_delay_seconds=settings.retry_base_delay_seconds,
-            max_delay_seconds=settings.retry_max_delay_seconds,
-        ),
-        concurrency=settings.handler_concurrency,
-        poll_interval_seconds=settings.poll_interval_seconds,
-        metrics=the_metrics,
-        retention=timedelta(days=settings.retention_days),
+    dispatch_service = build_dispatch(
+        settings, the_store, the_handlers, metrics=the_metrics, runner=runner
     )
+    dispatcher = dispatch_service.dispatcher
 
     async def healthz(request: Request) -> Response:
         return Response(b'{"status":"ok"}', media_type=JSON)
@@ -347,13 +341,13 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         if owns_store:
             await the_store.open()
-        task = asyncio.create_task(dispatcher.run(), name="dispatcher") if dispatch else None
+        task = asyncio.create_task(dispatch_service.run(), name="dispatch") if dispatch else None
         logger.info("serve.started", handlers=the_handlers.names)
         try:
             yield {}
         finally:
             if task is not None:
-                await dispatcher.stop(settings.shutdown_timeout_seconds)
+                await dispatch_service.stop(settings.shutdown_timeout_seconds)
                 await task
             await the_handlers.aclose()
             if owns_store:

@@ -1,7 +1,7 @@
 """The command line, and the composition root: the only module that wires everything together.
 
-``lacuna-webhooks serve | dev | send | events | deliveries | replay | retry-dead | migrate |
-handlers``. Errors are one line on stderr (``lacuna-webhooks: error: ...``) and a non-zero
+``lacuna-webhooks serve | worker | dev | send | events | deliveries | replay | retry-dead |
+migrate | handlers``. Errors are one line on stderr (``lacuna-webhooks: error: ...``) and a non-zero
 exit: 2 for bad arguments or settings, 1 for anything else that went wrong.
 """
 
@@ -14,10 +14,10 @@ import os
 import secrets
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import orjson
 
@@ -27,6 +27,9 @@ from .errors import ConfigError, EventNotFound, LacunaError, StoreUnavailable
 from .models import MAX_ID_LENGTH, MAX_TYPE_LENGTH, DeliveryStatus
 from .redact import mask_secrets, redact_url, remember_secrets, secret_values
 from .store import DeliveryRecord, EventRecord, Store, open_store
+
+if TYPE_CHECKING:
+    from .plugins import HandlerSet
 
 PROG = "lacuna-webhooks"
 T = TypeVar("T")
@@ -69,14 +72,13 @@ def log_secret_warnings(settings: Settings) -> None:
         logger.warning("config.secret_suspicious", variable=variable, problem=problem)
 
 
-def _serve(environ: Mapping[str, str], host: str | None, port: int | None) -> int:
-    import uvicorn
-
-    from .app import create_app
+def _handlers_of(settings: Settings) -> HandlerSet:
+    """Build every configured handler here too: a bad setting stops the command at start
+    with one line, and intake learns each handler's event filter. Their ``handle`` runs
+    only in the worker processes."""
     from .logs import configure
     from .plugins import build_handlers
 
-    settings = _settings(environ, require_secret=True)
     configure(
         log_format=settings.log_format,
         level=settings.log_level,
@@ -84,7 +86,7 @@ def _serve(environ: Mapping[str, str], host: str | None, port: int | None) -> in
     )
     log_secret_warnings(settings)
     try:
-        handlers = build_handlers(
+        return build_handlers(
             settings.handlers,
             settings.environ,
             allow_private_urls=settings.allow_private_urls,
@@ -93,20 +95,48 @@ def _serve(environ: Mapping[str, str], host: str | None, port: int | None) -> in
     except ConfigError as exc:
         raise CommandError(f"configuration: {exc}", exit_code=2) from None
 
+
+async def _open_service_store(settings: Settings, handlers: HandlerSet) -> Store:
+    """The opened store of ``serve`` or ``worker``; a failure is one line (handlers closed)."""
+    # SQLite's writer in a process of its own: the request path never waits for its GIL.
+    store = open_store(
+        settings.database_url,
+        sqlite_synchronous=settings.sqlite_synchronous,
+        sqlite_process=True,
+    )
+    try:
+        await store.open()
+    except (StoreUnavailable, OSError, ValueError) as exc:
+        await handlers.aclose()
+        raise _store_error(exc, settings.database_url, "cannot open the store") from None
+    return store
+
+
+def _serve(environ: Mapping[str, str], host: str | None, port: int | None) -> int:
+    import uvicorn
+
+    from .app import create_app
+    from .dispatch.workers import WorkerPool, worker_specs
+    from .metrics import Metrics
+
+    settings = _settings(environ, require_secret=True)
+    handlers = _handlers_of(settings)
+
     async def run() -> None:
-        # SQLite's writer in a process of its own: the request path never waits for its GIL.
-        store = open_store(
-            settings.database_url,
-            sqlite_synchronous=settings.sqlite_synchronous,
-            sqlite_process=True,
-        )
+        store = await _open_service_store(settings, handlers)
         try:
-            await store.open()
-        except (StoreUnavailable, OSError, ValueError) as exc:
-            await handlers.aclose()
-            raise _store_error(exc, settings.database_url, "cannot open the store") from None
-        try:
-            app = create_app(settings, store=store, handlers=handlers)
+            metrics = Metrics()
+            # Handler code runs in worker processes of its own (docs/workers.md): nothing it
+            # does (block, spin, exit, crash) can stall or end intake.
+            pool = WorkerPool(worker_specs(settings, handlers), metrics=metrics)
+            app = create_app(
+                settings,
+                store=store,
+                handlers=handlers,
+                metrics=metrics,
+                dispatch=settings.dispatch,
+                runner=pool,
+            )
             config = uvicorn.Config(
                 app,
                 host=host or settings.host,
@@ -128,6 +158,11 @@ def _serve(environ: Mapping[str, str], host: str | None, port: int | None) -> in
         finally:
             await store.close()
 
+    _run_loop(run())
+    return 0
+
+
+def _run_loop(main: Coroutine[Any, Any, None]) -> None:
     # uvloop when installed (uvicorn[standard] brings it), as `uvicorn.run` would choose.
     try:
         import uvloop
@@ -136,7 +171,53 @@ def _serve(environ: Mapping[str, str], host: str | None, port: int | None) -> in
     except ImportError:
         loop_factory = None
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(run())
+        runner.run(main)
+
+
+def _worker(environ: Mapping[str, str]) -> int:
+    """Dispatch without intake (PostgreSQL): claims, handler worker processes, outcomes,
+    retention, until SIGTERM or SIGINT; then drains like ``serve`` and exits 0."""
+    import structlog
+
+    from .dispatch.service import build_dispatch
+    from .dispatch.workers import WorkerPool, worker_specs
+    from .metrics import Metrics
+
+    settings = _settings(environ, require_secret=False)
+    if settings.database_url.startswith("sqlite"):
+        raise CommandError(
+            "`worker` needs PostgreSQL (LACUNA_DATABASE_URL): on SQLite `serve` runs the "
+            "handler workers itself, so the database keeps one writer",
+            exit_code=2,
+        )
+    if not settings.handlers:
+        raise CommandError("configuration: LACUNA_HANDLERS names no handler to run", 2)
+    handlers = _handlers_of(settings)
+    log = structlog.get_logger("lacuna_webhooks.cli")
+
+    async def run() -> None:
+        store = await _open_service_store(settings, handlers)
+        try:
+            metrics = Metrics()
+            pool = WorkerPool(worker_specs(settings, handlers), metrics=metrics)
+            service = build_dispatch(settings, store, handlers, metrics=metrics, runner=pool)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            task = asyncio.create_task(service.run(), name="dispatch")
+            stopping = asyncio.create_task(stop.wait())
+            log.info("worker.started", handlers=handlers.names)
+            await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            await service.stop(settings.shutdown_timeout_seconds)
+            await task
+            log.info("worker.stopped")
+        finally:
+            await handlers.aclose()
+            await store.close()
+
+    _run_loop(run())
     return 0
 
 
@@ -622,9 +703,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    serve = sub.add_parser("serve", help="run the service (settings from the environment)")
+    serve = sub.add_parser(
+        "serve",
+        help="run the service (settings from the environment)",
+        description="Intake (the webhook route) and, unless LACUNA_DISPATCH=false, dispatch:"
+        " each handler runs in a worker process of its own that serve supervises"
+        " (docs/workers.md).",
+    )
     serve.add_argument("--host", help="listen address (default: $HOST or 0.0.0.0)")
     serve.add_argument("--port", type=_port, help="listen port (default: $PORT or 8000)")
+
+    sub.add_parser(
+        "worker",
+        help="dispatch without intake: run the handlers on stored deliveries (PostgreSQL only;"
+        " see docs/workers.md)",
+        description="Claim due deliveries and run each handler in a worker process of its own,"
+        " without the HTTP intake. PostgreSQL only: on SQLite `serve` does this itself. Pair"
+        " it with `serve` under LACUNA_DISPATCH=false to scale intake and dispatch apart.",
+    )
 
     dev = sub.add_parser("dev", help="run for local development (what `make run` does)")
     dev.add_argument("--env-file", default=".env", help="settings file (default: .env)")
@@ -708,6 +804,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         match args.command:
             case "serve":
                 return _serve(env, args.host, args.port)
+            case "worker":
+                return _worker(env)
             case "dev":
                 return _dev(env, Path(args.env_file))
             case "send":

@@ -259,6 +259,7 @@ class Settings:
     poll_interval_seconds: float = 1.0
     retention_days: float = 30.0
     shutdown_timeout_seconds: float = 20.0
+    dispatch: bool = True
     sqlite_synchronous: str = "full"
     trusted_proxies: str = "127.0.0.1"
     log_format: str = "auto"
@@ -349,6 +350,7 @@ class Settings:
         read("poll_interval_seconds", "LACUNA_POLL_INTERVAL", _positive_float)
         read("retention_days", "LACUNA_RETENTION_DAYS", _positive_float)
         read("shutdown_timeout_seconds", "LACUNA_SHUTDOWN_TIMEOUT", _positive_float)
+        read("dispatch", "LACUNA_DISPATCH", parse_bool)
         read("sqlite_synchronous", "LACUNA_SQLITE_SYNCHRONOUS", _choice("full", "normal"))
         read("trusted_proxies", "LACUNA_TRUSTED_PROXIES", str.strip)
         read("log_format", "LACUNA_LOG_FORMAT", _choice("auto", "json", "console"))
@@ -367,6 +369,12 @@ class Settings:
                     f"LACUNA_HANDLERS names {name!r}: a handler name is lowercase letters, "
                     "digits and _ (or package.module:attr for a handler not installed as a plugin)"
                 )
+        url = values.get("database_url", cls.database_url)
+        if values.get("dispatch") is False and str(url).startswith("sqlite"):
+            problems.append(
+                "LACUNA_DISPATCH=false needs PostgreSQL: on SQLite only `serve` may dispatch "
+                "(the database has one writer), so nothing would ever deliver"
+            )
         if problems:
             raise ConfigError(problems)
         return cls(

@@ -39,6 +39,13 @@ class Metrics:
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0),
             registry=r,
         )
+        self.worker_restarts = Counter(
+            f"{PREFIX}_handler_worker_restarts",
+            "Handler worker processes started again, by handler and reason (timeout: killed "
+            "for an attempt that outlived its timeout; crash; start_failed).",
+            ["handler", "reason"],
+            registry=r,
+        )
         self.queue_depth = Gauge(
             f"{PREFIX}_queue_depth",
             "Pending deliveries, by state (due, running, waiting for a retry) and dead ones.",

@@ -106,6 +106,27 @@ def serve_factory(tmp_path: Path) -> Iterator[type[Serve]]:
         s.stop()
 
 
+def children(serve: Serve) -> dict[int, str]:
+    """``serve``'s child processes: pid -> command line (the SQLite writer's runs
+    ``sqlite_process``, each handler worker's ``worker_child``)."""
+    assert serve.proc is not None
+    tasks = Path(f"/proc/{serve.proc.pid}/task")
+    found: dict[int, str] = {}
+    for task in tasks.iterdir():
+        for pid in (task / "children").read_text().split():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except FileNotFoundError:
+                continue  # exited between the two reads
+            found[int(pid)] = cmdline.replace(b"\0", b" ").decode(errors="replace")
+    return found
+
+
+def handler_workers(serve: Serve) -> list[int]:
+    """The process ids of ``serve``'s handler worker processes."""
+    return [pid for pid, cmd in children(serve).items() if "worker_child" in cmd]
+
+
 def wait_until(predicate: object, timeout: float = 30.0, what: str = "condition") -> None:
     """Poll ``predicate()`` until true; fail with ``what`` after ``timeout`` seconds."""
     assert callable(predicate)

@@ -14,7 +14,15 @@ import httpx
 import pytest
 
 from tests.conftest import TEST_SECRET, make_event, process_exited, signed
-from tests.e2e.conftest import CLI, REPO, Serve, free_port, wait_until
+from tests.e2e.conftest import (
+    CLI,
+    REPO,
+    Serve,
+    children,
+    free_port,
+    handler_workers,
+    wait_until,
+)
 from tests.e2e.recorder_plugin import recorded
 
 pytestmark = pytest.mark.e2e
@@ -22,10 +30,8 @@ RECORDER = "tests.e2e.recorder_plugin:FileRecorder"
 
 
 def writer_children(serve: Serve) -> list[int]:
-    """The process ids of ``serve``'s children: its SQLite writer process."""
-    assert serve.proc is not None
-    tasks = Path(f"/proc/{serve.proc.pid}/task")
-    return [int(pid) for task in tasks.iterdir() for pid in (task / "children").read_text().split()]
+    """The process ids of ``serve``'s SQLite writer process (one, unless it is restarting)."""
+    return [pid for pid, cmd in children(serve).items() if "sqlite_process" in cmd]
 
 
 def send(serve: Serve, event_id: str) -> httpx.Response:
@@ -58,12 +64,16 @@ def test_sigkill_with_pending_deliveries_loses_nothing(
         assert response.status_code == 200, response.text
         assert response.json()["duplicate"] is False
     (writer,) = writer_children(first)
+    wait_until(lambda: handler_workers(first), what="the handler worker process")
+    (worker,) = handler_workers(first)
     first.signal(signal.SIGKILL)
     assert first.wait() == -signal.SIGKILL
     assert recorded(out) == []  # nothing finished before the crash
     wait_until(
         lambda: process_exited(writer), timeout=30, what="the writer process to follow serve"
     )
+    # The handler worker must not finish its attempts behind the restarted serve's back.
+    wait_until(lambda: process_exited(worker), timeout=30, what="the handler worker to follow")
 
     serve_factory({**env, "LACUNA_RECORDER_DELAY": "0"}).start()
     wait_until(lambda: set(recorded(out)) == set(ids), timeout=90, what="every event delivered")
@@ -94,9 +104,11 @@ def test_sigterm_drains_in_flight_deliveries(serve_factory: type[Serve], tmp_pat
 
     wait_until(all_running, timeout=20, what="three deliveries in flight")
     (writer,) = writer_children(serve)
+    (worker,) = handler_workers(serve)
     serve.signal(signal.SIGTERM)
     assert serve.wait(timeout=40) == 0
     assert process_exited(writer)
+    assert process_exited(worker)
     assert sorted(recorded(out)) == sorted(ids)
     assert "serve.stopped" in serve.log()
 

@@ -231,3 +231,26 @@ def test_send_cannot_edit_a_file_that_is_not_json(
     argv = ["send", "--url", "http://127.0.0.1:9/x", "--secret", "s", "--file", str(body)]
     assert main([*argv, "--id", "evt_1"], {}) == 2
     assert "is not JSON, so --set/--id/--type cannot edit it" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        (
+            {"LACUNA_DATABASE_URL": "sqlite:///./x.db", "LACUNA_HANDLERS": "log"},
+            "lacuna-webhooks: error: `worker` needs PostgreSQL (LACUNA_DATABASE_URL): on SQLite"
+            " `serve` runs the handler workers itself, so the database keeps one writer",
+        ),
+        (
+            {"LACUNA_DATABASE_URL": "postgresql://127.0.0.1:1/none"},
+            "lacuna-webhooks: error: configuration: LACUNA_HANDLERS names no handler to run",
+        ),
+    ],
+)
+def test_worker_refuses_what_it_cannot_run(
+    env: dict[str, str], expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`worker` on SQLite (one writer: serve dispatches there) or without a handler stops
+    with exit 2 and one line, before touching any database."""
+    assert main(["worker"], env) == 2
+    assert capsys.readouterr().err.strip() == expected

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 import orjson
 import pytest
 
-from lacuna_webhooks.dispatcher import LEASE_MARGIN
+from lacuna_webhooks.dispatch import LEASE_MARGIN
 from lacuna_webhooks.errors import PermanentError, RetryLater
 from lacuna_webhooks.handlers.base import RecordingHandler
 from lacuna_webhooks.models import AttemptOutcome, DeliveryStatus, Event

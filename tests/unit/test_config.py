@@ -248,3 +248,19 @@ def test_handler_names_are_matched_whole(name: str) -> None:
     assert HANDLER_NAME_RE.match(name) is None
     assert HANDLER_NAME_RE.fullmatch(name) is None
     assert HANDLER_NAME_RE.fullmatch("slack_2")
+
+
+def test_dispatch_is_on_by_default_and_off_only_on_postgres() -> None:
+    """LACUNA_DISPATCH=false makes serve intake only; on SQLite (one writer, no `worker`)
+    that would leave nothing to deliver, so it is refused naming the variable."""
+    assert Settings.from_env(BASE).dispatch is True
+    pg = {**BASE, "LACUNA_DATABASE_URL": "postgresql://db/x", "LACUNA_DISPATCH": "false"}
+    assert Settings.from_env(pg).dispatch is False
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({**BASE, "LACUNA_DISPATCH": "false"})
+    assert info.value.problems == [
+        "LACUNA_DISPATCH=false needs PostgreSQL: on SQLite only `serve` may dispatch "
+        "(the database has one writer), so nothing would ever deliver"
+    ]
+    with pytest.raises(ConfigError, match="LACUNA_DISPATCH must be true or false"):
+        Settings.from_env({**BASE, "LACUNA_DISPATCH": "maybe"})

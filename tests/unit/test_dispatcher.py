@@ -16,7 +16,7 @@ import orjson
 import pytest
 from structlog.testing import capture_logs
 
-from lacuna_webhooks.dispatcher import LEASE_MARGIN
+from lacuna_webhooks.dispatch import LEASE_MARGIN, Retention
 from lacuna_webhooks.errors import PermanentError, RetryLater
 from lacuna_webhooks.handlers.base import RecordingHandler
 from lacuna_webhooks.metrics import Metrics
@@ -216,6 +216,30 @@ async def test_timeout_is_retried(store: MemoryStore, clock: FakeClock) -> None:
     assert row.attempts == 1
     assert row.next_attempt_at == T0 + timedelta(seconds=5)
     assert row.last_error == "TimeoutError: handler exceeded 0.05s"
+
+
+@pytest.mark.parametrize(
+    "exc", [SystemExit(0), KeyboardInterrupt(), GeneratorExit(), asyncio.CancelledError()]
+)
+async def test_base_exceptions_are_recorded_and_retried(
+    store: MemoryStore, clock: FakeClock, exc: BaseException
+) -> None:
+    """A handler raising any BaseException gets an attempt recorded (retry) and the loop
+    goes on: the next event is delivered."""
+    handler = RecordingHandler(script=[exc])
+    d = dispatcher(store, [handler], clock)
+    first = await accept(store, clock)
+    async with running(d) as task:
+        await d.drain()
+        second = await accept(store, clock)
+        await d.drain()
+        assert not task.done()
+    row = await only_delivery(store, event_id=first.id)
+    assert (row.status, row.attempts) == (DeliveryStatus.PENDING, 1)
+    (attempt,) = await store.list_attempts(row.id)
+    assert attempt.outcome is AttemptOutcome.RETRY
+    assert (attempt.error or "").startswith(type(exc).__name__)
+    assert (await only_delivery(store, event_id=second.id)).status is DeliveryStatus.DONE
 
 
 async def test_handlers_own_timeout_error_is_reported_as_is(
@@ -508,18 +532,38 @@ async def test_loop_survives_an_unavailable_store(store: MemoryStore, clock: Fak
 
 
 async def test_retention_prunes_old_delivered_events(store: MemoryStore, clock: FakeClock) -> None:
-    """With retention set, events received longer ago than that are pruned once delivered."""
+    """The retention task, beside the dispatcher, prunes events received longer ago than the
+    retention once they are delivered, and keeps recent ones."""
     handler = RecordingHandler()
     old = new_event()
     assert await store.accept(old, ["recorder"], now=clock() - timedelta(days=3))
     recent = await accept(store, clock)
-    d = dispatcher(store, [handler], clock, retention=timedelta(days=1), prune_interval_seconds=0)
+    d = dispatcher(store, [handler], clock)
+    retention = Retention(store, timedelta(days=1), interval_seconds=0.01, clock=clock)
     with capture_logs() as logs:
         async with running(d):
+            pruning = asyncio.create_task(retention.run())
             await d.drain()
             await wait_until(lambda: store_lacks(store, old.id))
+            retention.stop()
+            await asyncio.wait_for(pruning, 5)
     assert await store.get_event(recent.id) is not None
     assert any(e["event"] == "store.pruned" and e["events"] == 1 for e in logs)
+
+
+async def test_retention_survives_an_unavailable_store(
+    store: MemoryStore, clock: FakeClock
+) -> None:
+    """A prune that fails is logged and tried again at the next interval; the task goes on."""
+    retention = Retention(store, timedelta(days=1), interval_seconds=0.01, clock=clock)
+    store.unavailable = True
+    with capture_logs() as logs:
+        pruning = asyncio.create_task(retention.run())
+        await wait_until(lambda: retention.passes >= 2)
+        assert not pruning.done()
+        retention.stop()
+        await asyncio.wait_for(pruning, 5)
+    assert any(e["event"] == "store.prune_failed" for e in logs)
 
 
 async def store_lacks(store: MemoryStore, event_id: str) -> bool:

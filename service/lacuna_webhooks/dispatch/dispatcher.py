@@ -1,28 +1,25 @@
-"""The dispatcher: claims due deliveries from the store and runs each handler on them.
+"""The dispatcher: claims due deliveries from the store, has them run, records each outcome.
 
-One loop (``run``) per process. Each handler has its own ``concurrency``
-slots, and the loop claims for a handler only as many deliveries as it has
-free slots, so a slow or failing handler never delays another one (and the
-webhook route never waits for any handler: it only stores). The loop sleeps
-on whichever comes first: the store's ``wait_for_work`` (an accept in this
-process, a NOTIFY from another replica, or the poll interval), a slot being
-freed, or ``stop``.
+One loop (``run``) per process, beside the store it claims from (on SQLite,
+``serve``'s writer process). Each handler has its own ``concurrency`` slots,
+and the loop claims for a handler only as many deliveries as it has free
+slots, and only while its runner is ready (its worker process is up), so a
+slow or failing handler never delays another one (and the webhook route never
+waits for any handler: it only stores). The loop sleeps on whichever comes
+first: the store's ``wait_for_work`` (an accept in this process, a NOTIFY from
+another replica, or the poll interval), a slot being freed, a worker becoming
+ready, or ``stop``.
 
-Each attempt runs under the handler's timeout and ends in exactly one of:
-
-=========================  =========================================================
-handler returns            ``complete`` (outcome ``ok``)
-raises ``PermanentError``  ``dead`` at once
-raises ``RetryLater(d)``   ``retry`` after ``d`` seconds (capped), or ``dead`` when
-                           the attempt budget is spent
-times out / raises         ``retry`` on the policy's backoff, or ``dead`` when the
-anything else              budget is spent
-=========================  =========================================================
+Each attempt is handed to the ``AttemptRunner`` (``runner.py``): in ``serve``
+and ``worker`` a worker process per handler (``workers.py``), which ends an
+attempt that overruns its timeout even when it blocks. What the attempt came
+to, and what is recorded for it, are the pure ``classify`` and ``decide`` of
+``attempt.py`` (its docstring has the table).
 
 Attempts are counted by the store when a delivery is claimed, so a handler
-that crashes the whole process is still retired after ``max_attempts``
-claims: a claim that finds the budget already spent records ``dead`` without
-running the handler again.
+that crashes its process is still retired after ``max_attempts`` claims: a
+claim that finds the budget already spent records ``dead`` without running
+the handler again. Retention pruning is a task of its own (``retention.py``).
 """
 
 from __future__ import annotations
@@ -36,41 +33,33 @@ from datetime import UTC, datetime, timedelta
 
 import structlog
 
-from .errors import PermanentError, RetryLater, StoreUnavailable
-from .metrics import Metrics
-from .models import Attempt, AttemptOutcome, Delivery
-from .plugins import HandlerSet
-from .redact import redact_text
-from .retry import RetryPolicy
-from .store.base import Store
+from ..errors import StoreUnavailable
+from ..metrics import Metrics
+from ..models import Attempt, AttemptOutcome, Delivery
+from ..plugins import HandlerSet
+from ..retry import RetryPolicy
+from ..store.base import Store
+from .attempt import Action, budget_spent, decide, describe_error
+from .runner import AttemptRunner, InProcessRunner
 
 LEASE_MARGIN = timedelta(seconds=30)
-"""Added to a handler's timeout for its lease: the timeout fires well before anyone else
-may take the delivery over, leaving time to record the outcome."""
+"""Added to a handler's timeout for its lease: the timeout fires (and a blocked worker is
+killed) well before anyone else may take the delivery over, leaving time to record it."""
 
 DEFAULT_TIMEOUT_SECONDS = 60.0
 MAX_STORE_BACKOFF_SECONDS = 30.0
-MAX_ERROR_CHARS = 2000
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def describe_error(exc: BaseException) -> str:
-    """``"ValueError: boom"``, with any URL cut to its host (a webhook URL's path is a secret)
-    and any known secret value masked (``redact.redact_text``)."""
-    message = str(exc).strip()
-    text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
-    return redact_text(text)[:MAX_ERROR_CHARS]
-
-
 class Dispatcher:
     """Runs the configured handlers on the deliveries the store holds. See the module docstring.
 
-    ``clock`` and ``rand`` are injected so tests can control time and jitter.
-    With ``retention`` set, events received longer ago than that (and fully
-    delivered) are pruned every ``prune_interval_seconds``.
+    ``runner`` runs the attempts (default: ``InProcessRunner(handlers)``, on this loop: for
+    tests; ``serve`` and ``worker`` pass a ``WorkerPool``). ``clock`` and ``rand`` are
+    injected so tests can control time and jitter.
     """
 
     def __init__(
@@ -79,26 +68,24 @@ class Dispatcher:
         handlers: HandlerSet,
         *,
         policy: RetryPolicy,
+        runner: AttemptRunner | None = None,
         concurrency: int = 4,
         poll_interval_seconds: float = 1.0,
         metrics: Metrics | None = None,
         clock: Callable[[], datetime] = utcnow,
         rand: Callable[[], float] = random.random,
-        retention: timedelta | None = None,
-        prune_interval_seconds: float = 3600,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.store = store
         self.handlers = handlers
         self.policy = policy
+        self.runner: AttemptRunner = runner or InProcessRunner(handlers)
         self.concurrency = concurrency
         self.poll_interval_seconds = poll_interval_seconds
         self.metrics = metrics
         self.clock = clock
         self.rand = rand
-        self.retention = retention
-        self.prune_interval_seconds = prune_interval_seconds
         self._log = structlog.get_logger("lacuna_webhooks.dispatcher")
         self._free = dict.fromkeys(handlers.names, concurrency)
         self._inflight: dict[asyncio.Task[None], Delivery] = {}
@@ -110,7 +97,8 @@ class Dispatcher:
         self._progress = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._waiting = False
-        self._next_prune = 0.0
+        self._runner_started = False
+        self._runner_closed = False
 
     # -- public API ------------------------------------------------------------------------
 
@@ -119,6 +107,9 @@ class Dispatcher:
         attempts the same way ``stop(0)`` would."""
         if self._loop_task is not None:
             raise RuntimeError("Dispatcher.run() is already running")
+        if not self._runner_started:
+            self._runner_started = True
+            await self.runner.start(self._wake.set)
         self._loop_task = asyncio.create_task(self._loop(), name="dispatcher-loop")
         self._loop_task.add_done_callback(self._loop_ended)
         self._log.info("dispatcher.started", handlers=self.handlers.names)
@@ -136,7 +127,8 @@ class Dispatcher:
 
     async def stop(self, timeout_seconds: float) -> None:
         """Stop claiming; let in-flight attempts finish for up to ``timeout_seconds``, then
-        cancel the rest and ``release`` them (due again at once, the attempt not counted)."""
+        cancel the rest, close the runner (a worker process gets ``STOP_GRACE_SECONDS`` to
+        exit before it is killed) and ``release`` them (due again at once, not counted)."""
         self._stopping = True
         self._wake.set()
         deadline = time.monotonic() + max(0.0, timeout_seconds)
@@ -187,7 +179,6 @@ class Dispatcher:
             while not self._stopping:
                 self._wake.clear()
                 try:
-                    await self._prune_if_due()
                     await self._claim_pass()
                     if work is None or work.done():
                         if work is not None:
@@ -239,7 +230,7 @@ class Dispatcher:
         """Claim for every handler with free slots and start an attempt per delivery."""
         for name in self.handlers.names:
             free = self._free[name]
-            if free <= 0 or self._stopping:
+            if free <= 0 or self._stopping or not self.runner.ready(name):
                 continue
             lease = timedelta(seconds=self._timeout(name)) + LEASE_MARGIN
             claimed = await self.store.claim(
@@ -250,15 +241,6 @@ class Dispatcher:
                     await self._release(delivery)
                 else:
                     self._start(delivery)
-
-    async def _prune_if_due(self) -> None:
-        if self.retention is None or time.monotonic() < self._next_prune:
-            return
-        pruned = await self.store.prune(received_before=self.clock() - self.retention)
-        self._next_prune = time.monotonic() + self.prune_interval_seconds
-        # Quiet when there was nothing to do: this runs at every start and every interval.
-        log = self._log.info if pruned else self._log.debug
-        log("store.pruned", events=pruned, retention_days=self.retention.total_seconds() / 86400)
 
     # -- one attempt -----------------------------------------------------------------------
 
@@ -284,52 +266,43 @@ class Dispatcher:
     async def _deliver(self, delivery: Delivery) -> None:
         """Run one attempt and record its outcome. Never raises for a handler's failure."""
         name = delivery.handler
-        timeout = self._timeout(name)
-        requested: float | None = None
-        error: str | None = None
-        permanent = False
         started = self.clock()
         t0 = time.perf_counter()
-        if delivery.attempts > self.policy.max_attempts:
-            # Earlier claims never recorded an outcome: the process died during them.
-            error = f"attempt budget of {self.policy.max_attempts} spent without an outcome"
-            permanent = True
-        else:
-            deadline = asyncio.timeout(timeout)
-            try:
-                async with deadline:
-                    await self.handlers.handlers[name].handle(delivery.event)
-            except PermanentError as exc:
-                error, permanent = describe_error(exc), True
-            except RetryLater as exc:
-                error, requested = describe_error(exc), exc.delay_seconds
-            except TimeoutError as exc:
-                # Ours, or one the handler raised itself (say, its own read timeout).
-                if deadline.expired():
-                    error = f"TimeoutError: handler exceeded {timeout:g}s"
-                else:
-                    error = describe_error(exc)
-            except Exception as exc:  # the plugin boundary: any handler failure is a retry
-                error = describe_error(exc)
+        decision = budget_spent(delivery.attempts, self.policy)
+        if decision is None:
+            outcome = await self.runner.run(delivery, self._timeout(name))
+            decision = decide(
+                outcome,
+                attempts=delivery.attempts,
+                policy=self.policy,
+                finished_at=self.clock(),
+                rand=self.rand,
+            )
         finished = self.clock()
         duration = time.perf_counter() - t0
-
-        delay: float | None = None
-        if error is None:
-            outcome = AttemptOutcome.OK
-        else:
-            if not permanent:
-                delay = self.policy.delay_seconds(
-                    delivery.attempts, requested_seconds=requested, rand=self.rand
-                )
-            outcome = AttemptOutcome.DEAD if delay is None else AttemptOutcome.RETRY
-        attempt = Attempt(started_at=started, finished_at=finished, outcome=outcome, error=error)
+        if decision.action is Action.RELEASE:
+            # Not the handler's doing (another attempt's timeout replaced its worker): the
+            # claim goes back uncounted and nothing is recorded.
+            await self._release(delivery)
+            self._log.warning(
+                "delivery.released",
+                event_id=delivery.event.id,
+                handler=name,
+                delivery_id=delivery.id,
+                attempt=delivery.attempts,
+                reason=decision.error,
+            )
+            return
+        outcome_ = decision.outcome
+        assert outcome_ is not None  # every action but a release records an attempt
+        attempt = Attempt(
+            started_at=started, finished_at=finished, outcome=outcome_, error=decision.error
+        )
         try:
-            if outcome is AttemptOutcome.OK:
+            if decision.action is Action.COMPLETE:
                 recorded = await self.store.complete(delivery, attempt)
-            elif delay is not None:
-                at = finished + timedelta(seconds=delay)
-                recorded = await self.store.retry(delivery, attempt, at=at)
+            elif decision.retry_at is not None:
+                recorded = await self.store.retry(delivery, attempt, at=decision.retry_at)
             else:
                 recorded = await self.store.dead(delivery, attempt)
         except StoreUnavailable as exc:
@@ -339,9 +312,12 @@ class Dispatcher:
             )
             recorded = False
         if self.metrics is not None:
-            self.metrics.deliveries.labels(name, outcome.value).inc()
+            self.metrics.deliveries.labels(name, outcome_.value).inc()
             self.metrics.handler_latency.labels(name).observe(duration)
-        log = self._log.info if outcome is AttemptOutcome.OK else self._log.warning
+        log = self._log.info if outcome_ is AttemptOutcome.OK else self._log.warning
+        retry_in = None
+        if decision.retry_at is not None:
+            retry_in = round((decision.retry_at - finished).total_seconds(), 3)
         log(
             "delivery.attempt",
             event_id=delivery.event.id,
@@ -349,22 +325,26 @@ class Dispatcher:
             handler=name,
             delivery_id=delivery.id,
             attempt=delivery.attempts,
-            outcome=outcome.value,
+            outcome=outcome_.value,
             duration_ms=round(duration * 1000, 3),
-            error=error,
-            retry_in_seconds=None if delay is None else round(delay, 3),
+            error=decision.error,
+            retry_in_seconds=retry_in,
             recorded=recorded,
         )
 
     # -- shutdown --------------------------------------------------------------------------
 
     async def _abandon(self) -> None:
-        """Cancel whatever is still in flight and give each claim back to the store."""
+        """Cancel whatever is still in flight, end the runner (no handler code may still run
+        once a claim is given back), then give each claim back to the store."""
         abandoned = list(self._inflight.items())
         for task, _ in abandoned:
             task.cancel()
         if abandoned:
             await asyncio.wait([task for task, _ in abandoned])
+        if self._runner_started and not self._runner_closed:
+            self._runner_closed = True
+            await self.runner.close()
         for _, delivery in abandoned:
             await self._release(delivery)
             self._log.warning(
@@ -389,4 +369,4 @@ class Dispatcher:
         self._progress = asyncio.Event()
 
 
-__all__ = ["LEASE_MARGIN", "Dispatcher", "describe_error"]
+__all__ = ["DEFAULT_TIMEOUT_SECONDS", "LEASE_MARGIN", "Dispatcher"]

@@ -1,0 +1,225 @@
+"""One attempt: what ``handle()`` came to, and what the store records for it. Pure: no I/O.
+
+Two steps, each a pure function with its own tests (``tests/unit/test_attempt.py``):
+
+- ``classify(exception_or_result)`` -> ``Outcome``: what the handler did.
+  ``run_attempt`` calls it wherever the handler runs (a worker process, or the
+  caller's loop in tests), and the ``Outcome`` is what travels back.
+- ``decide(outcome, attempts=, policy=, finished_at=, rand=)`` -> ``Decision``:
+  complete, retry at a time, dead, or release (give the claim back uncounted).
+
+=====================  ===========================================  ==================
+ending                 from                                         decision
+=====================  ===========================================  ==================
+``ok``                 ``handle()`` returned                        complete
+``permanent``          ``PermanentError``                           dead at once
+``retry_later``        ``RetryLater(delay)``                        retry after
+                                                                    ``delay`` (capped)
+``failed``             any other exception, ``BaseException``       retry on the
+                       included (``SystemExit``, ``KeyboardInter-   schedule
+                       rupt``, ``GeneratorExit``, ``CancelledError``
+                       the handler raised itself)
+``timed_out``          the handler outlived its timeout (cut off,   retry on the
+                       or its worker process killed)                schedule
+``lost``               the worker process running it died           retry on the
+                       (``os._exit``, a signal, a segfault)         schedule
+``interrupted``        ended for no fault of its own (another       release
+                       attempt's timeout replaced its worker)
+=====================  ===========================================  ==================
+
+Every retry becomes ``dead`` once the attempt budget is spent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from ..errors import PermanentError, RetryLater
+from ..handlers.base import Handler
+from ..models import AttemptOutcome, Event
+from ..redact import redact_text
+from ..retry import RetryPolicy
+
+MAX_ERROR_CHARS = 2000
+
+
+def describe_error(exc: BaseException) -> str:
+    """``"ValueError: boom"``, with any URL cut to its host (a webhook URL's path is a secret)
+    and any known secret value masked (``redact.redact_text``)."""
+    message = str(exc).strip()
+    text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    return redact_text(text)[:MAX_ERROR_CHARS]
+
+
+class Ending(enum.StrEnum):
+    """How one run of ``handle()`` ended (see the module docstring's table)."""
+
+    OK = "ok"
+    PERMANENT = "permanent"
+    RETRY_LATER = "retry_later"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    LOST = "lost"
+    INTERRUPTED = "interrupted"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one attempt came to. ``result`` is the JSON object ``handle()`` returned, if any;
+    ``retry_after_seconds`` is a ``RetryLater``'s own delay."""
+
+    ending: Ending
+    error: str | None = None
+    retry_after_seconds: float | None = None
+    result: dict[str, Any] | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        """A JSON-able mapping (what a worker process sends back)."""
+        return {
+            "ending": self.ending.value,
+            "error": self.error,
+            "retry_after_seconds": self.retry_after_seconds,
+            "result": self.result,
+        }
+
+    @classmethod
+    def from_wire(cls, value: Mapping[str, Any]) -> Outcome:
+        """The inverse of ``to_wire``; raises ``ValueError``/``KeyError``/``TypeError`` on junk."""
+        error = value["error"]
+        delay = value["retry_after_seconds"]
+        result = value["result"]
+        if error is not None and not isinstance(error, str):
+            raise TypeError("error must be a string")
+        if delay is not None and not isinstance(delay, int | float):
+            raise TypeError("retry_after_seconds must be a number")
+        if result is not None and not isinstance(result, dict):
+            raise TypeError("result must be an object")
+        return cls(Ending(value["ending"]), error, None if delay is None else float(delay), result)
+
+
+def classify(value: BaseException | object) -> Outcome:
+    """The ``Outcome`` of an attempt that raised ``value`` (an exception) or returned it.
+
+    A returned ``dict`` is kept as the result; any other return value is ignored.
+    """
+    if isinstance(value, PermanentError):
+        return Outcome(Ending.PERMANENT, describe_error(value))
+    if isinstance(value, RetryLater):
+        return Outcome(Ending.RETRY_LATER, describe_error(value), value.delay_seconds)
+    if isinstance(value, BaseException):
+        return Outcome(Ending.FAILED, describe_error(value))
+    return Outcome(Ending.OK, result=value if isinstance(value, dict) else None)
+
+
+def timed_out(timeout_seconds: float, *, killed: bool = False) -> Outcome:
+    """The outcome of an attempt cut off at ``timeout_seconds``."""
+    how = "; it did not yield, so its worker process was replaced" if killed else ""
+    return Outcome(Ending.TIMED_OUT, f"TimeoutError: handler exceeded {timeout_seconds:g}s{how}")
+
+
+async def run_attempt(handler: Handler, event: Event, timeout_seconds: float) -> Outcome:
+    """Run ``handler.handle(event)`` under ``timeout_seconds``; never raises for its failure.
+
+    Only a cancellation of the calling task itself (a stop) propagates. A blocking handler
+    cannot be cut off here: that is the worker process's supervisor's job.
+    """
+    deadline = asyncio.timeout(timeout_seconds)
+    try:
+        async with deadline:
+            # Typed as returning None; SPEC §6 lets a handler return a JSON object.
+            result: object = await handler.handle(event)  # type: ignore[func-returns-value]
+    except asyncio.CancelledError as exc:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # we are being stopped: not an outcome of the handler's
+        return classify(exc)  # the handler raised CancelledError itself
+    except TimeoutError as exc:
+        # Ours, or one the handler raised itself (say, its own read timeout).
+        return timed_out(timeout_seconds) if deadline.expired() else classify(exc)
+    except BaseException as exc:
+        # The plugin boundary, the one place that catches everything: whatever a handler
+        # raises (SystemExit and KeyboardInterrupt included) is an outcome of its attempt.
+        return classify(exc)
+    return classify(result)
+
+
+class Action(enum.StrEnum):
+    """What the store is told."""
+
+    COMPLETE = "complete"
+    RETRY = "retry"
+    DEAD = "dead"
+    RELEASE = "release"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """``action`` with its ``error`` text and, for a retry, when it is due (``retry_at``)."""
+
+    action: Action
+    error: str | None = None
+    retry_at: datetime | None = None
+
+    @property
+    def outcome(self) -> AttemptOutcome | None:
+        """The attempt's recorded outcome; ``None`` for a release (nothing is recorded)."""
+        return {
+            Action.COMPLETE: AttemptOutcome.OK,
+            Action.RETRY: AttemptOutcome.RETRY,
+            Action.DEAD: AttemptOutcome.DEAD,
+        }.get(self.action)
+
+
+def budget_spent(attempts: int, policy: RetryPolicy) -> Decision | None:
+    """``dead`` when a claim finds the budget already spent (earlier claims never recorded
+    an outcome: the process running them died), else ``None``: run the handler."""
+    if attempts > policy.max_attempts:
+        return Decision(
+            Action.DEAD, f"attempt budget of {policy.max_attempts} spent without an outcome"
+        )
+    return None
+
+
+def decide(
+    outcome: Outcome,
+    *,
+    attempts: int,
+    policy: RetryPolicy,
+    finished_at: datetime,
+    rand: Callable[[], float],
+) -> Decision:
+    """What to record for attempt number ``attempts`` (1-based) that ended in ``outcome``.
+
+    A retry is due ``policy.delay_seconds(attempts, ...)`` after ``finished_at`` (the
+    handler's own ``RetryLater`` delay when it gave one, capped); ``None`` from the policy
+    (budget spent) makes it ``dead``.
+    """
+    if outcome.ending is Ending.OK:
+        return Decision(Action.COMPLETE)
+    if outcome.ending is Ending.INTERRUPTED:
+        return Decision(Action.RELEASE, outcome.error)
+    if outcome.ending is Ending.PERMANENT:
+        return Decision(Action.DEAD, outcome.error)
+    delay = policy.delay_seconds(attempts, requested_seconds=outcome.retry_after_seconds, rand=rand)
+    if delay is None:
+        return Decision(Action.DEAD, outcome.error)
+    return Decision(Action.RETRY, outcome.error, finished_at + timedelta(seconds=delay))
+
+
+__all__ = [
+    "Action",
+    "Decision",
+    "Ending",
+    "Outcome",
+    "budget_spent",
+    "classify",
+    "decide",
+    "describe_error",
+    "run_attempt",
+    "timed_out",
+]

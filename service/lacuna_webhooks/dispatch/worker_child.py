@@ -1,0 +1,154 @@
+"""The handler worker process: builds one handler and runs the attempts its parent sends.
+
+Started by ``workers.HandlerWorker`` (see that module for the wire and the
+supervision). Everything a handler raises, ``BaseException`` included, becomes
+the ``Outcome`` of its attempt (``attempt.run_attempt``); only what escapes
+the event loop itself (``os._exit``, a signal, ``SystemExit`` from a callback)
+ends this process, and the parent records and restarts that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import functools
+import os
+import pickle
+import signal
+import socket
+import sys
+from typing import Any
+
+import orjson
+import structlog
+
+from ..handlers.base import Handler
+from ..models import Event
+from .attempt import Outcome, describe_error, run_attempt
+from .workers import WorkerSpec, frame, read_frame
+
+_PR_SET_PDEATHSIG = 1
+#: How long the handler's ``aclose`` may take when the worker stops.
+ACLOSE_TIMEOUT_SECONDS = 5.0
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel SIGKILL this process when its parent dies, so a handler that
+    blocks (and so never reads the closed socket) cannot outlive a killed ``serve``."""
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(0)
+
+
+def _send_json(sock: socket.socket, message: list[Any]) -> None:
+    sock.sendall(frame(orjson.dumps(message)))
+
+
+def child_main(fd: int) -> int:
+    """Serve one parent over the socket ``fd`` until it says stop or goes away."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent()
+    sock = socket.socket(fileno=fd)
+    stream = sock.makefile("rb")
+    head = stream.read(4)
+    if len(head) < 4:
+        return 0
+    data = stream.read(int.from_bytes(head, "big"))
+    stream.close()
+    # From our own parent, over a socket pair nobody else holds: not untrusted data.
+    _, spec = pickle.loads(data)  # noqa: S301
+    assert isinstance(spec, WorkerSpec)
+    sys.path[:] = list(spec.sys_path) or sys.path
+    handler = _build(sock, spec)
+    if handler is None:
+        return 2
+    _send_json(sock, ["ready", os.getpid()])
+    asyncio.run(_serve(sock, handler))
+    return 0
+
+
+def _build(sock: socket.socket, spec: WorkerSpec) -> Handler | None:
+    from ..logs import configure
+    from ..plugins import build_handlers
+    from ..redact import secret_values
+
+    # A spawned process remembers no secrets of its parent's: mask the same values here.
+    configure(
+        log_format=spec.log_format,
+        level=spec.log_level,
+        secrets=secret_values(spec.environ),
+    )
+    try:
+        built = build_handlers(
+            [spec.item],
+            spec.environ,
+            allow_private_urls=spec.allow_private_urls,
+            timeout_seconds=spec.timeout_seconds,
+        )
+        handler = built.handlers.get(spec.name)
+        if handler is None:
+            raise LookupError(f"{spec.item!r} built no handler named {spec.name!r}")
+    except BaseException as exc:
+        # A plugin may raise anything at import or build time; the parent logs it and retries.
+        _send_json(sock, ["failed", describe_error(exc)])
+        return None
+    return handler
+
+
+def _forget(running: dict[int, asyncio.Task[None]], attempt_id: int, _: object) -> None:
+    running.pop(attempt_id, None)
+
+
+async def _serve(sock: socket.socket, handler: Handler) -> None:
+    reader, writer = await asyncio.open_unix_connection(sock=sock)
+    log = structlog.get_logger("lacuna_webhooks.worker").bind(handler=handler.name)
+    running: dict[int, asyncio.Task[None]] = {}
+
+    async def attempt(attempt_id: int, event: Event, timeout_seconds: float) -> None:
+        outcome = await run_attempt(handler, event, timeout_seconds)
+        try:
+            payload = orjson.dumps(["done", attempt_id, outcome.to_wire()])
+        except TypeError:
+            log.warning("handler.result_not_json", event_id=event.id)
+            bare = Outcome(outcome.ending, outcome.error, outcome.retry_after_seconds)
+            payload = orjson.dumps(["done", attempt_id, bare.to_wire()])
+        writer.write(frame(payload))
+
+    try:
+        while True:
+            try:
+                # Our parent's frames (see child_main): not untrusted data.
+                request = pickle.loads(await read_frame(reader))  # noqa: S301
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break  # the parent is gone: nobody is left to answer
+            kind = request[0]
+            if kind == "run":
+                _, attempt_id, event, timeout_seconds = request
+                task = asyncio.create_task(attempt(attempt_id, event, timeout_seconds))
+                running[attempt_id] = task
+                task.add_done_callback(functools.partial(_forget, running, attempt_id))
+            elif kind == "cancel":
+                task_ = running.get(request[1])
+                if task_ is not None:
+                    task_.cancel()
+            elif kind == "stop":
+                break
+    finally:
+        for task in list(running.values()):
+            task.cancel()
+        if running:
+            await asyncio.wait(list(running.values()), timeout=ACLOSE_TIMEOUT_SECONDS)
+        try:
+            async with asyncio.timeout(ACLOSE_TIMEOUT_SECONDS):
+                await handler.aclose()
+        except BaseException as exc:  # a plugin's aclose may raise anything; we exit anyway
+            log.warning("handler.aclose_failed", error=describe_error(exc))
+        writer.close()
+
+
+__all__ = ["child_main"]

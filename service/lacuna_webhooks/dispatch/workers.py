@@ -1,0 +1,438 @@
+"""Handler worker processes: every handler instance runs its attempts in a child of its own.
+
+``WorkerPool`` is the ``AttemptRunner`` that ``serve`` and ``worker`` use. It
+starts one worker process per handler instance (``worker_child.py``), which
+builds that handler from the same settings and plugins as the parent and runs
+its attempts concurrently on its own event loop. The dispatcher (claims and
+outcomes) stays in the parent, beside the store: on SQLite the database keeps
+its one writer.
+
+- Wire: a private socket pair. Parent to child: frames of a 4-byte big-endian
+  length and a pickle (``run``, ``cancel``, ``stop``); child to parent: the
+  same framing around JSON (``ready``, ``failed``, ``done`` with an
+  ``Outcome``), so nothing a plugin's process sends is unpickled here.
+- Timeouts: the child cuts an attempt off at the handler's timeout when the
+  handler yields. One that does not (``time.sleep``, a CPU loop) is still
+  running ``KILL_GRACE_SECONDS`` later: the child is killed (SIGKILL) and
+  replaced at once. The overrunning attempt is recorded ``timed_out`` (a retry
+  on the schedule); the other attempts that were in flight in that child are
+  *released*: given back to the store, due at once, not counted, nothing
+  recorded, as they did nothing wrong.
+- Crashes: a child that dies on its own (``os._exit``, a signal, a segfault,
+  ``SystemExit`` from a callback) has every attempt that was in flight in it
+  recorded ``lost`` (retried on the schedule and counted: which one killed it
+  cannot be told, and counting is what retires a poison event). It is
+  restarted after ``RESTART_DELAYS_SECONDS`` (growing with consecutive crashes;
+  reset once a child finishes an attempt). While a handler has no worker the
+  dispatcher claims nothing for it; intake never waits for any of this.
+- The child ignores SIGINT and SIGTERM (the parent decides when it stops,
+  draining first) and asks the kernel to kill it if the parent dies; it also
+  exits when the socket closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import pickle
+import signal
+import socket
+import struct
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import structlog
+
+from ..config import Settings
+from ..metrics import Metrics
+from ..models import Delivery
+from ..plugins import HandlerSet
+from .attempt import Ending, Outcome, timed_out
+
+_LEN = struct.Struct("!I")
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+RESTART_DELAYS_SECONDS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+#: How long past its timeout an attempt may go unanswered before its worker is killed: the
+#: child's own cut-off (at the timeout) answers well within it whenever the handler yields.
+KILL_GRACE_SECONDS = 2.0
+#: How long ``close()`` waits for a child to end its attempts and close its handler.
+STOP_GRACE_SECONDS = 5.0
+#: No message comes near this (an event is at most LACUNA_MAX_BODY_BYTES, twice over when
+#: parsed): a larger length prefix means the stream is corrupt.
+MAX_FRAME_BYTES = 256 * 1024 * 1024
+#: How long a new child may take to import and build its handler before it counts as failed.
+START_TIMEOUT_SECONDS = 60.0
+
+logger = structlog.get_logger("lacuna_webhooks.workers")
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker process needs to build its handler exactly as the parent did.
+
+    ``item`` is the handler's ``LACUNA_HANDLERS`` entry; ``environ`` the settings it reads
+    (sent over the socket, never on a command line); ``sys_path`` the parent's import path,
+    so ``package.module:attr`` plugins resolve the same way.
+    """
+
+    name: str
+    item: str
+    environ: Mapping[str, str] = field(repr=False)
+    allow_private_urls: bool
+    timeout_seconds: float
+    log_format: str
+    log_level: str
+    sys_path: tuple[str, ...] = ()
+
+
+def worker_specs(settings: Settings, handlers: HandlerSet) -> list[WorkerSpec]:
+    """One spec per built handler. ``build_handlers`` builds ``settings.handlers`` in order,
+    one handler per item, so the n-th name is the n-th item."""
+    return [
+        WorkerSpec(
+            name=name,
+            item=item,
+            environ=dict(settings.environ),
+            allow_private_urls=settings.allow_private_urls,
+            timeout_seconds=handlers.timeouts.get(name, settings.handler_timeout_seconds),
+            log_format=settings.log_format,
+            log_level=settings.log_level,
+            sys_path=tuple(sys.path),
+        )
+        for name, item in zip(handlers.names, settings.handlers, strict=True)
+    ]
+
+
+def frame(data: bytes) -> bytes:
+    return _LEN.pack(len(data)) + data
+
+
+async def read_frame(reader: asyncio.StreamReader) -> bytes:
+    """One frame's payload; raises ``asyncio.IncompleteReadError`` at EOF and ``ValueError``
+    for a frame larger than ``MAX_FRAME_BYTES``."""
+    (size,) = _LEN.unpack(await reader.readexactly(_LEN.size))
+    if size > MAX_FRAME_BYTES:
+        raise ValueError(f"a frame of {size} bytes")
+    return await reader.readexactly(size)
+
+
+def _exit_text(code: int | None) -> str:
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"was killed by {signal.Signals(-code).name}"
+    return f"exited with code {code}"
+
+
+class _Attempt:
+    __slots__ = ("future", "timeout_seconds", "timer")
+
+    def __init__(self, future: asyncio.Future[Outcome], timeout_seconds: float) -> None:
+        self.future = future
+        self.timeout_seconds = timeout_seconds
+        self.timer: asyncio.TimerHandle | None = None
+
+    def settle(self, outcome: Outcome) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        if not self.future.done():
+            self.future.set_result(outcome)
+
+
+class _Child:
+    """One running worker process and its socket."""
+
+    def __init__(
+        self,
+        proc: asyncio.subprocess.Process,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        self.proc = proc
+        self.reader = reader
+        self.writer = writer
+        self.attempts: dict[int, _Attempt] = {}
+        self.overrun: set[int] = set()  # attempts it was killed for
+        self.killed = False
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        self.writer.write(frame(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)))
+
+    def kill(self) -> None:
+        self.killed = True
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+
+    async def reap(self) -> int:
+        self.writer.close()
+        with contextlib.suppress(ConnectionError):
+            await self.writer.wait_closed()
+        return await self.proc.wait()
+
+
+class HandlerWorker:
+    """The supervised worker process of one handler instance."""
+
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        on_ready: Callable[[], None],
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.spec = spec
+        self._on_ready = on_ready
+        self._metrics = metrics
+        self._child: _Child | None = None
+        self._ids = itertools.count(1)
+        self._stopping = False
+        self._supervisor: asyncio.Task[None] | None = None
+        self._crashes = 0
+        self.restarts = 0  # children started after the first, for tests and diagnostics
+        self._log = logger.bind(handler=spec.name)
+
+    @property
+    def ready(self) -> bool:
+        return self._child is not None and not self._stopping
+
+    @property
+    def pid(self) -> int | None:
+        return self._child.proc.pid if self._child is not None else None
+
+    def start(self) -> None:
+        self._supervisor = asyncio.create_task(
+            self._supervise(), name=f"handler-worker-{self.spec.name}"
+        )
+
+    async def run(self, delivery: Delivery, timeout_seconds: float) -> Outcome:
+        child = self._child
+        if child is None or self._stopping:
+            return Outcome(Ending.INTERRUPTED, "the handler's worker process is not running")
+        attempt_id = next(self._ids)
+        attempt = _Attempt(asyncio.get_running_loop().create_future(), timeout_seconds)
+        child.attempts[attempt_id] = attempt
+        attempt.timer = asyncio.get_running_loop().call_later(
+            timeout_seconds + KILL_GRACE_SECONDS, self._overrun, child, attempt_id
+        )
+        child.send(("run", attempt_id, delivery.event, timeout_seconds))
+        try:
+            return await attempt.future
+        except asyncio.CancelledError:
+            # The dispatcher gave the attempt up (a stop): ask the child to cancel it too.
+            if child.attempts.pop(attempt_id, None) is not None:
+                if attempt.timer is not None:
+                    attempt.timer.cancel()
+                if self._child is child:
+                    child.send(("cancel", attempt_id))
+            raise
+
+    async def close(self) -> None:
+        """Ask the child to stop (it cancels its attempts and closes its handler); kill it
+        when it has not exited within ``STOP_GRACE_SECONDS``."""
+        self._stopping = True
+        child = self._child
+        if child is not None:
+            child.send(("stop",))
+            try:
+                await asyncio.wait_for(asyncio.shield(child.proc.wait()), STOP_GRACE_SECONDS)
+            except TimeoutError:
+                self._log.warning("handler_worker.stop_timeout", pid=child.proc.pid)
+                child.kill()
+        if self._supervisor is not None:
+            if child is None:
+                self._supervisor.cancel()  # sleeping before a restart, or starting one
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+
+    # -- supervision -------------------------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        first = True
+        while not self._stopping:
+            if not first:
+                self.restarts += 1
+            first = False
+            child = await self._spawn()
+            if child is None:
+                await self._backoff("start_failed")
+                continue
+            self._child = child
+            self._log.info("handler_worker.started", pid=child.proc.pid)
+            self._on_ready()
+            await self._read(child)
+            killed = bool(child.overrun)
+            code = await self._lost(child)
+            if self._stopping:
+                return
+            if killed:
+                self._count("timeout")
+                continue  # replaced at once: it was killed on purpose, not crashing
+            self._log.error(
+                "handler_worker.exited",
+                pid=child.proc.pid,
+                exit=_exit_text(code),
+            )
+            await self._backoff("crash")
+
+    async def _backoff(self, reason: str) -> None:
+        self._count(reason)
+        delay = RESTART_DELAYS_SECONDS[min(self._crashes, len(RESTART_DELAYS_SECONDS) - 1)]
+        self._crashes += 1
+        self._log.warning("handler_worker.restarting", reason=reason, restart_in_seconds=delay)
+        await asyncio.sleep(delay)
+
+    def _count(self, reason: str) -> None:
+        if self._metrics is not None:
+            self._metrics.worker_restarts.labels(self.spec.name, reason).inc()
+
+    async def _spawn(self) -> _Child | None:
+        parent, theirs = socket.socketpair()
+        code = (
+            "import sys\n"
+            f"if {_PACKAGE_ROOT!r} not in sys.path: sys.path.insert(0, {_PACKAGE_ROOT!r})\n"
+            "from lacuna_webhooks.dispatch.worker_child import child_main\n"
+            f"sys.exit(child_main({theirs.fileno()}))\n"
+        )
+        try:
+            # This interpreter, running a fixed program: nothing here comes from outside.
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-c",
+                code,
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+            )
+        except OSError as exc:
+            parent.close()
+            self._log.error("handler_worker.start_failed", error=str(exc))
+            return None
+        finally:
+            theirs.close()
+        reader, writer = await asyncio.open_unix_connection(sock=parent)
+        child = _Child(proc, reader, writer)
+        try:
+            child.send(("hello", self.spec))
+            async with asyncio.timeout(START_TIMEOUT_SECONDS):
+                reply = orjson.loads(await read_frame(reader))
+            if reply[0] == "ready":
+                return child
+            self._log.error("handler_worker.start_failed", error=str(reply[1]))
+        except (
+            asyncio.IncompleteReadError,
+            ConnectionError,
+            TimeoutError,
+            ValueError,  # a corrupt frame, or JSON that is not (orjson's error is one)
+            IndexError,
+        ):
+            self._log.error("handler_worker.start_failed", error="no answer from the new worker")
+        except BaseException:
+            child.kill()  # cancelled while starting (a stop): leave no child behind
+            await child.reap()
+            raise
+        child.kill()
+        await child.reap()
+        return None
+
+    async def _read(self, child: _Child) -> None:
+        """Settle attempts from the child's answers until its socket closes."""
+        try:
+            while True:
+                reply = orjson.loads(await read_frame(child.reader))
+                if reply[0] != "done":
+                    raise ValueError(f"unexpected message {reply[0]!r}")
+                attempt = child.attempts.pop(int(reply[1]), None)
+                if attempt is not None:
+                    attempt.settle(Outcome.from_wire(reply[2]))
+                    self._crashes = 0  # a child that finishes attempts is a working one
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the child exited, or was killed
+        except (ValueError, KeyError, TypeError, IndexError) as exc:
+            # An answer that makes no sense: treat the child as lost.
+            self._log.error("handler_worker.protocol_error", error=repr(exc)[:200])
+            child.kill()
+
+    def _overrun(self, child: _Child, attempt_id: int) -> None:
+        """An attempt is still unanswered ``KILL_GRACE_SECONDS`` past its timeout: the handler
+        blocks its worker's loop. Kill the worker; the reader then sees its socket close."""
+        if attempt_id not in child.attempts or child.killed:
+            return  # answered meanwhile, or the worker is already on its way out
+        child.overrun.add(attempt_id)
+        self._log.warning(
+            "handler_worker.killed",
+            pid=child.proc.pid,
+            reason="an attempt outlived its timeout without yielding",
+            timeout_seconds=child.attempts[attempt_id].timeout_seconds,
+            in_flight=len(child.attempts),
+        )
+        child.kill()
+
+    async def _lost(self, child: _Child) -> int:
+        """The child is gone: settle what was in flight in it (see the module docstring)."""
+        if self._child is child:
+            self._child = None
+        child.kill()  # a child that closed its socket but lingers
+        code = await child.reap()
+        attempts, child.attempts = child.attempts, {}
+        for attempt_id, attempt in attempts.items():
+            # Only the attempts it was killed for are charged: the others were waiting behind
+            # the one that blocked (or, being later, had not yet outlived their own timeout).
+            if attempt_id in child.overrun:
+                attempt.settle(timed_out(attempt.timeout_seconds, killed=True))
+            elif child.overrun or self._stopping:
+                attempt.settle(
+                    Outcome(
+                        Ending.INTERRUPTED,
+                        "its worker process was replaced after another attempt's timeout",
+                    )
+                )
+            else:
+                attempt.settle(
+                    Outcome(
+                        Ending.LOST,
+                        f"WorkerLost: the handler's worker process {_exit_text(code)}"
+                        " during the attempt",
+                    )
+                )
+        return code
+
+
+class WorkerPool:
+    """The ``AttemptRunner`` of ``serve`` and ``worker``: a ``HandlerWorker`` per handler."""
+
+    def __init__(self, specs: list[WorkerSpec], *, metrics: Metrics | None = None) -> None:
+        self.specs = specs
+        self.metrics = metrics
+        self.workers: dict[str, HandlerWorker] = {}
+
+    async def start(self, on_ready: Callable[[], None]) -> None:
+        for spec in self.specs:
+            worker = HandlerWorker(spec, on_ready, self.metrics)
+            self.workers[spec.name] = worker
+            worker.start()
+
+    def ready(self, handler: str) -> bool:
+        worker = self.workers.get(handler)
+        return worker is not None and worker.ready
+
+    async def run(self, delivery: Delivery, timeout_seconds: float) -> Outcome:
+        worker = self.workers.get(delivery.handler)
+        if worker is None:
+            return Outcome(Ending.INTERRUPTED, "no worker process for this handler")
+        return await worker.run(delivery, timeout_seconds)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(w.close() for w in self.workers.values()))
+
+
+__all__ = [
+    "KILL_GRACE_SECONDS",
+    "RESTART_DELAYS_SECONDS",
+    "HandlerWorker",
+    "WorkerPool",
+    "WorkerSpec",
+    "worker_specs",
+]

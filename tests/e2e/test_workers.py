@@ -1,0 +1,286 @@
+"""Handlers in worker processes of their own, with a real ``serve``: nothing a handler does
+(block, spin, raise any BaseException, exit, be killed) stalls intake or ends ``serve``.
+
+The plugin is ``tests/e2e/misbehaving_plugin.py``: its behaviour follows the event id, and it
+writes ``<event id> <pid>`` to a file as each attempt starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import TEST_SECRET, make_event, process_exited, signed
+from tests.e2e.conftest import CLI, REPO, Serve, children, handler_workers, wait_until
+from tests.e2e.misbehaving_plugin import started
+
+pytestmark = pytest.mark.e2e
+PLUGIN = "tests.e2e.misbehaving_plugin:Misbehaving"
+#: Generous: an answer must not wait for a handler, but the machine is shared and busy.
+ANSWER_BOUND_SECONDS = 2.0
+
+
+def plugin_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {
+        "LACUNA_DATABASE_URL": f"sqlite:///{tmp_path / 'events.db'}",
+        "LACUNA_HANDLERS": PLUGIN,
+        "LACUNA_MISBEHAVING_PATH": str(tmp_path / "started.txt"),
+        "LACUNA_RETRY_BASE_DELAY": "0.2",
+        "LACUNA_RETRY_MAX_DELAY": "1",
+        **extra,
+    }
+
+
+def send(serve: Serve, event_id: str, timeout: float = 10) -> httpx.Response:
+    body, headers = signed(make_event(event_id))
+    return httpx.post(serve.webhook_url, content=body, headers=headers, timeout=timeout)
+
+
+def attempts_of(serve: Serve, event_id: str) -> list[dict[str, Any]]:
+    """The event's (only) delivery's attempts, from ``events show --json``."""
+    result = subprocess.run(
+        [CLI, "events", "show", event_id, "--json"],
+        env={"LACUNA_DATABASE_URL": serve.env["LACUNA_DATABASE_URL"], "PATH": "/usr/bin:/bin"},
+        cwd=serve.workdir,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if result.returncode != 0:
+        return []
+    (delivery,) = json.loads(result.stdout)["deliveries"]
+    attempts: list[dict[str, Any]] = delivery["attempts_log"]
+    return attempts
+
+
+def started_ids(path: Path) -> list[str]:
+    return [event_id for event_id, _ in started(path)]
+
+
+def pids_of(path: Path, event_id: str) -> list[int]:
+    return [pid for eid, pid in started(path) if eid == event_id]
+
+
+def assert_intake_answers(serve: Serve, tag: str, count: int = 5) -> list[str]:
+    """Signed webhooks and /healthz each answer within the bound; returns the ids sent."""
+    ids = []
+    for i in range(count):
+        health = httpx.get(f"{serve.base_url}/healthz", timeout=ANSWER_BOUND_SECONDS)
+        assert health.status_code == 200
+        event_id = f"evt_probe_{tag}_{i}"
+        response = send(serve, event_id, timeout=ANSWER_BOUND_SECONDS)
+        assert response.status_code == 200, response.text
+        ids.append(event_id)
+    return ids
+
+
+@pytest.mark.parametrize("how", ["sleep", "spin"])
+def test_a_blocking_handler_stalls_neither_intake_nor_healthz(
+    serve_factory: type[Serve], tmp_path: Path, how: str
+) -> None:
+    """While a handler blocks its worker (time.sleep, or a CPU loop) past its timeout,
+    webhooks and /healthz keep answering within the bound; the attempt is recorded as a
+    timeout, its worker replaced, and the delivery retried in the new worker. Webhooks that
+    arrived meanwhile are delivered too."""
+    out = tmp_path / "started.txt"
+    serve = serve_factory(
+        plugin_env(tmp_path, LACUNA_MISBEHAVING_TIMEOUT="10", LACUNA_MISBEHAVING_BLOCK="300")
+    ).start()
+    blocker = f"evt_{how}_1"
+    assert send(serve, blocker).status_code == 200
+    wait_until(lambda: blocker in started_ids(out), what="the blocking attempt to start")
+    probes = assert_intake_answers(serve, how)
+    assert attempts_of(serve, blocker) == []  # the probes ran while it still blocked
+
+    wait_until(lambda: attempts_of(serve, blocker), timeout=60, what="the timeout recorded")
+    first = attempts_of(serve, blocker)[0]
+    assert first["outcome"] == "retry"
+    assert first["error"].startswith("TimeoutError: handler exceeded 10s")
+    wait_until(lambda: len(pids_of(out, blocker)) >= 2, timeout=60, what="the retry")
+    old_pid, new_pid = pids_of(out, blocker)[:2]
+    assert new_pid != old_pid  # retried in the replacement worker
+    assert process_exited(old_pid)
+    wait_until(lambda: set(probes) <= set(started_ids(out)), timeout=60, what="probes delivered")
+    assert "handler_worker.killed" in serve.log()
+    assert serve.proc is not None
+    assert serve.proc.poll() is None
+
+
+def test_every_base_exception_is_an_attempt_outcome(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """SystemExit(0), KeyboardInterrupt, GeneratorExit, CancelledError and a BaseException
+    subclass raised by handle() are each recorded as a failed attempt and retried; serve and
+    the handler's worker process keep running."""
+    serve = serve_factory(plugin_env(tmp_path, LACUNA_RETRY_MAX_ATTEMPTS="2")).start()
+    wait_until(lambda: handler_workers(serve), what="the handler worker")
+    workers = handler_workers(serve)
+    names = ["SystemExit", "KeyboardInterrupt", "GeneratorExit", "CancelledError", "Custom"]
+    for name in names:
+        assert send(serve, f"evt_raise_{name}").status_code == 200
+    for name in names:
+        event_id = f"evt_raise_{name}"
+        wait_until(lambda e=event_id: len(attempts_of(serve, e)) == 2, what=f"{name} recorded")
+        attempts = attempts_of(serve, event_id)
+        assert [a["outcome"] for a in attempts] == ["retry", "dead"]
+        assert all(a["error"].startswith(name) for a in attempts), attempts
+    assert serve.proc is not None
+    assert serve.proc.poll() is None
+    assert httpx.get(f"{serve.base_url}/healthz", timeout=5).status_code == 200
+    assert handler_workers(serve) == workers  # nothing raised ended the worker either
+
+
+def test_a_worker_that_exits_is_restarted_and_deliveries_go_on(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """A handler that calls os._exit(3): the attempt is recorded (lost, retried, then dead
+    after the budget), the worker is restarted with backoff, later events are delivered."""
+    out = tmp_path / "started.txt"
+    serve = serve_factory(
+        plugin_env(tmp_path, LACUNA_RETRY_MAX_ATTEMPTS="2", LACUNA_HANDLER_CONCURRENCY="1")
+    ).start()
+    assert send(serve, "evt_exit_1").status_code == 200
+    wait_until(lambda: len(attempts_of(serve, "evt_exit_1")) == 2, timeout=60, what="2 attempts")
+    attempts = attempts_of(serve, "evt_exit_1")
+    assert [a["outcome"] for a in attempts] == ["retry", "dead"]
+    assert all("worker process exited with code 3" in a["error"] for a in attempts)
+    assert send(serve, "evt_after_exit").status_code == 200
+    wait_until(lambda: "evt_after_exit" in started_ids(out), timeout=60, what="delivery")
+    assert len(set(pids_of(out, "evt_exit_1"))) == 2  # a new worker for the retry
+    assert "handler_worker.restarting" in serve.log()
+    assert serve.proc is not None
+    assert serve.proc.poll() is None
+
+
+def test_a_sigkilled_worker_is_restarted_and_deliveries_go_on(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """SIGKILL of the handler's worker mid-attempt: the attempt is recorded as lost and
+    retried, a new worker starts, and new events are delivered by it."""
+    out = tmp_path / "started.txt"
+    serve = serve_factory(
+        plugin_env(tmp_path, LACUNA_MISBEHAVING_TIMEOUT="3", LACUNA_RETRY_MAX_ATTEMPTS="2")
+    ).start()
+    assert send(serve, "evt_hang_1").status_code == 200
+    wait_until(lambda: "evt_hang_1" in started_ids(out), what="the attempt to start")
+    (worker,) = handler_workers(serve)
+    os.kill(worker, signal.SIGKILL)
+    wait_until(lambda: attempts_of(serve, "evt_hang_1"), timeout=60, what="the loss recorded")
+    first = attempts_of(serve, "evt_hang_1")[0]
+    assert first["outcome"] == "retry"
+    assert "killed by SIGKILL" in first["error"]
+    assert send(serve, "evt_after_kill").status_code == 200
+    wait_until(lambda: "evt_after_kill" in started_ids(out), timeout=60, what="delivery")
+    assert pids_of(out, "evt_after_kill")[0] != worker
+    assert serve.proc is not None
+    assert serve.proc.poll() is None
+
+
+def test_sigterm_exits_0_releases_the_attempt_and_leaves_no_child(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """SIGTERM with an attempt still running past LACUNA_SHUTDOWN_TIMEOUT: serve gives the
+    claim back (pending, attempt uncounted), ends its writer and handler workers, exits 0."""
+    out = tmp_path / "started.txt"
+    serve = serve_factory(plugin_env(tmp_path, LACUNA_SHUTDOWN_TIMEOUT="1")).start()
+    assert send(serve, "evt_hang_term").status_code == 200
+    wait_until(lambda: "evt_hang_term" in started_ids(out), what="the attempt to start")
+    kids = children(serve)
+    assert len(kids) == 2, kids  # the SQLite writer and the handler's worker
+    serve.signal(signal.SIGTERM)
+    assert serve.wait(timeout=60) == 0
+    assert all(process_exited(pid) for pid in kids)
+    listed = subprocess.run(
+        [CLI, "deliveries", "list", "--json"],
+        env={"LACUNA_DATABASE_URL": serve.env["LACUNA_DATABASE_URL"], "PATH": "/usr/bin:/bin"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    (row,) = json.loads(listed.stdout)
+    assert (row["status"], row["attempts"]) == ("pending", 0)
+
+
+def test_worker_refuses_sqlite_with_one_line(tmp_path: Path) -> None:
+    """On SQLite `worker` refuses (serve dispatches there, so the database keeps one writer)."""
+    result = subprocess.run(
+        [CLI, "worker"],
+        env={
+            "PATH": "/usr/bin:/bin",
+            "LACUNA_DATABASE_URL": f"sqlite:///{tmp_path / 'e.db'}",
+            "LACUNA_HANDLERS": "log",
+        },
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("lacuna-webhooks: error: `worker` needs PostgreSQL")
+
+
+@pytest.fixture
+def worker_factory(tmp_path: Path) -> Iterator[Any]:
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(env: dict[str, str]) -> subprocess.Popen[bytes]:
+        with (tmp_path / f"worker-{len(procs)}.log").open("ab") as log:  # the child keeps its own
+            proc = subprocess.Popen(
+                [CLI, "worker"],
+                cwd=tmp_path,
+                env={
+                    **{k: v for k, v in os.environ.items() if not k.startswith("LACUNA_")},
+                    "PYTHONPATH": str(REPO),
+                    "LACUNA_LOG_FORMAT": "json",
+                    **env,
+                },
+                stdout=log,
+                stderr=log,
+            )
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.mark.postgres
+def test_intake_and_dispatch_apart_on_postgres(
+    serve_factory: type[Serve], worker_factory: Any, tmp_path: Path, postgres_dsn: str
+) -> None:
+    """serve with LACUNA_DISPATCH=false only stores; `lacuna-webhooks worker` delivers what
+    it stored (in a handler worker process of its own) and exits 0 on SIGTERM."""
+    out = tmp_path / "started.txt"
+    env = {**plugin_env(tmp_path), "LACUNA_DATABASE_URL": postgres_dsn}
+    serve = serve_factory({**env, "LACUNA_DISPATCH": "false"}).start()
+    assert handler_workers(serve) == []
+    assert send(serve, "evt_apart_1").status_code == 200
+    worker = worker_factory({**env, "LACUNA_WEBHOOK_SECRET": TEST_SECRET})
+    wait_until(lambda: "evt_apart_1" in started_ids(out), timeout=60, what="delivery by worker")
+    assert send(serve, "evt_apart_2").status_code == 200
+    wait_until(lambda: "evt_apart_2" in started_ids(out), timeout=60, what="second delivery")
+    pid = pids_of(out, "evt_apart_1")[0]
+    assert Path(f"/proc/{pid}/status").read_text().count(f"PPid:\t{worker.pid}") == 1
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(60) == 0
+    wait_until(lambda: process_exited(pid), what="the worker's handler process to end")

@@ -1,0 +1,113 @@
+"""The dispatcher with real handler worker processes (``WorkerPool``) on the memory store:
+who is charged when a worker is killed for a timeout, and that a stop leaves no worker.
+
+The plugin is ``tests/e2e/misbehaving_plugin.py`` (its behaviour follows the event id).
+Time is the real clock here: the timeouts are short and every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import orjson
+import pytest
+
+from lacuna_webhooks.dispatch import Dispatcher
+from lacuna_webhooks.dispatch.workers import WorkerPool, WorkerSpec
+from lacuna_webhooks.handlers.base import RecordingHandler
+from lacuna_webhooks.models import AttemptOutcome, DeliveryStatus, Event
+from lacuna_webhooks.plugins import HandlerSet
+from lacuna_webhooks.retry import RetryPolicy
+from lacuna_webhooks.store.memory import MemoryStore
+from tests.conftest import make_event, process_exited
+from tests.dispatching import only_delivery, running, wait_until
+from tests.e2e.misbehaving_plugin import started
+
+NAME = "misbehaving"
+
+
+@pytest.fixture
+async def store() -> AsyncIterator[MemoryStore]:
+    s = MemoryStore()
+    await s.open()
+    yield s
+    await s.close()
+
+
+def pool_dispatcher(store: MemoryStore, out: Path, timeout: float) -> Dispatcher:
+    spec = WorkerSpec(
+        name=NAME,
+        item="tests.e2e.misbehaving_plugin:Misbehaving",
+        environ={"LACUNA_MISBEHAVING_PATH": str(out), "LACUNA_MISBEHAVING_BLOCK": "60"},
+        allow_private_urls=False,
+        timeout_seconds=timeout,
+        log_format="json",
+        log_level="warning",
+        sys_path=tuple(sys.path),
+    )
+    # The parent's handler object only names the handler: the pool runs the real one.
+    handlers = HandlerSet({NAME: RecordingHandler(NAME)}, {NAME: None}, {NAME: timeout})
+    return Dispatcher(
+        store,
+        handlers,
+        policy=RetryPolicy(max_attempts=1, base_delay_seconds=0.1, max_delay_seconds=1),
+        runner=WorkerPool([spec]),
+        concurrency=4,
+        poll_interval_seconds=0.05,
+    )
+
+
+async def accept(store: MemoryStore, event_id: str) -> None:
+    event = Event.from_body(orjson.dumps(make_event(event_id)))
+    assert await store.accept(event, [NAME], now=datetime.now(UTC))
+
+
+async def test_blocking_attempt_is_charged_and_its_sibling_released(
+    store: MemoryStore, tmp_path: Path
+) -> None:
+    """A handler that blocks past its timeout gets its worker replaced and records a timeout;
+    an attempt that was waiting behind it in that worker is released (its attempt uncounted,
+    nothing recorded) and then delivered by the new worker as its first attempt."""
+    out = tmp_path / "started.txt"
+    d = pool_dispatcher(store, out, timeout=1.0)
+    async with running(d, stop_timeout=5):
+        await accept(store, "evt_sleep_1")
+        await wait_until(lambda: [e for e, _ in started(out)] == ["evt_sleep_1"], 60)
+        await accept(store, "evt_ok_sibling")
+        await wait_until(lambda: d.in_flight == 2, 10)
+
+        async def both_ended() -> bool:
+            rows = await store.list_deliveries()
+            return all(r.status is not DeliveryStatus.PENDING for r in rows)
+
+        await wait_until(both_ended, 60)
+    blocker = await only_delivery(store, event_id="evt_sleep_1")
+    assert blocker.status is DeliveryStatus.DEAD
+    (attempt,) = await store.list_attempts(blocker.id)
+    assert attempt.outcome is AttemptOutcome.DEAD
+    assert attempt.error is not None
+    assert attempt.error.startswith("TimeoutError: handler exceeded 1s; it did not yield")
+    sibling = await only_delivery(store, event_id="evt_ok_sibling")
+    assert (sibling.status, sibling.attempts) == (DeliveryStatus.DONE, 1)
+    (ok,) = await store.list_attempts(sibling.id)
+    assert (ok.attempt, ok.outcome) == (1, AttemptOutcome.OK)
+    pids = dict(started(out))
+    assert pids["evt_ok_sibling"] != pids["evt_sleep_1"]  # run by the replacement worker
+
+
+async def test_stop_ends_every_worker(store: MemoryStore, tmp_path: Path) -> None:
+    """After the dispatcher stops, its workers have exited, even one whose handler hangs."""
+    out = tmp_path / "started.txt"
+    d = pool_dispatcher(store, out, timeout=30.0)
+    assert isinstance(d.runner, WorkerPool)
+    async with running(d, stop_timeout=0.1):
+        await accept(store, "evt_hang_1")
+        await wait_until(lambda: bool(started(out)), 60)
+        pid = d.runner.workers[NAME].pid
+        assert pid is not None
+    assert process_exited(pid)
+    row = await only_delivery(store)
+    assert (row.status, row.attempts) == (DeliveryStatus.PENDING, 0)  # released on stop

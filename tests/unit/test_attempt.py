@@ -1,0 +1,214 @@
+"""The pure attempt decision: ``classify`` (what a handler came to) and ``decide`` (what the
+store records), with ``run_attempt`` at the plugin boundary. No I/O, no clock."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import orjson
+import pytest
+
+from lacuna_webhooks.dispatch.attempt import (
+    Action,
+    Decision,
+    Ending,
+    Outcome,
+    budget_spent,
+    classify,
+    decide,
+    run_attempt,
+    timed_out,
+)
+from lacuna_webhooks.errors import PermanentError, RetryLater
+from lacuna_webhooks.models import AttemptOutcome, Event
+from lacuna_webhooks.retry import RetryPolicy
+from tests.conftest import make_event
+
+NOW = datetime(2025, 11, 21, 12, 0, tzinfo=UTC)
+POLICY = RetryPolicy(max_attempts=3, base_delay_seconds=5.0, max_delay_seconds=60.0)
+
+
+class Custom(BaseException):
+    """A plugin's own BaseException subclass."""
+
+
+def decide_now(outcome: Outcome, attempts: int = 1) -> Decision:
+    return decide(outcome, attempts=attempts, policy=POLICY, finished_at=NOW, rand=lambda: 0.5)
+
+
+# -- classify ----------------------------------------------------------------------------------
+
+
+def test_a_return_is_ok_and_a_returned_object_is_its_result() -> None:
+    """None or a non-object return is ok without a result; a dict is kept as the result."""
+    assert classify(None) == Outcome(Ending.OK)
+    assert classify("done") == Outcome(Ending.OK)
+    assert classify({"location": "file:///x"}) == Outcome(
+        Ending.OK, result={"location": "file:///x"}
+    )
+
+
+def test_handler_errors_keep_their_kind() -> None:
+    """PermanentError is permanent; RetryLater keeps its delay; anything else failed."""
+    assert classify(PermanentError("gone")) == Outcome(Ending.PERMANENT, "PermanentError: gone")
+    assert classify(RetryLater("busy", delay_seconds=7)) == Outcome(
+        Ending.RETRY_LATER, "RetryLater: busy", 7
+    )
+    assert classify(ValueError("boom")) == Outcome(Ending.FAILED, "ValueError: boom")
+
+
+@pytest.mark.parametrize(
+    ("exc", "text"),
+    [
+        (SystemExit(0), "SystemExit: 0"),
+        (KeyboardInterrupt(), "KeyboardInterrupt"),
+        (GeneratorExit(), "GeneratorExit"),
+        (asyncio.CancelledError(), "CancelledError"),
+        (Custom("mine"), "Custom: mine"),
+    ],
+)
+def test_base_exceptions_are_failures_like_any_other(exc: BaseException, text: str) -> None:
+    """Every BaseException is an ordinary failed attempt, retried on the schedule."""
+    assert classify(exc) == Outcome(Ending.FAILED, text)
+    assert decide_now(classify(exc)) == Decision(Action.RETRY, text, NOW + timedelta(seconds=5))
+
+
+def test_error_text_hides_url_paths() -> None:
+    """A URL in an error keeps only its scheme and host (its path may be a secret)."""
+    outcome = classify(ValueError("POST https://hooks.slack.com/services/T/B/SECRET failed"))
+    assert outcome.error == "ValueError: POST https://hooks.slack.com/… failed"
+
+
+def test_outcome_round_trips_over_the_wire() -> None:
+    """What a worker process sends back (JSON) is the same outcome on arrival."""
+    outcome = Outcome(Ending.RETRY_LATER, "RetryLater", 2.5, {"a": [1]})
+    assert Outcome.from_wire(orjson.loads(orjson.dumps(outcome.to_wire()))) == outcome
+    with pytest.raises((ValueError, KeyError, TypeError)):
+        Outcome.from_wire({"ending": "exploded", "error": None})
+
+
+# -- decide ------------------------------------------------------------------------------------
+
+
+def test_ok_completes() -> None:
+    assert decide_now(Outcome(Ending.OK)) == Decision(Action.COMPLETE)
+    assert Decision(Action.COMPLETE).outcome is AttemptOutcome.OK
+
+
+def test_permanent_is_dead_whatever_the_budget() -> None:
+    decision = decide_now(Outcome(Ending.PERMANENT, "PermanentError: x"), attempts=1)
+    assert decision == Decision(Action.DEAD, "PermanentError: x")
+    assert decision.outcome is AttemptOutcome.DEAD
+
+
+@pytest.mark.parametrize("ending", [Ending.FAILED, Ending.TIMED_OUT, Ending.LOST])
+def test_failures_retry_on_the_doubling_schedule_then_die(ending: Ending) -> None:
+    """Attempt n retries base * 2**(n-1) s after it finished; the last attempt is dead."""
+    outcome = Outcome(ending, "E")
+    assert decide_now(outcome, 1).retry_at == NOW + timedelta(seconds=5)
+    assert decide_now(outcome, 2).retry_at == NOW + timedelta(seconds=10)
+    assert decide_now(outcome, 2).outcome is AttemptOutcome.RETRY
+    assert decide_now(outcome, 3) == Decision(Action.DEAD, "E")
+
+
+def test_retry_later_delay_is_used_and_capped() -> None:
+    """A handler's own delay replaces the schedule, capped at the policy's maximum."""
+    assert decide_now(Outcome(Ending.RETRY_LATER, "R", 30)).retry_at == NOW + timedelta(seconds=30)
+    assert decide_now(Outcome(Ending.RETRY_LATER, "R", 9999)).retry_at == NOW + timedelta(
+        seconds=60
+    )
+    assert decide_now(Outcome(Ending.RETRY_LATER, "R", 30), attempts=3).action is Action.DEAD
+
+
+def test_interrupted_is_released_and_records_nothing() -> None:
+    """An attempt ended for another attempt's fault goes back uncounted, whatever the budget."""
+    decision = decide_now(Outcome(Ending.INTERRUPTED, "replaced"), attempts=3)
+    assert decision.action is Action.RELEASE
+    assert decision.outcome is None
+
+
+def test_jitter_comes_from_the_injected_random() -> None:
+    low = decide(Outcome(Ending.FAILED), attempts=1, policy=POLICY, finished_at=NOW, rand=lambda: 0)
+    high = decide(
+        Outcome(Ending.FAILED), attempts=1, policy=POLICY, finished_at=NOW, rand=lambda: 1
+    )
+    assert (low.retry_at, high.retry_at) == (NOW + timedelta(seconds=4), NOW + timedelta(seconds=6))
+
+
+def test_budget_spent_only_past_max_attempts() -> None:
+    """A claim numbered past the budget is dead without running; up to it, the handler runs."""
+    assert budget_spent(3, POLICY) is None
+    spent = budget_spent(4, POLICY)
+    assert spent is not None
+    assert spent.action is Action.DEAD
+    assert "spent" in (spent.error or "")
+
+
+def test_timed_out_text_says_whether_the_worker_was_replaced() -> None:
+    assert timed_out(5).error == "TimeoutError: handler exceeded 5s"
+    assert "replaced" in (timed_out(0.5, killed=True).error or "")
+
+
+# -- run_attempt: the plugin boundary ---------------------------------------------------------
+
+
+class Raising:
+    name = "raising"
+    events = None
+
+    def __init__(self, exc: BaseException | None = None, result: object = None) -> None:
+        self.exc = exc
+        self.result = result
+
+    async def handle(self, event: Event) -> object:
+        if self.exc is not None:
+            raise self.exc
+        return self.result
+
+    async def aclose(self) -> None:
+        return None
+
+
+EVENT = Event.from_body(orjson.dumps(make_event("evt_attempt")))
+
+
+@pytest.mark.parametrize(
+    "exc", [SystemExit(0), KeyboardInterrupt(), GeneratorExit(), asyncio.CancelledError(), Custom()]
+)
+async def test_run_attempt_turns_every_base_exception_into_an_outcome(exc: BaseException) -> None:
+    """Nothing a handler raises escapes run_attempt: it is the attempt's outcome."""
+    outcome = await run_attempt(Raising(exc), EVENT, 5)  # type: ignore[arg-type]
+    assert outcome.ending is Ending.FAILED
+    assert outcome.error is not None
+    assert outcome.error.startswith(type(exc).__name__)
+
+
+async def test_run_attempt_keeps_a_returned_result() -> None:
+    outcome = await run_attempt(Raising(result={"k": 1}), EVENT, 5)  # type: ignore[arg-type]
+    assert outcome == Outcome(Ending.OK, result={"k": 1})
+
+
+async def test_run_attempt_cuts_off_a_handler_that_yields() -> None:
+    class Hangs(Raising):
+        async def handle(self, event: Event) -> object:
+            await asyncio.Event().wait()
+            return None
+
+    outcome = await run_attempt(Hangs(), EVENT, 0.01)  # type: ignore[arg-type]
+    assert outcome == timed_out(0.01)
+
+
+async def test_cancelling_run_attempt_propagates() -> None:
+    """A stop (the caller's task cancelled) is not an outcome: the cancellation goes through."""
+
+    class Hangs(Raising):
+        async def handle(self, event: Event) -> object:
+            await asyncio.Event().wait()
+            return None
+
+    task = asyncio.create_task(run_attempt(Hangs(), EVENT, 60))  # type: ignore[arg-type]
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
