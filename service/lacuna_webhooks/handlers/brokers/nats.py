@@ -39,7 +39,6 @@ from ..base import HandlerContext
 from ._shared import Template, broker_url, missing_extra, reason_of
 
 try:
-    import nats
     import nats.errors
     import nats.js.errors
     from nats.aio.client import Client as NATSClient
@@ -92,16 +91,23 @@ class NatsHandler:
         async with self._lock:
             if self._js is not None and self._client is not None and not self._client.is_closed:
                 return self._js
+            client = NATSClient()
             try:
-                client = await nats.connect(
-                    servers=self.servers,
-                    connect_timeout=max(1, round(self.connect_timeout_seconds)),
-                    max_reconnect_attempts=-1,  # never give up: deliveries wait, they are stored
-                    reconnect_time_wait=1,
-                    error_cb=self._on_error,
-                    name=f"lacuna-webhooks {self.name}",
+                # Bounded here: with reconnects unlimited, nats-py would retry a first
+                # connection forever instead of failing this attempt.
+                await asyncio.wait_for(
+                    client.connect(
+                        servers=self.servers,
+                        connect_timeout=max(1, round(self.connect_timeout_seconds)),
+                        max_reconnect_attempts=-1,  # never give up once connected
+                        reconnect_time_wait=1,
+                        error_cb=self._on_error,
+                        name=f"lacuna-webhooks {self.name}",
+                    ),
+                    timeout=self.connect_timeout_seconds,
                 )
             except Exception as exc:  # nats-py raises OSError, NoServersError, TimeoutError...
+                await self._close(client)
                 raise RetryLater(f"cannot connect to NATS: {self._reason(exc)}") from None
             self._client = client
             self._js = client.jetstream(timeout=self.ack_timeout_seconds)
@@ -171,10 +177,14 @@ class NatsHandler:
         description = getattr(exc, "description", None) or str(exc)
         return f"{description} (code {exc.code}, err_code {exc.err_code})"
 
-    async def aclose(self) -> None:
-        client, self._client, self._js = self._client, None, None
-        if client is not None and not client.is_closed:
+    async def _close(self, client: NATSClient) -> None:
+        if not client.is_closed:
             try:
                 await client.close()
             except Exception as exc:  # closing a broken connection must not stop shutdown
                 logger.warning("handler.nats.close_failed", error=self._reason(exc))
+
+    async def aclose(self) -> None:
+        client, self._client, self._js = self._client, None, None
+        if client is not None:
+            await self._close(client)
