@@ -169,5 +169,6 @@ async def test_the_connection_is_reused_and_closed(nats_server: str, stream: Str
         await h.handle(event())
     assert h._client is client
     await h.aclose()
-    assert client is not None and client.is_closed
+    assert client is not None
+    assert client.is_closed
     assert len(await stream.messages()) == 6

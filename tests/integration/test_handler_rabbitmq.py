@@ -151,7 +151,7 @@ async def test_a_routing_key_over_255_bytes_is_dead(rabbitmq_server: str) -> Non
     """An event type that makes the routing key longer than AMQP allows is dead before any I/O."""
     h = handler(rabbitmq_server)
     try:
-        with pytest.raises(PermanentError, match="routing key is .* bytes"):
+        with pytest.raises(PermanentError, match=r"routing key is .* bytes"):
             await h.handle(event("é" * 128))
     finally:
         await h.aclose()

@@ -120,7 +120,7 @@ async def test_a_missing_queue_is_dead_with_the_reason(moto_endpoint: str) -> No
     url = f"{moto_endpoint}/123456789012/missing-{uuid.uuid4().hex[:8]}"
     h = handler(url, moto_endpoint)
     try:
-        with pytest.raises(PermanentError, match="NonExistentQueue|QueueDoesNotExist"):
+        with pytest.raises(PermanentError, match=r"NonExistentQueue|QueueDoesNotExist"):
             await h.handle(event())
     finally:
         await h.aclose()
