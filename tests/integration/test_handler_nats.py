@@ -5,27 +5,18 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 
-import orjson
 import pytest
 
 from lacuna_webhooks.errors import PermanentError, RetryLater
-from lacuna_webhooks.handlers.base import HandlerContext
 from lacuna_webhooks.handlers.brokers.nats import NatsHandler
-from lacuna_webhooks.models import Event
-from tests.conftest import make_event
 from tests.e2e.conftest import free_port
+from tests.integration.brokers import build, event
 
 nats = pytest.importorskip("nats")
 
 
-def event(event_id: str | None = None, event_type: str = "job.completed", **kw: object) -> Event:
-    return Event.from_body(orjson.dumps(make_event(event_id, event_type, **kw)))  # type: ignore[arg-type]
-
-
 def handler(url: str, name: str = "nats", **settings: str) -> NatsHandler:
-    environ = {f"LACUNA_{name.upper()}_URL": url}
-    environ.update({f"LACUNA_{name.upper()}_{k}": v for k, v in settings.items()})
-    return NatsHandler(HandlerContext(name=name, environ=environ, timeout_seconds=10))
+    return build(NatsHandler, name, URL=url, **settings)
 
 
 class Stream:

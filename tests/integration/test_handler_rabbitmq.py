@@ -6,27 +6,18 @@ import uuid
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit, urlunsplit
 
-import orjson
 import pytest
 
 from lacuna_webhooks.errors import PermanentError, RetryLater
-from lacuna_webhooks.handlers.base import HandlerContext
 from lacuna_webhooks.handlers.brokers.rabbitmq import RabbitMQHandler
-from lacuna_webhooks.models import Event
-from tests.conftest import make_event
 from tests.e2e.conftest import free_port
+from tests.integration.brokers import build, event
 
 aio_pika = pytest.importorskip("aio_pika")
 
 
-def event(event_type: str = "job.completed", **kw: object) -> Event:
-    return Event.from_body(orjson.dumps(make_event(None, event_type, **kw)))  # type: ignore[arg-type]
-
-
 def handler(url: str, name: str = "rabbitmq", **settings: str) -> RabbitMQHandler:
-    environ = {f"LACUNA_{name.upper()}_URL": url}
-    environ.update({f"LACUNA_{name.upper()}_{k}": v for k, v in settings.items()})
-    return RabbitMQHandler(HandlerContext(name=name, environ=environ, timeout_seconds=10))
+    return build(RabbitMQHandler, name, URL=url, **settings)
 
 
 class Topology:

@@ -7,27 +7,18 @@ import uuid
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit, urlunsplit
 
-import orjson
 import pytest
 
 from lacuna_webhooks.errors import PermanentError, RetryLater
-from lacuna_webhooks.handlers.base import HandlerContext
 from lacuna_webhooks.handlers.brokers.redis import RedisHandler, marker_key
-from lacuna_webhooks.models import Event
-from tests.conftest import make_event
 from tests.e2e.conftest import free_port
+from tests.integration.brokers import build, event
 
 redis_asyncio = pytest.importorskip("redis.asyncio")
 
 
-def event(event_type: str = "job.completed", **kw: object) -> Event:
-    return Event.from_body(orjson.dumps(make_event(None, event_type, **kw)))  # type: ignore[arg-type]
-
-
 def handler(url: str, name: str = "redis", **settings: str) -> RedisHandler:
-    environ = {f"LACUNA_{name.upper()}_URL": url}
-    environ.update({f"LACUNA_{name.upper()}_{k}": v for k, v in settings.items()})
-    return RedisHandler(HandlerContext(name=name, environ=environ, timeout_seconds=10))
+    return build(RedisHandler, name, URL=url, **settings)
 
 
 @pytest.fixture

@@ -6,20 +6,13 @@ import uuid
 from typing import Any
 
 import boto3
-import orjson
 import pytest
 
 from lacuna_webhooks.errors import PermanentError, RetryLater
-from lacuna_webhooks.handlers.base import HandlerContext
 from lacuna_webhooks.handlers.brokers.sqs import SQSHandler
-from lacuna_webhooks.models import Event
-from tests.conftest import make_event
 from tests.e2e.conftest import free_port
+from tests.integration.brokers import build, event
 from tests.integration.servers import moto_endpoint_fixture  # noqa: F401 - fixture, used by name
-
-
-def event(event_type: str = "job.completed", **kw: object) -> Event:
-    return Event.from_body(orjson.dumps(make_event(None, event_type, **kw)))  # type: ignore[arg-type]
 
 
 @pytest.fixture(autouse=True)
@@ -49,13 +42,9 @@ def queue(endpoint: str, *, fifo: bool) -> str:
 
 
 def handler(queue_url: str, endpoint: str, name: str = "sqs", **settings: str) -> SQSHandler:
-    environ = {
-        f"LACUNA_{name.upper()}_QUEUE_URL": queue_url,
-        f"LACUNA_{name.upper()}_ENDPOINT": endpoint,
-        f"LACUNA_{name.upper()}_REGION": "us-east-1",
-    }
-    environ.update({f"LACUNA_{name.upper()}_{k}": v for k, v in settings.items()})
-    return SQSHandler(HandlerContext(name=name, environ=environ, timeout_seconds=10))
+    return build(
+        SQSHandler, name, QUEUE_URL=queue_url, ENDPOINT=endpoint, REGION="us-east-1", **settings
+    )
 
 
 def receive_all(endpoint: str, queue_url: str) -> list[dict[str, Any]]:
