@@ -101,6 +101,14 @@ def test_a_subject_template_that_can_never_be_valid_fails_at_start() -> None:
     assert "wildcard" in message
 
 
+def test_nats_takes_a_comma_separated_cluster() -> None:
+    """Several servers: each is checked; a bad one is named redacted."""
+    handler = NatsHandler(ctx("nats", URL="nats://a:4222, nats://u:pw@b:4222"))
+    assert handler.servers == ["nats://a:4222", "nats://u:pw@b:4222"]
+    message = config_error(NatsHandler, ctx("nats", URL="nats://a:4222,http://u:pw@b:80"))
+    assert message == "LACUNA_NATS_URL must start with nats:// or tls://, got http://b:80/…"
+
+
 def test_literal_braces_are_kept() -> None:
     handler = RedisHandler(ctx("redis", URL="redis://h", STREAM="{{app}}:{type}"))
     assert handler.stream.render_values("job.completed", "t") == "{app}:job.completed"

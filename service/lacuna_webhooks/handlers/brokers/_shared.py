@@ -88,8 +88,13 @@ def broker_url(ctx: HandlerContext, key: str, schemes: Sequence[str]) -> str:
 
     The error text shows the URL redacted (credentials are never echoed).
     """
-    var = ctx.env_name(key)
     url = ctx.require(key)
+    check_url(ctx.env_name(key), url, schemes)
+    return url
+
+
+def check_url(var: str, url: str, schemes: Sequence[str]) -> None:
+    """``ConfigError`` naming ``var`` unless ``url`` has one of ``schemes`` and a host."""
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018  (reading it validates the port)
@@ -98,9 +103,8 @@ def broker_url(ctx: HandlerContext, key: str, schemes: Sequence[str]) -> str:
     if parts.scheme not in schemes:
         wanted = " or ".join(f"{s}://" for s in schemes)
         raise ConfigError(f"{var} must start with {wanted}, got {redact_url(url)}")
-    if not parts.hostname and parts.scheme not in {"unix"}:
+    if not parts.hostname and parts.scheme != "unix":
         raise ConfigError(f"{var} has no host: {redact_url(url)}")
-    return url
 
 
 def scrub(text: str, *urls: str) -> str:

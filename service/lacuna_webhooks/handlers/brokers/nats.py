@@ -32,11 +32,11 @@ from typing import Any, NoReturn
 
 import structlog
 
-from ...errors import ConfigError, PermanentError, RetryLater
+from ...errors import PermanentError, RetryLater
 from ...models import Event
 from .._common import network_timeouts
 from ..base import HandlerContext
-from ._shared import Template, broker_url, missing_extra, reason_of
+from ._shared import Template, check_url, missing_extra, reason_of
 
 try:
     import nats.errors
@@ -73,11 +73,9 @@ class NatsHandler:
 
     def __init__(self, ctx: HandlerContext) -> None:
         self.name = ctx.name
-        self.url = broker_url(ctx, "URL", ("nats", "tls"))
-        self.servers = [part.strip() for part in self.url.split(",") if part.strip()]
-        for server in self.servers[1:]:
-            if not server.startswith(("nats://", "tls://")):
-                raise ConfigError(f"{ctx.env_name('URL')}: each server must start with nats://")
+        self.servers = [part.strip() for part in ctx.require("URL").split(",") if part.strip()]
+        for server in self.servers:  # a cluster is several URLs, comma-separated
+            check_url(ctx.env_name("URL"), server, ("nats", "tls"))
         self.subject = Template.parse(ctx, "SUBJECT", "lacuna.{type}", subject_problem)
         self.connect_timeout_seconds, self.ack_timeout_seconds = network_timeouts(ctx)
         self._client: NATSClient | None = None
