@@ -35,6 +35,7 @@ fmt: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)
+	$(BIN)/python bench/dispatch.py $(DISPATCH_ARGS)
 
 # The container image, built with podman and no registry (deploy/build-image.sh says how).
 image: $(STAMP)

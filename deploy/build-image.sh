@@ -104,7 +104,7 @@ else
     mkdir -p "$WHEELS"
     # The host's pip configuration may name extra local indexes that lack some projects; pip
     # says so once per project, which is noise here.
-    if ! "$PYTHON" -m pip wheel --quiet --wheel-dir "$WHEELS" "${ROOT}[postgres]" hatchling 2>&1 |
+    if ! "$PYTHON" -m pip wheel --quiet --wheel-dir "$WHEELS" "${ROOT}[postgres,brokers]" hatchling 2>&1 |
         { grep -v -E "^WARNING: Location '.*' is ignored" || true; } >&2; then
         die "pip wheel failed"
     fi

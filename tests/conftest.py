@@ -4,16 +4,23 @@ PostgreSQL: ``LACUNA_TEST_POSTGRES_DSN`` (default
 ``postgresql://postgres@127.0.0.1:5432/test``). When the server is unreachable
 the tests that need it skip with the reason, except under ``CI=true``, where
 they fail: a CI run must never go green by skipping its PostgreSQL tests.
+
+Brokers, the same way: ``nats_server``, ``rabbitmq_server`` and ``redis_server``
+give the URL of the local broker (``LACUNA_TEST_NATS_URL``,
+``LACUNA_TEST_RABBITMQ_URL``, ``LACUNA_TEST_REDIS_URL``; defaults are the
+ports every developer machine and CI run: 4222, 5672 with guest/guest, 6379).
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 import pytest
@@ -26,6 +33,9 @@ POSTGRES_DSN = os.environ.get(
     "LACUNA_TEST_POSTGRES_DSN", "postgresql://postgres@127.0.0.1:5432/test"
 )
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+NATS_URL = os.environ.get("LACUNA_TEST_NATS_URL", "nats://127.0.0.1:4222")
+RABBITMQ_URL = os.environ.get("LACUNA_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
+REDIS_URL = os.environ.get("LACUNA_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 TEST_SECRET = "whsec_test_5WbX5kEWLlfzsGNjH64I8lOOqUB6e8FH"
 
@@ -94,6 +104,38 @@ async def postgres_dsn(postgres_server: str) -> AsyncIterator[str]:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await admin.close()
+
+
+def _require_broker(what: str, url: str) -> str:
+    """``url`` when its host:port accepts a TCP connection; else skip (fail when CI=true)."""
+    parts = urlsplit(url)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 0), 3):
+            pass
+    except OSError as exc:
+        message = f"{what} unreachable at {parts.hostname}:{parts.port}: {exc!r}"
+        if IN_CI:
+            pytest.fail(message + f" (CI=true: {what} tests fail instead of skipping)")
+        pytest.skip(message)
+    return url
+
+
+@pytest.fixture(scope="session")
+def nats_server() -> str:
+    """The NATS (JetStream) URL, or skip (fail under CI) when the server is unreachable."""
+    return _require_broker("NATS", NATS_URL)
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_server() -> str:
+    """The RabbitMQ URL, or skip (fail under CI) when the broker is unreachable."""
+    return _require_broker("RabbitMQ", RABBITMQ_URL)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> str:
+    """The Redis URL, or skip (fail under CI) when the server is unreachable."""
+    return _require_broker("Redis", REDIS_URL)
 
 
 def process_exited(pid: int) -> bool:

@@ -60,6 +60,8 @@ def load_factory(name: str) -> tuple[str, HandlerFactory]:
         )
     try:
         factory = matches[0].load()
+    except ConfigError:  # the plugin's own line, e.g. which pip extra installs its library
+        raise
     except Exception as exc:  # a broken plugin must become one clear config line, not a traceback
         raise ConfigError(f"LACUNA_HANDLERS: the {name!r} plugin failed to load: {exc}") from None
     return name, factory

@@ -1,0 +1,145 @@
+"""The ``redis`` handler: appends each event to a Redis stream, at most once per event id.
+
+Settings (SPEC §8, ``LACUNA_<NAME>_…``): ``URL`` (required; ``redis://``,
+``rediss://`` or ``unix://``, password and database as redis-py reads them),
+``STREAM`` (default ``lacuna:events``; ``{type}`` and ``{task_id}`` allowed),
+``MAXLEN`` (approximate trim, ``XADD MAXLEN ~ N``; unset = no trim),
+``DEDUPE_TTL`` (seconds an event id is remembered per stream, default 86400),
+``CONNECT_TIMEOUT`` and ``READ_TIMEOUT`` (seconds).
+
+Entry: fields ``id`` (event id), ``type`` (event type) and ``payload`` (the
+event's exact bytes). Deduplication: one Lua script, run atomically by Redis,
+looks up a marker key for (stream, event id); when absent it runs ``XADD`` and
+sets the marker to the new entry's id with ``DEDUPE_TTL``; when present it
+adds nothing. So a retry after a lost reply, a second replica or a second
+worker never adds a second entry for the same event while the marker lives
+(the marker is ``lacuna-seen:`` + SHA-256 of stream and event id, so no event
+id can collide with another stream's markers). Redis Cluster is not supported
+(the two keys of a script may live on different slots).
+
+Outcomes: the script's reply is done. Connection errors, timeouts, a server
+still loading, out of memory, a read-only replica → retried. Refused
+authentication or permission (``NOAUTH``, ``WRONGPASS``, ``NOPERM``), a key of
+the wrong type, and any other error reply → dead with Redis's reason.
+
+One client (redis-py's connection pool) per instance, connecting on first
+use and again after a loss by itself, closed by ``aclose``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import structlog
+
+from ...errors import PermanentError, RetryLater
+from ...models import Event
+from .._common import int_setting, network_timeouts
+from ..base import HandlerContext
+from ._shared import Template, broker_url, missing_extra, reason_of
+
+try:
+    import redis.asyncio
+    import redis.exceptions
+except ImportError:  # pragma: no cover - exercised only without the extra
+    raise missing_extra("redis", "redis") from None
+
+logger = structlog.get_logger("lacuna_webhooks.handlers.redis")
+
+DEFAULT_DEDUPE_TTL_SECONDS = 86_400
+
+# KEYS[1] stream, KEYS[2] marker; ARGV id, type, payload, marker TTL (s), MAXLEN ('' = none).
+# Returns {1, entry id} when added, {0, entry id of the first add} for a duplicate.
+XADD_ONCE = """
+local seen = redis.call('GET', KEYS[2])
+if seen then return {0, seen} end
+local entry
+if ARGV[5] == '' then
+  entry = redis.call('XADD', KEYS[1], '*', 'id', ARGV[1], 'type', ARGV[2], 'payload', ARGV[3])
+else
+  entry = redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[5], '*',
+                     'id', ARGV[1], 'type', ARGV[2], 'payload', ARGV[3])
+end
+redis.call('SET', KEYS[2], entry, 'EX', ARGV[4])
+return {1, entry}
+"""
+
+# Error replies that a later attempt can get past.
+_TRANSIENT_REPLIES = (
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.BusyLoadingError,
+    redis.exceptions.TryAgainError,
+)
+
+
+def marker_key(stream: str, event_id: str) -> str:
+    """The key remembering that ``event_id`` was added to ``stream``."""
+    digest = hashlib.sha256(f"{stream}\x00{event_id}".encode()).hexdigest()
+    return f"lacuna-seen:{digest}"
+
+
+class RedisHandler:
+    """Appends to a Redis stream (see the module docstring)."""
+
+    name = "redis"
+    events: frozenset[str] | None = None
+
+    def __init__(self, ctx: HandlerContext) -> None:
+        self.name = ctx.name
+        self.url = broker_url(ctx, "URL", ("redis", "rediss", "unix"))
+        self.stream = Template.parse(ctx, "STREAM", "lacuna:events")
+        self.maxlen = int_setting(ctx, "MAXLEN", 0) or None
+        self.dedupe_ttl_seconds = int_setting(ctx, "DEDUPE_TTL", DEFAULT_DEDUPE_TTL_SECONDS)
+        connect_seconds, read_seconds = network_timeouts(ctx)
+        # Built now (no I/O until the first command); redis-py connects and reconnects itself.
+        self.client: redis.asyncio.Redis = redis.asyncio.Redis.from_url(
+            self.url,
+            socket_connect_timeout=connect_seconds,
+            socket_timeout=read_seconds,
+            health_check_interval=30,
+        )
+        self._xadd_once = self.client.register_script(XADD_ONCE)
+
+    def __repr__(self) -> str:
+        return f"RedisHandler(name={self.name!r}, stream={self.stream.text!r})"
+
+    def _reason(self, exc: BaseException) -> str:
+        return reason_of(exc, self.url)
+
+    async def handle(self, event: Event) -> None:
+        stream = self.stream.render(event)
+        args: list[bytes | str | int] = [
+            event.id,
+            event.type,
+            event.raw,
+            self.dedupe_ttl_seconds,
+            self.maxlen if self.maxlen is not None else "",
+        ]
+        try:
+            added, entry = await self._xadd_once(
+                keys=[stream, marker_key(stream, event.id)], args=args
+            )
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            if isinstance(
+                exc, (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError)
+            ):
+                raise PermanentError(f"Redis refused the login: {self._reason(exc)}") from None
+            raise RetryLater(f"Redis is unreachable: {self._reason(exc)}") from None
+        except _TRANSIENT_REPLIES as exc:
+            raise RetryLater(f"Redis cannot take the entry now: {self._reason(exc)}") from None
+        except redis.exceptions.RedisError as exc:
+            raise PermanentError(f"Redis refused XADD to {stream!r}: {self._reason(exc)}") from None
+        logger.info(
+            "handler.redis.published",
+            event_id=event.id,
+            stream=stream,
+            entry=entry.decode() if isinstance(entry, bytes) else entry,
+            duplicate=not added,
+        )
+
+    async def aclose(self) -> None:
+        try:
+            await self.client.aclose()
+        except Exception as exc:  # closing a broken pool must not stop shutdown
+            logger.warning("handler.redis.close_failed", error=self._reason(exc))

@@ -1,0 +1,164 @@
+"""The ``sqs`` handler: sends each event to an Amazon SQS queue (or an SQS-compatible API).
+
+Settings (SPEC §8, ``LACUNA_<NAME>_…``): ``QUEUE_URL`` (required, ``https://``
+or ``http://``), ``REGION`` (default: the AWS chain's, else the region in an
+``sqs.<region>.amazonaws.com`` queue URL), ``ENDPOINT`` (for compatible APIs
+and local test servers), ``CONNECT_TIMEOUT`` and ``READ_TIMEOUT`` (seconds).
+Credentials come from the AWS credential chain (environment, shared files,
+instance or task role), never from our settings.
+
+Message: the body is the event's bytes (valid UTF-8 JSON, sent unchanged as
+SQS's string body); message attributes ``event_id`` and ``event_type``
+(String). FIFO queues (URL ending in ``.fifo``): ``MessageGroupId`` = the
+task id (``data.id``; the event id when absent), so one task's events stay in
+order, and ``MessageDeduplicationId`` = the event id, so SQS drops a
+re-publish within its 5-minute deduplication interval. Both are used as they
+are when they fit SQS's rules (at most 128 of ``A-Za-z0-9`` and ASCII
+punctuation), else replaced by the SHA-256 hex of the value (stable, so
+deduplication still holds). Standard queues have no deduplication.
+
+Outcomes: the SendMessage reply is done. Connection errors, timeouts,
+throttling and 5xx replies → retried. Queue missing, access denied, message
+too long or invalid, and other 4xx → dead with SQS's reason. botocore's own
+retries are off: the dispatcher owns the retry schedule.
+
+One boto3 client per instance (thread-safe, pooled HTTP connections), called
+in a worker thread so the event loop never blocks; closed by ``aclose``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+from typing import Any
+from urllib.parse import urlsplit
+
+import structlog
+
+from ...errors import ConfigError, PermanentError, RetryLater
+from ...models import Event
+from .._common import network_timeouts
+from ..base import HandlerContext
+from ._shared import broker_url, missing_extra, reason_of
+
+try:
+    import boto3.session
+    import botocore.config
+    import botocore.exceptions
+except ImportError:  # pragma: no cover - exercised only without the extra
+    raise missing_extra("sqs", "boto3") from None
+
+logger = structlog.get_logger("lacuna_webhooks.handlers.sqs")
+
+# SQS's rule for MessageGroupId and MessageDeduplicationId.
+_FIFO_ID = re.compile(r"[A-Za-z0-9!\"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~]{1,128}")
+_REGION_IN_HOST = re.compile(r"^sqs\.([a-z0-9-]+)\.amazonaws\.com")
+_THROTTLING = frozenset(
+    {
+        "Throttling",
+        "ThrottlingException",
+        "RequestThrottled",
+        "RequestThrottledException",
+        "TooManyRequestsException",
+        "KmsThrottled",
+        "ServiceUnavailable",
+        "InternalError",
+        "InternalFailure",
+    }
+)
+
+
+def fifo_id(value: str) -> str:
+    """``value`` when SQS accepts it as a group or deduplication id, else its SHA-256 hex."""
+    if _FIFO_ID.fullmatch(value):
+        return value
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+class SQSHandler:
+    """Sends to an SQS queue (see the module docstring)."""
+
+    name = "sqs"
+    events: frozenset[str] | None = None
+
+    def __init__(self, ctx: HandlerContext) -> None:
+        self.name = ctx.name
+        self.queue_url = broker_url(ctx, "QUEUE_URL", ("https", "http"))
+        self.fifo = urlsplit(self.queue_url).path.rstrip("/").endswith(".fifo")
+        self.endpoint = (
+            broker_url(ctx, "ENDPOINT", ("https", "http")) if ctx.get("ENDPOINT") else None
+        )
+        session = boto3.session.Session()
+        host_region = _REGION_IN_HOST.match(urlsplit(self.queue_url).hostname or "")
+        self.region = (
+            ctx.get("REGION")
+            or session.region_name
+            or (host_region.group(1) if host_region else None)
+        )
+        if not self.region:
+            raise ConfigError(
+                f"{ctx.env_name('REGION')} is required by the {ctx.name} handler: the AWS "
+                "configuration names no region and the queue URL holds none"
+            )
+        connect_seconds, read_seconds = network_timeouts(ctx)
+        self.client: Any = session.client(
+            "sqs",
+            region_name=self.region,
+            endpoint_url=self.endpoint,
+            config=botocore.config.Config(
+                connect_timeout=connect_seconds,
+                read_timeout=read_seconds,
+                retries={"total_max_attempts": 1},  # the dispatcher retries, with backoff
+            ),
+        )
+
+    def __repr__(self) -> str:
+        return f"SQSHandler(name={self.name!r}, queue_url={self.queue_url!r})"
+
+    def _reason(self, exc: BaseException) -> str:
+        return reason_of(exc, self.queue_url)
+
+    def request(self, event: Event) -> dict[str, Any]:
+        """The SendMessage parameters for ``event``."""
+        params: dict[str, Any] = {
+            "QueueUrl": self.queue_url,
+            "MessageBody": event.raw.decode("utf-8"),
+            "MessageAttributes": {
+                "event_id": {"DataType": "String", "StringValue": event.id},
+                "event_type": {"DataType": "String", "StringValue": event.type},
+            },
+        }
+        if self.fifo:
+            params["MessageGroupId"] = fifo_id(event.task_id or event.id)
+            params["MessageDeduplicationId"] = fifo_id(event.id)
+        return params
+
+    async def handle(self, event: Event) -> None:
+        try:
+            params = self.request(event)
+        except UnicodeDecodeError:
+            raise PermanentError("the event body is not UTF-8; SQS takes text only") from None
+        try:
+            reply = await asyncio.to_thread(self.client.send_message, **params)
+        except botocore.exceptions.ClientError as exc:
+            error = exc.response.get("Error", {})
+            code = str(error.get("Code", ""))
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            reason = f"{code}: {error.get('Message', '')}".strip(": ")
+            if code in _THROTTLING or status >= 500 or status == 429:
+                raise RetryLater(f"SQS cannot take the message now: {reason}") from None
+            raise PermanentError(f"SQS refused the message: {reason}") from None
+        except (botocore.exceptions.BotoCoreError, OSError) as exc:
+            # Connection refused or reset, timeouts, no credentials yet (an instance role
+            # that is still being fetched): all may pass.
+            raise RetryLater(f"sending to SQS failed: {self._reason(exc)}") from None
+        logger.info(
+            "handler.sqs.sent",
+            event_id=event.id,
+            message_id=reply.get("MessageId"),
+            fifo=self.fifo,
+        )
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.client.close)

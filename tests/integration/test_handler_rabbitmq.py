@@ -1,0 +1,158 @@
+"""The rabbitmq handler against the local RabbitMQ, read back with aio-pika itself."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+from lacuna_webhooks.errors import PermanentError, RetryLater
+from lacuna_webhooks.handlers.brokers.rabbitmq import RabbitMQHandler
+from tests.e2e.conftest import free_port
+from tests.integration.brokers import build, event
+
+aio_pika = pytest.importorskip("aio_pika")
+
+
+def handler(url: str, name: str = "rabbitmq", **settings: str) -> RabbitMQHandler:
+    return build(RabbitMQHandler, name, URL=url, **settings)
+
+
+class Topology:
+    """A topic exchange and a queue of their own for one test (deleted afterwards)."""
+
+    def __init__(self, channel: object, exchange: str, queue: object) -> None:
+        self.channel = channel
+        self.exchange = exchange
+        self.queue = queue
+
+    async def drain(self) -> list[object]:
+        """Every message in the queue, acknowledged."""
+        messages = []
+        while (message := await self.queue.get(no_ack=True, fail=False)) is not None:  # type: ignore[attr-defined]
+            messages.append(message)
+        return messages
+
+
+@pytest.fixture
+async def topology(rabbitmq_server: str) -> AsyncIterator[Topology]:
+    connection = await aio_pika.connect(rabbitmq_server)
+    channel = await connection.channel()
+    tag = uuid.uuid4().hex[:10]
+    exchange = await channel.declare_exchange(f"lw-test-{tag}", aio_pika.ExchangeType.TOPIC)
+    queue = await channel.declare_queue(f"lw-test-{tag}")
+    await queue.bind(exchange, "lacuna.#")
+    try:
+        yield Topology(channel, exchange.name, queue)
+    finally:
+        await queue.delete(if_unused=False, if_empty=False)
+        await exchange.delete()
+        await connection.close()
+
+
+async def test_publishes_exact_bytes_persistent_with_id_and_type(
+    rabbitmq_server: str, topology: Topology
+) -> None:
+    """Body = the event's bytes; message_id = event id; type = event type; persistent;
+    routing key from the template; a handler named other than its kind reads its own settings."""
+    h = handler(
+        rabbitmq_server,
+        name="queue_out",
+        EXCHANGE=topology.exchange,
+        ROUTING_KEY="lacuna.{type}.{task_id}",
+    )
+    first, second = event(task_id="task_a"), event("job.failed", task_id="task_b")
+    try:
+        await h.handle(first)
+        await h.handle(second)
+    finally:
+        await h.aclose()
+    messages = await topology.drain()
+    assert [m.body for m in messages] == [first.raw, second.raw]  # type: ignore[attr-defined]
+    assert [m.routing_key for m in messages] == [  # type: ignore[attr-defined]
+        "lacuna.job.completed.task_a",
+        "lacuna.job.failed.task_b",
+    ]
+    assert [(m.message_id, m.type) for m in messages] == [  # type: ignore[attr-defined]
+        (first.id, "job.completed"),
+        (second.id, "job.failed"),
+    ]
+    assert messages[0].delivery_mode == aio_pika.DeliveryMode.PERSISTENT  # type: ignore[attr-defined]
+    assert messages[0].content_type == "application/json"  # type: ignore[attr-defined]
+
+
+async def test_unroutable_is_retried_then_delivered_once_bound(
+    rabbitmq_server: str, topology: Topology
+) -> None:
+    """mandatory: no queue bound for the key → RetryLater; once a queue is bound, the retry
+    delivers exactly one message."""
+    h = handler(rabbitmq_server, EXCHANGE=topology.exchange, ROUTING_KEY="other.{type}")
+    e = event()
+    try:
+        with pytest.raises(RetryLater, match="unroutable"):
+            await h.handle(e)
+        await topology.queue.bind(topology.exchange, "other.#")  # type: ignore[attr-defined]
+        await h.handle(e)
+    finally:
+        await h.aclose()
+    assert [m.body for m in await topology.drain()] == [e.raw]  # type: ignore[attr-defined]
+
+
+async def test_a_missing_exchange_is_dead_and_the_handler_recovers(
+    rabbitmq_server: str, topology: Topology
+) -> None:
+    """Publishing to an exchange that does not exist is dead with the broker's NOT_FOUND reason;
+    the broker closed the channel, and once the exchange exists the same handler publishes on a
+    fresh one."""
+    name = f"late-{uuid.uuid4().hex[:8]}"
+    h = handler(rabbitmq_server, EXCHANGE=name)
+    e = event()
+    try:
+        with pytest.raises(PermanentError, match="NOT_FOUND"):
+            await h.handle(event())
+        late = await topology.channel.declare_exchange(  # type: ignore[attr-defined]
+            name, aio_pika.ExchangeType.TOPIC, auto_delete=True
+        )
+        await topology.queue.bind(late, "lacuna.#")  # type: ignore[attr-defined]
+        await h.handle(e)
+    finally:
+        await h.aclose()
+    assert [m.body for m in await topology.drain()] == [e.raw]  # type: ignore[attr-defined]
+
+
+async def test_a_refused_login_is_dead_without_the_password(rabbitmq_server: str) -> None:
+    """Wrong credentials: dead with ACCESS_REFUSED, and the password is in no error text."""
+    parts = urlsplit(rabbitmq_server)
+    netloc = f"guest:Wr0ngSecretPw@{parts.hostname}:{parts.port}"
+    url = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+    h = handler(url)
+    try:
+        with pytest.raises(PermanentError) as caught:
+            await h.handle(event())
+    finally:
+        await h.aclose()
+    assert "ACCESS_REFUSED" in str(caught.value) or "authentication" in str(caught.value).lower()
+    assert "Wr0ngSecretPw" not in str(caught.value)
+    assert "Wr0ngSecretPw" not in repr(h)
+
+
+async def test_a_routing_key_over_255_bytes_is_dead(rabbitmq_server: str) -> None:
+    """An event type that makes the routing key longer than AMQP allows is dead before any I/O."""
+    h = handler(rabbitmq_server)
+    try:
+        with pytest.raises(PermanentError, match=r"routing key is .* bytes"):
+            await h.handle(event("é" * 128))
+    finally:
+        await h.aclose()
+
+
+async def test_an_unreachable_broker_is_retried() -> None:
+    """Nothing listening on the port: RetryLater."""
+    h = handler(f"amqp://guest:guest@127.0.0.1:{free_port()}/", CONNECT_TIMEOUT="2")
+    try:
+        with pytest.raises(RetryLater, match="publishing to RabbitMQ failed"):
+            await h.handle(event())
+    finally:
+        await h.aclose()
