@@ -34,7 +34,7 @@ from lacuna_webhooks.retry import RetryPolicy
 from lacuna_webhooks.store.memory import MemoryStore
 from tests.conftest import make_event
 from tests.dispatching import FakeClock, make_dispatcher, only_delivery, running, wait_until
-from tests.integration.servers import free_port
+from tests.integration.servers import SlowResponse, free_port
 
 PATH = "/hooks/lacuna"
 SECRET = "whsec_" + base64.b64encode(b"the-receivers-secret-key-32bytes").decode()
@@ -283,22 +283,11 @@ async def test_a_slow_receiver_times_out_and_is_retried(
     forward: HTTPHandler, httpserver: HTTPServer
 ) -> None:
     """A receiver slower than READ_TIMEOUT: the attempt ends as a retry."""
-    served = threading.Event()
-
-    def stall(_: Request) -> Response:
-        def body() -> Iterator[bytes]:
-            try:
-                time.sleep(2.5)  # longer than LACUNA_HTTP_READ_TIMEOUT=1
-                yield b"ok"
-            finally:
-                served.set()
-
-        return Response(body())
-
-    httpserver.expect_request(PATH).respond_with_handler(stall)
+    slow = SlowResponse(2.5)  # longer than LACUNA_HTTP_READ_TIMEOUT=1
+    httpserver.expect_request(PATH).respond_with_handler(slow)
     with pytest.raises(RetryLater, match="ReadTimeout"):
         await forward.handle(as_event())
-    assert await asyncio.to_thread(served.wait, 10)
+    assert await asyncio.to_thread(slow.served.wait, 10)
 
 
 @contextlib.contextmanager
