@@ -274,7 +274,7 @@ async def test_a_redirect_is_never_followed(
         "", status=status, headers={"Location": httpserver.url_for("/elsewhere")}
     )
     httpserver.expect_request("/elsewhere").respond_with_data("", status=200)
-    with pytest.raises(PermanentError, match="redirect, which is never followed"):
+    with pytest.raises(PermanentError, match="never followed: point LACUNA_HTTP_URL at the final"):
         await forward.handle(as_event())
     assert [request.path for request, _ in httpserver.log] == [PATH]
 
@@ -446,6 +446,8 @@ def test_a_private_http_url_is_allowed() -> None:
     environ = {"LACUNA_HTTP_URL": "http://10.0.0.7:8080/in", "LACUNA_HTTP_SECRET": SECRET}
     handler = HTTPHandler(HandlerContext("http", environ=environ))
     assert handler.where == "http://10.0.0.7:8080/…"
+    environ["LACUNA_HTTP_URL"] = "http://user:pw@[fd00::7]:8080/in?key=abc"
+    assert HTTPHandler(HandlerContext("http", environ=environ)).where == "http://[fd00::7]:8080/…"
 
 
 @pytest.mark.parametrize(

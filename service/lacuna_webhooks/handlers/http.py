@@ -73,8 +73,9 @@ _FALLBACK_ATTEMPTS_MAX = 10_000
 
 def where(url: httpx.URL) -> str:
     """``scheme://host[:port]/…``: names the endpoint without userinfo, path or query."""
+    host = f"[{url.host}]" if ":" in url.host else url.host  # an IPv6 literal keeps its brackets
     port = f":{url.port}" if url.port is not None else ""
-    return f"{url.scheme}://{url.host}{port}/…"
+    return f"{url.scheme}://{host}{port}/…"
 
 
 def parse_url(value: str, var: str) -> httpx.URL:
@@ -155,8 +156,8 @@ class HTTPHandler:
 
     def __init__(self, ctx: HandlerContext, *, clock: Callable[[], float] = time.time) -> None:
         self.name = ctx.name
-        url_var = ctx.env_name("URL")
-        self.url = parse_url(ctx.require("URL"), url_var)
+        self.url_var = ctx.env_name("URL")
+        self.url = parse_url(ctx.require("URL"), self.url_var)
         self.where = where(self.url)
         self.keys = parse_secrets(ctx.require("SECRET"), ctx.env_name("SECRET"))
         self.extra_headers = parse_headers(ctx.get("HEADERS"), ctx.env_name("HEADERS"))
@@ -175,7 +176,7 @@ class HTTPHandler:
             connect_timeout_seconds=connect_seconds,
             read_timeout_seconds=read_seconds,
         )
-        self._what = f"{url_var} ({self.where})"
+        self._what = f"{self.url_var} ({self.where})"
         # Used only when the dispatcher does not say which attempt this is (current_attempt).
         self._fallback_attempts: OrderedDict[str, int] = OrderedDict()
 
@@ -249,7 +250,7 @@ class HTTPHandler:
         if 300 <= status < 400:
             raise PermanentError(
                 f"{self.where} answered HTTP {status}, a redirect, which is never followed: "
-                f"point {self._what.split(' ', 1)[0]} at the final URL"
+                f"point {self.url_var} at the final URL"
             )
         if status == 410:
             raise PermanentError(f"{self.where} answered HTTP 410: the endpoint is gone")
