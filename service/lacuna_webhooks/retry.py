@@ -30,14 +30,18 @@ class RetryPolicy:
     ) -> float | None:
         """Seconds to wait after attempt ``attempts`` failed, or ``None`` when it was the last.
 
-        ``requested_seconds`` is a handler's own "retry after" (e.g. from a
-        ``Retry-After`` header); it replaces the computed delay but is capped
-        too.
+        ``requested_seconds`` is a peer's own delay (a ``Retry-After`` header,
+        via ``RetryLater(delay_seconds=...)``); it replaces the computed delay,
+        without jitter, but is held within ``[base_delay_seconds,
+        max_delay_seconds]`` (SPEC §6): ``Retry-After: 0``, a date in the past
+        or a negative value waits the base delay, never a tight loop; a huge
+        one waits the cap.
         """
         if attempts >= self.max_attempts:
             return None
         if requested_seconds is not None:
-            return max(0.0, min(requested_seconds, self.max_delay_seconds))
+            floor = min(self.base_delay_seconds, self.max_delay_seconds)
+            return min(max(requested_seconds, floor), self.max_delay_seconds)
         exponent = min(attempts - 1, 62)  # 2**62 seconds is beyond any cap
         nominal = self.base_delay_seconds * (2.0**exponent)
         jittered = nominal * (1.0 - JITTER + 2.0 * JITTER * rand())

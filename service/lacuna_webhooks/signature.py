@@ -1,14 +1,21 @@
-"""Sign and verify ``x-lacuna-signature`` headers (SPEC §1). Pure: no clock, no I/O.
+"""Sign and verify ``x-lacuna-signature`` headers (SPEC §1); sign Standard Webhooks (SPEC §7).
 
-Header grammar: comma-separated ``key=value`` items, whitespace around items
-ignored, exactly one ``t`` (integer Unix seconds) and one or more ``v1``
-(hex HMAC-SHA256 of ``f"{t}.".encode() + body`` keyed with the secret's UTF-8
-bytes). Unknown schemes are ignored. The parser is total: whatever the header
-holds, it raises nothing but ``SignatureError`` subclasses.
+Pure: no clock, no I/O. Header grammar of ``x-lacuna-signature``:
+comma-separated ``key=value`` items, whitespace around items ignored, exactly
+one ``t`` (integer Unix seconds) and one or more ``v1`` (hex HMAC-SHA256 of
+``f"{t}.".encode() + body`` keyed with the secret's UTF-8 bytes). Unknown
+schemes are ignored. The parser is total: whatever the header holds, it raises
+nothing but ``SignatureError`` subclasses.
+
+``standard_webhooks_key`` and ``sign_standard_webhooks`` are the outbound side:
+what the ``http`` handler puts in ``webhook-signature`` for the team's own
+service, verifiable with the Standard Webhooks reference libraries.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac as stdlib_hmac
 import time
 from collections.abc import Iterable, Sequence
@@ -28,6 +35,7 @@ from .errors import (
 from .models import Event
 
 HEADER = "x-lacuna-signature"
+STANDARD_WEBHOOKS_SECRET_PREFIX = "whsec_"  # noqa: S105 - the format's prefix, not a secret
 DEFAULT_TOLERANCE_SECONDS = 300
 # Bounds that keep a hostile header cheap to reject.
 MAX_HEADER_LENGTH = 4096
@@ -70,6 +78,48 @@ def sign(body: bytes, secrets: str | Sequence[str], timestamp: int | None = None
     ts = int(time.time()) if timestamp is None else timestamp
     items = [f"t={ts}"] + [f"v1={compute_signature(body, s, ts)}" for s in secrets]
     return ",".join(items)
+
+
+def standard_webhooks_key(secret: str) -> bytes:
+    """The HMAC key of a Standard Webhooks secret: ``whsec_<base64>`` -> the decoded bytes.
+
+    As in the reference libraries, the ``whsec_`` prefix is optional and the
+    rest is standard base64, padding optional. Unlike them, any character
+    outside the base64 alphabet is refused instead of silently skipped. Raises
+    ``ValueError`` with a message that never contains the secret when the
+    base64 is invalid or empty.
+    """
+    text = secret.strip().removeprefix(STANDARD_WEBHOOKS_SECRET_PREFIX).rstrip("=")
+    try:
+        padded = text + "=" * (-len(text) % 4)
+        key = base64.b64decode(padded.encode("ascii"), validate=True)
+    except (UnicodeEncodeError, binascii.Error):
+        raise ValueError(
+            "is not a Standard Webhooks secret: expected whsec_ followed by base64"
+        ) from None
+    if not key:
+        raise ValueError("is an empty Standard Webhooks secret")
+    return key
+
+
+def sign_standard_webhooks(msg_id: str, timestamp: int, body: bytes, keys: Sequence[bytes]) -> str:
+    """The ``webhook-signature`` value for one message (Standard Webhooks spec, SPEC §7).
+
+    One ``v1,<base64 HMAC-SHA256>`` per key, space-separated, each over
+    ``f"{msg_id}.{timestamp}.".encode() + body``; ``keys`` come from
+    ``standard_webhooks_key``. Several keys sign for a receiver that is rotating
+    its secret. ``timestamp`` is integer Unix seconds (the ``webhook-timestamp``).
+    """
+    if not keys:
+        raise ConfigError("sign_standard_webhooks() needs at least one key")
+    prefix = f"{msg_id}.{timestamp}.".encode()
+    signatures = []
+    for key in keys:
+        mac = HMAC(key, hashes.SHA256())
+        mac.update(prefix)
+        mac.update(body)
+        signatures.append("v1," + base64.b64encode(mac.finalize()).decode("ascii"))
+    return " ".join(signatures)
 
 
 def parse_header(header: str | None) -> ParsedHeader:

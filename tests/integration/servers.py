@@ -30,6 +30,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -41,6 +42,7 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
+from werkzeug import Request, Response
 
 SMTP_USER = "mailer"
 SMTP_PASSWORD = "p@ss:w/rd %secret"  # needs URL-encoding on purpose
@@ -62,6 +64,28 @@ def wait_for_port(port: int, timeout_seconds: float = 30.0) -> None:
             return
         time.sleep(0.05)
     raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout_seconds} s")
+
+
+class SlowResponse:
+    """A pytest-httpserver handler that sends its body only after ``seconds`` (a slow peer).
+
+    ``served`` is set once the response is finished (or abandoned), so a test can wait for
+    the server thread before it ends.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.served = threading.Event()
+
+    def __call__(self, request: Request) -> Response:
+        def body() -> Iterator[bytes]:
+            try:
+                time.sleep(self.seconds)
+                yield b"ok"
+            finally:
+                self.served.set()
+
+        return Response(body())
 
 
 # --- S3 ------------------------------------------------------------------------------

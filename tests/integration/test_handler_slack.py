@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 import pytest
 from pytest_httpserver import HTTPServer
 from structlog.testing import capture_logs
-from werkzeug import Request, Response
 
 from lacuna_webhooks.errors import ConfigError, PermanentError, RetryLater
 from lacuna_webhooks.handlers._http import UnsafeURL
@@ -20,7 +17,7 @@ from lacuna_webhooks.handlers.base import HandlerContext
 from lacuna_webhooks.handlers.slack import SlackHandler
 from lacuna_webhooks.models import Event
 from tests.conftest import make_event
-from tests.integration.servers import free_port
+from tests.integration.servers import SlowResponse, free_port
 
 HOOK_PATH = "/services/T000/B000/XXXXsecretXXXX"
 
@@ -163,22 +160,11 @@ async def test_a_stalled_slack_times_out_and_is_retried(
     slack: SlackHandler, httpserver: HTTPServer
 ) -> None:
     """The read timeout turns a hung endpoint into a retry."""
-    served = threading.Event()
-
-    def stall(_: Request) -> Response:
-        def body() -> Iterator[bytes]:
-            try:
-                time.sleep(2.5)  # longer than LACUNA_SLACK_READ_TIMEOUT=1
-                yield b"ok"
-            finally:
-                served.set()
-
-        return Response(body())
-
-    httpserver.expect_request(HOOK_PATH).respond_with_handler(stall)
+    slow = SlowResponse(2.5)  # longer than LACUNA_SLACK_READ_TIMEOUT=1
+    httpserver.expect_request(HOOK_PATH).respond_with_handler(slow)
     with pytest.raises(RetryLater, match="ReadTimeout"):
         await slack.handle(as_event(make_event()))
-    assert await asyncio.to_thread(served.wait, 10)
+    assert await asyncio.to_thread(slow.served.wait, 10)
 
 
 async def test_an_unreachable_slack_is_retried() -> None:

@@ -53,7 +53,9 @@ def test_a_url_with_the_wrong_scheme_is_one_line_naming_the_variable(
 @pytest.mark.parametrize("factory", [NatsHandler, RabbitMQHandler, RedisHandler])
 def test_a_missing_url_is_required(factory: object) -> None:
     """No URL: one line saying the variable is required."""
-    assert config_error(factory, ctx("bus")) == "LACUNA_BUS_URL is required by the bus handler"
+    assert config_error(factory, ctx("bus")) == (
+        "LACUNA_BUS_URL is required by the bus handler (or LACUNA_BUS_URL_FILE naming a file)"
+    )
 
 
 def test_a_password_in_a_bad_url_is_never_echoed() -> None:
@@ -106,7 +108,7 @@ def test_nats_takes_a_comma_separated_cluster() -> None:
     handler = NatsHandler(ctx("nats", URL="nats://a:4222, nats://u:pw@b:4222"))
     assert handler.servers == ["nats://a:4222", "nats://u:pw@b:4222"]
     message = config_error(NatsHandler, ctx("nats", URL="nats://a:4222,http://u:pw@b:80"))
-    assert message == "LACUNA_NATS_URL must start with nats:// or tls://, got http://b:80/…"
+    assert message == "LACUNA_NATS_URL must start with nats:// or tls://, got http://b:80"
 
 
 def test_literal_braces_are_kept() -> None:

@@ -59,10 +59,37 @@ def test_requested_delay_replaces_the_schedule() -> None:
     assert POLICY.delay_seconds(1, requested_seconds=42.5, rand=fixed(0.0)) == 42.5
 
 
-def test_requested_delay_is_capped_and_never_negative() -> None:
-    """A huge Retry-After is capped; a negative one means 'now'."""
+def test_requested_delay_is_capped() -> None:
+    """A huge Retry-After is capped at max_delay_seconds."""
     assert POLICY.delay_seconds(1, requested_seconds=10_000_000) == 3600.0
-    assert POLICY.delay_seconds(1, requested_seconds=-5) == 0.0
+
+
+@pytest.mark.parametrize("requested", [0.0, -5.0, 0.001, 4.999])
+def test_requested_delay_never_goes_below_the_base_delay(requested: float) -> None:
+    """Retry-After: 0, a past date (negative) or anything short waits base_delay_seconds."""
+    assert POLICY.delay_seconds(1, requested_seconds=requested) == 5.0
+    assert POLICY.delay_seconds(7, requested_seconds=requested) == 5.0
+
+
+def test_requested_delay_floor_respects_a_cap_below_the_base() -> None:
+    """Should the cap sit below the base delay, the cap still wins (no delay above it)."""
+    policy = RetryPolicy(base_delay_seconds=10.0, max_delay_seconds=2.0)
+    assert policy.delay_seconds(1, requested_seconds=0.0) == 2.0
+
+
+@given(
+    requested=st.floats(allow_nan=False, allow_infinity=True),
+    base=st.floats(0.001, 100.0),
+    extra=st.floats(0.0, 10_000.0),
+)
+def test_requested_delay_always_within_base_and_cap(
+    requested: float, base: float, extra: float
+) -> None:
+    """Whatever the peer asks, the delay lies in [base_delay_seconds, max_delay_seconds]."""
+    policy = RetryPolicy(base_delay_seconds=base, max_delay_seconds=base + extra)
+    delay = policy.delay_seconds(1, requested_seconds=requested)
+    assert delay is not None
+    assert base <= delay <= base + extra
 
 
 def test_requested_delay_does_not_extend_the_budget() -> None:

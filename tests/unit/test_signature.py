@@ -16,7 +16,15 @@ from lacuna_webhooks.errors import (
     SignatureError,
     TimestampOutOfTolerance,
 )
-from lacuna_webhooks.signature import compute_signature, construct_event, parse_header, sign, verify
+from lacuna_webhooks.signature import (
+    compute_signature,
+    construct_event,
+    parse_header,
+    sign,
+    sign_standard_webhooks,
+    standard_webhooks_key,
+    verify,
+)
 
 SECRET = "whsec_test_5WbX5kEWLlfzsGNjH64I8lOOqUB6e8FH"
 ROTATED = "whsec_test_rotated_new_secret_value_0002"
@@ -202,3 +210,52 @@ def test_construct_event_refuses_before_parsing() -> None:
     good = sign(b"not json", SECRET, T)
     with pytest.raises(InvalidJSON):
         construct_event(b"not json", good, SECRET, now=T)
+
+
+# --- Standard Webhooks signing (the http handler, SPEC §7) ----------------------------------
+
+SW_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+SW_ID = "msg_p5jXN8AQM9LWM0D4loKWxJek"
+SW_TIMESTAMP = 1614265330
+SW_BODY = b'{"test": 2432232314}'
+
+
+def test_standard_webhooks_signature_matches_the_spec_vector() -> None:
+    """The Standard Webhooks reference test vector (msg_p5jX…, 1614265330)."""
+    key = standard_webhooks_key(SW_SECRET)
+    assert sign_standard_webhooks(SW_ID, SW_TIMESTAMP, SW_BODY, [key]) == (
+        "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="
+    )
+
+
+def test_standard_webhooks_several_keys_give_space_separated_signatures() -> None:
+    """One v1 signature per key, in the order given, joined by spaces."""
+    first = standard_webhooks_key(SW_SECRET)
+    second = standard_webhooks_key("whsec_" + "QUJD" * 8)
+    both = sign_standard_webhooks(SW_ID, SW_TIMESTAMP, SW_BODY, [first, second])
+    one, two = both.split(" ")
+    assert one == sign_standard_webhooks(SW_ID, SW_TIMESTAMP, SW_BODY, [first])
+    assert two == sign_standard_webhooks(SW_ID, SW_TIMESTAMP, SW_BODY, [second])
+    assert one != two
+
+
+@pytest.mark.parametrize(
+    ("secret", "key"),
+    [
+        ("whsec_QUJD", b"ABC"),
+        ("QUJD", b"ABC"),  # the prefix is optional, as in the reference libraries
+        ("whsec_QUI", b"AB"),  # padding optional too
+        ("whsec_QUI=", b"AB"),
+        ("  whsec_QUJD  ", b"ABC"),
+    ],
+)
+def test_standard_webhooks_key_decodes_base64(secret: str, key: bytes) -> None:
+    assert standard_webhooks_key(secret) == key
+
+
+@pytest.mark.parametrize("secret", ["whsec_", "whsec_Q", "whsec_QU J", "whsec_é", "whsec_QU-_"])
+def test_standard_webhooks_key_refuses_bad_base64_without_echoing_it(secret: str) -> None:
+    """Empty, truncated, spaced, non-ASCII or url-safe base64: ValueError, secret not shown."""
+    with pytest.raises(ValueError, match="Standard Webhooks secret") as caught:
+        standard_webhooks_key(secret)
+    assert secret.removeprefix("whsec_") not in str(caught.value) or secret == "whsec_"

@@ -40,7 +40,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from ..errors import PermanentError, RetryLater
-from ..handlers.base import Handler
+from ..handlers.base import Handler, current_attempt
 from ..models import AttemptOutcome, Event
 from ..redact import redact_text
 from ..retry import RetryPolicy
@@ -122,12 +122,19 @@ def timed_out(timeout_seconds: float, *, killed: bool = False) -> Outcome:
     return Outcome(Ending.TIMED_OUT, f"TimeoutError: handler exceeded {timeout_seconds:g}s{how}")
 
 
-async def run_attempt(handler: Handler, event: Event, timeout_seconds: float) -> Outcome:
+async def run_attempt(
+    handler: Handler, event: Event, timeout_seconds: float, *, attempt: int | None = None
+) -> Outcome:
     """Run ``handler.handle(event)`` under ``timeout_seconds``; never raises for its failure.
+
+    ``attempt`` (the delivery's attempt number, 1 for the first) is what the handler reads
+    from ``handlers.base.current_attempt`` (the ``http`` handler's ``lacuna-attempt``); it is
+    set in the calling task only, which runs this one attempt.
 
     Only a cancellation of the calling task itself (a stop) propagates. A blocking handler
     cannot be cut off here: that is the worker process's supervisor's job.
     """
+    current_attempt.set(attempt)
     deadline = asyncio.timeout(timeout_seconds)
     try:
         async with deadline:

@@ -49,7 +49,9 @@ class InProcessRunner:
 
     async def run(self, delivery: Delivery, timeout_seconds: float) -> Outcome:
         handler = self.handlers.handlers[delivery.handler]
-        return await run_attempt(handler, delivery.event, timeout_seconds)
+        return await run_attempt(
+            handler, delivery.event, timeout_seconds, attempt=delivery.attempts
+        )
 
     async def close(self) -> None:
         return None

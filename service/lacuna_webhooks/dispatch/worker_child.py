@@ -109,8 +109,8 @@ async def _serve(sock: socket.socket, handler: Handler) -> None:
     log = structlog.get_logger("lacuna_webhooks.worker").bind(handler=handler.name)
     running: dict[int, asyncio.Task[None]] = {}
 
-    async def attempt(attempt_id: int, event: Event, timeout_seconds: float) -> None:
-        outcome = await run_attempt(handler, event, timeout_seconds)
+    async def attempt(attempt_id: int, event: Event, timeout_seconds: float, number: int) -> None:
+        outcome = await run_attempt(handler, event, timeout_seconds, attempt=number)
         try:
             payload = orjson.dumps(["done", attempt_id, outcome.to_wire()])
         except TypeError:
@@ -128,8 +128,8 @@ async def _serve(sock: socket.socket, handler: Handler) -> None:
                 break  # the parent is gone: nobody is left to answer
             kind = request[0]
             if kind == "run":
-                _, attempt_id, event, timeout_seconds = request
-                task = asyncio.create_task(attempt(attempt_id, event, timeout_seconds))
+                _, attempt_id, event, timeout_seconds, number = request
+                task = asyncio.create_task(attempt(attempt_id, event, timeout_seconds, number))
                 running[attempt_id] = task
                 task.add_done_callback(functools.partial(_forget, running, attempt_id))
             elif kind == "cancel":

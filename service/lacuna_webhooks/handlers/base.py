@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -119,6 +120,13 @@ def _stripped(value: str | None, default: str | None) -> str | None:
 
 HandlerFactory = Callable[[HandlerContext], Handler]
 
+current_attempt: ContextVar[int | None] = ContextVar("lacuna_attempt", default=None)
+"""Which attempt of its delivery a ``handle()`` call is (1 for the first), when the caller says.
+
+The dispatcher sets it (``current_attempt.set(delivery.attempts)``) in the task that
+runs one attempt, so ``handle(event)`` keeps its signature and plugins may read it
+(``current_attempt.get()``; ``None`` when run outside the dispatcher)."""
+
 
 class RecordingHandler:
     """A handler for tests: records every event, and fails as scripted.
@@ -154,4 +162,4 @@ class RecordingHandler:
         self.closed = True
 
 
-__all__ = ["Handler", "HandlerContext", "HandlerFactory", "RecordingHandler"]
+__all__ = ["Handler", "HandlerContext", "HandlerFactory", "RecordingHandler", "current_attempt"]

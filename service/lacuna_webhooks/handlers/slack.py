@@ -9,6 +9,14 @@ The webhook URL is a secret (anyone holding it can post): it is never logged
 or put in an error message in full. Calls go through ``_http.OutboundClient``
 (https only, public addresses only, timeouts, no redirects followed).
 
+Every piece of event text is escaped for mrkdwn (``&``, ``<``, ``>``), in the
+blocks and in the top-level ``text`` alike, so a title such as
+``<!channel> <https://evil.example|click>`` neither pings nor forges a link;
+the header block is ``plain_text``, which Slack never parses. Every block keeps
+to Slack's documented limits (header 150 characters, section 3000, 50 blocks):
+text is clipped with ``…`` but a ``<url|label>`` link is never cut; its label
+is shortened, or an over-long URL is left out with a note.
+
 Slack's answers: 200 is done; 429 is retried after its ``Retry-After``; 408
 and 5xx are retried; a redirect or any other 4xx (``invalid_payload``,
 ``no_service``, ``channel_is_archived``...) is permanent, with Slack's reason.
@@ -33,8 +41,14 @@ from .base import HandlerContext
 logger = structlog.get_logger("lacuna_webhooks.handlers.slack")
 
 MAX_TRACK_BLOCKS = 20  # Slack allows 50 blocks per message; the rest is summarised
-HEADER_LIMIT = 150  # Slack's limit for a header block's text
-SECTION_LIMIT = 3000  # ...and for a section's text
+# Slack's documented limits (Block Kit reference): a header's plain_text, a section's text
+# (also used for a context element's text), blocks per message, and the top-level text
+# (Slack truncates beyond 40 000; ours is a one-line summary, kept to a section's size).
+HEADER_LIMIT = 150
+SECTION_LIMIT = 3000
+MAX_BLOCKS = 50
+TEXT_LIMIT = 3000
+LINK_TOO_LONG = "(audio link too long to show)"
 
 
 def escape(text: str) -> str:
@@ -43,22 +57,63 @@ def escape(text: str) -> str:
 
 
 def _clip(text: str, limit: int) -> str:
+    """Clip plain text (a header's plain_text) to ``limit`` characters, ending in ``…``."""
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _link(url: str, label: str) -> str:
-    """``<url|label>`` for a plain http(s) URL; just the label when the URL is odd."""
-    safe = url.startswith(("https://", "http://")) and not any(c in url for c in "<>| \n\r\t")
-    return f"<{url}|{escape(label)}>" if safe else escape(label)
+def clip_mrkdwn(text: str, limit: int) -> str:
+    """Clip escaped mrkdwn to ``limit`` characters, ending in ``…``.
+
+    The cut never falls inside an entity (``&amp;``) nor inside a ``<url|label>``
+    link: what would be cut in half is dropped whole. ``text`` must come from
+    ``escape`` and ``link``, so every ``&`` starts an entity and every ``<`` a link.
+    """
+    if len(text) <= limit:
+        return text
+    head = text[: limit - 1]
+    lt = head.rfind("<")
+    if lt != -1 and ">" not in head[lt:]:
+        head = head[:lt]
+    # Outside links every "&" starts an entity (a link's URL may hold a bare "&").
+    amp = head.rfind("&", head.rfind(">") + 1)
+    if amp != -1 and ";" not in head[amp:]:
+        head = head[:amp]
+    return head + "…"
+
+
+def _linkable(url: str) -> bool:
+    return url.startswith(("https://", "http://")) and not any(c in url for c in "<>| \n\r\t")
+
+
+def link(url: str, label: str, room: int = SECTION_LIMIT) -> str:
+    """``<url|label>`` (label escaped) in at most ``room`` characters; the syntax is never cut.
+
+    The label is shortened first; a URL that leaves no room for a label is
+    linked bare (``<url>``); one that does not fit at all, or is not a plain
+    http(s) URL, is left out and the label is followed by a note instead.
+    """
+    label_text = escape(label)
+    if _linkable(url):
+        if len(url) + 3 + len(label_text) <= room:
+            return f"<{url}|{label_text}>"
+        label_room = room - len(url) - 3
+        if label_room >= 8:  # enough for a recognisable label
+            return f"<{url}|{clip_mrkdwn(label_text, label_room)}>"
+        if len(url) + 2 <= room:
+            return f"<{url}>"
+        return clip_mrkdwn(f"{label_text} {LINK_TOO_LONG}", room)
+    return clip_mrkdwn(label_text, room)
 
 
 def _context(event: LacunaEvent) -> dict[str, Any]:
     parts = [f"task `{escape(event.task_id)}`"] if event.task_id else []
     parts.append(f"event `{escape(event.id)}`")
-    return {"type": "context", "elements": [{"type": "mrkdwn", "text": " · ".join(parts)}]}
+    text = clip_mrkdwn(" · ".join(parts), SECTION_LIMIT)
+    return {"type": "context", "elements": [{"type": "mrkdwn", "text": text}]}
 
 
 def _header(text: str) -> dict[str, Any]:
+    # plain_text is shown as is (no mentions, no links), so it is clipped, not escaped.
     return {
         "type": "header",
         "text": {"type": "plain_text", "text": _clip(text, HEADER_LIMIT), "emoji": True},
@@ -66,7 +121,13 @@ def _header(text: str) -> dict[str, Any]:
 
 
 def _section(text: str) -> dict[str, Any]:
-    return {"type": "section", "text": {"type": "mrkdwn", "text": _clip(text, SECTION_LIMIT)}}
+    """A mrkdwn section; ``text`` is escaped mrkdwn (see ``clip_mrkdwn``)."""
+    return {"type": "section", "text": {"type": "mrkdwn", "text": clip_mrkdwn(text, SECTION_LIMIT)}}
+
+
+def _track_line(index: int, url: str, label: str, duration: str) -> str:
+    prefix, suffix = f"*{index}.* ", f" · {duration}"
+    return prefix + link(url, label, SECTION_LIMIT - len(prefix) - len(suffix)) + suffix
 
 
 def build_message(event: Event) -> dict[str, Any]:
@@ -82,12 +143,8 @@ def build_message(event: Event) -> dict[str, Any]:
             blocks.append(_section(f"*Style:* {escape(typed.data.style)}"))
         for index, track in enumerate(tracks[:MAX_TRACK_BLOCKS], start=1):
             label = track.title or track.id
-            blocks.append(
-                _section(
-                    f"*{index}.* {_link(track.audio_url, label)} · "
-                    f"{format_duration(track.duration_seconds)}"
-                )
-            )
+            duration = format_duration(track.duration_seconds)
+            blocks.append(_section(_track_line(index, track.audio_url, label, duration)))
         if count > MAX_TRACK_BLOCKS:
             blocks.append(_section(f"…and {count - MAX_TRACK_BLOCKS} more tracks"))
     elif is_job_failed(typed):
@@ -107,7 +164,8 @@ def build_message(event: Event) -> dict[str, Any]:
         if typed.task_status:
             blocks.append(_section(f"*Status:* {escape(typed.task_status)}"))
     blocks.append(_context(typed))
-    return {"text": summary, "blocks": blocks}
+    # The top-level text is mrkdwn too (notifications, fallback): escaped like the blocks.
+    return {"text": clip_mrkdwn(escape(summary), TEXT_LIMIT), "blocks": blocks[:MAX_BLOCKS]}
 
 
 class SlackHandler:

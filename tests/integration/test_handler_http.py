@@ -1,0 +1,504 @@
+"""The http (forward) handler against real HTTP servers standing in for the team's own service.
+
+What it signs is checked with the official ``standardwebhooks`` package, the way
+a receiver would verify it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import socket
+import struct
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from typing import Any
+
+import orjson
+import pytest
+from pytest_httpserver import HTTPServer
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+from structlog.testing import capture_logs
+from werkzeug import Request, Response
+
+from lacuna_webhooks.errors import ConfigError, PermanentError, RetryLater
+from lacuna_webhooks.handlers.base import HandlerContext, current_attempt
+from lacuna_webhooks.handlers.http import HTTPHandler
+from lacuna_webhooks.models import Event
+from lacuna_webhooks.plugins import HandlerSet, available, build_handlers
+from lacuna_webhooks.retry import RetryPolicy
+from lacuna_webhooks.store.memory import MemoryStore
+from tests.conftest import make_event
+from tests.dispatching import FakeClock, make_dispatcher, only_delivery, running, wait_until
+from tests.integration.servers import SlowResponse, free_port
+
+PATH = "/hooks/lacuna"
+SECRET = "whsec_" + base64.b64encode(b"the-receivers-secret-key-32bytes").decode()
+NEW_SECRET = "whsec_" + base64.b64encode(b"the-rotated-secret-key-0002-abcd").decode()
+OTHER_SECRET = "whsec_" + base64.b64encode(b"somebody-elses-secret-key-000000").decode()
+
+
+def as_event(payload: dict[str, Any] | None = None) -> Event:
+    return Event.from_body(orjson.dumps(payload or make_event()))
+
+
+def make_handler(url: str, **env: str) -> HTTPHandler:
+    environ = {
+        "LACUNA_HTTP_URL": url,
+        "LACUNA_HTTP_SECRET": SECRET,
+        "LACUNA_HTTP_READ_TIMEOUT": "1",
+        **{f"LACUNA_HTTP_{key}": value for key, value in env.items()},
+    }
+    return HTTPHandler(HandlerContext("http", environ=environ, timeout_seconds=10))
+
+
+@pytest.fixture
+async def forward(httpserver: HTTPServer) -> AsyncIterator[HTTPHandler]:
+    handler = make_handler(httpserver.url_for(PATH))
+    yield handler
+    await handler.aclose()
+
+
+def received(server: HTTPServer) -> list[tuple[bytes, dict[str, str]]]:
+    return [(request.get_data(), dict(request.headers)) for request, _ in server.log]
+
+
+class VerifyingReceiver:
+    """A receiver endpoint that verifies each request with ``standardwebhooks`` as it arrives.
+
+    Answers 204 when the signature holds, 400 otherwise (and remembers why).
+    """
+
+    def __init__(self, secret: str) -> None:
+        self.webhook = Webhook(secret)
+        self.verified: list[Any] = []
+        self.refused: list[str] = []
+
+    def __call__(self, request: Request) -> Response:
+        try:
+            self.verified.append(self.webhook.verify(request.get_data(), dict(request.headers)))
+        except WebhookVerificationError as exc:
+            self.refused.append(str(exc))
+            return Response("bad signature", status=400)
+        return Response(status=204)
+
+
+async def test_the_request_verifies_with_the_standardwebhooks_library(
+    forward: HTTPHandler, httpserver: HTTPServer
+) -> None:
+    """POST, JSON, body = the event's bytes exactly; the reference library accepts it."""
+    receiver = VerifyingReceiver(SECRET)
+    httpserver.expect_request(PATH, method="POST").respond_with_handler(receiver)
+    event = as_event(make_event("evt_forward_1"))
+    token = current_attempt.set(3)  # as the dispatcher does for the third attempt
+    try:
+        await forward.handle(event)
+    finally:
+        current_attempt.reset(token)
+    assert receiver.refused == []
+    assert receiver.verified == [event.payload]
+    ((body, headers),) = received(httpserver)
+    assert body == event.raw
+    assert headers["Content-Type"] == "application/json"
+    assert headers["Webhook-Id"] == "evt_forward_1"
+    assert abs(int(headers["Webhook-Timestamp"]) - time.time()) < 60
+    assert headers["Webhook-Signature"].startswith("v1,")
+    assert " " not in headers["Webhook-Signature"]  # one secret, one signature
+    assert headers["Lacuna-Event-Type"] == "job.completed"
+    assert headers["Lacuna-Attempt"] == "3"
+
+
+async def test_a_tampered_body_or_a_wrong_secret_fails_verification(
+    forward: HTTPHandler, httpserver: HTTPServer
+) -> None:
+    """What was signed is exactly the body and the id/timestamp; nothing else verifies."""
+    httpserver.expect_request(PATH).respond_with_data("", status=204)
+    await forward.handle(as_event())
+    ((body, headers),) = received(httpserver)
+    Webhook(SECRET).verify(body, headers)  # the genuine request passes
+    tampered = body.replace(b"Late Night Study", b"Late Night Stud!")
+    assert tampered != body
+    with pytest.raises(WebhookVerificationError, match="No matching signature"):
+        Webhook(SECRET).verify(tampered, headers)
+    with pytest.raises(WebhookVerificationError, match="No matching signature"):
+        Webhook(OTHER_SECRET).verify(body, headers)
+    with pytest.raises(WebhookVerificationError, match="No matching signature"):
+        Webhook(SECRET).verify(body, {**headers, "Webhook-Id": "evt_other"})
+
+
+async def test_two_secrets_while_rotating_verify_with_either(httpserver: HTTPServer) -> None:
+    """Comma-separated secrets give one space-separated signature each; each secret verifies."""
+    httpserver.expect_request(PATH).respond_with_data("", status=200)
+    handler = make_handler(httpserver.url_for(PATH), SECRET=f"{SECRET}, {NEW_SECRET}")
+    try:
+        await handler.handle(as_event())
+    finally:
+        await handler.aclose()
+    ((body, headers),) = received(httpserver)
+    assert len(headers["Webhook-Signature"].split(" ")) == 2
+    Webhook(SECRET).verify(body, headers)
+    Webhook(NEW_SECRET).verify(body, headers)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(OTHER_SECRET).verify(body, headers)
+
+
+async def test_an_unpadded_secret_signs_like_the_reference_library(
+    httpserver: HTTPServer,
+) -> None:
+    """A secret without base64 padding (accepted by the reference libraries) is accepted too."""
+    secret = "whsec_" + base64.b64encode(b"seventeen-byte-k!").decode().rstrip("=")
+    assert len(secret.removeprefix("whsec_")) % 4 != 0  # padding really is missing
+    httpserver.expect_request(PATH).respond_with_data("", status=200)
+    handler = make_handler(httpserver.url_for(PATH), SECRET=secret)
+    try:
+        await handler.handle(as_event())
+    finally:
+        await handler.aclose()
+    ((body, headers),) = received(httpserver)
+    Webhook(secret).verify(body, headers)
+
+
+async def test_the_enriched_payload_wraps_the_event_and_is_signed(
+    httpserver: HTTPServer,
+) -> None:
+    """PAYLOAD=enriched: {"event": <the event as received>, "results": {}}, verifiable."""
+    receiver = VerifyingReceiver(SECRET)
+    httpserver.expect_request(PATH).respond_with_handler(receiver)
+    handler = make_handler(httpserver.url_for(PATH), PAYLOAD="enriched")
+    event = as_event()
+    try:
+        await handler.handle(event)
+    finally:
+        await handler.aclose()
+    assert receiver.verified == [{"event": event.payload, "results": {}}]
+    ((body, _),) = received(httpserver)
+    assert event.raw in body  # the event's own bytes, not a re-serialisation
+
+
+async def test_extra_headers_are_sent(httpserver: HTTPServer) -> None:
+    """LACUNA_<NAME>_HEADERS adds headers beside the signature ones."""
+    httpserver.expect_request(
+        PATH, headers={"Authorization": "Bearer abc", "X-Team": "audio"}
+    ).respond_with_data("", status=202)
+    handler = make_handler(
+        httpserver.url_for(PATH), HEADERS='{"Authorization": "Bearer abc", "X-Team": "audio"}'
+    )
+    try:
+        await handler.handle(as_event())
+    finally:
+        await handler.aclose()
+    assert len(httpserver.log) == 1
+    assert httpserver.log[0][1].status_code == 202
+
+
+async def test_without_the_dispatcher_the_attempt_is_counted_per_event(
+    forward: HTTPHandler, httpserver: HTTPServer
+) -> None:
+    """Outside the dispatcher (no current_attempt), lacuna-attempt counts this process's tries."""
+    httpserver.expect_ordered_request(PATH).respond_with_data("busy", status=500)
+    httpserver.expect_ordered_request(PATH).respond_with_data("", status=200)
+    event = as_event()
+    with pytest.raises(RetryLater):
+        await forward.handle(event)
+    await forward.handle(event)
+    assert [h["Lacuna-Attempt"] for _, h in received(httpserver)] == ["1", "2"]
+
+
+# --- outcomes -------------------------------------------------------------------------------
+
+
+async def test_429_with_retry_after_seconds_is_retried_after_it(
+    forward: HTTPHandler, httpserver: HTTPServer
+) -> None:
+    """429 + Retry-After: 7 asks for a retry in 7 s."""
+    httpserver.expect_request(PATH).respond_with_data(
+        "slow down", status=429, headers={"Retry-After": "7"}
+    )
+    with pytest.raises(RetryLater, match="HTTP 429") as caught:
+        await forward.handle(as_event())
+    assert caught.value.delay_seconds == 7
+
+
+async def test_503_with_an_http_date_retry_after_is_retried_after_it(
+    forward: HTTPHandler, httpserver: HTTPServer
+) -> None:
+    """503 + Retry-After as an HTTP date asks for a retry at that date."""
+    when = datetime.now(UTC) + timedelta(seconds=120)
+    httpserver.expect_request(PATH).respond_with_data(
+        "maintenance", status=503, headers={"Retry-After": format_datetime(when, usegmt=True)}
+    )
+    with pytest.raises(RetryLater, match="HTTP 503") as caught:
+        await forward.handle(as_event())
+    assert caught.value.delay_seconds is not None
+    assert 100 <= caught.value.delay_seconds <= 121
+
+
+@pytest.mark.parametrize("status", [408, 425, 429, 500, 502, 503, 504])
+async def test_transient_statuses_are_retried_on_the_schedule(
+    forward: HTTPHandler, httpserver: HTTPServer, status: int
+) -> None:
+    """408, 425, 429 and 5xx without Retry-After: retried, on the policy's backoff."""
+    httpserver.expect_request(PATH).respond_with_data("try again", status=status)
+    with pytest.raises(RetryLater, match=f"HTTP {status}") as caught:
+        await forward.handle(as_event())
+    assert caught.value.delay_seconds is None
+
+
+async def test_410_is_permanent(forward: HTTPHandler, httpserver: HTTPServer) -> None:
+    """410 Gone: the endpoint says it is gone; the delivery is dead."""
+    httpserver.expect_request(PATH).respond_with_data("gone", status=410)
+    with pytest.raises(PermanentError, match="410: the endpoint is gone"):
+        await forward.handle(as_event())
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 422])
+async def test_other_client_errors_are_permanent(
+    forward: HTTPHandler, httpserver: HTTPServer, status: int
+) -> None:
+    """Any other 4xx will not change on retry: dead, with the receiver's reason."""
+    httpserver.expect_request(PATH).respond_with_data("no such thing", status=status)
+    with pytest.raises(PermanentError, match=f"HTTP {status}: no such thing"):
+        await forward.handle(as_event())
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+async def test_a_redirect_is_never_followed(
+    forward: HTTPHandler, httpserver: HTTPServer, status: int
+) -> None:
+    """A redirect is permanent and its target is never requested."""
+    httpserver.expect_request(PATH).respond_with_data(
+        "", status=status, headers={"Location": httpserver.url_for("/elsewhere")}
+    )
+    httpserver.expect_request("/elsewhere").respond_with_data("", status=200)
+    with pytest.raises(PermanentError, match="never followed: point LACUNA_HTTP_URL at the final"):
+        await forward.handle(as_event())
+    assert [request.path for request, _ in httpserver.log] == [PATH]
+
+
+async def test_a_slow_receiver_times_out_and_is_retried(
+    forward: HTTPHandler, httpserver: HTTPServer
+) -> None:
+    """A receiver slower than READ_TIMEOUT: the attempt ends as a retry."""
+    slow = SlowResponse(2.5)  # longer than LACUNA_HTTP_READ_TIMEOUT=1
+    httpserver.expect_request(PATH).respond_with_handler(slow)
+    with pytest.raises(RetryLater, match="ReadTimeout"):
+        await forward.handle(as_event())
+    assert await asyncio.to_thread(slow.served.wait, 10)
+
+
+@contextlib.contextmanager
+def resetting_server() -> Iterator[tuple[int, list[bytes]]]:
+    """A TCP server that reads the request's first bytes, then resets the connection (RST)."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.settimeout(0.2)
+    seen: list[bytes] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                with contextlib.suppress(OSError):
+                    seen.append(conn.recv(65536))
+                # Linger 0: close() sends RST instead of FIN.
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield int(listener.getsockname()[1]), seen
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+
+
+async def test_a_reset_connection_is_retried() -> None:
+    """The receiver resets the connection mid-request: retried, not dead."""
+    with resetting_server() as (port, seen):
+        handler = make_handler(f"http://127.0.0.1:{port}{PATH}")
+        try:
+            with pytest.raises(RetryLater, match=r"POST to http://127\.0\.0\.1"):
+                await handler.handle(as_event())
+        finally:
+            await handler.aclose()
+    assert seen
+    assert seen[0].startswith(b"POST /hooks/lacuna")
+
+
+async def test_an_unreachable_receiver_is_retried() -> None:
+    """Connection refused is transient."""
+    handler = make_handler(f"http://127.0.0.1:{free_port()}{PATH}")
+    try:
+        with pytest.raises(RetryLater, match="ConnectError"):
+            await handler.handle(as_event())
+    finally:
+        await handler.aclose()
+
+
+async def test_neither_secret_nor_url_credentials_nor_query_appear_in_errors_or_logs(
+    httpserver: HTTPServer,
+) -> None:
+    """Errors, logs and repr name scheme, host and port only."""
+    httpserver.expect_request(PATH).respond_with_data("nope", status=404)
+    url = httpserver.url_for(PATH).replace("http://", "http://user:pa55word@") + "?token=t0ken"
+    handler = make_handler(url)
+    try:
+        with capture_logs() as logs, pytest.raises(PermanentError) as caught:
+            await handler.handle(as_event())
+    finally:
+        await handler.aclose()
+    assert logs, "the refusal is logged"
+    for text in (str(caught.value), repr(logs), repr(handler)):
+        for secret in ("pa55word", "t0ken", "hooks/lacuna", SECRET.removeprefix("whsec_")):
+            assert secret not in text
+
+
+# --- the Retry-After floor, with the dispatcher ------------------------------------------
+
+
+@pytest.mark.parametrize("retry_after", ["0", "Thu, 01 Jan 2015 00:00:00 GMT"])
+async def test_retry_after_zero_or_past_waits_the_base_delay_not_a_tight_loop(
+    httpserver: HTTPServer, retry_after: str
+) -> None:
+    """Retry-After: 0 (or a past date) from a real server: the delivery waits the base delay."""
+    httpserver.expect_request(PATH).respond_with_data(
+        "slow down", status=429, headers={"Retry-After": retry_after}
+    )
+    handler = make_handler(httpserver.url_for(PATH))
+    clock = FakeClock()
+    store = MemoryStore()
+    await store.open()
+    policy = RetryPolicy(max_attempts=10, base_delay_seconds=5.0, max_delay_seconds=3600.0)
+    d = make_dispatcher(
+        store,
+        HandlerSet({"http": handler}, {"http": None}, {"http": 10.0}),
+        clock,
+        policy=policy,
+        poll_interval_seconds=0.05,
+    )
+    try:
+        assert await store.accept(as_event(), ["http"], now=clock())
+        async with running(d):
+            await wait_until(lambda: len(httpserver.log) >= 1)
+            await d.drain()
+            await asyncio.sleep(0.3)  # a tight loop would post again meanwhile
+        row = await only_delivery(store)
+        assert len(httpserver.log) == 1
+        assert row.attempts == 1
+        assert row.next_attempt_at == clock.now + timedelta(seconds=5)
+    finally:
+        await handler.aclose()
+        await store.close()
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+
+def config_error(**env: str) -> str:
+    environ = {"LACUNA_HTTP_URL": "https://example.test/hook", "LACUNA_HTTP_SECRET": SECRET}
+    environ.update({f"LACUNA_HTTP_{k}": v for k, v in env.items()})
+    with pytest.raises(ConfigError) as caught:
+        HTTPHandler(HandlerContext("http", environ=environ))
+    (line,) = caught.value.problems
+    assert "\n" not in line
+    return line
+
+
+def test_a_missing_url_or_secret_stops_start() -> None:
+    """Both are required, each named."""
+    with pytest.raises(ConfigError, match="LACUNA_HTTP_URL is required"):
+        HTTPHandler(HandlerContext("http", environ={"LACUNA_HTTP_SECRET": SECRET}))
+    with pytest.raises(ConfigError, match="LACUNA_HTTP_SECRET is required"):
+        HTTPHandler(HandlerContext("http", environ={"LACUNA_HTTP_URL": "http://x.test/"}))
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("ftp://user:hunter2@files.test/in?key=abc", "must be an http:// or https:// URL"),
+        ("files.test/hook", "must be an http:// or https:// URL"),
+        ("http:///hook?key=abc", "has no host"),
+        ("http://[::1/hook", "is not a valid URL"),
+    ],
+)
+def test_a_bad_url_is_one_line_naming_the_variable_without_secrets(url: str, expected: str) -> None:
+    """Scheme http/https and a host, or one line naming LACUNA_HTTP_URL, credentials hidden."""
+    line = config_error(URL=url)
+    assert line.startswith("LACUNA_HTTP_URL")
+    assert expected in line
+    assert "hunter2" not in line
+    assert "key=abc" not in line
+
+
+def test_a_private_http_url_is_allowed() -> None:
+    """The operator's own URL: plain http on a private address starts fine."""
+    environ = {"LACUNA_HTTP_URL": "http://10.0.0.7:8080/in", "LACUNA_HTTP_SECRET": SECRET}
+    handler = HTTPHandler(HandlerContext("http", environ=environ))
+    assert handler.where == "http://10.0.0.7:8080/…"
+    environ["LACUNA_HTTP_URL"] = "http://user:pw@[fd00::7]:8080/in?key=abc"
+    assert HTTPHandler(HandlerContext("http", environ=environ)).where == "http://[fd00::7]:8080/…"
+
+
+@pytest.mark.parametrize(
+    "secret", ["whsec_not base64!", "whsec_", "whsec_é", f"{SECRET},whsec_%%%"]
+)
+def test_a_bad_secret_is_one_line_without_the_secret(secret: str) -> None:
+    """Invalid base64, an empty key or a bad rotation item: one line, the value not shown."""
+    line = config_error(SECRET=secret)
+    assert line.startswith("LACUNA_HTTP_SECRET")
+    assert "base64" in line or "empty" in line
+    assert SECRET.removeprefix("whsec_") not in line
+    assert "%%%" not in line
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ("not json", "must be a JSON object"),
+        ('["a"]', "must be a JSON object"),
+        ('{"X-Team": 5}', "must be a string"),
+        ('{"Bad Name": "x"}', "not a valid header name"),
+        ('{"X-Team": "a\\r\\nX-Evil: 1"}', "must not contain line breaks"),
+        ('{"Webhook-Signature": "v1,forged"}', "cannot set 'Webhook-Signature'"),
+        ('{"webhook-id": "x"}', "cannot set 'webhook-id'"),
+        ('{"Content-Type": "text/plain"}', "cannot set 'Content-Type'"),
+    ],
+)
+def test_bad_extra_headers_are_one_line(headers: str, expected: str) -> None:
+    """HEADERS must be a JSON object of valid string headers not owned by the handler."""
+    line = config_error(HEADERS=headers)
+    assert line.startswith("LACUNA_HTTP_HEADERS")
+    assert expected in line
+
+
+def test_an_unknown_payload_is_refused() -> None:
+    line = config_error(PAYLOAD="full")
+    assert line.startswith("LACUNA_HTTP_PAYLOAD must be one of event, enriched")
+
+
+async def test_http_is_a_built_in_subscribed_to_every_type_with_its_own_timeout() -> None:
+    """Registered as the entry point `http`; every event type by default; TIMEOUT read."""
+    assert available()["http"] == "lacuna_webhooks.handlers.http:HTTPHandler"
+    environ = {
+        "LACUNA_HTTP_URL": "http://127.0.0.1:9/in",
+        "LACUNA_HTTP_SECRET": SECRET,
+        "LACUNA_HTTP_TIMEOUT": "5",
+    }
+    built = build_handlers(["http"], environ)
+    try:
+        assert built.filters == {"http": None}
+        assert built.timeouts == {"http": 5.0}
+        assert built.subscribers("something.new") == ["http"]
+    finally:
+        await built.aclose()
