@@ -242,26 +242,49 @@ async def test_duplicates_inside_one_batch(store: SQLiteStore, db_path: Path) ->
     assert len(await store.list_deliveries(event_id="evt_twin")) == 1
 
 
-async def test_a_failed_batch_fails_every_waiter(store: SQLiteStore, db_path: Path) -> None:
-    """When a batch's transaction fails, every accept in it raises StoreUnavailable (even those
-    that alone would have succeeded) and none of its events is stored; the store goes on."""
+async def test_a_row_failing_in_a_batch_fails_alone(store: SQLiteStore, db_path: Path) -> None:
+    """When one row of a batch is refused by the database (here a trigger from underneath the
+    store), only its accept raises StoreUnavailable: the batch is retried row by row and
+    the other events of the same group commit are stored with their deliveries."""
     good = [(event(f"evt_fine_{i}"), ["a"] if i % 2 else []) for i in range(9)]
     batch = [*good[:5], (event("evt_doomed"), ["a"]), *good[5:]]
-    # a database that refuses one row, from underneath the store
     doom = (
         "CREATE TRIGGER doom BEFORE INSERT ON events WHEN NEW.id = 'evt_doomed'"
         " BEGIN SELECT RAISE(ABORT, 'refused'); END"
     )
+    before = store.writer_stats
     head, tail = await _queue_one_batch(store, db_path, batch, underneath=doom)
     assert await head is True
     results = await asyncio.gather(*tail, return_exceptions=True)
-    assert all(isinstance(r, StoreUnavailable) for r in results), results
-    assert stored_ids(db_path) == {"evt_head"}
+    assert store.writer_stats.batches - before.batches == 2  # the head, then all the rest
+    assert isinstance(results[5], StoreUnavailable), results
+    assert results[:5] + results[6:] == [True] * 9
+    assert stored_ids(db_path) == {"evt_head"} | {e.id for e, _ in good}
     with peer(db_path) as conn:
-        assert conn.execute("SELECT count(*) FROM deliveries").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM deliveries").fetchone() == (4,)
     await store.ping()
     assert await store.accept(event("evt_after"), ["a"], now=NOW) is True
-    assert await store.accept(event("evt_fine_1"), ["a"], now=NOW) is True
+
+
+async def test_poison_event_fails_alone_in_its_batch(store: SQLiteStore, db_path: Path) -> None:
+    """An event with a value SQLite cannot bind (``created`` beyond 64 bits, which
+    ``Event.from_body`` refuses, built here directly) in one group commit with 20 good ones:
+    only it fails; the good ones are stored and the writer keeps serving."""
+    good = [(event(f"evt_good_{i}"), ["a"]) for i in range(20)]
+    plain = event("evt_poison")
+    poison = Event(
+        id=plain.id, type=plain.type, payload=plain.payload, raw=plain.raw, created=2**63
+    )
+    batch = [*good[:10], (poison, ["a"]), *good[10:]]
+    before = store.writer_stats
+    head, tail = await _queue_one_batch(store, db_path, batch)
+    assert await head is True
+    results = await asyncio.gather(*tail, return_exceptions=True)
+    assert store.writer_stats.batches - before.batches == 2
+    assert isinstance(results[10], StoreUnavailable), results
+    assert results[:10] + results[11:] == [True] * 20
+    assert stored_ids(db_path) == {"evt_head"} | {e.id for e, _ in good}
+    assert await store.accept(event("evt_after"), ["a"], now=NOW) is True
 
 
 @WRITERS
@@ -515,6 +538,7 @@ async def test_one_statement_batch_matches_rowwise(tmp_path: Path) -> None:
         _AcceptRow,
         _create_batch_schema,
     )
+    from lacuna_webhooks.store.rules import task_order
 
     paths = [tmp_path / "multi.db", tmp_path / "rows.db"]
     for path in paths:
@@ -526,19 +550,22 @@ async def test_one_statement_batch_matches_rowwise(tmp_path: Path) -> None:
     rng = random.Random(7)
     try:
         for batch_no in range(60):
-            rows = [
-                _AcceptRow(
-                    event_id=f"evt_{rng.randrange(40)}",
-                    event_type=rng.choice(["job.completed", "job.failed"]),
-                    created=rng.choice([None, *range(1000, 1010)]),
-                    received_at=2000.0 + batch_no,
-                    task_id=rng.choice([None, "cm_a", "cm_b", "cm_c"]),
-                    task_status=rng.choice(["ready", "failed"]),
-                    raw=b"{}",
-                    handlers=tuple(rng.sample(["a", "b", "c"], rng.randrange(3))),
+            rows = []
+            for _ in range(rng.randrange(1, 250)):
+                created = rng.choice([None, *range(1000, 1010)])
+                rows.append(
+                    _AcceptRow(
+                        event_id=f"evt_{rng.randrange(40)}",
+                        event_type=rng.choice(["job.completed", "job.failed"]),
+                        created=created,
+                        received_at=2000.0 + batch_no,
+                        task_id=rng.choice([None, "cm_a", "cm_b", "cm_c"]),
+                        task_status=rng.choice(["ready", "failed"]),
+                        raw=b"{}",
+                        handlers=tuple(rng.sample(["a", "b", "c"], rng.randrange(3))),
+                        order=task_order(created, 2000.0 + batch_no),
+                    )
                 )
-                for _ in range(rng.randrange(1, 250))
-            ]
             answers = []
             for conn, write in zip(
                 conns, (_accept_batch_one_statement, _accept_batch_in_transaction), strict=True

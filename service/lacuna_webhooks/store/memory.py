@@ -28,6 +28,7 @@ from .base import (
     TaskRecord,
     attempt_error,
 )
+from .rules import task_order
 
 if TYPE_CHECKING:
     from .base import Store
@@ -60,8 +61,8 @@ class _DeliveryRow:
 
 
 def _order(event: Event, received_at: datetime) -> float:
-    """What orders a task's events: ``created``, or the received time when it is absent."""
-    return float(event.created) if event.created is not None else received_at.timestamp()
+    """What orders a task's events: ``rules.task_order``."""
+    return task_order(event.created, received_at.timestamp())
 
 
 class MemoryStore:

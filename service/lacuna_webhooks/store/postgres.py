@@ -49,6 +49,7 @@ from .base import (
     TaskRecord,
     attempt_error,
 )
+from .rules import task_order
 
 log = logging.getLogger(__name__)
 
@@ -369,8 +370,7 @@ class PostgresStore:
                     event.id,
                     event.type,
                     event.created,
-                    # Same rule as SQLite: `created`, else the received time.
-                    float(event.created) if event.created is not None else now.timestamp(),
+                    task_order(event.created, now.timestamp()),
                     now,
                 )
                 if not current:

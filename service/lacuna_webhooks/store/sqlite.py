@@ -42,6 +42,7 @@ from .base import (
     TaskRecord,
     attempt_error,
 )
+from .rules import task_order
 from .sqlite_process import ProcessWriter
 from .sqlite_writer import Writer, transaction
 
@@ -75,6 +76,7 @@ class _AcceptRow(NamedTuple):
     task_status: str | None
     raw: bytes
     handlers: tuple[str, ...]
+    order: float  # rules.task_order of the event
 
 
 def _epoch(value: datetime) -> float:
@@ -200,7 +202,7 @@ def _accept_batch_rowwise(conn: sqlite3.Connection, rows: list[_AcceptRow]) -> l
                 _INSERT_DELIVERY, [(row.event_id, name, now, now, now) for name in row.handlers]
             )
         if row.task_id is not None:
-            order = float(row.created) if row.created is not None else now
+            order = row.order
             task = (
                 row.task_id,
                 row.task_status,
@@ -228,7 +230,7 @@ _BATCH_SCHEMA = (
     " (slot INTEGER PRIMARY KEY, stored INTEGER NOT NULL)",
     "CREATE TEMP VIEW IF NOT EXISTS accept_batch AS SELECT NULL AS slot, NULL AS id,"
     " NULL AS type, NULL AS created, NULL AS received_at, NULL AS task_id,"
-    " NULL AS task_status, NULL AS raw, NULL AS handlers",
+    " NULL AS task_status, NULL AS raw, NULL AS handlers, NULL AS event_order",
     """CREATE TEMP TRIGGER IF NOT EXISTS accept_batch_row INSTEAD OF INSERT ON accept_batch
 BEGIN
     INSERT INTO events (id, type, created, received_at, task_id, raw)
@@ -244,7 +246,7 @@ BEGIN
     INSERT INTO tasks (task_id, status, event_id, event_type, event_created, event_order,
                        updated_at)
         SELECT NEW.task_id, NEW.task_status, NEW.id, NEW.type, NEW.created,
-               coalesce(NEW.created, NEW.received_at), NEW.received_at
+               NEW.event_order, NEW.received_at
         WHERE NEW.task_id IS NOT NULL
           AND (SELECT stored FROM accept_outcome WHERE slot = NEW.slot)
         ON CONFLICT (task_id) DO UPDATE SET status = excluded.status,
@@ -258,13 +260,14 @@ BEGIN
           AND (SELECT stored FROM accept_outcome WHERE slot = NEW.slot);
 END""",
 )
-_BATCH_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_BATCH_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _BATCH_INSERT = (
     "INSERT INTO accept_batch"
-    " (slot, id, type, created, received_at, task_id, task_status, raw, handlers) VALUES "
+    " (slot, id, type, created, received_at, task_id, task_status, raw, handlers, event_order)"
+    " VALUES "
 )
 _BATCH_OUTCOMES = "SELECT json_group_object(slot, stored) FROM accept_outcome WHERE slot < ?"
-# 9 parameters a row: the largest batch the writer forms stays under SQLite's variable limit.
+# 10 parameters a row: the largest batch the writer forms stays under SQLite's variable limit.
 _BATCH_MAX_ROWS = 3000
 
 
@@ -289,6 +292,7 @@ def _accept_batch_one_statement(conn: sqlite3.Connection, rows: list[_AcceptRow]
             r.task_status,
             r.raw,
             _handlers_json(r.handlers),
+            r.order,
         )
     before = conn.total_changes
     conn.execute(_BATCH_INSERT + ",".join([_BATCH_ROW] * len(rows)), params)
@@ -666,15 +670,17 @@ class SQLiteStore:
     # --- intake ----------------------------------------------------------------------------------
 
     async def accept(self, event: Event, handlers: Sequence[str], *, now: datetime) -> bool:
+        received_at = _epoch(now)
         row = _AcceptRow(
             event.id,
             event.type,
             event.created,
-            _epoch(now),
+            received_at,
             event.task_id,
             event.task_status,
             event.raw,
             tuple(dict.fromkeys(handlers)),
+            task_order(event.created, received_at),
         )
         stored = await self._writer.accept(row)
         if stored and row.handlers:

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 from ..errors import StoreUnavailable
-from .sqlite_writer import MAX_BATCH, run_job, write_batch
+from .sqlite_writer import MAX_BATCH, RowRefused, run_job, write_batch
 
 logger = logging.getLogger(__name__)
 
@@ -291,7 +291,11 @@ class ProcessWriter(Generic[RowT]):
             self.batches += 1
             self.batched += len(items)
             for (_, future), new in zip(items, value, strict=True):
-                if not future.done():
+                if future.done():
+                    continue
+                if isinstance(new, str):  # this row alone failed (write_batch)
+                    future.set_exception(RowRefused(new))
+                else:
                     future.set_result(new)
         else:
             logger.error("store.sqlite.batch_failed: %d accepts: %s", len(items), value)
