@@ -19,11 +19,12 @@ Semantics every backend keeps:
   ``now + lease``; each claim increments ``attempts`` and ``lease_token``.
   An expired lease is claimable again, so a crashed worker loses nothing.
 - ``complete`` / ``retry`` / ``dead`` / ``release`` record the outcome only if
-  the delivery still carries the claimed ``lease_token`` (else return
-  ``False`` and change nothing); all but ``release`` append the ``Attempt``.
+  the delivery still carries the claimed ``lease_token`` and a lease (else return
+  ``False`` and change nothing); all but ``release`` append the ``Attempt`` and set
+  ``last_error`` to its error (``None`` on success). ``release`` moves the token on.
 - ``replay`` and ``retry_dead`` revoke any live claim on the deliveries they
-  reset (lease cleared, ``lease_token`` moved on): the operator's new run wins
-  over an attempt still running.
+  reset (lease cleared, ``lease_token`` moved on, ``last_error`` cleared): the
+  operator's new run wins over an attempt still running.
 - ``wait_for_work`` returns early when new work may be due (an accept in this
   process, or a NOTIFY from another replica), else after ``timeout_seconds``.
 """
@@ -140,8 +141,10 @@ class Store(Protocol):
 
     async def dead(self, delivery: Delivery, attempt: Attempt) -> bool: ...
 
-    async def release(self, delivery: Delivery) -> bool:
-        """Give an unfinished claim back (graceful stop): due at once, ``attempts`` undone."""
+    async def release(self, delivery: Delivery, *, now: datetime | None = None) -> bool:
+        """Give an unfinished claim back (graceful stop): due at once, ``attempts`` undone,
+        ``lease_token`` moved on (a late outcome of this claim is refused), ``updated_at``
+        set to ``now`` when given (else left as it was), and ``wait_for_work`` nudged."""
 
     async def wait_for_work(self, timeout_seconds: float) -> None: ...
 

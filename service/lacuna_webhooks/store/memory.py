@@ -256,15 +256,19 @@ class MemoryStore:
             self._finish(row, attempt, DeliveryStatus.DEAD, row.next_attempt_at)
             return True
 
-    async def release(self, delivery: Delivery) -> bool:
-        """Drop the lease and undo the claim's attempt; ``next_attempt_at`` (already due) stays."""
+    async def release(self, delivery: Delivery, *, now: datetime | None = None) -> bool:
+        """Drop the lease, move the token on and undo the claim's attempt; ``next_attempt_at``
+        (already due) stays; ``updated_at`` becomes ``now`` when given."""
         async with self._lock:
             self._check()
             row = self._held(delivery)
             if row is None:
                 return False
             row.lease_until = None
+            row.lease_token += 1
             row.attempts = max(0, row.attempts - 1)
+            if now is not None:
+                row.updated_at = now
             self._nudge.set()
             return True
 

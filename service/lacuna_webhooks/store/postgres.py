@@ -505,23 +505,26 @@ class PostgresStore:
             )
         return row is not None
 
-    async def release(self, delivery: Delivery) -> bool:
+    async def release(self, delivery: Delivery, *, now: datetime | None = None) -> bool:
         """Give an unfinished claim back: lease cleared, ``attempts`` undone, due at once.
 
         ``next_attempt_at`` is left as it was (it was due when claimed), so the
-        delivery keeps its place in the queue. ``False`` if the claim is stale.
+        delivery keeps its place in the queue; the token moves on, so a late outcome of
+        the released claim is refused. ``False`` if the claim is stale.
         """
         async with self._connection() as conn:
             row = await conn.fetchval(
                 """
                 UPDATE deliveries
-                SET lease_until = NULL, attempts = greatest(attempts - 1, 0)
+                SET lease_until = NULL, attempts = greatest(attempts - 1, 0),
+                    lease_token = lease_token + 1, updated_at = coalesce($3, updated_at)
                 WHERE id = $1 AND lease_token = $2
                   AND status = 'pending' AND lease_until IS NOT NULL
                 RETURNING id
                 """,
                 delivery.id,
                 delivery.lease_token,
+                None if now is None else _utc(now),
             )
         if row is None:
             return False

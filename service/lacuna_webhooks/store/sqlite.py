@@ -347,8 +347,8 @@ _CLAIM = (
 )
 _FINISH = (
     "UPDATE deliveries SET status = ?, lease_until = NULL, next_attempt_at = ?,"
-    " last_error = coalesce(?, last_error), updated_at = ?"
-    " WHERE id = ? AND lease_token = ? AND status = 'pending'"
+    " last_error = ?, updated_at = ?"
+    " WHERE id = ? AND lease_token = ? AND status = 'pending' AND lease_until IS NOT NULL"
 )
 _INSERT_ATTEMPT = (
     "INSERT INTO attempts (delivery_id, attempt, started_at, finished_at, outcome, error,"
@@ -358,18 +358,19 @@ _INSERT_ATTEMPT = (
 # that a worker still running an old claim cannot record its outcome over the reset.
 _REPLAY_ALL = (
     "UPDATE deliveries SET status = 'pending', attempts = 0, lease_token = lease_token + 1,"
-    " lease_until = NULL, next_attempt_at = :now, updated_at = :now WHERE event_id = :event_id"
+    " lease_until = NULL, last_error = NULL, next_attempt_at = :now, updated_at = :now"
+    " WHERE event_id = :event_id"
 )
 _REPLAY_ONE = (
     "INSERT INTO deliveries (event_id, handler, status, next_attempt_at, created_at, updated_at)"
     " VALUES (:event_id, :handler, 'pending', :now, :now, :now)"
     " ON CONFLICT (event_id, handler) DO UPDATE SET status = 'pending', attempts = 0,"
-    " lease_token = lease_token + 1, lease_until = NULL, next_attempt_at = :now,"
-    " updated_at = :now"
+    " lease_token = lease_token + 1, lease_until = NULL, last_error = NULL,"
+    " next_attempt_at = :now, updated_at = :now"
 )
 _RETRY_DEAD = (
     "UPDATE deliveries SET status = 'pending', attempts = 0, lease_token = lease_token + 1,"
-    " lease_until = NULL, next_attempt_at = :now, updated_at = :now"
+    " lease_until = NULL, last_error = NULL, next_attempt_at = :now, updated_at = :now"
     " WHERE status = 'dead' AND (:handler IS NULL OR handler = :handler)"
 )
 _RAWS = "SELECT id, raw FROM events WHERE id IN (SELECT value FROM json_each(?))"
@@ -509,10 +510,11 @@ def _finish(c: sqlite3.Connection, update: tuple[Any, ...], record: tuple[Any, .
     return True
 
 
-def _release(c: sqlite3.Connection, at: float, delivery_id: int, lease_token: int) -> bool:
+def _release(c: sqlite3.Connection, at: float | None, delivery_id: int, lease_token: int) -> bool:
     cursor = c.execute(
         "UPDATE deliveries SET lease_until = NULL, attempts = max(attempts - 1, 0),"
-        " updated_at = ? WHERE id = ? AND lease_token = ? AND status = 'pending'",
+        " lease_token = lease_token + 1, updated_at = coalesce(?, updated_at)"
+        " WHERE id = ? AND lease_token = ? AND status = 'pending' AND lease_until IS NOT NULL",
         (at, delivery_id, lease_token),
     )
     return cursor.rowcount == 1
@@ -763,10 +765,14 @@ class SQLiteStore:
             delivery, attempt, status=DeliveryStatus.DEAD, next_attempt_at=delivery.next_attempt_at
         )
 
-    async def release(self, delivery: Delivery) -> bool:
-        """Lease cleared and the claim's attempt undone. ``next_attempt_at`` is left as it was:
-        it was due when claimed, so it is due at once and keeps its place in line."""
-        return await self._writer.run(_release, time.time(), delivery.id, delivery.lease_token)
+    async def release(self, delivery: Delivery, *, now: datetime | None = None) -> bool:
+        """Lease cleared, token moved on, the claim's attempt undone. ``next_attempt_at`` is left
+        as it was: it was due when claimed, so it is due at once and keeps its place in line."""
+        at = None if now is None else _epoch(now)
+        released = await self._writer.run(_release, at, delivery.id, delivery.lease_token)
+        if released:
+            self._work.set()
+        return released
 
     async def stats(self, *, now: datetime) -> QueueStats:
         return await self._writer.run(_stats, _epoch(now), write=False)
