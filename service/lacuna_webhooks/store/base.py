@@ -18,6 +18,14 @@ Semantics every backend keeps:
   whose lease is free or expired, oldest due first, and leases them until
   ``now + lease``; each claim increments ``attempts`` and ``lease_token``.
   An expired lease is claimable again, so a crashed worker loses nothing.
+  Where several processes on several machines share one database
+  (PostgreSQL), leases are timed by the *database's* clock instead: the
+  lease runs until the database's ``now() + lease``, and is expired when the
+  database's clock says so; the ``now`` argument then only decides what is due
+  (``next_attempt_at <= now``) and stamps ``updated_at``. So replicas whose
+  clocks disagree never run one delivery twice at the same time; a replica
+  whose clock runs ahead only sees retries due early. ``stats`` counts
+  running and due leases by the same clock as ``claim``.
 - ``complete`` / ``retry`` / ``dead`` / ``release`` record the outcome only if
   the delivery still carries the claimed ``lease_token`` and a lease (else return
   ``False`` and change nothing); all but ``release`` append the ``Attempt`` and set
@@ -133,7 +141,9 @@ class Store(Protocol):
 
     async def claim(
         self, *, handler: str, limit: int, lease: timedelta, now: datetime
-    ) -> list[Delivery]: ...
+    ) -> list[Delivery]:
+        """Lease due deliveries of ``handler`` (see the module docstring: on PostgreSQL the
+        lease times come from the database's clock and ``now`` only decides what is due)."""
 
     async def complete(self, delivery: Delivery, attempt: Attempt) -> bool: ...
 

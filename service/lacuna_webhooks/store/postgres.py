@@ -10,6 +10,8 @@ replicas share the work:
 - ``claim`` leases due deliveries with ``UPDATE ... WHERE id IN (SELECT ...
   FOR UPDATE SKIP LOCKED) RETURNING``: two replicas never get the same row,
   and neither waits for the other. An expired lease is claimable by anyone.
+  Leases are timed by the database's clock (``now()``), never by a replica's:
+  a replica whose clock runs ahead cannot take over a lease that is still live.
 - Outcome writes (``complete``/``retry``/``dead``/``release``) are one
   statement each, conditional on the claimed ``lease_token``.
 - ``wait_for_work`` wakes on a local accept or on a NOTIFY received by a
@@ -401,8 +403,11 @@ class PostgresStore:
         """Lease up to ``limit`` due pending deliveries of ``handler``, oldest due first.
 
         Rows locked by another replica's claim are skipped, never waited for.
-        Each claimed row gets ``lease_until = now + lease`` and one more
-        ``attempts`` and ``lease_token``.
+        Each claimed row gets one more ``attempts`` and ``lease_token`` and
+        ``lease_until = now() + lease`` in the *database's* clock, and a lease counts
+        as expired by that same clock: replicas whose clocks disagree never see a
+        live lease as expired (issue 9, item 3). ``now`` (the caller's clock) only
+        decides which deliveries are due and stamps ``updated_at``.
         """
         if limit <= 0:
             return []
@@ -412,7 +417,7 @@ class PostgresStore:
                 """
                 WITH claimed AS (
                     UPDATE deliveries
-                    SET lease_until = $3,
+                    SET lease_until = now() + $3::interval,
                         attempts = attempts + 1,
                         lease_token = lease_token + 1,
                         updated_at = $2
@@ -421,7 +426,7 @@ class PostgresStore:
                         WHERE handler = $1
                           AND status = 'pending'
                           AND next_attempt_at <= $2
-                          AND (lease_until IS NULL OR lease_until <= $2)
+                          AND (lease_until IS NULL OR lease_until <= now())
                         ORDER BY next_attempt_at, id
                         LIMIT $4
                         FOR UPDATE SKIP LOCKED
@@ -435,7 +440,7 @@ class PostgresStore:
                 """,
                 handler,
                 now,
-                now + lease,
+                lease,
                 limit,
             )
         return [
@@ -550,6 +555,7 @@ class PostgresStore:
     # -- admin and metrics ---------------------------------------------------------------------
 
     async def stats(self, *, now: datetime) -> QueueStats:
+        """Due times against ``now``, leases against the database's clock (as ``claim``)."""
         now = _utc(now)
         async with self._connection() as conn:
             row = await conn.fetchrow(
@@ -557,12 +563,12 @@ class PostgresStore:
                 SELECT
                     count(*) FILTER (WHERE status = 'pending') AS pending,
                     count(*) FILTER (WHERE status = 'pending' AND next_attempt_at <= $1
-                                     AND (lease_until IS NULL OR lease_until <= $1)) AS due,
-                    count(*) FILTER (WHERE status = 'pending' AND lease_until > $1) AS running,
+                                     AND (lease_until IS NULL OR lease_until <= now())) AS due,
+                    count(*) FILTER (WHERE status = 'pending' AND lease_until > now()) AS running,
                     count(*) FILTER (WHERE status = 'dead') AS dead,
                     min(next_attempt_at) FILTER (
                         WHERE status = 'pending' AND next_attempt_at <= $1
-                          AND (lease_until IS NULL OR lease_until <= $1)) AS oldest_due
+                          AND (lease_until IS NULL OR lease_until <= now())) AS oldest_due
                 FROM deliveries
                 WHERE status <> 'done'
                 """,
