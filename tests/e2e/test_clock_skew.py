@@ -77,7 +77,8 @@ def test_a_replica_whose_clock_is_ahead_does_not_run_a_leased_event_again(
     wait_until(lambda: all(p.exists() for p in running), timeout=20, what="A running all 3")
     b = serve_factory({**env, **skewed_env(lib)}).start()
     wait_until(lambda: len(lines(tmp_path / "done.txt")) >= 3, timeout=60, what="3 runs done")
-    assert b.proc is not None and b.proc.poll() is None
+    assert b.proc is not None
+    assert b.proc.poll() is None
     done = lines(tmp_path / "done.txt")
     assert lines(tmp_path / "overlaps.txt") == []
     assert sorted(event_id for event_id, _ in done) == ids

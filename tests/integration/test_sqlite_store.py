@@ -532,13 +532,13 @@ async def test_one_statement_batch_matches_rowwise(tmp_path: Path) -> None:
     the same answers and the same tables through both batch writers."""
     import random
 
+    from lacuna_webhooks.store.rules import task_order
     from lacuna_webhooks.store.sqlite import (
         _accept_batch_in_transaction,
         _accept_batch_one_statement,
         _AcceptRow,
         _create_batch_schema,
     )
-    from lacuna_webhooks.store.rules import task_order
 
     paths = [tmp_path / "multi.db", tmp_path / "rows.db"]
     for path in paths:

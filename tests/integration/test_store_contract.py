@@ -641,9 +641,11 @@ async def test_created_in_milliseconds_orders_as_seconds(store: Store) -> None:
     assert task is not None
     assert (task.event_id, task.status) == ("evt_ms_done", "ready")
     done = await store.get_event("evt_ms_done")
-    assert done is not None and done.superseded is False
+    assert done is not None
+    assert done.superseded is False
     first = await store.get_event("evt_ms_started")
-    assert first is not None and first.created == now_s * 1000
+    assert first is not None
+    assert first.created == now_s * 1000
 
     # the other arrival order: the late ms-stamped start is the superseded one
     late_start = event(
@@ -654,6 +656,8 @@ async def test_created_in_milliseconds_orders_as_seconds(store: Store) -> None:
     )
     assert await store.accept(late_start, [], now=NOW + SECOND)
     record = await store.get_event("evt_ms_late")
-    assert record is not None and record.superseded is True
+    assert record is not None
+    assert record.superseded is True
     task = await store.get_task("cm_ms2")
-    assert task is not None and task.event_id == "evt_ms_first"
+    assert task is not None
+    assert task.event_id == "evt_ms_first"

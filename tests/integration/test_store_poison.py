@@ -95,15 +95,17 @@ async def test_every_accepted_body_is_stored_byte_exact(store: Store) -> None:
     exact, its derived columns as parsed, and claimable; accepted concurrently, so SQLite
     group-commits them together."""
     accepted: dict[str, bytes] = {}
+    refused_params: set[str | None] = set()
     for body in _examples(150):
         try:
             event = Event.from_body(body)
         except InvalidJSON:
             continue
         except InvalidPayload as exc:
-            assert exc.param in {"id", "type", "created", "data.id", "data.status"}, exc.param
+            refused_params.add(exc.param)
             continue
         accepted.setdefault(event.id, body)
+    assert refused_params <= {"id", "type", "created", "data.id", "data.status"}
     assert accepted, "the generator should produce some valid events"
     events = [Event.from_body(body) for body in accepted.values()]
     results = await asyncio.gather(*(store.accept(e, ["a"], now=NOW) for e in events))

@@ -5,8 +5,10 @@ so it is never used in production and ``open_store`` does not know it. It
 keeps every rule of ``store.base`` (read that docstring first); where the
 contract leaves a choice open, this module's choice is stated in the method.
 
-For tests it has one switch: set ``unavailable = True`` and every operation
-raises ``StoreUnavailable``, as a backend does when its database is down.
+For tests it has two switches: set ``unavailable = True`` and every operation
+raises ``StoreUnavailable``, as a backend does when its database is down; set
+``failing_commits = True`` and every write raises it (reads still answer), as
+on a full disk, and ``ping`` fails until a write commits again.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self.unavailable = False
+        self.failing_commits = False
         self._open = False
         self._lock = asyncio.Lock()
         # Set by anything that may make work due; stays set until ``wait_for_work`` consumes
@@ -92,13 +95,19 @@ class MemoryStore:
         self._open = False
 
     async def ping(self) -> None:
+        """Raise ``StoreUnavailable`` when closed, unavailable, or writes do not commit (the
+        probe write of the real backends is the ``failing_commits`` switch here)."""
         self._check()
+        if self.failing_commits:
+            raise StoreUnavailable("The memory store's writes are marked failing.")
 
-    def _check(self) -> None:
+    def _check(self, *, write: bool = False) -> None:
         if self.unavailable:
             raise StoreUnavailable("The memory store is marked unavailable.")
         if not self._open:
             raise StoreUnavailable("The memory store is not open.")
+        if write and self.failing_commits:
+            raise StoreUnavailable("The memory store's writes are marked failing.")
 
     # -- inbox -----------------------------------------------------------------------------
 
@@ -110,7 +119,7 @@ class MemoryStore:
         ``created``, or by the received time when it has none).
         """
         async with self._lock:
-            self._check()
+            self._check(write=True)
             if event.id in self._events:
                 return False
             superseded = False
@@ -165,7 +174,7 @@ class MemoryStore:
     ) -> list[Delivery]:
         """Lease up to ``limit`` due deliveries of ``handler``, oldest due first (then by id)."""
         async with self._lock:
-            self._check()
+            self._check(write=True)
             if limit <= 0:
                 return []
             due = sorted(
@@ -231,7 +240,7 @@ class MemoryStore:
 
     async def complete(self, delivery: Delivery, attempt: Attempt) -> bool:
         async with self._lock:
-            self._check()
+            self._check(write=True)
             row = self._held(delivery)
             if row is None:
                 return False
@@ -240,7 +249,7 @@ class MemoryStore:
 
     async def retry(self, delivery: Delivery, attempt: Attempt, *, at: datetime) -> bool:
         async with self._lock:
-            self._check()
+            self._check(write=True)
             row = self._held(delivery)
             if row is None:
                 return False
@@ -249,7 +258,7 @@ class MemoryStore:
 
     async def dead(self, delivery: Delivery, attempt: Attempt) -> bool:
         async with self._lock:
-            self._check()
+            self._check(write=True)
             row = self._held(delivery)
             if row is None:
                 return False
@@ -260,7 +269,7 @@ class MemoryStore:
         """Drop the lease, move the token on and undo the claim's attempt; ``next_attempt_at``
         (already due) stays; ``updated_at`` becomes ``now`` when given."""
         async with self._lock:
-            self._check()
+            self._check(write=True)
             row = self._held(delivery)
             if row is None:
                 return False
@@ -301,7 +310,7 @@ class MemoryStore:
     async def prune(self, *, received_before: datetime) -> int:
         """Delete old events whose deliveries are all finished; task states are kept."""
         async with self._lock:
-            self._check()
+            self._check(write=True)
             by_event: dict[str, list[_DeliveryRow]] = {}
             for row in self._deliveries.values():
                 by_event.setdefault(row.event_id, []).append(row)
@@ -394,7 +403,7 @@ class MemoryStore:
 
     async def replay(self, event_id: str, handlers: Sequence[str] | None, *, now: datetime) -> int:
         async with self._lock:
-            self._check()
+            self._check(write=True)
             if event_id not in self._events:
                 raise EventNotFound(f"No event {event_id!r} in the store.")
             existing = {r.handler: r for r in self._deliveries.values() if r.event_id == event_id}
@@ -411,7 +420,7 @@ class MemoryStore:
 
     async def retry_dead(self, *, handler: str | None, now: datetime) -> int:
         async with self._lock:
-            self._check()
+            self._check(write=True)
             rows = [
                 r
                 for r in self._deliveries.values()

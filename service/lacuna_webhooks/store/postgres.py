@@ -51,7 +51,7 @@ from .base import (
     TaskRecord,
     attempt_error,
 )
-from .rules import task_order
+from .rules import CommitHealth, task_order
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +209,7 @@ class PostgresStore:
         self._listening = False
         self._listener_task: asyncio.Task[None] | None = None
         self._closing = False
+        self._health = CommitHealth()
 
     def __repr__(self) -> str:
         # The DSN may carry a password: never show it.
@@ -317,9 +318,22 @@ class PostgresStore:
                         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATE_LOCK_KEY)
 
     async def ping(self) -> None:
-        """Return when the server answers a query; raise ``StoreUnavailable`` otherwise."""
-        async with self._connection() as conn:
-            await conn.fetchval("SELECT 1")
+        """Return when the server answers a query and writes commit; raise
+        ``StoreUnavailable`` otherwise.
+
+        After a write failed (``CommitHealth``), a probe write must commit first: a
+        database that answers ``SELECT 1`` but refuses writes (read-only, revoked
+        permission, full disk) is not ready.
+        """
+        if self._health.failure is None:
+            async with self._connection() as conn:
+                await conn.fetchval("SELECT 1")
+            return
+        async with self._connection(write=True) as conn:
+            await conn.execute(
+                "INSERT INTO write_probe (id, written_at) VALUES (1, now())"
+                " ON CONFLICT (id) DO UPDATE SET written_at = excluded.written_at"
+            )
 
     # -- inbox ---------------------------------------------------------------------------------
 
@@ -333,7 +347,7 @@ class PostgresStore:
         """
         now = _utc(now)
         names = _unique(handlers)
-        async with self._connection() as conn, conn.transaction():
+        async with self._connection(write=True) as conn, conn.transaction():
             inserted = await conn.fetchval(
                 """
                 INSERT INTO events (id, type, created, received_at, task_id, raw)
@@ -412,7 +426,7 @@ class PostgresStore:
         if limit <= 0:
             return []
         now = _utc(now)
-        async with self._connection() as conn:
+        async with self._connection(write=True) as conn:
             rows = await conn.fetch(
                 """
                 WITH claimed AS (
@@ -497,7 +511,7 @@ class PostgresStore:
             SELECT id, attempts, $3, $4, $5, $6::text FROM finished
             RETURNING delivery_id
             """  # noqa: S608 - `assignments` is one of three literals above, never input
-        async with self._connection() as conn:
+        async with self._connection(write=True) as conn:
             row = await conn.fetchval(
                 query,
                 delivery.id,
@@ -517,7 +531,7 @@ class PostgresStore:
         delivery keeps its place in the queue; the token moves on, so a late outcome of
         the released claim is refused. ``False`` if the claim is stale.
         """
-        async with self._connection() as conn:
+        async with self._connection(write=True) as conn:
             row = await conn.fetchval(
                 """
                 UPDATE deliveries
@@ -595,7 +609,7 @@ class PostgresStore:
         delivery made pending by a concurrent replay is never deleted.
         """
         cutoff = _utc(received_before)
-        async with self._connection() as conn, conn.transaction():
+        async with self._connection(write=True) as conn, conn.transaction():
             if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", PRUNE_LOCK_KEY):
                 return 0
             locked = await conn.fetch(
@@ -726,7 +740,7 @@ class PostgresStore:
         return how many were reset or created, and NOTIFY when any were.
         """
         now = _utc(now)
-        async with self._connection() as conn, conn.transaction():
+        async with self._connection(write=True) as conn, conn.transaction():
             # The row lock keeps a concurrent prune from deleting the event under the replay.
             found = await conn.fetchval("SELECT true FROM events WHERE id = $1 FOR SHARE", event_id)
             if not found:
@@ -772,7 +786,7 @@ class PostgresStore:
         Return how many; NOTIFY when any.
         """
         now = _utc(now)
-        async with self._connection() as conn, conn.transaction():
+        async with self._connection(write=True) as conn, conn.transaction():
             # Lock the events first (in a fixed order), as replay does, so a concurrent prune
             # either sees these deliveries pending or has already deleted them.
             await conn.execute(
@@ -807,8 +821,13 @@ class PostgresStore:
     # -- internals -----------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _connection(self) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy]:
-        """A pooled connection; any database failure in the block becomes ``StoreUnavailable``."""
+    async def _connection(
+        self, *, write: bool = False
+    ) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy]:
+        """A pooled connection; any database failure in the block becomes ``StoreUnavailable``.
+
+        With ``write`` the block is a write: its success or failure is what ``ping`` reports.
+        """
         pool = self._pool
         if pool is None:
             raise StoreUnavailable("The event store (PostgreSQL) is not open.")
@@ -816,11 +835,15 @@ class PostgresStore:
             async with pool.acquire(timeout=self._acquire_timeout) as conn:
                 yield conn
         except _DB_ERRORS as exc:
+            if write:
+                self._health.failed(exc)
             if isinstance(exc, _CONNECTION_LOST):
                 # Replace every pooled connection on its next acquire, so that after a server
                 # restart one caller gets StoreUnavailable, not one per stale connection.
                 await pool.expire_connections()
             raise _unavailable(exc) from exc
+        if write:
+            self._health.committed()
 
     @contextlib.asynccontextmanager
     async def _migration_connection(self) -> AsyncIterator[asyncpg.Connection]:

@@ -31,4 +31,28 @@ def task_order(created: int | None, received_at: float) -> float:
     return float(created)
 
 
-__all__ = ["MILLISECONDS_ABOVE", "task_order"]
+class CommitHealth:
+    """Whether the store's latest write committed: what ``ping`` (``/readyz``) reports.
+
+    A backend calls ``committed()`` after each write that committed and ``failed(exc)``
+    after one that failed for a reason of the database (full disk, read-only file or
+    database, lost connection, lock held too long), never for one event's own values.
+    While a failure is recorded, ``ping`` must prove a write commits (a probe write)
+    before it answers; the probe's success clears the failure. So readiness turns 503
+    when commits fail and back to 200 once they succeed, even with no traffic (a load
+    balancer sends none to an unready replica).
+    """
+
+    __slots__ = ("failure",)
+
+    def __init__(self) -> None:
+        self.failure: str | None = None
+
+    def committed(self) -> None:
+        self.failure = None
+
+    def failed(self, exc: BaseException) -> None:
+        self.failure = str(exc) or type(exc).__name__
+
+
+__all__ = ["MILLISECONDS_ABOVE", "CommitHealth", "task_order"]

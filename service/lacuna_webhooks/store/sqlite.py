@@ -24,11 +24,11 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from importlib import resources
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import orjson
 
@@ -42,15 +42,16 @@ from .base import (
     TaskRecord,
     attempt_error,
 )
-from .rules import task_order
+from .rules import CommitHealth, task_order
 from .sqlite_process import ProcessWriter
-from .sqlite_writer import Writer, transaction
+from .sqlite_writer import RowRefused, Writer, transaction
 
 BUSY_TIMEOUT_MS = 5000
 JOURNAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
 PRUNE_CHUNK = 500
 _MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 _SYNCHRONOUS = {"full": "FULL", "normal": "NORMAL"}
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -480,6 +481,10 @@ def _ping(c: sqlite3.Connection) -> None:
     c.execute("SELECT max(version) FROM schema_version").fetchone()
 
 
+def _probe_write(c: sqlite3.Connection, at: float) -> None:
+    c.execute("INSERT OR REPLACE INTO write_probe (id, written_at) VALUES (1, ?)", (at,))
+
+
 def _diagnostics(c: sqlite3.Connection) -> dict[str, object]:
     values: dict[str, object] = {
         name: c.execute(f"PRAGMA {name}").fetchone()[0]
@@ -640,6 +645,7 @@ class SQLiteStore:
                 accept_batch=_accept_batch,
             )
         self._work = asyncio.Event()
+        self._health = CommitHealth()
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r}, synchronous={self.synchronous.lower()!r})"
@@ -661,7 +667,27 @@ class SQLiteStore:
         await self._writer.stop()
 
     async def ping(self) -> None:
-        await self._writer.run(_ping, write=False)
+        """Return when the writer answers and writes commit; raise ``StoreUnavailable``.
+
+        After a write failed for a reason of the database (``CommitHealth``: locked too
+        long, full disk, read-only or broken file), a probe write must commit first.
+        """
+        if self._health.failure is None:
+            await self._writer.run(_ping, write=False)
+        else:
+            await self._write(_probe_write, time.time())
+
+    async def _write(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(conn, *args)`` in a write transaction; its outcome is what ``ping`` reports."""
+        try:
+            result = await self._writer.run(fn, *args)
+        except RowRefused:
+            raise
+        except StoreUnavailable as exc:
+            self._health.failed(exc)
+            raise
+        self._health.committed()
+        return result
 
     async def diagnostics(self) -> dict[str, object]:
         """What the connection actually runs with (for ``doctor``-style output and tests):
@@ -684,7 +710,14 @@ class SQLiteStore:
             tuple(dict.fromkeys(handlers)),
             task_order(event.created, received_at),
         )
-        stored = await self._writer.accept(row)
+        try:
+            stored = await self._writer.accept(row)
+        except RowRefused:
+            raise  # this event's own values: says nothing about the database
+        except StoreUnavailable as exc:
+            self._health.failed(exc)
+            raise
+        self._health.committed()
         if stored and row.handlers:
             self._work.set()
         return stored
@@ -704,7 +737,7 @@ class SQLiteStore:
     ) -> list[Delivery]:
         if limit <= 0:
             return []
-        claimed = await self._writer.run(_claim, handler, limit, _epoch(now), _epoch(now + lease))
+        claimed = await self._write(_claim, handler, limit, _epoch(now), _epoch(now + lease))
         # RETURNING gives no order: restore "oldest due first".
         claimed.sort(key=lambda item: (item[0][5], item[0][0]))
         return [
@@ -748,7 +781,7 @@ class SQLiteStore:
             error,
             (finished - started) * 1000.0,
         )
-        return await self._writer.run(_finish, update, record)
+        return await self._write(_finish, update, record)
 
     async def complete(self, delivery: Delivery, attempt: Attempt) -> bool:
         return await self._finish(
@@ -769,7 +802,7 @@ class SQLiteStore:
         """Lease cleared, token moved on, the claim's attempt undone. ``next_attempt_at`` is left
         as it was: it was due when claimed, so it is due at once and keeps its place in line."""
         at = None if now is None else _epoch(now)
-        released = await self._writer.run(_release, at, delivery.id, delivery.lease_token)
+        released = await self._write(_release, at, delivery.id, delivery.lease_token)
         if released:
             self._work.set()
         return released
@@ -784,7 +817,7 @@ class SQLiteStore:
         cutoff = _epoch(received_before)
         total = 0
         while True:
-            deleted = await self._writer.run(_prune_chunk, cutoff)
+            deleted = await self._write(_prune_chunk, cutoff)
             total += deleted
             if deleted < PRUNE_CHUNK:
                 return total
@@ -829,13 +862,13 @@ class SQLiteStore:
 
     async def replay(self, event_id: str, handlers: Sequence[str] | None, *, now: datetime) -> int:
         names = None if handlers is None else tuple(dict.fromkeys(handlers))
-        count = await self._writer.run(_replay, event_id, names, _epoch(now))
+        count = await self._write(_replay, event_id, names, _epoch(now))
         if count:
             self._work.set()
         return count
 
     async def retry_dead(self, *, handler: str | None, now: datetime) -> int:
-        count = await self._writer.run(_retry_dead, handler, _epoch(now))
+        count = await self._write(_retry_dead, handler, _epoch(now))
         if count:
             self._work.set()
         return count
