@@ -588,3 +588,40 @@ async def test_one_statement_batch_matches_rowwise(tmp_path: Path) -> None:
     finally:
         for conn in conns:
             conn.close()
+
+
+@WRITERS
+@pytest.mark.parametrize("umask", [0o022, 0o000])
+async def test_database_wal_and_shm_are_owner_only(
+    tmp_path: Path, process: bool, umask: int
+) -> None:
+    """A new database and its -wal and -shm files are created 0600 whatever the umask, and a
+    new folder for it 0700 (issue 10: the events are customer data)."""
+    path = tmp_path / "new" / "events.db"
+    previous = os.umask(umask)
+    try:
+        s = SQLiteStore(str(path), process=process)
+        await s.open()
+    finally:
+        os.umask(previous)
+    try:
+        await s.accept(event("evt_mode"), ["a"], now=NOW)
+        modes = {
+            name: (tmp_path / "new" / name).stat().st_mode & 0o777
+            for name in ("events.db", "events.db-wal", "events.db-shm")
+        }
+        assert modes == dict.fromkeys(modes, 0o600)
+        assert (tmp_path / "new").stat().st_mode & 0o777 == 0o700
+    finally:
+        await s.close()
+
+
+async def test_an_existing_database_keeps_its_mode(tmp_path: Path) -> None:
+    """A file the operator created (here 0640) is opened as it is, not re-moded."""
+    path = tmp_path / "events.db"
+    path.touch(mode=0o640)
+    path.chmod(0o640)
+    s = SQLiteStore(str(path))
+    await s.open()
+    await s.close()
+    assert path.stat().st_mode & 0o777 == 0o640

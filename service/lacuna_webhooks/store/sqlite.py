@@ -438,15 +438,38 @@ def _delivery_record(row: _DeliveryRow) -> DeliveryRecord:
     )
 
 
+FILE_MODE = 0o600
+
+
+def _create_owner_only(where: str) -> None:
+    """Create a new database file readable and writable by its owner only (``FILE_MODE``),
+    whatever the umask (issue 10: events hold customer data). SQLite gives its ``-wal`` and
+    ``-shm`` files the mode of the database file, so they are owner-only too. An existing
+    file keeps the mode its operator gave it."""
+    try:
+        fd = os.open(where, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    except FileExistsError:
+        return
+    try:
+        os.fchmod(fd, FILE_MODE)  # the umask may have taken bits off; never adds any
+    finally:
+        os.close(fd)
+
+
 def connect(path: str, synchronous: str) -> sqlite3.Connection:
-    """Open, tune and migrate the file: run by the writer (thread or process), once."""
+    """Create (owner-only), open, tune and migrate the file: run by the writer (thread or
+    process), once."""
     where = os.path.abspath(path)
     try:
-        os.makedirs(os.path.dirname(where), exist_ok=True)
+        os.makedirs(os.path.dirname(where), mode=0o700, exist_ok=True)
     except OSError as exc:
         raise StoreUnavailable(
             f"Cannot create the folder of the SQLite database {where}: {exc}"
         ) from exc
+    try:
+        _create_owner_only(where)
+    except OSError as exc:
+        raise StoreUnavailable(f"Cannot create the SQLite database {where}: {exc}") from exc
     try:
         conn = sqlite3.connect(where, isolation_level=None, cached_statements=256)
     except sqlite3.Error as exc:
