@@ -20,7 +20,8 @@ import pytest
 from lacuna_webhooks.errors import StoreUnavailable
 from lacuna_webhooks.models import Attempt, AttemptOutcome, DeliveryStatus, Event
 from lacuna_webhooks.store import open_store
-from lacuna_webhooks.store.postgres import PRUNE_LOCK_KEY, PostgresStore, _migrations
+from lacuna_webhooks.store.postgres import PRUNE_LOCK_KEY, PostgresStore
+from lacuna_webhooks.store.postgres.store import _migrations
 from tests.conftest import make_event
 
 pytestmark = pytest.mark.postgres

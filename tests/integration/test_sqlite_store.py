@@ -25,8 +25,9 @@ import pytest
 
 from lacuna_webhooks.errors import StoreUnavailable
 from lacuna_webhooks.models import Attempt, AttemptOutcome, Event
-from lacuna_webhooks.store import open_store, sqlite_process
+from lacuna_webhooks.store import open_store
 from lacuna_webhooks.store.sqlite import SQLiteStore, migrate, migrations
+from lacuna_webhooks.store.sqlite import process as sqlite_process
 from tests.conftest import make_event, process_exited
 
 NOW = datetime(2025, 11, 21, 12, 0, tzinfo=UTC)
@@ -527,18 +528,20 @@ async def test_the_writer_process_ignores_sigterm_and_sigint(db_path: Path) -> N
 # --- the one-statement batch writes exactly what row-by-row writes --------------------------
 
 
-async def test_one_statement_batch_matches_rowwise(tmp_path: Path) -> None:
+async def test_a_batch_is_its_rows_one_by_one(tmp_path: Path) -> None:
     """Random batches with in-batch duplicates, several events per task and stale ones give
-    the same answers and the same tables through both batch writers."""
+    the same answers and the same tables as the same rows committed one at a time."""
     import random
 
     from lacuna_webhooks.store.rules import task_order
-    from lacuna_webhooks.store.sqlite import (
-        _accept_batch_in_transaction,
-        _accept_batch_one_statement,
-        _AcceptRow,
-        _create_batch_schema,
+    from lacuna_webhooks.store.sqlite.operations import (
+        AcceptRow,
+        accept_batch,
+        create_batch_schema,
     )
+
+    def one_by_one(conn: sqlite3.Connection, rows: list[AcceptRow]) -> list[bool]:
+        return [accept_batch(conn, [row])[0] for row in rows]
 
     paths = [tmp_path / "multi.db", tmp_path / "rows.db"]
     for path in paths:
@@ -546,7 +549,8 @@ async def test_one_statement_batch_matches_rowwise(tmp_path: Path) -> None:
         await s.open()
         await s.close()
     conns = [sqlite3.connect(path, isolation_level=None) for path in paths]
-    _create_batch_schema(conns[0])
+    for conn in conns:
+        create_batch_schema(conn)
     rng = random.Random(7)
     try:
         for batch_no in range(60):
@@ -554,7 +558,7 @@ async def test_one_statement_batch_matches_rowwise(tmp_path: Path) -> None:
             for _ in range(rng.randrange(1, 250)):
                 created = rng.choice([None, *range(1000, 1010)])
                 rows.append(
-                    _AcceptRow(
+                    AcceptRow(
                         event_id=f"evt_{rng.randrange(40)}",
                         event_type=rng.choice(["job.completed", "job.failed"]),
                         created=created,
@@ -567,9 +571,7 @@ async def test_one_statement_batch_matches_rowwise(tmp_path: Path) -> None:
                     )
                 )
             answers = []
-            for conn, write in zip(
-                conns, (_accept_batch_one_statement, _accept_batch_in_transaction), strict=True
-            ):
+            for conn, write in zip(conns, (accept_batch, one_by_one), strict=True):
                 answers.append(write(conn, rows))
                 assert not conn.in_transaction  # each commits its batch itself
             assert answers[0] == answers[1]

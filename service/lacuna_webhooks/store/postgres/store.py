@@ -41,9 +41,9 @@ from typing import Any
 
 import asyncpg
 
-from ..errors import EventNotFound, StoreUnavailable
-from ..models import Attempt, AttemptOutcome, Delivery, DeliveryStatus, Event
-from .base import (
+from ...errors import EventNotFound, StoreUnavailable
+from ...models import Attempt, AttemptOutcome, Delivery, DeliveryStatus, Event
+from ..base import (
     AttemptRecord,
     DeliveryRecord,
     EventRecord,
@@ -51,7 +51,7 @@ from .base import (
     TaskRecord,
     attempt_error,
 )
-from .rules import CommitHealth, task_order
+from ..rules import CommitHealth, task_order
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def _unavailable(exc: BaseException) -> StoreUnavailable:
 
 def _migrations() -> list[tuple[int, str, str]]:
     """(version, file name, SQL) of every shipped migration, in version order."""
-    folder = importlib.resources.files(__package__ or "lacuna_webhooks.store") / "sql" / "postgres"
+    folder = importlib.resources.files("lacuna_webhooks.store") / "sql" / "postgres"
     found: list[tuple[int, str, str]] = []
     for entry in folder.iterdir():
         match = _MIGRATION_NAME.match(entry.name)

@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from ..errors import StoreUnavailable
+from ...errors import StoreUnavailable
 
 logger = logging.getLogger(__name__)
 
