@@ -51,6 +51,14 @@ from ..base import (
     TaskRecord,
     attempt_error,
 )
+from ..queries import load
+from ..rows import (
+    attempt_record,
+    claimed_delivery,
+    delivery_record,
+    event_record,
+    task_record,
+)
 from ..rules import CommitHealth, task_order
 
 log = logging.getLogger(__name__)
@@ -87,12 +95,7 @@ _CONNECTION_LOST: tuple[type[BaseException], ...] = (
     asyncpg.CannotConnectNowError,
 )
 
-_DELIVERY_COLUMNS = """
-    d.id, d.event_id, e.type AS event_type, d.handler, d.status, d.attempts,
-    d.next_attempt_at, d.lease_until, d.last_error, d.created_at, d.updated_at
-"""
-
-_EVENT_COLUMNS = "id, type, created, received_at, task_id, superseded, raw"
+Q = load("postgres")
 
 
 def _utc(value: datetime) -> datetime:
@@ -124,32 +127,9 @@ def _migrations() -> list[tuple[int, str, str]]:
     return found
 
 
-def _event_record(row: asyncpg.Record) -> EventRecord:
-    return EventRecord(
-        id=row["id"],
-        type=row["type"],
-        created=row["created"],
-        received_at=row["received_at"],
-        task_id=row["task_id"],
-        superseded=row["superseded"],
-        raw=bytes(row["raw"]),
-    )
-
-
-def _delivery_record(row: asyncpg.Record) -> DeliveryRecord:
-    return DeliveryRecord(
-        id=row["id"],
-        event_id=row["event_id"],
-        event_type=row["event_type"],
-        handler=row["handler"],
-        status=DeliveryStatus(row["status"]),
-        attempts=row["attempts"],
-        next_attempt_at=row["next_attempt_at"],
-        lease_until=row["lease_until"],
-        last_error=row["last_error"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-    )
+def _at(value: datetime) -> datetime:
+    """``timestamptz`` columns come back aware (UTC) from asyncpg: as they are."""
+    return value
 
 
 def _set_event(event: asyncio.Event, *_: object) -> None:
@@ -330,10 +310,7 @@ class PostgresStore:
                 await conn.fetchval("SELECT 1")
             return
         async with self._connection(write=True) as conn:
-            await conn.execute(
-                "INSERT INTO write_probe (id, written_at) VALUES (1, now())"
-                " ON CONFLICT (id) DO UPDATE SET written_at = excluded.written_at"
-            )
+            await conn.execute(Q["write_probe"])
 
     # -- inbox ---------------------------------------------------------------------------------
 
@@ -349,12 +326,7 @@ class PostgresStore:
         names = _unique(handlers)
         async with self._connection(write=True) as conn, conn.transaction():
             inserted = await conn.fetchval(
-                """
-                INSERT INTO events (id, type, created, received_at, task_id, raw)
-                VALUES ($1, $2, $3, $4, $5, $6)
-                ON CONFLICT (id) DO NOTHING
-                RETURNING true
-                """,
+                Q["accept_event"],
                 event.id,
                 event.type,
                 event.created,
@@ -366,21 +338,7 @@ class PostgresStore:
                 return False
             if event.task_id is not None:
                 current = await conn.fetchval(
-                    """
-                    INSERT INTO tasks AS t
-                        (task_id, status, event_id, event_type, event_created, event_order,
-                         updated_at)
-                    VALUES ($1, $2, $3, $4, $5, $6, $7)
-                    ON CONFLICT (task_id) DO UPDATE SET
-                        status = excluded.status,
-                        event_id = excluded.event_id,
-                        event_type = excluded.event_type,
-                        event_created = excluded.event_created,
-                        event_order = excluded.event_order,
-                        updated_at = excluded.updated_at
-                    WHERE excluded.event_order >= t.event_order
-                    RETURNING true
-                    """,
+                    Q["upsert_task"],
                     event.task_id,
                     event.task_status,
                     event.id,
@@ -390,16 +348,10 @@ class PostgresStore:
                     now,
                 )
                 if not current:
-                    await conn.execute(
-                        "UPDATE events SET superseded = true WHERE id = $1", event.id
-                    )
+                    await conn.execute(Q["mark_superseded"], event.id)
             if names:
                 await conn.execute(
-                    """
-                    INSERT INTO deliveries
-                        (event_id, handler, status, next_attempt_at, created_at, updated_at)
-                    SELECT $1, handler, 'pending', $3, $3, $3 FROM unnest($2::text[]) AS handler
-                    """,
+                    Q["insert_deliveries"],
                     event.id,
                     names,
                     now,
@@ -428,92 +380,31 @@ class PostgresStore:
         now = _utc(now)
         async with self._connection(write=True) as conn:
             rows = await conn.fetch(
-                """
-                WITH claimed AS (
-                    UPDATE deliveries
-                    SET lease_until = now() + $3::interval,
-                        attempts = attempts + 1,
-                        lease_token = lease_token + 1,
-                        updated_at = $2
-                    WHERE id IN (
-                        SELECT id FROM deliveries
-                        WHERE handler = $1
-                          AND status = 'pending'
-                          AND next_attempt_at <= $2
-                          AND (lease_until IS NULL OR lease_until <= now())
-                        ORDER BY next_attempt_at, id
-                        LIMIT $4
-                        FOR UPDATE SKIP LOCKED
-                    )
-                    RETURNING id, event_id, handler, status, attempts, lease_token,
-                              next_attempt_at, created_at
-                )
-                SELECT c.*, e.raw
-                FROM claimed c JOIN events e ON e.id = c.event_id
-                ORDER BY c.next_attempt_at, c.id
-                """,
+                Q["claim"],
                 handler,
                 now,
                 lease,
                 limit,
             )
-        return [
-            Delivery(
-                id=row["id"],
-                event=Event.from_body(bytes(row["raw"])),
-                handler=row["handler"],
-                status=DeliveryStatus(row["status"]),
-                attempts=row["attempts"],
-                lease_token=row["lease_token"],
-                next_attempt_at=row["next_attempt_at"],
-                created_at=row["created_at"],
-            )
-            for row in rows
-        ]
+        return [claimed_delivery(row, _at) for row in rows]
 
     async def complete(self, delivery: Delivery, attempt: Attempt) -> bool:
         """Mark the claimed delivery done and log the attempt; ``False`` if the claim is stale."""
-        return await self._finish(
-            delivery,
-            attempt,
-            "status = 'done', lease_until = NULL, last_error = $6",
-        )
+        return await self._finish("complete", delivery, attempt)
 
     async def retry(self, delivery: Delivery, attempt: Attempt, *, at: datetime) -> bool:
         """Make the claimed delivery due again at ``at`` and log the attempt."""
-        return await self._finish(
-            delivery,
-            attempt,
-            "next_attempt_at = $7, lease_until = NULL, last_error = $6",
-            _utc(at),
-        )
+        return await self._finish("retry", delivery, attempt, _utc(at))
 
     async def dead(self, delivery: Delivery, attempt: Attempt) -> bool:
         """Give the claimed delivery up (``dead``) and log the attempt."""
-        return await self._finish(
-            delivery, attempt, "status = 'dead', lease_until = NULL, last_error = $6"
-        )
+        return await self._finish("dead", delivery, attempt)
 
-    async def _finish(
-        self, delivery: Delivery, attempt: Attempt, assignments: str, *extra: Any
-    ) -> bool:
+    async def _finish(self, query: str, delivery: Delivery, attempt: Attempt, *extra: Any) -> bool:
         # One statement, so the outcome and its attempt row are written together or not at all.
-        # The claim must still be the live one: same token, still pending, not reset since.
-        query = f"""
-            WITH finished AS (
-                UPDATE deliveries
-                SET {assignments}, updated_at = $4
-                WHERE id = $1 AND lease_token = $2
-                  AND status = 'pending' AND lease_until IS NOT NULL
-                RETURNING id, attempts
-            )
-            INSERT INTO attempts (delivery_id, attempt, started_at, finished_at, outcome, error)
-            SELECT id, attempts, $3, $4, $5, $6::text FROM finished
-            RETURNING delivery_id
-            """  # noqa: S608 - `assignments` is one of three literals above, never input
         async with self._connection(write=True) as conn:
             row = await conn.fetchval(
-                query,
+                Q[query],
                 delivery.id,
                 delivery.lease_token,
                 _utc(attempt.started_at),
@@ -533,14 +424,7 @@ class PostgresStore:
         """
         async with self._connection(write=True) as conn:
             row = await conn.fetchval(
-                """
-                UPDATE deliveries
-                SET lease_until = NULL, attempts = greatest(attempts - 1, 0),
-                    lease_token = lease_token + 1, updated_at = coalesce($3, updated_at)
-                WHERE id = $1 AND lease_token = $2
-                  AND status = 'pending' AND lease_until IS NOT NULL
-                RETURNING id
-                """,
+                Q["release"],
                 delivery.id,
                 delivery.lease_token,
                 None if now is None else _utc(now),
@@ -573,19 +457,7 @@ class PostgresStore:
         now = _utc(now)
         async with self._connection() as conn:
             row = await conn.fetchrow(
-                """
-                SELECT
-                    count(*) FILTER (WHERE status = 'pending') AS pending,
-                    count(*) FILTER (WHERE status = 'pending' AND next_attempt_at <= $1
-                                     AND (lease_until IS NULL OR lease_until <= now())) AS due,
-                    count(*) FILTER (WHERE status = 'pending' AND lease_until > now()) AS running,
-                    count(*) FILTER (WHERE status = 'dead') AS dead,
-                    min(next_attempt_at) FILTER (
-                        WHERE status = 'pending' AND next_attempt_at <= $1
-                          AND (lease_until IS NULL OR lease_until <= now())) AS oldest_due
-                FROM deliveries
-                WHERE status <> 'done'
-                """,
+                Q["stats"],
                 now,
             )
         assert row is not None  # an aggregate without GROUP BY always yields one row
@@ -610,29 +482,16 @@ class PostgresStore:
         """
         cutoff = _utc(received_before)
         async with self._connection(write=True) as conn, conn.transaction():
-            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", PRUNE_LOCK_KEY):
+            if not await conn.fetchval(Q["prune_lock"], PRUNE_LOCK_KEY):
                 return 0
             locked = await conn.fetch(
-                """
-                SELECT e.id FROM events e
-                WHERE e.received_at < $1
-                  AND NOT EXISTS (SELECT 1 FROM deliveries d
-                                  WHERE d.event_id = e.id AND d.status = 'pending')
-                ORDER BY e.id
-                FOR UPDATE OF e SKIP LOCKED
-                """,
+                Q["prune_candidates"],
                 cutoff,
             )
             if not locked:
                 return 0
             deleted = await conn.fetch(
-                """
-                DELETE FROM events e
-                WHERE e.id = ANY($1::text[])
-                  AND NOT EXISTS (SELECT 1 FROM deliveries d
-                                  WHERE d.event_id = e.id AND d.status = 'pending')
-                RETURNING e.id
-                """,
+                Q["prune_delete"],
                 [row["id"] for row in locked],
             )
         return len(deleted)
@@ -643,24 +502,19 @@ class PostgresStore:
         """Newest first (by ``received_at``, then by arrival order)."""
         async with self._connection() as conn:
             rows = await conn.fetch(
-                f"""
-                SELECT {_EVENT_COLUMNS} FROM events
-                WHERE $1::text IS NULL OR type = $1
-                ORDER BY received_at DESC, seq DESC
-                LIMIT $2
-                """,  # noqa: S608 - a constant column list
+                Q["list_events"],
                 event_type,
                 max(limit, 0),
             )
-        return [_event_record(row) for row in rows]
+        return [event_record(row, _at) for row in rows]
 
     async def get_event(self, event_id: str) -> EventRecord | None:
         async with self._connection() as conn:
             row = await conn.fetchrow(
-                f"SELECT {_EVENT_COLUMNS} FROM events WHERE id = $1",  # noqa: S608 - constant
+                Q["get_event"],
                 event_id,
             )
-        return _event_record(row) if row is not None else None
+        return event_record(row, _at) if row is not None else None
 
     async def list_deliveries(
         self,
@@ -673,63 +527,32 @@ class PostgresStore:
         """Newest first (by id, which follows creation)."""
         async with self._connection() as conn:
             rows = await conn.fetch(
-                f"""
-                SELECT {_DELIVERY_COLUMNS}
-                FROM deliveries d JOIN events e ON e.id = d.event_id
-                WHERE ($1::text IS NULL OR d.status = $1)
-                  AND ($2::text IS NULL OR d.handler = $2)
-                  AND ($3::text IS NULL OR d.event_id = $3)
-                ORDER BY d.id DESC
-                LIMIT $4
-                """,  # noqa: S608 - a constant column list
+                Q["list_deliveries"],
                 status.value if status is not None else None,
                 handler,
                 event_id,
                 max(limit, 0),
             )
-        return [_delivery_record(row) for row in rows]
+        return [delivery_record(row, _at) for row in rows]
 
     async def list_attempts(self, delivery_id: int) -> list[AttemptRecord]:
         """Oldest first."""
         async with self._connection() as conn:
             rows = await conn.fetch(
-                """
-                SELECT delivery_id, attempt, started_at, finished_at, outcome, error
-                FROM attempts WHERE delivery_id = $1 ORDER BY id
-                """,
+                Q["list_attempts"],
                 delivery_id,
             )
-        return [
-            AttemptRecord(
-                delivery_id=row["delivery_id"],
-                attempt=row["attempt"],
-                started_at=row["started_at"],
-                finished_at=row["finished_at"],
-                outcome=AttemptOutcome(row["outcome"]),
-                error=row["error"],
-            )
-            for row in rows
-        ]
+        return [attempt_record(row, _at) for row in rows]
 
     async def get_task(self, task_id: str) -> TaskRecord | None:
         async with self._connection() as conn:
             row = await conn.fetchrow(
-                """
-                SELECT task_id, status, event_id, event_type, event_created, updated_at
-                FROM tasks WHERE task_id = $1
-                """,
+                Q["get_task"],
                 task_id,
             )
         if row is None:
             return None
-        return TaskRecord(
-            task_id=row["task_id"],
-            status=row["status"],
-            event_id=row["event_id"],
-            event_type=row["event_type"],
-            event_created=row["event_created"],
-            updated_at=row["updated_at"],
-        )
+        return task_record(row, _at)
 
     async def replay(self, event_id: str, handlers: Sequence[str] | None, *, now: datetime) -> int:
         """Make the event's deliveries pending and due at ``now`` with a fresh attempt budget.
@@ -742,34 +565,18 @@ class PostgresStore:
         now = _utc(now)
         async with self._connection(write=True) as conn, conn.transaction():
             # The row lock keeps a concurrent prune from deleting the event under the replay.
-            found = await conn.fetchval("SELECT true FROM events WHERE id = $1 FOR SHARE", event_id)
+            found = await conn.fetchval(Q["lock_event"], event_id)
             if not found:
                 raise EventNotFound(f"No event {event_id!r} in the store.")
             if handlers is None:
                 rows = await conn.fetch(
-                    """
-                    UPDATE deliveries
-                    SET status = 'pending', attempts = 0, next_attempt_at = $2,
-                        lease_token = lease_token + 1, lease_until = NULL,
-                        last_error = NULL, updated_at = $2
-                    WHERE event_id = $1
-                    RETURNING id
-                    """,
+                    Q["replay_all"],
                     event_id,
                     now,
                 )
             else:
                 rows = await conn.fetch(
-                    """
-                    INSERT INTO deliveries AS d
-                        (event_id, handler, status, next_attempt_at, created_at, updated_at)
-                    SELECT $1, handler, 'pending', $3, $3, $3 FROM unnest($2::text[]) AS handler
-                    ON CONFLICT (event_id, handler) DO UPDATE SET
-                        status = 'pending', attempts = 0, next_attempt_at = $3,
-                        lease_token = d.lease_token + 1, lease_until = NULL,
-                        last_error = NULL, updated_at = $3
-                    RETURNING d.id
-                    """,
+                    Q["replay_handlers"],
                     event_id,
                     _unique(handlers),
                     now,
@@ -790,25 +597,11 @@ class PostgresStore:
             # Lock the events first (in a fixed order), as replay does, so a concurrent prune
             # either sees these deliveries pending or has already deleted them.
             await conn.execute(
-                """
-                SELECT 1 FROM events e
-                WHERE EXISTS (SELECT 1 FROM deliveries d
-                              WHERE d.event_id = e.id AND d.status = 'dead'
-                                AND ($1::text IS NULL OR d.handler = $1))
-                ORDER BY e.id
-                FOR SHARE OF e
-                """,
+                Q["lock_dead_events"],
                 handler,
             )
             rows = await conn.fetch(
-                """
-                UPDATE deliveries
-                SET status = 'pending', attempts = 0, next_attempt_at = $2,
-                    lease_token = lease_token + 1, lease_until = NULL,
-                    last_error = NULL, updated_at = $2
-                WHERE status = 'dead' AND ($1::text IS NULL OR handler = $1)
-                RETURNING id
-                """,
+                Q["retry_dead"],
                 handler,
                 now,
             )
@@ -868,7 +661,7 @@ class PostgresStore:
 
     async def _notify(self, conn: asyncpg.pool.PoolConnectionProxy) -> None:
         # Inside the caller's transaction: PostgreSQL delivers it only if the transaction commits.
-        await conn.execute("SELECT pg_notify($1, '')", self._channel)
+        await conn.execute(Q["notify"], self._channel)
 
     def _nudge(self, *_: object) -> None:
         self._wakeup.set()
