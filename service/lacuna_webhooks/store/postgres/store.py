@@ -37,7 +37,6 @@ import logging
 import re
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import asyncpg
 
@@ -390,28 +389,35 @@ class PostgresStore:
 
     async def complete(self, delivery: Delivery, attempt: Attempt) -> bool:
         """Mark the claimed delivery done and log the attempt; ``False`` if the claim is stale."""
-        return await self._finish("complete", delivery, attempt)
+        return await self._finish(DeliveryStatus.DONE, delivery, attempt)
 
     async def retry(self, delivery: Delivery, attempt: Attempt, *, at: datetime) -> bool:
         """Make the claimed delivery due again at ``at`` and log the attempt."""
-        return await self._finish("retry", delivery, attempt, _utc(at))
+        return await self._finish(DeliveryStatus.PENDING, delivery, attempt, _utc(at))
 
     async def dead(self, delivery: Delivery, attempt: Attempt) -> bool:
         """Give the claimed delivery up (``dead``) and log the attempt."""
-        return await self._finish("dead", delivery, attempt)
+        return await self._finish(DeliveryStatus.DEAD, delivery, attempt)
 
-    async def _finish(self, query: str, delivery: Delivery, attempt: Attempt, *extra: Any) -> bool:
+    async def _finish(
+        self,
+        status: DeliveryStatus,
+        delivery: Delivery,
+        attempt: Attempt,
+        next_attempt_at: datetime | None = None,
+    ) -> bool:
         # One statement, so the outcome and its attempt row are written together or not at all.
         async with self._connection(write=True) as conn:
             row = await conn.fetchval(
-                Q[query],
+                Q["finish"],
                 delivery.id,
                 delivery.lease_token,
                 _utc(attempt.started_at),
                 _utc(attempt.finished_at),
                 AttemptOutcome(attempt.outcome).value,
                 attempt_error(attempt),
-                *extra,
+                status.value,
+                next_attempt_at,
             )
         return row is not None
 
@@ -456,10 +462,7 @@ class PostgresStore:
         """Due times against ``now``, leases against the database's clock (as ``claim``)."""
         now = _utc(now)
         async with self._connection() as conn:
-            row = await conn.fetchrow(
-                Q["stats"],
-                now,
-            )
+            row = await conn.fetchrow(Q["stats"], now)
         assert row is not None  # an aggregate without GROUP BY always yields one row
         oldest: datetime | None = row["oldest_due"]
         age = max((now - oldest).total_seconds(), 0.0) if oldest is not None else 0.0
@@ -484,10 +487,7 @@ class PostgresStore:
         async with self._connection(write=True) as conn, conn.transaction():
             if not await conn.fetchval(Q["prune_lock"], PRUNE_LOCK_KEY):
                 return 0
-            locked = await conn.fetch(
-                Q["prune_candidates"],
-                cutoff,
-            )
+            locked = await conn.fetch(Q["prune_candidates"], cutoff)
             if not locked:
                 return 0
             deleted = await conn.fetch(
@@ -510,10 +510,7 @@ class PostgresStore:
 
     async def get_event(self, event_id: str) -> EventRecord | None:
         async with self._connection() as conn:
-            row = await conn.fetchrow(
-                Q["get_event"],
-                event_id,
-            )
+            row = await conn.fetchrow(Q["get_event"], event_id)
         return event_record(row, _at) if row is not None else None
 
     async def list_deliveries(
@@ -538,18 +535,12 @@ class PostgresStore:
     async def list_attempts(self, delivery_id: int) -> list[AttemptRecord]:
         """Oldest first."""
         async with self._connection() as conn:
-            rows = await conn.fetch(
-                Q["list_attempts"],
-                delivery_id,
-            )
+            rows = await conn.fetch(Q["list_attempts"], delivery_id)
         return [attempt_record(row, _at) for row in rows]
 
     async def get_task(self, task_id: str) -> TaskRecord | None:
         async with self._connection() as conn:
-            row = await conn.fetchrow(
-                Q["get_task"],
-                task_id,
-            )
+            row = await conn.fetchrow(Q["get_task"], task_id)
         if row is None:
             return None
         return task_record(row, _at)
@@ -596,10 +587,7 @@ class PostgresStore:
         async with self._connection(write=True) as conn, conn.transaction():
             # Lock the events first (in a fixed order), as replay does, so a concurrent prune
             # either sees these deliveries pending or has already deleted them.
-            await conn.execute(
-                Q["lock_dead_events"],
-                handler,
-            )
+            await conn.execute(Q["lock_dead_events"], handler)
             rows = await conn.fetch(
                 Q["retry_dead"],
                 handler,

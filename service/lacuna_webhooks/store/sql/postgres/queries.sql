@@ -59,41 +59,14 @@ SELECT c.*, e.raw
 FROM claimed c JOIN events e ON e.id = c.event_id
 ORDER BY c.next_attempt_at, c.id
 
--- name: complete
+-- name: finish
 -- An outcome and its attempt in one statement, only for the live claim: same token, still
 -- pending, still leased. $1 id, $2 lease_token, $3 started_at, $4 finished_at, $5 outcome,
--- $6 error.
+-- $6 error, $7 the new status, $8 the next attempt's time (a retry) or NULL (unchanged).
 WITH finished AS (
     UPDATE deliveries
-    SET status = 'done', lease_until = NULL, last_error = $6, updated_at = $4
-    WHERE id = $1 AND lease_token = $2 AND status = 'pending' AND lease_until IS NOT NULL
-    RETURNING id, attempts
-)
-INSERT INTO attempts (delivery_id, attempt, started_at, finished_at, outcome, error)
-SELECT id, attempts, $3, $4, $5, $6::text FROM finished
-RETURNING delivery_id
-
--- name: retry
--- An outcome and its attempt in one statement, only for the live claim: same token, still
--- pending, still leased. $1 id, $2 lease_token, $3 started_at, $4 finished_at, $5 outcome,
--- $6 error, $7 next_attempt_at.
-WITH finished AS (
-    UPDATE deliveries
-    SET next_attempt_at = $7, lease_until = NULL, last_error = $6, updated_at = $4
-    WHERE id = $1 AND lease_token = $2 AND status = 'pending' AND lease_until IS NOT NULL
-    RETURNING id, attempts
-)
-INSERT INTO attempts (delivery_id, attempt, started_at, finished_at, outcome, error)
-SELECT id, attempts, $3, $4, $5, $6::text FROM finished
-RETURNING delivery_id
-
--- name: dead
--- An outcome and its attempt in one statement, only for the live claim: same token, still
--- pending, still leased. $1 id, $2 lease_token, $3 started_at, $4 finished_at, $5 outcome,
--- $6 error.
-WITH finished AS (
-    UPDATE deliveries
-    SET status = 'dead', lease_until = NULL, last_error = $6, updated_at = $4
+    SET status = $7, next_attempt_at = coalesce($8, next_attempt_at), lease_until = NULL,
+        last_error = $6, updated_at = $4
     WHERE id = $1 AND lease_token = $2 AND status = 'pending' AND lease_until IS NOT NULL
     RETURNING id, attempts
 )
