@@ -1,7 +1,14 @@
 """The store contract: a durable inbox (events, deduplicated by id) and outbox (deliveries).
 
 Every backend implements ``Store``; one contract test-suite
-(``tests/integration/test_store_contract.py``) runs unchanged over each.
+(``tests/integration/test_store_contract.py``) runs unchanged over each. Where the
+rules live: this docstring (what each operation does to which rows); ``memory.py``, the
+reference implementation and test double; ``rules.py``, the decisions every backend
+computes the same way (task ordering, commit health); ``store/sql/<dialect>/queries.sql``,
+the named statements of each SQL dialect (``queries.py``: the shared ones have the same
+names and result columns), mapped to the records below by column name (``rows.py``);
+``sqlite/`` and ``postgres/``, each backend's mechanics. A new deliveries column touches
+the schema migration, the queries and the record.
 
 Semantics every backend keeps:
 
@@ -135,7 +142,9 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
     async def ping(self) -> None:
-        """Return when the store answers; raise ``StoreUnavailable`` otherwise."""
+        """Return when the store answers and its writes commit; raise ``StoreUnavailable``
+        otherwise. After a write failed for a reason of the database, a probe write must
+        commit before ``ping`` passes again (``rules.CommitHealth``; ``/readyz``)."""
 
     async def accept(self, event: Event, handlers: Sequence[str], *, now: datetime) -> bool: ...
 
