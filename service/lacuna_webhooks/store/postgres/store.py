@@ -560,22 +560,13 @@ class PostgresStore:
             if not found:
                 raise EventNotFound(f"No event {event_id!r} in the store.")
             if handlers is None:
-                rows = await conn.fetch(
-                    Q["replay_all"],
-                    event_id,
-                    now,
-                )
+                rows = await conn.fetch(Q["replay_all"], event_id, now)
             else:
-                rows = await conn.fetch(
-                    Q["replay_handlers"],
-                    event_id,
-                    _unique(handlers),
-                    now,
-                )
+                rows = await conn.fetch(Q["replay_handlers"], event_id, _unique(handlers), now)
             if rows:
                 await self._notify(conn)
         if rows:
-            self._nudge()
+            self._nudge()  # after the commit: the claim it wakes must see the rows
         return len(rows)
 
     async def retry_dead(self, *, handler: str | None, now: datetime) -> int:
@@ -588,15 +579,11 @@ class PostgresStore:
             # Lock the events first (in a fixed order), as replay does, so a concurrent prune
             # either sees these deliveries pending or has already deleted them.
             await conn.execute(Q["lock_dead_events"], handler)
-            rows = await conn.fetch(
-                Q["retry_dead"],
-                handler,
-                now,
-            )
+            rows = await conn.fetch(Q["retry_dead"], handler, now)
             if rows:
                 await self._notify(conn)
         if rows:
-            self._nudge()
+            self._nudge()  # after the commit: the claim it wakes must see the rows
         return len(rows)
 
     # -- internals -----------------------------------------------------------------------------
