@@ -17,6 +17,11 @@ from .errors import InvalidJSON, InvalidPayload
 
 MAX_ID_LENGTH = 255
 MAX_TYPE_LENGTH = 128
+#: ``data.id`` is a key of the per-task state (an indexed column): bounded like ``id``.
+MAX_TASK_ID_LENGTH = 255
+#: ``created`` is stored in a signed 64-bit integer column on every backend.
+CREATED_MIN = -(2**63)
+CREATED_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,12 +40,33 @@ class Event:
 
     @classmethod
     def from_body(cls, raw: bytes) -> Event:
-        """Parse and validate a body; raise ``InvalidJSON`` or ``InvalidPayload``.
+        """Parse and validate a body; raise ``InvalidJSON`` or ``InvalidPayload`` (with ``param``).
 
-        Only ``id`` and ``type`` are required (non-empty strings of bounded
-        length). ``created`` is kept when it is an integer and ignored
-        otherwise; nothing else is checked so that new fields and new event
-        types pass through.
+        SPEC §3 check 3: the body must be a UTF-8 JSON object (else ``InvalidJSON``;
+        orjson also refuses lone UTF-16 surrogate escapes such as ``"\\ud800"``, so no
+        stored string can hold one) with ``id`` and ``type`` non-empty strings of
+        bounded length (else ``InvalidPayload``).
+
+        Beyond the spec, the fields the store derives columns from are refused when no
+        backend could hold them, so that an accepted body is always storable and one
+        unstorable event never turns into a ``503`` the sender retries forever
+        (issue 9; ``docs/delivery.md``):
+
+        - ``id``, ``type``: a NUL character (``\\u0000``): PostgreSQL ``text`` cannot
+          hold it. ``param`` is ``id`` / ``type``.
+        - ``created``: an integer outside the signed 64-bit range (``param``
+          ``created``). A ``created`` that is not an integer (a float, a string,
+          ``null``) is *ignored* (stored as NULL, the event ordered by its received
+          time), as before: refusing an event for an ill-typed optional field the
+          spec does not make us check would drop real events.
+        - ``data.id``, when a string: a NUL character, or longer than
+          ``MAX_TASK_ID_LENGTH`` (``param`` ``data.id``). When it is not a
+          string the event simply has no task (NULL).
+        - ``data.status``, when a string: a NUL character (``param`` ``data.status``).
+          Not a string: no status (NULL).
+
+        Everything else (unknown fields, NULs in other strings, huge numbers, floats,
+        deep nesting up to orjson's limit) lives only in ``raw``, kept byte for byte.
         """
         try:
             payload = orjson.loads(raw)
@@ -53,6 +79,7 @@ class Event:
             raise InvalidPayload("`id` must be a non-empty string.", param="id")
         if len(event_id) > MAX_ID_LENGTH:
             raise InvalidPayload(f"`id` is longer than {MAX_ID_LENGTH} characters.", param="id")
+        _refuse_nul(event_id, "id")
         event_type = payload.get("type")
         if not isinstance(event_type, str) or not event_type.strip():
             raise InvalidPayload("`type` must be a non-empty string.", param="type")
@@ -60,9 +87,27 @@ class Event:
             raise InvalidPayload(
                 f"`type` is longer than {MAX_TYPE_LENGTH} characters.", param="type"
             )
+        _refuse_nul(event_type, "type")
         created = payload.get("created")
         if not isinstance(created, int) or isinstance(created, bool):
             created = None
+        elif not CREATED_MIN <= created <= CREATED_MAX:
+            raise InvalidPayload(
+                "`created` must be Unix seconds within the signed 64-bit range.", param="created"
+            )
+        data = payload.get("data")
+        if isinstance(data, dict):
+            task_id = data.get("id")
+            if isinstance(task_id, str):
+                if len(task_id) > MAX_TASK_ID_LENGTH:
+                    raise InvalidPayload(
+                        f"`data.id` is longer than {MAX_TASK_ID_LENGTH} characters.",
+                        param="data.id",
+                    )
+                _refuse_nul(task_id, "data.id")
+            status = data.get("status")
+            if isinstance(status, str):
+                _refuse_nul(status, "data.status")
         return cls(id=event_id, type=event_type, payload=payload, raw=raw, created=created)
 
     @property
@@ -82,6 +127,11 @@ class Event:
         """The task status the event reports (``data.status``), when given."""
         status = self.data.get("status")
         return status if isinstance(status, str) and status else None
+
+
+def _refuse_nul(value: str, param: str) -> None:
+    if "\x00" in value:
+        raise InvalidPayload(f"`{param}` must not contain a NUL character.", param=param)
 
 
 class DeliveryStatus(enum.StrEnum):

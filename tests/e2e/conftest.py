@@ -108,7 +108,7 @@ def serve_factory(tmp_path: Path) -> Iterator[type[Serve]]:
 
 def children(serve: Serve) -> dict[int, str]:
     """``serve``'s child processes: pid -> command line (the SQLite writer's runs
-    ``sqlite_process``, each handler worker's ``worker_child``)."""
+    ``store.sqlite.process``, each handler worker's ``worker_child``)."""
     assert serve.proc is not None
     tasks = Path(f"/proc/{serve.proc.pid}/task")
     found: dict[int, str] = {}

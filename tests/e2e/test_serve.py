@@ -31,7 +31,7 @@ RECORDER = "tests.e2e.recorder_plugin:FileRecorder"
 
 def writer_children(serve: Serve) -> list[int]:
     """The process ids of ``serve``'s SQLite writer process (one, unless it is restarting)."""
-    return [pid for pid, cmd in children(serve).items() if "sqlite_process" in cmd]
+    return [pid for pid, cmd in children(serve).items() if "store.sqlite.process" in cmd]
 
 
 def send(serve: Serve, event_id: str) -> httpx.Response:

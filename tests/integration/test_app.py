@@ -219,6 +219,10 @@ def test_deeply_nested_json_is_400_not_500(tmp_path: Path) -> None:
         ({"id": "evt_1"}, "type"),
         ({"id": "evt_1", "type": ["job.completed"]}, "type"),
         ({"id": "evt_1", "type": None}, "type"),
+        # values no backend can store (issue 9): refused, never a 503 retried forever
+        ({"id": "evt_big", "type": "job.completed", "created": 2**63, "data": {}}, "created"),
+        ({"id": "evt_\x00", "type": "job.completed"}, "id"),
+        ({"id": "evt_1", "type": "job.completed", "data": {"id": "cm\x00"}}, "data.id"),
     ],
 )
 def test_invalid_payload_is_400_with_param(

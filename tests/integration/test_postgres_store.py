@@ -20,7 +20,8 @@ import pytest
 from lacuna_webhooks.errors import StoreUnavailable
 from lacuna_webhooks.models import Attempt, AttemptOutcome, DeliveryStatus, Event
 from lacuna_webhooks.store import open_store
-from lacuna_webhooks.store.postgres import PRUNE_LOCK_KEY, PostgresStore, _migrations
+from lacuna_webhooks.store.postgres import PRUNE_LOCK_KEY, PostgresStore
+from lacuna_webhooks.store.postgres.store import _migrations
 from tests.conftest import make_event
 
 pytestmark = pytest.mark.postgres
@@ -188,9 +189,12 @@ async def test_expired_lease_is_taken_over_by_another_replica(
     then refused (its lease_token is stale)."""
     one, two = await stores(), await stores()
     await one.accept(event("evt_lease"), ["h"], now=NOW)
-    [first] = await one.claim(handler="h", limit=1, lease=LEASE, now=NOW)
-    assert await two.claim(handler="h", limit=1, lease=LEASE, now=NOW + LEASE / 2) == []
-    [second] = await two.claim(handler="h", limit=1, lease=LEASE, now=NOW + LEASE * 2)
+    short = timedelta(seconds=1)
+    [first] = await one.claim(handler="h", limit=1, lease=short, now=NOW)
+    # leases follow the database's clock: a replica whose `now` is far ahead still waits
+    assert await two.claim(handler="h", limit=1, lease=LEASE, now=NOW + LEASE * 2) == []
+    await asyncio.sleep(short.total_seconds() + 0.2)
+    [second] = await two.claim(handler="h", limit=1, lease=LEASE, now=NOW)
     assert second.id == first.id
     assert (second.attempts, second.lease_token) == (2, first.lease_token + 1)
     assert await one.complete(first, ok()) is False

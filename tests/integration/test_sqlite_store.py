@@ -25,8 +25,9 @@ import pytest
 
 from lacuna_webhooks.errors import StoreUnavailable
 from lacuna_webhooks.models import Attempt, AttemptOutcome, Event
-from lacuna_webhooks.store import open_store, sqlite_process
+from lacuna_webhooks.store import open_store
 from lacuna_webhooks.store.sqlite import SQLiteStore, migrate, migrations
+from lacuna_webhooks.store.sqlite import process as sqlite_process
 from tests.conftest import make_event, process_exited
 
 NOW = datetime(2025, 11, 21, 12, 0, tzinfo=UTC)
@@ -242,26 +243,49 @@ async def test_duplicates_inside_one_batch(store: SQLiteStore, db_path: Path) ->
     assert len(await store.list_deliveries(event_id="evt_twin")) == 1
 
 
-async def test_a_failed_batch_fails_every_waiter(store: SQLiteStore, db_path: Path) -> None:
-    """When a batch's transaction fails, every accept in it raises StoreUnavailable (even those
-    that alone would have succeeded) and none of its events is stored; the store goes on."""
+async def test_a_row_failing_in_a_batch_fails_alone(store: SQLiteStore, db_path: Path) -> None:
+    """When one row of a batch is refused by the database (here a trigger from underneath the
+    store), only its accept raises StoreUnavailable: the batch is retried row by row and
+    the other events of the same group commit are stored with their deliveries."""
     good = [(event(f"evt_fine_{i}"), ["a"] if i % 2 else []) for i in range(9)]
     batch = [*good[:5], (event("evt_doomed"), ["a"]), *good[5:]]
-    # a database that refuses one row, from underneath the store
     doom = (
         "CREATE TRIGGER doom BEFORE INSERT ON events WHEN NEW.id = 'evt_doomed'"
         " BEGIN SELECT RAISE(ABORT, 'refused'); END"
     )
+    before = store.writer_stats
     head, tail = await _queue_one_batch(store, db_path, batch, underneath=doom)
     assert await head is True
     results = await asyncio.gather(*tail, return_exceptions=True)
-    assert all(isinstance(r, StoreUnavailable) for r in results), results
-    assert stored_ids(db_path) == {"evt_head"}
+    assert store.writer_stats.batches - before.batches == 2  # the head, then all the rest
+    assert isinstance(results[5], StoreUnavailable), results
+    assert results[:5] + results[6:] == [True] * 9
+    assert stored_ids(db_path) == {"evt_head"} | {e.id for e, _ in good}
     with peer(db_path) as conn:
-        assert conn.execute("SELECT count(*) FROM deliveries").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM deliveries").fetchone() == (4,)
     await store.ping()
     assert await store.accept(event("evt_after"), ["a"], now=NOW) is True
-    assert await store.accept(event("evt_fine_1"), ["a"], now=NOW) is True
+
+
+async def test_poison_event_fails_alone_in_its_batch(store: SQLiteStore, db_path: Path) -> None:
+    """An event with a value SQLite cannot bind (``created`` beyond 64 bits, which
+    ``Event.from_body`` refuses, built here directly) in one group commit with 20 good ones:
+    only it fails; the good ones are stored and the writer keeps serving."""
+    good = [(event(f"evt_good_{i}"), ["a"]) for i in range(20)]
+    plain = event("evt_poison")
+    poison = Event(
+        id=plain.id, type=plain.type, payload=plain.payload, raw=plain.raw, created=2**63
+    )
+    batch = [*good[:10], (poison, ["a"]), *good[10:]]
+    before = store.writer_stats
+    head, tail = await _queue_one_batch(store, db_path, batch)
+    assert await head is True
+    results = await asyncio.gather(*tail, return_exceptions=True)
+    assert store.writer_stats.batches - before.batches == 2
+    assert isinstance(results[10], StoreUnavailable), results
+    assert results[:10] + results[11:] == [True] * 20
+    assert stored_ids(db_path) == {"evt_head"} | {e.id for e, _ in good}
+    assert await store.accept(event("evt_after"), ["a"], now=NOW) is True
 
 
 @WRITERS
@@ -504,17 +528,20 @@ async def test_the_writer_process_ignores_sigterm_and_sigint(db_path: Path) -> N
 # --- the one-statement batch writes exactly what row-by-row writes --------------------------
 
 
-async def test_one_statement_batch_matches_rowwise(tmp_path: Path) -> None:
+async def test_a_batch_is_its_rows_one_by_one(tmp_path: Path) -> None:
     """Random batches with in-batch duplicates, several events per task and stale ones give
-    the same answers and the same tables through both batch writers."""
+    the same answers and the same tables as the same rows committed one at a time."""
     import random
 
-    from lacuna_webhooks.store.sqlite import (
-        _accept_batch_in_transaction,
-        _accept_batch_one_statement,
-        _AcceptRow,
-        _create_batch_schema,
+    from lacuna_webhooks.store.rules import task_order
+    from lacuna_webhooks.store.sqlite.operations import (
+        AcceptRow,
+        accept_batch,
+        create_batch_schema,
     )
+
+    def one_by_one(conn: sqlite3.Connection, rows: list[AcceptRow]) -> list[bool]:
+        return [accept_batch(conn, [row])[0] for row in rows]
 
     paths = [tmp_path / "multi.db", tmp_path / "rows.db"]
     for path in paths:
@@ -522,27 +549,29 @@ async def test_one_statement_batch_matches_rowwise(tmp_path: Path) -> None:
         await s.open()
         await s.close()
     conns = [sqlite3.connect(path, isolation_level=None) for path in paths]
-    _create_batch_schema(conns[0])
+    for conn in conns:
+        create_batch_schema(conn)
     rng = random.Random(7)
     try:
         for batch_no in range(60):
-            rows = [
-                _AcceptRow(
-                    event_id=f"evt_{rng.randrange(40)}",
-                    event_type=rng.choice(["job.completed", "job.failed"]),
-                    created=rng.choice([None, *range(1000, 1010)]),
-                    received_at=2000.0 + batch_no,
-                    task_id=rng.choice([None, "cm_a", "cm_b", "cm_c"]),
-                    task_status=rng.choice(["ready", "failed"]),
-                    raw=b"{}",
-                    handlers=tuple(rng.sample(["a", "b", "c"], rng.randrange(3))),
+            rows = []
+            for _ in range(rng.randrange(1, 250)):
+                created = rng.choice([None, *range(1000, 1010)])
+                rows.append(
+                    AcceptRow(
+                        event_id=f"evt_{rng.randrange(40)}",
+                        event_type=rng.choice(["job.completed", "job.failed"]),
+                        created=created,
+                        received_at=2000.0 + batch_no,
+                        task_id=rng.choice([None, "cm_a", "cm_b", "cm_c"]),
+                        task_status=rng.choice(["ready", "failed"]),
+                        raw=b"{}",
+                        handlers=tuple(rng.sample(["a", "b", "c"], rng.randrange(3))),
+                        order=task_order(created, 2000.0 + batch_no),
+                    )
                 )
-                for _ in range(rng.randrange(1, 250))
-            ]
             answers = []
-            for conn, write in zip(
-                conns, (_accept_batch_one_statement, _accept_batch_in_transaction), strict=True
-            ):
+            for conn, write in zip(conns, (accept_batch, one_by_one), strict=True):
                 answers.append(write(conn, rows))
                 assert not conn.in_transaction  # each commits its batch itself
             assert answers[0] == answers[1]
@@ -561,3 +590,40 @@ async def test_one_statement_batch_matches_rowwise(tmp_path: Path) -> None:
     finally:
         for conn in conns:
             conn.close()
+
+
+@WRITERS
+@pytest.mark.parametrize("umask", [0o022, 0o000])
+async def test_database_wal_and_shm_are_owner_only(
+    tmp_path: Path, process: bool, umask: int
+) -> None:
+    """A new database and its -wal and -shm files are created 0600 whatever the umask, and a
+    new folder for it 0700 (issue 10: the events are customer data)."""
+    path = tmp_path / "new" / "events.db"
+    previous = os.umask(umask)
+    try:
+        s = SQLiteStore(str(path), process=process)
+        await s.open()
+    finally:
+        os.umask(previous)
+    try:
+        await s.accept(event("evt_mode"), ["a"], now=NOW)
+        modes = {
+            name: (tmp_path / "new" / name).stat().st_mode & 0o777
+            for name in ("events.db", "events.db-wal", "events.db-shm")
+        }
+        assert modes == dict.fromkeys(modes, 0o600)
+        assert (tmp_path / "new").stat().st_mode & 0o777 == 0o700
+    finally:
+        await s.close()
+
+
+async def test_an_existing_database_keeps_its_mode(tmp_path: Path) -> None:
+    """A file the operator created (here 0640) is opened as it is, not re-moded."""
+    path = tmp_path / "events.db"
+    path.touch(mode=0o640)
+    path.chmod(0o640)
+    s = SQLiteStore(str(path))
+    await s.open()
+    await s.close()
+    assert path.stat().st_mode & 0o777 == 0o640

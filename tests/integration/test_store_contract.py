@@ -105,7 +105,9 @@ async def test_claim_returns_the_event_and_leases_it(store: Store) -> None:
     assert delivery.next_attempt_at == NOW
     assert delivery.created_at == NOW
     (record,) = await store.list_deliveries(event_id="evt_claim")
-    assert record.lease_until == NOW + LEASE
+    # now + lease, or on PostgreSQL the database's now() + lease (store/base.py)
+    assert record.lease_until is not None
+    assert record.lease_until >= NOW + LEASE
     assert record.running(NOW)
     assert record.attempts == 1
 
@@ -117,12 +119,30 @@ async def test_claim_respects_due_time(store: Store) -> None:
     assert len(await store.claim(handler="a", limit=10, lease=LEASE, now=NOW)) == 1
 
 
+def wall_now() -> datetime:
+    """The real time: lease expiry is tested with short real leases, because on PostgreSQL
+    leases follow the database's clock, not the injected ``now`` (store/base.py)."""
+    return datetime.now(UTC)
+
+
+SHORT_LEASE = timedelta(seconds=1)
+
+
+async def take_over(store: Store, event_id: str) -> tuple[Delivery, Delivery]:
+    """Accept ``event_id`` now, claim it with a short lease, and claim it again once that
+    lease has expired; (first claim, second claim)."""
+    start = wall_now()
+    await store.accept(event(event_id), ["a"], now=start)
+    (first,) = await store.claim(handler="a", limit=10, lease=SHORT_LEASE, now=start)
+    assert await store.claim(handler="a", limit=10, lease=LEASE, now=wall_now()) == []
+    await asyncio.sleep(SHORT_LEASE.total_seconds() + 0.2)
+    second = await claim_one(store, now=wall_now())
+    return first, second
+
+
 async def test_claim_respects_the_lease_and_takes_over_an_expired_one(store: Store) -> None:
     """A live lease hides the delivery; once expired it is claimable again with a new token."""
-    await store.accept(event("evt_lease"), ["a"], now=NOW)
-    first = await claim_one(store)
-    assert await store.claim(handler="a", limit=10, lease=LEASE, now=NOW + LEASE - SECOND) == []
-    second = await claim_one(store, now=NOW + LEASE)
+    first, second = await take_over(store, "evt_lease")
     assert second.id == first.id
     assert second.lease_token != first.lease_token
     assert second.attempts == 2
@@ -173,9 +193,7 @@ async def test_complete_records_the_outcome_and_the_attempt(store: Store) -> Non
 async def test_stale_token_cannot_record_an_outcome(store: Store) -> None:
     """After a takeover, the old claim's complete/retry/dead/release return False and change
     nothing; the new claim still can."""
-    await store.accept(event("evt_stale"), ["a"], now=NOW)
-    old = await claim_one(store)
-    new = await claim_one(store, now=NOW + LEASE)
+    old, new = await take_over(store, "evt_stale")
     assert await store.complete(old, attempt(AttemptOutcome.OK)) is False
     assert await store.retry(old, attempt(AttemptOutcome.RETRY), at=NOW) is False
     assert await store.dead(old, attempt(AttemptOutcome.DEAD, error="x")) is False
@@ -183,9 +201,9 @@ async def test_stale_token_cannot_record_an_outcome(store: Store) -> None:
     (record,) = await store.list_deliveries(event_id="evt_stale")
     assert record.status is DeliveryStatus.PENDING
     assert record.attempts == 2
-    assert record.running(NOW + LEASE)
+    assert record.running(wall_now())
     assert await store.list_attempts(old.id) == []
-    assert await store.complete(new, attempt(AttemptOutcome.OK, at=NOW + LEASE)) is True
+    assert await store.complete(new, attempt(AttemptOutcome.OK, at=wall_now())) is True
 
 
 async def test_retry_schedules_the_next_attempt(store: Store) -> None:
@@ -539,3 +557,107 @@ async def test_retry_dead_cuts_off_a_running_claim(store: Store) -> None:
     assert await store.retry(first, Attempt(NOW, NOW, AttemptOutcome.RETRY), at=NOW) is False
     (again,) = await store.claim(handler="a", limit=1, lease=LEASE, now=NOW)
     assert again.attempts == 1
+
+
+# --- rules the backends once disagreed on (issue 9, item 2) ----------------------------------
+
+
+async def test_a_later_success_clears_the_last_error(store: Store) -> None:
+    """A delivery's ``last_error`` is that of its latest attempt: a success clears it."""
+    await store.accept(event("evt_err_cleared"), ["a"], now=NOW)
+    first = await claim_one(store)
+    assert await store.retry(first, attempt(AttemptOutcome.RETRY, error="503 busy"), at=NOW)
+    (record,) = await store.list_deliveries(event_id="evt_err_cleared")
+    assert record.last_error == "503 busy"
+    second = await claim_one(store)
+    assert await store.complete(second, attempt(AttemptOutcome.OK, at=NOW + SECOND))
+    (record,) = await store.list_deliveries(event_id="evt_err_cleared")
+    assert record.status is DeliveryStatus.DONE
+    assert record.last_error is None
+
+
+async def test_replay_and_retry_dead_clear_the_old_error(store: Store) -> None:
+    """A reset delivery starts clean: ``replay`` and ``retry_dead`` clear ``last_error``."""
+    for event_id in ("evt_err_replay", "evt_err_retry_dead"):
+        await store.accept(event(event_id), ["a"], now=NOW)
+        delivery = await claim_one(store)
+        assert await store.dead(delivery, attempt(AttemptOutcome.DEAD, error="410 Gone"))
+    assert await store.replay("evt_err_replay", None, now=NOW + SECOND) == 1
+    (replayed,) = await store.list_deliveries(event_id="evt_err_replay")
+    assert (replayed.status, replayed.last_error) == (DeliveryStatus.PENDING, None)
+    assert await store.retry_dead(handler="a", now=NOW + SECOND) == 1
+    (revived,) = await store.list_deliveries(event_id="evt_err_retry_dead")
+    assert (revived.status, revived.last_error) == (DeliveryStatus.PENDING, None)
+
+
+async def test_an_outcome_after_release_is_refused(store: Store) -> None:
+    """``release`` moves the lease token on: a late outcome of the released claim (an attempt
+    cancelled at stop that still reports) returns False and changes nothing."""
+    await store.accept(event("evt_late_outcome"), ["a"], now=NOW)
+    delivery = await claim_one(store)
+    assert await store.release(delivery) is True
+    assert await store.complete(delivery, attempt(AttemptOutcome.OK)) is False
+    assert await store.retry(delivery, attempt(AttemptOutcome.RETRY), at=NOW) is False
+    assert await store.dead(delivery, attempt(AttemptOutcome.DEAD)) is False
+    assert await store.release(delivery) is False
+    (record,) = await store.list_deliveries(event_id="evt_late_outcome")
+    assert (record.status, record.attempts, record.lease_until) == (
+        DeliveryStatus.PENDING,
+        0,
+        None,
+    )
+    assert await store.list_attempts(delivery.id) == []
+    again = await claim_one(store)
+    assert again.lease_token != delivery.lease_token
+
+
+async def test_release_uses_the_given_time_and_nudges(store: Store) -> None:
+    """``release(delivery, now=...)`` stamps ``updated_at`` with the injected time (never the
+    wall clock), and wakes ``wait_for_work`` so the delivery is claimed again at once."""
+    await store.accept(event("evt_release_now"), ["a"], now=NOW)
+    delivery = await claim_one(store)
+    for _ in range(2):  # consume the accept's nudge (on PostgreSQL also its NOTIFY)
+        await store.wait_for_work(0.2)
+    released_at = NOW + 7 * SECOND
+    assert await store.release(delivery, now=released_at) is True
+    (record,) = await store.list_deliveries(event_id="evt_release_now")
+    assert record.updated_at == released_at
+    async with asyncio.timeout(PROMPT):
+        await store.wait_for_work(PROMPT * 3)
+
+
+async def test_created_in_milliseconds_orders_as_seconds(store: Store) -> None:
+    """``created`` above 10^11 is read as milliseconds for ordering a task's events: a
+    ``job.started`` stamped now in ms does not outrank a ``job.completed`` stamped a minute
+    later in seconds, whichever arrives first (``created`` itself is stored as sent)."""
+    now_s = 1763731200
+    started = event(
+        "evt_ms_started", "job.started", created=now_s * 1000, task_id="cm_ms", status="running"
+    )
+    completed = event("evt_ms_done", created=now_s + 60, task_id="cm_ms", status="ready")
+    assert await store.accept(started, ["a"], now=NOW)
+    assert await store.accept(completed, ["a"], now=NOW + SECOND)
+    task = await store.get_task("cm_ms")
+    assert task is not None
+    assert (task.event_id, task.status) == ("evt_ms_done", "ready")
+    done = await store.get_event("evt_ms_done")
+    assert done is not None
+    assert done.superseded is False
+    first = await store.get_event("evt_ms_started")
+    assert first is not None
+    assert first.created == now_s * 1000
+
+    # the other arrival order: the late ms-stamped start is the superseded one
+    late_start = event(
+        "evt_ms_late", "job.started", created=(now_s + 1) * 1000, task_id="cm_ms2", status="running"
+    )
+    assert await store.accept(
+        event("evt_ms_first", created=now_s + 60, task_id="cm_ms2"), [], now=NOW
+    )
+    assert await store.accept(late_start, [], now=NOW + SECOND)
+    record = await store.get_event("evt_ms_late")
+    assert record is not None
+    assert record.superseded is True
+    task = await store.get_task("cm_ms2")
+    assert task is not None
+    assert task.event_id == "evt_ms_first"

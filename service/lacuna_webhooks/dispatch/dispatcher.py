@@ -357,7 +357,7 @@ class Dispatcher:
 
     async def _release(self, delivery: Delivery) -> None:
         try:
-            await self.store.release(delivery)
+            await self.store.release(delivery, now=self.clock())
         except StoreUnavailable as exc:
             # Not fatal: the lease runs out and the delivery is claimed again later.
             self._log.warning(

@@ -1,7 +1,14 @@
 """The store contract: a durable inbox (events, deduplicated by id) and outbox (deliveries).
 
 Every backend implements ``Store``; one contract test-suite
-(``tests/integration/test_store_contract.py``) runs unchanged over each.
+(``tests/integration/test_store_contract.py``) runs unchanged over each. Where the
+rules live: this docstring (what each operation does to which rows); ``memory.py``, the
+reference implementation and test double; ``rules.py``, the decisions every backend
+computes the same way (task ordering, commit health); ``store/sql/<dialect>/queries.sql``,
+the named statements of each SQL dialect (``queries.py``: the shared ones have the same
+names and result columns), mapped to the records below by column name (``rows.py``);
+``sqlite/`` and ``postgres/``, each backend's mechanics. A new deliveries column touches
+the schema migration, the queries and the record.
 
 Semantics every backend keeps:
 
@@ -18,12 +25,21 @@ Semantics every backend keeps:
   whose lease is free or expired, oldest due first, and leases them until
   ``now + lease``; each claim increments ``attempts`` and ``lease_token``.
   An expired lease is claimable again, so a crashed worker loses nothing.
+  Where several processes on several machines share one database
+  (PostgreSQL), leases are timed by the *database's* clock instead: the
+  lease runs until the database's ``now() + lease``, and is expired when the
+  database's clock says so; the ``now`` argument then only decides what is due
+  (``next_attempt_at <= now``) and stamps ``updated_at``. So replicas whose
+  clocks disagree never run one delivery twice at the same time; a replica
+  whose clock runs ahead only sees retries due early. ``stats`` counts
+  running and due leases by the same clock as ``claim``.
 - ``complete`` / ``retry`` / ``dead`` / ``release`` record the outcome only if
-  the delivery still carries the claimed ``lease_token`` (else return
-  ``False`` and change nothing); all but ``release`` append the ``Attempt``.
+  the delivery still carries the claimed ``lease_token`` and a lease (else return
+  ``False`` and change nothing); all but ``release`` append the ``Attempt`` and set
+  ``last_error`` to its error (``None`` on success). ``release`` moves the token on.
 - ``replay`` and ``retry_dead`` revoke any live claim on the deliveries they
-  reset (lease cleared, ``lease_token`` moved on): the operator's new run wins
-  over an attempt still running.
+  reset (lease cleared, ``lease_token`` moved on, ``last_error`` cleared): the
+  operator's new run wins over an attempt still running.
 - ``wait_for_work`` returns early when new work may be due (an accept in this
   process, or a NOTIFY from another replica), else after ``timeout_seconds``.
 """
@@ -126,13 +142,17 @@ class Store(Protocol):
     async def close(self) -> None: ...
 
     async def ping(self) -> None:
-        """Return when the store answers; raise ``StoreUnavailable`` otherwise."""
+        """Return when the store answers and its writes commit; raise ``StoreUnavailable``
+        otherwise. After a write failed for a reason of the database, a probe write must
+        commit before ``ping`` passes again (``rules.CommitHealth``; ``/readyz``)."""
 
     async def accept(self, event: Event, handlers: Sequence[str], *, now: datetime) -> bool: ...
 
     async def claim(
         self, *, handler: str, limit: int, lease: timedelta, now: datetime
-    ) -> list[Delivery]: ...
+    ) -> list[Delivery]:
+        """Lease due deliveries of ``handler`` (see the module docstring: on PostgreSQL the
+        lease times come from the database's clock and ``now`` only decides what is due)."""
 
     async def complete(self, delivery: Delivery, attempt: Attempt) -> bool: ...
 
@@ -140,8 +160,10 @@ class Store(Protocol):
 
     async def dead(self, delivery: Delivery, attempt: Attempt) -> bool: ...
 
-    async def release(self, delivery: Delivery) -> bool:
-        """Give an unfinished claim back (graceful stop): due at once, ``attempts`` undone."""
+    async def release(self, delivery: Delivery, *, now: datetime | None = None) -> bool:
+        """Give an unfinished claim back (graceful stop): due at once, ``attempts`` undone,
+        ``lease_token`` moved on (a late outcome of this claim is refused), ``updated_at``
+        set to ``now`` when given (else left as it was), and ``wait_for_work`` nudged."""
 
     async def wait_for_work(self, timeout_seconds: float) -> None: ...
 

@@ -5,8 +5,10 @@ so it is never used in production and ``open_store`` does not know it. It
 keeps every rule of ``store.base`` (read that docstring first); where the
 contract leaves a choice open, this module's choice is stated in the method.
 
-For tests it has one switch: set ``unavailable = True`` and every operation
-raises ``StoreUnavailable``, as a backend does when its database is down.
+For tests it has two switches: set ``unavailable = True`` and every operation
+raises ``StoreUnavailable``, as a backend does when its database is down; set
+``failing_commits = True`` and every write raises it (reads still answer), as
+on a full disk, and ``ping`` fails until a write commits again.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from .base import (
     TaskRecord,
     attempt_error,
 )
+from .rules import task_order
 
 if TYPE_CHECKING:
     from .base import Store
@@ -60,8 +63,8 @@ class _DeliveryRow:
 
 
 def _order(event: Event, received_at: datetime) -> float:
-    """What orders a task's events: ``created``, or the received time when it is absent."""
-    return float(event.created) if event.created is not None else received_at.timestamp()
+    """What orders a task's events: ``rules.task_order``."""
+    return task_order(event.created, received_at.timestamp())
 
 
 class MemoryStore:
@@ -69,6 +72,7 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self.unavailable = False
+        self.failing_commits = False
         self._open = False
         self._lock = asyncio.Lock()
         # Set by anything that may make work due; stays set until ``wait_for_work`` consumes
@@ -91,13 +95,19 @@ class MemoryStore:
         self._open = False
 
     async def ping(self) -> None:
+        """Raise ``StoreUnavailable`` when closed, unavailable, or writes do not commit (the
+        probe write of the real backends is the ``failing_commits`` switch here)."""
         self._check()
+        if self.failing_commits:
+            raise StoreUnavailable("The memory store's writes are marked failing.")
 
-    def _check(self) -> None:
+    def _check(self, *, write: bool = False) -> None:
         if self.unavailable:
             raise StoreUnavailable("The memory store is marked unavailable.")
         if not self._open:
             raise StoreUnavailable("The memory store is not open.")
+        if write and self.failing_commits:
+            raise StoreUnavailable("The memory store's writes are marked failing.")
 
     # -- inbox -----------------------------------------------------------------------------
 
@@ -109,7 +119,7 @@ class MemoryStore:
         ``created``, or by the received time when it has none).
         """
         async with self._lock:
-            self._check()
+            self._check(write=True)
             if event.id in self._events:
                 return False
             superseded = False
@@ -164,7 +174,7 @@ class MemoryStore:
     ) -> list[Delivery]:
         """Lease up to ``limit`` due deliveries of ``handler``, oldest due first (then by id)."""
         async with self._lock:
-            self._check()
+            self._check(write=True)
             if limit <= 0:
                 return []
             due = sorted(
@@ -230,7 +240,7 @@ class MemoryStore:
 
     async def complete(self, delivery: Delivery, attempt: Attempt) -> bool:
         async with self._lock:
-            self._check()
+            self._check(write=True)
             row = self._held(delivery)
             if row is None:
                 return False
@@ -239,7 +249,7 @@ class MemoryStore:
 
     async def retry(self, delivery: Delivery, attempt: Attempt, *, at: datetime) -> bool:
         async with self._lock:
-            self._check()
+            self._check(write=True)
             row = self._held(delivery)
             if row is None:
                 return False
@@ -248,22 +258,26 @@ class MemoryStore:
 
     async def dead(self, delivery: Delivery, attempt: Attempt) -> bool:
         async with self._lock:
-            self._check()
+            self._check(write=True)
             row = self._held(delivery)
             if row is None:
                 return False
             self._finish(row, attempt, DeliveryStatus.DEAD, row.next_attempt_at)
             return True
 
-    async def release(self, delivery: Delivery) -> bool:
-        """Drop the lease and undo the claim's attempt; ``next_attempt_at`` (already due) stays."""
+    async def release(self, delivery: Delivery, *, now: datetime | None = None) -> bool:
+        """Drop the lease, move the token on and undo the claim's attempt; ``next_attempt_at``
+        (already due) stays; ``updated_at`` becomes ``now`` when given."""
         async with self._lock:
-            self._check()
+            self._check(write=True)
             row = self._held(delivery)
             if row is None:
                 return False
             row.lease_until = None
+            row.lease_token += 1
             row.attempts = max(0, row.attempts - 1)
+            if now is not None:
+                row.updated_at = now
             self._nudge.set()
             return True
 
@@ -296,7 +310,7 @@ class MemoryStore:
     async def prune(self, *, received_before: datetime) -> int:
         """Delete old events whose deliveries are all finished; task states are kept."""
         async with self._lock:
-            self._check()
+            self._check(write=True)
             by_event: dict[str, list[_DeliveryRow]] = {}
             for row in self._deliveries.values():
                 by_event.setdefault(row.event_id, []).append(row)
@@ -389,7 +403,7 @@ class MemoryStore:
 
     async def replay(self, event_id: str, handlers: Sequence[str] | None, *, now: datetime) -> int:
         async with self._lock:
-            self._check()
+            self._check(write=True)
             if event_id not in self._events:
                 raise EventNotFound(f"No event {event_id!r} in the store.")
             existing = {r.handler: r for r in self._deliveries.values() if r.event_id == event_id}
@@ -406,7 +420,7 @@ class MemoryStore:
 
     async def retry_dead(self, *, handler: str | None, now: datetime) -> int:
         async with self._lock:
-            self._check()
+            self._check(write=True)
             rows = [
                 r
                 for r in self._deliveries.values()

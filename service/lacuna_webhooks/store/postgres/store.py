@@ -10,6 +10,8 @@ replicas share the work:
 - ``claim`` leases due deliveries with ``UPDATE ... WHERE id IN (SELECT ...
   FOR UPDATE SKIP LOCKED) RETURNING``: two replicas never get the same row,
   and neither waits for the other. An expired lease is claimable by anyone.
+  Leases are timed by the database's clock (``now()``), never by a replica's:
+  a replica whose clock runs ahead cannot take over a lease that is still live.
 - Outcome writes (``complete``/``retry``/``dead``/``release``) are one
   statement each, conditional on the claimed ``lease_token``.
 - ``wait_for_work`` wakes on a local accept or on a NOTIFY received by a
@@ -35,13 +37,12 @@ import logging
 import re
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import asyncpg
 
-from ..errors import EventNotFound, StoreUnavailable
-from ..models import Attempt, AttemptOutcome, Delivery, DeliveryStatus, Event
-from .base import (
+from ...errors import EventNotFound, StoreUnavailable
+from ...models import Attempt, AttemptOutcome, Delivery, DeliveryStatus, Event
+from ..base import (
     AttemptRecord,
     DeliveryRecord,
     EventRecord,
@@ -49,6 +50,15 @@ from .base import (
     TaskRecord,
     attempt_error,
 )
+from ..queries import load
+from ..rows import (
+    attempt_record,
+    claimed_delivery,
+    delivery_record,
+    event_record,
+    task_record,
+)
+from ..rules import CommitHealth, task_order
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +69,7 @@ PRUNE_LOCK_KEY = 0x6C61_6375_6E61_0002
 #: The NOTIFY channel replicas nudge each other on.
 DEFAULT_CHANNEL = "lacuna_webhooks"
 
-_MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+_MIGRATION_NAME = re.compile(r"(\d{4})_[a-z0-9_]+\.sql")
 
 # What "the database is unavailable" looks like through asyncpg: OS-level connection errors,
 # timeouts (connect, acquire, command), server errors, client-side interface errors such as
@@ -84,12 +94,7 @@ _CONNECTION_LOST: tuple[type[BaseException], ...] = (
     asyncpg.CannotConnectNowError,
 )
 
-_DELIVERY_COLUMNS = """
-    d.id, d.event_id, e.type AS event_type, d.handler, d.status, d.attempts,
-    d.next_attempt_at, d.lease_until, d.last_error, d.created_at, d.updated_at
-"""
-
-_EVENT_COLUMNS = "id, type, created, received_at, task_id, superseded, raw"
+Q = load("postgres")
 
 
 def _utc(value: datetime) -> datetime:
@@ -108,10 +113,10 @@ def _unavailable(exc: BaseException) -> StoreUnavailable:
 
 def _migrations() -> list[tuple[int, str, str]]:
     """(version, file name, SQL) of every shipped migration, in version order."""
-    folder = importlib.resources.files(__package__ or "lacuna_webhooks.store") / "sql" / "postgres"
+    folder = importlib.resources.files("lacuna_webhooks.store") / "sql" / "postgres"
     found: list[tuple[int, str, str]] = []
     for entry in folder.iterdir():
-        match = _MIGRATION_NAME.match(entry.name)
+        match = _MIGRATION_NAME.fullmatch(entry.name)
         if match:
             found.append((int(match.group(1)), entry.name, entry.read_text(encoding="utf-8")))
     found.sort()
@@ -121,32 +126,9 @@ def _migrations() -> list[tuple[int, str, str]]:
     return found
 
 
-def _event_record(row: asyncpg.Record) -> EventRecord:
-    return EventRecord(
-        id=row["id"],
-        type=row["type"],
-        created=row["created"],
-        received_at=row["received_at"],
-        task_id=row["task_id"],
-        superseded=row["superseded"],
-        raw=bytes(row["raw"]),
-    )
-
-
-def _delivery_record(row: asyncpg.Record) -> DeliveryRecord:
-    return DeliveryRecord(
-        id=row["id"],
-        event_id=row["event_id"],
-        event_type=row["event_type"],
-        handler=row["handler"],
-        status=DeliveryStatus(row["status"]),
-        attempts=row["attempts"],
-        next_attempt_at=row["next_attempt_at"],
-        lease_until=row["lease_until"],
-        last_error=row["last_error"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-    )
+def _at(value: datetime) -> datetime:
+    """``timestamptz`` columns come back aware (UTC) from asyncpg: as they are."""
+    return value
 
 
 def _set_event(event: asyncio.Event, *_: object) -> None:
@@ -206,6 +188,7 @@ class PostgresStore:
         self._listening = False
         self._listener_task: asyncio.Task[None] | None = None
         self._closing = False
+        self._health = CommitHealth()
 
     def __repr__(self) -> str:
         # The DSN may carry a password: never show it.
@@ -314,9 +297,19 @@ class PostgresStore:
                         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATE_LOCK_KEY)
 
     async def ping(self) -> None:
-        """Return when the server answers a query; raise ``StoreUnavailable`` otherwise."""
-        async with self._connection() as conn:
-            await conn.fetchval("SELECT 1")
+        """Return when the server answers a query and writes commit; raise
+        ``StoreUnavailable`` otherwise.
+
+        After a write failed (``CommitHealth``), a probe write must commit first: a
+        database that answers ``SELECT 1`` but refuses writes (read-only, revoked
+        permission, full disk) is not ready.
+        """
+        if self._health.failure is None:
+            async with self._connection() as conn:
+                await conn.fetchval("SELECT 1")
+            return
+        async with self._connection(write=True) as conn:
+            await conn.execute(Q["write_probe"])
 
     # -- inbox ---------------------------------------------------------------------------------
 
@@ -330,14 +323,9 @@ class PostgresStore:
         """
         now = _utc(now)
         names = _unique(handlers)
-        async with self._connection() as conn, conn.transaction():
+        async with self._connection(write=True) as conn, conn.transaction():
             inserted = await conn.fetchval(
-                """
-                INSERT INTO events (id, type, created, received_at, task_id, raw)
-                VALUES ($1, $2, $3, $4, $5, $6)
-                ON CONFLICT (id) DO NOTHING
-                RETURNING true
-                """,
+                Q["accept_event"],
                 event.id,
                 event.type,
                 event.created,
@@ -349,41 +337,20 @@ class PostgresStore:
                 return False
             if event.task_id is not None:
                 current = await conn.fetchval(
-                    """
-                    INSERT INTO tasks AS t
-                        (task_id, status, event_id, event_type, event_created, event_order,
-                         updated_at)
-                    VALUES ($1, $2, $3, $4, $5, $6, $7)
-                    ON CONFLICT (task_id) DO UPDATE SET
-                        status = excluded.status,
-                        event_id = excluded.event_id,
-                        event_type = excluded.event_type,
-                        event_created = excluded.event_created,
-                        event_order = excluded.event_order,
-                        updated_at = excluded.updated_at
-                    WHERE excluded.event_order >= t.event_order
-                    RETURNING true
-                    """,
+                    Q["upsert_task"],
                     event.task_id,
                     event.task_status,
                     event.id,
                     event.type,
                     event.created,
-                    # Same rule as SQLite: `created`, else the received time.
-                    float(event.created) if event.created is not None else now.timestamp(),
+                    task_order(event.created, now.timestamp()),
                     now,
                 )
                 if not current:
-                    await conn.execute(
-                        "UPDATE events SET superseded = true WHERE id = $1", event.id
-                    )
+                    await conn.execute(Q["mark_superseded"], event.id)
             if names:
                 await conn.execute(
-                    """
-                    INSERT INTO deliveries
-                        (event_id, handler, status, next_attempt_at, created_at, updated_at)
-                    SELECT $1, handler, 'pending', $3, $3, $3 FROM unnest($2::text[]) AS handler
-                    """,
+                    Q["insert_deliveries"],
                     event.id,
                     names,
                     now,
@@ -401,127 +368,72 @@ class PostgresStore:
         """Lease up to ``limit`` due pending deliveries of ``handler``, oldest due first.
 
         Rows locked by another replica's claim are skipped, never waited for.
-        Each claimed row gets ``lease_until = now + lease`` and one more
-        ``attempts`` and ``lease_token``.
+        Each claimed row gets one more ``attempts`` and ``lease_token`` and
+        ``lease_until = now() + lease`` in the *database's* clock, and a lease counts
+        as expired by that same clock: replicas whose clocks disagree never see a
+        live lease as expired (issue 9, item 3). ``now`` (the caller's clock) only
+        decides which deliveries are due and stamps ``updated_at``.
         """
         if limit <= 0:
             return []
         now = _utc(now)
-        async with self._connection() as conn:
+        async with self._connection(write=True) as conn:
             rows = await conn.fetch(
-                """
-                WITH claimed AS (
-                    UPDATE deliveries
-                    SET lease_until = $3,
-                        attempts = attempts + 1,
-                        lease_token = lease_token + 1,
-                        updated_at = $2
-                    WHERE id IN (
-                        SELECT id FROM deliveries
-                        WHERE handler = $1
-                          AND status = 'pending'
-                          AND next_attempt_at <= $2
-                          AND (lease_until IS NULL OR lease_until <= $2)
-                        ORDER BY next_attempt_at, id
-                        LIMIT $4
-                        FOR UPDATE SKIP LOCKED
-                    )
-                    RETURNING id, event_id, handler, status, attempts, lease_token,
-                              next_attempt_at, created_at
-                )
-                SELECT c.*, e.raw
-                FROM claimed c JOIN events e ON e.id = c.event_id
-                ORDER BY c.next_attempt_at, c.id
-                """,
+                Q["claim"],
                 handler,
                 now,
-                now + lease,
+                lease,
                 limit,
             )
-        return [
-            Delivery(
-                id=row["id"],
-                event=Event.from_body(bytes(row["raw"])),
-                handler=row["handler"],
-                status=DeliveryStatus(row["status"]),
-                attempts=row["attempts"],
-                lease_token=row["lease_token"],
-                next_attempt_at=row["next_attempt_at"],
-                created_at=row["created_at"],
-            )
-            for row in rows
-        ]
+        return [claimed_delivery(row, _at) for row in rows]
 
     async def complete(self, delivery: Delivery, attempt: Attempt) -> bool:
         """Mark the claimed delivery done and log the attempt; ``False`` if the claim is stale."""
-        return await self._finish(
-            delivery,
-            attempt,
-            "status = 'done', lease_until = NULL, last_error = $6",
-        )
+        return await self._finish(DeliveryStatus.DONE, delivery, attempt)
 
     async def retry(self, delivery: Delivery, attempt: Attempt, *, at: datetime) -> bool:
         """Make the claimed delivery due again at ``at`` and log the attempt."""
-        return await self._finish(
-            delivery,
-            attempt,
-            "next_attempt_at = $7, lease_until = NULL, last_error = $6",
-            _utc(at),
-        )
+        return await self._finish(DeliveryStatus.PENDING, delivery, attempt, _utc(at))
 
     async def dead(self, delivery: Delivery, attempt: Attempt) -> bool:
         """Give the claimed delivery up (``dead``) and log the attempt."""
-        return await self._finish(
-            delivery, attempt, "status = 'dead', lease_until = NULL, last_error = $6"
-        )
+        return await self._finish(DeliveryStatus.DEAD, delivery, attempt)
 
     async def _finish(
-        self, delivery: Delivery, attempt: Attempt, assignments: str, *extra: Any
+        self,
+        status: DeliveryStatus,
+        delivery: Delivery,
+        attempt: Attempt,
+        next_attempt_at: datetime | None = None,
     ) -> bool:
         # One statement, so the outcome and its attempt row are written together or not at all.
-        # The claim must still be the live one: same token, still pending, not reset since.
-        query = f"""
-            WITH finished AS (
-                UPDATE deliveries
-                SET {assignments}, updated_at = $4
-                WHERE id = $1 AND lease_token = $2
-                  AND status = 'pending' AND lease_until IS NOT NULL
-                RETURNING id, attempts
-            )
-            INSERT INTO attempts (delivery_id, attempt, started_at, finished_at, outcome, error)
-            SELECT id, attempts, $3, $4, $5, $6::text FROM finished
-            RETURNING delivery_id
-            """  # noqa: S608 - `assignments` is one of three literals above, never input
-        async with self._connection() as conn:
+        async with self._connection(write=True) as conn:
             row = await conn.fetchval(
-                query,
+                Q["finish"],
                 delivery.id,
                 delivery.lease_token,
                 _utc(attempt.started_at),
                 _utc(attempt.finished_at),
                 AttemptOutcome(attempt.outcome).value,
                 attempt_error(attempt),
-                *extra,
+                status.value,
+                next_attempt_at,
             )
         return row is not None
 
-    async def release(self, delivery: Delivery) -> bool:
+    async def release(self, delivery: Delivery, *, now: datetime | None = None) -> bool:
         """Give an unfinished claim back: lease cleared, ``attempts`` undone, due at once.
 
         ``next_attempt_at`` is left as it was (it was due when claimed), so the
-        delivery keeps its place in the queue. ``False`` if the claim is stale.
+        delivery keeps its place in the queue; the token moves on, so a late outcome of
+        the released claim is refused. ``False`` if the claim is stale.
         """
-        async with self._connection() as conn:
+        async with self._connection(write=True) as conn:
             row = await conn.fetchval(
-                """
-                UPDATE deliveries
-                SET lease_until = NULL, attempts = greatest(attempts - 1, 0)
-                WHERE id = $1 AND lease_token = $2
-                  AND status = 'pending' AND lease_until IS NOT NULL
-                RETURNING id
-                """,
+                Q["release"],
                 delivery.id,
                 delivery.lease_token,
+                None if now is None else _utc(now),
             )
         if row is None:
             return False
@@ -547,24 +459,10 @@ class PostgresStore:
     # -- admin and metrics ---------------------------------------------------------------------
 
     async def stats(self, *, now: datetime) -> QueueStats:
+        """Due times against ``now``, leases against the database's clock (as ``claim``)."""
         now = _utc(now)
         async with self._connection() as conn:
-            row = await conn.fetchrow(
-                """
-                SELECT
-                    count(*) FILTER (WHERE status = 'pending') AS pending,
-                    count(*) FILTER (WHERE status = 'pending' AND next_attempt_at <= $1
-                                     AND (lease_until IS NULL OR lease_until <= $1)) AS due,
-                    count(*) FILTER (WHERE status = 'pending' AND lease_until > $1) AS running,
-                    count(*) FILTER (WHERE status = 'dead') AS dead,
-                    min(next_attempt_at) FILTER (
-                        WHERE status = 'pending' AND next_attempt_at <= $1
-                          AND (lease_until IS NULL OR lease_until <= $1)) AS oldest_due
-                FROM deliveries
-                WHERE status <> 'done'
-                """,
-                now,
-            )
+            row = await conn.fetchrow(Q["stats"], now)
         assert row is not None  # an aggregate without GROUP BY always yields one row
         oldest: datetime | None = row["oldest_due"]
         age = max((now - oldest).total_seconds(), 0.0) if oldest is not None else 0.0
@@ -586,30 +484,14 @@ class PostgresStore:
         delivery made pending by a concurrent replay is never deleted.
         """
         cutoff = _utc(received_before)
-        async with self._connection() as conn, conn.transaction():
-            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", PRUNE_LOCK_KEY):
+        async with self._connection(write=True) as conn, conn.transaction():
+            if not await conn.fetchval(Q["prune_lock"], PRUNE_LOCK_KEY):
                 return 0
-            locked = await conn.fetch(
-                """
-                SELECT e.id FROM events e
-                WHERE e.received_at < $1
-                  AND NOT EXISTS (SELECT 1 FROM deliveries d
-                                  WHERE d.event_id = e.id AND d.status = 'pending')
-                ORDER BY e.id
-                FOR UPDATE OF e SKIP LOCKED
-                """,
-                cutoff,
-            )
+            locked = await conn.fetch(Q["prune_candidates"], cutoff)
             if not locked:
                 return 0
             deleted = await conn.fetch(
-                """
-                DELETE FROM events e
-                WHERE e.id = ANY($1::text[])
-                  AND NOT EXISTS (SELECT 1 FROM deliveries d
-                                  WHERE d.event_id = e.id AND d.status = 'pending')
-                RETURNING e.id
-                """,
+                Q["prune_delete"],
                 [row["id"] for row in locked],
             )
         return len(deleted)
@@ -620,24 +502,16 @@ class PostgresStore:
         """Newest first (by ``received_at``, then by arrival order)."""
         async with self._connection() as conn:
             rows = await conn.fetch(
-                f"""
-                SELECT {_EVENT_COLUMNS} FROM events
-                WHERE $1::text IS NULL OR type = $1
-                ORDER BY received_at DESC, seq DESC
-                LIMIT $2
-                """,  # noqa: S608 - a constant column list
+                Q["list_events"],
                 event_type,
                 max(limit, 0),
             )
-        return [_event_record(row) for row in rows]
+        return [event_record(row, _at) for row in rows]
 
     async def get_event(self, event_id: str) -> EventRecord | None:
         async with self._connection() as conn:
-            row = await conn.fetchrow(
-                f"SELECT {_EVENT_COLUMNS} FROM events WHERE id = $1",  # noqa: S608 - constant
-                event_id,
-            )
-        return _event_record(row) if row is not None else None
+            row = await conn.fetchrow(Q["get_event"], event_id)
+        return event_record(row, _at) if row is not None else None
 
     async def list_deliveries(
         self,
@@ -650,63 +524,26 @@ class PostgresStore:
         """Newest first (by id, which follows creation)."""
         async with self._connection() as conn:
             rows = await conn.fetch(
-                f"""
-                SELECT {_DELIVERY_COLUMNS}
-                FROM deliveries d JOIN events e ON e.id = d.event_id
-                WHERE ($1::text IS NULL OR d.status = $1)
-                  AND ($2::text IS NULL OR d.handler = $2)
-                  AND ($3::text IS NULL OR d.event_id = $3)
-                ORDER BY d.id DESC
-                LIMIT $4
-                """,  # noqa: S608 - a constant column list
+                Q["list_deliveries"],
                 status.value if status is not None else None,
                 handler,
                 event_id,
                 max(limit, 0),
             )
-        return [_delivery_record(row) for row in rows]
+        return [delivery_record(row, _at) for row in rows]
 
     async def list_attempts(self, delivery_id: int) -> list[AttemptRecord]:
         """Oldest first."""
         async with self._connection() as conn:
-            rows = await conn.fetch(
-                """
-                SELECT delivery_id, attempt, started_at, finished_at, outcome, error
-                FROM attempts WHERE delivery_id = $1 ORDER BY id
-                """,
-                delivery_id,
-            )
-        return [
-            AttemptRecord(
-                delivery_id=row["delivery_id"],
-                attempt=row["attempt"],
-                started_at=row["started_at"],
-                finished_at=row["finished_at"],
-                outcome=AttemptOutcome(row["outcome"]),
-                error=row["error"],
-            )
-            for row in rows
-        ]
+            rows = await conn.fetch(Q["list_attempts"], delivery_id)
+        return [attempt_record(row, _at) for row in rows]
 
     async def get_task(self, task_id: str) -> TaskRecord | None:
         async with self._connection() as conn:
-            row = await conn.fetchrow(
-                """
-                SELECT task_id, status, event_id, event_type, event_created, updated_at
-                FROM tasks WHERE task_id = $1
-                """,
-                task_id,
-            )
+            row = await conn.fetchrow(Q["get_task"], task_id)
         if row is None:
             return None
-        return TaskRecord(
-            task_id=row["task_id"],
-            status=row["status"],
-            event_id=row["event_id"],
-            event_type=row["event_type"],
-            event_created=row["event_created"],
-            updated_at=row["updated_at"],
-        )
+        return task_record(row, _at)
 
     async def replay(self, event_id: str, handlers: Sequence[str] | None, *, now: datetime) -> int:
         """Make the event's deliveries pending and due at ``now`` with a fresh attempt budget.
@@ -717,44 +554,19 @@ class PostgresStore:
         return how many were reset or created, and NOTIFY when any were.
         """
         now = _utc(now)
-        async with self._connection() as conn, conn.transaction():
+        async with self._connection(write=True) as conn, conn.transaction():
             # The row lock keeps a concurrent prune from deleting the event under the replay.
-            found = await conn.fetchval("SELECT true FROM events WHERE id = $1 FOR SHARE", event_id)
+            found = await conn.fetchval(Q["lock_event"], event_id)
             if not found:
                 raise EventNotFound(f"No event {event_id!r} in the store.")
             if handlers is None:
-                rows = await conn.fetch(
-                    """
-                    UPDATE deliveries
-                    SET status = 'pending', attempts = 0, next_attempt_at = $2,
-                        lease_token = lease_token + 1, lease_until = NULL,
-                        last_error = NULL, updated_at = $2
-                    WHERE event_id = $1
-                    RETURNING id
-                    """,
-                    event_id,
-                    now,
-                )
+                rows = await conn.fetch(Q["replay_all"], event_id, now)
             else:
-                rows = await conn.fetch(
-                    """
-                    INSERT INTO deliveries AS d
-                        (event_id, handler, status, next_attempt_at, created_at, updated_at)
-                    SELECT $1, handler, 'pending', $3, $3, $3 FROM unnest($2::text[]) AS handler
-                    ON CONFLICT (event_id, handler) DO UPDATE SET
-                        status = 'pending', attempts = 0, next_attempt_at = $3,
-                        lease_token = d.lease_token + 1, lease_until = NULL,
-                        last_error = NULL, updated_at = $3
-                    RETURNING d.id
-                    """,
-                    event_id,
-                    _unique(handlers),
-                    now,
-                )
+                rows = await conn.fetch(Q["replay_handlers"], event_id, _unique(handlers), now)
             if rows:
                 await self._notify(conn)
         if rows:
-            self._nudge()
+            self._nudge()  # after the commit: the claim it wakes must see the rows
         return len(rows)
 
     async def retry_dead(self, *, handler: str | None, now: datetime) -> int:
@@ -763,43 +575,27 @@ class PostgresStore:
         Return how many; NOTIFY when any.
         """
         now = _utc(now)
-        async with self._connection() as conn, conn.transaction():
+        async with self._connection(write=True) as conn, conn.transaction():
             # Lock the events first (in a fixed order), as replay does, so a concurrent prune
             # either sees these deliveries pending or has already deleted them.
-            await conn.execute(
-                """
-                SELECT 1 FROM events e
-                WHERE EXISTS (SELECT 1 FROM deliveries d
-                              WHERE d.event_id = e.id AND d.status = 'dead'
-                                AND ($1::text IS NULL OR d.handler = $1))
-                ORDER BY e.id
-                FOR SHARE OF e
-                """,
-                handler,
-            )
-            rows = await conn.fetch(
-                """
-                UPDATE deliveries
-                SET status = 'pending', attempts = 0, next_attempt_at = $2,
-                    lease_token = lease_token + 1, lease_until = NULL,
-                    last_error = NULL, updated_at = $2
-                WHERE status = 'dead' AND ($1::text IS NULL OR handler = $1)
-                RETURNING id
-                """,
-                handler,
-                now,
-            )
+            await conn.execute(Q["lock_dead_events"], handler)
+            rows = await conn.fetch(Q["retry_dead"], handler, now)
             if rows:
                 await self._notify(conn)
         if rows:
-            self._nudge()
+            self._nudge()  # after the commit: the claim it wakes must see the rows
         return len(rows)
 
     # -- internals -----------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _connection(self) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy]:
-        """A pooled connection; any database failure in the block becomes ``StoreUnavailable``."""
+    async def _connection(
+        self, *, write: bool = False
+    ) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy]:
+        """A pooled connection; any database failure in the block becomes ``StoreUnavailable``.
+
+        With ``write`` the block is a write: its success or failure is what ``ping`` reports.
+        """
         pool = self._pool
         if pool is None:
             raise StoreUnavailable("The event store (PostgreSQL) is not open.")
@@ -807,11 +603,15 @@ class PostgresStore:
             async with pool.acquire(timeout=self._acquire_timeout) as conn:
                 yield conn
         except _DB_ERRORS as exc:
+            if write:
+                self._health.failed(exc)
             if isinstance(exc, _CONNECTION_LOST):
                 # Replace every pooled connection on its next acquire, so that after a server
                 # restart one caller gets StoreUnavailable, not one per stale connection.
                 await pool.expire_connections()
             raise _unavailable(exc) from exc
+        if write:
+            self._health.committed()
 
     @contextlib.asynccontextmanager
     async def _migration_connection(self) -> AsyncIterator[asyncpg.Connection]:
@@ -836,7 +636,7 @@ class PostgresStore:
 
     async def _notify(self, conn: asyncpg.pool.PoolConnectionProxy) -> None:
         # Inside the caller's transaction: PostgreSQL delivers it only if the transaction commits.
-        await conn.execute("SELECT pg_notify($1, '')", self._channel)
+        await conn.execute(Q["notify"], self._channel)
 
     def _nudge(self, *_: object) -> None:
         self._wakeup.set()

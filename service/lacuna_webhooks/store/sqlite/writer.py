@@ -11,7 +11,9 @@ store funnels every operation through one thread:
 - any other operation is a callable run in a transaction of its own.
 
 A failed batch fails every waiter in it with ``StoreUnavailable``: no caller
-is ever told an event is stored when its transaction did not commit. Once the
+is ever told an event is stored when its transaction did not commit. A batch
+that fails on one row's values is split, so only that row fails
+(``write_batch``). Once the
 store is closed, or the thread has died, every call raises
 ``StoreUnavailable`` at once instead of waiting forever.
 
@@ -31,7 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from ..errors import StoreUnavailable
+from ...errors import StoreUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -250,7 +252,12 @@ class Writer(Generic[RowT]):
             return [(item.future, None, _copy(error)) for item in accepts]
         self.batches += 1
         self.batched += len(accepts)
-        return [(item.future, new, None) for item, new in zip(accepts, stored, strict=True)]
+        return [
+            (item.future, None, RowRefused(new))
+            if isinstance(new, str)
+            else (item.future, new, None)
+            for item, new in zip(accepts, stored, strict=True)
+        ]
 
     def _run_job(self, conn: sqlite3.Connection, job: _Job) -> _Outcome:
         try:
@@ -271,21 +278,54 @@ def _copy(error: StoreUnavailable) -> StoreUnavailable:
 # How one batch and one job end, for either writer (the thread here, or the child process).
 
 
+#: Errors that belong to one row's values (a value the column or the driver refuses), not to
+#: the database: a batch failing with one of these is retried row by row.
+ROW_ERRORS: tuple[type[Exception], ...] = (
+    sqlite3.IntegrityError,
+    sqlite3.DataError,
+    sqlite3.InterfaceError,
+    sqlite3.ProgrammingError,
+    OverflowError,
+    ValueError,
+    TypeError,
+)
+
+
+class RowRefused(StoreUnavailable):
+    """One accept failed on its own values while the rest of its batch committed (a 503: the
+    store could not keep it). ``Event.from_body`` refuses every value known to do this."""
+
+
 def write_batch(
     conn: sqlite3.Connection,
     accept_batch: Callable[[sqlite3.Connection, list[RowT]], list[bool]],
     rows: list[RowT],
-) -> list[bool]:
-    """``accept_batch(conn, rows)``; if it fails, roll back and raise ``StoreUnavailable``.
+) -> list[bool | str]:
+    """``accept_batch(conn, rows)``: per row ``True`` (stored), ``False`` (duplicate) or the
+    message of why that row alone failed.
 
-    The batch fails as a whole, whatever the cause: the writer must survive, and nobody may
-    hear "stored" for an uncommitted event.
+    When the batch fails on one row's values (``ROW_ERRORS``), it is rolled back and each row
+    is written in a transaction of its own, so that one unstorable event never fails the
+    events group-committed with it. Any other failure (locked, full, read-only or broken
+    file) fails the whole batch: roll back and raise ``StoreUnavailable``; nobody may hear
+    "stored" for an uncommitted event, and the writer must survive.
     """
     try:
-        return accept_batch(conn, rows)
+        return list(accept_batch(conn, rows))
+    except ROW_ERRORS as exc:
+        rollback(conn)
+        if len(rows) == 1:
+            logger.error("store.sqlite.row_refused: %s", exc)
+            return [f"The event store cannot keep this event ({type(exc).__name__}: {exc})."]
+        first_error: BaseException = exc
     except Exception as exc:
         rollback(conn)
         raise unavailable(exc, "SQLite") from exc
+    logger.warning("store.sqlite.batch_split: %d accepts: %s", len(rows), first_error)
+    outcomes: list[bool | str] = []
+    for row in rows:
+        outcomes += write_batch(conn, accept_batch, [row])
+    return outcomes
 
 
 def run_job(

@@ -1,6 +1,6 @@
 """The SQLite writer in a process of its own: what ``serve`` runs.
 
-Same contract as the thread of ``sqlite_writer.Writer`` (group-committed
+Same contract as the thread of ``writer.Writer`` (group-committed
 accepts, any other operation in a transaction of its own, ``StoreUnavailable``
 for every waiter of a failed batch), with the connection in a child process.
 The request path and the writer then never wait for each other's GIL, which on
@@ -46,8 +46,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from ..errors import StoreUnavailable
-from .sqlite_writer import MAX_BATCH, run_job, write_batch
+from ...errors import StoreUnavailable
+from .writer import MAX_BATCH, RowRefused, run_job, write_batch
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ _LEN = struct.Struct("!I")
 #: A batch also stops growing at this many bytes of rows (large bodies are copied into the
 #: frame and again in the child): a burst of big events makes several commits, not one huge one.
 MAX_BATCH_BYTES = 16 * 1024 * 1024
-_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[3])
 RESTART_DELAYS_SECONDS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 #: A child that has left a request unanswered this long is stuck (a stopped process, a hung
 #: disk): it is killed, its waiters get StoreUnavailable and a new child starts. No store
@@ -194,7 +194,7 @@ class ProcessWriter(Generic[RowT]):
         code = (
             "import sys\n"
             f"if {_PACKAGE_ROOT!r} not in sys.path: sys.path.insert(0, {_PACKAGE_ROOT!r})\n"
-            "from lacuna_webhooks.store.sqlite_process import child_main\n"
+            "from lacuna_webhooks.store.sqlite.process import child_main\n"
             f"sys.exit(child_main({child.fileno()}))\n"
         )
         try:
@@ -291,7 +291,11 @@ class ProcessWriter(Generic[RowT]):
             self.batches += 1
             self.batched += len(items)
             for (_, future), new in zip(items, value, strict=True):
-                if not future.done():
+                if future.done():
+                    continue
+                if isinstance(new, str):  # this row alone failed (write_batch)
+                    future.set_exception(RowRefused(new))
+                else:
                     future.set_result(new)
         else:
             logger.error("store.sqlite.batch_failed: %d accepts: %s", len(items), value)

@@ -1,0 +1,103 @@
+"""Rows to records, by column name, for every SQL dialect.
+
+A row is anything indexable by column name (``sqlite3.Row``, ``asyncpg.Record``); ``at``
+turns a stored time into an aware UTC ``datetime`` (SQLite stores epoch seconds,
+PostgreSQL ``timestamptz``). The column names are those of the ``SHARED`` queries
+(``queries.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, Protocol
+
+from ..models import AttemptOutcome, Delivery, DeliveryStatus, Event
+from .base import AttemptRecord, DeliveryRecord, EventRecord, TaskRecord
+
+
+class Row(Protocol):
+    def __getitem__(self, column: str, /) -> Any: ...
+
+
+ToDatetime = Callable[[Any], datetime]
+
+
+def event_record(row: Row, at: ToDatetime) -> EventRecord:
+    """Columns: id, type, created, received_at, task_id, superseded, raw."""
+    return EventRecord(
+        id=row["id"],
+        type=row["type"],
+        created=row["created"],
+        received_at=at(row["received_at"]),
+        task_id=row["task_id"],
+        superseded=bool(row["superseded"]),
+        raw=bytes(row["raw"]),
+    )
+
+
+def delivery_record(row: Row, at: ToDatetime) -> DeliveryRecord:
+    """Columns: id, event_id, event_type, handler, status, attempts, next_attempt_at,
+    lease_until, last_error, created_at, updated_at."""
+    lease_until = row["lease_until"]
+    return DeliveryRecord(
+        id=row["id"],
+        event_id=row["event_id"],
+        event_type=row["event_type"],
+        handler=row["handler"],
+        status=DeliveryStatus(row["status"]),
+        attempts=row["attempts"],
+        next_attempt_at=at(row["next_attempt_at"]),
+        lease_until=None if lease_until is None else at(lease_until),
+        last_error=row["last_error"],
+        created_at=at(row["created_at"]),
+        updated_at=at(row["updated_at"]),
+    )
+
+
+def attempt_record(row: Row, at: ToDatetime) -> AttemptRecord:
+    """Columns: delivery_id, attempt, started_at, finished_at, outcome, error."""
+    return AttemptRecord(
+        delivery_id=row["delivery_id"],
+        attempt=row["attempt"],
+        started_at=at(row["started_at"]),
+        finished_at=at(row["finished_at"]),
+        outcome=AttemptOutcome(row["outcome"]),
+        error=row["error"],
+    )
+
+
+def task_record(row: Row, at: ToDatetime) -> TaskRecord:
+    """Columns: task_id, status, event_id, event_type, event_created, updated_at."""
+    return TaskRecord(
+        task_id=row["task_id"],
+        status=row["status"],
+        event_id=row["event_id"],
+        event_type=row["event_type"],
+        event_created=row["event_created"],
+        updated_at=at(row["updated_at"]),
+    )
+
+
+def claimed_delivery(row: Row, at: ToDatetime) -> Delivery:
+    """Columns of ``claim``: id, event_id, handler, attempts, lease_token, next_attempt_at,
+    created_at, raw (the event's body, parsed again here)."""
+    return Delivery(
+        id=row["id"],
+        event=Event.from_body(bytes(row["raw"])),
+        handler=row["handler"],
+        status=DeliveryStatus.PENDING,
+        attempts=row["attempts"],
+        lease_token=row["lease_token"],
+        next_attempt_at=at(row["next_attempt_at"]),
+        created_at=at(row["created_at"]),
+    )
+
+
+__all__ = [
+    "attempt_record",
+    "claimed_delivery",
+    "delivery_record",
+    "event_record",
+    "task_record",
+]

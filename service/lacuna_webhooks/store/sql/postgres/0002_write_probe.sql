@@ -1,0 +1,6 @@
+-- One row that readiness rewrites to prove a commit still goes through after one failed
+-- (store/rules.py CommitHealth). Nothing else reads it.
+CREATE TABLE write_probe (
+    id         integer     PRIMARY KEY CHECK (id = 1),
+    written_at timestamptz NOT NULL
+);

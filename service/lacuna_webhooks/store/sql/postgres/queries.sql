@@ -1,0 +1,186 @@
+-- The named queries of the PostgreSQL store (store/queries.py). Parameters are positional
+-- ($1...), as asyncpg takes them. The SHARED queries return the same columns as SQLite's.
+-- Leases are timed by the database's clock (now()); see store/base.py.
+
+-- name: accept_event
+INSERT INTO events (id, type, created, received_at, task_id, raw)
+VALUES ($1, $2, $3, $4, $5, $6)
+ON CONFLICT (id) DO NOTHING
+RETURNING true
+
+-- name: upsert_task
+INSERT INTO tasks AS t
+    (task_id, status, event_id, event_type, event_created, event_order,
+     updated_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
+ON CONFLICT (task_id) DO UPDATE SET
+    status = excluded.status,
+    event_id = excluded.event_id,
+    event_type = excluded.event_type,
+    event_created = excluded.event_created,
+    event_order = excluded.event_order,
+    updated_at = excluded.updated_at
+WHERE excluded.event_order >= t.event_order
+RETURNING true
+
+-- name: mark_superseded
+UPDATE events SET superseded = true WHERE id = $1
+
+-- name: insert_deliveries
+INSERT INTO deliveries
+    (event_id, handler, status, next_attempt_at, created_at, updated_at)
+SELECT $1, handler, 'pending', $3, $3, $3 FROM unnest($2::text[]) AS handler
+
+-- name: notify
+-- Inside the caller's transaction: delivered only if it commits.
+SELECT pg_notify($1, '')
+
+-- name: claim
+WITH claimed AS (
+    UPDATE deliveries
+    SET lease_until = now() + $3::interval,
+        attempts = attempts + 1,
+        lease_token = lease_token + 1,
+        updated_at = $2
+    WHERE id IN (
+        SELECT id FROM deliveries
+        WHERE handler = $1
+          AND status = 'pending'
+          AND next_attempt_at <= $2
+          AND (lease_until IS NULL OR lease_until <= now())
+        ORDER BY next_attempt_at, id
+        LIMIT $4
+        FOR UPDATE SKIP LOCKED
+    )
+    RETURNING id, event_id, handler, status, attempts, lease_token,
+              next_attempt_at, created_at
+)
+SELECT c.*, e.raw
+FROM claimed c JOIN events e ON e.id = c.event_id
+ORDER BY c.next_attempt_at, c.id
+
+-- name: finish
+-- An outcome and its attempt in one statement, only for the live claim: same token, still
+-- pending, still leased. $1 id, $2 lease_token, $3 started_at, $4 finished_at, $5 outcome,
+-- $6 error, $7 the new status, $8 the next attempt's time (a retry) or NULL (unchanged).
+WITH finished AS (
+    UPDATE deliveries
+    SET status = $7, next_attempt_at = coalesce($8, next_attempt_at), lease_until = NULL,
+        last_error = $6, updated_at = $4
+    WHERE id = $1 AND lease_token = $2 AND status = 'pending' AND lease_until IS NOT NULL
+    RETURNING id, attempts
+)
+INSERT INTO attempts (delivery_id, attempt, started_at, finished_at, outcome, error)
+SELECT id, attempts, $3, $4, $5, $6::text FROM finished
+RETURNING delivery_id
+
+-- name: release
+UPDATE deliveries
+SET lease_until = NULL, attempts = greatest(attempts - 1, 0),
+    lease_token = lease_token + 1, updated_at = coalesce($3, updated_at)
+WHERE id = $1 AND lease_token = $2
+  AND status = 'pending' AND lease_until IS NOT NULL
+RETURNING id
+
+-- name: stats
+SELECT
+    count(*) FILTER (WHERE status = 'pending') AS pending,
+    count(*) FILTER (WHERE status = 'pending' AND next_attempt_at <= $1
+                     AND (lease_until IS NULL OR lease_until <= now())) AS due,
+    count(*) FILTER (WHERE status = 'pending' AND lease_until > now()) AS running,
+    count(*) FILTER (WHERE status = 'dead') AS dead,
+    min(next_attempt_at) FILTER (
+        WHERE status = 'pending' AND next_attempt_at <= $1
+          AND (lease_until IS NULL OR lease_until <= now())) AS oldest_due
+FROM deliveries
+WHERE status <> 'done'
+
+-- name: prune_lock
+-- One replica prunes at a time.
+SELECT pg_try_advisory_xact_lock($1)
+
+-- name: prune_candidates
+SELECT e.id FROM events e
+WHERE e.received_at < $1
+  AND NOT EXISTS (SELECT 1 FROM deliveries d
+                  WHERE d.event_id = e.id AND d.status = 'pending')
+ORDER BY e.id
+FOR UPDATE OF e SKIP LOCKED
+
+-- name: prune_delete
+DELETE FROM events e
+WHERE e.id = ANY($1::text[])
+  AND NOT EXISTS (SELECT 1 FROM deliveries d
+                  WHERE d.event_id = e.id AND d.status = 'pending')
+RETURNING e.id
+
+-- name: list_events
+SELECT id, type, created, received_at, task_id, superseded, raw FROM events
+WHERE $1::text IS NULL OR type = $1
+ORDER BY received_at DESC, seq DESC
+LIMIT $2
+
+-- name: get_event
+SELECT id, type, created, received_at, task_id, superseded, raw
+FROM events WHERE id = $1
+
+-- name: list_deliveries
+SELECT d.id, d.event_id, e.type AS event_type, d.handler, d.status, d.attempts,
+    d.next_attempt_at, d.lease_until, d.last_error, d.created_at, d.updated_at
+FROM deliveries d JOIN events e ON e.id = d.event_id
+WHERE ($1::text IS NULL OR d.status = $1)
+  AND ($2::text IS NULL OR d.handler = $2)
+  AND ($3::text IS NULL OR d.event_id = $3)
+ORDER BY d.id DESC
+LIMIT $4
+
+-- name: list_attempts
+SELECT delivery_id, attempt, started_at, finished_at, outcome, error
+FROM attempts WHERE delivery_id = $1 ORDER BY id
+
+-- name: get_task
+SELECT task_id, status, event_id, event_type, event_created, updated_at
+FROM tasks WHERE task_id = $1
+
+-- name: lock_event
+-- The row lock keeps a concurrent prune from deleting the event under a replay.
+SELECT true FROM events WHERE id = $1 FOR SHARE
+
+-- name: replay_all
+UPDATE deliveries
+SET status = 'pending', attempts = 0, next_attempt_at = $2,
+    lease_token = lease_token + 1, lease_until = NULL,
+    last_error = NULL, updated_at = $2
+WHERE event_id = $1
+RETURNING id
+
+-- name: replay_handlers
+INSERT INTO deliveries AS d
+    (event_id, handler, status, next_attempt_at, created_at, updated_at)
+SELECT $1, handler, 'pending', $3, $3, $3 FROM unnest($2::text[]) AS handler
+ON CONFLICT (event_id, handler) DO UPDATE SET
+    status = 'pending', attempts = 0, next_attempt_at = $3,
+    lease_token = d.lease_token + 1, lease_until = NULL,
+    last_error = NULL, updated_at = $3
+RETURNING d.id
+
+-- name: lock_dead_events
+SELECT 1 FROM events e
+WHERE EXISTS (SELECT 1 FROM deliveries d
+              WHERE d.event_id = e.id AND d.status = 'dead'
+                AND ($1::text IS NULL OR d.handler = $1))
+ORDER BY e.id
+FOR SHARE OF e
+
+-- name: retry_dead
+UPDATE deliveries
+SET status = 'pending', attempts = 0, next_attempt_at = $2,
+    lease_token = lease_token + 1, lease_until = NULL,
+    last_error = NULL, updated_at = $2
+WHERE status = 'dead' AND ($1::text IS NULL OR handler = $1)
+RETURNING id
+
+-- name: write_probe
+-- Readiness after a failed write: one row rewritten, proving a commit goes through.
+INSERT INTO write_probe (id, written_at) VALUES (1, now())
+ON CONFLICT (id) DO UPDATE SET written_at = excluded.written_at

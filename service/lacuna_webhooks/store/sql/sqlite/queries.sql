@@ -1,0 +1,160 @@
+-- The named queries of the SQLite store (store/queries.py). Times are epoch seconds (REAL).
+-- Parameters are named (:name). The SHARED queries return the same columns as PostgreSQL's.
+
+-- name: claim
+-- Lease up to :limit due deliveries of :handler, oldest due first, with their event's body.
+UPDATE deliveries SET lease_until = :until, attempts = attempts + 1,
+    lease_token = lease_token + 1, updated_at = :now
+WHERE id IN (
+    SELECT id FROM deliveries
+    WHERE status = 'pending' AND handler = :handler AND next_attempt_at <= :now
+      AND (lease_until IS NULL OR lease_until <= :now)
+    ORDER BY next_attempt_at, id LIMIT :limit)
+RETURNING id, event_id, handler, attempts, lease_token, next_attempt_at, created_at,
+    (SELECT raw FROM events WHERE events.id = deliveries.event_id) AS raw
+
+-- name: finish
+-- An outcome, only for the live claim: same token, still pending, still leased.
+UPDATE deliveries SET status = :status, lease_until = NULL, next_attempt_at = :next_attempt_at,
+    last_error = :error, updated_at = :now
+WHERE id = :id AND lease_token = :lease_token AND status = 'pending' AND lease_until IS NOT NULL
+
+-- name: insert_attempt
+INSERT INTO attempts (delivery_id, attempt, started_at, finished_at, outcome, error, duration_ms)
+VALUES (:delivery_id, :attempt, :started_at, :finished_at, :outcome, :error, :duration_ms)
+
+-- name: release
+-- Give a live claim back: due at once (next_attempt_at unchanged), attempt undone, token on.
+UPDATE deliveries SET lease_until = NULL, attempts = max(attempts - 1, 0),
+    lease_token = lease_token + 1, updated_at = coalesce(:now, updated_at)
+WHERE id = :id AND lease_token = :lease_token AND status = 'pending' AND lease_until IS NOT NULL
+
+-- name: event_exists
+SELECT 1 FROM events WHERE id = :event_id
+
+-- name: replay_all
+-- Reset: pending, due now, a fresh budget, no error, and a new token that revokes a live claim.
+UPDATE deliveries SET status = 'pending', attempts = 0, lease_token = lease_token + 1,
+    lease_until = NULL, last_error = NULL, next_attempt_at = :now, updated_at = :now
+WHERE event_id = :event_id
+
+-- name: replay_handler
+INSERT INTO deliveries (event_id, handler, status, next_attempt_at, created_at, updated_at)
+VALUES (:event_id, :handler, 'pending', :now, :now, :now)
+ON CONFLICT (event_id, handler) DO UPDATE SET status = 'pending', attempts = 0,
+    lease_token = lease_token + 1, lease_until = NULL, last_error = NULL,
+    next_attempt_at = :now, updated_at = :now
+
+-- name: retry_dead
+UPDATE deliveries SET status = 'pending', attempts = 0, lease_token = lease_token + 1,
+    lease_until = NULL, last_error = NULL, next_attempt_at = :now, updated_at = :now
+WHERE status = 'dead' AND (:handler IS NULL OR handler = :handler)
+
+-- name: prunable
+SELECT id FROM events AS e
+WHERE received_at < :cutoff
+  AND NOT EXISTS (SELECT 1 FROM deliveries AS d WHERE d.event_id = e.id AND d.status = 'pending')
+LIMIT :limit
+
+-- name: prune_attempts
+DELETE FROM attempts WHERE delivery_id IN
+    (SELECT id FROM deliveries WHERE event_id IN (SELECT value FROM json_each(:ids)))
+
+-- name: prune_deliveries
+DELETE FROM deliveries WHERE event_id IN (SELECT value FROM json_each(:ids))
+
+-- name: prune_events
+DELETE FROM events WHERE id IN (SELECT value FROM json_each(:ids))
+
+-- name: stats
+-- The pending counts use the partial claim index, the dead count the partial dead index.
+SELECT count(*) AS pending,
+    count(*) FILTER (WHERE next_attempt_at <= :now AND coalesce(lease_until, 0) <= :now) AS due,
+    count(*) FILTER (WHERE lease_until > :now) AS running,
+    (SELECT count(*) FROM deliveries WHERE status = 'dead') AS dead,
+    min(next_attempt_at) FILTER
+        (WHERE next_attempt_at <= :now AND coalesce(lease_until, 0) <= :now) AS oldest_due
+FROM deliveries WHERE status = 'pending'
+
+-- name: list_events
+SELECT id, type, created, received_at, task_id, superseded, raw FROM events
+WHERE :type IS NULL OR type = :type
+ORDER BY received_at DESC, rowid DESC LIMIT :limit
+
+-- name: get_event
+SELECT id, type, created, received_at, task_id, superseded, raw FROM events WHERE id = :id
+
+-- name: list_deliveries
+SELECT d.id, d.event_id, e.type AS event_type, d.handler, d.status, d.attempts,
+    d.next_attempt_at, d.lease_until, d.last_error, d.created_at, d.updated_at
+FROM deliveries AS d JOIN events AS e ON e.id = d.event_id
+WHERE (:status IS NULL OR d.status = :status)
+  AND (:handler IS NULL OR d.handler = :handler)
+  AND (:event_id IS NULL OR d.event_id = :event_id)
+ORDER BY d.id DESC LIMIT :limit
+
+-- name: list_attempts
+SELECT delivery_id, attempt, started_at, finished_at, outcome, error
+FROM attempts WHERE delivery_id = :delivery_id ORDER BY id
+
+-- name: get_task
+SELECT task_id, status, event_id, event_type, event_created, updated_at
+FROM tasks WHERE task_id = :task_id
+
+-- name: write_probe
+-- Readiness after a failed write: one row rewritten, proving a commit goes through.
+INSERT OR REPLACE INTO write_probe (id, written_at) VALUES (1, :now)
+
+-- name: ping
+SELECT max(version) FROM schema_version
+
+-- name: accept_outcome_table
+-- The group commit (accept): a batch is one multi-row INSERT into the TEMP view below, whose
+-- INSTEAD OF trigger does, for each row in order, what accept means, and records whether the
+-- event was new. Created per connection, on the writer's only; nothing of it is in the file.
+CREATE TEMP TABLE IF NOT EXISTS accept_outcome (slot INTEGER PRIMARY KEY, stored INTEGER NOT NULL)
+
+-- name: accept_batch_view
+CREATE TEMP VIEW IF NOT EXISTS accept_batch AS SELECT NULL AS slot, NULL AS id, NULL AS type,
+    NULL AS created, NULL AS received_at, NULL AS task_id, NULL AS task_status, NULL AS raw,
+    NULL AS handlers, NULL AS event_order
+
+-- name: accept_batch_trigger
+CREATE TEMP TRIGGER IF NOT EXISTS accept_batch_row INSTEAD OF INSERT ON accept_batch
+BEGIN
+    -- the unique key decides new versus duplicate, also between two copies in one batch
+    INSERT INTO events (id, type, created, received_at, task_id, raw)
+        VALUES (NEW.id, NEW.type, NEW.created, NEW.received_at, NEW.task_id, NEW.raw)
+        ON CONFLICT (id) DO NOTHING;
+    -- changes() is the count of the trigger's latest statement: 1 stored, 0 duplicate
+    INSERT OR REPLACE INTO accept_outcome (slot, stored) VALUES (NEW.slot, changes());
+    INSERT INTO deliveries (event_id, handler, status, next_attempt_at, created_at, updated_at)
+        SELECT NEW.id, value, 'pending', NEW.received_at, NEW.received_at, NEW.received_at
+        FROM json_each(NEW.handlers)
+        WHERE (SELECT stored FROM accept_outcome WHERE slot = NEW.slot)
+        ON CONFLICT (event_id, handler) DO NOTHING;
+    -- the task state only moves forward (rules.task_order); ties go to the later arrival
+    INSERT INTO tasks (task_id, status, event_id, event_type, event_created, event_order,
+                       updated_at)
+        SELECT NEW.task_id, NEW.task_status, NEW.id, NEW.type, NEW.created,
+               NEW.event_order, NEW.received_at
+        WHERE NEW.task_id IS NOT NULL
+          AND (SELECT stored FROM accept_outcome WHERE slot = NEW.slot)
+        ON CONFLICT (task_id) DO UPDATE SET status = excluded.status,
+            event_id = excluded.event_id, event_type = excluded.event_type,
+            event_created = excluded.event_created, event_order = excluded.event_order,
+            updated_at = excluded.updated_at
+        WHERE tasks.event_order <= excluded.event_order;
+    -- the upsert changed nothing: a newer state of the task was already stored
+    UPDATE events SET superseded = 1
+        WHERE changes() = 0 AND id = NEW.id AND NEW.task_id IS NOT NULL
+          AND (SELECT stored FROM accept_outcome WHERE slot = NEW.slot);
+END
+
+-- name: accept_batch_insert
+INSERT INTO accept_batch
+    (slot, id, type, created, received_at, task_id, task_status, raw, handlers, event_order)
+VALUES
+
+-- name: accept_batch_outcomes
+SELECT json_group_object(slot, stored) FROM accept_outcome WHERE slot < ?

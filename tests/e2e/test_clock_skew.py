@@ -1,0 +1,85 @@
+"""Two `serve` replicas on one PostgreSQL database, one with its clock 120 s ahead
+(libfaketime): no event is handled by both at the same time (issue 9, item 3).
+
+Leases are timed by the database's clock, so the replica from the future does not see
+the other one's live lease (handler timeout 10 s + 30 s margin = 40 s) as expired.
+"""
+
+from __future__ import annotations
+
+import glob
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import IN_CI, make_event, signed
+from tests.e2e.conftest import Serve, wait_until
+from tests.e2e.overlap_plugin import lines
+
+pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
+PLUGIN = "tests.e2e.overlap_plugin:OverlapRecorder"
+SKEW = "+120s"
+
+
+def libfaketime() -> str:
+    """The path of libfaketime (Debian package ``faketime``); fail under CI when missing."""
+    found = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))
+    if not found:
+        message = "libfaketime is not installed (apt-get install faketime)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return found[0]
+
+
+def skewed_env(lib: str) -> dict[str, str]:
+    # Monotonic clocks left alone: only the wall clock is 120 s ahead, as on a skewed host.
+    return {"LD_PRELOAD": lib, "FAKETIME": SKEW, "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+
+
+def test_libfaketime_moves_pythons_clock() -> None:
+    """The skew is real: under these variables Python's ``time.time()`` runs ~120 s ahead."""
+    lib = libfaketime()
+    probe = [sys.executable, "-c", "import time; print(time.time())"]
+    plain = float(subprocess.run(probe, capture_output=True, check=True, text=True).stdout)
+    ahead = float(
+        subprocess.run(
+            probe, capture_output=True, check=True, text=True, env=skewed_env(lib)
+        ).stdout
+    )
+    assert 110 < ahead - plain < 130
+
+
+def test_a_replica_whose_clock_is_ahead_does_not_run_a_leased_event_again(
+    serve_factory: type[Serve], tmp_path: Path, postgres_dsn: str
+) -> None:
+    """Replica A (true clock) accepts 3 events and starts running them (8 s each, lease
+    40 s); replica B, 120 s ahead, polls meanwhile. B must not take over A's live leases:
+    every event runs exactly once, by A, and never two runs of one event overlap."""
+    lib = libfaketime()
+    env = {
+        "LACUNA_DATABASE_URL": postgres_dsn,
+        "LACUNA_HANDLERS": PLUGIN,
+        "LACUNA_OVERLAP_DIR": str(tmp_path),
+        "LACUNA_OVERLAP_DELAY": "8",
+        "LACUNA_OVERLAP_TIMEOUT": "10",
+        "LACUNA_POLL_INTERVAL": "0.2",
+    }
+    a = serve_factory(env).start()
+    ids = [f"evt_skew_{i}" for i in range(3)]
+    for event_id in ids:
+        body, headers = signed(make_event(event_id))
+        assert httpx.post(a.webhook_url, content=body, headers=headers).status_code == 200
+    running = [tmp_path / f"{event_id}.running" for event_id in ids]
+    wait_until(lambda: all(p.exists() for p in running), timeout=20, what="A running all 3")
+    b = serve_factory({**env, **skewed_env(lib)}).start()
+    wait_until(lambda: len(lines(tmp_path / "done.txt")) >= 3, timeout=60, what="3 runs done")
+    assert b.proc is not None
+    assert b.proc.poll() is None
+    done = lines(tmp_path / "done.txt")
+    assert lines(tmp_path / "overlaps.txt") == []
+    assert sorted(event_id for event_id, _ in done) == ids
+    assert {pid for _, pid in done} == {str(a.proc.pid if a.proc else "")}
