@@ -8,6 +8,7 @@ except handlers, which get their own ``LACUNA_<NAME>_*`` view through
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -108,6 +109,24 @@ def _choice(*choices: str) -> Callable[[str], str]:
     return parse
 
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _networks(value: str) -> tuple[IPNetwork, ...]:
+    """Comma-separated CIDRs (a bare address is a /32 or /128)."""
+    networks = []
+    for item in parse_list(value):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(
+                f"must be addresses or CIDRs like 203.0.113.0/24, got {item!r}"
+            ) from None
+    if not networks:
+        raise ValueError("names no address (unset it to allow every address)")
+    return tuple(networks)
+
+
 def _handler_names(value: str) -> tuple[str, ...]:
     names = parse_list(value)
     seen: set[str] = set()
@@ -140,6 +159,15 @@ class Settings:
     shutdown_timeout_seconds: float = 20.0
     sqlite_synchronous: str = "full"
     trusted_proxies: str = "127.0.0.1"
+    # The HTTP layer (server.py, docs/http.md). Keep-alive outlives common proxies' 60 s.
+    keepalive_timeout_seconds: float = 75.0
+    header_timeout_seconds: float = 10.0
+    body_timeout_seconds: float = 30.0
+    max_header_bytes: int = 16_384
+    max_headers: int = 100
+    max_connections: int = 1024
+    commit_timeout_seconds: float = 5.0
+    allowed_source_ips: tuple[IPNetwork, ...] | None = None
     log_format: str = "auto"
     log_level: str = "info"
     environ: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
@@ -189,6 +217,14 @@ class Settings:
         read("shutdown_timeout_seconds", "LACUNA_SHUTDOWN_TIMEOUT", _positive_float)
         read("sqlite_synchronous", "LACUNA_SQLITE_SYNCHRONOUS", _choice("full", "normal"))
         read("trusted_proxies", "LACUNA_TRUSTED_PROXIES", str.strip)
+        read("keepalive_timeout_seconds", "LACUNA_KEEPALIVE_TIMEOUT", _positive_float)
+        read("header_timeout_seconds", "LACUNA_HEADER_TIMEOUT", _positive_float)
+        read("body_timeout_seconds", "LACUNA_BODY_TIMEOUT", _positive_float)
+        read("max_header_bytes", "LACUNA_MAX_HEADER_BYTES", _positive_int)
+        read("max_headers", "LACUNA_MAX_HEADERS", _positive_int)
+        read("max_connections", "LACUNA_MAX_CONNECTIONS", _positive_int)
+        read("commit_timeout_seconds", "LACUNA_COMMIT_TIMEOUT", _positive_float)
+        read("allowed_source_ips", "LACUNA_ALLOWED_SOURCE_IPS", _networks)
         read("log_format", "LACUNA_LOG_FORMAT", _choice("auto", "json", "console"))
         read("log_level", "LACUNA_LOG_LEVEL", _choice("debug", "info", "warning", "error"))
 

@@ -8,6 +8,7 @@ path, and it needs nothing from a ``Request`` but the headers and the body.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from datetime import UTC, datetime
@@ -16,9 +17,9 @@ from typing import Any
 import orjson
 import structlog
 
-from .config import Settings
+from .config import IPNetwork, Settings
 from .envelope import INTERNAL_ERROR, JSON_HEADERS, error_parts
-from .errors import PayloadTooLarge, WebhookError
+from .errors import PayloadTooLarge, SourceNotAllowed, StoreUnavailable, WebhookError
 from .metrics import Metrics
 from .models import Event
 from .plugins import HandlerSet
@@ -78,6 +79,43 @@ def _client_host(scope: Scope) -> str | None:
     return str(client[0]) if client else None
 
 
+class SourceAllowlist:
+    """``LACUNA_ALLOWED_SOURCE_IPS`` (SPEC §10): is a client address inside one of the networks?
+
+    The address is the one uvicorn's proxy-headers middleware leaves in the scope: the peer's,
+    or the ``X-Forwarded-For`` client when the peer is in ``LACUNA_TRUSTED_PROXIES`` (so an
+    untrusted peer cannot claim an allowed address). Anything that is not an IP address (no
+    client, a unix socket, garbage forwarded by a proxy) is outside. Answers are remembered
+    per address, at most ``CACHE_SIZE`` of them.
+    """
+
+    CACHE_SIZE = 4096
+
+    def __init__(self, networks: tuple[IPNetwork, ...]) -> None:
+        self.networks = networks
+        self._seen: dict[str, bool] = {}
+
+    def allows(self, host: str | None) -> bool:
+        if host is None:
+            return False
+        known = self._seen.get(host)
+        if known is None:
+            known = self._check(host)
+            if len(self._seen) >= self.CACHE_SIZE:
+                self._seen.clear()
+            self._seen[host] = known
+        return known
+
+    def _check(self, host: str) -> bool:
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped  # a dual-stack socket's view of an IPv4 peer
+        return any(address in network for network in self.networks)
+
+
 class WebhookEndpoint:
     """The ASGI endpoint: checks in SPEC §3's order, then one durable accept.
 
@@ -91,6 +129,10 @@ class WebhookEndpoint:
         self.secrets = [s.encode("utf-8") for s in settings.secret_values]
         self.tolerance = settings.tolerance_seconds
         self.limit = settings.max_body_bytes
+        self.commit_timeout = settings.commit_timeout_seconds
+        self.allowlist = (
+            SourceAllowlist(settings.allowed_source_ips) if settings.allowed_source_ips else None
+        )
         self.store = store
         self.handlers = handlers
         self.metrics = metrics
@@ -106,6 +148,8 @@ class WebhookEndpoint:
         status = 200
         headers = JSON_HEADERS
         try:
+            if self.allowlist is not None and not self.allowlist.allows(_client_host(scope)):
+                raise SourceNotAllowed()  # before a byte of the body is read (SPEC §10)
             declared: int | None = None
             signatures: list[str] = []
             for name, value in scope["headers"]:
@@ -119,11 +163,7 @@ class WebhookEndpoint:
             header = ",".join(signatures) if signatures else None
             verify(body, header, self.secrets, now=time.time(), tolerance=self.tolerance)
             event = Event.from_body(body)
-            # No timeout of our own here: each store bounds its operations (SQLite's busy
-            # timeout, asyncpg's command and acquire timeouts) and raises StoreUnavailable.
-            new = await self.store.accept(
-                event, self.handlers.subscribers(event.type), now=_utcnow()
-            )
+            new = await self._accept(event)
         except WebhookError as exc:
             status, content, headers = error_parts(exc)
             outcome = exc.code
@@ -152,6 +192,26 @@ class WebhookEndpoint:
         # address, or the X-Forwarded-For client when the peer is in LACUNA_TRUSTED_PROXIES.
         client = _client_host(scope) if status != 200 else None
         self._log_request(status, outcome, event, elapsed, client)
+
+    async def _accept(self, event: Event) -> bool:
+        """``store.accept``, waited for at most ``LACUNA_COMMIT_TIMEOUT`` seconds.
+
+        Each store bounds its own operations, but a request can queue behind several of
+        them (a group commit waiting for the SQLite lock another process holds, then its
+        own): this is the bound the sender sees. On timeout the answer is a 503, which
+        is safe even if the commit succeeds later: the sender retries and the retry is
+        answered ``duplicate: true``. Never a 2xx before the commit is confirmed.
+        """
+        try:
+            async with asyncio.timeout(self.commit_timeout):
+                return await self.store.accept(
+                    event, self.handlers.subscribers(event.type), now=_utcnow()
+                )
+        except TimeoutError:
+            raise StoreUnavailable(
+                f"The event store did not confirm the commit within {self.commit_timeout:g} s;"
+                " retry later."
+            ) from None
 
     # --- the request log and metrics, one loop turn at a time ------------------------------
 

@@ -1,0 +1,385 @@
+"""The HTTP layer ``serve`` runs: uvicorn's httptools protocol with limits and timeouts.
+
+uvicorn bounds only the keep-alive wait after a response. This protocol adds
+what a public receiver needs (docs/http.md), per connection:
+
+- **phases and deadlines**: a fresh or kept-alive connection may stay idle
+  ``LACUNA_KEEPALIVE_TIMEOUT`` (then it is closed silently); from the first
+  byte of a request its headers must arrive within ``LACUNA_HEADER_TIMEOUT``
+  and then its body within ``LACUNA_BODY_TIMEOUT``, else **408**
+  ``request_timeout``. Each is a deadline for the whole phase, so sending one
+  byte a second does not extend it.
+- **header caps**: request line and headers over ``LACUNA_MAX_HEADER_BYTES``, or
+  more than ``LACUNA_MAX_HEADERS`` header lines, get **431** ``headers_too_large``
+  as soon as the cap is passed; the parser never holds more than the cap plus
+  one read (at most 256 KiB).
+- **HTTP errors in the envelope**: malformed framing, bad chunk sizes, both
+  ``Content-Length`` and ``Transfer-Encoding`` (request smuggling), duplicate
+  lengths: **400** ``malformed_request``, and the connection is closed.
+- **a connection cap** (``LACUNA_MAX_CONNECTIONS``, lowered to fit the file
+  limit): a connection over the cap makes room by closing the connection idle
+  the longest, else the one that has been reading its request the longest;
+  only when every connection has a request being answered is the newcomer
+  refused (**503** ``server_busy``). Attackers' idle and slow sockets go
+  first; senders that send their request go through.
+
+Every refusal and shed connection is counted in ``lacuna_webhooks_http_refused``.
+``server_config()`` also raises the soft open-file limit to the hard limit.
+uvicorn is used here and in ``cli.py`` only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import resource
+from dataclasses import dataclass
+from typing import Any
+
+import httptools
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from .config import Settings
+from .envelope import error_parts
+from .errors import HeadersTooLarge, MalformedRequest, RequestTimeout, ServerBusy, WebhookError
+from .metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+#: Descriptors kept free of connections: the SQLite files and writer socket, a PostgreSQL
+#: pool, handler clients, logs. The connection cap is at most the file limit minus these.
+RESERVED_FILES = 64
+#: The connection cap is never lowered below this, however small the file limit.
+MIN_CONNECTIONS = 16
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The HTTP layer's limits, from ``Settings`` (seconds, bytes, counts)."""
+
+    keepalive_timeout_seconds: float
+    header_timeout_seconds: float
+    body_timeout_seconds: float
+    max_header_bytes: int
+    max_headers: int
+    max_connections: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, file_limit: int | None = None) -> Limits:
+        """The settings' limits, the connection cap lowered to fit ``file_limit``."""
+        connections = settings.max_connections
+        if file_limit is not None:
+            connections = min(connections, max(MIN_CONNECTIONS, file_limit - RESERVED_FILES))
+        return cls(
+            keepalive_timeout_seconds=settings.keepalive_timeout_seconds,
+            header_timeout_seconds=settings.header_timeout_seconds,
+            body_timeout_seconds=settings.body_timeout_seconds,
+            max_header_bytes=settings.max_header_bytes,
+            max_headers=settings.max_headers,
+            max_connections=connections,
+        )
+
+
+class _Phase(enum.Enum):
+    IDLE = "idle"  # no request started: fresh, or kept alive after a response
+    HEADERS = "headers"  # reading the request line and headers
+    BODY = "body"  # reading the body
+    APP = "app"  # the whole request is read; the application is answering
+
+
+class _Shared:
+    """What every connection of one server shares: limits, metrics, and the connections
+    ordered by how long they have been idle or reading (dicts keep insertion order, so the
+    first key is the one to shed)."""
+
+    def __init__(self, limits: Limits, metrics: Metrics) -> None:
+        self.limits = limits
+        self.refused = {
+            reason: metrics.http_refused.labels(reason)
+            for reason in (
+                "request_timeout",
+                "headers_too_large",
+                "malformed_request",
+                "server_busy",
+                "idle_shed",
+                "slow_shed",
+            )
+        }
+        self.idle: dict[LimitedHttpToolsProtocol, None] = {}
+        self.reading: dict[LimitedHttpToolsProtocol, None] = {}
+
+
+class LacunaConfig(uvicorn.Config):
+    """``uvicorn.Config`` that carries the shared state its protocol instances read."""
+
+    def __init__(self, app: Any, *, shared: _Shared, **kwargs: Any) -> None:
+        super().__init__(app, http=LimitedHttpToolsProtocol, **kwargs)
+        self.lacuna = shared
+
+
+class _HeaderCountExceeded(Exception):
+    """Raised from the parser's header callback; the parser turns it into an error."""
+
+
+def _refusal_bytes(exc: WebhookError) -> bytes:
+    status, body, headers = error_parts(exc)
+    phrase = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+    lines = [b"HTTP/1.1 %d %s" % (status, phrase.get(status, b"Service Unavailable"))]
+    lines += [name + b": " + value for name, value in headers]
+    lines += [b"content-length: %d" % len(body), b"connection: close", b"", body]
+    return b"\r\n".join(lines)
+
+
+class LimitedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the deadlines, caps and shedding described above.
+
+    The timers cost nothing on the fast path: a request that arrives in one read is parsed
+    to the end before any deadline is armed, so none is (only a phase the connection is
+    still in after a read gets a timer). After a response, uvicorn's own keep-alive timer
+    (``timeout_keep_alive`` = ``LACUNA_KEEPALIVE_TIMEOUT``) bounds the idle time.
+    """
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        assert isinstance(config, LacunaConfig)
+        self._shared = config.lacuna
+        self._limits = config.lacuna.limits
+        self._phase = _Phase.IDLE
+        self._phase_started = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_phase: _Phase | None = None
+        self._header_bytes = 0
+        self._header_count = 0
+        self._refusal: WebhookError | None = None
+
+    # --- connection ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[arg-type]
+        self._enter(_Phase.IDLE)
+        # A fresh connection waits like a kept-alive one (proxies may open theirs ahead).
+        self._arm(self._limits.keepalive_timeout_seconds)
+        if len(self.connections) > self._limits.max_connections:
+            self._make_room()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timer()
+        self._shared.idle.pop(self, None)
+        self._shared.reading.pop(self, None)
+        super().connection_lost(exc)
+
+    def _make_room(self) -> None:
+        """Close the longest-idle connection, else the longest-reading one; else refuse
+        this one (every other connection has a request being answered)."""
+        shared = self._shared
+        for pool, reason in ((shared.idle, "idle_shed"), (shared.reading, "slow_shed")):
+            victim = next((c for c in pool if c is not self), None)
+            if victim is not None:
+                shared.refused[reason].inc()
+                victim._close_quietly()
+                return
+        self._refuse(ServerBusy())
+
+    def _close_quietly(self) -> None:
+        self._shared.idle.pop(self, None)
+        self._shared.reading.pop(self, None)
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True
+            cycle.message_event.set()
+        self.transport.close()
+
+    # --- phases and deadlines --------------------------------------------------------------
+
+    def _enter(self, phase: _Phase) -> None:
+        self._phase = phase
+        self._phase_started = self.loop.time()
+        shared = self._shared
+        shared.idle.pop(self, None)
+        shared.reading.pop(self, None)
+        if phase is _Phase.IDLE:
+            shared.idle[self] = None
+        elif phase is not _Phase.APP:
+            shared.reading[self] = None
+
+    def _arm(self, seconds: float) -> None:
+        self._cancel_timer()
+        self._timer_phase = self._phase
+        self._timer = self.loop.call_at(self._phase_started + seconds, self._deadline)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self._timer_phase = None
+
+    def _sync_timer(self) -> None:
+        """After a read: a deadline for the phase the connection is left in, if it has one."""
+        phase = self._phase
+        if phase is self._timer_phase:
+            return
+        if phase is _Phase.HEADERS:
+            self._arm(self._limits.header_timeout_seconds)
+        elif phase is _Phase.BODY:
+            self._arm(self._limits.body_timeout_seconds)
+        else:  # APP: the application answers; IDLE after a response: uvicorn's keep-alive
+            self._cancel_timer()
+
+    def _deadline(self) -> None:
+        self._timer = None
+        self._timer_phase = None
+        if self.transport.is_closing():
+            return
+        if self._phase is _Phase.IDLE:
+            self.transport.close()  # keep-alive expired: closed silently (RFC 9112 §9.5)
+        elif self._phase in (_Phase.HEADERS, _Phase.BODY):
+            self._refuse(
+                RequestTimeout(f"The request {self._phase.value} were not received in time.")
+            )
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self.transport.is_closing():
+            return
+        if self._phase is _Phase.IDLE or self._phase is _Phase.APP:
+            self._enter(_Phase.HEADERS)  # the first byte of a request (pipelined or not)
+            self._header_bytes = 0
+        if self._phase is _Phase.HEADERS:
+            self._header_bytes += len(data)
+        # uvicorn's data_received, with the parser's own reason in the 400 envelope
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            pass  # no upgrades here (ws="none"): the request was answered as plain HTTP
+        except httptools.HttpParserError as exc:
+            refusal, self._refusal = self._refusal, None  # e.g. too many headers
+            self._refuse(refusal or MalformedRequest(f"The request is not valid HTTP/1.1: {exc}."))
+            return
+        if self.transport.is_closing():
+            return
+        if self._phase is _Phase.HEADERS and self._header_bytes > self._limits.max_header_bytes:
+            self._refuse(
+                HeadersTooLarge(
+                    f"The request headers are larger than {self._limits.max_header_bytes} bytes."
+                )
+            )
+            return
+        self._sync_timer()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._header_count = 0
+        if self._phase is not _Phase.HEADERS:  # began mid-read, after a pipelined request
+            self._enter(_Phase.HEADERS)
+            self._header_bytes = 0
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        if self._header_count > self._limits.max_headers:
+            self._refusal = HeadersTooLarge(
+                f"The request has more than {self._limits.max_headers} header lines."
+            )
+            raise _HeaderCountExceeded()
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._enter(_Phase.BODY)
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._enter(_Phase.APP)
+        super().on_message_complete()
+        if self.cycle is not None and self.cycle.response_complete:
+            # Answered before its body was read (a 413, a 403): now idle. uvicorn's keep-alive
+            # timer was cancelled by the body's reads, so the deadline is ours.
+            self._enter(_Phase.IDLE)
+            self._arm(self._limits.keepalive_timeout_seconds)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # A pipelined request may already be read (APP) or half read (HEADERS, BODY).
+        if self._phase is _Phase.APP and (self.cycle is None or self.cycle.response_complete):
+            self._enter(_Phase.IDLE)
+
+    # --- refusals --------------------------------------------------------------------------
+
+    def _refuse(self, exc: WebhookError) -> None:
+        """Answer ``exc`` in the envelope and close the connection. A request whose
+        application has already started answering cannot get a second answer: closed."""
+        self._shared.refused[exc.code].inc()
+        self._cancel_timer()
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            answer = not cycle.response_started
+            cycle.disconnected = True  # the application's receive() sees a disconnect
+            cycle.message_event.set()
+        else:  # no request yet, the previous one answered, or this one answered early (413)
+            answer = cycle is None or self._phase is not _Phase.BODY
+        if answer:
+            self.transport.write(_refusal_bytes(exc))
+        self._shared.idle.pop(self, None)
+        self._shared.reading.pop(self, None)
+        self.transport.close()
+
+
+def raise_file_limit() -> int | None:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit; the soft limit in force after
+    (``None`` when it is unlimited). A failure leaves the limit as it was (logged)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            logger.warning("server.file_limit_unchanged: soft %s, hard %s: %s", soft, hard, exc)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def server_config(
+    app: Any, settings: Settings, metrics: Metrics, *, host: str, port: int
+) -> LacunaConfig:
+    """The ``uvicorn.Config`` of ``serve``: this module's protocol and limits, proxy headers
+    from ``LACUNA_TRUSTED_PROXIES``, no access log, no Server header. Raises the open-file
+    limit first (``raise_file_limit``) and fits the connection cap under it."""
+    limits = Limits.from_settings(settings, file_limit=raise_file_limit())
+    if limits.max_connections < settings.max_connections:
+        logger.warning(
+            "server.connection_cap_lowered: LACUNA_MAX_CONNECTIONS %d -> %d to fit the"
+            " open-file limit",
+            settings.max_connections,
+            limits.max_connections,
+        )
+    return LacunaConfig(
+        app,
+        shared=_Shared(limits, metrics),
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        proxy_headers=True,
+        forwarded_allow_ips=settings.trusted_proxies,
+        server_header=False,
+        ws="none",  # no WebSocket route: an upgrade request is an ordinary request
+        timeout_keep_alive=settings.keepalive_timeout_seconds,
+        timeout_graceful_shutdown=int(settings.shutdown_timeout_seconds) or 1,
+    )
+
+
+__all__ = [
+    "LacunaConfig",
+    "LimitedHttpToolsProtocol",
+    "Limits",
+    "raise_file_limit",
+    "server_config",
+]
