@@ -19,7 +19,13 @@ import structlog
 
 from .config import IPNetwork, Settings
 from .envelope import INTERNAL_ERROR, JSON_HEADERS, error_parts
-from .errors import PayloadTooLarge, SourceNotAllowed, StoreUnavailable, WebhookError
+from .errors import (
+    PayloadTooLarge,
+    ServerBusy,
+    SourceNotAllowed,
+    StoreUnavailable,
+    WebhookError,
+)
 from .metrics import Metrics
 from .models import Event
 from .plugins import HandlerSet
@@ -42,29 +48,64 @@ class ClientGone(Exception):
     """The sender disconnected before the whole body arrived."""
 
 
-async def read_body(receive: Receive, limit: int, declared: int | None) -> bytes:
+class BodyBudget:
+    """Bytes of request bodies held by all requests being read, at most ``limit_bytes``.
+
+    The body must be read whole before its signature can be checked, so an unsigned body
+    of up to ``LACUNA_MAX_BODY_BYTES`` is held by every connection reading one. This bound
+    keeps many of them together from taking memory without limit (docs/http.md).
+    """
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self.held_bytes = 0
+
+    def take(self, size: int) -> None:
+        """Hold ``size`` more bytes; ``ServerBusy`` (503, retry later) when over the limit."""
+        if self.held_bytes + size > self.limit_bytes:
+            raise ServerBusy("Too many request bodies are being received at once; retry later.")
+        self.held_bytes += size
+
+    def give(self, size: int) -> None:
+        self.held_bytes -= size
+
+
+#: Request bodies held at once, in bytes (BodyBudget): at least 64 bodies of the largest size.
+BODY_BUDGET_MIN_BYTES = 64 * 1024 * 1024
+
+
+async def read_body(
+    receive: Receive, limit: int, declared: int | None, budget: BodyBudget
+) -> bytes:
     """Read at most ``limit`` bytes; refuse larger bodies without holding them.
 
     A declared ``Content-Length`` over the limit is refused before anything is
     read; a body without one (chunked) is refused as soon as it passes the limit.
-    Raises ``PayloadTooLarge`` or ``ClientGone``.
+    The bytes are held against ``budget`` while they are read. Raises
+    ``PayloadTooLarge``, ``ServerBusy`` or ``ClientGone``.
     """
     if declared is not None and declared > limit:
         raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
     chunks: list[bytes] = []
     size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone()
-        chunk = message.get("body", b"")
-        if chunk:
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
-            chunks.append(chunk)
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    try:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone()
+            chunk = message.get("body", b"")
+            if chunk:
+                if size + len(chunk) > limit:
+                    raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
+                budget.take(len(chunk))
+                size += len(chunk)
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    finally:
+        # The body is the caller's now (or dropped): verification and the accept that follow
+        # hold one body per request, as any request handler does.
+        budget.give(size)
 
 
 def _utcnow() -> datetime:
@@ -130,6 +171,7 @@ class WebhookEndpoint:
         self.tolerance = settings.tolerance_seconds
         self.limit = settings.max_body_bytes
         self.commit_timeout = settings.commit_timeout_seconds
+        self.body_budget = BodyBudget(max(BODY_BUDGET_MIN_BYTES, 64 * self.limit))
         self.allowlist = (
             SourceAllowlist(settings.allowed_source_ips) if settings.allowed_source_ips else None
         )
@@ -158,7 +200,7 @@ class WebhookEndpoint:
                     declared = int(text) if text.isascii() and text.isdigit() else None
                 elif name == _HEADER_NAME:
                     signatures.append(value.decode("latin-1"))
-            body = await read_body(receive, self.limit, declared)
+            body = await read_body(receive, self.limit, declared, self.body_budget)
             # Several header lines are one comma-separated list (RFC 9110 §5.3).
             header = ",".join(signatures) if signatures else None
             verify(body, header, self.secrets, now=time.time(), tolerance=self.tolerance)
