@@ -308,6 +308,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        if self.cycle is not None and self.cycle.response_complete:
+            # A body the application did not read (e.g. sent to /healthz) is not needed now.
+            self.cycle.body = bytearray()
         # A pipelined request may already be read (APP) or half read (HEADERS, BODY).
         if self._phase is _Phase.APP and (self.cycle is None or self.cycle.response_complete):
             self._enter(_Phase.IDLE)
