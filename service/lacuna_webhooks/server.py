@@ -154,18 +154,16 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._shared = config.lacuna
         self._limits = config.lacuna.limits
         self._phase = _Phase.IDLE
-        self._phase_started = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_phase: _Phase | None = None
-        self._header_bytes = 0
-        self._header_count = 0
+        self._header_bytes = 0  # bytes received since the last request's headers ended
         self._refusal: WebhookError | None = None
 
     # --- connection ------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
-        self._enter(_Phase.IDLE)
+        self._shared.idle[self] = None
         # A fresh connection waits like a kept-alive one (proxies may open theirs ahead).
         self._arm(self._limits.keepalive_timeout_seconds)
         if len(self.connections) > self._limits.max_connections:
@@ -199,40 +197,25 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.close()
 
     # --- phases and deadlines --------------------------------------------------------------
+    # The hot path: a request read in one go passes IDLE -> HEADERS -> BODY -> APP inside one
+    # data_received and back to IDLE when answered. Each step is a few attribute and dict
+    # operations; the clock is read and a timer armed only for a phase a read ends in.
 
-    def _enter(self, phase: _Phase) -> None:
-        self._phase = phase
-        self._phase_started = self.loop.time()
-        shared = self._shared
-        shared.idle.pop(self, None)
-        shared.reading.pop(self, None)
-        if phase is _Phase.IDLE:
-            shared.idle[self] = None
-        elif phase is not _Phase.APP:
-            shared.reading[self] = None
+    def _to_idle(self) -> None:
+        self._phase = _Phase.IDLE
+        self._shared.reading.pop(self, None)
+        self._shared.idle[self] = None
 
     def _arm(self, seconds: float) -> None:
         self._cancel_timer()
         self._timer_phase = self._phase
-        self._timer = self.loop.call_at(self._phase_started + seconds, self._deadline)
+        self._timer = self.loop.call_later(seconds, self._deadline)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-            self._timer_phase = None
-
-    def _sync_timer(self) -> None:
-        """After a read: a deadline for the phase the connection is left in, if it has one."""
-        phase = self._phase
-        if phase is self._timer_phase:
-            return
-        if phase is _Phase.HEADERS:
-            self._arm(self._limits.header_timeout_seconds)
-        elif phase is _Phase.BODY:
-            self._arm(self._limits.body_timeout_seconds)
-        else:  # APP: the application answers; IDLE after a response: uvicorn's keep-alive
-            self._cancel_timer()
+        self._timer_phase = None
 
     def _deadline(self) -> None:
         self._timer = None
@@ -241,20 +224,15 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             return
         if self._phase is _Phase.IDLE:
             self.transport.close()  # keep-alive expired: closed silently (RFC 9112 §9.5)
-        elif self._phase in (_Phase.HEADERS, _Phase.BODY):
-            self._refuse(
-                RequestTimeout(f"The request {self._phase.value} were not received in time.")
-            )
+        elif self._phase is _Phase.HEADERS:
+            self._refuse(RequestTimeout("The request headers were not received in time."))
+        elif self._phase is _Phase.BODY:
+            self._refuse(RequestTimeout("The request body was not received in time."))
 
     # --- reading ---------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if self.transport.is_closing():
-            return
-        if self._phase is _Phase.IDLE or self._phase is _Phase.APP:
-            self._enter(_Phase.HEADERS)  # the first byte of a request (pipelined or not)
-            self._header_bytes = 0
-        if self._phase is _Phase.HEADERS:
+        if self._phase is not _Phase.BODY:
             self._header_bytes += len(data)
         # uvicorn's data_received, with the parser's own reason in the 400 envelope
         self._unset_keepalive_if_required()
@@ -266,54 +244,65 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             refusal, self._refusal = self._refusal, None  # e.g. too many headers
             self._refuse(refusal or MalformedRequest(f"The request is not valid HTTP/1.1: {exc}."))
             return
-        if self.transport.is_closing():
-            return
-        if self._phase is _Phase.HEADERS and self._header_bytes > self._limits.max_header_bytes:
-            self._refuse(
-                HeadersTooLarge(
-                    f"The request headers are larger than {self._limits.max_header_bytes} bytes."
+        phase = self._phase
+        if phase is _Phase.HEADERS:
+            limits = self._limits
+            if self._header_bytes > limits.max_header_bytes:
+                self._refuse(
+                    HeadersTooLarge(
+                        f"The request headers are larger than {limits.max_header_bytes} bytes."
+                    )
                 )
-            )
-            return
-        self._sync_timer()
+                return
+            if len(self.headers) > limits.max_headers:
+                self._refuse(self._too_many_headers())
+                return
+        if phase is not self._timer_phase:
+            # A deadline for the phase this read leaves the connection in, if it has one.
+            if phase is _Phase.HEADERS:
+                self._arm(self._limits.header_timeout_seconds)
+            elif phase is _Phase.BODY:
+                self._arm(self._limits.body_timeout_seconds)
+            elif self._timer is not None:  # APP: the application answers
+                self._cancel_timer()
+
+    def _too_many_headers(self) -> HeadersTooLarge:
+        return HeadersTooLarge(
+            f"The request has more than {self._limits.max_headers} header lines."
+        )
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._header_count = 0
-        if self._phase is not _Phase.HEADERS:  # began mid-read, after a pipelined request
-            self._enter(_Phase.HEADERS)
-            self._header_bytes = 0
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_count += 1
-        if self._header_count > self._limits.max_headers:
-            self._refusal = HeadersTooLarge(
-                f"The request has more than {self._limits.max_headers} header lines."
-            )
-            raise _HeaderCountExceeded()
-        super().on_header(name, value)
+        self._phase = _Phase.HEADERS
+        self._shared.idle.pop(self, None)
+        self._shared.reading[self] = None  # reading since its first byte: shed order
 
     def on_headers_complete(self) -> None:
-        self._enter(_Phase.BODY)
+        if len(self.headers) > self._limits.max_headers:
+            self._refusal = self._too_many_headers()
+            raise _HeaderCountExceeded()  # the parser stops; data_received answers 431
+        self._phase = _Phase.BODY
+        self._header_bytes = 0
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
-        self._enter(_Phase.APP)
+        self._phase = _Phase.APP
+        self._shared.reading.pop(self, None)
         super().on_message_complete()
-        if self.cycle is not None and self.cycle.response_complete:
+        if self.cycle.response_complete:
             # Answered before its body was read (a 413, a 403): now idle. uvicorn's keep-alive
             # timer was cancelled by the body's reads, so the deadline is ours.
-            self._enter(_Phase.IDLE)
+            self._to_idle()
             self._arm(self._limits.keepalive_timeout_seconds)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if self.cycle is not None and self.cycle.response_complete:
-            # A body the application did not read (e.g. sent to /healthz) is not needed now.
-            self.cycle.body = bytearray()
-        # A pipelined request may already be read (APP) or half read (HEADERS, BODY).
-        if self._phase is _Phase.APP and (self.cycle is None or self.cycle.response_complete):
-            self._enter(_Phase.IDLE)
+        cycle = self.cycle
+        if cycle.response_complete:
+            if cycle.body:  # a body the application did not read (sent to /healthz, say)
+                cycle.body = bytearray()
+            if self._phase is _Phase.APP:  # not if a pipelined request is being read
+                self._to_idle()
 
     # --- refusals --------------------------------------------------------------------------
 
