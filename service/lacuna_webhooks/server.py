@@ -121,7 +121,8 @@ class LacunaConfig(uvicorn.Config):
 
 
 class _HeaderCountExceeded(Exception):
-    """Raised from the parser's header callback; the parser turns it into an error."""
+    """Raised from on_headers_complete over LACUNA_MAX_HEADERS; the parser turns it into an
+    error and data_received answers 431."""
 
 
 def _refusal_bytes(exc: WebhookError) -> bytes:
