@@ -3,9 +3,13 @@
 Both run as one uvicorn process on this machine; the load is unique, validly
 signed ~1.5 KB events over keep-alive connections, driven by wrk when it is
 installed (else by a small asyncio client, which is slower and says so).
-Prints accepted events/s, p50/p99 latency, peak RSS, and last the line
+Prints accepted events/s, p50/p99 latency, peak RSS, and last the lines
+`p99 ratio: N.NN` (serve's p99 latency / the bare endpoint's) and
 `ratio: 0.NN` (events accepted per second by `serve` / requests per second of
-the bare endpoint).
+the bare endpoint). `--baseline DIR` also runs another checkout's `serve` in
+each round, right after this one's, for a side-by-side comparison on a machine
+whose speed drifts; `--rounds N` repeats and prints the medians. The events are
+signed once, so every run must start within the 300 s signature window.
 """
 
 from __future__ import annotations
@@ -194,6 +198,32 @@ def measure(
     return result, rss
 
 
+def measure_serve(
+    requests: Path, args: argparse.Namespace, source: Path | None
+) -> tuple[dict[str, float], float, float]:
+    """One `serve` run on a fresh database: (load result, peak RSS MiB, stored events/s).
+    ``source``: another checkout whose ``service/`` package is run instead of this one."""
+    port = free_port()
+    db = args.workdir / f"bench-{port}.db"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("LACUNA_")},
+        "LACUNA_WEBHOOK_SECRET": SECRET,
+        "LACUNA_DATABASE_URL": f"sqlite:///{db}",
+        "LACUNA_SQLITE_SYNCHRONOUS": args.synchronous,
+        "LACUNA_HANDLERS": args.handlers,
+        "LACUNA_LOG_FORMAT": "json",
+        "HOST": "127.0.0.1",
+        "PORT": str(port),
+    }
+    if source is not None:
+        env["PYTHONPATH"] = str(source.resolve() / "service")
+    cli = str(Path(sys.executable).parent / "lacuna-webhooks")
+    served, rss = measure([cli, "serve"], env, port, requests, args, "/healthz")
+    with sqlite3.connect(db) as conn:
+        stored = conn.execute("SELECT count(*) FROM events").fetchone()[0]
+    return served, rss, stored / served["seconds"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=int, default=10, help="seconds per run (10)")
@@ -203,6 +233,13 @@ def main() -> None:
     parser.add_argument("--synchronous", default="full", choices=["full", "normal"])
     parser.add_argument("--handlers", default="", help="LACUNA_HANDLERS for serve (none)")
     parser.add_argument("--keep", action="store_true", help="keep server logs in the workdir")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout (e.g. `git worktree add ../main main`): its serve is measured "
+        "right after this one's, in the same round",
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of bare + serve (1)")
     args = parser.parse_args()
     args.workdir = Path(tempfile.mkdtemp(prefix="lacuna-bench-"))
     # Enough unique events for the whole run: wrk starts over from the first when it runs out,
@@ -218,47 +255,51 @@ def main() -> None:
         f"{args.connections} connections, {args.duration}s, {size}-byte events"
     )
 
-    port = free_port()
-    bare, bare_rss = measure(
-        [sys.executable, str(HERE / "bare.py"), str(port)],
-        dict(os.environ),
-        port,
-        requests,
-        args,
-        "/webhooks/lacuna",
-    )
-    port = free_port()
-    db = args.workdir / "bench.db"
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("LACUNA_")},
-        "LACUNA_WEBHOOK_SECRET": SECRET,
-        "LACUNA_DATABASE_URL": f"sqlite:///{db}",
-        "LACUNA_SQLITE_SYNCHRONOUS": args.synchronous,
-        "LACUNA_HANDLERS": args.handlers,
-        "LACUNA_LOG_FORMAT": "json",
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
-    }
-    cli = str(Path(sys.executable).parent / "lacuna-webhooks")
-    served, served_rss = measure([cli, "serve"], env, port, requests, args, "/healthz")
-    with sqlite3.connect(db) as conn:
-        stored = conn.execute("SELECT count(*) FROM events").fetchone()[0]
-    accepted_rate = stored / served["seconds"]
+    rows: list[tuple[str, dict[str, float], float, float]] = []
+    ratios: dict[str, list[tuple[float, float]]] = {}
+    for _ in range(args.rounds):
+        port = free_port()
+        bare, bare_rss = measure(
+            [sys.executable, str(HERE / "bare.py"), str(port)],
+            dict(os.environ),
+            port,
+            requests,
+            args,
+            "/webhooks/lacuna",
+        )
+        rows.append(("bare starlette (ceiling)", bare, bare["rps"], bare_rss))
+        for label, source in [
+            ("lacuna-webhooks serve", None),
+            ("serve, --baseline", args.baseline),
+        ]:
+            if label != "lacuna-webhooks serve" and source is None:
+                continue
+            served, rss, rate = measure_serve(requests, args, source)
+            rows.append((label, served, rate, rss))
+            ratios.setdefault(label, []).append(
+                (rate / bare["rps"], served["p99_ms"] / max(bare["p99_ms"], 1e-6))
+            )
 
-    print(f"{'':28}{'req/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>9}{'peak RSS MiB':>14}")
     print(
-        f"{'bare starlette (ceiling)':28}{bare['rps']:>10.0f}{bare['p50_ms']:>9.2f}"
-        f"{bare['p99_ms']:>9.2f}{bare['non2xx']:>9}{bare_rss:>14.1f}"
+        f"{'':28}{'req/s':>10}{'stored/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>9}"
+        f"{'peak RSS MiB':>14}"
     )
-    print(
-        f"{'lacuna-webhooks serve':28}{served['rps']:>10.0f}{served['p50_ms']:>9.2f}"
-        f"{served['p99_ms']:>9.2f}{served['non2xx']:>9}{served_rss:>14.1f}"
-    )
-    print(
-        f"serve: {stored} unique events stored durably (synchronous={args.synchronous}) "
-        f"= {accepted_rate:.0f} accepted events/s"
-    )
-    print(f"ratio: {accepted_rate / bare['rps']:.2f}")
+    for label, result, rate, rss in rows:
+        print(
+            f"{label:28}{result['rps']:>10.0f}{rate:>10.0f}{result['p50_ms']:>9.2f}"
+            f"{result['p99_ms']:>9.2f}{result['non2xx']:>9}{rss:>14.1f}"
+        )
+    if args.baseline:
+        base = ratios["serve, --baseline"]
+        print(
+            f"baseline ({args.baseline}): ratio {statistics.median(r for r, _ in base):.2f}, "
+            f"p99 ratio {statistics.median(p for _, p in base):.2f}"
+        )
+    mine = ratios["lacuna-webhooks serve"]
+    print(f"synchronous={args.synchronous}; stored/s = unique events found stored afterwards")
+    # Medians over --rounds; each round measures bare and serve back to back.
+    print(f"p99 ratio: {statistics.median(p for _, p in mine):.2f} (serve p99 / bare p99)")
+    print(f"ratio: {statistics.median(r for r, _ in mine):.2f}")
     if not args.keep:
         shutil.rmtree(args.workdir, ignore_errors=True)
 

@@ -118,6 +118,7 @@ def _serve(environ: Mapping[str, str], host: str | None, port: int | None) -> in
     from .app import create_app
     from .dispatch.workers import WorkerPool, worker_specs
     from .metrics import Metrics
+    from .server import server_config
 
     settings = _settings(environ, require_secret=True)
     handlers = _handlers_of(settings)
@@ -137,16 +138,13 @@ def _serve(environ: Mapping[str, str], host: str | None, port: int | None) -> in
                 dispatch=settings.dispatch,
                 runner=pool,
             )
-            config = uvicorn.Config(
+            # The HTTP layer's limits and timeouts (server.py, docs/http.md).
+            config = server_config(
                 app,
+                settings,
+                app.state.metrics,
                 host=host or settings.host,
                 port=port or settings.port,
-                log_config=None,
-                access_log=False,
-                proxy_headers=True,
-                forwarded_allow_ips=settings.trusted_proxies,
-                server_header=False,
-                timeout_graceful_shutdown=int(settings.shutdown_timeout_seconds) or 1,
             )
             server = uvicorn.Server(config)
             # uvicorn re-raises the signal that stopped it once it has shut down; after a

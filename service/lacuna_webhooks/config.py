@@ -15,6 +15,7 @@ an env-file loader, whitespace, control characters) so ``serve`` can warn.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -227,6 +228,24 @@ def _admin_tokens(value: str) -> tuple[Secret, ...]:
     return tuple(Secret(token) for token in tokens)
 
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _networks(value: str) -> tuple[IPNetwork, ...]:
+    """Comma-separated CIDRs (a bare address is a /32 or /128)."""
+    networks = []
+    for item in parse_list(value):
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(
+                f"must be addresses or CIDRs like 203.0.113.0/24, got {item!r}"
+            ) from None
+    if not networks:
+        raise ValueError("names no address (unset it to allow every address)")
+    return tuple(networks)
+
+
 def _handler_names(value: str) -> tuple[str, ...]:
     names = parse_list(value)
     seen: set[str] = set()
@@ -262,6 +281,15 @@ class Settings:
     dispatch: bool = True
     sqlite_synchronous: str = "full"
     trusted_proxies: str = "127.0.0.1"
+    # The HTTP layer (server.py, docs/http.md). Keep-alive outlives common proxies' 60 s.
+    keepalive_timeout_seconds: float = 75.0
+    header_timeout_seconds: float = 10.0
+    body_timeout_seconds: float = 30.0
+    max_header_bytes: int = 16_384
+    max_headers: int = 100
+    max_connections: int = 1024
+    commit_timeout_seconds: float = 5.0
+    allowed_source_ips: tuple[IPNetwork, ...] | None = None
     log_format: str = "auto"
     log_level: str = "info"
     # (variable, problem) for secrets that cannot be right; `serve` logs each once at start.
@@ -353,6 +381,14 @@ class Settings:
         read("dispatch", "LACUNA_DISPATCH", parse_bool)
         read("sqlite_synchronous", "LACUNA_SQLITE_SYNCHRONOUS", _choice("full", "normal"))
         read("trusted_proxies", "LACUNA_TRUSTED_PROXIES", str.strip)
+        read("keepalive_timeout_seconds", "LACUNA_KEEPALIVE_TIMEOUT", _positive_float)
+        read("header_timeout_seconds", "LACUNA_HEADER_TIMEOUT", _positive_float)
+        read("body_timeout_seconds", "LACUNA_BODY_TIMEOUT", _positive_float)
+        read("max_header_bytes", "LACUNA_MAX_HEADER_BYTES", _positive_int)
+        read("max_headers", "LACUNA_MAX_HEADERS", _positive_int)
+        read("max_connections", "LACUNA_MAX_CONNECTIONS", _positive_int)
+        read("commit_timeout_seconds", "LACUNA_COMMIT_TIMEOUT", _positive_float)
+        read("allowed_source_ips", "LACUNA_ALLOWED_SOURCE_IPS", _networks)
         read("log_format", "LACUNA_LOG_FORMAT", _choice("auto", "json", "console"))
         read("log_level", "LACUNA_LOG_LEVEL", _choice("debug", "info", "warning", "error"))
 

@@ -7,6 +7,11 @@ each class docstring is its default message::
     ├── ConfigError                   a setting is missing or malformed (names the variable)
     ├── WebhookError                  a request must be refused; carries status, code, type, param
     │   ├── PayloadTooLarge           413 payload_too_large
+    │   ├── SourceNotAllowed          403 source_not_allowed (LACUNA_ALLOWED_SOURCE_IPS)
+    │   ├── MalformedRequest          400 malformed_request (HTTP framing; server.py)
+    │   ├── RequestTimeout            408 request_timeout (headers or body too slow; server.py)
+    │   ├── HeadersTooLarge           431 headers_too_large (server.py)
+    │   ├── ServerBusy                503 server_busy (no connection left to shed; server.py)
     │   ├── SignatureError            401, the request is not proven authentic
     │   │   ├── MissingSignature      401 missing_signature
     │   │   ├── InvalidSignatureHeader 401 invalid_signature_header
@@ -61,6 +66,43 @@ class PayloadTooLarge(WebhookError):
 
     status_code = 413
     code = "payload_too_large"
+
+
+class SourceNotAllowed(WebhookError):
+    """The request comes from an address outside LACUNA_ALLOWED_SOURCE_IPS."""
+
+    status_code = 403
+    code = "source_not_allowed"
+
+
+class MalformedRequest(WebhookError):
+    """The request is not valid HTTP/1.1 (framing, chunk sizes, Content-Length with
+    Transfer-Encoding)."""
+
+    status_code = 400
+    code = "malformed_request"
+
+
+class RequestTimeout(WebhookError):
+    """The request was not received in time."""
+
+    status_code = 408
+    code = "request_timeout"
+
+
+class HeadersTooLarge(WebhookError):
+    """The request headers are too large or too many."""
+
+    status_code = 431
+    code = "headers_too_large"
+
+
+class ServerBusy(WebhookError):
+    """The server has no connection to spare; retry later."""
+
+    status_code = 503
+    code = "server_busy"
+    error_type = "api_error"
 
 
 class SignatureError(WebhookError):

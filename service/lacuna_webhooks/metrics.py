@@ -20,6 +20,14 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.http_refused = Counter(
+            f"{PREFIX}_http_refused",
+            "Requests refused and connections closed by the HTTP layer, by reason "
+            "(request_timeout, headers_too_large, malformed_request, server_busy, "
+            "idle_shed, slow_shed).",
+            ["reason"],
+            registry=r,
+        )
         self.request_latency = Histogram(
             f"{PREFIX}_request_duration_seconds",
             "Time to answer a webhook request.",

@@ -27,7 +27,12 @@ def free_port() -> int:
 
 
 class Serve:
-    """One ``serve`` process; ``start()`` returns once ``/readyz`` answers 200."""
+    """One ``serve`` process; ``start()`` returns once ``/readyz`` answers 200.
+
+    ``wrapper`` is a command that execs ``serve`` (e.g. ``["prlimit", "--nofile=256"]``).
+    """
+
+    wrapper: tuple[str, ...] = ()
 
     def __init__(self, workdir: Path, env: Mapping[str, str]) -> None:
         self.workdir = workdir
@@ -57,7 +62,11 @@ class Serve:
         self.starts += 1
         with self.log_path.open("ab") as log:  # the child keeps its own descriptor
             self.proc = subprocess.Popen(
-                [CLI, "serve"], cwd=self.workdir, env=self.env, stdout=log, stderr=log
+                [*self.wrapper, CLI, "serve"],
+                cwd=self.workdir,
+                env=self.env,
+                stdout=log,
+                stderr=log,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

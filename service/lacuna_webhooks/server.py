@@ -1,0 +1,378 @@
+"""The HTTP layer ``serve`` runs: uvicorn's httptools protocol with limits and timeouts.
+
+uvicorn bounds only the keep-alive wait after a response. This protocol adds
+what a public receiver needs (docs/http.md), per connection:
+
+- **phases and deadlines**: a fresh or kept-alive connection may stay idle
+  ``LACUNA_KEEPALIVE_TIMEOUT`` (then it is closed silently); from the first
+  byte of a request its headers must arrive within ``LACUNA_HEADER_TIMEOUT``
+  and then its body within ``LACUNA_BODY_TIMEOUT``, else **408**
+  ``request_timeout``. Each is a deadline for the whole phase, so sending one
+  byte a second does not extend it.
+- **header caps**: request line and headers over ``LACUNA_MAX_HEADER_BYTES``, or
+  more than ``LACUNA_MAX_HEADERS`` header lines, get **431** ``headers_too_large``
+  as soon as the cap is passed; the parser never holds more than the cap plus
+  one read (at most 256 KiB).
+- **HTTP errors in the envelope**: malformed framing, bad chunk sizes, both
+  ``Content-Length`` and ``Transfer-Encoding`` (request smuggling), duplicate
+  lengths: **400** ``malformed_request``, and the connection is closed.
+- **a connection cap** (``LACUNA_MAX_CONNECTIONS``, lowered to fit the file
+  limit): a connection over the cap makes room by closing the connection idle
+  the longest, else the one that has been reading its request the longest;
+  only when every connection has a request being answered is the newcomer
+  refused (**503** ``server_busy``). Attackers' idle and slow sockets go
+  first; senders that send their request go through.
+
+Every refusal and shed connection is counted in ``lacuna_webhooks_http_refused``.
+``server_config()`` also raises the soft open-file limit to the hard limit.
+uvicorn is used here and in ``cli.py`` only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import resource
+from dataclasses import dataclass
+from typing import Any
+
+import httptools
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from .config import Settings
+from .envelope import error_parts
+from .errors import HeadersTooLarge, MalformedRequest, RequestTimeout, ServerBusy, WebhookError
+from .metrics import Metrics
+
+logger = logging.getLogger(__name__)
+
+#: Descriptors kept free of connections: the SQLite files and writer socket, a PostgreSQL
+#: pool, handler clients, logs. The connection cap is at most the file limit minus these.
+RESERVED_FILES = 64
+#: The connection cap is never lowered below this, however small the file limit.
+MIN_CONNECTIONS = 16
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The HTTP layer's limits, from ``Settings`` (seconds, bytes, counts)."""
+
+    keepalive_timeout_seconds: float
+    header_timeout_seconds: float
+    body_timeout_seconds: float
+    max_header_bytes: int
+    max_headers: int
+    max_connections: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, file_limit: int | None = None) -> Limits:
+        """The settings' limits, the connection cap lowered to fit ``file_limit``."""
+        connections = settings.max_connections
+        if file_limit is not None:
+            connections = min(connections, max(MIN_CONNECTIONS, file_limit - RESERVED_FILES))
+        return cls(
+            keepalive_timeout_seconds=settings.keepalive_timeout_seconds,
+            header_timeout_seconds=settings.header_timeout_seconds,
+            body_timeout_seconds=settings.body_timeout_seconds,
+            max_header_bytes=settings.max_header_bytes,
+            max_headers=settings.max_headers,
+            max_connections=connections,
+        )
+
+
+class _Phase(enum.Enum):
+    IDLE = "idle"  # no request started: fresh, or kept alive after a response
+    HEADERS = "headers"  # reading the request line and headers
+    BODY = "body"  # reading the body
+    APP = "app"  # the whole request is read; the application is answering
+
+
+class _Shared:
+    """What every connection of one server shares: limits, metrics, and the connections
+    ordered by how long they have been idle or reading (dicts keep insertion order, so the
+    first key is the one to shed)."""
+
+    def __init__(self, limits: Limits, metrics: Metrics) -> None:
+        self.limits = limits
+        self.refused = {
+            reason: metrics.http_refused.labels(reason)
+            for reason in (
+                "request_timeout",
+                "headers_too_large",
+                "malformed_request",
+                "server_busy",
+                "idle_shed",
+                "slow_shed",
+            )
+        }
+        self.idle: dict[LimitedHttpToolsProtocol, None] = {}
+        self.reading: dict[LimitedHttpToolsProtocol, None] = {}
+
+
+class LacunaConfig(uvicorn.Config):
+    """``uvicorn.Config`` that carries the shared state its protocol instances read."""
+
+    def __init__(self, app: Any, *, shared: _Shared, **kwargs: Any) -> None:
+        super().__init__(app, http=LimitedHttpToolsProtocol, **kwargs)
+        self.lacuna = shared
+
+
+class _HeaderCountExceeded(Exception):
+    """Raised from on_headers_complete over LACUNA_MAX_HEADERS; the parser turns it into an
+    error and data_received answers 431."""
+
+
+def _refusal_bytes(exc: WebhookError) -> bytes:
+    status, body, headers = error_parts(exc)
+    phrase = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+    lines = [b"HTTP/1.1 %d %s" % (status, phrase.get(status, b"Service Unavailable"))]
+    lines += [name + b": " + value for name, value in headers]
+    lines += [b"content-length: %d" % len(body), b"connection: close", b"", body]
+    return b"\r\n".join(lines)
+
+
+class LimitedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the deadlines, caps and shedding described above.
+
+    The timers cost nothing on the fast path: a request that arrives in one read is parsed
+    to the end before any deadline is armed, so none is (only a phase the connection is
+    still in after a read gets a timer). After a response, uvicorn's own keep-alive timer
+    (``timeout_keep_alive`` = ``LACUNA_KEEPALIVE_TIMEOUT``) bounds the idle time.
+    """
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        assert isinstance(config, LacunaConfig)
+        self._shared = config.lacuna
+        self._limits = config.lacuna.limits
+        self._phase = _Phase.IDLE
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_phase: _Phase | None = None
+        self._header_bytes = 0  # bytes received since the last request's headers ended
+        self._refusal: WebhookError | None = None
+
+    # --- connection ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[arg-type]
+        self._shared.idle[self] = None
+        # A fresh connection waits like a kept-alive one (proxies may open theirs ahead).
+        self._arm(self._limits.keepalive_timeout_seconds)
+        if len(self.connections) > self._limits.max_connections:
+            self._make_room()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timer()
+        self._shared.idle.pop(self, None)
+        self._shared.reading.pop(self, None)
+        super().connection_lost(exc)
+
+    def _make_room(self) -> None:
+        """Close the longest-idle connection, else the longest-reading one; else refuse
+        this one (every other connection has a request being answered)."""
+        shared = self._shared
+        for pool, reason in ((shared.idle, "idle_shed"), (shared.reading, "slow_shed")):
+            victim = next((c for c in pool if c is not self), None)
+            if victim is not None:
+                shared.refused[reason].inc()
+                victim._close_quietly()
+                return
+        self._refuse(ServerBusy())
+
+    def _close_quietly(self) -> None:
+        self._shared.idle.pop(self, None)
+        self._shared.reading.pop(self, None)
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True
+            cycle.message_event.set()
+        self.transport.close()
+
+    # --- phases and deadlines --------------------------------------------------------------
+    # The hot path: a request read in one go passes IDLE -> HEADERS -> BODY -> APP inside one
+    # data_received and back to IDLE when answered. Each step is a few attribute and dict
+    # operations; the clock is read and a timer armed only for a phase a read ends in.
+
+    def _to_idle(self) -> None:
+        self._phase = _Phase.IDLE
+        self._shared.reading.pop(self, None)
+        self._shared.idle[self] = None
+
+    def _arm(self, seconds: float) -> None:
+        self._cancel_timer()
+        self._timer_phase = self._phase
+        self._timer = self.loop.call_later(seconds, self._deadline)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_phase = None
+
+    def _deadline(self) -> None:
+        self._timer = None
+        self._timer_phase = None
+        if self.transport.is_closing():
+            return
+        if self._phase is _Phase.IDLE:
+            self.transport.close()  # keep-alive expired: closed silently (RFC 9112 §9.5)
+        elif self._phase is _Phase.HEADERS:
+            self._refuse(RequestTimeout("The request headers were not received in time."))
+        elif self._phase is _Phase.BODY:
+            self._refuse(RequestTimeout("The request body was not received in time."))
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self._phase is not _Phase.BODY:
+            self._header_bytes += len(data)
+        # uvicorn's data_received, with the parser's own reason in the 400 envelope
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            pass  # no upgrades here (ws="none"): the request was answered as plain HTTP
+        except httptools.HttpParserError as exc:
+            refusal, self._refusal = self._refusal, None  # e.g. too many headers
+            self._refuse(refusal or MalformedRequest(f"The request is not valid HTTP/1.1: {exc}."))
+            return
+        phase = self._phase
+        if phase is _Phase.HEADERS:
+            limits = self._limits
+            if self._header_bytes > limits.max_header_bytes:
+                self._refuse(
+                    HeadersTooLarge(
+                        f"The request headers are larger than {limits.max_header_bytes} bytes."
+                    )
+                )
+                return
+            if len(self.headers) > limits.max_headers:
+                self._refuse(self._too_many_headers())
+                return
+        if phase is not self._timer_phase:
+            # A deadline for the phase this read leaves the connection in, if it has one.
+            if phase is _Phase.HEADERS:
+                self._arm(self._limits.header_timeout_seconds)
+            elif phase is _Phase.BODY:
+                self._arm(self._limits.body_timeout_seconds)
+            elif self._timer is not None:  # APP: the application answers
+                self._cancel_timer()
+
+    def _too_many_headers(self) -> HeadersTooLarge:
+        return HeadersTooLarge(
+            f"The request has more than {self._limits.max_headers} header lines."
+        )
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._phase = _Phase.HEADERS
+        self._shared.idle.pop(self, None)
+        self._shared.reading[self] = None  # reading since its first byte: shed order
+
+    def on_headers_complete(self) -> None:
+        if len(self.headers) > self._limits.max_headers:
+            self._refusal = self._too_many_headers()
+            raise _HeaderCountExceeded()  # the parser stops; data_received answers 431
+        self._phase = _Phase.BODY
+        self._header_bytes = 0
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._phase = _Phase.APP
+        self._shared.reading.pop(self, None)
+        super().on_message_complete()
+        if self.cycle.response_complete:
+            # Answered before its body was read (a 413, a 403): now idle. uvicorn's keep-alive
+            # timer was cancelled by the body's reads, so the deadline is ours.
+            self._to_idle()
+            self._arm(self._limits.keepalive_timeout_seconds)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        cycle = self.cycle
+        if cycle.response_complete:
+            if cycle.body:  # a body the application did not read (sent to /healthz, say)
+                cycle.body = bytearray()
+            if self._phase is _Phase.APP:  # not if a pipelined request is being read
+                self._to_idle()
+
+    # --- refusals --------------------------------------------------------------------------
+
+    def _refuse(self, exc: WebhookError) -> None:
+        """Answer ``exc`` in the envelope and close the connection. A request whose
+        application has already started answering cannot get a second answer: closed."""
+        self._shared.refused[exc.code].inc()
+        self._cancel_timer()
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            answer = not cycle.response_started
+            cycle.disconnected = True  # the application's receive() sees a disconnect
+            cycle.message_event.set()
+        else:  # no request yet, the previous one answered, or this one answered early (413)
+            answer = cycle is None or self._phase is not _Phase.BODY
+        if answer:
+            self.transport.write(_refusal_bytes(exc))
+        self._shared.idle.pop(self, None)
+        self._shared.reading.pop(self, None)
+        self.transport.close()
+
+
+def raise_file_limit() -> int | None:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit; the soft limit in force after
+    (``None`` when it is unlimited). A failure leaves the limit as it was (logged)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            logger.warning("server.file_limit_unchanged: soft %s, hard %s: %s", soft, hard, exc)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def server_config(
+    app: Any, settings: Settings, metrics: Metrics, *, host: str, port: int
+) -> LacunaConfig:
+    """The ``uvicorn.Config`` of ``serve``: this module's protocol and limits, proxy headers
+    from ``LACUNA_TRUSTED_PROXIES``, no access log, no Server header. Raises the open-file
+    limit first (``raise_file_limit``) and fits the connection cap under it."""
+    limits = Limits.from_settings(settings, file_limit=raise_file_limit())
+    if limits.max_connections < settings.max_connections:
+        logger.warning(
+            "server.connection_cap_lowered: LACUNA_MAX_CONNECTIONS %d -> %d to fit the"
+            " open-file limit",
+            settings.max_connections,
+            limits.max_connections,
+        )
+    return LacunaConfig(
+        app,
+        shared=_Shared(limits, metrics),
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        proxy_headers=True,
+        forwarded_allow_ips=settings.trusted_proxies,
+        server_header=False,
+        ws="none",  # no WebSocket route: an upgrade request is an ordinary request
+        timeout_keep_alive=settings.keepalive_timeout_seconds,
+        timeout_graceful_shutdown=int(settings.shutdown_timeout_seconds) or 1,
+    )
+
+
+__all__ = [
+    "LacunaConfig",
+    "LimitedHttpToolsProtocol",
+    "Limits",
+    "raise_file_limit",
+    "server_config",
+]

@@ -1,0 +1,423 @@
+"""A real `serve` against hostile and slow clients on raw sockets (docs/http.md).
+
+Timeouts, header caps, the connection cap that sheds idle and slow sockets
+first, HTTP errors in the envelope, memory bounded, keep-alive as configured,
+the commit wait bound, and the sender allowlist behind trusted and untrusted
+proxies.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import json
+import select
+import socket
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import make_event, signed
+from tests.e2e.conftest import Serve
+
+pytestmark = pytest.mark.e2e
+
+
+_OPEN: list[socket.socket] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_sockets() -> Iterator[None]:
+    """Every socket a test opened with ``connect`` is closed after it."""
+    yield
+    while _OPEN:
+        _OPEN.pop().close()
+
+
+def connect(serve: Serve, timeout: float = 10.0) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", serve.port), timeout=timeout)
+    sock.settimeout(timeout)
+    _OPEN.append(sock)
+    return sock
+
+
+def webhook_request(event_id: str) -> bytes:
+    body, headers = signed(make_event(event_id))
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    return (
+        f"POST /webhooks/lacuna HTTP/1.1\r\nHost: t\r\n{head}Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes] | None:
+    """One response (status, headers, body), or ``None`` if the server reset or closed
+    the connection before a whole one arrived."""
+    data = b""
+    try:
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return None
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        length = int(headers.get("content-length", "0"))
+        while len(body) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return None
+            body += chunk
+    except (ConnectionResetError, BrokenPipeError):
+        return None
+    return int(lines[0].split()[1]), headers, body
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """The server closed (or reset) the connection: a read returns EOF."""
+    try:
+        return sock.recv(65536) == b""
+    except ConnectionResetError:
+        return True
+
+
+def envelope_code(response: tuple[int, dict[str, str], bytes] | None) -> tuple[int, str]:
+    assert response is not None, "the server closed the connection without an answer"
+    status, headers, body = response
+    assert headers["content-type"] == "application/json"
+    error = json.loads(body)["error"]
+    assert set(error) == {"type", "code", "message", "param"}
+    return status, error["code"]
+
+
+def rss_kib(serve: Serve, field: str = "VmRSS") -> int:
+    assert serve.proc is not None
+    for line in Path(f"/proc/{serve.proc.pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for serve")
+
+
+def metric(serve: Serve, name: str) -> float:
+    text = httpx.get(f"{serve.base_url}/metrics", timeout=10).text
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def db_env(tmp_path: Path, **env: str) -> dict[str, str]:
+    return {"LACUNA_DATABASE_URL": f"sqlite:///{tmp_path / 'events.db'}", **env}
+
+
+def test_slowloris_headers_get_408_after_the_header_timeout(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """Headers trickled a byte at a time are cut at LACUNA_HEADER_TIMEOUT (a deadline for the
+    whole header, not per byte) with the 408 envelope; a valid webhook still gets 200."""
+    serve = serve_factory(db_env(tmp_path, LACUNA_HEADER_TIMEOUT="1")).start()
+    sock = connect(serve)
+    started = time.monotonic()
+    sock.sendall(b"POST /webhooks/lacuna HTTP/1.1\r\nHost: t\r\n")
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        # A byte every 0.2 s for up to 8 s, until the server answers (after 1 s).
+        while time.monotonic() - started < 8 and not select.select([sock], [], [], 0.2)[0]:
+            sock.sendall(b"X")
+    response = read_response(sock)
+    assert envelope_code(response) == (408, "request_timeout")
+    assert time.monotonic() - started < 6  # cut at the deadline, not by the trickle's end
+    assert closed_by_server(sock)
+    sock.close()
+    assert metric(serve, 'lacuna_webhooks_http_refused_total{reason="request_timeout"}') == 1
+    ok = connect(serve)
+    ok.sendall(webhook_request("evt_after_slowloris"))
+    assert read_response(ok) is not None
+
+
+def test_trickling_body_gets_408_after_the_body_timeout(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """A body sent a byte at a time is cut at LACUNA_BODY_TIMEOUT with the 408 envelope, and
+    nothing is stored."""
+    serve = serve_factory(db_env(tmp_path, LACUNA_BODY_TIMEOUT="1")).start()
+    request = webhook_request("evt_trickle")
+    head, _, body = request.partition(b"\r\n\r\n")
+    sock = connect(serve)
+    sock.sendall(head + b"\r\n\r\n")
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        for byte in body[:20]:
+            sock.sendall(bytes([byte]))
+            time.sleep(0.2)
+    assert envelope_code(read_response(sock)) == (408, "request_timeout")
+    with sqlite3.connect(tmp_path / "events.db") as conn:
+        assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 0
+
+
+def test_header_size_and_count_caps_answer_431(serve_factory: type[Serve], tmp_path: Path) -> None:
+    """Headers over LACUNA_MAX_HEADER_BYTES or more than LACUNA_MAX_HEADERS lines get the 431
+    envelope (or, for a sender still pushing megabytes, a reset after it)."""
+    serve = serve_factory(db_env(tmp_path)).start()
+    many = b"".join(b"X-H%d: a\r\n" % i for i in range(101))
+    sock = connect(serve)
+    sock.sendall(b"POST /webhooks/lacuna HTTP/1.1\r\nHost: t\r\n" + many + b"\r\n")
+    assert envelope_code(read_response(sock)) == (431, "headers_too_large")
+    sock = connect(serve)
+    sock.sendall(b"POST /webhooks/lacuna HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 20_000)
+    assert envelope_code(read_response(sock)) == (431, "headers_too_large")
+    assert metric(serve, 'lacuna_webhooks_http_refused_total{reason="headers_too_large"}') == 2
+
+
+def _push(serve: Serve, prefix: bytes, total: int, block: bytes) -> tuple[int, str] | None:
+    """Send ``prefix`` then ``block`` until ``total`` bytes or the server cuts us off; the
+    answer's (status, code) if one could be read."""
+    sock = connect(serve, timeout=30)
+    sent = 0
+    try:
+        sock.sendall(prefix)
+        while sent < total:
+            sock.sendall(block)
+            sent += len(block)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    response = read_response(sock)
+    sock.close()
+    return envelope_code(response) if response is not None else None
+
+
+def test_huge_and_numerous_headers_do_not_take_memory(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """Ten concurrent unterminated 48 MiB headers, a 16 MiB header and 100,000 headers: each
+    answered 431 or cut, and serve's peak RSS (VmHWM) stays within 64 MiB of where it was."""
+    serve = serve_factory(db_env(tmp_path)).start()
+    for i in range(20):  # warm up: the resident set of a serve that has answered requests
+        sock = connect(serve)
+        sock.sendall(webhook_request(f"evt_warm_{i}"))
+        assert read_response(sock) is not None
+        sock.close()
+    before = rss_kib(serve)
+    block = b"a" * (1 << 20)
+    unterminated = b"POST /webhooks/lacuna HTTP/1.1\r\nHost: t\r\nX-Big: "
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        answers = list(pool.map(lambda _: _push(serve, unterminated, 48 << 20, block), range(10)))
+    answers.append(_push(serve, unterminated, 16 << 20, block))
+    headers = b"".join(b"X-%d: v\r\n" % i for i in range(100_000))
+    answers.append(_push(serve, b"POST /webhooks/lacuna HTTP/1.1\r\nHost: t\r\n" + headers, 0, b""))
+    assert all(a in (None, (431, "headers_too_large")) for a in answers), answers
+    assert any(a is not None for a in answers)  # the envelope does reach some senders
+    peak = rss_kib(serve, "VmHWM")
+    assert peak - before < 64 * 1024, f"RSS grew from {before} KiB to a peak of {peak} KiB"
+    ok = connect(serve)
+    ok.sendall(webhook_request("evt_after_big_headers"))
+    response = read_response(ok)
+    assert response is not None
+    assert response[0] == 200
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        pytest.param(
+            b"POST /webhooks/lacuna HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /x HTTP/1.1\r\n\r\n",
+            id="content-length-and-transfer-encoding",
+        ),
+        pytest.param(
+            b"POST /webhooks/lacuna HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n"
+            b"Content-Length: 5\r\n\r\n0\r\n\r\n",
+            id="transfer-encoding-and-content-length",
+        ),
+        pytest.param(
+            b"POST /webhooks/lacuna HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n"
+            b"Content-Length: 6\r\n\r\nhello!",
+            id="two-content-lengths",
+        ),
+        pytest.param(
+            b"POST /webhooks/lacuna HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"zz\r\nabc\r\n0\r\n\r\n",
+            id="bad-chunk-size",
+        ),
+        pytest.param(b"NOT HTTP AT ALL\r\n\r\n", id="garbage"),
+    ],
+)
+def test_malformed_framing_and_smuggling_get_400_envelope(
+    serve_factory: type[Serve], tmp_path: Path, request_bytes: bytes
+) -> None:
+    """What the HTTP parser refuses (request smuggling shapes, bad chunk sizes) is answered
+    400 ``malformed_request`` in the envelope, and the connection is closed."""
+    serve = serve_factory(db_env(tmp_path)).start()
+    sock = connect(serve)
+    sock.sendall(request_bytes)
+    assert envelope_code(read_response(sock)) == (400, "malformed_request")
+    assert closed_by_server(sock)
+
+
+def test_idle_and_slow_sockets_are_shed_so_valid_webhooks_get_through(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """With the file limit at 256 (so the connection cap is 192), 2,000 idle sockets, 100
+    slowloris sockets and 20 trickling bodies are open; 50 valid signed webhooks sent
+    afterwards on new connections all get 200 (idle and slow connections are closed to
+    make room), and the sheds are counted in /metrics."""
+    serve = serve_factory(db_env(tmp_path))
+    serve.wrapper = ("prlimit", "--nofile=256")
+    serve.start()
+    hostile: list[socket.socket] = []
+    try:
+        for i in range(2_120):
+            sock = socket.create_connection(("127.0.0.1", serve.port), timeout=10)
+            hostile.append(sock)
+            if 2_000 <= i < 2_100:
+                sock.sendall(b"POST /webhooks/lacuna HTTP/1.1\r\nHost: t\r\nX-Slow: ")
+            elif i >= 2_100:
+                sock.sendall(
+                    b"POST /webhooks/lacuna HTTP/1.1\r\nHost: t\r\nContent-Length: 999\r\n\r\n{"
+                )
+        time.sleep(0.5)  # let the server accept the backlog
+        statuses = []
+        for i in range(50):
+            sock = connect(serve)
+            sock.sendall(webhook_request(f"evt_shed_{i:02d}"))
+            response = read_response(sock)
+            statuses.append(response[0] if response else None)
+            sock.close()
+    finally:
+        for sock in hostile:
+            sock.close()
+    assert statuses == [200] * 50
+    assert metric(serve, 'lacuna_webhooks_http_refused_total{reason="idle_shed"}') > 1_000
+    with sqlite3.connect(tmp_path / "events.db") as conn:
+        assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 50
+
+
+def test_keepalive_lasts_the_configured_time(serve_factory: type[Serve], tmp_path: Path) -> None:
+    """An idle kept-alive connection stays usable until LACUNA_KEEPALIVE_TIMEOUT, then the
+    server closes it."""
+    serve = serve_factory(db_env(tmp_path, LACUNA_KEEPALIVE_TIMEOUT="3")).start()
+    sock = connect(serve)
+    sock.sendall(webhook_request("evt_ka_1"))
+    assert read_response(sock) is not None
+    time.sleep(2)
+    sock.sendall(webhook_request("evt_ka_2"))
+    response = read_response(sock)
+    assert response is not None
+    assert response[0] == 200
+    answered = time.monotonic()
+    assert closed_by_server(sock)
+    assert time.monotonic() - answered > 2.5  # not before the timeout (3 s)
+
+
+def test_default_keepalive_outlives_a_60_second_proxy_idle_timeout(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """By default a kept-alive connection is still open after uvicorn's old 5 s (the default is
+    75 s, above the 60 s idle timeout of nginx and common load balancers)."""
+    serve = serve_factory(db_env(tmp_path)).start()
+    sock = connect(serve)
+    sock.sendall(webhook_request("evt_ka_default_1"))
+    assert read_response(sock) is not None
+    time.sleep(6)
+    sock.sendall(webhook_request("evt_ka_default_2"))
+    response = read_response(sock)
+    assert response is not None
+    assert response[0] == 200
+
+
+def test_commit_wait_is_bounded_by_lacuna_commit_timeout(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """While another process holds the SQLite write lock, a webhook gets 503
+    store_unavailable with Retry-After after LACUNA_COMMIT_TIMEOUT (1 s), well before
+    SQLite's 5 s busy timeout; once the lock is released the retry gets 200 (a duplicate if
+    the first commit went through after its 503)."""
+    serve = serve_factory(db_env(tmp_path, LACUNA_COMMIT_TIMEOUT="1")).start()
+    holder = sqlite3.connect(tmp_path / "events.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        body, headers = signed(make_event("evt_locked"))
+        started = time.monotonic()
+        response = httpx.post(serve.webhook_url, content=body, headers=headers, timeout=30)
+        waited = time.monotonic() - started
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "store_unavailable"
+    assert response.headers["retry-after"].isdigit()
+    assert waited < 4
+    retry = httpx.post(serve.webhook_url, content=body, headers=headers, timeout=30)
+    assert retry.status_code == 200, retry.text
+
+
+# --- LACUNA_ALLOWED_SOURCE_IPS ---------------------------------------------------------------
+
+
+def post_from(serve: Serve, event_id: str, forwarded_for: str | None) -> httpx.Response:
+    body, headers = signed(make_event(event_id))
+    if forwarded_for is not None:
+        headers["x-forwarded-for"] = forwarded_for
+    return httpx.post(serve.webhook_url, content=body, headers=headers, timeout=10)
+
+
+def test_allowlist_behind_a_trusted_proxy_uses_the_forwarded_client(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """Behind a trusted proxy (the peer 127.0.0.1 is in LACUNA_TRUSTED_PROXIES) the
+    X-Forwarded-For client is checked: inside the list → 200, outside or absent → 403
+    source_not_allowed, counted in /metrics."""
+    serve = serve_factory(
+        db_env(
+            tmp_path,
+            LACUNA_TRUSTED_PROXIES="127.0.0.1",
+            LACUNA_ALLOWED_SOURCE_IPS="203.0.113.0/24, 2001:db8::/32",
+        )
+    ).start()
+    assert post_from(serve, "evt_allow_1", "203.0.113.9").status_code == 200
+    assert post_from(serve, "evt_allow_2", "2001:db8::7").status_code == 200
+    for i, forwarded in enumerate(["198.51.100.7", None, "not-an-address"]):
+        refused = post_from(serve, f"evt_refused_{i}", forwarded)
+        assert refused.status_code == 403
+        assert refused.json()["error"]["code"] == "source_not_allowed"
+    assert metric(serve, 'lacuna_webhooks_received_total{outcome="source_not_allowed"}') == 3
+
+
+def test_allowlist_ignores_a_spoofed_forwarded_for_from_an_untrusted_peer(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """A peer that is not a trusted proxy cannot claim an allowed address with X-Forwarded-For:
+    its own address is checked."""
+    serve = serve_factory(
+        db_env(
+            tmp_path,
+            LACUNA_TRUSTED_PROXIES="192.0.2.1",
+            LACUNA_ALLOWED_SOURCE_IPS="203.0.113.0/24",
+        )
+    ).start()
+    spoofed = post_from(serve, "evt_spoof", "203.0.113.9")
+    assert spoofed.status_code == 403
+    assert spoofed.json()["error"]["code"] == "source_not_allowed"
+    with sqlite3.connect(tmp_path / "events.db") as conn:
+        assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 0
+
+
+def test_allowlist_refuses_before_the_body_is_read(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """A refused sender gets its 403 while its announced body has not been sent at all."""
+    serve = serve_factory(
+        db_env(tmp_path, LACUNA_TRUSTED_PROXIES="192.0.2.1", LACUNA_ALLOWED_SOURCE_IPS="10.0.0.0/8")
+    ).start()
+    sock = connect(serve)
+    sock.sendall(
+        b"POST /webhooks/lacuna HTTP/1.1\r\nHost: t\r\nContent-Length: 500000\r\n"
+        b"x-lacuna-signature: t=1,v1=00\r\n\r\n"
+    )
+    assert envelope_code(read_response(sock)) == (403, "source_not_allowed")
+    allowed = serve_factory(
+        db_env(tmp_path, LACUNA_TRUSTED_PROXIES="192.0.2.1", LACUNA_ALLOWED_SOURCE_IPS="127.0.0.1")
+    ).start()
+    assert post_from(allowed, "evt_local", "198.51.100.7").status_code == 200
