@@ -103,8 +103,11 @@ else
     rm -rf "$WHEELS"
     mkdir -p "$WHEELS"
     # The host's pip configuration may name extra local indexes that lack some projects; pip
-    # says so once per project, which is noise here.
-    if ! "$PYTHON" -m pip wheel --quiet --wheel-dir "$WHEELS" "${ROOT}[postgres,brokers]" hatchling 2>&1 |
+    # says so once per project, which is noise here. async-timeout: redis needs it below
+    # Python 3.11.3, which the image's Debian Python is and the host's may not be, so the
+    # host's pip would leave it out of the wheelhouse.
+    if ! "$PYTHON" -m pip wheel --quiet --wheel-dir "$WHEELS" "${ROOT}[postgres,brokers]" hatchling \
+        "async-timeout>=4.0.3" 2>&1 |
         { grep -v -E "^WARNING: Location '.*' is ignored" || true; } >&2; then
         die "pip wheel failed"
     fi
