@@ -32,6 +32,9 @@ if TYPE_CHECKING:
     from .plugins import HandlerSet
 
 PROG = "lacuna-webhooks"
+#: Largest ``--limit`` of the list commands (the admin API's bound, SPEC §9, is 500); a
+#: bound at all keeps a huge number from overflowing the database's integer.
+MAX_LIST_LIMIT = 100_000
 T = TypeVar("T")
 
 
@@ -352,6 +355,10 @@ def _send(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
     if not args.url.startswith(("http://", "https://")):
         raise CommandError(f"--url must start with http:// or https://, got {args.url!r}", 2)
+    try:
+        httpx.URL(args.url)
+    except httpx.InvalidURL as exc:
+        raise CommandError(f"--url {redact_url(args.url)!r} is not a valid URL: {exc}", 2) from None
     secret, secret_name = _send_secret(args, environ)
     try:
         assignments = [parse_assignment(text) for text in args.set or []]
@@ -490,6 +497,17 @@ def _print_json(value: Any) -> None:
     print(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode())
 
 
+def _stored_payload(raw: bytes) -> Any:
+    """A stored body to print: parsed, or as it is when orjson could not write it back out
+    (a body nested deeper than orjson writes, accepted before ``MAX_JSON_DEPTH``)."""
+    payload = orjson.loads(raw)
+    try:
+        orjson.dumps(payload)
+    except TypeError:
+        return orjson.Fragment(raw)
+    return payload
+
+
 def _deliveries_table(records: Sequence[DeliveryRecord], now: datetime) -> str:
     return _table(
         [
@@ -542,7 +560,7 @@ def _events(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         raise CommandError(f"no event {args.event_id!r} in the store")
     if args.json:
         doc = _event_json(record)
-        doc["payload"] = orjson.loads(record.raw)
+        doc["payload"] = _stored_payload(record.raw)
         doc["deliveries"] = [
             {
                 **_delivery_json(d, now),
@@ -573,7 +591,7 @@ def _events(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
                 f" ({a.duration_seconds * 1000:.0f} ms){error}"
             )
     print("\npayload")
-    print(orjson.dumps(orjson.loads(record.raw), option=orjson.OPT_INDENT_2).decode())
+    print(orjson.dumps(_stored_payload(record.raw), option=orjson.OPT_INDENT_2).decode())
     return 0
 
 
@@ -763,11 +781,11 @@ def build_parser() -> argparse.ArgumentParser:
     events = sub.add_parser("events", help="list or show stored events")
     events_sub = events.add_subparsers(dest="events_command", required=True, parser_class=_Parser)
     events_list = events_sub.add_parser("list", help="newest first")
-    events_list.add_argument("--limit", type=_positive, default=50)
+    events_list.add_argument("--limit", type=_bounded(MAX_LIST_LIMIT), default=50)
     events_list.add_argument("--type", help="only this event type")
     events_list.add_argument("--json", action="store_true", help="machine-readable output")
     events_show = events_sub.add_parser("show", help="one event, its deliveries and attempts")
-    events_show.add_argument("event_id")
+    events_show.add_argument("event_id", type=_event_id)
     events_show.add_argument("--json", action="store_true", help="machine-readable output")
 
     deliveries = sub.add_parser("deliveries", help="list deliveries")
@@ -777,12 +795,12 @@ def build_parser() -> argparse.ArgumentParser:
     deliveries_list = deliveries_sub.add_parser("list", help="newest first")
     deliveries_list.add_argument("--status", choices=[s.value for s in DeliveryStatus])
     deliveries_list.add_argument("--handler")
-    deliveries_list.add_argument("--event", help="only this event id")
-    deliveries_list.add_argument("--limit", type=_positive, default=50)
+    deliveries_list.add_argument("--event", type=_event_id, help="only this event id")
+    deliveries_list.add_argument("--limit", type=_bounded(MAX_LIST_LIMIT), default=50)
     deliveries_list.add_argument("--json", action="store_true", help="machine-readable output")
 
     replay = sub.add_parser("replay", help="deliver a stored event again")
-    replay.add_argument("event_id")
+    replay.add_argument("event_id", type=_event_id)
     replay.add_argument(
         "--handler", action="append", help="only this handler (repeatable; default: all of its)"
     )

@@ -138,6 +138,12 @@ def test_handlers_lists_builtins(capsys: pytest.CaptureFixture[str]) -> None:
     ("argv", "message"),
     [
         (["events", "list", "--limit", "0"], "--limit: must be greater than 0"),
+        # Past SQLite's 64-bit integer: once an OverflowError traceback.
+        (["events", "list", "--limit", "9" * 30], "--limit: must be at most 100000"),
+        (["deliveries", "list", "--limit", "9223372036854775808"], "must be at most 100000"),
+        (["deliveries", "list", "--event", ""], "--event: must be a non-empty id"),
+        (["events", "show", "x" * 100_000], "event_id: must be a non-empty id of at most 255"),
+        (["replay", ""], "event_id: must be a non-empty id"),
         (["events"], "required"),
         (["deliveries", "list", "--status", "weird"], "invalid choice"),
         (["serve", "--port", "99999"], "must be a port"),
@@ -201,6 +207,8 @@ def test_send_to_nothing_is_one_line(capsys: pytest.CaptureFixture[str]) -> None
         (["--secret-index", "3"], "--secret-index 3: --secret holds 1 secret(s)"),
         (["--secret-index", "0"], "--secret-index: must be greater than 0"),
         (["--url", "ftp://x"], "--url must start with http:// or https://"),
+        # httpx.InvalidURL is no httpx.HTTPError: this was a traceback.
+        (["--url", "http://[::1"], "is not a valid URL: Invalid port"),
     ],
 )
 def test_send_bad_arguments_are_one_line_and_exit_2(
@@ -254,3 +262,29 @@ def test_worker_refuses_what_it_cannot_run(
     with exit 2 and one line, before touching any database."""
     assert main(["worker"], env) == 2
     assert capsys.readouterr().err.strip() == expected
+
+
+def test_events_show_prints_a_payload_nested_past_what_orjson_writes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A body nested 300 levels (stored before intake bounded nesting, MAX_JSON_DEPTH) is
+    shown by ``events show`` and ``events show --json`` as stored: orjson writes at most
+    254 levels, and this was a ``TypeError: Recursion limit reached`` traceback."""
+    url = f"sqlite:///{tmp_path / 'deep.db'}"
+    depth = 300
+    raw = b'{"id":"evt_deep","type":"job.completed","x":' + b"[" * depth + b"]" * depth + b"}"
+
+    async def fill() -> None:
+        store = open_store(url)
+        await store.open()
+        event = Event.from_body(raw, max_depth=None)
+        await store.accept(event, [], now=datetime.now(UTC))
+        await store.close()
+
+    asyncio.run(fill())
+    env = {"LACUNA_DATABASE_URL": url}
+    assert main(["events", "show", "evt_deep"], env) == 0
+    assert "[" * depth in capsys.readouterr().out
+    assert main(["events", "show", "evt_deep", "--json"], env) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["payload"]["id"] == "evt_deep"

@@ -210,3 +210,29 @@ async def test_stop_releases_and_the_next_process_delivers(
         assert (row.status, row.attempts) == (DeliveryStatus.DONE, 1)
     finally:
         await reopened.close()
+
+
+async def test_deeply_nested_event_crosses_the_writer_process(
+    sqlite_url: str, clock: FakeClock
+) -> None:
+    """An event nested 1000 levels (orjson parses up to 1024; intake now refuses more than
+    MAX_JSON_DEPTH, but older rows hold such bodies) is claimed through the SQLite writer
+    *process* and delivered, and the dispatcher goes on with the next event. Pickling the
+    parsed tree once failed ("unpicklable reply: maximum recursion depth exceeded") and
+    stopped the dispatcher for every event."""
+    store = open_store(sqlite_url, sqlite_process=True)
+    await store.open()
+    try:
+        depth = 1000
+        raw = b'{"id":"evt_deep","type":"job.completed","x":' + b"[" * depth + b"]" * depth
+        deep = Event.from_body(raw + b"}", max_depth=None)
+        assert await store.accept(deep, ["recorder"], now=clock())
+        plain = await accept(store, clock)
+        handler = RecordingHandler()
+        d = dispatcher(store, [handler], clock)
+        async with running(d):
+            await d.drain()
+        assert sorted(e.id for e in handler.calls) == sorted(["evt_deep", plain.id])
+        assert next(e for e in handler.calls if e.id == "evt_deep").raw == deep.raw
+    finally:
+        await store.close()
