@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
 
-from .config import HANDLER_NAME_RE, parse_list, read_setting
+from .config import HANDLER_NAME_RE, MAX_TIMEOUT_SECONDS, parse_list, read_setting
 from .errors import ConfigError
 from .handlers.base import Handler, HandlerContext, HandlerFactory
 from .redact import redact_text
@@ -161,4 +161,7 @@ def _handler_timeout(name: str, environ: Mapping[str, str], default: float) -> f
         raise ConfigError(f"{var} must be a number of seconds, got {raw!r}") from None
     if not value > 0 or value == float("inf"):
         raise ConfigError(f"{var} must be a finite number of seconds greater than 0")
+    if value > MAX_TIMEOUT_SECONDS:
+        # Its lease would overflow a timedelta and stop the dispatcher.
+        raise ConfigError(f"{var} must be at most {MAX_TIMEOUT_SECONDS:.0f} seconds, got {raw!r}")
     return value

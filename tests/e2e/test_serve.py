@@ -130,6 +130,20 @@ def run_cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedP
             "LACUNA_RECORDER_PATH is required",
         ),
         ({"LACUNA_WEBHOOK_SECRET": "s", "LACUNA_DATABASE_URL": "mysql://x"}, "LACUNA_DATABASE_URL"),
+        # These started, then broke: an OverflowError traceback at start, a dispatcher that
+        # stopped on its first claim (the lease overflowed a timedelta).
+        (
+            {"LACUNA_WEBHOOK_SECRET": "s", "LACUNA_RETENTION_DAYS": "1e300"},
+            "LACUNA_RETENTION_DAYS must be at most 36500",
+        ),
+        (
+            {"LACUNA_WEBHOOK_SECRET": "s", "LACUNA_HANDLER_TIMEOUT": "1e300"},
+            "LACUNA_HANDLER_TIMEOUT must be at most 86400",
+        ),
+        (
+            {"LACUNA_WEBHOOK_SECRET": "s", "LACUNA_HANDLERS": "log", "LACUNA_LOG_TIMEOUT": "1e300"},
+            "LACUNA_LOG_TIMEOUT must be at most 86400 seconds",
+        ),
     ],
 )
 def test_serve_refuses_bad_settings_with_one_line(
