@@ -236,3 +236,36 @@ async def test_deeply_nested_event_crosses_the_writer_process(
         assert next(e for e in handler.calls if e.id == "evt_deep").raw == deep.raw
     finally:
         await store.close()
+
+
+class _ClaimFailsOnce:
+    """The real SQLite store, except that its first ``claim`` raises a bug's exception."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.failed = False
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+    async def claim(self, **kwargs: object) -> object:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("unpicklable reply: a store bug")
+        return await self._store.claim(**kwargs)  # type: ignore[arg-type]
+
+
+async def test_an_unexpected_claim_error_does_not_stop_dispatching(
+    store: Store, clock: FakeClock
+) -> None:
+    """A claim that raises something other than StoreUnavailable (a store bug) is logged and
+    retried after a backoff; the dispatcher goes on and delivers. It once ended the loop
+    ("dispatcher.crashed") and nothing was delivered again until a restart."""
+    event = await accept(store, clock)
+    flaky = _ClaimFailsOnce(store)
+    handler = RecordingHandler()
+    d = dispatcher(flaky, [handler], clock)  # type: ignore[arg-type]
+    async with running(d):
+        await wait_until(lambda: bool(handler.calls), within_seconds=10)
+    assert flaky.failed
+    assert [e.id for e in handler.calls] == [event.id]
