@@ -8,7 +8,8 @@ then, by the event id's prefix:
 - ``evt_sleep_``: ``time.sleep(LACUNA_MISBEHAVING_BLOCK)``, blocking its event loop;
 - ``evt_spin_``: a CPU loop for ``LACUNA_MISBEHAVING_BLOCK`` seconds, never yielding;
 - ``evt_raise_<Name>``: raises ``SystemExit(0)``, ``KeyboardInterrupt``,
-  ``GeneratorExit``, ``CancelledError`` or ``Custom`` (a ``BaseException`` subclass);
+  ``GeneratorExit``, ``CancelledError``, ``Custom`` (a ``BaseException`` subclass) or
+  ``Unprintable`` (an exception whose ``__str__`` raises);
 - ``evt_exit_``: ``os._exit(3)``, as a crash would;
 - ``evt_hang_``: ``await asyncio.sleep(3600)`` (cooperative, until cut off or killed);
 - anything else: succeeds.
@@ -28,12 +29,20 @@ class Custom(BaseException):
     """A plugin's own BaseException subclass."""
 
 
+class Unprintable(Exception):
+    """An exception whose ``__str__`` itself raises."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("__str__ exploded")
+
+
 RAISES: dict[str, BaseException] = {
     "SystemExit": SystemExit(0),
     "KeyboardInterrupt": KeyboardInterrupt(),
     "GeneratorExit": GeneratorExit(),
     "CancelledError": asyncio.CancelledError(),
     "Custom": Custom("a plugin's own BaseException"),
+    "Unprintable": Unprintable(),
 }
 
 

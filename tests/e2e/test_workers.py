@@ -118,13 +118,22 @@ def test_a_blocking_handler_stalls_neither_intake_nor_healthz(
 def test_every_base_exception_is_an_attempt_outcome(
     serve_factory: type[Serve], tmp_path: Path
 ) -> None:
-    """SystemExit(0), KeyboardInterrupt, GeneratorExit, CancelledError and a BaseException
-    subclass raised by handle() are each recorded as a failed attempt and retried; serve and
-    the handler's worker process keep running."""
+    """SystemExit(0), KeyboardInterrupt, GeneratorExit, CancelledError, a BaseException
+    subclass and an exception that cannot be printed, raised by handle(), are each recorded
+    as a failed attempt and retried; serve and the handler's worker process keep running."""
     serve = serve_factory(plugin_env(tmp_path, LACUNA_RETRY_MAX_ATTEMPTS="2")).start()
     wait_until(lambda: handler_workers(serve), what="the handler worker")
     workers = handler_workers(serve)
-    names = ["SystemExit", "KeyboardInterrupt", "GeneratorExit", "CancelledError", "Custom"]
+    names = [
+        "SystemExit",
+        "KeyboardInterrupt",
+        "GeneratorExit",
+        "CancelledError",
+        "Custom",
+        # Its __str__ raises: describe_error raised in turn, the attempt never answered and
+        # the delivery stayed running until its worker process was replaced.
+        "Unprintable",
+    ]
     for name in names:
         assert send(serve, f"evt_raise_{name}").status_code == 200
     for name in names:
