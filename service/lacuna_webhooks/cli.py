@@ -89,7 +89,7 @@ def _handlers_of(settings: Settings) -> HandlerSet:
     )
     log_secret_warnings(settings)
     try:
-        return build_handlers(
+        built = build_handlers(
             settings.handlers,
             settings.environ,
             allow_private_urls=settings.allow_private_urls,
@@ -97,6 +97,8 @@ def _handlers_of(settings: Settings) -> HandlerSet:
         )
     except ConfigError as exc:
         raise CommandError(f"configuration: {exc}", exit_code=2) from None
+    # Each handler runs (and is closed) in its worker process; these copies are not used.
+    return built.without_instances()
 
 
 async def _open_service_store(settings: Settings, handlers: HandlerSet) -> Store:

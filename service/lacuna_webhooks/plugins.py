@@ -11,15 +11,19 @@ may also come from a file named by ``LACUNA_<NAME>_<KEY>_FILE``.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
 
+import structlog
+
 from .config import HANDLER_NAME_RE, MAX_TIMEOUT_SECONDS, parse_list, read_setting
 from .errors import ConfigError
 from .handlers.base import Handler, HandlerContext, HandlerFactory
+from .models import Event
 from .redact import redact_text
 
 ENTRY_POINT_GROUP = "lacuna_webhooks.handlers"
@@ -105,9 +109,50 @@ class HandlerSet:
             name for name, types in self.filters.items() if types is None or event_type in types
         ]
 
+    def without_instances(self) -> HandlerSet:
+        """The same names, filters and timeouts, holding no handler object.
+
+        For a process whose handlers run in worker processes of their own (``serve``,
+        ``worker``): its copies were built only to check the settings and learn the
+        filters, and are dropped unused, so their ``aclose`` never runs here. A plugin's
+        ``aclose`` that blocked (``time.sleep``) once hung ``serve`` at shutdown forever.
+        """
+        return HandlerSet(
+            {name: _RunsElsewhere(name) for name in self.handlers},
+            self.filters,
+            self.timeouts,
+        )
+
     async def aclose(self) -> None:
-        for handler in self.handlers.values():
-            await handler.aclose()
+        """Close every handler; one that fails or hangs past ``ACLOSE_TIMEOUT_SECONDS`` is
+        logged and the others are closed all the same."""
+        for name, handler in self.handlers.items():
+            try:
+                async with asyncio.timeout(ACLOSE_TIMEOUT_SECONDS):
+                    await handler.aclose()
+            except Exception as exc:
+                structlog.get_logger("lacuna_webhooks.plugins").warning(
+                    "handler.aclose_failed", handler=name, error=redact_text(repr(exc))[:500]
+                )
+
+
+#: How long one handler's ``aclose`` may take when a ``HandlerSet`` is closed.
+ACLOSE_TIMEOUT_SECONDS = 5.0
+
+
+class _RunsElsewhere:
+    """Stands for a handler that runs in a worker process: nothing to call or close here."""
+
+    events: frozenset[str] | None = None
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    async def handle(self, event: Event) -> None:
+        raise RuntimeError(f"the {self.name!r} handler runs in its worker process")
+
+    async def aclose(self) -> None:
+        return None
 
 
 def build_handlers(

@@ -53,6 +53,7 @@ class Misbehaving:
     def __init__(self, ctx: HandlerContext) -> None:
         self.path = Path(ctx.require("PATH"))
         self.block_seconds = float(ctx.get("BLOCK", "60") or 60)
+        self.aclose_block_seconds = float(ctx.get("ACLOSE_BLOCK", "0") or 0)
 
     async def handle(self, event: Event) -> None:
         with self.path.open("a") as fh:
@@ -71,7 +72,8 @@ class Misbehaving:
             await asyncio.sleep(3600)
 
     async def aclose(self) -> None:
-        return None
+        # LACUNA_MISBEHAVING_ACLOSE_BLOCK: block the event loop for that long while closing.
+        time.sleep(self.aclose_block_seconds)  # noqa: ASYNC251 - blocking is the point
 
 
 def started(path: Path) -> list[tuple[str, int]]:

@@ -221,6 +221,23 @@ def test_sigterm_exits_0_releases_the_attempt_and_leaves_no_child(
     assert (row["status"], row["attempts"]) == ("pending", 0)
 
 
+def test_sigterm_exits_0_when_a_handler_aclose_blocks(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """A plugin whose aclose() blocks its event loop for an hour: SIGTERM still ends serve
+    with 0 and no child left. serve used to close its own (unused) copy of each handler on
+    its main loop at shutdown and hung there until SIGKILL."""
+    out = tmp_path / "started.txt"
+    env = plugin_env(tmp_path, LACUNA_SHUTDOWN_TIMEOUT="1", LACUNA_MISBEHAVING_ACLOSE_BLOCK="3600")
+    serve = serve_factory(env).start()
+    assert send(serve, "evt_ok_close").status_code == 200
+    wait_until(lambda: "evt_ok_close" in started_ids(out), what="the attempt to start")
+    kids = children(serve)
+    serve.signal(signal.SIGTERM)
+    assert serve.wait(timeout=60) == 0
+    assert all(process_exited(pid) for pid in kids)
+
+
 def test_worker_refuses_sqlite_with_one_line(tmp_path: Path) -> None:
     """On SQLite `worker` refuses (serve dispatches there, so the database keeps one writer)."""
     result = subprocess.run(
