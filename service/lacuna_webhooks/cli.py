@@ -157,9 +157,18 @@ def _serve(environ: Mapping[str, str], host: str | None, port: int | None) -> in
             # uvicorn re-raises the signal that stopped it once it has shut down; after a
             # graceful drain a SIGTERM should end the process with 0, not "killed by signal".
             signal.signal(signal.SIGTERM, lambda signum, frame: None)
-            await server.serve()
+            try:
+                await server.serve()
+            except SystemExit:
+                # uvicorn logs why (an unknown host, a port in use) and exits 3 itself; end
+                # with the one line that names the settings instead.
+                if server.started:
+                    raise
             if not server.started:
-                raise CommandError(f"could not listen on {config.host}:{config.port} (HOST, PORT)")
+                raise CommandError(
+                    f"could not listen on {config.host}:{config.port} (HOST, PORT): "
+                    "the reason is logged just above"
+                )
         finally:
             await store.close()
 
