@@ -179,10 +179,11 @@ def build_handlers(
                 timeout_seconds=_handler_timeout(name, environ, timeout_seconds),
             )
             handler = factory(ctx)
+            default_events = _check_handler(item, handler)
             handler.name = name
             handlers[name] = handler
             timeouts[name] = ctx.timeout_seconds
-            filters[name] = parse_events(ctx.get("EVENTS"), getattr(handler, "events", None))
+            filters[name] = parse_events(ctx.get("EVENTS"), default_events)
         except ConfigError as exc:
             problems.extend(exc.problems)
         except Exception as exc:  # the plugin boundary: a factory's bug becomes one clear line
@@ -193,6 +194,32 @@ def build_handlers(
     if problems:
         raise ConfigError(problems)
     return HandlerSet(handlers, filters, timeouts)
+
+
+def _check_handler(item: str, handler: object) -> frozenset[str] | None:
+    """The handler's default subscription; ``ConfigError`` (one line) unless ``handler`` has
+    callable ``handle`` and ``aclose`` and an ``events`` that is ``None`` or a collection of
+    event type strings. Checked at start: such a plugin once started, then failed every
+    attempt, or (a bad ``events``) answered every webhook with a 500."""
+    missing = [m for m in ("handle", "aclose") if not callable(getattr(handler, m, None))]
+    if missing:
+        raise ConfigError(
+            f"LACUNA_HANDLERS: {item!r} built a {type(handler).__name__}, which is not a "
+            f"handler: it has no {' or '.join(m + '()' for m in missing)} method "
+            "(docs/plugins.md)"
+        )
+    events = getattr(handler, "events", None)
+    if events is None:
+        return None
+    if isinstance(events, str | bytes) or not isinstance(events, Iterable):
+        events = [events]  # refused below unless every item is a string
+    types = list(events)
+    if not all(isinstance(t, str) for t in types):
+        raise ConfigError(
+            f"LACUNA_HANDLERS: the {item!r} handler's events must be None or a set of event "
+            f"type strings, got {getattr(handler, 'events', None)!r}"
+        )
+    return frozenset(types)
 
 
 def _handler_timeout(name: str, environ: Mapping[str, str], default: float) -> float:

@@ -46,6 +46,28 @@ def plugin_module(tmp_path: Path) -> Iterator[str]:
 
                 def __init__(self, ctx):
                     raise ConfigError(ctx.env_name("MODE") + " must be fast or slow")
+
+            class NoHandle:
+                name = "nohandle"
+                events = None
+
+                def __init__(self, ctx):
+                    pass
+
+                async def aclose(self):
+                    return None
+
+            class BadEvents(Hook):
+                events = 5
+
+                def __init__(self, ctx):
+                    pass
+
+            class OneEvent(Hook):
+                events = "job.failed"
+
+                def __init__(self, ctx):
+                    pass
             """
         )
     )
@@ -245,3 +267,18 @@ def test_without_instances_keeps_names_filters_and_timeouts(plugin_module: str) 
     assert kept.subscribers("job.completed") == []
     assert kept.timeouts == built.timeouts == {"hook": 2.5}
     assert all(type(h).__name__ == "_RunsElsewhere" for h in kept.handlers.values())
+
+
+def test_an_object_that_is_not_a_handler_is_refused_at_start(plugin_module: str) -> None:
+    """A factory whose object lacks handle() (or aclose()) or whose ``events`` is not event
+    type strings stops the start with one line each. Such a plugin used to start: every
+    attempt then failed, and an ``events = 5`` made intake answer every webhook with a 500."""
+    with pytest.raises(ConfigError) as info:
+        build_handlers([f"{plugin_module}:NoHandle", f"{plugin_module}:BadEvents"], {})
+    first, second = info.value.problems
+    assert "built a NoHandle, which is not a handler: it has no handle() method" in first
+    assert "events must be None or a set of event type strings, got 5" in second
+    # A single type given as a string is one type, not its characters.
+    one = build_handlers([f"{plugin_module}:OneEvent"], {})
+    assert one.subscribers("job.failed") == ["hook"]  # its name attribute, inherited
+    assert one.subscribers("job.completed") == []
