@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -288,3 +289,35 @@ def test_events_show_prints_a_payload_nested_past_what_orjson_writes(
     assert main(["events", "show", "evt_deep", "--json"], env) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["payload"]["id"] == "evt_deep"
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (
+            lambda d: (d / "bad.env").write_bytes(b"LACUNA_WEBHOOK_SECRET=\xff\n") and "bad.env",
+            "bad.env is not UTF-8 text",
+        ),
+        (lambda d: (d / "dir.env").mkdir() or "dir.env", "cannot read dir.env: Is a directory"),
+        (
+            lambda d: "no-such-dir/x.env",
+            "cannot write no-such-dir/x.env: No such file or directory",
+        ),
+    ],
+    ids=["not-utf8", "a-directory", "unwritable"],
+)
+def test_dev_with_an_unusable_env_file_is_one_line(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    make: Callable[[Path], str],
+    message: str,
+) -> None:
+    """``dev --env-file`` that cannot be read or written (not UTF-8, a directory, a missing
+    folder) is one ``--env-file`` line and exit 2, before anything listens; each was a
+    traceback (UnicodeDecodeError, IsADirectoryError, FileNotFoundError)."""
+    monkeypatch.chdir(tmp_path)
+    name = make(tmp_path)
+    assert main(["dev", "--env-file", name], {"PORT": "1"}) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"lacuna-webhooks: error: --env-file: {message}"]
