@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 import orjson
 
 from . import __version__
-from .config import Settings, parse_list, read_setting
+from .config import MAX_BODY_BYTES, Settings, parse_list, read_setting
 from .errors import ConfigError, EventNotFound, LacunaError, StoreUnavailable
 from .models import MAX_ID_LENGTH, MAX_TYPE_LENGTH, DeliveryStatus
 from .redact import mask_secrets, redact_url, remember_secrets, secret_values
@@ -349,10 +349,18 @@ def _send_template(args: argparse.Namespace) -> tuple[bytes | None, dict[str, An
     """(exact bytes to send, or None) and (a JSON object to copy and edit per request, or None)."""
     edits = bool(args.set or args.id or args.type)
     if args.file:
+        limit = MAX_BODY_BYTES  # LACUNA_MAX_BODY_BYTES's own bound: no receiver takes more
         try:
-            body = Path(args.file).read_bytes() if args.file != "-" else sys.stdin.buffer.read()
+            if args.file == "-":
+                body = sys.stdin.buffer.read(limit + 1)
+            else:
+                with open(args.file, "rb") as fh:
+                    body = fh.read(limit + 1)
         except OSError as exc:
             raise CommandError(f"cannot read --file: {exc.strerror}: {args.file}", 2) from None
+        if len(body) > limit:
+            # /dev/zero or a wrong file: once read whole into memory, without end.
+            raise CommandError(f"--file {args.file} is larger than {limit} bytes", 2)
         if not edits:
             return body, None
         try:

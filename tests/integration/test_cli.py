@@ -182,6 +182,18 @@ def test_send_with_unreadable_file(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "cannot read --file" in capsys.readouterr().err
 
 
+def test_send_with_an_endless_file_stops_at_the_body_bound(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``send --file /dev/zero`` reads at most the largest body any receiver accepts and says
+    so in one line, exit 2; it used to read forever into memory."""
+    argv = ["send", "--url", "http://127.0.0.1:9/x", "--secret", "s", "--file", "/dev/zero"]
+    assert main(argv, {}) == 2
+    assert capsys.readouterr().err == (
+        "lacuna-webhooks: error: --file /dev/zero is larger than 104857600 bytes\n"
+    )
+
+
 def test_send_to_nothing_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["send", "--url", "http://127.0.0.1:9/webhooks/lacuna", "--secret", "s"], {}) == 1
     err = capsys.readouterr().err
