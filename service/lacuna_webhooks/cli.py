@@ -484,9 +484,19 @@ def _iso(value: datetime | None) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if value else "-"
 
 
+def _shown(text: str) -> str:
+    """``text`` for a terminal: control characters (a newline, an ESC starting a terminal
+    escape sequence) written as ``\\n``, ``\\x1b``. Ids, types and errors come from the
+    sender and from handlers; printed raw they forged table rows and drove the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _table(rows: Sequence[Sequence[str]], headers: Sequence[str]) -> str:
     if not rows:
         return "(none)"
+    rows = [[_shown(cell) for cell in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
     lines = ["  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
@@ -609,13 +619,14 @@ def _events(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         ]
         _print_json(doc)
         return 0
-    print(f"event     {record.id}\ntype      {record.type}\ntask      {record.task_id or '-'}")
+    print(f"event     {_shown(record.id)}\ntype      {_shown(record.type)}")
+    print(f"task      {_shown(record.task_id or '-')}")
     print(f"received  {_iso(record.received_at)}" + ("  (superseded)" if record.superseded else ""))
     print("\ndeliveries")
     print(_deliveries_table(deliveries, now))
     for d in deliveries:
         for a in attempts[d.id]:
-            error = f"  {a.error}" if a.error else ""
+            error = f"  {_shown(a.error)}" if a.error else ""
             print(
                 f"  {d.handler} attempt {a.attempt}: {a.outcome.value} at {_iso(a.started_at)}"
                 f" ({a.duration_seconds * 1000:.0f} ms){error}"

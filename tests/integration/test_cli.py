@@ -333,3 +333,34 @@ def test_dev_with_an_unusable_env_file_is_one_line(
     assert main(["dev", "--env-file", name], {"PORT": "1"}) == 2
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [f"lacuna-webhooks: error: --env-file: {message}"]
+
+
+def test_listings_write_control_characters_escaped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An id and type holding a newline and a terminal escape (ESC) are printed escaped by
+    ``events list`` and ``events show``: one table row, no raw control character. Printed
+    raw, a sender's id forged extra rows and drove the operator's terminal."""
+    url = f"sqlite:///{tmp_path / 'ctl.db'}"
+    event_id = "evt_x\nevt_forged  job.completed \x1b[31mRED"
+    raw = orjson.dumps({"id": event_id, "type": "job.completed\r\nX"})
+
+    async def fill() -> None:
+        store = open_store(url)
+        await store.open()
+        await store.accept(Event.from_body(raw), [], now=datetime.now(UTC))
+        await store.close()
+
+    asyncio.run(fill())
+    env = {"LACUNA_DATABASE_URL": url}
+    assert main(["events", "list"], env) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out
+    assert len(out.strip().splitlines()) == 2  # the header and one row
+    assert "evt_x\\nevt_forged  job.completed \\x1b[31mRED" in out
+    assert main(["events", "show", event_id], env) == 0
+    shown = capsys.readouterr().out
+    head = shown.split("\npayload")[0]
+    assert "\x1b" not in head
+    assert "\r" not in head
+    assert "type      job.completed\\r\\nX" in head
