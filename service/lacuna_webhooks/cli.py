@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 import orjson
 
 from . import __version__
-from .config import MAX_BODY_BYTES, Settings, parse_list, read_setting
+from .config import HANDLER_NAME_RE, MAX_BODY_BYTES, Settings, parse_list, read_setting
 from .errors import ConfigError, EventNotFound, LacunaError, StoreUnavailable
 from .models import MAX_ID_LENGTH, MAX_TYPE_LENGTH, DeliveryStatus
 from .redact import mask_secrets, redact_url, remember_secrets, secret_values
@@ -664,7 +664,10 @@ def _replay(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         raise CommandError(
             f"event {args.event_id} has no deliveries to replay; name one with --handler"
         )
-    print(f"replayed {args.event_id}: {count} deliveries due now (a running `serve` sends them)")
+    print(
+        f"replayed {_shown(args.event_id)}: {count} deliveries due now"
+        " (a running `serve` sends them)"
+    )
     return 0
 
 
@@ -746,6 +749,16 @@ def _event_id(value: str) -> str:
     if not value.strip() or len(value) > MAX_ID_LENGTH:
         raise argparse.ArgumentTypeError(
             f"must be a non-empty id of at most {MAX_ID_LENGTH} characters, got {value!r}"
+        )
+    return value
+
+
+def _handler_name(value: str) -> str:
+    # Every handler's name has this shape (config.HANDLER_NAME_RE); `replay --handler` with
+    # any other name created a delivery that no handler could ever take, due forever.
+    if not HANDLER_NAME_RE.fullmatch(value):
+        raise argparse.ArgumentTypeError(
+            f"must be a handler name (lowercase letters, digits and _), got {value!r}"
         )
     return value
 
@@ -835,7 +848,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     deliveries_list = deliveries_sub.add_parser("list", help="newest first")
     deliveries_list.add_argument("--status", choices=[s.value for s in DeliveryStatus])
-    deliveries_list.add_argument("--handler")
+    deliveries_list.add_argument("--handler", type=_handler_name)
     deliveries_list.add_argument("--event", type=_event_id, help="only this event id")
     deliveries_list.add_argument("--limit", type=_bounded(MAX_LIST_LIMIT), default=50)
     deliveries_list.add_argument("--json", action="store_true", help="machine-readable output")
@@ -843,11 +856,14 @@ def build_parser() -> argparse.ArgumentParser:
     replay = sub.add_parser("replay", help="deliver a stored event again")
     replay.add_argument("event_id", type=_event_id)
     replay.add_argument(
-        "--handler", action="append", help="only this handler (repeatable; default: all of its)"
+        "--handler",
+        action="append",
+        type=_handler_name,
+        help="only this handler (repeatable; default: all of its)",
     )
 
     retry_dead = sub.add_parser("retry-dead", help="make dead deliveries due again")
-    retry_dead.add_argument("--handler", help="only this handler's")
+    retry_dead.add_argument("--handler", type=_handler_name, help="only this handler's")
 
     sub.add_parser("migrate", help="apply pending schema migrations")
     sub.add_parser("handlers", help="list installed handler plugins")

@@ -145,6 +145,10 @@ def test_handlers_lists_builtins(capsys: pytest.CaptureFixture[str]) -> None:
         (["deliveries", "list", "--event", ""], "--event: must be a non-empty id"),
         (["events", "show", "x" * 100_000], "event_id: must be a non-empty id of at most 255"),
         (["replay", ""], "event_id: must be a non-empty id"),
+        # A name no handler can have: replay created a delivery due forever.
+        (["replay", "evt_1", "--handler", "No Such!"], "--handler: must be a handler name"),
+        (["retry-dead", "--handler", "x y"], "--handler: must be a handler name"),
+        (["deliveries", "list", "--handler", "Slack"], "--handler: must be a handler name"),
         (["events"], "required"),
         (["deliveries", "list", "--status", "weird"], "invalid choice"),
         (["serve", "--port", "99999"], "must be a port"),
