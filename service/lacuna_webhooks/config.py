@@ -37,6 +37,18 @@ FILE_SUFFIX = "_FILE"
 # A secret file holds one value; anything larger is the wrong file (or /dev/zero).
 MAX_SETTING_FILE_BYTES = 64 * 1024
 MIN_ADMIN_TOKEN_LENGTH = 32  # SPEC §9
+# Upper bounds of the numeric settings. Far above any sensible value; without them a huge
+# number passed validation and broke later (a timedelta overflow stopped the dispatcher, an
+# OverflowError traceback at start, a SQLite integer overflow, a busy loop from a tiny poll).
+MAX_TIMEOUT_SECONDS = 86_400.0  # handler timeouts: one day
+MAX_DELAY_SECONDS = 30 * 86_400.0  # retry delays: thirty days
+MAX_TOLERANCE_SECONDS = 86_400  # the replay window: one day
+MAX_BODY_BYTES = 100 * 1024 * 1024
+MAX_RETRY_ATTEMPTS = 1_000_000
+MAX_CONCURRENCY = 1_000
+MIN_POLL_SECONDS, MAX_POLL_SECONDS = 0.01, 3_600.0
+MAX_RETENTION_DAYS = 36_500.0
+MAX_SHUTDOWN_SECONDS = 3_600.0
 
 
 def read_setting(environ: Mapping[str, str], var: str) -> str | None:
@@ -145,10 +157,11 @@ def parse_list(value: str) -> tuple[str, ...]:
 
 
 def _positive_int(value: str) -> int:
-    try:
-        number = int(value.strip())
-    except ValueError:
-        raise ValueError(f"must be a whole number, got {value!r}") from None
+    text = value.strip()
+    # ASCII digits only: int() also takes fullwidth or Arabic-Indic digits and "1_000".
+    if not re.fullmatch(r"[+-]?[0-9]+", text):
+        raise ValueError(f"must be a whole number, got {value!r}")
+    number = int(text)
     if number <= 0:
         raise ValueError(f"must be greater than 0, got {value!r}")
     return number
@@ -162,6 +175,27 @@ def _positive_float(value: str) -> float:
     if not math.isfinite(number) or number <= 0:
         raise ValueError(f"must be a finite number greater than 0, got {value!r}")
     return number
+
+
+def _number(value: object) -> str:
+    """``2592000``, not ``2.592e+06``: a bound as the user would type it."""
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+
+
+def _at_most(
+    parse: Callable[[str], T], limit: T, *, minimum: T | None = None
+) -> Callable[[str], T]:
+    """``parse``, then refuse values above ``limit`` (or below ``minimum``) with a line."""
+
+    def bounded(value: str) -> T:
+        number = parse(value)
+        if number > limit:  # type: ignore[operator]
+            raise ValueError(f"must be at most {_number(limit)}, got {value!r}")
+        if minimum is not None and number < minimum:  # type: ignore[operator]
+            raise ValueError(f"must be at least {_number(minimum)}, got {value!r}")
+        return number
+
+    return bounded
 
 
 def _port(value: str) -> int:
@@ -363,21 +397,50 @@ class Settings:
                 problems.append(f"{source} {exc}")
             else:
                 warnings.extend((admin_var, p) for p in secret_problems(raw_tokens))
-        read("tolerance_seconds", "LACUNA_WEBHOOK_TOLERANCE", _positive_int)
-        read("max_body_bytes", "LACUNA_MAX_BODY_BYTES", _positive_int)
+        read(
+            "tolerance_seconds",
+            "LACUNA_WEBHOOK_TOLERANCE",
+            _at_most(_positive_int, MAX_TOLERANCE_SECONDS),
+        )
+        read("max_body_bytes", "LACUNA_MAX_BODY_BYTES", _at_most(_positive_int, MAX_BODY_BYTES))
         read("database_url", "LACUNA_DATABASE_URL", _database_url, from_file=True)
         read("handlers", "LACUNA_HANDLERS", _handler_names)
         read("host", "HOST", str.strip)
         read("port", "PORT", _port)
-        read("retry_max_attempts", "LACUNA_RETRY_MAX_ATTEMPTS", _positive_int)
-        read("retry_base_delay_seconds", "LACUNA_RETRY_BASE_DELAY", _positive_float)
-        read("retry_max_delay_seconds", "LACUNA_RETRY_MAX_DELAY", _positive_float)
+        read(
+            "retry_max_attempts",
+            "LACUNA_RETRY_MAX_ATTEMPTS",
+            _at_most(_positive_int, MAX_RETRY_ATTEMPTS),
+        )
+        delay = _at_most(_positive_float, MAX_DELAY_SECONDS)
+        read("retry_base_delay_seconds", "LACUNA_RETRY_BASE_DELAY", delay)
+        read("retry_max_delay_seconds", "LACUNA_RETRY_MAX_DELAY", delay)
         read("allow_private_urls", "LACUNA_ALLOW_PRIVATE_URLS", parse_bool)
-        read("handler_timeout_seconds", "LACUNA_HANDLER_TIMEOUT", _positive_float)
-        read("handler_concurrency", "LACUNA_HANDLER_CONCURRENCY", _positive_int)
-        read("poll_interval_seconds", "LACUNA_POLL_INTERVAL", _positive_float)
-        read("retention_days", "LACUNA_RETENTION_DAYS", _positive_float)
-        read("shutdown_timeout_seconds", "LACUNA_SHUTDOWN_TIMEOUT", _positive_float)
+        read(
+            "handler_timeout_seconds",
+            "LACUNA_HANDLER_TIMEOUT",
+            _at_most(_positive_float, MAX_TIMEOUT_SECONDS),
+        )
+        read(
+            "handler_concurrency",
+            "LACUNA_HANDLER_CONCURRENCY",
+            _at_most(_positive_int, MAX_CONCURRENCY),
+        )
+        read(
+            "poll_interval_seconds",
+            "LACUNA_POLL_INTERVAL",
+            _at_most(_positive_float, MAX_POLL_SECONDS, minimum=MIN_POLL_SECONDS),
+        )
+        read(
+            "retention_days",
+            "LACUNA_RETENTION_DAYS",
+            _at_most(_positive_float, MAX_RETENTION_DAYS),
+        )
+        read(
+            "shutdown_timeout_seconds",
+            "LACUNA_SHUTDOWN_TIMEOUT",
+            _at_most(_positive_float, MAX_SHUTDOWN_SECONDS),
+        )
         read("dispatch", "LACUNA_DISPATCH", parse_bool)
         read("sqlite_synchronous", "LACUNA_SQLITE_SYNCHRONOUS", _choice("full", "normal"))
         read("trusted_proxies", "LACUNA_TRUSTED_PROXIES", str.strip)

@@ -22,6 +22,12 @@ MAX_TASK_ID_LENGTH = 255
 #: ``created`` is stored in a signed 64-bit integer column on every backend.
 CREATED_MIN = -(2**63)
 CREATED_MAX = 2**63 - 1
+#: Deepest JSON nesting accepted (the top-level object is level 1). orjson parses up to
+#: 1024 levels but writes only 254, and pickling ~1000 levels exceeds Python's recursion
+#: limit; an event must survive both (``events show``, the ``http`` handler's enriched body,
+#: the hop to the SQLite writer and handler worker processes) with room for the wrappers
+#: around it. Real events nest about 4 levels.
+MAX_JSON_DEPTH = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,14 +44,22 @@ class Event:
     raw: bytes = field(repr=False)
     created: int | None = None
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Across processes (the SQLite writer, handler workers) an event travels as its raw
+        # bytes and is parsed again on arrival: pickling the parsed tree recurses once per
+        # nesting level and fails on deep payloads, which stopped the whole dispatcher.
+        return (_from_wire, (self.id, self.type, self.raw, self.created))
+
     @classmethod
-    def from_body(cls, raw: bytes) -> Event:
+    def from_body(cls, raw: bytes, *, max_depth: int | None = MAX_JSON_DEPTH) -> Event:
         """Parse and validate a body; raise ``InvalidJSON`` or ``InvalidPayload`` (with ``param``).
 
         SPEC §3 check 3: the body must be a UTF-8 JSON object (else ``InvalidJSON``;
         orjson also refuses lone UTF-16 surrogate escapes such as ``"\\ud800"``, so no
         stored string can hold one) with ``id`` and ``type`` non-empty strings of
-        bounded length (else ``InvalidPayload``).
+        bounded length (else ``InvalidPayload``). JSON nested deeper than ``max_depth``
+        levels (``MAX_JSON_DEPTH``; the top-level object is level 1) is ``InvalidJSON``;
+        ``max_depth=None`` skips that check, for bodies already stored.
 
         Beyond the spec, the fields the store derives columns from are refused when no
         backend could hold them, so that an accepted body is always storable and one
@@ -74,6 +88,14 @@ class Event:
             raise InvalidJSON("The request body is not valid UTF-8 JSON.") from None
         if not isinstance(payload, dict):
             raise InvalidJSON("The request body must be a JSON object.")
+        # Counting brackets is C-speed and bounds the depth from above, so the walk only
+        # runs for bodies with many containers (brackets inside strings count too: harmless).
+        if (
+            max_depth is not None
+            and raw.count(b"[") + raw.count(b"{") > max_depth
+            and _nesting_exceeds(payload, max_depth)
+        ):
+            raise InvalidJSON(f"The request body nests JSON deeper than {max_depth} levels.")
         event_id = payload.get("id")
         if not isinstance(event_id, str) or not event_id.strip():
             raise InvalidPayload("`id` must be a non-empty string.", param="id")
@@ -127,6 +149,22 @@ class Event:
         """The task status the event reports (``data.status``), when given."""
         status = self.data.get("status")
         return status if isinstance(status, str) and status else None
+
+
+def _from_wire(event_id: str, event_type: str, raw: bytes, created: int | None) -> Event:
+    return Event(id=event_id, type=event_type, payload=orjson.loads(raw), raw=raw, created=created)
+
+
+def _nesting_exceeds(value: Any, limit: int) -> bool:
+    """Whether ``value`` (parsed JSON) has containers nested more than ``limit`` deep."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
 
 
 def _refuse_nul(value: str, param: str) -> None:

@@ -11,15 +11,19 @@ may also come from a file named by ``LACUNA_<NAME>_<KEY>_FILE``.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
 
-from .config import HANDLER_NAME_RE, parse_list, read_setting
+import structlog
+
+from .config import HANDLER_NAME_RE, MAX_TIMEOUT_SECONDS, parse_list, read_setting
 from .errors import ConfigError
 from .handlers.base import Handler, HandlerContext, HandlerFactory
+from .models import Event
 from .redact import redact_text
 
 ENTRY_POINT_GROUP = "lacuna_webhooks.handlers"
@@ -105,9 +109,50 @@ class HandlerSet:
             name for name, types in self.filters.items() if types is None or event_type in types
         ]
 
+    def without_instances(self) -> HandlerSet:
+        """The same names, filters and timeouts, holding no handler object.
+
+        For a process whose handlers run in worker processes of their own (``serve``,
+        ``worker``): its copies were built only to check the settings and learn the
+        filters, and are dropped unused, so their ``aclose`` never runs here. A plugin's
+        ``aclose`` that blocked (``time.sleep``) once hung ``serve`` at shutdown forever.
+        """
+        return HandlerSet(
+            {name: _RunsElsewhere(name) for name in self.handlers},
+            self.filters,
+            self.timeouts,
+        )
+
     async def aclose(self) -> None:
-        for handler in self.handlers.values():
-            await handler.aclose()
+        """Close every handler; one that fails or hangs past ``ACLOSE_TIMEOUT_SECONDS`` is
+        logged and the others are closed all the same."""
+        for name, handler in self.handlers.items():
+            try:
+                async with asyncio.timeout(ACLOSE_TIMEOUT_SECONDS):
+                    await handler.aclose()
+            except Exception as exc:
+                structlog.get_logger("lacuna_webhooks.plugins").warning(
+                    "handler.aclose_failed", handler=name, error=redact_text(repr(exc))[:500]
+                )
+
+
+#: How long one handler's ``aclose`` may take when a ``HandlerSet`` is closed.
+ACLOSE_TIMEOUT_SECONDS = 5.0
+
+
+class _RunsElsewhere:
+    """Stands for a handler that runs in a worker process: nothing to call or close here."""
+
+    events: frozenset[str] | None = None
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    async def handle(self, event: Event) -> None:
+        raise RuntimeError(f"the {self.name!r} handler runs in its worker process")
+
+    async def aclose(self) -> None:
+        return None
 
 
 def build_handlers(
@@ -134,10 +179,11 @@ def build_handlers(
                 timeout_seconds=_handler_timeout(name, environ, timeout_seconds),
             )
             handler = factory(ctx)
+            default_events = _check_handler(item, handler)
             handler.name = name
             handlers[name] = handler
             timeouts[name] = ctx.timeout_seconds
-            filters[name] = parse_events(ctx.get("EVENTS"), getattr(handler, "events", None))
+            filters[name] = parse_events(ctx.get("EVENTS"), default_events)
         except ConfigError as exc:
             problems.extend(exc.problems)
         except Exception as exc:  # the plugin boundary: a factory's bug becomes one clear line
@@ -148,6 +194,32 @@ def build_handlers(
     if problems:
         raise ConfigError(problems)
     return HandlerSet(handlers, filters, timeouts)
+
+
+def _check_handler(item: str, handler: object) -> frozenset[str] | None:
+    """The handler's default subscription; ``ConfigError`` (one line) unless ``handler`` has
+    callable ``handle`` and ``aclose`` and an ``events`` that is ``None`` or a collection of
+    event type strings. Checked at start: such a plugin once started, then failed every
+    attempt, or (a bad ``events``) answered every webhook with a 500."""
+    missing = [m for m in ("handle", "aclose") if not callable(getattr(handler, m, None))]
+    if missing:
+        raise ConfigError(
+            f"LACUNA_HANDLERS: {item!r} built a {type(handler).__name__}, which is not a "
+            f"handler: it has no {' or '.join(m + '()' for m in missing)} method "
+            "(docs/plugins.md)"
+        )
+    events = getattr(handler, "events", None)
+    if events is None:
+        return None
+    if isinstance(events, str | bytes) or not isinstance(events, Iterable):
+        events = [events]  # refused below unless every item is a string
+    types = list(events)
+    if not all(isinstance(t, str) for t in types):
+        raise ConfigError(
+            f"LACUNA_HANDLERS: the {item!r} handler's events must be None or a set of event "
+            f"type strings, got {getattr(handler, 'events', None)!r}"
+        )
+    return frozenset(types)
 
 
 def _handler_timeout(name: str, environ: Mapping[str, str], default: float) -> float:
@@ -161,4 +233,7 @@ def _handler_timeout(name: str, environ: Mapping[str, str], default: float) -> f
         raise ConfigError(f"{var} must be a number of seconds, got {raw!r}") from None
     if not value > 0 or value == float("inf"):
         raise ConfigError(f"{var} must be a finite number of seconds greater than 0")
+    if value > MAX_TIMEOUT_SECONDS:
+        # Its lease would overflow a timedelta and stop the dispatcher.
+        raise ConfigError(f"{var} must be at most {MAX_TIMEOUT_SECONDS:.0f} seconds, got {raw!r}")
     return value

@@ -8,7 +8,8 @@ then, by the event id's prefix:
 - ``evt_sleep_``: ``time.sleep(LACUNA_MISBEHAVING_BLOCK)``, blocking its event loop;
 - ``evt_spin_``: a CPU loop for ``LACUNA_MISBEHAVING_BLOCK`` seconds, never yielding;
 - ``evt_raise_<Name>``: raises ``SystemExit(0)``, ``KeyboardInterrupt``,
-  ``GeneratorExit``, ``CancelledError`` or ``Custom`` (a ``BaseException`` subclass);
+  ``GeneratorExit``, ``CancelledError``, ``Custom`` (a ``BaseException`` subclass) or
+  ``Unprintable`` (an exception whose ``__str__`` raises);
 - ``evt_exit_``: ``os._exit(3)``, as a crash would;
 - ``evt_hang_``: ``await asyncio.sleep(3600)`` (cooperative, until cut off or killed);
 - anything else: succeeds.
@@ -28,12 +29,20 @@ class Custom(BaseException):
     """A plugin's own BaseException subclass."""
 
 
+class Unprintable(Exception):
+    """An exception whose ``__str__`` itself raises."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("__str__ exploded")
+
+
 RAISES: dict[str, BaseException] = {
     "SystemExit": SystemExit(0),
     "KeyboardInterrupt": KeyboardInterrupt(),
     "GeneratorExit": GeneratorExit(),
     "CancelledError": asyncio.CancelledError(),
     "Custom": Custom("a plugin's own BaseException"),
+    "Unprintable": Unprintable(),
 }
 
 
@@ -44,6 +53,7 @@ class Misbehaving:
     def __init__(self, ctx: HandlerContext) -> None:
         self.path = Path(ctx.require("PATH"))
         self.block_seconds = float(ctx.get("BLOCK", "60") or 60)
+        self.aclose_block_seconds = float(ctx.get("ACLOSE_BLOCK", "0") or 0)
 
     async def handle(self, event: Event) -> None:
         with self.path.open("a") as fh:
@@ -62,7 +72,8 @@ class Misbehaving:
             await asyncio.sleep(3600)
 
     async def aclose(self) -> None:
-        return None
+        # LACUNA_MISBEHAVING_ACLOSE_BLOCK: block the event loop for that long while closing.
+        time.sleep(self.aclose_block_seconds)  # noqa: ASYNC251 - blocking is the point
 
 
 def started(path: Path) -> list[tuple[str, int]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -130,6 +131,20 @@ def run_cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedP
             "LACUNA_RECORDER_PATH is required",
         ),
         ({"LACUNA_WEBHOOK_SECRET": "s", "LACUNA_DATABASE_URL": "mysql://x"}, "LACUNA_DATABASE_URL"),
+        # These started, then broke: an OverflowError traceback at start, a dispatcher that
+        # stopped on its first claim (the lease overflowed a timedelta).
+        (
+            {"LACUNA_WEBHOOK_SECRET": "s", "LACUNA_RETENTION_DAYS": "1e300"},
+            "LACUNA_RETENTION_DAYS must be at most 36500",
+        ),
+        (
+            {"LACUNA_WEBHOOK_SECRET": "s", "LACUNA_HANDLER_TIMEOUT": "1e300"},
+            "LACUNA_HANDLER_TIMEOUT must be at most 86400",
+        ),
+        (
+            {"LACUNA_WEBHOOK_SECRET": "s", "LACUNA_HANDLERS": "log", "LACUNA_LOG_TIMEOUT": "1e300"},
+            "LACUNA_LOG_TIMEOUT must be at most 86400 seconds",
+        ),
     ],
 )
 def test_serve_refuses_bad_settings_with_one_line(
@@ -143,6 +158,36 @@ def test_serve_refuses_bad_settings_with_one_line(
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("lacuna-webhooks: error: configuration: ")
     assert expected in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_that_cannot_listen_ends_with_one_line_naming_host_and_port(
+    tmp_path: Path,
+) -> None:
+    """A port already taken: serve exits 1 with one ``lacuna-webhooks: error:`` line naming
+    HOST and PORT (after uvicorn's own log line with the reason). uvicorn's exit 3 used to
+    end it with no line of ours."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "PYTHONPATH": str(REPO),
+            "LACUNA_WEBHOOK_SECRET": "s",
+            "LACUNA_DATABASE_URL": f"sqlite:///{tmp_path / 'events.db'}",
+            "HOST": "127.0.0.1",
+            "PORT": str(port),
+            "LACUNA_LOG_FORMAT": "json",
+        }
+        result = run_cli("serve", env=env, cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    ours = [line for line in result.stderr.splitlines() if line.startswith("lacuna-webhooks:")]
+    assert ours == [
+        f"lacuna-webhooks: error: could not listen on 127.0.0.1:{port} (HOST, PORT): "
+        "the reason is logged just above"
+    ]
+    assert "address already in use" in result.stderr
     assert "Traceback" not in result.stderr
 
 

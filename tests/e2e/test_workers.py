@@ -118,13 +118,22 @@ def test_a_blocking_handler_stalls_neither_intake_nor_healthz(
 def test_every_base_exception_is_an_attempt_outcome(
     serve_factory: type[Serve], tmp_path: Path
 ) -> None:
-    """SystemExit(0), KeyboardInterrupt, GeneratorExit, CancelledError and a BaseException
-    subclass raised by handle() are each recorded as a failed attempt and retried; serve and
-    the handler's worker process keep running."""
+    """SystemExit(0), KeyboardInterrupt, GeneratorExit, CancelledError, a BaseException
+    subclass and an exception that cannot be printed, raised by handle(), are each recorded
+    as a failed attempt and retried; serve and the handler's worker process keep running."""
     serve = serve_factory(plugin_env(tmp_path, LACUNA_RETRY_MAX_ATTEMPTS="2")).start()
     wait_until(lambda: handler_workers(serve), what="the handler worker")
     workers = handler_workers(serve)
-    names = ["SystemExit", "KeyboardInterrupt", "GeneratorExit", "CancelledError", "Custom"]
+    names = [
+        "SystemExit",
+        "KeyboardInterrupt",
+        "GeneratorExit",
+        "CancelledError",
+        "Custom",
+        # Its __str__ raises: describe_error raised in turn, the attempt never answered and
+        # the delivery stayed running until its worker process was replaced.
+        "Unprintable",
+    ]
     for name in names:
         assert send(serve, f"evt_raise_{name}").status_code == 200
     for name in names:
@@ -210,6 +219,23 @@ def test_sigterm_exits_0_releases_the_attempt_and_leaves_no_child(
     )
     (row,) = json.loads(listed.stdout)
     assert (row["status"], row["attempts"]) == ("pending", 0)
+
+
+def test_sigterm_exits_0_when_a_handler_aclose_blocks(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """A plugin whose aclose() blocks its event loop for an hour: SIGTERM still ends serve
+    with 0 and no child left. serve used to close its own (unused) copy of each handler on
+    its main loop at shutdown and hung there until SIGKILL."""
+    out = tmp_path / "started.txt"
+    env = plugin_env(tmp_path, LACUNA_SHUTDOWN_TIMEOUT="1", LACUNA_MISBEHAVING_ACLOSE_BLOCK="3600")
+    serve = serve_factory(env).start()
+    assert send(serve, "evt_ok_close").status_code == 200
+    wait_until(lambda: "evt_ok_close" in started_ids(out), what="the attempt to start")
+    kids = children(serve)
+    serve.signal(signal.SIGTERM)
+    assert serve.wait(timeout=60) == 0
+    assert all(process_exited(pid) for pid in kids)
 
 
 def test_worker_refuses_sqlite_with_one_line(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -138,6 +139,16 @@ def test_handlers_lists_builtins(capsys: pytest.CaptureFixture[str]) -> None:
     ("argv", "message"),
     [
         (["events", "list", "--limit", "0"], "--limit: must be greater than 0"),
+        # Past SQLite's 64-bit integer: once an OverflowError traceback.
+        (["events", "list", "--limit", "9" * 30], "--limit: must be at most 100000"),
+        (["deliveries", "list", "--limit", "9223372036854775808"], "must be at most 100000"),
+        (["deliveries", "list", "--event", ""], "--event: must be a non-empty id"),
+        (["events", "show", "x" * 100_000], "event_id: must be a non-empty id of at most 255"),
+        (["replay", ""], "event_id: must be a non-empty id"),
+        # A name no handler can have: replay created a delivery due forever.
+        (["replay", "evt_1", "--handler", "No Such!"], "--handler: must be a handler name"),
+        (["retry-dead", "--handler", "x y"], "--handler: must be a handler name"),
+        (["deliveries", "list", "--handler", "Slack"], "--handler: must be a handler name"),
         (["events"], "required"),
         (["deliveries", "list", "--status", "weird"], "invalid choice"),
         (["serve", "--port", "99999"], "must be a port"),
@@ -175,6 +186,18 @@ def test_send_with_unreadable_file(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "cannot read --file" in capsys.readouterr().err
 
 
+def test_send_with_an_endless_file_stops_at_the_body_bound(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``send --file /dev/zero`` reads at most the largest body any receiver accepts and says
+    so in one line, exit 2; it used to read forever into memory."""
+    argv = ["send", "--url", "http://127.0.0.1:9/x", "--secret", "s", "--file", "/dev/zero"]
+    assert main(argv, {}) == 2
+    assert capsys.readouterr().err == (
+        "lacuna-webhooks: error: --file /dev/zero is larger than 104857600 bytes\n"
+    )
+
+
 def test_send_to_nothing_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["send", "--url", "http://127.0.0.1:9/webhooks/lacuna", "--secret", "s"], {}) == 1
     err = capsys.readouterr().err
@@ -201,6 +224,8 @@ def test_send_to_nothing_is_one_line(capsys: pytest.CaptureFixture[str]) -> None
         (["--secret-index", "3"], "--secret-index 3: --secret holds 1 secret(s)"),
         (["--secret-index", "0"], "--secret-index: must be greater than 0"),
         (["--url", "ftp://x"], "--url must start with http:// or https://"),
+        # httpx.InvalidURL is no httpx.HTTPError: this was a traceback.
+        (["--url", "http://[::1"], "is not a valid URL: Invalid port"),
     ],
 )
 def test_send_bad_arguments_are_one_line_and_exit_2(
@@ -254,3 +279,92 @@ def test_worker_refuses_what_it_cannot_run(
     with exit 2 and one line, before touching any database."""
     assert main(["worker"], env) == 2
     assert capsys.readouterr().err.strip() == expected
+
+
+def test_events_show_prints_a_payload_nested_past_what_orjson_writes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A body nested 300 levels (stored before intake bounded nesting, MAX_JSON_DEPTH) is
+    shown by ``events show`` and ``events show --json`` as stored: orjson writes at most
+    254 levels, and this was a ``TypeError: Recursion limit reached`` traceback."""
+    url = f"sqlite:///{tmp_path / 'deep.db'}"
+    depth = 300
+    raw = b'{"id":"evt_deep","type":"job.completed","x":' + b"[" * depth + b"]" * depth + b"}"
+
+    async def fill() -> None:
+        store = open_store(url)
+        await store.open()
+        event = Event.from_body(raw, max_depth=None)
+        await store.accept(event, [], now=datetime.now(UTC))
+        await store.close()
+
+    asyncio.run(fill())
+    env = {"LACUNA_DATABASE_URL": url}
+    assert main(["events", "show", "evt_deep"], env) == 0
+    assert "[" * depth in capsys.readouterr().out
+    assert main(["events", "show", "evt_deep", "--json"], env) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["payload"]["id"] == "evt_deep"
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (
+            lambda d: (d / "bad.env").write_bytes(b"LACUNA_WEBHOOK_SECRET=\xff\n") and "bad.env",
+            "bad.env is not UTF-8 text",
+        ),
+        (lambda d: (d / "dir.env").mkdir() or "dir.env", "cannot read dir.env: Is a directory"),
+        (
+            lambda d: "no-such-dir/x.env",
+            "cannot write no-such-dir/x.env: No such file or directory",
+        ),
+    ],
+    ids=["not-utf8", "a-directory", "unwritable"],
+)
+def test_dev_with_an_unusable_env_file_is_one_line(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    make: Callable[[Path], str],
+    message: str,
+) -> None:
+    """``dev --env-file`` that cannot be read or written (not UTF-8, a directory, a missing
+    folder) is one ``--env-file`` line and exit 2, before anything listens; each was a
+    traceback (UnicodeDecodeError, IsADirectoryError, FileNotFoundError)."""
+    monkeypatch.chdir(tmp_path)
+    name = make(tmp_path)
+    assert main(["dev", "--env-file", name], {"PORT": "1"}) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"lacuna-webhooks: error: --env-file: {message}"]
+
+
+def test_listings_write_control_characters_escaped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An id and type holding a newline and a terminal escape (ESC) are printed escaped by
+    ``events list`` and ``events show``: one table row, no raw control character. Printed
+    raw, a sender's id forged extra rows and drove the operator's terminal."""
+    url = f"sqlite:///{tmp_path / 'ctl.db'}"
+    event_id = "evt_x\nevt_forged  job.completed \x1b[31mRED"
+    raw = orjson.dumps({"id": event_id, "type": "job.completed\r\nX"})
+
+    async def fill() -> None:
+        store = open_store(url)
+        await store.open()
+        await store.accept(Event.from_body(raw), [], now=datetime.now(UTC))
+        await store.close()
+
+    asyncio.run(fill())
+    env = {"LACUNA_DATABASE_URL": url}
+    assert main(["events", "list"], env) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out
+    assert len(out.strip().splitlines()) == 2  # the header and one row
+    assert "evt_x\\nevt_forged  job.completed \\x1b[31mRED" in out
+    assert main(["events", "show", event_id], env) == 0
+    shown = capsys.readouterr().out
+    head = shown.split("\npayload")[0]
+    assert "\x1b" not in head
+    assert "\r" not in head
+    assert "type      job.completed\\r\\nX" in head

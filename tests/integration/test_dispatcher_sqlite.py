@@ -210,3 +210,62 @@ async def test_stop_releases_and_the_next_process_delivers(
         assert (row.status, row.attempts) == (DeliveryStatus.DONE, 1)
     finally:
         await reopened.close()
+
+
+async def test_deeply_nested_event_crosses_the_writer_process(
+    sqlite_url: str, clock: FakeClock
+) -> None:
+    """An event nested 1000 levels (orjson parses up to 1024; intake now refuses more than
+    MAX_JSON_DEPTH, but older rows hold such bodies) is claimed through the SQLite writer
+    *process* and delivered, and the dispatcher goes on with the next event. Pickling the
+    parsed tree once failed ("unpicklable reply: maximum recursion depth exceeded") and
+    stopped the dispatcher for every event."""
+    store = open_store(sqlite_url, sqlite_process=True)
+    await store.open()
+    try:
+        depth = 1000
+        raw = b'{"id":"evt_deep","type":"job.completed","x":' + b"[" * depth + b"]" * depth
+        deep = Event.from_body(raw + b"}", max_depth=None)
+        assert await store.accept(deep, ["recorder"], now=clock())
+        plain = await accept(store, clock)
+        handler = RecordingHandler()
+        d = dispatcher(store, [handler], clock)
+        async with running(d):
+            await d.drain()
+        assert sorted(e.id for e in handler.calls) == sorted(["evt_deep", plain.id])
+        assert next(e for e in handler.calls if e.id == "evt_deep").raw == deep.raw
+    finally:
+        await store.close()
+
+
+class _ClaimFailsOnce:
+    """The real SQLite store, except that its first ``claim`` raises a bug's exception."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.failed = False
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+    async def claim(self, **kwargs: object) -> object:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("unpicklable reply: a store bug")
+        return await self._store.claim(**kwargs)  # type: ignore[arg-type]
+
+
+async def test_an_unexpected_claim_error_does_not_stop_dispatching(
+    store: Store, clock: FakeClock
+) -> None:
+    """A claim that raises something other than StoreUnavailable (a store bug) is logged and
+    retried after a backoff; the dispatcher goes on and delivers. It once ended the loop
+    ("dispatcher.crashed") and nothing was delivered again until a restart."""
+    event = await accept(store, clock)
+    flaky = _ClaimFailsOnce(store)
+    handler = RecordingHandler()
+    d = dispatcher(flaky, [handler], clock)  # type: ignore[arg-type]
+    async with running(d):
+        await wait_until(lambda: bool(handler.calls), within_seconds=10)
+    assert flaky.failed
+    assert [e.id for e in handler.calls] == [event.id]

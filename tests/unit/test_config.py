@@ -77,12 +77,43 @@ def test_secret_optional_for_admin_commands() -> None:
         ("LACUNA_LOG_FORMAT", "xml"),
         ("LACUNA_SQLITE_SYNCHRONOUS", "off"),
         ("LACUNA_RETENTION_DAYS", "0"),
+        # Huge, tiny and odd numbers: each once passed and broke later (an overflow that
+        # stopped the dispatcher or `serve`, a SQLite integer overflow, a busy loop).
+        ("LACUNA_RETENTION_DAYS", "1e300"),
+        ("LACUNA_HANDLER_TIMEOUT", "1e300"),
+        ("LACUNA_RETRY_MAX_DELAY", "1e308"),
+        ("LACUNA_RETRY_BASE_DELAY", "1e300"),
+        ("LACUNA_RETRY_MAX_ATTEMPTS", "9" * 30),
+        ("LACUNA_HANDLER_CONCURRENCY", "99999999999"),
+        ("LACUNA_POLL_INTERVAL", "1e-320"),
+        ("LACUNA_SHUTDOWN_TIMEOUT", "1e300"),
+        ("LACUNA_WEBHOOK_TOLERANCE", "9" * 30),
+        ("LACUNA_MAX_BODY_BYTES", "9" * 30),
+        ("LACUNA_WEBHOOK_TOLERANCE", "\uff11\uff12"),  # fullwidth digits: int() takes them
+        ("PORT", "\u0668\u0660\u0660\u0660"),  # Arabic-Indic 8000
+        ("LACUNA_MAX_BODY_BYTES", "1_000"),
+        ("LACUNA_WEBHOOK_TOLERANCE", "--5"),
     ],
 )
 def test_bad_values_name_their_variable(var: str, value: str) -> None:
     with pytest.raises(ConfigError) as info:
         Settings.from_env({**BASE, var: value})
     assert any(p.startswith(var) for p in info.value.problems), info.value.problems
+
+
+def test_bounds_are_inclusive_and_shown_as_typed() -> None:
+    """The largest value of each bound is accepted; one past it names the bound as a user
+    types it (``2592000``, not ``2.592e+06``)."""
+    top = {
+        "LACUNA_HANDLER_TIMEOUT": "86400",
+        "LACUNA_RETRY_MAX_DELAY": "2592000",
+        "LACUNA_POLL_INTERVAL": "0.01",
+        "LACUNA_HANDLER_CONCURRENCY": "1000",
+    }
+    s = Settings.from_env({**BASE, **top})
+    assert (s.handler_timeout_seconds, s.poll_interval_seconds) == (86400.0, 0.01)
+    with pytest.raises(ConfigError, match="LACUNA_RETRY_MAX_DELAY must be at most 2592000,"):
+        Settings.from_env({**BASE, "LACUNA_RETRY_MAX_DELAY": "2592001"})
 
 
 def test_every_problem_is_listed_at_once() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import textwrap
 from collections.abc import Iterator
@@ -10,9 +11,10 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from lacuna_webhooks import plugins
 from lacuna_webhooks.errors import ConfigError
 from lacuna_webhooks.handlers.log import LogHandler
-from lacuna_webhooks.plugins import available, build_handlers, parse_events
+from lacuna_webhooks.plugins import HandlerSet, available, build_handlers, parse_events
 
 
 @pytest.fixture
@@ -44,6 +46,28 @@ def plugin_module(tmp_path: Path) -> Iterator[str]:
 
                 def __init__(self, ctx):
                     raise ConfigError(ctx.env_name("MODE") + " must be fast or slow")
+
+            class NoHandle:
+                name = "nohandle"
+                events = None
+
+                def __init__(self, ctx):
+                    pass
+
+                async def aclose(self):
+                    return None
+
+            class BadEvents(Hook):
+                events = 5
+
+                def __init__(self, ctx):
+                    pass
+
+            class OneEvent(Hook):
+                events = "job.failed"
+
+                def __init__(self, ctx):
+                    pass
             """
         )
     )
@@ -189,3 +213,72 @@ def test_a_handler_secret_that_cannot_be_right_is_warned_once(tmp_path: Path) ->
         }
     ]
     assert "sekrit" not in repr(logs)
+
+
+class _Closing:
+    """A handler whose aclose raises, hangs (cooperatively) or records that it ran."""
+
+    events: frozenset[str] | None = None
+
+    def __init__(self, name: str, how: str, closed: list[str]) -> None:
+        self.name, self.how, self.closed = name, how, closed
+
+    async def handle(self, event: object) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        if self.how == "raise":
+            raise RuntimeError("aclose exploded")
+        if self.how == "hang":
+            await asyncio.sleep(3600)
+        self.closed.append(self.name)
+
+
+async def test_handler_set_aclose_survives_a_raising_or_hanging_handler(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """HandlerSet.aclose logs a handler whose aclose raises or outlives the bound
+    (handler.aclose_failed) and still closes the others; it once stopped at the first."""
+    monkeypatch.setattr(plugins, "ACLOSE_TIMEOUT_SECONDS", 0.05)
+    closed: list[str] = []
+    handlers = HandlerSet.of(
+        [
+            _Closing("raises", "raise", closed),
+            _Closing("hangs", "hang", closed),
+            _Closing("fine", "ok", closed),
+        ]
+    )
+    with capture_logs() as logs:
+        await handlers.aclose()
+    assert closed == ["fine"]
+    failed = [entry["handler"] for entry in logs if entry["event"] == "handler.aclose_failed"]
+    assert failed == ["raises", "hangs"]
+
+
+def test_without_instances_keeps_names_filters_and_timeouts(plugin_module: str) -> None:
+    """What serve keeps of its own copies of the handlers (they run in worker processes):
+    names, filters and timeouts, and nothing whose aclose could block its loop."""
+    env = {"LACUNA_HOOK_URL": "u", "LACUNA_HOOK_TIMEOUT": "2.5"}
+    built = build_handlers([f"{plugin_module}:Hook"], env)
+    kept = built.without_instances()
+    assert kept.names == built.names
+    assert kept.subscribers("job.failed") == built.subscribers("job.failed")
+    assert kept.subscribers("job.failed") == ["hook"]
+    assert kept.subscribers("job.completed") == []
+    assert kept.timeouts == built.timeouts == {"hook": 2.5}
+    assert all(type(h).__name__ == "_RunsElsewhere" for h in kept.handlers.values())
+
+
+def test_an_object_that_is_not_a_handler_is_refused_at_start(plugin_module: str) -> None:
+    """A factory whose object lacks handle() (or aclose()) or whose ``events`` is not event
+    type strings stops the start with one line each. Such a plugin used to start: every
+    attempt then failed, and an ``events = 5`` made intake answer every webhook with a 500."""
+    with pytest.raises(ConfigError) as info:
+        build_handlers([f"{plugin_module}:NoHandle", f"{plugin_module}:BadEvents"], {})
+    first, second = info.value.problems
+    assert "built a NoHandle, which is not a handler: it has no handle() method" in first
+    assert "events must be None or a set of event type strings, got 5" in second
+    # A single type given as a string is one type, not its characters.
+    one = build_handlers([f"{plugin_module}:OneEvent"], {})
+    assert one.subscribers("job.failed") == ["hook"]  # its name attribute, inherited
+    assert one.subscribers("job.completed") == []

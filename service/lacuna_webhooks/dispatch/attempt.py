@@ -51,8 +51,14 @@ MAX_ERROR_CHARS = 2000
 def describe_error(exc: BaseException) -> str:
     """``"ValueError: boom"``, with any URL cut to its host (a webhook URL's path is a secret)
     and any known secret value masked (``redact.redact_text``)."""
-    message = str(exc).strip()
-    text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    name = type(exc).__name__
+    try:
+        message = str(exc).strip()
+    except Exception:
+        # A plugin's exception whose __str__ itself raises: the attempt must still end with
+        # an outcome (this once left the delivery running until its worker was replaced).
+        message = "(its message could not be read)"
+    text = f"{name}: {message}" if message else name
     return redact_text(text)[:MAX_ERROR_CHARS]
 
 

@@ -187,18 +187,26 @@ class Dispatcher:
                             self.store.wait_for_work(self.poll_interval_seconds)
                         )
                     backoff = 0.0
-                except StoreUnavailable as exc:
+                except Exception as exc:
                     if work is not None and work.done():
                         work = None  # its failure was just surfaced; a fresh wait comes later
                     backoff = min(
                         max(backoff * 2, self.poll_interval_seconds, 0.05),
                         MAX_STORE_BACKOFF_SECONDS,
                     )
-                    self._log.warning(
-                        "dispatcher.store_unavailable",
-                        error=describe_error(exc),
-                        retry_in_seconds=backoff,
-                    )
+                    if isinstance(exc, StoreUnavailable):
+                        self._log.warning(
+                            "dispatcher.store_unavailable",
+                            error=describe_error(exc),
+                            retry_in_seconds=backoff,
+                        )
+                    else:
+                        # A bug (a store breaking its contract, a row it cannot return): log
+                        # it loudly and keep dispatching. Ending the loop here once stopped
+                        # every delivery while /readyz still said ready.
+                        self._log.error(
+                            "dispatcher.claim_failed", retry_in_seconds=backoff, exc_info=exc
+                        )
                     self._notify_progress()
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(backoff):

@@ -67,7 +67,7 @@ class EventRecord:
     raw: bytes
 
     def to_event(self) -> Event:
-        return Event.from_body(self.raw)
+        return Event.from_body(self.raw, max_depth=None)  # stored: accepted once already
 
 
 @dataclass(frozen=True, slots=True)
