@@ -82,7 +82,9 @@ def restart_nats() -> None:
         check=True,
     )
     wait_until(lambda: not port_open(4222), 20, "NATS to stop")
-    time.sleep(1)  # deliveries meet a NATS that is down
+    # Deliveries meet a NATS that is down for longer than the handler's 2 s read timeout:
+    # nats-py buffers publishes while it reconnects, so a shorter outage can pass unseen.
+    time.sleep(4)
     subprocess.run(NATS_START, check=True)
     wait_until(lambda: port_open(4222), 30, "NATS to start")
 
