@@ -77,7 +77,6 @@ def _handlers_of(settings: Settings) -> HandlerSet:
     with one line, and intake learns each handler's event filter. Their ``handle`` runs
     only in the worker processes."""
     from .logs import configure
-    from .plugins import build_handlers
 
     configure(
         log_format=settings.log_format,
@@ -86,14 +85,28 @@ def _handlers_of(settings: Settings) -> HandlerSet:
     )
     log_secret_warnings(settings)
     try:
-        return build_handlers(
-            settings.handlers,
-            settings.environ,
-            allow_private_urls=settings.allow_private_urls,
-            timeout_seconds=settings.handler_timeout_seconds,
-        )
+        return _build(settings, settings.handlers)
     except ConfigError as exc:
         raise CommandError(f"configuration: {exc}", exit_code=2) from None
+
+
+def _build(settings: Settings, items: Sequence[str]) -> HandlerSet:
+    """``build_handlers`` with the global values of ``settings`` (``ConfigError`` as it)."""
+    from .plugins import build_handlers
+    from .retry import RetryPolicy
+
+    return build_handlers(
+        items,
+        settings.environ,
+        allow_private_urls=settings.allow_private_urls,
+        timeout_seconds=settings.handler_timeout_seconds,
+        concurrency=settings.handler_concurrency,
+        policy=RetryPolicy(
+            max_attempts=settings.retry_max_attempts,
+            base_delay_seconds=settings.retry_base_delay_seconds,
+            max_delay_seconds=settings.retry_max_delay_seconds,
+        ),
+    )
 
 
 async def _open_service_store(settings: Settings, handlers: HandlerSet) -> Store:
@@ -633,12 +646,41 @@ def _migrate(environ: Mapping[str, str]) -> int:
     return 0
 
 
-def _handlers() -> int:
+def _handlers(environ: Mapping[str, str]) -> int:
+    """The installed handler kinds, then each configured instance (``LACUNA_HANDLERS``)
+    with its kind and whether its settings build: ``ok`` or the first problem's line.
+    Exit status 2 when an instance's settings are wrong (as ``serve`` would refuse)."""
     from .plugins import available
 
+    print("installed handler kinds:")
     for name, target in sorted(available().items()):
-        print(f"{name:12} {target}")
-    return 0
+        print(f"  {name:12} {target}")
+    settings = _settings(environ, require_secret=False)
+    if not settings.handlers:
+        print("configured instances: none (LACUNA_HANDLERS is empty)")
+        return 0
+    rows: list[list[str]] = []
+    failed = False
+    for item in settings.handlers:
+        try:
+            built = _build(settings, [item])
+        except ConfigError as exc:
+            failed = True
+            rows.append([*_instance_of(item), mask_secrets(exc.problems[0])])
+            continue
+        name = built.names[0]
+        rows.append([name, built.kinds[name], "ok"])
+        asyncio.run(built.aclose())
+    print("configured instances (LACUNA_HANDLERS):")
+    print(_table(rows, ["name", "kind", "settings"]))
+    return 2 if failed else 0
+
+
+def _instance_of(item: str) -> list[str]:
+    from .config import split_handler_item
+
+    name, kind = split_handler_item(item)
+    return [name or kind, kind]
 
 
 # --- parser ----------------------------------------------------------------------------------
@@ -791,7 +833,7 @@ def build_parser() -> argparse.ArgumentParser:
     retry_dead.add_argument("--handler", help="only this handler's")
 
     sub.add_parser("migrate", help="apply pending schema migrations")
-    sub.add_parser("handlers", help="list installed handler plugins")
+    sub.add_parser("handlers", help="list installed handler kinds and the configured instances")
     return parser
 
 
@@ -821,7 +863,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             case "migrate":
                 return _migrate(env)
             case "handlers":
-                return _handlers()
+                return _handlers(env)
     except CommandError as exc:
         print(f"{PROG}: error: {mask_secrets(str(exc))}", file=sys.stderr)
         return exc.exit_code

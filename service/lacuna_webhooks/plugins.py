@@ -1,28 +1,37 @@
-"""Resolve ``LACUNA_HANDLERS`` into built handlers, each with its event filter.
+"""Resolve ``LACUNA_HANDLERS`` into built handler instances, each with its event filter.
 
-A name is looked up, in order, as an entry point of the group
+An item is ``KIND`` or ``NAME=KIND`` (SPEC §6): the instance ``NAME`` (plain
+``KIND``: the kind's own name) is the delivery's ``handler`` and the prefix of
+its settings, ``LACUNA_<NAME>_*``. A kind is looked up, in order, as an entry point of the group
 ``lacuna_webhooks.handlers`` (the built-ins are registered there too) or, when
 it contains ``:``, imported as ``package.module:attr``. The object found is a
 factory called with a ``HandlerContext``. The event filter is
 ``LACUNA_<NAME>_EVENTS`` (comma-separated types, ``*`` for all) when set,
 else the handler's own ``events`` attribute. Like every handler setting, each
 may also come from a file named by ``LACUNA_<NAME>_<KEY>_FILE``.
+
+Per instance, ``LACUNA_<NAME>_CONCURRENCY``, ``_RETRY_MAX_ATTEMPTS``,
+``_RETRY_BASE_DELAY`` and ``_RETRY_MAX_DELAY`` override the global values
+(SPEC §6), validated here at start with the rest.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any
+from typing import Any, TypeVar
 
-from .config import HANDLER_NAME_RE, parse_list, read_setting
+from .config import HANDLER_NAME_RE, parse_list, read_setting, split_handler_item
 from .errors import ConfigError
 from .handlers.base import Handler, HandlerContext, HandlerFactory
 from .redact import redact_text
+from .retry import RetryPolicy
 
 ENTRY_POINT_GROUP = "lacuna_webhooks.handlers"
+
+T = TypeVar("T", int, float)
 
 
 def available() -> dict[str, str]:
@@ -31,7 +40,9 @@ def available() -> dict[str, str]:
 
 
 def load_factory(name: str) -> tuple[str, HandlerFactory]:
-    """Find the factory for one ``LACUNA_HANDLERS`` item; return (handler name, factory)."""
+    """Find the factory of one handler KIND; return (its default instance name, factory).
+
+    Raises ``ConfigError`` (one line) when the kind is unknown or fails to load."""
     if ":" in name:
         module_name, _, attr = name.partition(":")
         try:
@@ -79,11 +90,20 @@ def parse_events(value: str | None, default: frozenset[str] | None) -> frozenset
 
 @dataclass(frozen=True)
 class HandlerSet:
-    """The configured handlers, by name, with the event types each subscribes to."""
+    """The configured handler instances, by name, with the event types each subscribes to.
+
+    ``items`` maps each name to its ``LACUNA_HANDLERS`` item (what a worker process
+    rebuilds it from); ``kinds`` to its KIND; ``concurrency`` and ``policies`` hold the
+    per-instance values (absent: the dispatcher's global ones).
+    """
 
     handlers: Mapping[str, Handler]
     filters: Mapping[str, frozenset[str] | None]
     timeouts: Mapping[str, float]
+    items: Mapping[str, str] = field(default_factory=dict)
+    kinds: Mapping[str, str] = field(default_factory=dict)
+    concurrency: Mapping[str, int] = field(default_factory=dict)
+    policies: Mapping[str, RetryPolicy] = field(default_factory=dict)
 
     @classmethod
     def of(cls, handlers: Iterable[Handler], *, timeout_seconds: float = 60.0) -> HandlerSet:
@@ -116,26 +136,46 @@ def build_handlers(
     *,
     allow_private_urls: bool = False,
     timeout_seconds: float = 60.0,
+    concurrency: int = 4,
+    policy: RetryPolicy | None = None,
 ) -> HandlerSet:
-    """Load and build every named handler; raise one ``ConfigError`` listing every problem."""
+    """Load and build every ``LACUNA_HANDLERS`` item (``KIND`` or ``NAME=KIND``) as an
+    instance; raise one ``ConfigError`` listing every problem (two instances with one
+    name among them). ``concurrency`` and ``policy`` are the global values each
+    instance's ``LACUNA_<NAME>_CONCURRENCY`` / ``_RETRY_*`` override."""
+    default_policy = policy or RetryPolicy()
     problems: list[str] = []
     handlers: dict[str, Handler] = {}
     filters: dict[str, frozenset[str] | None] = {}
     timeouts: dict[str, float] = {}
+    items: dict[str, str] = {}
+    kinds: dict[str, str] = {}
+    slots: dict[str, int] = {}
+    policies: dict[str, RetryPolicy] = {}
     for item in names:
         try:
-            name, factory = load_factory(item)
+            explicit, kind = split_handler_item(item)
+            default_name, factory = load_factory(kind)
+            name = explicit or default_name
             if name in handlers:
-                raise ConfigError(f"LACUNA_HANDLERS names the handler {name!r} twice")
+                raise ConfigError(
+                    f"LACUNA_HANDLERS names the handler {name!r} twice: give each instance "
+                    "its own NAME=KIND"
+                )
             ctx = HandlerContext(
                 name=name,
                 environ=environ,
                 allow_private_urls=allow_private_urls,
                 timeout_seconds=_handler_timeout(name, environ, timeout_seconds),
+                kind=kind,
             )
+            slots[name] = _instance_number(ctx, "CONCURRENCY", concurrency, int)
+            policies[name] = _instance_policy(ctx, default_policy)
             handler = factory(ctx)
             handler.name = name
             handlers[name] = handler
+            items[name] = item
+            kinds[name] = kind
             timeouts[name] = ctx.timeout_seconds
             filters[name] = parse_events(ctx.get("EVENTS"), getattr(handler, "events", None))
         except ConfigError as exc:
@@ -147,7 +187,44 @@ def build_handlers(
             )
     if problems:
         raise ConfigError(problems)
-    return HandlerSet(handlers, filters, timeouts)
+    return HandlerSet(handlers, filters, timeouts, items, kinds, slots, policies)
+
+
+def _instance_number(ctx: HandlerContext, key: str, default: T, kind: Callable[[str], T]) -> T:
+    """``LACUNA_<NAME>_<KEY>`` as a finite number greater than 0, else ``default``;
+    ``ConfigError`` naming the variable when it is anything else."""
+    raw = ctx.get(key)
+    if raw is None:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        what = "whole number" if kind is int else "number"
+        raise ConfigError(f"{ctx.env_name(key)} must be a {what}, got {raw!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise ConfigError(f"{ctx.env_name(key)} must be greater than 0, got {raw!r}")
+    return value
+
+
+def _instance_policy(ctx: HandlerContext, default: RetryPolicy) -> RetryPolicy:
+    """The instance's retry schedule: each ``LACUNA_<NAME>_RETRY_*`` set overrides the
+    global value (SPEC §6); a cap below the base delay is a ``ConfigError``."""
+    policy = RetryPolicy(
+        max_attempts=_instance_number(ctx, "RETRY_MAX_ATTEMPTS", default.max_attempts, int),
+        base_delay_seconds=_instance_number(
+            ctx, "RETRY_BASE_DELAY", default.base_delay_seconds, float
+        ),
+        max_delay_seconds=_instance_number(
+            ctx, "RETRY_MAX_DELAY", default.max_delay_seconds, float
+        ),
+    )
+    if policy.max_delay_seconds < policy.base_delay_seconds:
+        raise ConfigError(
+            f"{ctx.env_name('RETRY_MAX_DELAY')} ({policy.max_delay_seconds:g}) must not be "
+            f"smaller than the {ctx.name} handler's retry base delay "
+            f"({policy.base_delay_seconds:g})"
+        )
+    return policy
 
 
 def _handler_timeout(name: str, environ: Mapping[str, str], default: float) -> float:

@@ -131,7 +131,33 @@ def test_migrate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_handlers_lists_builtins(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["handlers"], {}) == 0
-    assert "log" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "log" in out
+    assert "configured instances: none" in out
+
+
+def test_handlers_lists_instances_with_kind_and_settings_status(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Each LACUNA_HANDLERS instance with its kind and `ok` or the first problem's line;
+    exit 2 when one would stop `serve`. The secret is never shown."""
+    env = {
+        "LACUNA_HANDLERS": "app=http,analytics=http,log",
+        "LACUNA_APP_URL": "http://127.0.0.1:9/in",
+        "LACUNA_APP_SECRET": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        "LACUNA_ANALYTICS_SECRET": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+    }
+    assert main(["handlers"], env) == 2
+    out = capsys.readouterr().out
+    rows = out.split("configured instances (LACUNA_HANDLERS):\n", 1)[1].splitlines()
+    assert rows[0].split() == ["NAME", "KIND", "SETTINGS"]
+    assert rows[1].split() == ["app", "http", "ok"]
+    assert rows[2].startswith("analytics")
+    assert "LACUNA_ANALYTICS_URL is required" in rows[2]
+    assert rows[3].split() == ["log", "log", "ok"]
+    assert "MfKQ9r8" not in out
+    env["LACUNA_ANALYTICS_URL"] = "http://127.0.0.1:9/a"
+    assert main(["handlers"], env) == 0
 
 
 @pytest.mark.parametrize(

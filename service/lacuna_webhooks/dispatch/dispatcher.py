@@ -87,7 +87,7 @@ class Dispatcher:
         self.clock = clock
         self.rand = rand
         self._log = structlog.get_logger("lacuna_webhooks.dispatcher")
-        self._free = dict.fromkeys(handlers.names, concurrency)
+        self._free = {n: handlers.concurrency.get(n, concurrency) for n in handlers.names}
         self._inflight: dict[asyncio.Task[None], Delivery] = {}
         self._stopping = False
         # Set when a slot frees or stop() is called: either means "look again now".
@@ -260,6 +260,11 @@ class Dispatcher:
         self._wake.set()
         self._notify_progress()
 
+    def _policy(self, handler: str) -> RetryPolicy:
+        """The handler instance's own retry schedule (``LACUNA_<NAME>_RETRY_*``), else the
+        global one."""
+        return self.handlers.policies.get(handler, self.policy)
+
     def _timeout(self, handler: str) -> float:
         return self.handlers.timeouts.get(handler, DEFAULT_TIMEOUT_SECONDS)
 
@@ -268,13 +273,14 @@ class Dispatcher:
         name = delivery.handler
         started = self.clock()
         t0 = time.perf_counter()
-        decision = budget_spent(delivery.attempts, self.policy)
+        policy = self._policy(name)
+        decision = budget_spent(delivery.attempts, policy)
         if decision is None:
             outcome = await self.runner.run(delivery, self._timeout(name))
             decision = decide(
                 outcome,
                 attempts=delivery.attempts,
-                policy=self.policy,
+                policy=policy,
                 finished_at=self.clock(),
                 rand=self.rand,
             )

@@ -62,12 +62,15 @@ class Handler(Protocol):
 
 @dataclass(frozen=True)
 class HandlerContext:
-    """What a handler factory gets: its name, its own settings and the shared safety switches."""
+    """What a handler factory gets: its instance name, its own settings and the shared
+    safety switches. ``kind`` is the ``LACUNA_HANDLERS`` KIND it was built from (``http``
+    for ``app=http``; ``None`` when built outside ``build_handlers``)."""
 
     name: str
     environ: Mapping[str, str] = field(default_factory=dict, repr=False)
     allow_private_urls: bool = False
     timeout_seconds: float = 60.0
+    kind: str | None = None
 
     @property
     def prefix(self) -> str:
