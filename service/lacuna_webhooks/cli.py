@@ -494,6 +494,7 @@ def _delivery_json(record: DeliveryRecord, now: datetime) -> dict[str, Any]:
         "attempts": record.attempts,
         "next_attempt_at": record.next_attempt_at.isoformat(),
         "last_error": record.last_error,
+        "result": record.result,
         "created_at": record.created_at.isoformat(),
         "updated_at": record.updated_at.isoformat(),
     }
@@ -585,6 +586,12 @@ def _events(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
                 f"  {d.handler} attempt {a.attempt}: {a.outcome.value} at {_iso(a.started_at)}"
                 f" ({a.duration_seconds * 1000:.0f} ms){error}"
             )
+    results = [d for d in deliveries if d.result is not None]
+    if results:
+        # SPEC §6: what each handler returned (e.g. storage: where it put the files).
+        print("\nresults")
+        for d in results:
+            print(f"  {d.handler}: {orjson.dumps(d.result).decode()}")
     print("\npayload")
     print(orjson.dumps(orjson.loads(record.raw), option=orjson.OPT_INDENT_2).decode())
     return 0

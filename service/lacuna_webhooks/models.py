@@ -177,6 +177,8 @@ class Attempt:
     finished_at: datetime
     outcome: AttemptOutcome
     error: str | None = None
+    # The JSON object handle() returned (SPEC §6); stored with the delivery by ``complete``.
+    result: dict[str, Any] | None = None
 
     @property
     def duration_seconds(self) -> float:

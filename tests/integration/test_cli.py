@@ -39,7 +39,8 @@ def db(tmp_path: Path) -> dict[str, str]:
                         d, Attempt(now, now, AttemptOutcome.DEAD, "PermanentError: no_service")
                     )
                 else:
-                    await store.complete(d, Attempt(now, now, AttemptOutcome.OK))
+                    result = {"seen": d.event.id} if d.event.id == "evt_cli_bad" else None
+                    await store.complete(d, Attempt(now, now, AttemptOutcome.OK, None, result))
         await store.close()
 
     asyncio.run(fill())
@@ -280,3 +281,19 @@ def test_worker_refuses_what_it_cannot_run(
     with exit 2 and one line, before touching any database."""
     assert main(["worker"], env) == 2
     assert capsys.readouterr().err.strip() == expected
+
+
+def test_events_show_prints_each_delivery_result(
+    db: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A handler's result (SPEC §6) is shown per delivery, as text and in --json (null when
+    the handler returned none or did not complete)."""
+    assert main(["events", "show", "evt_cli_bad"], db) == 0
+    out = capsys.readouterr().out
+    assert '\nresults\n  log: {"seen":"evt_cli_bad"}\n' in out
+    assert main(["events", "show", "evt_cli_bad", "--json"], db) == 0
+    doc = json.loads(capsys.readouterr().out)
+    results = {d["handler"]: d["result"] for d in doc["deliveries"]}
+    assert results == {"log": {"seen": "evt_cli_bad"}, "slack": None}
+    assert main(["events", "show", "evt_cli_ok"], db) == 0
+    assert "\nresults\n" not in capsys.readouterr().out

@@ -213,3 +213,27 @@ async def test_each_instance_has_its_own_retry_schedule(store: MemoryStore) -> N
     rows = {r.handler: r for r in await store.list_deliveries()}
     assert (rows["a"].status, rows["a"].attempts) == (DeliveryStatus.DEAD, 2)
     assert (rows["b"].status, rows["b"].attempts) == (DeliveryStatus.DEAD, 4)
+
+
+class _Returning(RecordingHandler):
+    async def handle(self, event: Event) -> dict[str, object] | None:  # type: ignore[override]
+        await super().handle(event)
+        return {"location": f"file:///srv/{event.id}/", "tracks": []}
+
+
+async def test_a_returned_object_is_recorded_as_the_result(store: MemoryStore) -> None:
+    """What handle() returns is stored with the completed delivery (SPEC §6); a handler
+    returning nothing records None."""
+    clock = FakeClock(T0)
+    returning, plain = _Returning("storage"), RecordingHandler("plain")
+    d = make_dispatcher(
+        store, [returning, plain], clock, policy=RetryPolicy(), poll_interval_seconds=0.02
+    )
+    event = Event.from_body(orjson.dumps(make_event("evt_result_1")))
+    assert await store.accept(event, ["storage", "plain"], now=clock())
+    async with running(d):
+        await d.drain()
+    rows = {r.handler: r for r in await store.list_deliveries()}
+    assert rows["storage"].status is DeliveryStatus.DONE
+    assert rows["storage"].result == {"location": "file:///srv/evt_result_1/", "tracks": []}
+    assert rows["plain"].result is None

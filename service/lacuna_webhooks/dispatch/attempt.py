@@ -139,7 +139,7 @@ async def run_attempt(
     try:
         async with deadline:
             # Typed as returning None; SPEC §6 lets a handler return a JSON object.
-            result: object = await handler.handle(event)  # type: ignore[func-returns-value]
+            result: object = await handler.handle(event)
     except asyncio.CancelledError as exc:
         task = asyncio.current_task()
         if task is not None and task.cancelling():

@@ -275,8 +275,10 @@ class Dispatcher:
         t0 = time.perf_counter()
         policy = self._policy(name)
         decision = budget_spent(delivery.attempts, policy)
+        result = None
         if decision is None:
             outcome = await self.runner.run(delivery, self._timeout(name))
+            result = outcome.result
             decision = decide(
                 outcome,
                 attempts=delivery.attempts,
@@ -302,7 +304,11 @@ class Dispatcher:
         outcome_ = decision.outcome
         assert outcome_ is not None  # every action but a release records an attempt
         attempt = Attempt(
-            started_at=started, finished_at=finished, outcome=outcome_, error=decision.error
+            started_at=started,
+            finished_at=finished,
+            outcome=outcome_,
+            error=decision.error,
+            result=result if decision.action is Action.COMPLETE else None,
         )
         try:
             if decision.action is Action.COMPLETE:

@@ -37,7 +37,7 @@ import asyncio
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import structlog
 
@@ -50,12 +50,15 @@ logger = structlog.get_logger("lacuna_webhooks.config")
 
 @runtime_checkable
 class Handler(Protocol):
-    """What the dispatcher calls. ``events`` is the default subscription (``None``: all)."""
+    """What the dispatcher calls. ``events`` is the default subscription (``None``: all).
+
+    ``handle`` may return a JSON object (a ``dict`` of JSON values): it is recorded as the
+    delivery's result (SPEC §6); any other return value is ignored."""
 
     name: str
     events: frozenset[str] | None
 
-    async def handle(self, event: Event) -> None: ...
+    async def handle(self, event: Event) -> dict[str, Any] | None: ...
 
     async def aclose(self) -> None: ...
 

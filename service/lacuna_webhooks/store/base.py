@@ -49,7 +49,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..models import Attempt, AttemptOutcome, Delivery, DeliveryStatus, Event
 
@@ -85,6 +85,8 @@ class DeliveryRecord:
     last_error: str | None
     created_at: datetime
     updated_at: datetime
+    # The JSON object the handler returned when it completed the delivery (SPEC §6), else None.
+    result: dict[str, Any] | None = None
 
     def running(self, now: datetime) -> bool:
         return (

@@ -14,11 +14,12 @@ on a full disk, and ``ping`` fails until a write commits again.
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import EventNotFound, StoreUnavailable
 from ..models import Attempt, Delivery, DeliveryStatus, Event
@@ -51,6 +52,7 @@ class _DeliveryRow:
     lease_until: datetime | None = None
     lease_token: int = 0
     last_error: str | None = None
+    result: dict[str, Any] | None = None
     history: list[AttemptRecord] = field(default_factory=list)
 
     def due(self, now: datetime) -> bool:
@@ -236,6 +238,7 @@ class MemoryStore:
         row.next_attempt_at = at
         row.lease_until = None
         row.last_error = error
+        row.result = attempt.result if status is DeliveryStatus.DONE else None
         row.updated_at = attempt.finished_at
 
     async def complete(self, delivery: Delivery, attempt: Attempt) -> bool:
@@ -376,6 +379,7 @@ class MemoryStore:
             lease_until=row.lease_until,
             last_error=row.last_error,
             created_at=row.created_at,
+            result=copy.deepcopy(row.result),
             updated_at=row.updated_at,
         )
 

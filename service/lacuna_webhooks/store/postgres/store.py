@@ -56,6 +56,7 @@ from ..rows import (
     claimed_delivery,
     delivery_record,
     event_record,
+    result_text,
     task_record,
 )
 from ..rules import CommitHealth, task_order
@@ -418,6 +419,7 @@ class PostgresStore:
                 attempt_error(attempt),
                 status.value,
                 next_attempt_at,
+                result_text(attempt) if status is DeliveryStatus.DONE else None,
             )
         return row is not None
 

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 from ...errors import StoreUnavailable
 from ...models import Attempt, Delivery, DeliveryStatus, Event
 from ..base import AttemptRecord, DeliveryRecord, EventRecord, QueueStats, TaskRecord, attempt_error
+from ..rows import result_text
 from ..rules import CommitHealth, task_order
 from . import operations as ops
 from .operations import PRUNE_CHUNK, AcceptRow, epoch
@@ -194,6 +195,7 @@ class SQLiteStore:
             "status": status.value,
             "next_attempt_at": epoch(next_attempt_at),
             "error": error,
+            "result": result_text(attempt) if status is DeliveryStatus.DONE else None,
             "now": finished,
             "id": delivery.id,
             "lease_token": delivery.lease_token,

@@ -15,8 +15,9 @@ RETURNING id, event_id, handler, attempts, lease_token, next_attempt_at, created
 
 -- name: finish
 -- An outcome, only for the live claim: same token, still pending, still leased.
+-- :result is the handler's JSON object (completions only), else NULL.
 UPDATE deliveries SET status = :status, lease_until = NULL, next_attempt_at = :next_attempt_at,
-    last_error = :error, updated_at = :now
+    last_error = :error, result = :result, updated_at = :now
 WHERE id = :id AND lease_token = :lease_token AND status = 'pending' AND lease_until IS NOT NULL
 
 -- name: insert_attempt
@@ -86,7 +87,7 @@ SELECT id, type, created, received_at, task_id, superseded, raw FROM events WHER
 
 -- name: list_deliveries
 SELECT d.id, d.event_id, e.type AS event_type, d.handler, d.status, d.attempts,
-    d.next_attempt_at, d.lease_until, d.last_error, d.created_at, d.updated_at
+    d.next_attempt_at, d.lease_until, d.last_error, d.created_at, d.updated_at, d.result
 FROM deliveries AS d JOIN events AS e ON e.id = d.event_id
 WHERE (:status IS NULL OR d.status = :status)
   AND (:handler IS NULL OR d.handler = :handler)
