@@ -90,7 +90,7 @@ def _handlers_of(settings: Settings) -> HandlerSet:
         raise CommandError(f"configuration: {exc}", exit_code=2) from None
 
 
-def _build(settings: Settings, items: Sequence[str]) -> HandlerSet:
+def _build(settings: Settings, items: Sequence[str], *, check_order: bool = True) -> HandlerSet:
     """``build_handlers`` with the global values of ``settings`` (``ConfigError`` as it)."""
     from .plugins import build_handlers
     from .retry import RetryPolicy
@@ -106,6 +106,7 @@ def _build(settings: Settings, items: Sequence[str]) -> HandlerSet:
             base_delay_seconds=settings.retry_base_delay_seconds,
             max_delay_seconds=settings.retry_max_delay_seconds,
         ),
+        check_order=check_order,
     )
 
 
@@ -657,7 +658,7 @@ def _handlers(environ: Mapping[str, str]) -> int:
     """The installed handler kinds, then each configured instance (``LACUNA_HANDLERS``)
     with its kind and whether its settings build: ``ok`` or the first problem's line.
     Exit status 2 when an instance's settings are wrong (as ``serve`` would refuse)."""
-    from .plugins import available
+    from .plugins import available, check_after
 
     print("installed handler kinds:")
     for name, target in sorted(available().items()):
@@ -668,19 +669,25 @@ def _handlers(environ: Mapping[str, str]) -> int:
         return 0
     rows: list[list[str]] = []
     failed = False
+    after: dict[str, tuple[str, ...]] = {}
     for item in settings.handlers:
         try:
-            built = _build(settings, [item])
+            built = _build(settings, [item], check_order=False)
         except ConfigError as exc:
             failed = True
             rows.append([*_instance_of(item), mask_secrets(exc.problems[0])])
             continue
         name = built.names[0]
-        rows.append([name, built.kinds[name], "ok"])
+        after[name] = built.after.get(name, ())
+        waits = f" (after {', '.join(after[name])})" if after[name] else ""
+        rows.append([name, built.kinds[name] + waits, "ok"])
         asyncio.run(built.aclose())
     print("configured instances (LACUNA_HANDLERS):")
     print(_table(rows, ["name", "kind", "settings"]))
-    return 2 if failed else 0
+    order = check_after(after) if not failed else []
+    for problem in order:
+        print(f"order: {problem}")
+    return 2 if failed or order else 0
 
 
 def _instance_of(item: str) -> list[str]:

@@ -167,6 +167,9 @@ class Delivery:
     lease_token: int
     next_attempt_at: datetime
     created_at: datetime
+    # LACUNA_<NAME>_AFTER (SPEC §6): each prerequisite handler's result for this event (None
+    # when it recorded none or has no delivery); set by the dispatcher, None without AFTER.
+    results: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)

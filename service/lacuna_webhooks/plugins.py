@@ -104,6 +104,8 @@ class HandlerSet:
     kinds: Mapping[str, str] = field(default_factory=dict)
     concurrency: Mapping[str, int] = field(default_factory=dict)
     policies: Mapping[str, RetryPolicy] = field(default_factory=dict)
+    # LACUNA_<NAME>_AFTER: the instances whose deliveries of an event must end first.
+    after: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, handlers: Iterable[Handler], *, timeout_seconds: float = 60.0) -> HandlerSet:
@@ -138,11 +140,14 @@ def build_handlers(
     timeout_seconds: float = 60.0,
     concurrency: int = 4,
     policy: RetryPolicy | None = None,
+    check_order: bool = True,
 ) -> HandlerSet:
     """Load and build every ``LACUNA_HANDLERS`` item (``KIND`` or ``NAME=KIND``) as an
     instance; raise one ``ConfigError`` listing every problem (two instances with one
     name among them). ``concurrency`` and ``policy`` are the global values each
-    instance's ``LACUNA_<NAME>_CONCURRENCY`` / ``_RETRY_*`` override."""
+    instance's ``LACUNA_<NAME>_CONCURRENCY`` / ``_RETRY_*`` override. ``check_order=False``
+    leaves ``LACUNA_<NAME>_AFTER`` unchecked against the other items (a worker process, or
+    ``handlers``, building one instance alone)."""
     default_policy = policy or RetryPolicy()
     problems: list[str] = []
     handlers: dict[str, Handler] = {}
@@ -152,6 +157,7 @@ def build_handlers(
     kinds: dict[str, str] = {}
     slots: dict[str, int] = {}
     policies: dict[str, RetryPolicy] = {}
+    after: dict[str, tuple[str, ...]] = {}
     for item in names:
         try:
             explicit, kind = split_handler_item(item)
@@ -171,6 +177,7 @@ def build_handlers(
             )
             slots[name] = _instance_number(ctx, "CONCURRENCY", concurrency, int)
             policies[name] = _instance_policy(ctx, default_policy)
+            after[name] = parse_list(ctx.get("AFTER") or "")
             handler = factory(ctx)
             handler.name = name
             handlers[name] = handler
@@ -185,9 +192,62 @@ def build_handlers(
                 f"LACUNA_HANDLERS: the {item!r} handler failed to start: "
                 + redact_text(f"{type(exc).__name__}: {exc}")
             )
+    if not problems and check_order:
+        problems.extend(check_after(after))
     if problems:
         raise ConfigError(problems)
-    return HandlerSet(handlers, filters, timeouts, items, kinds, slots, policies)
+    return HandlerSet(
+        handlers,
+        filters,
+        timeouts,
+        items,
+        kinds,
+        slots,
+        policies,
+        {n: a for n, a in after.items() if a},
+    )
+
+
+def check_after(after: Mapping[str, Sequence[str]]) -> list[str]:
+    """Problems of the ``LACUNA_<NAME>_AFTER`` settings (SPEC §6): a name that is no
+    configured instance, and each cycle (a handler after itself included), one line each."""
+    problems = [
+        f"LACUNA_{name.upper()}_AFTER names {other!r}, which is not an instance in "
+        f"LACUNA_HANDLERS ({', '.join(after)})"
+        for name, others in after.items()
+        for other in others
+        if other not in after
+    ]
+    if problems:
+        return problems
+    done: set[str] = set()
+    for start in after:
+        cycle = _cycle_from(start, after, [], done)
+        if cycle is not None:
+            return [
+                f"LACUNA_{cycle[0].upper()}_AFTER: the handlers wait for each other in a cycle "
+                f"({' -> '.join(cycle)}), so none would ever run"
+            ]
+    return []
+
+
+def _cycle_from(
+    name: str, after: Mapping[str, Sequence[str]], path: list[str], done: set[str]
+) -> list[str] | None:
+    """A depth-first walk of the AFTER graph: the first cycle met from ``name`` (its nodes,
+    the first repeated at the end), or None; ``done`` holds names known to lead to none."""
+    if name in path:
+        return [*path[path.index(name) :], name]
+    if name in done:
+        return None
+    path.append(name)
+    for other in after[name]:
+        cycle = _cycle_from(other, after, path, done)
+        if cycle is not None:
+            return cycle
+    path.pop()
+    done.add(name)
+    return None
 
 
 def _instance_number(ctx: HandlerContext, key: str, default: T, kind: Callable[[str], T]) -> T:

@@ -700,3 +700,42 @@ async def test_a_completion_without_a_result_stores_none(store: Store) -> None:
     (row,) = await store.list_deliveries(event_id="evt_noresult")
     assert row.status is DeliveryStatus.DONE
     assert row.result is None
+
+
+# --- ordering: claim(after=...) (SPEC §6) ---------------------------------------------------
+
+
+async def test_claim_after_holds_a_delivery_until_its_prerequisites_end(store: Store) -> None:
+    """``c`` after ``a`` and ``b``: held while either is pending (due or leased), claimable
+    once both have ended, done or dead; other events and handlers are unaffected."""
+    assert await store.accept(event("evt_after_1"), ["a", "b", "c"], now=NOW)
+    assert await store.accept(event("evt_after_2"), ["c"], now=NOW)  # no a/b: not held
+    claimed = await store.claim(handler="c", limit=10, lease=LEASE, now=NOW, after=["a", "b"])
+    assert [d.event.id for d in claimed] == ["evt_after_2"]
+
+    a = await claim_one(store, "a")
+    assert await store.complete(a, attempt(AttemptOutcome.OK))
+    assert await store.claim(handler="c", limit=10, lease=LEASE, now=NOW, after=["a", "b"]) == []
+    b = await claim_one(store, "b")  # leased: still pending, still holds c
+    assert await store.claim(handler="c", limit=10, lease=LEASE, now=NOW, after=["a", "b"]) == []
+    assert await store.retry(b, attempt(AttemptOutcome.RETRY), at=NOW + SECOND)
+    later = NOW + 2 * SECOND
+    assert await store.claim(handler="c", limit=10, lease=LEASE, now=later, after=["a", "b"]) == []
+    b = await claim_one(store, "b", now=later)
+    assert await store.dead(b, attempt(AttemptOutcome.DEAD, later, "gone"))
+    (c,) = await store.claim(handler="c", limit=10, lease=LEASE, now=later, after=["a", "b"])
+    assert c.event.id == "evt_after_1"
+    assert c.handler == "c"
+
+
+async def test_claim_after_a_replayed_prerequisite_holds_again(store: Store) -> None:
+    """A replay makes the prerequisite pending again: the later handler waits for it again."""
+    assert await store.accept(event("evt_after_r"), ["a", "c"], now=NOW)
+    assert await store.complete(await claim_one(store, "a"), attempt(AttemptOutcome.OK))
+    assert await store.complete(
+        (await store.claim(handler="c", limit=1, lease=LEASE, now=NOW, after=["a"]))[0],
+        attempt(AttemptOutcome.OK),
+    )
+    assert await store.replay("evt_after_r", None, now=NOW + SECOND) == 2
+    held = await store.claim(handler="c", limit=1, lease=LEASE, now=NOW + SECOND, after=["a"])
+    assert held == []

@@ -13,7 +13,7 @@ import pytest
 from lacuna_webhooks.config import Settings, split_handler_item
 from lacuna_webhooks.dispatch.workers import worker_specs
 from lacuna_webhooks.errors import ConfigError
-from lacuna_webhooks.handlers.base import RecordingHandler
+from lacuna_webhooks.handlers.base import RecordingHandler, current_results
 from lacuna_webhooks.handlers.http import HTTPHandler
 from lacuna_webhooks.models import DeliveryStatus, Event
 from lacuna_webhooks.plugins import HandlerSet, build_handlers
@@ -237,3 +237,78 @@ async def test_a_returned_object_is_recorded_as_the_result(store: MemoryStore) -
     assert rows["storage"].status is DeliveryStatus.DONE
     assert rows["storage"].result == {"location": "file:///srv/evt_result_1/", "tracks": []}
     assert rows["plain"].result is None
+
+
+# -- LACUNA_<NAME>_AFTER ---------------------------------------------------------------------
+
+
+def test_after_is_read_per_instance() -> None:
+    env = {"LACUNA_APP_AFTER": "storage, log", "LACUNA_STORAGE_URL": "file:///tmp/lw-after"}
+    built = build_handlers(["log", "storage", "app=log"], env, allow_private_urls=True)
+    try:
+        assert built.after == {"app": ("storage", "log")}
+    finally:
+        asyncio.run(built.aclose())
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"LACUNA_A_AFTER": "nosuch"}, "LACUNA_A_AFTER names 'nosuch', which is not an instance"),
+        (
+            {"LACUNA_A_AFTER": "a"},
+            "LACUNA_A_AFTER: the handlers wait for each other in a cycle (a -> a)",
+        ),
+        (
+            {"LACUNA_A_AFTER": "b", "LACUNA_B_AFTER": "c", "LACUNA_C_AFTER": "a"},
+            "in a cycle (a -> b -> c -> a)",
+        ),
+    ],
+)
+def test_unknown_names_and_cycles_in_after_are_bad_settings(
+    env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        build_handlers(["a=log", "b=log", "c=log"], env)
+    assert len(info.value.problems) == 1
+    assert message in info.value.problems[0]
+
+
+def test_a_diamond_is_no_cycle() -> None:
+    env = {"LACUNA_D_AFTER": "b,c", "LACUNA_B_AFTER": "a", "LACUNA_C_AFTER": "a"}
+    built = build_handlers(["a=log", "b=log", "c=log", "d=log"], env)
+    assert built.after == {"b": ("a",), "c": ("a",), "d": ("b", "c")}
+
+
+class _Reading(RecordingHandler):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.seen: list[object] = []
+
+    async def handle(self, event: Event) -> None:
+        self.seen.append(current_results.get())
+        await super().handle(event)
+
+
+async def test_after_runs_the_later_handler_once_the_earlier_ended_with_its_results(
+    store: MemoryStore,
+) -> None:
+    """``late`` after ``storage`` and ``gone``: it waits while ``storage`` is blocked, then
+    reads storage's result and None for ``gone`` (no delivery for this event)."""
+    clock = FakeClock(T0)
+    storage = _Returning("storage")
+    storage.block = asyncio.Event()
+    late, gone = _Reading("late"), RecordingHandler("gone")
+    handlers = _set(storage, late, gone, after={"late": ("storage", "gone")})
+    d = make_dispatcher(store, handlers, clock, policy=RetryPolicy(), poll_interval_seconds=0.02)
+    event = Event.from_body(orjson.dumps(make_event("evt_after_d")))
+    assert await store.accept(event, ["storage", "late"], now=clock())
+    async with running(d):
+        await wait_until(lambda: len(storage.calls) == 1)
+        await asyncio.sleep(0.1)  # several claim passes: none may start `late`
+        assert late.calls == []
+        storage.block.set()
+        await d.drain()
+    assert late.seen == [
+        {"storage": {"location": "file:///srv/evt_after_d/", "tracks": []}, "gone": None}
+    ]

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 import time
 from collections.abc import Callable
@@ -234,7 +235,11 @@ class Dispatcher:
                 continue
             lease = timedelta(seconds=self._timeout(name)) + LEASE_MARGIN
             claimed = await self.store.claim(
-                handler=name, limit=free, lease=lease, now=self.clock()
+                handler=name,
+                limit=free,
+                lease=lease,
+                now=self.clock(),
+                after=self.handlers.after.get(name, ()),
             )
             for delivery in claimed:
                 if self._stopping:
@@ -273,6 +278,19 @@ class Dispatcher:
         name = delivery.handler
         started = self.clock()
         t0 = time.perf_counter()
+        after = self.handlers.after.get(name, ())
+        if after:
+            try:
+                delivery = await self._with_results(delivery, after)
+            except StoreUnavailable as exc:
+                # Not the handler's doing: give the claim back uncounted; it comes round again.
+                self._log.warning(
+                    "delivery.results_unavailable",
+                    delivery_id=delivery.id,
+                    error=describe_error(exc),
+                )
+                await self._release(delivery)
+                return
         policy = self._policy(name)
         decision = budget_spent(delivery.attempts, policy)
         result = None
@@ -345,6 +363,13 @@ class Dispatcher:
         )
 
     # -- shutdown --------------------------------------------------------------------------
+
+    async def _with_results(self, delivery: Delivery, after: tuple[str, ...]) -> Delivery:
+        """The delivery with its prerequisites' results (SPEC §6): one key per handler in
+        ``after``; ``None`` for one that recorded no result or has no delivery of the event."""
+        rows = await self.store.list_deliveries(event_id=delivery.event.id, limit=1000)
+        found = {row.handler: row.result for row in rows if row.handler in after}
+        return dataclasses.replace(delivery, results={h: found.get(h) for h in after})
 
     async def _abandon(self) -> None:
         """Cancel whatever is still in flight, end the runner (no handler code may still run

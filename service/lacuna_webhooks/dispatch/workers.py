@@ -218,7 +218,16 @@ class HandlerWorker:
         attempt.timer = asyncio.get_running_loop().call_later(
             timeout_seconds + KILL_GRACE_SECONDS, self._overrun, child, attempt_id
         )
-        child.send(("run", attempt_id, delivery.event, timeout_seconds, delivery.attempts))
+        child.send(
+            (
+                "run",
+                attempt_id,
+                delivery.event,
+                timeout_seconds,
+                delivery.attempts,
+                delivery.results,
+            )
+        )
         try:
             return await attempt.future
         except asyncio.CancelledError:

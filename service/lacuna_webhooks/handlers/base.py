@@ -134,6 +134,14 @@ runs one attempt, so ``handle(event)`` keeps its signature and plugins may read 
 (``current_attempt.get()``; ``None`` when run outside the dispatcher)."""
 
 
+current_results: ContextVar[Mapping[str, Any] | None] = ContextVar("lacuna_results", default=None)
+"""The results of the handlers this one runs after (``LACUNA_<NAME>_AFTER``, SPEC §6), when
+it has an AFTER setting: ``{"<handler>": <its result object, or None>}``, one key per
+handler named there (None: it returned no result, ended dead, or had no delivery for the
+event). ``None`` for a handler without AFTER or run outside the dispatcher. Set like
+``current_attempt``, in the task that runs the one attempt; read it inside ``handle``."""
+
+
 class RecordingHandler:
     """A handler for tests: records every event, and fails as scripted.
 
@@ -168,4 +176,11 @@ class RecordingHandler:
         self.closed = True
 
 
-__all__ = ["Handler", "HandlerContext", "HandlerFactory", "RecordingHandler", "current_attempt"]
+__all__ = [
+    "Handler",
+    "HandlerContext",
+    "HandlerFactory",
+    "RecordingHandler",
+    "current_attempt",
+    "current_results",
+]

@@ -45,7 +45,7 @@ from ..models import Event
 from ..signature import sign_standard_webhooks, standard_webhooks_key
 from ._common import network_timeouts
 from ._http import OutboundClient, retry_after_seconds, transport_failure
-from .base import HandlerContext, current_attempt
+from .base import HandlerContext, current_attempt, current_results
 
 logger = structlog.get_logger("lacuna_webhooks.handlers.http")
 
@@ -195,7 +195,11 @@ class HTTPHandler:
 
     def request(self, event: Event, *, attempt: int) -> tuple[bytes, dict[str, str]]:
         """The body and headers of one attempt (signed at ``clock()``)."""
-        body = event.raw if self.payload == "event" else enriched_body(event, {})
+        body = (
+            event.raw
+            if self.payload == "event"
+            else enriched_body(event, dict(current_results.get() or {}))
+        )
         timestamp = int(self.clock())
         headers = dict(self.extra_headers)
         headers.update(

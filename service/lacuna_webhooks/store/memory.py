@@ -172,15 +172,31 @@ class MemoryStore:
     # -- outbox ----------------------------------------------------------------------------
 
     async def claim(
-        self, *, handler: str, limit: int, lease: timedelta, now: datetime
+        self,
+        *,
+        handler: str,
+        limit: int,
+        lease: timedelta,
+        now: datetime,
+        after: Sequence[str] = (),
     ) -> list[Delivery]:
-        """Lease up to ``limit`` due deliveries of ``handler``, oldest due first (then by id)."""
+        """Lease up to ``limit`` due deliveries of ``handler``, oldest due first (then by id),
+        skipping those held by a pending delivery of an ``after`` handler of their event."""
         async with self._lock:
             self._check(write=True)
             if limit <= 0:
                 return []
+            held = {
+                r.event_id
+                for r in self._deliveries.values()
+                if r.handler in after and r.status is DeliveryStatus.PENDING
+            }
             due = sorted(
-                (r for r in self._deliveries.values() if r.handler == handler and r.due(now)),
+                (
+                    r
+                    for r in self._deliveries.values()
+                    if r.handler == handler and r.due(now) and r.event_id not in held
+                ),
                 key=lambda r: (r.next_attempt_at, r.id),
             )[:limit]
             claimed = []

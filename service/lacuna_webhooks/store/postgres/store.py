@@ -364,7 +364,13 @@ class PostgresStore:
     # -- outbox --------------------------------------------------------------------------------
 
     async def claim(
-        self, *, handler: str, limit: int, lease: timedelta, now: datetime
+        self,
+        *,
+        handler: str,
+        limit: int,
+        lease: timedelta,
+        now: datetime,
+        after: Sequence[str] = (),
     ) -> list[Delivery]:
         """Lease up to ``limit`` due pending deliveries of ``handler``, oldest due first.
 
@@ -385,6 +391,7 @@ class PostgresStore:
                 now,
                 lease,
                 limit,
+                list(after),
             )
         return [claimed_delivery(row, _at) for row in rows]
 

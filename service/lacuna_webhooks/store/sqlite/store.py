@@ -175,11 +175,19 @@ class SQLiteStore:
     # --- the dispatcher's side -------------------------------------------------------------
 
     async def claim(
-        self, *, handler: str, limit: int, lease: timedelta, now: datetime
+        self,
+        *,
+        handler: str,
+        limit: int,
+        lease: timedelta,
+        now: datetime,
+        after: Sequence[str] = (),
     ) -> list[Delivery]:
         if limit <= 0:
             return []
-        return await self._write(ops.claim, handler, limit, epoch(now), epoch(now + lease))
+        return await self._write(
+            ops.claim, handler, limit, epoch(now), epoch(now + lease), tuple(after)
+        )
 
     async def _finish(
         self,

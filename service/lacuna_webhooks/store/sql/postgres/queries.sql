@@ -43,11 +43,16 @@ WITH claimed AS (
         lease_token = lease_token + 1,
         updated_at = $2
     WHERE id IN (
-        SELECT id FROM deliveries
+        SELECT id FROM deliveries d
         WHERE handler = $1
           AND status = 'pending'
           AND next_attempt_at <= $2
           AND (lease_until IS NULL OR lease_until <= now())
+          -- LACUNA_<NAME>_AFTER ($5): held while a prerequisite of the event is pending
+          AND (cardinality($5::text[]) = 0 OR NOT EXISTS (
+              SELECT 1 FROM deliveries p
+              WHERE p.event_id = d.event_id AND p.status = 'pending'
+                AND p.handler = ANY($5::text[])))
         ORDER BY next_attempt_at, id
         LIMIT $4
         FOR UPDATE SKIP LOCKED

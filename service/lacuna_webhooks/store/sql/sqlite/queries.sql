@@ -3,12 +3,18 @@
 
 -- name: claim
 -- Lease up to :limit due deliveries of :handler, oldest due first, with their event's body.
+-- :after (a JSON array of handler names, LACUNA_<NAME>_AFTER) holds back a delivery while a
+-- delivery of one of them for the same event is still pending (SPEC §6).
 UPDATE deliveries SET lease_until = :until, attempts = attempts + 1,
     lease_token = lease_token + 1, updated_at = :now
 WHERE id IN (
-    SELECT id FROM deliveries
+    SELECT id FROM deliveries AS d
     WHERE status = 'pending' AND handler = :handler AND next_attempt_at <= :now
       AND (lease_until IS NULL OR lease_until <= :now)
+      AND (:after = '[]' OR NOT EXISTS (
+          SELECT 1 FROM deliveries AS p
+          WHERE p.event_id = d.event_id AND p.status = 'pending'
+            AND p.handler IN (SELECT value FROM json_each(:after))))
     ORDER BY next_attempt_at, id LIMIT :limit)
 RETURNING id, event_id, handler, attempts, lease_token, next_attempt_at, created_at,
     (SELECT raw FROM events WHERE events.id = deliveries.event_id) AS raw
