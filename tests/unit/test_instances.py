@@ -13,8 +13,11 @@ import pytest
 from lacuna_webhooks.config import Settings, split_handler_item
 from lacuna_webhooks.dispatch.workers import worker_specs
 from lacuna_webhooks.errors import ConfigError
+from lacuna_webhooks.handlers._common import stored_location
 from lacuna_webhooks.handlers.base import RecordingHandler, current_results
+from lacuna_webhooks.handlers.email import compose
 from lacuna_webhooks.handlers.http import HTTPHandler
+from lacuna_webhooks.handlers.slack import build_message
 from lacuna_webhooks.models import DeliveryStatus, Event
 from lacuna_webhooks.plugins import HandlerSet, build_handlers
 from lacuna_webhooks.retry import RetryPolicy
@@ -312,3 +315,42 @@ async def test_after_runs_the_later_handler_once_the_earlier_ended_with_its_resu
     assert late.seen == [
         {"storage": {"location": "file:///srv/evt_after_d/", "tracks": []}, "gone": None}
     ]
+
+
+# -- Slack and email name the stored location when they run after storage --------------------
+
+
+def test_stored_location_comes_from_a_prerequisite_result() -> None:
+    """Any prerequisite result with a file:// or s3:// ``location`` (a storage instance under
+    any name); None without AFTER, for a dead storage (None) or another kind of location."""
+    assert stored_location() is None
+    for results, expected in [
+        ({"storage": None}, None),
+        ({"app": {"location": "https://x"}}, None),
+        ({"app": None, "archive": {"location": "s3://b/p/cm1/", "tracks": []}}, "s3://b/p/cm1/"),
+    ]:
+        token = current_results.set(results)
+        try:
+            assert stored_location() == expected
+        finally:
+            current_results.reset(token)
+
+
+def test_slack_and_email_name_the_stored_location_escaped() -> None:
+    """A hostile location cannot ping or forge a link in Slack, nor inject HTML in the mail."""
+    event = Event.from_body(orjson.dumps(make_event("evt_stored_1")))
+    stored = "file:///srv/audio/<!channel>&<x|y>/"
+    message = build_message(event, stored)
+    section = [
+        b["text"]["text"]
+        for b in message["blocks"]
+        if b["type"] == "section" and "Stored" in b["text"]["text"]
+    ]
+    assert section == ["*Stored:* `file:///srv/audio/&lt;!channel&gt;&amp;&lt;x|y&gt;/`"]
+    assert "Stored" not in orjson.dumps(build_message(event)).decode()
+    mail = compose(event, "a@example.com", ["b@example.com"], stored)
+    text = mail.get_body(("plain",)).get_content()  # type: ignore[union-attr]
+    html_part = mail.get_body(("html",)).get_content()  # type: ignore[union-attr]
+    assert f"Stored: {stored}\n" in text
+    assert "<code>file:///srv/audio/&lt;!channel&gt;&amp;&lt;x|y&gt;/</code>" in html_part
+    assert "Stored" not in compose(event, "a@example.com", ["b@example.com"]).as_string()
