@@ -18,20 +18,19 @@ Per instance, ``LACUNA_<NAME>_CONCURRENCY``, ``_RETRY_MAX_ATTEMPTS``,
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, TypeVar
+from typing import Any
 
 from .config import HANDLER_NAME_RE, parse_list, read_setting, split_handler_item
 from .errors import ConfigError
+from .handlers._common import float_setting, int_setting
 from .handlers.base import Handler, HandlerContext, HandlerFactory
 from .redact import redact_text
 from .retry import RetryPolicy
 
 ENTRY_POINT_GROUP = "lacuna_webhooks.handlers"
-
-T = TypeVar("T", int, float)
 
 
 def available() -> dict[str, str]:
@@ -175,7 +174,7 @@ def build_handlers(
                 timeout_seconds=_handler_timeout(name, environ, timeout_seconds),
                 kind=kind,
             )
-            slots[name] = _instance_number(ctx, "CONCURRENCY", concurrency, int)
+            slots[name] = int_setting(ctx, "CONCURRENCY", concurrency)
             policies[name] = _instance_policy(ctx, default_policy)
             after[name] = parse_list(ctx.get("AFTER") or "")
             handler = factory(ctx)
@@ -250,33 +249,13 @@ def _cycle_from(
     return None
 
 
-def _instance_number(ctx: HandlerContext, key: str, default: T, kind: Callable[[str], T]) -> T:
-    """``LACUNA_<NAME>_<KEY>`` as a finite number greater than 0, else ``default``;
-    ``ConfigError`` naming the variable when it is anything else."""
-    raw = ctx.get(key)
-    if raw is None:
-        return default
-    try:
-        value = kind(raw)
-    except ValueError:
-        what = "whole number" if kind is int else "number"
-        raise ConfigError(f"{ctx.env_name(key)} must be a {what}, got {raw!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise ConfigError(f"{ctx.env_name(key)} must be greater than 0, got {raw!r}")
-    return value
-
-
 def _instance_policy(ctx: HandlerContext, default: RetryPolicy) -> RetryPolicy:
     """The instance's retry schedule: each ``LACUNA_<NAME>_RETRY_*`` set overrides the
     global value (SPEC §6); a cap below the base delay is a ``ConfigError``."""
     policy = RetryPolicy(
-        max_attempts=_instance_number(ctx, "RETRY_MAX_ATTEMPTS", default.max_attempts, int),
-        base_delay_seconds=_instance_number(
-            ctx, "RETRY_BASE_DELAY", default.base_delay_seconds, float
-        ),
-        max_delay_seconds=_instance_number(
-            ctx, "RETRY_MAX_DELAY", default.max_delay_seconds, float
-        ),
+        max_attempts=int_setting(ctx, "RETRY_MAX_ATTEMPTS", default.max_attempts),
+        base_delay_seconds=float_setting(ctx, "RETRY_BASE_DELAY", default.base_delay_seconds),
+        max_delay_seconds=float_setting(ctx, "RETRY_MAX_DELAY", default.max_delay_seconds),
     )
     if policy.max_delay_seconds < policy.base_delay_seconds:
         raise ConfigError(

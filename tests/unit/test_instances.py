@@ -145,8 +145,8 @@ def test_overrides_default_to_the_global_values() -> None:
         ("LACUNA_APP_CONCURRENCY", "0", "LACUNA_APP_CONCURRENCY must be greater than 0"),
         ("LACUNA_APP_CONCURRENCY", "2.5", "LACUNA_APP_CONCURRENCY must be a whole number"),
         ("LACUNA_APP_RETRY_MAX_ATTEMPTS", "x", "LACUNA_APP_RETRY_MAX_ATTEMPTS must be a whole"),
-        ("LACUNA_APP_RETRY_BASE_DELAY", "nan", "LACUNA_APP_RETRY_BASE_DELAY must be greater"),
-        ("LACUNA_APP_RETRY_BASE_DELAY", "inf", "LACUNA_APP_RETRY_BASE_DELAY must be greater"),
+        ("LACUNA_APP_RETRY_BASE_DELAY", "nan", "LACUNA_APP_RETRY_BASE_DELAY must be a finite"),
+        ("LACUNA_APP_RETRY_BASE_DELAY", "inf", "LACUNA_APP_RETRY_BASE_DELAY must be a finite"),
         ("LACUNA_APP_RETRY_MAX_DELAY", "1", "LACUNA_APP_RETRY_MAX_DELAY (1) must not be smaller"),
     ],
 )
