@@ -11,8 +11,9 @@ Settings (``LACUNA_<NAME>_*``, so ``LACUNA_HTTP_*`` for the plain ``http`` handl
   ``{"Authorization": "Bearer …"}``; it cannot replace the signature headers,
   ``content-type`` or the ``lacuna-*`` headers.
 - ``PAYLOAD``: ``event`` (default: the event's bytes exactly as Lacuna sent
-  them) or ``enriched`` (``{"event": <event>, "results": {}}``; ``results``
-  stays empty until handler results exist).
+  them) or ``enriched`` (``{"event": <event>, "results": {"<handler>": <result or
+  null>}}``, one key per handler in ``LACUNA_<NAME>_AFTER``, read from
+  ``current_results``; ``{}`` without AFTER).
 - ``TIMEOUT``, ``CONNECT_TIMEOUT``, ``READ_TIMEOUT``: as for every handler.
 
 Each attempt is a ``POST`` with ``content-type: application/json`` and the
