@@ -80,7 +80,6 @@ def _handlers_of(settings: Settings) -> HandlerSet:
     with one line, and intake learns each handler's event filter. Their ``handle`` runs
     only in the worker processes."""
     from .logs import configure
-    from .plugins import build_handlers
 
     configure(
         log_format=settings.log_format,
@@ -89,16 +88,31 @@ def _handlers_of(settings: Settings) -> HandlerSet:
     )
     log_secret_warnings(settings)
     try:
-        built = build_handlers(
-            settings.handlers,
-            settings.environ,
-            allow_private_urls=settings.allow_private_urls,
-            timeout_seconds=settings.handler_timeout_seconds,
-        )
+        built = _build(settings, settings.handlers)
     except ConfigError as exc:
         raise CommandError(f"configuration: {exc}", exit_code=2) from None
     # Each handler runs (and is closed) in its worker process; these copies are not used.
     return built.without_instances()
+
+
+def _build(settings: Settings, items: Sequence[str], *, check_order: bool = True) -> HandlerSet:
+    """``build_handlers`` with the global values of ``settings`` (``ConfigError`` as it)."""
+    from .plugins import build_handlers
+    from .retry import RetryPolicy
+
+    return build_handlers(
+        items,
+        settings.environ,
+        allow_private_urls=settings.allow_private_urls,
+        timeout_seconds=settings.handler_timeout_seconds,
+        concurrency=settings.handler_concurrency,
+        policy=RetryPolicy(
+            max_attempts=settings.retry_max_attempts,
+            base_delay_seconds=settings.retry_base_delay_seconds,
+            max_delay_seconds=settings.retry_max_delay_seconds,
+        ),
+        check_order=check_order,
+    )
 
 
 async def _open_service_store(settings: Settings, handlers: HandlerSet) -> Store:
@@ -526,6 +540,7 @@ def _delivery_json(record: DeliveryRecord, now: datetime) -> dict[str, Any]:
         "attempts": record.attempts,
         "next_attempt_at": record.next_attempt_at.isoformat(),
         "last_error": record.last_error,
+        "result": record.result,
         "created_at": record.created_at.isoformat(),
         "updated_at": record.updated_at.isoformat(),
     }
@@ -629,6 +644,12 @@ def _events(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
                 f"  {d.handler} attempt {a.attempt}: {a.outcome.value} at {_iso(a.started_at)}"
                 f" ({a.duration_seconds * 1000:.0f} ms){error}"
             )
+    results = [d for d in deliveries if d.result is not None]
+    if results:
+        # SPEC §6: what each handler returned (e.g. storage: where it put the files).
+        print("\nresults")
+        for d in results:
+            print(f"  {d.handler}: {orjson.dumps(d.result).decode()}")
     print("\npayload")
     print(orjson.dumps(_stored_payload(record.raw), option=orjson.OPT_INDENT_2).decode())
     return 0
@@ -693,12 +714,47 @@ def _migrate(environ: Mapping[str, str]) -> int:
     return 0
 
 
-def _handlers() -> int:
-    from .plugins import available
+def _handlers(environ: Mapping[str, str]) -> int:
+    """The installed handler kinds, then each configured instance (``LACUNA_HANDLERS``)
+    with its kind and whether its settings build: ``ok`` or the first problem's line.
+    Exit status 2 when an instance's settings are wrong (as ``serve`` would refuse)."""
+    from .plugins import available, check_after
 
+    print("installed handler kinds:")
     for name, target in sorted(available().items()):
-        print(f"{name:12} {target}")
-    return 0
+        print(f"  {name:12} {target}")
+    settings = _settings(environ, require_secret=False)
+    if not settings.handlers:
+        print("configured instances: none (LACUNA_HANDLERS is empty)")
+        return 0
+    rows: list[list[str]] = []
+    failed = False
+    after: dict[str, tuple[str, ...]] = {}
+    for item in settings.handlers:
+        try:
+            built = _build(settings, [item], check_order=False)
+        except ConfigError as exc:
+            failed = True
+            rows.append([*_instance_of(item), mask_secrets(exc.problems[0])])
+            continue
+        name = built.names[0]
+        after[name] = built.after.get(name, ())
+        waits = f" (after {', '.join(after[name])})" if after[name] else ""
+        rows.append([name, built.kinds[name] + waits, "ok"])
+        asyncio.run(built.aclose())
+    print("configured instances (LACUNA_HANDLERS):")
+    print(_table(rows, ["name", "kind", "settings"]))
+    order = check_after(after) if not failed else []
+    for problem in order:
+        print(f"order: {problem}")
+    return 2 if failed or order else 0
+
+
+def _instance_of(item: str) -> list[str]:
+    from .config import split_handler_item
+
+    name, kind = split_handler_item(item)
+    return [name or kind, kind]
 
 
 # --- parser ----------------------------------------------------------------------------------
@@ -864,7 +920,7 @@ def build_parser() -> argparse.ArgumentParser:
     retry_dead.add_argument("--handler", type=_handler_name, help="only this handler's")
 
     sub.add_parser("migrate", help="apply pending schema migrations")
-    sub.add_parser("handlers", help="list installed handler plugins")
+    sub.add_parser("handlers", help="list installed handler kinds and the configured instances")
     return parser
 
 
@@ -894,7 +950,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             case "migrate":
                 return _migrate(env)
             case "handlers":
-                return _handlers()
+                return _handlers(env)
     except CommandError as exc:
         print(f"{PROG}: error: {mask_secrets(str(exc))}", file=sys.stderr)
         return exc.exit_code

@@ -280,14 +280,34 @@ def _networks(value: str) -> tuple[IPNetwork, ...]:
     return tuple(networks)
 
 
-def _handler_names(value: str) -> tuple[str, ...]:
-    names = parse_list(value)
+def split_handler_item(item: str) -> tuple[str | None, str]:
+    """One ``LACUNA_HANDLERS`` item as ``(NAME or None, KIND)`` (SPEC §6).
+
+    ``NAME=KIND`` names an instance; a plain ``KIND`` is ``(None, KIND)``: its name is the
+    kind itself, or for ``package.module:attr`` the object's ``name`` attribute (see
+    ``plugins.load_factory``). Pure: validation is ``Settings.from_env``'s.
+    """
+    name, sep, kind = item.partition("=")
+    if not sep:
+        return None, item.strip()
+    return name.strip(), kind.strip()
+
+
+def _handler_items(value: str) -> tuple[str, ...]:
+    """``LACUNA_HANDLERS``: items ``KIND`` or ``NAME=KIND``; a name given twice is refused
+    (names of ``package.module:attr`` items are known only once loaded: ``build_handlers``
+    checks those)."""
+    items = parse_list(value)
     seen: set[str] = set()
-    for name in names:
-        if name in seen:
-            raise ValueError(f"names {name!r} twice")
-        seen.add(name)
-    return names
+    for item in items:
+        name, kind = split_handler_item(item)
+        if not kind:
+            raise ValueError(f"item {item!r} names no handler kind (NAME=KIND)")
+        key = name if name is not None else kind
+        if key in seen:
+            raise ValueError(f"names {key!r} twice: give each instance its own NAME=KIND")
+        seen.add(key)
+    return items
 
 
 @dataclass(frozen=True)
@@ -404,7 +424,7 @@ class Settings:
         )
         read("max_body_bytes", "LACUNA_MAX_BODY_BYTES", _at_most(_positive_int, MAX_BODY_BYTES))
         read("database_url", "LACUNA_DATABASE_URL", _database_url, from_file=True)
-        read("handlers", "LACUNA_HANDLERS", _handler_names)
+        read("handlers", "LACUNA_HANDLERS", _handler_items)
         read("host", "HOST", str.strip)
         read("port", "PORT", _port)
         read(
@@ -462,10 +482,16 @@ class Settings:
                 f"LACUNA_RETRY_MAX_DELAY ({cap:g}) must not be smaller than "
                 f"LACUNA_RETRY_BASE_DELAY ({base:g})"
             )
-        for name in values.get("handlers", ()):  # type: ignore[attr-defined]
-            if ":" not in name and not HANDLER_NAME_RE.fullmatch(name):
+        for item in values.get("handlers", ()):  # type: ignore[attr-defined]
+            name, kind = split_handler_item(item)
+            if name is not None and not HANDLER_NAME_RE.fullmatch(name):
                 problems.append(
-                    f"LACUNA_HANDLERS names {name!r}: a handler name is lowercase letters, "
+                    f"LACUNA_HANDLERS item {item!r}: an instance NAME is a lowercase letter "
+                    "followed by up to 39 lowercase letters, digits and _"
+                )
+            if ":" not in kind and not HANDLER_NAME_RE.fullmatch(kind):
+                problems.append(
+                    f"LACUNA_HANDLERS names {kind!r}: a handler kind is lowercase letters, "
                     "digits and _ (or package.module:attr for a handler not installed as a plugin)"
                 )
         url = values.get("database_url", cls.database_url)

@@ -205,6 +205,9 @@ class Delivery:
     lease_token: int
     next_attempt_at: datetime
     created_at: datetime
+    # LACUNA_<NAME>_AFTER (SPEC §6): each prerequisite handler's result for this event (None
+    # when it recorded none or has no delivery); set by the dispatcher, None without AFTER.
+    results: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +218,8 @@ class Attempt:
     finished_at: datetime
     outcome: AttemptOutcome
     error: str | None = None
+    # The JSON object handle() returned (SPEC §6); stored with the delivery by ``complete``.
+    result: dict[str, Any] | None = None
 
     @property
     def duration_seconds(self) -> float:

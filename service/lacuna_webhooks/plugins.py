@@ -1,30 +1,45 @@
-"""Resolve ``LACUNA_HANDLERS`` into built handlers, each with its event filter.
+"""Resolve ``LACUNA_HANDLERS`` into built handler instances, each with its event filter.
 
-A name is looked up, in order, as an entry point of the group
+An item is ``KIND`` or ``NAME=KIND`` (SPEC §6): the instance ``NAME`` (plain
+``KIND``: the kind's own name) is the delivery's ``handler`` and the prefix of
+its settings, ``LACUNA_<NAME>_*``. A kind is looked up, in order, as an entry point of the group
 ``lacuna_webhooks.handlers`` (the built-ins are registered there too) or, when
 it contains ``:``, imported as ``package.module:attr``. The object found is a
 factory called with a ``HandlerContext``. The event filter is
 ``LACUNA_<NAME>_EVENTS`` (comma-separated types, ``*`` for all) when set,
 else the handler's own ``events`` attribute. Like every handler setting, each
 may also come from a file named by ``LACUNA_<NAME>_<KEY>_FILE``.
+
+Per instance, ``LACUNA_<NAME>_CONCURRENCY``, ``_RETRY_MAX_ATTEMPTS``,
+``_RETRY_BASE_DELAY`` and ``_RETRY_MAX_DELAY`` override the global values
+(SPEC §6), validated here at start with the rest.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any
 
 import structlog
 
-from .config import HANDLER_NAME_RE, MAX_TIMEOUT_SECONDS, parse_list, read_setting
+from .config import (
+    HANDLER_NAME_RE,
+    MAX_TIMEOUT_SECONDS,
+    parse_list,
+    read_setting,
+    split_handler_item,
+)
 from .errors import ConfigError
+from .handlers._common import float_setting, int_setting
 from .handlers.base import Handler, HandlerContext, HandlerFactory
 from .models import Event
 from .redact import redact_text
+from .retry import RetryPolicy
 
 ENTRY_POINT_GROUP = "lacuna_webhooks.handlers"
 
@@ -35,7 +50,9 @@ def available() -> dict[str, str]:
 
 
 def load_factory(name: str) -> tuple[str, HandlerFactory]:
-    """Find the factory for one ``LACUNA_HANDLERS`` item; return (handler name, factory)."""
+    """Find the factory of one handler KIND; return (its default instance name, factory).
+
+    Raises ``ConfigError`` (one line) when the kind is unknown or fails to load."""
     if ":" in name:
         module_name, _, attr = name.partition(":")
         try:
@@ -83,11 +100,22 @@ def parse_events(value: str | None, default: frozenset[str] | None) -> frozenset
 
 @dataclass(frozen=True)
 class HandlerSet:
-    """The configured handlers, by name, with the event types each subscribes to."""
+    """The configured handler instances, by name, with the event types each subscribes to.
+
+    ``items`` maps each name to its ``LACUNA_HANDLERS`` item (what a worker process
+    rebuilds it from); ``kinds`` to its KIND; ``concurrency`` and ``policies`` hold the
+    per-instance values (absent: the dispatcher's global ones).
+    """
 
     handlers: Mapping[str, Handler]
     filters: Mapping[str, frozenset[str] | None]
     timeouts: Mapping[str, float]
+    items: Mapping[str, str] = field(default_factory=dict)
+    kinds: Mapping[str, str] = field(default_factory=dict)
+    concurrency: Mapping[str, int] = field(default_factory=dict)
+    policies: Mapping[str, RetryPolicy] = field(default_factory=dict)
+    # LACUNA_<NAME>_AFTER: the instances whose deliveries of an event must end first.
+    after: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, handlers: Iterable[Handler], *, timeout_seconds: float = 60.0) -> HandlerSet:
@@ -110,17 +138,16 @@ class HandlerSet:
         ]
 
     def without_instances(self) -> HandlerSet:
-        """The same names, filters and timeouts, holding no handler object.
+        """The same names, filters, timeouts and per-instance settings, holding no handler
+        object.
 
         For a process whose handlers run in worker processes of their own (``serve``,
         ``worker``): its copies were built only to check the settings and learn the
         filters, and are dropped unused, so their ``aclose`` never runs here. A plugin's
         ``aclose`` that blocked (``time.sleep``) once hung ``serve`` at shutdown forever.
         """
-        return HandlerSet(
-            {name: _RunsElsewhere(name) for name in self.handlers},
-            self.filters,
-            self.timeouts,
+        return dataclasses.replace(
+            self, handlers={name: _RunsElsewhere(name) for name in self.handlers}
         )
 
     async def aclose(self) -> None:
@@ -161,27 +188,52 @@ def build_handlers(
     *,
     allow_private_urls: bool = False,
     timeout_seconds: float = 60.0,
+    concurrency: int = 4,
+    policy: RetryPolicy | None = None,
+    check_order: bool = True,
 ) -> HandlerSet:
-    """Load and build every named handler; raise one ``ConfigError`` listing every problem."""
+    """Load and build every ``LACUNA_HANDLERS`` item (``KIND`` or ``NAME=KIND``) as an
+    instance; raise one ``ConfigError`` listing every problem (two instances with one
+    name among them). ``concurrency`` and ``policy`` are the global values each
+    instance's ``LACUNA_<NAME>_CONCURRENCY`` / ``_RETRY_*`` override. ``check_order=False``
+    leaves ``LACUNA_<NAME>_AFTER`` unchecked against the other items (a worker process, or
+    ``handlers``, building one instance alone)."""
+    default_policy = policy or RetryPolicy()
     problems: list[str] = []
     handlers: dict[str, Handler] = {}
     filters: dict[str, frozenset[str] | None] = {}
     timeouts: dict[str, float] = {}
+    items: dict[str, str] = {}
+    kinds: dict[str, str] = {}
+    slots: dict[str, int] = {}
+    policies: dict[str, RetryPolicy] = {}
+    after: dict[str, tuple[str, ...]] = {}
     for item in names:
         try:
-            name, factory = load_factory(item)
+            explicit, kind = split_handler_item(item)
+            default_name, factory = load_factory(kind)
+            name = explicit or default_name
             if name in handlers:
-                raise ConfigError(f"LACUNA_HANDLERS names the handler {name!r} twice")
+                raise ConfigError(
+                    f"LACUNA_HANDLERS names the handler {name!r} twice: give each instance "
+                    "its own NAME=KIND"
+                )
             ctx = HandlerContext(
                 name=name,
                 environ=environ,
                 allow_private_urls=allow_private_urls,
                 timeout_seconds=_handler_timeout(name, environ, timeout_seconds),
+                kind=kind,
             )
+            slots[name] = int_setting(ctx, "CONCURRENCY", concurrency)
+            policies[name] = _instance_policy(ctx, default_policy)
+            after[name] = parse_list(ctx.get("AFTER") or "")
             handler = factory(ctx)
             default_events = _check_handler(item, handler)
             handler.name = name
             handlers[name] = handler
+            items[name] = item
+            kinds[name] = kind
             timeouts[name] = ctx.timeout_seconds
             filters[name] = parse_events(ctx.get("EVENTS"), default_events)
         except ConfigError as exc:
@@ -191,9 +243,79 @@ def build_handlers(
                 f"LACUNA_HANDLERS: the {item!r} handler failed to start: "
                 + redact_text(f"{type(exc).__name__}: {exc}")
             )
+    if not problems and check_order:
+        problems.extend(check_after(after))
     if problems:
         raise ConfigError(problems)
-    return HandlerSet(handlers, filters, timeouts)
+    return HandlerSet(
+        handlers,
+        filters,
+        timeouts,
+        items,
+        kinds,
+        slots,
+        policies,
+        {n: a for n, a in after.items() if a},
+    )
+
+
+def check_after(after: Mapping[str, Sequence[str]]) -> list[str]:
+    """Problems of the ``LACUNA_<NAME>_AFTER`` settings (SPEC §6): a name that is no
+    configured instance, and each cycle (a handler after itself included), one line each."""
+    problems = [
+        f"LACUNA_{name.upper()}_AFTER names {other!r}, which is not an instance in "
+        f"LACUNA_HANDLERS ({', '.join(after)})"
+        for name, others in after.items()
+        for other in others
+        if other not in after
+    ]
+    if problems:
+        return problems
+    done: set[str] = set()
+    for start in after:
+        cycle = _cycle_from(start, after, [], done)
+        if cycle is not None:
+            return [
+                f"LACUNA_{cycle[0].upper()}_AFTER: the handlers wait for each other in a cycle "
+                f"({' -> '.join(cycle)}), so none would ever run"
+            ]
+    return []
+
+
+def _cycle_from(
+    name: str, after: Mapping[str, Sequence[str]], path: list[str], done: set[str]
+) -> list[str] | None:
+    """A depth-first walk of the AFTER graph: the first cycle met from ``name`` (its nodes,
+    the first repeated at the end), or None; ``done`` holds names known to lead to none."""
+    if name in path:
+        return [*path[path.index(name) :], name]
+    if name in done:
+        return None
+    path.append(name)
+    for other in after[name]:
+        cycle = _cycle_from(other, after, path, done)
+        if cycle is not None:
+            return cycle
+    path.pop()
+    done.add(name)
+    return None
+
+
+def _instance_policy(ctx: HandlerContext, default: RetryPolicy) -> RetryPolicy:
+    """The instance's retry schedule: each ``LACUNA_<NAME>_RETRY_*`` set overrides the
+    global value (SPEC §6); a cap below the base delay is a ``ConfigError``."""
+    policy = RetryPolicy(
+        max_attempts=int_setting(ctx, "RETRY_MAX_ATTEMPTS", default.max_attempts),
+        base_delay_seconds=float_setting(ctx, "RETRY_BASE_DELAY", default.base_delay_seconds),
+        max_delay_seconds=float_setting(ctx, "RETRY_MAX_DELAY", default.max_delay_seconds),
+    )
+    if policy.max_delay_seconds < policy.base_delay_seconds:
+        raise ConfigError(
+            f"{ctx.env_name('RETRY_MAX_DELAY')} ({policy.max_delay_seconds:g}) must not be "
+            f"smaller than the {ctx.name} handler's retry base delay "
+            f"({policy.base_delay_seconds:g})"
+        )
+    return policy
 
 
 def _check_handler(item: str, handler: object) -> frozenset[str] | None:

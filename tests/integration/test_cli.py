@@ -40,7 +40,8 @@ def db(tmp_path: Path) -> dict[str, str]:
                         d, Attempt(now, now, AttemptOutcome.DEAD, "PermanentError: no_service")
                     )
                 else:
-                    await store.complete(d, Attempt(now, now, AttemptOutcome.OK))
+                    result = {"seen": d.event.id} if d.event.id == "evt_cli_bad" else None
+                    await store.complete(d, Attempt(now, now, AttemptOutcome.OK, None, result))
         await store.close()
 
     asyncio.run(fill())
@@ -132,7 +133,33 @@ def test_migrate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_handlers_lists_builtins(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["handlers"], {}) == 0
-    assert "log" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "log" in out
+    assert "configured instances: none" in out
+
+
+def test_handlers_lists_instances_with_kind_and_settings_status(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Each LACUNA_HANDLERS instance with its kind and `ok` or the first problem's line;
+    exit 2 when one would stop `serve`. The secret is never shown."""
+    env = {
+        "LACUNA_HANDLERS": "app=http,analytics=http,log",
+        "LACUNA_APP_URL": "http://127.0.0.1:9/in",
+        "LACUNA_APP_SECRET": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        "LACUNA_ANALYTICS_SECRET": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+    }
+    assert main(["handlers"], env) == 2
+    out = capsys.readouterr().out
+    rows = out.split("configured instances (LACUNA_HANDLERS):\n", 1)[1].splitlines()
+    assert rows[0].split() == ["NAME", "KIND", "SETTINGS"]
+    assert rows[1].split() == ["app", "http", "ok"]
+    assert rows[2].startswith("analytics")
+    assert "LACUNA_ANALYTICS_URL is required" in rows[2]
+    assert rows[3].split() == ["log", "log", "ok"]
+    assert "MfKQ9r8" not in out
+    env["LACUNA_ANALYTICS_URL"] = "http://127.0.0.1:9/a"
+    assert main(["handlers"], env) == 0
 
 
 @pytest.mark.parametrize(
@@ -368,3 +395,19 @@ def test_listings_write_control_characters_escaped(
     assert "\x1b" not in head
     assert "\r" not in head
     assert "type      job.completed\\r\\nX" in head
+
+
+def test_events_show_prints_each_delivery_result(
+    db: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A handler's result (SPEC §6) is shown per delivery, as text and in --json (null when
+    the handler returned none or did not complete)."""
+    assert main(["events", "show", "evt_cli_bad"], db) == 0
+    out = capsys.readouterr().out
+    assert '\nresults\n  log: {"seen":"evt_cli_bad"}\n' in out
+    assert main(["events", "show", "evt_cli_bad", "--json"], db) == 0
+    doc = json.loads(capsys.readouterr().out)
+    results = {d["handler"]: d["result"] for d in doc["deliveries"]}
+    assert results == {"log": {"seen": "evt_cli_bad"}, "slack": None}
+    assert main(["events", "show", "evt_cli_ok"], db) == 0
+    assert "\nresults\n" not in capsys.readouterr().out

@@ -96,8 +96,28 @@ async def test_folder_gets_each_track_and_an_event_json(
     """Layout {task}/{track}.{ext} + {task}/event.json with the event, size and sha256."""
     urls = [serve_audio(httpserver, "/a/one.mp3", AUDIO), serve_audio(httpserver, "/b", AUDIO_2)]
     event = completed(urls)
-    await folder.handle(event)
+    result = await folder.handle(event)
 
+    # The delivery's result (SPEC §6): where the files are, per track in the event's order.
+    assert result == {
+        "location": (root / "cm123abc").as_uri() + "/",
+        "tracks": [
+            {
+                "id": "trk_01",
+                "url": (root / "cm123abc/trk_01.mp3").as_uri(),
+                "size": len(AUDIO),
+                "sha256": sha(AUDIO),
+                "content_type": "audio/mpeg",
+            },
+            {
+                "id": "trk_02",
+                "url": (root / "cm123abc/trk_02.mp3").as_uri(),
+                "size": len(AUDIO_2),
+                "sha256": sha(AUDIO_2),
+                "content_type": "audio/mpeg",
+            },
+        ],
+    }
     assert files_under(root) == [
         "cm123abc/event.json",
         "cm123abc/trk_01.mp3",
@@ -370,10 +390,23 @@ async def test_s3_gets_the_same_layout(moto_s3: S3Server, httpserver: HTTPServer
     handler = make_handler(moto_s3.env("lacuna/audio"))
     event = completed([serve_audio(httpserver, "/one.mp3", AUDIO)])
     try:
-        await handler.handle(event)
-        await handler.handle(event)
+        first = await handler.handle(event)
+        second = await handler.handle(event)  # from the manifest: nothing fetched again
     finally:
         await handler.aclose()
+    assert first == second
+    assert first == {
+        "location": f"s3://{moto_s3.bucket}/lacuna/audio/cm123abc/",
+        "tracks": [
+            {
+                "id": "trk_01",
+                "url": f"s3://{moto_s3.bucket}/lacuna/audio/cm123abc/trk_01.mp3",
+                "size": len(AUDIO),
+                "sha256": sha(AUDIO),
+                "content_type": "audio/mpeg",
+            }
+        ],
+    }
     assert moto_s3.keys() == [
         "lacuna/audio/cm123abc/event.json",
         "lacuna/audio/cm123abc/trk_01.mp3",

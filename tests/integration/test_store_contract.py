@@ -661,3 +661,81 @@ async def test_created_in_milliseconds_orders_as_seconds(store: Store) -> None:
     task = await store.get_task("cm_ms2")
     assert task is not None
     assert task.event_id == "evt_ms_first"
+
+
+# --- results (SPEC §6) ----------------------------------------------------------------------
+
+
+async def test_complete_records_the_handlers_result(store: Store) -> None:
+    """A completion stores the JSON object handle() returned (nested values, unicode kept);
+    retry and dead store none; a later failure after a replay clears the old result."""
+    result = {
+        "location": "file:///srv/audio/task_1/",
+        "tracks": [{"id": "trk_1", "size": 3, "sha256": "ab", "content_type": "audio/mpeg"}],
+        "note": "é ✓",
+        "n": 1.5,
+        "ok": True,
+        "none": None,
+    }
+    assert await store.accept(event("evt_result"), ["a", "b"], now=NOW)
+    a = await claim_one(store, "a")
+    assert await store.complete(a, Attempt(NOW, NOW + SECOND, AttemptOutcome.OK, None, result))
+    b = await claim_one(store, "b")
+    failed = Attempt(NOW, NOW + SECOND, AttemptOutcome.RETRY, "boom", {"ignored": True})
+    assert await store.retry(b, failed, at=NOW + SECOND)
+    rows = {d.handler: d for d in await store.list_deliveries(event_id="evt_result")}
+    assert rows["a"].result == result
+    assert rows["b"].result is None
+
+    assert await store.replay("evt_result", ["a"], now=NOW + SECOND) == 1
+    again = await claim_one(store, "a", now=NOW + SECOND)
+    assert await store.dead(again, attempt(AttemptOutcome.DEAD, NOW + SECOND, "gone"))
+    (row,) = await store.list_deliveries(event_id="evt_result", handler="a")
+    assert row.result is None
+
+
+async def test_a_completion_without_a_result_stores_none(store: Store) -> None:
+    assert await store.accept(event("evt_noresult"), ["a"], now=NOW)
+    assert await store.complete(await claim_one(store), attempt(AttemptOutcome.OK))
+    (row,) = await store.list_deliveries(event_id="evt_noresult")
+    assert row.status is DeliveryStatus.DONE
+    assert row.result is None
+
+
+# --- ordering: claim(after=...) (SPEC §6) ---------------------------------------------------
+
+
+async def test_claim_after_holds_a_delivery_until_its_prerequisites_end(store: Store) -> None:
+    """``c`` after ``a`` and ``b``: held while either is pending (due or leased), claimable
+    once both have ended, done or dead; other events and handlers are unaffected."""
+    assert await store.accept(event("evt_after_1"), ["a", "b", "c"], now=NOW)
+    assert await store.accept(event("evt_after_2"), ["c"], now=NOW)  # no a/b: not held
+    claimed = await store.claim(handler="c", limit=10, lease=LEASE, now=NOW, after=["a", "b"])
+    assert [d.event.id for d in claimed] == ["evt_after_2"]
+
+    a = await claim_one(store, "a")
+    assert await store.complete(a, attempt(AttemptOutcome.OK))
+    assert await store.claim(handler="c", limit=10, lease=LEASE, now=NOW, after=["a", "b"]) == []
+    b = await claim_one(store, "b")  # leased: still pending, still holds c
+    assert await store.claim(handler="c", limit=10, lease=LEASE, now=NOW, after=["a", "b"]) == []
+    assert await store.retry(b, attempt(AttemptOutcome.RETRY), at=NOW + SECOND)
+    later = NOW + 2 * SECOND
+    assert await store.claim(handler="c", limit=10, lease=LEASE, now=later, after=["a", "b"]) == []
+    b = await claim_one(store, "b", now=later)
+    assert await store.dead(b, attempt(AttemptOutcome.DEAD, later, "gone"))
+    (c,) = await store.claim(handler="c", limit=10, lease=LEASE, now=later, after=["a", "b"])
+    assert c.event.id == "evt_after_1"
+    assert c.handler == "c"
+
+
+async def test_claim_after_a_replayed_prerequisite_holds_again(store: Store) -> None:
+    """A replay makes the prerequisite pending again: the later handler waits for it again."""
+    assert await store.accept(event("evt_after_r"), ["a", "c"], now=NOW)
+    assert await store.complete(await claim_one(store, "a"), attempt(AttemptOutcome.OK))
+    assert await store.complete(
+        (await store.claim(handler="c", limit=1, lease=LEASE, now=NOW, after=["a"]))[0],
+        attempt(AttemptOutcome.OK),
+    )
+    assert await store.replay("evt_after_r", None, now=NOW + SECOND) == 2
+    held = await store.claim(handler="c", limit=1, lease=LEASE, now=NOW + SECOND, after=["a"])
+    assert held == []

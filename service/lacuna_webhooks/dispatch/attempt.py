@@ -40,7 +40,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from ..errors import PermanentError, RetryLater
-from ..handlers.base import Handler, current_attempt
+from ..handlers.base import Handler, current_attempt, current_results
 from ..models import AttemptOutcome, Event
 from ..redact import redact_text
 from ..retry import RetryPolicy
@@ -129,23 +129,31 @@ def timed_out(timeout_seconds: float, *, killed: bool = False) -> Outcome:
 
 
 async def run_attempt(
-    handler: Handler, event: Event, timeout_seconds: float, *, attempt: int | None = None
+    handler: Handler,
+    event: Event,
+    timeout_seconds: float,
+    *,
+    attempt: int | None = None,
+    results: Mapping[str, Any] | None = None,
 ) -> Outcome:
     """Run ``handler.handle(event)`` under ``timeout_seconds``; never raises for its failure.
 
     ``attempt`` (the delivery's attempt number, 1 for the first) is what the handler reads
     from ``handlers.base.current_attempt`` (the ``http`` handler's ``lacuna-attempt``); it is
-    set in the calling task only, which runs this one attempt.
+    set in the calling task only, which runs this one attempt. ``results`` (the
+    prerequisites' results, ``LACUNA_<NAME>_AFTER``) is set the same way in
+    ``handlers.base.current_results``.
 
     Only a cancellation of the calling task itself (a stop) propagates. A blocking handler
     cannot be cut off here: that is the worker process's supervisor's job.
     """
     current_attempt.set(attempt)
+    current_results.set(results)
     deadline = asyncio.timeout(timeout_seconds)
     try:
         async with deadline:
             # Typed as returning None; SPEC §6 lets a handler return a JSON object.
-            result: object = await handler.handle(event)  # type: ignore[func-returns-value]
+            result: object = await handler.handle(event)
     except asyncio.CancelledError as exc:
         task = asyncio.current_task()
         if task is not None and task.cancelling():

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 import time
 from collections.abc import Callable
@@ -87,7 +88,7 @@ class Dispatcher:
         self.clock = clock
         self.rand = rand
         self._log = structlog.get_logger("lacuna_webhooks.dispatcher")
-        self._free = dict.fromkeys(handlers.names, concurrency)
+        self._free = {n: handlers.concurrency.get(n, concurrency) for n in handlers.names}
         self._inflight: dict[asyncio.Task[None], Delivery] = {}
         self._stopping = False
         # Set when a slot frees or stop() is called: either means "look again now".
@@ -242,7 +243,11 @@ class Dispatcher:
                 continue
             lease = timedelta(seconds=self._timeout(name)) + LEASE_MARGIN
             claimed = await self.store.claim(
-                handler=name, limit=free, lease=lease, now=self.clock()
+                handler=name,
+                limit=free,
+                lease=lease,
+                now=self.clock(),
+                after=self.handlers.after.get(name, ()),
             )
             for delivery in claimed:
                 if self._stopping:
@@ -268,6 +273,11 @@ class Dispatcher:
         self._wake.set()
         self._notify_progress()
 
+    def _policy(self, handler: str) -> RetryPolicy:
+        """The handler instance's own retry schedule (``LACUNA_<NAME>_RETRY_*``), else the
+        global one."""
+        return self.handlers.policies.get(handler, self.policy)
+
     def _timeout(self, handler: str) -> float:
         return self.handlers.timeouts.get(handler, DEFAULT_TIMEOUT_SECONDS)
 
@@ -276,13 +286,29 @@ class Dispatcher:
         name = delivery.handler
         started = self.clock()
         t0 = time.perf_counter()
-        decision = budget_spent(delivery.attempts, self.policy)
+        after = self.handlers.after.get(name, ())
+        if after:
+            try:
+                delivery = await self._with_results(delivery, after)
+            except StoreUnavailable as exc:
+                # Not the handler's doing: give the claim back uncounted; it comes round again.
+                self._log.warning(
+                    "delivery.results_unavailable",
+                    delivery_id=delivery.id,
+                    error=describe_error(exc),
+                )
+                await self._release(delivery)
+                return
+        policy = self._policy(name)
+        decision = budget_spent(delivery.attempts, policy)
+        result = None
         if decision is None:
             outcome = await self.runner.run(delivery, self._timeout(name))
+            result = outcome.result
             decision = decide(
                 outcome,
                 attempts=delivery.attempts,
-                policy=self.policy,
+                policy=policy,
                 finished_at=self.clock(),
                 rand=self.rand,
             )
@@ -304,7 +330,11 @@ class Dispatcher:
         outcome_ = decision.outcome
         assert outcome_ is not None  # every action but a release records an attempt
         attempt = Attempt(
-            started_at=started, finished_at=finished, outcome=outcome_, error=decision.error
+            started_at=started,
+            finished_at=finished,
+            outcome=outcome_,
+            error=decision.error,
+            result=result if decision.action is Action.COMPLETE else None,
         )
         try:
             if decision.action is Action.COMPLETE:
@@ -341,6 +371,13 @@ class Dispatcher:
         )
 
     # -- shutdown --------------------------------------------------------------------------
+
+    async def _with_results(self, delivery: Delivery, after: tuple[str, ...]) -> Delivery:
+        """The delivery with its prerequisites' results (SPEC §6): one key per handler in
+        ``after``; ``None`` for one that recorded no result or has no delivery of the event."""
+        rows = await self.store.list_deliveries(event_id=delivery.event.id, limit=1000)
+        found = {row.handler: row.result for row in rows if row.handler in after}
+        return dataclasses.replace(delivery, results={h: found.get(h) for h in after})
 
     async def _abandon(self) -> None:
         """Cancel whatever is still in flight, end the runner (no handler code may still run

@@ -50,7 +50,11 @@ class InProcessRunner:
     async def run(self, delivery: Delivery, timeout_seconds: float) -> Outcome:
         handler = self.handlers.handlers[delivery.handler]
         return await run_attempt(
-            handler, delivery.event, timeout_seconds, attempt=delivery.attempts
+            handler,
+            delivery.event,
+            timeout_seconds,
+            attempt=delivery.attempts,
+            results=delivery.results,
         )
 
     async def close(self) -> None:

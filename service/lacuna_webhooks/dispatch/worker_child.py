@@ -89,6 +89,7 @@ def _build(sock: socket.socket, spec: WorkerSpec) -> Handler | None:
             spec.environ,
             allow_private_urls=spec.allow_private_urls,
             timeout_seconds=spec.timeout_seconds,
+            check_order=False,  # the parent checked LACUNA_<NAME>_AFTER against every item
         )
         handler = built.handlers.get(spec.name)
         if handler is None:
@@ -109,8 +110,16 @@ async def _serve(sock: socket.socket, handler: Handler) -> None:
     log = structlog.get_logger("lacuna_webhooks.worker").bind(handler=handler.name)
     running: dict[int, asyncio.Task[None]] = {}
 
-    async def attempt(attempt_id: int, event: Event, timeout_seconds: float, number: int) -> None:
-        outcome = await run_attempt(handler, event, timeout_seconds, attempt=number)
+    async def attempt(
+        attempt_id: int,
+        event: Event,
+        timeout_seconds: float,
+        number: int,
+        results: dict[str, Any] | None,
+    ) -> None:
+        outcome = await run_attempt(
+            handler, event, timeout_seconds, attempt=number, results=results
+        )
         try:
             payload = orjson.dumps(["done", attempt_id, outcome.to_wire()])
         except TypeError:
@@ -128,8 +137,10 @@ async def _serve(sock: socket.socket, handler: Handler) -> None:
                 break  # the parent is gone: nobody is left to answer
             kind = request[0]
             if kind == "run":
-                _, attempt_id, event, timeout_seconds, number = request
-                task = asyncio.create_task(attempt(attempt_id, event, timeout_seconds, number))
+                _, attempt_id, event, timeout_seconds, number, results = request
+                task = asyncio.create_task(
+                    attempt(attempt_id, event, timeout_seconds, number, results)
+                )
                 running[attempt_id] = task
                 task.add_done_callback(functools.partial(_forget, running, attempt_id))
             elif kind == "cancel":

@@ -92,12 +92,12 @@ class WorkerSpec:
 
 
 def worker_specs(settings: Settings, handlers: HandlerSet) -> list[WorkerSpec]:
-    """One spec per built handler. ``build_handlers`` builds ``settings.handlers`` in order,
-    one handler per item, so the n-th name is the n-th item."""
+    """One spec per built handler instance, paired with its own ``LACUNA_HANDLERS`` item
+    by name (``HandlerSet.items``), never by position."""
     return [
         WorkerSpec(
             name=name,
-            item=item,
+            item=handlers.items.get(name, name),
             environ=dict(settings.environ),
             allow_private_urls=settings.allow_private_urls,
             timeout_seconds=handlers.timeouts.get(name, settings.handler_timeout_seconds),
@@ -105,7 +105,7 @@ def worker_specs(settings: Settings, handlers: HandlerSet) -> list[WorkerSpec]:
             log_level=settings.log_level,
             sys_path=tuple(sys.path),
         )
-        for name, item in zip(handlers.names, settings.handlers, strict=True)
+        for name in handlers.names
     ]
 
 
@@ -218,7 +218,16 @@ class HandlerWorker:
         attempt.timer = asyncio.get_running_loop().call_later(
             timeout_seconds + KILL_GRACE_SECONDS, self._overrun, child, attempt_id
         )
-        child.send(("run", attempt_id, delivery.event, timeout_seconds, delivery.attempts))
+        child.send(
+            (
+                "run",
+                attempt_id,
+                delivery.event,
+                timeout_seconds,
+                delivery.attempts,
+                delivery.results,
+            )
+        )
         try:
             return await attempt.future
         except asyncio.CancelledError:

@@ -11,7 +11,7 @@ import math
 
 from ..errors import ConfigError
 from ..events import LacunaEvent
-from .base import HandlerContext
+from .base import HandlerContext, current_results
 
 DEFAULT_CONNECT_TIMEOUT_SECONDS = 10.0
 DEFAULT_READ_TIMEOUT_SECONDS = 30.0
@@ -84,3 +84,14 @@ def format_duration(seconds: float | None) -> str:
     hours, rest = divmod(total, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def stored_location() -> str | None:
+    """Where a handler this one runs after (``LACUNA_<NAME>_AFTER``) stored the event's
+    audio: the ``location`` (a ``file://`` or ``s3://`` URL) of the first prerequisite
+    result that has one, as ``storage`` returns it (SPEC §6); None otherwise."""
+    for result in (current_results.get() or {}).values():
+        location = result.get("location") if isinstance(result, dict) else None
+        if isinstance(location, str) and location.startswith(("file://", "s3://")):
+            return location
+    return None

@@ -37,7 +37,7 @@ import asyncio
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import structlog
 
@@ -50,24 +50,30 @@ logger = structlog.get_logger("lacuna_webhooks.config")
 
 @runtime_checkable
 class Handler(Protocol):
-    """What the dispatcher calls. ``events`` is the default subscription (``None``: all)."""
+    """What the dispatcher calls. ``events`` is the default subscription (``None``: all).
+
+    ``handle`` may return a JSON object (a ``dict`` of JSON values): it is recorded as the
+    delivery's result (SPEC §6); any other return value is ignored."""
 
     name: str
     events: frozenset[str] | None
 
-    async def handle(self, event: Event) -> None: ...
+    async def handle(self, event: Event) -> dict[str, Any] | None: ...
 
     async def aclose(self) -> None: ...
 
 
 @dataclass(frozen=True)
 class HandlerContext:
-    """What a handler factory gets: its name, its own settings and the shared safety switches."""
+    """What a handler factory gets: its instance name, its own settings and the shared
+    safety switches. ``kind`` is the ``LACUNA_HANDLERS`` KIND it was built from (``http``
+    for ``app=http``; ``None`` when built outside ``build_handlers``)."""
 
     name: str
     environ: Mapping[str, str] = field(default_factory=dict, repr=False)
     allow_private_urls: bool = False
     timeout_seconds: float = 60.0
+    kind: str | None = None
 
     @property
     def prefix(self) -> str:
@@ -128,6 +134,14 @@ runs one attempt, so ``handle(event)`` keeps its signature and plugins may read 
 (``current_attempt.get()``; ``None`` when run outside the dispatcher)."""
 
 
+current_results: ContextVar[Mapping[str, Any] | None] = ContextVar("lacuna_results", default=None)
+"""The results of the handlers this one runs after (``LACUNA_<NAME>_AFTER``, SPEC §6), when
+it has an AFTER setting: ``{"<handler>": <its result object, or None>}``, one key per
+handler named there (None: it returned no result, ended dead, or had no delivery for the
+event). ``None`` for a handler without AFTER or run outside the dispatcher. Set like
+``current_attempt``, in the task that runs the one attempt; read it inside ``handle``."""
+
+
 class RecordingHandler:
     """A handler for tests: records every event, and fails as scripted.
 
@@ -162,4 +176,11 @@ class RecordingHandler:
         self.closed = True
 
 
-__all__ = ["Handler", "HandlerContext", "HandlerFactory", "RecordingHandler", "current_attempt"]
+__all__ = [
+    "Handler",
+    "HandlerContext",
+    "HandlerFactory",
+    "RecordingHandler",
+    "current_attempt",
+    "current_results",
+]

@@ -41,7 +41,7 @@ from ..config import parse_bool
 from ..errors import ConfigError, PermanentError, RetryLater
 from ..events import is_job_completed, is_job_failed, parse_event
 from ..models import Event
-from ._common import display_title, format_duration, network_timeouts
+from ._common import display_title, format_duration, network_timeouts, stored_location
 from .base import HandlerContext
 
 logger = structlog.get_logger("lacuna_webhooks.handlers.email")
@@ -129,8 +129,13 @@ def _link_html(url: str, label: str) -> str:
     return html.escape(label)
 
 
-def compose(event: Event, sender: str, recipients: list[str]) -> EmailMessage:
-    """The mail for ``event``; ``MalformedEvent`` when its tracks are malformed."""
+def compose(
+    event: Event, sender: str, recipients: list[str], stored: str | None = None
+) -> EmailMessage:
+    """The mail for ``event``; ``MalformedEvent`` when its tracks are malformed.
+
+    ``stored`` is where ``storage`` put the audio (its result's ``location``, when this
+    handler runs after it): a ``job.completed`` mail then names it."""
     text_lines: list[str] = []
     html_parts: list[str] = []
     typed = parse_event(event)
@@ -151,6 +156,9 @@ def compose(event: Event, sender: str, recipients: list[str]) -> EmailMessage:
             text_lines.append(f"{index}. {label} ({duration}): {track.audio_url}")
             items.append(f"<li>{_link_html(track.audio_url, label)} ({duration})</li>")
         html_parts.append(f"<ol>{''.join(items)}</ol>")
+        if stored is not None:
+            text_lines.append(f"Stored: {stored}")
+            html_parts.append(f"<p>Stored: <code>{html.escape(stored)}</code></p>")
     elif is_job_failed(typed):
         error = typed.data.error
         code = (error.code if error else None) or "unknown_error"
@@ -220,7 +228,7 @@ class EmailHandler:
 
     async def handle(self, event: Event) -> None:
         try:
-            msg = compose(event, self.sender, self.recipients)
+            msg = compose(event, self.sender, self.recipients, stored_location())
         except ValueError as exc:
             # The email package refuses what it cannot put in a header; the same event
             # would be refused on every retry.

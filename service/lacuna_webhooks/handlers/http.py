@@ -11,8 +11,9 @@ Settings (``LACUNA_<NAME>_*``, so ``LACUNA_HTTP_*`` for the plain ``http`` handl
   ``{"Authorization": "Bearer …"}``; it cannot replace the signature headers,
   ``content-type`` or the ``lacuna-*`` headers.
 - ``PAYLOAD``: ``event`` (default: the event's bytes exactly as Lacuna sent
-  them) or ``enriched`` (``{"event": <event>, "results": {}}``; ``results``
-  stays empty until handler results exist).
+  them) or ``enriched`` (``{"event": <event>, "results": {"<handler>": <result or
+  null>}}``, one key per handler in ``LACUNA_<NAME>_AFTER``, read from
+  ``current_results``; ``{}`` without AFTER).
 - ``TIMEOUT``, ``CONNECT_TIMEOUT``, ``READ_TIMEOUT``: as for every handler.
 
 Each attempt is a ``POST`` with ``content-type: application/json`` and the
@@ -45,7 +46,7 @@ from ..models import Event
 from ..signature import sign_standard_webhooks, standard_webhooks_key
 from ._common import network_timeouts
 from ._http import OutboundClient, retry_after_seconds, transport_failure
-from .base import HandlerContext, current_attempt
+from .base import HandlerContext, current_attempt, current_results
 
 logger = structlog.get_logger("lacuna_webhooks.handlers.http")
 
@@ -195,7 +196,11 @@ class HTTPHandler:
 
     def request(self, event: Event, *, attempt: int) -> tuple[bytes, dict[str, str]]:
         """The body and headers of one attempt (signed at ``clock()``)."""
-        body = event.raw if self.payload == "event" else enriched_body(event, {})
+        body = (
+            event.raw
+            if self.payload == "event"
+            else enriched_body(event, dict(current_results.get() or {}))
+        )
         timestamp = int(self.clock())
         headers = dict(self.extra_headers)
         headers.update(

@@ -34,7 +34,7 @@ from ..errors import ConfigError, PermanentError, RetryLater
 from ..events import LacunaEvent, is_job_completed, is_job_failed, parse_event
 from ..models import Event
 from ..redact import redact_url
-from ._common import display_title, format_duration, network_timeouts
+from ._common import display_title, format_duration, network_timeouts, stored_location
 from ._http import OutboundClient, UnsafeURL, check_url, retry_after_seconds, transport_failure
 from .base import HandlerContext
 
@@ -130,8 +130,11 @@ def _track_line(index: int, url: str, label: str, duration: str) -> str:
     return prefix + link(url, label, SECTION_LIMIT - len(prefix) - len(suffix)) + suffix
 
 
-def build_message(event: Event) -> dict[str, Any]:
-    """The JSON body to post for ``event``; ``MalformedEvent`` when its tracks are malformed."""
+def build_message(event: Event, stored: str | None = None) -> dict[str, Any]:
+    """The JSON body to post for ``event``; ``MalformedEvent`` when its tracks are malformed.
+
+    ``stored`` is where ``storage`` put the audio (its result's ``location``, when this
+    handler runs after it): a ``job.completed`` message then names it."""
     typed = parse_event(event)
     title = display_title(typed)
     if is_job_completed(typed):
@@ -147,6 +150,9 @@ def build_message(event: Event) -> dict[str, Any]:
             blocks.append(_section(_track_line(index, track.audio_url, label, duration)))
         if count > MAX_TRACK_BLOCKS:
             blocks.append(_section(f"…and {count - MAX_TRACK_BLOCKS} more tracks"))
+        if stored is not None:
+            # Not a link (Slack opens no file:// or s3:// URL): shown escaped, as code.
+            blocks.append(_section(f"*Stored:* `{escape(stored)}`"))
     elif is_job_failed(typed):
         error = typed.data.error
         code = (error.code if error else None) or "unknown_error"
@@ -193,7 +199,7 @@ class SlackHandler:
         return f"SlackHandler(url={redact_url(self.url)!r})"
 
     async def handle(self, event: Event) -> None:
-        body = orjson.dumps(build_message(event))
+        body = orjson.dumps(build_message(event, stored_location()))
         target = redact_url(self.url)
         try:
             response, text = await self.http.post(

@@ -577,11 +577,15 @@ class StorageHandler:
             read_timeout_seconds=read_seconds,
         )
 
-    async def handle(self, event: Event) -> None:
+    async def handle(self, event: Event) -> dict[str, Any] | None:
+        """Store the event's tracks; return the delivery's result (SPEC §6):
+        ``{"location": <URL of the task's folder>, "tracks": [{"id", "url", "size",
+        "sha256", "content_type"}]}`` in the event's track order, ``url`` being the
+        stored file's ``file://`` or ``s3://`` URL. ``None`` for a skipped event."""
         typed = parse_event(event)
         if not is_job_completed(typed):
             logger.info("handler.storage.skipped", event_id=event.id, event_type=event.type)
-            return
+            return None
         completed: JobCompleted = typed
         task_id = _segment(completed.data.id, "data.id (task id)", event)
         seen: set[str] = set()
@@ -623,6 +627,22 @@ class StorageHandler:
             tracks=len(done),
             location=self.sink.location(f"{task_id}/"),
         )
+        folder = self.sink.location(f"{task_id}/")
+        return {
+            # A folder's URL ends in "/" on both sinks (a Path drops it), so a client can join.
+            "location": folder if folder.endswith("/") else folder + "/",
+            "tracks": [
+                {
+                    "id": track.id,
+                    "url": self.sink.location(f"{task_id}/{done[track.id]['file']}"),
+                    "size": done[track.id]["size"],
+                    "sha256": done[track.id]["sha256"],
+                    "content_type": done[track.id].get("content_type")
+                    or "application/octet-stream",
+                }
+                for track in completed.data.tracks
+            ],
+        }
 
     async def _store_track(self, event: Event, task_id: str, track: Track) -> dict[str, Any]:
         """Download one track and write it under its final name; return its manifest entry."""

@@ -49,7 +49,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..models import Attempt, AttemptOutcome, Delivery, DeliveryStatus, Event
 
@@ -85,6 +85,8 @@ class DeliveryRecord:
     last_error: str | None
     created_at: datetime
     updated_at: datetime
+    # The JSON object the handler returned when it completed the delivery (SPEC §6), else None.
+    result: dict[str, Any] | None = None
 
     def running(self, now: datetime) -> bool:
         return (
@@ -149,10 +151,20 @@ class Store(Protocol):
     async def accept(self, event: Event, handlers: Sequence[str], *, now: datetime) -> bool: ...
 
     async def claim(
-        self, *, handler: str, limit: int, lease: timedelta, now: datetime
+        self,
+        *,
+        handler: str,
+        limit: int,
+        lease: timedelta,
+        now: datetime,
+        after: Sequence[str] = (),
     ) -> list[Delivery]:
         """Lease due deliveries of ``handler`` (see the module docstring: on PostgreSQL the
-        lease times come from the database's clock and ``now`` only decides what is due)."""
+        lease times come from the database's clock and ``now`` only decides what is due).
+
+        ``after`` (``LACUNA_<NAME>_AFTER``, SPEC §6) skips a delivery while its event has a
+        *pending* delivery of one of those handlers; ended ones (done, dead) and handlers
+        with no delivery for the event do not hold it back."""
 
     async def complete(self, delivery: Delivery, attempt: Attempt) -> bool: ...
 

@@ -14,11 +14,12 @@ on a full disk, and ``ping`` fails until a write commits again.
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..errors import EventNotFound, StoreUnavailable
 from ..models import Attempt, Delivery, DeliveryStatus, Event
@@ -51,6 +52,7 @@ class _DeliveryRow:
     lease_until: datetime | None = None
     lease_token: int = 0
     last_error: str | None = None
+    result: dict[str, Any] | None = None
     history: list[AttemptRecord] = field(default_factory=list)
 
     def due(self, now: datetime) -> bool:
@@ -170,15 +172,31 @@ class MemoryStore:
     # -- outbox ----------------------------------------------------------------------------
 
     async def claim(
-        self, *, handler: str, limit: int, lease: timedelta, now: datetime
+        self,
+        *,
+        handler: str,
+        limit: int,
+        lease: timedelta,
+        now: datetime,
+        after: Sequence[str] = (),
     ) -> list[Delivery]:
-        """Lease up to ``limit`` due deliveries of ``handler``, oldest due first (then by id)."""
+        """Lease up to ``limit`` due deliveries of ``handler``, oldest due first (then by id),
+        skipping those held by a pending delivery of an ``after`` handler of their event."""
         async with self._lock:
             self._check(write=True)
             if limit <= 0:
                 return []
+            held = {
+                r.event_id
+                for r in self._deliveries.values()
+                if r.handler in after and r.status is DeliveryStatus.PENDING
+            }
             due = sorted(
-                (r for r in self._deliveries.values() if r.handler == handler and r.due(now)),
+                (
+                    r
+                    for r in self._deliveries.values()
+                    if r.handler == handler and r.due(now) and r.event_id not in held
+                ),
                 key=lambda r: (r.next_attempt_at, r.id),
             )[:limit]
             claimed = []
@@ -236,6 +254,7 @@ class MemoryStore:
         row.next_attempt_at = at
         row.lease_until = None
         row.last_error = error
+        row.result = attempt.result if status is DeliveryStatus.DONE else None
         row.updated_at = attempt.finished_at
 
     async def complete(self, delivery: Delivery, attempt: Attempt) -> bool:
@@ -376,6 +395,7 @@ class MemoryStore:
             lease_until=row.lease_until,
             last_error=row.last_error,
             created_at=row.created_at,
+            result=copy.deepcopy(row.result),
             updated_at=row.updated_at,
         )
 

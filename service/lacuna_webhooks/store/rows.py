@@ -12,7 +12,9 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Protocol
 
-from ..models import AttemptOutcome, Delivery, DeliveryStatus, Event
+import orjson
+
+from ..models import Attempt, AttemptOutcome, Delivery, DeliveryStatus, Event
 from .base import AttemptRecord, DeliveryRecord, EventRecord, TaskRecord
 
 
@@ -38,8 +40,9 @@ def event_record(row: Row, at: ToDatetime) -> EventRecord:
 
 def delivery_record(row: Row, at: ToDatetime) -> DeliveryRecord:
     """Columns: id, event_id, event_type, handler, status, attempts, next_attempt_at,
-    lease_until, last_error, created_at, updated_at."""
+    lease_until, last_error, created_at, updated_at, result (JSON text or NULL)."""
     lease_until = row["lease_until"]
+    result = row["result"]
     return DeliveryRecord(
         id=row["id"],
         event_id=row["event_id"],
@@ -52,7 +55,13 @@ def delivery_record(row: Row, at: ToDatetime) -> DeliveryRecord:
         last_error=row["last_error"],
         created_at=at(row["created_at"]),
         updated_at=at(row["updated_at"]),
+        result=None if result is None else orjson.loads(result),
     )
+
+
+def result_text(attempt: Attempt) -> str | None:
+    """The attempt's result as the JSON text both dialects store, or None."""
+    return None if attempt.result is None else orjson.dumps(attempt.result).decode()
 
 
 def attempt_record(row: Row, at: ToDatetime) -> AttemptRecord:

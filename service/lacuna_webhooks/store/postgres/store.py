@@ -56,6 +56,7 @@ from ..rows import (
     claimed_delivery,
     delivery_record,
     event_record,
+    result_text,
     task_record,
 )
 from ..rules import CommitHealth, task_order
@@ -363,7 +364,13 @@ class PostgresStore:
     # -- outbox --------------------------------------------------------------------------------
 
     async def claim(
-        self, *, handler: str, limit: int, lease: timedelta, now: datetime
+        self,
+        *,
+        handler: str,
+        limit: int,
+        lease: timedelta,
+        now: datetime,
+        after: Sequence[str] = (),
     ) -> list[Delivery]:
         """Lease up to ``limit`` due pending deliveries of ``handler``, oldest due first.
 
@@ -384,6 +391,7 @@ class PostgresStore:
                 now,
                 lease,
                 limit,
+                list(after),
             )
         return [claimed_delivery(row, _at) for row in rows]
 
@@ -418,6 +426,7 @@ class PostgresStore:
                 attempt_error(attempt),
                 status.value,
                 next_attempt_at,
+                result_text(attempt) if status is DeliveryStatus.DONE else None,
             )
         return row is not None
 

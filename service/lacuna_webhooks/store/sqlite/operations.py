@@ -300,10 +300,22 @@ def diagnostics(c: sqlite3.Connection) -> dict[str, object]:
 
 
 def claim(
-    c: sqlite3.Connection, handler: str, limit: int, now: float, until: float
+    c: sqlite3.Connection,
+    handler: str,
+    limit: int,
+    now: float,
+    until: float,
+    after: tuple[str, ...] = (),
 ) -> list[Delivery]:
-    """The claimed deliveries, oldest due first (RETURNING gives no order: sorted here)."""
-    args = {"handler": handler, "limit": limit, "now": now, "until": until}
+    """The claimed deliveries, oldest due first (RETURNING gives no order: sorted here);
+    ``after`` holds back those whose event has a pending delivery of one of those handlers."""
+    args = {
+        "handler": handler,
+        "limit": limit,
+        "now": now,
+        "until": until,
+        "after": orjson.dumps(list(after)).decode() if after else "[]",
+    }
     claimed = [rows.claimed_delivery(row, at) for row in c.execute(Q["claim"], args)]
     claimed.sort(key=lambda d: (d.next_attempt_at, d.id))
     return claimed

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 from ...errors import StoreUnavailable
 from ...models import Attempt, Delivery, DeliveryStatus, Event
 from ..base import AttemptRecord, DeliveryRecord, EventRecord, QueueStats, TaskRecord, attempt_error
+from ..rows import result_text
 from ..rules import CommitHealth, task_order
 from . import operations as ops
 from .operations import PRUNE_CHUNK, AcceptRow, epoch
@@ -174,11 +175,19 @@ class SQLiteStore:
     # --- the dispatcher's side -------------------------------------------------------------
 
     async def claim(
-        self, *, handler: str, limit: int, lease: timedelta, now: datetime
+        self,
+        *,
+        handler: str,
+        limit: int,
+        lease: timedelta,
+        now: datetime,
+        after: Sequence[str] = (),
     ) -> list[Delivery]:
         if limit <= 0:
             return []
-        return await self._write(ops.claim, handler, limit, epoch(now), epoch(now + lease))
+        return await self._write(
+            ops.claim, handler, limit, epoch(now), epoch(now + lease), tuple(after)
+        )
 
     async def _finish(
         self,
@@ -194,6 +203,7 @@ class SQLiteStore:
             "status": status.value,
             "next_attempt_at": epoch(next_attempt_at),
             "error": error,
+            "result": result_text(attempt) if status is DeliveryStatus.DONE else None,
             "now": finished,
             "id": delivery.id,
             "lease_token": delivery.lease_token,

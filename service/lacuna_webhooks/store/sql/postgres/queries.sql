@@ -43,11 +43,16 @@ WITH claimed AS (
         lease_token = lease_token + 1,
         updated_at = $2
     WHERE id IN (
-        SELECT id FROM deliveries
+        SELECT id FROM deliveries d
         WHERE handler = $1
           AND status = 'pending'
           AND next_attempt_at <= $2
           AND (lease_until IS NULL OR lease_until <= now())
+          -- LACUNA_<NAME>_AFTER ($5): held while a prerequisite of the event is pending
+          AND (cardinality($5::text[]) = 0 OR NOT EXISTS (
+              SELECT 1 FROM deliveries p
+              WHERE p.event_id = d.event_id AND p.status = 'pending'
+                AND p.handler = ANY($5::text[])))
         ORDER BY next_attempt_at, id
         LIMIT $4
         FOR UPDATE SKIP LOCKED
@@ -62,11 +67,12 @@ ORDER BY c.next_attempt_at, c.id
 -- name: finish
 -- An outcome and its attempt in one statement, only for the live claim: same token, still
 -- pending, still leased. $1 id, $2 lease_token, $3 started_at, $4 finished_at, $5 outcome,
--- $6 error, $7 the new status, $8 the next attempt's time (a retry) or NULL (unchanged).
+-- $6 error, $7 the new status, $8 the next attempt's time (a retry) or NULL (unchanged),
+-- $9 the handler's JSON object as text (completions only) or NULL.
 WITH finished AS (
     UPDATE deliveries
     SET status = $7, next_attempt_at = coalesce($8, next_attempt_at), lease_until = NULL,
-        last_error = $6, updated_at = $4
+        last_error = $6, result = $9::text::jsonb, updated_at = $4
     WHERE id = $1 AND lease_token = $2 AND status = 'pending' AND lease_until IS NOT NULL
     RETURNING id, attempts
 )
@@ -126,7 +132,8 @@ FROM events WHERE id = $1
 
 -- name: list_deliveries
 SELECT d.id, d.event_id, e.type AS event_type, d.handler, d.status, d.attempts,
-    d.next_attempt_at, d.lease_until, d.last_error, d.created_at, d.updated_at
+    d.next_attempt_at, d.lease_until, d.last_error, d.created_at, d.updated_at,
+    d.result::text AS result
 FROM deliveries d JOIN events e ON e.id = d.event_id
 WHERE ($1::text IS NULL OR d.status = $1)
   AND ($2::text IS NULL OR d.handler = $2)

@@ -3,20 +3,27 @@
 
 -- name: claim
 -- Lease up to :limit due deliveries of :handler, oldest due first, with their event's body.
+-- :after (a JSON array of handler names, LACUNA_<NAME>_AFTER) holds back a delivery while a
+-- delivery of one of them for the same event is still pending (SPEC §6).
 UPDATE deliveries SET lease_until = :until, attempts = attempts + 1,
     lease_token = lease_token + 1, updated_at = :now
 WHERE id IN (
-    SELECT id FROM deliveries
+    SELECT id FROM deliveries AS d
     WHERE status = 'pending' AND handler = :handler AND next_attempt_at <= :now
       AND (lease_until IS NULL OR lease_until <= :now)
+      AND (:after = '[]' OR NOT EXISTS (
+          SELECT 1 FROM deliveries AS p
+          WHERE p.event_id = d.event_id AND p.status = 'pending'
+            AND p.handler IN (SELECT value FROM json_each(:after))))
     ORDER BY next_attempt_at, id LIMIT :limit)
 RETURNING id, event_id, handler, attempts, lease_token, next_attempt_at, created_at,
     (SELECT raw FROM events WHERE events.id = deliveries.event_id) AS raw
 
 -- name: finish
 -- An outcome, only for the live claim: same token, still pending, still leased.
+-- :result is the handler's JSON object (completions only), else NULL.
 UPDATE deliveries SET status = :status, lease_until = NULL, next_attempt_at = :next_attempt_at,
-    last_error = :error, updated_at = :now
+    last_error = :error, result = :result, updated_at = :now
 WHERE id = :id AND lease_token = :lease_token AND status = 'pending' AND lease_until IS NOT NULL
 
 -- name: insert_attempt
@@ -86,7 +93,7 @@ SELECT id, type, created, received_at, task_id, superseded, raw FROM events WHER
 
 -- name: list_deliveries
 SELECT d.id, d.event_id, e.type AS event_type, d.handler, d.status, d.attempts,
-    d.next_attempt_at, d.lease_until, d.last_error, d.created_at, d.updated_at
+    d.next_attempt_at, d.lease_until, d.last_error, d.created_at, d.updated_at, d.result
 FROM deliveries AS d JOIN events AS e ON e.id = d.event_id
 WHERE (:status IS NULL OR d.status = :status)
   AND (:handler IS NULL OR d.handler = :handler)
