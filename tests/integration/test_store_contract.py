@@ -661,3 +661,66 @@ async def test_created_in_milliseconds_orders_as_seconds(store: Store) -> None:
     task = await store.get_task("cm_ms2")
     assert task is not None
     assert task.event_id == "evt_ms_first"
+
+
+# --- flow control: pause / resume and the consecutive-failure count -------------------------
+
+
+async def test_pause_and_resume_are_kept_and_reported(store: Store) -> None:
+    """set_paused pauses once (a second pause is no change), paused_handlers names the paused
+    handler with its reason, and resume clears it; resuming a running handler changes nothing."""
+    assert await store.paused_handlers() == {}
+    assert await store.set_paused("a", False, reason=None, now=NOW) is False
+    assert await store.set_paused("a", True, reason="operator", now=NOW) is True
+    assert await store.set_paused("a", True, reason="again", now=NOW + SECOND) is False
+    paused = await store.paused_handlers()
+    assert list(paused) == ["a"]
+    assert paused["a"].paused is True
+    assert paused["a"].reason == "operator"
+    assert paused["a"].updated_at == NOW
+    assert [s.handler for s in await store.handler_states()] == ["a"]
+    assert await store.set_paused("a", False, reason=None, now=NOW + SECOND) is True
+    assert await store.paused_handlers() == {}
+    (state,) = await store.handler_states()
+    assert (state.paused, state.reason, state.updated_at) == (False, None, NOW + SECOND)
+
+
+async def test_resume_nudges_wait_for_work(store: Store) -> None:
+    """A resume makes the paused backlog claimable at once: it wakes wait_for_work."""
+    await store.wait_for_work(0)
+    await store.set_paused("a", True, reason="operator", now=NOW)
+    await store.set_paused("a", False, reason=None, now=NOW)
+    await asyncio.wait_for(store.wait_for_work(PROMPT), PROMPT / 2)
+
+
+async def test_failures_pause_at_the_threshold_and_a_success_resets(store: Store) -> None:
+    """count_failure pauses the handler on the failure that reaches pause_after (and only
+    then), a success in between starts the count again, and a resume clears it."""
+    assert await store.count_failure("a", pause_after=3, reason="r", now=NOW) is False
+    assert await store.count_failure("a", pause_after=3, reason="r", now=NOW) is False
+    await store.count_success("a", now=NOW)
+    assert (await store.handler_states())[0].consecutive_failures == 0
+    assert await store.count_failure("a", pause_after=3, reason="r", now=NOW) is False
+    assert await store.count_failure("a", pause_after=3, reason="r", now=NOW) is False
+    assert await store.count_failure("a", pause_after=3, reason="3 failures", now=NOW) is True
+    assert (await store.paused_handlers())["a"].reason == "3 failures"
+    # Already paused: counted, never "paused now" again.
+    assert await store.count_failure("a", pause_after=3, reason="r", now=NOW) is False
+    assert (await store.handler_states())[0].consecutive_failures == 4
+    assert await store.set_paused("a", False, reason=None, now=NOW) is True
+    assert (await store.handler_states())[0].consecutive_failures == 0
+    # Without a threshold failures are only counted; another handler is apart.
+    assert await store.count_failure("b", pause_after=None, reason="r", now=NOW) is False
+    assert await store.count_failure("b", pause_after=1, reason="r", now=NOW) is True
+    assert list(await store.paused_handlers()) == ["b"]
+    await store.count_success("c", now=NOW)  # no row: nothing to reset, nothing written
+    assert [s.handler for s in await store.handler_states()] == ["a", "b"]
+
+
+async def test_concurrent_failures_pause_exactly_once(store: Store) -> None:
+    """Many failures counted at once (as from several replicas): exactly one pauses."""
+    results = await asyncio.gather(
+        *(store.count_failure("a", pause_after=5, reason="r", now=NOW) for _ in range(20))
+    )
+    assert results.count(True) == 1
+    assert (await store.handler_states())[0].consecutive_failures == 20

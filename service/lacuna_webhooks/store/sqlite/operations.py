@@ -28,7 +28,14 @@ import orjson
 from ...errors import EventNotFound, StoreUnavailable
 from ...models import Delivery
 from .. import rows
-from ..base import AttemptRecord, DeliveryRecord, EventRecord, QueueStats, TaskRecord
+from ..base import (
+    AttemptRecord,
+    DeliveryRecord,
+    EventRecord,
+    HandlerState,
+    QueueStats,
+    TaskRecord,
+)
 from ..queries import load
 from .writer import transaction
 
@@ -381,3 +388,32 @@ def replay(c: sqlite3.Connection, event_id: str, names: tuple[str, ...] | None, 
 
 def retry_dead(c: sqlite3.Connection, handler: str | None, now: float) -> int:
     return int(c.execute(Q["retry_dead"], {"now": now, "handler": handler}).rowcount)
+
+
+def set_paused(
+    c: sqlite3.Connection, handler: str, paused: bool, reason: str | None, now: float
+) -> bool:
+    if paused:
+        cursor = c.execute(Q["pause"], {"handler": handler, "reason": reason, "now": now})
+    else:
+        cursor = c.execute(Q["resume"], {"handler": handler, "now": now})
+    return cursor.fetchone() is not None
+
+
+def handler_states(c: sqlite3.Connection, paused_only: bool) -> list[HandlerState]:
+    query = Q["paused_handlers"] if paused_only else Q["handler_states"]
+    return [rows.handler_state(row, at) for row in c.execute(query)]
+
+
+def count_failure(
+    c: sqlite3.Connection, handler: str, pause_after: int | None, reason: str, now: float
+) -> bool:
+    """Count a failure; pause the handler when the count reaches ``pause_after``."""
+    failures, paused = c.execute(Q["count_failure"], {"handler": handler, "now": now}).fetchone()
+    if paused or pause_after is None or failures < pause_after:
+        return False
+    return set_paused(c, handler, True, reason, now)
+
+
+def count_success(c: sqlite3.Connection, handler: str, now: float) -> None:
+    c.execute(Q["count_success"], {"handler": handler, "now": now})

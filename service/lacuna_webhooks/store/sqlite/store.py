@@ -28,7 +28,15 @@ from typing import Any, TypeVar
 
 from ...errors import StoreUnavailable
 from ...models import Attempt, Delivery, DeliveryStatus, Event
-from ..base import AttemptRecord, DeliveryRecord, EventRecord, QueueStats, TaskRecord, attempt_error
+from ..base import (
+    AttemptRecord,
+    DeliveryRecord,
+    EventRecord,
+    HandlerState,
+    QueueStats,
+    TaskRecord,
+    attempt_error,
+)
 from ..rules import CommitHealth, task_order
 from . import operations as ops
 from .operations import PRUNE_CHUNK, AcceptRow, epoch
@@ -290,6 +298,31 @@ class SQLiteStore:
         if count:
             self._work.set()
         return count
+
+    # --- flow control ------------------------------------------------------------------------
+
+    async def set_paused(
+        self, handler: str, paused: bool, *, reason: str | None, now: datetime
+    ) -> bool:
+        changed = await self._write(ops.set_paused, handler, paused, reason, epoch(now))
+        if changed and not paused:
+            self._work.set()
+        return changed
+
+    async def paused_handlers(self) -> dict[str, HandlerState]:
+        states = await self._writer.run(ops.handler_states, True, write=False)
+        return {state.handler: state for state in states}
+
+    async def handler_states(self) -> list[HandlerState]:
+        return await self._writer.run(ops.handler_states, False, write=False)
+
+    async def count_failure(
+        self, handler: str, *, pause_after: int | None, reason: str, now: datetime
+    ) -> bool:
+        return await self._write(ops.count_failure, handler, pause_after, reason, epoch(now))
+
+    async def count_success(self, handler: str, *, now: datetime) -> None:
+        await self._write(ops.count_success, handler, epoch(now))
 
 
 __all__ = ["SQLiteStore", "WriterStats"]

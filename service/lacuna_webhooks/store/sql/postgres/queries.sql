@@ -184,3 +184,39 @@ RETURNING id
 -- Readiness after a failed write: one row rewritten, proving a commit goes through.
 INSERT INTO write_probe (id, written_at) VALUES (1, now())
 ON CONFLICT (id) DO UPDATE SET written_at = excluded.written_at
+
+-- name: pause
+-- Pause $1 unless it already is; a row comes back only when this call paused it.
+INSERT INTO handler_state (handler, paused, reason, consecutive_failures, updated_at)
+VALUES ($1, true, $2, 0, $3)
+ON CONFLICT (handler) DO UPDATE SET paused = true, reason = excluded.reason,
+    updated_at = excluded.updated_at
+WHERE NOT handler_state.paused
+RETURNING handler
+
+-- name: resume
+-- Resume $1 if paused, its failure count cleared (else the next failure re-pauses it).
+UPDATE handler_state SET paused = false, reason = NULL, consecutive_failures = 0, updated_at = $2
+WHERE handler = $1 AND paused
+RETURNING handler
+
+-- name: handler_states
+SELECT handler, paused, reason, consecutive_failures, updated_at FROM handler_state
+ORDER BY handler
+
+-- name: paused_handlers
+SELECT handler, paused, reason, consecutive_failures, updated_at FROM handler_state
+WHERE paused
+
+-- name: count_failure
+-- One more consecutive failed attempt of $1; the count and whether it is paused.
+INSERT INTO handler_state (handler, paused, consecutive_failures, updated_at)
+VALUES ($1, false, 1, $2)
+ON CONFLICT (handler) DO UPDATE SET
+    consecutive_failures = handler_state.consecutive_failures + 1, updated_at = excluded.updated_at
+RETURNING consecutive_failures, paused
+
+-- name: count_success
+-- A success ends the run of failures; writes nothing when there was none.
+UPDATE handler_state SET consecutive_failures = 0, updated_at = $2
+WHERE handler = $1 AND consecutive_failures > 0

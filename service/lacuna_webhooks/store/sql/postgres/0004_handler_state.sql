@@ -1,0 +1,10 @@
+-- Flow control per handler (docs/flow-control.md): whether it is paused (by an operator, by
+-- PAUSE_AFTER_FAILURES, or by a 410 from its endpoint), why, and its consecutive failed
+-- attempts. One row per handler that was ever paused or failed; no row = running, no failures.
+CREATE TABLE handler_state (
+    handler              text        PRIMARY KEY,
+    paused               boolean     NOT NULL DEFAULT false,
+    reason               text,
+    consecutive_failures integer     NOT NULL DEFAULT 0,
+    updated_at           timestamptz NOT NULL
+);
