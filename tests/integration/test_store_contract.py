@@ -8,6 +8,7 @@ are tested without waiting.
 from __future__ import annotations
 
 import asyncio
+import functools
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -724,3 +725,41 @@ async def test_concurrent_failures_pause_exactly_once(store: Store) -> None:
     )
     assert results.count(True) == 1
     assert (await store.handler_states())[0].consecutive_failures == 20
+
+
+# --- flow control: the rate-limit token bucket ----------------------------------------------
+
+
+async def test_token_bucket_starts_full_and_refills_continuously(store: Store) -> None:
+    """A new bucket holds `capacity`; tokens taken are gone, given back ones return (never
+    above capacity), and it refills at `per_second` as time passes (whole tokens only)."""
+    take = functools.partial(store.take_tokens, "a", capacity=3, per_second=1.0)
+    assert await take(want=2, now=NOW) == 2
+    assert await take(want=5, now=NOW) == 1
+    assert await take(want=5, now=NOW) == 0
+    await store.give_back_tokens("a", 1, capacity=3)
+    assert await take(want=5, now=NOW) == 1
+    # Another handler has its own bucket.
+    assert await store.take_tokens("b", want=9, capacity=3, per_second=1.0, now=NOW) == 3
+
+
+async def test_token_bucket_refills_by_the_stores_clock(store: Store) -> None:
+    """Spent, the bucket refills: with a fast rate a few real milliseconds give a token back
+    (on PostgreSQL the database's clock refills it, so `now` cannot be used to fake time)."""
+    assert await store.take_tokens("a", want=5, capacity=5, per_second=1000.0, now=wall_now()) == 5
+    await asyncio.sleep(0.05)
+    got = await store.take_tokens("a", want=5, capacity=5, per_second=1000.0, now=wall_now())
+    assert 1 <= got <= 5
+    await store.give_back_tokens("a", 100, capacity=5)
+    assert await store.take_tokens("a", want=100, capacity=5, per_second=0.001, now=wall_now()) == 5
+
+
+async def test_concurrent_takers_never_exceed_the_bucket(store: Store) -> None:
+    """Many takers at once (as several replicas): together they get at most capacity."""
+    got = await asyncio.gather(
+        *(
+            store.take_tokens("a", want=3, capacity=10, per_second=0.001, now=wall_now())
+            for _ in range(20)
+        )
+    )
+    assert sum(got) == 10

@@ -46,6 +46,9 @@ Semantics every backend keeps:
   count (``LACUNA_<NAME>_PAUSE_AFTER_FAILURES``); ``count_failure`` pauses the handler in
   the same transaction when the count reaches ``pause_after``. ``claim`` itself does not
   look at the paused set: the dispatcher reads ``paused_handlers`` and skips them.
+  ``take_tokens`` / ``give_back_tokens`` keep one token bucket per handler
+  (``LACUNA_<NAME>_RATE_LIMIT``), shared by every process of the store; on PostgreSQL
+  refilled by the database's clock (``now`` is then unused), elsewhere by ``now``.
 - ``wait_for_work`` returns early when new work may be due (an accept in this
   process, or a NOTIFY from another replica), else after ``timeout_seconds``.
 """
@@ -242,6 +245,16 @@ class Store(Protocol):
 
     async def count_success(self, handler: str, *, now: datetime) -> None:
         """End ``handler``'s run of failures (writes nothing when the count is already 0)."""
+
+    async def take_tokens(
+        self, handler: str, *, want: int, capacity: float, per_second: float, now: datetime
+    ) -> int:
+        """Refill ``handler``'s bucket (created full) at ``per_second`` since it was last
+        touched, never above ``capacity``; take up to ``want`` whole tokens, atomically, and
+        return how many were taken (0 to ``want``)."""
+
+    async def give_back_tokens(self, handler: str, count: int, *, capacity: float) -> None:
+        """Put ``count`` unused tokens back (never above ``capacity``)."""
 
 
 def attempt_error(attempt: Attempt) -> str | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -85,6 +86,7 @@ class MemoryStore:
         self._tasks: dict[str, TaskRecord] = {}
         self._task_order: dict[str, float] = {}
         self._handler_states: dict[str, HandlerState] = {}
+        self._buckets: dict[str, tuple[float, datetime]] = {}  # handler -> (tokens, updated)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -488,6 +490,25 @@ class MemoryStore:
                 self._handler_states[handler] = HandlerState(
                     handler, old.paused, old.reason, 0, now
                 )
+
+    async def take_tokens(
+        self, handler: str, *, want: int, capacity: float, per_second: float, now: datetime
+    ) -> int:
+        async with self._lock:
+            self._check(write=True)
+            tokens, updated = self._buckets.get(handler, (capacity, now))
+            elapsed = max(0.0, (now - updated).total_seconds())
+            tokens = min(capacity, tokens + per_second * elapsed)
+            taken = max(0, min(want, math.floor(tokens)))
+            self._buckets[handler] = (tokens - taken, max(updated, now))
+            return taken
+
+    async def give_back_tokens(self, handler: str, count: int, *, capacity: float) -> None:
+        async with self._lock:
+            self._check(write=True)
+            if handler in self._buckets:
+                tokens, updated = self._buckets[handler]
+                self._buckets[handler] = (min(capacity, tokens + count), updated)
 
 
 def _conforms(store: MemoryStore) -> Store:

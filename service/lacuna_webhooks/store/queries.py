@@ -34,6 +34,8 @@ SHARED = frozenset(
         "paused_handlers",
         "count_failure",
         "count_success",
+        "refill_tokens",
+        "spend_tokens",
     }
 )
 

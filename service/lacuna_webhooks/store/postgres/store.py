@@ -34,6 +34,7 @@ import contextlib
 import functools
 import importlib.resources
 import logging
+import math
 import re
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -632,6 +633,22 @@ class PostgresStore:
     async def count_success(self, handler: str, *, now: datetime) -> None:
         async with self._connection(write=True) as conn:
             await conn.execute(Q["count_success"], handler, _utc(now))
+
+    async def take_tokens(
+        self, handler: str, *, want: int, capacity: float, per_second: float, now: datetime
+    ) -> int:
+        """The bucket is refilled by the database's clock (``now`` unused): replicas whose
+        clocks disagree still share one rate."""
+        async with self._connection(write=True) as conn, conn.transaction():
+            tokens = await conn.fetchval(Q["refill_tokens"], handler, capacity, per_second)
+            taken: int = max(0, min(want, math.floor(float(tokens))))
+            if taken:
+                await conn.execute(Q["spend_tokens"], handler, capacity, taken)
+        return taken
+
+    async def give_back_tokens(self, handler: str, count: int, *, capacity: float) -> None:
+        async with self._connection(write=True) as conn:
+            await conn.execute(Q["spend_tokens"], handler, capacity, -count)
 
     # -- internals -----------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ before). ``connect`` refuses anything less with one clear line.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sqlite3
@@ -417,3 +418,19 @@ def count_failure(
 
 def count_success(c: sqlite3.Connection, handler: str, now: float) -> None:
     c.execute(Q["count_success"], {"handler": handler, "now": now})
+
+
+def take_tokens(
+    c: sqlite3.Connection, handler: str, want: int, capacity: float, per_second: float, now: float
+) -> int:
+    """Refill the bucket, then take up to ``want`` whole tokens, in one transaction."""
+    args = {"handler": handler, "capacity": capacity, "rate": per_second, "now": now}
+    (tokens,) = c.execute(Q["refill_tokens"], args).fetchone()
+    taken: int = max(0, min(want, math.floor(float(tokens))))
+    if taken:
+        c.execute(Q["spend_tokens"], {"handler": handler, "capacity": capacity, "count": taken})
+    return taken
+
+
+def give_back_tokens(c: sqlite3.Connection, handler: str, count: int, capacity: float) -> None:
+    c.execute(Q["spend_tokens"], {"handler": handler, "capacity": capacity, "count": -count})

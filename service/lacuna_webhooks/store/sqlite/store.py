@@ -324,5 +324,13 @@ class SQLiteStore:
     async def count_success(self, handler: str, *, now: datetime) -> None:
         await self._write(ops.count_success, handler, epoch(now))
 
+    async def take_tokens(
+        self, handler: str, *, want: int, capacity: float, per_second: float, now: datetime
+    ) -> int:
+        return await self._write(ops.take_tokens, handler, want, capacity, per_second, epoch(now))
+
+    async def give_back_tokens(self, handler: str, count: int, *, capacity: float) -> None:
+        await self._write(ops.give_back_tokens, handler, count, capacity)
+
 
 __all__ = ["SQLiteStore", "WriterStats"]

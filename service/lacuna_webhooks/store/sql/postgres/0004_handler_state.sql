@@ -8,3 +8,12 @@ CREATE TABLE handler_state (
     consecutive_failures integer     NOT NULL DEFAULT 0,
     updated_at           timestamptz NOT NULL
 );
+
+-- LACUNA_<NAME>_RATE_LIMIT: one token bucket per handler, shared by every replica, refilled
+-- continuously by the database's clock from `updated_at` at the handler's rate and never
+-- above its capacity (docs/flow-control.md).
+CREATE TABLE rate_buckets (
+    handler    text             PRIMARY KEY,
+    tokens     double precision NOT NULL,
+    updated_at timestamptz      NOT NULL
+);

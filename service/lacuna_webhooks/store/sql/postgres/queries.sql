@@ -220,3 +220,17 @@ RETURNING consecutive_failures, paused
 -- A success ends the run of failures; writes nothing when there was none.
 UPDATE handler_state SET consecutive_failures = 0, updated_at = $2
 WHERE handler = $1 AND consecutive_failures > 0
+
+-- name: refill_tokens
+-- The bucket of $1 refilled up to the database's now (created full), $2 at most; its tokens.
+-- The upsert locks the row until the transaction ends: replicas take tokens one at a time.
+INSERT INTO rate_buckets AS b (handler, tokens, updated_at) VALUES ($1, $2::float8, now())
+ON CONFLICT (handler) DO UPDATE SET
+    tokens = least($2::float8, b.tokens
+        + $3::float8 * greatest(0, extract(epoch FROM now() - b.updated_at)::float8)),
+    updated_at = greatest(b.updated_at, now())
+RETURNING tokens
+
+-- name: spend_tokens
+-- Take $3 tokens (negative: give unused ones back, never above $2).
+UPDATE rate_buckets SET tokens = least($2::float8, tokens - $3::float8) WHERE handler = $1

@@ -8,3 +8,11 @@ CREATE TABLE handler_state (
     consecutive_failures INTEGER NOT NULL DEFAULT 0,
     updated_at           REAL NOT NULL
 );
+
+-- LACUNA_<NAME>_RATE_LIMIT: one token bucket per handler, refilled continuously from
+-- `updated_at` at the handler's rate and never above its capacity (docs/flow-control.md).
+CREATE TABLE rate_buckets (
+    handler    TEXT PRIMARY KEY,
+    tokens     REAL NOT NULL,
+    updated_at REAL NOT NULL
+);

@@ -194,3 +194,16 @@ RETURNING consecutive_failures, paused
 -- A success ends the run of failures; writes nothing when there was none.
 UPDATE handler_state SET consecutive_failures = 0, updated_at = :now
 WHERE handler = :handler AND consecutive_failures > 0
+
+-- name: refill_tokens
+-- The bucket of :handler refilled up to now (created full), :capacity at most; its tokens.
+INSERT INTO rate_buckets (handler, tokens, updated_at) VALUES (:handler, :capacity, :now)
+ON CONFLICT (handler) DO UPDATE SET
+    tokens = min(:capacity,
+        rate_buckets.tokens + :rate * max(0, :now - rate_buckets.updated_at)),
+    updated_at = max(rate_buckets.updated_at, :now)
+RETURNING tokens
+
+-- name: spend_tokens
+-- Take :count tokens (negative: give unused ones back, never above :capacity).
+UPDATE rate_buckets SET tokens = min(:capacity, tokens - :count) WHERE handler = :handler
