@@ -15,7 +15,7 @@ import orjson
 import pytest
 from structlog.testing import capture_logs
 
-from lacuna_webhooks.dispatch.flow import FlowControl, read_flow_control
+from lacuna_webhooks.dispatch.flow import FlowControl, RateLimit, read_flow_control
 from lacuna_webhooks.errors import ConfigError, PauseHandler
 from lacuna_webhooks.handlers.base import RecordingHandler
 from lacuna_webhooks.metrics import Metrics
@@ -174,4 +174,29 @@ def test_a_bad_flow_setting_is_one_clear_line(raw: str) -> None:
         read_flow_control(["slack"], {"LACUNA_SLACK_PAUSE_AFTER_FAILURES": raw})
     assert caught.value.problems == [
         f"LACUNA_SLACK_PAUSE_AFTER_FAILURES must be a whole number of at least 1, got {raw!r}"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("raw", "count", "period"),
+    [("1/s", 1, 1.0), ("30/m", 30, 60.0), (" 500 / h ", 500, 3600.0)],
+)
+def test_rate_limit_values(raw: str, count: int, period: float) -> None:
+    """N/s, N/m, N/h: a bucket of N refilled at N per period."""
+    flow = read_flow_control(["slack"], {"LACUNA_SLACK_RATE_LIMIT": raw})["slack"]
+    assert flow.rate_limit == RateLimit(count, period)
+    assert flow.rate_limit.per_second == count / period
+
+
+@pytest.mark.parametrize("raw", ["0/s", "10", "10/d", "1.5/s", "-1/s", "ten/s"])
+def test_a_bad_rate_limit_is_one_clear_line(raw: str) -> None:
+    """A bad RATE_LIMIT names the variable, the accepted forms and the value given; every bad
+    variable is reported at once."""
+    env = {"LACUNA_SLACK_RATE_LIMIT": raw, "LACUNA_SLACK_PAUSE_AFTER_FAILURES": "0"}
+    with pytest.raises(ConfigError) as caught:
+        read_flow_control(["slack"], env)
+    assert caught.value.problems == [
+        "LACUNA_SLACK_PAUSE_AFTER_FAILURES must be a whole number of at least 1, got '0'",
+        "LACUNA_SLACK_RATE_LIMIT must be N/s, N/m or N/h with N a whole number of at least 1 "
+        f"(e.g. 1/s), got {raw!r}",
     ]

@@ -26,7 +26,10 @@ store says are paused. That set is read again at most every half poll interval (
 small query, not one per pass), so a pause made anywhere stops new attempts on every
 replica within ``poll_interval_seconds``; attempts already running finish. A handler
 whose attempt raised ``PauseHandler`` (a 410), or that reached its
-``PAUSE_AFTER_FAILURES``, is paused in the store by the dispatcher that saw it.
+``PAUSE_AFTER_FAILURES``, is paused in the store by the dispatcher that saw it. For a
+handler with a ``RATE_LIMIT`` the pass first takes tokens from its bucket in the store
+(shared by every replica) and claims at most that many; tokens the claim did not use are
+given back. With none left it looks again when the next token is due.
 """
 
 from __future__ import annotations
@@ -103,6 +106,8 @@ class Dispatcher:
         # (monotonic seconds; None: never read yet).
         self._paused: dict[str, str | None] = {}
         self._paused_read_at: float | None = None
+        # A wake-up per rate-limited handler whose bucket was empty: when its next token is due.
+        self._token_timers: dict[str, asyncio.TimerHandle] = {}
         self._inflight: dict[asyncio.Task[None], Delivery] = {}
         self._stopping = False
         # Set when a slot frees or stop() is called: either means "look again now".
@@ -230,6 +235,8 @@ class Dispatcher:
                     self._waiting = False
                     woken.cancel()
         finally:
+            for timer in self._token_timers.values():
+                timer.cancel()
             if work is not None:
                 work.cancel()
                 with contextlib.suppress(asyncio.CancelledError, StoreUnavailable):
@@ -249,10 +256,25 @@ class Dispatcher:
             free = self._free[name]
             if free <= 0 or self._stopping or name in self._paused or not self.runner.ready(name):
                 continue
+            rate = self.flow.get(name, FlowControl()).rate_limit
+            limit = free
+            if rate is not None:
+                limit = await self.store.take_tokens(
+                    name,
+                    want=free,
+                    capacity=rate.count,
+                    per_second=rate.per_second,
+                    now=self.clock(),
+                )
+                if limit == 0:
+                    self._wake_for_token(name, 1.0 / rate.per_second)
+                    continue
             lease = timedelta(seconds=self._timeout(name)) + LEASE_MARGIN
             claimed = await self.store.claim(
-                handler=name, limit=free, lease=lease, now=self.clock()
+                handler=name, limit=limit, lease=lease, now=self.clock()
             )
+            if rate is not None and len(claimed) < limit:
+                await self.store.give_back_tokens(name, limit - len(claimed), capacity=rate.count)
             for delivery in claimed:
                 if self._stopping:
                     await self._release(delivery)
@@ -281,6 +303,19 @@ class Dispatcher:
             if self.metrics is not None:
                 self.metrics.handler_paused.labels(name).set(1 if name in paused else 0)
         self._paused = paused
+
+    def _wake_for_token(self, name: str, seconds: float) -> None:
+        """Look again when ``name``'s next token is due (the poll wakes the loop anyway, so
+        never later than that)."""
+        timer = self._token_timers.get(name)
+        if (
+            timer is not None
+            and not timer.cancelled()
+            and timer.when() > asyncio.get_running_loop().time()
+        ):
+            return
+        delay = min(seconds, self.poll_interval_seconds)
+        self._token_timers[name] = asyncio.get_running_loop().call_later(delay, self._wake.set)
 
     async def _after_attempt(self, name: str, decision: Decision, at: datetime) -> None:
         """Keep the handler's consecutive-failure count (only when it has a
