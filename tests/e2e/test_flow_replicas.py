@@ -21,6 +21,7 @@ from tests.conftest import make_event, signed
 from tests.e2e.conftest import Serve, wait_until
 from tests.e2e.recorder_plugin import recorded
 from tests.e2e.test_serve import run_cli
+from tests.integration.test_rate_limit import most_in_any_window
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
 RECORDER = "tests.e2e.recorder_plugin:FileRecorder"
@@ -89,13 +90,6 @@ class CountingPeer:
             self.arrivals.append(time.monotonic())
             self.ids.append(request.headers["webhook-id"])
         return Response(status=204)
-
-
-def most_in_any_window(times: list[float], seconds: float) -> int:
-    times = sorted(times)
-    return max(
-        (sum(1 for t in times[i:] if t < s + seconds) for i, s in enumerate(times)), default=0
-    )
 
 
 def test_rate_limit_holds_across_three_replicas(

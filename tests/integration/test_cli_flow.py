@@ -95,3 +95,20 @@ def test_handlers_without_a_store_still_lists(
     env = {"LACUNA_DATABASE_URL": f"sqlite:///{tmp_path / 'none.db'}", "LACUNA_HANDLERS": "log"}
     assert main(["handlers"], env) == 0
     assert "  log          state unknown (no database at" in capsys.readouterr().out
+
+
+def test_serve_refuses_a_bad_flow_setting_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad RATE_LIMIT or PAUSE_AFTER_FAILURES stops serve before it listens: one line, exit 2."""
+    env = {
+        "LACUNA_WEBHOOK_SECRET": "whsec_test",
+        "LACUNA_DATABASE_URL": f"sqlite:///{tmp_path / 'serve.db'}",
+        "LACUNA_HANDLERS": "log",
+        "LACUNA_LOG_RATE_LIMIT": "fast",
+    }
+    assert main(["serve"], env) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "LACUNA_LOG_RATE_LIMIT must be N/s, N/m or N/h" in err
+    assert not (tmp_path / "serve.db").exists()
