@@ -79,6 +79,7 @@ def _handlers_of(settings: Settings) -> HandlerSet:
     """Build every configured handler here too: a bad setting stops the command at start
     with one line, and intake learns each handler's event filter. Their ``handle`` runs
     only in the worker processes."""
+    from .dispatch.flow import read_flow_control
     from .logs import configure
 
     configure(
@@ -89,6 +90,7 @@ def _handlers_of(settings: Settings) -> HandlerSet:
     log_secret_warnings(settings)
     try:
         built = _build(settings, settings.handlers)
+        read_flow_control(built.names, settings.environ)  # checked now, used by dispatch
     except ConfigError as exc:
         raise CommandError(f"configuration: {exc}", exit_code=2) from None
     # Each handler runs (and is closed) in its worker process; these copies are not used.
@@ -714,11 +716,15 @@ def _migrate(environ: Mapping[str, str]) -> int:
     return 0
 
 
-def _handlers(environ: Mapping[str, str]) -> int:
+def _handlers(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     """The installed handler kinds, then each configured instance (``LACUNA_HANDLERS``)
     with its kind and whether its settings build: ``ok`` or the first problem's line.
-    Exit status 2 when an instance's settings are wrong (as ``serve`` would refuse)."""
+    Exit status 2 when an instance's settings are wrong (as ``serve`` would refuse).
+    With ``pause NAME`` / ``resume NAME`` it pauses or resumes that instance instead."""
     from .plugins import available, check_after
+
+    if args.action is not None:
+        return _pause_or_resume(args, environ)
 
     print("installed handler kinds:")
     for name, target in sorted(available().items()):
@@ -747,6 +753,9 @@ def _handlers(environ: Mapping[str, str]) -> int:
     order = check_after(after) if not failed else []
     for problem in order:
         print(f"order: {problem}")
+    print("state:")
+    for line in _configured_lines(environ):
+        print(f"  {line}")
     return 2 if failed or order else 0
 
 
@@ -755,6 +764,73 @@ def _instance_of(item: str) -> list[str]:
 
     name, kind = split_handler_item(item)
     return [name or kind, kind]
+
+
+def _configured_names(environ: Mapping[str, str]) -> list[str]:
+    """The handler names ``LACUNA_HANDLERS`` configures (without building the handlers, so
+    a handler whose own settings are wrong can still be paused)."""
+    from .config import split_handler_item
+    from .plugins import load_factory
+
+    settings = _settings(environ, require_secret=False)
+    names = []
+    try:
+        for item in settings.handlers:
+            name, kind = split_handler_item(item)
+            names.append(name or load_factory(kind)[0])
+    except ConfigError as exc:
+        raise CommandError(f"configuration: {exc}", exit_code=2) from None
+    return names
+
+
+def _configured_lines(environ: Mapping[str, str]) -> list[str]:
+    """One line per configured handler: running, or paused with the reason and since when."""
+    names = _configured_names(environ)
+    try:
+        states = {s.handler: s for s in _with_store(environ, lambda s: s.handler_states())}
+    except CommandError as exc:
+        return [f"{name:12} state unknown ({exc})" for name in names]
+    lines = []
+    for name in names:
+        state = states.get(name)
+        if state is not None and state.paused:
+            lines.append(f"{name:12} paused since {_iso(state.updated_at)}: {state.reason or '-'}")
+        else:
+            failures = state.consecutive_failures if state is not None else 0
+            tail = f" ({failures} consecutive failed attempts)" if failures else ""
+            lines.append(f"{name:12} running{tail}")
+    return lines
+
+
+def _pause_or_resume(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    """``handlers pause NAME`` / ``handlers resume NAME``: persisted in the store, so every
+    replica sees it within ``LACUNA_POLL_INTERVAL`` (docs/flow-control.md)."""
+    names = _configured_names(environ)
+    if args.name not in names:
+        known = ", ".join(names) or "none"
+        raise CommandError(
+            f"no handler {args.name!r} in LACUNA_HANDLERS (configured: {known})", exit_code=2
+        )
+    pause = args.action == "pause"
+    reason = args.reason if pause else None
+    changed = _with_store(
+        environ,
+        lambda s: s.set_paused(args.name, pause, reason=reason, now=datetime.now(UTC)),
+    )
+    if pause:
+        print(
+            f"paused {args.name}: its deliveries wait (every replica stops starting attempts"
+            " within LACUNA_POLL_INTERVAL)"
+            if changed
+            else f"{args.name} was already paused"
+        )
+    else:
+        print(
+            f"resumed {args.name}: its waiting deliveries are sent now"
+            if changed
+            else f"{args.name} was not paused"
+        )
+    return 0
 
 
 # --- parser ----------------------------------------------------------------------------------
@@ -920,7 +996,19 @@ def build_parser() -> argparse.ArgumentParser:
     retry_dead.add_argument("--handler", type=_handler_name, help="only this handler's")
 
     sub.add_parser("migrate", help="apply pending schema migrations")
-    sub.add_parser("handlers", help="list installed handler kinds and the configured instances")
+    handlers = sub.add_parser(
+        "handlers",
+        help="list installed handler kinds, the configured instances and their state;"
+        " pause or resume one",
+    )
+    actions = handlers.add_subparsers(dest="action", parser_class=_Parser)
+    pause = actions.add_parser(
+        "pause", help="stop starting attempts of a handler, on every replica, until resumed"
+    )
+    pause.add_argument("name", help="a handler name from LACUNA_HANDLERS")
+    pause.add_argument("--reason", default="paused by an operator", help="recorded and shown")
+    resume = actions.add_parser("resume", help="let a paused handler's deliveries go again")
+    resume.add_argument("name", help="a handler name from LACUNA_HANDLERS")
     return parser
 
 
@@ -950,7 +1038,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             case "migrate":
                 return _migrate(env)
             case "handlers":
-                return _handlers(env)
+                return _handlers(args, env)
     except CommandError as exc:
         print(f"{PROG}: error: {mask_secrets(str(exc))}", file=sys.stderr)
         return exc.exit_code

@@ -169,6 +169,13 @@ class PermanentError(HandlerError):
     """The handler failed permanently; retrying cannot help."""
 
 
+class PauseHandler(PermanentError):
+    """The handler's peer is gone for good (the ``http`` handler's HTTP 410, SPEC §7): this
+    delivery is dead and the handler is paused until an operator resumes it
+    (``lacuna-webhooks handlers resume NAME``), so its other deliveries wait instead of
+    dying one by one. Raise it from ``handle()``; see docs/flow-control.md."""
+
+
 class MalformedEvent(PermanentError):
     """The event lacks a field its reader depends on, or has it with the wrong type.
 

@@ -66,6 +66,21 @@ class Metrics:
             registry=r,
         )
 
+        self.handler_paused = Gauge(
+            f"{PREFIX}_handler_paused",
+            "1 while the handler is paused (by an operator, PAUSE_AFTER_FAILURES or a 410), "
+            "else 0, as this process last read it from the store.",
+            ["handler"],
+            registry=r,
+        )
+        self.handler_pauses = Counter(
+            f"{PREFIX}_handler_pauses",
+            "Handlers this process paused, by handler and cause (failures: "
+            "PAUSE_AFTER_FAILURES reached; gone: the endpoint answered 410).",
+            ["handler", "cause"],
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 

@@ -25,7 +25,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from structlog.testing import capture_logs
 from werkzeug import Request, Response
 
-from lacuna_webhooks.errors import ConfigError, PermanentError, RetryLater
+from lacuna_webhooks.errors import ConfigError, PauseHandler, PermanentError, RetryLater
 from lacuna_webhooks.handlers.base import HandlerContext, current_attempt
 from lacuna_webhooks.handlers.http import HTTPHandler
 from lacuna_webhooks.models import Event
@@ -249,9 +249,9 @@ async def test_transient_statuses_are_retried_on_the_schedule(
 
 
 async def test_410_is_permanent(forward: HTTPHandler, httpserver: HTTPServer) -> None:
-    """410 Gone: the endpoint says it is gone; the delivery is dead."""
+    """410 Gone: the endpoint says it is gone; PauseHandler (dead, and the handler paused)."""
     httpserver.expect_request(PATH).respond_with_data("gone", status=410)
-    with pytest.raises(PermanentError, match="410: the endpoint is gone"):
+    with pytest.raises(PauseHandler, match="410: the endpoint is gone"):
         await forward.handle(as_event())
 
 

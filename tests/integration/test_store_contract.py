@@ -8,6 +8,7 @@ are tested without waiting.
 from __future__ import annotations
 
 import asyncio
+import functools
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -739,3 +740,104 @@ async def test_claim_after_a_replayed_prerequisite_holds_again(store: Store) -> 
     assert await store.replay("evt_after_r", None, now=NOW + SECOND) == 2
     held = await store.claim(handler="c", limit=1, lease=LEASE, now=NOW + SECOND, after=["a"])
     assert held == []
+
+
+# --- flow control: pause / resume and the consecutive-failure count -------------------------
+
+
+async def test_pause_and_resume_are_kept_and_reported(store: Store) -> None:
+    """set_paused pauses once (a second pause is no change), paused_handlers names the paused
+    handler with its reason, and resume clears it; resuming a running handler changes nothing."""
+    assert await store.paused_handlers() == {}
+    assert await store.set_paused("a", False, reason=None, now=NOW) is False
+    assert await store.set_paused("a", True, reason="operator", now=NOW) is True
+    assert await store.set_paused("a", True, reason="again", now=NOW + SECOND) is False
+    paused = await store.paused_handlers()
+    assert list(paused) == ["a"]
+    assert paused["a"].paused is True
+    assert paused["a"].reason == "operator"
+    assert paused["a"].updated_at == NOW
+    assert [s.handler for s in await store.handler_states()] == ["a"]
+    assert await store.set_paused("a", False, reason=None, now=NOW + SECOND) is True
+    assert await store.paused_handlers() == {}
+    (state,) = await store.handler_states()
+    assert (state.paused, state.reason, state.updated_at) == (False, None, NOW + SECOND)
+
+
+async def test_resume_nudges_wait_for_work(store: Store) -> None:
+    """A resume makes the paused backlog claimable at once: it wakes wait_for_work."""
+    await store.wait_for_work(0)
+    await store.set_paused("a", True, reason="operator", now=NOW)
+    await store.set_paused("a", False, reason=None, now=NOW)
+    await asyncio.wait_for(store.wait_for_work(PROMPT), PROMPT / 2)
+
+
+async def test_failures_pause_at_the_threshold_and_a_success_resets(store: Store) -> None:
+    """count_failure pauses the handler on the failure that reaches pause_after (and only
+    then), a success in between starts the count again, and a resume clears it."""
+    assert await store.count_failure("a", pause_after=3, reason="r", now=NOW) is False
+    assert await store.count_failure("a", pause_after=3, reason="r", now=NOW) is False
+    await store.count_success("a", now=NOW)
+    assert (await store.handler_states())[0].consecutive_failures == 0
+    assert await store.count_failure("a", pause_after=3, reason="r", now=NOW) is False
+    assert await store.count_failure("a", pause_after=3, reason="r", now=NOW) is False
+    assert await store.count_failure("a", pause_after=3, reason="3 failures", now=NOW) is True
+    assert (await store.paused_handlers())["a"].reason == "3 failures"
+    # Already paused: counted, never "paused now" again.
+    assert await store.count_failure("a", pause_after=3, reason="r", now=NOW) is False
+    assert (await store.handler_states())[0].consecutive_failures == 4
+    assert await store.set_paused("a", False, reason=None, now=NOW) is True
+    assert (await store.handler_states())[0].consecutive_failures == 0
+    # Without a threshold failures are only counted; another handler is apart.
+    assert await store.count_failure("b", pause_after=None, reason="r", now=NOW) is False
+    assert await store.count_failure("b", pause_after=1, reason="r", now=NOW) is True
+    assert list(await store.paused_handlers()) == ["b"]
+    await store.count_success("c", now=NOW)  # no row: nothing to reset, nothing written
+    assert [s.handler for s in await store.handler_states()] == ["a", "b"]
+
+
+async def test_concurrent_failures_pause_exactly_once(store: Store) -> None:
+    """Many failures counted at once (as from several replicas): exactly one pauses."""
+    results = await asyncio.gather(
+        *(store.count_failure("a", pause_after=5, reason="r", now=NOW) for _ in range(20))
+    )
+    assert results.count(True) == 1
+    assert (await store.handler_states())[0].consecutive_failures == 20
+
+
+# --- flow control: the rate-limit token bucket ----------------------------------------------
+
+
+async def test_token_bucket_starts_full_and_refills_continuously(store: Store) -> None:
+    """A new bucket holds `capacity`; tokens taken are gone, given back ones return (never
+    above capacity), and it refills at `per_second` as time passes (whole tokens only)."""
+    take = functools.partial(store.take_tokens, "a", capacity=3, per_second=1.0)
+    assert await take(want=2, now=NOW) == 2
+    assert await take(want=5, now=NOW) == 1
+    assert await take(want=5, now=NOW) == 0
+    await store.give_back_tokens("a", 1, capacity=3)
+    assert await take(want=5, now=NOW) == 1
+    # Another handler has its own bucket.
+    assert await store.take_tokens("b", want=9, capacity=3, per_second=1.0, now=NOW) == 3
+
+
+async def test_token_bucket_refills_by_the_stores_clock(store: Store) -> None:
+    """Spent, the bucket refills: with a fast rate a few real milliseconds give a token back
+    (on PostgreSQL the database's clock refills it, so `now` cannot be used to fake time)."""
+    assert await store.take_tokens("a", want=5, capacity=5, per_second=1000.0, now=wall_now()) == 5
+    await asyncio.sleep(0.05)
+    got = await store.take_tokens("a", want=5, capacity=5, per_second=1000.0, now=wall_now())
+    assert 1 <= got <= 5
+    await store.give_back_tokens("a", 100, capacity=5)
+    assert await store.take_tokens("a", want=100, capacity=5, per_second=0.001, now=wall_now()) == 5
+
+
+async def test_concurrent_takers_never_exceed_the_bucket(store: Store) -> None:
+    """Many takers at once (as several replicas): together they get at most capacity."""
+    got = await asyncio.gather(
+        *(
+            store.take_tokens("a", want=3, capacity=10, per_second=0.001, now=wall_now())
+            for _ in range(20)
+        )
+    )
+    assert sum(got) == 10

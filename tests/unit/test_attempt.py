@@ -20,7 +20,7 @@ from lacuna_webhooks.dispatch.attempt import (
     run_attempt,
     timed_out,
 )
-from lacuna_webhooks.errors import PermanentError, RetryLater
+from lacuna_webhooks.errors import PauseHandler, PermanentError, RetryLater
 from lacuna_webhooks.models import AttemptOutcome, Event
 from lacuna_webhooks.retry import RetryPolicy
 from tests.conftest import make_event
@@ -100,6 +100,19 @@ def test_permanent_is_dead_whatever_the_budget() -> None:
     decision = decide_now(Outcome(Ending.PERMANENT, "PermanentError: x"), attempts=1)
     assert decision == Decision(Action.DEAD, "PermanentError: x")
     assert decision.outcome is AttemptOutcome.DEAD
+
+
+def test_gone_is_dead_and_pauses_the_handler() -> None:
+    """PauseHandler (an http endpoint's 410) classifies as gone: dead at once whatever the
+    budget, with the pause flag set; no other ending asks for a pause."""
+    outcome = classify(PauseHandler("410: the endpoint is gone"))
+    assert outcome == Outcome(Ending.GONE, "PauseHandler: 410: the endpoint is gone")
+    assert Outcome.from_wire(outcome.to_wire()) == outcome
+    decision = decide_now(outcome, attempts=1)
+    assert decision == Decision(Action.DEAD, outcome.error, pause=True)
+    assert decision.outcome is AttemptOutcome.DEAD
+    for ending in set(Ending) - {Ending.GONE}:
+        assert decide_now(Outcome(ending, "E"), attempts=1).pause is False
 
 
 @pytest.mark.parametrize("ending", [Ending.FAILED, Ending.TIMED_OUT, Ending.LOST])

@@ -13,6 +13,8 @@ ending                 from                                         decision
 =====================  ===========================================  ==================
 ``ok``                 ``handle()`` returned                        complete
 ``permanent``          ``PermanentError``                           dead at once
+``gone``               ``PauseHandler`` (the ``http`` handler's     dead at once, and
+                       HTTP 410)                                    the handler paused
 ``retry_later``        ``RetryLater(delay)``                        retry after
                                                                     ``delay`` (capped)
 ``failed``             any other exception, ``BaseException``       retry on the
@@ -39,7 +41,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from ..errors import PermanentError, RetryLater
+from ..errors import PauseHandler, PermanentError, RetryLater
 from ..handlers.base import Handler, current_attempt, current_results
 from ..models import AttemptOutcome, Event
 from ..redact import redact_text
@@ -67,6 +69,7 @@ class Ending(enum.StrEnum):
 
     OK = "ok"
     PERMANENT = "permanent"
+    GONE = "gone"
     RETRY_LATER = "retry_later"
     FAILED = "failed"
     TIMED_OUT = "timed_out"
@@ -113,6 +116,8 @@ def classify(value: BaseException | object) -> Outcome:
 
     A returned ``dict`` is kept as the result; any other return value is ignored.
     """
+    if isinstance(value, PauseHandler):
+        return Outcome(Ending.GONE, describe_error(value))
     if isinstance(value, PermanentError):
         return Outcome(Ending.PERMANENT, describe_error(value))
     if isinstance(value, RetryLater):
@@ -180,11 +185,13 @@ class Action(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """``action`` with its ``error`` text and, for a retry, when it is due (``retry_at``)."""
+    """``action`` with its ``error`` text and, for a retry, when it is due (``retry_at``);
+    ``pause``: the handler is to be paused as well (its peer said it is gone)."""
 
     action: Action
     error: str | None = None
     retry_at: datetime | None = None
+    pause: bool = False
 
     @property
     def outcome(self) -> AttemptOutcome | None:
@@ -226,6 +233,8 @@ def decide(
         return Decision(Action.RELEASE, outcome.error)
     if outcome.ending is Ending.PERMANENT:
         return Decision(Action.DEAD, outcome.error)
+    if outcome.ending is Ending.GONE:
+        return Decision(Action.DEAD, outcome.error, pause=True)
     delay = policy.delay_seconds(attempts, requested_seconds=outcome.retry_after_seconds, rand=rand)
     if delay is None:
         return Decision(Action.DEAD, outcome.error)

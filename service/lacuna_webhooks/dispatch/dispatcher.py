@@ -20,6 +20,16 @@ Attempts are counted by the store when a delivery is claimed, so a handler
 that crashes its process is still retired after ``max_attempts`` claims: a
 claim that finds the budget already spent records ``dead`` without running
 the handler again. Retention pruning is a task of its own (``retention.py``).
+
+Flow control (``flow.py``, docs/flow-control.md): a claim pass skips the handlers the
+store says are paused. That set is read again at most every half poll interval (one
+small query, not one per pass), so a pause made anywhere stops new attempts on every
+replica within ``poll_interval_seconds``; attempts already running finish. A handler
+whose attempt raised ``PauseHandler`` (a 410), or that reached its
+``PAUSE_AFTER_FAILURES``, is paused in the store by the dispatcher that saw it. For a
+handler with a ``RATE_LIMIT`` the pass first takes tokens from its bucket in the store
+(shared by every replica) and claims at most that many; tokens the claim did not use are
+given back. With none left it looks again when the next token is due.
 """
 
 from __future__ import annotations
@@ -29,7 +39,7 @@ import contextlib
 import dataclasses
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 
 import structlog
@@ -40,7 +50,8 @@ from ..models import Attempt, AttemptOutcome, Delivery
 from ..plugins import HandlerSet
 from ..retry import RetryPolicy
 from ..store.base import Store
-from .attempt import Action, budget_spent, decide, describe_error
+from .attempt import Action, Decision, budget_spent, decide, describe_error
+from .flow import FlowControl
 from .runner import AttemptRunner, InProcessRunner
 
 LEASE_MARGIN = timedelta(seconds=30)
@@ -60,7 +71,8 @@ class Dispatcher:
 
     ``runner`` runs the attempts (default: ``InProcessRunner(handlers)``, on this loop: for
     tests; ``serve`` and ``worker`` pass a ``WorkerPool``). ``clock`` and ``rand`` are
-    injected so tests can control time and jitter.
+    injected so tests can control time and jitter. ``flow`` holds each handler's
+    flow-control settings (``flow.read_flow_control``); a handler missing from it has none.
     """
 
     def __init__(
@@ -75,6 +87,7 @@ class Dispatcher:
         metrics: Metrics | None = None,
         clock: Callable[[], datetime] = utcnow,
         rand: Callable[[], float] = random.random,
+        flow: Mapping[str, FlowControl] | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -89,6 +102,13 @@ class Dispatcher:
         self.rand = rand
         self._log = structlog.get_logger("lacuna_webhooks.dispatcher")
         self._free = {n: handlers.concurrency.get(n, concurrency) for n in handlers.names}
+        self.flow = dict(flow or {})
+        # The paused handlers (name -> reason) as last read from the store, and when
+        # (monotonic seconds; None: never read yet).
+        self._paused: dict[str, str | None] = {}
+        self._paused_read_at: float | None = None
+        # A wake-up per rate-limited handler whose bucket was empty: when its next token is due.
+        self._token_timers: dict[str, asyncio.TimerHandle] = {}
         self._inflight: dict[asyncio.Task[None], Delivery] = {}
         self._stopping = False
         # Set when a slot frees or stop() is called: either means "look again now".
@@ -224,6 +244,8 @@ class Dispatcher:
                     self._waiting = False
                     woken.cancel()
         finally:
+            for timer in self._token_timers.values():
+                timer.cancel()
             if work is not None:
                 work.cancel()
                 with contextlib.suppress(asyncio.CancelledError, StoreUnavailable):
@@ -236,24 +258,106 @@ class Dispatcher:
             self._log.error("dispatcher.crashed", exc_info=exc)
 
     async def _claim_pass(self) -> None:
-        """Claim for every handler with free slots and start an attempt per delivery."""
+        """Claim for every handler with free slots and not paused; start an attempt per
+        delivery."""
+        await self._refresh_paused()
         for name in self.handlers.names:
             free = self._free[name]
-            if free <= 0 or self._stopping or not self.runner.ready(name):
+            if free <= 0 or self._stopping or name in self._paused or not self.runner.ready(name):
                 continue
+            rate = self.flow.get(name, FlowControl()).rate_limit
+            limit = free
+            if rate is not None:
+                limit = await self.store.take_tokens(
+                    name,
+                    want=free,
+                    capacity=rate.count,
+                    per_second=rate.per_second,
+                    now=self.clock(),
+                )
+                if limit == 0:
+                    self._wake_for_token(name, 1.0 / rate.per_second)
+                    continue
             lease = timedelta(seconds=self._timeout(name)) + LEASE_MARGIN
             claimed = await self.store.claim(
                 handler=name,
-                limit=free,
+                limit=limit,
                 lease=lease,
                 now=self.clock(),
                 after=self.handlers.after.get(name, ()),
             )
+            if rate is not None and len(claimed) < limit:
+                await self.store.give_back_tokens(name, limit - len(claimed), capacity=rate.count)
             for delivery in claimed:
                 if self._stopping:
                     await self._release(delivery)
                 else:
                     self._start(delivery)
+
+    # -- flow control ----------------------------------------------------------------------
+
+    async def _refresh_paused(self) -> None:
+        """Read the paused set from the store unless it was read less than half a poll
+        interval ago; log and export what changed since the last read."""
+        now = time.monotonic()
+        if (
+            self._paused_read_at is not None
+            and now - self._paused_read_at < self.poll_interval_seconds / 2
+        ):
+            return
+        states = await self.store.paused_handlers()
+        self._paused_read_at = now
+        paused = {name: state.reason for name, state in states.items()}
+        for name in self.handlers.names:
+            if name in paused and name not in self._paused:
+                self._log.warning("handler.paused", handler=name, reason=paused[name])
+            elif name in self._paused and name not in paused:
+                self._log.info("handler.resumed", handler=name)
+            if self.metrics is not None:
+                self.metrics.handler_paused.labels(name).set(1 if name in paused else 0)
+        self._paused = paused
+
+    def _wake_for_token(self, name: str, seconds: float) -> None:
+        """Look again when ``name``'s next token is due (the poll wakes the loop anyway, so
+        never later than that)."""
+        timer = self._token_timers.get(name)
+        if (
+            timer is not None
+            and not timer.cancelled()
+            and timer.when() > asyncio.get_running_loop().time()
+        ):
+            return
+        delay = min(seconds, self.poll_interval_seconds)
+        self._token_timers[name] = asyncio.get_running_loop().call_later(delay, self._wake.set)
+
+    async def _after_attempt(self, name: str, decision: Decision, at: datetime) -> None:
+        """Keep the handler's consecutive-failure count (only when it has a
+        ``PAUSE_AFTER_FAILURES``) and pause it when the count or a ``PauseHandler`` says so."""
+        limit = self.flow.get(name, FlowControl()).pause_after_failures
+        try:
+            if decision.pause:
+                reason = f"its endpoint is gone: {decision.error}"
+                if await self.store.set_paused(name, True, reason=reason, now=at):
+                    self._paused_here(name, reason, cause="gone")
+            elif limit is None:
+                return
+            elif decision.action is Action.COMPLETE:
+                await self.store.count_success(name, now=at)
+            else:
+                reason = f"{limit} consecutive failed attempts; the last: {decision.error}"
+                if await self.store.count_failure(name, pause_after=limit, reason=reason, now=at):
+                    self._paused_here(name, reason, cause="failures")
+        except StoreUnavailable as exc:
+            # The count misses one attempt; the next outcome is counted as usual.
+            self._log.warning("handler.flow_failed", handler=name, error=describe_error(exc))
+
+    def _paused_here(self, name: str, reason: str, *, cause: str) -> None:
+        """This process paused ``name``: stop claiming for it now, say so once."""
+        self._paused[name] = reason
+        self._log.warning("handler.paused", handler=name, reason=reason, cause=cause)
+        if self.metrics is not None:
+            self.metrics.handler_paused.labels(name).set(1)
+            self.metrics.handler_pauses.labels(name, cause).inc()
 
     # -- one attempt -----------------------------------------------------------------------
 
@@ -349,6 +453,8 @@ class Dispatcher:
                 "delivery.record_failed", delivery_id=delivery.id, error=describe_error(exc)
             )
             recorded = False
+        if recorded:
+            await self._after_attempt(name, decision, finished)
         if self.metrics is not None:
             self.metrics.deliveries.labels(name, outcome_.value).inc()
             self.metrics.handler_latency.labels(name).observe(duration)

@@ -13,6 +13,7 @@ from ..plugins import HandlerSet
 from ..retry import RetryPolicy
 from ..store.base import Store
 from .dispatcher import Dispatcher
+from .flow import read_flow_control
 from .retention import Retention
 from .runner import AttemptRunner
 
@@ -57,7 +58,10 @@ def build_dispatch(
     runner: AttemptRunner | None = None,
 ) -> DispatchService:
     """The dispatcher and retention ``settings`` describe. ``runner`` defaults to running
-    handlers on this loop (tests); ``serve`` and ``worker`` pass a ``WorkerPool``."""
+    handlers on this loop (tests); ``serve`` and ``worker`` pass a ``WorkerPool``.
+
+    Raises ``ConfigError`` for a bad ``LACUNA_<NAME>_*`` flow-control setting (``flow.py``).
+    """
     dispatcher = Dispatcher(
         store,
         handlers,
@@ -70,6 +74,7 @@ def build_dispatch(
         concurrency=settings.handler_concurrency,
         poll_interval_seconds=settings.poll_interval_seconds,
         metrics=metrics,
+        flow=read_flow_control(handlers.names, settings.environ),
     )
     retention = Retention(store, timedelta(days=settings.retention_days))
     return DispatchService(dispatcher, retention)

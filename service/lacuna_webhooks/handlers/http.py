@@ -24,7 +24,8 @@ attempt), ``webhook-timestamp`` (Unix seconds of this attempt) and
 Outcomes: 2xx done; 429 and 503 are retried after their ``Retry-After`` (held
 within the retry policy's base delay and cap by ``RetryPolicy``); 408, 425,
 other 429/5xx, timeouts and connection errors are retried on the schedule; a
-redirect, 410 and any other 4xx are permanent (the delivery is dead).
+redirect and any other 4xx are permanent (the delivery is dead); 410 raises
+``PauseHandler``: dead, and the handler paused (docs/flow-control.md).
 
 The secret and the URL's credentials, path and query are never logged.
 """
@@ -41,7 +42,7 @@ import httpx
 import orjson
 import structlog
 
-from ..errors import ConfigError, PermanentError, RetryLater
+from ..errors import ConfigError, PauseHandler, PermanentError, RetryLater
 from ..models import Event
 from ..signature import sign_standard_webhooks, standard_webhooks_key
 from ._common import network_timeouts
@@ -258,7 +259,7 @@ class HTTPHandler:
                 f"point {self.url_var} at the final URL"
             )
         if status == 410:
-            raise PermanentError(f"{self.where} answered HTTP 410: the endpoint is gone")
+            raise PauseHandler(f"{self.where} answered HTTP 410: the endpoint is gone")
         raise PermanentError(summary)
 
     async def aclose(self) -> None:

@@ -40,6 +40,15 @@ Semantics every backend keeps:
 - ``replay`` and ``retry_dead`` revoke any live claim on the deliveries they
   reset (lease cleared, ``lease_token`` moved on, ``last_error`` cleared): the
   operator's new run wins over an attempt still running.
+- Flow control (``docs/flow-control.md``): ``set_paused`` pauses or resumes a handler by
+  name (a row per handler, kept across restarts and seen by every replica); resuming also
+  clears its consecutive-failure count. ``count_failure`` / ``count_success`` keep that
+  count (``LACUNA_<NAME>_PAUSE_AFTER_FAILURES``); ``count_failure`` pauses the handler in
+  the same transaction when the count reaches ``pause_after``. ``claim`` itself does not
+  look at the paused set: the dispatcher reads ``paused_handlers`` and skips them.
+  ``take_tokens`` / ``give_back_tokens`` keep one token bucket per handler
+  (``LACUNA_<NAME>_RATE_LIMIT``), shared by every process of the store; on PostgreSQL
+  refilled by the database's clock (``now`` is then unused), elsewhere by ``now``.
 - ``wait_for_work`` returns early when new work may be due (an accept in this
   process, or a NOTIFY from another replica), else after ``timeout_seconds``.
 """
@@ -135,6 +144,18 @@ class QueueStats:
     oldest_due_age_seconds: float  # 0 when nothing is due
 
 
+@dataclass(frozen=True, slots=True)
+class HandlerState:
+    """A handler's flow-control row: paused or not (and why), and its consecutive failed
+    attempts (reset by a success or a resume). No row means running with no failures."""
+
+    handler: str
+    paused: bool
+    reason: str | None
+    consecutive_failures: int
+    updated_at: datetime
+
+
 class Store(Protocol):
     """See the module docstring for the semantics each method must keep."""
 
@@ -215,6 +236,38 @@ class Store(Protocol):
     async def retry_dead(self, *, handler: str | None, now: datetime) -> int:
         """Make every dead delivery (of ``handler``) pending, due now, with a fresh budget."""
 
+    async def set_paused(
+        self, handler: str, paused: bool, *, reason: str | None, now: datetime
+    ) -> bool:
+        """Pause (with ``reason``) or resume ``handler``; ``True`` when this call changed
+        its state, ``False`` when it already was so. Resuming clears the failure count."""
+
+    async def paused_handlers(self) -> dict[str, HandlerState]:
+        """The paused handlers by name (cheap: the dispatcher reads it every claim pass)."""
+
+    async def handler_states(self) -> list[HandlerState]:
+        """Every handler's row, by name."""
+
+    async def count_failure(
+        self, handler: str, *, pause_after: int | None, reason: str, now: datetime
+    ) -> bool:
+        """Count one more consecutive failed attempt of ``handler``; when the count reaches
+        ``pause_after`` (and it is not paused yet), pause it with ``reason`` in the same
+        transaction and return ``True`` (else ``False``)."""
+
+    async def count_success(self, handler: str, *, now: datetime) -> None:
+        """End ``handler``'s run of failures (writes nothing when the count is already 0)."""
+
+    async def take_tokens(
+        self, handler: str, *, want: int, capacity: float, per_second: float, now: datetime
+    ) -> int:
+        """Refill ``handler``'s bucket (created full) at ``per_second`` since it was last
+        touched, never above ``capacity``; take up to ``want`` whole tokens, atomically, and
+        return how many were taken (0 to ``want``)."""
+
+    async def give_back_tokens(self, handler: str, count: int, *, capacity: float) -> None:
+        """Put ``count`` unused tokens back (never above ``capacity``)."""
+
 
 def attempt_error(attempt: Attempt) -> str | None:
     """The error text stored for an attempt, bounded so a huge message cannot bloat rows."""
@@ -227,6 +280,7 @@ __all__ = [
     "AttemptRecord",
     "DeliveryRecord",
     "EventRecord",
+    "HandlerState",
     "QueueStats",
     "Store",
     "TaskRecord",

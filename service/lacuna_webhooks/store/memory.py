@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -27,6 +28,7 @@ from .base import (
     AttemptRecord,
     DeliveryRecord,
     EventRecord,
+    HandlerState,
     QueueStats,
     TaskRecord,
     attempt_error,
@@ -85,6 +87,8 @@ class MemoryStore:
         self._deliveries: dict[int, _DeliveryRow] = {}
         self._tasks: dict[str, TaskRecord] = {}
         self._task_order: dict[str, float] = {}
+        self._handler_states: dict[str, HandlerState] = {}
+        self._buckets: dict[str, tuple[float, datetime]] = {}  # handler -> (tokens, updated)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -451,6 +455,80 @@ class MemoryStore:
             if rows:
                 self._nudge.set()
             return len(rows)
+
+    # -- flow control ----------------------------------------------------------------------
+
+    async def set_paused(
+        self, handler: str, paused: bool, *, reason: str | None, now: datetime
+    ) -> bool:
+        async with self._lock:
+            self._check(write=True)
+            state = self._handler_states.get(handler)
+            if (state is not None and state.paused) == paused:
+                return False
+            failures = state.consecutive_failures if state is not None and paused else 0
+            self._handler_states[handler] = HandlerState(
+                handler, paused, reason if paused else None, failures, now
+            )
+            if not paused:
+                self._nudge.set()
+            return True
+
+    async def paused_handlers(self) -> dict[str, HandlerState]:
+        async with self._lock:
+            self._check()
+            return {n: s for n, s in self._handler_states.items() if s.paused}
+
+    async def handler_states(self) -> list[HandlerState]:
+        async with self._lock:
+            self._check()
+            return [self._handler_states[n] for n in sorted(self._handler_states)]
+
+    async def count_failure(
+        self, handler: str, *, pause_after: int | None, reason: str, now: datetime
+    ) -> bool:
+        async with self._lock:
+            self._check(write=True)
+            old = self._handler_states.get(handler)
+            paused = old is not None and old.paused
+            failures = (0 if old is None else old.consecutive_failures) + 1
+            pause = not paused and pause_after is not None and failures >= pause_after
+            self._handler_states[handler] = HandlerState(
+                handler,
+                paused or pause,
+                reason if pause else (None if old is None else old.reason),
+                failures,
+                now,
+            )
+            return pause
+
+    async def count_success(self, handler: str, *, now: datetime) -> None:
+        async with self._lock:
+            self._check(write=True)
+            old = self._handler_states.get(handler)
+            if old is not None and old.consecutive_failures:
+                self._handler_states[handler] = HandlerState(
+                    handler, old.paused, old.reason, 0, now
+                )
+
+    async def take_tokens(
+        self, handler: str, *, want: int, capacity: float, per_second: float, now: datetime
+    ) -> int:
+        async with self._lock:
+            self._check(write=True)
+            tokens, updated = self._buckets.get(handler, (capacity, now))
+            elapsed = max(0.0, (now - updated).total_seconds())
+            tokens = min(capacity, tokens + per_second * elapsed)
+            taken = max(0, min(want, math.floor(tokens)))
+            self._buckets[handler] = (tokens - taken, max(updated, now))
+            return taken
+
+    async def give_back_tokens(self, handler: str, count: int, *, capacity: float) -> None:
+        async with self._lock:
+            self._check(write=True)
+            if handler in self._buckets:
+                tokens, updated = self._buckets[handler]
+                self._buckets[handler] = (min(capacity, tokens + count), updated)
 
 
 def _conforms(store: MemoryStore) -> Store:

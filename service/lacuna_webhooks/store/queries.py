@@ -28,6 +28,14 @@ SHARED = frozenset(
         "list_attempts",
         "get_task",
         "write_probe",
+        "pause",
+        "resume",
+        "handler_states",
+        "paused_handlers",
+        "count_failure",
+        "count_success",
+        "refill_tokens",
+        "spend_tokens",
     }
 )
 

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import orjson
 
 from ..models import Attempt, AttemptOutcome, Delivery, DeliveryStatus, Event
-from .base import AttemptRecord, DeliveryRecord, EventRecord, TaskRecord
+from .base import AttemptRecord, DeliveryRecord, EventRecord, HandlerState, TaskRecord
 
 
 class Row(Protocol):
@@ -88,6 +88,17 @@ def task_record(row: Row, at: ToDatetime) -> TaskRecord:
     )
 
 
+def handler_state(row: Row, at: ToDatetime) -> HandlerState:
+    """Columns: handler, paused, reason, consecutive_failures, updated_at."""
+    return HandlerState(
+        handler=row["handler"],
+        paused=bool(row["paused"]),
+        reason=row["reason"],
+        consecutive_failures=row["consecutive_failures"],
+        updated_at=at(row["updated_at"]),
+    )
+
+
 def claimed_delivery(row: Row, at: ToDatetime) -> Delivery:
     """Columns of ``claim``: id, event_id, handler, attempts, lease_token, next_attempt_at,
     created_at, raw (the event's body, parsed again here)."""
@@ -109,5 +120,6 @@ __all__ = [
     "claimed_delivery",
     "delivery_record",
     "event_record",
+    "handler_state",
     "task_record",
 ]

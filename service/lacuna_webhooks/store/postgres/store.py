@@ -34,6 +34,7 @@ import contextlib
 import functools
 import importlib.resources
 import logging
+import math
 import re
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -46,6 +47,7 @@ from ..base import (
     AttemptRecord,
     DeliveryRecord,
     EventRecord,
+    HandlerState,
     QueueStats,
     TaskRecord,
     attempt_error,
@@ -56,6 +58,7 @@ from ..rows import (
     claimed_delivery,
     delivery_record,
     event_record,
+    handler_state,
     result_text,
     task_record,
 )
@@ -594,6 +597,67 @@ class PostgresStore:
         if rows:
             self._nudge()  # after the commit: the claim it wakes must see the rows
         return len(rows)
+
+    # -- flow control ---------------------------------------------------------------------------
+
+    async def set_paused(
+        self, handler: str, paused: bool, *, reason: str | None, now: datetime
+    ) -> bool:
+        """Pause or resume; a resume NOTIFYs so every replica claims the backlog at once."""
+        now = _utc(now)
+        async with self._connection(write=True) as conn, conn.transaction():
+            if paused:
+                changed = await conn.fetchval(Q["pause"], handler, reason, now)
+            else:
+                changed = await conn.fetchval(Q["resume"], handler, now)
+                if changed is not None:
+                    await self._notify(conn)
+        if changed is not None and not paused:
+            self._nudge()
+        return changed is not None
+
+    async def paused_handlers(self) -> dict[str, HandlerState]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(Q["paused_handlers"])
+        return {row["handler"]: handler_state(row, _at) for row in rows}
+
+    async def handler_states(self) -> list[HandlerState]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(Q["handler_states"])
+        return [handler_state(row, _at) for row in rows]
+
+    async def count_failure(
+        self, handler: str, *, pause_after: int | None, reason: str, now: datetime
+    ) -> bool:
+        """Counted and, at ``pause_after``, paused in one transaction (the row lock of the
+        upsert orders concurrent replicas, so exactly one of them pauses it)."""
+        now = _utc(now)
+        async with self._connection(write=True) as conn, conn.transaction():
+            row = await conn.fetchrow(Q["count_failure"], handler, now)
+            assert row is not None  # an upsert with RETURNING always returns its row
+            if row["paused"] or pause_after is None or row["consecutive_failures"] < pause_after:
+                return False
+            return await conn.fetchval(Q["pause"], handler, reason, now) is not None
+
+    async def count_success(self, handler: str, *, now: datetime) -> None:
+        async with self._connection(write=True) as conn:
+            await conn.execute(Q["count_success"], handler, _utc(now))
+
+    async def take_tokens(
+        self, handler: str, *, want: int, capacity: float, per_second: float, now: datetime
+    ) -> int:
+        """The bucket is refilled by the database's clock (``now`` unused): replicas whose
+        clocks disagree still share one rate."""
+        async with self._connection(write=True) as conn, conn.transaction():
+            tokens = await conn.fetchval(Q["refill_tokens"], handler, capacity, per_second)
+            taken: int = max(0, min(want, math.floor(float(tokens))))
+            if taken:
+                await conn.execute(Q["spend_tokens"], handler, capacity, taken)
+        return taken
+
+    async def give_back_tokens(self, handler: str, count: int, *, capacity: float) -> None:
+        async with self._connection(write=True) as conn:
+            await conn.execute(Q["spend_tokens"], handler, capacity, -count)
 
     # -- internals -----------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ before). ``connect`` refuses anything less with one clear line.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sqlite3
@@ -28,7 +29,14 @@ import orjson
 from ...errors import EventNotFound, StoreUnavailable
 from ...models import Delivery
 from .. import rows
-from ..base import AttemptRecord, DeliveryRecord, EventRecord, QueueStats, TaskRecord
+from ..base import (
+    AttemptRecord,
+    DeliveryRecord,
+    EventRecord,
+    HandlerState,
+    QueueStats,
+    TaskRecord,
+)
 from ..queries import load
 from .writer import transaction
 
@@ -393,3 +401,48 @@ def replay(c: sqlite3.Connection, event_id: str, names: tuple[str, ...] | None, 
 
 def retry_dead(c: sqlite3.Connection, handler: str | None, now: float) -> int:
     return int(c.execute(Q["retry_dead"], {"now": now, "handler": handler}).rowcount)
+
+
+def set_paused(
+    c: sqlite3.Connection, handler: str, paused: bool, reason: str | None, now: float
+) -> bool:
+    if paused:
+        cursor = c.execute(Q["pause"], {"handler": handler, "reason": reason, "now": now})
+    else:
+        cursor = c.execute(Q["resume"], {"handler": handler, "now": now})
+    return cursor.fetchone() is not None
+
+
+def handler_states(c: sqlite3.Connection, paused_only: bool) -> list[HandlerState]:
+    query = Q["paused_handlers"] if paused_only else Q["handler_states"]
+    return [rows.handler_state(row, at) for row in c.execute(query)]
+
+
+def count_failure(
+    c: sqlite3.Connection, handler: str, pause_after: int | None, reason: str, now: float
+) -> bool:
+    """Count a failure; pause the handler when the count reaches ``pause_after``."""
+    failures, paused = c.execute(Q["count_failure"], {"handler": handler, "now": now}).fetchone()
+    if paused or pause_after is None or failures < pause_after:
+        return False
+    return set_paused(c, handler, True, reason, now)
+
+
+def count_success(c: sqlite3.Connection, handler: str, now: float) -> None:
+    c.execute(Q["count_success"], {"handler": handler, "now": now})
+
+
+def take_tokens(
+    c: sqlite3.Connection, handler: str, want: int, capacity: float, per_second: float, now: float
+) -> int:
+    """Refill the bucket, then take up to ``want`` whole tokens, in one transaction."""
+    args = {"handler": handler, "capacity": capacity, "rate": per_second, "now": now}
+    (tokens,) = c.execute(Q["refill_tokens"], args).fetchone()
+    taken: int = max(0, min(want, math.floor(float(tokens))))
+    if taken:
+        c.execute(Q["spend_tokens"], {"handler": handler, "capacity": capacity, "count": taken})
+    return taken
+
+
+def give_back_tokens(c: sqlite3.Connection, handler: str, count: int, capacity: float) -> None:
+    c.execute(Q["spend_tokens"], {"handler": handler, "capacity": capacity, "count": -count})

@@ -28,7 +28,15 @@ from typing import Any, TypeVar
 
 from ...errors import StoreUnavailable
 from ...models import Attempt, Delivery, DeliveryStatus, Event
-from ..base import AttemptRecord, DeliveryRecord, EventRecord, QueueStats, TaskRecord, attempt_error
+from ..base import (
+    AttemptRecord,
+    DeliveryRecord,
+    EventRecord,
+    HandlerState,
+    QueueStats,
+    TaskRecord,
+    attempt_error,
+)
 from ..rows import result_text
 from ..rules import CommitHealth, task_order
 from . import operations as ops
@@ -300,6 +308,39 @@ class SQLiteStore:
         if count:
             self._work.set()
         return count
+
+    # --- flow control ------------------------------------------------------------------------
+
+    async def set_paused(
+        self, handler: str, paused: bool, *, reason: str | None, now: datetime
+    ) -> bool:
+        changed = await self._write(ops.set_paused, handler, paused, reason, epoch(now))
+        if changed and not paused:
+            self._work.set()
+        return changed
+
+    async def paused_handlers(self) -> dict[str, HandlerState]:
+        states = await self._writer.run(ops.handler_states, True, write=False)
+        return {state.handler: state for state in states}
+
+    async def handler_states(self) -> list[HandlerState]:
+        return await self._writer.run(ops.handler_states, False, write=False)
+
+    async def count_failure(
+        self, handler: str, *, pause_after: int | None, reason: str, now: datetime
+    ) -> bool:
+        return await self._write(ops.count_failure, handler, pause_after, reason, epoch(now))
+
+    async def count_success(self, handler: str, *, now: datetime) -> None:
+        await self._write(ops.count_success, handler, epoch(now))
+
+    async def take_tokens(
+        self, handler: str, *, want: int, capacity: float, per_second: float, now: datetime
+    ) -> int:
+        return await self._write(ops.take_tokens, handler, want, capacity, per_second, epoch(now))
+
+    async def give_back_tokens(self, handler: str, count: int, *, capacity: float) -> None:
+        await self._write(ops.give_back_tokens, handler, count, capacity)
 
 
 __all__ = ["SQLiteStore", "WriterStats"]

@@ -191,3 +191,53 @@ RETURNING id
 -- Readiness after a failed write: one row rewritten, proving a commit goes through.
 INSERT INTO write_probe (id, written_at) VALUES (1, now())
 ON CONFLICT (id) DO UPDATE SET written_at = excluded.written_at
+
+-- name: pause
+-- Pause $1 unless it already is; a row comes back only when this call paused it.
+INSERT INTO handler_state (handler, paused, reason, consecutive_failures, updated_at)
+VALUES ($1, true, $2, 0, $3)
+ON CONFLICT (handler) DO UPDATE SET paused = true, reason = excluded.reason,
+    updated_at = excluded.updated_at
+WHERE NOT handler_state.paused
+RETURNING handler
+
+-- name: resume
+-- Resume $1 if paused, its failure count cleared (else the next failure re-pauses it).
+UPDATE handler_state SET paused = false, reason = NULL, consecutive_failures = 0, updated_at = $2
+WHERE handler = $1 AND paused
+RETURNING handler
+
+-- name: handler_states
+SELECT handler, paused, reason, consecutive_failures, updated_at FROM handler_state
+ORDER BY handler
+
+-- name: paused_handlers
+SELECT handler, paused, reason, consecutive_failures, updated_at FROM handler_state
+WHERE paused
+
+-- name: count_failure
+-- One more consecutive failed attempt of $1; the count and whether it is paused.
+INSERT INTO handler_state (handler, paused, consecutive_failures, updated_at)
+VALUES ($1, false, 1, $2)
+ON CONFLICT (handler) DO UPDATE SET
+    consecutive_failures = handler_state.consecutive_failures + 1, updated_at = excluded.updated_at
+RETURNING consecutive_failures, paused
+
+-- name: count_success
+-- A success ends the run of failures; writes nothing when there was none.
+UPDATE handler_state SET consecutive_failures = 0, updated_at = $2
+WHERE handler = $1 AND consecutive_failures > 0
+
+-- name: refill_tokens
+-- The bucket of $1 refilled up to the database's now (created full), $2 at most; its tokens.
+-- The upsert locks the row until the transaction ends: replicas take tokens one at a time.
+INSERT INTO rate_buckets AS b (handler, tokens, updated_at) VALUES ($1, $2::float8, now())
+ON CONFLICT (handler) DO UPDATE SET
+    tokens = least($2::float8, b.tokens
+        + $3::float8 * greatest(0, extract(epoch FROM now() - b.updated_at)::float8)),
+    updated_at = greatest(b.updated_at, now())
+RETURNING tokens
+
+-- name: spend_tokens
+-- Take $3 tokens (negative: give unused ones back, never above $2).
+UPDATE rate_buckets SET tokens = least($2::float8, tokens - $3::float8) WHERE handler = $1

@@ -165,3 +165,52 @@ VALUES
 
 -- name: accept_batch_outcomes
 SELECT json_group_object(slot, stored) FROM accept_outcome WHERE slot < ?
+
+-- name: pause
+-- Pause :handler unless it already is; a row comes back only when this call paused it.
+INSERT INTO handler_state (handler, paused, reason, consecutive_failures, updated_at)
+VALUES (:handler, 1, :reason, 0, :now)
+ON CONFLICT (handler) DO UPDATE SET paused = 1, reason = excluded.reason,
+    updated_at = excluded.updated_at
+WHERE handler_state.paused = 0
+RETURNING handler
+
+-- name: resume
+-- Resume :handler if paused, its failure count cleared (else the next failure re-pauses it).
+UPDATE handler_state SET paused = 0, reason = NULL, consecutive_failures = 0, updated_at = :now
+WHERE handler = :handler AND paused = 1
+RETURNING handler
+
+-- name: handler_states
+SELECT handler, paused, reason, consecutive_failures, updated_at FROM handler_state
+ORDER BY handler
+
+-- name: paused_handlers
+SELECT handler, paused, reason, consecutive_failures, updated_at FROM handler_state
+WHERE paused = 1
+
+-- name: count_failure
+-- One more consecutive failed attempt of :handler; the count and whether it is paused.
+INSERT INTO handler_state (handler, paused, consecutive_failures, updated_at)
+VALUES (:handler, 0, 1, :now)
+ON CONFLICT (handler) DO UPDATE SET
+    consecutive_failures = handler_state.consecutive_failures + 1, updated_at = excluded.updated_at
+RETURNING consecutive_failures, paused
+
+-- name: count_success
+-- A success ends the run of failures; writes nothing when there was none.
+UPDATE handler_state SET consecutive_failures = 0, updated_at = :now
+WHERE handler = :handler AND consecutive_failures > 0
+
+-- name: refill_tokens
+-- The bucket of :handler refilled up to now (created full), :capacity at most; its tokens.
+INSERT INTO rate_buckets (handler, tokens, updated_at) VALUES (:handler, :capacity, :now)
+ON CONFLICT (handler) DO UPDATE SET
+    tokens = min(:capacity,
+        rate_buckets.tokens + :rate * max(0, :now - rate_buckets.updated_at)),
+    updated_at = max(rate_buckets.updated_at, :now)
+RETURNING tokens
+
+-- name: spend_tokens
+-- Take :count tokens (negative: give unused ones back, never above :capacity).
+UPDATE rate_buckets SET tokens = min(:capacity, tokens - :count) WHERE handler = :handler
