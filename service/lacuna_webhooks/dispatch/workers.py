@@ -39,16 +39,15 @@ import pickle
 import signal
 import socket
 import struct
-import subprocess
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import orjson
 import structlog
 
+from ..child import start_child
 from ..config import Settings
 from ..metrics import Metrics
 from ..models import Delivery
@@ -56,7 +55,6 @@ from ..plugins import HandlerSet
 from .attempt import Ending, Outcome, timed_out
 
 _LEN = struct.Struct("!I")
-_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 RESTART_DELAYS_SECONDS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 #: How long past its timeout an attempt may go unanswered before its worker is killed: the
 #: child's own cut-off (at the timeout) answers well within it whenever the handler yields.
@@ -300,27 +298,12 @@ class HandlerWorker:
 
     async def _spawn(self) -> _Child | None:
         parent, theirs = socket.socketpair()
-        code = (
-            "import sys\n"
-            f"if {_PACKAGE_ROOT!r} not in sys.path: sys.path.insert(0, {_PACKAGE_ROOT!r})\n"
-            "from lacuna_webhooks.dispatch.worker_child import child_main\n"
-            f"sys.exit(child_main({theirs.fileno()}))\n"
-        )
         try:
-            # This interpreter, running a fixed program: nothing here comes from outside.
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-c",
-                code,
-                pass_fds=(theirs.fileno(),),
-                stdin=subprocess.DEVNULL,
-            )
+            proc = await start_child("lacuna_webhooks.dispatch.worker_child", theirs)
         except OSError as exc:
             parent.close()
             self._log.error("handler_worker.start_failed", error=str(exc))
             return None
-        finally:
-            theirs.close()
         reader, writer = await asyncio.open_unix_connection(sock=parent)
         child = _Child(proc, reader, writer)
         try:

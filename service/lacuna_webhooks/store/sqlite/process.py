@@ -39,13 +39,12 @@ import signal
 import socket
 import sqlite3
 import struct
-import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from ...child import start_child
 from ...errors import StoreUnavailable
 from .writer import MAX_BATCH, RowRefused, run_job, write_batch
 
@@ -58,7 +57,6 @@ _LEN = struct.Struct("!I")
 #: A batch also stops growing at this many bytes of rows (large bodies are copied into the
 #: frame and again in the child): a burst of big events makes several commits, not one huge one.
 MAX_BATCH_BYTES = 16 * 1024 * 1024
-_PACKAGE_ROOT = str(Path(__file__).resolve().parents[3])
 RESTART_DELAYS_SECONDS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 #: A child that has left a request unanswered this long is stuck (a stopped process, a hung
 #: disk): it is killed, its waiters get StoreUnavailable and a new child starts. No store
@@ -191,26 +189,11 @@ class ProcessWriter(Generic[RowT]):
 
     async def _spawn(self) -> None:
         parent, child = socket.socketpair()
-        code = (
-            "import sys\n"
-            f"if {_PACKAGE_ROOT!r} not in sys.path: sys.path.insert(0, {_PACKAGE_ROOT!r})\n"
-            "from lacuna_webhooks.store.sqlite.process import child_main\n"
-            f"sys.exit(child_main({child.fileno()}))\n"
-        )
         try:
-            # This interpreter, running a fixed program: nothing here comes from outside.
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-c",
-                code,
-                pass_fds=(child.fileno(),),
-                stdin=subprocess.DEVNULL,
-            )
+            proc = await start_child("lacuna_webhooks.store.sqlite.process", child)
         except OSError as exc:
             parent.close()
             raise StoreUnavailable(f"Cannot start the SQLite writer process: {exc}") from exc
-        finally:
-            child.close()
         reader, writer = await asyncio.open_unix_connection(sock=parent)
         link = _Link(proc, reader, writer)
         writer.write(_frame(self._hello))
