@@ -6,26 +6,24 @@ The peer is a real HTTP server (pytest-httpserver) answering 429 + ``Retry-After
 
 from __future__ import annotations
 
-import base64
 import threading
-from collections.abc import AsyncIterator
 
 import orjson
-import pytest
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
 from lacuna_webhooks.dispatch.dispatcher import Dispatcher, utcnow
-from lacuna_webhooks.handlers.base import HandlerContext
 from lacuna_webhooks.handlers.http import HTTPHandler
 from lacuna_webhooks.models import DeliveryStatus, Event
 from lacuna_webhooks.plugins import HandlerSet
 from lacuna_webhooks.retry import RetryPolicy
 from lacuna_webhooks.store import Store
+from lacuna_webhooks.store.base import AttemptRecord, DeliveryRecord
 from tests.conftest import make_event
 from tests.dispatching import running, wait_until
+from tests.integration.test_rate_limit import forward
 
-SECRET = "whsec_" + base64.b64encode(b"the-receivers-secret-key-32bytes").decode()
+__all__ = ["forward"]  # the fixture: an ``http`` handler sending to pytest-httpserver's /hook
 
 
 class RefusingPeer:
@@ -46,29 +44,25 @@ class RefusingPeer:
             return Response(status=200)
 
 
-@pytest.fixture
-async def forward(httpserver: HTTPServer) -> AsyncIterator[HTTPHandler]:
-    environ = {"LACUNA_HTTP_URL": httpserver.url_for("/hook"), "LACUNA_HTTP_SECRET": SECRET}
-    handler = HTTPHandler(HandlerContext("http", environ=environ, timeout_seconds=10))
-    yield handler
-    await handler.aclose()
-
-
-async def accept_one(store: Store) -> Event:
+async def deliver_one(
+    store: Store, forward: HTTPHandler, policy: RetryPolicy
+) -> tuple[DeliveryRecord, list[AttemptRecord]]:
+    """Accept one event for ``http``, dispatch until its delivery has ended (30 s at most);
+    the delivery and its attempt rows."""
     event = Event.from_body(orjson.dumps(make_event()))
     assert await store.accept(event, ["http"], now=utcnow())
-    return event
 
+    async def ended() -> bool:
+        (record,) = await store.list_deliveries(event_id=event.id)
+        return record.status is not DeliveryStatus.PENDING
 
-async def ended(store: Store, event_id: str) -> bool:
-    (record,) = await store.list_deliveries(event_id=event_id)
-    return record.status is not DeliveryStatus.PENDING
-
-
-def dispatcher(store: Store, handler: HTTPHandler, policy: RetryPolicy) -> Dispatcher:
-    return Dispatcher(
-        store, HandlerSet.of([handler]), policy=policy, poll_interval_seconds=0.1, concurrency=2
+    d = Dispatcher(
+        store, HandlerSet.of([forward]), policy=policy, poll_interval_seconds=0.1, concurrency=2
     )
+    async with running(d):
+        await wait_until(ended, within_seconds=30)
+    (record,) = await store.list_deliveries(event_id=event.id)
+    return record, await store.list_attempts(record.id)
 
 
 async def test_429s_with_retry_after_do_not_spend_a_budget_of_two(
@@ -78,14 +72,10 @@ async def test_429s_with_retry_after_do_not_spend_a_budget_of_two(
     the delivery ends done (four attempts recorded, the 429s refunded), not dead."""
     peer = RefusingPeer(refusals=3, retry_after="1")
     httpserver.expect_request("/hook", method="POST").respond_with_handler(peer)
-    event = await accept_one(store)
     policy = RetryPolicy(max_attempts=2, base_delay_seconds=0.2, max_delay_seconds=30.0)
-    async with running(dispatcher(store, forward, policy)):
-        await wait_until(lambda: ended(store, event.id), within_seconds=30)
-    (record,) = await store.list_deliveries(event_id=event.id)
+    record, rows = await deliver_one(store, forward, policy)
     assert record.status is DeliveryStatus.DONE
     assert peer.requests == 4
-    rows = await store.list_attempts(record.id)
     assert [row.outcome.value for row in rows] == ["retry", "retry", "retry", "ok"]
     assert all("HTTP 429" in (row.error or "") for row in rows[:3])
     assert [row.attempt for row in rows] == [1, 1, 1, 1]
@@ -99,13 +89,9 @@ async def test_a_peer_answering_429_forever_still_ends_dead(
     the refunded attempts plus the two counted ones."""
     peer = RefusingPeer(refusals=None, retry_after="0")
     httpserver.expect_request("/hook", method="POST").respond_with_handler(peer)
-    event = await accept_one(store)
     policy = RetryPolicy(max_attempts=2, base_delay_seconds=0.2, max_delay_seconds=1.0)
-    async with running(dispatcher(store, forward, policy)):
-        await wait_until(lambda: ended(store, event.id), within_seconds=30)
-    (record,) = await store.list_deliveries(event_id=event.id)
+    record, rows = await deliver_one(store, forward, policy)
     assert record.status is DeliveryStatus.DEAD
-    rows = await store.list_attempts(record.id)
     assert len(rows) == peer.requests
     assert len(rows) > 2  # some 429s were refunded before the window closed
     assert [row.attempt for row in rows[-2:]] == [1, 2]
