@@ -395,7 +395,7 @@ async def test_retry_after_zero_or_past_waits_the_base_delay_not_a_tight_loop(
             await asyncio.sleep(0.3)  # a tight loop would post again meanwhile
         row = await only_delivery(store)
         assert len(httpserver.log) == 1
-        assert row.attempts == 1
+        assert row.attempts == 0  # a 429 is refunded: it does not spend the budget
         assert row.next_attempt_at == clock.now + timedelta(seconds=5)
     finally:
         await handler.aclose()
