@@ -1,7 +1,9 @@
 """`make bench`, second part: dispatch throughput from a real `serve` to each local broker.
 
-For each of nats, rabbitmq, redis (the local servers on their usual ports) and
-sqs (moto's server in this process), one `serve` with only that handler gets
+For each of nats, rabbitmq, redis (the local servers on their usual ports),
+sqs (moto's server in this process) and http (the `http` handler forwarding to
+a receiver in this process, `http.server` in a thread answering 200), one
+`serve` with only that handler gets
 ``--events`` unique signed events from ``--connections`` concurrent senders.
 Printed per broker: events/s published and acknowledged (events / time from
 the first send to the last successful ``delivery.attempt``) and the p50 of
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import logging
 import os
@@ -23,10 +26,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -146,11 +151,44 @@ def sqs_target(tag: str) -> Iterator[dict[str, str]]:
         server.stop()
 
 
+class Receiver(BaseHTTPRequestHandler):
+    """The forward target: reads the body, answers 200, logs nothing."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive, as a real receiver would
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        self.send_response(200)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def http_target(tag: str) -> Iterator[dict[str, str]]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    thread = threading.Thread(target=server.serve_forever, name=f"receiver-{tag}", daemon=True)
+    thread.start()
+    secret = "whsec_" + base64.b64encode(f"bench-receiver-{tag}".encode()).decode()
+    try:
+        yield {
+            "LACUNA_HTTP_URL": f"http://127.0.0.1:{server.server_address[1]}/hook",
+            "LACUNA_HTTP_SECRET": secret,
+        }
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
 TARGETS: dict[str, tuple[tuple[str, int] | None, Callable[[str], Any]]] = {
     "nats": (("127.0.0.1", 4222), nats_target),
     "rabbitmq": (("127.0.0.1", 5672), rabbitmq_target),
     "redis": (("127.0.0.1", 6379), redis_target),
     "sqs (moto)": (None, sqs_target),
+    "http": (None, http_target),
 }
 
 
@@ -237,10 +275,12 @@ def run_one(kind: str, label: str, env: dict[str, str], args: argparse.Namespace
     seconds = max(done.values()) - min(sent.values())
     latencies = [(done[i] - sent[i]) * 1000 for i in done if i in sent]
     missing = len(sent) - len(done)
+    done_as, verb = ("forwarded", "forward") if kind == "http" else ("published", "publish")
+    acknowledged = "" if kind == "http" else " and acknowledged"
     return (
-        f"{label + ':':<12}{len(done) / seconds:>8.0f} events/s published and acknowledged, "
-        f"p50 receipt-to-publish {statistics.median(latencies):.1f} ms"
-        + (f" ({missing} not published within {args.timeout:g} s)" if missing else "")
+        f"{label + ':':<12}{len(done) / seconds:>8.0f} events/s {done_as}{acknowledged}, "
+        f"p50 receipt-to-{verb} {statistics.median(latencies):.1f} ms"
+        + (f" ({missing} not {done_as} within {args.timeout:g} s)" if missing else "")
     )
 
 
@@ -249,7 +289,7 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=2000, help="events per broker (2000)")
     parser.add_argument("--connections", type=int, default=16, help="concurrent senders (16)")
     parser.add_argument("--timeout", type=float, default=60, help="seconds to wait (60)")
-    parser.add_argument("--only", default="", help="comma-separated brokers (all)")
+    parser.add_argument("--only", default="", help="comma-separated targets (all)")
     args = parser.parse_args()
     args.workdir = Path(tempfile.mkdtemp(prefix="lacuna-bench-dispatch-"))
     wanted = {b.strip() for b in args.only.split(",") if b.strip()}

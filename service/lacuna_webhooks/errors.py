@@ -25,6 +25,7 @@ each class docstring is its default message::
         ├── PermanentError            do not retry: the delivery is dead at once
         │   └── MalformedEvent        an event lacks a field a reader depends on (``param``)
         └── RetryLater                retry after ``delay_seconds`` (or the default schedule)
+            └── RateLimited           the peer answered 429: retried without spending the budget
 
 Anything else a handler raises counts as a transient failure and is retried on
 the schedule.
@@ -195,3 +196,13 @@ class RetryLater(HandlerError):
     def __init__(self, message: str | None = None, *, delay_seconds: float | None = None) -> None:
         self.delay_seconds = delay_seconds
         super().__init__(message)
+
+
+class RateLimited(RetryLater):
+    """The peer answered HTTP 429 (rate limited); retry later.
+
+    Unlike a plain ``RetryLater`` it does not spend the attempt budget
+    (``LACUNA_RETRY_MAX_ATTEMPTS``) while the delivery is younger than its rate-limit window
+    (docs/delivery.md, "Rate-limited attempts"). A 503 is not this: the peer is failing, and
+    its attempt counts even with a ``Retry-After``.
+    """

@@ -25,7 +25,13 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from structlog.testing import capture_logs
 from werkzeug import Request, Response
 
-from lacuna_webhooks.errors import ConfigError, PauseHandler, PermanentError, RetryLater
+from lacuna_webhooks.errors import (
+    ConfigError,
+    PauseHandler,
+    PermanentError,
+    RateLimited,
+    RetryLater,
+)
 from lacuna_webhooks.handlers.base import HandlerContext, current_attempt
 from lacuna_webhooks.handlers.http import HTTPHandler
 from lacuna_webhooks.models import Event
@@ -218,7 +224,7 @@ async def test_429_with_retry_after_seconds_is_retried_after_it(
     httpserver.expect_request(PATH).respond_with_data(
         "slow down", status=429, headers={"Retry-After": "7"}
     )
-    with pytest.raises(RetryLater, match="HTTP 429") as caught:
+    with pytest.raises(RateLimited, match="HTTP 429") as caught:  # does not spend the budget
         await forward.handle(as_event())
     assert caught.value.delay_seconds == 7
 
@@ -233,6 +239,7 @@ async def test_503_with_an_http_date_retry_after_is_retried_after_it(
     )
     with pytest.raises(RetryLater, match="HTTP 503") as caught:
         await forward.handle(as_event())
+    assert not isinstance(caught.value, RateLimited)  # a failing peer: the attempt counts
     assert caught.value.delay_seconds is not None
     assert 100 <= caught.value.delay_seconds <= 121
 
@@ -395,7 +402,7 @@ async def test_retry_after_zero_or_past_waits_the_base_delay_not_a_tight_loop(
             await asyncio.sleep(0.3)  # a tight loop would post again meanwhile
         row = await only_delivery(store)
         assert len(httpserver.log) == 1
-        assert row.attempts == 1
+        assert row.attempts == 0  # a 429 is refunded: it does not spend the budget
         assert row.next_attempt_at == clock.now + timedelta(seconds=5)
     finally:
         await handler.aclose()

@@ -11,7 +11,7 @@ import pytest
 from pytest_httpserver import HTTPServer
 from structlog.testing import capture_logs
 
-from lacuna_webhooks.errors import ConfigError, PermanentError, RetryLater
+from lacuna_webhooks.errors import ConfigError, PermanentError, RateLimited, RetryLater
 from lacuna_webhooks.handlers._http import UnsafeURL
 from lacuna_webhooks.handlers.base import HandlerContext
 from lacuna_webhooks.handlers.slack import SlackHandler
@@ -113,7 +113,7 @@ async def test_429_is_retried_after_retry_after(
     httpserver.expect_request(HOOK_PATH).respond_with_data(
         "rate_limited", status=429, headers={"Retry-After": "30"}
     )
-    with pytest.raises(RetryLater, match="429") as caught:
+    with pytest.raises(RateLimited, match="429") as caught:  # does not spend the budget
         await slack.handle(as_event(make_event()))
     assert caught.value.delay_seconds == 30
 

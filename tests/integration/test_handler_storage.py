@@ -16,7 +16,7 @@ import pytest
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
-from lacuna_webhooks.errors import ConfigError, PermanentError, RetryLater
+from lacuna_webhooks.errors import ConfigError, PermanentError, RateLimited, RetryLater
 from lacuna_webhooks.handlers._http import OutboundClient, UnsafeURL
 from lacuna_webhooks.handlers.base import HandlerContext
 from lacuna_webhooks.handlers.storage import StorageHandler
@@ -229,7 +229,7 @@ async def test_429_is_retried_after_retry_after(
     httpserver.expect_request("/x.mp3").respond_with_data(
         "slow down", status=429, headers={"Retry-After": "7"}
     )
-    with pytest.raises(RetryLater) as caught:
+    with pytest.raises(RateLimited) as caught:  # does not spend the budget
         await folder.handle(completed([httpserver.url_for("/x.mp3")]))
     assert caught.value.delay_seconds == 7
 

@@ -224,6 +224,29 @@ async def test_retry_schedules_the_next_attempt(store: Store) -> None:
     assert again.next_attempt_at == at
 
 
+async def test_refunded_retry_records_the_attempt_but_not_its_count(store: Store) -> None:
+    """retry(refund=True) (a 429): the attempt row is written with the claim's number, the
+    delivery is due at ``at``, and ``attempts`` is back where it was before the claim, so the
+    next claim carries the same number; a plain retry after it counts as usual."""
+    await store.accept(event("evt_refund"), ["a"], now=NOW)
+    first = await claim_one(store)
+    assert first.attempts == 1
+    at = NOW + timedelta(seconds=5)
+    limited = attempt(AttemptOutcome.RETRY, error="HTTP 429")
+    assert await store.retry(first, limited, at=at, refund=True)
+    (record,) = await store.list_deliveries(event_id="evt_refund")
+    assert (record.attempts, record.next_attempt_at, record.lease_until) == (0, at, None)
+    assert [a.attempt for a in await store.list_attempts(first.id)] == [1]
+    again = await claim_one(store, now=at)
+    assert again.attempts == 1
+    assert await store.retry(again, attempt(AttemptOutcome.RETRY, error="HTTP 502"), at=at)
+    third = await claim_one(store, now=at)
+    assert third.attempts == 2
+    rows = await store.list_attempts(first.id)
+    assert [(a.attempt, a.error) for a in rows] == [(1, "HTTP 429"), (1, "HTTP 502")]
+    assert await store.retry(first, limited, at=at, refund=True) is False  # a stale claim
+
+
 async def test_dead_stops_the_delivery(store: Store) -> None:
     """dead: status dead with its error, never claimed again, counted in stats."""
     await store.accept(event("evt_dead"), ["a"], now=NOW)

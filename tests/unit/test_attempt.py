@@ -20,7 +20,7 @@ from lacuna_webhooks.dispatch.attempt import (
     run_attempt,
     timed_out,
 )
-from lacuna_webhooks.errors import PauseHandler, PermanentError, RetryLater
+from lacuna_webhooks.errors import PauseHandler, PermanentError, RateLimited, RetryLater
 from lacuna_webhooks.models import AttemptOutcome, Event
 from lacuna_webhooks.retry import RetryPolicy
 from tests.conftest import make_event
@@ -132,6 +132,55 @@ def test_retry_later_delay_is_used_and_capped() -> None:
         seconds=60
     )
     assert decide_now(Outcome(Ending.RETRY_LATER, "R", 30), attempts=3).action is Action.DEAD
+
+
+def test_rate_limited_is_its_own_ending_and_keeps_its_delay() -> None:
+    """A ``RateLimited`` (a peer's 429) classifies as ``rate_limited`` with its delay; a plain
+    ``RetryLater`` (say a 503) stays ``retry_later``."""
+    limited = classify(RateLimited("HTTP 429", delay_seconds=2.0))
+    assert (limited.ending, limited.retry_after_seconds) == (Ending.RATE_LIMITED, 2.0)
+    assert classify(RetryLater("HTTP 503", delay_seconds=2.0)).ending is Ending.RETRY_LATER
+    assert Outcome.from_wire(limited.to_wire()) == limited
+
+
+def test_rate_limited_retries_refunded_whatever_the_budget_inside_the_window() -> None:
+    """A young delivery's 429 on its last attempt is retried (``refund``), after the peer's
+    delay held within the policy's floor and cap; a plain ``RetryLater`` there is dead."""
+    created = NOW - timedelta(seconds=10)
+    outcome = Outcome(Ending.RATE_LIMITED, "429", 1.0)
+    decision = decide(
+        outcome, attempts=3, policy=POLICY, finished_at=NOW, rand=lambda: 0.5, created_at=created
+    )
+    assert decision == Decision(Action.RETRY, "429", NOW + timedelta(seconds=5), refund=True)
+    plain = Outcome(Ending.RETRY_LATER, "503", 1.0)
+    late = decide(
+        plain, attempts=3, policy=POLICY, finished_at=NOW, rand=lambda: 0.5, created_at=created
+    )
+    assert late.action is Action.DEAD
+
+
+def test_rate_limited_spends_the_budget_past_the_window() -> None:
+    """Past ``rate_limit_window_seconds`` (here the 60 s cap: the schedule spans 15 s) a 429
+    counts: mid-budget it is a plain retry, on the last attempt it is dead."""
+    assert POLICY.rate_limit_window_seconds() == 60.0
+    created = NOW - timedelta(seconds=60)
+    outcome = Outcome(Ending.RATE_LIMITED, "429", 1.0)
+    mid = decide(
+        outcome, attempts=1, policy=POLICY, finished_at=NOW, rand=lambda: 0.5, created_at=created
+    )
+    assert mid == Decision(Action.RETRY, "429", NOW + timedelta(seconds=5))
+    last = decide(
+        outcome, attempts=3, policy=POLICY, finished_at=NOW, rand=lambda: 0.5, created_at=created
+    )
+    assert last == Decision(Action.DEAD, "429")
+
+
+def test_rate_limit_window_is_the_schedule_span_when_longer_than_the_cap() -> None:
+    """Defaults (10 attempts, 5 s, 3600 s): the schedule spans 2555 s, so the window is the
+    3600 s cap; with a 100 s cap the capped schedule (5+10+...+80, then 100 s each) wins."""
+    assert RetryPolicy().rate_limit_window_seconds() == 3600.0
+    capped = RetryPolicy(max_attempts=10, base_delay_seconds=5.0, max_delay_seconds=100.0)
+    assert capped.rate_limit_window_seconds() == 5 + 10 + 20 + 40 + 80 + 4 * 100
 
 
 def test_interrupted_is_released_and_records_nothing() -> None:

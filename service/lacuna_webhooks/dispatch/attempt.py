@@ -17,6 +17,10 @@ ending                 from                                         decision
                        HTTP 410)                                    the handler paused
 ``retry_later``        ``RetryLater(delay)``                        retry after
                                                                     ``delay`` (capped)
+``rate_limited``       ``RateLimited(delay)`` (a peer's 429)        retry after
+                                                                    ``delay``, budget
+                                                                    not spent (refund)
+                                                                    inside the window
 ``failed``             any other exception, ``BaseException``       retry on the
                        included (``SystemExit``, ``KeyboardInter-   schedule
                        rupt``, ``GeneratorExit``, ``CancelledError``
@@ -29,7 +33,10 @@ ending                 from                                         decision
                        attempt's timeout replaced its worker)
 =====================  ===========================================  ==================
 
-Every retry becomes ``dead`` once the attempt budget is spent.
+Every retry becomes ``dead`` once the attempt budget is spent. A ``rate_limited`` retry does not
+spend it while the delivery is younger than ``RetryPolicy.rate_limit_window_seconds()`` (its
+attempt is recorded, then refunded: ``Store.retry(refund=True)``); past that window a 429
+counts like any failure, so a peer that answers 429 forever still ends the delivery.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from ..errors import PauseHandler, PermanentError, RetryLater
+from ..errors import PauseHandler, PermanentError, RateLimited, RetryLater
 from ..handlers.base import Handler, current_attempt, current_results
 from ..models import AttemptOutcome, Event
 from ..redact import redact_text
@@ -71,6 +78,7 @@ class Ending(enum.StrEnum):
     PERMANENT = "permanent"
     GONE = "gone"
     RETRY_LATER = "retry_later"
+    RATE_LIMITED = "rate_limited"
     FAILED = "failed"
     TIMED_OUT = "timed_out"
     LOST = "lost"
@@ -120,6 +128,8 @@ def classify(value: BaseException | object) -> Outcome:
         return Outcome(Ending.GONE, describe_error(value))
     if isinstance(value, PermanentError):
         return Outcome(Ending.PERMANENT, describe_error(value))
+    if isinstance(value, RateLimited):
+        return Outcome(Ending.RATE_LIMITED, describe_error(value), value.delay_seconds)
     if isinstance(value, RetryLater):
         return Outcome(Ending.RETRY_LATER, describe_error(value), value.delay_seconds)
     if isinstance(value, BaseException):
@@ -186,12 +196,14 @@ class Action(enum.StrEnum):
 @dataclass(frozen=True, slots=True)
 class Decision:
     """``action`` with its ``error`` text and, for a retry, when it is due (``retry_at``);
-    ``pause``: the handler is to be paused as well (its peer said it is gone)."""
+    ``pause``: the handler is to be paused as well (its peer said it is gone); ``refund``: a
+    retry whose attempt does not count against the budget (``Store.retry(refund=True)``)."""
 
     action: Action
     error: str | None = None
     retry_at: datetime | None = None
     pause: bool = False
+    refund: bool = False
 
     @property
     def outcome(self) -> AttemptOutcome | None:
@@ -220,12 +232,18 @@ def decide(
     policy: RetryPolicy,
     finished_at: datetime,
     rand: Callable[[], float],
+    created_at: datetime | None = None,
 ) -> Decision:
     """What to record for attempt number ``attempts`` (1-based) that ended in ``outcome``.
 
     A retry is due ``policy.delay_seconds(attempts, ...)`` after ``finished_at`` (the
     handler's own ``RetryLater`` delay when it gave one, capped); ``None`` from the policy
     (budget spent) makes it ``dead``.
+
+    A ``rate_limited`` outcome (a peer's 429) of a delivery created at ``created_at`` less than
+    ``policy.rate_limit_window_seconds()`` before ``finished_at`` is a retry with
+    ``refund=True``, whatever the budget; past the window, or without ``created_at``, it is
+    decided like ``retry_later``.
     """
     if outcome.ending is Ending.OK:
         return Decision(Action.COMPLETE)
@@ -235,6 +253,14 @@ def decide(
         return Decision(Action.DEAD, outcome.error)
     if outcome.ending is Ending.GONE:
         return Decision(Action.DEAD, outcome.error, pause=True)
+    if outcome.ending is Ending.RATE_LIMITED and created_at is not None:
+        age = (finished_at - created_at).total_seconds()
+        if age < policy.rate_limit_window_seconds():
+            wait = policy.wait_seconds(
+                attempts, requested_seconds=outcome.retry_after_seconds, rand=rand
+            )
+            at = finished_at + timedelta(seconds=wait)
+            return Decision(Action.RETRY, outcome.error, at, refund=True)
     delay = policy.delay_seconds(attempts, requested_seconds=outcome.retry_after_seconds, rand=rand)
     if delay is None:
         return Decision(Action.DEAD, outcome.error)

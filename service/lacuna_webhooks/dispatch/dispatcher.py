@@ -332,14 +332,16 @@ class Dispatcher:
 
     async def _after_attempt(self, name: str, decision: Decision, at: datetime) -> None:
         """Keep the handler's consecutive-failure count (only when it has a
-        ``PAUSE_AFTER_FAILURES``) and pause it when the count or a ``PauseHandler`` says so."""
+        ``PAUSE_AFTER_FAILURES``; a refunded 429 is not counted either way) and pause it when
+        the count or a ``PauseHandler`` says so."""
         limit = self.flow.get(name, FlowControl()).pause_after_failures
         try:
             if decision.pause:
                 reason = f"its endpoint is gone: {decision.error}"
                 if await self.store.set_paused(name, True, reason=reason, now=at):
                     self._paused_here(name, reason, cause="gone")
-            elif limit is None:
+            elif limit is None or decision.refund:
+                # A refunded 429 is the peer pacing us, not failing: the breaker ignores it.
                 return
             elif decision.action is Action.COMPLETE:
                 await self.store.count_success(name, now=at)
@@ -415,6 +417,7 @@ class Dispatcher:
                 policy=policy,
                 finished_at=self.clock(),
                 rand=self.rand,
+                created_at=delivery.created_at,
             )
         finished = self.clock()
         duration = time.perf_counter() - t0
@@ -444,7 +447,9 @@ class Dispatcher:
             if decision.action is Action.COMPLETE:
                 recorded = await self.store.complete(delivery, attempt)
             elif decision.retry_at is not None:
-                recorded = await self.store.retry(delivery, attempt, at=decision.retry_at)
+                recorded = await self.store.retry(
+                    delivery, attempt, at=decision.retry_at, refund=decision.refund
+                )
             else:
                 recorded = await self.store.dead(delivery, attempt)
         except StoreUnavailable as exc:

@@ -21,7 +21,8 @@ Standard Webhooks headers ``webhook-id`` (the event id, the same on every
 attempt), ``webhook-timestamp`` (Unix seconds of this attempt) and
 ``webhook-signature``, plus ``lacuna-event-type`` and ``lacuna-attempt``.
 
-Outcomes: 2xx done; 429 and 503 are retried after their ``Retry-After`` (held
+Outcomes: 2xx done; 429 (``RateLimited``: not counted against the attempt budget, see
+docs/delivery.md) and 503 are retried after their ``Retry-After`` (held
 within the retry policy's base delay and cap by ``RetryPolicy``); 408, 425,
 other 429/5xx, timeouts and connection errors are retried on the schedule; a
 redirect and any other 4xx are permanent (the delivery is dead); 410 raises
@@ -42,7 +43,7 @@ import httpx
 import orjson
 import structlog
 
-from ..errors import ConfigError, PauseHandler, PermanentError, RetryLater
+from ..errors import ConfigError, PauseHandler, PermanentError, RateLimited, RetryLater
 from ..models import Event
 from ..signature import sign_standard_webhooks, standard_webhooks_key
 from ._common import network_timeouts
@@ -250,6 +251,8 @@ class HTTPHandler:
         summary = f"{self.where} answered HTTP {status}: {reason}"
         if status in RETRY_AFTER_STATUSES:
             delay = retry_after_seconds(response.headers.get("retry-after"))
+            if status == 429:
+                raise RateLimited(summary, delay_seconds=delay)  # not counted: docs/delivery.md
             raise RetryLater(summary, delay_seconds=delay)
         if status in RETRIED_STATUSES or status >= 500:
             raise RetryLater(summary)

@@ -30,7 +30,7 @@ import httpx
 import orjson
 import structlog
 
-from ..errors import ConfigError, PermanentError, RetryLater
+from ..errors import ConfigError, PermanentError, RateLimited, RetryLater
 from ..events import LacunaEvent, is_job_completed, is_job_failed, parse_event
 from ..models import Event
 from ..redact import redact_url
@@ -219,7 +219,9 @@ class SlackHandler:
             "handler.slack.refused", event_id=event.id, status=status, reason=reason, url=target
         )
         if status == 429 or status == 408 or status >= 500:
-            raise RetryLater(
+            # A 429 is RateLimited: retried without spending the budget (docs/delivery.md).
+            kind = RateLimited if status == 429 else RetryLater
+            raise kind(
                 f"Slack answered HTTP {status}: {reason}",
                 delay_seconds=retry_after_seconds(response.headers.get("retry-after")),
             )

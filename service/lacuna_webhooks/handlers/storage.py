@@ -68,7 +68,7 @@ from obstore.exceptions import (
 )
 from obstore.store import S3Store
 
-from ..errors import ConfigError, PermanentError, RetryLater
+from ..errors import ConfigError, PermanentError, RateLimited, RetryLater
 from ..events import JobCompleted, Track, is_job_completed, parse_event
 from ..models import Event
 from ..redact import redact_url
@@ -709,7 +709,9 @@ class StorageHandler:
         if status in (404, 410):
             raise PermanentError(f"{what} is gone: HTTP {status} from {source}")
         if status >= 500 or status in RETRYABLE_STATUSES:
-            raise RetryLater(
+            # A 429 is RateLimited: retried without spending the budget (docs/delivery.md).
+            kind = RateLimited if status == 429 else RetryLater
+            raise kind(
                 f"{what}: HTTP {status} from {source}",
                 delay_seconds=retry_after_seconds(response.headers.get("retry-after")),
             )

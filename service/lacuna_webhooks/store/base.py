@@ -189,7 +189,14 @@ class Store(Protocol):
 
     async def complete(self, delivery: Delivery, attempt: Attempt) -> bool: ...
 
-    async def retry(self, delivery: Delivery, attempt: Attempt, *, at: datetime) -> bool: ...
+    async def retry(
+        self, delivery: Delivery, attempt: Attempt, *, at: datetime, refund: bool = False
+    ) -> bool:
+        """Make the claimed delivery due again at ``at`` and record ``attempt``.
+
+        ``refund``: the attempt does not count against the budget (a ``RateLimited`` 429,
+        docs/delivery.md): the attempt row is still written, with the claim's number, but
+        ``attempts`` is decremented again (never below 0), as ``release`` does."""
 
     async def dead(self, delivery: Delivery, attempt: Attempt) -> bool: ...
 

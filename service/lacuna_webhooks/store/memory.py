@@ -270,13 +270,17 @@ class MemoryStore:
             self._finish(row, attempt, DeliveryStatus.DONE, row.next_attempt_at)
             return True
 
-    async def retry(self, delivery: Delivery, attempt: Attempt, *, at: datetime) -> bool:
+    async def retry(
+        self, delivery: Delivery, attempt: Attempt, *, at: datetime, refund: bool = False
+    ) -> bool:
         async with self._lock:
             self._check(write=True)
             row = self._held(delivery)
             if row is None:
                 return False
             self._finish(row, attempt, DeliveryStatus.PENDING, at)
+            if refund:
+                row.attempts = max(row.attempts - 1, 0)
             return True
 
     async def dead(self, delivery: Delivery, attempt: Attempt) -> bool:

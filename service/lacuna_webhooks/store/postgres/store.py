@@ -402,9 +402,14 @@ class PostgresStore:
         """Mark the claimed delivery done and log the attempt; ``False`` if the claim is stale."""
         return await self._finish(DeliveryStatus.DONE, delivery, attempt)
 
-    async def retry(self, delivery: Delivery, attempt: Attempt, *, at: datetime) -> bool:
-        """Make the claimed delivery due again at ``at`` and log the attempt."""
-        return await self._finish(DeliveryStatus.PENDING, delivery, attempt, _utc(at))
+    async def retry(
+        self, delivery: Delivery, attempt: Attempt, *, at: datetime, refund: bool = False
+    ) -> bool:
+        """Make the claimed delivery due again at ``at`` and log the attempt (``refund``: see
+        ``Store.retry``)."""
+        return await self._finish(
+            DeliveryStatus.PENDING, delivery, attempt, _utc(at), refund=refund
+        )
 
     async def dead(self, delivery: Delivery, attempt: Attempt) -> bool:
         """Give the claimed delivery up (``dead``) and log the attempt."""
@@ -416,6 +421,8 @@ class PostgresStore:
         delivery: Delivery,
         attempt: Attempt,
         next_attempt_at: datetime | None = None,
+        *,
+        refund: bool = False,
     ) -> bool:
         # One statement, so the outcome and its attempt row are written together or not at all.
         async with self._connection(write=True) as conn:
@@ -430,6 +437,7 @@ class PostgresStore:
                 status.value,
                 next_attempt_at,
                 result_text(attempt) if status is DeliveryStatus.DONE else None,
+                1 if refund else 0,
             )
         return row is not None
 

@@ -204,6 +204,7 @@ class SQLiteStore:
         *,
         status: DeliveryStatus,
         next_attempt_at: datetime,
+        refund: bool = False,
     ) -> bool:
         started, finished = epoch(attempt.started_at), epoch(attempt.finished_at)
         error = attempt_error(attempt)
@@ -212,6 +213,7 @@ class SQLiteStore:
             "next_attempt_at": epoch(next_attempt_at),
             "error": error,
             "result": result_text(attempt) if status is DeliveryStatus.DONE else None,
+            "refund": 1 if refund else 0,
             "now": finished,
             "id": delivery.id,
             "lease_token": delivery.lease_token,
@@ -232,9 +234,11 @@ class SQLiteStore:
             delivery, attempt, status=DeliveryStatus.DONE, next_attempt_at=delivery.next_attempt_at
         )
 
-    async def retry(self, delivery: Delivery, attempt: Attempt, *, at: datetime) -> bool:
+    async def retry(
+        self, delivery: Delivery, attempt: Attempt, *, at: datetime, refund: bool = False
+    ) -> bool:
         return await self._finish(
-            delivery, attempt, status=DeliveryStatus.PENDING, next_attempt_at=at
+            delivery, attempt, status=DeliveryStatus.PENDING, next_attempt_at=at, refund=refund
         )
 
     async def dead(self, delivery: Delivery, attempt: Attempt) -> bool:

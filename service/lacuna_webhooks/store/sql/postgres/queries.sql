@@ -68,16 +68,19 @@ ORDER BY c.next_attempt_at, c.id
 -- An outcome and its attempt in one statement, only for the live claim: same token, still
 -- pending, still leased. $1 id, $2 lease_token, $3 started_at, $4 finished_at, $5 outcome,
 -- $6 error, $7 the new status, $8 the next attempt's time (a retry) or NULL (unchanged),
--- $9 the handler's JSON object as text (completions only) or NULL.
+-- $9 the handler's JSON object as text (completions only) or NULL, $10 1 for a retry that does
+-- not spend the budget (a 429, docs/delivery.md: the claim's attempt is undone), else 0. The
+-- attempt row keeps the claim's number either way.
 WITH finished AS (
     UPDATE deliveries
     SET status = $7, next_attempt_at = coalesce($8, next_attempt_at), lease_until = NULL,
-        last_error = $6, result = $9::text::jsonb, updated_at = $4
+        last_error = $6, result = $9::text::jsonb, updated_at = $4,
+        attempts = greatest(attempts - $10::int, 0)
     WHERE id = $1 AND lease_token = $2 AND status = 'pending' AND lease_until IS NOT NULL
-    RETURNING id, attempts
+    RETURNING id, attempts, attempts + $10::int AS claimed
 )
 INSERT INTO attempts (delivery_id, attempt, started_at, finished_at, outcome, error)
-SELECT id, attempts, $3, $4, $5, $6::text FROM finished
+SELECT id, claimed, $3, $4, $5, $6::text FROM finished
 RETURNING delivery_id
 
 -- name: release

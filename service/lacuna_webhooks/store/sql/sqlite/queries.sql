@@ -21,9 +21,11 @@ RETURNING id, event_id, handler, attempts, lease_token, next_attempt_at, created
 
 -- name: finish
 -- An outcome, only for the live claim: same token, still pending, still leased.
--- :result is the handler's JSON object (completions only), else NULL.
+-- :result is the handler's JSON object (completions only), else NULL. :refund is 1 for a retry
+-- that does not spend the budget (a 429, docs/delivery.md): the claim's attempt is undone.
 UPDATE deliveries SET status = :status, lease_until = NULL, next_attempt_at = :next_attempt_at,
-    last_error = :error, result = :result, updated_at = :now
+    last_error = :error, result = :result, updated_at = :now,
+    attempts = max(attempts - :refund, 0)
 WHERE id = :id AND lease_token = :lease_token AND status = 'pending' AND lease_until IS NOT NULL
 
 -- name: insert_attempt
