@@ -31,7 +31,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 MASK = "**********"
 MIN_SECRET_CHARS = 6
-_KEEP_PATH_SCHEMES = frozenset({"file", "s3"})
+_KEEP_PATH_SCHEMES = frozenset({"file", "s3", "sqlite"})
 _URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>`]+")
 # host (a name, an IPv4 address or a bracketed IPv6 address) and an optional numeric port
 _HOST_PORT = re.compile(r"(?:[A-Za-z0-9._~%-]*|\[[0-9A-Fa-f:.%A-Za-z]+\])(?::[0-9]*)?")

@@ -133,3 +133,10 @@ def test_secret_values_read_from_files(tmp_path: Path) -> None:
     )
     assert "whsec_from_a_file" in found
     assert "/services/T/B/FromFileSecret" in found
+
+
+def test_a_sqlite_url_keeps_its_path() -> None:
+    """A SQLite URL holds no credentials: its path is what tells the operator which file
+    (`dev` prints it; it was shown as `sqlite:///…`)."""
+    assert redact_url("sqlite:///./lacuna-webhooks.db") == "sqlite:///./lacuna-webhooks.db"
+    assert redact_url("sqlite:////var/lib/lacuna/w.db?x=1") == "sqlite:////var/lib/lacuna/w.db"
