@@ -134,6 +134,41 @@ class TaskRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class EventFilter:
+    """Which stored events an admin search, bulk replay or backfill is about (SPEC §9
+    ``GET /events``); every field given must hold (AND). ``None``/empty: no condition.
+
+    - ``type``: the event type, exactly; ``task_id``: ``data.id``, exactly.
+    - ``since`` / ``until``: ``received_at`` bounds, ``since <= received_at < until``.
+    - ``handler`` + ``status``: events that have a delivery of that handler (with that
+      status, one of ``pending``, ``running``, ``due``, ``waiting``, ``done``, ``dead``, when
+      given; ``status`` alone: a delivery of any handler with that status).
+    - ``match``: ``(dotted.path, value)`` pairs; the payload field at the path (object keys
+      only) equals the value: a JSON string equal to it, or a number, boolean or ``null``
+      whose JSON text equals it.
+    - ``q``: a substring of the raw payload bytes (as UTF-8 text), case-sensitive.
+    """
+
+    type: str | None = None
+    task_id: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    handler: str | None = None
+    status: str | None = None
+    match: tuple[tuple[str, str], ...] = ()
+    q: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EventPage:
+    """One page of a search, newest first; ``next_cursor`` (opaque, store-made) fetches the
+    next older page, ``None`` when this was the last one."""
+
+    records: list[EventRecord]
+    next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class QueueStats:
     """Outbox figures for ``/metrics``."""
 
@@ -220,6 +255,13 @@ class Store(Protocol):
 
     async def get_event(self, event_id: str) -> EventRecord | None: ...
 
+    async def search_events(
+        self, where: EventFilter, *, cursor: str | None = None, limit: int = 50
+    ) -> EventPage:
+        """The events ``where`` selects, newest first (``received_at``, then arrival), at
+        most ``limit``, after the page that returned ``cursor``. Raises ``ValueError`` for a
+        cursor this store did not make (the admin API answers 400)."""
+
     async def list_deliveries(
         self,
         *,
@@ -286,6 +328,8 @@ def attempt_error(attempt: Attempt) -> str | None:
 __all__ = [
     "AttemptRecord",
     "DeliveryRecord",
+    "EventFilter",
+    "EventPage",
     "EventRecord",
     "HandlerState",
     "QueueStats",

@@ -19,14 +19,18 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
+
+import orjson
 
 from ..errors import EventNotFound, StoreUnavailable
 from ..models import Attempt, Delivery, DeliveryStatus, Event
 from .base import (
     AttemptRecord,
     DeliveryRecord,
+    EventFilter,
+    EventPage,
     EventRecord,
     HandlerState,
     QueueStats,
@@ -34,6 +38,7 @@ from .base import (
     attempt_error,
 )
 from .rules import task_order
+from .search import decode_cursor, delivery_state, encode_cursor, field_at, matches_value
 
 if TYPE_CHECKING:
     from .base import Store
@@ -84,6 +89,10 @@ class MemoryStore:
         self._nudge = asyncio.Event()
         self._ids = itertools.count(1)
         self._events: dict[str, EventRecord] = {}
+        # Arrival order of each stored event (never reused): ties of ``received_at`` and
+        # search cursors.
+        self._arrivals = itertools.count(1)
+        self._arrival: dict[str, int] = {}
         self._deliveries: dict[int, _DeliveryRow] = {}
         self._tasks: dict[str, TaskRecord] = {}
         self._task_order: dict[str, float] = {}
@@ -144,6 +153,7 @@ class MemoryStore:
                         event_created=event.created,
                         updated_at=now,
                     )
+            self._arrival[event.id] = next(self._arrivals)
             self._events[event.id] = EventRecord(
                 id=event.id,
                 type=event.type,
@@ -349,6 +359,7 @@ class MemoryStore:
             ]
             for event_id in doomed:
                 del self._events[event_id]
+                self._arrival.pop(event_id, None)
                 for row in by_event.get(event_id, []):
                     del self._deliveries[row.id]
             return len(doomed)
@@ -370,6 +381,72 @@ class MemoryStore:
         async with self._lock:
             self._check()
             return self._events.get(event_id)
+
+    async def search_events(
+        self, where: EventFilter, *, cursor: str | None = None, limit: int = 50
+    ) -> EventPage:
+        """The reference search (``store/search.py`` rules); the cursor is the arrival index
+        of the last event returned."""
+        before = None if cursor is None else decode_cursor(cursor, 1)[0]
+        if before is not None and not isinstance(before, int):
+            raise ValueError("not a cursor this service made")
+        now = datetime.now(UTC)
+        async with self._lock:
+            self._check()
+            events = [(self._arrival[r.id], r) for r in self._events.values()]
+            by_event: dict[str, list[_DeliveryRow]] = {}
+            for row in self._deliveries.values():
+                by_event.setdefault(row.event_id, []).append(row)
+        events.sort(key=lambda pair: (pair[1].received_at, pair[0]), reverse=True)
+        found: list[tuple[int, EventRecord]] = []
+        cut = (
+            None
+            if before is None
+            else next((i for i, (a, _) in enumerate(events) if a == before), None)
+        )
+        if before is not None and cut is None:
+            raise ValueError("the cursor's event is no longer stored")
+        for arrival, record in events[0 if cut is None else cut + 1 :]:
+            if self._selected(record, by_event.get(record.id, []), where, now):
+                found.append((arrival, record))
+                if len(found) > limit:
+                    break
+        more = len(found) > limit
+        page = found[: max(0, limit)]
+        next_cursor = encode_cursor(page[-1][0]) if more and page else None
+        return EventPage([record for _, record in page], next_cursor)
+
+    @staticmethod
+    def _selected(
+        record: EventRecord, rows: list[_DeliveryRow], where: EventFilter, now: datetime
+    ) -> bool:
+        if where.type is not None and record.type != where.type:
+            return False
+        if where.task_id is not None and record.task_id != where.task_id:
+            return False
+        if where.since is not None and record.received_at < where.since:
+            return False
+        if where.until is not None and record.received_at >= where.until:
+            return False
+        if (where.handler is not None or where.status is not None) and not any(
+            (where.handler is None or row.handler == where.handler)
+            and (
+                where.status is None
+                or where.status
+                in delivery_state(row.status, row.next_attempt_at, row.lease_until, now)
+            )
+            for row in rows
+        ):
+            return False
+        if where.q is not None and where.q not in record.raw.decode("utf-8", "replace"):
+            return False
+        if where.match:
+            payload = orjson.loads(record.raw)
+            for path, wanted in where.match:
+                found, value = field_at(payload, path)
+                if not found or not matches_value(value, wanted):
+                    return False
+        return True
 
     async def list_deliveries(
         self,

@@ -46,6 +46,8 @@ from ...models import Attempt, AttemptOutcome, Delivery, DeliveryStatus, Event
 from ..base import (
     AttemptRecord,
     DeliveryRecord,
+    EventFilter,
+    EventPage,
     EventRecord,
     HandlerState,
     QueueStats,
@@ -532,6 +534,11 @@ class PostgresStore:
         async with self._connection() as conn:
             row = await conn.fetchrow(Q["get_event"], event_id)
         return event_record(row, _at) if row is not None else None
+
+    async def search_events(
+        self, where: EventFilter, *, cursor: str | None = None, limit: int = 50
+    ) -> EventPage:
+        raise NotImplementedError("search_events: the admin-core branch implements it")
 
     async def list_deliveries(
         self,

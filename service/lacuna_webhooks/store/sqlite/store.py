@@ -31,6 +31,8 @@ from ...models import Attempt, Delivery, DeliveryStatus, Event
 from ..base import (
     AttemptRecord,
     DeliveryRecord,
+    EventFilter,
+    EventPage,
     EventRecord,
     HandlerState,
     QueueStats,
@@ -277,6 +279,11 @@ class SQLiteStore:
 
     async def get_event(self, event_id: str) -> EventRecord | None:
         return await self._writer.run(ops.get_event, event_id, write=False)
+
+    async def search_events(
+        self, where: EventFilter, *, cursor: str | None = None, limit: int = 50
+    ) -> EventPage:
+        raise NotImplementedError("search_events: the admin-core branch implements it")
 
     async def list_deliveries(
         self,

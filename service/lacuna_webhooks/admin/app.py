@@ -1,0 +1,156 @@
+"""The admin application: authentication, the error envelope, and every area's routes.
+
+``create_admin_app(ctx)`` returns a Starlette app that shares the process and the store of
+``serve`` but none of the webhook route's path: it is served by a listener of its own
+(``serve_admin`` in ``cli.py``). Every ``/api/v1`` request needs a bearer token (SPEC §9);
+a console session cookie also admits ``GET``/``HEAD`` (the console's live tail uses
+``EventSource``, which cannot send headers). A credential in the query string is refused
+before anything else.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from starlette.applications import Starlette
+from starlette.datastructures import Headers, QueryParams
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Mount, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from . import api_bulk, api_events, api_live, console, openapi
+from .auth import (
+    SESSION_COOKIE,
+    TOKEN_QUERY_NAMES,
+    bearer_token,
+    matching_token,
+    session_token,
+)
+from .context import AdminContext
+from .responses import BadRequest, NotFound, error_response, json_response
+
+logger = structlog.get_logger("lacuna_webhooks.admin")
+
+API_PREFIX = "/api/v1"
+_SECURITY_HEADERS = [
+    (b"cache-control", b"no-store"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+]
+
+
+class AdminAuth:
+    """ASGI middleware: refuse credentials in the query string (400), require a valid bearer
+    token (or, for reads, a console session) under ``/api/v1`` (401), and add headers that
+    keep answers out of caches."""
+
+    def __init__(self, app: ASGIApp, ctx: AdminContext) -> None:
+        self.app = app
+        self.ctx = ctx
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                present = {k.lower() for k, _ in message.get("headers", [])}
+                extra = [(k, v) for k, v in _SECURITY_HEADERS if k not in present]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+    def _refusal(self, scope: Scope) -> Response | None:
+        try:
+            query = QueryParams(scope.get("query_string", b"").decode("latin-1"))
+        except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes every byte
+            query = QueryParams("")
+        if any(name.lower() in TOKEN_QUERY_NAMES for name in query):
+            return error_response(
+                400,
+                "token_in_query",
+                "Send the admin token in the Authorization header, never in the URL.",
+            )
+        path: str = scope["path"]
+        if not (path == API_PREFIX or path.startswith(API_PREFIX + "/")):
+            return None  # the console authenticates its own pages
+        headers = Headers(scope=scope)
+        tokens = self.ctx.settings.admin_tokens
+        presented = bearer_token(headers.get("authorization"))
+        if presented is not None and matching_token(presented, tokens) is not None:
+            return None
+        if scope["method"] in ("GET", "HEAD") and presented is None:
+            cookie = Request(scope).cookies.get(SESSION_COOKIE)
+            if session_token(cookie, tokens) is not None:
+                return None
+        return error_response(
+            401,
+            "unauthorized",
+            "A valid admin token is required: Authorization: Bearer <LACUNA_ADMIN_TOKEN>.",
+            error_type="authentication_error",
+            headers={"www-authenticate": "Bearer"},
+        )
+
+
+async def _bad_request(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, BadRequest)
+    return error_response(400, exc.code, exc.message, param=exc.param)
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, NotFound)
+    return error_response(404, "not_found", exc.message, param=exc.param)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    return error_response(
+        exc.status_code,
+        codes.get(exc.status_code, "invalid_request"),
+        str(exc.detail),
+        headers=dict(exc.headers or {}),
+    )
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    logger.error("admin.unhandled_error", path=request.url.path, exc_info=exc)
+    return error_response(500, "internal_error", "Internal error.", error_type="api_error")
+
+
+def create_admin_app(ctx: AdminContext) -> Starlette:
+    """The admin app over ``ctx`` (its store already open; the app never opens or closes
+    it). ``app.state.ctx`` holds the context."""
+    areas: list[Any] = [api_events, api_bulk, api_live]
+    document = openapi.document(*(area.PATHS for area in areas))
+
+    async def openapi_json(request: Request) -> Response:
+        return json_response(document)
+
+    api_routes = [route for area in areas for route in area.routes(ctx)]
+    api_routes.append(Route("/openapi.json", openapi_json, methods=["GET"]))
+    app = Starlette(
+        routes=[Mount(API_PREFIX, routes=api_routes), *console.routes(ctx)],
+        exception_handlers={
+            BadRequest: _bad_request,
+            NotFound: _not_found,
+            HTTPException: _http_error,
+            Exception: _server_error,
+        },
+    )
+    app.add_middleware(AdminAuth, ctx=ctx)
+    app.state.ctx = ctx
+    app.state.openapi = document
+    return app
+
+
+__all__ = ["API_PREFIX", "AdminAuth", "create_admin_app"]

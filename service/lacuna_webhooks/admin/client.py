@@ -1,0 +1,89 @@
+"""The CLI's client of a remote admin API (``--url``/``--token`` or ``LACUNA_ADMIN_URL`` /
+``LACUNA_ADMIN_TOKEN``): JSON requests with the bearer token, and one-line errors."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+import orjson
+
+#: Seconds to wait for a connection and for each read of an ordinary (non-stream) request.
+TIMEOUT_SECONDS = 30.0
+
+
+class AdminError(Exception):
+    """The admin API could not be reached or refused the request; ``str()`` is one line."""
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        error = orjson.loads(response.content)["error"]
+        return f"{response.status_code} {error['code']}: {error['message']}"
+    except (ValueError, KeyError, TypeError):
+        return f"{response.status_code} {response.reason_phrase}"
+
+
+class AdminClient:
+    """An async client of ``<url>/api/v1``; use as ``async with AdminClient(url, token)``."""
+
+    def __init__(self, url: str, token: str, *, timeout: float = TIMEOUT_SECONDS) -> None:
+        self.base = url.rstrip("/") + "/api/v1"
+        self._client = httpx.AsyncClient(
+            headers={"authorization": f"Bearer {token}", "accept": "application/json"},
+            timeout=httpx.Timeout(timeout),
+            follow_redirects=False,
+        )
+
+    async def __aenter__(self) -> AdminClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        """The underlying client (for streaming requests), already carrying the token."""
+        return self._client
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | list[tuple[str, Any]] | None = None,
+        json: Any = None,
+    ) -> Any:
+        """The decoded JSON answer of ``method path``; ``AdminError`` for a refusal or a
+        failure to reach the API (the message never holds the token)."""
+        try:
+            response = await self._client.request(
+                method,
+                self.base + path,
+                params=params,
+                content=None if json is None else orjson.dumps(json),
+                headers=None if json is None else {"content-type": "application/json"},
+            )
+        except httpx.HTTPError as exc:
+            raise AdminError(f"cannot reach the admin API at {self.base}: {exc}") from None
+        if response.status_code >= 400:
+            raise AdminError(f"the admin API refused {method} {path}: {_message(response)}")
+        try:
+            return orjson.loads(response.content)
+        except ValueError:
+            raise AdminError(f"the admin API answered {method} {path} with non-JSON") from None
+
+    async def get(self, path: str, **params: Any) -> Any:
+        return await self.request(
+            "GET", path, params={k: v for k, v in params.items() if v is not None}
+        )
+
+    async def post(self, path: str, json: Any = None) -> Any:
+        return await self.request("POST", path, json={} if json is None else json)
+
+
+__all__ = ["TIMEOUT_SECONDS", "AdminClient", "AdminError"]

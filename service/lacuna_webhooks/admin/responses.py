@@ -1,0 +1,65 @@
+"""JSON answers of the admin API: data as JSON, refusals in the error envelope (SPEC §3)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.responses import Response
+
+from ..envelope import error_body
+
+JSON = "application/json"
+
+
+def json_response(data: Any, status_code: int = 200) -> Response:
+    """``data`` (datetimes as RFC 3339) as a JSON response."""
+    return Response(
+        orjson.dumps(data, option=orjson.OPT_UTC_Z), status_code=status_code, media_type=JSON
+    )
+
+
+def page_response(data: list[Any], next_cursor: str | None) -> Response:
+    """A list answer: ``{"data": [...], "next_cursor": "…" | null}`` (SPEC §9)."""
+    return json_response({"data": data, "next_cursor": next_cursor})
+
+
+def error_response(
+    status_code: int,
+    code: str,
+    message: str,
+    *,
+    param: str | None = None,
+    error_type: str = "invalid_request_error",
+    headers: dict[str, str] | None = None,
+) -> Response:
+    """A refusal in the envelope."""
+    return Response(
+        error_body(code, message, error_type=error_type, param=param),
+        status_code=status_code,
+        media_type=JSON,
+        headers=headers,
+    )
+
+
+class BadRequest(Exception):
+    """Raised by parameter parsing anywhere in a route; ``create_admin_app`` answers it with
+    400 ``invalid_request`` naming ``param``."""
+
+    def __init__(self, message: str, *, param: str | None = None, code: str = "invalid_request"):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+class NotFound(Exception):
+    """Raised by a route for a missing event, task or handler: 404 ``not_found``."""
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+__all__ = ["JSON", "BadRequest", "NotFound", "error_response", "json_response", "page_response"]
