@@ -1,0 +1,168 @@
+"""The admin API's filter language (SPEC §9 ``GET /events``), from a query string or a JSON
+object, into a store ``EventFilter``. Every bad value raises ``BadRequest`` naming it.
+
+- ``type``, ``task_id``: exact values (at most ``MAX_TEXT`` characters, no NUL).
+- ``since``, ``until``: RFC 3339 (``2026-11-30T12:00:00Z``; a time without offset is UTC)
+  or Unix seconds (integer or decimal); ``since`` is inclusive, ``until`` exclusive.
+- ``handler`` (a handler name) and ``status`` (``pending``, ``due``, ``running``,
+  ``waiting``, ``done``, ``dead``).
+- ``match``: ``<dotted.path>:<value>``, repeatable (a JSON list in a body); the first ``:``
+  ends the path. At most ``MAX_MATCHES``.
+- ``q``: a substring of the raw payload (at least one character).
+- ``limit`` (1..500, default 50) and ``cursor`` belong to listings, not to the filter:
+  ``page_params`` reads them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from starlette.datastructures import QueryParams
+
+from ..config import HANDLER_NAME_RE
+from ..store.base import EventFilter
+from ..store.search import DELIVERY_STATES
+from .responses import BadRequest
+
+MAX_LIMIT = 500
+DEFAULT_LIMIT = 50
+MAX_TEXT = 1000
+MAX_MATCHES = 10
+_PATH_RE = re.compile(r"\A[^.\x00]{1,200}(\.[^.\x00]{1,200}){0,31}\Z")
+#: The filter's names, in a query string or a JSON body.
+FILTER_NAMES = ("type", "task_id", "since", "until", "handler", "status", "match", "q")
+
+
+def _text(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise BadRequest(f"{name} must be a string.", param=name)
+    if not value or len(value) > MAX_TEXT or "\x00" in value:
+        raise BadRequest(f"{name} must be 1 to {MAX_TEXT} characters without NUL.", param=name)
+    return value
+
+
+def parse_time(name: str, value: Any) -> datetime:
+    """RFC 3339 or Unix seconds (a JSON number is accepted too) as an aware UTC datetime."""
+    if isinstance(value, bool):
+        raise BadRequest(f"{name} must be RFC 3339 or Unix seconds.", param=name)
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        text = _text(name, value).strip()
+        try:
+            seconds = float(text) if re.fullmatch(r"[0-9]+(\.[0-9]+)?", text) else math.nan
+        except ValueError:  # pragma: no cover - the pattern only lets floats through
+            seconds = math.nan
+        if math.isnan(seconds):
+            try:
+                parsed = datetime.fromisoformat(text.replace("z", "Z"))
+            except ValueError:
+                raise BadRequest(
+                    f"{name} must be RFC 3339 (2026-11-30T12:00:00Z) or Unix seconds.",
+                    param=name,
+                ) from None
+            return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    if not math.isfinite(seconds) or not 0 <= seconds < 253402300800:  # year 10000
+        raise BadRequest(f"{name} is out of range.", param=name)
+    return datetime.fromtimestamp(seconds, UTC)
+
+
+def _match(value: Any) -> tuple[str, str]:
+    text = _text("match", value)
+    path, sep, wanted = text.partition(":")
+    if not sep or not _PATH_RE.fullmatch(path):
+        raise BadRequest(
+            "match must be <dotted.path>:<value>, e.g. data.title:Late Night Study.",
+            param="match",
+        )
+    return path, wanted
+
+
+def build_filter(values: Mapping[str, Any]) -> EventFilter:
+    """An ``EventFilter`` from already-split values (``match`` a list); ``BadRequest``."""
+    kwargs: dict[str, Any] = {}
+    for name in ("type", "task_id", "q"):
+        if values.get(name) is not None:
+            kwargs[name] = _text(name, values[name])
+    for name in ("since", "until"):
+        if values.get(name) is not None:
+            kwargs[name] = parse_time(name, values[name])
+    if "since" in kwargs and "until" in kwargs and kwargs["since"] >= kwargs["until"]:
+        raise BadRequest("since must be before until.", param="since")
+    if values.get("handler") is not None:
+        handler = _text("handler", values["handler"])
+        if not HANDLER_NAME_RE.fullmatch(handler):
+            raise BadRequest("handler is not a handler name.", param="handler")
+        kwargs["handler"] = handler
+    if values.get("status") is not None:
+        status = _text("status", values["status"])
+        if status not in DELIVERY_STATES:
+            raise BadRequest(f"status must be one of {', '.join(DELIVERY_STATES)}.", param="status")
+        kwargs["status"] = status
+    matches = values.get("match") or []
+    if isinstance(matches, str):
+        matches = [matches]
+    if not isinstance(matches, list):
+        raise BadRequest("match must be a list of <dotted.path>:<value>.", param="match")
+    if len(matches) > MAX_MATCHES:
+        raise BadRequest(f"At most {MAX_MATCHES} match conditions.", param="match")
+    kwargs["match"] = tuple(_match(m) for m in matches)
+    return EventFilter(**kwargs)
+
+
+def _single(query: QueryParams, name: str) -> str | None:
+    values = query.getlist(name)
+    if len(values) > 1:
+        raise BadRequest(f"{name} may be given once.", param=name)
+    return values[0] if values else None
+
+
+def filter_from_query(query: QueryParams, *, allowed: tuple[str, ...] = ()) -> EventFilter:
+    """The filter of a ``GET`` query string. Unknown parameters (other than ``allowed``,
+    ``limit`` and ``cursor``) are refused, so a typo never silently widens a search."""
+    known = set(FILTER_NAMES) | {"limit", "cursor", *allowed}
+    for name in query:
+        if name not in known:
+            raise BadRequest(f"Unknown parameter {name!r}.", param=name)
+    values: dict[str, Any] = {n: _single(query, n) for n in FILTER_NAMES if n != "match"}
+    values["match"] = query.getlist("match")
+    return build_filter(values)
+
+
+def filter_from_json(body: Mapping[str, Any], *, allowed: tuple[str, ...] = ()) -> EventFilter:
+    """The filter of a JSON body (``POST /replays``); other keys than the filter's and
+    ``allowed`` are refused."""
+    for name in body:
+        if name not in FILTER_NAMES and name not in allowed:
+            raise BadRequest(f"Unknown field {name!r}.", param=name)
+    return build_filter(body)
+
+
+def page_params(query: QueryParams) -> tuple[int, str | None]:
+    """``(limit, cursor)`` of a listing: ``limit`` 1..500 (default 50)."""
+    raw_limit = _single(query, "limit")
+    limit = DEFAULT_LIMIT
+    if raw_limit is not None:
+        if not re.fullmatch(r"[0-9]{1,4}", raw_limit) or not 1 <= int(raw_limit) <= MAX_LIMIT:
+            raise BadRequest(f"limit must be an integer from 1 to {MAX_LIMIT}.", param="limit")
+        limit = int(raw_limit)
+    cursor = _single(query, "cursor")
+    if cursor is not None and (not cursor or len(cursor) > MAX_TEXT):
+        raise BadRequest("cursor is not one this service made.", param="cursor")
+    return limit, cursor
+
+
+__all__ = [
+    "DEFAULT_LIMIT",
+    "FILTER_NAMES",
+    "MAX_LIMIT",
+    "build_filter",
+    "filter_from_json",
+    "filter_from_query",
+    "page_params",
+    "parse_time",
+]
