@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import re
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -58,7 +60,8 @@ def read_setting(environ: Mapping[str, str], var: str) -> str | None:
     (``\\n`` or ``\\r\\n``) is removed and nothing else is changed. Returns
     ``None`` when neither is set. Raises ``ConfigError`` with one line naming the
     variable (never the content) when both are set, or when the file is missing,
-    unreadable, empty, larger than 64 KiB or not UTF-8.
+    unreadable, not a regular file (a FIFO or a device), empty, larger than 64 KiB or
+    not UTF-8.
     """
     file_var = var + FILE_SUFFIX
     value = environ.get(var)
@@ -73,7 +76,12 @@ def read_setting(environ: Mapping[str, str], var: str) -> str | None:
 
 def _read_setting_file(file_var: str, path: str) -> str:
     try:
-        with open(path, "rb") as f:
+        # O_NONBLOCK: a FIFO (or a device) named by mistake must not hang the start on open;
+        # it is then refused below, as anything but a regular file is.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ConfigError(f"{file_var}: {path} is not a regular file")
             data = f.read(MAX_SETTING_FILE_BYTES + 1)
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__

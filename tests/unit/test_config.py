@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -216,6 +217,18 @@ def test_an_unusable_file_is_one_line_without_its_content(
 def test_a_directory_is_unreadable(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"LACUNA_DATABASE_URL_FILE: .* Is a directory"):
         Settings.from_env({**BASE, "LACUNA_DATABASE_URL_FILE": str(tmp_path)})
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_fifo_or_a_device_is_refused_without_hanging(tmp_path: Path, kind: str) -> None:
+    # A FIFO named by mistake used to block the start forever in open() (no writer ever came).
+    if kind == "fifo":
+        path = str(tmp_path / "secret.fifo")
+        os.mkfifo(path)
+    else:
+        path = "/dev/zero"
+    with pytest.raises(ConfigError, match=r"LACUNA_WEBHOOK_SECRET_FILE: .* is not a regular file"):
+        Settings.from_env({"LACUNA_WEBHOOK_SECRET_FILE": path})
 
 
 def test_database_url_from_a_file(tmp_path: Path) -> None:
