@@ -119,13 +119,25 @@ def test_unknown_synchronous_level_is_refused() -> None:
 
 
 @WRITERS
-async def test_parent_folder_is_created(tmp_path: Path, process: bool) -> None:
-    """``open()`` creates missing parent folders."""
-    path = tmp_path / "a" / "b" / "c" / "events.db"
+async def test_one_missing_folder_is_created(tmp_path: Path, process: bool) -> None:
+    """``open()`` creates a missing data folder (one level)."""
+    path = tmp_path / "data" / "events.db"
     s = SQLiteStore(str(path), process=process)
     await s.open()
     await s.close()
     assert path.is_file()
+
+
+@WRITERS
+async def test_a_mistyped_deep_path_is_refused_not_created(tmp_path: Path, process: bool) -> None:
+    """Two or more missing levels are a mistyped URL (three slashes for an absolute path):
+    refused with the rule in the message, and no folder is left behind."""
+    path = tmp_path / "var" / "lib" / "lacuna" / "events.db"
+    s = SQLiteStore(str(path), process=process)
+    with pytest.raises(StoreUnavailable, match="four slashes"):
+        await s.open()
+    await s.close()
+    assert not (tmp_path / "var").exists()
 
 
 async def test_data_survives_close_and_reopen(store: SQLiteStore, db_path: Path) -> None:

@@ -249,8 +249,18 @@ def connect(path: str, synchronous: str) -> sqlite3.Connection:
     """Create (owner-only), open, tune and migrate the file: run by the writer (thread or
     process), once."""
     where = os.path.abspath(path)
+    folder = os.path.dirname(where)
+    # One missing folder level is created (a fresh data folder); more than one is refused:
+    # it is nearly always a mistyped URL, e.g. `sqlite:///var/lib/x.db` (three slashes:
+    # relative to the working directory) meant as `sqlite:////var/lib/x.db`.
+    if not os.path.isdir(folder) and not os.path.isdir(os.path.dirname(folder)):
+        raise StoreUnavailable(
+            f"Cannot create the SQLite database {where}: neither its folder nor the folder "
+            "above exists (sqlite:///relative/path.db is relative to the working directory; "
+            "an absolute path takes four slashes: sqlite:////absolute/path.db)"
+        )
     try:
-        os.makedirs(os.path.dirname(where), mode=0o700, exist_ok=True)
+        os.makedirs(folder, mode=0o700, exist_ok=True)
     except OSError as exc:
         raise StoreUnavailable(
             f"Cannot create the folder of the SQLite database {where}: {exc}"
