@@ -553,12 +553,14 @@ def _print_json(value: Any) -> None:
 
 
 def _stored_payload(raw: bytes) -> Any:
-    """A stored body to print: parsed, or as it is when orjson could not write it back out
-    (a body nested deeper than orjson writes, accepted before ``MAX_JSON_DEPTH``)."""
-    payload = orjson.loads(raw)
+    """A stored body to print: parsed (to indent it), or its bytes as they are when orjson
+    cannot read or write it back out (a number beyond a double, such as ``1e400``, which
+    would print changed; a body nested deeper than orjson writes, accepted before
+    ``MAX_JSON_DEPTH``)."""
     try:
+        payload = orjson.loads(raw)
         orjson.dumps(payload)
-    except TypeError:
+    except (orjson.JSONDecodeError, TypeError):
         return orjson.Fragment(raw)
     return payload
 

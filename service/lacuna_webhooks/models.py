@@ -7,8 +7,12 @@ one row of the outbox as it was claimed.
 from __future__ import annotations
 
 import enum
+import json
+import math
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -28,6 +32,107 @@ CREATED_MAX = 2**63 - 1
 #: the hop to the SQLite writer and handler worker processes) with room for the wrappers
 #: around it. Real events nest about 4 levels.
 MAX_JSON_DEPTH = 128
+
+
+def parse_json(raw: bytes) -> Any:
+    """Parse JSON bytes as every reader of a stored body must: any number RFC 8259 allows.
+
+    The fast path is orjson. It refuses valid JSON holding a number beyond a double
+    (``1e400``, ``-1e400``, an integer of 310 digits or more); only when orjson refuses
+    does the standard library parser run, with number readers that never fail and give
+    what orjson gives wherever orjson can:
+
+    - an integer within orjson's range (``-2**63`` to ``2**64 - 1``) is an ``int``; beyond
+      it a ``float`` (orjson's rule: inexact), and beyond a double a ``decimal.Decimal``
+      holding it exactly (never an ``int``: Python refuses to convert more than 4300
+      digits, and orjson cannot write an integer past 64 bits);
+    - a number with a fraction or exponent is a ``float``, or a ``decimal.Decimal`` when it
+      overflows a double (``Decimal("1E+400")``); underflow reads as ``0.0``, as orjson.
+
+    So a value reads the same whatever else the body holds, and the only new type a
+    reader can meet is ``Decimal``. The body's bytes (``Event.raw``) stay the exact
+    record; ``json_default`` writes a ``Decimal`` back as its JSON number. Still refused
+    (``ValueError``, which ``orjson.JSONDecodeError`` is too): bytes that are not UTF-8
+    JSON text, ``NaN`` and ``Infinity``, a lone UTF-16 surrogate escape (``"\\ud800"``;
+    no backend's text column and no UTF-8 encoder can hold one, see docs/delivery.md)
+    and nesting past Python's recursion limit (far beyond ``MAX_JSON_DEPTH``, which
+    ``Event.from_body`` checks after).
+    """
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return _parse_exact_numbers(raw)
+
+
+def json_default(value: Any) -> Any:
+    """``orjson.dumps(..., default=json_default)``: a ``Decimal`` from ``parse_json`` is
+    written as the JSON number it holds; anything else raises ``TypeError`` as orjson does."""
+    if isinstance(value, Decimal) and value.is_finite():
+        return orjson.Fragment(str(value))
+    raise TypeError(f"Type is not JSON serializable: {type(value).__name__}")
+
+
+#: The integers orjson reads as ``int`` (beyond them it reads a float).
+_ORJSON_INT_MIN = -(2**63)
+_ORJSON_INT_MAX = 2**64 - 1
+
+
+def _json_int(text: str) -> int | float | Decimal:
+    if len(text) <= 20:  # at most 20 digits or sign and 19: well within int()'s digit limit
+        number = int(text)
+        if _ORJSON_INT_MIN <= number <= _ORJSON_INT_MAX:
+            return number
+    return _json_float(text)
+
+
+def _json_float(text: str) -> float | Decimal:
+    number = float(text)
+    return Decimal(text) if math.isinf(number) else number
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _parse_exact_numbers(raw: bytes) -> Any:
+    """The standard library's parser where orjson refused (see ``parse_json``)."""
+    try:
+        text = raw.decode("utf-8")  # strictly UTF-8, as orjson (json.loads(bytes) would guess)
+        value = json.loads(
+            text, parse_int=_json_int, parse_float=_json_float, parse_constant=_no_constant
+        )
+    except (UnicodeDecodeError, RecursionError) as exc:
+        raise ValueError(f"not UTF-8 JSON text: {exc}") from None
+    # orjson refuses a lone surrogate escape; the standard library reads it into the string.
+    stack: list[Any] = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            if _SURROGATE.search(node):
+                raise ValueError("a lone UTF-16 surrogate escape")
+        elif isinstance(node, dict):
+            stack.extend(node)
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return value
+
+
+def _written_as_integer(raw: bytes, key: str) -> bool:
+    """Whether the top-level ``key`` of ``raw`` (valid JSON) is an integer literal (no
+    fraction, no exponent), whatever its size: orjson reads large ones as floats."""
+
+    class _IntegerLiteral(str):
+        pass
+
+    try:
+        value = json.loads(raw.decode("utf-8"), parse_int=_IntegerLiteral, parse_float=str)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(value, dict) and isinstance(value.get(key), _IntegerLiteral)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,8 +160,9 @@ class Event:
         """Parse and validate a body; raise ``InvalidJSON`` or ``InvalidPayload`` (with ``param``).
 
         SPEC §3 check 3: the body must be a UTF-8 JSON object (else ``InvalidJSON``;
-        orjson also refuses lone UTF-16 surrogate escapes such as ``"\\ud800"``, so no
-        stored string can hold one) with ``id`` and ``type`` non-empty strings of
+        numbers of any size are JSON, see ``parse_json``; lone UTF-16 surrogate escapes
+        such as ``"\\ud800"`` are refused, so no stored string can hold one) with ``id``
+        and ``type`` non-empty strings of
         bounded length (else ``InvalidPayload``). JSON nested deeper than ``max_depth``
         levels (``MAX_JSON_DEPTH``; the top-level object is level 1) is ``InvalidJSON``;
         ``max_depth=None`` skips that check, for bodies already stored.
@@ -68,23 +174,26 @@ class Event:
 
         - ``id``, ``type``: a NUL character (``\\u0000``): PostgreSQL ``text`` cannot
           hold it. ``param`` is ``id`` / ``type``.
-        - ``created``: an integer outside the signed 64-bit range (``param``
-          ``created``). A ``created`` that is not an integer (a float, a string,
-          ``null``) is *ignored* (stored as NULL, the event ordered by its received
-          time), as before: refusing an event for an ill-typed optional field the
-          spec does not make us check would drop real events.
+        - ``created``: an integer (written without fraction or exponent, whatever its
+          size: ``9223372036854775808``, ``-1e19`` is not one, a 5000-digit one is)
+          outside the signed 64-bit range (``param`` ``created``). A ``created`` that
+          is not an integer (a float such as ``1e400``, a string, ``null``) is
+          *ignored* (stored as NULL, the event ordered by its received time), as
+          before: refusing an event for an ill-typed optional field the spec does not
+          make us check would drop real events.
         - ``data.id``, when a string: a NUL character, or longer than
           ``MAX_TASK_ID_LENGTH`` (``param`` ``data.id``). When it is not a
           string the event simply has no task (NULL).
         - ``data.status``, when a string: a NUL character (``param`` ``data.status``).
           Not a string: no status (NULL).
 
-        Everything else (unknown fields, NULs in other strings, huge numbers, floats,
-        deep nesting up to orjson's limit) lives only in ``raw``, kept byte for byte.
+        Everything else (unknown fields, NULs in other strings, numbers of any size,
+        deep nesting up to ``MAX_JSON_DEPTH``) lives only in ``raw``, kept byte for byte;
+        in ``payload`` such numbers are as ``parse_json`` reads them.
         """
         try:
-            payload = orjson.loads(raw)
-        except orjson.JSONDecodeError:
+            payload = parse_json(raw)
+        except ValueError:
             raise InvalidJSON("The request body is not valid UTF-8 JSON.") from None
         if not isinstance(payload, dict):
             raise InvalidJSON("The request body must be a JSON object.")
@@ -111,12 +220,17 @@ class Event:
             )
         _refuse_nul(event_type, "type")
         created = payload.get("created")
-        if not isinstance(created, int) or isinstance(created, bool):
+        if isinstance(created, int) and not isinstance(created, bool):
+            if not CREATED_MIN <= created <= CREATED_MAX:
+                raise _created_out_of_range()
+        elif (
+            isinstance(created, Decimal) or (isinstance(created, float) and abs(created) >= 2**63)
+        ) and _written_as_integer(raw, "created"):
+            # An integer orjson read as a float (past 64 bits) or parse_json as a Decimal
+            # (past 4300 digits): out of range all the same. Only huge values come here.
+            raise _created_out_of_range()
+        else:
             created = None
-        elif not CREATED_MIN <= created <= CREATED_MAX:
-            raise InvalidPayload(
-                "`created` must be Unix seconds within the signed 64-bit range.", param="created"
-            )
         data = payload.get("data")
         if isinstance(data, dict):
             task_id = data.get("id")
@@ -151,8 +265,14 @@ class Event:
         return status if isinstance(status, str) and status else None
 
 
+def _created_out_of_range() -> InvalidPayload:
+    return InvalidPayload(
+        "`created` must be Unix seconds within the signed 64-bit range.", param="created"
+    )
+
+
 def _from_wire(event_id: str, event_type: str, raw: bytes, created: int | None) -> Event:
-    return Event(id=event_id, type=event_type, payload=orjson.loads(raw), raw=raw, created=created)
+    return Event(id=event_id, type=event_type, payload=parse_json(raw), raw=raw, created=created)
 
 
 def _nesting_exceeds(value: Any, limit: int) -> bool:

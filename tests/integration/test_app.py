@@ -234,6 +234,57 @@ def test_invalid_payload_is_400_with_param(
     assert (error["code"], error["param"]) == ("invalid_payload", param)
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [
+        b'"n":1e400',
+        b'"n":-1e400',
+        b'"n":' + b"1" * 5000,
+        b'"n":-' + b"9" * 5000 + b',"m":0.5e-999',
+        b'"created":1e400',
+        b'"data":{"id":"cm_big","amount":18446744073709551616,"x":[1E+999,-0.1e400]}',
+    ],
+    ids=["1e400", "-1e400", "5000-digits", "negative-5000-digits", "created-float", "in-data"],
+)
+def test_numbers_beyond_a_double_are_accepted_and_stored_byte_exact(
+    tmp_path: Path, recorder: RecordingHandler, extra: bytes
+) -> None:
+    """Valid JSON that orjson cannot parse (RFC 8259 sets no limit on numbers) is a 200; the
+    stored body and the one handed to the handler are the bytes sent."""
+    body = b'{"id":"evt_big_number","type":"job.progress",' + extra + b"}"
+    app = create_app(settings_for(tmp_path / "events.db"), handlers=HandlerSet.of([recorder]))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = post(client, body)
+        assert response.status_code == 200, response.text
+        assert response.json() == {"received": True, "id": "evt_big_number", "duplicate": False}
+        wait_for_call(recorder)
+    assert recorder.calls[0].raw == body
+
+    async def stored() -> bytes | None:
+        store = open_store(f"sqlite:///{tmp_path / 'events.db'}")
+        await store.open()
+        try:
+            record = await store.get_event("evt_big_number")
+            return None if record is None else record.raw
+        finally:
+            await store.close()
+
+    assert asyncio.run(stored()) == body
+
+
+def test_a_created_integer_beyond_64_bits_is_400_naming_it(client: TestClient) -> None:
+    """``created`` is a column the service reads: an integer out of its range is refused
+    with ``param: created`` however it is written, never a 503 retried forever."""
+    for digits in (b"-9223372036854775809", b"18446744073709551616", b"1" * 4000):
+        body = b'{"id":"evt_c","type":"job.progress","created":' + digits + b"}"
+        response = post(client, body)
+        assert response.status_code == 400
+        assert (error_of(response)["code"], error_of(response)["param"]) == (
+            "invalid_payload",
+            "created",
+        )
+
+
 def test_unknown_type_and_fields_are_accepted(
     client: TestClient, recorder: RecordingHandler
 ) -> None:

@@ -334,6 +334,32 @@ def test_events_show_prints_a_payload_nested_past_what_orjson_writes(
     assert doc["payload"]["id"] == "evt_deep"
 
 
+def test_events_show_prints_numbers_beyond_a_double_as_sent(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A stored body holding ``1e400`` and a 5000-digit integer (valid JSON orjson cannot
+    read) is shown by ``events show`` and ``--json`` with those numbers as sent."""
+    url = f"sqlite:///{tmp_path / 'big.db'}"
+    huge = b"-" + b"9" * 5000
+    raw = b'{"id":"evt_big","type":"job.completed","a":1e400,"data":{"n":' + huge + b"}}"
+
+    async def fill() -> None:
+        store = open_store(url)
+        await store.open()
+        await store.accept(Event.from_body(raw), ["log"], now=datetime.now(UTC))
+        await store.close()
+
+    asyncio.run(fill())
+    env = {"LACUNA_DATABASE_URL": url}
+    assert main(["events", "show", "evt_big"], env) == 0
+    out = capsys.readouterr().out
+    assert raw.decode() in out
+    assert main(["events", "show", "evt_big", "--json"], env) == 0
+    doc = json.loads(capsys.readouterr().out, parse_int=str, parse_float=str)
+    assert doc["payload"]["a"] == "1e400"
+    assert doc["payload"]["data"]["n"] == huge.decode()
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [

@@ -70,7 +70,7 @@ from obstore.store import S3Store
 
 from ..errors import ConfigError, PermanentError, RateLimited, RetryLater
 from ..events import JobCompleted, Track, is_job_completed, parse_event
-from ..models import Event
+from ..models import Event, json_default, parse_json
 from ..redact import redact_url
 from ._common import int_setting, network_timeouts
 from ._http import OutboundClient, retry_after_seconds, transport_failure
@@ -542,8 +542,8 @@ def _manifest_entries(raw: bytes | None) -> dict[str, dict[str, Any]]:
     if raw is None:
         return {}
     try:
-        doc = orjson.loads(raw)
-    except orjson.JSONDecodeError:
+        doc = parse_json(raw)  # its "event" may hold a number beyond a double (1E+400)
+    except ValueError:
         return {}
     tracks = doc.get("tracks") if isinstance(doc, dict) else None
     entries: dict[str, dict[str, Any]] = {}
@@ -735,7 +735,8 @@ class StorageHandler:
         }
         await self.sink.write_bytes(
             f"{task_id}/{MANIFEST}",
-            orjson.dumps(doc, option=orjson.OPT_INDENT_2),
+            # json_default: a number beyond a double is a Decimal in the payload (parse_json).
+            orjson.dumps(doc, default=json_default, option=orjson.OPT_INDENT_2),
             content_type="application/json",
         )
 

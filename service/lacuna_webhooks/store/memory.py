@@ -22,10 +22,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
 from ..errors import EventNotFound, StoreUnavailable
-from ..models import Attempt, Delivery, DeliveryStatus, Event
+from ..models import Attempt, Delivery, DeliveryStatus, Event, parse_json
 from .base import (
     AttemptRecord,
     DeliveryRecord,
@@ -441,7 +439,7 @@ class MemoryStore:
         if where.q is not None and where.q not in record.raw.decode("utf-8", "replace"):
             return False
         if where.match:
-            payload = orjson.loads(record.raw)
+            payload = parse_json(record.raw)
             for path, wanted in where.match:
                 found, value = field_at(payload, path)
                 if not found or not matches_value(value, wanted):
