@@ -211,6 +211,7 @@ class Event:
         if len(event_id) > MAX_ID_LENGTH:
             raise InvalidPayload(f"`id` is longer than {MAX_ID_LENGTH} characters.", param="id")
         _refuse_nul(event_id, "id")
+        _refuse_unclean_id(event_id)
         event_type = payload.get("type")
         if not isinstance(event_type, str) or not event_type.strip():
             raise InvalidPayload("`type` must be a non-empty string.", param="type")
@@ -285,6 +286,19 @@ def _nesting_exceeds(value: Any, limit: int) -> bool:
         children = node.values() if isinstance(node, dict) else node
         stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
     return False
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _refuse_unclean_id(event_id: str) -> None:
+    # The id is the dedupe key: " evt_1" or "evt_1\n" would be stored as a second event next
+    # to "evt_1" (and shown identically by every listing). No sender means that; refuse it.
+    if event_id != event_id.strip() or _CONTROL.search(event_id):
+        raise InvalidPayload(
+            "`id` must not begin or end with whitespace or contain control characters.",
+            param="id",
+        )
 
 
 def _refuse_nul(value: str, param: str) -> None:

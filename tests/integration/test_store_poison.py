@@ -262,6 +262,12 @@ def test_huge_numbers_parse_without_loss_of_the_body() -> None:
         (b'{"id":"evt_5k","type":"t","created":' + b"1" * 5000 + b"}", "created"),
         (b'{"id":"evt_5k","type":"t","n":1e400,"created":-' + b"1" * 400 + b"}", "created"),
         (b'{"id":"evt_\\u0000","type":"job.completed"}', "id"),
+        # The id is the dedupe key: a padded or control-laden copy would be a second event.
+        (b'{"id":" evt_1","type":"job.completed"}', "id"),
+        (b'{"id":"evt_1 ","type":"job.completed"}', "id"),
+        (b'{"id":"evt_1\\n","type":"job.completed"}', "id"),
+        (b'{"id":"evt\\t1","type":"job.completed"}', "id"),
+        (b'{"id":"evt_1\\u007f","type":"job.completed"}', "id"),
         (b'{"id":"evt_1","type":"job\\u0000"}', "type"),
         (b'{"id":"evt_1","type":"t","data":{"id":"cm\\u0000"}}', "data.id"),
         (b'{"id":"evt_1","type":"t","data":{"id":"' + b"c" * 256 + b'"}}', "data.id"),
