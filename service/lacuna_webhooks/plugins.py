@@ -29,6 +29,9 @@ import structlog
 
 from .config import (
     HANDLER_NAME_RE,
+    MAX_CONCURRENCY,
+    MAX_DELAY_SECONDS,
+    MAX_RETRY_ATTEMPTS,
     MAX_TIMEOUT_SECONDS,
     parse_list,
     read_setting,
@@ -225,7 +228,7 @@ def build_handlers(
                 timeout_seconds=_handler_timeout(name, environ, timeout_seconds),
                 kind=kind,
             )
-            slots[name] = int_setting(ctx, "CONCURRENCY", concurrency)
+            slots[name] = int_setting(ctx, "CONCURRENCY", concurrency, maximum=MAX_CONCURRENCY)
             policies[name] = _instance_policy(ctx, default_policy)
             after[name] = parse_list(ctx.get("AFTER") or "")
             handler = factory(ctx)
@@ -305,9 +308,15 @@ def _instance_policy(ctx: HandlerContext, default: RetryPolicy) -> RetryPolicy:
     """The instance's retry schedule: each ``LACUNA_<NAME>_RETRY_*`` set overrides the
     global value (SPEC §6); a cap below the base delay is a ``ConfigError``."""
     policy = RetryPolicy(
-        max_attempts=int_setting(ctx, "RETRY_MAX_ATTEMPTS", default.max_attempts),
-        base_delay_seconds=float_setting(ctx, "RETRY_BASE_DELAY", default.base_delay_seconds),
-        max_delay_seconds=float_setting(ctx, "RETRY_MAX_DELAY", default.max_delay_seconds),
+        max_attempts=int_setting(
+            ctx, "RETRY_MAX_ATTEMPTS", default.max_attempts, maximum=MAX_RETRY_ATTEMPTS
+        ),
+        base_delay_seconds=float_setting(
+            ctx, "RETRY_BASE_DELAY", default.base_delay_seconds, maximum=MAX_DELAY_SECONDS
+        ),
+        max_delay_seconds=float_setting(
+            ctx, "RETRY_MAX_DELAY", default.max_delay_seconds, maximum=MAX_DELAY_SECONDS
+        ),
     )
     if policy.max_delay_seconds < policy.base_delay_seconds:
         raise ConfigError(

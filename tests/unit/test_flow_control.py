@@ -167,13 +167,13 @@ def test_flow_settings_are_read_per_handler() -> None:
     }
 
 
-@pytest.mark.parametrize("raw", ["0", "-1", "x", "2.5"])
+@pytest.mark.parametrize("raw", ["0", "-1", "x", "2.5", "1000001", "9" * 5000])
 def test_a_bad_flow_setting_is_one_clear_line(raw: str) -> None:
     """A bad value names the variable and what it must be."""
     with pytest.raises(ConfigError) as caught:
         read_flow_control(["slack"], {"LACUNA_SLACK_PAUSE_AFTER_FAILURES": raw})
     assert caught.value.problems == [
-        f"LACUNA_SLACK_PAUSE_AFTER_FAILURES must be a whole number of at least 1, got {raw!r}"
+        f"LACUNA_SLACK_PAUSE_AFTER_FAILURES must be a whole number from 1 to 1000000, got {raw!r}"
     ]
 
 
@@ -188,7 +188,9 @@ def test_rate_limit_values(raw: str, count: int, period: float) -> None:
     assert flow.rate_limit.per_second == count / period
 
 
-@pytest.mark.parametrize("raw", ["0/s", "10", "10/d", "1.5/s", "-1/s", "ten/s"])
+@pytest.mark.parametrize(
+    "raw", ["0/s", "10", "10/d", "1.5/s", "-1/s", "ten/s", "1000001/s", "9" * 5000 + "/s"]
+)
 def test_a_bad_rate_limit_is_one_clear_line(raw: str) -> None:
     """A bad RATE_LIMIT names the variable, the accepted forms and the value given; every bad
     variable is reported at once."""
@@ -196,7 +198,7 @@ def test_a_bad_rate_limit_is_one_clear_line(raw: str) -> None:
     with pytest.raises(ConfigError) as caught:
         read_flow_control(["slack"], env)
     assert caught.value.problems == [
-        "LACUNA_SLACK_PAUSE_AFTER_FAILURES must be a whole number of at least 1, got '0'",
-        "LACUNA_SLACK_RATE_LIMIT must be N/s, N/m or N/h with N a whole number of at least 1 "
+        "LACUNA_SLACK_PAUSE_AFTER_FAILURES must be a whole number from 1 to 1000000, got '0'",
+        "LACUNA_SLACK_RATE_LIMIT must be N/s, N/m or N/h with N a whole number from 1 to 1000000 "
         f"(e.g. 1/s), got {raw!r}",
     ]

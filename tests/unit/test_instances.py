@@ -148,6 +148,12 @@ def test_overrides_default_to_the_global_values() -> None:
         ("LACUNA_APP_RETRY_BASE_DELAY", "nan", "LACUNA_APP_RETRY_BASE_DELAY must be a finite"),
         ("LACUNA_APP_RETRY_BASE_DELAY", "inf", "LACUNA_APP_RETRY_BASE_DELAY must be a finite"),
         ("LACUNA_APP_RETRY_MAX_DELAY", "1", "LACUNA_APP_RETRY_MAX_DELAY (1) must not be smaller"),
+        # Upper bounds, as the global settings have: a typo must not become "never".
+        ("LACUNA_APP_CONCURRENCY", "100000", "LACUNA_APP_CONCURRENCY must be at most 1000"),
+        ("LACUNA_APP_RETRY_MAX_ATTEMPTS", "10000000", "LACUNA_APP_RETRY_MAX_ATTEMPTS must be at"),
+        ("LACUNA_APP_RETRY_MAX_ATTEMPTS", "9" * 5000, "LACUNA_APP_RETRY_MAX_ATTEMPTS must be a"),
+        ("LACUNA_APP_RETRY_BASE_DELAY", "1e12", "LACUNA_APP_RETRY_BASE_DELAY must be at most"),
+        ("LACUNA_APP_RETRY_MAX_DELAY", "1e300", "LACUNA_APP_RETRY_MAX_DELAY must be at most"),
     ],
 )
 def test_bad_overrides_stop_the_start(var: str, value: str, message: str) -> None:

@@ -20,7 +20,11 @@ from dataclasses import dataclass
 from ..errors import ConfigError
 
 _PERIODS = {"s": 1.0, "m": 60.0, "h": 3600.0}
-_RATE = re.compile(r"\s*([0-9]+)\s*/\s*([smh])\s*")
+_RATE = re.compile(r"\s*([0-9]{1,12})\s*/\s*([smh])\s*")
+#: Upper bounds of the per-handler values: far above any real use, low enough that a typo
+#: (an extra digit or five) is reported instead of becoming a limit that never applies.
+MAX_RATE = 1_000_000
+MAX_PAUSE_AFTER = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,9 +52,9 @@ def parse_rate_limit(variable: str, raw: str) -> RateLimit:
     """``"10/s"`` -> ``RateLimit(10, 1.0)`` (``s``, ``m`` or ``h``; N at least 1); a bad
     value raises ``ConfigError`` naming ``variable``."""
     match = _RATE.fullmatch(raw)
-    if match is None or int(match.group(1)) < 1:
+    if match is None or not 1 <= int(match.group(1)) <= MAX_RATE:
         raise ConfigError(
-            f"{variable} must be N/s, N/m or N/h with N a whole number of at least 1 "
+            f"{variable} must be N/s, N/m or N/h with N a whole number from 1 to {MAX_RATE} "
             f"(e.g. 1/s), got {raw!r}"
         )
     return RateLimit(int(match.group(1)), _PERIODS[match.group(2)])
@@ -67,12 +71,11 @@ def _pause_after(handler: str, environ: Mapping[str, str]) -> int | None:
     raw = environ.get(variable, "").strip()
     if not raw:
         return None
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise ConfigError(f"{variable} must be a whole number of at least 1, got {raw!r}")
+    value = int(raw) if re.fullmatch(r"[+-]?[0-9]{1,12}", raw) else 0
+    if not 1 <= value <= MAX_PAUSE_AFTER:
+        raise ConfigError(
+            f"{variable} must be a whole number from 1 to {MAX_PAUSE_AFTER}, got {raw!r}"
+        )
     return value
 
 

@@ -17,8 +17,11 @@ DEFAULT_CONNECT_TIMEOUT_SECONDS = 10.0
 DEFAULT_READ_TIMEOUT_SECONDS = 30.0
 
 
-def float_setting(ctx: HandlerContext, key: str, default: float) -> float:
-    """``LACUNA_<NAME>_<KEY>`` as a finite number > 0, or ``default`` when unset."""
+def float_setting(
+    ctx: HandlerContext, key: str, default: float, *, maximum: float | None = None
+) -> float:
+    """``LACUNA_<NAME>_<KEY>`` as a finite number > 0 (and at most ``maximum``), or
+    ``default`` when unset."""
     raw = ctx.get(key)
     if raw is None:
         return default
@@ -28,11 +31,14 @@ def float_setting(ctx: HandlerContext, key: str, default: float) -> float:
         raise ConfigError(f"{ctx.env_name(key)} must be a number, got {raw!r}") from None
     if not math.isfinite(value) or value <= 0:
         raise ConfigError(f"{ctx.env_name(key)} must be a finite number greater than 0")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{ctx.env_name(key)} must be at most {maximum:g}, got {raw!r}")
     return value
 
 
-def int_setting(ctx: HandlerContext, key: str, default: int) -> int:
-    """``LACUNA_<NAME>_<KEY>`` as a whole number > 0, or ``default`` when unset."""
+def int_setting(ctx: HandlerContext, key: str, default: int, *, maximum: int | None = None) -> int:
+    """``LACUNA_<NAME>_<KEY>`` as a whole number > 0 (and at most ``maximum``), or
+    ``default`` when unset."""
     raw = ctx.get(key)
     if raw is None:
         return default
@@ -42,6 +48,8 @@ def int_setting(ctx: HandlerContext, key: str, default: int) -> int:
         raise ConfigError(f"{ctx.env_name(key)} must be a whole number, got {raw!r}") from None
     if value <= 0:
         raise ConfigError(f"{ctx.env_name(key)} must be greater than 0, got {raw!r}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{ctx.env_name(key)} must be at most {maximum}, got {raw!r}")
     return value
 
 
