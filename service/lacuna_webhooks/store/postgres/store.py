@@ -76,6 +76,8 @@ PRUNE_LOCK_KEY = 0x6C61_6375_6E61_0002
 #: The longest an admin search may run (milliseconds): past it the search fails (the admin
 #: API answers 503) instead of holding a pooled connection.
 SEARCH_TIMEOUT_MS = 20_000
+#: How many admin searches may run at once (each holds one pooled connection meanwhile).
+SEARCH_SLOTS = 2
 #: The NOTIFY channel replicas nudge each other on.
 DEFAULT_CHANNEL = "lacuna_webhooks"
 
@@ -199,6 +201,8 @@ class PostgresStore:
         self._listener_task: asyncio.Task[None] | None = None
         self._closing = False
         self._health = CommitHealth()
+        # Admin searches share the pool with intake: at most this many hold a connection.
+        self._search_slots = asyncio.Semaphore(SEARCH_SLOTS)
 
     def __repr__(self) -> str:
         # The DSN may carry a password: never show it.
@@ -548,7 +552,11 @@ class PostgresStore:
         sql, params = search_sql(
             "postgres", where, cursor=cursor, limit=limit, now=datetime.now(UTC)
         )
-        async with self._connection() as conn, conn.transaction(readonly=True):
+        async with (
+            self._search_slots,
+            self._connection() as conn,
+            conn.transaction(readonly=True),
+        ):
             await conn.execute(f"SET LOCAL statement_timeout = {SEARCH_TIMEOUT_MS}")
             found = await conn.fetch(sql, *params)
         page = found[: max(limit, 0)]
