@@ -38,6 +38,7 @@ import math
 import re
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 
@@ -49,6 +50,7 @@ from ..base import (
     EventFilter,
     EventPage,
     EventRecord,
+    HandlerActivity,
     HandlerState,
     QueueStats,
     TaskRecord,
@@ -572,6 +574,7 @@ class PostgresStore:
         handler: str | None = None,
         event_id: str | None = None,
         limit: int = 50,
+        before: int | None = None,
     ) -> list[DeliveryRecord]:
         """Newest first (by id, which follows creation)."""
         async with self._connection() as conn:
@@ -581,6 +584,7 @@ class PostgresStore:
                 handler,
                 event_id,
                 max(limit, 0),
+                before,
             )
         return [delivery_record(row, _at) for row in rows]
 
@@ -665,6 +669,26 @@ class PostgresStore:
         async with self._connection() as conn:
             rows = await conn.fetch(Q["handler_states"])
         return [handler_state(row, _at) for row in rows]
+
+    async def handler_activity(self, *, now: datetime, since: datetime) -> list[HandlerActivity]:
+        found: dict[str, dict[str, Any]] = {}
+        async with self._connection() as conn, conn.transaction(readonly=True):
+            for row in await conn.fetch(Q["handler_queue"], _utc(now)):
+                found[row["handler"]] = {
+                    name: row[name] for name in ("running", "due", "waiting", "dead")
+                }
+            for row in await conn.fetch(Q["handler_attempts"], _utc(since)):
+                found.setdefault(row["handler"], {}).update(
+                    attempts=row["attempts"],
+                    succeeded=row["succeeded"],
+                    p50_seconds=row["p50_seconds"],
+                    p95_seconds=row["p95_seconds"],
+                )
+            for row in await conn.fetch(Q["handler_last_errors"], _utc(since)):
+                found.setdefault(row["handler"], {}).update(
+                    last_error=row["last_error"], last_error_at=row["last_error_at"]
+                )
+        return [HandlerActivity(handler=name, **found[name]) for name in sorted(found)]
 
     async def count_failure(
         self, handler: str, *, pause_after: int | None, reason: str, now: datetime

@@ -38,6 +38,7 @@ from ..base import (
     EventFilter,
     EventPage,
     EventRecord,
+    HandlerActivity,
     HandlerState,
     QueueStats,
     TaskRecord,
@@ -309,12 +310,14 @@ class SQLiteStore:
         handler: str | None = None,
         event_id: str | None = None,
         limit: int = 50,
+        before: int | None = None,
     ) -> list[DeliveryRecord]:
         args = {
             "status": None if status is None else status.value,
             "handler": handler,
             "event_id": event_id,
             "limit": limit,
+            "before": before,
         }
         if event_id is not None:
             # One event's deliveries: an index lookup the dispatcher makes for AFTER results;
@@ -357,6 +360,9 @@ class SQLiteStore:
 
     async def handler_states(self) -> list[HandlerState]:
         return await self._writer.run(ops.handler_states, False, write=False)
+
+    async def handler_activity(self, *, now: datetime, since: datetime) -> list[HandlerActivity]:
+        return await self._reader.run(ops.handler_activity, epoch(now), epoch(since))
 
     async def count_failure(
         self, handler: str, *, pause_after: int | None, reason: str, now: datetime
