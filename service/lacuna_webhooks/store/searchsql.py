@@ -53,6 +53,17 @@ def _sqlite_path(path: str) -> str | None:
     return "$." + ".".join(f'"{key}"' for key in keys)
 
 
+def _literal(wanted: str) -> bytes | None:
+    """The bytes any stored body holding a field equal to ``wanted`` must contain, when that
+    is knowable: the JSON text of an equal number, boolean or null is ``wanted`` itself, and
+    a JSON encoder writes a string of printable ASCII other than ``"``, ``\\`` and ``/``
+    (which some escape) as it is. Else ``None`` (no pre-filter). Parsing a body costs ten
+    times scanning it for bytes, so this keeps a ``match`` search near the cost of ``q``."""
+    if wanted and all(" " <= c <= "~" and c not in '"\\/' for c in wanted):
+        return wanted.encode("ascii")
+    return None
+
+
 def _state(dialect: Dialect, status: str, p: _Params, now: datetime) -> str:
     """The condition on delivery ``d`` for one ``DELIVERY_STATES`` name (``search.py``
     ``delivery_state``). PostgreSQL times leases by the database's clock, as ``claim``."""
@@ -194,6 +205,12 @@ def search_sql(
         else:
             conds.append(f"position({p(needle, '::bytea')} in e.raw) > 0")
     for path, wanted in where.match:
+        literal = _literal(wanted)
+        if literal is not None:  # cheap first: most bodies never hold the value at all
+            if dialect == "sqlite":
+                conds.append(f"instr(e.raw, {p(literal)}) > 0")
+            else:
+                conds.append(f"position({p(literal, '::bytea')} in e.raw) > 0")
         if dialect == "sqlite":
             conds.append(_match_sqlite(path, wanted, p))
         else:
