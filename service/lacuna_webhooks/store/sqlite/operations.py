@@ -33,11 +33,13 @@ from ..base import (
     AttemptRecord,
     DeliveryRecord,
     EventRecord,
+    HandlerActivity,
     HandlerState,
     QueueStats,
     TaskRecord,
 )
 from ..queries import load
+from ..searchsql import next_cursor
 from .writer import transaction
 
 BUSY_TIMEOUT_MS = 5000
@@ -383,8 +385,42 @@ def get_event(c: sqlite3.Connection, event_id: str) -> EventRecord | None:
     return None if row is None else rows.event_record(row, at)
 
 
+def search_events(
+    c: sqlite3.Connection, sql: str, params: list[Any], limit: int
+) -> tuple[list[EventRecord], str | None]:
+    """One page of ``searchsql.search_sql``'s statement (it asks for ``limit + 1`` rows) and
+    the cursor of the next page, or ``None``."""
+    found = c.execute(sql, params).fetchall()
+    page = found[:limit]
+    cursor = None
+    if len(found) > limit and page:
+        cursor = next_cursor("sqlite", page[-1]["received_at"], page[-1]["seq"])
+    return [rows.event_record(row, at) for row in page], cursor
+
+
 def list_deliveries(c: sqlite3.Connection, args: dict[str, Any]) -> list[DeliveryRecord]:
     return [rows.delivery_record(row, at) for row in c.execute(Q["list_deliveries"], args)]
+
+
+def handler_activity(c: sqlite3.Connection, now: float, since: float) -> list[HandlerActivity]:
+    """Every handler's queue and recent attempts (three statements in one read snapshot)."""
+    found: dict[str, dict[str, Any]] = {}
+    for row in c.execute(Q["handler_queue"], {"now": now}):
+        counts = found.setdefault(row["handler"], {})
+        for name in ("running", "due", "waiting", "dead"):
+            counts[name] = counts.get(name, 0) + row[name]
+    for row in c.execute(Q["handler_attempts"], {"since": since}):
+        found.setdefault(row["handler"], {}).update(
+            attempts=row["attempts"],
+            succeeded=row["succeeded"],
+            p50_seconds=row["p50_seconds"],
+            p95_seconds=row["p95_seconds"],
+        )
+    for row in c.execute(Q["handler_last_errors"], {"since": since}):
+        found.setdefault(row["handler"], {}).update(
+            last_error=row["last_error"], last_error_at=at(row["last_error_at"])
+        )
+    return [HandlerActivity(handler=name, **found[name]) for name in sorted(found)]
 
 
 def list_attempts(c: sqlite3.Connection, delivery_id: int) -> list[AttemptRecord]:
