@@ -18,6 +18,7 @@ import pytest
 from lacuna_webhooks.errors import EventNotFound, StoreUnavailable
 from lacuna_webhooks.models import Attempt, AttemptOutcome, Delivery, DeliveryStatus, Event
 from lacuna_webhooks.store import Store
+from lacuna_webhooks.store.base import EventFilter
 from tests.conftest import make_event
 
 NOW = datetime(2025, 11, 21, 12, 0, tzinfo=UTC)
@@ -864,3 +865,219 @@ async def test_concurrent_takers_never_exceed_the_bucket(store: Store) -> None:
         )
     )
     assert sum(got) == 10
+
+
+# --- search_events (the admin search, SPEC §9 GET /events) ----------------------------------
+# Leases on PostgreSQL run by the database's clock and due-ness by the caller's `now`, and a
+# search judges both by the present: these tests place their events around the real time.
+
+
+def body_event(event_id: str, raw: bytes, event_type: str = "job.completed") -> Event:
+    """An event stored with ``raw`` as its body as is (bodies stored before today's checks, or
+    written by another tool, may hold what intake now refuses)."""
+    return Event(id=event_id, type=event_type, payload={}, raw=raw)
+
+
+async def search_ids(store: Store, where: EventFilter | None = None, **kwargs: Any) -> list[str]:
+    page = await store.search_events(where or EventFilter(**kwargs), limit=500)
+    assert page.next_cursor is None
+    return [r.id for r in page.records]
+
+
+async def seed_search(store: Store) -> datetime:
+    """Six events one second apart (e1 oldest) with deliveries of `a` and `b` in known states;
+    returns the received time of e1."""
+    t0 = wall_now() - timedelta(hours=1)
+    specs: list[tuple[str, str, str, dict[str, Any]]] = [
+        ("e1", "job.completed", "task_1", {"title": "Late Night Study", "n": 1}),
+        ("e2", "job.failed", "task_1", {"title": "Late Night Study", "n": 2, "ok": False}),
+        ("e3", "job.completed", "task_2", {"title": "Morning", "n": 1.5, "ok": True}),
+        ("e4", "job.completed", "task_3", {"title": "1", "n": None, "meta": {"k": {"x": "y"}}}),
+        ("e5", "job.progress", "task_3", {"title": "Evening", "n": 1, "tags": ["a"]}),
+        ("e6", "job.completed", "task_4", {"title": "Late Night Study x", "n": 10}),
+    ]
+    for i, (event_id, event_type, task_id, data) in enumerate(specs):
+        handlers = ["a"] if event_id != "e6" else ["a", "b"]
+        stored = event(event_id, event_type, task_id=task_id, **data)
+        assert await store.accept(stored, handlers, now=t0 + i * SECOND)
+    # a: e1 done, e2 dead, e3 waiting (retry in an hour), e4 running (leased now), e5/e6 due.
+    now = wall_now()
+    for _ in range(4):
+        claimed = await store.claim(handler="a", limit=1, lease=LEASE, now=now)
+        (d,) = claimed
+        at = Attempt(now, now + SECOND, AttemptOutcome.OK, None)
+        if d.event.id == "e1":
+            assert await store.complete(d, at)
+        elif d.event.id == "e2":
+            assert await store.dead(d, Attempt(now, now, AttemptOutcome.DEAD, "boom"))
+        elif d.event.id == "e3":
+            retry = Attempt(now, now, AttemptOutcome.RETRY, "later")
+            assert await store.retry(d, retry, at=now + timedelta(hours=1))
+        else:
+            assert d.event.id == "e4"  # left leased: running
+    return t0
+
+
+async def test_search_filters(store: Store) -> None:
+    """Each filter alone and together selects what EventFilter's docstring says, newest
+    first."""
+    t0 = await seed_search(store)
+    assert await search_ids(store) == ["e6", "e5", "e4", "e3", "e2", "e1"]
+    assert await search_ids(store, type="job.completed") == ["e6", "e4", "e3", "e1"]
+    assert await search_ids(store, type="job.nothing") == []
+    assert await search_ids(store, task_id="task_3") == ["e5", "e4"]
+    assert await search_ids(store, since=t0 + 2 * SECOND) == ["e6", "e5", "e4", "e3"]
+    assert await search_ids(store, until=t0 + 2 * SECOND) == ["e2", "e1"]
+    assert await search_ids(store, since=t0 + SECOND, until=t0 + 3 * SECOND) == ["e3", "e2"]
+    assert await search_ids(store, handler="b") == ["e6"]
+    assert await search_ids(store, handler="zz") == []
+    assert await search_ids(store, handler="a", status="done") == ["e1"]
+    assert await search_ids(store, handler="a", status="dead") == ["e2"]
+    assert await search_ids(store, handler="a", status="waiting") == ["e3"]
+    assert await search_ids(store, handler="a", status="running") == ["e4"]
+    assert await search_ids(store, handler="a", status="due") == ["e6", "e5"]
+    assert await search_ids(store, handler="a", status="pending") == ["e6", "e5", "e4", "e3"]
+    assert await search_ids(store, handler="b", status="due") == ["e6"]
+    assert await search_ids(store, handler="b", status="dead") == []
+    assert await search_ids(store, status="dead") == ["e2"]
+    assert await search_ids(store, q="Late Night") == ["e6", "e2", "e1"]
+    assert await search_ids(store, q="late night") == []  # case-sensitive
+    assert await search_ids(store, q='"n":1.5') == ["e3"]
+    both = EventFilter(type="job.completed", q="Late Night", handler="a", status="pending")
+    assert await search_ids(store, both) == ["e6"]
+
+
+async def test_search_match(store: Store) -> None:
+    """match: a string equal to the value, or a number/boolean/null whose JSON text equals it;
+    dotted paths through objects only; several conditions all hold."""
+    await seed_search(store)
+
+    async def match(*pairs: tuple[str, str]) -> list[str]:
+        return await search_ids(store, match=pairs)
+
+    assert await match(("data.title", "Late Night Study")) == ["e2", "e1"]
+    assert await match(("data.title", "Late Night")) == []  # equality, not substring
+    assert await match(("data.title", "1")) == ["e4"]  # the string "1"
+    assert await match(("data.n", "1")) == ["e5", "e1"]  # the number 1
+    assert await match(("data.n", "1.5")) == ["e3"]
+    assert await match(("data.n", "null")) == ["e4"]
+    assert await match(("data.ok", "false")) == ["e2"]
+    assert await match(("data.ok", "true")) == ["e3"]
+    assert await match(("data.meta.k.x", "y")) == ["e4"]
+    assert await match(("data.meta.k", '{"x":"y"}')) == []  # objects never match
+    assert await match(("data.tags", '["a"]')) == []  # nor arrays
+    assert await match(("data.tags.0", "a")) == []  # no list indexing
+    assert await match(("data.missing", "null")) == []  # missing is not null
+    assert await match(("type", "job.failed")) == ["e2"]
+    assert await match(("data.title", "Late Night Study"), ("data.n", "2")) == ["e2"]
+    assert await match(("data.title", "Late Night Study"), ("data.n", "10")) == []
+
+
+async def test_search_match_odd_keys(store: Store) -> None:
+    """Keys holding characters that JSON path syntaxes use ($ [ ] " * space) are plain
+    labels."""
+    data = {"a[0]": "bracket", 'q"uote': "quote", "$ *": "dollar", "é": "accent"}
+    assert await store.accept(event("odd", **data), [], now=wall_now())
+    assert await store.accept(event("plain"), [], now=wall_now())
+    for key, value in data.items():
+        assert await search_ids(store, match=((f"data.{key}", value),)) == ["odd"], key
+        assert await search_ids(store, match=((f"data.{key}", "other"),)) == []
+
+
+HOSTILE_BODIES: dict[str, bytes] = {
+    "nul": b'{"id":"nul","type":"t","data":{"title":"a\\u0000b","x\\u0000y":1}}',
+    "nul_key": b'{"id":"nul_key","type":"t","data":{"\\u0000":"v"}}',
+    "surrogate": b'{"id":"surrogate","type":"t","data":{"title":"\\ud800"}}',
+    "big_float": b'{"id":"big_float","type":"t","data":{"n":1e400}}',
+    "big_int": b'{"id":"big_int","type":"t","data":{"n":' + b"9" * 5000 + b"}}",
+    "deep": b'{"id":"deep","type":"t","data":' + b'{"a":' * 3000 + b"1" + b"}" * 3000 + b"}",
+    "huge": b'{"id":"huge","type":"t","data":{"title":"' + b"x" * 2_000_000 + b'"}}',
+    "not_json": b"this is not JSON at all",
+}
+
+
+async def test_search_never_fails_on_hostile_bodies(store: Store) -> None:
+    """Bodies a database's JSON cannot read (NUL escapes, lone surrogates, numbers beyond a
+    double, nesting past any parser's limit, megabytes of text, not JSON) never fail a search:
+    a `match` skips them, `q` still reads their bytes, and the other events are found."""
+    now = wall_now()
+    for event_id, raw in HOSTILE_BODIES.items():
+        assert await store.accept(body_event(event_id, raw), ["a"], now=now)
+    assert await store.accept(event("normal", title="Late Night Study", n=1), ["a"], now=now)
+    everything = ["normal", *reversed(HOSTILE_BODIES)]
+    assert await search_ids(store) == everything
+    assert await search_ids(store, match=(("data.title", "Late Night Study"),)) == ["normal"]
+    assert await search_ids(store, match=(("data.n", "1"),)) == ["normal"]
+    for path, wanted in [
+        ("data.title", "a"),
+        ("data.title", "a\x01b"),
+        ("data.n", "1e400"),
+        ("data.n", "9" * 50),
+        ("data.a.a.a", "1"),
+        ("data.title", "x" * 20),
+        ("data.x", "1"),
+    ]:
+        found = await search_ids(store, match=((path, wanted),))
+        assert "normal" not in found
+    # Strings with an escaped NUL never equal a value without one (values cannot hold NUL).
+    assert "nul" not in await search_ids(store, match=(("data.title", "a"),))
+    assert await search_ids(store, q="\\u0000") == ["nul_key", "nul"]
+    assert await search_ids(store, q="is not JSON") == ["not_json"]
+    assert await search_ids(store, q="\ud800") == []  # no stored text holds a lone surrogate
+    assert await search_ids(store, q="x" * 1000) == ["huge"]
+    assert await search_ids(store, handler="a", status="due") == everything
+
+
+async def test_search_pages_follow_cursors(store: Store) -> None:
+    """Pages of `limit` follow each other newest first with no gap or repeat, also across
+    events received at the same instant; the last page has no cursor. Events stored after
+    the first page do not shift the following pages."""
+    now = wall_now()
+    for i in range(7):
+        at = now if i in (2, 3, 4) else now + i * SECOND  # three ties
+        assert await store.accept(event(f"p{i}", n=i), [], now=at)
+    expected = ["p6", "p5", "p1", "p4", "p3", "p2", "p0"]  # ties: later arrival first
+    seen: list[str] = []
+    cursor: str | None = None
+    pages = 0
+    while True:
+        page = await store.search_events(EventFilter(), cursor=cursor, limit=3)
+        seen += [r.id for r in page.records]
+        pages += 1
+        if pages == 1:
+            assert await store.accept(event("late"), [], now=now + 10 * SECOND)
+        if page.next_cursor is None:
+            break
+        assert isinstance(page.next_cursor, str)
+        cursor = page.next_cursor
+    assert seen == expected
+    assert pages == 3
+    # A filtered listing pages the same way; exactly `limit` results leave no cursor.
+    page = await store.search_events(EventFilter(match=(("data.n", "3"),)), limit=1)
+    assert [r.id for r in page.records] == ["p3"]
+    assert page.next_cursor is None
+    exact = await store.search_events(EventFilter(until=now + 10 * SECOND), limit=7)
+    assert len(exact.records) == 7
+    assert exact.next_cursor is None
+
+
+async def test_search_refuses_cursors_it_did_not_make(store: Store) -> None:
+    """A cursor that is not one this store made is a ValueError (the API's 400), never a
+    database error or an empty page."""
+    from lacuna_webhooks.store.search import encode_cursor
+
+    for bad in [
+        "",
+        "garbage!",
+        "bm90IGpzb24",
+        encode_cursor("x"),
+        encode_cursor(1, 2, 3),
+        encode_cursor("2025-01-01", "x"),
+        encode_cursor(None, None),
+        encode_cursor(True, 1),
+        encode_cursor(1.5, 2.5),
+        encode_cursor({"a": 1}, 1),
+        "\ud800",
+    ]:
+        with pytest.raises(ValueError, match="cursor"):
+            await store.search_events(EventFilter(), cursor=bad)

@@ -441,7 +441,10 @@ class MemoryStore:
         if where.q is not None and where.q not in record.raw.decode("utf-8", "replace"):
             return False
         if where.match:
-            payload = orjson.loads(record.raw)
+            try:
+                payload = orjson.loads(record.raw)
+            except orjson.JSONDecodeError:
+                return False  # a body the JSON parser cannot read matches no field
             for path, wanted in where.match:
                 found, value = field_at(payload, path)
                 if not found or not matches_value(value, wanted):

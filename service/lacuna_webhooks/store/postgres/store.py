@@ -65,6 +65,7 @@ from ..rows import (
     task_record,
 )
 from ..rules import CommitHealth, task_order
+from ..searchsql import next_cursor, search_sql
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,9 @@ log = logging.getLogger(__name__)
 MIGRATE_LOCK_KEY = 0x6C61_6375_6E61_0001
 #: ``pg_try_advisory_xact_lock`` key held by the replica that is pruning.
 PRUNE_LOCK_KEY = 0x6C61_6375_6E61_0002
+#: The longest an admin search may run (milliseconds): past it the search fails (the admin
+#: API answers 503) instead of holding a pooled connection.
+SEARCH_TIMEOUT_MS = 20_000
 #: The NOTIFY channel replicas nudge each other on.
 DEFAULT_CHANNEL = "lacuna_webhooks"
 
@@ -538,7 +542,20 @@ class PostgresStore:
     async def search_events(
         self, where: EventFilter, *, cursor: str | None = None, limit: int = 50
     ) -> EventPage:
-        raise NotImplementedError("search_events: the admin-core branch implements it")
+        """``searchsql`` rules; the cursor is ``[received_at, seq]`` of the page's last row.
+        The statement runs under ``SEARCH_TIMEOUT_MS`` so a search never holds one of the
+        pool's connections (which intake shares) for long."""
+        sql, params = search_sql(
+            "postgres", where, cursor=cursor, limit=limit, now=datetime.now(UTC)
+        )
+        async with self._connection() as conn, conn.transaction(readonly=True):
+            await conn.execute(f"SET LOCAL statement_timeout = {SEARCH_TIMEOUT_MS}")
+            found = await conn.fetch(sql, *params)
+        page = found[: max(limit, 0)]
+        next_page = None
+        if len(found) > limit and page:
+            next_page = next_cursor("postgres", page[-1]["received_at"], page[-1]["seq"])
+        return EventPage([event_record(row, _at) for row in page], next_page)
 
     async def list_deliveries(
         self,

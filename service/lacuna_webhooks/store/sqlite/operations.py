@@ -38,6 +38,7 @@ from ..base import (
     TaskRecord,
 )
 from ..queries import load
+from ..searchsql import next_cursor
 from .writer import transaction
 
 BUSY_TIMEOUT_MS = 5000
@@ -371,6 +372,19 @@ def list_events(c: sqlite3.Connection, event_type: str | None, limit: int) -> li
 def get_event(c: sqlite3.Connection, event_id: str) -> EventRecord | None:
     row = c.execute(Q["get_event"], {"id": event_id}).fetchone()
     return None if row is None else rows.event_record(row, at)
+
+
+def search_events(
+    c: sqlite3.Connection, sql: str, params: list[Any], limit: int
+) -> tuple[list[EventRecord], str | None]:
+    """One page of ``searchsql.search_sql``'s statement (it asks for ``limit + 1`` rows) and
+    the cursor of the next page, or ``None``."""
+    found = c.execute(sql, params).fetchall()
+    page = found[:limit]
+    cursor = None
+    if len(found) > limit and page:
+        cursor = next_cursor("sqlite", page[-1]["received_at"], page[-1]["seq"])
+    return [rows.event_record(row, at) for row in page], cursor
 
 
 def list_deliveries(c: sqlite3.Connection, args: dict[str, Any]) -> list[DeliveryRecord]:

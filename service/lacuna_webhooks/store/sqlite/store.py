@@ -23,7 +23,7 @@ import functools
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from ...errors import StoreUnavailable
@@ -41,6 +41,7 @@ from ..base import (
 )
 from ..rows import result_text
 from ..rules import CommitHealth, task_order
+from ..searchsql import search_sql
 from . import operations as ops
 from .operations import PRUNE_CHUNK, AcceptRow, epoch
 from .process import ProcessWriter
@@ -283,7 +284,12 @@ class SQLiteStore:
     async def search_events(
         self, where: EventFilter, *, cursor: str | None = None, limit: int = 50
     ) -> EventPage:
-        raise NotImplementedError("search_events: the admin-core branch implements it")
+        """``searchsql`` rules; the cursor is ``[received_at, rowid]`` of the page's last row."""
+        sql, params = search_sql("sqlite", where, cursor=cursor, limit=limit, now=datetime.now(UTC))
+        records, next_cursor = await self._writer.run(
+            ops.search_events, sql, params, max(limit, 0), write=False
+        )
+        return EventPage(records, next_cursor)
 
     async def list_deliveries(
         self,

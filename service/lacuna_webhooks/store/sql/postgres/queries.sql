@@ -244,3 +244,18 @@ RETURNING tokens
 -- name: spend_tokens
 -- Take $3 tokens (negative: give unused ones back, never above $2).
 UPDATE rate_buckets SET tokens = least($2::float8, tokens - $3::float8) WHERE handler = $1
+
+-- name: search_events
+-- The admin search (store/searchsql.py fills in the conditions): newest first, ties by seq.
+SELECT e.seq, e.id, e.type, e.created, e.received_at, e.task_id, e.superseded, e.raw
+FROM events AS e
+WHERE /* where */
+ORDER BY e.received_at DESC, e.seq DESC
+
+-- name: search_events_payload
+-- The same with `match` conditions: the body parsed once per row that passes the other
+-- conditions (OFFSET 0 keeps the subquery from being inlined and the call repeated).
+SELECT e.seq, e.id, e.type, e.created, e.received_at, e.task_id, e.superseded, e.raw
+FROM events AS e CROSS JOIN LATERAL (SELECT lacuna_payload(e.raw) AS payload OFFSET 0) AS j
+WHERE /* where */
+ORDER BY e.received_at DESC, e.seq DESC

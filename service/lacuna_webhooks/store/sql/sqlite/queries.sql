@@ -216,3 +216,11 @@ RETURNING tokens
 -- name: spend_tokens
 -- Take :count tokens (negative: give unused ones back, never above :capacity).
 UPDATE rate_buckets SET tokens = min(:capacity, tokens - :count) WHERE handler = :handler
+
+-- name: search_events
+-- The admin search (store/searchsql.py fills in the conditions): newest first, ties by
+-- arrival (rowid); the rowid is the cursor's second half.
+SELECT e.rowid AS seq, e.id, e.type, e.created, e.received_at, e.task_id, e.superseded, e.raw
+FROM events AS e
+WHERE /* where */
+ORDER BY e.received_at DESC, e.rowid DESC
