@@ -20,7 +20,7 @@ from starlette.responses import RedirectResponse, Response
 
 from ...errors import EventNotFound
 from ...models import DeliveryStatus
-from ...store.base import DeliveryRecord, EventFilter, EventPage, EventRecord
+from ...store.base import DeliveryRecord, EventFilter, EventRecord
 from ...store.search import DELIVERY_STATES, delivery_state
 from ..auth import SESSION_COOKIE, SESSION_SECONDS, make_session, matching_token
 from ..context import AdminContext
@@ -72,18 +72,6 @@ def state_of(delivery: DeliveryRecord, now: datetime) -> str:
 
 def _done(request: Request) -> str | None:
     return _DONE_MESSAGES.get(request.query_params.get("done", ""))
-
-
-async def _search(
-    ctx: AdminContext, where: EventFilter, cursor: str | None, limit: int
-) -> EventPage:
-    """``store.search_events``; until a SQL backend has it, the newest events unfiltered."""
-    try:
-        return await ctx.store.search_events(where, cursor=cursor, limit=limit)
-    except NotImplementedError:
-        if where != EventFilter() or cursor is not None:
-            raise BadRequest("This store cannot search yet: clear the filters.") from None
-        return EventPage(await ctx.store.list_events(limit=limit), None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +158,7 @@ class Console:
             where = build_filter(values)
             limit, cursor = page_params(query)
             try:
-                found = await _search(self.ctx, where, cursor, limit)
+                found = await self.ctx.store.search_events(where, cursor=cursor, limit=limit)
             except ValueError:
                 raise BadRequest("That page link is stale: search again.", param="cursor") from None
             now = self.ctx.clock()
@@ -367,19 +355,12 @@ class Console:
         whether the cap cut the count."""
         found: dict[str, datetime] = {}
         cursor: str | None = None
-        try:
-            while len(found) < CHART_CAP:
-                batch = await self.ctx.store.search_events(where, cursor=cursor, limit=500)
-                found.update((r.id, r.received_at) for r in batch.records)
-                cursor = batch.next_cursor
-                if cursor is None:
-                    return found, False
-        except NotImplementedError:  # a store without search yet: its newest events
-            if where.status is not None:
-                return {}, False
-            for record in await self.ctx.store.list_events(limit=CHART_CAP):
-                if where.since is None or record.received_at >= where.since:
-                    found[record.id] = record.received_at
+        while len(found) < CHART_CAP:
+            batch = await self.ctx.store.search_events(where, cursor=cursor, limit=500)
+            found.update((r.id, r.received_at) for r in batch.records)
+            cursor = batch.next_cursor
+            if cursor is None:
+                return found, False
         return found, len(found) >= CHART_CAP
 
 
