@@ -124,6 +124,22 @@ async def test_sign_in_sets_a_strict_http_only_cookie(sqlite_store: Store) -> No
         assert (again.status_code, again.headers["location"]) == (303, "/tail")
 
 
+async def test_sign_in_from_another_site_is_refused(sqlite_store: Store) -> None:
+    async with client(sqlite_store) as http:
+        answer = await http.post(
+            "/sign-in", data={"token": TOKEN}, headers={"sec-fetch-site": "cross-site"}
+        )
+        assert answer.status_code == 403
+        assert "set-cookie" not in answer.headers
+        # What a browser sends from the console's own (no-referrer) page is accepted.
+        same = await http.post(
+            "/sign-in",
+            data={"token": TOKEN},
+            headers={"sec-fetch-site": "same-origin", "origin": "null"},
+        )
+        assert same.status_code == 303
+
+
 async def test_sign_in_over_https_sets_a_secure_cookie(sqlite_store: Store) -> None:
     async with client(sqlite_store, "https://console.test") as http:
         answer = await http.post("/sign-in", data={"token": TOKEN})
@@ -172,10 +188,9 @@ async def test_forms_without_the_csrf_token_are_refused(
             assert answer.status_code == 403, (presented, answer.text)
             assert "CSRF" in answer.text
         # From another site, even with the right token: refused before the body is read.
-        cross = await http.post(
-            path, data={**form, "csrf": csrf}, headers={"origin": "https://evil.example"}
-        )
-        assert cross.status_code == 403
+        for headers in ({"origin": "https://evil.example"}, {"sec-fetch-site": "cross-site"}):
+            cross = await http.post(path, data={**form, "csrf": csrf}, headers=headers)
+            assert cross.status_code == 403
         assert (await http.get("/events")).status_code == 200  # still signed in
     assert not any(s.paused for s in await sqlite_store.handler_states())
     deliveries = await sqlite_store.list_deliveries(event_id="evt_1")

@@ -148,11 +148,16 @@ async def read_form(request: Request) -> dict[str, list[str]] | None:
 
 
 def same_origin(request: Request) -> bool:
-    """Whether a state-changing request comes from this site's own pages: its ``Origin``
-    (when the browser sends one) names this host. The CSRF token is the real check; this
-    one refuses a cross-site post before its body is read."""
+    """Whether a state-changing request comes from this site's own pages. The browser's
+    ``Sec-Fetch-Site`` says so when sent (Chromium, Firefox); else an ``Origin`` naming
+    another host refuses it (``Origin: null``, which the console's no-referrer policy
+    makes browsers send, proves nothing either way). The CSRF token is the real check;
+    this one refuses a cross-site post before its body is read."""
+    fetch_site = request.headers.get("sec-fetch-site")
+    if fetch_site is not None:
+        return fetch_site in ("same-origin", "none")
     origin = request.headers.get("origin")
-    if origin is None:
+    if origin is None or origin == "null":
         return True
     try:
         return urlsplit(origin).netloc == request.headers.get("host", "")
