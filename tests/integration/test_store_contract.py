@@ -1081,3 +1081,61 @@ async def test_search_refuses_cursors_it_did_not_make(store: Store) -> None:
     ]:
         with pytest.raises(ValueError, match="cursor"):
             await store.search_events(EventFilter(), cursor=bad)
+
+
+async def test_list_deliveries_before_pages_by_id(store: Store) -> None:
+    """`before` lists only deliveries with a smaller id, newest first (the API's cursor)."""
+    for i in range(5):
+        assert await store.accept(event(f"d{i}"), ["a"], now=NOW)
+    everything = await store.list_deliveries(limit=10)
+    assert [d.event_id for d in everything] == ["d4", "d3", "d2", "d1", "d0"]
+    older = await store.list_deliveries(limit=2, before=everything[1].id)
+    assert [d.event_id for d in older] == ["d2", "d1"]
+    assert await store.list_deliveries(before=everything[-1].id) == []
+    assert [
+        d.event_id for d in await store.list_deliveries(handler="a", before=everything[3].id)
+    ] == ["d0"]
+
+
+async def test_handler_activity(store: Store) -> None:
+    """Per handler: pending split into due / running / waiting, dead, and the window's attempts
+    with their success count, nearest-rank p50/p95 durations and latest error; attempts before
+    the window do not count; handlers with only done deliveries and no recent attempt are
+    absent."""
+    now = wall_now()
+    since = now - timedelta(hours=1)
+    for i in range(6):
+        assert await store.accept(event(f"h{i}"), ["a", "b"], now=now - timedelta(hours=2))
+    assert await store.accept(event("old"), ["c"], now=now - timedelta(hours=3))
+    # c: one delivery completed three hours ago: outside the window, so c is absent.
+    (c,) = await store.claim(handler="c", limit=1, lease=LEASE, now=now)
+    three_hours = now - timedelta(hours=3)
+    assert await store.complete(c, Attempt(three_hours, three_hours, AttemptOutcome.OK, None))
+    claimed = await store.claim(handler="a", limit=5, lease=LEASE, now=now)
+    assert len(claimed) == 5
+    durations = [0.1, 0.2, 0.3, 0.4]
+    for d, seconds in zip(claimed[:3], durations, strict=False):
+        assert await store.complete(
+            d, Attempt(now, now + timedelta(seconds=seconds), AttemptOutcome.OK, None)
+        )
+    retry = Attempt(now, now + timedelta(seconds=0.4), AttemptOutcome.RETRY, "first")
+    assert await store.retry(claimed[3], retry, at=now + timedelta(hours=1))
+    dead = Attempt(now + SECOND, now + 3 * SECOND, AttemptOutcome.DEAD, "latest")
+    assert await store.dead(claimed[4], dead)
+    # a: 1 left due (h5); b: 6 due; the running one: claim one of b.
+    (running,) = await store.claim(handler="b", limit=1, lease=LEASE, now=now)
+    activity = {h.handler: h for h in await store.handler_activity(now=now, since=since)}
+    assert sorted(activity) == ["a", "b"]
+    a, b = activity["a"], activity["b"]
+    assert (a.due, a.running, a.waiting, a.dead) == (1, 0, 1, 1)
+    assert (b.due, b.running, b.waiting, b.dead) == (5, 1, 0, 0)
+    assert (a.attempts, a.succeeded) == (5, 3)
+    # durations 0.1 0.2 0.3 0.4 2.0: p50 is rank 3, p95 rank 5
+    assert a.p50_seconds == pytest.approx(0.3, abs=1e-3)
+    assert a.p95_seconds == pytest.approx(2.0, abs=1e-3)
+    assert a.last_error == "latest"
+    assert a.last_error_at is not None
+    assert abs((a.last_error_at - (now + 3 * SECOND)).total_seconds()) < 0.01
+    assert (b.attempts, b.succeeded, b.p50_seconds, b.p95_seconds) == (0, 0, None, None)
+    assert b.last_error is None
+    assert running.handler == "b"

@@ -180,6 +180,29 @@ class QueueStats:
 
 
 @dataclass(frozen=True, slots=True)
+class HandlerActivity:
+    """One handler's queue now and its attempts in a recent window (admin ``GET /handlers``).
+
+    ``due`` / ``running`` / ``waiting`` split its pending deliveries as ``search.py``'s
+    ``delivery_state`` does; ``dead`` counts its dead ones. ``attempts`` (and ``succeeded``,
+    those whose outcome was ``ok``) finished at or after the window's start; ``p50_seconds``
+    / ``p95_seconds`` are nearest-rank percentiles of their durations (``None`` without
+    attempts); ``last_error`` / ``last_error_at`` the latest failed attempt of the window."""
+
+    handler: str
+    due: int = 0
+    running: int = 0
+    waiting: int = 0
+    dead: int = 0
+    attempts: int = 0
+    succeeded: int = 0
+    p50_seconds: float | None = None
+    p95_seconds: float | None = None
+    last_error: str | None = None
+    last_error_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class HandlerState:
     """A handler's flow-control row: paused or not (and why), and its consecutive failed
     attempts (reset by a success or a resume). No row means running with no failures."""
@@ -269,8 +292,10 @@ class Store(Protocol):
         handler: str | None = None,
         event_id: str | None = None,
         limit: int = 50,
+        before: int | None = None,
     ) -> list[DeliveryRecord]:
-        """Newest first."""
+        """Newest first (by id); with ``before``, only deliveries whose id is smaller (the
+        admin API's cursor)."""
 
     async def list_attempts(self, delivery_id: int) -> list[AttemptRecord]:
         """Oldest first."""
@@ -296,6 +321,11 @@ class Store(Protocol):
 
     async def handler_states(self) -> list[HandlerState]:
         """Every handler's row, by name."""
+
+    async def handler_activity(self, *, now: datetime, since: datetime) -> list[HandlerActivity]:
+        """``HandlerActivity`` of every handler that has a pending or dead delivery, or an
+        attempt finished at or after ``since``, by name. Pending deliveries are split by
+        ``now`` (leases by the database's clock on PostgreSQL, as ``claim``)."""
 
     async def count_failure(
         self, handler: str, *, pause_after: int | None, reason: str, now: datetime
@@ -331,6 +361,7 @@ __all__ = [
     "EventFilter",
     "EventPage",
     "EventRecord",
+    "HandlerActivity",
     "HandlerState",
     "QueueStats",
     "Store",

@@ -25,19 +25,20 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from ..errors import EventNotFound, StoreUnavailable
-from ..models import Attempt, Delivery, DeliveryStatus, Event
+from ..models import Attempt, AttemptOutcome, Delivery, DeliveryStatus, Event
 from .base import (
     AttemptRecord,
     DeliveryRecord,
     EventFilter,
     EventPage,
     EventRecord,
+    HandlerActivity,
     HandlerState,
     QueueStats,
     TaskRecord,
     attempt_error,
 )
-from .rules import task_order
+from .rules import nearest_rank, task_order
 from .search import decode_cursor, delivery_state, encode_cursor, field_at, matches_value
 
 if TYPE_CHECKING:
@@ -69,6 +70,11 @@ class _DeliveryRow:
             and self.next_attempt_at <= now
             and (self.lease_until is None or self.lease_until <= now)
         )
+
+
+_ACTIVITY_FIELDS = frozenset(
+    {"due", "running", "waiting", "dead", "attempts", "succeeded", "last_error", "last_error_at"}
+)
 
 
 def _order(event: Event, received_at: datetime) -> float:
@@ -458,6 +464,7 @@ class MemoryStore:
         handler: str | None = None,
         event_id: str | None = None,
         limit: int = 50,
+        before: int | None = None,
     ) -> list[DeliveryRecord]:
         """Newest first (by id, which follows creation)."""
         async with self._lock:
@@ -469,6 +476,7 @@ class MemoryStore:
                 if (status is None or r.status is status)
                 and (handler is None or r.handler == handler)
                 and (event_id is None or r.event_id == event_id)
+                and (before is None or r.id < before)
             ][: max(0, limit)]
 
     def _record(self, row: _DeliveryRow) -> DeliveryRecord:
@@ -567,6 +575,42 @@ class MemoryStore:
         async with self._lock:
             self._check()
             return [self._handler_states[n] for n in sorted(self._handler_states)]
+
+    async def handler_activity(self, *, now: datetime, since: datetime) -> list[HandlerActivity]:
+        async with self._lock:
+            self._check()
+            rows = list(self._deliveries.values())
+        found: dict[str, dict[str, Any]] = {}
+        durations: dict[str, list[float]] = {}
+        for row in rows:
+            if row.status is not DeliveryStatus.DONE:
+                counts = found.setdefault(row.handler, {})
+                for state in delivery_state(row.status, row.next_attempt_at, row.lease_until, now):
+                    if state != "pending":
+                        counts[state] = counts.get(state, 0) + 1
+            for attempt in row.history:
+                if attempt.finished_at < since:
+                    continue
+                counts = found.setdefault(row.handler, {})
+                counts["attempts"] = counts.get("attempts", 0) + 1
+                ok = attempt.outcome is AttemptOutcome.OK
+                counts["succeeded"] = counts.get("succeeded", 0) + ok
+                durations.setdefault(row.handler, []).append(attempt.duration_seconds)
+                if attempt.error is not None and (
+                    counts.get("last_error_at") is None
+                    or attempt.finished_at >= counts["last_error_at"]
+                ):
+                    counts["last_error"] = attempt.error
+                    counts["last_error_at"] = attempt.finished_at
+        result = []
+        for name in sorted(found):
+            counts = {k: v for k, v in found[name].items() if k in _ACTIVITY_FIELDS}
+            ordered = sorted(durations.get(name, []))
+            if ordered:
+                counts["p50_seconds"] = nearest_rank(ordered, 50)
+                counts["p95_seconds"] = nearest_rank(ordered, 95)
+            result.append(HandlerActivity(handler=name, **counts))
+        return result
 
     async def count_failure(
         self, handler: str, *, pause_after: int | None, reason: str, now: datetime

@@ -55,4 +55,12 @@ class CommitHealth:
         self.failure = str(exc) or type(exc).__name__
 
 
-__all__ = ["MILLISECONDS_ABOVE", "CommitHealth", "task_order"]
+def nearest_rank(ordered: list[float], percent: int) -> float:
+    """The nearest-rank percentile of an ascending, non-empty list: the value at rank
+    ``ceil(percent * n / 100)`` (SQLite computes the same rank in integers; PostgreSQL's
+    ``percentile_disc`` is this definition)."""
+    rank = (len(ordered) * percent + 99) // 100
+    return ordered[max(rank, 1) - 1]
+
+
+__all__ = ["MILLISECONDS_ABOVE", "CommitHealth", "nearest_rank", "task_order"]

@@ -38,6 +38,7 @@ import math
 import re
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import asyncpg
 
@@ -49,6 +50,7 @@ from ..base import (
     EventFilter,
     EventPage,
     EventRecord,
+    HandlerActivity,
     HandlerState,
     QueueStats,
     TaskRecord,
@@ -76,6 +78,8 @@ PRUNE_LOCK_KEY = 0x6C61_6375_6E61_0002
 #: The longest an admin search may run (milliseconds): past it the search fails (the admin
 #: API answers 503) instead of holding a pooled connection.
 SEARCH_TIMEOUT_MS = 20_000
+#: How many admin searches may run at once (each holds one pooled connection meanwhile).
+SEARCH_SLOTS = 2
 #: The NOTIFY channel replicas nudge each other on.
 DEFAULT_CHANNEL = "lacuna_webhooks"
 
@@ -199,6 +203,8 @@ class PostgresStore:
         self._listener_task: asyncio.Task[None] | None = None
         self._closing = False
         self._health = CommitHealth()
+        # Admin searches share the pool with intake: at most this many hold a connection.
+        self._search_slots = asyncio.Semaphore(SEARCH_SLOTS)
 
     def __repr__(self) -> str:
         # The DSN may carry a password: never show it.
@@ -548,7 +554,11 @@ class PostgresStore:
         sql, params = search_sql(
             "postgres", where, cursor=cursor, limit=limit, now=datetime.now(UTC)
         )
-        async with self._connection() as conn, conn.transaction(readonly=True):
+        async with (
+            self._search_slots,
+            self._connection() as conn,
+            conn.transaction(readonly=True),
+        ):
             await conn.execute(f"SET LOCAL statement_timeout = {SEARCH_TIMEOUT_MS}")
             found = await conn.fetch(sql, *params)
         page = found[: max(limit, 0)]
@@ -564,6 +574,7 @@ class PostgresStore:
         handler: str | None = None,
         event_id: str | None = None,
         limit: int = 50,
+        before: int | None = None,
     ) -> list[DeliveryRecord]:
         """Newest first (by id, which follows creation)."""
         async with self._connection() as conn:
@@ -573,6 +584,7 @@ class PostgresStore:
                 handler,
                 event_id,
                 max(limit, 0),
+                before,
             )
         return [delivery_record(row, _at) for row in rows]
 
@@ -657,6 +669,26 @@ class PostgresStore:
         async with self._connection() as conn:
             rows = await conn.fetch(Q["handler_states"])
         return [handler_state(row, _at) for row in rows]
+
+    async def handler_activity(self, *, now: datetime, since: datetime) -> list[HandlerActivity]:
+        found: dict[str, dict[str, Any]] = {}
+        async with self._connection() as conn, conn.transaction(readonly=True):
+            for row in await conn.fetch(Q["handler_queue"], _utc(now)):
+                found[row["handler"]] = {
+                    name: row[name] for name in ("running", "due", "waiting", "dead")
+                }
+            for row in await conn.fetch(Q["handler_attempts"], _utc(since)):
+                found.setdefault(row["handler"], {}).update(
+                    attempts=row["attempts"],
+                    succeeded=row["succeeded"],
+                    p50_seconds=row["p50_seconds"],
+                    p95_seconds=row["p95_seconds"],
+                )
+            for row in await conn.fetch(Q["handler_last_errors"], _utc(since)):
+                found.setdefault(row["handler"], {}).update(
+                    last_error=row["last_error"], last_error_at=row["last_error_at"]
+                )
+        return [HandlerActivity(handler=name, **found[name]) for name in sorted(found)]
 
     async def count_failure(
         self, handler: str, *, pause_after: int | None, reason: str, now: datetime

@@ -33,6 +33,7 @@ from ..base import (
     AttemptRecord,
     DeliveryRecord,
     EventRecord,
+    HandlerActivity,
     HandlerState,
     QueueStats,
     TaskRecord,
@@ -389,6 +390,27 @@ def search_events(
 
 def list_deliveries(c: sqlite3.Connection, args: dict[str, Any]) -> list[DeliveryRecord]:
     return [rows.delivery_record(row, at) for row in c.execute(Q["list_deliveries"], args)]
+
+
+def handler_activity(c: sqlite3.Connection, now: float, since: float) -> list[HandlerActivity]:
+    """Every handler's queue and recent attempts (three statements in one read snapshot)."""
+    found: dict[str, dict[str, Any]] = {}
+    for row in c.execute(Q["handler_queue"], {"now": now}):
+        counts = found.setdefault(row["handler"], {})
+        for name in ("running", "due", "waiting", "dead"):
+            counts[name] = counts.get(name, 0) + row[name]
+    for row in c.execute(Q["handler_attempts"], {"since": since}):
+        found.setdefault(row["handler"], {}).update(
+            attempts=row["attempts"],
+            succeeded=row["succeeded"],
+            p50_seconds=row["p50_seconds"],
+            p95_seconds=row["p95_seconds"],
+        )
+    for row in c.execute(Q["handler_last_errors"], {"since": since}):
+        found.setdefault(row["handler"], {}).update(
+            last_error=row["last_error"], last_error_at=at(row["last_error_at"])
+        )
+    return [HandlerActivity(handler=name, **found[name]) for name in sorted(found)]
 
 
 def list_attempts(c: sqlite3.Connection, delivery_id: int) -> list[AttemptRecord]:

@@ -9,6 +9,10 @@ can run them. With ``synchronous=full`` (the default) a 2xx is only ever sent
 for an event whose commit reached the disk; ``normal`` trades the last commits
 before a power loss (never corruption) for fewer fsyncs.
 
+The admin's reads (search, listings, one event, its attempts, a task, handler health) run
+on a read-only connection of their own (``reader.py``): WAL lets them read beside the
+writer, so a long search never delays a group commit.
+
 Times are UTC-aware ``datetime`` at the API and epoch seconds (REAL) in the
 file. The schema is migrated on ``open()`` from the numbered ``.sql`` files in
 ``store/sql/sqlite``, each applied once, in order, in a transaction, and
@@ -34,6 +38,7 @@ from ..base import (
     EventFilter,
     EventPage,
     EventRecord,
+    HandlerActivity,
     HandlerState,
     QueueStats,
     TaskRecord,
@@ -45,6 +50,7 @@ from ..searchsql import search_sql
 from . import operations as ops
 from .operations import PRUNE_CHUNK, AcceptRow, epoch
 from .process import ProcessWriter
+from .reader import Reader
 from .writer import RowRefused, Writer
 
 _SYNCHRONOUS = {"full": "FULL", "normal": "NORMAL"}
@@ -93,6 +99,8 @@ class SQLiteStore:
             )
         self._work = asyncio.Event()
         self._health = CommitHealth()
+        # The admin's reads (search, listings, health): never queued behind the writer.
+        self._reader = Reader(path)
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r}, synchronous={self.synchronous.lower()!r})"
@@ -108,9 +116,15 @@ class SQLiteStore:
         """Create the folder if needed, open the file, migrate; ``StoreUnavailable`` names the
         path when it is not a usable database."""
         await self._writer.start()
+        try:
+            await self._reader.start()
+        except BaseException:
+            await self._writer.stop()
+            raise
 
     async def close(self) -> None:
         """Finish what is queued, then close the file. Later calls raise ``StoreUnavailable``."""
+        await self._reader.stop()
         await self._writer.stop()
 
     async def ping(self) -> None:
@@ -276,19 +290,17 @@ class SQLiteStore:
     async def list_events(
         self, *, limit: int = 50, event_type: str | None = None
     ) -> list[EventRecord]:
-        return await self._writer.run(ops.list_events, event_type, limit, write=False)
+        return await self._reader.run(ops.list_events, event_type, limit)
 
     async def get_event(self, event_id: str) -> EventRecord | None:
-        return await self._writer.run(ops.get_event, event_id, write=False)
+        return await self._reader.run(ops.get_event, event_id)
 
     async def search_events(
         self, where: EventFilter, *, cursor: str | None = None, limit: int = 50
     ) -> EventPage:
         """``searchsql`` rules; the cursor is ``[received_at, rowid]`` of the page's last row."""
         sql, params = search_sql("sqlite", where, cursor=cursor, limit=limit, now=datetime.now(UTC))
-        records, next_cursor = await self._writer.run(
-            ops.search_events, sql, params, max(limit, 0), write=False
-        )
+        records, next_cursor = await self._reader.run(ops.search_events, sql, params, max(limit, 0))
         return EventPage(records, next_cursor)
 
     async def list_deliveries(
@@ -298,20 +310,26 @@ class SQLiteStore:
         handler: str | None = None,
         event_id: str | None = None,
         limit: int = 50,
+        before: int | None = None,
     ) -> list[DeliveryRecord]:
         args = {
             "status": None if status is None else status.value,
             "handler": handler,
             "event_id": event_id,
             "limit": limit,
+            "before": before,
         }
-        return await self._writer.run(ops.list_deliveries, args, write=False)
+        if event_id is not None:
+            # One event's deliveries: an index lookup the dispatcher makes for AFTER results;
+            # it must not wait behind an admin search on the reader.
+            return await self._writer.run(ops.list_deliveries, args, write=False)
+        return await self._reader.run(ops.list_deliveries, args)
 
     async def list_attempts(self, delivery_id: int) -> list[AttemptRecord]:
-        return await self._writer.run(ops.list_attempts, delivery_id, write=False)
+        return await self._reader.run(ops.list_attempts, delivery_id)
 
     async def get_task(self, task_id: str) -> TaskRecord | None:
-        return await self._writer.run(ops.get_task, task_id, write=False)
+        return await self._reader.run(ops.get_task, task_id)
 
     async def replay(self, event_id: str, handlers: Sequence[str] | None, *, now: datetime) -> int:
         names = None if handlers is None else tuple(dict.fromkeys(handlers))
@@ -342,6 +360,9 @@ class SQLiteStore:
 
     async def handler_states(self) -> list[HandlerState]:
         return await self._writer.run(ops.handler_states, False, write=False)
+
+    async def handler_activity(self, *, now: datetime, since: datetime) -> list[HandlerActivity]:
+        return await self._reader.run(ops.handler_activity, epoch(now), epoch(since))
 
     async def count_failure(
         self, handler: str, *, pause_after: int | None, reason: str, now: datetime

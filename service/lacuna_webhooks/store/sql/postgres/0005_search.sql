@@ -17,3 +17,6 @@ EXCEPTION WHEN OTHERS THEN
     RETURN NULL;
 END
 $$;
+
+-- Handler health (GET /handlers): the attempts of the last hour.
+CREATE INDEX attempts_finished_idx ON attempts (finished_at);

@@ -141,6 +141,7 @@ FROM deliveries d JOIN events e ON e.id = d.event_id
 WHERE ($1::text IS NULL OR d.status = $1)
   AND ($2::text IS NULL OR d.handler = $2)
   AND ($3::text IS NULL OR d.event_id = $3)
+  AND ($5::bigint IS NULL OR d.id < $5)
 ORDER BY d.id DESC
 LIMIT $4
 
@@ -259,3 +260,33 @@ SELECT e.seq, e.id, e.type, e.created, e.received_at, e.task_id, e.superseded, e
 FROM events AS e CROSS JOIN LATERAL (SELECT lacuna_payload(e.raw) AS payload OFFSET 0) AS j
 WHERE /* where */
 ORDER BY e.received_at DESC, e.seq DESC
+
+-- name: handler_queue
+-- Per handler: its pending deliveries split as search.py's delivery_state (leases by the
+-- database's clock, as claim), and its dead ones. $1: now (what is due).
+SELECT handler,
+    count(*) FILTER (WHERE status = 'pending' AND lease_until > now()) AS running,
+    count(*) FILTER (WHERE status = 'pending' AND (lease_until IS NULL OR lease_until <= now())
+        AND next_attempt_at <= $1) AS due,
+    count(*) FILTER (WHERE status = 'pending' AND (lease_until IS NULL OR lease_until <= now())
+        AND next_attempt_at > $1) AS waiting,
+    count(*) FILTER (WHERE status = 'dead') AS dead
+FROM deliveries WHERE status <> 'done' GROUP BY handler
+
+-- name: handler_attempts
+-- Per handler: attempts finished since $1, how many succeeded, nearest-rank p50/p95 durations.
+SELECT d.handler, count(*) AS attempts, count(*) FILTER (WHERE a.outcome = 'ok') AS succeeded,
+    percentile_disc(0.5) WITHIN GROUP (
+        ORDER BY extract(epoch FROM a.finished_at - a.started_at)::float8) AS p50_seconds,
+    percentile_disc(0.95) WITHIN GROUP (
+        ORDER BY extract(epoch FROM a.finished_at - a.started_at)::float8) AS p95_seconds
+FROM attempts AS a JOIN deliveries AS d ON d.id = a.delivery_id
+WHERE a.finished_at >= $1
+GROUP BY d.handler
+
+-- name: handler_last_errors
+-- Per handler: the latest failed attempt finished since $1.
+SELECT DISTINCT ON (d.handler) d.handler, a.error AS last_error, a.finished_at AS last_error_at
+FROM attempts AS a JOIN deliveries AS d ON d.id = a.delivery_id
+WHERE a.finished_at >= $1 AND a.error IS NOT NULL
+ORDER BY d.handler, a.finished_at DESC, a.id DESC

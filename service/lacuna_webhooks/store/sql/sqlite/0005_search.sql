@@ -6,3 +6,5 @@ CREATE INDEX events_type_received ON events (type, received_at);
 CREATE INDEX events_task_received ON events (task_id, received_at) WHERE task_id IS NOT NULL;
 -- handler (+ status): which events have such a delivery; event_id makes it covering.
 CREATE INDEX deliveries_handler_status ON deliveries (handler, status, event_id);
+-- Handler health (GET /handlers): the attempts of the last hour.
+CREATE INDEX attempts_finished ON attempts (finished_at);

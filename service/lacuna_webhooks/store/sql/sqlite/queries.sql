@@ -100,6 +100,7 @@ FROM deliveries AS d JOIN events AS e ON e.id = d.event_id
 WHERE (:status IS NULL OR d.status = :status)
   AND (:handler IS NULL OR d.handler = :handler)
   AND (:event_id IS NULL OR d.event_id = :event_id)
+  AND (:before IS NULL OR d.id < :before)
 ORDER BY d.id DESC LIMIT :limit
 
 -- name: list_attempts
@@ -224,3 +225,41 @@ SELECT e.rowid AS seq, e.id, e.type, e.created, e.received_at, e.task_id, e.supe
 FROM events AS e
 WHERE /* where */
 ORDER BY e.received_at DESC, e.rowid DESC
+
+-- name: handler_queue
+-- Per handler: its pending deliveries split as search.py's delivery_state, and its dead ones.
+SELECT handler,
+    sum(CASE WHEN lease_until > :now THEN 1 ELSE 0 END) AS running,
+    sum(CASE WHEN (lease_until IS NULL OR lease_until <= :now) AND next_attempt_at <= :now
+        THEN 1 ELSE 0 END) AS due,
+    sum(CASE WHEN (lease_until IS NULL OR lease_until <= :now) AND next_attempt_at > :now
+        THEN 1 ELSE 0 END) AS waiting,
+    0 AS dead
+FROM deliveries WHERE status = 'pending' GROUP BY handler
+UNION ALL
+SELECT handler, 0, 0, 0, count(*) FROM deliveries WHERE status = 'dead' GROUP BY handler
+
+-- name: handler_attempts
+-- Per handler: attempts finished since :since, how many succeeded, and the nearest-rank
+-- p50/p95 of their durations (rank ceil(p * n), in integers: SQLite has no ceil everywhere).
+SELECT handler, max(n) AS attempts, sum(ok) AS succeeded,
+    max(CASE WHEN rn = (n * 50 + 99) / 100 THEN seconds END) AS p50_seconds,
+    max(CASE WHEN rn = (n * 95 + 99) / 100 THEN seconds END) AS p95_seconds
+FROM (
+    SELECT d.handler, a.outcome = 'ok' AS ok, a.duration_ms / 1000.0 AS seconds,
+        row_number() OVER (PARTITION BY d.handler ORDER BY a.duration_ms) AS rn,
+        count(*) OVER (PARTITION BY d.handler) AS n
+    FROM attempts AS a JOIN deliveries AS d ON d.id = a.delivery_id
+    WHERE a.finished_at >= :since
+)
+GROUP BY handler
+
+-- name: handler_last_errors
+-- Per handler: the latest failed attempt finished since :since.
+SELECT handler, error AS last_error, finished_at AS last_error_at FROM (
+    SELECT d.handler, a.error, a.finished_at,
+        row_number() OVER (PARTITION BY d.handler ORDER BY a.finished_at DESC, a.id DESC) AS rn
+    FROM attempts AS a JOIN deliveries AS d ON d.id = a.delivery_id
+    WHERE a.finished_at >= :since AND a.error IS NOT NULL
+)
+WHERE rn = 1
