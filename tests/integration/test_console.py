@@ -418,3 +418,29 @@ async def test_store_down_is_a_503_page(tmp_path: Path) -> None:
     assert answer.status_code == 503
     assert "unavailable" in answer.text
     assert answer.headers["content-security-policy"] == CSP
+
+
+async def test_handlers_page_shows_backlog_and_the_last_hour(sqlite_store: Store) -> None:
+    now = datetime.now(UTC)
+    for i in range(3):
+        await accept(sqlite_store, make_event(f"evt_{i}"), ["log", "archive"])
+    claimed = await sqlite_store.claim(handler="log", limit=2, lease=timedelta(minutes=1), now=now)
+    await sqlite_store.complete(
+        claimed[0], Attempt(now, now + timedelta(seconds=2), AttemptOutcome.OK)
+    )
+    await sqlite_store.dead(
+        claimed[1], Attempt(now, now, AttemptOutcome.DEAD, error=HOSTILE[0] + " went wrong")
+    )
+    async with client(sqlite_store) as http:
+        await sign_in(http)
+        page = await http.get("/handlers")
+    assert page.status_code == 200
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", page.text))
+    log = text[text.index(" log ") : text.index(" archive ")]
+    archive = text[text.index(" archive ") :]
+    assert "due 1 running 0 waiting 0 dead 1" in log
+    assert "Attempts, last hour 2" in log
+    assert "Succeeded 1 (50%)" in log
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; went wrong" in log
+    assert HOSTILE[0] not in page.text
+    assert "due 3 running 0 waiting 0 dead 0" in archive

@@ -10,9 +10,8 @@ of any characters round-trips intact.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from starlette.requests import Request
@@ -20,7 +19,7 @@ from starlette.responses import RedirectResponse, Response
 
 from ...errors import EventNotFound
 from ...models import DeliveryStatus
-from ...store.base import DeliveryRecord, EventFilter, EventRecord
+from ...store.base import DeliveryRecord, EventFilter, EventRecord, HandlerActivity
 from ...store.search import DELIVERY_STATES, delivery_state
 from ..auth import SESSION_COOKIE, SESSION_SECONDS, make_session, matching_token
 from ..context import AdminContext
@@ -49,8 +48,6 @@ from .web import (
 #: How many hours the activity chart covers, and how many events it counts at most.
 CHART_HOURS = 12
 CHART_CAP = 5000
-#: How many deliveries of a handler the fallback health figures count at most per state.
-COUNT_CAP = 1000
 #: How many dead deliveries the dead page lists.
 DEAD_LIMIT = 200
 _DONE_MESSAGES = {
@@ -376,49 +373,56 @@ class HandlerRow:
     concurrency: int | None
     events: str
     queue: dict[str, int]  # due, running, waiting, dead
-    capped: bool
+    capped: bool  # the queue counts stopped at a cap: lower bounds
     consecutive_failures: int
     last_error: str | None
-    extra: dict[str, Any]  # figures only handler health gives (ratio, p50, p95, attempts)
+    extra: dict[str, str]  # the last hour: attempts, success ratio, p50 / p95 duration
 
 
 async def handler_figures(ctx: AdminContext) -> list[HandlerRow]:
-    """Each configured handler's state and backlog, from ``handler_states`` and
-    ``list_deliveries`` (counts up to ``COUNT_CAP`` per state)."""
-    states = {s.handler: s for s in await ctx.store.handler_states()}
-    names: Sequence[str] = [
-        *ctx.handlers.names,
-        *(n for n in states if n not in ctx.handlers.names),
-    ]
+    """Each configured handler's state, backlog and last hour, from ``handler_states`` and
+    ``handler_activity`` (handlers only the store knows of are listed after them)."""
     now = ctx.clock()
+    states = {s.handler: s for s in await ctx.store.handler_states()}
+    activity = {
+        a.handler: a
+        for a in await ctx.store.handler_activity(now=now, since=now - timedelta(hours=1))
+    }
+    configured = ctx.handlers.names
+    extra_names = sorted({*states, *activity} - set(configured))
     rows = []
-    for name in names:
-        pending = await ctx.store.list_deliveries(
-            status=DeliveryStatus.PENDING, handler=name, limit=COUNT_CAP
-        )
-        dead = await ctx.store.list_deliveries(
-            status=DeliveryStatus.DEAD, handler=name, limit=COUNT_CAP
-        )
-        queue = {"due": 0, "running": 0, "waiting": 0, "dead": len(dead)}
-        for d in pending:
-            queue[state_of(d, now)] = queue.get(state_of(d, now), 0) + 1
-        errors = sorted((d for d in [*pending, *dead] if d.last_error), key=lambda d: d.updated_at)
+    for name in [*configured, *extra_names]:
+        act = activity.get(name, HandlerActivity(name))
         state = states.get(name)
         types = ctx.handlers.filters.get(name)
+        figures: dict[str, str] = {
+            "Attempts, last hour": str(act.attempts),
+            "Succeeded": "—"
+            if not act.attempts
+            else f"{act.succeeded} ({act.succeeded / act.attempts:.0%})",
+            "Duration p50 / p95": "—"
+            if act.p50_seconds is None or act.p95_seconds is None
+            else f"{act.p50_seconds:.3f} s / {act.p95_seconds:.3f} s",
+        }
         rows.append(
             HandlerRow(
                 name=name,
                 kind=ctx.handlers.kinds.get(name, name),
-                configured=name in ctx.handlers.names,
+                configured=name in configured,
                 paused=state is not None and state.paused,
                 reason=None if state is None or state.reason is None else as_text(state.reason),
                 concurrency=ctx.handlers.concurrency.get(name),
                 events="all" if types is None else ", ".join(sorted(types)),
-                queue=queue,
-                capped=len(pending) >= COUNT_CAP or len(dead) >= COUNT_CAP,
+                queue={
+                    "due": act.due,
+                    "running": act.running,
+                    "waiting": act.waiting,
+                    "dead": act.dead,
+                },
+                capped=False,
                 consecutive_failures=0 if state is None else state.consecutive_failures,
-                last_error=as_text(errors[-1].last_error or "") if errors else None,
-                extra={},
+                last_error=None if act.last_error is None else as_text(act.last_error),
+                extra=figures,
             )
         )
     return rows

@@ -75,10 +75,18 @@ def parse_payload(raw: bytes) -> Any:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
         pass
-    try:  # lone surrogates, 1e400: the standard library takes what orjson refuses
-        return json.loads(raw.decode("utf-8", "replace"))
+    try:  # lone surrogates, 1e400, 5000-digit integers: what orjson refuses
+        return json.loads(raw.decode("utf-8", "replace"), parse_int=_big_int)
     except (ValueError, RecursionError):
         return None
+
+
+def _big_int(text: str) -> int | str:
+    """An integer, or its digits as text past what ``int()`` converts (4300 digits)."""
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 def payload_title(payload: Any) -> str | None:

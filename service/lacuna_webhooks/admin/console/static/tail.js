@@ -1,5 +1,5 @@
 // The console's live tail: follows /api/v1/stream (Server-Sent Events; the session cookie
-// admits it) and puts each event at the top of the table. Text only: never innerHTML.
+// admits it) and puts each event at the top of the table, every value as textContent.
 (function () {
   "use strict";
   var status = document.getElementById("tail-status");
