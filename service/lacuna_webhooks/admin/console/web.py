@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import jinja2
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -61,18 +62,35 @@ _env.filters["text"] = as_text
 
 
 class ConsoleHeaders:
-    """ASGI middleware adding the CSP and framing headers to every console answer."""
+    """ASGI middleware adding the CSP and framing headers to every console answer, and
+    answering Starlette's own refusals (405 for a wrong method) with the HTML error page."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = False
+
         async def send_with_headers(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 message = {**message, "headers": [*message.get("headers", []), *_HEADERS]}
             await send(message)
 
-        await self.app(scope, receive, send_with_headers)
+        try:
+            await self.app(scope, receive, send_with_headers)
+        except HTTPException as exc:
+            if started:
+                raise
+            page = render(
+                Request(scope, receive),
+                "error.html",
+                exc.status_code,
+                message=str(exc.detail),
+                headers=dict(exc.headers or {}),
+            )
+            await page(scope, receive, send_with_headers)
 
 
 @dataclass(frozen=True, slots=True)
