@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
 import os
 import secrets
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
@@ -168,9 +169,12 @@ def _serve(environ: Mapping[str, str], host: str | None, port: int | None) -> in
                 port=port or settings.port,
             )
             server = uvicorn.Server(config)
+            # The admin API on a listener of its own (SPEC §9), or none without a token.
+            admin = _admin_listener(settings, store, handlers, metrics, config.host, config.port)
             # uvicorn re-raises the signal that stopped it once it has shut down; after a
             # graceful drain a SIGTERM should end the process with 0, not "killed by signal".
             signal.signal(signal.SIGTERM, lambda signum, frame: None)
+            admin_task = None if admin is None else asyncio.create_task(admin.serve())
             try:
                 await server.serve()
             except SystemExit:
@@ -178,6 +182,9 @@ def _serve(environ: Mapping[str, str], host: str | None, port: int | None) -> in
                 # with the one line that names the settings instead.
                 if server.started:
                     raise
+            finally:
+                if admin is not None and admin_task is not None:
+                    await admin.stop(admin_task)
             if not server.started:
                 raise CommandError(
                     f"could not listen on {config.host}:{config.port} (HOST, PORT): "
@@ -188,6 +195,95 @@ def _serve(environ: Mapping[str, str], host: str | None, port: int | None) -> in
 
     _run_loop(run())
     return 0
+
+
+class _AdminListener:
+    """The admin app's uvicorn server and the socket it was bound to at start.
+
+    The webhook server owns SIGTERM/SIGINT (uvicorn installs its handlers while it serves);
+    this one installs none and is stopped by ``serve`` once the webhook server has shut
+    down, so one signal ends both and the process still exits 0."""
+
+    def __init__(self, server: Any, sock: Any) -> None:
+        self.server = server
+        self.sock = sock
+
+    async def serve(self) -> None:
+        await self.server.serve(sockets=[self.sock])
+
+    async def stop(self, task: asyncio.Task[None]) -> None:
+        self.server.should_exit = True
+        try:
+            await task
+        except SystemExit:  # uvicorn's own exit on a failed startup: logged by it already
+            pass
+        finally:
+            self.sock.close()
+
+
+def _admin_listener(
+    settings: Settings,
+    store: Store,
+    handlers: HandlerSet,
+    metrics: Any,
+    webhook_host: str,
+    webhook_port: int,
+) -> _AdminListener | None:
+    """Bind ``LACUNA_ADMIN_HOST``:``LACUNA_ADMIN_PORT`` and build its server, when admin
+    tokens are set; ``None`` (and a log line) otherwise. A socket that cannot be bound is
+    one ``CommandError`` line naming the settings."""
+    import socket
+
+    import structlog
+    import uvicorn
+
+    from .admin import AdminContext, create_admin_app
+    from .config import listeners_clash
+    from .metrics import Metrics
+    from .server import server_config
+
+    log = structlog.get_logger("lacuna_webhooks.admin")
+    if not settings.admin_tokens:
+        log.info("admin.off", reason="LACUNA_ADMIN_TOKEN is not set: no admin listener")
+        return None
+    host, port = settings.admin_host, settings.admin_port
+    if listeners_clash((webhook_host, webhook_port), (host, port)):
+        raise CommandError(
+            f"the admin API cannot listen on {host}:{port}, the webhook listener's socket "
+            "(LACUNA_ADMIN_HOST, LACUNA_ADMIN_PORT): give it a port of its own",
+            exit_code=2,
+        )
+    ctx = AdminContext(settings=settings, store=store, handlers=handlers, metrics=metrics)
+    # Its own Metrics for the HTTP layer: the admin's refusals are not the webhook route's.
+    config = server_config(create_admin_app(ctx), settings, Metrics(), host=host, port=port)
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+        except OSError:
+            sock.close()
+            raise
+    except OSError as exc:
+        raise CommandError(
+            f"could not listen on {host}:{port} for the admin API "
+            f"(LACUNA_ADMIN_HOST, LACUNA_ADMIN_PORT): {exc.strerror or exc}"
+        ) from None
+
+    class _Quiet(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield  # the webhook server handles the signals for both
+
+    log.info("admin.listening", url=f"http://{_url_host(host)}:{port}/", api="/api/v1")
+    return _AdminListener(_Quiet(config), sock)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def _run_loop(main: Coroutine[Any, Any, None]) -> None:

@@ -205,6 +205,25 @@ def _port(value: str) -> int:
     return number
 
 
+def _host(value: str) -> str:
+    host = value.strip()
+    if not host or any(c.isspace() or c in "/@?#" for c in host):
+        raise ValueError(f"must be an address or host name to listen on, got {value!r}")
+    return host
+
+
+_WILDCARDS = frozenset({"0.0.0.0", "::", "[::]", "*"})  # noqa: S104 - names, not a bind
+
+
+def listeners_clash(first: tuple[str, object], second: tuple[str, object]) -> bool:
+    """Whether two ``(host, port)`` listeners would take the same socket: the same port on
+    the same host, or on hosts one of which is a wildcard address."""
+    (host_a, port_a), (host_b, port_b) = first, second
+    if port_a != port_b:
+        return False
+    return host_a == host_b or host_a in _WILDCARDS or host_b in _WILDCARDS
+
+
 def _database_url(value: str) -> str:
     url = value.strip()
     if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
@@ -323,6 +342,9 @@ class Settings:
     handlers: tuple[str, ...] = ()
     host: str = "0.0.0.0"  # noqa: S104 - a webhook receiver listens publicly by design
     port: int = 8000
+    # The admin API's own listener (SPEC §9), opened only when admin tokens are set.
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 8001
     retry_max_attempts: int = 10
     retry_base_delay_seconds: float = 5.0
     retry_max_delay_seconds: float = 3600.0
@@ -427,6 +449,8 @@ class Settings:
         read("handlers", "LACUNA_HANDLERS", _handler_items)
         read("host", "HOST", str.strip)
         read("port", "PORT", _port)
+        read("admin_host", "LACUNA_ADMIN_HOST", _host)
+        read("admin_port", "LACUNA_ADMIN_PORT", _port)
         read(
             "retry_max_attempts",
             "LACUNA_RETRY_MAX_ATTEMPTS",
@@ -494,6 +518,18 @@ class Settings:
                     f"LACUNA_HANDLERS names {kind!r}: a handler kind is lowercase letters, "
                     "digits and _ (or package.module:attr for a handler not installed as a plugin)"
                 )
+        clash = listeners_clash(
+            (str(values.get("host", cls.host)), values.get("port", cls.port)),
+            (
+                str(values.get("admin_host", cls.admin_host)),
+                values.get("admin_port", cls.admin_port),
+            ),
+        )
+        if clash and values.get("admin_tokens"):
+            problems.append(
+                "LACUNA_ADMIN_PORT must differ from PORT when LACUNA_ADMIN_HOST and HOST "
+                "overlap: the admin API never shares the webhook listener"
+            )
         url = values.get("database_url", cls.database_url)
         if values.get("dispatch") is False and str(url).startswith("sqlite"):
             problems.append(

@@ -93,6 +93,11 @@ def test_secret_optional_for_admin_commands() -> None:
         ("PORT", "\u0668\u0660\u0660\u0660"),  # Arabic-Indic 8000
         ("LACUNA_MAX_BODY_BYTES", "1_000"),
         ("LACUNA_WEBHOOK_TOLERANCE", "--5"),
+        ("LACUNA_ADMIN_PORT", "0"),
+        ("LACUNA_ADMIN_PORT", "65536"),
+        ("LACUNA_ADMIN_PORT", "admin"),
+        ("LACUNA_ADMIN_HOST", "http://127.0.0.1"),
+        ("LACUNA_ADMIN_HOST", "a b"),
     ],
 )
 def test_bad_values_name_their_variable(var: str, value: str) -> None:
@@ -295,3 +300,48 @@ def test_dispatch_is_on_by_default_and_off_only_on_postgres() -> None:
     ]
     with pytest.raises(ConfigError, match="LACUNA_DISPATCH must be true or false"):
         Settings.from_env({**BASE, "LACUNA_DISPATCH": "maybe"})
+
+
+ADMIN = {**BASE, "LACUNA_ADMIN_TOKEN": "t" * 32}
+
+
+def test_admin_listener_settings() -> None:
+    """LACUNA_ADMIN_HOST / LACUNA_ADMIN_PORT default to loopback:8001 (SPEC §9)."""
+    s = Settings.from_env(ADMIN)
+    assert (s.admin_host, s.admin_port) == ("127.0.0.1", 8001)
+    s = Settings.from_env({**ADMIN, "LACUNA_ADMIN_HOST": " ::1 ", "LACUNA_ADMIN_PORT": "9001"})
+    assert (s.admin_host, s.admin_port) == ("::1", 9001)
+
+
+@pytest.mark.parametrize(
+    ("host", "port", "admin_host", "admin_port"),
+    [
+        ("127.0.0.1", "9000", "127.0.0.1", "9000"),
+        ("0.0.0.0", "9000", "127.0.0.1", "9000"),
+        ("10.0.0.1", "8001", "::", ""),
+        ("0.0.0.0", "8001", "", ""),
+    ],
+)
+def test_admin_port_on_the_webhook_socket_is_refused(
+    host: str, port: str, admin_host: str, admin_port: str
+) -> None:
+    """With a token set, the admin listener on the webhook listener's socket is a bad
+    setting, reported with the others; without a token there is no admin listener."""
+    env = {**ADMIN, "HOST": host, "PORT": port, "LACUNA_WEBHOOK_TOLERANCE": "x"}
+    env |= {
+        k: v for k, v in [("LACUNA_ADMIN_HOST", admin_host), ("LACUNA_ADMIN_PORT", admin_port)] if v
+    }
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env(env)
+    problems = " ".join(info.value.problems)
+    assert "LACUNA_ADMIN_PORT must differ from PORT" in problems
+    assert "LACUNA_WEBHOOK_TOLERANCE" in problems
+    env.pop("LACUNA_ADMIN_TOKEN")
+    env.pop("LACUNA_WEBHOOK_TOLERANCE")
+    Settings.from_env(env)
+
+
+def test_admin_port_beside_the_webhook_port() -> None:
+    """Same port on two distinct addresses, or distinct ports: fine."""
+    Settings.from_env({**ADMIN, "HOST": "10.0.0.1", "PORT": "8001"})
+    Settings.from_env({**ADMIN, "HOST": "0.0.0.0", "PORT": "8000"})

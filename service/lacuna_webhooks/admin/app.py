@@ -21,6 +21,7 @@ from starlette.responses import Response
 from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..errors import StoreUnavailable
 from . import api_bulk, api_events, api_live, console, openapi
 from .auth import (
     SESSION_COOKIE,
@@ -103,7 +104,19 @@ class AdminAuth:
 
 async def _bad_request(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, BadRequest)
-    return error_response(400, exc.code, exc.message, param=exc.param)
+    status = 413 if exc.code == "body_too_large" else 400
+    return error_response(status, exc.code, exc.message, param=exc.param)
+
+
+async def _store_unavailable(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StoreUnavailable)
+    return error_response(
+        503,
+        "store_unavailable",
+        exc.message,
+        error_type="api_error",
+        headers={"retry-after": "1"},
+    )
 
 
 async def _not_found(request: Request, exc: Exception) -> Response:
@@ -143,6 +156,7 @@ def create_admin_app(ctx: AdminContext) -> Starlette:
         exception_handlers={
             BadRequest: _bad_request,
             NotFound: _not_found,
+            StoreUnavailable: _store_unavailable,
             HTTPException: _http_error,
             Exception: _server_error,
         },

@@ -1,0 +1,66 @@
+"""JSON request bodies of the admin API: bounded, an object, refused with the envelope.
+
+``json_object(request)`` reads at most ``MAX_BODY_BYTES`` (a bigger ``Content-Length`` or
+body is 413 ``body_too_large``), parses it, and returns the object; malformed JSON or
+another JSON value is 400 ``invalid_json``. An empty body is ``{}`` (every field of the
+admin's bodies is optional). ``fields`` checks that only known keys are present.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+
+from .responses import BadRequest
+
+#: The largest admin request body, in bytes: the admin's bodies are a few names and filters.
+MAX_BODY_BYTES = 64 * 1024
+
+
+class BodyTooLarge(BadRequest):
+    """A body over ``MAX_BODY_BYTES``: the app answers 413."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            f"The request body is larger than {MAX_BODY_BYTES} bytes.", code="body_too_large"
+        )
+
+
+async def json_object(request: Request) -> dict[str, Any]:
+    """The body as a JSON object (``{}`` when empty); ``BadRequest`` / ``BodyTooLarge``."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
+        if not declared.isdigit():
+            raise BadRequest("Content-Length is not a number.", code="invalid_request")
+        raise BodyTooLarge()
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise BodyTooLarge()
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        return {}
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise BadRequest("The request body is not valid JSON.", code="invalid_json") from None
+    if not isinstance(value, dict):
+        raise BadRequest("The request body must be a JSON object.", code="invalid_json")
+    return value
+
+
+def only_fields(body: dict[str, Any], allowed: Iterable[str]) -> None:
+    """``BadRequest`` naming the first key of ``body`` not in ``allowed``."""
+    known = set(allowed)
+    for name in body:
+        if name not in known:
+            raise BadRequest(f"Unknown field {name!r}.", param=name)
+
+
+__all__ = ["MAX_BODY_BYTES", "BodyTooLarge", "json_object", "only_fields"]
