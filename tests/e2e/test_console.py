@@ -1,5 +1,6 @@
 """The console in a real browser: Debian's chromium driven by Playwright, over a real
-``serve`` process (intake, dispatcher, handler workers) and its SQLite store.
+``serve`` process (intake, dispatcher, handler workers, the admin listener) and its SQLite
+store.
 
 A user signs in, searches, opens an event, replays it and sees the new attempt appear,
 pauses and resumes a handler, retries a dead delivery, follows the live tail (which must
@@ -15,10 +16,8 @@ under ``CI=true``, where they fail.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,13 +25,8 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
-from lacuna_webhooks.admin import AdminContext, create_admin_app
-from lacuna_webhooks.config import Settings
-from lacuna_webhooks.plugins import build_handlers
-from lacuna_webhooks.store import open_store
-from tests.conftest import IN_CI, TEST_SECRET, make_event, signed
+from tests.conftest import IN_CI, make_event, signed
 from tests.e2e.conftest import REPO, Serve, free_port, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.browser]
@@ -70,60 +64,11 @@ def _require_browser() -> Any:
     return sync_api
 
 
-class AdminThread:
-    """The admin app under uvicorn on a thread of this process, over the same SQLite file
-    as ``serve`` (until ``serve`` runs the admin listener itself)."""
-
-    def __init__(self, database_url: str, env: dict[str, str]) -> None:
-        self.port = free_port()
-        self.database_url = database_url
-        self.env = env
-        self.server: uvicorn.Server | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.failure: BaseException | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _run(self) -> None:
-        try:
-            asyncio.run(self._serve())
-        except BaseException as exc:  # reported by start()
-            self.failure = exc
-
-    async def _serve(self) -> None:
-        store = open_store(self.database_url)
-        await store.open()
-        try:
-            handlers = build_handlers(HANDLERS.split(","), self.env).without_instances()
-            ctx = AdminContext(Settings.from_env(self.env), store, handlers)
-            config = uvicorn.Config(
-                create_admin_app(ctx), host="127.0.0.1", port=self.port, log_level="warning"
-            )
-            self.server = uvicorn.Server(config)
-            await self.server.serve()
-        finally:
-            await store.close()
-
-    def start(self) -> AdminThread:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.failure is not None:
-                raise self.failure
-            try:
-                if httpx.get(self.url + "/sign-in", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.05)
-        pytest.fail("the admin app did not start")
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.should_exit = True
-        self.thread.join(30)
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 class Site:
@@ -163,11 +108,13 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         "LACUNA_PROBE_FAIL_PATH": str(fail_path),
         "LACUNA_POLL_INTERVAL": "0.2",
     }
-    serve = Serve(workdir, env).start()
-    admin = AdminThread(database_url, {"LACUNA_WEBHOOK_SECRET": TEST_SECRET, **env}).start()
+    admin_port = free_port()
+    serve = Serve(workdir, {**env, "LACUNA_ADMIN_PORT": str(admin_port)}).start()
+    admin_url = f"http://127.0.0.1:{admin_port}"
+    wait_until(lambda: _answers(admin_url + "/sign-in"), what="the admin listener")
     shots = workdir / "screenshots"
     shots.mkdir()
-    site = Site(serve, admin.url, fail_path, shots)
+    site = Site(serve, admin_url, fail_path, shots)
     try:
         site.send(make_event("evt_console_ok", title="Morning Focus Mix", task_id="cm_ok"))
         site.send(make_event("evt_console_failed", "job.failed", task_id="cm_failed"))
@@ -180,7 +127,6 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         )
         yield site
     finally:
-        admin.stop()
         serve.stop()
     if os.environ.get("LACUNA_CONSOLE_SCREENSHOTS") == "1":
         DOCS_SHOTS.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from starlette.requests import Request
@@ -19,11 +19,12 @@ from starlette.responses import RedirectResponse, Response
 
 from ...errors import EventNotFound
 from ...models import DeliveryStatus
-from ...store.base import DeliveryRecord, EventFilter, EventRecord, HandlerActivity
+from ...store.base import DeliveryRecord, EventFilter, EventRecord
 from ...store.search import DELIVERY_STATES, delivery_state
 from ..auth import SESSION_COOKIE, SESSION_SECONDS, make_session, matching_token
 from ..context import AdminContext
 from ..filters import FILTER_NAMES, build_filter, page_params
+from ..health import handler_health
 from ..responses import BadRequest
 from .present import (
     as_text,
@@ -379,49 +380,46 @@ class HandlerRow:
     extra: dict[str, str]  # the last hour: attempts, success ratio, p50 / p95 duration
 
 
+def _seconds(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f} s"
+
+
 async def handler_figures(ctx: AdminContext) -> list[HandlerRow]:
-    """Each configured handler's state, backlog and last hour, from ``handler_states`` and
-    ``handler_activity`` (handlers only the store knows of are listed after them)."""
-    now = ctx.clock()
-    states = {s.handler: s for s in await ctx.store.handler_states()}
-    activity = {
-        a.handler: a
-        for a in await ctx.store.handler_activity(now=now, since=now - timedelta(hours=1))
-    }
-    configured = ctx.handlers.names
-    extra_names = sorted({*states, *activity} - set(configured))
+    """Each configured handler instance as the handlers page shows it, from the same
+    ``handler_health`` as ``GET /api/v1/handlers``."""
     rows = []
-    for name in [*configured, *extra_names]:
-        act = activity.get(name, HandlerActivity(name))
-        state = states.get(name)
+    for health in await handler_health(ctx):
+        name = health["name"]
         types = ctx.handlers.filters.get(name)
-        figures: dict[str, str] = {
-            "Attempts, last hour": str(act.attempts),
-            "Succeeded": "—"
-            if not act.attempts
-            else f"{act.succeeded} ({act.succeeded / act.attempts:.0%})",
-            "Duration p50 / p95": "—"
-            if act.p50_seconds is None or act.p95_seconds is None
-            else f"{act.p50_seconds:.3f} s / {act.p95_seconds:.3f} s",
+        rate = health["rate_limit"]
+        ratio = health["success_ratio"]
+        figures = {
+            "Rate limit": "—"
+            if rate is None
+            else f"{rate['count']} per {rate['period_seconds']:g} s",
+            "Pauses after": "—"
+            if health["pause_after_failures"] is None
+            else f"{health['pause_after_failures']} failures in a row",
+            "Attempts, last hour": str(health["attempts"]),
+            "Succeeded": "—" if ratio is None else f"{health['succeeded']} ({ratio:.0%})",
+            "Duration p50 / p95": f"{_seconds(health['p50_seconds'])} / "
+            f"{_seconds(health['p95_seconds'])}",
         }
+        reason = health["paused_reason"]
+        last_error = health["last_error"]
         rows.append(
             HandlerRow(
                 name=name,
-                kind=ctx.handlers.kinds.get(name, name),
-                configured=name in configured,
-                paused=state is not None and state.paused,
-                reason=None if state is None or state.reason is None else as_text(state.reason),
-                concurrency=ctx.handlers.concurrency.get(name),
+                kind=str(health["kind"]),
+                configured=True,
+                paused=bool(health["paused"]),
+                reason=None if reason is None else as_text(reason),
+                concurrency=health["concurrency"],
                 events="all" if types is None else ", ".join(sorted(types)),
-                queue={
-                    "due": act.due,
-                    "running": act.running,
-                    "waiting": act.waiting,
-                    "dead": act.dead,
-                },
+                queue=dict(health["queue"]),
                 capped=False,
-                consecutive_failures=0 if state is None else state.consecutive_failures,
-                last_error=None if act.last_error is None else as_text(act.last_error),
+                consecutive_failures=int(health["consecutive_failures"]),
+                last_error=None if last_error is None else as_text(last_error),
                 extra=figures,
             )
         )
