@@ -6,12 +6,14 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from lacuna_webhooks.admin.console.present import (
     MAX_PRETTY_CHARS,
+    MAX_SLOW_BYTES,
     build_chart,
     flatten_result,
     hour_buckets,
@@ -142,3 +144,22 @@ def test_templates_and_static_files_ship_in_the_package() -> None:
         assert (package / "templates" / name).is_file()
     script = (package / "static" / "tail.js").read_text()
     assert "innerHTML" not in script  # text only
+
+
+def test_pretty_json_of_an_ordinary_payload_is_orjsons() -> None:
+    raw = b'{"id":"evt_1","data":{"title":"\\u003cb\\u003e","n":[1,2.5,null,true]}}'
+    text, cut = pretty_json(raw)
+    assert not cut
+    assert text == orjson.dumps(orjson.loads(raw), option=orjson.OPT_INDENT_2).decode()
+    # An integer past 64 bits is not rounded into a float: its digits stay as sent.
+    big, _ = pretty_json(b'{"n": 12345678901234567890123}')
+    assert big == '{\n  "n": 12345678901234567890123\n}'
+
+
+def test_large_payloads_skip_the_pure_python_paths() -> None:
+    """Past ``MAX_SLOW_BYTES`` a payload orjson cannot print is shown as received, and the
+    standard library's parser is not tried (the console shares serve's interpreter)."""
+    raw = b'{"n": 12345678901234567890123, "pad": "' + b"x" * MAX_SLOW_BYTES + b'"}'
+    text, cut = pretty_json(raw)
+    assert (text, cut) == (raw.decode(), False)
+    assert parse_payload(b'{"a": 1e400, "pad": "' + b"x" * MAX_SLOW_BYTES + b'"}') is None

@@ -30,7 +30,7 @@ def routes(ctx: AdminContext) -> list[BaseRoute]:
 
     async def not_found(scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
-        response = render(
+        response = await render(
             request,
             "error.html",
             404,

@@ -39,6 +39,7 @@ from .web import (
     Session,
     current_session,
     field,
+    off_loop,
     read_form,
     render,
     safe_next,
@@ -68,6 +69,11 @@ def state_of(delivery: DeliveryRecord, now: datetime) -> str:
     return next(iter(states)) if states else "pending"
 
 
+def _titles(records: list[EventRecord]) -> list[str | None]:
+    """Each event's ``data.title`` (parsing payloads: run it ``off_loop``)."""
+    return [payload_title(parse_payload(record.raw)) for record in records]
+
+
 def _done(request: Request) -> str | None:
     return _DONE_MESSAGES.get(request.query_params.get("done", ""))
 
@@ -95,9 +101,9 @@ class Console:
         if request.method == "GET":
             if current_session(request, self.ctx) is not None:
                 return RedirectResponse(next_page, status_code=303)
-            return render(request, "sign_in.html", next_page=next_page, error=None)
+            return await render(request, "sign_in.html", next_page=next_page, error=None)
         if not same_origin(request):
-            return render(request, "error.html", 403, message="Sign-in from another site.")
+            return await render(request, "error.html", 403, message="Sign-in from another site.")
         form = await read_form(request)
         presented = field(form or {}, "token")
         token = (
@@ -105,7 +111,7 @@ class Console:
         )
         next_page = safe_next(field(form or {}, "next"))
         if token is None:
-            return render(
+            return await render(
                 request,
                 "sign_in.html",
                 401,
@@ -160,10 +166,10 @@ class Console:
             except ValueError:
                 raise BadRequest("That page link is stale: search again.", param="cursor") from None
             now = self.ctx.clock()
-            for record in found.records:
+            titles = await off_loop(_titles, found.records)
+            for record, title in zip(found.records, titles, strict=True):
                 deliveries = await self.ctx.store.list_deliveries(event_id=record.id, limit=100)
                 states = sorted((d.handler, state_of(d, now)) for d in deliveries)
-                title = payload_title(parse_payload(record.raw))
                 rows.append(EventRow(record, title, states))
             next_cursor = found.next_cursor
         except BadRequest as exc:
@@ -171,7 +177,7 @@ class Console:
         older = None
         if next_cursor is not None:
             older = url("/events", {**values, "limit": query.get("limit"), "cursor": next_cursor})
-        return render(
+        return await render(
             request,
             "events.html",
             400 if error else 200,
@@ -189,7 +195,7 @@ class Console:
         event_id = request.query_params.get("id", "")
         record = await self.ctx.store.get_event(event_id) if event_id else None
         if record is None:
-            return render(
+            return await render(
                 request, "error.html", 404, session=session, message="No such event in the store."
             )
         now = self.ctx.clock()
@@ -208,14 +214,14 @@ class Console:
                     else as_text(delivery.last_error),
                 }
             )
-        payload_text, cut = pretty_json(record.raw)
+        payload_text, cut = await off_loop(pretty_json, record.raw)
         missing = [n for n in self.ctx.handlers.names if n not in {d.handler for d in deliveries}]
-        return render(
+        return await render(
             request,
             "event.html",
             session=session,
             record=record,
-            title=payload_title(parse_payload(record.raw)),
+            title=(await off_loop(_titles, [record]))[0],
             payload=payload_text,
             cut=cut,
             deliveries=shown,
@@ -229,7 +235,7 @@ class Console:
         event_id = field(form, "id") or ""
         handler = field(form, "handler")
         if handler is not None and handler not in self.ctx.handlers.names:
-            return render(
+            return await render(
                 request,
                 "error.html",
                 400,
@@ -241,7 +247,7 @@ class Console:
                 event_id, None if handler is None else [handler], now=self.ctx.clock()
             )
         except EventNotFound:
-            return render(
+            return await render(
                 request, "error.html", 404, session=session, message="No such event in the store."
             )
         return RedirectResponse(url("/event", {"id": event_id, "done": "replayed"}), 303)
@@ -256,7 +262,7 @@ class Console:
         by_handler: dict[str, int] = {}
         for d in deliveries:
             by_handler[d.handler] = by_handler.get(d.handler, 0) + 1
-        return render(
+        return await render(
             request,
             "dead.html",
             session=session,
@@ -286,7 +292,7 @@ class Console:
         elif event_id is None:
             await self.ctx.store.retry_dead(handler=handler, now=now)
         else:
-            return render(
+            return await render(
                 request, "error.html", 400, session=session, message="Name the handler to retry."
             )
         return RedirectResponse(url("/dead", {"done": "retried"}), 303)
@@ -295,7 +301,9 @@ class Console:
 
     async def handlers(self, request: Request, session: Session) -> Response:
         rows = await handler_figures(self.ctx)
-        return render(request, "handlers.html", session=session, rows=rows, done=_done(request))
+        return await render(
+            request, "handlers.html", session=session, rows=rows, done=_done(request)
+        )
 
     async def pause(
         self, request: Request, session: Session, form: dict[str, list[str]]
@@ -312,7 +320,7 @@ class Console:
     ) -> Response:
         name = field(form, "name")
         if name is None or name not in self.ctx.handlers.names:
-            return render(
+            return await render(
                 request,
                 "error.html",
                 404,
@@ -331,7 +339,7 @@ class Console:
     # -- live tail and activity ------------------------------------------------------------
 
     async def tail(self, request: Request, session: Session) -> Response:
-        return render(request, "tail.html", session=session)
+        return await render(request, "tail.html", session=session)
 
     async def activity(self, request: Request, session: Session) -> Response:
         now = self.ctx.clock()
@@ -346,7 +354,9 @@ class Console:
             list(failed.values()),
             capped=capped_a or capped_d or capped_w,
         )
-        return render(request, "activity.html", session=session, chart=chart, hours=CHART_HOURS)
+        return await render(
+            request, "activity.html", session=session, chart=chart, hours=CHART_HOURS
+        )
 
     async def _received(self, where: EventFilter) -> tuple[dict[str, datetime], bool]:
         """The received times of up to ``CHART_CAP`` events ``where`` selects, by id, and

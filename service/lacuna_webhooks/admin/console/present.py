@@ -19,8 +19,13 @@ import orjson
 
 #: Payloads larger than this are shown cut, with a note (a page stays usable).
 MAX_PRETTY_CHARS = 2_000_000
+#: The slow paths (re-indenting token by token, the standard library's parser) are pure
+#: Python: payloads larger than this skip them (shown as received; no title), so a console
+#: page never keeps the interpreter busy for long beside the webhook route.
+MAX_SLOW_BYTES = 128 * 1024
 #: Indentation stops growing past this depth (deep nesting must not make output quadratic).
 MAX_INDENT_DEPTH = 32
+_LONG_DIGITS = re.compile(rb"[0-9]{19}")
 _TOKEN_RE = re.compile(r'"(?:[^"\\]|\\.)*"?|[{}\[\],:]|\s+|[^\s{}\[\],:"]+', re.DOTALL)
 
 
@@ -30,13 +35,31 @@ def as_text(value: str) -> str:
 
 
 def pretty_json(raw: bytes) -> tuple[str, bool]:
-    """``(text, cut)``: the payload re-indented two spaces a level, its tokens kept exactly
-    as received (escapes, numbers of any size), without parsing it, so no payload fails.
-    ``cut`` is true when the text was longer than ``MAX_PRETTY_CHARS`` and shortened."""
+    """``(text, cut)``: the payload indented two spaces a level. What orjson parses is
+    written back by orjson (fast: a megabyte in milliseconds); anything else (numbers past
+    64 bits or ``1e400``, lone surrogates, nesting past orjson's limits) is re-indented
+    token by token, each token kept exactly as received (past ``MAX_SLOW_BYTES``, the text is
+    shown as received), so no payload fails. ``cut`` is
+    true when the text was longer than ``MAX_PRETTY_CHARS`` and shortened."""
+    if _LONG_DIGITS.search(raw):  # orjson would turn an integer past 64 bits into a float
+        return _reindent(raw)
+    try:
+        text = orjson.dumps(orjson.loads(raw), option=orjson.OPT_INDENT_2).decode()
+    except (orjson.JSONDecodeError, orjson.JSONEncodeError):
+        return _reindent(raw)
+    cut = len(text) > MAX_PRETTY_CHARS
+    return (text[:MAX_PRETTY_CHARS] if cut else text), cut
+
+
+def _reindent(raw: bytes) -> tuple[str, bool]:
+    """``pretty_json`` without parsing: whitespace between tokens replaced by indentation
+    (larger than ``MAX_SLOW_BYTES``: the text as received)."""
     text = as_text(raw.decode("utf-8", "replace"))
     cut = len(text) > MAX_PRETTY_CHARS
     if cut:
         text = text[:MAX_PRETTY_CHARS]
+    if len(raw) > MAX_SLOW_BYTES:
+        return text, cut
     out: list[str] = []
     depth = 0
 
@@ -70,11 +93,14 @@ def pretty_json(raw: bytes) -> tuple[str, bool]:
 
 
 def parse_payload(raw: bytes) -> Any:
-    """The payload as Python values, or ``None`` when no JSON parser here can hold it."""
+    """The payload as Python values, or ``None`` when no JSON parser here can hold it (or
+    only the standard library's could, and it is larger than ``MAX_SLOW_BYTES``)."""
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
         pass
+    if len(raw) > MAX_SLOW_BYTES:
+        return None
     try:  # lone surrogates, 1e400, 5000-digit integers: what orjson refuses
         return json.loads(raw.decode("utf-8", "replace"), parse_int=_big_int)
     except (ValueError, RecursionError):

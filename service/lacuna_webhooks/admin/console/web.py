@@ -8,9 +8,10 @@ percent-encodes every query value; templates never concatenate one by hand.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import jinja2
@@ -83,7 +84,7 @@ class ConsoleHeaders:
         except HTTPException as exc:
             if started:
                 raise
-            page = render(
+            page = await render(
                 Request(scope, receive),
                 "error.html",
                 exc.status_code,
@@ -111,7 +112,25 @@ def current_session(request: Request, ctx: AdminContext) -> Session | None:
     return Session(cookie, token, csrf_token(cookie, token))
 
 
-def render(
+#: CPU-heavy console work (templates, pretty-printing a megabyte payload) runs on threads,
+#: one at a time, never on the event loop that the webhook route shares.
+_OFF_LOOP = asyncio.Semaphore(1)
+T = TypeVar("T")
+
+
+async def off_loop(work: Callable[..., T], *args: Any) -> T:
+    """``work(*args)`` on a worker thread (one console thread at a time), so the event
+    loop, which also serves the webhook route in ``serve``, keeps answering meanwhile."""
+    async with _OFF_LOOP:
+        return await asyncio.to_thread(work, *args)
+
+
+def _render_bytes(template: str, values: dict[str, Any]) -> bytes:
+    # Lone surrogates cannot be encoded: they become "?" rather than an error.
+    return _env.get_template(template).render(**values).encode("utf-8", "replace")
+
+
+async def render(
     request: Request,
     template: str,
     status_code: int = 200,
@@ -120,11 +139,13 @@ def render(
     headers: Mapping[str, str] | None = None,
     **values: Any,
 ) -> Response:
-    """``template`` rendered with ``values`` (and ``session``, ``path``) as an HTML answer.
-    Text the page cannot encode (lone surrogates) becomes U+FFFD rather than an error."""
-    html = _env.get_template(template).render(session=session, path=request.url.path, **values)
+    """``template`` rendered with ``values`` (and ``session``, ``path``) as an HTML answer,
+    on a worker thread (``off_loop``)."""
+    body = await off_loop(
+        _render_bytes, template, {"session": session, "path": request.url.path, **values}
+    )
     return Response(
-        html.encode("utf-8", "replace"),
+        body,
         status_code=status_code,
         media_type="text/html; charset=utf-8",
         headers=dict(headers or {}),
@@ -198,7 +219,7 @@ def page(ctx: AdminContext, view: PageView) -> Endpoint:
         try:
             return await view(request, session)
         except StoreUnavailable:
-            return unavailable(request, session)
+            return await unavailable(request, session)
 
     return endpoint
 
@@ -213,24 +234,26 @@ def action(ctx: AdminContext, view: ActionView) -> Endpoint:
         if session is None:
             return to_sign_in(request)
         if not same_origin(request):
-            return forbidden(request, session, "This form was sent from another site.")
+            return await forbidden(request, session, "This form was sent from another site.")
         form = await read_form(request)
         if form is None:
-            return render(request, "error.html", 413, session=session, message="Form too large.")
+            return await render(
+                request, "error.html", 413, session=session, message="Form too large."
+            )
         presented = form.get("csrf", [None])[-1]
         if not csrf_ok(session.cookie, session.token, presented):
-            return forbidden(request, session, "The form's CSRF token is missing or stale.")
+            return await forbidden(request, session, "The form's CSRF token is missing or stale.")
         try:
             return await view(request, session, form)
         except StoreUnavailable:
-            return unavailable(request, session)
+            return await unavailable(request, session)
 
     return endpoint
 
 
-def forbidden(request: Request, session: Session | None, message: str) -> Response:
+async def forbidden(request: Request, session: Session | None, message: str) -> Response:
     """The 403 page."""
-    return render(
+    return await render(
         request,
         "error.html",
         403,
@@ -239,9 +262,9 @@ def forbidden(request: Request, session: Session | None, message: str) -> Respon
     )
 
 
-def unavailable(request: Request, session: Session | None) -> Response:
+async def unavailable(request: Request, session: Session | None) -> Response:
     """The 503 page: the store did not answer."""
-    return render(
+    return await render(
         request,
         "error.html",
         503,
@@ -265,6 +288,7 @@ __all__ = [
     "current_session",
     "field",
     "forbidden",
+    "off_loop",
     "page",
     "read_form",
     "render",
