@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sqlite3
 import statistics
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -183,18 +184,22 @@ async def measure(store: Store, count: int) -> list[tuple[str, float, float, int
     return found
 
 
-async def main() -> int:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("backend", choices=["sqlite", "postgres"])
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--path", default=None, help="SQLite file (default: a temporary one)")
     parser.add_argument("--dsn", default="postgresql://postgres@127.0.0.1:5432/test")
     args = parser.parse_args()
+    path = args.path or os.path.join(tempfile.mkdtemp(prefix="lacuna-search-"), "bench.db")
+    if args.backend == "sqlite" and os.path.exists(path):
+        raise SystemExit(f"{path} exists: give a new --path")
+    return asyncio.run(run(args, path))
+
+
+async def run(args: argparse.Namespace, path: str) -> int:
     started = time.perf_counter()
     if args.backend == "sqlite":
-        path = args.path or f"/tmp/lacuna-search-bench-{os.getpid()}.db"
-        if Path(path).exists():
-            raise SystemExit(f"{path} exists: give a new --path")
         await fill_sqlite(path, args.events)
         url = f"sqlite:///{path}"
     else:
@@ -225,9 +230,10 @@ async def main() -> int:
         await admin.close()
     else:
         for suffix in ("", "-wal", "-shm"):
-            Path(path + suffix).unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path + suffix)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    sys.exit(main())
