@@ -419,11 +419,28 @@ def _dev(environ: Mapping[str, str], env_file: Path) -> int:
         "  Send it a signed test event from another terminal:\n\n"
         f"    .venv/bin/lacuna-webhooks send --url http://{shown_host}:{port}/webhooks/lacuna"
         f" --secret {secret}\n\n"
-        "  Then look at it: .venv/bin/lacuna-webhooks events list\n",
+        "  Then look at it: .venv/bin/lacuna-webhooks events list\n" + _dev_admin_line(env),
         file=sys.stderr,
         flush=True,
     )
     return _serve(env, None, None)
+
+
+def _dev_admin_line(env: Mapping[str, str]) -> str:
+    """Where the admin API answers in development, when a token is set (never the token)."""
+    try:
+        has_token = bool((read_setting(env, "LACUNA_ADMIN_TOKEN") or "").strip())
+    except ConfigError:
+        return ""  # serve reports it with the other settings
+    if not has_token:
+        return "  Admin API: off (set LACUNA_ADMIN_TOKEN in .env to turn it on; docs/admin.md)\n"
+    host = env.get("LACUNA_ADMIN_HOST", "127.0.0.1").strip() or "127.0.0.1"
+    shown = "127.0.0.1" if host in {"0.0.0.0", "::"} else _url_host(host)  # noqa: S104
+    port = env.get("LACUNA_ADMIN_PORT", "8001").strip() or "8001"
+    return (
+        f"  Admin API: http://{shown}:{port}/api/v1/events"
+        " (Authorization: Bearer $LACUNA_ADMIN_TOKEN; docs/admin.md)\n"
+    )
 
 
 # --- send ----------------------------------------------------------------------------------

@@ -982,6 +982,11 @@ async def test_search_match_odd_keys(store: Store) -> None:
     for key, value in data.items():
         assert await search_ids(store, match=((f"data.{key}", value),)) == ["odd"], key
         assert await search_ids(store, match=((f"data.{key}", "other"),)) == []
+    # Values a sender wrote with escapes still equal their decoded text.
+    escaped = b'{"id":"esc","type":"t","data":{"u":"a\\/b","v":"\\u00e9t\\u00e9","w":"\\u0041"}}'
+    assert await store.accept(body_event("esc", escaped), [], now=wall_now())
+    assert await search_ids(store, match=(("data.u", "a/b"),)) == ["esc"]
+    assert await search_ids(store, match=(("data.v", "été"),)) == ["esc"]
 
 
 HOSTILE_BODIES: dict[str, bytes] = {

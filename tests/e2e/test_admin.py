@@ -1,0 +1,205 @@
+"""The admin listener of a real ``serve`` (SPEC §9): its own socket, only with a token, never
+the webhook port's routes; one SIGTERM stops both; intake keeps its latency while admin
+searches scan the store."""
+
+from __future__ import annotations
+
+import sqlite3
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from tests.conftest import make_event, signed
+from tests.e2e.conftest import Serve, free_port
+
+pytestmark = pytest.mark.e2e
+
+TOKEN = "adm_" + "e" * 40
+AUTH = {"authorization": f"Bearer {TOKEN}"}
+
+
+def admin_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {
+        "LACUNA_ADMIN_TOKEN": TOKEN,
+        "LACUNA_ADMIN_PORT": str(free_port()),
+        "LACUNA_DATABASE_URL": f"sqlite:///{tmp_path / 'events.db'}",
+        "LACUNA_HANDLERS": "audit=log",
+        **extra,
+    }
+
+
+def test_admin_listener_is_its_own_socket(serve_factory: type[Serve], tmp_path: Path) -> None:
+    """The admin API answers on LACUNA_ADMIN_PORT with a token (401 without); the webhook
+    port serves no /api/v1 and the admin port no webhook route; SIGTERM ends both, exit 0."""
+    env = admin_env(tmp_path)
+    serve = serve_factory(env).start()
+    admin = f"http://127.0.0.1:{env['LACUNA_ADMIN_PORT']}/api/v1"
+    body, headers = signed(make_event("evt_admin_1", title="Late Night Study"))
+    assert httpx.post(serve.webhook_url, content=body, headers=headers).status_code == 200
+    events = httpx.get(
+        f"{admin}/events", headers=AUTH, params={"match": "data.title:Late Night Study"}
+    )
+    assert events.status_code == 200, events.text
+    assert [e["id"] for e in events.json()["data"]] == ["evt_admin_1"]
+    assert httpx.get(f"{admin}/events").status_code == 401
+    assert httpx.get(f"{admin}/openapi.json", headers=AUTH).json()["openapi"].startswith("3.1")
+    for path in ("/api/v1/events", "/api/v1/openapi.json", "/api/v1/handlers"):
+        webhook_side = httpx.get(f"{serve.base_url}{path}", headers=AUTH)
+        assert webhook_side.status_code == 404, path
+    admin_side = httpx.post(
+        f"http://127.0.0.1:{env['LACUNA_ADMIN_PORT']}/webhooks/lacuna",
+        content=body,
+        headers=headers,
+    )
+    assert admin_side.status_code == 404
+    serve.signal(15)
+    assert serve.wait(30) == 0, serve.log()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{admin}/events", headers=AUTH, timeout=2)
+
+
+def test_sigint_stops_both_listeners(serve_factory: type[Serve], tmp_path: Path) -> None:
+    env = admin_env(tmp_path)
+    serve = serve_factory(env).start()
+    admin = f"http://127.0.0.1:{env['LACUNA_ADMIN_PORT']}/api/v1/handlers"
+    assert httpx.get(admin, headers=AUTH).status_code == 200
+    serve.signal(2)
+    serve.wait(30)
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(admin, headers=AUTH, timeout=2)
+
+
+def test_no_token_no_admin_socket(serve_factory: type[Serve], tmp_path: Path) -> None:
+    env = admin_env(tmp_path)
+    env.pop("LACUNA_ADMIN_TOKEN")
+    serve = serve_factory(env).start()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{env['LACUNA_ADMIN_PORT']}/api/v1/events", timeout=2)
+    assert "admin.off" in serve.log()
+
+
+def test_admin_port_taken_is_one_line(serve_factory: type[Serve], tmp_path: Path) -> None:
+    """An admin port already in use stops serve at start with a line naming the settings."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = admin_env(tmp_path, LACUNA_ADMIN_PORT=str(taken.getsockname()[1]))
+        serve = serve_factory(env)
+        serve.proc = None
+        import subprocess
+
+        from tests.e2e.conftest import CLI
+
+        done = subprocess.run(
+            [CLI, "serve"], env=serve.env, cwd=tmp_path, capture_output=True, timeout=60
+        )
+    assert done.returncode != 0
+    err = done.stderr.decode()
+    assert "LACUNA_ADMIN_HOST, LACUNA_ADMIN_PORT" in err, err
+    assert "Traceback" not in err
+
+
+# --- intake while admin searches run ------------------------------------------------------
+
+STORED = 100_000
+
+
+def fill(db: Path, count: int) -> None:
+    """Bulk-insert ``count`` stored events straight into the file (serve migrated it)."""
+    conn = sqlite3.connect(db)
+    now = time.time() - 3600
+    rows = []
+    for i in range(count):
+        raw = orjson.dumps(make_event(f"old_{i}", title=f"Track {i}", lyrics="la " * 40))
+        rows.append((f"old_{i}", "job.completed", None, now + i * 0.001, f"task_{i}", 0, raw))
+    with conn:
+        conn.executemany(
+            "INSERT INTO events (id, type, created, received_at, task_id, superseded, raw)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+    conn.close()
+
+
+def intake_latencies(serve: Serve, prefix: str, count: int) -> list[float]:
+    """Seconds per signed POST, sent one after another on one connection."""
+    took = []
+    with httpx.Client(timeout=30) as client:
+        for i in range(count):
+            body, headers = signed(make_event(f"{prefix}_{i}"))
+            started = time.perf_counter()
+            response = client.post(serve.webhook_url, content=body, headers=headers)
+            took.append(time.perf_counter() - started)
+            assert response.status_code == 200, response.text
+    return took
+
+
+def p(values: list[float], percent: int) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, (len(ordered) * percent + 99) // 100 - 1)]
+
+
+def test_intake_latency_while_admin_searches(serve_factory: type[Serve], tmp_path: Path) -> None:
+    """With 100k stored events, admin searches that scan all of them run in a loop (on the
+    SQLite reader, beside the writer); intake's p50 and p99 stay within a generous factor of
+    the same run's idle figures. Were searches run on the writer, each accept would wait
+    behind a scan of the whole table."""
+    env = admin_env(tmp_path, LACUNA_HANDLERS="")
+    serve = serve_factory(env).start()
+    serve.signal(15)
+    assert serve.wait(30) == 0
+    fill(tmp_path / "events.db", STORED)
+    serve.start()
+    admin = f"http://127.0.0.1:{env['LACUNA_ADMIN_PORT']}/api/v1/events"
+    intake_latencies(serve, "warm", 30)
+    idle = intake_latencies(serve, "idle", 300)
+
+    stop = threading.Event()
+    searches: list[float] = []
+    failures: list[str] = []
+
+    def search_loop() -> None:
+        queries = [
+            {"q": "no such text anywhere"},  # scans every body
+            {"match": "data.title:Track -1"},  # parses every body
+            {"type": "job.completed", "limit": "500"},
+        ]
+        with httpx.Client(timeout=60, headers=AUTH) as client:
+            i = 0
+            while not stop.is_set():
+                started = time.perf_counter()
+                response = client.get(admin, params=queries[i % len(queries)])
+                searches.append(time.perf_counter() - started)
+                if response.status_code != 200:
+                    failures.append(response.text)
+                i += 1
+
+    thread = threading.Thread(target=search_loop, daemon=True)
+    thread.start()
+    time.sleep(0.5)  # searches under way
+    try:
+        busy = intake_latencies(serve, "busy", 300)
+    finally:
+        stop.set()
+        thread.join(120)
+    assert not failures, failures[:1]
+    assert len(searches) >= 2, "the admin searches did not overlap the intake run"
+    idle_p50, idle_p99 = p(idle, 50), p(idle, 99)
+    busy_p50, busy_p99 = p(busy, 50), p(busy, 99)
+    print(
+        f"\nintake idle p50 {idle_p50 * 1000:.1f} ms p99 {idle_p99 * 1000:.1f} ms; while "
+        f"{len(searches)} admin searches ran (median {statistics.median(searches) * 1000:.0f} ms, "
+        f"max {max(searches) * 1000:.0f} ms): p50 {busy_p50 * 1000:.1f} ms p99 "
+        f"{busy_p99 * 1000:.1f} ms"
+    )
+    assert busy_p50 <= 4 * idle_p50, (idle_p50, busy_p50)
+    assert busy_p99 <= 8 * idle_p99, (idle_p99, busy_p99)
+    # The scans were real: each took longer than intake's idle p99.
+    assert statistics.median(searches) > idle_p99
