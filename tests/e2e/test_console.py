@@ -332,6 +332,9 @@ def test_live_tail_degrades_or_follows(site: Site, page: Watched) -> None:
     if streaming:
         site.send(make_event("evt_console_live", title=XSS_SCRIPT))
         p.wait_for_selector("#tail-rows a:text('evt_console_live')", timeout=15000)
+        row = p.locator("#tail-rows tr").first
+        assert row.locator("td").nth(3).inner_text() == XSS_SCRIPT  # text, not markup
+        assert p.locator("#tail-rows script").count() == 0
     else:
         assert "not available" in status.inner_text()
     p.screenshot(path=site.shots / "tail.png")

@@ -27,14 +27,17 @@
     if (!event || typeof event !== "object") return;
     var inner = event.event && typeof event.event === "object" ? event.event : event;
     var id = String(inner.id || "");
+    var data = inner.data && typeof inner.data === "object" ? inner.data : {};
+    var when = String(event.received_at || new Date().toISOString());
     var tr = document.createElement("tr");
-    cell(tr, String(event.received_at || new Date().toISOString()), "Received");
+    cell(tr, when.slice(0, 19).replace("T", " "), "Received");
     var link = document.createElement("a");
     link.href = "/event?id=" + encodeURIComponent(id);
     link.className = "mono";
     link.textContent = id;
     cell(tr, link, "Event");
     cell(tr, String(inner.type || ""), "Type");
+    cell(tr, typeof data.title === "string" ? data.title : "", "Title");
     rows.insertBefore(tr, rows.firstChild);
     while (rows.childNodes.length > MAX_ROWS) rows.removeChild(rows.lastChild);
   };
