@@ -393,35 +393,47 @@ def test_console_pages_never_hold_up_intake(site: Site) -> None:
         cookies = dict(login.cookies)
     stop = threading.Event()
     rendered: list[float] = []
+    wrong: list[str] = []
 
     def render_loop() -> None:
         with httpx.Client(base_url=site.admin_url, cookies=cookies, timeout=60) as client:
             while not stop.is_set():
                 started = time.monotonic()
                 answer = client.get("/event", params={"id": "evt_console_big"})
-                assert answer.status_code == 200
-                assert "12345678901234567890123" in answer.text
+                if answer.status_code != 200 or "12345678901234567890123" not in answer.text:
+                    wrong.append(f"{answer.status_code}: {answer.text[:300]}")
+                    return
                 rendered.append(time.monotonic() - started)
 
+    def intake(prefix: str) -> list[float]:
+        latencies = []
+        for i in range(15):
+            body, headers = signed(make_event(f"evt_console_{prefix}_{i}"))
+            started = time.monotonic()
+            answer = httpx.post(site.serve.webhook_url, content=body, headers=headers, timeout=30)
+            latencies.append(time.monotonic() - started)
+            assert answer.status_code == 200
+        return latencies
+
+    alone = intake("alone")
     loaders = [threading.Thread(target=render_loop, daemon=True) for _ in range(2)]
     for loader in loaders:
         loader.start()
     try:
         wait_until(lambda: len(rendered) >= 1, what="a first render of the big event")
-        latencies = []
-        for i in range(20):
-            body, headers = signed(make_event(f"evt_console_during_{i}"))
-            started = time.monotonic()
-            answer = httpx.post(site.serve.webhook_url, content=body, headers=headers, timeout=10)
-            latencies.append(time.monotonic() - started)
-            assert answer.status_code == 200
+        busy = intake("busy")
         in_flight = len(rendered)
     finally:
         stop.set()
         for loader in loaders:
             loader.join(60)
+    assert wrong == []
     assert in_flight >= 2, "the console was not kept busy"
-    # A bound for something that should happen promptly, not a measurement (on a busy
-    # 2-core machine intake alone takes up to ~0.3 s): re-indenting this payload on the
-    # loop held each webhook for 1 to 3 s.
-    assert max(latencies) < 1.0, f"intake waited {max(latencies):.3f} s; renders {rendered}"
+    # Bounds for something that should happen promptly, not measurements, relative to the
+    # same webhooks without the console busy (a shared 2-core machine varies): rendering
+    # on the loop held nearly every webhook for a whole render, 1 to 4 s.
+    alone.sort()
+    busy.sort()
+    report = f"alone {alone}, busy {busy}, renders {rendered}"
+    assert busy[len(busy) // 2] < alone[len(alone) // 2] + 0.5, report
+    assert busy[-1] < alone[-1] + 1.5, report
