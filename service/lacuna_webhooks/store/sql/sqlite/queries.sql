@@ -263,3 +263,14 @@ SELECT handler, error AS last_error, finished_at AS last_error_at FROM (
     WHERE a.finished_at >= :since AND a.error IS NOT NULL
 )
 WHERE rn = 1
+
+-- name: search_events_by_delivery
+-- The same, when a rare delivery state (dead, or one of the pending ones) selects: the matching
+-- deliveries drive (deliveries_handler_status or the partial indexes), then their events are
+-- sorted, instead of walking every event newest first and probing its deliveries. CROSS JOIN
+-- fixes that order: SQLite's planner has no statistics unless ANALYZE ran.
+SELECT e.rowid AS seq, e.id, e.type, e.created, e.received_at, e.task_id, e.superseded, e.raw
+FROM (SELECT DISTINCT d.event_id FROM deliveries AS d WHERE /* deliveries */) AS sel
+CROSS JOIN events AS e ON e.id = sel.event_id
+WHERE /* where */
+ORDER BY e.received_at DESC, e.rowid DESC

@@ -1,0 +1,53 @@
+// The console's live tail: follows /api/v1/stream (Server-Sent Events; the session cookie
+// admits it) and puts each event at the top of the table, every value as textContent.
+(function () {
+  "use strict";
+  var status = document.getElementById("tail-status");
+  var rows = document.getElementById("tail-rows");
+  if (!status || !rows) return;
+  if (!window.EventSource) {
+    status.textContent = "This browser cannot follow a live stream.";
+    return;
+  }
+  var MAX_ROWS = 200;
+  var source = new EventSource("/api/v1/stream");
+  function cell(tr, text, label) {
+    var td = document.createElement("td");
+    td.setAttribute("data-label", label);
+    if (typeof text === "string") td.textContent = text; else td.appendChild(text);
+    tr.appendChild(td);
+  }
+  source.onopen = function () {
+    status.textContent = "Live: new events appear at the top.";
+    status.className = "ok";
+  };
+  source.onmessage = function (message) {
+    var event;
+    try { event = JSON.parse(message.data); } catch (e) { return; }
+    if (!event || typeof event !== "object") return;
+    var inner = event.event && typeof event.event === "object" ? event.event : event;
+    var id = String(inner.id || "");
+    var data = inner.data && typeof inner.data === "object" ? inner.data : {};
+    var when = String(event.received_at || new Date().toISOString());
+    var tr = document.createElement("tr");
+    cell(tr, when.slice(0, 19).replace("T", " "), "Received");
+    var link = document.createElement("a");
+    link.href = "/event?id=" + encodeURIComponent(id);
+    link.className = "mono";
+    link.textContent = id;
+    cell(tr, link, "Event");
+    cell(tr, String(inner.type || ""), "Type");
+    cell(tr, typeof data.title === "string" ? data.title : "", "Title");
+    rows.insertBefore(tr, rows.firstChild);
+    while (rows.childNodes.length > MAX_ROWS) rows.removeChild(rows.lastChild);
+  };
+  source.onerror = function () {
+    if (source.readyState === EventSource.CLOSED) {
+      status.textContent = "The live stream is not available from this server. Reload the page to try again.";
+      status.className = "error";
+    } else {
+      status.textContent = "Connection lost: reconnecting…";
+      status.className = "muted";
+    }
+  };
+})();

@@ -1,0 +1,447 @@
+"""The console over HTTP, without a browser: sign-in, the session redirect, CSRF refusals,
+the Content-Security-Policy, and hostile event text rendered as text.
+
+The admin app runs in-process over a real store (SQLite here; every backend for the
+escaping test), reached through httpx's ASGI transport on the test's own event loop.
+Browser behaviour (scripts, dialogs, the live tail) is in ``tests/e2e/test_console.py``.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from lacuna_webhooks.admin import AdminContext, create_admin_app
+from lacuna_webhooks.admin.auth import SESSION_COOKIE
+from lacuna_webhooks.admin.console.web import CSP
+from lacuna_webhooks.config import Settings
+from lacuna_webhooks.models import Attempt, AttemptOutcome, Event
+from lacuna_webhooks.plugins import build_handlers
+from lacuna_webhooks.store import Store, open_store
+from tests.conftest import TEST_SECRET, make_event
+
+TOKEN = "adm_console_test_" + "k" * 32
+NOW = datetime.now(UTC).replace(microsecond=0)
+HOSTILE = ["<script>alert(1)</script>", '"><img src=x onerror=alert(1)>']
+PAGES = ["/events", "/event?id=evt_1", "/dead", "/handlers", "/tail", "/activity"]
+FORMS = ["/event/replay", "/dead/retry", "/handlers/pause", "/handlers/resume", "/sign-out"]
+
+
+def context(store: Store) -> AdminContext:
+    env = {
+        "LACUNA_WEBHOOK_SECRET": TEST_SECRET,
+        "LACUNA_ADMIN_TOKEN": TOKEN,
+        "LACUNA_HANDLERS": "log,archive=log",
+    }
+    handlers = build_handlers(["log", "archive=log"], env)
+    return AdminContext(Settings.from_env(env), store, handlers.without_instances())
+
+
+async def accept(store: Store, payload: dict[str, Any] | bytes, handlers: list[str]) -> Event:
+    body = payload if isinstance(payload, bytes) else orjson.dumps(payload)
+    event = Event.from_body(body)
+    assert await store.accept(event, handlers, now=NOW)
+    return event
+
+
+@pytest.fixture
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[Store]:
+    store = open_store(f"sqlite:///{tmp_path / 'events.db'}")
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+def client(store: Store, base_url: str = "http://console.test") -> httpx.AsyncClient:
+    app = create_admin_app(context(store))
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=base_url)
+
+
+async def sign_in(http: httpx.AsyncClient) -> str:
+    """Sign in; return the CSRF token of the session (read from a page's form)."""
+    answer = await http.post("/sign-in", data={"token": TOKEN, "next": "/handlers"})
+    assert answer.status_code == 303, answer.text
+    page = await http.get("/handlers")
+    found = re.search(r'name="csrf" value="([0-9a-f]+)"', page.text)
+    assert found, page.text
+    return found.group(1)
+
+
+@pytest.mark.parametrize("path", PAGES)
+async def test_every_page_redirects_to_sign_in_without_a_session(
+    sqlite_store: Store, path: str
+) -> None:
+    """No cookie, or a forged one: 303 to /sign-in with the page to come back to."""
+    async with client(sqlite_store) as http:
+        for cookies in ({}, {SESSION_COOKIE: "9999999999.forged"}):
+            http.cookies.clear()
+            http.cookies.update(cookies)
+            answer = await http.get(path)
+            assert answer.status_code == 303
+            location = answer.headers["location"]
+            assert location.startswith("/sign-in?next=")
+            assert httpx.URL(location).params["next"] == path
+
+
+@pytest.mark.parametrize("path", FORMS)
+async def test_every_form_refuses_without_a_session(sqlite_store: Store, path: str) -> None:
+    await accept(sqlite_store, make_event("evt_1"), ["log"])
+    async with client(sqlite_store) as http:
+        answer = await http.post(path, data={"name": "log", "id": "evt_1", "handler": "log"})
+        assert answer.status_code == 303
+        assert answer.headers["location"].startswith("/sign-in")
+    assert not any(s.paused for s in await sqlite_store.handler_states())
+
+
+async def test_sign_in_sets_a_strict_http_only_cookie(sqlite_store: Store) -> None:
+    async with client(sqlite_store) as http:
+        wrong = await http.post("/sign-in", data={"token": "adm_" + "z" * 40})
+        assert wrong.status_code == 401
+        assert "set-cookie" not in wrong.headers
+        assert "not an admin token" in wrong.text
+        answer = await http.post("/sign-in", data={"token": TOKEN, "next": "/dead"})
+        assert answer.status_code == 303
+        assert answer.headers["location"] == "/dead"
+        cookie = answer.headers["set-cookie"].lower()
+        assert cookie.startswith(SESSION_COOKIE + "=")
+        for part in ("httponly", "samesite=strict", "path=/"):
+            assert part in cookie
+        assert "secure" not in cookie  # plain http: a Secure cookie would never come back
+        assert (await http.get("/dead")).status_code == 200
+        # The sign-in page of a signed-in user goes on to the page asked for.
+        again = await http.get("/sign-in", params={"next": "/tail"})
+        assert (again.status_code, again.headers["location"]) == (303, "/tail")
+
+
+async def test_sign_in_from_another_site_is_refused(sqlite_store: Store) -> None:
+    async with client(sqlite_store) as http:
+        answer = await http.post(
+            "/sign-in", data={"token": TOKEN}, headers={"sec-fetch-site": "cross-site"}
+        )
+        assert answer.status_code == 403
+        assert "set-cookie" not in answer.headers
+        # What a browser sends from the console's own (no-referrer) page is accepted.
+        same = await http.post(
+            "/sign-in",
+            data={"token": TOKEN},
+            headers={"sec-fetch-site": "same-origin", "origin": "null"},
+        )
+        assert same.status_code == 303
+
+
+async def test_sign_in_over_https_sets_a_secure_cookie(sqlite_store: Store) -> None:
+    async with client(sqlite_store, "https://console.test") as http:
+        answer = await http.post("/sign-in", data={"token": TOKEN})
+        assert answer.status_code == 303
+        assert "secure" in answer.headers["set-cookie"].lower()
+
+
+@pytest.mark.parametrize(
+    "target", ["https://evil.example/", "//evil.example/x", "/\\evil", "/api/v1/events"]
+)
+async def test_sign_in_never_redirects_off_the_console(sqlite_store: Store, target: str) -> None:
+    async with client(sqlite_store) as http:
+        answer = await http.post("/sign-in", data={"token": TOKEN, "next": target})
+        assert (answer.status_code, answer.headers["location"]) == (303, "/events")
+
+
+async def test_sign_out_ends_the_session(sqlite_store: Store) -> None:
+    async with client(sqlite_store) as http:
+        csrf = await sign_in(http)
+        answer = await http.post("/sign-out", data={"csrf": csrf})
+        assert answer.status_code == 303
+        assert SESSION_COOKIE not in http.cookies
+        assert (await http.get("/events")).status_code == 303
+
+
+@pytest.mark.parametrize(
+    ("path", "form"),
+    [
+        ("/handlers/pause", {"name": "log"}),
+        ("/handlers/resume", {"name": "log"}),
+        ("/event/replay", {"id": "evt_1"}),
+        ("/dead/retry", {"handler": "log"}),
+        ("/sign-out", {}),
+    ],
+)
+async def test_forms_without_the_csrf_token_are_refused(
+    sqlite_store: Store, path: str, form: dict[str, str]
+) -> None:
+    """A missing, wrong or other session's CSRF token: 403, nothing changes."""
+    await accept(sqlite_store, make_event("evt_1"), ["log"])
+    async with client(sqlite_store) as http:
+        csrf = await sign_in(http)
+        for presented in (None, "", "0" * 64, csrf[:-1] + ("0" if csrf[-1] != "0" else "1")):
+            data = dict(form) if presented is None else {**form, "csrf": presented}
+            answer = await http.post(path, data=data)
+            assert answer.status_code == 403, (presented, answer.text)
+            assert "CSRF" in answer.text
+        # From another site, even with the right token: refused before the body is read.
+        for headers in ({"origin": "https://evil.example"}, {"sec-fetch-site": "cross-site"}):
+            cross = await http.post(path, data={**form, "csrf": csrf}, headers=headers)
+            assert cross.status_code == 403
+        assert (await http.get("/events")).status_code == 200  # still signed in
+    assert not any(s.paused for s in await sqlite_store.handler_states())
+    deliveries = await sqlite_store.list_deliveries(event_id="evt_1")
+    assert [d.updated_at for d in deliveries] == [NOW]
+
+
+async def test_pause_and_resume_with_the_csrf_token(sqlite_store: Store) -> None:
+    async with client(sqlite_store) as http:
+        csrf = await sign_in(http)
+        answer = await http.post("/handlers/pause", data={"name": "archive", "csrf": csrf})
+        assert (answer.status_code, answer.headers["location"]) == (303, "/handlers?done=paused")
+        assert (await sqlite_store.paused_handlers()).keys() == {"archive"}
+        page = await http.get("/handlers?done=paused")
+        assert "Handler paused." in page.text
+        assert "paused from the console" in page.text
+        assert (
+            await http.post("/handlers/resume", data={"name": "archive", "csrf": csrf})
+        ).status_code == 303
+        assert await sqlite_store.paused_handlers() == {}
+        unknown = await http.post("/handlers/pause", data={"name": "nope", "csrf": csrf})
+        assert unknown.status_code == 404
+
+
+async def test_every_console_answer_carries_the_csp(sqlite_store: Store) -> None:
+    """Pages, redirects, refusals, 404s and the static files alike."""
+    async with client(sqlite_store) as http:
+        answers = [
+            await http.get("/sign-in"),
+            await http.get("/events"),  # 303
+            await http.get("/static/console.css"),
+            await http.get("/static/tail.js"),
+            await http.get("/no-such-page"),
+            await http.get("/sign-out"),  # 405: only POST signs out
+        ]
+        csrf = await sign_in(http)
+        answers += [await http.get(p) for p in PAGES]
+        answers.append(await http.post("/handlers/pause", data={"name": "log"}))  # 403
+        answers.append(await http.post("/handlers/pause", data={"name": "log", "csrf": csrf}))
+    for answer in answers:
+        assert answer.headers["content-security-policy"] == CSP, answer.url
+        assert answer.headers["x-frame-options"] == "DENY"
+        assert answer.headers["x-content-type-options"] == "nosniff"
+        assert answer.headers["cache-control"] == "no-store"
+    assert "default-src 'none'" in CSP
+    assert "script-src 'self'" in CSP
+    assert {a.status_code for a in answers} >= {200, 303, 403, 404, 405}
+
+
+async def test_pages_have_no_inline_script_or_style(sqlite_store: Store) -> None:
+    await accept(sqlite_store, make_event("evt_1"), ["log"])
+    async with client(sqlite_store) as http:
+        await sign_in(http)
+        for path in ["/sign-in", *PAGES]:
+            text = (await http.get(path)).text
+            assert not re.search(r"<script(?![^>]*\bsrc=)", text), path
+            assert "<style" not in text, path
+            assert " style=" not in text, path
+            assert not re.search(r"\son[a-z]+=", text), path
+
+
+async def test_hostile_text_is_escaped_on_every_backend(store: Store) -> None:
+    """Titles, ids, errors and results that hold markup come out as text on every page;
+    only http(s) result values become links."""
+    for i, title in enumerate(HOSTILE):
+        await accept(store, make_event(f"evt_{i}<b>bold</b>", title=title), ["log"])
+    await accept(
+        store,
+        json.dumps(
+            {
+                "id": "evt_odd",
+                "type": "job.completed",
+                "data": {"title": "nul\x00here", "n": 10**60},
+            },
+            ensure_ascii=True,
+        ).encode(),
+        ["log"],
+    )
+    claimed = await store.claim(handler="log", limit=10, lease=timedelta(minutes=1), now=NOW)
+    for delivery in claimed:
+        if delivery.event.id == "evt_0<b>bold</b>":
+            await store.complete(
+                delivery,
+                Attempt(
+                    NOW,
+                    NOW,
+                    AttemptOutcome.OK,
+                    result={
+                        "location": "s3://bucket/<script>alert(2)</script>/",
+                        "link": "javascript:alert(3)",
+                        "file": "https://files.example/a?b=<i>&c=1",
+                    },
+                ),
+            )
+        else:
+            await store.dead(
+                delivery, Attempt(NOW, NOW, AttemptOutcome.DEAD, error=HOSTILE[1] + " failed")
+            )
+    async with client(store) as http:
+        await sign_in(http)
+        pages = [
+            await http.get("/events"),
+            await http.get("/events", params={"q": "<script>"}),
+            await http.get("/event", params={"id": "evt_0<b>bold</b>"}),
+            await http.get("/event", params={"id": "evt_1<b>bold</b>"}),
+            await http.get("/event", params={"id": "evt_odd"}),
+            await http.get("/dead"),
+            await http.get("/handlers"),
+        ]
+    for page in pages:
+        assert page.status_code == 200, (page.url, page.text)
+        for raw in [*HOSTILE, "<b>bold</b>", "<script>alert(2)", "<i>"]:
+            assert raw not in page.text, (page.url, raw)
+    one = pages[2].text
+    assert html.escape(HOSTILE[0], quote=False) in one
+    assert "&lt;b&gt;bold&lt;/b&gt;" in one
+    assert 'href="https://files.example/a?b=&lt;i&gt;&amp;c=1"' in one
+    assert 'href="javascript' not in one
+    assert "javascript:alert(3)</code>" in one
+    assert "s3://bucket/&lt;script&gt;" in one
+    assert "&#34;&gt;&lt;img src=x onerror=alert(1)&gt; failed" in pages[3].text
+    assert "1" + "0" * 60 in pages[4].text  # the big number as sent
+    assert "\\u0000" in pages[4].text
+    assert "evt_0&lt;b&gt;bold&lt;/b&gt;" in pages[1].text  # the search found it
+    # Links to an event carry its id percent-encoded.
+    assert 'href="/event?id=evt_0%3Cb%3Ebold%3C%2Fb%3E"' in pages[0].text
+
+
+async def test_search_filters_and_bad_filters(sqlite_store: Store) -> None:
+    for i in range(3):
+        await accept(sqlite_store, make_event(f"evt_{i}", task_id=f"cm_{i}"), ["log"])
+    await accept(sqlite_store, make_event("evt_f", "job.failed", task_id="cm_f"), ["log"])
+    async with client(sqlite_store) as http:
+        await sign_in(http)
+        found = await http.get("/events", params={"type": "job.failed", "q": "", "since": ""})
+        assert found.status_code == 200
+        assert "evt_f" in found.text
+        assert "evt_1" not in found.text
+        by_task = await http.get("/events", params={"task_id": "cm_1"})
+        assert "evt_1" in by_task.text
+        assert "evt_2" not in by_task.text
+        bad = await http.get("/events", params={"since": "yesterday"})
+        assert bad.status_code == 400
+        assert "since must be RFC 3339" in bad.text
+        stale = await http.get("/events", params={"cursor": "not-a-cursor"})
+        assert stale.status_code == 400
+        # Newest first, a page at a time, with an "older" link that keeps the filter.
+        first = await http.get("/events", params={"limit": "2", "type": "job.completed"})
+        ids = re.findall(r'href="/event\?id=(evt_\w+)"', first.text)
+        assert ids == ["evt_2", "evt_1"]
+        older = re.search(r'href="(/events\?[^"]+)" rel="next"', first.text)
+        assert older
+        second = await http.get(html.unescape(older.group(1)))
+        assert re.findall(r'href="/event\?id=(evt_\w+)"', second.text) == ["evt_0"]
+
+
+async def test_replay_and_retry_dead(sqlite_store: Store) -> None:
+    await accept(sqlite_store, make_event("evt_1"), ["log", "archive"])
+    await accept(sqlite_store, make_event("evt_2"), ["log"])
+    for delivery in await sqlite_store.claim(
+        handler="log", limit=5, lease=timedelta(minutes=1), now=NOW
+    ):
+        await sqlite_store.dead(delivery, Attempt(NOW, NOW, AttemptOutcome.DEAD, error="boom"))
+    async with client(sqlite_store) as http:
+        csrf = await sign_in(http)
+        dead = await http.get("/dead")
+        assert dead.text.count('action="/dead/retry"') == 3  # all of log, and each delivery
+        one = await http.post("/dead/retry", data={"csrf": csrf, "id": "evt_1", "handler": "log"})
+        assert one.headers["location"] == "/dead?done=retried"
+        left = await sqlite_store.list_deliveries(handler="log")
+        assert {d.event_id: d.status.value for d in left} == {"evt_1": "pending", "evt_2": "dead"}
+        assert (
+            await http.post("/dead/retry", data={"csrf": csrf, "handler": "log"})
+        ).status_code == 303
+        assert all(d.status.value == "pending" for d in await sqlite_store.list_deliveries())
+        replay = await http.post(
+            "/event/replay", data={"csrf": csrf, "id": "evt_2", "handler": "archive"}
+        )
+        assert replay.headers["location"] == "/event?id=evt_2&done=replayed"
+        handlers = {d.handler for d in await sqlite_store.list_deliveries(event_id="evt_2")}
+        assert handlers == {"log", "archive"}
+        missing = await http.post("/event/replay", data={"csrf": csrf, "id": "evt_nope"})
+        assert missing.status_code == 404
+        unknown = await http.post(
+            "/event/replay", data={"csrf": csrf, "id": "evt_2", "handler": "x"}
+        )
+        assert unknown.status_code == 400
+
+
+async def test_activity_chart_counts_the_last_hours(sqlite_store: Store) -> None:
+    now = datetime.now(UTC)
+    await accept(sqlite_store, make_event("evt_a"), ["log"])
+    event = Event.from_body(orjson.dumps(make_event("evt_old")))
+    assert await sqlite_store.accept(event, ["log"], now=now - timedelta(hours=3))
+    for delivery in await sqlite_store.claim(
+        handler="log", limit=5, lease=timedelta(minutes=1), now=now
+    ):
+        if delivery.event.id == "evt_old":
+            await sqlite_store.dead(delivery, Attempt(now, now, AttemptOutcome.DEAD, error="x"))
+    async with client(sqlite_store) as http:
+        await sign_in(http)
+        page = await http.get("/activity")
+    assert page.status_code == 200
+    assert "<svg" in page.text
+    rows = re.findall(
+        r"<tr><td data-label=\"Hour\">([^<]+)</td><td[^>]*>(\d+)</td><td[^>]*>(\d+)</td></tr>",
+        page.text,
+    )
+    assert len(rows) == 12
+    counts = {hour: (int(a), int(f)) for hour, a, f in rows}
+    hour = lambda t: t.strftime("%Y-%m-%d %H:00")  # noqa: E731
+    if NOW.hour == now.hour:  # evt_a was accepted at NOW, at the test module's import
+        assert counts[hour(now)] == (1, 0)
+    assert counts[hour(now - timedelta(hours=3))] == (1, 1)
+    assert sum(a for a, _ in counts.values()) == 2
+
+
+async def test_store_down_is_a_503_page(tmp_path: Path) -> None:
+    from lacuna_webhooks.store.memory import MemoryStore
+
+    store = MemoryStore()
+    await store.open()
+    async with client(store) as http:
+        await sign_in(http)
+        store.unavailable = True
+        answer = await http.get("/events")
+    assert answer.status_code == 503
+    assert "unavailable" in answer.text
+    assert answer.headers["content-security-policy"] == CSP
+
+
+async def test_handlers_page_shows_backlog_and_the_last_hour(sqlite_store: Store) -> None:
+    now = datetime.now(UTC)
+    for i in range(3):
+        await accept(sqlite_store, make_event(f"evt_{i}"), ["log", "archive"])
+    claimed = await sqlite_store.claim(handler="log", limit=2, lease=timedelta(minutes=1), now=now)
+    await sqlite_store.complete(
+        claimed[0], Attempt(now, now + timedelta(seconds=2), AttemptOutcome.OK)
+    )
+    await sqlite_store.dead(
+        claimed[1], Attempt(now, now, AttemptOutcome.DEAD, error=HOSTILE[0] + " went wrong")
+    )
+    async with client(sqlite_store) as http:
+        await sign_in(http)
+        page = await http.get("/handlers")
+    assert page.status_code == 200
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", page.text))
+    log = text[text.index(" log ") : text.index(" archive ")]
+    archive = text[text.index(" archive ") :]
+    assert "due 1 running 0 waiting 0 dead 1" in log
+    assert "Attempts, last hour 2" in log
+    assert "Succeeded 1 (50%)" in log
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; went wrong" in log
+    assert HOSTILE[0] not in page.text
+    assert "due 3 running 0 waiting 0 dead 0" in archive
