@@ -217,6 +217,15 @@ def _host(value: str) -> str:
     host = value.strip()
     if not host or any(c.isspace() or c in "/@?#" for c in host):
         raise ValueError(f"must be an address or host name to listen on, got {value!r}")
+    try:
+        ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        try:
+            # What the resolver will do with it: an empty label (`a..b`) or one over 63
+            # characters fails here, at start, instead of as a traceback from the server.
+            host.encode("idna")
+        except UnicodeError:
+            raise ValueError(f"is not a valid address or host name, got {value!r}") from None
     return host
 
 
@@ -455,7 +464,7 @@ class Settings:
         read("max_body_bytes", "LACUNA_MAX_BODY_BYTES", _at_most(_positive_int, MAX_BODY_BYTES))
         read("database_url", "LACUNA_DATABASE_URL", _database_url, from_file=True)
         read("handlers", "LACUNA_HANDLERS", _handler_items)
-        read("host", "HOST", str.strip)
+        read("host", "HOST", _host)
         read("port", "PORT", _port)
         read("admin_host", "LACUNA_ADMIN_HOST", _host)
         read("admin_port", "LACUNA_ADMIN_PORT", _port)

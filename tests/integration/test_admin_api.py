@@ -132,6 +132,19 @@ async def test_token_in_query_string_is_refused(client: httpx.AsyncClient) -> No
     assert refused(response, 400)["code"] == "token_in_query"
 
 
+async def test_ambiguous_requests_are_refused(client: httpx.AsyncClient) -> None:
+    """Two Authorization headers (which counts?) and a query string that is not UTF-8 once
+    percent-decoded (it would search for U+FFFD) are 400s; a trailing slash is a 404, not a
+    redirect."""
+    both = [("authorization", f"Bearer {TOKEN}"), ("authorization", "Bearer wrong")]
+    response = await client.get("/events", headers=both)
+    assert refused(response, 400, "authorization")
+    response = await client.get("/events?q=%FF")
+    assert refused(response, 400)
+    response = await client.get("/events/")
+    assert refused(response, 404)
+
+
 # --- GET /events --------------------------------------------------------------------------
 
 
@@ -209,6 +222,13 @@ async def test_list_events_pages(client: httpx.AsyncClient, store: Store) -> Non
         ("q=", "q"),
         ("q=%00", "q"),
         ("typo=1", "typo"),
+        # Found by a hostile run: an offset past year 1 or 9999 was a 500 (OverflowError).
+        ("since=9999-12-31T23:59:59-01:00", "since"),
+        ("until=0001-01-01T00:00:00%2B01:00", "until"),
+        ("since=2026-W48", "since"),
+        ("since=2026-11-30%2012:00", "since"),
+        ("since=2026-11-30T12:00:00", "since"),  # RFC 3339 needs the offset
+        ("since=2026-02-30", "since"),
     ],
 )
 async def test_list_events_bad_parameters(

@@ -99,6 +99,10 @@ def test_secret_optional_for_admin_commands() -> None:
         ("LACUNA_ADMIN_PORT", "admin"),
         ("LACUNA_ADMIN_HOST", "http://127.0.0.1"),
         ("LACUNA_ADMIN_HOST", "a b"),
+        # An empty or over-long DNS label was a raw UnicodeError traceback from the server.
+        ("LACUNA_ADMIN_HOST", "not..a.host"),
+        ("HOST", "not..a.host"),
+        ("HOST", "a" * 64 + ".example"),
     ],
 )
 def test_bad_values_name_their_variable(var: str, value: str) -> None:

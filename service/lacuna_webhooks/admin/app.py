@@ -11,14 +11,15 @@ before anything else.
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import parse_qsl
 
 import structlog
 from starlette.applications import Starlette
 from starlette.datastructures import Headers, QueryParams
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
-from starlette.routing import Mount, Route
+from starlette.routing import Mount, Route, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import StoreUnavailable
@@ -72,9 +73,17 @@ class AdminAuth:
 
     def _refusal(self, scope: Scope) -> Response | None:
         try:
-            query = QueryParams(scope.get("query_string", b"").decode("latin-1"))
-        except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes every byte
-            query = QueryParams("")
+            # Strict: Starlette would turn %FF into U+FFFD and search for that instead.
+            pairs = parse_qsl(
+                scope.get("query_string", b"").decode("latin-1"),
+                keep_blank_values=True,
+                errors="strict",
+            )
+        except UnicodeDecodeError:
+            return error_response(
+                400, "invalid_request", "The query string is not valid UTF-8 once decoded."
+            )
+        query = QueryParams(pairs)
         if any(name.lower() in TOKEN_QUERY_NAMES for name in query):
             return error_response(
                 400,
@@ -85,6 +94,14 @@ class AdminAuth:
         if not (path == API_PREFIX or path.startswith(API_PREFIX + "/")):
             return None  # the console authenticates its own pages
         headers = Headers(scope=scope)
+        if len(headers.getlist("authorization")) > 1:
+            # Which one would count? Proxies and frameworks disagree: refuse the ambiguity.
+            return error_response(
+                400,
+                "invalid_request",
+                "Send exactly one Authorization header.",
+                param="authorization",
+            )
         tokens = self.ctx.settings.admin_tokens
         presented = bearer_token(headers.get("authorization"))
         if presented is not None and matching_token(presented, tokens) is not None:
@@ -100,6 +117,39 @@ class AdminAuth:
             error_type="authentication_error",
             headers={"www-authenticate": "Bearer"},
         )
+
+
+class LastResort:
+    """ASGI middleware, outermost: a bug answers one 500 envelope and logs one line with its
+    traceback (Starlette's own last-resort handler re-raises, so the server logged every
+    such error a second time); a client that went away mid-request is not an error at all."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watched_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched_send)
+        except ClientDisconnect:
+            return  # nobody is left to answer
+        except Exception as exc:
+            logger.error("admin.unhandled_error", path=scope.get("path"), exc_info=exc)
+            if not started:
+                response = error_response(
+                    500, "internal_error", "Internal error.", error_type="api_error"
+                )
+                await response(scope, receive, send)
 
 
 async def _bad_request(request: Request, exc: Exception) -> Response:
@@ -135,11 +185,6 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     )
 
 
-async def _server_error(request: Request, exc: Exception) -> Response:
-    logger.error("admin.unhandled_error", path=request.url.path, exc_info=exc)
-    return error_response(500, "internal_error", "Internal error.", error_type="api_error")
-
-
 def create_admin_app(ctx: AdminContext) -> Starlette:
     """The admin app over ``ctx`` (its store already open; the app never opens or closes
     it). ``app.state.ctx`` holds the context."""
@@ -152,16 +197,21 @@ def create_admin_app(ctx: AdminContext) -> Starlette:
     api_routes = [route for area in areas for route in area.routes(ctx)]
     api_routes.append(Route("/openapi.json", openapi_json, methods=["GET"]))
     app = Starlette(
-        routes=[Mount(API_PREFIX, routes=api_routes), *console.routes(ctx)],
+        routes=[
+            Mount(API_PREFIX, app=Router(api_routes, redirect_slashes=False)),
+            *console.routes(ctx),
+        ],
         exception_handlers={
             BadRequest: _bad_request,
             NotFound: _not_found,
             StoreUnavailable: _store_unavailable,
             HTTPException: _http_error,
-            Exception: _server_error,
         },
     )
+    # "/events/" is not "/events": a 404 envelope, not a redirect to a URL nobody asked for.
+    app.router.redirect_slashes = False
     app.add_middleware(AdminAuth, ctx=ctx)
+    app.add_middleware(LastResort)  # added last: outermost of the app's own middleware
     app.state.ctx = ctx
     app.state.openapi = document
     return app

@@ -2,8 +2,9 @@
 object, into a store ``EventFilter``. Every bad value raises ``BadRequest`` naming it.
 
 - ``type``, ``task_id``: exact values (at most ``MAX_TEXT`` characters, no NUL).
-- ``since``, ``until``: RFC 3339 (``2026-11-30T12:00:00Z``; a time without offset is UTC)
-  or Unix seconds (integer or decimal); ``since`` is inclusive, ``until`` exclusive.
+- ``since``, ``until``: RFC 3339 (``2026-11-30T12:00:00Z``, ``2026-11-30T13:00:00+01:00``,
+  or a date ``2026-11-30`` for its midnight UTC) or Unix seconds (integer or decimal);
+  ``since`` is inclusive, ``until`` exclusive.
 - ``handler`` (a handler name) and ``status`` (``pending``, ``due``, ``running``,
   ``waiting``, ``done``, ``dead``).
 - ``match``: ``<dotted.path>:<value>``, repeatable (a JSON list in a body); the first ``:``
@@ -45,29 +46,54 @@ def _text(name: str, value: Any) -> str:
     return value
 
 
+_RFC3339 = re.compile(
+    r"(?P<date>[0-9]{4}-[0-9]{2}-[0-9]{2})"
+    r"(?:[Tt](?P<time>[0-9]{2}:[0-9]{2}:[0-9]{2})(?:\.(?P<fraction>[0-9]{1,9}))?"
+    r"(?P<offset>[Zz]|[+-][0-9]{2}:[0-9]{2}))?"
+)
+_UNIX = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,9})?")
+#: 10000-01-01T00:00:00Z: the first instant Python's datetime cannot hold.
+_END_OF_TIME = 253402300800
+
+
 def parse_time(name: str, value: Any) -> datetime:
-    """RFC 3339 or Unix seconds (a JSON number is accepted too) as an aware UTC datetime."""
+    """RFC 3339 ``date-time`` (``2026-11-30T12:00:00Z``, ``…+01:00``, fractions allowed) or
+    ``full-date`` (``2026-11-30``: midnight UTC), or Unix seconds (digits, an optional
+    fraction; a JSON number too), as an aware UTC datetime from 1970 to 9999. Anything else
+    is ``BadRequest`` naming ``name``."""
     if isinstance(value, bool):
         raise BadRequest(f"{name} must be RFC 3339 or Unix seconds.", param=name)
     if isinstance(value, int | float):
         seconds = float(value)
     else:
         text = _text(name, value).strip()
-        try:
-            seconds = float(text) if re.fullmatch(r"[0-9]+(\.[0-9]+)?", text) else math.nan
-        except ValueError:  # pragma: no cover - the pattern only lets floats through
-            seconds = math.nan
-        if math.isnan(seconds):
-            try:
-                parsed = datetime.fromisoformat(text.replace("z", "Z"))
-            except ValueError:
+        if _UNIX.fullmatch(text):
+            seconds = float(text)
+        else:
+            match = _RFC3339.fullmatch(text)
+            if match is None:
                 raise BadRequest(
-                    f"{name} must be RFC 3339 (2026-11-30T12:00:00Z) or Unix seconds.",
+                    f"{name} must be RFC 3339 (2026-11-30T12:00:00Z or 2026-11-30) or Unix "
+                    "seconds.",
                     param=name,
+                )
+            fraction = (match["fraction"] or "")[:6]
+            iso = match["date"]
+            if match["time"]:
+                offset = "+00:00" if match["offset"] in ("Z", "z") else match["offset"]
+                iso += "T" + match["time"] + ("." + fraction if fraction else "") + offset
+            try:
+                parsed = datetime.fromisoformat(iso)
+                parsed = (
+                    parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed
+                ).astimezone(UTC)
+            except (ValueError, OverflowError):
+                raise BadRequest(
+                    f"{name} is not a valid time, or out of range.", param=name
                 ) from None
-            return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
-    if not math.isfinite(seconds) or not 0 <= seconds < 253402300800:  # year 10000
-        raise BadRequest(f"{name} is out of range.", param=name)
+            seconds = parsed.timestamp()
+    if not math.isfinite(seconds) or not 0 <= seconds < _END_OF_TIME:
+        raise BadRequest(f"{name} is out of range (1970 to 9999).", param=name)
     return datetime.fromtimestamp(seconds, UTC)
 
 
