@@ -115,6 +115,7 @@ async def test_auth_is_required_and_checked(client: httpx.AsyncClient) -> None:
         error = refused(response, 401)
         assert error["code"] == "unauthorized"
         assert response.headers["www-authenticate"] == "Bearer"
+        assert response.headers["cache-control"] == "no-store"
     for token in (TOKEN, OTHER_TOKEN):
         ok = await client.get("/events", headers={"authorization": f"Bearer {token}"})
         assert ok.status_code == 200

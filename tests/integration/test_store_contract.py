@@ -1029,6 +1029,16 @@ async def test_search_never_fails_on_hostile_bodies(store: Store) -> None:
     assert await search_ids(store, q="\\u0000") == ["nul_key", "nul"]
     assert await search_ids(store, q="is not JSON") == ["not_json"]
     assert await search_ids(store, q="\ud800") == []  # no stored text holds a lone surrogate
+    # Columns never hold NUL: such filter values (the API refuses them; other callers may
+    # not) find nothing, and never fail. (A `match` value with NUL is left to each backend.)
+    for nul in [
+        EventFilter(type="t\x00"),
+        EventFilter(task_id="\x00"),
+        EventFilter(handler="a\x00"),
+    ]:
+        assert await search_ids(store, nul) == []
+    for path, wanted in [("data.title", "a\x00b"), ("data.\x00", "v")]:
+        await search_ids(store, match=((path, wanted),))
     assert await search_ids(store, q="x" * 1000) == ["huge"]
     assert await search_ids(store, handler="a", status="due") == everything
 

@@ -73,9 +73,6 @@ def delivery_json(record: DeliveryRecord, now: datetime) -> dict[str, Any]:
     """A delivery; ``state`` is its ``search.py`` state now (``due``, ``running``,
     ``waiting``, ``done`` or ``dead``)."""
     states = delivery_state(record.status, record.next_attempt_at, record.lease_until, now)
-    result = record.result
-    if result is not None and _payload(orjson.dumps(result)) is None:  # pragma: no cover
-        result = None
     return {
         "id": record.id,
         "event_id": record.event_id,
@@ -87,7 +84,7 @@ def delivery_json(record: DeliveryRecord, now: datetime) -> dict[str, Any]:
         "next_attempt_at": record.next_attempt_at,
         "lease_until": record.lease_until,
         "last_error": record.last_error,
-        "result": result,
+        "result": record.result,
         "created_at": record.created_at,
         "updated_at": record.updated_at,
     }

@@ -57,10 +57,6 @@ class AdminAuth:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        refusal = self._refusal(scope)
-        if refusal is not None:
-            await refusal(scope, receive, send)
-            return
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -69,6 +65,10 @@ class AdminAuth:
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            await refusal(scope, receive, send_with_headers)
+            return
         await self.app(scope, receive, send_with_headers)
 
     def _refusal(self, scope: Scope) -> Response | None:

@@ -50,9 +50,9 @@ class _Params:
 
 def _sqlite_path(path: str) -> str | None:
     """A dotted path as an SQLite JSON path of quoted labels, or ``None`` when a key holds a
-    ``"`` (a path label cannot; ``_match_sqlite`` then walks with ``json_each``)."""
+    ``"`` or a NUL (a path label cannot; ``_match_sqlite`` then walks with ``json_each``)."""
     keys = path.split(".")
-    if any('"' in key for key in keys):
+    if any('"' in key or "\x00" in key for key in keys):
         return None
     return "$." + ".".join(f'"{key}"' for key in keys)
 
@@ -184,6 +184,12 @@ def search_sql(
         seq, ts, t_cast = "e.rowid", (lambda d: d.timestamp()), ""
     else:
         seq, ts, t_cast = "e.seq", (lambda d: d), "::timestamptz"
+    texts = [where.type, where.task_id, where.handler, *(w for pair in where.match for w in pair)]
+    if dialect == "postgres" and any(t is not None and "\x00" in t for t in texts):
+        # PostgreSQL text cannot hold NUL, and no stored column or jsonb string holds one:
+        # such a filter matches nothing (and binding it would fail the statement).
+        where = EventFilter()
+        conds.append("false")
     if cursor is not None:
         received, last = _cursor(dialect, cursor)
         conds.append(f"(e.received_at, {seq}) < ({p(received, t_cast)}, {p(last, '::bigint')})")

@@ -359,7 +359,9 @@ class SQLiteStore:
         return {state.handler: state for state in states}
 
     async def handler_states(self) -> list[HandlerState]:
-        return await self._writer.run(ops.handler_states, False, write=False)
+        # An admin read (GET /handlers, `handlers`): on the reader. The dispatcher's own
+        # read, paused_handlers, stays on the writer.
+        return await self._reader.run(ops.handler_states, False)
 
     async def handler_activity(self, *, now: datetime, since: datetime) -> list[HandlerActivity]:
         return await self._reader.run(ops.handler_activity, epoch(now), epoch(since))
