@@ -332,16 +332,12 @@ class MemoryStore:
         async with self._lock:
             self._check()
             rows = list(self._deliveries.values())
-        pending = [r for r in rows if r.status is DeliveryStatus.PENDING]
-        due = [r for r in pending if r.due(now)]
-        running = [r for r in pending if r.lease_until is not None and r.lease_until > now]
-        oldest = min((r.next_attempt_at for r in due), default=now)
-        return QueueStats(
-            pending=len(pending),
-            due=len(due),
-            running=len(running),
-            dead=sum(r.status is DeliveryStatus.DEAD for r in rows),
-            oldest_due_age_seconds=max(0.0, (now - oldest).total_seconds()),
+        by_handler: dict[str, list[_DeliveryRow]] = {}
+        for row in rows:
+            if row.status is not DeliveryStatus.DONE:
+                by_handler.setdefault(row.handler, []).append(row)
+        return QueueStats.combine(
+            {handler: _queue_stats(mine, now) for handler, mine in sorted(by_handler.items())}
         )
 
     async def prune(self, *, received_before: datetime) -> int:
@@ -618,3 +614,18 @@ def _conforms(store: MemoryStore) -> Store:
 
 
 __all__ = ["MemoryStore"]
+
+
+def _queue_stats(rows: list[_DeliveryRow], now: datetime) -> QueueStats:
+    """``stats`` of one handler's pending and dead deliveries."""
+    pending = [r for r in rows if r.status is DeliveryStatus.PENDING]
+    due = [r for r in pending if r.due(now)]
+    running = [r for r in pending if r.lease_until is not None and r.lease_until > now]
+    oldest = min((r.next_attempt_at for r in due), default=now)
+    return QueueStats(
+        pending=len(pending),
+        due=len(due),
+        running=len(running),
+        dead=sum(r.status is DeliveryStatus.DEAD for r in rows),
+        oldest_due_age_seconds=max(0.0, (now - oldest).total_seconds()),
+    )

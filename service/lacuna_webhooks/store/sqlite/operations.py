@@ -20,6 +20,7 @@ import os
 import re
 import sqlite3
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Any, NamedTuple
@@ -343,15 +344,21 @@ def release(c: sqlite3.Connection, now: float | None, delivery_id: int, lease_to
 
 
 def stats(c: sqlite3.Connection, now: float) -> QueueStats:
-    row = c.execute(Q["stats"], {"now": now}).fetchone()
-    oldest = row["oldest_due"]
-    return QueueStats(
-        pending=row["pending"],
-        due=row["due"],
-        running=row["running"],
-        dead=row["dead"],
-        oldest_due_age_seconds=max(0.0, now - oldest) if oldest is not None else 0.0,
-    )
+    by_handler: dict[str, QueueStats] = {}
+    for row in c.execute(Q["stats"], {"now": now}):
+        oldest = row["oldest_due"]
+        part = QueueStats(
+            pending=row["pending"],
+            due=row["due"],
+            running=row["running"],
+            dead=row["dead"],
+            oldest_due_age_seconds=max(0.0, now - oldest) if oldest is not None else 0.0,
+        )
+        seen = by_handler.get(row["handler"])
+        if seen is not None:  # its dead count, after its pending counts: one of them is 0
+            part = replace(seen, dead=seen.dead + part.dead)
+        by_handler[row["handler"]] = part
+    return QueueStats.combine(dict(sorted(by_handler.items())))
 
 
 def prune_chunk(c: sqlite3.Connection, cutoff: float) -> int:

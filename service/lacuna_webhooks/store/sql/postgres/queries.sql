@@ -92,7 +92,8 @@ WHERE id = $1 AND lease_token = $2
 RETURNING id
 
 -- name: stats
-SELECT
+-- Per handler, over the open index (done rows, the bulk, stay out of it).
+SELECT handler,
     count(*) FILTER (WHERE status = 'pending') AS pending,
     count(*) FILTER (WHERE status = 'pending' AND next_attempt_at <= $1
                      AND (lease_until IS NULL OR lease_until <= now())) AS due,
@@ -103,6 +104,7 @@ SELECT
           AND (lease_until IS NULL OR lease_until <= now())) AS oldest_due
 FROM deliveries
 WHERE status <> 'done'
+GROUP BY handler
 
 -- name: prune_lock
 -- One replica prunes at a time.

@@ -76,14 +76,17 @@ DELETE FROM deliveries WHERE event_id IN (SELECT value FROM json_each(:ids))
 DELETE FROM events WHERE id IN (SELECT value FROM json_each(:ids))
 
 -- name: stats
--- The pending counts use the partial claim index, the dead count the partial dead index.
-SELECT count(*) AS pending,
+-- Per handler: the pending counts use the partial claim index (handler first, so the groups come
+-- in order), the dead counts the partial dead index; done rows (the bulk) are never read.
+SELECT handler, count(*) AS pending,
     count(*) FILTER (WHERE next_attempt_at <= :now AND coalesce(lease_until, 0) <= :now) AS due,
     count(*) FILTER (WHERE lease_until > :now) AS running,
-    (SELECT count(*) FROM deliveries WHERE status = 'dead') AS dead,
+    0 AS dead,
     min(next_attempt_at) FILTER
         (WHERE next_attempt_at <= :now AND coalesce(lease_until, 0) <= :now) AS oldest_due
-FROM deliveries WHERE status = 'pending'
+FROM deliveries WHERE status = 'pending' GROUP BY handler
+UNION ALL
+SELECT handler, 0, 0, 0, count(*), NULL FROM deliveries WHERE status = 'dead' GROUP BY handler
 
 -- name: list_events
 SELECT id, type, created, received_at, task_id, superseded, raw FROM events
