@@ -56,7 +56,7 @@ Semantics every backend keeps:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
@@ -74,9 +74,14 @@ class EventRecord:
     task_id: str | None
     superseded: bool
     raw: bytes
+    # The receiving request's ``traceparent`` (tracing on), for the handler attempts' spans.
+    trace_context: str | None = None
 
     def to_event(self) -> Event:
-        return Event.from_body(self.raw, max_depth=None)  # stored: accepted once already
+        event = Event.from_body(self.raw, max_depth=None)  # stored: accepted once already
+        if self.trace_context is None:
+            return event
+        return replace(event, trace_context=self.trace_context)
 
 
 @dataclass(frozen=True, slots=True)

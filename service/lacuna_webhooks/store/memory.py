@@ -162,6 +162,7 @@ class MemoryStore:
                 task_id=task_id,
                 superseded=superseded,
                 raw=event.raw,
+                trace_context=event.trace_context,
             )
             for name in dict.fromkeys(handlers):
                 self._new_delivery(event.id, name, now)

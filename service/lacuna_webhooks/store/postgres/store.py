@@ -338,6 +338,7 @@ class PostgresStore:
                 now,
                 event.task_id,
                 event.raw,
+                event.trace_context,
             )
             if not inserted:
                 return False

@@ -63,6 +63,7 @@ class AcceptRow(NamedTuple):
     raw: bytes
     handlers: tuple[str, ...]
     order: float  # rules.task_order of the event
+    trace_context: str | None = None  # the request's traceparent, while tracing is on
 
 
 def epoch(value: datetime) -> float:
@@ -166,9 +167,9 @@ def _check_features(conn: sqlite3.Connection, where: str) -> None:
 # back, only when some row was a duplicate.
 
 _BATCH_SCHEMA = ("accept_outcome_table", "accept_batch_view", "accept_batch_trigger")
-_BATCH_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-# 10 parameters a row: the largest batch the writer forms stays under SQLite's variable limit.
-BATCH_MAX_ROWS = 3000
+_BATCH_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+# 11 parameters a row: the largest batch the writer forms stays under SQLite's variable limit.
+BATCH_MAX_ROWS = 2900
 
 
 def create_batch_schema(conn: sqlite3.Connection) -> None:
@@ -195,6 +196,7 @@ def accept_batch(conn: sqlite3.Connection, batch: list[AcceptRow]) -> list[bool]
             r.raw,
             _handlers_json(r.handlers),
             r.order,
+            r.trace_context,
         )
     before = conn.total_changes
     conn.execute(Q["accept_batch_insert"] + " " + ",".join([_BATCH_ROW] * len(batch)), params)

@@ -160,6 +160,7 @@ class SQLiteStore:
             event.raw,
             tuple(dict.fromkeys(handlers)),
             task_order(event.created, received_at),
+            event.trace_context,
         )
         # _tracked inlined: one coroutine less per request on the intake path.
         try:
