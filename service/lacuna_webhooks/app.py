@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from starlette.applications import Starlette
@@ -24,7 +24,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from .config import Settings
-from .dispatch.runner import AttemptRunner
+from .dispatch.runner import AttemptRunner, InProcessRunner
 from .dispatch.service import DispatchService, build_dispatch
 from .envelope import INTERNAL_ERROR, error_body, error_parts
 from .errors import StoreUnavailable, WebhookError
@@ -32,6 +32,9 @@ from .intake import WEBHOOK_PATH, WebhookEndpoint
 from .metrics import CONTENT_TYPE, Metrics
 from .plugins import HandlerSet
 from .store import QueueStats, Store, open_store
+
+if TYPE_CHECKING:
+    from .tracing import Tracing
 
 logger = structlog.get_logger("lacuna_webhooks.app")
 
@@ -177,6 +180,7 @@ def create_app(
     metrics: Metrics | None = None,
     dispatch: bool = True,
     runner: AttemptRunner | None = None,
+    tracing: Tracing | None = None,
 ) -> LacunaApp:
     """Build the application.
 
@@ -185,7 +189,9 @@ def create_app(
     opened by the caller. With ``dispatch`` the lifespan runs the dispatcher (and retention)
     and, at shutdown, drains it within ``settings.shutdown_timeout_seconds``. ``runner`` runs
     the handlers' attempts: ``serve`` passes a ``WorkerPool`` (a worker process per handler);
-    without one they run on the app's own loop, which is for tests only.
+    without one they run on the app's own loop, which is for tests only. ``tracing``
+    (``tracing_config.load_tracing``; ``None``: off) traces the webhook requests, their
+    commits and, on the app's loop, the attempts (a ``WorkerPool``'s workers trace their own).
     ``app.state`` holds ``settings``, ``store``, ``handlers``, ``metrics``,
     ``dispatch_service`` and its ``dispatcher`` for the endpoints and the lifespan.
     """
@@ -195,7 +201,11 @@ def create_app(
     )
     handlers = handlers or HandlerSet({}, {}, {})
     metrics = metrics or Metrics()
-    webhook = WebhookEndpoint(settings, store, handlers, metrics)
+    if tracing is None:
+        webhook = WebhookEndpoint(settings, store, handlers, metrics)
+    else:
+        webhook = tracing.endpoint(settings, store, handlers, metrics)
+        runner = runner or InProcessRunner(handlers, run=tracing.run_attempt)
     app = LacunaApp(
         webhook=webhook,
         routes=[

@@ -10,10 +10,11 @@ loop, and a timeout cannot end it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
-from ..models import Delivery
+from ..handlers.base import Handler
+from ..models import Delivery, Event
 from ..plugins import HandlerSet
 from .attempt import Outcome, run_attempt
 
@@ -35,11 +36,29 @@ class AttemptRunner(Protocol):
         """End every attempt still running and free what ``start`` took."""
 
 
-class InProcessRunner:
-    """``handle()`` on the caller's event loop: for tests and embedding, not for ``serve``."""
+class RunAttempt(Protocol):
+    """``attempt.run_attempt``'s shape (``tracing.Tracing.run_attempt`` wraps it in a span)."""
 
-    def __init__(self, handlers: HandlerSet) -> None:
+    async def __call__(
+        self,
+        handler: Handler,
+        event: Event,
+        timeout_seconds: float,
+        *,
+        attempt: int | None = None,
+        results: Mapping[str, Any] | None = None,
+    ) -> Outcome: ...
+
+
+class InProcessRunner:
+    """``handle()`` on the caller's event loop: for tests and embedding, not for ``serve``.
+
+    ``run`` runs one attempt: ``attempt.run_attempt``, or the traced one when tracing is on.
+    """
+
+    def __init__(self, handlers: HandlerSet, *, run: RunAttempt = run_attempt) -> None:
         self.handlers = handlers
+        self._run = run
 
     async def start(self, on_ready: Callable[[], None]) -> None:
         return None
@@ -49,7 +68,7 @@ class InProcessRunner:
 
     async def run(self, delivery: Delivery, timeout_seconds: float) -> Outcome:
         handler = self.handlers.handlers[delivery.handler]
-        return await run_attempt(
+        return await self._run(
             handler,
             delivery.event,
             timeout_seconds,
@@ -61,4 +80,4 @@ class InProcessRunner:
         return None
 
 
-__all__ = ["AttemptRunner", "InProcessRunner"]
+__all__ = ["AttemptRunner", "InProcessRunner", "RunAttempt"]
