@@ -205,7 +205,7 @@ def create_app(
         webhook = WebhookEndpoint(settings, store, handlers, metrics)
     else:
         webhook = tracing.endpoint(settings, store, handlers, metrics)
-        runner = runner or InProcessRunner(handlers, run=tracing.run_attempt)
+        runner = runner or InProcessRunner(handlers, tracing=tracing)
     app = LacunaApp(
         webhook=webhook,
         routes=[

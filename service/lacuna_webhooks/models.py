@@ -43,15 +43,12 @@ class Event:
     payload: dict[str, Any] = field(repr=False, compare=False)
     raw: bytes = field(repr=False)
     created: int | None = None
-    # The W3C ``traceparent`` of the request that received the event, kept with it when
-    # tracing is on (docs/observability.md), so that each handler attempt joins that trace.
-    trace_context: str | None = field(default=None, repr=False, compare=False)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Across processes (the SQLite writer, handler workers) an event travels as its raw
         # bytes and is parsed again on arrival: pickling the parsed tree recurses once per
         # nesting level and fails on deep payloads, which stopped the whole dispatcher.
-        return (_from_wire, (self.id, self.type, self.raw, self.created, self.trace_context))
+        return (_from_wire, (self.id, self.type, self.raw, self.created))
 
     @classmethod
     def from_body(cls, raw: bytes, *, max_depth: int | None = MAX_JSON_DEPTH) -> Event:
@@ -154,21 +151,8 @@ class Event:
         return status if isinstance(status, str) and status else None
 
 
-def _from_wire(
-    event_id: str,
-    event_type: str,
-    raw: bytes,
-    created: int | None,
-    trace_context: str | None = None,
-) -> Event:
-    return Event(
-        id=event_id,
-        type=event_type,
-        payload=orjson.loads(raw),
-        raw=raw,
-        created=created,
-        trace_context=trace_context,
-    )
+def _from_wire(event_id: str, event_type: str, raw: bytes, created: int | None) -> Event:
+    return Event(id=event_id, type=event_type, payload=orjson.loads(raw), raw=raw, created=created)
 
 
 def _nesting_exceeds(value: Any, limit: int) -> bool:
@@ -224,6 +208,9 @@ class Delivery:
     # LACUNA_<NAME>_AFTER (SPEC §6): each prerequisite handler's result for this event (None
     # when it recorded none or has no delivery); set by the dispatcher, None without AFTER.
     results: dict[str, Any] | None = None
+    # The W3C traceparent of the request that received the event, when it was traced
+    # (Store.accept's ``trace_context``; docs/observability.md): the attempt's span joins it.
+    trace_context: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,9 +13,11 @@ Spans (docs/observability.md):
 - ``store.accept`` (internal, child of the request span): the durable commit.
 - ``handler <name>`` (consumer): one per handler attempt, in the handler's worker process,
   a child of the request span through the outbox: the request's ``traceparent`` is stored with
-  the event (``Event.trace_context``, column ``events.trace_context``) and read back with each
-  claimed delivery. While it runs, ``handlers.base.current_traceparent`` holds the attempt's
-  own ``traceparent`` (the ``http`` handler sends it on).
+  the event (``Store.accept(trace_context=)``, column ``events.trace_context``) and comes back
+  with each claimed delivery (``Delivery.trace_context``). With tracing off nothing is stored
+  and the intake path is the untraced endpoint's, call for call. While an attempt runs,
+  ``handlers.base.current_traceparent`` holds its own ``traceparent`` (the ``http`` handler
+  sends it on).
 
 Configuration is the SDK's own: ``OTLPSpanExporter()`` reads ``OTEL_EXPORTER_OTLP_*``,
 ``TracerProvider`` the sampler (``OTEL_TRACES_SAMPLER``) and ``OTEL_SDK_DISABLED``,
@@ -25,9 +27,10 @@ defaults to ``lacuna-webhooks``), ``BatchSpanProcessor`` ``OTEL_BSP_*``.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any
+from contextvars import ContextVar
+from datetime import datetime
+from typing import Any, cast
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -52,6 +55,10 @@ SERVICE = "lacuna-webhooks"
 SCOPE = "lacuna_webhooks"
 _PROPAGATOR = TraceContextTextMapPropagator()
 _TRACE_HEADERS = (b"traceparent", b"tracestate")
+#: The traceparent of the request span whose commit is running (each request is a task).
+_REQUEST_TRACEPARENT: ContextVar[str | None] = ContextVar(
+    "lacuna_request_traceparent", default=None
+)
 
 
 def traceparent_of(span: trace.Span) -> str | None:
@@ -122,9 +129,11 @@ class Tracing:
         *,
         attempt: int | None = None,
         results: Mapping[str, Any] | None = None,
+        trace_context: str | None = None,
     ) -> Outcome:
         """``attempt.run_attempt`` inside a ``handler <name>`` span, a child of the span of the
-        request that received the event (when it was traced)."""
+        request that received the event (``trace_context``, its stored traceparent; without
+        one, the root of a trace of its own)."""
         attributes: dict[str, Any] = {
             "lacuna.handler": handler.name,
             "lacuna.event.id": event.id,
@@ -134,7 +143,7 @@ class Tracing:
             attributes["lacuna.attempt"] = attempt
         with self.tracer.start_as_current_span(
             f"handler {handler.name}",
-            context=_context_of(event.trace_context),
+            context=_context_of(trace_context),
             kind=SpanKind.CONSUMER,
             attributes=attributes,
         ) as span:
@@ -165,6 +174,8 @@ class TracedWebhookEndpoint(WebhookEndpoint):
     ) -> None:
         super().__init__(settings, store, handlers, metrics)
         self.tracer = tracer
+        # The endpoint's one store call, ``accept``, given the request's traceparent.
+        self.store = cast(Store, _AcceptWithTraceContext(store))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         carrier = {
@@ -210,9 +221,7 @@ class TracedWebhookEndpoint(WebhookEndpoint):
     async def _accept(self, event: Event) -> bool:
         request = trace.get_current_span()
         request.set_attributes({"lacuna.event.id": event.id, "lacuna.event.type": event.type})
-        traceparent = traceparent_of(request)
-        if traceparent is not None:
-            event = dataclasses.replace(event, trace_context=traceparent)
+        _REQUEST_TRACEPARENT.set(traceparent_of(request))  # this request's task only
         with self.tracer.start_as_current_span(
             "store.accept",
             attributes={"lacuna.event.id": event.id, "lacuna.event.type": event.type},
@@ -221,6 +230,20 @@ class TracedWebhookEndpoint(WebhookEndpoint):
             span.set_attribute("lacuna.duplicate", not new)
         request.set_attribute("lacuna.outcome", "accepted" if new else "duplicate")
         return new
+
+
+class _AcceptWithTraceContext:
+    """The store as the traced endpoint sees it: its ``accept`` (the endpoint's only store
+    call) also stores the request span's traceparent, which ``TracedWebhookEndpoint._accept``
+    leaves in ``_REQUEST_TRACEPARENT`` for this request's task."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    async def accept(self, event: Event, handlers: Sequence[str], *, now: datetime) -> bool:
+        return await self._store.accept(
+            event, handlers, now=now, trace_context=_REQUEST_TRACEPARENT.get()
+        )
 
 
 __all__ = ["SERVICE", "TracedWebhookEndpoint", "Tracing", "traceparent_of"]

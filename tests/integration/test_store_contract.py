@@ -8,7 +8,6 @@ are tested without waiting.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -412,22 +411,24 @@ async def test_stats_by_handler(store: Store) -> None:
 
 
 async def test_trace_context_travels_from_accept_to_claim(store: Store) -> None:
-    """An event's ``trace_context`` (the request's traceparent, tracing on) comes back with
-    each claimed delivery of it, also after a replay; an event without one has none."""
+    """``accept(trace_context=)`` (the request's traceparent, tracing on) comes back as
+    ``Delivery.trace_context`` with each claimed delivery of the event, also after a replay;
+    an event accepted without one has none."""
     traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-    await store.accept(
-        dataclasses.replace(event("evt_traced"), trace_context=traceparent), ["a", "b"], now=NOW
-    )
+    await store.accept(event("evt_traced"), ["a", "b"], now=NOW, trace_context=traceparent)
     await store.accept(event("evt_untraced"), ["a"], now=NOW + SECOND)
+    # a duplicate's trace context is not stored: the original request's trace stays
+    other_parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    assert not await store.accept(event("evt_traced"), ["a"], now=NOW, trace_context=other_parent)
     claimed = await store.claim(handler="a", limit=5, lease=LEASE, now=NOW + 5 * SECOND)
-    by_id = {d.event.id: d.event.trace_context for d in claimed}
+    by_id = {d.event.id: d.trace_context for d in claimed}
     assert by_id == {"evt_traced": traceparent, "evt_untraced": None}
     (other,) = await store.claim(handler="b", limit=5, lease=LEASE, now=NOW + 5 * SECOND)
-    assert other.event.trace_context == traceparent
+    assert other.trace_context == traceparent
     await store.complete(other, attempt(AttemptOutcome.OK))
     await store.replay("evt_traced", ["b"], now=NOW + 6 * SECOND)
     (again,) = await store.claim(handler="b", limit=5, lease=LEASE, now=NOW + 7 * SECOND)
-    assert again.event.trace_context == traceparent
+    assert again.trace_context == traceparent
 
 
 async def test_prune_deletes_only_finished_old_events(store: Store) -> None:

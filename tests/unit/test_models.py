@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import pickle
 
 import orjson
@@ -159,14 +158,3 @@ def test_event_pickles_as_its_raw_bytes_at_any_depth() -> None:
     # (== on 1000-deep lists would itself recurse too far: compare the parsed shape's ends)
     assert copy.payload.keys() == event.payload.keys()
     assert isinstance(copy.payload["x"], list)
-
-
-def test_trace_context_survives_pickling() -> None:
-    """An event crosses to a handler worker process with its trace context (or none)."""
-    event = Event.from_body(b'{"id": "evt_1", "type": "job.completed"}')
-    assert pickle.loads(pickle.dumps(event)).trace_context is None  # noqa: S301 (our own bytes)
-    traced = dataclasses.replace(event, trace_context="00-" + "1" * 32 + "-" + "2" * 16 + "-01")
-    copy = pickle.loads(pickle.dumps(traced))  # noqa: S301 (our own bytes)
-    assert copy.trace_context == traced.trace_context
-    assert copy == traced
-    assert copy.payload == traced.payload

@@ -10,13 +10,15 @@ loop, and a timeout cannot end it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
-from ..handlers.base import Handler
-from ..models import Delivery, Event
+from ..models import Delivery
 from ..plugins import HandlerSet
 from .attempt import Outcome, run_attempt
+
+if TYPE_CHECKING:
+    from ..tracing import Tracing
 
 
 class AttemptRunner(Protocol):
@@ -36,29 +38,15 @@ class AttemptRunner(Protocol):
         """End every attempt still running and free what ``start`` took."""
 
 
-class RunAttempt(Protocol):
-    """``attempt.run_attempt``'s shape (``tracing.Tracing.run_attempt`` wraps it in a span)."""
-
-    async def __call__(
-        self,
-        handler: Handler,
-        event: Event,
-        timeout_seconds: float,
-        *,
-        attempt: int | None = None,
-        results: Mapping[str, Any] | None = None,
-    ) -> Outcome: ...
-
-
 class InProcessRunner:
     """``handle()`` on the caller's event loop: for tests and embedding, not for ``serve``.
 
-    ``run`` runs one attempt: ``attempt.run_attempt``, or the traced one when tracing is on.
+    With ``tracing`` each attempt runs in its span (``tracing.Tracing.run_attempt``).
     """
 
-    def __init__(self, handlers: HandlerSet, *, run: RunAttempt = run_attempt) -> None:
+    def __init__(self, handlers: HandlerSet, *, tracing: Tracing | None = None) -> None:
         self.handlers = handlers
-        self._run = run
+        self.tracing = tracing
 
     async def start(self, on_ready: Callable[[], None]) -> None:
         return None
@@ -68,7 +56,16 @@ class InProcessRunner:
 
     async def run(self, delivery: Delivery, timeout_seconds: float) -> Outcome:
         handler = self.handlers.handlers[delivery.handler]
-        return await self._run(
+        if self.tracing is not None:
+            return await self.tracing.run_attempt(
+                handler,
+                delivery.event,
+                timeout_seconds,
+                attempt=delivery.attempts,
+                results=delivery.results,
+                trace_context=delivery.trace_context,
+            )
+        return await run_attempt(
             handler,
             delivery.event,
             timeout_seconds,
@@ -80,4 +77,4 @@ class InProcessRunner:
         return None
 
 
-__all__ = ["AttemptRunner", "InProcessRunner", "RunAttempt"]
+__all__ = ["AttemptRunner", "InProcessRunner"]

@@ -26,7 +26,6 @@ import structlog
 from ..handlers.base import Handler
 from ..models import Event
 from .attempt import Outcome, describe_error, run_attempt
-from .runner import RunAttempt
 from .workers import WorkerSpec, frame, read_frame
 
 if TYPE_CHECKING:
@@ -74,7 +73,7 @@ def child_main(fd: int) -> int:
     handler, tracing = built
     _send_json(sock, ["ready", os.getpid()])
     try:
-        asyncio.run(_serve(sock, handler, tracing.run_attempt if tracing else run_attempt))
+        asyncio.run(_serve(sock, handler, tracing))
     finally:
         if tracing is not None:
             tracing.shutdown()  # export the last attempts' spans before the process ends
@@ -118,7 +117,7 @@ def _forget(running: dict[int, asyncio.Task[None]], attempt_id: int, _: object) 
     running.pop(attempt_id, None)
 
 
-async def _serve(sock: socket.socket, handler: Handler, run: RunAttempt = run_attempt) -> None:
+async def _serve(sock: socket.socket, handler: Handler, tracing: Tracing | None = None) -> None:
     reader, writer = await asyncio.open_unix_connection(sock=sock)
     log = structlog.get_logger("lacuna_webhooks.worker").bind(handler=handler.name)
     running: dict[int, asyncio.Task[None]] = {}
@@ -129,8 +128,21 @@ async def _serve(sock: socket.socket, handler: Handler, run: RunAttempt = run_at
         timeout_seconds: float,
         number: int,
         results: dict[str, Any] | None,
+        trace_context: str | None,
     ) -> None:
-        outcome = await run(handler, event, timeout_seconds, attempt=number, results=results)
+        if tracing is None:
+            outcome = await run_attempt(
+                handler, event, timeout_seconds, attempt=number, results=results
+            )
+        else:
+            outcome = await tracing.run_attempt(
+                handler,
+                event,
+                timeout_seconds,
+                attempt=number,
+                results=results,
+                trace_context=trace_context,
+            )
         try:
             payload = orjson.dumps(["done", attempt_id, outcome.to_wire()])
         except TypeError:
@@ -148,9 +160,9 @@ async def _serve(sock: socket.socket, handler: Handler, run: RunAttempt = run_at
                 break  # the parent is gone: nobody is left to answer
             kind = request[0]
             if kind == "run":
-                _, attempt_id, event, timeout_seconds, number, results = request
+                _, attempt_id, event, timeout_seconds, number, results, trace_context = request
                 task = asyncio.create_task(
-                    attempt(attempt_id, event, timeout_seconds, number, results)
+                    attempt(attempt_id, event, timeout_seconds, number, results, trace_context)
                 )
                 running[attempt_id] = task
                 task.add_done_callback(functools.partial(_forget, running, attempt_id))

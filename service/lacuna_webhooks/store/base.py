@@ -56,7 +56,7 @@ Semantics every backend keeps:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
@@ -74,14 +74,9 @@ class EventRecord:
     task_id: str | None
     superseded: bool
     raw: bytes
-    # The receiving request's ``traceparent`` (tracing on), for the handler attempts' spans.
-    trace_context: str | None = None
 
     def to_event(self) -> Event:
-        event = Event.from_body(self.raw, max_depth=None)  # stored: accepted once already
-        if self.trace_context is None:
-            return event
-        return replace(event, trace_context=self.trace_context)
+        return Event.from_body(self.raw, max_depth=None)  # stored: accepted once already
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,7 +220,17 @@ class Store(Protocol):
         otherwise. After a write failed for a reason of the database, a probe write must
         commit before ``ping`` passes again (``rules.CommitHealth``; ``/readyz``)."""
 
-    async def accept(self, event: Event, handlers: Sequence[str], *, now: datetime) -> bool: ...
+    async def accept(
+        self,
+        event: Event,
+        handlers: Sequence[str],
+        *,
+        now: datetime,
+        trace_context: str | None = None,
+    ) -> bool:
+        """See the module docstring. ``trace_context`` (the receiving request's W3C
+        ``traceparent``, given only while tracing is on) is stored with a new event and comes
+        back as ``Delivery.trace_context`` with each claim of its deliveries."""
 
     async def claim(
         self,

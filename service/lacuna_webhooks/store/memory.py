@@ -89,6 +89,8 @@ class MemoryStore:
         self._nudge = asyncio.Event()
         self._ids = itertools.count(1)
         self._events: dict[str, EventRecord] = {}
+        # event id -> the receiving request's traceparent (only events accepted with one)
+        self._trace_contexts: dict[str, str] = {}
         # Arrival order of each stored event (never reused): ties of ``received_at`` and
         # search cursors.
         self._arrivals = itertools.count(1)
@@ -126,7 +128,14 @@ class MemoryStore:
 
     # -- inbox -----------------------------------------------------------------------------
 
-    async def accept(self, event: Event, handlers: Sequence[str], *, now: datetime) -> bool:
+    async def accept(
+        self,
+        event: Event,
+        handlers: Sequence[str],
+        *,
+        now: datetime,
+        trace_context: str | None = None,
+    ) -> bool:
         """Record a new event and one due delivery per handler; ``False`` for a duplicate id.
 
         The event is recorded as ``superseded`` (and the task state left alone)
@@ -162,8 +171,9 @@ class MemoryStore:
                 task_id=task_id,
                 superseded=superseded,
                 raw=event.raw,
-                trace_context=event.trace_context,
             )
+            if trace_context is not None:
+                self._trace_contexts[event.id] = trace_context
             for name in dict.fromkeys(handlers):
                 self._new_delivery(event.id, name, now)
             if handlers:
@@ -233,6 +243,7 @@ class MemoryStore:
             lease_token=row.lease_token,
             next_attempt_at=row.next_attempt_at,
             created_at=row.created_at,
+            trace_context=self._trace_contexts.get(row.event_id),
         )
 
     def _held(self, delivery: Delivery) -> _DeliveryRow | None:
@@ -356,6 +367,7 @@ class MemoryStore:
             ]
             for event_id in doomed:
                 del self._events[event_id]
+                self._trace_contexts.pop(event_id, None)
                 self._arrival.pop(event_id, None)
                 for row in by_event.get(event_id, []):
                     del self._deliveries[row.id]

@@ -9,7 +9,6 @@ PostgreSQL ``timestamptz``). The column names are those of the ``SHARED`` querie
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -103,20 +102,17 @@ def handler_state(row: Row, at: ToDatetime) -> HandlerState:
 def claimed_delivery(row: Row, at: ToDatetime) -> Delivery:
     """Columns of ``claim``: id, event_id, handler, attempts, lease_token, next_attempt_at,
     created_at, raw (the event's body, parsed again here), trace_context (or NULL)."""
-    # No depth check: a body stored before MAX_JSON_DEPTH existed must still deliver.
-    event = Event.from_body(bytes(row["raw"]), max_depth=None)
-    trace_context = row["trace_context"]
-    if trace_context is not None:
-        event = replace(event, trace_context=trace_context)
     return Delivery(
         id=row["id"],
-        event=event,
+        # No depth check: a body stored before MAX_JSON_DEPTH existed must still deliver.
+        event=Event.from_body(bytes(row["raw"]), max_depth=None),
         handler=row["handler"],
         status=DeliveryStatus.PENDING,
         attempts=row["attempts"],
         lease_token=row["lease_token"],
         next_attempt_at=at(row["next_attempt_at"]),
         created_at=at(row["created_at"]),
+        trace_context=row["trace_context"],
     )
 
 

@@ -319,7 +319,14 @@ class PostgresStore:
 
     # -- inbox ---------------------------------------------------------------------------------
 
-    async def accept(self, event: Event, handlers: Sequence[str], *, now: datetime) -> bool:
+    async def accept(
+        self,
+        event: Event,
+        handlers: Sequence[str],
+        *,
+        now: datetime,
+        trace_context: str | None = None,
+    ) -> bool:
         """Store a new event with a pending delivery per handler; ``False`` for a duplicate.
 
         One transaction: the event insert (dedupe on the primary key), the
@@ -338,7 +345,7 @@ class PostgresStore:
                 now,
                 event.task_id,
                 event.raw,
-                event.trace_context,
+                trace_context,
             )
             if not inserted:
                 return False
