@@ -13,10 +13,10 @@ nor a new way of building its name goes unnoticed:
 
 - statically, from every ``.py`` file of the package: string literals that are whole
   ``LACUNA_*`` / ``AWS_*`` / ``OTEL_*`` names (the ``OTEL_*`` ones the service reads itself,
-  not those only the OpenTelemetry SDK reads), f-strings ``f"LACUNA_{...}_SUFFIX"`` (a setting of every
-  handler, documented as ``LACUNA_<NAME>_SUFFIX``), and the keys a handler module passes to its
-  ``HandlerContext`` (``ctx.get("KEY")``, ``ctx.require("KEY")``, any other ``ctx`` method,
-  ``helper(ctx, "KEY", ...)``);
+  not those only the OpenTelemetry SDK reads), f-strings ``f"LACUNA_{...}_SUFFIX"`` (a setting
+  of every handler, documented as ``LACUNA_<NAME>_SUFFIX``), and the keys a handler module
+  passes to its ``HandlerContext`` (``ctx.get("KEY")``, ``ctx.require("KEY")``, any other
+  ``ctx`` method, ``helper(ctx, "KEY", ...)``);
 - dynamically, by running ``Settings.from_env`` and building every built-in handler over an
   environment that records each name looked up in it.
 
@@ -225,7 +225,8 @@ def _ctx_keys(tree: ast.AST) -> Iterator[str]:
 
 
 def _names_in(tree: ast.AST) -> Iterator[str]:
-    """Whole ``LACUNA_*``/``AWS_*``/``OTEL_*`` literals, and ``f"LACUNA_{...}_SUFFIX"`` as a pattern."""
+    """Whole ``LACUNA_*``/``AWS_*``/``OTEL_*`` literals, and ``f"LACUNA_{...}_SUFFIX"`` as a
+    pattern."""
     for node in ast.walk(tree):
         if isinstance(node, ast.Constant) and isinstance(node.value, str):
             if ENV_NAME.fullmatch(node.value):
