@@ -5,7 +5,7 @@ it); when missing these tests skip, except under ``CI=true``, where they fail.
 
 That every metric the rules and the Grafana dashboard query is really exported is checked
 against a running ``serve`` in tests/e2e/test_observability.py; the PromQL reader it uses
-(tests/promql.py) is tested here.
+(tests/promql.py) is tested here, and so is the scrape's per-handler queue and readiness.
 """
 
 from __future__ import annotations
@@ -14,9 +14,15 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import httpx
 import pytest
 
-from tests.conftest import IN_CI
+from lacuna_webhooks.app import create_app
+from lacuna_webhooks.config import Settings
+from lacuna_webhooks.handlers.base import RecordingHandler
+from lacuna_webhooks.plugins import HandlerSet
+from lacuna_webhooks.store.memory import MemoryStore
+from tests.conftest import IN_CI, TEST_SECRET, make_event, signed
 from tests.promql import reads
 
 PROMETHEUS = Path(__file__).resolve().parents[2] / "deploy" / "prometheus"
@@ -83,3 +89,36 @@ def test_promql_reader() -> None:
     assert reads("histogram_quantile(0.95, sum by (le) (rate(h_bucket[$__rate_interval])))")
     with pytest.raises(ValueError, match="cannot read"):
         reads('m{label~"x"}')
+
+
+async def test_scrape_exports_queue_per_handler_and_readiness() -> None:
+    """Every configured handler has its queue series (0 when idle); ``ready`` is 1 while the
+    store answers and 0 when its writes fail (as ``/readyz``), the queue gauges then keeping
+    their last values."""
+    store = MemoryStore()
+    await store.open()
+    settings = Settings.from_env(
+        {"LACUNA_WEBHOOK_SECRET": TEST_SECRET, "LACUNA_DATABASE_URL": "sqlite:///unused.db"}
+    )
+    idle = RecordingHandler("idle", events=frozenset({"job.failed"}))  # gets none of them
+    handlers = HandlerSet.of([RecordingHandler("busy"), idle])
+    app = create_app(settings, store=store, handlers=handlers, dispatch=False)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        for i in range(3):
+            body, headers = signed(make_event(f"evt_scrape_{i}"))
+            assert (await client.post("/webhooks/lacuna", content=body, headers=headers)).is_success
+        text = (await client.get("/metrics")).text
+        assert "lacuna_webhooks_ready 1.0" in text
+        assert 'lacuna_webhooks_handler_queue_depth{handler="busy",state="due"} 3.0' in text
+        assert 'lacuna_webhooks_handler_queue_depth{handler="idle",state="due"} 0.0' in text
+        assert 'lacuna_webhooks_handler_queue_depth{handler="busy",state="dead"} 0.0' in text
+        assert 'lacuna_webhooks_queue_depth{state="due"} 3.0' in text
+
+        store.failing_commits = True
+        text = (await client.get("/metrics")).text
+        assert "lacuna_webhooks_ready 0.0" in text
+        assert 'lacuna_webhooks_handler_queue_depth{handler="busy",state="due"} 3.0' in text
+        store.failing_commits = False
+        assert "lacuna_webhooks_ready 1.0" in (await client.get("/metrics")).text
+    await store.close()
