@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from starlette.applications import Starlette
@@ -24,14 +24,17 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from .config import Settings
-from .dispatch.runner import AttemptRunner
+from .dispatch.runner import AttemptRunner, InProcessRunner
 from .dispatch.service import DispatchService, build_dispatch
 from .envelope import INTERNAL_ERROR, error_body, error_parts
 from .errors import StoreUnavailable, WebhookError
 from .intake import WEBHOOK_PATH, WebhookEndpoint
 from .metrics import CONTENT_TYPE, Metrics
 from .plugins import HandlerSet
-from .store import Store, open_store
+from .store import QueueStats, Store, open_store
+
+if TYPE_CHECKING:
+    from .tracing import Tracing
 
 logger = structlog.get_logger("lacuna_webhooks.app")
 
@@ -62,18 +65,46 @@ async def readyz(request: Request) -> Response:
 
 
 async def metrics_endpoint(request: Request) -> Response:
-    """The Prometheus text format; queue gauges refreshed from the store when it answers."""
+    """The Prometheus text format; the readiness and queue gauges refreshed from the store.
+
+    Two store calls per scrape, each bounded by ``PING_TIMEOUT_SECONDS``: ``ping`` (what
+    ``/readyz`` answers) and ``stats`` (one grouped query over the open deliveries; done ones
+    are never read). When the store does not answer, the queue gauges keep their last values
+    and ``lacuna_webhooks_ready`` says 0.
+    """
     state = request.app.state
     metrics: Metrics = state.metrics
-    with contextlib.suppress(StoreUnavailable, TimeoutError):
+    try:
+        async with asyncio.timeout(PING_TIMEOUT_SECONDS):
+            await state.store.ping()
         async with asyncio.timeout(PING_TIMEOUT_SECONDS):
             stats = await state.store.stats(now=datetime.now(UTC))
-        metrics.queue_depth.labels("due").set(stats.due)
-        metrics.queue_depth.labels("running").set(stats.running)
-        metrics.queue_depth.labels("waiting").set(max(0, stats.pending - stats.due - stats.running))
-        metrics.queue_depth.labels("dead").set(stats.dead)
-        metrics.oldest_due_age.set(stats.oldest_due_age_seconds)
+    except (StoreUnavailable, TimeoutError):
+        metrics.ready.set(0)
+    else:
+        metrics.ready.set(1)
+        _set_queue_gauges(metrics, stats, state.handlers.names)
     return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+
+def _set_queue_gauges(metrics: Metrics, stats: QueueStats, handlers: list[str]) -> None:
+    """The outbox gauges, in total and per handler: every configured handler has its series
+    (0 when it has nothing queued), and so has any other handler with open deliveries."""
+    depth = metrics.queue_depth
+    depth.labels("due").set(stats.due)
+    depth.labels("running").set(stats.running)
+    depth.labels("waiting").set(max(0, stats.pending - stats.due - stats.running))
+    depth.labels("dead").set(stats.dead)
+    metrics.oldest_due_age.set(stats.oldest_due_age_seconds)
+    empty = QueueStats(0, 0, 0, 0, 0.0)
+    by_handler = metrics.handler_queue_depth
+    for name in sorted({*handlers, *stats.by_handler}):
+        part = stats.by_handler.get(name, empty)
+        by_handler.labels(name, "due").set(part.due)
+        by_handler.labels(name, "running").set(part.running)
+        by_handler.labels(name, "waiting").set(max(0, part.pending - part.due - part.running))
+        by_handler.labels(name, "dead").set(part.dead)
+        metrics.handler_oldest_due_age.labels(name).set(part.oldest_due_age_seconds)
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
@@ -149,6 +180,7 @@ def create_app(
     metrics: Metrics | None = None,
     dispatch: bool = True,
     runner: AttemptRunner | None = None,
+    tracing: Tracing | None = None,
 ) -> LacunaApp:
     """Build the application.
 
@@ -157,7 +189,9 @@ def create_app(
     opened by the caller. With ``dispatch`` the lifespan runs the dispatcher (and retention)
     and, at shutdown, drains it within ``settings.shutdown_timeout_seconds``. ``runner`` runs
     the handlers' attempts: ``serve`` passes a ``WorkerPool`` (a worker process per handler);
-    without one they run on the app's own loop, which is for tests only.
+    without one they run on the app's own loop, which is for tests only. ``tracing``
+    (``tracing_config.load_tracing``; ``None``: off) traces the webhook requests, their
+    commits and, on the app's loop, the attempts (a ``WorkerPool``'s workers trace their own).
     ``app.state`` holds ``settings``, ``store``, ``handlers``, ``metrics``,
     ``dispatch_service`` and its ``dispatcher`` for the endpoints and the lifespan.
     """
@@ -167,7 +201,11 @@ def create_app(
     )
     handlers = handlers or HandlerSet({}, {}, {})
     metrics = metrics or Metrics()
-    webhook = WebhookEndpoint(settings, store, handlers, metrics)
+    if tracing is None:
+        webhook = WebhookEndpoint(settings, store, handlers, metrics)
+    else:
+        webhook = tracing.endpoint(settings, store, handlers, metrics)
+        runner = runner or InProcessRunner(handlers, tracing=tracing)
     app = LacunaApp(
         webhook=webhook,
         routes=[

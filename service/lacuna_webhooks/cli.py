@@ -31,6 +31,7 @@ from .store import DeliveryRecord, EventRecord, Store, open_store
 
 if TYPE_CHECKING:
     from .plugins import HandlerSet
+    from .tracing import Tracing
 
 PROG = "lacuna-webhooks"
 #: Largest ``--limit`` of the list commands (the admin API's bound, SPEC §9, is 500); a
@@ -134,6 +135,16 @@ async def _open_service_store(settings: Settings, handlers: HandlerSet) -> Store
     return store
 
 
+def _tracing(environ: Mapping[str, str]) -> Tracing | None:
+    """``load_tracing`` (docs/observability.md), its ``ConfigError`` as one line."""
+    from .tracing_config import load_tracing
+
+    try:
+        return load_tracing(environ)
+    except ConfigError as exc:
+        raise CommandError(f"configuration: {exc}", exit_code=2) from None
+
+
 def _serve(environ: Mapping[str, str], host: str | None, port: int | None) -> int:
     import uvicorn
 
@@ -143,6 +154,7 @@ def _serve(environ: Mapping[str, str], host: str | None, port: int | None) -> in
     from .server import server_config
 
     settings = _settings(environ, require_secret=True)
+    tracing = _tracing(environ)
     handlers = _handlers_of(settings)
 
     async def run() -> None:
@@ -159,6 +171,7 @@ def _serve(environ: Mapping[str, str], host: str | None, port: int | None) -> in
                 metrics=metrics,
                 dispatch=settings.dispatch,
                 runner=pool,
+                tracing=tracing,
             )
             # The HTTP layer's limits and timeouts (server.py, docs/http.md).
             config = server_config(
@@ -193,7 +206,11 @@ def _serve(environ: Mapping[str, str], host: str | None, port: int | None) -> in
         finally:
             await store.close()
 
-    _run_loop(run())
+    try:
+        _run_loop(run())
+    finally:
+        if tracing is not None:
+            tracing.shutdown()  # export the spans still queued
     return 0
 
 
@@ -308,6 +325,9 @@ def _worker(environ: Mapping[str, str]) -> int:
     from .metrics import Metrics
 
     settings = _settings(environ, require_secret=False)
+    checked = _tracing(environ)  # a bad OTEL_* setting stops here, not in every worker
+    if checked is not None:
+        checked.shutdown()  # the handler worker processes trace the attempts themselves
     if settings.database_url.startswith("sqlite"):
         raise CommandError(
             "`worker` needs PostgreSQL (LACUNA_DATABASE_URL): on SQLite `serve` runs the "

@@ -60,6 +60,25 @@ class Metrics:
             ["state"],
             registry=r,
         )
+        self.handler_queue_depth = Gauge(
+            f"{PREFIX}_handler_queue_depth",
+            "Pending deliveries of each handler, by state (due, running, waiting for a retry) "
+            "and its dead ones; read from the store at each scrape.",
+            ["handler", "state"],
+            registry=r,
+        )
+        self.handler_oldest_due_age = Gauge(
+            f"{PREFIX}_handler_oldest_due_age_seconds",
+            "How long each handler's oldest due, unclaimed delivery has been waiting "
+            "(0 when none).",
+            ["handler"],
+            registry=r,
+        )
+        self.ready = Gauge(
+            f"{PREFIX}_ready",
+            "1 when the store answered this scrape's readiness check (as /readyz), else 0.",
+            registry=r,
+        )
         self.oldest_due_age = Gauge(
             f"{PREFIX}_queue_oldest_due_age_seconds",
             "How long the oldest due, unclaimed delivery has been waiting (0 when none).",

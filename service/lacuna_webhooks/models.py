@@ -342,6 +342,9 @@ class Delivery:
     # LACUNA_<NAME>_AFTER (SPEC §6): each prerequisite handler's result for this event (None
     # when it recorded none or has no delivery); set by the dispatcher, None without AFTER.
     results: dict[str, Any] | None = None
+    # The W3C traceparent of the request that received the event, when it was traced
+    # (Store.accept's ``trace_context``; docs/observability.md): the attempt's span joins it.
+    trace_context: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

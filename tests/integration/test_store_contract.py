@@ -381,6 +381,57 @@ async def test_stats_counts_the_outbox(store: Store) -> None:
     assert stats.oldest_due_age_seconds == pytest.approx(27.0)
 
 
+async def test_stats_by_handler(store: Store) -> None:
+    """``by_handler``: the same figures per handler, summing to the totals; a handler with
+    only done deliveries does not appear; one with only dead ones does."""
+    for i in range(3):
+        await store.accept(event(f"evt_bh_{i}"), ["a", "b"], now=NOW + i * SECOND)
+    await store.accept(event("evt_bh_c"), ["c"], now=NOW)
+    await store.accept(event("evt_bh_d"), ["d"], now=NOW)
+    now = NOW + timedelta(seconds=60)
+    running = await store.claim(handler="a", limit=1, lease=LEASE, now=now)
+    dead = (await store.claim(handler="b", limit=1, lease=LEASE, now=now))[0]
+    await store.dead(dead, attempt(AttemptOutcome.DEAD, error="x"))
+    done = (await store.claim(handler="c", limit=1, lease=LEASE, now=now))[0]
+    await store.complete(done, attempt(AttemptOutcome.OK))
+    only_dead = (await store.claim(handler="d", limit=1, lease=LEASE, now=now))[0]
+    await store.dead(only_dead, attempt(AttemptOutcome.DEAD, error="x"))
+
+    stats = await store.stats(now=now)
+    assert len(running) == 1
+    assert set(stats.by_handler) == {"a", "b", "d"}
+    a, b, d = stats.by_handler["a"], stats.by_handler["b"], stats.by_handler["d"]
+    assert (a.pending, a.due, a.running, a.dead) == (3, 2, 1, 0)
+    assert a.oldest_due_age_seconds == pytest.approx(59.0)  # evt_bh_1, accepted at NOW + 1s
+    assert (b.pending, b.due, b.running, b.dead) == (2, 2, 0, 1)
+    assert b.oldest_due_age_seconds == pytest.approx(59.0)
+    assert (d.pending, d.due, d.running, d.dead) == (0, 0, 0, 1)
+    assert d.oldest_due_age_seconds == 0.0
+    assert (stats.pending, stats.due, stats.running, stats.dead) == (5, 4, 1, 2)
+    assert stats.oldest_due_age_seconds == pytest.approx(59.0)
+
+
+async def test_trace_context_travels_from_accept_to_claim(store: Store) -> None:
+    """``accept(trace_context=)`` (the request's traceparent, tracing on) comes back as
+    ``Delivery.trace_context`` with each claimed delivery of the event, also after a replay;
+    an event accepted without one has none."""
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    await store.accept(event("evt_traced"), ["a", "b"], now=NOW, trace_context=traceparent)
+    await store.accept(event("evt_untraced"), ["a"], now=NOW + SECOND)
+    # a duplicate's trace context is not stored: the original request's trace stays
+    other_parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    assert not await store.accept(event("evt_traced"), ["a"], now=NOW, trace_context=other_parent)
+    claimed = await store.claim(handler="a", limit=5, lease=LEASE, now=NOW + 5 * SECOND)
+    by_id = {d.event.id: d.trace_context for d in claimed}
+    assert by_id == {"evt_traced": traceparent, "evt_untraced": None}
+    (other,) = await store.claim(handler="b", limit=5, lease=LEASE, now=NOW + 5 * SECOND)
+    assert other.trace_context == traceparent
+    await store.complete(other, attempt(AttemptOutcome.OK))
+    await store.replay("evt_traced", ["b"], now=NOW + 6 * SECOND)
+    (again,) = await store.claim(handler="b", limit=5, lease=LEASE, now=NOW + 7 * SECOND)
+    assert again.trace_context == traceparent
+
+
 async def test_prune_deletes_only_finished_old_events(store: Store) -> None:
     """prune: old events whose deliveries are all done/dead (or none) go, with their
     deliveries and attempts; old events with pending work and recent events stay."""

@@ -12,10 +12,11 @@ What "the code reads" is derived from the code itself, two ways, so that neither
 nor a new way of building its name goes unnoticed:
 
 - statically, from every ``.py`` file of the package: string literals that are whole
-  ``LACUNA_*`` / ``AWS_*`` names, f-strings ``f"LACUNA_{...}_SUFFIX"`` (a setting of every
-  handler, documented as ``LACUNA_<NAME>_SUFFIX``), and the keys a handler module passes to its
-  ``HandlerContext`` (``ctx.get("KEY")``, ``ctx.require("KEY")``, any other ``ctx`` method,
-  ``helper(ctx, "KEY", ...)``);
+  ``LACUNA_*`` / ``AWS_*`` / ``OTEL_*`` names (the ``OTEL_*`` ones the service reads itself,
+  not those only the OpenTelemetry SDK reads), f-strings ``f"LACUNA_{...}_SUFFIX"`` (a setting
+  of every handler, documented as ``LACUNA_<NAME>_SUFFIX``), and the keys a handler module
+  passes to its ``HandlerContext`` (``ctx.get("KEY")``, ``ctx.require("KEY")``, any other
+  ``ctx`` method, ``helper(ctx, "KEY", ...)``);
 - dynamically, by running ``Settings.from_env`` and building every built-in handler over an
   environment that records each name looked up in it.
 
@@ -48,7 +49,7 @@ CONFIGURATION = DOCS / "configuration.md"
 ENV_EXAMPLE = REPO / ".env.example"
 
 HEADER = ("variable", "default", "meaning")
-ENV_NAME = re.compile(r"(?:LACUNA|AWS)_[A-Z0-9_]*[A-Z0-9]")
+ENV_NAME = re.compile(r"(?:LACUNA|AWS|OTEL)_[A-Z0-9_]*[A-Z0-9]")
 KEY = re.compile(r"[A-Z][A-Z0-9_]*[A-Z0-9]")
 DOCUMENTED_NAME = re.compile(r"[A-Z](?:[A-Z0-9_]|<NAME>|<KEY>)*")
 # Modules whose HandlerContext reads apply to every handler (documented as LACUNA_<NAME>_KEY).
@@ -224,7 +225,8 @@ def _ctx_keys(tree: ast.AST) -> Iterator[str]:
 
 
 def _names_in(tree: ast.AST) -> Iterator[str]:
-    """Whole ``LACUNA_*``/``AWS_*`` literals, and ``f"LACUNA_{...}_SUFFIX"`` as a pattern."""
+    """Whole ``LACUNA_*``/``AWS_*``/``OTEL_*`` literals, and ``f"LACUNA_{...}_SUFFIX"`` as a
+    pattern."""
     for node in ast.walk(tree):
         if isinstance(node, ast.Constant) and isinstance(node.value, str):
             if ENV_NAME.fullmatch(node.value):

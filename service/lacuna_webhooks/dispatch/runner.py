@@ -11,11 +11,14 @@ loop, and a timeout cannot end it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from ..models import Delivery
 from ..plugins import HandlerSet
 from .attempt import Outcome, run_attempt
+
+if TYPE_CHECKING:
+    from ..tracing import Tracing
 
 
 class AttemptRunner(Protocol):
@@ -36,10 +39,14 @@ class AttemptRunner(Protocol):
 
 
 class InProcessRunner:
-    """``handle()`` on the caller's event loop: for tests and embedding, not for ``serve``."""
+    """``handle()`` on the caller's event loop: for tests and embedding, not for ``serve``.
 
-    def __init__(self, handlers: HandlerSet) -> None:
+    With ``tracing`` each attempt runs in its span (``tracing.Tracing.run_attempt``).
+    """
+
+    def __init__(self, handlers: HandlerSet, *, tracing: Tracing | None = None) -> None:
         self.handlers = handlers
+        self.tracing = tracing
 
     async def start(self, on_ready: Callable[[], None]) -> None:
         return None
@@ -49,6 +56,15 @@ class InProcessRunner:
 
     async def run(self, delivery: Delivery, timeout_seconds: float) -> Outcome:
         handler = self.handlers.handlers[delivery.handler]
+        if self.tracing is not None:
+            return await self.tracing.run_attempt(
+                handler,
+                delivery.event,
+                timeout_seconds,
+                attempt=delivery.attempts,
+                results=delivery.results,
+                trace_context=delivery.trace_context,
+            )
         return await run_attempt(
             handler,
             delivery.event,

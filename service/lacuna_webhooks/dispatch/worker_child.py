@@ -18,7 +18,7 @@ import pickle
 import signal
 import socket
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import structlog
@@ -27,6 +27,9 @@ from ..handlers.base import Handler
 from ..models import Event
 from .attempt import Outcome, describe_error, run_attempt
 from .workers import WorkerSpec, frame, read_frame
+
+if TYPE_CHECKING:
+    from ..tracing import Tracing
 
 _PR_SET_PDEATHSIG = 1
 #: How long the handler's ``aclose`` may take when the worker stops.
@@ -64,18 +67,24 @@ def child_main(fd: int) -> int:
     _, spec = pickle.loads(data)  # noqa: S301
     assert isinstance(spec, WorkerSpec)
     sys.path[:] = list(spec.sys_path) or sys.path
-    handler = _build(sock, spec)
-    if handler is None:
+    built = _build(sock, spec)
+    if built is None:
         return 2
+    handler, tracing = built
     _send_json(sock, ["ready", os.getpid()])
-    asyncio.run(_serve(sock, handler))
+    try:
+        asyncio.run(_serve(sock, handler, tracing))
+    finally:
+        if tracing is not None:
+            tracing.shutdown()  # export the last attempts' spans before the process ends
     return 0
 
 
-def _build(sock: socket.socket, spec: WorkerSpec) -> Handler | None:
+def _build(sock: socket.socket, spec: WorkerSpec) -> tuple[Handler, Tracing | None] | None:
     from ..logs import configure
     from ..plugins import build_handlers
     from ..redact import secret_values
+    from ..tracing_config import load_tracing
 
     # A spawned process remembers no secrets of its parent's: mask the same values here.
     configure(
@@ -94,18 +103,21 @@ def _build(sock: socket.socket, spec: WorkerSpec) -> Handler | None:
         handler = built.handlers.get(spec.name)
         if handler is None:
             raise LookupError(f"{spec.item!r} built no handler named {spec.name!r}")
+        # The same OTEL_* decision as the parent's (which checked it at start); the SDK reads
+        # the rest of OTEL_* from this process's environment, inherited from the parent.
+        tracing = load_tracing(spec.environ)
     except BaseException as exc:
         # A plugin may raise anything at import or build time; the parent logs it and retries.
         _send_json(sock, ["failed", describe_error(exc)])
         return None
-    return handler
+    return handler, tracing
 
 
 def _forget(running: dict[int, asyncio.Task[None]], attempt_id: int, _: object) -> None:
     running.pop(attempt_id, None)
 
 
-async def _serve(sock: socket.socket, handler: Handler) -> None:
+async def _serve(sock: socket.socket, handler: Handler, tracing: Tracing | None = None) -> None:
     reader, writer = await asyncio.open_unix_connection(sock=sock)
     log = structlog.get_logger("lacuna_webhooks.worker").bind(handler=handler.name)
     running: dict[int, asyncio.Task[None]] = {}
@@ -116,10 +128,21 @@ async def _serve(sock: socket.socket, handler: Handler) -> None:
         timeout_seconds: float,
         number: int,
         results: dict[str, Any] | None,
+        trace_context: str | None,
     ) -> None:
-        outcome = await run_attempt(
-            handler, event, timeout_seconds, attempt=number, results=results
-        )
+        if tracing is None:
+            outcome = await run_attempt(
+                handler, event, timeout_seconds, attempt=number, results=results
+            )
+        else:
+            outcome = await tracing.run_attempt(
+                handler,
+                event,
+                timeout_seconds,
+                attempt=number,
+                results=results,
+                trace_context=trace_context,
+            )
         try:
             payload = orjson.dumps(["done", attempt_id, outcome.to_wire()])
         except TypeError:
@@ -137,9 +160,9 @@ async def _serve(sock: socket.socket, handler: Handler) -> None:
                 break  # the parent is gone: nobody is left to answer
             kind = request[0]
             if kind == "run":
-                _, attempt_id, event, timeout_seconds, number, results = request
+                _, attempt_id, event, timeout_seconds, number, results, trace_context = request
                 task = asyncio.create_task(
-                    attempt(attempt_id, event, timeout_seconds, number, results)
+                    attempt(attempt_id, event, timeout_seconds, number, results, trace_context)
                 )
                 running[attempt_id] = task
                 task.add_done_callback(functools.partial(_forget, running, attempt_id))

@@ -224,6 +224,7 @@ class HandlerWorker:
                 timeout_seconds,
                 delivery.attempts,
                 delivery.results,
+                delivery.trace_context,
             )
         )
         try:

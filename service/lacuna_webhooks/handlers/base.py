@@ -142,6 +142,13 @@ event). ``None`` for a handler without AFTER or run outside the dispatcher. Set 
 ``current_attempt``, in the task that runs the one attempt; read it inside ``handle``."""
 
 
+current_traceparent: ContextVar[str | None] = ContextVar("lacuna_traceparent", default=None)
+"""The W3C ``traceparent`` of the running attempt's span while tracing is on
+(docs/observability.md), else ``None``. Set like ``current_attempt``; a handler that calls
+out passes it on (the ``http`` handler sends it as the ``traceparent`` header) so the peer's
+spans join the trace of the request that received the event."""
+
+
 class RecordingHandler:
     """A handler for tests: records every event, and fails as scripted.
 
@@ -183,4 +190,5 @@ __all__ = [
     "RecordingHandler",
     "current_attempt",
     "current_results",
+    "current_traceparent",
 ]

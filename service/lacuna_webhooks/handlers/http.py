@@ -19,7 +19,9 @@ Settings (``LACUNA_<NAME>_*``, so ``LACUNA_HTTP_*`` for the plain ``http`` handl
 Each attempt is a ``POST`` with ``content-type: application/json`` and the
 Standard Webhooks headers ``webhook-id`` (the event id, the same on every
 attempt), ``webhook-timestamp`` (Unix seconds of this attempt) and
-``webhook-signature``, plus ``lacuna-event-type`` and ``lacuna-attempt``.
+``webhook-signature``, plus ``lacuna-event-type`` and ``lacuna-attempt``; while tracing is
+on, ``traceparent`` (W3C Trace Context: the attempt's span, in the trace of the request that
+received the event; docs/observability.md).
 
 Outcomes: 2xx done; 429 (``RateLimited``: not counted against the attempt budget, see
 docs/delivery.md) and 503 are retried after their ``Retry-After`` (held
@@ -48,7 +50,7 @@ from ..models import Event
 from ..signature import sign_standard_webhooks, standard_webhooks_key
 from ._common import network_timeouts
 from ._http import OutboundClient, retry_after_seconds, transport_failure
-from .base import HandlerContext, current_attempt, current_results
+from .base import HandlerContext, current_attempt, current_results, current_traceparent
 
 logger = structlog.get_logger("lacuna_webhooks.handlers.http")
 
@@ -215,6 +217,9 @@ class HTTPHandler:
                 "lacuna-attempt": str(attempt),
             }
         )
+        traceparent = current_traceparent.get()
+        if traceparent is not None:  # tracing on: the receiver's spans join the event's trace
+            headers["traceparent"] = traceparent
         return body, headers
 
     async def handle(self, event: Event) -> None:

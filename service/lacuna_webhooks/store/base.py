@@ -55,8 +55,8 @@ Semantics every backend keeps:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
@@ -170,13 +170,29 @@ class EventPage:
 
 @dataclass(frozen=True, slots=True)
 class QueueStats:
-    """Outbox figures for ``/metrics``."""
+    """Outbox figures for ``/metrics``: the whole outbox, and ``by_handler`` the same
+    figures per handler name (only handlers with a pending or dead delivery appear)."""
 
     pending: int  # pending deliveries, due or not, leased or not
     due: int  # pending, due now, not leased
     running: int  # pending with a live lease
     dead: int
     oldest_due_age_seconds: float  # 0 when nothing is due
+    by_handler: Mapping[str, QueueStats] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def combine(cls, by_handler: Mapping[str, QueueStats]) -> QueueStats:
+        """The outbox totals of per-handler figures (what every backend's ``stats`` returns:
+        one grouped query, summed here)."""
+        parts = by_handler.values()
+        return cls(
+            pending=sum(p.pending for p in parts),
+            due=sum(p.due for p in parts),
+            running=sum(p.running for p in parts),
+            dead=sum(p.dead for p in parts),
+            oldest_due_age_seconds=max((p.oldest_due_age_seconds for p in parts), default=0.0),
+            by_handler=dict(by_handler),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,7 +243,17 @@ class Store(Protocol):
         otherwise. After a write failed for a reason of the database, a probe write must
         commit before ``ping`` passes again (``rules.CommitHealth``; ``/readyz``)."""
 
-    async def accept(self, event: Event, handlers: Sequence[str], *, now: datetime) -> bool: ...
+    async def accept(
+        self,
+        event: Event,
+        handlers: Sequence[str],
+        *,
+        now: datetime,
+        trace_context: str | None = None,
+    ) -> bool:
+        """See the module docstring. ``trace_context`` (the receiving request's W3C
+        ``traceparent``, given only while tracing is on) is stored with a new event and comes
+        back as ``Delivery.trace_context`` with each claim of its deliveries."""
 
     async def claim(
         self,

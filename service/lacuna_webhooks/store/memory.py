@@ -93,6 +93,8 @@ class MemoryStore:
         self._nudge = asyncio.Event()
         self._ids = itertools.count(1)
         self._events: dict[str, EventRecord] = {}
+        # event id -> the receiving request's traceparent (only events accepted with one)
+        self._trace_contexts: dict[str, str] = {}
         # Arrival order of each stored event (never reused): ties of ``received_at`` and
         # search cursors.
         self._arrivals = itertools.count(1)
@@ -130,7 +132,14 @@ class MemoryStore:
 
     # -- inbox -----------------------------------------------------------------------------
 
-    async def accept(self, event: Event, handlers: Sequence[str], *, now: datetime) -> bool:
+    async def accept(
+        self,
+        event: Event,
+        handlers: Sequence[str],
+        *,
+        now: datetime,
+        trace_context: str | None = None,
+    ) -> bool:
         """Record a new event and one due delivery per handler; ``False`` for a duplicate id.
 
         The event is recorded as ``superseded`` (and the task state left alone)
@@ -167,6 +176,8 @@ class MemoryStore:
                 superseded=superseded,
                 raw=event.raw,
             )
+            if trace_context is not None:
+                self._trace_contexts[event.id] = trace_context
             for name in dict.fromkeys(handlers):
                 self._new_delivery(event.id, name, now)
             if handlers:
@@ -236,6 +247,7 @@ class MemoryStore:
             lease_token=row.lease_token,
             next_attempt_at=row.next_attempt_at,
             created_at=row.created_at,
+            trace_context=self._trace_contexts.get(row.event_id),
         )
 
     def _held(self, delivery: Delivery) -> _DeliveryRow | None:
@@ -336,16 +348,12 @@ class MemoryStore:
         async with self._lock:
             self._check()
             rows = list(self._deliveries.values())
-        pending = [r for r in rows if r.status is DeliveryStatus.PENDING]
-        due = [r for r in pending if r.due(now)]
-        running = [r for r in pending if r.lease_until is not None and r.lease_until > now]
-        oldest = min((r.next_attempt_at for r in due), default=now)
-        return QueueStats(
-            pending=len(pending),
-            due=len(due),
-            running=len(running),
-            dead=sum(r.status is DeliveryStatus.DEAD for r in rows),
-            oldest_due_age_seconds=max(0.0, (now - oldest).total_seconds()),
+        by_handler: dict[str, list[_DeliveryRow]] = {}
+        for row in rows:
+            if row.status is not DeliveryStatus.DONE:
+                by_handler.setdefault(row.handler, []).append(row)
+        return QueueStats.combine(
+            {handler: _queue_stats(mine, now) for handler, mine in sorted(by_handler.items())}
         )
 
     async def prune(self, *, received_before: datetime) -> int:
@@ -363,6 +371,7 @@ class MemoryStore:
             ]
             for event_id in doomed:
                 del self._events[event_id]
+                self._trace_contexts.pop(event_id, None)
                 self._arrival.pop(event_id, None)
                 for row in by_event.get(event_id, []):
                     del self._deliveries[row.id]
@@ -663,3 +672,18 @@ def _conforms(store: MemoryStore) -> Store:
 
 
 __all__ = ["MemoryStore"]
+
+
+def _queue_stats(rows: list[_DeliveryRow], now: datetime) -> QueueStats:
+    """``stats`` of one handler's pending and dead deliveries."""
+    pending = [r for r in rows if r.status is DeliveryStatus.PENDING]
+    due = [r for r in pending if r.due(now)]
+    running = [r for r in pending if r.lease_until is not None and r.lease_until > now]
+    oldest = min((r.next_attempt_at for r in due), default=now)
+    return QueueStats(
+        pending=len(pending),
+        due=len(due),
+        running=len(running),
+        dead=sum(r.status is DeliveryStatus.DEAD for r in rows),
+        oldest_due_age_seconds=max(0.0, (now - oldest).total_seconds()),
+    )

@@ -101,7 +101,7 @@ def handler_state(row: Row, at: ToDatetime) -> HandlerState:
 
 def claimed_delivery(row: Row, at: ToDatetime) -> Delivery:
     """Columns of ``claim``: id, event_id, handler, attempts, lease_token, next_attempt_at,
-    created_at, raw (the event's body, parsed again here)."""
+    created_at, raw (the event's body, parsed again here), trace_context (or NULL)."""
     return Delivery(
         id=row["id"],
         # No depth check: a body stored before MAX_JSON_DEPTH existed must still deliver.
@@ -112,6 +112,7 @@ def claimed_delivery(row: Row, at: ToDatetime) -> Delivery:
         lease_token=row["lease_token"],
         next_attempt_at=at(row["next_attempt_at"]),
         created_at=at(row["created_at"]),
+        trace_context=row["trace_context"],
     )
 
 

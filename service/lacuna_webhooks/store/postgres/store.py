@@ -329,7 +329,14 @@ class PostgresStore:
 
     # -- inbox ---------------------------------------------------------------------------------
 
-    async def accept(self, event: Event, handlers: Sequence[str], *, now: datetime) -> bool:
+    async def accept(
+        self,
+        event: Event,
+        handlers: Sequence[str],
+        *,
+        now: datetime,
+        trace_context: str | None = None,
+    ) -> bool:
         """Store a new event with a pending delivery per handler; ``False`` for a duplicate.
 
         One transaction: the event insert (dedupe on the primary key), the
@@ -348,6 +355,7 @@ class PostgresStore:
                 now,
                 event.task_id,
                 event.raw,
+                trace_context,
             )
             if not inserted:
                 return False
@@ -494,17 +502,20 @@ class PostgresStore:
         """Due times against ``now``, leases against the database's clock (as ``claim``)."""
         now = _utc(now)
         async with self._connection() as conn:
-            row = await conn.fetchrow(Q["stats"], now)
-        assert row is not None  # an aggregate without GROUP BY always yields one row
-        oldest: datetime | None = row["oldest_due"]
-        age = max((now - oldest).total_seconds(), 0.0) if oldest is not None else 0.0
-        return QueueStats(
-            pending=row["pending"],
-            due=row["due"],
-            running=row["running"],
-            dead=row["dead"],
-            oldest_due_age_seconds=age,
-        )
+            rows = await conn.fetch(Q["stats"], now)
+        by_handler: dict[str, QueueStats] = {}
+        for row in rows:
+            oldest: datetime | None = row["oldest_due"]
+            by_handler[row["handler"]] = QueueStats(
+                pending=row["pending"],
+                due=row["due"],
+                running=row["running"],
+                dead=row["dead"],
+                oldest_due_age_seconds=(
+                    max((now - oldest).total_seconds(), 0.0) if oldest is not None else 0.0
+                ),
+            )
+        return QueueStats.combine(dict(sorted(by_handler.items())))
 
     async def prune(self, *, received_before: datetime) -> int:
         """Delete events received before the cutoff whose deliveries are all done or dead.

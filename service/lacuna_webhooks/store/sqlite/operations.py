@@ -20,6 +20,7 @@ import os
 import re
 import sqlite3
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Any, NamedTuple
@@ -64,6 +65,7 @@ class AcceptRow(NamedTuple):
     raw: bytes
     handlers: tuple[str, ...]
     order: float  # rules.task_order of the event
+    trace_context: str | None = None  # the request's traceparent, while tracing is on
 
 
 def epoch(value: datetime) -> float:
@@ -167,9 +169,9 @@ def _check_features(conn: sqlite3.Connection, where: str) -> None:
 # back, only when some row was a duplicate.
 
 _BATCH_SCHEMA = ("accept_outcome_table", "accept_batch_view", "accept_batch_trigger")
-_BATCH_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-# 10 parameters a row: the largest batch the writer forms stays under SQLite's variable limit.
-BATCH_MAX_ROWS = 3000
+_BATCH_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+# 11 parameters a row: the largest batch the writer forms stays under SQLite's variable limit.
+BATCH_MAX_ROWS = 2900
 
 
 def create_batch_schema(conn: sqlite3.Connection) -> None:
@@ -196,6 +198,7 @@ def accept_batch(conn: sqlite3.Connection, batch: list[AcceptRow]) -> list[bool]
             r.raw,
             _handlers_json(r.handlers),
             r.order,
+            r.trace_context,
         )
     before = conn.total_changes
     conn.execute(Q["accept_batch_insert"] + " " + ",".join([_BATCH_ROW] * len(batch)), params)
@@ -355,15 +358,21 @@ def release(c: sqlite3.Connection, now: float | None, delivery_id: int, lease_to
 
 
 def stats(c: sqlite3.Connection, now: float) -> QueueStats:
-    row = c.execute(Q["stats"], {"now": now}).fetchone()
-    oldest = row["oldest_due"]
-    return QueueStats(
-        pending=row["pending"],
-        due=row["due"],
-        running=row["running"],
-        dead=row["dead"],
-        oldest_due_age_seconds=max(0.0, now - oldest) if oldest is not None else 0.0,
-    )
+    by_handler: dict[str, QueueStats] = {}
+    for row in c.execute(Q["stats"], {"now": now}):
+        oldest = row["oldest_due"]
+        part = QueueStats(
+            pending=row["pending"],
+            due=row["due"],
+            running=row["running"],
+            dead=row["dead"],
+            oldest_due_age_seconds=max(0.0, now - oldest) if oldest is not None else 0.0,
+        )
+        seen = by_handler.get(row["handler"])
+        if seen is not None:  # its dead count, after its pending counts: one of them is 0
+            part = replace(seen, dead=seen.dead + part.dead)
+        by_handler[row["handler"]] = part
+    return QueueStats.combine(dict(sorted(by_handler.items())))
 
 
 def prune_chunk(c: sqlite3.Connection, cutoff: float) -> int:

@@ -163,7 +163,14 @@ class SQLiteStore:
 
     # --- intake ----------------------------------------------------------------------------------
 
-    async def accept(self, event: Event, handlers: Sequence[str], *, now: datetime) -> bool:
+    async def accept(
+        self,
+        event: Event,
+        handlers: Sequence[str],
+        *,
+        now: datetime,
+        trace_context: str | None = None,
+    ) -> bool:
         received_at = epoch(now)
         row = AcceptRow(
             event.id,
@@ -175,6 +182,7 @@ class SQLiteStore:
             event.raw,
             tuple(dict.fromkeys(handlers)),
             task_order(event.created, received_at),
+            trace_context,
         )
         # _tracked inlined: one coroutine less per request on the intake path.
         try:

@@ -3,8 +3,8 @@
 -- Leases are timed by the database's clock (now()); see store/base.py.
 
 -- name: accept_event
-INSERT INTO events (id, type, created, received_at, task_id, raw)
-VALUES ($1, $2, $3, $4, $5, $6)
+INSERT INTO events (id, type, created, received_at, task_id, raw, trace_context)
+VALUES ($1, $2, $3, $4, $5, $6, $7)
 ON CONFLICT (id) DO NOTHING
 RETURNING true
 
@@ -60,7 +60,7 @@ WITH claimed AS (
     RETURNING id, event_id, handler, status, attempts, lease_token,
               next_attempt_at, created_at
 )
-SELECT c.*, e.raw
+SELECT c.*, e.raw, e.trace_context
 FROM claimed c JOIN events e ON e.id = c.event_id
 ORDER BY c.next_attempt_at, c.id
 
@@ -92,7 +92,8 @@ WHERE id = $1 AND lease_token = $2
 RETURNING id
 
 -- name: stats
-SELECT
+-- Per handler, over the open index (done rows, the bulk, stay out of it).
+SELECT handler,
     count(*) FILTER (WHERE status = 'pending') AS pending,
     count(*) FILTER (WHERE status = 'pending' AND next_attempt_at <= $1
                      AND (lease_until IS NULL OR lease_until <= now())) AS due,
@@ -103,6 +104,7 @@ SELECT
           AND (lease_until IS NULL OR lease_until <= now())) AS oldest_due
 FROM deliveries
 WHERE status <> 'done'
+GROUP BY handler
 
 -- name: prune_lock
 -- One replica prunes at a time.

@@ -17,7 +17,8 @@ WHERE id IN (
             AND p.handler IN (SELECT value FROM json_each(:after))))
     ORDER BY next_attempt_at, id LIMIT :limit)
 RETURNING id, event_id, handler, attempts, lease_token, next_attempt_at, created_at,
-    (SELECT raw FROM events WHERE events.id = deliveries.event_id) AS raw
+    (SELECT raw FROM events WHERE events.id = deliveries.event_id) AS raw,
+    (SELECT trace_context FROM events WHERE events.id = deliveries.event_id) AS trace_context
 
 -- name: finish
 -- An outcome, only for the live claim: same token, still pending, still leased.
@@ -76,14 +77,17 @@ DELETE FROM deliveries WHERE event_id IN (SELECT value FROM json_each(:ids))
 DELETE FROM events WHERE id IN (SELECT value FROM json_each(:ids))
 
 -- name: stats
--- The pending counts use the partial claim index, the dead count the partial dead index.
-SELECT count(*) AS pending,
+-- Per handler: the pending counts use the partial claim index (handler first, so the groups come
+-- in order), the dead counts the partial dead index; done rows (the bulk) are never read.
+SELECT handler, count(*) AS pending,
     count(*) FILTER (WHERE next_attempt_at <= :now AND coalesce(lease_until, 0) <= :now) AS due,
     count(*) FILTER (WHERE lease_until > :now) AS running,
-    (SELECT count(*) FROM deliveries WHERE status = 'dead') AS dead,
+    0 AS dead,
     min(next_attempt_at) FILTER
         (WHERE next_attempt_at <= :now AND coalesce(lease_until, 0) <= :now) AS oldest_due
-FROM deliveries WHERE status = 'pending'
+FROM deliveries WHERE status = 'pending' GROUP BY handler
+UNION ALL
+SELECT handler, 0, 0, 0, count(*), NULL FROM deliveries WHERE status = 'dead' GROUP BY handler
 
 -- name: list_events
 SELECT id, type, created, received_at, task_id, superseded, raw FROM events
@@ -127,14 +131,15 @@ CREATE TEMP TABLE IF NOT EXISTS accept_outcome (slot INTEGER PRIMARY KEY, stored
 -- name: accept_batch_view
 CREATE TEMP VIEW IF NOT EXISTS accept_batch AS SELECT NULL AS slot, NULL AS id, NULL AS type,
     NULL AS created, NULL AS received_at, NULL AS task_id, NULL AS task_status, NULL AS raw,
-    NULL AS handlers, NULL AS event_order
+    NULL AS handlers, NULL AS event_order, NULL AS trace_context
 
 -- name: accept_batch_trigger
 CREATE TEMP TRIGGER IF NOT EXISTS accept_batch_row INSTEAD OF INSERT ON accept_batch
 BEGIN
     -- the unique key decides new versus duplicate, also between two copies in one batch
-    INSERT INTO events (id, type, created, received_at, task_id, raw)
-        VALUES (NEW.id, NEW.type, NEW.created, NEW.received_at, NEW.task_id, NEW.raw)
+    INSERT INTO events (id, type, created, received_at, task_id, raw, trace_context)
+        VALUES (NEW.id, NEW.type, NEW.created, NEW.received_at, NEW.task_id, NEW.raw,
+                NEW.trace_context)
         ON CONFLICT (id) DO NOTHING;
     -- changes() is the count of the trigger's latest statement: 1 stored, 0 duplicate
     INSERT OR REPLACE INTO accept_outcome (slot, stored) VALUES (NEW.slot, changes());
@@ -163,7 +168,8 @@ END
 
 -- name: accept_batch_insert
 INSERT INTO accept_batch
-    (slot, id, type, created, received_at, task_id, task_status, raw, handlers, event_order)
+    (slot, id, type, created, received_at, task_id, task_status, raw, handlers, event_order,
+     trace_context)
 VALUES
 
 -- name: accept_batch_outcomes

@@ -1,0 +1,91 @@
+"""Whether OpenTelemetry tracing is on, from the standard ``OTEL_*`` variables; no
+OpenTelemetry import here.
+
+Tracing is on when an OTLP endpoint is set (``OTEL_EXPORTER_OTLP_ENDPOINT`` or
+``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``) or ``OTEL_TRACES_EXPORTER`` names an exporter, unless
+``OTEL_SDK_DISABLED=true``. Off, nothing of OpenTelemetry is imported and the request path is
+the same code as without tracing. On, ``load_tracing`` imports ``tracing.py`` (the ``otel``
+extra); every other ``OTEL_*`` variable (headers, timeouts, sampler, service name, batching)
+is read by the OpenTelemetry SDK itself, as its documentation says (docs/observability.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .tracing import Tracing
+
+#: The exporters ``OTEL_TRACES_EXPORTER`` may name here (the SDK's own names).
+EXPORTERS = ("otlp", "console", "none")
+#: The OTLP transport this package ships (``opentelemetry-exporter-otlp-proto-http``).
+PROTOCOLS = ("http/protobuf",)
+INSTALL_HINT = "pip install 'lacuna-webhooks[otel]'"
+
+
+def _value(environ: Mapping[str, str], name: str) -> str:
+    return environ.get(name, "").strip()
+
+
+def trace_exporters(environ: Mapping[str, str]) -> tuple[str, ...]:
+    """The span exporters the ``OTEL_*`` variables ask for; ``()`` when tracing is off.
+
+    Raises ``ConfigError`` for an exporter or OTLP protocol this package does not ship.
+    """
+    if _value(environ, "OTEL_SDK_DISABLED").lower() == "true":
+        return ()
+    problems = []
+    named = _value(environ, "OTEL_TRACES_EXPORTER").lower()
+    if named:
+        exporters = tuple(dict.fromkeys(e.strip() for e in named.split(",") if e.strip()))
+        unknown = [e for e in exporters if e not in EXPORTERS]
+        if unknown:
+            problems.append(
+                f"OTEL_TRACES_EXPORTER: {', '.join(unknown)} is not available here "
+                f"(one or more of {', '.join(EXPORTERS)})"
+            )
+        exporters = tuple(e for e in exporters if e != "none")
+    elif _value(environ, "OTEL_EXPORTER_OTLP_ENDPOINT") or _value(
+        environ, "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+    ):
+        exporters = ("otlp",)
+    else:
+        exporters = ()
+    if "otlp" in exporters:
+        for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+            protocol = _value(environ, name)
+            if protocol:
+                if protocol not in PROTOCOLS:
+                    problems.append(
+                        f"{name}: {protocol} is not available here (only OTLP over HTTP, "
+                        f"{', '.join(PROTOCOLS)}; the endpoint is usually port 4318)"
+                    )
+                break  # the traces-specific variable wins over the general one
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return exporters
+
+
+def load_tracing(environ: Mapping[str, str]) -> Tracing | None:
+    """A started ``Tracing`` when the ``OTEL_*`` variables turn tracing on, else ``None``.
+
+    Raises ``ConfigError`` (one line) when they ask for something unavailable, or when
+    tracing is on but the ``otel`` extra is not installed.
+    """
+    exporters = trace_exporters(environ)
+    if not exporters:
+        return None
+    try:
+        from .tracing import Tracing
+    except ImportError as exc:
+        raise ConfigError(
+            f"tracing is on (OTEL_* variables) but OpenTelemetry is not installed ({exc.name}): "
+            f"{INSTALL_HINT}, or unset OTEL_EXPORTER_OTLP_ENDPOINT / OTEL_TRACES_EXPORTER"
+        ) from None
+    return Tracing.from_env(exporters)
+
+
+__all__ = ["EXPORTERS", "INSTALL_HINT", "load_tracing", "trace_exporters"]
