@@ -252,7 +252,8 @@ def html_part(message: EmailMessage) -> str:
 EMAIL_HOSTILE = {
     **HOSTILE_EVENTS,
     "script and header injection": make_event(
-        "evt_x\r\nBcc: victim@example.com",
+        # CR/LF in an id is refused at intake now; U+2028 still reaches the mail code.
+        "evt_x\u2028Bcc: victim@example.com",
         title="<script>alert(1)</script>\r\nBcc: victim@example.com\u2028X-Evil: 1",
         style='"><img src=x onerror=alert(1)>',
         tracks=[track(1, audio_url='https://cdn.example/"onmouseover="alert(1)', title="<b>")],
