@@ -289,20 +289,33 @@ def _ref(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
+def _object(
+    properties: dict[str, Any], *, nullable: bool = False, additional: bool | None = None
+) -> dict[str, Any]:
+    """An object schema requiring every one of its properties: the API writes every field
+    of an answer, null where there is no value, so the list is the properties' names."""
+    schema: dict[str, Any] = {
+        "type": ["object", "null"] if nullable else "object",
+        "required": list(properties),
+    }
+    if additional is not None:
+        schema["additionalProperties"] = additional
+    schema["properties"] = properties
+    return schema
+
+
 def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
 def _page_of(name: str) -> dict[str, Any]:
-    return {
-        "type": "object",
-        "required": ["data", "next_cursor"],
-        "additionalProperties": False,
-        "properties": {
+    return _object(
+        {
             "data": {"type": "array", "items": _ref(name)},
             "next_cursor": {"type": ["string", "null"]},
         },
-    }
+        additional=False,
+    )
 
 
 _TIME = {"type": "string", "format": "date-time"}
@@ -311,10 +324,8 @@ _ERROR = _json(_ref("Error"), "Refused (error envelope)")
 
 openapi.SCHEMAS.update(
     {
-        "EventSummary": {
-            "type": "object",
-            "required": ["id", "type", "created", "received_at", "task_id", "superseded", "size"],
-            "properties": {
+        "EventSummary": _object(
+            {
                 "id": {"type": "string"},
                 "type": {"type": "string"},
                 "created": {"type": ["integer", "null"]},
@@ -322,45 +333,20 @@ openapi.SCHEMAS.update(
                 "task_id": {"type": ["string", "null"]},
                 "superseded": {"type": "boolean"},
                 "size": {"type": "integer", "minimum": 0, "description": "body bytes"},
-            },
-        },
-        "Attempt": {
-            "type": "object",
-            "required": [
-                "attempt",
-                "started_at",
-                "finished_at",
-                "duration_seconds",
-                "outcome",
-                "error",
-            ],
-            "properties": {
+            }
+        ),
+        "Attempt": _object(
+            {
                 "attempt": {"type": "integer"},
                 "started_at": _TIME,
                 "finished_at": _TIME,
                 "duration_seconds": {"type": "number"},
                 "outcome": {"enum": ["ok", "retry", "dead"]},
                 "error": {"type": ["string", "null"]},
-            },
-        },
-        "Delivery": {
-            "type": "object",
-            "required": [
-                "id",
-                "event_id",
-                "event_type",
-                "handler",
-                "status",
-                "state",
-                "attempts",
-                "next_attempt_at",
-                "lease_until",
-                "last_error",
-                "result",
-                "created_at",
-                "updated_at",
-            ],
-            "properties": {
+            }
+        ),
+        "Delivery": _object(
+            {
                 "id": {"type": "integer"},
                 "event_id": {"type": "string"},
                 "event_type": {"type": "string"},
@@ -374,25 +360,19 @@ openapi.SCHEMAS.update(
                 "result": {"type": ["object", "null"]},
                 "created_at": _TIME,
                 "updated_at": _TIME,
-            },
-        },
+            }
+        ),
         "DeliveryWithAttempts": {
             "allOf": [
                 _ref("Delivery"),
-                {
-                    "type": "object",
-                    "required": ["attempt_log"],
-                    "properties": {"attempt_log": {"type": "array", "items": _ref("Attempt")}},
-                },
+                _object({"attempt_log": {"type": "array", "items": _ref("Attempt")}}),
             ]
         },
         "EventDetail": {
             "allOf": [
                 _ref("EventSummary"),
-                {
-                    "type": "object",
-                    "required": ["payload", "raw", "deliveries"],
-                    "properties": {
+                _object(
+                    {
                         "payload": {
                             "description": "the body as JSON; null when it cannot be "
                             "re-encoded (see raw)"
@@ -402,32 +382,12 @@ openapi.SCHEMAS.update(
                             "type": "array",
                             "items": _ref("DeliveryWithAttempts"),
                         },
-                    },
-                },
+                    }
+                ),
             ]
         },
-        "Handler": {
-            "type": "object",
-            "required": [
-                "name",
-                "kind",
-                "paused",
-                "paused_reason",
-                "paused_since",
-                "concurrency",
-                "rate_limit",
-                "pause_after_failures",
-                "queue",
-                "attempts",
-                "succeeded",
-                "success_ratio",
-                "p50_seconds",
-                "p95_seconds",
-                "consecutive_failures",
-                "last_error",
-                "last_error_at",
-            ],
-            "properties": {
+        "Handler": _object(
+            {
                 "name": {"type": "string"},
                 "kind": {"type": "string"},
                 "paused": {"type": "boolean"},
@@ -459,17 +419,15 @@ openapi.SCHEMAS.update(
                 "consecutive_failures": {"type": "integer"},
                 "last_error": {"type": ["string", "null"]},
                 "last_error_at": _TIME_OR_NULL,
-            },
-        },
-        "HandlerState": {
-            "type": "object",
-            "required": ["name", "paused", "changed"],
-            "properties": {
+            }
+        ),
+        "HandlerState": _object(
+            {
                 "name": {"type": "string"},
                 "paused": {"type": "boolean"},
                 "changed": {"type": "boolean", "description": "false: it already was so"},
-            },
-        },
+            }
+        ),
     }
 )
 
@@ -565,14 +523,12 @@ PATHS: dict[str, Any] = {
             ),
             "responses": {
                 "200": _json(
-                    {
-                        "type": "object",
-                        "required": ["event_id", "replayed"],
-                        "properties": {
+                    _object(
+                        {
                             "event_id": {"type": "string"},
                             "replayed": {"type": "integer", "minimum": 0},
-                        },
-                    },
+                        }
+                    ),
                     "How many deliveries were reset or created",
                 ),
                 "404": _ERROR,
@@ -600,14 +556,12 @@ PATHS: dict[str, Any] = {
             "requestBody": _body({"handler": {"type": "string"}}),
             "responses": {
                 "200": _json(
-                    {
-                        "type": "object",
-                        "required": ["handler", "retried"],
-                        "properties": {
+                    _object(
+                        {
                             "handler": {"type": ["string", "null"]},
                             "retried": {"type": "integer", "minimum": 0},
-                        },
-                    },
+                        }
+                    ),
                     "How many dead deliveries were made due",
                 ),
                 **_BODY_ERRORS,
