@@ -226,6 +226,13 @@ def configure(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(_LEVELS[level])
+    # uvicorn's default log config (any earlier ``uvicorn.Config`` in this process, a
+    # library's or a test's) gives its loggers their own unredacted handlers and stops them
+    # propagating: take them back so every line goes through the handler above.
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "uvicorn.asgi"):
+        stdlib = logging.getLogger(name)
+        stdlib.handlers[:] = []
+        stdlib.propagate = True
     for name in QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(max(logging.WARNING, _LEVELS[level]))
 

@@ -67,7 +67,9 @@ def admin_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AdminServ
             await _seed(store)
             app = create_admin_app(admin_context(store))
             holder["document"] = app.state.openapi
-            config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+            config = uvicorn.Config(
+                app, host="127.0.0.1", port=port, log_level="warning", log_config=None
+            )
             server = uvicorn.Server(config)
             holder["server"] = server
             task = asyncio.create_task(server.serve())

@@ -245,3 +245,23 @@ def test_every_value_of_our_lines_is_redacted_tracebacks_included() -> None:
         in crashed["exception"]
     )
     assert "https://hooks.slack.com/…" in stdlib["exception"]
+
+
+@pytest.mark.usefixtures("_forget_secrets")
+def test_uvicorn_loggers_configured_earlier_are_taken_back() -> None:
+    """An earlier ``uvicorn.Config`` with its default log config (own handlers, no
+    propagation) must not keep uvicorn's lines out of our redacting handler."""
+    import uvicorn
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:  # pragma: no cover
+        pass
+
+    uvicorn.Config(app)  # applies uvicorn.config.LOGGING_CONFIG to its loggers
+    assert logging.getLogger("uvicorn").propagate is False
+
+    def log() -> None:
+        logging.getLogger("uvicorn.error").error("boom %s", SLACK_URL)
+
+    text = _lines("info", log)
+    (line,) = (orjson.loads(x) for x in text.splitlines())
+    assert line["event"] == "boom https://hooks.slack.com/…"
