@@ -140,14 +140,17 @@ def test_malformed_signature_header_is_401(client: TestClient, header: str) -> N
     assert error_of(response)["code"] == "invalid_signature_header"
 
 
+# A margin of 60 s beyond the 300 s tolerance: a loaded machine may take seconds between
+# signing and checking (the exact boundary is the verifier's unit tests', on a fixed clock).
 def test_old_timestamp_is_401(client: TestClient) -> None:
-    response = post(client, make_event(), t=int(time.time()) - 301)
+    response = post(client, make_event(), t=int(time.time()) - 360)
     assert response.status_code == 401
     assert error_of(response)["code"] == "timestamp_out_of_tolerance"
 
 
 def test_future_timestamp_is_401(client: TestClient) -> None:
-    response = post(client, make_event(), t=int(time.time()) + 301)
+    response = post(client, make_event(), t=int(time.time()) + 360)
+    assert response.status_code == 401
     assert error_of(response)["code"] == "timestamp_out_of_tolerance"
 
 
