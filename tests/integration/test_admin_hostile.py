@@ -64,6 +64,10 @@ FORGED_CURSORS = [
     forge("2026-11-30T12:00:00+00:00", BIG),
     forge("2026-11-30T12:00:00+00:00", -(2**63) - 1),
     forge("2026-11-30T12:00:00+00:00", -1),
+    # Times whose UTC instant falls outside what a datetime holds.
+    forge("0001-01-01T00:00:00+01:00", 1),
+    forge("9999-12-31T23:59:59-01:00", 1),
+    forge("2026-11-30T12:00:00+00:00\u0000", 1),
 ]
 
 

@@ -11,7 +11,7 @@ import binascii
 import json
 import math
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -128,6 +128,20 @@ CURSOR_INT_MAX = 2**63 - 1
 _CURSOR_TEXT_MAX = 64
 
 
+def cursor_time(part: Any) -> datetime:
+    """A cursor's RFC 3339 time part as an aware UTC datetime; ``ValueError`` when it is not
+    one, or its UTC instant is outside what a datetime (and so a database) holds."""
+    if not isinstance(part, str):
+        raise ValueError("not a cursor this service made")
+    try:
+        at = datetime.fromisoformat(part)
+        if at.tzinfo is None:
+            raise ValueError("not a cursor this service made")
+        return at.astimezone(UTC)
+    except (ValueError, OverflowError):
+        raise ValueError("not a cursor this service made") from None
+
+
 def encode_cursor(*parts: Any) -> str:
     """An opaque, URL-safe cursor holding ``parts`` (JSON values)."""
     return base64.urlsafe_b64encode(orjson.dumps(list(parts))).decode().rstrip("=")
@@ -170,6 +184,7 @@ __all__ = [
     "CURSOR_INT_MAX",
     "DELIVERY_STATES",
     "body_matches",
+    "cursor_time",
     "decode_cursor",
     "delivery_state",
     "encode_cursor",

@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from .base import EventFilter
 from .queries import load
-from .search import body_matches, decode_cursor, encode_cursor, json_number
+from .search import body_matches, cursor_time, decode_cursor, encode_cursor, json_number
 
 Dialect = Literal["sqlite", "postgres"]
 _MARKER = "/* where */"
@@ -200,15 +200,7 @@ def _cursor(dialect: Dialect, cursor: str) -> tuple[Any, int]:
         if not isinstance(received, int | float) or isinstance(received, bool):
             raise ValueError("not a cursor this service made")
         return float(received), seq
-    if not isinstance(received, str):
-        raise ValueError("not a cursor this service made")
-    try:
-        at = datetime.fromisoformat(received)
-    except ValueError:
-        raise ValueError("not a cursor this service made") from None
-    if at.tzinfo is None:
-        raise ValueError("not a cursor this service made")
-    return at, seq
+    return cursor_time(received), seq
 
 
 def next_cursor(dialect: Dialect, received_at: Any, seq: int) -> str:
