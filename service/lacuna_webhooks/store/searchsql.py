@@ -81,26 +81,28 @@ def _state(dialect: Dialect, status: str, p: _Params, now: datetime) -> str:
 
 
 def _match_sqlite(path: str, wanted: str, p: _Params) -> str:
-    """One ``match`` condition on SQLite. A body holding a backslash (an escape, in a key or
-    a value) goes to ``lacuna_match``, the reference of ``search.py`` (SQLite 3.40 compares
-    path labels to keys as written, escapes and all); any other body is read with SQLite's
-    JSON functions through a path of quoted labels, which is then exact: no key or string of
-    such a body holds an escape, and no key holds a ``"`` (there is no such path then). The
-    statement grows linearly with the path; the path is never SQL text (a parameter)."""
-    # json_valid first (CASE evaluates lazily): json_extract raises on a malformed document,
-    # which would fail the whole search.
+    """One ``match`` condition on SQLite. A body without a backslash is read through a JSON
+    path of quoted labels, which is exact for it: none of its keys or strings holds an
+    escape, and none of its keys a ``"`` (no such path is built). SQLite 3.40 compares path
+    labels to keys as written, escapes and all, so a body holding a backslash is read by
+    ``_walk_sqlite`` instead (decoded keys). Both grow linearly with the path, which is only
+    ever a parameter, never SQL text."""
+    # json_valid first (CASE evaluates lazily): json_extract and json_each raise on a
+    # malformed document, which would fail the whole search.
     j = "CAST(e.raw AS TEXT)"
     w = p(wanted)
-    escaped = f"lacuna_match(e.raw, {p(path)}, {w})"
-    keys = path.split(".")
-    if any(c in key for key in keys for c in '"\\\x00'):
-        return f"(CASE WHEN instr(e.raw, X'5C') > 0 THEN {escaped} ELSE 0 END)"
-    at = p("$" + "".join(f'."{key}"' for key in keys))
     number = json_number(wanted)
+    keys = path.split(".")
+    walk = (
+        f"(CASE WHEN json_valid({j}) THEN {_walk_sqlite(j, keys, path, w, number, p)} ELSE 0 END)"
+    )
+    if any(c in key for key in keys for c in '"\\\x00'):
+        return f"(CASE WHEN instr(e.raw, X'5C') > 0 THEN {walk} ELSE 0 END)"
+    at = p("$" + "".join(f'."{key}"' for key in keys))
     equal_number = "0"
     if number is not None:
         # Equal decimals are equal doubles: the cheap test in SQL first, the exact one only
-        # for the rows that pass it (the number's text as written, ``->``).
+        # for the rows that pass it (on the number's text as written: ``->``).
         equal_number = (
             f"(CAST(json_extract({j}, {at}) AS REAL) = {p(float(number))}"
             f" AND lacuna_number_equal({j} -> {at}, {w}))"
@@ -112,7 +114,41 @@ def _match_sqlite(path: str, wanted: str, p: _Params) -> str:
         f" WHEN 'true' THEN {w} = 'true' WHEN 'false' THEN {w} = 'false'"
         f" WHEN 'null' THEN {w} = 'null' ELSE 0 END) ELSE 0 END)"
     )
-    return f"(CASE WHEN instr(e.raw, X'5C') > 0 THEN {escaped} ELSE {plain} END)"
+    return f"(CASE WHEN instr(e.raw, X'5C') > 0 THEN {walk} ELSE {plain} END)"
+
+
+def _walk_sqlite(
+    j: str, keys: list[str], path: str, w: str, number: Decimal | None, p: _Params
+) -> str:
+    """The condition through ``json_each``, one object level per join (its ``key`` is the
+    decoded label, whatever characters it holds): each level names the one before once, so
+    the statement grows linearly with the path. A number is compared as a double in SQL and
+    exactly, for the rows where that holds, by ``lacuna_match`` (``json_each`` gives no
+    number's text)."""
+    sources = []
+    conds = [f"json_type({j}) = 'object'"]
+    parent = j
+    for i, key in enumerate(keys):
+        sources.append(f"json_each({parent}) AS l{i}")
+        conds.append(f"l{i}.key = {p(key)}")
+        if i < len(keys) - 1:
+            conds.append(f"l{i}.type = 'object'")  # objects only, never list indexes
+        parent = f"l{i}.value"
+    f = f"l{len(keys) - 1}"
+    exact = f"lacuna_match(e.raw, {p(path)}, {w})"
+    equal_number = "0"
+    if number is not None:
+        equal_number = f"(CAST({f}.value AS REAL) = {p(float(number))} AND {exact})"
+    # json_each's text stops at an escaped NUL ("a\\u0000b" reads "a"): when the body holds
+    # one, an equal string is confirmed by the reference.
+    conds.append(
+        f"CASE {f}.type"
+        f" WHEN 'text' THEN {f}.value = {w} AND (instr(e.raw, '\\u0000') = 0 OR {exact})"
+        f" WHEN 'integer' THEN {equal_number} WHEN 'real' THEN {equal_number}"
+        f" WHEN 'true' THEN {w} = 'true' WHEN 'false' THEN {w} = 'false'"
+        f" WHEN 'null' THEN {w} = 'null' ELSE 0 END"
+    )
+    return f"EXISTS (SELECT 1 FROM {', '.join(sources)} WHERE {' AND '.join(conds)})"
 
 
 def _sqlite_match(raw: bytes | str | None, path: str | None, wanted: str | None) -> int:
