@@ -6,12 +6,17 @@ parameters; the statement's frame is the named query ``search_events`` of the di
 (``store/sql/<dialect>/queries.sql``), whose ``/* where */`` marker receives the conditions.
 Its rows have the ``event_record`` columns plus ``seq`` (arrival order: SQLite's ``rowid``,
 PostgreSQL's ``seq``); the cursor is ``[received_at, seq]`` of the last row of a page
-(epoch seconds on SQLite, RFC 3339 text on PostgreSQL), made and checked here.
+(epoch seconds on SQLite, RFC 3339 text on PostgreSQL), made here and checked by
+``search.decode_cursor`` / ``search.cursor_time`` (out of range: ``ValueError``).
 
-``match`` never raises on a stored payload the database's JSON cannot read: SQLite reads
-it only when ``json_valid`` says it can, PostgreSQL through ``lacuna_payload(raw)``
-(migration 0005: ``NULL`` for a body ``jsonb`` refuses, such as one holding ``\\u0000``).
-Such a row simply does not match.
+``match`` follows ``search.matches_value`` (strings exactly, numbers as exact decimals,
+keys and strings decoded from their escapes) and never raises on a stored payload the
+database's JSON cannot read: SQLite reads it only when ``json_valid`` says it can,
+PostgreSQL through ``lacuna_payload(raw)`` (migration 0005: ``NULL`` for a body ``jsonb``
+refuses, such as one holding ``\\u0000``). Such a row simply does not match. A path is one
+parameter per key, and the statement grows linearly with it. SQLite statements call two
+Python functions, ``lacuna_match`` and ``lacuna_number_equal``: every connection that runs
+them needs ``register_sqlite_functions``.
 """
 
 from __future__ import annotations
