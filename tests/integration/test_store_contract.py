@@ -1365,3 +1365,73 @@ async def test_search_match_numbers_one_rule(store: Store) -> None:
     for wanted in NUMBER_VALUES:
         expected = {e for e, raw in NUMBER_BODIES.items() if number_rule(raw, wanted)}
         assert set(await search_ids(store, match=(("data.n", wanted),))) == expected, wanted
+
+
+def drawn_number_pairs(count: int) -> list[tuple[str, str]]:
+    """``count`` (payload number, match value) pairs drawn by hypothesis: one decimal written
+    two ways (plain, exponent, ``str``; trailing zeros; beyond a double's 17 digits), or two
+    decimals one unit of the last digit apart, or the value a JSON string. Collected first:
+    the store lives on this test's event loop, which a ``@given`` coroutine would not share."""
+    from decimal import Decimal
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    def render(number: Decimal, form: int, zeros: int) -> str:
+        if form == 0:
+            text = format(number, "f")
+            if zeros and "." not in text:
+                text += "." + "0" * zeros
+            return text
+        if form == 1:
+            return format(number, "e")
+        return str(number)
+
+    decimals = st.builds(
+        lambda digits, exponent, negative: Decimal(f"{'-' if negative else ''}{digits}e{exponent}"),
+        st.integers(0, 10**25),
+        st.integers(-30, 30),
+        st.booleans(),
+    )
+    found: list[tuple[str, str]] = []
+
+    @settings(
+        max_examples=count,
+        database=None,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(
+        decimals,
+        st.integers(0, 2),
+        st.integers(0, 2),
+        st.integers(0, 3),
+        st.sampled_from(["same", "next", "string"]),
+    )
+    def collect(number: Decimal, form_a: int, form_b: int, zeros: int, how: str) -> None:
+        payload = render(number, form_a, zeros)
+        other = number.next_plus() if how == "next" else number
+        wanted = render(other, form_b, 0)
+        if how == "string":
+            payload = orjson.dumps(wanted).decode()
+        found.append((payload, wanted))
+
+    collect()
+    return found
+
+
+async def test_search_match_numbers_drawn(store: Store) -> None:
+    """Drawn numbers and values: every backend agrees with the rule of docs/admin.md
+    (``number_rule``), so with each other."""
+    import re
+
+    pairs = drawn_number_pairs(40)
+    now = wall_now()
+    for i, (payload, _) in enumerate(pairs):
+        assert re.fullmatch(r'-?[0-9][0-9.eE+-]*|".*"', payload), payload
+        assert await store.accept(
+            raw_event(f"d{i}", b'{"n":' + payload.encode() + b"}"), [], now=now
+        )
+    for wanted in sorted({w for _, w in pairs}):
+        expected = {f"d{i}" for i, (payload, _) in enumerate(pairs) if number_rule(payload, wanted)}
+        assert set(await search_ids(store, match=(("data.n", wanted),))) == expected, wanted
