@@ -336,6 +336,9 @@ async def test_search_filters_and_bad_filters(sqlite_store: Store) -> None:
         assert "since must be RFC 3339" in bad.text
         stale = await http.get("/events", params={"cursor": "not-a-cursor"})
         assert stale.status_code == 400
+        # An edited cursor past 64 bits (base64 of [1.0, 2**63]) was an overflow: a 500.
+        forged = await http.get("/events", params={"cursor": "WzEuMCwgOTIyMzM3MjAzNjg1NDc3NTgwOF0"})
+        assert forged.status_code == 400
         # Newest first, a page at a time, with an "older" link that keeps the filter.
         first = await http.get("/events", params={"limit": "2", "type": "job.completed"})
         ids = re.findall(r'href="/event\?id=(evt_\w+)"', first.text)

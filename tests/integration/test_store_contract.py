@@ -1205,3 +1205,233 @@ async def test_handler_activity(store: Store) -> None:
     assert (b.attempts, b.succeeded, b.p50_seconds, b.p95_seconds) == (0, 0, None, None)
     assert b.last_error is None
     assert running.handler == "b"
+
+
+# --- match: hostile keys, escapes, numbers (issue 13's hostile tester) ---------------------
+
+
+def raw_event(event_id: str, data: bytes) -> Event:
+    """An event whose body's ``data`` is ``data`` exactly as written (escapes kept)."""
+    return body_event(
+        event_id, b'{"id":"' + event_id.encode() + b'","type":"t","data":' + data + b"}"
+    )
+
+
+HOSTILE_KEYS = ['q"uote', "back\\slash", 'both\\"', "\\u0041", "'", "$[*]", "é", " "]
+
+
+async def test_search_match_hostile_keys(store: Store) -> None:
+    """Keys holding `"`, `\\`, escapes and path syntax, written plainly or with escapes, at
+    depth 1 and at the deepest path the API allows, match exactly the right events."""
+    from lacuna_webhooks.admin.filters import MAX_MATCH_DEPTH
+
+    now = wall_now()
+    for i, key in enumerate(HOSTILE_KEYS):
+        body = orjson.dumps({key: f"v{i}", "other": "x"})
+        assert await store.accept(raw_event(f"k{i}", body), [], now=now)
+    # The same key written with \u escapes (no encoder does for ASCII; a sender may).
+    assert await store.accept(raw_event("esc", b'{"\\u0071\\"uote":"v0"}'), [], now=now)
+    deep_keys = [f'k"{n}\\' for n in range(MAX_MATCH_DEPTH - 1)]
+    nested: Any = "deep"
+    for key in reversed(deep_keys[1:]):
+        nested = {key: nested}
+    assert await store.accept(raw_event("deep", orjson.dumps({deep_keys[0]: nested})), [], now=now)
+    for i, key in enumerate(HOSTILE_KEYS):
+        want = ["esc", f"k{i}"] if i == 0 else [f"k{i}"]
+        assert await search_ids(store, match=((f"data.{key}", f"v{i}"),)) == want, key
+        assert await search_ids(store, match=((f"data.{key}", "x"),)) == [], key
+    path = "data." + ".".join(deep_keys)
+    assert len(path.split(".")) == MAX_MATCH_DEPTH
+    assert await search_ids(store, match=((path, "deep"),)) == ["deep"]
+    assert await search_ids(store, match=((path, "deeper"),)) == []
+    assert await search_ids(store, match=((path, "deep"),) * 10) == ["deep"]
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgres"])
+def test_search_sql_grows_linearly_with_the_path(dialect: str) -> None:
+    """The statement for a match path grows with its length, not 2**depth: it is built on
+    the event loop, and a crafted `match` must not block intake."""
+    from lacuna_webhooks.store.searchsql import search_sql
+
+    def size(depth: int) -> int:
+        path = ".".join(['k"\\'] * depth)
+        where = EventFilter(match=((path, "v"),) * 10)
+        sql, params = search_sql(dialect, where, cursor=None, limit=50, now=wall_now())  # type: ignore[arg-type]
+        return len(sql) + sum(len(str(p)) for p in params)
+
+    assert size(16) < 3 * size(8) < 9 * size(4)
+
+
+async def test_search_match_sees_through_escapes(store: Store) -> None:
+    """A value or key written with JSON escapes equals its decoded text (the memory backend
+    is the reference); `q` stays a substring of the raw body."""
+    now = wall_now()
+    bodies = {
+        "plain": b'{"title":"Late"}',
+        "value_escaped": b'{"title":"\\u004cate"}',
+        "key_escaped": b'{"\\u0074itle":"Late"}',
+        "slash": b'{"title":"Late","url":"a\\/b"}',
+        "later": b'{"title":"Later"}',
+        "other": b'{"name":"Late"}',
+        "quote": b'{"title":"a\\"b"}',
+        "solidus": b'{"title":"a\\/b"}',
+        "emoji": b'{"title":"\\ud83d\\ude00"}',
+        "emoji_raw": '{"title":"\U0001f600"}'.encode(),
+    }
+    for event_id, data in bodies.items():
+        assert await store.accept(raw_event(event_id, data), [], now=now)
+    found = set(await search_ids(store, match=(("data.title", "Late"),)))
+    assert found == {"plain", "value_escaped", "key_escaped", "slash"}
+    assert await search_ids(store, match=(("data.title", 'a"b'),)) == ["quote"]
+    assert await search_ids(store, match=(("data.title", "a/b"),)) == ["solidus"]
+    assert set(await search_ids(store, match=(("data.title", "\U0001f600"),))) == {
+        "emoji",
+        "emoji_raw",
+    }
+    assert set(await search_ids(store, q="Late")) == {
+        "plain",
+        "key_escaped",
+        "slash",
+        "later",
+        "other",
+    }
+
+
+NUMBER_BODIES = {
+    "int": "1",
+    "fraction": "1.0",
+    "exponent": "1e0",
+    "exponent_fraction": "10E-1",
+    "negative_zero": "-0",
+    "zero": "0.0",
+    "huge": "10000000000000000000001",
+    "huge_exp": "1e22",
+    "beyond_double": "1e400",
+    "hundred": "100",
+    "half": "1.5",
+    "string_1": '"1"',
+    "string_1.0": '"1.0"',
+    "true": "true",
+    "string_true": '"true"',
+    "null": "null",
+    "string_null": '"null"',
+    "big_int": "9223372036854775809",
+}
+NUMBER_VALUES = [
+    "1",
+    "1.0",
+    "1e0",
+    "0",
+    "-0",
+    "10000000000000000000001",
+    "1e22",
+    "1e400",
+    "100",
+    "1e2",
+    "1.5",
+    "15e-1",
+    "true",
+    "null",
+    "01",
+    "+1",
+    "1.",
+    "9223372036854775809",
+    "9223372036854775808",
+    "abc",
+]
+
+
+def number_rule(raw: str, wanted: str) -> bool:
+    """docs/admin.md's rule, written independently of the service: a JSON string equal to
+    the value; a number numerically equal (exact decimals) when the value is a JSON number;
+    true/false/null when the value is that literal."""
+    import re
+    from decimal import Decimal
+
+    if raw.startswith('"'):
+        return bool(orjson.loads(raw) == wanted)
+    if raw in ("true", "false", "null"):
+        return raw == wanted
+    number = re.fullmatch(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?", wanted)
+    return number is not None and Decimal(raw) == Decimal(wanted)
+
+
+async def test_search_match_numbers_one_rule(store: Store) -> None:
+    """Every backend applies the one rule of docs/admin.md to numbers, strings and literals,
+    comparing numbers exactly as decimals (not as doubles, not as text)."""
+    now = wall_now()
+    for event_id, raw in NUMBER_BODIES.items():
+        assert await store.accept(raw_event(event_id, b'{"n":' + raw.encode() + b"}"), [], now=now)
+    for wanted in NUMBER_VALUES:
+        expected = {e for e, raw in NUMBER_BODIES.items() if number_rule(raw, wanted)}
+        assert set(await search_ids(store, match=(("data.n", wanted),))) == expected, wanted
+
+
+def drawn_number_pairs(count: int) -> list[tuple[str, str]]:
+    """``count`` (payload number, match value) pairs drawn by hypothesis: one decimal written
+    two ways (plain, exponent, ``str``; trailing zeros; beyond a double's 17 digits), or two
+    decimals one unit of the last digit apart, or the value a JSON string. Collected first:
+    the store lives on this test's event loop, which a ``@given`` coroutine would not share."""
+    from decimal import Decimal
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    def render(number: Decimal, form: int, zeros: int) -> str:
+        if form == 0:
+            text = format(number, "f")
+            if zeros and "." not in text:
+                text += "." + "0" * zeros
+            return text
+        if form == 1:
+            return format(number, "e")
+        return str(number)
+
+    decimals = st.builds(
+        lambda digits, exponent, negative: Decimal(f"{'-' if negative else ''}{digits}e{exponent}"),
+        st.integers(0, 10**25),
+        st.integers(-30, 30),
+        st.booleans(),
+    )
+    found: list[tuple[str, str]] = []
+
+    @settings(
+        max_examples=count,
+        database=None,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(
+        decimals,
+        st.integers(0, 2),
+        st.integers(0, 2),
+        st.integers(0, 3),
+        st.sampled_from(["same", "next", "string"]),
+    )
+    def collect(number: Decimal, form_a: int, form_b: int, zeros: int, how: str) -> None:
+        payload = render(number, form_a, zeros)
+        other = number.next_plus() if how == "next" else number
+        wanted = render(other, form_b, 0)
+        if how == "string":
+            payload = orjson.dumps(wanted).decode()
+        found.append((payload, wanted))
+
+    collect()
+    return found
+
+
+async def test_search_match_numbers_drawn(store: Store) -> None:
+    """Drawn numbers and values: every backend agrees with the rule of docs/admin.md
+    (``number_rule``), so with each other."""
+    import re
+
+    pairs = drawn_number_pairs(40)
+    now = wall_now()
+    for i, (payload, _) in enumerate(pairs):
+        assert re.fullmatch(r'-?[0-9][0-9.eE+-]*|".*"', payload), payload
+        assert await store.accept(
+            raw_event(f"d{i}", b'{"n":' + payload.encode() + b"}"), [], now=now
+        )
+    for wanted in sorted({w for _, w in pairs}):
+        expected = {f"d{i}" for i, (payload, _) in enumerate(pairs) if number_rule(payload, wanted)}
+        assert set(await search_ids(store, match=(("data.n", wanted),))) == expected, wanted

@@ -119,7 +119,8 @@ async def test_pause_after_failures_pauses_and_a_success_resets(store: MemorySto
 
 
 async def test_without_the_setting_failures_never_pause(store: MemoryStore) -> None:
-    """No PAUSE_AFTER_FAILURES: failures are retried and dead as usual, nothing is counted."""
+    """No PAUSE_AFTER_FAILURES: failures are retried and dead as usual; they are counted
+    (GET /handlers shows the count) but never pause the handler."""
     policy = RetryPolicy(max_attempts=2, base_delay_seconds=5.0, max_delay_seconds=5.0)
     a = RecordingHandler("a", script=[ValueError("boom")] * 2)
     clock = FakeClock(T0)
@@ -130,7 +131,10 @@ async def test_without_the_setting_failures_never_pause(store: MemoryStore) -> N
         clock.advance(5)
         await wait_until(lambda: status_is(store, event, "a", DeliveryStatus.DEAD))
     assert await store.paused_handlers() == {}
-    assert await store.handler_states() == []
+    ((name, paused, failures),) = [
+        (s.handler, s.paused, s.consecutive_failures) for s in await store.handler_states()
+    ]
+    assert (name, paused, failures) == ("a", False, 2)
 
 
 async def status_is(store: MemoryStore, event: Event, handler: str, want: DeliveryStatus) -> bool:

@@ -3,6 +3,7 @@
 - ``GET /events``: the filter language of ``filters.py``; a page of event summaries.
 - ``GET /events/{event_id}``: the event, its payload, its deliveries with their attempts.
 - ``POST /events/{event_id}/replay``: ``{"handlers": [...]}`` (optional) → ``{"replayed": N}``.
+  ``event_id`` is the rest of the path and may hold ``/`` (written as is or as ``%2F``).
 - ``GET /deliveries``: ``status`` / ``handler`` / ``event_id``; newest first, by cursor.
 - ``POST /deliveries/retry-dead``: ``{"handler": ...}`` (optional) → ``{"retried": N}``.
 - ``GET /handlers``: ``health.handler_health`` of every configured instance.
@@ -272,8 +273,10 @@ def routes(ctx: AdminContext) -> list[BaseRoute]:
 
     return [
         Route("/events", list_events, methods=["GET"]),
-        Route("/events/{event_id}", get_event, methods=["GET"]),
-        Route("/events/{event_id}/replay", replay_event, methods=["POST"]),
+        # Event ids may hold "/" (models.py): the id is the rest of the path, "%2F" or "/"
+        # alike (the server decodes the path), and a POST ending in "/replay" is a replay.
+        Route("/events/{event_id:path}/replay", replay_event, methods=["POST"]),
+        Route("/events/{event_id:path}", get_event, methods=["GET"]),
         Route("/deliveries", list_deliveries, methods=["GET"]),
         Route("/deliveries/retry-dead", retry_dead, methods=["POST"]),
         Route("/handlers", list_handlers, methods=["GET"]),
@@ -470,7 +473,13 @@ _FILTER_PARAMS = [
     _query("q", _TEXT, "substring of the raw payload (case-sensitive)"),
 ]
 assert {p["name"] for p in _FILTER_PARAMS} == set(FILTER_NAMES)
-_EVENT_ID = {"name": "event_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_EVENT_ID = {
+    "name": "event_id",
+    "in": "path",
+    "required": True,
+    "description": "The event id; it may hold `/`, sent as is or percent-encoded (`%2F`)",
+    "schema": {"type": "string"},
+}
 _HANDLER_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
 _ERRORS = {"400": _ERROR, "401": _ERROR, "503": _ERROR}
 _BODY_ERRORS = {**_ERRORS, "413": _ERROR}

@@ -3,7 +3,11 @@
 ``json_object(request)`` reads at most ``MAX_BODY_BYTES`` (a bigger ``Content-Length`` or
 body is 413 ``body_too_large``), parses it, and returns the object; malformed JSON or
 another JSON value is 400 ``invalid_json``. An empty body is ``{}`` (every field of the
-admin's bodies is optional). ``fields`` checks that only known keys are present.
+admin's bodies is optional). A string anywhere in the body (a value at any depth, or a key)
+holding NUL is 400 ``invalid_request`` naming its top-level field: PostgreSQL's text cannot
+hold NUL, so no field the admin stores may (checked here, once, for every body). Lone
+surrogates never get this far (the JSON parser refuses them). ``only_fields`` checks that
+only known keys are present.
 """
 
 from __future__ import annotations
@@ -52,7 +56,27 @@ async def json_object(request: Request) -> dict[str, Any]:
         raise BadRequest("The request body is not valid JSON.", code="invalid_json") from None
     if not isinstance(value, dict):
         raise BadRequest("The request body must be a JSON object.", code="invalid_json")
+    for name, field in value.items():
+        if _holds_nul(name) or _holds_nul(field):
+            raise BadRequest(f"{name!r} must not contain a NUL character.", param=name)
     return value
+
+
+def _holds_nul(value: Any) -> bool:
+    """A string of ``value`` (itself, a list item or an object key or value, at any depth)
+    holds NUL. Iterative: the body is bounded in bytes, not in depth."""
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            if "\x00" in node:
+                return True
+        elif isinstance(node, dict):
+            stack.extend(node)
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
 
 
 def only_fields(body: dict[str, Any], allowed: Iterable[str]) -> None:

@@ -8,7 +8,8 @@ object, into a store ``EventFilter``. Every bad value raises ``BadRequest`` nami
 - ``handler`` (a handler name) and ``status`` (``pending``, ``due``, ``running``,
   ``waiting``, ``done``, ``dead``).
 - ``match``: ``<dotted.path>:<value>``, repeatable (a JSON list in a body); the first ``:``
-  ends the path. At most ``MAX_MATCHES``.
+  ends the path, of at most ``MAX_MATCH_DEPTH`` keys of 1 to ``MAX_MATCH_KEY`` characters
+  (any but ``.`` and NUL). At most ``MAX_MATCHES``.
 - ``q``: a substring of the raw payload (at least one character).
 - ``limit`` (1..500, default 50) and ``cursor`` belong to listings, not to the filter:
   ``page_params`` reads them.
@@ -33,7 +34,12 @@ MAX_LIMIT = 500
 DEFAULT_LIMIT = 50
 MAX_TEXT = 1000
 MAX_MATCHES = 10
-_PATH_RE = re.compile(r"\A[^.\x00]{1,200}(\.[^.\x00]{1,200}){0,31}\Z")
+#: The most keys in a ``match`` path, and the most characters in one key: each backend's
+#: statement grows linearly with the path, and these keep it small.
+MAX_MATCH_DEPTH = 32
+MAX_MATCH_KEY = 200
+_KEY = rf"[^.\x00]{{1,{MAX_MATCH_KEY}}}"
+_PATH_RE = re.compile(rf"\A{_KEY}(\.{_KEY}){{0,{MAX_MATCH_DEPTH - 1}}}\Z")
 #: The filter's names, in a query string or a JSON body.
 FILTER_NAMES = ("type", "task_id", "since", "until", "handler", "status", "match", "q")
 
@@ -102,7 +108,8 @@ def _match(value: Any) -> tuple[str, str]:
     path, sep, wanted = text.partition(":")
     if not sep or not _PATH_RE.fullmatch(path):
         raise BadRequest(
-            "match must be <dotted.path>:<value>, e.g. data.title:Late Night Study.",
+            "match must be <dotted.path>:<value>, e.g. data.title:Late Night Study: at most "
+            f"{MAX_MATCH_DEPTH} keys of 1 to {MAX_MATCH_KEY} characters each.",
             param="match",
         )
     return path, wanted
@@ -186,6 +193,9 @@ __all__ = [
     "DEFAULT_LIMIT",
     "FILTER_NAMES",
     "MAX_LIMIT",
+    "MAX_MATCHES",
+    "MAX_MATCH_DEPTH",
+    "MAX_MATCH_KEY",
     "build_filter",
     "filter_from_json",
     "filter_from_query",

@@ -331,21 +331,23 @@ class Dispatcher:
         self._token_timers[name] = asyncio.get_running_loop().call_later(delay, self._wake.set)
 
     async def _after_attempt(self, name: str, decision: Decision, at: datetime) -> None:
-        """Keep the handler's consecutive-failure count (only when it has a
-        ``PAUSE_AFTER_FAILURES``; a refunded 429 is not counted either way) and pause it when
-        the count or a ``PauseHandler`` says so."""
+        """Keep the handler's consecutive-failure count, for every handler (``GET /handlers``
+        shows it; a refunded 429 is not counted either way), and pause it when the count
+        reaches its ``PAUSE_AFTER_FAILURES`` (if set) or a ``PauseHandler`` says so. A
+        success writes only when there is a count to reset."""
         limit = self.flow.get(name, FlowControl()).pause_after_failures
         try:
             if decision.pause:
                 reason = f"its endpoint is gone: {decision.error}"
                 if await self.store.set_paused(name, True, reason=reason, now=at):
                     self._paused_here(name, reason, cause="gone")
-            elif limit is None or decision.refund:
+            elif decision.refund:
                 # A refunded 429 is the peer pacing us, not failing: the breaker ignores it.
                 return
             elif decision.action is Action.COMPLETE:
                 await self.store.count_success(name, now=at)
             else:
+                # Without a limit the failure is counted and never pauses (reason unused).
                 reason = f"{limit} consecutive failed attempts; the last: {decision.error}"
                 if await self.store.count_failure(name, pause_after=limit, reason=reason, now=at):
                     self._paused_here(name, reason, cause="failures")

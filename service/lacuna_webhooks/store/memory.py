@@ -23,7 +23,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from ..errors import EventNotFound, StoreUnavailable
-from ..models import Attempt, AttemptOutcome, Delivery, DeliveryStatus, Event, parse_json
+from ..models import Attempt, AttemptOutcome, Delivery, DeliveryStatus, Event
 from .base import (
     AttemptRecord,
     DeliveryRecord,
@@ -37,7 +37,7 @@ from .base import (
     attempt_error,
 )
 from .rules import nearest_rank, task_order
-from .search import decode_cursor, delivery_state, encode_cursor, field_at, matches_value
+from .search import body_matches, decode_cursor, delivery_state, encode_cursor
 
 if TYPE_CHECKING:
     from .base import Store
@@ -453,16 +453,8 @@ class MemoryStore:
             return False
         if where.q is not None and where.q not in record.raw.decode("utf-8", "replace"):
             return False
-        if where.match:
-            try:
-                payload = parse_json(record.raw)
-            except ValueError:
-                return False  # a body the JSON parser cannot read matches no field
-            for path, wanted in where.match:
-                found, value = field_at(payload, path)
-                if not found or not matches_value(value, wanted):
-                    return False
-        return True
+        # A body the JSON parser cannot read matches no field.
+        return all(body_matches(record.raw, path, wanted) for path, wanted in where.match)
 
     async def list_deliveries(
         self,

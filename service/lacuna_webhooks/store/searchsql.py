@@ -6,24 +6,31 @@ parameters; the statement's frame is the named query ``search_events`` of the di
 (``store/sql/<dialect>/queries.sql``), whose ``/* where */`` marker receives the conditions.
 Its rows have the ``event_record`` columns plus ``seq`` (arrival order: SQLite's ``rowid``,
 PostgreSQL's ``seq``); the cursor is ``[received_at, seq]`` of the last row of a page
-(epoch seconds on SQLite, RFC 3339 text on PostgreSQL), made and checked here.
+(epoch seconds on SQLite, RFC 3339 text on PostgreSQL), made here and checked by
+``search.decode_cursor`` / ``search.cursor_time`` (out of range: ``ValueError``).
 
-``match`` never raises on a stored payload the database's JSON cannot read: SQLite reads
-it only when ``json_valid`` says it can, PostgreSQL through ``lacuna_payload(raw)``
-(migration 0005: ``NULL`` for a body ``jsonb`` refuses, such as one holding ``\\u0000``).
-Such a row simply does not match.
+``match`` follows ``search.matches_value`` (strings exactly, numbers as exact decimals,
+keys and strings decoded from their escapes) and never raises on a stored payload the
+database's JSON cannot read: SQLite reads it only when ``json_valid`` says it can,
+PostgreSQL through ``lacuna_payload(raw)`` (migration 0005: ``NULL`` for a body ``jsonb``
+refuses, such as one holding ``\\u0000``). Such a row simply does not match. A path is one
+parameter per key, and the statement grows linearly with it. SQLite statements call two
+Python functions, ``lacuna_match`` and ``lacuna_number_equal``: every connection that runs
+them needs ``register_sqlite_functions``.
 """
 
 from __future__ import annotations
 
 import re
+import sqlite3
 from collections.abc import Callable
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any, Literal
 
 from .base import EventFilter
 from .queries import load
-from .search import decode_cursor, encode_cursor
+from .search import body_matches, cursor_time, decode_cursor, encode_cursor, json_number
 
 Dialect = Literal["sqlite", "postgres"]
 _MARKER = "/* where */"
@@ -48,24 +55,17 @@ class _Params:
         return f"${len(self.values)}{cast}"
 
 
-def _sqlite_path(path: str) -> str | None:
-    """A dotted path as an SQLite JSON path of quoted labels, or ``None`` when a key holds a
-    ``"`` or a NUL (a path label cannot; ``_match_sqlite`` then walks with ``json_each``)."""
-    keys = path.split(".")
-    if any('"' in key or "\x00" in key for key in keys):
-        return None
-    return "$." + ".".join(f'"{key}"' for key in keys)
-
-
 def _literal(wanted: str) -> bytes | None:
-    """The bytes any stored body holding a field equal to ``wanted`` must contain, when that
-    is knowable: the JSON text of an equal number, boolean or null is ``wanted`` itself, and
-    a JSON encoder writes a string of printable ASCII other than ``"``, ``\\`` and ``/``
-    (which some escape) as it is. Else ``None`` (no pre-filter). Parsing a body costs ten
-    times scanning it for bytes, so this keeps a ``match`` search near the cost of ``q``."""
-    if wanted and all(" " <= c <= "~" and c not in '"\\/' for c in wanted):
-        return wanted.encode("ascii")
-    return None
+    """Bytes that every stored body holding a field ``wanted`` matches contains, unless the
+    body holds a backslash; ``None`` when there are none to require. Without a backslash a
+    JSON string is written as its own UTF-8 text and ``true``/``false``/``null`` as
+    themselves, so the test ``contains the bytes or contains a backslash`` never drops a
+    match (``searchsql`` adds the backslash half). A number literal has none: ``1`` also
+    matches ``1e0``. Parsing a body costs ten times scanning it for bytes, so this keeps a
+    ``match`` search near the cost of ``q`` wherever bodies are written without escapes."""
+    if not wanted or json_number(wanted) is not None:
+        return None
+    return wanted.encode("utf-8", "surrogatepass")
 
 
 def _state(dialect: Dialect, status: str, p: _Params, now: datetime) -> str:
@@ -86,60 +86,149 @@ def _state(dialect: Dialect, status: str, p: _Params, now: datetime) -> str:
 
 
 def _match_sqlite(path: str, wanted: str, p: _Params) -> str:
-    # json_valid first (CASE evaluates lazily): json_extract raises on a malformed document,
-    # which would fail the whole search. A string is compared decoded, but SQLite's text
-    # stops at a NUL, so a string holding an escaped NUL is kept out; a number, boolean or
-    # null by its JSON text.
+    """One ``match`` condition on SQLite. A body without a backslash is read through a JSON
+    path of quoted labels, which is exact for it: none of its keys or strings holds an
+    escape, and none of its keys a ``"`` (no such path is built). SQLite 3.40 compares path
+    labels to keys as written, escapes and all, so a body holding a backslash is read by
+    ``_walk_sqlite`` instead (decoded keys). Both grow linearly with the path, which is only
+    ever a parameter, never SQL text."""
+    # json_valid first (CASE evaluates lazily): json_extract and json_each raise on a
+    # malformed document, which would fail the whole search.
     j = "CAST(e.raw AS TEXT)"
     w = p(wanted)
-    json_path = _sqlite_path(path)
-    if json_path is None:
-        return f"(CASE WHEN json_valid({j}) THEN {_walk_sqlite(j, path, w, p)} ELSE 0 END)"
-    at = p(json_path)
-    return (
-        f"(CASE WHEN json_valid({j}) THEN (CASE json_type({j}, {at})"
-        f" WHEN 'text' THEN ({j} ->> {at}) = {w} AND instr({j} -> {at}, '\\u0000') = 0"
-        f" WHEN 'object' THEN 0 WHEN 'array' THEN 0"
-        f" ELSE ({j} -> {at}) = {w} END) ELSE 0 END)"
+    number = json_number(wanted)
+    keys = path.split(".")
+    walk = (
+        f"(CASE WHEN json_valid({j}) THEN {_walk_sqlite(j, keys, path, w, number, p)} ELSE 0 END)"
     )
-
-
-def _walk_sqlite(j: str, path: str, w: str, p: _Params) -> str:
-    """The same condition through ``json_each``, one object level at a time (its ``key`` is
-    the decoded label, whatever characters it holds). Slower: only for such paths."""
-    *parents, last = path.split(".")
-    node = j
-    for key in parents:
-        node = (
-            f"(SELECT value FROM json_each({node}) WHERE key = {p(key)}"
-            f" AND type = 'object' AND json_type({node}) = 'object')"
+    if any(c in key for key in keys for c in '"\\\x00'):
+        return f"(CASE WHEN instr(e.raw, X'5C') > 0 THEN {walk} ELSE 0 END)"
+    at = p("$" + "".join(f'."{key}"' for key in keys))
+    equal_number = "0"
+    if number is not None:
+        # Equal decimals are equal doubles: the cheap test in SQL first, the exact one only
+        # for the rows that pass it (on the number's text as written: ``->``).
+        equal_number = (
+            f"(CAST(json_extract({j}, {at}) AS REAL) = {p(float(number))}"
+            f" AND lacuna_number_equal({j} -> {at}, {w}))"
         )
-    return (
-        f"EXISTS (SELECT 1 FROM json_each({node}) AS f WHERE json_type({node}) = 'object'"
-        f" AND f.key = {p(last)} AND CASE f.type"
-        f" WHEN 'text' THEN f.value = {w} AND instr(json_quote(f.value), '\\u0000') = 0"
-        f" WHEN 'object' THEN 0 WHEN 'array' THEN 0"
-        f" ELSE (CASE f.type WHEN 'true' THEN 'true' WHEN 'false' THEN 'false'"
-        f" WHEN 'null' THEN 'null' ELSE CAST(f.value AS TEXT) END) = {w} END)"
+    plain = (
+        f"(CASE WHEN json_valid({j}) THEN (CASE json_type({j}, {at})"
+        f" WHEN 'text' THEN ({j} ->> {at}) = {w}"
+        f" WHEN 'integer' THEN {equal_number} WHEN 'real' THEN {equal_number}"
+        f" WHEN 'true' THEN {w} = 'true' WHEN 'false' THEN {w} = 'false'"
+        f" WHEN 'null' THEN {w} = 'null' ELSE 0 END) ELSE 0 END)"
     )
+    return f"(CASE WHEN instr(e.raw, X'5C') > 0 THEN {walk} ELSE {plain} END)"
+
+
+def _walk_sqlite(
+    j: str, keys: list[str], path: str, w: str, number: Decimal | None, p: _Params
+) -> str:
+    """The condition through ``json_each``, one object level per join (its ``key`` is the
+    decoded label, whatever characters it holds): each level names the one before once, so
+    the statement grows linearly with the path. A number is compared as a double in SQL and
+    exactly, for the rows where that holds, by ``lacuna_match`` (``json_each`` gives no
+    number's text)."""
+    sources = []
+    conds = [f"json_type({j}) = 'object'"]
+    parent = j
+    for i, key in enumerate(keys):
+        sources.append(f"json_each({parent}) AS l{i}")
+        conds.append(f"l{i}.key = {p(key)}")
+        if i < len(keys) - 1:
+            conds.append(f"l{i}.type = 'object'")  # objects only, never list indexes
+        parent = f"l{i}.value"
+    f = f"l{len(keys) - 1}"
+    exact = f"lacuna_match(e.raw, {p(path)}, {w})"
+    equal_number = "0"
+    if number is not None:
+        equal_number = f"(CAST({f}.value AS REAL) = {p(float(number))} AND {exact})"
+    # json_each's text stops at an escaped NUL ("a\\u0000b" reads "a"): when the body holds
+    # one, an equal string is confirmed by the reference.
+    conds.append(
+        f"CASE {f}.type"
+        f" WHEN 'text' THEN {f}.value = {w} AND (instr(e.raw, '\\u0000') = 0 OR {exact})"
+        f" WHEN 'integer' THEN {equal_number} WHEN 'real' THEN {equal_number}"
+        f" WHEN 'true' THEN {w} = 'true' WHEN 'false' THEN {w} = 'false'"
+        f" WHEN 'null' THEN {w} = 'null' ELSE 0 END"
+    )
+    return f"EXISTS (SELECT 1 FROM {', '.join(sources)} WHERE {' AND '.join(conds)})"
+
+
+def _sqlite_match(raw: bytes | str | None, path: str | None, wanted: str | None) -> int:
+    """``lacuna_match(raw, path, wanted)``: ``search.body_matches`` (never raises: an error
+    in an SQLite function would fail the whole search)."""
+    if raw is None or path is None or wanted is None:
+        return 0
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", "surrogatepass")
+    try:
+        return int(body_matches(raw, path, wanted))
+    except Exception:  # a body no rule foresaw matches nothing, as the parser's refusals
+        return 0
+
+
+def _sqlite_number_equal(text: str | None, wanted: str | None) -> int:
+    """``lacuna_number_equal(number_text, wanted)``: the JSON number ``text`` equals the
+    JSON number literal ``wanted`` exactly, as decimals."""
+    if text is None or wanted is None:
+        return 0
+    number = json_number(wanted)
+    if number is None:
+        return 0
+    try:
+        return int(Decimal(text) == number)
+    except (ArithmeticError, ValueError):
+        return 0
+
+
+def register_sqlite_functions(conn: sqlite3.Connection) -> None:
+    """Add the functions ``search_sql``'s SQLite statements call to a connection: every
+    connection that may run a search must have them."""
+    conn.create_function("lacuna_match", 3, _sqlite_match, deterministic=True)
+    conn.create_function("lacuna_number_equal", 2, _sqlite_number_equal, deterministic=True)
+
+
+#: The finite ``numeric`` values PostgreSQL holds (at most 131072 digits before the point,
+#: 16383 after): a value beyond them cannot equal any ``jsonb`` number, and binding it
+#: would fail the statement.
+_PG_NUMERIC_MAX_ADJUSTED = 131071
+_PG_NUMERIC_MIN_EXPONENT = -16383
 
 
 def _match_postgres(path: str, wanted: str, p: _Params) -> str:
+    """One ``match`` condition on PostgreSQL's ``jsonb`` (keys and strings decoded, numbers
+    exact ``numeric``). The path is one ``text[]`` parameter: any key, any length, linear."""
     # payload is lacuna_payload(e.raw), evaluated once per row (a LATERAL subquery): NULL when
     # jsonb refuses the body, and then nothing matches.
     keys = path.split(".")
-    v = f"(j.payload #> {p(keys, '::text[]')})"  # the same placeholder twice
+    k = p(keys, "::text[]")
+    v = f"(j.payload #> {k})"
     w = p(wanted, "::text")
     # #> also indexes arrays with integer-like keys; the rule walks objects only.
     objects = "".join(
-        f"jsonb_typeof(j.payload #> {p(keys[:i], '::text[]')}) = 'object' AND "
+        f"jsonb_typeof(j.payload #> ({k})[1:{i}]) = 'object' AND "
         for i, key in enumerate(keys)
         if re.fullmatch(r"\s*[-+]?[0-9]+\s*", key)
     )
+    equal_number = "false"
+    number = json_number(wanted)
+    if number is not None:
+        if number == 0:
+            number = Decimal(0)
+        exponent = number.as_tuple().exponent
+        if number == 0 or (
+            isinstance(exponent, int)
+            and exponent >= _PG_NUMERIC_MIN_EXPONENT
+            and number.adjusted() <= _PG_NUMERIC_MAX_ADJUSTED
+        ):
+            equal_number = f"({v})::numeric = {p(number, '::numeric')}"
     return (
-        f"{objects}(CASE jsonb_typeof({v}) WHEN 'null' THEN {w} = 'null'"
-        f" WHEN 'object' THEN false WHEN 'array' THEN false"
-        f" ELSE ({v} #>> '{{}}') = {w} END) IS TRUE"
+        f"{objects}(CASE jsonb_typeof({v}) WHEN 'string' THEN ({v} #>> '{{}}') = {w}"
+        f" WHEN 'number' THEN {equal_number}"
+        f" WHEN 'boolean' THEN ({v} #>> '{{}}') = {w}"
+        f" WHEN 'null' THEN {w} = 'null' ELSE false END) IS TRUE"
     )
 
 
@@ -152,15 +241,7 @@ def _cursor(dialect: Dialect, cursor: str) -> tuple[Any, int]:
         if not isinstance(received, int | float) or isinstance(received, bool):
             raise ValueError("not a cursor this service made")
         return float(received), seq
-    if not isinstance(received, str):
-        raise ValueError("not a cursor this service made")
-    try:
-        at = datetime.fromisoformat(received)
-    except ValueError:
-        raise ValueError("not a cursor this service made") from None
-    if at.tzinfo is None:
-        raise ValueError("not a cursor this service made")
-    return at, seq
+    return cursor_time(received), seq
 
 
 def next_cursor(dialect: Dialect, received_at: Any, seq: int) -> str:
@@ -223,9 +304,13 @@ def search_sql(
         literal = _literal(wanted)
         if literal is not None:  # cheap first: most bodies never hold the value at all
             if dialect == "sqlite":
-                conds.append(f"instr(e.raw, {p(literal)}) > 0")
+                conds.append(f"(instr(e.raw, {p(literal)}) > 0 OR instr(e.raw, X'5C') > 0)")
             else:
-                conds.append(f"position({p(literal, '::bytea')} in e.raw) > 0")
+                backslash = p(b"\\", "::bytea")
+                conds.append(
+                    f"(position({p(literal, '::bytea')} in e.raw) > 0"
+                    f" OR position({backslash} in e.raw) > 0)"
+                )
         if dialect == "sqlite":
             conds.append(_match_sqlite(path, wanted, p))
         else:
@@ -241,4 +326,4 @@ def search_sql(
     return f"{text} LIMIT {limit_sql}", p.values
 
 
-__all__ = ["Dialect", "next_cursor", "search_sql"]
+__all__ = ["Dialect", "next_cursor", "register_sqlite_functions", "search_sql"]

@@ -40,7 +40,7 @@ from ..base import (
     TaskRecord,
 )
 from ..queries import load
-from ..searchsql import next_cursor
+from ..searchsql import next_cursor, register_sqlite_functions
 from .writer import transaction
 
 BUSY_TIMEOUT_MS = 5000
@@ -291,6 +291,7 @@ def connect(path: str, synchronous: str) -> sqlite3.Connection:
         _check_features(conn, where)
         migrate(conn)
         create_batch_schema(conn)
+        register_sqlite_functions(conn)  # a search may run on the writer too (bulk work)
         conn.row_factory = sqlite3.Row
     except sqlite3.Error as exc:
         conn.close()

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ...errors import StoreUnavailable
+from ..searchsql import register_sqlite_functions
 from .operations import BUSY_TIMEOUT_MS
 from .writer import run_job
 
@@ -41,6 +42,7 @@ def connect_reader(path: str) -> sqlite3.Connection:
         conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         conn.execute("PRAGMA query_only = 1")
+        register_sqlite_functions(conn)  # search_sql's match calls them
     except sqlite3.Error as exc:
         raise StoreUnavailable(f"Cannot open the SQLite database {path} to read: {exc}") from exc
     conn.row_factory = sqlite3.Row
