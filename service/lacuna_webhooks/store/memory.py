@@ -563,13 +563,13 @@ class MemoryStore:
             for event_id in dict.fromkeys(i for i in event_ids if i in wanted):
                 rows = existing.get(event_id, {})
                 for name in list(rows) if names is None else names:
-                    row = rows.get(name)
-                    if row is None:
+                    found = rows.get(name)
+                    if found is None:
                         if create and names is not None:
                             self._new_delivery(event_id, name, now)
                             created += 1
                     elif reset:
-                        self._reset(row, now)
+                        self._reset(found, now)
                         reset_count += 1
             if created or reset_count:
                 self._nudge.set()
