@@ -95,7 +95,13 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-async def _retrying(step: Callable[[], Awaitable[T]], *, retry_seconds: float, what: str) -> T:
+async def _retrying(
+    step: Callable[[], Awaitable[T]],
+    *,
+    retry_seconds: float,
+    what: str,
+    on_retry: Callable[[str, StoreUnavailable], None] | None,
+) -> T:
     """``step()``, again after a backoff while it raises ``StoreUnavailable``, for at most
     ``retry_seconds``; then that error."""
     deadline = time.monotonic() + retry_seconds
@@ -106,7 +112,8 @@ async def _retrying(step: Callable[[], Awaitable[T]], *, retry_seconds: float, w
         except StoreUnavailable as exc:
             if time.monotonic() + backoff > deadline:
                 raise
-            logger.warning("admin.bulk_store_unavailable", step=what, error=exc.message)
+            if on_retry is not None:
+                on_retry(what, exc)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, _MAX_BACKOFF_SECONDS)
 
@@ -132,10 +139,12 @@ async def run_bulk(
     batch_size: int = BATCH_SIZE,
     min_pause_seconds: float = MIN_PAUSE_SECONDS,
     retry_seconds: float | None = None,
+    on_retry: Callable[[str, StoreUnavailable], None] | None = None,
 ) -> BulkResult:
     """Run ``operation`` in batches (module docstring); ``StoreUnavailable`` when the store
     stayed away for ``retry_seconds`` (default ``RETRY_SECONDS``). ``clock`` stamps each
-    batch's ``now``."""
+    batch's ``now``; ``on_retry(step, error)`` hears of each retry (``step`` is ``search``
+    or ``replay``). It logs nothing itself: the CLI prints its result, the API logs it."""
     retry_for = RETRY_SECONDS if retry_seconds is None else retry_seconds
     started = time.monotonic()
     matched = created = reset = batches = 0
@@ -149,6 +158,7 @@ async def run_bulk(
                 ),
                 retry_seconds=retry_for,
                 what="search",
+                on_retry=on_retry,
             )
         except ValueError:
             # The cursor's event was pruned under the walk (only the memory store keys its
@@ -163,6 +173,7 @@ async def run_bulk(
                 functools.partial(_replay_batch, store, ids, operation, clock),
                 retry_seconds=retry_for,
                 what="replay",
+                on_retry=on_retry,
             )
             created += counts.created
             reset += counts.reset
@@ -172,7 +183,7 @@ async def run_bulk(
         cursor = page.next_cursor
         # Yield the store (and the loop) at least as long as this batch held them.
         await asyncio.sleep(max(min_pause_seconds, time.monotonic() - batch_started))
-    result = BulkResult(
+    return BulkResult(
         matched=matched,
         created=created,
         reset=reset,
@@ -180,16 +191,10 @@ async def run_bulk(
         batches=batches,
         seconds=time.monotonic() - started,
     )
-    logger.info(
-        "admin.bulk_done",
-        matched=matched,
-        created=created,
-        reset=reset,
-        dry_run=operation.dry_run,
-        batches=batches,
-        seconds=round(result.seconds, 3),
-    )
-    return result
+
+
+def _log_retry(step: str, exc: StoreUnavailable) -> None:
+    logger.warning("admin.bulk_store_unavailable", step=step, error=exc.message)
 
 
 class BulkRunner:
@@ -206,23 +211,36 @@ class BulkRunner:
     def busy(self) -> bool:
         return self._running is not None and not self._running.done()
 
+    async def _run(self, operation: BulkOperation) -> BulkResult:
+        shape = {
+            "handlers": operation.handlers,
+            "missing_only": operation.missing_only,
+            "dry_run": operation.dry_run,
+        }
+        try:
+            result = await run_bulk(self.store, operation, clock=self.clock, on_retry=_log_retry)
+        except Exception as exc:
+            # Logged here too: a client that hung up never reads the error.
+            logger.warning("admin.bulk_failed", error=str(exc), **shape)
+            raise
+        logger.info(
+            "admin.bulk_done",
+            matched=result.matched,
+            created=result.created,
+            reset=result.reset,
+            batches=result.batches,
+            seconds=round(result.seconds, 3),
+            **shape,
+        )
+        return result
+
     def start(self, operation: BulkOperation) -> asyncio.Task[BulkResult]:
         """The running operation's task; ``OperationInProgress`` when one already runs."""
         if self.busy:
             raise OperationInProgress("Another bulk replay or backfill is running.")
-        task = asyncio.create_task(run_bulk(self.store, operation, clock=self.clock))
-        task.add_done_callback(_log_failure)
+        task = asyncio.create_task(self._run(operation))
         self._running = task
         return task
-
-
-def _log_failure(task: asyncio.Task[BulkResult]) -> None:
-    # Read the outcome so a run whose client went away never ends as an unretrieved error.
-    if task.cancelled():
-        return
-    exc = task.exception()
-    if exc is not None:
-        logger.warning("admin.bulk_failed", error=str(exc))
 
 
 __all__ = [
