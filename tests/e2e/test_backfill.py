@@ -17,7 +17,7 @@ import orjson
 import pytest
 
 from tests.conftest import make_event
-from tests.e2e.conftest import Serve
+from tests.e2e.conftest import Serve, wait_until
 from tests.e2e.test_admin import AUTH, admin_env, intake_latencies, p
 
 pytestmark = pytest.mark.e2e
@@ -62,6 +62,18 @@ def counts(db: Path) -> dict[str, int]:
     finally:
         conn.close()
     return dict(zip(("events", "late", "late_events", "late_old"), row, strict=True))
+
+
+def done_late(db: Path) -> int:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        (count,) = conn.execute(
+            "SELECT count(*) FROM deliveries WHERE handler = 'late' AND status = 'done'"
+            " AND event_id LIKE 'old_%'"
+        ).fetchone()
+    finally:
+        conn.close()
+    return int(count)
 
 
 def bulk_log(serve: Serve) -> dict[str, Any]:
@@ -143,3 +155,9 @@ def test_backfill_while_events_arrive(serve_factory: type[Serve], tmp_path: Path
     # for the whole operation; in batches intake waits at most behind one of them.
     assert busy_p50 <= 10 * idle_p50, (idle_p50, busy_p50)
     assert busy_p99 <= 10 * idle_p99, (idle_p99, busy_p99)
+
+    # The created deliveries are real work: resumed, ``late`` delivers them (the first 500
+    # of the backlog are enough to see it; all 10k would take a minute of the shared CPU).
+    resumed = httpx.post(f"{admin}/handlers/late/resume", headers=AUTH, json={})
+    assert resumed.status_code == 200, resumed.text
+    wait_until(lambda: done_late(db) >= 500, timeout=120, what="late to deliver the backfill")
