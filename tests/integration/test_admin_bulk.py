@@ -207,6 +207,37 @@ async def test_one_operation_at_a_time(client: httpx.AsyncClient, store: Store) 
     assert (await replays(client, body))["created"] == 0
 
 
+async def test_a_client_that_hangs_up_does_not_stop_it(
+    client: httpx.AsyncClient, store: Store
+) -> None:
+    """The request cancelled after the first batch: the operation still finishes (every
+    event gets its delivery), and the next one is not refused as in progress."""
+    now = store_now()
+    for i in range(1500):
+        assert await store.accept(event(f"h{i:04}", task_id=f"t{i}"), [], now=now)
+    body = {"all": True, "handlers": ["late"], "missing_only": True}
+    request = asyncio.create_task(client.post("/replays", json=body))
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    while not await store.list_deliveries(handler="late", limit=1):
+        assert loop.time() < deadline, "the operation never started"
+        await asyncio.sleep(0.001)
+    request.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    while len(await store.list_deliveries(handler="late", limit=2000)) < 1500:
+        assert loop.time() < deadline, "the operation stopped with its client"
+        await asyncio.sleep(0.05)
+    while True:
+        response = await client.post("/replays", json=body)
+        if response.status_code != 409:
+            break
+        assert loop.time() < deadline
+        await asyncio.sleep(0.05)
+    assert response.status_code == 200, response.text
+    assert response.json()["created"] == 0
+
+
 # --- bad requests ------------------------------------------------------------------------------
 
 BAD: list[tuple[dict[str, Any], str]] = [

@@ -220,7 +220,8 @@ class BulkRunner:
         try:
             result = await run_bulk(self.store, operation, clock=self.clock, on_retry=_log_retry)
         except Exception as exc:
-            # Logged here too: a client that hung up never reads the error.
+            # Any failure (StoreUnavailable, or a bug) is logged here: a client that hung up
+            # never reads it. Re-raised for the route, which answers it.
             logger.warning("admin.bulk_failed", error=str(exc), **shape)
             raise
         logger.info(
@@ -239,8 +240,16 @@ class BulkRunner:
         if self.busy:
             raise OperationInProgress("Another bulk replay or backfill is running.")
         task = asyncio.create_task(self._run(operation))
+        task.add_done_callback(_retrieved)
         self._running = task
         return task
+
+
+def _retrieved(task: asyncio.Task[BulkResult]) -> None:
+    # Mark the outcome read: when the client hung up nobody awaits it, and asyncio would warn
+    # "exception was never retrieved" about a failure ``_run`` has already logged.
+    if not task.cancelled():
+        task.exception()
 
 
 __all__ = [
