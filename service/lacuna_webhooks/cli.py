@@ -1,8 +1,8 @@
 """The command line, and the composition root: the only module that wires everything together.
 
-``lacuna-webhooks serve | worker | dev | send | events | deliveries | replay | retry-dead |
-migrate | handlers``. Errors are one line on stderr (``lacuna-webhooks: error: ...``) and a non-zero
-exit: 2 for bad arguments or settings, 1 for anything else that went wrong.
+``lacuna-webhooks serve | worker | dev | send | events | deliveries | replay | backfill |
+retry-dead | migrate | handlers``. Errors are one line on stderr (``lacuna-webhooks: error:
+...``) and a non-zero exit: 2 for bad arguments or settings, 1 for anything else that went wrong.
 """
 
 from __future__ import annotations
@@ -808,23 +808,170 @@ def _deliveries(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     return 0
 
 
-def _replay(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    handlers = args.handler or None
-    try:
-        count = _with_store(
-            environ, lambda s: s.replay(args.event_id, handlers, now=datetime.now(UTC))
+#: The filter options of ``replay`` / ``backfill``, as (option, body field).
+_FILTER_OPTIONS = (
+    ("--type", "type"),
+    ("--task-id", "task_id"),
+    ("--since", "since"),
+    ("--until", "until"),
+    ("--handler", "handler"),
+    ("--status", "status"),
+    ("--match", "match"),
+    ("--q", "q"),
+)
+
+
+def _admin_remote(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[str, str] | None:
+    """``(url, token)`` of a remote admin API (``--url``/``--token``, else ``LACUNA_ADMIN_URL``
+    / ``LACUNA_ADMIN_TOKEN``), or ``None`` to work on ``LACUNA_DATABASE_URL`` directly."""
+    url = args.url or environ.get("LACUNA_ADMIN_URL", "").strip() or None
+    if url is None:
+        if args.token:
+            raise CommandError("--token needs --url (or LACUNA_ADMIN_URL)", exit_code=2)
+        return None
+    if not url.startswith(("http://", "https://")) or len(url) > 2000:
+        raise CommandError(
+            f"--url / LACUNA_ADMIN_URL must be the admin listener's http(s):// URL, got {url!r}",
+            exit_code=2,
         )
-    except EventNotFound:
-        raise CommandError(f"no event {args.event_id!r} in the store") from None
+    # LACUNA_ADMIN_TOKEN may list several tokens (rotation): any one of them is accepted.
+    token = args.token or environ.get("LACUNA_ADMIN_TOKEN", "").split(",")[0].strip()
+    if not token:
+        raise CommandError(
+            "a remote admin API needs a token: --token or LACUNA_ADMIN_TOKEN", exit_code=2
+        )
+    return url, token
+
+
+def _remote_call(remote: tuple[str, str], path: str, body: dict[str, Any]) -> Any:
+    """``POST path`` on the remote admin API; its refusal as one line (exit 2 for a 400)."""
+    from .admin.client import BULK_TIMEOUT_SECONDS, AdminClient, AdminError
+
+    async def run() -> Any:
+        async with AdminClient(*remote) as client:
+            return await client.post(path, body, read_timeout=BULK_TIMEOUT_SECONDS)
+
+    try:
+        return asyncio.run(run())
+    except AdminError as exc:
+        raise CommandError(str(exc), exit_code=2 if exc.status == 400 else 1) from None
+
+
+def _filter_body(args: argparse.Namespace, *, everything: bool) -> dict[str, Any]:
+    """The ``POST /replays`` filter fields of the options given (``--all`` or at least one
+    filter, not both: an empty filter replays every stored event)."""
+    body: dict[str, Any] = {}
+    for _, name in _FILTER_OPTIONS:
+        value = getattr(args, name)
+        if value is None or value == []:
+            continue
+        if name == "handler" and isinstance(value, list):
+            if len(value) > 1:
+                raise CommandError("--handler (the filter) may be given once", exit_code=2)
+            value = value[0]
+        body[name] = value
+    options = ", ".join(option for option, _ in _FILTER_OPTIONS)
+    if not body and not everything:
+        raise CommandError(
+            f"give at least one filter ({options}) or --all to take every stored event",
+            exit_code=2,
+        )
+    if body and everything:
+        raise CommandError("--all takes every stored event: give it without filters", exit_code=2)
+    if everything:
+        body["all"] = True
+    return body
+
+
+def _bulk(
+    args: argparse.Namespace, environ: Mapping[str, str], body: dict[str, Any], handler_option: str
+) -> dict[str, Any]:
+    """Run a ``POST /replays`` body remotely or on the store directly; the answer."""
+    remote = _admin_remote(args, environ)
+    if remote is not None:
+        return dict(_remote_call(remote, "/replays", body))
+    from .admin.api_bulk import operation_from_json
+    from .admin.bulk import run_bulk
+    from .admin.responses import BadRequest
+
+    names = _configured_names(environ) if body.get("handlers") else []
+    try:
+        operation = operation_from_json(names, body)
+    except BadRequest as exc:
+        option = {"handlers": handler_option, "task_id": "--task-id"}.get(
+            exc.param or "", f"--{exc.param}"
+        )
+        raise CommandError(f"{option}: {exc.message}", exit_code=2) from None
+    result = _with_store(environ, lambda s: run_bulk(s, operation))
+    return result.json()
+
+
+def _bulk_report(answer: dict[str, Any], args: argparse.Namespace, what: str) -> int:
+    if args.json:
+        _print_json(answer)
+    elif answer["dry_run"]:
+        print(f"{answer['matched']} events match (dry run: nothing written)")
+    else:
+        print(
+            f"{what}: {answer['matched']} events matched; {answer['created']} deliveries created,"
+            f" {answer['reset']} made due again (a running `serve` sends them)"
+        )
+    return 0
+
+
+def _replay(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    if args.event_id is None:
+        body = _filter_body(args, everything=args.all)
+        if args.to:
+            body["handlers"] = list(dict.fromkeys(args.to))
+        if args.dry_run:
+            body["dry_run"] = True
+        return _bulk_report(_bulk(args, environ, body, "--to"), args, "replay")
+    given = [o for o, n in _FILTER_OPTIONS if n != "handler" and getattr(args, n) not in (None, [])]
+    given += [o for o, on in (("--all", args.all), ("--dry-run", args.dry_run)) if on]
+    if given:
+        raise CommandError(
+            f"EVENT_ID replays one event: {', '.join(given)} select events in bulk (drop"
+            " EVENT_ID to use them)",
+            exit_code=2,
+        )
+    handlers = list(dict.fromkeys([*(args.handler or []), *(args.to or [])])) or None
+    remote = _admin_remote(args, environ)
+    if remote is not None:
+        from urllib.parse import quote
+
+        path = f"/events/{quote(args.event_id, safe='')}/replay"
+        answer = _remote_call(remote, path, {} if handlers is None else {"handlers": handlers})
+        count = int(answer["replayed"])
+    else:
+        try:
+            count = _with_store(
+                environ, lambda s: s.replay(args.event_id, handlers, now=datetime.now(UTC))
+            )
+        except EventNotFound:
+            raise CommandError(f"no event {args.event_id!r} in the store") from None
     if count == 0:
         raise CommandError(
             f"event {args.event_id} has no deliveries to replay; name one with --handler"
         )
+    if args.json:
+        _print_json({"event_id": args.event_id, "replayed": count})
+        return 0
     print(
         f"replayed {_shown(args.event_id)}: {count} deliveries due now"
         " (a running `serve` sends them)"
     )
     return 0
+
+
+def _backfill(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    """Create the missing deliveries of ``args.name`` over the filtered events."""
+    body = _filter_body(args, everything=args.all)
+    body["handlers"] = [args.name]
+    body["missing_only"] = True
+    if args.dry_run:
+        body["dry_run"] = True
+    return _bulk_report(_bulk(args, environ, body, "HANDLER"), args, f"backfill {args.name}")
 
 
 def _retry_dead(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
@@ -1035,6 +1182,39 @@ def _port(value: str) -> int:
     return number
 
 
+def _bulk_arguments(parser: argparse.ArgumentParser, *, handler_help: str) -> None:
+    """The filters of ``GET /events`` and the options of a bulk operation."""
+    filters = parser.add_argument_group("filters (as GET /api/v1/events)")
+    filters.add_argument("--type", type=_event_type, help="event type, exactly")
+    filters.add_argument("--task-id", dest="task_id", help="data.id, exactly")
+    filters.add_argument("--since", help="received at or after: RFC 3339 or Unix seconds")
+    filters.add_argument("--until", help="received before: RFC 3339 or Unix seconds")
+    filters.add_argument("--handler", action="append", type=_handler_name, help=handler_help)
+    filters.add_argument(
+        "--status",
+        choices=["pending", "due", "running", "waiting", "done", "dead"],
+        help="events with a delivery in this state (of --handler when given)",
+    )
+    filters.add_argument(
+        "--match",
+        action="append",
+        metavar="PATH:VALUE",
+        help="payload field equals value, e.g. data.title:Late Night Study (repeatable)",
+    )
+    filters.add_argument("--q", help="substring of the raw payload (case-sensitive)")
+    parser.add_argument(
+        "--all", action="store_true", help="every stored event (instead of filters)"
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="count the matching events, write nothing"
+    )
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument(
+        "--url", help="a remote admin listener, e.g. http://10.0.0.5:8001 ($LACUNA_ADMIN_URL)"
+    )
+    parser.add_argument("--token", help="its admin token ($LACUNA_ADMIN_TOKEN)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Receive and dispatch Lacuna Music API webhooks.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -1118,14 +1298,39 @@ def build_parser() -> argparse.ArgumentParser:
     deliveries_list.add_argument("--limit", type=_bounded(MAX_LIST_LIMIT), default=50)
     deliveries_list.add_argument("--json", action="store_true", help="machine-readable output")
 
-    replay = sub.add_parser("replay", help="deliver a stored event again")
-    replay.add_argument("event_id", type=_event_id)
+    replay = sub.add_parser(
+        "replay",
+        help="deliver stored events again: one by id, or every event the filters select",
+        description="With EVENT_ID: that event's deliveries are due again (--handler: only"
+        " those, created if missing). Without it: every event the filters select (or --all),"
+        " in batches that never hold the store for long; --to HANDLER creates the missing"
+        " deliveries of HANDLER and makes its existing ones due again, without --to every"
+        " existing delivery is made due again.",
+    )
     replay.add_argument(
-        "--handler",
+        "event_id", nargs="?", type=_event_id, help="one event (omit it to use the filters)"
+    )
+    _bulk_arguments(
+        replay,
+        handler_help="with EVENT_ID: only this handler (repeatable);"
+        " without: events with a delivery of this handler",
+    )
+    replay.add_argument(
+        "--to",
         action="append",
         type=_handler_name,
-        help="only this handler (repeatable; default: all of its)",
+        metavar="HANDLER",
+        help="create HANDLER's missing deliveries and make its existing ones due (repeatable)",
     )
+
+    backfill = sub.add_parser(
+        "backfill",
+        help="create a handler's missing deliveries over stored events (a handler added later)",
+        description="Every event the filters select (or --all) that has no delivery of"
+        " HANDLER gets one, due now; existing deliveries are left as they are.",
+    )
+    backfill.add_argument("name", type=_handler_name, metavar="HANDLER")
+    _bulk_arguments(backfill, handler_help="events with a delivery of this handler")
 
     retry_dead = sub.add_parser("retry-dead", help="make dead deliveries due again")
     retry_dead.add_argument("--handler", type=_handler_name, help="only this handler's")
@@ -1168,6 +1373,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
                 return _deliveries(args, env)
             case "replay":
                 return _replay(args, env)
+            case "backfill":
+                return _backfill(args, env)
             case "retry-dead":
                 return _retry_dead(args, env)
             case "migrate":

@@ -18,7 +18,7 @@ import pytest
 from lacuna_webhooks.errors import EventNotFound, StoreUnavailable
 from lacuna_webhooks.models import Attempt, AttemptOutcome, Delivery, DeliveryStatus, Event
 from lacuna_webhooks.store import Store
-from lacuna_webhooks.store.base import EventFilter
+from lacuna_webhooks.store.base import EventFilter, ReplayCounts
 from tests.conftest import make_event
 
 NOW = datetime(2025, 11, 21, 12, 0, tzinfo=UTC)
@@ -334,6 +334,78 @@ async def test_replay_of_an_unknown_event_raises(store: Store) -> None:
         await store.replay("evt_missing", None, now=NOW)
     with pytest.raises(EventNotFound):
         await store.replay("evt_missing", ["a"], now=NOW)
+
+
+async def test_replay_many_backfills_and_resets(store: Store) -> None:
+    """replay_many(handlers): creates each missing delivery of the named handlers (pending,
+    due now, attempts 0), resets the existing ones like replay (error cleared, attempts 0,
+    live claim revoked), leaves other handlers alone, skips ids the store does not hold."""
+    await store.accept(event("evt_rm_1"), ["a", "b"], now=NOW)
+    await store.accept(event("evt_rm_2"), ["b"], now=NOW)
+    await store.accept(event("evt_rm_3"), [], now=NOW)
+    dead = await claim_one(store, "a")
+    await store.dead(dead, attempt(AttemptOutcome.DEAD, error="gone"))
+    running = await store.claim(handler="b", limit=10, lease=LEASE, now=NOW)
+    assert len(running) == 2
+    later = NOW + timedelta(hours=1)
+
+    counts = await store.replay_many(
+        ["evt_rm_1", "evt_rm_2", "evt_rm_3", "evt_missing", "evt_rm_1"], ["a"], now=later
+    )
+    assert counts == ReplayCounts(created=2, reset=1)
+    by_event = {
+        i: {r.handler: r for r in await store.list_deliveries(event_id=i)}
+        for i in ("evt_rm_1", "evt_rm_2", "evt_rm_3")
+    }
+    assert {i: sorted(rows) for i, rows in by_event.items()} == {
+        "evt_rm_1": ["a", "b"],
+        "evt_rm_2": ["a", "b"],
+        "evt_rm_3": ["a"],
+    }
+    for i in ("evt_rm_1", "evt_rm_2", "evt_rm_3"):
+        row = by_event[i]["a"]
+        assert (row.status, row.attempts, row.last_error) == (DeliveryStatus.PENDING, 0, None)
+        assert row.next_attempt_at == later
+        assert row.lease_until is None
+    assert by_event["evt_rm_1"]["b"].attempts == 1  # not named: untouched, still leased
+    assert await store.get_event("evt_missing") is None
+    claimed = await store.claim(handler="a", limit=10, lease=LEASE, now=later)
+    assert sorted(d.event.id for d in claimed) == ["evt_rm_1", "evt_rm_2", "evt_rm_3"]
+
+
+async def test_replay_many_missing_only_and_all(store: Store) -> None:
+    """reset=False creates only what is missing and touches nothing that exists (a second
+    backfill creates nothing); handlers=None resets every existing delivery, creates none;
+    create=False with handlers resets only."""
+    await store.accept(event("evt_rmo_1"), ["a"], now=NOW)
+    await store.accept(event("evt_rmo_2"), ["b"], now=NOW)
+    await store.complete(await claim_one(store, "a"), attempt(AttemptOutcome.OK))
+    ids = ["evt_rmo_1", "evt_rmo_2"]
+    later = NOW + timedelta(minutes=5)
+
+    assert await store.replay_many(ids, ["a"], now=later, reset=False) == ReplayCounts(1, 0)
+    (done,) = await store.list_deliveries(event_id="evt_rmo_1")
+    assert done.status is DeliveryStatus.DONE
+    assert await store.replay_many(ids, ["a"], now=later, reset=False) == ReplayCounts(0, 0)
+
+    assert await store.replay_many(ids, ["b", "c"], now=later, create=False) == ReplayCounts(0, 1)
+    assert sorted(d.handler for d in await store.list_deliveries(event_id="evt_rmo_1")) == ["a"]
+
+    assert await store.replay_many(ids, None, now=later) == ReplayCounts(created=0, reset=3)
+    records = [r for i in ids for r in await store.list_deliveries(event_id=i)]
+    assert {r.status for r in records} == {DeliveryStatus.PENDING}
+    assert await store.replay_many([], ["a"], now=later) == ReplayCounts(0, 0)
+    assert await store.replay_many(["evt_none"], None, now=later) == ReplayCounts(0, 0)
+
+
+async def test_replay_many_wakes_a_waiter(store: Store) -> None:
+    """A backfill makes work: a dispatcher waiting for it wakes."""
+    await store.accept(event("evt_rmw"), [], now=NOW)
+    await store.wait_for_work(0)
+    waiter = asyncio.create_task(store.wait_for_work(3600))
+    await asyncio.sleep(0)
+    assert await store.replay_many(["evt_rmw"], ["a"], now=NOW) == ReplayCounts(1, 0)
+    await asyncio.wait_for(waiter, PROMPT)
 
 
 async def test_retry_dead_by_handler_then_all(store: Store) -> None:

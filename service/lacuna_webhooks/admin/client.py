@@ -11,10 +11,18 @@ import orjson
 
 #: Seconds to wait for a connection and for each read of an ordinary (non-stream) request.
 TIMEOUT_SECONDS = 30.0
+#: Seconds to wait for the answer of a bulk operation (``POST /replays`` answers when the
+#: whole operation is done: minutes for a few hundred thousand events).
+BULK_TIMEOUT_SECONDS = 3600.0
 
 
 class AdminError(Exception):
-    """The admin API could not be reached or refused the request; ``str()`` is one line."""
+    """The admin API could not be reached or refused the request; ``str()`` is one line.
+    ``status`` is the answer's HTTP status (``None`` when there was no answer)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def _message(response: httpx.Response) -> str:
@@ -30,6 +38,7 @@ class AdminClient:
 
     def __init__(self, url: str, token: str, *, timeout: float = TIMEOUT_SECONDS) -> None:
         self.base = url.rstrip("/") + "/api/v1"
+        self._timeout = timeout
         self._client = httpx.AsyncClient(
             headers={"authorization": f"Bearer {token}", "accept": "application/json"},
             timeout=httpx.Timeout(timeout),
@@ -57,9 +66,14 @@ class AdminClient:
         *,
         params: Mapping[str, Any] | list[tuple[str, Any]] | None = None,
         json: Any = None,
+        read_timeout: float | None = None,
     ) -> Any:
         """The decoded JSON answer of ``method path``; ``AdminError`` for a refusal or a
-        failure to reach the API (the message never holds the token)."""
+        failure to reach the API (the message never holds the token). ``read_timeout``
+        (seconds) replaces the client's for this request's wait for its answer."""
+        timeout = httpx.Timeout(
+            self._timeout, read=self._timeout if read_timeout is None else read_timeout
+        )
         try:
             response = await self._client.request(
                 method,
@@ -67,11 +81,15 @@ class AdminClient:
                 params=params,
                 content=None if json is None else orjson.dumps(json),
                 headers=None if json is None else {"content-type": "application/json"},
+                timeout=timeout,
             )
         except httpx.HTTPError as exc:
             raise AdminError(f"cannot reach the admin API at {self.base}: {exc}") from None
         if response.status_code >= 400:
-            raise AdminError(f"the admin API refused {method} {path}: {_message(response)}")
+            raise AdminError(
+                f"the admin API refused {method} {path}: {_message(response)}",
+                status=response.status_code,
+            )
         try:
             return orjson.loads(response.content)
         except ValueError:
@@ -82,8 +100,10 @@ class AdminClient:
             "GET", path, params={k: v for k, v in params.items() if v is not None}
         )
 
-    async def post(self, path: str, json: Any = None) -> Any:
-        return await self.request("POST", path, json={} if json is None else json)
+    async def post(self, path: str, json: Any = None, *, read_timeout: float | None = None) -> Any:
+        return await self.request(
+            "POST", path, json={} if json is None else json, read_timeout=read_timeout
+        )
 
 
-__all__ = ["TIMEOUT_SECONDS", "AdminClient", "AdminError"]
+__all__ = ["BULK_TIMEOUT_SECONDS", "TIMEOUT_SECONDS", "AdminClient", "AdminError"]

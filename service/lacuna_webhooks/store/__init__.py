@@ -9,6 +9,7 @@ from .base import (
     EventRecord,
     HandlerState,
     QueueStats,
+    ReplayCounts,
     Store,
     TaskRecord,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "EventRecord",
     "HandlerState",
     "QueueStats",
+    "ReplayCounts",
     "Store",
     "TaskRecord",
     "open_store",

@@ -40,6 +40,9 @@ Semantics every backend keeps:
 - ``replay`` and ``retry_dead`` revoke any live claim on the deliveries they
   reset (lease cleared, ``lease_token`` moved on, ``last_error`` cleared): the
   operator's new run wins over an attempt still running.
+- ``replay_many`` is ``replay`` over a batch of events in one short transaction: it creates
+  the missing deliveries of the named handlers (backfill, ``create``) and resets the existing
+  ones as ``replay`` does (``reset``); events no longer stored are skipped, not an error.
 - Flow control (``docs/flow-control.md``): ``set_paused`` pauses or resumes a handler by
   name (a row per handler, kept across restarts and seen by every replica); resuming also
   clears its consecutive-failure count. ``count_failure`` / ``count_success`` keep that
@@ -166,6 +169,14 @@ class EventPage:
 
     records: list[EventRecord]
     next_cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayCounts:
+    """What one ``replay_many`` wrote: deliveries ``created`` (backfill) and ``reset``."""
+
+    created: int = 0
+    reset: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,6 +343,24 @@ class Store(Protocol):
         """Make the event's deliveries pending and due again with a fresh attempt budget:
         those of ``handlers`` (created when missing) or, with ``None``, every existing one.
         Raise ``EventNotFound``; return how many deliveries were reset or created."""
+
+    async def replay_many(
+        self,
+        event_ids: Sequence[str],
+        handlers: Sequence[str] | None,
+        *,
+        now: datetime,
+        create: bool = True,
+        reset: bool = True,
+    ) -> ReplayCounts:
+        """``replay`` of a batch of events (a few hundred ids) in one transaction.
+
+        With ``handlers``: a missing delivery of each named handler is created (``create``:
+        pending, due at ``now``, as ``accept`` makes it) and an existing one is reset as
+        ``replay`` resets it (``reset``); with ``None``: every existing delivery of the events
+        is reset (``reset``) and none is created. Ids the store does not hold (pruned since
+        they were found) are skipped. Returns the counts; nudges ``wait_for_work`` (and, on
+        PostgreSQL, the other replicas) when it wrote any."""
 
     async def retry_dead(self, *, handler: str | None, now: datetime) -> int:
         """Make every dead delivery (of ``handler``) pending, due now, with a fresh budget."""

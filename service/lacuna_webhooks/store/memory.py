@@ -33,6 +33,7 @@ from .base import (
     HandlerActivity,
     HandlerState,
     QueueStats,
+    ReplayCounts,
     TaskRecord,
     attempt_error,
 )
@@ -532,6 +533,39 @@ class MemoryStore:
             if names:
                 self._nudge.set()
             return len(names)
+
+    async def replay_many(
+        self,
+        event_ids: Sequence[str],
+        handlers: Sequence[str] | None,
+        *,
+        now: datetime,
+        create: bool = True,
+        reset: bool = True,
+    ) -> ReplayCounts:
+        async with self._lock:
+            self._check(write=True)
+            wanted = {i for i in event_ids if i in self._events}
+            existing: dict[str, dict[str, _DeliveryRow]] = {}
+            for row in self._deliveries.values():
+                if row.event_id in wanted:
+                    existing.setdefault(row.event_id, {})[row.handler] = row
+            names = None if handlers is None else list(dict.fromkeys(handlers))
+            created = reset_count = 0
+            for event_id in dict.fromkeys(i for i in event_ids if i in wanted):
+                rows = existing.get(event_id, {})
+                for name in list(rows) if names is None else names:
+                    found = rows.get(name)
+                    if found is None:
+                        if create and names is not None:
+                            self._new_delivery(event_id, name, now)
+                            created += 1
+                    elif reset:
+                        self._reset(found, now)
+                        reset_count += 1
+            if created or reset_count:
+                self._nudge.set()
+            return ReplayCounts(created=created, reset=reset_count)
 
     async def retry_dead(self, *, handler: str | None, now: datetime) -> int:
         async with self._lock:

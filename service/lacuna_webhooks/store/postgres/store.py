@@ -53,6 +53,7 @@ from ..base import (
     HandlerActivity,
     HandlerState,
     QueueStats,
+    ReplayCounts,
     TaskRecord,
     attempt_error,
 )
@@ -635,6 +636,38 @@ class PostgresStore:
         if rows:
             self._nudge()  # after the commit: the claim it wakes must see the rows
         return len(rows)
+
+    async def replay_many(
+        self,
+        event_ids: Sequence[str],
+        handlers: Sequence[str] | None,
+        *,
+        now: datetime,
+        create: bool = True,
+        reset: bool = True,
+    ) -> ReplayCounts:
+        """``replay`` of a batch of events in one transaction (store/base.py); NOTIFY when it
+        wrote any, so every replica's dispatcher looks now."""
+        now = _utc(now)
+        async with self._connection(write=True) as conn, conn.transaction():
+            # Reset and created rows are counted apart: reset first, then the inserts skip them.
+            found = [r["id"] for r in await conn.fetch(Q["lock_events"], _unique(event_ids))]
+            reset_rows: list[Any] = []
+            created_rows: list[Any] = []
+            if found and handlers is None:
+                if reset:
+                    reset_rows = await conn.fetch(Q["replay_many_all"], found, now)
+            elif found and handlers:
+                names = _unique(handlers)
+                if reset:
+                    reset_rows = await conn.fetch(Q["replay_many_reset"], found, names, now)
+                if create:
+                    created_rows = await conn.fetch(Q["replay_many_create"], found, names, now)
+            if reset_rows or created_rows:
+                await self._notify(conn)
+        if reset_rows or created_rows:
+            self._nudge()  # after the commit: the claim it wakes must see the rows
+        return ReplayCounts(created=len(created_rows), reset=len(reset_rows))
 
     async def retry_dead(self, *, handler: str | None, now: datetime) -> int:
         """Make every dead delivery (of ``handler``) pending, due at ``now``, with a fresh budget.

@@ -455,6 +455,31 @@ def replay(c: sqlite3.Connection, event_id: str, names: tuple[str, ...] | None, 
     return count
 
 
+def replay_many(
+    c: sqlite3.Connection,
+    event_ids: tuple[str, ...],
+    names: tuple[str, ...] | None,
+    create: bool,
+    reset: bool,
+    now: float,
+) -> tuple[int, int]:
+    """``(created, reset)``: reset first, so the deliveries created next are not counted
+    twice; a plain tuple crosses the writer process's pipe."""
+    ids = orjson.dumps(list(event_ids)).decode()
+    reset_count = created = 0
+    if names is None:
+        if reset:
+            reset_count = c.execute(Q["replay_many_all"], {"now": now, "ids": ids}).rowcount
+        return 0, int(reset_count)
+    handlers = orjson.dumps(list(names)).decode()
+    args = {"now": now, "ids": ids, "handlers": handlers}
+    if reset:
+        reset_count = c.execute(Q["replay_many_reset"], args).rowcount
+    if create:
+        created = c.execute(Q["replay_many_create"], args).rowcount
+    return int(created), int(reset_count)
+
+
 def retry_dead(c: sqlite3.Connection, handler: str | None, now: float) -> int:
     return int(c.execute(Q["retry_dead"], {"now": now, "handler": handler}).rowcount)
 

@@ -41,6 +41,7 @@ from ..base import (
     HandlerActivity,
     HandlerState,
     QueueStats,
+    ReplayCounts,
     TaskRecord,
     attempt_error,
 )
@@ -345,6 +346,25 @@ class SQLiteStore:
         if count:
             self._work.set()
         return count
+
+    async def replay_many(
+        self,
+        event_ids: Sequence[str],
+        handlers: Sequence[str] | None,
+        *,
+        now: datetime,
+        create: bool = True,
+        reset: bool = True,
+    ) -> ReplayCounts:
+        """One job on the writer: a batch of a few hundred ids is a few index lookups each,
+        so intake's accepts queue behind it for milliseconds, not for the whole operation."""
+        names = None if handlers is None else tuple(dict.fromkeys(handlers))
+        created, reset_count = await self._write(
+            ops.replay_many, tuple(dict.fromkeys(event_ids)), names, create, reset, epoch(now)
+        )
+        if created or reset_count:
+            self._work.set()
+        return ReplayCounts(created=created, reset=reset_count)
 
     async def retry_dead(self, *, handler: str | None, now: datetime) -> int:
         count = await self._write(ops.retry_dead, handler, epoch(now))

@@ -177,6 +177,35 @@ ON CONFLICT (event_id, handler) DO UPDATE SET
     last_error = NULL, updated_at = $3
 RETURNING d.id
 
+-- name: lock_events
+-- replay_many: the batch's events still stored, locked in a fixed order (as prune and the other
+-- replays lock them) so a concurrent prune cannot delete one under the batch.
+SELECT id FROM events WHERE id = ANY($1::text[]) ORDER BY id FOR SHARE
+
+-- name: replay_many_all
+UPDATE deliveries
+SET status = 'pending', attempts = 0, next_attempt_at = $2,
+    lease_token = lease_token + 1, lease_until = NULL,
+    last_error = NULL, updated_at = $2
+WHERE event_id = ANY($1::text[])
+RETURNING id
+
+-- name: replay_many_reset
+UPDATE deliveries
+SET status = 'pending', attempts = 0, next_attempt_at = $3,
+    lease_token = lease_token + 1, lease_until = NULL,
+    last_error = NULL, updated_at = $3
+WHERE event_id = ANY($1::text[]) AND handler = ANY($2::text[])
+RETURNING id
+
+-- name: replay_many_create
+-- Backfill: a pending delivery of each handler for each (locked, still stored) event that has
+-- none; the unique key skips the others.
+INSERT INTO deliveries (event_id, handler, status, next_attempt_at, created_at, updated_at)
+SELECT e, h, 'pending', $3, $3, $3 FROM unnest($1::text[]) AS e, unnest($2::text[]) AS h
+ON CONFLICT (event_id, handler) DO NOTHING
+RETURNING id
+
 -- name: lock_dead_events
 SELECT 1 FROM events e
 WHERE EXISTS (SELECT 1 FROM deliveries d

@@ -55,6 +55,28 @@ ON CONFLICT (event_id, handler) DO UPDATE SET status = 'pending', attempts = 0,
     lease_token = lease_token + 1, lease_until = NULL, last_error = NULL,
     next_attempt_at = :now, updated_at = :now
 
+-- name: replay_many_all
+-- replay_many without handlers: every delivery of the batch's events (a JSON array of ids),
+-- reset as replay_all resets one event's; each id is a lookup of the (event_id, handler) key.
+UPDATE deliveries SET status = 'pending', attempts = 0, lease_token = lease_token + 1,
+    lease_until = NULL, last_error = NULL, next_attempt_at = :now, updated_at = :now
+WHERE event_id IN (SELECT value FROM json_each(:ids))
+
+-- name: replay_many_reset
+UPDATE deliveries SET status = 'pending', attempts = 0, lease_token = lease_token + 1,
+    lease_until = NULL, last_error = NULL, next_attempt_at = :now, updated_at = :now
+WHERE event_id IN (SELECT value FROM json_each(:ids))
+  AND handler IN (SELECT value FROM json_each(:handlers))
+
+-- name: replay_many_create
+-- Backfill: a pending delivery of each handler for each stored event of the batch that has
+-- none (the unique key skips the others; ids no longer stored join no event row).
+INSERT INTO deliveries (event_id, handler, status, next_attempt_at, created_at, updated_at)
+SELECT e.id, h.value, 'pending', :now, :now, :now
+FROM events AS e, json_each(:handlers) AS h
+WHERE e.id IN (SELECT value FROM json_each(:ids))
+ON CONFLICT (event_id, handler) DO NOTHING
+
 -- name: retry_dead
 UPDATE deliveries SET status = 'pending', attempts = 0, lease_token = lease_token + 1,
     lease_until = NULL, last_error = NULL, next_attempt_at = :now, updated_at = :now

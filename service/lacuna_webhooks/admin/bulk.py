@@ -1,0 +1,262 @@
+"""Bulk replay and backfill (SPEC §9 ``POST /replays``, the CLI's ``replay`` / ``backfill``).
+
+``run_bulk(store, operation)`` walks the events an ``EventFilter`` selects with
+``search_events`` and its cursor, ``BATCH_SIZE`` at a time, and hands each batch to
+``Store.replay_many``: one short transaction per batch. Between batches it pauses at least as
+long as the batch took (search and write), so on SQLite the single writer spends at most half
+its time on the operation and intake's accepts queue behind one batch, never behind the
+whole operation. A ``StoreUnavailable`` (a busy or restarting database) is retried with
+backoff for up to ``RETRY_SECONDS`` per step before the operation gives up with it.
+
+The walk goes newest first from the moment it starts: events that arrive during the
+operation are newer than its first page and are not part of it (they get their deliveries
+from intake). A batch is atomic; an operation stopped half way (a store that stayed away)
+leaves the batches before it applied, and running it again is safe (a backfill creates only
+what is still missing).
+
+``BulkRunner`` lets one operation run at a time in a process: a second ``start`` while one
+runs raises ``OperationInProgress`` (the admin API answers 409).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import structlog
+
+from ..errors import StoreUnavailable
+from ..store import Store
+from ..store.base import EventFilter, ReplayCounts
+
+logger = structlog.get_logger("lacuna_webhooks.admin")
+
+#: Events per batch: one ``search_events`` page and one ``replay_many`` transaction.
+BATCH_SIZE = 500
+#: The shortest pause between batches, in seconds (the pause is at least the batch's time).
+MIN_PAUSE_SECONDS = 0.01
+#: How long one step (a page or a batch) is retried while the store is unavailable, seconds.
+RETRY_SECONDS = 30.0
+_FIRST_BACKOFF_SECONDS = 0.1
+_MAX_BACKOFF_SECONDS = 2.0
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class BulkOperation:
+    """What to do to the events ``where`` selects.
+
+    ``handlers``: ``None`` resets every existing delivery of each event (a replay); names
+    create each one's missing delivery (backfill) and reset its existing one, or with
+    ``missing_only`` only create. ``dry_run`` only counts the events."""
+
+    where: EventFilter
+    handlers: tuple[str, ...] | None = None
+    missing_only: bool = False
+    dry_run: bool = False
+
+    def __post_init__(self) -> None:
+        if self.missing_only and not self.handlers:
+            raise ValueError("missing_only needs handlers: it creates their missing deliveries")
+
+
+@dataclass(frozen=True, slots=True)
+class BulkResult:
+    """``matched`` events (all of them counted, even in a dry run); deliveries ``created``
+    and ``reset`` (both 0 in a dry run); ``batches`` written; ``seconds`` it took."""
+
+    matched: int
+    created: int
+    reset: int
+    dry_run: bool
+    batches: int = 0
+    seconds: float = 0.0
+
+    def json(self) -> dict[str, Any]:
+        """The answer of ``POST /replays``."""
+        return {
+            "matched": self.matched,
+            "created": self.created,
+            "reset": self.reset,
+            "dry_run": self.dry_run,
+        }
+
+
+class OperationInProgress(Exception):
+    """Another bulk operation runs in this process."""
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+async def _retrying(
+    step: Callable[[], Awaitable[T]],
+    *,
+    retry_seconds: float,
+    what: str,
+    on_retry: Callable[[str, StoreUnavailable], None] | None,
+) -> T:
+    """``step()``, again after a backoff while it raises ``StoreUnavailable``, for at most
+    ``retry_seconds``; then that error."""
+    deadline = time.monotonic() + retry_seconds
+    backoff = _FIRST_BACKOFF_SECONDS
+    while True:
+        try:
+            return await step()
+        except StoreUnavailable as exc:
+            if time.monotonic() + backoff > deadline:
+                raise
+            if on_retry is not None:
+                on_retry(what, exc)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, _MAX_BACKOFF_SECONDS)
+
+
+async def _replay_batch(
+    store: Store, ids: list[str], operation: BulkOperation, clock: Callable[[], datetime]
+) -> ReplayCounts:
+    # ``now`` read on each try: a batch retried later is due from then.
+    return await store.replay_many(
+        ids,
+        operation.handlers,
+        now=clock(),
+        create=operation.handlers is not None,
+        reset=not operation.missing_only,
+    )
+
+
+async def run_bulk(
+    store: Store,
+    operation: BulkOperation,
+    *,
+    clock: Callable[[], datetime] = _utcnow,
+    batch_size: int = BATCH_SIZE,
+    min_pause_seconds: float = MIN_PAUSE_SECONDS,
+    retry_seconds: float | None = None,
+    on_retry: Callable[[str, StoreUnavailable], None] | None = None,
+) -> BulkResult:
+    """Run ``operation`` in batches (module docstring); ``StoreUnavailable`` when the store
+    stayed away for ``retry_seconds`` (default ``RETRY_SECONDS``). ``clock`` stamps each
+    batch's ``now``; ``on_retry(step, error)`` hears of each retry (``step`` is ``search``
+    or ``replay``). It logs nothing itself: the CLI prints its result, the API logs it."""
+    retry_for = RETRY_SECONDS if retry_seconds is None else retry_seconds
+    started = time.monotonic()
+    matched = created = reset = batches = 0
+    cursor: str | None = None
+    while True:
+        batch_started = time.monotonic()
+        try:
+            page = await _retrying(
+                functools.partial(
+                    store.search_events, operation.where, cursor=cursor, limit=batch_size
+                ),
+                retry_seconds=retry_for,
+                what="search",
+                on_retry=on_retry,
+            )
+        except ValueError:
+            # The cursor's event was pruned under the walk (only the memory store keys its
+            # cursor by event); the batches so far stay applied.
+            raise StoreUnavailable(
+                "The events being replayed changed under the operation (pruned); run it again."
+            ) from None
+        ids = [record.id for record in page.records]
+        matched += len(ids)
+        if ids and not operation.dry_run:
+            counts = await _retrying(
+                functools.partial(_replay_batch, store, ids, operation, clock),
+                retry_seconds=retry_for,
+                what="replay",
+                on_retry=on_retry,
+            )
+            created += counts.created
+            reset += counts.reset
+            batches += 1
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+        # Yield the store (and the loop) at least as long as this batch held them.
+        await asyncio.sleep(max(min_pause_seconds, time.monotonic() - batch_started))
+    return BulkResult(
+        matched=matched,
+        created=created,
+        reset=reset,
+        dry_run=operation.dry_run,
+        batches=batches,
+        seconds=time.monotonic() - started,
+    )
+
+
+def _log_retry(step: str, exc: StoreUnavailable) -> None:
+    logger.warning("admin.bulk_store_unavailable", step=step, error=exc.message)
+
+
+class BulkRunner:
+    """One bulk operation at a time over ``store``: ``start`` raises ``OperationInProgress``
+    while one runs. The operation runs as a task of its own, so a client that hangs up does
+    not cancel it half way (it finishes, and logs its result)."""
+
+    def __init__(self, store: Store, *, clock: Callable[[], datetime] = _utcnow) -> None:
+        self.store = store
+        self.clock = clock
+        self._running: asyncio.Task[BulkResult] | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self._running is not None and not self._running.done()
+
+    async def _run(self, operation: BulkOperation) -> BulkResult:
+        shape = {
+            "handlers": operation.handlers,
+            "missing_only": operation.missing_only,
+            "dry_run": operation.dry_run,
+        }
+        try:
+            result = await run_bulk(self.store, operation, clock=self.clock, on_retry=_log_retry)
+        except Exception as exc:
+            # Any failure (StoreUnavailable, or a bug) is logged here: a client that hung up
+            # never reads it. Re-raised for the route, which answers it.
+            logger.warning("admin.bulk_failed", error=str(exc), **shape)
+            raise
+        logger.info(
+            "admin.bulk_done",
+            matched=result.matched,
+            created=result.created,
+            reset=result.reset,
+            batches=result.batches,
+            seconds=round(result.seconds, 3),
+            **shape,
+        )
+        return result
+
+    def start(self, operation: BulkOperation) -> asyncio.Task[BulkResult]:
+        """The running operation's task; ``OperationInProgress`` when one already runs."""
+        if self.busy:
+            raise OperationInProgress("Another bulk replay or backfill is running.")
+        task = asyncio.create_task(self._run(operation))
+        task.add_done_callback(_retrieved)
+        self._running = task
+        return task
+
+
+def _retrieved(task: asyncio.Task[BulkResult]) -> None:
+    # Mark the outcome read: when the client hung up nobody awaits it, and asyncio would warn
+    # "exception was never retrieved" about a failure ``_run`` has already logged.
+    if not task.cancelled():
+        task.exception()
+
+
+__all__ = [
+    "BATCH_SIZE",
+    "BulkOperation",
+    "BulkResult",
+    "BulkRunner",
+    "OperationInProgress",
+    "run_bulk",
+]

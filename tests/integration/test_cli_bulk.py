@@ -1,0 +1,271 @@
+"""``replay`` with filters and ``backfill HANDLER`` (cli.py): locally on a real SQLite file
+(``LACUNA_DATABASE_URL``), and remotely against a real admin listener (uvicorn on a socket,
+``--url``/``--token`` or ``LACUNA_ADMIN_URL``/``LACUNA_ADMIN_TOKEN``); bad arguments are one
+line and exit 2, never a traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+
+from lacuna_webhooks.admin import create_admin_app
+from lacuna_webhooks.cli import main
+from lacuna_webhooks.models import Attempt, AttemptOutcome
+from lacuna_webhooks.store import Store, open_store
+from lacuna_webhooks.store.sqlite import SQLiteStore
+from tests.e2e.conftest import free_port
+from tests.integration.test_admin_api import TOKEN, event
+from tests.integration.test_admin_bulk import bulk_context
+
+HANDLERS = "audit=log,hook=log,late=log"
+
+
+async def _seed(store: Store) -> None:
+    """c1..c3 job.completed, c4 job.failed with a dead audit delivery; none has ``late``."""
+    now = datetime.now(UTC) - timedelta(minutes=5)
+    for i in range(1, 4):
+        assert await store.accept(event(f"c{i}", task_id=f"t{i}"), ["audit"], now=now)
+    assert await store.accept(event("c4", "job.failed", task_id="t4"), ["audit"], now=now)
+    for d in await store.claim(handler="audit", limit=10, lease=timedelta(minutes=1), now=now):
+        if d.event.id == "c4":
+            assert await store.dead(d, Attempt(now, now, AttemptOutcome.DEAD, "410 Gone"))
+        else:
+            assert await store.complete(d, Attempt(now, now, AttemptOutcome.OK, None))
+
+
+def _deliveries(url: str) -> dict[tuple[str, str], str]:
+    async def read() -> dict[tuple[str, str], str]:
+        store = open_store(url)
+        await store.open()
+        try:
+            found = await store.list_deliveries(limit=1000)
+        finally:
+            await store.close()
+        return {(d.event_id, d.handler): d.status.value for d in found}
+
+    return asyncio.run(read())
+
+
+@pytest.fixture
+def local(tmp_path: Path) -> dict[str, str]:
+    url = f"sqlite:///{tmp_path / 'bulk.db'}"
+
+    async def fill() -> None:
+        store = open_store(url)
+        await store.open()
+        try:
+            await _seed(store)
+        finally:
+            await store.close()
+
+    asyncio.run(fill())
+    return {"LACUNA_DATABASE_URL": url, "LACUNA_HANDLERS": HANDLERS}
+
+
+def run(argv: list[str], env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> Any:
+    """The exit code and the JSON printed by a ``--json`` command."""
+    assert main(argv, env) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    # The in-process listener's log lines (structlog, unconfigured here) share stdout.
+    return json.loads(out[out.index("{\n") :])
+
+
+def refused(argv: list[str], env: dict[str, str], capsys: pytest.CaptureFixture[str]) -> str:
+    """The one error line of a command refused with exit 2 (argparse's too)."""
+    try:
+        code = main(argv, env)
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    captured = capsys.readouterr()
+    assert code == 2, (captured.out, captured.err)
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "Traceback" not in captured.err
+    return lines[0]
+
+
+# --- local ---------------------------------------------------------------------------------------
+
+
+def test_backfill_locally(local: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    """backfill late --all: one new pending delivery per event, nothing else touched; again:
+    nothing created; the text output says so."""
+    before = _deliveries(local["LACUNA_DATABASE_URL"])
+    dry = run(["backfill", "late", "--all", "--dry-run", "--json"], local, capsys)
+    assert dry == {"matched": 4, "created": 0, "reset": 0, "dry_run": True}
+    assert _deliveries(local["LACUNA_DATABASE_URL"]) == before
+    answer = run(["backfill", "late", "--all", "--json"], local, capsys)
+    assert answer == {"matched": 4, "created": 4, "reset": 0, "dry_run": False}
+    after = _deliveries(local["LACUNA_DATABASE_URL"])
+    assert {k: v for k, v in after.items() if k[1] == "late"} == {
+        (f"c{i}", "late"): "pending" for i in range(1, 5)
+    }
+    assert {k: v for k, v in after.items() if k[1] != "late"} == before
+    assert main(["backfill", "late", "--all"], local) == 0
+    out = capsys.readouterr().out
+    assert "4 events matched; 0 deliveries created, 0 made due again" in out
+
+
+def test_replay_with_filters_locally(
+    local: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--status dead --handler audit selects c4: its dead delivery is due again; --type with
+    --to creates and resets; --match and --task-id select like the API."""
+    answer = run(["replay", "--handler", "audit", "--status", "dead", "--json"], local, capsys)
+    assert answer == {"matched": 1, "created": 0, "reset": 1, "dry_run": False}
+    assert _deliveries(local["LACUNA_DATABASE_URL"])[("c4", "audit")] == "pending"
+    answer = run(
+        ["replay", "--type", "job.completed", "--to", "audit", "--to", "late", "--json"],
+        local,
+        capsys,
+    )
+    assert answer == {"matched": 3, "created": 3, "reset": 3, "dry_run": False}
+    answer = run(["replay", "--task-id", "t2", "--dry-run", "--json"], local, capsys)
+    assert answer["matched"] == 1
+    answer = run(
+        ["replay", "--match", "data.id:t3", "--q", "t3", "--since", "2000-01-01", "--json"],
+        local,
+        capsys,
+    )
+    assert answer == {"matched": 1, "created": 0, "reset": 2, "dry_run": False}
+    answer = run(["replay", "--until", "2000-01-01", "--json"], local, capsys)
+    assert answer["matched"] == 0
+
+
+def test_single_event_replay_keeps_working(
+    local: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["replay", "c4"], local) == 0
+    assert "replayed c4: 1 deliveries due now" in capsys.readouterr().out
+    assert run(["replay", "c1", "--to", "late", "--json"], local, capsys) == {
+        "event_id": "c1",
+        "replayed": 1,
+    }
+    assert _deliveries(local["LACUNA_DATABASE_URL"])[("c1", "late")] == "pending"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["replay"], "give at least one filter (--type, --task-id"),
+        (["backfill", "late"], "or --all to take every stored event"),
+        (["replay", "--all", "--type", "job.failed"], "--all takes every stored event"),
+        (["replay", "c1", "--all"], "EVENT_ID replays one event: --all"),
+        (["replay", "c1", "--type", "x", "--dry-run"], "--type, --dry-run select events"),
+        (["replay", "--handler", "audit", "--handler", "hook"], "--handler (the filter)"),
+        (["replay", "--since", "yesterday"], "--since: since must be RFC 3339"),
+        (["replay", "--since", "2026-02-01", "--until", "2026-01-01"], "since must be before"),
+        (["replay", "--match", "nocolon"], "--match: match must be <dotted.path>:<value>"),
+        (["replay", "--q", ""], "--q: q must be 1 to"),
+        (["backfill", "nope", "--all"], "HANDLER: 'nope' is not a configured handler"),
+        (["replay", "--all", "--to", "nope"], "--to: 'nope' is not a configured handler"),
+        (["backfill", "Not-A-Name", "--all"], "must be a handler name"),
+        (["replay", "--status", "lost"], "invalid choice"),
+        (["replay", "--all", "--token", "x" * 40], "--token needs --url"),
+        (["replay", "--all", "--url", "ftp://host"], "must be the admin listener's http(s)"),
+        (["replay", "--all", "--url", "http://127.0.0.1:9"], "needs a token"),
+    ],
+)
+def test_bad_arguments_are_one_line(
+    local: dict[str, str], argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = _deliveries(local["LACUNA_DATABASE_URL"])
+    line = refused(argv, {**local, "LACUNA_ADMIN_TOKEN": ""}, capsys)
+    assert message in line, line
+    assert line.startswith("lacuna-webhooks")
+    assert _deliveries(local["LACUNA_DATABASE_URL"]) == before
+
+
+# --- remote ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def remote(tmp_path: Path) -> Iterator[dict[str, str]]:
+    """A real admin listener (uvicorn on a socket, in a thread with its own loop, where its
+    SQLite store lives) over the seeded events; the env of a CLI on another machine."""
+    path = tmp_path / "remote.db"
+    port = free_port()
+    started = threading.Event()
+    holder: dict[str, Any] = {}
+
+    async def serve() -> None:
+        store = SQLiteStore(str(path))
+        await store.open()
+        try:
+            await _seed(store)
+            app = create_admin_app(bulk_context(store))
+            config = uvicorn.Config(
+                app, host="127.0.0.1", port=port, log_level="warning", log_config=None
+            )
+            server = uvicorn.Server(config)
+            holder["server"] = server
+            task = asyncio.create_task(server.serve())
+            while not server.started and not task.done():  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            started.set()
+            await task
+        finally:
+            started.set()
+            await store.close()
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
+    thread.start()
+    assert started.wait(30)
+    assert holder["server"].started
+    # No LACUNA_DATABASE_URL: the command must not touch a local store.
+    yield {"url": f"http://127.0.0.1:{port}", "db": f"sqlite:///{path}"}
+    holder["server"].should_exit = True
+    thread.join(30)
+
+
+def test_backfill_remotely(remote: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
+    """--url/--token, then LACUNA_ADMIN_URL/LACUNA_ADMIN_TOKEN (several tokens: the first);
+    no LACUNA_DATABASE_URL or webhook secret on the operator's side."""
+    flags = ["--url", remote["url"], "--token", TOKEN]
+    dry = run(["backfill", "late", "--all", "--dry-run", "--json", *flags], {}, capsys)
+    assert dry == {"matched": 4, "created": 0, "reset": 0, "dry_run": True}
+    answer = run(["backfill", "late", "--type", "job.completed", "--json", *flags], {}, capsys)
+    assert answer == {"matched": 3, "created": 3, "reset": 0, "dry_run": False}
+    env = {"LACUNA_ADMIN_URL": remote["url"] + "/", "LACUNA_ADMIN_TOKEN": f"{TOKEN},other"}
+    answer = run(["backfill", "late", "--all", "--json"], env, capsys)
+    assert answer == {"matched": 4, "created": 1, "reset": 0, "dry_run": False}
+    answer = run(["replay", "--status", "dead", "--to", "audit", "--json"], env, capsys)
+    assert answer == {"matched": 1, "created": 0, "reset": 1, "dry_run": False}
+    assert main(["replay", "c2", "--to", "hook"], env) == 0
+    assert "replayed c2: 1 deliveries due now" in capsys.readouterr().out
+    stored = _deliveries(remote["db"])
+    assert {k for k in stored if k[1] == "late"} == {(f"c{i}", "late") for i in range(1, 5)}
+    assert stored[("c4", "audit")] == "pending"
+    assert stored[("c2", "hook")] == "pending"
+
+
+def test_remote_refusals_are_one_line(
+    remote: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The listener's 400 is exit 2 with its message; a wrong token or no listener exit 1;
+    never the token in the output."""
+    env = {"LACUNA_ADMIN_URL": remote["url"], "LACUNA_ADMIN_TOKEN": TOKEN}
+    line = refused(["backfill", "nope", "--all"], env, capsys)
+    assert "400 invalid_request: 'nope' is not a configured handler" in line
+    line = refused(["replay", "--since", "yesterday"], env, capsys)
+    assert "since must be RFC 3339" in line
+    wrong = {**env, "LACUNA_ADMIN_TOKEN": "adm_" + "w" * 40}
+    assert main(["replay", "--all", "--dry-run"], wrong) == 1
+    err = capsys.readouterr().err
+    assert "401 unauthorized" in err
+    assert "w" * 40 not in err
+    gone = {**env, "LACUNA_ADMIN_URL": f"http://127.0.0.1:{free_port()}"}
+    assert main(["replay", "--all", "--dry-run"], gone) == 1
+    err = capsys.readouterr().err
+    assert "cannot reach the admin API" in err
+    assert len(err.strip().splitlines()) == 1
+    assert main(["replay", "nope_evt"], env) == 1
+    assert "404 not_found" in capsys.readouterr().err
