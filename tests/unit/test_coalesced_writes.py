@@ -59,7 +59,8 @@ async def test_close_sends_what_is_pending_then_closes() -> None:
     coalesced = _CoalescedWrites(raw, asyncio.get_running_loop())
     coalesced.write(b"HTTP/1.1 408 Request Timeout\r\n\r\n")
     coalesced.close()
-    assert raw.sent == [b"HTTP/1.1 408 Request Timeout\r\n\r\n"] and raw.closed
+    assert raw.sent == [b"HTTP/1.1 408 Request Timeout\r\n\r\n"]
+    assert raw.closed
     coalesced.write(b"late")  # after close: dropped at the end of the turn, never raised
     await asyncio.sleep(0)
     assert len(raw.sent) == 1
