@@ -131,6 +131,20 @@ WHERE $1::text IS NULL OR type = $1
 ORDER BY received_at DESC, seq DESC
 LIMIT $2
 
+-- name: stream_after
+-- The live stream (0008_stream.sql): rows after the cursor ($1 xid as text, $2 seq) whose
+-- transaction is older than every transaction still running, so none can commit behind them.
+SELECT id, type, created, received_at, task_id, superseded, raw, xid::text AS xid, seq
+FROM events
+WHERE (xid, seq) > ($1::text::xid8, $2::bigint)
+  AND xid < pg_snapshot_xmin(pg_current_snapshot())
+ORDER BY xid, seq
+LIMIT $3
+
+-- name: stream_head
+-- "Now": every row written by a transaction below the snapshot's xmin is already visible.
+SELECT pg_snapshot_xmin(pg_current_snapshot())::text
+
 -- name: get_event
 SELECT id, type, created, received_at, task_id, superseded, raw
 FROM events WHERE id = $1
