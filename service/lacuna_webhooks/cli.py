@@ -221,14 +221,17 @@ class _AdminListener:
     this one installs none and is stopped by ``serve`` once the webhook server has shut
     down, so one signal ends both and the process still exits 0."""
 
-    def __init__(self, server: Any, sock: Any) -> None:
+    def __init__(self, server: Any, sock: Any, stopping: asyncio.Event) -> None:
         self.server = server
         self.sock = sock
+        self.stopping = stopping
 
     async def serve(self) -> None:
         await self.server.serve(sockets=[self.sock])
 
     async def stop(self, task: asyncio.Task[None]) -> None:
+        # Live streams and long-polls end first: uvicorn waits for every open response.
+        self.stopping.set()
         self.server.should_exit = True
         try:
             await task
@@ -296,7 +299,7 @@ def _admin_listener(
             yield  # the webhook server handles the signals for both
 
     log.info("admin.listening", url=f"http://{_url_host(host)}:{port}/", api="/api/v1")
-    return _AdminListener(_Quiet(config), sock)
+    return _AdminListener(_Quiet(config), sock, ctx.stopping)
 
 
 def _url_host(host: str) -> str:

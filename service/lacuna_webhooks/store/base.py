@@ -337,9 +337,7 @@ class Store(Protocol):
 
     async def get_task(self, task_id: str) -> TaskRecord | None: ...
 
-    async def stream_after(
-        self, cursor: str | None, limit: int
-    ) -> list[tuple[str, EventRecord]]:
+    async def stream_after(self, cursor: str | None, limit: int) -> list[tuple[str, EventRecord]]:
         """Up to ``limit`` events after ``cursor`` (``None``: from the first stored), oldest
         first, each with its own cursor (opaque, ``stream.py``). Every event is handed out
         once: an event that commits later never sorts before a cursor already given.

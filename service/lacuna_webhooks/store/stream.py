@@ -116,10 +116,10 @@ async def follow(
             quiet_since = loop.time()
             idle = 0.0
         timeout = min(signal.poll_seconds, max(0.0, idle_seconds - idle))
-        await _first_of((mark, stopping), timeout)
+        await first_of((mark, stopping), timeout)
 
 
-async def _first_of(events: tuple[asyncio.Event, ...], timeout_seconds: float) -> None:
+async def first_of(events: tuple[asyncio.Event, ...], timeout_seconds: float) -> None:
     """Return when any of ``events`` is set, or after the timeout."""
     waiters = [asyncio.ensure_future(event.wait()) for event in events]
     try:
@@ -128,4 +128,5 @@ async def _first_of(events: tuple[asyncio.Event, ...], timeout_seconds: float) -
         for waiter in waiters:
             waiter.cancel()
 
-__all__ = ["FOLLOW_BATCH", "StreamSignal", "follow", "make_cursor", "read_cursor"]
+
+__all__ = ["FOLLOW_BATCH", "StreamSignal", "first_of", "follow", "make_cursor", "read_cursor"]

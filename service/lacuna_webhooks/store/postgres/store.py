@@ -623,7 +623,9 @@ class PostgresStore:
         xid, seq = (0, 0) if cursor is None else read_cursor(cursor, "p", 2)
         async with self._connection() as conn:
             rows = await conn.fetch(Q["stream_after"], str(xid), seq, max(0, limit))
-        return [(make_cursor("p", int(row["xid"]), row["seq"]), event_record(row, _at)) for row in rows]
+        return [
+            (make_cursor("p", int(row["xid"]), row["seq"]), event_record(row, _at)) for row in rows
+        ]
 
     async def stream_head(self) -> str:
         async with self._connection() as conn:
