@@ -1,8 +1,9 @@
 """The command line, and the composition root: the only module that wires everything together.
 
 ``lacuna-webhooks serve | worker | dev | send | events | deliveries | replay | retry-dead |
-migrate | handlers``. Errors are one line on stderr (``lacuna-webhooks: error: ...``) and a non-zero
-exit: 2 for bad arguments or settings, 1 for anything else that went wrong.
+migrate | handlers | tail | listen``. Errors are one line on stderr
+(``lacuna-webhooks: error: ...``) and a non-zero exit: 2 for bad arguments or settings, 1 for
+anything else that went wrong.
 """
 
 from __future__ import annotations
@@ -1031,6 +1032,66 @@ def _handler_name(value: str) -> str:
     return value
 
 
+def _admin_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--url", help="the admin API, e.g. http://127.0.0.1:8001 (default: $LACUNA_ADMIN_URL)"
+    )
+    parser.add_argument("--token", help="an admin token (default: $LACUNA_ADMIN_TOKEN)")
+    parser.add_argument(
+        "--from",
+        dest="start",
+        choices=["now", "beginning"],
+        default="now",
+        help="where to start without a saved cursor (default now)",
+    )
+
+
+def _tail(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from . import listen
+
+    try:
+        target = listen.admin_target(args.url, args.token, environ)
+        main = listen.tail(
+            target,
+            as_json=args.json,
+            from_beginning=args.start == "beginning",
+            out=sys.stdout,
+            say=listen.stderr_say,
+        )
+        return listen.run(main, listen.stderr_say)
+    except listen.ListenError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def _listen(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from . import listen
+
+    forward_to = args.forward_to
+    if not forward_to.startswith(("http://", "https://")):
+        raise CommandError(f"--forward-to must be an http:// or https:// URL: {forward_to}", 2)
+    try:
+        target = listen.admin_target(args.url, args.token, environ)
+        cursor_file = (
+            Path(args.cursor_file)
+            if args.cursor_file
+            else listen.default_cursor_file(target, forward_to, environ)
+        )
+        main = listen.listen(
+            target,
+            forward_to=forward_to,
+            keys=listen.parse_secret(args.secret),
+            events=listen.parse_events(args.events),
+            cursor_file=cursor_file,
+            from_beginning=args.start == "beginning",
+            say=listen.stderr_say,
+        )
+        return listen.run(main, listen.stderr_say)
+    except listen.ListenError as exc:
+        raise CommandError(str(exc)) from None
+    except OSError as exc:
+        raise CommandError(f"cannot keep the cursor file: {exc}") from None
+
+
 def _port(value: str) -> int:
     number = _positive(value)
     if number > 65535:
@@ -1133,6 +1194,37 @@ def build_parser() -> argparse.ArgumentParser:
     retry_dead = sub.add_parser("retry-dead", help="make dead deliveries due again")
     retry_dead.add_argument("--handler", type=_handler_name, help="only this handler's")
 
+    tail = sub.add_parser(
+        "tail",
+        help="print each event as a deployment stores it (the admin API's live stream)",
+        description="Follow GET /api/v1/stream of an admin API: one line per event (received,"
+        " type, id, task, title); reconnects by itself when the stream is lost.",
+    )
+    _admin_args(tail)
+    tail.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    listen = sub.add_parser(
+        "listen",
+        help="forward a deployment's events to a local app, signed, resuming where it stopped",
+        description="Follow GET /api/v1/stream of an admin API and POST each event to"
+        " --forward-to with Standard Webhooks headers; the last forwarded event's cursor is"
+        " kept in a local file, so a restart (after Ctrl-C, a crash, a laptop that slept)"
+        " resumes right after it. A failing local app is retried until it takes the event.",
+    )
+    _admin_args(listen)
+    listen.add_argument("--forward-to", required=True, help="e.g. http://127.0.0.1:3000/hooks")
+    listen.add_argument(
+        "--secret", help="whsec_… secret(s) to sign with, comma-separated (default: unsigned)"
+    )
+    listen.add_argument(
+        "--events", help="only these event types, comma-separated (the others are skipped)"
+    )
+    listen.add_argument(
+        "--cursor-file",
+        help="where the cursor is kept (default: one file per --url and --forward-to under"
+        " $XDG_STATE_HOME/lacuna-webhooks/listen)",
+    )
+
     sub.add_parser("migrate", help="apply pending schema migrations")
     handlers = sub.add_parser(
         "handlers",
@@ -1175,6 +1267,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
                 return _retry_dead(args, env)
             case "migrate":
                 return _migrate(env)
+            case "tail":
+                return _tail(args, env)
+            case "listen":
+                return _listen(args, env)
             case "handlers":
                 return _handlers(args, env)
     except CommandError as exc:
