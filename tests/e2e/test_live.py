@@ -1,0 +1,273 @@
+"""The live stream and ``listen`` against real ``serve`` processes (SQLite).
+
+- The stream resumes after a restart of ``serve``: cursors handed out before the restart
+  still resume exactly after their event; and ``serve`` stops promptly on SIGTERM while a
+  stream is open.
+- ``listen`` forwards to a real local HTTP app that verifies every request with the
+  ``standardwebhooks`` library; ``listen`` is killed (SIGKILL) mid-stream and started
+  again, ``serve`` is restarted under it, the app refuses one delivery: every event still
+  arrives, in order, and only the one in flight at the kill may arrive twice (the app
+  deduplicates on ``webhook-id``, as docs/cli.md says).
+"""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from httpx_sse import connect_sse
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from tests.conftest import make_event, signed
+from tests.e2e.conftest import CLI, Serve, free_port, wait_until
+
+TOKEN = "adm_" + "e" * 40
+SECRET = "whsec_" + base64.b64encode(b"the-listeners-app-secret-key-32b").decode()
+
+
+def start_serve(serve_factory: type[Serve], tmp_path: Path) -> tuple[Serve, str]:
+    admin_port = free_port()
+    serve = serve_factory(  # type: ignore[call-arg]
+        {
+            "LACUNA_DATABASE_URL": f"sqlite:///{tmp_path / 'events.db'}",
+            "LACUNA_ADMIN_TOKEN": TOKEN,
+            "LACUNA_ADMIN_PORT": str(admin_port),
+            "LACUNA_SHUTDOWN_TIMEOUT": "20",
+        }
+    ).start()
+    admin = f"http://127.0.0.1:{admin_port}"
+    wait_until(lambda: _answers(admin + "/api/v1/openapi.json"), what="the admin listener")
+    return serve, admin
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, headers={"authorization": f"Bearer {TOKEN}"}, timeout=2).is_success
+    except httpx.HTTPError:
+        return False
+
+
+def send(serve: Serve, event_id: str) -> None:
+    body, headers = signed(make_event(event_id, title=f"Title of {event_id}"))
+    answer = httpx.post(serve.webhook_url, content=body, headers=headers, timeout=10)
+    assert answer.status_code == 200, answer.text
+
+
+def read_stream(admin: str, count: int, **request: Any) -> list[tuple[str, str]]:
+    """(cursor, event id) of the first ``count`` messages of one stream request."""
+    got: list[tuple[str, str]] = []
+    headers = {"authorization": f"Bearer {TOKEN}", **request.pop("headers", {})}
+    with (
+        httpx.Client(timeout=30) as client,
+        connect_sse(client, "GET", admin + "/api/v1/stream", headers=headers, **request) as source,
+    ):
+        for message in source.iter_sse():
+            got.append((message.id, orjson.loads(message.data)["id"]))
+            if len(got) == count:
+                break
+    return got
+
+
+def test_stream_resumes_after_a_restart_of_serve(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    serve, admin = start_serve(serve_factory, tmp_path)
+    for i in range(3):
+        send(serve, f"evt_live_{i}")
+    before = read_stream(admin, 3, params={"from": "beginning"})
+    assert [event_id for _, event_id in before] == ["evt_live_0", "evt_live_1", "evt_live_2"]
+
+    # SIGTERM with a stream open: the stream ends and serve exits promptly, with 0.
+    ended = threading.Event()
+
+    def hold_open() -> None:
+        with contextlib_suppress():
+            read_stream(admin, 1_000)
+        ended.set()
+
+    holder = threading.Thread(target=hold_open, daemon=True)
+    holder.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    serve.signal(signal.SIGTERM)
+    assert serve.wait(30) == 0
+    assert time.monotonic() - started < 15, "serve waited for the open stream"
+    assert ended.wait(10), "the open stream did not end"
+
+    serve.start()
+    wait_until(lambda: _answers(admin + "/api/v1/openapi.json"), what="the admin listener")
+    send(serve, "evt_live_3")
+    send(serve, "evt_live_4")
+    after = read_stream(admin, 3, headers={"last-event-id": before[1][0]})
+    assert [event_id for _, event_id in after] == ["evt_live_2", "evt_live_3", "evt_live_4"]
+    assert after[0][0] == before[2][0]  # the same event keeps its cursor across the restart
+
+
+class contextlib_suppress:  # noqa: N801 - a context manager read as a statement
+    """Suppress the errors of a stream cut by its server (the test checks the cut itself)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc_info: object) -> bool:
+        return exc_info[0] is None or issubclass(exc_info[0], httpx.HTTPError)  # type: ignore[arg-type]
+
+
+# --- listen -------------------------------------------------------------------------------------
+
+
+class App:
+    """The local app ``listen`` forwards to: a real HTTP server that verifies each request
+    with ``standardwebhooks`` and records the ids it took (answered 2xx), in order. It
+    refuses the first attempt of ``refuse_once`` with a 500."""
+
+    def __init__(self, refuse_once: str) -> None:
+        self.taken: list[str] = []
+        self.invalid: list[str] = []
+        self.refused: list[str] = []
+        self.refuse_once = refuse_once
+        self.lock = threading.Lock()
+        app = self
+        verifier = Webhook(SECRET)
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["content-length"]))
+                headers = {k.lower(): v for k, v in self.headers.items()}
+                try:
+                    payload = verifier.verify(body, headers)
+                except WebhookVerificationError as exc:
+                    with app.lock:
+                        app.invalid.append(str(exc))
+                    self._answer(400)
+                    return
+                event_id = payload["id"]
+                assert headers["webhook-id"] == event_id
+                with app.lock:
+                    if event_id == app.refuse_once and event_id not in app.refused:
+                        app.refused.append(event_id)
+                        status = 500
+                    else:
+                        app.taken.append(event_id)
+                        status = 200
+                self._answer(status)
+
+            def _answer(self, status: int) -> None:
+                self.send_response(status)
+                self.send_header("content-length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.taken)
+
+
+@pytest.fixture
+def app() -> Iterator[App]:
+    made = App(refuse_once="evt_fwd_05")
+    yield made
+    made.server.shutdown()
+    made.server.server_close()
+
+
+class Listener:
+    def __init__(self, admin: str, app: App, workdir: Path) -> None:
+        self.command = [
+            CLI,
+            "listen",
+            "--url",
+            admin,
+            "--token",
+            TOKEN,
+            "--forward-to",
+            app.url,
+            "--secret",
+            SECRET,
+            "--events",
+            "job.completed",
+            "--cursor-file",
+            str(workdir / "listen-cursor.json"),
+            "--from",
+            "beginning",
+        ]
+        self.log_path = workdir / "listen.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Listener:
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(self.command, stdout=log, stderr=log)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def test_listen_killed_and_restarted_forwards_every_event_once_in_order(
+    serve_factory: type[Serve], tmp_path: Path, app: App
+) -> None:
+    serve, admin = start_serve(serve_factory, tmp_path)
+    sent: list[str] = []
+
+    def send_some(first: int, count: int) -> None:
+        for i in range(first, first + count):
+            event_id = f"evt_fwd_{i:02d}"
+            send(serve, event_id)
+            sent.append(event_id)
+            time.sleep(0.05)
+
+    # Not forwarded (--events job.completed), yet the cursor moves past it.
+    body, headers = signed(make_event("evt_fwd_failed", "job.failed"))
+    assert httpx.post(serve.webhook_url, content=body, headers=headers).status_code == 200
+    send_some(0, 10)
+    listener = Listener(admin, app, tmp_path).start()
+    try:
+        wait_until(lambda: app.count() >= 6, what="six forwards", timeout=60)
+        assert listener.proc is not None
+        listener.proc.send_signal(signal.SIGKILL)
+        listener.proc.wait(10)
+        send_some(10, 10)  # stored while nobody listens
+        listener.start()
+        wait_until(lambda: app.count() >= 15, what="the restarted listener", timeout=60)
+        # serve restarted under the listener: it says so, reconnects, misses nothing.
+        serve.signal(signal.SIGTERM)
+        assert serve.wait(30) == 0
+        serve.start()
+        send_some(20, 5)
+        wait_until(
+            lambda: set(sent) <= set(app.taken),
+            what=f"every event forwarded:\n{listener.log()}",
+            timeout=90,
+        )
+        log = listener.log()
+    finally:
+        if listener.proc is not None and listener.proc.poll() is None:
+            listener.proc.send_signal(signal.SIGINT)  # Ctrl-C: a clean stop
+            assert listener.proc.wait(15) == 0
+    assert app.invalid == []
+    assert app.refused == ["evt_fwd_05"]  # refused once, retried, never skipped
+    assert "evt_fwd_failed" not in app.taken
+    # In order; only the event in flight at the SIGKILL may come twice, right after itself.
+    deduplicated = [e for i, e in enumerate(app.taken) if i == 0 or app.taken[i - 1] != e]
+    assert deduplicated == sent, app.taken
+    assert len(app.taken) - len(deduplicated) <= 1
+    assert "stream: lost" in log
+    assert "stream: reconnected" in log
+    assert "resuming" in log
+    assert "stopped" in listener.log().splitlines()[-1]
