@@ -112,11 +112,10 @@ async def test_signal_wakes_a_follower_on_accept(store: Store) -> None:
     got: list[str] = []
 
     async def run() -> None:
-        async for item in follow(store, None, stopping=stopping, idle_seconds=60):
-            if item is not None:
-                got.append(item[1].id)
-                if len(got) == 2:
-                    return
+        async for batch in follow(store, None, stopping=stopping, idle_seconds=60):
+            got.extend(record.id for _, record in batch)
+            if len(got) == 2:
+                return
 
     await store.accept(event("evt_f1"), [], now=NOW)
     task = asyncio.create_task(run())
@@ -136,8 +135,10 @@ async def test_follow_ends_when_stopping() -> None:
 
     async def run() -> int:
         count = 0
-        async for _ in follow(store, await store.stream_head(), stopping=stopping, idle_seconds=60):
-            count += 1
+        async for batch in follow(
+            store, await store.stream_head(), stopping=stopping, idle_seconds=60
+        ):
+            count += len(batch)
         return count
 
     task = asyncio.create_task(run())
@@ -217,11 +218,10 @@ async def test_postgres_other_replicas_events_reach_a_follower(postgres_dsn: str
     got: list[str] = []
 
     async def run() -> None:
-        async for item in follow(one, await one.stream_head(), stopping=stopping, idle_seconds=60):
-            if item is not None:
-                got.append(item[1].id)
-                if len(got) == 20:
-                    return
+        async for batch in follow(one, await one.stream_head(), stopping=stopping, idle_seconds=60):
+            got.extend(record.id for _, record in batch)
+            if len(got) == 20:
+                return
 
     try:
         task = asyncio.create_task(run())

@@ -54,6 +54,8 @@ MAX_WAIT_SECONDS = 60.0
 MAX_TASK_EVENTS = 100
 #: Statuses that end a task (SPEC §2): a ``wait`` answers as soon as one is stored.
 FINAL_STATUSES = frozenset({"ready", "failed"})
+#: Messages written to the socket in one piece (one write, then the loop is given back).
+CHUNK_MESSAGES = 16
 _STREAM_PARAMS = ("after", "from")
 _FROM = ("now", "beginning")
 
@@ -196,10 +198,18 @@ async def _messages(ctx: AdminContext, cursor: str | None) -> AsyncIterator[byte
     # httpx-sse among them, hand out a message without data for it.)
     yield b": stream open\n\n"
     try:
-        async for item in follow(
+        async for batch in follow(
             ctx.store, cursor, stopping=ctx.stopping, idle_seconds=KEEPALIVE_SECONDS
         ):
-            yield b": keepalive\n\n" if item is None else sse_message(*item)
+            if not batch:
+                yield b": keepalive\n\n"
+            for start in range(0, len(batch), CHUNK_MESSAGES):
+                chunk = batch[start : start + CHUNK_MESSAGES]
+                yield b"".join(sse_message(cursor, record) for cursor, record in chunk)
+                # A stream replaying a backlog writes without ever waiting (the socket keeps
+                # up): give the loop back after each chunk, so intake's requests interleave
+                # instead of queueing behind a whole batch of encoding.
+                await asyncio.sleep(0)
     except StoreUnavailable as exc:
         # The client resumes from its last id once the store answers again.
         log.warning("admin.stream_ended", reason=exc.message)

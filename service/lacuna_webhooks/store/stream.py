@@ -92,27 +92,27 @@ async def follow(
     *,
     stopping: asyncio.Event,
     idle_seconds: float,
-) -> AsyncIterator[tuple[str, EventRecord] | None]:
-    """Every event after ``cursor`` (``None``: from the first stored), as ``(cursor, event)``,
-    then each new one as it commits, until ``stopping`` is set. ``None`` is yielded after
-    ``idle_seconds`` without an event (the caller's keepalive). ``ValueError`` for a bad
-    cursor (raised by the first read); ``StoreUnavailable`` when the store fails."""
+) -> AsyncIterator[list[tuple[str, EventRecord]]]:
+    """Every event after ``cursor`` (``None``: from the first stored), in batches of
+    ``(cursor, event)`` as ``stream_after`` reads them, then each new one as it commits,
+    until ``stopping`` is set. An empty batch is yielded after ``idle_seconds`` without an
+    event (the caller's keepalive). ``ValueError`` for a bad cursor (raised by the first
+    read); ``StoreUnavailable`` when the store fails."""
     signal = store.stream_signal
     loop = asyncio.get_running_loop()
     quiet_since = loop.time()
     while not stopping.is_set():
         mark = signal.mark()
         batch = await store.stream_after(cursor, FOLLOW_BATCH)
-        for item in batch:
-            cursor = item[0]
-            yield item
         if batch:
+            cursor = batch[-1][0]
+            yield batch
             quiet_since = loop.time()
             if len(batch) == FOLLOW_BATCH:
                 continue  # more are stored: read on before waiting
         idle = loop.time() - quiet_since
         if idle >= idle_seconds:
-            yield None
+            yield []
             quiet_since = loop.time()
             idle = 0.0
         timeout = min(signal.poll_seconds, max(0.0, idle_seconds - idle))
