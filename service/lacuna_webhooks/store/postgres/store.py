@@ -385,9 +385,13 @@ class PostgresStore:
                     names,
                     now,
                 )
-            # Also without deliveries: other replicas' stream followers wake on it.
-            await self._notify(conn)
-        self._nudge()
+                await self._notify(conn)
+        if names:
+            self._nudge()
+        else:
+            # No work made, so no NOTIFY (other replicas' streams see such an event within
+            # STREAM_POLL_SECONDS); this process's streams wake at once.
+            self.stream_signal.notify()
         return True
 
     # -- outbox --------------------------------------------------------------------------------
