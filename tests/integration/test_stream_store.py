@@ -238,3 +238,29 @@ async def test_postgres_other_replicas_events_reach_a_follower(postgres_dsn: str
         stopping.set()
         await one.close()
         await two.close()
+
+
+@pytest.mark.postgres
+async def test_postgres_orders_by_transaction_id_as_a_number(postgres_dsn: str) -> None:
+    """Rows written by transactions 9999 and 10000 come in that order (a sort of the ids as
+    text would put 10000 first); within one transaction, by seq."""
+    store = open_store(postgres_dsn)
+    await store.open()
+    writer = await asyncpg.connect(postgres_dsn)
+    try:
+        assert int(await writer.fetchval("SELECT pg_current_xact_id()::text")) > 10_000
+        for event_id, xid in [
+            ("evt_10000_a", "10000"),
+            ("evt_9999", "9999"),
+            ("evt_10000_b", "10000"),
+        ]:
+            await writer.execute(
+                "INSERT INTO events (id, type, received_at, raw, xid)"
+                " VALUES ($1, 't', now(), '{}', $2::text::xid8)",
+                event_id,
+                xid,
+            )
+        assert await after(store, None, 3) == ["evt_9999", "evt_10000_a", "evt_10000_b"]
+    finally:
+        await writer.close()
+        await store.close()

@@ -628,7 +628,7 @@ class PostgresStore:
         async with self._connection() as conn:
             rows = await conn.fetch(Q["stream_after"], str(xid), seq, max(0, limit))
         return [
-            (make_cursor("p", int(row["xid"]), row["seq"]), event_record(row, _at)) for row in rows
+            (make_cursor("p", int(row["stream_xid"]), row["seq"]), event_record(row, _at)) for row in rows
         ]
 
     async def stream_head(self) -> str:

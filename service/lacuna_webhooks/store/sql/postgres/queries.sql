@@ -134,11 +134,13 @@ LIMIT $2
 -- name: stream_after
 -- The live stream (0008_stream.sql): rows after the cursor ($1 xid as text, $2 seq) whose
 -- transaction is older than every transaction still running, so none can commit behind them.
-SELECT id, type, created, received_at, task_id, superseded, raw, xid::text AS xid, seq
+-- (The text of xid gets a name of its own: ORDER BY xid would sort by an output column of
+-- that name, as text, where '10000' < '9999', and could not walk the index.)
+SELECT id, type, created, received_at, task_id, superseded, raw, xid::text AS stream_xid, seq
 FROM events
 WHERE (xid, seq) > ($1::text::xid8, $2::bigint)
   AND xid < pg_snapshot_xmin(pg_current_snapshot())
-ORDER BY xid, seq
+ORDER BY events.xid, events.seq
 LIMIT $3
 
 -- name: stream_head
