@@ -6,7 +6,9 @@ a transaction that commits after a later one never lands behind a cursor already
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from datetime import timedelta
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -263,4 +265,68 @@ async def test_postgres_orders_by_transaction_id_as_a_number(postgres_dsn: str) 
         assert await after(store, None, 3) == ["evt_9999", "evt_10000_a", "evt_10000_b"]
     finally:
         await writer.close()
+        await store.close()
+
+
+# --- migration 0008 over events stored before it --------------------------------------------
+
+
+async def test_sqlite_migration_numbers_existing_events_in_insert_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file at version 7 with events: 0008 numbers them in insert order, from=beginning
+    gives them first, and new events come after them."""
+    from lacuna_webhooks.store.sqlite import operations as ops
+
+    path = tmp_path / "events.db"
+    everything = ops.migrations()
+    monkeypatch.setattr(ops, "migrations", lambda: [m for m in everything if m[0] <= 7])
+    conn = sqlite3.connect(path)
+    ops.migrate(conn)
+    for event_id in ("evt_m2", "evt_m1", "evt_m3"):
+        conn.execute(
+            "INSERT INTO events (id, type, received_at, raw) VALUES (?, 't', 1, X'7B7D')",
+            (event_id,),
+        )
+    conn.commit()
+    conn.close()
+    monkeypatch.setattr(ops, "migrations", lambda: everything)
+    store = open_store(f"sqlite:///{path}")
+    await store.open()
+    try:
+        await store.accept(event("evt_new"), [], now=NOW)
+        assert await after(store, None, 4) == ["evt_m2", "evt_m1", "evt_m3", "evt_new"]
+    finally:
+        await store.close()
+
+
+@pytest.mark.postgres
+async def test_postgres_migration_puts_existing_events_first(
+    postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database at version 7 with events: after 0008 they come first, in seq order, then
+    events stored since."""
+    from lacuna_webhooks.store.postgres import store as pg
+
+    everything = pg._migrations()
+    monkeypatch.setattr(pg, "_migrations", lambda: [m for m in everything if m[0] <= 7])
+    old = open_store(postgres_dsn)
+    await old.open()
+    await old.close()
+    conn = await asyncpg.connect(postgres_dsn)
+    try:
+        for event_id in ("evt_m2", "evt_m1"):
+            await conn.execute(
+                "INSERT INTO events (id, type, received_at, raw) VALUES ($1, 't', now(), '{}')",
+                event_id,
+            )
+    finally:
+        await conn.close()
+    monkeypatch.setattr(pg, "_migrations", lambda: everything)
+    store = open_store(postgres_dsn)
+    await store.open()
+    try:
+        await store.accept(event("evt_new"), [], now=NOW)
+        assert await after(store, None, 3) == ["evt_m2", "evt_m1", "evt_new"]
+    finally:
         await store.close()

@@ -206,6 +206,7 @@ class PostgresStore:
         self._wakeup = asyncio.Event()
         self._listening = False
         self._listener_task: asyncio.Task[None] | None = None
+        self._first_listener: asyncpg.Connection | None = None
         self._closing = False
         self._health = CommitHealth()
         # Admin searches share the pool with intake: at most this many hold a connection.
@@ -255,6 +256,7 @@ class PostgresStore:
         self._listener_task = asyncio.create_task(
             self._supervise_listener(listener), name="lacuna-webhooks-pg-listener"
         )
+        self._first_listener = listener
 
     async def close(self) -> None:
         """Stop listening and close the pool (connections still busy after a grace are cut)."""
@@ -264,6 +266,11 @@ class PostgresStore:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        first, self._first_listener = self._first_listener, None
+        if first is not None and not first.is_closed():
+            # A task cancelled before its first step never ran its cleanup: a close right
+            # after open would leak the listening connection.
+            first.terminate()
         pool, self._pool = self._pool, None
         if pool is not None:
             try:
@@ -628,7 +635,8 @@ class PostgresStore:
         async with self._connection() as conn:
             rows = await conn.fetch(Q["stream_after"], str(xid), seq, max(0, limit))
         return [
-            (make_cursor("p", int(row["stream_xid"]), row["seq"]), event_record(row, _at)) for row in rows
+            (make_cursor("p", int(row["stream_xid"]), row["seq"]), event_record(row, _at))
+            for row in rows
         ]
 
     async def stream_head(self) -> str:
