@@ -1049,6 +1049,8 @@ def _admin_args(parser: argparse.ArgumentParser) -> None:
 def _tail(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     from . import listen
 
+    if args.url is None and not environ.get("LACUNA_ADMIN_URL", "").strip():
+        return _tail_store(args, environ)
     try:
         target = listen.admin_target(args.url, args.token, environ)
         main = listen.tail(
@@ -1061,6 +1063,35 @@ def _tail(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         return listen.run(main, listen.stderr_say)
     except listen.ListenError as exc:
         raise CommandError(str(exc)) from None
+
+
+def _tail_store(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    """``tail`` without ``--url`` / ``LACUNA_ADMIN_URL``: the store of LACUNA_DATABASE_URL."""
+    from . import listen
+
+    settings = _settings(environ, require_secret=False)
+    url = settings.database_url
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        raise CommandError(f"no database at {url.removeprefix('sqlite:///')} (LACUNA_DATABASE_URL)")
+
+    async def run() -> None:
+        store = open_store(url, sqlite_synchronous=settings.sqlite_synchronous)
+        await store.open()
+        try:
+            await listen.tail_store(
+                store,
+                as_json=args.json,
+                from_beginning=args.start == "beginning",
+                out=sys.stdout,
+                say=listen.stderr_say,
+            )
+        finally:
+            await store.close()
+
+    try:
+        return listen.run(run(), listen.stderr_say)
+    except (StoreUnavailable, ValueError) as exc:
+        raise _store_error(exc, url, "store unavailable") from None
 
 
 def _listen(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
@@ -1197,8 +1228,9 @@ def build_parser() -> argparse.ArgumentParser:
     tail = sub.add_parser(
         "tail",
         help="print each event as a deployment stores it (the admin API's live stream)",
-        description="Follow GET /api/v1/stream of an admin API: one line per event (received,"
-        " type, id, task, title); reconnects by itself when the stream is lost.",
+        description="Follow GET /api/v1/stream of an admin API (--url, or LACUNA_ADMIN_URL):"
+        " one line per event (received, type, id, task, title); reconnects by itself when the"
+        " stream is lost. Without an admin API, follow the store of LACUNA_DATABASE_URL.",
     )
     _admin_args(tail)
     tail.add_argument("--json", action="store_true", help="one JSON object per line")

@@ -43,6 +43,8 @@ from .admin.client import AdminClient
 from .config import read_setting
 from .errors import ConfigError
 from .signature import signed_headers, standard_webhooks_key
+from .store import Store
+from .store.stream import follow
 
 #: Longest pause between two reconnects, or two tries of the local app (seconds).
 MAX_BACKOFF_SECONDS = 30.0
@@ -268,6 +270,33 @@ async def tail(
     await follow_stream(target, None, show, from_beginning=from_beginning, say=say)
 
 
+async def tail_store(
+    store: Store,
+    *,
+    as_json: bool,
+    from_beginning: bool,
+    out: TextIO,
+    say: Callable[[str], None],
+) -> None:
+    """``tail`` without an admin API: follow the stream of the store ``LACUNA_DATABASE_URL``
+    names, directly (events another process stores are seen within about a second)."""
+    from .admin.api_live import stream_event
+
+    cursor = None if from_beginning else await store.stream_head()
+    say("following the store's stream (Ctrl-C to stop)")
+    async for batch in follow(store, cursor, stopping=asyncio.Event(), idle_seconds=3600.0):
+        for _, record in batch:
+            event = stream_event(record)
+            if as_json:
+                shown = {k: v for k, v in event.items() if k != "raw"}
+                out.write(orjson.dumps(shown, option=orjson.OPT_UTC_Z).decode() + "\n")
+            else:
+                out.write(
+                    tail_line({**event, "received_at": record.received_at.isoformat()}) + "\n"
+                )
+        out.flush()
+
+
 # --- listen ------------------------------------------------------------------------------------
 
 
@@ -395,5 +424,6 @@ __all__ = [
     "run",
     "tail",
     "tail_line",
+    "tail_store",
     "write_cursor_file",
 ]

@@ -361,3 +361,60 @@ def test_listen_killed_and_restarted_forwards_every_event_once_in_order(
     assert "stream: reconnected" in log
     assert "resuming" in log
     assert "stopped" in listener.log().splitlines()[-1]
+
+
+# --- tail ----------------------------------------------------------------------------------------
+
+
+def test_tail_remote_and_local(serve_factory: type[Serve], tmp_path: Path) -> None:
+    """``tail --url`` (JSON lines) and ``tail`` on the store's file (no admin URL: lines) both
+    show events as serve stores them, then stop cleanly on Ctrl-C."""
+    serve, admin = start_serve(serve_factory, tmp_path)
+    send(serve, "evt_tail_0")
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("LACUNA_")}
+    outputs = {name: tmp_path / f"tail-{name}.out" for name in ("remote", "local")}
+    commands = {
+        "remote": (
+            [CLI, "tail", "--url", admin, "--json", "--from", "beginning"],
+            {
+                **base_env,
+                "LACUNA_ADMIN_TOKEN": TOKEN,
+            },
+        ),
+        "local": (
+            [CLI, "tail"],
+            {
+                **base_env,
+                "LACUNA_DATABASE_URL": f"sqlite:///{tmp_path / 'events.db'}",
+            },
+        ),
+    }
+    procs = {}
+    for name, (command, env) in commands.items():
+        with outputs[name].open("wb") as out, (tmp_path / f"tail-{name}.err").open("wb") as err:
+            procs[name] = subprocess.Popen(command, stdout=out, stderr=err, env=env, cwd=tmp_path)
+    try:
+        wait_until(lambda: b"evt_tail_0" in outputs["remote"].read_bytes(), what="the remote tail")
+        # The local tail starts from now: it says so once it has taken its start.
+        wait_until(
+            lambda: "following" in (tmp_path / "tail-local.err").read_text(),
+            what="the local tail",
+        )
+        send(serve, "evt_tail_1")
+        wait_until(
+            lambda: all(b"evt_tail_1" in out.read_bytes() for out in outputs.values()),
+            what="both tails to show the new event",
+        )
+    finally:
+        for proc in procs.values():
+            proc.send_signal(signal.SIGINT)
+        codes = {name: proc.wait(15) for name, proc in procs.items()}
+    assert codes == {"remote": 0, "local": 0}
+    remote = [orjson.loads(line) for line in outputs["remote"].read_text().splitlines()]
+    assert [e["id"] for e in remote] == ["evt_tail_0", "evt_tail_1"]
+    assert remote[1]["payload"]["data"]["title"] == "Title of evt_tail_1"
+    local = outputs["local"].read_text().splitlines()
+    assert len(local) == 1
+    assert "job.completed  evt_tail_1  cm123abc  Title of evt_tail_1" in local[0]
+    for name in procs:
+        assert "stopped" in (tmp_path / f"tail-{name}.err").read_text()
