@@ -30,8 +30,9 @@ from .search import decode_cursor, encode_cursor
 if TYPE_CHECKING:
     from .base import EventRecord, Store
 
-#: The most events one ``stream_after`` call returns to ``follow``.
-FOLLOW_BATCH = 200
+#: The most events one ``stream_after`` call returns to ``follow`` (bodies may be up to
+#: ``LACUNA_MAX_BODY_BYTES`` each: this bounds what one stream holds in memory).
+FOLLOW_BATCH = 100
 #: The largest number a cursor part may hold (PostgreSQL's xid8 and bigint fit below it).
 _MAX_PART = 2**63 - 1
 
