@@ -418,3 +418,59 @@ def test_tail_remote_and_local(serve_factory: type[Serve], tmp_path: Path) -> No
     assert "job.completed  evt_tail_1  cm123abc  Title of evt_tail_1" in local[0]
     for name in procs:
         assert "stopped" in (tmp_path / f"tail-{name}.err").read_text()
+
+
+# --- PostgreSQL: two replicas -------------------------------------------------------------------
+
+
+@pytest.mark.postgres
+def test_postgres_stream_across_replicas_and_a_restart(
+    serve_factory: type[Serve], tmp_path: Path, postgres_dsn: str
+) -> None:
+    """Two ``serve`` replicas on one database take events concurrently: a stream on either
+    gets every one of them once; a cursor from replica A resumes on replica B exactly after
+    its event, also after A restarted."""
+    replicas = []
+    for _ in range(2):
+        admin_port = free_port()
+        serve = serve_factory(  # type: ignore[call-arg]
+            {
+                "LACUNA_DATABASE_URL": postgres_dsn,
+                "LACUNA_ADMIN_TOKEN": TOKEN,
+                "LACUNA_ADMIN_PORT": str(admin_port),
+            }
+        ).start()
+        admin = f"http://127.0.0.1:{admin_port}"
+        wait_until(lambda a=admin: _answers(a + "/api/v1/openapi.json"), what="the admin API")
+        replicas.append((serve, admin))
+    (serve_a, admin_a), (serve_b, admin_b) = replicas
+
+    def send_many(serve: Serve, prefix: str) -> None:
+        for i in range(15):
+            send(serve, f"{prefix}_{i:02d}")
+
+    senders = [
+        threading.Thread(target=send_many, args=(serve, f"evt_{name}"))
+        for serve, name in ((serve_a, "a"), (serve_b, "b"))
+    ]
+    for thread in senders:
+        thread.start()
+    for thread in senders:
+        thread.join(60)
+    on_a = read_stream(admin_a, 30, params={"from": "beginning"})
+    on_b = read_stream(admin_b, 30, params={"from": "beginning"})
+    assert on_a == on_b  # one order, the same cursors, whichever replica serves it
+    ids = [event_id for _, event_id in on_a]
+    assert sorted(ids) == sorted(f"evt_{n}_{i:02d}" for n in "ab" for i in range(15))
+    # Each replica's own events keep the order it stored them in.
+    for name in "ab":
+        mine = [i for i in ids if i.startswith(f"evt_{name}_")]
+        assert mine == sorted(mine)
+
+    serve_a.signal(signal.SIGTERM)
+    assert serve_a.wait(30) == 0
+    serve_a.start()
+    wait_until(lambda: _answers(admin_a + "/api/v1/openapi.json"), what="replica A again")
+    send(serve_a, "evt_after_restart")
+    rest = read_stream(admin_b, 11, headers={"last-event-id": on_a[19][0]})
+    assert [event_id for _, event_id in rest] == [*ids[20:], "evt_after_restart"]
