@@ -112,17 +112,17 @@ def _start(request: Request) -> tuple[str | None, bool]:
             raise BadRequest(f"Unknown parameter {name!r}.", param=name)
         if len(query.getlist(name)) > 1:
             raise BadRequest(f"{name} may be given once.", param=name)
+    after, start = query.get("after"), query.get("from")
+    if after is not None and start is not None:
+        raise BadRequest("Give after or from, not both.", param="from")
+    if start is not None and start not in _FROM:
+        raise BadRequest("from must be now or beginning.", param="from")
     resume = request.headers.get("last-event-id")
     if resume is not None and resume.strip():
         # A reconnecting EventSource repeats the URL it was opened with: its header wins.
         return resume.strip(), False
-    after, start = query.get("after"), query.get("from")
-    if after is not None and start is not None:
-        raise BadRequest("Give after or from, not both.", param="from")
     if after is not None:
         return after, False
-    if start is not None and start not in _FROM:
-        raise BadRequest("from must be now or beginning.", param="from")
     return None, start != "beginning"
 
 
@@ -205,7 +205,7 @@ async def _messages(ctx: AdminContext, cursor: str | None) -> AsyncIterator[byte
                 yield b": keepalive\n\n"
             for start in range(0, len(batch), CHUNK_MESSAGES):
                 chunk = batch[start : start + CHUNK_MESSAGES]
-                yield b"".join(sse_message(cursor, record) for cursor, record in chunk)
+                yield b"".join(sse_message(position, record) for position, record in chunk)
                 # A stream replaying a backlog writes without ever waiting (the socket keeps
                 # up): give the loop back after each chunk, so intake's requests interleave
                 # instead of queueing behind a whole batch of encoding.
