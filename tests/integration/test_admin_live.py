@@ -13,6 +13,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -23,6 +24,7 @@ import uvicorn
 from httpx_sse import ServerSentEvent, aconnect_sse
 
 from lacuna_webhooks.admin import AdminContext, api_live, create_admin_app
+from lacuna_webhooks.models import Attempt, AttemptOutcome
 from lacuna_webhooks.store import Store, open_store
 from tests.e2e.conftest import free_port
 from tests.integration.test_admin_api import AUTH, admin_context, event, refused
@@ -100,9 +102,7 @@ async def store_events(store: Store, *event_ids: str, **data: Any) -> None:
         assert await store.accept(event(event_id, **data), ["audit"], now=_now())
 
 
-def _now() -> Any:
-    from datetime import UTC, datetime
-
+def _now() -> datetime:
     return datetime.now(UTC)
 
 
@@ -295,6 +295,12 @@ async def test_task_state_events_and_results(live: Live, store: Store) -> None:
     assert task["event_type"] == "job.completed"
     assert [e["id"] for e in task["events"]] == ["evt_t1"]
     assert task["results"] == {"audit": None}  # pending: no result yet
+    now = _now()
+    [claimed] = await store.claim(handler="audit", limit=1, lease=timedelta(minutes=1), now=now)
+    ok = Attempt(now, now, AttemptOutcome.OK, None, {"url": "https://files.example/rain.mp3"})
+    assert await store.complete(claimed, ok)
+    done = (await live.http.get("/tasks/task_done")).json()
+    assert done["results"] == {"audit": {"url": "https://files.example/rain.mp3"}}
     refused(await live.http.get("/tasks/no_such_task"), 404, "task_id")
 
 
