@@ -1072,7 +1072,10 @@ def _tail_store(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     settings = _settings(environ, require_secret=False)
     url = settings.database_url
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
-        raise CommandError(f"no database at {url.removeprefix('sqlite:///')} (LACUNA_DATABASE_URL)")
+        raise CommandError(
+            f"no database at {url.removeprefix('sqlite:///')} (LACUNA_DATABASE_URL; to follow an"
+            " admin API instead: --url or LACUNA_ADMIN_URL)"
+        )
 
     async def run() -> None:
         store = open_store(url, sqlite_synchronous=settings.sqlite_synchronous)

@@ -6,7 +6,6 @@ from, the backoff, the cursor file, a tail line, the option parsers, and the sig
 from __future__ import annotations
 
 import base64
-import os
 import time
 from pathlib import Path
 
@@ -121,5 +120,10 @@ def test_cli_refuses_a_bad_forward_url_or_missing_target(
 ) -> None:
     assert main(["listen", "--forward-to", "localhost:3000"], environ={}) == 2
     assert "--forward-to" in capsys.readouterr().err
-    assert main(["tail"], environ={"PATH": os.environ.get("PATH", "")}) == 1
+    assert main(["listen", "--forward-to", "http://127.0.0.1:3000"], environ={}) == 1
     assert "LACUNA_ADMIN_URL" in capsys.readouterr().err
+    # tail without an admin API follows the local store: none here, and it says both ways.
+    assert main(["tail"], environ={"LACUNA_DATABASE_URL": "sqlite:///./no/such.db"}) == 1
+    err = capsys.readouterr().err
+    assert "no database" in err
+    assert "LACUNA_ADMIN_URL" in err
