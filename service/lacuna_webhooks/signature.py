@@ -9,7 +9,9 @@ nothing but ``SignatureError`` subclasses.
 
 ``standard_webhooks_key`` and ``sign_standard_webhooks`` are the outbound side:
 what the ``http`` handler puts in ``webhook-signature`` for the team's own
-service, verifiable with the Standard Webhooks reference libraries.
+service, verifiable with the Standard Webhooks reference libraries;
+``signed_headers`` is the whole header set around it, shared by the ``http``
+handler and ``listen``.
 """
 
 from __future__ import annotations
