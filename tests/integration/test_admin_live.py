@@ -361,3 +361,47 @@ async def test_live_routes_are_in_the_openapi_document(live: Live) -> None:
     assert document["paths"]["/tasks/{task_id}"]["get"]["operationId"] == "getTask"
     assert "TaskState" in document["components"]["schemas"]
     refused(await live.http.get("/stream", headers={"authorization": ""}), 401)
+
+
+async def test_stream_ends_when_the_store_fails_and_a_reconnect_is_503() -> None:
+    """The store failing under an open stream ends it (the client resumes later with its last
+    id) rather than answering garbage; a new request meanwhile is a 503 envelope."""
+    from lacuna_webhooks.store.memory import MemoryStore
+
+    store = MemoryStore()
+    await store.open()
+    ctx = admin_context(store)
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_admin_app(ctx),
+            host="127.0.0.1",
+            port=port,
+            log_config=None,
+            lifespan="off",
+        )
+    )
+    task = asyncio.create_task(server.serve())
+    while not server.started:  # noqa: ASYNC110 - uvicorn offers no event to wait on
+        await asyncio.sleep(0.01)
+    try:
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}/api/v1", headers=AUTH, timeout=PROMPT
+        ) as http:
+
+            async def follow_until_end() -> list[str]:
+                got: list[str] = []
+                async with aconnect_sse(http, "GET", "/stream") as source:
+                    await store_events(store, "evt_before_failure")
+                    async for message in source.aiter_sse():
+                        got.append(orjson.loads(message.data)["id"])
+                        store.unavailable = True
+                        store.stream_signal.notify()
+                return got
+
+            assert await asyncio.wait_for(follow_until_end(), PROMPT) == ["evt_before_failure"]
+            refused(await http.get("/stream"), 503)
+    finally:
+        ctx.stopping.set()
+        server.should_exit = True
+        await asyncio.wait_for(task, PROMPT)
