@@ -1,8 +1,9 @@
 """The command line, and the composition root: the only module that wires everything together.
 
 ``lacuna-webhooks serve | worker | dev | send | events | deliveries | replay | backfill |
-retry-dead | migrate | handlers``. Errors are one line on stderr (``lacuna-webhooks: error:
-...``) and a non-zero exit: 2 for bad arguments or settings, 1 for anything else that went wrong.
+retry-dead | migrate | handlers | tail | listen``. Errors are one line on stderr
+(``lacuna-webhooks: error: ...``) and a non-zero exit: 2 for bad arguments or settings, 1 for
+anything else that went wrong.
 """
 
 from __future__ import annotations
@@ -221,14 +222,17 @@ class _AdminListener:
     this one installs none and is stopped by ``serve`` once the webhook server has shut
     down, so one signal ends both and the process still exits 0."""
 
-    def __init__(self, server: Any, sock: Any) -> None:
+    def __init__(self, server: Any, sock: Any, stopping: asyncio.Event) -> None:
         self.server = server
         self.sock = sock
+        self.stopping = stopping
 
     async def serve(self) -> None:
         await self.server.serve(sockets=[self.sock])
 
     async def stop(self, task: asyncio.Task[None]) -> None:
+        # Live streams and long-polls end first: uvicorn waits for every open response.
+        self.stopping.set()
         self.server.should_exit = True
         try:
             await task
@@ -296,7 +300,7 @@ def _admin_listener(
             yield  # the webhook server handles the signals for both
 
     log.info("admin.listening", url=f"http://{_url_host(host)}:{port}/", api="/api/v1")
-    return _AdminListener(_Quiet(config), sock)
+    return _AdminListener(_Quiet(config), sock, ctx.stopping)
 
 
 def _url_host(host: str) -> str:
@@ -823,24 +827,20 @@ _FILTER_OPTIONS = (
 
 def _admin_remote(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[str, str] | None:
     """``(url, token)`` of a remote admin API (``--url``/``--token``, else ``LACUNA_ADMIN_URL``
-    / ``LACUNA_ADMIN_TOKEN``), or ``None`` to work on ``LACUNA_DATABASE_URL`` directly."""
+    / ``LACUNA_ADMIN_TOKEN``, as ``listen.admin_target`` reads them for ``tail`` and
+    ``listen``), or ``None`` to work on ``LACUNA_DATABASE_URL`` directly."""
+    from . import listen
+
     url = args.url or environ.get("LACUNA_ADMIN_URL", "").strip() or None
     if url is None:
         if args.token:
             raise CommandError("--token needs --url (or LACUNA_ADMIN_URL)", exit_code=2)
         return None
-    if not url.startswith(("http://", "https://")) or len(url) > 2000:
-        raise CommandError(
-            f"--url / LACUNA_ADMIN_URL must be the admin listener's http(s):// URL, got {url!r}",
-            exit_code=2,
-        )
-    # LACUNA_ADMIN_TOKEN may list several tokens (rotation): any one of them is accepted.
-    token = args.token or environ.get("LACUNA_ADMIN_TOKEN", "").split(",")[0].strip()
-    if not token:
-        raise CommandError(
-            "a remote admin API needs a token: --token or LACUNA_ADMIN_TOKEN", exit_code=2
-        )
-    return url, token
+    try:
+        target = listen.admin_target(url, args.token, environ)
+    except listen.ListenError as exc:
+        raise CommandError(str(exc), exit_code=2) from None
+    return target.url, target.token
 
 
 def _remote_call(remote: tuple[str, str], path: str, body: dict[str, Any]) -> Any:
@@ -1175,6 +1175,100 @@ def _handler_name(value: str) -> str:
     return value
 
 
+def _admin_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--url", help="the admin API, e.g. http://127.0.0.1:8001 (default: $LACUNA_ADMIN_URL)"
+    )
+    parser.add_argument("--token", help="an admin token (default: $LACUNA_ADMIN_TOKEN)")
+    parser.add_argument(
+        "--from",
+        dest="start",
+        choices=["now", "beginning"],
+        default="now",
+        help="where to start without a saved cursor (default now)",
+    )
+
+
+def _tail(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from . import listen
+
+    if args.url is None and not environ.get("LACUNA_ADMIN_URL", "").strip():
+        return _tail_store(args, environ)
+    try:
+        target = listen.admin_target(args.url, args.token, environ)
+        main = listen.tail(
+            target,
+            as_json=args.json,
+            from_beginning=args.start == "beginning",
+            out=sys.stdout,
+            say=listen.stderr_say,
+        )
+        return listen.run(main, listen.stderr_say)
+    except listen.ListenError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def _tail_store(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    """``tail`` without ``--url`` / ``LACUNA_ADMIN_URL``: the store of LACUNA_DATABASE_URL."""
+    from . import listen
+
+    settings = _settings(environ, require_secret=False)
+    url = settings.database_url
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        raise CommandError(
+            f"no database at {url.removeprefix('sqlite:///')} (LACUNA_DATABASE_URL; to follow an"
+            " admin API instead: --url or LACUNA_ADMIN_URL)"
+        )
+
+    async def run() -> None:
+        store = open_store(url, sqlite_synchronous=settings.sqlite_synchronous)
+        await store.open()
+        try:
+            await listen.tail_store(
+                store,
+                as_json=args.json,
+                from_beginning=args.start == "beginning",
+                out=sys.stdout,
+                say=listen.stderr_say,
+            )
+        finally:
+            await store.close()
+
+    try:
+        return listen.run(run(), listen.stderr_say)
+    except (StoreUnavailable, ValueError) as exc:
+        raise _store_error(exc, url, "store unavailable") from None
+
+
+def _listen(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from . import listen
+
+    forward_to = args.forward_to
+    if not forward_to.startswith(("http://", "https://")):
+        raise CommandError(f"--forward-to must be an http:// or https:// URL: {forward_to}", 2)
+    try:
+        target = listen.admin_target(args.url, args.token, environ)
+        cursor_file = (
+            Path(args.cursor_file)
+            if args.cursor_file
+            else listen.default_cursor_file(target, forward_to, environ)
+        )
+        main = listen.listen(
+            target,
+            forward_to=forward_to,
+            keys=listen.parse_secret(args.secret),
+            events=listen.parse_events(args.events),
+            cursor_file=cursor_file,
+            from_beginning=args.start == "beginning",
+            say=listen.stderr_say,
+        )
+        return listen.run(main, listen.stderr_say)
+    except listen.ListenError as exc:
+        raise CommandError(str(exc)) from None
+    except OSError as exc:
+        raise CommandError(f"cannot keep the cursor file: {exc}") from None
+
+
 def _port(value: str) -> int:
     number = _positive(value)
     if number > 65535:
@@ -1335,6 +1429,38 @@ def build_parser() -> argparse.ArgumentParser:
     retry_dead = sub.add_parser("retry-dead", help="make dead deliveries due again")
     retry_dead.add_argument("--handler", type=_handler_name, help="only this handler's")
 
+    tail = sub.add_parser(
+        "tail",
+        help="print each event as a deployment stores it (the admin API's live stream)",
+        description="Follow GET /api/v1/stream of an admin API (--url, or LACUNA_ADMIN_URL):"
+        " one line per event (received, type, id, task, title); reconnects by itself when the"
+        " stream is lost. Without an admin API, follow the store of LACUNA_DATABASE_URL.",
+    )
+    _admin_args(tail)
+    tail.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    listen = sub.add_parser(
+        "listen",
+        help="forward a deployment's events to a local app, signed, resuming where it stopped",
+        description="Follow GET /api/v1/stream of an admin API and POST each event to"
+        " --forward-to with Standard Webhooks headers; the last forwarded event's cursor is"
+        " kept in a local file, so a restart (after Ctrl-C, a crash, a laptop that slept)"
+        " resumes right after it. A failing local app is retried until it takes the event.",
+    )
+    _admin_args(listen)
+    listen.add_argument("--forward-to", required=True, help="e.g. http://127.0.0.1:3000/hooks")
+    listen.add_argument(
+        "--secret", help="whsec_… secret(s) to sign with, comma-separated (default: unsigned)"
+    )
+    listen.add_argument(
+        "--events", help="only these event types, comma-separated (the others are skipped)"
+    )
+    listen.add_argument(
+        "--cursor-file",
+        help="where the cursor is kept (default: one file per --url and --forward-to under"
+        " $XDG_STATE_HOME/lacuna-webhooks/listen)",
+    )
+
     sub.add_parser("migrate", help="apply pending schema migrations")
     handlers = sub.add_parser(
         "handlers",
@@ -1379,6 +1505,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
                 return _retry_dead(args, env)
             case "migrate":
                 return _migrate(env)
+            case "tail":
+                return _tail(args, env)
+            case "listen":
+                return _listen(args, env)
             case "handlers":
                 return _handlers(args, env)
     except CommandError as exc:

@@ -9,7 +9,9 @@ nothing but ``SignatureError`` subclasses.
 
 ``standard_webhooks_key`` and ``sign_standard_webhooks`` are the outbound side:
 what the ``http`` handler puts in ``webhook-signature`` for the team's own
-service, verifiable with the Standard Webhooks reference libraries.
+service, verifiable with the Standard Webhooks reference libraries;
+``signed_headers`` is the whole header set around it, shared by the ``http``
+handler and ``listen``.
 """
 
 from __future__ import annotations
@@ -120,6 +122,23 @@ def sign_standard_webhooks(msg_id: str, timestamp: int, body: bytes, keys: Seque
         mac.update(body)
         signatures.append("v1," + base64.b64encode(mac.finalize()).decode("ascii"))
     return " ".join(signatures)
+
+
+def signed_headers(
+    msg_id: str, event_type: str, body: bytes, keys: Sequence[bytes], timestamp: int
+) -> dict[str, str]:
+    """The headers that carry one signed message to the team's own app (SPEC §7), as the
+    ``http`` handler and ``listen`` send it: ``content-type: application/json``, the Standard
+    Webhooks ``webhook-id`` (``msg_id``: the event id), ``webhook-timestamp`` (``timestamp``,
+    integer Unix seconds) and ``webhook-signature`` over ``body``, and
+    ``lacuna-event-type``."""
+    return {
+        "content-type": "application/json",
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": sign_standard_webhooks(msg_id, timestamp, body, keys),
+        "lacuna-event-type": event_type,
+    }
 
 
 def parse_header(header: str | None) -> ParsedHeader:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -23,7 +24,9 @@ class AdminContext:
     ``store`` is the process's opened store (the admin app never opens or closes it);
     ``handlers`` the configured instances without their objects (names, kinds, filters,
     per-instance settings); ``clock`` gives "now" (UTC-aware) for every decision a route
-    makes, so tests can move time.
+    makes, so tests can move time. ``stopping`` is set when the admin listener shuts down:
+    what would otherwise run on (the live stream, a task's long-poll) ends at once, so the
+    server is not held open until its graceful-shutdown timeout.
     """
 
     settings: Settings
@@ -31,3 +34,4 @@ class AdminContext:
     handlers: HandlerSet
     metrics: Metrics | None = None
     clock: Callable[[], datetime] = field(default=_utcnow)
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)

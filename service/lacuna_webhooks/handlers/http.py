@@ -47,7 +47,7 @@ import structlog
 
 from ..errors import ConfigError, PauseHandler, PermanentError, RateLimited, RetryLater
 from ..models import Event
-from ..signature import sign_standard_webhooks, standard_webhooks_key
+from ..signature import signed_headers, standard_webhooks_key
 from ._common import network_timeouts
 from ._http import OutboundClient, retry_after_seconds, transport_failure
 from .base import HandlerContext, current_attempt, current_results, current_traceparent
@@ -207,16 +207,8 @@ class HTTPHandler:
         )
         timestamp = int(self.clock())
         headers = dict(self.extra_headers)
-        headers.update(
-            {
-                "content-type": "application/json",
-                "webhook-id": event.id,
-                "webhook-timestamp": str(timestamp),
-                "webhook-signature": sign_standard_webhooks(event.id, timestamp, body, self.keys),
-                "lacuna-event-type": event.type,
-                "lacuna-attempt": str(attempt),
-            }
-        )
+        headers.update(signed_headers(event.id, event.type, body, self.keys, timestamp))
+        headers["lacuna-attempt"] = str(attempt)
         traceparent = current_traceparent.get()
         if traceparent is not None:  # tracing on: the receiver's spans join the event's trace
             headers["traceparent"] = traceparent

@@ -54,6 +54,10 @@ Semantics every backend keeps:
   refilled by the database's clock (``now`` is then unused), elsewhere by ``now``.
 - ``wait_for_work`` returns early when new work may be due (an accept in this
   process, or a NOTIFY from another replica), else after ``timeout_seconds``.
+- The live stream (``stream.py``): ``stream_after`` hands out every stored event once, in
+  an order that never changes behind a cursor once given, across restarts and replicas;
+  ``stream_head`` is the cursor of "now"; ``stream_signal`` wakes followers when an accept
+  may have committed.
 """
 
 from __future__ import annotations
@@ -64,6 +68,7 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from ..models import Attempt, AttemptOutcome, Delivery, DeliveryStatus, Event
+from .stream import StreamSignal
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +249,10 @@ class HandlerState:
 class Store(Protocol):
     """See the module docstring for the semantics each method must keep."""
 
+    #: Notified when an accept of this process committed (and, on PostgreSQL, on a NOTIFY
+    #: of any replica); its ``poll_seconds`` bounds how late anything else is seen.
+    stream_signal: StreamSignal
+
     async def open(self) -> None:
         """Connect and apply pending schema migrations."""
 
@@ -338,6 +347,16 @@ class Store(Protocol):
         """Oldest first."""
 
     async def get_task(self, task_id: str) -> TaskRecord | None: ...
+
+    async def stream_after(self, cursor: str | None, limit: int) -> list[tuple[str, EventRecord]]:
+        """Up to ``limit`` events after ``cursor`` (``None``: from the first stored), oldest
+        first, each with its own cursor (opaque, ``stream.py``). Every event is handed out
+        once: an event that commits later never sorts before a cursor already given.
+        ``ValueError`` for a cursor this store did not make (the admin API answers 400)."""
+
+    async def stream_head(self) -> str:
+        """The cursor of "now": ``stream_after`` of it gives only events not yet handed
+        out by then (on PostgreSQL, possibly some that committed an instant before)."""
 
     async def replay(self, event_id: str, handlers: Sequence[str] | None, *, now: datetime) -> int:
         """Make the event's deliveries pending and due again with a fresh attempt budget:

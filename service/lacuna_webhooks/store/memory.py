@@ -39,6 +39,7 @@ from .base import (
 )
 from .rules import nearest_rank, task_order
 from .search import body_matches, decode_cursor, delivery_state, encode_cursor
+from .stream import StreamSignal, make_cursor, read_cursor
 
 if TYPE_CHECKING:
     from .base import Store
@@ -100,6 +101,9 @@ class MemoryStore:
         # search cursors.
         self._arrivals = itertools.count(1)
         self._arrival: dict[str, int] = {}
+        # The live stream's order is the arrival order; the head is the last arrival given.
+        self._last_arrival = 0
+        self.stream_signal = StreamSignal(poll_seconds=1.0)
         self._deliveries: dict[int, _DeliveryRow] = {}
         self._tasks: dict[str, TaskRecord] = {}
         self._task_order: dict[str, float] = {}
@@ -167,7 +171,8 @@ class MemoryStore:
                         event_created=event.created,
                         updated_at=now,
                     )
-            self._arrival[event.id] = next(self._arrivals)
+            self._last_arrival = next(self._arrivals)
+            self._arrival[event.id] = self._last_arrival
             self._events[event.id] = EventRecord(
                 id=event.id,
                 type=event.type,
@@ -183,6 +188,7 @@ class MemoryStore:
                 self._new_delivery(event.id, name, now)
             if handlers:
                 self._nudge.set()
+            self.stream_signal.notify()
             return True
 
     def _new_delivery(self, event_id: str, handler: str, now: datetime) -> _DeliveryRow:
@@ -505,6 +511,23 @@ class MemoryStore:
         async with self._lock:
             self._check()
             return self._tasks.get(task_id)
+
+    async def stream_after(self, cursor: str | None, limit: int) -> list[tuple[str, EventRecord]]:
+        """The arrival order; the cursor holds the last arrival handed out."""
+        after = 0 if cursor is None else read_cursor(cursor, "m", 1)[0]
+        async with self._lock:
+            self._check()
+            found = sorted(
+                (arrival, self._events[event_id])
+                for event_id, arrival in self._arrival.items()
+                if arrival > after
+            )
+        return [(make_cursor("m", arrival), record) for arrival, record in found[: max(0, limit)]]
+
+    async def stream_head(self) -> str:
+        async with self._lock:
+            self._check()
+            return make_cursor("m", self._last_arrival)
 
     def _reset(self, row: _DeliveryRow, now: datetime) -> None:
         """Pending, due now, fresh attempt budget; a live claim is revoked (lease cleared,

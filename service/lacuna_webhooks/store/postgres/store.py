@@ -69,6 +69,7 @@ from ..rows import (
 )
 from ..rules import CommitHealth, task_order
 from ..searchsql import next_cursor, search_sql
+from ..stream import StreamSignal, make_cursor, read_cursor
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,10 @@ SEARCH_TIMEOUT_MS = 20_000
 SEARCH_SLOTS = 2
 #: The NOTIFY channel replicas nudge each other on.
 DEFAULT_CHANNEL = "lacuna_webhooks"
+#: How late a stream follower may see an event without a NOTIFY: one held back by an older
+#: transaction still running (no NOTIFY comes when that one ends), or while the listener
+#: reconnects.
+STREAM_POLL_SECONDS = 1.0
 
 _MIGRATION_NAME = re.compile(r"(\d{4})_[a-z0-9_]+\.sql")
 
@@ -202,10 +207,12 @@ class PostgresStore:
         self._wakeup = asyncio.Event()
         self._listening = False
         self._listener_task: asyncio.Task[None] | None = None
+        self._first_listener: asyncpg.Connection | None = None
         self._closing = False
         self._health = CommitHealth()
         # Admin searches share the pool with intake: at most this many hold a connection.
         self._search_slots = asyncio.Semaphore(SEARCH_SLOTS)
+        self.stream_signal = StreamSignal(poll_seconds=STREAM_POLL_SECONDS)
 
     def __repr__(self) -> str:
         # The DSN may carry a password: never show it.
@@ -250,6 +257,7 @@ class PostgresStore:
         self._listener_task = asyncio.create_task(
             self._supervise_listener(listener), name="lacuna-webhooks-pg-listener"
         )
+        self._first_listener = listener
 
     async def close(self) -> None:
         """Stop listening and close the pool (connections still busy after a grace are cut)."""
@@ -259,6 +267,11 @@ class PostgresStore:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        first, self._first_listener = self._first_listener, None
+        if first is not None and not first.is_closed():
+            # A task cancelled before its first step never ran its cleanup: a close right
+            # after open would leak the listening connection.
+            first.terminate()
         pool, self._pool = self._pool, None
         if pool is not None:
             try:
@@ -383,6 +396,10 @@ class PostgresStore:
                 await self._notify(conn)
         if names:
             self._nudge()
+        else:
+            # No work made, so no NOTIFY (other replicas' streams see such an event within
+            # STREAM_POLL_SECONDS); this process's streams wake at once.
+            self.stream_signal.notify()
         return True
 
     # -- outbox --------------------------------------------------------------------------------
@@ -613,6 +630,21 @@ class PostgresStore:
             return None
         return task_record(row, _at)
 
+    async def stream_after(self, cursor: str | None, limit: int) -> list[tuple[str, EventRecord]]:
+        """``(xid, seq)`` order, only rows below the snapshot's xmin (``0008_stream.sql``)."""
+        xid, seq = (0, 0) if cursor is None else read_cursor(cursor, "p", 2)
+        async with self._connection() as conn:
+            rows = await conn.fetch(Q["stream_after"], str(xid), seq, max(0, limit))
+        return [
+            (make_cursor("p", int(row["stream_xid"]), row["seq"]), event_record(row, _at))
+            for row in rows
+        ]
+
+    async def stream_head(self) -> str:
+        async with self._connection() as conn:
+            xmin = await conn.fetchval(Q["stream_head"])
+        return make_cursor("p", int(xmin), 0)
+
     async def replay(self, event_id: str, handlers: Sequence[str] | None, *, now: datetime) -> int:
         """Make the event's deliveries pending and due at ``now`` with a fresh attempt budget.
 
@@ -821,6 +853,7 @@ class PostgresStore:
 
     def _nudge(self, *_: object) -> None:
         self._wakeup.set()
+        self.stream_signal.notify()
 
     async def _connect_listener(self) -> asyncpg.Connection:
         try:

@@ -202,11 +202,12 @@ def accept_batch(conn: sqlite3.Connection, batch: list[AcceptRow]) -> list[bool]
         )
     before = conn.total_changes
     conn.execute(Q["accept_batch_insert"] + " " + ",".join([_BATCH_ROW] * len(batch)), params)
-    # The trigger's changes when every row is new: the event, its outcome, its deliveries,
-    # and one for the task (upserted, or the event marked superseded). A duplicate makes
-    # only its outcome row, so any duplicate shows as a shortfall; then read the outcomes.
+    # The trigger's changes when every row is new: the event, its outcome, the stream
+    # counter, its deliveries, and one for the task (upserted, or the event marked
+    # superseded). A duplicate makes only its outcome row, so any duplicate shows as a
+    # shortfall; then read the outcomes.
     if conn.total_changes - before == sum(
-        2 + len(r.handlers) + (r.task_id is not None) for r in batch
+        3 + len(r.handlers) + (r.task_id is not None) for r in batch
     ):
         return [True] * len(batch)
     (outcomes,) = conn.execute(Q["accept_batch_outcomes"], (len(batch),)).fetchone()
@@ -406,6 +407,20 @@ def search_events(
     if len(found) > limit and page:
         cursor = next_cursor("sqlite", page[-1]["received_at"], page[-1]["seq"])
     return [rows.event_record(row, at) for row in page], cursor
+
+
+def stream_after(c: sqlite3.Connection, after: int, limit: int) -> list[tuple[int, EventRecord]]:
+    """(stream position, event) of the events after position ``after``, oldest first."""
+    return [
+        (row["stream_seq"], rows.event_record(row, at))
+        for row in c.execute(Q["stream_after"], {"after": after, "limit": limit})
+    ]
+
+
+def stream_head(c: sqlite3.Connection) -> int:
+    """The position of the newest event ever stored (0 for none), pruned or not."""
+    (last,) = c.execute(Q["stream_head"]).fetchone()
+    return int(last)
 
 
 def list_deliveries(c: sqlite3.Connection, args: dict[str, Any]) -> list[DeliveryRecord]:

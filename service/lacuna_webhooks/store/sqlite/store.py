@@ -48,6 +48,7 @@ from ..base import (
 from ..rows import result_text
 from ..rules import CommitHealth, task_order
 from ..searchsql import search_sql
+from ..stream import StreamSignal, make_cursor, read_cursor
 from . import operations as ops
 from .operations import PRUNE_CHUNK, AcceptRow, epoch
 from .process import ProcessWriter
@@ -55,6 +56,9 @@ from .reader import Reader
 from .writer import RowRefused, Writer
 
 _SYNCHRONOUS = {"full": "FULL", "normal": "NORMAL"}
+#: How late a stream follower sees an event another process stored in the same file (this
+#: process's own accepts wake it at once).
+STREAM_POLL_SECONDS = 1.0
 T = TypeVar("T")
 
 
@@ -102,6 +106,7 @@ class SQLiteStore:
         self._health = CommitHealth()
         # The admin's reads (search, listings, health): never queued behind the writer.
         self._reader = Reader(path)
+        self.stream_signal = StreamSignal(poll_seconds=STREAM_POLL_SECONDS)
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r}, synchronous={self.synchronous.lower()!r})"
@@ -194,8 +199,10 @@ class SQLiteStore:
             self._health.failed(exc)
             raise
         self._health.failure = None
-        if stored and row.handlers:
-            self._work.set()
+        if stored:
+            if row.handlers:
+                self._work.set()
+            self.stream_signal.notify()
         return stored
 
     async def wait_for_work(self, timeout_seconds: float) -> None:
@@ -339,6 +346,16 @@ class SQLiteStore:
 
     async def get_task(self, task_id: str) -> TaskRecord | None:
         return await self._reader.run(ops.get_task, task_id)
+
+    async def stream_after(self, cursor: str | None, limit: int) -> list[tuple[str, EventRecord]]:
+        """``events.stream_seq`` order, read on the reader (never queued behind the writer);
+        the cursor holds the last position handed out."""
+        after = 0 if cursor is None else read_cursor(cursor, "s", 1)[0]
+        found = await self._reader.run(ops.stream_after, after, max(0, limit))
+        return [(make_cursor("s", position), record) for position, record in found]
+
+    async def stream_head(self) -> str:
+        return make_cursor("s", await self._reader.run(ops.stream_head))
 
     async def replay(self, event_id: str, handlers: Sequence[str] | None, *, now: datetime) -> int:
         names = None if handlers is None else tuple(dict.fromkeys(handlers))

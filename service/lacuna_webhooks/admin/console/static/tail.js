@@ -21,13 +21,15 @@
     status.textContent = "Live: new events appear at the top.";
     status.className = "ok";
   };
-  source.onmessage = function (message) {
+  // Each message is `event: event` with the StreamEvent JSON (docs/admin.md): its body is
+  // in `payload` (null when the server could not re-encode it).
+  source.addEventListener("event", function (message) {
     var event;
     try { event = JSON.parse(message.data); } catch (e) { return; }
     if (!event || typeof event !== "object") return;
-    var inner = event.event && typeof event.event === "object" ? event.event : event;
-    var id = String(inner.id || "");
-    var data = inner.data && typeof inner.data === "object" ? inner.data : {};
+    var payload = event.payload && typeof event.payload === "object" ? event.payload : {};
+    var id = String(event.id || "");
+    var data = payload.data && typeof payload.data === "object" ? payload.data : {};
     var when = String(event.received_at || new Date().toISOString());
     var tr = document.createElement("tr");
     cell(tr, when.slice(0, 19).replace("T", " "), "Received");
@@ -36,11 +38,11 @@
     link.className = "mono";
     link.textContent = id;
     cell(tr, link, "Event");
-    cell(tr, String(inner.type || ""), "Type");
+    cell(tr, String(event.type || ""), "Type");
     cell(tr, typeof data.title === "string" ? data.title : "", "Title");
     rows.insertBefore(tr, rows.firstChild);
     while (rows.childNodes.length > MAX_ROWS) rows.removeChild(rows.lastChild);
-  };
+  });
   source.onerror = function () {
     if (source.readyState === EventSource.CLOSED) {
       status.textContent = "The live stream is not available from this server. Reload the page to try again.";

@@ -131,6 +131,22 @@ WHERE $1::text IS NULL OR type = $1
 ORDER BY received_at DESC, seq DESC
 LIMIT $2
 
+-- name: stream_after
+-- The live stream (0008_stream.sql): rows after the cursor ($1 xid as text, $2 seq) whose
+-- transaction is older than every transaction still running, so none can commit behind them.
+-- (The text of xid gets a name of its own: ORDER BY xid would sort by an output column of
+-- that name, as text, where '10000' < '9999', and could not walk the index.)
+SELECT id, type, created, received_at, task_id, superseded, raw, xid::text AS stream_xid, seq
+FROM events
+WHERE (xid, seq) > ($1::text::xid8, $2::bigint)
+  AND xid < pg_snapshot_xmin(pg_current_snapshot())
+ORDER BY events.xid, events.seq
+LIMIT $3
+
+-- name: stream_head
+-- "Now": every row written by a transaction below the snapshot's xmin is already visible.
+SELECT pg_snapshot_xmin(pg_current_snapshot())::text
+
 -- name: get_event
 SELECT id, type, created, received_at, task_id, superseded, raw
 FROM events WHERE id = $1

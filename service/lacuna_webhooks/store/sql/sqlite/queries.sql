@@ -159,12 +159,15 @@ CREATE TEMP VIEW IF NOT EXISTS accept_batch AS SELECT NULL AS slot, NULL AS id, 
 CREATE TEMP TRIGGER IF NOT EXISTS accept_batch_row INSTEAD OF INSERT ON accept_batch
 BEGIN
     -- the unique key decides new versus duplicate, also between two copies in one batch
-    INSERT INTO events (id, type, created, received_at, task_id, raw, trace_context)
+    -- the stream position comes from the counter in this same transaction (0008_stream.sql)
+    INSERT INTO events (id, type, created, received_at, task_id, raw, trace_context, stream_seq)
         VALUES (NEW.id, NEW.type, NEW.created, NEW.received_at, NEW.task_id, NEW.raw,
-                NEW.trace_context)
+                NEW.trace_context, (SELECT last + 1 FROM stream_counter))
         ON CONFLICT (id) DO NOTHING;
     -- changes() is the count of the trigger's latest statement: 1 stored, 0 duplicate
     INSERT OR REPLACE INTO accept_outcome (slot, stored) VALUES (NEW.slot, changes());
+    UPDATE stream_counter SET last = last + 1
+        WHERE (SELECT stored FROM accept_outcome WHERE slot = NEW.slot);
     INSERT INTO deliveries (event_id, handler, status, next_attempt_at, created_at, updated_at)
         SELECT NEW.id, value, 'pending', NEW.received_at, NEW.received_at, NEW.received_at
         FROM json_each(NEW.handlers)
@@ -215,6 +218,14 @@ RETURNING handler
 -- name: handler_states
 SELECT handler, paused, reason, consecutive_failures, updated_at FROM handler_state
 ORDER BY handler
+
+-- name: stream_after
+-- The live stream: events after position :after, in position order (0008_stream.sql).
+SELECT id, type, created, received_at, task_id, superseded, raw, stream_seq FROM events
+WHERE stream_seq > :after ORDER BY stream_seq LIMIT :limit
+
+-- name: stream_head
+SELECT last FROM stream_counter
 
 -- name: paused_handlers
 SELECT handler, paused, reason, consecutive_failures, updated_at FROM handler_state

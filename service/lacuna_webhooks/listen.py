@@ -1,0 +1,433 @@
+"""``tail`` and ``listen``: follow the admin API's live stream (``GET /api/v1/stream``) of a
+deployment, usually a remote one, from a shell.
+
+- ``tail`` prints one line per event as it is stored (``--json``: the stream's event JSON).
+- ``listen --forward-to URL`` posts each event to an app on this machine, signed with
+  Standard Webhooks headers as the ``http`` handler signs them (``--secret whsec_…``;
+  ``signature.signed_headers``), and keeps the cursor of the last event it forwarded in a
+  local file, written atomically after each forward. Started again (after Ctrl-C, a
+  crash, a laptop that slept), it resumes right after that event: nothing is skipped.
+
+Both say when they lose the stream and reconnect with backoff (with jitter, at most
+``MAX_BACKOFF_SECONDS``), resuming after the last event they handled. A stream that stays
+silent longer than ``READ_TIMEOUT_SECONDS`` (the server sends a keepalive every 15 s) is
+taken as lost: a sleeping laptop's dead connection is noticed. ``listen`` retries a local
+app that fails or refuses (any answer but 2xx) with the same backoff until it takes the
+event, so one event is never skipped for the next; an event cut off mid-forward by Ctrl-C
+is sent again on restart (the app deduplicates on ``webhook-id``, the event id).
+
+A refusal that retrying cannot fix ends the command with one line: a wrong token (401), a
+cursor of another deployment (400), no stream at that URL (404).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import random
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import httpx
+import orjson
+from httpx_sse import SSEError, aconnect_sse
+
+from .admin.client import AdminClient
+from .config import read_setting
+from .errors import ConfigError
+from .redact import redact_url
+from .signature import signed_headers, standard_webhooks_key
+from .store import Store
+from .store.stream import follow
+
+#: Longest pause between two reconnects, or two tries of the local app (seconds).
+MAX_BACKOFF_SECONDS = 30.0
+#: First pause after a failure (seconds); doubles each time, with jitter.
+FIRST_BACKOFF_SECONDS = 0.5
+#: A stream silent this long is taken as lost (three missed keepalives).
+READ_TIMEOUT_SECONDS = 45.0
+#: Seconds to wait for the local app's answer to one forward.
+FORWARD_TIMEOUT_SECONDS = 30.0
+
+
+class ListenError(Exception):
+    """A refusal that retrying cannot fix; ``str()`` is one line for the user."""
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where the admin API is, and the token to present."""
+
+    url: str
+    token: str
+
+
+def admin_target(url: str | None, token: str | None, environ: Mapping[str, str]) -> Target:
+    """``--url`` / ``--token``, else ``LACUNA_ADMIN_URL`` / ``LACUNA_ADMIN_TOKEN`` (or its
+    ``_FILE``; of several comma-separated tokens, the first). ``ListenError`` names what is
+    missing."""
+    url = (url or environ.get("LACUNA_ADMIN_URL") or "").strip()
+    if not url:
+        raise ListenError(
+            "give the admin API's address: --url http://HOST:8001 or LACUNA_ADMIN_URL"
+        )
+    if not url.startswith(("http://", "https://")) or len(url) > 2000:
+        raise ListenError(
+            "--url / LACUNA_ADMIN_URL must be the admin listener's http(s):// URL, got "
+            f"{redact_url(url[:200])!r}"
+        )
+    if token is None:
+        try:
+            token = read_setting(environ, "LACUNA_ADMIN_TOKEN")
+        except ConfigError as exc:
+            raise ListenError(str(exc)) from None
+        token = (token or "").split(",")[0]
+    token = token.strip()
+    if not token:
+        raise ListenError("give the admin token: --token or LACUNA_ADMIN_TOKEN")
+    return Target(url.rstrip("/"), token)
+
+
+def backoff(failures: int) -> float:
+    """Seconds to wait after ``failures`` consecutive failures (1, 2, …): doubling from
+    ``FIRST_BACKOFF_SECONDS``, capped, with up to 25 % jitter so many listeners do not
+    reconnect in step."""
+    exponent = min(max(0, failures - 1), 16)  # past 16 doublings the cap holds anyway
+    base = min(MAX_BACKOFF_SECONDS, FIRST_BACKOFF_SECONDS * 2.0**exponent)
+    return base * (0.75 + random.random() * 0.25)  # jitter, not a secret
+
+
+# --- the cursor file ---------------------------------------------------------------------------
+
+
+def default_cursor_file(target: Target, forward_to: str, environ: Mapping[str, str]) -> Path:
+    """``$XDG_STATE_HOME/lacuna-webhooks/listen/<hash>.json`` (``~/.local/state`` without
+    it): one file per (deployment, local URL) pair, so two listeners never share one."""
+    state = environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    key = hashlib.sha256(f"{target.url}\n{forward_to}".encode()).hexdigest()[:16]
+    return Path(state) / "lacuna-webhooks" / "listen" / f"{key}.json"
+
+
+def read_cursor_file(path: Path) -> str | None:
+    """The saved cursor, or ``None`` when there is no file yet; ``ListenError`` for a file
+    that is not one this command wrote."""
+    try:
+        saved = orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, orjson.JSONDecodeError) as exc:
+        raise ListenError(f"cannot read the cursor file {path}: {exc}") from None
+    cursor = saved.get("cursor") if isinstance(saved, dict) else None
+    if not isinstance(cursor, str) or not cursor:
+        raise ListenError(f"{path} holds no cursor: delete it to start from now")
+    return cursor
+
+
+def write_cursor_file(path: Path, cursor: str, *, url: str, event_id: str) -> None:
+    """Replace the file atomically (a temporary file fsynced, then renamed over it): a crash
+    leaves the old cursor or the new one, never a torn file."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    body = orjson.dumps({"cursor": cursor, "url": url, "event_id": event_id})
+    with temporary.open("wb") as out:
+        out.write(body)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(temporary, path)
+    with contextlib.suppress(OSError):  # the rename itself: durable once the folder is synced
+        folder = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+# --- following the stream ----------------------------------------------------------------------
+
+OnEvent = Callable[[str, dict[str, Any]], Awaitable[None]]
+
+
+async def follow_stream(
+    target: Target,
+    cursor: str | None,
+    on_event: OnEvent,
+    *,
+    from_beginning: bool = False,
+    say: Callable[[str], None],
+) -> None:
+    """Call ``on_event(cursor, event)`` for each event of the stream after ``cursor`` (else
+    from now, or from the beginning), in order, for ever: a lost stream is reported with
+    ``say`` and reconnected with backoff, resuming after the last event ``on_event``
+    returned for. ``ListenError`` for a refusal retrying cannot fix."""
+    failures = 0
+    lost = False
+    timeout = httpx.Timeout(10.0, read=READ_TIMEOUT_SECONDS)
+    async with AdminClient(target.url, target.token) as client:
+        while True:
+            headers = {} if cursor is None else {"last-event-id": cursor}
+            params = {} if cursor is not None or not from_beginning else {"from": "beginning"}
+            reason: str
+            try:
+                async with aconnect_sse(
+                    client.http,
+                    "GET",
+                    client.base + "/stream",
+                    headers=headers,
+                    params=params,
+                    timeout=timeout,
+                ) as source:
+                    response = source.response
+                    if response.status_code != 200:
+                        await response.aread()
+                        _refusal(response, cursor)
+                        raise httpx.HTTPStatusError(
+                            f"{response.status_code}", request=response.request, response=response
+                        )
+                    if lost:
+                        say(f"stream: reconnected to {client.base}/stream")
+                    lost = False
+                    failures = 0
+                    async for message in source.aiter_sse():
+                        if message.event != "event" or not message.id:
+                            continue
+                        try:
+                            event = orjson.loads(message.data)
+                        except orjson.JSONDecodeError:
+                            raise ListenError(
+                                f"the stream sent a message that is not JSON (id {message.id})"
+                            ) from None
+                        await on_event(message.id, event)
+                        cursor = message.id
+                reason = "the server ended it"
+            except httpx.HTTPStatusError as exc:
+                reason = f"the server answered {exc.response.status_code}"
+            except httpx.ReadTimeout:
+                reason = f"nothing heard for {READ_TIMEOUT_SECONDS:g} s"
+            except (httpx.HTTPError, SSEError) as exc:
+                reason = str(exc) or type(exc).__name__
+            failures += 1
+            lost = True
+            delay = backoff(failures)
+            say(f"stream: lost ({reason}); reconnecting in {delay:.1f} s")
+            await asyncio.sleep(delay)
+
+
+def _refusal(response: httpx.Response, cursor: str | None) -> None:
+    """Raise ``ListenError`` for an answer that another try would get again."""
+    status = response.status_code
+    if status == 401:
+        raise ListenError("the admin API refused the token (401): check --token")
+    if status == 400 and cursor is not None:
+        raise ListenError(
+            "the admin API refused the saved cursor (400): it belongs to another deployment "
+            "or database; delete the cursor file to start from now"
+        )
+    if status in (400, 404, 405):
+        raise ListenError(f"no live stream at that URL ({status}): is --url the admin API?")
+
+
+# --- tail --------------------------------------------------------------------------------------
+
+
+def tail_line(event: dict[str, Any]) -> str:
+    """One line for an event: received time, type, id, task and title (control characters
+    shown escaped, so an event cannot move the terminal's cursor)."""
+    payload = event.get("payload")
+    data = payload.get("data") if isinstance(payload, dict) else None
+    title = data.get("title") if isinstance(data, dict) else None
+    parts = [
+        str(event.get("received_at", ""))[:19].replace("T", " "),
+        str(event.get("type", "")),
+        str(event.get("id", "")),
+        str(event.get("task_id") or "-"),
+    ]
+    if isinstance(title, str):
+        parts.append(title)
+    return "  ".join(_printable(part) for part in parts)
+
+
+def _printable(text: str) -> str:
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+async def tail(
+    target: Target, *, as_json: bool, from_beginning: bool, out: TextIO, say: Callable[[str], None]
+) -> None:
+    async def show(cursor: str, event: dict[str, Any]) -> None:
+        if as_json:
+            event = {k: v for k, v in event.items() if k != "raw"}
+            out.write(orjson.dumps(event).decode() + "\n")
+        else:
+            out.write(tail_line(event) + "\n")
+        out.flush()
+
+    say(f"following {target.url}/api/v1/stream (Ctrl-C to stop)")
+    await follow_stream(target, None, show, from_beginning=from_beginning, say=say)
+
+
+async def tail_store(
+    store: Store,
+    *,
+    as_json: bool,
+    from_beginning: bool,
+    out: TextIO,
+    say: Callable[[str], None],
+) -> None:
+    """``tail`` without an admin API: follow the stream of the store ``LACUNA_DATABASE_URL``
+    names, directly (events another process stores are seen within about a second)."""
+    from .admin.api_live import stream_event
+
+    cursor = None if from_beginning else await store.stream_head()
+    say("following the store's stream (Ctrl-C to stop)")
+    async for batch in follow(store, cursor, stopping=asyncio.Event(), idle_seconds=3600.0):
+        for _, record in batch:
+            event = stream_event(record)
+            if as_json:
+                shown = {k: v for k, v in event.items() if k != "raw"}
+                out.write(orjson.dumps(shown, option=orjson.OPT_UTC_Z).decode() + "\n")
+            else:
+                out.write(
+                    tail_line({**event, "received_at": record.received_at.isoformat()}) + "\n"
+                )
+        out.flush()
+
+
+# --- listen ------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Forwarder:
+    """Posts each event to ``url`` until the app answers 2xx, then saves the cursor."""
+
+    url: str
+    keys: tuple[bytes, ...]
+    events: frozenset[str] | None
+    cursor_file: Path
+    admin_url: str
+    say: Callable[[str], None]
+    http: httpx.AsyncClient
+    forwarded: int = 0
+
+    async def __call__(self, cursor: str, event: dict[str, Any]) -> None:
+        event_id, event_type = str(event.get("id", "")), str(event.get("type", ""))
+        if self.events is None or event_type in self.events:
+            await self._deliver(event_id, event_type, str(event.get("raw", "")).encode())
+        # Saved only now: a crash before this line forwards the event again, never skips it.
+        write_cursor_file(self.cursor_file, cursor, url=self.admin_url, event_id=event_id)
+
+    async def _deliver(self, event_id: str, event_type: str, body: bytes) -> None:
+        failures = 0
+        while True:
+            headers = {"content-type": "application/json", "lacuna-event-type": event_type}
+            if self.keys:
+                headers = signed_headers(event_id, event_type, body, self.keys, int(time.time()))
+            headers["lacuna-attempt"] = str(failures + 1)
+            started = time.monotonic()
+            try:
+                response = await self.http.post(self.url, content=body, headers=headers)
+            except httpx.HTTPError as exc:
+                problem = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            else:
+                took = (time.monotonic() - started) * 1000
+                if 200 <= response.status_code < 300:
+                    self.forwarded += 1
+                    self.say(f"-> {event_id} {event_type}: {response.status_code} ({took:.0f} ms)")
+                    return
+                problem = f"answered {response.status_code}"
+            failures += 1
+            delay = backoff(failures)
+            self.say(f"-> {event_id} {event_type}: {problem}; trying again in {delay:.1f} s")
+            await asyncio.sleep(delay)
+
+
+def parse_events(value: str | None) -> frozenset[str] | None:
+    if value is None:
+        return None
+    names = frozenset(item.strip() for item in value.split(",") if item.strip())
+    if not names:
+        raise ListenError("--events names no event type")
+    return names
+
+
+def parse_secret(value: str | None) -> tuple[bytes, ...]:
+    if value is None:
+        return ()
+    try:
+        return tuple(standard_webhooks_key(item) for item in value.split(",") if item.strip())
+    except ValueError as exc:
+        raise ListenError(f"--secret {exc}") from None
+
+
+async def listen(
+    target: Target,
+    *,
+    forward_to: str,
+    keys: tuple[bytes, ...],
+    events: frozenset[str] | None,
+    cursor_file: Path,
+    from_beginning: bool,
+    say: Callable[[str], None],
+) -> None:
+    cursor = read_cursor_file(cursor_file)
+    if cursor is None:
+        where = "the first stored event" if from_beginning else "now"
+        say(f"following {target.url}/api/v1/stream from {where}; cursor file {cursor_file}")
+    else:
+        say(f"resuming {target.url}/api/v1/stream after the last forwarded event ({cursor_file})")
+    say(f"forwarding to {forward_to}" + ("" if keys else " (unsigned: no --secret)"))
+    async with httpx.AsyncClient(
+        timeout=FORWARD_TIMEOUT_SECONDS, follow_redirects=False, trust_env=False
+    ) as http:
+        forward = Forwarder(forward_to, keys, events, cursor_file, target.url, say, http)
+        await follow_stream(target, cursor, forward, from_beginning=from_beginning, say=say)
+
+
+def run(main: Awaitable[None], say: Callable[[str], None]) -> int:
+    """Run ``main`` until it raises or SIGINT / SIGTERM arrives; then stop cleanly (0)."""
+
+    async def supervised() -> int:
+        task = asyncio.ensure_future(main)
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, task.cancel)
+        try:
+            await task
+        except asyncio.CancelledError:
+            say("stopped")
+            return 0
+        finally:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
+        return 0
+
+    return asyncio.run(supervised())
+
+
+def stderr_say(line: str) -> None:
+    print(f"lacuna-webhooks: {line}", file=sys.stderr, flush=True)
+
+
+__all__ = [
+    "ListenError",
+    "Target",
+    "admin_target",
+    "backoff",
+    "default_cursor_file",
+    "follow_stream",
+    "listen",
+    "read_cursor_file",
+    "run",
+    "tail",
+    "tail_line",
+    "tail_store",
+    "write_cursor_file",
+]

@@ -1,0 +1,133 @@
+"""The live stream's parts every backend shares: cursors, the wake-up signal, and ``follow``.
+
+The stream (admin ``GET /api/v1/stream``, ``docs/admin.md``) hands out every stored event
+once, in an order that never changes once an event has been handed out, with a cursor after
+each one: a client that resumes after a cursor gets exactly the events it has not seen.
+Each backend makes that order its own way (``Store.stream_after``):
+
+- memory: the arrival counter (never reused);
+- SQLite: ``events.stream_seq``, taken from ``stream_counter`` in the transaction that
+  inserts the event (one writer, so commit order is position order; the counter survives
+  the pruning of every event, so a position is never used twice);
+- PostgreSQL: ``(xid, seq)``, handing out only rows whose transaction is older than every
+  transaction still running, so nothing can commit behind a cursor later, on any replica
+  (``sql/postgres/0008_stream.sql``).
+
+A cursor is opaque: URL-safe base64 of a small JSON array whose first item names the
+backend, so a cursor of one backend given to another is refused (``ValueError``, the admin
+API's 400), never read as a position.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from .search import decode_cursor, encode_cursor
+
+if TYPE_CHECKING:
+    from .base import EventRecord, Store
+
+#: The most events one ``stream_after`` call returns to ``follow`` (bodies may be up to
+#: ``LACUNA_MAX_BODY_BYTES`` each: this bounds what one stream holds in memory).
+FOLLOW_BATCH = 100
+#: The largest number a cursor part may hold (PostgreSQL's xid8 and bigint fit below it).
+_MAX_PART = 2**63 - 1
+
+
+def make_cursor(kind: str, *positions: int) -> str:
+    """The opaque cursor of ``positions`` in the order of backend ``kind``."""
+    return encode_cursor(kind, *positions)
+
+
+def read_cursor(cursor: str, kind: str, arity: int) -> list[int]:
+    """The ``arity`` positions of a cursor ``make_cursor(kind, ...)`` made; ``ValueError``
+    for anything else (another backend's cursor, a search cursor, a forged one)."""
+    if not isinstance(cursor, str) or not cursor or len(cursor) > 200:
+        raise ValueError("not a stream cursor this service made")
+    parts = decode_cursor(cursor, arity + 1)
+    if parts[0] != kind:
+        raise ValueError("not a stream cursor of this store")
+    positions = parts[1:]
+    for value in positions:
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= _MAX_PART:
+            raise ValueError("not a stream cursor this service made")
+    return positions
+
+
+class StreamSignal:
+    """Wakes everyone following the stream when events may have been stored.
+
+    A backend calls ``notify()`` after an accept commits in this process (and, on
+    PostgreSQL, on every NOTIFY from another replica). A follower takes ``mark()`` *before*
+    it reads, then ``wait(mark, timeout)``: a notify that came between the read and the wait
+    is not lost. ``poll_seconds`` is how long a follower may sleep without a notify: what
+    this backend cannot be notified of (another process writing the same SQLite file; on
+    PostgreSQL a row held back by an older transaction still running) is picked up by then.
+    """
+
+    def __init__(self, poll_seconds: float) -> None:
+        self.poll_seconds = poll_seconds
+        self._current = asyncio.Event()
+
+    def mark(self) -> asyncio.Event:
+        return self._current
+
+    def notify(self) -> None:
+        """Wake every waiter (cheap without any: one object swapped)."""
+        fired, self._current = self._current, asyncio.Event()
+        fired.set()
+
+    async def wait(self, mark: asyncio.Event, timeout_seconds: float) -> None:
+        """Return once a notify came after ``mark`` was taken, or after the timeout."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, timeout_seconds)):
+                await mark.wait()
+
+
+async def follow(
+    store: Store,
+    cursor: str | None,
+    *,
+    stopping: asyncio.Event,
+    idle_seconds: float,
+) -> AsyncIterator[list[tuple[str, EventRecord]]]:
+    """Every event after ``cursor`` (``None``: from the first stored), in batches of
+    ``(cursor, event)`` as ``stream_after`` reads them, then each new one as it commits,
+    until ``stopping`` is set. An empty batch is yielded after ``idle_seconds`` without an
+    event (the caller's keepalive). ``ValueError`` for a bad cursor (raised by the first
+    read); ``StoreUnavailable`` when the store fails."""
+    signal = store.stream_signal
+    loop = asyncio.get_running_loop()
+    quiet_since = loop.time()
+    while not stopping.is_set():
+        mark = signal.mark()
+        batch = await store.stream_after(cursor, FOLLOW_BATCH)
+        if batch:
+            cursor = batch[-1][0]
+            yield batch
+            quiet_since = loop.time()
+            if len(batch) == FOLLOW_BATCH:
+                continue  # more are stored: read on before waiting
+        idle = loop.time() - quiet_since
+        if idle >= idle_seconds:
+            yield []
+            quiet_since = loop.time()
+            idle = 0.0
+        timeout = min(signal.poll_seconds, max(0.0, idle_seconds - idle))
+        await first_of((mark, stopping), timeout)
+
+
+async def first_of(events: tuple[asyncio.Event, ...], timeout_seconds: float) -> None:
+    """Return when any of ``events`` is set, or after the timeout."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout_seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+__all__ = ["FOLLOW_BATCH", "StreamSignal", "first_of", "follow", "make_cursor", "read_cursor"]

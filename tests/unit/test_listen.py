@@ -1,0 +1,129 @@
+"""The pure parts of ``tail`` and ``listen`` (listen.py): where the admin API and token come
+from, the backoff, the cursor file, a tail line, the option parsers, and the signed headers
+``listen`` and the ``http`` handler share. The commands themselves run against a real
+``serve`` in tests/e2e/test_live.py."""
+
+from __future__ import annotations
+
+import base64
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+from standardwebhooks.webhooks import Webhook
+
+from lacuna_webhooks import listen
+from lacuna_webhooks.cli import main
+from lacuna_webhooks.listen import ListenError, Target
+from lacuna_webhooks.signature import signed_headers, standard_webhooks_key
+
+SECRET = "whsec_" + base64.b64encode(b"a-unit-test-secret-of-32-bytes!!").decode()
+
+
+def test_admin_target_from_options_or_environment(tmp_path: Path) -> None:
+    env = {"LACUNA_ADMIN_URL": "http://admin:8001/", "LACUNA_ADMIN_TOKEN": "tok_a,tok_b"}
+    assert listen.admin_target(None, None, env) == Target("http://admin:8001", "tok_a")
+    assert listen.admin_target("https://x", "tok_c", env) == Target("https://x", "tok_c")
+    token_file = tmp_path / "token"
+    token_file.write_text("tok_file\n")
+    from_file = {"LACUNA_ADMIN_URL": "http://a", "LACUNA_ADMIN_TOKEN_FILE": str(token_file)}
+    assert listen.admin_target(None, None, from_file).token == "tok_file"
+
+
+@pytest.mark.parametrize(
+    ("url", "token", "env", "says"),
+    [
+        (None, "t", {}, "--url"),
+        ("ftp://x", "t", {}, "http://"),
+        ("http://x", None, {}, "--token"),
+        ("http://x", None, {"LACUNA_ADMIN_TOKEN": "a", "LACUNA_ADMIN_TOKEN_FILE": "/f"}, "both"),
+    ],
+)
+def test_admin_target_says_what_is_missing(
+    url: str | None, token: str | None, env: dict[str, str], says: str
+) -> None:
+    with pytest.raises(ListenError, match=says):
+        listen.admin_target(url, token, env)
+
+
+def test_backoff_doubles_with_jitter_and_is_capped() -> None:
+    for failures in range(1, 12):
+        base = min(listen.MAX_BACKOFF_SECONDS, listen.FIRST_BACKOFF_SECONDS * 2 ** (failures - 1))
+        for _ in range(20):
+            assert 0.75 * base <= listen.backoff(failures) <= base
+    assert listen.backoff(10_000) <= listen.MAX_BACKOFF_SECONDS
+
+
+def test_cursor_file_round_trip_and_replace(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "listen" / "c.json"
+    assert listen.read_cursor_file(path) is None
+    listen.write_cursor_file(path, "cur_1", url="http://a", event_id="evt_1")
+    listen.write_cursor_file(path, "cur_2", url="http://a", event_id="evt_2")
+    assert listen.read_cursor_file(path) == "cur_2"
+    assert orjson.loads(path.read_bytes())["event_id"] == "evt_2"
+    assert [p.name for p in path.parent.iterdir()] == ["c.json"]  # no temporary file left
+    path.write_text("{}")
+    with pytest.raises(ListenError, match="no cursor"):
+        listen.read_cursor_file(path)
+    path.write_text("not json")
+    with pytest.raises(ListenError, match="cannot read"):
+        listen.read_cursor_file(path)
+
+
+def test_default_cursor_file_is_per_deployment_and_app(tmp_path: Path) -> None:
+    env = {"XDG_STATE_HOME": str(tmp_path)}
+    one = listen.default_cursor_file(Target("http://a", "t"), "http://127.0.0.1:3000/", env)
+    two = listen.default_cursor_file(Target("http://b", "t"), "http://127.0.0.1:3000/", env)
+    three = listen.default_cursor_file(Target("http://a", "t"), "http://127.0.0.1:4000/", env)
+    assert len({one, two, three}) == 3
+    assert one.parent == tmp_path / "lacuna-webhooks" / "listen"
+
+
+def test_tail_line_shows_fields_and_escapes_control_characters() -> None:
+    event = {
+        "id": "evt_1",
+        "type": "job.completed",
+        "received_at": "2026-12-01T03:30:00.123456Z",
+        "task_id": "cm1",
+        "payload": {"data": {"title": "Rain\x1b[2J\nfall"}},
+    }
+    line = listen.tail_line(event)
+    assert line == "2026-12-01 03:30:00  job.completed  evt_1  cm1  Rain\\x1b[2J\\nfall"
+    assert listen.tail_line({"id": "e", "type": "t", "payload": None}).endswith("e  -")
+
+
+def test_option_parsers() -> None:
+    assert listen.parse_events("job.completed, job.failed,") == {"job.completed", "job.failed"}
+    assert listen.parse_events(None) is None
+    with pytest.raises(ListenError):
+        listen.parse_events(" , ")
+    assert listen.parse_secret(SECRET) == (standard_webhooks_key(SECRET),)
+    assert listen.parse_secret(None) == ()
+    with pytest.raises(ListenError, match="--secret"):
+        listen.parse_secret("whsec_not*base64")
+
+
+def test_signed_headers_verify_with_the_standardwebhooks_library() -> None:
+    body = b'{"id":"evt_1","type":"job.completed"}'
+    now = int(time.time())
+    headers = signed_headers("evt_1", "job.completed", body, (standard_webhooks_key(SECRET),), now)
+    assert headers["webhook-id"] == "evt_1"
+    assert headers["lacuna-event-type"] == "job.completed"
+    assert headers["content-type"] == "application/json"
+    assert headers["webhook-timestamp"] == str(now)
+    assert Webhook(SECRET).verify(body, headers) == orjson.loads(body)
+
+
+def test_cli_refuses_a_bad_forward_url_or_missing_target(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["listen", "--forward-to", "localhost:3000"], environ={}) == 2
+    assert "--forward-to" in capsys.readouterr().err
+    assert main(["listen", "--forward-to", "http://127.0.0.1:3000"], environ={}) == 1
+    assert "LACUNA_ADMIN_URL" in capsys.readouterr().err
+    # tail without an admin API follows the local store: none here, and it says both ways.
+    assert main(["tail"], environ={"LACUNA_DATABASE_URL": "sqlite:///./no/such.db"}) == 1
+    err = capsys.readouterr().err
+    assert "no database" in err
+    assert "LACUNA_ADMIN_URL" in err
