@@ -171,7 +171,7 @@ def test_single_event_replay_keeps_working(
         (["replay", "--status", "lost"], "invalid choice"),
         (["replay", "--all", "--token", "x" * 40], "--token needs --url"),
         (["replay", "--all", "--url", "ftp://host"], "must be the admin listener's http(s)"),
-        (["replay", "--all", "--url", "http://127.0.0.1:9"], "needs a token"),
+        (["replay", "--all", "--url", "http://127.0.0.1:9"], "give the admin token"),
     ],
 )
 def test_bad_arguments_are_one_line(

@@ -35,7 +35,7 @@ def test_admin_target_from_options_or_environment(tmp_path: Path) -> None:
     ("url", "token", "env", "says"),
     [
         (None, "t", {}, "--url"),
-        ("ftp://x", "t", {}, "http://"),
+        ("ftp://x", "t", {}, "admin listener"),
         ("http://x", None, {}, "--token"),
         ("http://x", None, {"LACUNA_ADMIN_TOKEN": "a", "LACUNA_ADMIN_TOKEN_FILE": "/f"}, "both"),
     ],
