@@ -33,14 +33,17 @@ from .. import rows
 from ..base import (
     AttemptRecord,
     DeliveryRecord,
+    EventFilter,
+    EventPage,
     EventRecord,
     HandlerActivity,
     HandlerState,
     QueueStats,
+    ScanBudget,
     TaskRecord,
 )
 from ..queries import load
-from ..searchsql import next_cursor, register_sqlite_functions
+from ..searchsql import next_cursor, register_sqlite_functions, windowed_search
 from .writer import transaction
 
 BUSY_TIMEOUT_MS = 5000
@@ -406,6 +409,31 @@ def search_events(
     if len(found) > limit and page:
         cursor = next_cursor("sqlite", page[-1]["received_at"], page[-1]["seq"])
     return [rows.event_record(row, at) for row in page], cursor
+
+
+def search_windowed(
+    c: sqlite3.Connection,
+    where: EventFilter,
+    cursor: str | None,
+    limit: int,
+    now: datetime,
+    budget: ScanBudget,
+) -> EventPage:
+    """One page of ``searchsql.windowed_search``: its windows run in this one read
+    transaction (one snapshot), on the reader thread."""
+    scan = windowed_search("sqlite", where, cursor=cursor, limit=limit, now=now, budget=budget)
+    try:
+        statement = next(scan)
+        while True:
+            statement = scan.send(c.execute(*statement).fetchall())
+    except StopIteration as stop:
+        found, cursor_next, complete, reached = stop.value
+    return EventPage(
+        [rows.event_record(row, at) for row in found],
+        cursor_next,
+        complete=complete,
+        searched_to=None if reached is None else at(reached),
+    )
 
 
 def list_deliveries(c: sqlite3.Connection, args: dict[str, Any]) -> list[DeliveryRecord]:
