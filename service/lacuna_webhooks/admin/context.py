@@ -10,6 +10,7 @@ from ..config import Settings
 from ..metrics import Metrics
 from ..plugins import HandlerSet
 from ..store import Store
+from ..store.base import ScanBudget
 
 
 def _utcnow() -> datetime:
@@ -23,7 +24,8 @@ class AdminContext:
     ``store`` is the process's opened store (the admin app never opens or closes it);
     ``handlers`` the configured instances without their objects (names, kinds, filters,
     per-instance settings); ``clock`` gives "now" (UTC-aware) for every decision a route
-    makes, so tests can move time.
+    makes, so tests can move time; ``search_budget`` replaces the ``ScanBudget`` of
+    ``LACUNA_ADMIN_SEARCH_BUDGET`` (tests give tiny windows).
     """
 
     settings: Settings
@@ -31,3 +33,11 @@ class AdminContext:
     handlers: HandlerSet
     metrics: Metrics | None = None
     clock: Callable[[], datetime] = field(default=_utcnow)
+    search_budget: ScanBudget | None = None
+
+    def scan_budget(self) -> ScanBudget:
+        """The budget of every search the admin makes (``GET /events``, the console, each
+        batch of a bulk operation)."""
+        if self.search_budget is not None:
+            return self.search_budget
+        return ScanBudget(self.settings.admin_search_budget_seconds)
