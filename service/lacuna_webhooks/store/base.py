@@ -194,11 +194,11 @@ class ScanBudget:
 
     The scan walks the events newest first in windows of the ``received_at`` index: the
     first of ``first_window`` events, each next one sized from the rate measured so far to
-    take about a quarter of what is left of ``seconds`` (at least one event, at most four
-    times the last window and ``max_window``). After each window the scan stops when the
-    page is full and one more match is known (``next_cursor`` after its last row), when
-    the events run out, or when ``seconds`` are spent (``next_cursor`` at the scan's
-    position), so a page takes about ``seconds`` plus one window. At least one window is
+    take about half of what is left of ``seconds`` (at least one event, at most four times
+    the last window and ``max_window``). After each window the scan stops when the page is
+    full and one more match is known (``next_cursor`` after its last row), when the events
+    run out, or when ``seconds`` are spent (``spent``: nine tenths of them; ``next_cursor``
+    at the scan's position), so a page takes about ``seconds``. At least one window is
     always scanned (``seconds=0``: exactly one per call), so following ``next_cursor``
     always makes progress. Only searches with ``match`` or ``q`` and without ``task_id``
     (a handful of events, by index) are windowed (on SQLite, not those a rare delivery
@@ -213,6 +213,11 @@ class ScanBudget:
         """Whether a search of ``where`` reads bodies beyond what an index bounds."""
         return bool(where.match or where.q is not None) and where.task_id is None
 
+    def spent(self, elapsed: float) -> bool:
+        """Whether a scan that has run ``elapsed`` seconds stops: the budget is spent, or so
+        little is left (a tenth) that another window would mostly cost its own overhead."""
+        return elapsed >= self.seconds * 0.9
+
     def next_window(self, window: int, scanned: int, elapsed: float) -> int:
         """The size of the window after one of ``window`` events, ``scanned`` events having
         taken ``elapsed`` seconds in all."""
@@ -220,7 +225,7 @@ class ScanBudget:
         if elapsed <= 0 or scanned <= 0:
             return max(1, grown)
         left = max(self.seconds - elapsed, 0.0)
-        fitting = int(scanned / elapsed * left / 4)
+        fitting = int(scanned / elapsed * left / 2)
         return max(1, min(grown, fitting))
 
 

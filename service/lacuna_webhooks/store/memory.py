@@ -453,7 +453,7 @@ class MemoryStore:
             if scanned >= len(candidates):
                 return EventPage([r for _, r in found], None)
             elapsed = time.monotonic() - started
-            if elapsed >= budget.seconds:
+            if budget.spent(elapsed):
                 reached = candidates[scanned - 1]
                 return EventPage(
                     [r for _, r in found],

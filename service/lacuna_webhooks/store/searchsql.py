@@ -427,7 +427,7 @@ def windowed_search(
             return found, None, True, None
         upper = next_cursor(dialect, lower[0], lower[1])
         elapsed = clock() - started
-        if elapsed >= budget.seconds:
+        if budget.spent(elapsed):
             return found, upper, False, lower[0]
         window = budget.next_window(window, scanned, elapsed)
 
