@@ -1345,6 +1345,10 @@ async def test_budgeted_search_cursors_are_cursors(store: Store) -> None:
     for bad in ["", "garbage!", encode_cursor(1.5, 2.5), encode_cursor(None, None), "\ud800"]:
         with pytest.raises(ValueError, match="cursor"):
             await store.search_events(where, cursor=bad, budget=ScanBudget(0, first_window=5))
+    # A NUL in a match value matches nothing anywhere (PostgreSQL: in one statement).
+    nul = EventFilter(match=(("data.title", "hit\x00"),), since=now - SECOND)
+    pages, _ = await follow(store, nul, ScanBudget(0, first_window=8), 5)
+    assert all(page == [] for page in pages)
     indexed = await store.search_events(
         EventFilter(type="job.failed"), limit=3, budget=ScanBudget(0, first_window=1)
     )

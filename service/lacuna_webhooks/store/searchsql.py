@@ -375,10 +375,15 @@ def window_bound_sql(
 def windowed(dialect: Dialect, where: EventFilter, budget: ScanBudget | None) -> bool:
     """Whether a search of ``where`` under ``budget`` runs in windows (``windowed_search``)
     rather than as one statement: ``ScanBudget.windowed``, except on SQLite when a rare
-    delivery state drives the search (it reads only that state's deliveries)."""
+    delivery state drives the search (it reads only that state's deliveries), and on
+    PostgreSQL when a filter holds NUL (it matches nothing)."""
     if budget is None or not budget.windowed(where):
         return False
-    return not (dialect == "sqlite" and where.status in _RARE_STATES)
+    if dialect == "postgres":
+        # A NUL in a filter matches nothing there (search_sql): one statement says so.
+        texts = [where.type, where.handler, *(w for pair in where.match for w in pair)]
+        return not any(t is not None and "\x00" in t for t in texts)
+    return where.status not in _RARE_STATES
 
 
 #: What ``windowed_search`` returns: the rows of the page (at most ``limit``), the next
