@@ -902,7 +902,11 @@ def _bulk(
             exc.param or "", f"--{exc.param}"
         )
         raise CommandError(f"{option}: {exc.message}", exit_code=2) from None
-    result = _with_store(environ, lambda s: run_bulk(s, operation))
+    from .store.base import ScanBudget
+
+    seconds = _settings(environ, require_secret=False).admin_search_budget_seconds
+    budget = ScanBudget(seconds)
+    result = _with_store(environ, lambda s: run_bulk(s, operation, budget=budget))
     return result.json()
 
 

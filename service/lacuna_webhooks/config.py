@@ -51,6 +51,8 @@ MAX_CONCURRENCY = 1_000
 MIN_POLL_SECONDS, MAX_POLL_SECONDS = 0.01, 3_600.0
 MAX_RETENTION_DAYS = 36_500.0
 MAX_SHUTDOWN_SECONDS = 3_600.0
+# An admin search's time budget: under the SQLite reader's 20 s interrupt, over a window.
+MIN_SEARCH_BUDGET_SECONDS, MAX_SEARCH_BUDGET_SECONDS = 0.05, 10.0
 
 
 def read_setting(environ: Mapping[str, str], var: str) -> str | None:
@@ -362,6 +364,8 @@ class Settings:
     # The admin API's own listener (SPEC §9), opened only when admin tokens are set.
     admin_host: str = "127.0.0.1"
     admin_port: int = 8001
+    # How long one admin search may scan bodies before answering with what it found.
+    admin_search_budget_seconds: float = 0.5
     retry_max_attempts: int = 10
     retry_base_delay_seconds: float = 5.0
     retry_max_delay_seconds: float = 3600.0
@@ -468,6 +472,11 @@ class Settings:
         read("port", "PORT", _port)
         read("admin_host", "LACUNA_ADMIN_HOST", _host)
         read("admin_port", "LACUNA_ADMIN_PORT", _port)
+        read(
+            "admin_search_budget_seconds",
+            "LACUNA_ADMIN_SEARCH_BUDGET",
+            _at_most(_positive_float, MAX_SEARCH_BUDGET_SECONDS, minimum=MIN_SEARCH_BUDGET_SECONDS),
+        )
         read(
             "retry_max_attempts",
             "LACUNA_RETRY_MAX_ATTEMPTS",

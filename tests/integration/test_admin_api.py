@@ -6,6 +6,7 @@ the store was opened; tests/e2e/test_admin.py serves it on its own socket from `
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -21,8 +22,11 @@ from lacuna_webhooks.config import Settings
 from lacuna_webhooks.models import Attempt, AttemptOutcome, Event
 from lacuna_webhooks.plugins import build_handlers
 from lacuna_webhooks.store import Store
+from lacuna_webhooks.store.base import ScanBudget
+from lacuna_webhooks.store.search import encode_cursor
 from tests.conftest import TEST_SECRET, make_event
 
+SECOND = timedelta(seconds=1)
 TOKEN = "adm_" + "k" * 40
 OTHER_TOKEN = "adm_" + "z" * 40
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -201,6 +205,65 @@ async def test_list_events_pages(client: httpx.AsyncClient, store: Store) -> Non
             break
         params = {"limit": "3", "cursor": cursor}
     assert seen == ["e4", "e3", "e2", "e1"]
+
+
+async def test_list_events_within_a_time_budget(store: Store) -> None:
+    """A search reading payloads stops at its budget (here after every window of 2 events):
+    `complete: false`, fewer than `limit` rows (even none) and a cursor; following it gives
+    the ids of one unbounded search, in order. An incomplete page's cursor is refused when
+    edited and accepted by a search with the default budget; an indexed search stays
+    complete; every answer carries `complete`."""
+    t0 = datetime.now(UTC) - timedelta(minutes=5)
+    for i in range(12):
+        title = "Late Night Study" if i % 5 == 1 else "Other"
+        assert await store.accept(event(f"b{i:02d}", title=title), ["audit"], now=t0 + i * SECOND)
+    ctx = admin_context(store)
+    ctx.search_budget = ScanBudget(0, first_window=2)
+    transport = httpx.ASGITransport(app=create_admin_app(ctx))
+    async with (
+        httpx.AsyncClient(
+            transport=transport, base_url="http://admin/api/v1", headers=AUTH
+        ) as budgeted,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=create_admin_app(admin_context(store))),
+            base_url="http://admin/api/v1",
+            headers=AUTH,
+        ) as default,
+    ):
+        query = {"match": "data.title:Late Night Study", "limit": "2"}
+        whole = await default.get("/events", params={**query, "limit": "500"})
+        assert whole.json()["complete"] is True
+        expected = ids(whole)
+        assert expected == ["b11", "b06", "b01"]
+        seen: list[str] = []
+        answers: list[dict[str, Any]] = []
+        params = dict(query)
+        while True:
+            response = await budgeted.get("/events", params=params)
+            seen += ids(response)
+            body = response.json()
+            assert set(body) == {"data", "next_cursor", "complete"}
+            answers.append(body)
+            if body["next_cursor"] is None:
+                break
+            params = {**query, "cursor": body["next_cursor"]}
+        assert seen == expected
+        assert any(not a["complete"] and a["data"] == [] for a in answers)
+        assert all(a["next_cursor"] is not None for a in answers if not a["complete"])
+        cut = next(a for a in answers if not a["complete"])
+        rest = await default.get("/events", params={**query, "cursor": cut["next_cursor"]})
+        assert rest.status_code == 200
+        parts = orjson.loads(base64.urlsafe_b64decode(cut["next_cursor"] + "=="))
+        for bad in (
+            encode_cursor(*parts[:-1], -1),  # a negative arrival or seq
+            encode_cursor(*parts, 1),  # one part too many
+            encode_cursor(*parts[:-1], 2**63),  # past 64 bits
+        ):
+            response = await budgeted.get("/events", params={**query, "cursor": bad})
+            refused(response, 400, "cursor")
+        indexed = await budgeted.get("/events", params={"type": "job.completed", "limit": "5"})
+        assert indexed.json()["complete"] is True
+        assert len(ids(indexed)) == 5
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ from lacuna_webhooks.errors import StoreUnavailable
 from lacuna_webhooks.models import Attempt, AttemptOutcome, DeliveryStatus
 from lacuna_webhooks.plugins import build_handlers
 from lacuna_webhooks.store import Store
-from lacuna_webhooks.store.base import EventFilter
+from lacuna_webhooks.store.base import EventFilter, ScanBudget
 from lacuna_webhooks.store.memory import MemoryStore
 from tests.integration.test_admin_api import AUTH, ENVIRON, event, refused, seed
 
@@ -186,6 +186,42 @@ async def test_the_walk_survives_its_own_writes(store: Store) -> None:
     assert (result.matched, result.reset, result.created, result.batches) == (7, 7, 7, 4)
     assert await store.list_deliveries(status=DeliveryStatus.DEAD) == []
     assert len(await store.list_deliveries(handler="late", limit=100)) == 7
+
+
+async def test_the_walk_goes_on_through_pages_the_budget_cut(store: Store) -> None:
+    """A payload filter under a budget that stops every page after one window of 4 events:
+    pages with fewer events than the batch, and empty ones, carry a cursor and the walk
+    goes on; every matching event gets its delivery once, no other event one. The API's
+    runner uses the admin's budget the same way."""
+    now = store_now()
+    for i in range(30):
+        title = "Late Night Study" if i % 6 == 2 else "Other"
+        assert await store.accept(event(f"g{i:02}", task_id=f"t{i}", title=title), [], now=now)
+    wanted = {f"g{i:02}" for i in range(30) if i % 6 == 2}
+    where = EventFilter(match=(("data.title", "Late Night Study"),))
+    budget = ScanBudget(0, first_window=4)
+    first = await store.search_events(where, limit=3, budget=budget)
+    assert not first.complete  # the budget does cut these pages
+    assert first.next_cursor is not None
+    operation = BulkOperation(where, handlers=("late",), missing_only=True)
+    result = await run_bulk(store, operation, batch_size=3, min_pause_seconds=0, budget=budget)
+    assert (result.matched, result.created) == (len(wanted), len(wanted))
+    late = await store.list_deliveries(handler="late", limit=100)
+    assert sorted(d.event_id for d in late) == sorted(wanted)
+    # Through the API, with the context's budget: the audit backfill reaches them all too.
+    ctx = bulk_context(store)
+    ctx.search_budget = budget
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=create_admin_app(ctx)),
+        base_url="http://admin/api/v1",
+        headers=AUTH,
+        timeout=120,
+    ) as c:
+        body = {"q": "Late Night", "handlers": ["audit"], "missing_only": True}
+        answer = await replays(c, body)
+    assert answer == {"matched": 5, "created": 5, "reset": 0, "dry_run": False}
+    audit = await store.list_deliveries(handler="audit", limit=100)
+    assert sorted(d.event_id for d in audit) == sorted(wanted)
 
 
 async def test_one_operation_at_a_time(client: httpx.AsyncClient, store: Store) -> None:

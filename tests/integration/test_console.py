@@ -27,6 +27,7 @@ from lacuna_webhooks.config import Settings
 from lacuna_webhooks.models import Attempt, AttemptOutcome, Event
 from lacuna_webhooks.plugins import build_handlers
 from lacuna_webhooks.store import Store, open_store
+from lacuna_webhooks.store.base import ScanBudget
 from tests.conftest import TEST_SECRET, make_event
 
 TOKEN = "adm_console_test_" + "k" * 32
@@ -347,6 +348,40 @@ async def test_search_filters_and_bad_filters(sqlite_store: Store) -> None:
         assert older
         second = await http.get(html.unescape(older.group(1)))
         assert re.findall(r'href="/event\?id=(evt_\w+)"', second.text) == ["evt_0"]
+
+
+async def test_search_stopped_by_its_budget_says_so(sqlite_store: Store) -> None:
+    """A payload search cut by its budget (one window of 2 events a page) shows the rows
+    found, "Searched up to <time>; more may match" and a Next link; following Next pages
+    reaches every match once, in order, and the last page has no such line."""
+    for i in range(9):
+        title = "Late Night Study" if i % 4 == 0 else "Other"
+        await accept(sqlite_store, make_event(f"evt_{i}", task_id=f"cm_{i}", title=title), [])
+    ctx = context(sqlite_store)
+    ctx.search_budget = ScanBudget(0, first_window=2)
+    app = create_admin_app(ctx)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://console.test"
+    ) as http:
+        await sign_in(http)
+        page = await http.get("/events", params={"q": "Late Night", "limit": "5"})
+        seen: list[str] = []
+        notes = 0
+        while True:
+            assert page.status_code == 200, page.text
+            seen += re.findall(r'href="/event\?id=(evt_\w+)"', page.text)
+            more = re.search(r'href="(/events\?[^"]+)" rel="next">([^<]+)<', page.text)
+            if "more may match" in page.text:
+                notes += 1
+                assert re.search(r"Searched up to <time datetime=\"[^\"]+\">", page.text)
+                assert more
+                assert more.group(2) == "Next"
+            if more is None:
+                break
+            page = await http.get(html.unescape(more.group(1)))
+        assert seen == ["evt_8", "evt_4", "evt_0"]
+        assert notes >= 2
+        assert "No events match" not in page.text
 
 
 async def test_replay_and_retry_dead(sqlite_store: Store) -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from lacuna_webhooks.errors import StoreUnavailable
 from lacuna_webhooks.models import Event
-from lacuna_webhooks.store.base import EventFilter
+from lacuna_webhooks.store.base import EventFilter, ScanBudget
 from lacuna_webhooks.store.sqlite import SQLiteStore
 from lacuna_webhooks.store.sqlite.reader import Reader
 from tests.conftest import make_event
@@ -91,6 +91,72 @@ async def test_the_writer_does_not_wait_for_admin_reads(sqlite_store: SQLiteStor
     started = time.monotonic()
     await sqlite_store.close()  # interrupts the read still running
     assert time.monotonic() - started < 3
+
+
+def _fill(conn: sqlite3.Connection, count: int, at: float) -> None:
+    """``count`` events, one millisecond apart before ``at`` (bench/search_bench.py's way)."""
+    conn.executemany(
+        "INSERT INTO events (id, type, created, received_at, task_id, superseded, raw)"
+        " VALUES (?, 'job.completed', 0, ?, ?, 0, ?)",
+        (
+            (
+                f"bulk_{i}",
+                at - (count - i) / 1000,
+                f"task_{i}",
+                orjson.dumps(make_event(f"bulk_{i}", title=f"Track {i}", n=i)),
+            )
+            for i in range(count)
+        ),
+    )
+
+
+async def test_a_budgeted_search_runs_beside_intake(sqlite_store: SQLiteStore) -> None:
+    """A payload search over 40,000 events under a 0.2 s budget (a number: every body is
+    parsed) answers in pages on the reader while events keep being accepted: every accept
+    commits promptly, the event loop keeps ticking, and the pages together find the one
+    matching event the unbounded search finds."""
+    await sqlite_store._writer.run(_fill, 40_000, time.time() - 60)
+    where = EventFilter(match=(("data.n", "137.0"),))
+    budget = ScanBudget(0.2, first_window=200)
+    gaps: list[float] = []
+    stop = asyncio.Event()
+
+    async def heartbeat() -> None:
+        last = time.monotonic()
+        while not stop.is_set():
+            await asyncio.sleep(0.01)
+            gaps.append(time.monotonic() - (last + 0.01))
+            last = time.monotonic()
+
+    ticking = asyncio.create_task(heartbeat())
+    accepts: list[float] = []
+    found: list[str] = []
+    pages = incomplete = 0
+    cursor: str | None = None
+    while True:
+        search = asyncio.create_task(
+            sqlite_store.search_events(where, cursor=cursor, limit=50, budget=budget)
+        )
+        while not search.done():
+            started = time.monotonic()
+            body = orjson.dumps(make_event(f"live_{len(accepts)}"))
+            assert await sqlite_store.accept(Event.from_body(body), ["a"], now=wall_now())
+            accepts.append(time.monotonic() - started)
+            await asyncio.sleep(0.02)
+        page = await search
+        pages += 1
+        incomplete += not page.complete
+        found += [r.id for r in page.records]
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    stop.set()
+    await ticking
+    assert found == ["bulk_137"]
+    assert incomplete >= 1, f"{pages} pages: the budget never cut the scan"
+    assert accepts
+    assert max(accepts) < 1.0, f"an accept took {max(accepts):.2f}s beside the search"
+    assert max(gaps) < 0.5, f"the event loop stalled {max(gaps):.2f}s"
 
 
 async def test_reader_cannot_write(sqlite_store: SQLiteStore) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -18,7 +19,7 @@ import pytest
 from lacuna_webhooks.errors import EventNotFound, StoreUnavailable
 from lacuna_webhooks.models import Attempt, AttemptOutcome, Delivery, DeliveryStatus, Event
 from lacuna_webhooks.store import Store
-from lacuna_webhooks.store.base import EventFilter, ReplayCounts
+from lacuna_webhooks.store.base import EventFilter, ReplayCounts, ScanBudget
 from tests.conftest import make_event
 
 NOW = datetime(2025, 11, 21, 12, 0, tzinfo=UTC)
@@ -1219,6 +1220,146 @@ async def test_search_refuses_cursors_it_did_not_make(store: Store) -> None:
     ]:
         with pytest.raises(ValueError, match="cursor"):
             await store.search_events(EventFilter(), cursor=bad)
+
+
+# --- budgeted search (ScanBudget: GET /events answers within a time budget) ----------------
+
+
+async def seed_spread(store: Store) -> datetime:
+    """40 events over 30 s, three pairs received at the same instant; every seventh has
+    ``data.title`` ``hit`` (and ``needle`` in its body), the others ``miss``; types alternate."""
+    now = wall_now()
+    for i in range(40):
+        at = now + (i - i % 2 * (i % 5 == 1)) * SECOND  # ties: 1 with 0, 11 with 10, ...
+        kind = "job.completed" if i % 2 else "job.failed"
+        title = "hit needle" if i % 7 == 3 else "miss"
+        assert await store.accept(event(f"s{i:02d}", kind, title=title), ["a"], now=at)
+    return now
+
+
+async def follow(
+    store: Store, where: EventFilter, budget: ScanBudget | None, limit: int
+) -> tuple[list[list[str]], list[bool]]:
+    """Every page's ids and ``complete``, following ``next_cursor`` to the end."""
+    pages: list[list[str]] = []
+    complete: list[bool] = []
+    cursor: str | None = None
+    while True:
+        page = await store.search_events(where, cursor=cursor, limit=limit, budget=budget)
+        pages.append([r.id for r in page.records])
+        complete.append(page.complete)
+        assert len(page.records) <= limit
+        if not page.complete:
+            assert page.next_cursor is not None
+            assert page.searched_to is not None
+        else:
+            assert page.searched_to is None
+        if page.next_cursor is None:
+            return pages, complete
+        cursor = page.next_cursor
+        assert len(pages) < 100, "the cursors do not progress"
+
+
+def simulate(candidates: list[str], matches: set[str], window: int, limit: int) -> list[list[str]]:
+    """The pages ``ScanBudget(seconds=0, first_window=window)`` cuts (one window per call):
+    a page stops after its window, or after one match past ``limit`` (next page from the
+    last row returned)."""
+    pages: list[list[str]] = []
+    start = 0
+    while True:
+        found: list[int] = []
+        end = min(start + window, len(candidates))
+        for i in range(start, end):
+            if candidates[i] in matches:
+                found.append(i)
+                if len(found) > limit:
+                    break
+        if len(found) > limit:
+            pages.append([candidates[i] for i in found[:limit]])
+            start = found[limit - 1] + 1
+        else:
+            pages.append([candidates[i] for i in found])
+            if end >= len(candidates):
+                return pages
+            start = end
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        EventFilter(match=(("data.title", "hit needle"),)),
+        EventFilter(q="needle"),
+        EventFilter(type="job.completed", q="needle"),
+        EventFilter(handler="a", status="pending", match=(("data.title", "hit needle"),)),
+    ],
+    ids=["match", "q", "type+q", "status+match"],
+)
+async def test_budgeted_search_pages_see_every_match_once(store: Store, where: EventFilter) -> None:
+    """Following next_cursor with a budget that stops the scan after every window (seconds
+    0, windows of 3 events) gives exactly the ids of one unbounded search, in order, through
+    incomplete and empty pages; the pages are the ones the window rule predicts, on every
+    backend; the scan resumes where it stopped, not after the last row returned."""
+    now = await seed_spread(store)
+    where = replace(where, since=now - SECOND, until=now + 40 * SECOND)
+    unbounded = await store.search_events(where, limit=500)
+    assert unbounded.complete
+    assert unbounded.next_cursor is None
+    expected = [r.id for r in unbounded.records]
+    assert len(expected) >= 3
+    for limit in (1, 2, 500):
+        pages, complete = await follow(store, where, ScanBudget(0, first_window=3), limit)
+        assert [i for page in pages for i in page] == expected, limit
+        if where.status is not None and store_kind(store) == "sqlite":
+            assert all(complete)  # a rare delivery state drives it from its deliveries
+            continue
+        assert not all(complete)
+        assert [] in pages  # a window without a match: an empty page, and go on
+        everything = await store.search_events(
+            EventFilter(type=where.type, since=where.since, until=where.until), limit=500
+        )
+        candidates = [r.id for r in everything.records]
+        assert pages == simulate(candidates, set(expected), 3, limit)
+    # A generous budget answers as an unbounded search: one complete page.
+    pages, complete = await follow(store, where, ScanBudget(60), 500)
+    assert pages == [expected]
+    assert complete == [True]
+
+
+async def test_budgeted_search_cursors_are_cursors(store: Store) -> None:
+    """The cursor of an incomplete page is validated like any (a forged one is a
+    ValueError with or without a budget), resumes an unbudgeted search exactly where the
+    scan stopped, and an indexed search ignores the budget (complete pages as before)."""
+    from lacuna_webhooks.store.search import encode_cursor
+
+    now = await seed_spread(store)
+    where = EventFilter(q="needle", since=now - SECOND)
+    expected = [r.id for r in (await store.search_events(where, limit=500)).records]
+    first = await store.search_events(where, limit=50, budget=ScanBudget(0, first_window=5))
+    assert not first.complete
+    assert first.next_cursor is not None
+    rest = await store.search_events(where, cursor=first.next_cursor, limit=500)
+    assert [r.id for r in first.records + rest.records] == expected
+    assert first.searched_to is not None
+    assert all(r.received_at >= first.searched_to for r in first.records)
+    assert all(r.received_at <= first.searched_to for r in rest.records)
+    for bad in ["", "garbage!", encode_cursor(1.5, 2.5), encode_cursor(None, None), "\ud800"]:
+        with pytest.raises(ValueError, match="cursor"):
+            await store.search_events(where, cursor=bad, budget=ScanBudget(0, first_window=5))
+    # A NUL in a match value matches nothing anywhere (PostgreSQL: in one statement).
+    nul = EventFilter(match=(("data.title", "hit\x00"),), since=now - SECOND)
+    pages, _ = await follow(store, nul, ScanBudget(0, first_window=8), 5)
+    assert all(page == [] for page in pages)
+    indexed = await store.search_events(
+        EventFilter(type="job.failed"), limit=3, budget=ScanBudget(0, first_window=1)
+    )
+    assert indexed.complete
+    assert len(indexed.records) == 3
+    assert indexed.next_cursor is not None
+
+
+def store_kind(store: Store) -> str:
+    name = type(store).__module__
+    return "sqlite" if ".sqlite" in name else ("postgres" if ".postgres" in name else "memory")
 
 
 async def test_list_deliveries_before_pages_by_id(store: Store) -> None:

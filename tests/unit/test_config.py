@@ -97,6 +97,11 @@ def test_secret_optional_for_admin_commands() -> None:
         ("LACUNA_ADMIN_PORT", "0"),
         ("LACUNA_ADMIN_PORT", "65536"),
         ("LACUNA_ADMIN_PORT", "admin"),
+        ("LACUNA_ADMIN_SEARCH_BUDGET", "0"),
+        ("LACUNA_ADMIN_SEARCH_BUDGET", "0.01"),
+        ("LACUNA_ADMIN_SEARCH_BUDGET", "11"),
+        ("LACUNA_ADMIN_SEARCH_BUDGET", "nan"),
+        ("LACUNA_ADMIN_SEARCH_BUDGET", "half"),
         ("LACUNA_ADMIN_HOST", "http://127.0.0.1"),
         ("LACUNA_ADMIN_HOST", "a b"),
         # An empty or over-long DNS label was a raw UnicodeError traceback from the server.
@@ -328,6 +333,14 @@ def test_admin_listener_settings() -> None:
     assert (s.admin_host, s.admin_port) == ("127.0.0.1", 8001)
     s = Settings.from_env({**ADMIN, "LACUNA_ADMIN_HOST": " ::1 ", "LACUNA_ADMIN_PORT": "9001"})
     assert (s.admin_host, s.admin_port) == ("::1", 9001)
+
+
+def test_admin_search_budget() -> None:
+    """LACUNA_ADMIN_SEARCH_BUDGET: seconds, 0.5 by default, 0.05 to 10 inclusive."""
+    assert Settings.from_env(ADMIN).admin_search_budget_seconds == 0.5
+    for given, seconds in [("0.05", 0.05), ("10", 10.0), (" 2 ", 2.0)]:
+        s = Settings.from_env({**ADMIN, "LACUNA_ADMIN_SEARCH_BUDGET": given})
+        assert s.admin_search_budget_seconds == seconds
 
 
 @pytest.mark.parametrize(

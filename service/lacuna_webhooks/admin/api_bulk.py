@@ -101,7 +101,7 @@ def operation_from_json(handler_names: Sequence[str], body: dict[str, Any]) -> B
 
 def routes(ctx: AdminContext) -> list[BaseRoute]:
     """This area's routes, mounted under /api/v1."""
-    runner = BulkRunner(ctx.store, clock=ctx.clock)
+    runner = BulkRunner(ctx.store, clock=ctx.clock, budget=ctx.scan_budget())
 
     async def replays(request: Request) -> Response:
         _no_query(request)

@@ -146,10 +146,14 @@ def routes(ctx: AdminContext) -> list[BaseRoute]:
         where = filter_from_query(request.query_params)
         limit, cursor = page_params(request.query_params)
         try:
-            page = await store.search_events(where, cursor=cursor, limit=limit)
+            page = await store.search_events(
+                where, cursor=cursor, limit=limit, budget=ctx.scan_budget()
+            )
         except ValueError:
             raise BadRequest("cursor is not one this service made.", param="cursor") from None
-        return page_response([event_summary(r) for r in page.records], page.next_cursor)
+        return page_response(
+            [event_summary(r) for r in page.records], page.next_cursor, complete=page.complete
+        )
 
     async def get_event(request: Request) -> Response:
         _no_query(request)
@@ -311,14 +315,20 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
-def _page_of(name: str) -> dict[str, Any]:
-    return _object(
-        {
-            "data": {"type": "array", "items": _ref(name)},
-            "next_cursor": {"type": ["string", "null"]},
-        },
-        additional=False,
-    )
+def _page_of(name: str, *, budgeted: bool = False) -> dict[str, Any]:
+    properties: dict[str, Any] = {
+        "data": {"type": "array", "items": _ref(name)},
+        "next_cursor": {"type": ["string", "null"]},
+    }
+    if budgeted:
+        properties["complete"] = {
+            "type": "boolean",
+            "description": "false: the search stopped at its time budget "
+            "(LACUNA_ADMIN_SEARCH_BUDGET) before the page was full; `data` holds every "
+            "match found so far (fewer than `limit`, even none) and `next_cursor` (not null) "
+            "resumes the scan where it stopped. Follow it: more may match.",
+        }
+    return _object(properties, additional=False)
 
 
 _TIME = {"type": "string", "format": "date-time"}
@@ -506,8 +516,15 @@ PATHS: dict[str, Any] = {
         "get": {
             "operationId": "listEvents",
             "summary": "Search stored events, newest first",
+            "description": "A search reading payloads (`match`, `q`) stops at its time budget "
+            "(LACUNA_ADMIN_SEARCH_BUDGET, 0.5 s by default) with `complete: false`: the page "
+            "may hold fewer than `limit` events, even none, while `next_cursor` is not null. "
+            "Following `next_cursor` until it is null returns every match once, in order.",
             "parameters": [*_FILTER_PARAMS, *_PAGE_PARAMS],
-            "responses": {"200": _json(_page_of("EventSummary"), "A page of events"), **_ERRORS},
+            "responses": {
+                "200": _json(_page_of("EventSummary", budgeted=True), "A page of events"),
+                **_ERRORS,
+            },
         }
     },
     "/events/{event_id}": {

@@ -14,6 +14,12 @@ from intake). A batch is atomic; an operation stopped half way (a store that sta
 leaves the batches before it applied, and running it again is safe (a backfill creates only
 what is still missing).
 
+The pages are searched under a ``ScanBudget`` (the admin API's, ``LACUNA_ADMIN_SEARCH_BUDGET``),
+so a filter that reads payloads (``match``, ``q``) never runs into the store's read deadline
+on a large store: a page the budget cut (``complete`` false, fewer than ``batch_size`` events,
+even none) is written like any and the walk goes on from its cursor; only a page without a
+cursor ends it.
+
 ``BulkRunner`` lets one operation run at a time in a process: a second ``start`` while one
 runs raises ``OperationInProgress`` (the admin API answers 409).
 """
@@ -32,7 +38,7 @@ import structlog
 
 from ..errors import StoreUnavailable
 from ..store import Store
-from ..store.base import EventFilter, ReplayCounts
+from ..store.base import EventFilter, ReplayCounts, ScanBudget
 
 logger = structlog.get_logger("lacuna_webhooks.admin")
 
@@ -140,11 +146,14 @@ async def run_bulk(
     min_pause_seconds: float = MIN_PAUSE_SECONDS,
     retry_seconds: float | None = None,
     on_retry: Callable[[str, StoreUnavailable], None] | None = None,
+    budget: ScanBudget | None = None,
 ) -> BulkResult:
     """Run ``operation`` in batches (module docstring); ``StoreUnavailable`` when the store
     stayed away for ``retry_seconds`` (default ``RETRY_SECONDS``). ``clock`` stamps each
     batch's ``now``; ``on_retry(step, error)`` hears of each retry (``step`` is ``search``
-    or ``replay``). It logs nothing itself: the CLI prints its result, the API logs it."""
+    or ``replay``); ``budget`` bounds each page's scan (default ``ScanBudget()``, 0.5 s).
+    It logs nothing itself: the CLI prints its result, the API logs it."""
+    scan_budget = ScanBudget() if budget is None else budget
     retry_for = RETRY_SECONDS if retry_seconds is None else retry_seconds
     started = time.monotonic()
     matched = created = reset = batches = 0
@@ -154,7 +163,11 @@ async def run_bulk(
         try:
             page = await _retrying(
                 functools.partial(
-                    store.search_events, operation.where, cursor=cursor, limit=batch_size
+                    store.search_events,
+                    operation.where,
+                    cursor=cursor,
+                    limit=batch_size,
+                    budget=scan_budget,
                 ),
                 retry_seconds=retry_for,
                 what="search",
@@ -178,11 +191,14 @@ async def run_bulk(
             created += counts.created
             reset += counts.reset
             batches += 1
+        # A page the budget cut (fewer events, even none) is not the end: only no cursor is.
         if page.next_cursor is None:
             break
         cursor = page.next_cursor
-        # Yield the store (and the loop) at least as long as this batch held them.
-        await asyncio.sleep(max(min_pause_seconds, time.monotonic() - batch_started))
+        # Yield the store (and the loop) at least as long as this batch held them; a page
+        # that wrote nothing held only a read (the reader, or one pooled connection).
+        held = time.monotonic() - batch_started if ids else 0.0
+        await asyncio.sleep(max(min_pause_seconds, held))
     return BulkResult(
         matched=matched,
         created=created,
@@ -202,9 +218,16 @@ class BulkRunner:
     while one runs. The operation runs as a task of its own, so a client that hangs up does
     not cancel it half way (it finishes, and logs its result)."""
 
-    def __init__(self, store: Store, *, clock: Callable[[], datetime] = _utcnow) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        clock: Callable[[], datetime] = _utcnow,
+        budget: ScanBudget | None = None,
+    ) -> None:
         self.store = store
         self.clock = clock
+        self.budget = budget
         self._running: asyncio.Task[BulkResult] | None = None
 
     @property
@@ -218,7 +241,9 @@ class BulkRunner:
             "dry_run": operation.dry_run,
         }
         try:
-            result = await run_bulk(self.store, operation, clock=self.clock, on_retry=_log_retry)
+            result = await run_bulk(
+                self.store, operation, clock=self.clock, on_retry=_log_retry, budget=self.budget
+            )
         except Exception as exc:
             # Any failure (StoreUnavailable, or a bug) is logged here: a client that hung up
             # never reads it. Re-raised for the route, which answers it.

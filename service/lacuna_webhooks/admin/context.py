@@ -11,6 +11,7 @@ from ..config import Settings
 from ..metrics import Metrics
 from ..plugins import HandlerSet
 from ..store import Store
+from ..store.base import ScanBudget
 
 
 def _utcnow() -> datetime:
@@ -26,7 +27,8 @@ class AdminContext:
     per-instance settings); ``clock`` gives "now" (UTC-aware) for every decision a route
     makes, so tests can move time. ``stopping`` is set when the admin listener shuts down:
     what would otherwise run on (the live stream, a task's long-poll) ends at once, so the
-    server is not held open until its graceful-shutdown timeout.
+    server is not held open until its graceful-shutdown timeout. ``search_budget`` replaces
+    the ``ScanBudget`` of ``LACUNA_ADMIN_SEARCH_BUDGET`` (tests give tiny windows).
     """
 
     settings: Settings
@@ -35,3 +37,11 @@ class AdminContext:
     metrics: Metrics | None = None
     clock: Callable[[], datetime] = field(default=_utcnow)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    search_budget: ScanBudget | None = None
+
+    def scan_budget(self) -> ScanBudget:
+        """The budget of every search the admin makes (``GET /events``, the console, each
+        batch of a bulk operation)."""
+        if self.search_budget is not None:
+            return self.search_budget
+        return ScanBudget(self.settings.admin_search_budget_seconds)

@@ -19,9 +19,15 @@ def json_response(data: Any, status_code: int = 200) -> Response:
     )
 
 
-def page_response(data: list[Any], next_cursor: str | None) -> Response:
-    """A list answer: ``{"data": [...], "next_cursor": "…" | null}`` (SPEC §9)."""
-    return json_response({"data": data, "next_cursor": next_cursor})
+def page_response(
+    data: list[Any], next_cursor: str | None, *, complete: bool | None = None
+) -> Response:
+    """A list answer: ``{"data": [...], "next_cursor": "…" | null}`` (SPEC §9), plus
+    ``"complete"`` when given (a search, which may stop at its time budget)."""
+    body: dict[str, Any] = {"data": data, "next_cursor": next_cursor}
+    if complete is not None:
+        body["complete"] = complete
+    return json_response(body)
 
 
 def error_response(

@@ -170,10 +170,68 @@ class EventFilter:
 @dataclass(frozen=True, slots=True)
 class EventPage:
     """One page of a search, newest first; ``next_cursor`` (opaque, store-made) fetches the
-    next older page, ``None`` when this was the last one."""
+    next older page, ``None`` when this was the last one.
+
+    ``complete`` is ``False`` when the search stopped at its ``ScanBudget`` before the page
+    was full or the end was reached: ``records`` (at most ``limit``, even none) are every
+    match between the cursor given and ``next_cursor`` (never ``None`` then), which resumes
+    the scan exactly where it stopped; ``searched_to`` is the ``received_at`` the scan
+    reached (every event received after it, down to the cursor given, was examined).
+    ``True``: as without a budget, and ``searched_to`` is ``None``."""
 
     records: list[EventRecord]
     next_cursor: str | None
+    complete: bool = True
+    searched_to: datetime | None = None
+
+
+#: ``ScanBudget.seconds`` of the admin API unless ``LACUNA_ADMIN_SEARCH_BUDGET`` says.
+DEFAULT_SEARCH_BUDGET_SECONDS = 0.5
+#: The first window of a budgeted scan (events), and the largest any window grows to.
+FIRST_SCAN_WINDOW = 1000
+MAX_SCAN_WINDOW = 200_000
+
+
+@dataclass(frozen=True, slots=True)
+class ScanBudget:
+    """How long one ``search_events`` call may scan bodies (``match``, ``q``) before it
+    answers with what it found (``EventPage.complete`` ``False``).
+
+    The scan walks the events newest first in windows of the ``received_at`` index: the
+    first of ``first_window`` events, each next one sized from the rate measured so far to
+    take about half of what is left of ``seconds`` (at least one event, at most four times
+    the last window and ``max_window``). After each window the scan stops when the page is
+    full and one more match is known (``next_cursor`` after its last row), when the events
+    run out, or when ``seconds`` are spent (``spent``: nine tenths of them; ``next_cursor``
+    at the scan's position), so a page takes about ``seconds``. At least one window is
+    always scanned (``seconds=0``: exactly one per call), so following ``next_cursor``
+    always makes progress. Only searches with ``match`` or ``q`` and without ``task_id``
+    (a handful of events, by index) are windowed (on SQLite, not those a rare delivery
+    state drives either: they read only that state's deliveries); the others answer as
+    without a budget, never incomplete."""
+
+    seconds: float = DEFAULT_SEARCH_BUDGET_SECONDS
+    first_window: int = FIRST_SCAN_WINDOW
+    max_window: int = MAX_SCAN_WINDOW
+
+    def windowed(self, where: EventFilter) -> bool:
+        """Whether a search of ``where`` reads bodies beyond what an index bounds."""
+        return bool(where.match or where.q is not None) and where.task_id is None
+
+    def spent(self, elapsed: float) -> bool:
+        """Whether a scan that has run ``elapsed`` seconds stops: the budget is spent, or so
+        little is left (a tenth) that another window would mostly cost its own overhead."""
+        return elapsed >= self.seconds * 0.9
+
+    def next_window(self, window: int, scanned: int, elapsed: float) -> int:
+        """The size of the window after one of ``window`` events, ``scanned`` events having
+        taken ``elapsed`` seconds in all."""
+        grown = min(window * 4, self.max_window)
+        if elapsed <= 0 or scanned <= 0:
+            return max(1, grown)
+        left = max(self.seconds - elapsed, 0.0)
+        fitting = int(scanned / elapsed * left / 2)
+        return max(1, min(grown, fitting))
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,11 +383,18 @@ class Store(Protocol):
     async def get_event(self, event_id: str) -> EventRecord | None: ...
 
     async def search_events(
-        self, where: EventFilter, *, cursor: str | None = None, limit: int = 50
+        self,
+        where: EventFilter,
+        *,
+        cursor: str | None = None,
+        limit: int = 50,
+        budget: ScanBudget | None = None,
     ) -> EventPage:
         """The events ``where`` selects, newest first (``received_at``, then arrival), at
         most ``limit``, after the page that returned ``cursor``. Raises ``ValueError`` for a
-        cursor this store did not make (the admin API answers 400)."""
+        cursor this store did not make (the admin API answers 400). With a ``budget``, a
+        scan of bodies may stop early: ``EventPage.complete`` ``False`` (see there); a
+        client that follows ``next_cursor`` sees every match once, in order, either way."""
 
     async def list_deliveries(
         self,
@@ -430,6 +495,9 @@ def attempt_error(attempt: Attempt) -> str | None:
 
 
 __all__ = [
+    "DEFAULT_SEARCH_BUDGET_SECONDS",
+    "FIRST_SCAN_WINDOW",
+    "MAX_SCAN_WINDOW",
     "AttemptRecord",
     "DeliveryRecord",
     "EventFilter",
@@ -438,6 +506,7 @@ __all__ = [
     "HandlerActivity",
     "HandlerState",
     "QueueStats",
+    "ScanBudget",
     "Store",
     "TaskRecord",
     "attempt_error",

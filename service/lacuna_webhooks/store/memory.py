@@ -17,6 +17,7 @@ import asyncio
 import copy
 import itertools
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -34,6 +35,7 @@ from .base import (
     HandlerState,
     QueueStats,
     ReplayCounts,
+    ScanBudget,
     TaskRecord,
     attempt_error,
 )
@@ -403,14 +405,23 @@ class MemoryStore:
             return self._events.get(event_id)
 
     async def search_events(
-        self, where: EventFilter, *, cursor: str | None = None, limit: int = 50
+        self,
+        where: EventFilter,
+        *,
+        cursor: str | None = None,
+        limit: int = 50,
+        budget: ScanBudget | None = None,
     ) -> EventPage:
         """The reference search (``store/search.py`` rules); the cursor is the arrival index
-        of the last event returned."""
+        of the last event returned, or of the oldest event a budgeted scan reached. With a
+        ``budget`` it scans in windows as the SQL stores do (``ScanBudget``): windows of the
+        events ``type``, ``since`` and ``until`` keep, so the same budget cuts the same
+        pages here and there."""
         before = None if cursor is None else decode_cursor(cursor, 1)[0]
         if before is not None and not isinstance(before, int):
             raise ValueError("not a cursor this service made")
         now = datetime.now(UTC)
+        started = time.monotonic()
         async with self._lock:
             self._check()
             events = [(self._arrival[r.id], r) for r in self._events.values()]
@@ -418,7 +429,6 @@ class MemoryStore:
             for row in self._deliveries.values():
                 by_event.setdefault(row.event_id, []).append(row)
         events.sort(key=lambda pair: (pair[1].received_at, pair[0]), reverse=True)
-        found: list[tuple[int, EventRecord]] = []
         cut = (
             None
             if before is None
@@ -426,15 +436,55 @@ class MemoryStore:
         )
         if before is not None and cut is None:
             raise ValueError("the cursor's event is no longer stored")
-        for arrival, record in events[0 if cut is None else cut + 1 :]:
+        left = events[0 if cut is None else cut + 1 :]
+        windows = budget is not None and limit > 0 and budget.windowed(where)
+        if budget is None or not windows:
+            found = self._scan(left, where, by_event, now, limit)
+            more = len(found) > limit
+            page = found[: max(0, limit)]
+            next_cursor = encode_cursor(page[-1][0]) if more and page else None
+            return EventPage([record for _, record in page], next_cursor)
+        # The windows count the events the SQL stores' index walk counts.
+        indexed = EventFilter(type=where.type, since=where.since, until=where.until)
+        candidates = [pair for pair in left if self._selected(pair[1], [], indexed, now)]
+        found = []
+        window, scanned = max(1, budget.first_window), 0
+        while True:
+            part = candidates[scanned : scanned + window]
+            found += self._scan(part, where, by_event, now, limit - len(found))
+            scanned += len(part)
+            if len(found) > limit:
+                page = found[:limit]
+                return EventPage([r for _, r in page], encode_cursor(page[-1][0]))
+            if scanned >= len(candidates):
+                return EventPage([r for _, r in found], None)
+            elapsed = time.monotonic() - started
+            if budget.spent(elapsed):
+                reached = candidates[scanned - 1]
+                return EventPage(
+                    [r for _, r in found],
+                    encode_cursor(reached[0]),
+                    complete=False,
+                    searched_to=reached[1].received_at,
+                )
+            window = budget.next_window(window, scanned, elapsed)
+
+    def _scan(
+        self,
+        events: list[tuple[int, EventRecord]],
+        where: EventFilter,
+        by_event: dict[str, list[_DeliveryRow]],
+        now: datetime,
+        limit: int,
+    ) -> list[tuple[int, EventRecord]]:
+        """The first ``limit + 1`` of ``events`` that ``where`` selects."""
+        found: list[tuple[int, EventRecord]] = []
+        for arrival, record in events:
             if self._selected(record, by_event.get(record.id, []), where, now):
                 found.append((arrival, record))
                 if len(found) > limit:
                     break
-        more = len(found) > limit
-        page = found[: max(0, limit)]
-        next_cursor = encode_cursor(page[-1][0]) if more and page else None
-        return EventPage([record for _, record in page], next_cursor)
+        return found
 
     @staticmethod
     def _selected(

@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import re
 import sqlite3
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Generator
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Literal
 
-from .base import EventFilter
+from .base import EventFilter, ScanBudget
 from .queries import load
 from .search import body_matches, cursor_time, decode_cursor, encode_cursor, json_number
 
@@ -254,10 +255,18 @@ def next_cursor(dialect: Dialect, received_at: Any, seq: int) -> str:
 
 
 def search_sql(
-    dialect: Dialect, where: EventFilter, *, cursor: str | None, limit: int, now: datetime
+    dialect: Dialect,
+    where: EventFilter,
+    *,
+    cursor: str | None,
+    limit: int,
+    now: datetime,
+    lower: tuple[Any, int] | None = None,
 ) -> tuple[str, list[Any]]:
     """The search statement (newest first, ``limit + 1`` rows so the caller knows whether a
-    next page exists) and its parameters. ``ValueError`` for a bad cursor."""
+    next page exists) and its parameters. ``lower``: ``(received_at, seq)`` as the driver
+    returns them, the oldest event of a scan window (inclusive). ``ValueError`` for a bad
+    cursor."""
     p = _Params(dialect)
     conds: list[str] = []
     ts: Callable[[datetime], Any]
@@ -274,6 +283,10 @@ def search_sql(
     if cursor is not None:
         received, last = _cursor(dialect, cursor)
         conds.append(f"(e.received_at, {seq}) < ({p(received, t_cast)}, {p(last, '::bigint')})")
+    if lower is not None:
+        conds.append(
+            f"(e.received_at, {seq}) >= ({p(lower[0], t_cast)}, {p(int(lower[1]), '::bigint')})"
+        )
     if where.type is not None:
         conds.append(f"e.type = {p(where.type, '::text')}")
     if where.task_id is not None:
@@ -326,4 +339,111 @@ def search_sql(
     return f"{text} LIMIT {limit_sql}", p.values
 
 
-__all__ = ["Dialect", "next_cursor", "register_sqlite_functions", "search_sql"]
+def window_bound_sql(
+    dialect: Dialect, where: EventFilter, *, cursor: str | None, size: int
+) -> tuple[str, list[Any]]:
+    """The statement of a scan window's oldest event: ``(received_at, seq)`` of the
+    ``size``-th event older than ``cursor`` that ``where``'s indexed conditions (``type``,
+    ``since``, ``until``) keep, newest first, and of the one after it (none or one row:
+    the window holds every event left, none older remains beyond it). It reads only an
+    index (``received_at``, or ``type, received_at``; the arrival order is its last
+    column), never a body. ``ValueError`` for a bad cursor."""
+    p = _Params(dialect)
+    ts: Callable[[datetime], Any]
+    if dialect == "sqlite":
+        seq, ts, t_cast = "e.rowid", (lambda d: d.timestamp()), ""
+    else:
+        seq, ts, t_cast = "e.seq", (lambda d: d), "::timestamptz"
+    conds: list[str] = []
+    if cursor is not None:
+        received, last = _cursor(dialect, cursor)
+        conds.append(f"(e.received_at, {seq}) < ({p(received, t_cast)}, {p(last, '::bigint')})")
+    if where.type is not None and not (dialect == "postgres" and "\x00" in where.type):
+        conds.append(f"e.type = {p(where.type, '::text')}")
+    if where.since is not None:
+        conds.append(f"e.received_at >= {p(ts(where.since), t_cast)}")
+    if where.until is not None:
+        conds.append(f"e.received_at < {p(ts(where.until), t_cast)}")
+    text = (
+        f"SELECT e.received_at, {seq} AS seq FROM events AS e WHERE {' AND '.join(conds) or 'true'}"
+        f" ORDER BY e.received_at DESC, {seq} DESC"
+        f" LIMIT 2 OFFSET {p(max(size, 1) - 1, '::bigint')}"
+    )
+    return text, p.values
+
+
+def windowed(dialect: Dialect, where: EventFilter, budget: ScanBudget | None) -> bool:
+    """Whether a search of ``where`` under ``budget`` runs in windows (``windowed_search``)
+    rather than as one statement: ``ScanBudget.windowed``, except on SQLite when a rare
+    delivery state drives the search (it reads only that state's deliveries), and on
+    PostgreSQL when a filter holds NUL (it matches nothing)."""
+    if budget is None or not budget.windowed(where):
+        return False
+    if dialect == "postgres":
+        # A NUL in a filter matches nothing there (search_sql): one statement says so.
+        texts = [where.type, where.handler, *(w for pair in where.match for w in pair)]
+        return not any(t is not None and "\x00" in t for t in texts)
+    return where.status not in _RARE_STATES
+
+
+#: What ``windowed_search`` returns: the rows of the page (at most ``limit``), the next
+#: cursor, whether the page is complete, and the ``received_at`` the scan reached (as the
+#: driver gives it; ``None`` when complete).
+WindowedPage = tuple[list[Any], str | None, bool, Any]
+
+
+def windowed_search(
+    dialect: Dialect,
+    where: EventFilter,
+    *,
+    cursor: str | None,
+    limit: int,
+    now: datetime,
+    budget: ScanBudget,
+    clock: Callable[[], float] = time.monotonic,
+) -> Generator[tuple[str, list[Any]], list[Any], WindowedPage]:
+    """A budgeted search (``base.ScanBudget``) as a generator of statements, the same for
+    every driver: it yields ``(sql, params)``, is sent the rows each returns (mappings
+    with ``received_at`` and ``seq``), and returns a ``WindowedPage``. Windows come from
+    ``window_bound_sql``; inside each, ``search_sql`` with the window's bounds and the
+    rows still wanted (plus one, to know whether a next page exists). The cursor of an
+    incomplete page is the oldest event of the last window scanned, so the next page
+    resumes exactly where this one stopped. ``ValueError`` for a bad cursor (before any
+    statement)."""
+    if cursor is not None:
+        _cursor(dialect, cursor)
+    started = clock()
+    upper = cursor
+    found: list[Any] = []
+    window = max(1, budget.first_window)
+    scanned = 0
+    while True:
+        bound = yield window_bound_sql(dialect, where, cursor=upper, size=window)
+        # One row: the window ends at the oldest event; the last window then (no bound).
+        lower = (bound[0]["received_at"], bound[0]["seq"]) if len(bound) > 1 else None
+        found += yield search_sql(
+            dialect, where, cursor=upper, limit=limit - len(found), now=now, lower=lower
+        )
+        scanned += window
+        if len(found) > limit:
+            page = found[:limit]
+            return page, next_cursor(dialect, page[-1]["received_at"], page[-1]["seq"]), True, None
+        if lower is None:  # the last window held every event left
+            return found, None, True, None
+        upper = next_cursor(dialect, lower[0], lower[1])
+        elapsed = clock() - started
+        if budget.spent(elapsed):
+            return found, upper, False, lower[0]
+        window = budget.next_window(window, scanned, elapsed)
+
+
+__all__ = [
+    "Dialect",
+    "WindowedPage",
+    "next_cursor",
+    "register_sqlite_functions",
+    "search_sql",
+    "window_bound_sql",
+    "windowed",
+    "windowed_search",
+]

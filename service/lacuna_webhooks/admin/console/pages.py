@@ -158,11 +158,14 @@ class Console:
         error: str | None = None
         rows: list[EventRow] = []
         next_cursor: str | None = None
+        searched_to: datetime | None = None  # set when the search stopped at its budget
         try:
             where = build_filter(values)
             limit, cursor = page_params(query)
             try:
-                found = await self.ctx.store.search_events(where, cursor=cursor, limit=limit)
+                found = await self.ctx.store.search_events(
+                    where, cursor=cursor, limit=limit, budget=self.ctx.scan_budget()
+                )
             except ValueError:
                 raise BadRequest("That page link is stale: search again.", param="cursor") from None
             now = self.ctx.clock()
@@ -172,6 +175,8 @@ class Console:
                 states = sorted((d.handler, state_of(d, now)) for d in deliveries)
                 rows.append(EventRow(record, title, states))
             next_cursor = found.next_cursor
+            if not found.complete:
+                searched_to = found.searched_to
         except BadRequest as exc:
             error = exc.message
         older = None
@@ -186,6 +191,8 @@ class Console:
             form=form,
             error=error,
             older=older,
+            searched_to=searched_to,
+            paged=bool(query.get("cursor")),
             states=DELIVERY_STATES,
             handler_names=self.ctx.handlers.names,
             filtered=bool(values.get("match")) or any(values.get(n) for n in FILTER_NAMES),

@@ -54,6 +54,7 @@ from ..base import (
     HandlerState,
     QueueStats,
     ReplayCounts,
+    ScanBudget,
     TaskRecord,
     attempt_error,
 )
@@ -68,7 +69,7 @@ from ..rows import (
     task_record,
 )
 from ..rules import CommitHealth, task_order
-from ..searchsql import next_cursor, search_sql
+from ..searchsql import next_cursor, search_sql, windowed, windowed_search
 from ..stream import StreamSignal, make_cursor, read_cursor
 
 log = logging.getLogger(__name__)
@@ -575,14 +576,22 @@ class PostgresStore:
         return event_record(row, _at) if row is not None else None
 
     async def search_events(
-        self, where: EventFilter, *, cursor: str | None = None, limit: int = 50
+        self,
+        where: EventFilter,
+        *,
+        cursor: str | None = None,
+        limit: int = 50,
+        budget: ScanBudget | None = None,
     ) -> EventPage:
-        """``searchsql`` rules; the cursor is ``[received_at, seq]`` of the page's last row.
-        The statement runs under ``SEARCH_TIMEOUT_MS`` so a search never holds one of the
-        pool's connections (which intake shares) for long."""
-        sql, params = search_sql(
-            "postgres", where, cursor=cursor, limit=limit, now=datetime.now(UTC)
-        )
+        """``searchsql`` rules; the cursor is ``[received_at, seq]`` of the page's last row,
+        or of the oldest event a budgeted scan reached (``searchsql.windowed_search``: its
+        windows in one read-only snapshot). Each statement runs under ``SEARCH_TIMEOUT_MS``
+        so a search never holds one of the pool's connections (which intake shares) for
+        long."""
+        now = datetime.now(UTC)
+        if budget is not None and limit > 0 and windowed("postgres", where, budget):
+            return await self._search_windowed(where, cursor, limit, now, budget)
+        sql, params = search_sql("postgres", where, cursor=cursor, limit=limit, now=now)
         async with (
             self._search_slots,
             self._connection() as conn,
@@ -595,6 +604,31 @@ class PostgresStore:
         if len(found) > limit and page:
             next_page = next_cursor("postgres", page[-1]["received_at"], page[-1]["seq"])
         return EventPage([event_record(row, _at) for row in page], next_page)
+
+    async def _search_windowed(
+        self, where: EventFilter, cursor: str | None, limit: int, now: datetime, budget: ScanBudget
+    ) -> EventPage:
+        scan = windowed_search(
+            "postgres", where, cursor=cursor, limit=limit, now=now, budget=budget
+        )
+        statement = next(scan)  # a bad cursor raises here, before a connection is taken
+        async with (
+            self._search_slots,
+            self._connection() as conn,
+            conn.transaction(readonly=True, isolation="repeatable_read"),
+        ):
+            await conn.execute(f"SET LOCAL statement_timeout = {SEARCH_TIMEOUT_MS}")
+            try:
+                while True:
+                    statement = scan.send(await conn.fetch(statement[0], *statement[1]))
+            except StopIteration as stop:
+                found, next_page, complete, reached = stop.value
+        return EventPage(
+            [event_record(row, _at) for row in found],
+            next_page,
+            complete=complete,
+            searched_to=None if reached is None else _at(reached),
+        )
 
     async def list_deliveries(
         self,

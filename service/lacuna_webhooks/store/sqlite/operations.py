@@ -33,14 +33,17 @@ from .. import rows
 from ..base import (
     AttemptRecord,
     DeliveryRecord,
+    EventFilter,
+    EventPage,
     EventRecord,
     HandlerActivity,
     HandlerState,
     QueueStats,
+    ScanBudget,
     TaskRecord,
 )
 from ..queries import load
-from ..searchsql import next_cursor, register_sqlite_functions
+from ..searchsql import next_cursor, register_sqlite_functions, windowed_search
 from .writer import transaction
 
 BUSY_TIMEOUT_MS = 5000
@@ -421,6 +424,31 @@ def stream_head(c: sqlite3.Connection) -> int:
     """The position of the newest event ever stored (0 for none), pruned or not."""
     (last,) = c.execute(Q["stream_head"]).fetchone()
     return int(last)
+
+
+def search_windowed(
+    c: sqlite3.Connection,
+    where: EventFilter,
+    cursor: str | None,
+    limit: int,
+    now: datetime,
+    budget: ScanBudget,
+) -> EventPage:
+    """One page of ``searchsql.windowed_search``: its windows run in this one read
+    transaction (one snapshot), on the reader thread."""
+    scan = windowed_search("sqlite", where, cursor=cursor, limit=limit, now=now, budget=budget)
+    try:
+        statement = next(scan)
+        while True:
+            statement = scan.send(c.execute(*statement).fetchall())
+    except StopIteration as stop:
+        found, cursor_next, complete, reached = stop.value
+    return EventPage(
+        [rows.event_record(row, at) for row in found],
+        cursor_next,
+        complete=complete,
+        searched_to=None if reached is None else at(reached),
+    )
 
 
 def list_deliveries(c: sqlite3.Connection, args: dict[str, Any]) -> list[DeliveryRecord]:

@@ -42,12 +42,13 @@ from ..base import (
     HandlerState,
     QueueStats,
     ReplayCounts,
+    ScanBudget,
     TaskRecord,
     attempt_error,
 )
 from ..rows import result_text
 from ..rules import CommitHealth, task_order
-from ..searchsql import search_sql
+from ..searchsql import search_sql, windowed
 from ..stream import StreamSignal, make_cursor, read_cursor
 from . import operations as ops
 from .operations import PRUNE_CHUNK, AcceptRow, epoch
@@ -312,10 +313,19 @@ class SQLiteStore:
         return await self._reader.run(ops.get_event, event_id)
 
     async def search_events(
-        self, where: EventFilter, *, cursor: str | None = None, limit: int = 50
+        self,
+        where: EventFilter,
+        *,
+        cursor: str | None = None,
+        limit: int = 50,
+        budget: ScanBudget | None = None,
     ) -> EventPage:
-        """``searchsql`` rules; the cursor is ``[received_at, rowid]`` of the page's last row."""
-        sql, params = search_sql("sqlite", where, cursor=cursor, limit=limit, now=datetime.now(UTC))
+        """``searchsql`` rules; the cursor is ``[received_at, rowid]`` of the page's last row,
+        or of the oldest event a budgeted scan reached (``searchsql.windowed_search``)."""
+        now = datetime.now(UTC)
+        if budget is not None and limit > 0 and windowed("sqlite", where, budget):
+            return await self._reader.run(ops.search_windowed, where, cursor, limit, now, budget)
+        sql, params = search_sql("sqlite", where, cursor=cursor, limit=limit, now=now)
         records, next_cursor = await self._reader.run(ops.search_events, sql, params, max(limit, 0))
         return EventPage(records, next_cursor)
 
