@@ -821,6 +821,43 @@ _FILTER_OPTIONS = (
 )
 
 
+def _admin_url(url: str) -> str:
+    """``url`` checked as the admin listener's ``http(s)://host[:port][/path]``, else a
+    ``CommandError`` (exit 2) that never echoes it: a URL may carry credentials
+    (``http://user:password@host``), which the admin API does not take (it takes a bearer
+    token) and which must not reach a terminal or a log."""
+    from urllib.parse import urlsplit
+
+    import httpx
+
+    what = "--url / LACUNA_ADMIN_URL"
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # ValueError for a port that is not a number from 0 to 65535
+    except ValueError:
+        raise CommandError(f"{what} is not a valid URL", exit_code=2) from None
+    if parts.scheme.lower() not in ("http", "https") or len(url) > 2000:
+        shown = f"a {parts.scheme}: URL" if parts.scheme.isalnum() else "something else"
+        raise CommandError(
+            f"{what} must be the admin listener's http(s):// URL, got {shown}", exit_code=2
+        )
+    if "@" in parts.netloc:
+        raise CommandError(
+            f"{what} must not hold credentials (user:password@): the admin API takes a bearer"
+            " token (--token or LACUNA_ADMIN_TOKEN)",
+            exit_code=2,
+        )
+    if not parts.hostname or port == 0 or parts.query or parts.fragment:
+        raise CommandError(
+            f"{what} must be http(s)://HOST[:PORT], without a query or fragment", exit_code=2
+        )
+    try:
+        httpx.URL(url)
+    except httpx.InvalidURL:
+        raise CommandError(f"{what} is not a valid URL", exit_code=2) from None
+    return url
+
+
 def _admin_remote(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[str, str] | None:
     """``(url, token)`` of a remote admin API (``--url``/``--token``, else ``LACUNA_ADMIN_URL``
     / ``LACUNA_ADMIN_TOKEN``), or ``None`` to work on ``LACUNA_DATABASE_URL`` directly."""
@@ -829,11 +866,7 @@ def _admin_remote(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple
         if args.token:
             raise CommandError("--token needs --url (or LACUNA_ADMIN_URL)", exit_code=2)
         return None
-    if not url.startswith(("http://", "https://")) or len(url) > 2000:
-        raise CommandError(
-            f"--url / LACUNA_ADMIN_URL must be the admin listener's http(s):// URL, got {url!r}",
-            exit_code=2,
-        )
+    url = _admin_url(url)
     # LACUNA_ADMIN_TOKEN may list several tokens (rotation): any one of them is accepted.
     token = args.token or environ.get("LACUNA_ADMIN_TOKEN", "").split(",")[0].strip()
     if not token:
@@ -883,13 +916,30 @@ def _filter_body(args: argparse.Namespace, *, everything: bool) -> dict[str, Any
     return body
 
 
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _bulk_answer(answer: Any) -> bool:
+    """``answer`` has the shape of ``POST /replays``'s (a remote answer is not trusted: a
+    proxy or another service at that URL may answer anything)."""
+    return (
+        isinstance(answer, dict)
+        and all(_count(answer.get(k)) for k in ("matched", "created", "reset"))
+        and isinstance(answer.get("dry_run"), bool)
+    )
+
+
 def _bulk(
     args: argparse.Namespace, environ: Mapping[str, str], body: dict[str, Any], handler_option: str
 ) -> dict[str, Any]:
     """Run a ``POST /replays`` body remotely or on the store directly; the answer."""
     remote = _admin_remote(args, environ)
     if remote is not None:
-        return dict(_remote_call(remote, "/replays", body))
+        answer = _remote_call(remote, "/replays", body)
+        if not _bulk_answer(answer):
+            raise CommandError("the admin API answered POST /replays with an unexpected answer")
+        return dict(answer)
     from .admin.api_bulk import operation_from_json
     from .admin.bulk import run_bulk
     from .admin.responses import BadRequest
@@ -942,7 +992,9 @@ def _replay(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
         path = f"/events/{quote(args.event_id, safe='')}/replay"
         answer = _remote_call(remote, path, {} if handlers is None else {"handlers": handlers})
-        count = int(answer["replayed"])
+        count = answer.get("replayed") if isinstance(answer, dict) else None
+        if not _count(count):
+            raise CommandError("the admin API answered the replay with an unexpected answer")
     else:
         try:
             count = _with_store(
@@ -1357,6 +1409,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     env = dict(os.environ if environ is None else environ)
     # Error lines below (and every log line) mask the secret values the environment holds.
     remember_secrets(secret_values(env))
+    if getattr(args, "token", None):
+        remember_secrets([args.token])
     try:
         match args.command:
             case "serve":
@@ -1391,5 +1445,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         print(f"{PROG}: error: {mask_secrets(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        # One line, not silence: after a Ctrl-C during a bulk operation the user must know
+        # it stopped (a remote one finishes on the server, docs/cli.md).
+        print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     return 2

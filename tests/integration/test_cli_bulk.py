@@ -269,3 +269,90 @@ def test_remote_refusals_are_one_line(
     assert len(err.strip().splitlines()) == 1
     assert main(["replay", "nope_evt"], env) == 1
     assert "404 not_found" in capsys.readouterr().err
+
+
+# --- hostile URLs and answers ------------------------------------------------------------------
+
+SECRET_TOKEN = "adm_" + "s" * 40
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://", "must be http(s)://HOST[:PORT]"),
+        ("https://", "must be http(s)://HOST[:PORT]"),
+        ("http://[::1", "is not a valid URL"),
+        ("http://127.0.0.1:99999", "is not a valid URL"),
+        ("ftp://operator:pw-Secret-42@host", "got a ftp: URL"),
+        ("http://operator:pw-Secret-42@127.0.0.1:9", "must not hold credentials"),
+        ("https://127.0.0.1:9/?token=pw-Secret-42", "without a query or fragment"),
+    ],
+)
+def test_bad_urls_are_usage_errors_that_never_echo_them(
+    url: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad --url (or LACUNA_ADMIN_URL) is exit 2 and one line that never repeats the URL:
+    it may hold a password; an invalid one is not a traceback."""
+    for argv, env in (
+        (["replay", "--all", "--url", url, "--token", SECRET_TOKEN], {}),
+        (["backfill", "late", "--all"], {"LACUNA_ADMIN_URL": url, "LACUNA_ADMIN_TOKEN": "x" * 40}),
+    ):
+        line = refused(argv, env, capsys)
+        assert message in line, line
+        assert "pw-Secret-42" not in line
+        assert SECRET_TOKEN not in line
+
+
+def _answering(httpserver: Any, status: int, body: str, content_type: str) -> str:
+    httpserver.clear()
+    for path in ("/api/v1/replays", "/api/v1/events/c1/replay"):
+        httpserver.expect_request(path, method="POST").respond_with_data(
+            body, status=status, content_type=content_type
+        )
+    return str(httpserver.url_for("/"))
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "content_type", "code", "message"),
+    [
+        (200, "<html>a proxy's page</html>", "text/html", 1, "with non-JSON"),
+        (200, "[1, 2]", "application/json", 1, "unexpected answer"),
+        (200, '"done"', "application/json", 1, "unexpected answer"),
+        (200, '{"matched": "x", "replayed": -1}', "application/json", 1, "unexpected answer"),
+        (500, "<h1>Internal\nServer Error</h1>", "text/html", 1, "500 INTERNAL SERVER ERROR"),
+        (
+            401,
+            json.dumps(
+                {
+                    "error": {
+                        "code": "unauthorized",
+                        "message": f"bad Bearer {SECRET_TOKEN}\n\x1b[31mx",
+                    }
+                }
+            ),
+            "application/json",
+            1,
+            "401 unauthorized: bad Bearer ***\\n\\x1b[31mx",
+        ),
+        (400, '{"error": {"code": 7, "message": ["x"]}}', "application/json", 2, "400 BAD REQ"),
+    ],
+)
+def test_a_hostile_admin_answer_is_one_line_without_the_token(
+    httpserver: Any,
+    status: int,
+    body: str,
+    content_type: str,
+    code: int,
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Whatever the server at --url answers (another service, a proxy's page, a server
+    echoing the Authorization header), bulk and single-event replay print one line, never
+    a traceback, never the token given with --token, and exit 1 (2 for a 400)."""
+    url = _answering(httpserver, status, body, content_type)
+    for argv in (["replay", "--all"], ["replay", "c1"], ["backfill", "late", "--all"]):
+        assert main([*argv, "--url", url, "--token", SECRET_TOKEN], {}) == code
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1, err
+        assert message.lower() in err.lower(), err
+        assert SECRET_TOKEN not in err
