@@ -221,14 +221,18 @@ class _AdminListener:
     this one installs none and is stopped by ``serve`` once the webhook server has shut
     down, so one signal ends both and the process still exits 0."""
 
-    def __init__(self, server: Any, sock: Any) -> None:
+    def __init__(self, server: Any, sock: Any, ctx: Any) -> None:
         self.server = server
         self.sock = sock
+        self.ctx = ctx
 
     async def serve(self) -> None:
         await self.server.serve(sockets=[self.sock])
 
     async def stop(self, task: asyncio.Task[None]) -> None:
+        # A bulk operation first (it ends at its next batch and its request is answered):
+        # uvicorn waits for open connections, and would wait for the whole operation.
+        await self.ctx.bulk.stop()
         self.server.should_exit = True
         try:
             await task
@@ -296,7 +300,7 @@ def _admin_listener(
             yield  # the webhook server handles the signals for both
 
     log.info("admin.listening", url=f"http://{_url_host(host)}:{port}/", api="/api/v1")
-    return _AdminListener(_Quiet(config), sock)
+    return _AdminListener(_Quiet(config), sock, ctx)
 
 
 def _url_host(host: str) -> str:

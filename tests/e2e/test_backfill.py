@@ -161,3 +161,50 @@ def test_backfill_while_events_arrive(serve_factory: type[Serve], tmp_path: Path
     resumed = httpx.post(f"{admin}/handlers/late/resume", headers=AUTH, json={})
     assert resumed.status_code == 200, resumed.text
     wait_until(lambda: done_late(db) >= 500, timeout=120, what="late to deliver the backfill")
+
+
+def test_sigterm_during_a_backfill_stops_serve_promptly(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """SIGTERM while a backfill of 40k events runs: the operation ends at its next batch, its
+    client is answered 503 ``shutting_down`` counting what was written, and serve exits 0
+    without waiting for the rest (it used to wait for the whole operation, holding the
+    admin listener open). Run again after a restart, it creates exactly the rest."""
+    stored = 40_000
+    env = admin_env(tmp_path, LACUNA_HANDLERS="audit=log")
+    serve = serve_factory(env).start()
+    serve.signal(15)
+    assert serve.wait(30) == 0
+    db = tmp_path / "events.db"
+    fill(db, stored)
+    serve.env["LACUNA_HANDLERS"] = "audit=log,late=log"
+    serve.start()
+    admin = f"http://127.0.0.1:{env['LACUNA_ADMIN_PORT']}/api/v1"
+    assert httpx.post(f"{admin}/handlers/late/pause", headers=AUTH, json={}).status_code == 200
+    body = {"all": True, "handlers": ["late"], "missing_only": True}
+    answer: dict[str, Any] = {}
+
+    def backfill() -> None:
+        response = httpx.post(f"{admin}/replays", headers=AUTH, json=body, timeout=600)
+        answer["status"] = response.status_code
+        answer["body"] = response.json()
+
+    thread = threading.Thread(target=backfill, daemon=True)
+    thread.start()
+    wait_until(lambda: counts(db)["late"] > 0, timeout=60, what="the first batch")
+    serve.signal(15)
+    assert serve.wait(60) == 0
+    thread.join(60)
+    assert answer["status"] == 503, answer
+    error = answer["body"]["error"]
+    assert error["code"] == "shutting_down", error
+    written = counts(db)["late"]
+    assert 0 < written < stored, written
+    assert f"after {written} events ({written} deliveries created" in error["message"], error
+    assert '"admin.bulk_stopped"' in serve.log()
+
+    serve.start()
+    again = httpx.post(f"{admin}/replays", headers=AUTH, json=body, timeout=600)
+    assert again.status_code == 200, again.text
+    assert again.json()["created"] == stored - written
+    assert counts(db)["late"] == stored

@@ -16,7 +16,9 @@ and
 It answers ``{"matched": N, "created": N, "reset": N, "dry_run": bool}`` once the operation
 has run (``created`` and ``reset`` are 0 in a dry run). Any bad field is a 400 naming it in
 ``param``; an unknown handler a 400 naming the configured ones; a second operation while one
-runs in this process a 409 ``operation_in_progress``; a store that stays away 503.
+runs in this process a 409 ``operation_in_progress``; a store that stays away 503
+``store_unavailable``; ``serve`` stopping 503 ``shutting_down`` (the operation ends at its
+next batch, what it wrote stays, the message counts it).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from ..config import HANDLER_NAME_RE
 from ..store.base import EventFilter
 from .api_events import _ERROR, _no_query, _object
 from .bodies import json_object
-from .bulk import BulkOperation, BulkRunner, OperationInProgress
+from .bulk import BulkOperation, OperationInProgress, OperationStopped
 from .context import AdminContext
 from .filters import FILTER_NAMES, MAX_MATCHES, MAX_TEXT, filter_from_json
 from .responses import BadRequest, error_response, json_response
@@ -99,9 +101,15 @@ def operation_from_json(handler_names: Sequence[str], body: dict[str, Any]) -> B
     )
 
 
+def _stopping(exc: OperationStopped) -> Response:
+    return error_response(
+        503, "shutting_down", str(exc), error_type="api_error", headers={"retry-after": "1"}
+    )
+
+
 def routes(ctx: AdminContext) -> list[BaseRoute]:
     """This area's routes, mounted under /api/v1."""
-    runner = BulkRunner(ctx.store, clock=ctx.clock)
+    runner = ctx.bulk
 
     async def replays(request: Request) -> Response:
         _no_query(request)
@@ -110,8 +118,13 @@ def routes(ctx: AdminContext) -> list[BaseRoute]:
             task = runner.start(operation)
         except OperationInProgress as exc:
             return error_response(409, "operation_in_progress", str(exc))
-        # Shielded: a client that hangs up leaves the operation to finish (and to be logged).
-        result = await asyncio.shield(task)
+        except OperationStopped as exc:
+            return _stopping(exc)
+        try:
+            # Shielded: a client that hangs up leaves the operation to finish (and be logged).
+            result = await asyncio.shield(task)
+        except OperationStopped as exc:
+            return _stopping(exc)
         return json_response(result.json())
 
     return [Route("/replays", replays, methods=["POST"])]

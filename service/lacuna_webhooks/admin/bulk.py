@@ -15,7 +15,9 @@ leaves the batches before it applied, and running it again is safe (a backfill c
 what is still missing).
 
 ``BulkRunner`` lets one operation run at a time in a process: a second ``start`` while one
-runs raises ``OperationInProgress`` (the admin API answers 409).
+runs raises ``OperationInProgress`` (the admin API answers 409). ``BulkRunner.stop`` (``serve``
+stopping) ends the running operation at its next batch, with ``OperationStopped``: the
+batches before stay written, and a stop never waits for the whole operation.
 """
 
 from __future__ import annotations
@@ -91,6 +93,19 @@ class OperationInProgress(Exception):
     """Another bulk operation runs in this process."""
 
 
+class OperationStopped(Exception):
+    """The process is stopping: the operation ended between two batches. ``done`` counts
+    what was written before (``dry_run`` as the operation's)."""
+
+    def __init__(self, done: BulkResult) -> None:
+        super().__init__(
+            f"The service is stopping: the operation stopped after {done.matched} events "
+            f"({done.created} deliveries created, {done.reset} made due again, all written). "
+            "Running it again is safe."
+        )
+        self.done = done
+
+
 def _utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -101,16 +116,17 @@ async def _retrying(
     retry_seconds: float,
     what: str,
     on_retry: Callable[[str, StoreUnavailable], None] | None,
+    stopping: Callable[[], bool] = lambda: False,
 ) -> T:
     """``step()``, again after a backoff while it raises ``StoreUnavailable``, for at most
-    ``retry_seconds``; then that error."""
+    ``retry_seconds`` and while not ``stopping()``; then that error."""
     deadline = time.monotonic() + retry_seconds
     backoff = _FIRST_BACKOFF_SECONDS
     while True:
         try:
             return await step()
         except StoreUnavailable as exc:
-            if time.monotonic() + backoff > deadline:
+            if time.monotonic() + backoff > deadline or stopping():
                 raise
             if on_retry is not None:
                 on_retry(what, exc)
@@ -140,16 +156,23 @@ async def run_bulk(
     min_pause_seconds: float = MIN_PAUSE_SECONDS,
     retry_seconds: float | None = None,
     on_retry: Callable[[str, StoreUnavailable], None] | None = None,
+    stopping: Callable[[], bool] = lambda: False,
 ) -> BulkResult:
     """Run ``operation`` in batches (module docstring); ``StoreUnavailable`` when the store
-    stayed away for ``retry_seconds`` (default ``RETRY_SECONDS``). ``clock`` stamps each
-    batch's ``now``; ``on_retry(step, error)`` hears of each retry (``step`` is ``search``
-    or ``replay``). It logs nothing itself: the CLI prints its result, the API logs it."""
+    stayed away for ``retry_seconds`` (default ``RETRY_SECONDS``); ``OperationStopped``
+    when ``stopping()`` turns true (checked before each batch and each retry). ``clock``
+    stamps each batch's ``now``; ``on_retry(step, error)`` hears of each retry (``step`` is
+    ``search`` or ``replay``). It logs nothing itself: the CLI prints its result, the API
+    logs it."""
     retry_for = RETRY_SECONDS if retry_seconds is None else retry_seconds
     started = time.monotonic()
     matched = created = reset = batches = 0
     cursor: str | None = None
     while True:
+        if stopping():
+            raise OperationStopped(
+                BulkResult(matched, created, reset, operation.dry_run, batches=batches)
+            )
         batch_started = time.monotonic()
         try:
             page = await _retrying(
@@ -159,6 +182,7 @@ async def run_bulk(
                 retry_seconds=retry_for,
                 what="search",
                 on_retry=on_retry,
+                stopping=stopping,
             )
         except ValueError:
             # The cursor's event was pruned under the walk (only the memory store keys its
@@ -174,6 +198,7 @@ async def run_bulk(
                 retry_seconds=retry_for,
                 what="replay",
                 on_retry=on_retry,
+                stopping=stopping,
             )
             created += counts.created
             reset += counts.reset
@@ -206,6 +231,7 @@ class BulkRunner:
         self.store = store
         self.clock = clock
         self._running: asyncio.Task[BulkResult] | None = None
+        self._stopping = False
 
     @property
     def busy(self) -> bool:
@@ -218,7 +244,23 @@ class BulkRunner:
             "dry_run": operation.dry_run,
         }
         try:
-            result = await run_bulk(self.store, operation, clock=self.clock, on_retry=_log_retry)
+            result = await run_bulk(
+                self.store,
+                operation,
+                clock=self.clock,
+                on_retry=_log_retry,
+                stopping=lambda: self._stopping,
+            )
+        except OperationStopped as exc:
+            logger.warning(
+                "admin.bulk_stopped",
+                matched=exc.done.matched,
+                created=exc.done.created,
+                reset=exc.done.reset,
+                batches=exc.done.batches,
+                **shape,
+            )
+            raise
         except Exception as exc:
             # Any failure (StoreUnavailable, or a bug) is logged here: a client that hung up
             # never reads it. Re-raised for the route, which answers it.
@@ -235,8 +277,20 @@ class BulkRunner:
         )
         return result
 
+    async def stop(self) -> None:
+        """End the running operation at its next batch (``OperationStopped``) and wait for
+        it; refuse new ones. ``serve`` calls it when it stops, before the admin listener
+        waits for its connections: a graceful stop never waits for a whole operation."""
+        self._stopping = True
+        task = self._running
+        if task is not None and not task.done():
+            await asyncio.wait([task])
+
     def start(self, operation: BulkOperation) -> asyncio.Task[BulkResult]:
-        """The running operation's task; ``OperationInProgress`` when one already runs."""
+        """The running operation's task; ``OperationInProgress`` when one already runs,
+        ``OperationStopped`` once ``stop`` was called."""
+        if self._stopping:
+            raise OperationStopped(BulkResult(0, 0, 0, operation.dry_run))
         if self.busy:
             raise OperationInProgress("Another bulk replay or backfill is running.")
         task = asyncio.create_task(self._run(operation))
@@ -258,5 +312,6 @@ __all__ = [
     "BulkResult",
     "BulkRunner",
     "OperationInProgress",
+    "OperationStopped",
     "run_bulk",
 ]

@@ -10,6 +10,7 @@ from ..config import Settings
 from ..metrics import Metrics
 from ..plugins import HandlerSet
 from ..store import Store
+from .bulk import BulkRunner
 
 
 def _utcnow() -> datetime:
@@ -23,7 +24,8 @@ class AdminContext:
     ``store`` is the process's opened store (the admin app never opens or closes it);
     ``handlers`` the configured instances without their objects (names, kinds, filters,
     per-instance settings); ``clock`` gives "now" (UTC-aware) for every decision a route
-    makes, so tests can move time.
+    makes, so tests can move time. ``bulk`` runs the bulk operations (one at a time); ``serve``
+    stops it when it stops (``BulkRunner.stop``).
     """
 
     settings: Settings
@@ -31,3 +33,7 @@ class AdminContext:
     handlers: HandlerSet
     metrics: Metrics | None = None
     clock: Callable[[], datetime] = field(default=_utcnow)
+    bulk: BulkRunner = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.bulk = BulkRunner(self.store, clock=self.clock)
