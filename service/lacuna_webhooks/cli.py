@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import math
 import os
 import secrets
@@ -948,7 +949,8 @@ def _bulk(
     from .admin.bulk import run_bulk
     from .admin.responses import BadRequest
 
-    names = _configured_names(environ) if body.get("handlers") else []
+    # Handler names are checked against, and a replay limited to, LACUNA_HANDLERS.
+    names = _configured_names(environ)
     try:
         operation = operation_from_json(names, body)
     except BadRequest as exc:
@@ -956,6 +958,9 @@ def _bulk(
             exc.param or "", f"--{exc.param}"
         )
         raise CommandError(f"{option}: {exc.message}", exit_code=2) from None
+    if not environ.get("LACUNA_HANDLERS", "").strip():
+        # No configuration to go by: a replay resets every existing delivery.
+        operation = dataclasses.replace(operation, configured=None)
     result = _with_store(environ, lambda s: run_bulk(s, operation))
     return result.json()
 
@@ -1000,9 +1005,19 @@ def _replay(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         if not _count(count):
             raise CommandError("the admin API answered the replay with an unexpected answer")
     else:
+        from .admin.bulk import replay_configured
+
+        # Without LACUNA_HANDLERS there is no configuration to go by: every delivery.
+        known = environ.get("LACUNA_HANDLERS", "").strip()
+        configured = _configured_names(environ) if known else None
         try:
             count = _with_store(
-                environ, lambda s: s.replay(args.event_id, handlers, now=datetime.now(UTC))
+                environ,
+                lambda s: (
+                    replay_configured(s, args.event_id, configured, now=datetime.now(UTC))
+                    if handlers is None and configured is not None
+                    else s.replay(args.event_id, handlers, now=datetime.now(UTC))
+                ),
             )
         except EventNotFound:
             raise CommandError(f"no event {args.event_id!r} in the store") from None

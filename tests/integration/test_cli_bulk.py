@@ -356,3 +356,17 @@ def test_a_hostile_admin_answer_is_one_line_without_the_token(
         assert len(err.strip().splitlines()) == 1, err
         assert message.lower() in err.lower(), err
         assert SECRET_TOKEN not in err
+
+
+def test_a_local_replay_leaves_a_removed_handlers_deliveries(
+    local: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``audit`` removed from LACUNA_HANDLERS: ``replay --all`` and ``replay EVENT_ID`` reset
+    none of its deliveries (pending again, nothing would ever run them)."""
+    env = {**local, "LACUNA_HANDLERS": "hook=log,late=log"}
+    before = _deliveries(local["LACUNA_DATABASE_URL"])
+    answer = run(["replay", "--all", "--json"], env, capsys)
+    assert answer == {"matched": 4, "created": 0, "reset": 0, "dry_run": False}
+    assert main(["replay", "c1"], env) == 1
+    assert "has no deliveries to replay" in capsys.readouterr().err
+    assert _deliveries(local["LACUNA_DATABASE_URL"]) == before

@@ -98,6 +98,7 @@ def operation_from_json(handler_names: Sequence[str], body: dict[str, Any]) -> B
         handlers=handlers,
         missing_only=missing_only,
         dry_run=_flag(body, "dry_run"),
+        configured=tuple(handler_names),
     )
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -53,14 +53,18 @@ T = TypeVar("T")
 class BulkOperation:
     """What to do to the events ``where`` selects.
 
-    ``handlers``: ``None`` resets every existing delivery of each event (a replay); names
-    create each one's missing delivery (backfill) and reset its existing one, or with
-    ``missing_only`` only create. ``dry_run`` only counts the events."""
+    ``handlers``: ``None`` resets every existing delivery of each event (a replay) whose
+    handler is in ``configured`` (``None``: every one); names create each one's missing
+    delivery (backfill) and reset its existing one, or with ``missing_only`` only create.
+    ``dry_run`` only counts the events. ``configured`` is the configured handler names: a
+    delivery of a handler since removed from the configuration is left as it is, since
+    made pending again nothing would ever run it (and its event could never be pruned)."""
 
     where: EventFilter
     handlers: tuple[str, ...] | None = None
     missing_only: bool = False
     dry_run: bool = False
+    configured: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.missing_only and not self.handlers:
@@ -138,6 +142,9 @@ async def _replay_batch(
     store: Store, ids: list[str], operation: BulkOperation, clock: Callable[[], datetime]
 ) -> ReplayCounts:
     # ``now`` read on each try: a batch retried later is due from then.
+    if operation.handlers is None and operation.configured is not None:
+        # A replay of the existing deliveries, those of configured handlers only.
+        return await store.replay_many(ids, operation.configured, now=clock(), create=False)
     return await store.replay_many(
         ids,
         operation.handlers,
@@ -145,6 +152,17 @@ async def _replay_batch(
         create=operation.handlers is not None,
         reset=not operation.missing_only,
     )
+
+
+async def replay_configured(
+    store: Store, event_id: str, configured: Sequence[str], *, now: datetime
+) -> int:
+    """``store.replay(event_id, None)`` limited to the deliveries of ``configured`` handlers:
+    one of a handler since removed from the configuration is left as it is (pending again,
+    nothing would ever run it). ``EventNotFound`` as ``replay``; how many were reset."""
+    existing = await store.list_deliveries(event_id=event_id, limit=1000)
+    names = [n for n in dict.fromkeys(d.handler for d in existing) if n in configured]
+    return await store.replay(event_id, names, now=now)
 
 
 async def run_bulk(
@@ -313,5 +331,6 @@ __all__ = [
     "BulkRunner",
     "OperationInProgress",
     "OperationStopped",
+    "replay_configured",
     "run_bulk",
 ]
