@@ -951,8 +951,16 @@ def _bulk(
 
     # Handler names are checked against, and a replay limited to, LACUNA_HANDLERS.
     names = _configured_names(environ)
+    filters = None
+    if body.get("handlers") and environ.get("LACUNA_HANDLERS", "").strip():
+        # Each handler's event filter (LACUNA_<NAME>_EVENTS), as intake applies it.
+        try:
+            settings = _settings(environ, require_secret=False)
+            filters = _build(settings, settings.handlers).filters
+        except ConfigError as exc:
+            raise CommandError(f"configuration: {exc}", exit_code=2) from None
     try:
-        operation = operation_from_json(names, body)
+        operation = operation_from_json(names, body, filters)
     except BadRequest as exc:
         option = {"handlers": handler_option, "task_id": "--task-id"}.get(
             exc.param or "", f"--{exc.param}"

@@ -368,3 +368,26 @@ async def test_a_replay_leaves_the_deliveries_of_a_removed_handler(
     assert one.json() == {"event_id": "r1", "replayed": 1}, one.text
     missing = await client.post("/events/nope/replay", json={})
     assert missing.status_code == 404, missing.text
+
+
+async def test_a_backfill_creates_only_what_intake_would_have(store: Store) -> None:
+    """``late`` gets only job.failed and job.progress (LACUNA_LATE_EVENTS): a backfill (and a replay
+    naming it) over every event creates and resets its deliveries of those events only, as
+    intake would have; it used to hand it every stored event, whatever its type."""
+    settings = Settings.from_env({**LATE_ENVIRON, "LACUNA_LATE_EVENTS": "job.failed,job.progress"})
+    handlers = build_handlers(settings.handlers, settings.environ).without_instances()
+    ctx = AdminContext(settings=settings, store=store, handlers=handlers)
+    await seed(store)  # e1, e3 job.completed; e2 job.failed, e4 job.progress
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=create_admin_app(ctx)),
+        base_url="http://admin/api/v1",
+        headers=AUTH,
+        timeout=120,
+    ) as client:
+        body = {"all": True, "handlers": ["late"], "missing_only": True}
+        answer = await replays(client, body)
+        assert answer == {"matched": 4, "created": 2, "reset": 0, "dry_run": False}
+        answer = await replays(client, {"all": True, "handlers": ["late", "audit"]})
+        assert answer == {"matched": 4, "created": 0, "reset": 6, "dry_run": False}
+    for event_id, wanted in (("e1", False), ("e2", True), ("e3", False), ("e4", True)):
+        assert ("late" in await handlers_of(store, event_id)) is wanted, event_id

@@ -370,3 +370,15 @@ def test_a_local_replay_leaves_a_removed_handlers_deliveries(
     assert main(["replay", "c1"], env) == 1
     assert "has no deliveries to replay" in capsys.readouterr().err
     assert _deliveries(local["LACUNA_DATABASE_URL"]) == before
+
+
+def test_a_local_backfill_follows_the_handlers_event_filter(
+    local: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``late`` gets only job.failed (LACUNA_LATE_EVENTS): ``backfill late --all`` creates its
+    delivery of c4 only, as intake would have."""
+    env = {**local, "LACUNA_LATE_EVENTS": "job.failed"}
+    answer = run(["backfill", "late", "--all", "--json"], env, capsys)
+    assert answer == {"matched": 4, "created": 1, "reset": 0, "dry_run": False}
+    stored = _deliveries(local["LACUNA_DATABASE_URL"])
+    assert {k for k in stored if k[1] == "late"} == {("c4", "late")}

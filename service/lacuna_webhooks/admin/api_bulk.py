@@ -24,7 +24,7 @@ next batch, what it wrote stays, the message counts it).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from starlette.requests import Request
@@ -66,9 +66,14 @@ def _handler(names: Sequence[str], value: Any) -> str:
     return value
 
 
-def operation_from_json(handler_names: Sequence[str], body: dict[str, Any]) -> BulkOperation:
+def operation_from_json(
+    handler_names: Sequence[str],
+    body: dict[str, Any],
+    filters: Mapping[str, frozenset[str] | None] | None = None,
+) -> BulkOperation:
     """The ``BulkOperation`` of a ``POST /replays`` body (the CLI builds the same body),
-    ``handler_names`` being the configured handlers; ``BadRequest`` naming the field."""
+    ``handler_names`` being the configured handlers and ``filters`` the event types each
+    gets (``HandlerSet.filters``; absent: every type); ``BadRequest`` naming the field."""
     where = filter_from_json(body, allowed=OPERATION_FIELDS)
     everything = _flag(body, "all")
     if where == EventFilter() and not everything:
@@ -99,6 +104,7 @@ def operation_from_json(handler_names: Sequence[str], body: dict[str, Any]) -> B
         missing_only=missing_only,
         dry_run=_flag(body, "dry_run"),
         configured=tuple(handler_names),
+        filters=dict(filters or {}),
     )
 
 
@@ -114,7 +120,9 @@ def routes(ctx: AdminContext) -> list[BaseRoute]:
 
     async def replays(request: Request) -> Response:
         _no_query(request)
-        operation = operation_from_json(ctx.handlers.names, await json_object(request))
+        operation = operation_from_json(
+            ctx.handlers.names, await json_object(request), ctx.handlers.filters
+        )
         try:
             task = runner.start(operation)
         except OperationInProgress as exc:

@@ -25,8 +25,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -58,13 +58,23 @@ class BulkOperation:
     delivery (backfill) and reset its existing one, or with ``missing_only`` only create.
     ``dry_run`` only counts the events. ``configured`` is the configured handler names: a
     delivery of a handler since removed from the configuration is left as it is, since
-    made pending again nothing would ever run it (and its event could never be pruned)."""
+    made pending again nothing would ever run it (and its event could never be pruned).
+    ``filters``: see below."""
 
     where: EventFilter
     handlers: tuple[str, ...] | None = None
     missing_only: bool = False
     dry_run: bool = False
     configured: tuple[str, ...] | None = None
+    #: The event types each handler gets (``LACUNA_<NAME>_EVENTS``; ``None`` or absent: every
+    #: type). ``handlers`` act only on the events of types they get, as intake does: a
+    #: backfill never hands a handler an event it does not subscribe to.
+    filters: Mapping[str, frozenset[str] | None] = field(default_factory=dict)
+
+    def wants(self, handler: str, event_type: str) -> bool:
+        """``handler`` gets events of ``event_type`` (its filter, as intake applies it)."""
+        types = self.filters.get(handler)
+        return types is None or event_type in types
 
     def __post_init__(self) -> None:
         if self.missing_only and not self.handlers:
@@ -139,19 +149,33 @@ async def _retrying(
 
 
 async def _replay_batch(
-    store: Store, ids: list[str], operation: BulkOperation, clock: Callable[[], datetime]
+    store: Store,
+    events: list[tuple[str, str]],
+    operation: BulkOperation,
+    clock: Callable[[], datetime],
 ) -> ReplayCounts:
+    """``events`` as ``(id, type)``."""
     # ``now`` read on each try: a batch retried later is due from then.
-    if operation.handlers is None and operation.configured is not None:
-        # A replay of the existing deliveries, those of configured handlers only.
-        return await store.replay_many(ids, operation.configured, now=clock(), create=False)
-    return await store.replay_many(
-        ids,
-        operation.handlers,
-        now=clock(),
-        create=operation.handlers is not None,
-        reset=not operation.missing_only,
-    )
+    ids = [event_id for event_id, _ in events]
+    if operation.handlers is None:
+        if operation.configured is not None:
+            # A replay of the existing deliveries, those of configured handlers only.
+            return await store.replay_many(ids, operation.configured, now=clock(), create=False)
+        return await store.replay_many(ids, None, now=clock(), create=False)
+    # The events by the named handlers that get their type (one group in the usual case).
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for event_id, event_type in events:
+        names = tuple(h for h in operation.handlers if operation.wants(h, event_type))
+        if names:
+            groups.setdefault(names, []).append(event_id)
+    created = reset = 0
+    for names, group in groups.items():
+        counts = await store.replay_many(
+            group, names, now=clock(), create=True, reset=not operation.missing_only
+        )
+        created += counts.created
+        reset += counts.reset
+    return ReplayCounts(created=created, reset=reset)
 
 
 async def replay_configured(
@@ -208,11 +232,11 @@ async def run_bulk(
             raise StoreUnavailable(
                 "The events being replayed changed under the operation (pruned); run it again."
             ) from None
-        ids = [record.id for record in page.records]
-        matched += len(ids)
-        if ids and not operation.dry_run:
+        events = [(record.id, record.type) for record in page.records]
+        matched += len(events)
+        if events and not operation.dry_run:
             counts = await _retrying(
-                functools.partial(_replay_batch, store, ids, operation, clock),
+                functools.partial(_replay_batch, store, events, operation, clock),
                 retry_seconds=retry_for,
                 what="replay",
                 on_retry=on_retry,
