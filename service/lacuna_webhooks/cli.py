@@ -892,7 +892,8 @@ def _remote_call(remote: tuple[str, str], path: str, body: dict[str, Any]) -> An
     try:
         return asyncio.run(run())
     except AdminError as exc:
-        raise CommandError(str(exc), exit_code=2 if exc.status == 400 else 1) from None
+        # 400 and 413: the request itself is refused (a bad filter, one too large): usage errors.
+        raise CommandError(str(exc), exit_code=2 if exc.status in (400, 413) else 1) from None
 
 
 def _filter_body(args: argparse.Namespace, *, everything: bool) -> dict[str, Any]:

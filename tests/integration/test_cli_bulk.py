@@ -382,3 +382,15 @@ def test_a_local_backfill_follows_the_handlers_event_filter(
     assert answer == {"matched": 4, "created": 1, "reset": 0, "dry_run": False}
     stored = _deliveries(local["LACUNA_DATABASE_URL"])
     assert {k for k in stored if k[1] == "late"} == {("c4", "late")}
+
+
+def test_a_remote_filter_too_large_is_a_usage_error(
+    remote: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A ``--q`` larger than the admin's body limit is refused 413 by the listener: exit 2 and
+    one line, as the same filter refused 400 (and as it is locally)."""
+    env = {"LACUNA_ADMIN_URL": remote["url"], "LACUNA_ADMIN_TOKEN": TOKEN}
+    line = refused(["replay", "--q", "x" * 70_000, "--dry-run"], env, capsys)
+    assert "413 body_too_large" in line
+    line = refused(["replay", "--q", "x" * 60_000, "--dry-run"], env, capsys)
+    assert "400 invalid_request: q must be 1 to 1000" in line
