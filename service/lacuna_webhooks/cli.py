@@ -878,6 +878,11 @@ def _admin_remote(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple
         raise CommandError(
             "a remote admin API needs a token: --token or LACUNA_ADMIN_TOKEN", exit_code=2
         )
+    if not all("!" <= c <= "~" for c in token):
+        # A header value must be visible ASCII; never echoed (it is a credential).
+        raise CommandError(
+            "--token / LACUNA_ADMIN_TOKEN must be printable ASCII without spaces", exit_code=2
+        )
     return url, token
 
 

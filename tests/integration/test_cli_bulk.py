@@ -303,6 +303,22 @@ def test_bad_urls_are_usage_errors_that_never_echo_them(
         assert SECRET_TOKEN not in line
 
 
+@pytest.mark.parametrize("token", ["tok" + "é" * 40, SECRET_TOKEN + "\nX", SECRET_TOKEN + " x"])
+def test_a_token_that_cannot_be_a_header_is_a_usage_error(
+    token: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A token that is not visible ASCII cannot go in a header: one line, exit 2 (it was a
+    UnicodeEncodeError traceback), never the token itself."""
+    for argv, env in (
+        (["replay", "--all", "--url", "http://127.0.0.1:9", "--token", token], {}),
+        (["replay", "c1"], {"LACUNA_ADMIN_URL": "http://127.0.0.1:9", "LACUNA_ADMIN_TOKEN": token}),
+    ):
+        line = refused(argv, env, capsys)
+        assert "must be printable ASCII" in line
+        assert SECRET_TOKEN not in line
+        assert "é" not in line
+
+
 def _answering(httpserver: Any, status: int, body: str, content_type: str) -> str:
     httpserver.clear()
     for path in ("/api/v1/replays", "/api/v1/events/c1/replay"):
