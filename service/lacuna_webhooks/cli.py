@@ -886,13 +886,19 @@ def _admin_remote(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple
     return url, token
 
 
-def _remote_call(remote: tuple[str, str], path: str, body: dict[str, Any]) -> Any:
-    """``POST path`` on the remote admin API; its refusal as one line (exit 2 for a 400)."""
+def _remote_call(
+    remote: tuple[str, str], path: str, body: dict[str, Any], *, bulk: bool = False
+) -> Any:
+    """``POST path`` on the remote admin API; its refusal as one line (exit 2 for a 400).
+    Only a ``bulk`` operation waits up to ``BULK_TIMEOUT_SECONDS`` for its answer; anything
+    else gives up after ``TIMEOUT_SECONDS`` (a hung listener is not waited on for an hour)."""
     from .admin.client import BULK_TIMEOUT_SECONDS, AdminClient, AdminError
 
     async def run() -> Any:
         async with AdminClient(*remote) as client:
-            return await client.post(path, body, read_timeout=BULK_TIMEOUT_SECONDS)
+            return await client.post(
+                path, body, read_timeout=BULK_TIMEOUT_SECONDS if bulk else None
+            )
 
     try:
         return asyncio.run(run())
@@ -947,7 +953,7 @@ def _bulk(
     """Run a ``POST /replays`` body remotely or on the store directly; the answer."""
     remote = _admin_remote(args, environ)
     if remote is not None:
-        answer = _remote_call(remote, "/replays", body)
+        answer = _remote_call(remote, "/replays", body, bulk=True)
         if not _bulk_answer(answer):
             raise CommandError("the admin API answered POST /replays with an unexpected answer")
         return dict(answer)

@@ -410,3 +410,39 @@ def test_a_remote_filter_too_large_is_a_usage_error(
     assert "413 body_too_large" in line
     line = refused(["replay", "--q", "x" * 60_000, "--dry-run"], env, capsys)
     assert "400 invalid_request: q must be 1 to 1000" in line
+
+
+def test_a_hung_listener_is_not_waited_on_for_an_hour_by_a_single_replay(
+    httpserver: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``replay EVENT_ID --url`` against a listener that never answers gives up after the
+    ordinary timeout (here 1 s), one line and exit 1; it used to wait the bulk operations'
+    hour."""
+    from lacuna_webhooks.admin import client
+
+    release = threading.Event()
+
+    def hang(request: Any) -> Any:
+        release.wait(60)
+        from werkzeug import Response
+
+        return Response("{}", status=200)
+
+    httpserver.expect_request("/api/v1/events/c1/replay", method="POST").respond_with_handler(hang)
+    monkeypatch.setattr(client, "TIMEOUT_SECONDS", 1.0)
+    result: dict[str, int] = {}
+
+    def call() -> None:
+        result["code"] = main(
+            ["replay", "c1", "--url", httpserver.url_for("/"), "--token", SECRET_TOKEN], {}
+        )
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(30)  # generous: the timeout is 1 s
+    release.set()
+    assert not thread.is_alive(), "the single replay still waits for the hung listener"
+    assert result["code"] == 1
+    err = capsys.readouterr().err
+    assert "cannot reach the admin API" in err
+    assert len(err.strip().splitlines()) == 1

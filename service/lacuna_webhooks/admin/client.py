@@ -55,9 +55,11 @@ def _message(response: httpx.Response, token: str) -> str:
 class AdminClient:
     """An async client of ``<url>/api/v1``; use as ``async with AdminClient(url, token)``."""
 
-    def __init__(self, url: str, token: str, *, timeout: float = TIMEOUT_SECONDS) -> None:
+    def __init__(self, url: str, token: str, *, timeout: float | None = None) -> None:
+        """``timeout``: seconds, default ``TIMEOUT_SECONDS``."""
         self.base = url.rstrip("/") + "/api/v1"
         self._token = token
+        timeout = TIMEOUT_SECONDS if timeout is None else timeout
         self._timeout = timeout
         self._client = httpx.AsyncClient(
             headers={"authorization": f"Bearer {token}", "accept": "application/json"},
