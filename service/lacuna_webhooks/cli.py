@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import math
 import os
 import secrets
@@ -222,17 +223,19 @@ class _AdminListener:
     this one installs none and is stopped by ``serve`` once the webhook server has shut
     down, so one signal ends both and the process still exits 0."""
 
-    def __init__(self, server: Any, sock: Any, stopping: asyncio.Event) -> None:
+    def __init__(self, server: Any, sock: Any, ctx: Any) -> None:
         self.server = server
         self.sock = sock
-        self.stopping = stopping
+        self.ctx = ctx
 
     async def serve(self) -> None:
         await self.server.serve(sockets=[self.sock])
 
     async def stop(self, task: asyncio.Task[None]) -> None:
-        # Live streams and long-polls end first: uvicorn waits for every open response.
-        self.stopping.set()
+        # Live streams and long-polls end first, and a bulk operation at its next batch (its
+        # request is answered): uvicorn waits for every open response.
+        self.ctx.stopping.set()
+        await self.ctx.bulk.stop()
         self.server.should_exit = True
         try:
             await task
@@ -300,7 +303,7 @@ def _admin_listener(
             yield  # the webhook server handles the signals for both
 
     log.info("admin.listening", url=f"http://{_url_host(host)}:{port}/", api="/api/v1")
-    return _AdminListener(_Quiet(config), sock, ctx.stopping)
+    return _AdminListener(_Quiet(config), sock, ctx)
 
 
 def _url_host(host: str) -> str:
@@ -843,18 +846,25 @@ def _admin_remote(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple
     return target.url, target.token
 
 
-def _remote_call(remote: tuple[str, str], path: str, body: dict[str, Any]) -> Any:
-    """``POST path`` on the remote admin API; its refusal as one line (exit 2 for a 400)."""
+def _remote_call(
+    remote: tuple[str, str], path: str, body: dict[str, Any], *, bulk: bool = False
+) -> Any:
+    """``POST path`` on the remote admin API; its refusal as one line (exit 2 for a 400).
+    Only a ``bulk`` operation waits up to ``BULK_TIMEOUT_SECONDS`` for its answer; anything
+    else gives up after ``TIMEOUT_SECONDS`` (a hung listener is not waited on for an hour)."""
     from .admin.client import BULK_TIMEOUT_SECONDS, AdminClient, AdminError
 
     async def run() -> Any:
         async with AdminClient(*remote) as client:
-            return await client.post(path, body, read_timeout=BULK_TIMEOUT_SECONDS)
+            return await client.post(
+                path, body, read_timeout=BULK_TIMEOUT_SECONDS if bulk else None
+            )
 
     try:
         return asyncio.run(run())
     except AdminError as exc:
-        raise CommandError(str(exc), exit_code=2 if exc.status == 400 else 1) from None
+        # 400 and 413: the request itself is refused (a bad filter, one too large): usage errors.
+        raise CommandError(str(exc), exit_code=2 if exc.status in (400, 413) else 1) from None
 
 
 def _filter_body(args: argparse.Namespace, *, everything: bool) -> dict[str, Any]:
@@ -883,20 +893,46 @@ def _filter_body(args: argparse.Namespace, *, everything: bool) -> dict[str, Any
     return body
 
 
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _bulk_answer(answer: Any) -> bool:
+    """``answer`` has the shape of ``POST /replays``'s (a remote answer is not trusted: a
+    proxy or another service at that URL may answer anything)."""
+    return (
+        isinstance(answer, dict)
+        and all(_count(answer.get(k)) for k in ("matched", "created", "reset"))
+        and isinstance(answer.get("dry_run"), bool)
+    )
+
+
 def _bulk(
     args: argparse.Namespace, environ: Mapping[str, str], body: dict[str, Any], handler_option: str
 ) -> dict[str, Any]:
     """Run a ``POST /replays`` body remotely or on the store directly; the answer."""
     remote = _admin_remote(args, environ)
     if remote is not None:
-        return dict(_remote_call(remote, "/replays", body))
+        answer = _remote_call(remote, "/replays", body, bulk=True)
+        if not _bulk_answer(answer):
+            raise CommandError("the admin API answered POST /replays with an unexpected answer")
+        return dict(answer)
     from .admin.api_bulk import operation_from_json
     from .admin.bulk import run_bulk
     from .admin.responses import BadRequest
 
-    names = _configured_names(environ) if body.get("handlers") else []
+    # Handler names are checked against, and a replay limited to, LACUNA_HANDLERS.
+    names = _configured_names(environ)
+    filters = None
+    if body.get("handlers") and environ.get("LACUNA_HANDLERS", "").strip():
+        # Each handler's event filter (LACUNA_<NAME>_EVENTS), as intake applies it.
+        try:
+            settings = _settings(environ, require_secret=False)
+            filters = _build(settings, settings.handlers).filters
+        except ConfigError as exc:
+            raise CommandError(f"configuration: {exc}", exit_code=2) from None
     try:
-        operation = operation_from_json(names, body)
+        operation = operation_from_json(names, body, filters)
     except BadRequest as exc:
         option = {"handlers": handler_option, "task_id": "--task-id"}.get(
             exc.param or "", f"--{exc.param}"
@@ -904,6 +940,9 @@ def _bulk(
         raise CommandError(f"{option}: {exc.message}", exit_code=2) from None
     from .store.base import ScanBudget
 
+    if not environ.get("LACUNA_HANDLERS", "").strip():
+        # No configuration to go by: a replay resets every existing delivery.
+        operation = dataclasses.replace(operation, configured=None)
     seconds = _settings(environ, require_secret=False).admin_search_budget_seconds
     budget = ScanBudget(seconds)
     result = _with_store(environ, lambda s: run_bulk(s, operation, budget=budget))
@@ -946,11 +985,23 @@ def _replay(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
         path = f"/events/{quote(args.event_id, safe='')}/replay"
         answer = _remote_call(remote, path, {} if handlers is None else {"handlers": handlers})
-        count = int(answer["replayed"])
+        count = answer.get("replayed") if isinstance(answer, dict) else None
+        if not _count(count):
+            raise CommandError("the admin API answered the replay with an unexpected answer")
     else:
+        from .admin.bulk import replay_configured
+
+        # Without LACUNA_HANDLERS there is no configuration to go by: every delivery.
+        known = environ.get("LACUNA_HANDLERS", "").strip()
+        configured = _configured_names(environ) if known else None
         try:
             count = _with_store(
-                environ, lambda s: s.replay(args.event_id, handlers, now=datetime.now(UTC))
+                environ,
+                lambda s: (
+                    replay_configured(s, args.event_id, configured, now=datetime.now(UTC))
+                    if handlers is None and configured is not None
+                    else s.replay(args.event_id, handlers, now=datetime.now(UTC))
+                ),
             )
         except EventNotFound:
             raise CommandError(f"no event {args.event_id!r} in the store") from None
@@ -1487,6 +1538,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     env = dict(os.environ if environ is None else environ)
     # Error lines below (and every log line) mask the secret values the environment holds.
     remember_secrets(secret_values(env))
+    if getattr(args, "token", None):
+        remember_secrets([args.token])
     try:
         match args.command:
             case "serve":
@@ -1525,5 +1578,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         print(f"{PROG}: error: {mask_secrets(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        # One line, not silence: after a Ctrl-C during a bulk operation the user must know
+        # it stopped (a remote one finishes on the server, docs/cli.md).
+        print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     return 2

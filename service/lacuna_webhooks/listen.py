@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
+from urllib.parse import urlsplit
 
 import httpx
 import orjson
@@ -42,7 +43,6 @@ from httpx_sse import SSEError, aconnect_sse
 from .admin.client import AdminClient
 from .config import read_setting
 from .errors import ConfigError
-from .redact import redact_url
 from .signature import signed_headers, standard_webhooks_key
 from .store import Store
 from .store.stream import follow
@@ -71,18 +71,11 @@ class Target:
 
 def admin_target(url: str | None, token: str | None, environ: Mapping[str, str]) -> Target:
     """``--url`` / ``--token``, else ``LACUNA_ADMIN_URL`` / ``LACUNA_ADMIN_TOKEN`` (or its
-    ``_FILE``; of several comma-separated tokens, the first). ``ListenError`` names what is
-    missing."""
-    url = (url or environ.get("LACUNA_ADMIN_URL") or "").strip()
-    if not url:
-        raise ListenError(
-            "give the admin API's address: --url http://HOST:8001 or LACUNA_ADMIN_URL"
-        )
-    if not url.startswith(("http://", "https://")) or len(url) > 2000:
-        raise ListenError(
-            "--url / LACUNA_ADMIN_URL must be the admin listener's http(s):// URL, got "
-            f"{redact_url(url[:200])!r}"
-        )
+    ``_FILE``; of several comma-separated tokens, the first), for every command that reaches
+    a remote admin API (``tail``, ``listen``, ``replay``, ``backfill``). ``ListenError``
+    names what is missing or wrong, and never echoes the URL or the token: a URL may carry
+    credentials (``http://user:password@host``), which must not reach a terminal or a log."""
+    url = check_admin_url((url or environ.get("LACUNA_ADMIN_URL") or "").strip())
     if token is None:
         try:
             token = read_setting(environ, "LACUNA_ADMIN_TOKEN")
@@ -92,7 +85,40 @@ def admin_target(url: str | None, token: str | None, environ: Mapping[str, str])
     token = token.strip()
     if not token:
         raise ListenError("give the admin token: --token or LACUNA_ADMIN_TOKEN")
+    if not all("!" <= c <= "~" for c in token):
+        # A header value must be visible ASCII; never echoed (it is a credential).
+        raise ListenError("--token / LACUNA_ADMIN_TOKEN must be printable ASCII without spaces")
     return Target(url.rstrip("/"), token)
+
+
+def check_admin_url(url: str) -> str:
+    """``url`` checked as the admin listener's ``http(s)://host[:port][/path]``, else a
+    ``ListenError`` that says what is wrong without echoing it."""
+    what = "--url / LACUNA_ADMIN_URL"
+    if not url:
+        raise ListenError(
+            "give the admin API's address: --url http://HOST:8001 or LACUNA_ADMIN_URL"
+        )
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # ValueError for a port that is not a number from 0 to 65535
+    except ValueError:
+        raise ListenError(f"{what} is not a valid URL") from None
+    if parts.scheme.lower() not in ("http", "https") or len(url) > 2000:
+        shown = f"a {parts.scheme}: URL" if parts.scheme.isalnum() else "something else"
+        raise ListenError(f"{what} must be the admin listener's http(s):// URL, got {shown}")
+    if "@" in parts.netloc:
+        raise ListenError(
+            f"{what} must not hold credentials (user:password@): the admin API takes a bearer"
+            " token (--token or LACUNA_ADMIN_TOKEN)"
+        )
+    if not parts.hostname or port == 0 or parts.query or parts.fragment:
+        raise ListenError(f"{what} must be http(s)://HOST[:PORT], without a query or fragment")
+    try:
+        httpx.URL(url)
+    except httpx.InvalidURL:
+        raise ListenError(f"{what} is not a valid URL") from None
+    return url
 
 
 def backoff(failures: int) -> float:

@@ -16,8 +16,9 @@ import httpx
 import orjson
 import pytest
 
-from tests.conftest import make_event
+from tests.conftest import make_event, signed
 from tests.e2e.conftest import Serve, wait_until
+from tests.e2e.overlap_plugin import lines
 from tests.e2e.test_admin import AUTH, admin_env, intake_latencies, p
 
 pytestmark = pytest.mark.e2e
@@ -161,3 +162,87 @@ def test_backfill_while_events_arrive(serve_factory: type[Serve], tmp_path: Path
     resumed = httpx.post(f"{admin}/handlers/late/resume", headers=AUTH, json={})
     assert resumed.status_code == 200, resumed.text
     wait_until(lambda: done_late(db) >= 500, timeout=120, what="late to deliver the backfill")
+
+
+def test_sigterm_during_a_backfill_stops_serve_promptly(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """SIGTERM while a backfill of 40k events runs: the operation ends at its next batch, its
+    client is answered 503 ``shutting_down`` counting what was written, and serve exits 0
+    without waiting for the rest (it used to wait for the whole operation, holding the
+    admin listener open). Run again after a restart, it creates exactly the rest."""
+    stored = 40_000
+    env = admin_env(tmp_path, LACUNA_HANDLERS="audit=log")
+    serve = serve_factory(env).start()
+    serve.signal(15)
+    assert serve.wait(30) == 0
+    db = tmp_path / "events.db"
+    fill(db, stored)
+    serve.env["LACUNA_HANDLERS"] = "audit=log,late=log"
+    serve.start()
+    admin = f"http://127.0.0.1:{env['LACUNA_ADMIN_PORT']}/api/v1"
+    assert httpx.post(f"{admin}/handlers/late/pause", headers=AUTH, json={}).status_code == 200
+    body = {"all": True, "handlers": ["late"], "missing_only": True}
+    answer: dict[str, Any] = {}
+
+    def backfill() -> None:
+        response = httpx.post(f"{admin}/replays", headers=AUTH, json=body, timeout=600)
+        answer["status"] = response.status_code
+        answer["body"] = response.json()
+
+    thread = threading.Thread(target=backfill, daemon=True)
+    thread.start()
+    wait_until(lambda: counts(db)["late"] > 0, timeout=60, what="the first batch")
+    serve.signal(15)
+    assert serve.wait(60) == 0
+    thread.join(60)
+    assert answer["status"] == 503, answer
+    error = answer["body"]["error"]
+    assert error["code"] == "shutting_down", error
+    written = counts(db)["late"]
+    assert 0 < written < stored, written
+    assert f"after {written} events ({written} deliveries created" in error["message"], error
+    assert '"admin.bulk_stopped"' in serve.log()
+
+    serve.start()
+    again = httpx.post(f"{admin}/replays", headers=AUTH, json=body, timeout=600)
+    assert again.status_code == 200, again.text
+    assert again.json()["created"] == stored - written
+    assert counts(db)["late"] == stored
+
+
+def test_a_replay_never_runs_a_delivery_beside_its_running_attempt(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """A replay (one event, ``POST /events/{id}/replay``) and a bulk replay (``POST /replays``)
+    of deliveries whose attempt is running: the handler is never run twice for one delivery
+    at the same time (it was: the reset cleared the lease and the dispatcher claimed the
+    delivery again at once), and each replayed delivery runs again once its attempt ends."""
+    env = admin_env(
+        tmp_path,
+        LACUNA_HANDLERS="overlap=tests.e2e.overlap_plugin:OverlapRecorder",
+        LACUNA_OVERLAP_DIR=str(tmp_path),
+        LACUNA_OVERLAP_DELAY="3",
+        LACUNA_OVERLAP_TIMEOUT="20",
+        LACUNA_OVERLAP_CONCURRENCY="4",
+    )
+    serve = serve_factory(env).start()
+    admin = f"http://127.0.0.1:{env['LACUNA_ADMIN_PORT']}/api/v1"
+    for event_id in ("evt_ov_one", "evt_ov_bulk"):
+        body, headers = signed(make_event(event_id))
+        assert httpx.post(serve.webhook_url, content=body, headers=headers).status_code == 200
+    for event_id in ("evt_ov_one", "evt_ov_bulk"):
+        wait_until(lambda e=event_id: (tmp_path / f"{e}.running").exists(), what=event_id)
+    one = httpx.post(f"{admin}/events/evt_ov_one/replay", headers=AUTH, json={})
+    assert one.json() == {"event_id": "evt_ov_one", "replayed": 1}, one.text
+    bulk = httpx.post(f"{admin}/replays", headers=AUTH, json={"q": "evt_ov_bulk"}, timeout=60)
+    assert bulk.json() == {"matched": 1, "created": 0, "reset": 1, "dry_run": False}, bulk.text
+
+    def done() -> list[str]:
+        return sorted(event_id for event_id, _ in lines(tmp_path / "done.txt"))
+
+    # Each runs twice: the attempt that was running, then the replay once it ended (well
+    # before its lease, 20 + 30 s, would have expired).
+    wait_until(lambda: len(done()) >= 4, timeout=30, what="the replays to run")
+    assert done() == ["evt_ov_bulk", "evt_ov_bulk", "evt_ov_one", "evt_ov_one"]
+    assert lines(tmp_path / "overlaps.txt") == []

@@ -378,3 +378,52 @@ async def test_a_store_that_comes_back_is_waited_for(monkeypatch: pytest.MonkeyP
 
 def store_now() -> datetime:
     return datetime.now(UTC)
+
+
+async def test_a_replay_leaves_the_deliveries_of_a_removed_handler(
+    client: httpx.AsyncClient, store: Store
+) -> None:
+    """A handler removed from LACUNA_HANDLERS (``gone``) keeps its old deliveries; a replay
+    without ``handlers`` (bulk, and of one event) resets only the configured handlers' ones.
+    Made pending again, ``gone``'s would never run (no dispatcher claims them) and would keep
+    their events from ever being pruned."""
+    now = store_now()
+    assert await store.accept(event("r1"), ["audit", "gone"], now=now)
+    assert await store.accept(event("r2"), ["gone"], now=now)
+    for name in ("audit", "gone"):
+        for d in await store.claim(handler=name, limit=10, lease=timedelta(minutes=1), now=now):
+            assert await store.complete(d, Attempt(now, now, AttemptOutcome.OK, None))
+    answer = await replays(client, {"all": True})
+    assert answer == {"matched": 2, "created": 0, "reset": 1, "dry_run": False}
+    one = await client.post("/events/r2/replay", json={})
+    assert one.json() == {"event_id": "r2", "replayed": 0}, one.text
+    for event_id in ("r1", "r2"):
+        assert (await handlers_of(store, event_id))["gone"].status is DeliveryStatus.DONE
+    assert (await handlers_of(store, "r1"))["audit"].status is DeliveryStatus.PENDING
+    one = await client.post("/events/r1/replay", json={})
+    assert one.json() == {"event_id": "r1", "replayed": 1}, one.text
+    missing = await client.post("/events/nope/replay", json={})
+    assert missing.status_code == 404, missing.text
+
+
+async def test_a_backfill_creates_only_what_intake_would_have(store: Store) -> None:
+    """``late`` gets only job.failed and job.progress (LACUNA_LATE_EVENTS): a backfill (and a replay
+    naming it) over every event creates and resets its deliveries of those events only, as
+    intake would have; it used to hand it every stored event, whatever its type."""
+    settings = Settings.from_env({**LATE_ENVIRON, "LACUNA_LATE_EVENTS": "job.failed,job.progress"})
+    handlers = build_handlers(settings.handlers, settings.environ).without_instances()
+    ctx = AdminContext(settings=settings, store=store, handlers=handlers)
+    await seed(store)  # e1, e3 job.completed; e2 job.failed, e4 job.progress
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=create_admin_app(ctx)),
+        base_url="http://admin/api/v1",
+        headers=AUTH,
+        timeout=120,
+    ) as client:
+        body = {"all": True, "handlers": ["late"], "missing_only": True}
+        answer = await replays(client, body)
+        assert answer == {"matched": 4, "created": 2, "reset": 0, "dry_run": False}
+        answer = await replays(client, {"all": True, "handlers": ["late", "audit"]})
+        assert answer == {"matched": 4, "created": 0, "reset": 6, "dry_run": False}
+    for event_id, wanted in (("e1", False), ("e2", True), ("e3", False), ("e4", True)):
+        assert ("late" in await handlers_of(store, event_id)) is wanted, event_id

@@ -269,3 +269,180 @@ def test_remote_refusals_are_one_line(
     assert len(err.strip().splitlines()) == 1
     assert main(["replay", "nope_evt"], env) == 1
     assert "404 not_found" in capsys.readouterr().err
+
+
+# --- hostile URLs and answers ------------------------------------------------------------------
+
+SECRET_TOKEN = "adm_" + "s" * 40
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://", "must be http(s)://HOST[:PORT]"),
+        ("https://", "must be http(s)://HOST[:PORT]"),
+        ("http://[::1", "is not a valid URL"),
+        ("http://127.0.0.1:99999", "is not a valid URL"),
+        ("ftp://operator:pw-Secret-42@host", "got a ftp: URL"),
+        ("http://operator:pw-Secret-42@127.0.0.1:9", "must not hold credentials"),
+        ("https://127.0.0.1:9/?token=pw-Secret-42", "without a query or fragment"),
+    ],
+)
+def test_bad_urls_are_usage_errors_that_never_echo_them(
+    url: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad --url (or LACUNA_ADMIN_URL) is exit 2 and one line that never repeats the URL:
+    it may hold a password; an invalid one is not a traceback."""
+    for argv, env in (
+        (["replay", "--all", "--url", url, "--token", SECRET_TOKEN], {}),
+        (["backfill", "late", "--all"], {"LACUNA_ADMIN_URL": url, "LACUNA_ADMIN_TOKEN": "x" * 40}),
+    ):
+        line = refused(argv, env, capsys)
+        assert message in line, line
+        assert "pw-Secret-42" not in line
+        assert SECRET_TOKEN not in line
+
+
+@pytest.mark.parametrize("token", ["tok" + "é" * 40, SECRET_TOKEN + "\nX", SECRET_TOKEN + " x"])
+def test_a_token_that_cannot_be_a_header_is_a_usage_error(
+    token: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A token that is not visible ASCII cannot go in a header: one line, exit 2 (it was a
+    UnicodeEncodeError traceback), never the token itself."""
+    for argv, env in (
+        (["replay", "--all", "--url", "http://127.0.0.1:9", "--token", token], {}),
+        (["replay", "c1"], {"LACUNA_ADMIN_URL": "http://127.0.0.1:9", "LACUNA_ADMIN_TOKEN": token}),
+    ):
+        line = refused(argv, env, capsys)
+        assert "must be printable ASCII" in line
+        assert SECRET_TOKEN not in line
+        assert "é" not in line
+
+
+def _answering(httpserver: Any, status: int, body: str, content_type: str) -> str:
+    httpserver.clear()
+    for path in ("/api/v1/replays", "/api/v1/events/c1/replay"):
+        httpserver.expect_request(path, method="POST").respond_with_data(
+            body, status=status, content_type=content_type
+        )
+    return str(httpserver.url_for("/"))
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "content_type", "code", "message"),
+    [
+        (200, "<html>a proxy's page</html>", "text/html", 1, "with non-JSON"),
+        (200, "[1, 2]", "application/json", 1, "unexpected answer"),
+        (200, '"done"', "application/json", 1, "unexpected answer"),
+        (200, '{"matched": "x", "replayed": -1}', "application/json", 1, "unexpected answer"),
+        (500, "<h1>Internal\nServer Error</h1>", "text/html", 1, "500 INTERNAL SERVER ERROR"),
+        (
+            401,
+            json.dumps(
+                {
+                    "error": {
+                        "code": "unauthorized",
+                        "message": f"bad Bearer {SECRET_TOKEN}\n\x1b[31mx",
+                    }
+                }
+            ),
+            "application/json",
+            1,
+            "401 unauthorized: bad Bearer ***\\n\\x1b[31mx",
+        ),
+        (400, '{"error": {"code": 7, "message": ["x"]}}', "application/json", 2, "400 BAD REQ"),
+    ],
+)
+def test_a_hostile_admin_answer_is_one_line_without_the_token(
+    httpserver: Any,
+    status: int,
+    body: str,
+    content_type: str,
+    code: int,
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Whatever the server at --url answers (another service, a proxy's page, a server
+    echoing the Authorization header), bulk and single-event replay print one line, never
+    a traceback, never the token given with --token, and exit 1 (2 for a 400)."""
+    url = _answering(httpserver, status, body, content_type)
+    for argv in (["replay", "--all"], ["replay", "c1"], ["backfill", "late", "--all"]):
+        assert main([*argv, "--url", url, "--token", SECRET_TOKEN], {}) == code
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1, err
+        assert message.lower() in err.lower(), err
+        assert SECRET_TOKEN not in err
+
+
+def test_a_local_replay_leaves_a_removed_handlers_deliveries(
+    local: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``audit`` removed from LACUNA_HANDLERS: ``replay --all`` and ``replay EVENT_ID`` reset
+    none of its deliveries (pending again, nothing would ever run them)."""
+    env = {**local, "LACUNA_HANDLERS": "hook=log,late=log"}
+    before = _deliveries(local["LACUNA_DATABASE_URL"])
+    answer = run(["replay", "--all", "--json"], env, capsys)
+    assert answer == {"matched": 4, "created": 0, "reset": 0, "dry_run": False}
+    assert main(["replay", "c1"], env) == 1
+    assert "has no deliveries to replay" in capsys.readouterr().err
+    assert _deliveries(local["LACUNA_DATABASE_URL"]) == before
+
+
+def test_a_local_backfill_follows_the_handlers_event_filter(
+    local: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``late`` gets only job.failed (LACUNA_LATE_EVENTS): ``backfill late --all`` creates its
+    delivery of c4 only, as intake would have."""
+    env = {**local, "LACUNA_LATE_EVENTS": "job.failed"}
+    answer = run(["backfill", "late", "--all", "--json"], env, capsys)
+    assert answer == {"matched": 4, "created": 1, "reset": 0, "dry_run": False}
+    stored = _deliveries(local["LACUNA_DATABASE_URL"])
+    assert {k for k in stored if k[1] == "late"} == {("c4", "late")}
+
+
+def test_a_remote_filter_too_large_is_a_usage_error(
+    remote: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A ``--q`` larger than the admin's body limit is refused 413 by the listener: exit 2 and
+    one line, as the same filter refused 400 (and as it is locally)."""
+    env = {"LACUNA_ADMIN_URL": remote["url"], "LACUNA_ADMIN_TOKEN": TOKEN}
+    line = refused(["replay", "--q", "x" * 70_000, "--dry-run"], env, capsys)
+    assert "413 body_too_large" in line
+    line = refused(["replay", "--q", "x" * 60_000, "--dry-run"], env, capsys)
+    assert "400 invalid_request: q must be 1 to 1000" in line
+
+
+def test_a_hung_listener_is_not_waited_on_for_an_hour_by_a_single_replay(
+    httpserver: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``replay EVENT_ID --url`` against a listener that never answers gives up after the
+    ordinary timeout (here 1 s), one line and exit 1; it used to wait the bulk operations'
+    hour."""
+    from lacuna_webhooks.admin import client
+
+    release = threading.Event()
+
+    def hang(request: Any) -> Any:
+        release.wait(60)
+        from werkzeug import Response
+
+        return Response("{}", status=200)
+
+    httpserver.expect_request("/api/v1/events/c1/replay", method="POST").respond_with_handler(hang)
+    monkeypatch.setattr(client, "TIMEOUT_SECONDS", 1.0)
+    result: dict[str, int] = {}
+
+    def call() -> None:
+        result["code"] = main(
+            ["replay", "c1", "--url", httpserver.url_for("/"), "--token", SECRET_TOKEN], {}
+        )
+
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(30)  # generous: the timeout is 1 s
+    release.set()
+    assert not thread.is_alive(), "the single replay still waits for the hung listener"
+    assert result["code"] == 1
+    err = capsys.readouterr().err
+    assert "cannot reach the admin API" in err
+    assert len(err.strip().splitlines()) == 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -671,13 +672,65 @@ async def test_ping_answers_and_a_closed_store_refuses(store: Store) -> None:
 
 
 async def test_replay_cuts_off_a_running_claim(store: Store) -> None:
-    """A claim running when its delivery is replayed can no longer record its outcome."""
+    """A claim running when its delivery is replayed can no longer record its outcome, and
+    the delivery is not claimed again while that attempt may still run (its lease is kept):
+    once the attempt ends (its outcome refused), it is due at once."""
     await store.accept(event("evt_replay"), ["a"], now=NOW)
     (running,) = await store.claim(handler="a", limit=1, lease=LEASE, now=NOW)
     assert await store.replay("evt_replay", None, now=NOW) == 1
+    assert await store.claim(handler="a", limit=1, lease=LEASE, now=NOW) == []
     assert await store.complete(running, Attempt(NOW, NOW, AttemptOutcome.OK)) is False
     (again,) = await store.claim(handler="a", limit=1, lease=LEASE, now=NOW)
     assert again.attempts == 1
+
+
+RESETS: dict[str, Callable[[Store, datetime], Awaitable[object]]] = {
+    "replay": lambda s, now: s.replay("evt_cut", None, now=now),
+    "replay_handlers": lambda s, now: s.replay("evt_cut", ["a"], now=now),
+    "replay_many": lambda s, now: s.replay_many(["evt_cut"], None, now=now),
+    "replay_many_handlers": lambda s, now: s.replay_many(["evt_cut"], ["a"], now=now),
+}
+ENDINGS: dict[str, Callable[[Store, Delivery], Awaitable[bool]]] = {
+    "complete": lambda s, d: s.complete(d, Attempt(NOW, NOW, AttemptOutcome.OK)),
+    "retry": lambda s, d: s.retry(d, Attempt(NOW, NOW, AttemptOutcome.RETRY, "x"), at=NOW),
+    "dead": lambda s, d: s.dead(d, Attempt(NOW, NOW, AttemptOutcome.DEAD, "x")),
+    "release": lambda s, d: s.release(d, now=NOW),
+}
+
+
+@pytest.mark.parametrize("reset", sorted(RESETS))
+@pytest.mark.parametrize("ending", sorted(ENDINGS))
+async def test_a_reset_never_lets_a_delivery_run_beside_its_live_attempt(
+    store: Store, reset: str, ending: str
+) -> None:
+    """Every reset (replay, bulk replay, with or without handlers) of a delivery whose attempt
+    is running revokes that attempt but keeps its lease: no claim gets the delivery while
+    the attempt may still run (two runs of one delivery at once). However the attempt ends,
+    its outcome is refused and the delivery is due at once, claimed exactly once."""
+    await store.accept(event("evt_cut"), ["a"], now=NOW)
+    (running,) = await store.claim(handler="a", limit=1, lease=LEASE, now=NOW)
+    await RESETS[reset](store, NOW)
+    assert await store.claim(handler="a", limit=10, lease=LEASE, now=NOW) == []
+    (record,) = await store.list_deliveries(event_id="evt_cut")
+    assert (record.status, record.attempts) == (DeliveryStatus.PENDING, 0)
+    assert await ENDINGS[ending](store, running) is False
+    (again,) = await store.claim(handler="a", limit=10, lease=LEASE, now=NOW)
+    assert (again.attempts, again.lease_token) != (running.attempts, running.lease_token)
+    assert await store.claim(handler="a", limit=10, lease=LEASE, now=NOW) == []
+    assert await store.complete(again, Attempt(NOW, NOW, AttemptOutcome.OK)) is True
+
+
+async def test_a_reset_twice_leaves_the_kept_lease_to_expire(store: Store) -> None:
+    """Reset twice while its attempt runs, the ended attempt cannot tell its kept lease from
+    a later claim's, so it leaves it to expire: still no second run beside it."""
+    await store.accept(event("evt_cut"), ["a"], now=NOW)
+    (running,) = await store.claim(handler="a", limit=1, lease=LEASE, now=NOW)
+    await store.replay("evt_cut", None, now=NOW)
+    await store.replay_many(["evt_cut"], None, now=NOW)
+    assert await store.complete(running, Attempt(NOW, NOW, AttemptOutcome.OK)) is False
+    assert await store.claim(handler="a", limit=1, lease=LEASE, now=NOW) == []
+    (record,) = await store.list_deliveries(event_id="evt_cut")
+    assert record.lease_until is not None
 
 
 async def test_task_state_without_created_compares_by_receipt_time(store: Store) -> None:

@@ -16,13 +16,15 @@ and
 It answers ``{"matched": N, "created": N, "reset": N, "dry_run": bool}`` once the operation
 has run (``created`` and ``reset`` are 0 in a dry run). Any bad field is a 400 naming it in
 ``param``; an unknown handler a 400 naming the configured ones; a second operation while one
-runs in this process a 409 ``operation_in_progress``; a store that stays away 503.
+runs in this process a 409 ``operation_in_progress``; a store that stays away 503
+``store_unavailable``; ``serve`` stopping 503 ``shutting_down`` (the operation ends at its
+next batch, what it wrote stays, the message counts it).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from starlette.requests import Request
@@ -33,7 +35,7 @@ from ..config import HANDLER_NAME_RE
 from ..store.base import EventFilter
 from .api_events import _ERROR, _no_query, _object
 from .bodies import json_object
-from .bulk import BulkOperation, BulkRunner, OperationInProgress
+from .bulk import BulkOperation, OperationInProgress, OperationStopped
 from .context import AdminContext
 from .filters import FILTER_NAMES, MAX_MATCHES, MAX_TEXT, filter_from_json
 from .responses import BadRequest, error_response, json_response
@@ -64,9 +66,14 @@ def _handler(names: Sequence[str], value: Any) -> str:
     return value
 
 
-def operation_from_json(handler_names: Sequence[str], body: dict[str, Any]) -> BulkOperation:
+def operation_from_json(
+    handler_names: Sequence[str],
+    body: dict[str, Any],
+    filters: Mapping[str, frozenset[str] | None] | None = None,
+) -> BulkOperation:
     """The ``BulkOperation`` of a ``POST /replays`` body (the CLI builds the same body),
-    ``handler_names`` being the configured handlers; ``BadRequest`` naming the field."""
+    ``handler_names`` being the configured handlers and ``filters`` the event types each
+    gets (``HandlerSet.filters``; absent: every type); ``BadRequest`` naming the field."""
     where = filter_from_json(body, allowed=OPERATION_FIELDS)
     everything = _flag(body, "all")
     if where == EventFilter() and not everything:
@@ -96,22 +103,37 @@ def operation_from_json(handler_names: Sequence[str], body: dict[str, Any]) -> B
         handlers=handlers,
         missing_only=missing_only,
         dry_run=_flag(body, "dry_run"),
+        configured=tuple(handler_names),
+        filters=dict(filters or {}),
+    )
+
+
+def _stopping(exc: OperationStopped) -> Response:
+    return error_response(
+        503, "shutting_down", str(exc), error_type="api_error", headers={"retry-after": "1"}
     )
 
 
 def routes(ctx: AdminContext) -> list[BaseRoute]:
     """This area's routes, mounted under /api/v1."""
-    runner = BulkRunner(ctx.store, clock=ctx.clock, budget=ctx.scan_budget())
+    runner = ctx.bulk
 
     async def replays(request: Request) -> Response:
         _no_query(request)
-        operation = operation_from_json(ctx.handlers.names, await json_object(request))
+        operation = operation_from_json(
+            ctx.handlers.names, await json_object(request), ctx.handlers.filters
+        )
         try:
             task = runner.start(operation)
         except OperationInProgress as exc:
             return error_response(409, "operation_in_progress", str(exc))
-        # Shielded: a client that hangs up leaves the operation to finish (and to be logged).
-        result = await asyncio.shield(task)
+        except OperationStopped as exc:
+            return _stopping(exc)
+        try:
+            # Shielded: a client that hangs up leaves the operation to finish (and be logged).
+            result = await asyncio.shield(task)
+        except OperationStopped as exc:
+            return _stopping(exc)
         return json_response(result.json())
 
     return [Route("/replays", replays, methods=["POST"])]

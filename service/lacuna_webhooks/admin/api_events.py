@@ -30,6 +30,7 @@ from ..store.base import AttemptRecord, DeliveryRecord, EventRecord
 from ..store.search import decode_cursor, delivery_state, encode_cursor
 from . import openapi
 from .bodies import json_object, only_fields
+from .bulk import replay_configured
 from .context import AdminContext
 from .filters import FILTER_NAMES, MAX_TEXT, filter_from_query, page_params
 from .health import handler_health
@@ -191,7 +192,13 @@ def routes(ctx: AdminContext) -> list[BaseRoute]:
                 )
             handlers = [_known_handler(ctx, name, "handlers") for name in names]
         try:
-            count = await store.replay(event_id, handlers, now=ctx.clock())
+            if handlers is None:
+                # Every existing delivery of a configured handler (not of a removed one).
+                count = await replay_configured(
+                    store, event_id, ctx.handlers.names, now=ctx.clock()
+                )
+            else:
+                count = await store.replay(event_id, handlers, now=ctx.clock())
         except EventNotFound:
             raise NotFound(f"No event {event_id[:100]!r}.", param="event_id") from None
         return json_response({"event_id": event_id, "replayed": count})

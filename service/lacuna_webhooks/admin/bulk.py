@@ -21,7 +21,9 @@ even none) is written like any and the walk goes on from its cursor; only a page
 cursor ends it.
 
 ``BulkRunner`` lets one operation run at a time in a process: a second ``start`` while one
-runs raises ``OperationInProgress`` (the admin API answers 409).
+runs raises ``OperationInProgress`` (the admin API answers 409). ``BulkRunner.stop`` (``serve``
+stopping) ends the running operation at its next batch, with ``OperationStopped``: the
+batches before stay written, and a stop never waits for the whole operation.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -57,14 +59,28 @@ T = TypeVar("T")
 class BulkOperation:
     """What to do to the events ``where`` selects.
 
-    ``handlers``: ``None`` resets every existing delivery of each event (a replay); names
-    create each one's missing delivery (backfill) and reset its existing one, or with
-    ``missing_only`` only create. ``dry_run`` only counts the events."""
+    ``handlers``: ``None`` resets every existing delivery of each event (a replay) whose
+    handler is in ``configured`` (``None``: every one); names create each one's missing
+    delivery (backfill) and reset its existing one, or with ``missing_only`` only create.
+    ``dry_run`` only counts the events. ``configured`` is the configured handler names: a
+    delivery of a handler since removed from the configuration is left as it is, since
+    made pending again nothing would ever run it (and its event could never be pruned).
+    ``filters``: see below."""
 
     where: EventFilter
     handlers: tuple[str, ...] | None = None
     missing_only: bool = False
     dry_run: bool = False
+    configured: tuple[str, ...] | None = None
+    #: The event types each handler gets (``LACUNA_<NAME>_EVENTS``; ``None`` or absent: every
+    #: type). ``handlers`` act only on the events of types they get, as intake does: a
+    #: backfill never hands a handler an event it does not subscribe to.
+    filters: Mapping[str, frozenset[str] | None] = field(default_factory=dict)
+
+    def wants(self, handler: str, event_type: str) -> bool:
+        """``handler`` gets events of ``event_type`` (its filter, as intake applies it)."""
+        types = self.filters.get(handler)
+        return types is None or event_type in types
 
     def __post_init__(self) -> None:
         if self.missing_only and not self.handlers:
@@ -97,6 +113,19 @@ class OperationInProgress(Exception):
     """Another bulk operation runs in this process."""
 
 
+class OperationStopped(Exception):
+    """The process is stopping: the operation ended between two batches. ``done`` counts
+    what was written before (``dry_run`` as the operation's)."""
+
+    def __init__(self, done: BulkResult) -> None:
+        super().__init__(
+            f"The service is stopping: the operation stopped after {done.matched} events "
+            f"({done.created} deliveries created, {done.reset} made due again, all written). "
+            "Running it again is safe."
+        )
+        self.done = done
+
+
 def _utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -107,16 +136,17 @@ async def _retrying(
     retry_seconds: float,
     what: str,
     on_retry: Callable[[str, StoreUnavailable], None] | None,
+    stopping: Callable[[], bool] = lambda: False,
 ) -> T:
     """``step()``, again after a backoff while it raises ``StoreUnavailable``, for at most
-    ``retry_seconds``; then that error."""
+    ``retry_seconds`` and while not ``stopping()``; then that error."""
     deadline = time.monotonic() + retry_seconds
     backoff = _FIRST_BACKOFF_SECONDS
     while True:
         try:
             return await step()
         except StoreUnavailable as exc:
-            if time.monotonic() + backoff > deadline:
+            if time.monotonic() + backoff > deadline or stopping():
                 raise
             if on_retry is not None:
                 on_retry(what, exc)
@@ -125,16 +155,44 @@ async def _retrying(
 
 
 async def _replay_batch(
-    store: Store, ids: list[str], operation: BulkOperation, clock: Callable[[], datetime]
+    store: Store,
+    events: list[tuple[str, str]],
+    operation: BulkOperation,
+    clock: Callable[[], datetime],
 ) -> ReplayCounts:
+    """``events`` as ``(id, type)``."""
     # ``now`` read on each try: a batch retried later is due from then.
-    return await store.replay_many(
-        ids,
-        operation.handlers,
-        now=clock(),
-        create=operation.handlers is not None,
-        reset=not operation.missing_only,
-    )
+    ids = [event_id for event_id, _ in events]
+    if operation.handlers is None:
+        if operation.configured is not None:
+            # A replay of the existing deliveries, those of configured handlers only.
+            return await store.replay_many(ids, operation.configured, now=clock(), create=False)
+        return await store.replay_many(ids, None, now=clock(), create=False)
+    # The events by the named handlers that get their type (one group in the usual case).
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for event_id, event_type in events:
+        names = tuple(h for h in operation.handlers if operation.wants(h, event_type))
+        if names:
+            groups.setdefault(names, []).append(event_id)
+    created = reset = 0
+    for names, group in groups.items():
+        counts = await store.replay_many(
+            group, names, now=clock(), create=True, reset=not operation.missing_only
+        )
+        created += counts.created
+        reset += counts.reset
+    return ReplayCounts(created=created, reset=reset)
+
+
+async def replay_configured(
+    store: Store, event_id: str, configured: Sequence[str], *, now: datetime
+) -> int:
+    """``store.replay(event_id, None)`` limited to the deliveries of ``configured`` handlers:
+    one of a handler since removed from the configuration is left as it is (pending again,
+    nothing would ever run it). ``EventNotFound`` as ``replay``; how many were reset."""
+    existing = await store.list_deliveries(event_id=event_id, limit=1000)
+    names = [n for n in dict.fromkeys(d.handler for d in existing) if n in configured]
+    return await store.replay(event_id, names, now=now)
 
 
 async def run_bulk(
@@ -147,18 +205,24 @@ async def run_bulk(
     retry_seconds: float | None = None,
     on_retry: Callable[[str, StoreUnavailable], None] | None = None,
     budget: ScanBudget | None = None,
+    stopping: Callable[[], bool] = lambda: False,
 ) -> BulkResult:
     """Run ``operation`` in batches (module docstring); ``StoreUnavailable`` when the store
-    stayed away for ``retry_seconds`` (default ``RETRY_SECONDS``). ``clock`` stamps each
-    batch's ``now``; ``on_retry(step, error)`` hears of each retry (``step`` is ``search``
-    or ``replay``); ``budget`` bounds each page's scan (default ``ScanBudget()``, 0.5 s).
-    It logs nothing itself: the CLI prints its result, the API logs it."""
+    stayed away for ``retry_seconds`` (default ``RETRY_SECONDS``); ``OperationStopped``
+    when ``stopping()`` turns true (checked before each batch and each retry). ``clock``
+    stamps each batch's ``now``; ``on_retry(step, error)`` hears of each retry (``step`` is
+    ``search`` or ``replay``); ``budget`` bounds each page's scan (default ``ScanBudget()``,
+    0.5 s). It logs nothing itself: the CLI prints its result, the API logs it."""
     scan_budget = ScanBudget() if budget is None else budget
     retry_for = RETRY_SECONDS if retry_seconds is None else retry_seconds
     started = time.monotonic()
     matched = created = reset = batches = 0
     cursor: str | None = None
     while True:
+        if stopping():
+            raise OperationStopped(
+                BulkResult(matched, created, reset, operation.dry_run, batches=batches)
+            )
         batch_started = time.monotonic()
         try:
             page = await _retrying(
@@ -172,6 +236,7 @@ async def run_bulk(
                 retry_seconds=retry_for,
                 what="search",
                 on_retry=on_retry,
+                stopping=stopping,
             )
         except ValueError:
             # The cursor's event was pruned under the walk (only the memory store keys its
@@ -179,14 +244,15 @@ async def run_bulk(
             raise StoreUnavailable(
                 "The events being replayed changed under the operation (pruned); run it again."
             ) from None
-        ids = [record.id for record in page.records]
-        matched += len(ids)
-        if ids and not operation.dry_run:
+        events = [(record.id, record.type) for record in page.records]
+        matched += len(events)
+        if events and not operation.dry_run:
             counts = await _retrying(
-                functools.partial(_replay_batch, store, ids, operation, clock),
+                functools.partial(_replay_batch, store, events, operation, clock),
                 retry_seconds=retry_for,
                 what="replay",
                 on_retry=on_retry,
+                stopping=stopping,
             )
             created += counts.created
             reset += counts.reset
@@ -197,7 +263,7 @@ async def run_bulk(
         cursor = page.next_cursor
         # Yield the store (and the loop) at least as long as this batch held them; a page
         # that wrote nothing held only a read (the reader, or one pooled connection).
-        held = time.monotonic() - batch_started if ids else 0.0
+        held = time.monotonic() - batch_started if events and not operation.dry_run else 0.0
         await asyncio.sleep(max(min_pause_seconds, held))
     return BulkResult(
         matched=matched,
@@ -229,6 +295,7 @@ class BulkRunner:
         self.clock = clock
         self.budget = budget
         self._running: asyncio.Task[BulkResult] | None = None
+        self._stopping = False
 
     @property
     def busy(self) -> bool:
@@ -242,8 +309,23 @@ class BulkRunner:
         }
         try:
             result = await run_bulk(
-                self.store, operation, clock=self.clock, on_retry=_log_retry, budget=self.budget
+                self.store,
+                operation,
+                clock=self.clock,
+                on_retry=_log_retry,
+                budget=self.budget,
+                stopping=lambda: self._stopping,
             )
+        except OperationStopped as exc:
+            logger.warning(
+                "admin.bulk_stopped",
+                matched=exc.done.matched,
+                created=exc.done.created,
+                reset=exc.done.reset,
+                batches=exc.done.batches,
+                **shape,
+            )
+            raise
         except Exception as exc:
             # Any failure (StoreUnavailable, or a bug) is logged here: a client that hung up
             # never reads it. Re-raised for the route, which answers it.
@@ -260,8 +342,20 @@ class BulkRunner:
         )
         return result
 
+    async def stop(self) -> None:
+        """End the running operation at its next batch (``OperationStopped``) and wait for
+        it; refuse new ones. ``serve`` calls it when it stops, before the admin listener
+        waits for its connections: a graceful stop never waits for a whole operation."""
+        self._stopping = True
+        task = self._running
+        if task is not None and not task.done():
+            await asyncio.wait([task])
+
     def start(self, operation: BulkOperation) -> asyncio.Task[BulkResult]:
-        """The running operation's task; ``OperationInProgress`` when one already runs."""
+        """The running operation's task; ``OperationInProgress`` when one already runs,
+        ``OperationStopped`` once ``stop`` was called."""
+        if self._stopping:
+            raise OperationStopped(BulkResult(0, 0, 0, operation.dry_run))
         if self.busy:
             raise OperationInProgress("Another bulk replay or backfill is running.")
         task = asyncio.create_task(self._run(operation))
@@ -283,5 +377,7 @@ __all__ = [
     "BulkResult",
     "BulkRunner",
     "OperationInProgress",
+    "OperationStopped",
+    "replay_configured",
     "run_bulk",
 ]

@@ -9,6 +9,8 @@ from typing import Any
 import httpx
 import orjson
 
+from ..redact import redact_text, redact_url
+
 #: Seconds to wait for a connection and for each read of an ordinary (non-stream) request.
 TIMEOUT_SECONDS = 30.0
 #: Seconds to wait for the answer of a bulk operation (``POST /replays`` answers when the
@@ -25,19 +27,39 @@ class AdminError(Exception):
         self.status = status
 
 
-def _message(response: httpx.Response) -> str:
+#: The most characters of a server's error text shown in an ``AdminError``.
+MAX_SHOWN_CHARS = 300
+
+
+def _one_line(text: str, token: str) -> str:
+    """Text from the server, safe for one line of a terminal: ``token`` masked (a server, or
+    a proxy in front of it, may echo the request's ``Authorization``), control characters
+    (newlines, ESC) written as escapes, at most ``MAX_SHOWN_CHARS`` characters."""
+    if token:
+        text = text.replace(token, "***")
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= MAX_SHOWN_CHARS else text[:MAX_SHOWN_CHARS] + "…"
+
+
+def _message(response: httpx.Response, token: str) -> str:
     try:
         error = orjson.loads(response.content)["error"]
-        return f"{response.status_code} {error['code']}: {error['message']}"
+        text = f"{error['code']}: {error['message']}"
+        if not isinstance(error["code"], str) or not isinstance(error["message"], str):
+            raise TypeError(text)
     except (ValueError, KeyError, TypeError):
-        return f"{response.status_code} {response.reason_phrase}"
+        text = response.reason_phrase
+    return f"{response.status_code} {_one_line(text, token)}"
 
 
 class AdminClient:
     """An async client of ``<url>/api/v1``; use as ``async with AdminClient(url, token)``."""
 
-    def __init__(self, url: str, token: str, *, timeout: float = TIMEOUT_SECONDS) -> None:
+    def __init__(self, url: str, token: str, *, timeout: float | None = None) -> None:
+        """``timeout``: seconds, default ``TIMEOUT_SECONDS``."""
         self.base = url.rstrip("/") + "/api/v1"
+        self._token = token
+        timeout = TIMEOUT_SECONDS if timeout is None else timeout
         self._timeout = timeout
         self._client = httpx.AsyncClient(
             headers={"authorization": f"Bearer {token}", "accept": "application/json"},
@@ -83,11 +105,16 @@ class AdminClient:
                 headers=None if json is None else {"content-type": "application/json"},
                 timeout=timeout,
             )
-        except httpx.HTTPError as exc:
-            raise AdminError(f"cannot reach the admin API at {self.base}: {exc}") from None
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            # The URL shown without credentials, path or query (redact_url); the error
+            # text can quote the URL too (an invalid one), so it is masked the same way.
+            raise AdminError(
+                f"cannot reach the admin API at {redact_url(self.base)}: "
+                + _one_line(redact_text(str(exc)), self._token)
+            ) from None
         if response.status_code >= 400:
             raise AdminError(
-                f"the admin API refused {method} {path}: {_message(response)}",
+                f"the admin API refused {method} {path}: {_message(response, self._token)}",
                 status=response.status_code,
             )
         try:

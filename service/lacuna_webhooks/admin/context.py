@@ -12,6 +12,7 @@ from ..metrics import Metrics
 from ..plugins import HandlerSet
 from ..store import Store
 from ..store.base import ScanBudget
+from .bulk import BulkRunner
 
 
 def _utcnow() -> datetime:
@@ -28,7 +29,9 @@ class AdminContext:
     makes, so tests can move time. ``stopping`` is set when the admin listener shuts down:
     what would otherwise run on (the live stream, a task's long-poll) ends at once, so the
     server is not held open until its graceful-shutdown timeout. ``search_budget`` replaces
-    the ``ScanBudget`` of ``LACUNA_ADMIN_SEARCH_BUDGET`` (tests give tiny windows).
+    the ``ScanBudget`` of ``LACUNA_ADMIN_SEARCH_BUDGET`` (tests give tiny windows). ``bulk``
+    runs the bulk operations (one at a time); ``serve`` stops it when it stops
+    (``BulkRunner.stop``).
     """
 
     settings: Settings
@@ -38,6 +41,10 @@ class AdminContext:
     clock: Callable[[], datetime] = field(default=_utcnow)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     search_budget: ScanBudget | None = None
+    bulk: BulkRunner = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.bulk = BulkRunner(self.store, clock=self.clock, budget=self.scan_budget())
 
     def scan_budget(self) -> ScanBudget:
         """The budget of every search the admin makes (``GET /events``, the console, each

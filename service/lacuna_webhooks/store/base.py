@@ -37,9 +37,13 @@ Semantics every backend keeps:
   the delivery still carries the claimed ``lease_token`` and a lease (else return
   ``False`` and change nothing); all but ``release`` append the ``Attempt`` and set
   ``last_error`` to its error (``None`` on success). ``release`` moves the token on.
-- ``replay`` and ``retry_dead`` revoke any live claim on the deliveries they
-  reset (lease cleared, ``lease_token`` moved on, ``last_error`` cleared): the
-  operator's new run wins over an attempt still running.
+- ``replay``, ``replay_many`` and ``retry_dead`` revoke any live claim on the
+  deliveries they reset (``lease_token`` moved on, ``last_error`` cleared): the
+  operator's new run wins over an attempt still running, whose outcome is refused.
+  A live lease is kept, so the delivery is never claimed (run) beside that attempt;
+  when the attempt ends (its ``complete``/``retry``/``dead``/``release`` refused) the
+  lease ends with it and the delivery is due at once; reset twice meanwhile, the lease
+  is left to expire. An expired lease is cleared.
 - ``replay_many`` is ``replay`` over a batch of events in one short transaction: it creates
   the missing deliveries of the named handlers (backfill, ``create``) and resets the existing
   ones as ``replay`` does (``reset``); events no longer stored are skipped, not an error.

@@ -259,6 +259,20 @@ class MemoryStore:
             trace_context=self._trace_contexts.get(row.event_id),
         )
 
+    def _end_revoked(self, delivery: Delivery) -> None:
+        """The claim's attempt ended unrecorded: a reset right after the claim (token moved
+        on by one, fresh budget) kept its lease; end it, the delivery is due at once."""
+        row = self._deliveries.get(delivery.id)
+        if (
+            row is not None
+            and row.lease_token == delivery.lease_token + 1
+            and row.attempts == 0
+            and row.status is DeliveryStatus.PENDING
+            and row.lease_until is not None
+        ):
+            row.lease_until = None
+            self._nudge.set()
+
     def _held(self, delivery: Delivery) -> _DeliveryRow | None:
         """The row, if this claim still holds it: same token, still pending and leased.
 
@@ -301,6 +315,7 @@ class MemoryStore:
             self._check(write=True)
             row = self._held(delivery)
             if row is None:
+                self._end_revoked(delivery)
                 return False
             self._finish(row, attempt, DeliveryStatus.DONE, row.next_attempt_at)
             return True
@@ -312,6 +327,7 @@ class MemoryStore:
             self._check(write=True)
             row = self._held(delivery)
             if row is None:
+                self._end_revoked(delivery)
                 return False
             self._finish(row, attempt, DeliveryStatus.PENDING, at)
             if refund:
@@ -323,6 +339,7 @@ class MemoryStore:
             self._check(write=True)
             row = self._held(delivery)
             if row is None:
+                self._end_revoked(delivery)
                 return False
             self._finish(row, attempt, DeliveryStatus.DEAD, row.next_attempt_at)
             return True
@@ -334,6 +351,7 @@ class MemoryStore:
             self._check(write=True)
             row = self._held(delivery)
             if row is None:
+                self._end_revoked(delivery)
                 return False
             row.lease_until = None
             row.lease_token += 1
@@ -580,10 +598,13 @@ class MemoryStore:
             return make_cursor("m", self._last_arrival)
 
     def _reset(self, row: _DeliveryRow, now: datetime) -> None:
-        """Pending, due now, fresh attempt budget; a live claim is revoked (lease cleared,
-        token moved on) so an attempt still running cannot record over the reset."""
+        """Pending, due now, fresh attempt budget; a live claim is revoked (token moved on)
+        so an attempt still running cannot record over the reset. Its live lease is kept:
+        nobody may run the delivery beside that attempt; it ends with it (``_end_revoked``)
+        or expires."""
         row.lease_token += 1
-        row.lease_until = None
+        if row.lease_until is not None and row.lease_until <= now:
+            row.lease_until = None
         row.status = DeliveryStatus.PENDING
         row.attempts = 0
         row.next_attempt_at = now

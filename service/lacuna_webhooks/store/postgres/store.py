@@ -478,7 +478,17 @@ class PostgresStore:
                 result_text(attempt) if status is DeliveryStatus.DONE else None,
                 1 if refund else 0,
             )
+            if row is None:
+                await self._end_revoked(conn, delivery)
         return row is not None
+
+    async def _end_revoked(self, conn: Any, delivery: Delivery) -> None:
+        """The claim's attempt has ended but was not recorded: if a reset (replay) revoked
+        it, end the lease the reset kept so that nobody ran the delivery beside it; it is
+        due at once. Nudge (and NOTIFY) when it did."""
+        if await conn.fetchval(Q["end_revoked"], delivery.id, delivery.lease_token) is not None:
+            await self._notify(conn)
+            self._nudge()
 
     async def release(self, delivery: Delivery, *, now: datetime | None = None) -> bool:
         """Give an unfinished claim back: lease cleared, ``attempts`` undone, due at once.
@@ -494,6 +504,8 @@ class PostgresStore:
                 delivery.lease_token,
                 None if now is None else _utc(now),
             )
+            if row is None:
+                await self._end_revoked(conn, delivery)
         if row is None:
             return False
         self._nudge()

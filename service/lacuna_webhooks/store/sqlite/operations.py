@@ -352,14 +352,21 @@ def claim(
 def finish(c: sqlite3.Connection, update: dict[str, Any], attempt: dict[str, Any]) -> bool:
     """Record an outcome and its attempt, if the claim is still the live one."""
     if c.execute(Q["finish"], update).rowcount != 1:
-        return False  # the lease was taken over, released or reset: not ours
+        # The lease was taken over, released or reset: not ours. Reset (replayed) while it
+        # ran, the lease was kept so nobody ran it beside this attempt: end it now.
+        c.execute(Q["end_revoked"], {"id": update["id"], "lease_token": update["lease_token"]})
+        return False
     c.execute(Q["insert_attempt"], attempt)
     return True
 
 
 def release(c: sqlite3.Connection, now: float | None, delivery_id: int, lease_token: int) -> bool:
     args = {"now": now, "id": delivery_id, "lease_token": lease_token}
-    return int(c.execute(Q["release"], args).rowcount) == 1
+    if c.execute(Q["release"], args).rowcount == 1:
+        return True
+    # Revoked by a reset while it was held: end the lease the reset kept (see finish).
+    c.execute(Q["end_revoked"], {"id": delivery_id, "lease_token": lease_token})
+    return False
 
 
 def stats(c: sqlite3.Connection, now: float) -> QueueStats:

@@ -261,7 +261,10 @@ class SQLiteStore:
             "error": error,
             "duration_ms": (finished - started) * 1000.0,
         }
-        return await self._write(ops.finish, update, record)
+        recorded = await self._write(ops.finish, update, record)
+        if not recorded:
+            self._work.set()  # a revoked lease may have ended (ops.finish): due at once
+        return recorded
 
     async def complete(self, delivery: Delivery, attempt: Attempt) -> bool:
         return await self._finish(
@@ -285,8 +288,7 @@ class SQLiteStore:
         as it was: it was due when claimed, so it is due at once and keeps its place in line."""
         at = None if now is None else epoch(now)
         released = await self._write(ops.release, at, delivery.id, delivery.lease_token)
-        if released:
-            self._work.set()
+        self._work.set()  # released, or a revoked lease ended (ops.release): due at once
         return released
 
     async def stats(self, *, now: datetime) -> QueueStats:

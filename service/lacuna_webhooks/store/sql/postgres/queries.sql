@@ -83,6 +83,16 @@ INSERT INTO attempts (delivery_id, attempt, started_at, finished_at, outcome, er
 SELECT id, claimed, $3, $4, $5, $6::text FROM finished
 RETURNING delivery_id
 
+-- name: end_revoked
+-- The attempt of claim $2 has ended, and a reset revoked it since (the token moved on by
+-- exactly one, a fresh budget, the lease kept so that nobody runs it beside that attempt):
+-- end that lease, so the delivery is due at once rather than when the lease expires. A claim
+-- since (attempts >= 1) or a second reset leaves it to expire.
+UPDATE deliveries SET lease_until = NULL
+WHERE id = $1 AND lease_token = $2 + 1 AND attempts = 0 AND status = 'pending'
+  AND lease_until IS NOT NULL
+RETURNING id
+
 -- name: release
 UPDATE deliveries
 SET lease_until = NULL, attempts = greatest(attempts - 1, 0),
@@ -178,7 +188,8 @@ SELECT true FROM events WHERE id = $1 FOR SHARE
 -- name: replay_all
 UPDATE deliveries
 SET status = 'pending', attempts = 0, next_attempt_at = $2,
-    lease_token = lease_token + 1, lease_until = NULL,
+    lease_token = lease_token + 1,
+    lease_until = CASE WHEN lease_until > now() THEN lease_until END,
     last_error = NULL, updated_at = $2
 WHERE event_id = $1
 RETURNING id
@@ -189,7 +200,8 @@ INSERT INTO deliveries AS d
 SELECT $1, handler, 'pending', $3, $3, $3 FROM unnest($2::text[]) AS handler
 ON CONFLICT (event_id, handler) DO UPDATE SET
     status = 'pending', attempts = 0, next_attempt_at = $3,
-    lease_token = d.lease_token + 1, lease_until = NULL,
+    lease_token = d.lease_token + 1,
+    lease_until = CASE WHEN d.lease_until > now() THEN d.lease_until END,
     last_error = NULL, updated_at = $3
 RETURNING d.id
 
@@ -201,7 +213,8 @@ SELECT id FROM events WHERE id = ANY($1::text[]) ORDER BY id FOR SHARE
 -- name: replay_many_all
 UPDATE deliveries
 SET status = 'pending', attempts = 0, next_attempt_at = $2,
-    lease_token = lease_token + 1, lease_until = NULL,
+    lease_token = lease_token + 1,
+    lease_until = CASE WHEN lease_until > now() THEN lease_until END,
     last_error = NULL, updated_at = $2
 WHERE event_id = ANY($1::text[])
 RETURNING id
@@ -209,7 +222,8 @@ RETURNING id
 -- name: replay_many_reset
 UPDATE deliveries
 SET status = 'pending', attempts = 0, next_attempt_at = $3,
-    lease_token = lease_token + 1, lease_until = NULL,
+    lease_token = lease_token + 1,
+    lease_until = CASE WHEN lease_until > now() THEN lease_until END,
     last_error = NULL, updated_at = $3
 WHERE event_id = ANY($1::text[]) AND handler = ANY($2::text[])
 RETURNING id
@@ -233,7 +247,8 @@ FOR SHARE OF e
 -- name: retry_dead
 UPDATE deliveries
 SET status = 'pending', attempts = 0, next_attempt_at = $2,
-    lease_token = lease_token + 1, lease_until = NULL,
+    lease_token = lease_token + 1,
+    lease_until = CASE WHEN lease_until > now() THEN lease_until END,
     last_error = NULL, updated_at = $2
 WHERE status = 'dead' AND ($1::text IS NULL OR handler = $1)
 RETURNING id

@@ -29,6 +29,15 @@ UPDATE deliveries SET status = :status, lease_until = NULL, next_attempt_at = :n
     attempts = max(attempts - :refund, 0)
 WHERE id = :id AND lease_token = :lease_token AND status = 'pending' AND lease_until IS NOT NULL
 
+-- name: end_revoked
+-- The attempt of claim :lease_token has ended, and a reset revoked it since (the token moved
+-- on by exactly one, a fresh budget, the lease kept): end that lease, so the delivery is due
+-- at once rather than when the lease expires. A claim since (attempts >= 1) or a second reset
+-- leaves it to expire: never a lease of another attempt cleared.
+UPDATE deliveries SET lease_until = NULL
+WHERE id = :id AND lease_token = :lease_token + 1 AND attempts = 0 AND status = 'pending'
+  AND lease_until IS NOT NULL
+
 -- name: insert_attempt
 INSERT INTO attempts (delivery_id, attempt, started_at, finished_at, outcome, error, duration_ms)
 VALUES (:delivery_id, :attempt, :started_at, :finished_at, :outcome, :error, :duration_ms)
@@ -44,27 +53,29 @@ SELECT 1 FROM events WHERE id = :event_id
 
 -- name: replay_all
 -- Reset: pending, due now, a fresh budget, no error, and a new token that revokes a live claim.
+-- A live lease is kept: the revoked attempt may still be running, and the delivery must not
+-- be claimed (run) again beside it; it ends when that attempt ends (end_revoked) or expires.
 UPDATE deliveries SET status = 'pending', attempts = 0, lease_token = lease_token + 1,
-    lease_until = NULL, last_error = NULL, next_attempt_at = :now, updated_at = :now
+    lease_until = CASE WHEN lease_until > :now THEN lease_until END, last_error = NULL, next_attempt_at = :now, updated_at = :now
 WHERE event_id = :event_id
 
 -- name: replay_handler
 INSERT INTO deliveries (event_id, handler, status, next_attempt_at, created_at, updated_at)
 VALUES (:event_id, :handler, 'pending', :now, :now, :now)
 ON CONFLICT (event_id, handler) DO UPDATE SET status = 'pending', attempts = 0,
-    lease_token = lease_token + 1, lease_until = NULL, last_error = NULL,
+    lease_token = lease_token + 1, lease_until = CASE WHEN lease_until > :now THEN lease_until END, last_error = NULL,
     next_attempt_at = :now, updated_at = :now
 
 -- name: replay_many_all
 -- replay_many without handlers: every delivery of the batch's events (a JSON array of ids),
 -- reset as replay_all resets one event's; each id is a lookup of the (event_id, handler) key.
 UPDATE deliveries SET status = 'pending', attempts = 0, lease_token = lease_token + 1,
-    lease_until = NULL, last_error = NULL, next_attempt_at = :now, updated_at = :now
+    lease_until = CASE WHEN lease_until > :now THEN lease_until END, last_error = NULL, next_attempt_at = :now, updated_at = :now
 WHERE event_id IN (SELECT value FROM json_each(:ids))
 
 -- name: replay_many_reset
 UPDATE deliveries SET status = 'pending', attempts = 0, lease_token = lease_token + 1,
-    lease_until = NULL, last_error = NULL, next_attempt_at = :now, updated_at = :now
+    lease_until = CASE WHEN lease_until > :now THEN lease_until END, last_error = NULL, next_attempt_at = :now, updated_at = :now
 WHERE event_id IN (SELECT value FROM json_each(:ids))
   AND handler IN (SELECT value FROM json_each(:handlers))
 
@@ -79,7 +90,7 @@ ON CONFLICT (event_id, handler) DO NOTHING
 
 -- name: retry_dead
 UPDATE deliveries SET status = 'pending', attempts = 0, lease_token = lease_token + 1,
-    lease_until = NULL, last_error = NULL, next_attempt_at = :now, updated_at = :now
+    lease_until = CASE WHEN lease_until > :now THEN lease_until END, last_error = NULL, next_attempt_at = :now, updated_at = :now
 WHERE status = 'dead' AND (:handler IS NULL OR handler = :handler)
 
 -- name: prunable
