@@ -417,6 +417,25 @@ async def test_replay_and_retry_dead(sqlite_store: Store) -> None:
         assert unknown.status_code == 400
 
 
+async def test_replay_of_all_handlers_leaves_a_removed_handlers_deliveries(
+    sqlite_store: Store,
+) -> None:
+    """The console's replay without a handler resets the configured handlers' deliveries
+    only, as the API does: a removed handler's (``gone``) made pending would never run."""
+    await accept(sqlite_store, make_event("evt_r"), ["log", "gone"])
+    for name in ("log", "gone"):
+        for d in await sqlite_store.claim(
+            handler=name, limit=5, lease=timedelta(minutes=1), now=NOW
+        ):
+            assert await sqlite_store.complete(d, Attempt(NOW, NOW, AttemptOutcome.OK, None))
+    async with client(sqlite_store) as http:
+        csrf = await sign_in(http)
+        replay = await http.post("/event/replay", data={"csrf": csrf, "id": "evt_r"})
+        assert replay.headers["location"] == "/event?id=evt_r&done=replayed"
+    states = {d.handler: d.status.value for d in await sqlite_store.list_deliveries()}
+    assert states == {"log": "pending", "gone": "done"}
+
+
 async def test_activity_chart_counts_the_last_hours(sqlite_store: Store) -> None:
     now = datetime.now(UTC)
     await accept(sqlite_store, make_event("evt_a"), ["log"])

@@ -22,6 +22,7 @@ from ...models import DeliveryStatus
 from ...store.base import DeliveryRecord, EventFilter, EventRecord
 from ...store.search import DELIVERY_STATES, delivery_state
 from ..auth import SESSION_COOKIE, SESSION_SECONDS, make_session, matching_token
+from ..bulk import replay_configured
 from ..context import AdminContext
 from ..filters import FILTER_NAMES, build_filter, page_params
 from ..health import handler_health
@@ -250,9 +251,13 @@ class Console:
                 message="That handler is not configured in this service.",
             )
         try:
-            await self.ctx.store.replay(
-                event_id, None if handler is None else [handler], now=self.ctx.clock()
-            )
+            if handler is None:
+                # As the API: the configured handlers' deliveries, never a removed one's.
+                await replay_configured(
+                    self.ctx.store, event_id, self.ctx.handlers.names, now=self.ctx.clock()
+                )
+            else:
+                await self.ctx.store.replay(event_id, [handler], now=self.ctx.clock())
         except EventNotFound:
             return await render(
                 request, "error.html", 404, session=session, message="No such event in the store."
