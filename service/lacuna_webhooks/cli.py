@@ -983,7 +983,12 @@ def _replay(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     if remote is not None:
         from urllib.parse import quote
 
-        path = f"/events/{quote(args.event_id, safe='')}/replay"
+        # A dots-only id ("." or "..") would be resolved away as a path segment by the HTTP
+        # client (RFC 3986 §5.2.4): sent percent-encoded, the server decodes it as the id.
+        segment = quote(args.event_id, safe="")
+        if set(args.event_id) == {"."}:
+            segment = "%2E" * len(args.event_id)
+        path = f"/events/{segment}/replay"
         answer = _remote_call(remote, path, {} if handlers is None else {"handlers": handlers})
         count = answer.get("replayed") if isinstance(answer, dict) else None
         if not _count(count):

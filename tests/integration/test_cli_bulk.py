@@ -446,3 +446,15 @@ def test_a_hung_listener_is_not_waited_on_for_an_hour_by_a_single_replay(
     err = capsys.readouterr().err
     assert "cannot reach the admin API" in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("event_id", [".", ".."])
+def test_a_dots_only_id_reaches_its_own_route_remotely(
+    remote: dict[str, str], event_id: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``.`` and ``..`` are ids like any other: the HTTP client would resolve them away as
+    path segments (reaching ``/api/v1/replay`` or ``/api/v1/events/replay``); sent
+    percent-encoded they reach the event's replay route, which knows no such event."""
+    env = {"LACUNA_ADMIN_URL": remote["url"], "LACUNA_ADMIN_TOKEN": TOKEN}
+    assert main(["replay", event_id], env) == 1
+    assert f"404 not_found: No event {event_id!r}" in capsys.readouterr().err
