@@ -56,6 +56,10 @@ MAX_TASK_EVENTS = 100
 FINAL_STATUSES = frozenset({"ready", "failed"})
 #: Messages written to the socket in one piece (one write, then the loop is given back).
 CHUNK_MESSAGES = 16
+#: How many encoded stream messages are kept for the other streams to send (bodies are at
+#: most ``LACUNA_MAX_BODY_BYTES``; a batch is ``FOLLOW_BATCH`` events).
+ENCODED_MESSAGES = 256
+_ENCODED: dict[str, tuple[EventRecord, bytes]] = {}
 _STREAM_PARAMS = ("after", "from")
 _FROM = ("now", "beginning")
 
@@ -75,7 +79,20 @@ def stream_event(record: EventRecord) -> dict[str, Any]:
 
 
 def sse_message(cursor: str, record: EventRecord) -> bytes:
-    """One Server-Sent Events message (orjson writes no newline, so ``data`` is one line)."""
+    """One Server-Sent Events message (orjson writes no newline, so ``data`` is one line).
+
+    Encoded once per event however many streams send it (the recent ones are kept: every
+    stream at the head sends the same events at about the same time)."""
+    message = _ENCODED.get(cursor)
+    if message is None or message[0] != record:
+        message = (record, _encode(cursor, record))
+        _ENCODED[cursor] = message
+        if len(_ENCODED) > ENCODED_MESSAGES:
+            del _ENCODED[next(iter(_ENCODED))]
+    return message[1]
+
+
+def _encode(cursor: str, record: EventRecord) -> bytes:
     data = orjson.dumps(stream_event(record), option=orjson.OPT_UTC_Z)
     return b"id: " + cursor.encode("ascii") + b"\nevent: event\ndata: " + data + b"\n\n"
 
@@ -160,13 +177,14 @@ def routes(ctx: AdminContext) -> list[BaseRoute]:
         signal = store.stream_signal
         while True:
             mark = signal.mark()  # before the read: an accept just after it still wakes us
-            task = await store.get_task(task_id)
+            # Shared with the other waits for this task; bounded with every shared read.
+            task = await signal.shared(("task", task_id), mark, lambda: store.get_task(task_id))
             left = deadline - loop.time()
             if task is not None and task.status in FINAL_STATUSES:
                 break
             if left <= 0 or ctx.stopping.is_set():
                 break
-            await first_of((mark, ctx.stopping), min(left, signal.poll_seconds))
+            await first_of((mark, ctx.stopping), min(left, signal.poll_timeout(loop.time())))
         if task is None:
             raise NotFound(f"No task {task_id[:100]!r}.", param="task_id")
         return json_response(await task_json(task))
