@@ -37,7 +37,7 @@ from starlette.routing import BaseRoute, Route
 from ..errors import StoreUnavailable
 from ..models import DeliveryStatus
 from ..store.base import EventFilter, EventRecord, TaskRecord
-from ..store.stream import first_of, follow
+from ..store.stream import beyond_head, first_of, follow
 from . import openapi
 from .api_events import _payload, event_summary
 from .context import AdminContext
@@ -196,6 +196,8 @@ def routes(ctx: AdminContext) -> list[BaseRoute]:
                 cursor = await store.stream_head()
             else:
                 await store.stream_after(cursor, 0)  # refuse a bad cursor before the 200
+                if cursor is not None and beyond_head(cursor, await store.stream_head()):
+                    raise ValueError("a cursor after the head")
         except ValueError:
             param = "last-event-id" if request.headers.get("last-event-id") else "after"
             raise BadRequest("That is not a stream cursor of this service.", param=param) from None

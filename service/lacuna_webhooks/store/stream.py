@@ -64,6 +64,30 @@ def read_cursor(cursor: str, kind: str, arity: int) -> list[int]:
     return positions
 
 
+def beyond_head(cursor: str, head: str) -> bool:
+    """Whether ``cursor`` lies after ``head`` (``stream_head()`` of the same store; both
+    already accepted by its ``stream_after``): a position no event has reached yet, so no
+    cursor this store handed out. Such a cursor (a forged one, or one saved against a
+    database that was since replaced by an older backup or a fresh one) would wait in
+    silence and then skip every event stored below it."""
+    return _positions(cursor) > _positions(head)
+
+
+def _positions(cursor: str) -> list[int]:
+    parts = decode_cursor(cursor, _arity(cursor))
+    return [int(part) for part in parts[1:]]
+
+
+def _arity(cursor: str) -> int:
+    for arity in range(2, 5):
+        try:
+            decode_cursor(cursor, arity)
+        except ValueError:
+            continue
+        return arity
+    raise ValueError("not a stream cursor this service made")
+
+
 class StreamSignal:
     """Wakes everyone following the stream when events may have been stored.
 
@@ -179,6 +203,7 @@ __all__ = [
     "FOLLOW_BATCH",
     "SHARED_READS",
     "StreamSignal",
+    "beyond_head",
     "first_of",
     "follow",
     "make_cursor",
