@@ -106,3 +106,37 @@ async def test_task_waits_share_reads_and_never_exceed_the_bound() -> None:
     assert store.most_running <= SHARED_READS
     assert store.reads <= 2 * (1 + 50) + 4, store.reads
     await store.close()
+
+
+async def test_a_burst_of_accepts_is_one_batch_per_follower() -> None:
+    """20 accepts 5 ms apart: each of 100 followers gets all 20 in order, in a few batches
+    (each a store read shared by all and one write per stream), not one per accept fanned
+    out to every stream (which kept the loop from intake: 300 streams on PostgreSQL took its
+    p50 from 4 to 83 ms even with shared reads)."""
+    store = CountingStore()
+    await store.open()
+    stopping = asyncio.Event()
+    head = await store.stream_head()
+    batches: list[list[list[str]]] = [[] for _ in range(100)]
+
+    async def one(got: list[list[str]]) -> None:
+        async for batch in follow(store, head, stopping=stopping, idle_seconds=60):
+            if batch:
+                got.append([record.id for _, record in batch])
+            if sum(map(len, got)) == 20:
+                return
+
+    followers = [asyncio.create_task(one(got)) for got in batches]
+    await asyncio.sleep(0.05)
+    reads_before = store.reads
+    for i in range(20):
+        assert await store.accept(_event(f"evt_burst{i:02}"), [], now=NOW)
+        await asyncio.sleep(0.005)
+    async with asyncio.timeout(30):
+        await asyncio.gather(*followers)
+    for got in batches:
+        assert [i for batch in got for i in batch] == [f"evt_burst{i:02}" for i in range(20)]
+        assert len(got) <= 8, got
+    assert store.reads - reads_before <= 8 * 3, store.reads - reads_before
+    stopping.set()
+    await store.close()

@@ -40,6 +40,9 @@ FOLLOW_BATCH = 100
 #: streams and task waits must leave the SQLite reader and the PostgreSQL pool to intake and
 #: the rest of the service.
 SHARED_READS = 2
+#: After a wake-up, a follower waits for the next multiple of this (loop time, seconds) before
+#: it reads: the live stream's latency for a burst of accepts to be one read and one write.
+COALESCE_SECONDS = 0.05
 #: The largest number a cursor part may hold (PostgreSQL's xid8 and bigint fit below it).
 _MAX_PART = 2**63 - 1
 
@@ -187,6 +190,11 @@ async def follow(
             idle = 0.0
         timeout = min(signal.poll_timeout(loop.time()), max(0.0, idle_seconds - idle))
         await first_of((mark, stopping), timeout)
+        if mark.is_set() and not stopping.is_set():
+            # Woken by an accept: gather the others of the same instant, on a grid every
+            # follower shares, so a burst of accepts costs each stream one read and one write
+            # (not one per accept, each fanned out to every stream) and the reads are shared.
+            await asyncio.sleep(COALESCE_SECONDS - loop.time() % COALESCE_SECONDS)
 
 
 async def first_of(events: tuple[asyncio.Event, ...], timeout_seconds: float) -> None:
@@ -200,6 +208,7 @@ async def first_of(events: tuple[asyncio.Event, ...], timeout_seconds: float) ->
 
 
 __all__ = [
+    "COALESCE_SECONDS",
     "FOLLOW_BATCH",
     "SHARED_READS",
     "StreamSignal",
