@@ -307,7 +307,10 @@ async def test_task_state_events_and_results(live: Live, store: Store) -> None:
 
 
 async def test_task_wait_refuses_bad_values(live: Live) -> None:
-    for value in ["0", "-1", "60.5", "61", "nan", "inf", "abc", "", "1e400"]:
+    bad = ["0", "-1", "60.5", "61", "nan", "inf", "abc", "", "1e400", "-0", "60.0000001"]
+    # float() takes these; they are not the decimal number the docs promise
+    bad += ["1_0", "\u0661", " 5", "5 ", "0x10", "+5", "1e2", "Infinity"]
+    for value in bad:
         refused(await live.http.get("/tasks/t", params={"wait": value}), 400, "wait")
     refused(await live.http.get("/tasks/t", params=[("wait", "1"), ("wait", "2")]), 400, "wait")
     refused(await live.http.get("/tasks/t", params={"limit": "1"}), 400, "limit")

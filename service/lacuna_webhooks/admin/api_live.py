@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -60,6 +61,7 @@ CHUNK_MESSAGES = 16
 #: most ``LACUNA_MAX_BODY_BYTES``; a batch is ``FOLLOW_BATCH`` events).
 ENCODED_MESSAGES = 256
 _ENCODED: dict[str, tuple[EventRecord, bytes]] = {}
+_DECIMAL = re.compile(r"([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?", re.ASCII)
 _STREAM_PARAMS = ("after", "from")
 _FROM = ("now", "beginning")
 
@@ -109,10 +111,10 @@ def _wait_seconds(request: Request) -> float | None:
         return None
     if len(values) > 1:
         raise BadRequest("wait may be given once.", param="wait")
-    try:
-        seconds = float(values[0]) if len(values[0]) <= 20 else math.nan
-    except ValueError:
-        seconds = math.nan
+    # A JSON-like number only: float() would also take "1_0", "\u0661" (an Arabic-Indic one),
+    # surrounding blanks, "infinity" and "nan" (the last two refused by the range below).
+    text = values[0]
+    seconds = float(text) if len(text) <= 20 and _DECIMAL.fullmatch(text) else math.nan
     if not 0 < seconds <= MAX_WAIT_SECONDS:  # also refuses nan and inf
         raise BadRequest(
             f"wait must be a number of seconds above 0 and at most {MAX_WAIT_SECONDS:g}.",
