@@ -150,6 +150,19 @@ def write_cursor_file(path: Path, cursor: str, *, url: str, event_id: str) -> No
             os.close(folder)
 
 
+def check_cursor_folder(path: Path) -> None:
+    """``ListenError`` unless the cursor file can be replaced (its folder made if missing, a
+    file created in it and removed): found now, not after the first event was forwarded,
+    when the command could only stop and forward that event again on its next start."""
+    probe = path.with_name(f".{path.name}.{os.getpid()}.probe")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise ListenError(f"cannot keep the cursor file {path}: {exc}") from None
+
+
 # --- following the stream ----------------------------------------------------------------------
 
 OnEvent = Callable[[str, dict[str, Any]], Awaitable[None]]
@@ -382,6 +395,7 @@ async def listen(
     say: Callable[[str], None],
 ) -> None:
     cursor = read_cursor_file(cursor_file)
+    check_cursor_folder(cursor_file)
     if cursor is None:
         where = "the first stored event" if from_beginning else "now"
         say(
@@ -441,6 +455,7 @@ __all__ = [
     "Target",
     "admin_target",
     "backoff",
+    "check_cursor_folder",
     "default_cursor_file",
     "follow_stream",
     "listen",

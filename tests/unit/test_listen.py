@@ -208,3 +208,28 @@ def test_shown_url_keeps_host_and_path_only() -> None:
         "https://admin.example:8001/base/"
     )
     assert listen.shown_url("http://127.0.0.1:8001") == "http://127.0.0.1:8001"
+
+
+def test_an_unwritable_cursor_folder_is_refused_before_any_forward(tmp_path: Path) -> None:
+    """A cursor file in a folder that cannot be made or written (here under /proc, which
+    even root cannot write; reading it finds no file, so the start looks fresh) is one
+    ListenError before the stream is opened, not an OSError after the first forward (the
+    old code only found out then, or, with the server away, never)."""
+    with pytest.raises(ListenError, match="cannot keep the cursor file"):
+        asyncio.run(
+            asyncio.wait_for(
+                listen.listen(
+                    Target("http://127.0.0.1:9", "adm_tok"),  # never reached
+                    forward_to="http://127.0.0.1:9/app",
+                    keys=(),
+                    events=None,
+                    cursor_file=Path("/proc/lacuna-webhooks-test/cursor.json"),
+                    from_beginning=False,
+                    say=lambda _: None,
+                ),
+                10,
+            )
+        )
+    listen.check_cursor_folder(tmp_path / "new" / "cursor.json")
+    assert (tmp_path / "new").is_dir()
+    assert list((tmp_path / "new").iterdir()) == []
