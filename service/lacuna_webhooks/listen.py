@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import orjson
@@ -175,6 +175,19 @@ def write_cursor_file(path: Path, cursor: str, *, url: str, event_id: str) -> No
             os.close(folder)
 
 
+def check_cursor_folder(path: Path) -> None:
+    """``ListenError`` unless the cursor file can be replaced (its folder made if missing, a
+    file created in it and removed): found now, not after the first event was forwarded,
+    when the command could only stop and forward that event again on its next start."""
+    probe = path.with_name(f".{path.name}.{os.getpid()}.probe")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise ListenError(f"cannot keep the cursor file {path}: {exc}") from None
+
+
 # --- following the stream ----------------------------------------------------------------------
 
 OnEvent = Callable[[str, dict[str, Any]], Awaitable[None]]
@@ -217,7 +230,7 @@ async def follow_stream(
                             f"{response.status_code}", request=response.request, response=response
                         )
                     if lost:
-                        say(f"stream: reconnected to {client.base}/stream")
+                        say(f"stream: reconnected to {shown_url(client.base)}/stream")
                     lost = False
                     failures = 0
                     async for message in source.aiter_sse():
@@ -226,9 +239,12 @@ async def follow_stream(
                         try:
                             event = orjson.loads(message.data)
                         except orjson.JSONDecodeError:
+                            event = None
+                        if not isinstance(event, dict):
                             raise ListenError(
-                                f"the stream sent a message that is not JSON (id {message.id})"
-                            ) from None
+                                "the stream sent a message that is not an event's JSON object "
+                                f"(id {_printable(message.id[:200])})"
+                            )
                         await on_event(message.id, event)
                         cursor = message.id
                 reason = "the server ended it"
@@ -296,7 +312,7 @@ async def tail(
             out.write(tail_line(event) + "\n")
         out.flush()
 
-    say(f"following {target.url}/api/v1/stream (Ctrl-C to stop)")
+    say(f"following {shown_url(target.url)}/api/v1/stream (Ctrl-C to stop)")
     await follow_stream(target, None, show, from_beginning=from_beginning, say=say)
 
 
@@ -404,16 +420,23 @@ async def listen(
     say: Callable[[str], None],
 ) -> None:
     cursor = read_cursor_file(cursor_file)
+    check_cursor_folder(cursor_file)
     if cursor is None:
         where = "the first stored event" if from_beginning else "now"
-        say(f"following {target.url}/api/v1/stream from {where}; cursor file {cursor_file}")
+        say(
+            f"following {shown_url(target.url)}/api/v1/stream from {where}; "
+            f"cursor file {cursor_file}"
+        )
     else:
-        say(f"resuming {target.url}/api/v1/stream after the last forwarded event ({cursor_file})")
-    say(f"forwarding to {forward_to}" + ("" if keys else " (unsigned: no --secret)"))
+        say(
+            f"resuming {shown_url(target.url)}/api/v1/stream after the last forwarded event "
+            f"({cursor_file})"
+        )
+    say(f"forwarding to {shown_url(forward_to)}" + ("" if keys else " (unsigned: no --secret)"))
     async with httpx.AsyncClient(
         timeout=FORWARD_TIMEOUT_SECONDS, follow_redirects=False, trust_env=False
     ) as http:
-        forward = Forwarder(forward_to, keys, events, cursor_file, target.url, say, http)
+        forward = Forwarder(forward_to, keys, events, cursor_file, shown_url(target.url), say, http)
         await follow_stream(target, cursor, forward, from_beginning=from_beginning, say=say)
 
 
@@ -439,7 +462,17 @@ def run(main: Awaitable[None], say: Callable[[str], None]) -> int:
 
 
 def stderr_say(line: str) -> None:
-    print(f"lacuna-webhooks: {line}", file=sys.stderr, flush=True)
+    """One status line on stderr, control characters shown escaped: event ids and types,
+    and the server's error texts, come from the network and must not drive the terminal."""
+    print(f"lacuna-webhooks: {_printable(line)}", file=sys.stderr, flush=True)
+
+
+def shown_url(url: str) -> str:
+    """``url`` as a status line or the cursor file shows it: without user and password,
+    query or fragment (where a token may hide), keeping scheme, host and path."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 __all__ = [
@@ -447,11 +480,14 @@ __all__ = [
     "Target",
     "admin_target",
     "backoff",
+    "check_cursor_folder",
     "default_cursor_file",
     "follow_stream",
     "listen",
     "read_cursor_file",
     "run",
+    "shown_url",
+    "stderr_say",
     "tail",
     "tail_line",
     "tail_store",

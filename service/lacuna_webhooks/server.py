@@ -202,6 +202,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._timer_phase: _Phase | None = None
         self._header_bytes = 0  # bytes received since the last request's headers ended
         self._refusal: WebhookError | None = None
+        self._shutting_down = False
 
     # --- connection ------------------------------------------------------------------------
 
@@ -240,6 +241,31 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             cycle.disconnected = True
             cycle.message_event.set()
         self.transport.close()
+
+    # --- shutdown -------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """uvicorn's graceful shutdown, except for a client that does not read its response:
+        its connection is aborted (now, or as soon as its write buffer fills). Otherwise an
+        admin stream whose client stopped reading holds its task in ``send`` where it cannot
+        see ``AdminContext.stopping``, and ``serve`` waits out ``LACUNA_SHUTDOWN_TIMEOUT``,
+        then logs a traceback per such stream."""
+        self._shutting_down = True
+        super().shutdown()
+        if self.flow is not None and self.flow.write_paused:
+            self._abort()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._shutting_down:
+            self._abort()
+
+    def _abort(self) -> None:
+        # close() would wait for the buffer to drain, which a client not reading never lets
+        # happen; abort() drops it and calls connection_lost, which frees the blocked send.
+        self._shared.idle.pop(self, None)
+        self._shared.reading.pop(self, None)
+        self.transport.abort()
 
     # --- phases and deadlines --------------------------------------------------------------
     # The hot path: a request read in one go passes IDLE -> HEADERS -> BODY -> APP inside one

@@ -10,6 +10,7 @@ an endless stream never finishes.
 from __future__ import annotations
 
 import asyncio
+import base64
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from httpx_sse import ServerSentEvent, aconnect_sse
 from lacuna_webhooks.admin import AdminContext, api_live, create_admin_app
 from lacuna_webhooks.models import Attempt, AttemptOutcome
 from lacuna_webhooks.store import Store, open_store
+from lacuna_webhooks.store.search import CURSOR_INT_MAX, decode_cursor, encode_cursor
 from tests.e2e.conftest import free_port
 from tests.integration.test_admin_api import AUTH, admin_context, event, refused
 
@@ -305,7 +307,10 @@ async def test_task_state_events_and_results(live: Live, store: Store) -> None:
 
 
 async def test_task_wait_refuses_bad_values(live: Live) -> None:
-    for value in ["0", "-1", "60.5", "61", "nan", "inf", "abc", "", "1e400"]:
+    bad = ["0", "-1", "60.5", "61", "nan", "inf", "abc", "", "1e400", "-0", "60.0000001"]
+    # float() takes these; they are not the decimal number the docs promise
+    bad += ["1_0", "\u0661", " 5", "5 ", "0x10", "+5", "1e2", "Infinity"]
+    for value in bad:
         refused(await live.http.get("/tasks/t", params={"wait": value}), 400, "wait")
     refused(await live.http.get("/tasks/t", params=[("wait", "1"), ("wait", "2")]), 400, "wait")
     refused(await live.http.get("/tasks/t", params={"limit": "1"}), 400, "limit")
@@ -405,3 +410,32 @@ async def test_stream_ends_when_the_store_fails_and_a_reconnect_is_503() -> None
         ctx.stopping.set()
         server.should_exit = True
         await asyncio.wait_for(task, PROMPT)
+
+
+async def test_stream_refuses_a_cursor_beyond_the_head(live: Live, store: Store) -> None:
+    """A cursor past every position handed out (forged, or saved against a database since
+    replaced by a fresh one or an older backup) is a 400 before the stream starts: followed,
+    it would wait in silence, then skip every event stored below it. The head itself and
+    every handed-out cursor are still accepted."""
+    await store_events(store, "evt_head1", "evt_head2")
+    head = await store.stream_head()
+    kind, *positions = decode_cursor(head, len(_parts(head)))
+    beyond = [encode_cursor(kind, positions[0] + 1, *positions[1:])]
+    beyond.append(encode_cursor(kind, *[CURSOR_INT_MAX] * len(positions)))
+    for cursor in beyond:
+        refused(await live.http.get("/stream", params={"after": cursor}), 400, "after")
+        response = await live.http.get("/stream", headers={"last-event-id": cursor})
+        refused(response, 400, "last-event-id")
+    messages = await read(live.http, 2, params={"from": "beginning"})
+    assert ids_of(messages) == ["evt_head1", "evt_head2"]
+
+    async def more() -> None:
+        await store_events(store, "evt_head3")
+
+    got = await read(live.http, 1, headers={"last-event-id": messages[0].id})
+    assert ids_of(got) == ["evt_head2"]
+    assert ids_of(await read(live.http, 1, params={"after": head}, then=more)) == ["evt_head3"]
+
+
+def _parts(cursor: str) -> list[Any]:
+    return orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))  # type: ignore[no-any-return]

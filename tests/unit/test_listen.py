@@ -5,9 +5,13 @@ from, the backoff, the cursor file, a tail line, the option parsers, and the sig
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import http.server
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -127,3 +131,105 @@ def test_cli_refuses_a_bad_forward_url_or_missing_target(
     err = capsys.readouterr().err
     assert "no database" in err
     assert "LACUNA_ADMIN_URL" in err
+
+
+class _HostileStream(http.server.BaseHTTPRequestHandler):
+    """An admin API gone bad: the first stream carries an event whose id and type hold
+    terminal escape sequences, then ends; the next sends a message whose data is JSON but no
+    object."""
+
+    protocol_version = "HTTP/1.1"
+    served = 0
+
+    def do_GET(self) -> None:
+        type(self).served += 1
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("connection", "close")
+        self.end_headers()
+        if type(self).served == 1:
+            event = {"id": "evt_\x1b[31m", "type": "job.\x1b]0;owned\x07", "raw": "{}"}
+            self.wfile.write(b"id: c1\nevent: event\ndata: " + orjson.dumps(event) + b"\n\n")
+        else:
+            self.wfile.write(b"id: c2\nevent: event\ndata: [1, 2]\n\n")
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+async def test_hostile_stream_one_line_no_traceback_no_secret_no_escape(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``listen`` against a server that sends escape sequences in an event's id and type,
+    drops the stream, then sends JSON that is not an object: the status lines show the
+    escapes escaped, never the URL's password or query token, and the bad message ends the
+    command with a ``ListenError`` (one line), not an AttributeError traceback."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HostileStream)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    target = Target(f"http://user:pa55word@127.0.0.1:{port}/?token=s3cret", "adm_tok")
+    try:
+        with pytest.raises(ListenError, match="not an event's JSON object"):
+            await asyncio.wait_for(
+                listen.listen(
+                    target,
+                    forward_to=f"http://127.0.0.1:{port}/app?key=app-s3cret",
+                    keys=(),
+                    events=None,
+                    cursor_file=tmp_path / "cursor.json",
+                    from_beginning=False,
+                    say=listen.stderr_say,
+                ),
+                30,
+            )
+    finally:
+        server.shutdown()
+        server.server_close()
+    err = capsys.readouterr().err
+    assert "reconnected" in err
+    assert "-> evt_" in err
+    assert "\x1b" not in err
+    assert "\x07" not in err
+    assert "\\x1b[31m" in err
+    for secret in ("pa55word", "s3cret", "user:"):
+        assert secret not in err
+    saved = orjson.loads((tmp_path / "cursor.json").read_bytes())
+    assert saved["cursor"] == "c1"
+    assert "pa55word" not in saved["url"]
+
+
+def test_shown_url_keeps_host_and_path_only() -> None:
+    assert listen.shown_url("https://u:p@admin.example:8001/base/?t=1#f") == (
+        "https://admin.example:8001/base/"
+    )
+    assert listen.shown_url("http://127.0.0.1:8001") == "http://127.0.0.1:8001"
+
+
+def test_an_unwritable_cursor_folder_is_refused_before_any_forward(tmp_path: Path) -> None:
+    """A cursor file in a folder that cannot be made or written (here under /proc, which
+    even root cannot write; reading it finds no file, so the start looks fresh) is one
+    ListenError before the stream is opened, not an OSError after the first forward (the
+    old code only found out then, or, with the server away, never)."""
+    with pytest.raises(ListenError, match="cannot keep the cursor file"):
+        asyncio.run(
+            asyncio.wait_for(
+                listen.listen(
+                    Target("http://127.0.0.1:9", "adm_tok"),  # never reached
+                    forward_to="http://127.0.0.1:9/app",
+                    keys=(),
+                    events=None,
+                    cursor_file=Path("/proc/lacuna-webhooks-test/cursor.json"),
+                    from_beginning=False,
+                    say=lambda _: None,
+                ),
+                10,
+            )
+        )
+    listen.check_cursor_folder(tmp_path / "new" / "cursor.json")
+    assert (tmp_path / "new").is_dir()
+    assert list((tmp_path / "new").iterdir()) == []

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -37,7 +38,7 @@ from starlette.routing import BaseRoute, Route
 from ..errors import StoreUnavailable
 from ..models import DeliveryStatus
 from ..store.base import EventFilter, EventRecord, TaskRecord
-from ..store.stream import first_of, follow
+from ..store.stream import beyond_head, first_of, follow
 from . import openapi
 from .api_events import _payload, event_summary
 from .context import AdminContext
@@ -56,6 +57,11 @@ MAX_TASK_EVENTS = 100
 FINAL_STATUSES = frozenset({"ready", "failed"})
 #: Messages written to the socket in one piece (one write, then the loop is given back).
 CHUNK_MESSAGES = 16
+#: How many encoded stream messages are kept for the other streams to send (bodies are at
+#: most ``LACUNA_MAX_BODY_BYTES``; a batch is ``FOLLOW_BATCH`` events).
+ENCODED_MESSAGES = 256
+_ENCODED: dict[str, tuple[EventRecord, bytes]] = {}
+_DECIMAL = re.compile(r"([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?", re.ASCII)
 _STREAM_PARAMS = ("after", "from")
 _FROM = ("now", "beginning")
 
@@ -75,7 +81,20 @@ def stream_event(record: EventRecord) -> dict[str, Any]:
 
 
 def sse_message(cursor: str, record: EventRecord) -> bytes:
-    """One Server-Sent Events message (orjson writes no newline, so ``data`` is one line)."""
+    """One Server-Sent Events message (orjson writes no newline, so ``data`` is one line).
+
+    Encoded once per event however many streams send it (the recent ones are kept: every
+    stream at the head sends the same events at about the same time)."""
+    message = _ENCODED.get(cursor)
+    if message is None or message[0] != record:
+        message = (record, _encode(cursor, record))
+        _ENCODED[cursor] = message
+        if len(_ENCODED) > ENCODED_MESSAGES:
+            del _ENCODED[next(iter(_ENCODED))]
+    return message[1]
+
+
+def _encode(cursor: str, record: EventRecord) -> bytes:
     data = orjson.dumps(stream_event(record), option=orjson.OPT_UTC_Z)
     return b"id: " + cursor.encode("ascii") + b"\nevent: event\ndata: " + data + b"\n\n"
 
@@ -92,10 +111,10 @@ def _wait_seconds(request: Request) -> float | None:
         return None
     if len(values) > 1:
         raise BadRequest("wait may be given once.", param="wait")
-    try:
-        seconds = float(values[0]) if len(values[0]) <= 20 else math.nan
-    except ValueError:
-        seconds = math.nan
+    # A JSON-like number only: float() would also take "1_0", "\u0661" (an Arabic-Indic one),
+    # surrounding blanks, "infinity" and "nan" (the last two refused by the range below).
+    text = values[0]
+    seconds = float(text) if len(text) <= 20 and _DECIMAL.fullmatch(text) else math.nan
     if not 0 < seconds <= MAX_WAIT_SECONDS:  # also refuses nan and inf
         raise BadRequest(
             f"wait must be a number of seconds above 0 and at most {MAX_WAIT_SECONDS:g}.",
@@ -160,13 +179,14 @@ def routes(ctx: AdminContext) -> list[BaseRoute]:
         signal = store.stream_signal
         while True:
             mark = signal.mark()  # before the read: an accept just after it still wakes us
-            task = await store.get_task(task_id)
+            # Shared with the other waits for this task; bounded with every shared read.
+            task = await signal.shared(("task", task_id), mark, lambda: store.get_task(task_id))
             left = deadline - loop.time()
             if task is not None and task.status in FINAL_STATUSES:
                 break
             if left <= 0 or ctx.stopping.is_set():
                 break
-            await first_of((mark, ctx.stopping), min(left, signal.poll_seconds))
+            await first_of((mark, ctx.stopping), min(left, signal.poll_timeout(loop.time())))
         if task is None:
             raise NotFound(f"No task {task_id[:100]!r}.", param="task_id")
         return json_response(await task_json(task))
@@ -178,6 +198,8 @@ def routes(ctx: AdminContext) -> list[BaseRoute]:
                 cursor = await store.stream_head()
             else:
                 await store.stream_after(cursor, 0)  # refuse a bad cursor before the 200
+                if cursor is not None and beyond_head(cursor, await store.stream_head()):
+                    raise ValueError("a cursor after the head")
         except ValueError:
             param = "last-event-id" if request.headers.get("last-event-id") else "after"
             raise BadRequest("That is not a stream cursor of this service.", param=param) from None

@@ -22,17 +22,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .search import decode_cursor, encode_cursor
 
 if TYPE_CHECKING:
     from .base import EventRecord, Store
 
+_T = TypeVar("_T")
+
 #: The most events one ``stream_after`` call returns to ``follow`` (bodies may be up to
 #: ``LACUNA_MAX_BODY_BYTES`` each: this bounds what one stream holds in memory).
 FOLLOW_BATCH = 100
+#: How many shared reads (``StreamSignal.shared``) run against the store at once: hundreds of
+#: streams and task waits must leave the SQLite reader and the PostgreSQL pool to intake and
+#: the rest of the service.
+SHARED_READS = 2
+#: After a wake-up, a follower waits for the next multiple of this (loop time, seconds) before
+#: it reads: the live stream's latency for a burst of accepts to be one read and one write.
+COALESCE_SECONDS = 0.05
 #: The largest number a cursor part may hold (PostgreSQL's xid8 and bigint fit below it).
 _MAX_PART = 2**63 - 1
 
@@ -57,6 +67,30 @@ def read_cursor(cursor: str, kind: str, arity: int) -> list[int]:
     return positions
 
 
+def beyond_head(cursor: str, head: str) -> bool:
+    """Whether ``cursor`` lies after ``head`` (``stream_head()`` of the same store; both
+    already accepted by its ``stream_after``): a position no event has reached yet, so no
+    cursor this store handed out. Such a cursor (a forged one, or one saved against a
+    database that was since replaced by an older backup or a fresh one) would wait in
+    silence and then skip every event stored below it."""
+    return _positions(cursor) > _positions(head)
+
+
+def _positions(cursor: str) -> list[int]:
+    parts = decode_cursor(cursor, _arity(cursor))
+    return [int(part) for part in parts[1:]]
+
+
+def _arity(cursor: str) -> int:
+    for arity in range(2, 5):
+        try:
+            decode_cursor(cursor, arity)
+        except ValueError:
+            continue
+        return arity
+    raise ValueError("not a stream cursor this service made")
+
+
 class StreamSignal:
     """Wakes everyone following the stream when events may have been stored.
 
@@ -71,6 +105,8 @@ class StreamSignal:
     def __init__(self, poll_seconds: float) -> None:
         self.poll_seconds = poll_seconds
         self._current = asyncio.Event()
+        self._reads: dict[tuple[Hashable, asyncio.Event], asyncio.Future[Any]] = {}
+        self._slots: asyncio.Semaphore | None = None
 
     def mark(self) -> asyncio.Event:
         return self._current
@@ -79,6 +115,41 @@ class StreamSignal:
         """Wake every waiter (cheap without any: one object swapped)."""
         fired, self._current = self._current, asyncio.Event()
         fired.set()
+
+    def poll_timeout(self, now: float) -> float:
+        """Seconds from ``now`` (loop time) to the next poll: a grid shared by every
+        follower, so the polls of hundreds of followers fall together and share reads."""
+        return self.poll_seconds - (now % self.poll_seconds)
+
+    async def shared(
+        self, key: Hashable, mark: asyncio.Event, read: Callable[[], Awaitable[_T]]
+    ) -> _T:
+        """``read()``'s answer, shared by every caller asking for the same ``key`` under the
+        same ``mark``: after a notify, hundreds of followers at the same cursor cost one
+        store read, not one each (which starved intake of the PostgreSQL pool and the event
+        loop). A read started under ``mark`` began after every notify before ``mark`` was
+        taken, so it sees all that a read of the caller's own would. At most
+        ``SHARED_READS`` run at once. A caller cancelled (its client went away) leaves the
+        read to the others."""
+        slot = (key, mark)
+        future = self._reads.get(slot)
+        if future is None:
+            future = asyncio.ensure_future(self._read(read))
+            self._reads[slot] = future
+            future.add_done_callback(lambda done: self._forget(slot, done))
+        return await asyncio.shield(future)
+
+    async def _read(self, read: Callable[[], Awaitable[_T]]) -> _T:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(SHARED_READS)  # made in the loop that uses it
+        async with self._slots:
+            return await read()
+
+    def _forget(self, slot: tuple[Hashable, asyncio.Event], done: asyncio.Future[Any]) -> None:
+        if self._reads.get(slot) is done:
+            del self._reads[slot]
+        if not done.cancelled():
+            done.exception()  # retrieved: every caller may have gone before it failed
 
     async def wait(self, mark: asyncio.Event, timeout_seconds: float) -> None:
         """Return once a notify came after ``mark`` was taken, or after the timeout."""
@@ -104,7 +175,8 @@ async def follow(
     quiet_since = loop.time()
     while not stopping.is_set():
         mark = signal.mark()
-        batch = await store.stream_after(cursor, FOLLOW_BATCH)
+        read = functools.partial(store.stream_after, cursor, FOLLOW_BATCH)
+        batch = await signal.shared(("stream", cursor), mark, read)
         if batch:
             cursor = batch[-1][0]
             yield batch
@@ -116,8 +188,13 @@ async def follow(
             yield []
             quiet_since = loop.time()
             idle = 0.0
-        timeout = min(signal.poll_seconds, max(0.0, idle_seconds - idle))
+        timeout = min(signal.poll_timeout(loop.time()), max(0.0, idle_seconds - idle))
         await first_of((mark, stopping), timeout)
+        if mark.is_set() and not stopping.is_set():
+            # Woken by an accept: gather the others of the same instant, on a grid every
+            # follower shares, so a burst of accepts costs each stream one read and one write
+            # (not one per accept, each fanned out to every stream) and the reads are shared.
+            await asyncio.sleep(COALESCE_SECONDS - loop.time() % COALESCE_SECONDS)
 
 
 async def first_of(events: tuple[asyncio.Event, ...], timeout_seconds: float) -> None:
@@ -130,4 +207,14 @@ async def first_of(events: tuple[asyncio.Event, ...], timeout_seconds: float) ->
             waiter.cancel()
 
 
-__all__ = ["FOLLOW_BATCH", "StreamSignal", "first_of", "follow", "make_cursor", "read_cursor"]
+__all__ = [
+    "COALESCE_SECONDS",
+    "FOLLOW_BATCH",
+    "SHARED_READS",
+    "StreamSignal",
+    "beyond_head",
+    "first_of",
+    "follow",
+    "make_cursor",
+    "read_cursor",
+]
