@@ -35,7 +35,7 @@ import enum
 import logging
 import resource
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import httptools
 import uvicorn
@@ -134,49 +134,6 @@ def _refusal_bytes(exc: WebhookError) -> bytes:
     return b"\r\n".join(lines)
 
 
-class _CoalescedWrites:
-    """The connection's transport, with the writes of one event-loop turn sent as one.
-
-    uvicorn writes a response's head and its body separately: two ``send`` system calls and
-    two TCP segments for every webhook answered. Here the writes are joined and sent when the
-    response completes (``flush`` from ``on_response_complete``), before a close, or at the
-    end of the loop turn at the latest (a streamed response's head and chunks are not held
-    back). Everything else is the transport's own.
-    """
-
-    __slots__ = ("_loop", "_pending", "_scheduled", "_transport")
-
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
-        self._transport = transport
-        self._loop = loop
-        self._pending: list[bytes] = []
-        self._scheduled = False
-
-    def write(self, data: bytes) -> None:
-        self._pending.append(data)
-        if not self._scheduled:
-            self._scheduled = True
-            self._loop.call_soon(self._end_of_turn)
-
-    def _end_of_turn(self) -> None:
-        self._scheduled = False
-        self.flush()
-
-    def flush(self) -> None:
-        pending = self._pending
-        if pending:
-            self._pending = []
-            if not self._transport.is_closing():
-                self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
-
-    def close(self) -> None:
-        self.flush()
-        self._transport.close()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
-
-
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the deadlines, caps and shedding described above.
 
@@ -208,7 +165,6 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
-        self.transport = cast(asyncio.Transport, _CoalescedWrites(self.transport, self.loop))
         self._shared.idle[self] = None
         # A fresh connection waits like a kept-alive one (proxies may open theirs ahead).
         self._arm(self._limits.keepalive_timeout_seconds)
@@ -367,7 +323,6 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._arm(self._limits.keepalive_timeout_seconds)
 
     def on_response_complete(self) -> None:
-        cast(_CoalescedWrites, self.transport).flush()
         super().on_response_complete()
         cycle = self.cycle
         if cycle.response_complete:
