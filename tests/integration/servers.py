@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from email import message_from_bytes
 from email.message import Message
@@ -386,3 +386,54 @@ __all__ = [
     "tls_ca_fixture",
     "wait_for_port",
 ]
+
+
+@contextlib.contextmanager
+def admin_listener(
+    path: Path,
+    seed: Callable[[Any], Awaitable[None]],
+    make_context: Callable[[Any], Any],
+) -> Iterator[tuple[str, Any]]:
+    """The admin app over a SQLite store at ``path`` (seeded by ``seed(store)``, its
+    ``AdminContext`` from ``make_context(store)``), served by uvicorn on its own socket in a
+    thread with its own loop (the store belongs to that loop); yields ``(base URL, app)``."""
+    import asyncio
+
+    import uvicorn
+
+    from lacuna_webhooks.admin import create_admin_app
+    from lacuna_webhooks.store.sqlite import SQLiteStore
+
+    port = free_port()
+    started = threading.Event()
+    holder: dict[str, Any] = {}
+
+    async def main() -> None:
+        store = SQLiteStore(str(path))
+        await store.open()
+        try:
+            await seed(store)
+            app = holder["app"] = create_admin_app(make_context(store))
+            config = uvicorn.Config(
+                app, host="127.0.0.1", port=port, log_level="warning", log_config=None
+            )
+            server = holder["server"] = uvicorn.Server(config)
+            task = asyncio.create_task(server.serve())
+            # uvicorn has no "started" event to wait on: poll its flag.
+            while not server.started and not task.done():  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            started.set()
+            await task
+        finally:
+            started.set()
+            await store.close()
+
+    thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+    thread.start()
+    assert started.wait(30)
+    assert holder["server"].started
+    try:
+        yield f"http://127.0.0.1:{port}", holder["app"]
+    finally:
+        holder["server"].should_exit = True
+        thread.join(30)

@@ -5,8 +5,6 @@ body schema)."""
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,14 +15,13 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
-import uvicorn
 from hypothesis import HealthCheck, given, settings
 from schemathesis import checks
 
 from lacuna_webhooks.admin import create_admin_app
 from lacuna_webhooks.models import Event
 from lacuna_webhooks.store.sqlite import SQLiteStore
-from tests.e2e.conftest import free_port
+from tests.integration.servers import admin_listener
 from tests.integration.test_admin_api import AUTH, admin_context, event
 from tests.integration.test_store_contract import HOSTILE_BODIES
 
@@ -56,39 +53,8 @@ def admin_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AdminServ
     """The admin app on its own socket, served by uvicorn in a thread with its own loop (the
     store belongs to that loop)."""
     path: Path = tmp_path_factory.mktemp("schemathesis") / "events.db"
-    port = free_port()
-    started = threading.Event()
-    holder: dict[str, Any] = {}
-
-    async def main() -> None:
-        store = SQLiteStore(str(path))
-        await store.open()
-        try:
-            await _seed(store)
-            app = create_admin_app(admin_context(store))
-            holder["document"] = app.state.openapi
-            config = uvicorn.Config(
-                app, host="127.0.0.1", port=port, log_level="warning", log_config=None
-            )
-            server = uvicorn.Server(config)
-            holder["server"] = server
-            task = asyncio.create_task(server.serve())
-            # uvicorn has no "started" event to wait on: poll its flag.
-            while not server.started and not task.done():  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
-            started.set()
-            await task
-        finally:
-            started.set()
-            await store.close()
-
-    thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
-    thread.start()
-    assert started.wait(30)
-    assert holder["server"].started
-    yield AdminServer(f"http://127.0.0.1:{port}/api/v1", holder["document"])
-    holder["server"].should_exit = True
-    thread.join(30)
+    with admin_listener(path, _seed, admin_context) as (url, app):
+        yield AdminServer(f"{url}/api/v1", app.state.openapi)
 
 
 def _document() -> dict[str, Any]:

@@ -14,14 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 
-from lacuna_webhooks.admin import create_admin_app
 from lacuna_webhooks.cli import main
 from lacuna_webhooks.models import Attempt, AttemptOutcome
 from lacuna_webhooks.store import Store, open_store
-from lacuna_webhooks.store.sqlite import SQLiteStore
 from tests.e2e.conftest import free_port
+from tests.integration.servers import admin_listener
 from tests.integration.test_admin_api import TOKEN, event
 from tests.integration.test_admin_bulk import bulk_context
 
@@ -192,38 +190,9 @@ def remote(tmp_path: Path) -> Iterator[dict[str, str]]:
     """A real admin listener (uvicorn on a socket, in a thread with its own loop, where its
     SQLite store lives) over the seeded events; the env of a CLI on another machine."""
     path = tmp_path / "remote.db"
-    port = free_port()
-    started = threading.Event()
-    holder: dict[str, Any] = {}
-
-    async def serve() -> None:
-        store = SQLiteStore(str(path))
-        await store.open()
-        try:
-            await _seed(store)
-            app = create_admin_app(bulk_context(store))
-            config = uvicorn.Config(
-                app, host="127.0.0.1", port=port, log_level="warning", log_config=None
-            )
-            server = uvicorn.Server(config)
-            holder["server"] = server
-            task = asyncio.create_task(server.serve())
-            while not server.started and not task.done():  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
-            started.set()
-            await task
-        finally:
-            started.set()
-            await store.close()
-
-    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
-    thread.start()
-    assert started.wait(30)
-    assert holder["server"].started
-    # No LACUNA_DATABASE_URL: the command must not touch a local store.
-    yield {"url": f"http://127.0.0.1:{port}", "db": f"sqlite:///{path}"}
-    holder["server"].should_exit = True
-    thread.join(30)
+    with admin_listener(path, _seed, bulk_context) as (url, _app):
+        # No LACUNA_DATABASE_URL: the command must not touch a local store.
+        yield {"url": url, "db": f"sqlite:///{path}"}
 
 
 def test_backfill_remotely(remote: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
