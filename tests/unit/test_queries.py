@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
+import re
+
 import pytest
 
-from lacuna_webhooks.store.queries import SHARED, load, parse
+from lacuna_webhooks.store import outbox
+from lacuna_webhooks.store.queries import SHARED, compile_named, load, parameters, parse
 
 
 @pytest.mark.parametrize("dialect", ["sqlite", "postgres"])
@@ -22,3 +26,38 @@ def test_parse_splits_named_blocks_and_refuses_a_name_twice() -> None:
     assert parse(text) == {"one": "SELECT 1", "two": "-- about two\nSELECT 2"}
     with pytest.raises(ValueError, match="twice"):
         parse("-- name: one\nSELECT 1\n-- name: one\nSELECT 2\n")
+
+
+def test_compile_named_numbers_each_name_once_and_leaves_casts_and_literals() -> None:
+    """``:name`` becomes ``$n`` (one number per distinct name, by first use); ``::type`` casts,
+    string literals, quoted identifiers and comments keep their colons."""
+    sql = (
+        "SELECT :a::text, ':b', \"x:y\", now() + :lease::interval, arr[1:2] -- :c\n"
+        "/* :z */ FROM t WHERE a = :a AND b = :b"
+    )
+    compiled, names = compile_named(sql)
+    assert compiled == (
+        "SELECT $1::text, ':b', \"x:y\", now() + $2::interval, arr[1:2] -- :c\n"
+        "/* :z */ FROM t WHERE a = $1 AND b = $3"
+    )
+    assert names == ("a", "lease", "b")
+
+
+def test_every_postgres_query_is_compiled() -> None:
+    """No ``:name`` is left in PostgreSQL's compiled queries, and each query's names match
+    its highest ``$n``."""
+    texts, names = load("postgres"), parameters("postgres")
+    for name, sql in texts.items():
+        assert compile_named(sql)[1] == (), name
+        numbers = [int(n) for n in re.findall(r"\$(\d+)", sql)]
+        assert max(numbers, default=0) == len(names[name]), name
+
+
+def test_every_query_a_flow_names_is_shared() -> None:
+    """The flows (``outbox.py``) name only queries that both dialects define."""
+    source = inspect.getsource(outbox)
+    named = set(re.findall(r'Query\(\s*"([a-z_]+)"', source))
+    assert named, "no Query found in outbox.py"
+    assert named - {"accept_event", "upsert_task", "mark_superseded", "insert_deliveries"} <= (
+        SHARED
+    )

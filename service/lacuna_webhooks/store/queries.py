@@ -6,6 +6,11 @@ in ``SHARED`` under the same names with the same result columns, and ``rows.py``
 to records by column name, so a column added to deliveries touches the schema, the queries
 and the record, not each backend's code. Each dialect adds the statements of its own
 mechanics (SQLite's group-commit trigger, PostgreSQL's locks and NOTIFY).
+
+Parameters are named (``:name``) in both dialects, so one flow (``outbox.py``) passes one
+dict of values to either. SQLite takes them as they are; for PostgreSQL, whose driver takes
+positional ``$1..``, ``load("postgres")`` compiles each ``:name`` into ``$n`` once
+(``compile_named``) and ``parameters("postgres")`` gives each query's names in ``$n`` order.
 """
 
 from __future__ import annotations
@@ -17,17 +22,29 @@ from importlib import resources
 #: Queries every SQL dialect defines, with the same result columns.
 SHARED = frozenset(
     {
+        # the outbox's flows (outbox.py)
         "claim",
+        "finish",
+        "end_revoked",
         "release",
+        "lock_event",
         "replay_all",
+        "replay_handlers",
+        "lock_events",
+        "replay_many_all",
+        "replay_many_reset",
+        "replay_many_create",
+        "lock_dead_events",
         "retry_dead",
+        "prune_lock",
+        "prune_candidates",
+        "prune_delete",
         "stats",
         "list_events",
         "get_event",
         "list_deliveries",
         "list_attempts",
         "get_task",
-        "write_probe",
         "pause",
         "resume",
         "handler_states",
@@ -36,6 +53,14 @@ SHARED = frozenset(
         "count_success",
         "refill_tokens",
         "spend_tokens",
+        "handler_queue",
+        "handler_attempts",
+        "handler_last_errors",
+        # the backends' own code
+        "write_probe",
+        "stream_after",
+        "stream_head",
+        "search_events",
     }
 )
 
@@ -53,11 +78,54 @@ def parse(text: str) -> dict[str, str]:
     return found
 
 
+# What ``compile_named`` steps over whole (string literals, quoted identifiers, comments, the
+# ``::type`` cast), else a ``:name`` parameter.
+_TOKEN = re.compile(
+    r"(?P<skip>'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|--[^\n]*|/\*.*?\*/|::)"
+    r"|:(?P<name>[A-Za-z_][A-Za-z0-9_]*)",
+    re.DOTALL,
+)
+
+
+def compile_named(sql: str) -> tuple[str, tuple[str, ...]]:
+    """``sql`` with each ``:name`` replaced by ``$n`` (one number per distinct name, in order
+    of first use) and the names in that order. ``::type`` casts, string literals, quoted
+    identifiers and comments are left alone."""
+    names: dict[str, int] = {}
+
+    def replace(match: re.Match[str]) -> str:
+        name = match.group("name")
+        if name is None:
+            return match.group(0)
+        number = names.setdefault(name, len(names) + 1)
+        return f"${number}"
+
+    return _TOKEN.sub(replace, sql), tuple(names)
+
+
 @functools.cache
-def load(dialect: str) -> dict[str, str]:
-    """The named queries of ``dialect`` (``sqlite`` or ``postgres``), read once."""
+def _compiled(dialect: str) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
     path = resources.files("lacuna_webhooks.store").joinpath("sql", dialect, "queries.sql")
-    return parse(path.read_text(encoding="utf-8"))
+    found = parse(path.read_text(encoding="utf-8"))
+    if dialect != "postgres":
+        return found, {}
+    texts: dict[str, str] = {}
+    names: dict[str, tuple[str, ...]] = {}
+    for name, sql in found.items():
+        texts[name], names[name] = compile_named(sql)
+    return texts, names
 
 
-__all__ = ["SHARED", "load", "parse"]
+def load(dialect: str) -> dict[str, str]:
+    """The named queries of ``dialect`` (``sqlite`` or ``postgres``), read once; PostgreSQL's
+    with their ``:name`` parameters compiled into ``$n``."""
+    return _compiled(dialect)[0]
+
+
+def parameters(dialect: str) -> dict[str, tuple[str, ...]]:
+    """Per query, the parameter names in ``$n`` order (PostgreSQL; empty for SQLite, which
+    takes ``:name`` itself)."""
+    return _compiled(dialect)[1]
+
+
+__all__ = ["SHARED", "compile_named", "load", "parameters", "parse"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 
@@ -116,11 +116,43 @@ def claimed_delivery(row: Row, at: ToDatetime) -> Delivery:
     )
 
 
+class QueueRow(NamedTuple):
+    """One row of ``stats``: a handler's counts (a handler may come in several rows)."""
+
+    handler: str
+    pending: int
+    due: int
+    running: int
+    dead: int
+    oldest_due: datetime | None
+
+
+def queue_row(row: Row, at: ToDatetime) -> QueueRow:
+    """Columns of ``stats``: handler, pending, due, running, dead, oldest_due (or NULL)."""
+    oldest = row["oldest_due"]
+    return QueueRow(
+        row["handler"],
+        row["pending"],
+        row["due"],
+        row["running"],
+        row["dead"],
+        None if oldest is None else at(oldest),
+    )
+
+
+def last_error(row: Row, at: ToDatetime) -> tuple[str, str, datetime]:
+    """Columns of ``handler_last_errors``: handler, last_error, last_error_at."""
+    return row["handler"], row["last_error"], at(row["last_error_at"])
+
+
 __all__ = [
+    "QueueRow",
     "attempt_record",
     "claimed_delivery",
     "delivery_record",
     "event_record",
     "handler_state",
+    "last_error",
+    "queue_row",
     "task_record",
 ]

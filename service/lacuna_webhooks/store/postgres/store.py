@@ -34,16 +34,16 @@ import contextlib
 import functools
 import importlib.resources
 import logging
-import math
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
-from ...errors import EventNotFound, StoreUnavailable
-from ...models import Attempt, AttemptOutcome, Delivery, DeliveryStatus, Event
+from ...errors import StoreUnavailable
+from ...models import Attempt, Delivery, DeliveryStatus, Event
+from .. import outbox
 from ..base import (
     AttemptRecord,
     DeliveryRecord,
@@ -56,18 +56,10 @@ from ..base import (
     ReplayCounts,
     ScanBudget,
     TaskRecord,
-    attempt_error,
 )
-from ..queries import load
-from ..rows import (
-    attempt_record,
-    claimed_delivery,
-    delivery_record,
-    event_record,
-    handler_state,
-    result_text,
-    task_record,
-)
+from ..outbox import PRUNE_LOCK_KEY, Flow, Nudge, Query
+from ..queries import load, parameters
+from ..rows import event_record
 from ..rules import CommitHealth, task_order
 from ..searchsql import next_cursor, search_sql, windowed, windowed_search
 from ..stream import StreamSignal, make_cursor, read_cursor
@@ -76,8 +68,6 @@ log = logging.getLogger(__name__)
 
 #: ``pg_advisory_lock`` key held while migrating (any fixed bigint unique to this service).
 MIGRATE_LOCK_KEY = 0x6C61_6375_6E61_0001
-#: ``pg_try_advisory_xact_lock`` key held by the replica that is pruning.
-PRUNE_LOCK_KEY = 0x6C61_6375_6E61_0002
 #: The longest an admin search may run (milliseconds): past it the search fails (the admin
 #: API answers 503) instead of holding a pooled connection.
 SEARCH_TIMEOUT_MS = 20_000
@@ -116,6 +106,9 @@ _CONNECTION_LOST: tuple[type[BaseException], ...] = (
 )
 
 Q = load("postgres")
+#: Per query, its ``:name`` parameters in ``$n`` order (``queries.compile_named``).
+P = parameters("postgres")
+T = TypeVar("T")
 
 
 def _utc(value: datetime) -> datetime:
@@ -156,9 +149,19 @@ def _set_event(event: asyncio.Event, *_: object) -> None:
     event.set()
 
 
-def _unique(names: Sequence[str]) -> list[str]:
-    """The names once each, in their first order (a handler listed twice gets one delivery)."""
-    return list(dict.fromkeys(names))
+def _value(value: Any) -> Any:
+    """A flow's value as asyncpg takes it: tuples as lists (arrays), naive times as UTC."""
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, datetime):
+        return _utc(value)
+    return value
+
+
+def _count(status: str) -> int:
+    """The row count of a command status (``UPDATE 3``, ``INSERT 0 1``, ``SELECT 2``)."""
+    count = status.rpartition(" ")[2]
+    return int(count) if count.isdigit() else 0
 
 
 class PostgresStore:
@@ -340,7 +343,7 @@ class PostgresStore:
                 await conn.fetchval("SELECT 1")
             return
         async with self._connection(write=True) as conn:
-            await conn.execute(Q["write_probe"])
+            await conn.execute(Q["write_probe"])  # no parameters
 
     # -- inbox ---------------------------------------------------------------------------------
 
@@ -359,49 +362,26 @@ class PostgresStore:
         task's current one is stored with ``superseded`` and still dispatched),
         the deliveries and the NOTIFY. Returns after the commit.
         """
-        now = _utc(now)
-        names = _unique(handlers)
-        async with self._connection(write=True) as conn, conn.transaction():
-            inserted = await conn.fetchval(
-                Q["accept_event"],
-                event.id,
-                event.type,
-                event.created,
-                now,
-                event.task_id,
-                event.raw,
-                trace_context,
-            )
-            if not inserted:
-                return False
-            if event.task_id is not None:
-                current = await conn.fetchval(
-                    Q["upsert_task"],
-                    event.task_id,
-                    event.task_status,
-                    event.id,
-                    event.type,
-                    event.created,
-                    task_order(event.created, now.timestamp()),
-                    now,
-                )
-                if not current:
-                    await conn.execute(Q["mark_superseded"], event.id)
-            if names:
-                await conn.execute(
-                    Q["insert_deliveries"],
-                    event.id,
-                    names,
-                    now,
-                )
-                await self._notify(conn)
-        if names:
-            self._nudge()
-        else:
-            # No work made, so no NOTIFY (other replicas' streams see such an event within
-            # STREAM_POLL_SECONDS); this process's streams wake at once.
+        stored = await self._run(
+            outbox.accept,
+            outbox.AcceptValues(
+                event_id=event.id,
+                event_type=event.type,
+                created=event.created,
+                task_id=event.task_id,
+                task_status=event.task_status,
+                raw=event.raw,
+                trace_context=trace_context,
+                received_at=_utc(now),
+                order=task_order(event.created, _utc(now).timestamp()),
+                handlers=tuple(dict.fromkeys(handlers)),
+            ),
+        )
+        if stored:
+            # A NOTIFY went out only when it made deliveries (the nudge); streams of this
+            # process wake at once either way, other replicas' within STREAM_POLL_SECONDS.
             self.stream_signal.notify()
-        return True
+        return stored
 
     # -- outbox --------------------------------------------------------------------------------
 
@@ -425,70 +405,27 @@ class PostgresStore:
         """
         if limit <= 0:
             return []
-        now = _utc(now)
-        async with self._connection(write=True) as conn:
-            rows = await conn.fetch(
-                Q["claim"],
-                handler,
-                now,
-                lease,
-                limit,
-                list(after),
-            )
-        return [claimed_delivery(row, _at) for row in rows]
+        return await self._run(outbox.claim, handler, limit, lease, now, after)
 
     async def complete(self, delivery: Delivery, attempt: Attempt) -> bool:
         """Mark the claimed delivery done and log the attempt; ``False`` if the claim is stale."""
-        return await self._finish(DeliveryStatus.DONE, delivery, attempt)
+        params = outbox.finish_params(DeliveryStatus.DONE, delivery, attempt)
+        return await self._run(outbox.finish, params)
 
     async def retry(
         self, delivery: Delivery, attempt: Attempt, *, at: datetime, refund: bool = False
     ) -> bool:
         """Make the claimed delivery due again at ``at`` and log the attempt (``refund``: see
         ``Store.retry``)."""
-        return await self._finish(
-            DeliveryStatus.PENDING, delivery, attempt, _utc(at), refund=refund
+        params = outbox.finish_params(
+            DeliveryStatus.PENDING, delivery, attempt, next_attempt_at=at, refund=refund
         )
+        return await self._run(outbox.finish, params)
 
     async def dead(self, delivery: Delivery, attempt: Attempt) -> bool:
         """Give the claimed delivery up (``dead``) and log the attempt."""
-        return await self._finish(DeliveryStatus.DEAD, delivery, attempt)
-
-    async def _finish(
-        self,
-        status: DeliveryStatus,
-        delivery: Delivery,
-        attempt: Attempt,
-        next_attempt_at: datetime | None = None,
-        *,
-        refund: bool = False,
-    ) -> bool:
-        # One statement, so the outcome and its attempt row are written together or not at all.
-        async with self._connection(write=True) as conn:
-            row = await conn.fetchval(
-                Q["finish"],
-                delivery.id,
-                delivery.lease_token,
-                _utc(attempt.started_at),
-                _utc(attempt.finished_at),
-                AttemptOutcome(attempt.outcome).value,
-                attempt_error(attempt),
-                status.value,
-                next_attempt_at,
-                result_text(attempt) if status is DeliveryStatus.DONE else None,
-                1 if refund else 0,
-            )
-            if row is None:
-                await self._end_revoked(conn, delivery)
-        return row is not None
-
-    async def _end_revoked(self, conn: Any, delivery: Delivery) -> None:
-        """The claim's attempt has ended but was not recorded: if a reset (replay) revoked
-        it, end the lease the reset kept so that nobody ran the delivery beside it; it is
-        due at once. Nudge (and NOTIFY) when it did."""
-        if await conn.fetchval(Q["end_revoked"], delivery.id, delivery.lease_token) is not None:
-            await self._notify(conn)
-            self._nudge()
+        params = outbox.finish_params(DeliveryStatus.DEAD, delivery, attempt)
+        return await self._run(outbox.finish, params)
 
     async def release(self, delivery: Delivery, *, now: datetime | None = None) -> bool:
         """Give an unfinished claim back: lease cleared, ``attempts`` undone, due at once.
@@ -497,19 +434,7 @@ class PostgresStore:
         delivery keeps its place in the queue; the token moves on, so a late outcome of
         the released claim is refused. ``False`` if the claim is stale.
         """
-        async with self._connection(write=True) as conn:
-            row = await conn.fetchval(
-                Q["release"],
-                delivery.id,
-                delivery.lease_token,
-                None if now is None else _utc(now),
-            )
-            if row is None:
-                await self._end_revoked(conn, delivery)
-        if row is None:
-            return False
-        self._nudge()
-        return True
+        return await self._run(outbox.release, delivery.id, delivery.lease_token, now)
 
     async def wait_for_work(self, timeout_seconds: float) -> None:
         """Return when nudged (local accept, or a NOTIFY from any replica), else on timeout.
@@ -531,61 +456,33 @@ class PostgresStore:
 
     async def stats(self, *, now: datetime) -> QueueStats:
         """Due times against ``now``, leases against the database's clock (as ``claim``)."""
-        now = _utc(now)
-        async with self._connection() as conn:
-            rows = await conn.fetch(Q["stats"], now)
-        by_handler: dict[str, QueueStats] = {}
-        for row in rows:
-            oldest: datetime | None = row["oldest_due"]
-            by_handler[row["handler"]] = QueueStats(
-                pending=row["pending"],
-                due=row["due"],
-                running=row["running"],
-                dead=row["dead"],
-                oldest_due_age_seconds=(
-                    max((now - oldest).total_seconds(), 0.0) if oldest is not None else 0.0
-                ),
-            )
-        return QueueStats.combine(dict(sorted(by_handler.items())))
+        return await self._run(outbox.stats, _utc(now), write=False)
 
     async def prune(self, *, received_before: datetime) -> int:
         """Delete events received before the cutoff whose deliveries are all done or dead.
 
         Their deliveries and attempts go with them (``ON DELETE CASCADE``); task
-        state stays. Only one replica prunes at a time: when another holds the
-        prune lock this returns 0 at once. Candidate events are locked (skipping
-        any a replay is touching) and re-checked in a fresh statement, so a
-        delivery made pending by a concurrent replay is never deleted.
+        state stays. In chunks (``outbox.PRUNE_CHUNK``), each a transaction. Only one
+        replica prunes at a time: when another holds the prune lock this returns at once.
+        Candidate events are locked (skipping any a replay is touching) and re-checked in
+        a fresh statement, so a delivery made pending by a concurrent replay is never
+        deleted.
         """
-        cutoff = _utc(received_before)
-        async with self._connection(write=True) as conn, conn.transaction():
-            if not await conn.fetchval(Q["prune_lock"], PRUNE_LOCK_KEY):
-                return 0
-            locked = await conn.fetch(Q["prune_candidates"], cutoff)
-            if not locked:
-                return 0
-            deleted = await conn.fetch(
-                Q["prune_delete"],
-                [row["id"] for row in locked],
-            )
-        return len(deleted)
+        total = 0
+        while True:
+            found = await self._run(outbox.prune_chunk, received_before, outbox.PRUNE_CHUNK)
+            total += found
+            if found < outbox.PRUNE_CHUNK:
+                return total
 
     async def list_events(
         self, *, limit: int = 50, event_type: str | None = None
     ) -> list[EventRecord]:
         """Newest first (by ``received_at``, then by arrival order)."""
-        async with self._connection() as conn:
-            rows = await conn.fetch(
-                Q["list_events"],
-                event_type,
-                max(limit, 0),
-            )
-        return [event_record(row, _at) for row in rows]
+        return await self._run(outbox.list_events, event_type, limit, write=False)
 
     async def get_event(self, event_id: str) -> EventRecord | None:
-        async with self._connection() as conn:
-            row = await conn.fetchrow(Q["get_event"], event_id)
-        return event_record(row, _at) if row is not None else None
+        return await self._run(outbox.get_event, event_id, write=False)
 
     async def search_events(
         self,
@@ -652,35 +549,24 @@ class PostgresStore:
         before: int | None = None,
     ) -> list[DeliveryRecord]:
         """Newest first (by id, which follows creation)."""
-        async with self._connection() as conn:
-            rows = await conn.fetch(
-                Q["list_deliveries"],
-                status.value if status is not None else None,
-                handler,
-                event_id,
-                max(limit, 0),
-                before,
-            )
-        return [delivery_record(row, _at) for row in rows]
+        return await self._run(
+            outbox.list_deliveries, status, handler, event_id, limit, before, write=False
+        )
 
     async def list_attempts(self, delivery_id: int) -> list[AttemptRecord]:
         """Oldest first."""
-        async with self._connection() as conn:
-            rows = await conn.fetch(Q["list_attempts"], delivery_id)
-        return [attempt_record(row, _at) for row in rows]
+        return await self._run(outbox.list_attempts, delivery_id, write=False)
 
     async def get_task(self, task_id: str) -> TaskRecord | None:
-        async with self._connection() as conn:
-            row = await conn.fetchrow(Q["get_task"], task_id)
-        if row is None:
-            return None
-        return task_record(row, _at)
+        return await self._run(outbox.get_task, task_id, write=False)
 
     async def stream_after(self, cursor: str | None, limit: int) -> list[tuple[str, EventRecord]]:
         """``(xid, seq)`` order, only rows below the snapshot's xmin (``0008_stream.sql``)."""
         xid, seq = (0, 0) if cursor is None else read_cursor(cursor, "p", 2)
         async with self._connection() as conn:
-            rows = await conn.fetch(Q["stream_after"], str(xid), seq, max(0, limit))
+            rows = await self._fetch(
+                conn, "stream_after", {"xid": str(xid), "seq": seq, "limit": max(0, limit)}
+            )
         return [
             (make_cursor("p", int(row["stream_xid"]), row["seq"]), event_record(row, _at))
             for row in rows
@@ -699,21 +585,7 @@ class PostgresStore:
         so an attempt still running cannot mark the replayed delivery done. Raise ``EventNotFound``;
         return how many were reset or created, and NOTIFY when any were.
         """
-        now = _utc(now)
-        async with self._connection(write=True) as conn, conn.transaction():
-            # The row lock keeps a concurrent prune from deleting the event under the replay.
-            found = await conn.fetchval(Q["lock_event"], event_id)
-            if not found:
-                raise EventNotFound(f"No event {event_id!r} in the store.")
-            if handlers is None:
-                rows = await conn.fetch(Q["replay_all"], event_id, now)
-            else:
-                rows = await conn.fetch(Q["replay_handlers"], event_id, _unique(handlers), now)
-            if rows:
-                await self._notify(conn)
-        if rows:
-            self._nudge()  # after the commit: the claim it wakes must see the rows
-        return len(rows)
+        return await self._run(outbox.replay, event_id, handlers, now)
 
     async def replay_many(
         self,
@@ -726,43 +598,16 @@ class PostgresStore:
     ) -> ReplayCounts:
         """``replay`` of a batch of events in one transaction (store/base.py); NOTIFY when it
         wrote any, so every replica's dispatcher looks now."""
-        now = _utc(now)
-        async with self._connection(write=True) as conn, conn.transaction():
-            # Reset and created rows are counted apart: reset first, then the inserts skip them.
-            found = [r["id"] for r in await conn.fetch(Q["lock_events"], _unique(event_ids))]
-            reset_rows: list[Any] = []
-            created_rows: list[Any] = []
-            if found and handlers is None:
-                if reset:
-                    reset_rows = await conn.fetch(Q["replay_many_all"], found, now)
-            elif found and handlers:
-                names = _unique(handlers)
-                if reset:
-                    reset_rows = await conn.fetch(Q["replay_many_reset"], found, names, now)
-                if create:
-                    created_rows = await conn.fetch(Q["replay_many_create"], found, names, now)
-            if reset_rows or created_rows:
-                await self._notify(conn)
-        if reset_rows or created_rows:
-            self._nudge()  # after the commit: the claim it wakes must see the rows
-        return ReplayCounts(created=len(created_rows), reset=len(reset_rows))
+        return ReplayCounts(
+            *await self._run(outbox.replay_many, event_ids, handlers, create, reset, now)
+        )
 
     async def retry_dead(self, *, handler: str | None, now: datetime) -> int:
         """Make every dead delivery (of ``handler``) pending, due at ``now``, with a fresh budget.
 
         Return how many; NOTIFY when any.
         """
-        now = _utc(now)
-        async with self._connection(write=True) as conn, conn.transaction():
-            # Lock the events first (in a fixed order), as replay does, so a concurrent prune
-            # either sees these deliveries pending or has already deleted them.
-            await conn.execute(Q["lock_dead_events"], handler)
-            rows = await conn.fetch(Q["retry_dead"], handler, now)
-            if rows:
-                await self._notify(conn)
-        if rows:
-            self._nudge()  # after the commit: the claim it wakes must see the rows
-        return len(rows)
+        return await self._run(outbox.retry_dead, handler, now)
 
     # -- flow control ---------------------------------------------------------------------------
 
@@ -770,80 +615,91 @@ class PostgresStore:
         self, handler: str, paused: bool, *, reason: str | None, now: datetime
     ) -> bool:
         """Pause or resume; a resume NOTIFYs so every replica claims the backlog at once."""
-        now = _utc(now)
-        async with self._connection(write=True) as conn, conn.transaction():
-            if paused:
-                changed = await conn.fetchval(Q["pause"], handler, reason, now)
-            else:
-                changed = await conn.fetchval(Q["resume"], handler, now)
-                if changed is not None:
-                    await self._notify(conn)
-        if changed is not None and not paused:
-            self._nudge()
-        return changed is not None
+        return await self._run(outbox.set_paused, handler, paused, reason, now)
 
     async def paused_handlers(self) -> dict[str, HandlerState]:
-        async with self._connection() as conn:
-            rows = await conn.fetch(Q["paused_handlers"])
-        return {row["handler"]: handler_state(row, _at) for row in rows}
+        states = await self._run(outbox.handler_states, True, write=False)
+        return {state.handler: state for state in states}
 
     async def handler_states(self) -> list[HandlerState]:
-        async with self._connection() as conn:
-            rows = await conn.fetch(Q["handler_states"])
-        return [handler_state(row, _at) for row in rows]
+        return await self._run(outbox.handler_states, False, write=False)
 
     async def handler_activity(self, *, now: datetime, since: datetime) -> list[HandlerActivity]:
-        found: dict[str, dict[str, Any]] = {}
-        async with self._connection() as conn, conn.transaction(readonly=True):
-            for row in await conn.fetch(Q["handler_queue"], _utc(now)):
-                found[row["handler"]] = {
-                    name: row[name] for name in ("running", "due", "waiting", "dead")
-                }
-            for row in await conn.fetch(Q["handler_attempts"], _utc(since)):
-                found.setdefault(row["handler"], {}).update(
-                    attempts=row["attempts"],
-                    succeeded=row["succeeded"],
-                    p50_seconds=row["p50_seconds"],
-                    p95_seconds=row["p95_seconds"],
-                )
-            for row in await conn.fetch(Q["handler_last_errors"], _utc(since)):
-                found.setdefault(row["handler"], {}).update(
-                    last_error=row["last_error"], last_error_at=row["last_error_at"]
-                )
-        return [HandlerActivity(handler=name, **found[name]) for name in sorted(found)]
+        return await self._run(outbox.handler_activity, now, since, write=False)
 
     async def count_failure(
         self, handler: str, *, pause_after: int | None, reason: str, now: datetime
     ) -> bool:
         """Counted and, at ``pause_after``, paused in one transaction (the row lock of the
         upsert orders concurrent replicas, so exactly one of them pauses it)."""
-        now = _utc(now)
-        async with self._connection(write=True) as conn, conn.transaction():
-            row = await conn.fetchrow(Q["count_failure"], handler, now)
-            assert row is not None  # an upsert with RETURNING always returns its row
-            if row["paused"] or pause_after is None or row["consecutive_failures"] < pause_after:
-                return False
-            return await conn.fetchval(Q["pause"], handler, reason, now) is not None
+        return await self._run(outbox.count_failure, handler, pause_after, reason, now)
 
     async def count_success(self, handler: str, *, now: datetime) -> None:
-        async with self._connection(write=True) as conn:
-            await conn.execute(Q["count_success"], handler, _utc(now))
+        await self._run(outbox.count_success, handler, now)
 
     async def take_tokens(
         self, handler: str, *, want: int, capacity: float, per_second: float, now: datetime
     ) -> int:
         """The bucket is refilled by the database's clock (``now`` unused): replicas whose
         clocks disagree still share one rate."""
-        async with self._connection(write=True) as conn, conn.transaction():
-            tokens = await conn.fetchval(Q["refill_tokens"], handler, capacity, per_second)
-            taken: int = max(0, min(want, math.floor(float(tokens))))
-            if taken:
-                await conn.execute(Q["spend_tokens"], handler, capacity, taken)
-        return taken
+        return await self._run(outbox.take_tokens, handler, want, capacity, per_second, now)
 
     async def give_back_tokens(self, handler: str, count: int, *, capacity: float) -> None:
-        async with self._connection(write=True) as conn:
-            await conn.execute(Q["spend_tokens"], handler, capacity, -count)
+        await self._run(outbox.give_back_tokens, handler, count, capacity)
+
+    # -- the flows' driver ---------------------------------------------------------------------
+
+    async def _run(self, flow: Callable[..., Flow[T]], *args: Any, write: bool = True) -> T:
+        """Run the flow ``flow(*args)`` (``store/outbox.py``) on one pooled connection, in one
+        transaction (read-only unless ``write``), or statement by statement for the flows in
+        ``outbox.AUTOCOMMIT``. Its nudges NOTIFY in that transaction (sent only on commit)
+        and wake this replica's dispatcher after it."""
+        steps = flow(*args)
+        nudged = False
+        async with self._connection(write=write) as conn:
+            scope = (
+                contextlib.nullcontext()
+                if flow in outbox.AUTOCOMMIT
+                else conn.transaction(readonly=not write)
+            )
+            async with scope:
+                try:
+                    step = next(steps)
+                    while True:
+                        if isinstance(step, Nudge):
+                            if not nudged:
+                                await self._notify(conn)
+                            nudged = True
+                            step = steps.send(None)
+                        else:
+                            step = steps.send(await self._query(conn, step))
+                except StopIteration as stop:
+                    result: T = stop.value
+        if nudged:
+            self._nudge()  # after the commit: the claim it wakes must see the rows
+        return result
+
+    @staticmethod
+    async def _query(conn: Any, query: Query) -> Any:
+        """One query's result, in the shape it asked for."""
+        sql = Q[query.name]
+        params = query.params
+        args = [_value(params[name]) for name in P[query.name]]
+        shape, mapper = query.shape, query.row
+        if shape == "rowcount":
+            return _count(await conn.execute(sql, *args))
+        if shape == "rows":
+            found = await conn.fetch(sql, *args)
+            return found if mapper is None else [mapper(row, _at) for row in found]
+        if shape == "value":
+            return await conn.fetchval(sql, *args)
+        row = await conn.fetchrow(sql, *args)
+        return row if row is None or mapper is None else mapper(row, _at)
+
+    async def _fetch(self, conn: Any, name: str, params: dict[str, Any]) -> list[Any]:
+        """The rows of one named query outside a flow (the live stream)."""
+        found: list[Any] = await self._query(conn, Query(name, params, "rows"))
+        return found
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -895,7 +751,7 @@ class PostgresStore:
 
     async def _notify(self, conn: asyncpg.pool.PoolConnectionProxy) -> None:
         # Inside the caller's transaction: PostgreSQL delivers it only if the transaction commits.
-        await conn.execute(Q["notify"], self._channel)
+        await self._query(conn, Query("notify", {"channel": self._channel}, "value"))
 
     def _nudge(self, *_: object) -> None:
         self._wakeup.set()

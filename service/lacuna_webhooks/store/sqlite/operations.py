@@ -1,12 +1,13 @@
-"""What the SQLite writer runs: opening and migrating the file, the group-committed accept
-batch, and every other operation as a module-level function of plain values.
+"""What the SQLite writer runs besides the outbox's flows: opening and migrating the file,
+the group-committed accept batch, the probes, the admin search and the live stream.
 
-Module-level so that the writer process (``process.py``) receives them pickled; each runs
-in a transaction of its own (``writer.transaction``), except the accept batch, one
-statement that commits itself. The statements are the named queries of
-``store/sql/sqlite/queries.sql``; rows are mapped to records by column name
-(``sqlite3.Row``, ``store/rows.py``) inside the writer, so only records travel back.
-Times are epoch seconds (REAL) in the file.
+The store's operations themselves are the flows of ``store/outbox.py``, run by
+``driver.drive``. Everything here is module-level so that the writer process
+(``process.py``) receives it pickled; each runs in a transaction of its own
+(``writer.transaction``), except the accept batch, one statement that commits itself. The
+statements are the named queries of ``store/sql/sqlite/queries.sql``; rows are mapped to
+records by column name (``sqlite3.Row``, ``store/rows.py``) inside the writer, so only
+records travel back. Times are epoch seconds (REAL) in the file.
 
 Supported: SQLite 3.35 or later with its JSON functions (``RETURNING`` and ``json_each``
 are used throughout; built in since 3.38, compiled in by every common distribution
@@ -15,40 +16,26 @@ before). ``connect`` refuses anything less with one clear line.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import sqlite3
 import time
-from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import datetime
 from importlib import resources
 from typing import Any, NamedTuple
 
 import orjson
 
-from ...errors import EventNotFound, StoreUnavailable
-from ...models import Delivery
+from ...errors import StoreUnavailable
 from .. import rows
-from ..base import (
-    AttemptRecord,
-    DeliveryRecord,
-    EventFilter,
-    EventPage,
-    EventRecord,
-    HandlerActivity,
-    HandlerState,
-    QueueStats,
-    ScanBudget,
-    TaskRecord,
-)
+from ..base import EventFilter, EventPage, EventRecord, ScanBudget
 from ..queries import load
 from ..searchsql import next_cursor, register_sqlite_functions, windowed_search
+from .driver import at, split_script
 from .writer import transaction
 
 BUSY_TIMEOUT_MS = 5000
 JOURNAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
-PRUNE_CHUNK = 500
 MIN_SQLITE_VERSION = (3, 35)
 _MIGRATION_NAME = re.compile(r"(\d{4})_[a-z0-9_]+\.sql")
 Q = load("sqlite")
@@ -71,18 +58,6 @@ class AcceptRow(NamedTuple):
     trace_context: str | None = None  # the request's traceparent, while tracing is on
 
 
-def epoch(value: datetime) -> float:
-    """A store time as epoch seconds; ``ValueError`` for a naive datetime."""
-    if value.tzinfo is None:
-        raise ValueError("store times must be timezone-aware (UTC)")
-    return value.timestamp()
-
-
-def at(value: float) -> datetime:
-    """An epoch-seconds column as an aware UTC datetime."""
-    return datetime.fromtimestamp(value, UTC)
-
-
 def migrations() -> list[tuple[int, str, str]]:
     """(version, file name, SQL) of every packaged migration, in order."""
     folder = resources.files("lacuna_webhooks.store").joinpath("sql", "sqlite")
@@ -93,19 +68,6 @@ def migrations() -> list[tuple[int, str, str]]:
             found.append((int(match.group(1)), entry.name, entry.read_text(encoding="utf-8")))
     found.sort()
     return found
-
-
-def _statements(script: str) -> list[str]:
-    """Split a script into statements (executescript would commit our transaction)."""
-    statements, pending = [], ""
-    for line in script.splitlines(keepends=True):
-        pending += line
-        if sqlite3.complete_statement(pending):
-            statements.append(pending.strip())
-            pending = ""
-    if pending.strip() and not pending.strip().startswith("--"):
-        statements.append(pending.strip())
-    return statements
 
 
 def migrate(conn: sqlite3.Connection) -> list[int]:
@@ -134,7 +96,7 @@ def migrate(conn: sqlite3.Connection) -> list[int]:
             row = c.execute("SELECT 1 FROM schema_version WHERE version = ?", (version,))
             if row.fetchone() is not None:
                 return False
-            for statement in _statements(script):
+            for statement in split_script(script):
                 c.execute(statement)
             c.execute(
                 "INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, ?)",
@@ -306,7 +268,7 @@ def connect(path: str, synchronous: str) -> sqlite3.Connection:
     return conn
 
 
-# --- the operations, run by the writer ------------------------------------------------------
+# --- what the writer and the reader run besides the flows (store/outbox.py, driver.py) ------
 # Module-level functions of plain arguments: a writer process receives them pickled.
 
 
@@ -325,85 +287,6 @@ def diagnostics(c: sqlite3.Connection) -> dict[str, object]:
     }
     (values["schema_version"],) = c.execute(Q["ping"]).fetchone()
     return values
-
-
-def claim(
-    c: sqlite3.Connection,
-    handler: str,
-    limit: int,
-    now: float,
-    until: float,
-    after: tuple[str, ...] = (),
-) -> list[Delivery]:
-    """The claimed deliveries, oldest due first (RETURNING gives no order: sorted here);
-    ``after`` holds back those whose event has a pending delivery of one of those handlers."""
-    args = {
-        "handler": handler,
-        "limit": limit,
-        "now": now,
-        "until": until,
-        "after": orjson.dumps(list(after)).decode() if after else "[]",
-    }
-    claimed = [rows.claimed_delivery(row, at) for row in c.execute(Q["claim"], args)]
-    claimed.sort(key=lambda d: (d.next_attempt_at, d.id))
-    return claimed
-
-
-def finish(c: sqlite3.Connection, update: dict[str, Any], attempt: dict[str, Any]) -> bool:
-    """Record an outcome and its attempt, if the claim is still the live one."""
-    if c.execute(Q["finish"], update).rowcount != 1:
-        # The lease was taken over, released or reset: not ours. Reset (replayed) while it
-        # ran, the lease was kept so nobody ran it beside this attempt: end it now.
-        c.execute(Q["end_revoked"], {"id": update["id"], "lease_token": update["lease_token"]})
-        return False
-    c.execute(Q["insert_attempt"], attempt)
-    return True
-
-
-def release(c: sqlite3.Connection, now: float | None, delivery_id: int, lease_token: int) -> bool:
-    args = {"now": now, "id": delivery_id, "lease_token": lease_token}
-    if c.execute(Q["release"], args).rowcount == 1:
-        return True
-    # Revoked by a reset while it was held: end the lease the reset kept (see finish).
-    c.execute(Q["end_revoked"], {"id": delivery_id, "lease_token": lease_token})
-    return False
-
-
-def stats(c: sqlite3.Connection, now: float) -> QueueStats:
-    by_handler: dict[str, QueueStats] = {}
-    for row in c.execute(Q["stats"], {"now": now}):
-        oldest = row["oldest_due"]
-        part = QueueStats(
-            pending=row["pending"],
-            due=row["due"],
-            running=row["running"],
-            dead=row["dead"],
-            oldest_due_age_seconds=max(0.0, now - oldest) if oldest is not None else 0.0,
-        )
-        seen = by_handler.get(row["handler"])
-        if seen is not None:  # its dead count, after its pending counts: one of them is 0
-            part = replace(seen, dead=seen.dead + part.dead)
-        by_handler[row["handler"]] = part
-    return QueueStats.combine(dict(sorted(by_handler.items())))
-
-
-def prune_chunk(c: sqlite3.Connection, cutoff: float) -> int:
-    ids = [row["id"] for row in c.execute(Q["prunable"], {"cutoff": cutoff, "limit": PRUNE_CHUNK})]
-    if ids:
-        args = {"ids": orjson.dumps(ids).decode()}
-        for name in ("prune_attempts", "prune_deliveries", "prune_events"):
-            c.execute(Q[name], args)
-    return len(ids)
-
-
-def list_events(c: sqlite3.Connection, event_type: str | None, limit: int) -> list[EventRecord]:
-    args = {"type": event_type, "limit": limit}
-    return [rows.event_record(row, at) for row in c.execute(Q["list_events"], args)]
-
-
-def get_event(c: sqlite3.Connection, event_id: str) -> EventRecord | None:
-    row = c.execute(Q["get_event"], {"id": event_id}).fetchone()
-    return None if row is None else rows.event_record(row, at)
 
 
 def search_events(
@@ -456,124 +339,3 @@ def search_windowed(
         complete=complete,
         searched_to=None if reached is None else at(reached),
     )
-
-
-def list_deliveries(c: sqlite3.Connection, args: dict[str, Any]) -> list[DeliveryRecord]:
-    return [rows.delivery_record(row, at) for row in c.execute(Q["list_deliveries"], args)]
-
-
-def handler_activity(c: sqlite3.Connection, now: float, since: float) -> list[HandlerActivity]:
-    """Every handler's queue and recent attempts (three statements in one read snapshot)."""
-    found: dict[str, dict[str, Any]] = {}
-    for row in c.execute(Q["handler_queue"], {"now": now}):
-        counts = found.setdefault(row["handler"], {})
-        for name in ("running", "due", "waiting", "dead"):
-            counts[name] = counts.get(name, 0) + row[name]
-    for row in c.execute(Q["handler_attempts"], {"since": since}):
-        found.setdefault(row["handler"], {}).update(
-            attempts=row["attempts"],
-            succeeded=row["succeeded"],
-            p50_seconds=row["p50_seconds"],
-            p95_seconds=row["p95_seconds"],
-        )
-    for row in c.execute(Q["handler_last_errors"], {"since": since}):
-        found.setdefault(row["handler"], {}).update(
-            last_error=row["last_error"], last_error_at=at(row["last_error_at"])
-        )
-    return [HandlerActivity(handler=name, **found[name]) for name in sorted(found)]
-
-
-def list_attempts(c: sqlite3.Connection, delivery_id: int) -> list[AttemptRecord]:
-    cursor = c.execute(Q["list_attempts"], {"delivery_id": delivery_id})
-    return [rows.attempt_record(row, at) for row in cursor]
-
-
-def get_task(c: sqlite3.Connection, task_id: str) -> TaskRecord | None:
-    row = c.execute(Q["get_task"], {"task_id": task_id}).fetchone()
-    return None if row is None else rows.task_record(row, at)
-
-
-def replay(c: sqlite3.Connection, event_id: str, names: tuple[str, ...] | None, now: float) -> int:
-    if c.execute(Q["event_exists"], {"event_id": event_id}).fetchone() is None:
-        raise EventNotFound(f"No event {event_id!r} in the store.")
-    if names is None:
-        return int(c.execute(Q["replay_all"], {"now": now, "event_id": event_id}).rowcount)
-    count = 0
-    for name in names:
-        args = {"now": now, "event_id": event_id, "handler": name}
-        count += c.execute(Q["replay_handler"], args).rowcount
-    return count
-
-
-def replay_many(
-    c: sqlite3.Connection,
-    event_ids: tuple[str, ...],
-    names: tuple[str, ...] | None,
-    create: bool,
-    reset: bool,
-    now: float,
-) -> tuple[int, int]:
-    """``(created, reset)``: reset first, so the deliveries created next are not counted
-    twice; a plain tuple crosses the writer process's pipe."""
-    ids = orjson.dumps(list(event_ids)).decode()
-    reset_count = created = 0
-    if names is None:
-        if reset:
-            reset_count = c.execute(Q["replay_many_all"], {"now": now, "ids": ids}).rowcount
-        return 0, int(reset_count)
-    handlers = orjson.dumps(list(names)).decode()
-    args = {"now": now, "ids": ids, "handlers": handlers}
-    if reset:
-        reset_count = c.execute(Q["replay_many_reset"], args).rowcount
-    if create:
-        created = c.execute(Q["replay_many_create"], args).rowcount
-    return int(created), int(reset_count)
-
-
-def retry_dead(c: sqlite3.Connection, handler: str | None, now: float) -> int:
-    return int(c.execute(Q["retry_dead"], {"now": now, "handler": handler}).rowcount)
-
-
-def set_paused(
-    c: sqlite3.Connection, handler: str, paused: bool, reason: str | None, now: float
-) -> bool:
-    if paused:
-        cursor = c.execute(Q["pause"], {"handler": handler, "reason": reason, "now": now})
-    else:
-        cursor = c.execute(Q["resume"], {"handler": handler, "now": now})
-    return cursor.fetchone() is not None
-
-
-def handler_states(c: sqlite3.Connection, paused_only: bool) -> list[HandlerState]:
-    query = Q["paused_handlers"] if paused_only else Q["handler_states"]
-    return [rows.handler_state(row, at) for row in c.execute(query)]
-
-
-def count_failure(
-    c: sqlite3.Connection, handler: str, pause_after: int | None, reason: str, now: float
-) -> bool:
-    """Count a failure; pause the handler when the count reaches ``pause_after``."""
-    failures, paused = c.execute(Q["count_failure"], {"handler": handler, "now": now}).fetchone()
-    if paused or pause_after is None or failures < pause_after:
-        return False
-    return set_paused(c, handler, True, reason, now)
-
-
-def count_success(c: sqlite3.Connection, handler: str, now: float) -> None:
-    c.execute(Q["count_success"], {"handler": handler, "now": now})
-
-
-def take_tokens(
-    c: sqlite3.Connection, handler: str, want: int, capacity: float, per_second: float, now: float
-) -> int:
-    """Refill the bucket, then take up to ``want`` whole tokens, in one transaction."""
-    args = {"handler": handler, "capacity": capacity, "rate": per_second, "now": now}
-    (tokens,) = c.execute(Q["refill_tokens"], args).fetchone()
-    taken: int = max(0, min(want, math.floor(float(tokens))))
-    if taken:
-        c.execute(Q["spend_tokens"], {"handler": handler, "capacity": capacity, "count": taken})
-    return taken
-
-
-def give_back_tokens(c: sqlite3.Connection, handler: str, count: int, capacity: float) -> None:
-    c.execute(Q["spend_tokens"], {"handler": handler, "capacity": capacity, "count": -count})

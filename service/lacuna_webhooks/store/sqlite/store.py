@@ -3,9 +3,10 @@
 Every operation runs on the writer, each in a transaction of its own;
 ``accept`` calls are batched into one transaction and one fsync. The writer is
 a thread of this process (``writer.Writer``, the default) or, for
-``serve``, a child process (``process.ProcessWriter``); the operations
-(``operations.py``) are module-level functions of plain values so that either
-can run them. With ``synchronous=full`` (the default) a 2xx is only ever sent
+``serve``, a child process (``process.ProcessWriter``). The operations are the
+flows of ``store/outbox.py`` (shared with PostgreSQL), run on the writer by
+``driver.drive``; flows and driver are module-level so that either writer can
+run them. With ``synchronous=full`` (the default) a 2xx is only ever sent
 for an event whose commit reached the disk; ``normal`` trades the last commits
 before a power loss (never corruption) for fewer fsyncs.
 
@@ -32,6 +33,7 @@ from typing import Any, TypeVar
 
 from ...errors import StoreUnavailable
 from ...models import Attempt, Delivery, DeliveryStatus, Event
+from .. import outbox
 from ..base import (
     AttemptRecord,
     DeliveryRecord,
@@ -44,14 +46,14 @@ from ..base import (
     ReplayCounts,
     ScanBudget,
     TaskRecord,
-    attempt_error,
 )
-from ..rows import result_text
+from ..outbox import Flow
 from ..rules import CommitHealth, task_order
 from ..searchsql import search_sql, windowed
 from ..stream import StreamSignal, make_cursor, read_cursor
 from . import operations as ops
-from .operations import PRUNE_CHUNK, AcceptRow, epoch
+from .driver import drive, epoch, read
+from .operations import AcceptRow
 from .process import ProcessWriter
 from .reader import Reader
 from .writer import RowRefused, Writer
@@ -162,6 +164,21 @@ class SQLiteStore:
         """``fn(conn, *args)`` on the writer in a write transaction of its own."""
         return await self._tracked(self._writer.run(fn, *args))
 
+    async def _run(self, flow: Callable[..., Flow[T]], *args: Any) -> T:
+        """The flow ``flow(*args)`` on the writer in a write transaction of its own; a nudge
+        of the flow wakes this process's dispatcher."""
+        outcome: tuple[T, bool] = await self._write(drive, flow, *args)
+        result, nudged = outcome
+        if nudged:
+            self._work.set()
+        return result
+
+    async def _read(self, flow: Callable[..., Flow[T]], *args: Any) -> T:
+        """A reading flow on the writer (the dispatcher's reads: never behind an admin
+        search on the reader)."""
+        outcome: tuple[T, bool] = await self._writer.run(drive, flow, *args, write=False)
+        return outcome[0]
+
     async def diagnostics(self) -> dict[str, object]:
         """What the connection actually runs with (for ``doctor``-style output and tests):
         journal mode, synchronous level (0 off, 1 normal, 2 full), busy timeout, page size and
@@ -227,92 +244,52 @@ class SQLiteStore:
     ) -> list[Delivery]:
         if limit <= 0:
             return []
-        return await self._write(
-            ops.claim, handler, limit, epoch(now), epoch(now + lease), tuple(after)
-        )
+        return await self._run(outbox.claim, handler, limit, lease, now, tuple(after))
 
-    async def _finish(
-        self,
-        delivery: Delivery,
-        attempt: Attempt,
-        *,
-        status: DeliveryStatus,
-        next_attempt_at: datetime,
-        refund: bool = False,
-    ) -> bool:
-        started, finished = epoch(attempt.started_at), epoch(attempt.finished_at)
-        error = attempt_error(attempt)
-        update = {
-            "status": status.value,
-            "next_attempt_at": epoch(next_attempt_at),
-            "error": error,
-            "result": result_text(attempt) if status is DeliveryStatus.DONE else None,
-            "refund": 1 if refund else 0,
-            "now": finished,
-            "id": delivery.id,
-            "lease_token": delivery.lease_token,
-        }
-        record = {
-            "delivery_id": delivery.id,
-            "attempt": delivery.attempts,
-            "started_at": started,
-            "finished_at": finished,
-            "outcome": attempt.outcome.value,
-            "error": error,
-            "duration_ms": (finished - started) * 1000.0,
-        }
-        recorded = await self._write(ops.finish, update, record)
-        if not recorded:
-            self._work.set()  # a revoked lease may have ended (ops.finish): due at once
-        return recorded
+    async def _finish(self, params: dict[str, Any]) -> bool:
+        return await self._run(outbox.finish, params)
 
     async def complete(self, delivery: Delivery, attempt: Attempt) -> bool:
-        return await self._finish(
-            delivery, attempt, status=DeliveryStatus.DONE, next_attempt_at=delivery.next_attempt_at
-        )
+        return await self._finish(outbox.finish_params(DeliveryStatus.DONE, delivery, attempt))
 
     async def retry(
         self, delivery: Delivery, attempt: Attempt, *, at: datetime, refund: bool = False
     ) -> bool:
         return await self._finish(
-            delivery, attempt, status=DeliveryStatus.PENDING, next_attempt_at=at, refund=refund
+            outbox.finish_params(
+                DeliveryStatus.PENDING, delivery, attempt, next_attempt_at=at, refund=refund
+            )
         )
 
     async def dead(self, delivery: Delivery, attempt: Attempt) -> bool:
-        return await self._finish(
-            delivery, attempt, status=DeliveryStatus.DEAD, next_attempt_at=delivery.next_attempt_at
-        )
+        return await self._finish(outbox.finish_params(DeliveryStatus.DEAD, delivery, attempt))
 
     async def release(self, delivery: Delivery, *, now: datetime | None = None) -> bool:
         """Lease cleared, token moved on, the claim's attempt undone. ``next_attempt_at`` is left
         as it was: it was due when claimed, so it is due at once and keeps its place in line."""
-        at = None if now is None else epoch(now)
-        released = await self._write(ops.release, at, delivery.id, delivery.lease_token)
-        self._work.set()  # released, or a revoked lease ended (ops.release): due at once
-        return released
+        return await self._run(outbox.release, delivery.id, delivery.lease_token, now)
 
     async def stats(self, *, now: datetime) -> QueueStats:
-        return await self._writer.run(ops.stats, epoch(now), write=False)
+        return await self._read(outbox.stats, now)
 
     # --- maintenance and admin ---------------------------------------------------------------
 
     async def prune(self, *, received_before: datetime) -> int:
         """Deleted in chunks, each its own transaction, so accepts are never held up long."""
-        cutoff = epoch(received_before)
         total = 0
         while True:
-            deleted = await self._write(ops.prune_chunk, cutoff)
-            total += deleted
-            if deleted < PRUNE_CHUNK:
+            found = await self._run(outbox.prune_chunk, received_before, outbox.PRUNE_CHUNK)
+            total += found
+            if found < outbox.PRUNE_CHUNK:
                 return total
 
     async def list_events(
         self, *, limit: int = 50, event_type: str | None = None
     ) -> list[EventRecord]:
-        return await self._reader.run(ops.list_events, event_type, limit)
+        return await self._reader.run(read, outbox.list_events, event_type, limit)
 
     async def get_event(self, event_id: str) -> EventRecord | None:
-        return await self._reader.run(ops.get_event, event_id)
+        return await self._reader.run(read, outbox.get_event, event_id)
 
     async def search_events(
         self,
@@ -340,24 +317,18 @@ class SQLiteStore:
         limit: int = 50,
         before: int | None = None,
     ) -> list[DeliveryRecord]:
-        args = {
-            "status": None if status is None else status.value,
-            "handler": handler,
-            "event_id": event_id,
-            "limit": limit,
-            "before": before,
-        }
+        args = (status, handler, event_id, limit, before)
         if event_id is not None:
             # One event's deliveries: an index lookup the dispatcher makes for AFTER results;
             # it must not wait behind an admin search on the reader.
-            return await self._writer.run(ops.list_deliveries, args, write=False)
-        return await self._reader.run(ops.list_deliveries, args)
+            return await self._read(outbox.list_deliveries, *args)
+        return await self._reader.run(read, outbox.list_deliveries, *args)
 
     async def list_attempts(self, delivery_id: int) -> list[AttemptRecord]:
-        return await self._reader.run(ops.list_attempts, delivery_id)
+        return await self._reader.run(read, outbox.list_attempts, delivery_id)
 
     async def get_task(self, task_id: str) -> TaskRecord | None:
-        return await self._reader.run(ops.get_task, task_id)
+        return await self._reader.run(read, outbox.get_task, task_id)
 
     async def stream_after(self, cursor: str | None, limit: int) -> list[tuple[str, EventRecord]]:
         """``events.stream_seq`` order, read on the reader (never queued behind the writer);
@@ -370,11 +341,7 @@ class SQLiteStore:
         return make_cursor("s", await self._reader.run(ops.stream_head))
 
     async def replay(self, event_id: str, handlers: Sequence[str] | None, *, now: datetime) -> int:
-        names = None if handlers is None else tuple(dict.fromkeys(handlers))
-        count = await self._write(ops.replay, event_id, names, epoch(now))
-        if count:
-            self._work.set()
-        return count
+        return await self._run(outbox.replay, event_id, _names(handlers), now)
 
     async def replay_many(
         self,
@@ -387,57 +354,53 @@ class SQLiteStore:
     ) -> ReplayCounts:
         """One job on the writer: a batch of a few hundred ids is a few index lookups each,
         so intake's accepts queue behind it for milliseconds, not for the whole operation."""
-        names = None if handlers is None else tuple(dict.fromkeys(handlers))
-        created, reset_count = await self._write(
-            ops.replay_many, tuple(dict.fromkeys(event_ids)), names, create, reset, epoch(now)
+        created, reset_count = await self._run(
+            outbox.replay_many, tuple(event_ids), _names(handlers), create, reset, now
         )
-        if created or reset_count:
-            self._work.set()
         return ReplayCounts(created=created, reset=reset_count)
 
     async def retry_dead(self, *, handler: str | None, now: datetime) -> int:
-        count = await self._write(ops.retry_dead, handler, epoch(now))
-        if count:
-            self._work.set()
-        return count
+        return await self._run(outbox.retry_dead, handler, now)
 
     # --- flow control ------------------------------------------------------------------------
 
     async def set_paused(
         self, handler: str, paused: bool, *, reason: str | None, now: datetime
     ) -> bool:
-        changed = await self._write(ops.set_paused, handler, paused, reason, epoch(now))
-        if changed and not paused:
-            self._work.set()
-        return changed
+        return await self._run(outbox.set_paused, handler, paused, reason, now)
 
     async def paused_handlers(self) -> dict[str, HandlerState]:
-        states = await self._writer.run(ops.handler_states, True, write=False)
+        states = await self._read(outbox.handler_states, True)
         return {state.handler: state for state in states}
 
     async def handler_states(self) -> list[HandlerState]:
         # An admin read (GET /handlers, `handlers`): on the reader. The dispatcher's own
         # read, paused_handlers, stays on the writer.
-        return await self._reader.run(ops.handler_states, False)
+        return await self._reader.run(read, outbox.handler_states, False)
 
     async def handler_activity(self, *, now: datetime, since: datetime) -> list[HandlerActivity]:
-        return await self._reader.run(ops.handler_activity, epoch(now), epoch(since))
+        return await self._reader.run(read, outbox.handler_activity, now, since)
 
     async def count_failure(
         self, handler: str, *, pause_after: int | None, reason: str, now: datetime
     ) -> bool:
-        return await self._write(ops.count_failure, handler, pause_after, reason, epoch(now))
+        return await self._run(outbox.count_failure, handler, pause_after, reason, now)
 
     async def count_success(self, handler: str, *, now: datetime) -> None:
-        await self._write(ops.count_success, handler, epoch(now))
+        await self._run(outbox.count_success, handler, now)
 
     async def take_tokens(
         self, handler: str, *, want: int, capacity: float, per_second: float, now: datetime
     ) -> int:
-        return await self._write(ops.take_tokens, handler, want, capacity, per_second, epoch(now))
+        return await self._run(outbox.take_tokens, handler, want, capacity, per_second, now)
 
     async def give_back_tokens(self, handler: str, count: int, *, capacity: float) -> None:
-        await self._write(ops.give_back_tokens, handler, count, capacity)
+        await self._run(outbox.give_back_tokens, handler, count, capacity)
+
+
+def _names(handlers: Sequence[str] | None) -> tuple[str, ...] | None:
+    """A handler list as a plain tuple (it crosses the writer process's pipe)."""
+    return None if handlers is None else tuple(handlers)
 
 
 __all__ = ["SQLiteStore", "WriterStats"]

@@ -1,10 +1,11 @@
--- The named queries of the PostgreSQL store (store/queries.py). Parameters are positional
--- ($1...), as asyncpg takes them. The SHARED queries return the same columns as SQLite's.
+-- The named queries of the PostgreSQL store (store/queries.py). Parameters are named
+-- (:name), compiled into asyncpg's positional $n once at load. The SHARED queries return the
+-- same columns as SQLite's.
 -- Leases are timed by the database's clock (now()); see store/base.py.
 
 -- name: accept_event
 INSERT INTO events (id, type, created, received_at, task_id, raw, trace_context)
-VALUES ($1, $2, $3, $4, $5, $6, $7)
+VALUES (:id, :type, :created, :received_at, :task_id, :raw, :trace_context)
 ON CONFLICT (id) DO NOTHING
 RETURNING true
 
@@ -12,7 +13,7 @@ RETURNING true
 INSERT INTO tasks AS t
     (task_id, status, event_id, event_type, event_created, event_order,
      updated_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7)
+VALUES (:task_id, :status, :event_id, :event_type, :event_created, :event_order, :updated_at)
 ON CONFLICT (task_id) DO UPDATE SET
     status = excluded.status,
     event_id = excluded.event_id,
@@ -24,37 +25,37 @@ WHERE excluded.event_order >= t.event_order
 RETURNING true
 
 -- name: mark_superseded
-UPDATE events SET superseded = true WHERE id = $1
+UPDATE events SET superseded = true WHERE id = :id
 
 -- name: insert_deliveries
 INSERT INTO deliveries
     (event_id, handler, status, next_attempt_at, created_at, updated_at)
-SELECT $1, handler, 'pending', $3, $3, $3 FROM unnest($2::text[]) AS handler
+SELECT :event_id, handler, 'pending', :now, :now, :now FROM unnest(:handlers::text[]) AS handler
 
 -- name: notify
 -- Inside the caller's transaction: delivered only if it commits.
-SELECT pg_notify($1, '')
+SELECT pg_notify(:channel, '')
 
 -- name: claim
 WITH claimed AS (
     UPDATE deliveries
-    SET lease_until = now() + $3::interval,
+    SET lease_until = now() + :lease::interval,
         attempts = attempts + 1,
         lease_token = lease_token + 1,
-        updated_at = $2
+        updated_at = :now
     WHERE id IN (
         SELECT id FROM deliveries d
-        WHERE handler = $1
+        WHERE handler = :handler
           AND status = 'pending'
-          AND next_attempt_at <= $2
+          AND next_attempt_at <= :now
           AND (lease_until IS NULL OR lease_until <= now())
-          -- LACUNA_<NAME>_AFTER ($5): held while a prerequisite of the event is pending
-          AND (cardinality($5::text[]) = 0 OR NOT EXISTS (
+          -- LACUNA_<NAME>_AFTER (:after): held while a prerequisite of the event is pending
+          AND (cardinality(:after::text[]) = 0 OR NOT EXISTS (
               SELECT 1 FROM deliveries p
               WHERE p.event_id = d.event_id AND p.status = 'pending'
-                AND p.handler = ANY($5::text[])))
+                AND p.handler = ANY(:after::text[])))
         ORDER BY next_attempt_at, id
-        LIMIT $4
+        LIMIT :limit
         FOR UPDATE SKIP LOCKED
     )
     RETURNING id, event_id, handler, status, attempts, lease_token,
@@ -66,38 +67,37 @@ ORDER BY c.next_attempt_at, c.id
 
 -- name: finish
 -- An outcome and its attempt in one statement, only for the live claim: same token, still
--- pending, still leased. $1 id, $2 lease_token, $3 started_at, $4 finished_at, $5 outcome,
--- $6 error, $7 the new status, $8 the next attempt's time (a retry) or NULL (unchanged),
--- $9 the handler's JSON object as text (completions only) or NULL, $10 1 for a retry that does
--- not spend the budget (a 429, docs/delivery.md: the claim's attempt is undone), else 0. The
--- attempt row keeps the claim's number either way.
+-- pending, still leased. :status is the new status, :next_attempt_at the next attempt's time
+-- (a retry) or NULL (unchanged), :result the handler's JSON object as text (completions only)
+-- or NULL, :refund 1 for a retry that does not spend the budget (a 429, docs/delivery.md: the
+-- claim's attempt is undone), else 0. The attempt row keeps the claim's number either way.
 WITH finished AS (
     UPDATE deliveries
-    SET status = $7, next_attempt_at = coalesce($8, next_attempt_at), lease_until = NULL,
-        last_error = $6, result = $9::text::jsonb, updated_at = $4,
-        attempts = greatest(attempts - $10::int, 0)
-    WHERE id = $1 AND lease_token = $2 AND status = 'pending' AND lease_until IS NOT NULL
-    RETURNING id, attempts, attempts + $10::int AS claimed
+    SET status = :status, next_attempt_at = coalesce(:next_attempt_at, next_attempt_at), lease_until = NULL,
+        last_error = :error, result = :result::text::jsonb, updated_at = :finished_at,
+        attempts = greatest(attempts - :refund::int, 0)
+    WHERE id = :id AND lease_token = :lease_token AND status = 'pending' AND lease_until IS NOT NULL
+    RETURNING id, attempts, attempts + :refund::int AS claimed
 )
 INSERT INTO attempts (delivery_id, attempt, started_at, finished_at, outcome, error)
-SELECT id, claimed, $3, $4, $5, $6::text FROM finished
+SELECT id, claimed, :started_at, :finished_at, :outcome, :error::text FROM finished
 RETURNING delivery_id
 
 -- name: end_revoked
--- The attempt of claim $2 has ended, and a reset revoked it since (the token moved on by
+-- The attempt of claim :lease_token has ended, and a reset revoked it since (the token moved on by
 -- exactly one, a fresh budget, the lease kept so that nobody runs it beside that attempt):
 -- end that lease, so the delivery is due at once rather than when the lease expires. A claim
 -- since (attempts >= 1) or a second reset leaves it to expire.
 UPDATE deliveries SET lease_until = NULL
-WHERE id = $1 AND lease_token = $2 + 1 AND attempts = 0 AND status = 'pending'
+WHERE id = :id AND lease_token = :lease_token + 1 AND attempts = 0 AND status = 'pending'
   AND lease_until IS NOT NULL
 RETURNING id
 
 -- name: release
 UPDATE deliveries
 SET lease_until = NULL, attempts = greatest(attempts - 1, 0),
-    lease_token = lease_token + 1, updated_at = coalesce($3, updated_at)
-WHERE id = $1 AND lease_token = $2
+    lease_token = lease_token + 1, updated_at = coalesce(:now, updated_at)
+WHERE id = :id AND lease_token = :lease_token
   AND status = 'pending' AND lease_until IS NOT NULL
 RETURNING id
 
@@ -105,12 +105,12 @@ RETURNING id
 -- Per handler, over the open index (done rows, the bulk, stay out of it).
 SELECT handler,
     count(*) FILTER (WHERE status = 'pending') AS pending,
-    count(*) FILTER (WHERE status = 'pending' AND next_attempt_at <= $1
+    count(*) FILTER (WHERE status = 'pending' AND next_attempt_at <= :now
                      AND (lease_until IS NULL OR lease_until <= now())) AS due,
     count(*) FILTER (WHERE status = 'pending' AND lease_until > now()) AS running,
     count(*) FILTER (WHERE status = 'dead') AS dead,
     min(next_attempt_at) FILTER (
-        WHERE status = 'pending' AND next_attempt_at <= $1
+        WHERE status = 'pending' AND next_attempt_at <= :now
           AND (lease_until IS NULL OR lease_until <= now())) AS oldest_due
 FROM deliveries
 WHERE status <> 'done'
@@ -118,40 +118,41 @@ GROUP BY handler
 
 -- name: prune_lock
 -- One replica prunes at a time.
-SELECT pg_try_advisory_xact_lock($1)
+SELECT pg_try_advisory_xact_lock(:key)
 
 -- name: prune_candidates
 SELECT e.id FROM events e
-WHERE e.received_at < $1
+WHERE e.received_at < :cutoff
   AND NOT EXISTS (SELECT 1 FROM deliveries d
                   WHERE d.event_id = e.id AND d.status = 'pending')
 ORDER BY e.id
+LIMIT :limit
 FOR UPDATE OF e SKIP LOCKED
 
 -- name: prune_delete
 DELETE FROM events e
-WHERE e.id = ANY($1::text[])
+WHERE e.id = ANY(:ids::text[])
   AND NOT EXISTS (SELECT 1 FROM deliveries d
                   WHERE d.event_id = e.id AND d.status = 'pending')
 RETURNING e.id
 
 -- name: list_events
 SELECT id, type, created, received_at, task_id, superseded, raw FROM events
-WHERE $1::text IS NULL OR type = $1
+WHERE :type::text IS NULL OR type = :type
 ORDER BY received_at DESC, seq DESC
-LIMIT $2
+LIMIT :limit
 
 -- name: stream_after
--- The live stream (0008_stream.sql): rows after the cursor ($1 xid as text, $2 seq) whose
+-- The live stream (0008_stream.sql): rows after the cursor (:xid xid as text, :seq seq) whose
 -- transaction is older than every transaction still running, so none can commit behind them.
 -- (The text of xid gets a name of its own: ORDER BY xid would sort by an output column of
 -- that name, as text, where '10000' < '9999', and could not walk the index.)
 SELECT id, type, created, received_at, task_id, superseded, raw, xid::text AS stream_xid, seq
 FROM events
-WHERE (xid, seq) > ($1::text::xid8, $2::bigint)
+WHERE (xid, seq) > (:xid::text::xid8, :seq::bigint)
   AND xid < pg_snapshot_xmin(pg_current_snapshot())
 ORDER BY events.xid, events.seq
-LIMIT $3
+LIMIT :limit
 
 -- name: stream_head
 -- "Now": every row written by a transaction below the snapshot's xmin is already visible.
@@ -159,80 +160,80 @@ SELECT pg_snapshot_xmin(pg_current_snapshot())::text
 
 -- name: get_event
 SELECT id, type, created, received_at, task_id, superseded, raw
-FROM events WHERE id = $1
+FROM events WHERE id = :id
 
 -- name: list_deliveries
 SELECT d.id, d.event_id, e.type AS event_type, d.handler, d.status, d.attempts,
     d.next_attempt_at, d.lease_until, d.last_error, d.created_at, d.updated_at,
     d.result::text AS result
 FROM deliveries d JOIN events e ON e.id = d.event_id
-WHERE ($1::text IS NULL OR d.status = $1)
-  AND ($2::text IS NULL OR d.handler = $2)
-  AND ($3::text IS NULL OR d.event_id = $3)
-  AND ($5::bigint IS NULL OR d.id < $5)
+WHERE (:status::text IS NULL OR d.status = :status)
+  AND (:handler::text IS NULL OR d.handler = :handler)
+  AND (:event_id::text IS NULL OR d.event_id = :event_id)
+  AND (:before::bigint IS NULL OR d.id < :before)
 ORDER BY d.id DESC
-LIMIT $4
+LIMIT :limit
 
 -- name: list_attempts
 SELECT delivery_id, attempt, started_at, finished_at, outcome, error
-FROM attempts WHERE delivery_id = $1 ORDER BY id
+FROM attempts WHERE delivery_id = :delivery_id ORDER BY id
 
 -- name: get_task
 SELECT task_id, status, event_id, event_type, event_created, updated_at
-FROM tasks WHERE task_id = $1
+FROM tasks WHERE task_id = :task_id
 
 -- name: lock_event
 -- The row lock keeps a concurrent prune from deleting the event under a replay.
-SELECT true FROM events WHERE id = $1 FOR SHARE
+SELECT true FROM events WHERE id = :event_id FOR SHARE
 
 -- name: replay_all
 UPDATE deliveries
-SET status = 'pending', attempts = 0, next_attempt_at = $2,
+SET status = 'pending', attempts = 0, next_attempt_at = :now,
     lease_token = lease_token + 1,
     lease_until = CASE WHEN lease_until > now() THEN lease_until END,
-    last_error = NULL, updated_at = $2
-WHERE event_id = $1
+    last_error = NULL, updated_at = :now
+WHERE event_id = :event_id
 RETURNING id
 
 -- name: replay_handlers
 INSERT INTO deliveries AS d
     (event_id, handler, status, next_attempt_at, created_at, updated_at)
-SELECT $1, handler, 'pending', $3, $3, $3 FROM unnest($2::text[]) AS handler
+SELECT :event_id, handler, 'pending', :now, :now, :now FROM unnest(:handlers::text[]) AS handler
 ON CONFLICT (event_id, handler) DO UPDATE SET
-    status = 'pending', attempts = 0, next_attempt_at = $3,
+    status = 'pending', attempts = 0, next_attempt_at = :now,
     lease_token = d.lease_token + 1,
     lease_until = CASE WHEN d.lease_until > now() THEN d.lease_until END,
-    last_error = NULL, updated_at = $3
+    last_error = NULL, updated_at = :now
 RETURNING d.id
 
 -- name: lock_events
 -- replay_many: the batch's events still stored, locked in a fixed order (as prune and the other
 -- replays lock them) so a concurrent prune cannot delete one under the batch.
-SELECT id FROM events WHERE id = ANY($1::text[]) ORDER BY id FOR SHARE
+SELECT id FROM events WHERE id = ANY(:ids::text[]) ORDER BY id FOR SHARE
 
 -- name: replay_many_all
 UPDATE deliveries
-SET status = 'pending', attempts = 0, next_attempt_at = $2,
+SET status = 'pending', attempts = 0, next_attempt_at = :now,
     lease_token = lease_token + 1,
     lease_until = CASE WHEN lease_until > now() THEN lease_until END,
-    last_error = NULL, updated_at = $2
-WHERE event_id = ANY($1::text[])
+    last_error = NULL, updated_at = :now
+WHERE event_id = ANY(:ids::text[])
 RETURNING id
 
 -- name: replay_many_reset
 UPDATE deliveries
-SET status = 'pending', attempts = 0, next_attempt_at = $3,
+SET status = 'pending', attempts = 0, next_attempt_at = :now,
     lease_token = lease_token + 1,
     lease_until = CASE WHEN lease_until > now() THEN lease_until END,
-    last_error = NULL, updated_at = $3
-WHERE event_id = ANY($1::text[]) AND handler = ANY($2::text[])
+    last_error = NULL, updated_at = :now
+WHERE event_id = ANY(:ids::text[]) AND handler = ANY(:handlers::text[])
 RETURNING id
 
 -- name: replay_many_create
 -- Backfill: a pending delivery of each handler for each (locked, still stored) event that has
 -- none; the unique key skips the others.
 INSERT INTO deliveries (event_id, handler, status, next_attempt_at, created_at, updated_at)
-SELECT e, h, 'pending', $3, $3, $3 FROM unnest($1::text[]) AS e, unnest($2::text[]) AS h
+SELECT e, h, 'pending', :now, :now, :now FROM unnest(:ids::text[]) AS e, unnest(:handlers::text[]) AS h
 ON CONFLICT (event_id, handler) DO NOTHING
 RETURNING id
 
@@ -240,17 +241,17 @@ RETURNING id
 SELECT 1 FROM events e
 WHERE EXISTS (SELECT 1 FROM deliveries d
               WHERE d.event_id = e.id AND d.status = 'dead'
-                AND ($1::text IS NULL OR d.handler = $1))
+                AND (:handler::text IS NULL OR d.handler = :handler))
 ORDER BY e.id
 FOR SHARE OF e
 
 -- name: retry_dead
 UPDATE deliveries
-SET status = 'pending', attempts = 0, next_attempt_at = $2,
+SET status = 'pending', attempts = 0, next_attempt_at = :now,
     lease_token = lease_token + 1,
     lease_until = CASE WHEN lease_until > now() THEN lease_until END,
-    last_error = NULL, updated_at = $2
-WHERE status = 'dead' AND ($1::text IS NULL OR handler = $1)
+    last_error = NULL, updated_at = :now
+WHERE status = 'dead' AND (:handler::text IS NULL OR handler = :handler)
 RETURNING id
 
 -- name: write_probe
@@ -259,18 +260,18 @@ INSERT INTO write_probe (id, written_at) VALUES (1, now())
 ON CONFLICT (id) DO UPDATE SET written_at = excluded.written_at
 
 -- name: pause
--- Pause $1 unless it already is; a row comes back only when this call paused it.
+-- Pause :handler unless it already is; a row comes back only when this call paused it.
 INSERT INTO handler_state (handler, paused, reason, consecutive_failures, updated_at)
-VALUES ($1, true, $2, 0, $3)
+VALUES (:handler, true, :reason, 0, :now)
 ON CONFLICT (handler) DO UPDATE SET paused = true, reason = excluded.reason,
     updated_at = excluded.updated_at
 WHERE NOT handler_state.paused
 RETURNING handler
 
 -- name: resume
--- Resume $1 if paused, its failure count cleared (else the next failure re-pauses it).
-UPDATE handler_state SET paused = false, reason = NULL, consecutive_failures = 0, updated_at = $2
-WHERE handler = $1 AND paused
+-- Resume :handler if paused, its failure count cleared (else the next failure re-pauses it).
+UPDATE handler_state SET paused = false, reason = NULL, consecutive_failures = 0, updated_at = :now
+WHERE handler = :handler AND paused
 RETURNING handler
 
 -- name: handler_states
@@ -282,31 +283,31 @@ SELECT handler, paused, reason, consecutive_failures, updated_at FROM handler_st
 WHERE paused
 
 -- name: count_failure
--- One more consecutive failed attempt of $1; the count and whether it is paused.
+-- One more consecutive failed attempt of :handler; the count and whether it is paused.
 INSERT INTO handler_state (handler, paused, consecutive_failures, updated_at)
-VALUES ($1, false, 1, $2)
+VALUES (:handler, false, 1, :now)
 ON CONFLICT (handler) DO UPDATE SET
     consecutive_failures = handler_state.consecutive_failures + 1, updated_at = excluded.updated_at
 RETURNING consecutive_failures, paused
 
 -- name: count_success
 -- A success ends the run of failures; writes nothing when there was none.
-UPDATE handler_state SET consecutive_failures = 0, updated_at = $2
-WHERE handler = $1 AND consecutive_failures > 0
+UPDATE handler_state SET consecutive_failures = 0, updated_at = :now
+WHERE handler = :handler AND consecutive_failures > 0
 
 -- name: refill_tokens
--- The bucket of $1 refilled up to the database's now (created full), $2 at most; its tokens.
+-- The bucket of :handler refilled up to the database's now (created full), :capacity at most; its tokens.
 -- The upsert locks the row until the transaction ends: replicas take tokens one at a time.
-INSERT INTO rate_buckets AS b (handler, tokens, updated_at) VALUES ($1, $2::float8, now())
+INSERT INTO rate_buckets AS b (handler, tokens, updated_at) VALUES (:handler, :capacity::float8, now())
 ON CONFLICT (handler) DO UPDATE SET
-    tokens = least($2::float8, b.tokens
-        + $3::float8 * greatest(0, extract(epoch FROM now() - b.updated_at)::float8)),
+    tokens = least(:capacity::float8, b.tokens
+        + :rate::float8 * greatest(0, extract(epoch FROM now() - b.updated_at)::float8)),
     updated_at = greatest(b.updated_at, now())
 RETURNING tokens
 
 -- name: spend_tokens
--- Take $3 tokens (negative: give unused ones back, never above $2).
-UPDATE rate_buckets SET tokens = least($2::float8, tokens - $3::float8) WHERE handler = $1
+-- Take :count tokens (negative: give unused ones back, never above :capacity).
+UPDATE rate_buckets SET tokens = least(:capacity::float8, tokens - :count::float8) WHERE handler = :handler
 
 -- name: search_events
 -- The admin search (store/searchsql.py fills in the conditions): newest first, ties by seq.
@@ -325,30 +326,30 @@ ORDER BY e.received_at DESC, e.seq DESC
 
 -- name: handler_queue
 -- Per handler: its pending deliveries split as search.py's delivery_state (leases by the
--- database's clock, as claim), and its dead ones. $1: now (what is due).
+-- database's clock, as claim), and its dead ones. :now: now (what is due).
 SELECT handler,
     count(*) FILTER (WHERE status = 'pending' AND lease_until > now()) AS running,
     count(*) FILTER (WHERE status = 'pending' AND (lease_until IS NULL OR lease_until <= now())
-        AND next_attempt_at <= $1) AS due,
+        AND next_attempt_at <= :now) AS due,
     count(*) FILTER (WHERE status = 'pending' AND (lease_until IS NULL OR lease_until <= now())
-        AND next_attempt_at > $1) AS waiting,
+        AND next_attempt_at > :now) AS waiting,
     count(*) FILTER (WHERE status = 'dead') AS dead
 FROM deliveries WHERE status <> 'done' GROUP BY handler
 
 -- name: handler_attempts
--- Per handler: attempts finished since $1, how many succeeded, nearest-rank p50/p95 durations.
+-- Per handler: attempts finished since :since, how many succeeded, nearest-rank p50/p95 durations.
 SELECT d.handler, count(*) AS attempts, count(*) FILTER (WHERE a.outcome = 'ok') AS succeeded,
     percentile_disc(0.5) WITHIN GROUP (
         ORDER BY extract(epoch FROM a.finished_at - a.started_at)::float8) AS p50_seconds,
     percentile_disc(0.95) WITHIN GROUP (
         ORDER BY extract(epoch FROM a.finished_at - a.started_at)::float8) AS p95_seconds
 FROM attempts AS a JOIN deliveries AS d ON d.id = a.delivery_id
-WHERE a.finished_at >= $1
+WHERE a.finished_at >= :since
 GROUP BY d.handler
 
 -- name: handler_last_errors
--- Per handler: the latest failed attempt finished since $1.
+-- Per handler: the latest failed attempt finished since :since.
 SELECT DISTINCT ON (d.handler) d.handler, a.error AS last_error, a.finished_at AS last_error_at
 FROM attempts AS a JOIN deliveries AS d ON d.id = a.delivery_id
-WHERE a.finished_at >= $1 AND a.error IS NOT NULL
+WHERE a.finished_at >= :since AND a.error IS NOT NULL
 ORDER BY d.handler, a.finished_at DESC, a.id DESC

@@ -1,5 +1,6 @@
 -- The named queries of the SQLite store (store/queries.py). Times are epoch seconds (REAL).
--- Parameters are named (:name). The SHARED queries return the same columns as PostgreSQL's.
+-- Parameters are named (:name), as in PostgreSQL's file. A block may hold several statements
+-- (`;`-separated): the driver runs them in order; a count is the last one's. The SHARED queries return the same columns as PostgreSQL's.
 
 -- name: claim
 -- Lease up to :limit due deliveries of :handler, oldest due first, with their event's body.
@@ -21,13 +22,22 @@ RETURNING id, event_id, handler, attempts, lease_token, next_attempt_at, created
     (SELECT trace_context FROM events WHERE events.id = deliveries.event_id) AS trace_context
 
 -- name: finish
--- An outcome, only for the live claim: same token, still pending, still leased.
--- :result is the handler's JSON object (completions only), else NULL. :refund is 1 for a retry
--- that does not spend the budget (a 429, docs/delivery.md): the claim's attempt is undone.
-UPDATE deliveries SET status = :status, lease_until = NULL, next_attempt_at = :next_attempt_at,
-    last_error = :error, result = :result, updated_at = :now,
+-- An outcome and its attempt, only for the live claim: same token, still pending, still
+-- leased. Two statements (the driver runs each; the count is the last one's): the attempt row
+-- first, numbered as the claim left the delivery, then the delivery. :status is the new status,
+-- :next_attempt_at the next attempt's time (a retry) or NULL (unchanged), :result the handler's
+-- JSON object (completions only) or NULL, :refund 1 for a retry that does not spend the budget
+-- (a 429, docs/delivery.md): the claim's attempt is undone.
+INSERT INTO attempts (delivery_id, attempt, started_at, finished_at, outcome, error, duration_ms)
+SELECT id, attempts, :started_at, :finished_at, :outcome, :error,
+    (:finished_at - :started_at) * 1000.0
+FROM deliveries
+WHERE id = :id AND lease_token = :lease_token AND status = 'pending' AND lease_until IS NOT NULL;
+UPDATE deliveries SET status = :status, lease_until = NULL,
+    next_attempt_at = coalesce(:next_attempt_at, next_attempt_at),
+    last_error = :error, result = :result, updated_at = :finished_at,
     attempts = max(attempts - :refund, 0)
-WHERE id = :id AND lease_token = :lease_token AND status = 'pending' AND lease_until IS NOT NULL
+WHERE id = :id AND lease_token = :lease_token AND status = 'pending' AND lease_until IS NOT NULL;
 
 -- name: end_revoked
 -- The attempt of claim :lease_token has ended, and a reset revoked it since (the token moved
@@ -38,9 +48,6 @@ UPDATE deliveries SET lease_until = NULL
 WHERE id = :id AND lease_token = :lease_token + 1 AND attempts = 0 AND status = 'pending'
   AND lease_until IS NOT NULL
 
--- name: insert_attempt
-INSERT INTO attempts (delivery_id, attempt, started_at, finished_at, outcome, error, duration_ms)
-VALUES (:delivery_id, :attempt, :started_at, :finished_at, :outcome, :error, :duration_ms)
 
 -- name: release
 -- Give a live claim back: due at once (next_attempt_at unchanged), attempt undone, token on.
@@ -48,7 +55,8 @@ UPDATE deliveries SET lease_until = NULL, attempts = max(attempts - 1, 0),
     lease_token = lease_token + 1, updated_at = coalesce(:now, updated_at)
 WHERE id = :id AND lease_token = :lease_token AND status = 'pending' AND lease_until IS NOT NULL
 
--- name: event_exists
+-- name: lock_event
+-- One writer: nothing to lock, only whether the event is stored.
 SELECT 1 FROM events WHERE id = :event_id
 
 -- name: replay_all
@@ -59,12 +67,18 @@ UPDATE deliveries SET status = 'pending', attempts = 0, lease_token = lease_toke
     lease_until = CASE WHEN lease_until > :now THEN lease_until END, last_error = NULL, next_attempt_at = :now, updated_at = :now
 WHERE event_id = :event_id
 
--- name: replay_handler
+-- name: replay_handlers
+-- Each of :handlers (a JSON array) reset as replay_all resets, or created when missing.
 INSERT INTO deliveries (event_id, handler, status, next_attempt_at, created_at, updated_at)
-VALUES (:event_id, :handler, 'pending', :now, :now, :now)
+SELECT :event_id, value, 'pending', :now, :now, :now FROM json_each(:handlers) WHERE true
 ON CONFLICT (event_id, handler) DO UPDATE SET status = 'pending', attempts = 0,
-    lease_token = lease_token + 1, lease_until = CASE WHEN lease_until > :now THEN lease_until END, last_error = NULL,
+    lease_token = lease_token + 1,
+    lease_until = CASE WHEN lease_until > :now THEN lease_until END, last_error = NULL,
     next_attempt_at = :now, updated_at = :now
+
+-- name: lock_events
+-- replay_many: the batch's events (a JSON array of ids) still stored (one writer: no lock).
+SELECT id FROM events WHERE id IN (SELECT value FROM json_each(:ids)) ORDER BY id
 
 -- name: replay_many_all
 -- replay_many without handlers: every delivery of the batch's events (a JSON array of ids),
@@ -88,26 +102,34 @@ FROM events AS e, json_each(:handlers) AS h
 WHERE e.id IN (SELECT value FROM json_each(:ids))
 ON CONFLICT (event_id, handler) DO NOTHING
 
+-- name: lock_dead_events
+-- One writer: nothing to lock (PostgreSQL locks the events against a concurrent prune).
+SELECT 1
+
 -- name: retry_dead
 UPDATE deliveries SET status = 'pending', attempts = 0, lease_token = lease_token + 1,
     lease_until = CASE WHEN lease_until > :now THEN lease_until END, last_error = NULL, next_attempt_at = :now, updated_at = :now
 WHERE status = 'dead' AND (:handler IS NULL OR handler = :handler)
 
--- name: prunable
+-- name: prune_lock
+-- One writer: pruning never runs beside another prune.
+SELECT 1
+
+-- name: prune_candidates
 SELECT id FROM events AS e
 WHERE received_at < :cutoff
   AND NOT EXISTS (SELECT 1 FROM deliveries AS d WHERE d.event_id = e.id AND d.status = 'pending')
 LIMIT :limit
 
--- name: prune_attempts
+-- name: prune_delete
+-- The candidates (a JSON array of ids) with their deliveries and attempts, in three statements
+-- (the count is the last one's: the events).
 DELETE FROM attempts WHERE delivery_id IN
-    (SELECT id FROM deliveries WHERE event_id IN (SELECT value FROM json_each(:ids)))
+    (SELECT id FROM deliveries WHERE event_id IN (SELECT value FROM json_each(:ids)));
+DELETE FROM deliveries WHERE event_id IN (SELECT value FROM json_each(:ids));
+DELETE FROM events WHERE id IN (SELECT value FROM json_each(:ids));
 
--- name: prune_deliveries
-DELETE FROM deliveries WHERE event_id IN (SELECT value FROM json_each(:ids))
 
--- name: prune_events
-DELETE FROM events WHERE id IN (SELECT value FROM json_each(:ids))
 
 -- name: stats
 -- Per handler: the pending counts use the partial claim index (handler first, so the groups come

@@ -1,0 +1,115 @@
+"""The sync driver of the outbox's flows (``store/outbox.py``) on an SQLite connection.
+
+``drive(conn, flow, *args)`` runs one flow to its end on the connection it is given: the
+writer's (thread or child process, inside the writer's transaction: ``writer.run_job``) or
+the reader's. It is module-level, like the flows, so the writer process receives
+``(drive, (flow, *args))`` pickled and builds the generator itself.
+
+Values are converted to what the file holds: an aware ``datetime`` to epoch seconds (REAL),
+a ``timedelta`` to seconds, a list or tuple to JSON text (the queries read it with
+``json_each``). A query block of several statements runs them in order; its count is the
+last one's.
+"""
+
+from __future__ import annotations
+
+import functools
+import sqlite3
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+import orjson
+
+from ..outbox import Flow, Nudge, Query
+from ..queries import load
+
+T = TypeVar("T")
+Q = load("sqlite")
+
+
+def epoch(value: datetime) -> float:
+    """A store time as epoch seconds; ``ValueError`` for a naive datetime."""
+    if value.tzinfo is None:
+        raise ValueError("store times must be timezone-aware (UTC)")
+    return value.timestamp()
+
+
+def at(value: float) -> datetime:
+    """An epoch-seconds column as an aware UTC datetime."""
+    return datetime.fromtimestamp(value, UTC)
+
+
+def _value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return epoch(value)
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, list | tuple):
+        return orjson.dumps(value).decode()
+    return value
+
+
+def split_script(script: str) -> list[str]:
+    """The statements of a script, in order (``executescript`` would commit the caller's
+    transaction); a trailing comment is not a statement."""
+    found, pending = [], ""
+    for line in script.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            found.append(pending.strip())
+            pending = ""
+    if any(line.strip() and not line.lstrip().startswith("--") for line in pending.splitlines()):
+        found.append(pending.strip())
+    return found
+
+
+@functools.cache
+def statements(name: str) -> tuple[str, ...]:
+    """The statements of the named query, in order (most blocks hold one)."""
+    return tuple(split_script(Q[name]))
+
+
+def run_query(conn: sqlite3.Connection, query: Query) -> Any:
+    """One query's result, in the shape it asked for."""
+    params = {key: _value(value) for key, value in query.params.items()}
+    *first, last = statements(query.name)
+    for statement in first:
+        conn.execute(statement, params)
+    cursor = conn.execute(last, params)
+    shape, mapper = query.shape, query.row
+    if shape == "rowcount":
+        return cursor.rowcount
+    if shape == "rows":
+        found = cursor.fetchall()
+        return found if mapper is None else [mapper(row, at) for row in found]
+    row = cursor.fetchone()
+    if row is None:
+        return None
+    if shape == "value":
+        return row[0]
+    return row if mapper is None else mapper(row, at)
+
+
+def drive(conn: sqlite3.Connection, flow: Callable[..., Flow[T]], *args: Any) -> tuple[T, bool]:
+    """Run ``flow(*args)`` on ``conn``: its result, and whether it nudged (made work due)."""
+    steps = flow(*args)
+    nudged = False
+    try:
+        step = next(steps)
+        while True:
+            if isinstance(step, Nudge):
+                nudged = True
+                step = steps.send(None)
+            else:
+                step = steps.send(run_query(conn, step))
+    except StopIteration as stop:
+        return stop.value, nudged
+
+
+def read(conn: sqlite3.Connection, flow: Callable[..., Flow[T]], *args: Any) -> T:
+    """``drive`` for a flow that only reads (on the reader): its result."""
+    return drive(conn, flow, *args)[0]
+
+
+__all__ = ["at", "drive", "epoch", "read", "run_query", "split_script", "statements"]
