@@ -78,7 +78,7 @@ async def metrics_endpoint(request: Request) -> Response:
         async with asyncio.timeout(PING_TIMEOUT_SECONDS):
             await state.store.ping()
         async with asyncio.timeout(PING_TIMEOUT_SECONDS):
-            stats = await state.store.stats(now=datetime.now(UTC))
+            stats = await state.store.stats(now=datetime.now(UTC), after=state.handlers.after)
     except (StoreUnavailable, TimeoutError):
         metrics.ready.set(0)
     else:

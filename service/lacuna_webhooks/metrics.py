@@ -56,13 +56,15 @@ class Metrics:
         )
         self.queue_depth = Gauge(
             f"{PREFIX}_queue_depth",
-            "Pending deliveries, by state (due, running, waiting for a retry) and dead ones.",
+            "Pending deliveries, by state (due, running, waiting for a retry or a prerequisite "
+            "handler) and dead ones.",
             ["state"],
             registry=r,
         )
         self.handler_queue_depth = Gauge(
             f"{PREFIX}_handler_queue_depth",
-            "Pending deliveries of each handler, by state (due, running, waiting for a retry) "
+            "Pending deliveries of each handler, by state (due, running, waiting for a retry or "
+            "a prerequisite handler) "
             "and its dead ones; read from the store at each scrape.",
             ["handler", "state"],
             registry=r,

@@ -455,6 +455,32 @@ async def test_stats_counts_the_outbox(store: Store) -> None:
     assert stats.oldest_due_age_seconds == pytest.approx(27.0)
 
 
+async def test_stats_counts_a_delivery_held_by_after_as_waiting(store: Store) -> None:
+    """A due delivery held back by ``LACUNA_<NAME>_AFTER`` (a prerequisite handler's delivery
+    of the same event still pending: ``claim`` will not take it) is not due: it counts as
+    pending-not-due (the ``waiting`` gauge) and not in the oldest due age, until the
+    prerequisite is done. Without ``after`` nothing is held."""
+    await store.accept(event("evt_held"), ["a", "b"], now=NOW)
+    await store.accept(event("evt_free"), ["b"], now=NOW + 10 * SECOND)
+    now = NOW + timedelta(seconds=60)
+    after = {"b": ("a",)}
+    stats = await store.stats(now=now, after=after)
+    b = stats.by_handler["b"]
+    assert (b.pending, b.due, b.running) == (2, 1, 0)  # evt_held's b waits for its a
+    assert b.oldest_due_age_seconds == pytest.approx(50.0)  # evt_free, not evt_held
+    assert (stats.pending, stats.due) == (3, 2)
+    assert (await store.stats(now=now)).by_handler["b"].due == 2
+    assert [
+        d.event.id
+        for d in await store.claim(handler="b", limit=5, lease=LEASE, now=now, after=("a",))
+    ] == ["evt_free"]
+    prerequisite = await claim_one(store, "a", now)
+    held = await store.stats(now=now, after=after)
+    assert held.by_handler["b"].due == 0  # evt_free is running, evt_held still held
+    await store.complete(prerequisite, attempt(AttemptOutcome.OK, at=now))
+    assert (await store.stats(now=now, after=after)).by_handler["b"].due == 1
+
+
 async def test_stats_by_handler(store: Store) -> None:
     """``by_handler``: the same figures per handler, summing to the totals; a handler with
     only done deliveries does not appear; one with only dead ones does."""

@@ -176,7 +176,7 @@ class Dispatcher:
             while True:
                 progress = self._progress  # taken first, so no progress between checks is missed
                 if not self._inflight:
-                    stats = await self.store.stats(now=self.clock())
+                    stats = await self.store.stats(now=self.clock(), after=self.handlers.after)
                     if stats.due == 0 and not self._inflight:
                         return
                 await progress.wait()

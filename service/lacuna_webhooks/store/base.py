@@ -373,7 +373,13 @@ class Store(Protocol):
 
     async def wait_for_work(self, timeout_seconds: float) -> None: ...
 
-    async def stats(self, *, now: datetime) -> QueueStats: ...
+    async def stats(
+        self, *, now: datetime, after: Mapping[str, Sequence[str]] | None = None
+    ) -> QueueStats:
+        """The outbox's figures at ``now``. ``after`` (handler -> its prerequisite handlers,
+        ``LACUNA_<NAME>_AFTER``) says which due deliveries ``claim`` holds back: those count
+        as pending but not due (nor in the oldest due age) while a prerequisite's delivery of
+        the same event is pending."""
 
     async def prune(self, *, received_before: datetime) -> int:
         """Delete events received before the cutoff whose deliveries are all done or dead

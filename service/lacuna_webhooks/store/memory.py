@@ -18,7 +18,7 @@ import copy
 import itertools
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -371,7 +371,9 @@ class MemoryStore:
             return
         self._nudge.clear()
 
-    async def stats(self, *, now: datetime) -> QueueStats:
+    async def stats(
+        self, *, now: datetime, after: Mapping[str, Sequence[str]] | None = None
+    ) -> QueueStats:
         async with self._lock:
             self._check()
             rows = list(self._deliveries.values())
@@ -379,8 +381,14 @@ class MemoryStore:
         for row in rows:
             if row.status is not DeliveryStatus.DONE:
                 by_handler.setdefault(row.handler, []).append(row)
+        pending = {(r.event_id, r.handler) for r in rows if r.status is DeliveryStatus.PENDING}
+        prerequisites = after or {}
+
+        def held(row: _DeliveryRow) -> bool:
+            return any((row.event_id, p) in pending for p in prerequisites.get(row.handler, ()))
+
         return QueueStats.combine(
-            {handler: _queue_stats(mine, now) for handler, mine in sorted(by_handler.items())}
+            {handler: _queue_stats(mine, now, held) for handler, mine in sorted(by_handler.items())}
         )
 
     async def prune(self, *, received_before: datetime) -> int:
@@ -794,10 +802,12 @@ def _conforms(store: MemoryStore) -> Store:
 __all__ = ["MemoryStore"]
 
 
-def _queue_stats(rows: list[_DeliveryRow], now: datetime) -> QueueStats:
-    """``stats`` of one handler's pending and dead deliveries."""
+def _queue_stats(
+    rows: list[_DeliveryRow], now: datetime, held: Callable[[_DeliveryRow], bool]
+) -> QueueStats:
+    """``stats`` of one handler's pending and dead deliveries (``held``: by AFTER)."""
     pending = [r for r in rows if r.status is DeliveryStatus.PENDING]
-    due = [r for r in pending if r.due(now)]
+    due = [r for r in pending if r.due(now) and not held(r)]
     running = [r for r in pending if r.lease_until is not None and r.lease_until > now]
     oldest = min((r.next_attempt_at for r in due), default=now)
     return QueueStats(

@@ -326,9 +326,19 @@ def prune_chunk(cutoff: datetime, limit: int) -> Flow[int]:
 # --- reads ----------------------------------------------------------------------------------
 
 
-def stats(now: datetime) -> Flow[QueueStats]:
-    """The outbox per handler (a handler's rows may come in parts: summed)."""
-    found: list[rows.QueueRow] = yield Query("stats", {"now": now}, "rows", rows.queue_row)
+def held_by(after: Mapping[str, Sequence[str]] | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``LACUNA_<NAME>_AFTER`` as two parallel lists, (handler, prerequisite) pairs: what the
+    ``stats`` queries take (plain values for the writer process)."""
+    pairs = [(h, p) for h, prerequisites in (after or {}).items() for p in prerequisites]
+    return tuple(h for h, _ in pairs), tuple(p for _, p in pairs)
+
+
+def stats(now: datetime, held: tuple[Sequence[str], Sequence[str]]) -> Flow[QueueStats]:
+    """The outbox per handler (a handler's rows may come in parts: summed). ``held``
+    (``held_by``): a due delivery of a handler waiting for a prerequisite's pending delivery
+    of the same event is not due."""
+    params = {"now": now, "held_handler": list(held[0]), "held_by": list(held[1])}
+    found: list[rows.QueueRow] = yield Query("stats", params, "rows", rows.queue_row)
     by_handler: dict[str, QueueStats] = {}
     for part in found:
         age = 0.0 if part.oldest_due is None else max(0.0, (now - part.oldest_due).total_seconds())

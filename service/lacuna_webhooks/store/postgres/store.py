@@ -35,7 +35,7 @@ import functools
 import importlib.resources
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -454,9 +454,11 @@ class PostgresStore:
 
     # -- admin and metrics ---------------------------------------------------------------------
 
-    async def stats(self, *, now: datetime) -> QueueStats:
+    async def stats(
+        self, *, now: datetime, after: Mapping[str, Sequence[str]] | None = None
+    ) -> QueueStats:
         """Due times against ``now``, leases against the database's clock (as ``claim``)."""
-        return await self._run(outbox.stats, _utc(now), write=False)
+        return await self._run(outbox.stats, _utc(now), outbox.held_by(after), write=False)
 
     async def prune(self, *, received_before: datetime) -> int:
         """Delete events received before the cutoff whose deliveries are all done or dead.

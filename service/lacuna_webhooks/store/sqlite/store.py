@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import functools
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -269,8 +269,10 @@ class SQLiteStore:
         as it was: it was due when claimed, so it is due at once and keeps its place in line."""
         return await self._run(outbox.release, delivery.id, delivery.lease_token, now)
 
-    async def stats(self, *, now: datetime) -> QueueStats:
-        return await self._read(outbox.stats, now)
+    async def stats(
+        self, *, now: datetime, after: Mapping[str, Sequence[str]] | None = None
+    ) -> QueueStats:
+        return await self._read(outbox.stats, now, outbox.held_by(after))
 
     # --- maintenance and admin ---------------------------------------------------------------
 

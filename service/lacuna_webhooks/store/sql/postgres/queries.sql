@@ -102,18 +102,26 @@ WHERE id = :id AND lease_token = :lease_token
 RETURNING id
 
 -- name: stats
--- Per handler, over the open index (done rows, the bulk, stay out of it).
+-- Per handler, over the open index (done rows, the bulk, stay out of it). A delivery held back
+-- by LACUNA_<NAME>_AFTER is not due (claim will not take it): :held_handler and :held_by are
+-- parallel arrays of (handler, prerequisite) pairs.
 SELECT handler,
     count(*) FILTER (WHERE status = 'pending') AS pending,
-    count(*) FILTER (WHERE status = 'pending' AND next_attempt_at <= :now
-                     AND (lease_until IS NULL OR lease_until <= now())) AS due,
+    count(*) FILTER (WHERE due AND NOT held) AS due,
     count(*) FILTER (WHERE status = 'pending' AND lease_until > now()) AS running,
     count(*) FILTER (WHERE status = 'dead') AS dead,
-    min(next_attempt_at) FILTER (
-        WHERE status = 'pending' AND next_attempt_at <= :now
-          AND (lease_until IS NULL OR lease_until <= now())) AS oldest_due
-FROM deliveries
-WHERE status <> 'done'
+    min(next_attempt_at) FILTER (WHERE due AND NOT held) AS oldest_due
+FROM (
+    SELECT d.*, due,
+        due AND cardinality(:held_by::text[]) > 0 AND EXISTS (
+            SELECT 1 FROM unnest(:held_handler::text[], :held_by::text[]) AS r(handler, prerequisite)
+            JOIN deliveries AS p ON p.event_id = d.event_id AND p.handler = r.prerequisite
+            WHERE r.handler = d.handler AND p.status = 'pending') AS held
+    FROM deliveries AS d
+    CROSS JOIN LATERAL (SELECT d.status = 'pending' AND d.next_attempt_at <= :now
+        AND (d.lease_until IS NULL OR d.lease_until <= now()) AS due) AS t
+    WHERE d.status <> 'done'
+) AS open
 GROUP BY handler
 
 -- name: prune_lock

@@ -134,13 +134,27 @@ DELETE FROM events WHERE id IN (SELECT value FROM json_each(:ids));
 -- name: stats
 -- Per handler: the pending counts use the partial claim index (handler first, so the groups come
 -- in order), the dead counts the partial dead index; done rows (the bulk) are never read.
+-- A delivery held back by LACUNA_<NAME>_AFTER is not due (claim will not take it): :held_handler
+-- and :held_by are parallel JSON arrays of (handler, prerequisite) pairs.
 SELECT handler, count(*) AS pending,
-    count(*) FILTER (WHERE next_attempt_at <= :now AND coalesce(lease_until, 0) <= :now) AS due,
+    count(*) FILTER (WHERE next_attempt_at <= :now AND coalesce(lease_until, 0) <= :now
+        AND NOT held) AS due,
     count(*) FILTER (WHERE lease_until > :now) AS running,
     0 AS dead,
     min(next_attempt_at) FILTER
-        (WHERE next_attempt_at <= :now AND coalesce(lease_until, 0) <= :now) AS oldest_due
-FROM deliveries WHERE status = 'pending' GROUP BY handler
+        (WHERE next_attempt_at <= :now AND coalesce(lease_until, 0) <= :now
+         AND NOT held) AS oldest_due
+FROM (
+    SELECT handler, next_attempt_at, lease_until,
+        :held_by <> '[]' AND next_attempt_at <= :now AND coalesce(lease_until, 0) <= :now
+        AND EXISTS (
+            SELECT 1 FROM json_each(:held_handler) AS h
+            JOIN json_each(:held_by) AS b ON b.key = h.key
+            JOIN deliveries AS p ON p.event_id = d.event_id AND p.handler = b.value
+            WHERE h.value = d.handler AND p.status = 'pending') AS held
+    FROM deliveries AS d WHERE status = 'pending'
+)
+GROUP BY handler
 UNION ALL
 SELECT handler, 0, 0, 0, count(*), NULL FROM deliveries WHERE status = 'dead' GROUP BY handler
 
