@@ -1,7 +1,7 @@
 """Dispatch-side store throughput: N claim + complete cycles, no handler in between.
 
 ``python bench/claim_cycle.py [--events N] [--batch B] [--backend sqlite|postgres]
-[--synchronous full|normal] [--dsn DSN]``
+[--synchronous full|normal] [--process] [--dsn DSN]``
 accepts N events for one handler, then claims them B at a time and completes each, and
 prints one line: ``<backend> cycles/s <figure>``. Run it with ``PYTHONPATH`` set to another
 checkout's ``service`` folder to measure that checkout's store (the store/outbox.py change
@@ -52,12 +52,15 @@ async def main() -> None:
     parser.add_argument("--backend", choices=["sqlite", "postgres"], default="sqlite")
     parser.add_argument("--dsn", default="postgresql://postgres@127.0.0.1:5432/test")
     parser.add_argument("--synchronous", default="full", choices=["full", "normal"])
+    parser.add_argument("--process", action="store_true", help="SQLite: the writer process")
     parser.add_argument("--scratch", default="lacuna_claim_cycle", help="database to (re)make")
     args = parser.parse_args()
     store: Store
     if args.backend == "sqlite":
         folder = tempfile.mkdtemp(prefix="lacuna-cycle-")
-        store = SQLiteStore(str(Path(folder) / "cycle.db"), synchronous=args.synchronous)
+        store = SQLiteStore(
+            str(Path(folder) / "cycle.db"), synchronous=args.synchronous, process=args.process
+        )
     else:
         import asyncpg
 

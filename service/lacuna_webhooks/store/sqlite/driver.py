@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import orjson
 
-from ..outbox import Flow, Nudge, Query
+from ..outbox import Flow, Query
 from ..queries import load
 
 T = TypeVar("T")
@@ -40,14 +40,22 @@ def at(value: float) -> datetime:
     return datetime.fromtimestamp(value, UTC)
 
 
-def _value(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return epoch(value)
-    if isinstance(value, timedelta):
-        return value.total_seconds()
-    if isinstance(value, list | tuple):
-        return orjson.dumps(value).decode()
-    return value
+def _json(value: list[Any] | tuple[Any, ...]) -> str:
+    return orjson.dumps(value).decode()
+
+
+def _seconds(value: timedelta) -> float:
+    return value.total_seconds()
+
+
+# By exact type (a dict lookup per value: the dispatcher's hot path runs this for every
+# parameter); other values are taken as they are.
+_CONVERT: dict[type, Callable[[Any], Any]] = {
+    datetime: epoch,
+    timedelta: _seconds,
+    list: _json,
+    tuple: _json,
+}
 
 
 def split_script(script: str) -> list[str]:
@@ -72,7 +80,11 @@ def statements(name: str) -> tuple[str, ...]:
 
 def run_query(conn: sqlite3.Connection, query: Query) -> Any:
     """One query's result, in the shape it asked for."""
-    params = {key: _value(value) for key, value in query.params.items()}
+    convert = _CONVERT.get
+    params = {
+        key: value if (to := convert(type(value))) is None else to(value)
+        for key, value in query.params.items()
+    }
     *first, last = statements(query.name)
     for statement in first:
         conn.execute(statement, params)
@@ -98,11 +110,11 @@ def drive(conn: sqlite3.Connection, flow: Callable[..., Flow[T]], *args: Any) ->
     try:
         step = next(steps)
         while True:
-            if isinstance(step, Nudge):
+            if isinstance(step, Query):
+                step = steps.send(run_query(conn, step))
+            else:  # NUDGE
                 nudged = True
                 step = steps.send(None)
-            else:
-                step = steps.send(run_query(conn, step))
     except StopIteration as stop:
         return stop.value, nudged
 
