@@ -1,17 +1,25 @@
 """Start a child process of our own: this interpreter running one of the package's
-``child_main(fd)`` functions over a socket pair.
+``child_main(fd)`` functions over a socket pair, and the frames both sides exchange.
 
 Used by the SQLite writer process (``store.sqlite.process``) and the handler worker
 processes (``dispatch.workers``). Imports nothing of the package's.
+
+A frame is a 4-byte big-endian length and that many bytes (what they hold, pickle or JSON,
+is the caller's business). Each reader passes its own bound on the length: a larger prefix
+means the stream is corrupt (``ValueError``), and nothing that large is allocated.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 import subprocess
 import sys
 from pathlib import Path
+from typing import BinaryIO
+
+_LEN = struct.Struct("!I")
 
 # The folder holding the ``lacuna_webhooks`` package: the child imports the same code as the
 # parent, installed or not (a checkout run with PYTHONPATH, as ``make bench`` does).
@@ -44,4 +52,51 @@ async def start_child(module: str, theirs: socket.socket) -> asyncio.subprocess.
         theirs.close()
 
 
-__all__ = ["start_child"]
+def frame(payload: bytes) -> bytes:
+    """``payload`` with its length prefix."""
+    return _LEN.pack(len(payload)) + payload
+
+
+def _size(head: bytes | bytearray, max_bytes: int) -> int:
+    (size,) = _LEN.unpack(head)
+    if size > max_bytes:
+        raise ValueError(f"a frame of {size} bytes (at most {max_bytes})")
+    return int(size)
+
+
+async def read_frame(reader: asyncio.StreamReader, max_bytes: int) -> bytes:
+    """One frame's payload; raises ``asyncio.IncompleteReadError`` at EOF (also within a
+    frame) and ``ValueError`` for a length over ``max_bytes``."""
+    size = _size(await reader.readexactly(_LEN.size), max_bytes)
+    return await reader.readexactly(size)
+
+
+def take_frames(buffer: bytearray, max_bytes: int) -> list[bytes]:
+    """Remove the complete frames at the start of ``buffer`` and return their payloads (for a
+    protocol's ``data_received``); a partial frame stays. ``ValueError`` as ``read_frame``."""
+    payloads: list[bytes] = []
+    start = 0
+    end = len(buffer)
+    while end - start >= _LEN.size:
+        size = _size(buffer[start : start + _LEN.size], max_bytes)
+        if end - start - _LEN.size < size:
+            break
+        start += _LEN.size
+        payloads.append(bytes(buffer[start : start + size]))
+        start += size
+    del buffer[:start]
+    return payloads
+
+
+def read_frame_blocking(stream: BinaryIO, max_bytes: int) -> bytes | None:
+    """The same from a blocking binary stream (a socket's ``makefile("rb")``): ``None`` at
+    EOF, also within a frame; ``ValueError`` for a length over ``max_bytes``."""
+    head = stream.read(_LEN.size)
+    if len(head) < _LEN.size:
+        return None
+    size = _size(head, max_bytes)
+    data = stream.read(size)
+    return data if len(data) == size else None
+
+
+__all__ = ["frame", "read_frame", "read_frame_blocking", "start_child", "take_frames"]

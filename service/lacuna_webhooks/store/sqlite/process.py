@@ -38,13 +38,12 @@ import pickle
 import signal
 import socket
 import sqlite3
-import struct
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
-from ...child import start_child
+from ...child import frame, read_frame_blocking, start_child, take_frames
 from ...errors import StoreUnavailable
 from .writer import MAX_BATCH, RowRefused, run_job, write_batch
 
@@ -53,7 +52,6 @@ logger = logging.getLogger(__name__)
 RowT = TypeVar("RowT", bound=tuple[Any, ...])
 T = TypeVar("T")
 
-_LEN = struct.Struct("!I")
 #: A batch also stops growing at this many bytes of rows (large bodies are copied into the
 #: frame and again in the child): a burst of big events makes several commits, not one huge one.
 MAX_BATCH_BYTES = 16 * 1024 * 1024
@@ -63,14 +61,17 @@ RESTART_DELAYS_SECONDS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 #: operation comes near it: a batch commits in milliseconds, SQLite's busy timeout is 5 s.
 STALL_SECONDS = 60.0
 WATCH_INTERVAL_SECONDS = 5.0
+#: No request or reply comes near this (a batch is at most MAX_BATCH_BYTES of rows, or one
+#: event of at most LACUNA_MAX_BODY_BYTES; a job's answer is one page of a listing): a larger
+#: length prefix means the stream is corrupt.
+MAX_FRAME_BYTES = 1024 * 1024 * 1024
 
 #: A reply: ("ok", value) | ("unavailable", message) | ("error", exception)
 _Reply = tuple[str, Any]
 
 
 def _frame(message: object) -> bytes:
-    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    return _LEN.pack(len(data)) + data
+    return frame(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 class _State(enum.Enum):
@@ -81,30 +82,72 @@ class _State(enum.Enum):
     STOPPED = "stopped"
 
 
-class _Link:
-    """One child process and the socket to it."""
+class _Link(asyncio.Protocol):
+    """One child process and the socket to it.
 
-    def __init__(
-        self,
-        proc: asyncio.subprocess.Process,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-    ) -> None:
+    Replies are handled in ``data_received``, in the loop turn that reads them: the next
+    batch then leaves in that same turn. (A stream reader would wake a reader task one turn
+    later; under load a turn of the intake loop takes about a millisecond, which every group
+    commit waited for: docs/performance.md, 2026-12-01 "the tail".)
+    """
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.proc = proc
-        self.reader = reader
-        self.writer = writer
+        self.transport: asyncio.Transport | None = None
+        self._buffer = bytearray()
+        self._early: collections.deque[_Reply] = collections.deque()
+        self._arrived = asyncio.Event()
+        #: Called with each reply once set (before, replies wait for ``read()``).
+        self.on_reply: Callable[[_Reply], None] | None = None
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # A socket's transport (uvloop's does not subclass asyncio.Transport).
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        try:
+            for payload in take_frames(self._buffer, MAX_FRAME_BYTES):
+                # Our own child, over a socket pair nobody else holds: not untrusted data.
+                reply: _Reply = pickle.loads(payload)  # noqa: S301
+                if self.on_reply is None:
+                    self._early.append(reply)
+                    self._arrived.set()
+                else:
+                    self.on_reply(reply)
+        except Exception as exc:  # a reply that makes no sense: treat the child as lost
+            logger.error("store.sqlite.writer_protocol_error: %r", exc)
+            self._buffer.clear()
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            if self.transport is not None:
+                self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(None)
+        self._arrived.set()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
 
     async def read(self) -> _Reply:
-        (size,) = _LEN.unpack(await self.reader.readexactly(_LEN.size))
-        # Our own child, over a socket pair nobody else holds: not untrusted data.
-        reply: _Reply = pickle.loads(await self.reader.readexactly(size))  # noqa: S301
-        return reply
+        """The next reply, before ``on_reply`` is set (the hello's); ``ConnectionError`` if the
+        child went away first."""
+        while not self._early:
+            if self.lost.done():
+                raise ConnectionError("the SQLite writer process closed its socket")
+            self._arrived.clear()
+            await self._arrived.wait()
+        return self._early.popleft()
 
     async def close(self) -> int:
         """Close the socket (the child exits on EOF) and reap the child; its exit code."""
-        self.writer.close()
-        with contextlib.suppress(ConnectionError):
-            await self.writer.wait_closed()
+        if self.transport is not None:
+            self.transport.close()
+        await self.lost
         return await self.proc.wait()
 
 
@@ -194,15 +237,17 @@ class ProcessWriter(Generic[RowT]):
         except OSError as exc:
             parent.close()
             raise StoreUnavailable(f"Cannot start the SQLite writer process: {exc}") from exc
-        reader, writer = await asyncio.open_unix_connection(sock=parent)
-        link = _Link(proc, reader, writer)
-        writer.write(_frame(self._hello))
+        _, link = await asyncio.get_running_loop().create_unix_connection(
+            functools.partial(_Link, proc), sock=parent
+        )
+        link.write(_frame(self._hello))
         try:
             kind, value = await link.read()
         except asyncio.CancelledError:
-            link.writer.close()  # stopped while the child was opening: it exits on EOF
+            if link.transport is not None:
+                link.transport.close()  # stopped while the child was opening: it exits on EOF
             raise
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except ConnectionError:
             code_ = await link.close()
             raise StoreUnavailable(
                 f"The SQLite writer process exited while opening the database ({code_})."
@@ -211,6 +256,7 @@ class ProcessWriter(Generic[RowT]):
             await link.close()
             raise StoreUnavailable(str(value))
         self._link = link
+        link.on_reply = self._on_reply
         self._reader = asyncio.create_task(self._read_replies(link), name=f"{self._name}-reader")
         self._watcher = asyncio.create_task(self._watch(link), name=f"{self._name}-watch")
 
@@ -244,7 +290,7 @@ class ProcessWriter(Generic[RowT]):
     def _send(
         self, link: _Link, request: tuple[Any, ...], on_reply: Callable[[_Reply], None]
     ) -> None:
-        link.writer.write(_frame(request))
+        link.write(_frame(request))
         self._replies.append((on_reply, time.monotonic()))
         self._idle.clear()
 
@@ -292,18 +338,12 @@ class ProcessWriter(Generic[RowT]):
         if not self._replies and not self._pending:
             self._idle.set()
 
+    def _on_reply(self, reply: _Reply) -> None:
+        self._replies.popleft()[0](reply)
+        self._check_idle()
+
     async def _read_replies(self, link: _Link) -> None:
-        try:
-            while True:
-                reply = await link.read()
-                self._replies.popleft()[0](reply)
-                self._check_idle()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass  # the child exited (or was stopped)
-        except Exception as exc:  # a reply that makes no sense: treat the child as lost
-            logger.error("store.sqlite.writer_protocol_error: %r", exc)
-            with contextlib.suppress(ProcessLookupError):
-                link.proc.kill()
+        await link.lost  # the child exited, was stopped, or made no sense (data_received)
         if self._link is link:  # the child died under us (not a stop)
             await self._lost(link)
 
@@ -392,12 +432,8 @@ def child_main(fd: int) -> int:
     stream = sock.makefile("rb")
 
     def read() -> Any:
-        head = stream.read(_LEN.size)
-        if len(head) < _LEN.size:
-            return None
-        (size,) = _LEN.unpack(head)
-        data = stream.read(size)
-        return pickle.loads(data) if len(data) == size else None  # noqa: S301 (our parent)
+        data = read_frame_blocking(stream, MAX_FRAME_BYTES)
+        return None if data is None else pickle.loads(data)  # noqa: S301 (our parent)
 
     def answer(reply: _Reply) -> None:
         try:
@@ -427,6 +463,9 @@ def child_main(fd: int) -> int:
             conn.close()
     except (BrokenPipeError, ConnectionResetError):
         pass  # the parent is gone: nobody is left to answer
+    except ValueError as exc:  # a corrupt frame (read_frame_blocking): the parent restarts us
+        print(f"lacuna-webhooks: SQLite writer process: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
