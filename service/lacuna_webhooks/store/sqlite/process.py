@@ -45,7 +45,6 @@ from typing import Any, Generic, TypeVar, cast
 
 from ...child import frame, read_frame_blocking, start_child, take_frames
 from ...errors import StoreUnavailable
-from .checkpoint import Checkpointer
 from .writer import MAX_BATCH, RowRefused, run_job, write_batch
 
 logger = logging.getLogger(__name__)
@@ -450,7 +449,6 @@ def child_main(fd: int) -> int:
         _, connect, connect_args, accept_batch, row_type = hello
         try:
             conn = connect(*connect_args)
-            checkpointer = Checkpointer(conn)
         except StoreUnavailable as exc:
             answer(("unavailable", exc.message))
             return 0
@@ -460,12 +458,8 @@ def child_main(fd: int) -> int:
         answer(("ok", None))
         try:
             while (request := read()) is not None:
-                with checkpointer.commit_lock:
-                    reply = _serve(conn, request, accept_batch, row_type)
-                checkpointer.committed()
-                answer(reply)
+                answer(_serve(conn, request, accept_batch, row_type))
         finally:
-            checkpointer.close()
             conn.close()
     except (BrokenPipeError, ConnectionResetError):
         pass  # the parent is gone: nobody is left to answer
