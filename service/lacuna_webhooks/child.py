@@ -57,7 +57,7 @@ def frame(payload: bytes) -> bytes:
     return _LEN.pack(len(payload)) + payload
 
 
-def _size(head: bytes | bytearray, max_bytes: int) -> int:
+def _size(head: bytes, max_bytes: int) -> int:
     (size,) = _LEN.unpack(head)
     if size > max_bytes:
         raise ValueError(f"a frame of {size} bytes (at most {max_bytes})")
@@ -71,23 +71,6 @@ async def read_frame(reader: asyncio.StreamReader, max_bytes: int) -> bytes:
     return await reader.readexactly(size)
 
 
-def take_frames(buffer: bytearray, max_bytes: int) -> list[bytes]:
-    """Remove the complete frames at the start of ``buffer`` and return their payloads (for a
-    protocol's ``data_received``); a partial frame stays. ``ValueError`` as ``read_frame``."""
-    payloads: list[bytes] = []
-    start = 0
-    end = len(buffer)
-    while end - start >= _LEN.size:
-        size = _size(buffer[start : start + _LEN.size], max_bytes)
-        if end - start - _LEN.size < size:
-            break
-        start += _LEN.size
-        payloads.append(bytes(buffer[start : start + size]))
-        start += size
-    del buffer[:start]
-    return payloads
-
-
 def read_frame_blocking(stream: BinaryIO, max_bytes: int) -> bytes | None:
     """The same from a blocking binary stream (a socket's ``makefile("rb")``): ``None`` at
     EOF, also within a frame; ``ValueError`` for a length over ``max_bytes``."""
@@ -99,4 +82,4 @@ def read_frame_blocking(stream: BinaryIO, max_bytes: int) -> bytes | None:
     return data if len(data) == size else None
 
 
-__all__ = ["frame", "read_frame", "read_frame_blocking", "start_child", "take_frames"]
+__all__ = ["frame", "read_frame", "read_frame_blocking", "start_child"]

@@ -41,9 +41,9 @@ import sqlite3
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar
 
-from ...child import frame, read_frame_blocking, start_child, take_frames
+from ...child import frame, read_frame, read_frame_blocking, start_child
 from ...errors import StoreUnavailable
 from .writer import MAX_BATCH, RowRefused, run_job, write_batch
 
@@ -82,72 +82,29 @@ class _State(enum.Enum):
     STOPPED = "stopped"
 
 
-class _Link(asyncio.Protocol):
-    """One child process and the socket to it.
+class _Link:
+    """One child process and the socket to it."""
 
-    Replies are handled in ``data_received``, in the loop turn that reads them: the next
-    batch then leaves in that same turn. (A stream reader would wake a reader task one turn
-    later; under load a turn of the intake loop takes about a millisecond, which every group
-    commit waited for: docs/performance.md, 2026-12-01 "the tail".)
-    """
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+    def __init__(
+        self,
+        proc: asyncio.subprocess.Process,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
         self.proc = proc
-        self.transport: asyncio.Transport | None = None
-        self._buffer = bytearray()
-        self._early: collections.deque[_Reply] = collections.deque()
-        self._arrived = asyncio.Event()
-        #: Called with each reply once set (before, replies wait for ``read()``).
-        self.on_reply: Callable[[_Reply], None] | None = None
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # A socket's transport (uvloop's does not subclass asyncio.Transport).
-        self.transport = cast(asyncio.Transport, transport)
-
-    def data_received(self, data: bytes) -> None:
-        self._buffer += data
-        try:
-            for payload in take_frames(self._buffer, MAX_FRAME_BYTES):
-                # Our own child, over a socket pair nobody else holds: not untrusted data.
-                reply: _Reply = pickle.loads(payload)  # noqa: S301
-                if self.on_reply is None:
-                    self._early.append(reply)
-                    self._arrived.set()
-                else:
-                    self.on_reply(reply)
-        except Exception as exc:  # a reply that makes no sense: treat the child as lost
-            logger.error("store.sqlite.writer_protocol_error: %r", exc)
-            self._buffer.clear()
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
-            if self.transport is not None:
-                self.transport.close()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.lost.done():
-            self.lost.set_result(None)
-        self._arrived.set()
-
-    def write(self, data: bytes) -> None:
-        if self.transport is not None:
-            self.transport.write(data)
+        self.reader = reader
+        self.writer = writer
 
     async def read(self) -> _Reply:
-        """The next reply, before ``on_reply`` is set (the hello's); ``ConnectionError`` if the
-        child went away first."""
-        while not self._early:
-            if self.lost.done():
-                raise ConnectionError("the SQLite writer process closed its socket")
-            self._arrived.clear()
-            await self._arrived.wait()
-        return self._early.popleft()
+        # Our own child, over a socket pair nobody else holds: not untrusted data.
+        reply: _Reply = pickle.loads(await read_frame(self.reader, MAX_FRAME_BYTES))  # noqa: S301
+        return reply
 
     async def close(self) -> int:
         """Close the socket (the child exits on EOF) and reap the child; its exit code."""
-        if self.transport is not None:
-            self.transport.close()
-        await self.lost
+        self.writer.close()
+        with contextlib.suppress(ConnectionError):
+            await self.writer.wait_closed()
         return await self.proc.wait()
 
 
@@ -237,17 +194,15 @@ class ProcessWriter(Generic[RowT]):
         except OSError as exc:
             parent.close()
             raise StoreUnavailable(f"Cannot start the SQLite writer process: {exc}") from exc
-        _, link = await asyncio.get_running_loop().create_unix_connection(
-            functools.partial(_Link, proc), sock=parent
-        )
-        link.write(_frame(self._hello))
+        reader, writer = await asyncio.open_unix_connection(sock=parent)
+        link = _Link(proc, reader, writer)
+        writer.write(_frame(self._hello))
         try:
             kind, value = await link.read()
         except asyncio.CancelledError:
-            if link.transport is not None:
-                link.transport.close()  # stopped while the child was opening: it exits on EOF
+            link.writer.close()  # stopped while the child was opening: it exits on EOF
             raise
-        except ConnectionError:
+        except (asyncio.IncompleteReadError, ConnectionError):
             code_ = await link.close()
             raise StoreUnavailable(
                 f"The SQLite writer process exited while opening the database ({code_})."
@@ -256,7 +211,6 @@ class ProcessWriter(Generic[RowT]):
             await link.close()
             raise StoreUnavailable(str(value))
         self._link = link
-        link.on_reply = self._on_reply
         self._reader = asyncio.create_task(self._read_replies(link), name=f"{self._name}-reader")
         self._watcher = asyncio.create_task(self._watch(link), name=f"{self._name}-watch")
 
@@ -290,7 +244,7 @@ class ProcessWriter(Generic[RowT]):
     def _send(
         self, link: _Link, request: tuple[Any, ...], on_reply: Callable[[_Reply], None]
     ) -> None:
-        link.write(_frame(request))
+        link.writer.write(_frame(request))
         self._replies.append((on_reply, time.monotonic()))
         self._idle.clear()
 
@@ -338,12 +292,18 @@ class ProcessWriter(Generic[RowT]):
         if not self._replies and not self._pending:
             self._idle.set()
 
-    def _on_reply(self, reply: _Reply) -> None:
-        self._replies.popleft()[0](reply)
-        self._check_idle()
-
     async def _read_replies(self, link: _Link) -> None:
-        await link.lost  # the child exited, was stopped, or made no sense (data_received)
+        try:
+            while True:
+                reply = await link.read()
+                self._replies.popleft()[0](reply)
+                self._check_idle()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the child exited (or was stopped)
+        except Exception as exc:  # a reply that makes no sense: treat the child as lost
+            logger.error("store.sqlite.writer_protocol_error: %r", exc)
+            with contextlib.suppress(ProcessLookupError):
+                link.proc.kill()
         if self._link is link:  # the child died under us (not a stop)
             await self._lost(link)
 
