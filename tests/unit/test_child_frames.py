@@ -4,7 +4,9 @@ each reader's own bound, EOF inside a frame, over a real socket pair."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
+import struct
 
 import pytest
 
@@ -62,3 +64,19 @@ def test_each_caller_has_its_own_bound() -> None:
     messages (a writer batch reaches MAX_BATCH_BYTES plus one large event)."""
     assert workers.MAX_FRAME_BYTES == 256 * 1024 * 1024
     assert process.MAX_FRAME_BYTES > process.MAX_BATCH_BYTES
+
+
+def test_the_writer_child_ends_on_a_corrupt_length(capsys: pytest.CaptureFixture[str]) -> None:
+    """A length prefix over the writer's bound ends its child with exit code 1 and one line
+    (the parent then restarts it), instead of reading that much."""
+    ours, theirs = socket.socketpair()
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with ours:
+            ours.sendall(struct.pack("!I", process.MAX_FRAME_BYTES + 1) + b"x" * 100)
+            ours.shutdown(socket.SHUT_WR)
+            assert process.child_main(theirs.detach()) == 1
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    assert "a frame of" in capsys.readouterr().err

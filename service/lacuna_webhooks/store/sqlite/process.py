@@ -426,6 +426,9 @@ def child_main(fd: int) -> int:
     except ValueError as exc:  # a corrupt frame (read_frame_blocking): the parent restarts us
         print(f"lacuna-webhooks: SQLite writer process: {exc}", file=sys.stderr)
         return 1
+    finally:
+        stream.close()
+        sock.close()
     return 0
 
 
