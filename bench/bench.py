@@ -56,6 +56,11 @@ def make_requests(path: Path, count: int) -> int:
             body = orjson.dumps(event)
             size = size or len(body)
             fh.write(sign(body, SECRET, now).encode() + b"\t" + body + b"\n")
+        # On disk before any run: else the kernel writes these hundreds of MB back during the
+        # first `serve` run, whose fsyncs then queue behind them (the "first-run stall", a
+        # p99 of 250-570 ms in the first serve of each invocation: docs/performance.md).
+        fh.flush()
+        os.fsync(fh.fileno())
     return size
 
 

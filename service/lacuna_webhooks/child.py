@@ -1,17 +1,25 @@
 """Start a child process of our own: this interpreter running one of the package's
-``child_main(fd)`` functions over a socket pair.
+``child_main(fd)`` functions over a socket pair, and the frames both sides exchange.
 
 Used by the SQLite writer process (``store.sqlite.process``) and the handler worker
 processes (``dispatch.workers``). Imports nothing of the package's.
+
+A frame is a 4-byte big-endian length and that many bytes (what they hold, pickle or JSON,
+is the caller's business). Each reader passes its own bound on the length: a larger prefix
+means the stream is corrupt (``ValueError``), and nothing that large is allocated.
 """
 
 from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 import subprocess
 import sys
 from pathlib import Path
+from typing import BinaryIO
+
+_LEN = struct.Struct("!I")
 
 # The folder holding the ``lacuna_webhooks`` package: the child imports the same code as the
 # parent, installed or not (a checkout run with PYTHONPATH, as ``make bench`` does).
@@ -44,4 +52,34 @@ async def start_child(module: str, theirs: socket.socket) -> asyncio.subprocess.
         theirs.close()
 
 
-__all__ = ["start_child"]
+def frame(payload: bytes) -> bytes:
+    """``payload`` with its length prefix."""
+    return _LEN.pack(len(payload)) + payload
+
+
+def _size(head: bytes, max_bytes: int) -> int:
+    (size,) = _LEN.unpack(head)
+    if size > max_bytes:
+        raise ValueError(f"a frame of {size} bytes (at most {max_bytes})")
+    return int(size)
+
+
+async def read_frame(reader: asyncio.StreamReader, max_bytes: int) -> bytes:
+    """One frame's payload; raises ``asyncio.IncompleteReadError`` at EOF (also within a
+    frame) and ``ValueError`` for a length over ``max_bytes``."""
+    size = _size(await reader.readexactly(_LEN.size), max_bytes)
+    return await reader.readexactly(size)
+
+
+def read_frame_blocking(stream: BinaryIO, max_bytes: int) -> bytes | None:
+    """The same from a blocking binary stream (a socket's ``makefile("rb")``): ``None`` at
+    EOF, also within a frame; ``ValueError`` for a length over ``max_bytes``."""
+    head = stream.read(_LEN.size)
+    if len(head) < _LEN.size:
+        return None
+    size = _size(head, max_bytes)
+    data = stream.read(size)
+    return data if len(data) == size else None
+
+
+__all__ = ["frame", "read_frame", "read_frame_blocking", "start_child"]

@@ -153,7 +153,7 @@ def _serve(environ: Mapping[str, str], host: str | None, port: int | None) -> in
     from .app import create_app
     from .dispatch.workers import WorkerPool, worker_specs
     from .metrics import Metrics
-    from .server import server_config
+    from .server import WEBHOOK_SHARE, server_config
 
     settings = _settings(environ, require_secret=True)
     tracing = _tracing(environ)
@@ -182,6 +182,8 @@ def _serve(environ: Mapping[str, str], host: str | None, port: int | None) -> in
                 app.state.metrics,
                 host=host or settings.host,
                 port=port or settings.port,
+                # the admin listener, when there is one, takes the rest of the file limit
+                share=WEBHOOK_SHARE if settings.admin_tokens else 1.0,
             )
             server = uvicorn.Server(config)
             # The admin API on a listener of its own (SPEC §9), or none without a token.
@@ -264,7 +266,7 @@ def _admin_listener(
     from .admin import AdminContext, create_admin_app
     from .config import listeners_clash
     from .metrics import Metrics
-    from .server import server_config
+    from .server import ADMIN_SHARE, server_config
 
     log = structlog.get_logger("lacuna_webhooks.admin")
     if not settings.admin_tokens:
@@ -279,7 +281,9 @@ def _admin_listener(
         )
     ctx = AdminContext(settings=settings, store=store, handlers=handlers, metrics=metrics)
     # Its own Metrics for the HTTP layer: the admin's refusals are not the webhook route's.
-    config = server_config(create_admin_app(ctx), settings, Metrics(), host=host, port=port)
+    config = server_config(
+        create_admin_app(ctx), settings, Metrics(), host=host, port=port, share=ADMIN_SHARE
+    )
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE

@@ -54,6 +54,12 @@ logger = logging.getLogger(__name__)
 RESERVED_FILES = 64
 #: The connection cap is never lowered below this, however small the file limit.
 MIN_CONNECTIONS = 16
+#: The admin listener and the webhook listener share one process's file limit: with admin
+#: tokens set, the webhook listener's cap fits in this share of the descriptors left after
+#: RESERVED_FILES and the admin listener's in the rest (an operator's few clients), so that
+#: together they cannot pass the limit. Without an admin listener intake has it all.
+WEBHOOK_SHARE = 0.875
+ADMIN_SHARE = 1 - WEBHOOK_SHARE
 
 
 @dataclass(frozen=True)
@@ -68,11 +74,15 @@ class Limits:
     max_connections: int
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, file_limit: int | None = None) -> Limits:
-        """The settings' limits, the connection cap lowered to fit ``file_limit``."""
+    def from_settings(
+        cls, settings: Settings, *, file_limit: int | None = None, share: float = 1.0
+    ) -> Limits:
+        """The settings' limits, the connection cap lowered to fit ``share`` (0 to 1) of the
+        descriptors ``file_limit`` leaves after ``RESERVED_FILES``."""
         connections = settings.max_connections
         if file_limit is not None:
-            connections = min(connections, max(MIN_CONNECTIONS, file_limit - RESERVED_FILES))
+            fits = int((file_limit - RESERVED_FILES) * share)
+            connections = min(connections, max(MIN_CONNECTIONS, fits))
         return cls(
             keepalive_timeout_seconds=settings.keepalive_timeout_seconds,
             header_timeout_seconds=settings.header_timeout_seconds,
@@ -366,12 +376,19 @@ def raise_file_limit() -> int | None:
 
 
 def server_config(
-    app: Any, settings: Settings, metrics: Metrics, *, host: str, port: int
+    app: Any,
+    settings: Settings,
+    metrics: Metrics,
+    *,
+    host: str,
+    port: int,
+    share: float = 1.0,
 ) -> LacunaConfig:
     """The ``uvicorn.Config`` of ``serve``: this module's protocol and limits, proxy headers
     from ``LACUNA_TRUSTED_PROXIES``, no access log, no Server header. Raises the open-file
-    limit first (``raise_file_limit``) and fits the connection cap under it."""
-    limits = Limits.from_settings(settings, file_limit=raise_file_limit())
+    limit first (``raise_file_limit``) and fits the connection cap under ``share`` of it
+    (``WEBHOOK_SHARE`` / ``ADMIN_SHARE`` when both listeners run)."""
+    limits = Limits.from_settings(settings, file_limit=raise_file_limit(), share=share)
     if limits.max_connections < settings.max_connections:
         logger.warning(
             "server.connection_cap_lowered: LACUNA_MAX_CONNECTIONS %d -> %d to fit the"
@@ -396,6 +413,8 @@ def server_config(
 
 
 __all__ = [
+    "ADMIN_SHARE",
+    "WEBHOOK_SHARE",
     "LacunaConfig",
     "LimitedHttpToolsProtocol",
     "Limits",

@@ -383,7 +383,8 @@ async def main():
     async def loop():
         for i in counter:
             event_id = f"evt_crash_{i}"
-            body = ('{"id":"%s","type":"job.completed","data":{"id":"cm%d"}}' % (event_id, i))
+            body = ('{"id":"%s","type":"job.completed","data":{"id":"cm%d"},"pad":"%s"}'
+                    % (event_id, i, "x" * int(sys.argv[3])))
             if await store.accept(Event.from_body(body.encode()), ["a"], now=datetime.now(UTC)):
                 sys.stdout.write(event_id + "\\n")
                 sys.stdout.flush()
@@ -396,15 +397,24 @@ asyncio.run(main())
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL")
 @WRITERS
-async def test_sigkill_mid_batch_loses_nothing_confirmed(db_path: Path, process: bool) -> None:
-    """A process killed while accepts are being committed loses no accept it confirmed, and
-    the file opens cleanly afterwards; a writer process of its own exits with it."""
+@pytest.mark.parametrize(
+    ("padding", "count"),
+    [(0, 300), (4000, 3000)],
+    ids=["small", "checkpointing"],  # 3000 events of 4 KB: several WAL checkpoints meanwhile
+)
+async def test_sigkill_mid_batch_loses_nothing_confirmed(
+    db_path: Path, process: bool, padding: int, count: int
+) -> None:
+    """A process killed while accepts are being committed (and, with enough data, while
+    SQLite's checkpoints copy the WAL into the file) loses no accept it confirmed, and the
+    file opens cleanly afterwards; a writer process of its own exits with it."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
         _WRITER_SCRIPT,
         str(db_path),
         "process" if process else "thread",
+        str(padding),
         stdout=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
@@ -415,7 +425,7 @@ async def test_sigkill_mid_batch_loses_nothing_confirmed(db_path: Path, process:
     confirmed: set[str] = set()
     try:
         async with asyncio.timeout(60):
-            while len(confirmed) < 300:
+            while len(confirmed) < count:
                 line = await proc.stdout.readline()
                 assert line, "the writer process ended early"
                 confirmed.add(line.decode().strip())
@@ -499,6 +509,30 @@ async def test_a_stuck_writer_process_is_killed_and_replaced(
         assert s._writer.pid not in (None, stuck)
     finally:
         await s.close()
+
+
+#: The -wal file's bound (docs/internals.md, "Durability"): SQLite checkpoints when the WAL
+#: passes 1000 pages, and the file stays near that size; 64 MiB is journal_size_limit.
+WAL_BOUND_BYTES = 64 * 1024 * 1024
+
+
+async def test_the_wal_stays_bounded_while_the_writer_process_commits(db_path: Path) -> None:
+    """While about 100 MB of WAL frames are committed in group commits by ``serve``'s writer
+    process, its checkpoints keep the -wal file under ``WAL_BOUND_BYTES`` (with checkpoints
+    turned off it reaches 73 MB here)."""
+    s = SQLiteStore(str(db_path), process=True)
+    await s.open()
+    wal = f"{db_path}-wal"
+    largest = 0
+    try:
+        lyrics = "la " * 1300  # about 4 KB of body: about two WAL pages an event, indexes aside
+        for round_ in range(120):
+            batch = [event(f"evt_wal_{round_}_{i}", lyrics=lyrics) for i in range(100)]
+            assert await asyncio.gather(*(s.accept(e, [], now=NOW) for e in batch)) == [True] * 100
+            largest = max(largest, os.path.getsize(wal))  # noqa: ASYNC240 (a stat, between batches)
+    finally:
+        await s.close()
+    assert 0 < largest <= WAL_BOUND_BYTES, largest
 
 
 async def test_big_events_are_spread_over_several_batches(

@@ -9,7 +9,13 @@ import pytest
 from lacuna_webhooks.config import Settings
 from lacuna_webhooks.errors import ConfigError, PayloadTooLarge, ServerBusy
 from lacuna_webhooks.intake import BodyBudget, SourceAllowlist, read_body
-from lacuna_webhooks.server import MIN_CONNECTIONS, RESERVED_FILES, Limits
+from lacuna_webhooks.server import (
+    ADMIN_SHARE,
+    MIN_CONNECTIONS,
+    RESERVED_FILES,
+    WEBHOOK_SHARE,
+    Limits,
+)
 
 BASE = {"LACUNA_WEBHOOK_SECRET": "whsec_a"}
 
@@ -125,3 +131,15 @@ async def test_body_budget_bounds_bodies_being_read_together() -> None:
     assert budget.held_bytes == 5
     with pytest.raises(PayloadTooLarge):
         await _read([b"x" * 8, b"y" * 8], BodyBudget(1000), limit=10)
+
+
+def test_the_two_listeners_caps_together_fit_under_the_file_limit() -> None:
+    """With the admin listener on, the webhook and admin caps are shares of the same file
+    limit: together they leave RESERVED_FILES free (each alone used to take it all)."""
+    s = Settings.from_env({**BASE, "LACUNA_MAX_CONNECTIONS": "100000"})
+    for limit in (1024, 4096, 65536):
+        webhook = Limits.from_settings(s, file_limit=limit, share=WEBHOOK_SHARE)
+        admin = Limits.from_settings(s, file_limit=limit, share=ADMIN_SHARE)
+        assert webhook.max_connections + admin.max_connections <= limit - RESERVED_FILES
+        assert webhook.max_connections > 6 * admin.max_connections >= 6 * MIN_CONNECTIONS
+    assert Limits.from_settings(s, file_limit=1024).max_connections == 1024 - RESERVED_FILES

@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import structlog
 
+from ..child import frame, read_frame
 from ..handlers.base import Handler
 from ..models import Event
 from .attempt import Outcome, describe_error, run_attempt
-from .workers import WorkerSpec, frame, read_frame
+from .workers import MAX_FRAME_BYTES, WorkerSpec
 
 if TYPE_CHECKING:
     from ..tracing import Tracing
@@ -155,7 +156,7 @@ async def _serve(sock: socket.socket, handler: Handler, tracing: Tracing | None 
         while True:
             try:
                 # Our parent's frames (see child_main): not untrusted data.
-                request = pickle.loads(await read_frame(reader))  # noqa: S301
+                request = pickle.loads(await read_frame(reader, MAX_FRAME_BYTES))  # noqa: S301
             except (asyncio.IncompleteReadError, ConnectionError):
                 break  # the parent is gone: nobody is left to answer
             kind = request[0]

@@ -38,7 +38,6 @@ import itertools
 import pickle
 import signal
 import socket
-import struct
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -47,14 +46,13 @@ from typing import Any
 import orjson
 import structlog
 
-from ..child import start_child
+from ..child import frame, read_frame, start_child
 from ..config import Settings
 from ..metrics import Metrics
 from ..models import Delivery
 from ..plugins import HandlerSet
 from .attempt import Ending, Outcome, timed_out
 
-_LEN = struct.Struct("!I")
 RESTART_DELAYS_SECONDS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 #: How long past its timeout an attempt may go unanswered before its worker is killed: the
 #: child's own cut-off (at the timeout) answers well within it whenever the handler yields.
@@ -105,19 +103,6 @@ def worker_specs(settings: Settings, handlers: HandlerSet) -> list[WorkerSpec]:
         )
         for name in handlers.names
     ]
-
-
-def frame(data: bytes) -> bytes:
-    return _LEN.pack(len(data)) + data
-
-
-async def read_frame(reader: asyncio.StreamReader) -> bytes:
-    """One frame's payload; raises ``asyncio.IncompleteReadError`` at EOF and ``ValueError``
-    for a frame larger than ``MAX_FRAME_BYTES``."""
-    (size,) = _LEN.unpack(await reader.readexactly(_LEN.size))
-    if size > MAX_FRAME_BYTES:
-        raise ValueError(f"a frame of {size} bytes")
-    return await reader.readexactly(size)
 
 
 def _exit_text(code: int | None) -> str:
@@ -310,7 +295,7 @@ class HandlerWorker:
         try:
             child.send(("hello", self.spec))
             async with asyncio.timeout(START_TIMEOUT_SECONDS):
-                reply = orjson.loads(await read_frame(reader))
+                reply = orjson.loads(await read_frame(reader, MAX_FRAME_BYTES))
             if reply[0] == "ready":
                 return child
             self._log.error("handler_worker.start_failed", error=str(reply[1]))
@@ -334,7 +319,7 @@ class HandlerWorker:
         """Settle attempts from the child's answers until its socket closes."""
         try:
             while True:
-                reply = orjson.loads(await read_frame(child.reader))
+                reply = orjson.loads(await read_frame(child.reader, MAX_FRAME_BYTES))
                 if reply[0] != "done":
                     raise ValueError(f"unexpected message {reply[0]!r}")
                 attempt = child.attempts.pop(int(reply[1]), None)

@@ -38,13 +38,12 @@ import pickle
 import signal
 import socket
 import sqlite3
-import struct
 import sys
 import time
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
-from ...child import start_child
+from ...child import frame, read_frame, read_frame_blocking, start_child
 from ...errors import StoreUnavailable
 from .writer import MAX_BATCH, RowRefused, run_job, write_batch
 
@@ -53,7 +52,6 @@ logger = logging.getLogger(__name__)
 RowT = TypeVar("RowT", bound=tuple[Any, ...])
 T = TypeVar("T")
 
-_LEN = struct.Struct("!I")
 #: A batch also stops growing at this many bytes of rows (large bodies are copied into the
 #: frame and again in the child): a burst of big events makes several commits, not one huge one.
 MAX_BATCH_BYTES = 16 * 1024 * 1024
@@ -63,14 +61,17 @@ RESTART_DELAYS_SECONDS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 #: operation comes near it: a batch commits in milliseconds, SQLite's busy timeout is 5 s.
 STALL_SECONDS = 60.0
 WATCH_INTERVAL_SECONDS = 5.0
+#: No request or reply comes near this (a batch is at most MAX_BATCH_BYTES of rows, or one
+#: event of at most LACUNA_MAX_BODY_BYTES; a job's answer is one page of a listing): a larger
+#: length prefix means the stream is corrupt.
+MAX_FRAME_BYTES = 1024 * 1024 * 1024
 
 #: A reply: ("ok", value) | ("unavailable", message) | ("error", exception)
 _Reply = tuple[str, Any]
 
 
 def _frame(message: object) -> bytes:
-    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    return _LEN.pack(len(data)) + data
+    return frame(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 class _State(enum.Enum):
@@ -95,9 +96,8 @@ class _Link:
         self.writer = writer
 
     async def read(self) -> _Reply:
-        (size,) = _LEN.unpack(await self.reader.readexactly(_LEN.size))
         # Our own child, over a socket pair nobody else holds: not untrusted data.
-        reply: _Reply = pickle.loads(await self.reader.readexactly(size))  # noqa: S301
+        reply: _Reply = pickle.loads(await read_frame(self.reader, MAX_FRAME_BYTES))  # noqa: S301
         return reply
 
     async def close(self) -> int:
@@ -392,12 +392,8 @@ def child_main(fd: int) -> int:
     stream = sock.makefile("rb")
 
     def read() -> Any:
-        head = stream.read(_LEN.size)
-        if len(head) < _LEN.size:
-            return None
-        (size,) = _LEN.unpack(head)
-        data = stream.read(size)
-        return pickle.loads(data) if len(data) == size else None  # noqa: S301 (our parent)
+        data = read_frame_blocking(stream, MAX_FRAME_BYTES)
+        return None if data is None else pickle.loads(data)  # noqa: S301 (our parent)
 
     def answer(reply: _Reply) -> None:
         try:
@@ -427,6 +423,12 @@ def child_main(fd: int) -> int:
             conn.close()
     except (BrokenPipeError, ConnectionResetError):
         pass  # the parent is gone: nobody is left to answer
+    except ValueError as exc:  # a corrupt frame (read_frame_blocking): the parent restarts us
+        print(f"lacuna-webhooks: SQLite writer process: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        stream.close()
+        sock.close()
     return 0
 
 

@@ -1,0 +1,82 @@
+"""The frames of ``child.py``, shared by the SQLite writer process and the handler workers:
+each reader's own bound, EOF inside a frame, over a real socket pair."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import struct
+
+import pytest
+
+from lacuna_webhooks.child import frame, read_frame, read_frame_blocking
+from lacuna_webhooks.dispatch import workers
+from lacuna_webhooks.store.sqlite import process
+
+
+def test_a_frame_round_trips_and_ends_cleanly_at_eof() -> None:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.sendall(frame(b"hello") + frame(b"") + frame(b"x" * 70_000))
+        ours.shutdown(socket.SHUT_WR)
+        stream = theirs.makefile("rb")
+        assert read_frame_blocking(stream, 100_000) == b"hello"
+        assert read_frame_blocking(stream, 100_000) == b""
+        assert read_frame_blocking(stream, 100_000) == b"x" * 70_000
+        assert read_frame_blocking(stream, 100_000) is None
+
+
+def test_a_frame_cut_short_is_eof_not_data() -> None:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.sendall(frame(b"hello")[:-2])
+        ours.shutdown(socket.SHUT_WR)
+        assert read_frame_blocking(theirs.makefile("rb"), 100) is None
+
+
+def test_a_length_over_the_bound_is_refused_before_reading_it() -> None:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        ours.sendall(frame(b"y" * 101))
+        with pytest.raises(ValueError, match="101 bytes"):
+            read_frame_blocking(theirs.makefile("rb"), 100)
+
+
+async def test_the_async_reader_has_the_same_bound_and_eof() -> None:
+    ours, theirs = socket.socketpair()
+    reader, writer = await asyncio.open_unix_connection(sock=theirs)
+    try:
+        with ours:
+            ours.sendall(frame(b"ok") + frame(b"z" * 11) + frame(b"abc")[:-1])
+            assert await read_frame(reader, 10) == b"ok"
+            with pytest.raises(ValueError, match="11 bytes"):
+                await read_frame(reader, 10)
+            await reader.readexactly(11)  # what the refused length announced, left unread
+        with pytest.raises(asyncio.IncompleteReadError):
+            await read_frame(reader, 10)
+    finally:
+        writer.close()
+
+
+def test_each_caller_has_its_own_bound() -> None:
+    """Both child protocols read through the same functions, each with a bound that fits its
+    messages (a writer batch reaches MAX_BATCH_BYTES plus one large event)."""
+    assert workers.MAX_FRAME_BYTES == 256 * 1024 * 1024
+    assert process.MAX_FRAME_BYTES > process.MAX_BATCH_BYTES
+
+
+def test_the_writer_child_ends_on_a_corrupt_length(capsys: pytest.CaptureFixture[str]) -> None:
+    """A length prefix over the writer's bound ends its child with exit code 1 and one line
+    (the parent then restarts it), instead of reading that much."""
+    ours, theirs = socket.socketpair()
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with ours:
+            ours.sendall(struct.pack("!I", process.MAX_FRAME_BYTES + 1) + b"x" * 100)
+            ours.shutdown(socket.SHUT_WR)
+            assert process.child_main(theirs.detach()) == 1
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+    assert "a frame of" in capsys.readouterr().err
