@@ -73,34 +73,48 @@ def read_setting(environ: Mapping[str, str], var: str) -> str | None:
         return value if has_value else None
     if has_value:
         raise ConfigError(f"{var} and {file_var} are both set: keep one of them")
-    return _read_setting_file(file_var, path.strip())
+    return read_file_setting(file_var, path.strip())
 
 
-def _read_setting_file(file_var: str, path: str) -> str:
+def read_file_setting(
+    var: str, path: str, *, max_bytes: int = MAX_SETTING_FILE_BYTES, strip_newline: bool = True
+) -> str:
+    """The UTF-8 text of the file ``path`` that the setting ``var`` names.
+
+    Only a regular file of at most ``max_bytes`` is read, and it is read once, through one
+    descriptor: a FIFO, a device (``/dev/zero``), a directory or a huge file named by mistake
+    must neither hang nor bloat the start. ``strip_newline`` removes exactly one trailing
+    newline. Raises ``ConfigError`` with one line naming ``var`` and ``path`` (never the
+    content) for a missing, unreadable, irregular, empty, too large or non-UTF-8 file.
+    """
     try:
         # O_NONBLOCK: a FIFO (or a device) named by mistake must not hang the start on open;
         # it is then refused below, as anything but a regular file is.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         with open(fd, "rb") as f:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise ConfigError(f"{file_var}: {path} is not a regular file")
-            data = f.read(MAX_SETTING_FILE_BYTES + 1)
+                raise ConfigError(f"{var}: {path} is not a regular file")
+            data = f.read(max_bytes + 1)
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
-        raise ConfigError(f"{file_var}: cannot read {path}: {reason}") from None
-    if len(data) > MAX_SETTING_FILE_BYTES:
-        raise ConfigError(
-            f"{file_var}: {path} is larger than {MAX_SETTING_FILE_BYTES // 1024} KiB; "
-            "it should hold just the value"
-        )
+        raise ConfigError(f"{var}: cannot read {path}: {reason}") from None
+    if len(data) > max_bytes:
+        hint = "; it should hold just the value" if max_bytes == MAX_SETTING_FILE_BYTES else ""
+        raise ConfigError(f"{var}: {path} is larger than {_size(max_bytes)}{hint}")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise ConfigError(f"{file_var}: {path} is not UTF-8 text") from None
-    text = text.removesuffix("\n").removesuffix("\r") if text.endswith("\n") else text
+        raise ConfigError(f"{var}: {path} is not UTF-8 text") from None
+    if strip_newline and text.endswith("\n"):
+        text = text.removesuffix("\n").removesuffix("\r")
     if not text.strip():
-        raise ConfigError(f"{file_var}: {path} is empty")
+        raise ConfigError(f"{var}: {path} is empty")
     return text
+
+
+def _size(size_bytes: int) -> str:
+    mib = 1024 * 1024
+    return f"{size_bytes // mib} MiB" if size_bytes >= mib else f"{size_bytes // 1024} KiB"
 
 
 def secret_problems(value: str) -> list[str]:
