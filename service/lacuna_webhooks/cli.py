@@ -83,7 +83,6 @@ def _handlers_of(settings: Settings) -> HandlerSet:
     """Build every configured handler here too: a bad setting stops the command at start
     with one line, and intake learns each handler's event filter. Their ``handle`` runs
     only in the worker processes."""
-    from .dispatch.flow import read_flow_control
     from .logs import configure
 
     configure(
@@ -93,8 +92,7 @@ def _handlers_of(settings: Settings) -> HandlerSet:
     )
     log_secret_warnings(settings)
     try:
-        built = _build(settings, settings.handlers)
-        read_flow_control(built.names, settings.environ)  # checked now, used by dispatch
+        built = _build(settings, settings.handlers)  # flow-control settings checked too
     except ConfigError as exc:
         raise CommandError(f"configuration: {exc}", exit_code=2) from None
     # Each handler runs (and is closed) in its worker process; these copies are not used.
