@@ -52,6 +52,11 @@ MAX_CONCURRENCY = 1_000
 MIN_POLL_SECONDS, MAX_POLL_SECONDS = 0.01, 3_600.0
 MAX_RETENTION_DAYS = 36_500.0
 MAX_SHUTDOWN_SECONDS = 3_600.0
+# The HTTP server's limits (issue 10): a typo must not switch a cap or a timeout off.
+MAX_CONNECTION_SECONDS = 3_600.0  # keep-alive, header, body and commit timeouts
+MAX_HEADER_BYTES = 1024 * 1024
+MAX_HEADERS = 10_000
+MAX_CONNECTIONS = 1_000_000
 # An admin search's time budget: under the SQLite reader's 20 s interrupt, over a window.
 MIN_SEARCH_BUDGET_SECONDS, MAX_SEARCH_BUDGET_SECONDS = 0.05, 10.0
 
@@ -540,13 +545,22 @@ class Settings:
         read("dispatch", "LACUNA_DISPATCH", parse_bool)
         read("sqlite_synchronous", "LACUNA_SQLITE_SYNCHRONOUS", _choice("full", "normal"))
         read("trusted_proxies", "LACUNA_TRUSTED_PROXIES", str.strip)
-        read("keepalive_timeout_seconds", "LACUNA_KEEPALIVE_TIMEOUT", positive_float)
-        read("header_timeout_seconds", "LACUNA_HEADER_TIMEOUT", positive_float)
-        read("body_timeout_seconds", "LACUNA_BODY_TIMEOUT", positive_float)
-        read("max_header_bytes", "LACUNA_MAX_HEADER_BYTES", positive_int)
-        read("max_headers", "LACUNA_MAX_HEADERS", positive_int)
-        read("max_connections", "LACUNA_MAX_CONNECTIONS", positive_int)
-        read("commit_timeout_seconds", "LACUNA_COMMIT_TIMEOUT", positive_float)
+        connection_seconds = at_most(positive_float, MAX_CONNECTION_SECONDS)
+        read("keepalive_timeout_seconds", "LACUNA_KEEPALIVE_TIMEOUT", connection_seconds)
+        read("header_timeout_seconds", "LACUNA_HEADER_TIMEOUT", connection_seconds)
+        read("body_timeout_seconds", "LACUNA_BODY_TIMEOUT", connection_seconds)
+        read(
+            "max_header_bytes",
+            "LACUNA_MAX_HEADER_BYTES",
+            at_most(positive_int, MAX_HEADER_BYTES),
+        )
+        read("max_headers", "LACUNA_MAX_HEADERS", at_most(positive_int, MAX_HEADERS))
+        read(
+            "max_connections",
+            "LACUNA_MAX_CONNECTIONS",
+            at_most(positive_int, MAX_CONNECTIONS),
+        )
+        read("commit_timeout_seconds", "LACUNA_COMMIT_TIMEOUT", connection_seconds)
         read("allowed_source_ips", "LACUNA_ALLOWED_SOURCE_IPS", _networks)
         read("log_format", "LACUNA_LOG_FORMAT", _choice("auto", "json", "console"))
         read("log_level", "LACUNA_LOG_LEVEL", _choice("debug", "info", "warning", "error"))
