@@ -71,6 +71,12 @@ def load_factory(name: str) -> tuple[str, HandlerFactory]:
             raise ConfigError(
                 f"LACUNA_HANDLERS names {name!r}, which cannot be loaded: {exc}"
             ) from None
+        except KeyboardInterrupt:
+            raise  # a real Ctrl-C during the start stops it as one
+        except BaseException as exc:  # the plugin boundary: the module's own code ran
+            raise ConfigError(
+                f"LACUNA_HANDLERS names {name!r}, which cannot be loaded: {_plugin_error(exc)}"
+            ) from None
         handler_name = getattr(obj, "name", None)
         if not isinstance(handler_name, str) or not HANDLER_NAME_RE.fullmatch(handler_name):
             handler_name = attr.rsplit(".", 1)[-1].lower()
@@ -89,10 +95,12 @@ def load_factory(name: str) -> tuple[str, HandlerFactory]:
         )
     try:
         factory = matches[0].load()
-    except ConfigError:  # the plugin's own line, e.g. which pip extra installs its library
-        raise
-    except Exception as exc:  # a broken plugin must become one clear config line, not a traceback
-        raise ConfigError(f"LACUNA_HANDLERS: the {name!r} plugin failed to load: {exc}") from None
+    except (ConfigError, KeyboardInterrupt):  # the plugin's own line (e.g. which pip extra
+        raise  # installs its library); a real Ctrl-C during the start
+    except BaseException as exc:  # a broken plugin is one clear config line, not a traceback
+        raise ConfigError(
+            f"LACUNA_HANDLERS: the {name!r} plugin failed to load: {_plugin_error(exc)}"
+        ) from None
     return name, factory
 
 
@@ -265,10 +273,11 @@ def build_handlers(
             filters[name] = parse_events(ctx.get("EVENTS"), default_events)
         except ConfigError as exc:
             problems.extend(exc.problems)
-        except Exception as exc:  # the plugin boundary: a factory's bug becomes one clear line
+        except KeyboardInterrupt:
+            raise  # a real Ctrl-C during the start stops it as one
+        except BaseException as exc:  # the plugin boundary: a factory's bug is one clear line
             problems.append(
-                f"LACUNA_HANDLERS: the {item!r} handler failed to start: "
-                + redact_text(f"{type(exc).__name__}: {exc}")
+                f"LACUNA_HANDLERS: the {item!r} handler failed to start: " + _plugin_error(exc)
             )
     if not problems and check_order:
         problems.extend(check_after(after))
@@ -284,6 +293,13 @@ def build_handlers(
         policies,
         {n: a for n, a in after.items() if a},
     )
+
+
+def _plugin_error(exc: BaseException) -> str:
+    """``Type: message`` of what a plugin raised, secrets masked. ``BaseException`` too: a
+    ``SystemExit(0)`` from a plugin once ended ``serve`` at start with exit code 0, which the
+    shipped systemd unit does not restart."""
+    return redact_text(f"{type(exc).__name__}: {exc}")
 
 
 def check_after(after: Mapping[str, Sequence[str]]) -> list[str]:
