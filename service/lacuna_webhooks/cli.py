@@ -59,11 +59,34 @@ class _Parser(argparse.ArgumentParser):
 # --- serve ---------------------------------------------------------------------------------
 
 
-def _settings(environ: Mapping[str, str], *, require_secret: bool) -> Settings:
+def _settings(
+    environ: Mapping[str, str], *, require_secret: bool, with_handlers: bool = False
+) -> Settings:
+    """``Settings.from_env`` as a command needs it; its ``ConfigError`` is one
+    ``CommandError`` line. ``with_handlers`` (``serve``, ``worker``): when the global
+    settings are bad, the handlers' own are checked too and listed with them, so every bad
+    setting is reported at once (the handlers are otherwise built only once the global
+    settings are good)."""
     try:
         return Settings.from_env(environ, require_secret=require_secret)
     except ConfigError as exc:
-        raise CommandError(f"configuration: {exc}", exit_code=2) from None
+        problems = list(exc.problems)
+        if with_handlers and not any(p.startswith("LACUNA_HANDLERS") for p in problems):
+            problems += _handler_problems(environ)
+        raise CommandError(f"configuration: {ConfigError(problems)}", exit_code=2) from None
+
+
+def _handler_problems(environ: Mapping[str, str]) -> list[str]:
+    """What ``build_handlers`` finds wrong with ``LACUNA_HANDLERS``'s instances, read with
+    the global settings' defaults. The instances it builds are dropped unused, as
+    ``_handlers_of`` drops its own."""
+    from .plugins import build_handlers
+
+    try:
+        build_handlers(parse_list(environ.get("LACUNA_HANDLERS", "")), environ)
+    except ConfigError as exc:
+        return list(exc.problems)
+    return []
 
 
 def log_secret_warnings(settings: Settings) -> None:
@@ -153,7 +176,7 @@ def _serve(environ: Mapping[str, str], host: str | None, port: int | None) -> in
     from .metrics import Metrics
     from .server import server_config
 
-    settings = _settings(environ, require_secret=True)
+    settings = _settings(environ, require_secret=True, with_handlers=True)
     tracing = _tracing(environ)
     handlers = _handlers_of(settings)
 
@@ -329,7 +352,7 @@ def _worker(environ: Mapping[str, str]) -> int:
     from .dispatch.workers import WorkerPool, worker_specs
     from .metrics import Metrics
 
-    settings = _settings(environ, require_secret=False)
+    settings = _settings(environ, require_secret=False, with_handlers=True)
     checked = _tracing(environ)  # a bad OTEL_* setting stops here, not in every worker
     if checked is not None:
         checked.shutdown()  # the handler worker processes trace the attempts themselves

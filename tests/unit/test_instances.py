@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import orjson
 import pytest
 
+from lacuna_webhooks.cli import main
 from lacuna_webhooks.config import Settings, split_handler_item
 from lacuna_webhooks.dispatch.workers import worker_specs
 from lacuna_webhooks.errors import ConfigError
@@ -220,6 +223,35 @@ def test_overrides_are_read_and_worded_as_the_global_settings(
     with pytest.raises(ConfigError) as info:
         Settings.from_env({variable: value}, require_secret=False)
     assert info.value.problems == [f"{variable} {problem}"]
+
+
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_bad_global_and_handler_settings_are_reported_together(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`serve`/`worker` with a bad global setting, a bad *_FILE and a bad handler
+    override: one line listing all three (the handlers used to be checked only once the
+    global settings were good, so a second start showed the rest)."""
+    fifo = tmp_path / "token.fifo"
+    os.mkfifo(fifo)
+    env = {
+        "LACUNA_WEBHOOK_SECRET": SECRET,
+        "LACUNA_DATABASE_URL": "postgresql://127.0.0.1:9/none",
+        "LACUNA_HANDLER_CONCURRENCY": "0",
+        "LACUNA_ADMIN_TOKEN_FILE": str(fifo),
+        "LACUNA_HANDLERS": "app=http",
+        "LACUNA_APP_SECRET": SECRET,
+        "LACUNA_APP_RETRY_MAX_ATTEMPTS": "x",
+    }
+    assert main([command], environ=env) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    for variable in (
+        "LACUNA_HANDLER_CONCURRENCY",
+        "LACUNA_ADMIN_TOKEN_FILE",
+        "LACUNA_APP_URL",
+        "LACUNA_APP_RETRY_MAX_ATTEMPTS",
+    ):
+        assert variable in line
 
 
 # -- the dispatcher honours them -------------------------------------------------------------
