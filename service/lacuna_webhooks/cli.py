@@ -25,7 +25,14 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 import orjson
 
 from . import __version__
-from .config import HANDLER_NAME_RE, MAX_BODY_BYTES, Settings, parse_list, read_setting
+from .config import (
+    HANDLER_NAME_RE,
+    MAX_BODY_BYTES,
+    Settings,
+    parse_list,
+    read_file_setting,
+    read_setting,
+)
 from .errors import ConfigError, EventNotFound, LacunaError, StoreUnavailable
 from .models import MAX_ID_LENGTH, MAX_TYPE_LENGTH, DeliveryStatus
 from .redact import mask_secrets, redact_url, remember_secrets, secret_values
@@ -403,17 +410,27 @@ def _store_error(exc: BaseException, url: str, what: str) -> CommandError:
     return CommandError(f"{what} (LACUNA_DATABASE_URL): {detail}")
 
 
+#: Largest ``--env-file`` read (a settings file is a few KiB).
+MAX_ENV_FILE_BYTES = 1024 * 1024
+
+
 def _load_env_file(path: Path) -> dict[str, str]:
     """``KEY=VALUE`` lines; ``#`` comments and blank lines skipped; optional quotes removed."""
     values: dict[str, str] = {}
     if not path.exists():
         return values
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise CommandError(f"--env-file: cannot read {path}: {exc.strerror}", 2) from None
-    except UnicodeDecodeError:
-        raise CommandError(f"--env-file: {path} is not UTF-8 text", 2) from None
+        # Read as every settings file is: a FIFO, /dev/zero or a huge file named by mistake
+        # must not hang the start or take all memory.
+        text = read_file_setting(
+            "--env-file",
+            str(path),
+            max_bytes=MAX_ENV_FILE_BYTES,
+            strip_newline=False,
+            allow_empty=True,
+        )
+    except ConfigError as exc:
+        raise CommandError(str(exc), 2) from None
     for line in text.splitlines():
         line = line.strip()
         if not line or line.startswith("#") or "=" not in line:

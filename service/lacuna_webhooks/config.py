@@ -83,7 +83,12 @@ def read_setting(environ: Mapping[str, str], var: str) -> str | None:
 
 
 def read_file_setting(
-    var: str, path: str, *, max_bytes: int = MAX_SETTING_FILE_BYTES, strip_newline: bool = True
+    var: str,
+    path: str,
+    *,
+    max_bytes: int = MAX_SETTING_FILE_BYTES,
+    strip_newline: bool = True,
+    allow_empty: bool = False,
 ) -> str:
     """The UTF-8 text of the file ``path`` that the setting ``var`` names.
 
@@ -91,7 +96,8 @@ def read_file_setting(
     descriptor: a FIFO, a device (``/dev/zero``), a directory or a huge file named by mistake
     must neither hang nor bloat the start. ``strip_newline`` removes exactly one trailing
     newline. Raises ``ConfigError`` with one line naming ``var`` and ``path`` (never the
-    content) for a missing, unreadable, irregular, empty, too large or non-UTF-8 file.
+    content) for a missing, unreadable, irregular, empty (unless ``allow_empty``), too
+    large or non-UTF-8 file.
     """
     try:
         # O_NONBLOCK: a FIFO (or a device) named by mistake must not hang the start on open;
@@ -113,7 +119,7 @@ def read_file_setting(
         raise ConfigError(f"{var}: {path} is not UTF-8 text") from None
     if strip_newline and text.endswith("\n"):
         text = text.removesuffix("\n").removesuffix("\r")
-    if not text.strip():
+    if not text.strip() and not allow_empty:
         raise ConfigError(f"{var}: {path} is empty")
     return text
 
