@@ -25,7 +25,14 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 import orjson
 
 from . import __version__
-from .config import HANDLER_NAME_RE, MAX_BODY_BYTES, Settings, parse_list, read_setting
+from .config import (
+    HANDLER_NAME_RE,
+    MAX_BODY_BYTES,
+    Settings,
+    parse_list,
+    read_file_setting,
+    read_setting,
+)
 from .errors import ConfigError, EventNotFound, LacunaError, StoreUnavailable
 from .models import MAX_ID_LENGTH, MAX_TYPE_LENGTH, DeliveryStatus
 from .redact import mask_secrets, redact_url, remember_secrets, secret_values
@@ -59,11 +66,34 @@ class _Parser(argparse.ArgumentParser):
 # --- serve ---------------------------------------------------------------------------------
 
 
-def _settings(environ: Mapping[str, str], *, require_secret: bool) -> Settings:
+def _settings(
+    environ: Mapping[str, str], *, require_secret: bool, with_handlers: bool = False
+) -> Settings:
+    """``Settings.from_env`` as a command needs it; its ``ConfigError`` is one
+    ``CommandError`` line. ``with_handlers`` (``serve``, ``worker``): when the global
+    settings are bad, the handlers' own are checked too and listed with them, so every bad
+    setting is reported at once (the handlers are otherwise built only once the global
+    settings are good)."""
     try:
         return Settings.from_env(environ, require_secret=require_secret)
     except ConfigError as exc:
-        raise CommandError(f"configuration: {exc}", exit_code=2) from None
+        problems = list(exc.problems)
+        if with_handlers and not any(p.startswith("LACUNA_HANDLERS") for p in problems):
+            problems += _handler_problems(environ)
+        raise CommandError(f"configuration: {ConfigError(problems)}", exit_code=2) from None
+
+
+def _handler_problems(environ: Mapping[str, str]) -> list[str]:
+    """What ``build_handlers`` finds wrong with ``LACUNA_HANDLERS``'s instances, read with
+    the global settings' defaults. The instances it builds are dropped unused, as
+    ``_handlers_of`` drops its own."""
+    from .plugins import build_handlers
+
+    try:
+        build_handlers(parse_list(environ.get("LACUNA_HANDLERS", "")), environ)
+    except ConfigError as exc:
+        return list(exc.problems)
+    return []
 
 
 def log_secret_warnings(settings: Settings) -> None:
@@ -83,7 +113,6 @@ def _handlers_of(settings: Settings) -> HandlerSet:
     """Build every configured handler here too: a bad setting stops the command at start
     with one line, and intake learns each handler's event filter. Their ``handle`` runs
     only in the worker processes."""
-    from .dispatch.flow import read_flow_control
     from .logs import configure
 
     configure(
@@ -93,8 +122,7 @@ def _handlers_of(settings: Settings) -> HandlerSet:
     )
     log_secret_warnings(settings)
     try:
-        built = _build(settings, settings.handlers)
-        read_flow_control(built.names, settings.environ)  # checked now, used by dispatch
+        built = _build(settings, settings.handlers)  # flow-control settings checked too
     except ConfigError as exc:
         raise CommandError(f"configuration: {exc}", exit_code=2) from None
     # Each handler runs (and is closed) in its worker process; these copies are not used.
@@ -155,7 +183,7 @@ def _serve(environ: Mapping[str, str], host: str | None, port: int | None) -> in
     from .metrics import Metrics
     from .server import WEBHOOK_SHARE, server_config
 
-    settings = _settings(environ, require_secret=True)
+    settings = _settings(environ, require_secret=True, with_handlers=True)
     tracing = _tracing(environ)
     handlers = _handlers_of(settings)
 
@@ -335,7 +363,7 @@ def _worker(environ: Mapping[str, str]) -> int:
     from .dispatch.workers import WorkerPool, worker_specs
     from .metrics import Metrics
 
-    settings = _settings(environ, require_secret=False)
+    settings = _settings(environ, require_secret=False, with_handlers=True)
     checked = _tracing(environ)  # a bad OTEL_* setting stops here, not in every worker
     if checked is not None:
         checked.shutdown()  # the handler worker processes trace the attempts themselves
@@ -386,17 +414,27 @@ def _store_error(exc: BaseException, url: str, what: str) -> CommandError:
     return CommandError(f"{what} (LACUNA_DATABASE_URL): {detail}")
 
 
+#: Largest ``--env-file`` read (a settings file is a few KiB).
+MAX_ENV_FILE_BYTES = 1024 * 1024
+
+
 def _load_env_file(path: Path) -> dict[str, str]:
     """``KEY=VALUE`` lines; ``#`` comments and blank lines skipped; optional quotes removed."""
     values: dict[str, str] = {}
     if not path.exists():
         return values
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise CommandError(f"--env-file: cannot read {path}: {exc.strerror}", 2) from None
-    except UnicodeDecodeError:
-        raise CommandError(f"--env-file: {path} is not UTF-8 text", 2) from None
+        # Read as every settings file is: a FIFO, /dev/zero or a huge file named by mistake
+        # must not hang the start or take all memory.
+        text = read_file_setting(
+            "--env-file",
+            str(path),
+            max_bytes=MAX_ENV_FILE_BYTES,
+            strip_newline=False,
+            allow_empty=True,
+        )
+    except ConfigError as exc:
+        raise CommandError(str(exc), 2) from None
     for line in text.splitlines():
         line = line.strip()
         if not line or line.startswith("#") or "=" not in line:

@@ -38,6 +38,7 @@ HANDLER_NAME_RE = re.compile(r"\A[a-z][a-z0-9_]{0,39}\Z")
 FILE_SUFFIX = "_FILE"
 # A secret file holds one value; anything larger is the wrong file (or /dev/zero).
 MAX_SETTING_FILE_BYTES = 64 * 1024
+MAX_INT_DIGITS = 18  # every whole-number bound is below 10**18
 MIN_ADMIN_TOKEN_LENGTH = 32  # SPEC §9
 # Upper bounds of the numeric settings. Far above any sensible value; without them a huge
 # number passed validation and broke later (a timedelta overflow stopped the dispatcher, an
@@ -51,6 +52,11 @@ MAX_CONCURRENCY = 1_000
 MIN_POLL_SECONDS, MAX_POLL_SECONDS = 0.01, 3_600.0
 MAX_RETENTION_DAYS = 36_500.0
 MAX_SHUTDOWN_SECONDS = 3_600.0
+# The HTTP server's limits (issue 10): a typo must not switch a cap or a timeout off.
+MAX_CONNECTION_SECONDS = 3_600.0  # keep-alive, header, body and commit timeouts
+MAX_HEADER_BYTES = 1024 * 1024
+MAX_HEADERS = 10_000
+MAX_CONNECTIONS = 1_000_000
 # An admin search's time budget: under the SQLite reader's 20 s interrupt, over a window.
 MIN_SEARCH_BUDGET_SECONDS, MAX_SEARCH_BUDGET_SECONDS = 0.05, 10.0
 
@@ -73,34 +79,54 @@ def read_setting(environ: Mapping[str, str], var: str) -> str | None:
         return value if has_value else None
     if has_value:
         raise ConfigError(f"{var} and {file_var} are both set: keep one of them")
-    return _read_setting_file(file_var, path.strip())
+    return read_file_setting(file_var, path.strip())
 
 
-def _read_setting_file(file_var: str, path: str) -> str:
+def read_file_setting(
+    var: str,
+    path: str,
+    *,
+    max_bytes: int = MAX_SETTING_FILE_BYTES,
+    strip_newline: bool = True,
+    allow_empty: bool = False,
+) -> str:
+    """The UTF-8 text of the file ``path`` that the setting ``var`` names.
+
+    Only a regular file of at most ``max_bytes`` is read, and it is read once, through one
+    descriptor: a FIFO, a device (``/dev/zero``), a directory or a huge file named by mistake
+    must neither hang nor bloat the start. ``strip_newline`` removes exactly one trailing
+    newline. Raises ``ConfigError`` with one line naming ``var`` and ``path`` (never the
+    content) for a missing, unreadable, irregular, empty (unless ``allow_empty``), too
+    large or non-UTF-8 file.
+    """
     try:
         # O_NONBLOCK: a FIFO (or a device) named by mistake must not hang the start on open;
         # it is then refused below, as anything but a regular file is.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         with open(fd, "rb") as f:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise ConfigError(f"{file_var}: {path} is not a regular file")
-            data = f.read(MAX_SETTING_FILE_BYTES + 1)
+                raise ConfigError(f"{var}: {path} is not a regular file")
+            data = f.read(max_bytes + 1)
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
-        raise ConfigError(f"{file_var}: cannot read {path}: {reason}") from None
-    if len(data) > MAX_SETTING_FILE_BYTES:
-        raise ConfigError(
-            f"{file_var}: {path} is larger than {MAX_SETTING_FILE_BYTES // 1024} KiB; "
-            "it should hold just the value"
-        )
+        raise ConfigError(f"{var}: cannot read {path}: {reason}") from None
+    if len(data) > max_bytes:
+        hint = "; it should hold just the value" if max_bytes == MAX_SETTING_FILE_BYTES else ""
+        raise ConfigError(f"{var}: {path} is larger than {_size(max_bytes)}{hint}")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise ConfigError(f"{file_var}: {path} is not UTF-8 text") from None
-    text = text.removesuffix("\n").removesuffix("\r") if text.endswith("\n") else text
-    if not text.strip():
-        raise ConfigError(f"{file_var}: {path} is empty")
+        raise ConfigError(f"{var}: {path} is not UTF-8 text") from None
+    if strip_newline and text.endswith("\n"):
+        text = text.removesuffix("\n").removesuffix("\r")
+    if not text.strip() and not allow_empty:
+        raise ConfigError(f"{var}: {path} is empty")
     return text
+
+
+def _size(size_bytes: int) -> str:
+    mib = 1024 * 1024
+    return f"{size_bytes // mib} MiB" if size_bytes >= mib else f"{size_bytes // 1024} KiB"
 
 
 def secret_problems(value: str) -> list[str]:
@@ -166,24 +192,34 @@ def parse_list(value: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in value.split(",") if item.strip())
 
 
-def _positive_int(value: str) -> int:
+def positive_int(value: str) -> int:
+    """A whole number > 0 in ASCII digits; ``ValueError`` ("must be …") otherwise."""
     text = value.strip()
     # ASCII digits only: int() also takes fullwidth or Arabic-Indic digits and "1_000".
     if not re.fullmatch(r"[+-]?[0-9]+", text):
-        raise ValueError(f"must be a whole number, got {value!r}")
+        raise ValueError(f"must be a whole number, got {_shown(value)}")
+    if len(text.lstrip("+-").lstrip("0")) > MAX_INT_DIGITS:
+        # Past every bound anyway; int() of over 4300 digits raises with Python's own words.
+        raise ValueError(f"must be a whole number of at most {MAX_INT_DIGITS} digits")
     number = int(text)
     if number <= 0:
-        raise ValueError(f"must be greater than 0, got {value!r}")
+        raise ValueError(f"must be greater than 0, got {_shown(value)}")
     return number
 
 
-def _positive_float(value: str) -> float:
+def _shown(value: str) -> str:
+    """``value`` quoted for an error line, cut short: a typo, not a 5000-digit wall."""
+    return repr(value) if len(value) <= 40 else repr(value[:40]) + "…"
+
+
+def positive_float(value: str) -> float:
+    """A finite number > 0; ``ValueError`` ("must be …") otherwise."""
     try:
         number = float(value.strip())
     except ValueError:
-        raise ValueError(f"must be a number, got {value!r}") from None
+        raise ValueError(f"must be a number, got {_shown(value)}") from None
     if not math.isfinite(number) or number <= 0:
-        raise ValueError(f"must be a finite number greater than 0, got {value!r}")
+        raise ValueError(f"must be a finite number greater than 0, got {_shown(value)}")
     return number
 
 
@@ -192,24 +228,25 @@ def _number(value: object) -> str:
     return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
-def _at_most(
-    parse: Callable[[str], T], limit: T, *, minimum: T | None = None
-) -> Callable[[str], T]:
-    """``parse``, then refuse values above ``limit`` (or below ``minimum``) with a line."""
+def at_most(parse: Callable[[str], T], limit: T, *, minimum: T | None = None) -> Callable[[str], T]:
+    """``parse``, then refuse values above ``limit`` (or below ``minimum``) with a line.
+
+    The one parser of bounded numbers, for the global settings and the per-handler
+    ``LACUNA_<NAME>_*`` ones alike (``handlers._common``): the same bounds, the same words."""
 
     def bounded(value: str) -> T:
         number = parse(value)
         if number > limit:  # type: ignore[operator]
-            raise ValueError(f"must be at most {_number(limit)}, got {value!r}")
+            raise ValueError(f"must be at most {_number(limit)}, got {_shown(value)}")
         if minimum is not None and number < minimum:  # type: ignore[operator]
-            raise ValueError(f"must be at least {_number(minimum)}, got {value!r}")
+            raise ValueError(f"must be at least {_number(minimum)}, got {_shown(value)}")
         return number
 
     return bounded
 
 
 def _port(value: str) -> int:
-    number = _positive_int(value)
+    number = positive_int(value)
     if number > 65535:
         raise ValueError(f"must be a port number from 1 to 65535, got {value!r}")
     return number
@@ -463,9 +500,9 @@ class Settings:
         read(
             "tolerance_seconds",
             "LACUNA_WEBHOOK_TOLERANCE",
-            _at_most(_positive_int, MAX_TOLERANCE_SECONDS),
+            at_most(positive_int, MAX_TOLERANCE_SECONDS),
         )
-        read("max_body_bytes", "LACUNA_MAX_BODY_BYTES", _at_most(_positive_int, MAX_BODY_BYTES))
+        read("max_body_bytes", "LACUNA_MAX_BODY_BYTES", at_most(positive_int, MAX_BODY_BYTES))
         read("database_url", "LACUNA_DATABASE_URL", _database_url, from_file=True)
         read("handlers", "LACUNA_HANDLERS", _handler_items)
         read("host", "HOST", _host)
@@ -475,52 +512,61 @@ class Settings:
         read(
             "admin_search_budget_seconds",
             "LACUNA_ADMIN_SEARCH_BUDGET",
-            _at_most(_positive_float, MAX_SEARCH_BUDGET_SECONDS, minimum=MIN_SEARCH_BUDGET_SECONDS),
+            at_most(positive_float, MAX_SEARCH_BUDGET_SECONDS, minimum=MIN_SEARCH_BUDGET_SECONDS),
         )
         read(
             "retry_max_attempts",
             "LACUNA_RETRY_MAX_ATTEMPTS",
-            _at_most(_positive_int, MAX_RETRY_ATTEMPTS),
+            at_most(positive_int, MAX_RETRY_ATTEMPTS),
         )
-        delay = _at_most(_positive_float, MAX_DELAY_SECONDS)
+        delay = at_most(positive_float, MAX_DELAY_SECONDS)
         read("retry_base_delay_seconds", "LACUNA_RETRY_BASE_DELAY", delay)
         read("retry_max_delay_seconds", "LACUNA_RETRY_MAX_DELAY", delay)
         read("allow_private_urls", "LACUNA_ALLOW_PRIVATE_URLS", parse_bool)
         read(
             "handler_timeout_seconds",
             "LACUNA_HANDLER_TIMEOUT",
-            _at_most(_positive_float, MAX_TIMEOUT_SECONDS),
+            at_most(positive_float, MAX_TIMEOUT_SECONDS),
         )
         read(
             "handler_concurrency",
             "LACUNA_HANDLER_CONCURRENCY",
-            _at_most(_positive_int, MAX_CONCURRENCY),
+            at_most(positive_int, MAX_CONCURRENCY),
         )
         read(
             "poll_interval_seconds",
             "LACUNA_POLL_INTERVAL",
-            _at_most(_positive_float, MAX_POLL_SECONDS, minimum=MIN_POLL_SECONDS),
+            at_most(positive_float, MAX_POLL_SECONDS, minimum=MIN_POLL_SECONDS),
         )
         read(
             "retention_days",
             "LACUNA_RETENTION_DAYS",
-            _at_most(_positive_float, MAX_RETENTION_DAYS),
+            at_most(positive_float, MAX_RETENTION_DAYS),
         )
         read(
             "shutdown_timeout_seconds",
             "LACUNA_SHUTDOWN_TIMEOUT",
-            _at_most(_positive_float, MAX_SHUTDOWN_SECONDS),
+            at_most(positive_float, MAX_SHUTDOWN_SECONDS),
         )
         read("dispatch", "LACUNA_DISPATCH", parse_bool)
         read("sqlite_synchronous", "LACUNA_SQLITE_SYNCHRONOUS", _choice("full", "normal"))
         read("trusted_proxies", "LACUNA_TRUSTED_PROXIES", str.strip)
-        read("keepalive_timeout_seconds", "LACUNA_KEEPALIVE_TIMEOUT", _positive_float)
-        read("header_timeout_seconds", "LACUNA_HEADER_TIMEOUT", _positive_float)
-        read("body_timeout_seconds", "LACUNA_BODY_TIMEOUT", _positive_float)
-        read("max_header_bytes", "LACUNA_MAX_HEADER_BYTES", _positive_int)
-        read("max_headers", "LACUNA_MAX_HEADERS", _positive_int)
-        read("max_connections", "LACUNA_MAX_CONNECTIONS", _positive_int)
-        read("commit_timeout_seconds", "LACUNA_COMMIT_TIMEOUT", _positive_float)
+        connection_seconds = at_most(positive_float, MAX_CONNECTION_SECONDS)
+        read("keepalive_timeout_seconds", "LACUNA_KEEPALIVE_TIMEOUT", connection_seconds)
+        read("header_timeout_seconds", "LACUNA_HEADER_TIMEOUT", connection_seconds)
+        read("body_timeout_seconds", "LACUNA_BODY_TIMEOUT", connection_seconds)
+        read(
+            "max_header_bytes",
+            "LACUNA_MAX_HEADER_BYTES",
+            at_most(positive_int, MAX_HEADER_BYTES),
+        )
+        read("max_headers", "LACUNA_MAX_HEADERS", at_most(positive_int, MAX_HEADERS))
+        read(
+            "max_connections",
+            "LACUNA_MAX_CONNECTIONS",
+            at_most(positive_int, MAX_CONNECTIONS),
+        )
+        read("commit_timeout_seconds", "LACUNA_COMMIT_TIMEOUT", connection_seconds)
         read("allowed_source_ips", "LACUNA_ALLOWED_SOURCE_IPS", _networks)
         read("log_format", "LACUNA_LOG_FORMAT", _choice("auto", "json", "console"))
         read("log_level", "LACUNA_LOG_LEVEL", _choice("debug", "info", "warning", "error"))

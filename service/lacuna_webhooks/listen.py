@@ -11,7 +11,9 @@ deployment, usually a remote one, from a shell.
 Both say when they lose the stream and reconnect with backoff (with jitter, at most
 ``MAX_BACKOFF_SECONDS``), resuming after the last event they handled. A stream that stays
 silent longer than ``READ_TIMEOUT_SECONDS`` (the server sends a keepalive every 15 s) is
-taken as lost: a sleeping laptop's dead connection is noticed. ``listen`` retries a local
+taken as lost: a sleeping laptop's dead connection is noticed, and so is one that sends
+more than ``MAX_MESSAGE_CHARS`` (1 MiB) without ending a message (an endless line would
+otherwise be buffered whole). ``listen`` retries a local
 app that fails or refuses (any answer but 2xx) with the same backoff until it takes the
 event, so one event is never skipped for the next; an event cut off mid-forward by Ctrl-C
 is sent again on restart (the app deduplicates on ``webhook-id``, the event id).
@@ -27,10 +29,11 @@ import contextlib
 import hashlib
 import os
 import random
+import re
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -38,7 +41,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import orjson
-from httpx_sse import SSEError, aconnect_sse
+from httpx_sse import EventSource, SSEError, aconnect_sse
 
 from .admin.client import AdminClient
 from .config import read_setting
@@ -55,6 +58,9 @@ FIRST_BACKOFF_SECONDS = 0.5
 READ_TIMEOUT_SECONDS = 45.0
 #: Seconds to wait for the local app's answer to one forward.
 FORWARD_TIMEOUT_SECONDS = 30.0
+#: Most characters one stream message (its lines up to the blank line that ends it) may
+#: hold; an event is a few KiB. Past it the stream is taken as lost and reconnected.
+MAX_MESSAGE_CHARS = 1024 * 1024
 
 
 class ListenError(Exception):
@@ -221,8 +227,9 @@ async def follow_stream(
                     headers=headers,
                     params=params,
                     timeout=timeout,
-                ) as source:
-                    response = source.response
+                ) as connected:
+                    response = connected.response
+                    source = EventSource(_BoundedMessages(response))  # type: ignore[arg-type]
                     if response.status_code != 200:
                         await response.aread()
                         _refusal(response, cursor)
@@ -254,11 +261,47 @@ async def follow_stream(
                 reason = f"nothing heard for {READ_TIMEOUT_SECONDS:g} s"
             except (httpx.HTTPError, SSEError) as exc:
                 reason = str(exc) or type(exc).__name__
+            except MessageTooLarge:
+                reason = f"a message longer than {MAX_MESSAGE_CHARS // 1024 // 1024} MiB"
             failures += 1
             lost = True
             delay = backoff(failures)
             say(f"stream: lost ({reason}); reconnecting in {delay:.1f} s")
             await asyncio.sleep(delay)
+
+
+class MessageTooLarge(Exception):
+    """The stream sent more than ``MAX_MESSAGE_CHARS`` without ending a message."""
+
+
+# The end of an SSE message: a line terminator (CRLF, CR or LF) followed by another.
+_BLANK_LINE = re.compile(r"(?:\r\n|\r(?!\n)|\n)[\r\n]")
+
+
+class _BoundedMessages:
+    """A stream response whose text fails with ``MessageTooLarge`` once more than
+    ``MAX_MESSAGE_CHARS`` arrive after the last blank line (the end of a message).
+
+    httpx-sse buffers a line, and a message's data lines, without bound: a server that
+    streams one endless line (or endless ``data:`` lines) would take all memory. Only
+    ``headers`` and ``aiter_text`` are what ``EventSource`` reads of a response.
+    """
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.headers = response.headers
+        self._response = response
+
+    async def aiter_text(self) -> AsyncIterator[str]:
+        pending = 0  # characters since the last blank line
+        tail = ""  # the last two characters, for a terminator split between chunks
+        async for text in self._response.aiter_text():
+            window = tail + text
+            ends = [m.end() for m in _BLANK_LINE.finditer(window)]
+            pending = len(window) - ends[-1] if ends else pending + len(text)
+            if pending > MAX_MESSAGE_CHARS:
+                raise MessageTooLarge
+            tail = window[-2:]
+            yield text
 
 
 def _refusal(response: httpx.Response, cursor: str | None) -> None:

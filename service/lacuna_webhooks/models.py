@@ -165,7 +165,9 @@ class Event:
         and ``type`` non-empty strings of
         bounded length (else ``InvalidPayload``). JSON nested deeper than ``max_depth``
         levels (``MAX_JSON_DEPTH``; the top-level object is level 1) is ``InvalidJSON``;
-        ``max_depth=None`` skips that check, for bodies already stored.
+        ``max_depth=None`` skips that check, for bodies already stored; it skips the id
+        checks below too (a body stored before they existed must still read back: a
+        claimed delivery whose event no longer parsed would stop the dispatcher).
 
         Beyond the spec, the fields the store derives columns from are refused when no
         backend could hold them, so that an accepted body is always storable and one
@@ -186,6 +188,11 @@ class Event:
           string the event simply has no task (NULL).
         - ``data.status``, when a string: a NUL character (``param`` ``data.status``).
           Not a string: no status (NULL).
+
+        Ids are keys (the dedupe key, a task's state, a track's file name), so ``id``,
+        ``data.id`` and each ``data.tracks[i].id``, when strings, are refused when they
+        begin or end with whitespace or hold a control character (C0, DEL, C1), with
+        ``param`` naming the field (``data.tracks[0].id``); they are never trimmed.
 
         Everything else (unknown fields, NULs in other strings, numbers of any size,
         deep nesting up to ``MAX_JSON_DEPTH``) lives only in ``raw``, kept byte for byte;
@@ -211,7 +218,9 @@ class Event:
         if len(event_id) > MAX_ID_LENGTH:
             raise InvalidPayload(f"`id` is longer than {MAX_ID_LENGTH} characters.", param="id")
         _refuse_nul(event_id, "id")
-        _refuse_unclean_id(event_id)
+        new_body = max_depth is not None  # see the docstring: stored bodies read back as is
+        if new_body:
+            _refuse_unclean_id(event_id, "id")
         event_type = payload.get("type")
         if not isinstance(event_type, str) or not event_type.strip():
             raise InvalidPayload("`type` must be a non-empty string.", param="type")
@@ -242,9 +251,16 @@ class Event:
                         param="data.id",
                     )
                 _refuse_nul(task_id, "data.id")
+                if new_body:
+                    _refuse_unclean_id(task_id, "data.id")
             status = data.get("status")
             if isinstance(status, str):
                 _refuse_nul(status, "data.status")
+            tracks = data.get("tracks") if new_body else None
+            for index, track in enumerate(tracks if isinstance(tracks, list) else ()):
+                track_id = track.get("id") if isinstance(track, dict) else None
+                if isinstance(track_id, str):
+                    _refuse_unclean_id(track_id, f"data.tracks[{index}].id")
         return cls(id=event_id, type=event_type, payload=payload, raw=raw, created=created)
 
     @property
@@ -288,16 +304,19 @@ def _nesting_exceeds(value: Any, limit: int) -> bool:
     return False
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# C0, DEL and C1: Unicode's control characters (category Cc).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
-def _refuse_unclean_id(event_id: str) -> None:
-    # The id is the dedupe key: " evt_1" or "evt_1\n" would be stored as a second event next
-    # to "evt_1" (and shown identically by every listing). No sender means that; refuse it.
-    if event_id != event_id.strip() or _CONTROL.search(event_id):
+def _refuse_unclean_id(value: str, param: str) -> None:
+    # An id is a key: the event id the dedupe key, the task id the key of the task's state
+    # (its latest event wins), a track id a file name. " evt_1" or "evt_1\n" would be stored
+    # as a second event (or task, or file) next to "evt_1", shown identically by every
+    # listing. No sender means that; refuse it, as Stripe-like receivers refuse a malformed id.
+    if value != value.strip() or _CONTROL.search(value):
         raise InvalidPayload(
-            "`id` must not begin or end with whitespace or contain control characters.",
-            param="id",
+            f"`{param}` must not begin or end with whitespace or contain control characters.",
+            param=param,
         )
 
 

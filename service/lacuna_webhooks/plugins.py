@@ -10,9 +10,11 @@ factory called with a ``HandlerContext``. The event filter is
 else the handler's own ``events`` attribute. Like every handler setting, each
 may also come from a file named by ``LACUNA_<NAME>_<KEY>_FILE``.
 
-Per instance, ``LACUNA_<NAME>_CONCURRENCY``, ``_RETRY_MAX_ATTEMPTS``,
+Per instance, ``LACUNA_<NAME>_TIMEOUT``, ``_CONCURRENCY``, ``_RETRY_MAX_ATTEMPTS``,
 ``_RETRY_BASE_DELAY`` and ``_RETRY_MAX_DELAY`` override the global values
-(SPEC §6), validated here at start with the rest.
+(SPEC §6), with the same bounds and error lines; they, the flow-control settings
+(``_RATE_LIMIT``, ``_PAUSE_AFTER_FAILURES``) and the handler's own settings are
+validated here at start, every bad one of every instance reported at once.
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import importlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -33,7 +35,9 @@ from .config import (
     MAX_DELAY_SECONDS,
     MAX_RETRY_ATTEMPTS,
     MAX_TIMEOUT_SECONDS,
+    at_most,
     parse_list,
+    positive_float,
     read_setting,
     split_handler_item,
 )
@@ -45,6 +49,7 @@ from .redact import redact_text
 from .retry import RetryPolicy
 
 ENTRY_POINT_GROUP = "lacuna_webhooks.handlers"
+T = TypeVar("T")
 
 
 def available() -> dict[str, str]:
@@ -66,6 +71,12 @@ def load_factory(name: str) -> tuple[str, HandlerFactory]:
             raise ConfigError(
                 f"LACUNA_HANDLERS names {name!r}, which cannot be loaded: {exc}"
             ) from None
+        except KeyboardInterrupt:
+            raise  # a real Ctrl-C during the start stops it as one
+        except BaseException as exc:  # the plugin boundary: the module's own code ran
+            raise ConfigError(
+                f"LACUNA_HANDLERS names {name!r}, which cannot be loaded: {_plugin_error(exc)}"
+            ) from None
         handler_name = getattr(obj, "name", None)
         if not isinstance(handler_name, str) or not HANDLER_NAME_RE.fullmatch(handler_name):
             handler_name = attr.rsplit(".", 1)[-1].lower()
@@ -84,10 +95,12 @@ def load_factory(name: str) -> tuple[str, HandlerFactory]:
         )
     try:
         factory = matches[0].load()
-    except ConfigError:  # the plugin's own line, e.g. which pip extra installs its library
-        raise
-    except Exception as exc:  # a broken plugin must become one clear config line, not a traceback
-        raise ConfigError(f"LACUNA_HANDLERS: the {name!r} plugin failed to load: {exc}") from None
+    except (ConfigError, KeyboardInterrupt):  # the plugin's own line (e.g. which pip extra
+        raise  # installs its library); a real Ctrl-C during the start
+    except BaseException as exc:  # a broken plugin is one clear config line, not a traceback
+        raise ConfigError(
+            f"LACUNA_HANDLERS: the {name!r} plugin failed to load: {_plugin_error(exc)}"
+        ) from None
     return name, factory
 
 
@@ -201,6 +214,9 @@ def build_handlers(
     instance's ``LACUNA_<NAME>_CONCURRENCY`` / ``_RETRY_*`` override. ``check_order=False``
     leaves ``LACUNA_<NAME>_AFTER`` unchecked against the other items (a worker process, or
     ``handlers``, building one instance alone)."""
+    # Imported here: the dispatch package imports this module.
+    from .dispatch.flow import read_flow_control
+
     default_policy = policy or RetryPolicy()
     problems: list[str] = []
     handlers: dict[str, Handler] = {}
@@ -215,36 +231,53 @@ def build_handlers(
         try:
             explicit, kind = split_handler_item(item)
             default_name, factory = load_factory(kind)
-            name = explicit or default_name
-            if name in handlers:
-                raise ConfigError(
-                    f"LACUNA_HANDLERS names the handler {name!r} twice: give each instance "
-                    "its own NAME=KIND"
-                )
-            ctx = HandlerContext(
-                name=name,
-                environ=environ,
-                allow_private_urls=allow_private_urls,
-                timeout_seconds=_handler_timeout(name, environ, timeout_seconds),
-                kind=kind,
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            continue
+        name = explicit or default_name
+        if name in items:
+            problems.append(
+                f"LACUNA_HANDLERS names the handler {name!r} twice: give each instance "
+                "its own NAME=KIND"
             )
-            slots[name] = int_setting(ctx, "CONCURRENCY", concurrency, maximum=MAX_CONCURRENCY)
-            policies[name] = _instance_policy(ctx, default_policy)
-            after[name] = parse_list(ctx.get("AFTER") or "")
+            continue
+        items[name] = item
+        # Each override is checked on its own, so that every bad one of every instance is
+        # reported at once (SPEC §4: one ConfigError listing each problem), the handler's
+        # own settings too.
+        ctx = HandlerContext(
+            name=name,
+            environ=environ,
+            allow_private_urls=allow_private_urls,
+            timeout_seconds=_checked(
+                problems, timeout_seconds, _handler_timeout, name, environ, timeout_seconds
+            ),
+            kind=kind,
+        )
+        slots[name] = _checked(
+            problems, concurrency, int_setting, ctx, "CONCURRENCY", concurrency, MAX_CONCURRENCY
+        )
+        policies[name] = _instance_policy(ctx, default_policy, problems)
+        after[name] = parse_list(_checked(problems, None, ctx.get, "AFTER") or "")
+        try:
+            read_flow_control([name], environ)  # read again where dispatch runs
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+        try:
             handler = factory(ctx)
             default_events = _check_handler(item, handler)
             handler.name = name
             handlers[name] = handler
-            items[name] = item
             kinds[name] = kind
             timeouts[name] = ctx.timeout_seconds
             filters[name] = parse_events(ctx.get("EVENTS"), default_events)
         except ConfigError as exc:
             problems.extend(exc.problems)
-        except Exception as exc:  # the plugin boundary: a factory's bug becomes one clear line
+        except KeyboardInterrupt:
+            raise  # a real Ctrl-C during the start stops it as one
+        except BaseException as exc:  # the plugin boundary: a factory's bug is one clear line
             problems.append(
-                f"LACUNA_HANDLERS: the {item!r} handler failed to start: "
-                + redact_text(f"{type(exc).__name__}: {exc}")
+                f"LACUNA_HANDLERS: the {item!r} handler failed to start: " + _plugin_error(exc)
             )
     if not problems and check_order:
         problems.extend(check_after(after))
@@ -260,6 +293,13 @@ def build_handlers(
         policies,
         {n: a for n, a in after.items() if a},
     )
+
+
+def _plugin_error(exc: BaseException) -> str:
+    """``Type: message`` of what a plugin raised, secrets masked. ``BaseException`` too: a
+    ``SystemExit(0)`` from a plugin once ended ``serve`` at start with exit code 0, which the
+    shipped systemd unit does not restart."""
+    return redact_text(f"{type(exc).__name__}: {exc}")
 
 
 def check_after(after: Mapping[str, Sequence[str]]) -> list[str]:
@@ -304,26 +344,56 @@ def _cycle_from(
     return None
 
 
-def _instance_policy(ctx: HandlerContext, default: RetryPolicy) -> RetryPolicy:
+def _checked(problems: list[str], fallback: T, read: Callable[..., T], *args: Any) -> T:
+    """``read(*args)``, or ``fallback`` with its ``ConfigError`` lines added to ``problems``."""
+    try:
+        return read(*args)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+        return fallback
+
+
+def _instance_policy(ctx: HandlerContext, default: RetryPolicy, problems: list[str]) -> RetryPolicy:
     """The instance's retry schedule: each ``LACUNA_<NAME>_RETRY_*`` set overrides the
-    global value (SPEC §6); a cap below the base delay is a ``ConfigError``."""
+    global value (SPEC §6); a bad value, or a cap below the base delay, is added to
+    ``problems`` (and the global value kept in its place)."""
+    before = len(problems)
     policy = RetryPolicy(
-        max_attempts=int_setting(
-            ctx, "RETRY_MAX_ATTEMPTS", default.max_attempts, maximum=MAX_RETRY_ATTEMPTS
+        max_attempts=_checked(
+            problems,
+            default.max_attempts,
+            int_setting,
+            ctx,
+            "RETRY_MAX_ATTEMPTS",
+            default.max_attempts,
+            MAX_RETRY_ATTEMPTS,
         ),
-        base_delay_seconds=float_setting(
-            ctx, "RETRY_BASE_DELAY", default.base_delay_seconds, maximum=MAX_DELAY_SECONDS
+        base_delay_seconds=_checked(
+            problems,
+            default.base_delay_seconds,
+            float_setting,
+            ctx,
+            "RETRY_BASE_DELAY",
+            default.base_delay_seconds,
+            MAX_DELAY_SECONDS,
         ),
-        max_delay_seconds=float_setting(
-            ctx, "RETRY_MAX_DELAY", default.max_delay_seconds, maximum=MAX_DELAY_SECONDS
+        max_delay_seconds=_checked(
+            problems,
+            default.max_delay_seconds,
+            float_setting,
+            ctx,
+            "RETRY_MAX_DELAY",
+            default.max_delay_seconds,
+            MAX_DELAY_SECONDS,
         ),
     )
-    if policy.max_delay_seconds < policy.base_delay_seconds:
-        raise ConfigError(
+    if len(problems) == before and policy.max_delay_seconds < policy.base_delay_seconds:
+        problems.append(
             f"{ctx.env_name('RETRY_MAX_DELAY')} ({policy.max_delay_seconds:g}) must not be "
             f"smaller than the {ctx.name} handler's retry base delay "
             f"({policy.base_delay_seconds:g})"
         )
+        return default
     return policy
 
 
@@ -354,17 +424,13 @@ def _check_handler(item: str, handler: object) -> frozenset[str] | None:
 
 
 def _handler_timeout(name: str, environ: Mapping[str, str], default: float) -> float:
+    """``LACUNA_<NAME>_TIMEOUT``, bounded as ``LACUNA_HANDLER_TIMEOUT`` is (its lease would
+    overflow a timedelta and stop the dispatcher); ``default`` when unset."""
     var = f"LACUNA_{name.upper()}_TIMEOUT"
     raw = read_setting(environ, var)
     if raw is None or not raw.strip():
         return default
     try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{var} must be a number of seconds, got {raw!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise ConfigError(f"{var} must be a finite number of seconds greater than 0")
-    if value > MAX_TIMEOUT_SECONDS:
-        # Its lease would overflow a timedelta and stop the dispatcher.
-        raise ConfigError(f"{var} must be at most {MAX_TIMEOUT_SECONDS:.0f} seconds, got {raw!r}")
-    return value
+        return at_most(positive_float, MAX_TIMEOUT_SECONDS)(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{var} {exc}") from None

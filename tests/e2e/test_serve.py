@@ -143,7 +143,7 @@ def run_cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedP
         ),
         (
             {"LACUNA_WEBHOOK_SECRET": "s", "LACUNA_HANDLERS": "log", "LACUNA_LOG_TIMEOUT": "1e300"},
-            "LACUNA_LOG_TIMEOUT must be at most 86400 seconds",
+            "LACUNA_LOG_TIMEOUT must be at most 86400, got '1e300'",
         ),
     ],
 )

@@ -226,6 +226,25 @@ def test_deeply_nested_json_is_400_not_500(tmp_path: Path) -> None:
         ({"id": "evt_big", "type": "job.completed", "created": 2**63, "data": {}}, "created"),
         ({"id": "evt_\x00", "type": "job.completed"}, "id"),
         ({"id": "evt_1", "type": "job.completed", "data": {"id": "cm\x00"}}, "data.id"),
+        # ids are keys: a padded one would be a second event, task or file beside the real one
+        ({"id": "evt_1\n", "type": "job.completed"}, "id"),
+        ({"id": " evt_1", "type": "job.completed"}, "id"),
+        ({"id": "evt_\x851", "type": "job.completed"}, "id"),
+        ({"id": "evt_1", "type": "job.completed", "data": {"id": "cm42\n"}}, "data.id"),
+        ({"id": "evt_1", "type": "job.completed", "data": {"id": "\tcm42"}}, "data.id"),
+        ({"id": "evt_1", "type": "job.completed", "data": {"id": "cm\x1b[2J"}}, "data.id"),
+        (
+            {
+                "id": "evt_1",
+                "type": "job.completed",
+                "data": {"tracks": [{"id": "t1"}, {"id": "t2 "}]},
+            },
+            "data.tracks[1].id",
+        ),
+        (
+            {"id": "evt_1", "type": "job.completed", "data": {"tracks": [{"id": "t\u00851"}]}},
+            "data.tracks[0].id",
+        ),
     ],
 )
 def test_invalid_payload_is_400_with_param(

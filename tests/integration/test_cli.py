@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -368,12 +370,15 @@ def test_events_show_prints_numbers_beyond_a_double_as_sent(
             "bad.env is not UTF-8 text",
         ),
         (lambda d: (d / "dir.env").mkdir() or "dir.env", "cannot read dir.env: Is a directory"),
+        (lambda d: os.mkfifo(d / "fifo.env") or "fifo.env", "fifo.env is not a regular file"),
+        (lambda d: "/dev/zero", "/dev/zero is not a regular file"),
+        (lambda d: huge_file(d / "huge.env"), "huge.env is larger than 1 MiB"),
         (
             lambda d: "no-such-dir/x.env",
             "cannot write no-such-dir/x.env: No such file or directory",
         ),
     ],
-    ids=["not-utf8", "a-directory", "unwritable"],
+    ids=["not-utf8", "a-directory", "a-fifo", "a-device", "huge", "unwritable"],
 )
 def test_dev_with_an_unusable_env_file_is_one_line(
     tmp_path: Path,
@@ -384,12 +389,27 @@ def test_dev_with_an_unusable_env_file_is_one_line(
 ) -> None:
     """``dev --env-file`` that cannot be read or written (not UTF-8, a directory, a missing
     folder) is one ``--env-file`` line and exit 2, before anything listens; each was a
-    traceback (UnicodeDecodeError, IsADirectoryError, FileNotFoundError)."""
+    traceback (UnicodeDecodeError, IsADirectoryError, FileNotFoundError). A FIFO hung the
+    start, /dev/zero took all memory, a huge file was read whole: only a regular file of at
+    most 1 MiB is read."""
     monkeypatch.chdir(tmp_path)
     name = make(tmp_path)
-    assert main(["dev", "--env-file", name], {"PORT": "1"}) == 2
+    # Before the fix open() blocked on the FIFO: a writer that comes later lets the test end.
+    fifo = tmp_path / "fifo.env"
+    unblock = threading.Timer(5.0, lambda: fifo.open("wb").close() if fifo.exists() else None)
+    unblock.start()
+    try:
+        assert main(["dev", "--env-file", name], {"PORT": "1"}) == 2
+    finally:
+        unblock.cancel()
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [f"lacuna-webhooks: error: --env-file: {message}"]
+
+
+def huge_file(path: Path) -> str:
+    with path.open("wb") as f:
+        f.truncate(2 * 1024 * 1024)  # sparse: no disk used
+    return path.name
 
 
 def test_listings_write_control_characters_escaped(

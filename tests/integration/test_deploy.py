@@ -59,13 +59,25 @@ def load_all(path: Path) -> list[Any]:
 
 
 def manifests() -> dict[str, dict[str, Any]]:
-    """Every Kubernetes object under deploy/kubernetes, by kind."""
+    """Every Kubernetes object under deploy/kubernetes: the receiver's by kind
+    (``Deployment``), the others by kind/name (``Deployment/lacuna-webhooks-worker``)."""
     by_kind: dict[str, dict[str, Any]] = {}
     for path in MANIFEST_FILES:
         for doc in load_all(path):
-            assert doc["kind"] not in by_kind, f"two {doc['kind']} objects"
-            by_kind[doc["kind"]] = doc
+            name = doc["metadata"]["name"]
+            key = doc["kind"] if name == "lacuna-webhooks" else f"{doc['kind']}/{name}"
+            assert key not in by_kind, f"two {key} objects"
+            by_kind[key] = doc
     return by_kind
+
+
+WORKER = "Deployment/lacuna-webhooks-worker"
+DEPLOYMENTS = ["Deployment", WORKER]
+
+
+def pod_of(key: str) -> dict[str, Any]:
+    spec: dict[str, Any] = manifests()[key]["spec"]["template"]["spec"]
+    return spec
 
 
 def env_of(container: dict[str, Any]) -> dict[str, str]:
@@ -126,17 +138,19 @@ def test_deployment_probes_use_readyz_and_healthz() -> None:
     assert env_of(container)["PORT"] == str(container["ports"][0]["containerPort"])
 
 
-def test_deployment_requests_resources_for_every_container() -> None:
+@pytest.mark.parametrize("key", DEPLOYMENTS)
+def test_deployment_requests_resources_for_every_container(key: str) -> None:
     """Every container, the migrate init container too, states CPU and memory requests."""
-    pod = manifests()["Deployment"]["spec"]["template"]["spec"]
+    pod = pod_of(key)
     containers = pod["containers"] + pod.get("initContainers", [])
     for container in containers:
         assert {"cpu", "memory"} <= set(container["resources"]["requests"]), container["name"]
 
 
-def test_grace_period_outlasts_prestop_and_drain() -> None:
+@pytest.mark.parametrize("key", DEPLOYMENTS)
+def test_grace_period_outlasts_prestop_and_drain(key: str) -> None:
     """terminationGracePeriodSeconds > preStop sleep + LACUNA_SHUTDOWN_TIMEOUT."""
-    pod = manifests()["Deployment"]["spec"]["template"]["spec"]
+    pod = pod_of(key)
     (container,) = pod["containers"]
     drain = float(
         env_of(container).get("LACUNA_SHUTDOWN_TIMEOUT", DEFAULT_SHUTDOWN_TIMEOUT_SECONDS)
@@ -145,9 +159,10 @@ def test_grace_period_outlasts_prestop_and_drain() -> None:
     assert pod["terminationGracePeriodSeconds"] > pre_stop + drain
 
 
-def test_deployment_runs_non_root_and_locked_down() -> None:
+@pytest.mark.parametrize("key", DEPLOYMENTS)
+def test_deployment_runs_non_root_and_locked_down(key: str) -> None:
     """The pod runs as the image's non-root uid; containers cannot escalate or write their root."""
-    pod = manifests()["Deployment"]["spec"]["template"]["spec"]
+    pod = pod_of(key)
     assert pod["securityContext"]["runAsNonRoot"] is True
     uid = re.search(r"^USER (\d+)", (DEPLOY / "Dockerfile").read_text(), re.M)
     assert uid is not None
@@ -198,12 +213,12 @@ def test_secret_example_holds_the_secret_and_a_postgres_url() -> None:
     assert secret["stringData"]["database-url"].startswith("postgresql://")
 
 
-def test_secrets_reach_every_container_as_files() -> None:
+@pytest.mark.parametrize("key", DEPLOYMENTS)
+def test_secrets_reach_every_container_as_files(key: str) -> None:
     """The Secret is mounted read-only (never envFrom / secretKeyRef); each *_FILE variable
     names one of its keys under the mount, readable by the pod's group (SPEC §10)."""
-    deployment = manifests()["Deployment"]
     secret = manifests()["Secret"]
-    pod = deployment["spec"]["template"]["spec"]
+    pod = pod_of(key)
     (volume,) = [v for v in pod["volumes"] if "secret" in v]
     assert volume["secret"]["secretName"] == secret["metadata"]["name"]
     assert volume["secret"]["defaultMode"] == 0o440
@@ -211,9 +226,11 @@ def test_secrets_reach_every_container_as_files() -> None:
     wanted = {
         "webhooks": {"LACUNA_WEBHOOK_SECRET_FILE", "LACUNA_DATABASE_URL_FILE"},
         "migrate": {"LACUNA_DATABASE_URL_FILE"},
+        "worker": {"LACUNA_DATABASE_URL_FILE"},
     }
-    for container in pod["containers"] + pod["initContainers"]:
-        assert "envFrom" not in container, container["name"]
+    for container in pod["containers"] + pod.get("initContainers", []):
+        # envFrom only for the ConfigMap of plain handler settings, never the Secret.
+        assert all(set(e) == {"configMapRef"} for e in container.get("envFrom", []))
         assert all("valueFrom" not in e for e in container.get("env", [])), container["name"]
         (mount,) = [m for m in container["volumeMounts"] if m["name"] == volume["name"]]
         assert mount["readOnly"] is True
@@ -223,6 +240,54 @@ def test_secrets_reach_every_container_as_files() -> None:
             folder, _, key = path.rpartition("/")
             assert folder == mount["mountPath"]
             assert key in secret["stringData"]
+
+
+def _mebibytes(quantity: str) -> float:
+    number, unit = re.fullmatch(r"([0-9.]+)(Mi|Gi)", quantity).groups()  # type: ignore[union-attr]
+    return float(number) * (1024 if unit == "Gi" else 1)
+
+
+def test_worker_deployment_runs_the_handlers_apart_on_postgresql() -> None:
+    """worker.yaml (docs/workers.md): `lacuna-webhooks worker` pods beside the receivers, on
+    the Secret's PostgreSQL URL, from the same image and the same handler list, never
+    selected by the receiver's Deployment, Service, PDB or HPA, with memory for itself and
+    two handler processes (measured: ~55 MiB + 40-50 MiB per handler)."""
+    by_kind = manifests()
+    worker, receiver = by_kind[WORKER], by_kind["Deployment"]
+    pod, receiver_pod = pod_of(WORKER), pod_of("Deployment")
+    (container,) = pod["containers"]
+    (receiving,) = receiver_pod["containers"]
+    assert container["args"] == ["worker"]
+    assert container["image"] == receiving["image"]
+    assert "ports" not in container
+    assert not {"readinessProbe", "livenessProbe", "startupProbe"} & set(container)
+    assert by_kind["Secret"]["stringData"]["database-url"].startswith("postgresql://")
+    assert env_of(container)["LACUNA_DATABASE_URL_FILE"].endswith("/database-url")
+    # One handler list for both: the receiver makes the deliveries the worker runs.
+    handlers = by_kind["ConfigMap/lacuna-webhooks-handlers"]
+    assert "LACUNA_HANDLERS" in handlers["data"]
+    for each in (container, receiving):
+        assert each["envFrom"] == [{"configMapRef": {"name": handlers["metadata"]["name"]}}]
+        assert "LACUNA_HANDLERS" not in env_of(each)
+    assert env_of(receiving)["LACUNA_DISPATCH"] in {"true", "false"}
+    worker_labels = worker["spec"]["template"]["metadata"]["labels"]
+    assert worker["spec"]["selector"]["matchLabels"].items() <= worker_labels.items()
+    for other in (
+        receiver["spec"]["selector"]["matchLabels"],
+        by_kind["Service"]["spec"]["selector"],
+        by_kind["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"],
+    ):
+        assert not other.items() <= worker_labels.items()
+    assert (
+        by_kind["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]["name"]
+        != worker["metadata"]["name"]
+    )
+    resources = container["resources"]
+    assert _mebibytes(resources["requests"]["memory"]) >= 55 + 2 * 45
+    assert _mebibytes(resources["limits"]["memory"]) >= _mebibytes(resources["requests"]["memory"])
+    (kustomization,) = load_all(KUBERNETES / "kustomization.yaml")
+    assert "handlers.yaml" in kustomization["resources"]
+    assert "worker.yaml" in (KUBERNETES / "kustomization.yaml").read_text()  # named as an extra
 
 
 # --- Compose --------------------------------------------------------------------------------

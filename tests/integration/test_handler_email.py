@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import re
+import threading
 from collections.abc import AsyncIterator
 from email.message import Message
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -13,8 +17,9 @@ from structlog.testing import capture_logs
 
 from lacuna_webhooks.errors import ConfigError, PermanentError, RetryLater
 from lacuna_webhooks.handlers.base import HandlerContext
-from lacuna_webhooks.handlers.email import EmailHandler
+from lacuna_webhooks.handlers.email import MAX_CA_FILE_BYTES, EmailHandler
 from lacuna_webhooks.models import Event
+from lacuna_webhooks.plugins import build_handlers
 from tests.conftest import make_event
 from tests.integration.servers import (  # noqa: F401 - fixtures, used by name
     SMTP_PASSWORD,
@@ -219,3 +224,62 @@ def test_bad_settings_stop_start_naming_the_variable(env: dict[str, str], messag
     with pytest.raises(ConfigError, match=message) as caught:
         EmailHandler(HandlerContext("email", environ={**base, **env}))
     assert "topsecret" not in str(caught.value)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "directory", "huge", "not-pem"])
+def test_an_unusable_ca_file_is_one_line_without_hanging(tmp_path: Path, kind: str) -> None:
+    """LACUNA_EMAIL_CA_FILE is read like every file setting: only a regular file of at most
+    4 MiB. A FIFO named by mistake used to hang the start inside OpenSSL (no writer ever
+    came), /dev/zero or a huge file to be read whole."""
+    path = tmp_path / "ca.pem"
+    unblock = None
+    if kind == "fifo":
+        os.mkfifo(path)
+        # Before the fix open() blocked here: a writer that comes later lets the test end.
+        unblock = threading.Timer(5.0, lambda: path.open("wb").close())
+        unblock.start()
+    elif kind == "device":
+        path = Path("/dev/zero")
+    elif kind == "directory":
+        path = tmp_path
+    elif kind == "huge":
+        with path.open("wb") as f:
+            f.truncate(MAX_CA_FILE_BYTES + 1)  # sparse: no disk used
+    else:
+        path.write_text("not a certificate\n")
+    expected = {
+        "fifo": "is not a regular file",
+        "device": "is not a regular file",
+        "directory": "(is not a regular file|Is a directory)",
+        "huge": "is larger than 4 MiB",
+        "not-pem": "cannot load",
+    }[kind]
+    try:
+        with pytest.raises(ConfigError) as caught:
+            make_handler("smtp://mail.example", LACUNA_EMAIL_CA_FILE=str(path))
+    finally:
+        if unblock is not None:
+            unblock.cancel()
+    (problem,) = caught.value.problems
+    assert problem.startswith("LACUNA_EMAIL_CA_FILE: ")
+    assert str(path) in problem
+    assert re.search(expected, problem), problem
+
+
+def test_ca_file_and_other_bad_handler_files_are_reported_together(tmp_path: Path) -> None:
+    """Every unusable *_FILE of every handler instance is one line, all in one ConfigError."""
+    fifo = tmp_path / "url.fifo"
+    os.mkfifo(fifo)
+    environ = {
+        "LACUNA_EMAIL_SMTP_URL": "smtp://mail.example",
+        "LACUNA_EMAIL_FROM": FROM,
+        "LACUNA_EMAIL_TO": TO,
+        "LACUNA_EMAIL_CA_FILE": "/dev/zero",
+        "LACUNA_SLACK_WEBHOOK_URL_FILE": str(fifo),
+    }
+    with pytest.raises(ConfigError) as caught:
+        build_handlers(["email", "slack"], environ)
+    assert caught.value.problems == [
+        "LACUNA_EMAIL_CA_FILE: /dev/zero is not a regular file",
+        f"LACUNA_SLACK_WEBHOOK_URL_FILE: {fifo} is not a regular file",
+    ]

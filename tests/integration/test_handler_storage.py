@@ -39,6 +39,12 @@ def as_event(payload: dict[str, Any]) -> Event:
     return Event.from_body(orjson.dumps(payload))
 
 
+def as_stored_event(payload: dict[str, Any]) -> Event:
+    """An event as the store reads it back: intake now refuses padded ids (400), but one
+    stored before that rule (or built by a plugin) still reaches the handler."""
+    return Event.from_body(orjson.dumps(payload), max_depth=None)
+
+
 def completed(urls: list[str], *, task_id: str = "cm123abc", **data: Any) -> Event:
     tracks = [
         {"id": f"trk_{i:02d}", "audio_url": url, "duration": 182.4, "lyrics": None}
@@ -510,7 +516,7 @@ async def test_an_id_with_a_trailing_newline_is_refused_in_a_folder(
     payload = make_event()
     payload["data"].update(data)
     with pytest.raises(PermanentError, match=f"{what}.* cannot be used as a file name"):
-        await folder.handle(as_event(payload))
+        await folder.handle(as_stored_event(payload))
     assert await asyncio.to_thread(os.listdir, root) == []  # no `ok\n/` folder either
 
 
@@ -519,7 +525,7 @@ async def test_an_id_with_a_trailing_newline_is_permanent_on_s3(moto_s3: S3Serve
     handler = make_handler(moto_s3.env())
     try:
         with pytest.raises(PermanentError, match="cannot be used as a file name"):
-            await handler.handle(as_event(make_event(task_id="ok\n")))
+            await handler.handle(as_stored_event(make_event(task_id="ok\n")))
     finally:
         await handler.aclose()
     assert moto_s3.keys() == []

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -170,7 +171,8 @@ async def test_every_accepted_body_is_stored_byte_exact(store: Store) -> None:
             refused_params.add(exc.param)
             continue
         accepted.setdefault(event.id, body)
-    assert refused_params <= {"id", "type", "created", "data.id", "data.status"}
+    tracks = {p for p in refused_params if re.fullmatch(r"data\.tracks\[[0-9]+\]\.id", p or "")}
+    assert refused_params - tracks <= {"id", "type", "created", "data.id", "data.status"}
     assert accepted, "the generator should produce some valid events"
     for literal in HUGE_NUMBERS:  # every huge number got through, in the body as sent
         assert any(literal.encode() in body for body in accepted.values()), literal
@@ -207,7 +209,8 @@ def _huge_number_examples() -> list[tuple[bytes, bool]]:
                 "id": number,
                 "status": number,
                 "credits_refunded": number,
-                "tracks": [{"id": "t\u0000", "duration": number, "title": "\U0001f600"}],
+                # (a NUL in a track id is refused now: ids are keys, docs/delivery.md)
+                "tracks": [{"id": "t1", "duration": number, "title": "\U0001f600\u0000"}],
                 "deep": deep,
                 "note": "x\x00" * 50_000,
             },

@@ -189,3 +189,17 @@ def test_fifo_ids_are_kept_when_valid_and_hashed_otherwise() -> None:
 def test_marker_keys_cannot_collide_across_streams() -> None:
     assert marker_key("a", "b:c") != marker_key("a:b", "c")
     assert marker_key("s", "e") == marker_key("s", "e")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "problem"),
+    [
+        ("DEDUPE_TTL", "1" + "0" * 15, "must be at most 316224000, got '1000000000000000'"),
+        ("MAXLEN", "1" + "0" * 15, "must be at most 1000000000000, got '1000000000000000'"),
+        ("DEDUPE_TTL", "1_000", "must be a whole number, got '1_000'"),
+    ],
+)
+def test_redis_numbers_are_bounded(key: str, value: str, problem: str) -> None:
+    """A DEDUPE_TTL past Redis's range used to start, then fail every publish."""
+    message = config_error(RedisHandler, ctx("bus", URL="redis://127.0.0.1", **{key: value}))
+    assert message == f"LACUNA_BUS_{key} {problem}"

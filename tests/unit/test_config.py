@@ -90,6 +90,15 @@ def test_secret_optional_for_admin_commands() -> None:
         ("LACUNA_SHUTDOWN_TIMEOUT", "1e300"),
         ("LACUNA_WEBHOOK_TOLERANCE", "9" * 30),
         ("LACUNA_MAX_BODY_BYTES", "9" * 30),
+        # The connection limits and timeouts: without a bound, a typo turned the header cap
+        # or a timeout off (LACUNA_MAX_HEADER_BYTES=999999999999999999 took any header).
+        ("LACUNA_KEEPALIVE_TIMEOUT", "1e300"),
+        ("LACUNA_HEADER_TIMEOUT", "1e300"),
+        ("LACUNA_BODY_TIMEOUT", "1e300"),
+        ("LACUNA_COMMIT_TIMEOUT", "1e300"),
+        ("LACUNA_MAX_HEADER_BYTES", "9" * 18),
+        ("LACUNA_MAX_HEADERS", "9" * 18),
+        ("LACUNA_MAX_CONNECTIONS", "9" * 18),
         ("LACUNA_WEBHOOK_TOLERANCE", "\uff11\uff12"),  # fullwidth digits: int() takes them
         ("PORT", "\u0668\u0660\u0660\u0660"),  # Arabic-Indic 8000
         ("LACUNA_MAX_BODY_BYTES", "1_000"),

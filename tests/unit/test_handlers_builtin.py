@@ -88,6 +88,8 @@ def test_every_missing_setting_is_reported_at_once() -> None:
         ),
         ({"LACUNA_STORAGE_URL": "s3://b", "AWS_ACCESS_KEY_ID": "AK"}, "set together"),
         ({"LACUNA_STORAGE_MAX_BYTES": "lots"}, "LACUNA_STORAGE_MAX_BYTES must be a whole number"),
+        # An extra digit or five: a bound, as the global numbers have.
+        ({"LACUNA_STORAGE_MAX_BYTES": "5" * 15}, "LACUNA_STORAGE_MAX_BYTES must be at most"),
         ({"LACUNA_STORAGE_READ_TIMEOUT": "60"}, "smaller than the handler's attempt timeout"),
     ],
 )

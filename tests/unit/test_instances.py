@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import orjson
 import pytest
 
+from lacuna_webhooks.cli import main
 from lacuna_webhooks.config import Settings, split_handler_item
 from lacuna_webhooks.dispatch.workers import worker_specs
 from lacuna_webhooks.errors import ConfigError
@@ -161,6 +164,94 @@ def test_bad_overrides_stop_the_start(var: str, value: str, message: str) -> Non
     with pytest.raises(ConfigError) as info:
         build_handlers(["app=log"], {var: value}, policy=RetryPolicy(base_delay_seconds=5.0))
     assert info.value.problems[0].startswith(message)
+
+
+def test_every_bad_override_of_every_instance_is_reported_together() -> None:
+    """One ConfigError, one line per bad LACUNA_<NAME>_* value, the flow-control ones and
+    the handler's own missing setting included: a bad CONCURRENCY used to hide the rest."""
+    env = {
+        "LACUNA_APP_URL": "http://127.0.0.1:9/app",
+        "LACUNA_APP_SECRET": SECRET,
+        "LACUNA_APP_CONCURRENCY": "100000",
+        "LACUNA_APP_RETRY_MAX_ATTEMPTS": "x",
+        "LACUNA_APP_RETRY_BASE_DELAY": "1e12",
+        "LACUNA_APP_TIMEOUT": "1e9",
+        "LACUNA_APP_RATE_LIMIT": "10000000/s",
+        "LACUNA_APP_PAUSE_AFTER_FAILURES": "0",
+        "LACUNA_OTHER_CONCURRENCY": "0",
+    }
+    with pytest.raises(ConfigError) as info:
+        build_handlers(["app=http", "other=http"], env)
+    named = sorted(problem.split()[0] for problem in info.value.problems)
+    assert named == [
+        "LACUNA_APP_CONCURRENCY",
+        "LACUNA_APP_PAUSE_AFTER_FAILURES",
+        "LACUNA_APP_RATE_LIMIT",
+        "LACUNA_APP_RETRY_BASE_DELAY",
+        "LACUNA_APP_RETRY_MAX_ATTEMPTS",
+        "LACUNA_APP_TIMEOUT",
+        "LACUNA_OTHER_CONCURRENCY",
+        "LACUNA_OTHER_URL",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("suffix", "value", "problem"),
+    [
+        ("CONCURRENCY", "1_0", "must be a whole number, got '1_0'"),
+        (
+            "CONCURRENCY",
+            "\uff11\uff10",
+            "must be a whole number, got '\uff11\uff10'",
+        ),  # fullwidth digits
+        ("RETRY_MAX_ATTEMPTS", "9" * 5000, "must be a whole number of at most 18 digits"),
+        ("TIMEOUT", "1e9", "must be at most 86400, got '1e9'"),
+        ("TIMEOUT", "soon", "must be a number, got 'soon'"),
+    ],
+)
+def test_overrides_are_read_and_worded_as_the_global_settings(
+    suffix: str, value: str, problem: str
+) -> None:
+    """``LACUNA_<NAME>_X`` takes what ``LACUNA_HANDLER_X``/``LACUNA_X`` takes, and says the
+    same line about what it refuses (int() alone took ``1_0``, fullwidth digits, and said
+    "Exceeds the limit (4300 digits) for integer string conversion" for a long one)."""
+    glob = {"CONCURRENCY": "LACUNA_HANDLER_CONCURRENCY", "TIMEOUT": "LACUNA_HANDLER_TIMEOUT"}
+    with pytest.raises(ConfigError) as info:
+        build_handlers(["app=log"], {f"LACUNA_APP_{suffix}": value})
+    assert info.value.problems == [f"LACUNA_APP_{suffix} {problem}"]
+    variable = glob.get(suffix, f"LACUNA_{suffix}")
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({variable: value}, require_secret=False)
+    assert info.value.problems == [f"{variable} {problem}"]
+
+
+@pytest.mark.parametrize("command", ["serve", "worker"])
+def test_bad_global_and_handler_settings_are_reported_together(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`serve`/`worker` with a bad global setting, a bad *_FILE and a bad handler
+    override: one line listing all three (the handlers used to be checked only once the
+    global settings were good, so a second start showed the rest)."""
+    fifo = tmp_path / "token.fifo"
+    os.mkfifo(fifo)
+    env = {
+        "LACUNA_WEBHOOK_SECRET": SECRET,
+        "LACUNA_DATABASE_URL": "postgresql://127.0.0.1:9/none",
+        "LACUNA_HANDLER_CONCURRENCY": "0",
+        "LACUNA_ADMIN_TOKEN_FILE": str(fifo),
+        "LACUNA_HANDLERS": "app=http",
+        "LACUNA_APP_SECRET": SECRET,
+        "LACUNA_APP_RETRY_MAX_ATTEMPTS": "x",
+    }
+    assert main([command], environ=env) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    for variable in (
+        "LACUNA_HANDLER_CONCURRENCY",
+        "LACUNA_ADMIN_TOKEN_FILE",
+        "LACUNA_APP_URL",
+        "LACUNA_APP_RETRY_MAX_ATTEMPTS",
+    ):
+        assert variable in line
 
 
 # -- the dispatcher honours them -------------------------------------------------------------

@@ -158,3 +158,54 @@ def test_event_pickles_as_its_raw_bytes_at_any_depth() -> None:
     # (== on 1000-deep lists would itself recurse too far: compare the parsed shape's ends)
     assert copy.payload.keys() == event.payload.keys()
     assert isinstance(copy.payload["x"], list)
+
+
+@pytest.mark.parametrize(
+    "event_id", ["evt_1\n", " evt_1", "evt_1\u00a0", "evt\t1", "evt_\x7f", "evt_\x9b1"]
+)
+def test_a_padded_or_controlled_id_is_refused_not_trimmed(event_id: str) -> None:
+    """Whitespace around an id, or a control character (C0, DEL, C1) in it, is a 400 naming
+    ``id``: trimmed or not, it would be a dedupe key beside ``evt_1``'s."""
+    with pytest.raises(InvalidPayload) as caught:
+        Event.from_body(orjson.dumps({"id": event_id, "type": "job.completed"}))
+    assert caught.value.param == "id"
+
+
+@pytest.mark.parametrize(
+    ("data", "param"),
+    [
+        ({"id": "cm42\n"}, "data.id"),
+        ({"id": " cm42"}, "data.id"),
+        ({"id": "cm\u009b42"}, "data.id"),
+        ({"id": "cm42", "tracks": [{"id": "t1"}, {"id": "t2\r\n"}]}, "data.tracks[1].id"),
+        ({"id": "cm42", "tracks": [{"id": "\u2028t1"}]}, "data.tracks[0].id"),
+    ],
+)
+def test_a_padded_task_or_track_id_is_refused_naming_it(
+    data: dict[str, object], param: str
+) -> None:
+    """The task id keys the task's state and a track id names its file: the same rule."""
+    with pytest.raises(InvalidPayload) as caught:
+        Event.from_body(orjson.dumps({"id": "evt_1", "type": "job.completed", "data": data}))
+    assert caught.value.param == param
+
+
+def test_ids_inside_are_kept_exactly_and_odd_tracks_are_left_to_the_readers() -> None:
+    """Inner spaces and non-ASCII are fine; a non-string track id, a track that is not an
+    object or ``tracks`` that is not a list are not checked here (``parse_event`` reads them)."""
+    data = {"id": "cm 42 é", "tracks": [{"id": 7}, "x", {"id": "t 1"}]}
+    event = Event.from_body(orjson.dumps({"id": "evt 1 ü", "type": "job.completed", "data": data}))
+    assert (event.id, event.task_id) == ("evt 1 ü", "cm 42 é")
+    assert Event.from_body(orjson.dumps({"id": "e", "type": "t", "data": {"tracks": "x"}}))
+
+
+def test_a_stored_body_with_a_padded_id_still_reads_back() -> None:
+    """Bodies stored before the id rule (``max_depth=None``: what the store reads back)
+    parse as they are: a claimed delivery whose event no longer parsed would fail."""
+    body = {
+        "id": "evt_1\n",
+        "type": "job.completed",
+        "data": {"id": " cm", "tracks": [{"id": "t "}]},
+    }
+    event = Event.from_body(orjson.dumps(body), max_depth=None)
+    assert (event.id, event.task_id) == ("evt_1\n", " cm")

@@ -132,7 +132,7 @@ def test_every_problem_is_reported(plugin_module: str) -> None:
     assert "LACUNA_HOOK_URL is required by the hook handler" in text
     assert "LACUNA_BROKEN_MODE must be fast or slow" in text
     assert "'no.such.module:X', which cannot be loaded" in text
-    assert "LACUNA_LOG_TIMEOUT must be a number of seconds" in text
+    assert "LACUNA_LOG_TIMEOUT must be a number, got 'soon'" in text
 
 
 def test_same_handler_twice_is_refused(plugin_module: str) -> None:

@@ -7,50 +7,45 @@ models of ``lacuna_webhooks.events``, as plugins read them.
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
+from typing import TypeVar
 
+from ..config import at_most, positive_float, positive_int
 from ..errors import ConfigError
 from ..events import LacunaEvent
 from .base import HandlerContext, current_results
+
+N = TypeVar("N", int, float)
 
 DEFAULT_CONNECT_TIMEOUT_SECONDS = 10.0
 DEFAULT_READ_TIMEOUT_SECONDS = 30.0
 
 
 def float_setting(
-    ctx: HandlerContext, key: str, default: float, *, maximum: float | None = None
+    ctx: HandlerContext, key: str, default: float, maximum: float | None = None
 ) -> float:
     """``LACUNA_<NAME>_<KEY>`` as a finite number > 0 (and at most ``maximum``), or
-    ``default`` when unset."""
+    ``default`` when unset; ``ConfigError`` naming the variable, worded as the global
+    settings' errors are."""
+    return _number_setting(ctx, key, default, positive_float, maximum)
+
+
+def int_setting(ctx: HandlerContext, key: str, default: int, maximum: int | None = None) -> int:
+    """``LACUNA_<NAME>_<KEY>`` as a whole number > 0 in ASCII digits (and at most
+    ``maximum``), or ``default`` when unset; ``ConfigError`` naming the variable."""
+    return _number_setting(ctx, key, default, positive_int, maximum)
+
+
+def _number_setting(
+    ctx: HandlerContext, key: str, default: N, parse: Callable[[str], N], maximum: N | None
+) -> N:
     raw = ctx.get(key)
     if raw is None:
         return default
     try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{ctx.env_name(key)} must be a number, got {raw!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{ctx.env_name(key)} must be a finite number greater than 0")
-    if maximum is not None and value > maximum:
-        raise ConfigError(f"{ctx.env_name(key)} must be at most {maximum:g}, got {raw!r}")
-    return value
-
-
-def int_setting(ctx: HandlerContext, key: str, default: int, *, maximum: int | None = None) -> int:
-    """``LACUNA_<NAME>_<KEY>`` as a whole number > 0 (and at most ``maximum``), or
-    ``default`` when unset."""
-    raw = ctx.get(key)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{ctx.env_name(key)} must be a whole number, got {raw!r}") from None
-    if value <= 0:
-        raise ConfigError(f"{ctx.env_name(key)} must be greater than 0, got {raw!r}")
-    if maximum is not None and value > maximum:
-        raise ConfigError(f"{ctx.env_name(key)} must be at most {maximum}, got {raw!r}")
-    return value
+        return (parse if maximum is None else at_most(parse, maximum))(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{ctx.env_name(key)} {exc}") from None
 
 
 def network_timeouts(ctx: HandlerContext) -> tuple[float, float]:

@@ -37,7 +37,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 import aiosmtplib
 import structlog
 
-from ..config import parse_bool
+from ..config import parse_bool, read_file_setting
 from ..errors import ConfigError, PermanentError, RetryLater
 from ..events import is_job_completed, is_job_failed, parse_event
 from ..models import Event
@@ -198,6 +198,26 @@ def compose(
     return msg
 
 
+#: Largest PEM bundle ``LACUNA_<NAME>_CA_FILE`` may name (the public CA bundle is ~0.2 MiB).
+MAX_CA_FILE_BYTES = 4 * 1024 * 1024
+
+
+def _tls_context(ctx: HandlerContext) -> ssl.SSLContext | None:
+    """The TLS context trusting the PEM bundle ``LACUNA_<NAME>_CA_FILE`` names, else None
+    (the system's CAs). The file is read as every file setting is (``read_file_setting``:
+    a FIFO or ``/dev/zero`` once hung the start inside OpenSSL); ``ConfigError`` naming the
+    variable when it is unusable or holds no certificate."""
+    var = ctx.env_name("CA_FILE")
+    ca_file = ctx.get("CA_FILE")
+    if ca_file is None:
+        return None
+    pem = read_file_setting(var, ca_file, max_bytes=MAX_CA_FILE_BYTES, strip_newline=False)
+    try:
+        return ssl.create_default_context(cadata=pem)
+    except (ValueError, ssl.SSLError) as exc:
+        raise ConfigError(f"{var}: cannot load {ca_file}: {exc}") from None
+
+
 class EmailHandler:
     """Mails each event to ``LACUNA_EMAIL_TO`` (see the module docstring)."""
 
@@ -215,15 +235,7 @@ class EmailHandler:
         ]
         if not self.recipients:
             raise ConfigError(f"{ctx.env_name('TO')} names no recipient")
-        ca_file = ctx.get("CA_FILE")
-        self.tls_context: ssl.SSLContext | None = None
-        if ca_file is not None:
-            try:
-                self.tls_context = ssl.create_default_context(cafile=ca_file)
-            except (OSError, ssl.SSLError) as exc:
-                raise ConfigError(
-                    f"{ctx.env_name('CA_FILE')}: cannot load {ca_file}: {exc}"
-                ) from None
+        self.tls_context = _tls_context(ctx)
         self.connect_timeout_seconds, self.timeout_seconds = network_timeouts(ctx)
 
     async def handle(self, event: Event) -> None:

@@ -82,6 +82,7 @@ if TYPE_CHECKING:
 logger = structlog.get_logger("lacuna_webhooks.handlers.storage")
 
 DEFAULT_MAX_BYTES = 500 * 1024 * 1024
+MAX_MAX_BYTES = 1024**4  # 1 TiB: far above any track; an extra digit or five is reported
 CHUNK_BYTES = 256 * 1024
 S3_PART_BYTES = 8 * 1024 * 1024
 MANIFEST = "event.json"
@@ -569,7 +570,7 @@ class StorageHandler:
     def __init__(self, ctx: HandlerContext) -> None:
         self.name = ctx.name
         self.sink = open_sink(ctx)
-        self.max_bytes = int_setting(ctx, "MAX_BYTES", DEFAULT_MAX_BYTES)
+        self.max_bytes = int_setting(ctx, "MAX_BYTES", DEFAULT_MAX_BYTES, maximum=MAX_MAX_BYTES)
         connect_seconds, read_seconds = network_timeouts(ctx)
         self.http = OutboundClient(
             allow_private=ctx.allow_private_urls,

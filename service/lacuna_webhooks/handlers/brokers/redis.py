@@ -47,6 +47,10 @@ except ImportError:  # pragma: no cover - exercised only without the extra
 logger = structlog.get_logger("lacuna_webhooks.handlers.redis")
 
 DEFAULT_DEDUPE_TTL_SECONDS = 86_400
+# Upper bounds, far above real use: a typo is one line at start, not a Redis error on every
+# attempt (``SET … EX`` past its range is "invalid expire time").
+MAX_DEDUPE_TTL_SECONDS = 10 * 366 * 86_400
+MAX_MAXLEN = 10**12
 
 # KEYS[1] stream, KEYS[2] marker; ARGV id, type, payload, marker TTL (s), MAXLEN ('' = none).
 # Returns {1, entry id} when added, {0, entry id of the first add} for a duplicate.
@@ -89,8 +93,10 @@ class RedisHandler:
         self.name = ctx.name
         self.url = broker_url(ctx, "URL", ("redis", "rediss", "unix"))
         self.stream = Template.parse(ctx, "STREAM", "lacuna:events")
-        self.maxlen = int_setting(ctx, "MAXLEN", 0) or None
-        self.dedupe_ttl_seconds = int_setting(ctx, "DEDUPE_TTL", DEFAULT_DEDUPE_TTL_SECONDS)
+        self.maxlen = int_setting(ctx, "MAXLEN", 0, maximum=MAX_MAXLEN) or None
+        self.dedupe_ttl_seconds = int_setting(
+            ctx, "DEDUPE_TTL", DEFAULT_DEDUPE_TTL_SECONDS, maximum=MAX_DEDUPE_TTL_SECONDS
+        )
         connect_seconds, read_seconds = network_timeouts(ctx)
         # Built now (no I/O until the first command); redis-py connects and reconnects itself.
         self.client: redis.asyncio.Redis = redis.asyncio.Redis.from_url(

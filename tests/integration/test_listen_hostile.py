@@ -1,0 +1,110 @@
+"""``tail`` / ``listen`` (``listen.follow_stream``) against a real hostile HTTP server that
+streams an endless line, then endless ``data:`` lines of one message, then a quiet stream of
+keepalives before a real event.
+
+httpx-sse buffers a line, and a message's data lines, without bound: each hostile
+connection used to grow the client's memory for as long as the server sent. Now more than
+``MAX_MESSAGE_CHARS`` without a message's end is one "stream: lost (...)" line and a
+reconnect, and the server gets to send little past the cap before the client hangs up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import orjson
+
+from lacuna_webhooks import listen
+from lacuna_webhooks.listen import MAX_MESSAGE_CHARS, Target
+
+MIB = 1024 * 1024
+#: What a hostile connection sends at most (then it holds the connection open, silent),
+#: so that a client without the cap waits instead of taking all memory.
+HOSTILE_LIMIT = 64 * MIB
+CHUNK = 64 * 1024
+
+
+class HostileStream:
+    """A raw asyncio HTTP server: connection 1 streams one endless line, connection 2
+    endless ``data:`` lines with no blank line, connection 3 2 MiB of keepalive comments
+    (each a whole message) and then one real event."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.sent: list[int] = []
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        number = self.connections
+        self.sent.append(0)
+        with contextlib.suppress(ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
+            )
+            if number == 1:
+                writer.write(b"data: ")
+                await self._send(writer, number, b"x" * CHUNK)
+            elif number == 2:
+                await self._send(writer, number, b"data: " + b"y" * 1000 + b"\n")
+            else:
+                await self._send(writer, number, b": keepalive\r\n\r\n", limit=2 * MIB)
+                event = {"id": "evt_after", "type": "job.completed"}
+                writer.write(b"id: c1\nevent: event\ndata: " + orjson.dumps(event) + b"\n\n")
+                await writer.drain()
+            await reader.read()  # silent until the client hangs up
+        writer.close()
+
+    async def _send(
+        self, writer: asyncio.StreamWriter, number: int, piece: bytes, limit: int = HOSTILE_LIMIT
+    ) -> None:
+        while self.sent[number - 1] < limit:
+            writer.write(piece)
+            await writer.drain()
+            self.sent[number - 1] += len(piece)
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+async def test_an_endless_line_or_message_is_cut_reported_and_reconnected() -> None:
+    server = HostileStream()
+    port = await server.start()
+    said: list[str] = []
+    got: list[tuple[str, dict[str, Any]]] = []
+    arrived = asyncio.Event()
+
+    async def on_event(cursor: str, event: dict[str, Any]) -> None:
+        got.append((cursor, event))
+        arrived.set()
+
+    follow = asyncio.create_task(
+        listen.follow_stream(
+            Target(f"http://127.0.0.1:{port}", "adm_tok"), None, on_event, say=said.append
+        )
+    )
+    try:
+        # Without the cap the first connection is buffered whole (64 MiB) and then waits in
+        # silence for READ_TIMEOUT_SECONDS (45 s): this wait fails first.
+        await asyncio.wait_for(arrived.wait(), 30)
+    finally:
+        follow.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follow
+        await server.stop()
+    assert got == [("c1", {"id": "evt_after", "type": "job.completed"})]
+    lost = [line for line in said if line.startswith("stream: lost")]
+    assert len(lost) == 2, said
+    assert all("a message longer than 1 MiB" in line for line in lost), lost
+    # The client hung up soon after the cap: what the server could still push is socket
+    # buffers' worth, far below what it would have sent (generous: buffers vary by kernel).
+    assert server.connections == 3
+    assert all(MAX_MESSAGE_CHARS < sent < 24 * MIB for sent in server.sent[:2]), server.sent
