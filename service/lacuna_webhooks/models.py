@@ -156,18 +156,30 @@ class Event:
         return (_from_wire, (self.id, self.type, self.raw, self.created))
 
     @classmethod
-    def from_body(cls, raw: bytes, *, max_depth: int | None = MAX_JSON_DEPTH) -> Event:
+    def from_stored(cls, raw: bytes) -> Event:
+        """An event from a body the store accepted once already: ``from_body`` without the
+        nesting bound and the id rules (a body stored before a rule existed must still read
+        back: a claimed delivery whose event no longer parsed would stop the dispatcher).
+        Raises as ``from_body`` does for anything else."""
+        return cls._parse(raw, stored=True)
+
+    @classmethod
+    def from_body(cls, raw: bytes) -> Event:
+        """Parse and validate a request body; raise ``InvalidJSON`` or ``InvalidPayload``
+        (with ``param``). The rules are ``_parse``'s."""
+        return cls._parse(raw, stored=False)
+
+    @classmethod
+    def _parse(cls, raw: bytes, *, stored: bool) -> Event:
         """Parse and validate a body; raise ``InvalidJSON`` or ``InvalidPayload`` (with ``param``).
 
         SPEC §3 check 3: the body must be a UTF-8 JSON object (else ``InvalidJSON``;
         numbers of any size are JSON, see ``parse_json``; lone UTF-16 surrogate escapes
         such as ``"\\ud800"`` are refused, so no stored string can hold one) with ``id``
         and ``type`` non-empty strings of
-        bounded length (else ``InvalidPayload``). JSON nested deeper than ``max_depth``
-        levels (``MAX_JSON_DEPTH``; the top-level object is level 1) is ``InvalidJSON``;
-        ``max_depth=None`` skips that check, for bodies already stored; it skips the id
-        checks below too (a body stored before they existed must still read back: a
-        claimed delivery whose event no longer parsed would stop the dispatcher).
+        bounded length (else ``InvalidPayload``). JSON nested deeper than
+        ``MAX_JSON_DEPTH`` levels (the top-level object is level 1) is ``InvalidJSON``;
+        ``stored`` skips that check and the id checks below (``from_stored``).
 
         Beyond the spec, the fields the store derives columns from are refused when no
         backend could hold them, so that an accepted body is always storable and one
@@ -207,18 +219,18 @@ class Event:
         # Counting brackets is C-speed and bounds the depth from above, so the walk only
         # runs for bodies with many containers (brackets inside strings count too: harmless).
         if (
-            max_depth is not None
-            and raw.count(b"[") + raw.count(b"{") > max_depth
-            and _nesting_exceeds(payload, max_depth)
+            not stored
+            and raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH
+            and _nesting_exceeds(payload, MAX_JSON_DEPTH)
         ):
-            raise InvalidJSON(f"The request body nests JSON deeper than {max_depth} levels.")
+            raise InvalidJSON(f"The request body nests JSON deeper than {MAX_JSON_DEPTH} levels.")
         event_id = payload.get("id")
         if not isinstance(event_id, str) or not event_id.strip():
             raise InvalidPayload("`id` must be a non-empty string.", param="id")
         if len(event_id) > MAX_ID_LENGTH:
             raise InvalidPayload(f"`id` is longer than {MAX_ID_LENGTH} characters.", param="id")
         _refuse_nul(event_id, "id")
-        new_body = max_depth is not None  # see the docstring: stored bodies read back as is
+        new_body = not stored  # see from_stored: stored bodies read back as they are
         if new_body:
             _refuse_unclean_id(event_id, "id")
         event_type = payload.get("type")

@@ -323,7 +323,7 @@ def test_events_show_prints_a_payload_nested_past_what_orjson_writes(
     async def fill() -> None:
         store = open_store(url)
         await store.open()
-        event = Event.from_body(raw, max_depth=None)
+        event = Event.from_stored(raw)
         await store.accept(event, [], now=datetime.now(UTC))
         await store.close()
 

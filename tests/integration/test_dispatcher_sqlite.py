@@ -225,7 +225,7 @@ async def test_deeply_nested_event_crosses_the_writer_process(
     try:
         depth = 1000
         raw = b'{"id":"evt_deep","type":"job.completed","x":' + b"[" * depth + b"]" * depth
-        deep = Event.from_body(raw + b"}", max_depth=None)
+        deep = Event.from_stored(raw + b"}")
         assert await store.accept(deep, ["recorder"], now=clock())
         plain = await accept(store, clock)
         handler = RecordingHandler()

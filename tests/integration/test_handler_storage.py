@@ -42,7 +42,7 @@ def as_event(payload: dict[str, Any]) -> Event:
 def as_stored_event(payload: dict[str, Any]) -> Event:
     """An event as the store reads it back: intake now refuses padded ids (400), but one
     stored before that rule (or built by a plugin) still reaches the handler."""
-    return Event.from_body(orjson.dumps(payload), max_depth=None)
+    return Event.from_stored(orjson.dumps(payload))
 
 
 def completed(urls: list[str], *, task_id: str = "cm123abc", **data: Any) -> Event:

@@ -147,7 +147,7 @@ def test_nesting_up_to_max_json_depth_is_accepted_and_deeper_is_invalid_json() -
 def test_event_pickles_as_its_raw_bytes_at_any_depth() -> None:
     """An event crosses processes (SQLite writer, handler workers) by pickle; a stored body
     nested 1000 levels survives the round trip with every field equal."""
-    event = Event.from_body(_nested(1000), max_depth=None)
+    event = Event.from_stored(_nested(1000))
     copy = pickle.loads(pickle.dumps(event, protocol=pickle.HIGHEST_PROTOCOL))  # noqa: S301
     assert (copy.id, copy.type, copy.raw, copy.created) == (
         event.id,
@@ -200,12 +200,12 @@ def test_ids_inside_are_kept_exactly_and_odd_tracks_are_left_to_the_readers() ->
 
 
 def test_a_stored_body_with_a_padded_id_still_reads_back() -> None:
-    """Bodies stored before the id rule (``max_depth=None``: what the store reads back)
+    """Bodies stored before the id rule (``Event.from_stored``: what the store reads back)
     parse as they are: a claimed delivery whose event no longer parsed would fail."""
     body = {
         "id": "evt_1\n",
         "type": "job.completed",
         "data": {"id": " cm", "tracks": [{"id": "t "}]},
     }
-    event = Event.from_body(orjson.dumps(body), max_depth=None)
+    event = Event.from_stored(orjson.dumps(body))
     assert (event.id, event.task_id) == ("evt_1\n", " cm")

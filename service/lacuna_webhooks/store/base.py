@@ -88,7 +88,7 @@ class EventRecord:
     raw: bytes
 
     def to_event(self) -> Event:
-        return Event.from_body(self.raw, max_depth=None)  # stored: accepted once already
+        return Event.from_stored(self.raw)  # stored: accepted once already
 
 
 @dataclass(frozen=True, slots=True)

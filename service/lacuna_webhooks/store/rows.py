@@ -105,7 +105,7 @@ def claimed_delivery(row: Row, at: ToDatetime) -> Delivery:
     return Delivery(
         id=row["id"],
         # No depth check: a body stored before MAX_JSON_DEPTH existed must still deliver.
-        event=Event.from_body(bytes(row["raw"]), max_depth=None),
+        event=Event.from_stored(bytes(row["raw"])),
         handler=row["handler"],
         status=DeliveryStatus.PENDING,
         attempts=row["attempts"],
