@@ -174,6 +174,27 @@ async def test_claim_takes_oldest_due_first_up_to_the_limit(store: Store) -> Non
     assert await store.claim(handler="a", limit=0, lease=LEASE, now=later) == []
 
 
+class ClockTime(datetime):
+    """A ``datetime`` subclass, as a frozen or mocked clock in a user's tests hands out."""
+
+
+async def test_store_times_may_be_a_datetime_subclass(store: Store) -> None:
+    """Any aware ``datetime`` is a store time, a subclass too: the same instant, never
+    refused (a 503 for a caller's clock) nor stored in a form that compares wrongly."""
+    at = ClockTime(2025, 11, 21, 12, 0, tzinfo=UTC)
+    assert await store.accept(event("evt_clock"), ["a"], now=at)
+    (claimed,) = await store.claim(handler="a", limit=1, lease=LEASE, now=at)
+    later = at + 10 * SECOND  # still a ClockTime
+    assert isinstance(later, ClockTime)
+    assert await store.retry(claimed, attempt(AttemptOutcome.RETRY, at, "boom"), at=later)
+    assert await store.claim(handler="a", limit=1, lease=LEASE, now=NOW + 5 * SECOND) == []
+    assert (await store.stats(now=at)).pending == 1
+    (record,) = await store.list_deliveries(event_id="evt_clock")
+    assert record.next_attempt_at == NOW + 10 * SECOND
+    (again,) = await store.claim(handler="a", limit=1, lease=LEASE, now=NOW + 10 * SECOND)
+    assert again.id == claimed.id
+
+
 # --- outcomes -------------------------------------------------------------------------------
 
 
