@@ -43,6 +43,44 @@ def test_compile_named_numbers_each_name_once_and_leaves_casts_and_literals() ->
     assert names == ("a", "lease", "b")
 
 
+@pytest.mark.parametrize(
+    ("sql", "compiled", "names"),
+    [
+        # an escape string: \' is a quote inside it, not its end
+        ("SELECT E'it\\'s :x', :y", "SELECT E'it\\'s :x', $1", ("y",)),
+        ("SELECT e'\\\\', :y, ':z'", "SELECT e'\\\\', $1, ':z'", ("y",)),
+        # dollar-quoted strings, with and without a tag
+        ("SELECT $$ :x ' $$, :y", "SELECT $$ :x ' $$, $1", ("y",)),
+        ("SELECT $fn$ a:b $$ $fn$, :y", "SELECT $fn$ a:b $$ $fn$, $1", ("y",)),
+        # block comments nest
+        ("SELECT 1 /* a /* :n */ :m */ + :y", "SELECT 1 /* a /* :n */ :m */ + $1", ("y",)),
+        # an identifier ending in e (or holding $) is no string prefix
+        (
+            "SELECT type, name||':x' FROM t WHERE a$b = :y",
+            "SELECT type, name||':x' FROM t WHERE a$b = $1",
+            ("y",),
+        ),
+        # a cast right after a parameter, a name used twice, a name a prefix of another
+        (
+            "SELECT :after::text[], :id, :ids, :id::int",
+            "SELECT $1::text[], $2, $3, $2::int",
+            ("after", "id", "ids"),
+        ),
+    ],
+)
+def test_compile_named_reads_literals_and_comments_as_postgresql_does(
+    sql: str, compiled: str, names: tuple[str, ...]
+) -> None:
+    """What PostgreSQL's lexer takes for a string or a comment keeps its ``:name`` text; a
+    real parameter after one is still numbered."""
+    assert compile_named(sql) == (compiled, names)
+
+
+def test_compile_named_refuses_an_unterminated_comment() -> None:
+    with pytest.raises(ValueError, match="unterminated"):
+        compile_named("SELECT :a /* /* */ :b")
+
+
 def test_every_postgres_query_is_compiled() -> None:
     """No ``:name`` is left in PostgreSQL's compiled queries, and each query's names match
     its highest ``$n``."""
