@@ -91,9 +91,9 @@ def _convert_subclass(value: Any) -> Any:
     would refuse the subclass, or store a ``datetime`` as ISO text, which compares above
     every epoch-seconds REAL (a lease that never expires)."""
     for base in type(value).__mro__[1:]:
-        to = _CONVERT.get(base)
-        if to is not None:
-            return to(value)
+        if base in _CONVERT:
+            to = _CONVERT[base]
+            return value if to is None else to(value)
     return value
 
 
