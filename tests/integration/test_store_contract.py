@@ -767,6 +767,21 @@ async def test_a_reset_never_lets_a_delivery_run_beside_its_live_attempt(
     assert await store.complete(again, Attempt(NOW, NOW, AttemptOutcome.OK)) is True
 
 
+@pytest.mark.parametrize("ending", sorted(ENDINGS))
+async def test_the_end_of_a_revoked_attempt_wakes_wait_for_work(store: Store, ending: str) -> None:
+    """When a replayed delivery's running attempt ends (its outcome refused), the lease the
+    replay kept ends and the delivery is due at once: the dispatcher is woken (on
+    PostgreSQL every replica, by NOTIFY), not left to its poll interval."""
+    await store.accept(event("evt_cut"), ["a"], now=NOW)
+    (running,) = await store.claim(handler="a", limit=1, lease=LEASE, now=NOW)
+    await store.replay("evt_cut", None, now=NOW)
+    for _ in range(2):  # consume the accept's and the replay's nudges (and their NOTIFYs)
+        await store.wait_for_work(0.2)
+    assert await ENDINGS[ending](store, running) is False
+    async with asyncio.timeout(PROMPT):
+        await store.wait_for_work(PROMPT * 3)
+
+
 async def test_a_reset_twice_leaves_the_kept_lease_to_expire(store: Store) -> None:
     """Reset twice while its attempt runs, the ended attempt cannot tell its kept lease from
     a later claim's, so it leaves it to expire: still no second run beside it."""
