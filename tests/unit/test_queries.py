@@ -64,6 +64,8 @@ def test_compile_named_numbers_each_name_once_and_leaves_casts_and_literals() ->
             "SELECT type, name||':x' FROM t WHERE a$b = $1",
             ("y",),
         ),
+        # an array slice's bounds are no parameters; a parameter as a bound still is
+        ("SELECT arr[lo:hi], arr[:a:hi]", "SELECT arr[lo:hi], arr[$1:hi]", ("a",)),
         # a cast right after a parameter, a name used twice, a name a prefix of another
         (
             "SELECT :after::text[], :id, :ids, :id::int",

@@ -80,7 +80,8 @@ def parse(text: str) -> dict[str, str]:
 
 # What ``compile_named`` steps over whole, as PostgreSQL's lexer reads it: string literals
 # (``E'...'`` with backslash escapes, ``$tag$...$tag$``), quoted identifiers, line comments,
-# the ``::type`` cast; ``/*`` starts a comment, which nests; else a ``:name`` parameter.
+# the ``::type`` cast; ``/*`` starts a comment, which nests; else a ``:name`` parameter, unless
+# right after a name (``arr[lo:hi]``, an array slice).
 _TOKEN = re.compile(
     r"(?P<skip>(?<![A-Za-z0-9_$])[Ee]'(?:[^'\\]|\\.|'')*'"
     r"|'(?:[^']|'')*'"
@@ -88,7 +89,7 @@ _TOKEN = re.compile(
     r"|(?<![A-Za-z0-9_$])\$(?P<tag>[A-Za-z_][A-Za-z0-9_]*|)\$.*?\$(?P=tag)\$"
     r"|--[^\n]*|::)"
     r"|(?P<comment>/\*)"
-    r"|:(?P<name>[A-Za-z_][A-Za-z0-9_]*)",
+    r"|(?<![A-Za-z0-9_]):(?P<name>[A-Za-z_][A-Za-z0-9_]*)",
     re.DOTALL,
 )
 _COMMENT_MARK = re.compile(r"/\*|\*/")
