@@ -354,6 +354,26 @@ async def test_prune_returns_zero_while_another_replica_holds_the_lock(
     assert await store.prune(received_before=cutoff) == 3
 
 
+async def test_prune_counts_the_events_it_deleted_not_its_candidates(
+    stores: Callable[..., Awaitable[PostgresStore]], admin: asyncpg.Connection
+) -> None:
+    """``prune`` returns how many events went (``Store.prune``): a candidate the delete
+    statement leaves (its re-check found it no longer prunable, here a trigger that keeps
+    one event) is not counted."""
+    store = await stores()
+    await _finished_events(store, 3)
+    (kept, *_) = [e.id for e in await store.list_events()]
+    await admin.execute(
+        "CREATE FUNCTION keep_one() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+        f" IF OLD.id = '{kept}' THEN RETURN NULL; END IF; RETURN OLD; END $$"
+    )
+    await admin.execute(
+        "CREATE TRIGGER keep_one BEFORE DELETE ON events FOR EACH ROW EXECUTE FUNCTION keep_one()"
+    )
+    assert await store.prune(received_before=NOW + timedelta(days=1)) == 2
+    assert [e.id for e in await store.list_events()] == [kept]
+
+
 async def test_prune_keeps_events_with_pending_deliveries(
     stores: Callable[..., Awaitable[PostgresStore]], admin: asyncpg.Connection
 ) -> None:

@@ -686,3 +686,27 @@ async def test_an_sqlite_older_than_supported_is_refused_in_one_line(
     store = SQLiteStore(str(tmp_path / "old.db"))
     with pytest.raises(StoreUnavailable, match=r"SQLite 3\.34\.1 is too old .* needs 3\.35"):
         await store.open()
+
+
+async def test_a_finish_failing_half_way_keeps_neither_its_attempt_nor_its_outcome(
+    store: SQLiteStore, db_path: Path
+) -> None:
+    """SQLite's ``finish`` is two statements (the attempt row, then the outcome): when the
+    second fails, the writer's transaction takes the first back with it, the caller hears
+    StoreUnavailable, the claim is still live and the writer serves on."""
+    await store.accept(event("evt_half"), ["a"], now=NOW)
+    (claimed,) = await store.claim(handler="a", limit=1, lease=LEASE, now=NOW)
+    with peer(db_path) as conn:
+        conn.execute(
+            "CREATE TRIGGER refuse_done BEFORE UPDATE OF status ON deliveries"
+            " WHEN NEW.status = 'done' BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        )
+    with pytest.raises(StoreUnavailable, match="refused"):
+        await store.complete(claimed, Attempt(NOW, NOW + SECOND, AttemptOutcome.OK))
+    assert await store.list_attempts(claimed.id) == []
+    (record,) = await store.list_deliveries(event_id="evt_half")
+    assert (record.status.value, record.lease_until) == ("pending", NOW + LEASE)
+    with peer(db_path) as conn:
+        conn.execute("DROP TRIGGER refuse_done")
+    assert await store.complete(claimed, Attempt(NOW, NOW + SECOND, AttemptOutcome.OK))
+    assert len(await store.list_attempts(claimed.id)) == 1

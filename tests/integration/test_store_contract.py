@@ -174,6 +174,27 @@ async def test_claim_takes_oldest_due_first_up_to_the_limit(store: Store) -> Non
     assert await store.claim(handler="a", limit=0, lease=LEASE, now=later) == []
 
 
+class ClockTime(datetime):
+    """A ``datetime`` subclass, as a frozen or mocked clock in a user's tests hands out."""
+
+
+async def test_store_times_may_be_a_datetime_subclass(store: Store) -> None:
+    """Any aware ``datetime`` is a store time, a subclass too: the same instant, never
+    refused (a 503 for a caller's clock) nor stored in a form that compares wrongly."""
+    at = ClockTime(2025, 11, 21, 12, 0, tzinfo=UTC)
+    assert await store.accept(event("evt_clock"), ["a"], now=at)
+    (claimed,) = await store.claim(handler="a", limit=1, lease=LEASE, now=at)
+    later = at + 10 * SECOND  # still a ClockTime
+    assert isinstance(later, ClockTime)
+    assert await store.retry(claimed, attempt(AttemptOutcome.RETRY, at, "boom"), at=later)
+    assert await store.claim(handler="a", limit=1, lease=LEASE, now=NOW + 5 * SECOND) == []
+    assert (await store.stats(now=at)).pending == 1
+    (record,) = await store.list_deliveries(event_id="evt_clock")
+    assert record.next_attempt_at == NOW + 10 * SECOND
+    (again,) = await store.claim(handler="a", limit=1, lease=LEASE, now=NOW + 10 * SECOND)
+    assert again.id == claimed.id
+
+
 # --- outcomes -------------------------------------------------------------------------------
 
 
@@ -744,6 +765,21 @@ async def test_a_reset_never_lets_a_delivery_run_beside_its_live_attempt(
     assert (again.attempts, again.lease_token) != (running.attempts, running.lease_token)
     assert await store.claim(handler="a", limit=10, lease=LEASE, now=NOW) == []
     assert await store.complete(again, Attempt(NOW, NOW, AttemptOutcome.OK)) is True
+
+
+@pytest.mark.parametrize("ending", sorted(ENDINGS))
+async def test_the_end_of_a_revoked_attempt_wakes_wait_for_work(store: Store, ending: str) -> None:
+    """When a replayed delivery's running attempt ends (its outcome refused), the lease the
+    replay kept ends and the delivery is due at once: the dispatcher is woken (on
+    PostgreSQL every replica, by NOTIFY), not left to its poll interval."""
+    await store.accept(event("evt_cut"), ["a"], now=NOW)
+    (running,) = await store.claim(handler="a", limit=1, lease=LEASE, now=NOW)
+    await store.replay("evt_cut", None, now=NOW)
+    for _ in range(2):  # consume the accept's and the replay's nudges (and their NOTIFYs)
+        await store.wait_for_work(0.2)
+    assert await ENDINGS[ending](store, running) is False
+    async with asyncio.timeout(PROMPT):
+        await store.wait_for_work(PROMPT * 3)
 
 
 async def test_a_reset_twice_leaves_the_kept_lease_to_expire(store: Store) -> None:

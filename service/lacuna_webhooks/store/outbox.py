@@ -311,16 +311,19 @@ def retry_dead(handler: str | None, now: datetime) -> Flow[int]:
     return count
 
 
-def prune_chunk(cutoff: datetime, limit: int) -> Flow[int]:
+def prune_chunk(cutoff: datetime, limit: int) -> Flow[tuple[int, int]]:
     """Delete up to ``limit`` events received before ``cutoff`` with no pending delivery
-    (their deliveries and attempts too); how many candidates it found (fewer than ``limit``:
-    the last chunk). 0 at once when another replica holds the prune lock."""
+    (their deliveries and attempts too): ``(found, deleted)``, the candidates it found
+    (fewer than ``limit``: the last chunk) and the events it deleted (PostgreSQL's delete
+    re-checks each candidate, so it may be fewer). ``(0, 0)`` at once when another replica
+    holds the prune lock."""
     if not (yield Query("prune_lock", {"key": PRUNE_LOCK_KEY}, "value")):
-        return 0
+        return 0, 0
     found = yield Query("prune_candidates", {"cutoff": cutoff, "limit": limit}, "rows")
+    deleted = 0
     if found:
-        yield Query("prune_delete", {"ids": [row["id"] for row in found]})
-    return len(found)
+        deleted = yield Query("prune_delete", {"ids": [row["id"] for row in found]})
+    return len(found), deleted
 
 
 # --- reads ----------------------------------------------------------------------------------

@@ -78,29 +78,57 @@ def parse(text: str) -> dict[str, str]:
     return found
 
 
-# What ``compile_named`` steps over whole (string literals, quoted identifiers, comments, the
-# ``::type`` cast), else a ``:name`` parameter.
+# What ``compile_named`` steps over whole, as PostgreSQL's lexer reads it: string literals
+# (``E'...'`` with backslash escapes, ``$tag$...$tag$``), quoted identifiers, line comments,
+# the ``::type`` cast; ``/*`` starts a comment, which nests; else a ``:name`` parameter, unless
+# right after a name (``arr[lo:hi]``, an array slice).
 _TOKEN = re.compile(
-    r"(?P<skip>'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|--[^\n]*|/\*.*?\*/|::)"
-    r"|:(?P<name>[A-Za-z_][A-Za-z0-9_]*)",
+    r"(?P<skip>(?<![A-Za-z0-9_$])[Ee]'(?:[^'\\]|\\.|'')*'"
+    r"|'(?:[^']|'')*'"
+    r"|\"(?:[^\"]|\"\")*\""
+    r"|(?<![A-Za-z0-9_$])\$(?P<tag>[A-Za-z_][A-Za-z0-9_]*|)\$.*?\$(?P=tag)\$"
+    r"|--[^\n]*|::)"
+    r"|(?P<comment>/\*)"
+    r"|(?<![A-Za-z0-9_]):(?P<name>[A-Za-z_][A-Za-z0-9_]*)",
     re.DOTALL,
 )
+_COMMENT_MARK = re.compile(r"/\*|\*/")
+
+
+def _comment_end(sql: str, start: int) -> int:
+    """Where the block comment opened at ``start`` ends (PostgreSQL nests them); ``ValueError``
+    when it never does."""
+    depth, position = 0, start
+    while match := _COMMENT_MARK.search(sql, position):
+        depth += 1 if match.group() == "/*" else -1
+        position = match.end()
+        if depth == 0:
+            return position
+    raise ValueError(f"unterminated /* comment at offset {start}")
 
 
 def compile_named(sql: str) -> tuple[str, tuple[str, ...]]:
     """``sql`` with each ``:name`` replaced by ``$n`` (one number per distinct name, in order
-    of first use) and the names in that order. ``::type`` casts, string literals, quoted
-    identifiers and comments are left alone."""
+    of first use) and the names in that order. ``::type`` casts, string literals (``'...'``,
+    ``E'...'``, ``$$...$$``), quoted identifiers and comments (nested ones too) are left
+    alone. ``ValueError`` for an unterminated block comment."""
     names: dict[str, int] = {}
-
-    def replace(match: re.Match[str]) -> str:
+    out: list[str] = []
+    position = 0
+    while match := _TOKEN.search(sql, position):
+        out.append(sql[position : match.start()])
         name = match.group("name")
+        if match.group("comment") is not None:
+            position = _comment_end(sql, match.start())
+            out.append(sql[match.start() : position])
+            continue
         if name is None:
-            return match.group(0)
-        number = names.setdefault(name, len(names) + 1)
-        return f"${number}"
-
-    return _TOKEN.sub(replace, sql), tuple(names)
+            out.append(match.group(0))
+        else:
+            out.append(f"${names.setdefault(name, len(names) + 1)}")
+        position = match.end()
+    out.append(sql[position:])
+    return "".join(out), tuple(names)
 
 
 @functools.cache

@@ -472,8 +472,10 @@ class PostgresStore:
         """
         total = 0
         while True:
-            found = await self._run(outbox.prune_chunk, received_before, outbox.PRUNE_CHUNK)
-            total += found
+            found, deleted = await self._run(
+                outbox.prune_chunk, received_before, outbox.PRUNE_CHUNK
+            )
+            total += deleted
             if found < outbox.PRUNE_CHUNK:
                 return total
 

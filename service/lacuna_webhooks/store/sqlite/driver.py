@@ -49,12 +49,19 @@ def _seconds(value: timedelta) -> float:
 
 
 # By exact type (a dict lookup per value: the dispatcher's hot path runs this for every
-# parameter); other values are taken as they are.
-_CONVERT: dict[type, Callable[[Any], Any]] = {
+# parameter); ``None``: taken as it is. A type not listed (a subclass) goes through
+# ``_convert_subclass``.
+_CONVERT: dict[type, Callable[[Any], Any] | None] = {
     datetime: epoch,
     timedelta: _seconds,
     list: _json,
     tuple: _json,
+    str: None,
+    int: None,
+    float: None,
+    bytes: None,
+    bool: None,
+    type(None): None,
 }
 
 
@@ -78,11 +85,23 @@ def statements(name: str) -> tuple[str, ...]:
     return tuple(split_script(Q[name]))
 
 
+def _convert_subclass(value: Any) -> Any:
+    """``value`` converted by the first of its base classes in ``_CONVERT`` (a ``datetime``
+    subclass such as a frozen test clock's, a ``list`` subclass), else as it is: sqlite3
+    would refuse the subclass, or store a ``datetime`` as ISO text, which compares above
+    every epoch-seconds REAL (a lease that never expires)."""
+    for base in type(value).__mro__[1:]:
+        if base in _CONVERT:
+            to = _CONVERT[base]
+            return value if to is None else to(value)
+    return value
+
+
 def run_query(conn: sqlite3.Connection, query: Query) -> Any:
     """One query's result, in the shape it asked for."""
     convert = _CONVERT.get
     params = {
-        key: value if (to := convert(type(value))) is None else to(value)
+        key: value if (to := convert(type(value), _convert_subclass)) is None else to(value)
         for key, value in query.params.items()
     }
     *first, last = statements(query.name)

@@ -280,8 +280,10 @@ class SQLiteStore:
         """Deleted in chunks, each its own transaction, so accepts are never held up long."""
         total = 0
         while True:
-            found = await self._run(outbox.prune_chunk, received_before, outbox.PRUNE_CHUNK)
-            total += found
+            found, deleted = await self._run(
+                outbox.prune_chunk, received_before, outbox.PRUNE_CHUNK
+            )
+            total += deleted
             if found < outbox.PRUNE_CHUNK:
                 return total
 
