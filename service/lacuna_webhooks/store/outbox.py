@@ -30,7 +30,7 @@ contract suite (``tests/integration/test_store_contract.py``) holds these flows 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Generator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, Final, Literal, NamedTuple, TypeVar
@@ -324,6 +324,23 @@ def prune_chunk(cutoff: datetime, limit: int) -> Flow[tuple[int, int]]:
     if found:
         deleted = yield Query("prune_delete", {"ids": [row["id"] for row in found]})
     return len(found), deleted
+
+
+async def prune(
+    run: Callable[
+        [Callable[..., Flow[tuple[int, int]]], datetime, int], Awaitable[tuple[int, int]]
+    ],
+    received_before: datetime,
+) -> int:
+    """``Store.prune`` on a driver: ``prune_chunk`` after ``prune_chunk``, each its own
+    transaction through ``run`` (the backend's ``run(flow, *args)``), so accepts are never
+    held up long, until a chunk finds fewer than ``PRUNE_CHUNK``; the events deleted."""
+    total = 0
+    while True:
+        found, deleted = await run(prune_chunk, received_before, PRUNE_CHUNK)
+        total += deleted
+        if found < PRUNE_CHUNK:
+            return total
 
 
 # --- reads ----------------------------------------------------------------------------------

@@ -470,14 +470,7 @@ class PostgresStore:
         a fresh statement, so a delivery made pending by a concurrent replay is never
         deleted.
         """
-        total = 0
-        while True:
-            found, deleted = await self._run(
-                outbox.prune_chunk, received_before, outbox.PRUNE_CHUNK
-            )
-            total += deleted
-            if found < outbox.PRUNE_CHUNK:
-                return total
+        return await outbox.prune(self._run, received_before)
 
     async def list_events(
         self, *, limit: int = 50, event_type: str | None = None

@@ -278,14 +278,7 @@ class SQLiteStore:
 
     async def prune(self, *, received_before: datetime) -> int:
         """Deleted in chunks, each its own transaction, so accepts are never held up long."""
-        total = 0
-        while True:
-            found, deleted = await self._run(
-                outbox.prune_chunk, received_before, outbox.PRUNE_CHUNK
-            )
-            total += deleted
-            if found < outbox.PRUNE_CHUNK:
-                return total
+        return await outbox.prune(self._run, received_before)
 
     async def list_events(
         self, *, limit: int = 50, event_type: str | None = None
