@@ -84,12 +84,28 @@ def _vm_hwm_kib(pid: int) -> int:
     return 0
 
 
-def peak_rss_mib(pid: int) -> float:
-    """Peak RSS of the server and its child processes (serve's SQLite writer), summed."""
+def _tree(pid: int) -> list[int]:
+    """The server and its child processes (serve's SQLite writer)."""
     pids = [pid]
     for task in Path(f"/proc/{pid}/task").iterdir():
         pids += [int(child) for child in (task / "children").read_text().split()]
-    return sum(_vm_hwm_kib(p) for p in pids) / 1024
+    return pids
+
+
+def peak_rss_mib(pid: int) -> float:
+    """Peak RSS of the server and its child processes, summed."""
+    return sum(_vm_hwm_kib(p) for p in _tree(pid)) / 1024
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of one process so far (/proc/PID/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds of the server and each of its child processes, by pid."""
+    return {p: _cpu_seconds(p) for p in _tree(pid)}
 
 
 def run_wrk(port: int, requests: Path, args: argparse.Namespace) -> dict[str, float]:
@@ -195,8 +211,16 @@ def measure(
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=log)
         try:
             wait_ready(f"http://127.0.0.1:{port}{ready_path}", proc)
+            before = tree_cpu(proc.pid)
             result = load(port, requests, args)
+            after = tree_cpu(proc.pid)
             rss = peak_rss_mib(proc.pid)
+            # CPU per answered request, in µs: the server process, then its children (serve's
+            # SQLite writer) summed. Steadier than req/s on a machine whose speed drifts.
+            spent = {p: after[p] - before.get(p, 0.0) for p in after}
+            answered = max(result["requests"], 1)
+            result["cpu_us"] = spent.pop(proc.pid) / answered * 1e6
+            result["child_cpu_us"] = sum(spent.values()) / answered * 1e6
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(60)
@@ -287,12 +311,13 @@ def main() -> None:
 
     print(
         f"{'':28}{'req/s':>10}{'stored/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'non-2xx':>9}"
-        f"{'peak RSS MiB':>14}"
+        f"{'peak RSS MiB':>14}{'CPU µs/req':>12}{'+children':>10}"
     )
     for label, result, rate, rss in rows:
         print(
             f"{label:28}{result['rps']:>10.0f}{rate:>10.0f}{result['p50_ms']:>9.2f}"
             f"{result['p99_ms']:>9.2f}{result['non2xx']:>9}{rss:>14.1f}"
+            f"{result['cpu_us']:>12.1f}{result['child_cpu_us']:>10.1f}"
         )
     if args.baseline:
         base = ratios["serve, --baseline"]
