@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 import structlog
@@ -42,6 +42,9 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+#: How a request ends: (status, content, headers, outcome for the log and metrics, the event
+#: when the body parsed as one).
+Answer = tuple[int, bytes, list[tuple[bytes, bytes]], str, "Event | None"]
 
 
 class ClientGone(Exception):
@@ -185,47 +188,29 @@ class WebhookEndpoint:
         self.metrics = metrics
         # outcome -> counter child, so the hot path skips the label lookup
         self._received: dict[str, Any] = {}
-        # Request lines waiting for the end of this loop turn (see _log_request).
+        # Request lines waiting for the end of this loop turn (see log_request).
         self._log_lines: list[tuple[int, str, str | None, str | None, float, str | None]] = []
         self._log_flush_on: asyncio.AbstractEventLoop | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
-        event: Event | None = None
-        status = 200
-        headers = JSON_HEADERS
         try:
-            if self.allowlist is not None and not self.allowlist.allows(_client_host(scope)):
-                raise SourceNotAllowed()  # before a byte of the body is read (SPEC §10)
-            declared: int | None = None
-            signatures: list[str] = []
-            for name, value in scope["headers"]:
-                if name == b"content-length":
-                    text = value.decode("latin-1")
-                    declared = int(text) if text.isascii() and text.isdigit() else None
-                elif name == _HEADER_NAME:
-                    signatures.append(value.decode("latin-1"))
+            declared, signatures = self.screen(scope["headers"], lambda: _client_host(scope))
             body = await read_body(receive, self.limit, declared, self.body_budget)
-            # Several header lines are one comma-separated list (RFC 9110 §5.3).
-            header = ",".join(signatures) if signatures else None
-            verify(body, header, self.secrets, now=time.time(), tolerance=self.tolerance)
-            event = Event.from_body(body)
-            new = await self._accept(event)
         except WebhookError as exc:
             status, content, headers = error_parts(exc)
-            outcome = exc.code
+            outcome, event = exc.code, None
         except ClientGone:
             # The sender hung up mid-body: nothing was stored, nobody reads this answer.
-            status, content, outcome = 400, b"", "client_disconnected"
-        except Exception as exc:
-            # A bug: still the envelope, never a bare 500 page (this route bypasses
-            # Starlette's error middleware, see app.LacunaApp).
-            logger.error("webhook.unhandled_error", exc_info=exc)
-            status, content, headers = 500, INTERNAL_ERROR, JSON_HEADERS
-            outcome = "internal_error"
+            status, content, headers, outcome, event = (
+                400,
+                b"",
+                JSON_HEADERS,
+                "client_disconnected",
+                None,
+            )
         else:
-            content = orjson.dumps({"received": True, "id": event.id, "duplicate": not new})
-            outcome = "accepted" if new else "duplicate"
+            status, content, headers, outcome, event = await self.answer(body, signatures)
         await send(
             {
                 "type": "http.response.start",
@@ -234,11 +219,56 @@ class WebhookEndpoint:
             }
         )
         await send({"type": "http.response.body", "body": content})
-        elapsed = time.perf_counter() - started
         # Who sent a refused request (a forgery, a replay, a misconfigured sender): the peer
         # address, or the X-Forwarded-For client when the peer is in LACUNA_TRUSTED_PROXIES.
         client = _client_host(scope) if status != 200 else None
-        self._log_request(status, outcome, event, elapsed, client)
+        self.log_request(status, outcome, event, time.perf_counter() - started, client)
+
+    #: Whether the HTTP layer may call ``screen``/``answer``/``log_request`` itself instead
+    #: of the ASGI entry point (server.py's direct webhook path). A subclass that wraps
+    #: ``__call__`` (tracing) sets it False and is always called through ASGI.
+    serves_direct: ClassVar[bool] = True
+
+    def screen(
+        self, headers: Iterable[tuple[bytes, bytes]], client: Callable[[], str | None]
+    ) -> tuple[int | None, list[str]]:
+        """The checks before a byte of the body is read (SPEC §3, §10), and what the endpoint
+        needs of the headers: ``(declared Content-Length or None, x-lacuna-signature
+        values)``. ``client()`` gives the sender's address (asked only with an allowlist).
+        Raises ``SourceNotAllowed`` (403) and ``PayloadTooLarge`` (413)."""
+        if self.allowlist is not None and not self.allowlist.allows(client()):
+            raise SourceNotAllowed()  # before a byte of the body is read (SPEC §10)
+        declared: int | None = None
+        signatures: list[str] = []
+        for name, value in headers:
+            if name == b"content-length":
+                text = value.decode("latin-1")
+                declared = int(text) if text.isascii() and text.isdigit() else None
+            elif name == _HEADER_NAME:
+                signatures.append(value.decode("latin-1"))
+        if declared is not None and declared > self.limit:
+            raise PayloadTooLarge(f"The request body is larger than {self.limit} bytes.")
+        return declared, signatures
+
+    async def answer(self, body: bytes, signatures: list[str]) -> Answer:
+        """Verify, parse and durably accept a whole body: ``(status, content, headers,
+        outcome, event)``. Never raises: every outcome is an answer, bugs included (the
+        500 envelope; the direct path and this one bypass Starlette's error middleware)."""
+        event: Event | None = None
+        try:
+            # Several header lines are one comma-separated list (RFC 9110 §5.3).
+            header = ",".join(signatures) if signatures else None
+            verify(body, header, self.secrets, now=time.time(), tolerance=self.tolerance)
+            event = Event.from_body(body)
+            new = await self._accept(event)
+        except WebhookError as exc:
+            status, content, headers = error_parts(exc)
+            return status, content, headers, exc.code, event
+        except Exception as exc:
+            logger.error("webhook.unhandled_error", exc_info=exc)
+            return 500, INTERNAL_ERROR, JSON_HEADERS, "internal_error", event
+        content = orjson.dumps({"received": True, "id": event.id, "duplicate": not new})
+        return 200, content, JSON_HEADERS, "accepted" if new else "duplicate", event
 
     async def _accept(self, event: Event) -> bool:
         """``store.accept``, waited for at most ``LACUNA_COMMIT_TIMEOUT`` seconds (checked
@@ -298,7 +328,7 @@ class WebhookEndpoint:
 
     # --- the request log and metrics, one loop turn at a time ------------------------------
 
-    def _log_request(
+    def log_request(
         self, status: int, outcome: str, event: Event | None, elapsed: float, client: str | None
     ) -> None:
         """Queue the request's log line and metrics; one loop turn's are recorded together.

@@ -34,18 +34,30 @@ import asyncio
 import enum
 import logging
 import resource
+import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import httptools
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from .config import Settings
 from .envelope import error_parts
-from .errors import HeadersTooLarge, MalformedRequest, RequestTimeout, ServerBusy, WebhookError
+from .errors import (
+    HeadersTooLarge,
+    MalformedRequest,
+    PayloadTooLarge,
+    RequestTimeout,
+    ServerBusy,
+    WebhookError,
+)
+from .intake import WEBHOOK_PATH, WebhookEndpoint
 from .metrics import Metrics
+from .models import Event
 
 logger = logging.getLogger(__name__)
 
@@ -100,13 +112,62 @@ class _Phase(enum.Enum):
     APP = "app"  # the whole request is read; the application is answering
 
 
-class _Shared:
-    """What every connection of one server shares: limits, metrics, and the connections
-    ordered by how long they have been idle or reading (dicts keep insertion order, so the
-    first key is the one to shed)."""
+class _ClientOf:
+    """The sender's address as the ASGI path sees it: the peer, or the ``X-Forwarded-For``
+    client when the peer is in ``LACUNA_TRUSTED_PROXIES``. It runs uvicorn's own
+    ``ProxyHeadersMiddleware`` (the middleware of the ASGI path, with the same setting) on a
+    scope of its own, so that both paths apply one rule."""
 
-    def __init__(self, limits: Limits, metrics: Metrics) -> None:
+    def __init__(self, trusted_proxies: str) -> None:
+        self._middleware = ProxyHeadersMiddleware(
+            cast(Any, self._seen), trusted_hosts=trusted_proxies
+        )
+
+    @staticmethod
+    async def _seen(scope: Any, receive: Any, send: Any) -> None:
+        return None
+
+    def __call__(
+        self, peer: tuple[str, int] | None, headers: list[tuple[bytes, bytes]]
+    ) -> str | None:
+        scope: dict[str, Any] = {"type": "http", "client": peer, "headers": headers}
+        step = cast(Awaitable[None], self._middleware(cast(Any, scope), _no_io, _no_io))
+        # Neither the middleware nor _seen awaits anything: the coroutine ends at its first
+        # step, so it is run here without a loop turn.
+        coroutine = step.__await__()
+        try:
+            next(coroutine)
+        except StopIteration:
+            pass
+        else:  # a uvicorn whose middleware suspends: take the peer rather than guess
+            close = getattr(coroutine, "close", None)
+            if close is not None:
+                close()
+            scope["client"] = peer
+        client = scope.get("client")
+        return str(client[0]) if client else None
+
+
+async def _no_io(*args: Any) -> Any:
+    raise RuntimeError("the proxy-headers step does no I/O")
+
+
+class _Shared:
+    """What every connection of one server shares: limits, metrics, the webhook endpoint
+    served directly (``None``: every request through ASGI), and the connections ordered by
+    how long they have been idle or reading (dicts keep insertion order, so the first key is
+    the one to shed)."""
+
+    def __init__(
+        self,
+        limits: Limits,
+        metrics: Metrics,
+        webhook: WebhookEndpoint | None = None,
+        trusted_proxies: str = "127.0.0.1",
+    ) -> None:
         self.limits = limits
+        self.webhook = webhook
+        self.client_of = _ClientOf(trusted_proxies)
         self.refused = {
             reason: metrics.http_refused.labels(reason)
             for reason in (
@@ -142,6 +203,49 @@ def _refusal_bytes(exc: WebhookError) -> bytes:
     lines += [name + b": " + value for name, value in headers]
     lines += [b"content-length: %d" % len(body), b"connection: close", b"", body]
     return b"\r\n".join(lines)
+
+
+_WEBHOOK_TARGET = WEBHOOK_PATH.encode()
+
+
+class _DirectCycle:
+    """A webhook request served without ASGI (``LimitedHttpToolsProtocol._start_direct``).
+
+    It stands where uvicorn keeps its ``RequestResponseCycle`` (``protocol.cycle``) while
+    the request is in progress, with the attributes uvicorn's and this module's code read
+    there, so that pipelining (a next request waits for this answer), graceful shutdown
+    (``keep_alive`` turned off) and disconnects work as for any other request.
+    """
+
+    __slots__ = (
+        "body",
+        "chunks",
+        "disconnected",
+        "headers",
+        "keep_alive",
+        "message_event",
+        "response_complete",
+        "response_started",
+        "signatures",
+        "size",
+        "started",
+    )
+
+    def __init__(self, headers: list[tuple[bytes, bytes]], keep_alive: bool) -> None:
+        self.headers = headers
+        self.keep_alive = keep_alive
+        self.started = time.perf_counter()
+        self.signatures: list[str] = []
+        self.chunks: list[bytes] = []
+        self.size = 0  # bytes of body held (and taken from the endpoint's BodyBudget)
+        self.response_started = False
+        self.response_complete = False
+        self.disconnected = False
+        self.body = b""  # uvicorn's cycle holds unread body here; this one never does
+        self.message_event = self  # uvicorn wakes an ASGI receive() with .set(): none here
+
+    def set(self) -> None:
+        return None
 
 
 class LimitedHttpToolsProtocol(HttpToolsProtocol):
@@ -185,6 +289,16 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._cancel_timer()
         self._shared.idle.pop(self, None)
         self._shared.reading.pop(self, None)
+        cycle = self.cycle
+        if (
+            isinstance(cycle, _DirectCycle)
+            and not cycle.response_complete
+            and self._phase is _Phase.BODY
+        ):
+            # The sender hung up (or was cut off) mid-body: as the ASGI path's ClientGone.
+            cycle.response_complete = True
+            self._release_body(cycle)
+            self._log_direct(cycle, 400, "client_disconnected", None)
         super().connection_lost(exc)
 
     def _make_room(self) -> None:
@@ -320,12 +434,55 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             raise _HeaderCountExceeded()  # the parser stops; data_received answers 431
         self._phase = _Phase.BODY
         self._header_bytes = 0
+        webhook = self._shared.webhook
+        if (
+            webhook is not None
+            and self.url == _WEBHOOK_TARGET
+            and self.parser.get_method() == b"POST"
+            and self.parser.get_http_version() == "1.1"
+            and not self.expect_100_continue
+            and (self.cycle is None or self.cycle.response_complete)
+            and not self.flow.write_paused
+            and not self.parser.should_upgrade()
+        ):
+            self._start_direct(webhook)
+            return
         super().on_headers_complete()
+
+    def on_body(self, body: bytes) -> None:
+        cycle = self.cycle
+        if not isinstance(cycle, _DirectCycle):
+            super().on_body(body)
+            return
+        if cycle.response_complete:
+            return  # answered before its body (413, 403): the rest is read and dropped
+        webhook = self._shared.webhook
+        assert webhook is not None
+        size = cycle.size + len(body)
+        try:
+            if size > webhook.limit:  # a chunked body, or more than its Content-Length
+                raise PayloadTooLarge(f"The request body is larger than {webhook.limit} bytes.")
+            webhook.body_budget.take(len(body))
+        except WebhookError as exc:
+            self._release_body(cycle)
+            self._answer_direct(cycle, *error_parts(exc), exc.code, None)
+            return
+        cycle.size = size
+        cycle.chunks.append(body)
 
     def on_message_complete(self) -> None:
         self._phase = _Phase.APP
         self._shared.reading.pop(self, None)
-        super().on_message_complete()
+        cycle = self.cycle
+        if isinstance(cycle, _DirectCycle):
+            if not cycle.response_complete:
+                body = cycle.chunks[0] if len(cycle.chunks) == 1 else b"".join(cycle.chunks)
+                self._release_body(cycle)
+                task = self.loop.create_task(self._serve_direct(cycle, body))
+                task.add_done_callback(self.tasks.discard)
+                self.tasks.add(task)
+        else:
+            super().on_message_complete()
         if self.cycle.response_complete:
             # Answered before its body was read (a 413, a 403): now idle. uvicorn's keep-alive
             # timer was cancelled by the body's reads, so the deadline is ours.
@@ -340,6 +497,74 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 cycle.body = bytearray()
             if self._phase is _Phase.APP:  # not if a pipelined request is being read
                 self._to_idle()
+
+    # --- the webhook route, served directly ------------------------------------------------
+    # POST /webhooks/lacuna, the hot path, skips ASGI: no scope, no task-per-request machinery
+    # of uvicorn's cycle, no proxy-headers middleware or message dicts, and the answer leaves
+    # in one write instead of two. The endpoint's own code does the work either way (screen,
+    # answer, log_request: intake.py), so both paths answer alike; anything unusual about the
+    # request (HTTP/1.0, Expect, a query string, a pipelined request behind one still being
+    # answered, a client not reading its answers, tracing on) takes the ASGI path.
+
+    def _start_direct(self, webhook: WebhookEndpoint) -> None:
+        headers = self.headers
+        cycle = _DirectCycle(headers, self.parser.should_keep_alive())
+        self.cycle = cast(Any, cycle)
+        try:
+            _, cycle.signatures = webhook.screen(headers, lambda: self._client(cycle))
+        except WebhookError as exc:  # 403 outside the allowlist, 413 by Content-Length
+            self._answer_direct(cycle, *error_parts(exc), exc.code, None)
+
+    async def _serve_direct(self, cycle: _DirectCycle, body: bytes) -> None:
+        webhook = self._shared.webhook
+        assert webhook is not None
+        status, content, headers, outcome, event = await webhook.answer(body, cycle.signatures)
+        self._answer_direct(cycle, status, content, headers, outcome, event)
+
+    def _answer_direct(
+        self,
+        cycle: _DirectCycle,
+        status: int,
+        content: bytes,
+        headers: list[tuple[bytes, bytes]],
+        outcome: str,
+        event: Event | None,
+    ) -> None:
+        if cycle.response_complete:
+            return
+        cycle.response_started = cycle.response_complete = True
+        if not cycle.disconnected and not self.transport.is_closing():
+            parts = [STATUS_LINE[status]]
+            for name, value in (*self.server_state.default_headers, *headers):
+                parts += (name, b": ", value, b"\r\n")
+            parts.append(b"content-length: %d\r\n" % len(content))
+            if not cycle.keep_alive:
+                parts.append(b"connection: close\r\n")
+            parts += (b"\r\n", content)
+            self.transport.write(b"".join(parts))
+            if not cycle.keep_alive:
+                self.transport.close()
+            self.on_response_complete()
+        self._log_direct(cycle, status, outcome, event)
+
+    def _log_direct(
+        self, cycle: _DirectCycle, status: int, outcome: str, event: Event | None
+    ) -> None:
+        webhook = self._shared.webhook
+        assert webhook is not None
+        # Who sent a refused request: logged as the ASGI path logs it (intake.py).
+        client = self._client(cycle) if status != 200 else None
+        webhook.log_request(status, outcome, event, time.perf_counter() - cycle.started, client)
+
+    def _client(self, cycle: _DirectCycle) -> str | None:
+        return self._shared.client_of(self.client, cycle.headers)
+
+    def _release_body(self, cycle: _DirectCycle) -> None:
+        webhook = self._shared.webhook
+        if webhook is not None and cycle.size:
+            webhook.body_budget.give(cycle.size)
+        cycle.size = 0
+        cycle.chunks = []
 
     # --- refusals --------------------------------------------------------------------------
 
@@ -396,9 +621,11 @@ def server_config(
             settings.max_connections,
             limits.max_connections,
         )
+    webhook = getattr(app, "webhook", None)
+    direct = webhook if isinstance(webhook, WebhookEndpoint) and webhook.serves_direct else None
     return LacunaConfig(
         app,
-        shared=_Shared(limits, metrics),
+        shared=_Shared(limits, metrics, direct, settings.trusted_proxies),
         host=host,
         port=port,
         log_config=None,

@@ -163,6 +163,8 @@ class Tracing:
 class TracedWebhookEndpoint(WebhookEndpoint):
     """``WebhookEndpoint`` inside a server span per request and a span for the commit."""
 
+    serves_direct = False  # the span wraps the ASGI call: always served through it
+
     def __init__(
         self,
         settings: Settings,

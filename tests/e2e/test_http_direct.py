@@ -1,0 +1,187 @@
+"""The webhook route served without ASGI (server.py, "served directly"), on a real `serve`.
+
+`POST /webhooks/lacuna` over HTTP/1.1 is answered by the protocol itself; anything unusual
+(a query string, HTTP/1.0, `Expect: 100-continue`, a request pipelined behind one still
+being answered) goes through ASGI. Both must answer alike, keep pipelined answers in
+order, and handle a sender that leaves mid-body.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import make_event, signed
+from tests.e2e.conftest import Serve
+from tests.e2e.test_http_limits import closed_by_server, db_env, metric, read_response
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def serve(serve_factory: type[Serve], tmp_path: Path) -> Serve:
+    return serve_factory(db_env(tmp_path, LACUNA_MAX_BODY_BYTES="4096")).start()
+
+
+@pytest.fixture
+def sock(serve: Serve) -> Iterator[socket.socket]:
+    with socket.create_connection(("127.0.0.1", serve.port), timeout=10) as s:
+        s.settimeout(10)
+        yield s
+
+
+def request(
+    body: bytes,
+    headers: dict[str, str],
+    *,
+    target: str = "/webhooks/lacuna",
+    version: str = "HTTP/1.1",
+    extra: str = "",
+) -> bytes:
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    return (
+        f"POST {target} {version}\r\nHost: t\r\n{head}{extra}Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+def chunked(body: bytes, headers: dict[str, str], *, target: str) -> bytes:
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    return (
+        f"POST {target} HTTP/1.1\r\nHost: t\r\n{head}Transfer-Encoding: chunked\r\n\r\n"
+    ).encode() + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+
+
+def stored_ids(tmp_path: Path) -> set[str]:
+    with sqlite3.connect(tmp_path / "events.db") as conn:
+        return {row[0] for row in conn.execute("SELECT id FROM events")}
+
+
+def cases(tag: str) -> dict[str, bytes]:
+    """One request of each kind, for a target of `tag`'s own (unique event ids)."""
+    good, headers = signed(make_event(f"evt_{tag}_ok"))
+    big, big_headers = signed(make_event(f"evt_{tag}_big", lyrics="la " * 3000))
+    return {
+        "accepted": request(good, headers, target="{target}"),
+        "duplicate": request(good, headers, target="{target}"),
+        "bad_signature": request(
+            *signed(good, secret="whsec_not_the_one_serve_has_0123456789"), target="{target}"
+        ),
+        "no_signature": request(good, {"content-type": "application/json"}, target="{target}"),
+        "not_json": request(
+            *signed(b"\xff\x00 not json"),
+            target="{target}",
+        ),
+        "too_large_declared": request(big, big_headers, target="{target}"),
+        "too_large_chunked": chunked(big, big_headers, target="{target}"),
+    }
+
+
+def answer_of(sock: socket.socket, raw: bytes) -> tuple[int, str | None, bool | None]:
+    sock.sendall(raw)
+    response = read_response(sock)
+    assert response is not None, "no answer"
+    status, headers, body = response
+    assert headers["content-type"] == "application/json"
+    parsed = json.loads(body)
+    code = parsed["error"]["code"] if "error" in parsed else None
+    return status, code, parsed.get("duplicate")
+
+
+def test_the_direct_and_the_asgi_path_answer_alike(serve: Serve, tmp_path: Path) -> None:
+    """Each kind of request gets the same status and error code on the direct path
+    (`/webhooks/lacuna`) as through ASGI (the same route with a query string)."""
+    answers: dict[str, dict[str, tuple[int, str | None, bool | None]]] = {}
+    for path, target in (("direct", "/webhooks/lacuna"), ("asgi", "/webhooks/lacuna?via=asgi")):
+        answers[path] = {}
+        for kind, raw in cases(path).items():
+            # A fresh connection each: a 413 may leave the rest of its body unread.
+            with socket.create_connection(("127.0.0.1", serve.port), timeout=10) as s:
+                s.settimeout(10)
+                answers[path][kind] = answer_of(s, raw.replace(b"{target}", target.encode()))
+    assert answers["direct"] == answers["asgi"]
+    assert answers["direct"] == {
+        "accepted": (200, None, False),
+        "duplicate": (200, None, True),
+        "bad_signature": (401, "invalid_signature", None),
+        "no_signature": (401, "missing_signature", None),
+        "not_json": (400, "invalid_json", None),
+        "too_large_declared": (413, "payload_too_large", None),
+        "too_large_chunked": (413, "payload_too_large", None),
+    }
+    assert stored_ids(tmp_path) == {"evt_direct_ok", "evt_asgi_ok"}
+
+
+def test_pipelined_requests_are_answered_in_order(
+    serve: Serve, sock: socket.socket, tmp_path: Path
+) -> None:
+    """Three webhooks and a GET sent in one write: four answers, in the order asked."""
+    raws = []
+    for i in range(3):
+        raws.append(request(*signed(make_event(f"evt_pipe_{i}"))))
+    sock.sendall(b"".join(raws) + b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+    for i in range(3):
+        response = read_response(sock)
+        assert response is not None
+        assert response[0] == 200
+        assert json.loads(response[2])["id"] == f"evt_pipe_{i}"
+    health = read_response(sock)
+    assert health is not None
+    assert health[0] == 200
+    assert json.loads(health[2])["status"] == "ok"
+    assert stored_ids(tmp_path) == {f"evt_pipe_{i}" for i in range(3)}
+
+
+def test_connection_close_and_http_1_0_end_the_connection(serve: Serve, tmp_path: Path) -> None:
+    """`Connection: close` (direct path) and HTTP/1.0 (ASGI path) are answered, the answer
+    says `connection: close`, and the server closes the connection."""
+    for i, (version, extra) in enumerate((("HTTP/1.1", "Connection: close\r\n"), ("HTTP/1.0", ""))):
+        with socket.create_connection(("127.0.0.1", serve.port), timeout=10) as s:
+            s.settimeout(10)
+            s.sendall(request(*signed(make_event(f"evt_close_{i}")), version=version, extra=extra))
+            response = read_response(s)
+            assert response is not None
+            assert response[0] == 200
+            assert response[1]["connection"] == "close"
+            assert closed_by_server(s)
+    assert stored_ids(tmp_path) == {"evt_close_0", "evt_close_1"}
+
+
+def test_expect_100_continue_is_answered(serve: Serve, sock: socket.socket) -> None:
+    """A sender that waits for `100 Continue` before its body gets it, then its 200."""
+    body, headers = signed(make_event("evt_expect"))
+    raw = request(body, headers, extra="Expect: 100-continue\r\n")
+    head, _, _ = raw.partition(b"\r\n\r\n")
+    sock.sendall(head + b"\r\n\r\n")
+    assert sock.recv(65536).startswith(b"HTTP/1.1 100 ")
+    sock.sendall(body)
+    response = read_response(sock)
+    assert response is not None
+    assert response[0] == 200
+
+
+def test_a_sender_leaving_mid_body_is_counted_and_holds_nothing(
+    serve: Serve, tmp_path: Path
+) -> None:
+    """Half a body then a hang-up: nothing stored, counted as `client_disconnected` (as on
+    the ASGI path), and the next sender is accepted."""
+    body, headers = signed(make_event("evt_gone"))
+    raw = request(body, headers)
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", serve.port), timeout=10) as s:
+            s.sendall(raw[: len(raw) - len(body) // 2])
+    outcome = 'lacuna_webhooks_received_total{outcome="client_disconnected"}'
+    for _ in range(100):
+        if metric(serve, outcome) == 3:
+            break
+        time.sleep(0.05)
+    assert metric(serve, outcome) == 3
+    ok = httpx.post(serve.webhook_url, content=body, headers=headers, timeout=10)
+    assert ok.status_code == 200
+    assert stored_ids(tmp_path) == {"evt_gone"}
