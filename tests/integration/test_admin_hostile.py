@@ -179,18 +179,22 @@ async def test_failures_are_counted_for_every_handler(store: Store) -> None:
             if await failures_are(store, "guarded", 2):
                 return True
             # Under load its first claim may come after some of the advances above, so its
-            # retry falls due later than plain's: move the clock on until it has run, and
-            # no further (its outcome and its failure count are two writes: a clock run
-            # 5 s ahead in between makes its next retry due before the pause lands).
+            # retry falls due later than plain's: move the clock on until it has run. Running
+            # ahead is harmless: the failure that pauses it is written with its retry, and this
+            # dispatcher starts no attempt of it while that write is on its way (its count and
+            # pause were once a second write, and a retry run in between reset the count).
             if len(guarded.calls) < 2:
                 clock.advance(1)
             return False
 
         await wait_until(guarded_paused, within_seconds=30)
         assert (await failures())["guarded"] == (2, True)
+        clock.advance(3600)  # its retry is long due: still not attempted (plain's last is)
         await wait_until(lambda: len(plain.calls) == 4)
         await wait_until(lambda: failures_are(store, "plain", 0))
     assert "plain" not in await store.paused_handlers()
+    assert len(guarded.calls) == 2
+    assert (await failures())["guarded"] == (2, True)
 
 
 async def failures_are(store: Store, handler: str, count: int) -> bool:

@@ -20,6 +20,7 @@ import pytest
 from lacuna_webhooks.errors import StoreUnavailable
 from lacuna_webhooks.models import Attempt, AttemptOutcome, DeliveryStatus, Event
 from lacuna_webhooks.store import open_store
+from lacuna_webhooks.store.base import Recorded
 from lacuna_webhooks.store.postgres import PRUNE_LOCK_KEY, PostgresStore
 from lacuna_webhooks.store.postgres.store import _migrations
 from tests.conftest import make_event
@@ -197,8 +198,8 @@ async def test_expired_lease_is_taken_over_by_another_replica(
     [second] = await two.claim(handler="h", limit=1, lease=LEASE, now=NOW)
     assert second.id == first.id
     assert (second.attempts, second.lease_token) == (2, first.lease_token + 1)
-    assert await one.complete(first, ok()) is False
-    assert await two.complete(second, ok()) is True
+    assert await one.complete(first, ok()) == Recorded(False)
+    assert await two.complete(second, ok()) == Recorded(True)
     [record] = await one.list_deliveries(event_id="evt_lease")
     assert record.status is DeliveryStatus.DONE
 

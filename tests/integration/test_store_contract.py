@@ -20,7 +20,7 @@ import pytest
 from lacuna_webhooks.errors import EventNotFound, StoreUnavailable
 from lacuna_webhooks.models import Attempt, AttemptOutcome, Delivery, DeliveryStatus, Event
 from lacuna_webhooks.store import Store
-from lacuna_webhooks.store.base import EventFilter, ReplayCounts, ScanBudget
+from lacuna_webhooks.store.base import EventFilter, Recorded, ReplayCounts, ScanBudget, Tally
 from tests.conftest import make_event
 
 NOW = datetime(2025, 11, 21, 12, 0, tzinfo=UTC)
@@ -202,7 +202,7 @@ async def test_complete_records_the_outcome_and_the_attempt(store: Store) -> Non
     """complete: status done, lease cleared, the attempt appended; no longer claimable."""
     await store.accept(event("evt_ok"), ["a"], now=NOW)
     delivery = await claim_one(store)
-    assert await store.complete(delivery, attempt(AttemptOutcome.OK)) is True
+    assert await store.complete(delivery, attempt(AttemptOutcome.OK)) == Recorded(True)
     (record,) = await store.list_deliveries(event_id="evt_ok")
     assert record.status is DeliveryStatus.DONE
     assert record.lease_until is None
@@ -219,16 +219,16 @@ async def test_stale_token_cannot_record_an_outcome(store: Store) -> None:
     """After a takeover, the old claim's complete/retry/dead/release return False and change
     nothing; the new claim still can."""
     old, new = await take_over(store, "evt_stale")
-    assert await store.complete(old, attempt(AttemptOutcome.OK)) is False
-    assert await store.retry(old, attempt(AttemptOutcome.RETRY), at=NOW) is False
-    assert await store.dead(old, attempt(AttemptOutcome.DEAD, error="x")) is False
+    assert await store.complete(old, attempt(AttemptOutcome.OK)) == Recorded(False)
+    assert await store.retry(old, attempt(AttemptOutcome.RETRY), at=NOW) == Recorded(False)
+    assert await store.dead(old, attempt(AttemptOutcome.DEAD, error="x")) == Recorded(False)
     assert await store.release(old) is False
     (record,) = await store.list_deliveries(event_id="evt_stale")
     assert record.status is DeliveryStatus.PENDING
     assert record.attempts == 2
     assert record.running(wall_now())
     assert await store.list_attempts(old.id) == []
-    assert await store.complete(new, attempt(AttemptOutcome.OK, at=wall_now())) is True
+    assert await store.complete(new, attempt(AttemptOutcome.OK, at=wall_now())) == Recorded(True)
 
 
 async def test_retry_schedules_the_next_attempt(store: Store) -> None:
@@ -268,7 +268,7 @@ async def test_refunded_retry_records_the_attempt_but_not_its_count(store: Store
     assert third.attempts == 2
     rows = await store.list_attempts(first.id)
     assert [(a.attempt, a.error) for a in rows] == [(1, "HTTP 429"), (1, "HTTP 502")]
-    assert await store.retry(first, limited, at=at, refund=True) is False  # a stale claim
+    assert await store.retry(first, limited, at=at, refund=True) == Recorded(False)  # a stale claim
 
 
 async def test_dead_stops_the_delivery(store: Store) -> None:
@@ -726,7 +726,7 @@ async def test_replay_cuts_off_a_running_claim(store: Store) -> None:
     (running,) = await store.claim(handler="a", limit=1, lease=LEASE, now=NOW)
     assert await store.replay("evt_replay", None, now=NOW) == 1
     assert await store.claim(handler="a", limit=1, lease=LEASE, now=NOW) == []
-    assert await store.complete(running, Attempt(NOW, NOW, AttemptOutcome.OK)) is False
+    assert await store.complete(running, Attempt(NOW, NOW, AttemptOutcome.OK)) == Recorded(False)
     (again,) = await store.claim(handler="a", limit=1, lease=LEASE, now=NOW)
     assert again.attempts == 1
 
@@ -737,7 +737,7 @@ RESETS: dict[str, Callable[[Store, datetime], Awaitable[object]]] = {
     "replay_many": lambda s, now: s.replay_many(["evt_cut"], None, now=now),
     "replay_many_handlers": lambda s, now: s.replay_many(["evt_cut"], ["a"], now=now),
 }
-ENDINGS: dict[str, Callable[[Store, Delivery], Awaitable[bool]]] = {
+ENDINGS: dict[str, Callable[[Store, Delivery], Awaitable[object]]] = {
     "complete": lambda s, d: s.complete(d, Attempt(NOW, NOW, AttemptOutcome.OK)),
     "retry": lambda s, d: s.retry(d, Attempt(NOW, NOW, AttemptOutcome.RETRY, "x"), at=NOW),
     "dead": lambda s, d: s.dead(d, Attempt(NOW, NOW, AttemptOutcome.DEAD, "x")),
@@ -760,11 +760,11 @@ async def test_a_reset_never_lets_a_delivery_run_beside_its_live_attempt(
     assert await store.claim(handler="a", limit=10, lease=LEASE, now=NOW) == []
     (record,) = await store.list_deliveries(event_id="evt_cut")
     assert (record.status, record.attempts) == (DeliveryStatus.PENDING, 0)
-    assert await ENDINGS[ending](store, running) is False
+    assert not await ENDINGS[ending](store, running)
     (again,) = await store.claim(handler="a", limit=10, lease=LEASE, now=NOW)
     assert (again.attempts, again.lease_token) != (running.attempts, running.lease_token)
     assert await store.claim(handler="a", limit=10, lease=LEASE, now=NOW) == []
-    assert await store.complete(again, Attempt(NOW, NOW, AttemptOutcome.OK)) is True
+    assert await store.complete(again, Attempt(NOW, NOW, AttemptOutcome.OK)) == Recorded(True)
 
 
 @pytest.mark.parametrize("ending", sorted(ENDINGS))
@@ -777,7 +777,7 @@ async def test_the_end_of_a_revoked_attempt_wakes_wait_for_work(store: Store, en
     await store.replay("evt_cut", None, now=NOW)
     for _ in range(2):  # consume the accept's and the replay's nudges (and their NOTIFYs)
         await store.wait_for_work(0.2)
-    assert await ENDINGS[ending](store, running) is False
+    assert not await ENDINGS[ending](store, running)
     async with asyncio.timeout(PROMPT):
         await store.wait_for_work(PROMPT * 3)
 
@@ -789,7 +789,7 @@ async def test_a_reset_twice_leaves_the_kept_lease_to_expire(store: Store) -> No
     (running,) = await store.claim(handler="a", limit=1, lease=LEASE, now=NOW)
     await store.replay("evt_cut", None, now=NOW)
     await store.replay_many(["evt_cut"], None, now=NOW)
-    assert await store.complete(running, Attempt(NOW, NOW, AttemptOutcome.OK)) is False
+    assert await store.complete(running, Attempt(NOW, NOW, AttemptOutcome.OK)) == Recorded(False)
     assert await store.claim(handler="a", limit=1, lease=LEASE, now=NOW) == []
     (record,) = await store.list_deliveries(event_id="evt_cut")
     assert record.lease_until is not None
@@ -815,10 +815,12 @@ async def test_retry_dead_cuts_off_a_running_claim(store: Store) -> None:
     """retry-dead, like replay, revokes a claim on the delivery it brings back."""
     await store.accept(event("evt_rd_cut"), ["a"], now=NOW)
     (first,) = await store.claim(handler="a", limit=1, lease=LEASE, now=NOW)
-    assert await store.dead(first, Attempt(NOW, NOW, AttemptOutcome.DEAD, "x")) is True
+    assert await store.dead(first, Attempt(NOW, NOW, AttemptOutcome.DEAD, "x")) == Recorded(True)
     assert await store.retry_dead(handler="a", now=NOW) == 1
     # the old claim's token is stale: a late "retry" from it must change nothing
-    assert await store.retry(first, Attempt(NOW, NOW, AttemptOutcome.RETRY), at=NOW) is False
+    assert await store.retry(first, Attempt(NOW, NOW, AttemptOutcome.RETRY), at=NOW) == Recorded(
+        False
+    )
     (again,) = await store.claim(handler="a", limit=1, lease=LEASE, now=NOW)
     assert again.attempts == 1
 
@@ -860,9 +862,9 @@ async def test_an_outcome_after_release_is_refused(store: Store) -> None:
     await store.accept(event("evt_late_outcome"), ["a"], now=NOW)
     delivery = await claim_one(store)
     assert await store.release(delivery) is True
-    assert await store.complete(delivery, attempt(AttemptOutcome.OK)) is False
-    assert await store.retry(delivery, attempt(AttemptOutcome.RETRY), at=NOW) is False
-    assert await store.dead(delivery, attempt(AttemptOutcome.DEAD)) is False
+    assert await store.complete(delivery, attempt(AttemptOutcome.OK)) == Recorded(False)
+    assert await store.retry(delivery, attempt(AttemptOutcome.RETRY), at=NOW) == Recorded(False)
+    assert await store.dead(delivery, attempt(AttemptOutcome.DEAD)) == Recorded(False)
     assert await store.release(delivery) is False
     (record,) = await store.list_deliveries(event_id="evt_late_outcome")
     assert (record.status, record.attempts, record.lease_until) == (
@@ -1035,37 +1037,145 @@ async def test_resume_nudges_wait_for_work(store: Store) -> None:
     await asyncio.wait_for(store.wait_for_work(PROMPT), PROMPT / 2)
 
 
+async def outcome(
+    store: Store, handler: str, ending: str, tally: Tally | None, event_id: str | None = None
+) -> Recorded:
+    """Accept an event for ``handler``, claim its delivery and end the attempt with
+    ``ending`` (complete, retry or dead) and ``tally``."""
+    await store.accept(event(event_id), [handler], now=NOW)
+    delivery = await claim_one(store, handler)
+    if ending == "complete":
+        return await store.complete(delivery, attempt(AttemptOutcome.OK), tally=tally)
+    if ending == "retry":
+        failed = attempt(AttemptOutcome.RETRY, error="boom")
+        return await store.retry(delivery, failed, at=NOW + LEASE, tally=tally)
+    return await store.dead(delivery, attempt(AttemptOutcome.DEAD, error="boom"), tally=tally)
+
+
+def failure(pause_after: int | None, reason: str = "r") -> Tally:
+    return Tally.failure(pause_after=pause_after, reason=reason)
+
+
+async def failures(store: Store) -> dict[str, tuple[int, bool, str | None]]:
+    return {
+        s.handler: (s.consecutive_failures, s.paused, s.reason)
+        for s in await store.handler_states()
+    }
+
+
 async def test_failures_pause_at_the_threshold_and_a_success_resets(store: Store) -> None:
-    """count_failure pauses the handler on the failure that reaches pause_after (and only
-    then), a success in between starts the count again, and a resume clears it."""
-    assert await store.count_failure("a", pause_after=3, reason="r", now=NOW) is False
-    assert await store.count_failure("a", pause_after=3, reason="r", now=NOW) is False
-    await store.count_success("a", now=NOW)
-    assert (await store.handler_states())[0].consecutive_failures == 0
-    assert await store.count_failure("a", pause_after=3, reason="r", now=NOW) is False
-    assert await store.count_failure("a", pause_after=3, reason="r", now=NOW) is False
-    assert await store.count_failure("a", pause_after=3, reason="3 failures", now=NOW) is True
+    """An outcome's tally is counted with it: a failure (retried or dead) counts one more,
+    the one that reaches pause_after pauses the handler and says so (and only that one), a
+    success in between starts the count again, and a resume clears it."""
+    assert await outcome(store, "a", "retry", failure(3)) == Recorded(True, paused=False)
+    assert await outcome(store, "a", "dead", failure(3)) == Recorded(True, paused=False)
+    assert (await failures(store))["a"] == (2, False, None)
+    assert await outcome(store, "a", "complete", Tally.success()) == Recorded(True)
+    assert (await failures(store))["a"] == (0, False, None)
+    assert await outcome(store, "a", "retry", failure(3)) == Recorded(True, paused=False)
+    assert await outcome(store, "a", "retry", failure(3)) == Recorded(True, paused=False)
+    paused = await outcome(store, "a", "dead", failure(3, "3 failures"))
+    assert paused == Recorded(True, paused=True)
     assert (await store.paused_handlers())["a"].reason == "3 failures"
-    # Already paused: counted, never "paused now" again.
-    assert await store.count_failure("a", pause_after=3, reason="r", now=NOW) is False
-    assert (await store.handler_states())[0].consecutive_failures == 4
+    # Already paused: counted, never "paused now" again, the reason kept.
+    assert await outcome(store, "a", "retry", failure(3)) == Recorded(True, paused=False)
+    assert (await failures(store))["a"] == (4, True, "3 failures")
     assert await store.set_paused("a", False, reason=None, now=NOW) is True
-    assert (await store.handler_states())[0].consecutive_failures == 0
+    assert (await failures(store))["a"] == (0, False, None)
     # Without a threshold failures are only counted; another handler is apart.
-    assert await store.count_failure("b", pause_after=None, reason="r", now=NOW) is False
-    assert await store.count_failure("b", pause_after=1, reason="r", now=NOW) is True
+    assert await outcome(store, "b", "retry", failure(None)) == Recorded(True, paused=False)
+    assert await outcome(store, "b", "retry", failure(1)) == Recorded(True, paused=True)
     assert list(await store.paused_handlers()) == ["b"]
-    await store.count_success("c", now=NOW)  # no row: nothing to reset, nothing written
-    assert [s.handler for s in await store.handler_states()] == ["a", "b"]
+    assert (await failures(store))["b"] == (2, True, "r")
+    # No row: a success has nothing to reset and writes nothing; no tally writes nothing.
+    assert await outcome(store, "c", "complete", Tally.success()) == Recorded(True)
+    assert await outcome(store, "c", "retry", None) == Recorded(True)
+    assert list(await failures(store)) == ["a", "b"]
+
+
+async def test_a_success_with_nothing_to_reset_writes_nothing(store: Store) -> None:
+    """The success of the hot path leaves the handler's row alone when its count is 0 (not
+    even updated_at); with a count it resets it, stamped with the attempt's end."""
+    await store.set_paused("a", True, reason="operator", now=NOW)
+    assert await outcome(store, "a", "complete", Tally.success()) == Recorded(True)
+    (state,) = await store.handler_states()
+    assert (state.consecutive_failures, state.paused, state.updated_at) == (0, True, NOW)
+    assert await outcome(store, "a", "retry", failure(None)) == Recorded(True)
+    assert await outcome(store, "a", "complete", Tally.success()) == Recorded(True)
+    (state,) = await store.handler_states()
+    assert (state.consecutive_failures, state.paused, state.reason) == (0, True, "operator")
+    assert state.updated_at == NOW + SECOND  # attempt(): finished a second after NOW
+
+
+async def test_a_pause_tally_pauses_once_and_leaves_the_count(store: Store) -> None:
+    """Tally.pause (an endpoint gone): the dead outcome and the pause land together, the
+    count as it was; a second one finds the handler paused and keeps the first reason."""
+    assert await outcome(store, "a", "retry", failure(None)) == Recorded(True)
+    assert await outcome(store, "a", "dead", Tally.pause("gone: 410")) == Recorded(True, True)
+    assert (await failures(store))["a"] == (1, True, "gone: 410")
+    assert await outcome(store, "a", "dead", Tally.pause("again")) == Recorded(True, False)
+    assert (await failures(store))["a"] == (1, True, "gone: 410")
+
+
+@pytest.mark.parametrize("ending", ["complete", "retry", "dead"])
+async def test_a_stale_outcome_is_not_counted(store: Store, ending: str) -> None:
+    """An outcome refused (its claim taken over) writes no count and no pause: its tally
+    goes with it, whatever it says."""
+    assert await outcome(store, "a", "retry", failure(None)) == Recorded(True)
+    await store.accept(event("evt_stale"), ["a"], now=NOW)
+    stale = await claim_one(store, "a")
+    assert await store.replay("evt_stale", None, now=NOW) == 1  # revokes the claim
+    tallies = [Tally.success(), failure(1), Tally.pause("gone")]
+    for tally in tallies:
+        if ending == "complete":
+            done = await store.complete(stale, attempt(AttemptOutcome.OK), tally=tally)
+        elif ending == "retry":
+            failed = attempt(AttemptOutcome.RETRY, error="x")
+            done = await store.retry(stale, failed, at=NOW, tally=tally)
+        else:
+            done = await store.dead(stale, attempt(AttemptOutcome.DEAD, error="x"), tally=tally)
+        assert done == Recorded(False)
+        assert not done
+    assert await failures(store) == {"a": (1, False, None)}
+    assert await store.paused_handlers() == {}
+
+
+async def test_the_retry_is_claimed_only_with_its_count_and_pause(store: Store) -> None:
+    """The outcome and its tally are one write: once a retry is due and claimable, the
+    count and the pause its attempt made are already there (the dispatcher once wrote them
+    after the outcome, and the retry could run, and succeed, in between)."""
+    await store.accept(event("evt_retried"), ["a"], now=NOW)
+    first = await claim_one(store, "a")
+    failed = attempt(AttemptOutcome.RETRY, error="boom")
+    done = await store.retry(first, failed, at=NOW, tally=failure(2, "2 failures"))
+    assert done == Recorded(True, paused=False)
+    second = await claim_one(store, "a")
+    assert second.id == first.id
+    assert (await failures(store))["a"] == (1, False, None)
+    done = await store.retry(second, failed, at=NOW, tally=failure(2, "2 failures"))
+    assert done == Recorded(True, paused=True)
+    assert (await failures(store))["a"] == (2, True, "2 failures")
+    third = await claim_one(store, "a")  # claim ignores pauses: the dispatcher skips them
+    assert await store.complete(third, attempt(AttemptOutcome.OK), tally=Tally.success())
+    assert (await failures(store))["a"] == (0, True, "2 failures")
+    (record,) = await store.list_deliveries(event_id="evt_retried")
+    assert (record.status, record.attempts) == (DeliveryStatus.DONE, 3)
 
 
 async def test_concurrent_failures_pause_exactly_once(store: Store) -> None:
-    """Many failures counted at once (as from several replicas): exactly one pauses."""
+    """Many failures recorded at once (as from several replicas): each counted, exactly one
+    pauses."""
+    for n in range(20):
+        await store.accept(event(f"evt_many_{n}"), ["a"], now=NOW)
+    claimed = await store.claim(handler="a", limit=20, lease=LEASE, now=NOW)
+    assert len(claimed) == 20
+    failed = attempt(AttemptOutcome.RETRY, error="boom")
     results = await asyncio.gather(
-        *(store.count_failure("a", pause_after=5, reason="r", now=NOW) for _ in range(20))
+        *(store.retry(d, failed, at=NOW, tally=failure(5)) for d in claimed)
     )
-    assert results.count(True) == 1
-    assert (await store.handler_states())[0].consecutive_failures == 20
+    assert all(results)
+    assert [r.paused for r in results].count(True) == 1
+    assert (await failures(store))["a"] == (20, True, "r")
 
 
 # --- flow control: the rate-limit token bucket ----------------------------------------------

@@ -7,8 +7,9 @@ dispatcher has made claim passes since the pause and skipped the paused handler 
 
 from __future__ import annotations
 
+import asyncio
 import functools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 
 import orjson
@@ -19,8 +20,9 @@ from lacuna_webhooks.dispatch.flow import FlowControl, RateLimit, read_flow_cont
 from lacuna_webhooks.errors import ConfigError, PauseHandler
 from lacuna_webhooks.handlers.base import RecordingHandler
 from lacuna_webhooks.metrics import Metrics
-from lacuna_webhooks.models import DeliveryStatus, Event
+from lacuna_webhooks.models import Attempt, Delivery, DeliveryStatus, Event
 from lacuna_webhooks.retry import RetryPolicy
+from lacuna_webhooks.store.base import HandlerState, Recorded, Tally
 from lacuna_webhooks.store.memory import MemoryStore
 from tests.conftest import make_event
 from tests.dispatching import FakeClock, make_dispatcher, running, wait_until
@@ -135,6 +137,113 @@ async def test_without_the_setting_failures_never_pause(store: MemoryStore) -> N
         (s.handler, s.paused, s.consecutive_failures) for s in await store.handler_states()
     ]
     assert (name, paused, failures) == ("a", False, 2)
+
+
+class AnswersLate(MemoryStore):
+    """Commits a retry at once but answers only after ``meanwhile`` (as a PostgreSQL write
+    answers a round trip after its commit, when its pooled connection is reset)."""
+
+    meanwhile: Callable[[], Awaitable[None]] | None = None
+
+    async def retry(
+        self,
+        delivery: Delivery,
+        attempt: Attempt,
+        *,
+        at: datetime,
+        refund: bool = False,
+        tally: Tally | None = None,
+    ) -> Recorded:
+        done = await super().retry(delivery, attempt, at=at, refund=refund, tally=tally)
+        if self.meanwhile is not None:
+            await self.meanwhile()
+        return done
+
+
+async def test_no_attempt_starts_between_the_pause_and_its_answer() -> None:
+    """The write that pauses a handler (PAUSE_AFTER_FAILURES) also makes its retry due. A
+    claim pass that runs after that write committed but before it answered (its claim of
+    "b" shows it ran) claims the retry and gives it back instead of starting it: the
+    success that would have reset the count never runs here."""
+    store = AnswersLate()
+    await store.open()
+    clock = FakeClock(T0)
+    a = RecordingHandler("a", script=[ValueError("boom")])  # then successes
+    b = RecordingHandler("b")
+
+    async def meanwhile() -> None:
+        clock.advance(3600)  # the retry is due
+        await accept(store, "b")  # wakes the dispatcher: a claim pass
+        await wait_until(lambda: bool(b.calls))
+
+    store.meanwhile = meanwhile
+    flow = {"a": FlowControl(pause_after_failures=1)}
+    # A long poll: the paused set is not read again during the test; only the write tells.
+    d = make_dispatcher(store, [a, b], clock, policy=POLICY, poll_interval_seconds=30, flow=flow)
+    first = await accept(store, "a")
+    try:
+        async with running(d):
+            await wait_until(lambda: "a" in d._paused)
+            await wait_until(lambda: d.in_flight == 0)
+        assert len(a.calls) == 1
+        assert len(b.calls) == 1
+        assert await status(store, first, "a") is DeliveryStatus.PENDING
+        (state,) = [s for s in await store.handler_states() if s.handler == "a"]
+        assert (state.paused, state.consecutive_failures) == (True, 1)
+    finally:
+        await store.close()
+
+
+class ReadsLate(MemoryStore):
+    """Once ``hold`` is set, a read of the paused set takes its answer at once but returns
+    it only when ``release`` is set (``reading`` / ``answered`` tell the test)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold = False
+        self.reading = asyncio.Event()
+        self.release = asyncio.Event()
+        self.answered = asyncio.Event()
+
+    async def paused_handlers(self) -> dict[str, HandlerState]:
+        found = await super().paused_handlers()
+        if self.hold:
+            self.hold = False
+            self.reading.set()
+            await self.release.wait()
+            self.answered.set()
+        return found
+
+
+async def test_a_read_of_the_paused_set_from_before_a_pause_made_here_is_dropped() -> None:
+    """A read of the paused set that began before this dispatcher paused a handler (a 410)
+    and answers after it does not undo the pause here: no "handler.resumed", the handler
+    still held, and the gauge still 1."""
+    store = ReadsLate()
+    await store.open()
+    a = RecordingHandler("a", script=[PauseHandler("HTTP 410")])
+    a.block = asyncio.Event()
+    metrics = Metrics()
+    d = dispatcher(store, [a], FakeClock(T0), metrics=metrics)
+    try:
+        with capture_logs() as logs:
+            async with running(d):
+                gone = await accept(store, "a")
+                await wait_until(lambda: bool(a.calls))
+                store.hold = True
+                await asyncio.wait_for(store.reading.wait(), 10)  # a read from before the pause
+                a.block.set()
+                await wait_until(lambda: status_is(store, gone, "a", DeliveryStatus.DEAD))
+                await wait_until(lambda: "a" in d._paused)
+                store.release.set()
+                await asyncio.wait_for(store.answered.wait(), 10)
+                await wait_until(lambda: d._paused_read_at is not None and "a" in d._paused)
+                assert gauge(metrics, "handler_paused", {"handler": "a"}) == 1
+        events = [(e["event"], e.get("handler")) for e in logs if e["event"].startswith("handler.")]
+        assert events == [("handler.paused", "a")]
+        assert "a" in d._paused
+    finally:
+        await store.close()
 
 
 async def status_is(store: MemoryStore, event: Event, handler: str, want: DeliveryStatus) -> bool:

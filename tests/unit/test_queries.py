@@ -12,6 +12,7 @@ import pytest
 
 from lacuna_webhooks.models import Attempt, AttemptOutcome, Delivery, DeliveryStatus, Event
 from lacuna_webhooks.store import outbox
+from lacuna_webhooks.store.base import Tally
 from lacuna_webhooks.store.queries import SHARED, compile_named, load, parameters, parse
 
 
@@ -152,9 +153,10 @@ _FINISH = outbox.finish_params(
 _FLOWS: list[tuple[Any, tuple[Any, ...]]] = [
     (outbox.claim, ("a", 1, timedelta(seconds=1), _AT, ["b"])),
     (outbox.finish, (_FINISH,)),
+    (outbox.finish, (_FINISH, True)),
+    (outbox.finish_counted, (_FINISH, Tally.failure(pause_after=1, reason="failing"))),
+    (outbox.finish_counted, (_FINISH, Tally.pause("gone"))),
     (outbox.release, (1, 1, _AT)),
-    (outbox.count_failure, ("a", 1, "failing", _AT)),
-    (outbox.count_success, ("a", _AT)),
     (outbox.set_paused, ("a", True, "paused", _AT)),
     (outbox.set_paused, ("a", False, None, _AT)),
     (outbox.take_tokens, ("a", 3, 5.0, 1.0, _AT)),

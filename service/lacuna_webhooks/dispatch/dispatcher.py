@@ -26,7 +26,10 @@ store says are paused. That set is read again at most every half poll interval (
 small query, not one per pass), so a pause made anywhere stops new attempts on every
 replica within ``poll_interval_seconds``; attempts already running finish. A handler
 whose attempt raised ``PauseHandler`` (a 410), or that reached its
-``PAUSE_AFTER_FAILURES``, is paused in the store by the dispatcher that saw it. For a
+``PAUSE_AFTER_FAILURES``, is paused in the store by the dispatcher that saw it, in the
+transaction that records that attempt (``Tally``), so its retry is never due before the
+pause; this dispatcher claims nothing more for it, and never starts that retry (a claim
+of it already on its way is given back). For a
 handler with a ``RATE_LIMIT`` the pass first takes tokens from its bucket in the store
 (shared by every replica) and claims at most that many; tokens the claim did not use are
 given back. With none left it looks again when the next token is due.
@@ -49,7 +52,7 @@ from ..metrics import Metrics
 from ..models import Attempt, AttemptOutcome, Delivery
 from ..plugins import HandlerSet
 from ..retry import RetryPolicy
-from ..store.base import Store
+from ..store.base import Recorded, Store, Tally
 from .attempt import Action, Decision, budget_spent, decide, describe_error
 from .flow import FlowControl
 from .runner import AttemptRunner, InProcessRunner
@@ -107,6 +110,11 @@ class Dispatcher:
         # (monotonic seconds; None: never read yet).
         self._paused: dict[str, str | None] = {}
         self._paused_read_at: float | None = None
+        # The deliveries whose outcome is being written with a tally that may pause their
+        # handler; and how many pauses this process made (a read of the paused set that began
+        # before one of them landed may not show it, and is dropped).
+        self._pausing: set[int] = set()
+        self._pauses_here = 0
         # A wake-up per rate-limited handler whose bucket was empty: when its next token is due.
         self._token_timers: dict[str, asyncio.TimerHandle] = {}
         self._inflight: dict[asyncio.Task[None], Delivery] = {}
@@ -289,7 +297,10 @@ class Dispatcher:
             if rate is not None and len(claimed) < limit:
                 await self.store.give_back_tokens(name, limit - len(claimed), capacity=rate.count)
             for delivery in claimed:
-                if self._stopping:
+                # Stopping, or an attempt of this handler paused it while the claim was on its
+                # way, or this is the retry of an attempt whose outcome (which may pause the
+                # handler) is committed but not yet answered: give the claim back uncounted.
+                if self._stopping or name in self._paused or delivery.id in self._pausing:
                     await self._release(delivery)
                 else:
                     self._start(delivery)
@@ -305,7 +316,10 @@ class Dispatcher:
             and now - self._paused_read_at < self.poll_interval_seconds / 2
         ):
             return
+        pauses = self._pauses_here
         states = await self.store.paused_handlers()
+        if self._pauses_here != pauses:
+            return  # it may predate a pause made here meanwhile: read again next pass
         self._paused_read_at = now
         paused = {name: state.reason for name, state in states.items()}
         for name in self.handlers.names:
@@ -330,34 +344,28 @@ class Dispatcher:
         delay = min(seconds, self.poll_interval_seconds)
         self._token_timers[name] = asyncio.get_running_loop().call_later(delay, self._wake.set)
 
-    async def _after_attempt(self, name: str, decision: Decision, at: datetime) -> None:
-        """Keep the handler's consecutive-failure count, for every handler (``GET /handlers``
-        shows it; a refunded 429 is not counted either way), and pause it when the count
-        reaches its ``PAUSE_AFTER_FAILURES`` (if set) or a ``PauseHandler`` says so. A
-        success writes only when there is a count to reset."""
+    def _tally(self, name: str, decision: Decision) -> Tally | None:
+        """What the attempt's outcome does to the handler's consecutive-failure count, kept
+        for every handler (``GET /handlers`` shows it), written by the store in the same
+        transaction as the outcome: a success resets it, a failure counts and pauses the
+        handler when it reaches its ``PAUSE_AFTER_FAILURES`` (if set), a ``PauseHandler``
+        pauses it. A refunded 429 is the peer pacing us, not failing: not counted either
+        way."""
+        if decision.pause:
+            return Tally.pause(f"its endpoint is gone: {decision.error}")
+        if decision.refund:
+            return None
+        if decision.action is Action.COMPLETE:
+            return Tally.success()
+        # Without a limit the failure is counted and never pauses (reason unused).
         limit = self.flow.get(name, FlowControl()).pause_after_failures
-        try:
-            if decision.pause:
-                reason = f"its endpoint is gone: {decision.error}"
-                if await self.store.set_paused(name, True, reason=reason, now=at):
-                    self._paused_here(name, reason, cause="gone")
-            elif decision.refund:
-                # A refunded 429 is the peer pacing us, not failing: the breaker ignores it.
-                return
-            elif decision.action is Action.COMPLETE:
-                await self.store.count_success(name, now=at)
-            else:
-                # Without a limit the failure is counted and never pauses (reason unused).
-                reason = f"{limit} consecutive failed attempts; the last: {decision.error}"
-                if await self.store.count_failure(name, pause_after=limit, reason=reason, now=at):
-                    self._paused_here(name, reason, cause="failures")
-        except StoreUnavailable as exc:
-            # The count misses one attempt; the next outcome is counted as usual.
-            self._log.warning("handler.flow_failed", handler=name, error=describe_error(exc))
+        reason = f"{limit} consecutive failed attempts; the last: {decision.error}"
+        return Tally.failure(pause_after=limit, reason=reason)
 
-    def _paused_here(self, name: str, reason: str, *, cause: str) -> None:
+    def _paused_here(self, name: str, reason: str | None, *, cause: str) -> None:
         """This process paused ``name``: stop claiming for it now, say so once."""
         self._paused[name] = reason
+        self._pauses_here += 1
         self._log.warning("handler.paused", handler=name, reason=reason, cause=cause)
         if self.metrics is not None:
             self.metrics.handler_paused.labels(name).set(1)
@@ -445,23 +453,34 @@ class Dispatcher:
             error=decision.error,
             result=result if decision.action is Action.COMPLETE else None,
         )
+        # The outcome and its count (and a pause) are one write: were they two, the retry
+        # could be claimed and run in between, and the count and the pause land late or wrong.
+        tally = self._tally(name, decision)
+        may_pause = tally is not None and tally.may_pause
+        if may_pause:
+            self._pausing.add(delivery.id)
         try:
             if decision.action is Action.COMPLETE:
-                recorded = await self.store.complete(delivery, attempt)
+                done = await self.store.complete(delivery, attempt, tally=tally)
             elif decision.retry_at is not None:
-                recorded = await self.store.retry(
-                    delivery, attempt, at=decision.retry_at, refund=decision.refund
+                done = await self.store.retry(
+                    delivery, attempt, at=decision.retry_at, refund=decision.refund, tally=tally
                 )
             else:
-                recorded = await self.store.dead(delivery, attempt)
+                done = await self.store.dead(delivery, attempt, tally=tally)
         except StoreUnavailable as exc:
-            # The lease runs out and the delivery is claimed again: at least once, as promised.
+            # The lease runs out and the delivery is claimed again: at least once, as promised
+            # (and counted then: nothing of this attempt was written).
             self._log.warning(
                 "delivery.record_failed", delivery_id=delivery.id, error=describe_error(exc)
             )
-            recorded = False
-        if recorded:
-            await self._after_attempt(name, decision, finished)
+            done = Recorded(False)
+        finally:
+            if may_pause:
+                self._pausing.discard(delivery.id)
+        if done.paused and tally is not None:
+            cause = "gone" if tally.kind == "pause" else "failures"
+            self._paused_here(name, tally.reason, cause=cause)
         if self.metrics is not None:
             self.metrics.deliveries.labels(name, outcome_.value).inc()
             self.metrics.handler_latency.labels(name).observe(duration)
@@ -480,7 +499,7 @@ class Dispatcher:
             duration_ms=round(duration * 1000, 3),
             error=decision.error,
             retry_in_seconds=retry_in,
-            recorded=recorded,
+            recorded=done.recorded,
         )
 
     # -- shutdown --------------------------------------------------------------------------

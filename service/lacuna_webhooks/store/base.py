@@ -35,8 +35,12 @@ Semantics every backend keeps:
   running and due leases by the same clock as ``claim``.
 - ``complete`` / ``retry`` / ``dead`` / ``release`` record the outcome only if
   the delivery still carries the claimed ``lease_token`` and a lease (else return
-  ``False`` and change nothing); all but ``release`` append the ``Attempt`` and set
-  ``last_error`` to its error (``None`` on success). ``release`` moves the token on.
+  ``False`` / ``Recorded(False)`` and change nothing); all but ``release`` append the
+  ``Attempt`` and set ``last_error`` to its error (``None`` on success). ``release`` moves
+  the token on. The ``tally`` of ``complete`` / ``retry`` / ``dead`` (the handler's
+  consecutive-failure count, and a pause) is written in the same transaction as the
+  outcome, and only when the outcome is: so the next attempt of a retried delivery (and
+  anything else claimed after it) always sees the count and the pause its attempt made.
 - ``replay``, ``replay_many`` and ``retry_dead`` revoke any live claim on the
   deliveries they reset (``lease_token`` moved on, ``last_error`` cleared): the
   operator's new run wins over an attempt still running, whose outcome is refused.
@@ -49,10 +53,10 @@ Semantics every backend keeps:
   ones as ``replay`` does (``reset``); events no longer stored are skipped, not an error.
 - Flow control (``docs/flow-control.md``): ``set_paused`` pauses or resumes a handler by
   name (a row per handler, kept across restarts and seen by every replica); resuming also
-  clears its consecutive-failure count. ``count_failure`` / ``count_success`` keep that
-  count (``LACUNA_<NAME>_PAUSE_AFTER_FAILURES``); ``count_failure`` pauses the handler in
-  the same transaction when the count reaches ``pause_after``. ``claim`` itself does not
-  look at the paused set: the dispatcher reads ``paused_handlers`` and skips them.
+  clears its consecutive-failure count. The outcomes keep that count, each by its
+  ``Tally`` (``LACUNA_<NAME>_PAUSE_AFTER_FAILURES``): a failure pauses the handler when
+  the count reaches ``pause_after``, in the outcome's transaction. ``claim`` itself does
+  not look at the paused set: the dispatcher reads ``paused_handlers`` and skips them.
   ``take_tokens`` / ``give_back_tokens`` keep one token bucket per handler
   (``LACUNA_<NAME>_RATE_LIMIT``), shared by every process of the store; on PostgreSQL
   refilled by the database's clock (``now`` is then unused), elsewhere by ``now``.
@@ -69,7 +73,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from ..models import Attempt, AttemptOutcome, Delivery, DeliveryStatus, Event
 from .stream import StreamSignal
@@ -308,6 +312,58 @@ class HandlerState:
     updated_at: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class Tally:
+    """What a recorded outcome does to its handler's flow-control row (``HandlerState``),
+    written in the outcome's own transaction (``complete`` / ``retry`` / ``dead``'s
+    ``tally``; without one the row is left alone, as for a refunded 429). Build one with:
+
+    - ``Tally.success()``: the handler's run of failures ends (the count is set to 0,
+      written only when it is not 0 already);
+    - ``Tally.failure(pause_after=, reason=)``: one more consecutive failure; when the count
+      reaches ``pause_after`` (``None``: never) and the handler is not paused yet, it is
+      paused with ``reason``;
+    - ``Tally.pause(reason)``: pause the handler with ``reason`` (its endpoint is gone),
+      unless it is paused already; the count is left as it is.
+    """
+
+    kind: Literal["success", "failure", "pause"]
+    pause_after: int | None = None
+    reason: str | None = None
+
+    @classmethod
+    def success(cls) -> Tally:
+        return cls("success")
+
+    @classmethod
+    def failure(cls, *, pause_after: int | None, reason: str) -> Tally:
+        return cls("failure", pause_after, reason)
+
+    @classmethod
+    def pause(cls, reason: str) -> Tally:
+        return cls("pause", None, reason)
+
+    @property
+    def may_pause(self) -> bool:
+        """Whether applying it can pause the handler."""
+        return self.kind == "pause" or (self.kind == "failure" and self.pause_after is not None)
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """What ``complete`` / ``retry`` / ``dead`` did. ``recorded``: the outcome (and its
+    ``Tally``) was written; ``False`` when the claim was stale, and then nothing was, not
+    even the count. ``paused``: this call paused the handler (its tally's ``pause_after``
+    was reached, or it was a ``Tally.pause``); ``False`` when it was paused already. Truthy
+    exactly when ``recorded``, as the ``bool`` these methods once returned."""
+
+    recorded: bool
+    paused: bool = False
+
+    def __bool__(self) -> bool:
+        return self.recorded
+
+
 class Store(Protocol):
     """See the module docstring for the semantics each method must keep."""
 
@@ -353,18 +409,34 @@ class Store(Protocol):
         *pending* delivery of one of those handlers; ended ones (done, dead) and handlers
         with no delivery for the event do not hold it back."""
 
-    async def complete(self, delivery: Delivery, attempt: Attempt) -> bool: ...
+    async def complete(
+        self, delivery: Delivery, attempt: Attempt, *, tally: Tally | None = None
+    ) -> Recorded:
+        """Mark the claimed delivery done, record ``attempt`` (with its result) and apply
+        ``tally`` to its handler's row, in one transaction (see ``Recorded``)."""
 
     async def retry(
-        self, delivery: Delivery, attempt: Attempt, *, at: datetime, refund: bool = False
-    ) -> bool:
-        """Make the claimed delivery due again at ``at`` and record ``attempt``.
+        self,
+        delivery: Delivery,
+        attempt: Attempt,
+        *,
+        at: datetime,
+        refund: bool = False,
+        tally: Tally | None = None,
+    ) -> Recorded:
+        """Make the claimed delivery due again at ``at``, record ``attempt`` and apply
+        ``tally``, in one transaction: the retry is never claimed before its count and pause
+        are written.
 
         ``refund``: the attempt does not count against the budget (a ``RateLimited`` 429,
         docs/delivery.md): the attempt row is still written, with the claim's number, but
         ``attempts`` is decremented again (never below 0), as ``release`` does."""
 
-    async def dead(self, delivery: Delivery, attempt: Attempt) -> bool: ...
+    async def dead(
+        self, delivery: Delivery, attempt: Attempt, *, tally: Tally | None = None
+    ) -> Recorded:
+        """Give the claimed delivery up (``dead``), record ``attempt`` and apply ``tally``,
+        in one transaction."""
 
     async def release(self, delivery: Delivery, *, now: datetime | None = None) -> bool:
         """Give an unfinished claim back (graceful stop): due at once, ``attempts`` undone,
@@ -476,16 +548,6 @@ class Store(Protocol):
         attempt finished at or after ``since``, by name. Pending deliveries are split by
         ``now`` (leases by the database's clock on PostgreSQL, as ``claim``)."""
 
-    async def count_failure(
-        self, handler: str, *, pause_after: int | None, reason: str, now: datetime
-    ) -> bool:
-        """Count one more consecutive failed attempt of ``handler``; when the count reaches
-        ``pause_after`` (and it is not paused yet), pause it with ``reason`` in the same
-        transaction and return ``True`` (else ``False``)."""
-
-    async def count_success(self, handler: str, *, now: datetime) -> None:
-        """End ``handler``'s run of failures (writes nothing when the count is already 0)."""
-
     async def take_tokens(
         self, handler: str, *, want: int, capacity: float, per_second: float, now: datetime
     ) -> int:
@@ -516,8 +578,10 @@ __all__ = [
     "HandlerActivity",
     "HandlerState",
     "QueueStats",
+    "Recorded",
     "ScanBudget",
     "Store",
+    "Tally",
     "TaskRecord",
     "attempt_error",
 ]

@@ -34,8 +34,10 @@ from .base import (
     HandlerActivity,
     HandlerState,
     QueueStats,
+    Recorded,
     ReplayCounts,
     ScanBudget,
+    Tally,
     TaskRecord,
     attempt_error,
 )
@@ -310,39 +312,78 @@ class MemoryStore:
         row.result = attempt.result if status is DeliveryStatus.DONE else None
         row.updated_at = attempt.finished_at
 
-    async def complete(self, delivery: Delivery, attempt: Attempt) -> bool:
+    async def complete(
+        self, delivery: Delivery, attempt: Attempt, *, tally: Tally | None = None
+    ) -> Recorded:
         async with self._lock:
             self._check(write=True)
             row = self._held(delivery)
             if row is None:
                 self._end_revoked(delivery)
-                return False
+                return Recorded(False)
             self._finish(row, attempt, DeliveryStatus.DONE, row.next_attempt_at)
-            return True
+            return self._tally(row.handler, tally, attempt.finished_at)
 
     async def retry(
-        self, delivery: Delivery, attempt: Attempt, *, at: datetime, refund: bool = False
-    ) -> bool:
+        self,
+        delivery: Delivery,
+        attempt: Attempt,
+        *,
+        at: datetime,
+        refund: bool = False,
+        tally: Tally | None = None,
+    ) -> Recorded:
         async with self._lock:
             self._check(write=True)
             row = self._held(delivery)
             if row is None:
                 self._end_revoked(delivery)
-                return False
+                return Recorded(False)
             self._finish(row, attempt, DeliveryStatus.PENDING, at)
             if refund:
                 row.attempts = max(row.attempts - 1, 0)
-            return True
+            return self._tally(row.handler, tally, attempt.finished_at)
 
-    async def dead(self, delivery: Delivery, attempt: Attempt) -> bool:
+    async def dead(
+        self, delivery: Delivery, attempt: Attempt, *, tally: Tally | None = None
+    ) -> Recorded:
         async with self._lock:
             self._check(write=True)
             row = self._held(delivery)
             if row is None:
                 self._end_revoked(delivery)
-                return False
+                return Recorded(False)
             self._finish(row, attempt, DeliveryStatus.DEAD, row.next_attempt_at)
-            return True
+            return self._tally(row.handler, tally, attempt.finished_at)
+
+    def _tally(self, handler: str, tally: Tally | None, now: datetime) -> Recorded:
+        """Apply a recorded outcome's ``tally`` to ``handler``'s row (under the lock that
+        recorded it: one step); whether this paused the handler."""
+        old = self._handler_states.get(handler)
+        paused = old is not None and old.paused
+        failures = 0 if old is None else old.consecutive_failures
+        if (
+            tally is None
+            or (tally.kind == "success" and not failures)
+            or (tally.kind == "pause" and paused)
+        ):
+            return Recorded(True)  # nothing to write, as the SQL stores write nothing
+        pause = False
+        if tally.kind == "success":
+            failures = 0
+        elif tally.kind == "failure":
+            failures += 1
+            pause = not paused and tally.pause_after is not None and failures >= tally.pause_after
+        else:
+            pause = True
+        self._handler_states[handler] = HandlerState(
+            handler,
+            paused or pause,
+            tally.reason if pause else (None if old is None else old.reason),
+            failures,
+            now,
+        )
+        return Recorded(True, paused=pause)
 
     async def release(self, delivery: Delivery, *, now: datetime | None = None) -> bool:
         """Drop the lease, move the token on and undo the claim's attempt; ``next_attempt_at``
@@ -746,33 +787,6 @@ class MemoryStore:
                 counts["p95_seconds"] = nearest_rank(ordered, 95)
             result.append(HandlerActivity(handler=name, **counts))
         return result
-
-    async def count_failure(
-        self, handler: str, *, pause_after: int | None, reason: str, now: datetime
-    ) -> bool:
-        async with self._lock:
-            self._check(write=True)
-            old = self._handler_states.get(handler)
-            paused = old is not None and old.paused
-            failures = (0 if old is None else old.consecutive_failures) + 1
-            pause = not paused and pause_after is not None and failures >= pause_after
-            self._handler_states[handler] = HandlerState(
-                handler,
-                paused or pause,
-                reason if pause else (None if old is None else old.reason),
-                failures,
-                now,
-            )
-            return pause
-
-    async def count_success(self, handler: str, *, now: datetime) -> None:
-        async with self._lock:
-            self._check(write=True)
-            old = self._handler_states.get(handler)
-            if old is not None and old.consecutive_failures:
-                self._handler_states[handler] = HandlerState(
-                    handler, old.paused, old.reason, 0, now
-                )
 
     async def take_tokens(
         self, handler: str, *, want: int, capacity: float, per_second: float, now: datetime

@@ -45,6 +45,8 @@ from .base import (
     HandlerActivity,
     HandlerState,
     QueueStats,
+    Recorded,
+    Tally,
     TaskRecord,
     attempt_error,
 )
@@ -172,10 +174,12 @@ def finish_params(
     next_attempt_at: datetime | None = None,
     refund: bool = False,
 ) -> dict[str, Any]:
-    """The values of ``finish`` (built on the caller's side: one plain dict to send)."""
+    """The values of ``finish`` (built on the caller's side: one plain dict to send).
+    ``handler`` is for the tally's queries; ``finish`` itself does not use it."""
     return {
         "id": delivery.id,
         "lease_token": delivery.lease_token,
+        "handler": delivery.handler,
         "status": status.value,
         "next_attempt_at": next_attempt_at,
         "started_at": attempt.started_at,
@@ -187,12 +191,47 @@ def finish_params(
     }
 
 
-def finish(params: Mapping[str, Any]) -> Flow[bool]:
+def finish_call(
+    params: Mapping[str, Any], tally: Tally | None
+) -> tuple[Callable[..., Flow[Recorded]], tuple[Any, ...]]:
+    """The flow (and its arguments) that records an outcome (``finish_params``) with
+    ``tally``, for a store's ``run(flow, *args)``: ``finish`` when that is one statement (no
+    tally, or a success), else ``finish_counted``."""
+    if tally is None or tally.kind == "success":
+        return finish, (params, tally is not None)
+    return finish_counted, (params, tally)
+
+
+def finish(params: Mapping[str, Any], reset_failures: bool = False) -> Flow[Recorded]:
     """Record an outcome and its attempt (``finish_params``) if the claim is still the live
-    one; ``False`` when it is stale (taken over, released or reset)."""
-    if (yield Query("finish", params)) == 1:
-        return True
-    return (yield from _end_revoked(params["id"], params["lease_token"]))
+    one; ``Recorded(False)`` when it is stale (taken over, released or reset). With
+    ``reset_failures`` (a success, ``Tally.success``) the same statement ends the handler's
+    run of failures, writing its row only when the count is not 0 (``finish_success``)."""
+    query = "finish_success" if reset_failures else "finish"
+    if (yield Query(query, params)) == 1:
+        return Recorded(True)
+    yield from _end_revoked(params["id"], params["lease_token"])
+    return Recorded(False)
+
+
+def finish_counted(params: Mapping[str, Any], tally: Tally) -> Flow[Recorded]:
+    """``finish``, then, in the same transaction and only if the outcome was recorded,
+    ``tally`` (a failure or a pause; ``Tally``) on the handler's row at the attempt's
+    ``finished_at``: a failure is counted (the upsert's row lock orders replicas) and
+    pauses the handler when the count reaches ``pause_after``. ``paused``: this call
+    paused it."""
+    if (yield Query("finish", params)) != 1:
+        yield from _end_revoked(params["id"], params["lease_token"])
+        return Recorded(False)
+    handler, now = params["handler"], params["finished_at"]
+    if tally.kind == "failure":
+        row = yield Query("count_failure", {"handler": handler, "now": now}, "row")
+        limit = tally.pause_after
+        if row["paused"] or limit is None or row["consecutive_failures"] < limit:
+            return Recorded(True)
+    elif tally.kind != "pause":
+        raise ValueError(f"finish_counted takes a failure or a pause, not {tally.kind!r}")
+    return Recorded(True, (yield from set_paused(handler, True, tally.reason, now)))
 
 
 def release(delivery_id: int, lease_token: int, now: datetime | None) -> Flow[bool]:
@@ -212,19 +251,6 @@ def _end_revoked(delivery_id: int, lease_token: int) -> Flow[bool]:
     if (yield Query("end_revoked", params)) == 1:
         yield NUDGE
     return False
-
-
-def count_failure(handler: str, pause_after: int | None, reason: str, now: datetime) -> Flow[bool]:
-    """Count a failed attempt; pause the handler when the run reaches ``pause_after``.
-    ``True`` when this call paused it."""
-    row = yield Query("count_failure", {"handler": handler, "now": now}, "row")
-    if row["paused"] or pause_after is None or row["consecutive_failures"] < pause_after:
-        return False
-    return (yield from set_paused(handler, True, reason, now))
-
-
-def count_success(handler: str, now: datetime) -> Flow[None]:
-    yield Query("count_success", {"handler": handler, "now": now})
 
 
 def set_paused(handler: str, paused: bool, reason: str | None, now: datetime) -> Flow[bool]:
@@ -455,7 +481,6 @@ AUTOCOMMIT: Final[frozenset[Callable[..., Flow[Any]]]] = frozenset(
         claim,
         finish,
         release,
-        count_success,
         give_back_tokens,
         stats,
         list_events,
@@ -479,9 +504,9 @@ __all__ = [
     "Shape",
     "accept",
     "claim",
-    "count_failure",
-    "count_success",
     "finish",
+    "finish_call",
+    "finish_counted",
     "finish_params",
     "get_event",
     "get_task",

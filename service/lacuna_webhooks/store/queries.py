@@ -25,6 +25,7 @@ SHARED = frozenset(
         # the outbox's flows (outbox.py)
         "claim",
         "finish",
+        "finish_success",
         "end_revoked",
         "release",
         "lock_event",
@@ -50,7 +51,6 @@ SHARED = frozenset(
         "handler_states",
         "paused_handlers",
         "count_failure",
-        "count_success",
         "refill_tokens",
         "spend_tokens",
         "handler_queue",

@@ -53,8 +53,10 @@ from ..base import (
     HandlerActivity,
     HandlerState,
     QueueStats,
+    Recorded,
     ReplayCounts,
     ScanBudget,
+    Tally,
     TaskRecord,
 )
 from ..outbox import PRUNE_LOCK_KEY, Flow, Nudge, Query
@@ -407,25 +409,42 @@ class PostgresStore:
             return []
         return await self._run(outbox.claim, handler, limit, lease, now, after)
 
-    async def complete(self, delivery: Delivery, attempt: Attempt) -> bool:
-        """Mark the claimed delivery done and log the attempt; ``False`` if the claim is stale."""
+    async def complete(
+        self, delivery: Delivery, attempt: Attempt, *, tally: Tally | None = None
+    ) -> Recorded:
+        """Mark the claimed delivery done and log the attempt; ``Recorded(False)`` if the
+        claim is stale. With no tally or a success: one statement, no BEGIN/COMMIT."""
         params = outbox.finish_params(DeliveryStatus.DONE, delivery, attempt)
-        return await self._run(outbox.finish, params)
+        return await self._finish(params, tally)
 
     async def retry(
-        self, delivery: Delivery, attempt: Attempt, *, at: datetime, refund: bool = False
-    ) -> bool:
+        self,
+        delivery: Delivery,
+        attempt: Attempt,
+        *,
+        at: datetime,
+        refund: bool = False,
+        tally: Tally | None = None,
+    ) -> Recorded:
         """Make the claimed delivery due again at ``at`` and log the attempt (``refund``: see
-        ``Store.retry``)."""
+        ``Store.retry``); a failure's count and pause in the same transaction."""
         params = outbox.finish_params(
             DeliveryStatus.PENDING, delivery, attempt, next_attempt_at=at, refund=refund
         )
-        return await self._run(outbox.finish, params)
+        return await self._finish(params, tally)
 
-    async def dead(self, delivery: Delivery, attempt: Attempt) -> bool:
+    async def dead(
+        self, delivery: Delivery, attempt: Attempt, *, tally: Tally | None = None
+    ) -> Recorded:
         """Give the claimed delivery up (``dead``) and log the attempt."""
         params = outbox.finish_params(DeliveryStatus.DEAD, delivery, attempt)
-        return await self._run(outbox.finish, params)
+        return await self._finish(params, tally)
+
+    async def _finish(self, params: dict[str, Any], tally: Tally | None) -> Recorded:
+        # A failure's count and pause: one transaction with the outcome (finish_counted),
+        # the upsert's row lock ordering replicas, so exactly one of them pauses.
+        flow, args = outbox.finish_call(params, tally)
+        return await self._run(flow, *args)
 
     async def release(self, delivery: Delivery, *, now: datetime | None = None) -> bool:
         """Give an unfinished claim back: lease cleared, ``attempts`` undone, due at once.
@@ -623,16 +642,6 @@ class PostgresStore:
 
     async def handler_activity(self, *, now: datetime, since: datetime) -> list[HandlerActivity]:
         return await self._run(outbox.handler_activity, now, since, write=False)
-
-    async def count_failure(
-        self, handler: str, *, pause_after: int | None, reason: str, now: datetime
-    ) -> bool:
-        """Counted and, at ``pause_after``, paused in one transaction (the row lock of the
-        upsert orders concurrent replicas, so exactly one of them pauses it)."""
-        return await self._run(outbox.count_failure, handler, pause_after, reason, now)
-
-    async def count_success(self, handler: str, *, now: datetime) -> None:
-        await self._run(outbox.count_success, handler, now)
 
     async def take_tokens(
         self, handler: str, *, want: int, capacity: float, per_second: float, now: datetime

@@ -43,8 +43,10 @@ from ..base import (
     HandlerActivity,
     HandlerState,
     QueueStats,
+    Recorded,
     ReplayCounts,
     ScanBudget,
+    Tally,
     TaskRecord,
 )
 from ..outbox import Flow
@@ -246,23 +248,35 @@ class SQLiteStore:
             return []
         return await self._run(outbox.claim, handler, limit, lease, now, tuple(after))
 
-    async def _finish(self, params: dict[str, Any]) -> bool:
-        return await self._run(outbox.finish, params)
+    async def _finish(self, params: dict[str, Any], tally: Tally | None) -> Recorded:
+        flow, args = outbox.finish_call(params, tally)
+        return await self._run(flow, *args)
 
-    async def complete(self, delivery: Delivery, attempt: Attempt) -> bool:
-        return await self._finish(outbox.finish_params(DeliveryStatus.DONE, delivery, attempt))
+    async def complete(
+        self, delivery: Delivery, attempt: Attempt, *, tally: Tally | None = None
+    ) -> Recorded:
+        params = outbox.finish_params(DeliveryStatus.DONE, delivery, attempt)
+        return await self._finish(params, tally)
 
     async def retry(
-        self, delivery: Delivery, attempt: Attempt, *, at: datetime, refund: bool = False
-    ) -> bool:
-        return await self._finish(
-            outbox.finish_params(
-                DeliveryStatus.PENDING, delivery, attempt, next_attempt_at=at, refund=refund
-            )
+        self,
+        delivery: Delivery,
+        attempt: Attempt,
+        *,
+        at: datetime,
+        refund: bool = False,
+        tally: Tally | None = None,
+    ) -> Recorded:
+        params = outbox.finish_params(
+            DeliveryStatus.PENDING, delivery, attempt, next_attempt_at=at, refund=refund
         )
+        return await self._finish(params, tally)
 
-    async def dead(self, delivery: Delivery, attempt: Attempt) -> bool:
-        return await self._finish(outbox.finish_params(DeliveryStatus.DEAD, delivery, attempt))
+    async def dead(
+        self, delivery: Delivery, attempt: Attempt, *, tally: Tally | None = None
+    ) -> Recorded:
+        params = outbox.finish_params(DeliveryStatus.DEAD, delivery, attempt)
+        return await self._finish(params, tally)
 
     async def release(self, delivery: Delivery, *, now: datetime | None = None) -> bool:
         """Lease cleared, token moved on, the claim's attempt undone. ``next_attempt_at`` is left
@@ -377,14 +391,6 @@ class SQLiteStore:
 
     async def handler_activity(self, *, now: datetime, since: datetime) -> list[HandlerActivity]:
         return await self._reader.run(read, outbox.handler_activity, now, since)
-
-    async def count_failure(
-        self, handler: str, *, pause_after: int | None, reason: str, now: datetime
-    ) -> bool:
-        return await self._run(outbox.count_failure, handler, pause_after, reason, now)
-
-    async def count_success(self, handler: str, *, now: datetime) -> None:
-        await self._run(outbox.count_success, handler, now)
 
     async def take_tokens(
         self, handler: str, *, want: int, capacity: float, per_second: float, now: datetime

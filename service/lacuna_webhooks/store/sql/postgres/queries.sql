@@ -83,6 +83,25 @@ INSERT INTO attempts (delivery_id, attempt, started_at, finished_at, outcome, er
 SELECT id, claimed, :started_at, :finished_at, :outcome, :error::text FROM finished
 RETURNING delivery_id
 
+-- name: finish_success
+-- `finish` of a success, which ends the handler's run of failures in the same statement (one
+-- round trip, no BEGIN/COMMIT): the count is reset only for the live claim, and only when
+-- there is one to reset.
+WITH finished AS (
+    UPDATE deliveries
+    SET status = :status, next_attempt_at = coalesce(:next_attempt_at, next_attempt_at), lease_until = NULL,
+        last_error = :error, result = :result::text::jsonb, updated_at = :finished_at,
+        attempts = greatest(attempts - :refund::int, 0)
+    WHERE id = :id AND lease_token = :lease_token AND status = 'pending' AND lease_until IS NOT NULL
+    RETURNING id, attempts, attempts + :refund::int AS claimed
+), reset AS (
+    UPDATE handler_state SET consecutive_failures = 0, updated_at = :finished_at
+    WHERE handler = :handler AND consecutive_failures > 0 AND EXISTS (SELECT 1 FROM finished)
+)
+INSERT INTO attempts (delivery_id, attempt, started_at, finished_at, outcome, error)
+SELECT id, claimed, :started_at, :finished_at, :outcome, :error::text FROM finished
+RETURNING delivery_id
+
 -- name: end_revoked
 -- The attempt of claim :lease_token has ended, and a reset revoked it since (the token moved on by
 -- exactly one, a fresh budget, the lease kept so that nobody runs it beside that attempt):
@@ -291,17 +310,13 @@ SELECT handler, paused, reason, consecutive_failures, updated_at FROM handler_st
 WHERE paused
 
 -- name: count_failure
--- One more consecutive failed attempt of :handler; the count and whether it is paused.
+-- One more consecutive failed attempt of :handler (outbox.finish_counted, in the transaction
+-- that recorded it); the count and whether it is paused.
 INSERT INTO handler_state (handler, paused, consecutive_failures, updated_at)
 VALUES (:handler, false, 1, :now)
 ON CONFLICT (handler) DO UPDATE SET
     consecutive_failures = handler_state.consecutive_failures + 1, updated_at = excluded.updated_at
 RETURNING consecutive_failures, paused
-
--- name: count_success
--- A success ends the run of failures; writes nothing when there was none.
-UPDATE handler_state SET consecutive_failures = 0, updated_at = :now
-WHERE handler = :handler AND consecutive_failures > 0
 
 -- name: refill_tokens
 -- The bucket of :handler refilled up to the database's now (created full), :capacity at most; its tokens.

@@ -39,6 +39,26 @@ UPDATE deliveries SET status = :status, lease_until = NULL,
     attempts = max(attempts - :refund, 0)
 WHERE id = :id AND lease_token = :lease_token AND status = 'pending' AND lease_until IS NOT NULL;
 
+-- name: finish_success
+-- `finish` of a success, which ends the handler's run of failures in the same transaction:
+-- the attempt row, then (for the live claim only, and only when there is a count to reset)
+-- the handler's count, then the delivery, whose count is the block's.
+INSERT INTO attempts (delivery_id, attempt, started_at, finished_at, outcome, error, duration_ms)
+SELECT id, attempts, :started_at, :finished_at, :outcome, :error,
+    (:finished_at - :started_at) * 1000.0
+FROM deliveries
+WHERE id = :id AND lease_token = :lease_token AND status = 'pending' AND lease_until IS NOT NULL;
+UPDATE handler_state SET consecutive_failures = 0, updated_at = :finished_at
+WHERE handler = :handler AND consecutive_failures > 0
+  AND EXISTS (SELECT 1 FROM deliveries
+              WHERE id = :id AND lease_token = :lease_token AND status = 'pending'
+                AND lease_until IS NOT NULL);
+UPDATE deliveries SET status = :status, lease_until = NULL,
+    next_attempt_at = coalesce(:next_attempt_at, next_attempt_at),
+    last_error = :error, result = :result, updated_at = :finished_at,
+    attempts = max(attempts - :refund, 0)
+WHERE id = :id AND lease_token = :lease_token AND status = 'pending' AND lease_until IS NOT NULL;
+
 -- name: end_revoked
 -- The attempt of claim :lease_token has ended, and a reset revoked it since (the token moved
 -- on by exactly one, a fresh budget, the lease kept): end that lease, so the delivery is due
@@ -279,17 +299,13 @@ SELECT handler, paused, reason, consecutive_failures, updated_at FROM handler_st
 WHERE paused = 1
 
 -- name: count_failure
--- One more consecutive failed attempt of :handler; the count and whether it is paused.
+-- One more consecutive failed attempt of :handler (outbox.finish_counted, in the transaction
+-- that recorded it); the count and whether it is paused.
 INSERT INTO handler_state (handler, paused, consecutive_failures, updated_at)
 VALUES (:handler, 0, 1, :now)
 ON CONFLICT (handler) DO UPDATE SET
     consecutive_failures = handler_state.consecutive_failures + 1, updated_at = excluded.updated_at
 RETURNING consecutive_failures, paused
-
--- name: count_success
--- A success ends the run of failures; writes nothing when there was none.
-UPDATE handler_state SET consecutive_failures = 0, updated_at = :now
-WHERE handler = :handler AND consecutive_failures > 0
 
 -- name: refill_tokens
 -- The bucket of :handler refilled up to now (created full), :capacity at most; its tokens.
