@@ -95,6 +95,18 @@ async def fill_sqlite(path: str, count: int) -> None:
         if len(batch_e) == 50_000:
             flush()
     flush()
+    with conn:
+        # As accepts leave them: a row per task, and each event numbered by its task's row
+        # (task_seq, which the search by task reads: migration 0009).
+        conn.execute(
+            "INSERT INTO tasks (task_id, status, event_id, event_type, event_order, updated_at)"
+            " SELECT task_id, 'ready', max(id), 'job.completed', 0, 0 FROM events"
+            " WHERE task_id IS NOT NULL GROUP BY task_id"
+        )
+        conn.execute(
+            "UPDATE events SET task_seq = (SELECT t.rowid FROM tasks AS t"
+            " WHERE t.task_id = events.task_id) WHERE task_id IS NOT NULL"
+        )
     conn.execute("ANALYZE")
     conn.close()
 

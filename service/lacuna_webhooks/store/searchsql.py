@@ -290,6 +290,10 @@ def search_sql(
     if where.type is not None:
         conds.append(f"e.type = {p(where.type, '::text')}")
     if where.task_id is not None:
+        if dialect == "sqlite":
+            # Through the task's row, whose rowid numbers its events (0009_task_seq.sql).
+            task_row = f"SELECT t.rowid FROM tasks AS t WHERE t.task_id = {p(where.task_id)}"
+            conds.append(f"e.task_seq = ({task_row})")
         conds.append(f"e.task_id = {p(where.task_id, '::text')}")
     if where.since is not None:
         conds.append(f"e.received_at >= {p(ts(where.since), t_cast)}")

@@ -168,11 +168,11 @@ def accept_batch(conn: sqlite3.Connection, batch: list[AcceptRow]) -> list[bool]
     before = conn.total_changes
     conn.execute(Q["accept_batch_insert"] + " " + ",".join([_BATCH_ROW] * len(batch)), params)
     # The trigger's changes when every row is new: the event, its outcome, the stream
-    # counter, its deliveries, and one for the task (upserted, or the event marked
-    # superseded). A duplicate makes only its outcome row, so any duplicate shows as a
-    # shortfall; then read the outcomes.
+    # counter, its deliveries, and with a task two more (the task upserted, the event's
+    # task_seq set). A duplicate makes only its outcome row and a superseded event leaves the
+    # task as it was, so either shows as a shortfall; then read the outcomes.
     if conn.total_changes - before == sum(
-        3 + len(r.handlers) + (r.task_id is not None) for r in batch
+        3 + len(r.handlers) + 2 * (r.task_id is not None) for r in batch
     ):
         return [True] * len(batch)
     (outcomes,) = conn.execute(Q["accept_batch_outcomes"], (len(batch),)).fetchone()

@@ -252,9 +252,11 @@ BEGIN
             event_created = excluded.event_created, event_order = excluded.event_order,
             updated_at = excluded.updated_at
         WHERE tasks.event_order <= excluded.event_order;
-    -- the upsert changed nothing: a newer state of the task was already stored
-    UPDATE events SET superseded = 1
-        WHERE changes() = 0 AND id = NEW.id AND NEW.task_id IS NOT NULL
+    -- superseded: the upsert changed nothing, a newer state of the task was already stored;
+    -- task_seq: the task's row numbers the event for the task search (0009_task_seq.sql)
+    UPDATE events SET superseded = (changes() = 0),
+        task_seq = (SELECT rowid FROM tasks WHERE task_id = NEW.task_id)
+        WHERE id = NEW.id AND NEW.task_id IS NOT NULL
           AND (SELECT stored FROM accept_outcome WHERE slot = NEW.slot);
 END
 
