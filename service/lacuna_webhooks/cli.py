@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import math
 import os
 import secrets
@@ -220,6 +221,11 @@ def _serve(environ: Mapping[str, str], host: str | None, port: int | None) -> in
             # graceful drain a SIGTERM should end the process with 0, not "killed by signal".
             signal.signal(signal.SIGTERM, lambda signum, frame: None)
             admin_task = None if admin is None else asyncio.create_task(admin.serve())
+            # Everything built so far (modules, the app, the store, the handler set) lives as
+            # long as the process: out of the collector's sight, a full collection no longer
+            # walks it on the intake loop. Measured: serve's p99 under `make bench` load
+            # 14-28 ms with, 28-34 ms without (docs/performance.md).
+            gc.freeze()
             try:
                 await server.serve()
             except SystemExit:
