@@ -191,9 +191,9 @@ class LacunaConfig(uvicorn.Config):
         self.lacuna = shared
 
 
-class _HeaderCountExceeded(Exception):
-    """Raised from on_headers_complete over LACUNA_MAX_HEADERS; the parser turns it into an
-    error and data_received answers 431."""
+class _HeaderCapExceeded(Exception):
+    """Raised from on_headers_complete over LACUNA_MAX_HEADERS or LACUNA_MAX_HEADER_BYTES;
+    the parser turns it into an error and data_received answers 431."""
 
 
 def _refusal_bytes(exc: WebhookError) -> bytes:
@@ -273,6 +273,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._timer_phase: _Phase | None = None
         self._header_bytes = 0  # bytes received since the last request's headers ended
         self._refusal: WebhookError | None = None
+        # A refusal waiting for the answers to the requests before it (see _refuse).
+        self._deferred: WebhookError | None = None
         self._shutting_down = False
 
     # --- connection ------------------------------------------------------------------------
@@ -383,6 +385,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     # --- reading ---------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        if self._deferred is not None:
+            return  # refused; what follows the bad request is never read
         if self._phase is not _Phase.BODY:
             self._header_bytes += len(data)
         # uvicorn's data_received, with the parser's own reason in the 400 envelope
@@ -429,9 +433,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._shared.reading[self] = None  # reading since its first byte: shed order
 
     def on_headers_complete(self) -> None:
-        if len(self.headers) > self._limits.max_headers:
+        headers = self.headers
+        limits = self._limits
+        if len(headers) > limits.max_headers:
             self._refusal = self._too_many_headers()
-            raise _HeaderCountExceeded()  # the parser stops; data_received answers 431
+            raise _HeaderCapExceeded()  # the parser stops; data_received answers 431
         self._phase = _Phase.BODY
         self._header_bytes = 0
         webhook = self._shared.webhook
@@ -490,7 +496,15 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._arm(self._limits.keepalive_timeout_seconds)
 
     def on_response_complete(self) -> None:
+        # The last answer owed before a deferred refusal: none is left in the pipeline.
+        refusal = self._deferred if not self.pipeline else None
         super().on_response_complete()
+        if refusal is not None:
+            self._deferred = None
+            if not self.transport.is_closing():
+                self.transport.write(_refusal_bytes(refusal))
+            self._close_now()
+            return
         cycle = self.cycle
         if cycle.response_complete:
             if cycle.body:  # a body the application did not read (sent to /healthz, say)
@@ -518,6 +532,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     async def _serve_direct(self, cycle: _DirectCycle, body: bytes) -> None:
         webhook = self._shared.webhook
         assert webhook is not None
+        if cycle.disconnected:
+            # Gone before its turn came (as the ASGI path's receive() reports): not accepted.
+            cycle.response_complete = True
+            self._log_direct(cycle, 400, "client_disconnected", None)
+            return
         status, content, headers, outcome, event = await webhook.answer(body, cycle.signatures)
         self._answer_direct(cycle, status, content, headers, outcome, event)
 
@@ -570,10 +589,25 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def _refuse(self, exc: WebhookError) -> None:
         """Answer ``exc`` in the envelope and close the connection. A request whose
-        application has already started answering cannot get a second answer: closed."""
+        application has already started answering cannot get a second answer: closed.
+
+        Requests before the refused one that are still being answered (pipelined) get
+        their answers first: written now, the refusal would be read as the first one's
+        answer. Then it waits (nothing more is read) until ``on_response_complete`` of the
+        last of them; the refused request itself is never started."""
         self._shared.refused[exc.code].inc()
         self._cancel_timer()
         cycle = self.cycle
+        if self._phase is _Phase.BODY:
+            # The refused request is the cycle being read; queued, it has answers before it.
+            queued = next((item for item in self.pipeline if item[0] is cycle), None)
+            if queued is not None:
+                self.pipeline.remove(queued)
+                self._defer(exc)
+                return
+        elif cycle is not None and not cycle.response_complete:
+            self._defer(exc)  # a request after the whole of the cycle's
+            return
         if cycle is not None and not cycle.response_complete:
             answer = not cycle.response_started
             cycle.disconnected = True  # the application's receive() sees a disconnect
@@ -582,6 +616,16 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             answer = cycle is None or self._phase is not _Phase.BODY
         if answer:
             self.transport.write(_refusal_bytes(exc))
+        self._close_now()
+
+    def _defer(self, exc: WebhookError) -> None:
+        self._deferred = exc
+        self.flow.pause_reading()
+        # Being answered now: neither idle nor reading, so never shed for a newcomer.
+        self._shared.idle.pop(self, None)
+        self._shared.reading.pop(self, None)
+
+    def _close_now(self) -> None:
         self._shared.idle.pop(self, None)
         self._shared.reading.pop(self, None)
         self.transport.close()

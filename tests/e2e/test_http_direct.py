@@ -20,7 +20,13 @@ import pytest
 
 from tests.conftest import make_event, signed
 from tests.e2e.conftest import Serve
-from tests.e2e.test_http_limits import closed_by_server, db_env, metric, read_response
+from tests.e2e.test_http_limits import (
+    Answers,
+    closed_by_server,
+    db_env,
+    metric,
+    read_response,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -185,3 +191,45 @@ def test_a_sender_leaving_mid_body_is_counted_and_holds_nothing(
     ok = httpx.post(serve.webhook_url, content=body, headers=headers, timeout=10)
     assert ok.status_code == 200
     assert stored_ids(tmp_path) == {"evt_gone"}
+
+
+@pytest.mark.parametrize("target", ["/webhooks/lacuna", "/webhooks/lacuna?via=asgi"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param(b"GARBAGE\r\n\r\n", id="malformed-head"),
+        pytest.param(
+            b"POST /webhooks/lacuna HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"zz\r\n{}\r\n0\r\n\r\n",
+            id="bad-chunk",
+        ),
+        pytest.param(
+            b"GET /healthz HTTP/1.1\r\nHost: t\r\n"
+            + b"".join(b"x-h%d: a\r\n" % i for i in range(101))
+            + b"\r\n",
+            id="too-many-headers",
+        ),
+    ],
+)
+def test_a_bad_request_behind_pending_ones_is_refused_after_their_answers(
+    serve: Serve, sock: socket.socket, tmp_path: Path, target: str, bad: bytes
+) -> None:
+    """Two valid webhooks and a bad request in one write, the webhooks' answers still
+    pending when the bad one is parsed: each webhook gets its own 200 (and is stored), then
+    the bad request its refusal, then the connection is closed. The refusal written at once
+    would have been read as the first webhook's answer (a 400 for a valid event, which the
+    direct path stored all the same and logged as 200, while the ASGI path dropped it)."""
+    raws = [request(*signed(make_event(f"evt_before_bad_{i}")), target=target) for i in range(2)]
+    sock.sendall(b"".join(raws) + bad)
+    answers = Answers(sock)
+    for i in range(2):
+        answer = answers.next()
+        assert answer is not None
+        assert answer[0] == 200, answer
+        assert json.loads(answer[2])["id"] == f"evt_before_bad_{i}"
+    refusal = answers.next()
+    assert refusal is not None
+    assert refusal[0] in (400, 431)
+    assert refusal[1]["connection"] == "close"
+    assert closed_by_server(sock)
+    assert stored_ids(tmp_path) == {"evt_before_bad_0", "evt_before_bad_1"}

@@ -77,6 +77,39 @@ def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes] | No
     return int(lines[0].split()[1]), headers, body
 
 
+class Answers:
+    """The answers on one connection, in order, with what arrives after one kept for the
+    next (``read_response`` drops it: two pipelined answers may come in one read)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.data = b""
+
+    def next(self) -> tuple[int, dict[str, str], bytes] | None:
+        """One answer, or ``None`` when the server closed before a whole one."""
+        try:
+            while b"\r\n\r\n" not in self.data:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    return None
+                self.data += chunk
+            head, _, rest = self.data.partition(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            headers = {
+                k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])
+            }
+            length = int(headers.get("content-length", "0"))
+            while len(rest) < length:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    return None
+                rest += chunk
+        except (ConnectionResetError, BrokenPipeError):
+            return None
+        self.data = rest[length:]
+        return int(lines[0].split()[1]), headers, rest[:length]
+
+
 def closed_by_server(sock: socket.socket) -> bool:
     """The server closed (or reset) the connection: a read returns EOF."""
     try:
