@@ -454,3 +454,29 @@ def test_allowlist_refuses_before_the_body_is_read(
         db_env(tmp_path, LACUNA_TRUSTED_PROXIES="192.0.2.1", LACUNA_ALLOWED_SOURCE_IPS="127.0.0.1")
     ).start()
     assert post_from(allowed, "evt_local", "198.51.100.7").status_code == 200
+
+
+@pytest.mark.parametrize("target", ["/webhooks/lacuna", "/webhooks/lacuna?via=asgi", "/healthz"])
+def test_a_whole_head_over_the_cap_in_one_read_gets_431(
+    serve_factory: type[Serve], tmp_path: Path, target: str
+) -> None:
+    """Request line and headers over LACUNA_MAX_HEADER_BYTES that arrive complete, in one
+    write: 431, as when they trickle in (the count per read was reset by the end of the very
+    head it should have measured, so such a head went through, a 200 with 20 KB of headers),
+    also behind a request answered in the same read."""
+    serve = serve_factory(db_env(tmp_path)).start()
+    head = f"POST {target} HTTP/1.1\r\nHost: t\r\nX-Big: {'a' * 20_000}\r\n".encode()
+    body, headers = signed(make_event("evt_big_head"))
+    signed_head = "".join(f"{name}: {value}\r\n" for name, value in headers.items()).encode()
+    big = head + signed_head + b"Content-Length: %d\r\n\r\n" % len(body) + body
+    for before in (b"", b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"):
+        sock = connect(serve)
+        sock.sendall(before + big)
+        answers = Answers(sock)
+        if before:
+            ahead = answers.next()
+            assert ahead is not None
+            assert ahead[0] == 200
+        assert envelope_code(answers.next()) == (431, "headers_too_large")
+    with sqlite3.connect(tmp_path / "events.db") as conn:
+        assert conn.execute("SELECT count(*) FROM events").fetchone() == (0,)
