@@ -331,11 +331,22 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         its connection is aborted (now, or as soon as its write buffer fills). Otherwise an
         admin stream whose client stopped reading holds its task in ``send`` where it cannot
         see ``AdminContext.stopping``, and ``serve`` waits out ``LACUNA_SHUTDOWN_TIMEOUT``,
-        then logs a traceback per such stream."""
+        then logs a traceback per such stream.
+
+        A body still arriving gets until a second before the drain ends
+        (``LACUNA_SHUTDOWN_TIMEOUT``), if its own deadline is later: then the 408, as at that
+        deadline. Left to the drain's end, the ASGI endpoint reading it would be cancelled
+        (a 500 and a traceback) and a direct one cut without an answer or a log line."""
         self._shutting_down = True
         super().shutdown()
         if self.flow is not None and self.flow.write_paused:
             self._abort()
+        elif self._phase is _Phase.BODY and self._timer is not None:
+            drain = self.config.timeout_graceful_shutdown or 1
+            cut = self.loop.time() + max(0.0, drain - 1.0)
+            if self._timer.when() > cut:
+                self._timer.cancel()
+                self._timer = self.loop.call_at(cut, self._deadline)
 
     def pause_writing(self) -> None:
         super().pause_writing()

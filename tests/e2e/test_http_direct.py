@@ -9,6 +9,7 @@ order, and handle a sender that leaves mid-body.
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import sqlite3
 import time
@@ -233,3 +234,45 @@ def test_a_bad_request_behind_pending_ones_is_refused_after_their_answers(
     assert refusal[1]["connection"] == "close"
     assert closed_by_server(sock)
     assert stored_ids(tmp_path) == {"evt_before_bad_0", "evt_before_bad_1"}
+
+
+def test_a_body_still_arriving_at_sigterm_is_cut_before_the_drain_ends(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """SIGTERM while two senders are half-way through their bodies (one on the direct path,
+    one through ASGI), with LACUNA_BODY_TIMEOUT longer than LACUNA_SHUTDOWN_TIMEOUT: each
+    gets the 408 before the drain ends, is logged `client_disconnected`, and `serve` exits 0
+    without a traceback. Through ASGI the drain's end cancelled the endpoint reading the body
+    (a 500 and `Exception in ASGI application`); the direct one was cut without a word."""
+    serve = serve_factory(
+        db_env(tmp_path, LACUNA_SHUTDOWN_TIMEOUT="2", LACUNA_BODY_TIMEOUT="60")
+    ).start()
+    socks = []
+    for i, target in enumerate(("/webhooks/lacuna", "/webhooks/lacuna?via=asgi")):
+        body, headers = signed(make_event(f"evt_half_{i}"))
+        raw = request(body, headers, target=target)
+        s = socket.create_connection(("127.0.0.1", serve.port), timeout=10)
+        s.settimeout(10)
+        s.sendall(raw[: len(raw) - len(body) // 2])
+        socks.append(s)
+    time.sleep(0.2)  # both heads read
+    serve.signal(signal.SIGTERM)
+    try:
+        for s in socks:
+            answer = read_response(s)
+            assert answer is not None
+            assert answer[0] == 408
+    finally:
+        for s in socks:
+            s.close()
+    assert serve.wait() == 0
+    log = serve.log()
+    assert "Traceback" not in log
+    assert "Exception in ASGI application" not in log
+    gone = [
+        line
+        for line in log.splitlines()
+        if '"webhook.received"' in line and '"client_disconnected"' in line
+    ]
+    assert len(gone) == 2, log
+    assert stored_ids(tmp_path) == set()
