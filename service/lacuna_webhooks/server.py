@@ -196,11 +196,13 @@ class _HeaderCapExceeded(Exception):
     the parser turns it into an error and data_received answers 431."""
 
 
-def _refusal_bytes(exc: WebhookError) -> bytes:
+def _refusal_bytes(exc: WebhookError, default_headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The refusal's whole answer; ``default_headers`` are uvicorn's (``Date``), as on every
+    other answer."""
     status, body, headers = error_parts(exc)
     phrase = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
     lines = [b"HTTP/1.1 %d %s" % (status, phrase.get(status, b"Service Unavailable"))]
-    lines += [name + b": " + value for name, value in headers]
+    lines += [name + b": " + value for name, value in (*default_headers, *headers)]
     lines += [b"content-length: %d" % len(body), b"connection: close", b"", body]
     return b"\r\n".join(lines)
 
@@ -533,7 +535,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if refusal is not None:
             self._deferred = None
             if not self.transport.is_closing():
-                self.transport.write(_refusal_bytes(refusal))
+                self.transport.write(_refusal_bytes(refusal, self.server_state.default_headers))
             self._close_now()
             return
         cycle = self.cycle
@@ -646,7 +648,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         else:  # no request yet, the previous one answered, or this one answered early (413)
             answer = cycle is None or self._phase is not _Phase.BODY
         if answer:
-            self.transport.write(_refusal_bytes(exc))
+            self.transport.write(_refusal_bytes(exc, self.server_state.default_headers))
         self._close_now()
 
     def _defer(self, exc: WebhookError) -> None:

@@ -480,3 +480,22 @@ def test_a_whole_head_over_the_cap_in_one_read_gets_431(
         assert envelope_code(answers.next()) == (431, "headers_too_large")
     with sqlite3.connect(tmp_path / "events.db") as conn:
         assert conn.execute("SELECT count(*) FROM events").fetchone() == (0,)
+
+
+def test_refusals_of_the_http_layer_carry_a_date(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """400, 408 and 431 written by the HTTP layer carry `Date` like every other answer
+    (RFC 9110 §6.6.1: an origin server with a clock sends it); they had none."""
+    serve = serve_factory(db_env(tmp_path, LACUNA_HEADER_TIMEOUT="1")).start()
+    for raw in (
+        b"GARBAGE\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 20_000,
+        b"GET /healthz HTTP/1.1\r\n",
+    ):
+        sock = connect(serve)
+        sock.sendall(raw)
+        answer = read_response(sock)
+        assert answer is not None
+        assert answer[0] in (400, 408, 431)
+        assert answer[1]["date"].endswith(" GMT"), answer[1]
