@@ -277,6 +277,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_phase: _Phase | None = None
         self._header_bytes = 0  # bytes received since the last request's headers ended
+        # A chunked body's trailer section: bytes of the reads that began after a chunk
+        # header with no body data since (the last chunk's), capped like headers.
+        self._after_chunk_header = False
+        self._trailer_bytes = 0
         self._refusal: WebhookError | None = None
         # A refusal waiting for the answers to the requests before it (see _refuse).
         self._deferred: WebhookError | None = None
@@ -405,6 +409,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             return  # refused; what follows the bad request is never read
         if self._phase is not _Phase.BODY:
             self._header_bytes += len(data)
+        elif self._after_chunk_header:
+            self._trailer_bytes += len(data)
         # uvicorn's data_received, with the parser's own reason in the 400 envelope
         self._unset_keepalive_if_required()
         try:
@@ -416,6 +422,17 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._refuse(refusal or MalformedRequest(f"The request is not valid HTTP/1.1: {exc}."))
             return
         phase = self._phase
+        if (
+            phase is _Phase.BODY
+            and self._after_chunk_header
+            and self._trailer_bytes > self._limits.max_header_bytes
+        ):
+            self._refuse(
+                HeadersTooLarge(
+                    f"The trailer fields are larger than {self._limits.max_header_bytes} bytes."
+                )
+            )
+            return
         if phase is _Phase.HEADERS:
             limits = self._limits
             if self._header_bytes > limits.max_header_bytes:
@@ -466,6 +483,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             raise _HeaderCapExceeded()
         self._phase = _Phase.BODY
         self._header_bytes = 0
+        self._after_chunk_header = False
         webhook = self._shared.webhook
         if (
             webhook is not None
@@ -481,7 +499,20 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             return
         super().on_headers_complete()
 
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._phase is _Phase.BODY:
+            # A trailer field of a chunked body: not a request header (RFC 9110 §6.5.1).
+            # Appended to the headers, it would reach an ASGI endpoint that had not yet
+            # read them (a signature, an X-Forwarded-For behind a trusted proxy).
+            return
+        super().on_header(name, value)
+
+    def on_chunk_header(self) -> None:
+        self._after_chunk_header = True
+        self._trailer_bytes = 0
+
     def on_body(self, body: bytes) -> None:
+        self._after_chunk_header = False
         cycle = self.cycle
         if not isinstance(cycle, _DirectCycle):
             super().on_body(body)

@@ -499,3 +499,62 @@ def test_refusals_of_the_http_layer_carry_a_date(
         assert answer is not None
         assert answer[0] in (400, 408, 431)
         assert answer[1]["date"].endswith(" GMT"), answer[1]
+
+
+def _chunked_head(target: str, headers: dict[str, str]) -> bytes:
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    return f"POST {target} HTTP/1.1\r\nHost: t\r\n{head}Transfer-Encoding: chunked\r\n\r\n".encode()
+
+
+@pytest.mark.parametrize("target", ["/webhooks/lacuna", "/webhooks/lacuna?via=asgi"])
+def test_trailer_fields_are_not_request_headers(
+    serve_factory: type[Serve], tmp_path: Path, target: str
+) -> None:
+    """A chunked body's trailer fields are not the request's headers (RFC 9110 §6.5): a
+    signature or an `X-Forwarded-For` sent there counts for nothing. Through ASGI they were
+    appended to the headers before the endpoint read them: a signature in a trailer was
+    accepted, and an `X-Forwarded-For` in a trailer (which a trusted proxy passes on after
+    its own header) chose the client address the allowlist checks."""
+    serve = serve_factory(
+        db_env(tmp_path, LACUNA_TRUSTED_PROXIES="127.0.0.1", LACUNA_ALLOWED_SOURCE_IPS="10.0.0.0/8")
+    ).start()
+    body, headers = signed(make_event("evt_trailer"))
+    framed = b"%x\r\n%s\r\n0\r\n" % (len(body), body)
+    sig = headers["x-lacuna-signature"].encode()
+    sock = connect(serve)
+    sock.sendall(
+        _chunked_head(target, {"X-Forwarded-For": "10.0.0.1"})
+        + framed
+        + b"x-lacuna-signature: %s\r\n\r\n" % sig
+    )
+    assert envelope_code(read_response(sock)) == (401, "missing_signature")
+    sock = connect(serve)
+    sock.sendall(
+        _chunked_head(target, {**headers, "X-Forwarded-For": "203.0.113.9"})
+        + framed
+        + b"X-Forwarded-For: 10.0.0.1\r\n\r\n"
+    )
+    assert envelope_code(read_response(sock)) == (403, "source_not_allowed")
+    with sqlite3.connect(tmp_path / "events.db") as conn:
+        assert conn.execute("SELECT count(*) FROM events").fetchone() == (0,)
+
+
+@pytest.mark.parametrize("target", ["/webhooks/lacuna", "/webhooks/lacuna?via=asgi"])
+def test_a_trailer_section_over_the_header_cap_gets_431(
+    serve_factory: type[Serve], tmp_path: Path, target: str
+) -> None:
+    """A trailer section larger than LACUNA_MAX_HEADER_BYTES (one endless field, or many
+    small ones) is refused with the 431 as headers are, and the server does not hold it:
+    it held every byte until the body timeout (200 MiB of trailer: 200 MiB more RSS)."""
+    serve = serve_factory(db_env(tmp_path, LACUNA_BODY_TIMEOUT="60")).start()
+    before = rss_kib(serve)
+    endless = [b"X-Endless: "] + [b"a" * (1 << 20)] * 32
+    many = [b"".join(b"X-T%d-%d: a\r\n" % (j, i) for i in range(10_000)) for j in range(20)]
+    for trailer in (endless, many):
+        sock = connect(serve)
+        sock.sendall(_chunked_head(target, {}) + b"2\r\n{}\r\n0\r\n")
+        with contextlib.suppress(OSError):  # the server may close while this is sent
+            for part in trailer:
+                sock.sendall(part)
+        assert envelope_code(read_response(sock)) == (431, "headers_too_large")
+    assert rss_kib(serve) - before < 24 * 1024
