@@ -284,6 +284,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._refusal: WebhookError | None = None
         # A refusal waiting for the answers to the requests before it (see _refuse).
         self._deferred: WebhookError | None = None
+        # The ASGI request being answered; with requests pipelined behind it, it is not
+        # ``self.cycle`` (the newest), which is all uvicorn marks when the connection goes.
+        self._answering: Any = None
         self._shutting_down = False
 
     # --- connection ------------------------------------------------------------------------
@@ -298,6 +301,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
+        self._gone(self._answering)
         self._shared.idle.pop(self, None)
         self._shared.reading.pop(self, None)
         cycle = self.cycle
@@ -327,11 +331,21 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def _close_quietly(self) -> None:
         self._shared.idle.pop(self, None)
         self._shared.reading.pop(self, None)
-        cycle = self.cycle
+        self._gone(self._answering)
+        self._gone(self.cycle)
+        self.transport.close()
+
+    @staticmethod
+    def _gone(cycle: Any) -> None:
+        """Tell a request still being answered that its connection is gone: its receive()
+        says so and its send() writes nothing (uvloop raises on a closed transport)."""
         if cycle is not None and not cycle.response_complete:
             cycle.disconnected = True
             cycle.message_event.set()
-        self.transport.close()
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        self._answering = cycle
+        super()._start_asgi_task(cycle, app)
 
     # --- shutdown -------------------------------------------------------------------------
 
@@ -674,8 +688,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             return
         if cycle is not None and not cycle.response_complete:
             answer = not cycle.response_started
-            cycle.disconnected = True  # the application's receive() sees a disconnect
-            cycle.message_event.set()
+            self._gone(cycle)  # the application's receive() sees a disconnect
         else:  # no request yet, the previous one answered, or this one answered early (413)
             answer = cycle is None or self._phase is not _Phase.BODY
         if answer:

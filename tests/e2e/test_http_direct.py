@@ -12,6 +12,7 @@ import json
 import signal
 import socket
 import sqlite3
+import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -321,3 +322,27 @@ def test_a_body_in_tiny_chunks_holds_no_more_than_its_bytes(
             s.close()
     peak = rss_kib(serve, "VmHWM")
     assert peak - before < 32 * 1024, f"peak RSS grew from {before} KiB to {peak} KiB"
+
+
+@pytest.mark.parametrize("target", ["/webhooks/lacuna", "/webhooks/lacuna?via=asgi"])
+def test_a_reset_behind_pipelined_requests_leaves_no_traceback(
+    serve_factory: type[Serve], tmp_path: Path, target: str
+) -> None:
+    """Three webhooks in one write, then a reset while the first is being committed: no
+    answer can be written, none is tried. uvicorn marks only the newest request of the
+    connection as gone, so the one being answered through ASGI wrote to the closed transport
+    (uvloop raises: `Exception in ASGI application`, a traceback per connection)."""
+    serve = serve_factory(db_env(tmp_path)).start()
+    for round_ in range(5):
+        raws = [
+            request(*signed(make_event(f"evt_reset_{round_}_{i}")), target=target) for i in range(3)
+        ]
+        s = socket.create_connection(("127.0.0.1", serve.port), timeout=10)
+        s.sendall(b"".join(raws))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()  # a reset, at once
+    time.sleep(0.5)  # the commits end, the answers are (not) written
+    assert httpx.get(f"{serve.base_url}/healthz", timeout=10).status_code == 200
+    log = serve.log()
+    assert "Exception in ASGI application" not in log
+    assert "Traceback" not in log
