@@ -9,8 +9,10 @@ order, and handle a sender that leaves mid-body.
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import sqlite3
+import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +22,14 @@ import pytest
 
 from tests.conftest import make_event, signed
 from tests.e2e.conftest import Serve
-from tests.e2e.test_http_limits import closed_by_server, db_env, metric, read_response
+from tests.e2e.test_http_limits import (
+    Answers,
+    closed_by_server,
+    db_env,
+    metric,
+    read_response,
+    rss_kib,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -61,6 +70,11 @@ def chunked(body: bytes, headers: dict[str, str], *, target: str) -> bytes:
 def stored_ids(tmp_path: Path) -> set[str]:
     with sqlite3.connect(tmp_path / "events.db") as conn:
         return {row[0] for row in conn.execute("SELECT id FROM events")}
+
+
+def _signed_kwargs(event_id: str) -> dict[str, object]:
+    body, headers = signed(make_event(event_id))
+    return {"content": body, "headers": headers}
 
 
 def cases(tag: str) -> dict[str, bytes]:
@@ -185,3 +199,150 @@ def test_a_sender_leaving_mid_body_is_counted_and_holds_nothing(
     ok = httpx.post(serve.webhook_url, content=body, headers=headers, timeout=10)
     assert ok.status_code == 200
     assert stored_ids(tmp_path) == {"evt_gone"}
+
+
+@pytest.mark.parametrize("target", ["/webhooks/lacuna", "/webhooks/lacuna?via=asgi"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param(b"GARBAGE\r\n\r\n", id="malformed-head"),
+        pytest.param(
+            b"POST /webhooks/lacuna HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"zz\r\n{}\r\n0\r\n\r\n",
+            id="bad-chunk",
+        ),
+        pytest.param(
+            b"GET /healthz HTTP/1.1\r\nHost: t\r\n"
+            + b"".join(b"x-h%d: a\r\n" % i for i in range(101))
+            + b"\r\n",
+            id="too-many-headers",
+        ),
+    ],
+)
+def test_a_bad_request_behind_pending_ones_is_refused_after_their_answers(
+    serve: Serve, sock: socket.socket, tmp_path: Path, target: str, bad: bytes
+) -> None:
+    """Two valid webhooks and a bad request in one write, the webhooks' answers still
+    pending when the bad one is parsed: each webhook gets its own 200 (and is stored), then
+    the bad request its refusal, then the connection is closed. The refusal written at once
+    would have been read as the first webhook's answer (a 400 for a valid event, which the
+    direct path stored all the same and logged as 200, while the ASGI path dropped it)."""
+    raws = [request(*signed(make_event(f"evt_before_bad_{i}")), target=target) for i in range(2)]
+    sock.sendall(b"".join(raws) + bad)
+    answers = Answers(sock)
+    for i in range(2):
+        answer = answers.next()
+        assert answer is not None
+        assert answer[0] == 200, answer
+        assert json.loads(answer[2])["id"] == f"evt_before_bad_{i}"
+    refusal = answers.next()
+    assert refusal is not None
+    assert refusal[0] in (400, 431)
+    assert refusal[1]["connection"] == "close"
+    assert closed_by_server(sock)
+    assert stored_ids(tmp_path) == {"evt_before_bad_0", "evt_before_bad_1"}
+
+
+def test_a_body_still_arriving_at_sigterm_is_cut_before_the_drain_ends(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """SIGTERM while two senders are half-way through their bodies (one on the direct path,
+    one through ASGI), with LACUNA_BODY_TIMEOUT longer than LACUNA_SHUTDOWN_TIMEOUT: each
+    gets the 408 before the drain ends, is logged `client_disconnected`, and `serve` exits 0
+    without a traceback. Through ASGI the drain's end cancelled the endpoint reading the body
+    (a 500 and `Exception in ASGI application`); the direct one was cut without a word."""
+    serve = serve_factory(
+        db_env(tmp_path, LACUNA_SHUTDOWN_TIMEOUT="2", LACUNA_BODY_TIMEOUT="60")
+    ).start()
+    socks = []
+    for i, target in enumerate(("/webhooks/lacuna", "/webhooks/lacuna?via=asgi")):
+        body, headers = signed(make_event(f"evt_half_{i}"))
+        raw = request(body, headers, target=target)
+        s = socket.create_connection(("127.0.0.1", serve.port), timeout=10)
+        s.settimeout(10)
+        s.sendall(raw[: len(raw) - len(body) // 2])
+        socks.append(s)
+    time.sleep(0.2)  # both heads read
+    serve.signal(signal.SIGTERM)
+    try:
+        for s in socks:
+            answer = read_response(s)
+            assert answer is not None
+            assert answer[0] == 408
+    finally:
+        for s in socks:
+            s.close()
+    assert serve.wait() == 0
+    log = serve.log()
+    assert "Traceback" not in log
+    assert "Exception in ASGI application" not in log
+    gone = [
+        line
+        for line in log.splitlines()
+        if '"webhook.received"' in line and '"client_disconnected"' in line
+    ]
+    assert len(gone) == 2, log
+    assert stored_ids(tmp_path) == set()
+
+
+def test_a_body_in_tiny_chunks_holds_no_more_than_its_bytes(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """Eight concurrent 512 KiB chunked bodies sent two bytes a chunk (the BodyBudget lets
+    64 such bodies in): serve's peak RSS grows by a few times their bytes, not by the
+    ~28 bytes of object overhead per chunk the direct path held when it kept each chunk (an
+    eight-times-smaller body budget in memory: about 14 MiB a body)."""
+    serve = serve_factory(db_env(tmp_path, LACUNA_MAX_BODY_BYTES=str(512 << 10))).start()
+    for i in range(10):  # warm up: the resident set of a serve that has answered requests
+        assert (
+            httpx.post(serve.webhook_url, **_signed_kwargs(f"evt_warm_{i}"), timeout=10).status_code
+            == 200
+        )
+    before = rss_kib(serve, "VmHWM")
+    body = b"x" * ((512 << 10) - 16)
+    raw = (
+        b"POST /webhooks/lacuna HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"".join(b"2\r\n%s\r\n" % body[i : i + 2] for i in range(0, len(body), 2))
+        + b"0\r\n\r\n"
+    )
+    socks = [socket.create_connection(("127.0.0.1", serve.port), timeout=20) for _ in range(8)]
+    try:
+        for s in socks:
+            s.settimeout(20)
+            s.sendall(raw[:-5])  # every chunk but the last: the bodies are held together
+        time.sleep(0.5)
+        for s in socks:
+            s.sendall(raw[-5:])
+        for s in socks:
+            answer = read_response(s)
+            assert answer is not None
+            assert answer[0] == 401  # unsigned: read whole, then refused
+    finally:
+        for s in socks:
+            s.close()
+    peak = rss_kib(serve, "VmHWM")
+    assert peak - before < 32 * 1024, f"peak RSS grew from {before} KiB to {peak} KiB"
+
+
+@pytest.mark.parametrize("target", ["/webhooks/lacuna", "/webhooks/lacuna?via=asgi"])
+def test_a_reset_behind_pipelined_requests_leaves_no_traceback(
+    serve_factory: type[Serve], tmp_path: Path, target: str
+) -> None:
+    """Three webhooks in one write, then a reset while the first is being committed: no
+    answer can be written, none is tried. uvicorn marks only the newest request of the
+    connection as gone, so the one being answered through ASGI wrote to the closed transport
+    (uvloop raises: `Exception in ASGI application`, a traceback per connection)."""
+    serve = serve_factory(db_env(tmp_path)).start()
+    for round_ in range(5):
+        raws = [
+            request(*signed(make_event(f"evt_reset_{round_}_{i}")), target=target) for i in range(3)
+        ]
+        s = socket.create_connection(("127.0.0.1", serve.port), timeout=10)
+        s.sendall(b"".join(raws))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()  # a reset, at once
+    time.sleep(0.5)  # the commits end, the answers are (not) written
+    assert httpx.get(f"{serve.base_url}/healthz", timeout=10).status_code == 200
+    log = serve.log()
+    assert "Exception in ASGI application" not in log
+    assert "Traceback" not in log

@@ -77,6 +77,39 @@ def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes] | No
     return int(lines[0].split()[1]), headers, body
 
 
+class Answers:
+    """The answers on one connection, in order, with what arrives after one kept for the
+    next (``read_response`` drops it: two pipelined answers may come in one read)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.data = b""
+
+    def next(self) -> tuple[int, dict[str, str], bytes] | None:
+        """One answer, or ``None`` when the server closed before a whole one."""
+        try:
+            while b"\r\n\r\n" not in self.data:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    return None
+                self.data += chunk
+            head, _, rest = self.data.partition(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            headers = {
+                k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])
+            }
+            length = int(headers.get("content-length", "0"))
+            while len(rest) < length:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    return None
+                rest += chunk
+        except (ConnectionResetError, BrokenPipeError):
+            return None
+        self.data = rest[length:]
+        return int(lines[0].split()[1]), headers, rest[:length]
+
+
 def closed_by_server(sock: socket.socket) -> bool:
     """The server closed (or reset) the connection: a read returns EOF."""
     try:
@@ -421,3 +454,107 @@ def test_allowlist_refuses_before_the_body_is_read(
         db_env(tmp_path, LACUNA_TRUSTED_PROXIES="192.0.2.1", LACUNA_ALLOWED_SOURCE_IPS="127.0.0.1")
     ).start()
     assert post_from(allowed, "evt_local", "198.51.100.7").status_code == 200
+
+
+@pytest.mark.parametrize("target", ["/webhooks/lacuna", "/webhooks/lacuna?via=asgi", "/healthz"])
+def test_a_whole_head_over_the_cap_in_one_read_gets_431(
+    serve_factory: type[Serve], tmp_path: Path, target: str
+) -> None:
+    """Request line and headers over LACUNA_MAX_HEADER_BYTES that arrive complete, in one
+    write: 431, as when they trickle in (the count per read was reset by the end of the very
+    head it should have measured, so such a head went through, a 200 with 20 KB of headers),
+    also behind a request answered in the same read."""
+    serve = serve_factory(db_env(tmp_path)).start()
+    head = f"POST {target} HTTP/1.1\r\nHost: t\r\nX-Big: {'a' * 20_000}\r\n".encode()
+    body, headers = signed(make_event("evt_big_head"))
+    signed_head = "".join(f"{name}: {value}\r\n" for name, value in headers.items()).encode()
+    big = head + signed_head + b"Content-Length: %d\r\n\r\n" % len(body) + body
+    for before in (b"", b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"):
+        sock = connect(serve)
+        sock.sendall(before + big)
+        answers = Answers(sock)
+        if before:
+            ahead = answers.next()
+            assert ahead is not None
+            assert ahead[0] == 200
+        assert envelope_code(answers.next()) == (431, "headers_too_large")
+    with sqlite3.connect(tmp_path / "events.db") as conn:
+        assert conn.execute("SELECT count(*) FROM events").fetchone() == (0,)
+
+
+def test_refusals_of_the_http_layer_carry_a_date(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """400, 408 and 431 written by the HTTP layer carry `Date` like every other answer
+    (RFC 9110 §6.6.1: an origin server with a clock sends it); they had none."""
+    serve = serve_factory(db_env(tmp_path, LACUNA_HEADER_TIMEOUT="1")).start()
+    for raw in (
+        b"GARBAGE\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: " + b"a" * 20_000,
+        b"GET /healthz HTTP/1.1\r\n",
+    ):
+        sock = connect(serve)
+        sock.sendall(raw)
+        answer = read_response(sock)
+        assert answer is not None
+        assert answer[0] in (400, 408, 431)
+        assert answer[1]["date"].endswith(" GMT"), answer[1]
+
+
+def _chunked_head(target: str, headers: dict[str, str]) -> bytes:
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    return f"POST {target} HTTP/1.1\r\nHost: t\r\n{head}Transfer-Encoding: chunked\r\n\r\n".encode()
+
+
+@pytest.mark.parametrize("target", ["/webhooks/lacuna", "/webhooks/lacuna?via=asgi"])
+def test_trailer_fields_are_not_request_headers(
+    serve_factory: type[Serve], tmp_path: Path, target: str
+) -> None:
+    """A chunked body's trailer fields are not the request's headers (RFC 9110 §6.5): a
+    signature or an `X-Forwarded-For` sent there counts for nothing. Through ASGI they were
+    appended to the headers before the endpoint read them: a signature in a trailer was
+    accepted, and an `X-Forwarded-For` in a trailer (which a trusted proxy passes on after
+    its own header) chose the client address the allowlist checks."""
+    serve = serve_factory(
+        db_env(tmp_path, LACUNA_TRUSTED_PROXIES="127.0.0.1", LACUNA_ALLOWED_SOURCE_IPS="10.0.0.0/8")
+    ).start()
+    body, headers = signed(make_event("evt_trailer"))
+    framed = b"%x\r\n%s\r\n0\r\n" % (len(body), body)
+    sig = headers["x-lacuna-signature"].encode()
+    sock = connect(serve)
+    sock.sendall(
+        _chunked_head(target, {"X-Forwarded-For": "10.0.0.1"})
+        + framed
+        + b"x-lacuna-signature: %s\r\n\r\n" % sig
+    )
+    assert envelope_code(read_response(sock)) == (401, "missing_signature")
+    sock = connect(serve)
+    sock.sendall(
+        _chunked_head(target, {**headers, "X-Forwarded-For": "203.0.113.9"})
+        + framed
+        + b"X-Forwarded-For: 10.0.0.1\r\n\r\n"
+    )
+    assert envelope_code(read_response(sock)) == (403, "source_not_allowed")
+    with sqlite3.connect(tmp_path / "events.db") as conn:
+        assert conn.execute("SELECT count(*) FROM events").fetchone() == (0,)
+
+
+@pytest.mark.parametrize("target", ["/webhooks/lacuna", "/webhooks/lacuna?via=asgi"])
+def test_a_trailer_section_over_the_header_cap_gets_431(
+    serve_factory: type[Serve], tmp_path: Path, target: str
+) -> None:
+    """A trailer section larger than LACUNA_MAX_HEADER_BYTES (one endless field, or many
+    small ones) is refused with the 431 as headers are, and the server does not hold it:
+    it held every byte until the body timeout (200 MiB of trailer: 200 MiB more RSS)."""
+    serve = serve_factory(db_env(tmp_path, LACUNA_BODY_TIMEOUT="60")).start()
+    before = rss_kib(serve)
+    endless = [b"X-Endless: "] + [b"a" * (1 << 20)] * 32
+    many = [b"".join(b"X-T%d-%d: a\r\n" % (j, i) for i in range(10_000)) for j in range(20)]
+    for trailer in (endless, many):
+        sock = connect(serve)
+        sock.sendall(_chunked_head(target, {}) + b"2\r\n{}\r\n0\r\n")
+        with contextlib.suppress(OSError):  # the server may close while this is sent
+            for part in trailer:
+                sock.sendall(part)
+        assert envelope_code(read_response(sock)) == (431, "headers_too_large")
+    assert rss_kib(serve) - before < 24 * 1024
