@@ -220,9 +220,9 @@ def finish_counted(params: Mapping[str, Any], tally: Tally) -> Flow[Recorded]:
     ``finished_at``: a failure is counted (the upsert's row lock orders replicas) and
     pauses the handler when the count reaches ``pause_after``. ``paused``: this call
     paused it."""
-    if (yield Query("finish", params)) != 1:
-        yield from _end_revoked(params["id"], params["lease_token"])
-        return Recorded(False)
+    recorded = yield from finish(params)
+    if not recorded:
+        return recorded
     handler, now = params["handler"], params["finished_at"]
     if tally.kind == "failure":
         row = yield Query("count_failure", {"handler": handler, "now": now}, "row")
