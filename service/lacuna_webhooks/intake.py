@@ -77,18 +77,30 @@ class BodyBudget:
 BODY_BUDGET_MIN_BYTES = 64 * 1024 * 1024
 
 
-async def read_body(
-    receive: Receive, limit: int, declared: int | None, budget: BodyBudget
-) -> bytes:
+def too_large(limit: int) -> PayloadTooLarge:
+    """The 413 of a body over ``limit`` bytes (SPEC §3), however it was found out."""
+    return PayloadTooLarge(f"The request body is larger than {limit} bytes.")
+
+
+def admit_chunk(held: int, chunk: int, limit: int, budget: BodyBudget) -> int:
+    """Hold ``chunk`` more bytes of a body of which ``held`` are held already: the new size.
+    Raises ``PayloadTooLarge`` past ``limit`` (nothing more is taken) and ``ServerBusy`` when
+    ``budget`` is spent. Both readers of a body use it: ``read_body`` (ASGI) and the
+    direct webhook path of ``server.py``."""
+    if held + chunk > limit:
+        raise too_large(limit)
+    budget.take(chunk)
+    return held + chunk
+
+
+async def read_body(receive: Receive, limit: int, budget: BodyBudget) -> bytes:
     """Read at most ``limit`` bytes; refuse larger bodies without holding them.
 
-    A declared ``Content-Length`` over the limit is refused before anything is
-    read; a body without one (chunked) is refused as soon as it passes the limit.
-    The bytes are held against ``budget`` while they are read. Raises
-    ``PayloadTooLarge``, ``ServerBusy`` or ``ClientGone``.
+    A body is refused as soon as it passes the limit (a declared ``Content-Length`` over
+    it is refused before, by ``WebhookEndpoint.screen``). The bytes are held against
+    ``budget`` while they are read. Raises ``PayloadTooLarge``, ``ServerBusy`` or
+    ``ClientGone``.
     """
-    if declared is not None and declared > limit:
-        raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
     chunks: list[bytes] = []
     size = 0
     try:
@@ -98,10 +110,7 @@ async def read_body(
                 raise ClientGone()
             chunk = message.get("body", b"")
             if chunk:
-                if size + len(chunk) > limit:
-                    raise PayloadTooLarge(f"The request body is larger than {limit} bytes.")
-                budget.take(len(chunk))
-                size += len(chunk)
+                size = admit_chunk(size, len(chunk), limit, budget)
                 chunks.append(chunk)
             if not message.get("more_body", False):
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -195,20 +204,15 @@ class WebhookEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         try:
-            declared, signatures = self.screen(scope["headers"], lambda: _client_host(scope))
-            body = await read_body(receive, self.limit, declared, self.body_budget)
+            signatures = self.screen(scope["headers"], lambda: _client_host(scope))
+            body = await read_body(receive, self.limit, self.body_budget)
         except WebhookError as exc:
             status, content, headers = error_parts(exc)
             outcome, event = exc.code, None
         except ClientGone:
             # The sender hung up mid-body: nothing was stored, nobody reads this answer.
-            status, content, headers, outcome, event = (
-                400,
-                b"",
-                JSON_HEADERS,
-                "client_disconnected",
-                None,
-            )
+            status, content, headers = 400, b"", JSON_HEADERS
+            outcome, event = "client_disconnected", None
         else:
             status, content, headers, outcome, event = await self.answer(body, signatures)
         await send(
@@ -231,11 +235,11 @@ class WebhookEndpoint:
 
     def screen(
         self, headers: Iterable[tuple[bytes, bytes]], client: Callable[[], str | None]
-    ) -> tuple[int | None, list[str]]:
+    ) -> list[str]:
         """The checks before a byte of the body is read (SPEC §3, §10), and what the endpoint
-        needs of the headers: ``(declared Content-Length or None, x-lacuna-signature
-        values)``. ``client()`` gives the sender's address (asked only with an allowlist).
-        Raises ``SourceNotAllowed`` (403) and ``PayloadTooLarge`` (413)."""
+        needs of the headers: the ``x-lacuna-signature`` values. ``client()`` gives the
+        sender's address (asked only with an allowlist). Raises ``SourceNotAllowed`` (403)
+        and ``PayloadTooLarge`` (413, a declared ``Content-Length`` over the limit)."""
         if self.allowlist is not None and not self.allowlist.allows(client()):
             raise SourceNotAllowed()  # before a byte of the body is read (SPEC §10)
         declared: int | None = None
@@ -247,8 +251,8 @@ class WebhookEndpoint:
             elif name == _HEADER_NAME:
                 signatures.append(value.decode("latin-1"))
         if declared is not None and declared > self.limit:
-            raise PayloadTooLarge(f"The request body is larger than {self.limit} bytes.")
-        return declared, signatures
+            raise too_large(self.limit)
+        return signatures
 
     async def answer(self, body: bytes, signatures: list[str]) -> Answer:
         """Verify, parse and durably accept a whole body: ``(status, content, headers,

@@ -50,12 +50,11 @@ from .envelope import error_parts
 from .errors import (
     HeadersTooLarge,
     MalformedRequest,
-    PayloadTooLarge,
     RequestTimeout,
     ServerBusy,
     WebhookError,
 )
-from .intake import WEBHOOK_PATH, WebhookEndpoint
+from .intake import WEBHOOK_PATH, WebhookEndpoint, admit_chunk
 from .metrics import Metrics
 from .models import Event
 
@@ -535,16 +534,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             return  # answered before its body (413, 403): the rest is read and dropped
         webhook = self._shared.webhook
         assert webhook is not None
-        size = cycle.size + len(body)
-        try:
-            if size > webhook.limit:  # a chunked body, or more than its Content-Length
-                raise PayloadTooLarge(f"The request body is larger than {webhook.limit} bytes.")
-            webhook.body_budget.take(len(body))
+        try:  # a chunked body over the limit, or a body past the budget
+            cycle.size = admit_chunk(cycle.size, len(body), webhook.limit, webhook.body_budget)
         except WebhookError as exc:
             self._release_body(cycle)
             self._answer_direct(cycle, *error_parts(exc), exc.code, None)
             return
-        cycle.size = size
         held = cycle.held
         if not held:
             cycle.held = body
@@ -603,7 +598,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         cycle = _DirectCycle(headers, self.parser.should_keep_alive())
         self.cycle = cast(Any, cycle)
         try:
-            _, cycle.signatures = webhook.screen(headers, lambda: self._client(cycle))
+            cycle.signatures = webhook.screen(headers, lambda: self._client(cycle))
         except WebhookError as exc:  # 403 outside the allowlist, 413 by Content-Length
             self._answer_direct(cycle, *error_parts(exc), exc.code, None)
 

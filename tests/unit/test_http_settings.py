@@ -115,7 +115,7 @@ async def _read(chunks: list[bytes], budget: BodyBudget, limit: int = 100) -> by
     async def receive() -> dict[str, object]:
         return next(messages)
 
-    return await read_body(receive, limit, None, budget)
+    return await read_body(receive, limit, budget)
 
 
 async def test_body_budget_bounds_bodies_being_read_together() -> None:
