@@ -19,7 +19,8 @@ own to the same file:
   database, and SQLite starts it over from its beginning at the next commit instead of
   growing it (https://sqlite.org/wal.html#avoiding_excessively_large_wal_files);
 - past ``HARD_FRAMES`` (a reader holding an old snapshot kept the WAL from starting over)
-  that held checkpoint is a ``RESTART``, which waits up to ``BUSY_TIMEOUT_MS`` for readers.
+  that held checkpoint is a ``RESTART``, which waits up to ``BUSY_TIMEOUT_MS`` for readers
+  to finish the read they are in.
 
 A checkpoint never changes durability: a commit is durable in the WAL when it returns; a
 checkpoint only copies committed pages, and SQLite recovers a checkpoint cut by a crash
@@ -52,9 +53,10 @@ CATCH_UP_ROUNDS = 8
 HELD_FRAMES = 64
 #: Past this many frames (64 MiB of 4 KiB pages) the held checkpoint waits for readers.
 HARD_FRAMES = 16384
-#: How long that ``RESTART`` waits for readers (the writer is held meanwhile): admin searches
-#: end their read transactions within their 0.5 s budget.
-BUSY_TIMEOUT_MS = 1000
+#: How long that ``RESTART`` waits for readers, the writer held meanwhile: short, because
+#: intake waits with it. A reader still busy then (an admin search runs up to its 0.5 s
+#: budget) makes the round fail with a warning; the next catch-up tries again.
+BUSY_TIMEOUT_MS = 200
 #: The automatic checkpoint the writer's connection gets back if this thread fails (SQLite's
 #: default, in pages).
 FALLBACK_AUTOCHECKPOINT = 1000
