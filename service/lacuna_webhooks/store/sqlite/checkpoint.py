@@ -55,7 +55,7 @@ HELD_FRAMES = 64
 HARD_FRAMES = 16384
 #: How long that ``RESTART`` waits for readers, the writer held meanwhile: short, because
 #: intake waits with it. A reader still busy then (an admin search runs up to its 0.5 s
-#: budget) makes the round fail with a warning; the next catch-up tries again.
+#: budget) ends the round without the restart; the next catch-up tries again.
 BUSY_TIMEOUT_MS = 200
 #: The automatic checkpoint the writer's connection gets back if this thread fails (SQLite's
 #: default, in pages).
