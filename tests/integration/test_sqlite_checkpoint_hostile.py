@@ -111,3 +111,78 @@ def test_a_reader_pinning_the_wal_does_not_hold_the_writer_at_every_round(
         assert len(held) == 1, held  # from HARD_FRAMES again
     finally:
         cp.close()
+
+
+_CHILD_SHUTDOWN = """
+import pickle, socket, subprocess, sys, threading
+from lacuna_webhooks.child import read_frame_blocking
+from lacuna_webhooks.store.sqlite import process
+from lacuna_webhooks.store.sqlite.operations import connect
+
+path = sys.argv[1]
+PEER = (
+    "import sqlite3, sys\\n"
+    "c = sqlite3.connect(sys.argv[1], timeout=0)\\n"
+    "print(c.execute('PRAGMA journal_mode = DELETE').fetchone()[0])\\n"
+)
+seen = []
+
+
+def probe(sql):
+    # The writer's connection runs this while it is still open, after the checkpointer
+    # closed its file descriptor: can another process take the file out of WAL mode now?
+    if "wal_autocheckpoint = 1000" in sql:
+        peer = subprocess.run([sys.executable, "-c", PEER, path], capture_output=True, text=True)
+        seen.append(peer.stdout.strip() or "locked")
+
+
+def open_traced(p):
+    c = connect(p, "full")
+    c.set_trace_callback(probe)
+    return c
+
+
+ours, theirs = socket.socketpair()
+
+
+def parent():
+    ours.sendall(process._frame(("hello", open_traced, (path,), None, None)))
+    stream = ours.makefile("rb")
+    assert pickle.loads(read_frame_blocking(stream, 1 << 20))[0] == "ok"
+    ours.shutdown(socket.SHUT_WR)  # the end of serve: the child sees EOF and closes
+    stream.read()
+    stream.close()
+    ours.close()
+
+
+thread = threading.Thread(target=parent)
+thread.start()
+code = process.child_main(theirs.detach())
+thread.join()
+print(code, ",".join(seen))
+"""
+
+
+def test_the_writer_process_closes_without_dropping_the_files_lock(db: Path) -> None:
+    """The checkpointer has a file descriptor of its own on the database (for its fsync);
+    closing any descriptor of a file drops every POSIX lock the process holds on it, the
+    writer connection's SHARED lock included. The writer process closed that descriptor
+    before the writer's connection: in between, another process could take the file out of
+    WAL mode (or, closing, think itself the last user and delete the WAL) under a live
+    connection. Run for real: ``child_main`` serving a parent over a socket pair, probed
+    from a peer process at the writer connection's last statement."""
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD_SHUTDOWN, str(db)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    code, _, seen = done.stdout.strip().partition(" ")
+    assert code == "0"
+    assert "delete" not in seen.split(","), seen  # the peer never got the file
+    with sqlite3.connect(db) as peer:
+        assert peer.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert peer.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    peer.close()
+    assert not Path(f"{db}-wal").exists()  # the last connection folded the WAL in

@@ -73,6 +73,12 @@ class Checkpointer:
     runs; ``close()`` ends the thread, closes its connection and gives ``conn`` its
     automatic checkpoint back (idempotent). Raises ``sqlite3.Error`` or ``OSError`` if the
     file cannot be opened a second time.
+
+    ``close()`` also closes this object's own descriptor of the file (for its fsync), and
+    closing any descriptor of a file drops every POSIX lock the process holds on it: the
+    SHARED lock of ``conn`` too, which keeps other processes from taking the file out of WAL
+    mode or deleting its WAL. A writer that is done should therefore close ``conn`` first
+    (the last connection, this one, then checkpoints the WAL into the file as it closes).
     """
 
     def __init__(self, conn: sqlite3.Connection) -> None:
