@@ -20,7 +20,10 @@ own to the same file:
   growing it (https://sqlite.org/wal.html#avoiding_excessively_large_wal_files);
 - past ``HARD_FRAMES`` (a reader holding an old snapshot kept the WAL from starting over)
   that held checkpoint is a ``RESTART``, which waits up to ``BUSY_TIMEOUT_MS`` for readers
-  to finish the read they are in.
+  to finish the read they are in. A reader still there then (a backup, an operator's
+  ``sqlite3`` shell) is not waited for again at every round, which would hold the writer
+  most of the time: the next ``RESTART`` waits until the WAL has doubled, and the threshold
+  is ``HARD_FRAMES`` again once a round finds the WAL below it (it started over).
 
 A checkpoint never changes durability: a commit is durable in the WAL when it returns; a
 checkpoint only copies committed pages, and SQLite recovers a checkpoint cut by a crash
@@ -70,6 +73,12 @@ class Checkpointer:
     runs; ``close()`` ends the thread, closes its connection and gives ``conn`` its
     automatic checkpoint back (idempotent). Raises ``sqlite3.Error`` or ``OSError`` if the
     file cannot be opened a second time.
+
+    ``close()`` also closes this object's own descriptor of the file (for its fsync), and
+    closing any descriptor of a file drops every POSIX lock the process holds on it: the
+    SHARED lock of ``conn`` too, which keeps other processes from taking the file out of WAL
+    mode or deleting its WAL. A writer that is done should therefore close ``conn`` first
+    (the last connection, this one, then checkpoints the WAL into the file as it closes).
     """
 
     def __init__(self, conn: sqlite3.Connection) -> None:
@@ -90,6 +99,7 @@ class Checkpointer:
         self._failed = False
         self.checkpoints = 0  # passive rounds, for tests and diagnostics
         self.holds = 0  # held rounds after which the WAL starts over
+        self._restart_frames = HARD_FRAMES  # a held round from this many frames is a RESTART
         conn.execute("PRAGMA wal_autocheckpoint = 0")
         self._thread = threading.Thread(target=self._run, name="sqlite-checkpoint", daemon=True)
         self._thread.start()
@@ -151,14 +161,18 @@ class Checkpointer:
         WAL since it last started over (``-1`` from SQLite when the file is not in WAL
         mode)."""
         frames, copied = self._passive()
+        if frames < HARD_FRAMES:
+            self._restart_frames = HARD_FRAMES
         if frames < CATCH_UP_FRAMES:
             return frames, copied
         for _ in range(CATCH_UP_ROUNDS):
             if frames - copied <= HELD_FRAMES:
                 break
             frames, copied = self._passive()
-        mode = "RESTART" if frames >= HARD_FRAMES else "PASSIVE"
+        mode = "RESTART" if frames >= self._restart_frames else "PASSIVE"
         with self.commit_lock:
-            _, frames, copied = self._conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+            busy, frames, copied = self._conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+        if mode == "RESTART" and busy:  # a reader outlasted the wait: not again before
+            self._restart_frames = 2 * max(frames, self._restart_frames)
         self.holds += 1
         return frames, copied

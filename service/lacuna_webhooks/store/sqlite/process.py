@@ -430,8 +430,10 @@ def child_main(fd: int) -> int:
                 checkpointer.committed()
                 answer(reply)
         finally:
-            checkpointer.close()
+            # In this order: the checkpointer's close() closes its descriptor of the file,
+            # which drops every POSIX lock this process holds on it (the writer's too).
             conn.close()
+            checkpointer.close()
     except (BrokenPipeError, ConnectionResetError):
         pass  # the parent is gone: nobody is left to answer
     except ValueError as exc:  # a corrupt frame (read_frame_blocking): the parent restarts us
