@@ -671,6 +671,27 @@ async def test_database_wal_and_shm_are_owner_only(
         await s.close()
 
 
+async def test_a_database_behind_a_dangling_link_is_created_owner_only(tmp_path: Path) -> None:
+    """The path is a symbolic link to a file not created yet (a data folder kept on another
+    disk): the file is created 0600 through the link, as a plain path's is (it was created
+    with the umask's 0644, the link taken for an existing file)."""
+    (tmp_path / "disk").mkdir()
+    link = tmp_path / "events.db"
+    link.symlink_to(tmp_path / "disk" / "events.db")
+    previous = os.umask(0o022)
+    try:
+        s = SQLiteStore(str(link), process=True)
+        await s.open()
+    finally:
+        os.umask(previous)
+    try:
+        assert await s.accept(event("evt_linked"), ["a"], now=NOW) is True
+    finally:
+        await s.close()
+    assert link.is_symlink()
+    assert (tmp_path / "disk" / "events.db").stat().st_mode & 0o777 == 0o600
+
+
 async def test_an_existing_database_keeps_its_mode(tmp_path: Path) -> None:
     """A file the operator created (here 0640) is opened as it is, not re-moded."""
     path = tmp_path / "events.db"

@@ -14,7 +14,8 @@ own to the same file:
   SQLite calls release the GIL), and the copied pages are fsynced by this thread too, while
   the writer commits;
 - once the WAL holds ``CATCH_UP_FRAMES`` frames, passive rounds repeat until the writer has
-  committed at most ``HELD_FRAMES`` frames during one; those few are then copied with the
+  committed at most ``HELD_FRAMES`` frames during one; those few (at most
+  ``MAX_HELD_FRAMES``, else the hold waits for a later round) are then copied with the
   writer held between two requests (``commit_lock``). The WAL is then wholly in the
   database, and SQLite starts it over from its beginning at the next commit instead of
   growing it (https://sqlite.org/wal.html#avoiding_excessively_large_wal_files);
@@ -27,9 +28,11 @@ own to the same file:
 
 A checkpoint never changes durability: a commit is durable in the WAL when it returns; a
 checkpoint only copies committed pages, and SQLite recovers a checkpoint cut by a crash
-(tests/integration/test_sqlite_store.py kills a writer mid-checkpoint). If this thread
-fails, it logs why and the writer's connection gets its automatic checkpoint back, so the
-WAL never grows without bound.
+(tests/integration/test_sqlite_store.py kills a writer mid-checkpoint). A round that fails
+on the file (a full disk, an I/O error) is logged once and tried again every
+``RETRY_SECONDS``, commits or not, until one succeeds. If the thread itself fails (a bug), it
+logs why and the writer's connection gets its automatic checkpoint back, so the WAL never
+grows without bound.
 """
 
 from __future__ import annotations
@@ -39,7 +42,6 @@ import logging
 import os
 import sqlite3
 import threading
-import time
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +56,10 @@ CATCH_UP_FRAMES = 4096
 #: round then has about that many frames to copy and fsync (256 KiB).
 CATCH_UP_ROUNDS = 8
 HELD_FRAMES = 64
+#: The held round is skipped while more than this is left to copy (2 MiB: about 10 ms held;
+#: after a long reader ends, hundreds of MiB), and the next round catches up further; unless
+#: the WAL is past ``HARD_FRAMES``, when bounding it comes first.
+MAX_HELD_FRAMES = 512
 #: Past this many frames (64 MiB of 4 KiB pages) the held checkpoint waits for readers.
 HARD_FRAMES = 16384
 #: How long that ``RESTART`` waits for readers, the writer held meanwhile: short, because
@@ -63,6 +69,10 @@ BUSY_TIMEOUT_MS = 200
 #: The automatic checkpoint the writer's connection gets back if this thread fails (SQLite's
 #: default, in pages).
 FALLBACK_AUTOCHECKPOINT = 1000
+#: After a round failed (a full disk, an I/O error), the next one comes this much later even
+#: without a commit: commits may be failing for the same reason, and the copy is what frees
+#: the WAL once space is back.
+RETRY_SECONDS = 1.0
 
 
 class Checkpointer:
@@ -95,7 +105,10 @@ class Checkpointer:
             raise
         self.commit_lock = threading.Lock()
         self._wake = threading.Event()
+        self._stop = threading.Event()
         self._stopping = False
+        self._failing = False  # the last round failed: logged once, and once when it recovers
+        self._synced = 0  # ``copied`` as of the last fsync (SQLite counts since the restart)
         self._failed = False
         self.checkpoints = 0  # passive rounds, for tests and diagnostics
         self.holds = 0  # held rounds after which the WAL starts over
@@ -116,6 +129,7 @@ class Checkpointer:
         if self._stopping:
             return
         self._stopping = True
+        self._stop.set()
         self._wake.set()
         self._thread.join()
         self._conn.close()
@@ -130,29 +144,38 @@ class Checkpointer:
     def _run(self) -> None:
         while True:
             self._wake.wait()
-            if self._stopping:
+            if self._stop.wait(INTERVAL_SECONDS):
                 return
-            time.sleep(INTERVAL_SECONDS)
             self._wake.clear()
-            if self._stopping:
-                return
             try:
                 self.checkpoint()
             except (sqlite3.Error, OSError) as exc:
-                # A busy file or a full disk: the commits are not affected (the WAL holds
-                # them) and the next commit's round tries again.
-                logger.warning("store.sqlite.checkpoint_failed: %s", exc)
+                # A full disk, an I/O error: committed events are safe in the WAL. Logged
+                # once per streak; tried again after RETRY_SECONDS, commits or not.
+                if not self._failing:
+                    self._failing = True
+                    logger.warning("store.sqlite.checkpoint_failed: %s (retrying)", exc)
+                if self._stop.wait(RETRY_SECONDS):
+                    return
+                self._wake.set()
+                continue
             except Exception:
                 logger.exception("store.sqlite.checkpointer_failed: automatic checkpoints back on")
                 self._failed = True  # the writer's thread turns them back on (its connection)
                 return
+            if self._failing:
+                self._failing = False
+                logger.info("store.sqlite.checkpoint_recovered")
 
     def _passive(self) -> tuple[int, int]:
         """One passive round and the fsync of what it copied: (WAL frames, frames copied)."""
         _, frames, copied = self._conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         self.checkpoints += 1
-        if copied > 0:
+        if copied < self._synced:  # the WAL started over since
+            self._synced = 0
+        if copied > self._synced:
             os.fsync(self._db_fd)
+            self._synced = copied
         return frames, copied
 
     def checkpoint(self) -> tuple[int, int]:
@@ -169,6 +192,8 @@ class Checkpointer:
             if frames - copied <= HELD_FRAMES:
                 break
             frames, copied = self._passive()
+        if frames - copied > MAX_HELD_FRAMES and frames < HARD_FRAMES:
+            return frames, copied  # too much left to hold the writer for: the next round
         mode = "RESTART" if frames >= self._restart_frames else "PASSIVE"
         with self.commit_lock:
             busy, frames, copied = self._conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
