@@ -401,7 +401,7 @@ asyncio.run(main())
     ("padding", "count"),
     [(0, 300), (4000, 6000)],
     # 6000 events of 4 KB, about 12,000 WAL pages: several checkpoints meanwhile (the writer
-    # process's checkpoint thread starts the WAL over every 4096 pages), and in the writer
+    # process's checkpoint thread starts the WAL over every 1000 pages), and in the writer
     # process the kill reaches the writer itself too, wherever its thread is.
     ids=["small", "checkpointing"],
 )
@@ -518,7 +518,7 @@ async def test_a_stuck_writer_process_is_killed_and_replaced(
 
 
 #: The -wal file's bound (docs/internals.md, "Durability"): the writer process's checkpoint
-#: thread starts the WAL over once it holds 4096 pages (RESTART past 16384), and the file stays
+#: thread starts the WAL over once it holds 1000 pages (RESTART past 16384), and the file stays
 #: near that size; 64 MiB is also journal_size_limit.
 WAL_BOUND_BYTES = 64 * 1024 * 1024
 

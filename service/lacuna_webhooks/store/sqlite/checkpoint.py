@@ -48,9 +48,10 @@ logger = logging.getLogger(__name__)
 #: Checkpoints start at most this often (after a commit): at 16,000 events/s of 1.5 KB, about
 #: 1,700 WAL pages (7 MiB) a round.
 INTERVAL_SECONDS = 0.05
-#: A WAL of at least this many frames (16 MiB of 4 KiB pages: four times SQLite's automatic
-#: checkpoint threshold) is caught up and then started over.
-CATCH_UP_FRAMES = 4096
+#: A WAL of at least this many frames (4 MiB of 4 KiB pages, SQLite's own automatic checkpoint
+#: threshold: a full disk finds no larger backlog than SQLite's default would leave) is caught
+#: up and then started over. 4096 and 12000 measured the same request p99 (docs/performance.md).
+CATCH_UP_FRAMES = 1000
 #: Passive rounds repeat (each copies what was committed during the one before) until one
 #: left at most ``HELD_FRAMES`` frames uncopied, at most ``CATCH_UP_ROUNDS`` times; the held
 #: round then has about that many frames to copy and fsync (256 KiB).
