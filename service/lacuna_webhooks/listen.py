@@ -31,6 +31,7 @@ import os
 import random
 import re
 import signal
+import stat
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -147,13 +148,30 @@ def default_cursor_file(target: Target, forward_to: str, environ: Mapping[str, s
     return Path(state) / "lacuna-webhooks" / "listen" / f"{key}.json"
 
 
+#: A cursor file this command wrote is about 200 bytes; anything much larger is another file.
+MAX_CURSOR_FILE_BYTES = 64 * 1024
+
+
 def read_cursor_file(path: Path) -> str | None:
     """The saved cursor, or ``None`` when there is no file yet; ``ListenError`` for a file
-    that is not one this command wrote."""
+    that is not one this command wrote (also a FIFO, a device or a directory: refused, never
+    read, so that a FIFO cannot hang the start and ``/dev/zero`` cannot fill memory)."""
     try:
-        saved = orjson.loads(path.read_bytes())
+        # O_NONBLOCK: opening a FIFO must not wait for a writer.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         return None
+    except OSError as exc:
+        raise ListenError(f"cannot read the cursor file {path}: {exc.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise ListenError(f"the cursor file {path} is not a regular file")
+        with open(fd, "rb") as f:
+            data = f.read(MAX_CURSOR_FILE_BYTES + 1)
+        if len(data) > MAX_CURSOR_FILE_BYTES:
+            raise ListenError(f"{path} is not a cursor file (larger than 64 KiB)")
+        saved = orjson.loads(data)
     except (OSError, orjson.JSONDecodeError) as exc:
         raise ListenError(f"cannot read the cursor file {path}: {exc}") from None
     cursor = saved.get("cursor") if isinstance(saved, dict) else None

@@ -11,6 +11,8 @@ is read by the OpenTelemetry SDK itself, as its documentation says (docs/observa
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -24,6 +26,14 @@ EXPORTERS = ("otlp", "console", "none")
 #: The OTLP transport this package ships (``opentelemetry-exporter-otlp-proto-http``).
 PROTOCOLS = ("http/protobuf",)
 INSTALL_HINT = "pip install 'lacuna-webhooks[otel]'"
+#: The OTLP exporter's file settings (the SDK opens them when the exporter starts): each, when
+#: set, must name a readable regular file. A FIFO there hung the start; a missing file ended
+#: it with a traceback.
+CERTIFICATE_FILES = tuple(
+    f"OTEL_EXPORTER_OTLP_{scope}{name}"
+    for name in ("CERTIFICATE", "CLIENT_CERTIFICATE", "CLIENT_KEY")
+    for scope in ("", "TRACES_")
+)
 
 
 def _value(environ: Mapping[str, str], name: str) -> str:
@@ -64,9 +74,27 @@ def trace_exporters(environ: Mapping[str, str]) -> tuple[str, ...]:
                         f"{', '.join(PROTOCOLS)}; the endpoint is usually port 4318)"
                     )
                 break  # the traces-specific variable wins over the general one
+        problems += [p for p in (_file_problem(environ, n) for n in CERTIFICATE_FILES) if p]
     if problems:
         raise ConfigError("; ".join(problems))
     return exporters
+
+
+def _file_problem(environ: Mapping[str, str], name: str) -> str | None:
+    """Why the file the variable ``name`` names cannot serve, or ``None`` (also when unset).
+    A stat, never an open: a FIFO must not block here either."""
+    path = _value(environ, name)
+    if not path:
+        return None
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        return f"{name}: cannot read {path}: {exc.strerror or type(exc).__name__}"
+    if not stat.S_ISREG(mode):
+        return f"{name}: {path} is not a regular file"
+    if not os.access(path, os.R_OK):
+        return f"{name}: cannot read {path}: Permission denied"
+    return None
 
 
 def load_tracing(environ: Mapping[str, str]) -> Tracing | None:

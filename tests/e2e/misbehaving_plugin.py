@@ -10,6 +10,7 @@ then, by the event id's prefix:
 - ``evt_raise_<Name>``: raises ``SystemExit(0)``, ``KeyboardInterrupt``,
   ``GeneratorExit``, ``CancelledError``, ``Custom`` (a ``BaseException`` subclass) or
   ``Unprintable`` (an exception whose ``__str__`` raises);
+- ``evt_fail_``: raises ``RuntimeError`` at once (a handler failing fast, every time);
 - ``evt_exit_``: ``os._exit(3)``, as a crash would;
 - ``evt_hang_``: ``await asyncio.sleep(3600)`` (cooperative, until cut off or killed);
 - anything else: succeeds.
@@ -66,6 +67,8 @@ class Misbehaving:
                 pass
         elif event.id.startswith("evt_raise_"):
             raise RAISES[event.id.removeprefix("evt_raise_")]
+        elif event.id.startswith("evt_fail_"):
+            raise RuntimeError("fails fast")
         elif event.id.startswith("evt_exit_"):
             os._exit(3)
         elif event.id.startswith("evt_hang_"):

@@ -115,6 +115,37 @@ def test_a_blocking_handler_stalls_neither_intake_nor_healthz(
     assert serve.proc.poll() is None
 
 
+def test_a_handler_failing_fast_stalls_neither_intake_nor_healthz(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """A handler that fails at once, every time, with retries 1-10 ms apart and no pause:
+    its attempts, their outcomes and the claims of their retries all go through the same
+    SQLite writer as intake's commits. While hundreds of attempts churn through it,
+    webhooks and /healthz keep answering within the bound, and the events that arrived
+    meanwhile are delivered."""
+    out = tmp_path / "started.txt"
+    serve = serve_factory(
+        plugin_env(
+            tmp_path,
+            LACUNA_RETRY_BASE_DELAY="0.001",
+            LACUNA_RETRY_MAX_DELAY="0.01",
+            LACUNA_RETRY_MAX_ATTEMPTS="1000000",
+            LACUNA_MISBEHAVING_CONCURRENCY="16",
+        )
+    ).start()
+    failing = [f"evt_fail_{i}" for i in range(32)]
+    for event_id in failing:
+        assert send(serve, event_id).status_code == 200
+    wait_until(lambda: len(started(out)) >= 500, timeout=60, what="hundreds of failed attempts")
+    probes = assert_intake_answers(serve, "churn", count=20)
+    churned = len(started(out))
+    wait_until(lambda: set(probes) <= set(started_ids(out)), timeout=60, what="probes delivered")
+    wait_until(lambda: len(started(out)) > churned + 100, timeout=60, what="the churn going on")
+    assert attempts_of(serve, probes[0])[0]["outcome"] == "ok"
+    assert serve.proc is not None
+    assert serve.proc.poll() is None
+
+
 def test_every_base_exception_is_an_attempt_outcome(
     serve_factory: type[Serve], tmp_path: Path
 ) -> None:

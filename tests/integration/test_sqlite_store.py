@@ -399,15 +399,19 @@ asyncio.run(main())
 @WRITERS
 @pytest.mark.parametrize(
     ("padding", "count"),
-    [(0, 300), (4000, 3000)],
-    ids=["small", "checkpointing"],  # 3000 events of 4 KB: several WAL checkpoints meanwhile
+    [(0, 300), (4000, 6000)],
+    # 6000 events of 4 KB, about 12,000 WAL pages: several checkpoints meanwhile (the writer
+    # process's checkpoint thread starts the WAL over every 1000 pages), and in the writer
+    # process the kill reaches the writer itself too, wherever its thread is.
+    ids=["small", "checkpointing"],
 )
 async def test_sigkill_mid_batch_loses_nothing_confirmed(
     db_path: Path, process: bool, padding: int, count: int
 ) -> None:
     """A process killed while accepts are being committed (and, with enough data, while
-    SQLite's checkpoints copy the WAL into the file) loses no accept it confirmed, and the
-    file opens cleanly afterwards; a writer process of its own exits with it."""
+    checkpoints copy the WAL into the file) loses no accept it confirmed, and the file
+    opens cleanly afterwards; a writer process of its own exits with it, or is killed
+    first."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
@@ -430,6 +434,8 @@ async def test_sigkill_mid_batch_loses_nothing_confirmed(
                 assert line, "the writer process ended early"
                 confirmed.add(line.decode().strip())
     finally:
+        if process and padding:
+            os.kill(writer_pid, signal.SIGKILL)
         proc.send_signal(signal.SIGKILL)
     rest = await asyncio.wait_for(proc.stdout.read(), PROMPT)
     confirmed |= {line for line in rest.decode().splitlines() if line}
@@ -511,15 +517,16 @@ async def test_a_stuck_writer_process_is_killed_and_replaced(
         await s.close()
 
 
-#: The -wal file's bound (docs/internals.md, "Durability"): SQLite checkpoints when the WAL
-#: passes 1000 pages, and the file stays near that size; 64 MiB is journal_size_limit.
+#: The -wal file's bound (docs/internals.md, "Durability"): the writer process's checkpoint
+#: thread starts the WAL over once it holds 1000 pages (RESTART past 16384), and the file stays
+#: near that size; 64 MiB is also journal_size_limit.
 WAL_BOUND_BYTES = 64 * 1024 * 1024
 
 
 async def test_the_wal_stays_bounded_while_the_writer_process_commits(db_path: Path) -> None:
     """While about 100 MB of WAL frames are committed in group commits by ``serve``'s writer
-    process, its checkpoints keep the -wal file under ``WAL_BOUND_BYTES`` (with checkpoints
-    turned off it reaches 73 MB here)."""
+    process, its checkpoint thread keeps the -wal file under ``WAL_BOUND_BYTES`` (with the
+    thread's rounds taken out it reaches 73 MB here)."""
     s = SQLiteStore(str(db_path), process=True)
     await s.open()
     wal = f"{db_path}-wal"
@@ -662,6 +669,27 @@ async def test_database_wal_and_shm_are_owner_only(
         assert (tmp_path / "new").stat().st_mode & 0o777 == 0o700
     finally:
         await s.close()
+
+
+async def test_a_database_behind_a_dangling_link_is_created_owner_only(tmp_path: Path) -> None:
+    """The path is a symbolic link to a file not created yet (a data folder kept on another
+    disk): the file is created 0600 through the link, as a plain path's is (it was created
+    with the umask's 0644, the link taken for an existing file)."""
+    (tmp_path / "disk").mkdir()
+    link = tmp_path / "events.db"
+    link.symlink_to(tmp_path / "disk" / "events.db")
+    previous = os.umask(0o022)
+    try:
+        s = SQLiteStore(str(link), process=True)
+        await s.open()
+    finally:
+        os.umask(previous)
+    try:
+        assert await s.accept(event("evt_linked"), ["a"], now=NOW) is True
+    finally:
+        await s.close()
+    assert link.is_symlink()
+    assert (tmp_path / "disk" / "events.db").stat().st_mode & 0o777 == 0o600
 
 
 async def test_an_existing_database_keeps_its_mode(tmp_path: Path) -> None:

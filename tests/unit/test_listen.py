@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import http.server
+import os
 import threading
 import time
 from pathlib import Path
@@ -73,6 +74,23 @@ def test_cursor_file_round_trip_and_replace(tmp_path: Path) -> None:
     path.write_text("not json")
     with pytest.raises(ListenError, match="cannot read"):
         listen.read_cursor_file(path)
+
+
+def test_a_cursor_file_that_is_no_file_is_refused_without_reading_it(tmp_path: Path) -> None:
+    """A FIFO at the cursor file's path hung ``listen`` at start (the open waited for a
+    writer); a device or a huge file would have been read whole. Each is one clear error."""
+    fifo = tmp_path / "c.fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(ListenError, match="not a regular file"):
+        listen.read_cursor_file(fifo)
+    with pytest.raises(ListenError, match="not a regular file"):
+        listen.read_cursor_file(Path("/dev/zero"))
+    with pytest.raises(ListenError, match="not a regular file"):
+        listen.read_cursor_file(tmp_path)
+    big = tmp_path / "big.json"
+    big.write_bytes(b" " * (listen.MAX_CURSOR_FILE_BYTES + 1))
+    with pytest.raises(ListenError, match="not a cursor file"):
+        listen.read_cursor_file(big)
 
 
 def test_default_cursor_file_is_per_deployment_and_app(tmp_path: Path) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from lacuna_webhooks.errors import ConfigError
@@ -65,3 +68,27 @@ def test_which_exporters(env: dict[str, str], exporters: tuple[str, ...]) -> Non
 def test_what_cannot_be_honoured_is_a_config_error(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         trace_exporters(env)
+
+
+@pytest.mark.parametrize("variable", ["CERTIFICATE", "TRACES_CLIENT_KEY", "CLIENT_CERTIFICATE"])
+def test_certificate_files_must_be_readable_regular_files(tmp_path: Path, variable: str) -> None:
+    """A FIFO named as the collector's certificate hung the start (the SDK opens it); a
+    missing file ended it with a traceback. Each is now one line naming the variable."""
+    name = f"OTEL_EXPORTER_OTLP_{variable}"
+    fifo = tmp_path / "cert.fifo"
+    os.mkfifo(fifo)
+    good = tmp_path / "ca.pem"
+    good.write_text("-----BEGIN CERTIFICATE-----\n")
+    base = {"OTEL_EXPORTER_OTLP_ENDPOINT": ENDPOINT}
+    assert trace_exporters({**base, name: str(good)}) == ("otlp",)
+    for path, reason in [
+        (fifo, "is not a regular file"),
+        (tmp_path, "is not a regular file"),
+        (tmp_path / "missing.pem", "cannot read"),
+    ]:
+        with pytest.raises(ConfigError) as err:
+            trace_exporters({**base, name: str(path)})
+        assert str(err.value).startswith(f"{name}: "), err.value
+        assert reason in str(err.value)
+    assert trace_exporters({"OTEL_SDK_DISABLED": "true", name: str(fifo)}) == ()
+    assert trace_exporters({name: str(fifo)}) == ()  # tracing off: not the exporter's file

@@ -205,11 +205,18 @@ def _create_owner_only(where: str) -> None:
     """Create a new database file readable and writable by its owner only (``FILE_MODE``),
     whatever the umask (issue 10: events hold customer data). SQLite gives its ``-wal`` and
     ``-shm`` files the mode of the database file, so they are owner-only too. An existing
-    file keeps the mode its operator gave it."""
+    file keeps the mode its operator gave it. A symbolic link to a file not there yet (a
+    data folder linked elsewhere) has its target created owner-only the same way; SQLite
+    would have created it with the umask's mode."""
     try:
         fd = os.open(where, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
     except FileExistsError:
-        return
+        if os.path.exists(where):
+            return
+        try:  # a dangling link (O_EXCL refuses any link): create its target, following it
+            fd = os.open(os.path.realpath(where), os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        except FileExistsError:
+            return  # created meanwhile by someone else: theirs
     try:
         os.fchmod(fd, FILE_MODE)  # the umask may have taken bits off; never adds any
     finally:

@@ -45,6 +45,7 @@ from typing import Any, Generic, TypeVar
 
 from ...child import frame, read_frame, read_frame_blocking, start_child
 from ...errors import StoreUnavailable
+from .checkpoint import Checkpointer
 from .writer import MAX_BATCH, RowRefused, run_job, write_batch
 
 logger = logging.getLogger(__name__)
@@ -415,12 +416,24 @@ def child_main(fd: int) -> int:
         except Exception as exc:
             answer(("unavailable", f"The event store failed to open: {exc}"))
             return 1
+        try:
+            checkpointer = Checkpointer(conn)
+        except (sqlite3.Error, OSError) as exc:
+            conn.close()
+            answer(("unavailable", f"The event store failed to open: {exc}"))
+            return 1
         answer(("ok", None))
         try:
             while (request := read()) is not None:
-                answer(_serve(conn, request, accept_batch, row_type))
+                with checkpointer.commit_lock:
+                    reply = _serve(conn, request, accept_batch, row_type)
+                checkpointer.committed()
+                answer(reply)
         finally:
+            # In this order: the checkpointer's close() closes its descriptor of the file,
+            # which drops every POSIX lock this process holds on it (the writer's too).
             conn.close()
+            checkpointer.close()
     except (BrokenPipeError, ConnectionResetError):
         pass  # the parent is gone: nobody is left to answer
     except ValueError as exc:  # a corrupt frame (read_frame_blocking): the parent restarts us
