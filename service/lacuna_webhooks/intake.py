@@ -254,17 +254,24 @@ class WebhookEndpoint:
             raise too_large(self.limit)
         return signatures
 
-    async def answer(self, body: bytes, signatures: list[str]) -> Answer:
+    async def answer(
+        self,
+        body: bytes,
+        signatures: list[str],
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> Answer:
         """Verify, parse and durably accept a whole body: ``(status, content, headers,
         outcome, event)``. Never raises: every outcome is an answer, bugs included (the
-        500 envelope; the direct path and this one bypass Starlette's error middleware)."""
+        500 envelope; the direct path and this one bypass Starlette's error middleware).
+        ``loop``: the running loop, when the caller knows it (``asyncio.get_running_loop()``
+        costs a ``getpid()`` system call before Python 3.12)."""
         event: Event | None = None
         try:
             # Several header lines are one comma-separated list (RFC 9110 §5.3).
             header = ",".join(signatures) if signatures else None
             verify(body, header, self.secrets, now=time.time(), tolerance=self.tolerance)
             event = Event.from_body(body)
-            new = await self._accept(event)
+            new = await self._accept(event, loop)
         except WebhookError as exc:
             status, content, headers = error_parts(exc)
             return status, content, headers, exc.code, event
@@ -274,7 +281,7 @@ class WebhookEndpoint:
         content = orjson.dumps({"received": True, "id": event.id, "duplicate": not new})
         return 200, content, JSON_HEADERS, "accepted" if new else "duplicate", event
 
-    async def _accept(self, event: Event) -> bool:
+    async def _accept(self, event: Event, loop: asyncio.AbstractEventLoop | None = None) -> bool:
         """``store.accept``, waited for at most ``LACUNA_COMMIT_TIMEOUT`` seconds (checked
         every tenth of it, so the 503 comes within 1.1 times the setting).
 
@@ -287,7 +294,7 @@ class WebhookEndpoint:
         One watchdog timer serves every waiting request: ``asyncio.timeout`` per request
         measured 7-10 µs each, a fifth of the whole request path.
         """
-        task = asyncio.current_task()
+        task = asyncio.current_task(loop)
         assert task is not None
         self._waiting[task] = time.monotonic() + self.commit_timeout
         if self._watchdog is None or self._watchdog_loop is not task.get_loop():
@@ -333,7 +340,13 @@ class WebhookEndpoint:
     # --- the request log and metrics, one loop turn at a time ------------------------------
 
     def log_request(
-        self, status: int, outcome: str, event: Event | None, elapsed: float, client: str | None
+        self,
+        status: int,
+        outcome: str,
+        event: Event | None,
+        elapsed: float,
+        client: str | None,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         """Queue the request's log line and metrics; one loop turn's are recorded together.
 
@@ -342,7 +355,8 @@ class WebhookEndpoint:
         per request (``make bench``) than a ``logger.info`` and counter updates in each. A
         line waits at most for the end of the turn; it is the same structlog line either way.
         """
-        loop = asyncio.get_running_loop()
+        if loop is None:
+            loop = asyncio.get_running_loop()
         if self._log_flush_on is not loop:
             self._log_flush_on = loop
             loop.call_soon(self._flush_request_log)

@@ -610,7 +610,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             cycle.response_complete = True
             self._log_direct(cycle, 400, "client_disconnected", None)
             return
-        status, content, headers, outcome, event = await webhook.answer(body, cycle.signatures)
+        answer = await webhook.answer(body, cycle.signatures, self.loop)
+        status, content, headers, outcome, event = answer
         self._answer_direct(cycle, status, content, headers, outcome, event)
 
     def _answer_direct(
@@ -646,7 +647,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         assert webhook is not None
         # Who sent a refused request: logged as the ASGI path logs it (intake.py).
         client = self._client(cycle) if status != 200 else None
-        webhook.log_request(status, outcome, event, time.perf_counter() - cycle.started, client)
+        elapsed = time.perf_counter() - cycle.started
+        webhook.log_request(status, outcome, event, elapsed, client, self.loop)
 
     def _client(self, cycle: _DirectCycle) -> str | None:
         return self._shared.client_of(self.client, cycle.headers)

@@ -27,6 +27,7 @@ defaults to ``lacuna-webhooks``), ``BatchSpanProcessor`` ``OTEL_BSP_*``.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 from datetime import datetime
@@ -220,7 +221,7 @@ class TracedWebhookEndpoint(WebhookEndpoint):
             if status >= 500:
                 span.set_status(Status(StatusCode.ERROR))
 
-    async def _accept(self, event: Event) -> bool:
+    async def _accept(self, event: Event, loop: asyncio.AbstractEventLoop | None = None) -> bool:
         request = trace.get_current_span()
         request.set_attributes({"lacuna.event.id": event.id, "lacuna.event.type": event.type})
         _REQUEST_TRACEPARENT.set(traceparent_of(request))  # this request's task only
@@ -228,7 +229,7 @@ class TracedWebhookEndpoint(WebhookEndpoint):
             "store.accept",
             attributes={"lacuna.event.id": event.id, "lacuna.event.type": event.type},
         ) as span:
-            new = await super()._accept(event)
+            new = await super()._accept(event, loop)
             span.set_attribute("lacuna.duplicate", not new)
         request.set_attribute("lacuna.outcome", "accepted" if new else "duplicate")
         return new

@@ -141,6 +141,9 @@ class ProcessWriter(Generic[RowT]):
         self._reader: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._restarter: asyncio.Task[None] | None = None
+        # The loop that started the writer, which it belongs to: asyncio.get_running_loop()
+        # costs a getpid() system call on every call before Python 3.12.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.batches = 0  # committed accept batches, for measurements and tests
         self.batched = 0  # accepts in them
 
@@ -161,6 +164,7 @@ class ProcessWriter(Generic[RowT]):
         if self._state is not _State.NEW:
             raise StoreUnavailable("The event store was already opened once.")
         self._state = _State.RUNNING
+        self._loop = asyncio.get_running_loop()
         try:
             await self._spawn()
         except BaseException:
@@ -229,7 +233,8 @@ class ProcessWriter(Generic[RowT]):
     async def accept(self, row: RowT) -> bool:
         """Write ``row`` in the next group commit; ``True`` if it was new."""
         self._check()
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        assert self._loop is not None  # set by start(), which _check() says has run
+        future: asyncio.Future[bool] = self._loop.create_future()
         self._pending.append((row, future))
         if not self._batch_in_flight:
             self._send_batch()
@@ -238,7 +243,8 @@ class ProcessWriter(Generic[RowT]):
     async def run(self, fn: Callable[..., T], *args: Any, write: bool = True) -> T:
         """Run ``fn(conn, *args)`` in the child, in a transaction of its own."""
         link = self._check()
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        assert self._loop is not None
+        future: asyncio.Future[T] = self._loop.create_future()
         self._send(link, ("job", fn, args, write), functools.partial(_settle_job, future))
         return await future
 
