@@ -139,16 +139,27 @@ async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
     service: DispatchService = state.dispatch_service
     task = asyncio.create_task(service.run(), name="dispatch") if state.dispatch else None
     logger.info("serve.started", handlers=state.handlers.names)
+    forced = False
     try:
         yield {}
+    except asyncio.CancelledError:
+        # uvicorn's force quit (a second Ctrl-C or SIGTERM during the drain) skips the
+        # lifespan's shutdown, and the end of the event loop then cancels this task here: the
+        # drain was cut short on purpose. Stop without waiting and say so in one line; a
+        # CancelledError let out was logged by uvicorn as an error with a traceback.
+        forced = True
     finally:
-        if task is not None:
-            await service.stop(state.settings.shutdown_timeout_seconds)
-            await task
-        await state.handlers.aclose()
-        if state.owns_store:
-            await state.store.close()
-        logger.info("serve.stopped")
+        with contextlib.suppress(asyncio.CancelledError) if forced else contextlib.nullcontext():
+            if task is not None:
+                await service.stop(0 if forced else state.settings.shutdown_timeout_seconds)
+                await task
+            await state.handlers.aclose()
+            if state.owns_store:
+                await state.store.close()
+        if forced:
+            logger.warning("serve.stopped", forced=True)
+        else:
+            logger.info("serve.stopped")
 
 
 class LacunaApp(Starlette):

@@ -16,12 +16,13 @@ import gc
 import math
 import os
 import secrets
+import shlex
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias, TypeVar
 
 import orjson
 
@@ -176,7 +177,23 @@ def _tracing(environ: Mapping[str, str]) -> Tracing | None:
         raise CommandError(f"configuration: {exc}", exit_code=2) from None
 
 
-def _serve(environ: Mapping[str, str], host: str | None, port: int | None) -> int:
+_Prepared: TypeAlias = "tuple[Settings, Tracing | None, HandlerSet]"
+
+
+def _serve_settings(environ: Mapping[str, str]) -> _Prepared:
+    """What ``serve`` checks before it starts anything: the settings, tracing and every
+    handler (``CommandError``, one line, for the first bad one)."""
+    settings = _settings(environ, require_secret=True, with_handlers=True)
+    tracing = _tracing(environ)
+    return settings, tracing, _handlers_of(settings)
+
+
+def _serve(
+    environ: Mapping[str, str],
+    host: str | None,
+    port: int | None,
+    prepared: _Prepared | None = None,
+) -> int:
     import uvicorn
 
     from .app import create_app
@@ -184,9 +201,7 @@ def _serve(environ: Mapping[str, str], host: str | None, port: int | None) -> in
     from .metrics import Metrics
     from .server import WEBHOOK_SHARE, server_config
 
-    settings = _settings(environ, require_secret=True, with_handlers=True)
-    tracing = _tracing(environ)
-    handlers = _handlers_of(settings)
+    settings, tracing, handlers = prepared or _serve_settings(environ)
 
     async def run() -> None:
         store = await _open_service_store(settings, handlers)
@@ -456,7 +471,9 @@ def _load_env_file(path: Path) -> dict[str, str]:
 
 def _dev(environ: Mapping[str, str], env_file: Path) -> int:
     """The ``make run`` path: a development secret kept in a git-ignored ``.env``."""
-    env = {**_load_env_file(env_file), **environ}
+    existed = env_file.exists()
+    from_file = _load_env_file(env_file)
+    env = {**from_file, **environ}
     created: list[str] = []
     configured = any(
         env.get(v, "").strip() for v in ("LACUNA_WEBHOOK_SECRET", "LACUNA_WEBHOOK_SECRET_FILE")
@@ -464,7 +481,8 @@ def _dev(environ: Mapping[str, str], env_file: Path) -> int:
     if not configured:
         env["LACUNA_WEBHOOK_SECRET"] = "whsec_dev_" + secrets.token_urlsafe(24)
         created.append(f"LACUNA_WEBHOOK_SECRET={env['LACUNA_WEBHOOK_SECRET']}")
-        if "LACUNA_HANDLERS" not in env:
+        # Unset or empty (a copy of .env.example): the log handler the README describes.
+        if not env.get("LACUNA_HANDLERS", "").strip():
             env["LACUNA_HANDLERS"] = "log"
             created.append("LACUNA_HANDLERS=log")
     if created:
@@ -484,9 +502,12 @@ def _dev(environ: Mapping[str, str], env_file: Path) -> int:
         secret = (read_setting(env, "LACUNA_WEBHOOK_SECRET") or "").split(",")[0].strip()
     except ConfigError as exc:
         raise CommandError(f"configuration: {exc}", exit_code=2) from None
+    # A bad setting is its one line before the banner, not after it.
+    prepared = _serve_settings(env)
+    state = "existing" if not created else "secret added now" if existed else "created now"
     print(
         f"\n  lacuna-webhooks {__version__}, development mode\n"
-        f"  settings from {env_file} ({'created now' if created else 'existing'})"
+        f"  settings from {env_file} ({state})"
         " and the environment\n"
         f"  webhook secret: {secret}\n"
         f"  database: {redact_url(env.get('LACUNA_DATABASE_URL', 'sqlite:///./lacuna-webhooks.db'))}\n"
@@ -494,11 +515,24 @@ def _dev(environ: Mapping[str, str], env_file: Path) -> int:
         "  Send it a signed test event from another terminal:\n\n"
         f"    .venv/bin/lacuna-webhooks send --url http://{shown_host}:{port}/webhooks/lacuna"
         f" --secret {secret}\n\n"
-        "  Then look at it: .venv/bin/lacuna-webhooks events list\n" + _dev_admin_line(env),
+        f"  Then look at it: {_dev_look_command(env_file, from_file, environ)}\n"
+        + _dev_admin_line(env),
         file=sys.stderr,
         flush=True,
     )
-    return _serve(env, None, None)
+    return _serve(env, None, None, prepared)
+
+
+def _dev_look_command(
+    env_file: Path, from_file: Mapping[str, str], environ: Mapping[str, str]
+) -> str:
+    """The command that lists the events this server stores. The other commands read the
+    environment, not the env file: when the file chose the database, the command reads it
+    first (in a subshell), or it would list another database."""
+    command = ".venv/bin/lacuna-webhooks events list"
+    if "LACUNA_DATABASE_URL" in from_file and "LACUNA_DATABASE_URL" not in environ:
+        return f"(set -a; . {shlex.quote(str(env_file))}; set +a; {command})"
+    return command
 
 
 def _dev_admin_line(env: Mapping[str, str]) -> str:
@@ -1047,6 +1081,17 @@ def _replay(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         # Without LACUNA_HANDLERS there is no configuration to go by: every delivery.
         known = environ.get("LACUNA_HANDLERS", "").strip()
         configured = _configured_names(environ) if known else None
+        # A named handler must be one LACUNA_HANDLERS configures, as the admin API and the
+        # bulk replay require: a delivery for any other would be pending forever (nothing
+        # runs it, and an event with a pending delivery is never pruned).
+        names = configured or []
+        for name in handlers or []:
+            if name not in names:
+                raise CommandError(
+                    f"--handler: {name!r} is not a configured handler"
+                    f" ({', '.join(names) or 'none: LACUNA_HANDLERS is empty'})",
+                    exit_code=2,
+                )
         try:
             count = _with_store(
                 environ,
@@ -1635,4 +1680,13 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         # it stopped (a remote one finishes on the server, docs/cli.md).
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of stdout went away (`... | head`): stop quietly, as other tools do.
+        # stdout now points at /dev/null, so the interpreter's own flush at exit cannot
+        # raise a second time (https://docs.python.org/3/library/signal.html#note-on-sigpipe).
+        with contextlib.suppress(OSError, ValueError):  # stdout without a descriptor
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        return 141  # 128 + SIGPIPE, what a shell shows for a tool killed by it
     return 2

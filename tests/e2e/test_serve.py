@@ -114,6 +114,36 @@ def test_sigterm_drains_in_flight_deliveries(serve_factory: type[Serve], tmp_pat
     assert "serve.stopped" in serve.log()
 
 
+def test_a_second_interrupt_during_the_drain_stops_quietly(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """Ctrl-C, then Ctrl-C again while the drain waits (uvicorn's force quit): exit 130, as
+    for one Ctrl-C, with one `serve.stopped` warning saying it was forced. It logged an
+    error-level traceback of a CancelledError from the lifespan and no `serve.stopped`."""
+    serve = serve_factory(
+        {
+            "LACUNA_DATABASE_URL": f"sqlite:///{tmp_path / 'events.db'}",
+            "LACUNA_SHUTDOWN_TIMEOUT": "30",
+        }
+    ).start()
+    assert send(serve, "evt_forced").status_code == 200
+    # Half a request: the drain waits for this connection, so the second signal finds it.
+    with socket.create_connection(("127.0.0.1", serve.port)) as stalled:
+        stalled.sendall(b"POST /webhooks/lacuna HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n\r\nab")
+        serve.signal(signal.SIGINT)
+        wait_until(lambda: "Waiting for connections to close" in serve.log(), what="the drain")
+        serve.signal(signal.SIGINT)
+        assert serve.wait(timeout=30) == 130
+    log = serve.log()
+    assert "Traceback" not in log
+    assert '"level":"error"' not in log
+    stopped = [json.loads(line) for line in log.splitlines() if '"serve.stopped"' in line]
+    assert [(line.get("forced"), line["level"]) for line in stopped] == [(True, "warning")]
+    with sqlite3.connect(tmp_path / "events.db") as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert conn.execute("SELECT id FROM events").fetchall() == [("evt_forced",)]
+
+
 def run_cli(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [CLI, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=60, check=False

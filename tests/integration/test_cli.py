@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -100,7 +102,8 @@ def test_retry_dead_then_replay(db: dict[str, str], capsys: pytest.CaptureFixtur
     assert json.loads(capsys.readouterr().out) == []
     assert main(["replay", "evt_cli_ok"], db) == 0
     assert "1 deliveries due now" in capsys.readouterr().out
-    assert main(["replay", "evt_cli_ok", "--handler", "email"], db) == 0
+    configured = {**db, "LACUNA_HANDLERS": "log,email"}
+    assert main(["replay", "evt_cli_ok", "--handler", "email"], configured) == 0
     capsys.readouterr()
     assert main(["deliveries", "list", "--event", "evt_cli_ok", "--json"], db) == 0
     rows = json.loads(capsys.readouterr().out)
@@ -108,6 +111,24 @@ def test_retry_dead_then_replay(db: dict[str, str], capsys: pytest.CaptureFixtur
         ("email", "pending", 0),
         ("log", "pending", 0),
     ]
+
+
+@pytest.mark.parametrize(
+    ("handlers", "shown"), [("log,email", "(log, email)"), ("", "(none: LACUNA_HANDLERS is empty)")]
+)
+def test_replay_of_one_event_to_an_unknown_handler_is_refused(
+    db: dict[str, str], capsys: pytest.CaptureFixture[str], handlers: str, shown: str
+) -> None:
+    """Replaying one event to a handler LACUNA_HANDLERS does not configure is one line and
+    exit 2, as the admin API and the bulk replay refuse it: it created a delivery that
+    nothing would ever run (pending forever, so the event was never pruned either)."""
+    env = {**db, "LACUNA_HANDLERS": handlers}
+    assert main(["replay", "evt_cli_ok", "--handler", "zzz"], env) == 2
+    assert capsys.readouterr().err == (
+        f"lacuna-webhooks: error: --handler: 'zzz' is not a configured handler {shown}\n"
+    )
+    assert main(["deliveries", "list", "--event", "evt_cli_ok", "--json"], db) == 0
+    assert [r["handler"] for r in json.loads(capsys.readouterr().out)] == ["log"]
 
 
 def test_replay_unknown_event(db: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -462,3 +483,100 @@ def test_events_show_prints_each_delivery_result(
     assert results == {"log": {"seen": "evt_cli_bad"}, "slack": None}
     assert main(["events", "show", "evt_cli_ok"], db) == 0
     assert "\nresults\n" not in capsys.readouterr().out
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    """`events list --json | head -1`: the reader goes away after one line. The command
+    stops with exit code 141 (128 + SIGPIPE, as a shell reports other tools) and writes no
+    traceback (it was a BrokenPipeError traceback, and another at the interpreter's exit)."""
+    url = f"sqlite:///{tmp_path / 'pipe.db'}"
+
+    async def fill() -> None:
+        store = open_store(url)
+        await store.open()
+        now = datetime.now(UTC)
+        for i in range(2000):
+            event = Event.from_body(orjson.dumps(make_event(f"evt_pipe_{i:04d}")))
+            await store.accept(event, ["log"], now=now)
+        await store.close()
+
+    asyncio.run(fill())
+    env = {**os.environ, "LACUNA_DATABASE_URL": url}
+    # Several times a pipe's 64 KiB buffer, so that the writes meet the closed pipe.
+    for command in (
+        ["events", "list", "--limit", "2000", "--json"],
+        ["deliveries", "list", "--limit", "2000"],
+    ):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lacuna_webhooks", *command],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert proc.stdout is not None
+        assert proc.stderr is not None
+        assert proc.stdout.read(100)  # what `head -c 100` reads
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        proc.stderr.close()
+        assert proc.wait(timeout=60) == 141, err
+        assert err == ""
+
+
+def test_dev_with_a_bad_setting_is_one_line_before_any_banner(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`make run` with a mistyped setting: the one configuration line and exit 2, without the
+    "Send it a signed test event" banner printed first as if it were serving."""
+    monkeypatch.chdir(tmp_path)
+    env = {"LACUNA_RETRY_BASE_DELAY": "abc", "PORT": "8000"}
+    assert main(["dev", "--env-file", str(tmp_path / ".env")], env) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lacuna-webhooks: error: configuration: LACUNA_RETRY_BASE_DELAY"), err
+    assert "Send it a signed test event" not in err
+    assert len(err.splitlines()) == 1
+
+
+def test_dev_completes_a_copy_of_the_env_example(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`.env.example` copied to `.env`, as it says to: its empty secret and empty handler list
+    are completed (the secret, and the log handler the README describes), and it does not make
+    the development server listen on every interface."""
+    monkeypatch.chdir(tmp_path)
+    example = Path(__file__).resolve().parents[2] / ".env.example"
+    env_file = tmp_path / ".env"
+    env_file.write_text(example.read_text())
+    assert main(["dev", "--env-file", str(env_file)], {"PORT": "eighty"}) == 2  # stops there
+    capsys.readouterr()
+    values = dict(
+        line.split("=", 1)
+        for line in env_file.read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    assert values["LACUNA_WEBHOOK_SECRET"].startswith("whsec_dev_")
+    assert values["LACUNA_HANDLERS"] == "log"
+    assert "HOST" not in values  # 127.0.0.1 unless set
+
+
+def test_dev_banner_lists_the_database_the_env_file_chose(tmp_path: Path) -> None:
+    """The banner's "Then look at it" command lists the database `dev` serves: when `.env`
+    chose it, the command reads `.env` first (the other commands read only the environment,
+    and listed the default database instead)."""
+    from lacuna_webhooks.cli import _dev_look_command
+
+    env_file = tmp_path / "my env"
+    plain = ".venv/bin/lacuna-webhooks events list"
+    assert _dev_look_command(env_file, {"LACUNA_HANDLERS": "log"}, {}) == plain
+    url = {"LACUNA_DATABASE_URL": "sqlite:///./mydev.db"}
+    assert _dev_look_command(env_file, url, url) == plain  # the environment chose it
+    command = _dev_look_command(env_file, url, {})
+    assert command == f"(set -a; . '{env_file}'; set +a; {plain})"
+    env_file.write_text("LACUNA_DATABASE_URL=sqlite:///./mydev.db\n")
+    shown = subprocess.run(
+        ["sh", "-c", command.replace(plain, 'echo "$LACUNA_DATABASE_URL"')],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert shown.stdout == "sqlite:///./mydev.db\n"
