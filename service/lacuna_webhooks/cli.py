@@ -548,7 +548,8 @@ def _dev_admin_line(env: Mapping[str, str]) -> str:
     port = env.get("LACUNA_ADMIN_PORT", "8001").strip() or "8001"
     return (
         f"  Admin API: http://{shown}:{port}/api/v1/events"
-        " (Authorization: Bearer $LACUNA_ADMIN_TOKEN; docs/admin.md)\n"
+        " (Authorization: Bearer <a token of LACUNA_ADMIN_TOKEN>; docs/admin.md)\n"
+        f"  Console: http://{shown}:{port}/ (sign in with that token; docs/console.md)\n"
     )
 
 

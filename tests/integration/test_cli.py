@@ -580,3 +580,16 @@ def test_dev_banner_lists_the_database_the_env_file_chose(tmp_path: Path) -> Non
         check=True,
     )
     assert shown.stdout == "sqlite:///./mydev.db\n"
+
+
+def test_dev_banner_names_the_admin_api_and_the_console_never_the_token() -> None:
+    """With a token, the banner says where the admin API and the console answer (the console's
+    URL was missing) without printing the token; without one, how to turn them on."""
+    from lacuna_webhooks.cli import _dev_admin_line
+
+    token = "t" * 40
+    line = _dev_admin_line({"LACUNA_ADMIN_TOKEN": token, "LACUNA_ADMIN_PORT": "8101"})
+    assert "Admin API: http://127.0.0.1:8101/api/v1/events" in line
+    assert "Console: http://127.0.0.1:8101/ " in line
+    assert token not in line
+    assert "Admin API: off" in _dev_admin_line({})
