@@ -82,6 +82,23 @@ def read_setting(environ: Mapping[str, str], var: str) -> str | None:
     return read_file_setting(file_var, path.strip())
 
 
+class NotRegularFile(Exception):
+    """``read_regular_file``: the path names a FIFO, a device or a socket."""
+
+
+def read_regular_file(path: str | os.PathLike[str], max_bytes: int) -> bytes:
+    """At most ``max_bytes + 1`` bytes of the regular file ``path`` (one more than allowed:
+    the caller tells a file that is too large), read once through one descriptor. A FIFO or
+    a device named by mistake neither hangs the open nor is read. Raises ``NotRegularFile``,
+    or the ``OSError`` of the open or the read (``IsADirectoryError`` for a directory)."""
+    # O_NONBLOCK: a FIFO (or a device) must not hang the open; it is then refused below.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFile(path)
+        return f.read(max_bytes + 1)
+
+
 def read_file_setting(
     var: str,
     path: str,
@@ -100,13 +117,9 @@ def read_file_setting(
     large or non-UTF-8 file.
     """
     try:
-        # O_NONBLOCK: a FIFO (or a device) named by mistake must not hang the start on open;
-        # it is then refused below, as anything but a regular file is.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-        with open(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise ConfigError(f"{var}: {path} is not a regular file")
-            data = f.read(max_bytes + 1)
+        data = read_regular_file(path, max_bytes)
+    except NotRegularFile:
+        raise ConfigError(f"{var}: {path} is not a regular file") from None
     except OSError as exc:
         reason = exc.strerror or type(exc).__name__
         raise ConfigError(f"{var}: cannot read {path}: {reason}") from None

@@ -31,7 +31,6 @@ import os
 import random
 import re
 import signal
-import stat
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -45,7 +44,7 @@ import orjson
 from httpx_sse import EventSource, SSEError, aconnect_sse
 
 from .admin.client import AdminClient
-from .config import read_setting
+from .config import NotRegularFile, read_regular_file, read_setting
 from .errors import ConfigError
 from .signature import signed_headers, standard_webhooks_key
 from .store import Store
@@ -157,22 +156,18 @@ def read_cursor_file(path: Path) -> str | None:
     that is not one this command wrote (also a FIFO, a device or a directory: refused, never
     read, so that a FIFO cannot hang the start and ``/dev/zero`` cannot fill memory)."""
     try:
-        # O_NONBLOCK: opening a FIFO must not wait for a writer.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        data = read_regular_file(path, MAX_CURSOR_FILE_BYTES)
     except FileNotFoundError:
         return None
+    except (NotRegularFile, IsADirectoryError):
+        raise ListenError(f"the cursor file {path} is not a regular file") from None
     except OSError as exc:
         raise ListenError(f"cannot read the cursor file {path}: {exc.strerror}") from None
+    if len(data) > MAX_CURSOR_FILE_BYTES:
+        raise ListenError(f"{path} is not a cursor file (larger than 64 KiB)")
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise ListenError(f"the cursor file {path} is not a regular file")
-        with open(fd, "rb") as f:
-            data = f.read(MAX_CURSOR_FILE_BYTES + 1)
-        if len(data) > MAX_CURSOR_FILE_BYTES:
-            raise ListenError(f"{path} is not a cursor file (larger than 64 KiB)")
         saved = orjson.loads(data)
-    except (OSError, orjson.JSONDecodeError) as exc:
+    except orjson.JSONDecodeError as exc:
         raise ListenError(f"cannot read the cursor file {path}: {exc}") from None
     cursor = saved.get("cursor") if isinstance(saved, dict) else None
     if not isinstance(cursor, str) or not cursor:

@@ -11,11 +11,10 @@ is read by the OpenTelemetry SDK itself, as its documentation says (docs/observa
 
 from __future__ import annotations
 
-import os
-import stat
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from .config import NotRegularFile, read_regular_file
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -82,18 +81,16 @@ def trace_exporters(environ: Mapping[str, str]) -> tuple[str, ...]:
 
 def _file_problem(environ: Mapping[str, str], name: str) -> str | None:
     """Why the file the variable ``name`` names cannot serve, or ``None`` (also when unset).
-    A stat, never an open: a FIFO must not block here either."""
+    Opened as the settings' own files are (``read_regular_file``): a FIFO does not block."""
     path = _value(environ, name)
     if not path:
         return None
     try:
-        mode = os.stat(path).st_mode
+        read_regular_file(path, 0)
+    except (NotRegularFile, IsADirectoryError):
+        return f"{name}: {path} is not a regular file"
     except OSError as exc:
         return f"{name}: cannot read {path}: {exc.strerror or type(exc).__name__}"
-    if not stat.S_ISREG(mode):
-        return f"{name}: {path} is not a regular file"
-    if not os.access(path, os.R_OK):
-        return f"{name}: cannot read {path}: Permission denied"
     return None
 
 
