@@ -301,8 +301,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
         self._gone(self._answering)
-        self._shared.idle.pop(self, None)
-        self._shared.reading.pop(self, None)
+        self._untrack()
         cycle = self.cycle
         if (
             isinstance(cycle, _DirectCycle)
@@ -328,11 +327,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._refuse(ServerBusy())
 
     def _close_quietly(self) -> None:
-        self._shared.idle.pop(self, None)
-        self._shared.reading.pop(self, None)
         self._gone(self._answering)
         self._gone(self.cycle)
-        self.transport.close()
+        self._close_now()
 
     @staticmethod
     def _gone(cycle: Any) -> None:
@@ -378,8 +375,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def _abort(self) -> None:
         # close() would wait for the buffer to drain, which a client not reading never lets
         # happen; abort() drops it and calls connection_lost, which frees the blocked send.
-        self._shared.idle.pop(self, None)
-        self._shared.reading.pop(self, None)
+        self._untrack()
         self.transport.abort()
 
     # --- phases and deadlines --------------------------------------------------------------
@@ -449,11 +445,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if phase is _Phase.HEADERS:
             limits = self._limits
             if self._header_bytes > limits.max_header_bytes:
-                self._refuse(
-                    HeadersTooLarge(
-                        f"The request headers are larger than {limits.max_header_bytes} bytes."
-                    )
-                )
+                self._refuse(self._head_too_large())
                 return
             if len(self.headers) > limits.max_headers:
                 self._refuse(self._too_many_headers())
@@ -466,6 +458,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 self._arm(self._limits.body_timeout_seconds)
             elif self._timer is not None:  # APP: the application answers
                 self._cancel_timer()
+
+    def _head_too_large(self) -> HeadersTooLarge:
+        return HeadersTooLarge(
+            f"The request headers are larger than {self._limits.max_header_bytes} bytes."
+        )
 
     def _too_many_headers(self) -> HeadersTooLarge:
         return HeadersTooLarge(
@@ -490,9 +487,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if len(self.url) + sum([len(n) + len(v) + 4 for n, v in headers]) > (
             limits.max_header_bytes
         ):
-            self._refusal = HeadersTooLarge(
-                f"The request headers are larger than {limits.max_header_bytes} bytes."
-            )
+            self._refusal = self._head_too_large()
             raise _HeaderCapExceeded()
         self._phase = _Phase.BODY
         self._header_bytes = 0
@@ -696,13 +691,16 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._deferred = exc
         self.flow.pause_reading()
         # Being answered now: neither idle nor reading, so never shed for a newcomer.
-        self._shared.idle.pop(self, None)
-        self._shared.reading.pop(self, None)
+        self._untrack()
 
     def _close_now(self) -> None:
+        self._untrack()
+        self.transport.close()
+
+    def _untrack(self) -> None:
+        """Out of the connection cap's shed order: neither idle nor reading."""
         self._shared.idle.pop(self, None)
         self._shared.reading.pop(self, None)
-        self.transport.close()
 
 
 def raise_file_limit() -> int | None:
