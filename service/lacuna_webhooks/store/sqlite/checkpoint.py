@@ -107,7 +107,6 @@ class Checkpointer:
         self.commit_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._stopping = False
         self._failing = False  # the last round failed: logged once, and once when it recovers
         self._synced = 0  # ``copied`` as of the last fsync (SQLite counts since the restart)
         self._failed = False
@@ -127,9 +126,8 @@ class Checkpointer:
         self._wake.set()
 
     def close(self) -> None:
-        if self._stopping:
+        if self._stop.is_set():
             return
-        self._stopping = True
         self._stop.set()
         self._wake.set()
         self._thread.join()
