@@ -498,12 +498,9 @@ def _dev(environ: Mapping[str, str], env_file: Path) -> int:
     env.setdefault("HOST", "127.0.0.1")
     host, port = env["HOST"], env.get("PORT", "8000")
     shown_host = "127.0.0.1" if host in {"0.0.0.0", "::", ""} else host  # noqa: S104
-    try:
-        secret = (read_setting(env, "LACUNA_WEBHOOK_SECRET") or "").split(",")[0].strip()
-    except ConfigError as exc:
-        raise CommandError(f"configuration: {exc}", exit_code=2) from None
     # A bad setting is its one line before the banner, not after it.
     prepared = _serve_settings(env)
+    secret = prepared[0].secret_values[0]  # the one `send` should sign with: the first
     state = "existing" if not created else "secret added now" if existed else "created now"
     print(
         f"\n  lacuna-webhooks {__version__}, development mode\n"
