@@ -18,6 +18,7 @@ import os
 import secrets
 import shlex
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
@@ -193,7 +194,10 @@ def _serve(
     host: str | None,
     port: int | None,
     prepared: _Prepared | None = None,
+    sockets: list[socket.socket] | None = None,
 ) -> int:
+    """``serve``: intake, dispatch and (with a token) the admin listener, until a signal.
+    ``prepared``/``sockets``: what ``_serve_settings``/``_bind_webhook`` gave the caller."""
     import uvicorn
 
     from .app import create_app
@@ -202,6 +206,11 @@ def _serve(
     from .server import WEBHOOK_SHARE, server_config
 
     settings, tracing, handlers = prepared or _serve_settings(environ)
+    host = host or settings.host
+    port = port or settings.port
+    # The port first: a second `serve` on a port in use ends here, with one line, before it
+    # has started a store writer, a dispatcher and workers against the same database.
+    sockets = sockets or _bind_webhook(host, port)
 
     async def run() -> None:
         store = await _open_service_store(settings, handlers)
@@ -224,8 +233,8 @@ def _serve(
                 app,
                 settings,
                 app.state.metrics,
-                host=host or settings.host,
-                port=port or settings.port,
+                host=host,
+                port=port,
                 # the admin listener, when there is one, takes the rest of the file limit
                 share=WEBHOOK_SHARE if settings.admin_tokens else 1.0,
             )
@@ -242,26 +251,25 @@ def _serve(
             # 14-28 ms with, 28-34 ms without (docs/performance.md).
             gc.freeze()
             try:
-                await server.serve()
+                await server.serve(sockets=sockets)
             except SystemExit:
-                # uvicorn logs why (an unknown host, a port in use) and exits 3 itself; end
-                # with the one line that names the settings instead.
+                # uvicorn logs why (the application's startup failed) and exits 3 itself;
+                # end with our one line instead.
                 if server.started:
                     raise
             finally:
                 if admin is not None and admin_task is not None:
                     await admin.stop(admin_task)
             if not server.started:
-                raise CommandError(
-                    f"could not listen on {config.host}:{config.port} (HOST, PORT): "
-                    "the reason is logged just above"
-                )
+                raise CommandError("serve could not start: the reason is logged just above")
         finally:
             await store.close()
 
     try:
         _run_loop(run())
     finally:
+        for sock in sockets:
+            sock.close()
         if tracing is not None:
             tracing.shutdown()  # export the spans still queued
     return 0
@@ -274,13 +282,13 @@ class _AdminListener:
     this one installs none and is stopped by ``serve`` once the webhook server has shut
     down, so one signal ends both and the process still exits 0."""
 
-    def __init__(self, server: Any, sock: Any, ctx: Any) -> None:
+    def __init__(self, server: Any, sockets: list[socket.socket], ctx: Any) -> None:
         self.server = server
-        self.sock = sock
+        self.sockets = sockets
         self.ctx = ctx
 
     async def serve(self) -> None:
-        await self.server.serve(sockets=[self.sock])
+        await self.server.serve(sockets=self.sockets)
 
     async def stop(self, task: asyncio.Task[None]) -> None:
         # Live streams and long-polls end first, and a bulk operation at its next batch (its
@@ -293,7 +301,8 @@ class _AdminListener:
         except SystemExit:  # uvicorn's own exit on a failed startup: logged by it already
             pass
         finally:
-            self.sock.close()
+            for sock in self.sockets:
+                sock.close()
 
 
 def _admin_listener(
@@ -307,8 +316,6 @@ def _admin_listener(
     """Bind ``LACUNA_ADMIN_HOST``:``LACUNA_ADMIN_PORT`` and build its server, when admin
     tokens are set; ``None`` (and a log line) otherwise. A socket that cannot be bound is
     one ``CommandError`` line naming the settings."""
-    import socket
-
     import structlog
     import uvicorn
 
@@ -333,22 +340,7 @@ def _admin_listener(
     config = server_config(
         create_admin_app(ctx), settings, Metrics(), host=host, port=port, share=ADMIN_SHARE
     )
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(address)
-        except OSError:
-            sock.close()
-            raise
-    except OSError as exc:
-        raise CommandError(
-            f"could not listen on {host}:{port} for the admin API "
-            f"(LACUNA_ADMIN_HOST, LACUNA_ADMIN_PORT): {exc.strerror or exc}"
-        ) from None
+    sockets = _bind(host, port, "for the admin API (LACUNA_ADMIN_HOST, LACUNA_ADMIN_PORT)")
 
     class _Quiet(uvicorn.Server):
         @contextlib.contextmanager
@@ -356,7 +348,39 @@ def _admin_listener(
             yield  # the webhook server handles the signals for both
 
     log.info("admin.listening", url=f"http://{_url_host(host)}:{port}/", api="/api/v1")
-    return _AdminListener(_Quiet(config), sock, ctx)
+    return _AdminListener(_Quiet(config), sockets, ctx)
+
+
+def _bind(host: str, port: int, names: str) -> list[socket.socket]:
+    """Sockets bound to every address ``host`` resolves to, as asyncio's ``create_server``
+    binds them (SO_REUSEADDR; an IPv6 socket for IPv6 only), not yet listening.
+
+    Bound before anything else starts, so that a port in use, or a host that is not this
+    machine's, ends the command with one ``CommandError`` line (``names``: the settings to
+    fix) instead of a store, a dispatcher and workers started and stopped again."""
+    sockets: list[socket.socket] = []
+    try:
+        infos = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        reason = exc.strerror or str(exc)
+        raise CommandError(f"could not listen on {host}:{port} {names}: {reason}") from None
+    return sockets
+
+
+def _bind_webhook(host: str, port: int) -> list[socket.socket]:
+    """The webhook listener's sockets (``_bind``), or the one line naming HOST and PORT."""
+    return _bind(host, port, "(HOST, PORT)")
 
 
 def _url_host(host: str) -> str:
@@ -500,6 +524,8 @@ def _dev(environ: Mapping[str, str], env_file: Path) -> int:
     shown_host = "127.0.0.1" if host in {"0.0.0.0", "::", ""} else host  # noqa: S104
     # A bad setting is its one line before the banner, not after it.
     prepared = _serve_settings(env)
+    # So is a port in use (a second `make run`): the banner would promise a server.
+    sockets = _bind_webhook(prepared[0].host, prepared[0].port)
     secret = prepared[0].secret_values[0]  # the one `send` should sign with: the first
     state = "existing" if not created else "secret added now" if existed else "created now"
     print(
@@ -517,7 +543,7 @@ def _dev(environ: Mapping[str, str], env_file: Path) -> int:
         file=sys.stderr,
         flush=True,
     )
-    return _serve(env, None, None, prepared)
+    return _serve(env, None, None, prepared, sockets)
 
 
 def _dev_look_command(
