@@ -15,6 +15,7 @@ import dataclasses
 import gc
 import math
 import os
+import re
 import secrets
 import shlex
 import signal
@@ -463,8 +464,15 @@ def _store_error(exc: BaseException, url: str, what: str) -> CommandError:
 MAX_ENV_FILE_BYTES = 1024 * 1024
 
 
+_ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
 def _load_env_file(path: Path) -> dict[str, str]:
-    """``KEY=VALUE`` lines; ``#`` comments and blank lines skipped; optional quotes removed."""
+    """``KEY=VALUE`` lines; ``#`` comments and blank lines skipped; optional quotes removed.
+
+    Any other line (no ``=``, a key that is not a variable name) is a ``CommandError``
+    naming its line number, not its text (it may hold a secret): skipped silently, a typo
+    such as ``LACUNA_HANDLERS slack`` would leave a setting unset with no word said."""
     values: dict[str, str] = {}
     if not path.exists():
         return values
@@ -480,12 +488,17 @@ def _load_env_file(path: Path) -> dict[str, str]:
         )
     except ConfigError as exc:
         raise CommandError(str(exc), 2) from None
-    for line in text.splitlines():
+    for number, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
+        if not line or line.startswith("#"):
             continue
-        key, _, value = line.partition("=")
+        key, equals, value = line.partition("=")
         key = key.removeprefix("export ").strip()
+        if not equals or not _ENV_KEY.fullmatch(key):
+            raise CommandError(
+                f"--env-file: {path} line {number} is not KEY=VALUE (a comment starts with #)",
+                2,
+            )
         value = value.strip()
         if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
             value = value[1:-1]

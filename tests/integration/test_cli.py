@@ -593,3 +593,19 @@ def test_dev_banner_names_the_admin_api_and_the_console_never_the_token() -> Non
     assert "Console: http://127.0.0.1:8101/ " in line
     assert token not in line
     assert "Admin API: off" in _dev_admin_line({})
+
+
+@pytest.mark.parametrize("line", ["LACUNA_HANDLERS slack", "LACUNA HANDLERS=slack", "=x"])
+def test_dev_refuses_an_env_file_line_that_is_not_key_value(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], line: str
+) -> None:
+    """A typo in `.env` used to be skipped in silence, leaving its setting unset. It is one
+    line naming the line number, not its text (it may hold a secret), and exit 2."""
+    env_file = tmp_path / ".env"
+    env_file.write_text(f"# comment\n\nLACUNA_WEBHOOK_SECRET=whsec_hidden_value\n{line}\n")
+    assert main(["dev", "--env-file", str(env_file)], {}) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"lacuna-webhooks: error: --env-file: {env_file} line 4 is not KEY=VALUE "
+        "(a comment starts with #)\n"
+    )
