@@ -66,6 +66,18 @@ async def test_accept_new_then_duplicate(store: Store) -> None:
     assert stored.to_event() == first
 
 
+async def test_a_naive_time_is_utc_on_every_backend(store: Store) -> None:
+    """A naive datetime handed to the library is read as UTC, never as local time: SQLite
+    used to raise ValueError where PostgreSQL took it as UTC."""
+    naive = NOW.replace(tzinfo=None)
+    assert await store.accept(event("evt_naive"), ["a"], now=naive) is True
+    stored = await store.get_event("evt_naive")
+    assert stored is not None
+    assert stored.received_at == NOW
+    claimed = await store.claim(handler="a", limit=10, lease=LEASE, now=naive)
+    assert [d.event.id for d in claimed] == ["evt_naive"]
+
+
 async def test_accept_names_each_handler_once(store: Store) -> None:
     """A handler named twice still gets one delivery."""
     assert await store.accept(event("evt_twice"), ["a", "a"], now=NOW)

@@ -41,7 +41,7 @@ from .base import (
     TaskRecord,
     attempt_error,
 )
-from .rules import nearest_rank, task_order
+from .rules import as_utc, nearest_rank, task_order
 from .search import body_matches, decode_cursor, delivery_state, encode_cursor
 from .stream import StreamSignal, make_cursor, read_cursor
 
@@ -155,6 +155,7 @@ class MemoryStore:
         when it is older than the event the task state came from (ordered by
         ``created``, or by the received time when it has none).
         """
+        now = as_utc(now)
         async with self._lock:
             self._check(write=True)
             if event.id in self._events:
@@ -222,6 +223,7 @@ class MemoryStore:
     ) -> list[Delivery]:
         """Lease up to ``limit`` due deliveries of ``handler``, oldest due first (then by id),
         skipping those held by a pending delivery of an ``after`` handler of their event."""
+        now = as_utc(now)
         async with self._lock:
             self._check(write=True)
             if limit <= 0:
@@ -333,6 +335,7 @@ class MemoryStore:
         refund: bool = False,
         tally: Tally | None = None,
     ) -> Recorded:
+        at = as_utc(at)
         async with self._lock:
             self._check(write=True)
             row = self._held(delivery)
@@ -388,6 +391,7 @@ class MemoryStore:
     async def release(self, delivery: Delivery, *, now: datetime | None = None) -> bool:
         """Drop the lease, move the token on and undo the claim's attempt; ``next_attempt_at``
         (already due) stays; ``updated_at`` becomes ``now`` when given."""
+        now = None if now is None else as_utc(now)
         async with self._lock:
             self._check(write=True)
             row = self._held(delivery)
@@ -415,6 +419,7 @@ class MemoryStore:
     async def stats(
         self, *, now: datetime, after: Mapping[str, Sequence[str]] | None = None
     ) -> QueueStats:
+        now = as_utc(now)
         async with self._lock:
             self._check()
             rows = list(self._deliveries.values())
@@ -434,6 +439,7 @@ class MemoryStore:
 
     async def prune(self, *, received_before: datetime) -> int:
         """Delete old events whose deliveries are all finished; task states are kept."""
+        received_before = as_utc(received_before)
         async with self._lock:
             self._check(write=True)
             by_event: dict[str, list[_DeliveryRow]] = {}
@@ -661,6 +667,7 @@ class MemoryStore:
         row.updated_at = now
 
     async def replay(self, event_id: str, handlers: Sequence[str] | None, *, now: datetime) -> int:
+        now = as_utc(now)
         async with self._lock:
             self._check(write=True)
             if event_id not in self._events:
@@ -686,6 +693,7 @@ class MemoryStore:
         create: bool = True,
         reset: bool = True,
     ) -> ReplayCounts:
+        now = as_utc(now)
         async with self._lock:
             self._check(write=True)
             wanted = {i for i in event_ids if i in self._events}
@@ -711,6 +719,7 @@ class MemoryStore:
             return ReplayCounts(created=created, reset=reset_count)
 
     async def retry_dead(self, *, handler: str | None, now: datetime) -> int:
+        now = as_utc(now)
         async with self._lock:
             self._check(write=True)
             rows = [
@@ -729,6 +738,7 @@ class MemoryStore:
     async def set_paused(
         self, handler: str, paused: bool, *, reason: str | None, now: datetime
     ) -> bool:
+        now = as_utc(now)
         async with self._lock:
             self._check(write=True)
             state = self._handler_states.get(handler)
@@ -753,6 +763,8 @@ class MemoryStore:
             return [self._handler_states[n] for n in sorted(self._handler_states)]
 
     async def handler_activity(self, *, now: datetime, since: datetime) -> list[HandlerActivity]:
+        now = as_utc(now)
+        since = as_utc(since)
         async with self._lock:
             self._check()
             rows = list(self._deliveries.values())
@@ -791,6 +803,7 @@ class MemoryStore:
     async def take_tokens(
         self, handler: str, *, want: int, capacity: float, per_second: float, now: datetime
     ) -> int:
+        now = as_utc(now)
         async with self._lock:
             self._check(write=True)
             tokens, updated = self._buckets.get(handler, (capacity, now))

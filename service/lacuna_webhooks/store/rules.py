@@ -6,6 +6,8 @@ dialect carries its own copy of a rule.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 #: ``created`` values above this are read as Unix *milliseconds* for ordering: 10^11
 #: seconds is the year 5138, while 10^11 ms is March 1973, before any event of this API.
 MILLISECONDS_ABOVE = 10**11
@@ -64,3 +66,9 @@ def nearest_rank(ordered: list[float], percent: int) -> float:
 
 
 __all__ = ["MILLISECONDS_ABOVE", "CommitHealth", "nearest_rank", "task_order"]
+
+
+def as_utc(value: datetime) -> datetime:
+    """A store time as an aware datetime: a naive one is read as UTC, never as the machine's
+    local time, by every backend alike (times are stored and shown in UTC)."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value

@@ -62,7 +62,7 @@ from ..base import (
 from ..outbox import PRUNE_LOCK_KEY, Flow, Nudge, Query
 from ..queries import load, parameters
 from ..rows import event_record
-from ..rules import CommitHealth, task_order
+from ..rules import CommitHealth, as_utc, task_order
 from ..searchsql import next_cursor, search_sql, windowed, windowed_search
 from ..stream import StreamSignal, make_cursor, read_cursor
 
@@ -113,11 +113,6 @@ P = parameters("postgres")
 T = TypeVar("T")
 
 
-def _utc(value: datetime) -> datetime:
-    """An aware datetime; a naive one is taken to be UTC (never the machine's local time)."""
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
-
-
 _CREDENTIALS = re.compile(r"://[^/@\s]+@")
 
 
@@ -156,7 +151,7 @@ def _value(value: Any) -> Any:
     if isinstance(value, tuple):
         return list(value)
     if isinstance(value, datetime):
-        return _utc(value)
+        return as_utc(value)
     return value
 
 
@@ -374,8 +369,8 @@ class PostgresStore:
                 task_status=event.task_status,
                 raw=event.raw,
                 trace_context=trace_context,
-                received_at=_utc(now),
-                order=task_order(event.created, _utc(now).timestamp()),
+                received_at=as_utc(now),
+                order=task_order(event.created, as_utc(now).timestamp()),
                 handlers=tuple(dict.fromkeys(handlers)),
             ),
         )
@@ -477,7 +472,7 @@ class PostgresStore:
         self, *, now: datetime, after: Mapping[str, Sequence[str]] | None = None
     ) -> QueueStats:
         """Due times against ``now``, leases against the database's clock (as ``claim``)."""
-        return await self._run(outbox.stats, _utc(now), outbox.held_by(after), write=False)
+        return await self._run(outbox.stats, as_utc(now), outbox.held_by(after), write=False)
 
     async def prune(self, *, received_before: datetime) -> int:
         """Delete events received before the cutoff whose deliveries are all done or dead.

@@ -23,16 +23,15 @@ import orjson
 
 from ..outbox import Flow, Query
 from ..queries import load
+from ..rules import as_utc
 
 T = TypeVar("T")
 Q = load("sqlite")
 
 
 def epoch(value: datetime) -> float:
-    """A store time as epoch seconds; ``ValueError`` for a naive datetime."""
-    if value.tzinfo is None:
-        raise ValueError("store times must be timezone-aware (UTC)")
-    return value.timestamp()
+    """A store time as epoch seconds (``rules.as_utc``: a naive datetime is UTC)."""
+    return as_utc(value).timestamp()
 
 
 def at(value: float) -> datetime:
