@@ -54,8 +54,9 @@ def parse_json(raw: bytes) -> Any:
     record; ``json_default`` writes a ``Decimal`` back as its JSON number. Still refused
     (``ValueError``, which ``orjson.JSONDecodeError`` is too): bytes that are not UTF-8
     JSON text, ``NaN`` and ``Infinity``, a lone UTF-16 surrogate escape (``"\\ud800"``;
-    no backend's text column and no UTF-8 encoder can hold one, see docs/delivery.md)
-    and nesting past Python's recursion limit (far beyond ``MAX_JSON_DEPTH``, which
+    no backend's text column and no UTF-8 encoder can hold one, see docs/delivery.md),
+    a number whose exponent is past what ``decimal`` holds (more than 18 digits: RFC 8259
+    §9 lets a parser limit the range of numbers) and nesting past Python's recursion limit (far beyond ``MAX_JSON_DEPTH``, which
     ``Event.from_body`` checks after).
     """
     try:
@@ -87,7 +88,13 @@ def _json_int(text: str) -> int | float | Decimal:
 
 def _json_float(text: str) -> float | Decimal:
     number = float(text)
-    return Decimal(text) if math.isinf(number) else number
+    if not math.isinf(number):
+        return number
+    try:
+        return Decimal(text)
+    except ArithmeticError:  # decimal.InvalidOperation: an exponent past 10**18 digits' worth
+        # RFC 8259 §6 lets a parser limit the range of numbers; ValueError is a 400.
+        raise ValueError(f"a number beyond the range this receiver reads: {text[:40]}") from None
 
 
 def _no_constant(name: str) -> Any:

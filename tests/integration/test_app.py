@@ -294,6 +294,17 @@ def test_numbers_beyond_a_double_are_accepted_and_stored_byte_exact(
     assert asyncio.run(stored()) == body
 
 
+@pytest.mark.parametrize("number", [b"1e99999999999999999999", b"-1E+10000000000000000000"])
+def test_a_number_past_what_decimal_holds_is_400_not_500(client: TestClient, number: bytes) -> None:
+    """An exponent of more than 18 digits: no exact reader holds it (``decimal`` raised
+    ``InvalidOperation``, a 500 the sender would retry forever). RFC 8259 §9 lets a parser
+    limit the range of numbers: a 400 ``invalid_json``, never retried."""
+    body = b'{"id":"evt_bigexp","type":"job.progress","n":' + number + b"}"
+    response = post(client, body)
+    assert response.status_code == 400, response.text
+    assert error_of(response)["code"] == "invalid_json"
+
+
 def test_a_created_integer_beyond_64_bits_is_400_naming_it(client: TestClient) -> None:
     """``created`` is a column the service reads: an integer out of its range is refused
     with ``param: created`` however it is written, never a 503 retried forever."""
