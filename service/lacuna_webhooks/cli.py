@@ -212,6 +212,7 @@ def _serve(
     # The port first: a second `serve` on a port in use ends here, with one line, before it
     # has started a store writer, a dispatcher and workers against the same database.
     sockets = sockets or _bind_webhook(host, port)
+    interrupted: list[int] = []
 
     async def run() -> None:
         store = await _open_service_store(settings, handlers)
@@ -245,6 +246,11 @@ def _serve(
             # uvicorn re-raises the signal that stopped it once it has shut down; after a
             # graceful drain a SIGTERM should end the process with 0, not "killed by signal".
             signal.signal(signal.SIGTERM, lambda signum, frame: None)
+            # Ctrl-C: uvicorn drains, then raises SIGINT again for the handler it found. That
+            # was asyncio's, which cancelled this task in the middle of the admin listener's
+            # stop and the store's close (a traceback, a bulk operation not answered). Noted
+            # instead: the command ends with KeyboardInterrupt (130) once all is closed.
+            signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
             admin_task = None if admin is None else asyncio.create_task(admin.serve())
             # Everything built so far (modules, the app, the store, the handler set) lives as
             # long as the process: out of the collector's sight, a full collection no longer
@@ -269,10 +275,13 @@ def _serve(
     try:
         _run_loop(run())
     finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         for sock in sockets:
             sock.close()
         if tracing is not None:
             tracing.shutdown()  # export the spans still queued
+    if interrupted:
+        raise KeyboardInterrupt
     return 0
 
 

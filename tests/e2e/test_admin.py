@@ -106,6 +106,31 @@ def test_admin_port_taken_is_one_line(serve_factory: type[Serve], tmp_path: Path
     assert "Traceback" not in err
 
 
+def test_ctrl_c_with_the_admin_listener_stops_both_quietly(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """Ctrl-C with the admin listener on: the same graceful stop as SIGTERM, then exit 130
+    and one `interrupted` line. asyncio's SIGINT handler, which uvicorn calls again after its
+    drain, cancelled serve in the middle of the admin listener's stop: an error-level line
+    with three chained tracebacks."""
+    import json
+    import signal
+
+    serve = serve_factory(admin_env(tmp_path)).start()
+    admin = f"http://127.0.0.1:{serve.env['LACUNA_ADMIN_PORT']}/api/v1"
+    assert httpx.get(f"{admin}/events", headers=AUTH, timeout=5).status_code == 200
+    body, headers = signed(make_event("evt_before_ctrl_c"))
+    assert httpx.post(serve.webhook_url, content=body, headers=headers).status_code == 200
+    serve.signal(signal.SIGINT)
+    assert serve.wait(timeout=40) == 130
+    log = serve.log()
+    assert "Traceback" not in log
+    assert log.rstrip().splitlines()[-1] == "lacuna-webhooks: interrupted"
+    levels = [json.loads(line)["level"] for line in log.splitlines() if line.startswith("{")]
+    assert "error" not in levels
+    assert '"serve.stopped"' in log
+
+
 # --- intake while admin searches run ------------------------------------------------------
 
 STORED = 100_000
