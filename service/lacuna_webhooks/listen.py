@@ -172,7 +172,19 @@ def read_cursor_file(path: Path) -> str | None:
     cursor = saved.get("cursor") if isinstance(saved, dict) else None
     if not isinstance(cursor, str) or not cursor:
         raise ListenError(f"{path} holds no cursor: delete it to start from now")
+    if not is_cursor(cursor):
+        raise ListenError(f"{path} holds no cursor this service made: delete it to start from now")
     return cursor
+
+
+#: What a stream cursor can be: it goes back in the Last-Event-ID header, so visible ASCII
+#: only (the service's own are base64url, at most 200 characters: store/stream.py).
+_CURSOR = re.compile(r"[!-~]{1,200}")
+
+
+def is_cursor(value: str) -> bool:
+    """Whether ``value`` can be a stream cursor (and so a Last-Event-ID header value)."""
+    return _CURSOR.fullmatch(value) is not None
 
 
 def write_cursor_file(path: Path, cursor: str, *, url: str, event_id: str) -> None:
@@ -256,6 +268,13 @@ async def follow_stream(
                     async for message in source.aiter_sse():
                         if message.event != "event" or not message.id:
                             continue
+                        if not is_cursor(message.id):
+                            # Saved, it could never be sent back: every restart would fail.
+                            raise ListenError(
+                                "the stream sent an event id that is not a cursor this service"
+                                f" makes ({_printable(message.id[:200])}): is "
+                                f"{shown_url(client.base)} the admin API of lacuna-webhooks?"
+                            )
                         try:
                             event = orjson.loads(message.data)
                         except orjson.JSONDecodeError:

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from lacuna_webhooks import listen
 from lacuna_webhooks.listen import MAX_MESSAGE_CHARS, Target
@@ -108,3 +110,58 @@ async def test_an_endless_line_or_message_is_cut_reported_and_reconnected() -> N
     # buffers' worth, far below what it would have sent (generous: buffers vary by kernel).
     assert server.connections == 3
     assert all(MAX_MESSAGE_CHARS < sent < 24 * MIB for sent in server.sent[:2]), server.sent
+
+
+async def _one_event_stream(event_id: bytes) -> tuple[asyncio.Server, int]:
+    """A server whose stream sends one event with ``id: event_id``, then holds it open."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")
+            event = orjson.dumps({"id": "evt_x", "type": "job.completed"})
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
+                b"id: " + event_id + b"\nevent: event\ndata: " + event + b"\n\n"
+            )
+            await writer.drain()
+            await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, int(server.sockets[0].getsockname()[1])
+
+
+@pytest.mark.parametrize("event_id", ["é".encode(), b"a b", b"x" * 201])
+async def test_an_event_id_that_cannot_be_a_cursor_is_one_line_before_forwarding(
+    event_id: bytes,
+) -> None:
+    """An id that could never go back in Last-Event-ID (not visible ASCII, over 200
+    characters): one ListenError before the event is handed on. It used to be forwarded and
+    saved, and every start after crashed building the header (UnicodeEncodeError) or looped
+    on "Illegal header value"."""
+    server, port = await _one_event_stream(event_id)
+    got: list[str] = []
+
+    async def on_event(cursor: str, event: dict[str, Any]) -> None:
+        got.append(cursor)
+
+    try:
+        with pytest.raises(listen.ListenError, match="not a cursor this service makes"):
+            await asyncio.wait_for(
+                listen.follow_stream(
+                    Target(f"http://127.0.0.1:{port}", "adm_tok"), None, on_event, say=print
+                ),
+                30,
+            )
+    finally:
+        server.close()
+    assert got == []
+
+
+@pytest.mark.parametrize("cursor", ["é", "a\r\nX-Inj: 1", "\x00", "x" * 201])
+def test_a_saved_cursor_that_cannot_be_sent_back_is_refused(tmp_path: Path, cursor: str) -> None:
+    """A cursor file holding what no header can carry: one line saying to delete it."""
+    path = tmp_path / "cursor.json"
+    path.write_bytes(orjson.dumps({"cursor": cursor}))
+    with pytest.raises(listen.ListenError, match="delete it to start from now"):
+        listen.read_cursor_file(path)
