@@ -33,6 +33,7 @@ from .config import (
     HANDLER_NAME_RE,
     MAX_BODY_BYTES,
     Settings,
+    http_url_problem,
     parse_list,
     read_file_setting,
     read_setting,
@@ -657,6 +658,21 @@ def _send_template(args: argparse.Namespace) -> tuple[bytes | None, dict[str, An
     return None, None
 
 
+def _check_http_url(option: str, url: str) -> None:
+    """``CommandError`` (exit 2) unless ``url`` is an http(s) URL to send to: a host, a port
+    from 1 to 65535 (``config.http_url_problem``), and what httpx can parse."""
+    import httpx
+
+    problem = http_url_problem(url)
+    if problem is None:
+        try:
+            httpx.URL(url)
+        except httpx.InvalidURL:
+            problem = "is not a valid URL"
+    if problem is not None:
+        raise CommandError(f"{option} {redact_url(url)!r} {problem}", 2)
+
+
 def _send(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     import copy
 
@@ -665,12 +681,7 @@ def _send(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     from .samples import sample_of_type
     from .send import SendError, apply, parse_assignment, run_load, sign_body
 
-    if not args.url.startswith(("http://", "https://")):
-        raise CommandError(f"--url must start with http:// or https://, got {args.url!r}", 2)
-    try:
-        httpx.URL(args.url)
-    except httpx.InvalidURL as exc:
-        raise CommandError(f"--url {redact_url(args.url)!r} is not a valid URL: {exc}", 2) from None
+    _check_http_url("--url", args.url)
     secret, secret_name = _send_secret(args, environ)
     try:
         assignments = [parse_assignment(text) for text in args.set or []]
@@ -1403,6 +1414,8 @@ def _tail(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             say=listen.stderr_say,
         )
         return listen.run(main, listen.stderr_say)
+    except listen.ArgumentError as exc:
+        raise CommandError(str(exc), exit_code=2) from None
     except listen.ListenError as exc:
         raise CommandError(str(exc)) from None
 
@@ -1443,8 +1456,7 @@ def _listen(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     from . import listen
 
     forward_to = args.forward_to
-    if not forward_to.startswith(("http://", "https://")):
-        raise CommandError(f"--forward-to must be an http:// or https:// URL: {forward_to}", 2)
+    _check_http_url("--forward-to", forward_to)
     try:
         target = listen.admin_target(args.url, args.token, environ)
         cursor_file = (
@@ -1462,6 +1474,8 @@ def _listen(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             say=listen.stderr_say,
         )
         return listen.run(main, listen.stderr_say)
+    except listen.ArgumentError as exc:
+        raise CommandError(str(exc), exit_code=2) from None
     except listen.ListenError as exc:
         raise CommandError(str(exc)) from None
     except OSError as exc:

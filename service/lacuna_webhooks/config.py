@@ -23,6 +23,7 @@ import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 from .errors import ConfigError
 from .redact import redact_url
@@ -291,6 +292,31 @@ def listeners_clash(first: tuple[str, object], second: tuple[str, object]) -> bo
     if port_a != port_b:
         return False
     return host_a == host_b or host_a in _WILDCARDS or host_b in _WILDCARDS
+
+
+def http_url_problem(value: str) -> str | None:
+    """Why ``value`` is not an ``http(s)://host[:port]/…`` URL a request can be sent to, as
+    words to follow its name ("must be ...", "has no host"), or ``None`` when it is one.
+
+    One rule for every URL a setting or an argument names (handlers, ``send --url``,
+    ``listen --forward-to``): a port outside 1 to 65535 is refused here, where HTTP clients
+    accept it and connect elsewhere (84267 is 18731 modulo 65536) or fail at every attempt.
+    The value is never echoed (it may hold a token)."""
+    try:
+        parts = urlsplit(value)
+        port = parts.port  # ValueError for a port that is not a number from 0 to 65535
+    except ValueError as exc:
+        if "port" in str(exc).lower():
+            return "has a port that is not a number from 1 to 65535"
+        return "is not a valid URL"
+    if parts.scheme.lower() not in ("http", "https"):
+        shown = parts.scheme if parts.scheme.isalnum() else "no"
+        return f"must be an http:// or https:// URL, got {shown} scheme"
+    if not parts.hostname:
+        return "has no host"
+    if port == 0:
+        return "has port 0: give a port from 1 to 65535"
+    return None
 
 
 def _database_url(value: str) -> str:

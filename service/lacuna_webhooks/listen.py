@@ -67,6 +67,11 @@ class ListenError(Exception):
     """A refusal that retrying cannot fix; ``str()`` is one line for the user."""
 
 
+class ArgumentError(ListenError):
+    """A ``ListenError`` about what the command was given (an option, a setting, the cursor
+    file it names): exit code 2, as every command's bad arguments (docs/cli.md)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     """Where the admin API is, and the token to present."""
@@ -86,14 +91,14 @@ def admin_target(url: str | None, token: str | None, environ: Mapping[str, str])
         try:
             token = read_setting(environ, "LACUNA_ADMIN_TOKEN")
         except ConfigError as exc:
-            raise ListenError(str(exc)) from None
+            raise ArgumentError(str(exc)) from None
         token = (token or "").split(",")[0]
     token = token.strip()
     if not token:
-        raise ListenError("give the admin token: --token or LACUNA_ADMIN_TOKEN")
+        raise ArgumentError("give the admin token: --token or LACUNA_ADMIN_TOKEN")
     if not all("!" <= c <= "~" for c in token):
         # A header value must be visible ASCII; never echoed (it is a credential).
-        raise ListenError("--token / LACUNA_ADMIN_TOKEN must be printable ASCII without spaces")
+        raise ArgumentError("--token / LACUNA_ADMIN_TOKEN must be printable ASCII without spaces")
     return Target(url.rstrip("/"), token)
 
 
@@ -102,28 +107,28 @@ def check_admin_url(url: str) -> str:
     ``ListenError`` that says what is wrong without echoing it."""
     what = "--url / LACUNA_ADMIN_URL"
     if not url:
-        raise ListenError(
+        raise ArgumentError(
             "give the admin API's address: --url http://HOST:8001 or LACUNA_ADMIN_URL"
         )
     try:
         parts = urlsplit(url)
         port = parts.port  # ValueError for a port that is not a number from 0 to 65535
     except ValueError:
-        raise ListenError(f"{what} is not a valid URL") from None
+        raise ArgumentError(f"{what} is not a valid URL") from None
     if parts.scheme.lower() not in ("http", "https") or len(url) > 2000:
         shown = f"a {parts.scheme}: URL" if parts.scheme.isalnum() else "something else"
-        raise ListenError(f"{what} must be the admin listener's http(s):// URL, got {shown}")
+        raise ArgumentError(f"{what} must be the admin listener's http(s):// URL, got {shown}")
     if "@" in parts.netloc:
-        raise ListenError(
+        raise ArgumentError(
             f"{what} must not hold credentials (user:password@): the admin API takes a bearer"
             " token (--token or LACUNA_ADMIN_TOKEN)"
         )
     if not parts.hostname or port == 0 or parts.query or parts.fragment:
-        raise ListenError(f"{what} must be http(s)://HOST[:PORT], without a query or fragment")
+        raise ArgumentError(f"{what} must be http(s)://HOST[:PORT], without a query or fragment")
     try:
         httpx.URL(url)
     except httpx.InvalidURL:
-        raise ListenError(f"{what} is not a valid URL") from None
+        raise ArgumentError(f"{what} is not a valid URL") from None
     return url
 
 
@@ -160,20 +165,22 @@ def read_cursor_file(path: Path) -> str | None:
     except FileNotFoundError:
         return None
     except (NotRegularFile, IsADirectoryError):
-        raise ListenError(f"the cursor file {path} is not a regular file") from None
+        raise ArgumentError(f"the cursor file {path} is not a regular file") from None
     except OSError as exc:
         raise ListenError(f"cannot read the cursor file {path}: {exc.strerror}") from None
     if len(data) > MAX_CURSOR_FILE_BYTES:
-        raise ListenError(f"{path} is not a cursor file (larger than 64 KiB)")
+        raise ArgumentError(f"{path} is not a cursor file (larger than 64 KiB)")
     try:
         saved = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
-        raise ListenError(f"cannot read the cursor file {path}: {exc}") from None
+        raise ArgumentError(f"{path} is not a cursor file ({exc})") from None
     cursor = saved.get("cursor") if isinstance(saved, dict) else None
     if not isinstance(cursor, str) or not cursor:
-        raise ListenError(f"{path} holds no cursor: delete it to start from now")
+        raise ArgumentError(f"{path} holds no cursor: delete it to start from now")
     if not is_cursor(cursor):
-        raise ListenError(f"{path} holds no cursor this service made: delete it to start from now")
+        raise ArgumentError(
+            f"{path} holds no cursor this service made: delete it to start from now"
+        )
     return cursor
 
 
@@ -471,7 +478,7 @@ def parse_events(value: str | None) -> frozenset[str] | None:
         return None
     names = frozenset(item.strip() for item in value.split(",") if item.strip())
     if not names:
-        raise ListenError("--events names no event type")
+        raise ArgumentError("--events names no event type")
     return names
 
 
@@ -481,7 +488,7 @@ def parse_secret(value: str | None) -> tuple[bytes, ...]:
     try:
         return tuple(standard_webhooks_key(item) for item in value.split(",") if item.strip())
     except ValueError as exc:
-        raise ListenError(f"--secret {exc}") from None
+        raise ArgumentError(f"--secret {exc}") from None
 
 
 async def listen(
@@ -551,6 +558,7 @@ def shown_url(url: str) -> str:
 
 
 __all__ = [
+    "ArgumentError",
     "ListenError",
     "Target",
     "admin_target",

@@ -56,8 +56,8 @@ def parse_json(raw: bytes) -> Any:
     JSON text, ``NaN`` and ``Infinity``, a lone UTF-16 surrogate escape (``"\\ud800"``;
     no backend's text column and no UTF-8 encoder can hold one, see docs/delivery.md),
     a number whose exponent is past what ``decimal`` holds (more than 18 digits: RFC 8259
-    §9 lets a parser limit the range of numbers) and nesting past Python's recursion limit (far beyond ``MAX_JSON_DEPTH``, which
-    ``Event.from_body`` checks after).
+    §9 lets a parser limit the range of numbers) and nesting past Python's recursion limit
+    (far beyond ``MAX_JSON_DEPTH``, which ``Event.from_body`` checks after).
     """
     try:
         return orjson.loads(raw)

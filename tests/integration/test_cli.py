@@ -273,9 +273,15 @@ def test_send_to_nothing_is_one_line(capsys: pytest.CaptureFixture[str]) -> None
         (["--set", "type.x=1"], "type is a string, not an object"),
         (["--secret-index", "3"], "--secret-index 3: --secret holds 1 secret(s)"),
         (["--secret-index", "0"], "--secret-index: must be greater than 0"),
-        (["--url", "ftp://x"], "--url must start with http:// or https://"),
+        (["--url", "ftp://x"], "must be an http:// or https:// URL, got ftp scheme"),
         # httpx.InvalidURL is no httpx.HTTPError: this was a traceback.
-        (["--url", "http://[::1"], "is not a valid URL: Invalid port"),
+        (["--url", "http://[::1"], "is not a valid URL"),
+        # httpx takes port 84267 and connects to 84267 - 65536 = 18731: another server.
+        (["--url", "http://127.0.0.1:84267/x"], "a port that is not a number from 1 to 65535"),
+        (["--url", "http://[::1]:99999/x"], "a port that is not a number from 1 to 65535"),
+        (["--url", "http://x:-1/"], "a port that is not a number from 1 to 65535"),
+        (["--url", "http://"], "has no host"),
+        (["--url", "http://:80/x"], "has no host"),
     ],
 )
 def test_send_bad_arguments_are_one_line_and_exit_2(
@@ -609,3 +615,27 @@ def test_dev_refuses_an_env_file_line_that_is_not_key_value(
         f"lacuna-webhooks: error: --env-file: {env_file} line 4 is not KEY=VALUE "
         "(a comment starts with #)\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://[::1", "is not a valid URL"),
+        ("http://[zz]:1/", "is not a valid URL"),
+        ("http://127.0.0.1:70000/hook", "a port that is not a number from 1 to 65535"),
+        ("http://", "has no host"),
+        ("http:///x", "has no host"),
+        ("ftp://x/", "got ftp scheme"),
+    ],
+)
+def test_listen_forward_to_that_cannot_be_sent_to_is_one_line_and_exit_2(
+    url: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Refused at start: it was a traceback (a bad IPv6 literal), a traceback at the first
+    event forwarded (port 70000), or accepted and run ("forwarding to http://")."""
+    argv = ["listen", "--forward-to", url, "--url", "http://127.0.0.1:9", "--token", "t" * 40]
+    assert main(argv, {}) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lacuna-webhooks: error: --forward-to "), err
+    assert len(err.strip().splitlines()) == 1, err
+    assert message in err

@@ -437,6 +437,9 @@ def test_a_missing_url_or_secret_stops_start() -> None:
         ("files.test/hook", "must be an http:// or https:// URL"),
         ("http:///hook?key=abc", "has no host"),
         ("http://[::1/hook", "is not a valid URL"),
+        # httpx took it, and every attempt failed with an ExceptionGroup until dead.
+        ("http://127.0.0.1:84333/hook?key=abc", "a port that is not a number from 1 to 65535"),
+        ("http://127.0.0.1:0/hook?key=abc", "port 0"),
     ],
 )
 def test_a_bad_url_is_one_line_naming_the_variable_without_secrets(url: str, expected: str) -> None:

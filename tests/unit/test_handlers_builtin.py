@@ -236,6 +236,14 @@ def test_http_with_the_switch() -> None:
     assert check_url("http://127.0.0.1:8080/a", allow_private=True, what="audio").port == 8080
 
 
+@pytest.mark.parametrize("url", ["https://cdn.example:84333/a.mp3", "https://cdn.example:0/a"])
+def test_a_port_out_of_range_is_a_permanent_refusal(url: str) -> None:
+    """httpx takes port 84333; every connect then failed (an ExceptionGroup, retried until
+    dead). An audio URL in an event that can never be fetched is a permanent error."""
+    with pytest.raises(UnsafeURL, match="port that is not a number from 1 to 65535"):
+        check_url(url, allow_private=False, what="audio")
+
+
 @pytest.mark.parametrize(
     "url",
     [

@@ -72,7 +72,7 @@ def test_cursor_file_round_trip_and_replace(tmp_path: Path) -> None:
     with pytest.raises(ListenError, match="no cursor"):
         listen.read_cursor_file(path)
     path.write_text("not json")
-    with pytest.raises(ListenError, match="cannot read"):
+    with pytest.raises(ListenError, match="is not a cursor file"):
         listen.read_cursor_file(path)
 
 
@@ -142,7 +142,9 @@ def test_cli_refuses_a_bad_forward_url_or_missing_target(
 ) -> None:
     assert main(["listen", "--forward-to", "localhost:3000"], environ={}) == 2
     assert "--forward-to" in capsys.readouterr().err
-    assert main(["listen", "--forward-to", "http://127.0.0.1:3000"], environ={}) == 1
+    assert (
+        main(["listen", "--forward-to", "http://127.0.0.1:3000"], environ={}) == 2
+    )  # a missing argument
     assert "LACUNA_ADMIN_URL" in capsys.readouterr().err
     # tail without an admin API follows the local store: none here, and it says both ways.
     assert main(["tail"], environ={"LACUNA_DATABASE_URL": "sqlite:///./no/such.db"}) == 1
@@ -251,3 +253,55 @@ def test_an_unwritable_cursor_folder_is_refused_before_any_forward(tmp_path: Pat
     listen.check_cursor_folder(tmp_path / "new" / "cursor.json")
     assert (tmp_path / "new").is_dir()
     assert list((tmp_path / "new").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["tail", "--url", "ftp://x"],
+        ["tail", "--url", "http://127.0.0.1:9", "--token", "bad_tok_é"],
+        ["tail", "--url", "http://127.0.0.1:9", "--token", ""],
+        [
+            "listen",
+            "--forward-to",
+            "http://127.0.0.1:9/x",
+            "--url",
+            "http://127.0.0.1:9",
+            "--token",
+            "t" * 40,
+            "--secret",
+            "whsec_%%%",
+        ],
+        [
+            "listen",
+            "--forward-to",
+            "http://127.0.0.1:9/x",
+            "--url",
+            "http://127.0.0.1:9",
+            "--token",
+            "t" * 40,
+            "--events",
+            ",",
+        ],
+        [
+            "listen",
+            "--forward-to",
+            "http://127.0.0.1:9/x",
+            "--url",
+            "http://127.0.0.1:9",
+            "--token",
+            "t" * 40,
+            "--cursor-file",
+            "/",  # a directory
+        ],
+    ],
+)
+def test_tail_and_listen_bad_arguments_exit_2_like_every_command(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/cli.md: 2 for bad arguments. `replay --url ftp://x` gave 2 and `tail --url
+    ftp://x` the same line with 1."""
+    assert main(argv, environ={}) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lacuna-webhooks: error: ")
+    assert len(err.strip().splitlines()) == 1, err

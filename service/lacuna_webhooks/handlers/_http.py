@@ -123,6 +123,9 @@ def check_url(
         raise UnsafeURL(f"{what} must be an https URL, got {parsed.scheme or 'no'} scheme{hint}")
     if not parsed.host:
         raise UnsafeURL(f"{what} has no host")
+    if parsed.port is not None and not 0 < parsed.port < 65536:
+        # httpx takes it; the connect then fails at every attempt (anyio's OverflowError).
+        raise UnsafeURL(f"{what} has a port that is not a number from 1 to 65535")
     return parsed
 
 

@@ -45,6 +45,7 @@ import httpx
 import orjson
 import structlog
 
+from ..config import http_url_problem
 from ..errors import ConfigError, PauseHandler, PermanentError, RateLimited, RetryLater
 from ..models import Event
 from ..signature import signed_headers, standard_webhooks_key
@@ -84,17 +85,15 @@ def where(url: httpx.URL) -> str:
 
 
 def parse_url(value: str, var: str) -> httpx.URL:
-    """``LACUNA_<NAME>_URL``: an http(s) URL with a host; ``ConfigError`` naming ``var``."""
+    """``LACUNA_<NAME>_URL``: an http(s) URL with a host and a port from 1 to 65535
+    (``config.http_url_problem``); ``ConfigError`` naming ``var``."""
+    problem = http_url_problem(value)
+    if problem is not None:
+        raise ConfigError(f"{var} {problem}")
     try:
-        url = httpx.URL(value)
+        return httpx.URL(value)
     except (httpx.InvalidURL, TypeError):
         raise ConfigError(f"{var} is not a valid URL") from None
-    if url.scheme not in ("http", "https"):
-        shown = url.scheme or "no"
-        raise ConfigError(f"{var} must be an http:// or https:// URL, got {shown} scheme")
-    if not url.host:
-        raise ConfigError(f"{var} has no host ({where(url)})")
-    return url
 
 
 def parse_secrets(value: str, var: str) -> tuple[bytes, ...]:
