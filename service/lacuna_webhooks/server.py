@@ -190,9 +190,10 @@ class LacunaConfig(uvicorn.Config):
         self.lacuna = shared
 
 
-class _HeaderCapExceeded(Exception):
-    """Raised from on_headers_complete over LACUNA_MAX_HEADERS or LACUNA_MAX_HEADER_BYTES;
-    the parser turns it into an error and data_received answers 431."""
+class _StopParsing(Exception):
+    """Raised from a parser callback with ``_refusal`` set (over LACUNA_MAX_HEADERS or
+    LACUNA_MAX_HEADER_BYTES, a transfer coding other than chunked): the parser turns it
+    into an error and data_received answers the refusal."""
 
 
 def _refusal_bytes(exc: WebhookError, default_headers: list[tuple[bytes, bytes]]) -> bytes:
@@ -480,7 +481,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         limits = self._limits
         if len(headers) > limits.max_headers:
             self._refusal = self._too_many_headers()
-            raise _HeaderCapExceeded()  # the parser stops; data_received answers 431
+            raise _StopParsing()  # the parser stops; data_received answers 431
         # data_received's count sees a head that ends in the read it started in only after the
         # parse (then reset): counted here, the target and each header's name and value with
         # its ": " and CRLF (a lower bound of the bytes; about 0.4 µs for ten headers).
@@ -488,7 +489,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             limits.max_header_bytes
         ):
             self._refusal = self._head_too_large()
-            raise _HeaderCapExceeded()
+            raise _StopParsing()
         self._phase = _Phase.BODY
         self._header_bytes = 0
         self._after_chunk_header = False
@@ -513,6 +514,18 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             # Appended to the headers, it would reach an ASGI endpoint that had not yet
             # read them (a signature, an X-Forwarded-For behind a trusted proxy).
             return
+        # llhttp reads "gzip, chunked" or "foo, chunked" as plain chunked: a body decoded
+        # other than the sender meant (a smuggling shape). Chunked alone, or refused.
+        if (
+            len(name) == 17
+            and name.lower() == b"transfer-encoding"
+            and value.strip().lower() != b"chunked"
+        ):
+            self._refusal = MalformedRequest(
+                "Transfer-Encoding must be chunked alone: this server reads no other "
+                "transfer coding (RFC 9112 §6.1)."
+            )
+            raise _StopParsing()
         super().on_header(name, value)
 
     def on_chunk_header(self) -> None:

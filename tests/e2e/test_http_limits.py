@@ -275,6 +275,22 @@ def test_huge_and_numerous_headers_do_not_take_memory(
             id="bad-chunk-size",
         ),
         pytest.param(b"NOT HTTP AT ALL\r\n\r\n", id="garbage"),
+        # llhttp read these as plain chunked (a 200): codings it does not apply.
+        pytest.param(
+            b"POST /webhooks/lacuna HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked"
+            b"\r\n\r\n0\r\n\r\n",
+            id="gzip-then-chunked",
+        ),
+        pytest.param(
+            b"POST /webhooks/lacuna HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: foo, chunked"
+            b"\r\n\r\n0\r\n\r\n",
+            id="unknown-then-chunked",
+        ),
+        pytest.param(
+            b"POST /webhooks/lacuna HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            id="two-transfer-encoding-lines",
+        ),
     ],
 )
 def test_malformed_framing_and_smuggling_get_400_envelope(
