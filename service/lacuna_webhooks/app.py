@@ -228,6 +228,9 @@ def create_app(
         exception_handlers={HTTPException: http_error, Exception: server_error},
         lifespan=lifespan,
     )
+    # "/webhooks/lacuna/" is not the webhook route: a 404 envelope, not a 307 to a URL built
+    # from the Host header (SPEC §3 lists no redirect).
+    app.router.redirect_slashes = False
     state = app.state
     state.settings, state.store, state.handlers, state.metrics = settings, store, handlers, metrics
     state.dispatch_service = build_dispatch(

@@ -353,6 +353,19 @@ def test_unknown_path_is_404_with_envelope(client: TestClient) -> None:
     assert error_of(response)["code"] == "not_found"
 
 
+@pytest.mark.parametrize(("method", "path"), [("POST", "/webhooks/lacuna/"), ("GET", "/healthz/")])
+def test_a_trailing_slash_is_404_not_a_redirect_built_from_host(
+    client: TestClient, method: str, path: str
+) -> None:
+    """Starlette redirected it (307) to a URL built from the Host header, with no envelope."""
+    response = client.request(
+        method, path, headers={"host": "evil.example"}, follow_redirects=False
+    )
+    assert response.status_code == 404
+    assert error_of(response)["code"] == "not_found"
+    assert "location" not in response.headers
+
+
 def test_health_ready_metrics(client: TestClient) -> None:
     assert client.get("/healthz").status_code == 200
     assert client.get("/readyz").json() == {"status": "ready"}

@@ -105,6 +105,15 @@ async def test_every_form_refuses_without_a_session(sqlite_store: Store, path: s
     assert not any(s.paused for s in await sqlite_store.handler_states())
 
 
+async def test_a_trailing_slash_is_the_404_page_not_a_redirect(sqlite_store: Store) -> None:
+    """`/events/` was a 307 to a URL built from the Host header."""
+    async with client(sqlite_store, base_url="http://evil.example") as http:
+        await sign_in(http)
+        answer = await http.get("/events/")
+        assert answer.status_code == 404
+        assert "location" not in answer.headers
+
+
 async def test_sign_in_sets_a_strict_http_only_cookie(sqlite_store: Store) -> None:
     async with client(sqlite_store) as http:
         wrong = await http.post("/sign-in", data={"token": "adm_" + "z" * 40})

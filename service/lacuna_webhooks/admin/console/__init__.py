@@ -61,6 +61,8 @@ def routes(ctx: AdminContext) -> list[BaseRoute]:
             ),
         ],
         default=not_found,
+        # "/events/" is not a page: the 404 page, never a redirect built from the Host header.
+        redirect_slashes=False,
     )
     return [Mount("", app=ConsoleHeaders(router))]
 
