@@ -40,7 +40,7 @@ from .config import (
 )
 from .errors import ConfigError, EventNotFound, LacunaError, StoreUnavailable
 from .models import MAX_ID_LENGTH, MAX_TYPE_LENGTH, DeliveryStatus
-from .redact import mask_secrets, redact_url, remember_secrets, secret_values
+from .redact import mask_secrets, printable, redact_url, remember_secrets, secret_values
 from .store import DeliveryRecord, EventRecord, Store, open_store
 
 if TYPE_CHECKING:
@@ -777,19 +777,10 @@ def _iso(value: datetime | None) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if value else "-"
 
 
-def _shown(text: str) -> str:
-    """``text`` for a terminal: control characters (a newline, an ESC starting a terminal
-    escape sequence) written as ``\\n``, ``\\x1b``. Ids, types and errors come from the
-    sender and from handlers; printed raw they forged table rows and drove the terminal."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
 def _table(rows: Sequence[Sequence[str]], headers: Sequence[str]) -> str:
     if not rows:
         return "(none)"
-    rows = [[_shown(cell) for cell in row] for row in rows]
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
     lines = ["  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
@@ -915,14 +906,14 @@ def _events(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         ]
         _print_json(doc)
         return 0
-    print(f"event     {_shown(record.id)}\ntype      {_shown(record.type)}")
-    print(f"task      {_shown(record.task_id or '-')}")
+    print(f"event     {printable(record.id)}\ntype      {printable(record.type)}")
+    print(f"task      {printable(record.task_id or '-')}")
     print(f"received  {_iso(record.received_at)}" + ("  (superseded)" if record.superseded else ""))
     print("\ndeliveries")
     print(_deliveries_table(deliveries, now))
     for d in deliveries:
         for a in attempts[d.id]:
-            error = f"  {_shown(a.error)}" if a.error else ""
+            error = f"  {printable(a.error)}" if a.error else ""
             print(
                 f"  {d.handler} attempt {a.attempt}: {a.outcome.value} at {_iso(a.started_at)}"
                 f" ({a.duration_seconds * 1000:.0f} ms){error}"
@@ -1168,7 +1159,7 @@ def _replay(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         _print_json({"event_id": args.event_id, "replayed": count})
         return 0
     print(
-        f"replayed {_shown(args.event_id)}: {count} deliveries due now"
+        f"replayed {printable(args.event_id)}: {count} deliveries due now"
         " (a running `serve` sends them)"
     )
     return 0
@@ -1727,13 +1718,13 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             case "handlers":
                 return _handlers(args, env)
     except CommandError as exc:
-        print(f"{PROG}: error: {mask_secrets(str(exc))}", file=sys.stderr)
+        print(f"{PROG}: error: {printable(mask_secrets(str(exc)))}", file=sys.stderr)
         return exc.exit_code
     except ConfigError as exc:
-        print(f"{PROG}: error: configuration: {mask_secrets(str(exc))}", file=sys.stderr)
+        print(f"{PROG}: error: configuration: {printable(mask_secrets(str(exc)))}", file=sys.stderr)
         return 2
     except LacunaError as exc:
-        print(f"{PROG}: error: {mask_secrets(str(exc))}", file=sys.stderr)
+        print(f"{PROG}: error: {printable(mask_secrets(str(exc)))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         # One line, not silence: after a Ctrl-C during a bulk operation the user must know

@@ -321,6 +321,10 @@ def http_url_problem(value: str) -> str | None:
 
 def _database_url(value: str) -> str:
     url = value.strip()
+    if not url.isprintable():
+        # A NUL is no file name (the SQLite writer failed to start on it); a newline or an
+        # ESC is a paste gone wrong. Not echoed: the URL may hold a password.
+        raise ValueError("holds a control character (a newline, a NUL, an escape)")
     if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
         return url
     if url.startswith(("postgresql://", "postgres://")):

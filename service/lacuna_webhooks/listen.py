@@ -46,6 +46,7 @@ from httpx_sse import EventSource, SSEError, aconnect_sse
 from .admin.client import AdminClient
 from .config import NotRegularFile, read_regular_file, read_setting
 from .errors import ConfigError
+from .redact import printable
 from .signature import signed_headers, standard_webhooks_key
 from .store import Store
 from .store.stream import follow
@@ -279,7 +280,7 @@ async def follow_stream(
                             # Saved, it could never be sent back: every restart would fail.
                             raise ListenError(
                                 "the stream sent an event id that is not a cursor this service"
-                                f" makes ({_printable(message.id[:200])}): is "
+                                f" makes ({printable(message.id[:200])}): is "
                                 f"{shown_url(client.base)} the admin API of lacuna-webhooks?"
                             )
                         try:
@@ -289,7 +290,7 @@ async def follow_stream(
                         if not isinstance(event, dict):
                             raise ListenError(
                                 "the stream sent a message that is not an event's JSON object "
-                                f"(id {_printable(message.id[:200])})"
+                                f"(id {printable(message.id[:200])})"
                             )
                         await on_event(message.id, event)
                         cursor = message.id
@@ -374,13 +375,7 @@ def tail_line(event: dict[str, Any]) -> str:
     ]
     if isinstance(title, str):
         parts.append(title)
-    return "  ".join(_printable(part) for part in parts)
-
-
-def _printable(text: str) -> str:
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+    return "  ".join(printable(part) for part in parts)
 
 
 async def tail(
@@ -546,7 +541,7 @@ def run(main: Awaitable[None], say: Callable[[str], None]) -> int:
 def stderr_say(line: str) -> None:
     """One status line on stderr, control characters shown escaped: event ids and types,
     and the server's error texts, come from the network and must not drive the terminal."""
-    print(f"lacuna-webhooks: {_printable(line)}", file=sys.stderr, flush=True)
+    print(f"lacuna-webhooks: {printable(line)}", file=sys.stderr, flush=True)
 
 
 def shown_url(url: str) -> str:

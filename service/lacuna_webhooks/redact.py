@@ -180,3 +180,13 @@ __all__ = [
     "remember_secrets",
     "secret_values",
 ]
+
+
+def printable(text: str) -> str:
+    """``text`` for a terminal or a one-line message: control characters (a newline, an ESC
+    starting a terminal escape sequence, a NUL) written as ``\\n``, ``\\x1b``, ``\\x00``.
+    Ids, types, errors and settings come from senders, handlers and operators; printed raw
+    they forged table rows, split one-line errors and drove the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

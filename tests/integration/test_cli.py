@@ -639,3 +639,35 @@ def test_listen_forward_to_that_cannot_be_sent_to_is_one_line_and_exit_2(
     assert err.startswith("lacuna-webhooks: error: --forward-to "), err
     assert len(err.strip().splitlines()) == 1, err
     assert message in err
+
+
+@pytest.mark.parametrize("argv", [["events", "list"], ["migrate"]])
+def test_a_database_url_with_control_characters_is_one_line(
+    argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A newline, an ESC and a NUL in LACUNA_DATABASE_URL (a _FILE can hold a NUL): the
+    error spanned lines with a raw ESC byte, and a NUL failed the SQLite writer's thread."""
+    url = f"sqlite:///{tmp_path}/x\n\x1b[31mRED\x00.db"
+    assert main(argv, {"LACUNA_DATABASE_URL": url}) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "lacuna-webhooks: error: configuration: LACUNA_DATABASE_URL holds a control character"
+        " (a newline, a NUL, an escape)\n"
+    )
+
+
+def test_an_error_line_shows_control_characters_escaped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every error line goes out with its control characters escaped, whatever it quotes
+    (here a file name holding a newline and an ESC): one line that cannot drive the
+    terminal."""
+    folder = tmp_path / "a\nb\x1b[31m"
+    folder.mkdir()
+    env_file = folder / ".env"
+    env_file.write_text("not a setting\n")
+    assert main(["dev", "--env-file", str(env_file)], {}) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    assert "\x1b" not in err
+    assert "a\\nb\\x1b[31m" in err
