@@ -117,7 +117,8 @@ def _wait_seconds(request: Request) -> float | None:
     seconds = float(text) if len(text) <= 20 and _DECIMAL.fullmatch(text) else math.nan
     if not 0 < seconds <= MAX_WAIT_SECONDS:  # also refuses nan and inf
         raise BadRequest(
-            f"wait must be a number of seconds above 0 and at most {MAX_WAIT_SECONDS:g}.",
+            f"wait must be a number of seconds above 0 and at most {MAX_WAIT_SECONDS:g}, "
+            "written in at most 20 characters.",
             param="wait",
         )
     return seconds
