@@ -33,8 +33,12 @@ async def start_child(module: str, theirs: socket.socket) -> asyncio.subprocess.
     is closed in this process whatever happens (the child holds its own copy). Raises
     ``OSError`` when the process cannot be started.
     """
+    # The socket is the child's alone: a process it starts (a handler's `os.system("… &")`)
+    # must not hold it open past the child's death, or the parent, reading it, would never
+    # see that death.
     code = (
-        "import sys\n"
+        "import os, sys\n"
+        f"os.set_inheritable({theirs.fileno()}, False)\n"
         f"if {_PACKAGE_ROOT!r} not in sys.path: sys.path.insert(0, {_PACKAGE_ROOT!r})\n"
         f"from {module} import child_main\n"
         f"sys.exit(child_main({theirs.fileno()}))\n"
@@ -47,6 +51,10 @@ async def start_child(module: str, theirs: socket.socket) -> asyncio.subprocess.
             code,
             pass_fds=(theirs.fileno(),),
             stdin=subprocess.DEVNULL,
+            # A process group of its own: a handler's `os.killpg(0, SIGTERM)` (killing "its"
+            # helpers' group) reached serve, which drained and exited 0, and was not
+            # restarted. serve stops its children itself; they ignore SIGINT and SIGTERM.
+            start_new_session=True,
         )
     finally:
         theirs.close()

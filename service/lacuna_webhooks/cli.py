@@ -21,6 +21,7 @@ import shlex
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -281,9 +282,37 @@ def _serve(
             sock.close()
         if tracing is not None:
             tracing.shutdown()  # export the spans still queued
+    _end_past_stray_threads("serve", 130 if interrupted else 0)
     if interrupted:
         raise KeyboardInterrupt
     return 0
+
+
+def _end_past_stray_threads(command: str, code: int) -> None:
+    """Exit now with ``code`` if a thread that is not ours would keep the process alive.
+
+    ``serve`` and ``worker`` build each handler once to check its settings (the real ones
+    run in worker processes); a plugin that starts a non-daemon thread in ``__init__`` left
+    that thread behind, and the interpreter waited for it forever after a clean stop, deaf
+    to a second SIGTERM. Everything of ours is closed by now: log it, flush, and end."""
+    stray = [
+        t.name
+        for t in threading.enumerate()
+        if t is not threading.main_thread() and not t.daemon and t.is_alive()
+    ]
+    if not stray:
+        return
+    import structlog
+
+    structlog.get_logger("lacuna_webhooks").warning(
+        f"{command}.threads_left", threads=stray[:10], exit_code=code
+    )
+    if code == 130:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
 
 
 class _AdminListener:
@@ -457,6 +486,7 @@ def _worker(environ: Mapping[str, str]) -> int:
             await store.close()
 
     _run_loop(run())
+    _end_past_stray_threads("worker", 0)
     return 0
 
 

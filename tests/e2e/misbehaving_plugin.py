@@ -13,13 +13,24 @@ then, by the event id's prefix:
 - ``evt_fail_``: raises ``RuntimeError`` at once (a handler failing fast, every time);
 - ``evt_exit_``: ``os._exit(3)``, as a crash would;
 - ``evt_hang_``: ``await asyncio.sleep(3600)`` (cooperative, until cut off or killed);
+- ``evt_forkhold_``: forks a process that sleeps ``LACUNA_MISBEHAVING_BLOCK`` seconds
+  holding every descriptor the worker has, writes ``forked_<event id> <its pid>``, succeeds;
+- ``evt_killpg_``: ``os.killpg(0, SIGTERM)``, as a handler killing "its" helpers would;
+- ``evt_surrogate_``: raises ``FileNotFoundError`` naming a non-UTF-8 file (a surrogate);
+- ``evt_nul_``: raises ``ValueError`` whose message holds a NUL;
+- ``evt_nulresult_``: returns a result holding a NUL; ``evt_bigresult_``: a 10 MB result;
 - anything else: succeeds.
+
+With ``LACUNA_MISBEHAVING_THREAD=1``, ``__init__`` starts a non-daemon thread that only
+``aclose`` stops (in ``serve`` itself the handler is built but never closed).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -37,7 +48,15 @@ class Unprintable(Exception):
         raise RuntimeError("__str__ exploded")
 
 
+class BadStr(Exception):
+    """An exception whose ``__str__`` raises KeyboardInterrupt (a BaseException)."""
+
+    def __str__(self) -> str:
+        raise KeyboardInterrupt
+
+
 RAISES: dict[str, BaseException] = {
+    "BadStr": BadStr(),
     "SystemExit": SystemExit(0),
     "KeyboardInterrupt": KeyboardInterrupt(),
     "GeneratorExit": GeneratorExit(),
@@ -55,8 +74,11 @@ class Misbehaving:
         self.path = Path(ctx.require("PATH"))
         self.block_seconds = float(ctx.get("BLOCK", "60") or 60)
         self.aclose_block_seconds = float(ctx.get("ACLOSE_BLOCK", "0") or 0)
+        self.closed = threading.Event()
+        if ctx.get("THREAD", "") == "1":
+            threading.Thread(target=self.closed.wait, name="plugin-flusher").start()
 
-    async def handle(self, event: Event) -> None:
+    async def handle(self, event: Event) -> dict[str, str] | None:
         with self.path.open("a") as fh:
             fh.write(f"{event.id} {os.getpid()}\n")
         if event.id.startswith("evt_sleep_"):
@@ -73,8 +95,27 @@ class Misbehaving:
             os._exit(3)
         elif event.id.startswith("evt_hang_"):
             await asyncio.sleep(3600)
+        elif event.id.startswith("evt_forkhold_"):
+            child = os.fork()
+            if child == 0:
+                time.sleep(self.block_seconds)  # noqa: ASYNC251 - in the forked process
+                os._exit(0)
+            with self.path.open("a") as fh:
+                fh.write(f"forked_{event.id} {child}\n")
+        elif event.id.startswith("evt_killpg_"):
+            os.killpg(0, signal.SIGTERM)
+        elif event.id.startswith("evt_surrogate_"):
+            raise FileNotFoundError(b"/data/caf\xe9.mp3".decode("utf-8", "surrogateescape"))
+        elif event.id.startswith("evt_nul_"):
+            raise ValueError("upstream \x00 failure")
+        elif event.id.startswith("evt_nulresult_"):
+            return {"x": "a\x00b"}
+        elif event.id.startswith("evt_bigresult_"):
+            return {"x": "y" * 10_000_000}
+        return None
 
     async def aclose(self) -> None:
+        self.closed.set()
         # LACUNA_MISBEHAVING_ACLOSE_BLOCK: block the event loop for that long while closing.
         time.sleep(self.aclose_block_seconds)  # noqa: ASYNC251 - blocking is the point
 

@@ -7,6 +7,7 @@ writes ``<event id> <pid>`` to a file as each attempt starts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -164,6 +165,8 @@ def test_every_base_exception_is_an_attempt_outcome(
         # Its __str__ raises: describe_error raised in turn, the attempt never answered and
         # the delivery stayed running until its worker process was replaced.
         "Unprintable",
+        # Its __str__ raises KeyboardInterrupt: that crashed the worker.
+        "BadStr",
     ]
     for name in names:
         assert send(serve, f"evt_raise_{name}").status_code == 200
@@ -267,6 +270,95 @@ def test_sigterm_exits_0_when_a_handler_aclose_blocks(
     serve.signal(signal.SIGTERM)
     assert serve.wait(timeout=60) == 0
     assert all(process_exited(pid) for pid in kids)
+
+
+def test_sigterm_exits_when_a_plugin_left_a_thread_in_serve(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """A plugin that starts a non-daemon thread in __init__, stopped only by aclose(): serve
+    builds each handler once to check it and never closes that copy, and the interpreter
+    waited for the thread forever after a clean stop (a second SIGTERM was ignored)."""
+    env = plugin_env(tmp_path, LACUNA_SHUTDOWN_TIMEOUT="1", LACUNA_MISBEHAVING_THREAD="1")
+    serve = serve_factory(env).start()
+    assert send(serve, "evt_ok_thread").status_code == 200
+    serve.signal(signal.SIGTERM)
+    assert serve.wait(timeout=60) == 0
+    assert "serve.threads_left" in serve.log()
+    assert "plugin-flusher" in serve.log()
+
+
+def test_a_process_forked_by_a_handler_does_not_hide_its_workers_death(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """A handler forks a process that lives on for a minute holding every descriptor of
+    its worker, then the worker exits: the death is seen at once (the exit of the process,
+    not only the end of its socket), a new worker starts and later events are delivered.
+    The forked copy held the socket open and nothing was delivered until it ended."""
+    out = tmp_path / "started.txt"
+    env = plugin_env(tmp_path, LACUNA_MISBEHAVING_BLOCK="90", LACUNA_RETRY_MAX_ATTEMPTS="1")
+    serve = serve_factory(env).start()
+    forked: list[int] = []
+    try:
+        assert send(serve, "evt_forkhold_1").status_code == 200
+        wait_until(lambda: "forked_evt_forkhold_1" in started_ids(out), what="the fork")
+        forked = pids_of(out, "forked_evt_forkhold_1")
+        (first,) = pids_of(out, "evt_forkhold_1")
+        assert send(serve, "evt_exit_1").status_code == 200
+        wait_until(lambda: process_exited(first), what="the worker's exit")
+        assert send(serve, "evt_after_fork").status_code == 200
+        # Restart delays are 0.5 s and up: well within, and far below the forked 90 s.
+        wait_until(lambda: "evt_after_fork" in started_ids(out), timeout=30, what="delivery")
+        assert pids_of(out, "evt_after_fork")[0] != first
+        assert "handler_worker.exited" in serve.log()
+        serve.signal(signal.SIGTERM)
+        assert serve.wait(timeout=30) == 0
+    finally:
+        for pid in forked:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_handler_killing_its_process_group_does_not_end_serve(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """`os.killpg(0, SIGTERM)` in a handler (meant for helpers it started): the worker's
+    group was serve's, which drained and exited 0, and a unit restarting on failure left
+    it down. Each child now has a process group of its own."""
+    out = tmp_path / "started.txt"
+    serve = serve_factory(plugin_env(tmp_path)).start()
+    assert send(serve, "evt_killpg_1").status_code == 200
+    wait_until(lambda: attempts_of(serve, "evt_killpg_1"), timeout=30, what="the outcome")
+    assert serve.proc is not None
+    assert serve.proc.poll() is None
+    assert_intake_answers(serve, "after_killpg")
+    assert send(serve, "evt_after_killpg").status_code == 200
+    wait_until(lambda: "evt_after_killpg" in started_ids(out), timeout=30, what="delivery")
+
+
+def test_outcomes_no_store_could_hold_are_recorded_escaped_or_without_their_result(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """An error naming a non-UTF-8 file (a lone surrogate) or holding a NUL, a result
+    holding a NUL or of 10 MB: each attempt is recorded, once. The surrogate failed the
+    worker's JSON wire (the worker was killed at the timeout and the attempt run again);
+    a NUL failed PostgreSQL's record (the handler ran at every lease); a 10 MB result was
+    parsed on the intake loop and stored."""
+    out = tmp_path / "started.txt"
+    serve = serve_factory(plugin_env(tmp_path, LACUNA_RETRY_MAX_ATTEMPTS="1")).start()
+    ids = ["evt_surrogate_1", "evt_nul_1", "evt_nulresult_1", "evt_bigresult_1"]
+    for event_id in ids:
+        assert send(serve, event_id).status_code == 200
+    for event_id in ids:
+        wait_until(lambda e=event_id: attempts_of(serve, e), timeout=30, what=event_id)
+    (surrogate,) = attempts_of(serve, "evt_surrogate_1")
+    assert surrogate["error"] == "FileNotFoundError: /data/caf\\udce9.mp3"
+    (nul,) = attempts_of(serve, "evt_nul_1")
+    assert nul["error"] == "ValueError: upstream \\x00 failure"
+    for event_id in ("evt_nulresult_1", "evt_bigresult_1"):
+        (done,) = attempts_of(serve, event_id)
+        assert done["outcome"] == "ok"
+        assert started_ids(out).count(event_id) == 1
+    assert serve.log().count("handler.result_not_stored") == 2
 
 
 def test_worker_refuses_sqlite_with_one_line(tmp_path: Path) -> None:

@@ -48,6 +48,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+import orjson
+import structlog
+
 from ..errors import PauseHandler, PermanentError, RateLimited, RetryLater
 from ..handlers.base import Handler, current_attempt, current_results
 from ..models import AttemptOutcome, Event
@@ -56,19 +59,67 @@ from ..retry import RetryPolicy
 
 MAX_ERROR_CHARS = 2000
 
+logger = structlog.get_logger("lacuna_webhooks.attempt")
+
 
 def describe_error(exc: BaseException) -> str:
     """``"ValueError: boom"``, with any URL cut to its host (a webhook URL's path is a secret)
-    and any known secret value masked (``redact.redact_text``)."""
+    and any known secret value masked (``redact.redact_text``); text every store and the
+    workers' JSON wire carry (``storable_text``)."""
     name = type(exc).__name__
     try:
         message = str(exc).strip()
-    except Exception:
-        # A plugin's exception whose __str__ itself raises: the attempt must still end with
-        # an outcome (this once left the delivery running until its worker was replaced).
+    except BaseException:
+        # A plugin's exception whose __str__ itself raises (KeyboardInterrupt included): the
+        # attempt must still end with an outcome (this once left the delivery running until
+        # its worker was replaced, or crashed the worker).
         message = "(its message could not be read)"
     text = f"{name}: {message}" if message else name
-    return redact_text(text)[:MAX_ERROR_CHARS]
+    return storable_text(redact_text(text[: MAX_ERROR_CHARS * 2]))[:MAX_ERROR_CHARS]
+
+
+def storable_text(text: str) -> str:
+    """``text`` with what no store or UTF-8 encoder takes written as escapes: a lone
+    surrogate (Python's decoding of a non-UTF-8 file name, ``caf\\udce9``) and NUL
+    (``\\x00``: PostgreSQL's text refuses it). Either failed the attempt's outcome: orjson
+    refused it on the worker's wire, PostgreSQL refused to record it, and the handler ran
+    again and again."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+#: A result larger than this, as JSON, is dropped (``handler.result_not_stored``): it is
+#: stored with its delivery and read back by its dependents, and a huge one was parsed on the
+#: intake loop (a 200 MB result held webhook answers for seconds).
+MAX_RESULT_BYTES = 64 * 1024
+
+
+def result_problem(result: dict[str, Any]) -> str | None:
+    """Why ``result`` cannot be recorded, or ``None``: not JSON, over ``MAX_RESULT_BYTES``,
+    or holding text no store takes (a NUL, a lone surrogate)."""
+    try:
+        size = len(orjson.dumps(result))  # refuses lone surrogates too
+    except TypeError:
+        return "it does not encode as JSON"
+    if size > MAX_RESULT_BYTES:
+        return f"its JSON is {size} bytes (at most {MAX_RESULT_BYTES})"
+    stack: list[Any] = [result]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            if "\x00" in node:
+                return "it holds a NUL character, which PostgreSQL cannot store"
+        elif isinstance(node, dict):
+            stack.extend(node)
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return None
 
 
 class Ending(enum.StrEnum):
@@ -116,6 +167,8 @@ class Outcome:
             raise TypeError("retry_after_seconds must be a number")
         if result is not None and not isinstance(result, dict):
             raise TypeError("result must be an object")
+        if error is not None:
+            error = storable_text(error)
         return cls(Ending(value["ending"]), error, None if delay is None else float(delay), result)
 
 
@@ -134,7 +187,14 @@ def classify(value: BaseException | object) -> Outcome:
         return Outcome(Ending.RETRY_LATER, describe_error(value), value.delay_seconds)
     if isinstance(value, BaseException):
         return Outcome(Ending.FAILED, describe_error(value))
-    return Outcome(Ending.OK, result=value if isinstance(value, dict) else None)
+    if not isinstance(value, dict):
+        return Outcome(Ending.OK)
+    problem = result_problem(value)
+    if problem is not None:
+        # Still done: the handler did its work; only its result cannot be kept.
+        logger.warning("handler.result_not_stored", reason=problem)
+        return Outcome(Ending.OK)
+    return Outcome(Ending.OK, result=value)
 
 
 def timed_out(timeout_seconds: float, *, killed: bool = False) -> Outcome:

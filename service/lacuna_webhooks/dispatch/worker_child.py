@@ -146,8 +146,8 @@ async def _serve(sock: socket.socket, handler: Handler, tracing: Tracing | None 
             )
         try:
             payload = orjson.dumps(["done", attempt_id, outcome.to_wire()])
-        except TypeError:
-            log.warning("handler.result_not_json", event_id=event.id)
+        except TypeError:  # run_attempt checked the result: a last guard
+            log.warning("handler.result_not_stored", event_id=event.id, reason="not JSON")
             bare = Outcome(outcome.ending, outcome.error, outcome.retry_after_seconds)
             payload = orjson.dumps(["done", attempt_id, bare.to_wire()])
         writer.write(frame(payload))

@@ -64,6 +64,9 @@ STOP_GRACE_SECONDS = 5.0
 MAX_FRAME_BYTES = 256 * 1024 * 1024
 #: How long a new child may take to import and build its handler before it counts as failed.
 START_TIMEOUT_SECONDS = 60.0
+#: After a child's exit, how long its socket may stay open (held by a process it forked)
+#: before the parent stops reading it: answers sent just before the exit arrive well within.
+EXIT_READ_GRACE_SECONDS = 1.0
 
 logger = structlog.get_logger("lacuna_webhooks.workers")
 
@@ -256,7 +259,11 @@ class HandlerWorker:
             self._child = child
             self._log.info("handler_worker.started", pid=child.proc.pid)
             self._on_ready()
-            await self._read(child)
+            watch = asyncio.create_task(self._watch_exit(child))
+            try:
+                await self._read(child)
+            finally:
+                watch.cancel()
             killed = bool(child.overrun)
             code = await self._lost(child)
             if self._stopping:
@@ -314,6 +321,19 @@ class HandlerWorker:
         child.kill()
         await child.reap()
         return None
+
+    async def _watch_exit(self, child: _Child) -> None:
+        """End ``_read`` when the process has exited, even if its socket stays open: a
+        process the handler forked holds a copy, and the death would go unseen (attempts
+        sent into a dead socket, nothing delivered, a stop held up) until that one exits."""
+        await child.proc.wait()
+        if self._child is child:
+            self._child = None  # no new attempt goes into a dead process meanwhile
+        # Answers written just before the exit are still arriving: read them first.
+        await asyncio.sleep(EXIT_READ_GRACE_SECONDS)
+        transport = child.writer.transport
+        if not transport.is_closing():
+            transport.abort()
 
     async def _read(self, child: _Child) -> None:
         """Settle attempts from the child's answers until its socket closes."""
