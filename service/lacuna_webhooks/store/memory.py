@@ -810,7 +810,7 @@ class MemoryStore:
             elapsed = max(0.0, (now - updated).total_seconds())
             tokens = min(capacity, tokens + per_second * elapsed)
             taken = max(0, min(want, math.floor(tokens)))
-            self._buckets[handler] = (tokens - taken, max(updated, now))
+            self._buckets[handler] = (tokens - taken, now)  # also when the clock went back
             return taken
 
     async def give_back_tokens(self, handler: str, count: int, *, capacity: float) -> None:

@@ -311,11 +311,13 @@ RETURNING consecutive_failures, paused
 
 -- name: refill_tokens
 -- The bucket of :handler refilled up to now (created full), :capacity at most; its tokens.
+-- updated_at follows the clock back too: kept at a time the clock stepped back from, it
+-- refilled nothing until the clock caught up (a handler frozen for as long as the step).
 INSERT INTO rate_buckets (handler, tokens, updated_at) VALUES (:handler, :capacity, :now)
 ON CONFLICT (handler) DO UPDATE SET
     tokens = min(:capacity,
         rate_buckets.tokens + :rate * max(0, :now - rate_buckets.updated_at)),
-    updated_at = max(rate_buckets.updated_at, :now)
+    updated_at = :now
 RETURNING tokens
 
 -- name: spend_tokens
