@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import importlib
+import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -409,6 +410,17 @@ def _check_handler(item: str, handler: object) -> frozenset[str] | None:
             f"handler: it has no {' or '.join(m + '()' for m in missing)} method "
             "(docs/plugins.md)"
         )
+    for method in ("handle", "aclose"):
+        # A plain `def handle` did its work on every attempt, then failed it (None cannot be
+        # awaited): retried until dead, the work done each time.
+        func = inspect.unwrap(
+            getattr(getattr(handler, method), "__func__", None) or getattr(handler, method)
+        )
+        if inspect.isfunction(func) and not inspect.iscoroutinefunction(func):
+            raise ConfigError(
+                f"LACUNA_HANDLERS: the {item!r} handler's {method}() is not a coroutine "
+                "function: define it with `async def` (docs/plugins.md)"
+            )
     events = getattr(handler, "events", None)
     if events is None:
         return None

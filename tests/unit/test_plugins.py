@@ -47,6 +47,19 @@ def plugin_module(tmp_path: Path) -> Iterator[str]:
                 def __init__(self, ctx):
                     raise ConfigError(ctx.env_name("MODE") + " must be fast or slow")
 
+            class SyncHandle:
+                name = "synchandle"
+                events = None
+
+                def __init__(self, ctx):
+                    pass
+
+                def handle(self, event):
+                    return None
+
+                async def aclose(self):
+                    return None
+
             class NoHandle:
                 name = "nohandle"
                 events = None
@@ -253,6 +266,13 @@ async def test_handler_set_aclose_survives_a_raising_or_hanging_handler(
     assert closed == ["fine"]
     failed = [entry["handler"] for entry in logs if entry["event"] == "handler.aclose_failed"]
     assert failed == ["raises", "hangs"]
+
+
+def test_a_handle_that_is_not_async_is_refused_at_start(plugin_module: str) -> None:
+    """A plain `def handle` did its work at every attempt and then failed it (None cannot be
+    awaited): retried until dead. One line at start instead."""
+    with pytest.raises(ConfigError, match=r"handle\(\) is not a coroutine function"):
+        build_handlers([f"{plugin_module}:SyncHandle"], {})
 
 
 def test_without_instances_keeps_names_filters_and_timeouts(plugin_module: str) -> None:
