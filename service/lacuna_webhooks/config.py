@@ -621,6 +621,17 @@ class Settings:
                 f"LACUNA_RETRY_MAX_DELAY ({cap:g}) must not be smaller than "
                 f"LACUNA_RETRY_BASE_DELAY ({base:g})"
             )
+        kept = values.get("retention_days", cls.retention_days)
+        window = values.get("tolerance_seconds", cls.tolerance_seconds)
+        if isinstance(kept, float) and isinstance(window, int) and kept * 86400 < 2 * window:
+            # An event's signed request stays valid up to `window` after its `t`, which may
+            # be up to `window` before it arrived: pruned sooner, a replay of it inside the
+            # window is a new event, and its handlers run again.
+            problems.append(
+                f"LACUNA_RETENTION_DAYS ({kept:g}) must keep events for at least twice "
+                f"LACUNA_WEBHOOK_TOLERANCE ({2 * window} s), or a replayed request would be "
+                "taken for a new event once the first was pruned"
+            )
         for item in values.get("handlers", ()):  # type: ignore[attr-defined]
             name, kind = split_handler_item(item)
             if name is not None and not HANDLER_NAME_RE.fullmatch(name):

@@ -153,6 +153,20 @@ def test_retry_cap_below_base_is_refused() -> None:
         Settings.from_env({**BASE, "LACUNA_RETRY_BASE_DELAY": "10", "LACUNA_RETRY_MAX_DELAY": "1"})
 
 
+def test_retention_shorter_than_twice_the_signature_window_is_refused() -> None:
+    """Pruned sooner, an event's request replayed inside the signature window was accepted
+    as new (`duplicate: false`) and its handlers ran again."""
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({**BASE, "LACUNA_RETENTION_DAYS": "0.0005"})
+    assert info.value.problems == [
+        "LACUNA_RETENTION_DAYS (0.0005) must keep events for at least twice "
+        "LACUNA_WEBHOOK_TOLERANCE (600 s), or a replayed request would be taken for a new "
+        "event once the first was pruned"
+    ]
+    env = {**BASE, "LACUNA_RETENTION_DAYS": "0.01", "LACUNA_WEBHOOK_TOLERANCE": "60"}
+    assert Settings.from_env(env).retention_days == 0.01  # 864 s >= 120 s
+
+
 def test_fractional_delays_and_booleans() -> None:
     s = Settings.from_env(
         {
