@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -149,9 +150,15 @@ async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         # CancelledError let out was logged by uvicorn as an error with a traceback.
         forced = True
     finally:
+        # What the HTTP drain left of LACUNA_SHUTDOWN_TIMEOUT (serve notes when its stop
+        # began): one bound for the whole stop, not one for each part in turn.
+        timeout = state.settings.shutdown_timeout_seconds
+        deadline = getattr(state, "stop_deadline", None)
+        if deadline is not None:
+            timeout = max(0.0, min(timeout, deadline - time.monotonic()))
         with contextlib.suppress(asyncio.CancelledError) if forced else contextlib.nullcontext():
             if task is not None:
-                await service.stop(0 if forced else state.settings.shutdown_timeout_seconds)
+                await service.stop(0 if forced else timeout)
                 await task
             await state.handlers.aclose()
             if state.owns_store:

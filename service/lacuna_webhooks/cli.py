@@ -22,6 +22,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -201,14 +202,13 @@ def _serve(
 ) -> int:
     """``serve``: intake, dispatch and (with a token) the admin listener, until a signal.
     ``prepared``/``sockets``: what ``_serve_settings``/``_bind_webhook`` gave the caller."""
-    import uvicorn
-
     from .app import create_app
     from .dispatch.workers import WorkerPool, worker_specs
     from .metrics import Metrics
     from .server import WEBHOOK_SHARE, server_config
 
     settings, tracing, handlers = prepared or _serve_settings(environ)
+    _Server = _server_class()
     host = host or settings.host
     port = port or settings.port
     # The port first: a second `serve` on a port in use ends here, with one line, before it
@@ -242,7 +242,7 @@ def _serve(
                 # the admin listener, when there is one, takes the rest of the file limit
                 share=WEBHOOK_SHARE if settings.admin_tokens else 1.0,
             )
-            server = uvicorn.Server(config)
+            server = _Server(config, app.state, settings.shutdown_timeout_seconds)
             # The admin API on a listener of its own (SPEC §9), or none without a token.
             admin = _admin_listener(settings, store, handlers, metrics, config.host, config.port)
             # uvicorn re-raises the signal that stopped it once it has shut down; after a
@@ -313,6 +313,26 @@ def _end_past_stray_threads(command: str, code: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
     os._exit(code)
+
+
+def _server_class() -> Any:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, noting when its stop begins: LACUNA_SHUTDOWN_TIMEOUT bounds the
+        whole stop (the HTTP drain, then the dispatcher's), not each in turn. The lifespan
+        gives the dispatcher what the drain left (app.py)."""
+
+        def __init__(self, config: Any, state: Any, timeout_seconds: float) -> None:
+            super().__init__(config)
+            self._state = state
+            self._timeout_seconds = timeout_seconds
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            self._state.stop_deadline = time.monotonic() + self._timeout_seconds
+            await super().shutdown(sockets)
+
+    return Server
 
 
 class _AdminListener:

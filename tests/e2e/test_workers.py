@@ -11,7 +11,9 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -253,6 +255,27 @@ def test_sigterm_exits_0_releases_the_attempt_and_leaves_no_child(
     )
     (row,) = json.loads(listed.stdout)
     assert (row["status"], row["attempts"]) == ("pending", 0)
+
+
+def test_the_shutdown_timeout_bounds_the_whole_stop(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """A body trickling in (the HTTP drain waits for it) and an attempt that never ends:
+    LACUNA_SHUTDOWN_TIMEOUT=6 used to be spent twice, the drain's then the dispatcher's
+    (16.6 s here, 44 s at the default of 20, past Kubernetes' 40 s grace period). The
+    dispatcher now gets what the drain left. A bound, not a measurement: 6 s, plus 3 s of
+    slack for a busy machine (the worker here stops at once: its attempt yields)."""
+    out = tmp_path / "started.txt"
+    serve = serve_factory(plugin_env(tmp_path, LACUNA_SHUTDOWN_TIMEOUT="6")).start()
+    assert send(serve, "evt_hang_stop").status_code == 200
+    wait_until(lambda: "evt_hang_stop" in started_ids(out), what="the attempt to start")
+    with socket.create_connection(("127.0.0.1", serve.port)) as trickle:
+        trickle.sendall(b"POST /webhooks/lacuna HTTP/1.1\r\nHost: x\r\nContent-Length: 99\r\n\r\n{")
+        began = time.monotonic()
+        serve.signal(signal.SIGTERM)
+        assert serve.wait(timeout=60) == 0
+        took = time.monotonic() - began
+    assert took < 6 + 3, f"the stop took {took:.1f} s"
 
 
 def test_sigterm_exits_0_when_a_handler_aclose_blocks(
