@@ -13,6 +13,7 @@ then, by the event id's prefix:
 - ``evt_fail_``: raises ``RuntimeError`` at once (a handler failing fast, every time);
 - ``evt_exit_``: ``os._exit(3)``, as a crash would;
 - ``evt_hang_``: ``await asyncio.sleep(3600)`` (cooperative, until cut off or killed);
+- ``evt_nap_``: ``await asyncio.sleep(LACUNA_MISBEHAVING_NAP)`` (cooperative), then succeeds;
 - ``evt_forkhold_``: forks a process that sleeps ``LACUNA_MISBEHAVING_BLOCK`` seconds
   holding every descriptor the worker has, writes ``forked_<event id> <its pid>``, succeeds;
 - ``evt_killpg_``: ``os.killpg(0, SIGTERM)``, as a handler killing "its" helpers would;
@@ -74,6 +75,7 @@ class Misbehaving:
         self.path = Path(ctx.require("PATH"))
         self.block_seconds = float(ctx.get("BLOCK", "60") or 60)
         self.aclose_block_seconds = float(ctx.get("ACLOSE_BLOCK", "0") or 0)
+        self.nap_seconds = float(ctx.get("NAP", "1") or 1)
         self.closed = threading.Event()
         if ctx.get("THREAD", "") == "1":
             threading.Thread(target=self.closed.wait, name="plugin-flusher").start()
@@ -95,6 +97,8 @@ class Misbehaving:
             os._exit(3)
         elif event.id.startswith("evt_hang_"):
             await asyncio.sleep(3600)
+        elif event.id.startswith("evt_nap_"):
+            await asyncio.sleep(self.nap_seconds)
         elif event.id.startswith("evt_forkhold_"):
             child = os.fork()
             if child == 0:

@@ -37,11 +37,17 @@ async def store() -> AsyncIterator[MemoryStore]:
     await s.close()
 
 
-def pool_dispatcher(store: MemoryStore, out: Path, timeout: float) -> Dispatcher:
+def pool_dispatcher(
+    store: MemoryStore, out: Path, timeout: float, block: float = 60, nap: float = 1
+) -> Dispatcher:
     spec = WorkerSpec(
         name=NAME,
         item="tests.e2e.misbehaving_plugin:Misbehaving",
-        environ={"LACUNA_MISBEHAVING_PATH": str(out), "LACUNA_MISBEHAVING_BLOCK": "60"},
+        environ={
+            "LACUNA_MISBEHAVING_PATH": str(out),
+            "LACUNA_MISBEHAVING_BLOCK": str(block),
+            "LACUNA_MISBEHAVING_NAP": str(nap),
+        },
         allow_private_urls=False,
         timeout_seconds=timeout,
         log_format="json",
@@ -96,6 +102,33 @@ async def test_blocking_attempt_is_charged_and_its_sibling_released(
     assert (ok.attempt, ok.outcome) == (1, AttemptOutcome.OK)
     pids = dict(started(out))
     assert pids["evt_ok_sibling"] != pids["evt_sleep_1"]  # run by the replacement worker
+
+
+async def test_an_attempt_that_waited_behind_a_blocking_one_is_not_killed(
+    store: MemoryStore, tmp_path: Path
+) -> None:
+    """Timeout 3 s. One attempt blocks its worker's loop for 2.5 s (within its timeout)
+    and succeeds; one sent just after it waits, then naps 2.9 s (within its own timeout,
+    which runs from its start) and succeeds. Its kill timer, counted from when it was sent,
+    fired at 5 s while it ran: the worker was killed, the attempt recorded as a timeout and
+    run again. Now the worker answers a ping, and nothing is killed."""
+    out = tmp_path / "started.txt"
+    d = pool_dispatcher(store, out, timeout=3.0, block=2.5, nap=2.9)
+    async with running(d, stop_timeout=5):
+        await accept(store, "evt_sleep_short")
+        await wait_until(lambda: [e for e, _ in started(out)] == ["evt_sleep_short"], 60)
+        await accept(store, "evt_nap_behind")
+
+        async def both_done() -> bool:
+            rows = await store.list_deliveries()
+            return len(rows) == 2 and all(r.status is DeliveryStatus.DONE for r in rows)
+
+        await wait_until(both_done, 60)
+    for event_id in ("evt_sleep_short", "evt_nap_behind"):
+        row = await only_delivery(store, event_id=event_id)
+        (attempt,) = await store.list_attempts(row.id)
+        assert attempt.outcome is AttemptOutcome.OK, (event_id, attempt)
+    assert len({pid for _, pid in started(out)}) == 1  # one worker, never replaced
 
 
 async def test_stop_ends_every_worker(store: MemoryStore, tmp_path: Path) -> None:

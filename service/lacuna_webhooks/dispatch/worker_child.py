@@ -167,6 +167,8 @@ async def _serve(sock: socket.socket, handler: Handler, tracing: Tracing | None 
                 )
                 running[attempt_id] = task
                 task.add_done_callback(functools.partial(_forget, running, attempt_id))
+            elif kind == "ping":  # is this loop responsive? (workers.py, _overrun)
+                writer.write(frame(orjson.dumps(["pong", request[1]])))
             elif kind == "cancel":
                 task_ = running.get(request[1])
                 if task_ is not None:

@@ -8,13 +8,15 @@ outcomes) stays in the parent, beside the store: on SQLite the database keeps
 its one writer.
 
 - Wire: a private socket pair. Parent to child: frames of a 4-byte big-endian
-  length and a pickle (``run``, ``cancel``, ``stop``); child to parent: the
-  same framing around JSON (``ready``, ``failed``, ``done`` with an
-  ``Outcome``), so nothing a plugin's process sends is unpickled here.
+  length and a pickle (``run``, ``cancel``, ``ping``, ``stop``); child to parent:
+  the same framing around JSON (``ready``, ``failed``, ``done`` with an
+  ``Outcome``, ``pong``), so nothing a plugin's process sends is unpickled here.
 - Timeouts: the child cuts an attempt off at the handler's timeout when the
   handler yields. One that does not (``time.sleep``, a CPU loop) is still
-  running ``KILL_GRACE_SECONDS`` later: the child is killed (SIGKILL) and
-  replaced at once. The overrunning attempt is recorded ``timed_out`` (a retry
+  running ``KILL_GRACE_SECONDS`` later and its child does not answer a ping
+  within ``KILL_GRACE_SECONDS`` either: the child is killed (SIGKILL) and
+  replaced at once. (A child that answers is not blocked: the attempt waited
+  behind one that blocked for a while, and its own timeout runs from its start.) The overrunning attempt is recorded ``timed_out`` (a retry
   on the schedule); the other attempts that were in flight in that child are
   *released*: given back to the store, due at once, not counted, nothing
   recorded, as they did nothing wrong.
@@ -116,12 +118,13 @@ def _exit_text(code: int | None) -> str:
 
 
 class _Attempt:
-    __slots__ = ("future", "timeout_seconds", "timer")
+    __slots__ = ("future", "pinged", "timeout_seconds", "timer")
 
     def __init__(self, future: asyncio.Future[Outcome], timeout_seconds: float) -> None:
         self.future = future
         self.timeout_seconds = timeout_seconds
         self.timer: asyncio.TimerHandle | None = None
+        self.pinged = False  # its worker was found responsive once at its overrun
 
     def settle(self, outcome: Outcome) -> None:
         if self.timer is not None:
@@ -144,6 +147,7 @@ class _Child:
         self.writer = writer
         self.attempts: dict[int, _Attempt] = {}
         self.overrun: set[int] = set()  # attempts it was killed for
+        self.pings: dict[int, int] = {}  # ping id -> the attempt past its timeout
         self.killed = False
 
     def send(self, message: tuple[Any, ...]) -> None:
@@ -340,6 +344,9 @@ class HandlerWorker:
         try:
             while True:
                 reply = orjson.loads(await read_frame(child.reader, MAX_FRAME_BYTES))
+                if reply[0] == "pong":
+                    self._answered(child, int(reply[1]))
+                    continue
                 if reply[0] != "done":
                     raise ValueError(f"unexpected message {reply[0]!r}")
                 attempt = child.attempts.pop(int(reply[1]), None)
@@ -354,10 +361,47 @@ class HandlerWorker:
             child.kill()
 
     def _overrun(self, child: _Child, attempt_id: int) -> None:
-        """An attempt is still unanswered ``KILL_GRACE_SECONDS`` past its timeout: the handler
-        blocks its worker's loop. Kill the worker; the reader then sees its socket close."""
-        if attempt_id not in child.attempts or child.killed:
+        """An attempt is still unanswered ``KILL_GRACE_SECONDS`` past its timeout, counted
+        from when it was sent. Either a handler blocks the worker's loop, or the attempt
+        waited behind one that blocked for a while and then returned, and has been running
+        for less than its own timeout (which the worker enforces from its start). Ask the
+        worker's loop (a ping): no answer within ``KILL_GRACE_SECONDS`` is a blocked loop.
+        An answer gives the attempt one more timeout; past that it is killed all the same
+        (a handler that ignores its cancellation)."""
+        attempt = child.attempts.get(attempt_id)
+        if attempt is None or child.killed:
             return  # answered meanwhile, or the worker is already on its way out
+        if attempt.pinged:
+            self._kill_for(child, attempt_id)
+            return
+        ping = next(self._ids)
+        child.pings[ping] = attempt_id
+        child.send(("ping", ping))
+        loop = asyncio.get_running_loop()
+        attempt.timer = loop.call_later(KILL_GRACE_SECONDS, self._unanswered, child, ping)
+
+    def _answered(self, child: _Child, ping: int) -> None:
+        """The worker's loop answered: the attempt runs, cooperatively; its own timeout ends
+        it. Checked again one timeout later."""
+        attempt_id = child.pings.pop(ping, None)
+        attempt = None if attempt_id is None else child.attempts.get(attempt_id)
+        if attempt_id is None or attempt is None:
+            return
+        if attempt.timer is not None:
+            attempt.timer.cancel()
+        attempt.pinged = True
+        attempt.timer = asyncio.get_running_loop().call_later(
+            attempt.timeout_seconds + KILL_GRACE_SECONDS, self._overrun, child, attempt_id
+        )
+
+    def _unanswered(self, child: _Child, ping: int) -> None:
+        attempt_id = child.pings.pop(ping, None)
+        if attempt_id is not None and attempt_id in child.attempts and not child.killed:
+            self._kill_for(child, attempt_id)
+
+    def _kill_for(self, child: _Child, attempt_id: int) -> None:
+        """Kill the worker for ``attempt_id``'s overrun; the reader then sees its socket
+        close, and only that attempt is charged (``_lost``)."""
         child.overrun.add(attempt_id)
         self._log.warning(
             "handler_worker.killed",
