@@ -10,6 +10,7 @@ import enum
 import json
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -114,18 +115,24 @@ def _parse_exact_numbers(raw: bytes) -> Any:
     except (UnicodeDecodeError, RecursionError) as exc:
         raise ValueError(f"not UTF-8 JSON text: {exc}") from None
     # orjson refuses a lone surrogate escape; the standard library reads it into the string.
+    if any(_SURROGATE.search(text) for text in json_strings(value)):
+        raise ValueError("a lone UTF-16 surrogate escape")
+    return value
+
+
+def json_strings(value: Any) -> Iterator[str]:
+    """Every string of a parsed JSON ``value``: itself, list items, object keys and values,
+    at any depth. Iterative: a body is bounded in bytes, not in depth."""
     stack: list[Any] = [value]
     while stack:
         node = stack.pop()
         if isinstance(node, str):
-            if _SURROGATE.search(node):
-                raise ValueError("a lone UTF-16 surrogate escape")
+            yield node
         elif isinstance(node, dict):
             stack.extend(node)
             stack.extend(node.values())
         elif isinstance(node, list):
             stack.extend(node)
-    return value
 
 
 def _written_as_integer(raw: bytes, key: str) -> bool:

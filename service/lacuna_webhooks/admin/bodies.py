@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 from starlette.requests import Request
 
+from ..models import json_strings
 from .responses import BadRequest
 
 #: The largest admin request body, in bytes: the admin's bodies are a few names and filters.
@@ -65,18 +66,7 @@ async def json_object(request: Request) -> dict[str, Any]:
 def _holds_nul(value: Any) -> bool:
     """A string of ``value`` (itself, a list item or an object key or value, at any depth)
     holds NUL. Iterative: the body is bounded in bytes, not in depth."""
-    stack = [value]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, str):
-            if "\x00" in node:
-                return True
-        elif isinstance(node, dict):
-            stack.extend(node)
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
-    return False
+    return any("\x00" in text for text in json_strings(value))
 
 
 def only_fields(body: dict[str, Any], allowed: Iterable[str]) -> None:

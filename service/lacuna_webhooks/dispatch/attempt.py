@@ -53,7 +53,7 @@ import structlog
 
 from ..errors import PauseHandler, PermanentError, RateLimited, RetryLater
 from ..handlers.base import Handler, current_attempt, current_results
-from ..models import AttemptOutcome, Event
+from ..models import AttemptOutcome, Event, json_strings
 from ..redact import redact_text
 from ..retry import RetryPolicy
 
@@ -108,17 +108,8 @@ def result_problem(result: dict[str, Any]) -> str | None:
         return "it does not encode as JSON"
     if size > MAX_RESULT_BYTES:
         return f"its JSON is {size} bytes (at most {MAX_RESULT_BYTES})"
-    stack: list[Any] = [result]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, str):
-            if "\x00" in node:
-                return "it holds a NUL character, which PostgreSQL cannot store"
-        elif isinstance(node, dict):
-            stack.extend(node)
-            stack.extend(node.values())
-        elif isinstance(node, list):
-            stack.extend(node)
+    if any("\x00" in text for text in json_strings(result)):
+        return "it holds a NUL character, which PostgreSQL cannot store"
     return None
 
 

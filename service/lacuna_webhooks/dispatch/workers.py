@@ -16,8 +16,9 @@ its one writer.
   running ``KILL_GRACE_SECONDS`` later and its child does not answer a ping
   within ``KILL_GRACE_SECONDS`` either: the child is killed (SIGKILL) and
   replaced at once. (A child that answers is not blocked: the attempt waited
-  behind one that blocked for a while, and its own timeout runs from its start.) The overrunning attempt is recorded ``timed_out`` (a retry
-  on the schedule); the other attempts that were in flight in that child are
+  behind one that blocked for a while, and its own timeout runs from its start.)
+  The overrunning attempt is recorded ``timed_out`` (a retry on the schedule);
+  the other attempts that were in flight in that child are
   *released*: given back to the store, due at once, not counted, nothing
   recorded, as they did nothing wrong.
 - Crashes: a child that dies on its own (``os._exit``, a signal, a segfault,
