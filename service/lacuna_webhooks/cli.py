@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import gc
 import math
 import os
@@ -412,29 +413,55 @@ def _admin_listener(
 
 
 def _bind(host: str, port: int, names: str) -> list[socket.socket]:
-    """Sockets bound to every address ``host`` resolves to, as asyncio's ``create_server``
-    binds them (SO_REUSEADDR; an IPv6 socket for IPv6 only), not yet listening.
+    """Sockets bound to every address ``host`` resolves to (SO_REUSEADDR), not yet listening.
+
+    As asyncio's ``create_server`` binds them, but for two cases: an IPv6 socket is IPv6
+    only when the host also resolved to an IPv4 address (``::`` alone also takes IPv4, as
+    the admin listener always did), and an address this machine cannot bind (``::1`` from
+    /etc/hosts with IPv6 off) is skipped while another binds (as Python 3.13 does).
 
     Bound before anything else starts, so that a port in use, or a host that is not this
     machine's, ends the command with one ``CommandError`` line (``names``: the settings to
     fix) instead of a store, a dispatcher and workers started and stopped again."""
     sockets: list[socket.socket] = []
+    first_error: OSError | None = None
     try:
-        infos = socket.getaddrinfo(
-            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        infos = list(
+            dict.fromkeys(
+                socket.getaddrinfo(
+                    host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+                )
+            )
         )
-        for family, kind, proto, _, address in dict.fromkeys(infos):
+    except OSError as exc:
+        first_error = exc
+        infos = []
+    both = {socket.AF_INET, socket.AF_INET6} <= {info[0] for info in infos}
+    for family, kind, proto, _, address in infos:
+        try:
             sock = socket.socket(family, kind, proto)
-            sockets.append(sock)
+        except OSError as exc:  # no IPv6 on this machine
+            first_error = first_error or exc
+            continue
+        try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
+            if family == socket.AF_INET6 and both:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(address)
-    except OSError as exc:
-        for sock in sockets:
+        except OSError as exc:
             sock.close()
-        reason = exc.strerror or str(exc)
-        raise CommandError(f"could not listen on {host}:{port} {names}: {reason}") from None
+            if exc.errno != errno.EADDRNOTAVAIL:
+                for bound in sockets:
+                    bound.close()
+                raise CommandError(
+                    f"could not listen on {host}:{port} {names}: {exc.strerror or exc}"
+                ) from None
+            first_error = first_error or exc
+            continue
+        sockets.append(sock)
+    if not sockets:
+        reason = "no address" if first_error is None else first_error.strerror or first_error
+        raise CommandError(f"could not listen on {host}:{port} {names}: {reason}")
     return sockets
 
 

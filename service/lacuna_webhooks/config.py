@@ -302,6 +302,9 @@ def http_url_problem(value: str) -> str | None:
     ``listen --forward-to``): a port outside 1 to 65535 is refused here, where HTTP clients
     accept it and connect elsewhere (84267 is 18731 modulo 65536) or fail at every attempt.
     The value is never echoed (it may hold a token)."""
+    if not value.isprintable() or any(c.isspace() for c in value):
+        # urlsplit strips leading blanks and controls, httpx then refuses the URL at send.
+        return "holds a space or a control character"
     try:
         parts = urlsplit(value)
         port = parts.port  # ValueError for a port that is not a number from 0 to 65535

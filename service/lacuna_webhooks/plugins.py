@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import importlib
-import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -44,7 +43,7 @@ from .config import (
 )
 from .errors import ConfigError
 from .handlers._common import float_setting, int_setting
-from .handlers.base import Handler, HandlerContext, HandlerFactory
+from .handlers.base import Handler, HandlerContext, HandlerFactory, settle
 from .models import Event
 from .redact import redact_text
 from .retry import RetryPolicy
@@ -173,7 +172,7 @@ class HandlerSet:
         for name, handler in self.handlers.items():
             try:
                 async with asyncio.timeout(ACLOSE_TIMEOUT_SECONDS):
-                    await handler.aclose()
+                    await settle(handler.aclose())
             except Exception as exc:
                 structlog.get_logger("lacuna_webhooks.plugins").warning(
                     "handler.aclose_failed", handler=name, error=redact_text(repr(exc))[:500]
@@ -410,17 +409,6 @@ def _check_handler(item: str, handler: object) -> frozenset[str] | None:
             f"handler: it has no {' or '.join(m + '()' for m in missing)} method "
             "(docs/plugins.md)"
         )
-    for method in ("handle", "aclose"):
-        # A plain `def handle` did its work on every attempt, then failed it (None cannot be
-        # awaited): retried until dead, the work done each time.
-        func = inspect.unwrap(
-            getattr(getattr(handler, method), "__func__", None) or getattr(handler, method)
-        )
-        if inspect.isfunction(func) and not inspect.iscoroutinefunction(func):
-            raise ConfigError(
-                f"LACUNA_HANDLERS: the {item!r} handler's {method}() is not a coroutine "
-                "function: define it with `async def` (docs/plugins.md)"
-            )
     events = getattr(handler, "events", None)
     if events is None:
         return None

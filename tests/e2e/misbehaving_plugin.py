@@ -16,6 +16,7 @@ then, by the event id's prefix:
 - ``evt_nap_``: ``await asyncio.sleep(LACUNA_MISBEHAVING_NAP)`` (cooperative), then succeeds;
 - ``evt_forkhold_``: forks a process that sleeps ``LACUNA_MISBEHAVING_BLOCK`` seconds
   holding every descriptor the worker has, writes ``forked_<event id> <its pid>``, succeeds;
+- ``evt_forkexit_``: forks such a process, then ``os._exit(3)``;
 - ``evt_killpg_``: ``os.killpg(0, SIGTERM)``, as a handler killing "its" helpers would;
 - ``evt_surrogate_``: raises ``FileNotFoundError`` naming a non-UTF-8 file (a surrogate);
 - ``evt_nul_``: raises ``ValueError`` whose message holds a NUL;
@@ -99,13 +100,15 @@ class Misbehaving:
             await asyncio.sleep(3600)
         elif event.id.startswith("evt_nap_"):
             await asyncio.sleep(self.nap_seconds)
-        elif event.id.startswith("evt_forkhold_"):
+        elif event.id.startswith(("evt_forkhold_", "evt_forkexit_")):
             child = os.fork()
             if child == 0:
                 time.sleep(self.block_seconds)  # noqa: ASYNC251 - in the forked process
                 os._exit(0)
             with self.path.open("a") as fh:
                 fh.write(f"forked_{event.id} {child}\n")
+            if event.id.startswith("evt_forkexit_"):
+                os._exit(3)
         elif event.id.startswith("evt_killpg_"):
             os.killpg(0, signal.SIGTERM)
         elif event.id.startswith("evt_surrogate_"):

@@ -282,6 +282,8 @@ def test_send_to_nothing_is_one_line(capsys: pytest.CaptureFixture[str]) -> None
         (["--url", "http://x:-1/"], "a port that is not a number from 1 to 65535"),
         (["--url", "http://"], "has no host"),
         (["--url", "http://:80/x"], "has no host"),
+        # urlsplit strips the blank, httpx refused the URL at send: exit 1, not 2.
+        (["--url", " http://127.0.0.1:9/x"], "holds a space or a control character"),
     ],
 )
 def test_send_bad_arguments_are_one_line_and_exit_2(
@@ -626,6 +628,8 @@ def test_dev_refuses_an_env_file_line_that_is_not_key_value(
         ("http://", "has no host"),
         ("http:///x", "has no host"),
         ("ftp://x/", "got ftp scheme"),
+        # Accepted, then every forward failed and was retried forever.
+        (" http://127.0.0.1:3000/hook", "holds a space or a control character"),
     ],
 )
 def test_listen_forward_to_that_cannot_be_sent_to_is_one_line_and_exit_2(
@@ -671,3 +675,23 @@ def test_an_error_line_shows_control_characters_escaped(
     assert len(err.splitlines()) == 1, err
     assert "\x1b" not in err
     assert "a\\nb\\x1b[31m" in err
+
+
+def test_a_listener_on_all_ipv6_addresses_takes_ipv4_too() -> None:
+    """`::` alone: one dual-stack socket, as the admin listener always had (binding it IPv6
+    only lost `listen --url http://127.0.0.1:8001`); a host that resolves to both families
+    gets a socket per family, the IPv6 one IPv6 only."""
+    import socket
+
+    from lacuna_webhooks.cli import _bind
+
+    (sock,) = _bind("::", 0, "(HOST, PORT)")
+    try:
+        sock.listen()
+        port = sock.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass
+        with socket.create_connection(("::1", port), timeout=5):
+            pass
+    finally:
+        sock.close()

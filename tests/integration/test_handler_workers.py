@@ -7,15 +7,20 @@ Time is the real clock here: the timeouts are short and every wait is bounded.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import signal
 import sys
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import orjson
 import pytest
 
 from lacuna_webhooks.dispatch import Dispatcher
+from lacuna_webhooks.dispatch.attempt import Ending
 from lacuna_webhooks.dispatch.workers import WorkerPool, WorkerSpec
 from lacuna_webhooks.handlers.base import RecordingHandler
 from lacuna_webhooks.models import AttemptOutcome, DeliveryStatus, Event
@@ -144,3 +149,47 @@ async def test_stop_ends_every_worker(store: MemoryStore, tmp_path: Path) -> Non
     assert process_exited(pid)
     row = await only_delivery(store)
     assert (row.status, row.attempts) == (DeliveryStatus.PENDING, 0)  # released on stop
+
+
+async def test_a_stop_just_after_a_worker_died_settles_its_attempt(tmp_path: Path) -> None:
+    """The worker dies while a process it forked keeps its socket open, and the stop comes
+    within the second the parent still reads that socket: the attempt is settled (given
+    back) at once. The stop took the worker for one sleeping before a restart, cancelled
+    its reader, and the attempt was never settled (the dispatcher waited out the shutdown
+    timeout)."""
+    out = tmp_path / "started.txt"
+    spec = WorkerSpec(
+        name=NAME,
+        item="tests.e2e.misbehaving_plugin:Misbehaving",
+        environ={"LACUNA_MISBEHAVING_PATH": str(out), "LACUNA_MISBEHAVING_BLOCK": "30"},
+        allow_private_urls=False,
+        timeout_seconds=10,
+        log_format="json",
+        log_level="warning",
+        sys_path=tuple(sys.path),
+    )
+    pool = WorkerPool([spec])
+    await pool.start(lambda: None)
+    forked: list[int] = []
+    try:
+        await wait_until(lambda: pool.ready(NAME), 60)
+        store = MemoryStore()
+        await store.open()
+        await accept(store, "evt_forkexit_1")
+        (delivery,) = await store.claim(
+            handler=NAME, limit=1, lease=timedelta(minutes=1), now=datetime.now(UTC)
+        )
+        attempt = asyncio.create_task(pool.run(delivery, 10))
+        await wait_until(lambda: "forked_evt_forkexit_1" in [e for e, _ in started(out)], 30)
+        forked = [pid for e, pid in started(out) if e == "forked_evt_forkexit_1"]
+        # The death seen (the pool no longer offers the worker), then the stop at once:
+        # inside the second in which the parent still reads the socket the fork holds.
+        await wait_until(lambda: not pool.ready(NAME), 30)
+        await pool.close()
+        outcome = await asyncio.wait_for(attempt, 5)
+        assert outcome.ending is Ending.INTERRUPTED
+    finally:
+        await pool.close()
+        for pid in forked:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

@@ -8,13 +8,17 @@ import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
+import orjson
 import pytest
 from structlog.testing import capture_logs
 
 from lacuna_webhooks import plugins
+from lacuna_webhooks.dispatch.attempt import Ending, run_attempt
 from lacuna_webhooks.errors import ConfigError
 from lacuna_webhooks.handlers.log import LogHandler
+from lacuna_webhooks.models import Event
 from lacuna_webhooks.plugins import HandlerSet, available, build_handlers, parse_events
+from tests.conftest import make_event
 
 
 @pytest.fixture
@@ -57,7 +61,7 @@ def plugin_module(tmp_path: Path) -> Iterator[str]:
                 def handle(self, event):
                     return None
 
-                async def aclose(self):
+                def aclose(self):
                     return None
 
             class NoHandle:
@@ -268,11 +272,19 @@ async def test_handler_set_aclose_survives_a_raising_or_hanging_handler(
     assert failed == ["raises", "hangs"]
 
 
-def test_a_handle_that_is_not_async_is_refused_at_start(plugin_module: str) -> None:
-    """A plain `def handle` did its work at every attempt and then failed it (None cannot be
-    awaited): retried until dead. One line at start instead."""
-    with pytest.raises(ConfigError, match=r"handle\(\) is not a coroutine function"):
-        build_handlers([f"{plugin_module}:SyncHandle"], {})
+async def test_a_plain_def_handle_or_aclose_is_run_and_counts_as_done(
+    plugin_module: str,
+) -> None:
+    """`def handle` (not async) does its work when called: awaiting its None failed the
+    attempt after the work was done, and it was retried until dead, the work done each time.
+    It is not refused at start either (an async wrapper around a plain def, a def returning
+    a coroutine, are valid handlers that no start-time check can tell apart)."""
+    handlers = build_handlers([f"{plugin_module}:SyncHandle"], {})
+    handler = handlers.handlers["synchandle"]
+    event = Event.from_body(orjson.dumps(make_event("evt_sync")))
+    outcome = await run_attempt(handler, event, 5.0)
+    assert outcome.ending is Ending.OK, outcome
+    await handlers.aclose()
 
 
 def test_without_instances_keeps_names_filters_and_timeouts(plugin_module: str) -> None:

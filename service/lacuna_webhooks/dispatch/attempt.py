@@ -52,7 +52,7 @@ import orjson
 import structlog
 
 from ..errors import PauseHandler, PermanentError, RateLimited, RetryLater
-from ..handlers.base import Handler, current_attempt, current_results
+from ..handlers.base import Handler, current_attempt, current_results, settle
 from ..models import AttemptOutcome, Event, json_strings
 from ..redact import redact_text
 from ..retry import RetryPolicy
@@ -219,7 +219,7 @@ async def run_attempt(
     try:
         async with deadline:
             # Typed as returning None; SPEC §6 lets a handler return a JSON object.
-            result: object = await handler.handle(event)
+            result = await settle(handler.handle(event))
     except asyncio.CancelledError as exc:
         task = asyncio.current_task()
         if task is not None and task.cancelling():

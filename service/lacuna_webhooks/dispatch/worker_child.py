@@ -24,7 +24,7 @@ import orjson
 import structlog
 
 from ..child import frame, read_frame
-from ..handlers.base import Handler
+from ..handlers.base import Handler, settle
 from ..models import Event
 from .attempt import Outcome, describe_error, run_attempt
 from .workers import MAX_FRAME_BYTES, WorkerSpec
@@ -182,7 +182,7 @@ async def _serve(sock: socket.socket, handler: Handler, tracing: Tracing | None 
             await asyncio.wait(list(running.values()), timeout=ACLOSE_TIMEOUT_SECONDS)
         try:
             async with asyncio.timeout(ACLOSE_TIMEOUT_SECONDS):
-                await handler.aclose()
+                await settle(handler.aclose())
         except BaseException as exc:  # a plugin's aclose may raise anything; we exit anyway
             log.warning("handler.aclose_failed", error=describe_error(exc))
         writer.close()

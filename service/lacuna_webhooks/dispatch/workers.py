@@ -150,6 +150,7 @@ class _Child:
         self.overrun: set[int] = set()  # attempts it was killed for
         self.pings: dict[int, int] = {}  # ping id -> the attempt past its timeout
         self.killed = False
+        self.exited = False  # the process has ended (its socket may live on in a fork)
 
     def send(self, message: tuple[Any, ...]) -> None:
         self.writer.write(frame(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)))
@@ -188,7 +189,7 @@ class HandlerWorker:
 
     @property
     def ready(self) -> bool:
-        return self._child is not None and not self._stopping
+        return self._child is not None and not self._child.exited and not self._stopping
 
     @property
     def pid(self) -> int | None:
@@ -201,7 +202,7 @@ class HandlerWorker:
 
     async def run(self, delivery: Delivery, timeout_seconds: float) -> Outcome:
         child = self._child
-        if child is None or self._stopping:
+        if child is None or child.exited or self._stopping:
             return Outcome(Ending.INTERRUPTED, "the handler's worker process is not running")
         attempt_id = next(self._ids)
         attempt = _Attempt(asyncio.get_running_loop().create_future(), timeout_seconds)
@@ -332,8 +333,7 @@ class HandlerWorker:
         process the handler forked holds a copy, and the death would go unseen (attempts
         sent into a dead socket, nothing delivered, a stop held up) until that one exits."""
         await child.proc.wait()
-        if self._child is child:
-            self._child = None  # no new attempt goes into a dead process meanwhile
+        child.exited = True  # no new attempt goes into a dead process meanwhile
         # Answers written just before the exit are still arriving: read them first.
         await asyncio.sleep(EXIT_READ_GRACE_SECONDS)
         transport = child.writer.transport
@@ -426,12 +426,12 @@ class HandlerWorker:
             if attempt_id in child.overrun:
                 attempt.settle(timed_out(attempt.timeout_seconds, killed=True))
             elif child.overrun or self._stopping:
-                attempt.settle(
-                    Outcome(
-                        Ending.INTERRUPTED,
-                        "its worker process was replaced after another attempt's timeout",
-                    )
+                why = (
+                    "its worker process was replaced after another attempt's timeout"
+                    if child.overrun
+                    else "its worker process was lost while stopping"
                 )
+                attempt.settle(Outcome(Ending.INTERRUPTED, why))
             else:
                 attempt.settle(
                     Outcome(

@@ -34,6 +34,7 @@ the same event after a crash, so make it idempotent (the event id is a good key)
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -183,6 +184,15 @@ class RecordingHandler:
         self.closed = True
 
 
+async def settle(value: object) -> object:
+    """``value`` awaited when it is awaitable, else itself: a plugin's ``handle()`` or
+    ``aclose()`` written as a plain ``def`` has done its work when it returns (awaiting its
+    ``None`` failed the attempt after the work was done, and it was retried until dead)."""
+    if inspect.isawaitable(value):
+        return await value
+    return value
+
+
 __all__ = [
     "Handler",
     "HandlerContext",
@@ -191,4 +201,5 @@ __all__ = [
     "current_attempt",
     "current_results",
     "current_traceparent",
+    "settle",
 ]
