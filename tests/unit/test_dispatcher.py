@@ -283,6 +283,37 @@ async def test_slow_handler_does_not_block_another(store: MemoryStore, clock: Fa
     assert len(done) == 10
 
 
+async def test_a_clock_step_past_the_lease_does_not_run_an_attempt_twice(
+    store: MemoryStore, clock: FakeClock
+) -> None:
+    """The clock steps 2 h forward while an attempt runs: its lease has run out, and the next
+    claim pass claims the same delivery again. It used to start a second run beside the
+    first (the first's outcome then refused); now the running attempt carries on under the
+    new lease and its outcome is recorded, once."""
+    handler = RecordingHandler()
+    handler.block = asyncio.Event()
+    d = dispatcher(store, [handler], clock, concurrency=2)
+    await accept(store, clock)
+    async with running(d):
+        await wait_until(lambda: len(handler.calls) == 1)
+        clock.advance(2 * 3600)
+
+        async def claimed_again() -> bool:
+            (row,) = await store.list_deliveries()
+            return row.attempts == 2  # the claim counted its attempt
+
+        await wait_until(claimed_again)
+        await asyncio.sleep(0.1)  # more claim passes: none may start a second run
+        assert len(handler.calls) == 1
+        handler.block.set()
+        await d.drain()
+    assert len(handler.calls) == 1
+    row = await only_delivery(store)
+    assert row.status is DeliveryStatus.DONE
+    (attempt,) = await store.list_attempts(row.id)
+    assert attempt.outcome is AttemptOutcome.OK
+
+
 async def test_concurrency_limits_in_flight_attempts_per_handler(
     store: MemoryStore, clock: FakeClock
 ) -> None:

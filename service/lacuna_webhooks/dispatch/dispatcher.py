@@ -118,6 +118,10 @@ class Dispatcher:
         # A wake-up per rate-limited handler whose bucket was empty: when its next token is due.
         self._token_timers: dict[str, asyncio.TimerHandle] = {}
         self._inflight: dict[asyncio.Task[None], Delivery] = {}
+        # Per running delivery id, its newest claim: a claim of a delivery already running
+        # here (its lease ran out by the clock, which stepped forward) is not run twice;
+        # the running attempt records under that newer lease instead.
+        self._leases: dict[int, Delivery] = {}
         self._stopping = False
         # Set when a slot frees or stop() is called: either means "look again now".
         self._wake = asyncio.Event()
@@ -300,7 +304,15 @@ class Dispatcher:
                 # Stopping, or an attempt of this handler paused it while the claim was on its
                 # way, or this is the retry of an attempt whose outcome (which may pause the
                 # handler) is committed but not yet answered: give the claim back uncounted.
-                if self._stopping or name in self._paused or delivery.id in self._pausing:
+                if delivery.id in self._leases:
+                    self._leases[delivery.id] = delivery  # running here already: see above
+                    self._log.warning(
+                        "delivery.lease_renewed",
+                        delivery_id=delivery.id,
+                        handler=name,
+                        reason="its lease ran out while its attempt ran (a clock step?)",
+                    )
+                elif self._stopping or name in self._paused or delivery.id in self._pausing:
                     await self._release(delivery)
                 else:
                     self._start(delivery)
@@ -375,12 +387,21 @@ class Dispatcher:
 
     def _start(self, delivery: Delivery) -> None:
         self._free[delivery.handler] -= 1
+        self._leases[delivery.id] = delivery
         task = asyncio.create_task(self._deliver(delivery), name=f"delivery-{delivery.id}")
         self._inflight[task] = delivery
         task.add_done_callback(self._finished)
 
+    def _lease(self, delivery: Delivery) -> Delivery:
+        """``delivery`` under its newest claim here (``_leases``), for recording or release."""
+        newest = self._leases.get(delivery.id)
+        if newest is None or newest.lease_token == delivery.lease_token:
+            return delivery
+        return dataclasses.replace(delivery, lease_token=newest.lease_token)
+
     def _finished(self, task: asyncio.Task[None]) -> None:
         delivery = self._inflight.pop(task)
+        self._leases.pop(delivery.id, None)
         self._free[delivery.handler] += 1
         if not task.cancelled() and (exc := task.exception()) is not None:
             # _deliver records every handler failure itself; reaching this is a bug in the
@@ -431,6 +452,7 @@ class Dispatcher:
             )
         finished = self.clock()
         duration = time.perf_counter() - t0
+        delivery = self._lease(delivery)
         if decision.action is Action.RELEASE:
             # Not the handler's doing (another attempt's timeout replaced its worker): the
             # claim goes back uncounted and nothing is recorded.
@@ -478,6 +500,11 @@ class Dispatcher:
         finally:
             if may_pause:
                 self._pausing.discard(delivery.id)
+        newer = self._lease(delivery)
+        if newer.lease_token != delivery.lease_token:
+            # Claimed again while the outcome was being written (refused, then: not ours):
+            # give that claim back so the delivery comes round again, uncounted.
+            await self._release(newer)
         if done.paused and tally is not None:
             cause = "gone" if tally.kind == "pause" else "failures"
             self._paused_here(name, tally.reason, cause=cause)
@@ -514,7 +541,8 @@ class Dispatcher:
     async def _abandon(self) -> None:
         """Cancel whatever is still in flight, end the runner (no handler code may still run
         once a claim is given back), then give each claim back to the store."""
-        abandoned = list(self._inflight.items())
+        # Under their newest claims, taken now: a task's end forgets its claims.
+        abandoned = [(task, self._lease(d)) for task, d in self._inflight.items()]
         for task, _ in abandoned:
             task.cancel()
         if abandoned:
