@@ -446,9 +446,9 @@ class Forwarder:
     async def _deliver(self, event_id: str, event_type: str, body: bytes) -> None:
         failures = 0
         while True:
-            headers = {"content-type": "application/json", "lacuna-event-type": event_type}
-            if self.keys:
-                headers = signed_headers(event_id, event_type, body, self.keys, int(time.time()))
+            # webhook-id and webhook-timestamp always (the app deduplicates on the id); the
+            # signature with --secret.
+            headers = signed_headers(event_id, event_type, body, self.keys, int(time.time()))
             headers["lacuna-attempt"] = str(failures + 1)
             started = time.monotonic()
             try:

@@ -130,15 +130,17 @@ def signed_headers(
     """The headers that carry one signed message to the team's own app (SPEC §7), as the
     ``http`` handler and ``listen`` send it: ``content-type: application/json``, the Standard
     Webhooks ``webhook-id`` (``msg_id``: the event id), ``webhook-timestamp`` (``timestamp``,
-    integer Unix seconds) and ``webhook-signature`` over ``body``, and
-    ``lacuna-event-type``."""
-    return {
+    integer Unix seconds) and ``webhook-signature`` over ``body`` (left out without
+    ``keys``: ``listen`` without ``--secret``), and ``lacuna-event-type``."""
+    headers = {
         "content-type": "application/json",
         "webhook-id": msg_id,
         "webhook-timestamp": str(timestamp),
-        "webhook-signature": sign_standard_webhooks(msg_id, timestamp, body, keys),
         "lacuna-event-type": event_type,
     }
+    if keys:
+        headers["webhook-signature"] = sign_standard_webhooks(msg_id, timestamp, body, keys)
+    return headers
 
 
 def parse_header(header: str | None) -> ParsedHeader:

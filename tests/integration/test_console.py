@@ -166,6 +166,21 @@ async def test_sign_in_never_redirects_off_the_console(sqlite_store: Store, targ
         assert (answer.status_code, answer.headers["location"]) == (303, "/events")
 
 
+@pytest.mark.parametrize("path", ["/sign-in", "/events", "/api/v1/events", "/api/v1/handlers"])
+async def test_a_cookie_with_non_ascii_digits_is_no_session_not_a_500(
+    sqlite_store: Store, path: str
+) -> None:
+    """`Cookie: lacuna_session=\\xb2\\xb3.abc` (read as latin-1: "²³", which isdigit() takes
+    and int() refuses): every page and API route answered 500 with a logged traceback, so
+    any app on the same host could lock the operator out with one cookie."""
+    app = create_admin_app(context(sqlite_store))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://console.test") as http:
+        cookie = SESSION_COOKIE.encode() + b"=\xb2\xb3.abc"  # raw bytes, not UTF-8
+        answer = await http.get(path, headers={b"cookie": cookie})
+    assert answer.status_code in (200, 303, 401), answer.text
+
+
 async def test_sign_out_ends_the_session(sqlite_store: Store) -> None:
     async with client(sqlite_store) as http:
         csrf = await sign_in(http)

@@ -137,6 +137,15 @@ def test_signed_headers_verify_with_the_standardwebhooks_library() -> None:
     assert Webhook(SECRET).verify(body, headers) == orjson.loads(body)
 
 
+def test_without_a_secret_the_standard_webhooks_id_and_timestamp_are_still_sent() -> None:
+    """cli.md: `webhook-id` (the app deduplicates on it) and `webhook-timestamp` always; only
+    the signature needs --secret. Without one, neither was sent."""
+    headers = signed_headers("evt_1", "job.completed", b"{}", (), 1763731200)
+    assert headers["webhook-id"] == "evt_1"
+    assert headers["webhook-timestamp"] == "1763731200"
+    assert "webhook-signature" not in headers
+
+
 def test_cli_refuses_a_bad_forward_url_or_missing_target(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

@@ -68,7 +68,8 @@ def session_token(
     if not cookie:
         return None
     expiry_text, _, mac = cookie.partition(".")
-    if not expiry_text.isdigit() or len(expiry_text) > 12 or not mac:
+    # isascii too: "²".isdigit() holds and int("²") raises (a 500 from any cookie).
+    if not (expiry_text.isascii() and expiry_text.isdigit()) or len(expiry_text) > 12 or not mac:
         return None
     if int(expiry_text) <= (time.time() if now is None else now):
         return None
