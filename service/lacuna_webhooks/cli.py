@@ -1253,8 +1253,23 @@ def _backfill(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
 
 def _retry_dead(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    from .admin.bulk import retry_dead_configured
+
+    # As `replay`: with LACUNA_HANDLERS, its handlers only (a removed handler's dead
+    # deliveries would be pending for ever); without it, no configuration to go by.
+    configured = _configured_names(environ) if environ.get("LACUNA_HANDLERS", "").strip() else None
+    if args.handler is not None and configured is not None and args.handler not in configured:
+        raise CommandError(
+            f"--handler: {args.handler!r} is not a configured handler ({', '.join(configured)})",
+            exit_code=2,
+        )
     count = _with_store(
-        environ, lambda s: s.retry_dead(handler=args.handler, now=datetime.now(UTC))
+        environ,
+        lambda s: (
+            s.retry_dead(handler=args.handler, now=datetime.now(UTC))
+            if configured is None
+            else retry_dead_configured(s, configured, handler=args.handler, now=datetime.now(UTC))
+        ),
     )
     print(f"{count} dead deliveries are due again (a running `serve` sends them)")
     return 0

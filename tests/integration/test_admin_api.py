@@ -459,6 +459,24 @@ async def test_retry_dead(client: httpx.AsyncClient, store: Store) -> None:
     refused(await client.post("/deliveries/retry-dead", json={"all": True}), 400, "all")
 
 
+async def test_retry_dead_leaves_a_removed_handlers_deliveries_dead(
+    client: httpx.AsyncClient, store: Store
+) -> None:
+    """A dead delivery of `late`, a handler no longer configured: retrying all dead ones made
+    it pending for ever (nothing runs it, and its event is never pruned). It stays dead,
+    as replay already leaves a removed handler's deliveries alone."""
+    await seed(store)
+    stored = event("e_late", "job.completed")
+    assert await store.accept(stored, ["late"], now=datetime.now(UTC) - timedelta(minutes=1))
+    now = datetime.now(UTC)
+    (late,) = await store.claim(handler="late", limit=1, lease=timedelta(minutes=5), now=now)
+    assert await store.dead(late, Attempt(now, now, AttemptOutcome.DEAD, "gone"))
+    response = await client.post("/deliveries/retry-dead")
+    assert response.json() == {"handler": None, "retried": 1}  # audit's, not late's
+    dead = (await client.get("/deliveries", params={"status": "dead"})).json()["data"]
+    assert [(d["event_id"], d["handler"]) for d in dead] == [("e_late", "late")]
+
+
 # --- handlers ------------------------------------------------------------------------------
 
 

@@ -95,6 +95,21 @@ def test_deliveries_list_by_status(db: dict[str, str], capsys: pytest.CaptureFix
     assert len(capsys.readouterr().out.strip().splitlines()) == 4  # header + 3 deliveries
 
 
+def test_retry_dead_keeps_to_the_configured_handlers(
+    db: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With LACUNA_HANDLERS (as for `replay`): `slack`, dead here, is no longer configured, so
+    retrying every dead delivery leaves it dead (pending, nothing would run it), and naming
+    it is one line and exit 2."""
+    configured = {**db, "LACUNA_HANDLERS": "log"}
+    assert main(["retry-dead", "--handler", "slack"], configured) == 2
+    assert "'slack' is not a configured handler (log)" in capsys.readouterr().err
+    assert main(["retry-dead"], configured) == 0
+    assert capsys.readouterr().out.startswith("0 dead deliveries are due again")
+    assert main(["deliveries", "list", "--status", "dead", "--json"], db) == 0
+    assert [r["handler"] for r in json.loads(capsys.readouterr().out)] == ["slack"]
+
+
 def test_retry_dead_then_replay(db: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["retry-dead", "--handler", "slack"], db) == 0
     assert capsys.readouterr().out.startswith("1 dead deliveries are due again")

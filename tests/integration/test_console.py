@@ -181,6 +181,24 @@ async def test_a_cookie_with_non_ascii_digits_is_no_session_not_a_500(
     assert answer.status_code in (200, 303, 401), answer.text
 
 
+async def test_retrying_a_removed_handlers_dead_deliveries_is_refused(
+    sqlite_store: Store,
+) -> None:
+    """The dead page offered "Retry all of late" for a handler no longer configured; it made
+    them pending for ever. A 400 page now, and they stay dead."""
+    await accept(sqlite_store, make_event("evt_late"), ["late"])
+    now = datetime.now(UTC)
+    (d,) = await sqlite_store.claim(handler="late", limit=1, lease=timedelta(minutes=1), now=now)
+    assert await sqlite_store.dead(d, Attempt(now, now, AttemptOutcome.DEAD, "gone"))
+    async with client(sqlite_store) as http:
+        csrf = await sign_in(http)
+        answer = await http.post("/dead/retry", data={"csrf": csrf, "handler": "late"})
+        assert answer.status_code == 400
+        assert "not a configured handler" in html.unescape(answer.text)
+    (row,) = await sqlite_store.list_deliveries(event_id="evt_late")
+    assert row.status.value == "dead"
+
+
 async def test_sign_out_ends_the_session(sqlite_store: Store) -> None:
     async with client(sqlite_store) as http:
         csrf = await sign_in(http)

@@ -30,7 +30,7 @@ from ..store.base import AttemptRecord, DeliveryRecord, EventRecord
 from ..store.search import decode_cursor, delivery_state, encode_cursor
 from . import openapi
 from .bodies import json_object, only_fields
-from .bulk import replay_configured
+from .bulk import replay_configured, retry_dead_configured
 from .context import AdminContext
 from .filters import FILTER_NAMES, MAX_TEXT, filter_from_query, page_params
 from .health import handler_health
@@ -249,7 +249,9 @@ def routes(ctx: AdminContext) -> list[BaseRoute]:
         handler = None
         if body.get("handler") is not None:
             handler = _known_handler(ctx, body["handler"], "handler")
-        count = await store.retry_dead(handler=handler, now=ctx.clock())
+        count = await retry_dead_configured(
+            store, ctx.handlers.names, handler=handler, now=ctx.clock()
+        )
         return json_response({"handler": handler, "retried": count})
 
     async def list_handlers(request: Request) -> Response:

@@ -195,6 +195,20 @@ async def replay_configured(
     return await store.replay(event_id, names, now=now)
 
 
+async def retry_dead_configured(
+    store: Store, configured: Sequence[str], *, handler: str | None, now: datetime
+) -> int:
+    """``store.retry_dead`` of ``handler``, or of every handler in ``configured`` when it is
+    ``None``: the dead deliveries of a handler since removed from the configuration stay
+    dead (made pending, nothing would ever run them, and their events would never be
+    pruned). How many are due again."""
+    names = [handler] if handler is not None else list(dict.fromkeys(configured))
+    count = 0
+    for name in names:
+        count += await store.retry_dead(handler=name, now=now)
+    return count
+
+
 async def run_bulk(
     store: Store,
     operation: BulkOperation,

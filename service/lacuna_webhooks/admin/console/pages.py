@@ -22,7 +22,7 @@ from ...models import DeliveryStatus
 from ...store.base import DeliveryRecord, EventFilter, EventRecord
 from ...store.search import DELIVERY_STATES, delivery_state
 from ..auth import SESSION_COOKIE, SESSION_SECONDS, make_session, matching_token
-from ..bulk import replay_configured
+from ..bulk import replay_configured, retry_dead_configured
 from ..context import AdminContext
 from ..filters import FILTER_NAMES, build_filter, page_params
 from ..health import handler_health
@@ -295,6 +295,15 @@ class Console:
         handler = field(form, "handler")
         event_id = field(form, "id")
         now = self.ctx.clock()
+        if handler is not None and handler not in self.ctx.handlers.names:
+            # Nothing would run it: pending for ever, and its event never pruned.
+            return await render(
+                request,
+                "error.html",
+                400,
+                session=session,
+                message=f"{handler!r} is not a configured handler: nothing would run it.",
+            )
         if event_id is not None and handler is not None:
             dead = await self.ctx.store.list_deliveries(
                 status=DeliveryStatus.DEAD, handler=handler, event_id=event_id, limit=1
@@ -302,7 +311,9 @@ class Console:
             if dead:
                 await self.ctx.store.replay(event_id, [handler], now=now)
         elif event_id is None:
-            await self.ctx.store.retry_dead(handler=handler, now=now)
+            await retry_dead_configured(
+                self.ctx.store, self.ctx.handlers.names, handler=handler, now=now
+            )
         else:
             return await render(
                 request, "error.html", 400, session=session, message="Name the handler to retry."
