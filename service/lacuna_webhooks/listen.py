@@ -12,7 +12,7 @@ Both say when they lose the stream and reconnect with backoff (with jitter, at m
 ``MAX_BACKOFF_SECONDS``), resuming after the last event they handled. A stream that stays
 silent longer than ``READ_TIMEOUT_SECONDS`` (the server sends a keepalive every 15 s) is
 taken as lost: a sleeping laptop's dead connection is noticed, and so is one that sends
-more than ``MAX_MESSAGE_CHARS`` (1 MiB) without ending a message (an endless line would
+more than ``MAX_MESSAGE_CHARS`` (16 MiB) without ending a message (an endless line would
 otherwise be buffered whole). ``listen`` retries a local
 app that fails or refuses (any answer but 2xx) with the same backoff until it takes the
 event, so one event is never skipped for the next; an event cut off mid-forward by Ctrl-C
@@ -60,8 +60,13 @@ READ_TIMEOUT_SECONDS = 45.0
 #: Seconds to wait for the local app's answer to one forward.
 FORWARD_TIMEOUT_SECONDS = 30.0
 #: Most characters one stream message (its lines up to the blank line that ends it) may
-#: hold; an event is a few KiB. Past it the stream is taken as lost and reconnected.
-MAX_MESSAGE_CHARS = 1024 * 1024
+#: hold. A message carries its event's body twice (``payload`` and ``raw``, JSON-escaped):
+#: at most about 3 times the body, so events up to 5 MiB (LACUNA_MAX_BODY_BYTES is 1 MiB by
+#: default) fit. Past it the stream is taken as lost and reconnected; the third time in a
+#: row at the same place, ``listen`` stops with one line instead of looping.
+MAX_MESSAGE_CHARS = 16 * 1024 * 1024
+#: How many times in a row a message past ``MAX_MESSAGE_CHARS`` may come at one cursor.
+MAX_OVERSIZED_IN_A_ROW = 3
 
 
 class ListenError(Exception):
@@ -245,6 +250,7 @@ async def follow_stream(
     ``say`` and reconnected with backoff, resuming after the last event ``on_event``
     returned for. ``ListenError`` for a refusal retrying cannot fix."""
     failures = 0
+    oversized = 0  # messages past MAX_MESSAGE_CHARS in a row, all after this same cursor
     lost = False
     timeout = httpx.Timeout(10.0, read=READ_TIMEOUT_SECONDS)
     async with AdminClient(target.url, target.token) as client:
@@ -294,6 +300,7 @@ async def follow_stream(
                             )
                         await on_event(message.id, event)
                         cursor = message.id
+                        oversized = 0
                 reason = "the server ended it"
             except httpx.HTTPStatusError as exc:
                 reason = f"the server answered {exc.response.status_code}"
@@ -303,6 +310,15 @@ async def follow_stream(
                 reason = str(exc) or type(exc).__name__
             except MessageTooLarge:
                 reason = f"a message longer than {MAX_MESSAGE_CHARS // 1024 // 1024} MiB"
+                oversized += 1
+                if oversized >= MAX_OVERSIZED_IN_A_ROW:
+                    # The same place each time: an event too large to take, not a glitch.
+                    # Looping would re-read it twice a second for ever and skip nothing.
+                    raise ListenError(
+                        f"the stream's next event (after cursor {cursor or 'start'}) is a "
+                        f"message longer than {MAX_MESSAGE_CHARS // 1024 // 1024} MiB, "
+                        f"{MAX_OVERSIZED_IN_A_ROW} times in a row: too large to take"
+                    ) from None
             failures += 1
             lost = True
             delay = backoff(failures)
