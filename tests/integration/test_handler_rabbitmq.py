@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit, urlunsplit
@@ -156,3 +158,66 @@ async def test_an_unreachable_broker_is_retried() -> None:
             await h.handle(event())
     finally:
         await h.aclose()
+
+
+class Proxy:
+    """A TCP proxy to the broker that can drop every connection and stop listening, then
+    listen again on the same port: a broker restart, as the handler sees it."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.port = free_port()
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+        self.writers += [writer, up_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError, OSError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def drop(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in self.writers:
+            writer.transport.abort()
+        self.writers = []
+        await self.server.wait_closed()
+
+
+async def test_a_lost_connection_is_reopened_at_the_next_attempt(
+    rabbitmq_server: str, topology: Topology
+) -> None:
+    """The broker goes away and comes back (a restart): the attempt in between is retried,
+    and the next one publishes. The lost connection was reused at every attempt (aio-pika's
+    `is_closed` turns true only once `close()` is called) and every event went dead until
+    serve restarted."""
+    parts = urlsplit(rabbitmq_server)
+    proxy = Proxy(parts.hostname or "127.0.0.1", parts.port or 5672)
+    await proxy.start()
+    netloc = f"{parts.username}:{parts.password}@127.0.0.1:{proxy.port}"
+    url = urlunsplit(parts._replace(netloc=netloc))
+    h = handler(url, EXCHANGE=topology.exchange, CONNECT_TIMEOUT="2", CONFIRM_TIMEOUT="2")
+    before, during, after = event(), event(), event()
+    try:
+        await h.handle(before)
+        await proxy.drop()
+        with pytest.raises(RetryLater):
+            await h.handle(during)
+        await proxy.start()
+        await h.handle(after)
+    finally:
+        await h.aclose()
+        await proxy.drop()
+    ids = [m.message_id for m in await topology.drain()]  # type: ignore[attr-defined]
+    assert ids == [before.id, after.id]

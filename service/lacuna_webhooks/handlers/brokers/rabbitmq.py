@@ -147,7 +147,11 @@ class RabbitMQHandler:
             raise PermanentError(f"RabbitMQ refused the message: {self._reason(exc)}") from None
         except (TimeoutError, aiormq.exceptions.AMQPError, OSError, RuntimeError) as exc:
             # A nack, a lost or blocked connection, a channel closed under us: all transient.
-            await self._drop_channel()
+            # The connection goes too: aio-pika's `is_closed` turns true only once `close()`
+            # is called, not when the socket dies, so a lost connection was reused (and
+            # failed) at every attempt until serve restarted.
+            async with self._lock:
+                await self._close_quietly()
             raise RetryLater(f"publishing to RabbitMQ failed: {self._reason(exc)}") from None
         logger.info(
             "handler.rabbitmq.published",
@@ -172,7 +176,8 @@ class RabbitMQHandler:
         )
         if connection is not None and not connection.is_closed:
             try:
-                await connection.close()
+                async with asyncio.timeout(self.connect_timeout_seconds):  # a dead peer
+                    await connection.close()
             except Exception as exc:  # closing a broken connection must not stop shutdown
                 logger.warning("handler.rabbitmq.close_failed", error=self._reason(exc))
 
