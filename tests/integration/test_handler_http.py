@@ -512,3 +512,104 @@ async def test_http_is_a_built_in_subscribed_to_every_type_with_its_own_timeout(
         assert built.subscribers("something.new") == ["http"]
     finally:
         await built.aclose()
+
+
+@contextlib.asynccontextmanager
+async def raw_peer(head: bytes, body: bytes = b"", trickle: bool = False) -> AsyncIterator[str]:
+    """A peer that answers every request with ``head`` (status line and headers), then
+    ``body`` (one byte a second with ``trickle``); its URL."""
+
+    tasks: list[asyncio.Task[Any]] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.append(task)
+        with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(head)
+            if trickle:
+                for byte in body:
+                    writer.write(bytes([byte]))
+                    await writer.drain()
+                    await asyncio.sleep(1)
+            else:
+                writer.write(body)
+            await writer.drain()
+        writer.transport.abort()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}{PATH}"
+    finally:
+        server.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await server.wait_closed()
+
+
+async def test_a_2xx_is_done_whatever_its_body_does() -> None:
+    """200 with a body sent a byte a second (READ_TIMEOUT=1): the receiver took the event,
+    so the attempt is done. Its body was read, timed out, and the event was sent again."""
+    head = b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n"
+    async with raw_peer(head, b"x" * 100, trickle=True) as url:
+        handler = make_handler(url)
+        try:
+            await asyncio.wait_for(handler.handle(as_event()), 10)
+        finally:
+            await handler.aclose()
+
+
+async def test_a_compressed_error_body_is_named_not_inflated() -> None:
+    """A 500 whose 1 KB body inflates to 512 MiB (gzip twice): httpx inflated it while
+    the handler read 4 KiB of it for the error's reason (1 GB of memory)."""
+    import gzip
+
+    bomb = gzip.compress(gzip.compress(bytes(512 * 1024 * 1024), 9), 9)
+    assert len(bomb) < 1024 * 1024
+    head = (
+        b"HTTP/1.1 500 Internal Server Error\r\ncontent-encoding: gzip, gzip\r\n"
+        b"content-length: %d\r\n\r\n" % len(bomb)
+    )
+    async with raw_peer(head, bomb) as url:
+        handler = make_handler(url)
+        try:
+            with pytest.raises(RetryLater, match=r"a body with Content-Encoding gzip, gzip"):
+                await handler.handle(as_event())
+        finally:
+            await handler.aclose()
+
+
+async def test_a_redirect_to_an_unparsable_location_is_dead_at_once() -> None:
+    """httpx builds the next request even when redirects are not followed, and raised
+    InvalidURL, which no handler caught: retried to the end of the budget."""
+    head = b"HTTP/1.1 302 Found\r\nlocation: http:\\\\example.com\\\r\ncontent-length: 0\r\n\r\n"
+    async with raw_peer(head) as url:
+        handler = make_handler(url)
+        try:
+            with pytest.raises(PermanentError, match="redirect to an invalid URL"):
+                await handler.handle(as_event())
+        finally:
+            await handler.aclose()
+
+
+async def test_a_download_with_a_content_encoding_is_refused_not_inflated() -> None:
+    """Audio is asked for as identity; a 200 with `Content-Encoding: gzip, gzip` (1 KB that
+    inflates to 512 MiB) took the storage worker to 1.6 GB before its size check ran."""
+    import gzip
+
+    from lacuna_webhooks.handlers._http import OutboundClient
+
+    bomb = gzip.compress(gzip.compress(bytes(512 * 1024 * 1024), 9), 9)
+    head = b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip, gzip\r\ncontent-length: %d\r\n\r\n" % len(
+        bomb
+    )
+    client = OutboundClient(allow_private=True, connect_timeout_seconds=5, read_timeout_seconds=5)
+    try:
+        async with raw_peer(head, bomb) as url:
+            with pytest.raises(PermanentError, match="Content-Encoding 'gzip, gzip'"):
+                async with client.stream_get(url, what="audio") as response:
+                    await response.aread()
+    finally:
+        await client.aclose()

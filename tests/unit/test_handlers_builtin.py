@@ -274,6 +274,19 @@ def test_retry_after_forms() -> None:
     assert retry_after_seconds(None) is None
 
 
+@pytest.mark.parametrize("value", ["\u00b2", "\u2460", "Fri, 31 Dec 99999999999 23:59:59 GMT"])
+def test_a_retry_after_that_is_no_number_or_date_is_ignored_not_raised(value: str) -> None:
+    """`²` and `①` pass isdigit() and fail float(); a year past datetime's overflowed. Each
+    raised out of the 429 handling: the status lost, the 429 counted against the budget."""
+    assert retry_after_seconds(value) is None
+
+
+def test_a_huge_retry_after_stays_finite() -> None:
+    """400 digits read as inf, which the worker's JSON wire sends as null: the retry then
+    waited the normal backoff instead of the cap."""
+    assert retry_after_seconds("9" * 400) == 1e9
+
+
 def test_input_shaped_http_errors_are_permanent() -> None:
     """A request httpx or h11 refuses to build is the event's fault: not retried."""
     url = "https://hooks.example/secret/path"

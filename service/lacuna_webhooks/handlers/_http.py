@@ -26,6 +26,7 @@ Refusals raise ``UnsafeURL``, a ``PermanentError``: retrying cannot help.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import socket
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -271,7 +272,16 @@ class OutboundClient:
         current = self.check(url, what=what)
         for _ in range(self.max_redirects + 1):
             request = self._client.build_request("GET", current, headers=headers)
-            response = await self._client.send(request, stream=True)
+            response = await self._send(request, what)
+            encoding = response.headers.get("content-encoding", "identity").strip().lower()
+            if encoding not in ("", "identity") and response.status_code < 300:
+                # httpx would inflate it, a whole chunk at once and before any size check: a
+                # 1 KB double-gzipped body took 1.6 GB. Audio was asked for as identity.
+                await response.aclose()
+                raise PermanentError(
+                    f"{what} came with Content-Encoding {encoding[:40]!r}, though identity was "
+                    "asked for: it is not read (a compressed body can inflate without bound)"
+                )
             location = response.headers.get("location")
             if response.status_code in REDIRECT_STATUSES and location:
                 await response.aclose()
@@ -291,22 +301,46 @@ class OutboundClient:
     async def post(
         self, url: str, *, what: str, content: bytes, headers: Mapping[str, str]
     ) -> tuple[httpx.Response, str]:
-        """POST without following redirects; return the response and up to 4 KiB of its body."""
+        """POST without following redirects; return the response and, for an answer that is
+        not 2xx, up to 4 KiB of its body (for the error's reason).
+
+        A 2xx is done with its headers: its body is not read (a slow or cut-off body after
+        a 2xx failed the attempt, which the receiver had taken). The body is read raw,
+        never inflated (a compressed one is named, not read: a 1 KB gzip bomb took 1 GB),
+        and a failure while reading it leaves the reason empty."""
         target = self.check(url, what=what)
         request = self._client.build_request("POST", target, content=content, headers=headers)
-        response = await self._client.send(request, stream=True)
+        response = await self._send(request, what)
+        body = bytearray()
         try:
-            body = bytearray()
-            async for chunk in response.aiter_bytes():
-                body += chunk
-                if len(body) >= 4096:
-                    break
+            if not 200 <= response.status_code < 300:
+                encoding = response.headers.get("content-encoding", "identity").strip().lower()
+                if encoding not in ("", "identity"):
+                    body += f"(a body with Content-Encoding {encoding[:40]})".encode()
+                else:
+                    with contextlib.suppress(httpx.HTTPError):
+                        async for chunk in response.aiter_raw():
+                            body += chunk
+                            if len(body) >= 4096:
+                                break
         finally:
             await response.aclose()
         return response, bytes(body[:4096]).decode("utf-8", "replace")
 
+    async def _send(self, request: httpx.Request, what: str) -> httpx.Response:
+        try:
+            return await self._client.send(request, stream=True)
+        except httpx.InvalidURL:
+            # A redirect's Location httpx cannot parse: it builds the next request even when
+            # redirects are not followed, and InvalidURL is no httpx.HTTPError.
+            raise UnsafeURL(f"{what} answered with a redirect to an invalid URL") from None
+
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+#: A larger Retry-After is read as this (the retry schedule caps it far lower anyway).
+MAX_RETRY_AFTER_SECONDS = 1e9
 
 
 def retry_after_seconds(value: str | None, *, now: datetime | None = None) -> float | None:
@@ -314,11 +348,13 @@ def retry_after_seconds(value: str | None, *, now: datetime | None = None) -> fl
     if value is None or not value.strip():
         return None
     text = value.strip()
-    if text.isdigit():
-        return float(text)
+    if text.isascii() and text.isdigit():  # "²".isdigit() holds and float("²") raises
+        # 309 digits and more read as inf, which the worker's JSON wire carries as null:
+        # finite, and far past any cap.
+        return min(float(text), MAX_RETRY_AFTER_SECONDS)
     try:
         when = parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
