@@ -24,6 +24,7 @@ can all use it.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -111,7 +112,8 @@ def secret_values(environ: Mapping[str, str]) -> set[str]:
     setting (``…URL``, ``…DSN``, ``…ENDPOINT``, ``…SERVERS``, ``…BROKERS``) gives the
     password of each URL in it and the query values whose key looks secret (``token``,
     ``sig``, ``password``, ``key``…); a ``…WEBHOOK_URL`` also gives
-    its path (the credential of an incoming webhook) and the whole URL. Values are
+    its path (the credential of an incoming webhook) and the whole URL; a ``…HEADERS``
+    JSON object gives its values. Values are
     given as written and URL-decoded. ``NAME_FILE`` variables count as ``NAME`` with the
     content of the file they name.
     """
@@ -125,7 +127,27 @@ def secret_values(environ: Mapping[str, str]) -> set[str]:
         if _URL_NAME.search(name):
             for url in re.split(r"[\s,]+", raw.strip()):
                 found.update(_url_secrets(url, secret_path=bool(_SECRET_PATH_NAME.search(name))))
+        if name.upper().endswith("_HEADERS"):
+            found.update(_header_secrets(raw))
     return {v for v in found if v}
+
+
+def _header_secrets(raw: str) -> set[str]:
+    """The values of a ``…_HEADERS`` JSON object (extra request headers: API keys, bearer
+    tokens), each whole and its last word (the token of ``Bearer <token>``): a peer that
+    echoes a request's headers in its refusal put them in the error text."""
+    try:
+        headers = json.loads(raw)
+    except ValueError:
+        return set()  # the setting's own check reports it
+    if not isinstance(headers, dict):
+        return set()
+    found: set[str] = set()
+    for value in headers.values():
+        if isinstance(value, str) and value.strip():
+            found.add(value.strip())
+            found.add(value.split()[-1])
+    return found
 
 
 def _with_file_values(environ: Mapping[str, str]) -> list[tuple[str, str]]:

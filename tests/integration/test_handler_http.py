@@ -613,3 +613,26 @@ async def test_a_download_with_a_content_encoding_is_refused_not_inflated() -> N
                     await response.aread()
     finally:
         await client.aclose()
+
+
+async def test_a_peer_echoing_the_request_leaks_neither_path_nor_header_values() -> None:
+    """A 404 page that echoes the request line and a header (Express's, roughly): the URL's
+    path and an extra header's value went into the attempt's error and the log, which
+    forwarding.md says are never shown."""
+    from lacuna_webhooks.dispatch.attempt import describe_error
+
+    body = b"Cannot POST /hooks/t0ps3cretpath x=apikeyvalue77zz auth=tok3n-abcdef"
+    head = b"HTTP/1.1 404 Not Found\r\ncontent-length: %d\r\n\r\n" % len(body)
+    async with raw_peer(head, body) as url:
+        secret_url = url.replace(PATH, "/hooks/t0ps3cretpath")
+        headers = '{"X-Api-Key": "apikeyvalue77zz", "Authorization": "Bearer tok3n-abcdef"}'
+        handler = make_handler(secret_url, HEADERS=headers)
+        try:
+            with pytest.raises(PermanentError) as info:
+                await handler.handle(as_event())
+        finally:
+            await handler.aclose()
+    text = describe_error(info.value)
+    assert "404" in text
+    for secret in ("t0ps3cretpath", "apikeyvalue77zz", "tok3n-abcdef"):
+        assert secret not in text, text

@@ -40,6 +40,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import unquote
 
 import httpx
 import orjson
@@ -48,6 +49,7 @@ import structlog
 from ..config import http_url_problem
 from ..errors import ConfigError, PauseHandler, PermanentError, RateLimited, RetryLater
 from ..models import Event
+from ..redact import remember_secrets
 from ..signature import signed_headers, standard_webhooks_key
 from ._common import network_timeouts
 from ._http import OutboundClient, retry_after_seconds, transport_failure
@@ -163,8 +165,15 @@ class HTTPHandler:
         self.url_var = ctx.env_name("URL")
         self.url = parse_url(ctx.require("URL"), self.url_var)
         self.where = where(self.url)
+        # forwarding.md: the URL's path and query are never shown (only `where`). A peer
+        # that echoes the request line in its refusal put them in the error text.
+        remember_secrets([unquote(self.url.path), self.url.path, self.url.query.decode()])
         self.keys = parse_secrets(ctx.require("SECRET"), ctx.env_name("SECRET"))
         self.extra_headers = parse_headers(ctx.get("HEADERS"), ctx.env_name("HEADERS"))
+        # Their values are never shown either (API keys, `Bearer <token>`).
+        remember_secrets(
+            [*self.extra_headers.values(), *(v.split()[-1] for v in self.extra_headers.values())]
+        )
         payload = (ctx.get("PAYLOAD") or "event").lower()
         if payload not in PAYLOADS:
             raise ConfigError(
