@@ -22,6 +22,7 @@ import hmac as stdlib_hmac
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from urllib.parse import quote
 
 from cryptography.exceptions import InvalidSignature as _CryptoInvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -132,6 +133,11 @@ def signed_headers(
     Webhooks ``webhook-id`` (``msg_id``: the event id), ``webhook-timestamp`` (``timestamp``,
     integer Unix seconds) and ``webhook-signature`` over ``body`` (left out without
     ``keys``: ``listen`` without ``--secret``), and ``lacuna-event-type``."""
+    # An id or type the sender wrote with non-ASCII characters (intake takes them) goes
+    # percent-encoded (UTF-8): a header value is ASCII, and no request could be built, every
+    # attempt failing until the delivery died and the failures paused the handler. The
+    # signature covers the id as sent.
+    msg_id, event_type = header_text(msg_id), header_text(event_type)
     headers = {
         "content-type": "application/json",
         "webhook-id": msg_id,
@@ -141,6 +147,18 @@ def signed_headers(
     if keys:
         headers["webhook-signature"] = sign_standard_webhooks(msg_id, timestamp, body, keys)
     return headers
+
+
+#: What a header value keeps as is: printable ASCII but the percent sign.
+_HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+
+
+def header_text(value: str) -> str:
+    """``value`` as an HTTP header value: itself when printable ASCII, else with every other
+    character percent-encoded as UTF-8 (RFC 3986's form), ``%`` included then."""
+    if value.isascii() and value.isprintable():
+        return value
+    return quote(value, safe=_HEADER_SAFE)
 
 
 def parse_header(header: str | None) -> ParsedHeader:

@@ -118,6 +118,24 @@ async def test_the_request_verifies_with_the_standardwebhooks_library(
     assert headers["Lacuna-Attempt"] == "3"
 
 
+async def test_a_non_ascii_id_or_type_goes_percent_encoded_and_still_verifies(
+    forward: HTTPHandler, httpserver: HTTPServer
+) -> None:
+    """`evt_ü1` of type `job.完成` (intake takes them): no request could be built (a header
+    value is ASCII), every attempt failed, and with PAUSE_AFTER_FAILURES one such event
+    paused the handler. Now they go percent-encoded, and the signature covers the id as
+    sent."""
+    receiver = VerifyingReceiver(SECRET)
+    httpserver.expect_request(PATH, method="POST").respond_with_handler(receiver)
+    event = as_event(make_event("evt_\u00fc1", "job.\u5b8c\u6210"))
+    await forward.handle(event)
+    assert receiver.refused == []
+    assert receiver.verified == [event.payload]
+    ((_, headers),) = received(httpserver)
+    assert headers["Webhook-Id"] == "evt_%C3%BC1"
+    assert headers["Lacuna-Event-Type"] == "job.%E5%AE%8C%E6%88%90"
+
+
 async def test_a_tampered_body_or_a_wrong_secret_fails_verification(
     forward: HTTPHandler, httpserver: HTTPServer
 ) -> None:
@@ -636,3 +654,9 @@ async def test_a_peer_echoing_the_request_leaks_neither_path_nor_header_values()
     assert "404" in text
     for secret in ("t0ps3cretpath", "apikeyvalue77zz", "tok3n-abcdef"):
         assert secret not in text, text
+
+
+def test_a_header_value_that_is_not_ascii_stops_the_start() -> None:
+    """`{"X-Name": "café ☕"}` started, and every attempt then failed to build its request."""
+    with pytest.raises(ConfigError, match="must be printable ASCII"):
+        make_handler("http://127.0.0.1:9/x", HEADERS='{"X-Name": "caf\u00e9 \u2615"}')

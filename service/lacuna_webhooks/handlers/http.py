@@ -142,6 +142,11 @@ def parse_headers(value: str | None, var: str) -> dict[str, str]:
             raise ConfigError(f"{var}: the value of {name!r} must be a string")
         if any(c in header_value for c in "\r\n\0"):
             raise ConfigError(f"{var}: the value of {name!r} must not contain line breaks")
+        if not (header_value.isascii() and header_value.isprintable()):
+            # Sent as is, no request could be built: every attempt failed, then died.
+            raise ConfigError(
+                f"{var}: the value of {name!r} must be printable ASCII (an HTTP header value)"
+            )
         headers[name] = header_value
     return headers
 
