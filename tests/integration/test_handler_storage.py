@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import orjson
 import pytest
@@ -595,3 +595,32 @@ def test_a_file_mode_that_is_not_owner_read_write_without_world_write_is_refused
         make_handler(
             {"LACUNA_STORAGE_URL": (tmp_path / "a").as_uri(), "LACUNA_STORAGE_FILE_MODE": value}
         )
+
+
+async def test_a_full_disk_leaves_no_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills while a file is written: its temporary file goes, and the disk-full
+    error is the one raised. close() flushed the buffer, failed again with ENOSPC, and the
+    `.part` file stayed behind at every attempt. The writes go to /dev/full, whose every
+    flush the kernel refuses with ENOSPC, behind a real temporary file."""
+    import errno
+
+    from lacuna_webhooks.handlers import storage
+
+    real_create = storage.create_file
+
+    def full_disk(path: Path, mode: int) -> IO[bytes]:
+        real_create(path, mode).close()  # the temporary file exists, as on a real disk
+        return Path("/dev/full").open("wb")
+
+    monkeypatch.setattr(storage, "create_file", full_disk)
+    sink = storage.FolderSink(tmp_path)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"x" * 100
+
+    with pytest.raises(OSError, match="No space left") as info:
+        await sink.write_stream("task/trk_01.mp3", chunks(), content_type="audio/mpeg")
+    assert info.value.errno == errno.ENOSPC
+    assert [p.name for p in (tmp_path / "task").iterdir()] == []

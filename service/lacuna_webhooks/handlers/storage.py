@@ -39,6 +39,7 @@ refuses (``ENAMETOOLONG``, ``EINVAL``, ``EILSEQ``, ``EFBIG``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import os
@@ -216,7 +217,10 @@ class FolderSink:
             await asyncio.to_thread(os.replace, temp, path)
             await asyncio.to_thread(_fsync_dir, path.parent)
         except BaseException:
-            f.close()
+            # close() flushes the buffer and can fail again (a full disk: ENOSPC): the
+            # temporary file goes all the same, and the first error is the one raised.
+            with contextlib.suppress(OSError):
+                f.close()
             temp.unlink(missing_ok=True)
             raise
 
