@@ -27,6 +27,7 @@ import asyncio
 import math
 import re
 from collections.abc import AsyncIterator
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -115,7 +116,9 @@ def _wait_seconds(request: Request) -> float | None:
     # surrounding blanks, "infinity" and "nan" (the last two refused by the range below).
     text = values[0]
     seconds = float(text) if len(text) <= 20 and _DECIMAL.fullmatch(text) else math.nan
-    if not 0 < seconds <= MAX_WAIT_SECONDS:  # also refuses nan and inf
+    # Decimal for the bound: 60.000000000000001 rounds to the float 60.0.
+    exact = Decimal(text) if seconds == seconds else Decimal(0)
+    if not 0 < seconds <= MAX_WAIT_SECONDS or not 0 < exact <= MAX_WAIT_SECONDS:
         raise BadRequest(
             f"wait must be a number of seconds above 0 and at most {MAX_WAIT_SECONDS:g}, "
             "written in at most 20 characters.",
