@@ -242,14 +242,8 @@ class Console:
     ) -> Response:
         event_id = field(form, "id") or ""
         handler = field(form, "handler")
-        if handler is not None and handler not in self.ctx.handlers.names:
-            return await render(
-                request,
-                "error.html",
-                400,
-                session=session,
-                message="That handler is not configured in this service.",
-            )
+        if (refused := await self._unconfigured(request, session, handler)) is not None:
+            return refused
         try:
             if handler is None:
                 # As the API: the configured handlers' deliveries, never a removed one's.
@@ -263,6 +257,22 @@ class Console:
                 request, "error.html", 404, session=session, message="No such event in the store."
             )
         return RedirectResponse(url("/event", {"id": event_id, "done": "replayed"}), 303)
+
+    async def _unconfigured(
+        self, request: Request, session: Session, handler: str | None
+    ) -> Response | None:
+        """The 400 page for a form naming a handler this service does not configure, else
+        ``None``: a delivery made pending for it would wait for ever (nothing runs it) and
+        keep its event from being pruned."""
+        if handler is None or handler in self.ctx.handlers.names:
+            return None
+        return await render(
+            request,
+            "error.html",
+            400,
+            session=session,
+            message=f"{handler!r} is not a configured handler: nothing would run it.",
+        )
 
     # -- dead deliveries -------------------------------------------------------------------
 
@@ -295,15 +305,8 @@ class Console:
         handler = field(form, "handler")
         event_id = field(form, "id")
         now = self.ctx.clock()
-        if handler is not None and handler not in self.ctx.handlers.names:
-            # Nothing would run it: pending for ever, and its event never pruned.
-            return await render(
-                request,
-                "error.html",
-                400,
-                session=session,
-                message=f"{handler!r} is not a configured handler: nothing would run it.",
-            )
+        if (refused := await self._unconfigured(request, session, handler)) is not None:
+            return refused
         if event_id is not None and handler is not None:
             dead = await self.ctx.store.list_deliveries(
                 status=DeliveryStatus.DEAD, handler=handler, event_id=event_id, limit=1
