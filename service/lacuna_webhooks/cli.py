@@ -1206,17 +1206,7 @@ def _replay(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         # Without LACUNA_HANDLERS there is no configuration to go by: every delivery.
         known = environ.get("LACUNA_HANDLERS", "").strip()
         configured = _configured_names(environ) if known else None
-        # A named handler must be one LACUNA_HANDLERS configures, as the admin API and the
-        # bulk replay require: a delivery for any other would be pending forever (nothing
-        # runs it, and an event with a pending delivery is never pruned).
-        names = configured or []
-        for name in handlers or []:
-            if name not in names:
-                raise CommandError(
-                    f"--handler: {name!r} is not a configured handler"
-                    f" ({', '.join(names) or 'none: LACUNA_HANDLERS is empty'})",
-                    exit_code=2,
-                )
+        _refuse_unconfigured(handlers or [], configured or [])
         try:
             count = _with_store(
                 environ,
@@ -1252,24 +1242,30 @@ def _backfill(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     return _bulk_report(_bulk(args, environ, body, "HANDLER"), args, f"backfill {args.name}")
 
 
+def _refuse_unconfigured(names: Sequence[str], configured: Sequence[str]) -> None:
+    """``CommandError`` (exit 2) for the first of ``names`` that LACUNA_HANDLERS does not
+    configure, as the admin API refuses it: a delivery made pending for it would wait for
+    ever (nothing runs it, and an event with a pending delivery is never pruned)."""
+    for name in names:
+        if name not in configured:
+            raise CommandError(
+                f"--handler: {name!r} is not a configured handler"
+                f" ({', '.join(configured) or 'none: LACUNA_HANDLERS is empty'})",
+                exit_code=2,
+            )
+
+
 def _retry_dead(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     from .admin.bulk import retry_dead_configured
 
     # As `replay`: with LACUNA_HANDLERS, its handlers only (a removed handler's dead
     # deliveries would be pending for ever); without it, no configuration to go by.
     configured = _configured_names(environ) if environ.get("LACUNA_HANDLERS", "").strip() else None
-    if args.handler is not None and configured is not None and args.handler not in configured:
-        raise CommandError(
-            f"--handler: {args.handler!r} is not a configured handler ({', '.join(configured)})",
-            exit_code=2,
-        )
+    if configured is not None and args.handler is not None:
+        _refuse_unconfigured([args.handler], configured)
     count = _with_store(
         environ,
-        lambda s: (
-            s.retry_dead(handler=args.handler, now=datetime.now(UTC))
-            if configured is None
-            else retry_dead_configured(s, configured, handler=args.handler, now=datetime.now(UTC))
-        ),
+        lambda s: retry_dead_configured(s, configured, handler=args.handler, now=datetime.now(UTC)),
     )
     print(f"{count} dead deliveries are due again (a running `serve` sends them)")
     return 0

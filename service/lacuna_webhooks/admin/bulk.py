@@ -196,13 +196,16 @@ async def replay_configured(
 
 
 async def retry_dead_configured(
-    store: Store, configured: Sequence[str], *, handler: str | None, now: datetime
+    store: Store, configured: Sequence[str] | None, *, handler: str | None, now: datetime
 ) -> int:
     """``store.retry_dead`` of ``handler``, or of every handler in ``configured`` when it is
     ``None``: the dead deliveries of a handler since removed from the configuration stay
     dead (made pending, nothing would ever run them, and their events would never be
-    pruned). How many are due again."""
-    names = [handler] if handler is not None else list(dict.fromkeys(configured))
+    pruned). ``configured`` ``None``: no configuration to go by (the CLI without
+    LACUNA_HANDLERS), every handler. How many are due again."""
+    if handler is None and configured is None:
+        return await store.retry_dead(handler=None, now=now)
+    names = [handler] if handler is not None else list(dict.fromkeys(configured or ()))
     count = 0
     for name in names:
         count += await store.retry_dead(handler=name, now=now)
