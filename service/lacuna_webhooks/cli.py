@@ -36,7 +36,6 @@ from .config import (
     HANDLER_NAME_RE,
     MAX_BODY_BYTES,
     Settings,
-    http_url_problem,
     parse_list,
     read_file_setting,
     read_setting,
@@ -736,18 +735,14 @@ def _send_template(args: argparse.Namespace) -> tuple[bytes | None, dict[str, An
 
 
 def _check_http_url(option: str, url: str) -> None:
-    """``CommandError`` (exit 2) unless ``url`` is an http(s) URL to send to: a host, a port
-    from 1 to 65535 (``config.http_url_problem``), and what httpx can parse."""
-    import httpx
+    """``CommandError`` (exit 2) unless ``url`` is an http(s) URL to send to, by the rule
+    of the handlers' URL settings (``handlers.http.parse_url``)."""
+    from .handlers.http import parse_url
 
-    problem = http_url_problem(url)
-    if problem is None:
-        try:
-            httpx.URL(url)
-        except httpx.InvalidURL:
-            problem = "is not a valid URL"
-    if problem is not None:
-        raise CommandError(f"{option} {redact_url(url)!r} {problem}", 2)
+    try:
+        parse_url(url, f"{option} {redact_url(url)!r}")
+    except ConfigError as exc:
+        raise CommandError(str(exc), 2) from None
 
 
 def _send(args: argparse.Namespace, environ: Mapping[str, str]) -> int:

@@ -318,7 +318,7 @@ def http_url_problem(value: str) -> str | None:
     if not parts.hostname:
         return "has no host"
     if port == 0:
-        return "has port 0: give a port from 1 to 65535"
+        return "has a port that is not a number from 1 to 65535 (port 0)"
     return None
 
 

@@ -128,16 +128,16 @@ def secret_values(environ: Mapping[str, str]) -> set[str]:
             for url in re.split(r"[\s,]+", raw.strip()):
                 found.update(_url_secrets(url, secret_path=bool(_SECRET_PATH_NAME.search(name))))
         if name.upper().endswith("_HEADERS"):
-            found.update(_header_secrets(raw))
+            found.update(header_secrets(raw))
     return {v for v in found if v}
 
 
-def _header_secrets(raw: str) -> set[str]:
+def header_secrets(raw: str | None) -> set[str]:
     """The values of a ``…_HEADERS`` JSON object (extra request headers: API keys, bearer
     tokens), each whole and its last word (the token of ``Bearer <token>``): a peer that
     echoes a request's headers in its refusal put them in the error text."""
     try:
-        headers = json.loads(raw)
+        headers = json.loads(raw or "{}")
     except ValueError:
         return set()  # the setting's own check reports it
     if not isinstance(headers, dict):
@@ -195,6 +195,7 @@ def _url_secrets(url: str, *, secret_path: bool) -> set[str]:
 __all__ = [
     "MASK",
     "MIN_SECRET_CHARS",
+    "header_secrets",
     "mask_secrets",
     "needs_redaction",
     "redact_text",

@@ -24,7 +24,6 @@ type is in the data.
 from __future__ import annotations
 
 import asyncio
-import math
 import re
 from collections.abc import AsyncIterator
 from decimal import Decimal
@@ -115,16 +114,14 @@ def _wait_seconds(request: Request) -> float | None:
     # A JSON-like number only: float() would also take "1_0", "\u0661" (an Arabic-Indic one),
     # surrounding blanks, "infinity" and "nan" (the last two refused by the range below).
     text = values[0]
-    seconds = float(text) if len(text) <= 20 and _DECIMAL.fullmatch(text) else math.nan
-    # Decimal for the bound: 60.000000000000001 rounds to the float 60.0.
-    exact = Decimal(text) if seconds == seconds else Decimal(0)
-    if not 0 < seconds <= MAX_WAIT_SECONDS or not 0 < exact <= MAX_WAIT_SECONDS:
+    # The bound in Decimal: 60.000000000000001 rounds to the float 60.0.
+    if not (len(text) <= 20 and _DECIMAL.fullmatch(text) and 0 < Decimal(text) <= MAX_WAIT_SECONDS):
         raise BadRequest(
             f"wait must be a number of seconds above 0 and at most {MAX_WAIT_SECONDS:g}, "
             "written in at most 20 characters.",
             param="wait",
         )
-    return seconds
+    return float(text)
 
 
 def _start(request: Request) -> tuple[str | None, bool]:

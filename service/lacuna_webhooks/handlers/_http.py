@@ -37,6 +37,7 @@ from email.utils import parsedate_to_datetime
 import httpcore
 import httpx
 
+from ..config import http_url_problem
 from ..errors import PermanentError, RetryLater
 from ..redact import redact_text, redact_url
 
@@ -124,9 +125,11 @@ def check_url(
         raise UnsafeURL(f"{what} must be an https URL, got {parsed.scheme or 'no'} scheme{hint}")
     if not parsed.host:
         raise UnsafeURL(f"{what} has no host")
-    if parsed.port is not None and not 0 < parsed.port < 65536:
-        # httpx takes it; the connect then fails at every attempt (anyio's OverflowError).
-        raise UnsafeURL(f"{what} has a port that is not a number from 1 to 65535")
+    # The settings' rule (a port from 1 to 65535 above all: httpx takes 84333, and the
+    # connect then failed at every attempt with anyio's OverflowError).
+    problem = http_url_problem(str(parsed))
+    if problem is not None:
+        raise UnsafeURL(f"{what} {problem}")
     return parsed
 
 

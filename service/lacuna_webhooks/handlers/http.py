@@ -49,7 +49,7 @@ import structlog
 from ..config import http_url_problem
 from ..errors import ConfigError, PauseHandler, PermanentError, RateLimited, RetryLater
 from ..models import Event
-from ..redact import remember_secrets
+from ..redact import header_secrets, remember_secrets
 from ..signature import signed_headers, standard_webhooks_key
 from ._common import network_timeouts
 from ._http import OutboundClient, retry_after_seconds, transport_failure
@@ -175,10 +175,9 @@ class HTTPHandler:
         remember_secrets([unquote(self.url.path), self.url.path, self.url.query.decode()])
         self.keys = parse_secrets(ctx.require("SECRET"), ctx.env_name("SECRET"))
         self.extra_headers = parse_headers(ctx.get("HEADERS"), ctx.env_name("HEADERS"))
-        # Their values are never shown either (API keys, `Bearer <token>`).
-        remember_secrets(
-            [*self.extra_headers.values(), *(v.split()[-1] for v in self.extra_headers.values())]
-        )
+        # Their values are never shown either (API keys, `Bearer <token>`): as serve and the
+        # workers remember them from the environment, for a handler built elsewhere too.
+        remember_secrets(header_secrets(ctx.get("HEADERS")))
         payload = (ctx.get("PAYLOAD") or "event").lower()
         if payload not in PAYLOADS:
             raise ConfigError(
