@@ -112,23 +112,27 @@ async def test_an_endless_line_or_message_is_cut_reported_and_reconnected() -> N
     assert all(MAX_MESSAGE_CHARS < sent < MAX_MESSAGE_CHARS + 24 * MIB for sent in server.sent[:2])
 
 
-async def _one_event_stream(event_id: bytes) -> tuple[asyncio.Server, int]:
-    """A server whose stream sends one event with ``id: event_id``, then holds it open."""
+async def _one_event_stream(
+    data: bytes, event_id: bytes = b"c1"
+) -> tuple[asyncio.Server, int, list[int]]:
+    """A server whose every stream sends one event message (``id: event_id``, ``data``),
+    then holds it open: the server, its port, and one item per connection."""
+    connections: list[int] = []
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
         with contextlib.suppress(ConnectionError):
             await reader.readuntil(b"\r\n\r\n")
-            event = orjson.dumps({"id": "evt_x", "type": "job.completed"})
             writer.write(
                 b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
-                b"id: " + event_id + b"\nevent: event\ndata: " + event + b"\n\n"
+                b"id: " + event_id + b"\nevent: event\ndata: " + data + b"\n\n"
             )
             await writer.drain()
             await reader.read()
         writer.close()
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    return server, int(server.sockets[0].getsockname()[1])
+    return server, int(server.sockets[0].getsockname()[1]), connections
 
 
 @pytest.mark.parametrize("event_id", ["é".encode(), b"a b", b"x" * 201])
@@ -139,7 +143,8 @@ async def test_an_event_id_that_cannot_be_a_cursor_is_one_line_before_forwarding
     characters): one ListenError before the event is handed on. It used to be forwarded and
     saved, and every start after crashed building the header (UnicodeEncodeError) or looped
     on "Illegal header value"."""
-    server, port = await _one_event_stream(event_id)
+    event = orjson.dumps({"id": "evt_x", "type": "job.completed"})
+    server, port, _ = await _one_event_stream(event, event_id)
     got: list[str] = []
 
     async def on_event(cursor: str, event: dict[str, Any]) -> None:
@@ -167,26 +172,6 @@ def test_a_saved_cursor_that_cannot_be_sent_back_is_refused(tmp_path: Path, curs
         listen.read_cursor_file(path)
 
 
-async def _sized_event_stream(event: bytes) -> tuple[asyncio.Server, list[int]]:
-    """A server whose every stream sends one event message of ``event``, then holds."""
-    connections: list[int] = []
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        connections.append(1)
-        with contextlib.suppress(ConnectionError):
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(
-                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
-                b"id: c1\nevent: event\ndata: " + event + b"\n\n"
-            )
-            await writer.drain()
-            await reader.read()
-        writer.close()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    return server, connections
-
-
 async def test_an_event_at_the_body_limit_passes_and_one_past_the_cap_ends_listen() -> None:
     """A 1 MiB body (intake's default limit) is carried twice in its message, payload and
     raw: over the old 1 MiB cap, `listen` and `tail` reconnected to it twice a second for
@@ -202,7 +187,7 @@ async def test_an_event_at_the_body_limit_passes_and_one_past_the_cap_ends_liste
         }
     )
     assert len(big) > 2 * MIB
-    server, _ = await _sized_event_stream(big)
+    server, port, _ = await _one_event_stream(big)
     got: list[str] = []
     arrived = asyncio.Event()
 
@@ -210,7 +195,6 @@ async def test_an_event_at_the_body_limit_passes_and_one_past_the_cap_ends_liste
         got.append(event["id"])
         arrived.set()
 
-    port = int(server.sockets[0].getsockname()[1])
     follow = asyncio.create_task(
         listen.follow_stream(
             Target(f"http://127.0.0.1:{port}", "adm_tok"), None, on_event, say=print
@@ -226,8 +210,7 @@ async def test_an_event_at_the_body_limit_passes_and_one_past_the_cap_ends_liste
     assert got == ["evt_big"]
 
     huge = b'{"id":"evt_huge","pad":"' + b"x" * (MAX_MESSAGE_CHARS + MIB) + b'"}'
-    server, connections = await _sized_event_stream(huge)
-    port = int(server.sockets[0].getsockname()[1])
+    server, port, connections = await _one_event_stream(huge)
     said: list[str] = []
     try:
         with pytest.raises(listen.ListenError, match="3 times in a row: too large to take"):

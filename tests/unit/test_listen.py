@@ -264,45 +264,20 @@ def test_an_unwritable_cursor_folder_is_refused_before_any_forward(tmp_path: Pat
     assert list((tmp_path / "new").iterdir()) == []
 
 
+#: A listen command line whose every argument is good: each case adds the bad one.
+LISTEN = ["listen", "--forward-to", "http://127.0.0.1:9/x", "--url", "http://127.0.0.1:9"]
+LISTEN += ["--token", "t" * 40]
+
+
 @pytest.mark.parametrize(
     "argv",
     [
         ["tail", "--url", "ftp://x"],
         ["tail", "--url", "http://127.0.0.1:9", "--token", "bad_tok_é"],
         ["tail", "--url", "http://127.0.0.1:9", "--token", ""],
-        [
-            "listen",
-            "--forward-to",
-            "http://127.0.0.1:9/x",
-            "--url",
-            "http://127.0.0.1:9",
-            "--token",
-            "t" * 40,
-            "--secret",
-            "whsec_%%%",
-        ],
-        [
-            "listen",
-            "--forward-to",
-            "http://127.0.0.1:9/x",
-            "--url",
-            "http://127.0.0.1:9",
-            "--token",
-            "t" * 40,
-            "--events",
-            ",",
-        ],
-        [
-            "listen",
-            "--forward-to",
-            "http://127.0.0.1:9/x",
-            "--url",
-            "http://127.0.0.1:9",
-            "--token",
-            "t" * 40,
-            "--cursor-file",
-            "/",  # a directory
-        ],
+        [*LISTEN, "--secret", "whsec_%%%"],
+        [*LISTEN, "--events", ","],
+        [*LISTEN, "--cursor-file", "/"],  # a directory
     ],
 )
 def test_tail_and_listen_bad_arguments_exit_2_like_every_command(
