@@ -145,17 +145,48 @@ class LoopBatchedFile:
                 pass  # stderr is gone (closed pipe, interpreter exit): nowhere left to write
 
 
+#: The processor list ``configure`` gave structlog for JSON lines (``None``: another format
+#: or configuration). ``info_lines`` renders a line itself when a logger runs exactly these.
+_json_chain: list[Any] | None = None
+#: Value types the JSON chain passes through unchanged but for redaction of strings.
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+
+
 def _batching(base: type[Any]) -> type[Any]:
     """``base`` (a filtering bound logger) plus ``info_lines``: many lines of one event at once."""
 
     class BatchingBoundLogger(base):  # type: ignore[misc]
         def info_lines(self, event: str, entries: Iterable[dict[str, Any]]) -> None:
-            """``info(event, **entry)`` for each entry: the same processors, the same lines,
-            handed to the output in one piece instead of one call per line."""
+            """``info(event, **entry)`` for each entry: the same lines, handed to the output
+            in one piece instead of one call per line.
+
+            With ``configure``'s JSON chain, an entry of plain values (strings, numbers,
+            booleans, ``None``) on a logger without bound context is rendered here, as the
+            chain would render it (the level, the timestamp, ``redact_event``, orjson), in
+            about a tenth of the chain's time: the request log (intake.py) writes one line per
+            webhook. The lines of one call share one timestamp: they are logged together.
+            """
             if not self.is_enabled_for(logging.INFO):
                 return
+            chain = _json_chain
+            # configure's TimeStamper when this logger runs its JSON chain: render directly
+            direct = chain is not None and self._processors is chain and not self._context
+            stamper = chain[1] if direct and chain is not None else None
+            stamp: Any = None
             rendered: list[Any] = []
             for entry in entries:
+                if (
+                    stamper is not None
+                    and "exc_info" not in entry
+                    and _PLAIN.issuperset(map(type, entry.values()))
+                ):
+                    if stamp is None:
+                        stamp = stamper(None, "info", {})["timestamp"]
+                    line = {**entry, "event": event, "level": "info", "timestamp": stamp}
+                    if any(type(v) is str and needs_redaction(v) for v in entry.values()):
+                        redact_event(None, "info", line)
+                    rendered.append(orjson.dumps(line, default=str))
+                    continue
                 try:
                     args, kw = self._process_event("info", event, entry)
                 except structlog.DropEvent:
@@ -179,7 +210,9 @@ def configure(
 
     ``secrets`` (usually ``redact.secret_values(environ)``) are masked in every line.
     """
+    global _json_chain
     remember_secrets(secrets)
+    _json_chain = None
     use_console = log_format == "console" or (log_format == "auto" and sys.stderr.isatty())
     shared: list[Any] = [
         structlog.processors.add_log_level,
@@ -200,17 +233,21 @@ def configure(
         )
     else:
         # One line per request is on the hot path: render straight to bytes with orjson.
+        # info_lines renders plain entries as this chain does (level, timestamp, redaction,
+        # orjson): a change here is a change there.
+        chain: list[Any] = [
+            *shared,
+            structlog.processors.format_exc_info,
+            redact_event,
+            structlog.processors.JSONRenderer(serializer=_orjson_bytes),
+        ]
         structlog.configure(
-            processors=[
-                *shared,
-                structlog.processors.format_exc_info,
-                redact_event,
-                structlog.processors.JSONRenderer(serializer=_orjson_bytes),
-            ],
+            processors=chain,
             wrapper_class=_batching(structlog.make_filtering_bound_logger(_LEVELS[level])),
             logger_factory=structlog.BytesLoggerFactory(file=cast(BinaryIO, _batched_stderr())),
             cache_logger_on_first_use=True,
         )
+        _json_chain = chain
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(

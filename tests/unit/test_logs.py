@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -141,6 +142,62 @@ def test_info_lines_renders_what_info_renders_one_line_each() -> None:
         assert line.pop("timestamp").endswith("Z")
     assert batched == singles
     assert batched[0] == {**ENTRIES[0], "event": "webhook.received", "level": "info"}
+
+
+def _raw_lines(log: Callable[[Any], None], secrets: tuple[str, ...] = ()) -> list[bytes]:
+    """``_render_with``'s output as bytes, each timestamp replaced by ``T``."""
+    raw = CountingRaw()
+    old = sys.stderr
+    sys.stderr = io.TextIOWrapper(raw, encoding="utf-8")
+    try:
+        logs.configure(log_format="json", level="info", secrets=secrets)
+        log(structlog.get_logger("test"))
+        logs._batched_stderr().drain()
+    finally:
+        sys.stderr = old
+    return [
+        re.sub(rb'"timestamp":"[^"]+"', b'"timestamp":"T"', x) for x in raw.getvalue().splitlines()
+    ]
+
+
+def test_info_lines_renders_byte_for_byte_what_the_chain_renders() -> None:
+    """``info_lines`` renders plain entries itself (the request log's hot path): the lines
+    must be the chain's, key order, redaction of URLs and secrets and all; an entry it does
+    not render itself (a nested value, ``exc_info``, bound context) goes through the chain,
+    in its place among the others."""
+    secret = "whsec_test_info_lines_0123456789"
+    entries: list[dict[str, Any]] = [
+        {"status": 200, "outcome": "accepted", "event_id": "evt_1", "event_type": None},
+        {"status": 400, "outcome": "x", "client": "10.0.0.1", "latency_ms": 0.25, "ok": True},
+        {"event_id": "https://user:pw@example.com/hook?token=abc", "note": f"key {secret}"},
+        {"nested": {"url": "https://user:pw@example.com/x"}, "n": 1},
+        {"level": "first", "timestamp": 5},
+        {"exc_info": False, "after": "exc"},
+    ]
+
+    def one_by_one(logger: Any) -> None:
+        for entry in entries:
+            logger.info("webhook.received", **entry)
+
+    def together(logger: Any) -> None:
+        logger.info_lines("webhook.received", entries)
+
+    singles = _raw_lines(one_by_one, (secret,))
+    batched = _raw_lines(together, (secret,))
+    assert batched == singles
+    assert len(batched) == len(entries)
+    text = b"\n".join(batched)
+    for secret_part in (secret.encode(), b"pw@", b"token"):
+        assert secret_part not in text
+
+    def bound(logger: Any) -> None:
+        logger.bind(request="r1").info_lines("webhook.received", entries[:2])
+
+    def bound_singles(logger: Any) -> None:
+        for entry in entries[:2]:
+            logger.bind(request="r1").info("webhook.received", **entry)
+
+    assert _raw_lines(bound) == _raw_lines(bound_singles)
 
 
 def test_info_lines_respects_the_level() -> None:
