@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 import resource
 import time
@@ -54,7 +55,7 @@ from .errors import (
     ServerBusy,
     WebhookError,
 )
-from .intake import WEBHOOK_PATH, WebhookEndpoint, admit_chunk
+from .intake import WEBHOOK_PATH, Answer, WebhookEndpoint, admit_chunk
 from .metrics import Metrics
 from .models import Event
 
@@ -565,13 +566,18 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 held = cycle.held
                 body = held if isinstance(held, bytes) else bytes(held)
                 self._release_body(cycle)
-                task = self.loop.create_task(self._serve_direct(cycle, body))
-                task.add_done_callback(self.tasks.discard)
-                self.tasks.add(task)
+                webhook = self._shared.webhook
+                assert webhook is not None
+                # Answered now when refused, else when its commit is confirmed (or the
+                # commit wait times out): no task per request.
+                webhook.answer_soon(
+                    body, cycle.signatures, self.loop, functools.partial(self._answered, cycle)
+                )
         else:
             super().on_message_complete()
         if self.cycle.response_complete:
-            # Answered before its body was read (a 413, a 403): now idle. uvicorn's keep-alive
+            # Answered before its body was read (a 413, a 403) or refused at once (a bad
+            # signature, invalid JSON): now idle. uvicorn's keep-alive
             # timer was cancelled by the body's reads, so the deadline is ours.
             self._to_idle()
             self._arm(self._limits.keepalive_timeout_seconds)
@@ -610,17 +616,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         except WebhookError as exc:  # 403 outside the allowlist, 413 by Content-Length
             self._answer_direct(cycle, *error_parts(exc), exc.code, None)
 
-    async def _serve_direct(self, cycle: _DirectCycle, body: bytes) -> None:
-        webhook = self._shared.webhook
-        assert webhook is not None
-        if cycle.disconnected:
-            # Gone before its turn came (as the ASGI path's receive() reports): not accepted.
-            cycle.response_complete = True
-            self._log_direct(cycle, 400, "client_disconnected", None)
-            return
-        answer = await webhook.answer(body, cycle.signatures, self.loop)
-        status, content, headers, outcome, event = answer
-        self._answer_direct(cycle, status, content, headers, outcome, event)
+    def _answered(self, cycle: _DirectCycle, answer: Answer) -> None:
+        self._answer_direct(cycle, *answer)
 
     def _answer_direct(
         self,

@@ -232,13 +232,19 @@ class ProcessWriter(Generic[RowT]):
 
     async def accept(self, row: RowT) -> bool:
         """Write ``row`` in the next group commit; ``True`` if it was new."""
+        return await self.accept_soon(row)
+
+    def accept_soon(self, row: RowT) -> asyncio.Future[bool]:
+        """``accept`` as a future, for a caller without a task of its own: its result is
+        ``True`` if the row was new; ``StoreUnavailable`` is raised at once when the writer
+        is not running. Cancelling the future gives up waiting, not the write."""
         self._check()
         assert self._loop is not None  # set by start(), which _check() says has run
         future: asyncio.Future[bool] = self._loop.create_future()
         self._pending.append((row, future))
         if not self._batch_in_flight:
             self._send_batch()
-        return await future
+        return future
 
     async def run(self, fn: Callable[..., T], *args: Any, write: bool = True) -> T:
         """Run ``fn(conn, *args)`` in the child, in a transaction of its own."""

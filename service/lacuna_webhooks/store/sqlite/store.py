@@ -197,6 +197,21 @@ class SQLiteStore:
         now: datetime,
         trace_context: str | None = None,
     ) -> bool:
+        return await self.accept_soon(event, handlers, now=now, trace_context=trace_context)
+
+    def accept_soon(
+        self,
+        event: Event,
+        handlers: Sequence[str],
+        *,
+        now: datetime,
+        trace_context: str | None = None,
+    ) -> asyncio.Future[bool]:
+        """``accept`` as a future (its result: ``True`` if the event was new), for the
+        intake's direct path, which answers from the future's callback instead of a task
+        per request (``WebhookEndpoint.answer_soon``). Raises ``StoreUnavailable`` at once
+        when the writer is not running; cancelling the future gives up waiting, not the
+        write."""
         received_at = epoch(now)
         row = AcceptRow(
             event.id,
@@ -210,20 +225,27 @@ class SQLiteStore:
             task_order(event.created, received_at),
             trace_context,
         )
-        # _tracked inlined: one coroutine less per request on the intake path.
         try:
-            stored = await self._writer.accept(row)
-        except RowRefused:
-            raise
+            future = self._writer.accept_soon(row)
         except StoreUnavailable as exc:
             self._health.failed(exc)
             raise
-        self._health.failure = None
-        if stored:
-            if row.handlers:
-                self._work.set()
-            self.stream_signal.notify()
-        return stored
+        future.add_done_callback(functools.partial(self._accepted, bool(row.handlers)))
+        return future
+
+    def _accepted(self, has_handlers: bool, future: asyncio.Future[bool]) -> None:
+        """An accept's commit ended: the commit health, and the work and stream signals."""
+        if future.cancelled():
+            return
+        error = future.exception()
+        if error is None:
+            self._health.failure = None
+            if future.result():
+                if has_handlers:
+                    self._work.set()
+                self.stream_signal.notify()
+        elif isinstance(error, StoreUnavailable) and not isinstance(error, RowRefused):
+            self._health.failed(error)
 
     async def wait_for_work(self, timeout_seconds: float) -> None:
         """Return when an accept, replay or retry_dead of this process made work, or after the

@@ -149,9 +149,13 @@ class Writer(Generic[RowT]):
 
     async def accept(self, row: RowT) -> bool:
         """Write ``row`` in the next group commit; ``True`` if it was new."""
+        return await self.accept_soon(row)
+
+    def accept_soon(self, row: RowT) -> asyncio.Future[bool]:
+        """``accept`` as a future (``ProcessWriter.accept_soon``)."""
         future: asyncio.Future[bool] = self._future()
         self._put(_Accept(row, future))
-        return await future
+        return future
 
     async def run(self, fn: Callable[..., T], *args: Any, write: bool = True) -> T:
         """Run ``fn(conn, *args)`` on the writer thread in a transaction of its own."""
