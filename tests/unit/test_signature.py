@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from lacuna_webhooks.errors import (
@@ -259,3 +259,40 @@ def test_standard_webhooks_key_refuses_bad_base64_without_echoing_it(secret: str
     with pytest.raises(ValueError, match="Standard Webhooks secret") as caught:
         standard_webhooks_key(secret)
     assert secret.removeprefix("whsec_") not in str(caught.value) or secret == "whsec_"
+
+
+def _parsed_or_error(parse: object, header: str) -> object:
+    try:
+        return parse(header)  # type: ignore[operator]
+    except SignatureError as exc:
+        return (type(exc), str(exc))
+
+
+@settings(max_examples=500)
+@given(
+    t=st.one_of(
+        st.text(alphabet="0123456789", min_size=1, max_size=14),
+        st.text(alphabet="0123456789\u0661\u0662 x-+", max_size=14),
+    ),
+    v1=st.one_of(
+        st.text(alphabet="0123456789abcdefABCDEFgG ", min_size=60, max_size=66),
+        st.just(V1),
+        st.just(V1.upper()),
+    ),
+    shape=st.sampled_from(["t={t},v1={v1}", "t={t},v1={v1}\n", " t={t},v1={v1}", "v1={v1},t={t}"]),
+)
+@example(t="9" * 12, v1=V1, shape="t={t},v1={v1}")
+@example(t="1" * 13, v1=V1, shape="t={t},v1={v1}")
+@example(t="0", v1=V1.upper(), shape="t={t},v1={v1}")
+@example(t="\u0661" + str(T), v1=V1, shape="t={t},v1={v1}")
+@example(t=str(T), v1=V1, shape="t={t},v1={v1}\n")
+@example(t=str(T), v1=V1[:-1], shape="t={t},v1={v1}")
+def test_the_one_match_read_of_the_usual_header_parses_as_the_general_parse(
+    t: str, v1: str, shape: str
+) -> None:
+    """``parse_header`` reads the usual ``t=…,v1=…`` in one match: whatever it reads that
+    way (or refuses) must be exactly what the item-by-item parse makes of the same text."""
+    from lacuna_webhooks.signature import _parse_items
+
+    header = shape.format(t=t, v1=v1)
+    assert _parsed_or_error(parse_header, header) == _parsed_or_error(_parse_items, header)
