@@ -473,6 +473,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        # A request has begun: uvicorn's keep-alive timer no longer applies. uvicorn cancels
+        # it at each read, but an answer given in the middle of a read (a 413 or 403 from
+        # the headers, a refusal from the body) arms it again, and a request pipelined
+        # behind in the same read would be cut by it while still arriving or being answered.
+        self._unset_keepalive_if_required()
         self._phase = _Phase.HEADERS
         self._shared.idle.pop(self, None)
         self._shared.reading[self] = None  # reading since its first byte: shed order

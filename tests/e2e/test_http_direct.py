@@ -346,3 +346,37 @@ def test_a_reset_behind_pipelined_requests_leaves_no_traceback(
     log = serve.log()
     assert "Exception in ASGI application" not in log
     assert "Traceback" not in log
+
+
+@pytest.mark.parametrize("refused", ["bad_signature", "too_large_declared"])
+def test_a_request_pipelined_behind_a_refusal_is_not_cut_by_the_keepalive_timer(
+    serve_factory: type[Serve], tmp_path: Path, refused: str
+) -> None:
+    """A refusal answered in the middle of a read (a 401 from the body, a 413 from the
+    headers) armed uvicorn's keep-alive timer while the next request, pipelined in the same
+    read, was still arriving: LACUNA_KEEPALIVE_TIMEOUT (1 s) later the connection was closed
+    under it, within its 10 s body deadline. Both must be answered, the second stored."""
+    serve = serve_factory(
+        db_env(
+            tmp_path,
+            LACUNA_MAX_BODY_BYTES="4096",
+            LACUNA_KEEPALIVE_TIMEOUT="1",
+            LACUNA_BODY_TIMEOUT="10",
+        )
+    ).start()
+    first = cases("ka")[refused].replace(b"{target}", b"/webhooks/lacuna")
+    body, headers = signed(make_event("evt_behind_refusal"))
+    second = request(body, headers)
+    cut = second.index(b"\r\n\r\n") + 4 + 5  # its head and five bytes of its body
+    with socket.create_connection(("127.0.0.1", serve.port), timeout=10) as sock:
+        sock.settimeout(10)
+        sock.sendall(first + second[:cut])
+        time.sleep(2)  # past the keep-alive timeout, well within the body timeout
+        sock.sendall(second[cut:])
+        answers = Answers(sock)
+        refusal, accepted = answers.next(), answers.next()
+    assert refusal is not None
+    assert refusal[0] == (401 if refused == "bad_signature" else 413)
+    assert accepted is not None, "the connection was closed under the pipelined request"
+    assert accepted[0] == 200
+    assert "evt_behind_refusal" in stored_ids(tmp_path)
