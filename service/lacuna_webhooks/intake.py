@@ -401,14 +401,16 @@ class WebhookEndpoint:
         timeout for all); run again while any request waits."""
         now = time.monotonic()
         expired = []
-        for task, deadline in self._waiting.items():
+        for waiter, deadline in self._waiting.items():
             if deadline > now:
                 break
-            expired.append(task)
-        for task in expired:
-            del self._waiting[task]
-            self._expired.add(task)
-            task.cancel()
+            expired.append(waiter)
+        for waiter in expired:
+            del self._waiting[waiter]
+            # A commit's future may already hold its result, its callback not yet run: then
+            # it stands (the answer is the commit's), and nothing is left to mark.
+            if waiter.cancel():
+                self._expired.add(waiter)
         self._watchdog = (
             asyncio.get_running_loop().call_later(self.commit_timeout / 10, self._expire_waits)
             if self._waiting

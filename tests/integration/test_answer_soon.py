@@ -10,6 +10,7 @@ runs it) and the memory store.
 from __future__ import annotations
 
 import asyncio
+import functools
 import sqlite3
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import pytest
 from lacuna_webhooks.config import Settings
 from lacuna_webhooks.intake import Answer, WebhookEndpoint
 from lacuna_webhooks.metrics import Metrics
+from lacuna_webhooks.models import Event
 from lacuna_webhooks.plugins import HandlerSet
 from lacuna_webhooks.store import Store, open_store
 from lacuna_webhooks.store.memory import MemoryStore
@@ -122,3 +124,31 @@ async def test_a_commit_held_up_past_the_commit_timeout_is_a_503(tmp_path: Path)
     finally:
         holder.close()
         await store.close()
+
+
+async def test_a_commit_done_in_the_turn_of_its_deadline_keeps_its_answer(
+    tmp_path: Path,
+) -> None:
+    """The watchdog may find a wait past its deadline in the very turn its commit's result
+    came, before the callback ran: the commit's answer stands, and nothing is left marked
+    expired (a set that only grew, for the life of the process)."""
+    webhook = endpoint(MemoryStore(), LACUNA_COMMIT_TIMEOUT="0.5")
+    loop = asyncio.get_running_loop()
+    answers: list[Answer] = []
+    for i in range(3):
+        event = Event.from_body(signed(make_event(f"evt_race_{i}"))[0])
+        committed: asyncio.Future[bool] = loop.create_future()
+        webhook._wait_for(committed, loop)
+        # answer_soon's own callback: the answer from the commit's outcome
+        committed.add_done_callback(functools.partial(webhook._committed, event, answers.append))
+        webhook._waiting[committed] = 0.0  # long past its deadline
+        committed.set_result(bool(i % 2))  # ... yet its result is in
+    webhook._expire_waits()
+    await asyncio.sleep(0)
+    assert [(status, outcome) for status, _, _, outcome, _ in answers] == [
+        (200, "duplicate"),
+        (200, "accepted"),
+        (200, "duplicate"),
+    ]
+    assert not webhook._waiting
+    assert not webhook._expired
