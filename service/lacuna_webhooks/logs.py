@@ -173,6 +173,7 @@ def _batching(base: type[Any]) -> type[Any]:
             direct = chain is not None and self._processors is chain and not self._context
             stamper = chain[1] if direct and chain is not None else None
             stamp: Any = None
+            redact_all = False
             rendered: list[Any] = []
             for entry in entries:
                 if (
@@ -182,8 +183,12 @@ def _batching(base: type[Any]) -> type[Any]:
                 ):
                     if stamp is None:
                         stamp = stamper(None, "info", {})["timestamp"]
+                        # The chain redacts every value of a line, these three too.
+                        redact_all = any(map(needs_redaction, (event, "info", stamp)))
                     line = {**entry, "event": event, "level": "info", "timestamp": stamp}
-                    if any(type(v) is str and needs_redaction(v) for v in entry.values()):
+                    if redact_all or any(
+                        type(v) is str and needs_redaction(v) for v in entry.values()
+                    ):
                         redact_event(None, "info", line)
                     rendered.append(orjson.dumps(line, default=str))
                     continue
