@@ -298,11 +298,13 @@ class WebhookEndpoint:
         signatures: list[str],
         loop: asyncio.AbstractEventLoop,
         done: Callable[[Answer], None],
+        tasks: set[asyncio.Task[Any]] | None = None,
     ) -> None:
         """``answer`` without a task per request, for the HTTP layer's direct path
         (server.py): ``done(answer)`` is called exactly once, at once for a refusal, else
         from the commit's callback. The same checks, answers and ``LACUNA_COMMIT_TIMEOUT``
-        bound as ``answer``; a store without ``accept_soon`` is awaited in a task.
+        bound as ``answer``; a store without ``accept_soon`` is awaited in a task, kept in
+        ``tasks`` while it runs (uvicorn's, which its shutdown cancels at its deadline).
 
         A task and its coroutine chain per request measured about 2.5 µs of the event
         loop's time (``make bench``); a future's callback, a fraction of that."""
@@ -315,6 +317,9 @@ class WebhookEndpoint:
                 task.add_done_callback(
                     lambda finished: None if finished.cancelled() else done(finished.result())
                 )
+                if tasks is not None:
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
                 return
             pending: asyncio.Future[bool] = accept_soon(
                 event, self.handlers.subscribers(event.type), now=_utcnow()

@@ -576,7 +576,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 # Answered now when refused, else when its commit is confirmed (or the
                 # commit wait times out): no task per request.
                 webhook.answer_soon(
-                    body, cycle.signatures, self.loop, functools.partial(self._answered, cycle)
+                    body,
+                    cycle.signatures,
+                    self.loop,
+                    functools.partial(self._answered, cycle),
+                    self.tasks,
                 )
         else:
             super().on_message_complete()
