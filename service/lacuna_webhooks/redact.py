@@ -24,6 +24,7 @@ can all use it.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from collections.abc import Iterable, Mapping
@@ -171,6 +172,22 @@ def _with_file_values(environ: Mapping[str, str]) -> list[tuple[str, str]]:
     return items
 
 
+def basic_credentials(username: str, password: str) -> set[str]:
+    """The ``Authorization: Basic`` token an HTTP client makes of a URL's user and password
+    (RFC 7617: base64 of ``user:password``, as httpx and most clients send it, from the
+    percent-decoded parts), as written and as decoded: a peer that echoes the request's
+    headers in its refusal puts it in the error text, where it reads back to the password."""
+    found: set[str] = set()
+    for user, secret in {(username, password), (unquote(username), unquote(password))}:
+        for encoding in ("utf-8", "latin-1"):
+            try:
+                pair = f"{user}:{secret}".encode(encoding)
+            except UnicodeEncodeError:
+                continue
+            found.add(base64.b64encode(pair).decode("ascii"))
+    return found
+
+
 def _url_secrets(url: str, *, secret_path: bool) -> set[str]:
     try:
         parts = urlsplit(url)
@@ -187,6 +204,7 @@ def _url_secrets(url: str, *, secret_path: bool) -> set[str]:
     }
     if password:
         found.update({password, unquote(password)})
+        found.update(basic_credentials(parts.username or "", password))
     if secret_path and parts.path.strip("/"):
         found.update({url, parts.path, unquote(parts.path)})
     return found
@@ -195,6 +213,7 @@ def _url_secrets(url: str, *, secret_path: bool) -> set[str]:
 __all__ = [
     "MASK",
     "MIN_SECRET_CHARS",
+    "basic_credentials",
     "header_secrets",
     "mask_secrets",
     "needs_redaction",

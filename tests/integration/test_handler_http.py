@@ -660,3 +660,72 @@ def test_a_header_value_that_is_not_ascii_stops_the_start() -> None:
     """`{"X-Name": "café ☕"}` started, and every attempt then failed to build its request."""
     with pytest.raises(ConfigError, match="must be printable ASCII"):
         make_handler("http://127.0.0.1:9/x", HEADERS='{"X-Name": "caf\u00e9 \u2615"}')
+
+
+async def test_a_peer_echoing_the_basic_credentials_of_the_url_leaks_no_password() -> None:
+    """The client sends a URL's user and password as `Authorization: Basic <base64>`; a peer
+    that echoed it put base64("user:password") into the error, the admin API and the log,
+    which decodes straight back to the password."""
+    from lacuna_webhooks.dispatch.attempt import describe_error
+
+    token = base64.b64encode(b"userx:Pa55wordSecretX").decode()
+    body = f"Bad request; you sent authorization=Basic {token}".encode()
+    head = b"HTTP/1.1 400 Bad Request\r\ncontent-length: %d\r\n\r\n" % len(body)
+    async with raw_peer(head, body) as url:
+        handler = make_handler(url.replace("http://", "http://userx:Pa55wordSecretX@"))
+        try:
+            with capture_logs() as logs, pytest.raises(PermanentError) as info:
+                await handler.handle(as_event())
+        finally:
+            await handler.aclose()
+    for text in (describe_error(info.value), repr(logs)):
+        assert "400" in text
+        assert token not in text, text
+        assert "Pa55wordSecretX" not in text
+
+
+async def test_a_secret_echoed_across_the_cut_of_the_reason_is_not_left_in_part() -> None:
+    """The reason is cut to 200 characters. Cut before the secrets were masked, a header
+    value the peer echoed across the cut kept its first 30 characters."""
+    from lacuna_webhooks.dispatch.attempt import describe_error
+
+    secret = "HdrSecretValue999LongerToken0123456789"
+    for pad in range(150, 200, 7):  # the secret across character 200, wherever it falls
+        body = ("p" * pad + f" auth=Bearer {secret}").encode()
+        head = b"HTTP/1.1 400 Bad Request\r\ncontent-length: %d\r\n\r\n" % len(body)
+        async with raw_peer(head, body) as url:
+            handler = make_handler(url, HEADERS=f'{{"Authorization": "Bearer {secret}"}}')
+            try:
+                with capture_logs() as logs, pytest.raises(PermanentError) as info:
+                    await handler.handle(as_event())
+            finally:
+                await handler.aclose()
+        for text in (describe_error(info.value), repr(logs)):
+            assert secret[:12] not in text, (pad, text)
+
+
+def test_url_credentials_and_an_authorization_header_together_are_refused() -> None:
+    """Both would be sent as Authorization, the URL's silently replacing the header's."""
+    with pytest.raises(ConfigError, match="give the credentials in one of them") as info:
+        make_handler("http://u:pw-secret-1@127.0.0.1:9/x", HEADERS='{"authorization": "Bearer z"}')
+    assert "pw-secret-1" not in str(info.value)
+
+
+async def test_a_secret_across_the_end_of_the_read_body_is_not_left_in_part() -> None:
+    """Only the first 4096 bytes of a refusal are read. Spaces before a header value the
+    peer echoed put the value across that end, and its start, no longer a secret any mask
+    knows, came first in the reason once the spaces were collapsed."""
+    from lacuna_webhooks.dispatch.attempt import describe_error
+
+    secret = "HdrSecretValue999LongerToken0123456789"
+    body = (" " * 4070 + f"auth=Bearer {secret}").encode()
+    head = b"HTTP/1.1 400 Bad Request\r\ncontent-length: %d\r\n\r\n" % len(body)
+    async with raw_peer(head, body) as url:
+        handler = make_handler(url, HEADERS=f'{{"Authorization": "Bearer {secret}"}}')
+        try:
+            with capture_logs() as logs, pytest.raises(PermanentError) as info:
+                await handler.handle(as_event())
+        finally:
+            await handler.aclose()
+    for text in (describe_error(info.value), repr(logs)):
+        assert secret[:10] not in text, text

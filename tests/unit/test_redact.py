@@ -140,3 +140,15 @@ def test_a_sqlite_url_keeps_its_path() -> None:
     (`dev` prints it; it was shown as `sqlite:///…`)."""
     assert redact_url("sqlite:///./lacuna-webhooks.db") == "sqlite:///./lacuna-webhooks.db"
     assert redact_url("sqlite:////var/lib/lacuna/w.db?x=1") == "sqlite:////var/lib/lacuna/w.db"
+
+
+def test_a_url_password_gives_its_basic_authorization_token_too() -> None:
+    """A client sends a URL's user and password as `Authorization: Basic base64(user:pw)`
+    (decoded from the URL), which a peer may echo: masked like the password itself."""
+    import base64
+
+    from lacuna_webhooks.redact import secret_values
+
+    found = secret_values({"LACUNA_HTTP_URL": "https://us%20er:p%40ssw0rd-x@hooks.example/in"})
+    assert base64.b64encode(b"us er:p@ssw0rd-x").decode() in found
+    assert "p@ssw0rd-x" in found

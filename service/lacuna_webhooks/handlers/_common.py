@@ -13,6 +13,7 @@ from typing import TypeVar
 from ..config import at_most, positive_float, positive_int
 from ..errors import ConfigError
 from ..events import LacunaEvent
+from ..redact import redact_text
 from .base import HandlerContext, current_results
 
 N = TypeVar("N", int, float)
@@ -98,3 +99,11 @@ def stored_location() -> str | None:
         if isinstance(location, str) and location.startswith(("file://", "s3://")):
             return location
     return None
+
+
+def peer_text(text: str, limit: int) -> str:
+    """What a peer answered (a refusal's body), for an error and a log line: on one line,
+    its URLs cut to their host and every known secret masked (``redact.redact_text``),
+    *then* cut to ``limit`` characters. Cut first, a secret the peer echoed across the cut
+    (a request header, a URL's credentials) kept its first characters unmasked."""
+    return redact_text(" ".join(text.split()))[:limit]

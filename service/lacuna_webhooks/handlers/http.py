@@ -49,9 +49,9 @@ import structlog
 from ..config import http_url_problem
 from ..errors import ConfigError, PauseHandler, PermanentError, RateLimited, RetryLater
 from ..models import Event
-from ..redact import header_secrets, remember_secrets
+from ..redact import basic_credentials, header_secrets, remember_secrets
 from ..signature import signed_headers, standard_webhooks_key
-from ._common import network_timeouts
+from ._common import network_timeouts, peer_text
 from ._http import OutboundClient, retry_after_seconds, transport_failure
 from .base import HandlerContext, current_attempt, current_results, current_traceparent
 
@@ -178,6 +178,18 @@ class HTTPHandler:
         # Their values are never shown either (API keys, `Bearer <token>`): as serve and the
         # workers remember them from the environment, for a handler built elsewhere too.
         remember_secrets(header_secrets(ctx.get("HEADERS")))
+        if self.url.userinfo:
+            # The client sends the URL's user and password as `Authorization: Basic …`,
+            # which would replace an Authorization of HEADERS without a word: refused.
+            if any(name.lower() == "authorization" for name in self.extra_headers):
+                raise ConfigError(
+                    f"{self.url_var} has a user and password, which are sent as an "
+                    f"Authorization header, and {ctx.env_name('HEADERS')} sets Authorization "
+                    "too: give the credentials in one of them"
+                )
+            remember_secrets(
+                {self.url.password, *basic_credentials(self.url.username, self.url.password)}
+            )
         payload = (ctx.get("PAYLOAD") or "event").lower()
         if payload not in PAYLOADS:
             raise ConfigError(
@@ -247,7 +259,7 @@ class HTTPHandler:
                 attempt=attempt,
             )
             return
-        reason = " ".join(text.split())[:200] or response.reason_phrase
+        reason = peer_text(text, 200) or response.reason_phrase
         logger.warning(
             "handler.http.refused",
             handler=self.name,

@@ -34,7 +34,13 @@ from ..errors import ConfigError, PermanentError, RateLimited, RetryLater
 from ..events import LacunaEvent, is_job_completed, is_job_failed, parse_event
 from ..models import Event
 from ..redact import redact_url
-from ._common import display_title, format_duration, network_timeouts, stored_location
+from ._common import (
+    display_title,
+    format_duration,
+    network_timeouts,
+    peer_text,
+    stored_location,
+)
 from ._http import OutboundClient, UnsafeURL, check_url, retry_after_seconds, transport_failure
 from .base import HandlerContext
 
@@ -211,7 +217,7 @@ class SlackHandler:
         except httpx.HTTPError as exc:
             raise transport_failure(exc, what="posting to Slack", url=self.url) from None
         status = response.status_code
-        reason = text.strip()[:200] or response.reason_phrase
+        reason = peer_text(text, 200) or response.reason_phrase
         if status == 200:
             logger.info("handler.slack.posted", event_id=event.id, event_type=event.type)
             return

@@ -72,7 +72,7 @@ from obstore.store import S3Store
 from ..errors import ConfigError, PermanentError, RateLimited, RetryLater
 from ..events import JobCompleted, Track, is_job_completed, parse_event
 from ..models import Event, json_default, parse_json
-from ..redact import redact_url
+from ..redact import redact_text, redact_url
 from ._common import int_setting, network_timeouts
 from ._http import OutboundClient, retry_after_seconds, transport_failure
 from .base import HandlerContext
@@ -397,7 +397,8 @@ def _s3_reason(exc: BaseException) -> str:
     text = str(exc)
     code = _s3_code(exc)
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-    first = first.split(" - Server returned", 1)[0]
+    # Masked before it is cut: a secret cut in two is no longer recognised.
+    first = redact_text(first.split(" - Server returned", 1)[0])
     reason = first if len(first) <= 300 else first[:299] + "…"
     return f"{code} ({reason})" if code else reason
 
