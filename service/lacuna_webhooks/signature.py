@@ -160,9 +160,12 @@ _HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 
 
 def header_text(value: str) -> str:
-    """``value`` as an HTTP header value: itself when printable ASCII, else with every other
-    character percent-encoded as UTF-8 (RFC 3986's form), ``%`` included then."""
-    if value.isascii() and value.isprintable():
+    """``value`` as an HTTP header value: itself when printable ASCII without ``%``, else
+    with ``%`` and every character that is not printable ASCII percent-encoded as UTF-8
+    (RFC 3986's form). One-to-one: two different ids never give one ``webhook-id`` (with
+    ``%`` kept as is, ``evt_é`` and ``evt_%C3%A9`` both gave ``evt_%C3%A9``, and a receiver
+    dropping repeats by ``webhook-id`` dropped a real event)."""
+    if value.isascii() and value.isprintable() and "%" not in value:
         return value
     return quote(value, safe=_HEADER_SAFE)
 

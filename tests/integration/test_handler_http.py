@@ -729,3 +729,20 @@ async def test_a_secret_across_the_end_of_the_read_body_is_not_left_in_part() ->
             await handler.aclose()
     for text in (describe_error(info.value), repr(logs)):
         assert secret[:10] not in text, text
+
+
+async def test_two_different_ids_never_share_a_webhook_id(
+    forward: HTTPHandler, httpserver: HTTPServer
+) -> None:
+    """`evt_é_1` went as `evt_%C3%A9_1`, and so did the ASCII id `evt_%C3%A9_1` itself: a
+    receiver dropping repeats by `webhook-id` (forwarding.md) dropped the second event.
+    A `%` is encoded too now; both still verify."""
+    receiver = VerifyingReceiver(SECRET)
+    httpserver.expect_request(PATH, method="POST").respond_with_handler(receiver)
+    for event_id in ("evt_\u00e9_1", "evt_%C3%A9_1", "evt_plain-1"):
+        await forward.handle(as_event(make_event(event_id, "job.%41")))
+    assert receiver.refused == []
+    ids = [headers["Webhook-Id"] for _, headers in received(httpserver)]
+    assert ids == ["evt_%C3%A9_1", "evt_%25C3%25A9_1", "evt_plain-1"]
+    types = {headers["Lacuna-Event-Type"] for _, headers in received(httpserver)}
+    assert types == {"job.%2541"}
