@@ -221,3 +221,18 @@ async def test_a_lost_connection_is_reopened_at_the_next_attempt(
         await proxy.drop()
     ids = [m.message_id for m in await topology.drain()]  # type: ignore[attr-defined]
     assert ids == [before.id, after.id]
+
+
+async def test_a_virtual_host_that_does_not_exist_is_dead_with_why(rabbitmq_server: str) -> None:
+    """RabbitMQ answers a missing virtual host with Connection.Close (530 NOT_ALLOWED), which
+    aiormq reports as an InvalidFrameError naming no reason: every attempt was retried, then
+    dead with `Expected Connection.OpenOk, got <Connection.Close object at 0x…>`."""
+    parts = urlsplit(rabbitmq_server)
+    url = urlunsplit((parts.scheme, parts.netloc, "/no_such_vhost_review3", "", ""))
+    h = handler(url)
+    try:
+        with pytest.raises(PermanentError, match="virtual host 'no_such_vhost_review3'") as caught:
+            await h.handle(event())
+    finally:
+        await h.aclose()
+    assert "object at 0x" not in str(caught.value)

@@ -29,6 +29,7 @@ again after a loss (by the next attempt), closed by ``aclose``.
 from __future__ import annotations
 
 import asyncio
+from urllib.parse import unquote, urlsplit
 
 import structlog
 
@@ -66,6 +67,15 @@ _PERMANENT = (
     aiormq.exceptions.ProbableAuthenticationError,  # ACCESS_REFUSED at login
     aiormq.exceptions.ConnectionNotAllowed,  # 530: no access to the virtual host
 )
+
+
+def _closed_while_opening(exc: BaseException) -> bool:
+    """Whether aiormq's ``InvalidFrameError`` is the broker's ``Connection.Close`` where
+    ``Connection.OpenOk`` was due: RabbitMQ's answer to a virtual host that does not exist
+    or that the user may not use (530 NOT_ALLOWED). aiormq reports it by the frame's repr
+    only, so the broker's own text is lost."""
+    text = str(exc)
+    return "Connection.OpenOk" in text and "Connection.Close" in text
 
 
 class RabbitMQHandler:
@@ -112,6 +122,12 @@ class RabbitMQHandler:
     def _reason(self, exc: BaseException) -> str:
         return reason_of(exc, self.url)
 
+    def _vhost(self) -> str:
+        """The virtual host the URL names (AMQP URI spec: the path, percent-decoded; "/"
+        when it has none)."""
+        path = urlsplit(self.url).path
+        return unquote(path[1:]) if len(path) > 1 else "/"
+
     async def handle(self, event: Event) -> None:
         routing_key = self.routing_key.render(event)
         problem = (
@@ -145,6 +161,16 @@ class RabbitMQHandler:
         except _PERMANENT as exc:
             await self._drop_channel()
             raise PermanentError(f"RabbitMQ refused the message: {self._reason(exc)}") from None
+        except aiormq.exceptions.InvalidFrameError as exc:
+            async with self._lock:
+                await self._close_quietly()
+            if _closed_while_opening(exc):
+                raise PermanentError(
+                    f"RabbitMQ closed the connection instead of opening virtual host "
+                    f"{self._vhost()!r}: it does not exist, or the user may not use it "
+                    "(NOT_ALLOWED, 530); create it or fix the URL's path"
+                ) from None
+            raise RetryLater(f"publishing to RabbitMQ failed: {self._reason(exc)}") from None
         except (TimeoutError, aiormq.exceptions.AMQPError, OSError, RuntimeError) as exc:
             # A nack, a lost or blocked connection, a channel closed under us: all transient.
             # The connection goes too: aio-pika's `is_closed` turns true only once `close()`
