@@ -746,3 +746,26 @@ async def test_two_different_ids_never_share_a_webhook_id(
     assert ids == ["evt_%C3%A9_1", "evt_%25C3%25A9_1", "evt_plain-1"]
     types = {headers["Lacuna-Event-Type"] for _, headers in received(httpserver)}
     assert types == {"job.%2541"}
+
+
+async def test_a_refusal_whose_body_trickles_ends_with_its_status_in_time() -> None:
+    """A 500 whose body came a byte a second never tripped the read timeout (each read got
+    its byte in time): the attempt ran into the handler's timeout and the 500 was lost. The
+    body is read within the read timeout (2 s here), then the status is the answer; what
+    came of a secret being echoed is dropped with its word."""
+    secret = "TrickledHeaderSecret0123456789"
+    body = f"oops auth={secret} and more".encode()
+    head = b"HTTP/1.1 500 Oops\r\ncontent-length: %d\r\n\r\n" % len(body)
+    async with raw_peer(head, body, trickle=True) as url:
+        handler = make_handler(
+            url, READ_TIMEOUT="2", HEADERS=f'{{"Authorization": "Bearer {secret}"}}'
+        )
+        try:
+            started = time.monotonic()
+            with pytest.raises(RetryLater, match="HTTP 500") as info:
+                await asyncio.wait_for(handler.handle(as_event()), 8)
+            took = time.monotonic() - started
+        finally:
+            await handler.aclose()
+    assert took < 6
+    assert "TrickledHe" not in str(info.value)

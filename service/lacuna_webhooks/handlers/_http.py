@@ -238,6 +238,7 @@ class OutboundClient:
         trusted_networks: Iterable[str] = (),
     ) -> None:
         self.allow_private = allow_private
+        self.read_timeout_seconds = read_timeout_seconds
         self.allow_http = allow_private if allow_http is None else allow_http
         self.max_redirects = max_redirects
         networks = tuple(ipaddress.ip_network(n) for n in trusted_networks)
@@ -316,23 +317,31 @@ class OutboundClient:
         request = self._client.build_request("POST", target, content=content, headers=headers)
         response = await self._send(request, what)
         body = bytearray()
+        cut = False  # the body read is not the whole body
         try:
             if not 200 <= response.status_code < 300:
                 encoding = response.headers.get("content-encoding", "identity").strip().lower()
                 if encoding not in ("", "identity"):
                     body += f"(a body with Content-Encoding {encoding[:40]})".encode()
                 else:
-                    with contextlib.suppress(httpx.HTTPError):
-                        async for chunk in response.aiter_raw():
-                            body += chunk
-                            if len(body) >= 4096:
-                                break
+                    cut = True
+                    # The whole read within the read timeout: each read has that timeout, so
+                    # a body trickled a byte a second never ended and the attempt ran into
+                    # the handler's timeout, the peer's status lost with it.
+                    with contextlib.suppress(httpx.HTTPError, TimeoutError):
+                        async with asyncio.timeout(self.read_timeout_seconds):
+                            async for chunk in response.aiter_raw():
+                                body += chunk
+                                if len(body) >= 4096:
+                                    break
+                            else:
+                                cut = False
         finally:
             await response.aclose()
         text = bytes(body[:4096]).decode("utf-8", "replace")
-        if len(body) >= 4096:
-            # Cut: its last word may be the start of a secret the peer echoed, which no mask
-            # can recognise any more (handlers._common.peer_text): dropped.
+        if cut:
+            # Its last word may be the start of a secret the peer echoed, which no mask can
+            # recognise any more (handlers._common.peer_text): dropped.
             text = re.sub(r"\S*\Z", "", text)
         return response, text
 
