@@ -19,7 +19,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from lacuna_webhooks.dispatch import Dispatcher
+from lacuna_webhooks.dispatch import Dispatcher, workers
 from lacuna_webhooks.dispatch.attempt import Ending
 from lacuna_webhooks.dispatch.workers import WorkerPool, WorkerSpec
 from lacuna_webhooks.handlers.base import RecordingHandler
@@ -134,6 +134,48 @@ async def test_an_attempt_that_waited_behind_a_blocking_one_is_not_killed(
         (attempt,) = await store.list_attempts(row.id)
         assert attempt.outcome is AttemptOutcome.OK, (event_id, attempt)
     assert len({pid for _, pid in started(out)}) == 1  # one worker, never replaced
+
+
+async def test_a_responsive_overrun_is_still_killed_inside_the_lease(
+    store: MemoryStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same two attempts, with the overrun limit at 1 s past the timeout (20 s in
+    production, inside the 30 s lease margin). The one that waited behind the blocker is
+    still running when its worker answers the ping at about 5 s: given a whole second timeout
+    it would run to 10 s; on PostgreSQL, with a 40 s timeout, it outlived its lease (timeout +
+    30 s) and another replica ran it beside it. It is killed at its limit, charged a
+    timeout; the blocker that ended in time is not."""
+    monkeypatch.setattr(workers, "OVERRUN_LIMIT_SECONDS", 1.0)
+    out = tmp_path / "started.txt"
+    d = pool_dispatcher(store, out, timeout=3.0, block=2.5, nap=2.9)
+    async with running(d, stop_timeout=5):
+        await accept(store, "evt_sleep_short")
+        await wait_until(lambda: [e for e, _ in started(out)] == ["evt_sleep_short"], 60)
+        await accept(store, "evt_nap_behind")
+
+        async def both_ended() -> bool:
+            rows = await store.list_deliveries()
+            return len(rows) == 2 and all(r.status is not DeliveryStatus.PENDING for r in rows)
+
+        await wait_until(both_ended, 60)
+    behind = await only_delivery(store, event_id="evt_nap_behind")
+    (attempt,) = await store.list_attempts(behind.id)
+    assert attempt.outcome is AttemptOutcome.DEAD
+    assert attempt.error is not None
+    assert attempt.error.startswith("TimeoutError"), attempt.error
+    blocker = await only_delivery(store, event_id="evt_sleep_short")
+    (first,) = await store.list_attempts(blocker.id)
+    assert first.outcome is AttemptOutcome.OK
+
+
+def test_the_overrun_limit_ends_an_attempt_before_its_lease() -> None:
+    """Sent right after its claim, an attempt is killed by OVERRUN_LIMIT past its timeout,
+    plus a ping's grace and the kill itself: all inside the lease's margin."""
+    from lacuna_webhooks.dispatch import LEASE_MARGIN
+
+    assert (
+        LEASE_MARGIN.total_seconds()
+    ) > workers.OVERRUN_LIMIT_SECONDS + 2 * workers.KILL_GRACE_SECONDS + 5
 
 
 async def test_stop_ends_every_worker(store: MemoryStore, tmp_path: Path) -> None:

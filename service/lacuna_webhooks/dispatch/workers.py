@@ -60,6 +60,11 @@ RESTART_DELAYS_SECONDS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 #: How long past its timeout an attempt may go unanswered before its worker is killed: the
 #: child's own cut-off (at the timeout) answers well within it whenever the handler yields.
 KILL_GRACE_SECONDS = 2.0
+#: However its worker answers pings, an attempt is killed at the latest this long past its
+#: timeout, counted from when it was sent: well inside its lease (the handler's timeout plus
+#: ``dispatcher.LEASE_MARGIN``, 30 s, from the claim just before), so that no replica can
+#: take the delivery over and run it again while it still runs (docs/workers.md).
+OVERRUN_LIMIT_SECONDS = 20.0
 #: How long ``close()`` waits for a child to end its attempts and close its handler.
 STOP_GRACE_SECONDS = 5.0
 #: No message comes near this (an event is at most LACUNA_MAX_BODY_BYTES, twice over when
@@ -119,11 +124,14 @@ def _exit_text(code: int | None) -> str:
 
 
 class _Attempt:
-    __slots__ = ("future", "pinged", "timeout_seconds", "timer")
+    __slots__ = ("future", "pinged", "sent_at", "timeout_seconds", "timer")
 
-    def __init__(self, future: asyncio.Future[Outcome], timeout_seconds: float) -> None:
+    def __init__(
+        self, future: asyncio.Future[Outcome], timeout_seconds: float, sent_at: float
+    ) -> None:
         self.future = future
         self.timeout_seconds = timeout_seconds
+        self.sent_at = sent_at  # loop time
         self.timer: asyncio.TimerHandle | None = None
         self.pinged = False  # its worker was found responsive once at its overrun
 
@@ -205,7 +213,8 @@ class HandlerWorker:
         if child is None or child.exited or self._stopping:
             return Outcome(Ending.INTERRUPTED, "the handler's worker process is not running")
         attempt_id = next(self._ids)
-        attempt = _Attempt(asyncio.get_running_loop().create_future(), timeout_seconds)
+        loop = asyncio.get_running_loop()
+        attempt = _Attempt(loop.create_future(), timeout_seconds, loop.time())
         child.attempts[attempt_id] = attempt
         attempt.timer = asyncio.get_running_loop().call_later(
             timeout_seconds + KILL_GRACE_SECONDS, self._overrun, child, attempt_id
@@ -383,7 +392,10 @@ class HandlerWorker:
 
     def _answered(self, child: _Child, ping: int) -> None:
         """The worker's loop answered: the attempt runs, cooperatively; its own timeout ends
-        it. Checked again one timeout later."""
+        it. Checked again one timeout later, and no later than ``OVERRUN_LIMIT_SECONDS``
+        past its timeout: given a whole second timeout, an attempt that had waited behind a
+        blocking one (or a handler that ignores its cancellation) outlived its lease, and
+        another replica ran the delivery again beside it."""
         attempt_id = child.pings.pop(ping, None)
         attempt = None if attempt_id is None else child.attempts.get(attempt_id)
         if attempt_id is None or attempt is None:
@@ -391,9 +403,10 @@ class HandlerWorker:
         if attempt.timer is not None:
             attempt.timer.cancel()
         attempt.pinged = True
-        attempt.timer = asyncio.get_running_loop().call_later(
-            attempt.timeout_seconds + KILL_GRACE_SECONDS, self._overrun, child, attempt_id
-        )
+        loop = asyncio.get_running_loop()
+        latest = attempt.sent_at + attempt.timeout_seconds + OVERRUN_LIMIT_SECONDS
+        delay = min(attempt.timeout_seconds + KILL_GRACE_SECONDS, latest - loop.time())
+        attempt.timer = loop.call_later(max(0.0, delay), self._overrun, child, attempt_id)
 
     def _unanswered(self, child: _Child, ping: int) -> None:
         attempt_id = child.pings.pop(ping, None)
