@@ -665,6 +665,13 @@ class Settings:
                 "LACUNA_DISPATCH=false needs PostgreSQL: on SQLite only `serve` may dispatch "
                 "(the database has one writer), so nothing would ever deliver"
             )
+        if values.get("dispatch") is False and not values.get("handlers"):
+            # Deliveries are made at intake, for the handlers it is configured with: with
+            # none, every event would be stored with no delivery and no worker would run it.
+            problems.append(
+                "LACUNA_DISPATCH=false needs LACUNA_HANDLERS, the same list as the workers': "
+                "each event's deliveries are made here, at intake, one per handler it names"
+            )
         if problems:
             raise ConfigError(problems)
         return cls(

@@ -335,16 +335,35 @@ def test_dispatch_is_on_by_default_and_off_only_on_postgres() -> None:
     """LACUNA_DISPATCH=false makes serve intake only; on SQLite (one writer, no `worker`)
     that would leave nothing to deliver, so it is refused naming the variable."""
     assert Settings.from_env(BASE).dispatch is True
-    pg = {**BASE, "LACUNA_DATABASE_URL": "postgresql://db/x", "LACUNA_DISPATCH": "false"}
+    pg = {
+        **BASE,
+        "LACUNA_DATABASE_URL": "postgresql://db/x",
+        "LACUNA_DISPATCH": "false",
+        "LACUNA_HANDLERS": "log",
+    }
     assert Settings.from_env(pg).dispatch is False
     with pytest.raises(ConfigError) as info:
-        Settings.from_env({**BASE, "LACUNA_DISPATCH": "false"})
+        Settings.from_env({**BASE, "LACUNA_DISPATCH": "false", "LACUNA_HANDLERS": "log"})
     assert info.value.problems == [
         "LACUNA_DISPATCH=false needs PostgreSQL: on SQLite only `serve` may dispatch "
         "(the database has one writer), so nothing would ever deliver"
     ]
     with pytest.raises(ConfigError, match="LACUNA_DISPATCH must be true or false"):
         Settings.from_env({**BASE, "LACUNA_DISPATCH": "maybe"})
+
+
+def test_intake_only_without_handlers_is_refused() -> None:
+    """Deliveries are made at intake, one per handler it is configured with: an intake-only
+    `serve` (LACUNA_DISPATCH=false) with no LACUNA_HANDLERS answered 200 to every event and
+    gave it no delivery, so the workers never ran it."""
+    pg = {**BASE, "LACUNA_DATABASE_URL": "postgresql://db/x", "LACUNA_DISPATCH": "false"}
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({k: v for k, v in pg.items() if k != "LACUNA_HANDLERS"})
+    assert info.value.problems == [
+        "LACUNA_DISPATCH=false needs LACUNA_HANDLERS, the same list as the workers': "
+        "each event's deliveries are made here, at intake, one per handler it names"
+    ]
+    assert Settings.from_env({**pg, "LACUNA_HANDLERS": "log"}).handlers == ("log",)
 
 
 ADMIN = {**BASE, "LACUNA_ADMIN_TOKEN": "t" * 32}
