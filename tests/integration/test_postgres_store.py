@@ -487,3 +487,27 @@ def test_repr_hides_the_dsn() -> None:
     """The DSN (which may carry a password) never shows in the store's repr."""
     store = PostgresStore("postgresql://user:s3cret-pw@db.example/x")
     assert "s3cret-pw" not in repr(store)
+
+
+async def test_a_replay_or_retry_from_a_replica_whose_clock_runs_ahead_is_due_at_once(
+    stores: Callable[..., Awaitable[PostgresStore]],
+) -> None:
+    """admin.md: a replayed or retried delivery is "pending and due now". Through a replica
+    whose clock ran 2 minutes ahead it was due 2 minutes later for every other replica:
+    it is due at the earlier of the caller's clock and the database's."""
+    a, b = await stores(), await stores()
+    real = datetime.now(UTC)
+    ahead = real + timedelta(minutes=2)
+    await a.accept(event("evt_skewed_replay"), ["h"], now=real)
+    [d] = await a.claim(handler="h", limit=1, lease=LEASE, now=real)
+    assert await a.dead(d, Attempt(real, real, AttemptOutcome.DEAD, "boom"))
+    assert await b.retry_dead(handler="h", now=ahead) == 1
+    [retried] = await a.claim(handler="h", limit=1, lease=LEASE, now=datetime.now(UTC))
+    assert retried.id == d.id
+    assert await a.complete(retried, ok(datetime.now(UTC)))
+    assert await b.replay("evt_skewed_replay", None, now=ahead) == 1
+    [replayed] = await a.claim(handler="h", limit=1, lease=LEASE, now=datetime.now(UTC))
+    assert replayed.id == d.id
+    assert await b.replay("evt_skewed_replay", ["h2"], now=ahead) == 1
+    [created] = await a.claim(handler="h2", limit=1, lease=LEASE, now=datetime.now(UTC))
+    assert created.event.id == "evt_skewed_replay"

@@ -214,8 +214,10 @@ FROM tasks WHERE task_id = :task_id
 SELECT true FROM events WHERE id = :event_id FOR SHARE
 
 -- name: replay_all
+-- Replays and retries are due now for every replica: at the earlier of the caller's clock and
+-- the database's (a caller whose clock runs ahead made them wait that long everywhere else).
 UPDATE deliveries
-SET status = 'pending', attempts = 0, next_attempt_at = :now,
+SET status = 'pending', attempts = 0, next_attempt_at = LEAST(:now, now()),
     lease_token = lease_token + 1,
     lease_until = CASE WHEN lease_until > now() THEN lease_until END,
     last_error = NULL, updated_at = :now
@@ -225,9 +227,9 @@ RETURNING id
 -- name: replay_handlers
 INSERT INTO deliveries AS d
     (event_id, handler, status, next_attempt_at, created_at, updated_at)
-SELECT :event_id, handler, 'pending', :now, :now, :now FROM unnest(:handlers::text[]) AS handler
+SELECT :event_id, handler, 'pending', LEAST(:now, now()), :now, :now FROM unnest(:handlers::text[]) AS handler
 ON CONFLICT (event_id, handler) DO UPDATE SET
-    status = 'pending', attempts = 0, next_attempt_at = :now,
+    status = 'pending', attempts = 0, next_attempt_at = LEAST(:now, now()),
     lease_token = d.lease_token + 1,
     lease_until = CASE WHEN d.lease_until > now() THEN d.lease_until END,
     last_error = NULL, updated_at = :now
@@ -240,7 +242,7 @@ SELECT id FROM events WHERE id = ANY(:ids::text[]) ORDER BY id FOR SHARE
 
 -- name: replay_many_all
 UPDATE deliveries
-SET status = 'pending', attempts = 0, next_attempt_at = :now,
+SET status = 'pending', attempts = 0, next_attempt_at = LEAST(:now, now()),
     lease_token = lease_token + 1,
     lease_until = CASE WHEN lease_until > now() THEN lease_until END,
     last_error = NULL, updated_at = :now
@@ -249,7 +251,7 @@ RETURNING id
 
 -- name: replay_many_reset
 UPDATE deliveries
-SET status = 'pending', attempts = 0, next_attempt_at = :now,
+SET status = 'pending', attempts = 0, next_attempt_at = LEAST(:now, now()),
     lease_token = lease_token + 1,
     lease_until = CASE WHEN lease_until > now() THEN lease_until END,
     last_error = NULL, updated_at = :now
@@ -260,7 +262,7 @@ RETURNING id
 -- Backfill: a pending delivery of each handler for each (locked, still stored) event that has
 -- none; the unique key skips the others.
 INSERT INTO deliveries (event_id, handler, status, next_attempt_at, created_at, updated_at)
-SELECT e, h, 'pending', :now, :now, :now FROM unnest(:ids::text[]) AS e, unnest(:handlers::text[]) AS h
+SELECT e, h, 'pending', LEAST(:now, now()), :now, :now FROM unnest(:ids::text[]) AS e, unnest(:handlers::text[]) AS h
 ON CONFLICT (event_id, handler) DO NOTHING
 RETURNING id
 
@@ -274,7 +276,7 @@ FOR SHARE OF e
 
 -- name: retry_dead
 UPDATE deliveries
-SET status = 'pending', attempts = 0, next_attempt_at = :now,
+SET status = 'pending', attempts = 0, next_attempt_at = LEAST(:now, now()),
     lease_token = lease_token + 1,
     lease_until = CASE WHEN lease_until > now() THEN lease_until END,
     last_error = NULL, updated_at = :now
