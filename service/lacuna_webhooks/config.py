@@ -353,6 +353,15 @@ def _check_postgres_url(url: str) -> None:
     for host in authority.split(","):
         if not _HOST_PORT.fullmatch(host):
             raise ValueError(f"has an invalid host or port, got {redact_url(url)!r}")
+    # No database named: the driver would take one named after the user, and the
+    # migrations would go into whatever database that is.
+    database = hosts_and_path.partition("/")[2]
+    query = url.partition("?")[2]
+    if not database.strip() and not re.search(r"(?:^|&)(?:dbname|database)=[^&]", query):
+        raise ValueError(
+            "names no database: postgresql://USER:PASSWORD@HOST:PORT/DATABASE, got "
+            f"{redact_url(url)!r}"
+        )
 
 
 _HOST_PORT = re.compile(

@@ -417,3 +417,21 @@ def test_admin_port_beside_the_webhook_port() -> None:
     """Same port on two distinct addresses, or distinct ports: fine."""
     Settings.from_env({**ADMIN, "HOST": "10.0.0.1", "PORT": "8001"})
     Settings.from_env({**ADMIN, "HOST": "0.0.0.0", "PORT": "8000"})
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql://", "postgresql://db.example:5432", "postgres://u:pw-x@db/"]
+)
+def test_a_postgres_url_naming_no_database_is_refused(url: str) -> None:
+    """`postgresql://` connected through the driver's defaults (a local socket, a database
+    named after the user) and applied the migrations into that unrelated database."""
+    with pytest.raises(ConfigError, match="names no database") as info:
+        Settings.from_env({**BASE, "LACUNA_DATABASE_URL": url})
+    assert "pw-x" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql:///events", "postgresql://db/events", "postgresql://db?dbname=events"]
+)
+def test_a_postgres_url_naming_its_database_is_taken(url: str) -> None:
+    assert Settings.from_env({**BASE, "LACUNA_DATABASE_URL": url}).database_url == url
