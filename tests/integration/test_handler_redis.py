@@ -143,3 +143,36 @@ async def test_an_unreachable_server_is_retried() -> None:
             await h.handle(event())
     finally:
         await h.aclose()
+
+
+async def test_a_peer_that_is_not_redis_is_never_taken_as_done() -> None:
+    """A peer answering every command `+OK` (a proxy, another server on the port): the
+    script's reply was unpacked from the two bytes of "OK" and the attempt recorded done,
+    the entry never added. Done only on the script's own answer; anything else is retried."""
+    commands: list[bytes] = []
+
+    async def answer_ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                if not line.startswith(b"*"):
+                    continue
+                words = []  # one RESP command: an array of bulk strings
+                for _ in range(int(line[1:])):
+                    size = int((await reader.readline())[1:])
+                    words.append((await reader.readexactly(size + 2))[:-2])
+                commands.append(words[0].upper())
+                writer.write(b"+PONG\r\n" if words[0].upper() == b"PING" else b"+OK\r\n")
+                await writer.drain()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(answer_ok, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    h = handler(f"redis://127.0.0.1:{port}/0", STREAM="review:{type}")
+    try:
+        with pytest.raises(RetryLater, match="not a stream entry"):
+            await h.handle(event())
+    finally:
+        await h.aclose()
+        server.close()
+    assert any(command.startswith(b"EVAL") for command in commands)  # the script was sent

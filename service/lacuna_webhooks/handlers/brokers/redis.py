@@ -29,6 +29,8 @@ use and again after a loss by itself, closed by ``aclose``.
 from __future__ import annotations
 
 import hashlib
+import re
+from typing import Any
 
 import structlog
 
@@ -83,6 +85,23 @@ def marker_key(stream: str, event_id: str) -> str:
     return f"lacuna-seen:{digest}"
 
 
+_ENTRY_ID = re.compile(rb"[0-9]+-[0-9]+")
+
+
+def _script_reply(reply: Any) -> tuple[bool, bytes]:
+    """``(added, entry id)`` of ``XADD_ONCE``'s reply; ``RetryLater`` for any other reply.
+    Done only on the script's own answer: a peer that answers every command ``+OK`` (a
+    proxy, another server on the port) was taken as done, the entry never added."""
+    if isinstance(reply, list | tuple) and len(reply) == 2 and reply[0] in (0, 1):
+        entry = reply[1].encode() if isinstance(reply[1], str) else reply[1]
+        if isinstance(entry, bytes) and _ENTRY_ID.fullmatch(entry):
+            return bool(reply[0]), entry
+    raise RetryLater(
+        f"Redis answered the publishing script with {str(reply)[:60]!r}, not a stream entry: "
+        "is the URL a Redis server?"
+    )
+
+
 class RedisHandler:
     """Appends to a Redis stream (see the module docstring)."""
 
@@ -123,9 +142,7 @@ class RedisHandler:
             self.maxlen if self.maxlen is not None else "",
         ]
         try:
-            added, entry = await self._xadd_once(
-                keys=[stream, marker_key(stream, event.id)], args=args
-            )
+            reply = await self._xadd_once(keys=[stream, marker_key(stream, event.id)], args=args)
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
             if isinstance(
                 exc, (redis.exceptions.AuthenticationError, redis.exceptions.AuthorizationError)
@@ -136,6 +153,7 @@ class RedisHandler:
             raise RetryLater(f"Redis cannot take the entry now: {self._reason(exc)}") from None
         except redis.exceptions.RedisError as exc:
             raise PermanentError(f"Redis refused XADD to {stream!r}: {self._reason(exc)}") from None
+        added, entry = _script_reply(reply)
         logger.info(
             "handler.redis.published",
             event_id=event.id,
