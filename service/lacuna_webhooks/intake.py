@@ -201,7 +201,7 @@ class WebhookEndpoint:
         self.commit_timeout = settings.commit_timeout_seconds
         self.body_budget = BodyBudget(max(BODY_BUDGET_MIN_BYTES, 64 * self.limit))
         # Requests waiting for their commit (a task, or the commit's future on the direct
-        # path) -> deadline (time.monotonic), oldest first.
+        # path) -> deadline (time.monotonic), oldest first; the tasks the watchdog cancelled.
         self._waiting: dict[asyncio.Future[Any], float] = {}
         self._expired: set[asyncio.Future[Any]] = set()
         self._watchdog: asyncio.TimerHandle | None = None
@@ -282,9 +282,19 @@ class WebhookEndpoint:
         500 envelope; the direct path and this one bypass Starlette's error middleware).
         ``loop``: the running loop, when the caller knows it (``asyncio.get_running_loop()``
         costs a ``getpid()`` system call before Python 3.12)."""
-        event: Event | None = None
         try:
             event = self._event_of(body, signatures)
+        except WebhookError as exc:
+            return _refusal(exc, None)
+        except Exception as exc:
+            return _internal_error(exc, None)
+        return await self._accept_answer(event, loop)
+
+    async def _accept_answer(
+        self, event: Event, loop: asyncio.AbstractEventLoop | None = None
+    ) -> Answer:
+        """The answer of a verified, parsed event: its accept's (``_accept``), never raised."""
+        try:
             new = await self._accept(event, loop)
         except WebhookError as exc:
             return _refusal(exc, event)
@@ -313,7 +323,7 @@ class WebhookEndpoint:
             event = self._event_of(body, signatures)
             accept_soon = getattr(self.store, "accept_soon", None)
             if accept_soon is None:
-                task = loop.create_task(self.answer(body, signatures, loop))
+                task = loop.create_task(self._accept_answer(event, loop))
                 task.add_done_callback(
                     lambda finished: None if finished.cancelled() else done(finished.result())
                 )
@@ -338,8 +348,7 @@ class WebhookEndpoint:
     ) -> None:
         """``answer_soon``'s end: the commit's outcome (or the watchdog's 503) answered."""
         self._waiting.pop(pending, None)
-        if pending.cancelled():
-            self._expired.discard(pending)
+        if pending.cancelled():  # by the watchdog: nobody else holds this future
             done(_refusal(self._commit_timed_out(), event))
             return
         error = pending.exception()
@@ -413,8 +422,9 @@ class WebhookEndpoint:
         for waiter in expired:
             del self._waiting[waiter]
             # A commit's future may already hold its result, its callback not yet run: then
-            # it stands (the answer is the commit's), and nothing is left to mark.
-            if waiter.cancel():
+            # it stands (the answer is the commit's). A task is marked, so that _accept tells
+            # this cancel from a shutdown's; a future's callback needs no mark.
+            if waiter.cancel() and isinstance(waiter, asyncio.Task):
                 self._expired.add(waiter)
         self._watchdog = (
             asyncio.get_running_loop().call_later(self.commit_timeout / 10, self._expire_waits)
