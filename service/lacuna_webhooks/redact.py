@@ -127,7 +127,7 @@ def secret_values(environ: Mapping[str, str]) -> set[str]:
             found.update(item.strip() for item in raw.split(","))
         if _URL_NAME.search(name):
             for url in re.split(r"[\s,]+", raw.strip()):
-                found.update(_url_secrets(url, secret_path=bool(_SECRET_PATH_NAME.search(name))))
+                found.update(url_secrets(url, secret_path=bool(_SECRET_PATH_NAME.search(name))))
         if name.upper().endswith("_HEADERS"):
             found.update(header_secrets(raw))
     return {v for v in found if v}
@@ -172,7 +172,7 @@ def _with_file_values(environ: Mapping[str, str]) -> list[tuple[str, str]]:
     return items
 
 
-def basic_credentials(username: str, password: str) -> set[str]:
+def _basic_credentials(username: str, password: str) -> set[str]:
     """The ``Authorization: Basic`` token an HTTP client makes of a URL's user and password
     (RFC 7617: base64 of ``user:password``, as httpx and most clients send it, from the
     percent-decoded parts), as written and as decoded: a peer that echoes the request's
@@ -188,7 +188,10 @@ def basic_credentials(username: str, password: str) -> set[str]:
     return found
 
 
-def _url_secrets(url: str, *, secret_path: bool) -> set[str]:
+def url_secrets(url: str, *, secret_path: bool) -> set[str]:
+    """The secrets ``url`` holds, as written and URL-decoded: its password and the ``Basic``
+    token a client sends it as, its query values whose key looks secret, and with
+    ``secret_path`` the whole URL and its path (an incoming webhook's credential)."""
     try:
         parts = urlsplit(url)
         password = parts.password
@@ -204,7 +207,7 @@ def _url_secrets(url: str, *, secret_path: bool) -> set[str]:
     }
     if password:
         found.update({password, unquote(password)})
-        found.update(basic_credentials(parts.username or "", password))
+        found.update(_basic_credentials(parts.username or "", password))
     if secret_path and parts.path.strip("/"):
         found.update({url, parts.path, unquote(parts.path)})
     return found
@@ -213,7 +216,6 @@ def _url_secrets(url: str, *, secret_path: bool) -> set[str]:
 __all__ = [
     "MASK",
     "MIN_SECRET_CHARS",
-    "basic_credentials",
     "header_secrets",
     "mask_secrets",
     "needs_redaction",
@@ -221,6 +223,7 @@ __all__ = [
     "redact_url",
     "remember_secrets",
     "secret_values",
+    "url_secrets",
 ]
 
 

@@ -40,7 +40,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import unquote
 
 import httpx
 import orjson
@@ -49,7 +48,7 @@ import structlog
 from ..config import http_url_problem
 from ..errors import ConfigError, PauseHandler, PermanentError, RateLimited, RetryLater
 from ..models import Event
-from ..redact import basic_credentials, header_secrets, remember_secrets
+from ..redact import header_secrets, remember_secrets, url_secrets
 from ..signature import signed_headers, standard_webhooks_key
 from ._common import network_timeouts, peer_text
 from ._http import OutboundClient, retry_after_seconds, transport_failure
@@ -168,27 +167,27 @@ class HTTPHandler:
     def __init__(self, ctx: HandlerContext, *, clock: Callable[[], float] = time.time) -> None:
         self.name = ctx.name
         self.url_var = ctx.env_name("URL")
-        self.url = parse_url(ctx.require("URL"), self.url_var)
+        url_text = ctx.require("URL")
+        self.url = parse_url(url_text, self.url_var)
         self.where = where(self.url)
-        # forwarding.md: the URL's path and query are never shown (only `where`). A peer
-        # that echoes the request line in its refusal put them in the error text.
-        remember_secrets([unquote(self.url.path), self.url.path, self.url.query.decode()])
+        # forwarding.md: the URL's credentials, path and query are never shown (only
+        # `where`). A peer that echoes the request line or its headers in its refusal put
+        # them in the error text: the password as the `Basic` token the client sends it as.
+        remember_secrets([*url_secrets(url_text, secret_path=True), self.url.query.decode()])
         self.keys = parse_secrets(ctx.require("SECRET"), ctx.env_name("SECRET"))
         self.extra_headers = parse_headers(ctx.get("HEADERS"), ctx.env_name("HEADERS"))
         # Their values are never shown either (API keys, `Bearer <token>`): as serve and the
         # workers remember them from the environment, for a handler built elsewhere too.
         remember_secrets(header_secrets(ctx.get("HEADERS")))
-        if self.url.userinfo:
-            # The client sends the URL's user and password as `Authorization: Basic …`,
-            # which would replace an Authorization of HEADERS without a word: refused.
-            if any(name.lower() == "authorization" for name in self.extra_headers):
-                raise ConfigError(
-                    f"{self.url_var} has a user and password, which are sent as an "
-                    f"Authorization header, and {ctx.env_name('HEADERS')} sets Authorization "
-                    "too: give the credentials in one of them"
-                )
-            remember_secrets(
-                {self.url.password, *basic_credentials(self.url.username, self.url.password)}
+        # The client sends the URL's user and password as `Authorization: Basic …`, which
+        # would replace an Authorization of HEADERS without a word: refused.
+        if self.url.userinfo and any(
+            name.lower() == "authorization" for name in self.extra_headers
+        ):
+            raise ConfigError(
+                f"{self.url_var} has a user and password, which are sent as an "
+                f"Authorization header, and {ctx.env_name('HEADERS')} sets Authorization "
+                "too: give the credentials in one of them"
             )
         payload = (ctx.get("PAYLOAD") or "event").lower()
         if payload not in PAYLOADS:
