@@ -75,7 +75,11 @@ def _closed_while_opening(exc: BaseException) -> bool:
     or that the user may not use (530 NOT_ALLOWED). aiormq reports it by the frame's repr
     only, so the broker's own text is lost."""
     text = str(exc)
-    return "Connection.OpenOk" in text and "Connection.Close" in text
+    return (
+        isinstance(exc, aiormq.exceptions.InvalidFrameError)
+        and "Connection.OpenOk" in text
+        and "Connection.Close" in text
+    )
 
 
 class RabbitMQHandler:
@@ -161,7 +165,11 @@ class RabbitMQHandler:
         except _PERMANENT as exc:
             await self._drop_channel()
             raise PermanentError(f"RabbitMQ refused the message: {self._reason(exc)}") from None
-        except aiormq.exceptions.InvalidFrameError as exc:
+        except (TimeoutError, aiormq.exceptions.AMQPError, OSError, RuntimeError) as exc:
+            # A nack, a lost or blocked connection, a channel closed under us: all transient.
+            # The connection goes too: aio-pika's `is_closed` turns true only once `close()`
+            # is called, not when the socket dies, so a lost connection was reused (and
+            # failed) at every attempt until serve restarted.
             async with self._lock:
                 await self._close_quietly()
             if _closed_while_opening(exc):
@@ -170,14 +178,6 @@ class RabbitMQHandler:
                     f"{self._vhost()!r}: it does not exist, or the user may not use it "
                     "(NOT_ALLOWED, 530); create it or fix the URL's path"
                 ) from None
-            raise RetryLater(f"publishing to RabbitMQ failed: {self._reason(exc)}") from None
-        except (TimeoutError, aiormq.exceptions.AMQPError, OSError, RuntimeError) as exc:
-            # A nack, a lost or blocked connection, a channel closed under us: all transient.
-            # The connection goes too: aio-pika's `is_closed` turns true only once `close()`
-            # is called, not when the socket dies, so a lost connection was reused (and
-            # failed) at every attempt until serve restarted.
-            async with self._lock:
-                await self._close_quietly()
             raise RetryLater(f"publishing to RabbitMQ failed: {self._reason(exc)}") from None
         logger.info(
             "handler.rabbitmq.published",
