@@ -170,8 +170,11 @@ def _batching(base: type[Any]) -> type[Any]:
                 return
             chain = _json_chain
             # configure's TimeStamper when this logger runs its JSON chain: render directly
-            direct = chain is not None and self._processors is chain and not self._context
-            stamper = chain[1] if direct and chain is not None else None
+            stamper = (
+                chain[1]
+                if chain is not None and self._processors is chain and not self._context
+                else None
+            )
             stamp: Any = None
             redact_all = False
             rendered: list[Any] = []

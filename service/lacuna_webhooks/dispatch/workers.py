@@ -216,7 +216,7 @@ class HandlerWorker:
         loop = asyncio.get_running_loop()
         attempt = _Attempt(loop.create_future(), timeout_seconds, loop.time())
         child.attempts[attempt_id] = attempt
-        attempt.timer = asyncio.get_running_loop().call_later(
+        attempt.timer = loop.call_later(
             timeout_seconds + KILL_GRACE_SECONDS, self._overrun, child, attempt_id
         )
         child.send(
