@@ -633,27 +633,41 @@ async def test_a_download_with_a_content_encoding_is_refused_not_inflated() -> N
         await client.aclose()
 
 
+async def refusal_texts(
+    status_line: bytes, body: bytes, *, credentials: str = "", path: str = PATH, **env: str
+) -> list[str]:
+    """What a handler shows of a peer's refusal (``status_line``, then ``body``): the
+    attempt's stored error and the log lines it wrote. ``credentials`` (``user:password``)
+    and ``path`` go into the handler's URL; ``env``, its other settings."""
+    from lacuna_webhooks.dispatch.attempt import describe_error
+
+    head = b"HTTP/1.1 %s\r\ncontent-length: %d\r\n\r\n" % (status_line, len(body))
+    async with raw_peer(head, body) as url:
+        url = url.replace(PATH, path)
+        if credentials:
+            url = url.replace("http://", f"http://{credentials}@")
+        handler = make_handler(url, **env)
+        try:
+            with capture_logs() as logs, pytest.raises(PermanentError) as info:
+                await handler.handle(as_event())
+        finally:
+            await handler.aclose()
+    return [describe_error(info.value), repr(logs)]
+
+
 async def test_a_peer_echoing_the_request_leaks_neither_path_nor_header_values() -> None:
     """A 404 page that echoes the request line and a header (Express's, roughly): the URL's
     path and an extra header's value went into the attempt's error and the log, which
     forwarding.md says are never shown."""
-    from lacuna_webhooks.dispatch.attempt import describe_error
-
     body = b"Cannot POST /hooks/t0ps3cretpath x=apikeyvalue77zz auth=tok3n-abcdef"
-    head = b"HTTP/1.1 404 Not Found\r\ncontent-length: %d\r\n\r\n" % len(body)
-    async with raw_peer(head, body) as url:
-        secret_url = url.replace(PATH, "/hooks/t0ps3cretpath")
-        headers = '{"X-Api-Key": "apikeyvalue77zz", "Authorization": "Bearer tok3n-abcdef"}'
-        handler = make_handler(secret_url, HEADERS=headers)
-        try:
-            with pytest.raises(PermanentError) as info:
-                await handler.handle(as_event())
-        finally:
-            await handler.aclose()
-    text = describe_error(info.value)
-    assert "404" in text
-    for secret in ("t0ps3cretpath", "apikeyvalue77zz", "tok3n-abcdef"):
-        assert secret not in text, text
+    headers = '{"X-Api-Key": "apikeyvalue77zz", "Authorization": "Bearer tok3n-abcdef"}'
+    texts = await refusal_texts(
+        b"404 Not Found", body, path="/hooks/t0ps3cretpath", HEADERS=headers
+    )
+    assert "404" in texts[0]
+    for text in texts:
+        for secret in ("t0ps3cretpath", "apikeyvalue77zz", "tok3n-abcdef"):
+            assert secret not in text, text
 
 
 def test_a_header_value_that_is_not_ascii_stops_the_start() -> None:
@@ -666,19 +680,10 @@ async def test_a_peer_echoing_the_basic_credentials_of_the_url_leaks_no_password
     """The client sends a URL's user and password as `Authorization: Basic <base64>`; a peer
     that echoed it put base64("user:password") into the error, the admin API and the log,
     which decodes straight back to the password."""
-    from lacuna_webhooks.dispatch.attempt import describe_error
-
     token = base64.b64encode(b"userx:Pa55wordSecretX").decode()
     body = f"Bad request; you sent authorization=Basic {token}".encode()
-    head = b"HTTP/1.1 400 Bad Request\r\ncontent-length: %d\r\n\r\n" % len(body)
-    async with raw_peer(head, body) as url:
-        handler = make_handler(url.replace("http://", "http://userx:Pa55wordSecretX@"))
-        try:
-            with capture_logs() as logs, pytest.raises(PermanentError) as info:
-                await handler.handle(as_event())
-        finally:
-            await handler.aclose()
-    for text in (describe_error(info.value), repr(logs)):
+    texts = await refusal_texts(b"400 Bad Request", body, credentials="userx:Pa55wordSecretX")
+    for text in texts:
         assert "400" in text
         assert token not in text, text
         assert "Pa55wordSecretX" not in text
@@ -687,20 +692,11 @@ async def test_a_peer_echoing_the_basic_credentials_of_the_url_leaks_no_password
 async def test_a_secret_echoed_across_the_cut_of_the_reason_is_not_left_in_part() -> None:
     """The reason is cut to 200 characters. Cut before the secrets were masked, a header
     value the peer echoed across the cut kept its first 30 characters."""
-    from lacuna_webhooks.dispatch.attempt import describe_error
-
     secret = "HdrSecretValue999LongerToken0123456789"
     for pad in range(150, 200, 7):  # the secret across character 200, wherever it falls
         body = ("p" * pad + f" auth=Bearer {secret}").encode()
-        head = b"HTTP/1.1 400 Bad Request\r\ncontent-length: %d\r\n\r\n" % len(body)
-        async with raw_peer(head, body) as url:
-            handler = make_handler(url, HEADERS=f'{{"Authorization": "Bearer {secret}"}}')
-            try:
-                with capture_logs() as logs, pytest.raises(PermanentError) as info:
-                    await handler.handle(as_event())
-            finally:
-                await handler.aclose()
-        for text in (describe_error(info.value), repr(logs)):
+        headers = f'{{"Authorization": "Bearer {secret}"}}'
+        for text in await refusal_texts(b"400 Bad Request", body, HEADERS=headers):
             assert secret[:12] not in text, (pad, text)
 
 
@@ -715,19 +711,10 @@ async def test_a_secret_across_the_end_of_the_read_body_is_not_left_in_part() ->
     """Only the first 4096 bytes of a refusal are read. Spaces before a header value the
     peer echoed put the value across that end, and its start, no longer a secret any mask
     knows, came first in the reason once the spaces were collapsed."""
-    from lacuna_webhooks.dispatch.attempt import describe_error
-
     secret = "HdrSecretValue999LongerToken0123456789"
     body = (" " * 4070 + f"auth=Bearer {secret}").encode()
-    head = b"HTTP/1.1 400 Bad Request\r\ncontent-length: %d\r\n\r\n" % len(body)
-    async with raw_peer(head, body) as url:
-        handler = make_handler(url, HEADERS=f'{{"Authorization": "Bearer {secret}"}}')
-        try:
-            with capture_logs() as logs, pytest.raises(PermanentError) as info:
-                await handler.handle(as_event())
-        finally:
-            await handler.aclose()
-    for text in (describe_error(info.value), repr(logs)):
+    headers = f'{{"Authorization": "Bearer {secret}"}}'
+    for text in await refusal_texts(b"400 Bad Request", body, HEADERS=headers):
         assert secret[:10] not in text, text
 
 

@@ -109,6 +109,22 @@ async def test_blocking_attempt_is_charged_and_its_sibling_released(
     assert pids["evt_ok_sibling"] != pids["evt_sleep_1"]  # run by the replacement worker
 
 
+async def nap_behind_a_blocker(store: MemoryStore, out: Path) -> None:
+    """Timeout 3 s: `evt_sleep_short` blocks its worker's loop 2.5 s, `evt_nap_behind`, sent
+    just after it, waits for it and then naps 2.9 s. Returns once neither is pending."""
+    d = pool_dispatcher(store, out, timeout=3.0, block=2.5, nap=2.9)
+    async with running(d, stop_timeout=5):
+        await accept(store, "evt_sleep_short")
+        await wait_until(lambda: [e for e, _ in started(out)] == ["evt_sleep_short"], 60)
+        await accept(store, "evt_nap_behind")
+
+        async def both_ended() -> bool:
+            rows = await store.list_deliveries()
+            return len(rows) == 2 and all(r.status is not DeliveryStatus.PENDING for r in rows)
+
+        await wait_until(both_ended, 60)
+
+
 async def test_an_attempt_that_waited_behind_a_blocking_one_is_not_killed(
     store: MemoryStore, tmp_path: Path
 ) -> None:
@@ -118,19 +134,10 @@ async def test_an_attempt_that_waited_behind_a_blocking_one_is_not_killed(
     fired at 5 s while it ran: the worker was killed, the attempt recorded as a timeout and
     run again. Now the worker answers a ping, and nothing is killed."""
     out = tmp_path / "started.txt"
-    d = pool_dispatcher(store, out, timeout=3.0, block=2.5, nap=2.9)
-    async with running(d, stop_timeout=5):
-        await accept(store, "evt_sleep_short")
-        await wait_until(lambda: [e for e, _ in started(out)] == ["evt_sleep_short"], 60)
-        await accept(store, "evt_nap_behind")
-
-        async def both_done() -> bool:
-            rows = await store.list_deliveries()
-            return len(rows) == 2 and all(r.status is DeliveryStatus.DONE for r in rows)
-
-        await wait_until(both_done, 60)
+    await nap_behind_a_blocker(store, out)
     for event_id in ("evt_sleep_short", "evt_nap_behind"):
         row = await only_delivery(store, event_id=event_id)
+        assert row.status is DeliveryStatus.DONE, (event_id, row)
         (attempt,) = await store.list_attempts(row.id)
         assert attempt.outcome is AttemptOutcome.OK, (event_id, attempt)
     assert len({pid for _, pid in started(out)}) == 1  # one worker, never replaced
@@ -146,18 +153,7 @@ async def test_a_responsive_overrun_is_still_killed_inside_the_lease(
     30 s) and another replica ran it beside it. It is killed at its limit, charged a
     timeout; the blocker that ended in time is not."""
     monkeypatch.setattr(workers, "OVERRUN_LIMIT_SECONDS", 1.0)
-    out = tmp_path / "started.txt"
-    d = pool_dispatcher(store, out, timeout=3.0, block=2.5, nap=2.9)
-    async with running(d, stop_timeout=5):
-        await accept(store, "evt_sleep_short")
-        await wait_until(lambda: [e for e, _ in started(out)] == ["evt_sleep_short"], 60)
-        await accept(store, "evt_nap_behind")
-
-        async def both_ended() -> bool:
-            rows = await store.list_deliveries()
-            return len(rows) == 2 and all(r.status is not DeliveryStatus.PENDING for r in rows)
-
-        await wait_until(both_ended, 60)
+    await nap_behind_a_blocker(store, tmp_path / "started.txt")
     behind = await only_delivery(store, event_id="evt_nap_behind")
     (attempt,) = await store.list_attempts(behind.id)
     assert attempt.outcome is AttemptOutcome.DEAD

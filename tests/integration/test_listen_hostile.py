@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,31 @@ class HostileStream:
             self.server.close()
 
 
+def _follow(
+    port: int, on_event: Callable[[str, dict[str, Any]], Awaitable[None]], say: Callable[[str], Any]
+) -> Coroutine[Any, Any, None]:
+    """``listen.follow_stream`` of the stream served on ``port``, from now."""
+    return listen.follow_stream(
+        Target(f"http://127.0.0.1:{port}", "adm_tok"), None, on_event, say=say
+    )
+
+
+async def _follow_until(
+    arrived: asyncio.Event,
+    port: int,
+    on_event: Callable[[str, dict[str, Any]], Awaitable[None]],
+    say: Callable[[str], Any],
+) -> None:
+    """Follow the stream on ``port`` until ``arrived`` is set (at most 30 s), then stop."""
+    follow = asyncio.create_task(_follow(port, on_event, say))
+    try:
+        await asyncio.wait_for(arrived.wait(), 30)
+    finally:
+        follow.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follow
+
+
 async def test_an_endless_line_or_message_is_cut_reported_and_reconnected() -> None:
     server = HostileStream()
     port = await server.start()
@@ -88,19 +114,11 @@ async def test_an_endless_line_or_message_is_cut_reported_and_reconnected() -> N
         got.append((cursor, event))
         arrived.set()
 
-    follow = asyncio.create_task(
-        listen.follow_stream(
-            Target(f"http://127.0.0.1:{port}", "adm_tok"), None, on_event, say=said.append
-        )
-    )
     try:
         # Without the cap the first connection is buffered whole (64 MiB) and then waits in
         # silence for READ_TIMEOUT_SECONDS (45 s): this wait fails first.
-        await asyncio.wait_for(arrived.wait(), 30)
+        await _follow_until(arrived, port, on_event, said.append)
     finally:
-        follow.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await follow
         await server.stop()
     assert got == [("c1", {"id": "evt_after", "type": "job.completed"})]
     lost = [line for line in said if line.startswith("stream: lost")]
@@ -153,9 +171,7 @@ async def test_an_event_id_that_cannot_be_a_cursor_is_one_line_before_forwarding
     try:
         with pytest.raises(listen.ListenError, match="not a cursor this service makes"):
             await asyncio.wait_for(
-                listen.follow_stream(
-                    Target(f"http://127.0.0.1:{port}", "adm_tok"), None, on_event, say=print
-                ),
+                _follow(port, on_event, print),
                 30,
             )
     finally:
@@ -195,17 +211,9 @@ async def test_an_event_at_the_body_limit_passes_and_one_past_the_cap_ends_liste
         got.append(event["id"])
         arrived.set()
 
-    follow = asyncio.create_task(
-        listen.follow_stream(
-            Target(f"http://127.0.0.1:{port}", "adm_tok"), None, on_event, say=print
-        )
-    )
     try:
-        await asyncio.wait_for(arrived.wait(), 30)
+        await _follow_until(arrived, port, on_event, print)
     finally:
-        follow.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await follow
         server.close()
     assert got == ["evt_big"]
 
@@ -215,9 +223,7 @@ async def test_an_event_at_the_body_limit_passes_and_one_past_the_cap_ends_liste
     try:
         with pytest.raises(listen.ListenError, match="3 times in a row: too large to take"):
             await asyncio.wait_for(
-                listen.follow_stream(
-                    Target(f"http://127.0.0.1:{port}", "adm_tok"), None, on_event, say=said.append
-                ),
+                _follow(port, on_event, said.append),
                 60,
             )
     finally:
