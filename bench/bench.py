@@ -45,23 +45,44 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def make_requests(path: Path, count: int) -> int:
-    """Write `count` signed unique events; return the body size of the first."""
+def make_requests(path: Path, count: int, threads: int = 2) -> int:
+    """Write `count` signed unique events; return the body size of the first.
+
+    ``path`` gets one "signature<TAB>body" line per event (the Python client reads it);
+    ``wrk_requests(path, n)`` gets, for wrk's thread n of ``threads``, every n-th event as a
+    ready HTTP/1.1 request, each after its length in 8 digits, so that wrk.lua reads them one
+    at a time instead of loading them all before its thread starts (see wrk.lua)."""
     now = int(time.time())
     size = 0
+    wrk_files = [wrk_requests(path, n).open("wb") for n in range(threads)]
     with path.open("wb") as fh:
         for i in range(count):
             event = sample_event(event_id=f"evt_bench_{now}_{i:08d}", created=now)
             event["data"]["tracks"][0]["lyrics"] = PADDING
             body = orjson.dumps(event)
             size = size or len(body)
-            fh.write(sign(body, SECRET, now).encode() + b"\t" + body + b"\n")
+            signature = sign(body, SECRET, now).encode()
+            fh.write(signature + b"\t" + body + b"\n")
+            request = (
+                b"POST /webhooks/lacuna HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"x-lacuna-signature: " + signature + b"\r\nContent-Type: application/json\r\n"
+                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+            )
+            wrk_files[i % threads].write(b"%08d" % len(request) + request)
         # On disk before any run: else the kernel writes these hundreds of MB back during the
         # first `serve` run, whose fsyncs then queue behind them (the "first-run stall", a
         # p99 of 250-570 ms in the first serve of each invocation: docs/performance.md).
-        fh.flush()
-        os.fsync(fh.fileno())
+        for out in (fh, *wrk_files):
+            out.flush()
+            os.fsync(out.fileno())
+    for out in wrk_files:
+        out.close()
     return size
+
+
+def wrk_requests(path: Path, thread: int) -> Path:
+    """The file of wrk's thread ``thread`` next to the events file ``path`` (make_requests)."""
+    return path.with_name(f"{path.name}.{thread}.http")
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
@@ -109,7 +130,7 @@ def tree_cpu(pid: int) -> dict[int, float]:
 
 
 def run_wrk(port: int, requests: Path, args: argparse.Namespace) -> dict[str, float]:
-    env = {**os.environ, "BENCH_REQUESTS": str(requests), "BENCH_THREADS": str(args.threads)}
+    env = {**os.environ, "BENCH_REQUESTS": str(requests)}
     out = subprocess.run(
         [
             "wrk",
@@ -275,7 +296,7 @@ def main() -> None:
     # and a repeat is a duplicate, not an accepted event.
     count = args.requests or 40_000 * args.duration
     requests = args.workdir / "requests.tsv"
-    size = make_requests(requests, count)
+    size = make_requests(requests, count, args.threads)
     driver = (
         "wrk" if shutil.which("wrk") else "python asyncio client (install wrk for truer figures)"
     )

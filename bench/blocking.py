@@ -97,7 +97,7 @@ def main() -> None:
         args.workdir = workdir
         (workdir / "blocker_plugin.py").write_text(PLUGIN)
         requests = workdir / "requests.txt"
-        make_requests(requests, 40_000 * args.duration)
+        make_requests(requests, 40_000 * args.duration, args.threads)
         for label, code in codes.items():
             for phase in ("none", "idle", "blocked"):
                 r = run(code, phase, workdir, requests, args)
