@@ -77,10 +77,28 @@ def read_setting(environ: Mapping[str, str], var: str) -> str | None:
     path = environ.get(file_var)
     has_value = value is not None and value.strip() != ""
     if path is None or not path.strip():
+        if has_value:
+            check_utf8(var, value)
         return value if has_value else None
     if has_value:
         raise ConfigError(f"{var} and {file_var} are both set: keep one of them")
     return read_file_setting(file_var, path.strip())
+
+
+def check_utf8(var: str, value: str | None) -> None:
+    """``ConfigError`` naming ``var`` (not the value: it may be a secret) if ``value`` holds
+    bytes that are not UTF-8 (Python's environment keeps them as lone surrogates, which
+    every later ``encode`` refuses with a traceback)."""
+    if value is not None and not _is_utf8(value):
+        raise ConfigError(f"{var} is not valid UTF-8 text")
+
+
+def _is_utf8(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class NotRegularFile(Exception):
@@ -329,6 +347,13 @@ def _database_url(value: str) -> str:
         # ESC is a paste gone wrong. Not echoed: the URL may hold a password.
         raise ValueError("holds a control character (a newline, a NUL, an escape)")
     if url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
+        if "?" in url or "#" in url:
+            # Taken as part of the file name (a file named `x.db?mode=ro` was created):
+            # SQLite URLs here carry no options.
+            raise ValueError(
+                "must be sqlite:///PATH without a query or fragment (no ? or #): the "
+                "SQLite store takes no URL options"
+            )
         return url
     if url.startswith(("postgresql://", "postgres://")):
         _check_postgres_url(url)
@@ -408,6 +433,34 @@ def _networks(value: str) -> tuple[IPNetwork, ...]:
     if not networks:
         raise ValueError("names no address (unset it to allow every address)")
     return tuple(networks)
+
+
+def _trusted_proxies(value: str) -> str:
+    """``*``, or comma-separated addresses and CIDRs, normalized for uvicorn's proxy check.
+
+    uvicorn keeps anything that does not parse as an address or a strict network as a
+    literal that no client address ever equals: a typo (``127.0.0.0/33``, ``10.0.0.1/8``)
+    would silently stop trusting the proxy (every webhook behind it then refused by
+    ``LACUNA_ALLOWED_SOURCE_IPS``, or logged from the wrong address)."""
+    items = parse_list(value)
+    if items == ("*",):
+        return "*"
+    if "*" in items:
+        raise ValueError("must be * alone, or addresses and CIDRs without it")
+    normalized = []
+    for item in items:
+        try:
+            if "/" in item:
+                normalized.append(str(ipaddress.ip_network(item, strict=False)))
+            else:
+                normalized.append(str(ipaddress.ip_address(item)))
+        except ValueError:
+            raise ValueError(
+                f"must be *, or addresses or CIDRs like 10.0.0.0/8, got {item!r}"
+            ) from None
+    if not normalized:
+        raise ValueError("names no address (unset it to trust 127.0.0.1)")
+    return ",".join(normalized)
 
 
 def split_handler_item(item: str) -> tuple[str | None, str]:
@@ -502,6 +555,7 @@ class Settings:
         ) -> None:
             try:
                 raw = read_setting(environ, var) if from_file else environ.get(var)
+                check_utf8(var, raw)
             except ConfigError as exc:
                 problems.extend(exc.problems)
                 return
@@ -605,7 +659,7 @@ class Settings:
         )
         read("dispatch", "LACUNA_DISPATCH", parse_bool)
         read("sqlite_synchronous", "LACUNA_SQLITE_SYNCHRONOUS", _choice("full", "normal"))
-        read("trusted_proxies", "LACUNA_TRUSTED_PROXIES", str.strip)
+        read("trusted_proxies", "LACUNA_TRUSTED_PROXIES", _trusted_proxies)
         connection_seconds = at_most(positive_float, MAX_CONNECTION_SECONDS)
         read("keepalive_timeout_seconds", "LACUNA_KEEPALIVE_TIMEOUT", connection_seconds)
         read("header_timeout_seconds", "LACUNA_HEADER_TIMEOUT", connection_seconds)

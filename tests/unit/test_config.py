@@ -435,3 +435,47 @@ def test_a_postgres_url_naming_no_database_is_refused(url: str) -> None:
 )
 def test_a_postgres_url_naming_its_database_is_taken(url: str) -> None:
     assert Settings.from_env({**BASE, "LACUNA_DATABASE_URL": url}).database_url == url
+
+
+@pytest.mark.parametrize("value", ["127.0.0.0/33", "garbage", "10.0.0.1,proxy.local", "*,10.0.0.1"])
+def test_a_trusted_proxy_that_is_no_address_is_refused(value: str) -> None:
+    """uvicorn keeps such an entry as a literal no client ever matches: a typo silently
+    stopped trusting the proxy (every webhook behind it refused by the source allowlist)."""
+    with pytest.raises(ConfigError, match="LACUNA_TRUSTED_PROXIES") as caught:
+        Settings.from_env({**BASE, "LACUNA_TRUSTED_PROXIES": value})
+    assert len(str(caught.value).splitlines()) == 1
+
+
+def test_trusted_proxies_are_normalized_for_uvicorn() -> None:
+    """A network written with host bits (10.0.0.1/8) is a literal to uvicorn's strict parse;
+    it is handed on as the network it means."""
+    s = Settings.from_env({**BASE, "LACUNA_TRUSTED_PROXIES": " 10.0.0.1/8, ::1 ,192.0.2.7"})
+    assert s.trusted_proxies == "10.0.0.0/8,::1,192.0.2.7"
+    assert Settings.from_env({**BASE, "LACUNA_TRUSTED_PROXIES": "*"}).trusted_proxies == "*"
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        ("LACUNA_WEBHOOK_SECRET", "whsec_\udcff\udcfeabcdefghijklmn"),
+        ("LACUNA_ADMIN_TOKEN", "t" * 40 + "\udcff"),
+        ("LACUNA_TRUSTED_PROXIES", "a\udcffb"),
+        ("LACUNA_LOG_LEVEL", "\udcff"),
+    ],
+)
+def test_a_setting_that_is_not_utf8_is_one_line_naming_it(var: str, value: str) -> None:
+    """Bytes that are not UTF-8 reach Python's environment as lone surrogates; the secret's
+    was a traceback (UnicodeEncodeError) at the first signature check. Never echoed."""
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({**BASE, var: value})
+    message = str(caught.value)
+    assert f"{var} is not valid UTF-8 text" in message
+    assert "\udcff" not in message
+
+
+def test_a_sqlite_url_with_a_query_is_refused() -> None:
+    """`sqlite:///x.db?mode=ro` created a file named `x.db?mode=ro`: the SQLite store takes
+    no URL options, so a query or a fragment is refused."""
+    for url in ("sqlite:///x.db?mode=ro", "sqlite:////tmp/x.db#a"):
+        with pytest.raises(ConfigError, match=r"LACUNA_DATABASE_URL .*no \? or #"):
+            Settings.from_env({**BASE, "LACUNA_DATABASE_URL": url})
