@@ -40,6 +40,7 @@ from .config import (
     read_file_setting,
     read_setting,
 )
+from .config import _host as _config_host
 from .errors import ConfigError, EventNotFound, LacunaError, StoreUnavailable
 from .models import MAX_ID_LENGTH, MAX_TYPE_LENGTH, DeliveryStatus
 from .redact import mask_secrets, printable, redact_url, remember_secrets, secret_values
@@ -636,7 +637,7 @@ def _dev(environ: Mapping[str, str], env_file: Path) -> int:
         f"  handlers: {env.get('LACUNA_HANDLERS') or '(none)'}\n\n"
         "  Send it a signed test event from another terminal:\n\n"
         f"    .venv/bin/lacuna-webhooks send --url http://{shown_host}:{port}/webhooks/lacuna"
-        f" --secret {secret}\n\n"
+        f" --secret {shlex.quote(secret)}\n\n"
         f"  Then look at it: {_dev_look_command(env_file, from_file, environ)}\n"
         + _dev_admin_line(env),
         file=sys.stderr,
@@ -680,8 +681,10 @@ def _dev_admin_line(env: Mapping[str, str]) -> str:
 
 def _send_secret(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[str, str]:
     """(the secret to sign with, how to name it: position and source, never the value)."""
-    if args.secret:
+    if args.secret is not None:
         source, raw = "--secret", args.secret
+        if not parse_list(raw):
+            raise CommandError("--secret names no secret: pass one, or leave it out", 2)
     else:
         try:
             raw = read_setting(environ, "LACUNA_WEBHOOK_SECRET") or ""
@@ -1422,13 +1425,28 @@ def _bounded(limit: int) -> Callable[[str], int]:
     return parse
 
 
+def _listen_host(value: str) -> str:
+    """``--host``: checked as ``HOST`` is (config._host), so that a bad one is a usage error,
+    not a traceback from the resolver."""
+    try:
+        return _config_host(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+#: Largest --timeout (a day): far past any answer, and far from what the clock can hold.
+MAX_SEND_TIMEOUT_SECONDS = 86_400.0
+
+
 def _seconds(value: str) -> float:
     try:
         number = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number of seconds, got {value!r}") from None
-    if not math.isfinite(number) or number <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number above 0, got {value!r}")
+    if not math.isfinite(number) or number <= 0 or number > MAX_SEND_TIMEOUT_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"must be a number above 0 and at most {MAX_SEND_TIMEOUT_SECONDS:.0f}, got {value!r}"
+        )
     return number
 
 
@@ -1608,7 +1626,9 @@ def build_parser() -> argparse.ArgumentParser:
         " each handler runs in a worker process of its own that serve supervises"
         " (docs/workers.md).",
     )
-    serve.add_argument("--host", help="listen address (default: $HOST or 0.0.0.0)")
+    serve.add_argument(
+        "--host", type=_listen_host, help="listen address (default: $HOST or 0.0.0.0)"
+    )
     serve.add_argument("--port", type=_port, help="listen port (default: $PORT or 8000)")
 
     sub.add_parser(
@@ -1765,8 +1785,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _refuse_non_utf8(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A usage error (exit 2) for any text argument that is not UTF-8.
+
+    Python keeps such bytes of ``argv`` as lone surrogates; passed on, they failed in
+    whatever encoded them first, and a store's driver refusing one was reported as a bad
+    ``LACUNA_DATABASE_URL`` or a pruned cursor."""
+    names = _argument_names(parser)
+    for dest, value in vars(args).items():
+        texts = value if isinstance(value, list | tuple) else [value]
+        for text in texts:
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    parser.error(f"argument {names.get(dest, dest)}: not valid UTF-8 text")
+
+
+def _argument_names(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Each destination's name as argparse shows it (``--type``, ``ID``), over subcommands."""
+    names: dict[str, str] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                names.update(_argument_names(sub))
+        elif action.option_strings:
+            names.setdefault(action.dest, "/".join(action.option_strings))
+        else:
+            names.setdefault(action.dest, str(action.metavar or action.dest))
+    return names
+
+
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _refuse_non_utf8(parser, args)
     env = dict(os.environ if environ is None else environ)
     # Error lines below (and every log line) mask the secret values the environment holds.
     remember_secrets(secret_values(env))

@@ -448,3 +448,43 @@ def test_a_killed_writer_process_is_replaced_and_nothing_answered_is_lost(
     assert {e for e, status in answered.items() if status == 200} <= stored
     assert serve.proc is not None
     assert serve.proc.poll() is None  # serve itself never stopped
+
+
+def test_dev_banner_send_line_pastes_whole_with_a_secret_the_shell_would_split(
+    tmp_path: Path,
+) -> None:
+    """The banner's send line is shell-quoted: a secret from `.env` holding `$`, `;`, a
+    space or a quote was printed bare, and pasting the line signed with a piece of it (401)
+    and ran the rest as a command."""
+    secret = 'whsec_ab$cd;ef gh"ij`kl'
+    env_file = tmp_path / ".env"
+    env_file.write_text(f"LACUNA_WEBHOOK_SECRET='{secret}'\n")
+    port = str(free_port())
+    proc = subprocess.Popen(
+        [CLI, "dev"],
+        cwd=tmp_path,
+        env={"PATH": "/usr/bin:/bin", "PORT": port, "LACUNA_LOG_FORMAT": "json"},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until(lambda: _ready(port), timeout=30, what="dev server ready")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    line = next(x.strip() for x in err.splitlines() if " send --url " in x)
+    assert line.startswith(".venv/bin/lacuna-webhooks send ")
+    # The line as the shell reads it: the same words, the secret whole.
+    shown = subprocess.run(
+        ["sh", "-c", "printf '%s\\0' " + line.removeprefix(".venv/bin/lacuna-webhooks ")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert shown.stdout.split("\0")[:-1] == [
+        "send",
+        "--url",
+        f"http://127.0.0.1:{port}/webhooks/lacuna",
+        "--secret",
+        secret,
+    ]

@@ -276,8 +276,8 @@ def test_send_to_nothing_is_one_line(capsys: pytest.CaptureFixture[str]) -> None
         (["--count", "0"], "--count: must be greater than 0"),
         (["--count", "many"], "--count: must be a whole number"),
         (["--concurrency", "5000"], "--concurrency: must be at most 1000"),
-        (["--timeout", "nan"], "--timeout: must be a finite number above 0"),
-        (["--timeout", "-1"], "--timeout: must be a finite number above 0"),
+        (["--timeout", "nan"], "--timeout: must be a number above 0 and at most 86400"),
+        (["--timeout", "-1"], "--timeout: must be a number above 0 and at most 86400"),
         (["--type", ""], "--type: must be a type such as job.completed"),
         (["--type", " job.completed"], "no surrounding spaces"),
         (["--id", ""], "--id: must be a non-empty id"),
@@ -710,3 +710,55 @@ def test_a_listener_on_all_ipv6_addresses_takes_ipv4_too() -> None:
             pass
     finally:
         sock.close()
+
+
+@pytest.mark.parametrize(
+    ("argv", "name"),
+    [
+        (["events", "show", "\udcff"], "event_id"),
+        (["events", "list", "--type", "\udcff"], "--type"),
+        (["replay", "--task-id", "\udcff", "--dry-run"], "--task-id"),
+        (["replay", "--match", "data.title:\udcff", "--dry-run"], "--match"),
+        (["send", "--id", "\udcff", "--url", "http://127.0.0.1:9/x"], "--id"),
+        (["send", "--secret", "\udcff", "--url", "http://127.0.0.1:9/x"], "--secret"),
+    ],
+)
+def test_an_argument_that_is_not_utf8_is_a_usage_error(
+    db: dict[str, str], capsys: pytest.CaptureFixture[str], argv: list[str], name: str
+) -> None:
+    """Such bytes reach argv as lone surrogates: the store's driver refused them and the
+    error blamed LACUNA_DATABASE_URL ("check its form") or a pruned cursor; `send --id`
+    named --set. Now a usage error naming the argument, exit 2."""
+    with pytest.raises(SystemExit) as caught:
+        main(argv, db)
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {name}: not valid UTF-8 text" in err
+    assert "LACUNA_DATABASE_URL" not in err
+
+
+@pytest.mark.parametrize("host", ["\udcff", "a" * 70, "a..b"])
+def test_serve_host_is_checked_as_host_is(capsys: pytest.CaptureFixture[str], host: str) -> None:
+    """`serve --host` skipped HOST's check: the resolver's UnicodeError was a traceback."""
+    with pytest.raises(SystemExit) as caught:
+        main(["serve", "--host", host], {"LACUNA_WEBHOOK_SECRET": "whsec_a"})
+    assert caught.value.code == 2
+    assert "argument --host: is not a valid address or host name" in capsys.readouterr().err
+
+
+def test_send_timeout_has_an_upper_bound(capsys: pytest.CaptureFixture[str]) -> None:
+    """`send --timeout 1e300` passed the check and ended in httpx's OverflowError traceback."""
+    with pytest.raises(SystemExit) as caught:
+        main(["send", "--timeout", "1e300", "--url", "http://127.0.0.1:9/x"], {})
+    assert caught.value.code == 2
+    assert "argument --timeout: must be a number above 0 and at most 86400" in (
+        capsys.readouterr().err
+    )
+
+
+def test_send_with_an_empty_secret_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--secret ''` fell back to LACUNA_WEBHOOK_SECRET in silence: the user asked for a
+    secret and got another one."""
+    env = {"LACUNA_WEBHOOK_SECRET": "whsec_from_the_environment"}
+    assert main(["send", "--secret", "", "--url", "http://127.0.0.1:9/x"], env) == 2
+    assert "--secret names no secret" in capsys.readouterr().err
