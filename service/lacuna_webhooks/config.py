@@ -55,6 +55,14 @@ MAX_RETENTION_DAYS = 36_500.0
 MAX_SHUTDOWN_SECONDS = 3_600.0
 # The HTTP server's limits (issue 10): a typo must not switch a cap or a timeout off.
 MAX_CONNECTION_SECONDS = 3_600.0  # keep-alive, header, body and commit timeouts
+#: Their floor: below it no request can arrive whole or commit (a value meant in ms, say).
+MIN_CONNECTION_SECONDS = 0.1
+#: Floors of the request-head limits: a signed webhook's head, behind a proxy that adds its
+#: X-Forwarded-* lines, is several hundred bytes and at least four lines.
+MIN_HEADER_BYTES = 1024
+MIN_HEADERS = 8
+#: The floor of a retry delay: 1e-320 retried a failing peer as fast as the loop could.
+MIN_DELAY_SECONDS = 0.001
 MAX_HEADER_BYTES = 1024 * 1024
 MAX_HEADERS = 10_000
 MAX_CONNECTIONS = 1_000_000
@@ -628,7 +636,7 @@ class Settings:
             "LACUNA_RETRY_MAX_ATTEMPTS",
             at_most(positive_int, MAX_RETRY_ATTEMPTS),
         )
-        delay = at_most(positive_float, MAX_DELAY_SECONDS)
+        delay = at_most(positive_float, MAX_DELAY_SECONDS, minimum=MIN_DELAY_SECONDS)
         read("retry_base_delay_seconds", "LACUNA_RETRY_BASE_DELAY", delay)
         read("retry_max_delay_seconds", "LACUNA_RETRY_MAX_DELAY", delay)
         read("allow_private_urls", "LACUNA_ALLOW_PRIVATE_URLS", parse_bool)
@@ -660,16 +668,22 @@ class Settings:
         read("dispatch", "LACUNA_DISPATCH", parse_bool)
         read("sqlite_synchronous", "LACUNA_SQLITE_SYNCHRONOUS", _choice("full", "normal"))
         read("trusted_proxies", "LACUNA_TRUSTED_PROXIES", _trusted_proxies)
-        connection_seconds = at_most(positive_float, MAX_CONNECTION_SECONDS)
+        connection_seconds = at_most(
+            positive_float, MAX_CONNECTION_SECONDS, minimum=MIN_CONNECTION_SECONDS
+        )
         read("keepalive_timeout_seconds", "LACUNA_KEEPALIVE_TIMEOUT", connection_seconds)
         read("header_timeout_seconds", "LACUNA_HEADER_TIMEOUT", connection_seconds)
         read("body_timeout_seconds", "LACUNA_BODY_TIMEOUT", connection_seconds)
         read(
             "max_header_bytes",
             "LACUNA_MAX_HEADER_BYTES",
-            at_most(positive_int, MAX_HEADER_BYTES),
+            at_most(positive_int, MAX_HEADER_BYTES, minimum=MIN_HEADER_BYTES),
         )
-        read("max_headers", "LACUNA_MAX_HEADERS", at_most(positive_int, MAX_HEADERS))
+        read(
+            "max_headers",
+            "LACUNA_MAX_HEADERS",
+            at_most(positive_int, MAX_HEADERS, minimum=MIN_HEADERS),
+        )
         read(
             "max_connections",
             "LACUNA_MAX_CONNECTIONS",

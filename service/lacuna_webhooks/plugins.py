@@ -35,6 +35,7 @@ from .config import (
     MAX_DELAY_SECONDS,
     MAX_RETRY_ATTEMPTS,
     MAX_TIMEOUT_SECONDS,
+    MIN_DELAY_SECONDS,
     at_most,
     parse_list,
     positive_float,
@@ -376,6 +377,7 @@ def _instance_policy(ctx: HandlerContext, default: RetryPolicy, problems: list[s
             "RETRY_BASE_DELAY",
             default.base_delay_seconds,
             MAX_DELAY_SECONDS,
+            MIN_DELAY_SECONDS,
         ),
         max_delay_seconds=_checked(
             problems,

@@ -479,3 +479,31 @@ def test_a_sqlite_url_with_a_query_is_refused() -> None:
     for url in ("sqlite:///x.db?mode=ro", "sqlite:////tmp/x.db#a"):
         with pytest.raises(ConfigError, match=r"LACUNA_DATABASE_URL .*no \? or #"):
             Settings.from_env({**BASE, "LACUNA_DATABASE_URL": url})
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "floor"),
+    [
+        ("LACUNA_RETRY_BASE_DELAY", "1e-320", "0.001"),
+        ("LACUNA_HEADER_TIMEOUT", "1e-9", "0.1"),
+        ("LACUNA_BODY_TIMEOUT", "0.05", "0.1"),
+        ("LACUNA_KEEPALIVE_TIMEOUT", "0.001", "0.1"),
+        ("LACUNA_COMMIT_TIMEOUT", "0.01", "0.1"),
+        ("LACUNA_MAX_HEADER_BYTES", "1", "1024"),
+        ("LACUNA_MAX_HEADERS", "3", "8"),
+    ],
+)
+def test_numbers_below_any_working_value_are_refused(var: str, value: str, floor: str) -> None:
+    """Accepted before: a retry delay of 1e-320 s retried a failing peer as fast as the loop
+    could; a header timeout of 1e-9 s or a 1-byte header limit refused every request."""
+    with pytest.raises(ConfigError, match=re.escape(f"{var} must be at least {floor}, got")):
+        Settings.from_env({**BASE, var: value})
+    Settings.from_env({**BASE, var: floor})  # the floor itself is allowed
+
+
+def test_an_instance_retry_delay_has_the_global_floor() -> None:
+    from lacuna_webhooks.plugins import build_handlers
+
+    env = {"LACUNA_APP_RETRY_BASE_DELAY": "1e-320"}
+    with pytest.raises(ConfigError, match=r"LACUNA_APP_RETRY_BASE_DELAY must be at least 0\.001"):
+        build_handlers(["app=log"], env)

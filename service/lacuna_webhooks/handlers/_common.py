@@ -23,12 +23,16 @@ DEFAULT_READ_TIMEOUT_SECONDS = 30.0
 
 
 def float_setting(
-    ctx: HandlerContext, key: str, default: float, maximum: float | None = None
+    ctx: HandlerContext,
+    key: str,
+    default: float,
+    maximum: float | None = None,
+    minimum: float | None = None,
 ) -> float:
-    """``LACUNA_<NAME>_<KEY>`` as a finite number > 0 (and at most ``maximum``), or
-    ``default`` when unset; ``ConfigError`` naming the variable, worded as the global
-    settings' errors are."""
-    return _number_setting(ctx, key, default, positive_float, maximum)
+    """``LACUNA_<NAME>_<KEY>`` as a finite number > 0 (and at most ``maximum``, at least
+    ``minimum``), or ``default`` when unset; ``ConfigError`` naming the variable, worded as
+    the global settings' errors are."""
+    return _number_setting(ctx, key, default, positive_float, maximum, minimum)
 
 
 def int_setting(ctx: HandlerContext, key: str, default: int, maximum: int | None = None) -> int:
@@ -38,13 +42,18 @@ def int_setting(ctx: HandlerContext, key: str, default: int, maximum: int | None
 
 
 def _number_setting(
-    ctx: HandlerContext, key: str, default: N, parse: Callable[[str], N], maximum: N | None
+    ctx: HandlerContext,
+    key: str,
+    default: N,
+    parse: Callable[[str], N],
+    maximum: N | None,
+    minimum: N | None = None,
 ) -> N:
     raw = ctx.get(key)
     if raw is None:
         return default
     try:
-        return (parse if maximum is None else at_most(parse, maximum))(raw)
+        return (parse if maximum is None else at_most(parse, maximum, minimum=minimum))(raw)
     except ValueError as exc:
         raise ConfigError(f"{ctx.env_name(key)} {exc}") from None
 
