@@ -639,7 +639,7 @@ def _dev(environ: Mapping[str, str], env_file: Path) -> int:
         f"    .venv/bin/lacuna-webhooks send --url http://{shown_host}:{port}/webhooks/lacuna"
         f" --secret {shlex.quote(secret)}\n\n"
         f"  Then look at it: {_dev_look_command(env_file, from_file, environ)}\n"
-        + _dev_admin_line(env),
+        + _dev_admin_line(env, env_file),
         file=sys.stderr,
         flush=True,
     )
@@ -658,14 +658,18 @@ def _dev_look_command(
     return command
 
 
-def _dev_admin_line(env: Mapping[str, str]) -> str:
-    """Where the admin API answers in development, when a token is set (never the token)."""
+def _dev_admin_line(env: Mapping[str, str], env_file: Path = Path(".env")) -> str:
+    """Where the admin API answers in development, when a token is set (never the token);
+    else how to turn it on, in ``env_file`` (the file ``dev`` read)."""
     try:
         has_token = bool((read_setting(env, "LACUNA_ADMIN_TOKEN") or "").strip())
     except ConfigError:
         return ""  # serve reports it with the other settings
     if not has_token:
-        return "  Admin API: off (set LACUNA_ADMIN_TOKEN in .env to turn it on; docs/admin.md)\n"
+        return (
+            f"  Admin API: off (set LACUNA_ADMIN_TOKEN in {env_file} to turn it on;"
+            " docs/admin.md)\n"
+        )
     host = env.get("LACUNA_ADMIN_HOST", "127.0.0.1").strip() or "127.0.0.1"
     shown = "127.0.0.1" if host in {"0.0.0.0", "::"} else _url_host(host)  # noqa: S104
     port = env.get("LACUNA_ADMIN_PORT", "8001").strip() or "8001"

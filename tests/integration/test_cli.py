@@ -616,6 +616,8 @@ def test_dev_banner_names_the_admin_api_and_the_console_never_the_token() -> Non
     assert "Console: http://127.0.0.1:8101/ " in line
     assert token not in line
     assert "Admin API: off" in _dev_admin_line({})
+    # It names the file dev read (--env-file), not always .env.
+    assert "set LACUNA_ADMIN_TOKEN in local.env " in _dev_admin_line({}, Path("local.env"))
 
 
 @pytest.mark.parametrize("line", ["LACUNA_HANDLERS slack", "LACUNA HANDLERS=slack", "=x"])
