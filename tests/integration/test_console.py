@@ -544,3 +544,21 @@ async def test_handlers_page_shows_backlog_and_the_last_hour(sqlite_store: Store
     assert "&lt;script&gt;alert(1)&lt;/script&gt; went wrong" in log
     assert HOSTILE[0] not in page.text
     assert "due 3 running 0 waiting 0 dead 0" in archive
+
+
+async def test_a_form_with_too_many_fields_is_413_not_a_500(sqlite_store: Store) -> None:
+    """parse_qsl's field cap raised ValueError out of every console form: a 500 and an
+    error-level traceback, on /sign-in without any credentials. Now the 413 page."""
+    crowded = "token=x" + "&a=1" * 100
+    headers = {"content-type": "application/x-www-form-urlencoded"}
+    async with client(sqlite_store) as http:
+        answer = await http.post("/sign-in", content=crowded, headers=headers)
+        assert answer.status_code == 413
+        assert "Form too large." in answer.text
+        csrf = await sign_in(http)
+        answer = await http.post(
+            "/handlers/pause", content=f"name=archive&csrf={csrf}" + "&a=1" * 100, headers=headers
+        )
+        assert answer.status_code == 413
+        assert "Form too large." in answer.text
+    assert await sqlite_store.paused_handlers() == {}

@@ -106,11 +106,13 @@ class Console:
         if not same_origin(request):
             return await render(request, "error.html", 403, message="Sign-in from another site.")
         form = await read_form(request)
-        presented = field(form or {}, "token")
+        if form is None:
+            return await render(request, "error.html", 413, message="Form too large.")
+        presented = field(form, "token")
         token = (
             None if presented is None else matching_token(presented, self.ctx.settings.admin_tokens)
         )
-        next_page = safe_next(field(form or {}, "next"))
+        next_page = safe_next(field(form, "next"))
         if token is None:
             return await render(
                 request,

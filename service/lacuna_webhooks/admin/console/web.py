@@ -36,6 +36,8 @@ _HEADERS = [
     (b"x-frame-options", b"DENY"),
     (b"cross-origin-opener-policy", b"same-origin"),
 ]
+#: A form with more fields than this is refused as too large (413).
+MAX_FORM_FIELDS = 100
 #: A form body larger than this is refused (413): console forms hold a few short fields.
 MAX_FORM_BYTES = 64 * 1024
 
@@ -173,14 +175,19 @@ def to_sign_in(request: Request) -> Response:
 
 async def read_form(request: Request) -> dict[str, list[str]] | None:
     """An ``application/x-www-form-urlencoded`` body as lists of values, or ``None`` when it
-    is larger than ``MAX_FORM_BYTES``."""
+    is larger than ``MAX_FORM_BYTES`` or holds more than ``MAX_FORM_FIELDS`` fields."""
     body = bytearray()
     async for chunk in request.stream():
         body.extend(chunk)
         if len(body) > MAX_FORM_BYTES:
             return None
     form: dict[str, list[str]] = {}
-    pairs = parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True, max_num_fields=100)
+    try:
+        pairs = parse_qsl(
+            body.decode("utf-8", "replace"), keep_blank_values=True, max_num_fields=MAX_FORM_FIELDS
+        )
+    except ValueError:  # "Max number of fields exceeded": a 500 with a traceback before
+        return None
     for name, value in pairs:
         form.setdefault(name, []).append(value)
     return form
