@@ -306,6 +306,17 @@ async def test_task_state_events_and_results(live: Live, store: Store) -> None:
     refused(await live.http.get("/tasks/no_such_task"), 404, "task_id")
 
 
+async def test_a_task_id_with_a_slash_is_reachable(live: Live, store: Store) -> None:
+    """Intake stores a task id holding "/" (data.id is any string), and ?task_id= finds it;
+    /tasks/{task_id} answered a route-level 404 for every spelling of it (no long-poll)."""
+    await store_events(store, "evt_slash", task_id="org/task/1", title="Rain")
+    for path in ("/tasks/org/task/1", "/tasks/org%2Ftask%2F1"):
+        response = await live.http.get(path)
+        assert response.status_code == 200, (path, response.text)
+        assert response.json()["task_id"] == "org/task/1"
+    refused(await live.http.get("/tasks/org/task/2"), 404, "task_id")
+
+
 async def test_task_wait_refuses_bad_values(live: Live) -> None:
     bad = ["0", "-1", "60.5", "61", "nan", "inf", "abc", "", "1e400", "-0", "60.0000001"]
     bad += ["60.000000000000001"]  # the float 60.0, but over 60

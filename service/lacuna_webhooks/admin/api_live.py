@@ -211,7 +211,8 @@ def routes(ctx: AdminContext) -> list[BaseRoute]:
         )
 
     return [
-        Route("/tasks/{task_id}", get_task, methods=["GET"]),
+        # :path: a task id may hold "/" (intake stores one), as an event id may.
+        Route("/tasks/{task_id:path}", get_task, methods=["GET"]),
         Route("/stream", stream, methods=["GET"]),
     ]
 
