@@ -61,6 +61,9 @@ FORGED_CURSORS = [
     forge(-1.0, 1),
     forge(1e300, 1),
     forge(BIG, 1),
+    # SQLite's epoch times past year 9999 (read as "no cursor": the newest page, a 200).
+    forge(BIG - 1, 10),
+    forge(253_402_300_800.0, 1),
     forge("2026-11-30T12:00:00+00:00", BIG),
     forge("2026-11-30T12:00:00+00:00", -(2**63) - 1),
     forge("2026-11-30T12:00:00+00:00", -1),

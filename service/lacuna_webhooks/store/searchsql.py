@@ -233,13 +233,23 @@ def _match_postgres(path: str, wanted: str, p: _Params) -> str:
     )
 
 
+#: The last second a datetime holds (9999-12-31T23:59:59Z), as SQLite's epoch times.
+_MAX_CURSOR_EPOCH = 253_402_300_799
+
+
 def _cursor(dialect: Dialect, cursor: str) -> tuple[Any, int]:
     """``(received_at, seq)`` of a cursor this dialect made; ``ValueError`` otherwise."""
     received, seq = decode_cursor(cursor, 2)
     if not isinstance(seq, int) or isinstance(seq, bool):
         raise ValueError("not a cursor this service made")
     if dialect == "sqlite":
-        if not isinstance(received, int | float) or isinstance(received, bool):
+        if (
+            not isinstance(received, int | float)
+            or isinstance(received, bool)
+            # Out of range as PostgreSQL's RFC 3339 times are (cursor_time): past year 9999
+            # it read as "no cursor" and answered the newest page (docs/admin.md says 400).
+            or not 0 <= received <= _MAX_CURSOR_EPOCH
+        ):
             raise ValueError("not a cursor this service made")
         return float(received), seq
     return cursor_time(received), seq
