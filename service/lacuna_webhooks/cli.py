@@ -364,6 +364,9 @@ class _AdminListener:
         finally:
             for sock in self.sockets:
                 sock.close()
+            from .admin import offload
+
+            offload.close()  # the admin app's helper process, if a large body started one
 
 
 def _admin_listener(

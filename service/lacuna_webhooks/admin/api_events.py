@@ -28,13 +28,13 @@ from ..errors import EventNotFound
 from ..models import DeliveryStatus
 from ..store.base import AttemptRecord, DeliveryRecord, EventRecord
 from ..store.search import decode_cursor, delivery_state, encode_cursor
-from . import openapi
+from . import offload, openapi
 from .bodies import json_object, only_fields
 from .bulk import replay_configured, retry_dead_configured
 from .context import AdminContext
 from .filters import FILTER_NAMES, MAX_TEXT, filter_from_query, page_params
 from .health import handler_health
-from .responses import BadRequest, NotFound, json_response, page_response
+from .responses import JSON, BadRequest, NotFound, json_response, page_response
 
 #: The most deliveries ``GET /events/{id}`` shows for one event (one per handler in practice).
 MAX_EVENT_DELIVERIES = 1000
@@ -69,6 +69,21 @@ def _payload(raw: bytes) -> Any:
     except (orjson.JSONDecodeError, orjson.JSONEncodeError):
         return None
     return payload
+
+
+def event_json(summary: dict[str, Any], raw: bytes, deliveries: list[dict[str, Any]]) -> bytes:
+    """``GET /events/{id}``'s answer, encoded: the summary, the body parsed (``payload``)
+    and as text (``raw``), the deliveries (module-level: ``offload.run`` may run it in the
+    helper process)."""
+    return orjson.dumps(
+        {
+            **summary,
+            "payload": _payload(raw),
+            "raw": raw.decode("utf-8", "replace"),
+            "deliveries": deliveries,
+        },
+        option=orjson.OPT_UTC_Z,
+    )
 
 
 def delivery_json(record: DeliveryRecord, now: datetime) -> dict[str, Any]:
@@ -169,14 +184,12 @@ def routes(ctx: AdminContext) -> list[BaseRoute]:
             shown["attempt_log"] = [attempt_json(a) for a in await store.list_attempts(d.id)]
             deliveries.append(shown)
         deliveries.sort(key=lambda d: d["id"])
-        return json_response(
-            {
-                **event_summary(record),
-                "payload": _payload(record.raw),
-                "raw": record.raw.decode("utf-8", "replace"),
-                "deliveries": deliveries,
-            }
+        # Parsing and encoding the body is in proportion to its size: a large one is done
+        # in the helper process (offload.py), not on the loop the webhook route shares.
+        body = await offload.run(
+            len(record.raw), event_json, event_summary(record), record.raw, deliveries
         )
+        return Response(body, media_type=JSON)
 
     async def replay_event(request: Request) -> Response:
         _no_query(request)

@@ -39,7 +39,7 @@ from ..errors import StoreUnavailable
 from ..models import DeliveryStatus
 from ..store.base import EventFilter, EventRecord, TaskRecord
 from ..store.stream import beyond_head, first_of, follow
-from . import openapi
+from . import offload, openapi
 from .api_events import _payload, event_summary
 from .context import AdminContext
 from .filters import MAX_TEXT
@@ -80,14 +80,15 @@ def stream_event(record: EventRecord) -> dict[str, Any]:
     }
 
 
-def sse_message(cursor: str, record: EventRecord) -> bytes:
+async def sse_message(cursor: str, record: EventRecord) -> bytes:
     """One Server-Sent Events message (orjson writes no newline, so ``data`` is one line).
 
     Encoded once per event however many streams send it (the recent ones are kept: every
-    stream at the head sends the same events at about the same time)."""
+    stream at the head sends the same events at about the same time); a large body in the
+    helper process (offload.py), not on the loop the webhook route shares."""
     message = _ENCODED.get(cursor)
     if message is None or message[0] != record:
-        message = (record, _encode(cursor, record))
+        message = (record, await offload.run(len(record.raw), _encode, cursor, record))
         _ENCODED[cursor] = message
         if len(_ENCODED) > ENCODED_MESSAGES:
             del _ENCODED[next(iter(_ENCODED))]
@@ -229,7 +230,7 @@ async def _messages(ctx: AdminContext, cursor: str | None) -> AsyncIterator[byte
                 yield b": keepalive\n\n"
             for start in range(0, len(batch), CHUNK_MESSAGES):
                 chunk = batch[start : start + CHUNK_MESSAGES]
-                yield b"".join(sse_message(position, record) for position, record in chunk)
+                yield b"".join([await sse_message(position, record) for position, record in chunk])
                 # A stream replaying a backlog writes without ever waiting (the socket keeps
                 # up): give the loop back after each chunk, so intake's requests interleave
                 # instead of queueing behind a whole batch of encoding.

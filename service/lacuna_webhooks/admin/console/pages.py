@@ -40,7 +40,7 @@ from .web import (
     Session,
     current_session,
     field,
-    off_loop,
+    heavy,
     read_form,
     render,
     safe_next,
@@ -71,7 +71,7 @@ def state_of(delivery: DeliveryRecord, now: datetime) -> str:
 
 
 def _titles(records: list[EventRecord]) -> list[str | None]:
-    """Each event's ``data.title`` (parsing payloads: run it ``off_loop``)."""
+    """Each event's ``data.title`` (parsing payloads: run it with ``heavy``)."""
     return [payload_title(parse_payload(record.raw)) for record in records]
 
 
@@ -172,7 +172,7 @@ class Console:
             except ValueError:
                 raise BadRequest("That page link is stale: search again.", param="cursor") from None
             now = self.ctx.clock()
-            titles = await off_loop(_titles, found.records)
+            titles = await heavy(sum(len(r.raw) for r in found.records), _titles, found.records)
             for record, title in zip(found.records, titles, strict=True):
                 deliveries = await self.ctx.store.list_deliveries(event_id=record.id, limit=100)
                 states = sorted((d.handler, state_of(d, now)) for d in deliveries)
@@ -224,14 +224,14 @@ class Console:
                     else as_text(delivery.last_error),
                 }
             )
-        payload_text, cut = await off_loop(pretty_json, record.raw)
+        payload_text, cut = await heavy(len(record.raw), pretty_json, record.raw)
         missing = [n for n in self.ctx.handlers.names if n not in {d.handler for d in deliveries}]
         return await render(
             request,
             "event.html",
             session=session,
             record=record,
-            title=(await off_loop(_titles, [record]))[0],
+            title=(await heavy(len(record.raw), _titles, [record]))[0],
             payload=payload_text,
             cut=cut,
             deliveries=shown,

@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ...config import Secret
 from ...errors import StoreUnavailable
+from .. import offload
 from ..auth import SESSION_COOKIE, csrf_ok, csrf_token, session_token
 from ..context import AdminContext
 from .present import as_text
@@ -125,6 +126,15 @@ async def off_loop(work: Callable[..., T], *args: Any) -> T:
     loop, which also serves the webhook route in ``serve``, keeps answering meanwhile."""
     async with _OFF_LOOP:
         return await asyncio.to_thread(work, *args)
+
+
+async def heavy(size: int, work: Callable[..., T], *args: Any) -> T:
+    """``off_loop(work, *args)``, or in the helper process when ``work`` parses ``size``
+    bytes of bodies or more (``offload.INLINE_BYTES``): a thread holds the GIL while a
+    large body is parsed, and the webhook route waited with it."""
+    if size >= offload.INLINE_BYTES:
+        return await offload.run(size, work, *args)
+    return await off_loop(work, *args)
 
 
 def _render_bytes(template: str, values: dict[str, Any]) -> bytes:
