@@ -295,17 +295,22 @@ def test_example_plugin_installed_with_pip_is_picked_up(
     wait_until(lambda: out.exists() and out.read_bytes() == body + b"\n", what="jsonl line")
 
 
-def test_dev_mode_generates_a_secret_once(tmp_path: Path) -> None:
-    """`make run`'s path: the secret is generated into .env once, printed with a send line."""
-    env_file = tmp_path / ".env"
-    port = str(free_port())
-    proc = subprocess.Popen(
+def _start_dev(folder: Path, port: str) -> subprocess.Popen[str]:
+    """`dev` as `make run` starts it, in ``folder`` (its .env), its stderr (the banner) piped."""
+    return subprocess.Popen(
         [CLI, "dev"],
-        cwd=tmp_path,
+        cwd=folder,
         env={"PATH": "/usr/bin:/bin", "PORT": port, "LACUNA_LOG_FORMAT": "json"},
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def test_dev_mode_generates_a_secret_once(tmp_path: Path) -> None:
+    """`make run`'s path: the secret is generated into .env once, printed with a send line."""
+    env_file = tmp_path / ".env"
+    port = str(free_port())
+    proc = _start_dev(tmp_path, port)
     try:
         wait_until(
             lambda: env_file.exists() and "LACUNA_WEBHOOK_SECRET" in env_file.read_text(),
@@ -460,13 +465,7 @@ def test_dev_banner_send_line_pastes_whole_with_a_secret_the_shell_would_split(
     env_file = tmp_path / ".env"
     env_file.write_text(f"LACUNA_WEBHOOK_SECRET='{secret}'\n")
     port = str(free_port())
-    proc = subprocess.Popen(
-        [CLI, "dev"],
-        cwd=tmp_path,
-        env={"PATH": "/usr/bin:/bin", "PORT": port, "LACUNA_LOG_FORMAT": "json"},
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _start_dev(tmp_path, port)
     try:
         wait_until(lambda: _ready(port), timeout=30, what="dev server ready")
     finally:
