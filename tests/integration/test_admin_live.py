@@ -424,6 +424,19 @@ async def test_stream_ends_when_the_store_fails_and_a_reconnect_is_503() -> None
         await asyncio.wait_for(task, PROMPT)
 
 
+async def test_head_on_the_stream_answers_and_ends(live: Live, store: Store) -> None:
+    """HEAD (which Starlette answers on every GET route) answered 200 and then held the
+    connection like a live stream, for a body HEAD never gets. Now the GET's status and
+    headers, at once; a bad cursor is still its 400."""
+    await store_events(store, "evt_h1")
+    response = await asyncio.wait_for(live.http.head("/stream"), PROMPT)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.content == b""
+    bad = await asyncio.wait_for(live.http.head("/stream", params={"after": "x"}), PROMPT)
+    assert bad.status_code == 400
+
+
 async def test_stream_refuses_a_cursor_beyond_the_head(live: Live, store: Store) -> None:
     """A cursor past every position handed out (forged, or saved against a database since
     replaced by a fresh one or an older backup) is a 400 before the stream starts: followed,

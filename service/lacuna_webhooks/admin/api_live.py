@@ -205,10 +205,13 @@ def routes(ctx: AdminContext) -> list[BaseRoute]:
         except ValueError:
             param = "last-event-id" if request.headers.get("last-event-id") else "after"
             raise BadRequest("That is not a stream cursor of this service.", param=param) from None
+        headers = {"x-accel-buffering": "no"}  # nginx: pass each message on at once
+        if request.method == "HEAD":
+            # The GET's status and headers, and done: a stream would stay open for a body
+            # that HEAD never gets (Starlette answers HEAD on every GET route).
+            return Response(media_type="text/event-stream", headers=headers)
         return StreamingResponse(
-            _messages(ctx, cursor),
-            media_type="text/event-stream",
-            headers={"x-accel-buffering": "no"},  # nginx: pass each message on at once
+            _messages(ctx, cursor), media_type="text/event-stream", headers=headers
         )
 
     return [
