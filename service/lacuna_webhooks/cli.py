@@ -36,6 +36,7 @@ from .config import (
     HANDLER_NAME_RE,
     MAX_BODY_BYTES,
     Settings,
+    is_utf8,
     parse_list,
     read_file_setting,
     read_setting,
@@ -1802,11 +1803,8 @@ def _refuse_non_utf8(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     for dest, value in vars(args).items():
         texts = value if isinstance(value, list | tuple) else [value]
         for text in texts:
-            if isinstance(text, str):
-                try:
-                    text.encode("utf-8")
-                except UnicodeEncodeError:
-                    parser.error(f"argument {names.get(dest, dest)}: not valid UTF-8 text")
+            if isinstance(text, str) and not is_utf8(text):
+                parser.error(f"argument {names.get(dest, dest)}: not valid UTF-8 text")
 
 
 def _argument_names(parser: argparse.ArgumentParser) -> dict[str, str]:

@@ -97,11 +97,13 @@ def check_utf8(var: str, value: str | None) -> None:
     """``ConfigError`` naming ``var`` (not the value: it may be a secret) if ``value`` holds
     bytes that are not UTF-8 (Python's environment keeps them as lone surrogates, which
     every later ``encode`` refuses with a traceback)."""
-    if value is not None and not _is_utf8(value):
+    if value is not None and not is_utf8(value):
         raise ConfigError(f"{var} is not valid UTF-8 text")
 
 
-def _is_utf8(value: str) -> bool:
+def is_utf8(value: str) -> bool:
+    """Whether ``value`` encodes as UTF-8 (no lone surrogates: bytes that were not UTF-8 in
+    the environment or ``argv``)."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
@@ -562,8 +564,11 @@ class Settings:
             attr: str, var: str, parse: Callable[[str], object], *, from_file: bool = False
         ) -> None:
             try:
-                raw = read_setting(environ, var) if from_file else environ.get(var)
-                check_utf8(var, raw)
+                if from_file:
+                    raw = read_setting(environ, var)  # checks the text is UTF-8
+                else:
+                    raw = environ.get(var)
+                    check_utf8(var, raw)
             except ConfigError as exc:
                 problems.extend(exc.problems)
                 return
