@@ -282,6 +282,13 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         # header with no body data since (the last chunk's), capped like headers.
         self._after_chunk_header = False
         self._trailer_bytes = 0
+        # The same section counted by the fields the parser hands over, which also sees a
+        # trailer that begins and ends inside one read (the count above then misses it).
+        self._trailer_field_bytes = 0
+        self._trailer_fields = 0
+        # An Upgrade request's head without its upgrade, to be parsed again (see
+        # on_headers_complete).
+        self._plain_head: bytes | None = None
         self._refusal: WebhookError | None = None
         # A refusal waiting for the answers to the requests before it (see _refuse).
         self._deferred: WebhookError | None = None
@@ -426,8 +433,16 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self._unset_keepalive_if_required()
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            pass  # no upgrades here (ws="none"): the request was answered as plain HTTP
+        except httptools.HttpParserUpgrade as exc:
+            head, self._plain_head = self._plain_head, None
+            if head is not None:
+                # Parsed again as the plain request it also is: this head, then its body
+                # and whatever follows, which the upgrade left unread.
+                self.parser = httptools.HttpRequestParser(self)
+                self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
+                self._header_bytes = 0
+                self.data_received(head + data[exc.args[0] :])
+            return
         except httptools.HttpParserError as exc:
             refusal, self._refusal = self._refusal, None  # e.g. too many headers
             self._refuse(refusal or MalformedRequest(f"The request is not valid HTTP/1.1: {exc}."))
@@ -496,6 +511,30 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         ):
             self._refusal = self._head_too_large()
             raise _StopParsing()
+        parser = self.parser
+        version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            self._refusal = MalformedRequest(
+                f"HTTP/{version} is not served here: send HTTP/1.1 (RFC 9112)."
+            )
+            raise _StopParsing()
+        if version == "1.1" and [n for n, _ in headers if n == b"host"] != [b"host"]:
+            # RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request with no Host
+            # header or more than one.
+            self._refusal = MalformedRequest("An HTTP/1.1 request needs one Host header.")
+            raise _StopParsing()
+        if parser.should_upgrade():
+            if parser.get_method() == b"CONNECT":
+                self._refusal = MalformedRequest("CONNECT is not served here: this is no proxy.")
+                raise _StopParsing()
+            # Upgrades are not served (RFC 9110 §7.8 lets a server ignore the header). But
+            # httptools ends an Upgrade request at its head, its body unread (`curl --http2`
+            # sends `Upgrade: h2c` with a POST: the body was lost, a valid webhook got 401),
+            # and a body sent later was parsed as a request of its own (smuggling). The
+            # head, without its upgrade, is parsed again with what follows it, by a parser
+            # of its own (data_received): the request is then what it would be without it.
+            self._plain_head = self._head_without_upgrade(parser.get_method(), version)
+            return
         self._phase = _Phase.BODY
         self._header_bytes = 0
         self._after_chunk_header = False
@@ -514,11 +553,41 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             return
         super().on_headers_complete()
 
+    def _head_without_upgrade(self, method: bytes, version: str) -> bytes:
+        """The request's head as received, less its ``Upgrade`` header and the ``upgrade``
+        token of its ``Connection`` header (the names lowercased, the values as parsed)."""
+        lines = [method, b" ", self.url, b" HTTP/", version.encode(), b"\r\n"]
+        for name, value in self.headers:
+            if name == b"upgrade":
+                continue
+            if name == b"connection":
+                tokens = [t.strip() for t in value.split(b",")]
+                value = b", ".join(t for t in tokens if t and t.lower() != b"upgrade")
+                if not value:
+                    continue
+            lines += [name, b": ", value, b"\r\n"]
+        lines.append(b"\r\n")
+        return b"".join(lines)
+
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._phase is _Phase.BODY:
             # A trailer field of a chunked body: not a request header (RFC 9110 §6.5.1).
             # Appended to the headers, it would reach an ASGI endpoint that had not yet
-            # read them (a signature, an X-Forwarded-For behind a trusted proxy).
+            # read them (a signature, an X-Forwarded-For behind a trusted proxy). Capped as
+            # headers are.
+            self._trailer_fields += 1
+            self._trailer_field_bytes += len(name) + len(value) + 4
+            limits = self._limits
+            if self._trailer_fields > limits.max_headers:
+                self._refusal = HeadersTooLarge(
+                    f"The trailer section has more than {limits.max_headers} field lines."
+                )
+                raise _StopParsing()
+            if self._trailer_field_bytes > limits.max_header_bytes:
+                self._refusal = HeadersTooLarge(
+                    f"The trailer fields are larger than {limits.max_header_bytes} bytes."
+                )
+                raise _StopParsing()
             return
         # llhttp reads "gzip, chunked" or "foo, chunked" as plain chunked: a body decoded
         # other than the sender meant (a smuggling shape). Chunked alone, or refused.
@@ -537,6 +606,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def on_chunk_header(self) -> None:
         self._after_chunk_header = True
         self._trailer_bytes = 0
+        self._trailer_field_bytes = 0
+        self._trailer_fields = 0
 
     def on_body(self, body: bytes) -> None:
         self._after_chunk_header = False
@@ -563,6 +634,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             cycle.held = bytearray(held) + body
 
     def on_message_complete(self) -> None:
+        if self._plain_head is not None:
+            return  # an Upgrade request's head alone: parsed again (on_headers_complete)
         self._phase = _Phase.APP
         self._shared.reading.pop(self, None)
         cycle = self.cycle

@@ -291,6 +291,20 @@ def test_huge_and_numerous_headers_do_not_take_memory(
             b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
             id="two-transfer-encoding-lines",
         ),
+        # RFC 9112 §3.2: one Host, exactly, in an HTTP/1.1 request (all of these got 200).
+        pytest.param(b"POST /webhooks/lacuna HTTP/1.1\r\nContent-Length: 0\r\n\r\n", id="no-host"),
+        pytest.param(
+            b"POST /webhooks/lacuna HTTP/1.1\r\nHost: a\r\nHost: b\r\nContent-Length: 0\r\n\r\n",
+            id="two-hosts",
+        ),
+        pytest.param(
+            b"POST /webhooks/lacuna HTTP/2.0\r\nHost: t\r\nContent-Length: 0\r\n\r\n",
+            id="http-2.0-request-line",
+        ),
+        pytest.param(b"POST /webhooks/lacuna\r\n\r\n", id="http-0.9-request-line"),
+        pytest.param(
+            b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com\r\n\r\n", id="connect"
+        ),
     ],
 )
 def test_malformed_framing_and_smuggling_get_400_envelope(
@@ -574,3 +588,101 @@ def test_a_trailer_section_over_the_header_cap_gets_431(
                 sock.sendall(part)
         assert envelope_code(read_response(sock)) == (431, "headers_too_large")
     assert rss_kib(serve) - before < 24 * 1024
+
+
+def _upgrade_head(target: str, upgrade: bytes, headers: dict[str, str], framing: bytes) -> bytes:
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items()).encode()
+    return b"POST %s HTTP/1.1\r\nHost: t\r\n%s%s%s\r\n" % (target.encode(), upgrade, head, framing)
+
+
+@pytest.mark.parametrize(
+    "upgrade",
+    [
+        pytest.param(
+            b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+            b"HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n",
+            id="curl-http2",
+        ),
+        pytest.param(b"Connection: keep-alive, upgrade\r\nUpgrade: websocket\r\n", id="websocket"),
+    ],
+)
+@pytest.mark.parametrize("target", ["/webhooks/lacuna", "/webhooks/lacuna?via=asgi"])
+def test_an_upgrade_request_is_answered_as_plain_http_with_its_body(
+    serve_factory: type[Serve], tmp_path: Path, upgrade: bytes, target: str
+) -> None:
+    """Upgrades are not served, so an Upgrade request is the plain HTTP/1.1 request it also
+    is (RFC 9110 §7.8). httptools ended it at its head: its body was dropped (`curl --http2`
+    on http:// offers h2c with a POST, and a valid webhook got 401), what followed in the
+    same read was dropped too, and a body sent after the head was parsed as a request of
+    its own (here a GET /metrics inside a POST /healthz's body was answered)."""
+    serve = serve_factory(db_env(tmp_path)).start()
+    body, headers = signed(make_event("evt_upgrade_cl"))
+    sock = connect(serve)
+    answers = Answers(sock)
+    # Content-Length, the body in the same read, and a request pipelined behind it.
+    sock.sendall(
+        _upgrade_head(target, upgrade, headers, b"Content-Length: %d\r\n" % len(body))
+        + body
+        + b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+    )
+    first, second = answers.next(), answers.next()
+    assert first is not None
+    assert second is not None
+    assert (first[0], json.loads(first[2])["duplicate"]) == (200, False)
+    assert second[0] == 200
+    assert second[1]["content-type"] == "application/json", second
+    # Chunked, the body sent after the head, in two reads.
+    body, headers = signed(make_event("evt_upgrade_chunked"))
+    sock.sendall(_upgrade_head(target, upgrade, headers, b"Transfer-Encoding: chunked\r\n"))
+    time.sleep(0.2)
+    sock.sendall(b"%x\r\n%s\r\n" % (len(body), body))
+    time.sleep(0.2)
+    sock.sendall(b"0\r\n\r\n")
+    third = answers.next()
+    assert third is not None
+    assert (third[0], json.loads(third[2])["duplicate"]) == (200, False)
+    # A request hidden in a body that arrives after the head is that body, not a request.
+    inner = b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n"
+    sock.sendall(
+        b"POST /healthz HTTP/1.1\r\nHost: t\r\n%sContent-Length: %d\r\n\r\n" % (upgrade, len(inner))
+    )
+    time.sleep(0.2)
+    sock.sendall(inner + b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+    outer, after = answers.next(), answers.next()
+    assert outer is not None
+    assert outer[0] == 405
+    assert after is not None
+    assert after[0] == 200
+    assert after[1]["content-type"] == "application/json", after  # /healthz, not /metrics
+    with sqlite3.connect(tmp_path / "events.db") as conn:
+        assert conn.execute("SELECT id FROM events ORDER BY id").fetchall() == [
+            ("evt_upgrade_chunked",),
+            ("evt_upgrade_cl",),
+        ]
+
+
+@pytest.mark.parametrize(
+    "trailer",
+    [
+        pytest.param(b"X-Pad: " + b"a" * 20_000 + b"\r\n", id="one-large-field"),
+        pytest.param(b"".join(b"X-T%d: a\r\n" % i for i in range(3000)), id="many-fields"),
+    ],
+)
+def test_a_trailer_section_in_the_same_read_as_its_body_is_capped_too(
+    serve_factory: type[Serve], tmp_path: Path, trailer: bytes
+) -> None:
+    """A trailer section over the caps (bytes, field lines) that arrives whole in one read
+    with the end of its body: 431 as in separate reads. The caps counted only the reads
+    that began after the last chunk's header, so these were accepted (200, stored)."""
+    serve = serve_factory(db_env(tmp_path)).start()
+    body, headers = signed(make_event("evt_trailer_one_read"))
+    sock = connect(serve)
+    sock.sendall(
+        _chunked_head("/webhooks/lacuna", headers)
+        + b"%x\r\n%s\r\n0\r\n" % (len(body), body)
+        + trailer
+        + b"\r\n"
+    )
+    assert envelope_code(read_response(sock)) == (431, "headers_too_large")
+    with sqlite3.connect(tmp_path / "events.db") as conn:
+        assert conn.execute("SELECT count(*) FROM events").fetchone() == (0,)
