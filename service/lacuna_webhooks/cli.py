@@ -717,6 +717,8 @@ def _send_secret(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[
 
 def _send_template(args: argparse.Namespace) -> tuple[bytes | None, dict[str, Any] | None]:
     """(exact bytes to send, or None) and (a JSON object to copy and edit per request, or None)."""
+    from .send import parse_exact
+
     edits = bool(args.set or args.id or args.type)
     if args.file:
         limit = MAX_BODY_BYTES  # LACUNA_MAX_BODY_BYTES's own bound: no receiver takes more
@@ -734,8 +736,8 @@ def _send_template(args: argparse.Namespace) -> tuple[bytes | None, dict[str, An
         if not edits:
             return body, None
         try:
-            doc = orjson.loads(body)
-        except orjson.JSONDecodeError:
+            doc = parse_exact(body)
+        except ValueError:
             raise CommandError(
                 f"--file {args.file} is not JSON, so --set/--id/--type cannot edit it", 2
             ) from None
@@ -762,7 +764,7 @@ def _send(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     import httpx
 
     from .samples import sample_of_type
-    from .send import SendError, apply, parse_assignment, run_load, sign_body
+    from .send import SendError, apply, dumps, parse_assignment, run_load, sign_body
 
     _check_http_url("--url", args.url)
     secret, secret_name = _send_secret(args, environ)
@@ -783,7 +785,7 @@ def _send(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             doc["id"] = args.id
         for assignment in assignments:
             apply(doc, assignment)
-        return orjson.dumps(doc)
+        return dumps(doc)
 
     try:
         first_body = make_body(0)

@@ -15,17 +15,20 @@ Every refusal is a ``SendError``: one line for the user, never a traceback.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import re
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 import httpx
 import orjson
 
+from .models import json_default
 from .signature import HEADER, sign
 
 # One path step: `.key` (or a leading key) or `[N]`. Keys hold anything but `.[]=`.
@@ -82,11 +85,42 @@ def parse_path(path: str, text: str | None = None) -> tuple[str | int, ...]:
     return tuple(steps)
 
 
-def parse_value(raw: str) -> Any:
-    """JSON when ``raw`` parses as JSON, else ``raw`` itself (a string)."""
+def _exact_int(text: str) -> int | Decimal:
+    # orjson writes integers of 64 bits at most: a longer one is kept as a Decimal, exact.
+    return int(text) if len(text) <= 18 else Decimal(text)
+
+
+def parse_exact(raw: bytes | str) -> Any:
+    """JSON text with every number kept as written, to edit and send again: integers of up
+    to 18 characters as ``int``, every other number as a ``decimal.Decimal`` (``1e400``,
+    ``1.50``, an integer of 40 digits), which ``dumps`` writes back with the same digits
+    (``1e400`` as ``1E+400``). The
+    receiver reads any number RFC 8259 allows (``models.parse_json``), so a body it would
+    take must not be refused, rounded or rewritten here. Raises ``ValueError`` for text
+    that is not JSON (``NaN`` and ``Infinity`` included) or bytes that are not UTF-8."""
     try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        return json.loads(text, parse_int=_exact_int, parse_float=Decimal, parse_constant=_not_json)
+    except (UnicodeDecodeError, RecursionError) as exc:
+        raise ValueError(f"not UTF-8 JSON text: {exc}") from None
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def dumps(doc: Any) -> bytes:
+    """``doc`` as compact JSON bytes, the numbers of ``parse_exact`` as they were written.
+    Raises ``TypeError`` for a value JSON cannot hold."""
+    return orjson.dumps(doc, default=json_default)
+
+
+def parse_value(raw: str) -> Any:
+    """JSON when ``raw`` parses as JSON (numbers exact, ``parse_exact``), else ``raw``
+    itself (a string)."""
+    try:
+        return parse_exact(raw)
+    except ValueError:
         return raw
 
 
@@ -104,6 +138,8 @@ def _kind(value: Any) -> str:
         return "a list"
     if value is None:
         return "null"
+    if isinstance(value, Decimal):
+        return "a number"
     return f"a {type(value).__name__.replace('str', 'string').replace('bool', 'boolean')}"
 
 
@@ -159,8 +195,8 @@ def sign_body(body: bytes, secret: str, timestamp: int | None = None) -> Signed:
     """Sign ``body`` now (or at ``timestamp``); read its id and type back for the report."""
     t = int(time.time()) if timestamp is None else timestamp
     try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError:
+        doc = parse_exact(body)
+    except ValueError:
         doc = None
     event_id = doc.get("id") if isinstance(doc, dict) else None
     event_type = doc.get("type") if isinstance(doc, dict) else None

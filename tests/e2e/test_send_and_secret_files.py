@@ -8,9 +8,11 @@ import re
 import subprocess
 from pathlib import Path
 
+import orjson
 import pytest
 
 from lacuna_webhooks.cli import main
+from lacuna_webhooks.samples import sample_event
 from tests.conftest import TEST_SECRET
 from tests.e2e.conftest import CLI, Serve
 
@@ -100,6 +102,29 @@ def test_send_shapes_an_event_and_resends_its_id(
     assert data["title"] == "Rainy Day"
     assert data["instrumental"] is False
     assert data["tracks"][0]["duration"] == 61.5
+
+
+def test_send_file_with_numbers_beyond_a_double_is_read_as_the_receiver_reads_it(
+    serve: Serve, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`send --file` reads any JSON the receiver accepts. With `1e400` in it, the file was
+    "not JSON" to --id/--set (exit 2) and its id and type went unnamed; a 30-digit integer
+    was rounded to a float when the file was edited."""
+    event = sample_event(event_id="evt_file_exact")
+    numbers = b',"n":1e400,"m":123456789012345678901234567890,"f":1.50}'
+    path = tmp_path / "event.json"
+    path.write_bytes(orjson.dumps(event)[:-1] + numbers)
+    argv = ["send", "--url", serve.webhook_url, "--secret", TEST_SECRET, "--file", str(path)]
+    assert main(argv, {}) == 0
+    assert capsys.readouterr().err.startswith("signed evt_file_exact (job.completed) ")
+    assert main([*argv, "--id", "evt_file_edited"], {}) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0] == "200 OK"
+    assert err.startswith("signed evt_file_edited (job.completed) ")
+    payload = stored(serve, "evt_file_edited")
+    assert payload["m"] == 123456789012345678901234567890
+    assert payload["f"] == 1.5
+    assert payload["n"] == float("inf")  # json.loads reads 1E+400 so: it was sent as a number
 
 
 def test_send_any_type(serve: Serve, capsys: pytest.CaptureFixture[str]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from typing import Any
 
 import pytest
@@ -38,7 +39,9 @@ def test_the_issue_example() -> None:
         ("Rainy Day", "Rainy Day"),
         ("NaN", "NaN"),
         ("", ""),
-        ("1e999", "1e999"),  # not representable: kept as text
+        # beyond a double: still a JSON number, as the receiver reads it (was kept as text)
+        ("1e999", Decimal("1e999")),
+        ("123456789012345678901234567890", Decimal("123456789012345678901234567890")),
     ],
 )
 def test_values_are_json_when_they_parse(raw: str, value: Any) -> None:
