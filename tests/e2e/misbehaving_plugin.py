@@ -21,6 +21,9 @@ then, by the event id's prefix:
 - ``evt_surrogate_``: raises ``FileNotFoundError`` naming a non-UTF-8 file (a surrogate);
 - ``evt_nul_``: raises ``ValueError`` whose message holds a NUL;
 - ``evt_nulresult_``: returns a result holding a NUL; ``evt_bigresult_``: a 10 MB result;
+- ``evt_delay_<kind>``: raises ``RetryLater`` whose ``delay_seconds`` is not a usable number:
+  ``text`` (``"30"``, a peer's Retry-After passed on as it came), ``huge`` (``10**25``, an
+  int past 64 bits), ``nan``;
 - anything else: succeeds.
 
 With ``LACUNA_MISBEHAVING_THREAD=1``, ``__init__`` starts a non-daemon thread that only
@@ -36,7 +39,7 @@ import threading
 import time
 from pathlib import Path
 
-from lacuna_webhooks import Event, HandlerContext
+from lacuna_webhooks import Event, HandlerContext, RetryLater
 
 
 class Custom(BaseException):
@@ -56,6 +59,8 @@ class BadStr(Exception):
     def __str__(self) -> str:
         raise KeyboardInterrupt
 
+
+DELAYS: dict[str, object] = {"text": "30", "huge": 10**25, "nan": float("nan")}
 
 RAISES: dict[str, BaseException] = {
     "BadStr": BadStr(),
@@ -115,6 +120,9 @@ class Misbehaving:
             raise FileNotFoundError(b"/data/caf\xe9.mp3".decode("utf-8", "surrogateescape"))
         elif event.id.startswith("evt_nul_"):
             raise ValueError("upstream \x00 failure")
+        elif event.id.startswith("evt_delay_"):
+            delay = DELAYS[event.id.removeprefix("evt_delay_")]
+            raise RetryLater("busy", delay_seconds=delay)  # type: ignore[arg-type]
         elif event.id.startswith("evt_nulresult_"):
             return {"x": "a\x00b"}
         elif event.id.startswith("evt_bigresult_"):

@@ -109,6 +109,41 @@ async def test_blocking_attempt_is_charged_and_its_sibling_released(
     assert pids["evt_ok_sibling"] != pids["evt_sleep_1"]  # run by the replacement worker
 
 
+async def test_a_retry_with_a_delay_that_is_no_number_is_an_attempt_like_any(
+    store: MemoryStore, tmp_path: Path
+) -> None:
+    """``RetryLater(delay_seconds=...)`` with a string, an int past 64 bits or NaN is
+    recorded as a retry (the delay ignored or capped), and the worker and the attempt
+    beside it carry on. The string broke the outcome's hand-over: the worker was killed,
+    the attempt never settled (its delivery running, its slot taken until a restart) and
+    the attempt beside it recorded as lost; the huge int left the attempt unanswered until
+    the overrun watch killed the worker as a "blocking" handler."""
+    out = tmp_path / "started.txt"
+    d = pool_dispatcher(store, out, timeout=30.0, nap=1.0)
+    async with running(d, stop_timeout=5):
+        await accept(store, "evt_nap_sibling")
+        await wait_until(lambda: [e for e, _ in started(out)] == ["evt_nap_sibling"], 60)
+        for kind in ("text", "huge", "nan"):
+            await accept(store, f"evt_delay_{kind}")
+
+        async def all_ended() -> bool:
+            rows = await store.list_deliveries()
+            return len(rows) == 4 and all(r.status is not DeliveryStatus.PENDING for r in rows)
+
+        await wait_until(all_ended, 30)
+    for kind, note in (("text", "'30' ignored"), ("huge", None), ("nan", "nan ignored")):
+        delivery = await only_delivery(store, event_id=f"evt_delay_{kind}")
+        (attempt,) = await store.list_attempts(delivery.id)
+        assert attempt.outcome is AttemptOutcome.DEAD  # a retry, with one attempt allowed
+        assert attempt.error is not None
+        assert attempt.error.startswith("RetryLater: busy"), attempt.error
+        if note is not None:
+            assert note in attempt.error
+    sibling = await only_delivery(store, event_id="evt_nap_sibling")
+    assert (sibling.status, sibling.attempts) == (DeliveryStatus.DONE, 1)
+    assert len({pid for _, pid in started(out)}) == 1  # one worker ran all four
+
+
 async def nap_behind_a_blocker(store: MemoryStore, out: Path) -> None:
     """Timeout 3 s: `evt_sleep_short` blocks its worker's loop 2.5 s, `evt_nap_behind`, sent
     just after it, waits for it and then naps 2.9 s. Returns once neither is pending."""

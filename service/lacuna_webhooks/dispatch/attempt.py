@@ -163,6 +163,27 @@ class Outcome:
         return cls(Ending(value["ending"]), error, None if delay is None else float(delay), result)
 
 
+#: A larger requested delay is read as this: the retry schedule caps it far lower anyway,
+#: and the workers' JSON wire carries a float (an int past 64 bits cannot be written).
+MAX_REQUESTED_DELAY_SECONDS = 1e9
+
+
+def requested_delay(value: object) -> float | None:
+    """A ``RetryLater``'s ``delay_seconds`` as seconds from 0 to
+    ``MAX_REQUESTED_DELAY_SECONDS``, or ``None`` when it is none or not a number (a string
+    from a peer's header, ``nan``, a ``bool``): a plugin's mistake there must still end its
+    attempt as a retry, never break the hand-over of the outcome."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int beyond a double
+        return MAX_REQUESTED_DELAY_SECONDS if value > 0 else 0.0
+    if seconds != seconds:  # nan
+        return None
+    return min(max(seconds, 0.0), MAX_REQUESTED_DELAY_SECONDS)
+
+
 def classify(value: BaseException | object) -> Outcome:
     """The ``Outcome`` of an attempt that raised ``value`` (an exception) or returned it.
 
@@ -172,10 +193,14 @@ def classify(value: BaseException | object) -> Outcome:
         return Outcome(Ending.GONE, describe_error(value))
     if isinstance(value, PermanentError):
         return Outcome(Ending.PERMANENT, describe_error(value))
-    if isinstance(value, RateLimited):
-        return Outcome(Ending.RATE_LIMITED, describe_error(value), value.delay_seconds)
     if isinstance(value, RetryLater):
-        return Outcome(Ending.RETRY_LATER, describe_error(value), value.delay_seconds)
+        ending = Ending.RATE_LIMITED if isinstance(value, RateLimited) else Ending.RETRY_LATER
+        error = describe_error(value)
+        delay = requested_delay(value.delay_seconds)
+        if delay is None and value.delay_seconds is not None:
+            shown = storable_text(redact_text(repr(value.delay_seconds)[:40]))
+            error = f"{error} (delay_seconds {shown} ignored: not a number of seconds)"
+        return Outcome(ending, error[:MAX_ERROR_CHARS], delay)
     if isinstance(value, BaseException):
         return Outcome(Ending.FAILED, describe_error(value))
     if not isinstance(value, dict):

@@ -359,9 +359,25 @@ class HandlerWorker:
                     continue
                 if reply[0] != "done":
                     raise ValueError(f"unexpected message {reply[0]!r}")
-                attempt = child.attempts.pop(int(reply[1]), None)
+                attempt_id = int(reply[1])
+                try:
+                    outcome = Outcome.from_wire(reply[2])
+                except (ValueError, KeyError, TypeError, IndexError) as exc:
+                    # Still an outcome for the attempt: popped and left unsettled, its
+                    # delivery stayed running and its slot taken until a restart.
+                    attempt = child.attempts.pop(attempt_id, None)
+                    if attempt is not None:
+                        attempt.settle(
+                            Outcome(
+                                Ending.FAILED,
+                                "WorkerProtocolError: the handler's worker answered an "
+                                f"outcome that cannot be read ({type(exc).__name__})",
+                            )
+                        )
+                    raise
+                attempt = child.attempts.pop(attempt_id, None)
                 if attempt is not None:
-                    attempt.settle(Outcome.from_wire(reply[2]))
+                    attempt.settle(outcome)
                     self._crashes = 0  # a child that finishes attempts is a working one
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the child exited, or was killed
