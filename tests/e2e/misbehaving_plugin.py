@@ -21,6 +21,8 @@ then, by the event id's prefix:
 - ``evt_surrogate_``: raises ``FileNotFoundError`` naming a non-UTF-8 file (a surrogate);
 - ``evt_nul_``: raises ``ValueError`` whose message holds a NUL;
 - ``evt_nulresult_``: returns a result holding a NUL; ``evt_bigresult_``: a 10 MB result;
+- ``evt_spawn_``: starts ``sleep 300`` (a helper program), writes ``spawned_<event id> <its
+  pid>``, succeeds; ``evt_spawnhang_``: the same, then blocks as ``evt_sleep_``;
 - ``evt_delay_<kind>``: raises ``RetryLater`` whose ``delay_seconds`` is not a usable number:
   ``text`` (``"30"``, a peer's Retry-After passed on as it came), ``huge`` (``10**25``, an
   int past 64 bits), ``nan``;
@@ -35,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -120,6 +123,12 @@ class Misbehaving:
             raise FileNotFoundError(b"/data/caf\xe9.mp3".decode("utf-8", "surrogateescape"))
         elif event.id.startswith("evt_nul_"):
             raise ValueError("upstream \x00 failure")
+        elif event.id.startswith(("evt_spawn_", "evt_spawnhang_")):
+            helper = subprocess.Popen(["sleep", "300"])  # noqa: ASYNC220 - the point
+            with self.path.open("a") as fh:
+                fh.write(f"spawned_{event.id} {helper.pid}\n")
+            if event.id.startswith("evt_spawnhang_"):
+                time.sleep(self.block_seconds)  # noqa: ASYNC251 - blocking the loop is the point
         elif event.id.startswith("evt_delay_"):
             delay = DELAYS[event.id.removeprefix("evt_delay_")]
             raise RetryLater("busy", delay_seconds=delay)  # type: ignore[arg-type]

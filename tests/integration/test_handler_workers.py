@@ -144,6 +144,48 @@ async def test_a_retry_with_a_delay_that_is_no_number_is_an_attempt_like_any(
     assert len({pid for _, pid in started(out)}) == 1  # one worker ran all four
 
 
+def _sigterm_ignored(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status").read_text()
+    ignored = next(line for line in status.splitlines() if line.startswith("SigIgn:"))
+    return bool(int(ignored.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+
+
+async def test_processes_a_handler_starts_end_with_its_worker(
+    store: MemoryStore, tmp_path: Path
+) -> None:
+    """A program a handler starts takes SIGTERM as programs do, and does not outlive its
+    worker: killed with it when the worker is replaced for a timeout, and when the pool
+    stops. The worker ignored SIGTERM, which its programs inherited across exec (only
+    SIGKILL ended them), and they lived on, one more per retry, after `serve` had
+    stopped."""
+    out = tmp_path / "started.txt"
+    d = pool_dispatcher(store, out, timeout=1.0)
+    spawned: list[int] = []
+    try:
+        async with running(d, stop_timeout=5):
+            await accept(store, "evt_spawnhang_1")
+
+            async def ended(event_id: str) -> bool:
+                row = await only_delivery(store, event_id=event_id)
+                return row.status is not DeliveryStatus.PENDING
+
+            await wait_until(lambda: ended("evt_spawnhang_1"), 60)
+            (hung,) = [pid for e, pid in started(out) if e == "spawned_evt_spawnhang_1"]
+            spawned.append(hung)
+            await wait_until(lambda: process_exited(hung), 10)  # with its replaced worker
+            await accept(store, "evt_spawn_1")
+            await wait_until(lambda: ended("evt_spawn_1"), 60)
+            (helper,) = [pid for e, pid in started(out) if e == "spawned_evt_spawn_1"]
+            spawned.append(helper)
+            assert not process_exited(helper)
+            assert not _sigterm_ignored(helper)
+        await wait_until(lambda: process_exited(helper), 10)  # with its worker, at the stop
+    finally:
+        for pid in spawned:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
 async def nap_behind_a_blocker(store: MemoryStore, out: Path) -> None:
     """Timeout 3 s: `evt_sleep_short` blocks its worker's loop 2.5 s, `evt_nap_behind`, sent
     just after it, waits for it and then naps 2.9 s. Returns once neither is pending."""

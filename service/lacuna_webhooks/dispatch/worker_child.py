@@ -52,10 +52,17 @@ def _send_json(sock: socket.socket, message: list[Any]) -> None:
     sock.sendall(frame(orjson.dumps(message)))
 
 
+def _not_for_workers(signum: int, frame: object) -> None:
+    """SIGINT and SIGTERM in a worker: nothing (see ``child_main``)."""
+
+
 def child_main(fd: int) -> int:
     """Serve one parent over the socket ``fd`` until it says stop or goes away."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Ctrl-C and a stop reach `serve`, which stops its workers itself. Caught, not ignored:
+    # an ignored signal stays ignored across exec, so every process a handler started
+    # shrugged off SIGTERM (an operator's `kill` too); a handler is reset by exec.
+    signal.signal(signal.SIGINT, _not_for_workers)
+    signal.signal(signal.SIGTERM, _not_for_workers)
     _die_with_parent()
     sock = socket.socket(fileno=fd)
     stream = sock.makefile("rb")

@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import os
 import pickle
 import signal
 import socket
@@ -167,12 +168,24 @@ class _Child:
         self.killed = True
         with contextlib.suppress(ProcessLookupError):
             self.proc.kill()
+        self.end_group()
+
+    def end_group(self) -> None:
+        """SIGKILL what is left of the worker's process group (its own session: the group
+        id is its pid): processes its handler started or forked. They outlived the worker
+        when it was replaced, and ``serve`` when it stopped (a hung ``ffmpeg`` per retry).
+        A process that left the group (``setsid``) is beyond reach, as with any
+        supervisor but a cgroup (the systemd unit's)."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
 
     async def reap(self) -> int:
         self.writer.close()
         with contextlib.suppress(ConnectionError):
             await self.writer.wait_closed()
-        return await self.proc.wait()
+        code = await self.proc.wait()
+        self.end_group()  # also after a clean exit: what the handler left running
+        return code
 
 
 class HandlerWorker:
