@@ -280,6 +280,42 @@ def configure(
         stdlib.propagate = True
     for name in QUIET_LIBRARIES:
         logging.getLogger(name).setLevel(max(logging.WARNING, _LEVELS[level]))
+    # What Python prints itself went to stderr raw, secrets and all: a warning a library
+    # or a plugin gives (`warnings.warn(f"... {url}")`), an exception that ends a thread (a
+    # plugin's or a library's), one raised where nobody can catch it (a __del__). Each is
+    # a redacted log line instead.
+    logging.captureWarnings(True)
+    threading.excepthook = _log_thread_exception
+    sys.unraisablehook = _log_unraisable
+
+
+def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
+    if args.exc_type is SystemExit:
+        return  # as the default hook: a thread's sys.exit() is no error
+    thread = args.thread.name if args.thread is not None else None
+    exc_info = (args.exc_type, args.exc_value or args.exc_type(), args.exc_traceback)
+    structlog.get_logger("lacuna_webhooks").error(
+        "thread.uncaught_exception", thread=thread, exc_info=exc_info
+    )
+
+
+def _log_unraisable(args: Any) -> None:
+    exc = args.exc_value or args.exc_type()
+    structlog.get_logger("lacuna_webhooks").error(
+        "unraisable_exception",
+        message=args.err_msg or "Exception ignored",
+        object=_safe_repr(args.object),
+        exc_info=(args.exc_type, exc, args.exc_traceback),
+    )
+
+
+def _safe_repr(value: object) -> str | None:
+    if value is None:
+        return None
+    try:
+        return repr(value)[:200]
+    except Exception:  # a repr that raises: the unraisable hook must not
+        return f"<{type(value).__name__}>"
 
 
 _BATCHED: dict[int, LoopBatchedFile] = {}

@@ -7,6 +7,8 @@ import io
 import logging
 import re
 import sys
+import threading
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -24,10 +26,13 @@ def _restore_structlog() -> Any:
     saved = structlog.get_config()
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
+    hooks = threading.excepthook, sys.unraisablehook
     yield
     structlog.configure(**saved)
     root.handlers[:] = handlers
     root.setLevel(level)
+    threading.excepthook, sys.unraisablehook = hooks
+    logging.captureWarnings(False)
 
 
 class CountingRaw(io.BytesIO):
@@ -308,6 +313,43 @@ def test_every_value_of_our_lines_is_redacted_tracebacks_included() -> None:
         in crashed["exception"]
     )
     assert "https://hooks.slack.com/…" in stdlib["exception"]
+
+
+@pytest.mark.usefixtures("_forget_secrets")
+def test_what_python_prints_itself_is_a_redacted_line_too() -> None:
+    """A thread's uncaught exception, a warning and an unraisable exception (a plugin's, a
+    library's) were printed by Python to stderr as they were: the webhook URL whole."""
+
+    class Leaky:
+        def __del__(self) -> None:
+            raise RuntimeError(f"closing {SLACK_URL} with pw-Secret-42")
+
+    def fails() -> None:
+        raise RuntimeError(f"could not post to {SLACK_URL} with pw-Secret-42")
+
+    def log() -> None:
+        thread = threading.Thread(target=fails, name="plugin-poster")
+        thread.start()
+        thread.join()
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn(f"retrying {AUDIO_URL} (pw-Secret-42)", UserWarning, stacklevel=1)
+        Leaky()  # its __del__ raises where nobody can catch it
+
+    text = _lines("info", log, secrets=("pw-Secret-42",))
+    for secret in ("SlackPathSecret", "AudioTokenSecret", "pw-Secret-42", "/services/"):
+        assert secret not in text
+    lines = [orjson.loads(line) for line in text.splitlines()]
+    thread, warned, unraisable = lines
+    assert (thread["event"], thread["thread"]) == ("thread.uncaught_exception", "plugin-poster")
+    assert (
+        "RuntimeError: could not post to https://hooks.slack.com/… with **********"
+        in (thread["exception"])
+    )
+    assert warned["logger"] == "py.warnings"
+    assert "retrying https://cdn.example/… (**********)" in warned["event"]
+    assert unraisable["event"] == "unraisable_exception"
+    assert "closing https://hooks.slack.com/… with **********" in unraisable["exception"]
 
 
 @pytest.mark.usefixtures("_forget_secrets")
