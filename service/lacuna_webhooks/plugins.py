@@ -54,8 +54,20 @@ T = TypeVar("T")
 
 
 def available() -> dict[str, str]:
-    """Installed handler plugins: name -> ``module:attr``."""
-    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    """Installed handler plugins: name -> ``module:attr`` (``a:X or b:Y`` for a name that
+    several installed packages register: ``load_factory`` refuses it)."""
+    found: dict[str, list[str]] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        targets = found.setdefault(ep.name, [])
+        if ep.value not in targets:
+            targets.append(ep.value)
+    return {name: " or ".join(targets) for name, targets in found.items()}
+
+
+def _registered_by(ep: Any) -> str:
+    dist = getattr(ep, "dist", None)
+    name = getattr(dist, "name", None) if dist is not None else None
+    return f"{name} ({ep.value})" if name else ep.value
 
 
 def load_factory(name: str) -> tuple[str, HandlerFactory]:
@@ -93,6 +105,14 @@ def load_factory(name: str) -> tuple[str, HandlerFactory]:
         raise ConfigError(
             f"LACUNA_HANDLERS names unknown handler {name!r} (installed: {known}; "
             "or give package.module:attr)"
+        )
+    if len({ep.value for ep in matches}) > 1:
+        # Which one loaded depended on the order of sys.path, and `handlers` listed
+        # another: a package could stand in for a built-in handler without a word.
+        owners = ", ".join(sorted({_registered_by(ep) for ep in matches}))
+        raise ConfigError(
+            f"LACUNA_HANDLERS names {name!r}, which several installed packages register: "
+            f"{owners}; uninstall all but one, or name the one meant as module:attr"
         )
     try:
         factory = matches[0].load()

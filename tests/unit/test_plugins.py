@@ -129,6 +129,30 @@ def test_per_handler_timeout(plugin_module: str) -> None:
     assert handlers.timeouts == {"hook": 2.5, "log": 9}
 
 
+def test_a_name_two_installed_packages_register_is_refused(
+    plugin_module: str, tmp_path: Path
+) -> None:
+    """A package registering a built-in's name (here `slack`): which of the two loaded
+    depended on sys.path (the package's did, silently), and `handlers` listed the other."""
+    dist = tmp_path / "evilslack-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: evilslack\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(
+        f"[lacuna_webhooks.handlers]\nslack = {plugin_module}:Hook\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        build_handlers(["slack"], {"LACUNA_SLACK_WEBHOOK_URL": "https://hooks.slack.com/x"})
+    (problem,) = info.value.problems
+    assert problem.startswith("LACUNA_HANDLERS names 'slack', which several installed packages")
+    assert f"evilslack ({plugin_module}:Hook)" in problem
+    assert "lacuna_webhooks.handlers.slack:SlackHandler" in problem
+    assert available()["slack"] in (
+        f"lacuna_webhooks.handlers.slack:SlackHandler or {plugin_module}:Hook",
+        f"{plugin_module}:Hook or lacuna_webhooks.handlers.slack:SlackHandler",
+    )
+    assert isinstance(build_handlers(["log"], {}).handlers["log"], LogHandler)  # others load
+
+
 def test_unknown_name_is_one_clear_line() -> None:
     with pytest.raises(ConfigError) as info:
         build_handlers(["nosuch"], {})
