@@ -142,7 +142,11 @@ async def test_folder_gets_each_track_and_an_event_json(
 
 @pytest.mark.parametrize(
     ("fmt", "content_type", "ext"),
-    [("wav", "audio/mpeg", "wav"), (None, "audio/wav", "wav"), (None, "text/plain", "bin")],
+    [
+        ("wav", "audio/mpeg", "wav"),
+        (None, "audio/wav", "wav"),
+        (None, "application/octet-stream", "bin"),
+    ],
 )
 async def test_extension_comes_from_format_then_url_then_content_type(
     folder: StorageHandler,
@@ -226,6 +230,22 @@ async def test_a_server_error_is_retried(
     with pytest.raises(RetryLater, match=f"HTTP {status}") as caught:
         await folder.handle(completed([httpserver.url_for("/x.mp3")]))
     assert caught.value.delay_seconds is None
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["text/html; charset=utf-8", "application/json", "text/plain", "application/problem+json"],
+)
+async def test_a_page_answered_with_200_is_not_archived_as_the_audio(
+    folder: StorageHandler, root: Path, httpserver: HTTPServer, content_type: str
+) -> None:
+    """An error page a CDN or proxy serves with a 200 was stored as trk_01.wav (or .bin) and
+    the delivery done: the real audio lost once the link went stale. A retry, with why."""
+    html = b"<html><body>502 Bad gateway</body></html>"
+    url = serve_audio(httpserver, "/a.wav", html, content_type=content_type)
+    with pytest.raises(RetryLater, match="a document, not audio"):
+        await folder.handle(completed([url]))
+    assert files_under(root) == []
 
 
 async def test_429_is_retried_after_retry_after(

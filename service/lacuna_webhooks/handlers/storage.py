@@ -529,6 +529,17 @@ def _segment(value: str | None, what: str, event: Event) -> str:
     return value
 
 
+def _is_a_document(media_type: str) -> bool:
+    """A media type (lowercase) that is a page or a structured document, never audio:
+    ``text/*``, JSON, XML, JavaScript. Anything else (``audio/*``, ``video/*``,
+    ``application/octet-stream``, none at all) is taken as the file."""
+    return (
+        media_type.startswith("text/")
+        or media_type in ("application/json", "application/xml", "application/javascript")
+        or media_type.endswith(("+json", "+xml"))
+    )
+
+
 def _extension(track: Track, response: httpx.Response) -> str:
     candidates = [
         (track.format or "").lower(),
@@ -705,6 +716,15 @@ class StorageHandler:
         status = response.status_code
         source = redact_url(url)
         if status == 200:
+            media_type = response.headers.get("content-type", "").split(";", 1)[0].strip()
+            if _is_a_document(media_type.lower()):
+                # An error or login page with a 200 (a CDN, a proxy, an expired link's
+                # landing page) was archived as the audio, and the delivery was done: the
+                # real file lost for good once the link went stale.
+                raise RetryLater(
+                    f"{what}: HTTP 200 from {source} with Content-Type "
+                    f"{media_type[:80]!r}, a document, not audio"
+                )
             length = response.headers.get("content-length", "")
             if length.isascii() and length.isdigit() and int(length) > self.max_bytes:
                 raise PermanentError(
