@@ -144,6 +144,24 @@ class Misbehaving:
         time.sleep(self.aclose_block_seconds)  # noqa: ASYNC251 - blocking is the point
 
 
+class SyncMisbehaving(Misbehaving):
+    """The same, with ``handle`` a plain ``def`` (a blocking client's plugin): it writes
+    ``<event id> <pid>`` too, then ``evt_sleep_`` blocks for ``BLOCK`` seconds and
+    ``evt_meet_`` waits until four ``evt_meet_`` attempts run at once (a barrier)."""
+
+    name = "misbehaving"
+    meeting = threading.Barrier(4, timeout=30)
+
+    def handle(self, event: Event) -> dict[str, str] | None:  # type: ignore[override]
+        with self.path.open("a") as fh:
+            fh.write(f"{event.id} {os.getpid()}\n")
+        if event.id.startswith("evt_sleep_"):
+            time.sleep(self.block_seconds)
+        elif event.id.startswith("evt_meet_"):
+            self.meeting.wait()
+        return {"thread": threading.current_thread().name}
+
+
 def started(path: Path) -> list[tuple[str, int]]:
     """(event id, pid) of every attempt started so far, in order."""
     if not path.exists():

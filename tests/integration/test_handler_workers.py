@@ -43,11 +43,16 @@ async def store() -> AsyncIterator[MemoryStore]:
 
 
 def pool_dispatcher(
-    store: MemoryStore, out: Path, timeout: float, block: float = 60, nap: float = 1
+    store: MemoryStore,
+    out: Path,
+    timeout: float,
+    block: float = 60,
+    nap: float = 1,
+    item: str = "tests.e2e.misbehaving_plugin:Misbehaving",
 ) -> Dispatcher:
     spec = WorkerSpec(
         name=NAME,
-        item="tests.e2e.misbehaving_plugin:Misbehaving",
+        item=item,
         environ={
             "LACUNA_MISBEHAVING_PATH": str(out),
             "LACUNA_MISBEHAVING_BLOCK": str(block),
@@ -184,6 +189,48 @@ async def test_processes_a_handler_starts_end_with_its_worker(
         for pid in spawned:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+async def test_a_plain_def_handler_runs_its_attempts_at_once_and_is_cut_off(
+    store: MemoryStore, tmp_path: Path
+) -> None:
+    """A plugin whose ``handle`` is a plain ``def``: its four attempts run at once (each
+    waits for the four), each in a thread, not on the worker's event loop, where they ran
+    one after another and those that waited past their timeout were recorded as timeouts.
+    One that blocks past its timeout is a timeout, and its worker is replaced: a thread
+    cannot be stopped, and the retry must not run beside it."""
+    out = tmp_path / "started.txt"
+    d = pool_dispatcher(
+        store, out, timeout=3.0, item="tests.e2e.misbehaving_plugin:SyncMisbehaving"
+    )
+    async with running(d, stop_timeout=5):
+        for n in range(4):
+            await accept(store, f"evt_meet_{n}")
+
+        async def ended(*event_ids: str) -> bool:
+            rows = [await only_delivery(store, event_id=e) for e in event_ids]
+            return all(r.status is not DeliveryStatus.PENDING for r in rows)
+
+        meets = [f"evt_meet_{n}" for n in range(4)]
+        await wait_until(lambda: ended(*meets), 60)
+        await accept(store, "evt_sleep_1")
+        await wait_until(lambda: ended("evt_sleep_1"), 60)
+        await accept(store, "evt_ok_after")
+        await wait_until(lambda: ended("evt_ok_after"), 60)
+    for event_id in meets:
+        row = await only_delivery(store, event_id=event_id)
+        assert (row.status, row.attempts) == (DeliveryStatus.DONE, 1)
+        assert row.result is not None
+        assert str(row.result["thread"]).startswith("handle-evt_meet_")
+    blocker = await only_delivery(store, event_id="evt_sleep_1")
+    assert blocker.status is DeliveryStatus.DEAD
+    (attempt,) = await store.list_attempts(blocker.id)
+    assert (
+        attempt.error
+        == "TimeoutError: handler exceeded 3s; it did not yield, so its worker process was replaced"
+    )
+    pids = dict(started(out))
+    assert pids["evt_meet_0"] == pids["evt_sleep_1"] != pids["evt_ok_after"]
 
 
 async def nap_behind_a_blocker(store: MemoryStore, out: Path) -> None:

@@ -4,6 +4,7 @@ store records), with ``run_attempt`` at the plugin boundary. No I/O, no clock.""
 from __future__ import annotations
 
 import asyncio
+import threading
 from datetime import UTC, datetime, timedelta
 
 import orjson
@@ -18,9 +19,11 @@ from lacuna_webhooks.dispatch.attempt import (
     classify,
     decide,
     run_attempt,
+    stranded_thread,
     timed_out,
 )
 from lacuna_webhooks.errors import PauseHandler, PermanentError, RateLimited, RetryLater
+from lacuna_webhooks.handlers.base import current_attempt
 from lacuna_webhooks.models import AttemptOutcome, Event
 from lacuna_webhooks.retry import RetryPolicy
 from tests.conftest import make_event
@@ -259,6 +262,62 @@ async def test_run_attempt_cuts_off_a_handler_that_yields() -> None:
 
     outcome = await run_attempt(Hangs(), EVENT, 0.01)  # type: ignore[arg-type]
     assert outcome == timed_out(0.01)
+
+
+class Blocking:
+    """A plain-``def`` handler: it waits for ``barrier`` (every attempt at once), or for
+    ``release`` when given one, and returns its attempt number, read in its thread."""
+
+    name = "blocking"
+    events = None
+
+    def __init__(
+        self, barrier: threading.Barrier | None = None, release: threading.Event | None = None
+    ) -> None:
+        self.barrier = barrier
+        self.release = release
+
+    def handle(self, event: Event) -> object:
+        if self.release is not None:
+            self.release.wait(30)
+        if self.barrier is not None:
+            self.barrier.wait()
+        if event.id == "evt_raise":
+            raise SystemExit(3)
+        return {"attempt": current_attempt.get()}
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_a_plain_def_handle_runs_in_a_thread_beside_the_others() -> None:
+    """Four attempts of a plain-``def`` handler that each wait for all four can only end
+    if they run at once: they did not, each held the event loop until it returned. Its
+    context (the attempt number) and its exceptions are the attempt's as for a coroutine."""
+    handler = Blocking(barrier=threading.Barrier(4, timeout=20))
+    outcomes = await asyncio.gather(
+        *(run_attempt(handler, EVENT, 30, attempt=n) for n in (1, 2, 3, 4))  # type: ignore[arg-type]
+    )
+    assert [o.result for o in outcomes] == [{"attempt": n} for n in (1, 2, 3, 4)]
+    assert not stranded_thread.get()
+    raised = Event.from_body(orjson.dumps(make_event("evt_raise")))
+    outcome = await run_attempt(Blocking(), raised, 5)  # type: ignore[arg-type]
+    assert outcome == Outcome(Ending.FAILED, "SystemExit: 3")
+
+
+async def test_a_plain_def_handle_past_its_timeout_strands_its_worker() -> None:
+    """Nothing stops a thread: an attempt whose thread outlives the timeout is a timeout
+    whose worker is to be replaced (``stranded_thread``), as for a handler that blocks."""
+    release = threading.Event()
+    try:
+        outcome = await run_attempt(Blocking(release=release), EVENT, 0.05)  # type: ignore[arg-type]
+        assert outcome == timed_out(0.05, killed=True)
+        assert stranded_thread.get()
+    finally:
+        release.set()
+    outcome = await run_attempt(Blocking(), EVENT, 5)  # type: ignore[arg-type]
+    assert outcome.ending is Ending.OK
+    assert not stranded_thread.get()
 
 
 async def test_cancelling_run_attempt_propagates() -> None:

@@ -42,7 +42,11 @@ counts like any failure, so a peer that answers 429 forever still ends the deliv
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import enum
+import inspect
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -213,6 +217,50 @@ def classify(value: BaseException | object) -> Outcome:
     return Outcome(Ending.OK, result=value)
 
 
+#: Set by ``run_attempt`` in the calling task: the attempt timed out while its plain-``def``
+#: ``handle()`` still runs in its thread. Nothing can stop a thread, and a retry beside it
+#: would run the handler twice at once for one event: the worker process that holds it is
+#: to be replaced (``worker_child`` tells its parent, which kills it as for a handler that
+#: blocks its loop).
+stranded_thread: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "stranded_thread", default=False
+)
+
+
+def _in_a_thread(
+    call: Callable[[Event], object], event: Event
+) -> tuple[asyncio.Future[object], threading.Thread]:
+    """Start ``call(event)`` in a new daemon thread, in a copy of this context (the attempt
+    number, the prerequisites' results); its result or exception settles the future. A
+    thread per attempt, not a pool's: a pool smaller than the handler's concurrency would
+    leave attempts waiting there past their timeout."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[object] = loop.create_future()
+    context = contextvars.copy_context()
+
+    def settle_from_thread(value: object, exc: BaseException | None) -> None:
+        if future.done():
+            return  # the attempt timed out meanwhile
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(value)
+
+    def run() -> None:
+        value: object = None
+        error: BaseException | None = None
+        try:
+            value = context.run(call, event)
+        except BaseException as exc:  # the plugin boundary, as for a coroutine
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
+            loop.call_soon_threadsafe(settle_from_thread, value, error)
+
+    thread = threading.Thread(target=run, name=f"handle-{event.id[:40]}", daemon=True)
+    thread.start()
+    return future, thread
+
+
 def timed_out(timeout_seconds: float, *, killed: bool = False) -> Outcome:
     """The outcome of an attempt cut off at ``timeout_seconds``."""
     how = "; it did not yield, so its worker process was replaced" if killed else ""
@@ -240,11 +288,21 @@ async def run_attempt(
     """
     current_attempt.set(attempt)
     current_results.set(results)
+    stranded_thread.set(False)
     deadline = asyncio.timeout(timeout_seconds)
+    thread: threading.Thread | None = None
     try:
         async with deadline:
             # Typed as returning None; SPEC §6 lets a handler return a JSON object.
-            result = await settle(handler.handle(event))
+            if inspect.iscoroutinefunction(handler.handle):
+                result = await settle(handler.handle(event))
+            else:
+                # A plain `def handle` (requests.post, a blocking client): in a thread of its
+                # own, so that it no longer holds the worker's event loop. On that loop its
+                # attempts ran one after another, and those waiting past their timeout were
+                # recorded as timeouts and their worker replaced.
+                future, thread = _in_a_thread(handler.handle, event)
+                result = await settle(await future)
     except asyncio.CancelledError as exc:
         task = asyncio.current_task()
         if task is not None and task.cancelling():
@@ -252,7 +310,13 @@ async def run_attempt(
         return classify(exc)  # the handler raised CancelledError itself
     except TimeoutError as exc:
         # Ours, or one the handler raised itself (say, its own read timeout).
-        return timed_out(timeout_seconds) if deadline.expired() else classify(exc)
+        if not deadline.expired():
+            return classify(exc)
+        if thread is not None and thread.is_alive():
+            # A thread cannot be stopped: its worker must be (see stranded_thread).
+            stranded_thread.set(True)
+            return timed_out(timeout_seconds, killed=True)
+        return timed_out(timeout_seconds)
     except BaseException as exc:
         # The plugin boundary, the one place that catches everything: whatever a handler
         # raises (SystemExit and KeyboardInterrupt included) is an outcome of its attempt.

@@ -26,7 +26,7 @@ import structlog
 from ..child import frame, read_frame
 from ..handlers.base import Handler, settle
 from ..models import Event
-from .attempt import Ending, Outcome, describe_error, run_attempt
+from .attempt import Ending, Outcome, describe_error, run_attempt, stranded_thread
 from .workers import MAX_FRAME_BYTES, WorkerSpec
 
 if TYPE_CHECKING:
@@ -151,6 +151,11 @@ async def _serve(sock: socket.socket, handler: Handler, tracing: Tracing | None 
                 results=results,
                 trace_context=trace_context,
             )
+        if stranded_thread.get():
+            # Its plain-def handle() still runs in a thread past the timeout: the parent
+            # replaces this worker and charges the attempt with the timeout.
+            writer.write(frame(orjson.dumps(["stuck", attempt_id])))
+            return
         try:
             payload = orjson.dumps(["done", attempt_id, outcome.to_wire()])
         except TypeError:  # run_attempt checked the result and the delay: a last guard

@@ -370,6 +370,11 @@ class HandlerWorker:
                 if reply[0] == "pong":
                     self._answered(child, int(reply[1]))
                     continue
+                if reply[0] == "stuck":
+                    # A plain-def handle() still running in its thread past the timeout.
+                    if int(reply[1]) in child.attempts and not child.killed:
+                        self._kill_for(child, int(reply[1]))
+                    continue
                 if reply[0] != "done":
                     raise ValueError(f"unexpected message {reply[0]!r}")
                 attempt_id = int(reply[1])
