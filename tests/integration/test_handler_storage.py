@@ -174,6 +174,28 @@ async def test_a_retry_does_not_fetch_stored_tracks_again(
     assert (root / "cm123abc/trk_01.mp3").read_bytes() == AUDIO
 
 
+async def test_tracks_of_an_earlier_event_of_the_task_stay_in_its_record(
+    folder: StorageHandler, root: Path, httpserver: HTTPServer
+) -> None:
+    """Two events of one task with different tracks: event.json kept only the later one's,
+    and a replay of the first fetched its track again (from a link that may be stale)."""
+    one = serve_audio(httpserver, "/one.mp3", AUDIO)
+    first = as_event(
+        make_event("evt_first", tracks=[{"id": "trk_a", "audio_url": one, "duration": 1.0}])
+    )
+    two = serve_audio(httpserver, "/two.mp3", AUDIO_2)
+    second = as_event(
+        make_event("evt_second", tracks=[{"id": "trk_b", "audio_url": two, "duration": 1.0}])
+    )
+    await folder.handle(first)
+    await folder.handle(second)
+    manifest = orjson.loads((root / "cm123abc/event.json").read_bytes())
+    assert [t["id"] for t in manifest["tracks"]] == ["trk_b", "trk_a"]
+    assert (manifest["event_id"], manifest["complete"]) == ("evt_second", True)
+    await folder.handle(first)  # a replay of the first
+    assert requests_to(httpserver, "/one.mp3") == 1
+
+
 async def test_a_stored_file_that_no_longer_matches_its_sha256_is_fetched_again(
     folder: StorageHandler, root: Path, httpserver: HTTPServer
 ) -> None:

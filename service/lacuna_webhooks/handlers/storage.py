@@ -614,6 +614,10 @@ class StorageHandler:
         manifest_key = f"{task_id}/{MANIFEST}"
         try:
             stored = _manifest_entries(await self.sink.read(manifest_key, limit=MAX_MANIFEST_BYTES))
+            # Tracks an earlier event of the task stored that this one does not list: kept
+            # in the record (the files stay), or a replay of that event fetched them again,
+            # from links that may have gone stale meanwhile.
+            earlier = [entry for track_id, entry in stored.items() if track_id not in seen]
             done: dict[str, dict[str, Any]] = {}
             for track in completed.data.tracks:
                 entry = stored.get(track.id)
@@ -631,7 +635,9 @@ class StorageHandler:
                     entry = await self._store_track(event, task_id, track)
                 done[track.id] = entry
                 complete = len(done) == len(completed.data.tracks)
-                await self._write_manifest(event, task_id, completed.data.tracks, done, complete)
+                await self._write_manifest(
+                    event, task_id, completed.data.tracks, done, complete, earlier
+                )
         except OSError as exc:
             message = f"writing under {self.sink.location('')} failed: {exc}"
             if exc.errno in INPUT_ERRNOS:
@@ -750,13 +756,14 @@ class StorageHandler:
         tracks: tuple[Track, ...],
         done: Mapping[str, dict[str, Any]],
         complete: bool,
+        earlier: list[dict[str, Any]],
     ) -> None:
         doc = {
             "task_id": task_id,
             "event_id": event.id,
             "complete": complete,
             "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "tracks": [done[t.id] for t in tracks if t.id in done],
+            "tracks": [done[t.id] for t in tracks if t.id in done] + earlier,
             "event": event.payload,
         }
         await self.sink.write_bytes(
