@@ -216,6 +216,16 @@ def test_an_http_webhook_url_stops_start_without_the_switch() -> None:
     assert "XXXXsecretXXXX" not in str(e.value)
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "10.0.0.5", "[::1]", "[64:ff9b::7f00:1]"])
+def test_a_webhook_url_at_a_private_address_stops_start(host: str) -> None:
+    """An address literal the outbound rules refuse at every post: refused at start (it
+    started, and every delivery ended dead with UnsafeURL)."""
+    with pytest.raises(ConfigError, match="is not a public address") as e:
+        make_handler(f"https://{host}{HOOK_PATH}", allow_private=False)
+    assert "XXXXsecretXXXX" not in str(e.value)
+    make_handler(f"https://{host}{HOOK_PATH}", allow_private=True)  # a test server: fine
+
+
 def test_a_missing_webhook_url_stops_start() -> None:
     with pytest.raises(ConfigError, match="LACUNA_SLACK_WEBHOOK_URL is required"):
         SlackHandler(HandlerContext("slack", environ={}))

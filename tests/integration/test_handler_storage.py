@@ -666,3 +666,13 @@ async def test_a_full_disk_leaves_no_temporary_file(
         await sink.write_stream("task/trk_01.mp3", chunks(), content_type="audio/mpeg")
     assert info.value.errno == errno.ENOSPC
     assert [p.name for p in (tmp_path / "task").iterdir()] == []
+
+
+@pytest.mark.parametrize("escape", ["%00", "%0A", "%7F"])
+def test_a_folder_url_with_a_control_character_is_one_line_naming_it(
+    tmp_path: Path, escape: str
+) -> None:
+    """`file:///tmp/x%00y` gave "the 'storage' handler failed to start: ValueError:
+    embedded null byte", without the variable's name."""
+    with pytest.raises(ConfigError, match="LACUNA_STORAGE_URL names a folder with a control"):
+        make_handler({"LACUNA_STORAGE_URL": f"{tmp_path.as_uri()}/x{escape}y"})

@@ -24,6 +24,7 @@ and 5xx are retried; a redirect or any other 4xx (``invalid_payload``,
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 import httpx
@@ -41,7 +42,14 @@ from ._common import (
     peer_text,
     stored_location,
 )
-from ._http import OutboundClient, UnsafeURL, check_url, retry_after_seconds, transport_failure
+from ._http import (
+    OutboundClient,
+    UnsafeURL,
+    check_url,
+    is_public_address,
+    retry_after_seconds,
+    transport_failure,
+)
 from .base import HandlerContext
 
 logger = structlog.get_logger("lacuna_webhooks.handlers.slack")
@@ -191,9 +199,21 @@ class SlackHandler:
         var = ctx.env_name("WEBHOOK_URL")
         self.url = ctx.require_secret("WEBHOOK_URL")
         try:
-            check_url(self.url, allow_private=ctx.allow_private_urls, what=var)
+            parsed = check_url(self.url, allow_private=ctx.allow_private_urls, what=var)
         except UnsafeURL as exc:
             raise ConfigError(exc.message) from None
+        if not ctx.allow_private_urls:
+            # An address the outbound rules refuse at every post: refused at start instead
+            # of every delivery ending dead with UnsafeURL.
+            try:
+                literal = ipaddress.ip_address(parsed.host)
+            except ValueError:
+                literal = None  # a name: resolved, and checked, when posting
+            if literal is not None and not is_public_address(literal):
+                raise ConfigError(
+                    f"{var} points at {literal}, which is not a public address; Slack's "
+                    "webhooks are (LACUNA_ALLOW_PRIVATE_URLS=true allows a test server)"
+                )
         connect_seconds, read_seconds = network_timeouts(ctx)
         self.http = OutboundClient(
             allow_private=ctx.allow_private_urls,

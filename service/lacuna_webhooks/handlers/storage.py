@@ -416,6 +416,9 @@ def open_sink(ctx: HandlerContext) -> Sink:
         root = Path(unquote(parts.path))
         if not root.is_absolute() or not parts.path.startswith("/"):
             raise ConfigError(f"{var} must name an absolute folder: file:///abs/dir")
+        if any(ord(c) < 32 or ord(c) == 127 for c in str(root)):
+            # `%00` decoded: "the handler failed to start: ValueError: embedded null byte".
+            raise ConfigError(f"{var} names a folder with a control character (a %00?)")
         file_mode = file_mode_setting(ctx)
         try:
             if not root.is_dir():
