@@ -7,6 +7,7 @@ models of ``lacuna_webhooks.events``, as plugins read them.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -17,9 +18,36 @@ from ..redact import redact_text
 from .base import HandlerContext, current_results
 
 N = TypeVar("N", int, float)
+T = TypeVar("T")
 
 DEFAULT_CONNECT_TIMEOUT_SECONDS = 10.0
 DEFAULT_READ_TIMEOUT_SECONDS = 30.0
+
+
+class Problems:
+    """The ``ConfigError`` lines of a handler's independent settings, gathered so that its
+    constructor reports every bad one at once (docs/configuration.md), not the first:
+
+    >>> problems = Problems()
+    >>> size = problems.read(lambda: int_setting(ctx, "MAX_BYTES", 10))  # None if bad
+    >>> problems.check()  # ConfigError with every line, if any
+    """
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def read(self, read: Callable[[], T]) -> T | None:
+        """``read()``, or ``None`` with its problems kept when it raises ``ConfigError``."""
+        try:
+            return read()
+        except ConfigError as exc:
+            self.lines.extend(exc.problems)
+            return None
+
+    def check(self) -> None:
+        """Raise ``ConfigError`` with every line gathered, if any."""
+        if self.lines:
+            raise ConfigError(self.lines)
 
 
 def float_setting(
@@ -66,18 +94,20 @@ def network_timeouts(ctx: HandlerContext) -> tuple[float, float]:
     Defaults are 10 s and 30 s, lowered to half the attempt timeout when that is shorter.
     """
     limit = ctx.timeout_seconds
+    problems = Problems()
     result = []
     for key, default in (
         ("CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT_SECONDS),
         ("READ_TIMEOUT", DEFAULT_READ_TIMEOUT_SECONDS),
     ):
-        value = float_setting(ctx, key, min(default, limit / 2))
-        if value >= limit:
-            raise ConfigError(
+        value = problems.read(functools.partial(float_setting, ctx, key, min(default, limit / 2)))
+        if value is not None and value >= limit:
+            problems.lines.append(
                 f"{ctx.env_name(key)} ({value:g}) must be smaller than the handler's attempt "
                 f"timeout ({limit:g} s, {ctx.env_name('TIMEOUT')} or LACUNA_HANDLER_TIMEOUT)"
             )
-        result.append(value)
+        result.append(value or 0.0)
+    problems.check()
     return result[0], result[1]
 
 

@@ -41,7 +41,13 @@ from ..config import parse_bool, read_file_setting
 from ..errors import ConfigError, PermanentError, RetryLater
 from ..events import is_job_completed, is_job_failed, parse_event
 from ..models import Event
-from ._common import display_title, format_duration, network_timeouts, stored_location
+from ._common import (
+    Problems,
+    display_title,
+    format_duration,
+    network_timeouts,
+    stored_location,
+)
 from .base import HandlerContext
 
 logger = structlog.get_logger("lacuna_webhooks.handlers.email")
@@ -218,6 +224,15 @@ def _tls_context(ctx: HandlerContext) -> ssl.SSLContext | None:
         raise ConfigError(f"{var}: cannot load {ca_file}: {exc}") from None
 
 
+def _recipients(ctx: HandlerContext) -> list[str]:
+    """``LACUNA_<NAME>_TO``: comma-separated addresses, at least one, each checked."""
+    var = ctx.env_name("TO")
+    recipients = [_address(item, var) for item in ctx.require("TO").split(",") if item.strip()]
+    if not recipients:
+        raise ConfigError(f"{var} names no recipient")
+    return recipients
+
+
 class EmailHandler:
     """Mails each event to ``LACUNA_EMAIL_TO`` (see the module docstring)."""
 
@@ -226,17 +241,22 @@ class EmailHandler:
 
     def __init__(self, ctx: HandlerContext) -> None:
         self.name = ctx.name
-        self.target = parse_smtp_url(ctx.require_secret("SMTP_URL"), ctx.env_name("SMTP_URL"))
-        self.sender = _address(ctx.require("FROM"), ctx.env_name("FROM"))
-        self.recipients = [
-            _address(item, ctx.env_name("TO"))
-            for item in ctx.require("TO").split(",")
-            if item.strip()
-        ]
-        if not self.recipients:
-            raise ConfigError(f"{ctx.env_name('TO')} names no recipient")
-        self.tls_context = _tls_context(ctx)
-        self.connect_timeout_seconds, self.timeout_seconds = network_timeouts(ctx)
+        problems = Problems()  # every bad setting at once, not the first
+        target = problems.read(
+            lambda: parse_smtp_url(ctx.require_secret("SMTP_URL"), ctx.env_name("SMTP_URL"))
+        )
+        sender = problems.read(lambda: _address(ctx.require("FROM"), ctx.env_name("FROM")))
+        recipients = problems.read(lambda: _recipients(ctx))
+        tls_context = problems.read(lambda: _tls_context(ctx))
+        timeouts = problems.read(lambda: network_timeouts(ctx))
+        problems.check()
+        assert target is not None
+        assert sender is not None
+        assert recipients is not None
+        assert timeouts is not None
+        self.target, self.sender, self.recipients = target, sender, recipients
+        self.tls_context = tls_context
+        self.connect_timeout_seconds, self.timeout_seconds = timeouts
 
     async def handle(self, event: Event) -> None:
         try:

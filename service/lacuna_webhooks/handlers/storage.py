@@ -73,7 +73,7 @@ from ..errors import ConfigError, PermanentError, RateLimited, RetryLater
 from ..events import JobCompleted, Track, is_job_completed, parse_event
 from ..models import Event, json_default, parse_json
 from ..redact import redact_text, redact_url
-from ._common import int_setting, network_timeouts
+from ._common import Problems, int_setting, network_timeouts
 from ._http import OutboundClient, retry_after_seconds, transport_failure
 from .base import HandlerContext
 
@@ -588,9 +588,18 @@ class StorageHandler:
 
     def __init__(self, ctx: HandlerContext) -> None:
         self.name = ctx.name
-        self.sink = open_sink(ctx)
-        self.max_bytes = int_setting(ctx, "MAX_BYTES", DEFAULT_MAX_BYTES, maximum=MAX_MAX_BYTES)
-        connect_seconds, read_seconds = network_timeouts(ctx)
+        problems = Problems()  # every bad setting at once, not the first
+        sink = problems.read(lambda: open_sink(ctx))
+        max_bytes = problems.read(
+            lambda: int_setting(ctx, "MAX_BYTES", DEFAULT_MAX_BYTES, maximum=MAX_MAX_BYTES)
+        )
+        timeouts = problems.read(lambda: network_timeouts(ctx))
+        problems.check()
+        assert sink is not None
+        assert max_bytes is not None
+        assert timeouts is not None
+        self.sink, self.max_bytes = sink, max_bytes
+        connect_seconds, read_seconds = timeouts
         self.http = OutboundClient(
             allow_private=ctx.allow_private_urls,
             connect_timeout_seconds=connect_seconds,
