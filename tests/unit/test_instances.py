@@ -191,6 +191,7 @@ def test_every_bad_override_of_every_instance_is_reported_together() -> None:
         "LACUNA_APP_RETRY_MAX_ATTEMPTS",
         "LACUNA_APP_TIMEOUT",
         "LACUNA_OTHER_CONCURRENCY",
+        "LACUNA_OTHER_SECRET",  # the handler's own settings, each of them (only URL was)
         "LACUNA_OTHER_URL",
     ]
 

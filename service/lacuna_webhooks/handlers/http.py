@@ -35,6 +35,7 @@ The secret and the URL's credentials, path and query are never logged.
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections import OrderedDict
@@ -50,7 +51,7 @@ from ..errors import ConfigError, PauseHandler, PermanentError, RateLimited, Ret
 from ..models import Event
 from ..redact import header_secrets, remember_secrets, url_secrets
 from ..signature import signed_headers, standard_webhooks_key
-from ._common import network_timeouts, peer_text
+from ._common import Problems, network_timeouts, peer_text
 from ._http import OutboundClient, retry_after_seconds, transport_failure
 from .base import HandlerContext, current_attempt, current_results, current_traceparent
 
@@ -167,36 +168,53 @@ class HTTPHandler:
     def __init__(self, ctx: HandlerContext, *, clock: Callable[[], float] = time.time) -> None:
         self.name = ctx.name
         self.url_var = ctx.env_name("URL")
-        url_text = ctx.require("URL")
-        self.url = parse_url(url_text, self.url_var)
-        self.where = where(self.url)
-        # forwarding.md: the URL's credentials, path and query are never shown (only
-        # `where`). A peer that echoes the request line or its headers in its refusal put
-        # them in the error text: the password as the `Basic` token the client sends it as.
-        remember_secrets([*url_secrets(url_text, secret_path=True), self.url.query.decode()])
-        self.keys = parse_secrets(ctx.require("SECRET"), ctx.env_name("SECRET"))
-        self.extra_headers = parse_headers(ctx.get("HEADERS"), ctx.env_name("HEADERS"))
+        problems = Problems()  # every bad setting at once, not the first
+        url_text = problems.read(functools.partial(ctx.require, "URL"))
+        url = None
+        if url_text is not None:
+            url = problems.read(functools.partial(parse_url, url_text, self.url_var))
+        if url_text is not None and url is not None:
+            # forwarding.md: the URL's credentials, path and query are never shown (only
+            # `where`). A peer that echoes the request line or its headers in its refusal
+            # put them in the error text: the password as the `Basic` token the client
+            # sends it as.
+            remember_secrets([*url_secrets(url_text, secret_path=True), url.query.decode()])
+        keys = problems.read(lambda: parse_secrets(ctx.require("SECRET"), ctx.env_name("SECRET")))
+        extra_headers = problems.read(
+            lambda: parse_headers(ctx.get("HEADERS"), ctx.env_name("HEADERS"))
+        )
         # Their values are never shown either (API keys, `Bearer <token>`): as serve and the
         # workers remember them from the environment, for a handler built elsewhere too.
         remember_secrets(header_secrets(ctx.get("HEADERS")))
         # The client sends the URL's user and password as `Authorization: Basic …`, which
         # would replace an Authorization of HEADERS without a word: refused.
-        if self.url.userinfo and any(
-            name.lower() == "authorization" for name in self.extra_headers
+        if (
+            url is not None
+            and extra_headers is not None
+            and url.userinfo
+            and any(name.lower() == "authorization" for name in extra_headers)
         ):
-            raise ConfigError(
+            problems.lines.append(
                 f"{self.url_var} has a user and password, which are sent as an "
                 f"Authorization header, and {ctx.env_name('HEADERS')} sets Authorization "
                 "too: give the credentials in one of them"
             )
         payload = (ctx.get("PAYLOAD") or "event").lower()
         if payload not in PAYLOADS:
-            raise ConfigError(
+            problems.lines.append(
                 f"{ctx.env_name('PAYLOAD')} must be one of {', '.join(PAYLOADS)}, got {payload!r}"
             )
+        timeouts = problems.read(functools.partial(network_timeouts, ctx))
+        problems.check()
+        assert url is not None
+        assert keys is not None
+        assert extra_headers is not None
+        assert timeouts is not None
+        self.url, self.keys, self.extra_headers = url, keys, extra_headers
+        self.where = where(self.url)
         self.payload = payload
         self.clock = clock
-        connect_seconds, read_seconds = network_timeouts(ctx)
+        connect_seconds, read_seconds = timeouts
         # The URL is the operator's own (SPEC §7): private addresses and http are allowed, so
         # the public-only transport is not used; redirects are still never followed.
         self.http = OutboundClient(
