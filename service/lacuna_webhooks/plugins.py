@@ -20,9 +20,11 @@ validated here at start, every bad one of every instance reported at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import importlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, TypeVar
@@ -68,6 +70,36 @@ def _registered_by(ep: Any) -> str:
     dist = getattr(ep, "dist", None)
     name = getattr(dist, "name", None) if dist is not None else None
     return f"{name} ({ep.value})" if name else ep.value
+
+
+#: A handler's constructor still running after this many seconds is named in a warning
+#: (then again at each multiple): one that blocks hung the start without a word.
+SLOW_BUILD_SECONDS = 10.0
+
+
+@contextlib.contextmanager
+def _slow_build_warning(item: str) -> Iterator[None]:
+    """Warn ``handler.build_slow`` while the constructor of ``item`` runs longer than
+    ``SLOW_BUILD_SECONDS`` (from a timer thread: the constructor may hold this one)."""
+    done = threading.Event()
+
+    def watch() -> None:
+        waited = 0.0
+        while not done.wait(SLOW_BUILD_SECONDS):
+            waited += SLOW_BUILD_SECONDS
+            structlog.get_logger("lacuna_webhooks.plugins").warning(
+                "handler.build_slow",
+                handler=item,
+                seconds=waited,
+                hint="a handler's constructor must not block: connect lazily, in handle()",
+            )
+
+    watcher = threading.Thread(target=watch, name=f"build-watch-{item[:40]}", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
 
 
 def load_factory(name: str) -> tuple[str, HandlerFactory]:
@@ -285,7 +317,8 @@ def build_handlers(
         except ConfigError as exc:
             problems.extend(exc.problems)
         try:
-            handler = factory(ctx)
+            with _slow_build_warning(item):
+                handler = factory(ctx)
             default_events = _check_handler(item, handler)
             handler.name = name
             handlers[name] = handler

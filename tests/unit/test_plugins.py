@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -85,6 +86,13 @@ def plugin_module(tmp_path: Path) -> Iterator[str]:
 
                 def __init__(self, ctx):
                     pass
+
+            class SlowInit(Hook):
+                name = "slowinit"
+
+                def __init__(self, ctx):
+                    import time
+                    time.sleep(float(ctx.get("SLEEP", "0")))
             """
         )
     )
@@ -201,6 +209,24 @@ def test_every_bad_setting_of_one_built_in_handler_is_reported(tmp_path: Path) -
     ):
         assert var in text, var
     assert "LACUNA_EMAIL_SMTP_URL" not in text
+
+
+def test_a_constructor_that_blocks_is_named_in_a_warning(
+    plugin_module: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plugin whose __init__ blocked hung `serve`'s start without a word: no line, no
+    port. While it runs past SLOW_BUILD_SECONDS, a warning names it."""
+    monkeypatch.setattr(plugins, "SLOW_BUILD_SECONDS", 0.05)
+    with capture_logs() as logs:
+        build_handlers([f"{plugin_module}:SlowInit"], {"LACUNA_SLOWINIT_SLEEP": "0.5"})
+        slow = [e for e in logs if e["event"] == "handler.build_slow"]
+        assert slow
+        assert slow[0]["handler"] == f"{plugin_module}:SlowInit"
+        assert slow[0]["log_level"] == "warning"
+        count = len(slow)
+        build_handlers(["log"], {})  # a quick one: no warning, and the watch ended
+        time.sleep(0.2)
+        assert len([e for e in logs if e["event"] == "handler.build_slow"]) == count
 
 
 def test_same_handler_twice_is_refused(plugin_module: str) -> None:
