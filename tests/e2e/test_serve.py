@@ -487,3 +487,36 @@ def test_dev_banner_send_line_pastes_whole_with_a_secret_the_shell_would_split(
         "--secret",
         secret,
     ]
+
+
+@pytest.mark.parametrize("removed", ["folder", "files", "wal"])
+def test_a_database_removed_under_serve_gets_503_not_200(
+    serve_factory: type[Serve], tmp_path: Path, removed: str
+) -> None:
+    """The data folder (or the database files, or the WAL alone) removed while `serve`
+    runs: it went on answering 200 and /readyz ready, committing into unlinked files, and
+    every one of those events was gone at the next start (which created a new, empty
+    database). Now: 503 store_unavailable, /readyz 503, one error line."""
+    folder = tmp_path / "data"
+    db = folder / "events.db"
+    serve = serve_factory({"LACUNA_DATABASE_URL": f"sqlite:///{db}"}).start()
+    assert send(serve, "evt_before").status_code == 200
+    if removed == "folder":
+        for path in folder.iterdir():
+            path.unlink()
+        folder.rmdir()
+    elif removed == "files":
+        for path in folder.glob("events.db*"):
+            path.unlink()
+    else:
+        (folder / "events.db-wal").unlink()
+    answer = send(serve, "evt_after")
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["error"]["code"] == "store_unavailable"
+    wait_until(
+        lambda: httpx.get(f"{serve.base_url}/readyz", timeout=10).status_code == 503,
+        timeout=30,
+        what="not ready",
+    )
+    assert "store.sqlite.file_gone" in serve.log()
+    assert httpx.get(f"{serve.base_url}/healthz", timeout=10).status_code == 200

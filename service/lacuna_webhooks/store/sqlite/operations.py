@@ -32,7 +32,7 @@ from ..base import EventFilter, EventPage, EventRecord, ScanBudget
 from ..queries import load
 from ..searchsql import next_cursor, register_sqlite_functions, windowed_search
 from .driver import at, split_script
-from .writer import transaction
+from .writer import WatchedConnection, transaction
 
 BUSY_TIMEOUT_MS = 5000
 JOURNAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
@@ -248,7 +248,9 @@ def connect(path: str, synchronous: str) -> sqlite3.Connection:
     except OSError as exc:
         raise StoreUnavailable(f"Cannot create the SQLite database {where}: {exc}") from exc
     try:
-        conn = sqlite3.connect(where, isolation_level=None, cached_statements=256)
+        conn = sqlite3.connect(
+            where, isolation_level=None, cached_statements=256, factory=WatchedConnection
+        )
     except sqlite3.Error as exc:
         raise StoreUnavailable(f"Cannot open the SQLite database {where}: {exc}") from exc
     try:
@@ -266,6 +268,7 @@ def connect(path: str, synchronous: str) -> sqlite3.Connection:
         create_batch_schema(conn)
         register_sqlite_functions(conn)  # a search may run on the writer too (bulk work)
         conn.row_factory = sqlite3.Row
+        conn.watch(where)  # the WAL exists now: migrate() read through it
     except sqlite3.Error as exc:
         conn.close()
         raise StoreUnavailable(f"Cannot use the SQLite database {where}: {exc}") from exc

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -295,6 +296,56 @@ ROW_ERRORS: tuple[type[Exception], ...] = (
 )
 
 
+class WatchedConnection(sqlite3.Connection):
+    """The writer's connection, which can tell whether the files it writes are still the
+    ones at their paths. Deleted (or replaced) under a running `serve`, the database went on
+    taking commits into an unlinked file: every event answered 200 and lost at the next
+    start, which created a new, empty database (the `rm -rf` of a data folder, a cleanup
+    job, a volume swapped). ``check_files`` after each write turns that into 503s."""
+
+    files: tuple[tuple[str, int, int], ...] = ()
+    gone_logged = False
+
+    def watch(self, path: str) -> None:
+        """Remember the identity (device, inode) of ``path`` and of its WAL (when it exists:
+        it does once a transaction has run, and lives as long as this connection)."""
+        files = []
+        for name in (path, path + "-wal"):
+            with contextlib.suppress(OSError):
+                files.append((name, *_identity(name)))
+        self.files = tuple(files)
+
+    def check_files(self) -> None:
+        """``StoreUnavailable`` when the database or its WAL no longer is the file at its
+        path (removed, or another put there): what was committed since is in a file that
+        no other process can open, and goes with this one."""
+        for name, device, inode in self.files:
+            try:
+                same = _identity(name) == (device, inode)
+            except OSError:
+                same = False
+            if not same:
+                if not self.gone_logged:
+                    self.gone_logged = True
+                    logger.error("store.sqlite.file_gone: %s was removed or replaced", name)
+                raise StoreUnavailable(
+                    f"The SQLite file {name} was removed or replaced while this process had it "
+                    "open: nothing written since is kept. Restart once the file is back (or to "
+                    "start on a new, empty database)."
+                )
+
+
+def _identity(path: str) -> tuple[int, int]:
+    stat = os.stat(path)
+    return stat.st_dev, stat.st_ino
+
+
+def check_files(conn: sqlite3.Connection) -> None:
+    """``conn.check_files()`` for the writer's connection (see ``WatchedConnection``)."""
+    if isinstance(conn, WatchedConnection):
+        conn.check_files()
+
+
 class RowRefused(StoreUnavailable):
     """One accept failed on its own values while the rest of its batch committed (a 503: the
     store could not keep it). ``Event.from_body`` refuses every value known to do this."""
@@ -315,7 +366,11 @@ def write_batch(
     "stored" for an uncommitted event, and the writer must survive.
     """
     try:
-        return list(accept_batch(conn, rows))
+        outcomes: list[bool | str] = list(accept_batch(conn, rows))
+        check_files(conn)  # committed, but into the file at the path? else nobody hears 200
+        return outcomes
+    except StoreUnavailable:
+        raise
     except ROW_ERRORS as exc:
         rollback(conn)
         if len(rows) == 1:
@@ -326,7 +381,7 @@ def write_batch(
         rollback(conn)
         raise unavailable(exc, "SQLite") from exc
     logger.warning("store.sqlite.batch_split: %d accepts: %s", len(rows), first_error)
-    outcomes: list[bool | str] = []
+    outcomes = []
     for row in rows:
         outcomes += write_batch(conn, accept_batch, [row])
     return outcomes
@@ -338,9 +393,12 @@ def run_job(
     """``fn(conn, *args)`` in a transaction of its own; a database error is
     ``StoreUnavailable``, anything else (``EventNotFound``, a bug) is raised as it is."""
     try:
-        return transaction(conn, fn, *args, write=write)
+        result = transaction(conn, fn, *args, write=write)
     except sqlite3.Error as exc:
         raise unavailable(exc, "SQLite") from exc
+    if write:
+        check_files(conn)
+    return result
 
 
 def transaction(conn: sqlite3.Connection, fn: Callable[..., T], *args: Any, write: bool) -> T:
