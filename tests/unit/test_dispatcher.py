@@ -11,13 +11,14 @@ import functools
 import random
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import orjson
 import pytest
 from structlog.testing import capture_logs
 
 from lacuna_webhooks.dispatch import LEASE_MARGIN, Retention
-from lacuna_webhooks.errors import PermanentError, RetryLater
+from lacuna_webhooks.errors import PermanentError, RetryLater, StoreUnavailable
 from lacuna_webhooks.handlers.base import RecordingHandler
 from lacuna_webhooks.metrics import Metrics
 from lacuna_webhooks.models import Attempt, AttemptOutcome, DeliveryStatus, Event
@@ -76,6 +77,50 @@ async def test_success_completes_the_delivery(store: MemoryStore, clock: FakeClo
     assert attempt.error is None
     assert attempt.attempt == 1
     assert attempt.started_at == attempt.finished_at == T0
+
+
+class FlakyRecords(MemoryStore):
+    """A memory store whose first ``failures`` outcome writes fail as a locked or full
+    database's do."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    async def complete(self, *args: object, **kwargs: object) -> Any:
+        if self.failures > 0:
+            self.failures -= 1
+            raise StoreUnavailable("database is locked")
+        return await super().complete(*args, **kwargs)  # type: ignore[arg-type]
+
+
+async def test_an_outcome_the_store_fails_to_record_is_recorded_once_it_can(
+    clock: FakeClock,
+) -> None:
+    """A finished attempt whose outcome could not be written (a lock held for seconds, a
+    restarting writer, a full disk) was forgotten: the handler ran again once the lease
+    ran out, and the first run was recorded nowhere. The outcome is tried again while the
+    lease lasts: one run, one recorded attempt."""
+    store = FlakyRecords(failures=3)
+    await store.open()
+    try:
+        handler = RecordingHandler()
+        d = dispatcher(store, [handler], clock)
+        await accept(store, clock)
+        with capture_logs() as logs:
+            async with running(d):
+                await wait_until(lambda: store.failures == 0, 30)
+                await d.drain()
+        assert len(handler.calls) == 1
+        row = await only_delivery(store)
+        assert (row.status, row.attempts) == (DeliveryStatus.DONE, 1)
+        (attempt,) = await store.list_attempts(row.id)
+        assert attempt.outcome is AttemptOutcome.OK
+        retries = [e for e in logs if e["event"] == "delivery.record_retry"]
+        assert len(retries) == 3
+        assert [e for e in logs if e["event"] == "delivery.record_failed"] == []
+    finally:
+        await store.close()
 
 
 async def test_failures_retry_on_a_doubling_schedule(store: MemoryStore, clock: FakeClock) -> None:

@@ -58,6 +58,11 @@ from .flow import FlowControl
 from .runner import AttemptRunner, InProcessRunner
 
 LEASE_MARGIN = timedelta(seconds=30)
+#: An outcome the store failed to record is tried again after this, doubling up to the max,
+#: until RECORD_SAFETY_SECONDS before the claim's lease ends (Dispatcher._record).
+RECORD_RETRY_FIRST_SECONDS = 0.25
+RECORD_RETRY_MAX_SECONDS = 5.0
+RECORD_SAFETY_SECONDS = 5.0
 """Added to a handler's timeout for its lease: the timeout fires (and a blocked worker is
 killed) well before anyone else may take the delivery over, leaving time to record it."""
 
@@ -423,6 +428,14 @@ class Dispatcher:
         name = delivery.handler
         started = self.clock()
         t0 = time.perf_counter()
+        # The claim's lease ends timeout + LEASE_MARGIN after it was taken (just now): an
+        # outcome may be recorded until shortly before, not after (another claim may run it).
+        record_until = (
+            asyncio.get_running_loop().time()
+            + self._timeout(name)
+            + LEASE_MARGIN.total_seconds()
+            - RECORD_SAFETY_SECONDS
+        )
         after = self.handlers.after.get(name, ())
         if after:
             try:
@@ -482,21 +495,7 @@ class Dispatcher:
         if may_pause:
             self._pausing.add(delivery.id)
         try:
-            if decision.action is Action.COMPLETE:
-                done = await self.store.complete(delivery, attempt, tally=tally)
-            elif decision.retry_at is not None:
-                done = await self.store.retry(
-                    delivery, attempt, at=decision.retry_at, refund=decision.refund, tally=tally
-                )
-            else:
-                done = await self.store.dead(delivery, attempt, tally=tally)
-        except StoreUnavailable as exc:
-            # The lease runs out and the delivery is claimed again: at least once, as promised
-            # (and counted then: nothing of this attempt was written).
-            self._log.warning(
-                "delivery.record_failed", delivery_id=delivery.id, error=describe_error(exc)
-            )
-            done = Recorded(False)
+            done = await self._record(delivery, decision, attempt, tally, record_until)
         finally:
             if may_pause:
                 self._pausing.discard(delivery.id)
@@ -528,6 +527,48 @@ class Dispatcher:
             retry_in_seconds=retry_in,
             recorded=done.recorded,
         )
+
+    async def _record(
+        self,
+        delivery: Delivery,
+        decision: Decision,
+        attempt: Attempt,
+        tally: Tally | None,
+        record_until: float,
+    ) -> Recorded:
+        """Write the attempt's outcome under the claim ``delivery`` holds. A store that
+        fails (a lock held, a full disk, a restarting writer) is tried again, with backoff,
+        while the claim's lease has time left (``record_until``, loop time): given up at once, the
+        finished attempt was forgotten and its handler ran again once the lease ran out."""
+        loop = asyncio.get_running_loop()
+        delay = RECORD_RETRY_FIRST_SECONDS
+        while True:
+            try:
+                if decision.action is Action.COMPLETE:
+                    return await self.store.complete(delivery, attempt, tally=tally)
+                if decision.retry_at is not None:
+                    return await self.store.retry(
+                        delivery, attempt, at=decision.retry_at, refund=decision.refund, tally=tally
+                    )
+                return await self.store.dead(delivery, attempt, tally=tally)
+            except StoreUnavailable as exc:
+                if self._stopping or loop.time() + delay > record_until:
+                    # The lease runs out and the delivery is claimed again: at least once,
+                    # as promised (and counted then: nothing of this attempt was written).
+                    self._log.warning(
+                        "delivery.record_failed",
+                        delivery_id=delivery.id,
+                        error=describe_error(exc),
+                    )
+                    return Recorded(False)
+                self._log.warning(
+                    "delivery.record_retry",
+                    delivery_id=delivery.id,
+                    retry_in_seconds=delay,
+                    error=describe_error(exc),
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECORD_RETRY_MAX_SECONDS)
 
     # -- shutdown --------------------------------------------------------------------------
 
