@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -520,3 +521,35 @@ def test_a_database_removed_under_serve_gets_503_not_200(
     )
     assert "store.sqlite.file_gone" in serve.log()
     assert httpx.get(f"{serve.base_url}/healthz", timeout=10).status_code == 200
+
+
+def test_a_stop_with_a_stalled_writer_keeps_its_bound(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """SIGTERM while the SQLite writer process does not answer (stopped here; a hung disk
+    alike) and an attempt is in flight: the stop waited for each store call until the stall
+    watch killed the writer, a minute on (62 s with LACUNA_SHUTDOWN_TIMEOUT=5), past any
+    orchestrator's grace period. It now keeps LACUNA_SHUTDOWN_TIMEOUT plus its fixed
+    allowances (workers 5 s, releases 3 s, the writer 6 s)."""
+    out = tmp_path / "started.txt"
+    serve = serve_factory(
+        {
+            "LACUNA_DATABASE_URL": f"sqlite:///{tmp_path / 'events.db'}",
+            "LACUNA_HANDLERS": "tests.e2e.misbehaving_plugin:Misbehaving",
+            "LACUNA_MISBEHAVING_PATH": str(out),
+            "LACUNA_MISBEHAVING_NAP": "120",
+            "LACUNA_HANDLER_TIMEOUT": "300",
+            "LACUNA_SHUTDOWN_TIMEOUT": "3",
+        }
+    ).start()
+    assert send(serve, "evt_nap_in_flight").status_code == 200
+    (writer,) = writer_children(serve)
+    wait_until(lambda: out.exists() and "evt_nap_in_flight" in out.read_text(), what="attempt")
+    os.kill(writer, signal.SIGSTOP)
+    try:
+        serve.signal(signal.SIGTERM)
+        assert serve.wait(timeout=3 + 5 + 3 + 6 + 10) == 0
+        assert "store.sqlite.writer_stalled" in serve.log()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(writer, signal.SIGKILL)

@@ -63,6 +63,8 @@ LEASE_MARGIN = timedelta(seconds=30)
 RECORD_RETRY_FIRST_SECONDS = 0.25
 RECORD_RETRY_MAX_SECONDS = 5.0
 RECORD_SAFETY_SECONDS = 5.0
+#: At stop, the claims of cancelled attempts are given back within this many seconds in all.
+RELEASE_BUDGET_SECONDS = 3.0
 """Added to a handler's timeout for its lease: the timeout fires (and a blocked worker is
 killed) well before anyone else may take the delivery over, leaving time to record it."""
 
@@ -591,8 +593,22 @@ class Dispatcher:
         if self._runner_started and not self._runner_closed:
             self._runner_closed = True
             await self.runner.close()
+        budget = asyncio.get_running_loop().time() + RELEASE_BUDGET_SECONDS
         for _, delivery in abandoned:
-            await self._release(delivery)
+            # Bounded together: against a store that hangs (a stopped SQLite writer) each
+            # release waited for it, and the stop outlived its bound by a minute. A claim not
+            # given back is taken again when its lease runs out.
+            left = budget - asyncio.get_running_loop().time()
+            if left > 0:
+                try:
+                    async with asyncio.timeout(left):
+                        await self._release(delivery)
+                except TimeoutError:
+                    self._log.warning(
+                        "delivery.release_failed",
+                        delivery_id=delivery.id,
+                        error="the store did not answer in time; the lease runs out instead",
+                    )
             self._log.warning(
                 "delivery.abandoned",
                 event_id=delivery.event.id,

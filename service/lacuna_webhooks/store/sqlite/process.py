@@ -62,6 +62,10 @@ RESTART_DELAYS_SECONDS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 #: operation comes near it: a batch commits in milliseconds, SQLite's busy timeout is 5 s.
 STALL_SECONDS = 60.0
 WATCH_INTERVAL_SECONDS = 5.0
+#: At stop, what is queued gets this long to be written (SQLite's busy timeout, 5 s, and a
+#: batch's commit); a child that has not answered by then is killed, its waiters answered
+#: unavailable, so a stalled writer cannot hold a stop past LACUNA_SHUTDOWN_TIMEOUT's bound.
+STOP_WAIT_SECONDS = 6.0
 #: No request or reply comes near this (a batch is at most MAX_BATCH_BYTES of rows, or one
 #: event of at most LACUNA_MAX_BODY_BYTES; a job's answer is one page of a listing): a larger
 #: length prefix means the stream is corrupt.
@@ -102,11 +106,24 @@ class _Link:
         return reply
 
     async def close(self) -> int:
-        """Close the socket (the child exits on EOF) and reap the child; its exit code."""
+        """Close the socket (the child exits on EOF) and reap the child; its exit code. A
+        child that has not exited ``STOP_WAIT_SECONDS`` later (stopped, stuck in a hung
+        disk's fsync) is killed: it held the stop of `serve` without end."""
         self.writer.close()
         with contextlib.suppress(ConnectionError):
             await self.writer.wait_closed()
-        return await self.proc.wait()
+        try:
+            async with asyncio.timeout(STOP_WAIT_SECONDS):
+                return await self.proc.wait()
+        except TimeoutError:
+            logger.error(
+                "store.sqlite.writer_stalled: still running %.0f s after its end; killing pid %s",
+                STOP_WAIT_SECONDS,
+                self.proc.pid,
+            )
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            return await self.proc.wait()
 
 
 class ProcessWriter(Generic[RowT]):
@@ -181,7 +198,22 @@ class ProcessWriter(Generic[RowT]):
         if self._restarter is not None:
             self._restarter.cancel()
         self._check_idle()
-        await self._idle.wait()
+        try:
+            async with asyncio.timeout(STOP_WAIT_SECONDS):
+                await self._idle.wait()
+        except TimeoutError:
+            # A child that does not answer (stopped, a hung disk) held the stop until the
+            # stall watch killed it, a minute on, past any orchestrator's grace period.
+            link = self._link
+            if link is not None:
+                logger.error(
+                    "store.sqlite.writer_stalled: no answer at stop for %.0f s; killing pid %s",
+                    STOP_WAIT_SECONDS,
+                    link.proc.pid,
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    link.proc.kill()  # its reader sees the end: _lost answers the waiters
+            await self._idle.wait()
         link, self._link = self._link, None
         if link is not None:
             await link.close()
