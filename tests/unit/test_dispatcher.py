@@ -123,6 +123,60 @@ async def test_an_outcome_the_store_fails_to_record_is_recorded_once_it_can(
         await store.close()
 
 
+class ClaimsDown(MemoryStore):
+    """A memory store whose claims fail while ``down``."""
+
+    down = False
+
+    async def claim(self, *args: object, **kwargs: object) -> Any:
+        if self.down:
+            raise StoreUnavailable("database is locked")
+        return await super().claim(*args, **kwargs)  # type: ignore[arg-type]
+
+
+class Gated(RecordingHandler):
+    """Each attempt waits for the next ``gate.release()``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Semaphore(0)
+
+    async def handle(self, event: Event) -> None:
+        await self.gate.acquire()
+        await super().handle(event)
+
+
+async def test_attempts_ending_in_an_outage_do_not_stretch_the_backoff(clock: FakeClock) -> None:
+    """Each attempt that ended during a store outage woke the loop, and each failed claim
+    doubled the backoff: six of them took it from 0.05 s to 1.6 s (to its 30 s maximum
+    within 100 ms in a real outage), and deliveries stood still that long after the store
+    came back. Only a wait that runs its course doubles it now."""
+    store = ClaimsDown()
+    await store.open()
+    try:
+        handler = Gated()
+        d = dispatcher(store, [handler], clock, concurrency=6)
+        for n in range(6):
+            await accept(store, clock, event_id=f"evt_gated_{n}")
+        with capture_logs() as logs:
+            async with running(d):
+                await wait_until(lambda: d.in_flight == 6, 10)
+                store.down = True
+                for n in range(6):
+                    handler.gate.release()
+                    await wait_until(lambda n=n: d.in_flight == 5 - n, 10)  # type: ignore[misc]
+                    await asyncio.sleep(0.01)
+                await wait_until(lambda: d.in_flight == 0, 10)
+                store.down = False
+        retry_in = [
+            e["retry_in_seconds"] for e in logs if e["event"] == "dispatcher.store_unavailable"
+        ]
+        assert len(retry_in) >= 3
+        assert max(retry_in) <= 0.2, retry_in
+    finally:
+        await store.close()
+
+
 async def test_failures_retry_on_a_doubling_schedule(store: MemoryStore, clock: FakeClock) -> None:
     """After failure n the delivery is due base * 2**(n-1) seconds later (rand at midpoint)."""
     handler = RecordingHandler(script=[ValueError("boom")] * 3)

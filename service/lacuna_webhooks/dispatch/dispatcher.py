@@ -58,6 +58,8 @@ from .flow import FlowControl
 from .runner import AttemptRunner, InProcessRunner
 
 LEASE_MARGIN = timedelta(seconds=30)
+"""Added to a handler's timeout for its lease: the timeout fires (and a blocked worker is
+killed) well before anyone else may take the delivery over, leaving time to record it."""
 #: An outcome the store failed to record is tried again after this, doubling up to the max,
 #: until RECORD_SAFETY_SECONDS before the claim's lease ends (Dispatcher._record).
 RECORD_RETRY_FIRST_SECONDS = 0.25
@@ -65,11 +67,9 @@ RECORD_RETRY_MAX_SECONDS = 5.0
 RECORD_SAFETY_SECONDS = 5.0
 #: At stop, the claims of cancelled attempts are given back within this many seconds in all.
 RELEASE_BUDGET_SECONDS = 3.0
-"""Added to a handler's timeout for its lease: the timeout fires (and a blocked worker is
-killed) well before anyone else may take the delivery over, leaving time to record it."""
 
 DEFAULT_TIMEOUT_SECONDS = 60.0
-MAX_STORE_BACKOFF_SECONDS = 30.0
+MAX_STORE_BACKOFF_SECONDS = 5.0
 
 
 def utcnow() -> datetime:
@@ -214,6 +214,7 @@ class Dispatcher:
 
     async def _loop(self) -> None:
         backoff = 0.0
+        waited_out = True  # the last backoff ran its course (none yet: the first failure)
         work: asyncio.Task[None] | None = None
         try:
             while not self._stopping:
@@ -230,8 +231,14 @@ class Dispatcher:
                 except Exception as exc:
                     if work is not None and work.done():
                         work = None  # its failure was just surfaced; a fresh wait comes later
+                    # Doubled only after a wait that ran its course: woken early (an attempt
+                    # ending, a nudge), a failure tries again at the same pace. Doubled per
+                    # failure, the attempts that ended in one outage took it to the maximum
+                    # within 100 ms, and deliveries stood still that long after it.
                     backoff = min(
-                        max(backoff * 2, self.poll_interval_seconds, 0.05),
+                        max(
+                            backoff * 2 if waited_out else backoff, self.poll_interval_seconds, 0.05
+                        ),
                         MAX_STORE_BACKOFF_SECONDS,
                     )
                     if isinstance(exc, StoreUnavailable):
@@ -248,9 +255,12 @@ class Dispatcher:
                             "dispatcher.claim_failed", retry_in_seconds=backoff, exc_info=exc
                         )
                     self._notify_progress()
-                    with contextlib.suppress(TimeoutError):
+                    waited_out = False
+                    try:
                         async with asyncio.timeout(backoff):
                             await self._wake.wait()
+                    except TimeoutError:
+                        waited_out = True
                     continue
                 self._notify_progress()
                 if self._stopping:
