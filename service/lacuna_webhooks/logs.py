@@ -211,6 +211,16 @@ def _batching(base: type[Any]) -> type[Any]:
     return BatchingBoundLogger
 
 
+#: What ``configure`` was last given (the format resolved), for child processes to use.
+_configured: tuple[str, str] | None = None
+
+
+def configured() -> tuple[str, str] | None:
+    """(log format, level) of this process's last ``configure``, or ``None`` if it has not
+    run: a child process (the SQLite writer) configures its own logging the same way."""
+    return _configured
+
+
 def configure(
     *, log_format: str = "auto", level: str = "info", secrets: Iterable[str] = ()
 ) -> None:
@@ -218,10 +228,11 @@ def configure(
 
     ``secrets`` (usually ``redact.secret_values(environ)``) are masked in every line.
     """
-    global _json_chain
+    global _json_chain, _configured
     remember_secrets(secrets)
     _json_chain = None
     use_console = log_format == "console" or (log_format == "auto" and sys.stderr.isatty())
+    _configured = ("console" if use_console else "json", level)
     shared: list[Any] = [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),

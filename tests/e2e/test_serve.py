@@ -519,7 +519,9 @@ def test_a_database_removed_under_serve_gets_503_not_200(
         timeout=30,
         what="not ready",
     )
-    assert "store.sqlite.file_gone" in serve.log()
+    # Logged by the writer process, in serve's format (it printed plain text before).
+    (line,) = [x for x in serve.log().splitlines() if "store.sqlite.file_gone" in x]
+    assert json.loads(line)["level"] == "error"
     assert httpx.get(f"{serve.base_url}/healthz", timeout=10).status_code == 200
 
 

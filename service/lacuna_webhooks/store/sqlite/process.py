@@ -34,6 +34,7 @@ import contextlib
 import enum
 import functools
 import logging
+import os
 import pickle
 import signal
 import socket
@@ -43,8 +44,10 @@ import time
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
+from ... import logs
 from ...child import frame, read_frame, read_frame_blocking, start_child
 from ...errors import StoreUnavailable
+from ...redact import secret_values
 from .checkpoint import Checkpointer
 from .writer import MAX_BATCH, RowRefused, run_job, write_batch
 
@@ -233,7 +236,7 @@ class ProcessWriter(Generic[RowT]):
             raise StoreUnavailable(f"Cannot start the SQLite writer process: {exc}") from exc
         reader, writer = await asyncio.open_unix_connection(sock=parent)
         link = _Link(proc, reader, writer)
-        writer.write(_frame(self._hello))
+        writer.write(_frame((*self._hello, logs.configured())))
         try:
             kind, value = await link.read()
         except asyncio.CancelledError:
@@ -451,7 +454,12 @@ def child_main(fd: int) -> int:
         hello = read()
         if hello is None:
             return 0
-        _, connect, connect_args, accept_batch, row_type = hello
+        _, connect, connect_args, accept_batch, row_type, log_config = hello
+        if log_config is not None:
+            # The parent's format and level: its lines (a checkpoint that failed, then
+            # recovered) were plain text on stderr, and nothing below WARNING showed.
+            log_format, level = log_config
+            logs.configure(log_format=log_format, level=level, secrets=secret_values(os.environ))
         try:
             conn = connect(*connect_args)
         except StoreUnavailable as exc:
