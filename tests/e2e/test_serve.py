@@ -555,3 +555,31 @@ def test_a_stop_with_a_stalled_writer_keeps_its_bound(
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(writer, signal.SIGKILL)
+
+
+def test_two_serve_processes_on_one_sqlite_file_store_and_deliver_each_event_once(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """A second `serve` on the same SQLite file (a rolling restart that starts the new one
+    before the old one stops) is allowed (docs/operations.md): each event, sent to either
+    or to both, is stored once and delivered once."""
+    out = tmp_path / "delivered.txt"
+    env = {
+        "LACUNA_DATABASE_URL": f"sqlite:///{tmp_path / 'events.db'}",
+        "LACUNA_HANDLERS": RECORDER,
+        "LACUNA_RECORDER_PATH": str(out),
+    }
+    one, two = serve_factory(env).start(), serve_factory(env).start()
+    ids = [f"evt_shared_{i:02d}" for i in range(30)]
+    for i, event_id in enumerate(ids):
+        first, second = (one, two) if i % 2 else (two, one)
+        assert send(first, event_id).json()["duplicate"] is False
+        if i % 3 == 0:
+            assert send(second, event_id).json()["duplicate"] is True
+    wait_until(lambda: set(recorded(out)) == set(ids), timeout=60, what="every delivery")
+    with sqlite3.connect(tmp_path / "events.db") as conn:
+        assert conn.execute("SELECT count(*) FROM events").fetchone() == (30,)
+    one.signal(signal.SIGTERM)
+    two.signal(signal.SIGTERM)
+    assert (one.wait(), two.wait()) == (0, 0)
+    assert sorted(recorded(out)) == sorted(ids)  # none twice
