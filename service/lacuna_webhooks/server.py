@@ -542,12 +542,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if (
             webhook is not None
             and self.url == _WEBHOOK_TARGET
-            and self.parser.get_method() == b"POST"
-            and self.parser.get_http_version() == "1.1"
+            and parser.get_method() == b"POST"
+            and version == "1.1"
             and not self.expect_100_continue
             and (self.cycle is None or self.cycle.response_complete)
             and not self.flow.write_paused
-            and not self.parser.should_upgrade()
         ):
             self._start_direct(webhook)
             return
