@@ -423,8 +423,15 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     # --- reading ---------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        again: bytes | None = data
+        while again is not None:  # a loop, not a recursion: a read may hold many upgrades
+            again = self._received(again)
+
+    def _received(self, data: bytes) -> bytes | None:
+        """Parse one read; what is to be parsed again by a new parser (an Upgrade request's
+        head and what followed it), else ``None``."""
         if self._deferred is not None:
-            return  # refused; what follows the bad request is never read
+            return None  # refused; what follows the bad request is never read
         if self._phase is not _Phase.BODY:
             self._header_bytes += len(data)
         elif self._after_chunk_header:
@@ -441,12 +448,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 self.parser = httptools.HttpRequestParser(self)
                 self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
                 self._header_bytes = 0
-                self.data_received(head + data[exc.args[0] :])
-            return
+                return head + data[exc.args[0] :]
+            return None
         except httptools.HttpParserError as exc:
             refusal, self._refusal = self._refusal, None  # e.g. too many headers
             self._refuse(refusal or MalformedRequest(f"The request is not valid HTTP/1.1: {exc}."))
-            return
+            return None
         phase = self._phase
         if (
             phase is _Phase.BODY
@@ -458,15 +465,15 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                     f"The trailer fields are larger than {self._limits.max_header_bytes} bytes."
                 )
             )
-            return
+            return None
         if phase is _Phase.HEADERS:
             limits = self._limits
             if self._header_bytes > limits.max_header_bytes:
                 self._refuse(self._head_too_large())
-                return
+                return None
             if len(self.headers) > limits.max_headers:
                 self._refuse(self._too_many_headers())
-                return
+                return None
         if phase is not self._timer_phase:
             # A deadline for the phase this read leaves the connection in, if it has one.
             if phase is _Phase.HEADERS:
@@ -475,6 +482,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 self._arm(self._limits.body_timeout_seconds)
             elif self._timer is not None:  # APP: the application answers
                 self._cancel_timer()
+        return None
 
     def _head_too_large(self) -> HeadersTooLarge:
         return HeadersTooLarge(

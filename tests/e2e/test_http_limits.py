@@ -686,3 +686,17 @@ def test_a_trailer_section_in_the_same_read_as_its_body_is_capped_too(
     assert envelope_code(read_response(sock)) == (431, "headers_too_large")
     with sqlite3.connect(tmp_path / "events.db") as conn:
         assert conn.execute("SELECT count(*) FROM events").fetchone() == (0,)
+
+
+def test_many_upgrade_requests_pipelined_in_one_read_are_each_answered(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """Each Upgrade request in a read was parsed again by a recursion: past about 988 of
+    them the recursion limit gave a 400 "User callback error" and closed the connection."""
+    serve = serve_factory(db_env(tmp_path)).start()
+    sock = connect(serve, timeout=60)
+    request = b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\n"
+    sock.sendall(request * 1500)
+    answers = Answers(sock)
+    statuses = [answer[0] if (answer := answers.next()) else None for _ in range(1500)]
+    assert statuses == [200] * 1500
