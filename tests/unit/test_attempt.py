@@ -305,6 +305,43 @@ async def test_a_plain_def_handle_runs_in_a_thread_beside_the_others() -> None:
     assert outcome == Outcome(Ending.FAILED, "SystemExit: 3")
 
 
+class UsesAsyncio(Blocking):
+    """A plain ``def`` that hands its work to asyncio, as the event id says."""
+
+    def handle(self, event: Event) -> object:
+        if event.id == "evt_executor":
+            return asyncio.get_event_loop().run_in_executor(None, lambda: {"via": "executor"})
+        if event.id == "evt_future":
+
+            async def later() -> object:
+                await asyncio.sleep(0)
+                return {"via": "future"}
+
+            return asyncio.ensure_future(later())
+        if event.id == "evt_coroutine":
+            return asyncio.sleep(0, result={"via": "coroutine"})
+        raise StopIteration("x")
+
+
+@pytest.mark.parametrize(
+    ("event_id", "outcome"),
+    [
+        ("evt_executor", Outcome(Ending.OK, result={"via": "executor"})),
+        ("evt_future", Outcome(Ending.OK, result={"via": "future"})),
+        ("evt_coroutine", Outcome(Ending.OK, result={"via": "coroutine"})),
+        ("evt_stop", Outcome(Ending.FAILED, "RuntimeError: the handler raised StopIteration: x")),
+    ],
+)
+async def test_a_plain_def_handle_may_use_asyncio_and_raise_anything(
+    event_id: str, outcome: Outcome
+) -> None:
+    """In its thread, a plain def that used the loop (`get_event_loop().run_in_executor`,
+    `ensure_future`) failed every attempt: "There is no current event loop in thread". And
+    a StopIteration, which no future can hold, hung the attempt until its timeout."""
+    event = Event.from_body(orjson.dumps(make_event(event_id)))
+    assert await run_attempt(UsesAsyncio(), event, 5) == outcome  # type: ignore[arg-type]
+
+
 async def test_a_plain_def_handle_past_its_timeout_strands_its_worker() -> None:
     """Nothing stops a thread: an attempt whose thread outlives the timeout is a timeout
     whose worker is to be replaced (``stranded_thread``), as for a handler that blocks."""

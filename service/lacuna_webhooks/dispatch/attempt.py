@@ -249,10 +249,27 @@ def _in_a_thread(
     def run() -> None:
         value: object = None
         error: BaseException | None = None
+        # An event loop of the thread's own, current while it runs: a plain def that uses
+        # asyncio (`asyncio.get_event_loop().run_in_executor(...)`, `ensure_future(...)`)
+        # gets a loop, and a future of that loop it returns is run to its end here. Any
+        # other awaitable it returns (a coroutine) is awaited on the worker's loop.
+        own = asyncio.new_event_loop()
+        asyncio.set_event_loop(own)
         try:
             value = context.run(call, event)
+            if asyncio.isfuture(value) and value.get_loop() is own:
+                value = own.run_until_complete(value)
         except BaseException as exc:  # the plugin boundary, as for a coroutine
             error = exc
+        finally:
+            asyncio.set_event_loop(None)
+            own.close()
+        if isinstance(error, StopIteration):
+            # A future cannot hold one (set_exception raised, the attempt hung until its
+            # timeout); a coroutine's is a RuntimeError too.
+            wrapped = RuntimeError(f"the handler raised StopIteration: {error}")
+            wrapped.__cause__ = error
+            error = wrapped
         with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
             loop.call_soon_threadsafe(settle_from_thread, value, error)
 
