@@ -304,14 +304,24 @@ def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
     if args.exc_type is SystemExit:
         return  # as the default hook: a thread's sys.exit() is no error
     thread = args.thread.name if args.thread is not None else None
-    exc_info = (args.exc_type, args.exc_value or args.exc_type(), args.exc_traceback)
+    # `is None`, not `or`: an exception may be falsy (a __len__ of 0), and its type may
+    # need arguments; the hook then raised and the line was lost.
+    exc = args.exc_value if args.exc_value is not None else _bare(args.exc_type)
+    exc_info = (args.exc_type, exc, args.exc_traceback)
     structlog.get_logger("lacuna_webhooks").error(
         "thread.uncaught_exception", thread=thread, exc_info=exc_info
     )
 
 
+def _bare(exc_type: type[BaseException]) -> BaseException:
+    try:
+        return exc_type()
+    except Exception:  # a type that needs arguments
+        return RuntimeError(exc_type.__name__)
+
+
 def _log_unraisable(args: Any) -> None:
-    exc = args.exc_value or args.exc_type()
+    exc = args.exc_value if args.exc_value is not None else _bare(args.exc_type)
     structlog.get_logger("lacuna_webhooks").error(
         "unraisable_exception",
         message=args.err_msg or "Exception ignored",

@@ -490,7 +490,7 @@ def test_dev_banner_send_line_pastes_whole_with_a_secret_the_shell_would_split(
     ]
 
 
-@pytest.mark.parametrize("removed", ["folder", "files", "wal"])
+@pytest.mark.parametrize("removed", ["folder", "files", "wal", "wal-behind-a-link"])
 def test_a_database_removed_under_serve_gets_503_not_200(
     serve_factory: type[Serve], tmp_path: Path, removed: str
 ) -> None:
@@ -500,7 +500,12 @@ def test_a_database_removed_under_serve_gets_503_not_200(
     database). Now: 503 store_unavailable, /readyz 503, one error line."""
     folder = tmp_path / "data"
     db = folder / "events.db"
-    serve = serve_factory({"LACUNA_DATABASE_URL": f"sqlite:///{db}"}).start()
+    url = f"sqlite:///{db}"
+    if removed == "wal-behind-a-link":  # SQLite keeps the WAL beside the link's target
+        folder.mkdir()
+        (tmp_path / "link.db").symlink_to(db)
+        url = f"sqlite:///{tmp_path / 'link.db'}"
+    serve = serve_factory({"LACUNA_DATABASE_URL": url}).start()
     assert send(serve, "evt_before").status_code == 200
     if removed == "folder":
         for path in folder.iterdir():
@@ -514,6 +519,7 @@ def test_a_database_removed_under_serve_gets_503_not_200(
     answer = send(serve, "evt_after")
     assert answer.status_code == 503, answer.text
     assert answer.json()["error"]["code"] == "store_unavailable"
+    assert str(tmp_path) not in answer.text  # the server's paths are for its log
     wait_until(
         lambda: httpx.get(f"{serve.base_url}/readyz", timeout=10).status_code == 503,
         timeout=30,

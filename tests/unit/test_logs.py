@@ -324,11 +324,26 @@ def test_what_python_prints_itself_is_a_redacted_line_too() -> None:
         def __del__(self) -> None:
             raise RuntimeError(f"closing {SLACK_URL} with pw-Secret-42")
 
+    class Falsy(Exception):
+        """Falsy, and its type cannot be built without arguments: the hook raised."""
+
+        def __init__(self, detail: str) -> None:
+            super().__init__(detail)
+
+        def __len__(self) -> int:
+            return 0
+
     def fails() -> None:
         raise RuntimeError(f"could not post to {SLACK_URL} with pw-Secret-42")
 
+    def fails_falsy() -> None:
+        raise Falsy(f"posting to {SLACK_URL}")
+
     def log() -> None:
         thread = threading.Thread(target=fails, name="plugin-poster")
+        thread.start()
+        thread.join()
+        thread = threading.Thread(target=fails_falsy, name="plugin-falsy")
         thread.start()
         thread.join()
         with warnings.catch_warnings():
@@ -340,7 +355,9 @@ def test_what_python_prints_itself_is_a_redacted_line_too() -> None:
     for secret in ("SlackPathSecret", "AudioTokenSecret", "pw-Secret-42", "/services/"):
         assert secret not in text
     lines = [orjson.loads(line) for line in text.splitlines()]
-    thread, warned, unraisable = lines
+    thread, falsy, warned, unraisable = lines
+    assert falsy["thread"] == "plugin-falsy"
+    assert "Falsy: posting to https://hooks.slack.com/…" in falsy["exception"]
     assert (thread["event"], thread["thread"]) == ("thread.uncaught_exception", "plugin-poster")
     assert (
         "RuntimeError: could not post to https://hooks.slack.com/… with **********"

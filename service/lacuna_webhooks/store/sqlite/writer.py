@@ -310,7 +310,9 @@ class WatchedConnection(sqlite3.Connection):
         """Remember the identity (device, inode) of ``path`` and of its WAL (when it exists:
         it does once a transaction has run, and lives as long as this connection)."""
         files = []
-        for name in (path, path + "-wal"):
+        # The WAL is named after the database's real path (SQLite resolves a symbolic link;
+        # `<link>-wal` does not exist), the database itself by the path serve was given.
+        for name in (path, os.path.realpath(path) + "-wal"):
             with contextlib.suppress(OSError):
                 files.append((name, *_identity(name)))
         self.files = tuple(files)
@@ -328,10 +330,10 @@ class WatchedConnection(sqlite3.Connection):
                 if not self.gone_logged:
                     self.gone_logged = True
                     logger.error("store.sqlite.file_gone: %s was removed or replaced", name)
+                # The path is in the log line, not in the answer a sender reads.
                 raise StoreUnavailable(
-                    f"The SQLite file {name} was removed or replaced while this process had it "
-                    "open: nothing written since is kept. Restart once the file is back (or to "
-                    "start on a new, empty database)."
+                    "The event store's database file was removed or replaced while it was "
+                    "open: nothing written since is kept; it needs a restart."
                 )
 
 
