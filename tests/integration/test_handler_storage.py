@@ -196,6 +196,28 @@ async def test_tracks_of_an_earlier_event_of_the_task_stay_in_its_record(
     assert requests_to(httpserver, "/one.mp3") == 1
 
 
+async def test_two_events_of_a_task_stored_at_once_keep_both_tracks_in_its_record(
+    folder: StorageHandler, root: Path, httpserver: HTTPServer
+) -> None:
+    """Both read the record before either wrote it, and the last write dropped the other's
+    track: event.json is read again, under the task's lock, just before each write."""
+
+    def slow(_: Any) -> Response:
+        time.sleep(0.5)  # the other event is read, fetched and recorded meanwhile
+        return Response(AUDIO, content_type="audio/mpeg")
+
+    httpserver.expect_request("/slow.mp3").respond_with_handler(slow)
+    fast = serve_audio(httpserver, "/fast.mp3", AUDIO_2)
+    tracks = {"trk_slow": httpserver.url_for("/slow.mp3"), "trk_fast": fast}
+    events = [
+        as_event(make_event(f"evt_{tid}", tracks=[{"id": tid, "audio_url": url, "duration": 1}]))
+        for tid, url in tracks.items()
+    ]
+    await asyncio.gather(*(folder.handle(event) for event in events))
+    manifest = orjson.loads((root / "cm123abc/event.json").read_bytes())
+    assert sorted(t["id"] for t in manifest["tracks"]) == ["trk_fast", "trk_slow"]
+
+
 async def test_a_stored_file_that_no_longer_matches_its_sha256_is_fetched_again(
     folder: StorageHandler, root: Path, httpserver: HTTPServer
 ) -> None:
@@ -256,7 +278,14 @@ async def test_a_server_error_is_retried(
 
 @pytest.mark.parametrize(
     "content_type",
-    ["text/html; charset=utf-8", "application/json", "text/plain", "application/problem+json"],
+    [
+        "text/html; charset=utf-8",
+        "application/json",
+        "text/plain",
+        "application/problem+json",
+        "image/png",
+        "application/pdf",
+    ],
 )
 async def test_a_page_answered_with_200_is_not_archived_as_the_audio(
     folder: StorageHandler, root: Path, httpserver: HTTPServer, content_type: str

@@ -45,6 +45,7 @@ import hashlib
 import os
 import re
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -533,14 +534,29 @@ def _segment(value: str | None, what: str, event: Event) -> str:
 
 
 def _is_a_document(media_type: str) -> bool:
-    """A media type (lowercase) that is a page or a structured document, never audio:
-    ``text/*``, JSON, XML, JavaScript. Anything else (``audio/*``, ``video/*``,
+    """A media type (lowercase) that is a page, a document or an image, never audio:
+    ``text/*``, ``image/*``, JSON, XML, PDF... Anything else (``audio/*``, ``video/*``,
     ``application/octet-stream``, none at all) is taken as the file."""
     return (
-        media_type.startswith("text/")
-        or media_type in ("application/json", "application/xml", "application/javascript")
-        or media_type.endswith(("+json", "+xml"))
+        media_type.startswith(_DOCUMENT_PREFIXES)
+        or media_type in _DOCUMENT_TYPES
+        or (media_type.endswith(("+json", "+xml")))
     )
+
+
+#: Media types no audio file is served as: pages, documents, images (a CDN's placeholder).
+#: A list of what to refuse, not of what to take: servers label audio in many ways
+#: (``application/octet-stream``, ``application/x-download``, ``binary/octet-stream``).
+_DOCUMENT_PREFIXES = ("text/", "image/", "font/", "multipart/", "message/")
+_DOCUMENT_TYPES = frozenset(
+    {
+        "application/json",
+        "application/xml",
+        "application/javascript",
+        "application/pdf",
+        "application/x-www-form-urlencoded",
+    }
+)
 
 
 def _extension(track: Track, response: httpx.Response) -> str:
@@ -599,6 +615,11 @@ class StorageHandler:
         assert max_bytes is not None
         assert timeouts is not None
         self.sink, self.max_bytes = sink, max_bytes
+        # One lock per task whose record is being written (see _write_manifest); an entry
+        # lives while its lock is held or awaited.
+        self._manifest_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
         connect_seconds, read_seconds = timeouts
         self.http = OutboundClient(
             allow_private=ctx.allow_private_urls,
@@ -626,10 +647,6 @@ class StorageHandler:
         manifest_key = f"{task_id}/{MANIFEST}"
         try:
             stored = _manifest_entries(await self.sink.read(manifest_key, limit=MAX_MANIFEST_BYTES))
-            # Tracks an earlier event of the task stored that this one does not list: kept
-            # in the record (the files stay), or a replay of that event fetched them again,
-            # from links that may have gone stale meanwhile.
-            earlier = [entry for track_id, entry in stored.items() if track_id not in seen]
             done: dict[str, dict[str, Any]] = {}
             for track in completed.data.tracks:
                 entry = stored.get(track.id)
@@ -647,9 +664,7 @@ class StorageHandler:
                     entry = await self._store_track(event, task_id, track)
                 done[track.id] = entry
                 complete = len(done) == len(completed.data.tracks)
-                await self._write_manifest(
-                    event, task_id, completed.data.tracks, done, complete, earlier
-                )
+                await self._write_manifest(event, task_id, completed.data.tracks, done, complete)
         except OSError as exc:
             message = f"writing under {self.sink.location('')} failed: {exc}"
             if exc.errno in INPUT_ERRNOS:
@@ -768,22 +783,35 @@ class StorageHandler:
         tracks: tuple[Track, ...],
         done: Mapping[str, dict[str, Any]],
         complete: bool,
-        earlier: list[dict[str, Any]],
     ) -> None:
-        doc = {
-            "task_id": task_id,
-            "event_id": event.id,
-            "complete": complete,
-            "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "tracks": [done[t.id] for t in tracks if t.id in done] + earlier,
-            "event": event.payload,
-        }
-        await self.sink.write_bytes(
-            f"{task_id}/{MANIFEST}",
-            # json_default: a number beyond a double is a Decimal in the payload (parse_json).
-            orjson.dumps(doc, default=json_default, option=orjson.OPT_INDENT_2),
-            content_type="application/json",
-        )
+        """Rewrite the task's ``event.json``: this event's stored tracks, then those that
+        another event of the task stored and this one does not list (the files stay; left
+        out, a replay of that event fetched them again, from links that may have gone
+        stale). Read again just before the write, under the task's lock: two events of one
+        task stored at once each wrote the record as it was when they began, and the last
+        write dropped the other's tracks."""
+        key = f"{task_id}/{MANIFEST}"
+        lock = self._manifest_locks.get(task_id)
+        if lock is None:
+            lock = self._manifest_locks[task_id] = asyncio.Lock()
+        async with lock:
+            listed = {t.id for t in tracks}
+            current = _manifest_entries(await self.sink.read(key, limit=MAX_MANIFEST_BYTES))
+            earlier = [entry for track_id, entry in current.items() if track_id not in listed]
+            doc = {
+                "task_id": task_id,
+                "event_id": event.id,
+                "complete": complete,
+                "updated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "tracks": [done[t.id] for t in tracks if t.id in done] + earlier,
+                "event": event.payload,
+            }
+            await self.sink.write_bytes(
+                key,
+                # json_default: a number beyond a double is a Decimal in the payload.
+                orjson.dumps(doc, default=json_default, option=orjson.OPT_INDENT_2),
+                content_type="application/json",
+            )
 
     async def aclose(self) -> None:
         await self.http.aclose()
