@@ -110,6 +110,7 @@ def _after_env(tmp_path: Path, httpserver: HTTPServer) -> dict[str, str]:
         "LACUNA_STORAGE_RETRY_BASE_DELAY": "0.3",
         "LACUNA_STORAGE_RETRY_MAX_DELAY": "0.3",
         "LACUNA_STORAGE_RETRY_MAX_ATTEMPTS": "1000",
+        "LACUNA_STORAGE_TIMEOUT": "5",
         "LACUNA_APP_URL": httpserver.url_for("/app"),
         "LACUNA_APP_SECRET": FORWARD_SECRET,
         "LACUNA_APP_PAYLOAD": "enriched",
@@ -193,8 +194,11 @@ def test_a_sigkill_while_deliveries_are_held_behind_after_loses_nothing(
 
     audio.available = True
     serve.start()
+    # A storage attempt in flight at the kill keeps its claim until its lease ends (the
+    # timeout, 5 s here, plus 30 s): the wait allows for it (it timed out under load).
     wait_until(
         lambda: len({r["headers"]["Webhook-Id"] for r in receiver.requests}) == 5,
+        timeout=90,
         what="all five forwards after the restart",
     )
     time.sleep(0.5)

@@ -146,7 +146,7 @@ ours, theirs = socket.socketpair()
 
 
 def parent():
-    ours.sendall(process._frame(("hello", open_traced, (path,), None, None)))
+    ours.sendall(process._frame(("hello", open_traced, (path,), None, None, None)))
     stream = ours.makefile("rb")
     assert pickle.loads(read_frame_blocking(stream, 1 << 20))[0] == "ok"
     ours.shutdown(socket.SHUT_WR)  # the end of serve: the child sees EOF and closes
