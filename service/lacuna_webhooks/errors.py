@@ -190,6 +190,12 @@ class MalformedEvent(PermanentError):
         super().__init__(message)
 
 
+#: The longest delay a ``RetryLater`` (or a peer's ``Retry-After``) is read as: the retry
+#: schedule caps it far lower anyway, and the workers' JSON wire carries it as a float (an
+#: int past 64 bits, or a float overflowing to inf, cannot be written).
+MAX_RETRY_DELAY_SECONDS = 1e9
+
+
 class RetryLater(HandlerError):
     """The handler asks to be retried later."""
 

@@ -55,7 +55,13 @@ from typing import Any
 import orjson
 import structlog
 
-from ..errors import PauseHandler, PermanentError, RateLimited, RetryLater
+from ..errors import (
+    MAX_RETRY_DELAY_SECONDS,
+    PauseHandler,
+    PermanentError,
+    RateLimited,
+    RetryLater,
+)
 from ..handlers.base import Handler, current_attempt, current_results, settle
 from ..models import AttemptOutcome, Event, json_strings
 from ..redact import redact_text
@@ -167,14 +173,9 @@ class Outcome:
         return cls(Ending(value["ending"]), error, None if delay is None else float(delay), result)
 
 
-#: A larger requested delay is read as this: the retry schedule caps it far lower anyway,
-#: and the workers' JSON wire carries a float (an int past 64 bits cannot be written).
-MAX_REQUESTED_DELAY_SECONDS = 1e9
-
-
 def requested_delay(value: object) -> float | None:
     """A ``RetryLater``'s ``delay_seconds`` as seconds from 0 to
-    ``MAX_REQUESTED_DELAY_SECONDS``, or ``None`` when it is none or not a number (a string
+    ``MAX_RETRY_DELAY_SECONDS``, or ``None`` when it is none or not a number (a string
     from a peer's header, ``nan``, a ``bool``): a plugin's mistake there must still end its
     attempt as a retry, never break the hand-over of the outcome."""
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -182,10 +183,10 @@ def requested_delay(value: object) -> float | None:
     try:
         seconds = float(value)
     except OverflowError:  # an int beyond a double
-        return MAX_REQUESTED_DELAY_SECONDS if value > 0 else 0.0
+        return MAX_RETRY_DELAY_SECONDS if value > 0 else 0.0
     if seconds != seconds:  # nan
         return None
-    return min(max(seconds, 0.0), MAX_REQUESTED_DELAY_SECONDS)
+    return min(max(seconds, 0.0), MAX_RETRY_DELAY_SECONDS)
 
 
 def classify(value: BaseException | object) -> Outcome:

@@ -39,7 +39,7 @@ import httpcore
 import httpx
 
 from ..config import http_url_problem
-from ..errors import PermanentError, RetryLater
+from ..errors import MAX_RETRY_DELAY_SECONDS, PermanentError, RetryLater
 from ..redact import redact_text, redact_url
 
 USER_AGENT = "lacuna-webhooks"
@@ -357,10 +357,6 @@ class OutboundClient:
         await self._client.aclose()
 
 
-#: A larger Retry-After is read as this (the retry schedule caps it far lower anyway).
-MAX_RETRY_AFTER_SECONDS = 1e9
-
-
 def retry_after_seconds(value: str | None, *, now: datetime | None = None) -> float | None:
     """``Retry-After`` (delta seconds or an HTTP date) as seconds; ``None`` if absent or bad."""
     if value is None or not value.strip():
@@ -369,7 +365,7 @@ def retry_after_seconds(value: str | None, *, now: datetime | None = None) -> fl
     if text.isascii() and text.isdigit():  # "²".isdigit() holds and float("²") raises
         # 309 digits and more read as inf, which the worker's JSON wire carries as null:
         # finite, and far past any cap.
-        return min(float(text), MAX_RETRY_AFTER_SECONDS)
+        return min(float(text), MAX_RETRY_DELAY_SECONDS)
     try:
         when = parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError, OverflowError):
