@@ -26,7 +26,7 @@ import structlog
 from ..child import frame, read_frame
 from ..handlers.base import Handler, settle
 from ..models import Event
-from .attempt import Ending, Outcome, describe_error, run_attempt, stranded_thread
+from .attempt import Outcome, describe_error, run_attempt, stranded_thread
 from .workers import MAX_FRAME_BYTES, WorkerSpec
 
 if TYPE_CHECKING:
@@ -158,16 +158,12 @@ async def _serve(sock: socket.socket, handler: Handler, tracing: Tracing | None 
             return
         try:
             payload = orjson.dumps(["done", attempt_id, outcome.to_wire()])
-        except TypeError:  # run_attempt checked the result and the delay: a last guard
+        except TypeError:  # run_attempt checked the result: a last guard
+            # Without the result, the outcome is text and a float (classify bounds the
+            # delay: requested_delay), which always encode.
             log.warning("handler.result_not_stored", event_id=event.id, reason="not JSON")
             bare = Outcome(outcome.ending, outcome.error, outcome.retry_after_seconds)
-            try:
-                payload = orjson.dumps(["done", attempt_id, bare.to_wire()])
-            except TypeError:
-                # Never an attempt without an answer: unanswered, it waited for the overrun
-                # watch, which killed the worker and every attempt beside it.
-                lost = Outcome(Ending.FAILED, "the attempt's outcome could not be written")
-                payload = orjson.dumps(["done", attempt_id, lost.to_wire()])
+            payload = orjson.dumps(["done", attempt_id, bare.to_wire()])
         writer.write(frame(payload))
 
     try:
