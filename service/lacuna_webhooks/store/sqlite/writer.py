@@ -369,10 +369,6 @@ def write_batch(
     """
     try:
         outcomes: list[bool | str] = list(accept_batch(conn, rows))
-        check_files(conn)  # committed, but into the file at the path? else nobody hears 200
-        return outcomes
-    except StoreUnavailable:
-        raise
     except ROW_ERRORS as exc:
         rollback(conn)
         if len(rows) == 1:
@@ -382,6 +378,9 @@ def write_batch(
     except Exception as exc:
         rollback(conn)
         raise unavailable(exc, "SQLite") from exc
+    else:
+        check_files(conn)  # committed, but into the file at the path? else nobody hears 200
+        return outcomes
     logger.warning("store.sqlite.batch_split: %d accepts: %s", len(rows), first_error)
     outcomes = []
     for row in rows:
