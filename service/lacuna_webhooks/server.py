@@ -460,11 +460,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             and self._after_chunk_header
             and self._trailer_bytes > self._limits.max_header_bytes
         ):
-            self._refuse(
-                HeadersTooLarge(
-                    f"The trailer fields are larger than {self._limits.max_header_bytes} bytes."
-                )
-            )
+            self._refuse(self._trailer_too_large())
             return None
         if phase is _Phase.HEADERS:
             limits = self._limits
@@ -487,6 +483,11 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def _head_too_large(self) -> HeadersTooLarge:
         return HeadersTooLarge(
             f"The request headers are larger than {self._limits.max_header_bytes} bytes."
+        )
+
+    def _trailer_too_large(self) -> HeadersTooLarge:
+        return HeadersTooLarge(
+            f"The trailer fields are larger than {self._limits.max_header_bytes} bytes."
         )
 
     def _too_many_headers(self) -> HeadersTooLarge:
@@ -591,9 +592,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 )
                 raise _StopParsing()
             if self._trailer_field_bytes > limits.max_header_bytes:
-                self._refusal = HeadersTooLarge(
-                    f"The trailer fields are larger than {limits.max_header_bytes} bytes."
-                )
+                self._refusal = self._trailer_too_large()
                 raise _StopParsing()
             return
         # llhttp reads "gzip, chunked" or "foo, chunked" as plain chunked: a body decoded
