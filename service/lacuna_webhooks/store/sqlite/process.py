@@ -119,14 +119,15 @@ class _Link:
             async with asyncio.timeout(STOP_WAIT_SECONDS):
                 return await self.proc.wait()
         except TimeoutError:
-            logger.error(
-                "store.sqlite.writer_stalled: still running %.0f s after its end; killing pid %s",
-                STOP_WAIT_SECONDS,
-                self.proc.pid,
-            )
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
+            self.kill_stalled(f"still running {STOP_WAIT_SECONDS:.0f} s after its end")
             return await self.proc.wait()
+
+    def kill_stalled(self, why: str) -> None:
+        """Log ``store.sqlite.writer_stalled`` with ``why`` and SIGKILL the child (stopped, or
+        stuck in a hung disk's fsync): its reader then sees the socket close."""
+        logger.error("store.sqlite.writer_stalled: %s; killing pid %s", why, self.proc.pid)
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
 
 
 class ProcessWriter(Generic[RowT]):
@@ -207,15 +208,8 @@ class ProcessWriter(Generic[RowT]):
         except TimeoutError:
             # A child that does not answer (stopped, a hung disk) held the stop until the
             # stall watch killed it, a minute on, past any orchestrator's grace period.
-            link = self._link
-            if link is not None:
-                logger.error(
-                    "store.sqlite.writer_stalled: no answer at stop for %.0f s; killing pid %s",
-                    STOP_WAIT_SECONDS,
-                    link.proc.pid,
-                )
-                with contextlib.suppress(ProcessLookupError):
-                    link.proc.kill()  # its reader sees the end: _lost answers the waiters
+            if self._link is not None:  # its reader sees the end: _lost answers the waiters
+                self._link.kill_stalled(f"no answer at stop for {STOP_WAIT_SECONDS:.0f} s")
             await self._idle.wait()
         link, self._link = self._link, None
         if link is not None:
@@ -361,14 +355,8 @@ class ProcessWriter(Generic[RowT]):
             if self._link is link and self._replies:
                 waited = time.monotonic() - self._replies[0][1]
                 if waited > STALL_SECONDS:
-                    logger.error(
-                        "store.sqlite.writer_stalled: no answer for %.0f s; killing pid %s",
-                        waited,
-                        link.proc.pid,
-                    )
                     # The reader then sees the socket close: _lost, then a restart.
-                    with contextlib.suppress(ProcessLookupError):
-                        link.proc.kill()
+                    link.kill_stalled(f"no answer for {waited:.0f} s")
                     return
 
     async def _lost(self, link: _Link) -> None:
