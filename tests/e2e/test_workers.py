@@ -27,6 +27,7 @@ from tests.e2e.misbehaving_plugin import started
 
 pytestmark = pytest.mark.e2e
 PLUGIN = "tests.e2e.misbehaving_plugin:Misbehaving"
+SYNC = "tests.e2e.misbehaving_plugin:SyncMisbehaving"  # its handle() is a plain def
 #: Generous: an answer must not wait for a handler, but the machine is shared and busy.
 ANSWER_BOUND_SECONDS = 2.0
 
@@ -86,17 +87,23 @@ def assert_intake_answers(serve: Serve, tag: str, count: int = 5) -> list[str]:
     return ids
 
 
-@pytest.mark.parametrize("how", ["sleep", "spin"])
+@pytest.mark.parametrize(("how", "plugin"), [("sleep", PLUGIN), ("spin", PLUGIN), ("sleep", SYNC)])
 def test_a_blocking_handler_stalls_neither_intake_nor_healthz(
-    serve_factory: type[Serve], tmp_path: Path, how: str
+    serve_factory: type[Serve], tmp_path: Path, how: str, plugin: str
 ) -> None:
     """While a handler blocks its worker (time.sleep, or a CPU loop) past its timeout,
     webhooks and /healthz keep answering within the bound; the attempt is recorded as a
     timeout, its worker replaced, and the delivery retried in the new worker. Webhooks that
-    arrived meanwhile are delivered too."""
+    arrived meanwhile are delivered too. The same with a plain-def handle() that blocks in
+    its thread (SYNC)."""
     out = tmp_path / "started.txt"
     serve = serve_factory(
-        plugin_env(tmp_path, LACUNA_MISBEHAVING_TIMEOUT="10", LACUNA_MISBEHAVING_BLOCK="300")
+        plugin_env(
+            tmp_path,
+            LACUNA_HANDLERS=plugin,
+            LACUNA_MISBEHAVING_TIMEOUT="10",
+            LACUNA_MISBEHAVING_BLOCK="300",
+        )
     ).start()
     blocker = f"evt_{how}_1"
     assert send(serve, blocker).status_code == 200
