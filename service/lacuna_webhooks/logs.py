@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import io
 import logging
 import sys
 import threading
@@ -209,6 +210,73 @@ def _batching(base: type[Any]) -> type[Any]:
                 self._logger.msg(newline.join(rendered))
 
     return BatchingBoundLogger
+
+
+#: A line printed without its newline is logged once it reaches this many bytes, so that
+#: output that never ends a line cannot grow without bound.
+MAX_OUTPUT_LINE_BYTES = 64 * 1024
+
+
+class _OutputLines(io.RawIOBase):
+    """A writable raw stream that logs each line written to it as a ``process.output``
+    line (redacted like every other line) instead of printing it as it came."""
+
+    def __init__(self, stream: str, context: dict[str, Any]) -> None:
+        super().__init__()
+        self._stream = stream
+        self._context = context
+        self._partial = bytearray()
+        self._lock = threading.Lock()  # print() from a plugin's threads too
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        chunk = bytes(data)
+        with self._lock:
+            self._partial += chunk
+            *lines, rest = bytes(self._partial).split(b"\n")
+            if len(rest) >= MAX_OUTPUT_LINE_BYTES:
+                lines.append(rest)
+                rest = b""
+            self._partial = bytearray(rest)
+        for line in lines:
+            self._log(line)
+        return len(chunk)
+
+    def close(self) -> None:
+        with self._lock:
+            rest, self._partial = bytes(self._partial), bytearray()
+        if rest:
+            self._log(rest)
+        super().close()
+
+    def _log(self, line: bytes) -> None:
+        text = line.decode("utf-8", "backslashreplace").rstrip("\r")
+        structlog.get_logger("lacuna_webhooks.output").info(
+            "process.output", stream=self._stream, line=text, **self._context
+        )
+
+
+def capture_output(**context: Any) -> None:
+    """Log what this process prints (``sys.stdout``, ``sys.stderr``, their ``.buffer``) as
+    ``process.output`` lines with ``stream`` (``"stdout"``/``"stderr"``), ``line`` and
+    ``context``, through ``configure``'s chain: redacted, and in the log format. For the
+    handler worker processes, where a plugin's ``print()`` of a URL or a secret would
+    otherwise reach the output raw. Call after ``configure`` (whose output keeps the real
+    stderr). Writes to the file descriptors themselves (``os.write(1, ...)``, a program the
+    plugin starts) are not seen."""
+    for name in ("stdout", "stderr"):
+        raw = _OutputLines(name, context)
+        stream = io.TextIOWrapper(
+            io.BufferedWriter(raw),
+            encoding="utf-8",
+            errors="backslashreplace",
+            line_buffering=True,
+            write_through=True,
+        )
+        atexit.register(stream.close)  # a last line without its newline
+        setattr(sys, name, stream)
 
 
 #: What ``configure`` was last given (the format resolved), for child processes to use.

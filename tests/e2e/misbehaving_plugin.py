@@ -26,6 +26,9 @@ then, by the event id's prefix:
 - ``evt_delay_<kind>``: raises ``RetryLater`` whose ``delay_seconds`` is not a usable number:
   ``text`` (``"30"``, a peer's Retry-After passed on as it came), ``huge`` (``10**25``, an
   int past 64 bits), ``nan``;
+- ``evt_print_``: prints ``LACUNA_WEBHOOK_SECRET`` and a Slack-like URL to ``sys.stdout``,
+  to ``sys.stderr`` (with a non-UTF-8 byte) and through ``sys.stdout.buffer``, the last
+  without a newline, then succeeds;
 - anything else: succeeds.
 
 With ``LACUNA_MISBEHAVING_THREAD=1``, ``__init__`` starts a non-daemon thread that only
@@ -38,6 +41,7 @@ import asyncio
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -132,6 +136,16 @@ class Misbehaving:
         elif event.id.startswith("evt_delay_"):
             delay = DELAYS[event.id.removeprefix("evt_delay_")]
             raise RetryLater("busy", delay_seconds=delay)  # type: ignore[arg-type]
+        elif event.id.startswith("evt_print_"):
+            secret = os.environ["LACUNA_WEBHOOK_SECRET"]
+            print(f"plugin debug: secret={secret}")  # a careless plugin is the point
+            print(
+                "posting to https://hooks.slack.com/services/T000/B000/XXXXSECRETPATH",
+                file=sys.stderr,
+            )
+            sys.stderr.buffer.write(b"caf\xe9 " + secret.encode() + b"\n")
+            sys.stdout.buffer.write(b"no newline " + secret.encode())
+            sys.stdout.flush()
         elif event.id.startswith("evt_nulresult_"):
             return {"x": "a\x00b"}
         elif event.id.startswith("evt_bigresult_"):

@@ -237,6 +237,41 @@ def test_a_sigkilled_worker_is_restarted_and_deliveries_go_on(
     assert serve.proc.poll() is None
 
 
+def test_what_a_plugin_prints_is_logged_redacted(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """A plugin that prints the webhook secret and a Slack URL (stdout, stderr, their binary
+    buffers, a line without its newline, a non-UTF-8 byte): each line reaches the output as a
+    JSON ``process.output`` line of its handler, secret masked and URL cut to its host; the
+    secret never appears, nor the URL's path. The partial line is logged when the worker ends."""
+    out = tmp_path / "started.txt"
+    serve = serve_factory(plugin_env(tmp_path, LACUNA_LOG_FORMAT="json")).start()
+    assert send(serve, "evt_print_1").status_code == 200
+    wait_until(lambda: "evt_print_1" in started_ids(out), what="the attempt to start")
+    wait_until(lambda: attempts_of(serve, "evt_print_1"), what="the attempt recorded")
+    serve.signal(signal.SIGTERM)
+    assert serve.wait(timeout=60) == 0
+    log = serve.log()
+    assert TEST_SECRET not in log
+    assert "XXXXSECRETPATH" not in log
+    assert "B000" not in log
+    printed = [
+        line
+        for line in (json.loads(x) for x in log.splitlines() if x.startswith("{"))
+        if line.get("event") == "process.output"
+    ]
+    assert {(p["stream"], p["handler"]) for p in printed} == {
+        ("stdout", "misbehaving"),
+        ("stderr", "misbehaving"),
+    }
+    lines = [p["line"] for p in printed]
+    assert "plugin debug: secret=**********" in lines
+    assert "posting to https://hooks.slack.com/…" in lines
+    assert "caf\\xe9 **********" in lines
+    assert "no newline **********" in lines  # flushed as the worker exited
+    assert not [x for x in log.splitlines() if "plugin debug" in x and not x.startswith("{")]
+
+
 def test_sigterm_exits_0_releases_the_attempt_and_leaves_no_child(
     serve_factory: type[Serve], tmp_path: Path
 ) -> None:

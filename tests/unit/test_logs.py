@@ -387,3 +387,25 @@ def test_uvicorn_loggers_configured_earlier_are_taken_back() -> None:
     text = _lines("info", log)
     (line,) = (orjson.loads(x) for x in text.splitlines())
     assert line["event"] == "boom https://hooks.slack.com/…"
+
+
+def test_output_lines_are_logged_one_by_one_and_a_long_one_is_cut() -> None:
+    """What a worker's plugin prints becomes ``process.output`` lines: split at newlines
+    (CRLF too) across writes, a partial line kept until its newline or close, and a line
+    that never ends logged every MAX_OUTPUT_LINE_BYTES instead of growing without bound."""
+    from structlog.testing import capture_logs
+
+    from lacuna_webhooks.logs import MAX_OUTPUT_LINE_BYTES, _OutputLines
+
+    raw = _OutputLines("stdout", {"handler": "h"})
+    with capture_logs() as logged:
+        assert raw.write(b"one\r\ntw") == 7
+        raw.write(memoryview(b"o\nthree"))
+        raw.write(b"x" * MAX_OUTPUT_LINE_BYTES)
+        raw.write(b"tail")
+        raw.close()
+    long_line = "three" + "x" * MAX_OUTPUT_LINE_BYTES
+    assert [e["line"] for e in logged] == ["one", "two", long_line, "tail"]
+    assert {(e["event"], e["stream"], e["handler"]) for e in logged} == {
+        ("process.output", "stdout", "h")
+    }

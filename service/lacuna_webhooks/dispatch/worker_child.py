@@ -89,7 +89,7 @@ def child_main(fd: int) -> int:
 
 
 def _build(sock: socket.socket, spec: WorkerSpec) -> tuple[Handler, Tracing | None] | None:
-    from ..logs import configure
+    from ..logs import capture_output, configure
     from ..plugins import build_handlers
     from ..redact import secret_values
     from ..tracing_config import load_tracing
@@ -100,6 +100,8 @@ def _build(sock: socket.socket, spec: WorkerSpec) -> tuple[Handler, Tracing | No
         level=spec.log_level,
         secrets=secret_values(spec.environ),
     )
+    # What the plugin prints is logged, redacted, as everything else the worker says.
+    capture_output(handler=spec.name)
     try:
         built = build_handlers(
             [spec.item],
