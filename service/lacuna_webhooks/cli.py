@@ -250,6 +250,7 @@ def _serve(
             # uvicorn re-raises the signal that stopped it once it has shut down; after a
             # graceful drain a SIGTERM should end the process with 0, not "killed by signal".
             signal.signal(signal.SIGTERM, lambda signum, frame: None)
+            signal.signal(signal.SIGHUP, lambda signum, frame: None)
             # Ctrl-C: uvicorn drains, then raises SIGINT again for the handler it found. That
             # was asyncio's, which cancelled this task in the middle of the admin listener's
             # stop and the store's close (a traceback, a bulk operation not answered). Noted
@@ -333,6 +334,19 @@ def _server_class() -> Any:
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
             self._state.stop_deadline = time.monotonic() + self._timeout_seconds
             await super().shutdown(sockets)
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # SIGHUP (the terminal `serve` ran in was closed, a supervisor's hangup) is a
+            # requested stop too: the same drain as SIGTERM and exit 0, where its default
+            # action ended the process at once (129) with attempts running and the store
+            # open. uvicorn handles SIGINT and SIGTERM only.
+            previous = signal.signal(signal.SIGHUP, self.handle_exit)
+            try:
+                with super().capture_signals():
+                    yield
+            finally:
+                signal.signal(signal.SIGHUP, previous)
 
     return Server
 
@@ -522,7 +536,7 @@ def _worker(environ: Mapping[str, str]) -> int:
             service = build_dispatch(settings, store, handlers, metrics=metrics, runner=pool)
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.add_signal_handler(sig, stop.set)
             task = asyncio.create_task(service.run(), name="dispatch")
             stopping = asyncio.create_task(stop.wait())

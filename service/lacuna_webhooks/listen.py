@@ -534,12 +534,13 @@ async def listen(
 
 
 def run(main: Awaitable[None], say: Callable[[str], None]) -> int:
-    """Run ``main`` until it raises or SIGINT / SIGTERM arrives; then stop cleanly (0)."""
+    """Run ``main`` until it raises or SIGINT / SIGTERM / SIGHUP arrives; then stop cleanly
+    (0)."""
 
     async def supervised() -> int:
         task = asyncio.ensure_future(main)
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(signum, task.cancel)
         try:
             await task
@@ -547,7 +548,7 @@ def run(main: Awaitable[None], say: Callable[[str], None]) -> int:
             say("stopped")
             return 0
         finally:
-            for signum in (signal.SIGINT, signal.SIGTERM):
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
         return 0
 

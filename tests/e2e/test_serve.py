@@ -82,8 +82,12 @@ def test_sigkill_with_pending_deliveries_loses_nothing(
     assert sorted(recorded(out)) == sorted(ids)  # and none twice
 
 
-def test_sigterm_drains_in_flight_deliveries(serve_factory: type[Serve], tmp_path: Path) -> None:
-    """SIGTERM lets running handlers finish (within LACUNA_SHUTDOWN_TIMEOUT) and exits 0."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_drains_in_flight_deliveries(
+    serve_factory: type[Serve], tmp_path: Path, signum: signal.Signals
+) -> None:
+    """SIGTERM lets running handlers finish (within LACUNA_SHUTDOWN_TIMEOUT) and exits 0.
+    SIGHUP (a closed terminal) is the same requested stop, not an exit at once (129)."""
     out = tmp_path / "delivered.txt"
     serve = serve_factory(
         {
@@ -107,7 +111,7 @@ def test_sigterm_drains_in_flight_deliveries(serve_factory: type[Serve], tmp_pat
     wait_until(all_running, timeout=20, what="three deliveries in flight")
     (writer,) = writer_children(serve)
     (worker,) = handler_workers(serve)
-    serve.signal(signal.SIGTERM)
+    serve.signal(signum)
     assert serve.wait(timeout=40) == 0
     assert process_exited(writer)
     assert process_exited(worker)

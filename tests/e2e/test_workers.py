@@ -479,11 +479,17 @@ def worker_factory(tmp_path: Path) -> Iterator[Any]:
 
 
 @pytest.mark.postgres
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_intake_and_dispatch_apart_on_postgres(
-    serve_factory: type[Serve], worker_factory: Any, tmp_path: Path, postgres_dsn: str
+    serve_factory: type[Serve],
+    worker_factory: Any,
+    tmp_path: Path,
+    postgres_dsn: str,
+    signum: signal.Signals,
 ) -> None:
     """serve with LACUNA_DISPATCH=false only stores; `lacuna-webhooks worker` delivers what
-    it stored (in a handler worker process of its own) and exits 0 on SIGTERM."""
+    it stored (in a handler worker process of its own) and exits 0 on SIGTERM, and on SIGHUP
+    (a closed terminal) alike."""
     out = tmp_path / "started.txt"
     env = {**plugin_env(tmp_path), "LACUNA_DATABASE_URL": postgres_dsn}
     serve = serve_factory({**env, "LACUNA_DISPATCH": "false"}).start()
@@ -495,6 +501,6 @@ def test_intake_and_dispatch_apart_on_postgres(
     wait_until(lambda: "evt_apart_2" in started_ids(out), timeout=60, what="second delivery")
     pid = pids_of(out, "evt_apart_1")[0]
     assert Path(f"/proc/{pid}/status").read_text().count(f"PPid:\t{worker.pid}") == 1
-    worker.send_signal(signal.SIGTERM)
+    worker.send_signal(signum)
     assert worker.wait(60) == 0
     wait_until(lambda: process_exited(pid), what="the worker's handler process to end")
