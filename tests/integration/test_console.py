@@ -562,3 +562,29 @@ async def test_a_form_with_too_many_fields_is_413_not_a_500(sqlite_store: Store)
         assert answer.status_code == 413
         assert "Form too large." in answer.text
     assert await sqlite_store.paused_handlers() == {}
+
+
+async def test_a_nul_in_a_query_or_form_value_is_a_400_page_on_every_backend(
+    store: Store,
+) -> None:
+    """NUL in an id, a handler or any other value of a page's query or a form: the 400 page,
+    nothing changed; PostgreSQL cannot take NUL as a parameter, and answered 503 (the store
+    'unavailable') for this bad input."""
+    await accept(store, make_event("evt_1"), ["log"])
+    async with client(store) as http:
+        csrf = await sign_in(http)
+        for path in ("/event?id=%00", "/event?id=evt_1%00", "/dead?handler=a%00b", "/events?q=%00"):
+            answer = await http.get(path)
+            assert answer.status_code == 400, (path, answer.status_code)
+            assert "NUL" in answer.text
+        for path, form in (
+            ("/event/replay", {"id": "\x00"}),
+            ("/event/replay", {"id": "evt_1", "handler": "log\x00"}),
+            ("/dead/retry", {"id": "\x00"}),
+            ("/dead/retry", {"handler": "a\x00b"}),
+        ):
+            answer = await http.post(path, data={**form, "csrf": csrf})
+            assert answer.status_code == 400, (path, form, answer.status_code)
+        assert (await http.get("/event?id=evt_1")).status_code == 200  # still signed in
+    (delivery,) = await store.list_deliveries(event_id="evt_1")
+    assert (delivery.status, delivery.updated_at) == ("pending", NOW)

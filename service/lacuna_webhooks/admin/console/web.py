@@ -9,7 +9,7 @@ percent-encodes every query value; templates never concatenate one by hand.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -226,13 +226,32 @@ PageView = Callable[[Request, Session], Awaitable[Response]]
 ActionView = Callable[[Request, Session, dict[str, list[str]]], Awaitable[Response]]
 
 
+def _holds_nul(values: Iterable[str]) -> bool:
+    return any("\x00" in value for value in values)
+
+
+async def _nul_refused(request: Request, session: Session) -> Response:
+    # No id, handler or text the console looks up or stores can hold NUL (the API refuses
+    # it too: admin/bodies.py); PostgreSQL cannot even take it as a parameter (a 503 before).
+    return await render(
+        request,
+        "error.html",
+        400,
+        session=session,
+        message="A value in this request holds a NUL character.",
+    )
+
+
 def page(ctx: AdminContext, view: PageView) -> Endpoint:
-    """A ``GET`` page: signed-in users only (else 303 to the sign-in page)."""
+    """A ``GET`` page: signed-in users only (else 303 to the sign-in page); a query value
+    holding NUL is a 400 page."""
 
     async def endpoint(request: Request) -> Response:
         session = current_session(request, ctx)
         if session is None:
             return to_sign_in(request)
+        if _holds_nul(v for _, v in request.query_params.multi_items()):
+            return await _nul_refused(request, session)
         try:
             return await view(request, session)
         except StoreUnavailable:
@@ -244,7 +263,8 @@ def page(ctx: AdminContext, view: PageView) -> Endpoint:
 def action(ctx: AdminContext, view: ActionView) -> Endpoint:
     """A state-changing ``POST``: signed-in users only (else 303 to sign-in), from this
     site (else 403), with the session's CSRF token in the form's ``csrf`` field (else
-    403), and a small body (else 413)."""
+    403), and a small body (else 413) without NUL in a value, its query's included (else
+    400)."""
 
     async def endpoint(request: Request) -> Response:
         session = current_session(request, ctx)
@@ -260,6 +280,10 @@ def action(ctx: AdminContext, view: ActionView) -> Endpoint:
         presented = form.get("csrf", [None])[-1]
         if not csrf_ok(session.cookie, session.token, presented):
             return await forbidden(request, session, "The form's CSRF token is missing or stale.")
+        if _holds_nul(v for values in form.values() for v in values) or _holds_nul(
+            v for _, v in request.query_params.multi_items()
+        ):
+            return await _nul_refused(request, session)
         try:
             return await view(request, session, form)
         except StoreUnavailable:
