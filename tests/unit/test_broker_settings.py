@@ -7,6 +7,7 @@ helpers each broker relies on (subject check, FIFO ids, Redis marker keys).
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -116,11 +117,13 @@ def test_literal_braces_are_kept() -> None:
     assert handler.stream.render_values("job.completed", "t") == "{app}:job.completed"
 
 
-def test_sqs_without_any_region_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sqs_without_any_region_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """No REGION, none in the AWS configuration, none in the URL: one line naming REGION."""
     for var in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "missing"))
     message = config_error(SQSHandler, ctx("sqs", QUEUE_URL="http://127.0.0.1:9324/1/q"))
     assert message.startswith("LACUNA_SQS_REGION is required")
     handler = SQSHandler(
@@ -203,3 +206,25 @@ def test_redis_numbers_are_bounded(key: str, value: str, problem: str) -> None:
     """A DEDUPE_TTL past Redis's range used to start, then fail every publish."""
     message = config_error(RedisHandler, ctx("bus", URL="redis://127.0.0.1", **{key: value}))
     assert message == f"LACUNA_BUS_{key} {problem}"
+
+
+@pytest.mark.parametrize(
+    ("config", "profile"),
+    [("LACUNA_WEBHOOK_SECRET=whsec_x\n[ broken\n", None), ("[default]\n", "nobody")],
+    ids=["unparsable", "unknown-profile"],
+)
+def test_sqs_with_an_unreadable_aws_configuration_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, config: str, profile: str | None
+) -> None:
+    """An AWS_CONFIG_FILE that does not parse (a .env file given by mistake) or an
+    AWS_PROFILE it does not hold: a ConfigError naming the handler, not botocore's
+    exception (a traceback at start)."""
+    for var in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    (tmp_path / "config").write_text(config)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    if profile is not None:
+        monkeypatch.setenv("AWS_PROFILE", profile)
+    message = config_error(SQSHandler, ctx("sqs", QUEUE_URL="http://127.0.0.1:9324/1/q"))
+    assert message.startswith("the sqs handler cannot read the AWS configuration: ")
+    assert "whsec_x" not in message

@@ -89,13 +89,20 @@ class SQSHandler:
         self.endpoint = (
             broker_url(ctx, "ENDPOINT", ("https", "http")) if ctx.get("ENDPOINT") else None
         )
-        session = boto3.session.Session()
         host_region = _REGION_IN_HOST.match(urlsplit(self.queue_url).hostname or "")
-        self.region = (
-            ctx.get("REGION")
-            or session.region_name
-            or (host_region.group(1) if host_region else None)
-        )
+        try:
+            session = boto3.session.Session()
+            self.region = (
+                ctx.get("REGION")
+                or session.region_name
+                or (host_region.group(1) if host_region else None)
+            )
+        except botocore.exceptions.BotoCoreError as exc:
+            # An AWS_CONFIG_FILE that does not parse, an AWS_PROFILE it does not hold: one
+            # line naming the cause (a path, a profile name; no credential), not a traceback.
+            raise ConfigError(
+                f"the {ctx.name} handler cannot read the AWS configuration: {exc}"
+            ) from None
         if not self.region:
             raise ConfigError(
                 f"{ctx.env_name('REGION')} is required by the {ctx.name} handler: the AWS "
