@@ -1223,19 +1223,36 @@ def _replay(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         if not _count(count):
             raise CommandError("the admin API answered the replay with an unexpected answer")
     else:
-        from .admin.bulk import replay_configured
+        from .admin.bulk import not_taking, replay_configured
 
         # Without LACUNA_HANDLERS there is no configuration to go by: every delivery.
         known = environ.get("LACUNA_HANDLERS", "").strip()
         configured = _configured_names(environ) if known else None
         _refuse_unconfigured(handlers or [], configured or [])
+        filters = _configured_filters(environ) if known and handlers is not None else {}
+
+        async def replay_named(s: Store, names: list[str] | None) -> int:
+            record = await s.get_event(args.event_id)
+            if record is None:
+                raise EventNotFound(args.event_id)
+            # As the admin API: a handler whose LACUNA_<NAME>_EVENTS leaves the type out
+            # gets no delivery of it from a replay, as it got none from intake.
+            refused = not_taking(filters, record.type, names or [])
+            if refused:
+                raise CommandError(
+                    f"{refused[0]!r} does not take {record.type!r} events "
+                    f"(LACUNA_{refused[0].upper()}_EVENTS)",
+                    exit_code=2,
+                )
+            return await s.replay(args.event_id, names, now=datetime.now(UTC))
+
         try:
             count = _with_store(
                 environ,
                 lambda s: (
                     replay_configured(s, args.event_id, configured, now=datetime.now(UTC))
                     if handlers is None and configured is not None
-                    else s.replay(args.event_id, handlers, now=datetime.now(UTC))
+                    else replay_named(s, handlers)
                 ),
             )
         except EventNotFound:
@@ -1374,6 +1391,29 @@ def _configured_names(environ: Mapping[str, str]) -> list[str]:
     except ConfigError as exc:
         raise CommandError(f"configuration: {exc}", exit_code=2) from None
     return names
+
+
+def _configured_filters(environ: Mapping[str, str]) -> dict[str, frozenset[str] | None]:
+    """Per configured handler name, the event types it takes (``LACUNA_<NAME>_EVENTS`` or
+    its kind's default; ``None``: every type), without building the handlers."""
+    from .config import split_handler_item
+    from .plugins import load_factory, parse_events
+
+    settings = _settings(environ, require_secret=False)
+    filters: dict[str, frozenset[str] | None] = {}
+    try:
+        for item in settings.handlers:
+            name, kind = split_handler_item(item)
+            default_name, factory = load_factory(kind)
+            name = name or default_name
+            default = getattr(factory, "events", None)
+            filters[name] = parse_events(
+                environ.get(f"LACUNA_{name.upper()}_EVENTS"),
+                frozenset(default) if default is not None else None,
+            )
+    except ConfigError as exc:
+        raise CommandError(f"configuration: {exc}", exit_code=2) from None
+    return filters
 
 
 def _configured_lines(environ: Mapping[str, str]) -> list[str]:

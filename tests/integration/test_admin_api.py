@@ -360,6 +360,29 @@ async def test_replay_event(client: httpx.AsyncClient, store: Store) -> None:
     refused(await client.post("/events/nope/replay"), 404, "event_id")
 
 
+async def test_replay_to_a_handler_that_does_not_take_the_type_is_refused(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A handler whose LACUNA_<NAME>_EVENTS leaves the event's type out: intake made it no
+    delivery, so naming it in a replay is a 400 naming it, and nothing is created (as a
+    backfill skips it); before, the delivery was created and went dead on a payload it
+    was never meant for."""
+    monkeypatch.setitem(ENVIRON, "LACUNA_HOOK_EVENTS", "job.failed")
+    await store.accept(event("e9", "job.completed"), ["audit"], now=datetime.now(UTC))
+    app = create_admin_app(admin_context(store))
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://admin/api/v1", headers=AUTH
+    ) as c:
+        answer = refused(await c.post("/events/e9/replay", json={"handlers": ["hook"]}), 400)
+        assert answer["param"] == "handlers"
+        assert "'hook' does not take 'job.completed' events" in answer["message"]
+        assert "LACUNA_HOOK_EVENTS" in answer["message"]
+        ok = await c.post("/events/e9/replay", json={"handlers": ["audit"]})
+        assert ok.json() == {"event_id": "e9", "replayed": 1}
+        refused(await c.post("/events/nope/replay", json={"handlers": ["hook"]}), 404, "event_id")
+    assert [d.handler for d in await store.list_deliveries(event_id="e9")] == ["audit"]
+
+
 @pytest.mark.parametrize(
     ("body", "param", "code"),
     [

@@ -146,6 +146,23 @@ def test_replay_of_one_event_to_an_unknown_handler_is_refused(
     assert [r["handler"] for r in json.loads(capsys.readouterr().out)] == ["log"]
 
 
+def test_replay_of_one_event_to_a_handler_that_does_not_take_its_type_is_refused(
+    db: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """LACUNA_EMAIL_EVENTS=job.failed: replaying a job.completed event to email is one line
+    and exit 2, nothing created, as the admin API refuses it; to log it goes through."""
+    env = {**db, "LACUNA_HANDLERS": "log,email", "LACUNA_EMAIL_EVENTS": "job.failed"}
+    assert main(["replay", "evt_cli_ok", "--handler", "email"], env) == 2
+    assert capsys.readouterr().err == (
+        "lacuna-webhooks: error: 'email' does not take 'job.completed' events "
+        "(LACUNA_EMAIL_EVENTS)\n"
+    )
+    assert main(["replay", "evt_cli_ok", "--handler", "log"], env) == 0
+    capsys.readouterr()
+    assert main(["deliveries", "list", "--event", "evt_cli_ok", "--json"], db) == 0
+    assert [r["handler"] for r in json.loads(capsys.readouterr().out)] == ["log"]
+
+
 def test_replay_unknown_event(db: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["replay", "evt_nope"], db) == 1
     assert "no event 'evt_nope'" in capsys.readouterr().err

@@ -37,11 +37,12 @@ PAGES = ["/events", "/event?id=evt_1", "/dead", "/handlers", "/tail", "/activity
 FORMS = ["/event/replay", "/dead/retry", "/handlers/pause", "/handlers/resume", "/sign-out"]
 
 
-def context(store: Store) -> AdminContext:
+def context(store: Store, **extra: str) -> AdminContext:
     env = {
         "LACUNA_WEBHOOK_SECRET": TEST_SECRET,
         "LACUNA_ADMIN_TOKEN": TOKEN,
         "LACUNA_HANDLERS": "log,archive=log",
+        **extra,
     }
     handlers = build_handlers(["log", "archive=log"], env)
     return AdminContext(Settings.from_env(env), store, handlers.without_instances())
@@ -64,8 +65,10 @@ async def sqlite_store(tmp_path: Path) -> AsyncIterator[Store]:
         await store.close()
 
 
-def client(store: Store, base_url: str = "http://console.test") -> httpx.AsyncClient:
-    app = create_admin_app(context(store))
+def client(
+    store: Store, base_url: str = "http://console.test", **extra: str
+) -> httpx.AsyncClient:
+    app = create_admin_app(context(store, **extra))
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=base_url)
 
 
@@ -588,3 +591,21 @@ async def test_a_nul_in_a_query_or_form_value_is_a_400_page_on_every_backend(
         assert (await http.get("/event?id=evt_1")).status_code == 200  # still signed in
     (delivery,) = await store.list_deliveries(event_id="evt_1")
     assert (delivery.status, delivery.updated_at) == ("pending", NOW)
+
+
+async def test_no_delivery_to_a_handler_that_does_not_take_the_type(sqlite_store: Store) -> None:
+    """LACUNA_ARCHIVE_EVENTS=job.failed: a job.completed event's page offers no "Deliver to
+    archive", and a form asking for it anyway is the 400 page, nothing created (as the
+    API refuses it and a backfill skips it)."""
+    await accept(sqlite_store, make_event("evt_1"), ["log"])
+    async with client(sqlite_store, LACUNA_ARCHIVE_EVENTS="job.failed") as http:
+        csrf = await sign_in(http)
+        page = await http.get("/event?id=evt_1")
+        assert page.status_code == 200
+        assert "Deliver to archive" not in page.text
+        answer = await http.post(
+            "/event/replay", data={"csrf": csrf, "id": "evt_1", "handler": "archive"}
+        )
+        assert answer.status_code == 400
+        assert "LACUNA_ARCHIVE_EVENTS" in html.unescape(answer.text)
+    assert [d.handler for d in await sqlite_store.list_deliveries(event_id="evt_1")] == ["log"]

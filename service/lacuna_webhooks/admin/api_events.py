@@ -30,7 +30,7 @@ from ..store.base import AttemptRecord, DeliveryRecord, EventRecord
 from ..store.search import decode_cursor, delivery_state, encode_cursor
 from . import offload, openapi
 from .bodies import json_object, only_fields
-from .bulk import replay_configured, retry_dead_configured
+from .bulk import not_taking, replay_configured, retry_dead_configured
 from .context import AdminContext
 from .filters import FILTER_NAMES, MAX_TEXT, filter_from_query, page_params
 from .health import handler_health
@@ -204,6 +204,16 @@ def routes(ctx: AdminContext) -> list[BaseRoute]:
                     "handlers must be a non-empty list of handler names.", param="handlers"
                 )
             handlers = [_known_handler(ctx, name, "handlers") for name in names]
+            record = await store.get_event(event_id)
+            if record is None:
+                raise NotFound(f"No event {event_id[:100]!r}.", param="event_id")
+            refused = not_taking(ctx.handlers.filters, record.type, handlers)
+            if refused:
+                raise BadRequest(
+                    f"{refused[0]!r} does not take {record.type!r} events (its "
+                    f"LACUNA_{refused[0].upper()}_EVENTS): intake makes no such delivery.",
+                    param="handlers",
+                )
         try:
             if handlers is None:
                 # Every existing delivery of a configured handler (not of a removed one).

@@ -195,6 +195,15 @@ async def replay_configured(
     return await store.replay(event_id, names, now=now)
 
 
+def not_taking(
+    filters: Mapping[str, frozenset[str] | None], event_type: str, names: Sequence[str]
+) -> list[str]:
+    """Those of ``names`` whose ``LACUNA_<NAME>_EVENTS`` (``filters``: ``HandlerSet.filters``)
+    leaves out ``event_type``: intake makes no delivery of such an event for them, so neither
+    does a replay naming them (as a backfill acts only on the types a handler gets)."""
+    return [n for n in names if (types := filters.get(n)) is not None and event_type not in types]
+
+
 async def retry_dead_configured(
     store: Store, configured: Sequence[str] | None, *, handler: str | None, now: datetime
 ) -> int:

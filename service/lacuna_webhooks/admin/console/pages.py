@@ -22,7 +22,7 @@ from ...models import DeliveryStatus
 from ...store.base import DeliveryRecord, EventFilter, EventRecord
 from ...store.search import DELIVERY_STATES, delivery_state
 from ..auth import SESSION_COOKIE, SESSION_SECONDS, make_session, matching_token
-from ..bulk import replay_configured, retry_dead_configured
+from ..bulk import not_taking, replay_configured, retry_dead_configured
 from ..context import AdminContext
 from ..filters import FILTER_NAMES, build_filter, page_params
 from ..health import handler_health
@@ -225,7 +225,12 @@ class Console:
                 }
             )
         payload_text, cut = await heavy(len(record.raw), pretty_json, record.raw)
-        missing = [n for n in self.ctx.handlers.names if n not in {d.handler for d in deliveries}]
+        # "Deliver to" a handler only where intake would have (LACUNA_<NAME>_EVENTS)
+        missing = [
+            n
+            for n in self.ctx.handlers.subscribers(record.type)
+            if n not in {d.handler for d in deliveries}
+        ]
         return await render(
             request,
             "event.html",
@@ -253,6 +258,18 @@ class Console:
                     self.ctx.store, event_id, self.ctx.handlers.names, now=self.ctx.clock()
                 )
             else:
+                record = await self.ctx.store.get_event(event_id)
+                if record is None:
+                    raise EventNotFound(event_id)
+                if not_taking(self.ctx.handlers.filters, record.type, [handler]):
+                    return await render(
+                        request,
+                        "error.html",
+                        400,
+                        session=session,
+                        message=f"{handler!r} does not take {record.type!r} events "
+                        f"(LACUNA_{handler.upper()}_EVENTS).",
+                    )
                 await self.ctx.store.replay(event_id, [handler], now=self.ctx.clock())
         except EventNotFound:
             return await render(
