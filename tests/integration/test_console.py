@@ -65,9 +65,7 @@ async def sqlite_store(tmp_path: Path) -> AsyncIterator[Store]:
         await store.close()
 
 
-def client(
-    store: Store, base_url: str = "http://console.test", **extra: str
-) -> httpx.AsyncClient:
+def client(store: Store, base_url: str = "http://console.test", **extra: str) -> httpx.AsyncClient:
     app = create_admin_app(context(store, **extra))
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=base_url)
 
