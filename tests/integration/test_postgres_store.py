@@ -94,6 +94,30 @@ async def test_migrate_applies_every_file_once_and_is_idempotent(
     assert [row["version"] for row in rows] == shipped
 
 
+async def test_a_schema_newer_than_this_release_is_refused(
+    postgres_dsn: str, admin: asyncpg.Connection
+) -> None:
+    """A database a newer release migrated (a rolled-back upgrade): migrate() and open()
+    refuse it with one StoreUnavailable naming both versions, as the SQLite store does;
+    before, an old replica ran on tables it did not know and `migrate` said "up to date"."""
+    newest = _migrations()[-1][0]
+    store = PostgresStore(postgres_dsn)
+    await store.migrate()
+    await admin.execute(
+        "INSERT INTO schema_version (version, name) VALUES ($1, 'from_the_future')", newest + 90
+    )
+    expected = (
+        f"The database schema (version {newest + 90}) is newer than this release knows "
+        f"(version {newest}); upgrade lacuna-webhooks."
+    )
+    with pytest.raises(StoreUnavailable) as raised:
+        await store.migrate()
+    assert str(raised.value) == expected
+    with pytest.raises(StoreUnavailable, match="is newer than this release knows"):
+        await store.open()
+    await store.close()
+
+
 async def test_concurrent_migrations_apply_each_file_exactly_once(
     postgres_dsn: str, admin: asyncpg.Connection
 ) -> None:

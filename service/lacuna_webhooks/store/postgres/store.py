@@ -306,6 +306,15 @@ class PostgresStore:
                 )
                 rows = await conn.fetch("SELECT version FROM schema_version", timeout=timeout)
                 applied = {row["version"] for row in rows}
+                newest_known = migrations[-1][0] if migrations else 0
+                newest_applied = max(applied, default=0)
+                if newest_applied > newest_known:
+                    # A rolled-back release on a database a newer one migrated: its queries
+                    # would run against tables it does not know (as SQLite refuses it).
+                    raise StoreUnavailable(
+                        f"The database schema (version {newest_applied}) is newer than this "
+                        f"release knows (version {newest_known}); upgrade lacuna-webhooks."
+                    )
                 count = 0
                 for version, name, sql in migrations:
                     if version in applied:
