@@ -705,3 +705,15 @@ def test_a_folder_url_with_a_control_character_is_one_line_naming_it(
     embedded null byte", without the variable's name."""
     with pytest.raises(ConfigError, match="LACUNA_STORAGE_URL names a folder with a control"):
         make_handler({"LACUNA_STORAGE_URL": f"{tmp_path.as_uri()}/x{escape}y"})
+
+
+@pytest.mark.parametrize("mode", [0o755, 0o644], ids=["executable", "plain"])
+def test_a_folder_url_naming_a_file_is_one_line_saying_so(tmp_path: Path, mode: int) -> None:
+    """`file:///tmp/exefile` (an executable file) passed the start check and every storage
+    delivery then went dead ("Not a directory"); a plain file was refused as "not writable"."""
+    target = tmp_path / "afile"
+    target.write_text("x")
+    target.chmod(mode)
+    with pytest.raises(ConfigError) as raised:
+        make_handler({"LACUNA_STORAGE_URL": target.as_uri()})
+    assert str(raised.value) == f"LACUNA_STORAGE_URL: {target} is not a folder"

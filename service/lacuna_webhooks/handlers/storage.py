@@ -428,6 +428,8 @@ def open_sink(ctx: HandlerContext) -> Sink:
                 make_dirs(root.parent, root, directory_mode(file_mode))
         except OSError as exc:
             raise ConfigError(f"{var}: cannot create {root}: {exc.strerror}") from None
+        if not root.is_dir():  # a file (an executable one passed the access check below)
+            raise ConfigError(f"{var}: {root} is not a folder")
         if not os.access(root, os.W_OK | os.X_OK):
             raise ConfigError(f"{var}: {root} is not writable")
         return FolderSink(root, file_mode)
