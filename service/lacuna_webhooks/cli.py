@@ -638,10 +638,11 @@ def _dev(environ: Mapping[str, str], env_file: Path) -> int:
         except OSError as exc:
             raise CommandError(f"--env-file: cannot write {env_file}: {exc.strerror}", 2) from None
     env.setdefault("HOST", "127.0.0.1")
-    host, port = env["HOST"], env.get("PORT", "8000")
-    shown_host = "127.0.0.1" if host in {"0.0.0.0", "::", ""} else host  # noqa: S104
     # A bad setting is its one line before the banner, not after it.
     prepared = _serve_settings(env)
+    host, port = prepared[0].host, prepared[0].port
+    # A wildcard is no address to send to; an IPv6 literal goes in brackets in a URL.
+    shown_host = _url_host("127.0.0.1" if host in {"0.0.0.0", "::", "*"} else host)  # noqa: S104
     # So is a port in use (a second `make run`): the banner would promise a server.
     sockets = _bind_webhook(prepared[0].host, prepared[0].port)
     secret = prepared[0].secret_values[0]  # the one `send` should sign with: the first

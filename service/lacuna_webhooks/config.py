@@ -298,8 +298,14 @@ def _host(value: str) -> str:
     host = value.strip()
     if not host or any(c.isspace() or c in "/@?#" for c in host):
         raise ValueError(f"must be an address or host name to listen on, got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        # `[::1]`, as in a URL: the address itself is what a socket binds.
+        try:
+            return str(ipaddress.IPv6Address(host[1:-1]))
+        except ValueError:
+            raise ValueError(f"is not a valid address or host name, got {value!r}") from None
     try:
-        ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+        ipaddress.ip_address(host)
     except ValueError:
         try:
             # What the resolver will do with it: an empty label (`a..b`) or one over 63
@@ -310,7 +316,7 @@ def _host(value: str) -> str:
     return host
 
 
-_WILDCARDS = frozenset({"0.0.0.0", "::", "[::]", "*"})  # noqa: S104 - names, not a bind
+_WILDCARDS = frozenset({"0.0.0.0", "::", "*"})  # noqa: S104 - names, not a bind
 
 
 def listeners_clash(first: tuple[str, object], second: tuple[str, object]) -> bool:

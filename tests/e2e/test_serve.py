@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import signal
 import socket
 import sqlite3
@@ -300,12 +301,12 @@ def test_example_plugin_installed_with_pip_is_picked_up(
     wait_until(lambda: out.exists() and out.read_bytes() == body + b"\n", what="jsonl line")
 
 
-def _start_dev(folder: Path, port: str) -> subprocess.Popen[str]:
+def _start_dev(folder: Path, port: str, **extra: str) -> subprocess.Popen[str]:
     """`dev` as `make run` starts it, in ``folder`` (its .env), its stderr (the banner) piped."""
     return subprocess.Popen(
         [CLI, "dev"],
         cwd=folder,
-        env={"PATH": "/usr/bin:/bin", "PORT": port, "LACUNA_LOG_FORMAT": "json"},
+        env={"PATH": "/usr/bin:/bin", "PORT": port, "LACUNA_LOG_FORMAT": "json", **extra},
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -492,6 +493,41 @@ def test_dev_banner_send_line_pastes_whole_with_a_secret_the_shell_would_split(
         "--secret",
         secret,
     ]
+
+
+@pytest.mark.parametrize("host", ["::1", "[::1]"])
+def test_dev_banner_send_line_works_on_ipv6_loopback(tmp_path: Path, host: str) -> None:
+    """HOST=::1: the banner printed `--url http://::1:PORT/...`, which `send` refuses (a port
+    that is not a number); HOST=[::1] did not even bind. The line, pasted, now gets a 200."""
+    port = str(free_port())
+    banner = tmp_path / "banner.txt"
+    with banner.open("w") as err:
+        proc = subprocess.Popen(
+            [CLI, "dev"],
+            cwd=tmp_path,
+            env={"PATH": "/usr/bin:/bin", "PORT": port, "HOST": host, "LACUNA_LOG_FORMAT": "json"},
+            stderr=err,
+            text=True,
+        )
+    try:
+        wait_until(lambda: " send --url " in banner.read_text(), timeout=30, what="the banner")
+        line = next(x.strip() for x in banner.read_text().splitlines() if " send --url " in x)
+        assert f"--url http://[::1]:{port}/webhooks/lacuna " in line
+        words = shlex.split(line)
+        assert words[0] == ".venv/bin/lacuna-webhooks"
+        wait_until(
+            lambda: proc.poll() is not None or "serve.started" in banner.read_text(),
+            timeout=30,
+            what="serve started",
+        )
+        sent = subprocess.run(
+            [CLI, *words[1:]], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        assert "200" in sent.stdout
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
 
 
 @pytest.mark.parametrize("removed", ["folder", "files", "wal", "wal-behind-a-link"])

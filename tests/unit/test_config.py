@@ -117,6 +117,8 @@ def test_secret_optional_for_admin_commands() -> None:
         ("LACUNA_ADMIN_HOST", "not..a.host"),
         ("HOST", "not..a.host"),
         ("HOST", "a" * 64 + ".example"),
+        ("HOST", "[127.0.0.1]"),  # brackets are for IPv6 literals
+        ("HOST", "[not-an-address]"),
     ],
 )
 def test_bad_values_name_their_variable(var: str, value: str) -> None:
@@ -375,6 +377,16 @@ def test_admin_listener_settings() -> None:
     assert (s.admin_host, s.admin_port) == ("127.0.0.1", 8001)
     s = Settings.from_env({**ADMIN, "LACUNA_ADMIN_HOST": " ::1 ", "LACUNA_ADMIN_PORT": "9001"})
     assert (s.admin_host, s.admin_port) == ("::1", 9001)
+
+
+@pytest.mark.parametrize(
+    ("value", "host"), [("[::1]", "::1"), ("[::]", "::"), (" [0:0::1] ", "::1")]
+)
+def test_a_bracketed_ipv6_host_is_the_address(value: str, host: str) -> None:
+    """HOST=[::1] (as written in a URL) passed the check with its brackets, and binding then
+    failed with "Name or service not known"; it is the address itself."""
+    s = Settings.from_env({**ADMIN, "HOST": value, "LACUNA_ADMIN_HOST": value, "PORT": "8000"})
+    assert (s.host, s.admin_host) == (host, host)
 
 
 def test_admin_search_budget() -> None:
