@@ -134,8 +134,23 @@ def _handlers_of(settings: Settings) -> HandlerSet:
         built = _build(settings, settings.handlers)  # flow-control settings checked too
     except ConfigError as exc:
         raise CommandError(f"configuration: {exc}", exit_code=2) from None
+    log_unknown_variables(settings, built.names)
     # Each handler runs (and is closed) in its worker process; these copies are not used.
     return built.without_instances()
+
+
+def log_unknown_variables(settings: Settings, instances: Sequence[str]) -> None:
+    """One ``config.unknown_variable`` warning per ``LACUNA_*`` variable nothing reads (a
+    typo such as ``LACUNA_HANDLER``, a handler's setting without the handler): the service
+    would otherwise run without it and say nothing. Names, never values."""
+    import structlog
+
+    from .config import unknown_variables
+    from .plugins import available
+
+    logger = structlog.get_logger("lacuna_webhooks.config")
+    for variable, hint in unknown_variables(settings.environ, instances, available()):
+        logger.warning("config.unknown_variable", variable=variable, hint=hint)
 
 
 def _build(settings: Settings, items: Sequence[str], *, check_order: bool = True) -> HandlerSet:

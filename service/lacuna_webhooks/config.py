@@ -15,12 +15,13 @@ an env-file loader, whitespace, control characters) so ``serve`` can warn.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import math
 import os
 import re
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 from urllib.parse import urlsplit
@@ -477,6 +478,80 @@ def _trusted_proxies(value: str) -> str:
     if not normalized:
         raise ValueError("names no address (unset it to trust 127.0.0.1)")
     return ",".join(normalized)
+
+
+#: Every global ``LACUNA_*`` variable the service or its CLI reads (docs/configuration.md);
+#: each may also be given as ``<NAME>_FILE``. A handler's own are ``LACUNA_<NAME>_*``.
+#: tests/unit/test_config.py checks this against every name the package's source reads.
+GLOBAL_VARIABLES = frozenset(
+    {
+        "LACUNA_ADMIN_HOST",
+        "LACUNA_ADMIN_PORT",
+        "LACUNA_ADMIN_SEARCH_BUDGET",
+        "LACUNA_ADMIN_TOKEN",
+        "LACUNA_ADMIN_URL",
+        "LACUNA_ALLOWED_SOURCE_IPS",
+        "LACUNA_ALLOW_PRIVATE_URLS",
+        "LACUNA_BODY_TIMEOUT",
+        "LACUNA_COMMIT_TIMEOUT",
+        "LACUNA_DATABASE_URL",
+        "LACUNA_DISPATCH",
+        "LACUNA_HANDLERS",
+        "LACUNA_HANDLER_CONCURRENCY",
+        "LACUNA_HANDLER_TIMEOUT",
+        "LACUNA_HEADER_TIMEOUT",
+        "LACUNA_KEEPALIVE_TIMEOUT",
+        "LACUNA_LOG_FORMAT",
+        "LACUNA_LOG_LEVEL",
+        "LACUNA_MAX_BODY_BYTES",
+        "LACUNA_MAX_CONNECTIONS",
+        "LACUNA_MAX_HEADERS",
+        "LACUNA_MAX_HEADER_BYTES",
+        "LACUNA_POLL_INTERVAL",
+        "LACUNA_RETENTION_DAYS",
+        "LACUNA_RETRY_BASE_DELAY",
+        "LACUNA_RETRY_MAX_ATTEMPTS",
+        "LACUNA_RETRY_MAX_DELAY",
+        "LACUNA_SHUTDOWN_TIMEOUT",
+        "LACUNA_SQLITE_SYNCHRONOUS",
+        "LACUNA_TRUSTED_PROXIES",
+        "LACUNA_WEBHOOK_SECRET",
+        "LACUNA_WEBHOOK_TOLERANCE",
+    }
+)
+
+
+def unknown_variables(
+    environ: Mapping[str, str], instances: Iterable[str], kinds: Iterable[str]
+) -> list[tuple[str, str]]:
+    """``(variable, hint)`` for each ``LACUNA_*`` variable in ``environ`` that nothing reads:
+    not a global one (``GLOBAL_VARIABLES``, or its ``_FILE`` form) and not a setting of a
+    configured handler instance (``LACUNA_<NAME>_*`` for each of ``instances``). ``hint``
+    names the likely intent: the closest known name (a typo such as ``LACUNA_HANDLER``), or
+    the handler ``kinds`` (installed, unconfigured) whose prefix it has. Names only, never
+    values: the caller logs them."""
+    prefixes = tuple(f"LACUNA_{name.upper()}_" for name in instances)
+    known = sorted(GLOBAL_VARIABLES | {f"{v}_FILE" for v in GLOBAL_VARIABLES})
+    unconfigured = {kind.upper() for kind in kinds} - {n.upper() for n in instances}
+    found = []
+    for var in sorted(environ):
+        if not var.startswith("LACUNA_") or var in known or var.startswith(prefixes):
+            continue
+        kind = next(
+            (
+                k
+                for k in sorted(unconfigured, key=len, reverse=True)
+                if var.startswith(f"LACUNA_{k}_")
+            ),
+            None,
+        )
+        if kind is not None:
+            hint = f"a setting of a {kind.lower()!r} handler, and LACUNA_HANDLERS has none"
+        else:
+            close = difflib.get_close_matches(var, [*known, *(p + "…" for p in prefixes)], n=1)
+            hint = f"did you mean {close[0]}?" if close else "no setting has this name"
+        found.append((var, hint))
+    return found
 
 
 def split_handler_item(item: str) -> tuple[str | None, str]:

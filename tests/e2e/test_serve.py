@@ -197,6 +197,29 @@ def test_serve_refuses_bad_settings_with_one_line(
     assert "Traceback" not in result.stderr
 
 
+def test_a_mistyped_variable_is_a_warning_at_start(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """`LACUNA_HANDLER=log` (for LACUNA_HANDLERS) started serve with no handler, silently: the
+    variable is named in a warning at start with the name it was likely meant as, never its
+    value; serve still runs."""
+    serve = serve_factory(
+        {
+            "LACUNA_DATABASE_URL": f"sqlite:///{tmp_path / 'events.db'}",
+            "LACUNA_HANDLER": "log",
+            "LACUNA_SLACK_WEBHOOK_URL": "https://hooks.slack.com/services/T0/B0/sekrit",
+        }
+    ).start()
+    assert send(serve, "evt_typo").status_code == 200
+    lines = [json.loads(x) for x in serve.log().splitlines() if x.startswith("{")]
+    warned = {x["variable"]: x["hint"] for x in lines if x["event"] == "config.unknown_variable"}
+    assert warned == {
+        "LACUNA_HANDLER": "did you mean LACUNA_HANDLERS?",
+        "LACUNA_SLACK_WEBHOOK_URL": "a setting of a 'slack' handler, and LACUNA_HANDLERS has none",
+    }
+    assert "sekrit" not in serve.log()
+
+
 def test_serve_that_cannot_listen_ends_with_one_line_naming_host_and_port(
     tmp_path: Path,
 ) -> None:

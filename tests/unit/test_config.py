@@ -519,3 +519,49 @@ def test_an_instance_retry_delay_has_the_global_floor() -> None:
     env = {"LACUNA_APP_RETRY_BASE_DELAY": "1e-320"}
     with pytest.raises(ConfigError, match=r"LACUNA_APP_RETRY_BASE_DELAY must be at least 0\.001"):
         build_handlers(["app=log"], env)
+
+
+def test_unknown_lacuna_variables_are_named_with_a_hint() -> None:
+    """LACUNA_HANDLER=log (singular) started serve with no handler and no word; each
+    LACUNA_* variable nothing reads is named, with the closest known name or the handler
+    it belongs to, and never its value."""
+    from lacuna_webhooks.config import unknown_variables
+
+    environ = {
+        "LACUNA_HANDLER": "log",
+        "LACUNA_WEBHOOK_TOLERENCE": "600",
+        "LACUNA_SLACK_WEBHOOK_URL": "https://hooks.slack.com/services/T/B/secret",
+        "LACUNA_TEAM_A_URL": "x",  # a setting of a configured instance: known
+        "LACUNA_WEBHOOK_SECRET_FILE": "/run/secret",  # a _FILE form: known
+        "LACUNA_ZZZZZZZZ": "1",
+        "NOT_OURS": "1",
+        "LACUNA_LOG_LEVEL": "info",
+    }
+    found = unknown_variables(environ, ["team_a"], ["log", "slack", "storage"])
+    assert found == [
+        ("LACUNA_HANDLER", "did you mean LACUNA_HANDLERS?"),
+        (
+            "LACUNA_SLACK_WEBHOOK_URL",
+            "a setting of a 'slack' handler, and LACUNA_HANDLERS has none",
+        ),
+        ("LACUNA_WEBHOOK_TOLERENCE", "did you mean LACUNA_WEBHOOK_TOLERANCE?"),
+        ("LACUNA_ZZZZZZZZ", "no setting has this name"),
+    ]
+
+
+def test_global_variables_lists_every_name_the_package_reads() -> None:
+    """GLOBAL_VARIABLES (what the unknown-variable warning knows) holds every quoted
+    LACUNA_* name in the package's source: a new setting cannot be warned about as unknown."""
+    from pathlib import Path
+
+    import lacuna_webhooks
+    from lacuna_webhooks.config import GLOBAL_VARIABLES
+
+    root = Path(lacuna_webhooks.__file__).parent
+    read = set()
+    for source in root.rglob("*.py"):
+        read |= set(re.findall(r"[\"'](LACUNA_[A-Z0-9_]+)[\"']", source.read_text()))
+    assert read, "no name found: the pattern no longer matches the source"
+    assert read <= GLOBAL_VARIABLES | {f"{v}_FILE" for v in GLOBAL_VARIABLES}, sorted(
+        read - GLOBAL_VARIABLES
+    )
