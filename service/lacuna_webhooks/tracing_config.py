@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from .config import NotRegularFile, read_regular_file
+from .config import NotRegularFile, http_url_problem, read_regular_file
 from .errors import ConfigError
 
 if TYPE_CHECKING:
@@ -44,9 +44,13 @@ def trace_exporters(environ: Mapping[str, str]) -> tuple[str, ...]:
 
     Raises ``ConfigError`` for an exporter or OTLP protocol this package does not ship.
     """
-    if _value(environ, "OTEL_SDK_DISABLED").lower() == "true":
+    disabled = _value(environ, "OTEL_SDK_DISABLED").lower()
+    if disabled == "true":
         return ()
     problems = []
+    if disabled not in ("", "false"):
+        # The SDK reads anything but "true" as false: a typo ("yes", "1") left tracing on.
+        problems.append("OTEL_SDK_DISABLED must be true or false")
     named = _value(environ, "OTEL_TRACES_EXPORTER").lower()
     if named:
         exporters = tuple(dict.fromkeys(e.strip() for e in named.split(",") if e.strip()))
@@ -73,6 +77,12 @@ def trace_exporters(environ: Mapping[str, str]) -> tuple[str, ...]:
                         f"{', '.join(PROTOCOLS)}; the endpoint is usually port 4318)"
                     )
                 break  # the traces-specific variable wins over the general one
+        for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+            endpoint = _value(environ, name)
+            problem = http_url_problem(endpoint) if endpoint else None
+            if problem is not None:
+                # Else the exporter started and logged "Invalid URL" at every export.
+                problems.append(f"{name} {problem}")
         problems += [p for p in (_file_problem(environ, n) for n in CERTIFICATE_FILES) if p]
     if problems:
         raise ConfigError("; ".join(problems))

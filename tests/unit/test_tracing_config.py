@@ -63,6 +63,21 @@ def test_which_exporters(env: dict[str, str], exporters: tuple[str, ...]) -> Non
             {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/json"},
             "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: http/json",
         ),
+        # A malformed endpoint started tracing, and every export logged "Invalid URL".
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "nan"}, "OTEL_EXPORTER_OTLP_ENDPOINT must be an http"),
+        (
+            {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:99999/v1/traces"},
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT has a port that is not a number",
+        ),
+        (
+            {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://a b"},
+            "OTEL_EXPORTER_OTLP_ENDPOINT holds a space",
+        ),
+        # Anything but "true" is false to the SDK: a typo left tracing on, silently.
+        (
+            {"OTEL_SDK_DISABLED": "yes", "OTEL_EXPORTER_OTLP_ENDPOINT": ENDPOINT},
+            "OTEL_SDK_DISABLED must be true or false",
+        ),
     ],
 )
 def test_what_cannot_be_honoured_is_a_config_error(env: dict[str, str], message: str) -> None:
