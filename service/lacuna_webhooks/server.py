@@ -323,6 +323,18 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._log_direct(cycle, 400, "client_disconnected", None)
         super().connection_lost(exc)
 
+    def eof_received(self) -> bool | None:  # type: ignore[override]  # asyncio.Protocol's type
+        """The client closed its sending side (``shutdown(SHUT_WR)``, ``nc -N``, a proxy's
+        half-close). With a whole request read and its answer owed, our side stays open to
+        send that answer, then the connection closes: RFC 9112 §9.6 lets a client half-close
+        and still read the response. Before, the transport closed at once: a webhook was
+        stored and never answered (the sender retried it). Idle or mid-request: closed now."""
+        cycle = self.cycle
+        if self._phase is _Phase.APP and cycle is not None and not cycle.response_complete:
+            cycle.keep_alive = False  # nothing can follow: close once answered
+            return True
+        return None
+
     def _make_room(self) -> None:
         """Close the longest-idle connection, else the longest-reading one; else refuse
         this one (every other connection has a request being answered)."""

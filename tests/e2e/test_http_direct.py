@@ -380,3 +380,28 @@ def test_a_request_pipelined_behind_a_refusal_is_not_cut_by_the_keepalive_timer(
     assert accepted is not None, "the connection was closed under the pipelined request"
     assert accepted[0] == 200
     assert "evt_behind_refusal" in stored_ids(tmp_path)
+
+
+@pytest.mark.parametrize("target", ["/webhooks/lacuna", "/webhooks/lacuna?via=asgi"])
+def test_a_client_that_half_closes_after_its_request_gets_its_answer(
+    serve: Serve, tmp_path: Path, target: str
+) -> None:
+    """`shutdown(SHUT_WR)` right after a whole request (`nc -N`): the answer is sent, then
+    the connection closed; before, the event was stored and never answered. On the direct
+    path and the ASGI one (a query string takes it). A request cut off mid-body by the
+    half-close is not answered and not stored."""
+    event_id = f"evt_half_{len(target)}"
+    body, headers = signed(make_event(event_id))
+    with socket.create_connection(("127.0.0.1", serve.port), timeout=10) as s:
+        s.sendall(request(body, headers, target=target))
+        s.shutdown(socket.SHUT_WR)
+        response = read_response(s)
+        assert response is not None, "no answer to a half-closed request"
+        assert response[0] == 200
+        assert s.recv(1) == b""  # then closed
+    with socket.create_connection(("127.0.0.1", serve.port), timeout=10) as s:
+        cut, cut_headers = signed(make_event(event_id + "_cut"))
+        s.sendall(request(cut, cut_headers, target=target)[:-10])
+        s.shutdown(socket.SHUT_WR)
+        assert s.recv(65536) == b""
+    assert stored_ids(tmp_path) == {event_id}
