@@ -1318,10 +1318,26 @@ def _retry_dead(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     configured = _configured_names(environ) if environ.get("LACUNA_HANDLERS", "").strip() else None
     if configured is not None and args.handler is not None:
         _refuse_unconfigured([args.handler], configured)
-    count = _with_store(
-        environ,
-        lambda s: retry_dead_configured(s, configured, handler=args.handler, now=datetime.now(UTC)),
-    )
+
+    async def retry(s: Store) -> int | None:
+        # No configuration to check the name against: a name with no delivery at all in
+        # the store is a typo (`storag`), not "0 due again" and exit 0.
+        if (
+            configured is None
+            and args.handler is not None
+            and not await s.list_deliveries(handler=args.handler, limit=1)
+        ):
+            return None
+        return await retry_dead_configured(
+            s, configured, handler=args.handler, now=datetime.now(UTC)
+        )
+
+    count = _with_store(environ, retry)
+    if count is None:
+        raise CommandError(
+            f"--handler: the store holds no delivery of a handler named {args.handler!r}",
+            exit_code=2,
+        )
     print(f"{count} dead deliveries are due again (a running `serve` sends them)")
     return 0
 

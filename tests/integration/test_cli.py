@@ -110,6 +110,19 @@ def test_retry_dead_keeps_to_the_configured_handlers(
     assert [r["handler"] for r in json.loads(capsys.readouterr().out)] == ["slack"]
 
 
+def test_retry_dead_of_a_handler_the_store_never_saw_is_refused_without_configuration(
+    db: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without LACUNA_HANDLERS, `retry-dead --handler storag` (a typo) said "0 dead deliveries
+    are due again" and exit 0; a name with no delivery at all in the store is exit 2."""
+    assert main(["retry-dead", "--handler", "slak"], db) == 2
+    assert capsys.readouterr().err == (
+        "lacuna-webhooks: error: --handler: the store holds no delivery of a handler named 'slak'\n"
+    )
+    assert main(["retry-dead", "--handler", "log"], db) == 0  # known, nothing dead: fine
+    assert capsys.readouterr().out.startswith("0 dead deliveries are due again")
+
+
 def test_retry_dead_then_replay(db: dict[str, str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["retry-dead", "--handler", "slack"], db) == 0
     assert capsys.readouterr().out.startswith("1 dead deliveries are due again")
