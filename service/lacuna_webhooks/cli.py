@@ -140,17 +140,26 @@ def _handlers_of(settings: Settings) -> HandlerSet:
 
 
 def log_unknown_variables(settings: Settings, instances: Sequence[str]) -> None:
-    """One ``config.unknown_variable`` warning per ``LACUNA_*`` variable nothing reads (a
-    typo such as ``LACUNA_HANDLER``, a handler's setting without the handler): the service
-    would otherwise run without it and say nothing. Names, never values."""
+    """One ``config.unknown_variable`` warning per ``LACUNA_*`` variable nothing can read (a
+    typo such as ``LACUNA_HANDLER``), with the likely intended name, and one
+    ``config.unused_variables`` info line listing the settings of handlers that
+    ``LACUNA_HANDLERS`` does not configure: the service would otherwise run without them and
+    say nothing. Names, never values."""
     import structlog
 
     from .config import unknown_variables
     from .plugins import available
 
     logger = structlog.get_logger("lacuna_webhooks.config")
-    for variable, hint in unknown_variables(settings.environ, instances, available()):
+    unknown, unused = unknown_variables(settings.environ, instances, available())
+    for variable, hint in unknown:
         logger.warning("config.unknown_variable", variable=variable, hint=hint)
+    if unused:
+        logger.info(
+            "config.unused_variables",
+            variables=unused,
+            reason="settings of handlers LACUNA_HANDLERS does not configure",
+        )
 
 
 def _build(settings: Settings, items: Sequence[str], *, check_order: bool = True) -> HandlerSet:

@@ -523,35 +523,35 @@ GLOBAL_VARIABLES = frozenset(
 
 def unknown_variables(
     environ: Mapping[str, str], instances: Iterable[str], kinds: Iterable[str]
-) -> list[tuple[str, str]]:
-    """``(variable, hint)`` for each ``LACUNA_*`` variable in ``environ`` that nothing reads:
-    not a global one (``GLOBAL_VARIABLES``, or its ``_FILE`` form) and not a setting of a
-    configured handler instance (``LACUNA_<NAME>_*`` for each of ``instances``). ``hint``
-    names the likely intent: the closest known name (a typo such as ``LACUNA_HANDLER``), or
-    the handler ``kinds`` (installed, unconfigured) whose prefix it has. Names only, never
-    values: the caller logs them."""
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """The ``LACUNA_*`` variables in ``environ`` that nothing reads, set to a non-empty value
+    (empty is unset): neither a global one (``GLOBAL_VARIABLES``, or its ``_FILE`` form) nor
+    a setting of a configured handler instance (``LACUNA_<NAME>_*`` for each of
+    ``instances``). Two lists: ``(variable, hint)`` for names nothing could read (a typo
+    such as ``LACUNA_HANDLER``; ``hint`` is the closest known name), and the settings of
+    installed handler ``kinds`` that no instance is configured for (a shared ``.env``, or a
+    handler left out of ``LACUNA_HANDLERS``). Names only, never values: the caller logs them."""
     prefixes = tuple(f"LACUNA_{name.upper()}_" for name in instances)
     known = sorted(GLOBAL_VARIABLES | {f"{v}_FILE" for v in GLOBAL_VARIABLES})
-    unconfigured = {kind.upper() for kind in kinds} - {n.upper() for n in instances}
-    found = []
+    unconfigured = sorted(
+        {kind.upper() for kind in kinds} - {n.upper() for n in instances}, key=len, reverse=True
+    )
+    unknown: list[tuple[str, str]] = []
+    unused: list[str] = []
     for var in sorted(environ):
-        if not var.startswith("LACUNA_") or var in known or var.startswith(prefixes):
+        if (
+            not var.startswith("LACUNA_")
+            or not environ[var].strip()
+            or var in known
+            or var.startswith(prefixes)
+        ):
             continue
-        kind = next(
-            (
-                k
-                for k in sorted(unconfigured, key=len, reverse=True)
-                if var.startswith(f"LACUNA_{k}_")
-            ),
-            None,
-        )
-        if kind is not None:
-            hint = f"a setting of a {kind.lower()!r} handler, and LACUNA_HANDLERS has none"
-        else:
-            close = difflib.get_close_matches(var, [*known, *(p + "…" for p in prefixes)], n=1)
-            hint = f"did you mean {close[0]}?" if close else "no setting has this name"
-        found.append((var, hint))
-    return found
+        if any(var.startswith(f"LACUNA_{kind}_") for kind in unconfigured):
+            unused.append(var)
+            continue
+        close = difflib.get_close_matches(var, [*known, *(p + "…" for p in prefixes)], n=1)
+        unknown.append((var, f"did you mean {close[0]}?" if close else "no setting has this name"))
+    return unknown, unused
 
 
 def split_handler_item(item: str) -> tuple[str | None, str]:

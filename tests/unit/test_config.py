@@ -523,30 +523,29 @@ def test_an_instance_retry_delay_has_the_global_floor() -> None:
 
 def test_unknown_lacuna_variables_are_named_with_a_hint() -> None:
     """LACUNA_HANDLER=log (singular) started serve with no handler and no word; each
-    LACUNA_* variable nothing reads is named, with the closest known name or the handler
-    it belongs to, and never its value."""
+    LACUNA_* variable nothing can read is named with the closest known name, and the
+    settings of handlers not configured are listed apart; never a value, never an empty
+    (unset) variable."""
     from lacuna_webhooks.config import unknown_variables
 
     environ = {
         "LACUNA_HANDLER": "log",
         "LACUNA_WEBHOOK_TOLERENCE": "600",
         "LACUNA_SLACK_WEBHOOK_URL": "https://hooks.slack.com/services/T/B/secret",
+        "LACUNA_STORAGE_URL": "",  # empty is unset, as .env.example has it
         "LACUNA_TEAM_A_URL": "x",  # a setting of a configured instance: known
         "LACUNA_WEBHOOK_SECRET_FILE": "/run/secret",  # a _FILE form: known
         "LACUNA_ZZZZZZZZ": "1",
         "NOT_OURS": "1",
         "LACUNA_LOG_LEVEL": "info",
     }
-    found = unknown_variables(environ, ["team_a"], ["log", "slack", "storage"])
-    assert found == [
+    unknown, unused = unknown_variables(environ, ["team_a"], ["log", "slack", "storage"])
+    assert unknown == [
         ("LACUNA_HANDLER", "did you mean LACUNA_HANDLERS?"),
-        (
-            "LACUNA_SLACK_WEBHOOK_URL",
-            "a setting of a 'slack' handler, and LACUNA_HANDLERS has none",
-        ),
         ("LACUNA_WEBHOOK_TOLERENCE", "did you mean LACUNA_WEBHOOK_TOLERANCE?"),
         ("LACUNA_ZZZZZZZZ", "no setting has this name"),
     ]
+    assert unused == ["LACUNA_SLACK_WEBHOOK_URL"]
 
 
 def test_global_variables_lists_every_name_the_package_reads() -> None:
