@@ -217,9 +217,12 @@ def _batching(base: type[Any]) -> type[Any]:
 MAX_OUTPUT_LINE_BYTES = 64 * 1024
 
 
-class _OutputLines(io.RawIOBase):
-    """A writable raw stream that logs each line written to it as a ``process.output``
-    line (redacted like every other line) instead of printing it as it came."""
+class _OutputLines(io.BufferedIOBase):
+    """A writable binary stream that logs each line written to it as a ``process.output``
+    line (redacted like every other line) instead of printing it as it came. A line is
+    logged as soon as its newline is written, so nothing waits in a buffer for an exit that
+    may never run its ``atexit`` (a worker that is killed); ``flush`` logs a line without
+    its newline as it stands."""
 
     def __init__(self, stream: str, context: dict[str, Any]) -> None:
         super().__init__()
@@ -244,11 +247,15 @@ class _OutputLines(io.RawIOBase):
             self._log(line)
         return len(chunk)
 
-    def close(self) -> None:
+    def flush(self) -> None:
         with self._lock:
             rest, self._partial = bytes(self._partial), bytearray()
         if rest:
             self._log(rest)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.flush()
         super().close()
 
     def _log(self, line: bytes) -> None:
@@ -260,16 +267,17 @@ class _OutputLines(io.RawIOBase):
 
 def capture_output(**context: Any) -> None:
     """Log what this process prints (``sys.stdout``, ``sys.stderr``, their ``.buffer``) as
-    ``process.output`` lines with ``stream`` (``"stdout"``/``"stderr"``), ``line`` and
-    ``context``, through ``configure``'s chain: redacted, and in the log format. For the
-    handler worker processes, where a plugin's ``print()`` of a URL or a secret would
-    otherwise reach the output raw. Call after ``configure`` (whose output keeps the real
-    stderr). Writes to the file descriptors themselves (``os.write(1, ...)``, a program the
-    plugin starts) are not seen."""
+        ``process.output`` lines with ``stream`` (``"stdout"``/``"stderr"``), ``line`` and
+        ``context``, through ``configure``'s chain: redacted, and in the log format, each as soon
+    as its newline is written (or at a ``flush``). For the
+        handler worker processes, where a plugin's ``print()`` of a URL or a secret would
+        otherwise reach the output raw. Call after ``configure`` (whose output keeps the real
+        stderr). Writes to the file descriptors themselves (``os.write(1, ...)``, a program the
+        plugin starts) are not seen."""
     for name in ("stdout", "stderr"):
-        raw = _OutputLines(name, context)
         stream = io.TextIOWrapper(
-            io.BufferedWriter(raw),
+            # a write-only BufferedIOBase: typeshed's wrapped-buffer protocol wants reads too
+            _OutputLines(name, context),  # type: ignore[type-var]
             encoding="utf-8",
             errors="backslashreplace",
             line_buffering=True,

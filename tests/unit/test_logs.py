@@ -390,22 +390,48 @@ def test_uvicorn_loggers_configured_earlier_are_taken_back() -> None:
 
 
 def test_output_lines_are_logged_one_by_one_and_a_long_one_is_cut() -> None:
-    """What a worker's plugin prints becomes ``process.output`` lines: split at newlines
-    (CRLF too) across writes, a partial line kept until its newline or close, and a line
-    that never ends logged every MAX_OUTPUT_LINE_BYTES instead of growing without bound."""
+    """What a worker's plugin prints becomes ``process.output`` lines: each logged as soon as
+    its newline is written (CRLF too, across writes), a partial line kept until its newline,
+    a flush or close, and a line that never ends logged every MAX_OUTPUT_LINE_BYTES instead
+    of growing without bound."""
     from structlog.testing import capture_logs
 
     from lacuna_webhooks.logs import MAX_OUTPUT_LINE_BYTES, _OutputLines
 
-    raw = _OutputLines("stdout", {"handler": "h"})
+    out = _OutputLines("stdout", {"handler": "h"})
     with capture_logs() as logged:
-        assert raw.write(b"one\r\ntw") == 7
-        raw.write(memoryview(b"o\nthree"))
-        raw.write(b"x" * MAX_OUTPUT_LINE_BYTES)
-        raw.write(b"tail")
-        raw.close()
+        assert out.write(b"one\r\ntw") == 7
+        assert [e["line"] for e in logged] == ["one"]  # at once, not at exit
+        out.write(memoryview(b"o\nthree"))
+        out.write(b"x" * MAX_OUTPUT_LINE_BYTES)
+        out.write(b"flushed")
+        out.flush()
+        out.write(b"tail")
+        out.close()
+        out.close()  # twice: nothing more
     long_line = "three" + "x" * MAX_OUTPUT_LINE_BYTES
-    assert [e["line"] for e in logged] == ["one", "two", long_line, "tail"]
+    assert [e["line"] for e in logged] == ["one", "two", long_line, "flushed", "tail"]
     assert {(e["event"], e["stream"], e["handler"]) for e in logged} == {
         ("process.output", "stdout", "h")
     }
+
+
+def test_captured_output_logs_a_print_and_a_buffer_write_at_their_newline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """capture_output: print() and sys.stderr.buffer.write() each reach the log at their
+    newline, with no flush and no exit (a killed worker ran no atexit: its lines were lost)."""
+    from structlog.testing import capture_logs
+
+    from lacuna_webhooks.logs import capture_output
+
+    monkeypatch.setattr(sys, "stdout", sys.stdout)
+    monkeypatch.setattr(sys, "stderr", sys.stderr)
+    with capture_logs() as logged:
+        capture_output(handler="h")
+        print("printed")
+        sys.stderr.buffer.write(b"caf\xe9\n")
+    assert [(e["stream"], e["line"]) for e in logged] == [
+        ("stdout", "printed"),
+        ("stderr", "caf\\xe9"),
+    ]
