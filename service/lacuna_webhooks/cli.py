@@ -1675,6 +1675,8 @@ def _listen(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         raise CommandError(str(exc), exit_code=2) from None
     except listen.ListenError as exc:
         raise CommandError(str(exc)) from None
+    except BrokenPipeError:
+        raise  # its status lines' reader went away (`2>&1 | head`): 141, as every command
     except OSError as exc:
         raise CommandError(f"cannot keep the cursor file: {exc}") from None
 

@@ -576,6 +576,35 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
         assert err == ""
 
 
+def test_listen_status_lines_into_a_closed_pipe_end_with_141(tmp_path: Path) -> None:
+    """`listen ... 2>&1 | head -3`: its status lines' reader goes away; it ended with exit 1
+    (the broken pipe taken for "cannot keep the cursor file", whose own line then failed),
+    not 141 as every other command."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "lacuna_webhooks",
+            "listen",
+            "--url",
+            "http://127.0.0.1:1",
+            "--token",
+            "x",
+            "--forward-to",
+            "http://127.0.0.1:2",
+            "--cursor-file",
+            str(tmp_path / "cursor.json"),
+        ],
+        env={**os.environ, "HOME": str(tmp_path)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    assert proc.stderr.readline()  # what `head -1` reads
+    proc.stderr.close()
+    assert proc.wait(timeout=60) == 141
+
+
 def test_dev_with_a_bad_setting_is_one_line_before_any_banner(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
