@@ -14,17 +14,21 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import io
 import logging
+import os
+import queue
 import sys
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from typing import Any, BinaryIO, cast
 
 import orjson
 import structlog
 
-from .redact import needs_redaction, redact_text, remember_secrets
+from .redact import mask_cut_secret, needs_redaction, redact_text, remember_secrets
 from .redact import redact_url as redact_url  # re-exported: where the handlers used to find it
 
 _LEVELS = {
@@ -212,79 +216,219 @@ def _batching(base: type[Any]) -> type[Any]:
     return BatchingBoundLogger
 
 
-#: A line printed without its newline is logged once it reaches this many bytes, so that
-#: output that never ends a line cannot grow without bound.
+#: A printed line longer than this is logged up to it (``truncated``), and the rest of it,
+#: up to its newline, dropped: a continuation would have lost the context that redaction
+#: needs (the start of a URL, of a secret).
 MAX_OUTPUT_LINE_BYTES = 64 * 1024
+#: A line without its newline is logged after this long without more output.
+OUTPUT_IDLE_SECONDS = 1.0
+#: At exit, what is left in the pipes gets this long to be logged.
+OUTPUT_EXIT_SECONDS = 3.0
+_pumps_closing = threading.Event()
 
 
-class _OutputLines(io.BufferedIOBase):
-    """A writable binary stream that logs each line written to it as a ``process.output``
-    line (redacted like every other line) instead of printing it as it came. A line is
-    logged as soon as its newline is written, so nothing waits in a buffer for an exit that
-    may never run its ``atexit`` (a worker that is killed); ``flush`` logs a line without
-    its newline as it stands."""
+def capture_output(configure_logs: Callable[[], None], **context: Any) -> None:
+    """Log all that this process prints as ``process.output`` lines, redacted and in the log
+    format: ``stream`` (``"stdout"``/``"stderr"``), ``line``, ``context``. For the handler
+    worker processes, where a plugin's ``print()`` of a URL or a secret reached the output
+    raw.
 
-    def __init__(self, stream: str, context: dict[str, Any]) -> None:
-        super().__init__()
-        self._stream = stream
-        self._context = context
-        self._partial = bytearray()
-        self._lock = threading.Lock()  # print() from a plugin's threads too
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        chunk = bytes(data)
-        with self._lock:
-            self._partial += chunk
-            *lines, rest = bytes(self._partial).split(b"\n")
-            if len(rest) >= MAX_OUTPUT_LINE_BYTES:
-                lines.append(rest)
-                rest = b""
-            self._partial = bytearray(rest)
-        for line in lines:
-            self._log(line)
-        return len(chunk)
-
-    def flush(self) -> None:
-        with self._lock:
-            rest, self._partial = bytes(self._partial), bytearray()
-        if rest:
-            self._log(rest)
-
-    def close(self) -> None:
-        if not self.closed:
-            self.flush()
-        super().close()
-
-    def _log(self, line: bytes) -> None:
-        text = line.decode("utf-8", "backslashreplace").rstrip("\r")
-        structlog.get_logger("lacuna_webhooks.output").info(
-            "process.output", stream=self._stream, line=text, **self._context
+    File descriptors 1 and 2 become pipes that a thread per stream reads, so that
+    everything written to them is caught (``print``, ``sys.__stdout__``, ``os.write(1, ...)``,
+    a program the plugin starts with the descriptors it inherits) and ``sys.stdout.fileno()``
+    is still a real descriptor (``subprocess.run(..., stdout=sys.stdout)``). The writer never
+    runs our code, so no lock of ours is held where a finaliser might print. Lines are cut
+    at newlines only; a line without one is logged after ``OUTPUT_IDLE_SECONDS`` without more
+    output, or when the stream closes; a line over ``MAX_OUTPUT_LINE_BYTES`` is truncated.
+    ``configure_logs`` (``configure(...)``) runs with ``sys.stderr`` on a copy of the
+    original descriptor 2, so that the log lines themselves go out, not into the pipe."""
+    logs_out = os.fdopen(os.dup(2), "w", buffering=1, encoding="utf-8", errors="backslashreplace")
+    sys.stderr = logs_out
+    configure_logs()
+    pumps: list[threading.Thread] = []
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        read_end, write_end = os.pipe()
+        os.dup2(write_end, fd)
+        os.close(write_end)
+        pump = threading.Thread(
+            target=_pump,
+            args=(read_end, name, context, pumps),
+            name=f"output-{name}",
+            daemon=True,
         )
-
-
-def capture_output(**context: Any) -> None:
-    """Log what this process prints (``sys.stdout``, ``sys.stderr``, their ``.buffer``) as
-        ``process.output`` lines with ``stream`` (``"stdout"``/``"stderr"``), ``line`` and
-        ``context``, through ``configure``'s chain: redacted, and in the log format, each as soon
-    as its newline is written (or at a ``flush``). For the
-        handler worker processes, where a plugin's ``print()`` of a URL or a secret would
-        otherwise reach the output raw. Call after ``configure`` (whose output keeps the real
-        stderr). Writes to the file descriptors themselves (``os.write(1, ...)``, a program the
-        plugin starts) are not seen."""
-    for name in ("stdout", "stderr"):
-        stream = io.TextIOWrapper(
-            # a write-only BufferedIOBase: typeshed's wrapped-buffer protocol wants reads too
-            _OutputLines(name, context),  # type: ignore[type-var]
+        pumps.append(pump)
+        pump.start()
+        # write_through: each write goes straight to the (locked) binary buffer, so prints
+        # from several threads are not lost in the text layer's own pending list.
+        pipe = io.TextIOWrapper(
+            open(fd, "wb", closefd=False),  # noqa: SIM115 - open as long as the process
             encoding="utf-8",
             errors="backslashreplace",
             line_buffering=True,
             write_through=True,
         )
-        atexit.register(stream.close)  # a last line without its newline
-        setattr(sys, name, stream)
+        setattr(sys, name, _NotFromPumps(pipe, pumps, name, context))
+
+    def finish() -> None:
+        # At exit (after a traceback, say): the pipes' write ends close, so each pump reads
+        # to the end and logs what is left before the process goes; what is written later
+        # goes nowhere rather than out unredacted.
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for fd in (1, 2):
+            os.dup2(devnull, fd)
+        os.close(devnull)
+        deadline = time.monotonic() + OUTPUT_EXIT_SECONDS
+        for pump in list(pumps):
+            pump.join(max(deadline - time.monotonic(), 0))
+        # A pump still reading (a program the plugin started holds the pipe open) stops
+        # logging now: a daemon thread writing while the interpreter finalises its output
+        # stream aborts the process.
+        _pumps_closing.set()
+
+    atexit.register(finish)
+
+
+class _NotFromPumps:
+    """``sys.stdout``/``sys.stderr`` under ``capture_output``: the pipe's text stream (its
+    ``fileno``, ``buffer`` and the rest), except that a write from a pump thread itself (a
+    finaliser the collector runs there, which prints) is logged from another thread: into
+    the pipe it would wait for the very thread that drains it, for ever once the pipe is
+    full, or for the stream's lock that a blocked writer holds."""
+
+    def __init__(
+        self, pipe: Any, pumps: list[threading.Thread], stream: str, context: dict[str, Any]
+    ) -> None:
+        self._pipe = pipe
+        self._pumps = pumps
+        self._stream = stream
+        self._context = context
+
+    def write(self, text: str) -> int:
+        if threading.current_thread() in self._pumps:
+            if text.strip():  # print() writes its newline apart
+                _log_later(
+                    "process.output", stream=self._stream, line=text.rstrip("\n"), **self._context
+                )
+            return len(text)
+        written = int(self._pipe.write(text))
+        self._pipe.flush()  # at once, not at an exit that a killed worker never runs
+        return written
+
+    @property
+    def buffer(self) -> Any:
+        return _FlushedBuffer(self._pipe.buffer)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pipe, name)
+
+
+class _FlushedBuffer:
+    """``sys.stdout.buffer`` under ``capture_output``: each write flushed at once."""
+
+    def __init__(self, buffer: Any) -> None:
+        self._buffer = buffer
+
+    def write(self, data: Any) -> int:
+        written = int(self._buffer.write(data))
+        self._buffer.flush()
+        return written
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._buffer, name)
+
+
+#: Read but not yet logged, per stream, at most this much; past it what is read is
+#: dropped (and counted) rather than held: a plugin printing faster than lines are logged.
+MAX_OUTPUT_BACKLOG_BYTES = 16 * 1024 * 1024
+
+
+def _pump(fd: int, stream: str, context: dict[str, Any], pumps: list[threading.Thread]) -> None:
+    """Read ``fd`` until it closes and hand the chunks to a thread that logs them. Reading
+    takes no lock a writer might hold: a thread that prints while it holds the log
+    output's lock (a finaliser run mid-line) waits only for this read, never for the
+    logging that waits for that lock."""
+    chunks: queue.SimpleQueue[bytes | int | None] = queue.SimpleQueue()
+    backlog = [0]  # bytes queued; an approximate count is enough for a cap
+    emitter = threading.Thread(
+        target=_emit_lines,
+        args=(chunks, backlog, stream, context),
+        name=f"output-{stream}-log",
+        daemon=True,
+    )
+    pumps.append(emitter)
+    emitter.start()
+    dropped = 0
+    while chunk := os.read(fd, 65536):
+        if backlog[0] > MAX_OUTPUT_BACKLOG_BYTES:
+            dropped += len(chunk)
+            continue
+        if dropped:
+            chunks.put(dropped)
+            dropped = 0
+        backlog[0] += len(chunk)
+        chunks.put(chunk)
+    os.close(fd)
+    if dropped:
+        chunks.put(dropped)
+    chunks.put(None)
+
+
+def _emit_lines(
+    chunks: queue.SimpleQueue[bytes | int | None],
+    backlog: list[int],
+    stream: str,
+    context: dict[str, Any],
+) -> None:
+    """Log the lines of ``chunks`` (see ``capture_output``) until ``None``."""
+    log = structlog.get_logger("lacuna_webhooks.output")
+
+    def emit(line: bytes, **extra: Any) -> None:
+        if _pumps_closing.is_set():
+            return
+        text = line.decode("utf-8", "backslashreplace").rstrip("\r")
+        if extra:
+            text = mask_cut_secret(redact_text(text))
+        log.info("process.output", stream=stream, line=text, **extra, **context)
+
+    pending = b""
+    dropping = 0  # bytes of a truncated line dropped so far, until its newline
+    while True:
+        try:
+            chunk = chunks.get(timeout=OUTPUT_IDLE_SECONDS)
+        except queue.Empty:
+            chunk = b""  # idle: the line without its newline goes out as it is
+        if isinstance(chunk, int):
+            log.info("process.output_dropped", stream=stream, bytes=chunk, **context)
+            continue
+        if not chunk:
+            if pending:
+                emit(pending)
+                pending = b""
+            if chunk is None:
+                return
+            continue
+        backlog[0] -= len(chunk)
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        if dropping and lines:
+            dropping += len(lines.pop(0)) + 1
+            log.info("process.output_dropped", stream=stream, bytes=dropping, **context)
+            dropping = 0
+        if dropping:
+            dropping += len(pending)
+            pending = b""
+        for line in lines:
+            if len(line) > MAX_OUTPUT_LINE_BYTES:
+                emit(line[:MAX_OUTPUT_LINE_BYTES], truncated=True)
+            else:
+                emit(line)
+        if len(pending) > MAX_OUTPUT_LINE_BYTES:
+            emit(pending[:MAX_OUTPUT_LINE_BYTES], truncated=True)
+            dropping = len(pending) - MAX_OUTPUT_LINE_BYTES
+            pending = b""
 
 
 #: What ``configure`` was last given (the format resolved), for child processes to use.
@@ -396,14 +540,70 @@ def _bare(exc_type: type[BaseException]) -> BaseException:
         return RuntimeError(exc_type.__name__)
 
 
+#: Lines waiting to be logged by a thread of their own (``_log_later``): (event, fields).
+_unraisable: queue.SimpleQueue[tuple[str, dict[str, Any]] | threading.Event | None] = (
+    queue.SimpleQueue()
+)
+_unraisable_logger: threading.Thread | None = None
+_unraisable_start = threading.Lock()
+
+
 def _log_unraisable(args: Any) -> None:
+    """``sys.unraisablehook``: queue the line for a thread of its own. The collector runs
+    finalisers wherever it runs, also in a thread that is writing a log line and holds the
+    output's lock: logging from here then waited for that lock for ever (a worker hung by
+    a plugin finaliser that failed while a line was written)."""
     exc = args.exc_value if args.exc_value is not None else _bare(args.exc_type)
-    structlog.get_logger("lacuna_webhooks").error(
+    _log_later(
         "unraisable_exception",
         message=args.err_msg or "Exception ignored",
         object=_safe_repr(args.object),
         exc_info=(args.exc_type, exc, args.exc_traceback),
     )
+
+
+def _log_later(event: str, **fields: Any) -> None:
+    """Log an error line from the ``unraisable-log`` thread rather than this one: for code
+    that may run where this thread holds a lock of the log output (a finaliser)."""
+    global _unraisable_logger
+    _unraisable.put((event, fields))
+    if _unraisable_logger is None and _unraisable_start.acquire(blocking=False):
+        # Started once; a hook that finds the start under way leaves its line queued.
+        _unraisable_logger = threading.Thread(
+            target=_log_unraisables, name="unraisable-log", daemon=True
+        )
+        _unraisable_logger.start()
+        atexit.register(_end_unraisable_log, _unraisable_logger)
+
+
+def _log_unraisables() -> None:
+    log = structlog.get_logger("lacuna_webhooks")
+    while (entry := _unraisable.get()) is not None:
+        if isinstance(entry, threading.Event):
+            entry.set()  # logs_settled(): all before it is logged
+            continue
+        event, fields = entry
+        if event == "process.output":
+            log.info(event, **fields)
+        else:
+            log.error(event, **fields)
+
+
+def logs_settled(timeout: float) -> bool:
+    """Wait up to ``timeout`` seconds until every line queued by ``_log_later`` so far is
+    logged (for tests and orderly stops); ``True`` when it is (or none is queued)."""
+    if _unraisable_logger is None:
+        return True
+    reached = threading.Event()
+    _unraisable.put(reached)
+    return reached.wait(timeout)
+
+
+def _end_unraisable_log(thread: threading.Thread) -> None:
+    # What is queued is logged, then the thread ends: a daemon thread still writing while
+    # the interpreter finalises its output stream aborts the process.
+    _unraisable.put(None)
+    thread.join(OUTPUT_EXIT_SECONDS)
 
 
 def _safe_repr(value: object) -> str | None:

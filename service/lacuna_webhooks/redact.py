@@ -95,6 +95,17 @@ def mask_secrets(text: str) -> str:
     return text if _known_re is None else _known_re.sub(MASK, text)
 
 
+def mask_cut_secret(text: str) -> str:
+    """``text`` with a remembered secret's beginning at its very end (at least 4 of its
+    characters) replaced by ``MASK``: for text cut at an arbitrary point (a line truncated
+    at its cap), where the rest of the secret, and so the whole value, never arrives."""
+    for value in _known:
+        for size in range(len(value) - 1, 3, -1):
+            if text.endswith(value[:size]):
+                return text[:-size] + MASK
+    return text
+
+
 def remember_secrets(values: Iterable[str]) -> None:
     """Add ``values`` (those of at least ``MIN_SECRET_CHARS``) to what ``redact_text`` masks."""
     global _known, _known_re  # one process-wide list, filled at start

@@ -27,8 +27,9 @@ then, by the event id's prefix:
   ``text`` (``"30"``, a peer's Retry-After passed on as it came), ``huge`` (``10**25``, an
   int past 64 bits), ``nan``;
 - ``evt_print_``: prints ``LACUNA_WEBHOOK_SECRET`` and a Slack-like URL to ``sys.stdout``,
-  to ``sys.stderr`` (with a non-UTF-8 byte) and through ``sys.stdout.buffer``, the last
-  without a newline, then succeeds;
+  to ``sys.stderr`` (with a non-UTF-8 byte), with ``os.write(1, ...)``, from a program given
+  ``sys.stdout``, and through ``sys.stdout.buffer``, the last without a newline, then
+  succeeds;
 - anything else: succeeds.
 
 With ``LACUNA_MISBEHAVING_THREAD=1``, ``__init__`` starts a non-daemon thread that only
@@ -144,6 +145,9 @@ class Misbehaving:
                 file=sys.stderr,
             )
             sys.stderr.buffer.write(b"caf\xe9 " + secret.encode() + b"\n")
+            os.write(1, b"fd " + secret.encode() + b"\n")
+            # A program given our stdout (sys.stdout.fileno() must be a real descriptor)
+            subprocess.run(["echo", "child", secret], stdout=sys.stdout, check=True)  # noqa: ASYNC221
             sys.stdout.buffer.write(b"no newline " + secret.encode())
             sys.stdout.flush()
         elif event.id.startswith("evt_nulresult_"):

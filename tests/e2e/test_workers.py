@@ -243,14 +243,14 @@ def test_what_a_plugin_prints_is_logged_redacted(
     """A plugin that prints the webhook secret and a Slack URL (stdout, stderr, their binary
     buffers, a line without its newline, a non-UTF-8 byte): each line reaches the output as a
     JSON ``process.output`` line of its handler, secret masked and URL cut to its host; the
-    secret never appears, nor the URL's path. Each line is logged as it is written, the
-    partial one at the plugin's flush (a binary write used to wait in a buffer for an exit
-    that a killed worker never ran)."""
+    secret never appears, nor the URL's path. Writes to the descriptor and a program given
+    sys.stdout are caught too; the partial line is logged once the output idles."""
     out = tmp_path / "started.txt"
     serve = serve_factory(plugin_env(tmp_path, LACUNA_LOG_FORMAT="json")).start()
     assert send(serve, "evt_print_1").status_code == 200
     wait_until(lambda: "evt_print_1" in started_ids(out), what="the attempt to start")
     wait_until(lambda: attempts_of(serve, "evt_print_1"), what="the attempt recorded")
+    wait_until(lambda: "no newline" in serve.log(), what="the partial line, once idle")
     serve.signal(signal.SIGTERM)
     assert serve.wait(timeout=60) == 0
     log = serve.log()
@@ -270,7 +270,9 @@ def test_what_a_plugin_prints_is_logged_redacted(
     assert "plugin debug: secret=**********" in lines
     assert "posting to https://hooks.slack.com/…" in lines
     assert "caf\\xe9 **********" in lines
-    assert "no newline **********" in lines  # logged at the plugin's flush()
+    assert "fd **********" in lines
+    assert "child **********" in lines
+    assert "no newline **********" in lines  # a partial line, logged when the output idles
     assert not [x for x in log.splitlines() if "plugin debug" in x and not x.startswith("{")]
 
 

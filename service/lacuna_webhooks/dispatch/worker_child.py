@@ -95,13 +95,15 @@ def _build(sock: socket.socket, spec: WorkerSpec) -> tuple[Handler, Tracing | No
     from ..tracing_config import load_tracing
 
     # A spawned process remembers no secrets of its parent's: mask the same values here.
-    configure(
-        log_format=spec.log_format,
-        level=spec.log_level,
-        secrets=secret_values(spec.environ),
-    )
     # What the plugin prints is logged, redacted, as everything else the worker says.
-    capture_output(handler=spec.name)
+    capture_output(
+        lambda: configure(
+            log_format=spec.log_format,
+            level=spec.log_level,
+            secrets=secret_values(spec.environ),
+        ),
+        handler=spec.name,
+    )
     try:
         built = build_handlers(
             [spec.item],
