@@ -302,11 +302,13 @@ def _host(value: str) -> str:
     if host.startswith("[") and host.endswith("]"):
         # `[::1]`, as in a URL: the address itself is what a socket binds.
         try:
-            return str(ipaddress.IPv6Address(host[1:-1]))
+            return _address_text(ipaddress.IPv6Address(host[1:-1]))
         except ValueError:
             raise ValueError(f"is not a valid address or host name, got {value!r}") from None
     try:
-        ipaddress.ip_address(host)
+        # One spelling per address (`0:0::1` is `::1`), so that the webhook and admin
+        # listeners are compared as addresses (listeners_clash), not as strings.
+        return _address_text(ipaddress.ip_address(host))
     except ValueError:
         try:
             # What the resolver will do with it: an empty label (`a..b`) or one over 63
@@ -315,6 +317,14 @@ def _host(value: str) -> str:
         except UnicodeError:
             raise ValueError(f"is not a valid address or host name, got {value!r}") from None
     return host
+
+
+def _address_text(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    """An address's one spelling: compressed IPv6, and an IPv4-mapped one (``::ffff:a.b.c.d``)
+    as the IPv4 address it reaches."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(address)
 
 
 _WILDCARDS = frozenset({"0.0.0.0", "::", "*"})  # noqa: S104 - names, not a bind
@@ -521,6 +531,11 @@ GLOBAL_VARIABLES = frozenset(
 )
 
 
+#: Variables the project's own tests and tools read (docs/development.md, docs/console.md),
+#: and every ``LACUNA_TEST_*``: never a typo to warn about.
+DEVELOPMENT_VARIABLES = frozenset({"LACUNA_CONSOLE_SCREENSHOTS"})
+
+
 def unknown_variables(
     environ: Mapping[str, str], instances: Iterable[str], kinds: Iterable[str]
 ) -> tuple[list[tuple[str, str]], list[str]]:
@@ -532,7 +547,9 @@ def unknown_variables(
     installed handler ``kinds`` that no instance is configured for (a shared ``.env``, or a
     handler left out of ``LACUNA_HANDLERS``). Names only, never values: the caller logs them."""
     prefixes = tuple(f"LACUNA_{name.upper()}_" for name in instances)
-    known = sorted(GLOBAL_VARIABLES | {f"{v}_FILE" for v in GLOBAL_VARIABLES})
+    known = sorted(
+        GLOBAL_VARIABLES | {f"{v}_FILE" for v in GLOBAL_VARIABLES} | DEVELOPMENT_VARIABLES
+    )
     unconfigured = sorted(
         {kind.upper() for kind in kinds} - {n.upper() for n in instances}, key=len, reverse=True
     )
@@ -543,7 +560,7 @@ def unknown_variables(
             not var.startswith("LACUNA_")
             or not environ[var].strip()
             or var in known
-            or var.startswith(prefixes)
+            or var.startswith((*prefixes, "LACUNA_TEST_"))
         ):
             continue
         if any(var.startswith(f"LACUNA_{kind}_") for kind in unconfigured):

@@ -330,7 +330,13 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         and still read the response. Before, the transport closed at once: a webhook was
         stored and never answered (the sender retried it). Idle or mid-request: closed now."""
         cycle = self.cycle
-        if self._phase is _Phase.APP and cycle is not None and not cycle.response_complete:
+        # APP: the request is read and being answered. HEADERS: a pipelined request was cut
+        # short by the half-close while the one before it (still self.cycle) is answered.
+        if (
+            self._phase in (_Phase.APP, _Phase.HEADERS)
+            and cycle is not None
+            and not cycle.response_complete
+        ):
             cycle.keep_alive = False  # nothing can follow: close once answered
             return True
         return None

@@ -404,4 +404,15 @@ def test_a_client_that_half_closes_after_its_request_gets_its_answer(
         s.sendall(request(cut, cut_headers, target=target)[:-10])
         s.shutdown(socket.SHUT_WR)
         assert s.recv(65536) == b""
-    assert stored_ids(tmp_path) == {event_id}
+    with socket.create_connection(("127.0.0.1", serve.port), timeout=10) as s:
+        # A whole request, then the start of a pipelined one cut short by the half-close:
+        # the first is still answered (it was stored and not answered).
+        whole, whole_headers = signed(make_event(event_id + "_whole"))
+        s.sendall(
+            request(whole, whole_headers, target=target) + b"POST /webhooks/lacuna HTTP/1.1\r\nHo"
+        )
+        s.shutdown(socket.SHUT_WR)
+        response = read_response(s)
+        assert response is not None, "no answer to the whole request before the cut one"
+        assert response[0] == 200
+    assert stored_ids(tmp_path) == {event_id, event_id + "_whole"}
