@@ -531,9 +531,9 @@ GLOBAL_VARIABLES = frozenset(
 )
 
 
-#: Variables the project's own tests and tools read (docs/development.md, docs/console.md),
-#: and every ``LACUNA_TEST_*``: never a typo to warn about.
-DEVELOPMENT_VARIABLES = frozenset({"LACUNA_CONSOLE_SCREENSHOTS"})
+#: Prefixes of the variables the project's own tests and tools read (``LACUNA_TEST_*``,
+#: docs/development.md; ``LACUNA_CONSOLE_SCREENSHOTS``, docs/console.md): never a typo.
+DEVELOPMENT_PREFIXES = ("LACUNA_TEST_", "LACUNA_CONSOLE_")
 
 
 def unknown_variables(
@@ -547,9 +547,7 @@ def unknown_variables(
     installed handler ``kinds`` that no instance is configured for (a shared ``.env``, or a
     handler left out of ``LACUNA_HANDLERS``). Names only, never values: the caller logs them."""
     prefixes = tuple(f"LACUNA_{name.upper()}_" for name in instances)
-    known = sorted(
-        GLOBAL_VARIABLES | {f"{v}_FILE" for v in GLOBAL_VARIABLES} | DEVELOPMENT_VARIABLES
-    )
+    known = sorted(GLOBAL_VARIABLES | {f"{v}_FILE" for v in GLOBAL_VARIABLES})
     unconfigured = sorted(
         {kind.upper() for kind in kinds} - {n.upper() for n in instances}, key=len, reverse=True
     )
@@ -560,7 +558,7 @@ def unknown_variables(
             not var.startswith("LACUNA_")
             or not environ[var].strip()
             or var in known
-            or var.startswith((*prefixes, "LACUNA_TEST_"))
+            or var.startswith((*prefixes, *DEVELOPMENT_PREFIXES))
         ):
             continue
         if any(var.startswith(f"LACUNA_{kind}_") for kind in unconfigured):

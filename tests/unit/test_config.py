@@ -564,7 +564,7 @@ def test_global_variables_lists_every_name_the_package_reads() -> None:
     from pathlib import Path
 
     import lacuna_webhooks
-    from lacuna_webhooks.config import DEVELOPMENT_VARIABLES, GLOBAL_VARIABLES
+    from lacuna_webhooks.config import GLOBAL_VARIABLES
 
     root = Path(lacuna_webhooks.__file__).parent
     read = set()
@@ -572,7 +572,7 @@ def test_global_variables_lists_every_name_the_package_reads() -> None:
         read |= set(re.findall(r"[\"'](LACUNA_[A-Z0-9_]+)[\"']", source.read_text()))
     assert read, "no name found: the pattern no longer matches the source"
     read = {name for name in read if not name.endswith("_")}  # a prefix (LACUNA_TEST_)
-    known = GLOBAL_VARIABLES | {f"{v}_FILE" for v in GLOBAL_VARIABLES} | DEVELOPMENT_VARIABLES
+    known = GLOBAL_VARIABLES | {f"{v}_FILE" for v in GLOBAL_VARIABLES}
     assert read <= known, sorted(read - GLOBAL_VARIABLES)
 
 
