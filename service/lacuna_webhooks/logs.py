@@ -250,14 +250,7 @@ def capture_output(configure_logs: Callable[[], None], **context: Any) -> None:
         read_end, write_end = os.pipe()
         os.dup2(write_end, fd)
         os.close(write_end)
-        pump = threading.Thread(
-            target=_pump,
-            args=(read_end, name, context, pumps),
-            name=f"output-{name}",
-            daemon=True,
-        )
-        pumps.append(pump)
-        pump.start()
+        _daemon(_pump, (read_end, name, context, pumps), f"output-{name}", pumps)
         # write_through: each write goes straight to the (locked) binary buffer, so prints
         # from several threads are not lost in the text layer's own pending list.
         pipe = io.TextIOWrapper(
@@ -291,6 +284,21 @@ def capture_output(configure_logs: Callable[[], None], **context: Any) -> None:
     atexit.register(finish)
 
 
+def _daemon(
+    target: Callable[..., None],
+    args: tuple[Any, ...],
+    name: str,
+    into: list[threading.Thread] | None = None,
+) -> threading.Thread:
+    """A daemon thread running ``target(*args)``, started; added to ``into`` first, so that
+    it is in the list (``_NotFromPumps`` asks) from its first instruction."""
+    thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+    if into is not None:
+        into.append(thread)
+    thread.start()
+    return thread
+
+
 class _NotFromPumps:
     """``sys.stdout``/``sys.stderr`` under ``capture_output``: the pipe's text stream (its
     ``fileno``, ``buffer`` and the rest), except that a write from a pump thread itself (a
@@ -310,7 +318,11 @@ class _NotFromPumps:
         if threading.current_thread() in self._pumps:
             if text.strip():  # print() writes its newline apart
                 _log_later(
-                    "process.output", stream=self._stream, line=text.rstrip("\n"), **self._context
+                    "info",
+                    "process.output",
+                    stream=self._stream,
+                    line=text.rstrip("\n"),
+                    **self._context,
                 )
             return len(text)
         written = int(self._pipe.write(text))
@@ -352,14 +364,7 @@ def _pump(fd: int, stream: str, context: dict[str, Any], pumps: list[threading.T
     logging that waits for that lock."""
     chunks: queue.SimpleQueue[bytes | int | None] = queue.SimpleQueue()
     backlog = [0]  # bytes queued; an approximate count is enough for a cap
-    emitter = threading.Thread(
-        target=_emit_lines,
-        args=(chunks, backlog, stream, context),
-        name=f"output-{stream}-log",
-        daemon=True,
-    )
-    pumps.append(emitter)
-    emitter.start()
+    _daemon(_emit_lines, (chunks, backlog, stream, context), f"output-{stream}-log", pumps)
     dropped = 0
     while chunk := os.read(fd, 65536):
         if backlog[0] > MAX_OUTPUT_BACKLOG_BYTES:
@@ -540,12 +545,13 @@ def _bare(exc_type: type[BaseException]) -> BaseException:
         return RuntimeError(exc_type.__name__)
 
 
-#: Lines waiting to be logged by a thread of their own (``_log_later``): (event, fields).
-_unraisable: queue.SimpleQueue[tuple[str, dict[str, Any]] | threading.Event | None] = (
+#: Lines waiting to be logged by a thread of their own (``_log_later``):
+#: (logger method name, event, fields); an Event marks a point ``logs_settled`` waits for.
+_later: queue.SimpleQueue[tuple[str, str, dict[str, Any]] | threading.Event | None] = (
     queue.SimpleQueue()
 )
-_unraisable_logger: threading.Thread | None = None
-_unraisable_start = threading.Lock()
+_later_logger: threading.Thread | None = None
+_later_start = threading.Lock()
 
 
 def _log_unraisable(args: Any) -> None:
@@ -555,6 +561,7 @@ def _log_unraisable(args: Any) -> None:
     a plugin finaliser that failed while a line was written)."""
     exc = args.exc_value if args.exc_value is not None else _bare(args.exc_type)
     _log_later(
+        "error",
         "unraisable_exception",
         message=args.err_msg or "Exception ignored",
         object=_safe_repr(args.object),
@@ -562,47 +569,42 @@ def _log_unraisable(args: Any) -> None:
     )
 
 
-def _log_later(event: str, **fields: Any) -> None:
-    """Log an error line from the ``unraisable-log`` thread rather than this one: for code
-    that may run where this thread holds a lock of the log output (a finaliser)."""
-    global _unraisable_logger
-    _unraisable.put((event, fields))
-    if _unraisable_logger is None and _unraisable_start.acquire(blocking=False):
-        # Started once; a hook that finds the start under way leaves its line queued.
-        _unraisable_logger = threading.Thread(
-            target=_log_unraisables, name="unraisable-log", daemon=True
-        )
-        _unraisable_logger.start()
-        atexit.register(_end_unraisable_log, _unraisable_logger)
+def _log_later(level: str, event: str, **fields: Any) -> None:
+    """Log a line at ``level`` (``"info"``, ``"error"``) from the ``log-later`` thread rather
+    than this one: for code that may run where this thread holds a lock of the log output
+    (a finaliser)."""
+    global _later_logger
+    _later.put((level, event, fields))
+    if _later_logger is None and _later_start.acquire(blocking=False):
+        # Started once; a caller that finds the start under way leaves its line queued.
+        _later_logger = _daemon(_log_queued, (), "log-later")
+        atexit.register(_end_log_later, _later_logger)
 
 
-def _log_unraisables() -> None:
+def _log_queued() -> None:
     log = structlog.get_logger("lacuna_webhooks")
-    while (entry := _unraisable.get()) is not None:
+    while (entry := _later.get()) is not None:
         if isinstance(entry, threading.Event):
             entry.set()  # logs_settled(): all before it is logged
             continue
-        event, fields = entry
-        if event == "process.output":
-            log.info(event, **fields)
-        else:
-            log.error(event, **fields)
+        level, event, fields = entry
+        getattr(log, level)(event, **fields)
 
 
 def logs_settled(timeout: float) -> bool:
     """Wait up to ``timeout`` seconds until every line queued by ``_log_later`` so far is
     logged (for tests and orderly stops); ``True`` when it is (or none is queued)."""
-    if _unraisable_logger is None:
+    if _later_logger is None:
         return True
     reached = threading.Event()
-    _unraisable.put(reached)
+    _later.put(reached)
     return reached.wait(timeout)
 
 
-def _end_unraisable_log(thread: threading.Thread) -> None:
+def _end_log_later(thread: threading.Thread) -> None:
     # What is queued is logged, then the thread ends: a daemon thread still writing while
     # the interpreter finalises its output stream aborts the process.
-    _unraisable.put(None)
+    _later.put(None)
     thread.join(OUTPUT_EXIT_SECONDS)
 
 
