@@ -548,8 +548,8 @@ def unknown_variables(
     handler left out of ``LACUNA_HANDLERS``). Names only, never values: the caller logs them."""
     prefixes = tuple(f"LACUNA_{name.upper()}_" for name in instances)
     known = sorted(GLOBAL_VARIABLES | {f"{v}_FILE" for v in GLOBAL_VARIABLES})
-    unconfigured = sorted(
-        {kind.upper() for kind in kinds} - {n.upper() for n in instances}, key=len, reverse=True
+    unconfigured = tuple(
+        f"LACUNA_{kind}_" for kind in {k.upper() for k in kinds} - {n.upper() for n in instances}
     )
     unknown: list[tuple[str, str]] = []
     unused: list[str] = []
@@ -561,7 +561,7 @@ def unknown_variables(
             or var.startswith((*prefixes, *DEVELOPMENT_PREFIXES))
         ):
             continue
-        if any(var.startswith(f"LACUNA_{kind}_") for kind in unconfigured):
+        if var.startswith(unconfigured):
             unused.append(var)
             continue
         close = difflib.get_close_matches(var, [*known, *(p + "…" for p in prefixes)], n=1)
