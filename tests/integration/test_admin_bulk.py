@@ -308,6 +308,10 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"all": True, "missing_only": True}, "missing_only"),
     ({"all": True, "handlers": ["late"], "missing_only": "yes"}, "missing_only"),
     ({"all": True, "dry_run": 1}, "dry_run"),
+    # null is not false for a flag that guards writes: this body once backfilled for real
+    ({"all": True, "handlers": ["late"], "dry_run": None}, "dry_run"),
+    ({"all": True, "handlers": ["late"], "missing_only": None}, "missing_only"),
+    ({"all": None, "handlers": ["late"]}, "all"),
     ({"all": True, "everything": True}, "everything"),
 ]
 

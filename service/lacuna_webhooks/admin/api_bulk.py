@@ -13,6 +13,9 @@ and
 - ``missing_only`` (boolean, needs ``handlers``): only create the missing deliveries.
 - ``dry_run`` (boolean): count the matching events, write nothing.
 
+A flag left out is false; ``null`` for a flag is a 400 (it is not read as false: a client
+that sends ``"dry_run": null`` would otherwise write what it meant to count).
+
 It answers ``{"matched": N, "created": N, "reset": N, "dry_run": bool}`` once the operation
 has run (``created`` and ``reset`` are 0 in a dry run). Any bad field is a 400 naming it in
 ``param``; an unknown handler a 400 naming the configured ones; a second operation while one
@@ -47,11 +50,14 @@ MAX_HANDLERS = 100
 
 
 def _flag(body: dict[str, Any], name: str) -> bool:
-    value = body.get(name)
-    if value is None:
+    # A flag left out is false; a null one is refused, not read as false: these flags
+    # guard writes (``dry_run``, ``missing_only``, ``all``), and a client that serialises
+    # an unset option as null may well have meant the safe side.
+    if name not in body:
         return False
+    value = body[name]
     if not isinstance(value, bool):
-        raise BadRequest(f"{name} must be true or false.", param=name)
+        raise BadRequest(f"{name} must be true or false (leave it out for false).", param=name)
     return value
 
 
@@ -142,7 +148,7 @@ def routes(ctx: AdminContext) -> list[BaseRoute]:
 # --- OpenAPI -----------------------------------------------------------------------------------
 
 _TEXT = {"type": "string", "minLength": 1, "maxLength": MAX_TEXT}
-_BOOL = {"type": ["boolean", "null"]}
+_BOOL = {"type": "boolean"}
 _BODY_PROPERTIES: dict[str, Any] = {
     "type": {**_TEXT, "description": "event type, exactly"},
     "task_id": {**_TEXT, "description": "data.id, exactly"},
