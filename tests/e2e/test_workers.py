@@ -303,6 +303,46 @@ def test_sigterm_exits_0_releases_the_attempt_and_leaves_no_child(
     assert (row["status"], row["attempts"]) == ("pending", 0)
 
 
+def stored_deliveries(serve: Serve, cwd: Path) -> dict[str, tuple[str, int]]:
+    """event id -> (status, attempts) of every delivery, read with the CLI."""
+    listed = subprocess.run(
+        [CLI, "deliveries", "list", "--json"],
+        env={"LACUNA_DATABASE_URL": serve.env["LACUNA_DATABASE_URL"], "PATH": "/usr/bin:/bin"},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return {row["event_id"]: (row["status"], row["attempts"]) for row in json.loads(listed.stdout)}
+
+
+def test_a_blocking_handler_that_finishes_during_the_stop_is_recorded_not_run_again(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """Two attempts of a handler that blocks its loop for 2 s (the second waits behind the
+    first), SIGTERM with LACUNA_SHUTDOWN_TIMEOUT=1: the cancellation cannot reach them, and
+    both finish during the stop. Their outcomes used to be thrown away and the claims
+    released (pending, attempts 0), so both ran again after the restart: one handler run
+    twice for one event on a requested stop. Now what finishes is recorded."""
+    out = tmp_path / "started.txt"
+    env = plugin_env(tmp_path, LACUNA_SHUTDOWN_TIMEOUT="1", LACUNA_MISBEHAVING_BLOCK="2")
+    serve = serve_factory(env).start()
+    for event_id in ("evt_sleep_stop_a", "evt_sleep_stop_b"):
+        assert send(serve, event_id).status_code == 200
+    wait_until(lambda: started_ids(out), what="the first attempt to start")
+    serve.signal(signal.SIGTERM)
+    assert serve.wait(timeout=60) == 0
+    assert stored_deliveries(serve, tmp_path) == {
+        "evt_sleep_stop_a": ("done", 1),
+        "evt_sleep_stop_b": ("done", 1),
+    }
+    again = serve_factory(env).start()
+    assert send(again, "evt_ok_after_stop").status_code == 200
+    wait_until(lambda: "evt_ok_after_stop" in started_ids(out), what="the new event's attempt")
+    assert sorted(started_ids(out)) == ["evt_ok_after_stop", "evt_sleep_stop_a", "evt_sleep_stop_b"]
+
+
 def test_the_shutdown_timeout_bounds_the_whole_stop(
     serve_factory: type[Serve], tmp_path: Path
 ) -> None:

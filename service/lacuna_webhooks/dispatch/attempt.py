@@ -324,6 +324,8 @@ async def run_attempt(
     except asyncio.CancelledError as exc:
         task = asyncio.current_task()
         if task is not None and task.cancelling():
+            if thread is not None and thread.is_alive():
+                stranded_thread.set(True)  # it may still finish: see worker_child
             raise  # we are being stopped: not an outcome of the handler's
         return classify(exc)  # the handler raised CancelledError itself
     except TimeoutError as exc:

@@ -604,7 +604,11 @@ class Dispatcher:
             self._runner_closed = True
             await self.runner.close()
         budget = asyncio.get_running_loop().time() + RELEASE_BUDGET_SECONDS
-        for _, delivery in abandoned:
+        for task, delivery in abandoned:
+            if not task.cancelled():
+                # Its handler finished before the cancellation reached it (a blocking one):
+                # _deliver recorded that outcome. Released, it would run a second time.
+                continue
             # Bounded together: against a store that hangs (a stopped SQLite writer) each
             # release waited for it, and the stop outlived its bound by a minute. A claim not
             # given back is taken again when its lease runs out.

@@ -142,19 +142,27 @@ async def _serve(sock: socket.socket, handler: Handler, tracing: Tracing | None 
         results: dict[str, Any] | None,
         trace_context: str | None,
     ) -> None:
-        if tracing is None:
-            outcome = await run_attempt(
-                handler, event, timeout_seconds, attempt=number, results=results
-            )
-        else:
-            outcome = await tracing.run_attempt(
-                handler,
-                event,
-                timeout_seconds,
-                attempt=number,
-                results=results,
-                trace_context=trace_context,
-            )
+        try:
+            if tracing is None:
+                outcome = await run_attempt(
+                    handler, event, timeout_seconds, attempt=number, results=results
+                )
+            else:
+                outcome = await tracing.run_attempt(
+                    handler,
+                    event,
+                    timeout_seconds,
+                    attempt=number,
+                    results=results,
+                    trace_context=trace_context,
+                )
+        except asyncio.CancelledError:
+            # Cancelled at a stop (the parent's "cancel" or "stop"). A plain-def handle()
+            # still runs in its thread and may yet finish: the parent must kill this
+            # worker before it gives the claim back ("stuck"); else nothing was done.
+            kind = "stuck" if stranded_thread.get() else "cancelled"
+            writer.write(frame(orjson.dumps([kind, attempt_id])))
+            raise
         if stranded_thread.get():
             # Its plain-def handle() still runs in a thread past the timeout: the parent
             # replaces this worker and charges the attempt with the timeout.

@@ -10,7 +10,14 @@ its one writer.
 - Wire: a private socket pair. Parent to child: frames of a 4-byte big-endian
   length and a pickle (``run``, ``cancel``, ``ping``, ``stop``); child to parent:
   the same framing around JSON (``ready``, ``failed``, ``done`` with an
-  ``Outcome``, ``pong``), so nothing a plugin's process sends is unpickled here.
+  ``Outcome``, ``cancelled``, ``stuck``, ``pong``), so nothing a plugin's process
+  sends is unpickled here.
+- Stops: an attempt the dispatcher gives up at a stop is cancelled in the child,
+  and its answer awaited up to ``STOP_GRACE_SECONDS``. A handler that finished
+  anyway (it blocked, and the cancellation reached it too late) has its outcome
+  recorded; one cancelled is released; one that does not answer has its child
+  killed before the claim is released, so that no handler finishes work after
+  its delivery was given back (it would run a second time after the restart).
 - Timeouts: the child cuts an attempt off at the handler's timeout when the
   handler yields. One that does not (``time.sleep``, a CPU loop) is still
   running ``KILL_GRACE_SECONDS`` later and its child does not answer a ping
@@ -125,7 +132,7 @@ def _exit_text(code: int | None) -> str:
 
 
 class _Attempt:
-    __slots__ = ("future", "pinged", "sent_at", "timeout_seconds", "timer")
+    __slots__ = ("answered", "future", "pinged", "sent_at", "timeout_seconds", "timer")
 
     def __init__(
         self, future: asyncio.Future[Outcome], timeout_seconds: float, sent_at: float
@@ -135,6 +142,7 @@ class _Attempt:
         self.sent_at = sent_at  # loop time
         self.timer: asyncio.TimerHandle | None = None
         self.pinged = False  # its worker was found responsive once at its overrun
+        self.answered = False  # settled by the handler's own outcome ("done")
 
     def settle(self, outcome: Outcome) -> None:
         if self.timer is not None:
@@ -157,8 +165,10 @@ class _Child:
         self.writer = writer
         self.attempts: dict[int, _Attempt] = {}
         self.overrun: set[int] = set()  # attempts it was killed for
+        self.cancelled: set[int] = set()  # attempts cancelled at a stop
         self.pings: dict[int, int] = {}  # ping id -> the attempt past its timeout
         self.killed = False
+        self.stopped = False  # killed at a stop: what was in flight in it is released
         self.exited = False  # the process has ended (its socket may live on in a fork)
 
     def send(self, message: tuple[Any, ...]) -> None:
@@ -244,15 +254,45 @@ class HandlerWorker:
             )
         )
         try:
-            return await attempt.future
+            # Shielded: the future must outlive a cancellation, for _outcome_at_stop.
+            return await asyncio.shield(attempt.future)
         except asyncio.CancelledError:
-            # The dispatcher gave the attempt up (a stop): ask the child to cancel it too.
-            if child.attempts.pop(attempt_id, None) is not None:
-                if attempt.timer is not None:
-                    attempt.timer.cancel()
-                if self._child is child:
-                    child.send(("cancel", attempt_id))
-            raise
+            outcome = await self._outcome_at_stop(child, attempt_id, attempt)
+            if outcome is None:
+                raise
+            # The handler finished before the cancellation reached it: its outcome is
+            # recorded like any (released, it ran a second time after the restart).
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            return outcome
+
+    async def _outcome_at_stop(
+        self, child: _Child, attempt_id: int, attempt: _Attempt
+    ) -> Outcome | None:
+        """The dispatcher gave the attempt up (a stop). Ask the child to cancel it and wait
+        up to ``STOP_GRACE_SECONDS`` for its answer: the handler's own outcome (it finished
+        first, or it blocked and the cancellation came too late) is returned, to be
+        recorded. Otherwise (cancelled, or no answer: the child is killed, so the handler
+        cannot finish after its claim is given back) ``None``: the claim is released."""
+        if not attempt.future.done() and self._child is child and not child.exited:
+            child.cancelled.add(attempt_id)
+            child.send(("cancel", attempt_id))
+            await asyncio.wait({attempt.future}, timeout=STOP_GRACE_SECONDS)
+            if not attempt.future.done() and not child.killed:
+                self._log.warning(
+                    "handler_worker.killed",
+                    pid=child.proc.pid,
+                    reason="an attempt did not end when cancelled at the stop",
+                    in_flight=len(child.attempts),
+                )
+                child.stopped = True
+                child.kill()
+        if attempt.answered:
+            return attempt.future.result()
+        if child.attempts.pop(attempt_id, None) is not None and attempt.timer is not None:
+            attempt.timer.cancel()  # an answer after this is dropped: the claim goes back
+        return None
 
     async def close(self) -> None:
         """Ask the child to stop (it cancels its attempts and closes its handler); kill it
@@ -373,7 +413,23 @@ class HandlerWorker:
                 if reply[0] == "stuck":
                     # A plain-def handle() still running in its thread past the timeout.
                     if int(reply[1]) in child.attempts and not child.killed:
-                        self._kill_for(child, int(reply[1]))
+                        if int(reply[1]) in child.cancelled:
+                            self._log.warning(
+                                "handler_worker.killed",
+                                pid=child.proc.pid,
+                                reason="a plain-def handle() still ran when cancelled at the stop",
+                                in_flight=len(child.attempts),
+                            )
+                            child.stopped = True
+                            child.kill()
+                        else:
+                            self._kill_for(child, int(reply[1]))
+                    continue
+                if reply[0] == "cancelled":
+                    # Cancelled at a stop before it finished: nothing to record.
+                    attempt = child.attempts.pop(int(reply[1]), None)
+                    if attempt is not None:
+                        attempt.settle(Outcome(Ending.INTERRUPTED, "cancelled at the stop"))
                     continue
                 if reply[0] != "done":
                     raise ValueError(f"unexpected message {reply[0]!r}")
@@ -395,6 +451,7 @@ class HandlerWorker:
                     raise
                 attempt = child.attempts.pop(attempt_id, None)
                 if attempt is not None:
+                    attempt.answered = not attempt.future.done()
                     attempt.settle(outcome)
                     self._crashes = 0  # a child that finishes attempts is a working one
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -472,7 +529,7 @@ class HandlerWorker:
             # the one that blocked (or, being later, had not yet outlived their own timeout).
             if attempt_id in child.overrun:
                 attempt.settle(timed_out(attempt.timeout_seconds, killed=True))
-            elif child.overrun or self._stopping:
+            elif child.overrun or child.stopped or self._stopping:
                 why = (
                     "its worker process was replaced after another attempt's timeout"
                     if child.overrun
