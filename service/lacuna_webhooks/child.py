@@ -12,6 +12,7 @@ means the stream is corrupt (``ValueError``), and nothing that large is allocate
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import struct
 import subprocess
@@ -49,6 +50,9 @@ async def start_child(module: str, theirs: socket.socket) -> asyncio.subprocess.
             sys.executable,
             "-c",
             code,
+            # sys.argv[1]: the parent it was started by, for a child to tell whether that
+            # parent is already gone (dispatch/worker_child.py, _die_with_parent).
+            str(os.getpid()),
             pass_fds=(theirs.fileno(),),
             stdin=subprocess.DEVNULL,
             # A process group of its own: a handler's `os.killpg(0, SIGTERM)` (killing "its"

@@ -1,12 +1,16 @@
 """The frames of ``child.py``, shared by the SQLite writer process and the handler workers:
-each reader's own bound, EOF inside a frame, over a real socket pair."""
+each reader's own bound, EOF inside a frame, over a real socket pair; and a worker that
+finds its parent gone at start."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 import struct
+import subprocess
+import sys
 
 import pytest
 
@@ -80,3 +84,25 @@ def test_the_writer_child_ends_on_a_corrupt_length(capsys: pytest.CaptureFixture
         for sig, handler in saved.items():
             signal.signal(sig, handler)
     assert "a frame of" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("started_by_parent", [True, False])
+def test_a_worker_whose_parent_is_already_gone_exits_before_doing_anything(
+    started_by_parent: bool,
+) -> None:
+    """_die_with_parent compares getppid() with the pid start_child passed (sys.argv[1]). It
+    used to compare two reads of getppid(): a serve killed before the first read left both
+    naming the reaper, and the orphan went on to import and run the plugin."""
+    parent = os.getpid() if started_by_parent else 1  # 1: what an orphan's getppid() says
+    code = (
+        "import sys\n"
+        f"sys.argv = ['-c', '{parent}']\n"
+        "from lacuna_webhooks.dispatch.worker_child import _die_with_parent\n"
+        "_die_with_parent()\n"
+        "print('went on')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == ("went on" if started_by_parent else "")

@@ -39,11 +39,18 @@ ACLOSE_TIMEOUT_SECONDS = 5.0
 
 def _die_with_parent() -> None:
     """Linux: have the kernel SIGKILL this process when its parent dies, so a handler that
-    blocks (and so never reads the closed socket) cannot outlive a killed ``serve``."""
-    parent = os.getppid()
+    blocks (and so never reads the closed socket) cannot outlive a killed ``serve``.
+
+    The parent is compared with the one that started us (``sys.argv[1]``, child.py), not
+    with ``getppid()`` read here first: a parent that died before that read left both
+    reads naming the reaper, and the orphan went on to import the plugin."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    try:
+        parent = int(sys.argv[1])
+    except (IndexError, ValueError):
+        return  # not started by start_child: nothing to compare with
     if os.getppid() != parent:  # the parent died before the request took effect
         os._exit(0)
 
