@@ -337,3 +337,31 @@ async def test_postgres_migration_puts_existing_events_first(
         assert await after(store, None, 3) == ["evt_m2", "evt_m1", "evt_new"]
     finally:
         await store.close()
+
+
+async def test_a_read_stops_at_its_byte_budget_and_always_hands_out_one(store: Store) -> None:
+    """``max_bytes`` bounds the bodies one read holds (the live stream held 100 bodies of up
+    to 1 MiB each, several times that once encoded): the read stops before the body that
+    would pass it, and one event larger than the whole budget still comes, alone."""
+    sizes = {}
+    for i in range(6):
+        stored = event(f"evt_b{i}")
+        sizes[stored.id] = len(stored.raw)
+        assert await store.accept(stored, [], now=NOW + i * SECOND)
+    one = max(sizes.values())
+    seen: list[str] = []
+    cursor = None
+    deadline = asyncio.get_running_loop().time() + PROMPT
+    while len(seen) < 6:
+        batch = await store.stream_after(cursor, 100, max_bytes=2 * one + one // 2)
+        if not batch:
+            assert asyncio.get_running_loop().time() < deadline, f"only {seen} came"
+            await asyncio.sleep(0.05)
+            continue
+        assert len(batch) <= 2, [record.id for _, record in batch]
+        assert len(batch) == 2 or len(seen) + len(batch) == 6
+        cursor = batch[-1][0]
+        seen += [record.id for _, record in batch]
+    assert seen == [f"evt_b{i}" for i in range(6)]
+    alone = await store.stream_after(None, 100, max_bytes=1)
+    assert [record.id for _, record in alone] == ["evt_b0"]

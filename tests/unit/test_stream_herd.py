@@ -40,9 +40,11 @@ class CountingStore(MemoryStore):
         await asyncio.sleep(0.001)  # a real read takes a while: let the others pile up
         self.running -= 1
 
-    async def stream_after(self, cursor: str | None, limit: int) -> list[tuple[str, EventRecord]]:
+    async def stream_after(
+        self, cursor: str | None, limit: int, max_bytes: int | None = None
+    ) -> list[tuple[str, EventRecord]]:
         await self._count()
-        return await super().stream_after(cursor, limit)
+        return await super().stream_after(cursor, limit, max_bytes)
 
     async def get_task(self, task_id: str) -> TaskRecord | None:
         await self._count()

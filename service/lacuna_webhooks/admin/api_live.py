@@ -57,10 +57,14 @@ MAX_TASK_EVENTS = 100
 FINAL_STATUSES = frozenset({"ready", "failed"})
 #: Messages written to the socket in one piece (one write, then the loop is given back).
 CHUNK_MESSAGES = 16
-#: How many encoded stream messages are kept for the other streams to send (bodies are at
-#: most ``LACUNA_MAX_BODY_BYTES``; a batch is ``FOLLOW_BATCH`` events).
+#: How many encoded stream messages are kept for the other streams to send, and their most
+#: bytes in all (a message of a large body is several times its size: the parsed payload is
+#: encoded beside the raw text, quotes escaped; 256 of them once held 1.2 GiB after the
+#: streams that read them had closed).
 ENCODED_MESSAGES = 256
+ENCODED_BYTES = 8 * 1024 * 1024
 _ENCODED: dict[str, tuple[EventRecord, bytes]] = {}
+_ENCODED_SIZE = [0]  # the bytes _ENCODED holds
 _DECIMAL = re.compile(r"([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?", re.ASCII)
 _STREAM_PARAMS = ("after", "from")
 _FROM = ("now", "beginning")
@@ -89,9 +93,13 @@ async def sse_message(cursor: str, record: EventRecord) -> bytes:
     message = _ENCODED.get(cursor)
     if message is None or message[0] != record:
         message = (record, await offload.run(len(record.raw), _encode, cursor, record))
+        old = _ENCODED.pop(cursor, None)
+        if old is not None:
+            _ENCODED_SIZE[0] -= len(old[1])
         _ENCODED[cursor] = message
-        if len(_ENCODED) > ENCODED_MESSAGES:
-            del _ENCODED[next(iter(_ENCODED))]
+        _ENCODED_SIZE[0] += len(message[1])
+        while _ENCODED and (len(_ENCODED) > ENCODED_MESSAGES or _ENCODED_SIZE[0] > ENCODED_BYTES):
+            _ENCODED_SIZE[0] -= len(_ENCODED.pop(next(iter(_ENCODED)))[1])
     return message[1]
 
 

@@ -495,11 +495,16 @@ class Store(Protocol):
 
     async def get_task(self, task_id: str) -> TaskRecord | None: ...
 
-    async def stream_after(self, cursor: str | None, limit: int) -> list[tuple[str, EventRecord]]:
+    async def stream_after(
+        self, cursor: str | None, limit: int, max_bytes: int | None = None
+    ) -> list[tuple[str, EventRecord]]:
         """Up to ``limit`` events after ``cursor`` (``None``: from the first stored), oldest
         first, each with its own cursor (opaque, ``stream.py``). Every event is handed out
         once: an event that commits later never sorts before a cursor already given.
-        ``ValueError`` for a cursor this store did not make (the admin API answers 400)."""
+        With ``max_bytes``, it stops before the event whose body (``raw``) would bring the
+        bodies past that many bytes, and never reads that event's body (the first event
+        is always returned). ``ValueError`` for a cursor this store did not make (the admin
+        API answers 400)."""
 
     async def stream_head(self) -> str:
         """The cursor of "now": ``stream_after`` of it gives only events not yet handed

@@ -635,7 +635,9 @@ class MemoryStore:
             self._check()
             return self._tasks.get(task_id)
 
-    async def stream_after(self, cursor: str | None, limit: int) -> list[tuple[str, EventRecord]]:
+    async def stream_after(
+        self, cursor: str | None, limit: int, max_bytes: int | None = None
+    ) -> list[tuple[str, EventRecord]]:
         """The arrival order; the cursor holds the last arrival handed out."""
         after = 0 if cursor is None else read_cursor(cursor, "m", 1)[0]
         async with self._lock:
@@ -645,7 +647,14 @@ class MemoryStore:
                 for event_id, arrival in self._arrival.items()
                 if arrival > after
             )
-        return [(make_cursor("m", arrival), record) for arrival, record in found[: max(0, limit)]]
+        taken: list[tuple[str, EventRecord]] = []
+        total = 0
+        for arrival, record in found[: max(0, limit)]:
+            total += len(record.raw)
+            if taken and max_bytes is not None and total > max_bytes:
+                break
+            taken.append((make_cursor("m", arrival), record))
+        return taken
 
     async def stream_head(self) -> str:
         async with self._lock:

@@ -33,9 +33,16 @@ if TYPE_CHECKING:
 
 _T = TypeVar("_T")
 
-#: The most events one ``stream_after`` call returns to ``follow`` (bodies may be up to
-#: ``LACUNA_MAX_BODY_BYTES`` each: this bounds what one stream holds in memory).
+#: The most events one ``stream_after`` call returns to ``follow``.
 FOLLOW_BATCH = 100
+#: ... and the most bytes of bodies (one event past it is still read alone): a batch of 100
+#: bodies of ``LACUNA_MAX_BODY_BYTES``, encoded with their parsed payload beside them, held
+#: by a stream whose client does not read took ``serve`` past 256 MiB with one stream.
+FOLLOW_BATCH_BYTES = 1024 * 1024
+#: A batch whose bodies stay below this was not cut by ``FOLLOW_BATCH_BYTES`` unless the next
+#: body is larger than the rest of the budget: ``follow`` reads on without waiting after a
+#: batch above it, and after a small one only at the next wake-up (an accept, or the poll).
+BYTES_AT_HEAD = FOLLOW_BATCH_BYTES // 2
 #: How many shared reads (``StreamSignal.shared``) run against the store at once: hundreds of
 #: streams and task waits must leave the SQLite reader and the PostgreSQL pool to intake and
 #: the rest of the service.
@@ -175,14 +182,14 @@ async def follow(
     quiet_since = loop.time()
     while not stopping.is_set():
         mark = signal.mark()
-        read = functools.partial(store.stream_after, cursor, FOLLOW_BATCH)
+        read = functools.partial(store.stream_after, cursor, FOLLOW_BATCH, FOLLOW_BATCH_BYTES)
         batch = await signal.shared(("stream", cursor), mark, read)
         if batch:
             cursor = batch[-1][0]
             yield batch
             quiet_since = loop.time()
-            if len(batch) == FOLLOW_BATCH:
-                continue  # more are stored: read on before waiting
+            if len(batch) == FOLLOW_BATCH or sum(len(e.raw) for _, e in batch) > BYTES_AT_HEAD:
+                continue  # more may be stored (a full batch, or one cut at its bytes)
         idle = loop.time() - quiet_since
         if idle >= idle_seconds:
             yield []
@@ -210,6 +217,7 @@ async def first_of(events: tuple[asyncio.Event, ...], timeout_seconds: float) ->
 __all__ = [
     "COALESCE_SECONDS",
     "FOLLOW_BATCH",
+    "FOLLOW_BATCH_BYTES",
     "SHARED_READS",
     "StreamSignal",
     "beyond_head",

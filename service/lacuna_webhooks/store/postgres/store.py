@@ -580,12 +580,19 @@ class PostgresStore:
     async def get_task(self, task_id: str) -> TaskRecord | None:
         return await self._run(outbox.get_task, task_id, write=False)
 
-    async def stream_after(self, cursor: str | None, limit: int) -> list[tuple[str, EventRecord]]:
-        """``(xid, seq)`` order, only rows below the snapshot's xmin (``0008_stream.sql``)."""
+    async def stream_after(
+        self, cursor: str | None, limit: int, max_bytes: int | None = None
+    ) -> list[tuple[str, EventRecord]]:
+        """``(xid, seq)`` order, only rows below the snapshot's xmin (``0008_stream.sql``);
+        the byte budget is applied in the query (a running sum of the body sizes), so the
+        bodies past it are not sent here."""
         xid, seq = (0, 0) if cursor is None else read_cursor(cursor, "p", 2)
+        budget = 2**62 if max_bytes is None else max_bytes
         async with self._connection() as conn:
             rows = await self._fetch(
-                conn, "stream_after", {"xid": str(xid), "seq": seq, "limit": max(0, limit)}
+                conn,
+                "stream_after",
+                {"xid": str(xid), "seq": seq, "limit": max(0, limit), "max_bytes": budget},
             )
         return [
             (make_cursor("p", int(row["stream_xid"]), row["seq"]), event_record(row, _at))

@@ -312,12 +312,20 @@ def search_events(
     return [rows.event_record(row, at) for row in page], cursor
 
 
-def stream_after(c: sqlite3.Connection, after: int, limit: int) -> list[tuple[int, EventRecord]]:
-    """(stream position, event) of the events after position ``after``, oldest first."""
-    return [
-        (row["stream_seq"], rows.event_record(row, at))
-        for row in c.execute(Q["stream_after"], {"after": after, "limit": limit})
-    ]
+def stream_after(
+    c: sqlite3.Connection, after: int, limit: int, max_bytes: int | None = None
+) -> list[tuple[int, EventRecord]]:
+    """(stream position, event) of the events after position ``after``, oldest first; with
+    ``max_bytes``, only as many as keep their bodies within it (at least one)."""
+    found: list[tuple[int, EventRecord]] = []
+    total = 0
+    # Row by row: SQLite steps lazily, so the bodies past the budget are never read.
+    for row in c.execute(Q["stream_after"], {"after": after, "limit": limit}):
+        total += len(row["raw"])
+        if found and max_bytes is not None and total > max_bytes:
+            break
+        found.append((row["stream_seq"], rows.event_record(row, at)))
+    return found
 
 
 def stream_head(c: sqlite3.Connection) -> int:

@@ -363,11 +363,13 @@ class SQLiteStore:
     async def get_task(self, task_id: str) -> TaskRecord | None:
         return await self._reader.run(read, outbox.get_task, task_id)
 
-    async def stream_after(self, cursor: str | None, limit: int) -> list[tuple[str, EventRecord]]:
+    async def stream_after(
+        self, cursor: str | None, limit: int, max_bytes: int | None = None
+    ) -> list[tuple[str, EventRecord]]:
         """``events.stream_seq`` order, read on the reader (never queued behind the writer);
         the cursor holds the last position handed out."""
         after = 0 if cursor is None else read_cursor(cursor, "s", 1)[0]
-        found = await self._reader.run(ops.stream_after, after, max(0, limit))
+        found = await self._reader.run(ops.stream_after, after, max(0, limit), max_bytes)
         return [(make_cursor("s", position), record) for position, record in found]
 
     async def stream_head(self) -> str:

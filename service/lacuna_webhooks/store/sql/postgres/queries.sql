@@ -174,12 +174,22 @@ LIMIT :limit
 -- transaction is older than every transaction still running, so none can commit behind them.
 -- (The text of xid gets a name of its own: ORDER BY xid would sort by an output column of
 -- that name, as text, where '10000' < '9999', and could not walk the index.)
-SELECT id, type, created, received_at, task_id, superseded, raw, xid::text AS stream_xid, seq
-FROM events
-WHERE (xid, seq) > (:xid::text::xid8, :seq::bigint)
-  AND xid < pg_snapshot_xmin(pg_current_snapshot())
-ORDER BY events.xid, events.seq
-LIMIT :limit
+-- Only as many as keep their bodies within :max_bytes (the first always): a running sum of
+-- the body sizes, over the rows the LIMIT already cut, so the index walk stays a walk.
+SELECT id, type, created, received_at, task_id, superseded, raw, stream_xid, seq
+FROM (
+    SELECT id, type, created, received_at, task_id, superseded, raw,
+           xid::text AS stream_xid, seq, xid AS position_xid,
+           sum(octet_length(raw)) OVER (ORDER BY events.xid, events.seq) AS upto,
+           row_number() OVER (ORDER BY events.xid, events.seq) AS n
+    FROM events
+    WHERE (xid, seq) > (:xid::text::xid8, :seq::bigint)
+      AND xid < pg_snapshot_xmin(pg_current_snapshot())
+    ORDER BY events.xid, events.seq
+    LIMIT :limit
+) AS page
+WHERE n = 1 OR upto <= :max_bytes::bigint
+ORDER BY position_xid, seq
 
 -- name: stream_head
 -- "Now": every row written by a transaction below the snapshot's xmin is already visible.
