@@ -34,7 +34,7 @@ SILENT_CLIENTS = 50
 CROWD = 300
 
 
-def fill_stream(db: Path, count: int) -> None:
+def fill_stream(db: Path, count: int, lyrics: str = "la " * 600) -> None:
     """``count`` events with their stream positions, straight into the file serve migrated."""
     now = time.time() - 3600
     rows = [
@@ -43,7 +43,7 @@ def fill_stream(db: Path, count: int) -> None:
             "job.completed",
             now + i * 0.001,
             f"task_{i}",
-            orjson.dumps(make_event(f"old_{i}", lyrics="la " * 600)),
+            orjson.dumps(make_event(f"old_{i}", lyrics=lyrics)),
             i + 1,
         )
         for i in range(count)
@@ -120,6 +120,29 @@ def test_silent_stream_clients_bounded_memory_intake_and_prompt_sigterm(
     log = serve.log()
     assert "Traceback" not in log
     assert "timeout graceful shutdown exceeded" not in log
+
+
+def test_silent_streams_of_large_events_hold_a_bounded_batch(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """60 events of about 1 MB (quotes, which JSON escapes twice over in a stream message)
+    and 4 clients that never read: a batch was 100 events whatever their size, and 256
+    encoded messages were kept for other streams; serve went from 60 to 700 MiB and kept
+    520 MiB after the clients left. A batch now stops at 1 MiB of bodies."""
+    env = admin_env(tmp_path, LACUNA_HANDLERS="")
+    serve = serve_factory(env).start()  # type: ignore[call-arg, arg-type]
+    serve.signal(15)
+    assert serve.wait(30) == 0
+    fill_stream(tmp_path / "events.db", 60, lyrics='"' * 480_000)
+    serve.start()
+    assert serve.proc is not None
+    before = rss_mib(serve.proc.pid)
+    with silent_streams(int(env["LACUNA_ADMIN_PORT"]), 4):
+        time.sleep(6)  # every stream has read, encoded and filled its socket
+        grown = rss_mib(serve.proc.pid) - before
+    assert grown < 120, f"serve grew by {grown:.0f} MiB for 4 silent streams of large events"
+    serve.signal(15)
+    assert serve.wait(60) == 0
 
 
 @pytest.mark.postgres
