@@ -22,6 +22,9 @@ what a public receiver needs (docs/http.md), per connection:
   only when every connection has a request being answered is the newcomer
   refused (**503** ``server_busy``). Attackers' idle and slow sockets go
   first; senders that send their request go through.
+- **the body budget** (``intake.BodyBudget``): a webhook body that finds the
+  budget spent makes room by refusing (503) the bodies that have been read the
+  longest, as the cap does with connections.
 
 Every refusal and shed connection is counted in ``lacuna_webhooks_http_refused``.
 ``server_config()`` also raises the soft open-file limit to the hard limit.
@@ -353,6 +356,24 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 return
         self._refuse(ServerBusy())
 
+    def _shed_bodies(self, need: int) -> bool:
+        """The body budget is spent: refuse (503, then close) the connections that have been
+        reading a webhook body the longest, until ``need`` more bytes fit. Whether they now
+        do. Without it, 64 unsigned bodies left one byte short held the budget for the whole
+        body timeout, and every sender that sent its request got the 503."""
+        webhook = self._shared.webhook
+        assert webhook is not None
+        budget = webhook.body_budget
+        for victim in list(self._shared.reading):
+            if budget.held_bytes + need <= budget.limit_bytes:
+                return True
+            held = victim.cycle
+            if victim is self or not isinstance(held, _DirectCycle) or not held.size:
+                continue
+            victim._release_body(held)
+            victim._refuse(ServerBusy())
+        return budget.held_bytes + need <= budget.limit_bytes
+
     def _close_quietly(self) -> None:
         self._gone(self._answering)
         self._gone(self.cycle)
@@ -644,7 +665,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         webhook = self._shared.webhook
         assert webhook is not None
         try:  # a chunked body over the limit, or a body past the budget
-            cycle.size = admit_chunk(cycle.size, len(body), webhook.limit, webhook.body_budget)
+            try:
+                cycle.size = admit_chunk(cycle.size, len(body), webhook.limit, webhook.body_budget)
+            except ServerBusy:
+                if not self._shed_bodies(len(body)):
+                    raise
+                cycle.size = admit_chunk(cycle.size, len(body), webhook.limit, webhook.body_budget)
         except WebhookError as exc:
             self._release_body(cycle)
             self._answer_direct(cycle, *error_parts(exc), exc.code, None)

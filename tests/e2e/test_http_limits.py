@@ -357,6 +357,40 @@ def test_idle_and_slow_sockets_are_shed_so_valid_webhooks_get_through(
         assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 50
 
 
+def test_bodies_left_one_byte_short_are_shed_so_valid_webhooks_get_through(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """64 unsigned bodies of the largest size, each left one byte short, spend the body
+    budget (64 x LACUNA_MAX_BODY_BYTES). Every valid webhook sent after them got 503
+    server_busy until the body timeout cut the attackers (and the attack could be renewed
+    every 30 s); now the bodies read the longest are refused to make room."""
+    serve = serve_factory(db_env(tmp_path)).start()
+    size = 1_048_576
+    hostile: list[socket.socket] = []
+    try:
+        for _ in range(64):
+            sock = connect(serve)
+            sock.sendall(
+                b"POST /webhooks/lacuna HTTP/1.1\r\nHost: t\r\n"
+                + f"Content-Length: {size}\r\n\r\n".encode()
+                + b"a" * (size - 1)
+            )
+            hostile.append(sock)
+        time.sleep(1)  # the server has read them all
+        statuses = []
+        for i in range(5):
+            sock = connect(serve)
+            sock.sendall(webhook_request(f"evt_budget_{i}"))
+            response = read_response(sock)
+            statuses.append(response[0] if response else None)
+        assert statuses == [200] * 5
+        # One shed body (the oldest) made room for the five small ones.
+        assert envelope_code(read_response(hostile[0])) == (503, "server_busy")
+    finally:
+        for sock in hostile:
+            sock.close()
+
+
 def test_keepalive_lasts_the_configured_time(serve_factory: type[Serve], tmp_path: Path) -> None:
     """An idle kept-alive connection stays usable until LACUNA_KEEPALIVE_TIMEOUT, then the
     server closes it."""
