@@ -169,6 +169,9 @@ async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
             logger.info("serve.stopped")
 
 
+_WEBHOOK_TARGET = WEBHOOK_PATH.encode()
+
+
 class LacunaApp(Starlette):
     """Starlette, with ``POST /webhooks/lacuna`` served straight from the ASGI entry point.
 
@@ -183,10 +186,16 @@ class LacunaApp(Starlette):
         self.webhook = webhook
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == WEBHOOK_PATH and scope["method"] == "POST":
-            scope["app"] = self
-            await self.webhook(scope, receive, send)
-            return
+        if scope["type"] == "http" and scope["path"] == WEBHOOK_PATH:
+            if scope.get("raw_path", _WEBHOOK_TARGET) != _WEBHOOK_TARGET:
+                # The server decoded the path: /webhooks%2Flacuna is another resource (RFC
+                # 3986 §2.2), as /webhooks/lacuna/ is, and a proxy rule or ACL written for the
+                # literal path would not see it. Routed as what it was sent as: a 404.
+                scope["path"] = scope["raw_path"].decode("latin-1")
+            elif scope["method"] == "POST":
+                scope["app"] = self
+                await self.webhook(scope, receive, send)
+                return
         await super().__call__(scope, receive, send)
 
 

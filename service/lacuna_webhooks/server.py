@@ -566,6 +566,18 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 f"HTTP/{version} is not served here: send HTTP/1.1 (RFC 9112)."
             )
             raise _StopParsing()
+        if version == "1.0" and any(n == b"transfer-encoding" for n, _ in headers):
+            # RFC 9112 §6.1: Transfer-Encoding in an HTTP/1.0 message is faulty framing (an
+            # HTTP/1.0 hop may have passed it on without understanding it: a smuggling shape).
+            self._refusal = MalformedRequest(
+                "Transfer-Encoding is not defined for HTTP/1.0 (RFC 9112 §6.1)."
+            )
+            raise _StopParsing()
+        if b"#" in self.url:
+            # RFC 9112 §3.2: the request target carries no fragment; uvicorn drops one, so
+            # "/webhooks/lacuna#x" reached the route.
+            self._refusal = MalformedRequest("A request target has no fragment (RFC 9112 §3.2).")
+            raise _StopParsing()
         if version == "1.1" and [n for n, _ in headers if n == b"host"] != [b"host"]:
             # RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request with no Host
             # header or more than one.

@@ -302,6 +302,16 @@ def test_huge_and_numerous_headers_do_not_take_memory(
             id="http-2.0-request-line",
         ),
         pytest.param(b"POST /webhooks/lacuna\r\n\r\n", id="http-0.9-request-line"),
+        # RFC 9112 §6.1: Transfer-Encoding in HTTP/1.0 is faulty framing (it was decoded, 200).
+        pytest.param(
+            b"POST /webhooks/lacuna HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            id="http-1.0-transfer-encoding",
+        ),
+        # RFC 9112 §3.2: no fragment in a request target (uvicorn dropped it: 200).
+        pytest.param(
+            b"POST /webhooks/lacuna#x HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n",
+            id="fragment-in-target",
+        ),
         pytest.param(
             b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com\r\n\r\n", id="connect"
         ),
@@ -317,6 +327,24 @@ def test_malformed_framing_and_smuggling_get_400_envelope(
     sock.sendall(request_bytes)
     assert envelope_code(read_response(sock)) == (400, "malformed_request")
     assert closed_by_server(sock)
+
+
+@pytest.mark.parametrize(
+    "target", ["/webhooks%2Flacuna", "/webhooks%2flacuna", "/%77ebhooks/lacuna"]
+)
+def test_an_encoded_webhook_path_is_not_the_webhook_route(
+    serve_factory: type[Serve], tmp_path: Path, target: str
+) -> None:
+    """uvicorn decodes the path: /webhooks%2Flacuna reached the route and stored a signed
+    event (RFC 3986 §2.2: %2F is not "/"). Only the literal path is the route: a 404."""
+    serve = serve_factory(db_env(tmp_path)).start()
+    sock = connect(serve)
+    sock.sendall(
+        webhook_request("evt_encoded_path").replace(b"/webhooks/lacuna", target.encode(), 1)
+    )
+    assert envelope_code(read_response(sock))[0] == 404
+    with sqlite3.connect(tmp_path / "events.db") as conn:
+        assert conn.execute("SELECT count(*) FROM events").fetchone()[0] == 0
 
 
 def test_idle_and_slow_sockets_are_shed_so_valid_webhooks_get_through(
