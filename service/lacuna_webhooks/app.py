@@ -56,13 +56,23 @@ async def healthz(request: Request) -> Response:
 
 
 async def readyz(request: Request) -> Response:
-    """200 while the store answers a ping within ``PING_TIMEOUT_SECONDS``, else 503."""
-    try:
-        async with asyncio.timeout(PING_TIMEOUT_SECONDS):
-            await request.app.state.store.ping()
-    except (StoreUnavailable, TimeoutError):
+    """200 while the store answers a ping within ``PING_TIMEOUT_SECONDS`` and the webhook
+    route's commits do not fail (``WebhookEndpoint.writes_failing``), else 503."""
+    if not await _ready(request.app):
         return error_response(StoreUnavailable())
     return Response(b'{"status":"ready"}', media_type=JSON)
+
+
+async def _ready(app: Any) -> bool:
+    webhook = getattr(app, "webhook", None)
+    if webhook is not None and webhook.writes_failing():
+        return False
+    try:
+        async with asyncio.timeout(PING_TIMEOUT_SECONDS):
+            await app.state.store.ping()
+    except (StoreUnavailable, TimeoutError):
+        return False
+    return True
 
 
 async def metrics_endpoint(request: Request) -> Response:
@@ -75,16 +85,16 @@ async def metrics_endpoint(request: Request) -> Response:
     """
     state = request.app.state
     metrics: Metrics = state.metrics
-    try:
-        async with asyncio.timeout(PING_TIMEOUT_SECONDS):
-            await state.store.ping()
-        async with asyncio.timeout(PING_TIMEOUT_SECONDS):
-            stats = await state.store.stats(now=datetime.now(UTC), after=state.handlers.after)
-    except (StoreUnavailable, TimeoutError):
-        metrics.ready.set(0)
-    else:
-        metrics.ready.set(1)
-        _set_queue_gauges(metrics, stats, state.handlers.names)
+    ready = await _ready(request.app)
+    metrics.ready.set(1 if ready else 0)
+    if ready:
+        try:
+            async with asyncio.timeout(PING_TIMEOUT_SECONDS):
+                stats = await state.store.stats(now=datetime.now(UTC), after=state.handlers.after)
+        except (StoreUnavailable, TimeoutError):
+            metrics.ready.set(0)
+        else:
+            _set_queue_gauges(metrics, stats, state.handlers.names)
     return Response(metrics.render(), media_type=CONTENT_TYPE)
 
 

@@ -52,6 +52,10 @@ class ClientGone(Exception):
     """The sender disconnected before the whole body arrived."""
 
 
+#: How long a failed accept keeps /readyz at 503 when no accept has committed since.
+WRITE_FAILURE_SECONDS = 30.0
+
+
 class BodyBudget:
     """Bytes of request bodies held by all requests being read, at most ``limit_bytes``.
 
@@ -206,6 +210,9 @@ class WebhookEndpoint:
         self._expired: set[asyncio.Future[Any]] = set()
         self._watchdog: asyncio.TimerHandle | None = None
         self._watchdog_loop: asyncio.AbstractEventLoop | None = None
+        # When (time.monotonic) the newest of the accepts failed since the last that
+        # committed (None: the last committed): /readyz reads it (writes_failing).
+        self.write_failed_at: float | None = None
         self.allowlist = (
             SourceAllowlist(settings.allowed_source_ips) if settings.allowed_source_ips else None
         )
@@ -296,10 +303,14 @@ class WebhookEndpoint:
         """The answer of a verified, parsed event: its accept's (``_accept``), never raised."""
         try:
             new = await self._accept(event, loop)
+        except StoreUnavailable as exc:
+            self.write_failed_at = time.monotonic()
+            return _refusal(exc, event)
         except WebhookError as exc:
             return _refusal(exc, event)
         except Exception as exc:
             return _internal_error(exc, event)
+        self.write_failed_at = None
         return _accepted(event, new)
 
     def answer_soon(
@@ -349,12 +360,16 @@ class WebhookEndpoint:
         """``answer_soon``'s end: the commit's outcome (or the watchdog's 503) answered."""
         self._waiting.pop(pending, None)
         if pending.cancelled():  # by the watchdog: nobody else holds this future
+            self.write_failed_at = time.monotonic()
             done(_refusal(self._commit_timed_out(), event))
             return
         error = pending.exception()
         if error is None:
+            self.write_failed_at = None
             done(_accepted(event, pending.result()))
         elif isinstance(error, WebhookError):
+            if isinstance(error, StoreUnavailable):
+                self.write_failed_at = time.monotonic()
             done(_refusal(error, event))
         else:
             done(_internal_error(error, event))
@@ -374,6 +389,15 @@ class WebhookEndpoint:
         if self._watchdog is None or self._watchdog_loop is not loop:
             self._watchdog_loop = loop  # a new loop (tests run one per client)
             self._watchdog = loop.call_later(self.commit_timeout / 10, self._expire_waits)
+
+    def writes_failing(self) -> bool:
+        """Whether the newest accept failed (the store's error, or no commit within
+        ``LACUNA_COMMIT_TIMEOUT``) less than ``WRITE_FAILURE_SECONDS`` ago, and none has
+        committed since. A store can answer its ping while every commit fails (a table lock
+        held on PostgreSQL): /readyz must not call that ready. Past the window the ping
+        decides again, so a replica taken out of rotation comes back to be tried."""
+        failed = self.write_failed_at
+        return failed is not None and time.monotonic() - failed < WRITE_FAILURE_SECONDS
 
     def _commit_timed_out(self) -> StoreUnavailable:
         return StoreUnavailable(

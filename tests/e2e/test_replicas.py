@@ -184,3 +184,44 @@ def test_database_outage_under_load(sender: Serve, postgres_dsn: str, tmp_path: 
         r = httpx.post(sender.webhook_url, content=body, headers=headers)
         assert r.status_code == 200
     assert set(refused) <= asyncio.run(_stored_ids(postgres_dsn))
+
+
+def test_readyz_is_503_while_commits_time_out_though_the_database_answers(
+    serve_factory: type[Serve], tmp_path: Path, postgres_dsn: str
+) -> None:
+    """Another session holds a lock on the events table: the database answers its ping, but
+    every accept waits past LACUNA_COMMIT_TIMEOUT and gets 503. /readyz said 200 all along
+    (a load balancer kept sending every event to a replica that could only refuse it). It is
+    503 once a commit has failed, and 200 again after the next one commits."""
+    serve = serve_factory(
+        replica_env(postgres_dsn, tmp_path / "delivered.txt", LACUNA_COMMIT_TIMEOUT="1")
+    ).start()
+
+    async def hold_lock(locked: threading.Event, release: threading.Event) -> None:
+        conn = await asyncpg.connect(postgres_dsn)
+        try:
+            async with conn.transaction():
+                await conn.execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+                locked.set()
+                await asyncio.to_thread(release.wait, 60)
+        finally:
+            await conn.close()
+
+    locked, release = threading.Event(), threading.Event()
+    holder = threading.Thread(target=asyncio.run, args=(hold_lock(locked, release),))
+    holder.start()
+    try:
+        assert locked.wait(30)
+        body, headers = signed(make_event("evt_locked"))
+        refused = httpx.post(serve.webhook_url, content=body, headers=headers, timeout=30)
+        assert refused.status_code == 503
+        assert refused.json()["error"]["code"] == "store_unavailable"
+        assert httpx.get(f"{serve.base_url}/readyz", timeout=10).status_code == 503
+    finally:
+        release.set()
+        holder.join(30)
+    body, headers = signed(make_event("evt_unlocked"))
+    assert (
+        httpx.post(serve.webhook_url, content=body, headers=headers, timeout=30).status_code == 200
+    )
+    assert httpx.get(f"{serve.base_url}/readyz", timeout=10).status_code == 200
