@@ -607,3 +607,68 @@ async def test_no_delivery_to_a_handler_that_does_not_take_the_type(sqlite_store
         assert answer.status_code == 400
         assert "LACUNA_ARCHIVE_EVENTS" in html.unescape(answer.text)
     assert [d.handler for d in await sqlite_store.list_deliveries(event_id="evt_1")] == ["log"]
+
+
+@pytest.mark.parametrize(
+    ("path", "form"),
+    [
+        ("/dead/retry", {}),  # no handler: was every dead delivery of every handler
+        ("/dead/retry", {"delivery": "abc"}),
+        ("/dead/retry", {"id": "evt_1"}),
+        ("/dead/retry", {"handler": ["log", "archive"]}),
+        ("/dead/retry", {"handler": "log", "id": ["evt_1", "evt_2"]}),
+        ("/dead/retry", {"handler": "log", "extra": "1"}),
+        ("/event/replay", {}),
+        ("/event/replay", {"id": "evt_1", "handler": ["log", "archive"]}),
+        ("/event/replay", {"id": ["evt_1", "evt_2"]}),
+        ("/event/replay", {"id": "evt_1", "handlers": "log"}),
+        ("/handlers/pause", {"name": ["log", "archive"]}),
+        ("/handlers/pause", {"name": "log", "reason": "x"}),
+        ("/handlers/pause", {}),
+        ("/handlers/resume", {"name": ["archive", "log"]}),
+        ("/sign-out", {"next": "/events"}),
+    ],
+)
+async def test_a_form_with_missing_unknown_or_repeated_fields_is_a_400_page(
+    sqlite_store: Store, path: str, form: dict[str, Any]
+) -> None:
+    """A console form names exactly what it acts on: one without its field, with a field no
+    page sends, or with a field twice is the 400 page and nothing is written; it was read
+    as the widest action (retry every handler's dead deliveries) or the last value."""
+    for event_id in ("evt_1", "evt_2"):
+        await accept(sqlite_store, make_event(event_id), ["log", "archive"])
+    now = datetime.now(UTC)
+    for handler in ("log", "archive"):
+        for claimed in await sqlite_store.claim(
+            handler=handler, limit=10, lease=timedelta(minutes=5), now=now
+        ):
+            dead = Attempt(now, now, AttemptOutcome.DEAD, "410 Gone")
+            assert await sqlite_store.dead(claimed, dead)
+    before = sorted(
+        (d.event_id, d.handler, d.status, d.updated_at)
+        for d in await sqlite_store.list_deliveries(limit=100)
+    )
+    async with client(sqlite_store) as http:
+        csrf = await sign_in(http)
+        answer = await http.post(path, data={**form, "csrf": csrf})
+        assert answer.status_code == 400, answer.text
+        assert answer.headers["content-type"].startswith("text/html")
+        assert answer.headers["content-security-policy"] == CSP
+        # The same form with a query string is refused too.
+        query = await http.post(path + "?handler=log", data={"csrf": csrf, "name": "log"})
+        assert query.status_code == 400
+        assert (await http.get("/handlers")).status_code == 200  # still signed in
+    after = sorted(
+        (d.event_id, d.handler, d.status, d.updated_at)
+        for d in await sqlite_store.list_deliveries(limit=100)
+    )
+    assert after == before
+    assert await sqlite_store.paused_handlers() == {}
+
+
+async def test_sign_in_refuses_unknown_or_repeated_fields(sqlite_store: Store) -> None:
+    async with client(sqlite_store) as http:
+        for form in ({"token": [TOKEN, "x"]}, {"token": TOKEN, "remember": "1"}):
+            answer = await http.post("/sign-in", data=form)
+            assert answer.status_code == 400, answer.text
+            assert SESSION_COOKIE not in answer.cookies

@@ -46,12 +46,29 @@ def routes(ctx: AdminContext) -> list[BaseRoute]:
             Route("/sign-out", action(ctx, views.sign_out), methods=["POST"]),
             Route("/events", page(ctx, views.events), methods=["GET"]),
             Route("/event", page(ctx, views.event), methods=["GET"]),
-            Route("/event/replay", action(ctx, views.replay), methods=["POST"]),
+            Route(
+                "/event/replay",
+                action(ctx, views.replay, required=["id"], optional=["handler"]),
+                methods=["POST"],
+            ),
             Route("/dead", page(ctx, views.dead), methods=["GET"]),
-            Route("/dead/retry", action(ctx, views.retry), methods=["POST"]),
+            # One delivery (id and handler) or every dead one of one handler, never all.
+            Route(
+                "/dead/retry",
+                action(ctx, views.retry, required=["handler"], optional=["id"]),
+                methods=["POST"],
+            ),
             Route("/handlers", page(ctx, views.handlers), methods=["GET"]),
-            Route("/handlers/pause", action(ctx, views.pause), methods=["POST"]),
-            Route("/handlers/resume", action(ctx, views.resume), methods=["POST"]),
+            Route(
+                "/handlers/pause",
+                action(ctx, views.pause, required=["name"]),
+                methods=["POST"],
+            ),
+            Route(
+                "/handlers/resume",
+                action(ctx, views.resume, required=["name"]),
+                methods=["POST"],
+            ),
             Route("/tail", page(ctx, views.tail), methods=["GET"]),
             Route("/activity", page(ctx, views.activity), methods=["GET"]),
             Mount(

@@ -40,6 +40,7 @@ from .web import (
     Session,
     current_session,
     field,
+    form_problem,
     heavy,
     read_form,
     render,
@@ -108,6 +109,8 @@ class Console:
         form = await read_form(request)
         if form is None:
             return await render(request, "error.html", 413, message="Form too large.")
+        if (problem := form_problem(form, (), ("token", "next"))) is not None:
+            return await render(request, "error.html", 400, message=problem)
         presented = field(form, "token")
         token = (
             None if presented is None else matching_token(presented, self.ctx.settings.admin_tokens)
@@ -320,25 +323,26 @@ class Console:
         self, request: Request, session: Session, form: dict[str, list[str]]
     ) -> Response:
         """Retry one dead delivery (``id`` = its event, ``handler``) or every dead one of
-        ``handler`` (no ``id``)."""
+        ``handler`` (no ``id``). ``handler`` is required (``action`` checks it): no form
+        of the console retries every handler's dead deliveries at once."""
         handler = field(form, "handler")
         event_id = field(form, "id")
         now = self.ctx.clock()
         if (refused := await self._unconfigured(request, session, handler)) is not None:
             return refused
-        if event_id is not None and handler is not None:
+        if handler is None:  # action() refuses such a form first; never read as "all"
+            return await render(
+                request, "error.html", 400, session=session, message="Name the handler to retry."
+            )
+        if event_id is not None:
             dead = await self.ctx.store.list_deliveries(
                 status=DeliveryStatus.DEAD, handler=handler, event_id=event_id, limit=1
             )
             if dead:
                 await self.ctx.store.replay(event_id, [handler], now=now)
-        elif event_id is None:
+        else:
             await retry_dead_configured(
                 self.ctx.store, self.ctx.handlers.names, handler=handler, now=now
-            )
-        else:
-            return await render(
-                request, "error.html", 400, session=session, message="Name the handler to retry."
             )
         return RedirectResponse(url("/dead", {"done": "retried"}), 303)
 

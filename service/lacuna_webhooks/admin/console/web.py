@@ -260,11 +260,41 @@ def page(ctx: AdminContext, view: PageView) -> Endpoint:
     return endpoint
 
 
-def action(ctx: AdminContext, view: ActionView) -> Endpoint:
+def form_problem(
+    form: Mapping[str, list[str]], required: Iterable[str], optional: Iterable[str] = ()
+) -> str | None:
+    """What is wrong with a form's fields, else ``None``: a field it does not take, one
+    given twice, or a ``required`` one missing or empty. A console form names exactly what
+    it acts on, so a form that says less (no handler: every handler?) or more (two names:
+    which one?) is refused, never read as the widest or the last."""
+    needed = tuple(required)
+    known = {*needed, *optional}
+    for name, values in form.items():
+        if name not in known:
+            return f"This form does not take a field {name!r}."
+        if len(values) > 1:
+            return f"The field {name!r} is given more than once."
+    for name in needed:
+        if field(form, name) is None:
+            return f"This form needs the field {name!r}."
+    return None
+
+
+def action(
+    ctx: AdminContext,
+    view: ActionView,
+    *,
+    required: Iterable[str] = (),
+    optional: Iterable[str] = (),
+) -> Endpoint:
     """A state-changing ``POST``: signed-in users only (else 303 to sign-in), from this
     site (else 403), with the session's CSRF token in the form's ``csrf`` field (else
     403), and a small body (else 413) without NUL in a value, its query's included (else
-    400)."""
+    400). Its fields are ``csrf``, the ``required`` ones and the ``optional`` ones, each
+    at most once, and no query string (else the 400 page, ``form_problem``): nothing is
+    written for a form the console's pages never send."""
+    needed = tuple(required)
+    allowed = ("csrf", *optional)
 
     async def endpoint(request: Request) -> Response:
         session = current_session(request, ctx)
@@ -284,6 +314,11 @@ def action(ctx: AdminContext, view: ActionView) -> Endpoint:
             v for _, v in request.query_params.multi_items()
         ):
             return await _nul_refused(request, session)
+        problem = form_problem(form, needed, allowed)
+        if problem is None and request.url.query:
+            problem = "This form takes no query string."
+        if problem is not None:
+            return await render(request, "error.html", 400, session=session, message=problem)
         try:
             return await view(request, session, form)
         except StoreUnavailable:
@@ -329,6 +364,7 @@ __all__ = [
     "current_session",
     "field",
     "forbidden",
+    "form_problem",
     "off_loop",
     "page",
     "read_form",
