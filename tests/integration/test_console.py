@@ -672,3 +672,47 @@ async def test_sign_in_refuses_unknown_or_repeated_fields(sqlite_store: Store) -
             answer = await http.post("/sign-in", data=form)
             assert answer.status_code == 400, answer.text
             assert SESSION_COOKIE not in answer.cookies
+
+
+async def test_pages_read_their_query_by_the_apis_rules(sqlite_store: Store) -> None:
+    """A console page's query is read as the API reads it: a parameter given twice or one
+    it does not take is a 400 with the API's message, on the page (it took the last value,
+    or ignored the typo and widened the search); a query string that is not UTF-8 or holds
+    a credential is an HTML page with the console's headers, not the API's JSON envelope.
+    Empty inputs of the search form and the pages' own parameters still work."""
+    await accept(sqlite_store, make_event("evt_1"), ["log"])
+    async with client(sqlite_store) as http:
+        await sign_in(http)
+        for path, message in (
+            ("/events?type=a&type=b", "type may be given once."),
+            ("/events?foo=bar", "Unknown parameter &#39;foo&#39;."),
+            ("/events?limit=1&limit=2", "limit may be given once."),
+            ("/event?id=evt_1&id=evt_2", "id may be given once."),
+            ("/event?id=evt_1&x=1", "Unknown parameter &#39;x&#39;."),
+            ("/dead?handler=log&handler=archive", "handler may be given once."),
+            ("/handlers?name=log", "Unknown parameter &#39;name&#39;."),
+            ("/tail?from=beginning", "Unknown parameter &#39;from&#39;."),
+            ("/sign-in?next=/events&next=/dead", "next may be given once."),
+        ):
+            answer = await http.get(path)
+            assert answer.status_code == 400, (path, answer.status_code)
+            assert message in answer.text, (path, answer.text)
+            assert answer.headers["content-security-policy"] == CSP
+        for path in ("/events?q=%FF", "/sign-in?next=%FF", "/dead?token=x", "/nope?q=%FF"):
+            answer = await http.get(path)
+            assert answer.status_code == 400, (path, answer.status_code)
+            assert answer.headers["content-type"].startswith("text/html"), path
+            assert answer.headers["content-security-policy"] == CSP, path
+            assert answer.headers["x-frame-options"] == "DENY", path
+        for path in (
+            "/events?type=job.completed&q=&since=&until=&handler=&status=&match=&limit=5",
+            "/event?id=evt_1&done=replayed",
+            "/dead?handler=log&done=retried",
+            "/handlers?done=paused",
+        ):
+            answer = await http.get(path)
+            assert answer.status_code == 200, (path, answer.text)
+    async with client(sqlite_store) as http:  # the API is unchanged: its envelope
+        answer = await http.get("/api/v1/events?q=%FF")
+        assert answer.status_code == 401 or answer.headers["content-type"] == "application/json"
+        assert "content-security-policy" not in answer.headers

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import parse_qsl
 
+import orjson
 import structlog
 from starlette.applications import Starlette
 from starlette.datastructures import Headers, QueryParams
@@ -31,6 +32,7 @@ from .auth import (
     matching_token,
     session_token,
 )
+from .console.web import CONSOLE_HEADERS
 from .context import AdminContext
 from .responses import BadRequest, NotFound, error_response, json_response
 
@@ -42,6 +44,12 @@ _SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
 ]
+
+
+def is_api_path(path: str) -> bool:
+    """Whether ``path`` is the JSON API's; every other path of the admin listener is the
+    console's."""
+    return path == API_PREFIX or path.startswith(API_PREFIX + "/")
 
 
 class AdminAuth:
@@ -66,6 +74,18 @@ class AdminAuth:
             await send(message)
 
         refusal = self._refusal(scope)
+        if refusal is not None and not is_api_path(scope["path"]):
+            # A console page asked for: the HTML error page (the console's headers are
+            # added by LastResort), not the API's envelope.
+            request = Request(scope, receive)
+            message = orjson.loads(bytes(refusal.body))["error"]["message"]
+            refusal = await console.web.render(
+                request,
+                "error.html",
+                refusal.status_code,
+                session=console.web.current_session(request, self.ctx),
+                message=message,
+            )
         if refusal is not None:
             await refusal(scope, receive, send_with_headers)
             return
@@ -90,8 +110,7 @@ class AdminAuth:
                 "token_in_query",
                 "Send the admin token in the Authorization header, never in the URL.",
             )
-        path: str = scope["path"]
-        if not (path == API_PREFIX or path.startswith(API_PREFIX + "/")):
+        if not is_api_path(scope["path"]):
             return None  # the console authenticates its own pages
         headers = Headers(scope=scope)
         if len(headers.getlist("authorization")) > 1:
@@ -133,10 +152,18 @@ class LastResort:
             return
         started = False
 
+        console_path = not is_api_path(scope.get("path", ""))
+
         async def watched_send(message: Message) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
+                if console_path:
+                    # Every console answer carries its CSP and framing headers, also one
+                    # answered before the console's own middleware (a bad query string).
+                    present = {k.lower() for k, _ in message.get("headers", [])}
+                    extra = [(k, v) for k, v in CONSOLE_HEADERS if k not in present]
+                    message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
         try:
@@ -149,7 +176,7 @@ class LastResort:
                 response = error_response(
                     500, "internal_error", "Internal error.", error_type="api_error"
                 )
-                await response(scope, receive, send)
+                await response(scope, receive, watched_send)
 
 
 async def _bad_request(request: Request, exc: Exception) -> Response:
@@ -217,4 +244,4 @@ def create_admin_app(ctx: AdminContext) -> Starlette:
     return app
 
 
-__all__ = ["API_PREFIX", "AdminAuth", "create_admin_app"]
+__all__ = ["API_PREFIX", "AdminAuth", "create_admin_app", "is_api_path"]

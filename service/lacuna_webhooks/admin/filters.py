@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -154,13 +154,25 @@ def _single(query: QueryParams, name: str) -> str | None:
     return values[0] if values else None
 
 
-def filter_from_query(query: QueryParams, *, allowed: tuple[str, ...] = ()) -> EventFilter:
-    """The filter of a ``GET`` query string. Unknown parameters (other than ``allowed``,
-    ``limit`` and ``cursor``) are refused, so a typo never silently widens a search."""
-    known = set(FILTER_NAMES) | {"limit", "cursor", *allowed}
+def only_params(
+    query: QueryParams, allowed: Iterable[str], *, repeatable: Iterable[str] = ()
+) -> None:
+    """``BadRequest`` for a parameter of ``query`` not in ``allowed`` (a typo must never
+    silently widen what a request reads or does) or given twice while not ``repeatable``
+    (which one was meant?). The console's pages apply it too, so they answer as the API."""
+    known = set(allowed)
+    many = set(repeatable)
     for name in query:
         if name not in known:
             raise BadRequest(f"Unknown parameter {name!r}.", param=name)
+        if name not in many and len(query.getlist(name)) > 1:
+            raise BadRequest(f"{name} may be given once.", param=name)
+
+
+def filter_from_query(query: QueryParams, *, allowed: tuple[str, ...] = ()) -> EventFilter:
+    """The filter of a ``GET`` query string. Unknown parameters (other than ``allowed``,
+    ``limit`` and ``cursor``) are refused, so a typo never silently widens a search."""
+    only_params(query, (*FILTER_NAMES, "limit", "cursor", *allowed), repeatable=("match",))
     values: dict[str, Any] = {n: _single(query, n) for n in FILTER_NAMES if n != "match"}
     values["match"] = query.getlist("match")
     return build_filter(values)
@@ -199,6 +211,7 @@ __all__ = [
     "build_filter",
     "filter_from_json",
     "filter_from_query",
+    "only_params",
     "page_params",
     "parse_time",
 ]

@@ -44,21 +44,21 @@ def routes(ctx: AdminContext) -> list[BaseRoute]:
             Route("/", home, methods=["GET"]),
             Route("/sign-in", views.sign_in, methods=["GET", "POST"]),
             Route("/sign-out", action(ctx, views.sign_out), methods=["POST"]),
-            Route("/events", page(ctx, views.events), methods=["GET"]),
-            Route("/event", page(ctx, views.event), methods=["GET"]),
+            Route("/events", page(ctx, views.events, params=None), methods=["GET"]),
+            Route("/event", page(ctx, views.event, params=["id", "done"]), methods=["GET"]),
             Route(
                 "/event/replay",
                 action(ctx, views.replay, required=["id"], optional=["handler"]),
                 methods=["POST"],
             ),
-            Route("/dead", page(ctx, views.dead), methods=["GET"]),
+            Route("/dead", page(ctx, views.dead, params=["handler", "done"]), methods=["GET"]),
             # One delivery (id and handler) or every dead one of one handler, never all.
             Route(
                 "/dead/retry",
                 action(ctx, views.retry, required=["handler"], optional=["id"]),
                 methods=["POST"],
             ),
-            Route("/handlers", page(ctx, views.handlers), methods=["GET"]),
+            Route("/handlers", page(ctx, views.handlers, params=["done"]), methods=["GET"]),
             Route(
                 "/handlers/pause",
                 action(ctx, views.pause, required=["name"]),

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from starlette.datastructures import QueryParams
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
@@ -24,7 +25,7 @@ from ...store.search import DELIVERY_STATES, delivery_state
 from ..auth import SESSION_COOKIE, SESSION_SECONDS, make_session, matching_token
 from ..bulk import not_taking, replay_configured, retry_dead_configured
 from ..context import AdminContext
-from ..filters import FILTER_NAMES, build_filter, page_params
+from ..filters import FILTER_NAMES, filter_from_query, only_params, page_params
 from ..health import handler_health
 from ..responses import BadRequest
 from .present import (
@@ -100,6 +101,10 @@ class Console:
     async def sign_in(self, request: Request) -> Response:
         """``GET`` the form, or ``POST`` the admin token into a session cookie."""
         next_page = safe_next(request.query_params.get("next"))
+        try:
+            only_params(request.query_params, ("next",))
+        except BadRequest as exc:
+            return await render(request, "error.html", 400, message=exc.message)
         if request.method == "GET":
             if current_session(request, self.ctx) is not None:
                 return RedirectResponse(next_page, status_code=303)
@@ -152,21 +157,21 @@ class Console:
     # -- events ----------------------------------------------------------------------------
 
     async def events(self, request: Request, session: Session) -> Response:
-        query = request.query_params
-        values: dict[str, Any] = {}
-        for name in FILTER_NAMES:
-            given = [v for v in query.getlist(name) if v.strip() != ""]
-            if name == "match":
-                values[name] = given
-            elif given:
-                values[name] = given[-1]
+        # The search form sends every input, the empty ones too: an empty value is not
+        # given. The rest is read by the API's own rules (filters.py): an unknown
+        # parameter or one given twice is a 400 with the API's message, on the page.
+        query = QueryParams(
+            [(n, v) for n, v in request.query_params.multi_items() if v.strip() != ""]
+        )
+        values: dict[str, Any] = {n: query.get(n) for n in FILTER_NAMES if n != "match"}
+        values["match"] = query.getlist("match")
         form = {n: values.get(n) or ("" if n != "match" else []) for n in FILTER_NAMES}
         error: str | None = None
         rows: list[EventRow] = []
         next_cursor: str | None = None
         searched_to: datetime | None = None  # set when the search stopped at its budget
         try:
-            where = build_filter(values)
+            where = filter_from_query(query)
             limit, cursor = page_params(query)
             try:
                 found = await self.ctx.store.search_events(

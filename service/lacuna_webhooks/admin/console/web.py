@@ -25,6 +25,8 @@ from ...errors import StoreUnavailable
 from .. import offload
 from ..auth import SESSION_COOKIE, csrf_ok, csrf_token, session_token
 from ..context import AdminContext
+from ..filters import only_params
+from ..responses import BadRequest
 from .present import as_text
 
 #: The console's Content-Security-Policy: only its own files, no inline script or style.
@@ -32,7 +34,9 @@ CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 )
-_HEADERS = [
+#: The headers of every console answer (``ConsoleHeaders``; ``app.LastResort`` adds them to an
+#: answer given before the console's middleware, such as a bad query string's).
+CONSOLE_HEADERS = _HEADERS = [
     (b"content-security-policy", CSP.encode()),
     (b"x-frame-options", b"DENY"),
     (b"cross-origin-opener-policy", b"same-origin"),
@@ -242,9 +246,12 @@ async def _nul_refused(request: Request, session: Session) -> Response:
     )
 
 
-def page(ctx: AdminContext, view: PageView) -> Endpoint:
+def page(ctx: AdminContext, view: PageView, params: Iterable[str] | None = ()) -> Endpoint:
     """A ``GET`` page: signed-in users only (else 303 to the sign-in page); a query value
-    holding NUL is a 400 page."""
+    holding NUL is a 400 page. Its query takes ``params``, each once (``None``: the view
+    checks its own query); any other parameter, or one given twice, is the 400 page with
+    the API's message (``filters.only_params``)."""
+    allowed = None if params is None else tuple(params)
 
     async def endpoint(request: Request) -> Response:
         session = current_session(request, ctx)
@@ -252,6 +259,13 @@ def page(ctx: AdminContext, view: PageView) -> Endpoint:
             return to_sign_in(request)
         if _holds_nul(v for _, v in request.query_params.multi_items()):
             return await _nul_refused(request, session)
+        if allowed is not None:
+            try:
+                only_params(request.query_params, allowed)
+            except BadRequest as exc:
+                return await render(
+                    request, "error.html", 400, session=session, message=exc.message
+                )
         try:
             return await view(request, session)
         except StoreUnavailable:
@@ -357,6 +371,7 @@ def field(form: Mapping[str, list[str]], name: str) -> str | None:
 
 
 __all__ = [
+    "CONSOLE_HEADERS",
     "CSP",
     "ConsoleHeaders",
     "Session",
