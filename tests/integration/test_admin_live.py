@@ -365,11 +365,35 @@ async def test_task_wait_times_out(live: Live, store: Store) -> None:
     assert response.json()["status"] == "running"
 
 
-async def test_task_wait_ends_when_the_listener_stops(live: Live) -> None:
-    request = asyncio.create_task(live.http.get("/tasks/task_x", params={"wait": "60"}))
+async def test_task_wait_ends_when_the_listener_stops(live: Live, store: Store) -> None:
+    """A stop ends waits at once (it never holds serve up), and a wait it cut short is
+    503 shutting_down with Retry-After, so the client asks again: not 404 for a task not
+    stored yet (a 404 only once the wait is over) nor a running task as if the wait were
+    over. A task already final is answered as it is; a wait after the stop too."""
+    running = event("evt_r", "job.progress", task_id="task_run", status="running")
+    assert await store.accept(running, [], now=_now())
+    ready = event("evt_d", "job.completed", task_id="task_done", status="ready")
+    assert await store.accept(ready, [], now=_now())
+    waits = [
+        asyncio.create_task(live.http.get(f"/tasks/{task}", params={"wait": "60"}))
+        for task in ("task_x", "task_run")
+    ]
     await asyncio.sleep(0.3)
+    started = time.monotonic()
     live.ctx.stopping.set()
-    refused(await asyncio.wait_for(request, PROMPT), 404, "task_id")
+    for answer in await asyncio.wait_for(asyncio.gather(*waits), PROMPT):
+        error = refused(answer, 503)
+        assert error["code"] == "shutting_down"
+        assert answer.headers["retry-after"] == "1"
+    assert time.monotonic() - started < PROMPT
+    late = await live.http.get("/tasks/task_x", params={"wait": "30"})
+    assert refused(late, 503)["code"] == "shutting_down"
+    done = await live.http.get("/tasks/task_done", params={"wait": "60"})
+    assert done.status_code == 200
+    assert done.json()["status"] == "ready"
+    # Without a wait nothing was cut short: a 404 and a task as it is, as ever.
+    refused(await live.http.get("/tasks/task_x"), 404, "task_id")
+    assert (await live.http.get("/tasks/task_run")).json()["status"] == "running"
 
 
 async def test_live_routes_are_in_the_openapi_document(live: Live) -> None:
