@@ -431,3 +431,45 @@ async def test_a_backfill_creates_only_what_intake_would_have(store: Store) -> N
         assert answer == {"matched": 4, "created": 0, "reset": 6, "dry_run": False}
     for event_id, wanted in (("e1", False), ("e2", True), ("e3", False), ("e4", True)):
         assert ("late" in await handlers_of(store, event_id)) is wanted, event_id
+
+
+@pytest.mark.parametrize(
+    ("raw", "param"),
+    [
+        # JSON true/false are not times (Python's bool is an int: true was second 1)
+        (b'{"since": true, "dry_run": true}', "since"),
+        (b'{"until": false, "dry_run": true}', "until"),
+        # a number past a double is valid JSON (RFC 8259 §6): the field is named, out of range
+        (b'{"since": 1e400, "dry_run": true}', "since"),
+        (b'{"until": -1e400, "dry_run": true}', "until"),
+        (b'{"since": 1' + b"0" * 400 + b', "dry_run": true}', "since"),
+        (b'{"all": true, "dry_run": 1e400}', "dry_run"),
+        (b'{"all": true, "handlers": [1e400]}', "handlers"),
+        (b'{"type": 1e400}', "type"),
+    ],
+)
+async def test_booleans_and_numbers_past_a_double_are_refused_by_name(
+    client: httpx.AsyncClient, store: Store, raw: bytes, param: str
+) -> None:
+    await seed(store)
+    answer = await client.post("/replays", content=raw, headers={"content-type": "x"})
+    error = refused(answer, 400, param)
+    assert error["code"] == "invalid_request"
+    if param in ("since", "until") and b"e400" in raw:
+        assert "out of range" in error["message"]
+    for event_id in ("e1", "e2", "e3", "e4"):
+        assert "late" not in await handlers_of(store, event_id)
+
+
+async def test_what_orjson_refuses_besides_a_big_number_stays_invalid_json(
+    client: httpx.AsyncClient,
+) -> None:
+    """The standard library reads a body holding 1e400; it must not let in what orjson
+    refuses for other reasons (a lone surrogate, NaN) in the same body."""
+    for raw in (
+        b'{"since": 1e400, "type": "\\ud800"}',
+        b'{"since": 1e400, "until": NaN}',
+        b'{"since": 1e400, "type": "x"',
+    ):
+        answer = await client.post("/replays", content=raw, headers={"content-type": "x"})
+        assert refused(answer, 400)["code"] == "invalid_json", raw

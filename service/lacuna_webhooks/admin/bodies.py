@@ -2,16 +2,18 @@
 
 ``json_object(request)`` reads at most ``MAX_BODY_BYTES`` (a bigger ``Content-Length`` or
 body is 413 ``body_too_large``), parses it, and returns the object; malformed JSON or
-another JSON value is 400 ``invalid_json``. An empty body is ``{}`` (every field of the
-admin's bodies is optional). A string anywhere in the body (a value at any depth, or a key)
-holding NUL is 400 ``invalid_request`` naming its top-level field: PostgreSQL's text cannot
-hold NUL, so no field the admin stores may (checked here, once, for every body). Lone
-surrogates never get this far (the JSON parser refuses them). ``only_fields`` checks that
-only known keys are present.
+another JSON value is 400 ``invalid_json`` (a number past a double, ``1e400``, is valid
+JSON: it is read as an infinity, and the field holding it refused by name). An empty body
+is ``{}`` (every field of the admin's bodies is optional). A string anywhere in the body
+(a value at any depth, or a key) holding NUL is 400 ``invalid_request`` naming its
+top-level field: PostgreSQL's text cannot hold NUL, so no field the admin stores may
+(checked here, once, for every body). Lone surrogates never get this far (the JSON parser
+refuses them). ``only_fields`` checks that only known keys are present.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from typing import Any
 
@@ -53,14 +55,40 @@ async def json_object(request: Request) -> dict[str, Any]:
         return {}
     try:
         value = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise BadRequest("The request body is not valid JSON.", code="invalid_json") from None
+    except orjson.JSONDecodeError as exc:
+        value = _beyond_double(raw, exc)
     if not isinstance(value, dict):
         raise BadRequest("The request body must be a JSON object.", code="invalid_json")
     for name, field in value.items():
         if _holds_nul(name) or _holds_nul(field):
             raise BadRequest(f"{name!r} must not contain a NUL character.", param=name)
     return value
+
+
+def _beyond_double(raw: bytes, error: orjson.JSONDecodeError) -> Any:
+    """The body orjson refused only because a number is past a double (``1e400``: valid
+    JSON, RFC 8259 §6 leaves the range to the reader), parsed by the standard library, with
+    that number as an infinity: the field holding it is then refused by name, as out of
+    range (a time) or of the wrong kind, instead of the whole body as not JSON. Anything
+    else orjson refuses stays ``invalid_json``, including what the standard library would
+    take (lone surrogates, ``NaN``)."""
+    invalid = BadRequest("The request body is not valid JSON.", code="invalid_json")
+    if "infinity when parsed as double" not in str(error):
+        raise invalid from None
+    try:
+        value = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+    except (ValueError, UnicodeError, RecursionError):
+        raise invalid from None
+    for text in json_strings(value):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: orjson refuses it, so do we
+            raise invalid from None
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _holds_nul(value: Any) -> bool:

@@ -73,8 +73,12 @@ def parse_time(name: str, value: Any) -> datetime:
     ``full-date`` (``2026-11-30``: midnight UTC), or Unix seconds (digits, an optional
     fraction; a JSON number too), as an aware UTC datetime from 1970 to 9999. Anything else
     is ``BadRequest`` naming ``name``."""
+    # A JSON true or false is no time (Python's bool is an int: true was second 1).
     if isinstance(value, bool):
         raise BadRequest(f"{name} must be RFC 3339 or Unix seconds.", param=name)
+    if isinstance(value, int) and not 0 <= value < _END_OF_TIME:
+        # Before float(): an integer past a double (10**400) would raise OverflowError.
+        raise BadRequest(f"{name} is out of range (1970 to 9999).", param=name)
     if isinstance(value, int | float):
         seconds = float(value)
     else:
