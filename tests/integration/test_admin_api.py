@@ -451,6 +451,26 @@ async def test_list_deliveries(client: httpx.AsyncClient, store: Store) -> None:
     assert seen == everything
 
 
+async def test_a_well_formed_cursor_made_by_hand_is_a_position_not_a_widening(
+    client: httpx.AsyncClient, store: Store
+) -> None:
+    """docs/admin.md: cursors are not signed; a well-formed one built by hand is taken as
+    the position it names, and the page is what follows it in the same search: the filters
+    come from the query, never from the cursor, so it shows nothing the token could not
+    list anyway (as Stripe's starting_after=<id>)."""
+    await seed(store)
+    listed = (await client.get("/deliveries", params={"handler": "audit"})).json()["data"]
+    assert [d["handler"] for d in listed] == ["audit"] * 4
+    for before in (listed[1]["id"], 2**63 - 1):
+        page = await client.get(
+            "/deliveries", params={"handler": "audit", "cursor": encode_cursor(before)}
+        )
+        assert page.status_code == 200, page.text
+        assert [d["id"] for d in page.json()["data"]] == [
+            d["id"] for d in listed if d["id"] < before
+        ]
+
+
 @pytest.mark.parametrize(
     ("query", "param"),
     [
