@@ -24,7 +24,7 @@ from starlette.routing import Mount, Route, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import StoreUnavailable
-from . import api_bulk, api_events, api_live, console, openapi, waits
+from . import api_bulk, api_events, api_live, console, openapi
 from .auth import (
     SESSION_COOKIE,
     TOKEN_QUERY_NAMES,
@@ -221,10 +221,7 @@ def create_admin_app(ctx: AdminContext) -> Starlette:
     async def openapi_json(request: Request) -> Response:
         return json_response(document)
 
-    api_routes = [route for area in areas for route in waits.with_stop(ctx, area.routes(ctx))]
-    assert sum(isinstance(r, Route) and r.path in waits.WAIT_ROUTES for r in api_routes) == len(
-        waits.WAIT_ROUTES
-    ), "a long-poll route moved: admin/waits.py must follow"
+    api_routes = [route for area in areas for route in area.routes(ctx)]
     api_routes.append(Route("/openapi.json", openapi_json, methods=["GET"]))
     app = Starlette(
         routes=[
