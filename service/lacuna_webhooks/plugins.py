@@ -77,10 +77,17 @@ def _registered_by(ep: Any) -> str:
 SLOW_BUILD_SECONDS = 10.0
 
 
+_BUILD_HINT = "a handler's constructor must not block: connect lazily, in handle()"
+_IMPORT_HINT = "a plugin's module must not block when imported: connect lazily, in handle()"
+
+
 @contextlib.contextmanager
-def _slow_build_warning(item: str) -> Iterator[None]:
-    """Warn ``handler.build_slow`` while the constructor of ``item`` runs longer than
-    ``SLOW_BUILD_SECONDS`` (from a timer thread: the constructor may hold this one)."""
+def _slow_build_warning(
+    item: str, event: str = "handler.build_slow", hint: str = _BUILD_HINT
+) -> Iterator[None]:
+    """Warn ``event`` (``handler.build_slow``, or ``handler.import_slow`` around the import
+    of a plugin's module) while the step runs longer than ``SLOW_BUILD_SECONDS``, every
+    ``SLOW_BUILD_SECONDS`` (from a timer thread: the plugin's code may hold this one)."""
     done = threading.Event()
 
     def watch() -> None:
@@ -88,10 +95,7 @@ def _slow_build_warning(item: str) -> Iterator[None]:
         while not done.wait(SLOW_BUILD_SECONDS):
             waited += SLOW_BUILD_SECONDS
             structlog.get_logger("lacuna_webhooks.plugins").warning(
-                "handler.build_slow",
-                handler=item,
-                seconds=waited,
-                hint="a handler's constructor must not block: connect lazily, in handle()",
+                event, handler=item, seconds=waited, hint=hint
             )
 
     watcher = threading.Thread(target=watch, name=f"build-watch-{item[:40]}", daemon=True)
@@ -109,7 +113,10 @@ def load_factory(name: str) -> tuple[str, HandlerFactory]:
     if ":" in name:
         module_name, _, attr = name.partition(":")
         try:
-            obj: Any = importlib.import_module(module_name)
+            # A module that blocks at import (a connection made at module level) hung serve
+            # at start without a word.
+            with _slow_build_warning(name, "handler.import_slow", _IMPORT_HINT):
+                obj: Any = importlib.import_module(module_name)
             for part in attr.split("."):
                 obj = getattr(obj, part)
         except (ImportError, AttributeError, ValueError) as exc:
@@ -147,7 +154,8 @@ def load_factory(name: str) -> tuple[str, HandlerFactory]:
             f"{owners}; uninstall all but one, or name the one meant as module:attr"
         )
     try:
-        factory = matches[0].load()
+        with _slow_build_warning(name, "handler.import_slow", _IMPORT_HINT):
+            factory = matches[0].load()
     except (ConfigError, KeyboardInterrupt):  # the plugin's own line (e.g. which pip extra
         raise  # installs its library); a real Ctrl-C during the start
     except BaseException as exc:  # a broken plugin is one clear config line, not a traceback

@@ -229,6 +229,30 @@ def test_a_constructor_that_blocks_is_named_in_a_warning(
         assert len([e for e in logs if e["event"] == "handler.build_slow"]) == count
 
 
+def test_a_module_that_blocks_at_import_is_named_in_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plugin module that blocked when imported (time.sleep at module level, a connection
+    made there) hung `serve`'s start without a word; the constructor had its warning, the
+    import none. While the import runs past SLOW_BUILD_SECONDS, a warning names the item."""
+    name = f"lw_slow_import_{tmp_path.name.replace('-', '_')}"
+    (tmp_path / f"{name}.py").write_text(
+        "import time\ntime.sleep(0.5)\n\n"
+        "class H:\n    name = 'slowimport'\n\n"
+        "    def __init__(self, ctx):\n        pass\n\n"
+        "    async def handle(self, event):\n        return None\n\n"
+        "    async def aclose(self):\n        return None\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(plugins, "SLOW_BUILD_SECONDS", 0.05)
+    with capture_logs() as logs:
+        build_handlers([f"{name}:H"], {})
+    slow = [e for e in logs if e["event"] == "handler.import_slow"]
+    assert slow
+    assert slow[0]["handler"] == f"{name}:H"
+    assert slow[0]["log_level"] == "warning"
+
+
 def test_same_handler_twice_is_refused(plugin_module: str) -> None:
     with pytest.raises(ConfigError, match="twice"):
         build_handlers(
