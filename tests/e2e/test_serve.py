@@ -651,3 +651,29 @@ def test_two_serve_processes_on_one_sqlite_file_store_and_deliver_each_event_onc
     two.signal(signal.SIGTERM)
     assert (one.wait(), two.wait()) == (0, 0)
     assert sorted(recorded(out)) == sorted(ids)  # none twice
+
+
+def test_a_second_serve_on_the_same_sqlite_file_is_refused(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """Two `serve` on one SQLite file both started, both dispatched and checkpointed, though
+    one process must own a SQLite file (docs/internals.md). The second is refused with one
+    line and exit 2; the first serves on; once it stops, a new one starts."""
+    env = {"LACUNA_DATABASE_URL": f"sqlite:///{tmp_path / 'events.db'}"}
+    first = serve_factory(env).start()
+    second = run_cli(
+        "serve",
+        "--port",
+        str(free_port()),
+        env={**first.env, **env},
+        cwd=tmp_path,
+    )
+    assert second.returncode == 2, second.stderr
+    lines = second.stderr.strip().splitlines()
+    assert lines[-1].startswith("lacuna-webhooks: error: another `lacuna-webhooks serve`")
+    assert "Traceback" not in second.stderr
+    body, headers = signed(make_event("evt_after_refusal"))
+    assert httpx.post(first.webhook_url, content=body, headers=headers).status_code == 200
+    first.signal(signal.SIGTERM)
+    assert first.wait(60) == 0
+    serve_factory(env).start()  # the file is free again
