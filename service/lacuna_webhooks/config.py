@@ -653,6 +653,9 @@ class Settings:
         """Read and validate every variable; raise one ``ConfigError`` listing each problem."""
         problems: list[str] = []
         values: dict[str, object] = {}
+        #: The settings (``values`` keys) whose own check failed: a check across settings
+        #: skips them, or it would judge the default in their place and add a false line.
+        failed: set[str] = set()
 
         warnings: list[tuple[str, str]] = []
 
@@ -667,6 +670,7 @@ class Settings:
                     check_utf8(var, raw)
             except ConfigError as exc:
                 problems.extend(exc.problems)
+                failed.add(attr)
                 return
             if raw is None or (raw.strip() == "" and attr != "handlers"):
                 return
@@ -674,6 +678,11 @@ class Settings:
                 values[attr] = parse(raw)
             except ValueError as exc:
                 problems.append(f"{var} {exc}")
+                failed.add(attr)
+
+        def good(*attrs: str) -> bool:
+            """Whether none of ``attrs`` failed its own check (unset is good: the default)."""
+            return failed.isdisjoint(attrs)
 
         def secrets_of(var: str) -> tuple[Secret, ...]:
             """Comma-separated secrets from ``var`` or ``<var>_FILE``; warnings noted."""
@@ -706,6 +715,7 @@ class Settings:
             raw_tokens = read_setting(environ, admin_var)
         except ConfigError as exc:
             problems.extend(exc.problems)
+            failed.add("admin_tokens")
             raw_tokens = None
         if raw_tokens is not None:
             try:
@@ -713,6 +723,7 @@ class Settings:
             except ValueError as exc:
                 source = admin_var + (FILE_SUFFIX if environ.get(admin_var + FILE_SUFFIX) else "")
                 problems.append(f"{source} {exc}")
+                failed.add("admin_tokens")
             else:
                 warnings.extend((admin_var, p) for p in secret_problems(raw_tokens))
         read(
@@ -797,14 +808,24 @@ class Settings:
 
         base = values.get("retry_base_delay_seconds", cls.retry_base_delay_seconds)
         cap = values.get("retry_max_delay_seconds", cls.retry_max_delay_seconds)
-        if isinstance(base, float) and isinstance(cap, float) and cap < base:
+        if (
+            good("retry_base_delay_seconds", "retry_max_delay_seconds")
+            and isinstance(base, float)
+            and isinstance(cap, float)
+            and cap < base
+        ):
             problems.append(
                 f"LACUNA_RETRY_MAX_DELAY ({cap:g}) must not be smaller than "
                 f"LACUNA_RETRY_BASE_DELAY ({base:g})"
             )
         kept = values.get("retention_days", cls.retention_days)
         window = values.get("tolerance_seconds", cls.tolerance_seconds)
-        if isinstance(kept, float) and isinstance(window, int) and kept * 86400 < 2 * window:
+        if (
+            good("retention_days", "tolerance_seconds")
+            and isinstance(kept, float)
+            and isinstance(window, int)
+            and kept * 86400 < 2 * window
+        ):
             # An event's signed request stays valid up to `window` after its `t`, which may
             # be up to `window` before it arrived: pruned sooner, a replay of it inside the
             # window is a new event, and its handlers run again.
@@ -832,18 +853,26 @@ class Settings:
                 values.get("admin_port", cls.admin_port),
             ),
         )
-        if clash and values.get("admin_tokens"):
+        if (
+            clash
+            and values.get("admin_tokens")
+            and good("host", "port", "admin_host", "admin_port")
+        ):
             problems.append(
                 "LACUNA_ADMIN_PORT must differ from PORT when LACUNA_ADMIN_HOST and HOST "
                 "overlap: the admin API never shares the webhook listener"
             )
         url = values.get("database_url", cls.database_url)
-        if values.get("dispatch") is False and str(url).startswith("sqlite"):
+        if (
+            values.get("dispatch") is False
+            and good("database_url")
+            and str(url).startswith("sqlite")
+        ):
             problems.append(
                 "LACUNA_DISPATCH=false needs PostgreSQL: on SQLite only `serve` may dispatch "
                 "(the database has one writer), so nothing would ever deliver"
             )
-        if values.get("dispatch") is False and not values.get("handlers"):
+        if values.get("dispatch") is False and good("handlers") and not values.get("handlers"):
             # Deliveries are made at intake, for the handlers it is configured with: with
             # none, every event would be stored with no delivery and no worker would run it.
             problems.append(

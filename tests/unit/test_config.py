@@ -155,6 +155,47 @@ def test_retry_cap_below_base_is_refused() -> None:
         Settings.from_env({**BASE, "LACUNA_RETRY_BASE_DELAY": "10", "LACUNA_RETRY_MAX_DELAY": "1"})
 
 
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        # A bad value is its own one line: the check across settings does not run on the
+        # default it left (a retry base of 5 against a cap of 2 was a second, false line).
+        (
+            {"LACUNA_RETRY_BASE_DELAY": "abc", "LACUNA_RETRY_MAX_DELAY": "2"},
+            "LACUNA_RETRY_BASE_DELAY",
+        ),
+        ({"LACUNA_RETRY_BASE_DELAY": "nan", "LACUNA_RETRY_MAX_DELAY": "2"}, "LACUNA_RETRY_BASE"),
+        ({"LACUNA_RETRY_BASE_DELAY": "inf", "LACUNA_RETRY_MAX_DELAY": "2"}, "LACUNA_RETRY_BASE"),
+        ({"LACUNA_RETRY_BASE_DELAY": "10", "LACUNA_RETRY_MAX_DELAY": "x"}, "LACUNA_RETRY_MAX"),
+        ({"LACUNA_RETENTION_DAYS": "x", "LACUNA_WEBHOOK_TOLERANCE": "86400"}, "LACUNA_RETENTION"),
+        ({"LACUNA_RETENTION_DAYS": "0.001", "LACUNA_WEBHOOK_TOLERANCE": "x"}, "LACUNA_WEBHOOK_TOL"),
+        (
+            {"LACUNA_DISPATCH": "false", "LACUNA_HANDLERS": "log", "LACUNA_DATABASE_URL": "x"},
+            "LACUNA_DATABASE_URL",
+        ),
+        (
+            {
+                "LACUNA_DISPATCH": "false",
+                "LACUNA_HANDLERS": "Bad Name!",
+                "LACUNA_DATABASE_URL": "postgresql://u@db/hooks",
+            },
+            "LACUNA_HANDLERS",
+        ),
+        (
+            {"LACUNA_ADMIN_TOKEN": "t" * 40, "LACUNA_ADMIN_PORT": "8000", "HOST": "not a host"},
+            "HOST",
+        ),
+    ],
+)
+def test_a_cross_check_skips_a_value_that_failed_its_own(
+    env: dict[str, str], expected: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({**BASE, **env})
+    assert len(info.value.problems) == 1, info.value.problems
+    assert info.value.problems[0].startswith(expected)
+
+
 def test_retention_shorter_than_twice_the_signature_window_is_refused() -> None:
     """Pruned sooner, an event's request replayed inside the signature window was accepted
     as new (`duplicate: false`) and its handlers ran again."""
