@@ -432,8 +432,26 @@ def _choice(*choices: str) -> Callable[[str], str]:
     return parse
 
 
+def is_admin_token_text(token: str) -> bool:
+    """Whether ``token`` can be an admin token: visible ASCII (``!`` to ``~``), no space.
+
+    The one rule for ``serve`` (``LACUNA_ADMIN_TOKEN``) and for the CLI that presents a
+    token (``--token``): an ``Authorization: Bearer`` header carries nothing else, so a
+    token of other characters (``é``, a space) could sign in to the console but never call
+    the API."""
+    return all("!" <= c <= "~" for c in token)
+
+
+#: Why a token fails ``is_admin_token_text``, after the setting's name; never the token.
+ADMIN_TOKEN_TEXT = "printable ASCII without spaces (an Authorization header carries nothing else)"  # noqa: S105 (a message, not a secret)
+
+
 def _admin_tokens(value: str) -> tuple[Secret, ...]:
     tokens = parse_list(value)
+    bad = [i for i, token in enumerate(tokens, start=1) if not is_admin_token_text(token)]
+    if bad:
+        which = ", ".join(f"#{i}" for i in bad)
+        raise ValueError(f"must hold tokens of {ADMIN_TOKEN_TEXT} (not so: {which})")
     short = [i for i, token in enumerate(tokens, start=1) if len(token) < MIN_ADMIN_TOKEN_LENGTH]
     if short:
         which = ", ".join(f"#{i}" for i in short)

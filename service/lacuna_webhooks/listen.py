@@ -44,7 +44,13 @@ import orjson
 from httpx_sse import EventSource, SSEError, aconnect_sse
 
 from .admin.client import AdminClient
-from .config import NotRegularFile, read_regular_file, read_setting
+from .config import (
+    ADMIN_TOKEN_TEXT,
+    NotRegularFile,
+    is_admin_token_text,
+    read_regular_file,
+    read_setting,
+)
 from .errors import ConfigError
 from .redact import printable
 from .signature import signed_headers, standard_webhooks_key
@@ -102,9 +108,9 @@ def admin_target(url: str | None, token: str | None, environ: Mapping[str, str])
     token = token.strip()
     if not token:
         raise ArgumentError("give the admin token: --token or LACUNA_ADMIN_TOKEN")
-    if not all("!" <= c <= "~" for c in token):
-        # A header value must be visible ASCII; never echoed (it is a credential).
-        raise ArgumentError("--token / LACUNA_ADMIN_TOKEN must be printable ASCII without spaces")
+    if not is_admin_token_text(token):
+        # The rule `serve` applies to LACUNA_ADMIN_TOKEN; never echoed (it is a credential).
+        raise ArgumentError(f"--token / LACUNA_ADMIN_TOKEN must be {ADMIN_TOKEN_TEXT}")
     return Target(url.rstrip("/"), token)
 
 

@@ -333,6 +333,19 @@ def test_admin_tokens_are_validated_for_the_admin_api(tmp_path: Path) -> None:
     assert Settings.from_env(BASE).admin_tokens == ()
 
 
+@pytest.mark.parametrize("token", ["é" * 40, "t" * 20 + " " + "t" * 20, "t" * 39 + "\x7f"])
+def test_an_admin_token_no_header_can_carry_stops_serve(token: str) -> None:
+    """The CLI's rule for --token is serve's for LACUNA_ADMIN_TOKEN (config.is_admin_token_text):
+    40 x `é` started serve, whose console sign-in worked while every Bearer call was a 401."""
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({**BASE, "LACUNA_ADMIN_TOKEN": f"{'t' * 32},{token}"})
+    assert info.value.problems == [
+        "LACUNA_ADMIN_TOKEN must hold tokens of printable ASCII without spaces (an "
+        "Authorization header carries nothing else) (not so: #2)"
+    ]
+    assert token not in str(info.value)
+
+
 @pytest.mark.parametrize(
     ("value", "problem"),
     [
