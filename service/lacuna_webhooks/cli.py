@@ -1632,6 +1632,16 @@ def _handler_name(value: str) -> str:
     return value
 
 
+def _pause_reason(value: str) -> str:
+    # The admin API's rule for the same field (models.pause_reason_problem).
+    from .models import pause_reason_problem
+
+    problem = pause_reason_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return value
+
+
 def _admin_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--url", help="the admin API, e.g. http://127.0.0.1:8001 (default: $LACUNA_ADMIN_URL)"
@@ -1936,7 +1946,12 @@ def build_parser() -> argparse.ArgumentParser:
         "pause", help="stop starting attempts of a handler, on every replica, until resumed"
     )
     pause.add_argument("name", help="a handler name from LACUNA_HANDLERS")
-    pause.add_argument("--reason", default="paused by an operator", help="recorded and shown")
+    pause.add_argument(
+        "--reason",
+        type=_pause_reason,
+        default="paused by an operator",
+        help="recorded and shown (1 to 1000 characters)",
+    )
     resume = actions.add_parser("resume", help="let a paused handler's deliveries go again")
     resume.add_argument("name", help="a handler name from LACUNA_HANDLERS")
     return parser

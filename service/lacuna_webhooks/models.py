@@ -34,6 +34,20 @@ CREATED_MAX = 2**63 - 1
 #: around it. Real events nest about 4 levels.
 MAX_JSON_DEPTH = 128
 
+#: Most characters of a handler's pause reason (the admin API's bound on a text field).
+MAX_PAUSE_REASON_LENGTH = 1000
+
+
+def pause_reason_problem(reason: str) -> str | None:
+    """What is wrong with ``reason`` as a handler's pause reason (to follow its name:
+    ``reason must be ...``), or ``None``. The one rule of the admin API's ``POST
+    /handlers/{name}/pause`` and of ``lacuna-webhooks handlers pause --reason``."""
+    if not reason.strip() or len(reason) > MAX_PAUSE_REASON_LENGTH:
+        return f"must be 1 to {MAX_PAUSE_REASON_LENGTH} characters, not only spaces"
+    if "\x00" in reason:
+        return "must not contain a NUL character"
+    return None
+
 
 def parse_json(raw: bytes) -> Any:
     """Parse JSON bytes as every reader of a stored body must: any number RFC 8259 allows.

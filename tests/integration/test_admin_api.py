@@ -569,6 +569,8 @@ async def test_pause_and_resume(client: httpx.AsyncClient, store: Store) -> None
     refused(await client.post("/handlers/nobody/pause"), 404, "name")
     refused(await client.post("/handlers/hook/pause", json={"reason": 5}), 400, "reason")
     refused(await client.post("/handlers/hook/pause", json={"reason": ""}), 400, "reason")
+    refused(await client.post("/handlers/hook/pause", json={"reason": "  "}), 400, "reason")
+    refused(await client.post("/handlers/hook/pause", json={"reason": "x" * 1001}), 400, "reason")
     refused(await client.post("/handlers/hook/resume", json={"reason": "x"}), 400, "reason")
     refused(await client.get("/handlers/hook/pause"), 405)
 

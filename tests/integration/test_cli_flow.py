@@ -115,3 +115,24 @@ def test_serve_refuses_a_bad_flow_setting_with_one_line(
     assert err.count("\n") == 1
     assert "LACUNA_LOG_RATE_LIMIT must be N/s, N/m or N/h" in err
     assert not (tmp_path / "serve.db").exists()
+
+
+@pytest.mark.parametrize("reason", ["", "   ", "x" * 1001, "a\x00b"])
+def test_a_pause_reason_the_api_refuses_the_cli_refuses(
+    reason: str, env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--reason` is checked by the admin API's rule (models.pause_reason_problem: 1 to 1000
+    characters, no NUL): '' and 2000 characters were stored. One line, exit 2, no pause."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        main(["handlers", "pause", "log", "--reason", reason], env)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "argument --reason: must " in err
+    assert paused(env) == {}
+
+
+def test_a_reason_of_1000_characters_is_kept(env: dict[str, str]) -> None:
+    assert main(["handlers", "pause", "log", "--reason", "x" * 1000], env) == 0
+    assert paused(env)["log"].reason == "x" * 1000

@@ -25,7 +25,7 @@ from starlette.routing import BaseRoute, Route
 
 from ..config import HANDLER_NAME_RE
 from ..errors import EventNotFound
-from ..models import DeliveryStatus
+from ..models import MAX_PAUSE_REASON_LENGTH, DeliveryStatus, pause_reason_problem
 from ..store.base import AttemptRecord, DeliveryRecord, EventRecord
 from ..store.search import decode_cursor, delivery_state, encode_cursor
 from . import offload, openapi
@@ -302,8 +302,10 @@ def routes(ctx: AdminContext) -> list[BaseRoute]:
         reason = body.get("reason")
         if reason is None:
             reason = DEFAULT_PAUSE_REASON
-        elif not isinstance(reason, str) or not reason.strip() or len(reason) > MAX_TEXT:
-            raise BadRequest(f"reason must be 1 to {MAX_TEXT} characters.", param="reason")
+        elif not isinstance(reason, str):
+            raise BadRequest("reason must be a string.", param="reason")
+        elif problem := pause_reason_problem(reason):
+            raise BadRequest(f"reason {problem}.", param="reason")
         changed = await store.set_paused(name, True, reason=reason, now=ctx.clock())
         return json_response({"name": name, "paused": True, "changed": changed})
 
@@ -650,7 +652,9 @@ PATHS: dict[str, Any] = {
             "operationId": "pauseHandler",
             "summary": "Pause a handler (every replica stops claiming its deliveries)",
             "parameters": [_HANDLER_NAME],
-            "requestBody": _body({"reason": {"type": "string", "minLength": 1}}),
+            "requestBody": _body(
+                {"reason": {"type": "string", "minLength": 1, "maxLength": MAX_PAUSE_REASON_LENGTH}}
+            ),
             "responses": {
                 "200": _json(_ref("HandlerState"), "Paused"),
                 "404": _ERROR,
