@@ -44,7 +44,15 @@ from .config import (
 from .config import _host as _config_host
 from .errors import ConfigError, EventNotFound, LacunaError, StoreUnavailable
 from .models import MAX_ID_LENGTH, MAX_TYPE_LENGTH, DeliveryStatus
-from .redact import mask_secrets, printable, redact_url, remember_secrets, secret_values
+from .redact import (
+    mask_secrets,
+    printable,
+    printable_json,
+    printable_lines,
+    redact_url,
+    remember_secrets,
+    secret_values,
+)
 from .store import DeliveryRecord, EventRecord, Store, open_store
 
 if TYPE_CHECKING:
@@ -898,7 +906,7 @@ def _send(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             f"signed with {secret_name}, t={summary.first_timestamp}..{summary.last_timestamp}",
             file=sys.stderr,
         )
-        print("\n".join(summary.lines(args.url, args.concurrency)))
+        print("\n".join(printable(line) for line in summary.lines(args.url, args.concurrency)))
         return 0 if summary.all_succeeded else 1
 
     signed = sign_body(first_body, secret)
@@ -913,12 +921,15 @@ def _send(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         raise CommandError(f"could not POST to {redact_url(args.url)}: {exc}") from None
     # On stderr, so stdout stays the answer alone (status line, then body).
     print(
-        f"signed {signed.event_id or '(no id)'} ({signed.event_type or 'no type'}) with "
-        f"{secret_name}, t={signed.timestamp}",
+        printable(
+            f"signed {signed.event_id or '(no id)'} ({signed.event_type or 'no type'}) with "
+            f"{secret_name}, t={signed.timestamp}"
+        ),
         file=sys.stderr,
     )
-    print(f"{response.status_code} {response.reason_phrase}")
-    print(response.text)
+    # The answer comes from the network: its reason and body escaped (printable), newlines kept.
+    print(printable(f"{response.status_code} {response.reason_phrase}"))
+    print(printable_lines(response.text))
     return 0 if response.is_success else 1
 
 
@@ -993,7 +1004,8 @@ def _delivery_json(record: DeliveryRecord, now: datetime) -> dict[str, Any]:
 
 
 def _print_json(value: Any) -> None:
-    print(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode())
+    # Values from the store and the network: escaped as JSON escapes them (printable_json).
+    print(printable_json(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode()))
 
 
 def _stored_payload(raw: bytes) -> Any:
@@ -1089,17 +1101,17 @@ def _events(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
         for a in attempts[d.id]:
             error = f"  {printable(a.error)}" if a.error else ""
             print(
-                f"  {d.handler} attempt {a.attempt}: {a.outcome.value} at {_iso(a.started_at)}"
-                f" ({a.duration_seconds * 1000:.0f} ms){error}"
+                f"  {printable(d.handler)} attempt {a.attempt}: {a.outcome.value} at"
+                f" {_iso(a.started_at)} ({a.duration_seconds * 1000:.0f} ms){error}"
             )
     results = [d for d in deliveries if d.result is not None]
     if results:
         # SPEC §6: what each handler returned (e.g. storage: where it put the files).
         print("\nresults")
         for d in results:
-            print(f"  {d.handler}: {orjson.dumps(d.result).decode()}")
+            print(f"  {printable(d.handler)}: {printable_json(orjson.dumps(d.result).decode())}")
     print("\npayload")
-    print(orjson.dumps(_stored_payload(record.raw), option=orjson.OPT_INDENT_2).decode())
+    _print_json(_stored_payload(record.raw))
     return 0
 
 
@@ -1413,7 +1425,7 @@ def _migrate(environ: Mapping[str, str]) -> int:
         asyncio.run(run())
     except (StoreUnavailable, ValueError) as exc:
         raise _store_error(exc, settings.database_url, "store unavailable") from None
-    print(f"schema is up to date ({settings.database_url.split('://', 1)[0]})")
+    print(printable(f"schema is up to date ({settings.database_url.split('://', 1)[0]})"))
     return 0
 
 
@@ -1429,7 +1441,7 @@ def _handlers(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
     print("installed handler kinds:")
     for name, target in sorted(available().items()):
-        print(f"  {name:12} {target}")
+        print(printable(f"  {name:12} {target}"))
     settings = _settings(environ, require_secret=False)
     if not settings.handlers:
         print("configured instances: none (LACUNA_HANDLERS is empty)")
@@ -1453,10 +1465,11 @@ def _handlers(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     print(_table(rows, ["name", "kind", "settings"]))
     order = check_after(after) if not failed else []
     for problem in order:
-        print(f"order: {problem}")
+        print(printable(f"order: {problem}"))
     print("state:")
     for line in _configured_lines(environ):
-        print(f"  {line}")
+        # A pause reason is any text an admin API caller gave: it must not drive the terminal.
+        print(f"  {printable(line)}")
     return 2 if failed or order else 0
 
 

@@ -52,7 +52,7 @@ from .config import (
     read_setting,
 )
 from .errors import ConfigError
-from .redact import printable
+from .redact import printable, printable_json
 from .signature import signed_headers, standard_webhooks_key
 from .store import Store
 from .store.stream import follow
@@ -406,7 +406,7 @@ async def tail(
     async def show(cursor: str, event: dict[str, Any]) -> None:
         if as_json:
             event = {k: v for k, v in event.items() if k != "raw"}
-            out.write(orjson.dumps(event).decode() + "\n")
+            out.write(printable_json(orjson.dumps(event).decode()) + "\n")
         else:
             out.write(tail_line(event) + "\n")
         out.flush()
@@ -434,7 +434,9 @@ async def tail_store(
             event = stream_event(record)
             if as_json:
                 shown = {k: v for k, v in event.items() if k != "raw"}
-                out.write(orjson.dumps(shown, option=orjson.OPT_UTC_Z).decode() + "\n")
+                out.write(
+                    printable_json(orjson.dumps(shown, option=orjson.OPT_UTC_Z).decode()) + "\n"
+                )
             else:
                 out.write(
                     tail_line({**event, "received_at": record.received_at.isoformat()}) + "\n"

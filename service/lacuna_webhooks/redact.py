@@ -230,6 +230,9 @@ __all__ = [
     "header_secrets",
     "mask_secrets",
     "needs_redaction",
+    "printable",
+    "printable_json",
+    "printable_lines",
     "redact_text",
     "redact_url",
     "remember_secrets",
@@ -246,3 +249,36 @@ def printable(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def printable_lines(text: str) -> str:
+    """``text`` of several lines (an HTTP answer's body) for a terminal: each line as
+    ``printable`` writes it, the newlines between them kept (a CR is escaped: it would move
+    the cursor back over what was printed)."""
+    if text.isprintable():
+        return text
+    return "\n".join(printable(line) for line in text.split("\n"))
+
+
+def printable_json(text: str) -> str:
+    """JSON text for a terminal, meaning the same: every character that is not printable is
+    written as a ``\\uXXXX`` escape, but the newlines, tabs and spaces between values. A
+    JSON document holds raw control characters only as that whitespace (a CR becomes a
+    newline); any other, in a string (DEL, a C1 control such as CSI ``\\x9b``, a line
+    separator), is escaped as JSON escapes it: a value from the network (a handler's result,
+    a stored payload, an event of the stream) cannot drive the terminal, and ``jq`` still
+    reads the same values."""
+    if text.isprintable():
+        return text
+    out: list[str] = []
+    for c in text:
+        if c.isprintable() or c in "\n\t ":
+            out.append(c)
+        elif c == "\r":
+            out.append("\n")
+        elif ord(c) > 0xFFFF:
+            high, low = divmod(ord(c) - 0x10000, 0x400)
+            out.append(f"\\u{0xD800 + high:04x}\\u{0xDC00 + low:04x}")
+        else:
+            out.append(f"\\u{ord(c):04x}")
+    return "".join(out)

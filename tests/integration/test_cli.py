@@ -538,6 +538,99 @@ def test_events_show_prints_each_delivery_result(
     assert "\nresults\n" not in capsys.readouterr().out
 
 
+HOSTILE = "\x1b]0;pwned\x07\x1b[2J\nlog running\x9b2J\x7f\u2028"
+
+
+def _no_raw_control(text: str) -> None:
+    """No character of ``HOSTILE`` reaches the terminal raw (a newline only between lines)."""
+    for c in ("\x1b", "\x07", "\x9b", "\x7f", "\u2028", "\r"):
+        assert c not in text, repr(c)
+
+
+def test_every_output_of_stored_values_is_escaped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A handler's name, error and result, a payload string, and a pause reason (which any
+    admin API caller sets) are printed escaped by `handlers`, `events show` (text and
+    --json) and `deliveries list --json`: `handlers | cat -v` showed an admin's terminal
+    title changed, the screen cleared and a forged `log running` line."""
+    url = f"sqlite:///{tmp_path / 'ctl.db'}"
+
+    async def fill() -> None:
+        store = open_store(url)
+        await store.open()
+        now = datetime.now(UTC)
+        body = make_event("evt_ctl")
+        body["data"]["title"] = HOSTILE
+        await store.accept(Event.from_body(orjson.dumps(body)), ["log", "slack"], now=now)
+        for handler in ("log", "slack"):
+            for d in await store.claim(
+                handler=handler, limit=10, lease=timedelta(seconds=30), now=now
+            ):
+                if handler == "log":
+                    result = {"note": HOSTILE}
+                    await store.complete(d, Attempt(now, now, AttemptOutcome.OK, None, result))
+                else:
+                    await store.dead(d, Attempt(now, now, AttemptOutcome.DEAD, HOSTILE))
+        await store.set_paused("log", True, reason=HOSTILE, now=now)
+        await store.close()
+
+    asyncio.run(fill())
+    env = {"LACUNA_DATABASE_URL": url, "LACUNA_HANDLERS": "log"}
+    assert main(["handlers"], env) == 0
+    out = capsys.readouterr().out
+    _no_raw_control(out)
+    assert "\nlog running" not in out
+    assert "\\x1b]0;pwned\\x07\\x1b[2J\\nlog running\\x9b2J\\x7f\\u2028" in out
+
+    capsys.readouterr()
+    assert main(["events", "show", "evt_ctl"], env) == 0
+    out = capsys.readouterr().out
+    _no_raw_control(out)
+    for argv in (["events", "show", "evt_ctl", "--json"], ["deliveries", "list", "--json"]):
+        assert main(argv, env) == 0
+        out = capsys.readouterr().out
+        _no_raw_control(out)
+        doc = json.loads(out)  # still JSON, with the same values
+        deliveries = doc["deliveries"] if isinstance(doc, dict) else doc
+        errors = {d["handler"]: d["last_error"] for d in deliveries}
+        assert errors["slack"] == HOSTILE
+        if isinstance(doc, dict):
+            assert doc["payload"]["data"]["title"] == HOSTILE
+            assert {d["handler"]: d["result"] for d in deliveries}["log"] == {"note": HOSTILE}
+
+
+def test_send_prints_the_answer_escaped(capsys: pytest.CaptureFixture[str]) -> None:
+    """The receiver's answer (reason phrase and body) comes from the network: printed
+    escaped, the body's own line breaks kept."""
+    import http.server
+
+    class Hostile(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["content-length"]))
+            body = ("first\n" + HOSTILE).encode()
+            self.send_response(200, "OK\x1b[2J")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Hostile)
+    thread = threading.Thread(target=server.handle_request, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/hook"
+        assert main(["send", "--url", url, "--secret", "whsec_a"], {}) == 0
+    finally:
+        thread.join(10)
+        server.server_close()
+    out = capsys.readouterr().out
+    _no_raw_control(out)
+    assert out.startswith("200 OK\\x1b[2J\nfirst\n\\x1b]0;pwned")
+
+
 def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
     """`events list --json | head -1`: the reader goes away after one line. The command
     stops with exit code 141 (128 + SIGPIPE, as a shell reports other tools) and writes no

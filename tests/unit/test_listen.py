@@ -232,6 +232,60 @@ async def test_hostile_stream_one_line_no_traceback_no_secret_no_escape(
     assert "pa55word" not in saved["url"]
 
 
+class _C1Stream(_HostileStream):
+    """An event whose fields hold what JSON does not escape: DEL, CSI as one C1 character
+    (``\x9b``, a control sequence of its own on an 8-bit terminal) and a line separator."""
+
+    served = 0
+
+    def do_GET(self) -> None:
+        type(self).served += 1
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("connection", "close")
+        self.end_headers()
+        if type(self).served == 1:
+            event = {"id": "evt_\x9b2J", "type": "job\x7f", "payload": {"t": "a\u2028b"}}
+            self.wfile.write(b"id: c1\nevent: event\ndata: " + orjson.dumps(event) + b"\n\n")
+        else:
+            self.wfile.write(b"id: c2\nevent: event\ndata: [1, 2]\n\n")
+
+
+@pytest.mark.parametrize("as_json", [True, False])
+async def test_tail_prints_an_event_escaped(as_json: bool) -> None:
+    """``tail --json`` wrote the stream's JSON as orjson writes it: characters JSON leaves
+    raw (DEL, C1 controls, U+2028) reached the terminal. Now escaped as JSON escapes them
+    (the same values for jq), as the text lines escape them."""
+    import io
+
+    _C1Stream.served = 0
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _C1Stream)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    out = io.StringIO()
+    try:
+        with pytest.raises(ListenError):
+            await asyncio.wait_for(
+                listen.tail(
+                    Target(f"http://127.0.0.1:{server.server_address[1]}", "adm_tok"),
+                    as_json=as_json,
+                    from_beginning=False,
+                    out=out,
+                    say=lambda line: None,
+                ),
+                30,
+            )
+    finally:
+        server.shutdown()
+        server.server_close()
+    text = out.getvalue()
+    for c in ("\x9b", "\x7f", "\u2028"):
+        assert c not in text
+    if as_json:
+        event = orjson.loads(text)
+        assert (event["id"], event["type"]) == ("evt_\x9b2J", "job\x7f")
+        assert event["payload"] == {"t": "a\u2028b"}
+
+
 def test_shown_url_keeps_host_and_path_only() -> None:
     assert listen.shown_url("https://u:p@admin.example:8001/base/?t=1#f") == (
         "https://admin.example:8001/base/"

@@ -152,3 +152,18 @@ def test_a_url_password_gives_its_basic_authorization_token_too() -> None:
     found = secret_values({"LACUNA_HTTP_URL": "https://us%20er:p%40ssw0rd-x@hooks.example/in"})
     assert base64.b64encode(b"us er:p@ssw0rd-x").decode() in found
     assert "p@ssw0rd-x" in found
+
+
+def test_printable_json_escapes_as_json_does_and_keeps_the_values() -> None:
+    import json
+
+    from lacuna_webhooks.redact import printable_json, printable_lines
+
+    value = {"a": "\x1b\x9b\x7f\u2028\U000e0001 é", "b": [1, 2]}
+    text = json.dumps(value, ensure_ascii=False, indent=2)
+    shown = printable_json(text)
+    assert shown.isprintable() is False  # the indentation's newlines stay
+    assert all(c.isprintable() or c in "\n " for c in shown)
+    assert json.loads(shown) == value
+    assert printable_json('{"a":\r\n1}') == '{"a":\n\n1}'
+    assert printable_lines("a\x1b\r\nb") == "a\\x1b\\r\nb"
