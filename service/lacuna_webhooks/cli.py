@@ -1683,7 +1683,7 @@ def _tail(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             out=sys.stdout,
             say=listen.stderr_say,
         )
-        return listen.run(main, listen.stderr_say)
+        return listen.run(main, listen.stderr_say, signal_exit=True)
     except listen.ArgumentError as exc:
         raise CommandError(str(exc), exit_code=2) from None
     except listen.ListenError as exc:
@@ -1717,7 +1717,7 @@ def _tail_store(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
             await store.close()
 
     try:
-        return listen.run(run(), listen.stderr_say)
+        return listen.run(run(), listen.stderr_say, signal_exit=True)
     except (StoreUnavailable, ValueError) as exc:
         raise _store_error(exc, url, "store unavailable") from None
 

@@ -19,7 +19,8 @@ event, so one event is never skipped for the next; an event cut off mid-forward 
 is sent again on restart (the app deduplicates on ``webhook-id``, the event id).
 
 A refusal that retrying cannot fix ends the command with one line: a wrong token (401), a
-cursor of another deployment (400), no stream at that URL (404).
+cursor of another deployment (400), no stream at that URL (404, 501, any answer but 200
+other than 408, 429, 502, 503 and 504, which are reconnected).
 """
 
 from __future__ import annotations
@@ -366,6 +367,12 @@ class _BoundedMessages:
             yield text
 
 
+#: The answers that another try may not get (a proxy whose upstream is restarting, a server
+#: shedding load, a timeout): the stream is reconnected with backoff. Any other answer but
+#: 200 ends the command with one line.
+RETRYABLE_STATUSES = frozenset({408, 429, 502, 503, 504})
+
+
 def _refusal(response: httpx.Response, cursor: str | None) -> None:
     """Raise ``ListenError`` for an answer that another try would get again."""
     status = response.status_code
@@ -376,7 +383,9 @@ def _refusal(response: httpx.Response, cursor: str | None) -> None:
             "the admin API refused the saved cursor (400): it belongs to another deployment "
             "or database; delete the cursor file to start from now"
         )
-    if status in (400, 404, 405):
+    if status not in RETRYABLE_STATUSES:
+        # 404, 405, 501, a redirect, any answer another try gets again: not a stream, and
+        # reconnecting to it would loop for ever.
         raise ListenError(f"no live stream at that URL ({status}): is --url the admin API?")
 
 
@@ -541,20 +550,28 @@ async def listen(
         await follow_stream(target, cursor, forward, from_beginning=from_beginning, say=say)
 
 
-def run(main: Awaitable[None], say: Callable[[str], None]) -> int:
-    """Run ``main`` until it raises or SIGINT / SIGTERM / SIGHUP arrives; then stop cleanly
-    (0)."""
+def run(main: Awaitable[None], say: Callable[[str], None], *, signal_exit: bool = False) -> int:
+    """Run ``main`` until it raises or SIGINT / SIGTERM / SIGHUP arrives; then stop cleanly,
+    saying ``stopped``: exit code 0 (``listen``: its documented clean stop), or with
+    ``signal_exit`` (``tail``) 128 + the signal's number, as for every other command (Ctrl-C:
+    130)."""
+    received: list[int] = []
 
     async def supervised() -> int:
         task = asyncio.ensure_future(main)
         loop = asyncio.get_running_loop()
+
+        def stop(signum: int) -> None:
+            received.append(signum)
+            task.cancel()
+
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            loop.add_signal_handler(signum, task.cancel)
+            loop.add_signal_handler(signum, stop, signum)
         try:
             await task
         except asyncio.CancelledError:
             say("stopped")
-            return 0
+            return 128 + received[0] if signal_exit and received else 0
         finally:
             for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(signum)

@@ -375,7 +375,7 @@ def test_listen_killed_and_restarted_forwards_every_event_once_in_order(
 
 def test_tail_remote_and_local(serve_factory: type[Serve], tmp_path: Path) -> None:
     """``tail --url`` (JSON lines) and ``tail`` on the store's file (no admin URL: lines) both
-    show events as serve stores them, then stop cleanly on Ctrl-C."""
+    show events as serve stores them, then stop on Ctrl-C (`stopped`, exit 130)."""
     serve, admin = start_serve(serve_factory, tmp_path)
     send(serve, "evt_tail_0")
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("LACUNA_")}
@@ -416,7 +416,7 @@ def test_tail_remote_and_local(serve_factory: type[Serve], tmp_path: Path) -> No
         for proc in procs.values():
             proc.send_signal(signal.SIGINT)
         codes = {name: proc.wait(15) for name, proc in procs.items()}
-    assert codes == {"remote": 0, "local": 0}
+    assert codes == {"remote": 130, "local": 130}  # Ctrl-C, as for every command but listen
     remote = [orjson.loads(line) for line in outputs["remote"].read_text().splitlines()]
     assert [e["id"] for e in remote] == ["evt_tail_0", "evt_tail_1"]
     assert remote[1]["payload"]["data"]["title"] == "Title of evt_tail_1"

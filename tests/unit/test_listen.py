@@ -12,7 +12,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 import pytest
@@ -343,3 +343,82 @@ def test_tail_and_listen_bad_arguments_exit_2_like_every_command(
     err = capsys.readouterr().err
     assert err.startswith("lacuna-webhooks: error: ")
     assert len(err.strip().splitlines()) == 1, err
+
+
+class _Answers(http.server.BaseHTTPRequestHandler):
+    """Answers each GET with the next status of ``statuses`` (the last one after that)."""
+
+    statuses: ClassVar[list[int]] = []
+    served = 0
+
+    def do_GET(self) -> None:
+        cls = type(self)
+        status = cls.statuses[min(cls.served, len(cls.statuses) - 1)]
+        cls.served += 1
+        self.send_response(status)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("statuses", "lost"),
+    [([501], 0), ([403], 0), ([500], 0), ([410], 0), ([301], 0), ([503, 429, 404], 2)],
+)
+async def test_an_answer_another_try_gets_again_ends_tail_with_one_line(
+    statuses: list[int], lost: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A URL that answers 501 (or 403, 500, 410, a redirect...) has no stream: one line, as
+    a 404 ends it. It was reconnected for ever. 408, 429, 502, 503 and 504 are retried."""
+    import io
+
+    monkeypatch.setattr(listen, "backoff", lambda failures: 0.01)
+    handler = type("Answers", (_Answers,), {"statuses": statuses, "served": 0})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    said: list[str] = []
+    try:
+        with pytest.raises(ListenError, match=rf"no live stream at that URL \({statuses[-1]}\)"):
+            await asyncio.wait_for(
+                listen.tail(
+                    Target(f"http://127.0.0.1:{server.server_address[1]}", "adm_tok"),
+                    as_json=False,
+                    from_beginning=False,
+                    out=io.StringIO(),
+                    say=said.append,
+                ),
+                10,
+            )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert sum("stream: lost" in line for line in said) == lost
+
+
+def test_ctrl_c_ends_tail_with_130(tmp_path: Path) -> None:
+    """Ctrl-C on `tail` says `stopped` and exits 130, as docs/cli.md says of every command
+    (it exited 0; only `listen` stops with 0)."""
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LACUNA_DATABASE_URL": f"sqlite:///{tmp_path / 'tail.db'}"}
+    env.pop("LACUNA_ADMIN_URL", None)
+    command = [sys.executable, "-m", "lacuna_webhooks"]
+    subprocess.run([*command, "migrate"], env=env, check=True, capture_output=True)
+    proc = subprocess.Popen(
+        [*command, "tail"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    assert proc.stderr is not None
+    try:
+        assert "following" in proc.stderr.readline().decode()
+        proc.send_signal(signal.SIGINT)
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=30) == 130
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    assert err == "lacuna-webhooks: stopped\n"
