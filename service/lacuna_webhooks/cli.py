@@ -394,8 +394,9 @@ def _end_past_stray_threads(command: str, code: int) -> None:
     )
     if code == 130:
         print(f"{PROG}: interrupted", file=sys.stderr)
-    with contextlib.suppress(OSError, ValueError):
+    with contextlib.suppress(Exception):  # StdoutError too: nothing left to tell
         sys.stdout.flush()
+    with contextlib.suppress(OSError, ValueError):
         sys.stderr.flush()
     os._exit(code)
 
@@ -1998,7 +1999,103 @@ def _argument_names(parser: argparse.ArgumentParser) -> dict[str, str]:
     return names
 
 
+class StdoutError(Exception):
+    """Standard output cannot be written (a full disk, ``> /dev/full``, a closed descriptor):
+    not an ``OSError``, so that no handler of the command's own file errors takes it."""
+
+    def __init__(self, exc: OSError) -> None:
+        super().__init__(exc.strerror or str(exc))
+
+
+class _GuardedStdout:
+    """``sys.stdout`` while a command runs: a write or flush that fails (but for a closed
+    pipe, 141 as before) is a ``StdoutError``, which ``main`` reports as one line; a
+    standard output closed before start (``>&-``: Python's ``sys.stdout`` is ``None`` and
+    ``print`` dropped the output silently) fails its first write the same way. Anything
+    else is the stream's own."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        if self._stream is None:
+            raise StdoutError(OSError(errno.EBADF, os.strerror(errno.EBADF)))
+        try:
+            return int(self._stream.write(text))
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise StdoutError(exc) from None
+
+    def flush(self) -> None:
+        if self._stream is None:
+            return
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise StdoutError(exc) from None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _stdout_to_devnull(stream: Any) -> None:
+    """Point ``stream``'s descriptor at /dev/null: the interpreter's own flush at exit then
+    writes what is left in its buffer there, instead of failing again with a traceback (or
+    an ``Exception ignored`` message and exit code 120)."""
+    with contextlib.suppress(AttributeError, OSError, ValueError):  # without a descriptor
+        fd = stream.fileno()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """The command line's entry point: the command's exit code. Standard output is flushed
+    before it returns, so that an error writing it is reported here, as one line."""
+    stdout = sys.stdout
+    if stdout is None:
+        _reserve_stdout_descriptor()
+    guarded = _GuardedStdout(stdout)
+    sys.stdout = guarded
+    try:
+        try:
+            return _main(argv, environ)
+        finally:
+            guarded.flush()  # within main: its error is one line, not the interpreter's
+    except StdoutError as exc:
+        _stdout_to_devnull(stdout)
+        with contextlib.suppress(OSError, ValueError):
+            print(f"{PROG}: error: cannot write to standard output: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        # The reader of stdout went away (`... | head`): stop quietly, as other tools do.
+        # stdout now points at /dev/null, so the interpreter's own flush at exit cannot
+        # raise a second time (https://docs.python.org/3/library/signal.html#note-on-sigpipe).
+        _stdout_to_devnull(stdout)
+        return 141  # 128 + SIGPIPE, what a shell shows for a tool killed by it
+    finally:
+        if sys.stdout is guarded:
+            sys.stdout = stdout
+
+
+def _reserve_stdout_descriptor() -> None:
+    """Open /dev/null as descriptor 1 when it is closed (``>&-``: Python's ``sys.stdout`` is
+    ``None``), so that no file the command opens (the database) becomes descriptor 1, where a
+    program it starts would write its output."""
+    try:
+        os.fstat(1)
+    except OSError:
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            if devnull != 1:
+                os.dup2(devnull, 1)
+                os.close(devnull)
+
+
+def _main(argv: Sequence[str] | None, environ: Mapping[str, str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _refuse_non_utf8(parser, args)
@@ -2049,13 +2146,4 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         # it stopped (a remote one finishes on the server, docs/cli.md).
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        # The reader of stdout went away (`... | head`): stop quietly, as other tools do.
-        # stdout now points at /dev/null, so the interpreter's own flush at exit cannot
-        # raise a second time (https://docs.python.org/3/library/signal.html#note-on-sigpipe).
-        with contextlib.suppress(OSError, ValueError):  # stdout without a descriptor
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            os.close(devnull)
-        return 141  # 128 + SIGPIPE, what a shell shows for a tool killed by it
     return 2

@@ -669,6 +669,62 @@ def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
         assert err == ""
 
 
+@pytest.mark.parametrize("stdout", ["/dev/full", "closed"])
+def test_a_stdout_that_cannot_be_written_is_one_line_and_exit_1(
+    db: dict[str, str], stdout: str
+) -> None:
+    """`events list > /dev/full` ended with an OSError traceback (ENOSPC), and with stdout
+    closed (`>&-`) the output was dropped with exit 0. Now one line on stderr and exit 1
+    for every command that prints, the interpreter's own flush at exit included."""
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    redirect = ">/dev/full" if stdout == "/dev/full" else ">&-"
+    reason = "No space left on device" if stdout == "/dev/full" else "Bad file descriptor"
+    env = {**os.environ, **db, "LACUNA_HANDLERS": "log,slack"}
+    for command in (
+        ["events", "list"],
+        ["events", "show", "evt_cli_bad", "--json"],
+        ["deliveries", "list"],
+        ["handlers"],
+        ["replay", "--all", "--dry-run"],
+        ["replay", "--all", "--dry-run", "--json"],
+        ["--version"],
+    ):
+        shell = ["sh", "-c", f'exec "$0" "$@" {redirect}']
+        done = subprocess.run(
+            [*shell, sys.executable, "-m", "lacuna_webhooks", *command],
+            env=env,
+            capture_output=True,
+            timeout=60,
+        )
+        err = done.stderr.decode()
+        assert err == f"lacuna-webhooks: error: cannot write to standard output: {reason}\n", (
+            command,
+            err,
+        )
+        assert done.returncode == 1, command
+
+
+def test_a_stdout_that_fails_in_process_is_one_line(
+    db: dict[str, str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same through `main` in this process: a write that fails is the one line."""
+
+    class Full:
+        def write(self, text: str) -> int:
+            raise OSError(28, "No space left on device")
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr(sys, "stdout", Full())
+    assert main(["events", "list"], db) == 1
+    assert capsys.readouterr().err == (
+        "lacuna-webhooks: error: cannot write to standard output: No space left on device\n"
+    )
+    assert isinstance(sys.stdout, Full)  # put back
+
+
 def test_listen_status_lines_into_a_closed_pipe_end_with_141(tmp_path: Path) -> None:
     """`listen ... 2>&1 | head -3`: its status lines' reader goes away; it ended with exit 1
     (the broken pipe taken for "cannot keep the cursor file", whose own line then failed),
