@@ -280,14 +280,7 @@ class HandlerWorker:
             child.send(("cancel", attempt_id))
             await asyncio.wait({attempt.future}, timeout=STOP_GRACE_SECONDS)
             if not attempt.future.done() and not child.killed:
-                self._log.warning(
-                    "handler_worker.killed",
-                    pid=child.proc.pid,
-                    reason="an attempt did not end when cancelled at the stop",
-                    in_flight=len(child.attempts),
-                )
-                child.stopped = True
-                child.kill()
+                self._kill_at_stop(child, "an attempt did not end when cancelled at the stop")
         if attempt.answered:
             return attempt.future.result()
         if child.attempts.pop(attempt_id, None) is not None and attempt.timer is not None:
@@ -414,14 +407,9 @@ class HandlerWorker:
                     # A plain-def handle() still running in its thread past the timeout.
                     if int(reply[1]) in child.attempts and not child.killed:
                         if int(reply[1]) in child.cancelled:
-                            self._log.warning(
-                                "handler_worker.killed",
-                                pid=child.proc.pid,
-                                reason="a plain-def handle() still ran when cancelled at the stop",
-                                in_flight=len(child.attempts),
+                            self._kill_at_stop(
+                                child, "a plain-def handle() still ran when cancelled at the stop"
                             )
-                            child.stopped = True
-                            child.kill()
                         else:
                             self._kill_for(child, int(reply[1]))
                     continue
@@ -503,6 +491,18 @@ class HandlerWorker:
         attempt_id = child.pings.pop(ping, None)
         if attempt_id is not None and attempt_id in child.attempts and not child.killed:
             self._kill_for(child, attempt_id)
+
+    def _kill_at_stop(self, child: _Child, reason: str) -> None:
+        """Kill the worker before the claims of its cancelled attempts go back (``_lost``
+        settles what was in flight in it as interrupted: released, not counted)."""
+        self._log.warning(
+            "handler_worker.killed",
+            pid=child.proc.pid,
+            reason=reason,
+            in_flight=len(child.attempts),
+        )
+        child.stopped = True
+        child.kill()
 
     def _kill_for(self, child: _Child, attempt_id: int) -> None:
         """Kill the worker for ``attempt_id``'s overrun; the reader then sees its socket
