@@ -206,12 +206,13 @@ async def _open_service_store(settings: Settings, handlers: HandlerSet) -> Store
     return store
 
 
-async def _own_sqlite_file(url: str, store: Store, handlers: HandlerSet) -> int | None:
-    """``serve`` owns its SQLite file (docs/internals.md: one process must own it): an
-    exclusive ``flock`` on the database file, held until ``serve`` ends (the descriptor
-    returned, closed by the caller; ``None`` on PostgreSQL). A second ``serve`` on the same
-    file is refused with one line, its store closed (``CommandError``, exit 2). The CLI's
-    store commands do not take it: they work beside a running ``serve``.
+async def _own_sqlite_file(url: str) -> int | None:
+    """Whether another ``serve`` runs on this SQLite file: an exclusive ``flock`` on the
+    database file, held until ``serve`` ends (the descriptor returned, closed by the caller
+    after the store; ``None`` on PostgreSQL). Two may share the file for a while (a rolling
+    restart, docs/operations.md), so a second one is not refused, but it says so:
+    ``serve.sqlite_shared`` (they take turns at one write lock and gain nothing; a forgotten
+    one keeps dispatching). The CLI's store commands do not take the lock.
 
     ``flock`` is not the POSIX lock SQLite takes (on Linux the two are independent), but
     closing any descriptor of the file drops this process's POSIX locks on it: the
@@ -220,37 +221,25 @@ async def _own_sqlite_file(url: str, store: Store, handlers: HandlerSet) -> int 
         return None
     import fcntl
 
+    import structlog
+
+    log = structlog.get_logger("lacuna_webhooks.cli")
     path = url.removeprefix("sqlite:///")
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:  # removed under us since the store opened it: its own line later
-        _log_lock_skipped(path, exc)
+    except OSError:  # removed under us since the store opened it: its own line later
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
-        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-            # A file system without flock: served unlocked, as before (logged). The
-            # descriptor stays open until the store's close all the same.
-            _log_lock_skipped(path, exc)
-            return fd
-        await store.close()
-        await handlers.aclose()
-        os.close(fd)
-        raise CommandError(
-            f"another `lacuna-webhooks serve` already runs on the SQLite file {path}: one "
-            "process must own a SQLite file (stop it, or use PostgreSQL for several)",
-            exit_code=2,
-        ) from None
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            log.warning(
+                "serve.sqlite_shared",
+                path=path,
+                hint="another serve runs on this SQLite file: fine for a rolling restart; "
+                "stop one, or use PostgreSQL for replicas",
+            )
     return fd
-
-
-def _log_lock_skipped(path: str, exc: OSError) -> None:
-    import structlog
-
-    structlog.get_logger("lacuna_webhooks.cli").warning(
-        "serve.sqlite_lock_failed", path=path, error=f"{type(exc).__name__}: {exc.strerror}"
-    )
 
 
 def _tracing(environ: Mapping[str, str]) -> Tracing | None:
@@ -299,7 +288,7 @@ def _serve(
 
     async def run() -> None:
         store = await _open_service_store(settings, handlers)
-        owned = await _own_sqlite_file(settings.database_url, store, handlers)
+        owned = await _own_sqlite_file(settings.database_url)
         try:
             metrics = Metrics()
             # Handler code runs in worker processes of its own (docs/workers.md): nothing it
