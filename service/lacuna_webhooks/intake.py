@@ -210,8 +210,8 @@ class WebhookEndpoint:
         self._expired: set[asyncio.Future[Any]] = set()
         self._watchdog: asyncio.TimerHandle | None = None
         self._watchdog_loop: asyncio.AbstractEventLoop | None = None
-        # When (time.monotonic) the newest of the accepts failed since the last that
-        # committed (None: the last committed): /readyz reads it (writes_failing).
+        # When (time.monotonic) the newest accept timed out waiting for its commit since the
+        # last that committed (None: the last committed): /readyz reads it (writes_failing).
         self.write_failed_at: float | None = None
         self.allowlist = (
             SourceAllowlist(settings.allowed_source_ips) if settings.allowed_source_ips else None
@@ -303,9 +303,6 @@ class WebhookEndpoint:
         """The answer of a verified, parsed event: its accept's (``_accept``), never raised."""
         try:
             new = await self._accept(event, loop)
-        except StoreUnavailable as exc:
-            self.write_failed_at = time.monotonic()
-            return _refusal(exc, event)
         except WebhookError as exc:
             return _refusal(exc, event)
         except Exception as exc:
@@ -368,8 +365,6 @@ class WebhookEndpoint:
             self.write_failed_at = None
             done(_accepted(event, pending.result()))
         elif isinstance(error, WebhookError):
-            if isinstance(error, StoreUnavailable):
-                self.write_failed_at = time.monotonic()
             done(_refusal(error, event))
         else:
             done(_internal_error(error, event))
@@ -391,11 +386,12 @@ class WebhookEndpoint:
             self._watchdog = loop.call_later(self.commit_timeout / 10, self._expire_waits)
 
     def writes_failing(self) -> bool:
-        """Whether the newest accept failed (the store's error, or no commit within
-        ``LACUNA_COMMIT_TIMEOUT``) less than ``WRITE_FAILURE_SECONDS`` ago, and none has
-        committed since. A store can answer its ping while every commit fails (a table lock
-        held on PostgreSQL): /readyz must not call that ready. Past the window the ping
-        decides again, so a replica taken out of rotation comes back to be tried."""
+        """Whether the newest accept got no commit within ``LACUNA_COMMIT_TIMEOUT`` less
+        than ``WRITE_FAILURE_SECONDS`` ago, and none has committed since. A store can answer
+        its ping while every commit waits (a table lock held on PostgreSQL): /readyz must
+        not call that ready. (A store's own write errors are its ping's to report: its probe
+        write fails with them, and succeeds again with no traffic needed.) Past the window
+        the ping decides again, so a replica taken out of rotation comes back to be tried."""
         failed = self.write_failed_at
         return failed is not None and time.monotonic() - failed < WRITE_FAILURE_SECONDS
 
@@ -430,6 +426,7 @@ class WebhookEndpoint:
                 raise  # a shutdown, not our timeout
             self._expired.discard(task)
             task.uncancel()
+            self.write_failed_at = time.monotonic()
             raise self._commit_timed_out() from None
         finally:
             self._waiting.pop(task, None)
