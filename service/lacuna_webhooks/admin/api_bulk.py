@@ -41,7 +41,7 @@ from .bodies import json_object
 from .bulk import BulkOperation, OperationInProgress, OperationStopped
 from .context import AdminContext
 from .filters import FILTER_NAMES, MAX_MATCHES, MAX_TEXT, filter_from_json
-from .responses import BadRequest, error_response, json_response
+from .responses import BadRequest, error_response, json_response, shutting_down
 
 #: The body's fields besides the filters.
 OPERATION_FIELDS = ("all", "handlers", "missing_only", "dry_run")
@@ -114,12 +114,6 @@ def operation_from_json(
     )
 
 
-def _stopping(exc: OperationStopped) -> Response:
-    return error_response(
-        503, "shutting_down", str(exc), error_type="api_error", headers={"retry-after": "1"}
-    )
-
-
 def routes(ctx: AdminContext) -> list[BaseRoute]:
     """This area's routes, mounted under /api/v1."""
     runner = ctx.bulk
@@ -134,12 +128,12 @@ def routes(ctx: AdminContext) -> list[BaseRoute]:
         except OperationInProgress as exc:
             return error_response(409, "operation_in_progress", str(exc))
         except OperationStopped as exc:
-            return _stopping(exc)
+            return shutting_down(str(exc))
         try:
             # Shielded: a client that hangs up leaves the operation to finish (and be logged).
             result = await asyncio.shield(task)
         except OperationStopped as exc:
-            return _stopping(exc)
+            return shutting_down(str(exc))
         return json_response(result.json())
 
     return [Route("/replays", replays, methods=["POST"])]

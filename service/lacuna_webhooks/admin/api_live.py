@@ -43,7 +43,7 @@ from . import offload, openapi
 from .api_events import _payload, event_summary
 from .context import AdminContext
 from .filters import MAX_TEXT
-from .responses import BadRequest, NotFound, error_response, json_response
+from .responses import BadRequest, NotFound, json_response, shutting_down
 
 log = structlog.get_logger("lacuna_webhooks.admin")
 
@@ -106,17 +106,6 @@ async def sse_message(cursor: str, record: EventRecord) -> bytes:
 def _encode(cursor: str, record: EventRecord) -> bytes:
     data = orjson.dumps(stream_event(record), option=orjson.OPT_UTC_Z)
     return b"id: " + cursor.encode("ascii") + b"\nevent: event\ndata: " + data + b"\n\n"
-
-
-def _shutting_down() -> Response:
-    """The answer of a ``?wait=`` that ``serve`` stopping cut short: ask again."""
-    return error_response(
-        503,
-        "shutting_down",
-        "The service is stopping: the wait ended early. Ask again.",
-        error_type="api_error",
-        headers={"retry-after": "1"},
-    )
 
 
 # --- parameters --------------------------------------------------------------------------------
@@ -211,7 +200,7 @@ def routes(ctx: AdminContext) -> list[BaseRoute]:
                 # The stop ended the wait early (it never holds serve up). What was found is
                 # not the answer asked for: "not stored yet" is a 404, and "still running" an
                 # answer, only once the wait is over. The client asks again instead.
-                return _shutting_down()
+                return shutting_down("The service is stopping: the wait ended early. Ask again.")
             await first_of((mark, ctx.stopping), min(left, signal.poll_timeout(loop.time())))
         if task is None:
             raise NotFound(f"No task {task_id[:100]!r}.", param="task_id")

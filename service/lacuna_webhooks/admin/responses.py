@@ -48,6 +48,14 @@ def error_response(
     )
 
 
+def shutting_down(message: str) -> Response:
+    """``503 shutting_down`` with ``Retry-After: 1``: ``serve`` stopping cut the request short
+    (a bulk operation, a task wait); the client asks again."""
+    return error_response(
+        503, "shutting_down", message, error_type="api_error", headers={"retry-after": "1"}
+    )
+
+
 class BadRequest(Exception):
     """Raised by parameter parsing anywhere in a route; ``create_admin_app`` answers it with
     400 ``invalid_request`` naming ``param``."""
