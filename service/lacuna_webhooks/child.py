@@ -1,8 +1,9 @@
 """Start a child process of our own: this interpreter running one of the package's
 ``child_main(fd)`` functions over a socket pair, and the frames both sides exchange.
 
-Used by the SQLite writer process (``store.sqlite.process``) and the handler worker
-processes (``dispatch.workers``). Imports nothing of the package's.
+Used by the SQLite writer process (``store.sqlite.process``), the handler worker
+processes (``dispatch.workers``) and the plugin check at start (``plugin_check``). Imports
+nothing of the package's.
 
 A frame is a 4-byte big-endian length and that many bytes (what they hold, pickle or JSON,
 is the caller's business). Each reader passes its own bound on the length: a larger prefix
@@ -12,7 +13,10 @@ means the stream is corrupt (``ValueError``), and nothing that large is allocate
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -27,6 +31,24 @@ _LEN = struct.Struct("!I")
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[1])
 
 
+def _command(module: str, fd: int) -> list[str]:
+    """The child's command line: this interpreter running a fixed program (nothing here comes
+    from outside) that calls ``module.child_main(fd)``."""
+    # The socket is the child's alone: a process it starts (a handler's `os.system("… &")`)
+    # must not hold it open past the child's death, or the parent, reading it, would never
+    # see that death.
+    code = (
+        "import os, sys\n"
+        f"os.set_inheritable({fd}, False)\n"
+        f"if {_PACKAGE_ROOT!r} not in sys.path: sys.path.insert(0, {_PACKAGE_ROOT!r})\n"
+        f"from {module} import child_main\n"
+        f"sys.exit(child_main({fd}))\n"
+    )
+    # sys.argv[1]: the parent it was started by, for a child to tell whether that parent is
+    # already gone (die_with_parent).
+    return [sys.executable, "-c", code, str(os.getpid())]
+
+
 async def start_child(module: str, theirs: socket.socket) -> asyncio.subprocess.Process:
     """Run ``module.child_main(fd)`` in a new process, ``fd`` being ``theirs``.
 
@@ -34,25 +56,9 @@ async def start_child(module: str, theirs: socket.socket) -> asyncio.subprocess.
     is closed in this process whatever happens (the child holds its own copy). Raises
     ``OSError`` when the process cannot be started.
     """
-    # The socket is the child's alone: a process it starts (a handler's `os.system("… &")`)
-    # must not hold it open past the child's death, or the parent, reading it, would never
-    # see that death.
-    code = (
-        "import os, sys\n"
-        f"os.set_inheritable({theirs.fileno()}, False)\n"
-        f"if {_PACKAGE_ROOT!r} not in sys.path: sys.path.insert(0, {_PACKAGE_ROOT!r})\n"
-        f"from {module} import child_main\n"
-        f"sys.exit(child_main({theirs.fileno()}))\n"
-    )
     try:
-        # This interpreter, running a fixed program: nothing here comes from outside.
         return await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-c",
-            code,
-            # sys.argv[1]: the parent it was started by, for a child to tell whether that
-            # parent is already gone (dispatch/worker_child.py, _die_with_parent).
-            str(os.getpid()),
+            *_command(module, theirs.fileno()),
             pass_fds=(theirs.fileno(),),
             stdin=subprocess.DEVNULL,
             # A process group of its own: a handler's `os.killpg(0, SIGTERM)` (killing "its"
@@ -62,6 +68,41 @@ async def start_child(module: str, theirs: socket.socket) -> asyncio.subprocess.
         )
     finally:
         theirs.close()
+
+
+def start_child_blocking(module: str, theirs: socket.socket) -> subprocess.Popen[bytes]:
+    """``start_child`` for a caller without an event loop (a command still starting)."""
+    try:
+        return subprocess.Popen(  # noqa: S603 - a fixed program (_command)
+            _command(module, theirs.fileno()),
+            pass_fds=(theirs.fileno(),),
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # as start_child: stopped by its parent, not by Ctrl-C
+        )
+    finally:
+        theirs.close()
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """In a child: on Linux, have the kernel SIGKILL this process when its parent dies, so
+    that code that blocks (and so never reads the closed socket) cannot outlive a killed
+    ``serve``; exit at once if that parent is already gone.
+
+    The parent is compared with the one that started us (``sys.argv[1]``, ``_command``), not
+    with ``getppid()`` read here first: a parent that died before that read left both
+    reads naming the reaper, and the orphan went on to import the plugin."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    try:
+        parent = int(sys.argv[1])
+    except (IndexError, ValueError):
+        return  # not started by start_child: nothing to compare with
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(0)
 
 
 def frame(payload: bytes) -> bytes:
@@ -94,4 +135,11 @@ def read_frame_blocking(stream: BinaryIO, max_bytes: int) -> bytes | None:
     return data if len(data) == size else None
 
 
-__all__ = ["frame", "read_frame", "read_frame_blocking", "start_child"]
+__all__ = [
+    "die_with_parent",
+    "frame",
+    "read_frame",
+    "read_frame_blocking",
+    "start_child",
+    "start_child_blocking",
+]

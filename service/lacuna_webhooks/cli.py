@@ -56,7 +56,7 @@ from .redact import (
 from .store import DeliveryRecord, EventRecord, Store, open_store
 
 if TYPE_CHECKING:
-    from .plugins import HandlerSet
+    from .plugins import BuildRequest, HandlerSet
     from .tracing import Tracing
 
 PROG = "lacuna-webhooks"
@@ -138,8 +138,21 @@ def _handlers_of(settings: Settings) -> HandlerSet:
         secrets=secret_values(settings.environ),
     )
     log_secret_warnings(settings)
+    from .plugins import runs_foreign_code
+
     try:
-        built = _build(settings, settings.handlers)  # flow-control settings checked too
+        if runs_foreign_code(settings.handlers):
+            # A plugin's code (its import, its factory) never runs in this process: it
+            # could end it, or leave a thread here beside intake (plugin_check.py).
+            from .plugin_check import check_in_child
+
+            built = check_in_child(
+                _build_request(settings, settings.handlers),
+                log_format=settings.log_format,
+                log_level=settings.log_level,
+            )
+        else:
+            built = _build(settings, settings.handlers)  # flow-control settings checked too
     except ConfigError as exc:
         raise CommandError(f"configuration: {exc}", exit_code=2) from None
     log_unknown_variables(settings, built.names)
@@ -170,13 +183,15 @@ def log_unknown_variables(settings: Settings, instances: Sequence[str]) -> None:
         )
 
 
-def _build(settings: Settings, items: Sequence[str], *, check_order: bool = True) -> HandlerSet:
-    """``build_handlers`` with the global values of ``settings`` (``ConfigError`` as it)."""
-    from .plugins import build_handlers
+def _build_request(
+    settings: Settings, items: Sequence[str], *, check_order: bool = True
+) -> BuildRequest:
+    """The ``build_handlers`` call of ``items`` with the global values of ``settings``."""
+    from .plugins import BuildRequest
     from .retry import RetryPolicy
 
-    return build_handlers(
-        items,
+    return BuildRequest(
+        tuple(items),
         settings.environ,
         allow_private_urls=settings.allow_private_urls,
         timeout_seconds=settings.handler_timeout_seconds,
@@ -188,6 +203,11 @@ def _build(settings: Settings, items: Sequence[str], *, check_order: bool = True
         ),
         check_order=check_order,
     )
+
+
+def _build(settings: Settings, items: Sequence[str], *, check_order: bool = True) -> HandlerSet:
+    """``build_handlers`` with the global values of ``settings`` (``ConfigError`` as it)."""
+    return _build_request(settings, items, check_order=check_order).build()
 
 
 async def _open_service_store(settings: Settings, handlers: HandlerSet) -> Store:

@@ -259,6 +259,57 @@ class _RunsElsewhere:
         return None
 
 
+@dataclass(frozen=True)
+class BuildRequest:
+    """The arguments of one ``build_handlers`` call, as ``serve`` and ``worker`` make it at
+    start: picklable, so that ``plugin_check`` can make the same call in a child process."""
+
+    items: tuple[str, ...]
+    environ: Mapping[str, str] = field(repr=False)
+    allow_private_urls: bool = False
+    timeout_seconds: float = 60.0
+    concurrency: int = 4
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+    check_order: bool = True
+
+    def build(self, on_item: Callable[[str], None] | None = None) -> HandlerSet:
+        """``build_handlers`` with these arguments (``ConfigError`` as it)."""
+        return build_handlers(
+            self.items,
+            self.environ,
+            allow_private_urls=self.allow_private_urls,
+            timeout_seconds=self.timeout_seconds,
+            concurrency=self.concurrency,
+            policy=self.policy,
+            check_order=self.check_order,
+            on_item=on_item,
+        )
+
+
+#: Where this package's own handlers live: code that may run in ``serve``'s process.
+_OWN_PREFIX = __name__.rsplit(".", 1)[0] + "."
+
+
+def runs_foreign_code(items: Iterable[str]) -> bool:
+    """Whether loading ``items`` (``LACUNA_HANDLERS``) would run code that is not this
+    package's: a ``package.module:attr`` outside it, or an entry point another distribution
+    registers. An item that cannot be resolved loads nothing (``build_handlers`` reports it).
+    Reads entry-point metadata only; imports nothing."""
+    for item in items:
+        try:
+            _, kind = split_handler_item(item)
+        except ConfigError:
+            continue
+        if ":" in kind:
+            if not (kind.partition(":")[0] + ".").startswith(_OWN_PREFIX):
+                return True
+            continue
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            if ep.name == kind and not ep.value.startswith(_OWN_PREFIX):
+                return True
+    return False
+
+
 def build_handlers(
     names: Sequence[str],
     environ: Mapping[str, str],
@@ -268,13 +319,15 @@ def build_handlers(
     concurrency: int = 4,
     policy: RetryPolicy | None = None,
     check_order: bool = True,
+    on_item: Callable[[str], None] | None = None,
 ) -> HandlerSet:
     """Load and build every ``LACUNA_HANDLERS`` item (``KIND`` or ``NAME=KIND``) as an
     instance; raise one ``ConfigError`` listing every problem (two instances with one
     name among them). ``concurrency`` and ``policy`` are the global values each
     instance's ``LACUNA_<NAME>_CONCURRENCY`` / ``_RETRY_*`` override. ``check_order=False``
     leaves ``LACUNA_<NAME>_AFTER`` unchecked against the other items (a worker process, or
-    ``handlers``, building one instance alone)."""
+    ``handlers``, building one instance alone). ``on_item(item)`` is called before each item
+    is loaded (``plugin_check`` reports it, to name the item that ended its process)."""
     # Imported here: the dispatch package imports this module.
     from .dispatch.flow import read_flow_control
 
@@ -289,6 +342,8 @@ def build_handlers(
     policies: dict[str, RetryPolicy] = {}
     after: dict[str, tuple[str, ...]] = {}
     for item in names:
+        if on_item is not None:
+            on_item(item)
         try:
             explicit, kind = split_handler_item(item)
             default_name, factory = load_factory(kind)

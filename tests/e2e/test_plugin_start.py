@@ -15,10 +15,11 @@ import subprocess
 import textwrap
 from pathlib import Path
 
+import httpx
 import pytest
 
-from tests.conftest import TEST_SECRET
-from tests.e2e.conftest import CLI, REPO, free_port
+from tests.conftest import TEST_SECRET, make_event, signed
+from tests.e2e.conftest import CLI, REPO, Serve, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -36,6 +37,8 @@ PLUGINS = textwrap.dedent(
                 raise SystemExit(0)
             if kind == "exit3":
                 raise SystemExit(3)
+            if kind == "hard0":
+                os._exit(0)
             if kind == "base":
                 class Boom(BaseException):
                     pass
@@ -54,6 +57,10 @@ def run_serve(tmp_path: Path, handlers: str, evil: str = "") -> subprocess.Compl
     (tmp_path / "evil_factory.py").write_text(PLUGINS)
     (tmp_path / "evil_import_exit.py").write_text("raise SystemExit(0)\n")
     (tmp_path / "evil_import_bug.py").write_text("raise RuntimeError('a bug at import')\n")
+    (tmp_path / "evil_import_hard.py").write_text("import os\nos._exit(0)\n")
+    (tmp_path / "evil_import_kill.py").write_text(
+        "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n"
+    )
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("LACUNA_")},
         "PYTHONPATH": f"{REPO}{os.pathsep}{tmp_path}",
@@ -76,6 +83,25 @@ def run_serve(tmp_path: Path, handlers: str, evil: str = "") -> subprocess.Compl
         ("evil_factory:Factory", "base", "failed to start: Boom: boom"),
         ("evil_import_exit:Handler", "", "cannot be loaded: SystemExit: 0"),
         ("evil_import_bug:Handler", "", "cannot be loaded: RuntimeError: a bug at import"),
+        # Hard exits, which no `except` sees: serve exited 0 without a word (os._exit(0) at
+        # import), or died with the plugin. Now the plugin's code runs in a child process.
+        (
+            "evil_import_hard:Handler",
+            "",
+            "the 'evil_import_hard:Handler' handler ended the process that checks it "
+            "(exited with code 0 while it was imported or built)",
+        ),
+        (
+            "evil_factory:Factory",
+            "hard0",
+            "the 'evil_factory:Factory' handler ended the process that checks it "
+            "(exited with code 0",
+        ),
+        (
+            "evil_import_kill:Handler",
+            "",
+            "handler ended the process that checks it (was killed by signal SIGKILL",
+        ),
     ],
 )
 def test_a_plugin_failing_at_start_is_exit_2_and_one_line(
@@ -87,3 +113,56 @@ def test_a_plugin_failing_at_start_is_exit_2_and_one_line(
     (line,) = [line for line in done.stderr.splitlines() if "configuration:" in line]
     assert says in line
     assert not (tmp_path / "start.db").exists()  # stopped before opening the store
+
+
+NOTED = textwrap.dedent(
+    """
+    import os
+    from pathlib import Path
+
+    def note(what):
+        with Path(os.environ["NOTED_PATH"]).open("a") as fh:
+            fh.write(f"{what} {os.getpid()}\\n")
+
+    note("import")
+
+    class Noted:
+        name = "noted"
+        events = None
+
+        def __init__(self, ctx):
+            note("build")
+
+        async def handle(self, event):
+            note("handle")
+
+        async def aclose(self):
+            return None
+    """
+)
+
+
+def test_a_plugins_code_never_runs_in_the_serve_process(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """serve imported and built every plugin in its own process at start, to check it: a
+    thread the plugin started at import stayed there beside intake (one spinning on the CPU
+    made each webhook about 3.4 times slower), and its hard exit was serve's. Its import,
+    its factory and its handle() now run only in child processes."""
+    (tmp_path / "noted_plugin.py").write_text(NOTED)
+    noted = tmp_path / "noted.txt"
+    serve = serve_factory(
+        {
+            "PYTHONPATH": f"{REPO}{os.pathsep}{tmp_path}",
+            "LACUNA_DATABASE_URL": f"sqlite:///{tmp_path / 'noted.db'}",
+            "LACUNA_HANDLERS": "log,noted_plugin:Noted",
+            "NOTED_PATH": str(noted),
+        }
+    ).start()
+    body, headers = signed(make_event("evt_noted_1"))
+    assert httpx.post(serve.webhook_url, content=body, headers=headers).status_code == 200
+    wait_until(lambda: "handle" in noted.read_text(), what="the delivery")
+    steps = [line.split() for line in noted.read_text().splitlines()]
+    assert {what for what, _ in steps} == {"import", "build", "handle"}
+    assert serve.proc is not None
+    assert str(serve.proc.pid) not in {pid for _, pid in steps}, steps

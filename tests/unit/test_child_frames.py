@@ -90,15 +90,15 @@ def test_the_writer_child_ends_on_a_corrupt_length(capsys: pytest.CaptureFixture
 def test_a_worker_whose_parent_is_already_gone_exits_before_doing_anything(
     started_by_parent: bool,
 ) -> None:
-    """_die_with_parent compares getppid() with the pid start_child passed (sys.argv[1]). It
+    """die_with_parent compares getppid() with the pid start_child passed (sys.argv[1]). It
     used to compare two reads of getppid(): a serve killed before the first read left both
     naming the reaper, and the orphan went on to import and run the plugin."""
     parent = os.getpid() if started_by_parent else 1  # 1: what an orphan's getppid() says
     code = (
         "import sys\n"
         f"sys.argv = ['-c', '{parent}']\n"
-        "from lacuna_webhooks.dispatch.worker_child import _die_with_parent\n"
-        "_die_with_parent()\n"
+        "from lacuna_webhooks.child import die_with_parent\n"
+        "die_with_parent()\n"
         "print('went on')\n"
     )
     done = subprocess.run(

@@ -10,8 +10,6 @@ ends this process, and the parent records and restarts that.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
 import functools
 import os
 import pickle
@@ -23,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import structlog
 
-from ..child import frame, read_frame
+from ..child import die_with_parent, frame, read_frame
 from ..handlers.base import Handler, settle
 from ..models import Event
 from .attempt import Outcome, describe_error, run_attempt, stranded_thread
@@ -32,27 +30,8 @@ from .workers import MAX_FRAME_BYTES, WorkerSpec
 if TYPE_CHECKING:
     from ..tracing import Tracing
 
-_PR_SET_PDEATHSIG = 1
 #: How long the handler's ``aclose`` may take when the worker stops.
 ACLOSE_TIMEOUT_SECONDS = 5.0
-
-
-def _die_with_parent() -> None:
-    """Linux: have the kernel SIGKILL this process when its parent dies, so a handler that
-    blocks (and so never reads the closed socket) cannot outlive a killed ``serve``.
-
-    The parent is compared with the one that started us (``sys.argv[1]``, child.py), not
-    with ``getppid()`` read here first: a parent that died before that read left both
-    reads naming the reaper, and the orphan went on to import the plugin."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    try:
-        parent = int(sys.argv[1])
-    except (IndexError, ValueError):
-        return  # not started by start_child: nothing to compare with
-    if os.getppid() != parent:  # the parent died before the request took effect
-        os._exit(0)
 
 
 def _send_json(sock: socket.socket, message: list[Any]) -> None:
@@ -70,7 +49,7 @@ def child_main(fd: int) -> int:
     # shrugged off SIGTERM (an operator's `kill` too); a handler is reset by exec.
     signal.signal(signal.SIGINT, _not_for_workers)
     signal.signal(signal.SIGTERM, _not_for_workers)
-    _die_with_parent()
+    die_with_parent()
     sock = socket.socket(fileno=fd)
     stream = sock.makefile("rb")
     head = stream.read(4)

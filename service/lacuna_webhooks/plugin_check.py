@@ -1,0 +1,232 @@
+"""Build third-party handler plugins at start in a process of their own, never in ``serve``'s.
+
+``serve`` and ``worker`` build every configured handler once at start, to check its settings
+and learn its event filter, then drop it: handlers run only in their worker processes
+(``dispatch.workers``). Building a plugin runs its code, its module's import and its
+factory. Run in ``serve``'s process, that code could end it (``os._exit(0)`` at import: exit
+code 0 and not a word, and the shipped systemd unit does not restart on 0) or leave a thread
+behind that shares the GIL with intake for as long as ``serve`` runs (a thread spinning at
+import made every webhook about 3.4 times slower).
+
+So when ``LACUNA_HANDLERS`` names code that is not this package's
+(``plugins.runs_foreign_code``), ``check_in_child`` makes the same ``build_handlers`` call in
+a child process (``child.start_child_blocking``). The child says which item it is about to
+load before each one (``["loading", ITEM]``), then answers ``["built", SET]`` or
+``["problems", [LINE, ...]]``, and is stopped: a plugin's threads, atexit hooks and child
+processes end with it. A child that ends without an answer names the item it was loading,
+in one ``ConfigError`` line, as a plugin that raises does.
+
+The child answers in JSON frames, never pickle: the plugin's code runs in that process, and
+whatever it writes to the socket must not be able to run code in ``serve``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import signal
+import socket
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from .child import die_with_parent, frame, read_frame_blocking, start_child_blocking
+from .errors import ConfigError
+from .plugins import BuildRequest, HandlerSet, _RunsElsewhere
+from .retry import RetryPolicy
+
+#: The largest frame either side reads (the request: the environment; the answer: the set).
+MAX_FRAME_BYTES = 16 * 1024 * 1024
+#: How long the child may take to end once it answered (its plugin's non-daemon threads, its
+#: atexit hooks) before it is killed, with whatever it started in its process group.
+EXIT_GRACE_SECONDS = 2.0
+
+
+def check_in_child(request: BuildRequest, *, log_format: str, log_level: str) -> HandlerSet:
+    """``request.build()`` in a child process: the checked set, holding no handler object
+    (``HandlerSet.without_instances``). Raises ``ConfigError`` with every problem found, or
+    naming the item whose code ended the child; ``KeyboardInterrupt`` (Ctrl-C while a
+    plugin's import blocks) stops the child and is raised on."""
+    ours, theirs = socket.socketpair()
+    try:
+        proc = start_child_blocking("lacuna_webhooks.plugin_check", theirs)
+    except OSError as exc:
+        ours.close()
+        raise ConfigError(
+            f"LACUNA_HANDLERS: the process that checks the handler plugins did not start: {exc}"
+        ) from None
+    loading: str | None = None
+    answered = False
+    try:
+        with contextlib.suppress(OSError):  # a child already gone: its EOF says so below
+            ours.sendall(frame(pickle.dumps((tuple(sys.path), request, log_format, log_level))))
+        with ours.makefile("rb") as stream:
+            while True:
+                try:
+                    data = read_frame_blocking(stream, MAX_FRAME_BYTES)
+                    message = orjson.loads(data) if data is not None else None
+                except ValueError:
+                    message = ["garbled"]
+                except OSError:
+                    message = None
+                if message is None:
+                    raise ConfigError(_ended(loading, _wait(proc)))
+                match message:
+                    case ["loading", str(item)]:
+                        loading = item
+                    case ["problems", list(problems)]:
+                        answered = True
+                        raise ConfigError([str(p) for p in problems])
+                    case ["built", dict(built)]:
+                        answered = True
+                        return _handler_set(built, loading)
+                    case _:
+                        raise ConfigError(
+                            f"LACUNA_HANDLERS: the {loading!r} handler wrote to the socket of "
+                            "the process that checks it; its answer could not be read"
+                        )
+    finally:
+        ours.close()
+        _stop(proc, EXIT_GRACE_SECONDS if answered else 0.0)
+
+
+def _ended(loading: str | None, returncode: int | None) -> str:
+    if returncode is None:
+        how = "ended its connection"
+    elif returncode < 0:
+        name = signal.Signals(-returncode).name if -returncode in signal.valid_signals() else ""
+        how = f"was killed by signal {name or -returncode}"
+    else:
+        how = f"exited with code {returncode}"
+    if loading is None:
+        return f"LACUNA_HANDLERS: the process that checks the handler plugins {how} at start"
+    return (
+        f"LACUNA_HANDLERS: the {loading!r} handler ended the process that checks it "
+        f"({how} while it was imported or built): a plugin must not exit or kill its process"
+    )
+
+
+def _wait(proc: Any) -> int | None:
+    """The child's exit status once it ended (``None``: still running, it is killed)."""
+    exited = _exited(proc, EXIT_GRACE_SECONDS)
+    _stop(proc, 0.0)
+    return proc.returncode if exited else None
+
+
+def _exited(proc: Any, seconds: float) -> bool:
+    """Whether the child ends within ``seconds``, without reaping it: while it is a zombie
+    its pid, the id of its process group, cannot be another process's (``_stop``)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
+                return True
+        except ChildProcessError:
+            return True  # reaped already
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+
+
+def _stop(proc: Any, grace: float) -> None:
+    """Give the child ``grace`` seconds to end, then kill its process group (its session:
+    what the plugin started too) and reap it."""
+    if proc.returncode is not None:
+        return  # reaped (by _wait, which stopped the group first)
+    if grace:
+        _exited(proc, grace)
+    with contextlib.suppress(OSError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(Exception):
+        proc.wait(EXIT_GRACE_SECONDS)
+
+
+def _handler_set(built: Mapping[str, Any], loading: str | None) -> HandlerSet:
+    """The ``HandlerSet`` the child described (``_describe``); one ``ConfigError`` line if a
+    plugin wrote something else in its place."""
+    try:
+        names = [str(n) for n in built["names"]]
+        return HandlerSet(
+            {n: _RunsElsewhere(n) for n in names},
+            {
+                n: None if f is None else frozenset(str(t) for t in f)
+                for n, f in built["filters"].items()
+            },
+            {n: float(t) for n, t in built["timeouts"].items()},
+            {n: str(i) for n, i in built["items"].items()},
+            {n: str(k) for n, k in built["kinds"].items()},
+            {n: int(c) for n, c in built["concurrency"].items()},
+            {
+                n: RetryPolicy(int(a), float(b), float(c))
+                for n, (a, b, c) in built["policies"].items()
+            },
+            {n: tuple(str(x) for x in a) for n, a in built["after"].items()},
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ConfigError(
+            f"LACUNA_HANDLERS: the answer of the process that checks the handler plugins "
+            f"could not be read ({type(exc).__name__}; last loaded: {loading!r})"
+        ) from None
+
+
+def _describe(built: HandlerSet) -> dict[str, Any]:
+    return {
+        "names": built.names,
+        "filters": {n: None if f is None else sorted(f) for n, f in built.filters.items()},
+        "timeouts": dict(built.timeouts),
+        "items": dict(built.items),
+        "kinds": dict(built.kinds),
+        "concurrency": dict(built.concurrency),
+        "policies": {
+            n: [p.max_attempts, p.base_delay_seconds, p.max_delay_seconds]
+            for n, p in built.policies.items()
+        },
+        "after": {n: list(a) for n, a in built.after.items()},
+    }
+
+
+def _not_here(signum: int, frame: object) -> None:
+    """SIGINT and SIGTERM in the child: nothing; its parent stops it (see ``child_main``)."""
+
+
+def child_main(fd: int) -> int:
+    """The child: build what the parent asks, answer, end."""
+    # Caught, not ignored (an ignored signal stays ignored across exec): the parent stops it.
+    signal.signal(signal.SIGINT, _not_here)
+    signal.signal(signal.SIGTERM, _not_here)
+    die_with_parent()
+    sock = socket.socket(fileno=fd)
+    with sock.makefile("rb") as stream:
+        data = read_frame_blocking(stream, MAX_FRAME_BYTES)
+    if data is None:
+        return 0
+    # From our own parent, over a socket pair nobody else holds: not untrusted data.
+    sys_path, request, log_format, log_level = pickle.loads(data)  # noqa: S301
+    assert isinstance(request, BuildRequest)
+    sys.path[:] = list(sys_path) or sys.path
+
+    from .logs import capture_output, configure
+    from .redact import secret_values
+
+    # What a plugin prints at import is logged, redacted, as in its worker process.
+    capture_output(
+        lambda: configure(
+            log_format=log_format, level=log_level, secrets=secret_values(request.environ)
+        ),
+        handler="check",
+    )
+
+    def send(message: list[Any]) -> None:
+        sock.sendall(frame(orjson.dumps(message)))
+
+    try:
+        built = request.build(on_item=lambda item: send(["loading", item]))
+    except ConfigError as exc:
+        send(["problems", list(exc.problems)])
+    else:
+        send(["built", _describe(built)])
+    return 0
