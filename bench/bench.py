@@ -265,10 +265,12 @@ def measure_serve(
         "HOST": "127.0.0.1",
         "PORT": str(port),
     }
-    if source is not None:
-        env["PYTHONPATH"] = str(source.resolve() / "service")
-    cli = str(Path(sys.executable).parent / "lacuna-webhooks")
-    served, rss = measure([cli, "serve"], env, port, requests, args, "/healthz")
+    # `python -m lacuna_webhooks` from the checkout's own tree, for this one and --baseline
+    # alike: the venv's console script imports the entry module of the installed version,
+    # which an older checkout may not have.
+    env["PYTHONPATH"] = str((source or HERE.parent).resolve() / "service")
+    cmd = [sys.executable, "-m", "lacuna_webhooks", "serve"]
+    served, rss = measure(cmd, env, port, requests, args, "/healthz")
     with sqlite3.connect(db) as conn:
         stored = conn.execute("SELECT count(*) FROM events").fetchone()[0]
     return served, rss, stored / served["seconds"]
