@@ -402,13 +402,17 @@ def admin_listener(
     make_context: Callable[[Any], Any],
 ) -> Iterator[tuple[str, Any]]:
     """The admin app over a SQLite store at ``path`` (seeded by ``seed(store)``, its
-    ``AdminContext`` from ``make_context(store)``), served by uvicorn on its own socket in a
+    ``AdminContext`` from ``make_context(store)``), served as ``serve`` serves it
+    (``server.server_config``: its protocol, limits and error envelopes) on its own socket in a
     thread with its own loop (the store belongs to that loop); yields ``(base URL, app)``."""
     import asyncio
 
     import uvicorn
 
     from lacuna_webhooks.admin import create_admin_app
+    from lacuna_webhooks.config import Settings
+    from lacuna_webhooks.metrics import Metrics
+    from lacuna_webhooks.server import ADMIN_SHARE, server_config
     from lacuna_webhooks.store.sqlite import SQLiteStore
 
     port = free_port()
@@ -421,8 +425,10 @@ def admin_listener(
         try:
             await seed(store)
             app = holder["app"] = create_admin_app(make_context(store))
-            config = uvicorn.Config(
-                app, host="127.0.0.1", port=port, log_level="warning", log_config=None
+            # serve's own HTTP layer (its limits and error envelopes), as in production.
+            settings = Settings.from_env({}, require_secret=False)
+            config = server_config(
+                app, settings, Metrics(), host="127.0.0.1", port=port, share=ADMIN_SHARE
             )
             server = holder["server"] = uvicorn.Server(config)
             task = asyncio.create_task(server.serve())

@@ -40,6 +40,13 @@ ERROR_RESPONSES: dict[str, Any] = {
         "description": "No or wrong token",
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
     },
+    # The HTTP layer's, before any route (server.py, docs/http.md): a request line and headers
+    # over LACUNA_MAX_HEADER_BYTES (16 KiB by default) or LACUNA_MAX_HEADERS lines. A long
+    # query (many `match` values) meets it first.
+    "431": {
+        "description": "Request line and headers too large",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    },
 }
 
 
