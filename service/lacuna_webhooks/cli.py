@@ -104,10 +104,11 @@ def _handler_problems(environ: Mapping[str, str]) -> list[str]:
     """What ``build_handlers`` finds wrong with ``LACUNA_HANDLERS``'s instances, read with
     the global settings' defaults. The instances it builds are dropped unused, as
     ``_handlers_of`` drops its own."""
-    from .plugins import build_handlers
+    from .plugin_check import build_checked
+    from .plugins import BuildRequest
 
     try:
-        build_handlers(parse_list(environ.get("LACUNA_HANDLERS", "")), environ)
+        build_checked(BuildRequest(tuple(parse_list(environ.get("LACUNA_HANDLERS", ""))), environ))
     except ConfigError as exc:
         return list(exc.problems)
     return []
@@ -138,21 +139,8 @@ def _handlers_of(settings: Settings) -> HandlerSet:
         secrets=secret_values(settings.environ),
     )
     log_secret_warnings(settings)
-    from .plugins import runs_foreign_code
-
     try:
-        if runs_foreign_code(settings.handlers):
-            # A plugin's code (its import, its factory) never runs in this process: it
-            # could end it, or leave a thread here beside intake (plugin_check.py).
-            from .plugin_check import check_in_child
-
-            built = check_in_child(
-                _build_request(settings, settings.handlers),
-                log_format=settings.log_format,
-                log_level=settings.log_level,
-            )
-        else:
-            built = _build(settings, settings.handlers)  # flow-control settings checked too
+        built = _build(settings, settings.handlers)  # flow-control settings checked too
     except ConfigError as exc:
         raise CommandError(f"configuration: {exc}", exit_code=2) from None
     log_unknown_variables(settings, built.names)
@@ -206,8 +194,15 @@ def _build_request(
 
 
 def _build(settings: Settings, items: Sequence[str], *, check_order: bool = True) -> HandlerSet:
-    """``build_handlers`` with the global values of ``settings`` (``ConfigError`` as it)."""
-    return _build_request(settings, items, check_order=check_order).build()
+    """``build_handlers`` with the global values of ``settings`` (``ConfigError`` as it); a
+    third-party plugin is built in a check process, never here (``plugin_check``)."""
+    from .plugin_check import build_checked
+
+    return build_checked(
+        _build_request(settings, items, check_order=check_order),
+        log_format=settings.log_format,
+        log_level=settings.log_level,
+    )
 
 
 async def _open_service_store(settings: Settings, handlers: HandlerSet) -> Store:
@@ -1493,41 +1488,33 @@ def _instance_of(item: str) -> list[str]:
 def _configured_names(environ: Mapping[str, str]) -> list[str]:
     """The handler names ``LACUNA_HANDLERS`` configures (without building the handlers, so
     a handler whose own settings are wrong can still be paused)."""
-    from .config import split_handler_item
-    from .plugins import load_factory
+    return list(_resolved(environ))
+
+
+def _resolved(environ: Mapping[str, str]) -> dict[str, frozenset[str] | None]:
+    """Per configured handler name, its kind's own event filter; nothing built, and a
+    third-party plugin loaded in a check process, never here (``plugin_check``)."""
+    from .plugin_check import resolve_checked
 
     settings = _settings(environ, require_secret=False)
-    names = []
     try:
-        for item in settings.handlers:
-            name, kind = split_handler_item(item)
-            names.append(name or load_factory(kind)[0])
+        resolved = resolve_checked(
+            settings.handlers, log_format=settings.log_format, log_level=settings.log_level
+        )
     except ConfigError as exc:
         raise CommandError(f"configuration: {exc}", exit_code=2) from None
-    return names
+    return dict(resolved)
 
 
 def _configured_filters(environ: Mapping[str, str]) -> dict[str, frozenset[str] | None]:
     """Per configured handler name, the event types it takes (``LACUNA_<NAME>_EVENTS`` or
     its kind's default; ``None``: every type), without building the handlers."""
-    from .config import split_handler_item
-    from .plugins import load_factory, parse_events
+    from .plugins import parse_events
 
-    settings = _settings(environ, require_secret=False)
-    filters: dict[str, frozenset[str] | None] = {}
-    try:
-        for item in settings.handlers:
-            name, kind = split_handler_item(item)
-            default_name, factory = load_factory(kind)
-            name = name or default_name
-            default = getattr(factory, "events", None)
-            filters[name] = parse_events(
-                environ.get(f"LACUNA_{name.upper()}_EVENTS"),
-                frozenset(default) if default is not None else None,
-            )
-    except ConfigError as exc:
-        raise CommandError(f"configuration: {exc}", exit_code=2) from None
-    return filters
+    return {
+        name: parse_events(environ.get(f"LACUNA_{name.upper()}_EVENTS"), default)
+        for name, default in _resolved(environ).items()
+    }
 
 
 def _configured_lines(environ: Mapping[str, str]) -> list[str]:

@@ -10,8 +10,9 @@ import made every webhook about 3.4 times slower).
 
 So when ``LACUNA_HANDLERS`` names code that is not this package's
 (``plugins.runs_foreign_code``), ``check_in_child`` makes the same ``build_handlers`` call in
-a child process (``child.start_child_blocking``). The child says which item it is about to
-load before each one (``["loading", ITEM]``), then answers ``["built", SET]`` or
+a child process (``child.start_child_blocking``), and ``resolve_checked`` the CLI's lighter
+``resolve_items`` (names and default filters, nothing built). The child says which item it is
+about to load before each one (``["loading", ITEM]``), then answers ``["answer", VALUE]`` or
 ``["problems", [LINE, ...]]``, and is stopped: a plugin's threads, atexit hooks and child
 processes end with it. A child that ends without an answer names the item it was loading,
 in one ``ConfigError`` line, as a plugin that raises does.
@@ -29,14 +30,14 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
 
 from .child import die_with_parent, frame, read_frame_blocking, start_child_blocking
 from .errors import ConfigError
-from .plugins import BuildRequest, HandlerSet, _RunsElsewhere
+from .plugins import BuildRequest, HandlerSet, _RunsElsewhere, resolve_items, runs_foreign_code
 from .retry import RetryPolicy
 
 #: The largest frame either side reads (the request: the environment; the answer: the set).
@@ -46,11 +47,48 @@ MAX_FRAME_BYTES = 16 * 1024 * 1024
 EXIT_GRACE_SECONDS = 2.0
 
 
+def build_checked(
+    request: BuildRequest, *, log_format: str = "auto", log_level: str = "info"
+) -> HandlerSet:
+    """``request.build()`` here when it loads only this package's handlers, else in a child
+    process (``check_in_child``, whose set holds no handler object). ``ConfigError`` as
+    they raise it. ``log_format``/``log_level``: how the child logs (``LACUNA_LOG_*``)."""
+    if runs_foreign_code(request.items):
+        return check_in_child(request, log_format=log_format, log_level=log_level)
+    return request.build()
+
+
+def resolve_checked(
+    items: Sequence[str], *, log_format: str = "auto", log_level: str = "info"
+) -> list[tuple[str, frozenset[str] | None]]:
+    """``plugins.resolve_items(items)`` (each item's instance name and its kind's own event
+    filter, nothing built), in a child process when an item is a third-party plugin.
+    ``ConfigError`` as it raises, or naming the item whose code ended the child."""
+    if not runs_foreign_code(items):
+        return resolve_items(items)
+    answer = _ask(("resolve", tuple(items)), log_format, log_level)
+    try:
+        return [
+            (str(name), None if types is None else frozenset(str(t) for t in types))
+            for name, types in answer
+        ]
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(_unreadable(exc)) from None
+
+
 def check_in_child(request: BuildRequest, *, log_format: str, log_level: str) -> HandlerSet:
     """``request.build()`` in a child process: the checked set, holding no handler object
     (``HandlerSet.without_instances``). Raises ``ConfigError`` with every problem found, or
     naming the item whose code ended the child; ``KeyboardInterrupt`` (Ctrl-C while a
     plugin's import blocks) stops the child and is raised on."""
+    answer = _ask(("build", request), log_format, log_level)
+    if not isinstance(answer, dict):
+        raise ConfigError(_unreadable(TypeError("not an object")))
+    return _handler_set(answer)
+
+
+def _ask(task: tuple[str, Any], log_format: str, log_level: str) -> Any:
+    """Run ``task`` in a new child; its answer (JSON), or ``ConfigError``."""
     ours, theirs = socket.socketpair()
     try:
         proc = start_child_blocking("lacuna_webhooks.plugin_check", theirs)
@@ -63,7 +101,7 @@ def check_in_child(request: BuildRequest, *, log_format: str, log_level: str) ->
     answered = False
     try:
         with contextlib.suppress(OSError):  # a child already gone: its EOF says so below
-            ours.sendall(frame(pickle.dumps((tuple(sys.path), request, log_format, log_level))))
+            ours.sendall(frame(pickle.dumps((tuple(sys.path), task, log_format, log_level))))
         with ours.makefile("rb") as stream:
             while True:
                 try:
@@ -81,9 +119,9 @@ def check_in_child(request: BuildRequest, *, log_format: str, log_level: str) ->
                     case ["problems", list(problems)]:
                         answered = True
                         raise ConfigError([str(p) for p in problems])
-                    case ["built", dict(built)]:
+                    case ["answer", answer]:
                         answered = True
-                        return _handler_set(built, loading)
+                        return answer
                     case _:
                         raise ConfigError(
                             f"LACUNA_HANDLERS: the {loading!r} handler wrote to the socket of "
@@ -92,6 +130,13 @@ def check_in_child(request: BuildRequest, *, log_format: str, log_level: str) ->
     finally:
         ours.close()
         _stop(proc, EXIT_GRACE_SECONDS if answered else 0.0)
+
+
+def _unreadable(exc: BaseException) -> str:
+    return (
+        "LACUNA_HANDLERS: the answer of the process that checks the handler plugins could "
+        f"not be read ({type(exc).__name__}): a plugin wrote to its socket"
+    )
 
 
 def _ended(loading: str | None, returncode: int | None) -> str:
@@ -145,7 +190,7 @@ def _stop(proc: Any, grace: float) -> None:
         proc.wait(EXIT_GRACE_SECONDS)
 
 
-def _handler_set(built: Mapping[str, Any], loading: str | None) -> HandlerSet:
+def _handler_set(built: Mapping[str, Any]) -> HandlerSet:
     """The ``HandlerSet`` the child described (``_describe``); one ``ConfigError`` line if a
     plugin wrote something else in its place."""
     try:
@@ -167,10 +212,7 @@ def _handler_set(built: Mapping[str, Any], loading: str | None) -> HandlerSet:
             {n: tuple(str(x) for x in a) for n, a in built["after"].items()},
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise ConfigError(
-            f"LACUNA_HANDLERS: the answer of the process that checks the handler plugins "
-            f"could not be read ({type(exc).__name__}; last loaded: {loading!r})"
-        ) from None
+        raise ConfigError(_unreadable(exc)) from None
 
 
 def _describe(built: HandlerSet) -> dict[str, Any]:
@@ -205,28 +247,35 @@ def child_main(fd: int) -> int:
     if data is None:
         return 0
     # From our own parent, over a socket pair nobody else holds: not untrusted data.
-    sys_path, request, log_format, log_level = pickle.loads(data)  # noqa: S301
-    assert isinstance(request, BuildRequest)
+    sys_path, (what, argument), log_format, log_level = pickle.loads(data)  # noqa: S301
     sys.path[:] = list(sys_path) or sys.path
+    environ = argument.environ if isinstance(argument, BuildRequest) else os.environ
 
     from .logs import capture_output, configure
     from .redact import secret_values
 
     # What a plugin prints at import is logged, redacted, as in its worker process.
     capture_output(
-        lambda: configure(
-            log_format=log_format, level=log_level, secrets=secret_values(request.environ)
-        ),
+        lambda: configure(log_format=log_format, level=log_level, secrets=secret_values(environ)),
         handler="check",
     )
 
     def send(message: list[Any]) -> None:
         sock.sendall(frame(orjson.dumps(message)))
 
+    def loading(item: str) -> None:
+        send(["loading", item])
+
     try:
-        built = request.build(on_item=lambda item: send(["loading", item]))
+        if what == "build":
+            answer: Any = _describe(argument.build(on_item=loading))
+        else:
+            answer = [
+                [name, None if types is None else sorted(types)]
+                for name, types in resolve_items(argument, on_item=loading)
+            ]
     except ConfigError as exc:
         send(["problems", list(exc.problems)])
     else:
-        send(["built", _describe(built)])
+        send(["answer", answer])
     return 0

@@ -310,6 +310,24 @@ def runs_foreign_code(items: Iterable[str]) -> bool:
     return False
 
 
+def resolve_items(
+    items: Iterable[str], on_item: Callable[[str], None] | None = None
+) -> list[tuple[str, frozenset[str] | None]]:
+    """Each item's instance name and its kind's own event filter (the factory's ``events``),
+    loading each kind without building an instance: what the CLI needs to name and filter
+    handlers whose settings may be wrong. Raises ``ConfigError`` for the first item that
+    cannot be loaded. ``on_item`` as in ``build_handlers``."""
+    resolved: list[tuple[str, frozenset[str] | None]] = []
+    for item in items:
+        if on_item is not None:
+            on_item(item)
+        name, kind = split_handler_item(item)
+        default_name, factory = load_factory(kind)
+        default = getattr(factory, "events", None)
+        resolved.append((name or default_name, frozenset(default) if default is not None else None))
+    return resolved
+
+
 def build_handlers(
     names: Sequence[str],
     environ: Mapping[str, str],

@@ -166,3 +166,28 @@ def test_a_plugins_code_never_runs_in_the_serve_process(
     assert {what for what, _ in steps} == {"import", "build", "handle"}
     assert serve.proc is not None
     assert str(serve.proc.pid) not in {pid for _, pid in steps}, steps
+
+
+@pytest.mark.parametrize("command", [["handlers"], ["retry-dead"], ["handlers", "pause", "log"]])
+def test_a_plugin_exiting_at_import_fails_the_cli_commands_too(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """The CLI commands that name or filter the configured handlers loaded each plugin in
+    their own process: `os._exit(0)` at import ended `handlers` or `retry-dead` with exit
+    code 0 and half its output. They load it in the check process too: exit 2, one line."""
+    (tmp_path / "evil_import_hard.py").write_text("import os\nos._exit(0)\n")
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("LACUNA_")},
+        "PYTHONPATH": f"{REPO}{os.pathsep}{tmp_path}",
+        "LACUNA_DATABASE_URL": f"sqlite:///{tmp_path / 'cli.db'}",
+        "LACUNA_HANDLERS": "log,evil_import_hard:Handler",
+    }
+    done = subprocess.run(
+        [CLI, *command], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr
+    assert (
+        "the 'evil_import_hard:Handler' handler ended the process that checks it"
+        in done.stdout + done.stderr
+    )
