@@ -228,3 +228,56 @@ def test_sqs_with_an_unreadable_aws_configuration_is_one_line(
     message = config_error(SQSHandler, ctx("sqs", QUEUE_URL="http://127.0.0.1:9324/1/q"))
     assert message.startswith("the sqs handler cannot read the AWS configuration: ")
     assert "whsec_x" not in message
+
+
+@pytest.mark.parametrize(
+    ("factory", "settings", "variables"),
+    [
+        (
+            NatsHandler,
+            {"URL": "http://127.0.0.1:4222", "SUBJECT": "{bad}", "CONNECT_TIMEOUT": "x"},
+            ["URL", "SUBJECT", "CONNECT_TIMEOUT"],
+        ),
+        (
+            RabbitMQHandler,
+            {
+                "URL": "redis://127.0.0.1",
+                "EXCHANGE": "e" * 256,
+                "ROUTING_KEY": "{bad}",
+                "READ_TIMEOUT": "x",
+            },
+            ["URL", "EXCHANGE", "ROUTING_KEY", "READ_TIMEOUT"],
+        ),
+        (
+            RedisHandler,
+            {
+                "URL": "amqp://127.0.0.1",
+                "STREAM": "{bad}",
+                "MAXLEN": "x",
+                "DEDUPE_TTL": "0",
+                "CONNECT_TIMEOUT": "x",
+            },
+            ["URL", "STREAM", "MAXLEN", "DEDUPE_TTL", "CONNECT_TIMEOUT"],
+        ),
+        (
+            SQSHandler,
+            {
+                "QUEUE_URL": "ftp://queue",
+                "ENDPOINT": "ftp://sqs",
+                "REGION": "eu-west-1",
+                "READ_TIMEOUT": "x",
+            },
+            ["QUEUE_URL", "ENDPOINT", "READ_TIMEOUT"],
+        ),
+    ],
+    ids=["nats", "rabbitmq", "redis", "sqs"],
+)
+def test_every_bad_setting_is_reported_at_once(
+    factory: object, settings: dict[str, str], variables: list[str]
+) -> None:
+    """docs/configuration.md: every bad value of a handler's own settings is reported at
+    start, one line each; the broker handlers used to stop at the first."""
+    with pytest.raises(ConfigError) as caught:
+        factory(ctx("bus", **settings))  # type: ignore[operator]
+    named = [line.split()[0].rstrip(":") for line in caught.value.problems]
+    assert named == [f"LACUNA_BUS_{key}" for key in variables], caught.value.problems

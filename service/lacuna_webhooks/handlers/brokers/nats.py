@@ -27,6 +27,7 @@ forever (nats-py), closed by ``aclose``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import re
 from typing import Any, NoReturn
 
@@ -34,7 +35,7 @@ import structlog
 
 from ...errors import PermanentError, RetryLater
 from ...models import Event
-from .._common import network_timeouts
+from .._common import Problems, network_timeouts
 from ..base import HandlerContext
 from ._shared import Template, check_url, missing_extra, reason_of
 
@@ -65,6 +66,14 @@ def subject_problem(subject: str) -> str | None:
     return None
 
 
+def _servers(ctx: HandlerContext) -> list[str]:
+    """``LACUNA_<NAME>_URL``: a cluster is several URLs, comma-separated; each is checked."""
+    servers = [part.strip() for part in ctx.require("URL").split(",") if part.strip()]
+    for server in servers:
+        check_url(ctx.env_name("URL"), server, ("nats", "tls"))
+    return servers
+
+
 class NatsHandler:
     """Publishes to JetStream (see the module docstring)."""
 
@@ -73,11 +82,17 @@ class NatsHandler:
 
     def __init__(self, ctx: HandlerContext) -> None:
         self.name = ctx.name
-        self.servers = [part.strip() for part in ctx.require("URL").split(",") if part.strip()]
-        for server in self.servers:  # a cluster is several URLs, comma-separated
-            check_url(ctx.env_name("URL"), server, ("nats", "tls"))
-        self.subject = Template.parse(ctx, "SUBJECT", "lacuna.{type}", subject_problem)
-        self.connect_timeout_seconds, self.ack_timeout_seconds = network_timeouts(ctx)
+        problems = Problems()  # every bad setting at once, not the first
+        self.servers = problems.read(functools.partial(_servers, ctx)) or []
+        subject = problems.read(
+            functools.partial(Template.parse, ctx, "SUBJECT", "lacuna.{type}", subject_problem)
+        )
+        timeouts = problems.read(functools.partial(network_timeouts, ctx))
+        problems.check()
+        assert subject is not None
+        assert timeouts is not None
+        self.subject = subject
+        self.connect_timeout_seconds, self.ack_timeout_seconds = timeouts
         self._client: NATSClient | None = None
         self._js: JetStreamContext | None = None
         self._lock = asyncio.Lock()

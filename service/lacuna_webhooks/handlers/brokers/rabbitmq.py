@@ -29,13 +29,14 @@ again after a loss (by the next attempt), closed by ``aclose``.
 from __future__ import annotations
 
 import asyncio
+import functools
 from urllib.parse import unquote, urlsplit
 
 import structlog
 
-from ...errors import ConfigError, PermanentError, RetryLater
+from ...errors import PermanentError, RetryLater
 from ...models import Event
-from .._common import network_timeouts
+from .._common import Problems, network_timeouts
 from ..base import HandlerContext
 from ._shared import Template, broker_url, missing_extra, reason_of
 
@@ -90,15 +91,27 @@ class RabbitMQHandler:
 
     def __init__(self, ctx: HandlerContext) -> None:
         self.name = ctx.name
-        self.url = broker_url(ctx, "URL", ("amqp", "amqps"))
+        problems = Problems()  # every bad setting at once, not the first
+        url = problems.read(functools.partial(broker_url, ctx, "URL", ("amqp", "amqps")))
         self.exchange_name = ctx.get("EXCHANGE", "") or ""
         problem = _shortstr_problem("exchange name", self.exchange_name)
         if problem:
-            raise ConfigError(f"{ctx.env_name('EXCHANGE')}: {problem}")
-        self.routing_key = Template.parse(
-            ctx, "ROUTING_KEY", "lacuna.{type}", lambda key: _shortstr_problem("routing key", key)
+            problems.lines.append(f"{ctx.env_name('EXCHANGE')}: {problem}")
+        routing_key = problems.read(
+            lambda: Template.parse(
+                ctx,
+                "ROUTING_KEY",
+                "lacuna.{type}",
+                lambda key: _shortstr_problem("routing key", key),
+            )
         )
-        self.connect_timeout_seconds, self.confirm_timeout_seconds = network_timeouts(ctx)
+        timeouts = problems.read(functools.partial(network_timeouts, ctx))
+        problems.check()
+        assert url is not None
+        assert routing_key is not None
+        assert timeouts is not None
+        self.url, self.routing_key = url, routing_key
+        self.connect_timeout_seconds, self.confirm_timeout_seconds = timeouts
         self._connection: AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None

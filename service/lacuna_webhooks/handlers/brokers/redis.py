@@ -28,6 +28,7 @@ use and again after a loss by itself, closed by ``aclose``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from typing import Any
@@ -36,7 +37,7 @@ import structlog
 
 from ...errors import PermanentError, RetryLater
 from ...models import Event
-from .._common import int_setting, network_timeouts
+from .._common import Problems, int_setting, network_timeouts
 from ..base import HandlerContext
 from ._shared import Template, broker_url, missing_extra, reason_of
 
@@ -110,13 +111,25 @@ class RedisHandler:
 
     def __init__(self, ctx: HandlerContext) -> None:
         self.name = ctx.name
-        self.url = broker_url(ctx, "URL", ("redis", "rediss", "unix"))
-        self.stream = Template.parse(ctx, "STREAM", "lacuna:events")
-        self.maxlen = int_setting(ctx, "MAXLEN", 0, maximum=MAX_MAXLEN) or None
-        self.dedupe_ttl_seconds = int_setting(
-            ctx, "DEDUPE_TTL", DEFAULT_DEDUPE_TTL_SECONDS, maximum=MAX_DEDUPE_TTL_SECONDS
+        problems = Problems()  # every bad setting at once, not the first
+        url = problems.read(functools.partial(broker_url, ctx, "URL", ("redis", "rediss", "unix")))
+        stream = problems.read(functools.partial(Template.parse, ctx, "STREAM", "lacuna:events"))
+        maxlen = problems.read(functools.partial(int_setting, ctx, "MAXLEN", 0, MAX_MAXLEN))
+        dedupe_ttl_seconds = problems.read(
+            functools.partial(
+                int_setting, ctx, "DEDUPE_TTL", DEFAULT_DEDUPE_TTL_SECONDS, MAX_DEDUPE_TTL_SECONDS
+            )
         )
-        connect_seconds, read_seconds = network_timeouts(ctx)
+        timeouts = problems.read(functools.partial(network_timeouts, ctx))
+        problems.check()
+        assert url is not None
+        assert stream is not None
+        assert dedupe_ttl_seconds is not None
+        assert timeouts is not None
+        self.url, self.stream = url, stream
+        self.maxlen = maxlen or None
+        self.dedupe_ttl_seconds = dedupe_ttl_seconds
+        connect_seconds, read_seconds = timeouts
         # Built now (no I/O until the first command); redis-py connects and reconnects itself.
         self.client: redis.asyncio.Redis = redis.asyncio.Redis.from_url(
             self.url,

@@ -29,6 +29,7 @@ in a worker thread so the event loop never blocks; closed by ``aclose``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import re
 from typing import Any
@@ -36,9 +37,9 @@ from urllib.parse import urlsplit
 
 import structlog
 
-from ...errors import ConfigError, PermanentError, RetryLater
+from ...errors import PermanentError, RetryLater
 from ...models import Event
-from .._common import network_timeouts
+from .._common import Problems, network_timeouts
 from ..base import HandlerContext
 from ._shared import broker_url, missing_extra, reason_of
 
@@ -84,15 +85,20 @@ class SQSHandler:
 
     def __init__(self, ctx: HandlerContext) -> None:
         self.name = ctx.name
-        self.queue_url = broker_url(ctx, "QUEUE_URL", ("https", "http"))
-        self.fifo = urlsplit(self.queue_url).path.rstrip("/").endswith(".fifo")
-        self.endpoint = (
-            broker_url(ctx, "ENDPOINT", ("https", "http")) if ctx.get("ENDPOINT") else None
+        problems = Problems()  # every bad setting at once, not the first
+        queue_url = problems.read(
+            functools.partial(broker_url, ctx, "QUEUE_URL", ("https", "http"))
         )
-        host_region = _REGION_IN_HOST.match(urlsplit(self.queue_url).hostname or "")
+        self.endpoint = (
+            problems.read(functools.partial(broker_url, ctx, "ENDPOINT", ("https", "http")))
+            if ctx.get("ENDPOINT")
+            else None
+        )
+        host_region = _REGION_IN_HOST.match(urlsplit(queue_url or "").hostname or "")
+        region: str | None = None
         try:
             session = boto3.session.Session()
-            self.region = (
+            region = (
                 ctx.get("REGION")
                 or session.region_name
                 or (host_region.group(1) if host_region else None)
@@ -100,15 +106,24 @@ class SQSHandler:
         except botocore.exceptions.BotoCoreError as exc:
             # An AWS_CONFIG_FILE that does not parse, an AWS_PROFILE it does not hold: one
             # line naming the cause (a path, a profile name; no credential), not a traceback.
-            raise ConfigError(
+            problems.lines.append(
                 f"the {ctx.name} handler cannot read the AWS configuration: {exc}"
-            ) from None
-        if not self.region:
-            raise ConfigError(
-                f"{ctx.env_name('REGION')} is required by the {ctx.name} handler: the AWS "
-                "configuration names no region and the queue URL holds none"
             )
-        connect_seconds, read_seconds = network_timeouts(ctx)
+        else:
+            # Without a usable queue URL its host cannot name the region: that line is enough.
+            if not region and queue_url is not None:
+                problems.lines.append(
+                    f"{ctx.env_name('REGION')} is required by the {ctx.name} handler: the AWS "
+                    "configuration names no region and the queue URL holds none"
+                )
+        timeouts = problems.read(functools.partial(network_timeouts, ctx))
+        problems.check()
+        assert queue_url is not None
+        assert region is not None
+        assert timeouts is not None
+        self.queue_url, self.region = queue_url, region
+        self.fifo = urlsplit(self.queue_url).path.rstrip("/").endswith(".fifo")
+        connect_seconds, read_seconds = timeouts
         self.client: Any = session.client(
             "sqs",
             region_name=self.region,
