@@ -1,15 +1,29 @@
 """The CLI's client of a remote admin API (``--url``/``--token`` or ``LACUNA_ADMIN_URL`` /
-``LACUNA_ADMIN_TOKEN``): JSON requests with the bearer token, and one-line errors."""
+``LACUNA_ADMIN_TOKEN``): JSON requests with the bearer token, and one-line errors.
+
+Besides the generic ``request``, one method per operation the store commands share with
+the API (``list_events``, ``get_event``, ``list_deliveries``, ``retry_dead``, ``handlers``,
+``set_paused``): each checks the answer's shape and gives the store's own records
+(``EventRecord``, ``DeliveryRecord``, ``AttemptRecord``), so that the CLI prints a remote
+answer exactly as it prints what it reads from ``LACUNA_DATABASE_URL``. An answer of another
+shape (a proxy's JSON, another service at that URL) is an ``AdminError``, never a traceback.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import orjson
 
+from ..models import AttemptOutcome, DeliveryStatus
 from ..redact import redact_text, redact_url
+from ..store.base import AttemptRecord, DeliveryRecord, EventRecord
 
 #: Seconds to wait for a connection and for each read of an ordinary (non-stream) request.
 TIMEOUT_SECONDS = 30.0
@@ -50,6 +64,165 @@ def _message(response: httpx.Response, token: str) -> str:
     except (ValueError, KeyError, TypeError):
         text = response.reason_phrase
     return f"{response.status_code} {_one_line(text, token)}"
+
+
+def path_segment(text: str) -> str:
+    """``text`` as one segment of a URL path: percent-encoded (an event id may hold ``/``,
+    ``?`` or ``#``). A dots-only text (``.`` or ``..``) would be resolved away as a path
+    segment by the HTTP client (RFC 3986 §5.2.4): each dot is sent as ``%2E``, which the
+    server decodes as the id."""
+    if text and set(text) == {"."}:
+        return "%2E" * len(text)
+    return quote(text, safe="")
+
+
+class _Unexpected(Exception):
+    """An answer that is not of the shape the API documents (docs/admin.md)."""
+
+
+def _value(doc: Any, name: str) -> Any:
+    if not isinstance(doc, dict) or name not in doc:
+        raise _Unexpected(name)
+    return doc[name]
+
+
+def _str(doc: Any, name: str) -> str:
+    value = _value(doc, name)
+    if not isinstance(value, str):
+        raise _Unexpected(name)
+    return value
+
+
+def _optional_str(doc: Any, name: str) -> str | None:
+    return None if _value(doc, name) is None else _str(doc, name)
+
+
+def _int(doc: Any, name: str) -> int:
+    value = _value(doc, name)
+    if not isinstance(value, int) or isinstance(value, bool):  # JSON true is no count
+        raise _Unexpected(name)
+    return value
+
+
+def _count(doc: Any, name: str) -> int:
+    value = _int(doc, name)
+    if value < 0:
+        raise _Unexpected(name)
+    return value
+
+
+def _bool(doc: Any, name: str) -> bool:
+    value = _value(doc, name)
+    if not isinstance(value, bool):
+        raise _Unexpected(name)
+    return value
+
+
+def _time(doc: Any, name: str) -> datetime:
+    """An RFC 3339 time of the answer, as an aware UTC datetime (as the store gives it)."""
+    try:
+        value = datetime.fromisoformat(_str(doc, name))
+    except ValueError:
+        raise _Unexpected(name) from None
+    if value.tzinfo is None:
+        raise _Unexpected(name)
+    return value.astimezone(UTC)
+
+
+def _optional_time(doc: Any, name: str) -> datetime | None:
+    return None if _value(doc, name) is None else _time(doc, name)
+
+
+def _list(doc: Any, name: str) -> list[Any]:
+    value = _value(doc, name)
+    if not isinstance(value, list):
+        raise _Unexpected(name)
+    return value
+
+
+def _page(answer: Any) -> tuple[list[Any], str | None]:
+    """``(data, next_cursor)`` of a list answer (``{"data": [...], "next_cursor": …}``)."""
+    return _list(answer, "data"), _optional_str(answer, "next_cursor")
+
+
+def _event(doc: Any, raw: bytes) -> EventRecord:
+    return EventRecord(
+        id=_str(doc, "id"),
+        type=_str(doc, "type"),
+        created=None if _value(doc, "created") is None else _int(doc, "created"),
+        received_at=_time(doc, "received_at"),
+        task_id=_optional_str(doc, "task_id"),
+        superseded=_bool(doc, "superseded"),
+        raw=raw,
+    )
+
+
+def _delivery(doc: Any) -> DeliveryRecord:
+    result = _value(doc, "result")
+    if result is not None and not isinstance(result, dict):
+        raise _Unexpected("result")
+    try:
+        status = DeliveryStatus(_str(doc, "status"))
+    except ValueError:
+        raise _Unexpected("status") from None
+    return DeliveryRecord(
+        id=_int(doc, "id"),
+        event_id=_str(doc, "event_id"),
+        event_type=_str(doc, "event_type"),
+        handler=_str(doc, "handler"),
+        status=status,
+        attempts=_count(doc, "attempts"),
+        next_attempt_at=_time(doc, "next_attempt_at"),
+        lease_until=_optional_time(doc, "lease_until"),
+        last_error=_optional_str(doc, "last_error"),
+        created_at=_time(doc, "created_at"),
+        updated_at=_time(doc, "updated_at"),
+        result=result,
+    )
+
+
+def _attempt(doc: Any, delivery_id: int) -> AttemptRecord:
+    try:
+        outcome = AttemptOutcome(_str(doc, "outcome"))
+    except ValueError:
+        raise _Unexpected("outcome") from None
+    return AttemptRecord(
+        delivery_id=delivery_id,
+        attempt=_count(doc, "attempt"),
+        started_at=_time(doc, "started_at"),
+        finished_at=_time(doc, "finished_at"),
+        outcome=outcome,
+        error=_optional_str(doc, "error"),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerInstance:
+    """What the CLI shows of one entry of ``GET /handlers``: the instance, its kind, and its
+    flow-control state (paused, why and since when; consecutive failed attempts)."""
+
+    name: str
+    kind: str
+    paused: bool
+    paused_reason: str | None
+    paused_since: datetime | None
+    consecutive_failures: int
+
+
+def _handler(doc: Any) -> HandlerInstance:
+    return HandlerInstance(
+        name=_str(doc, "name"),
+        kind=_str(doc, "kind"),
+        paused=_bool(doc, "paused"),
+        paused_reason=_optional_str(doc, "paused_reason"),
+        paused_since=_optional_time(doc, "paused_since"),
+        consecutive_failures=_count(doc, "consecutive_failures"),
+    )
+
+
+#: One event with its deliveries, each with its attempts (oldest first), as ``events show``
+#: reads them from the store.
+EventDetail = tuple[EventRecord, list[tuple[DeliveryRecord, list[AttemptRecord]]]]
 
 
 class AdminClient:
@@ -132,5 +305,99 @@ class AdminClient:
             "POST", path, json={} if json is None else json, read_timeout=read_timeout
         )
 
+    # --- the operations the store commands share with the API ------------------------------
 
-__all__ = ["BULK_TIMEOUT_SECONDS", "TIMEOUT_SECONDS", "AdminClient", "AdminError"]
+    @staticmethod
+    @contextlib.contextmanager
+    def _expecting(method: str, path: str) -> Iterator[None]:
+        """An answer of another shape than the API's, read inside, is an ``AdminError``."""
+        try:
+            yield
+        except _Unexpected:
+            raise AdminError(
+                f"the admin API answered {method} {path} with an unexpected answer"
+            ) from None
+
+    async def list_events(
+        self, filters: Mapping[str, Any], *, cursor: str | None, limit: int
+    ) -> tuple[list[EventRecord], str | None]:
+        """One page of ``GET /events`` (``filters``: its query parameters, ``match`` a list)
+        and its ``next_cursor``. A listing carries no bodies: each record's ``raw`` is
+        empty. A search that stopped at the deployment's time budget gives fewer records
+        (even none) and a cursor that resumes it."""
+        answer = await self.get("/events", **filters, cursor=cursor, limit=limit)
+        with self._expecting("GET", "/events"):
+            data, next_cursor = _page(answer)
+            return [_event(doc, b"") for doc in data], next_cursor
+
+    async def get_event(self, event_id: str) -> EventDetail:
+        """``GET /events/{id}``: the event (``raw`` its body as received) and its deliveries,
+        newest first as ``Store.list_deliveries`` gives them, each with its attempts."""
+        path = "/events/" + path_segment(event_id)
+        answer = await self.get(path)
+        with self._expecting("GET", path):
+            record = _event(answer, _str(answer, "raw").encode())
+            deliveries = []
+            for doc in _list(answer, "deliveries"):
+                delivery = _delivery(doc)
+                attempts = [_attempt(a, delivery.id) for a in _list(doc, "attempt_log")]
+                deliveries.append((delivery, attempts))
+        deliveries.sort(key=lambda found: found[0].id, reverse=True)
+        return record, deliveries
+
+    async def list_deliveries(
+        self,
+        *,
+        status: str | None,
+        handler: str | None,
+        event_id: str | None,
+        cursor: str | None,
+        limit: int,
+    ) -> tuple[list[DeliveryRecord], str | None]:
+        """One page of ``GET /deliveries`` (newest first) and its ``next_cursor``."""
+        answer = await self.get(
+            "/deliveries",
+            status=status,
+            handler=handler,
+            event_id=event_id,
+            cursor=cursor,
+            limit=limit,
+        )
+        with self._expecting("GET", "/deliveries"):
+            data, next_cursor = _page(answer)
+            return [_delivery(doc) for doc in data], next_cursor
+
+    async def retry_dead(self, handler: str | None) -> int:
+        """``POST /deliveries/retry-dead``: how many dead deliveries are due again."""
+        path = "/deliveries/retry-dead"
+        answer = await self.post(path, {} if handler is None else {"handler": handler})
+        with self._expecting("POST", path):
+            return _count(answer, "retried")
+
+    async def handlers(self) -> list[HandlerInstance]:
+        """``GET /handlers``: every configured instance, in ``LACUNA_HANDLERS`` order."""
+        answer = await self.get("/handlers")
+        with self._expecting("GET", "/handlers"):
+            data, _ = _page(answer)
+            return [_handler(doc) for doc in data]
+
+    async def set_paused(self, name: str, paused: bool, *, reason: str | None = None) -> bool:
+        """``POST /handlers/{name}/pause`` (with ``reason``) or ``/resume``: whether the
+        state changed (``False``: it already was so)."""
+        path = f"/handlers/{path_segment(name)}/{'pause' if paused else 'resume'}"
+        answer = await self.post(path, {} if reason is None else {"reason": reason})
+        with self._expecting("POST", path):
+            if _bool(answer, "paused") is not paused:
+                raise _Unexpected("paused")
+            return _bool(answer, "changed")
+
+
+__all__ = [
+    "BULK_TIMEOUT_SECONDS",
+    "TIMEOUT_SECONDS",
+    "AdminClient",
+    "AdminError",
+    "EventDetail",
+    "HandlerInstance",
+    "path_segment",
+]
