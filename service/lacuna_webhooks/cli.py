@@ -56,7 +56,10 @@ from .redact import (
 from .store import DeliveryRecord, EventRecord, Store, open_store
 
 if TYPE_CHECKING:
+    from .admin.client import AdminClient, EventDetail
+    from .listen import Target
     from .plugins import BuildRequest, HandlerSet
+    from .store.base import AttemptRecord, EventFilter
     from .tracing import Tracing
 
 PROG = "lacuna-webhooks"
@@ -963,6 +966,97 @@ def _with_store(environ: Mapping[str, str], work: Callable[[Store], Awaitable[T]
         raise _store_error(exc, url, "store unavailable") from None
 
 
+# --- where a store command works: a remote admin API, or LACUNA_DATABASE_URL ----------------
+#
+# One rule for every command that is also an admin API operation (events, deliveries,
+# replay, backfill, retry-dead, handlers and its pause/resume, tail): --url, else
+# LACUNA_ADMIN_URL, names the admin API to work through; only when neither is given does the
+# command open LACUNA_DATABASE_URL itself. Never the local store while an admin URL is set.
+
+
+def _admin_remote(args: argparse.Namespace, environ: Mapping[str, str]) -> Target | None:
+    """The remote admin API to work through (``--url``/``--token``, else ``LACUNA_ADMIN_URL``
+    / ``LACUNA_ADMIN_TOKEN``, as ``listen.admin_target`` reads them), or ``None`` to work on
+    ``LACUNA_DATABASE_URL`` directly. A bad URL or token, or ``--token`` without a URL, is a
+    usage error (exit 2): the command never falls back to the local store."""
+    from . import listen
+
+    if args.url is None and not environ.get("LACUNA_ADMIN_URL", "").strip():
+        if args.token is not None:
+            raise CommandError("--token needs --url (or LACUNA_ADMIN_URL)", exit_code=2)
+        return None
+    try:
+        return listen.admin_target(args.url, args.token, environ)
+    except listen.ListenError as exc:
+        raise CommandError(str(exc), exit_code=2) from None
+
+
+#: The admin API's answers that refuse the request itself (a bad filter, a body too large):
+#: usage errors, exit 2. Every other refusal, and an API that cannot be reached, is exit 1.
+USAGE_STATUSES = (400, 413)
+
+
+def _on_remote(
+    target: Target,
+    work: Callable[[AdminClient], Awaitable[T]],
+    *,
+    usage: Sequence[int] = USAGE_STATUSES,
+) -> T:
+    """``work`` with a client of ``target``; its ``AdminError`` as one ``CommandError`` line
+    (exit 2 for an answer in ``usage``, else 1)."""
+    from .admin.client import AdminClient, AdminError
+
+    async def run() -> T:
+        async with AdminClient(target.url, target.token) as client:
+            return await work(client)
+
+    try:
+        return asyncio.run(run())
+    except AdminError as exc:
+        raise CommandError(str(exc), exit_code=2 if exc.status in usage else 1) from None
+
+
+def _local_or_remote(
+    args: argparse.Namespace,
+    environ: Mapping[str, str],
+    local: Callable[[], T],
+    remote: Callable[[AdminClient], Awaitable[T]],
+    *,
+    usage: Sequence[int] = USAGE_STATUSES,
+) -> T:
+    """``remote`` through the admin API of ``_admin_remote``, else ``local()`` (which opens
+    the store itself, after its own checks of the local settings): the one place a store
+    command chooses. Both give the same value, which the command prints the same way."""
+    target = _admin_remote(args, environ)
+    if target is None:
+        return local()
+    return _on_remote(target, remote, usage=usage)
+
+
+#: Records asked for in one page of a listing (the admin API's most, SPEC §9).
+PAGE_SIZE = 500
+
+
+async def _collect(
+    fetch: Callable[[str | None, int], Awaitable[tuple[list[T], str | None]]], limit: int
+) -> list[T]:
+    """Up to ``limit`` records of a listing, newest first: ``fetch(cursor, size)`` gives a
+    page and the cursor of the next (``None`` after the last), followed until ``limit`` is
+    reached. A search that stopped at its time budget gives a page of fewer records than
+    asked, even none, and a cursor that resumes it: the walk goes on."""
+    found: list[T] = []
+    cursor: str | None = None
+    while len(found) < limit:
+        records, next_cursor = await fetch(cursor, min(PAGE_SIZE, limit - len(found)))
+        found += records
+        if next_cursor is None:
+            break
+        if next_cursor == cursor:
+            raise CommandError("the listing gave a page ending where it started: stopped")
+        cursor = next_cursor
+    return found[:limit]
+
+
 def _iso(value: datetime | None) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if value else "-"
 
@@ -1045,55 +1139,81 @@ def _deliveries_table(records: Sequence[DeliveryRecord], now: datetime) -> str:
 
 
 def _events(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    now = datetime.now(UTC)
     if args.events_command == "list":
-        records = _with_store(
-            environ, lambda s: s.list_events(limit=args.limit, event_type=args.type)
-        )
-        if args.json:
-            _print_json([_event_json(r) for r in records])
-        else:
-            print(
-                _table(
-                    [
-                        [r.id, r.type, r.task_id or "-", _iso(r.received_at)]
-                        + (["superseded"] if r.superseded else [""])
-                        for r in records
-                    ],
-                    ["id", "type", "task", "received", "note"],
-                )
-            )
-        return 0
+        return _events_list(args, environ)
+    return _events_show(args, environ)
 
-    async def show(store: Store) -> tuple[EventRecord | None, list[DeliveryRecord], dict[int, Any]]:
+
+def _events_list(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    """``events list``: ``GET /events`` (page after page) or the store's ``search_events``,
+    with the same filters, newest first, at most ``--limit``."""
+    values = _filter_values(args)
+
+    def local() -> list[EventRecord]:
+        from .store.base import ScanBudget
+
+        where = _event_filter(values)
+        budget = ScanBudget(_settings(environ, require_secret=False).admin_search_budget_seconds)
+
+        async def search(store: Store) -> list[EventRecord]:
+            async def page(cursor: str | None, size: int) -> tuple[list[EventRecord], str | None]:
+                found = await store.search_events(where, cursor=cursor, limit=size, budget=budget)
+                return found.records, found.next_cursor
+
+            return await _collect(page, args.limit)
+
+        return _with_store(environ, search)
+
+    async def remote(client: AdminClient) -> list[EventRecord]:
+        async def page(cursor: str | None, size: int) -> tuple[list[EventRecord], str | None]:
+            return await client.list_events(values, cursor=cursor, limit=size)
+
+        return await _collect(page, args.limit)
+
+    records = _local_or_remote(args, environ, local, remote)
+    if args.json:
+        _print_json([_event_json(r) for r in records])
+    else:
+        print(
+            _table(
+                [
+                    [r.id, r.type, r.task_id or "-", _iso(r.received_at)]
+                    + (["superseded"] if r.superseded else [""])
+                    for r in records
+                ],
+                ["id", "type", "task", "received", "note"],
+            )
+        )
+    return 0
+
+
+def _events_show(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    """``events show ID``: ``GET /events/{id}`` or the store; the same text or document."""
+    now = datetime.now(UTC)
+
+    async def show(store: Store) -> EventDetail | None:
         record = await store.get_event(args.event_id)
         if record is None:
-            return None, [], {}
+            return None
         deliveries = await store.list_deliveries(event_id=args.event_id, limit=1000)
-        attempts = {d.id: await store.list_attempts(d.id) for d in deliveries}
-        return record, deliveries, attempts
+        return record, [(d, await store.list_attempts(d.id)) for d in deliveries]
 
-    record, deliveries, attempts = _with_store(environ, show)
-    if record is None:
-        raise CommandError(f"no event {args.event_id!r} in the store")
+    def local() -> EventDetail:
+        detail = _with_store(environ, show)
+        if detail is None:
+            raise CommandError(f"no event {args.event_id!r} in the store")
+        return detail
+
+    async def remote(client: AdminClient) -> EventDetail:
+        return await client.get_event(args.event_id)
+
+    record, deliveries = _local_or_remote(args, environ, local, remote)
     if args.json:
         doc = _event_json(record)
         doc["payload"] = _stored_payload(record.raw)
         doc["deliveries"] = [
-            {
-                **_delivery_json(d, now),
-                "attempts_log": [
-                    {
-                        "attempt": a.attempt,
-                        "started_at": a.started_at.isoformat(),
-                        "outcome": a.outcome.value,
-                        "duration_ms": round(a.duration_seconds * 1000, 1),
-                        "error": a.error,
-                    }
-                    for a in attempts[d.id]
-                ],
-            }
-            for d in deliveries
+            {**_delivery_json(d, now), "attempts_log": [_attempt_json(a) for a in attempts]}
+            for d, attempts in deliveries
         ]
         _print_json(doc)
         return 0
@@ -1101,15 +1221,15 @@ def _events(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     print(f"task      {printable(record.task_id or '-')}")
     print(f"received  {_iso(record.received_at)}" + ("  (superseded)" if record.superseded else ""))
     print("\ndeliveries")
-    print(_deliveries_table(deliveries, now))
-    for d in deliveries:
-        for a in attempts[d.id]:
+    print(_deliveries_table([d for d, _ in deliveries], now))
+    for d, attempts in deliveries:
+        for a in attempts:
             error = f"  {printable(a.error)}" if a.error else ""
             print(
                 f"  {printable(d.handler)} attempt {a.attempt}: {a.outcome.value} at"
                 f" {_iso(a.started_at)} ({a.duration_seconds * 1000:.0f} ms){error}"
             )
-    results = [d for d in deliveries if d.result is not None]
+    results = [d for d, _ in deliveries if d.result is not None]
     if results:
         # SPEC §6: what each handler returned (e.g. storage: where it put the files).
         print("\nresults")
@@ -1120,15 +1240,42 @@ def _events(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     return 0
 
 
+def _attempt_json(record: AttemptRecord) -> dict[str, Any]:
+    return {
+        "attempt": record.attempt,
+        "started_at": record.started_at.isoformat(),
+        "outcome": record.outcome.value,
+        "duration_ms": round(record.duration_seconds * 1000, 1),
+        "error": record.error,
+    }
+
+
 def _deliveries(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    """``deliveries list``: ``GET /deliveries`` (page after page) or the store."""
     now = datetime.now(UTC)
-    status = DeliveryStatus(args.status) if args.status else None
-    records = _with_store(
-        environ,
-        lambda s: s.list_deliveries(
-            status=status, handler=args.handler, event_id=args.event, limit=args.limit
-        ),
-    )
+
+    def local() -> list[DeliveryRecord]:
+        status = DeliveryStatus(args.status) if args.status else None
+        return _with_store(
+            environ,
+            lambda s: s.list_deliveries(
+                status=status, handler=args.handler, event_id=args.event, limit=args.limit
+            ),
+        )
+
+    async def remote(client: AdminClient) -> list[DeliveryRecord]:
+        async def page(cursor: str | None, size: int) -> tuple[list[DeliveryRecord], str | None]:
+            return await client.list_deliveries(
+                status=args.status,
+                handler=args.handler,
+                event_id=args.event,
+                cursor=cursor,
+                limit=size,
+            )
+
+        return await _collect(page, args.limit)
+
+    records = _local_or_remote(args, environ, local, remote)
     if args.json:
         _print_json([_delivery_json(r, now) for r in records])
     else:
@@ -1136,7 +1283,8 @@ def _deliveries(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     return 0
 
 
-#: The filter options of ``replay`` / ``backfill``, as (option, body field).
+#: The filter options of ``events list``, ``replay`` and ``backfill`` (the filters of
+#: ``GET /events``), as (option, the API's name).
 _FILTER_OPTIONS = (
     ("--type", "type"),
     ("--task-id", "task_id"),
@@ -1149,49 +1297,21 @@ _FILTER_OPTIONS = (
 )
 
 
-def _admin_remote(args: argparse.Namespace, environ: Mapping[str, str]) -> tuple[str, str] | None:
-    """``(url, token)`` of a remote admin API (``--url``/``--token``, else ``LACUNA_ADMIN_URL``
-    / ``LACUNA_ADMIN_TOKEN``, as ``listen.admin_target`` reads them for ``tail`` and
-    ``listen``), or ``None`` to work on ``LACUNA_DATABASE_URL`` directly."""
-    from . import listen
-
-    url = args.url or environ.get("LACUNA_ADMIN_URL", "").strip() or None
-    if url is None:
-        if args.token:
-            raise CommandError("--token needs --url (or LACUNA_ADMIN_URL)", exit_code=2)
-        return None
-    try:
-        target = listen.admin_target(url, args.token, environ)
-    except listen.ListenError as exc:
-        raise CommandError(str(exc), exit_code=2) from None
-    return target.url, target.token
-
-
-def _remote_call(
-    remote: tuple[str, str], path: str, body: dict[str, Any], *, bulk: bool = False
-) -> Any:
+def _remote_call(remote: Target, path: str, body: dict[str, Any], *, bulk: bool = False) -> Any:
     """``POST path`` on the remote admin API; its refusal as one line (exit 2 for a 400).
     Only a ``bulk`` operation waits up to ``BULK_TIMEOUT_SECONDS`` for its answer; anything
     else gives up after ``TIMEOUT_SECONDS`` (a hung listener is not waited on for an hour)."""
-    from .admin.client import BULK_TIMEOUT_SECONDS, AdminClient, AdminError
+    from .admin.client import BULK_TIMEOUT_SECONDS
 
-    async def run() -> Any:
-        async with AdminClient(*remote) as client:
-            return await client.post(
-                path, body, read_timeout=BULK_TIMEOUT_SECONDS if bulk else None
-            )
-
-    try:
-        return asyncio.run(run())
-    except AdminError as exc:
-        # 400 and 413: the request itself is refused (a bad filter, one too large): usage errors.
-        raise CommandError(str(exc), exit_code=2 if exc.status in (400, 413) else 1) from None
+    return _on_remote(
+        remote,
+        lambda client: client.post(path, body, read_timeout=BULK_TIMEOUT_SECONDS if bulk else None),
+    )
 
 
-def _filter_body(args: argparse.Namespace, *, everything: bool) -> dict[str, Any]:
-    """The ``POST /replays`` filter fields of the options given (``--all`` or at least one
-    filter, not both: an empty filter replays every stored event)."""
-    body: dict[str, Any] = {}
+def _filter_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The filter options given, by the API's names (``match`` a list)."""
+    values: dict[str, Any] = {}
     for _, name in _FILTER_OPTIONS:
         value = getattr(args, name)
         if value is None or value == []:
@@ -1200,7 +1320,31 @@ def _filter_body(args: argparse.Namespace, *, everything: bool) -> dict[str, Any
             if len(value) > 1:
                 raise CommandError("--handler (the filter) may be given once", exit_code=2)
             value = value[0]
-        body[name] = value
+        values[name] = value
+    return values
+
+
+def _option_of(param: str | None, **special: str) -> str:
+    """The option that sets the API's parameter ``param`` (``task_id``: ``--task-id``)."""
+    return {"task_id": "--task-id", **special}.get(param or "", f"--{param}")
+
+
+def _event_filter(values: Mapping[str, Any]) -> EventFilter:
+    """The store's filter of ``_filter_values``, checked as the admin API checks it: a bad
+    value is one line naming its option, exit 2."""
+    from .admin.filters import build_filter
+    from .admin.responses import BadRequest
+
+    try:
+        return build_filter(values)
+    except BadRequest as exc:
+        raise CommandError(f"{_option_of(exc.param)}: {exc.message}", exit_code=2) from None
+
+
+def _filter_body(args: argparse.Namespace, *, everything: bool) -> dict[str, Any]:
+    """The ``POST /replays`` filter fields of the options given (``--all`` or at least one
+    filter, not both: an empty filter replays every stored event)."""
+    body = _filter_values(args)
     options = ", ".join(option for option, _ in _FILTER_OPTIONS)
     if not body and not everything:
         raise CommandError(
@@ -1255,9 +1399,7 @@ def _bulk(
     try:
         operation = operation_from_json(names, body, filters)
     except BadRequest as exc:
-        option = {"handlers": handler_option, "task_id": "--task-id"}.get(
-            exc.param or "", f"--{exc.param}"
-        )
+        option = _option_of(exc.param, handlers=handler_option)
         raise CommandError(f"{option}: {exc.message}", exit_code=2) from None
     from .store.base import ScanBudget
 
@@ -1302,14 +1444,9 @@ def _replay(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     handlers = list(dict.fromkeys([*(args.handler or []), *(args.to or [])])) or None
     remote = _admin_remote(args, environ)
     if remote is not None:
-        from urllib.parse import quote
+        from .admin.client import path_segment
 
-        # A dots-only id ("." or "..") would be resolved away as a path segment by the HTTP
-        # client (RFC 3986 §5.2.4): sent percent-encoded, the server decodes it as the id.
-        segment = quote(args.event_id, safe="")
-        if set(args.event_id) == {"."}:
-            segment = "%2E" * len(args.event_id)
-        path = f"/events/{segment}/replay"
+        path = f"/events/{path_segment(args.event_id)}/replay"
         answer = _remote_call(remote, path, {} if handlers is None else {"handlers": handlers})
         count = answer.get("replayed") if isinstance(answer, dict) else None
         if not _count(count):
@@ -1387,33 +1524,41 @@ def _refuse_unconfigured(names: Sequence[str], configured: Sequence[str]) -> Non
 
 
 def _retry_dead(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    from .admin.bulk import retry_dead_configured
+    """``retry-dead``: ``POST /deliveries/retry-dead`` (the deployment checks the name
+    against its handlers) or the store, by the same rule (``admin.bulk``)."""
 
-    # As `replay`: with LACUNA_HANDLERS, its handlers only (a removed handler's dead
-    # deliveries would be pending for ever); without it, no configuration to go by.
-    configured = _configured_names(environ) if environ.get("LACUNA_HANDLERS", "").strip() else None
-    if configured is not None and args.handler is not None:
-        _refuse_unconfigured([args.handler], configured)
+    def local() -> int:
+        from .admin.bulk import retry_dead_configured
 
-    async def retry(s: Store) -> int | None:
-        # No configuration to check the name against: a name with no delivery at all in
-        # the store is a typo (`storag`), not "0 due again" and exit 0.
-        if (
-            configured is None
-            and args.handler is not None
-            and not await s.list_deliveries(handler=args.handler, limit=1)
-        ):
-            return None
-        return await retry_dead_configured(
-            s, configured, handler=args.handler, now=datetime.now(UTC)
-        )
+        # As `replay`: with LACUNA_HANDLERS, its handlers only (a removed handler's dead
+        # deliveries would be pending for ever); without it, no configuration to go by.
+        known = environ.get("LACUNA_HANDLERS", "").strip()
+        configured = _configured_names(environ) if known else None
+        if configured is not None and args.handler is not None:
+            _refuse_unconfigured([args.handler], configured)
 
-    count = _with_store(environ, retry)
-    if count is None:
-        raise CommandError(
-            f"--handler: the store holds no delivery of a handler named {args.handler!r}",
-            exit_code=2,
-        )
+        async def retry(s: Store) -> int | None:
+            # No configuration to check the name against: a name with no delivery at all in
+            # the store is a typo (`storag`), not "0 due again" and exit 0.
+            if (
+                configured is None
+                and args.handler is not None
+                and not await s.list_deliveries(handler=args.handler, limit=1)
+            ):
+                return None
+            return await retry_dead_configured(
+                s, configured, handler=args.handler, now=datetime.now(UTC)
+            )
+
+        count = _with_store(environ, retry)
+        if count is None:
+            raise CommandError(
+                f"--handler: the store holds no delivery of a handler named {args.handler!r}",
+                exit_code=2,
+            )
+        return count
+
+    count = _local_or_remote(args, environ, local, lambda client: client.retry_dead(args.handler))
     print(f"{count} dead deliveries are due again (a running `serve` sends them)")
     return 0
 
@@ -1443,6 +1588,9 @@ def _handlers(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
     if args.action is not None:
         return _pause_or_resume(args, environ)
+    remote = _admin_remote(args, environ)
+    if remote is not None:
+        return _handlers_remote(remote)
 
     print("installed handler kinds:")
     for name, target in sorted(available().items()):
@@ -1527,42 +1675,99 @@ def _configured_lines(environ: Mapping[str, str]) -> list[str]:
     lines = []
     for name in names:
         state = states.get(name)
-        if state is not None and state.paused:
-            lines.append(f"{name:12} paused since {_iso(state.updated_at)}: {state.reason or '-'}")
+        if state is None:
+            lines.append(_state_line(name, paused=False, reason=None, since=None, failures=0))
         else:
-            failures = state.consecutive_failures if state is not None else 0
-            tail = f" ({failures} consecutive failed attempts)" if failures else ""
-            lines.append(f"{name:12} running{tail}")
+            lines.append(
+                _state_line(
+                    name,
+                    paused=state.paused,
+                    reason=state.reason,
+                    since=state.updated_at,
+                    failures=state.consecutive_failures,
+                )
+            )
     return lines
+
+
+def _state_line(
+    name: str, *, paused: bool, reason: str | None, since: datetime | None, failures: int
+) -> str:
+    """A handler's line under ``state:``, from the store or ``GET /handlers`` alike."""
+    if paused:
+        return f"{name:12} paused since {_iso(since)}: {reason or '-'}"
+    tail = f" ({failures} consecutive failed attempts)" if failures else ""
+    return f"{name:12} running{tail}"
+
+
+def _handlers_remote(target: Target) -> int:
+    """``handlers`` through ``GET /handlers``: the deployment's configured instances and
+    their state, in the local listing's columns and lines. Each instance's settings are
+    ``ok``: the deployment built every one when it started (it refuses to start
+    otherwise). The installed kinds are the local installation's, so not listed here."""
+    from .listen import shown_url
+
+    found = _on_remote(target, lambda client: client.handlers())
+    where = printable(shown_url(target.url))
+    if not found:
+        print(f"configured instances: none (LACUNA_HANDLERS of {where} is empty)")
+        return 0
+    print(f"configured instances (LACUNA_HANDLERS of {where}):")
+    print(_table([[h.name, h.kind, "ok"] for h in found], ["name", "kind", "settings"]))
+    print("state:")
+    for h in found:
+        line = _state_line(
+            h.name,
+            paused=h.paused,
+            reason=h.paused_reason,
+            since=h.paused_since,
+            failures=h.consecutive_failures,
+        )
+        # A pause reason is any text an admin API caller gave: it must not drive the terminal.
+        print(f"  {printable(line)}")
+    return 0
 
 
 def _pause_or_resume(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     """``handlers pause NAME`` / ``handlers resume NAME``: persisted in the store, so every
-    replica sees it within ``LACUNA_POLL_INTERVAL`` (docs/flow-control.md)."""
-    names = _configured_names(environ)
-    if args.name not in names:
-        known = ", ".join(names) or "none"
-        raise CommandError(
-            f"no handler {args.name!r} in LACUNA_HANDLERS (configured: {known})", exit_code=2
-        )
+    replica sees it within ``LACUNA_POLL_INTERVAL`` (docs/flow-control.md); remotely
+    ``POST /handlers/{name}/pause`` or ``/resume``, whose 404 for a name the deployment does
+    not configure is exit 2, as the local refusal."""
     pause = args.action == "pause"
     reason = args.reason if pause else None
-    changed = _with_store(
+
+    def local() -> bool:
+        names = _configured_names(environ)
+        if args.name not in names:
+            known = ", ".join(names) or "none"
+            raise CommandError(
+                f"no handler {args.name!r} in LACUNA_HANDLERS (configured: {known})", exit_code=2
+            )
+        return _with_store(
+            environ,
+            lambda s: s.set_paused(args.name, pause, reason=reason, now=datetime.now(UTC)),
+        )
+
+    changed = _local_or_remote(
+        args,
         environ,
-        lambda s: s.set_paused(args.name, pause, reason=reason, now=datetime.now(UTC)),
+        local,
+        lambda client: client.set_paused(args.name, pause, reason=reason),
+        usage=(*USAGE_STATUSES, 404),
     )
+    name = printable(args.name)
     if pause:
         print(
-            f"paused {args.name}: its deliveries wait (every replica stops starting attempts"
+            f"paused {name}: its deliveries wait (every replica stops starting attempts"
             " within LACUNA_POLL_INTERVAL)"
             if changed
-            else f"{args.name} was already paused"
+            else f"{name} was already paused"
         )
     else:
         print(
-            f"resumed {args.name}: its waiting deliveries are sent now"
+            f"resumed {name}: its waiting deliveries are sent now"
             if changed
-            else f"{args.name} was not paused"
+            else f"{name} was not paused"
         )
     return 0
 
@@ -1652,11 +1857,32 @@ def _pause_reason(value: str) -> str:
     return value
 
 
-def _admin_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--url", help="the admin API, e.g. http://127.0.0.1:8001 (default: $LACUNA_ADMIN_URL)"
+def _remote_options(
+    parser: argparse.ArgumentParser, *, local: bool = True, inherited: bool = False
+) -> None:
+    """``--url`` and ``--token``, the same for every command that can work through an admin
+    API (``_admin_remote`` reads them). ``local``: without them the command works on
+    ``LACUNA_DATABASE_URL``. ``inherited``: the options of a subcommand whose parent has
+    them too (``handlers --url U pause NAME`` and ``handlers pause NAME --url U`` alike):
+    left unset, they keep the parent's value."""
+    fallback = "; neither: LACUNA_DATABASE_URL directly" if local else ""
+    default: Any = argparse.SUPPRESS if inherited else None
+    group = parser.add_argument_group("admin API (docs/cli.md#local-or-remote)")
+    group.add_argument(
+        "--url",
+        default=default,
+        help="a remote admin API, e.g. http://10.0.0.5:8001"
+        f" (default: $LACUNA_ADMIN_URL{fallback})",
     )
-    parser.add_argument("--token", help="an admin token (default: $LACUNA_ADMIN_TOKEN)")
+    group.add_argument(
+        "--token",
+        default=default,
+        help="its admin token (default: $LACUNA_ADMIN_TOKEN, the first of several)",
+    )
+
+
+def _admin_args(parser: argparse.ArgumentParser, *, local: bool) -> None:
+    _remote_options(parser, local=local)
     parser.add_argument(
         "--from",
         dest="start",
@@ -1669,10 +1895,10 @@ def _admin_args(parser: argparse.ArgumentParser) -> None:
 def _tail(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     from . import listen
 
-    if args.url is None and not environ.get("LACUNA_ADMIN_URL", "").strip():
+    target = _admin_remote(args, environ)
+    if target is None:
         return _tail_store(args, environ)
     try:
-        target = listen.admin_target(args.url, args.token, environ)
         main = listen.tail(
             target,
             as_json=args.json,
@@ -1758,14 +1984,21 @@ def _port(value: str) -> int:
     return number
 
 
-def _bulk_arguments(parser: argparse.ArgumentParser, *, handler_help: str) -> None:
-    """The filters of ``GET /events`` and the options of a bulk operation."""
+def _filter_arguments(
+    parser: argparse.ArgumentParser, *, handler_help: str, repeatable_handler: bool
+) -> None:
+    """The filters of ``GET /events`` (``_FILTER_OPTIONS``)."""
     filters = parser.add_argument_group("filters (as GET /api/v1/events)")
     filters.add_argument("--type", type=_event_type, help="event type, exactly")
     filters.add_argument("--task-id", dest="task_id", help="data.id, exactly")
     filters.add_argument("--since", help="received at or after: RFC 3339 or Unix seconds")
     filters.add_argument("--until", help="received before: RFC 3339 or Unix seconds")
-    filters.add_argument("--handler", action="append", type=_handler_name, help=handler_help)
+    filters.add_argument(
+        "--handler",
+        action="append" if repeatable_handler else "store",
+        type=_handler_name,
+        help=handler_help,
+    )
     filters.add_argument(
         "--status",
         choices=["pending", "due", "running", "waiting", "done", "dead"],
@@ -1778,6 +2011,11 @@ def _bulk_arguments(parser: argparse.ArgumentParser, *, handler_help: str) -> No
         help="payload field equals value, e.g. data.title:Late Night Study (repeatable)",
     )
     filters.add_argument("--q", help="substring of the raw payload (case-sensitive)")
+
+
+def _bulk_arguments(parser: argparse.ArgumentParser, *, handler_help: str) -> None:
+    """The filters of ``GET /events`` and the options of a bulk operation."""
+    _filter_arguments(parser, handler_help=handler_help, repeatable_handler=True)
     parser.add_argument(
         "--all", action="store_true", help="every stored event (instead of filters)"
     )
@@ -1785,10 +2023,7 @@ def _bulk_arguments(parser: argparse.ArgumentParser, *, handler_help: str) -> No
         "--dry-run", action="store_true", help="count the matching events, write nothing"
     )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
-    parser.add_argument(
-        "--url", help="a remote admin listener, e.g. http://10.0.0.5:8001 ($LACUNA_ADMIN_URL)"
-    )
-    parser.add_argument("--token", help="its admin token ($LACUNA_ADMIN_TOKEN)")
+    _remote_options(parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1857,13 +2092,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     events = sub.add_parser("events", help="list or show stored events")
     events_sub = events.add_subparsers(dest="events_command", required=True, parser_class=_Parser)
-    events_list = events_sub.add_parser("list", help="newest first")
-    events_list.add_argument("--limit", type=_bounded(MAX_LIST_LIMIT), default=50)
-    events_list.add_argument("--type", help="only this event type")
+    events_list = events_sub.add_parser(
+        "list",
+        help="newest first",
+        description="The stored events the filters select (all without them), newest first:"
+        " GET /api/v1/events of an admin API, or LACUNA_DATABASE_URL directly.",
+    )
+    events_list.add_argument(
+        "--limit", type=_bounded(MAX_LIST_LIMIT), default=50, help="at most N events (default 50)"
+    )
+    _filter_arguments(
+        events_list,
+        handler_help="events with a delivery of this handler",
+        repeatable_handler=False,
+    )
     events_list.add_argument("--json", action="store_true", help="machine-readable output")
+    _remote_options(events_list)
     events_show = events_sub.add_parser("show", help="one event, its deliveries and attempts")
     events_show.add_argument("event_id", type=_event_id)
     events_show.add_argument("--json", action="store_true", help="machine-readable output")
+    _remote_options(events_show)
 
     deliveries = sub.add_parser("deliveries", help="list deliveries")
     deliveries_sub = deliveries.add_subparsers(
@@ -1875,6 +2123,7 @@ def build_parser() -> argparse.ArgumentParser:
     deliveries_list.add_argument("--event", type=_event_id, help="only this event id")
     deliveries_list.add_argument("--limit", type=_bounded(MAX_LIST_LIMIT), default=50)
     deliveries_list.add_argument("--json", action="store_true", help="machine-readable output")
+    _remote_options(deliveries_list)
 
     replay = sub.add_parser(
         "replay",
@@ -1912,6 +2161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     retry_dead = sub.add_parser("retry-dead", help="make dead deliveries due again")
     retry_dead.add_argument("--handler", type=_handler_name, help="only this handler's")
+    _remote_options(retry_dead)
 
     tail = sub.add_parser(
         "tail",
@@ -1920,7 +2170,7 @@ def build_parser() -> argparse.ArgumentParser:
         " one line per event (received, type, id, task, title); reconnects by itself when the"
         " stream is lost. Without an admin API, follow the store of LACUNA_DATABASE_URL.",
     )
-    _admin_args(tail)
+    _admin_args(tail, local=True)
     tail.add_argument("--json", action="store_true", help="one JSON object per line")
 
     listen = sub.add_parser(
@@ -1931,7 +2181,7 @@ def build_parser() -> argparse.ArgumentParser:
         " kept in a local file, so a restart (after Ctrl-C, a crash, a laptop that slept)"
         " resumes right after it. A failing local app is retried until it takes the event.",
     )
-    _admin_args(listen)
+    _admin_args(listen, local=False)
     listen.add_argument("--forward-to", required=True, help="e.g. http://127.0.0.1:3000/hooks")
     listen.add_argument(
         "--secret", help="whsec_… secret(s) to sign with, comma-separated (default: unsigned)"
@@ -1951,6 +2201,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="list installed handler kinds, the configured instances and their state;"
         " pause or resume one",
     )
+    _remote_options(handlers)
     actions = handlers.add_subparsers(dest="action", parser_class=_Parser)
     pause = actions.add_parser(
         "pause", help="stop starting attempts of a handler, on every replica, until resumed"
@@ -1962,8 +2213,10 @@ def build_parser() -> argparse.ArgumentParser:
         default="paused by an operator",
         help="recorded and shown (1 to 1000 characters)",
     )
+    _remote_options(pause, inherited=True)
     resume = actions.add_parser("resume", help="let a paused handler's deliveries go again")
     resume.add_argument("name", help="a handler name from LACUNA_HANDLERS")
+    _remote_options(resume, inherited=True)
     return parser
 
 
