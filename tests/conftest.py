@@ -40,6 +40,25 @@ REDIS_URL = os.environ.get("LACUNA_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 TEST_SECRET = "whsec_test_5WbX5kEWLlfzsGNjH64I8lOOqUB6e8FH"
 
 
+@pytest.fixture(autouse=True)
+def _logging_as_before() -> Iterator[None]:
+    """Undo what a test's in-process ``logs.configure`` (a CLI command run by ``cli.main``)
+    did to the root logger: its handler writes to the ``sys.stderr`` of that test, which
+    pytest closes after it, so a later test's library log line (pytest-httpserver's access
+    log) printed a "Logging error" traceback into that test's captured stderr."""
+    import logging
+    import sys
+    import threading
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    hooks = (threading.excepthook, sys.unraisablehook)
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    threading.excepthook, sys.unraisablehook = hooks
+
+
 def make_event(
     event_id: str | None = None,
     event_type: str = "job.completed",
