@@ -29,6 +29,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 MASK = "**********"
@@ -227,6 +228,7 @@ def url_secrets(url: str, *, secret_path: bool) -> set[str]:
 __all__ = [
     "MASK",
     "MIN_SECRET_CHARS",
+    "exception_text",
     "header_secrets",
     "mask_secrets",
     "needs_redaction",
@@ -239,6 +241,34 @@ __all__ = [
     "secret_values",
     "url_secrets",
 ]
+
+
+#: ``type.__name__`` itself: a plugin's metaclass may define its own ``__name__`` (a property
+#: that raises, or returns 50 MB), which ``type(exc).__name__`` would call.
+_TYPE_NAME: Any = type.__dict__["__name__"]
+UNREADABLE_MESSAGE = "(its message could not be read)"
+
+
+def exception_text(exc: BaseException, limit: int) -> str:
+    """``"ValueError: boom"`` for any exception a plugin raised, at most about ``limit``
+    characters (not redacted: see ``redact_text``). It never raises and calls nothing of the
+    exception's class but ``__str__``, whose failure (or non-``str`` result) is
+    ``UNREADABLE_MESSAGE``: a metaclass's ``__name__``, a ``__str__`` that raises or
+    returns a ``str`` subclass whose ``__format__``/``strip`` raise once escaped from the
+    code that describes an attempt's error (the attempt was then never answered, and
+    recorded a timeout 20 s later) or a plugin's start failure (a traceback)."""
+    cls = type(exc)
+    try:
+        name = str.__str__(_TYPE_NAME.__get__(cls, type(cls)))
+    except BaseException:
+        name = "Exception"
+    try:
+        # str.__str__: the exact text of a str subclass, none of its own methods.
+        message = str.__str__(str(exc))[: limit + 1].strip()
+    except BaseException:
+        message = UNREADABLE_MESSAGE
+    text = f"{name[:200]}: {message}" if message else name[:200]
+    return text[: limit + 1]
 
 
 def printable(text: str) -> str:

@@ -9,7 +9,11 @@ then, by the event id's prefix:
 - ``evt_spin_``: a CPU loop for ``LACUNA_MISBEHAVING_BLOCK`` seconds, never yielding;
 - ``evt_raise_<Name>``: raises ``SystemExit(0)``, ``KeyboardInterrupt``,
   ``GeneratorExit``, ``CancelledError``, ``Custom`` (a ``BaseException`` subclass) or
-  ``Unprintable`` (an exception whose ``__str__`` raises);
+  ``Unprintable`` (an exception whose ``__str__`` raises), ``MetaName`` (its class's
+  ``__name__``, a metaclass property, raises), ``ClassProp`` (its ``__class__`` raises) or
+  ``StrSub`` (its ``__str__`` returns a ``str`` subclass whose ``__format__`` raises);
+- ``evt_breakloop_``: replaces ``asyncio.timeout`` with ``None`` in its worker process (a
+  plugin monkeypatching what its worker runs on), then succeeds;
 - ``evt_fail_``: raises ``RuntimeError`` at once (a handler failing fast, every time);
 - ``evt_exit_``: ``os._exit(3)``, as a crash would;
 - ``evt_hang_``: ``await asyncio.sleep(3600)`` (cooperative, until cut off or killed);
@@ -68,6 +72,41 @@ class BadStr(Exception):
         raise KeyboardInterrupt
 
 
+class _NamelessMeta(type):
+    @property
+    def __name__(cls) -> str:  # type: ignore[override]
+        raise RuntimeError("a metaclass whose __name__ raises")
+
+
+class MetaName(Exception, metaclass=_NamelessMeta):
+    """An exception whose class's ``__name__`` (a metaclass property) raises."""
+
+
+class ClassProp(Exception):
+    """An exception whose ``__class__`` raises (``isinstance`` falls back to it)."""
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:  # type: ignore[override]
+        raise RuntimeError("no __class__ for you")
+
+
+class _Unformattable(str):
+    __slots__ = ()
+
+    def __format__(self, spec: str) -> str:
+        raise RuntimeError("__format__ exploded")
+
+    def strip(self, chars: str | None = None) -> str:
+        raise RuntimeError("strip exploded")
+
+
+class StrSub(Exception):
+    """An exception whose ``__str__`` returns a ``str`` subclass that cannot be formatted."""
+
+    def __str__(self) -> str:
+        return _Unformattable("a str subclass")
+
+
 DELAYS: dict[str, object] = {"text": "30", "huge": 10**25, "nan": float("nan")}
 
 RAISES: dict[str, BaseException] = {
@@ -78,6 +117,9 @@ RAISES: dict[str, BaseException] = {
     "CancelledError": asyncio.CancelledError(),
     "Custom": Custom("a plugin's own BaseException"),
     "Unprintable": Unprintable(),
+    "MetaName": MetaName("x"),
+    "ClassProp": ClassProp("x"),
+    "StrSub": StrSub(),
 }
 
 
@@ -150,6 +192,9 @@ class Misbehaving:
             subprocess.run(["echo", "child", secret], stdout=sys.stdout, check=True)  # noqa: ASYNC221
             sys.stdout.buffer.write(b"no newline " + secret.encode())
             sys.stdout.flush()
+        elif event.id.startswith("evt_breakloop_"):
+            # Breaks this worker's own machinery, not just this attempt.
+            asyncio.timeout = None  # type: ignore[assignment]
         elif event.id.startswith("evt_nulresult_"):
             return {"x": "a\x00b"}
         elif event.id.startswith("evt_bigresult_"):

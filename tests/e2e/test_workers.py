@@ -176,6 +176,12 @@ def test_every_base_exception_is_an_attempt_outcome(
         "Unprintable",
         # Its __str__ raises KeyboardInterrupt: that crashed the worker.
         "BadStr",
+        # Its class's __name__ (a metaclass property), its __class__, or its __str__'s
+        # str subclass raises: describing it raised, and the attempt was recorded as a
+        # timeout that "did not yield" 20 s past its timeout, its neighbours released.
+        "MetaName",
+        "ClassProp",
+        "StrSub",
     ]
     for name in names:
         assert send(serve, f"evt_raise_{name}").status_code == 200
@@ -189,6 +195,33 @@ def test_every_base_exception_is_an_attempt_outcome(
     assert serve.proc.poll() is None
     assert httpx.get(f"{serve.base_url}/healthz", timeout=5).status_code == 200
     assert handler_workers(serve) == workers  # nothing raised ended the worker either
+
+
+def test_a_handler_that_breaks_its_worker_gets_a_fresh_one(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """A handler that breaks what its worker process runs on (it replaces
+    ``asyncio.timeout``): the next attempt cannot even start there. It is answered at once as
+    a failure naming the worker (it was left unanswered, recorded 20 s past its timeout as
+    one that "did not yield"), the worker ends itself and a fresh one delivers the retry."""
+    out = tmp_path / "started.txt"
+    serve = serve_factory(plugin_env(tmp_path, LACUNA_RETRY_MAX_ATTEMPTS="3")).start()
+    assert send(serve, "evt_breakloop_1").status_code == 200
+    wait_until(lambda: attempts_of(serve, "evt_breakloop_1"), what="the breaking attempt")
+    (old_pid,) = handler_workers(serve)
+    assert send(serve, "evt_after_1").status_code == 200
+    wait_until(lambda: len(attempts_of(serve, "evt_after_1")) >= 2, what="the retry recorded")
+    first, second = attempts_of(serve, "evt_after_1")[:2]
+    assert first["outcome"] == "retry"
+    assert first["error"].startswith("WorkerError: the handler's worker process could not run")
+    assert "TypeError" in first["error"]
+    assert second["outcome"] == "ok"
+    assert pids_of(out, "evt_after_1")[-1] != old_pid  # in a fresh worker
+    assert process_exited(old_pid)
+    assert "handler_worker.broken" in serve.log()
+    assert "exited with code 70" in serve.log()
+    assert serve.proc is not None
+    assert serve.proc.poll() is None
 
 
 def test_a_worker_that_exits_is_restarted_and_deliveries_go_on(

@@ -77,6 +77,44 @@ def test_base_exceptions_are_failures_like_any_other(exc: BaseException, text: s
     assert decide_now(classify(exc)) == Decision(Action.RETRY, text, NOW + timedelta(seconds=5))
 
 
+def test_classify_never_raises_whatever_the_exceptions_class_does() -> None:
+    """An exception whose class's ``__name__`` (a metaclass property), whose ``__class__``,
+    or whose ``__str__``'s ``str`` subclass raises, or whose name and message are 50 MB: a
+    failed attempt with a bounded text. Raising there left the attempt unanswered."""
+    from tests.e2e.misbehaving_plugin import ClassProp, MetaName, StrSub
+
+    assert classify(MetaName("x")) == Outcome(Ending.FAILED, "MetaName: x")
+    assert classify(ClassProp("x")) == Outcome(Ending.FAILED, "ClassProp: x")
+    assert classify(StrSub()) == Outcome(Ending.FAILED, "StrSub: a str subclass")
+
+    class Huge(type):
+        @property
+        def __name__(cls) -> str:  # type: ignore[override]
+            return "N" * 50_000_000
+
+    class Big(Exception, metaclass=Huge):
+        pass
+
+    outcome = classify(Big("m" * 50_000_000))
+    assert outcome.ending is Ending.FAILED
+    assert outcome.error is not None
+    assert len(outcome.error) <= 2000
+    assert outcome.error.startswith("Big: mmm")  # type.__name__, not the metaclass's
+
+
+def test_a_returned_dict_subclass_is_kept_as_plain_json() -> None:
+    """A result of a ``dict`` subclass whose methods raise is recorded as the plain object it
+    encodes to; nothing of the plugin's class is kept."""
+
+    class Weird(dict[str, object]):
+        def __contains__(self, key: object) -> bool:
+            raise RuntimeError("no")
+
+    outcome = classify(Weird(a=1))
+    assert outcome == Outcome(Ending.OK, result={"a": 1})
+    assert type(outcome.result) is dict
+
+
 def test_error_text_hides_url_paths() -> None:
     """A URL in an error keeps only its scheme and host (its path may be a secret)."""
     outcome = classify(ValueError("POST https://hooks.slack.com/services/T/B/SECRET failed"))

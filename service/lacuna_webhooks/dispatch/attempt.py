@@ -64,7 +64,7 @@ from ..errors import (
 )
 from ..handlers.base import Handler, current_attempt, current_results, settle
 from ..models import AttemptOutcome, Event, json_strings
-from ..redact import redact_text
+from ..redact import exception_text, redact_text
 from ..retry import RetryPolicy
 
 MAX_ERROR_CHARS = 2000
@@ -75,17 +75,10 @@ logger = structlog.get_logger("lacuna_webhooks.attempt")
 def describe_error(exc: BaseException) -> str:
     """``"ValueError: boom"``, with any URL cut to its host (a webhook URL's path is a secret)
     and any known secret value masked (``redact.redact_text``); text every store and the
-    workers' JSON wire carry (``storable_text``)."""
-    name = type(exc).__name__
-    try:
-        message = str(exc).strip()
-    except BaseException:
-        # A plugin's exception whose __str__ itself raises (KeyboardInterrupt included): the
-        # attempt must still end with an outcome (this once left the delivery running until
-        # its worker was replaced, or crashed the worker).
-        message = "(its message could not be read)"
-    text = f"{name}: {message}" if message else name
-    return storable_text(redact_text(text[: MAX_ERROR_CHARS * 2]))[:MAX_ERROR_CHARS]
+    workers' JSON wire carry (``storable_text``). Never raises, whatever the exception's
+    class does (``redact.exception_text``): the attempt must still end with an outcome."""
+    text = exception_text(exc, MAX_ERROR_CHARS * 2)
+    return storable_text(redact_text(text))[:MAX_ERROR_CHARS]
 
 
 def storable_text(text: str) -> str:
@@ -112,15 +105,26 @@ MAX_RESULT_BYTES = 64 * 1024
 def result_problem(result: dict[str, Any]) -> str | None:
     """Why ``result`` cannot be recorded, or ``None``: not JSON, over ``MAX_RESULT_BYTES``,
     or holding text no store takes (a NUL, a lone surrogate)."""
+    problem, _ = _plain_result(result)
+    return problem
+
+
+def _plain_result(result: object) -> tuple[str | None, dict[str, Any] | None]:
+    """(why ``result`` cannot be recorded, or ``None``; the result as plain JSON values:
+    ``dict``, ``list``, ``str``..., whatever subclasses the handler returned, so that no
+    method of a plugin's class runs past this point)."""
     try:
-        size = len(orjson.dumps(result))  # refuses lone surrogates too
+        raw = orjson.dumps(result)  # refuses lone surrogates too
     except TypeError:
-        return "it does not encode as JSON"
-    if size > MAX_RESULT_BYTES:
-        return f"its JSON is {size} bytes (at most {MAX_RESULT_BYTES})"
-    if any("\x00" in text for text in json_strings(result)):
-        return "it holds a NUL character, which PostgreSQL cannot store"
-    return None
+        return "it does not encode as JSON", None
+    if len(raw) > MAX_RESULT_BYTES:
+        return f"its JSON is {len(raw)} bytes (at most {MAX_RESULT_BYTES})", None
+    plain = orjson.loads(raw)
+    if not isinstance(plain, dict):
+        return "it is not a JSON object", None
+    if any("\x00" in text for text in json_strings(plain)):
+        return "it holds a NUL character, which PostgreSQL cannot store", None
+    return None, plain
 
 
 class Ending(enum.StrEnum):
@@ -178,7 +182,7 @@ def requested_delay(value: object) -> float | None:
     ``MAX_RETRY_DELAY_SECONDS``, or ``None`` when it is none or not a number (a string
     from a peer's header, ``nan``, a ``bool``): a plugin's mistake there must still end its
     attempt as a retry, never break the hand-over of the outcome."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if issubclass(type(value), bool) or not isinstance(value, int | float):
         return None
     try:
         seconds = float(value)
@@ -192,30 +196,48 @@ def requested_delay(value: object) -> float | None:
 def classify(value: BaseException | object) -> Outcome:
     """The ``Outcome`` of an attempt that raised ``value`` (an exception) or returned it.
 
-    A returned ``dict`` is kept as the result; any other return value is ignored.
-    """
-    if isinstance(value, PauseHandler):
-        return Outcome(Ending.GONE, describe_error(value))
-    if isinstance(value, PermanentError):
-        return Outcome(Ending.PERMANENT, describe_error(value))
-    if isinstance(value, RetryLater):
-        ending = Ending.RATE_LIMITED if isinstance(value, RateLimited) else Ending.RETRY_LATER
+    A returned ``dict`` is kept as the result; any other return value is ignored. Never
+    raises: what it reads of ``value`` is its real type (``type()``, never ``__class__``,
+    which a plugin's exception may make a property that raises) and, failing all else, the
+    attempt is a failure (an exception) or done without a result (a returned value)."""
+    try:
+        return _classify(value)
+    except BaseException:
+        if isinstance(value, BaseException):  # type-based: its type is checked first
+            return Outcome(Ending.FAILED, describe_error(value))
+        logger.warning("handler.result_not_stored", reason="it could not be read")
+        return Outcome(Ending.OK)
+
+
+def _classify(value: object) -> Outcome:
+    kind = type(value)
+    if issubclass(kind, PauseHandler):
+        return Outcome(Ending.GONE, describe_error(value))  # type: ignore[arg-type]
+    if issubclass(kind, PermanentError):
+        return Outcome(Ending.PERMANENT, describe_error(value))  # type: ignore[arg-type]
+    if issubclass(kind, RetryLater):
+        assert isinstance(value, RetryLater)
+        ending = Ending.RATE_LIMITED if issubclass(kind, RateLimited) else Ending.RETRY_LATER
         error = describe_error(value)
-        delay = requested_delay(value.delay_seconds)
-        if delay is None and value.delay_seconds is not None:
-            shown = storable_text(redact_text(repr(value.delay_seconds)[:40]))
+        asked = value.delay_seconds
+        delay = requested_delay(asked)
+        if delay is None and asked is not None:
+            try:
+                shown = storable_text(redact_text(str.__str__(repr(asked))[:40]))
+            except BaseException:
+                shown = "(unreadable)"
             error = f"{error} (delay_seconds {shown} ignored: not a number of seconds)"
         return Outcome(ending, error[:MAX_ERROR_CHARS], delay)
-    if isinstance(value, BaseException):
-        return Outcome(Ending.FAILED, describe_error(value))
-    if not isinstance(value, dict):
+    if issubclass(kind, BaseException):
+        return Outcome(Ending.FAILED, describe_error(value))  # type: ignore[arg-type]
+    if not issubclass(kind, dict):
         return Outcome(Ending.OK)
-    problem = result_problem(value)
+    problem, plain = _plain_result(value)
     if problem is not None:
         # Still done: the handler did its work; only its result cannot be kept.
         logger.warning("handler.result_not_stored", reason=problem)
         return Outcome(Ending.OK)
-    return Outcome(Ending.OK, result=value)
+    return Outcome(Ending.OK, result=plain)
 
 
 #: Set by ``run_attempt`` in the calling task: the attempt timed out while its plain-``def``

@@ -10,6 +10,7 @@ ends this process, and the parent records and restarts that.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import pickle
@@ -24,7 +25,7 @@ import structlog
 from ..child import die_with_parent, frame, read_frame
 from ..handlers.base import Handler, settle
 from ..models import Event
-from .attempt import Outcome, describe_error, run_attempt, stranded_thread
+from .attempt import MAX_ERROR_CHARS, Ending, Outcome, describe_error, run_attempt, stranded_thread
 from .workers import MAX_FRAME_BYTES, WorkerSpec
 
 if TYPE_CHECKING:
@@ -32,6 +33,8 @@ if TYPE_CHECKING:
 
 #: How long the handler's ``aclose`` may take when the worker stops.
 ACLOSE_TIMEOUT_SECONDS = 5.0
+#: The exit code of a worker that ended itself because its handler broke it (see ``_serve``).
+WORKER_BROKEN_EXIT = 70
 
 
 def _send_json(sock: socket.socket, message: list[Any]) -> None:
@@ -67,11 +70,10 @@ def child_main(fd: int) -> int:
     handler, tracing = built
     _send_json(sock, ["ready", os.getpid()])
     try:
-        asyncio.run(_serve(sock, handler, tracing))
+        return asyncio.run(_serve(sock, handler, tracing))
     finally:
         if tracing is not None:
             tracing.shutdown()  # export the last attempts' spans before the process ends
-    return 0
 
 
 def _build(sock: socket.socket, spec: WorkerSpec) -> tuple[Handler, Tracing | None] | None:
@@ -115,10 +117,13 @@ def _forget(running: dict[int, asyncio.Task[None]], attempt_id: int, _: object) 
     running.pop(attempt_id, None)
 
 
-async def _serve(sock: socket.socket, handler: Handler, tracing: Tracing | None = None) -> None:
+async def _serve(sock: socket.socket, handler: Handler, tracing: Tracing | None = None) -> int:
     reader, writer = await asyncio.open_unix_connection(sock=sock)
     log = structlog.get_logger("lacuna_webhooks.worker").bind(handler=handler.name)
     running: dict[int, asyncio.Task[None]] = {}
+    broken: list[str] = []  # set by an attempt that this process could not run
+    main = asyncio.current_task()
+    assert main is not None
 
     async def attempt(
         attempt_id: int,
@@ -149,6 +154,24 @@ async def _serve(sock: socket.socket, handler: Handler, tracing: Tracing | None 
             kind = "stuck" if stranded_thread.get() else "cancelled"
             writer.write(frame(orjson.dumps([kind, attempt_id])))
             raise
+        except BaseException as exc:
+            # run_attempt answers for whatever the handler does: this is this process's own
+            # machinery, broken by the handler (it replaced asyncio.timeout, say). Unanswered,
+            # the attempt was recorded as a timeout that "did not yield" 20 s later, and every
+            # later one in this worker the same. Answer it, and end this worker: its parent
+            # starts a fresh one (the attempts still in flight are cancelled and released).
+            error = describe_error(exc)
+            log.error("handler_worker.broken", event_id=event.id, error=error)
+            broken.append(error)
+            outcome = Outcome(
+                Ending.FAILED,
+                f"WorkerError: the handler's worker process could not run the attempt ({error})"[
+                    :MAX_ERROR_CHARS
+                ],
+            )
+            writer.write(frame(orjson.dumps(["done", attempt_id, outcome.to_wire()])))
+            main.cancel()
+            return
         if stranded_thread.get():
             # Its plain-def handle() still runs in a thread past the timeout: the parent
             # replaces this worker and charges the attempt with the timeout.
@@ -171,6 +194,10 @@ async def _serve(sock: socket.socket, handler: Handler, tracing: Tracing | None 
                 request = pickle.loads(await read_frame(reader, MAX_FRAME_BYTES))  # noqa: S301
             except (asyncio.IncompleteReadError, ConnectionError):
                 break  # the parent is gone: nobody is left to answer
+            except asyncio.CancelledError:
+                if not broken:
+                    raise
+                break  # an attempt found this process broken (above): end it
             kind = request[0]
             if kind == "run":
                 _, attempt_id, event, timeout_seconds, number, results, trace_context = request
@@ -198,6 +225,10 @@ async def _serve(sock: socket.socket, handler: Handler, tracing: Tracing | None 
         except BaseException as exc:  # a plugin's aclose may raise anything; we exit anyway
             log.warning("handler.aclose_failed", error=describe_error(exc))
         writer.close()
+        with contextlib.suppress(Exception):  # the last answers reach the parent first
+            async with asyncio.timeout(ACLOSE_TIMEOUT_SECONDS):
+                await writer.wait_closed()
+    return WORKER_BROKEN_EXIT if broken else 0
 
 
 __all__ = ["child_main"]

@@ -521,7 +521,12 @@ class HandlerWorker:
         """The child is gone: settle what was in flight in it (see the module docstring)."""
         if self._child is child:
             self._child = None
-        child.kill()  # a child that closed its socket but lingers
+        if not child.killed:
+            # Its socket closed: a child on its way out (its exit code says why: it was
+            # always "killed by SIGKILL" here) or one that closed the socket but lingers.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(child.proc.wait()), EXIT_READ_GRACE_SECONDS)
+        child.kill()
         code = await child.reap()
         attempts, child.attempts = child.attempts, {}
         for attempt_id, attempt in attempts.items():
