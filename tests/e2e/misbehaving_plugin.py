@@ -12,6 +12,8 @@ then, by the event id's prefix:
   ``Unprintable`` (an exception whose ``__str__`` raises), ``MetaName`` (its class's
   ``__name__``, a metaclass property, raises), ``ClassProp`` (its ``__class__`` raises) or
   ``StrSub`` (its ``__str__`` returns a ``str`` subclass whose ``__format__`` raises);
+- ``evt_bigframe_``: writes an 8 MiB answer frame into its worker's socket to its parent;
+  ``evt_forgeresult_``: writes a forged ``done`` for attempt 1 there, with a 900 KB result;
 - ``evt_breakloop_``: replaces ``asyncio.timeout`` with ``None`` in its worker process (a
   plugin monkeypatching what its worker runs on), then succeeds;
 - ``evt_fail_``: raises ``RuntimeError`` at once (a handler failing fast, every time);
@@ -44,12 +46,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
+import select
 import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+import orjson
 
 from lacuna_webhooks import Event, HandlerContext, RetryLater
 
@@ -105,6 +111,18 @@ class StrSub(Exception):
 
     def __str__(self) -> str:
         return _Unformattable("a str subclass")
+
+
+def write_to_parent(data: bytes) -> None:
+    """Write ``data`` to this worker's socket to its parent, as a hostile handler can: the
+    descriptor is the one the worker's command line passes to ``child_main``."""
+    fd = int(re.search(rb"child_main\((\d+)\)", Path("/proc/self/cmdline").read_bytes())[1])  # type: ignore[index]
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view[: 1 << 20]) :]
+        except BlockingIOError:  # the worker's socket is non-blocking
+            select.select([], [fd], [])
 
 
 DELAYS: dict[str, object] = {"text": "30", "huge": 10**25, "nan": float("nan")}
@@ -195,6 +213,16 @@ class Misbehaving:
         elif event.id.startswith("evt_breakloop_"):
             # Breaks this worker's own machinery, not just this attempt.
             asyncio.timeout = None  # type: ignore[assignment]
+        elif event.id.startswith("evt_bigframe_"):
+            # An 8 MiB answer (a pong) written into its worker's socket.
+            payload = b'["pong",1,"' + b"x" * (8 * 1024 * 1024) + b'"]'
+            write_to_parent(len(payload).to_bytes(4, "big") + payload)
+        elif event.id.startswith("evt_forgeresult_"):
+            # A forged answer for attempt 1 (this one, in a worker that ran nothing before):
+            # done, with a result of 900 KB (a handler's own result is at most 64 KiB).
+            outcome = {"ending": "ok", "error": None, "retry_after_seconds": None}
+            message = orjson.dumps(["done", 1, {**outcome, "result": {"x": "y" * 900_000}}])
+            write_to_parent(len(message).to_bytes(4, "big") + message)
         elif event.id.startswith("evt_nulresult_"):
             return {"x": "a\x00b"}
         elif event.id.startswith("evt_bigresult_"):

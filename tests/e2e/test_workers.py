@@ -224,6 +224,43 @@ def test_a_handler_that_breaks_its_worker_gets_a_fresh_one(
     assert serve.proc.poll() is None
 
 
+def test_a_handler_writing_to_its_workers_socket_is_bounded_and_checked(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """A handler writes to its worker's socket to ``serve``. An 8 MiB frame (bounded only by
+    the parent's 256 MiB before: one such frame took serve from 58 to 670 MB, an OOM kill in
+    a container) is a protocol error: the worker is replaced, its attempt recorded as lost.
+    A forged ``done`` holding a 900 KB result (a handler's own is cut at 64 KiB) completes
+    the delivery without storing it."""
+    serve = serve_factory(plugin_env(tmp_path, LACUNA_RETRY_MAX_ATTEMPTS="2")).start()
+    assert send(serve, "evt_forgeresult_1").status_code == 200
+    wait_until(lambda: attempts_of(serve, "evt_forgeresult_1"), what="the forged outcome")
+    assert attempts_of(serve, "evt_forgeresult_1")[0]["outcome"] == "ok"
+    result = subprocess.run(
+        [CLI, "events", "show", "evt_forgeresult_1", "--json"],
+        env={"LACUNA_DATABASE_URL": serve.env["LACUNA_DATABASE_URL"], "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    (delivery,) = json.loads(result.stdout)["deliveries"]
+    assert delivery["result"] is None
+    assert "handler.result_not_stored" in serve.log()
+
+    (old_pid,) = handler_workers(serve)
+    assert send(serve, "evt_bigframe_1").status_code == 200
+    wait_until(lambda: attempts_of(serve, "evt_bigframe_1"), what="the big frame's attempt")
+    first = attempts_of(serve, "evt_bigframe_1")[0]
+    assert first["outcome"] == "retry"
+    assert first["error"].startswith("WorkerLost")
+    assert "handler_worker.protocol_error" in serve.log()
+    assert process_exited(old_pid)
+    assert_intake_answers(serve, "bigframe")
+    assert serve.proc is not None
+    assert serve.proc.poll() is None
+
+
 def test_a_worker_that_exits_is_restarted_and_deliveries_go_on(
     serve_factory: type[Serve], tmp_path: Path
 ) -> None:

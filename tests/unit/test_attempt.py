@@ -129,6 +129,20 @@ def test_outcome_round_trips_over_the_wire() -> None:
         Outcome.from_wire({"ending": "exploded", "error": None})
 
 
+def test_an_outcome_from_the_wire_is_checked_again() -> None:
+    """A handler can write to its worker's socket: what arrives is bounded as the worker
+    bounds it (a result over 64 KiB dropped, the error cut, the delay clamped)."""
+    outcome = Outcome.from_wire(
+        {
+            "ending": "retry_later",
+            "error": "e" * 100_000,
+            "retry_after_seconds": -1e300,
+            "result": {"x": "y" * 900_000},
+        }
+    )
+    assert outcome == Outcome(Ending.RETRY_LATER, "e" * 2000, 0.0, None)
+
+
 # -- decide ------------------------------------------------------------------------------------
 
 

@@ -173,8 +173,15 @@ class Outcome:
         if result is not None and not isinstance(result, dict):
             raise TypeError("result must be an object")
         if error is not None:
-            error = storable_text(error)
-        return cls(Ending(value["ending"]), error, None if delay is None else float(delay), result)
+            error = storable_text(error[:MAX_ERROR_CHARS])
+        if result is not None:
+            # Checked again here: a handler can write to its worker's socket, and a result
+            # past MAX_RESULT_BYTES was stored (then parsed on the intake loop by dependents).
+            problem, result = _plain_result(result)
+            if problem is not None:
+                logger.warning("handler.result_not_stored", reason=problem)
+        ending = Ending(value["ending"])
+        return cls(ending, error, None if delay is None else requested_delay(delay), result)
 
 
 def requested_delay(value: object) -> float | None:

@@ -11,7 +11,9 @@ its one writer.
   length and a pickle (``run``, ``cancel``, ``ping``, ``stop``); child to parent:
   the same framing around JSON (``ready``, ``failed``, ``done`` with an
   ``Outcome``, ``cancelled``, ``stuck``, ``pong``), so nothing a plugin's process
-  sends is unpickled here.
+  sends is unpickled here. The handler runs in that process and can write to the
+  socket too: an answer is at most ``MAX_ANSWER_BYTES``, and is checked again on
+  arrival (``Outcome.from_wire``) as if the handler had written it.
 - Stops: an attempt the dispatcher gives up at a stop is cancelled in the child,
   and its answer awaited up to ``STOP_GRACE_SECONDS``. A handler that finished
   anyway (it blocked, and the cancellation reached it too late) has its outcome
@@ -78,6 +80,12 @@ STOP_GRACE_SECONDS = 5.0
 #: No message comes near this (an event is at most LACUNA_MAX_BODY_BYTES, twice over when
 #: parsed): a larger length prefix means the stream is corrupt.
 MAX_FRAME_BYTES = 256 * 1024 * 1024
+#: No answer of a worker comes near this (an outcome's error is at most 2000 characters and
+#: its result at most 64 KiB of JSON): a larger length prefix is a handler writing to its
+#: worker's socket. Bounded by the request's 256 MiB, one such frame was read and parsed on
+#: serve's loop: serve's memory went from 58 to 670 MB (an OOM kill in a container) and
+#: webhooks waited meanwhile.
+MAX_ANSWER_BYTES = 1024 * 1024
 #: How long a new child may take to import and build its handler before it counts as failed.
 START_TIMEOUT_SECONDS = 60.0
 #: After a child's exit, how long its socket may stay open (held by a process it forked)
@@ -363,7 +371,7 @@ class HandlerWorker:
         try:
             child.send(("hello", self.spec))
             async with asyncio.timeout(START_TIMEOUT_SECONDS):
-                reply = orjson.loads(await read_frame(reader, MAX_FRAME_BYTES))
+                reply = orjson.loads(await read_frame(reader, MAX_ANSWER_BYTES))
             if reply[0] == "ready":
                 return child
             self._log.error("handler_worker.start_failed", error=str(reply[1]))
@@ -399,7 +407,7 @@ class HandlerWorker:
         """Settle attempts from the child's answers until its socket closes."""
         try:
             while True:
-                reply = orjson.loads(await read_frame(child.reader, MAX_FRAME_BYTES))
+                reply = orjson.loads(await read_frame(child.reader, MAX_ANSWER_BYTES))
                 if reply[0] == "pong":
                     self._answered(child, int(reply[1]))
                     continue
