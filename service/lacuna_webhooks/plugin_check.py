@@ -261,7 +261,10 @@ def child_main(fd: int) -> int:
     )
 
     def send(message: list[Any]) -> None:
-        sock.sendall(frame(orjson.dumps(message)))
+        # The parent stops reading at the first answer (one a plugin forged, too): a later
+        # send is refused, which is no reason for a traceback in the logs.
+        with contextlib.suppress(OSError):
+            sock.sendall(frame(orjson.dumps(message)))
 
     def loading(item: str) -> None:
         send(["loading", item])

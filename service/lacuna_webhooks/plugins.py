@@ -48,7 +48,7 @@ from .errors import ConfigError
 from .handlers._common import float_setting, int_setting
 from .handlers.base import Handler, HandlerContext, HandlerFactory, settle
 from .models import Event
-from .redact import redact_text
+from .redact import exception_text, printable, redact_text
 from .retry import RetryPolicy
 
 ENTRY_POINT_GROUP = "lacuna_webhooks.handlers"
@@ -121,7 +121,8 @@ def load_factory(name: str) -> tuple[str, HandlerFactory]:
                 obj = getattr(obj, part)
         except (ImportError, AttributeError, ValueError) as exc:
             raise ConfigError(
-                f"LACUNA_HANDLERS names {name!r}, which cannot be loaded: {exc}"
+                f"LACUNA_HANDLERS names {name!r}, which cannot be loaded: "
+                + _plugin_error(exc).partition(": ")[2]
             ) from None
         except KeyboardInterrupt:
             raise  # a real Ctrl-C during the start stops it as one
@@ -400,7 +401,7 @@ def build_handlers(
         try:
             with _slow_build_warning(item):
                 handler = factory(ctx)
-            default_events = _check_handler(item, handler)
+                default_events = _check_handler(item, handler)  # an `events` may block too
             handler.name = name
             handlers[name] = handler
             kinds[name] = kind
@@ -430,11 +431,29 @@ def build_handlers(
     )
 
 
+#: The most of a plugin's exception message a start problem shows.
+MAX_PLUGIN_ERROR_CHARS = 500
+
+
 def _plugin_error(exc: BaseException) -> str:
-    """``Type: message`` of what a plugin raised, secrets masked. ``BaseException`` too: a
-    ``SystemExit(0)`` from a plugin once ended ``serve`` at start with exit code 0, which the
-    shipped systemd unit does not restart."""
-    return redact_text(f"{type(exc).__name__}: {exc}")
+    """``Type: message`` of what a plugin raised, secrets masked, control characters escaped,
+    at most ``MAX_PLUGIN_ERROR_CHARS``. ``BaseException`` too: a ``SystemExit(0)`` from a
+    plugin once ended ``serve`` at start with exit code 0, which the shipped systemd unit
+    does not restart. Never raises (``redact.exception_text``): an exception whose
+    ``__str__`` or whose metaclass's ``__name__`` raised printed a traceback and was
+    reported as the plugin ending its process; a 50 MB message, as a garbled answer."""
+    text = exception_text(exc, MAX_PLUGIN_ERROR_CHARS)
+    return printable(redact_text(text))[:MAX_PLUGIN_ERROR_CHARS]
+
+
+def _plugin_value(value: object) -> str:
+    """``repr(value)`` of something a plugin built, for a start problem: bounded, and
+    ``(unreadable)`` when its ``__repr__`` raises."""
+    try:
+        text = str.__str__(repr(value))
+    except BaseException:
+        return "(unreadable)"
+    return printable(redact_text(text[: MAX_PLUGIN_ERROR_CHARS + 1]))[:MAX_PLUGIN_ERROR_CHARS]
 
 
 def check_after(after: Mapping[str, Sequence[str]]) -> list[str]:
@@ -545,18 +564,20 @@ def _check_handler(item: str, handler: object) -> frozenset[str] | None:
             f"handler: it has no {' or '.join(m + '()' for m in missing)} method "
             "(docs/plugins.md)"
         )
-    events = getattr(handler, "events", None)
-    if events is None:
+    declared = getattr(handler, "events", None)
+    if declared is None:
         return None
+    events = declared
     if isinstance(events, str | bytes) or not isinstance(events, Iterable):
         events = [events]  # refused below unless every item is a string
     types = list(events)
     if not all(isinstance(t, str) for t in types):
         raise ConfigError(
             f"LACUNA_HANDLERS: the {item!r} handler's events must be None or a set of event "
-            f"type strings, got {getattr(handler, 'events', None)!r}"
+            f"type strings, got {_plugin_value(declared)}"
         )
-    return frozenset(types)
+    # Plain str: a subclass's own __hash__ or __lt__ would run wherever the filter is used.
+    return frozenset(str.__str__(t) for t in types)
 
 
 def _handler_timeout(name: str, environ: Mapping[str, str], default: float) -> float:

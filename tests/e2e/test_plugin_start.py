@@ -43,12 +43,33 @@ PLUGINS = textwrap.dedent(
                 class Boom(BaseException):
                     pass
                 raise Boom("boom")
+            if kind == "unprintable":
+                class Unprintable(Exception):
+                    def __str__(self):
+                        raise RuntimeError("__str__ exploded")
+                raise Unprintable()
+            if kind == "metaname":
+                class Nameless(type):
+                    @property
+                    def __name__(cls):
+                        raise RuntimeError("no name")
+                class Named(Exception, metaclass=Nameless):
+                    pass
+                raise Named("named all the same")
+            if kind == "huge":
+                raise ValueError("Z" * 50_000_000 + os.environ["LACUNA_WEBHOOK_SECRET"])
+            if kind == "events":
+                self.events = [1] * 5_000_000
 
         async def handle(self, event):
             return None
 
         async def aclose(self):
             return None
+
+    class ImportErrorUnprintable(ImportError):
+        def __str__(self):
+            raise RuntimeError("__str__ exploded")
     """
 )
 
@@ -58,6 +79,9 @@ def run_serve(tmp_path: Path, handlers: str, evil: str = "") -> subprocess.Compl
     (tmp_path / "evil_import_exit.py").write_text("raise SystemExit(0)\n")
     (tmp_path / "evil_import_bug.py").write_text("raise RuntimeError('a bug at import')\n")
     (tmp_path / "evil_import_hard.py").write_text("import os\nos._exit(0)\n")
+    (tmp_path / "evil_import_unprintable.py").write_text(
+        "from evil_factory import ImportErrorUnprintable\nraise ImportErrorUnprintable()\n"
+    )
     (tmp_path / "evil_import_kill.py").write_text(
         "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n"
     )
@@ -81,6 +105,19 @@ def run_serve(tmp_path: Path, handlers: str, evil: str = "") -> subprocess.Compl
         ("evil_factory:Factory", "exit0", "failed to start: SystemExit: 0"),
         ("evil_factory:Factory", "exit3", "failed to start: SystemExit: 3"),
         ("evil_factory:Factory", "base", "failed to start: Boom: boom"),
+        # What a plugin raised, described without trusting its class (a __str__ or a
+        # metaclass's __name__ that raised printed a traceback and was reported as the
+        # plugin ending its process), cut short (a 50 MB message was reported as a garbled
+        # answer), its secrets masked.
+        (
+            "evil_factory:Factory",
+            "unprintable",
+            "failed to start: Unprintable: (its message could not be read)",
+        ),
+        ("evil_factory:Factory", "metaname", "failed to start: Named: named all the same"),
+        ("evil_factory:Factory", "huge", "failed to start: ValueError: ZZZZ"),
+        ("evil_factory:Factory", "events", "events must be None or a set of event type"),
+        ("evil_import_unprintable:Handler", "", "cannot be loaded: (its message could not"),
         ("evil_import_exit:Handler", "", "cannot be loaded: SystemExit: 0"),
         ("evil_import_bug:Handler", "", "cannot be loaded: RuntimeError: a bug at import"),
         # Hard exits, which no `except` sees: serve exited 0 without a word (os._exit(0) at
@@ -112,6 +149,8 @@ def test_a_plugin_failing_at_start_is_exit_2_and_one_line(
     assert "Traceback" not in done.stderr
     (line,) = [line for line in done.stderr.splitlines() if "configuration:" in line]
     assert says in line
+    assert len(line) < 1000
+    assert TEST_SECRET not in done.stderr
     assert not (tmp_path / "start.db").exists()  # stopped before opening the store
 
 
