@@ -37,8 +37,13 @@ import orjson
 
 from .child import die_with_parent, frame, read_frame_blocking, start_child_blocking
 from .errors import ConfigError
-from .plugins import BuildRequest, HandlerSet, _RunsElsewhere, resolve_items, runs_foreign_code
-from .retry import RetryPolicy
+from .plugins import (
+    BuildRequest,
+    HandlerSet,
+    instances_of,
+    resolve_items,
+    runs_foreign_code,
+)
 
 #: The largest frame either side reads (the request: the environment; the answer: the set).
 MAX_FRAME_BYTES = 16 * 1024 * 1024
@@ -84,7 +89,7 @@ def check_in_child(request: BuildRequest, *, log_format: str, log_level: str) ->
     answer = _ask(("build", request), log_format, log_level)
     if not isinstance(answer, dict):
         raise ConfigError(_unreadable(TypeError("not an object")))
-    return _handler_set(answer)
+    return _handler_set(answer, request)
 
 
 def _ask(task: tuple[str, Any], log_format: str, log_level: str) -> Any:
@@ -190,27 +195,40 @@ def _stop(proc: Any, grace: float) -> None:
         proc.wait(EXIT_GRACE_SECONDS)
 
 
-def _handler_set(built: Mapping[str, Any]) -> HandlerSet:
-    """The ``HandlerSet`` the child described (``_describe``); one ``ConfigError`` line if a
-    plugin wrote something else in its place."""
+def _handler_set(built: Mapping[str, Any], request: BuildRequest) -> HandlerSet:
+    """The ``HandlerSet`` the child described (``_describe``), of which only what building
+    the plugins tells is taken: each instance's name and item, and its event filter. The
+    rest (timeouts, concurrency, retry policies, AFTER) is read again here from the
+    environment (``plugins.instances_of``), which also checks the names against
+    ``LACUNA_HANDLERS``. A plugin runs in the child and can write an answer of its own to its
+    socket: it once set a timeout of 1e308 (every claim then failed, for every handler), a
+    handler name holding a NUL, a handler that was never configured, a worker importing
+    another ``module:attr``, or an AFTER cycle. One ``ConfigError`` line for an answer that
+    does not fit."""
     try:
-        names = [str(n) for n in built["names"]]
-        return HandlerSet(
-            {n: _RunsElsewhere(n) for n in names},
-            {
-                n: None if f is None else frozenset(str(t) for t in f)
-                for n, f in built["filters"].items()
-            },
-            {n: float(t) for n, t in built["timeouts"].items()},
-            {n: str(i) for n, i in built["items"].items()},
-            {n: str(k) for n, k in built["kinds"].items()},
-            {n: int(c) for n, c in built["concurrency"].items()},
-            {
-                n: RetryPolicy(int(a), float(b), float(c))
-                for n, (a, b, c) in built["policies"].items()
-            },
-            {n: tuple(str(x) for x in a) for n, a in built["after"].items()},
+        names = built["names"]
+        items = built["items"]
+        filters = built["filters"]
+        if not (
+            isinstance(names, list)
+            and isinstance(items, dict)
+            and isinstance(filters, dict)
+            and all(isinstance(n, str) for n in names)
+            and len(set(names)) == len(names) == len(items)
+            and all(isinstance(items.get(n), str) for n in names)
+            and all(
+                f is None or (isinstance(f, list) and all(isinstance(t, str) for t in f))
+                for f in filters.values()
+            )
+        ):
+            raise ValueError("not the shape of an answer")
+        return instances_of(
+            request,
+            {n: items[n] for n in names},
+            {n: None if f is None else frozenset(f) for n, f in filters.items()},
         )
+    except ConfigError:
+        raise
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ConfigError(_unreadable(exc)) from None
 

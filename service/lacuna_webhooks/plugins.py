@@ -347,9 +347,6 @@ def build_handlers(
     leaves ``LACUNA_<NAME>_AFTER`` unchecked against the other items (a worker process, or
     ``handlers``, building one instance alone). ``on_item(item)`` is called before each item
     is loaded (``plugin_check`` reports it, to name the item that ended its process)."""
-    # Imported here: the dispatch package imports this module.
-    from .dispatch.flow import read_flow_control
-
     default_policy = policy or RetryPolicy()
     problems: list[str] = []
     handlers: dict[str, Handler] = {}
@@ -380,24 +377,16 @@ def build_handlers(
         # Each override is checked on its own, so that every bad one of every instance is
         # reported at once (SPEC §4: one ConfigError listing each problem), the handler's
         # own settings too.
-        ctx = HandlerContext(
-            name=name,
-            environ=environ,
+        ctx, slots[name], policies[name], after[name] = _instance_settings(
+            name,
+            kind,
+            environ,
+            problems,
             allow_private_urls=allow_private_urls,
-            timeout_seconds=_checked(
-                problems, timeout_seconds, _handler_timeout, name, environ, timeout_seconds
-            ),
-            kind=kind,
+            timeout_seconds=timeout_seconds,
+            concurrency=concurrency,
+            policy=default_policy,
         )
-        slots[name] = _checked(
-            problems, concurrency, int_setting, ctx, "CONCURRENCY", concurrency, MAX_CONCURRENCY
-        )
-        policies[name] = _instance_policy(ctx, default_policy, problems)
-        after[name] = parse_list(_checked(problems, None, ctx.get, "AFTER") or "")
-        try:
-            read_flow_control([name], environ)  # read again where dispatch runs
-        except ConfigError as exc:
-            problems.extend(exc.problems)
         try:
             with _slow_build_warning(item):
                 handler = factory(ctx)
@@ -433,6 +422,115 @@ def build_handlers(
 
 #: The most of a plugin's exception message a start problem shows.
 MAX_PLUGIN_ERROR_CHARS = 500
+
+
+def _instance_settings(
+    name: str,
+    kind: str,
+    environ: Mapping[str, str],
+    problems: list[str],
+    *,
+    allow_private_urls: bool,
+    timeout_seconds: float,
+    concurrency: int,
+    policy: RetryPolicy,
+) -> tuple[HandlerContext, int, RetryPolicy, tuple[str, ...]]:
+    """What the service itself reads for the instance ``name`` (its context, with its
+    timeout; its concurrency, retry policy and AFTER), every bad setting added to
+    ``problems``. The environment's alone: no plugin code runs here (``instances_of``)."""
+    # Dispatch imports this module.
+    from .dispatch.flow import read_flow_control
+
+    # Each override is checked on its own, so that every bad one of every instance is
+    # reported at once (SPEC §4: one ConfigError listing each problem), the handler's own
+    # settings too.
+    ctx = HandlerContext(
+        name=name,
+        environ=environ,
+        allow_private_urls=allow_private_urls,
+        timeout_seconds=_checked(
+            problems, timeout_seconds, _handler_timeout, name, environ, timeout_seconds
+        ),
+        kind=kind,
+    )
+    slots = _checked(
+        problems, concurrency, int_setting, ctx, "CONCURRENCY", concurrency, MAX_CONCURRENCY
+    )
+    instance_policy = _instance_policy(ctx, policy, problems)
+    after = parse_list(_checked(problems, None, ctx.get, "AFTER") or "")
+    try:
+        read_flow_control([name], environ)  # read again where dispatch runs
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    return ctx, slots, instance_policy, tuple(after)
+
+
+def instances_of(
+    request: BuildRequest,
+    items: Mapping[str, str],
+    defaults: Mapping[str, frozenset[str] | None],
+) -> HandlerSet:
+    """The ``HandlerSet`` that ``request.build()`` makes, from what only building the
+    plugins tells (``items``: each instance's name, and its item; ``defaults``: its handler's
+    own ``events``), the rest read here from the environment as ``build_handlers`` reads it.
+
+    For an answer of ``plugin_check``'s child, which a plugin can forge (it runs there):
+    ``ConfigError`` (one line) unless ``items`` names every item of the request once, in
+    order, under a name it can have (its ``NAME=``, or an entry point's own name; a
+    ``module:attr``'s name is the plugin's to say), and every setting is checked again, so
+    that a forged answer can misconfigure at most the plugins' names and default events,
+    never the service's settings (a timeout of 1e308 stopped every claim)."""
+    problems: list[str] = []
+    names = list(items)
+    if [items[n] for n in names] != list(request.items) or set(defaults) != set(names):
+        raise ConfigError(_FORGED)
+    handlers: dict[str, Handler] = {}
+    filters: dict[str, frozenset[str] | None] = {}
+    timeouts: dict[str, float] = {}
+    kinds: dict[str, str] = {}
+    slots: dict[str, int] = {}
+    policies: dict[str, RetryPolicy] = {}
+    after: dict[str, tuple[str, ...]] = {}
+    for name in names:
+        explicit, kind = split_handler_item(items[name])
+        if not HANDLER_NAME_RE.fullmatch(name) or name != (
+            explicit or (name if ":" in kind else kind)
+        ):
+            raise ConfigError(_FORGED)
+        ctx, slots[name], policies[name], after[name] = _instance_settings(
+            name,
+            kind,
+            request.environ,
+            problems,
+            allow_private_urls=request.allow_private_urls,
+            timeout_seconds=request.timeout_seconds,
+            concurrency=request.concurrency,
+            policy=request.policy,
+        )
+        handlers[name] = _RunsElsewhere(name)
+        kinds[name] = kind
+        timeouts[name] = ctx.timeout_seconds
+        filters[name] = parse_events(_checked(problems, None, ctx.get, "EVENTS"), defaults[name])
+    if not problems and request.check_order:
+        problems.extend(check_after(after))
+    if problems:
+        raise ConfigError(problems)
+    return HandlerSet(
+        handlers,
+        filters,
+        timeouts,
+        dict(items),
+        kinds,
+        slots,
+        policies,
+        {n: a for n, a in after.items() if a},
+    )
+
+
+_FORGED = (
+    "LACUNA_HANDLERS: the answer of the process that checks the handler plugins does not "
+    "match LACUNA_HANDLERS (did a plugin write to its socket?)"
+)
 
 
 def _plugin_error(exc: BaseException) -> str:

@@ -230,3 +230,102 @@ def test_a_plugin_exiting_at_import_fails_the_cli_commands_too(
         "the 'evil_import_hard:Handler' handler ended the process that checks it"
         in done.stdout + done.stderr
     )
+
+
+FORGER = textwrap.dedent(
+    """
+    # At import in the process that checks it, this plugin writes an answer of its own to
+    # that process's socket to serve, before the real one: the settings FORGE names.
+    import os, re
+    from pathlib import Path
+
+    import orjson
+
+    command = Path("/proc/self/cmdline").read_bytes()
+    if b"plugin_check" in command:
+        fd = int(re.search(rb"child_main\\((\\d+)\\)", command)[1])
+        name, item = "forger", "forger_plugin:Forger"
+        answer = {
+            "names": [name], "filters": {name: None}, "timeouts": {name: 5.0},
+            "items": {name: item}, "kinds": {name: item}, "concurrency": {name: 4},
+            "policies": {name: [2, 0.2, 1.0]}, "after": {},
+        }
+        if os.environ["FORGE"] == "settings":
+            answer["timeouts"] = {name: 1e308}
+            answer["concurrency"] = {name: 10**18}
+            answer["policies"] = {name: [10**18, 1e308, -1]}
+            answer["after"] = {name: [name]}
+        elif os.environ["FORGE"] == "ghost":
+            answer["names"].append("ghost")
+            answer["items"]["ghost"] = "os:system"
+            answer["filters"]["ghost"] = None
+        data = orjson.dumps(["answer", answer])
+        os.write(fd, len(data).to_bytes(4, "big") + data)
+
+    class Forger:
+        name = "forger"
+        events = None
+
+        def __init__(self, ctx):
+            pass
+
+        async def handle(self, event):
+            with Path(os.environ["FORGER_PATH"]).open("a") as fh:
+                fh.write(event.id + "\\n")
+
+        async def aclose(self):
+            return None
+    """
+)
+
+
+def test_a_forged_check_answer_sets_none_of_the_services_settings(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """A plugin that, at import in the process that checks it, forges that process's answer
+    with the service's own settings (a timeout of 1e308: every claim failed, for every
+    handler, with a traceback each time; an AFTER cycle): they are read again from the
+    environment, and events are delivered as configured."""
+    (tmp_path / "forger_plugin.py").write_text(FORGER)
+    out = tmp_path / "forged.txt"
+    serve = serve_factory(
+        {
+            "PYTHONPATH": f"{REPO}{os.pathsep}{tmp_path}",
+            "LACUNA_DATABASE_URL": f"sqlite:///{tmp_path / 'forged.db'}",
+            "LACUNA_HANDLERS": "forger_plugin:Forger",
+            "FORGE": "settings",
+            "FORGER_PATH": str(out),
+        }
+    ).start()
+    body, headers = signed(make_event("evt_forged_1"))
+    assert httpx.post(serve.webhook_url, content=body, headers=headers).status_code == 200
+    wait_until(lambda: out.exists() and "evt_forged_1" in out.read_text(), what="the delivery")
+    assert "claim_failed" not in serve.log()
+    assert "Traceback" not in serve.log()
+
+
+def test_a_forged_check_answer_naming_other_handlers_stops_the_start(tmp_path: Path) -> None:
+    """A forged answer naming a handler LACUNA_HANDLERS does not (its worker importing
+    ``os:system``): ``serve`` refuses to start with one line, where it started and retried
+    that worker forever."""
+    (tmp_path / "forger_plugin.py").write_text(FORGER)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("LACUNA_")},
+        "PYTHONPATH": f"{REPO}{os.pathsep}{tmp_path}",
+        "PORT": str(free_port()),
+        "LACUNA_WEBHOOK_SECRET": TEST_SECRET,
+        "LACUNA_DATABASE_URL": f"sqlite:///{tmp_path / 'ghost.db'}",
+        "LACUNA_HANDLERS": "forger_plugin:Forger",
+        "FORGE": "ghost",
+        "FORGER_PATH": str(tmp_path / "ghost.txt"),
+    }
+    try:
+        done = subprocess.run(
+            [CLI, "serve"], env=env, capture_output=True, text=True, timeout=30, check=False
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("serve started with a forged handler set")
+    assert done.returncode == 2, done.stderr[-2000:]
+    (line,) = [line for line in done.stderr.splitlines() if "configuration:" in line]
+    assert "does not match LACUNA_HANDLERS" in line
+    assert "Traceback" not in done.stderr
