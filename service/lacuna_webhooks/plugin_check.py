@@ -249,6 +249,23 @@ def _describe(built: HandlerSet) -> dict[str, Any]:
     }
 
 
+def _too_many_types(answer: Any) -> str:
+    """The line for an answer over ``MAX_FRAME_BYTES``: the instance with the largest filter
+    (in either answer's shape, ``_describe``'s or ``resolve_items``')."""
+    if isinstance(answer, dict):
+        filters, labels = answer["filters"], answer["items"]
+    else:
+        filters, labels = dict(answer), {}
+    counts = {n: len(f) for n, f in filters.items() if f is not None}
+    largest = max(counts, key=counts.__getitem__, default="")
+    return (
+        f"LACUNA_HANDLERS: the {labels.get(largest, largest)!r} handler subscribes to "
+        f"{counts.get(largest, 0)} event types, too many to check (the answer is over "
+        f"{MAX_FRAME_BYTES} bytes): give it `events = None` (every type) or set "
+        f"LACUNA_{largest.upper()}_EVENTS"
+    )
+
+
 def _not_here(signum: int, frame: object) -> None:
     """SIGINT and SIGTERM in the child: nothing; its parent stops it (see ``child_main``)."""
 
@@ -298,5 +315,11 @@ def child_main(fd: int) -> int:
     except ConfigError as exc:
         send(["problems", list(exc.problems)])
     else:
-        send(["answer", answer])
+        encoded = orjson.dumps(["answer", answer])
+        if len(encoded) > MAX_FRAME_BYTES:
+            # Else the parent refused the frame and blamed the plugin for writing to the
+            # socket: say what is too large instead.
+            send(["problems", [_too_many_types(answer)]])
+        else:
+            sock.sendall(frame(encoded))
     return 0

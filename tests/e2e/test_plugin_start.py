@@ -60,6 +60,8 @@ PLUGINS = textwrap.dedent(
                 raise ValueError("Z" * 50_000_000 + os.environ["LACUNA_WEBHOOK_SECRET"])
             if kind == "events":
                 self.events = [1] * 5_000_000
+            if kind == "manyevents":
+                self.events = frozenset(f"type.{i:07d}.{'x' * 40}" for i in range(400_000))
 
         async def handle(self, event):
             return None
@@ -117,6 +119,9 @@ def run_serve(tmp_path: Path, handlers: str, evil: str = "") -> subprocess.Compl
         ("evil_factory:Factory", "metaname", "failed to start: Named: named all the same"),
         ("evil_factory:Factory", "huge", "failed to start: ValueError: ZZZZ"),
         ("evil_factory:Factory", "events", "events must be None or a set of event type"),
+        # An answer over the check's 16 MiB frame was blamed on the plugin writing to its
+        # socket.
+        ("evil_factory:Factory", "manyevents", "subscribes to 400000 event types, too many"),
         ("evil_import_unprintable:Handler", "", "cannot be loaded: (its message could not"),
         ("evil_import_exit:Handler", "", "cannot be loaded: SystemExit: 0"),
         ("evil_import_bug:Handler", "", "cannot be loaded: RuntimeError: a bug at import"),
