@@ -615,3 +615,32 @@ def test_intake_and_dispatch_apart_on_postgres(
     worker.send_signal(signum)
     assert worker.wait(60) == 0
     wait_until(lambda: process_exited(pid), what="the worker's handler process to end")
+
+
+def test_a_forged_start_failure_is_logged_bounded(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """A plugin that, at import in its worker, writes a ``failed`` answer of 900 KB to that
+    worker's socket: ``handler_worker.start_failed`` shows at most 2000 characters of it (the
+    whole was one log line of 900 KB, once per restart)."""
+    (tmp_path / "forged_start.py").write_text(
+        "import re\n"
+        "from pathlib import Path\n"
+        "import orjson\n"
+        "from tests.e2e.misbehaving_plugin import Misbehaving, write_to_parent\n"
+        "if b'worker_child' in Path('/proc/self/cmdline').read_bytes():\n"
+        "    data = orjson.dumps(['failed', 'F' * 900_000])\n"
+        "    write_to_parent(len(data).to_bytes(4, 'big') + data)\n"
+        "class Forged(Misbehaving):\n"
+        "    name = 'misbehaving'\n"
+    )
+    serve = serve_factory(
+        {
+            **plugin_env(tmp_path, LACUNA_HANDLERS="forged_start:Forged"),
+            "PYTHONPATH": f"{REPO}{os.pathsep}{tmp_path}",
+        }
+    ).start()
+    wait_until(lambda: "handler_worker.start_failed" in serve.log(), what="the start failure")
+    (line, *_) = [line for line in serve.log().splitlines() if "start_failed" in line]
+    assert "FFFF" in line
+    assert len(line) < 3000

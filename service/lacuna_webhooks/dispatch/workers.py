@@ -64,7 +64,7 @@ from ..config import Settings
 from ..metrics import Metrics
 from ..models import Delivery
 from ..plugins import HandlerSet
-from .attempt import Ending, Outcome, timed_out
+from .attempt import MAX_ERROR_CHARS, Ending, Outcome, storable_text, timed_out
 
 RESTART_DELAYS_SECONDS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 #: How long past its timeout an attempt may go unanswered before its worker is killed: the
@@ -374,7 +374,9 @@ class HandlerWorker:
                 reply = orjson.loads(await read_frame(reader, MAX_ANSWER_BYTES))
             if reply[0] == "ready":
                 return child
-            self._log.error("handler_worker.start_failed", error=str(reply[1]))
+            self._log.error(
+                "handler_worker.start_failed", error=storable_text(str(reply[1]))[:MAX_ERROR_CHARS]
+            )
         except (
             asyncio.IncompleteReadError,
             ConnectionError,
