@@ -452,15 +452,16 @@ def test_sigterm_exits_when_a_plugin_left_a_thread_in_serve(
     serve_factory: type[Serve], tmp_path: Path
 ) -> None:
     """A plugin that starts a non-daemon thread in __init__, stopped only by aclose(): serve
-    builds each handler once to check it and never closes that copy, and the interpreter
-    waited for the thread forever after a clean stop (a second SIGTERM was ignored)."""
+    built each handler once to check it and never closed that copy, and the interpreter
+    waited for the thread forever after a clean stop (a second SIGTERM was ignored). That
+    copy is now built in the check process, which ends with its thread: none is left in
+    serve to warn about (``serve.threads_left``), and SIGTERM ends it with 0."""
     env = plugin_env(tmp_path, LACUNA_SHUTDOWN_TIMEOUT="1", LACUNA_MISBEHAVING_THREAD="1")
     serve = serve_factory(env).start()
     assert send(serve, "evt_ok_thread").status_code == 200
     serve.signal(signal.SIGTERM)
     assert serve.wait(timeout=60) == 0
-    assert "serve.threads_left" in serve.log()
-    assert "plugin-flusher" in serve.log()
+    assert "serve.threads_left" not in serve.log()
 
 
 def test_a_process_forked_by_a_handler_does_not_hide_its_workers_death(
