@@ -18,11 +18,13 @@ then ask for ``moto_s3``:
   ``SMTP_USER``/``SMTP_PASSWORD`` (``server.url()`` includes them). ``server.inbox.rcpt_reply`` /
   ``data_reply`` script a refusal such as ``"450 try later"``.
 
-HTTP servers for Slack and audio hosting are pytest-httpserver's ``httpserver``.
+HTTP servers for Slack and audio hosting are pytest-httpserver's ``httpserver``;
+``raw_http(answer)`` sends an answer byte for byte where werkzeug would rewrite it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -34,7 +36,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from email import message_from_bytes
 from email.message import Message
@@ -87,6 +89,31 @@ class SlowResponse:
                 self.served.set()
 
         return Response(body())
+
+
+@contextlib.asynccontextmanager
+async def raw_http(answer: bytes) -> AsyncIterator[str]:
+    """An HTTP server, in the test's loop, that answers every request with ``answer``, the
+    bytes exactly as given (status line, headers and body), then closes the connection: for
+    answers werkzeug will not send as written (a Location it cannot make absolute). Yields
+    its base URL, ``http://127.0.0.1:PORT``."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(answer)
+            await writer.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 # --- S3 ------------------------------------------------------------------------------
@@ -385,6 +412,7 @@ __all__ = [
     "free_port",
     "moto_endpoint_fixture",
     "moto_s3_fixture",
+    "raw_http",
     "seaweed_endpoint_fixture",
     "seaweed_s3_fixture",
     "smtp_plain_fixture",

@@ -17,7 +17,7 @@ from lacuna_webhooks.handlers.base import HandlerContext
 from lacuna_webhooks.handlers.slack import SlackHandler
 from lacuna_webhooks.models import Event
 from tests.conftest import make_event
-from tests.integration.servers import SlowResponse, free_port
+from tests.integration.servers import SlowResponse, free_port, raw_http
 
 HOOK_PATH = "/services/T000/B000/XXXXsecretXXXX"
 
@@ -154,6 +154,21 @@ async def test_a_redirect_is_not_followed(slack: SlackHandler, httpserver: HTTPS
     with pytest.raises(PermanentError, match="redirect"):
         await slack.handle(as_event(make_event()))
     assert len(httpserver.log) == 1
+
+
+@pytest.mark.parametrize("location", ["//[::1", "https://[::1/x"])
+async def test_a_redirect_to_an_unparsable_location_is_permanent(
+    location: str,
+) -> None:
+    """A Location httpx cannot parse was a RemoteProtocolError, retried; still a redirect."""
+    answer = f"HTTP/1.1 302 Found\r\nLocation: {location}\r\nContent-Length: 0\r\n\r\n"
+    async with raw_http(answer.encode()) as base:
+        handler = make_handler(base + HOOK_PATH)
+        try:
+            with pytest.raises(PermanentError, match="redirect to an invalid URL"):
+                await handler.handle(as_event(make_event()))
+        finally:
+            await handler.aclose()
 
 
 async def test_a_stalled_slack_times_out_and_is_retried(

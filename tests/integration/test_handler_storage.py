@@ -26,6 +26,7 @@ from tests.integration.servers import (  # noqa: F401 - fixtures, used by name
     S3Server,
     moto_endpoint_fixture,
     moto_s3_fixture,
+    raw_http,
     seaweed_endpoint_fixture,
     seaweed_s3_fixture,
 )
@@ -385,6 +386,19 @@ async def test_a_redirect_loop_is_permanent(folder: StorageHandler, httpserver: 
     with pytest.raises(PermanentError, match="redirected more than 5 times"):
         await folder.handle(completed([httpserver.url_for("/loop")]))
     assert requests_to(httpserver, "/loop") == 6
+
+
+@pytest.mark.parametrize("location", ["//[::1", "https://[::1/a.mp3"])
+async def test_a_redirect_to_an_unparsable_location_is_permanent(
+    folder: StorageHandler, root: Path, location: str
+) -> None:
+    """A Location httpx cannot parse came out as a RemoteProtocolError, retried as network
+    trouble at every attempt; like any refused redirect it is permanent."""
+    answer = f"HTTP/1.1 302 Found\r\nLocation: {location}\r\nContent-Length: 0\r\n\r\n"
+    async with raw_http(answer.encode()) as base:
+        with pytest.raises(UnsafeURL, match="redirect to an invalid URL"):
+            await folder.handle(completed([f"{base}/a.mp3"]))
+    assert files_under(root) == []
 
 
 @pytest.mark.parametrize(

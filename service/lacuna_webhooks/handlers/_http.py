@@ -44,6 +44,8 @@ from ..redact import redact_text, redact_url
 
 USER_AGENT = "lacuna-webhooks"
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+# How httpx words the RemoteProtocolError of a redirect whose Location it cannot parse.
+_BAD_LOCATION = "Invalid URL in location header"
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -352,6 +354,13 @@ class OutboundClient:
             # A redirect's Location httpx cannot parse: it builds the next request even when
             # redirects are not followed, and InvalidURL is no httpx.HTTPError.
             raise UnsafeURL(f"{what} answered with a redirect to an invalid URL") from None
+        except httpx.RemoteProtocolError as exc:
+            # The same, for a Location httpx parses no further than this (`//[::1`, a bad
+            # port): raised as a protocol error, it was retried as network trouble, though
+            # the peer answered and its redirect is refused whatever its target.
+            if str(exc).startswith(_BAD_LOCATION):
+                raise UnsafeURL(f"{what} answered with a redirect to an invalid URL") from None
+            raise
 
     async def aclose(self) -> None:
         await self._client.aclose()
