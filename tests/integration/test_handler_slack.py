@@ -106,6 +106,15 @@ async def test_text_from_the_event_cannot_inject_links_or_mentions(
     )
 
 
+@pytest.mark.parametrize("status", [201, 202, 204])
+async def test_any_2xx_is_done(slack: SlackHandler, httpserver: HTTPServer, status: int) -> None:
+    """A gateway or Slack-compatible endpoint that takes the message with another 2xx: it was
+    counted as refused (dead), and a replay posted the message twice."""
+    httpserver.expect_request(HOOK_PATH, method="POST").respond_with_data("", status=status)
+    await slack.handle(as_event(make_event()))
+    assert len(posted(httpserver)) == 1
+
+
 async def test_429_is_retried_after_retry_after(
     slack: SlackHandler, httpserver: HTTPServer
 ) -> None:

@@ -17,7 +17,7 @@ to Slack's documented limits (header 150 characters, section 3000, 50 blocks):
 text is clipped with ``…`` but a ``<url|label>`` link is never cut; its label
 is shortened, or an over-long URL is left out with a note.
 
-Slack's answers: 200 is done; 429 is retried after its ``Retry-After``; 408
+Slack's answers: 200 (any 2xx) is done; 429 is retried after its ``Retry-After``; 408
 and 5xx are retried; a redirect or any other 4xx (``invalid_payload``,
 ``no_service``, ``channel_is_archived``...) is permanent, with Slack's reason.
 """
@@ -238,7 +238,10 @@ class SlackHandler:
             raise transport_failure(exc, what="posting to Slack", url=self.url) from None
         status = response.status_code
         reason = peer_text(text, 200) or response.reason_phrase
-        if status == 200:
+        if 200 <= status < 300:
+            # Slack answers 200 "ok"; a gateway or a Slack-compatible endpoint may answer 201,
+            # 202 or 204, and has taken the message all the same: counted as refused, the
+            # delivery was dead and a replay posted it twice.
             logger.info("handler.slack.posted", event_id=event.id, event_type=event.type)
             return
         logger.warning(
