@@ -16,9 +16,10 @@ import pytest
 from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
+from lacuna_webhooks.dispatch.attempt import classify
 from lacuna_webhooks.errors import ConfigError, PermanentError, RateLimited, RetryLater
 from lacuna_webhooks.handlers._http import OutboundClient, UnsafeURL
-from lacuna_webhooks.handlers.base import HandlerContext
+from lacuna_webhooks.handlers.base import MAX_RESULT_BYTES, HandlerContext
 from lacuna_webhooks.handlers.storage import StorageHandler
 from lacuna_webhooks.models import Event
 from tests.conftest import make_event
@@ -162,6 +163,37 @@ async def test_extension_comes_from_format_then_url_then_content_type(
     payload = make_event(tracks=[{"id": "trk_01", "audio_url": url, "format": fmt}])
     await folder.handle(as_event(payload))
     assert (root / f"cm123abc/trk_01.{ext}").read_bytes() == AUDIO_2
+
+
+async def test_a_result_too_large_to_record_keeps_the_location_and_the_first_tracks(
+    folder: StorageHandler, root: Path, httpserver: HTTPServer
+) -> None:
+    """200 tracks with long ids made a result over the 64 KiB a result may have: it was
+    dropped whole (handler.result_not_stored), and slack or email after storage lost the
+    location too. Now the first tracks that fit, and how many were left out."""
+    url = serve_audio(httpserver, "/a.mp3", b"abc")
+    ids = [f"{i:03d}" + "x" * 120 for i in range(200)]
+    tracks = [{"id": track_id, "audio_url": url, "duration": 1.0} for track_id in ids]
+    result = await folder.handle(as_event(make_event(tracks=tracks)))
+
+    assert result is not None
+    assert classify(result).result == result  # recorded, not dropped
+    assert len(orjson.dumps(result)) <= MAX_RESULT_BYTES
+    assert result["location"] == (root / "cm123abc").as_uri() + "/"
+    kept = [track["id"] for track in result["tracks"]]
+    assert 0 < len(kept) < len(ids)
+    assert kept == ids[: len(kept)]  # the event's order
+    assert result["tracks_omitted"] == len(ids) - len(kept)
+    manifest = orjson.loads((root / "cm123abc/event.json").read_bytes())
+    assert [track["id"] for track in manifest["tracks"]] == ids  # every one is in the record
+
+
+async def test_a_result_that_fits_has_no_tracks_omitted(
+    folder: StorageHandler, httpserver: HTTPServer
+) -> None:
+    result = await folder.handle(completed([serve_audio(httpserver, "/a.mp3", b"abc")]))
+    assert result is not None
+    assert "tracks_omitted" not in result
 
 
 async def test_a_retry_does_not_fetch_stored_tracks_again(

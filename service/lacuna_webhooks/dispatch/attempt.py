@@ -62,7 +62,13 @@ from ..errors import (
     RateLimited,
     RetryLater,
 )
-from ..handlers.base import Handler, current_attempt, current_results, settle
+from ..handlers.base import (
+    MAX_RESULT_BYTES,
+    Handler,
+    current_attempt,
+    current_results,
+    settle,
+)
 from ..models import AttemptOutcome, Event, json_strings
 from ..redact import exception_text, redact_text
 from ..retry import RetryPolicy
@@ -94,12 +100,6 @@ def storable_text(text: str) -> str:
     except UnicodeEncodeError:
         text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return text
-
-
-#: A result larger than this, as JSON, is dropped (``handler.result_not_stored``): it is
-#: stored with its delivery and read back by its dependents, and a huge one was parsed on the
-#: intake loop (a 200 MB result held webhook answers for seconds).
-MAX_RESULT_BYTES = 64 * 1024
 
 
 def result_problem(result: dict[str, Any]) -> str | None:

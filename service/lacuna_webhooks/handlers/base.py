@@ -135,6 +135,11 @@ runs one attempt, so ``handle(event)`` keeps its signature and plugins may read 
 (``current_attempt.get()``; ``None`` when run outside the dispatcher)."""
 
 
+#: The largest result ``handle()`` may return, as JSON (``orjson.dumps``): a larger one is
+#: dropped (``handler.result_not_stored``) and the delivery is still done. It is stored with
+#: its delivery and read back by its dependents (a 200 MB result once held webhook answers).
+MAX_RESULT_BYTES = 64 * 1024
+
 current_results: ContextVar[Mapping[str, Any] | None] = ContextVar("lacuna_results", default=None)
 """The results of the handlers this one runs after (``LACUNA_<NAME>_AFTER``, SPEC §6), when
 it has an AFTER setting: ``{"<handler>": <its result object, or None>}``, one key per
@@ -194,6 +199,7 @@ async def settle(value: object) -> object:
 
 
 __all__ = [
+    "MAX_RESULT_BYTES",
     "Handler",
     "HandlerContext",
     "HandlerFactory",

@@ -76,7 +76,7 @@ from ..models import Event, json_default, parse_json
 from ..redact import redact_text, redact_url
 from ._common import Problems, int_setting, network_timeouts
 from ._http import OutboundClient, retry_after_seconds, transport_failure
-from .base import HandlerContext
+from .base import MAX_RESULT_BYTES, HandlerContext
 
 if TYPE_CHECKING:
     from obstore.store import ClientConfig, RetryConfig, S3Config
@@ -598,6 +598,28 @@ def _manifest_entries(raw: bytes | None) -> dict[str, dict[str, Any]]:
     return entries
 
 
+def bounded_result(location: str, tracks: list[dict[str, Any]]) -> dict[str, Any]:
+    """The delivery's result, ``{"location", "tracks"}``, within ``MAX_RESULT_BYTES``: when
+    every track does not fit (some 250 tracks with long ids), the first ones that do, and
+    ``tracks_omitted``, the number left out (all of them are in ``{location}event.json``).
+    Over the limit, the whole result was dropped, and the handlers after this one lost the
+    location too."""
+    result: dict[str, Any] = {"location": location, "tracks": tracks}
+    if len(orjson.dumps(result)) <= MAX_RESULT_BYTES:
+        return result
+    # "tracks_omitted" with the largest count it can hold: the room left is a lower bound.
+    room = MAX_RESULT_BYTES - len(
+        orjson.dumps({"location": location, "tracks": [], "tracks_omitted": len(tracks)})
+    )
+    kept: list[dict[str, Any]] = []
+    for track in tracks:
+        room -= len(orjson.dumps(track)) + (1 if kept else 0)  # the comma before it
+        if room < 0:
+            break
+        kept.append(track)
+    return {"location": location, "tracks": kept, "tracks_omitted": len(tracks) - len(kept)}
+
+
 class StorageHandler:
     """Copies the audio of every ``job.completed`` event to a folder or S3 (see the module)."""
 
@@ -633,7 +655,9 @@ class StorageHandler:
         """Store the event's tracks; return the delivery's result (SPEC §6):
         ``{"location": <URL of the task's folder>, "tracks": [{"id", "url", "size",
         "sha256", "content_type"}]}`` in the event's track order, ``url`` being the
-        stored file's ``file://`` or ``s3://`` URL. ``None`` for a skipped event."""
+        stored file's ``file://`` or ``s3://`` URL. ``None`` for a skipped event. Kept within
+        ``MAX_RESULT_BYTES`` (``bounded_result``): past some 250 tracks, the first ones and
+        ``tracks_omitted``."""
         typed = parse_event(event)
         if not is_job_completed(typed):
             logger.info("handler.storage.skipped", event_id=event.id, event_type=event.type)
@@ -680,10 +704,10 @@ class StorageHandler:
             location=self.sink.location(f"{task_id}/"),
         )
         folder = self.sink.location(f"{task_id}/")
-        return {
+        return bounded_result(
             # A folder's URL ends in "/" on both sinks (a Path drops it), so a client can join.
-            "location": folder if folder.endswith("/") else folder + "/",
-            "tracks": [
+            folder if folder.endswith("/") else folder + "/",
+            [
                 {
                     "id": track.id,
                     "url": self.sink.location(f"{task_id}/{done[track.id]['file']}"),
@@ -694,7 +718,7 @@ class StorageHandler:
                 }
                 for track in completed.data.tracks
             ],
-        }
+        )
 
     async def _store_track(self, event: Event, task_id: str, track: Track) -> dict[str, Any]:
         """Download one track and write it under its final name; return its manifest entry."""
