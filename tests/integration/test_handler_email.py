@@ -7,6 +7,7 @@ import os
 import re
 import threading
 from collections.abc import AsyncIterator
+from email.header import decode_header, make_header
 from email.message import Message
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,36 @@ async def test_event_text_cannot_inject_html_or_headers(smtp_plain: SMTPServer) 
     assert "\n" not in message["Subject"]
     assert "<script>" not in parts(message)["text/html"]
     assert "&lt;script&gt;" in parts(message)["text/html"]
+
+
+async def test_control_and_bidi_characters_from_the_event_do_not_reach_the_mail(
+    smtp_plain: SMTPServer,
+) -> None:
+    """A NUL, an escape sequence or U+202E in event text went into the Subject and both parts
+    raw: a NUL breaks RFC 5322, an escape repaints a terminal reader, U+202E reverses what
+    follows. Each is shown as U+FFFD; line breaks stay line breaks in the body."""
+    handler = make_handler(smtp_plain.url())
+    event = make_event(
+        "evt_failed_ctl",
+        "job.failed",
+        title="Late\x00Night\x1b[2J \u202egpj.exe",
+        error={
+            "type": "api_error",
+            "code": "provider\x07error",
+            "message": "first\rsecond\x7f\x9b31m",
+            "param": None,
+        },
+    )
+    await handler.handle(as_event(event))
+    (message,) = smtp_plain.inbox.messages
+    unshowable = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+    subject = str(make_header(decode_header(message["Subject"])))
+    assert not unshowable.search(subject)
+    assert subject == "Late\ufffdNight\ufffd[2J \ufffdgpj.exe failed: provider\ufffderror"
+    for part, text in parts(message).items():
+        assert not unshowable.search(text.replace("\r\n", "\n")), part
+        assert "Late\ufffdNight" in text, part
+    assert "first\nsecond\ufffd\ufffd31m" in parts(message)["text/plain"].replace("\r\n", "\n")
 
 
 async def test_starttls_with_login_and_a_private_ca(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,11 +16,13 @@ from lacuna_webhooks.errors import ConfigError, PermanentError, RateLimited, Ret
 from lacuna_webhooks.handlers._http import UnsafeURL
 from lacuna_webhooks.handlers.base import HandlerContext
 from lacuna_webhooks.handlers.slack import SlackHandler
-from lacuna_webhooks.models import Event
+from lacuna_webhooks.models import Event, json_strings
 from tests.conftest import make_event
 from tests.integration.servers import SlowResponse, free_port, raw_http
 
 HOOK_PATH = "/services/T000/B000/XXXXsecretXXXX"
+# Control characters but tab and line feed, DEL, C1, bidi embeddings, overrides, isolates.
+UNSHOWABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 
 
 def as_event(payload: dict[str, Any]) -> Event:
@@ -113,6 +116,23 @@ async def test_any_2xx_is_done(slack: SlackHandler, httpserver: HTTPServer, stat
     httpserver.expect_request(HOOK_PATH, method="POST").respond_with_data("", status=status)
     await slack.handle(as_event(make_event()))
     assert len(posted(httpserver)) == 1
+
+
+async def test_control_and_bidi_characters_from_the_event_are_shown_as_replacements(
+    slack: SlackHandler, httpserver: HTTPServer
+) -> None:
+    """A NUL, an escape or U+202E (which shows "evil\u202egpj.exe" as "evilexe.jpg") went into
+    the message raw; each is U+FFFD now, and an audio URL holding one is not made a link."""
+    httpserver.expect_request(HOOK_PATH, method="POST").respond_with_data("ok")
+    tracks = [{"id": "trk_01", "audio_url": "https://cdn.example/a\x00b.mp3", "duration": 1}]
+    event = make_event(title="Late\x00Night \u202egpj.exe", style="lofi\x1b[2J", tracks=tracks)
+    await slack.handle(as_event(event))
+    (body,) = posted(httpserver)
+    texts = json_strings(body)
+    assert not any(UNSHOWABLE.search(text) for text in texts)
+    assert body["blocks"][0]["text"]["text"] == "Late\ufffdNight \ufffdgpj.exe is ready"
+    assert body["blocks"][1]["text"]["text"] == "*Style:* lofi\ufffd[2J"
+    assert body["blocks"][2]["text"]["text"] == "*1.* trk_01 · 0:01"
 
 
 async def test_429_is_retried_after_retry_after(

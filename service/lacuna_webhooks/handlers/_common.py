@@ -8,6 +8,7 @@ models of ``lacuna_webhooks.events``, as plugins read them.
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -146,3 +147,17 @@ def peer_text(text: str, limit: int) -> str:
     *then* cut to ``limit`` characters. Cut first, a secret the peer echoed across the cut
     (a request header, a URL's credentials) kept its first characters unmasked."""
     return redact_text(" ".join(text.split()))[:limit]
+
+
+#: Control characters (C0 but tab and line feed, DEL, C1) and the bidirectional embedding,
+#: override and isolate marks. From event text they reached mails and Slack messages raw: a
+#: NUL in a Subject or a body breaks RFC 5322 (relays refuse or strip it), an escape sequence
+#: repaints a terminal mail reader, and U+202E shows "evil\u202egpj.exe" as "evilexe.jpg".
+UNSHOWABLE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def showable_text(text: str) -> str:
+    """Event text as a message for people may carry it: line breaks as ``\n`` (a lone CR
+    too), and each control or bidi character (``UNSHOWABLE``) replaced by U+FFFD, so nothing
+    from the event vanishes unseen."""
+    return UNSHOWABLE.sub("\ufffd", text.replace("\r\n", "\n").replace("\r", "\n"))

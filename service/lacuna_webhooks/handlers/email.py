@@ -46,6 +46,7 @@ from ._common import (
     display_title,
     format_duration,
     network_timeouts,
+    showable_text,
     stored_location,
 )
 from .base import HandlerContext
@@ -119,7 +120,7 @@ def _address(value: str, var: str) -> str:
 
 
 def _header_text(text: str, limit: int = 200) -> str:
-    flat = " ".join(text.split())
+    flat = " ".join(showable_text(text).split())
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
@@ -197,9 +198,11 @@ def compose(
     msg["Date"] = format_datetime(datetime.now(UTC))
     msg["Message-ID"] = message_id(event.id, sender)
     msg["X-Lacuna-Event-Id"] = _header_text(event.id, 255)
-    msg.set_content("\n".join(text_lines) + "\n")
+    # Event text is everywhere in both parts: made showable once, on the whole of each.
+    msg.set_content(showable_text("\n".join(text_lines) + "\n"))
     msg.add_alternative(
-        "<!doctype html><html><body>" + "".join(html_parts) + "</body></html>\n", subtype="html"
+        showable_text("<!doctype html><html><body>" + "".join(html_parts) + "</body></html>\n"),
+        subtype="html",
     )
     return msg
 

@@ -36,10 +36,12 @@ from ..events import LacunaEvent, is_job_completed, is_job_failed, parse_event
 from ..models import Event
 from ..redact import redact_url
 from ._common import (
+    UNSHOWABLE,
     display_title,
     format_duration,
     network_timeouts,
     peer_text,
+    showable_text,
     stored_location,
 )
 from ._http import (
@@ -66,8 +68,9 @@ LINK_TOO_LONG = "(audio link too long to show)"
 
 
 def escape(text: str) -> str:
-    """Escape the three characters Slack's mrkdwn treats as control characters."""
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    """Escape the three characters Slack's mrkdwn treats as control characters (and show
+    control and bidi characters as U+FFFD, ``showable_text``)."""
+    return showable_text(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _clip(text: str, limit: int) -> str:
@@ -96,7 +99,11 @@ def clip_mrkdwn(text: str, limit: int) -> str:
 
 
 def _linkable(url: str) -> bool:
-    return url.startswith(("https://", "http://")) and not any(c in url for c in "<>| \n\r\t")
+    return (
+        url.startswith(("https://", "http://"))
+        and not any(c in url for c in "<>| \n\r\t")
+        and not UNSHOWABLE.search(url)
+    )
 
 
 def link(url: str, label: str, room: int = SECTION_LIMIT) -> str:
@@ -130,7 +137,11 @@ def _header(text: str) -> dict[str, Any]:
     # plain_text is shown as is (no mentions, no links), so it is clipped, not escaped.
     return {
         "type": "header",
-        "text": {"type": "plain_text", "text": _clip(text, HEADER_LIMIT), "emoji": True},
+        "text": {
+            "type": "plain_text",
+            "text": _clip(showable_text(text), HEADER_LIMIT),
+            "emoji": True,
+        },
     }
 
 
