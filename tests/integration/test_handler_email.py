@@ -227,6 +227,21 @@ async def test_smtp_4xx_is_retried_and_5xx_is_permanent(
     assert smtp_plain.inbox.messages == []
 
 
+async def test_a_long_multiline_reply_is_one_short_line_in_the_error(
+    smtp_plain: SMTPServer,
+) -> None:
+    """The server's words are kept (the code and their start), on one line and cut: a reply
+    of 30 continuation lines went whole, line breaks and all, into the attempt's error."""
+    smtp_plain.inbox.data_reply = "\r\n".join(
+        [f"554-5.7.1 line {i} " + "x" * 900 for i in range(30)] + ["554 5.7.1 end"]
+    )
+    handler = make_handler(smtp_plain.url())
+    with pytest.raises(PermanentError, match=r"answered 554 5\.7\.1 line 0 x") as caught:
+        await handler.handle(as_event(make_event()))
+    assert "\n" not in str(caught.value)
+    assert len(str(caught.value)) < 400
+
+
 async def test_an_unreachable_server_is_retried() -> None:
     """Connection refused is transient."""
     handler = make_handler(f"smtp://127.0.0.1:{free_port()}")

@@ -46,6 +46,7 @@ from ._common import (
     display_title,
     format_duration,
     network_timeouts,
+    peer_text,
     showable_text,
     stored_location,
 )
@@ -54,6 +55,9 @@ from .base import HandlerContext
 logger = structlog.get_logger("lacuna_webhooks.handlers.email")
 
 _MESSAGE_ID_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+#: How much of an SMTP server's reply text an error or a log line keeps (on one line, secrets
+#: masked, ``peer_text``): a reply may run to 32 KiB of continuation lines.
+REPLY_LIMIT = 300
 
 
 @dataclass(frozen=True)
@@ -276,12 +280,15 @@ class EmailHandler:
             raise PermanentError(f"{where}: the mail cannot be sent: {exc}") from None
         except aiosmtplib.SMTPRecipientsRefused as exc:
             codes = [r.code for r in exc.recipients]
-            detail = "; ".join(f"{r.recipient}: {r.code} {r.message}" for r in exc.recipients)
+            detail = "; ".join(
+                f"{r.recipient}: {r.code} {peer_text(r.message, REPLY_LIMIT)}"
+                for r in exc.recipients
+            )
             if codes and all(code >= 500 for code in codes):
                 raise PermanentError(f"{where} refused every recipient: {detail}") from None
             raise RetryLater(f"{where} refused the recipients for now: {detail}") from None
         except aiosmtplib.SMTPResponseException as exc:
-            detail = f"{where} answered {exc.code} {exc.message}"
+            detail = f"{where} answered {exc.code} {peer_text(exc.message, REPLY_LIMIT)}"
             if exc.code >= 500:
                 raise PermanentError(detail) from None
             raise RetryLater(detail) from None
@@ -303,7 +310,10 @@ class EmailHandler:
             logger.warning(
                 "handler.email.recipients_refused",
                 event_id=event.id,
-                refused={addr: f"{r.code} {r.message}" for addr, r in refused.items()},
+                refused={
+                    addr: f"{r.code} {peer_text(r.message, REPLY_LIMIT)}"
+                    for addr, r in refused.items()
+                },
             )
         logger.info(
             "handler.email.sent",
