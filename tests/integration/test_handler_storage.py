@@ -648,6 +648,23 @@ async def test_an_id_with_a_trailing_newline_is_permanent_on_s3(moto_s3: S3Serve
     assert moto_s3.keys() == []
 
 
+async def test_a_key_over_s3s_1024_bytes_is_permanent_before_any_request(
+    moto_s3: S3Server, httpserver: HTTPServer
+) -> None:
+    """A long prefix and long ids make a key over S3's 1024 bytes. S3 answers the first
+    request, a HEAD of event.json, with a bare 400 that obstore reports as a generic error:
+    retried at every attempt. (moto takes such keys, which is how nothing reaches it.)"""
+    url = serve_audio(httpserver, "/a.mp3", AUDIO_2)
+    handler = make_handler(moto_s3.env("p" * 900))
+    try:
+        with pytest.raises(PermanentError, match="more than S3's 1024"):
+            await handler.handle(completed([url], task_id="t" * 128))
+    finally:
+        await handler.aclose()
+    assert moto_s3.keys() == []
+    assert requests_to(httpserver, "/a.mp3") == 0
+
+
 @pytest.mark.parametrize("key", ["ok\n/event.json", "a//b", "a/../b"])
 async def test_s3_refusing_a_key_is_permanent(moto_s3: S3Server, key: str) -> None:
     """An object key obstore cannot use (a ValueError before any request) is permanent."""

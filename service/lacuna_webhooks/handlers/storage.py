@@ -87,6 +87,7 @@ DEFAULT_MAX_BYTES = 500 * 1024 * 1024
 MAX_MAX_BYTES = 1024**4  # 1 TiB: far above any track; an extra digit or five is reported
 CHUNK_BYTES = 256 * 1024
 S3_PART_BYTES = 8 * 1024 * 1024
+S3_MAX_KEY_BYTES = 1024  # an S3 object key, in UTF-8 bytes
 MANIFEST = "event.json"
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 # Task and track ids become path segments: keep them to a safe, portable alphabet.
@@ -311,7 +312,20 @@ class S3Sink:
         prefix = f"{self.prefix}/" if self.prefix else ""
         return f"s3://{self.bucket}/{prefix}{key}"
 
+    def _check_key(self, key: str) -> None:
+        """``PermanentError`` for an object key (prefix included) over S3's 1024 bytes: S3
+        answers a HEAD for one with a bare 400, which obstore reports as a generic error, so
+        such a key was retried at every attempt instead of refused once."""
+        full = f"{self.prefix}/{key}" if self.prefix else key
+        size = len(full.encode("utf-8", "surrogatepass"))
+        if size > S3_MAX_KEY_BYTES:
+            raise PermanentError(
+                f"{self.location('')}: the object key for {key[:80]!r} is {size} bytes, more "
+                f"than S3's {S3_MAX_KEY_BYTES} (shorten the prefix of LACUNA_STORAGE_URL)"
+            )
+
     async def read(self, key: str, *, limit: int) -> bytes | None:
+        self._check_key(key)
         with self._errors():
             try:
                 meta = await obstore.head_async(self.store, key)
@@ -324,6 +338,7 @@ class S3Sink:
 
     async def holds(self, key: str, *, size: int, sha256: str) -> bool:
         """True when the object exists with this size (its sha256 is the manifest's record)."""
+        self._check_key(key)
         with self._errors():
             try:
                 meta = await obstore.head_async(self.store, key)
@@ -336,6 +351,7 @@ class S3Sink:
     ) -> None:
         # A multipart upload is invisible until completed, and aborted when the
         # stream raises: the object appears whole or not at all.
+        self._check_key(key)
         with self._errors():
             await obstore.put_async(
                 self.store,
@@ -347,6 +363,7 @@ class S3Sink:
             )
 
     async def write_bytes(self, key: str, data: bytes, *, content_type: str) -> None:
+        self._check_key(key)
         with self._errors():
             await obstore.put_async(
                 self.store,
