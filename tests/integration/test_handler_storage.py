@@ -332,6 +332,26 @@ async def test_a_page_answered_with_200_is_not_archived_as_the_audio(
     assert files_under(root) == []
 
 
+@pytest.mark.parametrize("sink", ["folder", "s3"])
+async def test_an_empty_200_is_not_archived_as_the_audio(
+    root: Path, moto_s3: S3Server, httpserver: HTTPServer, sink: str
+) -> None:
+    """A 200 with no body (a CDN's glitch) was stored as a 0-byte trk_01.mp3 and the delivery
+    done: the real audio lost once its link went stale. A retry, with why; nothing stored."""
+    url = serve_audio(httpserver, "/a.mp3", b"")
+    env = {"LACUNA_STORAGE_URL": root.as_uri()} if sink == "folder" else moto_s3.env()
+    handler = make_handler(env)
+    try:
+        with pytest.raises(RetryLater, match="empty body"):
+            await handler.handle(completed([url]))
+    finally:
+        await handler.aclose()
+    if sink == "folder":
+        assert files_under(root) == []
+    else:
+        assert moto_s3.keys() == []
+
+
 async def test_429_is_retried_after_retry_after(
     folder: StorageHandler, httpserver: HTTPServer
 ) -> None:

@@ -28,7 +28,8 @@ Guarantees:
 
 Outcomes: HTTP 404/410 from the audio host, a refused URL, a malformed event
 or an oversized file is permanent; 5xx, 408, 429, timeouts and resets are
-retried (``Retry-After`` honoured). S3 refusing the credentials, or a missing
+retried (``Retry-After`` honoured), and so is a 200 that is no audio (a page, an
+empty body). S3 refusing the credentials, or a missing
 bucket, is permanent (the settings are read once at start, so retrying with
 them cannot succeed; retry dead deliveries after fixing them). Errors the
 request itself causes are permanent too: a key obstore cannot parse, an S3
@@ -763,6 +764,14 @@ class StorageHandler:
                             )
                         digest.update(chunk)
                         yield chunk
+                    if size == 0:
+                        # Raised before the write ends: no file under the final name, the
+                        # temporary one removed, a multipart upload aborted. Stored, an empty
+                        # 200 (a CDN's glitch) marked the delivery done, and the real audio
+                        # was lost once its link went stale, as with a page served as 200.
+                        raise RetryLater(
+                            f"{what}: HTTP 200 from {redact_url(url)} with an empty body, not audio"
+                        )
 
                 key = f"{task_id}/{file_name}"
                 await self.sink.write_stream(key, chunks(), content_type=content_type)
