@@ -251,6 +251,45 @@ async def test_two_events_of_a_task_stored_at_once_keep_both_tracks_in_its_recor
     assert sorted(t["id"] for t in manifest["tracks"]) == ["trk_fast", "trk_slow"]
 
 
+async def test_a_long_job_writes_its_record_a_bounded_number_of_times(
+    folder: StorageHandler, root: Path, httpserver: HTTPServer
+) -> None:
+    """event.json holds every track so far and was rewritten after each one: quadratic, a job
+    of 1000 tiny tracks wrote 171 MB of records. Now after each of the first 20, then each
+    time a tenth more are stored, and at the end."""
+    url = serve_audio(httpserver, "/a.mp3", b"abc")
+    tracks = [{"id": f"t{i}", "audio_url": url, "duration": 1.0} for i in range(300)]
+    writes: list[str] = []
+    write_bytes = folder.sink.write_bytes
+
+    async def counted(key: str, data: bytes, *, content_type: str) -> None:
+        writes.append(key)
+        await write_bytes(key, data, content_type=content_type)
+
+    folder.sink.write_bytes = counted  # type: ignore[method-assign]
+    await folder.handle(as_event(make_event(tracks=tracks)))
+    assert 0 < len(writes) <= 60
+    manifest = orjson.loads((root / "cm123abc/event.json").read_bytes())
+    assert manifest["complete"] is True
+    assert [t["id"] for t in manifest["tracks"]] == [t["id"] for t in tracks]
+
+
+async def test_a_failed_track_leaves_every_stored_track_recorded(
+    folder: StorageHandler, root: Path, httpserver: HTTPServer
+) -> None:
+    """Written every few tracks, the record still holds each stored one when a later track
+    fails: the retry fetches only what is missing."""
+    url = serve_audio(httpserver, "/a.mp3", b"abc")
+    httpserver.expect_request("/busy.mp3").respond_with_data("busy", status=503)
+    tracks = [{"id": f"t{i}", "audio_url": url, "duration": 1.0} for i in range(44)]
+    tracks.append({"id": "t44", "audio_url": httpserver.url_for("/busy.mp3"), "duration": 1.0})
+    with pytest.raises(RetryLater, match="HTTP 503"):
+        await folder.handle(as_event(make_event(tracks=tracks)))
+    manifest = orjson.loads((root / "cm123abc/event.json").read_bytes())
+    assert manifest["complete"] is False
+    assert [t["id"] for t in manifest["tracks"]] == [f"t{i}" for i in range(44)]
+
+
 async def test_a_stored_file_that_no_longer_matches_its_sha256_is_fetched_again(
     folder: StorageHandler, root: Path, httpserver: HTTPServer
 ) -> None:
