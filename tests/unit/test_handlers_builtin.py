@@ -163,7 +163,16 @@ def test_a_failure_without_details_is_still_told() -> None:
 
 
 @pytest.mark.parametrize(
-    ("seconds", "text"), [(182.4, "3:02"), (59.6, "1:00"), (3725, "1:02:05"), (None, "?:??")]
+    ("seconds", "text"),
+    [
+        (182.4, "3:02"),
+        (59.6, "1:00"),
+        (3725, "1:02:05"),
+        (None, "?:??"),
+        (359999, "99:59:59"),
+        (360000, "?:??"),
+        (1e308, "?:??"),
+    ],
 )
 def test_format_duration(seconds: float | None, text: str) -> None:
     assert format_duration(seconds) == text

@@ -120,9 +120,15 @@ def display_title(event: LacunaEvent) -> str:
     return f"Task {event.task_id}" if event.task_id else "Your track"
 
 
+#: The longest duration a message shows (99:59:59); a longer one is shown as unknown.
+MAX_SHOWN_DURATION_SECONDS = 100 * 3600 - 1
+
+
 def format_duration(seconds: float | None) -> str:
-    """``182.4`` -> ``3:02``; ``None`` -> ``?:??``."""
-    if seconds is None:
+    """``182.4`` -> ``3:02``; ``None`` -> ``?:??``, and so is a duration past 99:59:59: a
+    ``duration`` of ``1e308`` was written out as a 300-digit count of hours, in every mail
+    and Slack message about the task."""
+    if seconds is None or not 0 <= seconds <= MAX_SHOWN_DURATION_SECONDS:
         return "?:??"
     total = round(seconds)
     hours, rest = divmod(total, 3600)
