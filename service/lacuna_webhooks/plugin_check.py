@@ -295,11 +295,11 @@ def child_main(fd: int) -> int:
         handler="check",
     )
 
-    def send(message: list[Any]) -> None:
+    def send(message: list[Any] | bytes) -> None:
         # The parent stops reading at the first answer (one a plugin forged, too): a later
         # send is refused, which is no reason for a traceback in the logs.
         with contextlib.suppress(OSError):
-            sock.sendall(frame(orjson.dumps(message)))
+            sock.sendall(frame(message if isinstance(message, bytes) else orjson.dumps(message)))
 
     def loading(item: str) -> None:
         send(["loading", item])
@@ -321,5 +321,5 @@ def child_main(fd: int) -> int:
             # socket: say what is too large instead.
             send(["problems", [_too_many_types(answer)]])
         else:
-            sock.sendall(frame(encoded))
+            send(encoded)
     return 0
