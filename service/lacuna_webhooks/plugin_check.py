@@ -26,10 +26,10 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import select
 import signal
 import socket
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -169,17 +169,26 @@ def _wait(proc: Any) -> int | None:
 
 def _exited(proc: Any, seconds: float) -> bool:
     """Whether the child ends within ``seconds``, without reaping it: while it is a zombie
-    its pid, the id of its process group, cannot be another process's (``_stop``)."""
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
-                return True
-        except ChildProcessError:
-            return True  # reaped already
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.01)
+    its pid, the id of its process group, cannot be another process's (``_stop``).
+
+    Waits on a pidfd with ``select``'s relative timeout, not with ``time.sleep``: under
+    libfaketime (a replica whose clock is off, tests/e2e/test_clock_skew.py) the absolute
+    sleep that ``time.sleep`` asks for failed with EINVAL and ended ``serve``'s start."""
+    try:
+        pidfd: int | None = os.pidfd_open(proc.pid)
+    except OSError:
+        pidfd = None  # gone already, or no pidfd (Linux < 5.3): no wait, just the check
+    try:
+        if pidfd is not None and seconds > 0:
+            select.select([pidfd], [], [], seconds)  # readable once the process ended
+        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True  # reaped already
+    except OSError:
+        return False
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
 
 
 def _stop(proc: Any, grace: float) -> None:
@@ -192,7 +201,7 @@ def _stop(proc: Any, grace: float) -> None:
     with contextlib.suppress(OSError):
         os.killpg(proc.pid, signal.SIGKILL)
     with contextlib.suppress(Exception):
-        proc.wait(EXIT_GRACE_SECONDS)
+        proc.wait()  # killed: no timeout, whose wait would sleep (see _exited)
 
 
 def _handler_set(built: Mapping[str, Any], request: BuildRequest) -> HandlerSet:
