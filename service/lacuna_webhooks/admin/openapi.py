@@ -40,13 +40,14 @@ ERROR_RESPONSES: dict[str, Any] = {
         "description": "No or wrong token",
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
     },
-    # The HTTP layer's, before any route (server.py, docs/http.md): a request line and headers
-    # over LACUNA_MAX_HEADER_BYTES (16 KiB by default) or LACUNA_MAX_HEADERS lines. A long
-    # query (many `match` values) meets it first.
-    "431": {
-        "description": "Request line and headers too large",
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
-    },
+}
+
+#: The HTTP layer's answer, before any route (server.py, docs/http.md): a request line and
+#: headers over LACUNA_MAX_HEADER_BYTES (16 KiB by default) or LACUNA_MAX_HEADERS lines. A
+#: long query (many `match` values) meets it first. Added to every operation by ``document``.
+_HEADERS_TOO_LARGE: dict[str, Any] = {
+    "description": "Request line and headers too large",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
 }
 
 
@@ -55,6 +56,10 @@ def document(*path_sets: dict[str, Any]) -> dict[str, Any]:
     paths: dict[str, Any] = {}
     for path_set in path_sets:
         paths.update(path_set)
+    for item in paths.values():
+        for operation in item.values():
+            # Every route can get the HTTP layer's answer too: it comes before any route.
+            operation["responses"] = {**operation["responses"], "431": _HEADERS_TOO_LARGE}
     return {
         "openapi": "3.1.0",
         "info": {
