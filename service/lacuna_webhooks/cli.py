@@ -24,6 +24,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -2394,5 +2395,9 @@ def _main(argv: Sequence[str] | None, environ: Mapping[str, str] | None) -> int:
         # One line, not silence: after a Ctrl-C during a bulk operation the user must know
         # it stopped (a remote one finishes on the server, docs/cli.md).
         print(f"{PROG}: interrupted", file=sys.stderr)
+        # A Ctrl-C between a coroutine's creation and its first step (the event loop still
+        # being made) leaves it never awaited: Python's RuntimeWarning about that, logged
+        # after the line above when the coroutine is collected, tells the user nothing.
+        warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
         return 130
     return 2

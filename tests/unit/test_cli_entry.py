@@ -77,3 +77,35 @@ def test_ctrl_c_while_the_command_loads_is_one_line_and_130(tmp_path: Path) -> N
         assert err.rstrip().endswith("lacuna-webhooks: interrupted"), (delay, err)
         interrupted += 1
     assert interrupted, "every SIGINT came before Python had started"
+
+
+def test_ctrl_c_before_the_loop_runs_its_coroutine_is_still_one_line(tmp_path: Path) -> None:
+    """The moment test_ctrl_c_while_the_command_loads_is_one_line_and_130 hit now and then
+    (CI, at 0.4 s): a Ctrl-C while `serve`'s event loop was being made, after its main
+    coroutine was created. Python then logged a "coroutine ... was never awaited"
+    RuntimeWarning after the "interrupted" line. Made certain here: the runner raises
+    KeyboardInterrupt without starting the coroutine."""
+    code = (
+        "import asyncio, os, sys\n"
+        "def interrupted(self, coro, *, context=None):\n"
+        "    raise KeyboardInterrupt\n"
+        "asyncio.Runner.run = interrupted\n"
+        "from lacuna_webhooks.cli import main\n"
+        "status = main(['serve'], dict(os.environ))\n"
+        "import gc; gc.collect()\n"
+        "sys.exit(status)\n"
+    )
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("LACUNA_")},
+        "LACUNA_WEBHOOK_SECRET": SECRET,
+        "LACUNA_DATABASE_URL": f"sqlite:///{tmp_path / 'entry.db'}",
+        "LACUNA_LOG_FORMAT": "json",
+        "HOST": "127.0.0.1",
+        "PORT": "9432",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.rstrip().endswith("lacuna-webhooks: interrupted"), done.stderr
+    assert "never awaited" not in done.stderr
