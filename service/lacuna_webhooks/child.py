@@ -83,6 +83,23 @@ def start_child_blocking(module: str, theirs: socket.socket) -> subprocess.Popen
         theirs.close()
 
 
+def _stopped_by_parent(signum: int, frame: object) -> None:
+    """SIGINT and SIGTERM in a child: nothing (see ``begin_child``)."""
+
+
+def begin_child(fd: int) -> socket.socket:
+    """What every ``child_main(fd)`` does first: SIGINT and SIGTERM do nothing here, and the
+    process dies with its parent (``die_with_parent``); the socket of ``fd``.
+
+    Ctrl-C and a stop reach ``serve``, which stops its children itself. Caught, not ignored:
+    an ignored signal stays ignored across exec, so every process a handler started
+    shrugged off SIGTERM (an operator's ``kill`` too); a handler is reset by exec."""
+    signal.signal(signal.SIGINT, _stopped_by_parent)
+    signal.signal(signal.SIGTERM, _stopped_by_parent)
+    die_with_parent()
+    return socket.socket(fileno=fd)
+
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -136,6 +153,7 @@ def read_frame_blocking(stream: BinaryIO, max_bytes: int) -> bytes | None:
 
 
 __all__ = [
+    "begin_child",
     "die_with_parent",
     "frame",
     "read_frame",

@@ -35,7 +35,7 @@ from typing import Any
 
 import orjson
 
-from .child import die_with_parent, frame, read_frame_blocking, start_child_blocking
+from .child import begin_child, frame, read_frame_blocking, start_child_blocking
 from .errors import ConfigError
 from .plugins import (
     BuildRequest,
@@ -275,17 +275,9 @@ def _too_many_types(answer: Any) -> str:
     )
 
 
-def _not_here(signum: int, frame: object) -> None:
-    """SIGINT and SIGTERM in the child: nothing; its parent stops it (see ``child_main``)."""
-
-
 def child_main(fd: int) -> int:
     """The child: build what the parent asks, answer, end."""
-    # Caught, not ignored (an ignored signal stays ignored across exec): the parent stops it.
-    signal.signal(signal.SIGINT, _not_here)
-    signal.signal(signal.SIGTERM, _not_here)
-    die_with_parent()
-    sock = socket.socket(fileno=fd)
+    sock = begin_child(fd)
     with sock.makefile("rb") as stream:
         data = read_frame_blocking(stream, MAX_FRAME_BYTES)
     if data is None:

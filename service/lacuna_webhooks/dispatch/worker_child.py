@@ -14,7 +14,6 @@ import contextlib
 import functools
 import os
 import pickle
-import signal
 import socket
 import sys
 from typing import TYPE_CHECKING, Any
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import structlog
 
-from ..child import die_with_parent, frame, read_frame
+from ..child import begin_child, frame, read_frame
 from ..handlers.base import Handler, settle
 from ..models import Event
 from .attempt import MAX_ERROR_CHARS, Ending, Outcome, describe_error, run_attempt, stranded_thread
@@ -41,19 +40,9 @@ def _send_json(sock: socket.socket, message: list[Any]) -> None:
     sock.sendall(frame(orjson.dumps(message)))
 
 
-def _not_for_workers(signum: int, frame: object) -> None:
-    """SIGINT and SIGTERM in a worker: nothing (see ``child_main``)."""
-
-
 def child_main(fd: int) -> int:
     """Serve one parent over the socket ``fd`` until it says stop or goes away."""
-    # Ctrl-C and a stop reach `serve`, which stops its workers itself. Caught, not ignored:
-    # an ignored signal stays ignored across exec, so every process a handler started
-    # shrugged off SIGTERM (an operator's `kill` too); a handler is reset by exec.
-    signal.signal(signal.SIGINT, _not_for_workers)
-    signal.signal(signal.SIGTERM, _not_for_workers)
-    die_with_parent()
-    sock = socket.socket(fileno=fd)
+    sock = begin_child(fd)
     stream = sock.makefile("rb")
     head = stream.read(4)
     if len(head) < 4:
