@@ -243,18 +243,12 @@ def _handler_set(built: Mapping[str, Any], request: BuildRequest) -> HandlerSet:
 
 
 def _describe(built: HandlerSet) -> dict[str, Any]:
+    """What the parent takes of the checked set (``_handler_set``): names, items, filters.
+    The rest it reads again from the environment, so it is not sent."""
     return {
         "names": built.names,
-        "filters": {n: None if f is None else sorted(f) for n, f in built.filters.items()},
-        "timeouts": dict(built.timeouts),
         "items": dict(built.items),
-        "kinds": dict(built.kinds),
-        "concurrency": dict(built.concurrency),
-        "policies": {
-            n: [p.max_attempts, p.base_delay_seconds, p.max_delay_seconds]
-            for n, p in built.policies.items()
-        },
-        "after": {n: list(a) for n, a in built.after.items()},
+        "filters": {n: None if f is None else sorted(f) for n, f in built.filters.items()},
     }
 
 
