@@ -347,16 +347,13 @@ def build_handlers(
     leaves ``LACUNA_<NAME>_AFTER`` unchecked against the other items (a worker process, or
     ``handlers``, building one instance alone). ``on_item(item)`` is called before each item
     is loaded (``plugin_check`` reports it, to name the item that ended its process)."""
-    default_policy = policy or RetryPolicy()
-    problems: list[str] = []
-    handlers: dict[str, Handler] = {}
-    filters: dict[str, frozenset[str] | None] = {}
-    timeouts: dict[str, float] = {}
-    items: dict[str, str] = {}
-    kinds: dict[str, str] = {}
-    slots: dict[str, int] = {}
-    policies: dict[str, RetryPolicy] = {}
-    after: dict[str, tuple[str, ...]] = {}
+    found = _Instances(
+        environ,
+        allow_private_urls=allow_private_urls,
+        timeout_seconds=timeout_seconds,
+        concurrency=concurrency,
+        policy=policy or RetryPolicy(),
+    )
     for item in names:
         if on_item is not None:
             on_item(item)
@@ -364,105 +361,131 @@ def build_handlers(
             explicit, kind = split_handler_item(item)
             default_name, factory = load_factory(kind)
         except ConfigError as exc:
-            problems.extend(exc.problems)
+            found.problems.extend(exc.problems)
             continue
         name = explicit or default_name
-        if name in items:
-            problems.append(
+        if name in found.items:
+            found.problems.append(
                 f"LACUNA_HANDLERS names the handler {name!r} twice: give each instance "
                 "its own NAME=KIND"
             )
             continue
-        items[name] = item
-        # Each override is checked on its own, so that every bad one of every instance is
-        # reported at once (SPEC §4: one ConfigError listing each problem), the handler's
-        # own settings too.
-        ctx, slots[name], policies[name], after[name] = _instance_settings(
-            name,
-            kind,
-            environ,
-            problems,
-            allow_private_urls=allow_private_urls,
-            timeout_seconds=timeout_seconds,
-            concurrency=concurrency,
-            policy=default_policy,
-        )
+        ctx = found.settings(name, item, kind)
         try:
             with _slow_build_warning(item):
                 handler = factory(ctx)
                 default_events = _check_handler(item, handler)  # an `events` may block too
             handler.name = name
-            handlers[name] = handler
-            kinds[name] = kind
-            timeouts[name] = ctx.timeout_seconds
-            filters[name] = parse_events(ctx.get("EVENTS"), default_events)
+            found.add(name, kind, handler, ctx, parse_events(ctx.get("EVENTS"), default_events))
         except ConfigError as exc:
-            problems.extend(exc.problems)
+            found.problems.extend(exc.problems)
         except KeyboardInterrupt:
             raise  # a real Ctrl-C during the start stops it as one
         except BaseException as exc:  # the plugin boundary: a factory's bug is one clear line
-            problems.append(
+            found.problems.append(
                 f"LACUNA_HANDLERS: the {item!r} handler failed to start: " + _plugin_error(exc)
             )
-    if not problems and check_order:
-        problems.extend(check_after(after))
-    if problems:
-        raise ConfigError(problems)
-    return HandlerSet(
-        handlers,
-        filters,
-        timeouts,
-        items,
-        kinds,
-        slots,
-        policies,
-        {n: a for n, a in after.items() if a},
-    )
+    return found.handler_set(check_order)
 
 
 #: The most of a plugin's exception message a start problem shows.
 MAX_PLUGIN_ERROR_CHARS = 500
 
 
-def _instance_settings(
-    name: str,
-    kind: str,
-    environ: Mapping[str, str],
-    problems: list[str],
-    *,
-    allow_private_urls: bool,
-    timeout_seconds: float,
-    concurrency: int,
-    policy: RetryPolicy,
-) -> tuple[HandlerContext, int, RetryPolicy, tuple[str, ...]]:
-    """What the service itself reads for the instance ``name`` (its context, with its
-    timeout; its concurrency, retry policy and AFTER), every bad setting added to
-    ``problems``. The environment's alone: no plugin code runs here (``instances_of``)."""
-    # Dispatch imports this module.
-    from .dispatch.flow import read_flow_control
+@dataclass
+class _Instances:
+    """What ``build_handlers`` and ``instances_of`` gather per instance, with the global
+    values each instance's own settings override, and the ``HandlerSet`` they make."""
 
-    # Each override is checked on its own, so that every bad one of every instance is
-    # reported at once (SPEC §4: one ConfigError listing each problem), the handler's own
-    # settings too.
-    ctx = HandlerContext(
-        name=name,
-        environ=environ,
-        allow_private_urls=allow_private_urls,
-        timeout_seconds=_checked(
-            problems, timeout_seconds, _handler_timeout, name, environ, timeout_seconds
-        ),
-        kind=kind,
-    )
-    slots = _checked(
-        problems, concurrency, int_setting, ctx, "CONCURRENCY", concurrency, MAX_CONCURRENCY
-    )
-    instance_policy = _instance_policy(ctx, policy, problems)
-    after = parse_list(_checked(problems, None, ctx.get, "AFTER") or "")
-    try:
-        read_flow_control([name], environ)  # read again where dispatch runs
-    except ConfigError as exc:
-        problems.extend(exc.problems)
-    return ctx, slots, instance_policy, tuple(after)
+    environ: Mapping[str, str]
+    allow_private_urls: bool
+    timeout_seconds: float
+    concurrency: int
+    policy: RetryPolicy
+    problems: list[str] = field(default_factory=list)
+    handlers: dict[str, Handler] = field(default_factory=dict)
+    filters: dict[str, frozenset[str] | None] = field(default_factory=dict)
+    timeouts: dict[str, float] = field(default_factory=dict)
+    items: dict[str, str] = field(default_factory=dict)
+    kinds: dict[str, str] = field(default_factory=dict)
+    slots: dict[str, int] = field(default_factory=dict)
+    policies: dict[str, RetryPolicy] = field(default_factory=dict)
+    after: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def settings(self, name: str, item: str, kind: str) -> HandlerContext:
+        """What the service itself reads for the instance ``name`` of ``item``: its context
+        (with its timeout), its concurrency, retry policy and AFTER, every bad setting added
+        to ``problems``. The environment's alone: no plugin code runs here."""
+        # Dispatch imports this module.
+        from .dispatch.flow import read_flow_control
+
+        self.items[name] = item
+        # Each override is checked on its own, so that every bad one of every instance is
+        # reported at once (SPEC §4: one ConfigError listing each problem), the handler's
+        # own settings too.
+        problems, environ = self.problems, self.environ
+        ctx = HandlerContext(
+            name=name,
+            environ=environ,
+            allow_private_urls=self.allow_private_urls,
+            timeout_seconds=_checked(
+                problems,
+                self.timeout_seconds,
+                _handler_timeout,
+                name,
+                environ,
+                self.timeout_seconds,
+            ),
+            kind=kind,
+        )
+        self.slots[name] = _checked(
+            problems,
+            self.concurrency,
+            int_setting,
+            ctx,
+            "CONCURRENCY",
+            self.concurrency,
+            MAX_CONCURRENCY,
+        )
+        self.policies[name] = _instance_policy(ctx, self.policy, problems)
+        self.after[name] = tuple(parse_list(_checked(problems, None, ctx.get, "AFTER") or ""))
+        try:
+            read_flow_control([name], environ)  # read again where dispatch runs
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+        return ctx
+
+    def add(
+        self,
+        name: str,
+        kind: str,
+        handler: Handler,
+        ctx: HandlerContext,
+        events: frozenset[str] | None,
+    ) -> None:
+        """The instance ``name`` (``settings`` read first) with its handler and filter."""
+        self.handlers[name] = handler
+        self.kinds[name] = kind
+        self.timeouts[name] = ctx.timeout_seconds
+        self.filters[name] = events
+
+    def handler_set(self, check_order: bool) -> HandlerSet:
+        """The set; ``ConfigError`` with every problem found, the AFTER order's too when
+        ``check_order``."""
+        if not self.problems and check_order:
+            self.problems.extend(check_after(self.after))
+        if self.problems:
+            raise ConfigError(self.problems)
+        return HandlerSet(
+            self.handlers,
+            self.filters,
+            self.timeouts,
+            self.items,
+            self.kinds,
+            self.slots,
+            self.policies,
+            {n: a for n, a in self.after.items() if a},
+        )
 
 
 def instances_of(
@@ -480,51 +503,26 @@ def instances_of(
     ``module:attr``'s name is the plugin's to say), and every setting is checked again, so
     that a forged answer can misconfigure at most the plugins' names and default events,
     never the service's settings (a timeout of 1e308 stopped every claim)."""
-    problems: list[str] = []
     names = list(items)
     if [items[n] for n in names] != list(request.items) or set(defaults) != set(names):
         raise ConfigError(_FORGED)
-    handlers: dict[str, Handler] = {}
-    filters: dict[str, frozenset[str] | None] = {}
-    timeouts: dict[str, float] = {}
-    kinds: dict[str, str] = {}
-    slots: dict[str, int] = {}
-    policies: dict[str, RetryPolicy] = {}
-    after: dict[str, tuple[str, ...]] = {}
+    found = _Instances(
+        request.environ,
+        allow_private_urls=request.allow_private_urls,
+        timeout_seconds=request.timeout_seconds,
+        concurrency=request.concurrency,
+        policy=request.policy,
+    )
     for name in names:
         explicit, kind = split_handler_item(items[name])
         if not HANDLER_NAME_RE.fullmatch(name) or name != (
             explicit or (name if ":" in kind else kind)
         ):
             raise ConfigError(_FORGED)
-        ctx, slots[name], policies[name], after[name] = _instance_settings(
-            name,
-            kind,
-            request.environ,
-            problems,
-            allow_private_urls=request.allow_private_urls,
-            timeout_seconds=request.timeout_seconds,
-            concurrency=request.concurrency,
-            policy=request.policy,
-        )
-        handlers[name] = _RunsElsewhere(name)
-        kinds[name] = kind
-        timeouts[name] = ctx.timeout_seconds
-        filters[name] = parse_events(_checked(problems, None, ctx.get, "EVENTS"), defaults[name])
-    if not problems and request.check_order:
-        problems.extend(check_after(after))
-    if problems:
-        raise ConfigError(problems)
-    return HandlerSet(
-        handlers,
-        filters,
-        timeouts,
-        dict(items),
-        kinds,
-        slots,
-        policies,
-        {n: a for n, a in after.items() if a},
-    )
+        ctx = found.settings(name, items[name], kind)
+        events = _checked(found.problems, None, ctx.get, "EVENTS")
+        found.add(name, kind, _RunsElsewhere(name), ctx, parse_events(events, defaults[name]))
+    return found.handler_set(request.check_order)
 
 
 _FORGED = (
