@@ -12,10 +12,11 @@ shape (a proxy's JSON, another service at that URL) is an ``AdminError``, never 
 from __future__ import annotations
 
 import contextlib
+import enum
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -24,6 +25,8 @@ import orjson
 from ..models import AttemptOutcome, DeliveryStatus
 from ..redact import redact_text, redact_url
 from ..store.base import AttemptRecord, DeliveryRecord, EventRecord
+
+E = TypeVar("E", bound=enum.Enum)
 
 #: Seconds to wait for a connection and for each read of an ordinary (non-stream) request.
 TIMEOUT_SECONDS = 30.0
@@ -133,6 +136,14 @@ def _optional_time(doc: Any, name: str) -> datetime | None:
     return None if _value(doc, name) is None else _time(doc, name)
 
 
+def _choice(doc: Any, name: str, kind: type[E]) -> E:
+    """A value of the enumeration ``kind`` (``DeliveryStatus``, ``AttemptOutcome``)."""
+    try:
+        return kind(_str(doc, name))
+    except ValueError:
+        raise _Unexpected(name) from None
+
+
 def _list(doc: Any, name: str) -> list[Any]:
     value = _value(doc, name)
     if not isinstance(value, list):
@@ -161,16 +172,12 @@ def _delivery(doc: Any) -> DeliveryRecord:
     result = _value(doc, "result")
     if result is not None and not isinstance(result, dict):
         raise _Unexpected("result")
-    try:
-        status = DeliveryStatus(_str(doc, "status"))
-    except ValueError:
-        raise _Unexpected("status") from None
     return DeliveryRecord(
         id=_int(doc, "id"),
         event_id=_str(doc, "event_id"),
         event_type=_str(doc, "event_type"),
         handler=_str(doc, "handler"),
-        status=status,
+        status=_choice(doc, "status", DeliveryStatus),
         attempts=_count(doc, "attempts"),
         next_attempt_at=_time(doc, "next_attempt_at"),
         lease_until=_optional_time(doc, "lease_until"),
@@ -182,16 +189,12 @@ def _delivery(doc: Any) -> DeliveryRecord:
 
 
 def _attempt(doc: Any, delivery_id: int) -> AttemptRecord:
-    try:
-        outcome = AttemptOutcome(_str(doc, "outcome"))
-    except ValueError:
-        raise _Unexpected("outcome") from None
     return AttemptRecord(
         delivery_id=delivery_id,
         attempt=_count(doc, "attempt"),
         started_at=_time(doc, "started_at"),
         finished_at=_time(doc, "finished_at"),
-        outcome=outcome,
+        outcome=_choice(doc, "outcome", AttemptOutcome),
         error=_optional_str(doc, "error"),
     )
 
