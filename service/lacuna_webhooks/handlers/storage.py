@@ -327,8 +327,7 @@ class S3Sink:
             )
 
     async def read(self, key: str, *, limit: int) -> bytes | None:
-        self._check_key(key)
-        with self._errors():
+        with self._errors(key):
             try:
                 meta = await obstore.head_async(self.store, key)
                 if meta["size"] > limit:
@@ -340,8 +339,7 @@ class S3Sink:
 
     async def holds(self, key: str, *, size: int, sha256: str) -> bool:
         """True when the object exists with this size (its sha256 is the manifest's record)."""
-        self._check_key(key)
-        with self._errors():
+        with self._errors(key):
             try:
                 meta = await obstore.head_async(self.store, key)
             except (NotFoundError, FileNotFoundError):
@@ -353,8 +351,7 @@ class S3Sink:
     ) -> None:
         # A multipart upload is invisible until completed, and aborted when the
         # stream raises: the object appears whole or not at all.
-        self._check_key(key)
-        with self._errors():
+        with self._errors(key):
             await obstore.put_async(
                 self.store,
                 key,
@@ -365,8 +362,7 @@ class S3Sink:
             )
 
     async def write_bytes(self, key: str, data: bytes, *, content_type: str) -> None:
-        self._check_key(key)
-        with self._errors():
+        with self._errors(key):
             await obstore.put_async(
                 self.store,
                 key,
@@ -376,8 +372,10 @@ class S3Sink:
             )
 
     @contextmanager
-    def _errors(self) -> Iterator[None]:
-        """obstore's errors as ours: refused credentials and a missing bucket are permanent."""
+    def _errors(self, key: str) -> Iterator[None]:
+        """An operation on the object ``key``: its key checked first (``_check_key``), then
+        obstore's errors as ours: refused credentials and a missing bucket are permanent."""
+        self._check_key(key)
         where = self.location("")
         try:
             yield
