@@ -48,7 +48,7 @@ from .errors import ConfigError
 from .handlers._common import float_setting, int_setting
 from .handlers.base import Handler, HandlerContext, HandlerFactory, settle
 from .models import Event
-from .redact import exception_text, printable, redact_text
+from .redact import exception_text, printable, redact_text, value_text
 from .retry import RetryPolicy
 
 ENTRY_POINT_GROUP = "lacuna_webhooks.handlers"
@@ -545,11 +545,8 @@ def _plugin_error(exc: BaseException) -> str:
 def _plugin_value(value: object) -> str:
     """``repr(value)`` of something a plugin built, for a start problem: bounded, and
     ``(unreadable)`` when its ``__repr__`` raises."""
-    try:
-        text = str.__str__(repr(value))
-    except BaseException:
-        return "(unreadable)"
-    return printable(redact_text(text[: MAX_PLUGIN_ERROR_CHARS + 1]))[:MAX_PLUGIN_ERROR_CHARS]
+    text = value_text(value, MAX_PLUGIN_ERROR_CHARS + 1)
+    return printable(redact_text(text))[:MAX_PLUGIN_ERROR_CHARS]
 
 
 def check_after(after: Mapping[str, Sequence[str]]) -> list[str]:

@@ -271,6 +271,16 @@ def exception_text(exc: BaseException, limit: int) -> str:
     return text[: limit + 1]
 
 
+def value_text(value: object, limit: int) -> str:
+    """``repr(value)`` of something a plugin made, at most ``limit`` characters (not
+    redacted), or ``"(unreadable)"`` when its ``__repr__`` raises or returns no ``str``: it
+    never raises, as ``exception_text``."""
+    try:
+        return str.__str__(repr(value))[:limit]
+    except BaseException:
+        return "(unreadable)"
+
+
 def printable(text: str) -> str:
     """``text`` for a terminal or a one-line message: control characters (a newline, an ESC
     starting a terminal escape sequence, a NUL) written as ``\\n``, ``\\x1b``, ``\\x00``.

@@ -70,7 +70,7 @@ from ..handlers.base import (
     settle,
 )
 from ..models import AttemptOutcome, Event, json_strings
-from ..redact import exception_text, redact_text
+from ..redact import exception_text, redact_text, value_text
 from ..retry import RetryPolicy
 
 MAX_ERROR_CHARS = 2000
@@ -229,10 +229,7 @@ def _classify(value: object) -> Outcome:
         asked = value.delay_seconds
         delay = requested_delay(asked)
         if delay is None and asked is not None:
-            try:
-                shown = storable_text(redact_text(str.__str__(repr(asked))[:40]))
-            except BaseException:
-                shown = "(unreadable)"
+            shown = storable_text(redact_text(value_text(asked, 40)))
             error = f"{error} (delay_seconds {shown} ignored: not a number of seconds)"
         return Outcome(ending, error[:MAX_ERROR_CHARS], delay)
     if issubclass(kind, BaseException):
