@@ -296,19 +296,21 @@ def runs_foreign_code(items: Iterable[str]) -> bool:
     package's: a ``package.module:attr`` outside it, or an entry point another distribution
     registers. An item that cannot be resolved loads nothing (``build_handlers`` reports it).
     Reads entry-point metadata only; imports nothing."""
+    kinds: set[str] = set()
     for item in items:
         try:
             _, kind = split_handler_item(item)
         except ConfigError:
             continue
-        if ":" in kind:
-            if not (kind.partition(":")[0] + ".").startswith(_OWN_PREFIX):
-                return True
-            continue
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
-            if ep.name == kind and not ep.value.startswith(_OWN_PREFIX):
-                return True
-    return False
+        if ":" not in kind:
+            kinds.add(kind)
+        elif not (kind.partition(":")[0] + ".").startswith(_OWN_PREFIX):
+            return True
+    # One scan of the installed metadata for every named kind, not one per item.
+    return any(
+        ep.name in kinds and not ep.value.startswith(_OWN_PREFIX)
+        for ep in entry_points(group=ENTRY_POINT_GROUP)
+    )
 
 
 def resolve_items(
