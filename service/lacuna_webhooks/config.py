@@ -364,6 +364,13 @@ def http_url_problem(value: str) -> str | None:
         return "has no host"
     if port == 0:
         return "has a port that is not a number from 1 to 65535 (port 0)"
+    import httpx  # here: most commands never check a URL
+
+    try:
+        # .host: a host name is IDNA-decoded only there (a bad xn-- label raised at send).
+        httpx.URL(value).host  # noqa: B018
+    except (httpx.InvalidURL, UnicodeError):
+        return "is not a valid URL"
     return None
 
 

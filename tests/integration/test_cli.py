@@ -329,6 +329,8 @@ def test_send_to_nothing_is_one_line(capsys: pytest.CaptureFixture[str]) -> None
         (["--url", "http://:80/x"], "has no host"),
         # urlsplit strips the blank, httpx refused the URL at send: exit 1, not 2.
         (["--url", " http://127.0.0.1:9/x"], "holds a space or a control character"),
+        # An A-label that is no IDNA: httpx decodes it only when it sends, a traceback.
+        (["--url", "http://xn--zz.invalid/x"], "is not a valid URL"),
     ],
 )
 def test_send_bad_arguments_are_one_line_and_exit_2(

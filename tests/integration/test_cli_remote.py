@@ -528,3 +528,26 @@ def test_a_cursor_that_does_not_move_ends_the_listing(
     url = _answering(httpserver_quiet, '{"data": [], "next_cursor": "same"}')
     line = one_line(["events", "list", "--url", url, "--token", TOKEN], {}, capsys, 1)
     assert "ending where it started" in line
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        # An A-label that is no IDNA: httpx decoded it only when it sent, a traceback.
+        ("http://xn--zz.invalid:8001", "is not a valid URL"),
+        ("http://admin host:8001", "holds a space or a control character"),
+        ("http://127.0.0.1:8001/a\tb", "holds a space or a control character"),
+        # It said "must be the admin listener's http(s):// URL, got a http: URL".
+        ("http://127.0.0.1:8001/" + "a" * 2000, "is longer than 2000 characters"),
+    ],
+)
+@pytest.mark.parametrize("argv", [["events", "list"], ["retry-dead"]], ids=" ".join)
+def test_a_bad_admin_url_is_one_line_and_exit_2(
+    argv: list[str], url: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A URL no request can be sent to, or one too long, is a usage error before anything
+    is sent (``check_admin_url``): exit 2, the URL not echoed."""
+    line = one_line([*argv, "--url", url, "--token", TOKEN], {}, capsys, 2)
+    assert line.startswith("lacuna-webhooks: error: --url / LACUNA_ADMIN_URL "), line
+    assert message in line
+    assert url not in line
