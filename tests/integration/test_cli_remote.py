@@ -11,12 +11,17 @@ URL and the API's refusals are one line on stderr with the documented exit code.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import Iterator
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import orjson
 import pytest
@@ -528,6 +533,145 @@ def test_a_cursor_that_does_not_move_ends_the_listing(
     url = _answering(httpserver_quiet, '{"data": [], "next_cursor": "same"}')
     line = one_line(["events", "list", "--url", url, "--token", TOKEN], {}, capsys, 1)
     assert "ending where it started" in line
+
+
+# --- a broken or hostile server: real sockets, its answers written byte for byte ----------------
+
+T0 = "2026-12-01T00:00:00+00:00"
+DELIVERY: dict[str, Any] = {
+    "id": 1,
+    "event_id": "e1",
+    "event_type": "job.completed",
+    "handler": "hook",
+    "status": "done",
+    "attempts": 1,
+    "next_attempt_at": T0,
+    "lease_until": None,
+    "last_error": None,
+    "created_at": T0,
+    "updated_at": T0,
+    "result": None,
+    "attempt_log": [],
+}
+EVENT: dict[str, Any] = {
+    "id": "e1",
+    "type": "job.completed",
+    "created": None,
+    "received_at": T0,
+    "task_id": None,
+    "superseded": False,
+    "raw": '{"id": "e1", "type": "job.completed"}',
+    "deliveries": [DELIVERY],
+}
+HANDLER: dict[str, Any] = {
+    "name": "hook",
+    "kind": "http",
+    "paused": False,
+    "paused_reason": None,
+    "paused_since": None,
+    "consecutive_failures": 0,
+}
+#: A valid answer of each route EVERY_COMMAND calls: only the way it is sent is wrong.
+VALID: dict[str, Any] = {
+    "/api/v1/events": {"data": [], "next_cursor": None},
+    "/api/v1/events/e1": EVENT,
+    "/api/v1/deliveries": {"data": [], "next_cursor": None},
+    "/api/v1/deliveries/retry-dead": {"retried": 0},
+    "/api/v1/handlers": {"data": [], "next_cursor": None},
+    "/api/v1/handlers/hook/pause": {"paused": True, "changed": True},
+    "/api/v1/handlers/hook/resume": {"paused": False, "changed": True},
+}
+
+
+def target(head: bytes) -> tuple[str, dict[str, list[str]]]:
+    """The path and the query of a request's head."""
+    parts = urlsplit(head.split(b" ", 2)[1].decode())
+    return parts.path, parse_qs(parts.query)
+
+
+def http_answer(status: bytes, body: bytes, headers: bytes = b"") -> bytes:
+    return (
+        b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\nContent-Length: "
+        + str(len(body)).encode() + b"\r\nConnection: close\r\n" + headers + b"\r\n" + body
+    )  # fmt: skip
+
+
+@dataclass
+class RawServer:
+    url: str
+    heads: list[bytes]
+    stop: threading.Event
+
+
+Answer = Callable[[socket.socket, bytes, threading.Event], None]
+
+
+@contextlib.contextmanager
+def raw_server(answer: Answer) -> Iterator[RawServer]:
+    """A real HTTP server on 127.0.0.1, in threads: for each connection it reads the
+    request's head, records it, and calls ``answer(connection, head, stop)``, which writes
+    whatever it likes (or nothing); the connection is closed after. ``stop`` is set when the
+    test is done with the server."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+    server = RawServer(f"http://127.0.0.1:{listener.getsockname()[1]}", [], threading.Event())
+
+    def one(conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            head = b""
+            while b"\r\n\r\n" not in head:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                head += data
+            server.heads.append(head)
+            answer(conn, head, server.stop)
+
+    def accept() -> None:
+        while not server.stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=one, args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.stop.set()
+        thread.join()
+        listener.close()
+
+
+def answering(body: Any) -> Answer:
+    """Every request answered 200 with ``body`` (JSON, deeper than orjson writes too, or
+    bytes as they are)."""
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return lambda conn, head, stop: conn.sendall(http_answer(b"200 OK", raw))
+
+
+@pytest.mark.parametrize("status", [b"302 Found", b"307 Temporary Redirect"])
+@pytest.mark.parametrize("argv", EVERY_COMMAND, ids=" ".join)
+def test_a_redirect_is_neither_followed_nor_taken_as_the_answer(
+    argv: list[str], status: bytes, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A 3xx carrying a body of the right shape was printed as the answer (exit 0). It is
+    one line naming where it pointed (without its path or query), exit 1; the request,
+    which carries the token, never goes there."""
+    with raw_server(answering(b"")) as elsewhere:
+
+        def redirect(conn: socket.socket, head: bytes, stop: threading.Event) -> None:
+            location = f"Location: {elsewhere.url}/api/v1/x?token={TOKEN}\r\n".encode()
+            body = orjson.dumps(VALID[target(head)[0]])
+            conn.sendall(http_answer(status, body, location))
+
+        with raw_server(redirect) as proxy:
+            line = one_line([*argv, "--url", proxy.url, "--token", TOKEN], {}, capsys, 1)
+    assert f"with a redirect ({status[:3].decode()} to {elsewhere.url}/…), not followed" in line
+    assert TOKEN not in line
+    assert elsewhere.heads == []
 
 
 @pytest.mark.parametrize(

@@ -266,8 +266,8 @@ class AdminClient:
         json: Any = None,
         read_timeout: float | None = None,
     ) -> Any:
-        """The decoded JSON answer of ``method path``; ``AdminError`` for a refusal or a
-        failure to reach the API (the message never holds the token). ``read_timeout``
+        """The decoded JSON answer of ``method path``; ``AdminError`` for a refusal, a
+        redirect or a failure to reach the API (the message never holds the token). ``read_timeout``
         (seconds) replaces the client's for this request's wait for its answer."""
         timeout = httpx.Timeout(
             self._timeout, read=self._timeout if read_timeout is None else read_timeout
@@ -288,10 +288,21 @@ class AdminClient:
                 f"cannot reach the admin API at {redact_url(self.base)}: "
                 + _one_line(redact_text(str(exc)), self._token)
             ) from None
-        if response.status_code >= 400:
+        status = response.status_code
+        if status >= 400:
             raise AdminError(
                 f"the admin API refused {method} {path}: {_message(response, self._token)}",
-                status=response.status_code,
+                status=status,
+            )
+        if not 200 <= status < 300:
+            # Never followed (the token would go along to wherever it points), nor taken
+            # as the answer: --url names the listener itself.
+            location = response.headers.get("location")
+            to = f" to {_one_line(redact_url(location), self._token)}" if location else ""
+            raise AdminError(
+                f"the admin API answered {method} {path} with a redirect ({status}{to}), not"
+                " followed: --url / LACUNA_ADMIN_URL must be the admin listener's own address",
+                status=status,
             )
         try:
             return orjson.loads(response.content)
