@@ -16,6 +16,7 @@ import json
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -28,6 +29,7 @@ import pytest
 
 from lacuna_webhooks import cli
 from lacuna_webhooks.admin import AdminContext
+from lacuna_webhooks.admin import client as admin_client
 from lacuna_webhooks.cli import main
 from lacuna_webhooks.models import Attempt, AttemptOutcome, Event
 from lacuna_webhooks.store import Store, open_store
@@ -672,6 +674,45 @@ def test_a_redirect_is_neither_followed_nor_taken_as_the_answer(
     assert f"with a redirect ({status[:3].decode()} to {elsewhere.url}/…), not followed" in line
     assert TOKEN not in line
     assert elsewhere.heads == []
+
+
+def silent(conn: socket.socket, head: bytes, stop: threading.Event) -> None:
+    stop.wait(30)
+
+
+def head_only(conn: socket.socket, head: bytes, stop: threading.Event) -> None:
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+    stop.wait(30)
+
+
+def trickle(conn: socket.socket, head: bytes, stop: threading.Event) -> None:
+    """A byte every 0.2 s (for 10 s at most): each read is quick, the answer never ends."""
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+    for _ in range(50):
+        if stop.wait(0.2):
+            return
+        conn.sendall(b" ")
+
+
+@pytest.mark.parametrize("answer", [silent, head_only, trickle])
+@pytest.mark.parametrize("argv", [["events", "list"], ["handlers", "pause", "hook"]], ids=" ".join)
+def test_a_server_that_does_not_answer_in_time_is_one_line_and_exit_1(
+    argv: list[str],
+    answer: Answer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The request's time bounds the whole answer: a server sending a byte now and then
+    was waited on for ever (each read was within the timeout), and one that never answered
+    was ``cannot reach the admin API at …: `` with nothing after the colon."""
+    monkeypatch.setattr(admin_client, "TIMEOUT_SECONDS", 1.0)
+    with raw_server(answer) as server:
+        started = time.monotonic()
+        line = one_line([*argv, "--url", server.url, "--token", TOKEN], {}, capsys, 1)
+        elapsed = time.monotonic() - started
+    assert f"the admin API at {server.url}/… did not answer " in line, line
+    assert line.endswith(" within 1 s"), line
+    assert elapsed < 5
 
 
 @pytest.mark.parametrize(

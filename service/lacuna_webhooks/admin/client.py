@@ -11,6 +11,7 @@ shape (a proxy's JSON, another service at that URL) is an ``AdminError``, never 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 from collections.abc import Iterator, Mapping
@@ -267,26 +268,31 @@ class AdminClient:
         read_timeout: float | None = None,
     ) -> Any:
         """The decoded JSON answer of ``method path``; ``AdminError`` for a refusal, a
-        redirect or a failure to reach the API (the message never holds the token). ``read_timeout``
-        (seconds) replaces the client's for this request's wait for its answer."""
-        timeout = httpx.Timeout(
-            self._timeout, read=self._timeout if read_timeout is None else read_timeout
-        )
+        redirect or a failure to reach the API (the message never holds the token). The whole
+        request, answer included, gets ``read_timeout`` seconds (else the client's): a server
+        that sends its answer a byte at a time is given up on then too."""
+        wait = self._timeout if read_timeout is None else read_timeout
         try:
-            response = await self._client.request(
-                method,
-                self.base + path,
-                params=params,
-                content=None if json is None else orjson.dumps(json),
-                headers=None if json is None else {"content-type": "application/json"},
-                timeout=timeout,
-            )
+            async with asyncio.timeout(wait):
+                response = await self._client.request(
+                    method,
+                    self.base + path,
+                    params=params,
+                    content=None if json is None else orjson.dumps(json),
+                    headers=None if json is None else {"content-type": "application/json"},
+                    timeout=httpx.Timeout(self._timeout, read=wait),
+                )
+        except (TimeoutError, httpx.TimeoutException):
+            raise AdminError(
+                f"the admin API at {redact_url(self.base)} did not answer {method} {path}"
+                f" within {wait:g} s"
+            ) from None
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             # The URL shown without credentials, path or query (redact_url); the error
             # text can quote the URL too (an invalid one), so it is masked the same way.
             raise AdminError(
                 f"cannot reach the admin API at {redact_url(self.base)}: "
-                + _one_line(redact_text(str(exc)), self._token)
+                + _one_line(redact_text(str(exc) or type(exc).__name__), self._token)
             ) from None
         status = response.status_code
         if status >= 400:
