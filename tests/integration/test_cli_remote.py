@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 import logging
 import socket
@@ -713,6 +714,41 @@ def test_a_server_that_does_not_answer_in_time_is_one_line_and_exit_1(
     assert f"the admin API at {server.url}/… did not answer " in line, line
     assert line.endswith(" within 1 s"), line
     assert elapsed < 5
+
+
+def endless(conn: socket.socket, head: bytes, stop: threading.Event) -> None:
+    """A chunked answer without end (32 MiB at most, then the connection is cut)."""
+    conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+    for _ in range(512):
+        conn.sendall(b"10000\r\n" + b" " * 0x10000 + b"\r\n")
+
+
+def endless_error(conn: socket.socket, head: bytes, stop: threading.Event) -> None:
+    conn.sendall(b"HTTP/1.1 500 Oops\r\nContent-Length: 33554432\r\n\r\n")
+    for _ in range(512):
+        conn.sendall(b"x" * 0x10000)
+
+
+def inflating(conn: socket.socket, head: bytes, stop: threading.Event) -> None:
+    """8 KiB on the wire, 8 MiB once decompressed."""
+    body = gzip.compress(b" " * (8 * 1024 * 1024))
+    conn.sendall(http_answer(b"200 OK", body, b"Content-Encoding: gzip\r\n"))
+
+
+@pytest.mark.parametrize("answer", [endless, endless_error, inflating])
+@pytest.mark.parametrize("argv", [["events", "list"], ["retry-dead"]], ids=" ".join)
+def test_an_answer_larger_than_any_of_the_api_is_cut_off(
+    argv: list[str],
+    answer: Answer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An answer was read whole into memory, however long (or however much it inflated):
+    past ``MAX_ANSWER_BYTES`` (1 MiB here) it is one line and exit 1."""
+    monkeypatch.setattr(admin_client, "MAX_ANSWER_BYTES", 1024 * 1024)
+    with raw_server(answer) as server:
+        line = one_line([*argv, "--url", server.url, "--token", TOKEN], {}, capsys, 1)
+    assert "with more than 1048576 bytes: stopped reading" in line, line
 
 
 @pytest.mark.parametrize(

@@ -34,6 +34,11 @@ TIMEOUT_SECONDS = 30.0
 #: Seconds to wait for the answer of a bulk operation (``POST /replays`` answers when the
 #: whole operation is done: minutes for a few hundred thousand events).
 BULK_TIMEOUT_SECONDS = 3600.0
+#: The most bytes of an answer (as decoded) read before the request is given up: far more
+#: than any answer of the API (an event of the largest ``LACUNA_MAX_BODY_BYTES``, 100 MiB,
+#: escaped as a JSON string, with its deliveries), so that a server sending without end
+#: (or a small compressed answer that inflates without end) cannot fill the memory.
+MAX_ANSWER_BYTES = 256 * 1024 * 1024
 
 
 class AdminError(Exception):
@@ -59,9 +64,9 @@ def _one_line(text: str, token: str) -> str:
     return text if len(text) <= MAX_SHOWN_CHARS else text[:MAX_SHOWN_CHARS] + "…"
 
 
-def _message(response: httpx.Response, token: str) -> str:
+def _message(response: httpx.Response, body: bytes, token: str) -> str:
     try:
-        error = orjson.loads(response.content)["error"]
+        error = orjson.loads(body)["error"]
         text = f"{error['code']}: {error['message']}"
         if not isinstance(error["code"], str) or not isinstance(error["message"], str):
             raise TypeError(text)
@@ -273,15 +278,18 @@ class AdminClient:
         that sends its answer a byte at a time is given up on then too."""
         wait = self._timeout if read_timeout is None else read_timeout
         try:
-            async with asyncio.timeout(wait):
-                response = await self._client.request(
+            async with (
+                asyncio.timeout(wait),
+                self._client.stream(
                     method,
                     self.base + path,
                     params=params,
                     content=None if json is None else orjson.dumps(json),
                     headers=None if json is None else {"content-type": "application/json"},
                     timeout=httpx.Timeout(self._timeout, read=wait),
-                )
+                ) as response,
+            ):
+                body = await self._body(response, method, path)
         except (TimeoutError, httpx.TimeoutException):
             raise AdminError(
                 f"the admin API at {redact_url(self.base)} did not answer {method} {path}"
@@ -297,7 +305,7 @@ class AdminClient:
         status = response.status_code
         if status >= 400:
             raise AdminError(
-                f"the admin API refused {method} {path}: {_message(response, self._token)}",
+                f"the admin API refused {method} {path}: {_message(response, body, self._token)}",
                 status=status,
             )
         if not 200 <= status < 300:
@@ -311,9 +319,23 @@ class AdminClient:
                 status=status,
             )
         try:
-            return orjson.loads(response.content)
+            return orjson.loads(body)
         except ValueError:
             raise AdminError(f"the admin API answered {method} {path} with non-JSON") from None
+
+    async def _body(self, response: httpx.Response, method: str, path: str) -> bytes:
+        """The answer's body, as decoded; ``AdminError`` past ``MAX_ANSWER_BYTES``."""
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.aiter_bytes():
+            size += len(chunk)
+            if size > MAX_ANSWER_BYTES:
+                raise AdminError(
+                    f"the admin API answered {method} {path} with more than"
+                    f" {MAX_ANSWER_BYTES} bytes: stopped reading"
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def get(self, path: str, **params: Any) -> Any:
         return await self.request(
@@ -414,6 +436,7 @@ class AdminClient:
 
 __all__ = [
     "BULK_TIMEOUT_SECONDS",
+    "MAX_ANSWER_BYTES",
     "TIMEOUT_SECONDS",
     "AdminClient",
     "AdminError",
