@@ -1036,6 +1036,10 @@ def _local_or_remote(
 
 #: Records asked for in one page of a listing (the admin API's most, SPEC §9).
 PAGE_SIZE = 500
+#: Pages without a record a listing follows before it stops: a search cut short by its time
+#: budget (``LACUNA_ADMIN_SEARCH_BUDGET``, 0.5 s by default) gives one, so this is hours of
+#: searching; a server answering empty pages with new cursors for ever gives them at once.
+MAX_EMPTY_PAGES = 10_000
 
 
 async def _collect(
@@ -1044,16 +1048,29 @@ async def _collect(
     """Up to ``limit`` records of a listing, newest first: ``fetch(cursor, size)`` gives a
     page and the cursor of the next (``None`` after the last), followed until ``limit`` is
     reached. A search that stopped at its time budget gives a page of fewer records than
-    asked, even none, and a cursor that resumes it: the walk goes on."""
+    asked, even none, and a cursor that resumes it: the walk goes on, but never to a cursor
+    it was given before (the listing would go round for ever) nor past
+    ``MAX_EMPTY_PAGES`` pages without a record."""
     found: list[T] = []
     cursor: str | None = None
+    seen: set[str] = set()
+    empty = 0
     while len(found) < limit:
         records, next_cursor = await fetch(cursor, min(PAGE_SIZE, limit - len(found)))
         found += records
         if next_cursor is None:
             break
-        if next_cursor == cursor:
-            raise CommandError("the listing gave a page ending where it started: stopped")
+        if next_cursor in seen:
+            raise CommandError(
+                "the listing gave a page ending where it started or where an earlier page"
+                " ended (it would go round for ever): stopped"
+            )
+        empty += not records
+        if empty >= MAX_EMPTY_PAGES:
+            raise CommandError(
+                f"the listing gave {empty} pages without a record and still a next one: stopped"
+            )
+        seen.add(next_cursor)
         cursor = next_cursor
     return found[:limit]
 

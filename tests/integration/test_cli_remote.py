@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import itertools
 import json
 import logging
 import socket
@@ -749,6 +750,50 @@ def test_an_answer_larger_than_any_of_the_api_is_cut_off(
     with raw_server(answer) as server:
         line = one_line([*argv, "--url", server.url, "--token", TOKEN], {}, capsys, 1)
     assert "with more than 1048576 bytes: stopped reading" in line, line
+
+
+@pytest.mark.parametrize("argv", [["events", "list"], ["deliveries", "list"]], ids=" ".join)
+def test_a_listing_going_round_in_a_cycle_of_cursors_is_stopped(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Only a cursor equal to the one just sent was caught: a server whose cursors go
+    A, B, A, B… (with empty pages) was followed for ever."""
+    count = itertools.count()
+
+    def answer(conn: socket.socket, head: bytes, stop: threading.Event) -> None:
+        if next(count) >= 200:
+            conn.sendall(http_answer(b"500 Enough", b""))
+            return
+        cursor = target(head)[1].get("cursor", ["B"])[0]
+        page = {"data": [], "next_cursor": "A" if cursor == "B" else "B"}
+        conn.sendall(http_answer(b"200 OK", orjson.dumps(page)))
+
+    with raw_server(answer) as server:
+        line = one_line([*argv, "--url", server.url, "--token", TOKEN], {}, capsys, 1)
+    assert "where an earlier page ended (it would go round for ever): stopped" in line, line
+    assert len(server.heads) == 3
+
+
+@pytest.mark.parametrize("argv", [["events", "list"], ["deliveries", "list"]], ids=" ".join)
+def test_a_listing_of_empty_pages_without_end_is_stopped(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A server answering empty pages, each with a new cursor, was followed for ever: past
+    ``MAX_EMPTY_PAGES`` (20 here) the listing stops with one line."""
+    monkeypatch.setattr(cli, "MAX_EMPTY_PAGES", 20)
+    count = itertools.count()
+
+    def answer(conn: socket.socket, head: bytes, stop: threading.Event) -> None:
+        n = next(count)
+        if n >= 200:
+            conn.sendall(http_answer(b"500 Enough", b""))
+            return
+        conn.sendall(http_answer(b"200 OK", orjson.dumps({"data": [], "next_cursor": f"c{n}"})))
+
+    with raw_server(answer) as server:
+        line = one_line([*argv, "--url", server.url, "--token", TOKEN], {}, capsys, 1)
+    assert "gave 20 pages without a record and still a next one: stopped" in line, line
+    assert len(server.heads) == 20
 
 
 @pytest.mark.parametrize(
