@@ -796,6 +796,64 @@ def test_a_listing_of_empty_pages_without_end_is_stopped(
     assert len(server.heads) == 20
 
 
+def nested(depth: int) -> dict[str, Any]:
+    doc: dict[str, Any] = {"n": 1}
+    for _ in range(depth):
+        doc = {"n": doc}
+    return doc
+
+
+PAST_UTC = "0001-01-01T00:00:00+01:00"  # before 0001-01-01 in UTC
+BEYOND_UTC = "9999-12-31T23:59:59-23:59"  # after 9999-12-31 in UTC
+
+
+@pytest.mark.parametrize(
+    ("argv", "body"),
+    [
+        (["events", "list"], {"data": [{**EVENT, "received_at": PAST_UTC}], "next_cursor": None}),
+        (["events", "show", "e1"], {**EVENT, "received_at": BEYOND_UTC}),
+        (
+            ["deliveries", "list"],
+            {"data": [{**DELIVERY, "next_attempt_at": BEYOND_UTC}], "next_cursor": None},
+        ),
+        (["handlers"], {"data": [{**HANDLER, "paused_since": PAST_UTC}], "next_cursor": None}),
+        # Deeper than orjson writes: a traceback when printed.
+        (["events", "show", "e1"], {**EVENT, "deliveries": [{**DELIVERY, "result": nested(300)}]}),
+        (
+            ["deliveries", "list", "--json"],
+            {"data": [{**DELIVERY, "result": nested(300)}], "next_cursor": None},
+        ),
+        # Not one JSON text: embedded as it is, it forged the --json document's keys.
+        (["events", "show", "e1", "--json"], {**EVENT, "raw": '1, "forged": true'}),
+        (["events", "show", "e1"], {**EVENT, "raw": '{"a": 1} {"b": 2}'}),
+        (["events", "show", "e1"], {**EVENT, "raw": "\x1b[2J"}),
+        (["events", "show", "e1"], {**EVENT, "raw": ""}),
+    ],
+)
+def test_values_no_store_holds_are_an_unexpected_answer(
+    argv: list[str], body: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Values of the right type that no deployment sends: a time that is out of range in
+    UTC, a result nested deeper than can be printed, a body that is not one JSON text."""
+    with raw_server(answering(body)) as server:
+        line = one_line([*argv, "--url", server.url, "--token", TOKEN], {}, capsys, 1)
+    assert "with an unexpected answer" in line, line
+
+
+def test_a_body_orjson_cannot_read_is_still_printed_as_received(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The check of ``raw`` takes every JSON text: numbers beyond a double and a lone
+    surrogate escape (a body stored before intake refused them) still print as stored."""
+    raw = '{"id": "e1", "n": 1e400, "s": "\\ud800"}'
+    with raw_server(answering({**EVENT, "raw": raw})) as server:
+        out = ok(
+            ["events", "show", "e1", "--json", "--url", server.url, "--token", TOKEN], {}, capsys
+        )
+    assert json.loads(out)["payload"]["s"] == "\ud800"
+    assert '"n": 1e400' in out
+
+
 @pytest.mark.parametrize(
     ("url", "message"),
     [

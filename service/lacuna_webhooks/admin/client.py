@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -131,11 +132,11 @@ def _time(doc: Any, name: str) -> datetime:
     """An RFC 3339 time of the answer, as an aware UTC datetime (as the store gives it)."""
     try:
         value = datetime.fromisoformat(_str(doc, name))
-    except ValueError:
+        if value.tzinfo is None:
+            raise _Unexpected(name)
+        return value.astimezone(UTC)
+    except (ValueError, OverflowError):  # OverflowError: 0001-01-01T00:00+01:00 in UTC
         raise _Unexpected(name) from None
-    if value.tzinfo is None:
-        raise _Unexpected(name)
-    return value.astimezone(UTC)
 
 
 def _optional_time(doc: Any, name: str) -> datetime | None:
@@ -155,6 +156,23 @@ def _list(doc: Any, name: str) -> list[Any]:
     if not isinstance(value, list):
         raise _Unexpected(name)
     return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(name)
+
+
+def _json_text(doc: Any, name: str) -> bytes:
+    """A body as received (``raw``): one JSON text, else ``_Unexpected``. ``events show
+    --json`` embeds it as it is when orjson cannot read it (a number beyond a double), so
+    text that is not one JSON value (``1, "forged": true``) would change the document
+    printed. Read with the standard library's parser: numbers of any size are JSON."""
+    text = _str(doc, name)
+    try:
+        json.loads(text, parse_int=len, parse_float=len, parse_constant=_no_constant)
+    except (ValueError, RecursionError):
+        raise _Unexpected(name) from None
+    return text.encode()
 
 
 def _page(answer: Any) -> tuple[list[Any], str | None]:
@@ -178,6 +196,12 @@ def _delivery(doc: Any) -> DeliveryRecord:
     result = _value(doc, "result")
     if result is not None and not isinstance(result, dict):
         raise _Unexpected("result")
+    try:
+        # Printed with orjson, which writes less depth than it reads: a result nested
+        # deeper than it writes is none the service stored (it wrote each with orjson).
+        orjson.dumps(result)
+    except orjson.JSONEncodeError:
+        raise _Unexpected("result") from None
     return DeliveryRecord(
         id=_int(doc, "id"),
         event_id=_str(doc, "event_id"),
@@ -378,7 +402,7 @@ class AdminClient:
         path = "/events/" + path_segment(event_id)
         answer = await self.get(path)
         with self._expecting("GET", path):
-            record = _event(answer, _str(answer, "raw").encode())
+            record = _event(answer, _json_text(answer, "raw"))
             deliveries = []
             for doc in _list(answer, "deliveries"):
                 delivery = _delivery(doc)
