@@ -1399,7 +1399,8 @@ def _bulk(
         answer = _remote_call(remote, "/replays", body, bulk=True)
         if not _bulk_answer(answer):
             raise CommandError("the admin API answered POST /replays with an unexpected answer")
-        return dict(answer)
+        # What the local operation gives, nothing more: --json prints the same document.
+        return {key: answer[key] for key in ("matched", "created", "reset", "dry_run")}
     from .admin.api_bulk import operation_from_json
     from .admin.bulk import run_bulk
     from .admin.responses import BadRequest

@@ -22,6 +22,7 @@ from tests.e2e.conftest import free_port
 from tests.integration.servers import admin_listener
 from tests.integration.test_admin_api import TOKEN, event
 from tests.integration.test_admin_bulk import bulk_context
+from tests.integration.test_cli_remote import answering, nested, raw_server
 
 HANDLERS = "audit=log,hook=log,late=log"
 
@@ -341,6 +342,16 @@ def test_a_hostile_admin_answer_is_one_line_without_the_token(
         assert len(err.strip().splitlines()) == 1, err
         assert message.lower() in err.lower(), err
         assert SECRET_TOKEN not in err
+
+
+def test_a_remote_bulk_answer_prints_as_the_local_one(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--json`` printed the server's whole answer: a key more than the local document has,
+    or one nested deeper than orjson writes (a traceback). It prints the four keys."""
+    answer = {"matched": 2, "created": 1, "reset": 1, "dry_run": False, "more": nested(300)}
+    with raw_server(answering(answer)) as server:
+        for argv in (["replay", "--all"], ["backfill", "late", "--all"]):
+            printed = run([*argv, "--json", "--url", server.url, "--token", TOKEN], {}, capsys)
+            assert printed == {"matched": 2, "created": 1, "reset": 1, "dry_run": False}
 
 
 def test_a_local_replay_leaves_a_removed_handlers_deliveries(
