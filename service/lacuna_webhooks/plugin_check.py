@@ -29,6 +29,7 @@ import pickle
 import select
 import signal
 import socket
+import struct
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -45,6 +46,7 @@ from .plugins import (
     runs_foreign_code,
 )
 
+_LENGTH = struct.Struct("!I")  # a frame's length prefix (child.frame)
 #: The largest frame either side reads (the request: the environment; the answer: the set).
 MAX_FRAME_BYTES = 16 * 1024 * 1024
 #: How long the child may take to end once it answered (its plugin's non-daemon threads, its
@@ -107,15 +109,13 @@ def _ask(task: tuple[str, Any], log_format: str, log_level: str) -> Any:
     try:
         with contextlib.suppress(OSError):  # a child already gone: its EOF says so below
             ours.sendall(frame(pickle.dumps((tuple(sys.path), task, log_format, log_level))))
-        with ours.makefile("rb") as stream:
+        with _Frames(ours, proc.pid) as frames:
             while True:
                 try:
-                    data = read_frame_blocking(stream, MAX_FRAME_BYTES)
+                    data = frames.next()
                     message = orjson.loads(data) if data is not None else None
                 except ValueError:
                     message = ["garbled"]
-                except OSError:
-                    message = None
                 if message is None:
                     raise ConfigError(_ended(loading, _wait(proc)))
                 match message:
@@ -135,6 +135,65 @@ def _ask(task: tuple[str, Any], log_format: str, log_level: str) -> Any:
     finally:
         ours.close()
         _stop(proc, EXIT_GRACE_SECONDS if answered else 0.0)
+
+
+class _Frames:
+    """The frames the child writes to ``sock``, up to the child's end: EOF, or the child's
+    exit, whichever comes first. A process the plugin forked holds a copy of the socket (a
+    fork keeps every descriptor): a child that exited without answering left the parent
+    waiting for an EOF that came only when that process ended, for ever for one that sleeps.
+    What the child wrote before it exited is in the socket's buffer, and is read."""
+
+    def __init__(self, sock: socket.socket, pid: int) -> None:
+        self._sock = sock
+        self._buffer = bytearray()
+        self._ended = False
+        self._exited = False
+        try:
+            self._pidfd: int | None = os.pidfd_open(pid)
+        except OSError:
+            self._pidfd = None  # no pidfd (Linux < 5.3): EOF alone ends the frames
+
+    def __enter__(self) -> _Frames:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+
+    def next(self) -> bytes | None:
+        """The next frame's payload; ``None`` once the child's frames ended (also within a
+        frame); ``ValueError`` for a length over ``MAX_FRAME_BYTES``."""
+        while True:
+            if len(self._buffer) >= _LENGTH.size:
+                (size,) = _LENGTH.unpack_from(self._buffer)
+                if size > MAX_FRAME_BYTES:
+                    raise ValueError(f"a frame of {size} bytes (at most {MAX_FRAME_BYTES})")
+                end = _LENGTH.size + size
+                if len(self._buffer) >= end:
+                    payload = bytes(self._buffer[_LENGTH.size : end])
+                    del self._buffer[:end]
+                    return payload
+            if self._ended:
+                return None
+            self._fill()
+
+    def _fill(self) -> None:
+        if not self._exited:
+            waiting: list[Any] = [self._sock]
+            if self._pidfd is not None:
+                waiting.append(self._pidfd)
+            readable, _, _ = select.select(waiting, [], [])
+            # Exited: what it wrote is all in the buffer; read on without waiting.
+            self._exited = self._pidfd in readable
+        try:
+            data = self._sock.recv(1 << 16, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            data = b""  # the child exited and all it wrote is read
+        except OSError:
+            data = b""
+        self._ended = not data
+        self._buffer += data
 
 
 def _unreadable(exc: BaseException) -> str:

@@ -11,6 +11,7 @@ what a real Ctrl-C during the start raises, and it stops the start as one (exit 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import textwrap
 from pathlib import Path
@@ -334,3 +335,66 @@ def test_a_forged_check_answer_naming_other_handlers_stops_the_start(tmp_path: P
     (line,) = [line for line in done.stderr.splitlines() if "configuration:" in line]
     assert "does not match LACUNA_HANDLERS" in line
     assert "Traceback" not in done.stderr
+
+
+FORK_AND_EXIT = textwrap.dedent(
+    """
+    # At import: fork a process that keeps every descriptor (the check's socket among them)
+    # and sleeps, then end the process that checks the plugin without an answer.
+    import os, time
+    from pathlib import Path
+
+    forked = os.fork()
+    if forked == 0:
+        time.sleep(300)
+        os._exit(0)
+    Path(os.environ["FORKED_PATH"]).write_text(str(forked))
+    os._exit(0)
+    """
+)
+
+
+@pytest.mark.parametrize("command", [["serve"], ["handlers", "pause", "log"]])
+def test_a_plugin_forking_then_exiting_at_import_does_not_hang_the_start(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """The process a plugin forked at import holds the check's socket: the check process
+    exited without an answer, and serve (or a CLI command) waited for an EOF that came only
+    when the forked process ended, for ever for one that sleeps. The check's end is its
+    process's; the forked one is stopped with it."""
+    (tmp_path / "evil_import_fork.py").write_text(FORK_AND_EXIT)
+    forked = tmp_path / "forked.txt"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("LACUNA_")},
+        "PYTHONPATH": f"{REPO}{os.pathsep}{tmp_path}",
+        "PORT": str(free_port()),
+        "LACUNA_WEBHOOK_SECRET": TEST_SECRET,
+        "LACUNA_DATABASE_URL": f"sqlite:///{tmp_path / 'fork.db'}",
+        "LACUNA_HANDLERS": "log,evil_import_fork:Handler",
+        "FORKED_PATH": str(forked),
+    }
+    try:
+        done = subprocess.run(
+            [CLI, *command], env=env, capture_output=True, text=True, timeout=30, check=False
+        )
+    except subprocess.TimeoutExpired:
+        pid = int(forked.read_text())
+        os.kill(pid, signal.SIGKILL)
+        pytest.fail(f"{command[0]} waited for the process the plugin forked")
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    assert "Traceback" not in done.stderr
+    assert (
+        "the 'evil_import_fork:Handler' handler ended the process that checks it "
+        "(exited with code 0" in done.stderr
+    )
+    pid = int(forked.read_text())
+    wait_until(lambda: not running(pid), timeout=5, what="the forked process to be stopped")
+
+
+def running(pid: int) -> bool:
+    """Whether the process ``pid`` runs (gone or a zombie: not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
