@@ -31,6 +31,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -49,6 +50,11 @@ from .plugins import (
 _LENGTH = struct.Struct("!I")  # a frame's length prefix (child.frame)
 #: The largest frame either side reads (the request: the environment; the answer: the set).
 MAX_FRAME_BYTES = 16 * 1024 * 1024
+#: How long the child may take to start, and then to load (import and build) each item: as
+#: long as a handler's worker process may take to start (``dispatch.workers``'
+#: ``START_TIMEOUT_SECONDS``), so a plugin slower than that, which could never run, stops
+#: the start with one line, where its import or constructor blocking hung it for ever.
+CHECK_TIMEOUT_SECONDS = 60.0
 #: How long the child may take to end once it answered (its plugin's non-daemon threads, its
 #: atexit hooks) before it is killed, with whatever it started in its process group.
 EXIT_GRACE_SECONDS = 2.0
@@ -73,7 +79,7 @@ def resolve_checked(
     ``ConfigError`` as it raises, or naming the item whose code ended the child."""
     if not runs_foreign_code(items):
         return resolve_items(items)
-    answer = _ask(("resolve", tuple(items)), log_format, log_level)
+    answer = _ask(("resolve", tuple(items)), tuple(items), log_format, log_level)
     try:
         return [
             (str(name), None if types is None else frozenset(str(t) for t in types))
@@ -88,14 +94,16 @@ def check_in_child(request: BuildRequest, *, log_format: str, log_level: str) ->
     (``HandlerSet.without_instances``). Raises ``ConfigError`` with every problem found, or
     naming the item whose code ended the child; ``KeyboardInterrupt`` (Ctrl-C while a
     plugin's import blocks) stops the child and is raised on."""
-    answer = _ask(("build", request), log_format, log_level)
+    answer = _ask(("build", request), request.items, log_format, log_level)
     if not isinstance(answer, dict):
         raise ConfigError(_unreadable(TypeError("not an object")))
     return _handler_set(answer, request)
 
 
-def _ask(task: tuple[str, Any], log_format: str, log_level: str) -> Any:
-    """Run ``task`` in a new child; its answer (JSON), or ``ConfigError``."""
+def _ask(task: tuple[str, Any], items: Sequence[str], log_format: str, log_level: str) -> Any:
+    """Run ``task`` (loading ``items``, in order) in a new child; its answer (JSON), or
+    ``ConfigError``, also for a child that takes over ``CHECK_TIMEOUT_SECONDS`` to start or
+    to load one item."""
     ours, theirs = socket.socketpair()
     try:
         proc = start_child_blocking("lacuna_webhooks.plugin_check", theirs)
@@ -105,6 +113,8 @@ def _ask(task: tuple[str, Any], log_format: str, log_level: str) -> Any:
             f"LACUNA_HANDLERS: the process that checks the handler plugins did not start: {exc}"
         ) from None
     loading: str | None = None
+    loaded = 0  # how many of `items` the child said it is loading, or loaded
+    deadline = time.monotonic() + CHECK_TIMEOUT_SECONDS
     answered = False
     try:
         with contextlib.suppress(OSError):  # a child already gone: its EOF says so below
@@ -112,15 +122,21 @@ def _ask(task: tuple[str, Any], log_format: str, log_level: str) -> Any:
         with _Frames(ours, proc.pid) as frames:
             while True:
                 try:
-                    data = frames.next()
+                    data = frames.next(deadline)
                     message = orjson.loads(data) if data is not None else None
                 except ValueError:
                     message = ["garbled"]
+                except _Overdue:
+                    raise ConfigError(_overdue(loading)) from None
                 if message is None:
                     raise ConfigError(_ended(loading, _wait(proc)))
                 match message:
-                    case ["loading", str(item)]:
+                    # Each item in turn, once (a plugin writing to the socket cannot name
+                    # another, nor put the deadline off again and again).
+                    case ["loading", str(item)] if loaded < len(items) and item == items[loaded]:
                         loading = item
+                        loaded += 1
+                        deadline = time.monotonic() + CHECK_TIMEOUT_SECONDS
                     case ["problems", list(problems)]:
                         answered = True
                         raise ConfigError([str(p) for p in problems])
@@ -161,9 +177,10 @@ class _Frames:
         if self._pidfd is not None:
             os.close(self._pidfd)
 
-    def next(self) -> bytes | None:
+    def next(self, deadline: float) -> bytes | None:
         """The next frame's payload; ``None`` once the child's frames ended (also within a
-        frame); ``ValueError`` for a length over ``MAX_FRAME_BYTES``."""
+        frame); ``ValueError`` for a length over ``MAX_FRAME_BYTES``; ``_Overdue`` when it
+        has not come by ``deadline`` (``time.monotonic``)."""
         while True:
             if len(self._buffer) >= _LENGTH.size:
                 (size,) = _LENGTH.unpack_from(self._buffer)
@@ -176,14 +193,20 @@ class _Frames:
                     return payload
             if self._ended:
                 return None
-            self._fill()
+            self._fill(deadline)
 
-    def _fill(self) -> None:
+    def _fill(self, deadline: float) -> None:
+        # select's relative timeout, not a sleep: see _exited.
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise _Overdue
         if not self._exited:
             waiting: list[Any] = [self._sock]
             if self._pidfd is not None:
                 waiting.append(self._pidfd)
-            readable, _, _ = select.select(waiting, [], [])
+            readable, _, _ = select.select(waiting, [], [], remaining)
+            if not readable:
+                raise _Overdue
             # Exited: what it wrote is all in the buffer; read on without waiting.
             self._exited = self._pidfd in readable
         try:
@@ -194,6 +217,23 @@ class _Frames:
             data = b""
         self._ended = not data
         self._buffer += data
+
+
+class _Overdue(Exception):
+    """The child did not write its next frame in time."""
+
+
+def _overdue(loading: str | None) -> str:
+    if loading is None:
+        return (
+            "LACUNA_HANDLERS: the process that checks the handler plugins did not start "
+            f"within {CHECK_TIMEOUT_SECONDS:g} s"
+        )
+    return (
+        f"LACUNA_HANDLERS: the {loading!r} handler was still being imported or built after "
+        f"{CHECK_TIMEOUT_SECONDS:g} s, when its worker process would be given up too: a "
+        "plugin must not block at import or in its constructor (connect lazily, in handle())"
+    )
 
 
 def _unreadable(exc: BaseException) -> str:

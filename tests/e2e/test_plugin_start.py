@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -398,3 +399,93 @@ def running(pid: int) -> bool:
     except OSError:
         return False
     return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+SLOW = textwrap.dedent(
+    """
+    import os, time
+
+    if os.environ["SLOW"] == "import":
+        time.sleep(3600)  # a connection made at import that never answers
+
+    class Slow:
+        name = "slow"
+        events = None
+
+        def __init__(self, ctx):
+            time.sleep(70)  # longer than a worker process may take to start
+
+        async def handle(self, event):
+            return None
+
+        async def aclose(self):
+            return None
+    """
+)
+
+#: The real command line, with the check's bound at 3 s (60 s in the shipped code).
+QUICK_CHECK = (
+    "import sys\n"
+    "from lacuna_webhooks import plugin_check\n"
+    "plugin_check.CHECK_TIMEOUT_SECONDS = 3.0\n"
+    "from lacuna_webhooks.cli import main\n"
+    "sys.exit(main())\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("command", "slow"),
+    [
+        (["serve"], "import"),
+        (["serve"], "build"),
+        (["handlers"], "import"),
+        (["handlers"], "build"),
+        (["retry-dead"], "import"),
+        (["handlers", "pause", "log"], "import"),
+        (["replay", "evt_1"], "import"),
+        (["backfill", "log", "--all", "--dry-run"], "build"),
+    ],
+    ids=lambda value: "-".join(value) if isinstance(value, list) else value,
+)
+def test_a_plugin_blocking_at_start_stops_it_with_one_line(
+    tmp_path: Path, command: list[str], slow: str
+) -> None:
+    """A plugin whose import blocks for ever (or whose constructor takes 70 s, longer than
+    its worker process is given to start) hung serve's start, and every CLI command that
+    names the handlers, for ever. The check gives each item as long as a worker has: then
+    exit 2 and one line naming the plugin, and the check process is gone."""
+    (tmp_path / "slow_plugin.py").write_text(SLOW)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("LACUNA_")},
+        "PYTHONPATH": f"{REPO}{os.pathsep}{tmp_path}",
+        "PORT": str(free_port()),
+        "LACUNA_WEBHOOK_SECRET": TEST_SECRET,
+        "LACUNA_DATABASE_URL": f"sqlite:///{tmp_path / 'slow.db'}",
+        "LACUNA_HANDLERS": "log,slow_plugin:Slow",
+        "SLOW": slow,
+    }
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", QUICK_CHECK, *command],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{command[0]} hung on a plugin that blocks at start")
+    assert done.returncode == 2, (done.returncode, done.stdout, done.stderr[-2000:])
+    assert "Traceback" not in done.stderr
+    said = done.stdout + done.stderr
+    assert "the 'slow_plugin:Slow' handler was still being imported or built after 3 s" in said, (
+        said[-2000:]
+    )
+    checks = [
+        line
+        for line in subprocess.run(
+            ["ps", "-eo", "args"], capture_output=True, text=True, check=True
+        ).stdout.splitlines()
+        if "plugin_check" in line and str(REPO) in line
+    ]
+    assert not checks  # stopped, with what it started

@@ -415,3 +415,12 @@ def test_an_object_that_is_not_a_handler_is_refused_at_start(plugin_module: str)
     one = build_handlers([f"{plugin_module}:OneEvent"], {})
     assert one.subscribers("job.failed") == ["hook"]  # its name attribute, inherited
     assert one.subscribers("job.completed") == []
+
+
+def test_the_start_check_gives_a_plugin_as_long_as_its_worker_has() -> None:
+    """A plugin the check lets through must be able to start in its worker process: the
+    check's bound per item is the worker's start timeout."""
+    from lacuna_webhooks.dispatch.workers import START_TIMEOUT_SECONDS
+    from lacuna_webhooks.plugin_check import CHECK_TIMEOUT_SECONDS
+
+    assert CHECK_TIMEOUT_SECONDS == START_TIMEOUT_SECONDS
