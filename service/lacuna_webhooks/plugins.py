@@ -119,6 +119,13 @@ def load_factory(name: str) -> tuple[str, HandlerFactory]:
                 obj: Any = importlib.import_module(module_name)
             for part in attr.split("."):
                 obj = getattr(obj, part)
+            # Its own `name` (a metaclass property, a str subclass whose __hash__ would run
+            # wherever the name is used) is its code too: a plain str, or the attr's name.
+            handler_name = getattr(obj, "name", None)
+            if isinstance(handler_name, str) and HANDLER_NAME_RE.fullmatch(handler_name):
+                handler_name = str.__str__(handler_name)
+            else:
+                handler_name = attr.rsplit(".", 1)[-1].lower()
         except (ImportError, AttributeError, ValueError) as exc:
             raise ConfigError(
                 f"LACUNA_HANDLERS names {name!r}, which cannot be loaded: "
@@ -130,9 +137,6 @@ def load_factory(name: str) -> tuple[str, HandlerFactory]:
             raise ConfigError(
                 f"LACUNA_HANDLERS names {name!r}, which cannot be loaded: {_plugin_error(exc)}"
             ) from None
-        handler_name = getattr(obj, "name", None)
-        if not isinstance(handler_name, str) or not HANDLER_NAME_RE.fullmatch(handler_name):
-            handler_name = attr.rsplit(".", 1)[-1].lower()
         if not HANDLER_NAME_RE.fullmatch(handler_name):
             raise ConfigError(
                 f"LACUNA_HANDLERS names {name!r}: give the handler a `name` attribute of "
@@ -319,15 +323,25 @@ def resolve_items(
     """Each item's instance name and its kind's own event filter (the factory's ``events``),
     loading each kind without building an instance: what the CLI needs to name and filter
     handlers whose settings may be wrong. Raises ``ConfigError`` for the first item that
-    cannot be loaded. ``on_item`` as in ``build_handlers``."""
+    cannot be loaded, or whose ``events`` is not what ``build_handlers`` takes (read as it
+    reads it: a string was taken as a set of characters, and an ``events = 5`` ended the
+    check process with a traceback). ``on_item`` as in ``build_handlers``."""
     resolved: list[tuple[str, frozenset[str] | None]] = []
     for item in items:
         if on_item is not None:
             on_item(item)
         name, kind = split_handler_item(item)
         default_name, factory = load_factory(kind)
-        default = getattr(factory, "events", None)
-        resolved.append((name or default_name, frozenset(default) if default is not None else None))
+        try:
+            default = _declared_events(item, getattr(factory, "events", None))
+        except (ConfigError, KeyboardInterrupt):
+            raise  # a real Ctrl-C during the start stops it as one
+        except BaseException as exc:  # the plugin boundary: its `events` runs its code
+            raise ConfigError(
+                f"LACUNA_HANDLERS: the {item!r} handler's events cannot be read: "
+                + _plugin_error(exc)
+            ) from None
+        resolved.append((name or default_name, default))
     return resolved
 
 
@@ -659,7 +673,12 @@ def _check_handler(item: str, handler: object) -> frozenset[str] | None:
             f"handler: it has no {' or '.join(m + '()' for m in missing)} method "
             "(docs/plugins.md)"
         )
-    declared = getattr(handler, "events", None)
+    return _declared_events(item, getattr(handler, "events", None))
+
+
+def _declared_events(item: str, declared: object) -> frozenset[str] | None:
+    """A handler's (or its factory's) own ``events`` as a filter: ``None`` or a collection of
+    event type strings (a single string: that type), else ``ConfigError`` (one line)."""
     if declared is None:
         return None
     events = declared

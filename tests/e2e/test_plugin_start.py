@@ -74,6 +74,17 @@ PLUGINS = textwrap.dedent(
     class ImportErrorUnprintable(ImportError):
         def __str__(self):
             raise RuntimeError("__str__ exploded")
+
+    class ExitingName(type):
+        @property
+        def name(cls):
+            raise SystemExit(0)
+
+    class NameExits(Factory, metaclass=ExitingName):
+        pass
+
+    class BadEvents(Factory):
+        events = 5
     """
 )
 
@@ -125,6 +136,9 @@ def run_serve(tmp_path: Path, handlers: str, evil: str = "") -> subprocess.Compl
         # socket.
         ("evil_factory:Factory", "manyevents", "subscribes to 400000 event types, too many"),
         ("evil_import_unprintable:Handler", "", "cannot be loaded: (its message could not"),
+        # Its `name` is its code too: SystemExit(0) there was reported as the plugin ending
+        # its process.
+        ("evil_factory:NameExits", "", "'evil_factory:NameExits', which cannot be loaded: Sys"),
         ("evil_import_exit:Handler", "", "cannot be loaded: SystemExit: 0"),
         ("evil_import_bug:Handler", "", "cannot be loaded: RuntimeError: a bug at import"),
         # Hard exits, which no `except` sees: serve exited 0 without a word (os._exit(0) at
@@ -237,6 +251,38 @@ def test_a_plugin_exiting_at_import_fails_the_cli_commands_too(
         "the 'evil_import_hard:Handler' handler ended the process that checks it"
         in done.stdout + done.stderr
     )
+
+
+@pytest.mark.parametrize("command", [["retry-dead"], ["handlers", "pause", "log"]])
+@pytest.mark.parametrize(
+    ("handler", "says"),
+    [
+        ("evil_factory:BadEvents", "handler's events must be None or a set of event type"),
+        ("evil_factory:NameExits", "'evil_factory:NameExits', which cannot be loaded: SystemExit"),
+    ],
+)
+def test_a_plugins_bad_name_or_events_fail_the_cli_commands_with_one_line(
+    tmp_path: Path, command: list[str], handler: str, says: str
+) -> None:
+    """The commands that name or filter handlers read each plugin's `name` and `events`
+    without building it: `events = 5` raised there, outside the plugin boundary, a traceback
+    (logged by the check process) and "the plugin ended the process that checks it"; a
+    `name` raising SystemExit(0), the same with exit code 0."""
+    (tmp_path / "evil_factory.py").write_text(PLUGINS)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("LACUNA_")},
+        "PYTHONPATH": f"{REPO}{os.pathsep}{tmp_path}",
+        "LACUNA_DATABASE_URL": f"sqlite:///{tmp_path / 'cli.db'}",
+        "LACUNA_HANDLERS": f"log,{handler}",
+        "EVIL": "",
+    }
+    done = subprocess.run(
+        [CLI, *command], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr
+    (line,) = done.stderr.splitlines()
+    assert says in line
 
 
 FORGER = textwrap.dedent(

@@ -87,6 +87,16 @@ def plugin_module(tmp_path: Path) -> Iterator[str]:
                 def __init__(self, ctx):
                     pass
 
+            class Plain(str):
+                def __hash__(self):
+                    raise RuntimeError("a plugin's __hash__")
+
+            class StrName(Hook):
+                name = Plain("strname")
+
+                def __init__(self, ctx):
+                    pass
+
             class SlowInit(Hook):
                 name = "slowinit"
 
@@ -424,3 +434,17 @@ def test_the_start_check_gives_a_plugin_as_long_as_its_worker_has() -> None:
     from lacuna_webhooks.plugin_check import CHECK_TIMEOUT_SECONDS
 
     assert CHECK_TIMEOUT_SECONDS == START_TIMEOUT_SECONDS
+
+
+def test_a_kinds_own_name_and_events_are_read_as_building_reads_them(plugin_module: str) -> None:
+    """``resolve_items`` (the CLI's handler names and filters) took an ``events`` string as a
+    set of its characters; a ``name`` that is a str subclass kept its own ``__hash__``, which
+    raised outside the plugin boundary wherever the name was used."""
+    assert plugins.resolve_items([f"{plugin_module}:OneEvent"]) == [
+        ("hook", frozenset({"job.failed"}))
+    ]
+    ((name, _),) = plugins.resolve_items([f"{plugin_module}:StrName"])
+    built = build_handlers([f"{plugin_module}:StrName"], {})
+    assert type(name) is str
+    assert [type(n) for n in built.names] == [str]
+    assert built.names == ["strname"]
