@@ -40,8 +40,10 @@ import orjson
 from .child import begin_child, frame, read_frame_blocking, start_child_blocking
 from .errors import ConfigError
 from .plugins import (
+    MAX_PLUGIN_PROBLEMS,
     BuildRequest,
     HandlerSet,
+    bounded_problems,
     instances_of,
     resolve_items,
     runs_foreign_code,
@@ -139,7 +141,12 @@ def _ask(task: tuple[str, Any], items: Sequence[str], log_format: str, log_level
                         deadline = time.monotonic() + CHECK_TIMEOUT_SECONDS
                     case ["problems", list(problems)]:
                         answered = True
-                        raise ConfigError([str(p) for p in problems])
+                        # Its plugins' lines, bounded as the child bounds them: a plugin
+                        # can write this frame itself.
+                        most = (len(items) + 1) * 3 * MAX_PLUGIN_PROBLEMS
+                        raise ConfigError(
+                            bounded_problems(problems, most) or _unreadable(ValueError())
+                        )
                     case ["answer", answer]:
                         answered = True
                         return answer

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import dataclasses
 import importlib
+import itertools
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,7 +49,14 @@ from .errors import ConfigError
 from .handlers._common import float_setting, int_setting
 from .handlers.base import Handler, HandlerContext, HandlerFactory, settle
 from .models import Event
-from .redact import exception_text, printable, redact_text, value_text
+from .redact import (
+    UNREADABLE_MESSAGE,
+    exception_text,
+    mask_secrets,
+    printable,
+    redact_text,
+    value_text,
+)
 from .retry import RetryPolicy
 
 ENTRY_POINT_GROUP = "lacuna_webhooks.handlers"
@@ -161,8 +169,10 @@ def load_factory(name: str) -> tuple[str, HandlerFactory]:
     try:
         with _slow_build_warning(name, "handler.import_slow", _IMPORT_HINT):
             factory = matches[0].load()
-    except (ConfigError, KeyboardInterrupt):  # the plugin's own line (e.g. which pip extra
-        raise  # installs its library); a real Ctrl-C during the start
+    except KeyboardInterrupt:
+        raise  # a real Ctrl-C during the start stops it as one
+    except ConfigError as exc:  # the plugin's own line (e.g. which pip extra installs its
+        raise ConfigError(plugin_problems(exc, name)) from None  # library)
     except BaseException as exc:  # a broken plugin is one clear config line, not a traceback
         raise ConfigError(
             f"LACUNA_HANDLERS: the {name!r} plugin failed to load: {_plugin_error(exc)}"
@@ -394,7 +404,7 @@ def build_handlers(
             handler.name = name
             found.add(name, kind, handler, ctx, parse_events(ctx.get("EVENTS"), default_events))
         except ConfigError as exc:
-            found.problems.extend(exc.problems)
+            found.problems.extend(plugin_problems(exc, item))
         except KeyboardInterrupt:
             raise  # a real Ctrl-C during the start stops it as one
         except BaseException as exc:  # the plugin boundary: a factory's bug is one clear line
@@ -556,6 +566,50 @@ def _plugin_error(exc: BaseException) -> str:
     reported as the plugin ending its process; a 50 MB message, as a garbled answer."""
     text = exception_text(exc, MAX_PLUGIN_ERROR_CHARS)
     return printable(redact_text(text))[:MAX_PLUGIN_ERROR_CHARS]
+
+
+#: The most lines of one plugin's ``ConfigError`` a start keeps, and characters of each line.
+MAX_PLUGIN_PROBLEMS = 20
+MAX_PROBLEM_CHARS = 900
+
+
+def plugin_problems(exc: ConfigError, item: str) -> list[str]:
+    """The lines of a ``ConfigError`` that the plugin of ``item`` raised, as
+    ``bounded_problems`` keeps them. Never raises; a ``problems`` that cannot be read, or
+    none (``ConfigError([])`` left the handler out and ``serve`` started without it): one
+    line naming ``item``."""
+    try:
+        problems: object = exc.problems
+    except BaseException:
+        problems = None
+    return bounded_problems(problems) or [
+        f"LACUNA_HANDLERS: the {item!r} handler failed to start: ConfigError: " + UNREADABLE_MESSAGE
+    ]
+
+
+def bounded_problems(problems: object, most: int = MAX_PLUGIN_PROBLEMS) -> list[str]:
+    """Problem lines a plugin wrote (its ``ConfigError``'s, or an answer of the check
+    process, which it can forge): at most ``most`` (then one saying more were left out),
+    each a plain ``str`` of at most ``MAX_PROBLEM_CHARS``, secrets masked, control
+    characters escaped; ``[]`` when ``problems`` is no collection of them. A plugin's 10 MB
+    line was printed whole, and one over the check's 16 MiB frame reported as the plugin
+    writing to its socket. Never raises."""
+    if isinstance(problems, str):
+        problems = [problems]
+    lines: list[str] = []
+    try:
+        for problem in itertools.islice(problems, most + 1):  # type: ignore[call-overload]
+            try:
+                # str.__str__: the exact text, none of a str subclass's own methods.
+                text = str.__str__(str(problem))[: 2 * MAX_PROBLEM_CHARS]
+            except BaseException:
+                text = UNREADABLE_MESSAGE
+            lines.append(printable(mask_secrets(text))[:MAX_PROBLEM_CHARS])
+    except BaseException:
+        return []
+    if len(lines) > most:
+        lines[most:] = ["(more problems left out)"]
+    return lines
 
 
 def _plugin_value(value: object) -> str:

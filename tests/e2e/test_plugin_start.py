@@ -60,6 +60,12 @@ PLUGINS = textwrap.dedent(
                 raise Named("named all the same")
             if kind == "huge":
                 raise ValueError("Z" * 50_000_000 + os.environ["LACUNA_WEBHOOK_SECRET"])
+            if kind in ("hugeconfig", "noproblem"):
+                from lacuna_webhooks import ConfigError
+                if kind == "noproblem":
+                    raise ConfigError([])
+                secret = os.environ["LACUNA_WEBHOOK_SECRET"]
+                raise ConfigError(["LACUNA_EVIL_MODE " + "Z" * 20_000_000 + secret] * 50)
             if kind == "events":
                 self.events = [1] * 5_000_000
             if kind == "manyevents":
@@ -131,6 +137,14 @@ def run_serve(tmp_path: Path, handlers: str, evil: str = "") -> subprocess.Compl
         ),
         ("evil_factory:Factory", "metaname", "failed to start: Named: named all the same"),
         ("evil_factory:Factory", "huge", "failed to start: ValueError: ZZZZ"),
+        # Its own ConfigError too: 50 lines of 20 MB were reported as the plugin writing to
+        # its socket (10 MB printed whole); none at all left it out of a serve that started.
+        ("evil_factory:Factory", "hugeconfig", "configuration: LACUNA_EVIL_MODE ZZZZ"),
+        (
+            "evil_factory:Factory",
+            "noproblem",
+            "the 'evil_factory:Factory' handler failed to start: ConfigError: (its message",
+        ),
         ("evil_factory:Factory", "events", "events must be None or a set of event type"),
         # An answer over the check's 16 MiB frame was blamed on the plugin writing to its
         # socket.
@@ -170,7 +184,7 @@ def test_a_plugin_failing_at_start_is_exit_2_and_one_line(
     assert "Traceback" not in done.stderr
     (line,) = [line for line in done.stderr.splitlines() if "configuration:" in line]
     assert says in line
-    assert len(line) < 1000
+    assert len(line) < (20_000 if evil == "hugeconfig" else 1000)
     assert TEST_SECRET not in done.stderr
     assert not (tmp_path / "start.db").exists()  # stopped before opening the store
 
@@ -308,11 +322,13 @@ FORGER = textwrap.dedent(
             answer["concurrency"] = {name: 10**18}
             answer["policies"] = {name: [10**18, 1e308, -1]}
             answer["after"] = {name: [name]}
+        elif os.environ["FORGE"] == "problems":
+            answer = ["\x1b]0;pwned\x07" + "p" * 5_000_000] + ["\x1b[2J" + "q" * 100] * 50_000
         elif os.environ["FORGE"] == "ghost":
             answer["names"].append("ghost")
             answer["items"]["ghost"] = "os:system"
             answer["filters"]["ghost"] = None
-        data = orjson.dumps(["answer", answer])
+        data = orjson.dumps(["problems" if os.environ["FORGE"] == "problems" else "answer", answer])
         os.write(fd, len(data).to_bytes(4, "big") + data)
 
     class Forger:
@@ -535,3 +551,28 @@ def test_a_plugin_blocking_at_start_stops_it_with_one_line(
         if "plugin_check" in line and str(REPO) in line
     ]
     assert not checks  # stopped, with what it started
+
+
+def test_a_forged_problems_answer_is_one_bounded_line(tmp_path: Path) -> None:
+    """A plugin that answers for the process that checks it with problems of its own: one of
+    5 MB and 50 000 more, each opening with a terminal escape. They were printed whole; now
+    a bounded number of lines, each cut short and escaped."""
+    (tmp_path / "forger_plugin.py").write_text(FORGER)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("LACUNA_")},
+        "PYTHONPATH": f"{REPO}{os.pathsep}{tmp_path}",
+        "PORT": str(free_port()),
+        "LACUNA_WEBHOOK_SECRET": TEST_SECRET,
+        "LACUNA_DATABASE_URL": f"sqlite:///{tmp_path / 'problems.db'}",
+        "LACUNA_HANDLERS": "forger_plugin:Forger",
+        "FORGE": "problems",
+        "FORGER_PATH": str(tmp_path / "problems.txt"),
+    }
+    done = subprocess.run(
+        [CLI, "serve"], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    (line,) = [line for line in done.stderr.splitlines() if "configuration:" in line]
+    assert "\\x1b]0;pwned\\x07ppp" in line
+    assert "\x1b" not in done.stderr
+    assert len(line) < 200_000
