@@ -63,14 +63,28 @@ ENTRY_POINT_GROUP = "lacuna_webhooks.handlers"
 T = TypeVar("T")
 
 
+#: The most of an entry point's ``module:attr`` that ``available`` shows.
+MAX_TARGET_CHARS = 200
+
+
 def available() -> dict[str, str]:
     """Installed handler plugins: name -> ``module:attr`` (``a:X or b:Y`` for a name that
-    several installed packages register: ``load_factory`` refuses it)."""
+    several installed packages register: ``load_factory`` refuses it), each cut short.
+
+    Only names that ``LACUNA_HANDLERS`` can name as a KIND (lowercase letters, digits, ``_``):
+    an installed package's 10 KB name, or one holding a terminal escape, made every
+    ``unknown handler`` line 10 KB long and ``handlers`` print it, for a kind no setting
+    could ever use."""
     found: dict[str, list[str]] = {}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if not HANDLER_NAME_RE.fullmatch(ep.name):
+            continue
         targets = found.setdefault(ep.name, [])
-        if ep.value not in targets:
-            targets.append(ep.value)
+        target = (
+            ep.value if len(ep.value) <= MAX_TARGET_CHARS else ep.value[:MAX_TARGET_CHARS] + "…"
+        )
+        if target not in targets:
+            targets.append(target)
     return {name: " or ".join(targets) for name, targets in found.items()}
 
 

@@ -576,3 +576,34 @@ def test_a_forged_problems_answer_is_one_bounded_line(tmp_path: Path) -> None:
     assert "\\x1b]0;pwned\\x07ppp" in line
     assert "\x1b" not in done.stderr
     assert len(line) < 200_000
+
+
+@pytest.mark.parametrize("command", [["handlers"], ["serve"]])
+def test_an_installed_plugin_with_a_name_no_setting_can_use_is_not_shown(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """A package registering a 10 KB handler name holding a terminal escape (no
+    LACUNA_HANDLERS item can name it: a kind is lowercase letters, digits and _): `handlers`
+    printed it, and every "unknown handler" line listed it, 10 KB long."""
+    dist = tmp_path / "evilname-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: evilname\nVersion: 0.1\n")
+    name = "x" * 10_000 + "\x1b[2J"
+    (dist / "entry_points.txt").write_text(f"[lacuna_webhooks.handlers]\n{name} = os:system\n")
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("LACUNA_")},
+        "PYTHONPATH": f"{REPO}{os.pathsep}{tmp_path}",
+        "PORT": str(free_port()),
+        "LACUNA_WEBHOOK_SECRET": TEST_SECRET,
+        "LACUNA_DATABASE_URL": f"sqlite:///{tmp_path / 'names.db'}",
+        "LACUNA_HANDLERS": "log,typo" if command == ["serve"] else "log",
+    }
+    done = subprocess.run(
+        [CLI, *command], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == (2 if command == ["serve"] else 0), done.stderr[-2000:]
+    assert "xxxxxxxxxx" not in done.stdout + done.stderr
+    if command == ["serve"]:
+        assert "names unknown handler 'typo' (installed: " in done.stderr
+    else:
+        assert "  log " in done.stdout
