@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import importlib
 import itertools
+import re
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -336,8 +337,27 @@ def runs_foreign_code(items: Iterable[str]) -> bool:
             return True
     # One scan of the installed metadata for every named kind, not one per item.
     return any(
-        ep.name in kinds and not ep.value.startswith(_OWN_PREFIX)
+        ep.name in kinds and not _registered_by_us(ep)
         for ep in entry_points(group=ENTRY_POINT_GROUP)
+    )
+
+
+#: This package's distribution (pyproject's ``name``), as ``_registered_by_us`` compares it.
+_OWN_DISTRIBUTION = "lacuna-webhooks"
+
+
+def _registered_by_us(ep: Any) -> bool:
+    """Whether the entry point ``ep`` is one of this package's own handlers: registered by
+    this distribution, to a module of this package. The module's name alone is not enough:
+    another distribution can install a module into this package's folder
+    (``lacuna_webhooks/x.py``) and register it; whose ``os._exit(0)`` at import then ran in
+    ``serve``'s process, which exited 0 without a word."""
+    dist = getattr(ep, "dist", None)
+    name = getattr(dist, "name", None) if dist is not None else None
+    if not isinstance(name, str):
+        return False
+    return re.sub(r"[-_.]+", "-", name).lower() == _OWN_DISTRIBUTION and ep.value.startswith(
+        _OWN_PREFIX
     )
 
 

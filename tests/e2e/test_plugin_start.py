@@ -607,3 +607,30 @@ def test_an_installed_plugin_with_a_name_no_setting_can_use_is_not_shown(
         assert "names unknown handler 'typo' (installed: " in done.stderr
     else:
         assert "  log " in done.stdout
+
+
+def test_a_plugin_installed_into_this_packages_folder_is_checked_in_a_process_of_its_own(
+    tmp_path: Path,
+) -> None:
+    """Another distribution that installs its module into this package's folder
+    (``lacuna_webhooks/x.py``, as a wheel may) and registers it as a handler: its module name
+    made it pass for one of ours, so it was imported in serve's own process, and its
+    ``os._exit(0)`` at import ended serve with exit code 0 and not a word."""
+    import lacuna_webhooks
+
+    module = f"zz_sneaky_{os.getpid()}"
+    dist = tmp_path / "sneaky-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: sneaky\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(
+        f"[lacuna_webhooks.handlers]\nsneaky = lacuna_webhooks.{module}:Handler\n"
+    )
+    source = Path(lacuna_webhooks.__file__).parent / f"{module}.py"
+    source.write_text("import os\nos._exit(0)\n")
+    try:
+        done = run_serve(tmp_path, "log,sneaky")
+    finally:
+        source.unlink()
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    (line,) = [line for line in done.stderr.splitlines() if "configuration:" in line]
+    assert "the 'sneaky' handler ended the process that checks it (exited with code 0" in line
