@@ -43,6 +43,7 @@ from .plugins import (
     MAX_PLUGIN_PROBLEMS,
     BuildRequest,
     HandlerSet,
+    _plugin_error,
     bounded_problems,
     instances_of,
     resolve_items,
@@ -402,7 +403,10 @@ def child_main(fd: int) -> int:
         with contextlib.suppress(OSError):
             sock.sendall(frame(message if isinstance(message, bytes) else orjson.dumps(message)))
 
+    current: list[str] = []  # the item being loaded
+
     def loading(item: str) -> None:
+        current[:] = [item]
         send(["loading", item])
 
     try:
@@ -415,6 +419,17 @@ def child_main(fd: int) -> int:
             ]
     except ConfigError as exc:
         send(["problems", list(exc.problems)])
+    except BaseException as exc:
+        # The plugin's own, past its boundary: a KeyboardInterrupt it raised (SIGINT does
+        # nothing here: no real Ctrl-C reaches this process) was a traceback in the logs and
+        # "killed by signal SIGINT"; or one its thread sent (_thread.interrupt_main).
+        item = current[0] if current else "?"
+        send(
+            [
+                "problems",
+                [f"LACUNA_HANDLERS: the {item!r} handler failed to start: {_plugin_error(exc)}"],
+            ]
+        )
     else:
         encoded = orjson.dumps(["answer", answer])
         if len(encoded) > MAX_FRAME_BYTES:

@@ -41,6 +41,8 @@ PLUGINS = textwrap.dedent(
                 raise SystemExit(3)
             if kind == "hard0":
                 os._exit(0)
+            if kind == "interrupt":
+                raise KeyboardInterrupt
             if kind == "base":
                 class Boom(BaseException):
                     pass
@@ -103,6 +105,7 @@ def run_serve(tmp_path: Path, handlers: str, evil: str = "") -> subprocess.Compl
     (tmp_path / "evil_import_unprintable.py").write_text(
         "from evil_factory import ImportErrorUnprintable\nraise ImportErrorUnprintable()\n"
     )
+    (tmp_path / "evil_import_interrupt.py").write_text("raise KeyboardInterrupt\n")
     (tmp_path / "evil_import_kill.py").write_text(
         "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n"
     )
@@ -126,6 +129,18 @@ def run_serve(tmp_path: Path, handlers: str, evil: str = "") -> subprocess.Compl
         ("evil_factory:Factory", "exit0", "failed to start: SystemExit: 0"),
         ("evil_factory:Factory", "exit3", "failed to start: SystemExit: 3"),
         ("evil_factory:Factory", "base", "failed to start: Boom: boom"),
+        # A KeyboardInterrupt the plugin raises itself (no Ctrl-C reaches the process that
+        # checks it) was a traceback and "killed by signal SIGINT".
+        (
+            "evil_factory:Factory",
+            "interrupt",
+            "'evil_factory:Factory' handler failed to start: Key",
+        ),
+        (
+            "evil_import_interrupt:Handler",
+            "",
+            "the 'evil_import_interrupt:Handler' handler failed to start: KeyboardInterrupt",
+        ),
         # What a plugin raised, described without trusting its class (a __str__ or a
         # metaclass's __name__ that raised printed a traceback and was reported as the
         # plugin ending its process), cut short (a 50 MB message was reported as a garbled
