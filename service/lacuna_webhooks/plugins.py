@@ -378,8 +378,10 @@ def resolve_items(
         default_name, factory = load_factory(kind)
         try:
             default = _declared_events(item, getattr(factory, "events", None))
-        except (ConfigError, KeyboardInterrupt):
+        except KeyboardInterrupt:
             raise  # a real Ctrl-C during the start stops it as one
+        except ConfigError as exc:
+            raise ConfigError(plugin_problems(exc, item)) from None
         except BaseException as exc:  # the plugin boundary: its `events` runs its code
             raise ConfigError(
                 f"LACUNA_HANDLERS: the {item!r} handler's events cannot be read: "

@@ -93,6 +93,15 @@ PLUGINS = textwrap.dedent(
 
     class BadEvents(Factory):
         events = 5
+
+    class RaisingEvents(type):
+        @property
+        def events(cls):
+            from lacuna_webhooks import ConfigError
+            raise ConfigError("LACUNA_EVIL_EVENTS " + "Z" * 20_000_000)
+
+    class HugeEvents(Factory, metaclass=RaisingEvents):
+        pass
     """
 )
 
@@ -288,6 +297,7 @@ def test_a_plugin_exiting_at_import_fails_the_cli_commands_too(
     [
         ("evil_factory:BadEvents", "handler's events must be None or a set of event type"),
         ("evil_factory:NameExits", "'evil_factory:NameExits', which cannot be loaded: SystemExit"),
+        ("evil_factory:HugeEvents", "configuration: LACUNA_EVIL_EVENTS ZZZZ"),
     ],
 )
 def test_a_plugins_bad_name_or_events_fail_the_cli_commands_with_one_line(
@@ -312,6 +322,7 @@ def test_a_plugins_bad_name_or_events_fail_the_cli_commands_with_one_line(
     assert "Traceback" not in done.stderr
     (line,) = done.stderr.splitlines()
     assert says in line
+    assert len(line) < 1000
 
 
 FORGER = textwrap.dedent(
