@@ -15,7 +15,9 @@ a child process (``child.start_child_blocking``), and ``resolve_checked`` the CL
 about to load before each one (``["loading", ITEM]``), then answers ``["answer", VALUE]`` or
 ``["problems", [LINE, ...]]``, and is stopped: a plugin's threads, atexit hooks and child
 processes end with it. A child that ends without an answer names the item it was loading,
-in one ``ConfigError`` line, as a plugin that raises does.
+in one ``ConfigError`` line, as a plugin that raises does; so does one still loading an item
+after ``CHECK_TIMEOUT_SECONDS``. The child's end is its exit, not the socket's EOF: a process
+the plugin forked holds the socket too.
 
 The child answers in JSON frames, never pickle: the plugin's code runs in that process, and
 whatever it writes to the socket must not be able to run code in ``serve``.
