@@ -160,14 +160,21 @@ _HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 
 
 def header_text(value: str) -> str:
-    """``value`` as an HTTP header value: itself when printable ASCII without ``%``, else
-    with ``%`` and every character that is not printable ASCII percent-encoded as UTF-8
-    (RFC 3986's form). One-to-one: two different ids never give one ``webhook-id`` (with
-    ``%`` kept as is, ``evt_é`` and ``evt_%C3%A9`` both gave ``evt_%C3%A9``, and a receiver
-    dropping repeats by ``webhook-id`` dropped a real event)."""
-    if value.isascii() and value.isprintable() and "%" not in value:
+    """``value`` as an HTTP header value: itself when printable ASCII without ``%`` and
+    without a space at either end, else with ``%``, every character that is not printable
+    ASCII and the spaces at either end percent-encoded as UTF-8 (RFC 3986's form). A field
+    value cannot begin or end with whitespace (RFC 9110 §5.5: h11 refuses to send one, and
+    a type ``" job.completed "`` ended its forward dead). One-to-one: two different ids
+    never give one ``webhook-id`` (with ``%`` kept as is, ``evt_é`` and ``evt_%C3%A9`` both
+    gave ``evt_%C3%A9``, and a receiver dropping repeats by ``webhook-id`` dropped a real
+    event)."""
+    if value.isascii() and value.isprintable() and "%" not in value and value.strip(" ") == value:
         return value
-    return quote(value, safe=_HEADER_SAFE)
+    encoded = quote(value, safe=_HEADER_SAFE)
+    inner = encoded.strip(" ")
+    leading = len(encoded) - len(encoded.lstrip(" "))
+    trailing = len(encoded) - len(encoded.rstrip(" ")) if inner else 0
+    return "%20" * leading + inner + "%20" * trailing
 
 
 def parse_header(header: str | None) -> ParsedHeader:

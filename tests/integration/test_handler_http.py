@@ -136,6 +136,22 @@ async def test_a_non_ascii_id_or_type_goes_percent_encoded_and_still_verifies(
     assert headers["Lacuna-Event-Type"] == "job.%E5%AE%8C%E6%88%90"
 
 
+async def test_a_type_with_edge_spaces_goes_encoded_and_still_verifies(
+    forward: HTTPHandler, httpserver: HTTPServer
+) -> None:
+    """`" job.completed "` (intake takes any non-blank type): the header value began and ended
+    with a space, which h11 refuses, so no request could be built and the delivery ended
+    dead. The edge spaces go percent-encoded; inner ones stay as they are."""
+    receiver = VerifyingReceiver(SECRET)
+    httpserver.expect_request(PATH, method="POST").respond_with_handler(receiver)
+    event = as_event(make_event("evt_spaced_type", " job completed  "))
+    await forward.handle(event)
+    assert receiver.refused == []
+    assert receiver.verified == [event.payload]
+    ((_, headers),) = received(httpserver)
+    assert headers["Lacuna-Event-Type"] == "%20job completed%20%20"
+
+
 async def test_a_tampered_body_or_a_wrong_secret_fails_verification(
     forward: HTTPHandler, httpserver: HTTPServer
 ) -> None:
