@@ -141,6 +141,37 @@ async def test_a_subject_made_invalid_by_the_event_type_is_dead(
     assert await stream.messages() == []
 
 
+@pytest.mark.parametrize(
+    ("event_type", "header"),
+    [
+        ("job.\tcompleted", "job.%09completed"),
+        ("job.\x1b[31mcompleted", "job.%1B[31mcompleted"),
+        ("job.completed\r\nX-Evil: 1", "job.completed%0D%0AX-Evil: 1"),
+        (" job.completed ", "%20job.completed%20"),
+        ("job.\u00e9t\u00e9", "job.%C3%A9t%C3%A9"),
+    ],
+)
+async def test_a_type_no_header_value_can_hold_goes_percent_encoded(
+    nats_server: str, stream: Stream, event_type: str, header: str
+) -> None:
+    """Intake takes any non-blank type without NUL. One with a control character was dead
+    ("could not be a header value"), and one with a space at either end reached consumers
+    trimmed (nats-py strips header values): the message never reached the stream, or named
+    another type. Lacuna-Event-Type carries it percent-encoded as the http handler's
+    lacuna-event-type does; the message is the event's bytes, published once."""
+    h = handler(nats_server, SUBJECT=f"{stream.prefix}.fixed")
+    sent = event(event_type=event_type)
+    try:
+        await h.handle(sent)
+    finally:
+        await h.aclose()
+    (message,) = await stream.messages()
+    assert message.data == sent.raw  # type: ignore[attr-defined]
+    headers = message.headers  # type: ignore[attr-defined]
+    assert headers["Lacuna-Event-Type"] == header
+    assert headers["Nats-Msg-Id"] == headers["Lacuna-Event-Id"] == sent.id
+
+
 async def test_an_unreachable_server_is_retried() -> None:
     """Nothing listening on the port: RetryLater (the broker may come back)."""
     h = handler(f"nats://127.0.0.1:{free_port()}", CONNECT_TIMEOUT="1")
