@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import uuid
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit, urlunsplit
 
+import orjson
 import pytest
 
 from lacuna_webhooks.errors import PermanentError, RetryLater
 from lacuna_webhooks.handlers.brokers.rabbitmq import RabbitMQHandler
+from lacuna_webhooks.models import Event
+from tests.conftest import make_event
 from tests.e2e.conftest import free_port
 from tests.integration.brokers import build, event
 
@@ -148,6 +152,32 @@ async def test_a_routing_key_over_255_bytes_is_dead(rabbitmq_server: str) -> Non
             await h.handle(event("é" * 128))
     finally:
         await h.aclose()
+
+
+async def test_an_id_or_type_over_255_bytes_is_published_with_its_digest(
+    rabbitmq_server: str, topology: Topology
+) -> None:
+    """Intake bounds ids to 255 characters and types to 128, not bytes: `evt_` and 200 `é`
+    is 404 bytes, 128 `🎵` 512, over AMQP's short strings, and such an event was dead. Now
+    message_id and type are the SHA-256 hex of a value that does not fit (stable, so a
+    consumer's dedupe by message_id still holds), the headers lacuna-event-id and
+    lacuna-event-type carry the exact values, and the body is the event's bytes."""
+    h = handler(rabbitmq_server, EXCHANGE=topology.exchange, ROUTING_KEY="lacuna.fixed")
+    long_id, long_type = "evt_" + "\u00e9" * 200, "\U0001f3b5" * 128
+    sent = Event.from_body(orjson.dumps(make_event(long_id, long_type)))
+    fits = event()
+    try:
+        await h.handle(sent)
+        await h.handle(fits)
+    finally:
+        await h.aclose()
+    first, second = await topology.drain()
+    assert first.body == sent.raw  # type: ignore[attr-defined]
+    assert first.message_id == hashlib.sha256(long_id.encode()).hexdigest()  # type: ignore[attr-defined]
+    assert first.type == hashlib.sha256(long_type.encode()).hexdigest()  # type: ignore[attr-defined]
+    assert first.headers == {"lacuna-event-id": long_id, "lacuna-event-type": long_type}  # type: ignore[attr-defined]
+    assert (second.message_id, second.type) == (fits.id, "job.completed")  # type: ignore[attr-defined]
+    assert second.headers == {"lacuna-event-id": fits.id, "lacuna-event-type": "job.completed"}  # type: ignore[attr-defined]
 
 
 async def test_an_unreachable_broker_is_retried() -> None:

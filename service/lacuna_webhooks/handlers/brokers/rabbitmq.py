@@ -8,7 +8,9 @@ and ``READ_TIMEOUT`` (seconds; the read timeout bounds the wait for the
 publisher confirm).
 
 Message: the event's exact bytes, persistent (delivery mode 2),
-``message_id`` = event id, ``type`` = event type, ``content_type``
+``message_id`` = event id, ``type`` = event type (each the SHA-256 hex of the
+value when it is over AMQP's 255 bytes), headers ``lacuna-event-id`` and
+``lacuna-event-type`` (the exact values), ``content_type``
 ``application/json``, ``app_id`` ``lacuna-webhooks``; published
 ``mandatory`` on a channel in confirm mode. AMQP has no broker-side
 deduplication: a re-publish after a lost confirm reaches consumers twice, so
@@ -20,7 +22,8 @@ nack, a blocked connection (resource alarm: the publish times out), a lost
 connection → retried. Channel closed with 404 (exchange missing), 403 (access
 refused), 406 (precondition failed, e.g. over ``max_message_size``), and a
 login refused → dead with the broker's reason. A routing key over AMQP's 255
-bytes is dead (a property of the event's own type or task id).
+bytes is dead (a property of the event's own type or task id: it is never
+shortened into another destination).
 
 One connection and one channel per instance, opened on first use and opened
 again after a loss (by the next attempt), closed by ``aclose``.
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 from urllib.parse import unquote, urlsplit
 
 import structlog
@@ -57,6 +61,17 @@ def _shortstr_problem(what: str, value: str) -> str | None:
     if size > SHORTSTR_MAX_BYTES:
         return f"the {what} is {size} bytes; AMQP allows {SHORTSTR_MAX_BYTES}"
     return None
+
+
+def shortstr(value: str) -> str:
+    """``value`` when it fits an AMQP short string, else its SHA-256 hex: stable, so a
+    consumer's dedupe by ``message_id`` still holds. Intake bounds ids and types in
+    characters (255, 128), and an accepted event must not be dead for its bytes (the
+    ``lacuna-event-id`` / ``-type`` headers carry the exact values; the ``sqs`` handler's
+    ``fifo_id`` is the same rule)."""
+    if len(value.encode()) <= SHORTSTR_MAX_BYTES:
+        return value
+    return hashlib.sha256(value.encode()).hexdigest()
 
 
 # Closed by the broker for a reason the same publish cannot get past.
@@ -147,18 +162,15 @@ class RabbitMQHandler:
 
     async def handle(self, event: Event) -> None:
         routing_key = self.routing_key.render(event)
-        problem = (
-            _shortstr_problem("routing key", routing_key)
-            or _shortstr_problem("event id", event.id)
-            or _shortstr_problem("event type", event.type)
-        )
+        problem = _shortstr_problem("routing key", routing_key)
         if problem:
             raise PermanentError(f"cannot publish event {event.id!r} to RabbitMQ: {problem}")
         message = aio_pika.Message(
             event.raw,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            message_id=event.id,
-            type=event.type,
+            message_id=shortstr(event.id),
+            type=shortstr(event.type),
+            headers={"lacuna-event-id": event.id, "lacuna-event-type": event.type},
             content_type="application/json",
             app_id="lacuna-webhooks",
         )
