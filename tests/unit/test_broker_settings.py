@@ -6,6 +6,7 @@ helpers each broker relies on (subject check, FIFO ids, Redis marker keys).
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -18,7 +19,9 @@ from lacuna_webhooks.handlers.brokers.nats import NatsHandler, subject_problem
 from lacuna_webhooks.handlers.brokers.rabbitmq import RabbitMQHandler
 from lacuna_webhooks.handlers.brokers.redis import RedisHandler, marker_key
 from lacuna_webhooks.handlers.brokers.sqs import SQSHandler, fifo_id
+from lacuna_webhooks.models import Event
 from lacuna_webhooks.plugins import build_handlers
+from tests.conftest import make_event
 
 
 def ctx(name: str, **settings: str) -> HandlerContext:
@@ -187,6 +190,34 @@ def test_fifo_ids_are_kept_when_valid_and_hashed_otherwise() -> None:
     assert hashed == fifo_id("evt with spaces")
     assert len(hashed) == 64
     assert fifo_id("x" * 129) != "x" * 129
+
+
+@pytest.mark.parametrize(
+    ("event_type", "sent"),
+    [
+        ("job.completed", "job.completed"),
+        ("job.\u00e9t\u00e9 \U0001f3b5", "job.\u00e9t\u00e9 \U0001f3b5"),  # SQS takes these
+        ("job.\x1b[31mcompleted", "job.%1B[31mcompleted"),
+        ("job.\x08\x0bdone", "job.%08%0Bdone"),
+        ("job.\uffffdone", "job.%EF%BF%BFdone"),
+    ],
+)
+def test_sqs_attributes_hold_only_characters_sqs_takes(event_type: str, sent: str) -> None:
+    """SendMessage refuses a String attribute value with a character outside #x9, #xA, #xD,
+    #x20-#xD7FF, #xE000-#xFFFD, #x10000-#x10FFFF (as for the body). Intake takes any
+    non-blank type without NUL: an ESC or U+FFFF in it made SQS refuse the message, and the
+    accepted event ended dead. Such a value goes percent-encoded (header_text); the body is
+    the event's bytes."""
+    handler = SQSHandler(ctx("sqs", QUEUE_URL="https://sqs.eu-west-3.amazonaws.com/1/q.fifo"))
+    # Written with escapes (ensure_ascii), as a sender may: the body is text SQS takes.
+    event = Event.from_body(json.dumps(make_event("evt_sqs_\ufffe", event_type)).encode())
+    assert event.raw.isascii()
+    params = handler.request(event)
+    attributes = params["MessageAttributes"]
+    assert attributes["event_type"]["StringValue"] == sent
+    assert attributes["event_id"]["StringValue"] == "evt_sqs_%EF%BF%BE"
+    assert params["MessageBody"].encode() == event.raw
+    assert params["MessageDeduplicationId"] == fifo_id(event.id)
 
 
 def test_marker_keys_cannot_collide_across_streams() -> None:

@@ -9,13 +9,15 @@ instance or task role), never from our settings.
 
 Message: the body is the event's bytes (valid UTF-8 JSON, sent unchanged as
 SQS's string body); message attributes ``event_id`` and ``event_type``
-(String). FIFO queues (URL ending in ``.fifo``): ``MessageGroupId`` = the
-task id (``data.id``; the event id when absent), so one task's events stay in
-order, and ``MessageDeduplicationId`` = the event id, so SQS drops a
-re-publish within its 5-minute deduplication interval. Both are used as they
-are when they fit SQS's rules (at most 128 of ``A-Za-z0-9`` and ASCII
-punctuation), else replaced by the SHA-256 hex of the value (stable, so
-deduplication still holds). Standard queues have no deduplication.
+(String; percent-encoded as the ``http`` handler's headers when they hold a
+character SQS refuses: a control character, U+FFFE, U+FFFF). FIFO queues
+(URL ending in ``.fifo``): ``MessageGroupId`` = the task id (``data.id``; the
+event id when absent), so one task's events stay in order, and
+``MessageDeduplicationId`` = the event id, so SQS drops a re-publish within
+its 5-minute deduplication interval. Both are used as they are when they fit
+SQS's rules (at most 128 of ``A-Za-z0-9`` and ASCII punctuation), else
+replaced by the SHA-256 hex of the value (stable, so deduplication still
+holds). Standard queues have no deduplication.
 
 Outcomes: the SendMessage reply is done. Connection errors, timeouts,
 throttling and 5xx replies → retried. Queue missing, access denied, message
@@ -39,6 +41,7 @@ import structlog
 
 from ...errors import PermanentError, RetryLater
 from ...models import Event
+from ...signature import header_text
 from .._common import Problems, network_timeouts
 from ..base import HandlerContext
 from ._shared import broker_url, missing_extra, reason_of
@@ -68,6 +71,19 @@ _THROTTLING = frozenset(
         "InternalFailure",
     }
 )
+
+
+# What SQS takes in a message body and a String attribute value (SendMessage): anything
+# else ("#x9 | #xA | #xD | #x20 to #xD7FF | #xE000 to #xFFFD | #x10000 to #x10FFFF") is refused.
+_NOT_SQS_TEXT = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def attribute_text(value: str) -> str:
+    """``value`` as a String attribute value: itself when SQS takes every character of it,
+    else percent-encoded as the ``http`` handler's headers are (``header_text``). Intake
+    takes any non-blank type without NUL: one holding an ESC or U+FFFF made SQS refuse the
+    whole message, and the accepted event ended dead."""
+    return header_text(value) if _NOT_SQS_TEXT.search(value) else value
 
 
 def fifo_id(value: str) -> str:
@@ -147,8 +163,8 @@ class SQSHandler:
             "QueueUrl": self.queue_url,
             "MessageBody": event.raw.decode("utf-8"),
             "MessageAttributes": {
-                "event_id": {"DataType": "String", "StringValue": event.id},
-                "event_type": {"DataType": "String", "StringValue": event.type},
+                "event_id": {"DataType": "String", "StringValue": attribute_text(event.id)},
+                "event_type": {"DataType": "String", "StringValue": attribute_text(event.type)},
             },
         }
         if self.fifo:
