@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -196,7 +197,25 @@ def test_slack_message_caps_track_blocks() -> None:
 
 
 def test_message_id_is_derived_from_the_event_id() -> None:
-    assert message_id("evt_1/x y", "Me <me@studio.example>") == "<lacuna.evt_1_x_y@studio.example>"
+    assert message_id("evt_1.x-y", "Me <me@studio.example>") == "<lacuna.evt_1.x-y@studio.example>"
+    unsafe = message_id("evt_1/x y", "Me <me@studio.example>")
+    assert unsafe == message_id("evt_1/x y", "me@studio.example")  # the same for every mail
+    assert re.fullmatch(r"<lacuna-x\.evt_1_x_y\.[0-9a-f]{32}@studio\.example>", unsafe)
+
+
+def test_distinct_event_ids_never_share_a_message_id() -> None:
+    """Intake takes ids with any character but controls: each unsafe character became `_`, so
+    `evt 1`, `evt/1`, `evt_1` (and `evt_é`, `evt_ü`) were one Message-ID, and a mailbox that
+    drops a repeated Message-ID (Gmail does) dropped the later events' mails. Ids that are
+    not a dot-atom of [A-Za-z0-9_-] keep a readable part and a digest of the whole id."""
+    ids = ["evt_1", "evt 1", "evt/1", "evt:1", "evt_\u00e9", "evt_\u00fc", "..", "evt..1", "."]
+    ids += ["caf\u00e9", "cafe\u0301", "x" * 255, "x" * 254 + "y"]
+    made = [message_id(i, "me@studio.example") for i in ids]
+    assert len(set(made)) == len(ids)
+    for text in made:
+        local = text[1:].split("@")[0]
+        assert re.fullmatch(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*", local), text  # a dot-atom
+        assert len(text) < 200
 
 
 def test_mail_subjects() -> None:

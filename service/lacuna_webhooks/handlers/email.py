@@ -25,6 +25,7 @@ logged.
 
 from __future__ import annotations
 
+import hashlib
 import html
 import re
 import ssl
@@ -54,7 +55,10 @@ from .base import HandlerContext
 
 logger = structlog.get_logger("lacuna_webhooks.handlers.email")
 
-_MESSAGE_ID_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+_MESSAGE_ID_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+_MESSAGE_ID_SAFE = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
+#: Most characters of an event id kept in a Message-ID (the header stays one short line).
+MESSAGE_ID_PART = 100
 #: How much of an SMTP server's reply text an error or a log line keeps (on one line, secrets
 #: masked, ``peer_text``): a reply may run to 32 KiB of continuation lines.
 REPLY_LIMIT = 300
@@ -129,9 +133,17 @@ def _header_text(text: str, limit: int = 200) -> str:
 
 
 def message_id(event_id: str, sender: str) -> str:
-    """``<lacuna.{event id}@{sender's domain}>``: the same for every mail about one event."""
+    """``<lacuna.{event id}@{sender's domain}>``: the same for every mail about one event,
+    and never the same for two events (a mailbox may drop a repeated Message-ID: Gmail
+    does). An id that is not a dot-atom of ``[A-Za-z0-9_-]`` up to ``MESSAGE_ID_PART``
+    characters is written ``lacuna-x.{its safe characters, others as _}.{SHA-256, 32 hex}``
+    (``evt 1`` and ``evt_1`` both made ``lacuna.evt_1`` before)."""
     domain = parseaddr(sender)[1].rpartition("@")[2] or "lacuna-webhooks.invalid"
-    return f"<lacuna.{_MESSAGE_ID_UNSAFE.sub('_', event_id)}@{domain}>"
+    if len(event_id) <= MESSAGE_ID_PART and _MESSAGE_ID_SAFE.fullmatch(event_id):
+        return f"<lacuna.{event_id}@{domain}>"
+    readable = _MESSAGE_ID_UNSAFE.sub("_", event_id)[:MESSAGE_ID_PART] or "_"
+    digest = hashlib.sha256(event_id.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return f"<lacuna-x.{readable}.{digest}@{domain}>"
 
 
 def _link_html(url: str, label: str) -> str:
