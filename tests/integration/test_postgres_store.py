@@ -139,6 +139,38 @@ async def test_concurrent_open_on_a_fresh_database(
     assert await admin.fetchval("SELECT count(*) FROM schema_version") == len(_migrations())
 
 
+@pytest.mark.parametrize(
+    ("raw", "read"),
+    [
+        # jsonb takes these as they are: the plain cast.
+        (rb'{"s":"\\u0000"}', {"s": "\\u0000"}),  # an escaped backslash, then text
+        (rb'{"s":"\ud83d\ude00"}', {"s": "\U0001f600"}),
+        # A NUL or an unpaired surrogate escape (hex in either case) reads as U+FFFD.
+        (rb'{"s":"a\u0000b","n":1}', {"s": "a\ufffdb", "n": 1}),
+        (rb'{"s":"\\\u0000"}', {"s": "\\\ufffd"}),  # an escaped backslash, then a NUL
+        (rb'{"s":"\\\\u0000\u0000"}', {"s": "\\\\u0000\ufffd"}),
+        (rb'{"s":"\uD800"}', {"s": "\ufffd"}),
+        (rb'{"s":"\udfff\ud800"}', {"s": "\ufffd\ufffd"}),  # a low then a high
+        (rb'{"s":"\ud800\ud83d\ude00"}', {"s": "\ufffd\U0001f600"}),
+        (rb'{"s":"\\ud800\udc00"}', {"s": "\\ud800\ufffd"}),  # text, then a lone low
+        (rb'{"k\u0000":["\udbff"]}', {"k\ufffd": ["\ufffd"]}),
+        # Still refused: NULL.
+        (b'{"s":"\\u0000"', None),
+        (b'{"s":"\xff\\u0000"}', None),
+        (b'{"s":"\\u0000"}\\', None),
+    ],
+)
+async def test_lacuna_payload_reads_nul_and_lone_surrogates_as_replacement_characters(
+    postgres_dsn: str, admin: asyncpg.Connection, raw: bytes, read: Any
+) -> None:
+    """Migration 0010: lacuna_payload, the body `match` reads, writes each real \\u0000 and
+    unpaired surrogate escape as \\ufffd when jsonb refuses the body (never an escaped
+    backslash followed by "u0000"), and is NULL only when jsonb still refuses it."""
+    assert await PostgresStore(postgres_dsn).migrate() == len(_migrations())
+    text = await admin.fetchval("SELECT lacuna_payload($1::bytea)::text", raw)
+    assert (None if text is None else orjson.loads(text)) == read
+
+
 async def test_postgres_scheme_is_accepted(postgres_dsn: str) -> None:
     """open_store takes postgres:// as well as postgresql://."""
     url = "postgres://" + postgres_dsn.split("://", 1)[1]
