@@ -1382,9 +1382,11 @@ HOSTILE_BODIES: dict[str, bytes] = {
 
 
 async def test_search_never_fails_on_hostile_bodies(store: Store) -> None:
-    """Bodies a database's JSON cannot read (NUL escapes, lone surrogates, numbers beyond a
-    double, nesting past any parser's limit, megabytes of text, not JSON) never fail a search:
-    a `match` skips them, `q` still reads their bytes, and the other events are found."""
+    """Bodies a database's JSON cannot read as they are (NUL escapes, lone surrogates, numbers
+    beyond a double, nesting past any parser's limit, megabytes of text, not JSON) never fail
+    a search: a `match` skips what it cannot read (NULs and lone surrogates it reads: see
+    test_match_reads_nul_and_lone_surrogates_as_replacement_characters), `q` still reads
+    their bytes, and the other events are found."""
     now = wall_now()
     for event_id, raw in HOSTILE_BODIES.items():
         assert await store.accept(body_event(event_id, raw), ["a"], now=now)
@@ -1421,6 +1423,75 @@ async def test_search_never_fails_on_hostile_bodies(store: Store) -> None:
         await search_ids(store, match=((path, wanted),))
     assert await search_ids(store, q="x" * 1000) == ["huge"]
     assert await search_ids(store, handler="a", status="due") == everything
+
+
+def titled(event_id: str, data: bytes) -> Event:
+    """A stored body ``{"id":…,"type":"t","data":{"title":"Night","n":7,"ok":true,<data>}}``
+    (``data``: raw JSON members, escapes as a sender wrote them)."""
+    raw = b'{"id":"%s","type":"t","data":{"title":"Night","n":7,"ok":true,%s}}'
+    return body_event(event_id, raw % (event_id.encode(), data))
+
+
+#: Bodies holding what PostgreSQL's jsonb cannot hold (a NUL, unpaired surrogates; a key
+#: too), a valid pair, and escaped backslashes followed by "u0000": b"\\u0000" below is the
+#: JSON escape \u0000, b"\\\\u0000" an escaped backslash and the text u0000.
+UNREADABLE_BODIES: dict[str, bytes] = {
+    "nul": b'"note":"a\\u0000b"',
+    "lone": b'"note":"\\ud800"',
+    "lone_upper": b'"note":"\\uDC00\\uD8FF"',  # a low then a high: both unpaired
+    "nul_key": b'"k\\u0000":"v"',
+    "pair": b'"note":"\\ud83d\\ude00"',  # a valid pair: one character
+    "escaped": b'"note":"\\\\u0000"',  # a backslash, then the text u0000
+    "odd": b'"note":"\\\\\\u0000"',  # a backslash, then a NUL
+    "plain": b'"note":"a\xef\xbf\xbdb"',  # U+FFFD as UTF-8, no escape
+}
+
+
+async def test_match_finds_bodies_holding_a_nul_or_a_lone_surrogate(store: Store) -> None:
+    """A body holding a \\u0000 or an unpaired surrogate escape in one field is found by a
+    `match` on its other fields on every backend (PostgreSQL's jsonb refuses the whole body:
+    lacuna_payload read it as NULL and backfill --match, replays and GET /events missed it
+    there only)."""
+    now = wall_now()
+    for event_id, data in UNREADABLE_BODIES.items():
+        assert await store.accept(titled(event_id, data), ["a"], now=now)
+    everything = list(reversed(UNREADABLE_BODIES))
+    assert await search_ids(store, match=(("data.title", "Night"),)) == everything
+    assert await search_ids(store, match=(("data.n", "7"),)) == everything
+    assert await search_ids(store, match=(("data.ok", "true"),)) == everything
+    assert await search_ids(store, match=(("data.title", "Night"), ("data.n", "7.0"))) == (
+        everything
+    )
+    # The budgeted scan (GET /events, backfill) reads them the same way.
+    budget = ScanBudget(seconds=10.0)
+    page = await store.search_events(EventFilter(match=(("type", "t"),)), budget=budget)
+    assert [r.id for r in page.records] == everything
+
+
+async def test_match_reads_nul_and_lone_surrogates_as_replacement_characters(
+    store: Store,
+) -> None:
+    """In a string or key, each NUL and each unpaired surrogate reads as U+FFFD on every
+    backend (what PostgreSQL compares, docs/admin.md); a valid pair is its character, and an
+    escaped backslash before "u0000" is text, as before."""
+    now = wall_now()
+    for event_id, data in UNREADABLE_BODIES.items():
+        assert await store.accept(titled(event_id, data), [], now=now)
+
+    async def match(path: str, wanted: str) -> list[str]:
+        return await search_ids(store, match=((path, wanted),))
+
+    assert await match("data.note", "a\ufffdb") == ["plain", "nul"]
+    for other in ["a", "ab", "a\x00b", "a\ufffd", "\ufffdb"]:
+        assert await match("data.note", other) == [], other
+    assert await match("data.note", "\ufffd") == ["lone"]
+    assert await match("data.note", "\ufffd\ufffd") == ["lone_upper"]
+    assert await match("data.k\ufffd", "v") == ["nul_key"]
+    assert await match("data.k", "v") == []
+    assert await match("data.note", "\U0001f600") == ["pair"]
+    assert await match("data.note", "\\u0000") == ["escaped"]  # read as before
+    assert await match("data.note", "\\\ufffd") == ["odd"]
+    assert await match("data.note", "\\") == []
 
 
 async def test_search_pages_follow_cursors(store: Store) -> None:

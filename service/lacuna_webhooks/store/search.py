@@ -102,9 +102,53 @@ def _refuse(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
 
 
+#: What ``match`` reads as U+FFFD in a stored string or key: NUL and unpaired UTF-16
+#: surrogates, which PostgreSQL's ``jsonb`` cannot hold (``0010_payload_mended.sql``).
+_UNREADABLE = re.compile("[\x00\ud800-\udfff]")
+#: The escapes that may write one (a surrogate pair too; ``\\u0000``, an escaped backslash
+#: and text, too): a body holding none is read as ``parse_json`` reads it.
+_UNREADABLE_ESCAPE = re.compile(rb"\\u(?:0000|[dD][89a-fA-F])")
+
+
+def _mended_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An object of ``readable_payload``: keys and string values with ``_UNREADABLE``
+    written as U+FFFD (a key that becomes a repeat keeps the last value, as ``jsonb``)."""
+    return {
+        _UNREADABLE.sub("\ufffd", key): (
+            _UNREADABLE.sub("\ufffd", value) if isinstance(value, str) else value
+        )
+        for key, value in pairs
+    }
+
+
+def readable_payload(raw: bytes) -> Any:
+    """A stored body as ``match`` reads one holding ``\\u0000`` or a surrogate escape: as
+    ``exact_payload`` (numbers exact, the same bodies refused), but a lone surrogate escape
+    is read too, and in every key and string value of an object NUL and unpaired surrogates
+    read as U+FFFD, as PostgreSQL's ``lacuna_payload`` reads them (``jsonb`` holds neither).
+    Strings inside lists are left as they are: ``match`` never reads into a list."""
+    try:
+        return json.loads(
+            raw.decode("utf-8"),
+            parse_int=Decimal,
+            parse_float=Decimal,
+            parse_constant=_refuse,
+            object_pairs_hook=_mended_object,
+        )
+    except (UnicodeDecodeError, RecursionError, ArithmeticError) as exc:
+        raise ValueError(f"not JSON text this receiver reads: {exc}") from None
+
+
 def body_matches(raw: bytes, path: str, wanted: str) -> bool:
     """The reference of one ``match`` condition on a stored body: ``False`` for a body the
-    JSON parser refuses, never an exception."""
+    JSON parser refuses, never an exception. A body holding a ``\\u0000`` or surrogate
+    escape is read by ``readable_payload`` (NUL and lone surrogates as U+FFFD)."""
+    if _UNREADABLE_ESCAPE.search(raw):
+        try:
+            found, value = field_at(readable_payload(raw), path)
+        except ValueError:
+            return False
+        return found and matches_value(value, wanted)
     try:
         payload = parse_json(raw)
     except ValueError:

@@ -12,8 +12,10 @@ PostgreSQL's ``seq``); the cursor is ``[received_at, seq]`` of the last row of a
 ``match`` follows ``search.matches_value`` (strings exactly, numbers as exact decimals,
 keys and strings decoded from their escapes) and never raises on a stored payload the
 database's JSON cannot read: SQLite reads it only when ``json_valid`` says it can,
-PostgreSQL through ``lacuna_payload(raw)`` (migration 0005: ``NULL`` for a body ``jsonb``
-refuses, such as one holding ``\\u0000``). Such a row simply does not match. A path is one
+PostgreSQL through ``lacuna_payload(raw)`` (migrations 0005 and 0010: a body ``jsonb``
+refuses for a ``\\u0000`` or lone surrogate escape is read again with each written as
+``\\ufffd``, as ``search.body_matches`` reads them; ``NULL`` when it still refuses it).
+Such a row simply does not match. A path is one
 parameter per key, and the statement grows linearly with it. SQLite statements call two
 Python functions, ``lacuna_match`` and ``lacuna_number_equal``: every connection that runs
 them needs ``register_sqlite_functions``.
@@ -102,6 +104,15 @@ def _match_sqlite(path: str, wanted: str, p: _Params) -> str:
     walk = (
         f"(CASE WHEN json_valid({j}) THEN {_walk_sqlite(j, keys, path, w, number, p)} ELSE 0 END)"
     )
+    # `match` reads NUL and lone surrogates in strings and keys as U+FFFD (search.py
+    # body_matches, PostgreSQL's lacuna_payload). json_each stops a string or key at an
+    # escaped NUL, so a body holding \u0000 is read by the reference. It reads a lone
+    # surrogate as bytes no UTF-8 text equals, which is right unless the path or value holds
+    # U+FFFD: only then do surrogate escapes (pairs too, the cheap test) need the reference.
+    unreadable = "instr(e.raw, '\\u0000') > 0"
+    if "\ufffd" in path or "\ufffd" in wanted:
+        unreadable += " OR instr(e.raw, '\\ud') > 0 OR instr(e.raw, '\\uD') > 0"
+    walk = f"(CASE WHEN {unreadable} THEN lacuna_match(e.raw, {p(path)}, {w}) ELSE {walk} END)"
     if any(c in key for key in keys for c in '"\\\x00'):
         return f"(CASE WHEN instr(e.raw, X'5C') > 0 THEN {walk} ELSE 0 END)"
     at = p("$" + "".join(f'."{key}"' for key in keys))
@@ -145,11 +156,11 @@ def _walk_sqlite(
     equal_number = "0"
     if number is not None:
         equal_number = f"(CAST({f}.value AS REAL) = {p(float(number))} AND {exact})"
-    # json_each's text stops at an escaped NUL ("a\\u0000b" reads "a"): when the body holds
-    # one, an equal string is confirmed by the reference.
+    # Only bodies without an escaped NUL get here (_match_sqlite): json_each's text would
+    # stop at one ("a\\u0000b" reads "a").
     conds.append(
         f"CASE {f}.type"
-        f" WHEN 'text' THEN {f}.value = {w} AND (instr(e.raw, '\\u0000') = 0 OR {exact})"
+        f" WHEN 'text' THEN {f}.value = {w}"
         f" WHEN 'integer' THEN {equal_number} WHEN 'real' THEN {equal_number}"
         f" WHEN 'true' THEN {w} = 'true' WHEN 'false' THEN {w} = 'false'"
         f" WHEN 'null' THEN {w} = 'null' ELSE 0 END"
