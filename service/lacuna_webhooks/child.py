@@ -5,6 +5,9 @@ Used by the SQLite writer process (``store.sqlite.process``), the handler worker
 processes (``dispatch.workers``) and the plugin check at start (``plugin_check``). Imports
 nothing of the package's.
 
+A child that runs a plugin's code writes its output into an ``OutputRelay``'s pipe, never
+into this process's own standard output and error (see that class).
+
 A frame is a 4-byte big-endian length and that many bytes (what they hold, pickle or JSON,
 is the caller's business). Each reader passes its own bound on the length: a larger prefix
 means the stream is corrupt (``ValueError``), and nothing that large is allocated.
@@ -16,11 +19,13 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import select
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import BinaryIO
 
@@ -49,18 +54,24 @@ def _command(module: str, fd: int) -> list[str]:
     return [sys.executable, "-c", code, str(os.getpid())]
 
 
-async def start_child(module: str, theirs: socket.socket) -> asyncio.subprocess.Process:
+async def start_child(
+    module: str, theirs: socket.socket, output: OutputRelay | None = None
+) -> asyncio.subprocess.Process:
     """Run ``module.child_main(fd)`` in a new process, ``fd`` being ``theirs``.
 
     ``module`` is a dotted module path of this package (``lacuna_webhooks.…``). ``theirs``
-    is closed in this process whatever happens (the child holds its own copy). Raises
-    ``OSError`` when the process cannot be started.
+    is closed in this process whatever happens (the child holds its own copy); so is the
+    write end of ``output``, the child's descriptors 1 and 2 (without it, this process's
+    own). Raises ``OSError`` when the process cannot be started.
     """
+    out = output.write_fd if output is not None else None
     try:
         return await asyncio.create_subprocess_exec(
             *_command(module, theirs.fileno()),
             pass_fds=(theirs.fileno(),),
             stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
             # A process group of its own: a handler's `os.killpg(0, SIGTERM)` (killing "its"
             # helpers' group) reached serve, which drained and exited 0, and was not
             # restarted. serve stops its children itself; they ignore SIGINT and SIGTERM.
@@ -68,19 +79,180 @@ async def start_child(module: str, theirs: socket.socket) -> asyncio.subprocess.
         )
     finally:
         theirs.close()
+        if output is not None:
+            output.close_write_end()
 
 
-def start_child_blocking(module: str, theirs: socket.socket) -> subprocess.Popen[bytes]:
+def start_child_blocking(
+    module: str, theirs: socket.socket, output: OutputRelay | None = None
+) -> subprocess.Popen[bytes]:
     """``start_child`` for a caller without an event loop (a command still starting)."""
+    out = output.write_fd if output is not None else None
     try:
         return subprocess.Popen(  # noqa: S603 - a fixed program (_command)
             _command(module, theirs.fileno()),
             pass_fds=(theirs.fileno(),),
             stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
             start_new_session=True,  # as start_child: stopped by its parent, not by Ctrl-C
         )
     finally:
         theirs.close()
+        if output is not None:
+            output.close_write_end()
+
+
+#: A line of a child's output longer than this is relayed cut at it, and the rest of it, up
+#: to its newline, dropped. Far above what a child's logging writes (a printed line is
+#: logged up to 64 KiB: ``logs.MAX_OUTPUT_LINE_BYTES``): only memory is bounded here.
+MAX_RELAY_LINE_BYTES = 1024 * 1024
+#: Once the child ended, at most this much of what is left in its pipe is relayed: a process
+#: it started that holds the pipe and writes on cannot keep its parent reading.
+MAX_FINAL_RELAY_BYTES = 4 * 1024 * 1024
+#: How long ``OutputRelay.close`` waits for its thread to relay what is left.
+RELAY_CLOSE_SECONDS = 2.0
+_CHUNK = 64 * 1024
+
+
+class OutputRelay:
+    """A child's descriptors 1 and 2: one pipe whose read end stays here, each line read
+    from it written to this process's standard error, until ``close``.
+
+    A child given this process's own descriptors passes them to every process it forks,
+    and a plugin's code runs there: a process it double-forked into a session of its own
+    (``setsid``: out of reach of the process-group kill) held them for as long as it ran,
+    and whatever read this process's output through a pipe (``lacuna-webhooks handlers
+    2>&1 | cat``, ``subprocess.run(capture_output=True)``, a supervisor) waited for its
+    end. What a child writes here is its log lines: a plugin's prints are ``process.output``
+    lines there, redacted and bounded (``logs.capture_output``), so they are relayed as they
+    are, whole lines, each at most ``MAX_RELAY_LINE_BYTES``. ``close``, once the child has
+    ended, relays what is left (at most ``MAX_FINAL_RELAY_BYTES``) and closes the read
+    end: a process still holding the write end gets EPIPE, and holds nothing of ours.
+
+    Read by a thread of its own (``start_thread``: a caller without an event loop) or by
+    the running loop (``start_on_loop``)."""
+
+    def __init__(self) -> None:
+        self._read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self._read_fd, False)
+        self._write_open = True
+        self._pending = bytearray()
+        self._dropping = False  # the rest of a line cut at MAX_RELAY_LINE_BYTES
+        self._closed = False
+        self._wake: int | None = None  # closed by ``close`` to end the thread
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def close_write_end(self) -> None:
+        """Close this process's copy of the write end (the child holds its own)."""
+        if self._write_open:
+            self._write_open = False
+            os.close(self.write_fd)
+
+    def start_thread(self) -> None:
+        wake, self._wake = os.pipe()
+        self._thread = threading.Thread(
+            target=self._run, args=(wake,), name="child-output", daemon=True
+        )
+        self._thread.start()
+
+    def start_on_loop(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._read_fd, self._on_readable)
+
+    def close(self) -> None:
+        """Relay what is left (bounded) and stop reading; call once the child has ended."""
+        if self._closed:
+            return
+        self._closed = True
+        self.close_write_end()
+        if self._thread is not None and self._wake is not None:
+            os.close(self._wake)  # wakes the thread, which finishes (and closes the pipe)
+            # Not for ever: a thread held up writing to a standard error nobody reads ends
+            # the pipe itself once it can.
+            self._thread.join(RELAY_CLOSE_SECONDS)
+            return
+        if self._loop is not None:
+            with contextlib.suppress(Exception):  # the loop closed already
+                self._loop.remove_reader(self._read_fd)
+        self._finish()
+
+    def _run(self, wake: int) -> None:
+        try:
+            at_end = False
+            while True:
+                waiting = [wake] if at_end else [self._read_fd, wake]
+                readable, _, _ = select.select(waiting, [], [])
+                if wake in readable:
+                    break
+                at_end = not self._read(_CHUNK)  # at EOF: nothing more; wait for close
+            self._finish()
+        finally:
+            os.close(wake)
+
+    def _on_readable(self) -> None:
+        if not self._read(_CHUNK) and self._loop is not None:
+            self._loop.remove_reader(self._read_fd)  # EOF: nothing more will come
+
+    def _finish(self) -> None:
+        try:
+            self._read(MAX_FINAL_RELAY_BYTES)
+            if self._pending and not self._dropping:
+                _to_stderr(bytes(self._pending) + b"\n")  # a last line without its newline
+            self._pending.clear()
+        finally:
+            os.close(self._read_fd)
+
+    def _read(self, most: int) -> bool:
+        """Relay what the pipe holds now, up to about ``most`` bytes; ``False`` at its end."""
+        read = 0
+        while read < most:
+            try:
+                data = os.read(self._read_fd, _CHUNK)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            if not data:
+                return False
+            read += len(data)
+            self._relay(data)
+        return True
+
+    def _relay(self, data: bytes) -> None:
+        lines: list[bytes] = []
+        *complete, rest = data.split(b"\n")
+        for piece in complete:
+            if self._dropping:
+                self._dropping = False  # the newline that ends the line cut short
+                continue
+            self._pending += piece
+            lines.append(bytes(self._pending[:MAX_RELAY_LINE_BYTES]) + b"\n")
+            self._pending.clear()
+        if not self._dropping:
+            self._pending += rest
+            if len(self._pending) > MAX_RELAY_LINE_BYTES:
+                lines.append(bytes(self._pending[:MAX_RELAY_LINE_BYTES]) + b"\n")
+                self._pending.clear()
+                self._dropping = True
+        _to_stderr(b"".join(lines))
+
+
+def _to_stderr(data: bytes) -> None:
+    """``data`` to this process's standard error, at once; nothing when it is gone."""
+    stream = sys.stderr
+    if not data or stream is None:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        buffer = getattr(stream, "buffer", None)
+        if buffer is None:
+            stream.write(data.decode("utf-8", "backslashreplace"))
+        else:
+            stream.flush()  # what its text layer holds goes first
+            buffer.write(data)
+            buffer.flush()
+        stream.flush()
 
 
 def _stopped_by_parent(signum: int, frame: object) -> None:
@@ -153,6 +325,7 @@ def read_frame_blocking(stream: BinaryIO, max_bytes: int) -> bytes | None:
 
 
 __all__ = [
+    "OutputRelay",
     "begin_child",
     "die_with_parent",
     "frame",

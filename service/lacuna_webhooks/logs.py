@@ -446,6 +446,18 @@ def configured() -> tuple[str, str] | None:
     return _configured
 
 
+def resolved_format(log_format: str) -> str:
+    """``"console"`` or ``"json"``: what ``configure(log_format=...)`` renders in this
+    process, ``"auto"`` being the console format when standard error is a terminal. What a
+    child process is given: its standard error is a pipe to this one (``child.OutputRelay``),
+    where ``"auto"`` would always be JSON."""
+    if log_format == "console" or (
+        log_format == "auto" and sys.stderr is not None and sys.stderr.isatty()
+    ):
+        return "console"
+    return "json"
+
+
 def configure(
     *, log_format: str = "auto", level: str = "info", secrets: Iterable[str] = ()
 ) -> None:
@@ -456,7 +468,7 @@ def configure(
     global _json_chain, _configured
     remember_secrets(secrets)
     _json_chain = None
-    use_console = log_format == "console" or (log_format == "auto" and sys.stderr.isatty())
+    use_console = resolved_format(log_format) == "console"
     _configured = ("console" if use_console else "json", level)
     shared: list[Any] = [
         structlog.processors.add_log_level,

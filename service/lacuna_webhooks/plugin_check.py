@@ -17,7 +17,10 @@ about to load before each one (``["loading", ITEM]``), then answers ``["answer",
 processes end with it. A child that ends without an answer names the item it was loading,
 in one ``ConfigError`` line, as a plugin that raises does; so does one still loading an item
 after ``CHECK_TIMEOUT_SECONDS``. The child's end is its exit, not the socket's EOF: a process
-the plugin forked holds the socket too.
+the plugin forked holds the socket too. For the same reason the child's standard output and
+error are a pipe read here and relayed (``child.OutputRelay``), never this process's own: a
+process the plugin left in a session of its own, beyond the group kill, held them open, and
+whatever read the command's output through a pipe waited for it.
 
 The child answers in JSON frames, never pickle: the plugin's code runs in that process, and
 whatever it writes to the socket must not be able to run code in ``serve``.
@@ -39,7 +42,7 @@ from typing import Any
 
 import orjson
 
-from .child import begin_child, frame, read_frame_blocking, start_child_blocking
+from .child import OutputRelay, begin_child, frame, read_frame_blocking, start_child_blocking
 from .errors import ConfigError
 from .plugins import (
     MAX_PLUGIN_PROBLEMS,
@@ -109,14 +112,24 @@ def _ask(task: tuple[str, Any], items: Sequence[str], log_format: str, log_level
     """Run ``task`` (loading ``items``, in order) in a new child; its answer (JSON), or
     ``ConfigError``, also for a child that takes over ``CHECK_TIMEOUT_SECONDS`` to start or
     to load one item."""
+    from .logs import resolved_format
+
+    # "auto" is the console format on a terminal: ours, not the child's pipe.
+    log_format = resolved_format(log_format)
     ours, theirs = socket.socketpair()
+    # Its output (its log lines: what the plugin prints is logged there) is relayed, never
+    # written to this process's own stdout and stderr, which a process the plugin started in
+    # a session of its own would hold open past the check (child.OutputRelay).
+    output = OutputRelay()
     try:
-        proc = start_child_blocking("lacuna_webhooks.plugin_check", theirs)
+        proc = start_child_blocking("lacuna_webhooks.plugin_check", theirs, output)
     except OSError as exc:
         ours.close()
+        output.close()
         raise ConfigError(
             f"LACUNA_HANDLERS: the process that checks the handler plugins did not start: {exc}"
         ) from None
+    output.start_thread()
     loading: str | None = None
     loaded = 0  # how many of `items` the child said it is loading, or loaded
     deadline = time.monotonic() + CHECK_TIMEOUT_SECONDS
@@ -160,7 +173,10 @@ def _ask(task: tuple[str, Any], items: Sequence[str], log_format: str, log_level
                         )
     finally:
         ours.close()
-        _stop(proc, EXIT_GRACE_SECONDS if answered else 0.0)
+        try:
+            _stop(proc, EXIT_GRACE_SECONDS if answered else 0.0)
+        finally:
+            output.close()  # what the child wrote is relayed; a process it left gets EPIPE
 
 
 class _Frames:

@@ -10,11 +10,14 @@ what a real Ctrl-C during the start raises, and it stops the start as one (exit 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -487,6 +490,102 @@ def running(pid: int) -> bool:
     except OSError:
         return False
     return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+ESCAPE = textwrap.dedent(
+    """
+    # At import: a process that leaves the check's (or the worker's) process group, beyond
+    # the group kill (a double fork, setsid in the grandchild), holding every descriptor its
+    # parent had, and sleeping; its pid noted. And a print, with the secret in it.
+    import os, time
+
+    print("escaper imported, secret", os.environ["LACUNA_WEBHOOK_SECRET"], flush=True)
+    first = os.fork()
+    if first == 0:
+        if os.fork() == 0:
+            os.setsid()
+            with open(os.environ["ESCAPED_PATH"], "a") as noted:
+                noted.write(f"{os.getpid()}\\n")
+            time.sleep(60)
+            os._exit(0)
+        os._exit(0)
+    os.waitpid(first, 0)
+
+    class Handler:
+        name = "escaper"
+        events = None
+
+        def __init__(self, ctx):
+            pass
+
+        async def handle(self, event):
+            return None
+
+        async def aclose(self):
+            return None
+    """
+)
+
+
+def escaped_pids(path: Path) -> list[int]:
+    return [int(x) for x in path.read_text().split()] if path.exists() else []
+
+
+@pytest.fixture
+def escaped(tmp_path: Path) -> Iterator[Path]:
+    """Where the ESCAPE plugin notes its escaped processes' pids; they are killed after the
+    test (the service cannot reach them: docs/plugins.md)."""
+    path = tmp_path / "escaped.txt"
+    yield path
+    for pid in escaped_pids(path):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def escape_env(tmp_path: Path, escaped: Path) -> dict[str, str]:
+    (tmp_path / "escaper_plugin.py").write_text(ESCAPE)
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith("LACUNA_")},
+        "PYTHONPATH": f"{REPO}{os.pathsep}{tmp_path}",
+        "HOST": "127.0.0.1",
+        "PORT": str(free_port()),
+        "LACUNA_WEBHOOK_SECRET": TEST_SECRET,
+        "LACUNA_DATABASE_URL": f"sqlite:///{tmp_path / 'escape.db'}",
+        "LACUNA_HANDLERS": "log,escaper_plugin:Handler",
+        "LACUNA_LOG_FORMAT": "json",
+        "ESCAPED_PATH": str(escaped),
+    }
+
+
+def test_a_process_a_plugin_left_in_a_session_of_its_own_does_not_hold_the_cli_output(
+    tmp_path: Path, escaped: Path
+) -> None:
+    """The process that checks a plugin had the command's own stdout and stderr: one the
+    plugin double-forked into a session of its own (setsid: beyond the group kill) kept
+    them open, and `lacuna-webhooks handlers 2>&1 | cat`, or anything capturing the output
+    through pipes, waited for it (60 s here). Now the check writes into a pipe the command
+    relays and stops reading; what the plugin prints still arrives, redacted."""
+    env = escape_env(tmp_path, escaped)
+    try:
+        done = subprocess.run(
+            [CLI, "handlers"], env=env, capture_output=True, text=True, timeout=20, check=False
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("handlers waited for the process the plugin left running")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "escaper" in done.stdout
+    pids = escaped_pids(escaped)
+    assert pids
+    assert any(running(pid) for pid in pids)  # it did escape: still there, sleeping
+    assert TEST_SECRET not in done.stdout + done.stderr
+    printed = [
+        line
+        for line in (json.loads(x) for x in done.stderr.splitlines() if x.startswith("{"))
+        if line.get("event") == "process.output"
+    ]
+    assert {(p["handler"], p["stream"], p["line"]) for p in printed} == {
+        ("check", "stdout", "escaper imported, secret **********")
+    }
 
 
 SLOW = textwrap.dedent(

@@ -1,6 +1,7 @@
 """The frames of ``child.py``, shared by the SQLite writer process and the handler workers:
-each reader's own bound, EOF inside a frame, over a real socket pair; and a worker that
-finds its parent gone at start."""
+each reader's own bound, EOF inside a frame, over a real socket pair; a worker that
+finds its parent gone at start; and ``OutputRelay``, a child's output relayed through a pipe
+of its parent's, with real processes writing to it."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 
 import pytest
 
-from lacuna_webhooks.child import frame, read_frame, read_frame_blocking
+from lacuna_webhooks import child
+from lacuna_webhooks.child import OutputRelay, frame, read_frame, read_frame_blocking
 from lacuna_webhooks.dispatch import workers
 from lacuna_webhooks.store.sqlite import process
 
@@ -106,3 +109,84 @@ def test_a_worker_whose_parent_is_already_gone_exits_before_doing_anything(
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == ("went on" if started_by_parent else "")
+
+
+#: A child writing whole lines, a line over the (lowered) bound, and a last line without its
+#: newline, on its stdout and its stderr.
+WRITER = (
+    "import os\n"
+    "os.write(1, b'first\\n')\n"
+    "os.write(2, b'x' * 250 + b'\\nsecond\\n')\n"
+    "os.write(1, b'last, no newline')\n"
+)
+EXPECTED = "first\n" + "x" * 100 + "\nsecond\nlast, no newline\n"
+
+
+def test_a_childs_output_is_relayed_in_whole_lines_each_bounded(
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(child, "MAX_RELAY_LINE_BYTES", 100)
+    relay = OutputRelay()
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER], stdout=relay.write_fd, stderr=relay.write_fd
+    )
+    relay.close_write_end()
+    relay.start_thread()
+    assert writer.wait(timeout=60) == 0
+    relay.close()
+    assert capfd.readouterr().err == EXPECTED
+
+
+async def test_the_running_loop_relays_the_same(
+    capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(child, "MAX_RELAY_LINE_BYTES", 100)
+    relay = OutputRelay()
+    writer = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", WRITER, stdout=relay.write_fd, stderr=relay.write_fd
+    )
+    relay.close_write_end()
+    relay.start_on_loop()
+    assert await asyncio.wait_for(writer.wait(), 60) == 0
+    deadline = time.monotonic() + 10
+    relayed = ""
+    while "second" not in relayed and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)  # read by the loop, as it comes
+        relayed += capfd.readouterr().err
+    relay.close()  # and the line without its newline at the end
+    assert relayed + capfd.readouterr().err == EXPECTED
+
+
+def test_a_process_left_holding_the_pipe_keeps_nobody_waiting(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """A process in a session of its own (as one a plugin double-forked) holds the write end
+    and sleeps: ``close`` does not wait for it, and once closed it holds a pipe nobody reads
+    (EPIPE), nothing of this process's."""
+    relay = OutputRelay()
+    spare = os.dup(relay.write_fd)  # the holder's end, seen from here
+    sleeper = subprocess.Popen(
+        [sys.executable, "-c", "import os, time\nos.write(1, b'hello\\n')\ntime.sleep(60)\n"],
+        stdout=relay.write_fd,
+        stderr=relay.write_fd,
+        start_new_session=True,
+    )
+    try:
+        relay.close_write_end()
+        relay.start_thread()
+        deadline = time.monotonic() + 30
+        relayed = ""
+        while "hello" not in relayed and time.monotonic() < deadline:
+            time.sleep(0.05)
+            relayed += capfd.readouterr().err
+        assert relayed == "hello\n"
+        started = time.monotonic()
+        relay.close()
+        assert time.monotonic() - started < 1.0
+        assert sleeper.poll() is None  # still there, still holding its end
+        with pytest.raises(BrokenPipeError):
+            os.write(spare, b"nobody reads this\n")
+    finally:
+        os.close(spare)
+        sleeper.kill()
+        sleeper.wait()
