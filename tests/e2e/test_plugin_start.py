@@ -588,6 +588,53 @@ def test_a_process_a_plugin_left_in_a_session_of_its_own_does_not_hold_the_cli_o
     }
 
 
+def test_a_process_a_plugin_left_in_a_session_of_its_own_does_not_hold_serves_output(
+    tmp_path: Path, escaped: Path
+) -> None:
+    """The same for `serve` under something that reads its output through a pipe (a
+    supervisor, `serve 2>&1 | cat`): the plugin's check process, and then its handler's
+    worker process, each leave a process in a session of its own; after SIGTERM serve
+    exits, and its output ends with it."""
+    env = escape_env(tmp_path, escaped)
+    proc = subprocess.Popen(
+        [CLI, "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        base = f"http://127.0.0.1:{env['PORT']}"
+
+        def ready() -> bool:
+            assert proc.poll() is None, proc.returncode
+            try:
+                return httpx.get(f"{base}/readyz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(ready, what="serve to be ready")
+        # One left by the check at start, one by the handler's worker process.
+        wait_until(lambda: len(escaped_pids(escaped)) >= 2, what="the escaped processes")
+        proc.send_signal(signal.SIGTERM)
+        try:
+            output, _ = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            pytest.fail("serve's output stayed open: a process the plugin left holds it")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        assert proc.stdout is not None
+        proc.stdout.close()
+    assert proc.returncode == 0, output[-2000:]
+    assert all(running(pid) for pid in escaped_pids(escaped))  # still there, still asleep
+    log = output.decode(errors="replace")
+    assert TEST_SECRET not in log
+    handlers = {
+        line["handler"]
+        for line in (json.loads(x) for x in log.splitlines() if x.startswith("{"))
+        if line.get("event") == "process.output"
+    }
+    assert handlers == {"check", "escaper"}  # the check's and the worker's, relayed
+
+
 SLOW = textwrap.dedent(
     """
     import os, time

@@ -59,8 +59,9 @@ from typing import Any
 import orjson
 import structlog
 
-from ..child import frame, read_frame, start_child
+from ..child import OutputRelay, frame, read_frame, start_child
 from ..config import Settings
+from ..logs import resolved_format
 from ..metrics import Metrics
 from ..models import Delivery
 from ..plugins import HandlerSet
@@ -124,7 +125,8 @@ def worker_specs(settings: Settings, handlers: HandlerSet) -> list[WorkerSpec]:
             environ=dict(settings.environ),
             allow_private_urls=settings.allow_private_urls,
             timeout_seconds=handlers.timeouts.get(name, settings.handler_timeout_seconds),
-            log_format=settings.log_format,
+            # "auto": ours, the console format on a terminal (the worker's output is a pipe)
+            log_format=resolved_format(settings.log_format),
             log_level=settings.log_level,
             sys_path=tuple(sys.path),
         )
@@ -160,17 +162,19 @@ class _Attempt:
 
 
 class _Child:
-    """One running worker process and its socket."""
+    """One running worker process, its socket and its output."""
 
     def __init__(
         self,
         proc: asyncio.subprocess.Process,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
+        output: OutputRelay,
     ) -> None:
         self.proc = proc
         self.reader = reader
         self.writer = writer
+        self.output = output
         self.attempts: dict[int, _Attempt] = {}
         self.overrun: set[int] = set()  # attempts it was killed for
         self.cancelled: set[int] = set()  # attempts cancelled at a stop
@@ -203,6 +207,9 @@ class _Child:
             await self.writer.wait_closed()
         code = await self.proc.wait()
         self.end_group()  # also after a clean exit: what the handler left running
+        # Its last lines relayed; a process it left outside its group (setsid) holds only
+        # the pipe, no longer read, never serve's own output.
+        self.output.close()
         return code
 
 
@@ -360,14 +367,19 @@ class HandlerWorker:
 
     async def _spawn(self) -> _Child | None:
         parent, theirs = socket.socketpair()
+        # The worker's output (its log lines) comes through serve (child.OutputRelay): a
+        # process its handler starts in a session of its own must not hold serve's stderr.
+        output = OutputRelay()
         try:
-            proc = await start_child("lacuna_webhooks.dispatch.worker_child", theirs)
+            proc = await start_child("lacuna_webhooks.dispatch.worker_child", theirs, output)
         except OSError as exc:
             parent.close()
+            output.close()
             self._log.error("handler_worker.start_failed", error=str(exc))
             return None
+        output.start_on_loop()
         reader, writer = await asyncio.open_unix_connection(sock=parent)
-        child = _Child(proc, reader, writer)
+        child = _Child(proc, reader, writer, output)
         try:
             child.send(("hello", self.spec))
             async with asyncio.timeout(START_TIMEOUT_SECONDS):
