@@ -221,22 +221,31 @@ class OutputRelay:
         return True
 
     def _relay(self, data: bytes) -> None:
-        lines: list[bytes] = []
-        *complete, rest = data.split(b"\n")
-        for piece in complete:
-            if self._dropping:
-                self._dropping = False  # the newline that ends the line cut short
-                continue
-            self._pending += piece
-            lines.append(bytes(self._pending[:MAX_RELAY_LINE_BYTES]) + b"\n")
-            self._pending.clear()
-        if not self._dropping:
-            self._pending += rest
-            if len(self._pending) > MAX_RELAY_LINE_BYTES:
-                lines.append(bytes(self._pending[:MAX_RELAY_LINE_BYTES]) + b"\n")
-                self._pending.clear()
-                self._dropping = True
-        _to_stderr(b"".join(lines))
+        # A few steps per read, not per line (a read is shorter than the line cap): a handler
+        # printing without pause must cost serve's event loop little more than the copy.
+        first = data.find(b"\n")
+        if first < 0:  # the line in progress goes on
+            if not self._dropping:
+                self._pending += data
+                if len(self._pending) > MAX_RELAY_LINE_BYTES:
+                    _to_stderr(bytes(self._pending[:MAX_RELAY_LINE_BYTES]) + b"\n")
+                    self._pending.clear()
+                    self._dropping = True
+            return
+        out: list[bytes] = []
+        if self._dropping:
+            self._dropping = False  # the newline that ends the line cut short
+        else:
+            self._pending += data[:first]
+            out.append(bytes(self._pending[:MAX_RELAY_LINE_BYTES]) + b"\n")
+        last = data.rfind(b"\n")
+        if last - first <= MAX_RELAY_LINE_BYTES:  # the lines between: none can be too long
+            out.append(data[first + 1 : last + 1])
+        else:
+            for line in data[first + 1 : last].split(b"\n"):
+                out.append(line[:MAX_RELAY_LINE_BYTES] + b"\n")
+        self._pending[:] = data[last + 1 :]
+        _to_stderr(b"".join(out))
 
 
 def _to_stderr(data: bytes) -> None:
