@@ -7,6 +7,8 @@ then, by the event id's prefix:
 
 - ``evt_sleep_``: ``time.sleep(LACUNA_MISBEHAVING_BLOCK)``, blocking its event loop;
 - ``evt_spin_``: a CPU loop for ``LACUNA_MISBEHAVING_BLOCK`` seconds, never yielding;
+- ``evt_flood_``: prints 200-character lines without pause for ``LACUNA_MISBEHAVING_BLOCK``
+  seconds (its output goes through ``serve``, which relays it), never yielding;
 - ``evt_raise_<Name>``: raises ``SystemExit(0)``, ``KeyboardInterrupt``,
   ``GeneratorExit``, ``CancelledError``, ``Custom`` (a ``BaseException`` subclass) or
   ``Unprintable`` (an exception whose ``__str__`` raises), ``MetaName`` (its class's
@@ -197,6 +199,11 @@ class Misbehaving:
         elif event.id.startswith("evt_delay_"):
             delay = DELAYS[event.id.removeprefix("evt_delay_")]
             raise RetryLater("busy", delay_seconds=delay)  # type: ignore[arg-type]
+        elif event.id.startswith("evt_flood_"):
+            end = time.monotonic() + self.block_seconds
+            while time.monotonic() < end:
+                for _ in range(100):
+                    print("flood " + "x" * 194)
         elif event.id.startswith("evt_print_"):
             secret = os.environ["LACUNA_WEBHOOK_SECRET"]
             print(f"plugin debug: secret={secret}")  # a careless plugin is the point

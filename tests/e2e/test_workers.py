@@ -125,6 +125,26 @@ def test_a_blocking_handler_stalls_neither_intake_nor_healthz(
     assert serve.proc.poll() is None
 
 
+def test_a_handler_printing_without_pause_stalls_neither_intake_nor_healthz(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """A worker's output comes through ``serve``, which relays it (so that no process a
+    handler starts holds ``serve``'s own stderr): while a handler prints without pause,
+    webhooks and /healthz keep answering within the bound, and its lines reach the log."""
+    out = tmp_path / "started.txt"
+    serve = serve_factory(
+        plugin_env(tmp_path, LACUNA_MISBEHAVING_TIMEOUT="60", LACUNA_MISBEHAVING_BLOCK="10")
+    ).start()
+    flood = "evt_flood_1"
+    assert send(serve, flood).status_code == 200
+    wait_until(lambda: flood in started_ids(out), what="the flooding attempt to start")
+    wait_until(lambda: "flood xxxx" in serve.log(), what="its lines relayed")
+    assert_intake_answers(serve, "flood", count=20)
+    assert attempts_of(serve, flood) == []  # the probes ran while it still printed
+    assert serve.proc is not None
+    assert serve.proc.poll() is None
+
+
 def test_a_handler_failing_fast_stalls_neither_intake_nor_healthz(
     serve_factory: type[Serve], tmp_path: Path
 ) -> None:
