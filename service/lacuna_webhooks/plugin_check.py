@@ -116,19 +116,26 @@ def _ask(task: tuple[str, Any], items: Sequence[str], log_format: str, log_level
 
     # "auto" is the console format on a terminal: ours, not the child's pipe.
     log_format = resolved_format(log_format)
-    ours, theirs = socket.socketpair()
-    # Its output (its log lines: what the plugin prints is logged there) is relayed, never
-    # written to this process's own stdout and stderr, which a process the plugin started in
-    # a session of its own would hold open past the check (child.OutputRelay).
-    output = OutputRelay()
+    try:
+        ours, theirs = socket.socketpair()
+        try:
+            # Its output (its log lines: what the plugin prints is logged there) is relayed,
+            # never written to this process's own stdout and stderr, which a process the
+            # plugin started in a session of its own would hold open past the check
+            # (child.OutputRelay).
+            output = OutputRelay()
+        except OSError:
+            ours.close()
+            theirs.close()
+            raise
+    except OSError as exc:  # out of descriptors (EMFILE), say: nothing is left open
+        raise ConfigError(_not_started(exc)) from None
     try:
         proc = start_child_blocking("lacuna_webhooks.plugin_check", theirs, output)
     except OSError as exc:
         ours.close()
         output.close()
-        raise ConfigError(
-            f"LACUNA_HANDLERS: the process that checks the handler plugins did not start: {exc}"
-        ) from None
+        raise ConfigError(_not_started(exc)) from None
     output.start_thread()
     loading: str | None = None
     loaded = 0  # how many of `items` the child said it is loading, or loaded
@@ -177,6 +184,10 @@ def _ask(task: tuple[str, Any], items: Sequence[str], log_format: str, log_level
             _stop(proc, EXIT_GRACE_SECONDS if answered else 0.0)
         finally:
             output.close()  # what the child wrote is relayed; a process it left gets EPIPE
+
+
+def _not_started(exc: OSError) -> str:
+    return f"LACUNA_HANDLERS: the process that checks the handler plugins did not start: {exc}"
 
 
 class _Frames:

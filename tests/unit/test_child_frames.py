@@ -6,6 +6,7 @@ of its parent's, with real processes writing to it."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import signal
 import socket
@@ -16,9 +17,10 @@ import time
 
 import pytest
 
-from lacuna_webhooks import child
+from lacuna_webhooks import child, plugin_check
 from lacuna_webhooks.child import OutputRelay, frame, read_frame, read_frame_blocking
 from lacuna_webhooks.dispatch import workers
+from lacuna_webhooks.errors import ConfigError
 from lacuna_webhooks.store.sqlite import process
 
 
@@ -190,3 +192,48 @@ def test_a_process_left_holding_the_pipe_keeps_nobody_waiting(
         os.close(spare)
         sleeper.kill()
         sleeper.wait()
+
+
+def _out_of_descriptors() -> OutputRelay:
+    raise OSError(errno.EMFILE, "Too many open files")
+
+
+async def test_a_worker_whose_output_pipe_cannot_be_made_is_started_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``os.pipe()`` failing (EMFILE) in ``_spawn`` raised out of the supervisor, which ended:
+    the handler had no worker for as long as serve ran. Now a failed start, tried again after
+    the backoff, its socket pair closed."""
+    monkeypatch.setattr(workers, "OutputRelay", _out_of_descriptors)
+    monkeypatch.setattr(workers, "RESTART_DELAYS_SECONDS", (0.01,))
+    spec = workers.WorkerSpec(
+        name="log",
+        item="log",
+        environ={},
+        allow_private_urls=False,
+        timeout_seconds=5.0,
+        log_format="json",
+        log_level="info",
+    )
+    worker = workers.HandlerWorker(spec, on_ready=lambda: None)
+    fds = len(os.listdir("/proc/self/fd"))
+    worker.start()
+    supervisor = worker._supervisor
+    assert supervisor is not None
+    await asyncio.wait({supervisor}, timeout=0.5)  # tries again every 10 ms meanwhile
+    ended = supervisor.exception() if supervisor.done() else None
+    assert ended is None
+    assert worker.restarts >= 3
+    assert len(os.listdir("/proc/self/fd")) == fds
+    await worker.close()
+
+
+def test_a_check_whose_output_pipe_cannot_be_made_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The same at the plugin check: a ``ConfigError`` naming why, its socket pair closed."""
+    monkeypatch.setattr(plugin_check, "OutputRelay", _out_of_descriptors)
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(ConfigError, match=r"did not start: .*Too many open files"):
+        plugin_check._ask(("build", None), [], "json", "info")
+    assert len(os.listdir("/proc/self/fd")) == fds

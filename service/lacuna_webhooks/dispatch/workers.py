@@ -366,10 +366,22 @@ class HandlerWorker:
             self._metrics.worker_restarts.labels(self.spec.name, reason).inc()
 
     async def _spawn(self) -> _Child | None:
-        parent, theirs = socket.socketpair()
-        # The worker's output (its log lines) comes through serve (child.OutputRelay): a
-        # process its handler starts in a session of its own must not hold serve's stderr.
-        output = OutputRelay()
+        try:
+            parent, theirs = socket.socketpair()
+            try:
+                # The worker's output (its log lines) comes through serve (child.OutputRelay):
+                # a process its handler starts in a session of its own must not hold serve's
+                # stderr.
+                output = OutputRelay()
+            except OSError:
+                parent.close()
+                theirs.close()
+                raise
+        except OSError as exc:
+            # Out of descriptors (EMFILE), say: a start that failed, tried again after the
+            # backoff. Raised, it ended the supervisor: the handler had no worker for good.
+            self._log.error("handler_worker.start_failed", error=str(exc))
+            return None
         try:
             proc = await start_child("lacuna_webhooks.dispatch.worker_child", theirs, output)
         except OSError as exc:
