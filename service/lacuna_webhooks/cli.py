@@ -2325,7 +2325,15 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     before it returns, so that an error writing it is reported here, as one line."""
     stdout = sys.stdout
     if stdout is None:
-        _reserve_stdout_descriptor()
+        _reserve_descriptor(1)
+    if sys.stderr is None:
+        # `serve 2>&-`: its log lines (and its workers' relayed output) go nowhere, but do
+        # go: logging configured on no stderr ended serve at its start (AttributeError).
+        _reserve_descriptor(2)
+        with contextlib.suppress(OSError):
+            sys.stderr = open(  # noqa: SIM115 - the process's stderr, open as long as it runs
+                2, "w", encoding="utf-8", errors="backslashreplace", buffering=1, closefd=False
+            )
     guarded = _GuardedStdout(stdout)
     sys.stdout = guarded
     try:
@@ -2349,17 +2357,18 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
             sys.stdout = stdout
 
 
-def _reserve_stdout_descriptor() -> None:
-    """Open /dev/null as descriptor 1 when it is closed (``>&-``: Python's ``sys.stdout`` is
-    ``None``), so that no file the command opens (the database) becomes descriptor 1, where a
-    program it starts would write its output."""
+def _reserve_descriptor(fd: int) -> None:
+    """Open /dev/null as descriptor ``fd`` (1 or 2) when it is closed (``>&-``, ``2>&-``:
+    Python's ``sys.stdout`` or ``sys.stderr`` is ``None``), so that no file the command opens
+    (the database, a child's output pipe) becomes that descriptor, where a program it starts
+    would write its output."""
     try:
-        os.fstat(1)
+        os.fstat(fd)
     except OSError:
         with contextlib.suppress(OSError):
             devnull = os.open(os.devnull, os.O_WRONLY)
-            if devnull != 1:
-                os.dup2(devnull, 1)
+            if devnull != fd:
+                os.dup2(devnull, fd)
                 os.close(devnull)
 
 

@@ -665,3 +665,36 @@ def test_a_forged_start_failure_is_logged_bounded(
     (line, *_) = [line for line in serve.log().splitlines() if "start_failed" in line]
     assert "FFFF" in line
     assert len(line) < 3000
+
+
+def test_serve_with_its_stderr_closed_starts_takes_webhooks_and_stops_0(tmp_path: Path) -> None:
+    """``serve 2>&-``: configuring its logs on no stderr (``sys.stderr`` is ``None``) ended
+    it at its start with exit 1. Now its lines, and what it relays of a flooding handler's
+    worker, go to /dev/null; intake answers, and SIGTERM ends it with 0."""
+    serve = Serve(tmp_path, plugin_env(tmp_path, LACUNA_MISBEHAVING_BLOCK="3"))
+    serve.proc = subprocess.Popen(
+        ["sh", "-c", f'exec "{CLI}" serve 2>&-'],
+        cwd=tmp_path,
+        env=serve.env,
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(
+            lambda: serve.proc is not None and (serve.proc.poll() is not None or ready(serve)),
+            what="serve to be ready or to end",
+        )
+        assert serve.proc.poll() is None, f"serve exited with {serve.proc.returncode}"
+        out = tmp_path / "started.txt"
+        assert send(serve, "evt_flood_1").status_code == 200
+        wait_until(lambda: "evt_flood_1" in started_ids(out), what="the flooding attempt")
+        assert_intake_answers(serve, "stderr_closed", count=3)
+        serve.signal(signal.SIGTERM)
+        assert serve.wait(60) == 0
+    finally:
+        serve.stop()
+
+
+def ready(serve: Serve) -> bool:
+    with contextlib.suppress(httpx.HTTPError):
+        return httpx.get(f"{serve.base_url}/readyz", timeout=1).status_code == 200
+    return False
