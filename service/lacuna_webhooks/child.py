@@ -199,7 +199,7 @@ class OutputRelay:
         try:
             self._read(MAX_FINAL_RELAY_BYTES)
             if self._pending and not self._dropping:
-                _to_stderr(bytes(self._pending) + b"\n")  # a last line without its newline
+                self._emit(bytes(self._pending) + b"\n")  # a last line without its newline
             self._pending.clear()
         finally:
             os.close(self._read_fd)
@@ -228,7 +228,7 @@ class OutputRelay:
             if not self._dropping:
                 self._pending += data
                 if len(self._pending) > MAX_RELAY_LINE_BYTES:
-                    _to_stderr(bytes(self._pending[:MAX_RELAY_LINE_BYTES]) + b"\n")
+                    self._emit(bytes(self._pending[:MAX_RELAY_LINE_BYTES]) + b"\n")
                     self._pending.clear()
                     self._dropping = True
             return
@@ -245,7 +245,39 @@ class OutputRelay:
             for line in data[first + 1 : last].split(b"\n"):
                 out.append(line[:MAX_RELAY_LINE_BYTES] + b"\n")
         self._pending[:] = data[last + 1 :]
-        _to_stderr(b"".join(out))
+        self._emit(b"".join(out))
+
+    def _emit(self, data: bytes) -> None:
+        if self._loop is not None:
+            _to_stderr_unless_full(data)
+        else:
+            _to_stderr(data)
+
+
+def _to_stderr_unless_full(data: bytes) -> None:
+    """``_to_stderr`` for the event loop, which must never wait for a reader of this
+    process's standard error: whole lines, a few KiB at a time, each while that stderr
+    takes more without waiting (a pipe or socket read slowly); the lines it cannot take
+    now are dropped. A slow reader of serve's output (a pipe into a slow program) let a
+    flooding handler stall /healthz and intake for seconds at a time."""
+    stream = sys.stderr
+    if not data or stream is None:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        stream.flush()  # what its text layer holds goes first
+        fd = stream.fileno()
+        start = 0
+        while start < len(data):
+            _, writable, _ = select.select([], [fd], [], 0)
+            if not writable:
+                return  # backed up: the rest is dropped, not waited for
+            end = data.rfind(b"\n", start, start + select.PIPE_BUF) + 1
+            if end <= start:  # a line longer than that: the whole of it
+                end = data.find(b"\n", start) + 1 or len(data)
+            view = memoryview(data)[start:end]
+            while view:  # one atomic write for a pipe with room, unless the line is long
+                view = view[os.write(fd, view) :]
+            start = end
 
 
 def _to_stderr(data: bytes) -> None:

@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -698,3 +699,35 @@ def ready(serve: Serve) -> bool:
     with contextlib.suppress(httpx.HTTPError):
         return httpx.get(f"{serve.base_url}/readyz", timeout=1).status_code == 200
     return False
+
+
+def test_a_flooding_handler_and_a_slow_reader_of_serves_output_stall_no_route(
+    tmp_path: Path,
+) -> None:
+    """serve's stderr a pipe read slowly (into a slow program): the relay wrote a flooding
+    handler's lines on serve's event loop, waiting for that reader each time, and /healthz
+    took seconds. Now what stderr cannot take at once is dropped."""
+    serve = Serve(tmp_path, plugin_env(tmp_path, LACUNA_MISBEHAVING_BLOCK="10"))
+    serve.proc = subprocess.Popen(
+        [CLI, "serve"], cwd=tmp_path, env=serve.env, stderr=subprocess.PIPE
+    )
+    err = serve.proc.stderr
+    assert err is not None
+
+    def read_slowly() -> None:
+        with contextlib.suppress(OSError, ValueError):
+            while err.read1(4096):
+                time.sleep(0.05)  # about 80 KB/s
+
+    threading.Thread(target=read_slowly, daemon=True).start()
+    try:
+        wait_until(lambda: ready(serve), what="serve to be ready")
+        out = tmp_path / "started.txt"
+        assert send(serve, "evt_flood_1").status_code == 200
+        wait_until(lambda: "evt_flood_1" in started_ids(out), what="the flooding attempt")
+        time.sleep(1)  # the pipe is full by now
+        assert_intake_answers(serve, "slow_reader", count=10)
+    finally:
+        serve.proc.kill()
+        serve.proc.wait()
+        err.close()
