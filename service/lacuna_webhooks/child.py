@@ -254,6 +254,21 @@ class OutputRelay:
             _to_stderr(data)
 
 
+def child_channels() -> tuple[socket.socket, socket.socket, OutputRelay]:
+    """What a child needs before it starts: a socket pair (ours, its end) and the relay of
+    its output (never this process's own stdout and stderr, which a process the child's
+    plugin code started in a session of its own would hold open: ``OutputRelay``).
+
+    Raises ``OSError`` (out of descriptors, EMFILE, say) with nothing left open."""
+    ours, theirs = socket.socketpair()
+    try:
+        return ours, theirs, OutputRelay()
+    except OSError:
+        ours.close()
+        theirs.close()
+        raise
+
+
 def _to_stderr_unless_full(data: bytes) -> None:
     """``_to_stderr`` for the event loop, which must never wait for a reader of this
     process's standard error: whole lines, a few KiB at a time, each while that stderr

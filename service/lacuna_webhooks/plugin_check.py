@@ -42,7 +42,13 @@ from typing import Any
 
 import orjson
 
-from .child import OutputRelay, begin_child, frame, read_frame_blocking, start_child_blocking
+from .child import (
+    begin_child,
+    child_channels,
+    frame,
+    read_frame_blocking,
+    start_child_blocking,
+)
 from .errors import ConfigError
 from .plugins import (
     MAX_PLUGIN_PROBLEMS,
@@ -117,17 +123,8 @@ def _ask(task: tuple[str, Any], items: Sequence[str], log_format: str, log_level
     # "auto" is the console format on a terminal: ours, not the child's pipe.
     log_format = resolved_format(log_format)
     try:
-        ours, theirs = socket.socketpair()
-        try:
-            # Its output (its log lines: what the plugin prints is logged there) is relayed,
-            # never written to this process's own stdout and stderr, which a process the
-            # plugin started in a session of its own would hold open past the check
-            # (child.OutputRelay).
-            output = OutputRelay()
-        except OSError:
-            ours.close()
-            theirs.close()
-            raise
+        # Its output (its log lines: what the plugin prints is logged there) is relayed.
+        ours, theirs, output = child_channels()
     except OSError as exc:  # out of descriptors (EMFILE), say: nothing is left open
         raise ConfigError(_not_started(exc)) from None
     try:

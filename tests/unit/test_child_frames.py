@@ -204,7 +204,7 @@ async def test_a_worker_whose_output_pipe_cannot_be_made_is_started_again(
     """``os.pipe()`` failing (EMFILE) in ``_spawn`` raised out of the supervisor, which ended:
     the handler had no worker for as long as serve ran. Now a failed start, tried again after
     the backoff, its socket pair closed."""
-    monkeypatch.setattr(workers, "OutputRelay", _out_of_descriptors)
+    monkeypatch.setattr(child, "OutputRelay", _out_of_descriptors)
     monkeypatch.setattr(workers, "RESTART_DELAYS_SECONDS", (0.01,))
     spec = workers.WorkerSpec(
         name="log",
@@ -232,7 +232,7 @@ def test_a_check_whose_output_pipe_cannot_be_made_is_a_config_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The same at the plugin check: a ``ConfigError`` naming why, its socket pair closed."""
-    monkeypatch.setattr(plugin_check, "OutputRelay", _out_of_descriptors)
+    monkeypatch.setattr(child, "OutputRelay", _out_of_descriptors)
     fds = len(os.listdir("/proc/self/fd"))
     with pytest.raises(ConfigError, match=r"did not start: .*Too many open files"):
         plugin_check._ask(("build", None), [], "json", "info")

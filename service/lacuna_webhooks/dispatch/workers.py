@@ -50,7 +50,6 @@ import itertools
 import os
 import pickle
 import signal
-import socket
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -59,7 +58,7 @@ from typing import Any
 import orjson
 import structlog
 
-from ..child import OutputRelay, frame, read_frame, start_child
+from ..child import OutputRelay, child_channels, frame, read_frame, start_child
 from ..config import Settings
 from ..logs import resolved_format
 from ..metrics import Metrics
@@ -367,16 +366,7 @@ class HandlerWorker:
 
     async def _spawn(self) -> _Child | None:
         try:
-            parent, theirs = socket.socketpair()
-            try:
-                # The worker's output (its log lines) comes through serve (child.OutputRelay):
-                # a process its handler starts in a session of its own must not hold serve's
-                # stderr.
-                output = OutputRelay()
-            except OSError:
-                parent.close()
-                theirs.close()
-                raise
+            parent, theirs, output = child_channels()
         except OSError as exc:
             # Out of descriptors (EMFILE), say: a start that failed, tried again after the
             # backoff. Raised, it ended the supervisor: the handler had no worker for good.
