@@ -271,28 +271,18 @@ def child_channels() -> tuple[socket.socket, socket.socket, OutputRelay]:
 
 def _to_stderr_unless_full(data: bytes) -> None:
     """``_to_stderr`` for the event loop, which must never wait for a reader of this
-    process's standard error: whole lines, a few KiB at a time, each while that stderr
-    takes more without waiting (a pipe or socket read slowly); the lines it cannot take
-    now are dropped. A slow reader of serve's output (a pipe into a slow program) let a
-    flooding handler stall /healthz and intake for seconds at a time."""
-    stream = sys.stderr
-    if not data or stream is None:
+    process's standard error: through its ``logs.stderr_sink`` (kept while the reader is
+    behind, dropped past the sink's bound). A slow reader of serve's output (a pipe into a
+    slow program) let a flooding handler stall /healthz and intake for seconds at a time."""
+    from .logs import stderr_sink
+
+    sink = stderr_sink()
+    if sink is None:
+        _to_stderr(data)  # no descriptor (a test's capture): nothing to wait for
         return
     with contextlib.suppress(OSError, ValueError):
-        stream.flush()  # what its text layer holds goes first
-        fd = stream.fileno()
-        start = 0
-        while start < len(data):
-            _, writable, _ = select.select([], [fd], [], 0)
-            if not writable:
-                return  # backed up: the rest is dropped, not waited for
-            end = data.rfind(b"\n", start, start + select.PIPE_BUF) + 1
-            if end <= start:  # a line longer than that: the whole of it
-                end = data.find(b"\n", start) + 1 or len(data)
-            view = memoryview(data)[start:end]
-            while view:  # one atomic write for a pipe with room, unless the line is long
-                view = view[os.write(fd, view) :]
-            start = end
+        sys.stderr.flush()  # what its text layer holds goes first
+    sink.write(data)
 
 
 def _to_stderr(data: bytes) -> None:

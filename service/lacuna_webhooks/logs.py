@@ -28,6 +28,7 @@ from typing import Any, BinaryIO, cast
 import orjson
 import structlog
 
+from .logsink import NonBlockingSink
 from .redact import mask_cut_secret, needs_redaction, redact_text, remember_secrets
 from .redact import redact_url as redact_url  # re-exported: where the handlers used to find it
 
@@ -484,7 +485,7 @@ def configure(
         structlog.configure(
             processors=[*shared, structlog.processors.format_exc_info, redact_event, renderer],
             wrapper_class=_batching(structlog.make_filtering_bound_logger(_LEVELS[level])),
-            logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+            logger_factory=structlog.PrintLoggerFactory(file=_stderr_text()),
             cache_logger_on_first_use=True,
         )
     else:
@@ -504,7 +505,7 @@ def configure(
             cache_logger_on_first_use=True,
         )
         _json_chain = chain
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(_stderr_text())
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
@@ -630,12 +631,80 @@ def _safe_repr(value: object) -> str | None:
 
 
 _BATCHED: dict[int, LoopBatchedFile] = {}
+_SINKS: dict[tuple[int, int, int], NonBlockingSink] = {}
+
+
+def stderr_sink() -> NonBlockingSink | None:
+    """The ``NonBlockingSink`` of this process's current ``sys.stderr`` (one per file it is
+    on), or ``None`` when that stream has no descriptor (a test's capture, a closed stream):
+    every log line, and the handler workers' output that ``serve`` relays, goes through it,
+    so that no reader of standard error, however slow, makes the process wait
+    (``logsink``)."""
+    stream = sys.stderr
+    if stream is None:
+        return None
+    try:
+        fd = stream.fileno()
+        info = os.fstat(fd)
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        return None
+    key = (fd, info.st_dev, info.st_ino)
+    sink = _SINKS.get(key)
+    if sink is None:
+        sink = _SINKS[key] = NonBlockingSink(fd, on_dropped=_report_dropped)
+    return sink
+
+
+def _report_dropped(lines: int) -> None:
+    structlog.get_logger("lacuna_webhooks.logs").warning(
+        "log.lines_dropped",
+        lines=lines,
+        reason="standard error's reader fell behind by more than the backlog bound",
+    )
+
+
+class _SinkText:
+    """A text stream over a ``NonBlockingSink`` for the stdlib handler and the console
+    renderer: what one thread writes is passed on whole at its ``flush`` (``print`` and
+    ``StreamHandler`` write a line and its newline apart, then flush)."""
+
+    def __init__(self, sink: NonBlockingSink, isatty: bool) -> None:
+        self._sink = sink
+        self._isatty = isatty
+        self._local = threading.local()
+
+    def write(self, text: str) -> int:
+        parts: list[str] | None = getattr(self._local, "parts", None)
+        if parts is None:
+            parts = self._local.parts = []
+        parts.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        parts: list[str] | None = getattr(self._local, "parts", None)
+        if parts:
+            data = "".join(parts).encode("utf-8", "backslashreplace")
+            parts.clear()
+            self._sink.write(data)
+
+    def isatty(self) -> bool:
+        return self._isatty
+
+
+def _stderr_text() -> Any:
+    """``sys.stderr``, or the same through its ``NonBlockingSink`` when it has one."""
+    sink = stderr_sink()
+    if sink is None:
+        return sys.stderr
+    return _SinkText(sink, isatty=bool(sys.stderr.isatty()))
 
 
 def _batched_stderr() -> LoopBatchedFile:
-    """One ``LoopBatchedFile`` per stderr stream (``configure`` may run more than once)."""
+    """One ``LoopBatchedFile`` per stderr stream (``configure`` may run more than once),
+    writing through the stream's ``NonBlockingSink`` when it has one."""
     raw = sys.stderr.buffer
+    target: Any = stderr_sink() or raw
     batched = _BATCHED.get(id(raw))
-    if batched is None or batched._raw is not raw:
-        batched = _BATCHED[id(raw)] = LoopBatchedFile(raw)
+    if batched is None or batched._raw is not target:
+        batched = _BATCHED[id(raw)] = LoopBatchedFile(target)
     return batched

@@ -1,0 +1,182 @@
+"""NonBlockingSink: a reader of standard error that stops reading never makes a write wait.
+
+Each descriptor kind is a real one (a pipe, a socket pair, a pseudo-terminal, a file) whose
+reader does not read while the writes are made; ``signal.alarm`` ends a write that waits,
+which is the defect, instead of hanging the suite."""
+
+from __future__ import annotations
+
+import os
+import pty
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from lacuna_webhooks import logsink
+from lacuna_webhooks.logsink import BACKLOG_BYTES, NonBlockingSink
+
+LINE = b"x" * 199 + b"\n"
+
+
+@contextmanager
+def no_wait_over(seconds: int) -> Iterator[None]:
+    """Fail (instead of hanging) if the block takes ``seconds``: a write that waited."""
+
+    def waited(signum: int, frame: object) -> None:
+        raise AssertionError(f"a write waited for the reader ({seconds} s)")
+
+    previous = signal.signal(signal.SIGALRM, waited)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def drain(read: Callable[[], bytes], until: Callable[[bytes], bool]) -> bytes:
+    got = bytearray()
+    deadline = time.monotonic() + 20
+    while not until(bytes(got)):
+        assert time.monotonic() < deadline, f"only {len(got)} bytes came"
+        got += read()
+    return bytes(got)
+
+
+def fill_then_read(sink: NonBlockingSink, read: Callable[[], bytes], reports: list[int]) -> bytes:
+    count = (BACKLOG_BYTES + 2 * 1024 * 1024) // len(LINE)
+    with no_wait_over(10):
+        for _ in range(count):
+            sink.write(LINE)
+    assert sink.dropped_total > 0  # past the backlog's bound, writes were dropped
+    kept = count - sink.dropped_total
+    got = drain(read, lambda data: data.count(b"\n") >= kept and bool(reports))
+    assert set(got.split(b"\n")[:-1]) == {LINE[:-1]}  # whole lines only, none cut
+    assert reports == [sink.dropped_total]
+    return got
+
+
+def test_a_pipe_nobody_reads_never_makes_a_write_wait() -> None:
+    read_end, write_end = os.pipe()
+    reports: list[int] = []
+    try:
+        sink = NonBlockingSink(write_end, on_dropped=reports.append)
+        assert sink.mode == "nonblocking"
+        fill_then_read(sink, lambda: os.read(read_end, 65536), reports)
+        sink.close()
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_the_inherited_pipe_stays_blocking() -> None:
+    """The flag is on a description of the sink's own: the shell and the other processes
+    sharing the original one would otherwise see EAGAIN."""
+    read_end, write_end = os.pipe()
+    try:
+        NonBlockingSink(write_end).close()
+        assert os.get_blocking(write_end)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_a_pipe_that_cannot_be_opened_again_is_written_while_it_has_room(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where /proc refuses a description of our own (a pipe another user made), writes of
+    PIPE_BUF while select says there is room, which a pipe takes without waiting."""
+    read_end, write_end = os.pipe()
+
+    def refused(path: str, flags: int, mode: int = 0o777) -> int:
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(logsink.os, "open", refused)
+    reports: list[int] = []
+    try:
+        sink = NonBlockingSink(write_end, on_dropped=reports.append)
+        assert sink.mode == "pipe"
+        fill_then_read(sink, lambda: os.read(read_end, 65536), reports)
+        sink.close()
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_a_socket_nobody_reads_never_makes_a_write_wait() -> None:
+    ours, theirs = socket.socketpair()
+    reports: list[int] = []
+    try:
+        sink = NonBlockingSink(ours.fileno(), on_dropped=reports.append)
+        assert sink.mode == "socket"
+        fill_then_read(sink, lambda: theirs.recv(65536), reports)
+        sink.close()
+    finally:
+        ours.close()
+        theirs.close()
+
+
+def test_a_terminal_nobody_reads_never_makes_a_write_wait() -> None:
+    """A terminal whose output is not read (or paused with Ctrl-S) fills its buffer."""
+    master, slave = pty.openpty()
+    reports: list[int] = []
+    try:
+        sink = NonBlockingSink(slave, on_dropped=reports.append)
+        with no_wait_over(10):
+            for _ in range((BACKLOG_BYTES // len(LINE)) + 2000):
+                sink.write(LINE)
+        assert sink.dropped_total > 0
+        sink.close(wait=0)
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_a_file_takes_every_write(tmp_path: Path) -> None:
+    with (tmp_path / "log").open("wb") as file:
+        sink = NonBlockingSink(file.fileno())
+        assert sink.mode == "file"
+        for _ in range(1000):
+            sink.write(LINE)
+    assert (tmp_path / "log").read_bytes() == LINE * 1000
+
+
+def test_a_reader_that_is_gone_is_not_an_error() -> None:
+    read_end, write_end = os.pipe()
+    sink = NonBlockingSink(write_end)
+    os.close(read_end)
+    try:
+        assert sink.write(LINE) == len(LINE)  # EPIPE: dropped, never raised
+    finally:
+        os.close(write_end)
+
+
+def test_writes_from_many_threads_keep_each_threads_order() -> None:
+    read_end, write_end = os.pipe()
+    sink = NonBlockingSink(write_end)
+
+    def writer(n: int) -> None:
+        for i in range(2000):
+            sink.write(b"%d %06d\n" % (n, i))
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    try:
+        for thread in threads:
+            thread.start()
+        got = drain(lambda: os.read(read_end, 65536), lambda d: d.count(b"\n") >= 8000)
+        for thread in threads:
+            thread.join()
+        lines = got.split(b"\n")[:-1]
+        for n in range(4):
+            mine = [line for line in lines if line.startswith(b"%d " % n)]
+            assert mine == [b"%d %06d" % (n, i) for i in range(2000)]
+        sink.close()
+    finally:
+        os.close(read_end)
+        os.close(write_end)
