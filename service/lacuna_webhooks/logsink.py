@@ -151,8 +151,7 @@ class NonBlockingSink:
         POSIX), each while ``select`` says it takes more."""
         start = 0
         while start < len(data):
-            _, writable, _ = select.select([], [self._fd], [], 0)
-            if not writable:
+            if not _writable(self._fd, 0):
                 break
             start += os.write(self._fd, memoryview(data)[start : start + select.PIPE_BUF])
         return start
@@ -168,9 +167,9 @@ class NonBlockingSink:
         fd = self._sock.fileno() if self._sock is not None else self._fd
         while True:
             try:
-                _, writable, _ = select.select([], [fd], [], _POLL_SECONDS)
+                writable = _writable(fd, _POLL_SECONDS)
             except (OSError, ValueError):
-                writable = []
+                writable = False
                 self._closing.set()
             with self._lock:
                 if writable:
@@ -192,6 +191,17 @@ class NonBlockingSink:
                     break
         if dropped and self._on_dropped is not None and not self._closing.is_set():
             self._on_dropped(dropped)
+
+
+def _writable(fd: int, timeout: float) -> bool:
+    """Whether ``fd`` takes a write without waiting, waiting up to ``timeout`` seconds
+    (``poll``, not ``select``: a descriptor may be numbered past ``FD_SETSIZE``)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(
+        events & (select.POLLOUT | select.POLLERR | select.POLLHUP)
+        for _, events in poller.poll(timeout * 1000)
+    )
 
 
 def _mode_of(fd: int) -> str:
