@@ -587,7 +587,9 @@ class Dispatcher:
     async def _with_results(self, delivery: Delivery, after: tuple[str, ...]) -> Delivery:
         """The delivery with its prerequisites' results (SPEC §6): one key per handler in
         ``after``; ``None`` for one that recorded no result or has no delivery of the event."""
-        rows = await self.store.list_deliveries(event_id=delivery.event.id, limit=1000)
+        rows = await self.store.list_deliveries(
+            event_id=delivery.event.id, limit=1000, dispatching=True
+        )
         found = {row.handler: row.result for row in rows if row.handler in after}
         return dataclasses.replace(delivery, results={h: found.get(h) for h in after})
 

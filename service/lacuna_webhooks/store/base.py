@@ -486,9 +486,13 @@ class Store(Protocol):
         event_id: str | None = None,
         limit: int = 50,
         before: int | None = None,
+        dispatching: bool = False,
     ) -> list[DeliveryRecord]:
         """Newest first (by id); with ``before``, only deliveries whose id is smaller (the
-        admin API's cursor)."""
+        admin API's cursor). ``dispatching``: the dispatcher's own read (the results of an
+        event's earlier handlers); on SQLite it runs on the writer's connection, never behind
+        an admin search on the reader, and every other read (the admin's, the console's)
+        runs on the reader, never in the writer's queue. Other backends ignore it."""
 
     async def list_attempts(self, delivery_id: int) -> list[AttemptRecord]:
         """Oldest first."""

@@ -594,8 +594,10 @@ class MemoryStore:
         event_id: str | None = None,
         limit: int = 50,
         before: int | None = None,
+        dispatching: bool = False,
     ) -> list[DeliveryRecord]:
-        """Newest first (by id, which follows creation)."""
+        """Newest first (by id, which follows creation). ``dispatching`` changes nothing
+        here (see ``Store.list_deliveries``)."""
         async with self._lock:
             self._check()
             rows = sorted(self._deliveries.values(), key=lambda r: r.id, reverse=True)

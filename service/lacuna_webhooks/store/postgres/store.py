@@ -567,8 +567,10 @@ class PostgresStore:
         event_id: str | None = None,
         limit: int = 50,
         before: int | None = None,
+        dispatching: bool = False,
     ) -> list[DeliveryRecord]:
-        """Newest first (by id, which follows creation)."""
+        """Newest first (by id, which follows creation). ``dispatching`` changes nothing
+        here (see ``Store.list_deliveries``)."""
         return await self._run(
             outbox.list_deliveries, status, handler, event_id, limit, before, write=False
         )

@@ -349,12 +349,15 @@ class SQLiteStore:
         event_id: str | None = None,
         limit: int = 50,
         before: int | None = None,
+        dispatching: bool = False,
     ) -> list[DeliveryRecord]:
         args = (status, handler, event_id, limit, before)
-        if event_id is not None:
-            # One event's deliveries: an index lookup the dispatcher makes for AFTER results;
-            # it must not wait behind an admin search on the reader.
+        if dispatching:
+            # The dispatcher's lookup of one event's AFTER results: it must not wait behind
+            # an admin search on the reader.
             return await self._read(outbox.list_deliveries, *args)
+        # Everyone else's (the admin API's one event, task and listings, the console's rows):
+        # on the reader, never a job in the writer's queue ahead of intake's accepts.
         return await self._reader.run(read, outbox.list_deliveries, *args)
 
     async def list_attempts(self, delivery_id: int) -> list[AttemptRecord]:
