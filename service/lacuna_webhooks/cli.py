@@ -490,6 +490,7 @@ def _admin_listener(
     import uvicorn
 
     from .admin import AdminContext, create_admin_app
+    from .admin.app import REFUSAL_HEADERS
     from .config import listeners_clash
     from .metrics import Metrics
     from .server import ADMIN_SHARE, server_config
@@ -508,7 +509,13 @@ def _admin_listener(
     ctx = AdminContext(settings=settings, store=store, handlers=handlers, metrics=metrics)
     # Its own Metrics for the HTTP layer: the admin's refusals are not the webhook route's.
     config = server_config(
-        create_admin_app(ctx), settings, Metrics(), host=host, port=port, share=ADMIN_SHARE
+        create_admin_app(ctx),
+        settings,
+        Metrics(),
+        host=host,
+        port=port,
+        share=ADMIN_SHARE,
+        refusal_headers=REFUSAL_HEADERS,
     )
     sockets = _bind(host, port, "for the admin API (LACUNA_ADMIN_HOST, LACUNA_ADMIN_PORT)")
 

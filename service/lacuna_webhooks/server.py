@@ -39,7 +39,7 @@ import functools
 import logging
 import resource
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -157,9 +157,11 @@ async def _no_io(*args: Any) -> Any:
 
 class _Shared:
     """What every connection of one server shares: limits, metrics, the webhook endpoint
-    served directly (``None``: every request through ASGI), and the connections ordered by
-    how long they have been idle or reading (dicts keep insertion order, so the first key is
-    the one to shed)."""
+    served directly (``None``: every request through ASGI), the headers this layer's own
+    refusals carry besides uvicorn's (the admin listener's: ``no-store``, its CSP and
+    framing headers, as every answer of its app), and the connections ordered by how long
+    they have been idle or reading (dicts keep insertion order, so the first key is the one
+    to shed)."""
 
     def __init__(
         self,
@@ -167,8 +169,10 @@ class _Shared:
         metrics: Metrics,
         webhook: WebhookEndpoint | None = None,
         trusted_proxies: str = "127.0.0.1",
+        refusal_headers: Sequence[tuple[bytes, bytes]] = (),
     ) -> None:
         self.limits = limits
+        self.refusal_headers = list(refusal_headers)
         self.webhook = webhook
         self.client_of = _ClientOf(trusted_proxies)
         self.refused = {
@@ -733,7 +737,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if refusal is not None:
             self._deferred = None
             if not self.transport.is_closing():
-                self.transport.write(_refusal_bytes(refusal, self.server_state.default_headers))
+                self.transport.write(_refusal_bytes(refusal, self._refusal_headers()))
             self._close_now()
             return
         cycle = self.cycle
@@ -838,8 +842,12 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         else:  # no request yet, the previous one answered, or this one answered early (413)
             answer = cycle is None or self._phase is not _Phase.BODY
         if answer:
-            self.transport.write(_refusal_bytes(exc, self.server_state.default_headers))
+            self.transport.write(_refusal_bytes(exc, self._refusal_headers()))
         self._close_now()
+
+    def _refusal_headers(self) -> list[tuple[bytes, bytes]]:
+        """uvicorn's headers (``Date``) and this server's own for a refusal."""
+        return [*self.server_state.default_headers, *self._shared.refusal_headers]
 
     def _defer(self, exc: WebhookError) -> None:
         self._deferred = exc
@@ -878,11 +886,14 @@ def server_config(
     host: str,
     port: int,
     share: float = 1.0,
+    refusal_headers: Sequence[tuple[bytes, bytes]] = (),
 ) -> LacunaConfig:
     """The ``uvicorn.Config`` of ``serve``: this module's protocol and limits, proxy headers
     from ``LACUNA_TRUSTED_PROXIES``, no access log, no Server header. Raises the open-file
     limit first (``raise_file_limit``) and fits the connection cap under ``share`` of it
-    (``WEBHOOK_SHARE`` / ``ADMIN_SHARE`` when both listeners run)."""
+    (``WEBHOOK_SHARE`` / ``ADMIN_SHARE`` when both listeners run). ``refusal_headers`` are
+    added to the answers this layer gives itself (408, 431, 400 ``malformed_request``, 503
+    ``server_busy``), which never reach the app's middleware."""
     limits = Limits.from_settings(settings, file_limit=raise_file_limit(), share=share)
     if limits.max_connections < settings.max_connections:
         logger.warning(
@@ -895,7 +906,7 @@ def server_config(
     direct = webhook if isinstance(webhook, WebhookEndpoint) and webhook.serves_direct else None
     return LacunaConfig(
         app,
-        shared=_Shared(limits, metrics, direct, settings.trusted_proxies),
+        shared=_Shared(limits, metrics, direct, settings.trusted_proxies, refusal_headers),
         host=host,
         port=port,
         log_config=None,

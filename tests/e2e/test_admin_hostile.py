@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -124,3 +125,52 @@ def _read_beside_a_stopped_writer(serve: Serve, api: httpx.Client, console: http
             took = time.monotonic() - started
             assert answer.status_code == 200, (path, answer.status_code, answer.text[:300])
             assert took < 3, (path, took)
+
+
+def _raw_answer(port: int, request: bytes) -> tuple[int, dict[str, str]]:
+    """The status and headers of the answer to ``request`` sent as is."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+    headers = {}
+    for line in head[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(head[0].split()[1]), headers
+
+
+def test_the_http_layers_refusals_carry_the_admin_listeners_headers(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """A request the HTTP layer refuses before any route (headers too large: 431; a
+    malformed body framing: 400) still gets what docs/admin.md and docs/console.md promise of
+    every answer of the admin listener: ``Cache-Control: no-store`` and ``nosniff``, and on a
+    console path the Content-Security-Policy and ``X-Frame-Options: DENY``. Before, such
+    refusals had none of them: the app's middleware never saw them."""
+    _, admin = start(serve_factory, tmp_path)
+    port = int(admin.rsplit(":", 1)[1])
+    big = b"x-padding: " + b"a" * 20_000 + b"\r\n"
+    bad_chunk = b"Transfer-Encoding: chunked\r\nContent-Type: application/json\r\n\r\nzz\r\n"
+    auth = f"Authorization: Bearer {TOKEN}\r\n".encode()
+    cases = {
+        "431 api": b"GET /api/v1/handlers HTTP/1.1\r\nHost: x\r\n" + auth + big + b"\r\n",
+        "431 console": b"GET /events HTTP/1.1\r\nHost: x\r\n" + big + b"\r\n",
+        "400 api": b"POST /api/v1/replays HTTP/1.1\r\nHost: x\r\n" + auth + bad_chunk,
+        "400 console": b"POST /sign-in HTTP/1.1\r\nHost: x\r\n" + bad_chunk,
+    }
+    for label, request in cases.items():
+        status, headers = _raw_answer(port, request)
+        assert status == int(label.split()[0]), (label, status)
+        assert headers.get("cache-control") == "no-store", (label, headers)
+        assert headers.get("x-content-type-options") == "nosniff", (label, headers)
+        assert headers.get("x-frame-options") == "DENY", (label, headers)
+        assert "frame-ancestors 'none'" in headers.get("content-security-policy", ""), (
+            label,
+            headers,
+        )

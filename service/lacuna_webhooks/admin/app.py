@@ -45,6 +45,11 @@ _SECURITY_HEADERS = [
     (b"referrer-policy", b"no-referrer"),
 ]
 
+#: The headers of the answers the HTTP layer gives the admin listener's clients itself (a 431,
+#: a 408, a malformed request), before any route or middleware: what every answer of the app
+#: carries (``no-store``, and the console's CSP and framing headers, harmless on JSON).
+REFUSAL_HEADERS = [*_SECURITY_HEADERS, *CONSOLE_HEADERS]
+
 
 def is_api_path(path: str) -> bool:
     """Whether ``path`` is the JSON API's; every other path of the admin listener is the
@@ -244,4 +249,4 @@ def create_admin_app(ctx: AdminContext) -> Starlette:
     return app
 
 
-__all__ = ["API_PREFIX", "AdminAuth", "create_admin_app", "is_api_path"]
+__all__ = ["API_PREFIX", "REFUSAL_HEADERS", "AdminAuth", "create_admin_app", "is_api_path"]
