@@ -329,13 +329,15 @@ def die_with_parent() -> None:
     The parent is compared with the one that started us (``sys.argv[1]``, ``_command``), not
     with ``getppid()`` read here first: a parent that died before that read left both
     reads naming the reaper, and the orphan went on to import the plugin."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     try:
         parent = int(sys.argv[1])
     except (IndexError, ValueError):
-        return  # not started by start_child: nothing to compare with
+        # Not started by start_child (a test calling a child_main in its own process): no
+        # parent of ours to die with, and that process's own parent is none of our business.
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # the parent died before the request took effect
         os._exit(0)
 

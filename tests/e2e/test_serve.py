@@ -483,6 +483,36 @@ def test_a_killed_writer_process_is_replaced_and_nothing_answered_is_lost(
     assert serve.proc.poll() is None  # serve itself never stopped
 
 
+def test_a_stopped_writer_does_not_outlive_a_killed_serve(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """SIGSTOP of the SQLite writer child, then SIGKILL of serve (an OOM kill, a supervisor's
+    final kill): the writer waited for its socket's end, which a stopped process never reads,
+    so it lived on as an orphan (holding SQLite's write lock when stopped inside a
+    transaction: the next serve then answered every webhook 503). It dies with serve now, and
+    the next serve on the file stores and answers."""
+    db = tmp_path / "events.db"
+    env = {"LACUNA_DATABASE_URL": f"sqlite:///{db}"}
+    first = serve_factory(env).start()
+    assert send(first, "evt_before_stop").status_code == 200
+    (writer,) = writer_children(first)
+    os.kill(writer, signal.SIGSTOP)
+    try:
+        first.signal(signal.SIGKILL)
+        assert first.wait() == -signal.SIGKILL
+        wait_until(
+            lambda: process_exited(writer), timeout=30, what="the stopped writer to follow serve"
+        )
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(writer, signal.SIGKILL)
+    second = serve_factory(env).start()
+    assert send(second, "evt_after_restart").status_code == 200
+    with sqlite3.connect(db) as conn:
+        stored = {row[0] for row in conn.execute("SELECT id FROM events")}
+    assert {"evt_before_stop", "evt_after_restart"} <= stored
+
+
 def test_dev_banner_send_line_pastes_whole_with_a_secret_the_shell_would_split(
     tmp_path: Path,
 ) -> None:

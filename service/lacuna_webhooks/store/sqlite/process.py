@@ -16,8 +16,8 @@ the intake path measured about a fifth more accepted events per second
   child answers every request in the order received.
 - The child ignores SIGINT and SIGTERM (a terminal's Ctrl-C or a service
   manager reaches the whole process group, and the parent still needs the
-  store while it drains); it exits when the socket closes, which is also what
-  happens when the parent dies.
+  store while it drains); it exits when the socket closes, and the kernel kills
+  it when the parent dies (a stopped or stuck child never reads the socket's end).
 - If the child dies, everything in flight fails with ``StoreUnavailable``
   (a 503, never a 2xx for an event whose commit was not confirmed), the parent
   logs it and starts a new child, retrying with backoff; calls made meanwhile
@@ -45,7 +45,7 @@ from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from ... import logs
-from ...child import frame, read_frame, read_frame_blocking, start_child
+from ...child import die_with_parent, frame, read_frame, read_frame_blocking, start_child
 from ...errors import StoreUnavailable
 from ...redact import secret_values
 from .checkpoint import Checkpointer
@@ -421,9 +421,16 @@ def _settle_job(future: asyncio.Future[Any], reply: _Reply) -> None:
 
 
 def child_main(fd: int) -> int:
-    """Serve one parent over the socket ``fd`` until it closes."""
+    """Serve one parent over the socket ``fd`` until it closes, or until the parent dies.
+
+    The kernel kills this process when its parent dies (``die_with_parent``): the socket's
+    end is not enough. A writer stopped (SIGSTOP, a debugger) or stuck in its own code when
+    ``serve`` was SIGKILLed never read that end and lived on, holding SQLite's write lock if
+    it was stopped inside a transaction, so the restarted ``serve`` answered every webhook
+    503 until someone found and killed the orphan."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    die_with_parent()
     sock = socket.socket(fileno=fd)
     stream = sock.makefile("rb")
 
