@@ -8,20 +8,26 @@ the other one's live lease (handler timeout 10 s + 30 s margin = 40 s) as expire
 from __future__ import annotations
 
 import glob
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.conftest import IN_CI, make_event, signed
-from tests.e2e.conftest import Serve, handler_workers, wait_until
+from tests.e2e.conftest import CLI, REPO, Serve, handler_workers, wait_until
 from tests.e2e.overlap_plugin import lines
+from tests.e2e.recorder_plugin import recorded
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
 PLUGIN = "tests.e2e.overlap_plugin:OverlapRecorder"
+RECORDER = "tests.e2e.recorder_plugin:FileRecorder"
 SKEW = "+120s"
+HOUR_AHEAD = "+3600s"
 
 
 def libfaketime() -> str:
@@ -35,9 +41,9 @@ def libfaketime() -> str:
     return found[0]
 
 
-def skewed_env(lib: str) -> dict[str, str]:
-    # Monotonic clocks left alone: only the wall clock is 120 s ahead, as on a skewed host.
-    return {"LD_PRELOAD": lib, "FAKETIME": SKEW, "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+def skewed_env(lib: str, skew: str = SKEW) -> dict[str, str]:
+    # Monotonic clocks left alone: only the wall clock is ahead (120 s), as on a skewed host.
+    return {"LD_PRELOAD": lib, "FAKETIME": skew, "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
 
 
 def test_libfaketime_moves_pythons_clock() -> None:
@@ -86,3 +92,51 @@ def test_a_replica_whose_clock_is_ahead_does_not_run_a_leased_event_again(
     assert lines(tmp_path / "overlaps.txt") == []
     assert sorted(event_id for event_id, _ in done) == ids
     assert {pid for _, pid in done} <= a_workers
+
+
+def test_events_stored_by_an_intake_whose_clock_is_ahead_are_delivered_at_once(
+    serve_factory: type[Serve], tmp_path: Path, postgres_dsn: str
+) -> None:
+    """Intake (`serve`, LACUNA_DISPATCH=false) on a host whose clock runs an hour ahead, a
+    `worker` with a true clock: a new delivery was due from the intake's time, so the worker
+    left every event waiting for that hour. It is due at the earlier of the intake's clock and
+    the database's (as replays are), and the worker delivers it at once, exactly once."""
+    lib = libfaketime()
+    out = tmp_path / "delivered.txt"
+    env = {
+        "LACUNA_DATABASE_URL": postgres_dsn,
+        "LACUNA_HANDLERS": RECORDER,
+        "LACUNA_RECORDER_PATH": str(out),
+        "LACUNA_POLL_INTERVAL": "0.2",
+    }
+    intake = serve_factory(
+        {**env, "LACUNA_DISPATCH": "false", **skewed_env(lib, HOUR_AHEAD)}
+    ).start()
+    # Signed at the intake's time: its replay window is judged by its own clock.
+    body, headers = signed(make_event("evt_from_ahead"), t=int(time.time()) + 3600)
+    answer = httpx.post(intake.webhook_url, content=body, headers=headers, timeout=10)
+    assert answer.status_code == 200, answer.text
+    plain = {k: v for k, v in os.environ.items() if not k.startswith(("LACUNA_", "FAKETIME"))}
+    plain.pop("LD_PRELOAD", None)
+    with (tmp_path / "worker.log").open("ab") as log:  # the child keeps its own descriptor
+        worker = subprocess.Popen(
+            [CLI, "worker"],
+            cwd=tmp_path,
+            env={**plain, "PYTHONPATH": str(REPO), "LACUNA_LOG_FORMAT": "json", **env},
+            stdout=log,
+            stderr=log,
+        )
+    try:
+        wait_until(
+            lambda: recorded(out) == ["evt_from_ahead"],
+            timeout=60,
+            what="the worker delivering the event",
+        )
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+    assert recorded(out) == ["evt_from_ahead"]

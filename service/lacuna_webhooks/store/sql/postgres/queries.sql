@@ -28,9 +28,13 @@ RETURNING true
 UPDATE events SET superseded = true WHERE id = :id
 
 -- name: insert_deliveries
+-- Due at the earlier of the receiving replica's clock and the database's, as replays are: an
+-- intake whose clock ran an hour ahead made every new event wait that hour for every other
+-- replica (a `worker` with a true clock did not see it due).
 INSERT INTO deliveries
     (event_id, handler, status, next_attempt_at, created_at, updated_at)
-SELECT :event_id, handler, 'pending', :now, :now, :now FROM unnest(:handlers::text[]) AS handler
+SELECT :event_id, handler, 'pending', LEAST(:now, now()), :now, :now
+FROM unnest(:handlers::text[]) AS handler
 
 -- name: notify
 -- Inside the caller's transaction: delivered only if it commits.
