@@ -567,3 +567,28 @@ async def test_a_replay_or_retry_from_a_replica_whose_clock_runs_ahead_is_due_at
     assert await b.replay("evt_skewed_replay", ["h2"], now=ahead) == 1
     [created] = await a.claim(handler="h2", limit=1, lease=LEASE, now=datetime.now(UTC))
     assert created.event.id == "evt_skewed_replay"
+
+
+async def test_a_rate_bucket_refills_after_the_databases_clock_steps_back(
+    stores: Callable[..., Awaitable[PostgresStore]], admin: asyncpg.Connection
+) -> None:
+    """The database's own clock stepped back (a VM restored, NTP stepping its host) after a
+    take: the bucket kept the later time and refilled nothing until the clock caught up, a
+    rate-limited handler frozen on every replica for as long as the step. It refills from
+    the new time on, as SQLite's does after its clock steps back."""
+    store = await stores()
+
+    async def take() -> int:
+        return await store.take_tokens(
+            "h", want=3, capacity=3, per_second=1000.0, now=datetime.now(UTC)
+        )
+
+    assert await take() == 3
+    # What a step back of the database's clock by two hours leaves behind.
+    await admin.execute(
+        "UPDATE rate_buckets SET tokens = 0, updated_at = now() + interval '2 hours'"
+        " WHERE handler = 'h'"
+    )
+    await take()  # the step back itself refills nothing
+    await asyncio.sleep(0.05)  # 50 tokens' worth at 1000/s: the bucket is full again
+    assert await take() >= 1

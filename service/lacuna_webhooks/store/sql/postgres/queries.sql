@@ -335,13 +335,19 @@ ON CONFLICT (handler) DO UPDATE SET
 RETURNING consecutive_failures, paused
 
 -- name: refill_tokens
--- The bucket of :handler refilled up to the database's now (created full), :capacity at most; its tokens.
--- The upsert locks the row until the transaction ends: replicas take tokens one at a time.
-INSERT INTO rate_buckets AS b (handler, tokens, updated_at) VALUES (:handler, :capacity::float8, now())
+-- The bucket of :handler refilled up to the database's clock (created full), :capacity at most;
+-- its tokens. The upsert locks the row until the transaction ends: replicas take tokens one at
+-- a time. The time is clock_timestamp(), read once the row is locked (now() is when the
+-- transaction began, which may be before the previous taker's). updated_at follows that clock
+-- back too: kept at a time the database's clock stepped back from (a VM restored, NTP stepping
+-- its host), the bucket refilled nothing until the clock caught up, a rate-limited handler
+-- frozen on every replica for as long as the step (SQLite's bucket follows its clock alike).
+INSERT INTO rate_buckets AS b (handler, tokens, updated_at)
+VALUES (:handler, :capacity::float8, clock_timestamp())
 ON CONFLICT (handler) DO UPDATE SET
     tokens = least(:capacity::float8, b.tokens
-        + :rate::float8 * greatest(0, extract(epoch FROM now() - b.updated_at)::float8)),
-    updated_at = greatest(b.updated_at, now())
+        + :rate::float8 * greatest(0, extract(epoch FROM clock_timestamp() - b.updated_at)::float8)),
+    updated_at = clock_timestamp()
 RETURNING tokens
 
 -- name: spend_tokens
