@@ -584,6 +584,31 @@ async def test_store_unavailable_is_503(store: Store, client: httpx.AsyncClient)
     refused(await client.post("/deliveries/retry-dead"), 503)
 
 
+async def test_a_bugs_500_carries_the_headers_of_every_answer(
+    store: Store, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last-resort 500 (a bug: here a store call raising what no store raises) is the
+    envelope, kept out of caches like every other answer; on a console path it also carries
+    the console's CSP and framing headers."""
+
+    async def bug(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(store, "handler_states", bug, raising=False)
+    monkeypatch.setattr(store, "list_events", bug, raising=False)
+    monkeypatch.setattr(store, "search_events", bug, raising=False)
+    response = await client.get("/events")
+    assert refused(response, 500)["code"] == "internal_error"
+    assert response.headers["cache-control"] == "no-store"
+    assert response.headers["x-content-type-options"] == "nosniff"
+    signed_in = await client.post("http://admin/sign-in", data={"token": TOKEN, "next": "/events"})
+    assert signed_in.status_code == 303, signed_in.text
+    page = await client.get("http://admin/events")
+    assert page.status_code == 500
+    assert page.headers["cache-control"] == "no-store"
+    assert "default-src" in page.headers["content-security-policy"]
+
+
 # --- the OpenAPI document ------------------------------------------------------------------
 
 

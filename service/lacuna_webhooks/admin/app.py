@@ -163,11 +163,13 @@ class LastResort:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                if console_path:
-                    # Every console answer carries its CSP and framing headers, also one
-                    # answered before the console's own middleware (a bad query string).
-                    present = {k.lower() for k, _ in message.get("headers", [])}
-                    extra = [(k, v) for k, v in CONSOLE_HEADERS if k not in present]
+                # Every answer carries no-store and nosniff, and every console answer its CSP
+                # and framing headers, also one answered before the inner middleware (a bad
+                # query string) or by this one (a bug's 500).
+                wanted = REFUSAL_HEADERS if console_path else _SECURITY_HEADERS
+                present = {k.lower() for k, _ in message.get("headers", [])}
+                extra = [(k, v) for k, v in wanted if k not in present]
+                if extra:
                     message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
