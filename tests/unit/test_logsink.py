@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from lacuna_webhooks import logsink
 from lacuna_webhooks.logsink import BACKLOG_BYTES, NonBlockingSink
 
 LINE = b"x" * 199 + b"\n"
@@ -62,51 +61,45 @@ def fill_then_read(sink: NonBlockingSink, read: Callable[[], bytes], reports: li
     return got
 
 
-def test_a_pipe_nobody_reads_never_makes_a_write_wait() -> None:
+@pytest.fixture
+def pipe() -> Iterator[tuple[int, int]]:
     read_end, write_end = os.pipe()
+    yield read_end, write_end
+    os.close(read_end)
+    os.close(write_end)
+
+
+def fill_pipe_then_read(pipe: tuple[int, int], mode: str) -> None:
+    read_end, write_end = pipe
     reports: list[int] = []
-    try:
-        sink = NonBlockingSink(write_end, on_dropped=reports.append)
-        assert sink.mode == "nonblocking"
-        fill_then_read(sink, lambda: os.read(read_end, 65536), reports)
-        sink.close()
-    finally:
-        os.close(read_end)
-        os.close(write_end)
+    sink = NonBlockingSink(write_end, on_dropped=reports.append)
+    assert sink.mode == mode
+    fill_then_read(sink, lambda: os.read(read_end, 65536), reports)
+    sink.close()
 
 
-def test_the_inherited_pipe_stays_blocking() -> None:
+def test_a_pipe_nobody_reads_never_makes_a_write_wait(pipe: tuple[int, int]) -> None:
+    fill_pipe_then_read(pipe, "nonblocking")
+
+
+def test_the_inherited_pipe_stays_blocking(pipe: tuple[int, int]) -> None:
     """The flag is on a description of the sink's own: the shell and the other processes
     sharing the original one would otherwise see EAGAIN."""
-    read_end, write_end = os.pipe()
-    try:
-        NonBlockingSink(write_end).close()
-        assert os.get_blocking(write_end)
-    finally:
-        os.close(read_end)
-        os.close(write_end)
+    NonBlockingSink(pipe[1]).close()
+    assert os.get_blocking(pipe[1])
 
 
 def test_a_pipe_that_cannot_be_opened_again_is_written_while_it_has_room(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, pipe: tuple[int, int]
 ) -> None:
     """Where /proc refuses a description of our own (a pipe another user made), writes of
-    PIPE_BUF while select says there is room, which a pipe takes without waiting."""
-    read_end, write_end = os.pipe()
+    PIPE_BUF while poll says there is room, which a pipe takes without waiting."""
 
     def refused(path: str, flags: int, mode: int = 0o777) -> int:
         raise PermissionError(13, "Permission denied", path)
 
-    monkeypatch.setattr(logsink.os, "open", refused)
-    reports: list[int] = []
-    try:
-        sink = NonBlockingSink(write_end, on_dropped=reports.append)
-        assert sink.mode == "pipe"
-        fill_then_read(sink, lambda: os.read(read_end, 65536), reports)
-        sink.close()
-    finally:
-        os.close(read_end)
-        os.close(write_end)
+    monkeypatch.setattr("lacuna_webhooks.logsink.os.open", refused)
+    fill_pipe_then_read(pipe, "pipe")
 
 
 def test_a_socket_nobody_reads_never_makes_a_write_wait() -> None:
