@@ -87,6 +87,25 @@ def too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"The request body is larger than {limit} bytes.")
 
 
+#: Significant digits past which a Content-Length is read as ``DECLARED_HUGE``: llhttp refuses
+#: one past 2**64 - 1 (20 digits), but lets any number of leading zeros through.
+_LENGTH_DIGITS = 20
+#: What a Content-Length of more significant digits reads as: over every body limit.
+DECLARED_HUGE = 10**_LENGTH_DIGITS
+
+
+def declared_length(text: str) -> int | None:
+    """A ``Content-Length`` value as a number of bytes, or ``None`` when it is not plain
+    ASCII digits. ``1*DIGIT`` (RFC 9110 §8.6) allows leading zeros, which llhttp passes at
+    any length: ``int()`` refuses more than 4300 digits with a ``ValueError``, and a valid
+    webhook whose ``Content-Length`` was ``000…0369`` got a 500 (through ASGI) or a 400
+    (served directly) instead of its 200. Past 20 significant digits: ``DECLARED_HUGE``."""
+    if not (text.isascii() and text.isdigit()):
+        return None
+    digits = text.lstrip("0")
+    return int(digits or "0") if len(digits) <= _LENGTH_DIGITS else DECLARED_HUGE
+
+
 def admit_chunk(held: int, chunk: int, limit: int, budget: BodyBudget) -> int:
     """Hold ``chunk`` more bytes of a body of which ``held`` are held already: the new size.
     Raises ``PayloadTooLarge`` past ``limit`` (nothing more is taken) and ``ServerBusy`` when
@@ -270,8 +289,7 @@ class WebhookEndpoint:
         signatures: list[str] = []
         for name, value in headers:
             if name == b"content-length":
-                text = value.decode("latin-1")
-                declared = int(text) if text.isascii() and text.isdigit() else None
+                declared = declared_length(value.decode("latin-1"))
             elif name == _HEADER_NAME:
                 signatures.append(value.decode("latin-1"))
         if declared is not None and declared > self.limit:

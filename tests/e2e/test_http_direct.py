@@ -413,3 +413,36 @@ def test_a_client_that_half_closes_after_its_request_gets_its_answer(
         assert response is not None, "no answer to the whole request before the cut one"
         assert response[0] == 200
     assert stored_ids(tmp_path) == {event_id, event_id + "_whole"}
+
+
+@pytest.mark.parametrize("target", ["/webhooks/lacuna", "/webhooks/lacuna?via=asgi"])
+def test_a_content_length_with_thousands_of_leading_zeros_is_read_as_its_number(
+    serve: Serve, tmp_path: Path, target: str
+) -> None:
+    """``Content-Length`` is ``1*DIGIT`` (RFC 9110 §8.6) and llhttp lets any number of leading
+    zeros through; ``int()`` refuses more than 4300 digits. A valid webhook whose length was
+    written with 5000 leading zeros got a 500 and a traceback through ASGI, and a 400
+    ``malformed_request`` served directly: it is a 200 and stored, and one declaring more
+    than ``LACUNA_MAX_BODY_BYTES`` that way is a 413, both ways, with no traceback."""
+    tag = "asgi" if "?" in target else "direct"
+    zeros = "0" * 5000
+    body, headers = signed(make_event(f"evt_zeros_{tag}"))
+    raw = request(body, headers, target=target).replace(
+        b"Content-Length: ", f"Content-Length: {zeros}".encode(), 1
+    )
+    big, big_headers = signed(make_event(f"evt_zeros_big_{tag}", lyrics="la " * 3000))
+    big_raw = request(big, big_headers, target=target).replace(
+        b"Content-Length: ", f"Content-Length: {zeros}".encode(), 1
+    )
+    for sent, expected in ((raw, 200), (big_raw, 413)):
+        with socket.create_connection(("127.0.0.1", serve.port), timeout=10) as s:
+            s.settimeout(10)
+            s.sendall(sent)
+            response = read_response(s)
+        assert response is not None, "no answer"
+        assert response[0] == expected, response
+    assert f"evt_zeros_{tag}" in stored_ids(tmp_path)
+    assert f"evt_zeros_big_{tag}" not in stored_ids(tmp_path)
+    log = serve.log()
+    assert "Traceback" not in log
+    assert "internal_error" not in log

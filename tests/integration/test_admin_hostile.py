@@ -17,6 +17,7 @@ import orjson
 import pytest
 
 from lacuna_webhooks.admin import create_admin_app
+from lacuna_webhooks.admin.bodies import MAX_BODY_BYTES
 from lacuna_webhooks.admin.filters import MAX_MATCH_DEPTH, MAX_MATCH_KEY
 from lacuna_webhooks.dispatch.flow import FlowControl
 from lacuna_webhooks.handlers.base import RecordingHandler
@@ -205,3 +206,29 @@ async def failures_are(store: Store, handler: str, count: int) -> bool:
         s.handler == handler and s.consecutive_failures == count
         for s in await store.handler_states()
     )
+
+
+# --- 6. a Content-Length written with thousands of leading zeros ------------------------------
+
+
+async def test_a_content_length_with_thousands_of_leading_zeros_is_its_number(
+    client: httpx.AsyncClient, store: Store
+) -> None:
+    """``1*DIGIT`` allows leading zeros at any length (llhttp passes them); ``int()`` refused
+    more than 4300 digits, so a body whose Content-Length was written so got a 500. It is
+    read as its number: a body within the cap is served, one over it is a 413."""
+    await seed(store)
+    body = b'{"handler": "hook"}'
+    zeros = "0" * 5000
+    ok = await client.post(
+        "/deliveries/retry-dead",
+        content=body,
+        headers={"content-type": "application/json", "content-length": zeros + str(len(body))},
+    )
+    assert ok.status_code == 200, ok.text
+    big = await client.post(
+        "/deliveries/retry-dead",
+        content=body,
+        headers={"content-length": zeros + str(MAX_BODY_BYTES + 1)},
+    )
+    assert refused(big, 413)["code"] == "body_too_large"

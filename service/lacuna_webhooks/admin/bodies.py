@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 from starlette.requests import Request
 
+from ..intake import declared_length
 from ..models import json_strings
 from .responses import BadRequest
 
@@ -39,10 +40,12 @@ class BodyTooLarge(BadRequest):
 async def json_object(request: Request) -> dict[str, Any]:
     """The body as a JSON object (``{}`` when empty); ``BadRequest`` / ``BodyTooLarge``."""
     declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
-        if not declared.isdigit():
+    if declared is not None:
+        length = declared_length(declared)  # leading zeros at any length: still a number
+        if length is None:
             raise BadRequest("Content-Length is not a number.", code="invalid_request")
-        raise BodyTooLarge()
+        if length > MAX_BODY_BYTES:
+            raise BodyTooLarge()
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
