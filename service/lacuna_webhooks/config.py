@@ -227,7 +227,7 @@ def parse_bool(value: str) -> bool:
         return True
     if lowered in _FALSE:
         return False
-    raise ValueError(f"must be true or false, got {value!r}")
+    raise ValueError(f"must be true or false, got {_shown(value)}")
 
 
 def parse_list(value: str) -> tuple[str, ...]:
@@ -241,10 +241,13 @@ def positive_int(value: str) -> int:
     # ASCII digits only: int() also takes fullwidth or Arabic-Indic digits and "1_000".
     if not re.fullmatch(r"[+-]?[0-9]+", text):
         raise ValueError(f"must be a whole number, got {_shown(value)}")
-    if len(text.lstrip("+-").lstrip("0")) > MAX_INT_DIGITS:
+    significant = text.lstrip("+-").lstrip("0")
+    if len(significant) > MAX_INT_DIGITS:
         # Past every bound anyway; int() of over 4300 digits raises with Python's own words.
         raise ValueError(f"must be a whole number of at most {MAX_INT_DIGITS} digits")
-    number = int(text)
+    # Converted without the leading zeros, which int() counts against its 4300 digits: a
+    # PORT of 5000 zeros and 8080 was refused in Python's words (sys.set_int_max_str_digits).
+    number = -int(significant or "0") if text.startswith("-") else int(significant or "0")
     if number <= 0:
         raise ValueError(f"must be greater than 0, got {_shown(value)}")
     return number
@@ -291,20 +294,20 @@ def at_most(parse: Callable[[str], T], limit: T, *, minimum: T | None = None) ->
 def _port(value: str) -> int:
     number = positive_int(value)
     if number > 65535:
-        raise ValueError(f"must be a port number from 1 to 65535, got {value!r}")
+        raise ValueError(f"must be a port number from 1 to 65535, got {_shown(value)}")
     return number
 
 
 def _host(value: str) -> str:
     host = value.strip()
     if not host or any(c.isspace() or c in "/@?#" for c in host):
-        raise ValueError(f"must be an address or host name to listen on, got {value!r}")
+        raise ValueError(f"must be an address or host name to listen on, got {_shown(value)}")
     if host.startswith("[") and host.endswith("]"):
         # `[::1]`, as in a URL: the address itself is what a socket binds.
         try:
             return _address_text(ipaddress.IPv6Address(host[1:-1]))
         except ValueError:
-            raise ValueError(f"is not a valid address or host name, got {value!r}") from None
+            raise ValueError(f"is not a valid address or host name, got {_shown(value)}") from None
     try:
         # One spelling per address (`0:0::1` is `::1`), so that the webhook and admin
         # listeners are compared as addresses (listeners_clash), not as strings.
@@ -315,7 +318,7 @@ def _host(value: str) -> str:
             # characters fails here, at start, instead of as a traceback from the server.
             host.encode("idna")
         except UnicodeError:
-            raise ValueError(f"is not a valid address or host name, got {value!r}") from None
+            raise ValueError(f"is not a valid address or host name, got {_shown(value)}") from None
     return host
 
 
@@ -433,7 +436,7 @@ def _choice(*choices: str) -> Callable[[str], str]:
     def parse(value: str) -> str:
         lowered = value.strip().lower()
         if lowered not in choices:
-            raise ValueError(f"must be one of {', '.join(choices)}, got {value!r}")
+            raise ValueError(f"must be one of {', '.join(choices)}, got {_shown(value)}")
         return lowered
 
     return parse
@@ -480,7 +483,7 @@ def _networks(value: str) -> tuple[IPNetwork, ...]:
             networks.append(ipaddress.ip_network(item, strict=False))
         except ValueError:
             raise ValueError(
-                f"must be addresses or CIDRs like 203.0.113.0/24, got {item!r}"
+                f"must be addresses or CIDRs like 203.0.113.0/24, got {_shown(item)}"
             ) from None
     if not networks:
         raise ValueError("names no address (unset it to allow every address)")
@@ -508,7 +511,7 @@ def _trusted_proxies(value: str) -> str:
                 normalized.append(str(ipaddress.ip_address(item)))
         except ValueError:
             raise ValueError(
-                f"must be *, or addresses or CIDRs like 10.0.0.0/8, got {item!r}"
+                f"must be *, or addresses or CIDRs like 10.0.0.0/8, got {_shown(item)}"
             ) from None
     if not normalized:
         raise ValueError("names no address (unset it to trust 127.0.0.1)")

@@ -32,7 +32,7 @@ from .models import json_default
 from .signature import HEADER, sign
 
 # One path step: `.key` (or a leading key) or `[N]`. Keys hold anything but `.[]=`.
-_STEP = re.compile(r"(?:^|\.)([^.\[\]=]+)|\[(\d+)\]")
+_STEP = re.compile(r"(?:^|\.)([^.\[\]=]+)|\[([0-9]+)\]")  # ASCII digits: \d takes any script's
 MAX_INDEX = 10_000  # a typo like [100000000] must not build a huge list
 
 
@@ -75,9 +75,13 @@ def parse_path(path: str, text: str | None = None) -> tuple[str | int, ...]:
                 raise SendError(f"{where}: the key {key!r} has spaces around it")
             steps.append(key)
         else:
-            number = int(index)
-            if number > MAX_INDEX:
-                raise SendError(f"{where}: index [{number}] is larger than {MAX_INDEX}")
+            # Compared as text first: int() refuses more than 4300 digits with a ValueError
+            # (a traceback, `--set 'a[<5000 digits>]=1'`), and such an index is past the bound.
+            significant = index.lstrip("0")
+            number = int(significant or "0") if len(significant) <= len(str(MAX_INDEX)) else None
+            if number is None or number > MAX_INDEX:
+                shown = index if len(index) <= 20 else index[:20] + "…"
+                raise SendError(f"{where}: index [{shown}] is larger than {MAX_INDEX}")
             steps.append(number)
         position = match.end()
     if not steps:

@@ -237,6 +237,12 @@ def test_handlers_lists_instances_with_kind_and_settings_status(
         # Past SQLite's 64-bit integer: once an OverflowError traceback.
         (["events", "list", "--limit", "9" * 30], "--limit: must be at most 100000"),
         (["deliveries", "list", "--limit", "9223372036854775808"], "must be at most 100000"),
+        # int() refuses more than 4300 digits: it read as "not a whole number", the argument
+        # echoed whole; "1_000" and other scripts' digits were numbers (settings refuse them).
+        (["events", "list", "--limit", "9" * 5000], "--limit: must be at most 100000, got '999"),
+        (["events", "list", "--limit", "1_000"], "--limit: must be a whole number, got '1_000'"),
+        (["events", "list", "--limit", "\u0661\u0660"], "--limit: must be a whole number"),
+        (["serve", "--port", "0" * 5000 + "80000"], "--port: must be a port from 1 to 65535"),
         (["deliveries", "list", "--event", ""], "--event: must be a non-empty id"),
         (["events", "show", "x" * 100_000], "event_id: must be a non-empty id of at most 255"),
         (["replay", ""], "event_id: must be a non-empty id"),
@@ -331,6 +337,10 @@ def test_send_to_nothing_is_one_line(capsys: pytest.CaptureFixture[str]) -> None
         (["--url", " http://127.0.0.1:9/x"], "holds a space or a control character"),
         # An A-label that is no IDNA: httpx decodes it only when it sends, a traceback.
         (["--url", "http://xn--zz.invalid/x"], "is not a valid URL"),
+        # int() refuses more than 4300 digits: a ValueError traceback.
+        (["--set", "data.tracks[" + "9" * 5000 + "]=1"], "is larger than 10000"),
+        # \d took any script's digits: [٣] was index 3.
+        (["--set", "data.tracks[\u0663]=1"], "bad path at"),
     ],
 )
 def test_send_bad_arguments_are_one_line_and_exit_2(

@@ -142,6 +142,23 @@ def test_bounds_are_inclusive_and_shown_as_typed() -> None:
         Settings.from_env({**BASE, "LACUNA_RETRY_MAX_DELAY": "2592001"})
 
 
+def test_a_whole_number_with_thousands_of_leading_zeros_is_its_number() -> None:
+    """int() counts leading zeros against its 4300 digits: ``PORT`` of 5000 zeros and 8080
+    was refused in Python's own words ("Exceeds the limit (4300 digits) for integer string
+    conversion ... sys.set_int_max_str_digits()"). It is 8080; past a bound, the bound's
+    line."""
+    zeros = "0" * 5000
+    s = Settings.from_env({**BASE, "PORT": zeros + "8080", "LACUNA_MAX_HEADERS": zeros + "64"})
+    assert (s.port, s.max_headers) == (8080, 64)
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({**BASE, "PORT": zeros + "70000", "LACUNA_MAX_BODY_BYTES": zeros})
+    problems = sorted(info.value.problems)
+    assert len(problems) == 2, problems
+    assert problems[0].startswith("LACUNA_MAX_BODY_BYTES must be greater than 0"), problems
+    assert problems[1].startswith("PORT must be a port number from 1 to 65535"), problems
+    assert not any("set_int_max_str_digits" in p for p in problems)
+
+
 def test_every_problem_is_listed_at_once() -> None:
     with pytest.raises(ConfigError) as info:
         Settings.from_env({"PORT": "x", "LACUNA_WEBHOOK_TOLERANCE": "y"})

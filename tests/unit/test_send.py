@@ -65,6 +65,8 @@ def test_missing_objects_and_lists_are_created_and_an_index_may_append() -> None
 def test_parse_path_steps() -> None:
     assert parse_path("data.tracks[0].duration") == ("data", "tracks", 0, "duration")
     assert parse_path("a[1][2].b c") == ("a", 1, 2, "b c")
+    # Leading zeros at any length are still the number (int() refuses past 4300 digits).
+    assert parse_path("a[" + "0" * 5000 + "7]") == ("a", 7)
 
 
 @pytest.mark.parametrize(
@@ -79,6 +81,10 @@ def test_parse_path_steps() -> None:
         ("data[0]x=1", "bad path at 'x'"),
         ("data. title=1", "spaces around it"),
         ("data.tracks[99999999]=1", "larger than 10000"),
+        # int() of more than 4300 digits raised ValueError: a traceback from `send`.
+        ("data.tracks[" + "9" * 5000 + "]=1", "larger than 10000"),
+        # Only ASCII digits are an index (\d took ٣ as 3).
+        ("data.tracks[\u0663]=1", "bad path at '[\u0663]'"),
     ],
 )
 def test_a_bad_path_is_one_clear_error(text: str, message: str) -> None:
