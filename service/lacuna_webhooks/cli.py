@@ -78,6 +78,18 @@ class CommandError(Exception):
         self.exit_code = exit_code
 
 
+def _exists(path: Path, what: str) -> bool:
+    """``path.exists()`` for a path the user named (``what``: the option or setting), with a
+    path the system cannot look up at all (a name too long for it, a folder it may not
+    search) as one ``CommandError`` line: ``Path.exists`` raises every ``OSError`` but a
+    missing file's, and ``dev --env-file`` or ``events list`` ended in a traceback."""
+    try:
+        return path.exists()
+    except OSError as exc:
+        shown = str(path) if len(str(path)) <= 200 else str(path)[:200] + "…"
+        raise CommandError(f"{what}: cannot use {shown}: {exc.strerror or exc}", 2) from None
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # One clear line instead of argparse's usage dump.
@@ -677,7 +689,7 @@ def _load_env_file(path: Path) -> dict[str, str]:
     naming its line number, not its text (it may hold a secret): skipped silently, a typo
     such as ``LACUNA_HANDLERS slack`` would leave a setting unset with no word said."""
     values: dict[str, str] = {}
-    if not path.exists():
+    if not _exists(path, "--env-file"):
         return values
     try:
         # Read as every settings file is: a FIFO, /dev/zero or a huge file named by mistake
@@ -711,7 +723,7 @@ def _load_env_file(path: Path) -> dict[str, str]:
 
 def _dev(environ: Mapping[str, str], env_file: Path) -> int:
     """The ``make run`` path: a development secret kept in a git-ignored ``.env``."""
-    existed = env_file.exists()
+    existed = _exists(env_file, "--env-file")
     from_file = _load_env_file(env_file)
     env = {**from_file, **environ}
     created: list[str] = []
@@ -957,7 +969,7 @@ def _with_store(environ: Mapping[str, str], work: Callable[[Store], Awaitable[T]
     url = settings.database_url
     if url.startswith("sqlite:///"):
         path = Path(url.removeprefix("sqlite:///"))
-        if not path.exists():
+        if not _exists(path, "LACUNA_DATABASE_URL"):
             raise CommandError(f"no database at {path} (LACUNA_DATABASE_URL={url})")
 
     async def run() -> T:
@@ -1960,7 +1972,9 @@ def _tail_store(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
     settings = _settings(environ, require_secret=False)
     url = settings.database_url
-    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+    if url.startswith("sqlite:///") and not _exists(
+        Path(url.removeprefix("sqlite:///")), "LACUNA_DATABASE_URL"
+    ):
         raise CommandError(
             f"no database at {url.removeprefix('sqlite:///')} (LACUNA_DATABASE_URL; to follow an"
             " admin API instead: --url or LACUNA_ADMIN_URL)"

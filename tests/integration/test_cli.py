@@ -191,6 +191,30 @@ def test_store_commands_without_a_database(
     assert not (tmp_path / "missing.db").exists()
 
 
+def test_a_path_too_long_to_look_up_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``Path.exists`` raises every ``OSError`` but a missing file's: ``dev --env-file`` and
+    the store commands on a ``LACUNA_DATABASE_URL`` whose file name is longer than the system
+    takes (ENAMETOOLONG) ended in a traceback. One line naming the option or the setting,
+    exit 2, and nothing created."""
+    monkeypatch.chdir(tmp_path)
+    name = "x" * 5000
+    assert main(["dev", "--env-file", name], {"PORT": "1"}) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("lacuna-webhooks: error: --env-file: cannot use xxx")
+    assert lines[0].endswith(": File name too long")
+    env = {"LACUNA_DATABASE_URL": f"sqlite:///{tmp_path / name}"}
+    for command in (["events", "list"], ["events", "show", "evt_1"], ["tail"]):
+        assert main(command, env) == 2, command
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1, (command, lines)
+        assert lines[0].startswith("lacuna-webhooks: error: LACUNA_DATABASE_URL: cannot use ")
+        assert lines[0].endswith(": File name too long")
+    assert os.listdir(tmp_path) == []
+
+
 def test_migrate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     env = {"LACUNA_DATABASE_URL": f"sqlite:///{tmp_path / 'm.db'}"}
     assert main(["migrate"], env) == 0
