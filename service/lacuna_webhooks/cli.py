@@ -1698,7 +1698,9 @@ def _configured_filters(environ: Mapping[str, str]) -> dict[str, frozenset[str] 
     from .plugins import parse_events
 
     return {
-        name: parse_events(environ.get(f"LACUNA_{name.upper()}_EVENTS"), default)
+        name: parse_events(
+            environ.get(f"LACUNA_{name.upper()}_EVENTS"), default, f"LACUNA_{name.upper()}_EVENTS"
+        )
         for name, default in _resolved(environ).items()
     }
 

@@ -195,11 +195,21 @@ def load_factory(name: str) -> tuple[str, HandlerFactory]:
     return name, factory
 
 
-def parse_events(value: str | None, default: frozenset[str] | None) -> frozenset[str] | None:
-    """``LACUNA_<NAME>_EVENTS``: unset keeps ``default``; ``*`` means every type."""
+def parse_events(
+    value: str | None, default: frozenset[str] | None, var: str = "LACUNA_<NAME>_EVENTS"
+) -> frozenset[str] | None:
+    """``LACUNA_<NAME>_EVENTS`` (``var``): unset keeps ``default``; ``*`` means every type.
+    A value that names no type (``,`` or ``" , "``) is a ``ConfigError``: read as the empty
+    list, it left the handler subscribed to nothing, every event stored with no delivery
+    for it and nothing said."""
     if value is None or not value.strip():
         return default
     types = parse_list(value)
+    if not types:
+        raise ConfigError(
+            f"{var} names no event type: list types comma-separated, * for every type, or "
+            "unset it for the handler's own"
+        )
     if "*" in types:
         return None
     return frozenset(types)
@@ -438,7 +448,8 @@ def build_handlers(
                 handler = factory(ctx)
                 default_events = _check_handler(item, handler)  # an `events` may block too
             handler.name = name
-            found.add(name, kind, handler, ctx, parse_events(ctx.get("EVENTS"), default_events))
+            events = parse_events(ctx.get("EVENTS"), default_events, ctx.env_name("EVENTS"))
+            found.add(name, kind, handler, ctx, events)
         except ConfigError as exc:
             found.problems.extend(plugin_problems(exc, item))
         except KeyboardInterrupt:
@@ -583,7 +594,15 @@ def instances_of(
             raise ConfigError(_FORGED)
         ctx = found.settings(name, items[name], kind)
         events = _checked(found.problems, None, ctx.get, "EVENTS")
-        found.add(name, kind, _RunsElsewhere(name), ctx, parse_events(events, defaults[name]))
+        types = _checked(
+            found.problems,
+            defaults[name],
+            parse_events,
+            events,
+            defaults[name],
+            ctx.env_name("EVENTS"),
+        )
+        found.add(name, kind, _RunsElsewhere(name), ctx, types)
     return found.handler_set(request.check_order)
 
 

@@ -141,6 +141,22 @@ def test_events_filter_overrides_the_default(plugin_module: str) -> None:
     assert build_handlers(["log"], env).filters["log"] is None
 
 
+@pytest.mark.parametrize("value", [",", " , ,", ",,"])
+def test_an_events_filter_naming_no_type_is_refused(plugin_module: str, value: str) -> None:
+    """``LACUNA_<NAME>_EVENTS=,`` was read as the empty list: the handler subscribed to
+    nothing, and every event was stored without a delivery for it, nothing said. One line
+    naming the variable, as every bad setting (blank still means unset: the default)."""
+    env = {"LACUNA_HOOK_URL": "u", "LACUNA_HOOK_EVENTS": value}
+    with pytest.raises(ConfigError) as info:
+        build_handlers([f"{plugin_module}:Hook", "log"], env)
+    assert info.value.problems == [
+        "LACUNA_HOOK_EVENTS names no event type: list types comma-separated, * for every "
+        "type, or unset it for the handler's own"
+    ]
+    env["LACUNA_HOOK_EVENTS"] = "  "
+    assert build_handlers([f"{plugin_module}:Hook"], env).subscribers("job.failed") == ["hook"]
+
+
 def test_per_handler_timeout(plugin_module: str) -> None:
     env = {"LACUNA_HOOK_URL": "u", "LACUNA_HOOK_TIMEOUT": "2.5"}
     handlers = build_handlers([f"{plugin_module}:Hook", "log"], env, timeout_seconds=9)
