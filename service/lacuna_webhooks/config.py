@@ -458,6 +458,9 @@ ADMIN_TOKEN_TEXT = "printable ASCII without spaces (an Authorization header carr
 
 def _admin_tokens(value: str) -> tuple[Secret, ...]:
     tokens = parse_list(value)
+    if not tokens:
+        # `,` read as no token turned the admin API off without a word: a typo, not a choice.
+        raise ValueError("names no token (unset it to turn the admin API off)")
     bad = [i for i, token in enumerate(tokens, start=1) if not is_admin_token_text(token)]
     if bad:
         which = ", ".join(f"#{i}" for i in bad)

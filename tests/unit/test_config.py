@@ -119,6 +119,8 @@ def test_secret_optional_for_admin_commands() -> None:
         ("HOST", "a" * 64 + ".example"),
         ("HOST", "[127.0.0.1]"),  # brackets are for IPv6 literals
         ("HOST", "[not-an-address]"),
+        # Commas alone: read as no token, the admin API was silently off.
+        ("LACUNA_ADMIN_TOKEN", ",,"),
     ],
 )
 def test_bad_values_name_their_variable(var: str, value: str) -> None:
