@@ -519,9 +519,14 @@ def parse_secret(value: str | None) -> tuple[bytes, ...]:
     if value is None:
         return ()
     try:
-        return tuple(standard_webhooks_key(item) for item in value.split(",") if item.strip())
+        keys = tuple(standard_webhooks_key(item) for item in value.split(",") if item.strip())
     except ValueError as exc:
         raise ArgumentError(f"--secret {exc}") from None
+    if not keys:
+        # `--secret ,` (or an empty $VAR) was read as no secret: every event then went to the
+        # app unsigned, though a secret was asked for.
+        raise ArgumentError("--secret names no secret: pass one, or leave it out")
+    return keys
 
 
 async def listen(

@@ -124,6 +124,10 @@ def test_option_parsers() -> None:
     assert listen.parse_secret(None) == ()
     with pytest.raises(ListenError, match="--secret"):
         listen.parse_secret("whsec_not*base64")
+    # Given but naming none (an empty shell variable): it forwarded every event unsigned.
+    for value in ("", " , ", ","):
+        with pytest.raises(ListenError, match="--secret names no secret"):
+            listen.parse_secret(value)
 
 
 def test_signed_headers_verify_with_the_standardwebhooks_library() -> None:
