@@ -260,8 +260,13 @@ def _shown(value: str) -> str:
 
 def positive_float(value: str) -> float:
     """A finite number > 0; ``ValueError`` ("must be …") otherwise."""
+    text = value.strip()
     try:
-        number = float(value.strip())
+        # ASCII, no `_`, as whole numbers are read: float() also takes "1_0" and other
+        # scripts' digits ("٣" was 3 seconds).
+        if not text.isascii() or "_" in text:
+            raise ValueError
+        number = float(text)
     except ValueError:
         raise ValueError(f"must be a number, got {_shown(value)}") from None
     if not math.isfinite(number) or number <= 0:

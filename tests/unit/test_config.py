@@ -119,6 +119,10 @@ def test_secret_optional_for_admin_commands() -> None:
         ("HOST", "a" * 64 + ".example"),
         ("HOST", "[127.0.0.1]"),  # brackets are for IPv6 literals
         ("HOST", "[not-an-address]"),
+        # float() takes "1_0" and other scripts' digits: 10 s, 3 s.
+        ("LACUNA_HANDLER_TIMEOUT", "1_0"),
+        ("LACUNA_POLL_INTERVAL", "\u0663"),
+        ("LACUNA_COMMIT_TIMEOUT", "\uff15"),
         # Commas alone: read as no token, the admin API was silently off.
         ("LACUNA_ADMIN_TOKEN", ",,"),
     ],
