@@ -592,24 +592,3 @@ async def test_a_rate_bucket_refills_after_the_databases_clock_steps_back(
     await take()  # the step back itself refills nothing
     await asyncio.sleep(0.05)  # 50 tokens' worth at 1000/s: the bucket is full again
     assert await take() >= 1
-
-
-async def test_a_retry_scheduled_by_a_replica_whose_clock_runs_ahead_is_due_after_its_delay(
-    stores: Callable[..., Awaitable[PostgresStore]],
-) -> None:
-    """A replica whose clock ran an hour ahead records a failed attempt with its retry 60 s
-    on (by its clock): that retry was due an hour and 60 s later for every other replica. It is
-    due its delay after the database's now, as replays and new deliveries are at the earlier
-    of the two clocks."""
-    a, b = await stores(), await stores()
-    real = datetime.now(UTC)
-    ahead = real + timedelta(hours=1)
-    await a.accept(event("evt_skewed_retry"), ["h"], now=real)
-    [d] = await b.claim(handler="h", limit=1, lease=LEASE, now=ahead)
-    failed = Attempt(ahead, ahead, AttemptOutcome.RETRY, "HTTP 502")
-    assert await b.retry(d, failed, at=ahead + timedelta(seconds=60))
-    assert await a.claim(handler="h", limit=1, lease=LEASE, now=datetime.now(UTC)) == []
-    [again] = await a.claim(
-        handler="h", limit=1, lease=LEASE, now=datetime.now(UTC) + timedelta(seconds=70)
-    )
-    assert again.id == d.id

@@ -75,15 +75,9 @@ ORDER BY c.next_attempt_at, c.id
 -- (a retry) or NULL (unchanged), :result the handler's JSON object as text (completions only)
 -- or NULL, :refund 1 for a retry that does not spend the budget (a 429, docs/delivery.md: the
 -- claim's attempt is undone), else 0. The attempt row keeps the claim's number either way.
--- A retry is due at the latest its delay (:next_attempt_at - :finished_at) after the database's
--- now: a replica whose clock ran an hour ahead made its retries wait that hour for every other
--- replica (as new deliveries and replays, the earlier of the two clocks).
 WITH finished AS (
     UPDATE deliveries
-    SET status = :status,
-        next_attempt_at = coalesce(LEAST(:next_attempt_at::timestamptz,
-            now() + (:next_attempt_at::timestamptz - :finished_at::timestamptz)), next_attempt_at),
-        lease_until = NULL,
+    SET status = :status, next_attempt_at = coalesce(:next_attempt_at, next_attempt_at), lease_until = NULL,
         last_error = :error, result = :result::text::jsonb, updated_at = :finished_at,
         attempts = greatest(attempts - :refund::int, 0)
     WHERE id = :id AND lease_token = :lease_token AND status = 'pending' AND lease_until IS NOT NULL
