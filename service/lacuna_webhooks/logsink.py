@@ -48,7 +48,7 @@ class NonBlockingSink:
     ``write(data)`` never blocks on the reader (see the module's docstring for how, by kind
     of descriptor) and never raises: on a descriptor that is gone (``EPIPE``, closed) the
     data is dropped. Writes keep their order. ``on_dropped(count)``, called from the flusher
-    thread without any lock held once the backlog is written, reports how many writes were
+    thread without any lock held once the backlog is written, reports how many lines were
     dropped meanwhile (it may write to this sink). Thread-safe.
     """
 
@@ -73,7 +73,7 @@ class NonBlockingSink:
         self._lock = threading.Lock()
         self._backlog: collections.deque[bytes] = collections.deque()
         self._backlog_bytes = 0
-        self.dropped = 0  # writes dropped since the last report
+        self.dropped = 0  # lines dropped since the last report
         self.dropped_total = 0  # ever, for tests and diagnostics
         self._flusher: threading.Thread | None = None
         self._closing = threading.Event()
@@ -119,8 +119,9 @@ class NonBlockingSink:
 
     def _keep(self, data: bytes) -> None:
         if self._backlog_bytes + len(data) > BACKLOG_BYTES:
-            self.dropped += 1
-            self.dropped_total += 1
+            lines = data.count(b"\n") or 1  # a write is often a loop turn's many lines
+            self.dropped += lines
+            self.dropped_total += lines
             return
         self._backlog.append(data)
         self._backlog_bytes += len(data)

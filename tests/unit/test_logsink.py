@@ -173,3 +173,13 @@ def test_writes_from_many_threads_keep_each_threads_order() -> None:
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+def test_a_dropped_write_counts_its_lines(pipe: tuple[int, int]) -> None:
+    """A write is often a loop turn's many lines: ``log.lines_dropped`` counts lines."""
+    sink = NonBlockingSink(pipe[1])
+    with no_wait_over(10):
+        while not sink.dropped_total:
+            sink.write(LINE * 3)
+    assert sink.dropped_total == 3
+    sink.close(wait=0)
