@@ -26,7 +26,8 @@ import pytest
 
 from tests.conftest import IN_CI, TEST_SECRET, make_event, signed
 
-pytestmark = pytest.mark.image
+# The first test's setup builds the image (up to BUILD_TIMEOUT_SECONDS).
+pytestmark = [pytest.mark.image, pytest.mark.timeout(1500)]
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE = os.environ.get("LACUNA_TEST_IMAGE", "localhost/lacuna-webhooks:latest")

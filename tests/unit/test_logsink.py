@@ -1,13 +1,16 @@
 """NonBlockingSink: a reader of standard error that stops reading never makes a write wait.
 
 Each descriptor kind is a real one (a pipe, a socket pair, a pseudo-terminal, a file) whose
-reader does not read while the writes are made; ``signal.alarm`` ends a write that waits,
-which is the defect, instead of hanging the suite."""
+reader does not read while the writes are made; a timer that interrupts the main thread ends
+a write that waits, which is the defect, instead of hanging the suite. Reads wait with a
+timeout for the same reason: the last bytes and the ``on_dropped`` report come from the
+flusher thread in either order, and a read made after the last bytes never returns."""
 
 from __future__ import annotations
 
 import os
 import pty
+import select
 import signal
 import socket
 import threading
@@ -25,37 +28,45 @@ LINE = b"x" * 199 + b"\n"
 
 @contextmanager
 def no_wait_over(seconds: int) -> Iterator[None]:
-    """Fail (instead of hanging) if the block takes ``seconds``: a write that waited."""
+    """Fail (instead of hanging) if the block takes ``seconds``: a write that waited.
+
+    SIGUSR1 from a timer thread, not SIGALRM: that timer is pytest-timeout's."""
 
     def waited(signum: int, frame: object) -> None:
         raise AssertionError(f"a write waited for the reader ({seconds} s)")
 
-    previous = signal.signal(signal.SIGALRM, waited)
-    signal.alarm(seconds)
+    previous = signal.signal(signal.SIGUSR1, waited)
+    timer = threading.Timer(
+        seconds, signal.pthread_kill, (threading.main_thread().ident, signal.SIGUSR1)
+    )
+    timer.start()
     try:
         yield
     finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
+        timer.cancel()
+        timer.join()
+        signal.signal(signal.SIGUSR1, previous)
 
 
-def drain(read: Callable[[], bytes], until: Callable[[bytes], bool]) -> bytes:
+def drain(fd: int, until: Callable[[bytes], bool]) -> bytes:
+    """Read ``fd`` until ``until(what came)``; fail after 20 s instead of waiting forever."""
     got = bytearray()
     deadline = time.monotonic() + 20
     while not until(bytes(got)):
         assert time.monotonic() < deadline, f"only {len(got)} bytes came"
-        got += read()
+        if select.select([fd], [], [], 0.1)[0]:
+            got += os.read(fd, 65536)
     return bytes(got)
 
 
-def fill_then_read(sink: NonBlockingSink, read: Callable[[], bytes], reports: list[int]) -> bytes:
+def fill_then_read(sink: NonBlockingSink, read_fd: int, reports: list[int]) -> bytes:
     count = (BACKLOG_BYTES + 2 * 1024 * 1024) // len(LINE)
     with no_wait_over(10):
         for _ in range(count):
             sink.write(LINE)
     assert sink.dropped_total > 0  # past the backlog's bound, writes were dropped
     kept = count - sink.dropped_total
-    got = drain(read, lambda data: data.count(b"\n") >= kept and bool(reports))
+    got = drain(read_fd, lambda data: data.count(b"\n") >= kept and bool(reports))
     assert set(got.split(b"\n")[:-1]) == {LINE[:-1]}  # whole lines only, none cut
     assert reports == [sink.dropped_total]
     return got
@@ -74,7 +85,7 @@ def fill_pipe_then_read(pipe: tuple[int, int], mode: str) -> None:
     reports: list[int] = []
     sink = NonBlockingSink(write_end, on_dropped=reports.append)
     assert sink.mode == mode
-    fill_then_read(sink, lambda: os.read(read_end, 65536), reports)
+    fill_then_read(sink, read_end, reports)
     sink.close()
 
 
@@ -108,7 +119,7 @@ def test_a_socket_nobody_reads_never_makes_a_write_wait() -> None:
     try:
         sink = NonBlockingSink(ours.fileno(), on_dropped=reports.append)
         assert sink.mode == "socket"
-        fill_then_read(sink, lambda: theirs.recv(65536), reports)
+        fill_then_read(sink, theirs.fileno(), reports)
         sink.close()
     finally:
         ours.close()
@@ -162,7 +173,7 @@ def test_writes_from_many_threads_keep_each_threads_order() -> None:
     try:
         for thread in threads:
             thread.start()
-        got = drain(lambda: os.read(read_end, 65536), lambda d: d.count(b"\n") >= 8000)
+        got = drain(read_end, lambda d: d.count(b"\n") >= 8000)
         for thread in threads:
             thread.join()
         lines = got.split(b"\n")[:-1]
