@@ -10,6 +10,7 @@ import enum
 import json
 import math
 import re
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -346,6 +347,19 @@ def _nesting_exceeds(value: Any, limit: int) -> bool:
 
 # C0, DEL and C1: Unicode's control characters (category Cc).
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+#: Unicode categories no id has a use for and every listing shows as nothing or as a
+#: reordering of what follows: format characters (Cf: the bidirectional overrides and
+#: isolates of "Trojan Source", CVE-2021-42574; zero-width spaces and joiners; the BOM;
+#: tag characters) and the line and paragraph separators (Zl, Zp).
+_INVISIBLE_CATEGORIES = frozenset({"Cf", "Zl", "Zp"})
+
+
+def _invisible(value: str) -> str | None:
+    """The first character of ``value`` of ``_INVISIBLE_CATEGORIES``, if any (``None`` at
+    once for ASCII, the ids every sender uses)."""
+    if value.isascii():
+        return None
+    return next((c for c in value if unicodedata.category(c) in _INVISIBLE_CATEGORIES), None)
 
 
 def _refuse_unclean_id(value: str, param: str) -> None:
@@ -353,9 +367,18 @@ def _refuse_unclean_id(value: str, param: str) -> None:
     # (its latest event wins), a track id a file name. " evt_1" or "evt_1\n" would be stored
     # as a second event (or task, or file) next to "evt_1", shown identically by every
     # listing. No sender means that; refuse it, as Stripe-like receivers refuse a malformed id.
+    # "evt_1\u200b" (a zero-width space) and "evt_\u202e1" (a right-to-left override) are the
+    # same kind: a second key that listings show as, or disguised as, another.
     if value != value.strip() or _CONTROL.search(value):
         raise InvalidPayload(
             f"`{param}` must not begin or end with whitespace or contain control characters.",
+            param=param,
+        )
+    invisible = _invisible(value)
+    if invisible is not None:
+        raise InvalidPayload(
+            f"`{param}` must not contain invisible or bidirectional formatting characters "
+            f"(it holds U+{ord(invisible):04X}).",
             param=param,
         )
 

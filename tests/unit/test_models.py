@@ -190,6 +190,34 @@ def test_a_padded_task_or_track_id_is_refused_naming_it(
     assert caught.value.param == param
 
 
+@pytest.mark.parametrize(
+    ("body", "param", "code"),
+    [
+        ({"id": "evt_1\u200b"}, "id", 0x200B),  # zero-width space: shown as "evt_1"
+        ({"id": "evt_\u202e1cba"}, "id", 0x202E),  # right-to-left override: shown reversed
+        ({"id": "evt_\u2066x\u2069"}, "id", 0x2066),  # isolate
+        ({"id": "\ufeffevt_1"}, "id", 0xFEFF),  # a BOM inside the JSON string
+        ({"id": "evt_1\U000e0041"}, "id", 0xE0041),  # a tag character
+        ({"id": "evt_1", "data": {"id": "cm\u200d42"}}, "data.id", 0x200D),
+        (
+            {"id": "evt_1", "data": {"id": "cm", "tracks": [{"id": "t\u20291"}]}},
+            "data.tracks[0].id",
+            0x2029,
+        ),
+    ],
+)
+def test_an_id_with_invisible_or_bidi_characters_is_refused_naming_it(
+    body: dict[str, object], param: str, code: int
+) -> None:
+    """An id is a key every listing shows: one holding a character that displays as nothing
+    or reorders what follows (Trojan Source) would be a second key shown as, or disguised
+    as, another. A 400 naming the field and the character."""
+    with pytest.raises(InvalidPayload) as caught:
+        Event.from_body(orjson.dumps({"type": "job.completed", **body}))
+    assert caught.value.param == param
+    assert f"U+{code:04X}" in str(caught.value)
+
+
 def test_ids_inside_are_kept_exactly_and_odd_tracks_are_left_to_the_readers() -> None:
     """Inner spaces and non-ASCII are fine; a non-string track id, a track that is not an
     object or ``tracks`` that is not a list are not checked here (``parse_event`` reads them)."""
