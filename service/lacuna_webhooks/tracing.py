@@ -19,10 +19,12 @@ Spans (docs/observability.md):
   ``handlers.base.current_traceparent`` holds its own ``traceparent`` (the ``http`` handler
   sends it on).
 
-Configuration is the SDK's own: ``OTLPSpanExporter()`` reads ``OTEL_EXPORTER_OTLP_*``,
-``TracerProvider`` the sampler (``OTEL_TRACES_SAMPLER``) and ``OTEL_SDK_DISABLED``,
-``Resource.create`` ``OTEL_SERVICE_NAME`` / ``OTEL_RESOURCE_ATTRIBUTES`` (``service.name``
-defaults to ``lacuna-webhooks``), ``BatchSpanProcessor`` ``OTEL_BSP_*``.
+Configuration is the standard ``OTEL_*`` variables, checked first by
+``tracing_config.sdk_settings``: ``OTLPSpanExporter()`` reads ``OTEL_EXPORTER_OTLP_*``,
+``TracerProvider`` ``OTEL_SDK_DISABLED`` and the span limits, ``Resource.create``
+``OTEL_SERVICE_NAME`` / ``OTEL_RESOURCE_ATTRIBUTES`` (``service.name`` defaults to
+``lacuna-webhooks``). The sampler (``OTEL_TRACES_SAMPLER`` / ``…_ARG``) and the batch span
+processor's numbers (``OTEL_BSP_*``) are given to the SDK as arguments, as checked there.
 """
 
 from __future__ import annotations
@@ -39,6 +41,15 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    DEFAULT_OFF,
+    DEFAULT_ON,
+    ParentBasedTraceIdRatio,
+    Sampler,
+    TraceIdRatioBased,
+)
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -51,6 +62,7 @@ from .metrics import Metrics
 from .models import Event
 from .plugins import HandlerSet
 from .store import Store
+from .tracing_config import SdkSettings
 
 SERVICE = "lacuna-webhooks"
 SCOPE = "lacuna_webhooks"
@@ -83,9 +95,11 @@ class Tracing:
         self.tracer = provider.get_tracer(SCOPE, __version__)
 
     @classmethod
-    def from_env(cls, exporters: Sequence[str]) -> Tracing:
+    def from_env(cls, exporters: Sequence[str], settings: SdkSettings | None = None) -> Tracing:
         """The SDK configured by the ``OTEL_*`` environment, exporting through ``exporters``
-        (``otlp``: OTLP over HTTP; ``console``: stdout), each behind a batch processor."""
+        (``otlp``: OTLP over HTTP; ``console``: stdout), each behind a batch processor, with
+        the sampler and batching of ``settings`` (``tracing_config.sdk_settings``)."""
+        settings = settings or SdkSettings()
         resource = Resource.create()
         if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
             resource = resource.merge(Resource({SERVICE_NAME: SERVICE}))
@@ -93,16 +107,32 @@ class Tracing:
             "otlp": OTLPSpanExporter,
             "console": ConsoleSpanExporter,
         }
-        processors = [BatchSpanProcessor(made[name]()) for name in exporters]
-        return cls.with_processors(processors, resource=resource)
+        processors = [
+            BatchSpanProcessor(
+                made[name](),
+                max_queue_size=settings.max_queue_size,
+                schedule_delay_millis=settings.schedule_delay_millis,
+                max_export_batch_size=settings.max_export_batch_size,
+                export_timeout_millis=settings.export_timeout_millis,
+            )
+            for name in exporters
+        ]
+        return cls.with_processors(processors, resource=resource, sampler=_sampler(settings))
 
     @classmethod
     def with_processors(
-        cls, processors: Sequence[SpanProcessor], *, resource: Resource | None = None
+        cls,
+        processors: Sequence[SpanProcessor],
+        *,
+        resource: Resource | None = None,
+        sampler: Sampler | None = None,
     ) -> Tracing:
-        """A provider with these span processors (tests: the SDK's in-memory exporter)."""
+        """A provider with these span processors (tests: the SDK's in-memory exporter);
+        ``sampler`` ``None``: always on, unless a parent says otherwise."""
         provider = TracerProvider(
-            resource=resource or Resource({SERVICE_NAME: SERVICE}), shutdown_on_exit=False
+            sampler=sampler or DEFAULT_ON,
+            resource=resource or Resource({SERVICE_NAME: SERVICE}),
+            shutdown_on_exit=False,
         )
         for processor in processors:
             provider.add_span_processor(processor)
@@ -159,6 +189,22 @@ class Tracing:
             if outcome.ending is not Ending.OK:
                 span.set_status(Status(StatusCode.ERROR, (outcome.error or "")[:500]))
             return outcome
+
+
+def _sampler(settings: SdkSettings) -> Sampler:
+    """The SDK's sampler named by ``OTEL_TRACES_SAMPLER`` (checked in ``sdk_settings``)."""
+    ratio = settings.sampler_ratio
+    named: dict[str, Sampler] = {
+        "always_on": ALWAYS_ON,
+        "always_off": ALWAYS_OFF,
+        "parentbased_always_on": DEFAULT_ON,
+        "parentbased_always_off": DEFAULT_OFF,
+    }
+    if settings.sampler == "traceidratio":
+        return TraceIdRatioBased(ratio)
+    if settings.sampler == "parentbased_traceidratio":
+        return ParentBasedTraceIdRatio(ratio)
+    return named[settings.sampler]
 
 
 class TracedWebhookEndpoint(WebhookEndpoint):
