@@ -383,11 +383,23 @@ def sdk_settings(
     return settings, problems
 
 
+def _sdk_failure(exc: Exception) -> ConfigError:
+    """The last resort: whatever the SDK raised while it was built from ``OTEL_*`` (something
+    ``sdk_settings`` does not check), as one line rather than a traceback."""
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    detail = detail if len(detail) <= 200 else detail[:200] + "…"
+    return ConfigError(
+        "the OpenTelemetry SDK could not start tracing from the OTEL_* variables: "
+        f"{type(exc).__name__}{': ' + detail if detail else ''}"
+    )
+
+
 def load_tracing(environ: Mapping[str, str]) -> Tracing | None:
     """A started ``Tracing`` when the ``OTEL_*`` variables turn tracing on, else ``None``.
 
     Raises ``ConfigError`` (one line) when they ask for something unavailable or malformed,
-    or when tracing is on but the ``otel`` extra is not installed.
+    when tracing is on but the ``otel`` extra is not installed, or when the SDK raises anything
+    while it is built from them.
     """
     exporters = trace_exporters(environ)
     if not exporters:
@@ -400,7 +412,12 @@ def load_tracing(environ: Mapping[str, str]) -> Tracing | None:
             f"tracing is on (OTEL_* variables) but OpenTelemetry is not installed ({exc.name}): "
             f"{INSTALL_HINT}, or unset OTEL_EXPORTER_OTLP_ENDPOINT / OTEL_TRACES_EXPORTER"
         ) from None
-    return Tracing.from_env(exporters, settings)
+    except Exception as exc:  # the SDK reads some OTEL_* when imported (span limits)
+        raise _sdk_failure(exc) from None
+    try:
+        return Tracing.from_env(exporters, settings)
+    except Exception as exc:
+        raise _sdk_failure(exc) from None
 
 
 __all__ = [

@@ -309,3 +309,20 @@ def test_allowed_values_build_the_sdk_without_a_word(
         assert tracing.provider.resource.attributes["team"] == "a,b"
     finally:
         tracing.shutdown()
+
+
+def test_whatever_the_sdk_raises_while_built_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last resort, for what the checks do not foresee (here a credential provider that is
+    not installed, which the SDK raises for): one line naming OTEL_*, not a traceback."""
+    from lacuna_webhooks import tracing
+
+    def explode(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("Requested component 'x' not found\nsecond line")
+
+    monkeypatch.setattr(tracing.Tracing, "from_env", explode)
+    with pytest.raises(ConfigError) as err:
+        load_tracing({"OTEL_TRACES_EXPORTER": "console"})
+    assert str(err.value) == (
+        "the OpenTelemetry SDK could not start tracing from the OTEL_* variables: "
+        "RuntimeError: Requested component 'x' not found"
+    )
