@@ -9,6 +9,8 @@ carries the attempt span's ``traceparent``; the resource names the service as co
 from __future__ import annotations
 
 import gzip
+import signal
+import subprocess
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,7 +28,7 @@ from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
 from tests.conftest import make_event, signed
-from tests.e2e.conftest import Serve, wait_until
+from tests.e2e.conftest import CLI, Serve, wait_until
 from tests.e2e.test_forward import RECEIVER_SECRET
 
 pytestmark = pytest.mark.e2e
@@ -162,3 +164,41 @@ def test_serve_exports_one_trace_from_request_to_forwarded_attempt(
     traceparent = forwarded[0]["Traceparent"]
     version, trace_id, parent_id, _flags = traceparent.split("-")
     assert (version, trace_id, parent_id) == ("00", request["trace_id"], attempt["span_id"])
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [
+        # The SDK raised ValueError at start: a traceback, exit code 1.
+        ("OTEL_BSP_MAX_QUEUE_SIZE", "-1", "OTEL_BSP_MAX_QUEUE_SIZE must be a whole number"),
+        # The SDK logged a traceback, took its default and served on.
+        ("OTEL_BSP_SCHEDULE_DELAY", "abc", "OTEL_BSP_SCHEDULE_DELAY must be a whole number"),
+    ],
+)
+def test_a_malformed_otel_setting_stops_serve_with_one_line(
+    tmp_path: Path, name: str, value: str, says: str
+) -> None:
+    serve = Serve(
+        tmp_path,
+        {
+            "LACUNA_DATABASE_URL": f"sqlite:///{tmp_path / 'events.db'}",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318",
+            name: value,
+        },
+    )
+    proc = subprocess.Popen(
+        [CLI, "serve"], cwd=tmp_path, env=serve.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        out, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)  # it started: let it drain and stop its children
+        out, err = proc.communicate(timeout=30)
+        pytest.fail(f"serve started with {name}={value}:\n{err.decode(errors='replace')[-2000:]}")
+    text = (out + err).decode(errors="replace")
+    assert proc.returncode == 2, (proc.returncode, text[-2000:])
+    assert "Traceback" not in text
+    assert text.count("\n") == 1, text[-2000:]
+    assert text.startswith("lacuna-webhooks: error: configuration: "), text
+    assert says in text
+    assert not (tmp_path / "events.db").exists()  # stopped before the store was opened
