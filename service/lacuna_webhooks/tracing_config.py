@@ -27,6 +27,7 @@ from urllib.parse import unquote
 
 from .config import NotRegularFile, check_utf8, http_url_problem, read_regular_file
 from .errors import ConfigError
+from .redact import redact_text
 
 if TYPE_CHECKING:
     from .tracing import Tracing
@@ -386,7 +387,8 @@ def sdk_settings(
 def _sdk_failure(exc: Exception) -> ConfigError:
     """The last resort: whatever the SDK raised while it was built from ``OTEL_*`` (something
     ``sdk_settings`` does not check), as one line rather than a traceback."""
-    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    # A URL in the SDK's message (an endpoint with credentials) is shown redacted.
+    detail = redact_text(str(exc).strip().splitlines()[0]) if str(exc).strip() else ""
     detail = detail if len(detail) <= 200 else detail[:200] + "…"
     return ConfigError(
         "the OpenTelemetry SDK could not start tracing from the OTEL_* variables: "
