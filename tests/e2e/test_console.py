@@ -340,6 +340,12 @@ def test_live_tail_degrades_or_follows(site: Site, page: Watched) -> None:
         row = p.locator("#tail-rows tr").first
         assert row.locator("td").nth(3).inner_text() == XSS_SCRIPT  # text, not markup
         assert p.locator("#tail-rows script").count() == 0
+        # A right-to-left override or a zero-width space is shown as its escape, as on the
+        # server-rendered pages (present.shown), not applied.
+        site.send(make_event("evt_console_live_bidi", title="Late \u202ethgiN\u200b"))
+        p.wait_for_selector("#tail-rows a:text('evt_console_live_bidi')", timeout=15000)
+        title = p.locator("#tail-rows tr").first.locator("td").nth(3).inner_text()
+        assert title == "Late \\u202ethgiN\\u200b"
     else:
         assert "not available" in status.inner_text()
     p.screenshot(path=site.shots / "tail.png")

@@ -362,6 +362,43 @@ async def test_hostile_text_is_escaped_on_every_backend(store: Store) -> None:
     assert 'href="/event?id=evt_0%3Cb%3Ebold%3C%2Fb%3E"' in pages[0].text
 
 
+async def test_invisible_and_bidi_text_is_shown_as_escapes_on_every_backend(store: Store) -> None:
+    """A title, type, error or result holding a right-to-left override (Trojan Source), a
+    zero-width space or a terminal escape is displayed with those characters as ``\\uXXXX``
+    (the payload stays the same JSON), so that no value can pass for another or reverse what
+    follows it; a form's hidden value keeps the exact text, to post back."""
+    hidden = "\u202e", "\u200b", "\u2066", "\ufeff", "\x1b", "\U000e0041"
+    body = make_event("evt_bidi", title="Late \u202ethgiN\u200b \U000e0041")
+    body["type"] = "job.completed\u2066x"
+    event = await accept(store, body, ["log", "archive"])
+    claimed = await store.claim(handler="log", limit=1, lease=timedelta(minutes=1), now=NOW)
+    await store.dead(
+        claimed[0], Attempt(NOW, NOW, AttemptOutcome.DEAD, error="bad \x1b[31m\u202eorre")
+    )
+    claimed = await store.claim(handler="archive", limit=1, lease=timedelta(minutes=1), now=NOW)
+    await store.complete(
+        claimed[0], Attempt(NOW, NOW, AttemptOutcome.OK, result={"file": "a\ufeffb\u202e.mp3"})
+    )
+    async with client(store) as http:
+        await sign_in(http)
+        listing = (await http.get("/events")).text
+        one = (await http.get("/event", params={"id": event.id})).text
+        dead = (await http.get("/dead")).text
+    for page in (listing, one, dead):
+        assert [c for c in hidden if c in page] == [], [
+            page[max(0, page.index(c) - 80) : page.index(c) + 20] for c in hidden if c in page
+        ]
+    assert "Late \\u202ethgiN\\u200b \\udb40\\udc41" in listing
+    assert "job.completed\\u2066x" in listing
+    assert "job.completed\\u2066x" in dead
+    assert "bad \\u001b[31m\\u202eorre" in one
+    assert "bad \\u001b[31m\\u202eorre" in dead
+    assert "a\\ufeffb\\u202e.mp3" in one
+    payload = re.search(r'<pre class="payload">(.*?)</pre>', one, re.DOTALL)
+    assert payload is not None
+    assert json.loads(html.unescape(payload.group(1))) == body  # the same JSON
+
+
 async def test_search_filters_and_bad_filters(sqlite_store: Store) -> None:
     for i in range(3):
         await accept(sqlite_store, make_event(f"evt_{i}", task_id=f"cm_{i}"), ["log"])

@@ -3,6 +3,9 @@ the package shipping its templates and static files."""
 
 from __future__ import annotations
 
+import json
+import sys
+import unicodedata
 from datetime import UTC, datetime, timedelta
 from importlib import resources
 
@@ -21,6 +24,7 @@ from lacuna_webhooks.admin.console.present import (
     parse_payload,
     payload_title,
     pretty_json,
+    shown,
 )
 
 
@@ -163,3 +167,28 @@ def test_large_payloads_skip_the_pure_python_paths() -> None:
     text, cut = pretty_json(raw)
     assert (text, cut) == (raw.decode(), False)
     assert parse_payload(b'{"a": 1e400, "pad": "' + b"x" * MAX_SLOW_BYTES + b'"}') is None
+
+
+def test_shown_escapes_exactly_what_displays_as_nothing_or_reorders() -> None:
+    """Every control (but tab and line feed), format, line- and paragraph-separator character
+    of this Python's Unicode database is escaped, but the zero-width (non-)joiner; every other
+    character is left as it is (one probe per category)."""
+    keep = {"\t", "\n", "\u200c", "\u200d"}
+    for code in range(sys.maxunicode + 1):
+        char = chr(code)
+        category = unicodedata.category(char)
+        escaped = category in ("Cc", "Cf", "Zl", "Zp") and char not in keep
+        if escaped:
+            assert shown(char).startswith("\\u"), hex(code)
+        elif category != "Cs" and (code % 97 == 0 or char in keep):  # Cs: as_text's U+FFFD
+            assert shown(char) == char, hex(code)
+    for char in ("\u202e", "\u2066", "\u200b", "\ufeff", "\x1b", "\x85", "\u2028", "\U000e0041"):
+        assert char not in shown(f"a{char}b")
+        assert shown(f"a{char}b").startswith("a\\u")
+
+
+def test_a_payload_shown_is_the_same_json() -> None:
+    value = {"title": "Late \u202ethgiN\u200b", "tag": "\U000e0041", "esc": "\x1b[0m", "ok": "é 🎵"}
+    text = shown(json.dumps(value, ensure_ascii=False))
+    assert json.loads(text) == value
+    assert "é 🎵" in text

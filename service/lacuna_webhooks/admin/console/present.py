@@ -7,8 +7,10 @@ or megabytes of text. Nothing here raises on such input; the templates escape th
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -32,6 +34,48 @@ _TOKEN_RE = re.compile(r'"(?:[^"\\]|\\.)*"?|[{}\[\],:]|\s+|[^\s{}\[\],:"]+', re.
 def as_text(value: str) -> str:
     """``value`` with what HTML cannot carry replaced: NUL and lone surrogates become U+FFFD."""
     return value.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
+
+
+def _hidden_class() -> re.Pattern[str]:
+    """The characters ``shown`` writes as escapes: control characters but tab and line feed
+    (Cc), and those that display as nothing or reorder the text that follows them (Cf: the
+    bidirectional overrides and isolates of "Trojan Source", CVE-2021-42574, zero-width
+    spaces, the BOM, tag characters; Zl, Zp), from this Python's Unicode database. Only
+    planes 0, 1 and 14 hold such characters (planes 2 and 3 are ideographs, 15 and 16 private
+    use; tests/unit/test_console_present.py checks all of them): 40 ms at import instead of
+    0.3 s. The zero-width joiner and non-joiner stay: scripts and emoji need them, and they
+    reorder nothing."""
+    keep = {"\t", "\n", "\u200c", "\u200d"}
+    ranges: list[list[int]] = []
+    for code in itertools.chain(*(range(plane << 16, (plane + 1) << 16) for plane in (0, 1, 14))):
+        char = chr(code)
+        if unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp") and char not in keep:
+            if ranges and ranges[-1][1] == code - 1:
+                ranges[-1][1] = code
+            else:
+                ranges.append([code, code])
+    return re.compile(
+        "[" + "".join(f"{re.escape(chr(a))}-{re.escape(chr(b))}" for a, b in ranges) + "]"
+    )
+
+
+_HIDDEN = _hidden_class()
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    code -= 0x10000  # JSON's form: a surrogate pair, so that a payload stays the same JSON
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+
+
+def shown(value: str) -> str:
+    """``as_text(value)`` as the console displays it: each character of ``_HIDDEN`` written
+    as its JSON escape (``\\u202e``), so that nothing in a payload, a title or an error can
+    display as nothing, disguise one value as another, or reverse the text after it. A
+    payload stays the same JSON. Form values keep ``as_text``: they must post back exactly."""
+    return as_text(_HIDDEN.sub(_escape, value))  # NUL too: "\\u0000", as JSON writes it
 
 
 def pretty_json(raw: bytes) -> tuple[str, bool]:
@@ -243,4 +287,5 @@ __all__ = [
     "parse_payload",
     "payload_title",
     "pretty_json",
+    "shown",
 ]

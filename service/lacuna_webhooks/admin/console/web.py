@@ -27,7 +27,7 @@ from ..auth import SESSION_COOKIE, csrf_ok, csrf_token, session_token
 from ..context import AdminContext
 from ..filters import only_params
 from ..responses import BadRequest
-from .present import as_text
+from .present import as_text, shown
 
 #: The console's Content-Security-Policy: only its own files, no inline script or style.
 CSP = (
@@ -66,7 +66,8 @@ def url(path: str, params: Mapping[str, Any] | None = None) -> str:
 
 
 _env.globals["url"] = url
-_env.filters["text"] = as_text
+_env.filters["text"] = as_text  # form values: posted back exactly
+_env.filters["shown"] = shown  # what is displayed: invisible characters as escapes
 
 
 class ConsoleHeaders:

@@ -1,5 +1,6 @@
 // The console's live tail: follows /api/v1/stream (Server-Sent Events; the session cookie
-// admits it) and puts each event at the top of the table, every value as textContent.
+// admits it) and puts each event at the top of the table, every value as textContent, with
+// what displays as nothing or reorders the text after it written as an escape (visible()).
 (function () {
   "use strict";
   var status = document.getElementById("tail-status");
@@ -11,10 +12,21 @@
   }
   var MAX_ROWS = 200;
   var source = new EventSource("/api/v1/stream");
+  // The server's present.shown: control characters but tab and line feed, and the format
+  // and separator characters (bidirectional overrides, zero-width spaces, the BOM) as \uXXXX;
+  // the zero-width joiner and non-joiner stay (scripts and emoji need them).
+  var HIDDEN = /(?![\t\n\u200c\u200d])[\p{Cc}\p{Cf}\p{Zl}\p{Zp}]/gu;
+  function visible(text) {
+    return text.replace(HIDDEN, function (c) {
+      var out = "";
+      for (var i = 0; i < c.length; i++) out += "\\u" + ("000" + c.charCodeAt(i).toString(16)).slice(-4);
+      return out;
+    });
+  }
   function cell(tr, text, label) {
     var td = document.createElement("td");
     td.setAttribute("data-label", label);
-    if (typeof text === "string") td.textContent = text; else td.appendChild(text);
+    if (typeof text === "string") td.textContent = visible(text); else td.appendChild(text);
     tr.appendChild(td);
   }
   source.onopen = function () {
@@ -36,7 +48,7 @@
     var link = document.createElement("a");
     link.href = "/event?id=" + encodeURIComponent(id);
     link.className = "mono";
-    link.textContent = id;
+    link.textContent = visible(id);
     cell(tr, link, "Event");
     cell(tr, String(event.type || ""), "Type");
     cell(tr, typeof data.title === "string" ? data.title : "", "Title");
