@@ -202,4 +202,10 @@ def test_every_query_a_flow_runs_gets_every_parameter_it_names() -> None:
             except StopIteration:
                 pass
     assert missing == []
-    assert ran >= SHARED - {"write_probe", "stream_after", "stream_head", "search_events"}
+    assert ran >= SHARED - {
+        "write_probe",
+        "stream_after",
+        "stream_head",
+        "search_events",
+        "event_bodies",
+    }

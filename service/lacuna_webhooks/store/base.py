@@ -81,7 +81,12 @@ from .stream import StreamSignal
 
 @dataclass(frozen=True, slots=True)
 class EventRecord:
-    """A stored event, for admin commands."""
+    """A stored event, for admin commands.
+
+    ``size`` is the body's length in bytes (``len(raw)`` when not given). A read that did
+    not load the body (``search_events(bodies=False)``, the admin client's listings) leaves
+    ``raw`` empty, ``b""``, which no stored body is (an event is a JSON object), while
+    ``size`` still says how large it is: ``has_body`` tells them apart."""
 
     id: str
     type: str
@@ -90,8 +95,33 @@ class EventRecord:
     task_id: str | None
     superseded: bool
     raw: bytes
+    size: int = -1
+
+    def __post_init__(self) -> None:
+        if self.size < 0:
+            object.__setattr__(self, "size", len(self.raw))
+
+    @property
+    def has_body(self) -> bool:
+        """Whether ``raw`` holds the body (else it was not read: see the class docstring)."""
+        return bool(self.raw) or self.size == 0
+
+    def without_body(self) -> EventRecord:
+        """This record with ``raw`` left out (``size`` kept)."""
+        return EventRecord(
+            self.id,
+            self.type,
+            self.created,
+            self.received_at,
+            self.task_id,
+            self.superseded,
+            b"",
+            self.size,
+        )
 
     def to_event(self) -> Event:
+        if not self.has_body:
+            raise ValueError(f"event {self.id!r} was read without its body")
         return Event.from_stored(self.raw)  # stored: accepted once already
 
 
@@ -185,13 +215,23 @@ class EventPage:
     match between the cursor given and ``next_cursor`` (never ``None`` then), which resumes
     the scan exactly where it stopped; ``searched_to`` is the ``received_at`` the scan
     reached (every event received after it, down to the cursor given, was examined).
-    ``True``: as without a budget, and ``searched_to`` is ``None``."""
+    ``True``: as without a budget, and ``searched_to`` is ``None``.
+
+    A page of bodies may also end early at its byte budget (``search_events``' ``max_bytes``):
+    fewer than ``limit`` records, ``complete`` ``True`` and ``next_cursor`` after the last
+    record, so following it skips nothing."""
 
     records: list[EventRecord]
     next_cursor: str | None
     complete: bool = True
     searched_to: datetime | None = None
 
+
+#: ``search_events``' default ``max_bytes``: the most body bytes one page holds (the first
+#: event of a page is always there, whatever its size). Pages of events with their bodies
+#: (the console's events list) stop early at it with a ``next_cursor``, so an admin read holds
+#: a bounded amount of memory in the process intake shares, whatever ``limit`` and the sizes.
+PAGE_BODY_BYTES = 4 * 1024 * 1024
 
 #: ``ScanBudget.seconds`` of the admin API unless ``LACUNA_ADMIN_SEARCH_BUDGET`` says.
 DEFAULT_SEARCH_BUDGET_SECONDS = 0.5
@@ -471,12 +511,21 @@ class Store(Protocol):
         cursor: str | None = None,
         limit: int = 50,
         budget: ScanBudget | None = None,
+        bodies: bool = True,
+        max_bytes: int | None = PAGE_BODY_BYTES,
     ) -> EventPage:
         """The events ``where`` selects, newest first (``received_at``, then arrival), at
         most ``limit``, after the page that returned ``cursor``. Raises ``ValueError`` for a
         cursor this store did not make (the admin API answers 400). With a ``budget``, a
         scan of bodies may stop early: ``EventPage.complete`` ``False`` (see there); a
-        client that follows ``next_cursor`` sees every match once, in order, either way."""
+        client that follows ``next_cursor`` sees every match once, in order, either way.
+
+        Memory: the search itself never holds the bodies it scans (the conditions on them run
+        in the database), only those of the page it returns. ``bodies=False``: none at all,
+        each record's ``raw`` empty and its ``size`` the body's length (what a listing
+        shows). Else the page stops before the event whose body would bring its bodies past
+        ``max_bytes`` (the first event always comes; ``None``: no bound), with
+        ``next_cursor`` after its last record; the bodies past it are never read."""
 
     async def list_deliveries(
         self,
@@ -579,6 +628,7 @@ __all__ = [
     "DEFAULT_SEARCH_BUDGET_SECONDS",
     "FIRST_SCAN_WINDOW",
     "MAX_SCAN_WINDOW",
+    "PAGE_BODY_BYTES",
     "AttemptRecord",
     "DeliveryRecord",
     "EventFilter",

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import EventNotFound, StoreUnavailable
 from ..models import Attempt, AttemptOutcome, Delivery, DeliveryStatus, Event
 from .base import (
+    PAGE_BODY_BYTES,
     AttemptRecord,
     DeliveryRecord,
     EventFilter,
@@ -42,7 +43,7 @@ from .base import (
     attempt_error,
 )
 from .rules import as_utc, nearest_rank, task_order
-from .search import body_matches, decode_cursor, delivery_state, encode_cursor
+from .search import body_matches, decode_cursor, delivery_state, encode_cursor, fitting
 from .stream import StreamSignal, make_cursor, read_cursor
 
 if TYPE_CHECKING:
@@ -484,12 +485,33 @@ class MemoryStore:
         cursor: str | None = None,
         limit: int = 50,
         budget: ScanBudget | None = None,
+        bodies: bool = True,
+        max_bytes: int | None = PAGE_BODY_BYTES,
     ) -> EventPage:
         """The reference search (``store/search.py`` rules); the cursor is the arrival index
         of the last event returned, or of the oldest event a budgeted scan reached. With a
         ``budget`` it scans in windows as the SQL stores do (``ScanBudget``): windows of the
         events ``type``, ``since`` and ``until`` keep, so the same budget cuts the same
-        pages here and there."""
+        pages here and there. The page is cut to ``max_bytes`` of bodies
+        (``search.fitting``) or given without them as the SQL stores do."""
+        found, next_cursor, complete, reached = await self._search(where, cursor, limit, budget)
+        if bodies:
+            kept = fitting([record.size for _, record in found], max_bytes)
+            if kept < len(found):
+                found = found[:kept]
+                next_cursor, complete, reached = encode_cursor(found[-1][0]), True, None
+        return EventPage(
+            [record if bodies else record.without_body() for _, record in found],
+            next_cursor,
+            complete=complete,
+            searched_to=reached,
+        )
+
+    async def _search(
+        self, where: EventFilter, cursor: str | None, limit: int, budget: ScanBudget | None
+    ) -> tuple[list[tuple[int, EventRecord]], str | None, bool, datetime | None]:
+        """``search_events``' page before its byte budget: (arrival, record) pairs, the next
+        cursor, whether complete, and the ``received_at`` a budgeted scan reached."""
         before = None if cursor is None else decode_cursor(cursor, 1)[0]
         if before is not None and not isinstance(before, int):
             raise ValueError("not a cursor this service made")
@@ -516,7 +538,7 @@ class MemoryStore:
             more = len(found) > limit
             page = found[: max(0, limit)]
             next_cursor = encode_cursor(page[-1][0]) if more and page else None
-            return EventPage([record for _, record in page], next_cursor)
+            return page, next_cursor, True, None
         # The windows count the events the SQL stores' index walk counts.
         indexed = EventFilter(type=where.type, since=where.since, until=where.until)
         candidates = [pair for pair in left if self._selected(pair[1], [], indexed, now)]
@@ -528,18 +550,13 @@ class MemoryStore:
             scanned += len(part)
             if len(found) > limit:
                 page = found[:limit]
-                return EventPage([r for _, r in page], encode_cursor(page[-1][0]))
+                return page, encode_cursor(page[-1][0]), True, None
             if scanned >= len(candidates):
-                return EventPage([r for _, r in found], None)
+                return found, None, True, None
             elapsed = time.monotonic() - started
             if budget.spent(elapsed):
                 reached = candidates[scanned - 1]
-                return EventPage(
-                    [r for _, r in found],
-                    encode_cursor(reached[0]),
-                    complete=False,
-                    searched_to=reached[1].received_at,
-                )
+                return found, encode_cursor(reached[0]), False, reached[1].received_at
             window = budget.next_window(window, scanned, elapsed)
 
     def _scan(

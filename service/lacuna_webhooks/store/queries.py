@@ -61,6 +61,7 @@ SHARED = frozenset(
         "stream_after",
         "stream_head",
         "search_events",
+        "event_bodies",
     }
 )
 

@@ -38,6 +38,35 @@ def event_record(row: Row, at: ToDatetime) -> EventRecord:
     )
 
 
+def event_head(row: Row, at: ToDatetime) -> EventRecord:
+    """Columns: id, type, created, received_at, task_id, superseded, size (the body's length:
+    the body itself is not read; ``raw`` is left empty, see ``EventRecord``)."""
+    return EventRecord(
+        id=row["id"],
+        type=row["type"],
+        created=row["created"],
+        received_at=at(row["received_at"]),
+        task_id=row["task_id"],
+        superseded=bool(row["superseded"]),
+        raw=b"",
+        size=int(row["size"]),
+    )
+
+
+def with_body(record: EventRecord, raw: bytes) -> EventRecord:
+    """``record`` (an ``event_head``) with its body."""
+    return EventRecord(
+        record.id,
+        record.type,
+        record.created,
+        record.received_at,
+        record.task_id,
+        record.superseded,
+        raw,
+        len(raw),
+    )
+
+
 def delivery_record(row: Row, at: ToDatetime) -> DeliveryRecord:
     """Columns: id, event_id, event_type, handler, status, attempts, next_attempt_at,
     lease_until, last_error, created_at, updated_at, result (JSON text or NULL)."""
@@ -150,9 +179,11 @@ __all__ = [
     "attempt_record",
     "claimed_delivery",
     "delivery_record",
+    "event_head",
     "event_record",
     "handler_state",
     "last_error",
     "queue_row",
     "task_record",
+    "with_body",
 ]

@@ -165,6 +165,20 @@ def body_matches(raw: bytes, path: str, wanted: str) -> bool:
     return matches_value(value, wanted)
 
 
+def fitting(sizes: list[int], max_bytes: int | None) -> int:
+    """How many of a page's events, newest first, keep their bodies (``sizes``, bytes)
+    within ``max_bytes`` (``Store.search_events``): at least one of a page that has any, so
+    following the page's cursor always makes progress; every one with ``None``."""
+    if max_bytes is None:
+        return len(sizes)
+    total = 0
+    for kept, size in enumerate(sizes):
+        total += size
+        if kept and total > max_bytes:
+            return kept
+    return len(sizes)
+
+
 #: The largest integer a cursor may hold: a signed 64-bit column (SQLite ``rowid``,
 #: PostgreSQL ``bigint``) holds nothing larger.
 CURSOR_INT_MAX = 2**63 - 1
@@ -234,6 +248,7 @@ __all__ = [
     "encode_cursor",
     "exact_payload",
     "field_at",
+    "fitting",
     "json_number",
     "matches_value",
 ]

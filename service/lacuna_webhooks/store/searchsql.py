@@ -33,7 +33,14 @@ from typing import Any, Literal
 
 from .base import EventFilter, ScanBudget
 from .queries import load
-from .search import body_matches, cursor_time, decode_cursor, encode_cursor, json_number
+from .search import (
+    body_matches,
+    cursor_time,
+    decode_cursor,
+    encode_cursor,
+    fitting,
+    json_number,
+)
 
 Dialect = Literal["sqlite", "postgres"]
 _MARKER = "/* where */"
@@ -462,9 +469,25 @@ def windowed_search(
         window = budget.next_window(window, scanned, elapsed)
 
 
+def fit_page(dialect: Dialect, page: WindowedPage, max_bytes: int | None) -> WindowedPage:
+    """``page`` (its rows carry ``size``, the body's length) cut to the rows whose bodies
+    fit ``max_bytes`` (``search.fitting``). A cut page ends at its last row: the next cursor
+    is after it, and the page is complete (every event between the cursor given and that
+    row was examined). The caller then reads only the kept rows' bodies
+    (``event_bodies``)."""
+    found = page[0]
+    kept = fitting([int(row["size"]) for row in found], max_bytes)
+    if kept == len(found):
+        return page
+    found = found[:kept]
+    last = found[-1]
+    return found, next_cursor(dialect, last["received_at"], last["seq"]), True, None
+
+
 __all__ = [
     "Dialect",
     "WindowedPage",
+    "fit_page",
     "next_cursor",
     "register_sqlite_functions",
     "search_sql",

@@ -45,6 +45,7 @@ from ...errors import StoreUnavailable
 from ...models import Attempt, Delivery, DeliveryStatus, Event
 from .. import outbox
 from ..base import (
+    PAGE_BODY_BYTES,
     AttemptRecord,
     DeliveryRecord,
     EventFilter,
@@ -61,9 +62,16 @@ from ..base import (
 )
 from ..outbox import PRUNE_LOCK_KEY, Flow, Nudge, Query
 from ..queries import load, parameters
-from ..rows import event_record
+from ..rows import event_head, event_record, with_body
 from ..rules import CommitHealth, as_utc, task_order
-from ..searchsql import next_cursor, search_sql, windowed, windowed_search
+from ..searchsql import (
+    WindowedPage,
+    fit_page,
+    next_cursor,
+    search_sql,
+    windowed,
+    windowed_search,
+)
 from ..stream import StreamSignal, make_cursor, read_cursor
 
 log = logging.getLogger(__name__)
@@ -511,49 +519,59 @@ class PostgresStore:
         cursor: str | None = None,
         limit: int = 50,
         budget: ScanBudget | None = None,
+        bodies: bool = True,
+        max_bytes: int | None = PAGE_BODY_BYTES,
     ) -> EventPage:
         """``searchsql`` rules; the cursor is ``[received_at, seq]`` of the page's last row,
         or of the oldest event a budgeted scan reached (``searchsql.windowed_search``: its
         windows in one read-only snapshot). Each statement runs under ``SEARCH_TIMEOUT_MS``
         so a search never holds one of the pool's connections (which intake shares) for
-        long."""
+        long. The search reads the bodies' lengths; the bodies the page keeps (within
+        ``max_bytes``) are read after it, in the same snapshot."""
         now = datetime.now(UTC)
         if budget is not None and limit > 0 and windowed("postgres", where, budget):
-            return await self._search_windowed(where, cursor, limit, now, budget)
-        sql, params = search_sql("postgres", where, cursor=cursor, limit=limit, now=now)
-        async with (
-            self._search_slots,
-            self._connection() as conn,
-            conn.transaction(readonly=True),
-        ):
-            await conn.execute(f"SET LOCAL statement_timeout = {SEARCH_TIMEOUT_MS}")
-            found = await conn.fetch(sql, *params)
-        page = found[: max(limit, 0)]
-        next_page = None
-        if len(found) > limit and page:
-            next_page = next_cursor("postgres", page[-1]["received_at"], page[-1]["seq"])
-        return EventPage([event_record(row, _at) for row in page], next_page)
-
-    async def _search_windowed(
-        self, where: EventFilter, cursor: str | None, limit: int, now: datetime, budget: ScanBudget
-    ) -> EventPage:
-        scan = windowed_search(
-            "postgres", where, cursor=cursor, limit=limit, now=now, budget=budget
-        )
-        statement = next(scan)  # a bad cursor raises here, before a connection is taken
+            scan = windowed_search(
+                "postgres", where, cursor=cursor, limit=limit, now=now, budget=budget
+            )
+            statement = next(scan)  # a bad cursor raises here, before a connection is taken
+        else:
+            scan = None
+            statement = search_sql("postgres", where, cursor=cursor, limit=limit, now=now)
         async with (
             self._search_slots,
             self._connection() as conn,
             conn.transaction(readonly=True, isolation="repeatable_read"),
         ):
             await conn.execute(f"SET LOCAL statement_timeout = {SEARCH_TIMEOUT_MS}")
-            try:
-                while True:
-                    statement = scan.send(await conn.fetch(statement[0], *statement[1]))
-            except StopIteration as stop:
-                found, next_page, complete, reached = stop.value
+            if scan is None:
+                found = await conn.fetch(statement[0], *statement[1])
+                rows = found[: max(limit, 0)]
+                next_page = None
+                if len(found) > limit and rows:
+                    next_page = next_cursor("postgres", rows[-1]["received_at"], rows[-1]["seq"])
+                page: WindowedPage = (rows, next_page, True, None)
+            else:
+                try:
+                    while True:
+                        statement = scan.send(await conn.fetch(statement[0], *statement[1]))
+                except StopIteration as stop:
+                    page = stop.value
+            if bodies:
+                page = fit_page("postgres", page, max_bytes)
+            found, next_page, complete, reached = page
+            records = [event_head(row, _at) for row in found]
+            if bodies and found:
+                raw = {
+                    r["seq"]: bytes(r["raw"])
+                    for r in await conn.fetch(Q["event_bodies"], [row["seq"] for row in found])
+                }
+                # One repeatable-read snapshot: every row of the page still has its body.
+                records = [
+                    with_body(record, raw[row["seq"]])
+                    for record, row in zip(records, found, strict=True)
+                ]
         return EventPage(
-            [event_record(row, _at) for row in found],
+            records,
             next_page,
             complete=complete,
             searched_to=None if reached is None else _at(reached),

@@ -30,7 +30,13 @@ from ...errors import StoreUnavailable
 from .. import rows
 from ..base import EventFilter, EventPage, EventRecord, ScanBudget
 from ..queries import load
-from ..searchsql import next_cursor, register_sqlite_functions, windowed_search
+from ..searchsql import (
+    WindowedPage,
+    fit_page,
+    next_cursor,
+    register_sqlite_functions,
+    windowed_search,
+)
 from .driver import at, split_script
 from .writer import WatchedConnection, transaction
 
@@ -300,16 +306,47 @@ def diagnostics(c: sqlite3.Connection) -> dict[str, object]:
 
 
 def search_events(
-    c: sqlite3.Connection, sql: str, params: list[Any], limit: int
-) -> tuple[list[EventRecord], str | None]:
-    """One page of ``searchsql.search_sql``'s statement (it asks for ``limit + 1`` rows) and
-    the cursor of the next page, or ``None``."""
+    c: sqlite3.Connection,
+    sql: str,
+    params: list[Any],
+    limit: int,
+    bodies: bool = True,
+    max_bytes: int | None = None,
+) -> EventPage:
+    """One page of ``searchsql.search_sql``'s statement (it asks for ``limit + 1`` rows)
+    and the cursor of the next page, or ``None``; with ``bodies``, cut to ``max_bytes``
+    (``searchsql.fit_page``) and the kept rows' bodies read after, in this transaction."""
     found = c.execute(sql, params).fetchall()
     page = found[:limit]
     cursor = None
     if len(found) > limit and page:
         cursor = next_cursor("sqlite", page[-1]["received_at"], page[-1]["seq"])
-    return [rows.event_record(row, at) for row in page], cursor
+    return _page(c, (page, cursor, True, None), bodies, max_bytes)
+
+
+def _page(
+    c: sqlite3.Connection, page: WindowedPage, bodies: bool, max_bytes: int | None
+) -> EventPage:
+    """The ``EventPage`` of a search's rows (``event_head`` columns and ``seq``): without
+    bodies as they are, else cut to ``max_bytes`` and each kept row with its body."""
+    if bodies:
+        page = fit_page("sqlite", page, max_bytes)
+    found, cursor, complete, reached = page
+    records = [rows.event_head(row, at) for row in found]
+    if bodies and found:
+        seqs = orjson.dumps([int(row["seq"]) for row in found]).decode()
+        raw = {int(r["seq"]): bytes(r["raw"]) for r in c.execute(Q["event_bodies"], {"seqs": seqs})}
+        # One read transaction: every row of the page still has its body.
+        records = [
+            rows.with_body(record, raw[int(row["seq"])])
+            for record, row in zip(records, found, strict=True)
+        ]
+    return EventPage(
+        records,
+        cursor,
+        complete=complete,
+        searched_to=None if reached is None else at(reached),
+    )
 
 
 def stream_after(
@@ -341,19 +378,16 @@ def search_windowed(
     limit: int,
     now: datetime,
     budget: ScanBudget,
+    bodies: bool = True,
+    max_bytes: int | None = None,
 ) -> EventPage:
     """One page of ``searchsql.windowed_search``: its windows run in this one read
-    transaction (one snapshot), on the reader thread."""
+    transaction (one snapshot), on the reader thread; bodies as ``search_events``."""
     scan = windowed_search("sqlite", where, cursor=cursor, limit=limit, now=now, budget=budget)
     try:
         statement = next(scan)
         while True:
             statement = scan.send(c.execute(*statement).fetchall())
     except StopIteration as stop:
-        found, cursor_next, complete, reached = stop.value
-    return EventPage(
-        [rows.event_record(row, at) for row in found],
-        cursor_next,
-        complete=complete,
-        searched_to=None if reached is None else at(reached),
-    )
+        page: WindowedPage = stop.value
+    return _page(c, page, bodies, max_bytes)

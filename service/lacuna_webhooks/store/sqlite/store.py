@@ -35,6 +35,7 @@ from ...errors import StoreUnavailable
 from ...models import Attempt, Delivery, DeliveryStatus, Event
 from .. import outbox
 from ..base import (
+    PAGE_BODY_BYTES,
     AttemptRecord,
     DeliveryRecord,
     EventFilter,
@@ -331,15 +332,22 @@ class SQLiteStore:
         cursor: str | None = None,
         limit: int = 50,
         budget: ScanBudget | None = None,
+        bodies: bool = True,
+        max_bytes: int | None = PAGE_BODY_BYTES,
     ) -> EventPage:
         """``searchsql`` rules; the cursor is ``[received_at, rowid]`` of the page's last row,
-        or of the oldest event a budgeted scan reached (``searchsql.windowed_search``)."""
+        or of the oldest event a budgeted scan reached (``searchsql.windowed_search``). The
+        search reads the bodies' lengths; the bodies the page keeps are read after it, in its
+        read transaction."""
         now = datetime.now(UTC)
         if budget is not None and limit > 0 and windowed("sqlite", where, budget):
-            return await self._reader.run(ops.search_windowed, where, cursor, limit, now, budget)
+            return await self._reader.run(
+                ops.search_windowed, where, cursor, limit, now, budget, bodies, max_bytes
+            )
         sql, params = search_sql("sqlite", where, cursor=cursor, limit=limit, now=now)
-        records, next_cursor = await self._reader.run(ops.search_events, sql, params, max(limit, 0))
-        return EventPage(records, next_cursor)
+        return await self._reader.run(
+            ops.search_events, sql, params, max(limit, 0), bodies, max_bytes
+        )
 
     async def list_deliveries(
         self,

@@ -195,6 +195,10 @@ FROM (
 WHERE n = 1 OR upto <= :max_bytes::bigint
 ORDER BY position_xid, seq
 
+-- name: event_bodies
+-- The bodies of a search page's events, by arrival order (:seqs).
+SELECT e.seq, e.raw FROM events AS e WHERE e.seq = ANY(:seqs::bigint[])
+
 -- name: stream_head
 -- "Now": every row written by a transaction below the snapshot's xmin is already visible.
 SELECT pg_snapshot_xmin(pg_current_snapshot())::text
@@ -356,7 +360,10 @@ UPDATE rate_buckets SET tokens = least(:capacity::float8, tokens - :count::float
 
 -- name: search_events
 -- The admin search (store/searchsql.py fills in the conditions): newest first, ties by seq.
-SELECT e.seq, e.id, e.type, e.created, e.received_at, e.task_id, e.superseded, e.raw
+-- The body's length, not the body (octet_length reads no TOAST): a page reads the bodies it
+-- keeps afterwards (event_bodies), within its byte budget.
+SELECT e.seq, e.id, e.type, e.created, e.received_at, e.task_id, e.superseded,
+    octet_length(e.raw) AS size
 FROM events AS e
 WHERE /* where */
 ORDER BY e.received_at DESC, e.seq DESC
@@ -364,7 +371,8 @@ ORDER BY e.received_at DESC, e.seq DESC
 -- name: search_events_payload
 -- The same with `match` conditions: the body parsed once per row that passes the other
 -- conditions (OFFSET 0 keeps the subquery from being inlined and the call repeated).
-SELECT e.seq, e.id, e.type, e.created, e.received_at, e.task_id, e.superseded, e.raw
+SELECT e.seq, e.id, e.type, e.created, e.received_at, e.task_id, e.superseded,
+    octet_length(e.raw) AS size
 FROM events AS e CROSS JOIN LATERAL (SELECT lacuna_payload(e.raw) AS payload OFFSET 0) AS j
 WHERE /* where */
 ORDER BY e.received_at DESC, e.seq DESC

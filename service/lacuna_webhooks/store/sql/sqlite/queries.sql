@@ -296,6 +296,10 @@ WHERE stream_seq > :after ORDER BY stream_seq LIMIT :limit
 -- name: stream_head
 SELECT last FROM stream_counter
 
+-- name: event_bodies
+-- The bodies of a search page's events, by arrival order (:seqs, a JSON list of rowids).
+SELECT e.rowid AS seq, e.raw FROM events AS e WHERE e.rowid IN (SELECT value FROM json_each(:seqs))
+
 -- name: paused_handlers
 SELECT handler, paused, reason, consecutive_failures, updated_at FROM handler_state
 WHERE paused = 1
@@ -326,8 +330,11 @@ UPDATE rate_buckets SET tokens = min(:capacity, tokens - :count) WHERE handler =
 
 -- name: search_events
 -- The admin search (store/searchsql.py fills in the conditions): newest first, ties by
--- arrival (rowid); the rowid is the cursor's second half.
-SELECT e.rowid AS seq, e.id, e.type, e.created, e.received_at, e.task_id, e.superseded, e.raw
+-- arrival (rowid); the rowid is the cursor's second half. The body's length, not the body
+-- (length() of a blob reads no overflow page): a page reads the bodies it keeps afterwards
+-- (event_bodies), within its byte budget.
+SELECT e.rowid AS seq, e.id, e.type, e.created, e.received_at, e.task_id, e.superseded,
+    length(e.raw) AS size
 FROM events AS e
 WHERE /* where */
 ORDER BY e.received_at DESC, e.rowid DESC
@@ -375,7 +382,8 @@ WHERE rn = 1
 -- deliveries drive (deliveries_handler_status or the partial indexes), then their events are
 -- sorted, instead of walking every event newest first and probing its deliveries. CROSS JOIN
 -- fixes that order: SQLite's planner has no statistics unless ANALYZE ran.
-SELECT e.rowid AS seq, e.id, e.type, e.created, e.received_at, e.task_id, e.superseded, e.raw
+SELECT e.rowid AS seq, e.id, e.type, e.created, e.received_at, e.task_id, e.superseded,
+    length(e.raw) AS size
 FROM (SELECT DISTINCT d.event_id FROM deliveries AS d WHERE /* deliveries */) AS sel
 CROSS JOIN events AS e ON e.id = sel.event_id
 WHERE /* where */
