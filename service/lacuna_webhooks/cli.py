@@ -1194,7 +1194,9 @@ def _events_list(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
         async def search(store: Store) -> list[EventRecord]:
             async def page(cursor: str | None, size: int) -> tuple[list[EventRecord], str | None]:
-                found = await store.search_events(where, cursor=cursor, limit=size, budget=budget)
+                found = await store.search_events(
+                    where, cursor=cursor, limit=size, budget=budget, bodies=False
+                )
                 return found.records, found.next_cursor
 
             return await _collect(page, args.limit)

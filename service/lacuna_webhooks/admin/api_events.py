@@ -26,7 +26,8 @@ from starlette.routing import BaseRoute, Route
 from ..config import HANDLER_NAME_RE
 from ..errors import EventNotFound
 from ..models import MAX_PAUSE_REASON_LENGTH, DeliveryStatus, pause_reason_problem
-from ..store.base import AttemptRecord, DeliveryRecord, EventRecord
+from ..store import Store
+from ..store.base import PAGE_BODY_BYTES, AttemptRecord, DeliveryRecord, EventRecord
 from ..store.search import decode_cursor, delivery_state, encode_cursor
 from . import offload, openapi
 from .bodies import json_object, only_fields
@@ -38,6 +39,8 @@ from .responses import JSON, BadRequest, NotFound, json_response, page_response
 
 #: The most deliveries ``GET /events/{id}`` shows for one event (one per handler in practice).
 MAX_EVENT_DELIVERIES = 1000
+#: Deliveries ``GET /deliveries`` reads at a time (``_deliveries_page``).
+DELIVERY_CHUNK = 50
 #: A pause's reason when the request gives none.
 DEFAULT_PAUSE_REASON = "paused by an operator (admin API)"
 _DELIVERY_STATUSES = tuple(s.value for s in DeliveryStatus)
@@ -47,7 +50,8 @@ _DELIVERY_STATUSES = tuple(s.value for s in DeliveryStatus)
 
 
 def event_summary(record: EventRecord) -> dict[str, Any]:
-    """An event in a listing: its columns and body size, not its body."""
+    """An event in a listing: its columns and body size, not its body (a listing reads none:
+    ``search_events(bodies=False)``)."""
     return {
         "id": record.id,
         "type": record.type,
@@ -55,7 +59,7 @@ def event_summary(record: EventRecord) -> dict[str, Any]:
         "received_at": record.received_at,
         "task_id": record.task_id,
         "superseded": record.superseded,
-        "size": len(record.raw),
+        "size": record.size,
     }
 
 
@@ -151,6 +155,45 @@ def _path_id(request: Request) -> str:
     return event_id
 
 
+# --- reads -------------------------------------------------------------------------------------
+
+
+def _result_bytes(record: DeliveryRecord) -> int:
+    return 0 if record.result is None else len(orjson.dumps(record.result))
+
+
+async def _deliveries_page(
+    store: Store,
+    *,
+    status: DeliveryStatus | None,
+    handler: str | None,
+    event_id: str | None,
+    limit: int,
+    before: int | None,
+) -> tuple[list[DeliveryRecord], bool]:
+    """A page of ``GET /deliveries`` and whether more follow it. Read ``DELIVERY_CHUNK`` at a
+    time, and ended before the delivery whose ``result`` would bring the page's results past
+    ``PAGE_BODY_BYTES`` (the first always comes): a result is up to 64 KiB, so a page of 500
+    could hold 32 MiB of them, parsed, in the process intake shares. A page cut short says
+    so with its cursor, which goes on from its last delivery."""
+    page: list[DeliveryRecord] = []
+    held = 0
+    while True:
+        want = min(DELIVERY_CHUNK, limit - len(page))
+        found = await store.list_deliveries(
+            status=status, handler=handler, event_id=event_id, limit=want + 1, before=before
+        )
+        more = len(found) > want
+        for record in found[:want]:
+            held += _result_bytes(record)
+            if page and held > PAGE_BODY_BYTES:
+                return page, True
+            page.append(record)
+        if not more or len(page) >= limit:
+            return page, more
+        before = page[-1].id
+
+
 # --- routes ------------------------------------------------------------------------------------
 
 
@@ -162,8 +205,10 @@ def routes(ctx: AdminContext) -> list[BaseRoute]:
         where = filter_from_query(request.query_params)
         limit, cursor = page_params(request.query_params)
         try:
+            # The summaries need no body: none is read, so a page of any limit and any
+            # body sizes holds only its rows (docs/admin.md, "Memory").
             page = await store.search_events(
-                where, cursor=cursor, limit=limit, budget=ctx.scan_budget()
+                where, cursor=cursor, limit=limit, budget=ctx.scan_budget(), bodies=False
             )
         except ValueError:
             raise BadRequest("cursor is not one this service made.", param="cursor") from None
@@ -253,15 +298,15 @@ def routes(ctx: AdminContext) -> list[BaseRoute]:
                 before = None
             if not isinstance(before, int) or isinstance(before, bool) or before < 1:
                 raise BadRequest("cursor is not one this service made.", param="cursor")
-        found = await store.list_deliveries(
+        page, more = await _deliveries_page(
+            store,
             status=None if status is None else DeliveryStatus(status),
             handler=handler,
             event_id=event_id,
-            limit=limit + 1,
+            limit=limit,
             before=before,
         )
-        page = found[:limit]
-        next_cursor = encode_cursor(page[-1].id) if len(found) > limit and page else None
+        next_cursor = encode_cursor(page[-1].id) if more and page else None
         now = ctx.clock()
         return page_response([delivery_json(d, now) for d in page], next_cursor)
 
@@ -352,7 +397,11 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 def _page_of(name: str, *, budgeted: bool = False) -> dict[str, Any]:
     properties: dict[str, Any] = {
         "data": {"type": "array", "items": _ref(name)},
-        "next_cursor": {"type": ["string", "null"]},
+        "next_cursor": {
+            "type": ["string", "null"],
+            "description": "pass it back as `cursor` for the next page; null only after the "
+            "last. A page may hold fewer than `limit` items while it is not null: follow it.",
+        },
     }
     if budgeted:
         properties["complete"] = {
@@ -550,7 +599,9 @@ PATHS: dict[str, Any] = {
         "get": {
             "operationId": "listEvents",
             "summary": "Search stored events, newest first",
-            "description": "A search reading payloads (`match`, `q`) stops at its time budget "
+            "description": "The items are summaries (`size`, not the body: no body is read, "
+            "whatever `limit`). "
+            "A search reading payloads (`match`, `q`) stops at its time budget "
             "(LACUNA_ADMIN_SEARCH_BUDGET, 0.5 s by default) with `complete: false`: the page "
             "may hold fewer than `limit` events, even none, while `next_cursor` is not null. "
             "Following `next_cursor` until it is null returns every match once, in order.",
@@ -600,6 +651,10 @@ PATHS: dict[str, Any] = {
         "get": {
             "operationId": "listDeliveries",
             "summary": "Deliveries, newest first",
+            "description": "A page ends early, with `next_cursor` set, before the delivery "
+            f"whose `result` would bring the page's results past {PAGE_BODY_BYTES >> 20} MiB "
+            "(the first delivery "
+            "always comes): it may hold fewer than `limit` while `next_cursor` is not null.",
             "parameters": [
                 _query("status", {"enum": list(_DELIVERY_STATUSES)}, "stored status"),
                 _query("handler", _TEXT, "handler name"),

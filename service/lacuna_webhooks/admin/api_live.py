@@ -163,7 +163,9 @@ def routes(ctx: AdminContext) -> list[BaseRoute]:
     store = ctx.store
 
     async def task_json(task: TaskRecord) -> dict[str, Any]:
-        page = await store.search_events(EventFilter(task_id=task.task_id), limit=MAX_TASK_EVENTS)
+        page = await store.search_events(
+            EventFilter(task_id=task.task_id), limit=MAX_TASK_EVENTS, bodies=False
+        )
         results: dict[str, Any] = {}
         for delivery in await store.list_deliveries(event_id=task.event_id, limit=1000):
             done = delivery.status is DeliveryStatus.DONE

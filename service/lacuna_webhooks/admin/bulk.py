@@ -258,6 +258,7 @@ async def run_bulk(
                     cursor=cursor,
                     limit=batch_size,
                     budget=scan_budget,
+                    bodies=False,  # ids and types only: a batch holds no body
                 ),
                 retry_seconds=retry_for,
                 what="search",

@@ -180,7 +180,8 @@ def _page(answer: Any) -> tuple[list[Any], str | None]:
     return _list(answer, "data"), _optional_str(answer, "next_cursor")
 
 
-def _event(doc: Any, raw: bytes) -> EventRecord:
+def _event(doc: Any, raw: bytes, *, listed: bool = False) -> EventRecord:
+    """``listed``: a listing's summary (no body; ``size`` from the document)."""
     return EventRecord(
         id=_str(doc, "id"),
         type=_str(doc, "type"),
@@ -189,6 +190,7 @@ def _event(doc: Any, raw: bytes) -> EventRecord:
         task_id=_optional_str(doc, "task_id"),
         superseded=_bool(doc, "superseded"),
         raw=raw,
+        size=_count(doc, "size") if listed else -1,
     )
 
 
@@ -394,7 +396,7 @@ class AdminClient:
         answer = await self.get("/events", **filters, cursor=cursor, limit=limit)
         with self._expecting("GET", "/events"):
             data, next_cursor = _page(answer)
-            return [_event(doc, b"") for doc in data], next_cursor
+            return [_event(doc, b"", listed=True) for doc in data], next_cursor
 
     async def get_event(self, event_id: str) -> EventDetail:
         """``GET /events/{id}``: the event (``raw`` its body as received) and its deliveries,

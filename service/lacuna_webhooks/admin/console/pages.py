@@ -20,7 +20,7 @@ from starlette.responses import RedirectResponse, Response
 
 from ...errors import EventNotFound
 from ...models import DeliveryStatus
-from ...store.base import DeliveryRecord, EventFilter, EventRecord
+from ...store.base import PAGE_BODY_BYTES, DeliveryRecord, EventFilter, EventRecord
 from ...store.search import DELIVERY_STATES, delivery_state
 from ..auth import SESSION_COOKIE, SESSION_SECONDS, make_session, matching_token
 from ..bulk import not_taking, replay_configured, retry_dead_configured
@@ -174,8 +174,14 @@ class Console:
             where = filter_from_query(query)
             limit, cursor = page_params(query)
             try:
+                # The titles need the bodies: the page holds at most PAGE_BODY_BYTES of them
+                # (fewer rows than limit then, and an "Older" link that goes on from there).
                 found = await self.ctx.store.search_events(
-                    where, cursor=cursor, limit=limit, budget=self.ctx.scan_budget()
+                    where,
+                    cursor=cursor,
+                    limit=limit,
+                    budget=self.ctx.scan_budget(),
+                    max_bytes=PAGE_BODY_BYTES,
                 )
             except ValueError:
                 raise BadRequest("That page link is stale: search again.", param="cursor") from None
@@ -418,7 +424,9 @@ class Console:
         found: dict[str, datetime] = {}
         cursor: str | None = None
         while len(found) < CHART_CAP:
-            batch = await self.ctx.store.search_events(where, cursor=cursor, limit=500)
+            batch = await self.ctx.store.search_events(
+                where, cursor=cursor, limit=500, bodies=False
+            )
             found.update((r.id, r.received_at) for r in batch.records)
             cursor = batch.next_cursor
             if cursor is None:
