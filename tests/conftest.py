@@ -17,7 +17,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -25,6 +25,9 @@ from urllib.parse import urlsplit
 import orjson
 import pytest
 
+from lacuna_webhooks.admin import AdminContext
+from lacuna_webhooks.config import Settings
+from lacuna_webhooks.plugins import build_handlers
 from lacuna_webhooks.samples import sample_event
 from lacuna_webhooks.signature import sign
 from lacuna_webhooks.store import Store, open_store
@@ -71,6 +74,14 @@ def make_event(
     event = sample_event(event_type, event_id=event_id, task_id=task_id, created=created)
     event["data"].update(data)
     return event
+
+
+def admin_context_for(store: Store, environ: Mapping[str, str]) -> AdminContext:
+    """The admin API's context over ``store`` with the settings of ``environ``, its handlers
+    built without instances (as ``serve`` gives them to the admin listener)."""
+    settings = Settings.from_env(dict(environ))
+    handlers = build_handlers(settings.handlers, settings.environ).without_instances()
+    return AdminContext(settings=settings, store=store, handlers=handlers)
 
 
 def signed(payload: dict[str, Any] | bytes, secret: str = TEST_SECRET, t: int | None = None):

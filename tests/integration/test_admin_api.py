@@ -18,13 +18,11 @@ import pytest
 
 from lacuna_webhooks.admin import AdminContext, create_admin_app
 from lacuna_webhooks.admin.bodies import MAX_BODY_BYTES
-from lacuna_webhooks.config import Settings
 from lacuna_webhooks.models import Attempt, AttemptOutcome, Event
-from lacuna_webhooks.plugins import build_handlers
 from lacuna_webhooks.store import Store
 from lacuna_webhooks.store.base import ScanBudget
 from lacuna_webhooks.store.search import encode_cursor
-from tests.conftest import TEST_SECRET, make_event
+from tests.conftest import TEST_SECRET, admin_context_for, make_event
 
 SECOND = timedelta(seconds=1)
 TOKEN = "adm_" + "k" * 40
@@ -41,9 +39,7 @@ ENVIRON = {
 
 
 def admin_context(store: Store) -> AdminContext:
-    settings = Settings.from_env(ENVIRON)
-    handlers = build_handlers(settings.handlers, settings.environ).without_instances()
-    return AdminContext(settings=settings, store=store, handlers=handlers)
+    return admin_context_for(store, ENVIRON)
 
 
 @pytest.fixture

@@ -16,13 +16,12 @@ import pytest
 
 from lacuna_webhooks.admin import AdminContext, bulk, create_admin_app
 from lacuna_webhooks.admin.bulk import BulkOperation, run_bulk
-from lacuna_webhooks.config import Settings
 from lacuna_webhooks.errors import StoreUnavailable
 from lacuna_webhooks.models import Attempt, AttemptOutcome, DeliveryStatus
-from lacuna_webhooks.plugins import build_handlers
 from lacuna_webhooks.store import Store
 from lacuna_webhooks.store.base import EventFilter, ScanBudget
 from lacuna_webhooks.store.memory import MemoryStore
+from tests.conftest import admin_context_for
 from tests.integration.test_admin_api import AUTH, ENVIRON, event, refused, seed
 
 #: ``late`` is configured now but was not when the seeded events arrived.
@@ -30,9 +29,7 @@ LATE_ENVIRON = {**ENVIRON, "LACUNA_HANDLERS": "audit=log,hook=log,late=log"}
 
 
 def bulk_context(store: Store) -> AdminContext:
-    settings = Settings.from_env(LATE_ENVIRON)
-    handlers = build_handlers(settings.handlers, settings.environ).without_instances()
-    return AdminContext(settings=settings, store=store, handlers=handlers)
+    return admin_context_for(store, LATE_ENVIRON)
 
 
 @pytest.fixture
@@ -414,9 +411,9 @@ async def test_a_backfill_creates_only_what_intake_would_have(store: Store) -> N
     """``late`` gets only job.failed and job.progress (LACUNA_LATE_EVENTS): a backfill (and a replay
     naming it) over every event creates and resets its deliveries of those events only, as
     intake would have; it used to hand it every stored event, whatever its type."""
-    settings = Settings.from_env({**LATE_ENVIRON, "LACUNA_LATE_EVENTS": "job.failed,job.progress"})
-    handlers = build_handlers(settings.handlers, settings.environ).without_instances()
-    ctx = AdminContext(settings=settings, store=store, handlers=handlers)
+    ctx = admin_context_for(
+        store, {**LATE_ENVIRON, "LACUNA_LATE_EVENTS": "job.failed,job.progress"}
+    )
     await seed(store)  # e1, e3 job.completed; e2 job.failed, e4 job.progress
     async with httpx.AsyncClient(
         transport=httpx.ASGITransport(app=create_admin_app(ctx)),

@@ -24,12 +24,10 @@ import pytest
 
 from lacuna_webhooks.admin import AdminContext, create_admin_app
 from lacuna_webhooks.admin.bulk import BulkOperation, run_bulk
-from lacuna_webhooks.config import Settings
 from lacuna_webhooks.models import Attempt, AttemptOutcome, Event
-from lacuna_webhooks.plugins import build_handlers
 from lacuna_webhooks.store import Store
 from lacuna_webhooks.store.base import PAGE_BODY_BYTES, EventFilter, ScanBudget
-from tests.conftest import TEST_SECRET, make_event
+from tests.conftest import TEST_SECRET, admin_context_for, make_event
 
 T = TypeVar("T")
 MiB = 1024 * 1024
@@ -85,9 +83,7 @@ def admin_context(store: Store) -> AdminContext:
         "LACUNA_ADMIN_TOKEN": TOKEN,
         "LACUNA_HANDLERS": "audit=log",
     }
-    settings = Settings.from_env(env)
-    handlers = build_handlers(settings.handlers, settings.environ).without_instances()
-    return AdminContext(settings=settings, store=store, handlers=handlers)
+    return admin_context_for(store, env)
 
 
 @pytest.fixture
