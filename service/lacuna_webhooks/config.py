@@ -860,15 +860,19 @@ class Settings:
             good("retention_days", "tolerance_seconds")
             and isinstance(kept, float)
             and isinstance(window, int)
-            and kept * 86400 < 2 * window
+            and kept * 86400 < 4 * window
         ):
             # An event's signed request stays valid up to `window` after its `t`, which may
             # be up to `window` before it arrived: pruned sooner, a replay of it inside the
-            # window is a new event, and its handlers run again.
+            # window is a new event, and its handlers run again. Twice more for replicas'
+            # clocks, each of which may be off by up to `window` (an intake off by more
+            # refuses fresh requests): one stamps `received_at` early, another prunes by its
+            # own clock (found with one intake 55 s behind, retention 2x a 60 s window).
             problems.append(
-                f"LACUNA_RETENTION_DAYS ({kept:g}) must keep events for at least twice "
-                f"LACUNA_WEBHOOK_TOLERANCE ({2 * window} s), or a replayed request would be "
-                "taken for a new event once the first was pruned"
+                f"LACUNA_RETENTION_DAYS ({kept:g}) must keep events for at least four times "
+                f"LACUNA_WEBHOOK_TOLERANCE ({4 * window} s), or a replayed request would be "
+                "taken for a new event once the first was pruned (twice the signature window, "
+                "and as much again for replicas' clocks that disagree)"
             )
         for item in values.get("handlers", ()):  # type: ignore[attr-defined]
             name, kind = split_handler_item(item)

@@ -219,18 +219,25 @@ def test_a_cross_check_skips_a_value_that_failed_its_own(
     assert info.value.problems[0].startswith(expected)
 
 
-def test_retention_shorter_than_twice_the_signature_window_is_refused() -> None:
+def test_retention_shorter_than_four_signature_windows_is_refused() -> None:
     """Pruned sooner, an event's request replayed inside the signature window was accepted
-    as new (`duplicate: false`) and its handlers ran again."""
+    as new (`duplicate: false`) and its handlers ran again: twice the window for the
+    request's own life, twice for replicas' clocks (an intake 55 s behind stamped the event
+    early and a replica on time pruned it at twice a 60 s window)."""
     with pytest.raises(ConfigError) as info:
         Settings.from_env({**BASE, "LACUNA_RETENTION_DAYS": "0.0005"})
     assert info.value.problems == [
-        "LACUNA_RETENTION_DAYS (0.0005) must keep events for at least twice "
-        "LACUNA_WEBHOOK_TOLERANCE (600 s), or a replayed request would be taken for a new "
-        "event once the first was pruned"
+        "LACUNA_RETENTION_DAYS (0.0005) must keep events for at least four times "
+        "LACUNA_WEBHOOK_TOLERANCE (1200 s), or a replayed request would be taken for a new "
+        "event once the first was pruned (twice the signature window, and as much again for "
+        "replicas' clocks that disagree)"
     ]
-    env = {**BASE, "LACUNA_RETENTION_DAYS": "0.01", "LACUNA_WEBHOOK_TOLERANCE": "60"}
-    assert Settings.from_env(env).retention_days == 0.01  # 864 s >= 120 s
+    for days in ("0.0013889", "0.0027"):  # 120 s and 233 s: under 4 x 60 s
+        env = {**BASE, "LACUNA_RETENTION_DAYS": days, "LACUNA_WEBHOOK_TOLERANCE": "60"}
+        with pytest.raises(ConfigError):
+            Settings.from_env(env)
+    env = {**BASE, "LACUNA_RETENTION_DAYS": "0.0028", "LACUNA_WEBHOOK_TOLERANCE": "60"}
+    assert Settings.from_env(env).retention_days == 0.0028  # 241.9 s >= 240 s
 
 
 def test_fractional_delays_and_booleans() -> None:
