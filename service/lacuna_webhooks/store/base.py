@@ -71,7 +71,7 @@ Semantics every backend keeps:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol
 
@@ -108,16 +108,7 @@ class EventRecord:
 
     def without_body(self) -> EventRecord:
         """This record with ``raw`` left out (``size`` kept)."""
-        return EventRecord(
-            self.id,
-            self.type,
-            self.created,
-            self.received_at,
-            self.task_id,
-            self.superseded,
-            b"",
-            self.size,
-        )
+        return replace(self, raw=b"", size=self.size)
 
     def to_event(self) -> Event:
         if not self.has_body:

@@ -8,6 +8,7 @@ PostgreSQL ``timestamptz``). The column names are those of the ``SHARED`` querie
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, NamedTuple, Protocol
@@ -55,16 +56,7 @@ def event_head(row: Row, at: ToDatetime) -> EventRecord:
 
 def with_body(record: EventRecord, raw: bytes) -> EventRecord:
     """``record`` (an ``event_head``) with its body."""
-    return EventRecord(
-        record.id,
-        record.type,
-        record.created,
-        record.received_at,
-        record.task_id,
-        record.superseded,
-        raw,
-        len(raw),
-    )
+    return dataclasses.replace(record, raw=raw, size=len(raw))
 
 
 def delivery_record(row: Row, at: ToDatetime) -> DeliveryRecord:
