@@ -29,15 +29,25 @@ own to the same file:
 A checkpoint never changes durability: a commit is durable in the WAL when it returns; a
 checkpoint only copies committed pages, and SQLite recovers a checkpoint cut by a crash
 (tests/integration/test_sqlite_store.py kills a writer mid-checkpoint). A round that fails
-on the file (a full disk, an I/O error) is logged once and tried again every
-``RETRY_SECONDS``, commits or not, until one succeeds. If the thread itself fails (a bug), it
-logs why and the writer's connection gets its automatic checkpoint back, so the WAL never
-grows without bound.
+on the file (an I/O error) is logged once and tried again every ``RETRY_SECONDS``, commits or
+not, until one succeeds. If the thread itself fails (a bug), it logs why and the writer's
+connection gets its automatic checkpoint back, so the WAL never grows without bound.
+
+A full disk is a state of its own (``full``), entered when a commit or a round fails with
+SQLite's "database or disk is full" (``disk_full``): the copy into the database file needs
+room to grow it, and commits that went on meanwhile took every page freed into the WAL first
+(a burst of queued batches and retried outcomes within the second the retry waited), so the
+disk was full again and the store never recovered, until the filesystem grew. While ``full``
+the writer refuses every write at once (the process answers it unavailable: a 503 for
+intake, a retry later for the dispatcher), and this thread tries a ``TRUNCATE`` checkpoint
+every ``FULL_RETRY_SECONDS``; once one copied the whole WAL, its file is cut to nothing (its
+space goes back to the disk) and writes resume.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import sqlite3
@@ -74,6 +84,24 @@ FALLBACK_AUTOCHECKPOINT = 1000
 #: without a commit: commits may be failing for the same reason, and the copy is what frees
 #: the WAL once space is back.
 RETRY_SECONDS = 1.0
+#: While the disk is full (``full``: writes are refused), the checkpoint that ends it is tried
+#: this often: writes resume this long at most after space is back.
+FULL_RETRY_SECONDS = 0.2
+#: SQLite's primary result code for a full disk (or a database at its ``max_page_count``).
+SQLITE_FULL = 13
+
+
+def is_disk_full(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or what it was raised from) says the disk or the database is full."""
+    while exc is not None:
+        if isinstance(exc, sqlite3.Error):
+            code = getattr(exc, "sqlite_errorcode", None)
+            if (code is not None and code & 0xFF == SQLITE_FULL) or "disk is full" in str(exc):
+                return True
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return True
+        exc = exc.__cause__
+    return False
 
 
 class Checkpointer:
@@ -82,8 +110,9 @@ class Checkpointer:
     ``commit_lock`` must be held around every write of the writer's connection, and
     ``committed()`` called after each. ``conn``'s automatic checkpoint is off while this
     runs; ``close()`` ends the thread, closes its connection and gives ``conn`` its
-    automatic checkpoint back (idempotent). Raises ``sqlite3.Error`` or ``OSError`` if the
-    file cannot be opened a second time.
+    automatic checkpoint back (idempotent). The writer calls ``disk_full()`` when a write
+    failed on a full disk, and refuses writes while ``full`` is true. Raises
+    ``sqlite3.Error`` or ``OSError`` if the file cannot be opened a second time.
 
     ``close()`` also closes this object's own descriptor of the file (for its fsync), and
     closing any descriptor of a file drops every POSIX lock the process holds on it: the
@@ -110,6 +139,8 @@ class Checkpointer:
         self._failing = False  # the last round failed: logged once, and once when it recovers
         self._synced = 0  # ``copied`` as of the last fsync (SQLite counts since the restart)
         self._failed = False
+        #: The disk is full: the writer refuses writes until a checkpoint freed the WAL.
+        self.full = False
         self.checkpoints = 0  # passive rounds, for tests and diagnostics
         self.holds = 0  # held rounds after which the WAL starts over
         self._restart_frames = HARD_FRAMES  # a held round from this many frames is a RESTART
@@ -123,6 +154,14 @@ class Checkpointer:
         if self._failed:
             self._failed = False
             self._fall_back()
+        self._wake.set()
+
+    def disk_full(self) -> None:
+        """A write failed on a full disk: ``full`` until a checkpoint has copied and cut the
+        WAL (writer's thread, outside ``commit_lock``)."""
+        if not self.full:
+            self.full = True
+            logger.error("store.sqlite.disk_full: writes refused until a checkpoint frees the WAL")
         self._wake.set()
 
     def close(self) -> None:
@@ -150,11 +189,15 @@ class Checkpointer:
                 self.checkpoint()
             except (sqlite3.Error, OSError) as exc:
                 # A full disk, an I/O error: committed events are safe in the WAL. Logged
-                # once per streak; tried again after RETRY_SECONDS, commits or not.
+                # once per streak; tried again after RETRY_SECONDS, commits or not, or
+                # FULL_RETRY_SECONDS on a full disk (no commit eats the space meanwhile).
+                if is_disk_full(exc) and not self.full:
+                    self.full = True
+                    logger.error("store.sqlite.disk_full: writes refused until a checkpoint")
                 if not self._failing:
                     self._failing = True
                     logger.warning("store.sqlite.checkpoint_failed: %s (retrying)", exc)
-                if self._stop.wait(RETRY_SECONDS):
+                if self._stop.wait(FULL_RETRY_SECONDS if self.full else RETRY_SECONDS):
                     return
                 self._wake.set()
                 continue
@@ -181,7 +224,9 @@ class Checkpointer:
         """Passive rounds, then the held one when the WAL is large enough to start over:
         (WAL frames, frames copied) of the last round. The WAL's frame count is that of the
         WAL since it last started over (``-1`` from SQLite when the file is not in WAL
-        mode)."""
+        mode). While ``full``, one ``TRUNCATE`` instead (``_free``)."""
+        if self.full:
+            return self._free()
         frames, copied = self._passive()
         if frames < HARD_FRAMES:
             self._restart_frames = HARD_FRAMES
@@ -199,4 +244,18 @@ class Checkpointer:
         if mode == "RESTART" and busy:  # a reader outlasted the wait: not again before
             self._restart_frames = 2 * max(frames, self._restart_frames)
         self.holds += 1
+        return frames, copied
+
+    def _free(self) -> tuple[int, int]:
+        """On a full disk: copy the whole WAL into the database and cut the WAL's file to
+        nothing, the writer held (it refuses writes anyway). ``full`` ends once the WAL is
+        wholly copied; a reader that kept it from being cut only delays the space it gives
+        back (the WAL then starts over at its beginning, taking no new space)."""
+        with self.commit_lock:
+            busy, frames, copied = self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        self.checkpoints += 1
+        self._synced = 0
+        if not busy or frames == copied:
+            self.full = False
+            logger.warning("store.sqlite.disk_full_recovered: writes resume")
         return frames, copied

@@ -48,7 +48,7 @@ from ... import logs
 from ...child import die_with_parent, frame, read_frame, read_frame_blocking, start_child
 from ...errors import StoreUnavailable
 from ...redact import secret_values
-from .checkpoint import Checkpointer
+from .checkpoint import Checkpointer, is_disk_full
 from .writer import MAX_BATCH, RowRefused, run_job, write_batch
 
 logger = logging.getLogger(__name__)
@@ -73,6 +73,12 @@ STOP_WAIT_SECONDS = 6.0
 #: event of at most LACUNA_MAX_BODY_BYTES; a job's answer is one page of a listing): a larger
 #: length prefix means the stream is corrupt.
 MAX_FRAME_BYTES = 1024 * 1024 * 1024
+
+#: What a write gets at once while the disk is full (``Checkpointer.full``).
+DISK_FULL = (
+    "The event store is unavailable (the disk is full: writes resume once a checkpoint has "
+    "room to complete); retry later."
+)
 
 #: A reply: ("ok", value) | ("unavailable", message) | ("error", exception)
 _Reply = tuple[str, Any]
@@ -472,8 +478,14 @@ def child_main(fd: int) -> int:
         answer(("ok", None))
         try:
             while (request := read()) is not None:
+                if checkpointer.full and _writes(request):
+                    # The disk is full: a write would take the space the checkpoint needs.
+                    answer(("unavailable", DISK_FULL))
+                    continue
                 with checkpointer.commit_lock:
-                    reply = _serve(conn, request, accept_batch, row_type)
+                    reply, full = _serve(conn, request, accept_batch, row_type)
+                if full:
+                    checkpointer.disk_full()
                 checkpointer.committed()
                 answer(reply)
         finally:
@@ -492,15 +504,22 @@ def child_main(fd: int) -> int:
     return 0
 
 
+def _writes(request: tuple[Any, ...]) -> bool:
+    """Whether ``request`` is a write (an accept batch, or a job in a write transaction)."""
+    return request[0] == "accept" or bool(request[3])
+
+
 def _serve(
     conn: sqlite3.Connection, request: tuple[Any, ...], accept_batch: Any, row_type: Any
-) -> _Reply:
+) -> tuple[_Reply, bool]:
+    """The reply to ``request``, and whether it failed on a full disk."""
     try:
         if request[0] == "accept":
-            return ("ok", write_batch(conn, accept_batch, [row_type(row) for row in request[1]]))
+            rows = [row_type(row) for row in request[1]]
+            return ("ok", write_batch(conn, accept_batch, rows)), False
         _, fn, args, write = request
-        return ("ok", run_job(conn, fn, args, write=write))
+        return ("ok", run_job(conn, fn, args, write=write)), False
     except StoreUnavailable as exc:
-        return ("unavailable", exc.message)
+        return ("unavailable", exc.message), is_disk_full(exc.__cause__)
     except Exception as exc:  # EventNotFound, or a bug: raised in the awaiting coroutine
-        return ("error", exc)
+        return ("error", exc), False
