@@ -110,6 +110,9 @@ class SQLiteStore:
             )
         self._work = asyncio.Event()
         self._health = CommitHealth()
+        # Until a write has committed, ping proves one (a probe write, once): opened on a
+        # full disk, the reads answer while every commit fails.
+        self._health.failure = "no write has committed since the store opened"
         # The admin's reads (search, listings, health): never queued behind the writer.
         self._reader = Reader(path)
         self.stream_signal = StreamSignal(poll_seconds=STREAM_POLL_SECONDS)
@@ -142,8 +145,9 @@ class SQLiteStore:
     async def ping(self) -> None:
         """Return when the writer answers and writes commit; raise ``StoreUnavailable``.
 
-        After a write failed for a reason of the database (``CommitHealth``: locked too
-        long, full disk, read-only or broken file), a probe write must commit first.
+        Before the first write committed, and after a write failed for a reason of the
+        database (``CommitHealth``: locked too long, full disk, read-only or broken file), a
+        probe write must commit first.
         """
         if self._health.failure is None:
             await self._writer.run(ops.ping, write=False)
