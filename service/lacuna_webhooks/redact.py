@@ -230,6 +230,7 @@ __all__ = [
     "MIN_SECRET_CHARS",
     "exception_text",
     "header_secrets",
+    "json_escape",
     "mask_secrets",
     "needs_redaction",
     "printable",
@@ -316,9 +317,14 @@ def printable_json(text: str) -> str:
             out.append(c)
         elif c == "\r":
             out.append("\n")
-        elif ord(c) > 0xFFFF:
-            high, low = divmod(ord(c) - 0x10000, 0x400)
-            out.append(f"\\u{0xD800 + high:04x}\\u{0xDC00 + low:04x}")
         else:
-            out.append(f"\\u{ord(c):04x}")
+            out.append(json_escape(c))
     return "".join(out)
+
+
+def json_escape(char: str) -> str:
+    """``char`` as JSON writes it escaped: ``\\u202e``, or a surrogate pair past U+FFFF."""
+    if ord(char) > 0xFFFF:
+        high, low = divmod(ord(char) - 0x10000, 0x400)
+        return f"\\u{0xD800 + high:04x}\\u{0xDC00 + low:04x}"
+    return f"\\u{ord(char):04x}"

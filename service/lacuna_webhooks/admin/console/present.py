@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from ...redact import json_escape
+
 #: Payloads larger than this are shown cut, with a note (a page stays usable).
 MAX_PRETTY_CHARS = 2_000_000
 #: The slow paths (re-indenting token by token, the standard library's parser) are pure
@@ -63,11 +65,7 @@ _HIDDEN = _hidden_class()
 
 
 def _escape(match: re.Match[str]) -> str:
-    code = ord(match.group())
-    if code <= 0xFFFF:
-        return f"\\u{code:04x}"
-    code -= 0x10000  # JSON's form: a surrogate pair, so that a payload stays the same JSON
-    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
+    return json_escape(match.group())  # JSON's form, so that a payload stays the same JSON
 
 
 def shown(value: str) -> str:
