@@ -8,8 +8,7 @@ PostgreSQL ``timestamptz``). The column names are those of the ``SHARED`` querie
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple, Protocol
 
@@ -26,8 +25,7 @@ class Row(Protocol):
 ToDatetime = Callable[[Any], datetime]
 
 
-def event_record(row: Row, at: ToDatetime) -> EventRecord:
-    """Columns: id, type, created, received_at, task_id, superseded, raw."""
+def _event(row: Row, at: ToDatetime, raw: bytes, size: int) -> EventRecord:
     return EventRecord(
         id=row["id"],
         type=row["type"],
@@ -35,28 +33,35 @@ def event_record(row: Row, at: ToDatetime) -> EventRecord:
         received_at=at(row["received_at"]),
         task_id=row["task_id"],
         superseded=bool(row["superseded"]),
-        raw=bytes(row["raw"]),
+        raw=raw,
+        size=size,
     )
+
+
+def event_record(row: Row, at: ToDatetime) -> EventRecord:
+    """Columns: id, type, created, received_at, task_id, superseded, raw."""
+    raw = bytes(row["raw"])
+    return _event(row, at, raw, len(raw))
 
 
 def event_head(row: Row, at: ToDatetime) -> EventRecord:
     """Columns: id, type, created, received_at, task_id, superseded, size (the body's length:
     the body itself is not read; ``raw`` is left empty, see ``EventRecord``)."""
-    return EventRecord(
-        id=row["id"],
-        type=row["type"],
-        created=row["created"],
-        received_at=at(row["received_at"]),
-        task_id=row["task_id"],
-        superseded=bool(row["superseded"]),
-        raw=b"",
-        size=int(row["size"]),
-    )
+    return _event(row, at, b"", int(row["size"]))
 
 
-def with_body(record: EventRecord, raw: bytes) -> EventRecord:
-    """``record`` (an ``event_head``) with its body."""
-    return dataclasses.replace(record, raw=raw, size=len(raw))
+def event_heads(
+    found: Sequence[Row], at: ToDatetime, bodies: Mapping[int, bytes] | None
+) -> list[EventRecord]:
+    """A search page's records (``event_head`` columns and ``seq``), each with its body from
+    ``bodies`` (by ``seq``, read in the search's snapshot) unless that is ``None``."""
+    if bodies is None:
+        return [event_head(row, at) for row in found]
+    records = []
+    for row in found:
+        raw = bodies[int(row["seq"])]
+        records.append(_event(row, at, raw, len(raw)))
+    return records
 
 
 def delivery_record(row: Row, at: ToDatetime) -> DeliveryRecord:
@@ -172,10 +177,10 @@ __all__ = [
     "claimed_delivery",
     "delivery_record",
     "event_head",
+    "event_heads",
     "event_record",
     "handler_state",
     "last_error",
     "queue_row",
     "task_record",
-    "with_body",
 ]

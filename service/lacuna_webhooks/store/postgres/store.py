@@ -62,7 +62,7 @@ from ..base import (
 )
 from ..outbox import PRUNE_LOCK_KEY, Flow, Nudge, Query
 from ..queries import load, parameters
-from ..rows import event_head, event_record, with_body
+from ..rows import event_heads, event_record
 from ..rules import CommitHealth, as_utc, task_order
 from ..searchsql import (
     WindowedPage,
@@ -559,17 +559,14 @@ class PostgresStore:
             if bodies:
                 page = fit_page("postgres", page, max_bytes)
             found, next_page, complete, reached = page
-            records = [event_head(row, _at) for row in found]
+            raw = None
             if bodies and found:
+                # One repeatable-read snapshot: every row of the page still has its body.
                 raw = {
                     r["seq"]: bytes(r["raw"])
                     for r in await conn.fetch(Q["event_bodies"], [row["seq"] for row in found])
                 }
-                # One repeatable-read snapshot: every row of the page still has its body.
-                records = [
-                    with_body(record, raw[row["seq"]])
-                    for record, row in zip(records, found, strict=True)
-                ]
+            records = event_heads(found, _at, raw)
         return EventPage(
             records,
             next_page,

@@ -332,15 +332,12 @@ def _page(
     if bodies:
         page = fit_page("sqlite", page, max_bytes)
     found, cursor, complete, reached = page
-    records = [rows.event_head(row, at) for row in found]
+    raw = None
     if bodies and found:
         seqs = orjson.dumps([int(row["seq"]) for row in found]).decode()
-        raw = {int(r["seq"]): bytes(r["raw"]) for r in c.execute(Q["event_bodies"], {"seqs": seqs})}
         # One read transaction: every row of the page still has its body.
-        records = [
-            rows.with_body(record, raw[int(row["seq"])])
-            for record, row in zip(records, found, strict=True)
-        ]
+        raw = {int(r["seq"]): bytes(r["raw"]) for r in c.execute(Q["event_bodies"], {"seqs": seqs})}
+    records = rows.event_heads(found, at, raw)
     return EventPage(
         records,
         cursor,
