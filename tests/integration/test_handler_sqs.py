@@ -7,6 +7,7 @@ from typing import Any
 
 import boto3
 import pytest
+from pytest_httpserver import HTTPServer
 
 from lacuna_webhooks.errors import PermanentError, RetryLater
 from lacuna_webhooks.handlers.brokers.sqs import SQSHandler
@@ -133,6 +134,37 @@ async def test_an_unreachable_endpoint_is_retried() -> None:
     h = handler(f"{endpoint}/123456789012/q", endpoint, CONNECT_TIMEOUT="1")
     try:
         with pytest.raises(RetryLater, match="sending to SQS failed"):
+            await h.handle(event())
+    finally:
+        await h.aclose()
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        (b"<html><body>Welcome to the gateway</body></html>", "text/html"),
+        (b"", "text/plain"),
+        (b"{}", "application/x-amz-json-1.0"),
+        (  # an answer shaped like SQS's, for a body other than the one sent
+            b'{"MessageId": "5fea7756-0ea4-451a-a703-a558b933e274",'
+            b' "MD5OfMessageBody": "fafb00f5732ab283681e124bf8747ed1"}',
+            "application/x-amz-json-1.0",
+        ),
+    ],
+    ids=["html", "empty", "empty-json", "wrong-md5"],
+)
+async def test_a_200_that_is_not_a_sendmessage_reply_is_never_taken_as_sent(
+    httpserver: HTTPServer, body: bytes, content_type: str
+) -> None:
+    """Something other than SQS at the endpoint (a gateway's or a proxy's page, another
+    server on the port) answering 200: botocore parsed it as an empty reply and the attempt
+    was recorded done with no message in any queue. Done only on SQS's own answer (a
+    MessageId, and the MD5 of the body sent); anything else is retried."""
+    httpserver.expect_request("/").respond_with_data(body, content_type=content_type)
+    endpoint = httpserver.url_for("/").rstrip("/")
+    h = handler(f"{endpoint}/123456789012/q", endpoint, READ_TIMEOUT="2")
+    try:
+        with pytest.raises(RetryLater, match="SQS did not confirm the message"):
             await h.handle(event())
     finally:
         await h.aclose()

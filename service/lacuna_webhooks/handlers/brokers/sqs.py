@@ -19,7 +19,10 @@ SQS's rules (at most 128 of ``A-Za-z0-9`` and ASCII punctuation), else
 replaced by the SHA-256 hex of the value (stable, so deduplication still
 holds). Standard queues have no deduplication.
 
-Outcomes: the SendMessage reply is done. Connection errors, timeouts,
+Outcomes: the SendMessage reply is done: a ``MessageId``, and the ``MD5OfMessageBody``
+of the body sent when the reply has one. A 2xx without them (a proxy's or another
+server's page at the endpoint, answered 200) is retried, never taken as sent: botocore
+reads any 200 as an empty reply. Connection errors, timeouts,
 throttling and 5xx replies → retried. Queue missing, access denied, message
 too long or invalid, and other 4xx → dead with SQS's reason. botocore's own
 retries are off: the dispatcher owns the retry schedule.
@@ -91,6 +94,24 @@ def fifo_id(value: str) -> str:
     if _FIFO_ID.fullmatch(value):
         return value
     return hashlib.sha256(value.encode()).hexdigest()
+
+
+def reply_problem(reply: Any, body: str) -> str | None:
+    """Why ``reply`` is not SQS's SendMessage answer for ``body``, or ``None`` when it is.
+
+    botocore takes any 2xx as success and parses what it can: an HTML page, an empty body
+    or ``{}`` from something else at the endpoint became ``{}``, and the attempt was done
+    with no message in the queue (docs/brokers.md: done only after the broker's
+    acknowledgement)."""
+    message_id = reply.get("MessageId") if isinstance(reply, dict) else None
+    if not isinstance(message_id, str) or not message_id.strip():
+        return "the reply has no MessageId (is QUEUE_URL / ENDPOINT an SQS API?)"
+    digest = reply.get("MD5OfMessageBody")
+    if digest is not None:
+        expected = hashlib.md5(body.encode("utf-8"), usedforsecurity=False).hexdigest()
+        if not isinstance(digest, str) or digest.lower() != expected:
+            return "the reply's MD5OfMessageBody is not that of the message sent"
+    return None
 
 
 class SQSHandler:
@@ -191,6 +212,9 @@ class SQSHandler:
             # Connection refused or reset, timeouts, no credentials yet (an instance role
             # that is still being fetched): all may pass.
             raise RetryLater(f"sending to SQS failed: {self._reason(exc)}") from None
+        problem = reply_problem(reply, params["MessageBody"])
+        if problem is not None:
+            raise RetryLater(f"SQS did not confirm the message: {problem}")
         logger.info(
             "handler.sqs.sent",
             event_id=event.id,
