@@ -20,6 +20,10 @@ then ask for ``moto_s3``:
 
 HTTP servers for Slack and audio hosting are pytest-httpserver's ``httpserver``;
 ``raw_http(answer)`` sends an answer byte for byte where werkzeug would rewrite it.
+
+``tcp_proxy(port)`` puts a proxy in the test's loop in front of a broker; its ``silence()``
+turns every connection open at that moment into a dead one (the socket stays open, nothing
+passes either way: a broker host gone without a reset), while new connections pass.
 """
 
 from __future__ import annotations
@@ -113,6 +117,71 @@ async def raw_http(answer: bytes) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
     finally:
         server.close()
+        await server.wait_closed()
+
+
+class TCPProxy:
+    """What ``tcp_proxy`` yields: ``port`` to connect to, ``silence()`` to kill quietly."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.open: set[asyncio.StreamWriter] = set()
+        self.silent: set[asyncio.StreamWriter] = set()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.upstream: set[asyncio.StreamWriter] = set()
+
+    def silence(self) -> None:
+        """Every connection open now passes nothing more, either way, and is never closed."""
+        self.silent.update(self.open)
+
+
+@contextlib.asynccontextmanager
+async def tcp_proxy(target_port: int, target_host: str = "127.0.0.1") -> AsyncIterator[TCPProxy]:
+    """A TCP proxy on 127.0.0.1 to ``target_host:target_port`` (see ``TCPProxy``)."""
+    proxy = TCPProxy()
+
+    async def pump(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, client: asyncio.StreamWriter
+    ) -> None:
+        with contextlib.suppress(OSError):
+            while data := await reader.read(65536):
+                if client in proxy.silent:
+                    continue  # read and dropped: the peer's kernel sees no back-pressure
+                writer.write(data)
+                await writer.drain()
+        if client not in proxy.silent:
+            writer.close()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection(
+                target_host, target_port
+            )
+        except OSError:
+            writer.close()
+            return
+        proxy.open.add(writer)
+        proxy.upstream.add(upstream_writer)
+        await asyncio.gather(
+            pump(reader, upstream_writer, writer), pump(upstream_reader, writer, writer)
+        )
+
+    def track(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.ensure_future(serve(reader, writer))
+        proxy.tasks.add(task)
+        task.add_done_callback(proxy.tasks.discard)
+
+    server = await asyncio.start_server(track, "127.0.0.1", 0)
+    proxy.port = server.sockets[0].getsockname()[1]
+    try:
+        yield proxy
+    finally:
+        server.close()
+        for writer in proxy.open | proxy.upstream:
+            writer.transport.abort()
+        for task in list(proxy.tasks):
+            task.cancel()
+        await asyncio.gather(*proxy.tasks, return_exceptions=True)
         await server.wait_closed()
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -11,6 +14,7 @@ from lacuna_webhooks.errors import PermanentError, RetryLater
 from lacuna_webhooks.handlers.brokers.nats import NatsHandler
 from tests.e2e.conftest import free_port
 from tests.integration.brokers import build, event
+from tests.integration.servers import tcp_proxy
 
 nats = pytest.importorskip("nats")
 
@@ -194,3 +198,64 @@ async def test_the_connection_is_reused_and_closed(nats_server: str, stream: Str
     assert client is not None
     assert client.is_closed
     assert len(await stream.messages()) == 6
+
+
+async def test_a_connection_gone_silent_is_dropped_and_the_next_attempt_reconnects(
+    nats_server: str, stream: Stream
+) -> None:
+    """The broker's host gone without a reset (the socket open, nothing passing): the PubAck
+    times out, and nats-py would notice only after two unanswered pings two minutes apart,
+    every attempt until then timing out on the dead connection. The timeout has the
+    connection checked with a PING; it does not answer, so it is dropped and a later
+    attempt connects afresh."""
+    target = urlsplit(nats_server)
+    async with tcp_proxy(target.port or 4222, target.hostname or "127.0.0.1") as proxy:
+        h = handler(
+            f"nats://127.0.0.1:{proxy.port}",
+            SUBJECT=f"{stream.prefix}.{{type}}",
+            CONNECT_TIMEOUT="1",
+            READ_TIMEOUT="1",
+        )
+        try:
+            await h.handle(event())
+            proxy.silence()
+            with pytest.raises(RetryLater, match="publishing to NATS failed: TimeoutError"):
+                await h.handle(event())
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    await h.handle(event())
+                    break
+                except RetryLater:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.5)
+        finally:
+            await h.aclose()
+    assert len(await stream.messages()) == 2  # the publish into the dead connection is lost
+
+
+async def test_a_late_puback_on_a_live_connection_keeps_the_connection(
+    nats_server: str, stream: Stream
+) -> None:
+    """A PubAck that does not come while the server answers (a subscriber that never
+    replies stands for a JetStream that is slow): the connection answers its PING and is
+    kept."""
+    listener = await nats.connect(nats_server)
+
+    async def never_reply(msg: object) -> None:
+        return None
+
+    await listener.subscribe(f"slow{stream.prefix}.>", cb=never_reply)
+    h = handler(nats_server, SUBJECT=f"slow{stream.prefix}.{{type}}", READ_TIMEOUT="1")
+    try:
+        with pytest.raises(RetryLater, match="TimeoutError"):
+            await h.handle(event())
+        client = h._client
+        await asyncio.sleep(1.5)  # the check's PING is answered at once
+        assert client is not None
+        assert h._client is client
+        assert not client.is_closed
+    finally:
+        await h.aclose()
+        await listener.close()

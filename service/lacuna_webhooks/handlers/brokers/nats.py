@@ -22,12 +22,18 @@ event's own type or task id (whitespace, ``*``, ``>``, an empty token) is dead:
 it is never sanitized into some other subject.
 
 One client per instance, connected on first use, reconnecting by itself
-forever (nats-py), closed by ``aclose``.
+forever (nats-py), closed by ``aclose``. A PubAck that times out has the
+connection checked at once (a PING answered within the connect timeout), and a
+connection that does not answer is dropped, so the next attempt connects afresh:
+nats-py itself notices a dead connection (a broker host gone without a reset,
+a network path that drops every packet) only after two unanswered pings two
+minutes apart, and every attempt until then timed out on it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import re
 from typing import Any, NoReturn
@@ -98,6 +104,7 @@ class NatsHandler:
         self._client: NATSClient | None = None
         self._js: JetStreamContext | None = None
         self._lock = asyncio.Lock()
+        self._check: asyncio.Task[None] | None = None  # the connection check after a timeout
 
     def __repr__(self) -> str:
         return f"NatsHandler(name={self.name!r}, subject={self.subject.text!r})"
@@ -166,6 +173,8 @@ class NatsHandler:
         except nats.errors.BadSubjectError:
             raise PermanentError(f"NATS rejected the subject {subject!r}") from None
         except (TimeoutError, nats.errors.Error, OSError) as exc:
+            if isinstance(exc, TimeoutError):
+                self._check_connection()
             raise RetryLater(f"publishing to NATS failed: {self._reason(exc)}") from None
         logger.info(
             "handler.nats.published",
@@ -175,6 +184,34 @@ class NatsHandler:
             seq=ack.seq,
             duplicate=bool(ack.duplicate),
         )
+
+    def _check_connection(self) -> None:
+        """After a PubAck timed out: check the connection in the background (the attempt
+        ends now, within its own timeout), one check at a time."""
+        client = self._client
+        if client is None or (self._check is not None and not self._check.done()):
+            return
+        self._check = asyncio.create_task(self._drop_if_dead(client))
+
+    async def _drop_if_dead(self, client: NATSClient) -> None:
+        """Drop ``client`` when it does not answer a PING within the connect timeout: a slow
+        JetStream (a PubAck late, the server answering) keeps its connection, a dead one
+        does not keep every later attempt timing out on it."""
+        try:
+            await client.flush(timeout=max(1, round(self.connect_timeout_seconds)))
+            return
+        except Exception as exc:  # nats-py's TimeoutError, a closed or broken connection
+            reason = self._reason(exc)
+        async with self._lock:
+            if self._client is not client:
+                return
+            self._client, self._js = None, None
+        logger.warning(
+            "handler.nats.connection_dropped",
+            handler=self.name,
+            reason=f"a PubAck timed out and the connection did not answer a PING: {reason}",
+        )
+        await self._close(client)
 
     async def _no_stream(self, js: JetStreamContext, subject: str) -> NoReturn:
         """Tell "no stream holds this subject" (dead) from "JetStream not answering" (retry)."""
@@ -197,11 +234,19 @@ class NatsHandler:
     async def _close(self, client: NATSClient) -> None:
         if not client.is_closed:
             try:
-                await client.close()
+                # nats-py drains what it has buffered before it closes: on a connection
+                # that takes no more bytes that never ends.
+                async with asyncio.timeout(self.connect_timeout_seconds):
+                    await client.close()
             except Exception as exc:  # closing a broken connection must not stop shutdown
                 logger.warning("handler.nats.close_failed", error=self._reason(exc))
 
     async def aclose(self) -> None:
+        check, self._check = self._check, None
+        if check is not None and not check.done():
+            check.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await check
         client, self._client, self._js = self._client, None, None
         if client is not None:
             await self._close(client)
