@@ -184,26 +184,39 @@ def _with_file_values(environ: Mapping[str, str]) -> list[tuple[str, str]]:
     return items
 
 
-def _basic_credentials(username: str, password: str) -> set[str]:
-    """The ``Authorization: Basic`` token an HTTP client makes of a URL's user and password
-    (RFC 7617: base64 of ``user:password``, as httpx and most clients send it, from the
-    percent-decoded parts), as written and as decoded: a peer that echoes the request's
-    headers in its refusal puts it in the error text, where it reads back to the password."""
+def _sent_credentials(username: str, password: str) -> set[str]:
+    """The encodings a client sends a URL's user and password in, as written and as decoded
+    (percent-decoded parts, UTF-8 and Latin-1), each of which reads back to the password: a
+    peer that echoes what it was sent in its refusal puts them in the error text.
+
+    - HTTP ``Authorization: Basic`` (RFC 7617): base64 of ``user:password``, as httpx and
+      most clients send it;
+    - SMTP ``AUTH PLAIN`` (RFC 4616): base64 of ``\\0user\\0password``; ``AUTH LOGIN``:
+      base64 of the password alone (a server answering ``535 … <what you sent>``).
+
+    Each also without its ``=`` padding, which an echo may drop."""
     found: set[str] = set()
     for user, secret in {(username, password), (unquote(username), unquote(password))}:
         for encoding in ("utf-8", "latin-1"):
             try:
-                pair = f"{user}:{secret}".encode(encoding)
+                user_bytes, secret_bytes = user.encode(encoding), secret.encode(encoding)
             except UnicodeEncodeError:
                 continue
-            found.add(base64.b64encode(pair).decode("ascii"))
+            for sent in (
+                user_bytes + b":" + secret_bytes,
+                b"\0" + user_bytes + b"\0" + secret_bytes,
+                secret_bytes,
+            ):
+                token = base64.b64encode(sent).decode("ascii")
+                found.update({token, token.rstrip("=")})
     return found
 
 
 def url_secrets(url: str, *, secret_path: bool) -> set[str]:
-    """The secrets ``url`` holds, as written and URL-decoded: its password and the ``Basic``
-    token a client sends it as, its query values whose key looks secret, and with
-    ``secret_path`` the whole URL and its path (an incoming webhook's credential)."""
+    """The secrets ``url`` holds, as written and URL-decoded: its password and the tokens a
+    client sends it in (``Basic``, SMTP ``AUTH``: ``_sent_credentials``), its query values
+    whose key looks secret, and with ``secret_path`` the whole URL and its path (an incoming
+    webhook's credential)."""
     try:
         parts = urlsplit(url)
         password = parts.password
@@ -219,7 +232,7 @@ def url_secrets(url: str, *, secret_path: bool) -> set[str]:
     }
     if password:
         found.update({password, unquote(password)})
-        found.update(_basic_credentials(parts.username or "", password))
+        found.update(_sent_credentials(parts.username or "", password))
     if secret_path and parts.path.strip("/"):
         found.update({url, parts.path, unquote(parts.path)})
     return found

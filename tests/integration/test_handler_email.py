@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import re
 import threading
@@ -333,3 +334,61 @@ def test_ca_file_and_other_bad_handler_files_are_reported_together(tmp_path: Pat
         "LACUNA_EMAIL_CA_FILE: /dev/zero is not a regular file",
         f"LACUNA_SLACK_WEBHOOK_URL_FILE: {fifo} is not a regular file",
     ]
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+@pytest.mark.parametrize("code", ["535", "454"])
+async def test_a_server_echoing_the_auth_exchange_leaks_no_password(
+    mechanism: str, code: str
+) -> None:
+    """A server whose refusal of AUTH quotes what it was sent (`535 5.7.8 bad credentials
+    AG1haWxlcgBT…`): the password went into the attempt's error and the log as the base64
+    of AUTH PLAIN (`\\0user\\0password`) or AUTH LOGIN (the password alone), which any
+    reader decodes. They are masked like the password itself."""
+    password = "Sm7p-echo-P4ss"
+    sent: list[str] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def say(line: str) -> None:
+            writer.write(line.encode() + b"\r\n")
+            await writer.drain()
+
+        try:
+            await say("220 echo ESMTP")
+            while line := (await reader.readline()).decode().strip():
+                verb, _, rest = line.partition(" ")
+                if verb.upper() == "EHLO":
+                    await say("250-echo")
+                    await say(f"250 AUTH {mechanism}")
+                elif verb.upper() == "AUTH":
+                    words = rest.split(" ")[1:]  # the initial response, if any
+                    while mechanism == "LOGIN" and len(words) < 2:
+                        await say("334 " + ("VXNlcm5hbWU6" if not words else "UGFzc3dvcmQ6"))
+                        words.append((await reader.readline()).decode().strip())
+                    sent.extend(words)
+                    await say(f"{code} 5.7.8 bad credentials: {' '.join(words)}")
+                elif verb.upper() == "QUIT":
+                    await say("221 bye")
+                    break
+                else:
+                    await say("250 ok")
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        handler = make_handler(f"smtp://mailer:{password}@127.0.0.1:{port}")
+        error = PermanentError if code == "535" else RetryLater
+        with capture_logs() as logs, pytest.raises(error, match=code) as caught:
+            await handler.handle(as_event(make_event()))
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert sent  # the server did receive the credentials, and quoted them
+    for text in (str(caught.value), repr(logs)):
+        assert password not in text
+        for token in sent:
+            assert token.rstrip("=") not in text or base64.b64decode(token + "==") == b"mailer"

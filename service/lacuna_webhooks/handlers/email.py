@@ -42,6 +42,7 @@ from ..config import parse_bool, read_file_setting
 from ..errors import ConfigError, PermanentError, RetryLater
 from ..events import is_job_completed, is_job_failed, parse_event
 from ..models import Event
+from ..redact import remember_secrets, url_secrets
 from ._common import (
     Problems,
     display_title,
@@ -261,9 +262,14 @@ class EmailHandler:
     def __init__(self, ctx: HandlerContext) -> None:
         self.name = ctx.name
         problems = Problems()  # every bad setting at once, not the first
-        target = problems.read(
-            lambda: parse_smtp_url(ctx.require_secret("SMTP_URL"), ctx.env_name("SMTP_URL"))
-        )
+        smtp_url = problems.read(lambda: ctx.require_secret("SMTP_URL"))
+        target = None
+        if smtp_url is not None:
+            # The password as the AUTH PLAIN / LOGIN tokens it is sent in too: a server that
+            # echoes what it was sent in its 535 put them in the error. serve and the workers
+            # remember them from the environment; this covers a handler built elsewhere.
+            remember_secrets(url_secrets(smtp_url, secret_path=False))
+            target = problems.read(lambda: parse_smtp_url(smtp_url, ctx.env_name("SMTP_URL")))
         sender = problems.read(lambda: _address(ctx.require("FROM"), ctx.env_name("FROM")))
         recipients = problems.read(lambda: _recipients(ctx))
         tls_context = problems.read(lambda: _tls_context(ctx))
