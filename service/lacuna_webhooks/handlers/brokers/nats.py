@@ -234,8 +234,9 @@ class NatsHandler:
     async def _close(self, client: NATSClient) -> None:
         if not client.is_closed:
             try:
-                # nats-py drains what it has buffered before it closes: on a connection
-                # that takes no more bytes that never ends.
+                # nats-py writes out what it has buffered and awaits the transport's drain
+                # before it closes, which on a connection that takes no more bytes could
+                # wait for ever: bounded, for the dead-connection check and shutdown alike.
                 async with asyncio.timeout(self.connect_timeout_seconds):
                     await client.close()
             except Exception as exc:  # closing a broken connection must not stop shutdown
