@@ -1642,12 +1642,16 @@ def _handlers(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     rows: list[list[str]] = []
     failed = False
     after: dict[str, tuple[str, ...]] = {}
-    for item in settings.handlers:
+    names: list[str] | None = None
+    for index, item in enumerate(settings.handlers):
         try:
             built = _build(settings, [item], check_order=False)
         except ConfigError as exc:
             failed = True
-            rows.append([*_instance_of(item), mask_secrets(exc.problems[0])])
+            if names is None:
+                names = _resolved_names(environ, len(settings.handlers))
+            name, kind = _instance_of(item)
+            rows.append([names[index] if names else name, kind, mask_secrets(exc.problems[0])])
             continue
         name = built.names[0]
         after[name] = built.after.get(name, ())
@@ -1666,11 +1670,22 @@ def _handlers(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     return 2 if failed or order else 0
 
 
-def _instance_of(item: str) -> list[str]:
+def _instance_of(item: str) -> tuple[str, str]:
     from .config import split_handler_item
 
     name, kind = split_handler_item(item)
-    return [name or kind, kind]
+    return name or kind, kind
+
+
+def _resolved_names(environ: Mapping[str, str], count: int) -> list[str] | None:
+    """The instance names ``LACUNA_HANDLERS`` resolves to, one per item in order (a
+    ``package.module:attr`` item is named after its object's ``name``, as ``serve`` names
+    it), or ``None`` when the list itself does not resolve (an unknown kind)."""
+    try:
+        names = _configured_names(environ)
+    except CommandError:
+        return None
+    return names if len(names) == count else None
 
 
 def _configured_names(environ: Mapping[str, str]) -> list[str]:

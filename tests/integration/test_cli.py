@@ -254,6 +254,22 @@ def test_handlers_lists_instances_with_kind_and_settings_status(
     assert main(["handlers"], env) == 0
 
 
+def test_handlers_names_a_module_attr_instance_whose_settings_fail(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A ``package.module:attr`` instance is named after the object's ``name``
+    (docs/plugins.md), also on the row of a problem: that row said
+    ``lacuna_webhooks.handlers.slack:SlackHandler`` in NAME while the problem and the state
+    line below called it ``slack``."""
+    target = "lacuna_webhooks.handlers.slack:SlackHandler"
+    assert main(["handlers"], {"LACUNA_HANDLERS": f"log,{target}"}) == 2
+    out = capsys.readouterr().out
+    rows = out.split("configured instances (LACUNA_HANDLERS):\n", 1)[1].splitlines()
+    assert rows[2].split()[:2] == ["slack", target]
+    assert "LACUNA_SLACK_WEBHOOK_URL is required" in rows[2]
+    assert "  slack " in out.split("state:\n", 1)[1]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
