@@ -411,6 +411,46 @@ def test_every_relative_link_resolves(path: Path) -> None:
     assert not broken, f"{path.relative_to(REPO)}: broken links: {broken}"
 
 
+#: A file named in inline code: a path of the repository, or of the package (``store/base.py``).
+NAMED_FILE = re.compile(
+    r"[A-Za-z0-9_.-]+(?:/[A-Za-z0-9_.-]+)*\.(?:md|py|yaml|yml|json|toml|sh|lua)"
+)
+#: Named in inline code, but not files of the repository: what the storage handler writes.
+NOT_REPOSITORY_FILES = frozenset({"event.json"})
+
+
+def named_files(path: Path) -> list[tuple[int, str]]:
+    """``(line, name)`` of each file named in inline code outside fenced blocks (``docs/http.md``,
+    ``store/base.py``, ``SPEC.md``); absolute paths and templates are an example's, not ours."""
+    found: list[tuple[int, str]] = []
+    text = _without_fences(path.read_text(encoding="utf-8"))
+    for number, line in enumerate(text.splitlines(), start=1):
+        for token in re.findall(r"`([^`\s]+)`", line):
+            if NAMED_FILE.fullmatch(token) and token not in NOT_REPOSITORY_FILES:
+                found.append((number, token))
+    return found
+
+
+def _repository_file(name: str) -> bool:
+    """A path of the repository, of the package or of a folder the docs name files in; a bare
+    file name anywhere in the repository's tracked folders."""
+    if "/" not in name:
+        folders = (REPO / "service", REPO / "tests", REPO / "bench", REPO / "deploy", DOCS)
+        found = any(next(folder.rglob(name), None) is not None for folder in folders)
+        return found or (REPO / name).exists()
+    bases = (REPO, REPO / "service", PACKAGE.parent, PACKAGE, DOCS, REPO / "deploy")
+    return any((base / name).exists() for base in bases)
+
+
+@pytest.mark.parametrize("path", markdown_files(), ids=lambda p: p.relative_to(REPO).as_posix())
+def test_every_file_named_in_code_exists(path: Path) -> None:
+    """A file the text names in inline code (``tests/e2e/test_live.py``, ``store/base.py``) is
+    there: a page that sent the reader to ``SPEC.md``, which is not in the repository (the
+    contract is docs/contract.md), passed the link check, being no link."""
+    missing = [f"line {n}: {name}" for n, name in named_files(path) if not _repository_file(name)]
+    assert not missing, f"{path.relative_to(REPO)} names files that do not exist: {missing}"
+
+
 # --- the contract's test vector --------------------------------------------------------------
 
 
