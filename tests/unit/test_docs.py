@@ -31,7 +31,7 @@ import asyncio
 import re
 from collections import Counter
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -337,6 +337,35 @@ def test_env_example_names_only_documented_variables(rows: list[Row]) -> None:
     assert "LACUNA_WEBHOOK_SECRET" in names
     undocumented = sorted({name for name in names if len(rows_for(name, rows)) != 1})
     assert not undocumented, f".env.example names undocumented variables: {undocumented}"
+
+
+def env_example_values() -> dict[str, str]:
+    """The ``NAME=value`` lines of ``.env.example`` that set a value (not commented out)."""
+    values: dict[str, str] = {}
+    for line in ENV_EXAMPLE.read_text(encoding="utf-8").splitlines():
+        match = re.match(r"([A-Z][A-Z0-9_]*)=(.+)$", line)
+        if match:
+            values[match.group(1)] = match.group(2)
+    return values
+
+
+def test_env_example_shows_the_documented_defaults(rows: list[Row]) -> None:
+    """``.env.example`` says "shown values are the defaults": each value it sets is the
+    default its row documents, and the code reads it so too (settings built with and without
+    those lines are equal), so copying it to ``.env`` changes nothing."""
+    values = env_example_values()
+    assert {"PORT", "LACUNA_DATABASE_URL", "LACUNA_RETRY_MAX_ATTEMPTS"} <= values.keys()
+    differ = []
+    for name, value in values.items():
+        (row,) = rows_for(name, rows)
+        documented = re.match(r"`([^`]*)`", row.cells[1])
+        if documented is None or documented.group(1) != value:
+            differ.append(f"{name}={value} ({row}: default {row.cells[1]})")
+    assert not differ, f".env.example shows values that are not the defaults: {differ}"
+    base = {"LACUNA_WEBHOOK_SECRET": "whsec_docs_test"}
+    with_example = Settings.from_env({**values, **base})
+    without = Settings.from_env(base)
+    assert replace(with_example, environ={}) == replace(without, environ={})
 
 
 # --- links -----------------------------------------------------------------------------------
