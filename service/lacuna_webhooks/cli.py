@@ -1960,7 +1960,11 @@ def _admin_args(parser: argparse.ArgumentParser, *, local: bool) -> None:
         dest="start",
         choices=["now", "beginning"],
         default="now",
-        help="where to start without a saved cursor (default now)",
+        help=(
+            "where to start without a saved cursor (default now)"
+            if not local
+            else "now: the events stored from now on (default); beginning: every stored event first"
+        ),
     )
 
 

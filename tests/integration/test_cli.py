@@ -1024,3 +1024,17 @@ def test_send_with_an_empty_secret_is_refused(capsys: pytest.CaptureFixture[str]
     env = {"LACUNA_WEBHOOK_SECRET": "whsec_from_the_environment"}
     assert main(["send", "--secret", "", "--url", "http://127.0.0.1:9/x"], env) == 2
     assert "--secret names no secret" in capsys.readouterr().err
+
+
+def test_tail_help_says_where_it_starts(capsys: pytest.CaptureFixture[str]) -> None:
+    """``tail`` keeps no cursor: its ``--from`` help said "where to start without a saved
+    cursor", which is ``listen``'s (docs/cli.md: tail's --from is now or every stored event
+    first)."""
+    for command, expected in (("tail", "every stored event first"), ("listen", "saved cursor")):
+        with pytest.raises(SystemExit):
+            main([command, "--help"], {})
+        help_text = " ".join(capsys.readouterr().out.split())
+        assert expected in help_text
+    with pytest.raises(SystemExit):
+        main(["tail", "--help"], {})
+    assert "saved cursor" not in capsys.readouterr().out
