@@ -13,6 +13,7 @@ from pytest_httpserver import HTTPServer
 from werkzeug import Request, Response
 
 from lacuna_webhooks.dispatch.dispatcher import Dispatcher, utcnow
+from lacuna_webhooks.dispatch.flow import FlowControl
 from lacuna_webhooks.handlers.http import HTTPHandler
 from lacuna_webhooks.models import DeliveryStatus, Event
 from lacuna_webhooks.plugins import HandlerSet
@@ -45,7 +46,7 @@ class RefusingPeer:
 
 
 async def deliver_one(
-    store: Store, forward: HTTPHandler, policy: RetryPolicy
+    store: Store, forward: HTTPHandler, policy: RetryPolicy, flow: FlowControl | None = None
 ) -> tuple[DeliveryRecord, list[AttemptRecord]]:
     """Accept one event for ``http``, dispatch until its delivery has ended (30 s at most);
     the delivery and its attempt rows."""
@@ -57,7 +58,12 @@ async def deliver_one(
         return record.status is not DeliveryStatus.PENDING
 
     d = Dispatcher(
-        store, HandlerSet.of([forward]), policy=policy, poll_interval_seconds=0.1, concurrency=2
+        store,
+        HandlerSet.of([forward]),
+        policy=policy,
+        poll_interval_seconds=0.1,
+        concurrency=2,
+        flow={"http": flow} if flow is not None else None,
     )
     async with running(d):
         await wait_until(ended, within_seconds=30)
@@ -96,3 +102,23 @@ async def test_a_peer_answering_429_forever_still_ends_dead(
     assert len(rows) > 2  # some 429s were refunded before the window closed
     assert [row.attempt for row in rows[-2:]] == [1, 2]
     assert rows[-1].outcome.value == "dead"
+
+
+async def test_refunded_429s_do_not_count_towards_pause_after_failures(
+    store: Store, httpserver: HTTPServer, forward: HTTPHandler
+) -> None:
+    """PAUSE_AFTER_FAILURES=1 and a peer answering 429 + Retry-After three times, then 200:
+    the refunded 429s are the peer pacing us, not failing, so the handler is never paused and
+    its failure count stays 0 (docs/delivery.md; docs/flow-control.md said "a 429
+    included")."""
+    peer = RefusingPeer(refusals=3, retry_after="1")
+    httpserver.expect_request("/hook", method="POST").respond_with_handler(peer)
+    policy = RetryPolicy(max_attempts=10, base_delay_seconds=0.2, max_delay_seconds=30.0)
+    record, rows = await deliver_one(store, forward, policy, FlowControl(pause_after_failures=1))
+    assert record.status is DeliveryStatus.DONE
+    assert [row.outcome.value for row in rows] == ["retry", "retry", "retry", "ok"]
+    states = {state.handler: state for state in await store.handler_states()}
+    assert "http" not in states or (states["http"].paused, states["http"].consecutive_failures) == (
+        False,
+        0,
+    )
