@@ -29,6 +29,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import re
+import shlex
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
@@ -38,6 +39,7 @@ from urllib.parse import unquote
 import pytest
 
 from lacuna_webhooks import plugins
+from lacuna_webhooks.cli import build_parser
 from lacuna_webhooks.config import Settings
 from lacuna_webhooks.errors import ConfigError
 from lacuna_webhooks.signature import compute_signature, sign
@@ -478,6 +480,39 @@ def test_every_file_named_in_code_exists(path: Path) -> None:
     contract is docs/contract.md), passed the link check, being no link."""
     missing = [f"line {n}: {name}" for n, name in named_files(path) if not _repository_file(name)]
     assert not missing, f"{path.relative_to(REPO)} names files that do not exist: {missing}"
+
+
+def example_commands(path: Path) -> list[list[str]]:
+    """The arguments of each ``$ … lacuna-webhooks COMMAND …`` line of a fenced block (a
+    trailing ``# comment`` dropped); a synopsis, with ``[optional]`` parts, is not an example."""
+    commands: list[list[str]] = []
+    for block in re.findall(
+        r"^```[a-z]*\n(.*?)^```", path.read_text(encoding="utf-8"), re.M | re.S
+    ):
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            found = re.search(r"(?:^|\s)(?:\S*/)?lacuna-webhooks\s+(.*)$", line)
+            if not line.startswith("$ ") or found is None or "[" in found.group(1):
+                continue
+            commands.append(shlex.split(re.split(r"\s+#\s", found.group(1))[0]))
+    return commands
+
+
+def test_there_are_example_commands() -> None:
+    assert sum(len(example_commands(path)) for path in markdown_files()) >= 15
+
+
+@pytest.mark.parametrize("path", markdown_files(), ids=lambda p: p.relative_to(REPO).as_posix())
+def test_every_example_command_parses(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each example command line a page shows is accepted by the CLI's own parser: a renamed
+    option or command would leave the example failing for whoever pastes it."""
+    refused = []
+    for argv in example_commands(path):
+        try:
+            build_parser().parse_args(argv)
+        except SystemExit as exc:
+            if exc.code:
+                refused.append(f"{' '.join(argv)}: {capsys.readouterr().err.strip()}")
+    assert not refused, f"{path.relative_to(REPO)}: examples the CLI refuses: {refused}"
 
 
 # --- the contract's test vector --------------------------------------------------------------
