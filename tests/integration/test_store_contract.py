@@ -1236,6 +1236,46 @@ async def test_token_bucket_refills_again_after_the_clock_steps_back(store: Stor
     assert await take(want=3, now=NOW + 2 * SECOND) == 2
 
 
+async def test_a_clock_step_back_brings_later_schedules_forward(store: Store) -> None:
+    """The machine's clock stepped back an hour: a retry scheduled 5 s ahead before the step
+    is 5 s ahead of the new time, one 2 h ahead 1 h ahead, and a delivery due at once before
+    the step is due at once after it (not in an hour); done deliveries and leases are left
+    alone. (PostgreSQL moves nothing: its schedules are written by replicas whose clocks did
+    not step.)"""
+    for name in ("evt_soon", "evt_later", "evt_due", "evt_done", "evt_held"):
+        assert await store.accept(event(name), ["a"], now=NOW)
+    claimed = {
+        d.event.id: d for d in await store.claim(handler="a", limit=10, lease=LEASE, now=NOW)
+    }
+    assert await store.retry(
+        claimed["evt_soon"], attempt(AttemptOutcome.RETRY), at=NOW + 5 * SECOND
+    )
+    assert await store.retry(
+        claimed["evt_later"], attempt(AttemptOutcome.RETRY), at=NOW + timedelta(hours=2)
+    )
+    assert await store.release(claimed["evt_due"])
+    assert await store.complete(claimed["evt_done"], attempt(AttemptOutcome.OK))
+    before = {d.event_id: d for d in await store.list_deliveries()}
+    stepped = NOW - timedelta(hours=1)
+    moved = await store.clock_stepped_back(by=timedelta(hours=1), now=stepped)
+    after = {d.event_id: d for d in await store.list_deliveries()}
+    if type(store).__name__ == "PostgresStore":
+        assert moved == 0
+        assert after == before
+        return
+    assert moved == 4
+    assert after["evt_soon"].next_attempt_at == stepped + 5 * SECOND
+    assert after["evt_later"].next_attempt_at == NOW + timedelta(hours=1)
+    assert after["evt_due"].next_attempt_at == stepped
+    assert after["evt_held"].next_attempt_at == stepped
+    assert after["evt_held"].lease_until == before["evt_held"].lease_until
+    assert after["evt_done"] == before["evt_done"]
+    (due,) = await store.claim(handler="a", limit=10, lease=LEASE, now=stepped)
+    assert due.event.id == "evt_due"
+    (soon,) = await store.claim(handler="a", limit=10, lease=LEASE, now=stepped + 5 * SECOND)
+    assert soon.event.id == "evt_soon"
+
+
 async def test_concurrent_takers_never_exceed_the_bucket(store: Store) -> None:
     """Many takers at once (as several replicas): together they get at most capacity."""
     got = await asyncio.gather(

@@ -413,6 +413,49 @@ async def test_a_clock_step_past_the_lease_does_not_run_an_attempt_twice(
     assert attempt.outcome is AttemptOutcome.OK
 
 
+@pytest.mark.parametrize("watched", [True, False])
+async def test_a_clock_step_back_brings_the_schedules_written_before_it_forward(
+    store: MemoryStore, clock: FakeClock, watched: bool
+) -> None:
+    """The first attempt fails: its retry is due at T0 + 5 s. The wall clock then steps back
+    an hour (the monotonic one does not). Watching the clock, the dispatcher has the store
+    bring that retry forward by the step: it runs 5 s after the step, not an hour and 5 s
+    later. Without ``monotonic`` nothing is watched and the retry waits the hour."""
+    handler = RecordingHandler(script=[RuntimeError("boom")])
+    d = dispatcher(store, [handler], clock, monotonic=(lambda: 0.0) if watched else None)
+    await accept(store, clock)
+    async with running(d):
+        await wait_until(lambda: len(handler.calls) == 1)
+        clock.advance(-3600)
+        with capture_logs() as logs:
+            await asyncio.sleep(0.1)  # claim passes at the stepped clock
+            (row,) = await store.list_deliveries()
+            assert len(handler.calls) == 1
+            clock.advance(5)
+            if watched:
+                # Still 5 s after the step (the same 5 s, not an hour and 5 s later).
+                assert row.next_attempt_at == T0 - timedelta(seconds=3595)
+                await wait_until(lambda: len(handler.calls) == 2)
+                await d.drain()
+            else:
+                assert row.next_attempt_at == T0 + timedelta(seconds=5)
+                await asyncio.sleep(0.1)
+                assert len(handler.calls) == 1
+    steps = [e for e in logs if e["event"] == "dispatcher.clock_stepped_back"]
+    if watched:
+        assert steps == [
+            {
+                "event": "dispatcher.clock_stepped_back",
+                "log_level": "warning",
+                "seconds": 3600.0,
+                "deliveries_moved": 1,
+            }
+        ]
+        assert (await only_delivery(store)).status is DeliveryStatus.DONE
+    else:
+        assert steps == []
+
+
 async def test_concurrency_limits_in_flight_attempts_per_handler(
     store: MemoryStore, clock: FakeClock
 ) -> None:

@@ -70,6 +70,9 @@ RELEASE_BUDGET_SECONDS = 3.0
 
 DEFAULT_TIMEOUT_SECONDS = 60.0
 MAX_STORE_BACKOFF_SECONDS = 5.0
+#: The wall clock moving against the monotonic one by more than this between two claim
+#: passes is a step (NTP's slew moves both alike; reading the two clocks costs microseconds).
+CLOCK_STEP_SECONDS = 1.0
 
 
 def utcnow() -> datetime:
@@ -83,6 +86,14 @@ class Dispatcher:
     tests; ``serve`` and ``worker`` pass a ``WorkerPool``). ``clock`` and ``rand`` are
     injected so tests can control time and jitter. ``flow`` holds each handler's
     flow-control settings (``flow.read_flow_control``); a handler missing from it has none.
+
+    ``monotonic`` (``serve`` and ``worker`` pass ``time.monotonic``) turns on watching
+    ``clock`` for steps: before each claim pass, the wall clock's offset from the monotonic
+    one is compared with the last pass's. When the wall clock stepped back, the store's
+    schedules written before the step lie that much further off than meant, and
+    ``Store.clock_stepped_back`` brings them forward (SQLite: one machine wrote them all);
+    ``dispatcher.clock_stepped_back`` / ``dispatcher.clock_stepped_forward`` are logged.
+    Without it (tests that move ``clock`` by hand), nothing is watched.
     """
 
     def __init__(
@@ -98,6 +109,7 @@ class Dispatcher:
         clock: Callable[[], datetime] = utcnow,
         rand: Callable[[], float] = random.random,
         flow: Mapping[str, FlowControl] | None = None,
+        monotonic: Callable[[], float] | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -110,6 +122,9 @@ class Dispatcher:
         self.metrics = metrics
         self.clock = clock
         self.rand = rand
+        self.monotonic = monotonic
+        # The wall clock minus the monotonic one at the last claim pass (None: not yet read).
+        self._clock_offset: float | None = None
         self._log = structlog.get_logger("lacuna_webhooks.dispatcher")
         self._free = {n: handlers.concurrency.get(n, concurrency) for n in handlers.names}
         self.flow = dict(flow or {})
@@ -289,6 +304,7 @@ class Dispatcher:
     async def _claim_pass(self) -> None:
         """Claim for every handler with free slots and not paused; start an attempt per
         delivery."""
+        await self._follow_clock()
         await self._refresh_paused()
         for name in self.handlers.names:
             free = self._free[name]
@@ -333,6 +349,27 @@ class Dispatcher:
                     await self._release(delivery)
                 else:
                     self._start(delivery)
+
+    async def _follow_clock(self) -> None:
+        """Notice a step of the wall clock since the last pass (``monotonic``, see the class
+        docstring). A step back has the store bring the schedules written before it forward
+        by the step: a retry due in 5 s, or an event accepted just before (due at once), no
+        longer waits the step out. Read again next pass if the store fails."""
+        if self.monotonic is None:
+            return
+        offset = self.clock().timestamp() - self.monotonic()
+        last = self._clock_offset
+        if last is not None and last - offset > CLOCK_STEP_SECONDS:
+            by = timedelta(seconds=last - offset)
+            moved = await self.store.clock_stepped_back(by=by, now=self.clock())
+            self._log.warning(
+                "dispatcher.clock_stepped_back",
+                seconds=round(by.total_seconds(), 3),
+                deliveries_moved=moved,
+            )
+        elif last is not None and offset - last > CLOCK_STEP_SECONDS:
+            self._log.warning("dispatcher.clock_stepped_forward", seconds=round(offset - last, 3))
+        self._clock_offset = offset
 
     # -- flow control ----------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from datetime import timedelta
 
 from ..config import Settings
@@ -75,6 +76,7 @@ def build_dispatch(
         poll_interval_seconds=settings.poll_interval_seconds,
         metrics=metrics,
         flow=read_flow_control(handlers.names, settings.environ),
+        monotonic=time.monotonic,
     )
     retention = Retention(store, timedelta(days=settings.retention_days))
     return DispatchService(dispatcher, retention)

@@ -474,6 +474,13 @@ class Store(Protocol):
         ``lease_token`` moved on (a late outcome of this claim is refused), ``updated_at``
         set to ``now`` when given (else left as it was), and ``wait_for_work`` nudged."""
 
+    async def clock_stepped_back(self, *, by: timedelta, now: datetime) -> int:
+        """The clock that wrote this store's schedules (the one machine of a SQLite file)
+        stepped back ``by``: every ``pending`` delivery due after ``now`` was scheduled that
+        much further off than meant, and is brought forward by ``by``, never before ``now``;
+        how many. Leases are left alone. PostgreSQL changes nothing (0): its schedules are
+        shared by replicas whose clocks did not step."""
+
     async def wait_for_work(self, timeout_seconds: float) -> None: ...
 
     async def stats(

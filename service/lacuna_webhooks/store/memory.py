@@ -407,6 +407,21 @@ class MemoryStore:
             self._nudge.set()
             return True
 
+    async def clock_stepped_back(self, *, by: timedelta, now: datetime) -> int:
+        """Pending deliveries due after ``now`` brought forward by ``by``, never before
+        ``now``; how many (``Store.clock_stepped_back``)."""
+        now = as_utc(now)
+        moved = 0
+        async with self._lock:
+            self._check(write=True)
+            for row in self._deliveries.values():
+                if row.status is DeliveryStatus.PENDING and row.next_attempt_at > now:
+                    row.next_attempt_at = max(row.next_attempt_at - by, now)
+                    moved += 1
+            if moved:
+                self._nudge.set()
+        return moved
+
     async def wait_for_work(self, timeout_seconds: float) -> None:
         """Return at once if work was nudged since the last call, else on a nudge or timeout."""
         self._check()

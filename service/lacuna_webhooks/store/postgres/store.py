@@ -467,6 +467,11 @@ class PostgresStore:
         """
         return await self._run(outbox.release, delivery.id, delivery.lease_token, now)
 
+    async def clock_stepped_back(self, *, by: timedelta, now: datetime) -> int:
+        """Nothing moves (0): the schedules here were written by every replica, whose clocks
+        did not step with this one's (``Store.clock_stepped_back``)."""
+        return 0
+
     async def wait_for_work(self, timeout_seconds: float) -> None:
         """Return when nudged (local accept, or a NOTIFY from any replica), else on timeout.
 

@@ -296,6 +296,11 @@ def probe_write(c: sqlite3.Connection, now: float) -> None:
     c.execute(Q["write_probe"], {"now": now})
 
 
+def bring_forward(c: sqlite3.Connection, by: float, now: float) -> int:
+    """``SQLiteStore.clock_stepped_back``: how many pending deliveries were moved."""
+    return c.execute(Q["bring_forward"], {"by": by, "now": now}).rowcount
+
+
 def diagnostics(c: sqlite3.Connection) -> dict[str, object]:
     values: dict[str, object] = {
         name: c.execute(f"PRAGMA {name}").fetchone()[0]

@@ -310,6 +310,14 @@ class SQLiteStore:
         as it was: it was due when claimed, so it is due at once and keeps its place in line."""
         return await self._run(outbox.release, delivery.id, delivery.lease_token, now)
 
+    async def clock_stepped_back(self, *, by: timedelta, now: datetime) -> int:
+        """Pending deliveries due after ``now`` brought forward by ``by``, never before
+        ``now``; how many (``Store.clock_stepped_back``: this machine's clock wrote them)."""
+        moved = await self._write(ops.bring_forward, by.total_seconds(), epoch(now))
+        if moved:
+            self._work.set()
+        return moved
+
     async def stats(
         self, *, now: datetime, after: Mapping[str, Sequence[str]] | None = None
     ) -> QueueStats:

@@ -204,6 +204,13 @@ FROM attempts WHERE delivery_id = :delivery_id ORDER BY id
 SELECT task_id, status, event_id, event_type, event_created, updated_at
 FROM tasks WHERE task_id = :task_id
 
+-- name: bring_forward
+-- The machine's clock stepped back :by seconds: what was scheduled before the step lies that
+-- much further off than meant. Pending deliveries due after :now come :by seconds earlier,
+-- never before :now (SQLiteStore.clock_stepped_back). Leases are left as they are.
+UPDATE deliveries SET next_attempt_at = max(next_attempt_at - :by, :now)
+WHERE status = 'pending' AND next_attempt_at > :now
+
 -- name: write_probe
 -- Readiness after a failed write: one row rewritten, proving a commit goes through.
 INSERT OR REPLACE INTO write_probe (id, written_at) VALUES (1, :now)
