@@ -1,13 +1,16 @@
 """A handler for end-to-end tests whose first attempt at an event fails, loaded as
 ``tests.e2e.flaky_plugin:FailsOnce``.
 
-Every call appends ``<event id> <pid>`` to ``LACUNA_FLAKY_PATH``; the first call for an
-event then raises ``RuntimeError`` (a retry on the schedule), every later one succeeds. The
-file is the count, so a test sees from another process when each attempt ran.
+Every call appends ``<event id> <pid>`` to ``LACUNA_FLAKY_PATH``, then sleeps
+``LACUNA_FLAKY_DELAY`` seconds (default 0, ``asyncio.sleep``: the monotonic clock); the
+first call for an event then raises ``RuntimeError`` (a retry on the schedule), every later
+one succeeds. The file is the count, so a test sees from another process when each attempt
+started.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -20,11 +23,14 @@ class FailsOnce:
 
     def __init__(self, ctx: HandlerContext) -> None:
         self.path = Path(ctx.require("PATH"))
+        self.delay = float(ctx.get("DELAY", "0") or 0)
 
     async def handle(self, event: Event) -> None:
         before = attempts(self.path).count(event.id)
         with self.path.open("a") as fh:
             fh.write(f"{event.id} {os.getpid()}\n")
+        if self.delay:
+            await asyncio.sleep(self.delay)
         if before == 0:
             raise RuntimeError("the first attempt fails")
 

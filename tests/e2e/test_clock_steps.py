@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 
 from tests.conftest import make_event, signed
@@ -110,3 +111,46 @@ def test_an_event_accepted_before_the_clock_stepped_back_is_delivered_at_once(
         timeout=20,
         what=f"the event accepted before the step:\n{s.log()}",
     )
+
+
+def test_an_attempt_during_a_clock_step_is_recorded_with_its_true_length(
+    serve_factory: type[Serve], tmp_path: Path
+) -> None:
+    """An attempt that takes 3 s, with the clock stepping back an hour while it runs: its
+    recorded length (``events show``, the handler's p50/p95) is about 3 s, not -3597 s."""
+    lib = libfaketime()
+    offset_file = tmp_path / "offset"
+    out = tmp_path / "attempts.txt"
+    env = {**serve_env(tmp_path, out), "LACUNA_FLAKY_DELAY": "3"}
+    s = serve_factory({**env, **stepping_env(lib, offset_file)}).start()
+    body, headers = signed(make_event("evt_step_during"))
+    assert httpx.post(s.webhook_url, content=body, headers=headers).status_code == 200
+    wait_until(lambda: attempts(out) == ["evt_step_during"], timeout=20, what="attempt 1")
+    step(offset_file, STEP_BACK)
+    wait_until(lambda: len(attempts(out)) == 2, timeout=30, what=f"the retry:\n{s.log()}")
+    cli_env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("LACUNA_")},
+        "PYTHONPATH": str(REPO),
+        **env,
+    }
+
+    def shown() -> list[dict[str, object]]:
+        text = subprocess.run(
+            [CLI, "events", "show", "evt_step_during", "--json"],
+            cwd=tmp_path,
+            env=cli_env,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        (delivery,) = orjson.loads(text)["deliveries"]
+        log: list[dict[str, object]] = delivery["attempts_log"]
+        return log
+
+    wait_until(lambda: len(shown()) == 2, timeout=20, what="both attempts recorded")
+    first, second = shown()
+    assert first["outcome"] == "retry"
+    for attempt in (first, second):
+        duration = attempt["duration_ms"]
+        assert isinstance(duration, float)
+        assert 2900 <= duration < 10_000, attempt
