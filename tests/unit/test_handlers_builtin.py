@@ -302,6 +302,20 @@ def test_retry_after_forms() -> None:
     assert retry_after_seconds(None) is None
 
 
+def test_a_retry_after_date_is_read_against_the_answers_own_date() -> None:
+    """The peer wrote its Retry-After date and its Date with one clock: their difference is
+    the delay it asks for, whatever our clock says. Without a usable Date, our clock."""
+    ours = datetime(2026, 1, 1, tzinfo=UTC)
+    retry_at = "Thu, 01 Jan 2026 01:01:00 GMT"  # the peer's clock runs an hour ahead
+    peer_now = "Thu, 01 Jan 2026 01:00:00 GMT"
+    assert retry_after_seconds(retry_at, date=peer_now, now=ours) == 60
+    behind = "Wed, 31 Dec 2025 23:01:00 GMT"  # an hour behind: a date in our past
+    assert retry_after_seconds(behind, date="Wed, 31 Dec 2025 23:00:00 GMT", now=ours) == 60
+    assert retry_after_seconds(retry_at, date="not a date", now=ours) == 3660
+    assert retry_after_seconds(retry_at, date=None, now=ours) == 3660
+    assert retry_after_seconds("30", date=peer_now, now=ours) == 30
+
+
 @pytest.mark.parametrize("value", ["\u00b2", "\u2460", "Fri, 31 Dec 99999999999 23:59:59 GMT"])
 def test_a_retry_after_that_is_no_number_or_date_is_ignored_not_raised(value: str) -> None:
     """`²` and `①` pass isdigit() and fail float(); a year past datetime's overflowed. Each

@@ -366,8 +366,15 @@ class OutboundClient:
         await self._client.aclose()
 
 
-def retry_after_seconds(value: str | None, *, now: datetime | None = None) -> float | None:
-    """``Retry-After`` (delta seconds or an HTTP date) as seconds; ``None`` if absent or bad."""
+def retry_after_seconds(
+    value: str | None, *, date: str | None = None, now: datetime | None = None
+) -> float | None:
+    """``Retry-After`` (delta seconds or an HTTP date) as seconds; ``None`` if absent or bad.
+
+    A date is read against the answer's own ``Date`` header (``date``) when it has a valid
+    one, else against ``now`` (default: this machine's clock). The peer wrote both with its
+    clock: read against ours, a peer an hour ahead asking for 60 s got the cap (an hour), and
+    one an hour behind got nothing (the base delay, again and again)."""
     if value is None or not value.strip():
         return None
     text = value.strip()
@@ -375,13 +382,21 @@ def retry_after_seconds(value: str | None, *, now: datetime | None = None) -> fl
         # 309 digits and more read as inf, which the worker's JSON wire carries as null:
         # finite, and far past any cap.
         return min(float(text), MAX_RETRY_DELAY_SECONDS)
+    when = _http_date(text)
+    if when is None:
+        return None
+    sent = _http_date(date) if date is not None else None
+    reference = sent or now or datetime.now(UTC)
+    return max(0.0, (when - reference).total_seconds())
+
+
+def _http_date(text: str) -> datetime | None:
+    """An HTTP date as an aware datetime (UTC when it names no zone); ``None`` if bad."""
     try:
-        when = parsedate_to_datetime(text)
+        when = parsedate_to_datetime(text.strip())
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when
 
 
 # httpx errors that the request itself causes (a scheme no transport speaks, a header value

@@ -288,7 +288,9 @@ class HTTPHandler:
         )
         summary = f"{self.where} answered HTTP {status}: {reason}"
         if status in RETRY_AFTER_STATUSES:
-            delay = retry_after_seconds(response.headers.get("retry-after"))
+            delay = retry_after_seconds(
+                response.headers.get("retry-after"), date=response.headers.get("date")
+            )
             if status == 429:
                 raise RateLimited(summary, delay_seconds=delay)  # not counted: docs/delivery.md
             raise RetryLater(summary, delay_seconds=delay)

@@ -263,7 +263,9 @@ class SlackHandler:
             kind = RateLimited if status == 429 else RetryLater
             raise kind(
                 f"Slack answered HTTP {status}: {reason}",
-                delay_seconds=retry_after_seconds(response.headers.get("retry-after")),
+                delay_seconds=retry_after_seconds(
+                    response.headers.get("retry-after"), date=response.headers.get("date")
+                ),
             )
         if 300 <= status < 400:
             raise PermanentError(

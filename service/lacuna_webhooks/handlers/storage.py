@@ -844,7 +844,9 @@ class StorageHandler:
             kind = RateLimited if status == 429 else RetryLater
             raise kind(
                 f"{what}: HTTP {status} from {source}",
-                delay_seconds=retry_after_seconds(response.headers.get("retry-after")),
+                delay_seconds=retry_after_seconds(
+                    response.headers.get("retry-after"), date=response.headers.get("date")
+                ),
             )
         raise PermanentError(f"{what}: unexpected HTTP {status} from {source}")
 
