@@ -140,3 +140,73 @@ def test_events_stored_by_an_intake_whose_clock_is_ahead_are_delivered_at_once(
             worker.kill()
             worker.wait()
     assert recorded(out) == ["evt_from_ahead"]
+
+
+def test_a_worker_whose_clock_is_ahead_does_not_prune_events_early(
+    serve_factory: type[Serve], tmp_path: Path, postgres_dsn: str
+) -> None:
+    """A `worker` (no intake: nothing refuses its skew) on a host two days ahead, retention one
+    day. It pruned by its own clock: an event delivered a moment ago was deleted at its next
+    prune, and the sender's retry of that very request (still inside the signature window) was
+    a new event, its handlers run twice. The database's clock bounds the prune's cutoff."""
+    lib = libfaketime()
+    out = tmp_path / "delivered.txt"
+    env = {
+        "LACUNA_DATABASE_URL": postgres_dsn,
+        "LACUNA_HANDLERS": RECORDER,
+        "LACUNA_RECORDER_PATH": str(out),
+        "LACUNA_POLL_INTERVAL": "0.2",
+        "LACUNA_RETENTION_DAYS": "1",
+    }
+    intake = serve_factory({**env, "LACUNA_DISPATCH": "false"}).start()
+    plain = {k: v for k, v in os.environ.items() if not k.startswith(("LACUNA_", "FAKETIME"))}
+    plain.pop("LD_PRELOAD", None)
+    worker_env = {
+        **plain,
+        "PYTHONPATH": str(REPO),
+        "LACUNA_LOG_FORMAT": "json",
+        **env,
+        **skewed_env(lib, "+172800s"),
+    }
+    log_path = tmp_path / "worker.log"
+
+    def run_worker() -> subprocess.Popen[bytes]:
+        with log_path.open("ab") as log:  # the child keeps its own descriptor
+            return subprocess.Popen(
+                [CLI, "worker"], cwd=tmp_path, env=worker_env, stdout=log, stderr=log
+            )
+
+    def stop(worker: subprocess.Popen[bytes]) -> None:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+
+    body, headers = signed(make_event("evt_kept"))
+    answer = httpx.post(intake.webhook_url, content=body, headers=headers, timeout=10)
+    assert answer.json()["duplicate"] is False
+    worker = run_worker()
+    try:
+        wait_until(lambda: recorded(out) == ["evt_kept"], timeout=60, what="the delivery")
+    finally:
+        stop(worker)
+    # A worker prunes at its start: this one, at its clock, two days after the event.
+    started = log_path.read_text().count('"dispatcher.started"')
+    worker = run_worker()
+    try:
+        wait_until(
+            lambda: log_path.read_text().count('"dispatcher.started"') > started,
+            timeout=60,
+            what="the worker's second start",
+        )
+        time.sleep(2)  # its first prune pass
+        # The sender's retry of the same request (its 2xx was lost), inside the window.
+        again = httpx.post(intake.webhook_url, content=body, headers=headers, timeout=10)
+        assert again.status_code == 200, again.text
+        assert again.json()["duplicate"] is True, log_path.read_text()
+        time.sleep(1)
+    finally:
+        stop(worker)
+    assert recorded(out) == ["evt_kept"]

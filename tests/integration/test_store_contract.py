@@ -594,6 +594,27 @@ async def test_prune_deletes_only_finished_old_events(store: Store) -> None:
     assert await store.accept(event("evt_done"), [], now=NOW + timedelta(days=3)) is True
 
 
+async def test_prune_by_a_clock_days_ahead_keeps_recent_events_on_postgres(store: Store) -> None:
+    """A pruning replica's clock two days ahead asks for the events received more than a day
+    ago (``received_before`` a day ahead of the real time), ``keep`` one day. On PostgreSQL
+    the database's clock must agree they are a day old: the event received a moment ago (by
+    the database's clock, as an intake on time stamps it) stays, and so does its dedupe.
+    Elsewhere one clock stamps and prunes, and ``keep`` is not read."""
+    received = wall_now()
+    assert await store.accept(event("evt_fresh"), [], now=received)
+    ahead = received + timedelta(days=2)
+    pruned = await store.prune(received_before=ahead - timedelta(days=1), keep=timedelta(days=1))
+    if type(store).__name__ == "PostgresStore":
+        assert pruned == 0
+        assert await store.accept(event("evt_fresh"), [], now=received) is False
+    else:
+        assert pruned == 1
+    # What both clocks agree is old goes on every backend.
+    assert await store.accept(event("evt_old"), [], now=received - timedelta(days=3))
+    assert await store.prune(received_before=ahead - timedelta(days=1), keep=timedelta(days=1)) >= 1
+    assert await store.get_event("evt_old") is None
+
+
 # --- per-task state -------------------------------------------------------------------------
 
 

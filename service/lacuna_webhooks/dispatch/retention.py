@@ -49,7 +49,9 @@ class Retention:
 
     async def prune_once(self) -> int:
         """One pass; the number of events pruned. Raises ``StoreUnavailable``."""
-        pruned = await self.store.prune(received_before=self.clock() - self.retention)
+        pruned = await self.store.prune(
+            received_before=self.clock() - self.retention, keep=self.retention
+        )
         # Quiet when there was nothing to do: this runs at every start and every interval.
         log = self._log.info if pruned else self._log.debug
         log("store.pruned", events=pruned, retention_days=self.retention.total_seconds() / 86400)

@@ -491,9 +491,11 @@ class Store(Protocol):
         as pending but not due (nor in the oldest due age) while a prerequisite's delivery of
         the same event is pending."""
 
-    async def prune(self, *, received_before: datetime) -> int:
+    async def prune(self, *, received_before: datetime, keep: timedelta | None = None) -> int:
         """Delete events received before the cutoff whose deliveries are all done or dead
-        (with their deliveries and attempts); return how many events were deleted."""
+        (with their deliveries and attempts); return how many events were deleted. ``keep``
+        (the retention) is checked by the database's clock too on PostgreSQL, whose replicas'
+        clocks may disagree: an event is pruned only when both clocks say it is old."""
 
     async def list_events(
         self, *, limit: int = 50, event_type: str | None = None

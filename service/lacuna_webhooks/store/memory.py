@@ -453,8 +453,9 @@ class MemoryStore:
             {handler: _queue_stats(mine, now, held) for handler, mine in sorted(by_handler.items())}
         )
 
-    async def prune(self, *, received_before: datetime) -> int:
-        """Delete old events whose deliveries are all finished; task states are kept."""
+    async def prune(self, *, received_before: datetime, keep: timedelta | None = None) -> int:
+        """Delete old events whose deliveries are all finished; task states are kept.
+        ``keep`` is not read (one clock)."""
         received_before = as_utc(received_before)
         async with self._lock:
             self._check(write=True)

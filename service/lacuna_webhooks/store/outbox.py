@@ -337,15 +337,18 @@ def retry_dead(handler: str | None, now: datetime) -> Flow[int]:
     return count
 
 
-def prune_chunk(cutoff: datetime, limit: int) -> Flow[tuple[int, int]]:
-    """Delete up to ``limit`` events received before ``cutoff`` with no pending delivery
+def prune_chunk(cutoff: datetime, keep: timedelta | None, limit: int) -> Flow[tuple[int, int]]:
+    """Delete up to ``limit`` events received before ``cutoff`` (on PostgreSQL also more
+    than ``keep`` ago by the database's clock, when given) with no pending delivery
     (their deliveries and attempts too): ``(found, deleted)``, the candidates it found
     (fewer than ``limit``: the last chunk) and the events it deleted (PostgreSQL's delete
     re-checks each candidate, so it may be fewer). ``(0, 0)`` at once when another replica
     holds the prune lock."""
     if not (yield Query("prune_lock", {"key": PRUNE_LOCK_KEY}, "value")):
         return 0, 0
-    found = yield Query("prune_candidates", {"cutoff": cutoff, "limit": limit}, "rows")
+    found = yield Query(
+        "prune_candidates", {"cutoff": cutoff, "keep": keep, "limit": limit}, "rows"
+    )
     deleted = 0
     if found:
         deleted = yield Query("prune_delete", {"ids": [row["id"] for row in found]})
@@ -354,16 +357,18 @@ def prune_chunk(cutoff: datetime, limit: int) -> Flow[tuple[int, int]]:
 
 async def prune(
     run: Callable[
-        [Callable[..., Flow[tuple[int, int]]], datetime, int], Awaitable[tuple[int, int]]
+        [Callable[..., Flow[tuple[int, int]]], datetime, timedelta | None, int],
+        Awaitable[tuple[int, int]],
     ],
     received_before: datetime,
+    keep: timedelta | None = None,
 ) -> int:
     """``Store.prune`` on a driver: ``prune_chunk`` after ``prune_chunk``, each its own
     transaction through ``run`` (the backend's ``run(flow, *args)``), so accepts are never
     held up long, until a chunk finds fewer than ``PRUNE_CHUNK``; the events deleted."""
     total = 0
     while True:
-        found, deleted = await run(prune_chunk, received_before, PRUNE_CHUNK)
+        found, deleted = await run(prune_chunk, received_before, keep, PRUNE_CHUNK)
         total += deleted
         if found < PRUNE_CHUNK:
             return total

@@ -496,7 +496,7 @@ class PostgresStore:
         """Due times against ``now``, leases against the database's clock (as ``claim``)."""
         return await self._run(outbox.stats, as_utc(now), outbox.held_by(after), write=False)
 
-    async def prune(self, *, received_before: datetime) -> int:
+    async def prune(self, *, received_before: datetime, keep: timedelta | None = None) -> int:
         """Delete events received before the cutoff whose deliveries are all done or dead.
 
         Their deliveries and attempts go with them (``ON DELETE CASCADE``); task
@@ -504,9 +504,10 @@ class PostgresStore:
         replica prunes at a time: when another holds the prune lock this returns at once.
         Candidate events are locked (skipping any a replay is touching) and re-checked in
         a fresh statement, so a delivery made pending by a concurrent replay is never
-        deleted.
+        deleted. With ``keep``, an event must also be older than that by the database's
+        clock: a replica whose clock runs ahead does not prune early.
         """
-        return await outbox.prune(self._run, received_before)
+        return await outbox.prune(self._run, received_before, keep)
 
     async def list_events(
         self, *, limit: int = 50, event_type: str | None = None

@@ -325,9 +325,10 @@ class SQLiteStore:
 
     # --- maintenance and admin ---------------------------------------------------------------
 
-    async def prune(self, *, received_before: datetime) -> int:
-        """Deleted in chunks, each its own transaction, so accepts are never held up long."""
-        return await outbox.prune(self._run, received_before)
+    async def prune(self, *, received_before: datetime, keep: timedelta | None = None) -> int:
+        """Deleted in chunks, each its own transaction, so accepts are never held up long.
+        ``keep`` is not read: one machine's clock stamped and prunes every event."""
+        return await outbox.prune(self._run, received_before, keep)
 
     async def list_events(
         self, *, limit: int = 50, event_type: str | None = None

@@ -152,8 +152,12 @@ GROUP BY handler
 SELECT pg_try_advisory_xact_lock(:key)
 
 -- name: prune_candidates
+-- Old by the pruning replica's clock (:cutoff) and, when :keep is given, by the database's:
+-- a replica whose clock runs days ahead (a worker, which no sender's signature checks)
+-- deleted events, and their dedupe, that a sender could still retry.
 SELECT e.id FROM events e
 WHERE e.received_at < :cutoff
+  AND (:keep::interval IS NULL OR e.received_at < now() - :keep::interval)
   AND NOT EXISTS (SELECT 1 FROM deliveries d
                   WHERE d.event_id = e.id AND d.status = 'pending')
 ORDER BY e.id
