@@ -142,6 +142,62 @@ def test_events_stored_by_an_intake_whose_clock_is_ahead_are_delivered_at_once(
     assert recorded(out) == ["evt_from_ahead"]
 
 
+def test_events_are_delivered_at_once_by_a_worker_whose_clock_is_behind(
+    serve_factory: type[Serve], tmp_path: Path, postgres_dsn: str
+) -> None:
+    """The mirror of the intake ahead: intake and database on time, the one `worker` on a host
+    ten minutes behind. A new delivery is due at the intake's (and database's) time, which the
+    worker's clock reached ten minutes later: every event waited that long. The worker now
+    judges what is due by the database's clock."""
+    lib = libfaketime()
+    out = tmp_path / "delivered.txt"
+    env = {
+        "LACUNA_DATABASE_URL": postgres_dsn,
+        "LACUNA_HANDLERS": RECORDER,
+        "LACUNA_RECORDER_PATH": str(out),
+        "LACUNA_POLL_INTERVAL": "0.2",
+    }
+    intake = serve_factory({**env, "LACUNA_DISPATCH": "false"}).start()
+    plain = {k: v for k, v in os.environ.items() if not k.startswith(("LACUNA_", "FAKETIME"))}
+    plain.pop("LD_PRELOAD", None)
+    with (tmp_path / "worker.log").open("ab") as log:  # the child keeps its own descriptor
+        worker = subprocess.Popen(
+            [CLI, "worker"],
+            cwd=tmp_path,
+            env={
+                **plain,
+                "PYTHONPATH": str(REPO),
+                "LACUNA_LOG_FORMAT": "json",
+                **env,
+                **skewed_env(lib, "-600s"),
+            },
+            stdout=log,
+            stderr=log,
+        )
+    try:
+        wait_until(
+            lambda: '"dispatcher.started"' in (tmp_path / "worker.log").read_text(),
+            timeout=60,
+            what="the worker",
+        )
+        body, headers = signed(make_event("evt_to_behind"))
+        answer = httpx.post(intake.webhook_url, content=body, headers=headers, timeout=10)
+        assert answer.status_code == 200, answer.text
+        wait_until(
+            lambda: recorded(out) == ["evt_to_behind"],
+            timeout=30,
+            what="the worker behind delivering the event",
+        )
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+    assert recorded(out) == ["evt_to_behind"]
+
+
 def test_a_worker_whose_clock_is_ahead_does_not_prune_events_early(
     serve_factory: type[Serve], tmp_path: Path, postgres_dsn: str
 ) -> None:

@@ -1257,6 +1257,17 @@ async def test_token_bucket_refills_again_after_the_clock_steps_back(store: Stor
     assert await take(want=3, now=NOW + 2 * SECOND) == 2
 
 
+async def test_clock_offset_is_the_databases_clock_against_ours(store: Store) -> None:
+    """PostgreSQL reports its clock's offset from this process's wall clock (here one machine:
+    within a second); stores whose clock is the caller's report none."""
+    offset = await store.clock_offset()
+    if type(store).__name__ == "PostgresStore":
+        assert offset is not None
+        assert abs(offset.total_seconds()) < 1
+    else:
+        assert offset is None
+
+
 async def test_a_clock_step_back_brings_later_schedules_forward(store: Store) -> None:
     """The machine's clock stepped back an hour: a retry scheduled 5 s ahead before the step
     is 5 s ahead of the new time, one 2 h ahead 1 h ahead, and a delivery due at once before

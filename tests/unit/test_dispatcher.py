@@ -457,6 +457,39 @@ async def test_a_clock_step_back_brings_the_schedules_written_before_it_forward(
         assert steps == []
 
 
+class ClockAhead(MemoryStore):
+    """A memory store with a clock of its own, ten minutes ahead of the dispatcher's (as
+    PostgreSQL's is of a worker whose clock runs behind)."""
+
+    async def clock_offset(self) -> timedelta | None:
+        return timedelta(minutes=10)
+
+
+async def test_a_watching_dispatcher_decides_by_the_stores_clock(clock: FakeClock) -> None:
+    """An event stored at the store's time (ten minutes ahead of the dispatcher's wall clock)
+    is due at once, and the retry of its failed attempt is scheduled 5 s after it by the
+    store's clock: not ten minutes later, as by the dispatcher's own."""
+    store = ClockAhead()
+    await store.open()
+    try:
+        handler = RecordingHandler(script=[RuntimeError("boom")])
+        d = dispatcher(store, [handler], clock, monotonic=lambda: 0.0)
+        ahead = T0 + timedelta(minutes=10)
+        assert await store.accept(new_event(), ["recorder"], now=ahead)
+        async with running(d):
+            await wait_until(lambda: len(handler.calls) == 1)
+            await asyncio.sleep(0.05)
+            (row,) = await store.list_deliveries()
+            assert row.next_attempt_at == ahead + timedelta(seconds=5)
+            (attempt,) = await store.list_attempts(row.id)
+            assert attempt.started_at == ahead
+            clock.advance(5)
+            await wait_until(lambda: len(handler.calls) == 2)
+            await d.drain()
+    finally:
+        await store.close()
+
+
 async def test_concurrency_limits_in_flight_attempts_per_handler(
     store: MemoryStore, clock: FakeClock
 ) -> None:

@@ -73,6 +73,9 @@ MAX_STORE_BACKOFF_SECONDS = 5.0
 #: The wall clock moving against the monotonic one by more than this between two claim
 #: passes is a step (NTP's slew moves both alike; reading the two clocks costs microseconds).
 CLOCK_STEP_SECONDS = 1.0
+#: How often (monotonic seconds) a watching dispatcher reads the store's own clock again
+#: (``Store.clock_offset``: PostgreSQL's), and at once after a step of the wall clock.
+CLOCK_SYNC_SECONDS = 10.0
 
 
 def utcnow() -> datetime:
@@ -88,12 +91,22 @@ class Dispatcher:
     flow-control settings (``flow.read_flow_control``); a handler missing from it has none.
 
     ``monotonic`` (``serve`` and ``worker`` pass ``time.monotonic``) turns on watching
-    ``clock`` for steps: before each claim pass, the wall clock's offset from the monotonic
-    one is compared with the last pass's. When the wall clock stepped back, the store's
-    schedules written before the step lie that much further off than meant, and
-    ``Store.clock_stepped_back`` brings them forward (SQLite: one machine wrote them all);
-    ``dispatcher.clock_stepped_back`` / ``dispatcher.clock_stepped_forward`` are logged.
-    Without it (tests that move ``clock`` by hand), nothing is watched.
+    ``clock``, before each claim pass:
+
+    - For steps: the wall clock's offset from the monotonic one is compared with the last
+      pass's. When the wall clock stepped back, the store's schedules written before the
+      step lie that much further off than meant, and ``Store.clock_stepped_back`` brings
+      them forward (SQLite: one machine wrote them all); ``dispatcher.clock_stepped_back`` /
+      ``dispatcher.clock_stepped_forward`` are logged.
+    - Against the store's own clock (``Store.clock_offset``; PostgreSQL's, shared by every
+      replica), read every ``CLOCK_SYNC_SECONDS`` and after a step: every time this
+      dispatcher decides (what is due, a retry's time, an attempt's start) is ``clock()``
+      plus that offset, so replicas whose clocks disagree, or a worker whose clock is behind
+      the intake's, schedule and claim by one clock. ``dispatcher.clock_offset`` is logged
+      when the offset moves by more than ``CLOCK_STEP_SECONDS``.
+
+    Without it (tests that move ``clock`` by hand), nothing is watched and ``clock`` is used
+    as it is.
     """
 
     def __init__(
@@ -120,11 +133,15 @@ class Dispatcher:
         self.concurrency = concurrency
         self.poll_interval_seconds = poll_interval_seconds
         self.metrics = metrics
-        self.clock = clock
+        self.wall_clock = clock
         self.rand = rand
         self.monotonic = monotonic
         # The wall clock minus the monotonic one at the last claim pass (None: not yet read).
         self._clock_offset: float | None = None
+        # The store's clock minus the wall clock (zero for a store without a clock of its own),
+        # and when it was read (monotonic seconds; None: never).
+        self.store_offset = timedelta(0)
+        self._store_offset_read_at: float | None = None
         self._log = structlog.get_logger("lacuna_webhooks.dispatcher")
         self._free = {n: handlers.concurrency.get(n, concurrency) for n in handlers.names}
         self.flow = dict(flow or {})
@@ -350,15 +367,36 @@ class Dispatcher:
                 else:
                     self._start(delivery)
 
+    def clock(self) -> datetime:
+        """Now, for every decision: the wall clock, plus the store's clock's offset from it
+        when the store has a clock of its own and the dispatcher watches it (``monotonic``)."""
+        return self.wall_clock() + self.store_offset
+
     async def _follow_clock(self) -> None:
-        """Notice a step of the wall clock since the last pass (``monotonic``, see the class
-        docstring). A step back has the store bring the schedules written before it forward
-        by the step: a retry due in 5 s, or an event accepted just before (due at once), no
-        longer waits the step out. Read again next pass if the store fails."""
+        """Notice a step of the wall clock since the last pass, and follow the store's clock
+        (``monotonic``, see the class docstring). A step back has the store bring the
+        schedules written before it forward by the step: a retry due in 5 s, or an event
+        accepted just before (due at once), no longer waits the step out. Read again next
+        pass if the store fails."""
         if self.monotonic is None:
             return
-        offset = self.clock().timestamp() - self.monotonic()
+        mono = self.monotonic()
+        offset = self.wall_clock().timestamp() - mono
         last = self._clock_offset
+        stepped = last is not None and abs(offset - last) > CLOCK_STEP_SECONDS
+        if (
+            stepped
+            or self._store_offset_read_at is None
+            or mono - self._store_offset_read_at >= CLOCK_SYNC_SECONDS
+        ):
+            store_offset = await self.store.clock_offset() or timedelta(0)
+            if abs((store_offset - self.store_offset).total_seconds()) > CLOCK_STEP_SECONDS:
+                self._log.info(
+                    "dispatcher.clock_offset",
+                    store_ahead_seconds=round(store_offset.total_seconds(), 3),
+                )
+            self.store_offset = store_offset
+            self._store_offset_read_at = mono
         if last is not None and last - offset > CLOCK_STEP_SECONDS:
             by = timedelta(seconds=last - offset)
             moved = await self.store.clock_stepped_back(by=by, now=self.clock())

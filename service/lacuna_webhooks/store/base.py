@@ -474,6 +474,12 @@ class Store(Protocol):
         ``lease_token`` moved on (a late outcome of this claim is refused), ``updated_at``
         set to ``now`` when given (else left as it was), and ``wait_for_work`` nudged."""
 
+    async def clock_offset(self) -> timedelta | None:
+        """How far the store's own clock is ahead of this process's wall clock, for a store
+        shared by processes on several machines (PostgreSQL: its ``clock_timestamp()``,
+        against the midpoint of the wall clock read around the query); ``None`` where this
+        process's clock is the store's (SQLite, memory). Raises ``StoreUnavailable``."""
+
     async def clock_stepped_back(self, *, by: timedelta, now: datetime) -> int:
         """The clock that wrote this store's schedules (the one machine of a SQLite file)
         stepped back ``by``: every ``pending`` delivery due after ``now`` was scheduled that

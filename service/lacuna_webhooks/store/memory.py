@@ -407,6 +407,11 @@ class MemoryStore:
             self._nudge.set()
             return True
 
+    async def clock_offset(self) -> timedelta | None:
+        """``None``: the caller's clock is this store's (``Store.clock_offset``)."""
+        self._check()
+        return None
+
     async def clock_stepped_back(self, *, by: timedelta, now: datetime) -> int:
         """Pending deliveries due after ``now`` brought forward by ``by``, never before
         ``now``; how many (``Store.clock_stepped_back``)."""

@@ -310,6 +310,10 @@ class SQLiteStore:
         as it was: it was due when claimed, so it is due at once and keeps its place in line."""
         return await self._run(outbox.release, delivery.id, delivery.lease_token, now)
 
+    async def clock_offset(self) -> timedelta | None:
+        """``None``: one machine's clock stamps and reads everything (``Store.clock_offset``)."""
+        return None
+
     async def clock_stepped_back(self, *, by: timedelta, now: datetime) -> int:
         """Pending deliveries due after ``now`` brought forward by ``by``, never before
         ``now``; how many (``Store.clock_stepped_back``: this machine's clock wrote them)."""
