@@ -958,7 +958,46 @@ def _send(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
     # The answer comes from the network: its reason and body escaped (printable), newlines kept.
     print(printable(f"{response.status_code} {response.reason_phrase}"))
     print(printable_lines(response.text))
+    if response.status_code == 401 and _error_code(response.content) == (
+        "timestamp_out_of_tolerance"
+    ):
+        print(_clock_hint(signed.timestamp, response.headers.get("date")), file=sys.stderr)
     return 0 if response.is_success else 1
+
+
+def _error_code(body: bytes) -> str | None:
+    """The ``error.code`` of an error envelope, else ``None``."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    error = doc.get("error") if isinstance(doc, dict) else None
+    code = error.get("code") if isinstance(error, dict) else None
+    return code if isinstance(code, str) else None
+
+
+def _clock_hint(signed_at: int, date: str | None) -> str:
+    """What ``send`` says when the receiver found its signature's time outside its window:
+    how far the receiver's clock (its answer's ``Date``) is from ours, when it says."""
+    from email.utils import parsedate_to_datetime
+
+    window = "its LACUNA_WEBHOOK_TOLERANCE (300 s unless set)"
+    try:
+        theirs = parsedate_to_datetime(date).timestamp() if date else None
+    except (TypeError, ValueError, IndexError, OverflowError):
+        theirs = None
+    if theirs is None:
+        return (
+            f"the receiver's clock and this machine's (t={signed_at}) disagree by more than "
+            f"{window}: check both clocks (NTP)"
+        )
+    apart = round(theirs - signed_at)
+    way = "ahead of" if apart > 0 else "behind"
+    return (
+        f"the receiver's clock (its Date: {printable(date or '')}) is about {abs(apart)} s "
+        f"{way} this machine's (t={signed_at}), more than {window}: set the clock that is "
+        "wrong right (NTP)"
+    )
 
 
 # --- store commands ------------------------------------------------------------------------

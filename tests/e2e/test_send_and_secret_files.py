@@ -15,6 +15,7 @@ from lacuna_webhooks.cli import main
 from lacuna_webhooks.samples import sample_event
 from tests.conftest import TEST_SECRET
 from tests.e2e.conftest import CLI, Serve
+from tests.e2e.test_clock_skew import libfaketime
 
 pytestmark = pytest.mark.e2e
 SECOND_SECRET = "whsec_test_rotated_new_secret_value_0002"
@@ -177,6 +178,37 @@ def test_send_counts_refusals_and_exits_1(serve: Serve, capsys: pytest.CaptureFi
     argv = ["send", "--url", serve.webhook_url, "--secret", "whsec_wrong", "--count", "3"]
     assert main(argv, {}) == 1
     assert "status: 401 x3" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("skew", "way"), [("+600s", "behind"), ("-600s", "ahead of")])
+def test_send_from_a_machine_whose_clock_is_off_says_by_how_much(
+    serve: Serve, skew: str, way: str
+) -> None:
+    """`send` on a machine whose clock is ten minutes off (libfaketime; the receiver's is
+    right) is refused with 401 timestamp_out_of_tolerance; it says whose clock is off, and
+    by about how much (the answer's Date against its own t), not only the code."""
+    lib = libfaketime()
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "LD_PRELOAD": lib,
+        "FAKETIME": skew,
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+        "LACUNA_WEBHOOK_SECRET": TEST_SECRET,
+    }
+    result = subprocess.run(
+        [CLI, "send", "--url", serve.webhook_url],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "timestamp_out_of_tolerance" in result.stdout
+    found = re.search(r"is about (\d+) s (behind|ahead of) this machine's", result.stderr)
+    assert found is not None, result.stderr
+    assert 595 <= int(found[1]) <= 605
+    assert found[2] == way
 
 
 def serve_log_events(serve: Serve) -> list[dict[str, object]]:
