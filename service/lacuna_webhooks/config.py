@@ -321,10 +321,19 @@ def _host(value: str) -> str:
         try:
             # What the resolver will do with it: an empty label (`a..b`) or one over 63
             # characters fails here, at start, instead of as a traceback from the server.
-            host.encode("idna")
+            name = host.encode("idna").decode("ascii")
         except UnicodeError:
             raise ValueError(f"is not a valid address or host name, got {_shown(value)}") from None
+    if host != "*" and not _HOST_NAME.fullmatch(name):
+        # The idna codec keeps what no host name holds (`,`, `:`, `[`, `%`, an escape): such
+        # a typo was looked up, then refused as "could not listen", exit 1, not a setting.
+        raise ValueError(f"is not a valid address or host name, got {_shown(value)}")
     return host
+
+
+#: A host name as the resolver takes one (after IDNA): labels of letters, digits, `-` and
+#: `_` (which /etc/hosts and container names use), joined by dots, one trailing dot allowed.
+_HOST_NAME = re.compile(r"\A(?:[A-Za-z0-9_-]{1,63}\.)*[A-Za-z0-9_-]{1,63}\.?\Z")
 
 
 def _address_text(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:

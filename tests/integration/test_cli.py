@@ -999,7 +999,7 @@ def test_an_argument_that_is_not_utf8_is_a_usage_error(
     assert "LACUNA_DATABASE_URL" not in err
 
 
-@pytest.mark.parametrize("host", ["\udcff", "a" * 70, "a..b"])
+@pytest.mark.parametrize("host", ["\udcff", "a" * 70, "a..b", ",", "a,b", "host:80", "\x1b[2J"])
 def test_serve_host_is_checked_as_host_is(capsys: pytest.CaptureFixture[str], host: str) -> None:
     """`serve --host` skipped HOST's check: the resolver's UnicodeError was a traceback."""
     with pytest.raises(SystemExit) as caught:

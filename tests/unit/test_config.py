@@ -119,6 +119,15 @@ def test_secret_optional_for_admin_commands() -> None:
         ("HOST", "a" * 64 + ".example"),
         ("HOST", "[127.0.0.1]"),  # brackets are for IPv6 literals
         ("HOST", "[not-an-address]"),
+        # What the idna codec keeps but no host name holds: looked up, then "could not
+        # listen" and exit 1, as if the network had failed, not the setting.
+        ("HOST", ","),
+        ("HOST", "a,b"),
+        ("HOST", "host:8000"),
+        ("HOST", "[::1"),
+        ("HOST", "\x1b[31m"),
+        ("LACUNA_ADMIN_HOST", "127.0.0.1,::1"),
+        ("LACUNA_ADMIN_HOST", "a%b"),
         # float() takes "1_0" and other scripts' digits: 10 s, 3 s.
         ("LACUNA_HANDLER_TIMEOUT", "1_0"),
         ("LACUNA_POLL_INTERVAL", "\u0663"),
