@@ -27,7 +27,7 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
-from .redact import redact_url
+from .redact import redact_text, redact_url
 
 T = TypeVar("T")
 
@@ -254,7 +254,12 @@ def positive_int(value: str) -> int:
 
 
 def _shown(value: str) -> str:
-    """``value`` quoted for an error line, cut short: a typo, not a 5000-digit wall."""
+    """``value`` quoted for an error line, cut short: a typo, not a 5000-digit wall. A URL in
+    it is shown redacted (``redact_text``): a database or broker URL pasted into the wrong
+    variable (``LACUNA_RETENTION_DAYS=postgresql://app:pw@db/x``) must not print its
+    password, which the line promises never to show."""
+    if "://" in value:
+        value = redact_text(value)
     return repr(value) if len(value) <= 40 else repr(value[:40]) + "…"
 
 

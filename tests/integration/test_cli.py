@@ -1038,3 +1038,33 @@ def test_tail_help_says_where_it_starts(capsys: pytest.CaptureFixture[str]) -> N
     with pytest.raises(SystemExit):
         main(["tail", "--help"], {})
     assert "saved cursor" not in capsys.readouterr().out
+
+
+def test_a_url_in_the_wrong_setting_is_named_without_its_password(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A URL pasted into a number, a choice or a list setting was quoted whole in the error
+    line, its password with it (`LACUNA_RETENTION_DAYS must be a number, got
+    'postgresql://app:pw@db/x'`): the line promises never to show one. Global settings and a
+    handler instance's alike, reported together."""
+    url = "postgresql://app:Zq8pLwX3hunter2@db.internal:5432/lacuna"
+    env = {
+        "LACUNA_WEBHOOK_SECRET": "whsec_a",
+        "LACUNA_HANDLERS": "app=http",
+        "LACUNA_APP_URL": "http://127.0.0.1:9/x",
+        "LACUNA_APP_SECRET": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        "LACUNA_RETENTION_DAYS": url,
+        "LACUNA_HANDLER_CONCURRENCY": url,
+        "LACUNA_SQLITE_SYNCHRONOUS": url,
+        "LACUNA_DISPATCH": url,
+        "LACUNA_TRUSTED_PROXIES": url,
+        "PORT": url,
+        "LACUNA_APP_RETRY_MAX_DELAY": url,
+    }
+    assert main(["serve"], env) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    for var in ("LACUNA_RETENTION_DAYS", "LACUNA_SQLITE_SYNCHRONOUS", "LACUNA_DISPATCH", "PORT"):
+        assert var in err
+    assert "hunter2" not in err
+    assert "postgresql://db.internal:5432" in err  # which URL it was, as log lines show it
