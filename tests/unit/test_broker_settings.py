@@ -115,6 +115,14 @@ def test_nats_takes_a_comma_separated_cluster() -> None:
     assert message == "LACUNA_NATS_URL must start with nats:// or tls://, got http://b:80"
 
 
+@pytest.mark.parametrize("url", [",", " , ,"])
+def test_nats_urls_naming_no_server_are_refused(url: str) -> None:
+    """`,` passed the start as an empty cluster, and every attempt then waited on an empty
+    server pool until its timeout."""
+    message = config_error(NatsHandler, ctx("nats", URL=url))
+    assert message == "LACUNA_NATS_URL names no server"
+
+
 def test_literal_braces_are_kept() -> None:
     handler = RedisHandler(ctx("redis", URL="redis://h", STREAM="{{app}}:{type}"))
     assert handler.stream.render_values("job.completed", "t") == "{app}:job.completed"

@@ -40,7 +40,7 @@ from typing import Any, NoReturn
 
 import structlog
 
-from ...errors import PermanentError, RetryLater
+from ...errors import ConfigError, PermanentError, RetryLater
 from ...models import Event
 from ...signature import header_text
 from .._common import Problems, network_timeouts
@@ -77,6 +77,10 @@ def subject_problem(subject: str) -> str | None:
 def _servers(ctx: HandlerContext) -> list[str]:
     """``LACUNA_<NAME>_URL``: a cluster is several URLs, comma-separated; each is checked."""
     servers = [part.strip() for part in ctx.require("URL").split(",") if part.strip()]
+    if not servers:
+        # `,` passed the start, and each attempt then waited on an empty server pool until
+        # its timeout: a typo, not a choice.
+        raise ConfigError(f"{ctx.env_name('URL')} names no server")
     for server in servers:
         check_url(ctx.env_name("URL"), server, ("nats", "tls"))
     return servers
