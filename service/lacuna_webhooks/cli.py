@@ -92,8 +92,29 @@ def _exists(path: Path, what: str) -> bool:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        # One clear line instead of argparse's usage dump.
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        # One clear line instead of argparse's usage dump; an argument quoted in it (an
+        # unrecognized one is quoted raw) with its control characters escaped: a newline
+        # split the line, an ESC drove the terminal.
+        self.exit(2, f"{self.prog}: error: {printable(message)} (see {self.prog} --help)\n")
+
+
+def _unrecognized(extras: Sequence[str]) -> str:
+    """Arguments no command takes, as the usage error names them, without the value of any
+    option among them: argparse quoted them whole, and an option a command does not take is
+    often a credential given to the wrong one (``migrate --token T``, ``serve --secret=S``)
+    or mistyped (``--tokne T``). An option is shown by name (``--token …``, ``--secret=…``);
+    a positional argument that follows no option is shown as given."""
+    shown: list[str] = []
+    after_option = False
+    for arg in extras:
+        if arg.startswith("-") and len(arg) > 1:
+            name, eq, _ = arg.partition("=")
+            shown.append(name + ("=…" if eq else ""))
+            after_option = not eq
+        else:
+            shown.append("…" if after_option else arg)
+            after_option = False
+    return " ".join(shown)
 
 
 # --- serve ---------------------------------------------------------------------------------
@@ -2472,7 +2493,9 @@ def _reserve_descriptor(fd: int) -> None:
 
 def _main(argv: Sequence[str] | None, environ: Mapping[str, str] | None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        parser.error(f"unrecognized arguments: {_unrecognized(extras)}")
     _refuse_non_utf8(parser, args)
     env = dict(os.environ if environ is None else environ)
     # Error lines below (and every log line) mask the secret values the environment holds.

@@ -1068,3 +1068,32 @@ def test_a_url_in_the_wrong_setting_is_named_without_its_password(
         assert var in err
     assert "hunter2" not in err
     assert "postgresql://db.internal:5432" in err  # which URL it was, as log lines show it
+
+
+@pytest.mark.parametrize(
+    ("argv", "shown"),
+    [
+        # A credential given to a command that takes none, or to a mistyped option: argparse
+        # quoted the unrecognized arguments whole, the token with them.
+        (["migrate", "--token", "Tk" * 20], "unrecognized arguments: --token …"),
+        (["serve", "--secret=whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2La"], "arguments: --secret=…"),
+        (["events", "list", "--tokne", "Tk" * 20], "unrecognized arguments: --tokne …"),
+        (["events", "show", "--", "--url", "http://h", "--token", "Tk" * 20], "h --token …"),
+        # A positional one is still named, escaped: raw, a newline split the line and an
+        # ESC drove the terminal.
+        (["events", "show", "evt_1", "evt_2"], "unrecognized arguments: evt_2 ("),
+        (["migrate", "a\nb\x1b[2J"], "unrecognized arguments: a\\nb\\x1b[2J ("),
+    ],
+)
+def test_unrecognized_arguments_are_named_without_values_and_escaped(
+    argv: list[str], shown: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv, {})
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    assert shown in err
+    assert "TkTk" not in err
+    assert "MfKQ" not in err
+    assert "\x1b" not in err
