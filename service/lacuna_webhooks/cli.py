@@ -39,6 +39,7 @@ from .config import (
     Settings,
     is_utf8,
     parse_list,
+    quoted,
     read_file_setting,
     read_setting,
 )
@@ -1892,11 +1893,6 @@ def _pause_or_resume(args: argparse.Namespace, environ: Mapping[str, str]) -> in
 # --- parser ----------------------------------------------------------------------------------
 
 
-def _shown(value: str) -> str:
-    """An argument quoted for an error line, cut short: a typo, not a 5000-digit wall."""
-    return repr(value) if len(value) <= 40 else repr(value[:40]) + "…"
-
-
 #: What a whole-number argument of more digits reads as: past every bound (the settings'
 #: rule, config.MAX_INT_DIGITS).
 _HUGE_ARGUMENT = 10**18
@@ -1907,13 +1903,13 @@ def _positive(value: str) -> int:
     # other scripts' digits, and refuses more than 4300 digits as if they were no number.
     text = value.strip()
     if not re.fullmatch(r"[+-]?[0-9]+", text):
-        raise argparse.ArgumentTypeError(f"must be a whole number, got {_shown(value)}")
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {quoted(value)}")
     significant = text.lstrip("+-").lstrip("0")  # int() counts leading zeros as digits
     number = int(significant or "0") if len(significant) <= 18 else _HUGE_ARGUMENT
     if text.startswith("-"):
         number = -number
     if number <= 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {_shown(value)}")
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {quoted(value)}")
     return number
 
 
@@ -1921,7 +1917,7 @@ def _bounded(limit: int) -> Callable[[str], int]:
     def parse(value: str) -> int:
         number = _positive(value)
         if number > limit:
-            raise argparse.ArgumentTypeError(f"must be at most {limit}, got {_shown(value)}")
+            raise argparse.ArgumentTypeError(f"must be at most {limit}, got {quoted(value)}")
         return number
 
     return parse
@@ -2118,7 +2114,7 @@ def _listen(args: argparse.Namespace, environ: Mapping[str, str]) -> int:
 def _port(value: str) -> int:
     number = _positive(value)
     if number > 65535:
-        raise argparse.ArgumentTypeError(f"must be a port from 1 to 65535, got {_shown(value)}")
+        raise argparse.ArgumentTypeError(f"must be a port from 1 to 65535, got {quoted(value)}")
     return number
 
 

@@ -227,7 +227,7 @@ def parse_bool(value: str) -> bool:
         return True
     if lowered in _FALSE:
         return False
-    raise ValueError(f"must be true or false, got {_shown(value)}")
+    raise ValueError(f"must be true or false, got {quoted(value)}")
 
 
 def parse_list(value: str) -> tuple[str, ...]:
@@ -240,7 +240,7 @@ def positive_int(value: str) -> int:
     text = value.strip()
     # ASCII digits only: int() also takes fullwidth or Arabic-Indic digits and "1_000".
     if not re.fullmatch(r"[+-]?[0-9]+", text):
-        raise ValueError(f"must be a whole number, got {_shown(value)}")
+        raise ValueError(f"must be a whole number, got {quoted(value)}")
     significant = text.lstrip("+-").lstrip("0")
     if len(significant) > MAX_INT_DIGITS:
         # Past every bound anyway; int() of over 4300 digits raises with Python's own words.
@@ -249,11 +249,11 @@ def positive_int(value: str) -> int:
     # PORT of 5000 zeros and 8080 was refused in Python's words (sys.set_int_max_str_digits).
     number = -int(significant or "0") if text.startswith("-") else int(significant or "0")
     if number <= 0:
-        raise ValueError(f"must be greater than 0, got {_shown(value)}")
+        raise ValueError(f"must be greater than 0, got {quoted(value)}")
     return number
 
 
-def _shown(value: str) -> str:
+def quoted(value: str) -> str:
     """``value`` quoted for an error line, cut short: a typo, not a 5000-digit wall. A URL in
     it is shown redacted (``redact_text``): a database or broker URL pasted into the wrong
     variable (``LACUNA_RETENTION_DAYS=postgresql://app:pw@db/x``) must not print its
@@ -273,9 +273,9 @@ def positive_float(value: str) -> float:
             raise ValueError
         number = float(text)
     except ValueError:
-        raise ValueError(f"must be a number, got {_shown(value)}") from None
+        raise ValueError(f"must be a number, got {quoted(value)}") from None
     if not math.isfinite(number) or number <= 0:
-        raise ValueError(f"must be a finite number greater than 0, got {_shown(value)}")
+        raise ValueError(f"must be a finite number greater than 0, got {quoted(value)}")
     return number
 
 
@@ -293,9 +293,9 @@ def at_most(parse: Callable[[str], T], limit: T, *, minimum: T | None = None) ->
     def bounded(value: str) -> T:
         number = parse(value)
         if number > limit:  # type: ignore[operator]
-            raise ValueError(f"must be at most {_number(limit)}, got {_shown(value)}")
+            raise ValueError(f"must be at most {_number(limit)}, got {quoted(value)}")
         if minimum is not None and number < minimum:  # type: ignore[operator]
-            raise ValueError(f"must be at least {_number(minimum)}, got {_shown(value)}")
+            raise ValueError(f"must be at least {_number(minimum)}, got {quoted(value)}")
         return number
 
     return bounded
@@ -304,20 +304,20 @@ def at_most(parse: Callable[[str], T], limit: T, *, minimum: T | None = None) ->
 def _port(value: str) -> int:
     number = positive_int(value)
     if number > 65535:
-        raise ValueError(f"must be a port number from 1 to 65535, got {_shown(value)}")
+        raise ValueError(f"must be a port number from 1 to 65535, got {quoted(value)}")
     return number
 
 
 def _host(value: str) -> str:
     host = value.strip()
     if not host or any(c.isspace() or c in "/@?#" for c in host):
-        raise ValueError(f"must be an address or host name to listen on, got {_shown(value)}")
+        raise ValueError(f"must be an address or host name to listen on, got {quoted(value)}")
     if host.startswith("[") and host.endswith("]"):
         # `[::1]`, as in a URL: the address itself is what a socket binds.
         try:
             return _address_text(ipaddress.IPv6Address(host[1:-1]))
         except ValueError:
-            raise ValueError(f"is not a valid address or host name, got {_shown(value)}") from None
+            raise ValueError(f"is not a valid address or host name, got {quoted(value)}") from None
     try:
         # One spelling per address (`0:0::1` is `::1`), so that the webhook and admin
         # listeners are compared as addresses (listeners_clash), not as strings.
@@ -328,11 +328,11 @@ def _host(value: str) -> str:
             # characters fails here, at start, instead of as a traceback from the server.
             name = host.encode("idna").decode("ascii")
         except UnicodeError:
-            raise ValueError(f"is not a valid address or host name, got {_shown(value)}") from None
+            raise ValueError(f"is not a valid address or host name, got {quoted(value)}") from None
     if host != "*" and not _HOST_NAME.fullmatch(name):
         # The idna codec keeps what no host name holds (`,`, `:`, `[`, `%`, an escape): such
         # a typo was looked up, then refused as "could not listen", exit 1, not a setting.
-        raise ValueError(f"is not a valid address or host name, got {_shown(value)}")
+        raise ValueError(f"is not a valid address or host name, got {quoted(value)}")
     return host
 
 
@@ -455,7 +455,7 @@ def _choice(*choices: str) -> Callable[[str], str]:
     def parse(value: str) -> str:
         lowered = value.strip().lower()
         if lowered not in choices:
-            raise ValueError(f"must be one of {', '.join(choices)}, got {_shown(value)}")
+            raise ValueError(f"must be one of {', '.join(choices)}, got {quoted(value)}")
         return lowered
 
     return parse
@@ -505,7 +505,7 @@ def _networks(value: str) -> tuple[IPNetwork, ...]:
             networks.append(ipaddress.ip_network(item, strict=False))
         except ValueError:
             raise ValueError(
-                f"must be addresses or CIDRs like 203.0.113.0/24, got {_shown(item)}"
+                f"must be addresses or CIDRs like 203.0.113.0/24, got {quoted(item)}"
             ) from None
     if not networks:
         raise ValueError("names no address (unset it to allow every address)")
@@ -533,7 +533,7 @@ def _trusted_proxies(value: str) -> str:
                 normalized.append(str(ipaddress.ip_address(item)))
         except ValueError:
             raise ValueError(
-                f"must be *, or addresses or CIDRs like 10.0.0.0/8, got {_shown(item)}"
+                f"must be *, or addresses or CIDRs like 10.0.0.0/8, got {quoted(item)}"
             ) from None
     if not normalized:
         raise ValueError("names no address (unset it to trust 127.0.0.1)")

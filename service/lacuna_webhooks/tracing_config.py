@@ -25,7 +25,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
-from .config import NotRegularFile, check_utf8, http_url_problem, read_regular_file
+from .config import (
+    NotRegularFile,
+    check_utf8,
+    http_url_problem,
+    quoted,
+    read_regular_file,
+)
 from .errors import ConfigError
 from .redact import redact_text
 
@@ -110,7 +116,7 @@ def trace_exporters(environ: Mapping[str, str]) -> tuple[str, ...]:
         unknown = [e for e in exporters if e not in EXPORTERS]
         if unknown:
             problems.append(
-                f"OTEL_TRACES_EXPORTER: {', '.join(unknown)} is not available here "
+                f"OTEL_TRACES_EXPORTER: {redact_text(', '.join(unknown))} is not available here "
                 f"(one or more of {', '.join(EXPORTERS)})"
             )
         exporters = tuple(e for e in exporters if e != "none")
@@ -126,8 +132,8 @@ def trace_exporters(environ: Mapping[str, str]) -> tuple[str, ...]:
             if protocol:
                 if protocol not in PROTOCOLS:
                     problems.append(
-                        f"{name}: {protocol} is not available here (only OTLP over HTTP, "
-                        f"{', '.join(PROTOCOLS)}; the endpoint is usually port 4318)"
+                        f"{name}: {redact_text(protocol)} is not available here (only OTLP over "
+                        f"HTTP, {', '.join(PROTOCOLS)}; the endpoint is usually port 4318)"
                     )
                 break  # the traces-specific variable wins over the general one
         for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
@@ -170,10 +176,6 @@ class SdkSettings:
     max_queue_size: int = BATCH_VARIABLES["OTEL_BSP_MAX_QUEUE_SIZE"][0]
     max_export_batch_size: int = BATCH_VARIABLES["OTEL_BSP_MAX_EXPORT_BATCH_SIZE"][0]
     export_timeout_millis: int = BATCH_VARIABLES["OTEL_BSP_EXPORT_TIMEOUT"][0]
-
-
-def _shown(value: str) -> str:
-    return repr(value) if len(value) <= 40 else repr(value[:40]) + "…"
 
 
 def _whole(value: str, least: int, most: int) -> int | None:
@@ -242,7 +244,7 @@ def _resource_problem(value: str) -> str | None:
         key, equals, _ = item.partition("=")
         if not equals or not key.strip():
             return (
-                f"OTEL_RESOURCE_ATTRIBUTES: item {number} ({_shown(item)}) is not key=value "
+                f"OTEL_RESOURCE_ATTRIBUTES: item {number} ({quoted(item)}) is not key=value "
                 "with a non-empty key (comma-separated, values percent-encoded)"
             )
     return None
@@ -261,7 +263,7 @@ def _detector_problem(value: str) -> str | None:
     if not unknown:
         return None
     return (
-        f"OTEL_EXPERIMENTAL_RESOURCE_DETECTORS: {', '.join(map(_shown, unknown))} is not an "
+        f"OTEL_EXPERIMENTAL_RESOURCE_DETECTORS: {', '.join(map(quoted, unknown))} is not an "
         f"installed resource detector (installed: {', '.join(sorted(installed)) or 'none'}; "
         "* for all)"
     )
@@ -288,7 +290,7 @@ def sdk_settings(
         number = _whole(raw, least, most) if raw else default
         if number is None:
             problems.append(
-                f"{name} must be a whole number of {unit} from {least} to {most}, got {_shown(raw)}"
+                f"{name} must be a whole number of {unit} from {least} to {most}, got {quoted(raw)}"
             )
             number = default
         numbers[name] = number
@@ -305,14 +307,14 @@ def sdk_settings(
         if raw and _whole(raw, 0, MAX_SPAN_LIMIT) is None:
             problems.append(
                 f"{name} must be a whole number from 0 to {MAX_SPAN_LIMIT} "
-                f"(blank: no limit), got {_shown(raw)}"
+                f"(blank: no limit), got {quoted(raw)}"
             )
 
     sampler = _value(environ, "OTEL_TRACES_SAMPLER").lower() or SdkSettings.sampler
     if sampler not in SAMPLERS:
         problems.append(
             f"OTEL_TRACES_SAMPLER must be one of {', '.join(SAMPLERS)}, "
-            f"got {_shown(environ['OTEL_TRACES_SAMPLER'])}"
+            f"got {quoted(environ['OTEL_TRACES_SAMPLER'])}"
         )
     ratio = SdkSettings.sampler_ratio
     arg = _value(environ, "OTEL_TRACES_SAMPLER_ARG")
@@ -320,7 +322,7 @@ def sdk_settings(
         given = _fraction(arg)
         if given is None or not 0.0 <= given <= 1.0:
             problems.append(
-                f"OTEL_TRACES_SAMPLER_ARG must be a ratio from 0 to 1 (e.g. 0.1), got {_shown(arg)}"
+                f"OTEL_TRACES_SAMPLER_ARG must be a ratio from 0 to 1 (e.g. 0.1), got {quoted(arg)}"
             )
         elif sampler in SAMPLERS and sampler not in RATIO_SAMPLERS:
             # The SDK ignores it: a ratio asked for, and every request traced.
@@ -339,7 +341,7 @@ def sdk_settings(
     if metrics and metrics.lower() not in ("true", "false"):
         # The SDK warns and reads false.
         problems.append(
-            f"OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED must be true or false, got {_shown(metrics)}"
+            f"OTEL_PYTHON_SDK_INTERNAL_METRICS_ENABLED must be true or false, got {quoted(metrics)}"
         )
 
     attributes = environ.get("OTEL_RESOURCE_ATTRIBUTES", "")
@@ -357,14 +359,14 @@ def sdk_settings(
             if seconds is None or not 0 < seconds <= MAX_EXPORT_TIMEOUT_SECONDS:
                 problems.append(
                     f"{name} must be a number of seconds greater than 0 and at most "
-                    f"{MAX_EXPORT_TIMEOUT_SECONDS:g} (this SDK reads seconds), got {_shown(raw)}"
+                    f"{MAX_EXPORT_TIMEOUT_SECONDS:g} (this SDK reads seconds), got {quoted(raw)}"
                 )
         found = _first_set(
             environ, "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "OTEL_EXPORTER_OTLP_COMPRESSION"
         )
         if found is not None and found[1].strip().lower() not in COMPRESSIONS:
             problems.append(
-                f"{found[0]} must be one of {', '.join(COMPRESSIONS)}, got {_shown(found[1])}"
+                f"{found[0]} must be one of {', '.join(COMPRESSIONS)}, got {quoted(found[1])}"
             )
         found = _first_set(
             environ, "OTEL_EXPORTER_OTLP_TRACES_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS"

@@ -1097,3 +1097,26 @@ def test_unrecognized_arguments_are_named_without_values_and_escaped(
     assert "TkTk" not in err
     assert "MfKQ" not in err
     assert "\x1b" not in err
+
+
+def test_a_url_in_a_tracing_setting_is_named_without_its_password(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The OpenTelemetry settings' checks quoted a bad value whole, as the service's own did:
+    a URL's password went into the error line with it."""
+    url = "postgresql://app:Zq8pLwX3hunter2@db.internal:5432/lacuna"
+    env = {
+        "LACUNA_WEBHOOK_SECRET": "whsec_a",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318",
+        "OTEL_TRACES_EXPORTER": f"otlp,{url}",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": url,
+        "OTEL_BSP_SCHEDULE_DELAY": url,
+        "OTEL_TRACES_SAMPLER_ARG": url,
+        "OTEL_RESOURCE_ATTRIBUTES": url,
+    }
+    assert main(["serve"], env) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    for var in ("OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_BSP_SCHEDULE_DELAY"):
+        assert var in err
+    assert "hunter2" not in err
