@@ -336,6 +336,12 @@ def _host(value: str) -> str:
     return host
 
 
+#: ``package.module:attr`` of a handler kind that is not an installed plugin.
+_OBJECT_PATH = re.compile(
+    r"\A[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*\Z", re.ASCII
+)
+
+
 #: A host name as the resolver takes one (after IDNA): labels of letters, digits, `-` and
 #: `_` (which /etc/hosts and container names use), joined by dots, one trailing dot allowed.
 _HOST_NAME = re.compile(r"\A(?:[A-Za-z0-9_-]{1,63}\.)*[A-Za-z0-9_-]{1,63}\.?\Z")
@@ -892,13 +898,16 @@ class Settings:
             name, kind = split_handler_item(item)
             if name is not None and not HANDLER_NAME_RE.fullmatch(name):
                 problems.append(
-                    f"LACUNA_HANDLERS item {item!r}: an instance NAME is a lowercase letter "
-                    "followed by up to 39 lowercase letters, digits and _"
+                    f"LACUNA_HANDLERS item {quoted(item)}: an instance NAME is a lowercase "
+                    "letter followed by up to 39 lowercase letters, digits and _"
                 )
-            if ":" not in kind and not HANDLER_NAME_RE.fullmatch(kind):
+            # `package.module:attr` is dotted identifiers on both sides: anything else (a URL
+            # pasted here, `postgresql://app:pw@db/x`) was imported, and quoted whole.
+            if not (HANDLER_NAME_RE.fullmatch(kind) or _OBJECT_PATH.fullmatch(kind)):
                 problems.append(
-                    f"LACUNA_HANDLERS names {kind!r}: a handler kind is lowercase letters, "
-                    "digits and _ (or package.module:attr for a handler not installed as a plugin)"
+                    f"LACUNA_HANDLERS names {quoted(kind)}: a handler kind is lowercase "
+                    "letters, digits and _ (or package.module:attr for a handler not installed "
+                    "as a plugin)"
                 )
         clash = listeners_clash(
             (str(values.get("host", cls.host)), values.get("port", cls.port)),

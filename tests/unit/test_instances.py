@@ -100,6 +100,14 @@ def test_worker_specs_pair_each_instance_with_its_own_item() -> None:
         ("9x=http", "an instance NAME is a lowercase letter"),
         ("app=", "item 'app=' names no handler kind"),
         ("app=Http", "LACUNA_HANDLERS names 'Http': a handler kind is lowercase"),
+        # Not package.module:attr either: a URL pasted here was imported ("No module named
+        # 'postgresql'") and quoted whole, password and all.
+        (
+            "app=postgresql://app:Zq8pLwX3@db/x",
+            "LACUNA_HANDLERS names 'postgresql://db/…': a handler kind is lowercase",
+        ),
+        ("a:b:c", "LACUNA_HANDLERS names 'a:b:c': a handler kind is lowercase"),
+        ("pkg.mod:", "LACUNA_HANDLERS names 'pkg.mod:': a handler kind is lowercase"),
     ],
 )
 def test_bad_instance_items_are_one_line(handlers: str, message: str) -> None:
