@@ -253,6 +253,9 @@ async def _open_service_store(settings: Settings, handlers: HandlerSet) -> Store
     )
     try:
         await store.open()
+    except ConfigError:
+        await handlers.aclose()
+        raise
     except (StoreUnavailable, OSError, ValueError) as exc:
         await handlers.aclose()
         raise _store_error(exc, settings.database_url, "cannot open the store") from None

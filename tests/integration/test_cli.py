@@ -1120,3 +1120,26 @@ def test_a_url_in_a_tracing_setting_is_named_without_its_password(
     for var in ("OTEL_TRACES_EXPORTER", "OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_BSP_SCHEDULE_DELAY"):
         assert var in err
     assert "hunter2" not in err
+
+
+@pytest.mark.parametrize("argv", [["migrate"], ["events", "list"]])
+@pytest.mark.parametrize(
+    ("query", "said"),
+    [
+        ("sslmode=requre", "`sslmode` parameter must be one of"),
+        ("ssl_min_protocol_version=TLSv9", "No such TLS version"),
+    ],
+)
+def test_a_postgres_url_option_the_driver_refuses_is_a_bad_setting(
+    argv: list[str], query: str, said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """asyncpg refuses such an option before it connects; it was reported as a store that
+    is down ("store unavailable", exit 1), which `serve` under a supervisor retries forever.
+    No server is needed: the refusal comes first."""
+    url = f"postgresql://app:Zq8pLwX3hunter2@127.0.0.1:1/lacuna?{query}"
+    assert main(argv, {"LACUNA_DATABASE_URL": url}) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lacuna-webhooks: error: configuration: LACUNA_DATABASE_URL: "), err
+    assert said in err
+    assert len(err.splitlines()) == 1
+    assert "hunter2" not in err

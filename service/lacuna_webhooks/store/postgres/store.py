@@ -42,7 +42,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from ...errors import StoreUnavailable
+from ...errors import ConfigError, StoreUnavailable
 from ...models import Attempt, Delivery, DeliveryStatus, Event
 from .. import outbox
 from ..base import (
@@ -123,6 +123,13 @@ T = TypeVar("T")
 
 
 _CREDENTIALS = re.compile(r"://[^/@\s]+@")
+
+
+def _driver_refusal(exc: BaseException) -> str:
+    """What the driver says of an option it refuses, any URL userinfo masked."""
+    return "the PostgreSQL driver refuses an option of it: " + _CREDENTIALS.sub(
+        "://***@", str(exc) or type(exc).__name__
+    )
 
 
 def _unavailable(exc: BaseException) -> StoreUnavailable:
@@ -254,6 +261,10 @@ class PostgresStore:
                 max_inactive_connection_lifetime=self._max_idle,
                 server_settings={"application_name": self._application_name},
             )
+        except asyncpg.ClientConfigurationError as exc:
+            # The driver refuses an option of the URL (`?sslmode=requre`) before it connects:
+            # a bad setting (exit 2), not a store that is down (exit 1), however often retried.
+            raise ConfigError(f"LACUNA_DATABASE_URL: {_driver_refusal(exc)}") from None
         except _DB_ERRORS as exc:
             raise _unavailable(exc) from exc
         self._pool = pool
