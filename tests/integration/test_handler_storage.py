@@ -780,7 +780,14 @@ async def test_stored_files_get_the_configured_mode_whatever_the_umask(
     }
 
 
-@pytest.mark.parametrize("value", ["0700", "0666", "0400", "0602", "rw", "01600", "-600"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        *("0700", "0666", "0400", "0602", "rw", "01600", "-600"),
+        # int(…, 8) takes them, and they passed: other scripts' digits, `_`, a sign, `0o`.
+        *("\u0660\u0666\u0660\u0660", "\uff10\uff16\uff10\uff10", "0_600", "+600", "0o600"),
+    ],
+)
 def test_a_file_mode_that_is_not_owner_read_write_without_world_write_is_refused(
     tmp_path: Path, value: str
 ) -> None:

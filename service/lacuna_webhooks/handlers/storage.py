@@ -72,6 +72,7 @@ from obstore.exceptions import (
 )
 from obstore.store import S3Store
 
+from ..config import quoted
 from ..errors import ConfigError, PermanentError, RateLimited, RetryLater
 from ..events import JobCompleted, Track, is_job_completed, parse_event
 from ..models import Event, json_default, parse_json
@@ -272,14 +273,16 @@ def file_mode_setting(ctx: HandlerContext) -> int:
     raw = ctx.get("FILE_MODE")
     if raw is None:
         return DEFAULT_FILE_MODE
-    try:
-        mode = int(raw, 8)
-    except ValueError:
-        raise ConfigError(f"{var} must be an octal file mode such as 0600, got {raw!r}") from None
+    text = raw.strip()
+    # ASCII octal digits only: int(…, 8) also takes `0o600`, `+600`, `0_600` and other
+    # scripts' digits (`٠٦٠٠` was 0600), which no mode is written as.
+    if not re.fullmatch(r"[0-7]+", text, re.ASCII):
+        raise ConfigError(f"{var} must be an octal file mode such as 0600, got {quoted(raw)}")
+    mode = int(text, 8)
     if mode & ~0o666 or mode & 0o600 != 0o600 or mode & 0o002:
         raise ConfigError(
             f"{var} must give the owner read and write, nobody execute, and others no write "
-            f"(0600, 0640, 0644, 0660), got {raw!r}"
+            f"(0600, 0640, 0644, 0660), got {quoted(raw)}"
         )
     return mode
 
