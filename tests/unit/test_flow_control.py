@@ -272,7 +272,10 @@ async def test_pause_handler_is_dead_and_pauses(store: MemoryStore) -> None:
 
 def test_flow_settings_are_read_per_handler() -> None:
     """LACUNA_<NAME>_PAUSE_AFTER_FAILURES per handler; unset or empty means never."""
-    env = {"LACUNA_SLACK_PAUSE_AFTER_FAILURES": "5", "LACUNA_LOG_PAUSE_AFTER_FAILURES": " "}
+    env = {
+        "LACUNA_SLACK_PAUSE_AFTER_FAILURES": "0" * 20 + "5",  # leading zeros, however many
+        "LACUNA_LOG_PAUSE_AFTER_FAILURES": " ",
+    }
     assert read_flow_control(["slack", "log", "http"], env) == {
         "slack": FlowControl(pause_after_failures=5),
         "log": FlowControl(),
@@ -292,7 +295,13 @@ def test_a_bad_flow_setting_is_one_clear_line(raw: str) -> None:
 
 @pytest.mark.parametrize(
     ("raw", "count", "period"),
-    [("1/s", 1, 1.0), ("30/m", 30, 60.0), (" 500 / h ", 500, 3600.0)],
+    [
+        ("1/s", 1, 1.0),
+        ("30/m", 30, 60.0),
+        (" 500 / h ", 500, 3600.0),
+        # Leading zeros, however many, as in every whole number: they counted as digits.
+        ("0" * 20 + "7/m", 7, 60.0),
+    ],
 )
 def test_rate_limit_values(raw: str, count: int, period: float) -> None:
     """N/s, N/m, N/h: a bucket of N refilled at N per period."""

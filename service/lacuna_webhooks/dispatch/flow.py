@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from ..errors import ConfigError
 
 _PERIODS = {"s": 1.0, "m": 60.0, "h": 3600.0}
-_RATE = re.compile(r"\s*([0-9]{1,12})\s*/\s*([smh])\s*")
+# Leading zeros allowed, however many, as in every whole number (docs/configuration.md): they
+# counted against the twelve digits, and `0000000000001/s` was refused.
+_RATE = re.compile(r"\s*0*([0-9]{1,12})\s*/\s*([smh])\s*")
 #: Upper bounds of the per-handler values: far above any real use, low enough that a typo
 #: (an extra digit or five) is reported instead of becoming a limit that never applies.
 MAX_RATE = 1_000_000
@@ -71,7 +73,7 @@ def _pause_after(handler: str, environ: Mapping[str, str]) -> int | None:
     raw = environ.get(variable, "").strip()
     if not raw:
         return None
-    value = int(raw) if re.fullmatch(r"[+-]?[0-9]{1,12}", raw) else 0
+    value = int(raw) if re.fullmatch(r"[+-]?0*[0-9]{1,12}", raw) else 0
     if not 1 <= value <= MAX_PAUSE_AFTER:
         raise ConfigError(
             f"{variable} must be a whole number from 1 to {MAX_PAUSE_AFTER}, got {raw!r}"
