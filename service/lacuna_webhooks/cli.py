@@ -728,6 +728,10 @@ def _load_env_file(path: Path) -> dict[str, str]:
         )
     except ConfigError as exc:
         raise CommandError(str(exc), 2) from None
+    # A byte-order mark, which Windows editors write at the start of a UTF-8 file: part of
+    # no key (line 1 was refused as "not KEY=VALUE", a message that sent the reader looking
+    # for a typo that is not there). python-dotenv and Compose skip it too.
+    text = text.removeprefix("\ufeff")
     for number, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
         if not line or line.startswith("#"):

@@ -896,6 +896,20 @@ def test_dev_refuses_an_env_file_line_that_is_not_key_value(
     )
 
 
+def test_dev_reads_an_env_file_that_starts_with_a_byte_order_mark(tmp_path: Path) -> None:
+    """A `.env` saved by an editor that writes a UTF-8 byte-order mark was refused, "line 1 is
+    not KEY=VALUE": the mark is part of no key, and is skipped as dotenv tools skip it."""
+    from lacuna_webhooks.cli import CommandError, _load_env_file
+
+    env_file = tmp_path / ".env"
+    env_file.write_bytes("LACUNA_HANDLERS=log\nPORT=8123\n".encode("utf-8-sig"))
+    assert _load_env_file(env_file) == {"LACUNA_HANDLERS": "log", "PORT": "8123"}
+    # Only at the start of the file: one inside a line is still that line's text.
+    env_file.write_bytes(b"PORT=8123\n\xef\xbb\xbfLACUNA_HANDLERS=log\n")
+    with pytest.raises(CommandError, match="line 2 is not KEY=VALUE"):
+        _load_env_file(env_file)
+
+
 @pytest.mark.parametrize(
     ("url", "message"),
     [
