@@ -161,6 +161,10 @@ class Misbehaving:
             fh.write(f"{event.id} {os.getpid()}\n")
         if event.id.startswith("evt_sleep_"):
             time.sleep(self.block_seconds)  # noqa: ASYNC251 - blocking the loop is the point
+        elif event.id.startswith("evt_offload_"):
+            # A blocking client in asyncio's executor (botocore's reads): the loop answers,
+            # the thread does not stop when the attempt is cut off.
+            await asyncio.to_thread(time.sleep, self.block_seconds)
         elif event.id.startswith("evt_spin_"):
             end = time.monotonic() + self.block_seconds
             while time.monotonic() < end:

@@ -88,7 +88,10 @@ def assert_intake_answers(serve: Serve, tag: str, count: int = 5) -> list[str]:
     return ids
 
 
-@pytest.mark.parametrize(("how", "plugin"), [("sleep", PLUGIN), ("spin", PLUGIN), ("sleep", SYNC)])
+@pytest.mark.parametrize(
+    ("how", "plugin"),
+    [("sleep", PLUGIN), ("spin", PLUGIN), ("sleep", SYNC), ("offload", PLUGIN)],
+)
 def test_a_blocking_handler_stalls_neither_intake_nor_healthz(
     serve_factory: type[Serve], tmp_path: Path, how: str, plugin: str
 ) -> None:
@@ -96,7 +99,9 @@ def test_a_blocking_handler_stalls_neither_intake_nor_healthz(
     webhooks and /healthz keep answering within the bound; the attempt is recorded as a
     timeout, its worker replaced, and the delivery retried in the new worker. Webhooks that
     arrived meanwhile are delivered too. The same with a plain-def handle() that blocks in
-    its thread (SYNC)."""
+    its thread (SYNC), and with an async handle() whose job in asyncio's executor blocks
+    (offload: the thread ran on past the timeout, the worker was kept, and the retry ran
+    beside it in the same process)."""
     out = tmp_path / "started.txt"
     serve = serve_factory(
         plugin_env(

@@ -42,6 +42,7 @@ counts like any failure, so a peer that answers 429 forever still ends the deliv
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import contextvars
 import enum
@@ -253,6 +254,42 @@ stranded_thread: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "stranded_thread", default=False
 )
 
+#: The executor jobs an attempt started (``asyncio.to_thread``, ``loop.run_in_executor(None,
+#: …)``: a blocking client such as botocore), when its loop's default executor is an
+#: ``AttemptExecutor`` (a worker process's); ``None`` elsewhere.
+_attempt_jobs: contextvars.ContextVar[list[concurrent.futures.Future[Any]] | None] = (
+    contextvars.ContextVar("attempt_jobs", default=None)
+)
+
+
+class AttemptExecutor(concurrent.futures.ThreadPoolExecutor):
+    """A worker process's default executor: it remembers which attempt submitted each job,
+    so that an attempt cut off at its timeout while a job of its own still runs in a thread
+    strands that thread as a plain-``def`` ``handle()`` does (``stranded_thread``), and its
+    worker process is replaced. Cancelling ``asyncio.to_thread`` stops only the waiting: the
+    thread reads on (an SQS endpoint answering a byte at a time kept a thread per timed-out
+    attempt), until the pool's few threads were all held and every later attempt of the
+    worker waited in its queue until its own timeout."""
+
+    def submit(
+        self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any
+    ) -> concurrent.futures.Future[Any]:
+        future = super().submit(fn, *args, **kwargs)
+        jobs = _attempt_jobs.get()
+        if jobs is not None:  # submitted from an attempt's task (run_attempt set the list)
+            jobs[:] = [job for job in jobs if not job.done()]
+            jobs.append(future)
+        return future
+
+
+def _jobs_left_running() -> bool:
+    """Whether a job this attempt submitted to an ``AttemptExecutor`` still runs; those that
+    had not started yet are cancelled (they never will)."""
+    jobs = _attempt_jobs.get() or []
+    for job in jobs:
+        job.cancel()  # only a job that has not started is cancelled
+    return any(not job.done() for job in jobs)
+
 
 def _in_a_thread(
     call: Callable[[Event], object], event: Event
@@ -333,6 +370,7 @@ async def run_attempt(
     current_attempt.set(attempt)
     current_results.set(results)
     stranded_thread.set(False)
+    _attempt_jobs.set([])
     deadline = asyncio.timeout(timeout_seconds)
     thread: threading.Thread | None = None
     try:
@@ -350,7 +388,7 @@ async def run_attempt(
     except asyncio.CancelledError as exc:
         task = asyncio.current_task()
         if task is not None and task.cancelling():
-            if thread is not None and thread.is_alive():
+            if (thread is not None and thread.is_alive()) or _jobs_left_running():
                 stranded_thread.set(True)  # it may still finish: see worker_child
             raise  # we are being stopped: not an outcome of the handler's
         return classify(exc)  # the handler raised CancelledError itself
@@ -358,7 +396,7 @@ async def run_attempt(
         # Ours, or one the handler raised itself (say, its own read timeout).
         if not deadline.expired():
             return classify(exc)
-        if thread is not None and thread.is_alive():
+        if (thread is not None and thread.is_alive()) or _jobs_left_running():
             # A thread cannot be stopped: its worker must be (see stranded_thread).
             stranded_thread.set(True)
             return timed_out(timeout_seconds, killed=True)

@@ -24,7 +24,15 @@ import structlog
 from ..child import begin_child, frame, read_frame
 from ..handlers.base import Handler, settle
 from ..models import Event
-from .attempt import MAX_ERROR_CHARS, Ending, Outcome, describe_error, run_attempt, stranded_thread
+from .attempt import (
+    MAX_ERROR_CHARS,
+    AttemptExecutor,
+    Ending,
+    Outcome,
+    describe_error,
+    run_attempt,
+    stranded_thread,
+)
 from .workers import MAX_FRAME_BYTES, WorkerSpec
 
 if TYPE_CHECKING:
@@ -107,6 +115,9 @@ def _forget(running: dict[int, asyncio.Task[None]], attempt_id: int, _: object) 
 
 
 async def _serve(sock: socket.socket, handler: Handler, tracing: Tracing | None = None) -> int:
+    # Jobs an attempt hands to threads (asyncio.to_thread) are known by attempt: one still
+    # running past its attempt's timeout has this worker replaced (attempt.AttemptExecutor).
+    asyncio.get_running_loop().set_default_executor(AttemptExecutor())
     reader, writer = await asyncio.open_unix_connection(sock=sock)
     log = structlog.get_logger("lacuna_webhooks.worker").bind(handler=handler.name)
     running: dict[int, asyncio.Task[None]] = {}
