@@ -14,6 +14,7 @@ import re
 import signal
 import sqlite3
 import sys
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -28,6 +29,7 @@ from lacuna_webhooks.models import Attempt, AttemptOutcome, Event
 from lacuna_webhooks.store import open_store
 from lacuna_webhooks.store.sqlite import SQLiteStore, migrate, migrations
 from lacuna_webhooks.store.sqlite import process as sqlite_process
+from lacuna_webhooks.store.sqlite import store as sqlite_store
 from tests.conftest import make_event, process_exited
 
 NOW = datetime(2025, 11, 21, 12, 0, tzinfo=UTC)
@@ -738,3 +740,46 @@ async def test_a_finish_failing_half_way_keeps_neither_its_attempt_nor_its_outco
         conn.execute("DROP TRIGGER refuse_done")
     assert await store.complete(claimed, Attempt(NOW, NOW + SECOND, AttemptOutcome.OK))
     assert len(await store.list_attempts(claimed.id)) == 1
+
+
+async def test_a_clock_step_back_moves_a_backlog_in_chunks_letting_intake_through(
+    store: SQLiteStore, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bringing a backlog forward after a step back is written chunk by chunk, each its own
+    transaction: an accept queued meanwhile commits between two chunks. In one UPDATE it
+    waited for all of them (300,000 pending deliveries held the single writer, and every
+    webhook, 3.3 s; a million, 15 s, past a sender's timeout)."""
+    monkeypatch.setattr(sqlite_store, "BRING_FORWARD_CHUNK", 10)
+    for i in range(30):
+        assert await store.accept(event(f"evt_{i:02}"), ["a"], now=NOW)
+    claimed = await store.claim(handler="a", limit=30, lease=LEASE, now=NOW)
+    later = NOW + timedelta(hours=2)
+    for delivery in claimed:
+        assert await store.retry(
+            delivery, Attempt(NOW, NOW + SECOND, AttemptOutcome.RETRY, "x"), at=later
+        )
+    stepped = NOW - timedelta(hours=1)
+
+    def moved() -> int:
+        with peer(db_path) as conn:
+            (count,) = conn.execute(
+                "SELECT count(*) FROM deliveries WHERE event_id != 'evt_new'"
+                " AND next_attempt_at < ?",
+                (later.timestamp(),),
+            ).fetchone()
+        return int(count)
+
+    step = asyncio.create_task(store.clock_stepped_back(by=timedelta(hours=1), now=stepped))
+    await asyncio.sleep(0)  # its first write is queued on the writer
+    deadline = time.monotonic() + PROMPT
+    while not moved():  # without yielding to the loop: no next chunk is queued meanwhile
+        assert time.monotonic() < deadline, "nothing was moved"
+        time.sleep(0.01)  # noqa: ASYNC251 - blocking on purpose, see above
+    assert await store.accept(event("evt_new"), ["a"], now=stepped)
+    assert moved() < 30  # the accept went in before the rest of the backlog
+    assert await step == 30
+    records = await store.list_deliveries()
+    assert {r.event_id: r.next_attempt_at for r in records} == {
+        **{f"evt_{i:02}": NOW + timedelta(hours=1) for i in range(30)},
+        "evt_new": stepped,
+    }

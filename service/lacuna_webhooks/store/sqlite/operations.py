@@ -296,9 +296,18 @@ def probe_write(c: sqlite3.Connection, now: float) -> None:
     c.execute(Q["write_probe"], {"now": now})
 
 
-def bring_forward(c: sqlite3.Connection, by: float, now: float) -> int:
-    """``SQLiteStore.clock_stepped_back``: how many pending deliveries were moved."""
-    return c.execute(Q["bring_forward"], {"by": by, "now": now}).rowcount
+def bring_forward(
+    c: sqlite3.Connection, by: float, now: float, after: int, limit: int
+) -> tuple[int, int | None]:
+    """One chunk of ``SQLiteStore.clock_stepped_back``: up to ``limit`` pending deliveries
+    due after ``now`` with an id above ``after`` moved; ``(found, last id)`` (``found`` below
+    ``limit``: the last chunk)."""
+    found, upto = c.execute(
+        Q["bring_forward_chunk"], {"after": after, "now": now, "limit": limit}
+    ).fetchone()
+    if found:
+        c.execute(Q["bring_forward"], {"by": by, "now": now, "after": after, "upto": upto})
+    return int(found), upto
 
 
 def diagnostics(c: sqlite3.Connection) -> dict[str, object]:
