@@ -1308,6 +1308,31 @@ async def test_a_clock_step_back_brings_later_schedules_forward(store: Store) ->
     assert soon.event.id == "evt_soon"
 
 
+async def test_a_step_back_after_a_step_forward_moves_only_what_was_written_since(
+    store: Store,
+) -> None:
+    """The clock stepped an hour forward (to ``written_since``), then back: a retry written
+    before the step forward (of the true clock) stays where it is; one written by the clock
+    ahead comes an hour earlier. (PostgreSQL moves nothing.)"""
+    assert await store.accept(event("evt_old"), ["a"], now=NOW)
+    (old,) = await store.claim(handler="a", limit=10, lease=LEASE, now=NOW)
+    assert await store.retry(old, attempt(AttemptOutcome.RETRY), at=NOW + timedelta(hours=2))
+    ahead = NOW + timedelta(hours=1)
+    assert await store.accept(event("evt_new"), ["a"], now=ahead)
+    (new,) = await store.claim(handler="a", limit=10, lease=LEASE, now=ahead)
+    assert await store.retry(new, attempt(AttemptOutcome.RETRY, at=ahead), at=ahead + 5 * SECOND)
+    moved = await store.clock_stepped_back(
+        by=timedelta(hours=1), now=NOW, written_since=NOW + timedelta(seconds=2)
+    )
+    after = {d.event_id: d.next_attempt_at for d in await store.list_deliveries()}
+    if type(store).__name__ == "PostgresStore":
+        assert moved == 0
+        assert after == {"evt_old": NOW + timedelta(hours=2), "evt_new": ahead + 5 * SECOND}
+        return
+    assert moved == 1
+    assert after == {"evt_old": NOW + timedelta(hours=2), "evt_new": NOW + 5 * SECOND}
+
+
 async def test_concurrent_takers_never_exceed_the_bucket(store: Store) -> None:
     """Many takers at once (as several replicas): together they get at most capacity."""
     got = await asyncio.gather(

@@ -457,6 +457,34 @@ async def test_a_clock_step_back_brings_the_schedules_written_before_it_forward(
         assert steps == []
 
 
+async def test_a_step_forward_then_back_leaves_the_schedules_written_before_both(
+    store: MemoryStore, clock: FakeClock
+) -> None:
+    """A retry due at T0 + 2 h is written; the wall clock steps an hour forward, then back
+    to true time. That retry was written by the true clock: it stays due at T0 + 2 h (it
+    was moved to T0 + 1 h, an hour early, as if written during the hour ahead). A retry
+    written while the clock was ahead is brought back by the step, as after any step."""
+    handler = RecordingHandler(script=[RuntimeError("boom")])
+    assert await store.accept(new_event(event_id="evt_before"), ["recorder"], now=T0)
+    (before,) = await store.claim(handler="recorder", limit=1, lease=LEASE_MARGIN, now=T0)
+    later = T0 + timedelta(hours=2)
+    assert await store.retry(before, Attempt(T0, T0, AttemptOutcome.RETRY, "x"), at=later)
+    d = dispatcher(store, [handler], clock, monotonic=lambda: 0.0)
+    async with running(d):
+        await asyncio.sleep(0.05)  # a claim pass reads the clock
+        clock.advance(3600)
+        await asyncio.sleep(0.05)  # the step forward is seen
+        await accept(store, clock, event_id="evt_during")
+        await wait_until(lambda: len(handler.calls) == 1)  # its retry: 5 s, by the clock ahead
+        await asyncio.sleep(0.05)
+        clock.advance(-3600)
+        await asyncio.sleep(0.05)  # the step back is seen
+        rows = {r.event_id: r for r in await store.list_deliveries()}
+        assert rows["evt_before"].next_attempt_at == later
+        assert rows["evt_during"].next_attempt_at == T0 + timedelta(seconds=5)
+        await d.stop(1.0)
+
+
 class ClockAhead(MemoryStore):
     """A memory store with a clock of its own, ten minutes ahead of the dispatcher's (as
     PostgreSQL's is of a worker whose clock runs behind)."""

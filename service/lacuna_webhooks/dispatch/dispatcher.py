@@ -138,6 +138,9 @@ class Dispatcher:
         self.monotonic = monotonic
         # The wall clock minus the monotonic one at the last claim pass (None: not yet read).
         self._clock_offset: float | None = None
+        # After a step forward (and until a step back): the first time of the clock ahead,
+        # which every schedule written since is at or after, and none written before.
+        self._written_since: datetime | None = None
         # The store's clock minus the wall clock (zero for a store without a clock of its own),
         # and when it was read (monotonic seconds; None: never).
         self.store_offset = timedelta(0)
@@ -399,7 +402,13 @@ class Dispatcher:
             self._store_offset_read_at = mono
         if last is not None and last - offset > CLOCK_STEP_SECONDS:
             by = timedelta(seconds=last - offset)
-            moved = await self.store.clock_stepped_back(by=by, now=self.clock())
+            # After a step forward, only what was written since is moved: what was written
+            # before it is of a clock as far behind as this one is now (a step forward then
+            # back moved a retry written before both an hour early).
+            moved = await self.store.clock_stepped_back(
+                by=by, now=self.clock(), written_since=self._written_since
+            )
+            self._written_since = None
             self._log.warning(
                 "dispatcher.clock_stepped_back",
                 seconds=round(by.total_seconds(), 3),
@@ -407,6 +416,7 @@ class Dispatcher:
             )
         elif last is not None and offset - last > CLOCK_STEP_SECONDS:
             self._log.warning("dispatcher.clock_stepped_forward", seconds=round(offset - last, 3))
+            self._written_since = self.clock() - timedelta(seconds=offset - last)
         self._clock_offset = offset
 
     # -- flow control ----------------------------------------------------------------------

@@ -480,12 +480,17 @@ class Store(Protocol):
         against the midpoint of the wall clock read around the query); ``None`` where this
         process's clock is the store's (SQLite, memory). Raises ``StoreUnavailable``."""
 
-    async def clock_stepped_back(self, *, by: timedelta, now: datetime) -> int:
+    async def clock_stepped_back(
+        self, *, by: timedelta, now: datetime, written_since: datetime | None = None
+    ) -> int:
         """The clock that wrote this store's schedules (the one machine of a SQLite file)
         stepped back ``by``: every ``pending`` delivery due after ``now`` was scheduled that
         much further off than meant, and is brought forward by ``by``, never before ``now``;
-        how many. Leases are left alone. PostgreSQL changes nothing (0): its schedules are
-        shared by replicas whose clocks did not step."""
+        how many. With ``written_since`` (the clock stepped forward before, to that time),
+        only deliveries whose ``updated_at`` is after it: those written before are of the
+        clock before the step forward, which this one is back to. Leases are left alone.
+        PostgreSQL changes nothing (0): its schedules are shared by replicas whose clocks
+        did not step."""
 
     async def wait_for_work(self, timeout_seconds: float) -> None: ...
 

@@ -412,15 +412,22 @@ class MemoryStore:
         self._check()
         return None
 
-    async def clock_stepped_back(self, *, by: timedelta, now: datetime) -> int:
-        """Pending deliveries due after ``now`` brought forward by ``by``, never before
-        ``now``; how many (``Store.clock_stepped_back``)."""
+    async def clock_stepped_back(
+        self, *, by: timedelta, now: datetime, written_since: datetime | None = None
+    ) -> int:
+        """Pending deliveries due after ``now`` (and written after ``written_since``) brought
+        forward by ``by``, never before ``now``; how many (``Store.clock_stepped_back``)."""
         now = as_utc(now)
+        since = None if written_since is None else as_utc(written_since)
         moved = 0
         async with self._lock:
             self._check(write=True)
             for row in self._deliveries.values():
-                if row.status is DeliveryStatus.PENDING and row.next_attempt_at > now:
+                if (
+                    row.status is DeliveryStatus.PENDING
+                    and row.next_attempt_at > now
+                    and (since is None or row.updated_at > since)
+                ):
                     row.next_attempt_at = max(row.next_attempt_at - by, now)
                     moved += 1
             if moved:

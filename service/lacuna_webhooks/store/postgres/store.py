@@ -489,7 +489,9 @@ class PostgresStore:
             after = time.time()
         return timedelta(seconds=float(database) - (before + after) / 2)
 
-    async def clock_stepped_back(self, *, by: timedelta, now: datetime) -> int:
+    async def clock_stepped_back(
+        self, *, by: timedelta, now: datetime, written_since: datetime | None = None
+    ) -> int:
         """Nothing moves (0): the schedules here were written by every replica, whose clocks
         did not step with this one's (``Store.clock_stepped_back``)."""
         return 0

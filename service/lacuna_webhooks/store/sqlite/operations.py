@@ -297,16 +297,15 @@ def probe_write(c: sqlite3.Connection, now: float) -> None:
 
 
 def bring_forward(
-    c: sqlite3.Connection, by: float, now: float, after: int, limit: int
+    c: sqlite3.Connection, by: float, now: float, since: float | None, after: int, limit: int
 ) -> tuple[int, int | None]:
     """One chunk of ``SQLiteStore.clock_stepped_back``: up to ``limit`` pending deliveries
-    due after ``now`` with an id above ``after`` moved; ``(found, last id)`` (``found`` below
-    ``limit``: the last chunk)."""
-    found, upto = c.execute(
-        Q["bring_forward_chunk"], {"after": after, "now": now, "limit": limit}
-    ).fetchone()
+    due after ``now`` (written after ``since`` when given) with an id above ``after`` moved;
+    ``(found, last id)`` (``found`` below ``limit``: the last chunk)."""
+    where = {"now": now, "since": since, "after": after}
+    found, upto = c.execute(Q["bring_forward_chunk"], {**where, "limit": limit}).fetchone()
     if found:
-        c.execute(Q["bring_forward"], {"by": by, "now": now, "after": after, "upto": upto})
+        c.execute(Q["bring_forward"], {**where, "by": by, "upto": upto})
     return int(found), upto
 
 

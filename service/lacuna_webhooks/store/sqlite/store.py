@@ -317,15 +317,24 @@ class SQLiteStore:
         """``None``: one machine's clock stamps and reads everything (``Store.clock_offset``)."""
         return None
 
-    async def clock_stepped_back(self, *, by: timedelta, now: datetime) -> int:
-        """Pending deliveries due after ``now`` brought forward by ``by``, never before
-        ``now``; how many (``Store.clock_stepped_back``: this machine's clock wrote them)."""
+    async def clock_stepped_back(
+        self, *, by: timedelta, now: datetime, written_since: datetime | None = None
+    ) -> int:
+        """Pending deliveries due after ``now`` (and written after ``written_since``) brought
+        forward by ``by``, never before ``now``; how many (``Store.clock_stepped_back``: this
+        machine's clock wrote them)."""
+        since = None if written_since is None else epoch(written_since)
         moved, after = 0, 0
         while True:
             # A chunk per transaction: a backlog of a million moved in one held the single
             # writer, and every accept behind it, for 15 s.
             found, upto = await self._write(
-                ops.bring_forward, by.total_seconds(), epoch(now), after, BRING_FORWARD_CHUNK
+                ops.bring_forward,
+                by.total_seconds(),
+                epoch(now),
+                since,
+                after,
+                BRING_FORWARD_CHUNK,
             )
             moved += found
             if found:

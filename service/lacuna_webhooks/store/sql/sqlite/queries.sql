@@ -206,10 +206,12 @@ FROM tasks WHERE task_id = :task_id
 
 -- name: bring_forward_chunk
 -- The next :limit pending deliveries due after :now with an id above :after: how many, and
--- the last id (the chunk bring_forward then moves).
+-- the last id (the chunk bring_forward then moves). With :since (the clock stepped forward
+-- to it before), only those written after it.
 SELECT count(*), max(id) FROM (
     SELECT id FROM deliveries
     WHERE id > :after AND status = 'pending' AND next_attempt_at > :now
+      AND (:since IS NULL OR updated_at > :since)
     ORDER BY id LIMIT :limit
 )
 
@@ -221,6 +223,7 @@ SELECT count(*), max(id) FROM (
 -- Leases are left as they are.
 UPDATE deliveries SET next_attempt_at = max(next_attempt_at - :by, :now)
 WHERE id > :after AND id <= :upto AND status = 'pending' AND next_attempt_at > :now
+  AND (:since IS NULL OR updated_at > :since)
 
 -- name: write_probe
 -- Readiness after a failed write: one row rewritten, proving a commit goes through.
