@@ -51,6 +51,7 @@ from .redact import (
     printable,
     printable_json,
     printable_lines,
+    redact_text,
     redact_url,
     remember_secrets,
     secret_values,
@@ -103,17 +104,22 @@ def _unrecognized(extras: Sequence[str]) -> str:
     """Arguments no command takes, as the usage error names them, without the value of any
     option among them: argparse quoted them whole, and an option a command does not take is
     often a credential given to the wrong one (``migrate --token T``, ``serve --secret=S``)
-    or mistyped (``--tokne T``). An option is shown by name (``--token …``, ``--secret=…``);
-    a positional argument that follows no option is shown as given."""
+    or mistyped (``--tokne T``). An option is shown by name (``--token …``, ``--secret=…``,
+    ``-t…`` for ``-tT``); a positional argument that follows no option is shown as given, a
+    URL in it redacted (``migrate postgresql://app:pw@db/x`` printed the password)."""
     shown: list[str] = []
     after_option = False
     for arg in extras:
         if arg.startswith("-") and len(arg) > 1:
             name, eq, _ = arg.partition("=")
+            if not eq and not name.startswith("--") and len(name) > 2:
+                shown.append(name[:2] + "…")  # a short option with its value attached
+                after_option = False
+                continue
             shown.append(name + ("=…" if eq else ""))
             after_option = not eq
         else:
-            shown.append("…" if after_option else arg)
+            shown.append("…" if after_option else redact_text(arg) if "://" in arg else arg)
             after_option = False
     return " ".join(shown)
 

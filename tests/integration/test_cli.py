@@ -1097,6 +1097,13 @@ def test_a_url_in_the_wrong_setting_is_named_without_its_password(
         # ESC drove the terminal.
         (["events", "show", "evt_1", "evt_2"], "unrecognized arguments: evt_2 ("),
         (["migrate", "a\nb\x1b[2J"], "unrecognized arguments: a\\nb\\x1b[2J ("),
+        # A short option's value written against it, and a URL given as a positional
+        # argument (migrate takes the database from LACUNA_DATABASE_URL): both were whole.
+        (["migrate", "-t" + "Tk" * 20], "unrecognized arguments: -t… ("),
+        (
+            ["migrate", "postgresql://app:MfKQ9r8GKYq@db.internal/lacuna"],
+            "unrecognized arguments: postgresql://db.internal/… (",
+        ),
     ],
 )
 def test_unrecognized_arguments_are_named_without_values_and_escaped(
