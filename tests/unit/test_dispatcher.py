@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import random
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -483,6 +484,31 @@ async def test_a_step_forward_then_back_leaves_the_schedules_written_before_both
         assert rows["evt_before"].next_attempt_at == later
         assert rows["evt_during"].next_attempt_at == T0 + timedelta(seconds=5)
         await d.stop(1.0)
+
+
+@pytest.mark.skipif(not hasattr(time, "CLOCK_BOOTTIME"), reason="Linux's boot-time clock")
+async def test_serves_dispatcher_watches_the_wall_clock_against_one_that_counts_suspend(
+    store: MemoryStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The monotonic clock stops while the machine sleeps (a laptop's lid, a VM suspended)
+    and the wall clock does not: against it, every resume read as a step forward of the
+    wall clock by the sleep, and a later step back then left every schedule written before
+    the sleep unmoved. The boot-time clock counts the sleep."""
+    from lacuna_webhooks.config import Settings
+    from lacuna_webhooks.dispatch.service import build_dispatch
+
+    real = time.clock_gettime
+    slept = 3600.0  # the boot-time clock is an hour of sleep ahead of the monotonic one
+
+    def clock_gettime(clock_id: int) -> float:
+        return real(clock_id) + (slept if clock_id == time.CLOCK_BOOTTIME else 0.0)
+
+    monkeypatch.setattr(time, "clock_gettime", clock_gettime)
+    settings = Settings.from_env({}, require_secret=False)
+    service = build_dispatch(settings, store, HandlerSet.of([RecordingHandler()]))
+    watch = service.dispatcher.monotonic
+    assert watch is not None
+    assert watch() - time.monotonic() > slept - 1
 
 
 class ClockAhead(MemoryStore):

@@ -90,7 +90,8 @@ class Dispatcher:
     injected so tests can control time and jitter. ``flow`` holds each handler's
     flow-control settings (``flow.read_flow_control``); a handler missing from it has none.
 
-    ``monotonic`` (``serve`` and ``worker`` pass ``time.monotonic``) turns on watching
+    ``monotonic`` (``serve`` and ``worker`` pass a clock that never steps and counts the
+    machine's sleep: ``CLOCK_BOOTTIME`` on Linux) turns on watching
     ``clock``, before each claim pass:
 
     - For steps: the wall clock's offset from the monotonic one is compared with the last

@@ -50,6 +50,15 @@ class DispatchService:
                 await task
 
 
+def _since_boot() -> float:
+    """Seconds on a clock that never steps and, unlike ``time.monotonic``, goes on while the
+    machine sleeps (Linux's ``CLOCK_BOOTTIME``; the monotonic clock elsewhere): against the
+    monotonic one, a laptop's or a VM's resume read as a step forward of the wall clock by the
+    sleep, and a later step back then left what was written before the sleep unmoved."""
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    return time.monotonic() if boottime is None else time.clock_gettime(boottime)
+
+
 def build_dispatch(
     settings: Settings,
     store: Store,
@@ -76,7 +85,7 @@ def build_dispatch(
         poll_interval_seconds=settings.poll_interval_seconds,
         metrics=metrics,
         flow=read_flow_control(handlers.names, settings.environ),
-        monotonic=time.monotonic,
+        monotonic=_since_boot,
     )
     retention = Retention(store, timedelta(days=settings.retention_days))
     return DispatchService(dispatcher, retention)
