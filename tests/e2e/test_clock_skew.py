@@ -7,12 +7,14 @@ the other one's live lease (handler timeout 10 s + 30 s margin = 40 s) as expire
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -44,6 +46,33 @@ def libfaketime() -> str:
 def skewed_env(lib: str, skew: str = SKEW) -> dict[str, str]:
     # Monotonic clocks left alone: only the wall clock is ahead (120 s), as on a skewed host.
     return {"LD_PRELOAD": lib, "FAKETIME": skew, "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+
+
+@contextlib.contextmanager
+def running_worker(tmp_path: Path, env: dict[str, str]) -> Iterator[Path]:
+    """A real `worker` with ``env`` (skew it with ``skewed_env``; nothing of this process's
+    faked clock or settings is inherited) for the ``with`` block, stopped by SIGTERM (killed
+    30 s later) at its end; yields the path of its log (JSON), appended to by each start."""
+    plain = {k: v for k, v in os.environ.items() if not k.startswith(("LACUNA_", "FAKETIME"))}
+    plain.pop("LD_PRELOAD", None)
+    log_path = tmp_path / "worker.log"
+    with log_path.open("ab") as log:  # the child keeps its own descriptor
+        worker = subprocess.Popen(
+            [CLI, "worker"],
+            cwd=tmp_path,
+            env={**plain, "PYTHONPATH": str(REPO), "LACUNA_LOG_FORMAT": "json", **env},
+            stdout=log,
+            stderr=log,
+        )
+    try:
+        yield log_path
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
 
 
 def test_libfaketime_moves_pythons_clock() -> None:
@@ -116,29 +145,12 @@ def test_events_stored_by_an_intake_whose_clock_is_ahead_are_delivered_at_once(
     body, headers = signed(make_event("evt_from_ahead"), t=int(time.time()) + 3600)
     answer = httpx.post(intake.webhook_url, content=body, headers=headers, timeout=10)
     assert answer.status_code == 200, answer.text
-    plain = {k: v for k, v in os.environ.items() if not k.startswith(("LACUNA_", "FAKETIME"))}
-    plain.pop("LD_PRELOAD", None)
-    with (tmp_path / "worker.log").open("ab") as log:  # the child keeps its own descriptor
-        worker = subprocess.Popen(
-            [CLI, "worker"],
-            cwd=tmp_path,
-            env={**plain, "PYTHONPATH": str(REPO), "LACUNA_LOG_FORMAT": "json", **env},
-            stdout=log,
-            stderr=log,
-        )
-    try:
+    with running_worker(tmp_path, env):
         wait_until(
             lambda: recorded(out) == ["evt_from_ahead"],
             timeout=60,
             what="the worker delivering the event",
         )
-    finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
     assert recorded(out) == ["evt_from_ahead"]
 
 
@@ -158,25 +170,9 @@ def test_events_are_delivered_at_once_by_a_worker_whose_clock_is_behind(
         "LACUNA_POLL_INTERVAL": "0.2",
     }
     intake = serve_factory({**env, "LACUNA_DISPATCH": "false"}).start()
-    plain = {k: v for k, v in os.environ.items() if not k.startswith(("LACUNA_", "FAKETIME"))}
-    plain.pop("LD_PRELOAD", None)
-    with (tmp_path / "worker.log").open("ab") as log:  # the child keeps its own descriptor
-        worker = subprocess.Popen(
-            [CLI, "worker"],
-            cwd=tmp_path,
-            env={
-                **plain,
-                "PYTHONPATH": str(REPO),
-                "LACUNA_LOG_FORMAT": "json",
-                **env,
-                **skewed_env(lib, "-600s"),
-            },
-            stdout=log,
-            stderr=log,
-        )
-    try:
+    with running_worker(tmp_path, {**env, **skewed_env(lib, "-600s")}) as log_path:
         wait_until(
-            lambda: '"dispatcher.started"' in (tmp_path / "worker.log").read_text(),
+            lambda: '"dispatcher.started"' in log_path.read_text(),
             timeout=60,
             what="the worker",
         )
@@ -188,13 +184,6 @@ def test_events_are_delivered_at_once_by_a_worker_whose_clock_is_behind(
             timeout=30,
             what="the worker behind delivering the event",
         )
-    finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
     assert recorded(out) == ["evt_to_behind"]
 
 
@@ -215,43 +204,15 @@ def test_a_worker_whose_clock_is_ahead_does_not_prune_events_early(
         "LACUNA_RETENTION_DAYS": "1",
     }
     intake = serve_factory({**env, "LACUNA_DISPATCH": "false"}).start()
-    plain = {k: v for k, v in os.environ.items() if not k.startswith(("LACUNA_", "FAKETIME"))}
-    plain.pop("LD_PRELOAD", None)
-    worker_env = {
-        **plain,
-        "PYTHONPATH": str(REPO),
-        "LACUNA_LOG_FORMAT": "json",
-        **env,
-        **skewed_env(lib, "+172800s"),
-    }
-    log_path = tmp_path / "worker.log"
-
-    def run_worker() -> subprocess.Popen[bytes]:
-        with log_path.open("ab") as log:  # the child keeps its own descriptor
-            return subprocess.Popen(
-                [CLI, "worker"], cwd=tmp_path, env=worker_env, stdout=log, stderr=log
-            )
-
-    def stop(worker: subprocess.Popen[bytes]) -> None:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
-
+    worker_env = {**env, **skewed_env(lib, "+172800s")}
     body, headers = signed(make_event("evt_kept"))
     answer = httpx.post(intake.webhook_url, content=body, headers=headers, timeout=10)
     assert answer.json()["duplicate"] is False
-    worker = run_worker()
-    try:
+    with running_worker(tmp_path, worker_env) as log_path:
         wait_until(lambda: recorded(out) == ["evt_kept"], timeout=60, what="the delivery")
-    finally:
-        stop(worker)
     # A worker prunes at its start: this one, at its clock, two days after the event.
     started = log_path.read_text().count('"dispatcher.started"')
-    worker = run_worker()
-    try:
+    with running_worker(tmp_path, worker_env):
         wait_until(
             lambda: log_path.read_text().count('"dispatcher.started"') > started,
             timeout=60,
@@ -263,6 +224,4 @@ def test_a_worker_whose_clock_is_ahead_does_not_prune_events_early(
         assert again.status_code == 200, again.text
         assert again.json()["duplicate"] is True, log_path.read_text()
         time.sleep(1)
-    finally:
-        stop(worker)
     assert recorded(out) == ["evt_kept"]
