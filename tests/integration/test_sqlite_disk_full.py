@@ -19,7 +19,7 @@ import itertools
 import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -83,35 +83,14 @@ def event(event_id: str) -> Event:
     return Event.from_body(orjson.dumps(make_event(event_id, prompt="p" * 6000)))
 
 
-async def load(store: SQLiteStore, stop: asyncio.Event, counts: dict[str, int]) -> None:
-    """Accepts, 16 at a time, until ``stop``: stored or refused (503), never anything else.
-    Paced, so that the WAL's backlog when the disk fills (what the checkpoint must then find
-    room for in the database file) stays well below the space the test frees."""
-    ids = itertools.count()
-    while not stop.is_set():
-        futures = []
-        for n in itertools.islice(ids, 16):
-            try:
-                futures.append(store.accept_soon(event(f"evt_{n}"), ["a"], now=NOW))
-            except StoreUnavailable:
-                counts["refused"] += 1
-        for outcome in await asyncio.gather(*futures, return_exceptions=True):
-            if isinstance(outcome, StoreUnavailable):
-                counts["refused"] += 1
-            else:
-                assert outcome is True, outcome
-                counts["stored"] += 1
-        await asyncio.sleep(0.01)
-
-
-async def burst(store: SQLiteStore, prefix: str, count: int) -> dict[str, int]:
-    """``count`` accepts queued at once: how many were stored and refused (never lost: an
+async def accept_counted(store: SQLiteStore, ids: Iterable[str], counts: dict[str, int]) -> None:
+    """Queue an accept of each of ``ids`` at once and count each outcome in ``counts``:
+    stored or refused (503, at once or from its commit), never anything else, never lost (an
     accept is answered stored only after its commit)."""
     futures = []
-    counts = {"stored": 0, "refused": 0}
-    for n in range(count):
+    for event_id in ids:
         try:
-            futures.append(store.accept_soon(event(f"{prefix}_{n}"), ["a"], now=NOW))
+            futures.append(store.accept_soon(event(event_id), ["a"], now=NOW))
         except StoreUnavailable:
             counts["refused"] += 1
     for outcome in await asyncio.gather(*futures, return_exceptions=True):
@@ -120,6 +99,22 @@ async def burst(store: SQLiteStore, prefix: str, count: int) -> dict[str, int]:
         else:
             assert outcome is True, outcome
             counts["stored"] += 1
+
+
+async def load(store: SQLiteStore, stop: asyncio.Event, counts: dict[str, int]) -> None:
+    """Accepts, 16 at a time, until ``stop`` (``accept_counted``). Paced, so that the WAL's
+    backlog when the disk fills (what the checkpoint must then find room for in the database
+    file) stays well below the space the test frees."""
+    ids = itertools.count()
+    while not stop.is_set():
+        await accept_counted(store, (f"evt_{n}" for n in itertools.islice(ids, 16)), counts)
+        await asyncio.sleep(0.01)
+
+
+async def burst(store: SQLiteStore, prefix: str, count: int) -> dict[str, int]:
+    """``count`` accepts queued at once: how many were stored and refused."""
+    counts = {"stored": 0, "refused": 0}
+    await accept_counted(store, (f"{prefix}_{n}" for n in range(count)), counts)
     return counts
 
 
