@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ import httpx
 import pytest
 
 from tests.conftest import IN_CI, make_event, signed
-from tests.e2e.conftest import CLI, REPO, Serve, handler_workers, wait_until
+from tests.e2e.conftest import CLI, REPO, Serve, handler_workers, stop_process, wait_until
 from tests.e2e.overlap_plugin import lines
 from tests.e2e.recorder_plugin import recorded
 
@@ -67,12 +66,7 @@ def running_worker(tmp_path: Path, env: dict[str, str]) -> Iterator[Path]:
     try:
         yield log_path
     finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(30)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
+        stop_process(worker)
 
 
 def test_libfaketime_moves_pythons_clock() -> None:

@@ -21,7 +21,7 @@ import pytest
 
 from tests.conftest import make_event, signed
 from tests.e2e.conftest import Serve, free_port, wait_until
-from tests.e2e.test_clock_skew import libfaketime
+from tests.e2e.test_clock_skew import libfaketime, skewed_env
 
 pytestmark = pytest.mark.e2e
 SECRET = "whsec_" + base64.b64encode(b"e2e-peer-clock-secret-0123456789").decode()
@@ -52,8 +52,7 @@ def peer_ahead(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     lib = libfaketime()
     port = free_port()
     hits = tmp_path / "hits.txt"
-    env = {**os.environ, "LD_PRELOAD": lib, "FAKETIME": "+3600s"}
-    env["FAKETIME_DONT_FAKE_MONOTONIC"] = "1"
+    env = {**os.environ, **skewed_env(lib, "+3600s")}
     proc = subprocess.Popen([sys.executable, "-c", PEER, str(port), str(hits)], env=env)
     try:
 

@@ -15,7 +15,7 @@ from lacuna_webhooks.cli import main
 from lacuna_webhooks.samples import sample_event
 from tests.conftest import TEST_SECRET
 from tests.e2e.conftest import CLI, Serve
-from tests.e2e.test_clock_skew import libfaketime
+from tests.e2e.test_clock_skew import libfaketime, skewed_env
 
 pytestmark = pytest.mark.e2e
 SECOND_SECRET = "whsec_test_rotated_new_secret_value_0002"
@@ -190,9 +190,7 @@ def test_send_from_a_machine_whose_clock_is_off_says_by_how_much(
     lib = libfaketime()
     env = {
         "PATH": "/usr/bin:/bin",
-        "LD_PRELOAD": lib,
-        "FAKETIME": skew,
-        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+        **skewed_env(lib, skew),
         "LACUNA_WEBHOOK_SECRET": TEST_SECRET,
     }
     result = subprocess.run(

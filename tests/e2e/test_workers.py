@@ -23,7 +23,15 @@ import httpx
 import pytest
 
 from tests.conftest import TEST_SECRET, make_event, process_exited, signed
-from tests.e2e.conftest import CLI, REPO, Serve, children, handler_workers, wait_until
+from tests.e2e.conftest import (
+    CLI,
+    REPO,
+    Serve,
+    children,
+    handler_workers,
+    stop_process,
+    wait_until,
+)
 from tests.e2e.misbehaving_plugin import started
 
 pytestmark = pytest.mark.e2e
@@ -607,13 +615,7 @@ def worker_factory(tmp_path: Path) -> Iterator[Any]:
 
     yield start
     for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
 
 
 @pytest.mark.postgres
