@@ -1014,19 +1014,16 @@ def _error_code(body: bytes) -> str | None:
 def _clock_hint(signed_at: int, date: str | None) -> str:
     """What ``send`` says when the receiver found its signature's time outside its window:
     how far the receiver's clock (its answer's ``Date``) is from ours, when it says."""
-    from email.utils import parsedate_to_datetime
+    from .handlers._http import http_date
 
     window = "its LACUNA_WEBHOOK_TOLERANCE (300 s unless set)"
-    try:
-        theirs = parsedate_to_datetime(date).timestamp() if date else None
-    except (TypeError, ValueError, IndexError, OverflowError):
-        theirs = None
-    if theirs is None:
+    when = http_date(date) if date else None
+    if when is None:
         return (
             f"the receiver's clock and this machine's (t={signed_at}) disagree by more than "
             f"{window}: check both clocks (NTP)"
         )
-    apart = round(theirs - signed_at)
+    apart = round(when.timestamp() - signed_at)
     way = "ahead of" if apart > 0 else "behind"
     return (
         f"the receiver's clock (its Date: {printable(date or '')}) is about {abs(apart)} s "

@@ -382,15 +382,15 @@ def retry_after_seconds(
         # 309 digits and more read as inf, which the worker's JSON wire carries as null:
         # finite, and far past any cap.
         return min(float(text), MAX_RETRY_DELAY_SECONDS)
-    when = _http_date(text)
+    when = http_date(text)
     if when is None:
         return None
-    sent = _http_date(date) if date is not None else None
+    sent = http_date(date) if date is not None else None
     reference = sent or now or datetime.now(UTC)
     return max(0.0, (when - reference).total_seconds())
 
 
-def _http_date(text: str) -> datetime | None:
+def http_date(text: str) -> datetime | None:
     """An HTTP date as an aware datetime (UTC when it names no zone); ``None`` if bad."""
     try:
         when = parsedate_to_datetime(text.strip())
@@ -420,6 +420,7 @@ __all__ = [
     "UnsafeURL",
     "check_url",
     "embedded_ipv4",
+    "http_date",
     "is_public_address",
     "retry_after_seconds",
     "transport_failure",
