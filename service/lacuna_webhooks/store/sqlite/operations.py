@@ -302,11 +302,9 @@ def bring_forward(
     """One chunk of ``SQLiteStore.clock_stepped_back``: up to ``limit`` pending deliveries
     due after ``now`` (written after ``since`` when given) with an id above ``after`` moved;
     ``(found, last id)`` (``found`` below ``limit``: the last chunk)."""
-    where = {"now": now, "since": since, "after": after}
-    found, upto = c.execute(Q["bring_forward_chunk"], {**where, "limit": limit}).fetchone()
-    if found:
-        c.execute(Q["bring_forward"], {**where, "by": by, "upto": upto})
-    return int(found), upto
+    params = {"by": by, "now": now, "since": since, "after": after, "limit": limit}
+    moved = [int(row[0]) for row in c.execute(Q["bring_forward"], params)]
+    return len(moved), max(moved, default=None)
 
 
 def diagnostics(c: sqlite3.Connection) -> dict[str, object]:

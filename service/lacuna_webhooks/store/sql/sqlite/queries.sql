@@ -204,26 +204,21 @@ FROM attempts WHERE delivery_id = :delivery_id ORDER BY id
 SELECT task_id, status, event_id, event_type, event_created, updated_at
 FROM tasks WHERE task_id = :task_id
 
--- name: bring_forward_chunk
--- The next :limit pending deliveries due after :now with an id above :after: how many, and
--- the last id (the chunk bring_forward then moves). With :since (the clock stepped forward
--- to it before), only those written after it.
-SELECT count(*), max(id) FROM (
+-- name: bring_forward
+-- The machine's clock stepped back :by seconds: what was scheduled before the step lies that
+-- much further off than meant. The next :limit pending deliveries due after :now with an id
+-- above :after (and, with :since, the clock having stepped forward to it before, written
+-- after it) come :by seconds earlier, never before :now (SQLiteStore.clock_stepped_back);
+-- their ids returned. One chunk, so that a backlog does not hold the writer (and intake) in
+-- one transaction. Leases are left as they are.
+UPDATE deliveries SET next_attempt_at = max(next_attempt_at - :by, :now)
+WHERE id IN (
     SELECT id FROM deliveries
     WHERE id > :after AND status = 'pending' AND next_attempt_at > :now
       AND (:since IS NULL OR updated_at > :since)
     ORDER BY id LIMIT :limit
 )
-
--- name: bring_forward
--- The machine's clock stepped back :by seconds: what was scheduled before the step lies that
--- much further off than meant. Pending deliveries due after :now come :by seconds earlier,
--- never before :now (SQLiteStore.clock_stepped_back), those with an id in (:after, :upto]:
--- one chunk, so that a backlog does not hold the writer (and intake) in one transaction.
--- Leases are left as they are.
-UPDATE deliveries SET next_attempt_at = max(next_attempt_at - :by, :now)
-WHERE id > :after AND id <= :upto AND status = 'pending' AND next_attempt_at > :now
-  AND (:since IS NULL OR updated_at > :since)
+RETURNING id
 
 -- name: write_probe
 -- Readiness after a failed write: one row rewritten, proving a commit goes through.
